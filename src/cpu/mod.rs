@@ -1,0 +1,143 @@
+//! The CPU reference, in f64: FMA with fine queries exactly as algorithm.md says, and exact
+//! dense softmax attention. It is the oracle of every GPU test, so it is written for reading,
+//! not for speed: per query, list the keys it sees, then take one softmax over them.
+
+pub mod downsample;
+pub mod gather;
+
+use crate::config::FmaConfig;
+#[cfg(test)]
+use crate::error::FmaError;
+use crate::error::Result;
+use crate::levels::{sub_window, Levels};
+use crate::shape::Shape;
+use downsample::downsample_head;
+use gather::{seen_keys, SeenKey};
+
+/// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
+/// log-sum-exp of the logits, shape (batch, heads, seq).
+#[derive(Clone, Debug)]
+pub struct Reference {
+    /// Attention output, (batch, heads, seq, head_dim).
+    pub o: Vec<f64>,
+    /// LSE_i = M_i + ln Z_i, (batch, heads, seq).
+    pub lse: Vec<f64>,
+}
+
+fn check_inputs(q: &[f64], k: &[f64], v: &[f64], shape: Shape) -> Result<()> {
+    shape.validate()?;
+    shape.check_len("Q", q.len())?;
+    shape.check_len("K", k.len())?;
+    shape.check_len("V", v.len())?;
+    Ok(())
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// One softmax over `(logit, value row)` pairs: writes the weighted mean of the values into
+/// `out` and returns the log-sum-exp of the logits.
+fn softmax_row<'a>(keys: impl Iterator<Item = (f64, &'a [f64])> + Clone, out: &mut [f64]) -> f64 {
+    let max = keys
+        .clone()
+        .map(|(s, _)| s)
+        .fold(f64::NEG_INFINITY, f64::max);
+    out.iter_mut().for_each(|o| *o = 0.0);
+    let mut z = 0.0;
+    for (s, val) in keys {
+        let e = (s - max).exp();
+        z += e;
+        for (o, x) in out.iter_mut().zip(val) {
+            *o += e * x;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= z);
+    max + z.ln()
+}
+
+/// Fast Multipole Attention with fine queries (algorithm.md §2-5, §7) of `q`, `k`, `v`, each
+/// of shape (batch, heads, seq, head_dim), row-major.
+pub fn fma_forward(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    cfg: &FmaConfig,
+) -> Result<Reference> {
+    check_inputs(q, k, v, shape)?;
+    cfg.validate(shape.head_dim, shape.seq)?;
+    let (n, d, p) = (shape.seq, shape.head_dim, cfg.rank);
+    let levels = Levels::new(n, cfg.block, p);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut o = vec![0f64; shape.elements()];
+    let mut lse = vec![0f64; shape.rows()];
+    for bh in 0..shape.batch_heads() {
+        let head = bh * n * d..(bh + 1) * n * d;
+        let (qh, kh, vh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()]);
+        let coarse = downsample_head(kh, vh, d, &levels, &cfg.downsample);
+        for i in 0..n {
+            let qi = &qh[i * d..(i + 1) * d];
+            let keys = seen_keys(&levels, cfg.causal, i);
+            let logit_value = keys.iter().map(|key| match *key {
+                SeenKey::Fine(t) => (
+                    dot(qi, &kh[t * d..(t + 1) * d]) * scale,
+                    &vh[t * d..(t + 1) * d],
+                ),
+                SeenKey::Coarse { level, window, j } => {
+                    let c = &coarse[level - 1];
+                    let row = (window * p + j) * d..(window * p + j + 1) * d;
+                    let count = sub_window(n, cfg.block, p, level, window, j).len() as f64;
+                    let bias = if cfg.count_correction {
+                        count.ln()
+                    } else {
+                        0.0
+                    };
+                    (dot(qi, &c.keys[row.clone()]) * scale + bias, &c.values[row])
+                }
+            });
+            lse[bh * n + i] = softmax_row(
+                logit_value,
+                &mut o[head.start + i * d..head.start + (i + 1) * d],
+            );
+        }
+    }
+    Ok(Reference { o, lse })
+}
+
+/// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V` (causal: keys t <= i only),
+/// tensors of shape (batch, heads, seq, head_dim).
+pub fn dense_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    causal: bool,
+) -> Result<Reference> {
+    check_inputs(q, k, v, shape)?;
+    let (n, d) = (shape.seq, shape.head_dim);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut o = vec![0f64; shape.elements()];
+    let mut lse = vec![0f64; shape.rows()];
+    for bh in 0..shape.batch_heads() {
+        let base = bh * n * d;
+        for i in 0..n {
+            let qi = &q[base + i * d..base + (i + 1) * d];
+            let last = if causal { i + 1 } else { n };
+            let logit_value = (0..last).map(|t| {
+                let kt = &k[base + t * d..base + (t + 1) * d];
+                (dot(qi, kt) * scale, &v[base + t * d..base + (t + 1) * d])
+            });
+            lse[bh * n + i] = softmax_row(logit_value, &mut o[base + i * d..base + (i + 1) * d]);
+        }
+    }
+    Ok(Reference { o, lse })
+}
+
+/// Widens an f32 tensor to f64 for the reference.
+pub fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+#[cfg(test)]
+mod tests;

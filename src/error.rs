@@ -1,0 +1,71 @@
+//! The one error type of the library: every way a caller can go wrong, named.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in `multipole-attn`. Each variant says what was wrong and,
+/// where there is one, what is allowed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FmaError {
+    /// A tensor's length or shape disagrees with the declared (batch, heads, seq, head_dim).
+    #[error("shape mismatch for {what}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// Which tensor or argument.
+        what: String,
+        /// What the shape said it must be.
+        expected: String,
+        /// What was passed.
+        got: String,
+    },
+    /// A configuration value is outside what the algorithm or the kernels allow.
+    #[error("invalid {what} = {value}: {allowed}")]
+    InvalidConfig {
+        /// The parameter's name.
+        what: &'static str,
+        /// The value passed.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// Learned downsampling weights of the wrong shape, or missing a level.
+    #[error("learned weights: {0}")]
+    Weights(String),
+    /// The request needs more of an adapter resource than the adapter grants.
+    #[error("{what} needs {requested}, but the adapter allows at most {max}")]
+    LimitExceeded {
+        /// The resource (a binding's bytes, workgroup memory, workgroups per dimension, ...).
+        what: String,
+        /// How much the request needs.
+        requested: u64,
+        /// The adapter's limit.
+        max: u64,
+    },
+    /// No GPU adapter could be found (or none on the backend asked for by `WGPU_BACKEND`).
+    #[error("no GPU adapter found{0}")]
+    NoAdapter(String),
+    /// The adapter refused to create a device with the requested limits or features.
+    #[error("could not create a device on adapter {adapter}: {reason}")]
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// What wgpu said.
+        reason: String,
+    },
+    /// wgpu reported a validation or out-of-memory error while building or running a pass.
+    #[error("GPU error in {stage}: {message}")]
+    Gpu {
+        /// What the library was doing.
+        stage: String,
+        /// What wgpu said.
+        message: String,
+    },
+    /// The device was lost (driver reset, out of memory, adapter removed).
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+    /// Reading results back from the GPU failed.
+    #[error("reading results back from the GPU failed: {0}")]
+    Readback(String),
+}
+
+/// Shorthand for `Result<T, FmaError>`.
+pub type Result<T> = std::result::Result<T, FmaError>;

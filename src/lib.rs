@@ -1,0 +1,19 @@
+//! # multipole-attn
+//!
+//! Fast Multipole Attention (Kang, Tran, De Sterck, arXiv 2310.11960) as WGSL compute shaders
+//! through wgpu. See `README.md` for the algorithm in a paragraph and `levels` for a drawing of
+//! which keys a query sees at each level.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod levels;
+pub mod random;
+pub mod shape;
+pub mod weights;
+
+pub use config::{Downsample, FmaConfig};
+pub use error::{FmaError, Result};
+pub use shape::Shape;
+pub use weights::{LearnedWeights, LevelWeights};
