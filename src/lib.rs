@@ -8,6 +8,7 @@
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod gpu;
 pub mod levels;
 pub mod random;
 pub mod shape;
