@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod error;
 pub mod gpu;
 pub mod levels;
+pub mod plan;
 pub mod random;
 pub mod shape;
 pub mod weights;

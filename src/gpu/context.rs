@@ -1,23 +1,141 @@
-//! Finding an adapter and making a device (STUB signatures; being written).
+//! Finding an adapter and making a device with negotiated limits, or wrapping a caller's own.
+
+use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
 
-/// A wgpu device and queue with the limits and features the library negotiated.
+/// How to pick limits when the library creates the device itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ContextOptions {
+    /// Ask only for what a browser grants (256 invocations per workgroup, 16 KiB workgroup
+    /// memory, no f16): catches web-only failures on a native adapter.
+    pub browser_limits: bool,
+}
+
+/// A wgpu device and queue, the adapter they came from, and the limits the library may use.
+/// Cheap to clone (everything inside is reference-counted); safe to share between threads.
 #[derive(Clone)]
 pub struct GpuContext {
     /// The device.
     pub device: wgpu::Device,
     /// Its queue.
     pub queue: wgpu::Queue,
-    /// The adapter's description.
+    /// The adapter's name, backend, device type and driver.
     pub info: wgpu::AdapterInfo,
+    /// The limits the device was created with: the only ones the library relies on.
+    pub limits: wgpu::Limits,
+    /// Set by the device-lost callback; every later call returns [`FmaError::DeviceLost`].
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl GpuContext {
-    /// Finds an adapter (honouring `WGPU_BACKEND`) and creates a device. Blocking (native).
+    /// Finds an adapter (honouring `WGPU_BACKEND`, e.g. `vulkan`, `gl`, `metal`, `dx12`) and
+    /// creates a device with every limit the library uses raised to what the adapter grants.
+    /// Blocking; on the web use [`GpuContext::new_async`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
-        Err(FmaError::NoAdapter(" (stub)".into()))
+        pollster::block_on(Self::new_async(ContextOptions::default()))
     }
+
+    /// Like [`GpuContext::new`], with options (blocking).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn with_options(options: ContextOptions) -> Result<Self> {
+        pollster::block_on(Self::new_async(options))
+    }
+
+    /// Finds an adapter and creates a device (async: works in the browser too).
+    pub async fn new_async(options: ContextOptions) -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                let backend = std::env::var("WGPU_BACKEND").map(|b| format!(" for WGPU_BACKEND={b}")).unwrap_or_default();
+                FmaError::NoAdapter(format!(
+                    "{backend} ({e}); install a Vulkan, Metal or DX12 driver (on Debian: apt-get install mesa-vulkan-drivers libvulkan1)"
+                ))
+            })?;
+        Self::from_adapter(&adapter, options).await
+    }
+
+    /// Creates a device on `adapter`, negotiating limits (see [`negotiate_limits`]).
+    pub async fn from_adapter(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Self> {
+        let info = adapter.get_info();
+        let limits = negotiate_limits(&adapter.limits(), options);
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("multipole-attn"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| FmaError::RequestDevice {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self::from_device(info, device, queue))
+    }
+
+    /// Wraps a caller's own device and queue. The library then uses `device.limits()`.
+    pub fn from_device(info: wgpu::AdapterInfo, device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let lost = Arc::new(Mutex::new(None));
+        let flag = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut l) = flag.lock() {
+                *l = Some(format!("{reason:?}: {msg}"));
+            }
+        });
+        let limits = device.limits();
+        Self {
+            device,
+            queue,
+            info,
+            limits,
+            lost,
+        }
+    }
+
+    /// Returns [`FmaError::DeviceLost`] once the device has been lost.
+    pub fn check_alive(&self) -> Result<()> {
+        match self.lost.lock().ok().and_then(|l| l.clone()) {
+            Some(msg) => Err(FmaError::DeviceLost(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Largest workgroup the library's kernels may use on this device (at most 256, the
+    /// browser's limit, which is also where the kernels' tiles stop paying off).
+    pub fn max_workgroup(&self) -> u32 {
+        self.limits
+            .max_compute_invocations_per_workgroup
+            .min(self.limits.max_compute_workgroup_size_x)
+            .min(256)
+    }
+}
+
+/// The limits the library asks for: WebGPU's defaults, with the ones FMA needs raised to what
+/// the adapter grants (browser-safe caps when `options.browser_limits`).
+pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu::Limits {
+    let mut l = wgpu::Limits::default();
+    l.max_storage_buffer_binding_size = adapter.max_storage_buffer_binding_size;
+    l.max_buffer_size = adapter.max_buffer_size;
+    l.max_compute_workgroup_storage_size = adapter.max_compute_workgroup_storage_size;
+    l.max_compute_invocations_per_workgroup = adapter.max_compute_invocations_per_workgroup;
+    l.max_compute_workgroup_size_x = adapter.max_compute_workgroup_size_x;
+    l.max_compute_workgroups_per_dimension = adapter.max_compute_workgroups_per_dimension;
+    l.max_storage_buffers_per_shader_stage = adapter.max_storage_buffers_per_shader_stage;
+    if options.browser_limits {
+        let web = wgpu::Limits::default();
+        l.max_compute_invocations_per_workgroup = l.max_compute_invocations_per_workgroup.min(256);
+        l.max_compute_workgroup_size_x = l.max_compute_workgroup_size_x.min(256);
+        l.max_compute_workgroup_storage_size = l.max_compute_workgroup_storage_size.min(web.max_compute_workgroup_storage_size);
+        l.max_storage_buffer_binding_size = l.max_storage_buffer_binding_size.min(web.max_storage_buffer_binding_size);
+    }
+    l
 }
 
 /// What `multipole-attn info` prints about one adapter.
@@ -33,11 +151,23 @@ pub struct AdapterReport {
 
 impl std::fmt::Display for AdapterReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({:?})", self.info.name, self.info.backend)
+        write!(f, "{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
     }
 }
 
-/// Every adapter wgpu finds on every backend.
+/// Every adapter wgpu finds on every backend (ignores `WGPU_BACKEND`).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn list_adapters() -> Vec<AdapterReport> {
-    Vec::new()
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::all(),
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .map(|a| AdapterReport {
+            info: a.get_info(),
+            limits: a.limits(),
+            features: a.features(),
+        })
+        .collect()
 }

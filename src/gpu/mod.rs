@@ -2,6 +2,8 @@
 //! scheduler and the executor that encodes a whole forward into one submit.
 
 pub mod context;
+pub(crate) mod params;
+pub mod shaders;
 
 pub use context::{list_adapters, AdapterReport, GpuContext};
 

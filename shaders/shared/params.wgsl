@@ -1,0 +1,47 @@
+// Uniform parameters shared by every pass. Rust mirror: `src/gpu/params.rs` (a test checks
+// that naga's layout of this struct has the size encase gives the Rust one).
+
+struct LevelInfo {
+    window: u32,      // w_l = m * 2^(l-1)
+    windows: u32,     // ceil(n / w_l)
+    row_offset: u32,  // first row of level l in the concatenated coarse buffer
+    weight_offset: u32, // first element of level l's (d, p, w_l) weights in the learned buffers
+}
+
+struct Params {
+    n: u32,
+    d: u32,
+    m: u32,
+    p: u32,
+    num_levels: u32,
+    causal: u32,
+    count_correction: u32,
+    learned: u32,
+    batch_heads: u32,
+    coarse_rows: u32,        // rows of [K~_1; ...; K~_L] per head
+    tiles_per_block: u32,    // query tiles of one fine block (FMA) or of the sequence (dense)
+    total_workgroups: u32,   // workgroups that do work; the dispatch is folded into 2D
+    workgroups_x: u32,       // x size of the folded dispatch
+    scale: f32,              // 1 / sqrt(d)
+    _pad0: u32,
+    _pad1: u32,
+    levels: array<LevelInfo, 32>,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+
+// Linear workgroup index of a dispatch folded into (x, y) to stay under 65535 per dimension.
+fn linear_workgroup(wg: vec3<u32>) -> u32 {
+    return wg.x + wg.y * params.workgroups_x;
+}
+
+// |S(l, a, j)|: real tokens of sub-window j of window a (0 for an empty one). CPU mirror:
+// `levels::sub_window`.
+fn sub_window_count(w: u32, a: u32, j: u32) -> u32 {
+    let s = w / params.p;
+    let start = a * w + j * s;
+    if (start >= params.n) {
+        return 0u;
+    }
+    return min(start + s, params.n) - start;
+}

@@ -1,0 +1,85 @@
+//! Command-line arguments of `multipole-attn` (clap derive).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Fast Multipole Attention on the GPU (wgpu), with an f64 CPU reference.
+#[derive(Debug, Parser)]
+#[command(name = "multipole-attn", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run FMA (or exact dense attention) on Q, K, V from .npy files and write O (and LSE).
+    Run(RunArgs),
+    /// List every GPU adapter wgpu finds, with the limits and features this library uses.
+    Info,
+}
+
+/// How coarse keys and values are made from the fine ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DownsampleArg {
+    /// Mean over each sub-window (no parameters).
+    Average,
+    /// Learned per-channel basis functions (from --weights, or the box initialisation).
+    Learned,
+}
+
+/// Arguments of `multipole-attn run`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Arrays: .npy, float32 or float64, shape (n, d) or (batch, heads, n, d); Q, K and V must have the
+same shape. O is written with the shape of Q; LSE with shape (n,) or (batch, heads, n). Both are
+float32 on the GPU and float64 with --reference (float64 inputs keep their precision there).
+
+Learned weights (.npz): for levels l = 1, 2, ... keys k_w{l}, v_w{l} of shape (d, p, m*2^(l-1))
+and k_b{l}, v_b{l} of shape (d, p), float32 or float64. Levels are read until k_w{l} is absent.
+--weights alone implies --downsample learned; --weights with --downsample average is an error.
+
+Exit codes: 0 success, 2 bad input (arguments, files, shapes, weights), 1 GPU or runtime failure.")]
+pub struct RunArgs {
+    /// Queries, .npy of shape (n, d) or (batch, heads, n, d).
+    #[arg(long, value_name = "Q.npy")]
+    pub q: PathBuf,
+    /// Keys, same shape as Q.
+    #[arg(long, value_name = "K.npy")]
+    pub k: PathBuf,
+    /// Values, same shape as Q.
+    #[arg(long, value_name = "V.npy")]
+    pub v: PathBuf,
+    /// Where to write the output O (same shape as Q).
+    #[arg(long, value_name = "O.npy")]
+    pub out: PathBuf,
+    /// Fine block size m (also the level-1 window).
+    #[arg(long, value_name = "M", default_value_t = 64)]
+    pub block: usize,
+    /// Coarse rank p: coarse keys per window; must divide m.
+    #[arg(long, value_name = "P", default_value_t = 2)]
+    pub rank: usize,
+    /// Causal mask: query i sees keys t <= i only.
+    #[arg(long)]
+    pub causal: bool,
+    /// Downsampling of coarse keys/values [default: average, or learned when --weights is given].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub downsample: Option<DownsampleArg>,
+    /// Learned downsampling weights (.npz); implies --downsample learned.
+    #[arg(long, value_name = "W.npz")]
+    pub weights: Option<PathBuf>,
+    /// Do not add ln(token count) to the logits of coarse keys.
+    #[arg(long)]
+    pub no_count_correction: bool,
+    /// Exact dense softmax attention instead of FMA (the FMA options do not apply).
+    #[arg(long, conflicts_with_all = ["block", "rank", "downsample", "weights", "no_count_correction"])]
+    pub dense: bool,
+    /// Run the f64 CPU reference instead of the GPU (slow; for checking).
+    #[arg(long)]
+    pub reference: bool,
+    /// Also write the per-row log-sum-exp of the logits.
+    #[arg(long, value_name = "LSE.npy")]
+    pub lse: Option<PathBuf>,
+}

@@ -1,0 +1,191 @@
+//! Reading float32/float64 .npy files into [`Tensor`]s and writing results, with error
+//! messages that say what is wrong with the file (truncated, wrong dtype, not .npy at all).
+
+use crate::error::{CliError, CliResult};
+use crate::tensor::{fmt_shape, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::npy::header::{Header, ReadHeaderError};
+use ndarray_npy::{write_npy, ReadNpyError, ReadNpyExt, WritableElement, WriteNpyError};
+use std::fs::File;
+use std::io::{self, BufReader, Seek};
+use std::path::Path;
+
+/// The float dtypes the CLI accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatDtype {
+    /// float32, '<f4' or '>f4'.
+    F32,
+    /// float64, '<f8' or '>f8'.
+    F64,
+}
+
+impl FloatDtype {
+    /// Bytes per element.
+    fn size(self) -> usize {
+        match self {
+            FloatDtype::F32 => 4,
+            FloatDtype::F64 => 8,
+        }
+    }
+
+    /// The numpy name.
+    fn name(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "float32",
+            FloatDtype::F64 => "float64",
+        }
+    }
+}
+
+/// The float dtype of an .npy type descriptor (as the header's Python literal prints, e.g.
+/// `'<f4'`), or an error message naming the dtype that was found instead.
+pub fn float_dtype(descriptor: &str) -> Result<FloatDtype, String> {
+    let d = descriptor.trim_matches('\'');
+    // ndarray-npy reads exactly these four; native-order '=' is never written by numpy.
+    match d {
+        "<f4" | ">f4" => return Ok(FloatDtype::F32),
+        "<f8" | ">f8" => return Ok(FloatDtype::F64),
+        _ => {}
+    }
+    let mut chars = d.chars();
+    let (order, kind) = (chars.next(), chars.next());
+    let bytes: Option<usize> = chars.as_str().parse().ok();
+    let name = match (order, kind, bytes) {
+        (Some('<' | '>' | '|' | '='), Some(kind), Some(bytes)) => match kind {
+            'i' => format!("int{}", bytes * 8),
+            'u' => format!("uint{}", bytes * 8),
+            'f' => format!("float{}", bytes * 8),
+            'c' => format!("complex{}", bytes * 8),
+            'b' => "bool".to_string(),
+            _ => descriptor.to_string(),
+        },
+        _ => descriptor.to_string(),
+    };
+    Err(format!(
+        "dtype {name} ({descriptor}); only float32 and float64 are supported"
+    ))
+}
+
+/// A friendly message for an ndarray-npy read error of the array called `src`.
+pub fn npy_error(src: &str, err: ReadNpyError) -> CliError {
+    let msg = match err {
+        ReadNpyError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            format!("{src} is truncated: it ends inside its .npy header")
+        }
+        ReadNpyError::Io(e) => format!("I/O error reading {src}: {e}"),
+        ReadNpyError::ParseHeader(e) => format!("{src} is not a valid .npy array: {e}"),
+        ReadNpyError::WrongDescriptor(d) => match float_dtype(&d.to_string()) {
+            Err(m) => format!("{src} has {m}"),
+            Ok(_) => format!("{src} has an unexpected dtype {d}"),
+        },
+        ReadNpyError::MissingData => {
+            format!("{src} is truncated: it ends before all the data its header promises")
+        }
+        ReadNpyError::ExtraBytes(n) => {
+            format!("{src} has {n} bytes after the data its header describes")
+        }
+        ReadNpyError::LengthOverflow => format!("{src} has a header shape too large to hold"),
+        other => format!("cannot read {src}: {other}"),
+    };
+    CliError::Input(msg)
+}
+
+/// Reads a float32 or float64 .npy file. `what` names the input in messages ("Q", "K", ...).
+///
+/// The header is checked against the file size before the data is read, so a truncated or
+/// corrupt file gives a message with byte counts instead of a huge allocation.
+pub fn read_tensor(path: &Path, what: &str) -> CliResult<Tensor> {
+    let src = format!("{what} file {}", path.display());
+    let open_err = |source: io::Error| CliError::Open {
+        what: what.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(open_err)?;
+    let file_len = file.metadata().map_err(open_err)?.len();
+    if file_len == 0 {
+        return Err(CliError::Input(format!("{src} is empty (0 bytes)")));
+    }
+    let mut reader = BufReader::new(file);
+    let header = Header::from_reader(&mut reader).map_err(|e| match e {
+        ReadHeaderError::Io(e) => npy_error(&src, ReadNpyError::Io(e)),
+        ReadHeaderError::Parse(e) => npy_error(&src, ReadNpyError::ParseHeader(e)),
+    })?;
+    let data_start = reader.stream_position().map_err(open_err)?;
+    let dtype = float_dtype(&header.type_descriptor.to_string())
+        .map_err(|m| CliError::Input(format!("{src} has {m}")))?;
+    check_data_size(&src, &header.shape, dtype, file_len.saturating_sub(data_start))?;
+    reader.rewind().map_err(open_err)?;
+    match dtype {
+        FloatDtype::F32 => ArrayD::<f32>::read_npy(&mut reader).map(Tensor::from_f32),
+        FloatDtype::F64 => ArrayD::<f64>::read_npy(&mut reader).map(Tensor::from_f64),
+    }
+    .map_err(|e| npy_error(&src, e))
+}
+
+/// Checks that exactly the bytes the header's shape and dtype need follow the header.
+fn check_data_size(src: &str, shape: &[usize], dtype: FloatDtype, have: u64) -> CliResult<()> {
+    let need = shape
+        .iter()
+        .try_fold(dtype.size() as u64, |acc, &s| acc.checked_mul(s as u64));
+    let shape_s = fmt_shape(shape);
+    match need {
+        None => Err(CliError::Input(format!(
+            "{src} has a header shape {shape_s} too large to hold"
+        ))),
+        Some(need) if have < need => Err(CliError::Input(format!(
+            "{src} is truncated: its header promises {} {shape_s} = {need} bytes of data, \
+             but only {have} bytes follow the header",
+            dtype.name()
+        ))),
+        Some(need) if have > need => Err(CliError::Input(format!(
+            "{src} has {} bytes after the {need} bytes of data its header describes \
+             ({} {shape_s}); is it a valid .npy file?",
+            have - need,
+            dtype.name()
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Fails early (before any long computation) when `path` cannot be an output file:
+/// its directory does not exist or it is itself a directory.
+pub fn check_output_path(path: &Path) -> CliResult<()> {
+    let not_found = |message: String| CliError::Write {
+        path: path.to_path_buf(),
+        message,
+        kind: Some(io::ErrorKind::NotFound),
+    };
+    if path.is_dir() {
+        return Err(not_found("it is a directory".into()));
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(not_found(format!(
+            "directory {} does not exist",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `data` (row-major) as an .npy array of shape `shape`.
+pub fn write_array<A: WritableElement>(path: &Path, shape: &[usize], data: Vec<A>) -> CliResult<()> {
+    let len = data.len();
+    let arr = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|_| {
+        CliError::Runtime(format!(
+            "internal error: {len} values do not fill the output shape {}",
+            fmt_shape(shape)
+        ))
+    })?;
+    write_npy(path, &arr).map_err(|e| {
+        let kind = match &e {
+            WriteNpyError::Io(io) => Some(io.kind()),
+            _ => None,
+        };
+        CliError::Write {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+            kind,
+        }
+    })
+}

@@ -1,0 +1,90 @@
+//! The uniform parameter block, mirrored exactly from `shaders/shared/params.wgsl` (encase
+//! lays it out by WGSL's uniform rules; a test checks the size against naga's layout).
+
+use encase::ShaderType;
+
+use crate::error::{FmaError, Result};
+
+/// Most coarse levels a plan may have (the WGSL array length). n < 2^32 with m >= 1 needs
+/// at most 31.
+pub const MAX_LEVELS: usize = 32;
+
+/// One coarse level as the shaders see it.
+#[derive(Clone, Copy, Debug, Default, ShaderType)]
+pub struct LevelInfo {
+    /// w_l = m 2^(l-1).
+    pub window: u32,
+    /// ceil(n / w_l).
+    pub windows: u32,
+    /// First row of the level in the concatenated coarse buffer.
+    pub row_offset: u32,
+    /// First element of the level's (d, p, w_l) weights in the learned weight buffers.
+    pub weight_offset: u32,
+}
+
+/// Mirror of WGSL `Params`.
+#[derive(Clone, Copy, Debug, Default, ShaderType)]
+pub struct Params {
+    pub n: u32,
+    pub d: u32,
+    pub m: u32,
+    pub p: u32,
+    pub num_levels: u32,
+    pub causal: u32,
+    pub count_correction: u32,
+    pub learned: u32,
+    pub batch_heads: u32,
+    pub coarse_rows: u32,
+    pub tiles_per_block: u32,
+    pub total_workgroups: u32,
+    pub workgroups_x: u32,
+    pub scale: f32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub levels: [LevelInfo; MAX_LEVELS],
+}
+
+/// Mirror of WGSL `LevelSelect` (downsample pass, one per level at a dynamic offset).
+#[derive(Clone, Copy, Debug, Default, ShaderType)]
+pub struct LevelSelect {
+    /// Level index l - 1.
+    pub level: u32,
+    /// x size of this level's folded dispatch.
+    pub workgroups_x: u32,
+}
+
+/// Serialises a shader-visible value by WGSL's uniform layout rules.
+pub fn to_uniform_bytes<T: ShaderType + encase::internal::WriteInto>(value: &T) -> Result<Vec<u8>> {
+    let mut buf = encase::UniformBuffer::new(Vec::new());
+    buf.write(value).map_err(|e| FmaError::Gpu {
+        stage: "uniform layout".into(),
+        message: e.to_string(),
+    })?;
+    Ok(buf.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::shaders::{compose, Pass, Specialization};
+
+    fn naga_size(type_name: &str) -> u32 {
+        let src = compose(Pass::Downsample, Specialization { wg: 8, bk: 8, d4: 1 });
+        let module = naga::front::wgsl::parse_str(&src).expect("shader parses");
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).expect("layout");
+        let (handle, _) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(type_name))
+            .expect("type present");
+        layouter[handle].size
+    }
+
+    #[test]
+    fn rust_and_wgsl_uniform_layouts_agree() {
+        assert_eq!(Params::min_size().get() as u32, naga_size("Params"));
+        assert_eq!(LevelSelect::min_size().get() as u32, naga_size("LevelSelect"));
+        assert_eq!(to_uniform_bytes(&Params::default()).unwrap().len() as u32, naga_size("Params"));
+    }
+}

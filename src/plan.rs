@@ -1,0 +1,341 @@
+//! The scheduler: (shape, config, adapter limits) -> the dispatches of one forward, per level.
+//! Pure arithmetic, unit-tested without a GPU; `gpu::fma` and `gpu::dense` execute plans.
+
+use crate::config::{Downsample, FmaConfig};
+use crate::error::{FmaError, Result};
+use crate::gpu::shaders::{Pass, Specialization};
+use crate::levels::Levels;
+use crate::shape::Shape;
+
+/// Largest head dimension the attention kernels support (a query row and its accumulator live
+/// in registers: 2 * 256 floats per invocation is already a lot).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Most keys staged per tile: beyond 64 the per-invocation score array stops paying off.
+pub const MAX_KEY_TILE: u32 = 64;
+/// Fewest keys per tile worth running (below this, workgroup memory is too small for d).
+pub const MIN_KEY_TILE: u32 = 4;
+/// Invocations per workgroup of the downsample pass.
+pub const DOWNSAMPLE_WG: u32 = 64;
+
+/// The adapter limits a plan must respect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLimits {
+    /// Invocations per workgroup the kernels may use (<= 256, the browser's limit).
+    pub max_workgroup: u32,
+    /// Bytes of workgroup memory per workgroup.
+    pub workgroup_storage: u32,
+    /// Workgroups per dispatch dimension.
+    pub max_workgroups_per_dim: u32,
+    /// Bytes per storage binding.
+    pub max_binding: u64,
+    /// Bytes per buffer.
+    pub max_buffer: u64,
+}
+
+impl KernelLimits {
+    /// The limits of a device.
+    pub fn from_wgpu(l: &wgpu::Limits) -> Self {
+        Self {
+            max_workgroup: l.max_compute_invocations_per_workgroup.min(l.max_compute_workgroup_size_x).min(256),
+            workgroup_storage: l.max_compute_workgroup_storage_size,
+            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
+            max_binding: l.max_storage_buffer_binding_size as u64,
+            max_buffer: l.max_buffer_size,
+        }
+    }
+
+    /// WebGPU's default limits (what a browser grants without asking).
+    pub fn webgpu_default() -> Self {
+        Self::from_wgpu(&wgpu::Limits::default())
+    }
+
+    fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let max = self.max_binding.min(self.max_buffer);
+        if bytes > max {
+            return Err(FmaError::LimitExceeded {
+                what: format!("{what} ({bytes} bytes in one storage binding)"),
+                requested: bytes,
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One compute dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Which pass.
+    pub pass: Pass,
+    /// Coarse level index (l - 1) for per-level passes.
+    pub level: Option<u32>,
+    /// Workgroups that do work (the shader skips the padding of the folded grid).
+    pub workgroups: u32,
+    /// The folded grid `[x, y, 1]`, each at most the adapter's per-dimension limit.
+    pub grid: [u32; 3],
+    /// Pipeline specialisation.
+    pub spec: Specialization,
+}
+
+/// Folds `total` workgroups into a 2D grid with no dimension above `max_dim`.
+pub fn fold(total: u32, max_dim: u32) -> Result<[u32; 3]> {
+    let x = total.clamp(1, max_dim);
+    let y = total.div_ceil(x).max(1);
+    if y > max_dim {
+        return Err(FmaError::LimitExceeded {
+            what: "workgroups of one dispatch".into(),
+            requested: total as u64,
+            max: max_dim as u64 * max_dim as u64,
+        });
+    }
+    Ok([x, y, 1])
+}
+
+/// Checks the head dimension and picks the key tile: as many keys (<= 64) as fit in the
+/// adapter's workgroup memory, two vec4-padded rows (K and V) plus one bias per key.
+pub fn attention_spec(head_dim: usize, wg: u32, limits: &KernelLimits) -> Result<Specialization> {
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        return Err(FmaError::InvalidConfig {
+            what: "head_dim",
+            value: head_dim.to_string(),
+            allowed: format!("1 ..= {MAX_HEAD_DIM}"),
+        });
+    }
+    let d4 = head_dim.div_ceil(4) as u32;
+    let bytes_per_key = 2 * d4 * 16 + 4;
+    let bk = (limits.workgroup_storage / bytes_per_key).min(MAX_KEY_TILE);
+    if bk < MIN_KEY_TILE {
+        return Err(FmaError::LimitExceeded {
+            what: format!("workgroup memory for head_dim {head_dim} ({MIN_KEY_TILE} keys per tile)"),
+            requested: (MIN_KEY_TILE * bytes_per_key) as u64,
+            max: limits.workgroup_storage as u64,
+        });
+    }
+    Ok(Specialization { wg, bk, d4 })
+}
+
+fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
+    shape.validate()?;
+    limits.check_binding("a Q, K, V or O tensor", shape.elements() as u64 * 4)
+}
+
+/// Byte sizes of the buffers a forward needs besides Q, K, V and O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workspace {
+    /// Rows of [K~_1; ...; K~_L] per head.
+    pub coarse_rows: usize,
+    /// Bytes of each of the coarse K~ and V~ buffers: (bh, coarse_rows, d) f32.
+    pub coarse_bytes: u64,
+    /// Bytes of the LSE: (bh, n) f32.
+    pub lse_bytes: u64,
+}
+
+/// The plan of one fine-query FMA forward.
+#[derive(Clone, Debug)]
+pub struct FmaPlan {
+    /// The problem's shape.
+    pub shape: Shape,
+    /// Level geometry for (n, m, p).
+    pub levels: Levels,
+    /// One downsample dispatch per coarse level (K and V together), in level order.
+    pub downsample: Vec<Dispatch>,
+    /// The fused attention dispatch (after every downsample).
+    pub attention: Dispatch,
+    /// Query tiles per fine block: ceil(m / WG).
+    pub tiles_per_block: u32,
+    /// Buffer sizes.
+    pub workspace: Workspace,
+}
+
+impl FmaPlan {
+    /// Plans FMA for `shape` and `cfg` under `limits`; every limit is checked here, before
+    /// anything is recorded.
+    pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
+        check_tensors(shape, limits)?;
+        cfg.validate(shape.head_dim, shape.seq)?;
+        let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
+        if m > u32::MAX as usize / 4 {
+            return Err(FmaError::InvalidConfig {
+                what: "block size m",
+                value: m.to_string(),
+                allowed: "m < 2^30".into(),
+            });
+        }
+        let levels = Levels::new(n, m, p);
+        let bh = shape.batch_heads();
+        let coarse_rows = levels.total_rows();
+        let coarse_bytes = (bh * coarse_rows * d) as u64 * 4;
+        limits.check_binding("the coarse keys of all levels", coarse_bytes)?;
+        if let Downsample::Learned(w) = &cfg.downsample {
+            let per_level: usize = levels.levels.iter().map(|l| d * p * l.window).sum();
+            limits.check_binding("the learned weights of one kind (keys or values)", per_level as u64 * 4)?;
+            let _ = w;
+        }
+
+        let wg = (m as u32).min(limits.max_workgroup);
+        let spec = attention_spec(d, wg, limits)?;
+        let tiles_per_block = (m as u32).div_ceil(wg);
+        let total = (bh as u64) * levels.fine_blocks() as u64 * tiles_per_block as u64;
+        let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
+            what: "workgroups of the attention dispatch".into(),
+            requested: total,
+            max: u32::MAX as u64,
+        })?;
+        let attention = Dispatch {
+            pass: Pass::FineAttention,
+            level: None,
+            workgroups: total,
+            grid: fold(total, limits.max_workgroups_per_dim)?,
+            spec,
+        };
+
+        let ds_spec = Specialization {
+            wg: DOWNSAMPLE_WG.min(limits.max_workgroup),
+            bk: 1,
+            d4: 1,
+        };
+        let downsample = levels
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(i, lv)| {
+                let threads = (bh * lv.rows(p) * d) as u64;
+                let wgs = threads.div_ceil(ds_spec.wg as u64) as u32;
+                Ok(Dispatch {
+                    pass: Pass::Downsample,
+                    level: Some(i as u32),
+                    workgroups: wgs,
+                    grid: fold(wgs, limits.max_workgroups_per_dim)?,
+                    spec: ds_spec,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        Ok(Self {
+            shape,
+            levels,
+            downsample,
+            attention,
+            tiles_per_block,
+            workspace: Workspace {
+                coarse_rows,
+                coarse_bytes,
+                lse_bytes: shape.rows() as u64 * 4,
+            },
+        })
+    }
+}
+
+/// The plan of one dense attention forward.
+#[derive(Clone, Debug)]
+pub struct DensePlan {
+    /// The problem's shape.
+    pub shape: Shape,
+    /// The attention dispatch.
+    pub attention: Dispatch,
+    /// Query tiles of the sequence: ceil(n / WG).
+    pub tiles: u32,
+}
+
+impl DensePlan {
+    /// Plans dense attention for `shape` under `limits`.
+    pub fn new(shape: Shape, limits: &KernelLimits) -> Result<Self> {
+        check_tensors(shape, limits)?;
+        let wg = 64u32.min(limits.max_workgroup);
+        let spec = attention_spec(shape.head_dim, wg, limits)?;
+        let tiles = (shape.seq as u32).div_ceil(wg);
+        let total = shape.batch_heads() as u64 * tiles as u64;
+        let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
+            what: "workgroups of the dense dispatch".into(),
+            requested: total,
+            max: u32::MAX as u64,
+        })?;
+        Ok(Self {
+            shape,
+            attention: Dispatch {
+                pass: Pass::DenseAttention,
+                level: None,
+                workgroups: total,
+                grid: fold(total, limits.max_workgroups_per_dim)?,
+                spec,
+            },
+            tiles,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lavapipe() -> KernelLimits {
+        KernelLimits {
+            max_workgroup: 256,
+            workgroup_storage: 32768,
+            max_workgroups_per_dim: 65535,
+            max_binding: 128 << 20,
+            max_buffer: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn one_downsample_dispatch_per_level_then_attention() {
+        let plan = FmaPlan::new(Shape::new(1, 4, 4096, 64), &FmaConfig::new(64, 2), &lavapipe()).unwrap();
+        assert_eq!(plan.levels.count(), 5);
+        assert_eq!(plan.downsample.len(), 5);
+        for (i, d) in plan.downsample.iter().enumerate() {
+            assert_eq!(d.level, Some(i as u32));
+            // (bh * windows * p * d) threads in workgroups of 64.
+            let threads = 4 * plan.levels.levels[i].windows * 2 * 64;
+            assert_eq!(d.workgroups as usize, threads.div_ceil(64));
+        }
+        assert_eq!(plan.attention.workgroups, 4 * 64);
+        assert_eq!(plan.attention.spec.wg, 64);
+        // algorithm.md §11: coarse storage <= 4 n p d / m floats per head.
+        assert!(plan.workspace.coarse_rows * 64 <= 4 * 4096 * 2 * 64 / 64);
+    }
+
+    #[test]
+    fn no_grid_dimension_exceeds_the_limit() {
+        // 70000 heads of one block each: a 1D dispatch would need 70000 workgroups.
+        let plan = FmaPlan::new(Shape::new(7, 10000, 16, 16), &FmaConfig::new(16, 2), &lavapipe()).unwrap();
+        assert_eq!(plan.attention.workgroups, 70000);
+        let g = plan.attention.grid;
+        assert!(g[0] <= 65535 && g[1] <= 65535);
+        assert!(g[0] as u64 * g[1] as u64 >= 70000);
+        for total in [1u32, 65535, 65536, 1 << 20, u32::MAX / 2] {
+            let g = fold(total, 65535).unwrap();
+            assert!(g[0] <= 65535 && g[1] <= 65535 && g[0] as u64 * g[1] as u64 >= total as u64);
+        }
+    }
+
+    #[test]
+    fn workgroups_and_tiles_follow_the_adapter_limits() {
+        let mut web = lavapipe();
+        web.max_workgroup = 256;
+        web.workgroup_storage = 16384;
+        let plan = FmaPlan::new(Shape::new(1, 1, 1000, 128), &FmaConfig::new(512, 4), &web).unwrap();
+        assert_eq!(plan.attention.spec.wg, 256);
+        assert_eq!(plan.tiles_per_block, 2);
+        let s = plan.attention.spec;
+        assert!(2 * s.bk * s.d4 * 16 + 4 * s.bk <= 16384);
+        let small = FmaPlan::new(Shape::new(1, 1, 97, 40), &FmaConfig::new(4, 2), &web).unwrap();
+        assert_eq!(small.attention.spec.wg, 4);
+    }
+
+    #[test]
+    fn limits_are_typed_errors() {
+        let mut tiny = lavapipe();
+        tiny.max_binding = 1 << 20;
+        let e = FmaPlan::new(Shape::new(1, 8, 8192, 64), &FmaConfig::default(), &tiny).unwrap_err();
+        assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+        let e = FmaPlan::new(Shape::new(1, 1, 64, 300), &FmaConfig::default(), &lavapipe()).unwrap_err();
+        assert!(matches!(e, FmaError::InvalidConfig { what: "head_dim", .. }), "{e}");
+        let mut no_mem = lavapipe();
+        no_mem.workgroup_storage = 1024;
+        let e = DensePlan::new(Shape::new(1, 1, 64, 256), &no_mem).unwrap_err();
+        assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+        let e = FmaPlan::new(Shape::new(1, 1, 0, 16), &FmaConfig::default(), &lavapipe()).unwrap_err();
+        assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
+    }
+}
