@@ -91,4 +91,13 @@ impl FmaConfig {
         }
         Ok(())
     }
+
+    /// Checks that learned weights hold only finite values (a pass over every value, so it is
+    /// done once when a configuration is prepared, not per call).
+    pub fn validate_values(&self) -> Result<()> {
+        match &self.downsample {
+            Downsample::Learned(w) => w.check_finite(),
+            Downsample::Average => Ok(()),
+        }
+    }
 }

@@ -36,7 +36,10 @@ impl KernelLimits {
     /// The limits of a device.
     pub fn from_wgpu(l: &wgpu::Limits) -> Self {
         Self {
-            max_workgroup: l.max_compute_invocations_per_workgroup.min(l.max_compute_workgroup_size_x).min(256),
+            max_workgroup: l
+                .max_compute_invocations_per_workgroup
+                .min(l.max_compute_workgroup_size_x)
+                .min(256),
             workgroup_storage: l.max_compute_workgroup_storage_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
             max_binding: l.max_storage_buffer_binding_size as u64,
@@ -106,7 +109,9 @@ pub fn attention_spec(head_dim: usize, wg: u32, limits: &KernelLimits) -> Result
     let bk = (limits.workgroup_storage / bytes_per_key).min(MAX_KEY_TILE);
     if bk < MIN_KEY_TILE {
         return Err(FmaError::LimitExceeded {
-            what: format!("workgroup memory for head_dim {head_dim} ({MIN_KEY_TILE} keys per tile)"),
+            what: format!(
+                "workgroup memory for head_dim {head_dim} ({MIN_KEY_TILE} keys per tile)"
+            ),
             requested: (MIN_KEY_TILE * bytes_per_key) as u64,
             max: limits.workgroup_storage as u64,
         });
@@ -168,7 +173,10 @@ impl FmaPlan {
         limits.check_binding("the coarse keys of all levels", coarse_bytes)?;
         if let Downsample::Learned(w) = &cfg.downsample {
             let per_level: usize = levels.levels.iter().map(|l| d * p * l.window).sum();
-            limits.check_binding("the learned weights of one kind (keys or values)", per_level as u64 * 4)?;
+            limits.check_binding(
+                "the learned weights of one kind (keys or values)",
+                per_level as u64 * 4,
+            )?;
             let _ = w;
         }
 
@@ -280,7 +288,12 @@ mod tests {
 
     #[test]
     fn one_downsample_dispatch_per_level_then_attention() {
-        let plan = FmaPlan::new(Shape::new(1, 4, 4096, 64), &FmaConfig::new(64, 2), &lavapipe()).unwrap();
+        let plan = FmaPlan::new(
+            Shape::new(1, 4, 4096, 64),
+            &FmaConfig::new(64, 2),
+            &lavapipe(),
+        )
+        .unwrap();
         assert_eq!(plan.levels.count(), 5);
         assert_eq!(plan.downsample.len(), 5);
         for (i, d) in plan.downsample.iter().enumerate() {
@@ -298,7 +311,12 @@ mod tests {
     #[test]
     fn no_grid_dimension_exceeds_the_limit() {
         // 70000 heads of one block each: a 1D dispatch would need 70000 workgroups.
-        let plan = FmaPlan::new(Shape::new(7, 10000, 16, 16), &FmaConfig::new(16, 2), &lavapipe()).unwrap();
+        let plan = FmaPlan::new(
+            Shape::new(7, 10000, 16, 16),
+            &FmaConfig::new(16, 2),
+            &lavapipe(),
+        )
+        .unwrap();
         assert_eq!(plan.attention.workgroups, 70000);
         let g = plan.attention.grid;
         assert!(g[0] <= 65535 && g[1] <= 65535);
@@ -314,7 +332,8 @@ mod tests {
         let mut web = lavapipe();
         web.max_workgroup = 256;
         web.workgroup_storage = 16384;
-        let plan = FmaPlan::new(Shape::new(1, 1, 1000, 128), &FmaConfig::new(512, 4), &web).unwrap();
+        let plan =
+            FmaPlan::new(Shape::new(1, 1, 1000, 128), &FmaConfig::new(512, 4), &web).unwrap();
         assert_eq!(plan.attention.spec.wg, 256);
         assert_eq!(plan.tiles_per_block, 2);
         let s = plan.attention.spec;
@@ -329,13 +348,28 @@ mod tests {
         tiny.max_binding = 1 << 20;
         let e = FmaPlan::new(Shape::new(1, 8, 8192, 64), &FmaConfig::default(), &tiny).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
-        let e = FmaPlan::new(Shape::new(1, 1, 64, 300), &FmaConfig::default(), &lavapipe()).unwrap_err();
-        assert!(matches!(e, FmaError::InvalidConfig { what: "head_dim", .. }), "{e}");
+        let e = FmaPlan::new(
+            Shape::new(1, 1, 64, 300),
+            &FmaConfig::default(),
+            &lavapipe(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FmaError::InvalidConfig {
+                    what: "head_dim",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let mut no_mem = lavapipe();
         no_mem.workgroup_storage = 1024;
         let e = DensePlan::new(Shape::new(1, 1, 64, 256), &no_mem).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
-        let e = FmaPlan::new(Shape::new(1, 1, 0, 16), &FmaConfig::default(), &lavapipe()).unwrap_err();
+        let e =
+            FmaPlan::new(Shape::new(1, 1, 0, 16), &FmaConfig::default(), &lavapipe()).unwrap_err();
         assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
     }
 }

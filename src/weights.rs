@@ -72,7 +72,8 @@ impl LearnedWeights {
     }
 
     /// Checks that the weights fit (head_dim, m, p), cover every level a sequence of `seq`
-    /// tokens uses, have the right length per level, and hold only finite values.
+    /// tokens uses, and have the right length per level (cheap: no pass over the values;
+    /// [`LearnedWeights::check_finite`] does that).
     pub fn validate(&self, head_dim: usize, block: usize, rank: usize, seq: usize) -> Result<()> {
         if (self.head_dim, self.block, self.rank) != (head_dim, block, rank) {
             return Err(FmaError::Weights(format!(
@@ -115,6 +116,13 @@ impl LearnedWeights {
                     )));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that every weight and bias is finite (one pass over all values).
+    pub fn check_finite(&self) -> Result<()> {
+        for (i, lw) in self.levels.iter().enumerate() {
             for (name, vals) in [
                 ("k_w", &lw.wk),
                 ("v_w", &lw.wv),
@@ -123,7 +131,8 @@ impl LearnedWeights {
             ] {
                 if let Some(pos) = vals.iter().position(|x| !x.is_finite()) {
                     return Err(FmaError::Weights(format!(
-                        "{name}{l} holds a non-finite value ({}) at flat index {pos}; weights must be finite",
+                        "{name}{} holds a non-finite value ({}) at flat index {pos}; weights must be finite",
+                        i + 1,
                         vals[pos]
                     )));
                 }

@@ -67,6 +67,7 @@ pub fn fma_forward(
 ) -> Result<Reference> {
     check_inputs(q, k, v, shape)?;
     cfg.validate(shape.head_dim, shape.seq)?;
+    cfg.validate_values()?;
     let (n, d, p) = (shape.seq, shape.head_dim, cfg.rank);
     let levels = Levels::new(n, cfg.block, p);
     let scale = 1.0 / (d as f64).sqrt();

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
+use crate::gpu::pipelines::Kernels;
 
 /// How to pick limits when the library creates the device itself.
 #[derive(Clone, Copy, Debug, Default)]
@@ -26,6 +27,8 @@ pub struct GpuContext {
     pub limits: wgpu::Limits,
     /// Set by the device-lost callback; every later call returns [`FmaError::DeviceLost`].
     lost: Arc<Mutex<Option<String>>>,
+    /// Bind-group layouts and the pipeline cache of this device.
+    pub(crate) kernels: Arc<Kernels>,
 }
 
 impl GpuContext {
@@ -45,7 +48,8 @@ impl GpuContext {
 
     /// Finds an adapter and creates a device (async: works in the browser too).
     pub async fn new_async(options: ContextOptions) -> Result<Self> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
@@ -90,7 +94,9 @@ impl GpuContext {
             }
         });
         let limits = device.limits();
+        let kernels = Arc::new(Kernels::new(&device));
         Self {
+            kernels,
             device,
             queue,
             info,
@@ -132,8 +138,12 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
         let web = wgpu::Limits::default();
         l.max_compute_invocations_per_workgroup = l.max_compute_invocations_per_workgroup.min(256);
         l.max_compute_workgroup_size_x = l.max_compute_workgroup_size_x.min(256);
-        l.max_compute_workgroup_storage_size = l.max_compute_workgroup_storage_size.min(web.max_compute_workgroup_storage_size);
-        l.max_storage_buffer_binding_size = l.max_storage_buffer_binding_size.min(web.max_storage_buffer_binding_size);
+        l.max_compute_workgroup_storage_size = l
+            .max_compute_workgroup_storage_size
+            .min(web.max_compute_workgroup_storage_size);
+        l.max_storage_buffer_binding_size = l
+            .max_storage_buffer_binding_size
+            .min(web.max_storage_buffer_binding_size);
     }
     l
 }
@@ -151,7 +161,11 @@ pub struct AdapterReport {
 
 impl std::fmt::Display for AdapterReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+        write!(
+            f,
+            "{} ({:?}, {:?})",
+            self.info.name, self.info.backend, self.info.device_type
+        )
     }
 }
 

@@ -1,15 +1,31 @@
 //! The GPU path: a context (adapter, device, negotiated limits), WGSL passes, the per-level
-//! scheduler and the executor that encodes a whole forward into one submit.
+//! scheduler's plans executed as one submit per forward.
+//!
+//! ```no_run
+//! use multipole_attn::{gpu::{FmaAttention, GpuContext}, FmaConfig, Shape};
+//! let ctx = GpuContext::new()?;                       // honours WGPU_BACKEND
+//! let fma = FmaAttention::new(&ctx, FmaConfig::new(64, 2).causal(true))?;
+//! let shape = Shape::new(1, 4, 8192, 64);             // (batch, heads, seq, head_dim)
+//! let q = vec![0.1f32; shape.elements()];
+//! let out = fma.forward(&q, &q, &q, shape, true)?;    // O: (1, 4, 8192, 64), LSE: (1, 4, 8192)
+//! # Ok::<(), multipole_attn::FmaError>(())
+//! ```
 
 pub mod context;
+mod dense;
+mod fma;
+mod io;
 pub(crate) mod params;
+pub(crate) mod pipelines;
+mod readback;
 pub mod shaders;
 
-pub use context::{list_adapters, AdapterReport, GpuContext};
-
-use crate::config::FmaConfig;
-use crate::error::{FmaError, Result};
-use crate::shape::Shape;
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::list_adapters;
+pub use context::{negotiate_limits, AdapterReport, ContextOptions, GpuContext};
+pub use dense::DenseAttention;
+pub use fma::FmaAttention;
+pub use io::GpuTensors;
 
 /// Host-side result of a forward: O of shape (batch, heads, seq, head_dim) and, on request,
 /// the per-row log-sum-exp of shape (batch, heads, seq).
@@ -19,58 +35,4 @@ pub struct Output {
     pub o: Vec<f32>,
     /// LSE, (batch, heads, seq), when asked for.
     pub lse: Option<Vec<f32>>,
-}
-
-/// Fine-query FMA on the GPU (STUB: being written).
-pub struct FmaAttention {
-    _ctx: GpuContext,
-    _cfg: FmaConfig,
-}
-
-impl FmaAttention {
-    /// Builds the pipelines for `cfg` on `ctx`.
-    pub fn new(ctx: &GpuContext, cfg: FmaConfig) -> Result<Self> {
-        Ok(Self {
-            _ctx: ctx.clone(),
-            _cfg: cfg,
-        })
-    }
-    /// Runs FMA on host tensors of shape `shape`; returns O and, if `want_lse`, the LSE.
-    pub fn forward(
-        &self,
-        _q: &[f32],
-        _k: &[f32],
-        _v: &[f32],
-        _shape: Shape,
-        _want_lse: bool,
-    ) -> Result<Output> {
-        Err(FmaError::NoAdapter(" (stub)".into()))
-    }
-}
-
-/// Exact dense attention on the GPU (STUB: being written).
-pub struct DenseAttention {
-    _ctx: GpuContext,
-    _causal: bool,
-}
-
-impl DenseAttention {
-    /// Builds the pipelines on `ctx`.
-    pub fn new(ctx: &GpuContext, causal: bool) -> Result<Self> {
-        Ok(Self {
-            _ctx: ctx.clone(),
-            _causal: causal,
-        })
-    }
-    /// Runs dense attention on host tensors.
-    pub fn forward(
-        &self,
-        _q: &[f32],
-        _k: &[f32],
-        _v: &[f32],
-        _shape: Shape,
-        _want_lse: bool,
-    ) -> Result<Output> {
-        Err(FmaError::NoAdapter(" (stub)".into()))
-    }
 }

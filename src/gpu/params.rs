@@ -69,7 +69,14 @@ mod tests {
     use crate::gpu::shaders::{compose, Pass, Specialization};
 
     fn naga_size(type_name: &str) -> u32 {
-        let src = compose(Pass::Downsample, Specialization { wg: 8, bk: 8, d4: 1 });
+        let src = compose(
+            Pass::Downsample,
+            Specialization {
+                wg: 8,
+                bk: 8,
+                d4: 1,
+            },
+        );
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");
         let mut layouter = naga::proc::Layouter::default();
         layouter.update(module.to_ctx()).expect("layout");
@@ -84,7 +91,13 @@ mod tests {
     #[test]
     fn rust_and_wgsl_uniform_layouts_agree() {
         assert_eq!(Params::min_size().get() as u32, naga_size("Params"));
-        assert_eq!(LevelSelect::min_size().get() as u32, naga_size("LevelSelect"));
-        assert_eq!(to_uniform_bytes(&Params::default()).unwrap().len() as u32, naga_size("Params"));
+        assert_eq!(
+            LevelSelect::min_size().get() as u32,
+            naga_size("LevelSelect")
+        );
+        assert_eq!(
+            to_uniform_bytes(&Params::default()).unwrap().len() as u32,
+            naga_size("Params")
+        );
     }
 }

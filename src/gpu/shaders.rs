@@ -89,19 +89,31 @@ mod tests {
 
     fn validate(src: &str) -> Result<naga::Module, String> {
         let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
-        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
-            .validate(&module)
-            .map_err(|e| format!("{e:?}"))?;
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        )
+        .validate(&module)
+        .map_err(|e| format!("{e:?}"))?;
         Ok(module)
     }
 
     #[test]
     fn every_pass_parses_and_validates_without_a_gpu() {
         for pass in Pass::ALL {
-            for &(wg, bk, d4) in &[(1, 1, 1), (4, 16, 4), (64, 31, 16), (64, 15, 32), (256, 8, 64)] {
+            for &(wg, bk, d4) in &[
+                (1, 1, 1),
+                (4, 16, 4),
+                (64, 31, 16),
+                (64, 15, 32),
+                (256, 8, 64),
+            ] {
                 let src = compose(pass, Specialization { wg, bk, d4 });
                 if let Err(e) = validate(&src) {
-                    panic!("{} (wg {wg}, bk {bk}, d4 {d4}) does not validate:\n{e}", pass.name());
+                    panic!(
+                        "{} (wg {wg}, bk {bk}, d4 {d4}) does not validate:\n{e}",
+                        pass.name()
+                    );
                 }
             }
         }
@@ -110,8 +122,19 @@ mod tests {
     #[test]
     fn imports_are_resolved() {
         for pass in Pass::ALL {
-            let src = compose(pass, Specialization { wg: 8, bk: 8, d4: 2 });
-            assert!(!src.contains("#import"), "{} keeps an unresolved import", pass.name());
+            let src = compose(
+                pass,
+                Specialization {
+                    wg: 8,
+                    bk: 8,
+                    d4: 2,
+                },
+            );
+            assert!(
+                !src.contains("#import"),
+                "{} keeps an unresolved import",
+                pass.name()
+            );
         }
     }
 }

@@ -1,1 +1,33 @@
-fn main() {}
+//! `multipole-attn`: run Fast Multipole Attention (or dense attention) on .npy tensors, on the
+//! GPU or with the f64 CPU reference, and list the GPU adapters wgpu finds.
+//!
+//! Every error prints as `error: <message>` on stderr; the exit code is 2 for bad input and
+//! 1 for a GPU or runtime failure (see [`error::CliError::exit_code`]).
+
+mod args;
+mod error;
+mod info;
+mod npy_io;
+mod run;
+mod tensor;
+mod weights_npz;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    env_logger::init();
+    // clap prints its own `error: ...` and exits with 2 on a usage error.
+    let cli = args::Cli::parse();
+    let result = match &cli.command {
+        args::Command::Run(a) => run::run(a),
+        args::Command::Info => info::info(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

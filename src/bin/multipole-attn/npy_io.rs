@@ -114,7 +114,12 @@ pub fn read_tensor(path: &Path, what: &str) -> CliResult<Tensor> {
     let data_start = reader.stream_position().map_err(open_err)?;
     let dtype = float_dtype(&header.type_descriptor.to_string())
         .map_err(|m| CliError::Input(format!("{src} has {m}")))?;
-    check_data_size(&src, &header.shape, dtype, file_len.saturating_sub(data_start))?;
+    check_data_size(
+        &src,
+        &header.shape,
+        dtype,
+        file_len.saturating_sub(data_start),
+    )?;
     reader.rewind().map_err(open_err)?;
     match dtype {
         FloatDtype::F32 => ArrayD::<f32>::read_npy(&mut reader).map(Tensor::from_f32),
@@ -169,7 +174,11 @@ pub fn check_output_path(path: &Path) -> CliResult<()> {
 }
 
 /// Writes `data` (row-major) as an .npy array of shape `shape`.
-pub fn write_array<A: WritableElement>(path: &Path, shape: &[usize], data: Vec<A>) -> CliResult<()> {
+pub fn write_array<A: WritableElement>(
+    path: &Path,
+    shape: &[usize],
+    data: Vec<A>,
+) -> CliResult<()> {
     let len = data.len();
     let arr = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|_| {
         CliError::Runtime(format!(

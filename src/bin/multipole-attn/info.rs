@@ -1,0 +1,149 @@
+//! `multipole-attn info`: every adapter wgpu finds, with the limits and features the library
+//! depends on (storage binding size bounds one tensor, workgroup storage bounds the tiles).
+
+use crate::error::{CliError, CliResult};
+use multipole_attn::gpu::{list_adapters, AdapterReport};
+use std::fmt::Write;
+
+/// Runs the `info` subcommand: prints one block per adapter, or fails when there is none.
+pub fn info() -> CliResult<()> {
+    let reports = list_adapters();
+    if reports.is_empty() {
+        return Err(CliError::NoAdapter);
+    }
+    let blocks: Vec<String> = reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format_report(i, r))
+        .collect();
+    print!("{}", blocks.join("\n"));
+    Ok(())
+}
+
+/// A byte count with its binary-unit rendering, e.g. `134217728 (128.0 MiB)`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = u;
+    }
+    if unit == "B" {
+        format!("{n} B")
+    } else {
+        format!("{n} ({value:.1} {unit})")
+    }
+}
+
+/// One adapter as a block of text: identity, driver, the limits and features that matter here.
+pub fn format_report(index: usize, r: &AdapterReport) -> String {
+    let (info, l) = (&r.info, &r.limits);
+    let mut s = String::new();
+    // Writing to a String cannot fail; the results are ignored on purpose.
+    let _ = writeln!(s, "adapter {index}: {}", info.name);
+    let _ = writeln!(s, "  backend:      {:?}", info.backend);
+    let _ = writeln!(s, "  device type:  {:?}", info.device_type);
+    let _ = writeln!(
+        s,
+        "  vendor/device: {:#06x} / {:#06x}",
+        info.vendor, info.device
+    );
+    let driver = match (info.driver.is_empty(), info.driver_info.is_empty()) {
+        (true, true) => "(not reported)".to_string(),
+        (false, true) => info.driver.clone(),
+        (true, false) => info.driver_info.clone(),
+        (false, false) => format!("{} ({})", info.driver, info.driver_info),
+    };
+    let _ = writeln!(s, "  driver:       {driver}");
+    let _ = writeln!(s, "  limits:");
+    let limits = [
+        (
+            "max_storage_buffer_binding_size",
+            bytes(l.max_storage_buffer_binding_size),
+        ),
+        ("max_buffer_size", bytes(l.max_buffer_size)),
+        (
+            "max_compute_workgroup_storage_size",
+            bytes(l.max_compute_workgroup_storage_size.into()),
+        ),
+        (
+            "max_compute_invocations_per_workgroup",
+            l.max_compute_invocations_per_workgroup.to_string(),
+        ),
+        (
+            "max_compute_workgroups_per_dimension",
+            l.max_compute_workgroups_per_dimension.to_string(),
+        ),
+        (
+            "max_compute_workgroup_size_x",
+            l.max_compute_workgroup_size_x.to_string(),
+        ),
+    ];
+    for (name, value) in limits {
+        let _ = writeln!(s, "    {name:<38} {value}");
+    }
+    let _ = writeln!(s, "  features:");
+    for (name, flag) in [
+        ("SHADER_F16", wgpu::Features::SHADER_F16),
+        ("SUBGROUP", wgpu::Features::SUBGROUP),
+        ("TIMESTAMP_QUERY", wgpu::Features::TIMESTAMP_QUERY),
+    ] {
+        let yes = if r.features.contains(flag) {
+            "yes"
+        } else {
+            "no"
+        };
+        let _ = writeln!(s, "    {name:<38} {yes}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_renders_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(134_217_728), "134217728 (128.0 MiB)");
+    }
+
+    #[test]
+    fn report_lists_limits_and_features() {
+        let report = AdapterReport {
+            info: wgpu::AdapterInfo {
+                name: "Test GPU".into(),
+                vendor: 0x10de,
+                device: 0x2330,
+                device_type: wgpu::DeviceType::DiscreteGpu,
+                driver: "drv".into(),
+                driver_info: "1.2.3".into(),
+                backend: wgpu::Backend::Vulkan,
+                ..wgpu::AdapterInfo::default()
+            },
+            limits: wgpu::Limits::default(),
+            features: wgpu::Features::SUBGROUP,
+        };
+        let text = format_report(0, &report);
+        assert!(text.starts_with("adapter 0: Test GPU\n"), "{text}");
+        assert!(
+            text.contains("Vulkan") && text.contains("DiscreteGpu"),
+            "{text}"
+        );
+        assert!(text.contains("drv (1.2.3)"), "{text}");
+        assert!(text.contains("max_storage_buffer_binding_size"), "{text}");
+        assert!(text.contains("max_compute_workgroup_size_x"), "{text}");
+        let feature = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .map(|l| l.split_whitespace().last() == Some("yes"))
+        };
+        assert_eq!(feature("SUBGROUP"), Some(true));
+        assert_eq!(feature("SHADER_F16"), Some(false));
+        assert_eq!(feature("TIMESTAMP_QUERY"), Some(false));
+    }
+}

@@ -1,0 +1,167 @@
+//! `multipole-attn run`: load Q, K, V, build the configuration, compute on the GPU or with the
+//! CPU reference, write O (and the LSE).
+
+use crate::args::{DownsampleArg, RunArgs};
+use crate::error::{CliError, CliResult};
+use crate::npy_io::{check_output_path, read_tensor, write_array};
+use crate::tensor::{fmt_shape, Tensor};
+use crate::weights_npz::read_weights;
+use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Shape};
+
+/// What to compute.
+enum Method {
+    /// Exact dense softmax attention, optionally causal.
+    Dense { causal: bool },
+    /// Fast Multipole Attention with this configuration.
+    Fma(FmaConfig),
+}
+
+/// Runs the `run` subcommand.
+pub fn run(args: &RunArgs) -> CliResult<()> {
+    // Check the outputs first so a bad path does not cost a whole computation.
+    check_output_path(&args.out)?;
+    if let Some(lse) = &args.lse {
+        check_output_path(lse)?;
+    }
+    let q = read_tensor(&args.q, "Q")?;
+    let k = read_tensor(&args.k, "K")?;
+    let v = read_tensor(&args.v, "V")?;
+    for (name, t) in [("Q", &q), ("K", &k), ("V", &v)] {
+        log::info!("{name}: {} {}", t.dtype(), fmt_shape(&t.shape));
+    }
+    let shape = problem_shape(&q, &k, &v)?;
+    shape.validate()?;
+    let o_shape = q.shape.clone();
+    let lse_shape = o_shape[..o_shape.len() - 1].to_vec();
+    let method = if args.dense {
+        Method::Dense {
+            causal: args.causal,
+        }
+    } else {
+        Method::Fma(build_config(args, shape)?)
+    };
+    log::info!(
+        "{} {shape} on {}",
+        if args.dense { "dense" } else { "FMA" },
+        if args.reference {
+            "the CPU reference"
+        } else {
+            "the GPU"
+        }
+    );
+    if args.reference {
+        let r = run_reference(&method, q, k, v, shape)?;
+        write_array(&args.out, &o_shape, r.o)?;
+        if let Some(path) = &args.lse {
+            write_array(path, &lse_shape, r.lse)?;
+        }
+    } else {
+        let want_lse = args.lse.is_some();
+        let out = run_gpu(&method, q, k, v, shape, want_lse)?;
+        write_array(&args.out, &o_shape, out.o)?;
+        if let Some(path) = &args.lse {
+            let lse = out.lse.ok_or_else(|| {
+                CliError::Runtime(
+                    "the GPU forward returned no LSE although it was asked for".into(),
+                )
+            })?;
+            write_array(path, &lse_shape, lse)?;
+        }
+    }
+    Ok(())
+}
+
+/// The problem shape of Q, K, V: they must agree exactly, with 2 axes (n, d) or 4
+/// (batch, heads, n, d).
+fn problem_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> CliResult<Shape> {
+    for (name, t) in [("K", k), ("V", v)] {
+        if t.shape != q.shape {
+            return Err(CliError::Input(format!(
+                "Q, K and V must have the same shape, but Q has shape {} and {name} has shape {}",
+                fmt_shape(&q.shape),
+                fmt_shape(&t.shape)
+            )));
+        }
+    }
+    match *q.shape.as_slice() {
+        [n, d] => Ok(Shape::new(1, 1, n, d)),
+        [b, h, n, d] => Ok(Shape::new(b, h, n, d)),
+        _ => Err(CliError::Input(format!(
+            "Q, K and V must have 2 axes (n, d) or 4 (batch, heads, n, d), but they have shape {} ({} axes)",
+            fmt_shape(&q.shape),
+            q.shape.len()
+        ))),
+    }
+}
+
+/// The FMA configuration from the arguments; learned weights are read (or box-initialised) and
+/// validated here so that every input error surfaces before any computation.
+fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig> {
+    let (d, n) = (shape.head_dim, shape.seq);
+    let base = FmaConfig::new(args.block, args.rank)
+        .causal(args.causal)
+        .count_correction(!args.no_count_correction);
+    // m and p first: the weight shapes and the box initialisation assume m >= 1 and p | m.
+    base.validate(d, n)?;
+    let learned = match (args.downsample, &args.weights) {
+        (Some(DownsampleArg::Average), Some(_)) => {
+            return Err(CliError::Input(
+                "--weights gives learned downsampling weights, but --downsample average was asked for; \
+                 drop one of them"
+                    .into(),
+            ))
+        }
+        (Some(DownsampleArg::Learned), _) | (None, Some(_)) => true,
+        (Some(DownsampleArg::Average) | None, None) => false,
+    };
+    if !learned {
+        return Ok(base);
+    }
+    let weights = match &args.weights {
+        Some(path) => read_weights(path, d, args.block, args.rank)?,
+        None => LearnedWeights::box_init_for(d, args.block, args.rank, n),
+    };
+    let cfg = base.downsample(Downsample::Learned(weights));
+    cfg.validate(d, n)?;
+    Ok(cfg)
+}
+
+/// Runs the f64 CPU reference; f64 inputs keep their precision.
+fn run_reference(
+    method: &Method,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    shape: Shape,
+) -> CliResult<cpu::Reference> {
+    let (q, k, v) = (q.into_f64(), k.into_f64(), v.into_f64());
+    let r = match method {
+        Method::Dense { causal } => cpu::dense_attention(&q, &k, &v, shape, *causal)?,
+        Method::Fma(cfg) => cpu::fma_forward(&q, &k, &v, shape, cfg)?,
+    };
+    Ok(r)
+}
+
+/// Runs on the GPU in f32.
+fn run_gpu(
+    method: &Method,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    shape: Shape,
+    want_lse: bool,
+) -> CliResult<multipole_attn::gpu::Output> {
+    let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
+    let ctx = GpuContext::new()?;
+    log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
+    let out = match method {
+        Method::Dense { causal } => {
+            DenseAttention::new(&ctx, *causal)?.forward(&q, &k, &v, shape, want_lse)?
+        }
+        Method::Fma(cfg) => {
+            FmaAttention::new(&ctx, cfg.clone())?.forward(&q, &k, &v, shape, want_lse)?
+        }
+    };
+    Ok(out)
+}

@@ -1,0 +1,122 @@
+//! Reading learned downsampling weights from an .npz archive.
+//!
+//! Keys, for levels l = 1, 2, ... (read until `k_w{l}` is absent): `k_w{l}`, `v_w{l}` of shape
+//! (d, p, m*2^(l-1)) and `k_b{l}`, `v_b{l}` of shape (d, p); float32 or float64.
+//! The library checks the level count and lengths; here we check full ndarray shapes, because a
+//! transposed or mis-sized array can have the right length and would silently be misread.
+
+use crate::error::{CliError, CliResult};
+use crate::npy_io::npy_error;
+use crate::tensor::{fmt_shape, Tensor};
+use multipole_attn::{LearnedWeights, LevelWeights};
+use ndarray::{IxDyn, OwnedRepr};
+use ndarray_npy::{NpzReader, ReadNpyError, ReadNpzError};
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::path::Path;
+
+/// Window size w_l = m * 2^(l-1), or None if it overflows (an absurd level count).
+fn window_size(block: usize, level: usize) -> Option<usize> {
+    let shift = u32::try_from(level - 1).ok()?;
+    block.checked_mul(1usize.checked_shl(shift)?)
+}
+
+/// A friendly message for an error reading the array `name` out of an archive.
+fn npz_error(name: &str, err: ReadNpzError) -> CliError {
+    match err {
+        ReadNpzError::Npy(e) => npy_error(name, e),
+        ReadNpzError::Zip(e) => CliError::Input(format!("cannot read {name}: {e}")),
+    }
+}
+
+/// Reads one float32 or float64 array by key (trying f32 first, then f64).
+fn read_key<R: Read + Seek>(npz: &mut NpzReader<R>, src: &str, key: &str) -> CliResult<Tensor> {
+    let name = format!("{key} in {src}");
+    match npz.by_name::<OwnedRepr<f32>, IxDyn>(key) {
+        Ok(a) => Ok(Tensor::from_f32(a)),
+        Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(_))) => npz
+            .by_name::<OwnedRepr<f64>, IxDyn>(key)
+            .map(Tensor::from_f64)
+            .map_err(|e| npz_error(&name, e)),
+        Err(e) => Err(npz_error(&name, e)),
+    }
+}
+
+/// Reads learned weights for head dimension `head_dim`, block size `block` and rank `rank`
+/// (which fix every expected shape). `block` and `rank` must already be valid (m >= 1, p | m).
+pub fn read_weights(
+    path: &Path,
+    head_dim: usize,
+    block: usize,
+    rank: usize,
+) -> CliResult<LearnedWeights> {
+    let src = format!("weights file {}", path.display());
+    let file = File::open(path).map_err(|source| CliError::Open {
+        what: "weights".into(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad_archive = |e: ReadNpzError| match e {
+        ReadNpzError::Zip(z) => CliError::Input(format!("{src} is not a valid .npz archive: {z}")),
+        other => npz_error(&src, other),
+    };
+    let mut npz = NpzReader::new(file).map_err(bad_archive)?;
+    let names: BTreeSet<String> = npz.names().map_err(bad_archive)?.into_iter().collect();
+    let mut used = BTreeSet::new();
+    let mut levels = Vec::new();
+    for l in 1usize.. {
+        if !names.contains(&format!("k_w{l}")) {
+            break;
+        }
+        let w = window_size(block, l).ok_or_else(|| {
+            CliError::Input(format!("{src}: level {l} is too deep for m = {block}"))
+        })?;
+        let mut get = |prefix: &str, shape: &[usize]| -> CliResult<Vec<f32>> {
+            let key = format!("{prefix}{l}");
+            if !names.contains(&key) {
+                return Err(CliError::Input(format!(
+                    "{src} has k_w{l} but no {key}: every level l needs k_w{{l}}, k_b{{l}}, v_w{{l}} and v_b{{l}}"
+                )));
+            }
+            let t = read_key(&mut npz, &src, &key)?;
+            if t.shape != shape {
+                return Err(CliError::Input(format!(
+                    "{src}: {key} has shape {}, expected {} for d = {head_dim}, p = {rank}, m = {block}",
+                    fmt_shape(&t.shape),
+                    fmt_shape(shape)
+                )));
+            }
+            used.insert(key.clone());
+            t.into_f32(&format!("{key} in {src}"))
+        };
+        let (wshape, bshape) = ([head_dim, rank, w], [head_dim, rank]);
+        levels.push(LevelWeights {
+            wk: get("k_w", &wshape)?,
+            bk: get("k_b", &bshape)?,
+            wv: get("v_w", &wshape)?,
+            bv: get("v_b", &bshape)?,
+        });
+    }
+    if levels.is_empty() {
+        let found: Vec<&str> = names.iter().map(String::as_str).collect();
+        return Err(CliError::Input(format!(
+            "{src} has no key k_w1 (expected k_w1, k_b1, v_w1, v_b1, k_w2, ...); it holds [{}]",
+            found.join(", ")
+        )));
+    }
+    // Unused keys are most likely a typo or a gap in the levels: say so rather than drop them.
+    let unused: Vec<&str> = names.difference(&used).map(String::as_str).collect();
+    if !unused.is_empty() {
+        eprintln!(
+            "warning: {src}: ignoring keys [{}] (levels are read from 1 up to the first missing k_w{{l}})",
+            unused.join(", ")
+        );
+    }
+    Ok(LearnedWeights {
+        head_dim,
+        block,
+        rank,
+        levels,
+    })
+}

@@ -1,0 +1,237 @@
+//! The executor of exact dense attention (the baseline every speed figure is compared with).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::Result;
+use crate::gpu::io::{GpuTensors, HostBuffers, Scopes, Staged};
+use crate::gpu::params::{to_uniform_bytes, Params};
+use crate::gpu::pipelines::poisoned;
+use crate::gpu::readback::storage;
+use crate::gpu::shaders::Pass;
+use crate::gpu::{GpuContext, Output};
+use crate::plan::{DensePlan, KernelLimits};
+use crate::shape::Shape;
+
+struct Workspace {
+    params: wgpu::Buffer,
+    host: Option<HostBuffers>,
+}
+
+/// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V` on the GPU, tiled with an
+/// online softmax (no n x n matrix in memory). Causal:
+///
+/// ```text
+///        keys ->
+/// q  0 | x . . . |
+///    1 | x x . . |      x = attended, . = masked
+///    2 | x x x . |
+///    3 | x x x x |
+/// ```
+pub struct DenseAttention {
+    ctx: GpuContext,
+    causal: bool,
+    limits: KernelLimits,
+    workspaces: Mutex<HashMap<Shape, Arc<Mutex<Workspace>>>>,
+}
+
+impl DenseAttention {
+    /// Prepares dense attention on `ctx`.
+    pub fn new(ctx: &GpuContext, causal: bool) -> Result<Self> {
+        ctx.check_alive()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            causal,
+            limits: KernelLimits::from_wgpu(&ctx.limits),
+            workspaces: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The plan a call with `shape` would execute.
+    pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
+        DensePlan::new(shape, &self.limits)
+    }
+
+    fn workspace(&self, plan: &DensePlan) -> Result<Arc<Mutex<Workspace>>> {
+        let mut map = self.workspaces.lock().map_err(poisoned)?;
+        if let Some(ws) = map.get(&plan.shape) {
+            return Ok(ws.clone());
+        }
+        if map.len() >= 8 {
+            map.clear();
+        }
+        let s = plan.shape;
+        let bytes = to_uniform_bytes(&Params {
+            n: s.seq as u32,
+            d: s.head_dim as u32,
+            m: plan.attention.spec.wg,
+            p: 1,
+            causal: self.causal as u32,
+            batch_heads: s.batch_heads() as u32,
+            tiles_per_block: plan.tiles,
+            total_workgroups: plan.attention.workgroups,
+            workgroups_x: plan.attention.grid[0],
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            ..Default::default()
+        })?;
+        let params = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dense params"),
+            size: bytes.len() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.ctx.queue.write_buffer(&params, 0, &bytes);
+        let ws = Arc::new(Mutex::new(Workspace { params, host: None }));
+        map.insert(s, ws.clone());
+        Ok(ws)
+    }
+
+    fn record(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &DensePlan,
+        params: &wgpu::Buffer,
+        t: GpuTensors<'_>,
+        lse: &wgpu::Buffer,
+        pipeline: &wgpu::ComputePipeline,
+    ) {
+        let entries: Vec<_> = [
+            (0, params),
+            (1, t.q),
+            (2, t.k),
+            (3, t.v),
+            (6, t.out),
+            (7, lse),
+        ]
+        .into_iter()
+        .map(|(binding, b)| wgpu::BindGroupEntry {
+            binding,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
+        let group = self
+            .ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("dense_attention"),
+                layout: &self.ctx.kernels.layouts.dense,
+                entries: &entries,
+            });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dense forward"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        let g = plan.attention.grid;
+        pass.dispatch_workgroups(g[0], g[1], g[2]);
+    }
+
+    /// Dense attention of host tensors (async). Shapes as [`crate::gpu::FmaAttention::forward_async`].
+    pub async fn forward_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        want_lse: bool,
+    ) -> Result<Output> {
+        shape.validate()?;
+        shape.check_len("Q", q.len())?;
+        shape.check_len("K", k.len())?;
+        shape.check_len("V", v.len())?;
+        let plan = self.plan(shape)?;
+        let pipeline = self
+            .ctx
+            .kernels
+            .pipeline(&self.ctx.device, Pass::DenseAttention, plan.attention.spec)
+            .await?;
+        let ws = self.workspace(&plan)?;
+        let staged = Staged::new(&self.ctx.device, shape, want_lse);
+        let scopes = Scopes::push(&self.ctx)?;
+        {
+            let mut ws = ws.lock().map_err(poisoned)?;
+            let host = ws
+                .host
+                .take()
+                .unwrap_or_else(|| HostBuffers::new(&self.ctx.device, shape));
+            host.upload(&self.ctx.queue, q, k, v);
+            let mut enc = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("dense"),
+                });
+            self.record(
+                &mut enc,
+                &plan,
+                &ws.params,
+                host.tensors(),
+                &host.lse,
+                &pipeline,
+            );
+            staged.record(&mut enc, &host.out, &host.lse);
+            self.ctx.queue.submit([enc.finish()]);
+            ws.host = Some(host);
+        }
+        scopes.pop(&self.ctx, "the dense forward").await?;
+        staged.read(&self.ctx).await
+    }
+
+    /// Blocking [`DenseAttention::forward_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        want_lse: bool,
+    ) -> Result<Output> {
+        pollster::block_on(self.forward_async(q, k, v, shape, want_lse))
+    }
+
+    /// Dense attention of tensors already on the GPU; results stay there.
+    pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
+        t.check(shape)?;
+        let plan = self.plan(shape)?;
+        let pipeline = self
+            .ctx
+            .kernels
+            .pipeline(&self.ctx.device, Pass::DenseAttention, plan.attention.spec)
+            .await?;
+        let ws = self.workspace(&plan)?;
+        let scopes = Scopes::push(&self.ctx)?;
+        {
+            let ws = ws.lock().map_err(poisoned)?;
+            let scratch;
+            let lse = match t.lse {
+                Some(l) => l,
+                None => {
+                    scratch = storage(
+                        &self.ctx.device,
+                        "lse (unused)",
+                        shape.rows() as u64 * 4,
+                        wgpu::BufferUsages::empty(),
+                    );
+                    &scratch
+                }
+            };
+            let mut enc = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("dense"),
+                });
+            self.record(&mut enc, &plan, &ws.params, t, lse, &pipeline);
+            self.ctx.queue.submit([enc.finish()]);
+        }
+        scopes.pop(&self.ctx, "the dense forward").await
+    }
+
+    /// Blocking [`DenseAttention::forward_buffers_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
+        pollster::block_on(self.forward_buffers_async(t, shape))
+    }
+}

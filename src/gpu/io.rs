@@ -1,0 +1,169 @@
+//! Moving tensors between the host and the GPU, and submitting one forward's commands inside
+//! error scopes so validation failures and out-of-memory come back as typed errors.
+
+use crate::error::{FmaError, Result};
+use crate::gpu::readback::{read_f32, storage};
+use crate::gpu::{GpuContext, Output};
+use crate::shape::Shape;
+
+/// Q, K, V, O and the LSE of one forward living in GPU buffers (the caller's own, or ones the
+/// library allocated for host tensors). Q, K, V, O: (batch, heads, seq, head_dim) f32 with
+/// `STORAGE` usage; LSE: (batch, heads, seq) f32.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuTensors<'a> {
+    /// Queries, read.
+    pub q: &'a wgpu::Buffer,
+    /// Keys, read.
+    pub k: &'a wgpu::Buffer,
+    /// Values, read.
+    pub v: &'a wgpu::Buffer,
+    /// Output O, written.
+    pub out: &'a wgpu::Buffer,
+    /// Per-row log-sum-exp, written when given.
+    pub lse: Option<&'a wgpu::Buffer>,
+}
+
+impl GpuTensors<'_> {
+    /// Checks every buffer is a storage buffer large enough for `shape`.
+    pub fn check(&self, shape: Shape) -> Result<()> {
+        let tensor = shape.elements() as u64 * 4;
+        let rows = shape.rows() as u64 * 4;
+        let mut all = vec![
+            ("Q", self.q, tensor),
+            ("K", self.k, tensor),
+            ("V", self.v, tensor),
+            ("O", self.out, tensor),
+        ];
+        if let Some(l) = self.lse {
+            all.push(("LSE", l, rows));
+        }
+        for (name, buf, need) in all {
+            if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return Err(FmaError::ShapeMismatch {
+                    what: format!("{name} buffer usage"),
+                    expected: "a buffer created with BufferUsages::STORAGE".into(),
+                    got: format!("{:?}", buf.usage()),
+                });
+            }
+            if buf.size() < need {
+                return Err(FmaError::ShapeMismatch {
+                    what: format!("{name} buffer"),
+                    expected: format!("at least {need} bytes for {shape}"),
+                    got: format!("{} bytes", buf.size()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Buffers for host tensors of one shape, allocated once and reused by later calls.
+pub(crate) struct HostBuffers {
+    pub q: wgpu::Buffer,
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    pub out: wgpu::Buffer,
+    pub lse: wgpu::Buffer,
+}
+
+impl HostBuffers {
+    pub fn new(device: &wgpu::Device, shape: Shape) -> Self {
+        let bytes = shape.elements() as u64 * 4;
+        let input = wgpu::BufferUsages::COPY_DST;
+        let output = wgpu::BufferUsages::COPY_SRC;
+        Self {
+            q: storage(device, "q", bytes, input),
+            k: storage(device, "k", bytes, input),
+            v: storage(device, "v", bytes, input),
+            out: storage(device, "out", bytes, output),
+            lse: storage(device, "lse", shape.rows() as u64 * 4, output),
+        }
+    }
+
+    pub fn upload(&self, queue: &wgpu::Queue, q: &[f32], k: &[f32], v: &[f32]) {
+        queue.write_buffer(&self.q, 0, bytemuck::cast_slice(q));
+        queue.write_buffer(&self.k, 0, bytemuck::cast_slice(k));
+        queue.write_buffer(&self.v, 0, bytemuck::cast_slice(v));
+    }
+
+    pub fn tensors(&self) -> GpuTensors<'_> {
+        GpuTensors {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            lse: Some(&self.lse),
+        }
+    }
+}
+
+/// Validation and out-of-memory error scopes around the recording and submission of a forward
+/// (thread-local in wgpu, so threads sharing a device do not see each other's errors).
+pub(crate) struct Scopes {
+    invalid: wgpu::ErrorScopeGuard,
+    oom: wgpu::ErrorScopeGuard,
+}
+
+impl Scopes {
+    pub fn push(ctx: &GpuContext) -> Result<Self> {
+        ctx.check_alive()?;
+        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let invalid = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        Ok(Self { invalid, oom })
+    }
+
+    /// Pops both scopes (innermost first) and turns a captured error into [`FmaError::Gpu`].
+    pub async fn pop(self, ctx: &GpuContext, stage: &str) -> Result<()> {
+        let invalid = self.invalid.pop().await;
+        let oom = self.oom.pop().await;
+        if let Some(e) = invalid.or(oom) {
+            return Err(FmaError::Gpu {
+                stage: stage.into(),
+                message: e.to_string(),
+            });
+        }
+        ctx.check_alive()
+    }
+}
+
+/// A staging buffer that receives O (and the LSE) in the same submit as the forward, so the
+/// shared output buffers may be reused by another call as soon as that submit is queued.
+pub(crate) struct Staged {
+    buffer: wgpu::Buffer,
+    shape: Shape,
+    want_lse: bool,
+}
+
+impl Staged {
+    pub fn new(device: &wgpu::Device, shape: Shape, want_lse: bool) -> Self {
+        let bytes = (shape.elements() + if want_lse { shape.rows() } else { 0 }) as u64 * 4;
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Self {
+            buffer,
+            shape,
+            want_lse,
+        }
+    }
+
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, out: &wgpu::Buffer, lse: &wgpu::Buffer) {
+        let o_bytes = self.shape.elements() as u64 * 4;
+        enc.copy_buffer_to_buffer(out, 0, &self.buffer, 0, o_bytes);
+        if self.want_lse {
+            enc.copy_buffer_to_buffer(lse, 0, &self.buffer, o_bytes, self.shape.rows() as u64 * 4);
+        }
+    }
+
+    pub async fn read(self, ctx: &GpuContext) -> Result<Output> {
+        let bytes =
+            (self.shape.elements() + if self.want_lse { self.shape.rows() } else { 0 }) as u64 * 4;
+        let mut all = read_f32(&ctx.device, &self.buffer, bytes).await?;
+        ctx.check_alive()?;
+        let lse = self.want_lse.then(|| all.split_off(self.shape.elements()));
+        Ok(Output { o: all, lse })
+    }
+}

@@ -1,0 +1,86 @@
+//! Buffers: creation helpers and reading a buffer back to the host (async, so the same code
+//! runs in the browser, where `map_async` resolves only when the event loop turns).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use crate::error::{FmaError, Result};
+
+/// A storage buffer of at least 16 bytes (zero-sized bindings are invalid in WebGPU).
+pub(crate) fn storage(
+    device: &wgpu::Device,
+    label: &str,
+    bytes: u64,
+    extra: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(16).next_multiple_of(4),
+        usage: wgpu::BufferUsages::STORAGE | extra,
+        mapped_at_creation: false,
+    })
+}
+
+#[derive(Default)]
+struct MapState {
+    result: Option<std::result::Result<(), wgpu::BufferAsyncError>>,
+    waker: Option<Waker>,
+}
+
+/// Resolves when a `map_async` callback has fired.
+struct MapFuture(Arc<Mutex<MapState>>);
+
+impl Future for MapFuture {
+    type Output = std::result::Result<(), wgpu::BufferAsyncError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Ok(mut s) = self.0.lock() else {
+            return Poll::Ready(Err(wgpu::BufferAsyncError));
+        };
+        match s.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Maps `buffer` (MAP_READ) and copies `[0, bytes)` out as f32. On native it blocks on
+/// `device.poll`; on the web it awaits the browser.
+pub(crate) async fn read_f32(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+) -> Result<Vec<f32>> {
+    let state = Arc::new(Mutex::new(MapState::default()));
+    let cb_state = state.clone();
+    let slice = buffer.slice(0..bytes.max(4));
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        if let Ok(mut s) = cb_state.lock() {
+            s.result = Some(r);
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        }
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| FmaError::Readback(e.to_string()))?;
+    #[cfg(target_arch = "wasm32")]
+    let _ = device;
+    MapFuture(state)
+        .await
+        .map_err(|e| FmaError::Readback(e.to_string()))?;
+    let out = {
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| FmaError::Readback(e.to_string()))?;
+        bytemuck::cast_slice::<u8, f32>(&view[..bytes as usize]).to_vec()
+    };
+    buffer.unmap();
+    Ok(out)
+}

@@ -1,0 +1,625 @@
+//! Integration tests of the `multipole-attn` binary. They run it with `--reference` (the f64 CPU
+//! path), so they pass on machines without a GPU; the one GPU test skips when `info` finds no
+//! adapter.
+
+use multipole_attn::cpu::{dense_attention, fma_forward, widen};
+use multipole_attn::random::normal_tensor;
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Shape};
+use ndarray::{Array, ArrayD, IxDyn, ShapeBuilder};
+use ndarray_npy::{read_npy, write_npy, NpzWriter};
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A scratch directory under the system temp dir, unique per test and process, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("multipole-attn-cli-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a run of the binary produced.
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn assert_ok(&self) {
+        assert_eq!(self.code, Some(0), "stderr: {}", self.stderr);
+    }
+
+    /// Asserts a bad-input failure (exit 2) whose message contains every one of `needles`.
+    fn assert_bad_input(&self, needles: &[&str]) {
+        assert_eq!(self.code, Some(2), "stderr: {}", self.stderr);
+        assert!(
+            self.stderr.starts_with("error: "),
+            "stderr: {}",
+            self.stderr
+        );
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "expected {n:?} in stderr: {}",
+                self.stderr
+            );
+        }
+    }
+}
+
+fn cli<I, S>(args: I) -> Outcome
+where
+    I: IntoIterator<Item = S>,
+    S: Into<OsString>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_multipole-attn"))
+        .args(args.into_iter().map(Into::into))
+        .output()
+        .expect("run multipole-attn");
+    Outcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `run --q Q --k K --v V --out O` for the files in `dir`, then `extra`.
+fn run_args(dir: &Scratch, extra: &[&str]) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec!["run".into()];
+    for (flag, file) in [
+        ("--q", "Q.npy"),
+        ("--k", "K.npy"),
+        ("--v", "V.npy"),
+        ("--out", "O.npy"),
+    ] {
+        a.push(flag.into());
+        a.push(dir.path(file).into());
+    }
+    a.extend(extra.iter().map(OsString::from));
+    a
+}
+
+fn write_f32(path: &Path, shape: &[usize], data: Vec<f32>) {
+    let arr = ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape");
+    write_npy(path, &arr).expect("write npy");
+}
+
+fn write_f64(path: &Path, shape: &[usize], data: Vec<f64>) {
+    let arr = ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape");
+    write_npy(path, &arr).expect("write npy");
+}
+
+fn read_f64(path: &Path) -> ArrayD<f64> {
+    read_npy(path).expect("read f64 npy")
+}
+
+/// Writes random f32 Q, K, V of `shape` into `dir` and returns them.
+fn write_qkv(dir: &Scratch, shape: &[usize], seed: u64) -> [Vec<f32>; 3] {
+    let len = shape.iter().product();
+    let t = [
+        normal_tensor(seed, len),
+        normal_tensor(seed + 1, len),
+        normal_tensor(seed + 2, len),
+    ];
+    for (name, data) in ["Q.npy", "K.npy", "V.npy"].iter().zip(&t) {
+        write_f32(&dir.path(name), shape, data.clone());
+    }
+    t
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn to_vec(a: ArrayD<f64>) -> Vec<f64> {
+    a.iter().copied().collect()
+}
+
+#[test]
+fn n_d_input_round_trips_and_matches_cpu_fma() {
+    let dir = Scratch::new("nd");
+    let [q, k, v] = write_qkv(&dir, &[37, 8], 11);
+    let lse_path = dir.path("LSE.npy");
+    let out = cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "8",
+            "--rank",
+            "2",
+            "--lse",
+            lse_path.to_str().unwrap(),
+        ],
+    ));
+    out.assert_ok();
+    let o = read_f64(&dir.path("O.npy"));
+    let lse = read_f64(&lse_path);
+    assert_eq!(o.shape(), &[37, 8]);
+    assert_eq!(lse.shape(), &[37]);
+    let want = fma_forward(
+        &widen(&q),
+        &widen(&k),
+        &widen(&v),
+        Shape::new(1, 1, 37, 8),
+        &FmaConfig::new(8, 2),
+    )
+    .unwrap();
+    assert!(max_abs_diff(&to_vec(o), &want.o) <= 1e-12);
+    assert!(max_abs_diff(&to_vec(lse), &want.lse) <= 1e-12);
+}
+
+#[test]
+fn batch_heads_input_round_trips_causal_without_correction() {
+    let dir = Scratch::new("bhnd");
+    let dims = [2, 3, 50, 4];
+    let [q, k, v] = write_qkv(&dir, &dims, 21);
+    let lse_path = dir.path("LSE.npy");
+    let out = cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "4",
+            "--causal",
+            "--no-count-correction",
+            "--lse",
+            lse_path.to_str().unwrap(),
+        ],
+    ));
+    out.assert_ok();
+    let o = read_f64(&dir.path("O.npy"));
+    let lse = read_f64(&lse_path);
+    assert_eq!(o.shape(), &dims);
+    assert_eq!(lse.shape(), &[2, 3, 50]);
+    let cfg = FmaConfig::new(4, 2).causal(true).count_correction(false);
+    let want = fma_forward(
+        &widen(&q),
+        &widen(&k),
+        &widen(&v),
+        Shape::new(2, 3, 50, 4),
+        &cfg,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&to_vec(o), &want.o) <= 1e-12);
+    assert!(max_abs_diff(&to_vec(lse), &want.lse) <= 1e-12);
+}
+
+#[test]
+fn f64_input_keeps_f64_precision_in_the_reference() {
+    let dir = Scratch::new("f64");
+    let dims = [29, 6];
+    let len = 29 * 6;
+    // Perturb below f32 resolution: a path through f32 would lose it and miss by ~1e-9.
+    let make = |seed| -> Vec<f64> {
+        let base = normal_tensor(seed, len);
+        let fine = normal_tensor(seed + 100, len);
+        base.iter()
+            .zip(&fine)
+            .map(|(&a, &b)| a as f64 + 1e-9 * b as f64)
+            .collect()
+    };
+    let (q, k, v) = (make(1), make(2), make(3));
+    write_f64(&dir.path("Q.npy"), &dims, q.clone());
+    write_f64(&dir.path("K.npy"), &dims, k.clone());
+    write_f64(&dir.path("V.npy"), &dims, v.clone());
+    cli(run_args(&dir, &["--reference", "--block", "4"])).assert_ok();
+    let o = read_f64(&dir.path("O.npy"));
+    let want = fma_forward(&q, &k, &v, Shape::new(1, 1, 29, 6), &FmaConfig::new(4, 2)).unwrap();
+    assert!(max_abs_diff(&to_vec(o), &want.o) <= 1e-13);
+}
+
+#[test]
+fn fortran_order_input_is_read_in_logical_order() {
+    let dir = Scratch::new("fortran");
+    let (n, d) = (21, 5);
+    let t: Vec<Vec<f32>> = (0..3).map(|s| normal_tensor(40 + s, n * d)).collect();
+    for (name, data) in ["Q.npy", "K.npy", "V.npy"].iter().zip(&t) {
+        // Same logical (n, d) array as row-major `data`, stored column-major.
+        let c = Array::from_shape_vec((n, d), data.clone()).unwrap();
+        let mut f = Array::zeros((n, d).f());
+        f.assign(&c);
+        write_npy(dir.path(name), &f).unwrap();
+    }
+    cli(run_args(&dir, &["--reference", "--block", "4"])).assert_ok();
+    let o = read_f64(&dir.path("O.npy"));
+    let want = fma_forward(
+        &widen(&t[0]),
+        &widen(&t[1]),
+        &widen(&t[2]),
+        Shape::new(1, 1, n, d),
+        &FmaConfig::new(4, 2),
+    )
+    .unwrap();
+    assert!(max_abs_diff(&to_vec(o), &want.o) <= 1e-12);
+}
+
+#[test]
+fn dense_reference_matches_cpu_dense() {
+    let dir = Scratch::new("dense");
+    let dims = [2, 1, 20, 4];
+    let [q, k, v] = write_qkv(&dir, &dims, 31);
+    let shape = Shape::new(2, 1, 20, 4);
+    for causal in [false, true] {
+        let lse_path = dir.path("LSE.npy");
+        let mut extra = vec![
+            "--dense",
+            "--reference",
+            "--lse",
+            lse_path.to_str().unwrap(),
+        ];
+        if causal {
+            extra.push("--causal");
+        }
+        cli(run_args(&dir, &extra)).assert_ok();
+        let want = dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, causal).unwrap();
+        let o = read_f64(&dir.path("O.npy"));
+        assert_eq!(o.shape(), &dims);
+        assert!(
+            max_abs_diff(&to_vec(o), &want.o) <= 1e-12,
+            "causal {causal}"
+        );
+        assert!(max_abs_diff(&to_vec(read_f64(&lse_path)), &want.lse) <= 1e-12);
+    }
+}
+
+#[test]
+fn dense_rejects_fma_options() {
+    let dir = Scratch::new("dense-opts");
+    write_qkv(&dir, &[8, 2], 1);
+    let out = cli(run_args(&dir, &["--dense", "--reference", "--block", "4"]));
+    assert_eq!(out.code, Some(2), "stderr: {}", out.stderr);
+}
+
+/// Writes `w` as an .npz with keys k_w{l}, k_b{l}, v_w{l}, v_b{l}, levels `keep` only, as f32
+/// or f64; `override_kw` replaces one key's array (to make a wrong shape).
+fn write_weights(
+    path: &Path,
+    w: &LearnedWeights,
+    keep: &[usize],
+    as_f64: bool,
+    override_kw: Option<(&str, Vec<usize>)>,
+) {
+    let mut npz = NpzWriter::new(File::create(path).unwrap());
+    let (d, p) = (w.head_dim, w.rank);
+    for &l in keep {
+        let lw = &w.levels[l - 1];
+        let win = w.block << (l - 1);
+        let arrays: [(&str, &Vec<f32>, Vec<usize>); 4] = [
+            ("k_w", &lw.wk, vec![d, p, win]),
+            ("k_b", &lw.bk, vec![d, p]),
+            ("v_w", &lw.wv, vec![d, p, win]),
+            ("v_b", &lw.bv, vec![d, p]),
+        ];
+        for (prefix, data, shape) in arrays {
+            let key = format!("{prefix}{l}");
+            let (data, shape) = match &override_kw {
+                Some((k, s)) if *k == key => (vec![0.0; s.iter().product()], s.clone()),
+                _ => (data.clone(), shape),
+            };
+            if as_f64 {
+                let a = ArrayD::from_shape_vec(IxDyn(&shape), widen(&data)).unwrap();
+                npz.add_array(key, &a).unwrap();
+            } else {
+                let a = ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap();
+                npz.add_array(key, &a).unwrap();
+            }
+        }
+    }
+    npz.finish().unwrap();
+}
+
+#[test]
+fn learned_box_weights_equal_average_on_full_windows() {
+    let dir = Scratch::new("learned");
+    // n = 64, m = 8: two coarse levels, windows 8 and 16; 64 is a multiple of the top window.
+    let (n, d, m, p) = (64, 4, 8, 2);
+    write_qkv(&dir, &[n, d], 51);
+    let w = LearnedWeights::box_init_for(d, m, p, n);
+    assert_eq!(w.levels.len(), 2);
+    write_weights(&dir.path("W32.npz"), &w, &[1, 2], false, None);
+    write_weights(&dir.path("W64.npz"), &w, &[1, 2], true, None);
+    let common = ["--reference", "--block", "8", "--rank", "2"];
+    let o_of = |extra: &[&str]| {
+        let args: Vec<&str> = common.iter().chain(extra).copied().collect();
+        cli(run_args(&dir, &args)).assert_ok();
+        to_vec(read_f64(&dir.path("O.npy")))
+    };
+    let average = o_of(&[]);
+    let w32 = dir.path("W32.npz");
+    let w64 = dir.path("W64.npz");
+    for extra in [
+        vec![
+            "--downsample",
+            "learned",
+            "--weights",
+            w32.to_str().unwrap(),
+        ],
+        vec!["--weights", w64.to_str().unwrap()],
+        vec!["--downsample", "learned"],
+    ] {
+        let learned = o_of(&extra);
+        assert!(max_abs_diff(&learned, &average) <= 1e-10, "{extra:?}");
+    }
+    // And it is the library's Learned mode, not a silent fallback to Average.
+    let q = widen(&normal_tensor(51, n * d));
+    let k = widen(&normal_tensor(52, n * d));
+    let v = widen(&normal_tensor(53, n * d));
+    let cfg = FmaConfig::new(m, p).downsample(Downsample::Learned(w));
+    let want = fma_forward(&q, &k, &v, Shape::new(1, 1, n, d), &cfg).unwrap();
+    assert!(max_abs_diff(&o_of(&["--weights", w32.to_str().unwrap()]), &want.o) <= 1e-12);
+}
+
+#[test]
+fn weights_with_average_is_an_error() {
+    let dir = Scratch::new("w-avg");
+    write_qkv(&dir, &[64, 4], 1);
+    let w = LearnedWeights::box_init_for(4, 8, 2, 64);
+    let wp = dir.path("W.npz");
+    write_weights(&wp, &w, &[1, 2], false, None);
+    let out = cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "8",
+            "--downsample",
+            "average",
+            "--weights",
+            wp.to_str().unwrap(),
+        ],
+    ));
+    out.assert_bad_input(&["--downsample average"]);
+}
+
+#[test]
+fn weights_missing_level_2_is_bad_input() {
+    let dir = Scratch::new("w-level");
+    write_qkv(&dir, &[64, 4], 1);
+    let w = LearnedWeights::box_init_for(4, 8, 2, 64);
+    let wp = dir.path("W.npz");
+    write_weights(&wp, &w, &[1], false, None);
+    let out = cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "8",
+            "--weights",
+            wp.to_str().unwrap(),
+        ],
+    ));
+    out.assert_bad_input(&["level 2"]);
+}
+
+#[test]
+fn weights_with_wrong_shape_name_key_and_shapes() {
+    let dir = Scratch::new("w-shape");
+    write_qkv(&dir, &[64, 4], 1);
+    let w = LearnedWeights::box_init_for(4, 8, 2, 64);
+    let wp = dir.path("W.npz");
+    write_weights(&wp, &w, &[1, 2], false, Some(("k_w2", vec![4, 2, 12])));
+    let out = cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "8",
+            "--weights",
+            wp.to_str().unwrap(),
+        ],
+    ));
+    out.assert_bad_input(&["k_w2 has shape (4, 2, 12), expected (4, 2, 16)"]);
+    // Same length, wrong axes: caught by the shape check, not only by the length check.
+    write_weights(&wp, &w, &[1, 2], false, Some(("k_b1", vec![2, 4])));
+    let out = cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "8",
+            "--weights",
+            wp.to_str().unwrap(),
+        ],
+    ));
+    out.assert_bad_input(&["k_b1 has shape (2, 4), expected (4, 2)"]);
+}
+
+#[test]
+fn weights_missing_a_key_of_a_present_level_names_it() {
+    let dir = Scratch::new("w-key");
+    write_qkv(&dir, &[64, 4], 1);
+    let w = LearnedWeights::box_init_for(4, 8, 2, 64);
+    // Level 1 complete, level 2 only k_w2.
+    let wp = dir.path("W.npz");
+    let mut npz = NpzWriter::new(File::create(&wp).unwrap());
+    let lw1 = &w.levels[0];
+    for (key, data, shape) in [
+        ("k_w1", &lw1.wk, vec![4, 2, 8]),
+        ("k_b1", &lw1.bk, vec![4, 2]),
+        ("v_w1", &lw1.wv, vec![4, 2, 8]),
+        ("v_b1", &lw1.bv, vec![4, 2]),
+        ("k_w2", &w.levels[1].wk, vec![4, 2, 16]),
+    ] {
+        npz.add_array(
+            key,
+            &ArrayD::from_shape_vec(IxDyn(&shape), data.clone()).unwrap(),
+        )
+        .unwrap();
+    }
+    npz.finish().unwrap();
+    let out = cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "8",
+            "--weights",
+            wp.to_str().unwrap(),
+        ],
+    ));
+    out.assert_bad_input(&["k_b2"]);
+}
+
+#[test]
+fn mismatched_shapes_are_bad_input() {
+    let dir = Scratch::new("mismatch");
+    write_qkv(&dir, &[37, 8], 1);
+    write_f32(&dir.path("K.npy"), &[37, 6], normal_tensor(9, 37 * 6));
+    let out = cli(run_args(&dir, &["--reference"]));
+    out.assert_bad_input(&["same shape", "(37, 8)", "(37, 6)"]);
+}
+
+#[test]
+fn three_axes_are_bad_input() {
+    let dir = Scratch::new("ndim");
+    write_qkv(&dir, &[2, 10, 4], 1);
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&["(2, 10, 4)", "axes"]);
+}
+
+#[test]
+fn empty_axis_is_bad_input() {
+    let dir = Scratch::new("empty");
+    write_qkv(&dir, &[0, 4], 1);
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&["seq"]);
+}
+
+#[test]
+fn missing_file_is_bad_input() {
+    let dir = Scratch::new("missing");
+    write_qkv(&dir, &[8, 2], 1);
+    std::fs::remove_file(dir.path("V.npy")).unwrap();
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&["V", "V.npy"]);
+}
+
+#[test]
+fn truncated_npy_is_bad_input() {
+    let dir = Scratch::new("truncated");
+    write_qkv(&dir, &[37, 8], 1);
+    let path = dir.path("Q.npy");
+    let len = std::fs::metadata(&path).unwrap().len();
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&["Q", "truncated"]);
+    // Cut inside the header too.
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(20)
+        .unwrap();
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&["Q", "truncated"]);
+}
+
+#[test]
+fn not_an_npy_file_is_bad_input() {
+    let dir = Scratch::new("garbage");
+    write_qkv(&dir, &[8, 2], 1);
+    std::fs::write(dir.path("K.npy"), b"this is not a numpy file at all").unwrap();
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&["K", "not a valid .npy"]);
+}
+
+#[test]
+fn int_dtype_is_bad_input() {
+    let dir = Scratch::new("int");
+    write_qkv(&dir, &[8, 2], 1);
+    let ints = ArrayD::from_shape_vec(IxDyn(&[8, 2]), (0..16i64).collect()).unwrap();
+    write_npy(dir.path("Q.npy"), &ints).unwrap();
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&["Q", "int64", "float32"]);
+}
+
+#[test]
+fn invalid_rank_is_bad_input() {
+    let dir = Scratch::new("rank");
+    write_qkv(&dir, &[16, 2], 1);
+    cli(run_args(
+        &dir,
+        &["--reference", "--block", "8", "--rank", "3"],
+    ))
+    .assert_bad_input(&["rank"]);
+    cli(run_args(
+        &dir,
+        &["--reference", "--downsample", "learned", "--rank", "0"],
+    ))
+    .assert_bad_input(&["rank"]);
+}
+
+#[test]
+fn missing_output_directory_is_bad_input() {
+    let dir = Scratch::new("outdir");
+    write_qkv(&dir, &[8, 2], 1);
+    let mut args = run_args(&dir, &[]);
+    let out_path = args.len() - 1;
+    args[out_path] = dir.path("no/such/dir/O.npy").into();
+    args.push("--reference".into());
+    cli(args).assert_bad_input(&["does not exist"]);
+}
+
+#[test]
+fn info_lists_adapters_or_says_none() {
+    let out = cli(["info"]);
+    match out.code {
+        Some(0) => assert!(out.stdout.contains("adapter 0:"), "{}", out.stdout),
+        Some(1) => assert!(out.stderr.contains("no adapter found"), "{}", out.stderr),
+        other => panic!("info exited with {other:?}: {}", out.stderr),
+    }
+}
+
+/// On a machine with a usable adapter, the GPU path agrees with the reference to f32 accuracy.
+/// Skips when the library finds no adapter it can use (the run then fails with exit 1 and
+/// "no GPU adapter found").
+#[test]
+fn gpu_matches_reference_when_an_adapter_exists() {
+    let dir = Scratch::new("gpu");
+    write_qkv(&dir, &[2, 2, 100, 16], 61);
+    let lse = dir.path("LSE.npy");
+    let lse_s = lse.to_str().unwrap();
+    for causal in [false, true] {
+        let mut extra = vec!["--block", "8", "--lse", lse_s];
+        if causal {
+            extra.push("--causal");
+        }
+        let gpu = cli(run_args(&dir, &extra));
+        if gpu.code == Some(1) && gpu.stderr.contains("no GPU adapter found") {
+            eprintln!("no usable GPU adapter: skipping ({})", gpu.stderr.trim());
+            return;
+        }
+        gpu.assert_ok();
+        let o_gpu: ArrayD<f32> = read_npy(dir.path("O.npy")).unwrap();
+        let lse_gpu: ArrayD<f32> = read_npy(&lse).unwrap();
+        extra.push("--reference");
+        cli(run_args(&dir, &extra)).assert_ok();
+        let o_ref = to_vec(read_f64(&dir.path("O.npy")));
+        let lse_ref = to_vec(read_f64(&lse));
+        let o_gpu: Vec<f64> = o_gpu.iter().map(|&x| x as f64).collect();
+        let lse_gpu: Vec<f64> = lse_gpu.iter().map(|&x| x as f64).collect();
+        assert!(max_abs_diff(&o_gpu, &o_ref) <= 1e-4, "causal {causal}");
+        assert!(max_abs_diff(&lse_gpu, &lse_ref) <= 1e-4, "causal {causal}");
+    }
+}
