@@ -79,7 +79,7 @@ impl FmaConfig {
                 allowed: "m >= 1".into(),
             });
         }
-        if self.rank == 0 || self.block % self.rank != 0 {
+        if self.rank == 0 || !self.block.is_multiple_of(self.rank) {
             return Err(FmaError::InvalidConfig {
                 what: "rank p",
                 value: self.rank.to_string(),

@@ -42,7 +42,7 @@ impl KernelLimits {
                 .min(256),
             workgroup_storage: l.max_compute_workgroup_storage_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
-            max_binding: l.max_storage_buffer_binding_size as u64,
+            max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
         }
     }

@@ -126,14 +126,16 @@ impl GpuContext {
 /// The limits the library asks for: WebGPU's defaults, with the ones FMA needs raised to what
 /// the adapter grants (browser-safe caps when `options.browser_limits`).
 pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu::Limits {
-    let mut l = wgpu::Limits::default();
-    l.max_storage_buffer_binding_size = adapter.max_storage_buffer_binding_size;
-    l.max_buffer_size = adapter.max_buffer_size;
-    l.max_compute_workgroup_storage_size = adapter.max_compute_workgroup_storage_size;
-    l.max_compute_invocations_per_workgroup = adapter.max_compute_invocations_per_workgroup;
-    l.max_compute_workgroup_size_x = adapter.max_compute_workgroup_size_x;
-    l.max_compute_workgroups_per_dimension = adapter.max_compute_workgroups_per_dimension;
-    l.max_storage_buffers_per_shader_stage = adapter.max_storage_buffers_per_shader_stage;
+    let mut l = wgpu::Limits {
+        max_storage_buffer_binding_size: adapter.max_storage_buffer_binding_size,
+        max_buffer_size: adapter.max_buffer_size,
+        max_compute_workgroup_storage_size: adapter.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: adapter.max_compute_invocations_per_workgroup,
+        max_compute_workgroup_size_x: adapter.max_compute_workgroup_size_x,
+        max_compute_workgroups_per_dimension: adapter.max_compute_workgroups_per_dimension,
+        max_storage_buffers_per_shader_stage: adapter.max_storage_buffers_per_shader_stage,
+        ..wgpu::Limits::default()
+    };
     if options.browser_limits {
         let web = wgpu::Limits::default();
         l.max_compute_invocations_per_workgroup = l.max_compute_invocations_per_workgroup.min(256);

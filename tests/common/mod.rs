@@ -15,7 +15,12 @@ pub fn gpu() -> Option<&'static GpuContext> {
 /// A context that asks only for what a browser grants (256 invocations, 16 KiB workgroup memory).
 pub fn browser_like_gpu() -> Option<&'static GpuContext> {
     static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| open(ContextOptions { browser_limits: true })).as_ref()
+    CTX.get_or_init(|| {
+        open(ContextOptions {
+            browser_limits: true,
+        })
+    })
+    .as_ref()
 }
 
 fn open(options: ContextOptions) -> Option<GpuContext> {
@@ -45,11 +50,15 @@ pub struct Closeness {
 
 pub fn closeness(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> Closeness {
     assert_eq!(gpu.len(), reference.len(), "length differs");
-    let mut c = Closeness { violations: 0, max_abs: 0.0, worst_index: 0 };
+    let mut c = Closeness {
+        violations: 0,
+        max_abs: 0.0,
+        worst_index: 0,
+    };
     for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
         let err = (g as f64 - r).abs();
         // NaN (an unwritten poisoned element) fails: !(NaN <= x).
-        if !(err <= atol + rtol * r.abs()) {
+        if err.is_nan() || err > atol + rtol * r.abs() {
             c.violations += 1;
         }
         if err > c.max_abs || err.is_nan() {
@@ -58,4 +67,101 @@ pub fn closeness(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> Closen
         }
     }
     c
+}
+
+use multipole_attn::gpu::GpuTensors;
+use multipole_attn::{LearnedWeights, Shape};
+use wgpu::util::DeviceExt;
+
+/// Box-initialised learned weights plus N(0, 0.5/w_l) noise and N(0, 0.1) biases, so that the
+/// learned path differs from Average and a wrong index into the weights shows.
+pub fn random_learned(
+    seed: u64,
+    head_dim: usize,
+    m: usize,
+    p: usize,
+    seq: usize,
+) -> LearnedWeights {
+    let mut w = LearnedWeights::box_init_for(head_dim, m, p, seq);
+    for (l, lw) in w.levels.iter_mut().enumerate() {
+        let win = m << l;
+        let s = seed + 100 * l as u64;
+        for (buf, off, scale) in [
+            (&mut lw.wk, 1, 0.5 / win as f32),
+            (&mut lw.wv, 2, 0.5 / win as f32),
+            (&mut lw.bk, 3, 0.1),
+            (&mut lw.bv, 4, 0.1),
+        ] {
+            let noise = multipole_attn::random::normal_tensor(s + off, buf.len());
+            buf.iter_mut().zip(noise).for_each(|(x, e)| *x += scale * e);
+        }
+    }
+    w
+}
+
+/// Output buffers filled with NaN before a run, so an element the kernel forgot to write fails
+/// the comparison.
+pub struct Poisoned {
+    pub q: wgpu::Buffer,
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    pub out: wgpu::Buffer,
+    pub lse: wgpu::Buffer,
+}
+
+impl Poisoned {
+    pub fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32], shape: Shape) -> Self {
+        let init = |label, data: &[f32], extra| {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(data),
+                    usage: wgpu::BufferUsages::STORAGE | extra,
+                })
+        };
+        let nan_o = vec![f32::NAN; shape.elements()];
+        let nan_l = vec![f32::NAN; shape.rows()];
+        Self {
+            q: init("q", q, wgpu::BufferUsages::empty()),
+            k: init("k", k, wgpu::BufferUsages::empty()),
+            v: init("v", v, wgpu::BufferUsages::empty()),
+            out: init("out", &nan_o, wgpu::BufferUsages::COPY_SRC),
+            lse: init("lse", &nan_l, wgpu::BufferUsages::COPY_SRC),
+        }
+    }
+
+    pub fn tensors(&self) -> GpuTensors<'_> {
+        GpuTensors {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            lse: Some(&self.lse),
+        }
+    }
+
+    /// Reads O and the LSE back.
+    pub fn read(&self, ctx: &GpuContext) -> (Vec<f32>, Vec<f32>) {
+        (read_buffer(ctx, &self.out), read_buffer(ctx, &self.lse))
+    }
+}
+
+pub fn read_buffer(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<f32> {
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test readback"),
+        size: buf.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+    ctx.queue.submit([enc.finish()]);
+    let slice = staging.slice(..);
+    slice.map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    let data = bytemuck::cast_slice::<u8, f32>(&slice.get_mapped_range().expect("mapped")).to_vec();
+    staging.unmap();
+    data
 }

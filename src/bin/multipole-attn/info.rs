@@ -114,17 +114,14 @@ mod tests {
 
     #[test]
     fn report_lists_limits_and_features() {
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan);
+        info.name = "Test GPU".into();
+        info.vendor = 0x10de;
+        info.device = 0x2330;
+        info.driver = "drv".into();
+        info.driver_info = "1.2.3".into();
         let report = AdapterReport {
-            info: wgpu::AdapterInfo {
-                name: "Test GPU".into(),
-                vendor: 0x10de,
-                device: 0x2330,
-                device_type: wgpu::DeviceType::DiscreteGpu,
-                driver: "drv".into(),
-                driver_info: "1.2.3".into(),
-                backend: wgpu::Backend::Vulkan,
-                ..wgpu::AdapterInfo::default()
-            },
+            info,
             limits: wgpu::Limits::default(),
             features: wgpu::Features::SUBGROUP,
         };
