@@ -115,24 +115,45 @@ pub fn dense_attention(
     shape: Shape,
     causal: bool,
 ) -> Result<Reference> {
+    let rows: Vec<usize> = (0..shape.rows()).collect();
+    let (o, lse) = dense_attention_rows(q, k, v, shape, causal, &rows)?;
+    Ok(Reference { o, lse })
+}
+
+/// Exact dense attention for selected rows only (flat indices into (batch, heads, seq)):
+/// returns O of shape (rows.len(), head_dim) and the LSE of those rows. For checking a few
+/// rows of a long sequence without the O(n^2) cost of all of them.
+pub fn dense_attention_rows(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    causal: bool,
+    rows: &[usize],
+) -> Result<(Vec<f64>, Vec<f64>)> {
     check_inputs(q, k, v, shape)?;
     let (n, d) = (shape.seq, shape.head_dim);
     let scale = 1.0 / (d as f64).sqrt();
-    let mut o = vec![0f64; shape.elements()];
-    let mut lse = vec![0f64; shape.rows()];
-    for bh in 0..shape.batch_heads() {
-        let base = bh * n * d;
-        for i in 0..n {
-            let qi = &q[base + i * d..base + (i + 1) * d];
-            let last = if causal { i + 1 } else { n };
-            let logit_value = (0..last).map(|t| {
-                let kt = &k[base + t * d..base + (t + 1) * d];
-                (dot(qi, kt) * scale, &v[base + t * d..base + (t + 1) * d])
+    let mut o = vec![0f64; rows.len() * d];
+    let mut lse = vec![0f64; rows.len()];
+    for (r, &row) in rows.iter().enumerate() {
+        if row >= shape.rows() {
+            return Err(crate::error::FmaError::ShapeMismatch {
+                what: "row index".into(),
+                expected: format!("< {} rows of {shape}", shape.rows()),
+                got: row.to_string(),
             });
-            lse[bh * n + i] = softmax_row(logit_value, &mut o[base + i * d..base + (i + 1) * d]);
         }
+        let (base, i) = ((row / n) * n * d, row % n);
+        let qi = &q[base + i * d..base + (i + 1) * d];
+        let last = if causal { i + 1 } else { n };
+        let logit_value = (0..last).map(|t| {
+            let kt = &k[base + t * d..base + (t + 1) * d];
+            (dot(qi, kt) * scale, &v[base + t * d..base + (t + 1) * d])
+        });
+        lse[r] = softmax_row(logit_value, &mut o[r * d..(r + 1) * d]);
     }
-    Ok(Reference { o, lse })
+    Ok((o, lse))
 }
 
 /// Widens an f32 tensor to f64 for the reference.

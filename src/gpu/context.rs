@@ -123,8 +123,9 @@ impl GpuContext {
     }
 }
 
-/// The limits the library asks for: WebGPU's defaults, with the ones FMA needs raised to what
-/// the adapter grants (browser-safe caps when `options.browser_limits`).
+/// The limits the library asks for: WebGPU's defaults (or the downlevel defaults on an adapter
+/// below them, such as some GL drivers), with the ones FMA needs raised to what the adapter
+/// grants (browser-safe caps when `options.browser_limits`).
 pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu::Limits {
     let mut l = wgpu::Limits {
         max_storage_buffer_binding_size: adapter.max_storage_buffer_binding_size,
@@ -134,7 +135,11 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
         max_compute_workgroup_size_x: adapter.max_compute_workgroup_size_x,
         max_compute_workgroups_per_dimension: adapter.max_compute_workgroups_per_dimension,
         max_storage_buffers_per_shader_stage: adapter.max_storage_buffers_per_shader_stage,
-        ..wgpu::Limits::default()
+        ..if wgpu::Limits::default().check_limits(adapter) {
+            wgpu::Limits::default()
+        } else {
+            wgpu::Limits::downlevel_defaults()
+        }
     };
     if options.browser_limits {
         let web = wgpu::Limits::default();
