@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every test: set up, then formatting, lints and docs, the Rust test suite (CPU reference, GPU
+# passes against it on the default adapter, CLI), and the CLI against the independent float64
+# numpy implementation of algorithm.md. Under CI=true a missing GPU adapter fails the GPU tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+
+echo "== format, lints, docs"
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+
+echo "== cargo test (WGPU_BACKEND=$WGPU_BACKEND)"
+cargo test --all-targets
+
+echo "== CLI against the independent float64 reference (scripts/fma_reference.py)"
+python3 scripts/fma_reference.py
+cargo build --release --bin multipole-attn
+python3 scripts/check_cli.py target/release/multipole-attn
