@@ -14,6 +14,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 
 echo "== cargo test (WGPU_BACKEND=$WGPU_BACKEND)"
 cargo test --all-targets
+cargo test --doc
 
 echo "== CLI against the independent float64 reference (scripts/fma_reference.py)"
 python3 scripts/fma_reference.py
