@@ -86,8 +86,6 @@ fn consume_tile(count: u32, visible: u32) {
                 s[r] = score;
                 tile_max = max(tile_max, score);
                 seen_any = true;
-            } else {
-                s[r] = ABSENT;
             }
         }
     }
@@ -101,8 +99,10 @@ fn consume_tile(count: u32, visible: u32) {
         acc[c4] *= correction;
     }
     run_max = new_max;
+    // The keep test repeats the first sweep's instead of looking at s[r], so that a NaN score
+    // (a NaN in q or k) poisons this row as it would in dense attention rather than vanishing.
     for (var r = 0u; r < BK; r++) {
-        if (r < n_keys && s[r] > ABSENT * 0.5) {
+        if (r < n_keys && tile_bias[r] > ABSENT * 0.5) {
             let w = exp(s[r] - new_max);
             run_sum += w;
             for (var c4 = 0u; c4 < D4; c4++) {
