@@ -139,6 +139,40 @@ impl Levels {
     }
 }
 
+impl Levels {
+    /// Keys seen by all n queries together (fine keys, plus coarse keys of non-empty
+    /// sub-windows): the work of the fused pass is about 4 d times this many flops
+    /// (q.k and p v, a multiply and an add each).
+    pub fn keys_seen_total(&self, causal: bool) -> u64 {
+        let (n, m, p) = (self.n, self.m, self.p);
+        let mut total = 0u64;
+        for a0 in 0..self.fine_blocks() {
+            let queries = (((a0 + 1) * m).min(n) - a0 * m) as u64;
+            let near = near_blocks(a0, causal, self.fine_blocks());
+            let near_keys = (((near.end) * m).min(n) - near.start * m) as u64;
+            total += if causal {
+                // Query i sees block a0-1 whole and keys a0*m ..= i of its own block.
+                let before = (a0 * m - near.start * m) as u64;
+                queries * before + queries * (queries + 1) / 2
+            } else {
+                queries * near_keys
+            };
+            for lv in &self.levels {
+                let coarse: usize = far_list(a0 * m / lv.window, causal, lv.windows)
+                    .into_iter()
+                    .map(|b| {
+                        (0..p)
+                            .filter(|&j| !sub_window(n, m, p, lv.level, b, j).is_empty())
+                            .count()
+                    })
+                    .sum();
+                total += queries * coarse as u64;
+            }
+        }
+        total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +216,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn keys_seen_total_counts_what_the_reference_gathers() {
+        for &(n, m, p) in &[(1, 4, 2), (97, 8, 2), (1000, 16, 4), (4096, 64, 2)] {
+            let lv = Levels::new(n, m, p);
+            for causal in [false, true] {
+                let direct: usize = (0..n)
+                    .map(|i| crate::cpu::gather::seen_keys(&lv, causal, i).len())
+                    .sum();
+                assert_eq!(
+                    lv.keys_seen_total(causal),
+                    direct as u64,
+                    "n={n} m={m} p={p} causal={causal}"
+                );
+            }
+        }
+        // algorithm.md §11: at most 218 keys per query for n = 4096, m = 64, p = 2.
+        assert!(Levels::new(4096, 64, 2).keys_seen_total(false) <= 218 * 4096);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod conformance;
 pub mod cpu;
 pub mod error;
 pub mod gpu;

@@ -178,12 +178,18 @@ impl std::fmt::Display for AdapterReport {
 
 /// Every adapter wgpu finds on every backend (ignores `WGPU_BACKEND`).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn list_adapters() -> Vec<AdapterReport> {
+pub fn all_adapters() -> Vec<wgpu::Adapter> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
         backends: wgpu::Backends::all(),
         ..wgpu::InstanceDescriptor::new_without_display_handle()
     });
     pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+}
+
+/// A report on every adapter wgpu finds on every backend (ignores `WGPU_BACKEND`).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn list_adapters() -> Vec<AdapterReport> {
+    all_adapters()
         .into_iter()
         .map(|a| AdapterReport {
             info: a.get_info(),

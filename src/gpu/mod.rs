@@ -21,7 +21,7 @@ mod readback;
 pub mod shaders;
 
 #[cfg(not(target_arch = "wasm32"))]
-pub use context::list_adapters;
+pub use context::{all_adapters, list_adapters};
 pub use context::{negotiate_limits, AdapterReport, ContextOptions, GpuContext};
 pub use dense::DenseAttention;
 pub use fma::FmaAttention;

@@ -19,6 +19,20 @@ pub enum Command {
     Run(RunArgs),
     /// List every GPU adapter wgpu finds, with the limits and features this library uses.
     Info,
+    /// Run the conformance suite (FMA and dense attention against the f64 CPU reference) on
+    /// every adapter found, on every backend; exit 1 if any adapter fails a case.
+    Doctor(DoctorArgs),
+}
+
+/// Arguments of `multipole-attn doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Only adapters on these backends (comma-separated: vulkan, gl, metal, dx12); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub backends: Vec<String>,
+    /// Print every case, not only the failed ones.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// How coarse keys and values are made from the fine ones.

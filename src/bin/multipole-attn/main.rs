@@ -1,10 +1,12 @@
 //! `multipole-attn`: run Fast Multipole Attention (or dense attention) on .npy tensors, on the
-//! GPU or with the f64 CPU reference, and list the GPU adapters wgpu finds.
+//! GPU or with the f64 CPU reference, list the GPU adapters wgpu finds, and check each of
+//! them against the reference (`doctor`).
 //!
 //! Every error prints as `error: <message>` on stderr; the exit code is 2 for bad input and
 //! 1 for a GPU or runtime failure (see [`error::CliError::exit_code`]).
 
 mod args;
+mod doctor;
 mod error;
 mod info;
 mod npy_io;
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         args::Command::Run(a) => run::run(a),
         args::Command::Info => info::info(),
+        args::Command::Doctor(a) => doctor::doctor(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
