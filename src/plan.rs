@@ -135,6 +135,14 @@ pub struct Workspace {
     pub lse_bytes: u64,
 }
 
+impl Workspace {
+    /// Device memory the library allocates for a forward on caller buffers besides Q, K, V, O:
+    /// the coarse K~ and V~ and the LSE (the uniforms add under 1 KiB).
+    pub fn device_bytes(&self) -> u64 {
+        2 * self.coarse_bytes + self.lse_bytes
+    }
+}
+
 /// The plan of one fine-query FMA forward.
 #[derive(Clone, Debug)]
 pub struct FmaPlan {
