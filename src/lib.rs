@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod gradients;
 pub mod levels;
 pub mod plan;
 pub mod random;
@@ -17,5 +18,6 @@ pub mod weights;
 
 pub use config::{Downsample, FmaConfig};
 pub use error::{FmaError, Result};
+pub use gradients::{Gradients, LevelGradients};
 pub use shape::Shape;
 pub use weights::{LearnedWeights, LevelWeights};
