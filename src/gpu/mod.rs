@@ -11,6 +11,8 @@
 //! # Ok::<(), multipole_attn::FmaError>(())
 //! ```
 
+mod backward;
+mod backward_bindings;
 pub mod context;
 mod dense;
 mod fma;
