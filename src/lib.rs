@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod gradients;
 pub mod levels;
 pub mod plan;
+pub mod plan_backward;
 pub mod random;
 pub mod shape;
 pub mod weights;

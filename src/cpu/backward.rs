@@ -81,7 +81,12 @@ pub fn fma_backward(
                 .map(|key| match key {
                     SeenKey::Fine(t) => {
                         let kt = &kh[t * d..(t + 1) * d];
-                        (dot(qi, kt) * scale, kt, &vh[t * d..(t + 1) * d], Slot::Fine(t))
+                        (
+                            dot(qi, kt) * scale,
+                            kt,
+                            &vh[t * d..(t + 1) * d],
+                            Slot::Fine(t),
+                        )
                     }
                     SeenKey::Coarse { level, window, j } => {
                         let c = &coarse[level - 1];

@@ -106,7 +106,11 @@ mod tests {
         for pass in BACKWARD_PASSES {
             let table = group0(pass).expect("backward pass has a layout");
             let storage = table.iter().filter(|t| **t != UNIFORM).count();
-            assert!(storage <= 8, "{} has {storage} storage bindings", pass.name());
+            assert!(
+                storage <= 8,
+                "{} has {storage} storage bindings",
+                pass.name()
+            );
             let mut want: Vec<_> = table
                 .iter()
                 .enumerate()

@@ -22,6 +22,7 @@ pub(crate) mod pipelines;
 mod readback;
 pub mod shaders;
 
+pub use backward::{GradTensors, Saved, WeightGradTensors};
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::list_adapters;
 pub use context::{negotiate_limits, AdapterReport, ContextOptions, GpuContext};

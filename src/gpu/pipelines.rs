@@ -42,7 +42,10 @@ pub(crate) struct Layouts {
 impl Layouts {
     /// Group 0 of a backward pass.
     pub fn backward(&self, pass: Pass) -> Option<&wgpu::BindGroupLayout> {
-        self.backward.iter().find(|(p, _)| *p == pass).map(|(_, l)| l)
+        self.backward
+            .iter()
+            .find(|(p, _)| *p == pass)
+            .map(|(_, l)| l)
     }
 }
 
@@ -119,10 +122,14 @@ impl Kernels {
                 Some(&self.layouts.level_select),
             ],
             backward => vec![
-                Some(self.layouts.backward(backward).ok_or_else(|| FmaError::Gpu {
-                    stage: format!("building the {} pipeline", pass.name()),
-                    message: "no bind-group layout for this pass".into(),
-                })?),
+                Some(
+                    self.layouts
+                        .backward(backward)
+                        .ok_or_else(|| FmaError::Gpu {
+                            stage: format!("building the {} pipeline", pass.name()),
+                            message: "no bind-group layout for this pass".into(),
+                        })?,
+                ),
                 Some(&self.layouts.level_select),
             ],
         };

@@ -92,14 +92,26 @@ fn check_case(seed: u64, shape: Shape, cfg: &FmaConfig) {
                 ),
             };
             let fd = (lp - lm) / (2.0 * h);
-            assert_close(&format!("{label}: {name}[{idx}]"), grad[idx], fd, 1e-7, 1e-6);
+            assert_close(
+                &format!("{label}: {name}[{idx}]"),
+                grad[idx],
+                fd,
+                1e-7,
+                1e-6,
+            );
         }
     }
     let Downsample::Learned(w) = &cfg.downsample else {
-        assert!(g.weights.is_none(), "{label}: weight gradients in Average mode");
+        assert!(
+            g.weights.is_none(),
+            "{label}: weight gradients in Average mode"
+        );
         return;
     };
-    let gw = g.weights.as_ref().expect("learned mode has weight gradients");
+    let gw = g
+        .weights
+        .as_ref()
+        .expect("learned mode has weight gradients");
     assert_eq!(gw.len(), w.levels.len());
     let step = 1.0f32 / 4096.0;
     for (li, lg) in gw.iter().enumerate() {
