@@ -6,6 +6,7 @@
 
 mod args;
 mod error;
+mod grad;
 mod info;
 mod npy_io;
 mod run;
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
     let cli = args::Cli::parse();
     let result = match &cli.command {
         args::Command::Run(a) => run::run(a),
+        args::Command::Grad(a) => grad::grad(a),
         args::Command::Info => info::info(),
     };
     match result {
