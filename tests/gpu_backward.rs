@@ -396,3 +396,23 @@ fn bad_backward_input_is_a_typed_error() {
     // The context still works.
     fma.backward(&saved, &x.dout).unwrap();
 }
+
+#[test]
+fn more_than_65535_workgroups_fold_into_2d() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    // n = 9, m = 2: 5 blocks and 2 coarse levels per head; 14000 heads -> 70000 workgroups of
+    // the dQ and near-field dK/dV passes (bidirectional only: the folding does not depend on
+    // the mask, and each case costs ~15 s on lavapipe).
+    let shape = Shape::new(2, 7000, 9, 8);
+    for causal in [false] {
+        let cfg = FmaConfig::new(2, 2).causal(causal);
+        let plan = FmaAttention::new(ctx, cfg.clone())
+            .unwrap()
+            .backward_plan(shape)
+            .unwrap();
+        assert!(plan.dkv_fine.workgroups > 65535 && plan.dkv_fine.grid[1] > 1);
+        check_backward(ctx, seed + causal as u64, shape, &cfg);
+    }
+}
