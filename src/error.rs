@@ -62,6 +62,10 @@ pub enum FmaError {
     /// The device was lost (driver reset, out of memory, adapter removed).
     #[error("GPU device lost: {0}")]
     DeviceLost(String),
+    /// A backward pass was asked for without the forward it differentiates: no saved LSE, or
+    /// tensors saved by another [`crate::gpu::FmaAttention`] (another configuration).
+    #[error("the backward needs the tensors saved by this FmaAttention's forward: {0}")]
+    NoSavedForward(String),
     /// Reading results back from the GPU failed.
     #[error("reading results back from the GPU failed: {0}")]
     Readback(String),

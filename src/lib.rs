@@ -11,13 +11,16 @@ pub mod conformance;
 pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod gradients;
 pub mod levels;
 pub mod plan;
+pub mod plan_backward;
 pub mod random;
 pub mod shape;
 pub mod weights;
 
 pub use config::{Downsample, FmaConfig};
 pub use error::{FmaError, Result};
+pub use gradients::{Gradients, LevelGradients};
 pub use shape::Shape;
 pub use weights::{LearnedWeights, LevelWeights};

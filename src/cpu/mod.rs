@@ -2,6 +2,7 @@
 //! dense softmax attention. It is the oracle of every GPU test, so it is written for reading,
 //! not for speed: per query, list the keys it sees, then take one softmax over them.
 
+pub mod backward;
 pub mod downsample;
 pub mod gather;
 
@@ -13,6 +14,8 @@ use crate::levels::{sub_window, Levels};
 use crate::shape::Shape;
 use downsample::downsample_head;
 use gather::{seen_keys, SeenKey};
+
+pub use backward::fma_backward;
 
 /// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
 /// log-sum-exp of the logits, shape (batch, heads, seq).

@@ -18,11 +18,11 @@ use crate::shape::Shape;
 
 /// Learned weights on the GPU: every level's (d, p, w_l) weights concatenated (`wk`, `wv`)
 /// and every level's (d, p) biases concatenated (`bk`, `bv`). 16-byte dummies in Average mode.
-struct WeightBuffers {
-    wk: wgpu::Buffer,
-    wv: wgpu::Buffer,
-    bk: wgpu::Buffer,
-    bv: wgpu::Buffer,
+pub(super) struct WeightBuffers {
+    pub(super) wk: wgpu::Buffer,
+    pub(super) wv: wgpu::Buffer,
+    pub(super) bk: wgpu::Buffer,
+    pub(super) bv: wgpu::Buffer,
 }
 
 impl WeightBuffers {
@@ -73,16 +73,21 @@ struct Workspace {
 /// Built once per configuration; pipelines and per-shape buffers are cached, so repeated calls
 /// with the same shape allocate nothing. Safe to share between threads.
 pub struct FmaAttention {
-    ctx: GpuContext,
-    cfg: FmaConfig,
-    limits: KernelLimits,
-    weights: WeightBuffers,
+    pub(super) ctx: GpuContext,
+    pub(super) cfg: FmaConfig,
+    pub(super) limits: KernelLimits,
+    pub(super) weights: WeightBuffers,
+    /// Unique per instance: ties a [`crate::gpu::Saved`] forward to the instance that made it.
+    pub(super) id: u64,
     workspaces: Mutex<HashMap<Shape, Arc<Mutex<Workspace>>>>,
 }
 
 /// Shapes whose buffers are kept; beyond this the cache is cleared (a long-running caller
 /// cycling through many shapes should not grow memory without bound).
 const MAX_CACHED_SHAPES: usize = 8;
+
+/// The next [`FmaAttention`] id.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl FmaAttention {
     /// Prepares FMA with `cfg` on `ctx`: validates m and p and uploads learned weights once.
@@ -104,6 +109,7 @@ impl FmaAttention {
             cfg,
             limits,
             weights,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             workspaces: Mutex::new(HashMap::new()),
         })
     }
@@ -118,7 +124,7 @@ impl FmaAttention {
         FmaPlan::new(shape, &self.cfg, &self.limits)
     }
 
-    fn params(&self, plan: &FmaPlan) -> Params {
+    pub(super) fn params(&self, plan: &FmaPlan) -> Params {
         let s = plan.shape;
         let d = s.head_dim;
         let mut levels = [LevelInfo::default(); MAX_LEVELS];

@@ -11,6 +11,8 @@
 //! # Ok::<(), multipole_attn::FmaError>(())
 //! ```
 
+mod backward;
+mod backward_bindings;
 pub mod context;
 mod dense;
 mod fma;
@@ -20,6 +22,7 @@ pub(crate) mod pipelines;
 mod readback;
 pub mod shaders;
 
+pub use backward::{GradTensors, Saved, WeightGradTensors};
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::{all_adapters, list_adapters};
 pub use context::{negotiate_limits, AdapterReport, ContextOptions, GpuContext};

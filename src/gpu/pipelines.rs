@@ -32,8 +32,21 @@ pub(crate) struct Layouts {
     pub dense: wgpu::BindGroupLayout,
     /// downsample group 0: params, k, v, wk, wv, bk, bv, coarse_k, coarse_v.
     pub downsample: wgpu::BindGroupLayout,
-    /// downsample group 1: the level selector at a dynamic offset.
+    /// downsample group 1: the level selector at a dynamic offset (also group 1 of every
+    /// backward pass).
     pub level_select: wgpu::BindGroupLayout,
+    /// group 0 of each backward pass (`backward_bindings.rs`).
+    pub backward: Vec<(Pass, wgpu::BindGroupLayout)>,
+}
+
+impl Layouts {
+    /// Group 0 of a backward pass.
+    pub fn backward(&self, pass: Pass) -> Option<&wgpu::BindGroupLayout> {
+        self.backward
+            .iter()
+            .find(|(p, _)| *p == pass)
+            .map(|(_, l)| l)
+    }
 }
 
 impl Layouts {
@@ -70,6 +83,7 @@ impl Layouts {
             dense: make("dense_attention", &dense),
             downsample: make("downsample", &down),
             level_select: make("level_select", &[entry(0, UNIFORM, true)]),
+            backward: crate::gpu::backward_bindings::layouts(device),
         }
     }
 }
@@ -105,6 +119,17 @@ impl Kernels {
             Pass::DenseAttention => vec![Some(&self.layouts.dense)],
             Pass::Downsample => vec![
                 Some(&self.layouts.downsample),
+                Some(&self.layouts.level_select),
+            ],
+            backward => vec![
+                Some(
+                    self.layouts
+                        .backward(backward)
+                        .ok_or_else(|| FmaError::Gpu {
+                            stage: format!("building the {} pipeline", pass.name()),
+                            message: "no bind-group layout for this pass".into(),
+                        })?,
+                ),
                 Some(&self.layouts.level_select),
             ],
         };

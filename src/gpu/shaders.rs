@@ -14,11 +14,34 @@ pub enum Pass {
     FineAttention,
     /// Exact dense attention (`shaders/dense_attention.wgsl`).
     DenseAttention,
+    /// Backward: D = rowsum(dO * O) next to the LSE (`shaders/backward_delta.wgsl`).
+    BackwardDelta,
+    /// Backward: dQ of fine queries (`shaders/backward_dq.wgsl`).
+    BackwardDq,
+    /// Backward: dK, dV of the near field (`shaders/backward_dkv_fine.wgsl`).
+    BackwardDkvFine,
+    /// Backward: dK~, dV~ of one level's coarse keys (`shaders/backward_dkv_coarse.wgsl`).
+    BackwardDkvCoarse,
+    /// Backward: coarse gradients back through the downsampling
+    /// (`shaders/downsample_backward.wgsl`).
+    DownsampleBackward,
+    /// Backward: gradients of one level's learned weights (`shaders/weights_backward.wgsl`).
+    WeightsBackward,
 }
 
 impl Pass {
     /// Every pass, for validation tests.
-    pub const ALL: [Pass; 3] = [Pass::Downsample, Pass::FineAttention, Pass::DenseAttention];
+    pub const ALL: [Pass; 9] = [
+        Pass::Downsample,
+        Pass::FineAttention,
+        Pass::DenseAttention,
+        Pass::BackwardDelta,
+        Pass::BackwardDq,
+        Pass::BackwardDkvFine,
+        Pass::BackwardDkvCoarse,
+        Pass::DownsampleBackward,
+        Pass::WeightsBackward,
+    ];
 
     /// The pass's own WGSL file, before imports.
     pub fn source(self) -> &'static str {
@@ -26,6 +49,12 @@ impl Pass {
             Pass::Downsample => include_str!("../../shaders/downsample.wgsl"),
             Pass::FineAttention => include_str!("../../shaders/fine_attention.wgsl"),
             Pass::DenseAttention => include_str!("../../shaders/dense_attention.wgsl"),
+            Pass::BackwardDelta => include_str!("../../shaders/backward_delta.wgsl"),
+            Pass::BackwardDq => include_str!("../../shaders/backward_dq.wgsl"),
+            Pass::BackwardDkvFine => include_str!("../../shaders/backward_dkv_fine.wgsl"),
+            Pass::BackwardDkvCoarse => include_str!("../../shaders/backward_dkv_coarse.wgsl"),
+            Pass::DownsampleBackward => include_str!("../../shaders/downsample_backward.wgsl"),
+            Pass::WeightsBackward => include_str!("../../shaders/weights_backward.wgsl"),
         }
     }
 
@@ -35,6 +64,12 @@ impl Pass {
             Pass::Downsample => "downsample",
             Pass::FineAttention => "fine_attention",
             Pass::DenseAttention => "dense_attention",
+            Pass::BackwardDelta => "backward_delta",
+            Pass::BackwardDq => "backward_dq",
+            Pass::BackwardDkvFine => "backward_dkv_fine",
+            Pass::BackwardDkvCoarse => "backward_dkv_coarse",
+            Pass::DownsampleBackward => "downsample_backward",
+            Pass::WeightsBackward => "weights_backward",
         }
     }
 }
@@ -44,6 +79,9 @@ fn shared(name: &str) -> Option<&'static str> {
     match name {
         "params" => Some(include_str!("../../shaders/shared/params.wgsl")),
         "online_softmax" => Some(include_str!("../../shaders/shared/online_softmax.wgsl")),
+        "dispatch" => Some(include_str!("../../shaders/shared/dispatch.wgsl")),
+        "backward_keys" => Some(include_str!("../../shaders/shared/backward_keys.wgsl")),
+        "backward_queries" => Some(include_str!("../../shaders/shared/backward_queries.wgsl")),
         _ => None,
     }
 }

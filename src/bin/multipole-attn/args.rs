@@ -17,6 +17,9 @@ pub struct Cli {
 pub enum Command {
     /// Run FMA (or exact dense attention) on Q, K, V from .npy files and write O (and LSE).
     Run(RunArgs),
+    /// Gradients of FMA: forward and backward for a given dO; writes dQ, dK, dV and the
+    /// learned weights' gradients to an .npz.
+    Grad(GradArgs),
     /// List every GPU adapter wgpu finds, with the limits and features this library uses.
     Info,
     /// Run the conformance suite (FMA and dense attention against the f64 CPU reference) on
@@ -66,7 +69,7 @@ pub struct RunArgs {
     /// Values, same shape as Q.
     #[arg(long, value_name = "V.npy")]
     pub v: PathBuf,
-    /// Where to write the output O (same shape as Q).
+    /// Where to write the output O (same shape as Q); for `grad`, the gradients .npz.
     #[arg(long, value_name = "O.npy")]
     pub out: PathBuf,
     /// Fine block size m (also the level-1 window).
@@ -96,4 +99,23 @@ pub struct RunArgs {
     /// Also write the per-row log-sum-exp of the logits.
     #[arg(long, value_name = "LSE.npy")]
     pub lse: Option<PathBuf>,
+}
+
+/// Arguments of `multipole-attn grad`: those of `run` plus dO; `--out` names the .npz.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Computes dL/dQ, dL/dK, dL/dV (and, in Learned mode, dL/dW, dL/db of every level's weights,
+summed over batch and heads) for L = sum(dO * O), O = FMA(Q, K, V); dO has the shape of Q.
+--out GRADS.npz holds dq, dk, dv (shape of Q) and, in Learned mode, k_w{l}, k_b{l}, v_w{l},
+v_b{l} for every level of the weights (the layout of --weights; levels the sequence does not
+use are zeros). float32 on the GPU, float64 with --reference. --dense and --lse do not apply.
+
+Exit codes: 0 success, 2 bad input (arguments, files, shapes, weights), 1 GPU or runtime failure.")]
+pub struct GradArgs {
+    /// Gradient of the loss with respect to the output O, same shape as Q.
+    #[arg(long = "dout", value_name = "DO.npy")]
+    pub dout: PathBuf,
+    /// The options of `run` (--out names the gradients .npz).
+    #[command(flatten)]
+    pub run: RunArgs,
 }

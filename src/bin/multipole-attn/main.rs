@@ -8,6 +8,7 @@
 mod args;
 mod doctor;
 mod error;
+mod grad;
 mod info;
 mod npy_io;
 mod run;
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
     let cli = args::Cli::parse();
     let result = match &cli.command {
         args::Command::Run(a) => run::run(a),
+        args::Command::Grad(a) => grad::grad(a),
         args::Command::Info => info::info(),
         args::Command::Doctor(a) => doctor::doctor(a),
     };

@@ -74,7 +74,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
 
 /// The problem shape of Q, K, V: they must agree exactly, with 2 axes (n, d) or 4
 /// (batch, heads, n, d).
-fn problem_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> CliResult<Shape> {
+pub(crate) fn problem_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> CliResult<Shape> {
     for (name, t) in [("K", k), ("V", v)] {
         if t.shape != q.shape {
             return Err(CliError::Input(format!(
@@ -97,7 +97,7 @@ fn problem_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> CliResult<Shape> {
 
 /// The FMA configuration from the arguments; learned weights are read (or box-initialised) and
 /// validated here so that every input error surfaces before any computation.
-fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig> {
+pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig> {
     let (d, n) = (shape.head_dim, shape.seq);
     let base = FmaConfig::new(args.block, args.rank)
         .causal(args.causal)

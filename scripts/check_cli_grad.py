@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Cross-check `multipole-attn grad` against central finite differences of the independent
+float64 forward in fma_reference.py (written from algorithm.md alone; it has no backward).
+
+Usage:
+    python3 scripts/check_cli_grad.py [BIN]
+
+BIN defaults to $MULTIPOLE_ATTN_BIN, else target/release/multipole-attn.
+Environment: CHECK_SEED=<int> reuses a seed (default: a fresh one, printed).
+
+For L = sum(dO * O(Q, K, V, W)), every gradient array G the CLI writes (dq, dk, dv and, in
+Learned mode, k_w{l}, k_b{l}, v_w{l}, v_b{l}) is checked along DIRS random unit directions U
+and COORDS random single coordinates:
+    err = |<G, U> - (L(X + hU) - L(X - hU)) / 2h| / max(1, |G|)     (h = 1e-5, float64)
+The finite difference itself is good to ~1e-9 (O(h^2) truncation, 1e-16 / h rounding).
+Tolerances: GPU path (f32) 2e-5 (measured <= 5e-7); --reference path (f64) 1e-7
+(measured ~2e-10, the finite difference's own error).
+Prints one line per case and a final line `N passed, M failed`; exits 1 if any failed.
+"""
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fma_reference as ref  # noqa: E402
+from check_cli import find_bin, random_weights  # noqa: E402
+
+TOL_GPU = 2e-5
+TOL_REF = 1e-7
+H = 1e-5
+DIRS = 3
+COORDS = 3
+
+# name, shape, m, p, causal, mode
+CASES = [
+    ("n97-d8-m4-p2-bidir-learned", (97, 8), 4, 2, False, "learned"),
+    ("n61-d5-m4-p1-causal-learned", (61, 5), 4, 1, True, "learned"),
+    ("b2h2-n50-d8-m8-p2-causal-avg", (2, 2, 50, 8), 8, 2, True, "average"),
+    ("n130-d4-m16-p2-bidir-avg", (130, 4), 16, 2, False, "average"),
+]
+
+
+def loss(q, k, v, dout, m, p, causal, mode, weights):
+    o, _ = ref.fma_forward(q, k, v, m, p, causal, mode, weights)
+    return float(np.sum(o * dout))
+
+
+def check_case(binary, tmp, rng, ci, case):
+    name, shape, m, p, causal, mode = case
+    d, n = shape[-1], shape[-2]
+    L = ref.num_levels(n, m)
+    q, k, v, dout = (rng.standard_normal(shape).astype(np.float32) for _ in range(4))
+    paths = {}
+    for nm, arr in (("q", q), ("k", k), ("v", v), ("dout", dout)):
+        paths[nm] = tmp / f"c{ci}_{nm}.npy"
+        np.save(paths[nm], arr)
+    args = ["grad", "--q", str(paths["q"]), "--k", str(paths["k"]), "--v", str(paths["v"]),
+            "--dout", str(paths["dout"]), "--block", str(m), "--rank", str(p),
+            "--downsample", mode]
+    if causal:
+        args.append("--causal")
+    weights = None
+    if mode == "learned" and L > 0:
+        weights = random_weights(rng, d, m, p, L)
+        wpath = tmp / f"c{ci}_w.npz"
+        np.savez(wpath, **weights)
+        args += ["--weights", str(wpath)]
+    # Everything in float64 from exactly the values the CLI reads.
+    base = {"q": q.astype(np.float64), "k": k.astype(np.float64), "v": v.astype(np.float64)}
+    w64 = None if weights is None else {key: a.astype(np.float64) for key, a in weights.items()}
+    do64 = dout.astype(np.float64)
+
+    def f(x, w):
+        return loss(x["q"], x["k"], x["v"], do64, m, p, causal, mode, w)
+
+    results = []
+    for path, tol in (("gpu", TOL_GPU), ("reference", TOL_REF)):
+        out = tmp / f"c{ci}_{path}.npz"
+        a = args + ["--out", str(out)] + (["--reference"] if path == "reference" else [])
+        proc = subprocess.run([str(binary)] + a, capture_output=True, text=True, timeout=600)
+        label = f"{name} [{path}] L={L}"
+        if proc.returncode != 0:
+            results.append((label, False, f"exit {proc.returncode}: {proc.stderr.strip()}"))
+            continue
+        grads = dict(np.load(out))
+        want = {"dq", "dk", "dv"}
+        if mode == "learned":
+            want |= {f"{t}_{kind}{l}" for t in "kv" for kind in "wb" for l in range(1, L + 1)}
+        if set(grads) != want:
+            results.append((label, False, f"keys {sorted(grads)}, expected {sorted(want)}"))
+            continue
+        worst = 0.0
+        for key, g in grads.items():
+            g = g.astype(np.float64)
+            for trial in range(DIRS + COORDS):
+                if trial < DIRS:
+                    u = rng.standard_normal(g.shape)
+                    u /= np.linalg.norm(u)
+                else:
+                    u = np.zeros(g.size)
+                    u[rng.integers(g.size)] = 1.0
+                    u = u.reshape(g.shape)
+                if key in ("dq", "dk", "dv"):
+                    x = key[1]
+                    plus = dict(base, **{x: base[x] + H * u})
+                    minus = dict(base, **{x: base[x] - H * u})
+                    fd = (f(plus, w64) - f(minus, w64)) / (2 * H)
+                else:
+                    wp = dict(w64, **{key: w64[key] + H * u})
+                    wm = dict(w64, **{key: w64[key] - H * u})
+                    fd = (f(base, wp) - f(base, wm)) / (2 * H)
+                an = float(np.sum(g * u))
+                worst = max(worst, abs(an - fd) / max(1.0, float(np.linalg.norm(g))))
+        ok = worst <= tol
+        results.append((label, ok, f"worst scaled error {worst:.2e} (tolerance {tol:.0e})"))
+    return results
+
+
+def negative_control(rng):
+    """The check must be able to fail: a gradient off by 1% along one coordinate."""
+    n, d, m, p = 40, 4, 4, 2
+    q, k, v, dout = (rng.standard_normal((n, d)) for _ in range(4))
+    u = np.zeros((n, d))
+    u[5, 1] = 1.0
+    fd = (loss(q, k, v + H * u, dout, m, p, False, "average", None)
+          - loss(q, k, v - H * u, dout, m, p, False, "average", None)) / (2 * H)
+    wrong = 1.01 * fd
+    err = abs(wrong - fd) / max(1.0, abs(fd))
+    good = err > 10 * TOL_REF
+    print(f"negative control (a 1% wrong dV element): error {err:.2e} -> "
+          f"{'would FAIL (good)' if good else 'WOULD PASS (bad)'}")
+    return good
+
+
+def main():
+    binary = find_bin()
+    seed = int(os.environ["CHECK_SEED"]) if os.environ.get("CHECK_SEED") else secrets.randbits(63)
+    print(f"binary: {binary}")
+    print(f"seed: {seed}  (rerun with CHECK_SEED={seed})")
+    rng = np.random.default_rng(seed)
+    npass = nfail = 0
+    if negative_control(rng):
+        npass += 1
+    else:
+        nfail += 1
+    if not binary.exists():
+        print(f"binary not found: {binary}")
+        print(f"{npass} passed, {nfail + 1} failed")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="fma_grad_check_") as tmp:
+        for ci, case in enumerate(CASES):
+            for label, ok, msg in check_case(binary, Path(tmp), rng, ci, case):
+                print(f"{'PASS' if ok else 'FAIL'} {label}: {msg}")
+                npass += ok
+                nfail += not ok
+    print(f"{npass} passed, {nfail} failed")
+    return 0 if nfail == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+// Backward, step 1 (algorithm.md §8): D_i = rowsum(dO_i * O_i) for every query row, stored
+// next to a copy of the saved LSE_i so the later passes read both from one binding (WebGPU
+// allows 8 storage bindings per stage; the dQ pass needs the rest). One invocation per row.
+// CPU mirror: `delta` in `cpu::backward::fma_backward`.
+
+#import params
+#import dispatch
+
+@group(0) @binding(1) var<storage, read> o: array<f32>;              // (bh, n, d)
+@group(0) @binding(2) var<storage, read> dout: array<f32>;           // (bh, n, d)
+@group(0) @binding(3) var<storage, read> lse: array<f32>;            // (bh, n)
+@group(0) @binding(4) var<storage, read_write> stats: array<f32>;    // (bh, n, 2): LSE_i, D_i
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = dispatch_workgroup(wg) * WG + lid;
+    if (row >= params.batch_heads * params.n) {
+        return;
+    }
+    let d = params.d;
+    let base = row * d;
+    var acc = 0.0;
+    for (var c = 0u; c < d; c++) {
+        acc += dout[base + c] * o[base + c];
+    }
+    stats[2u * row] = lse[row];
+    stats[2u * row + 1u] = acc;
+}

@@ -1,0 +1,172 @@
+// Backward, dK~ and dV~ of one level's coarse keys (algorithm.md §8), by gather: one workgroup
+// = up to PR coarse rows of one window b; it walks the queries whose far list holds b, read
+// from the static inverse of the far lists (bidirectional: windows b-2 and b+2, plus b+3 if b
+// is even or b-3 if b is odd; causal: b+2, plus b+3 if b is even), BK queries at a time.
+// Per tile, phase A computes P and dS for every (row, query) pair into workgroup memory, and
+// phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
+// dK~_r = sum_i dS_ir q_i / sqrt(d), dV~_r = sum_i P_ir dO_i, in a fixed order, no atomics.
+// Rows of empty sub-windows are never seen: their P is 0 and they get zeros.
+// CPU mirror: the `Slot::Coarse` sums in `cpu::backward::fma_backward`.
+
+#import params
+#import dispatch
+
+@group(0) @binding(1) var<storage, read> q: array<f32>;                  // (bh, n, d)
+@group(0) @binding(2) var<storage, read> coarse_k: array<f32>;           // (bh, coarse_rows, d)
+@group(0) @binding(3) var<storage, read> coarse_v: array<f32>;           // (bh, coarse_rows, d)
+@group(0) @binding(4) var<storage, read> dout: array<f32>;               // (bh, n, d)
+@group(0) @binding(5) var<storage, read> stats: array<f32>;              // (bh, n, 2): LSE, D
+@group(0) @binding(6) var<storage, read_write> dcoarse_k: array<f32>;    // (bh, coarse_rows, d)
+@group(0) @binding(7) var<storage, read_write> dcoarse_v: array<f32>;    // (bh, coarse_rows, d)
+
+#import backward_queries
+
+// Coarse rows per workgroup: as many as give every invocation one (row, vec4) output.
+// Rust mirror: `plan_backward::coarse_rows_per_workgroup`.
+const PR: u32 = max(1u, WG / D4);
+// (row, vec4) outputs per invocation (1 unless D4 > WG).
+const OUTS: u32 = (PR * D4 + WG - 1u) / WG;
+// Logit offset of a coarse key of an empty sub-window (never seen).
+const NO_ROW: f32 = -1e30;
+
+var<workgroup> rows_k: array<vec4<f32>, PR * D4>;   // pre-scaled by 1/sqrt(d)
+var<workgroup> rows_v: array<vec4<f32>, PR * D4>;
+var<workgroup> rows_bias: array<f32, PR>;
+var<workgroup> pair_p: array<f32, PR * BK>;         // P of (row r, staged query i) at r * BK + i
+var<workgroup> pair_ds: array<f32, PR * BK>;        // dS of the same pair
+
+var<private> dk_acc: array<vec4<f32>, OUTS>;
+var<private> dv_acc: array<vec4<f32>, OUTS>;
+
+// Phase A then phase B for `count` staged queries (call in uniform control flow).
+fn consume_queries(count: u32, nrows: u32, lid: u32) {
+    for (var idx = lid; idx < PR * BK; idx += WG) {
+        let r = idx / BK;
+        let i = idx % BK;
+        var pr = 0.0;
+        var ds = 0.0;
+        if (r < nrows && i < count && rows_bias[r] > NO_ROW * 0.5) {
+            var s4 = vec4<f32>(0.0);
+            var g4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                s4 += tile_q[i * D4 + c4] * rows_k[r * D4 + c4];
+                g4 += tile_do[i * D4 + c4] * rows_v[r * D4 + c4];
+            }
+            pr = exp(s4.x + s4.y + s4.z + s4.w + rows_bias[r] - tile_lse[i]);
+            ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[i]);
+        }
+        pair_p[idx] = pr;
+        pair_ds[idx] = ds;
+    }
+    workgroupBarrier();
+    for (var o = 0u; o < OUTS; o++) {
+        let idx = lid + o * WG;
+        if (idx < PR * D4) {
+            let r = idx / D4;
+            let c4 = idx % D4;
+            for (var i = 0u; i < count; i++) {
+                dk_acc[o] += pair_ds[r * BK + i] * tile_q[i * D4 + c4];
+                dv_acc[o] += pair_p[r * BK + i] * tile_do[i * D4 + c4];
+            }
+        }
+    }
+}
+
+// The queries of window `a` (signed; skipped when it does not exist) at this level.
+fn window_queries(bh: u32, a: i32, w: u32, windows: u32, nrows: u32, lid: u32) {
+    if (a < 0 || u32(a) >= windows) {
+        return;
+    }
+    let start = u32(a) * w;
+    let end = min(start + w, params.n);
+    for (var i0 = start; i0 < end; i0 += BK) {
+        let count = min(BK, end - i0);
+        workgroupBarrier();
+        stage_queries(bh, i0, count, lid);
+        workgroupBarrier();
+        consume_queries(count, nrows, lid);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let info = params.levels[sel.level];
+    let p = params.p;
+    let d = params.d;
+    let w = info.window;
+    let chunks = (p + PR - 1u) / PR;
+    let wid = dispatch_workgroup(wg);
+    if (wid >= params.batch_heads * info.windows * chunks) {
+        return;
+    }
+    let bh = wid / (info.windows * chunks);
+    let rem = wid % (info.windows * chunks);
+    let b = rem / chunks;
+    let j0 = (rem % chunks) * PR;
+    let nrows = min(PR, p - j0);
+    // First element of row b*p + j0 of this level in the (bh, coarse_rows, d) buffers.
+    let base = (bh * params.coarse_rows + info.row_offset + b * p + j0) * d;
+
+    for (var idx = lid; idx < PR * D4; idx += WG) {
+        let r = idx / D4;
+        let c4 = idx % D4;
+        var kk = vec4<f32>(0.0);
+        var vv = vec4<f32>(0.0);
+        if (r < nrows) {
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    kk[e] = coarse_k[base + r * d + c];
+                    vv[e] = coarse_v[base + r * d + c];
+                }
+            }
+        }
+        rows_k[idx] = kk * params.scale;
+        rows_v[idx] = vv;
+    }
+    for (var r = lid; r < PR; r += WG) {
+        var bias = NO_ROW;
+        if (r < nrows) {
+            let size = sub_window_count(w, b, j0 + r);
+            if (size > 0u) {
+                bias = select(0.0, log(f32(size)), params.count_correction != 0u);
+            }
+        }
+        rows_bias[r] = bias;
+    }
+    for (var o = 0u; o < OUTS; o++) {
+        dk_acc[o] = vec4<f32>(0.0);
+        dv_acc[o] = vec4<f32>(0.0);
+    }
+
+    // Query windows whose far list holds b, in increasing order.
+    let bi = i32(b);
+    let even = (bi & 1) == 0;
+    if (params.causal == 0u) {
+        if (!even) {
+            window_queries(bh, bi - 3, w, info.windows, nrows, lid);
+        }
+        window_queries(bh, bi - 2, w, info.windows, nrows, lid);
+    }
+    window_queries(bh, bi + 2, w, info.windows, nrows, lid);
+    if (even) {
+        window_queries(bh, bi + 3, w, info.windows, nrows, lid);
+    }
+
+    for (var o = 0u; o < OUTS; o++) {
+        let idx = lid + o * WG;
+        let r = idx / D4;
+        let c4 = idx % D4;
+        if (idx < PR * D4 && r < nrows) {
+            let gk = dk_acc[o] * params.scale;
+            let gv = dv_acc[o];
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    dcoarse_k[base + r * d + c] = gk[e];
+                    dcoarse_v[base + r * d + c] = gv[e];
+                }
+            }
+        }
+    }
+}

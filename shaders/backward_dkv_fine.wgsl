@@ -1,0 +1,112 @@
+// Backward, dK and dV of the fine keys' near-field use (algorithm.md §8), by gather: one
+// workgroup = a tile of up to WG keys of one fine block b; it walks the queries that read
+// block b at level 0 (bidirectional: blocks b-1, b, b+1; causal: b and b+1, queries i >= t),
+// staged BK at a time, and with P recomputed from the saved LSE accumulates in registers
+// dK_t = sum_i P_it (dO_i . v_t - D_i) q_i / sqrt(d) and dV_t = sum_i P_it dO_i.
+// No float atomics, no scatter: each key's sums run in one invocation in a fixed order.
+// CPU mirror: the `Slot::Fine` sums in `cpu::backward::fma_backward`.
+
+#import params
+#import dispatch
+
+@group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
+@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
+@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n, d)
+@group(0) @binding(4) var<storage, read> dout: array<f32>;         // (bh, n, d)
+@group(0) @binding(5) var<storage, read> stats: array<f32>;        // (bh, n, 2): LSE, D
+@group(0) @binding(6) var<storage, read_write> dk: array<f32>;     // (bh, n, d)
+@group(0) @binding(7) var<storage, read_write> dv: array<f32>;     // (bh, n, d)
+
+#import backward_queries
+
+var<private> k_row: array<vec4<f32>, D4>;   // pre-scaled by 1/sqrt(d)
+var<private> v_row: array<vec4<f32>, D4>;
+var<private> dk_acc: array<vec4<f32>, D4>;
+var<private> dv_acc: array<vec4<f32>, D4>;
+
+// Folds staged queries r < count whose position start + r is >= `first` into this key's sums.
+fn consume_queries(start: u32, count: u32, first: u32) {
+    for (var r = 0u; r < BK; r++) {
+        if (r < count && start + r >= first) {
+            var s4 = vec4<f32>(0.0);
+            var g4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                s4 += tile_q[r * D4 + c4] * k_row[c4];
+                g4 += tile_do[r * D4 + c4] * v_row[c4];
+            }
+            let pr = exp(s4.x + s4.y + s4.z + s4.w - tile_lse[r]);
+            let ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[r]);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                dk_acc[c4] += ds * tile_q[r * D4 + c4];
+                dv_acc[c4] += pr * tile_do[r * D4 + c4];
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let wid = dispatch_workgroup(wg);
+    let n = params.n;
+    let m = params.m;
+    let d = params.d;
+    let blocks = (n + m - 1u) / m;
+    let tiles = blocks * params.tiles_per_block;
+    if (wid >= params.batch_heads * tiles) {
+        return;
+    }
+    let bh = wid / tiles;
+    let tile = wid % tiles;
+    let b = tile / params.tiles_per_block;
+    let t0 = b * m + (tile % params.tiles_per_block) * WG;
+    let t1 = min(min(t0 + WG, (b + 1u) * m), n);
+    let t = t0 + lid;
+    let in_tile = t < t1;
+    let head = bh * n * d;
+    let causal = params.causal != 0u;
+
+    for (var c4 = 0u; c4 < D4; c4++) {
+        var kk = vec4<f32>(0.0);
+        var vv = vec4<f32>(0.0);
+        if (in_tile) {
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    kk[e] = k[head + t * d + c];
+                    vv[e] = v[head + t * d + c];
+                }
+            }
+        }
+        k_row[c4] = kk * params.scale;
+        v_row[c4] = vv;
+        dk_acc[c4] = vec4<f32>(0.0);
+        dv_acc[c4] = vec4<f32>(0.0);
+    }
+
+    // Queries reading block b at level 0: blocks b-1 .. b+1; causal: from the tile's first
+    // key on (a query before t0 sees none of these keys), and each key only queries i >= t.
+    let i_lo = select(select(0u, (b - 1u) * m, b > 0u), t0, causal);
+    let i_hi = min((b + 2u) * m, n);
+    let first = select(0u, t, causal);
+    for (var i0 = i_lo; i0 < i_hi; i0 += BK) {
+        let count = min(BK, i_hi - i0);
+        workgroupBarrier();
+        stage_queries(bh, i0, count, lid);
+        workgroupBarrier();
+        consume_queries(i0, count, first);
+    }
+
+    if (in_tile) {
+        for (var c4 = 0u; c4 < D4; c4++) {
+            let gk = dk_acc[c4] * params.scale;
+            let gv = dv_acc[c4];
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    dk[head + t * d + c] = gk[e];
+                    dv[head + t * d + c] = gv[e];
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+// Backward, dQ of fine queries (algorithm.md §8): the forward's workgroup (a tile of up to WG
+// queries of one fine block a0, sharing one gather list) walks the same key tiles (near-field
+// fine keys, then every level's far-list coarse keys) and, with P recomputed from the saved
+// LSE, accumulates dQ_i = sum_j P_ij (dO_i . v_j - D_i) k_j / sqrt(d) in registers.
+// CPU mirror: the dQ sum in `cpu::backward::fma_backward`.
+
+#import params
+#import dispatch
+
+@group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
+@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
+@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n, d)
+@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh, coarse_rows, d)
+@group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh, coarse_rows, d)
+@group(0) @binding(6) var<storage, read> dout: array<f32>;         // (bh, n, d)
+@group(0) @binding(7) var<storage, read> stats: array<f32>;        // (bh, n, 2): LSE, D
+@group(0) @binding(8) var<storage, read_write> dq: array<f32>;     // (bh, n, d)
+
+#import backward_keys
+
+var<private> q_row: array<vec4<f32>, D4>;   // pre-scaled by 1/sqrt(d)
+var<private> do_row: array<vec4<f32>, D4>;
+var<private> dq_acc: array<vec4<f32>, D4>;
+var<private> row_lse: f32;
+var<private> row_delta: f32;
+
+// Folds the first min(count, visible) staged keys into this row's dQ.
+fn consume_keys(count: u32, visible: u32) {
+    let n_keys = min(count, visible);
+    for (var r = 0u; r < BK; r++) {
+        if (r < n_keys) {
+            let bias = tile_bias[r];
+            if (bias > NO_KEY * 0.5) {
+                var s4 = vec4<f32>(0.0);
+                var g4 = vec4<f32>(0.0);
+                for (var c4 = 0u; c4 < D4; c4++) {
+                    s4 += q_row[c4] * tile_k[r * D4 + c4];
+                    g4 += do_row[c4] * tile_v[r * D4 + c4];
+                }
+                let s = s4.x + s4.y + s4.z + s4.w + bias;
+                let pr = exp(s - row_lse);
+                let ds = pr * (g4.x + g4.y + g4.z + g4.w - row_delta);
+                for (var c4 = 0u; c4 < D4; c4++) {
+                    dq_acc[c4] += ds * tile_k[r * D4 + c4];
+                }
+            }
+        }
+    }
+}
+
+// The coarse windows [b_lo, b_hi] (inclusive, signed, clipped to what exists) of level `lvl`.
+fn windows_keys(bh: u32, lvl: u32, b_lo: i32, b_hi: i32, lid: u32) {
+    let windows = i32(params.levels[lvl].windows);
+    let lo = max(b_lo, 0);
+    let hi = min(b_hi, windows - 1);
+    if (lo > hi) {
+        return;
+    }
+    let p = params.p;
+    let row_end = u32(hi + 1) * p;
+    for (var row0 = u32(lo) * p; row0 < row_end; row0 += BK) {
+        let count = min(BK, row_end - row0);
+        workgroupBarrier();
+        stage_coarse_keys(bh, lvl, row0, count, lid);
+        workgroupBarrier();
+        consume_keys(count, count);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let wid = dispatch_workgroup(wg);
+    let n = params.n;
+    let m = params.m;
+    let d = params.d;
+    let blocks = (n + m - 1u) / m;
+    let tiles = blocks * params.tiles_per_block;
+    if (wid >= params.batch_heads * tiles) {
+        return;
+    }
+    let bh = wid / tiles;
+    let tile = wid % tiles;
+    let a0 = tile / params.tiles_per_block;
+    let i0 = a0 * m + (tile % params.tiles_per_block) * WG;
+    let i1 = min(min(i0 + WG, (a0 + 1u) * m), n);
+    let i = i0 + lid;
+    let in_tile = i < i1;
+    let head = bh * n * d;
+    let causal = params.causal != 0u;
+
+    for (var c4 = 0u; c4 < D4; c4++) {
+        var x = vec4<f32>(0.0);
+        var g = vec4<f32>(0.0);
+        if (in_tile) {
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    x[e] = q[head + i * d + c];
+                    g[e] = dout[head + i * d + c];
+                }
+            }
+        }
+        q_row[c4] = x * params.scale;
+        do_row[c4] = g;
+        dq_acc[c4] = vec4<f32>(0.0);
+    }
+    row_lse = 0.0;
+    row_delta = 0.0;
+    if (in_tile) {
+        row_lse = stats[2u * (bh * n + i)];
+        row_delta = stats[2u * (bh * n + i) + 1u];
+    }
+
+    // Level 0: blocks a0-1, a0, a0+1 (causal: a0-1, a0 up to the query).
+    let t_lo = select(0u, (a0 - 1u) * m, a0 > 0u);
+    let t_hi = select(min((a0 + 2u) * m, n), i1, causal);
+    for (var t0 = t_lo; t0 < t_hi; t0 += BK) {
+        let count = min(BK, t_hi - t0);
+        workgroupBarrier();
+        stage_fine_keys(head, t0, count, lid);
+        workgroupBarrier();
+        var visible = count;
+        if (causal) {
+            visible = select(0u, i - t0 + 1u, i >= t0);
+        }
+        consume_keys(count, visible);
+    }
+
+    // Coarse levels, the forward's far lists: bidirectional a even {a-2}, {a+2, a+3};
+    // a odd {a-3, a-2}, {a+2}; causal a even {a-2}, a odd {a-3, a-2}.
+    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+        let a = i32(a0 >> lvl);
+        let odd = (a & 1) == 1;
+        windows_keys(bh, lvl, select(a - 2, a - 3, odd), a - 2, lid);
+        if (!causal) {
+            windows_keys(bh, lvl, a + 2, select(a + 3, a + 2, odd), lid);
+        }
+    }
+
+    if (in_tile) {
+        for (var c4 = 0u; c4 < D4; c4++) {
+            let x = dq_acc[c4] * params.scale;
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    dq[head + i * d + c] = x[e];
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,54 @@
+// Backward through the downsampling (algorithm.md §8): adds every level's coarse-key gradient
+// to the fine keys it was made from, by gather. One invocation per (head, token t, channel c);
+// for each level, t lies in exactly one window a = t / w_l, so
+//   Average: dK[t, c] += dK~[a*p + j, c] / |S(l,a,j)| for the sub-window j holding t;
+//   Learned: dK[t, c] += sum_j WK_l[c, j, t - a*w_l] * dK~[a*p + j, c];
+// likewise for V. Runs after the fine dK/dV pass, whose values it reads and completes.
+// CPU mirror: `cpu::backward::downsample_backward`.
+
+#import params
+#import dispatch
+
+@group(0) @binding(1) var<storage, read> wk: array<f32>;               // levels' (d, p, w_l), concatenated
+@group(0) @binding(2) var<storage, read> wv: array<f32>;
+@group(0) @binding(3) var<storage, read> dcoarse_k: array<f32>;        // (bh, coarse_rows, d)
+@group(0) @binding(4) var<storage, read> dcoarse_v: array<f32>;        // (bh, coarse_rows, d)
+@group(0) @binding(5) var<storage, read_write> dk: array<f32>;         // (bh, n, d)
+@group(0) @binding(6) var<storage, read_write> dv: array<f32>;         // (bh, n, d)
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let d = params.d;
+    let n = params.n;
+    let p = params.p;
+    let g = dispatch_workgroup(wg) * WG + lid;
+    if (g >= params.batch_heads * n * d) {
+        return;
+    }
+    let c = g % d;
+    let t = (g / d) % n;
+    let bh = g / (d * n);
+    var gk = dk[g];
+    var gv = dv[g];
+    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+        let info = params.levels[lvl];
+        let w = info.window;
+        let a = t / w;
+        let tt = t - a * w;
+        let rows = (bh * params.coarse_rows + info.row_offset + a * p) * d + c;
+        if (params.learned == 0u) {
+            let j = tt / (w / p);
+            let count = f32(sub_window_count(w, a, j));
+            gk += dcoarse_k[rows + j * d] / count;
+            gv += dcoarse_v[rows + j * d] / count;
+        } else {
+            for (var j = 0u; j < p; j++) {
+                let widx = info.weight_offset + (c * p + j) * w + tt;
+                gk += wk[widx] * dcoarse_k[rows + j * d];
+                gv += wv[widx] * dcoarse_v[rows + j * d];
+            }
+        }
+    }
+    dk[g] = gk;
+    dv[g] = gv;
+}

@@ -1,0 +1,134 @@
+//! `multipole-attn grad`: load Q, K, V and dO, run FMA forward and backward (on the GPU or
+//! with the f64 CPU reference), write dQ, dK, dV and, in Learned mode, the gradients of every
+//! level's weights to an .npz named like the weights (`k_w1`, `k_b1`, `v_w1`, `v_b1`, ...).
+
+use crate::args::GradArgs;
+use crate::error::{CliError, CliResult};
+use crate::npy_io::{check_output_path, read_tensor};
+use crate::run::{build_config, problem_shape};
+use crate::tensor::{fmt_shape, Tensor};
+use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::levels::window;
+use multipole_attn::{cpu, FmaConfig, Gradients, Shape};
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::{NpzWriter, WritableElement, WriteNpzError};
+use std::fs::File;
+use std::path::Path;
+
+/// Runs the `grad` subcommand.
+pub fn grad(args: &GradArgs) -> CliResult<()> {
+    let run = &args.run;
+    if run.dense {
+        return Err(CliError::Input(
+            "grad differentiates FMA; --dense (exact attention) has no backward here".into(),
+        ));
+    }
+    if run.lse.is_some() {
+        return Err(CliError::Input(
+            "--lse is an output of run, not of grad (grad writes only the gradients .npz)".into(),
+        ));
+    }
+    check_output_path(&run.out)?;
+    let q = read_tensor(&run.q, "Q")?;
+    let k = read_tensor(&run.k, "K")?;
+    let v = read_tensor(&run.v, "V")?;
+    let dout = read_tensor(&args.dout, "dO")?;
+    let shape = problem_shape(&q, &k, &v)?;
+    if dout.shape != q.shape {
+        return Err(CliError::Input(format!(
+            "dO must have the shape of Q (and of O), but Q has shape {} and dO has shape {}",
+            fmt_shape(&q.shape),
+            fmt_shape(&dout.shape)
+        )));
+    }
+    shape.validate()?;
+    let cfg = build_config(run, shape)?;
+    let x_shape = q.shape.clone();
+    log::info!(
+        "FMA gradients {shape} on {}",
+        if run.reference {
+            "the CPU reference"
+        } else {
+            "the GPU"
+        }
+    );
+    if run.reference {
+        let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
+        let g = cpu::fma_backward(&q, &k, &v, &dout, shape, &cfg)?;
+        write_gradients(&run.out, &x_shape, shape, &cfg, g)
+    } else {
+        let g = run_gpu(&cfg, q, k, v, dout, shape)?;
+        write_gradients(&run.out, &x_shape, shape, &cfg, g)
+    }
+}
+
+/// Forward (keeping what the backward needs) and backward on the GPU in f32.
+fn run_gpu(
+    cfg: &FmaConfig,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    shape: Shape,
+) -> CliResult<Gradients<f32>> {
+    let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
+    let dout = dout.into_f32("dO")?;
+    let ctx = GpuContext::new()?;
+    log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
+    let fma = FmaAttention::new(&ctx, cfg.clone())?;
+    let (_, saved) = fma.forward_train(&q, &k, &v, shape)?;
+    Ok(fma.backward(&saved, &dout)?)
+}
+
+fn write_error(path: &Path, e: WriteNpzError) -> CliError {
+    let kind = match &e {
+        WriteNpzError::Npy(ndarray_npy::WriteNpyError::Io(io)) => Some(io.kind()),
+        _ => None,
+    };
+    CliError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+        kind,
+    }
+}
+
+/// Writes `dq`, `dk`, `dv` with the shape of Q, and per level l `k_w{l}`, `v_w{l}`
+/// (d, p, m 2^(l-1)) and `k_b{l}`, `v_b{l}` (d, p).
+fn write_gradients<T: WritableElement + Clone>(
+    path: &Path,
+    x_shape: &[usize],
+    shape: Shape,
+    cfg: &FmaConfig,
+    g: Gradients<T>,
+) -> CliResult<()> {
+    let file = File::create(path).map_err(|e| CliError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+        kind: Some(e.kind()),
+    })?;
+    let mut npz = NpzWriter::new(file);
+    let mut add = |name: String, dims: &[usize], data: Vec<T>| -> CliResult<()> {
+        let len = data.len();
+        let arr = ArrayD::from_shape_vec(IxDyn(dims), data).map_err(|_| {
+            CliError::Runtime(format!(
+                "internal error: {len} values do not fill {name} of shape {}",
+                fmt_shape(dims)
+            ))
+        })?;
+        npz.add_array(name, &arr).map_err(|e| write_error(path, e))
+    };
+    add("dq".into(), x_shape, g.dq)?;
+    add("dk".into(), x_shape, g.dk)?;
+    add("dv".into(), x_shape, g.dv)?;
+    let (d, p) = (shape.head_dim, cfg.rank);
+    for (i, lg) in g.weights.into_iter().flatten().enumerate() {
+        let l = i + 1;
+        let w = [d, p, window(cfg.block, l)];
+        add(format!("k_w{l}"), &w, lg.wk)?;
+        add(format!("k_b{l}"), &[d, p], lg.bk)?;
+        add(format!("v_w{l}"), &w, lg.wv)?;
+        add(format!("v_b{l}"), &[d, p], lg.bv)?;
+    }
+    npz.finish().map_err(|e| write_error(path, e))?;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The backward pass of fine-query FMA in f64 (algorithm.md §8): the oracle of the GPU
+//! backward. Written like the forward reference (per query, the keys it sees, one softmax),
+//! with scatter on the CPU where the GPU gathers. CPU mirror of `shaders/backward_*.wgsl`,
+//! `shaders/downsample_backward.wgsl` and `shaders/weights_backward.wgsl`.
+//!
+//! With P_ij the softmax weight of key j for query i, s_ij its logit, D_i = dO_i . O_i:
+//! dS_ij = P_ij (dO_i . v_j - D_i); dQ_i = sum_j dS_ij k_j / sqrt(d);
+//! dk_j = sum_i dS_ij q_i / sqrt(d); dv_j = sum_i P_ij dO_i, for fine and coarse keys alike;
+//! a coarse key's gradient then flows back through the downsampling (Average: spread over
+//! its sub-window; Learned: through W, and into dW, db).
+
+use crate::config::{Downsample, FmaConfig};
+use crate::error::Result;
+use crate::gradients::{Gradients, LevelGradients};
+use crate::levels::{sub_window, window, Levels};
+use crate::shape::Shape;
+
+use super::downsample::downsample_head;
+use super::gather::{seen_keys, SeenKey};
+use super::{check_inputs, dot};
+
+/// Where a key's gradient goes: a fine row of K/V or a coarse row of level `level`.
+#[derive(Clone, Copy)]
+enum Slot {
+    Fine(usize),
+    Coarse { level: usize, row: usize },
+}
+
+/// Gradients of `L = sum(dO * O)` with `O = cpu::fma_forward(q, k, v, shape, cfg).o`; `q`, `k`,
+/// `v`, `dout` of shape (batch, heads, seq, head_dim). Weight gradients are summed over batch
+/// and heads, one entry per level of the configuration's weights (unused levels are zero).
+pub fn fma_backward(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    shape: Shape,
+    cfg: &FmaConfig,
+) -> Result<Gradients<f64>> {
+    check_inputs(q, k, v, shape)?;
+    shape.check_len("dO", dout.len())?;
+    cfg.validate(shape.head_dim, shape.seq)?;
+    cfg.validate_values()?;
+    let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
+    let levels = Levels::new(n, m, p);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut dq = vec![0f64; shape.elements()];
+    let mut dk = vec![0f64; shape.elements()];
+    let mut dv = vec![0f64; shape.elements()];
+    let mut dw: Option<Vec<LevelGradients<f64>>> = match &cfg.downsample {
+        Downsample::Learned(w) => Some(
+            (1..=w.levels.len())
+                .map(|l| LevelGradients::zeros(d, p, window(m, l)))
+                .collect(),
+        ),
+        Downsample::Average => None,
+    };
+    for bh in 0..shape.batch_heads() {
+        let head = bh * n * d..(bh + 1) * n * d;
+        let (qh, kh, vh, doh) = (
+            &q[head.clone()],
+            &k[head.clone()],
+            &v[head.clone()],
+            &dout[head.clone()],
+        );
+        let coarse = downsample_head(kh, vh, d, &levels, &cfg.downsample);
+        // dK~, dV~ of every level, (windows * p, d) each.
+        let mut dck: Vec<Vec<f64>> = coarse.iter().map(|c| vec![0.0; c.keys.len()]).collect();
+        let mut dcv = dck.clone();
+        let (dqh, dkh, dvh) = (
+            &mut dq[head.clone()],
+            &mut dk[head.clone()],
+            &mut dv[head.clone()],
+        );
+        for i in 0..n {
+            let qi = &qh[i * d..(i + 1) * d];
+            let doi = &doh[i * d..(i + 1) * d];
+            // The forward row again: logits, key and value rows, where each gradient goes.
+            let keys: Vec<(f64, &[f64], &[f64], Slot)> = seen_keys(&levels, cfg.causal, i)
+                .into_iter()
+                .map(|key| match key {
+                    SeenKey::Fine(t) => {
+                        let kt = &kh[t * d..(t + 1) * d];
+                        (
+                            dot(qi, kt) * scale,
+                            kt,
+                            &vh[t * d..(t + 1) * d],
+                            Slot::Fine(t),
+                        )
+                    }
+                    SeenKey::Coarse { level, window, j } => {
+                        let c = &coarse[level - 1];
+                        let row = window * p + j;
+                        let kr = &c.keys[row * d..(row + 1) * d];
+                        let count = sub_window(n, m, p, level, window, j).len() as f64;
+                        let bias = if cfg.count_correction {
+                            count.ln()
+                        } else {
+                            0.0
+                        };
+                        (
+                            dot(qi, kr) * scale + bias,
+                            kr,
+                            &c.values[row * d..(row + 1) * d],
+                            Slot::Coarse { level, row },
+                        )
+                    }
+                })
+                .collect();
+            let max = keys.iter().map(|k| k.0).fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = keys.iter().map(|k| (k.0 - max).exp()).sum();
+            let lse = max + z.ln();
+            let probs: Vec<f64> = keys.iter().map(|k| (k.0 - lse).exp()).collect();
+            let mut oi = vec![0f64; d];
+            for (pr, key) in probs.iter().zip(&keys) {
+                for (o, x) in oi.iter_mut().zip(key.2) {
+                    *o += pr * x;
+                }
+            }
+            let delta = dot(doi, &oi);
+            for (&pr, &(_, kr, vr, slot)) in probs.iter().zip(&keys) {
+                let ds = pr * (dot(doi, vr) - delta);
+                for c in 0..d {
+                    dqh[i * d + c] += scale * ds * kr[c];
+                }
+                let (gk, gv) = match slot {
+                    Slot::Fine(t) => (&mut dkh[t * d..(t + 1) * d], &mut dvh[t * d..(t + 1) * d]),
+                    Slot::Coarse { level, row } => (
+                        &mut dck[level - 1][row * d..(row + 1) * d],
+                        &mut dcv[level - 1][row * d..(row + 1) * d],
+                    ),
+                };
+                for c in 0..d {
+                    gk[c] += scale * ds * qi[c];
+                    gv[c] += pr * doi[c];
+                }
+            }
+        }
+        downsample_backward(kh, vh, &dck, &dcv, d, &levels, cfg, dkh, dvh, dw.as_mut());
+    }
+    Ok(Gradients {
+        dq,
+        dk,
+        dv,
+        weights: dw,
+    })
+}
+
+/// Sends the coarse gradients dK~, dV~ of one head back through the downsampling
+/// (algorithm.md §8): adds their share to `dk`, `dv` (n, d), and in Learned mode adds
+/// dW[c,j,t] = sum_a dK~[a*p+j, c] K[a*w+t, c] and db[c,j] = sum_a dK~[a*p+j, c] to `dw`.
+#[allow(clippy::too_many_arguments)]
+fn downsample_backward(
+    k: &[f64],
+    v: &[f64],
+    dck: &[Vec<f64>],
+    dcv: &[Vec<f64>],
+    d: usize,
+    levels: &Levels,
+    cfg: &FmaConfig,
+    dk: &mut [f64],
+    dv: &mut [f64],
+    mut dw: Option<&mut Vec<LevelGradients<f64>>>,
+) {
+    let (n, m, p) = (levels.n, levels.m, levels.p);
+    for (li, lv) in levels.levels.iter().enumerate() {
+        let win = lv.window;
+        for a in 0..lv.windows {
+            for j in 0..p {
+                let row = a * p + j;
+                let (gk, gv) = (
+                    &dck[li][row * d..(row + 1) * d],
+                    &dcv[li][row * d..(row + 1) * d],
+                );
+                match &cfg.downsample {
+                    Downsample::Average => {
+                        let s = sub_window(n, m, p, lv.level, a, j);
+                        let count = s.len() as f64;
+                        for t in s {
+                            for c in 0..d {
+                                dk[t * d + c] += gk[c] / count;
+                                dv[t * d + c] += gv[c] / count;
+                            }
+                        }
+                    }
+                    Downsample::Learned(wts) => {
+                        let lw = &wts.levels[li];
+                        let g = dw.as_deref_mut().map(|g| &mut g[li]);
+                        let mut g = g;
+                        for c in 0..d {
+                            if let Some(g) = g.as_deref_mut() {
+                                g.bk[c * p + j] += gk[c];
+                                g.bv[c * p + j] += gv[c];
+                            }
+                            for t in 0..win {
+                                let tok = a * win + t;
+                                if tok >= n {
+                                    break; // tokens beyond n are zeros: no gradient
+                                }
+                                let widx = (c * p + j) * win + t;
+                                dk[tok * d + c] += lw.wk[widx] as f64 * gk[c];
+                                dv[tok * d + c] += lw.wv[widx] as f64 * gv[c];
+                                if let Some(g) = g.as_deref_mut() {
+                                    g.wk[widx] += gk[c] * k[tok * d + c];
+                                    g.wv[widx] += gv[c] * v[tok * d + c];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,564 @@
+//! The executor of the fine-query FMA backward (algorithm.md §8): a forward that keeps what the
+//! backward needs ([`Saved`]: Q, K, V, O and the LSE on the GPU), and a backward that takes dO
+//! and records every dispatch of a [`BackwardPlan`] into one command encoder: the coarse keys
+//! recomputed by the forward's downsample pass, then the backward passes in plan order.
+//! FlashAttention-style: probabilities are recomputed from the saved LSE, no score matrix is
+//! stored, every gradient is gathered by the invocation that owns it (no float atomics), so
+//! two runs give identical bits.
+
+use crate::config::Downsample;
+use crate::error::{FmaError, Result};
+use crate::gpu::fma::FmaAttention;
+use crate::gpu::io::{GpuTensors, Scopes, Staged};
+use crate::gpu::params::{to_uniform_bytes, LevelSelect};
+use crate::gpu::readback::{read_f32, storage};
+use crate::gpu::shaders::Pass;
+use crate::gpu::Output;
+use crate::gradients::{Gradients, LevelGradients};
+use crate::levels::window;
+use crate::plan::Dispatch;
+use crate::plan_backward::BackwardPlan;
+use crate::shape::Shape;
+
+/// What a backward needs from its forward, kept on the GPU: Q, K, V, O of shape
+/// (batch, heads, seq, head_dim) and the LSE of shape (batch, heads, seq), tied to the
+/// [`FmaAttention`] that ran the forward. Made by [`FmaAttention::forward_train`] or, for
+/// tensors the caller keeps on the GPU, by [`FmaAttention::saved_from_buffers`].
+#[derive(Clone, Debug)]
+pub struct Saved {
+    shape: Shape,
+    owner: u64,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    o: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
+impl Saved {
+    /// The shape of the saved forward.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+}
+
+/// Gradient buffers of the learned weights, every level the sequence uses concatenated in
+/// level order (the layout of the forward's weight buffers): `wk`, `wv` hold each level's
+/// (head_dim, p, w_l) gradient, `bk`, `bv` each level's (head_dim, p); f32, `STORAGE` usage.
+/// [`FmaAttention::backward_plan`] gives the element counts (`weight_elements`,
+/// `bias_elements`).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightGradTensors<'a> {
+    /// dWK of levels 1..=L, written.
+    pub wk: &'a wgpu::Buffer,
+    /// dWV of levels 1..=L, written.
+    pub wv: &'a wgpu::Buffer,
+    /// dbK of levels 1..=L, written.
+    pub bk: &'a wgpu::Buffer,
+    /// dbV of levels 1..=L, written.
+    pub bv: &'a wgpu::Buffer,
+}
+
+/// Where a backward writes: dQ, dK, dV of shape (batch, heads, seq, head_dim), f32 buffers
+/// with `STORAGE` usage; in Learned mode optionally the weights' gradients (summed over batch
+/// and heads). Every element is written (none is accumulated into).
+#[derive(Clone, Copy, Debug)]
+pub struct GradTensors<'a> {
+    /// dL/dQ, written.
+    pub dq: &'a wgpu::Buffer,
+    /// dL/dK, written.
+    pub dk: &'a wgpu::Buffer,
+    /// dL/dV, written.
+    pub dv: &'a wgpu::Buffer,
+    /// dL/dW, dL/db of the learned weights (Learned mode only; `None` skips them).
+    pub weights: Option<WeightGradTensors<'a>>,
+}
+
+fn check_buffer(name: &str, buf: &wgpu::Buffer, need: u64, shape: Shape) -> Result<()> {
+    if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(FmaError::ShapeMismatch {
+            what: format!("{name} buffer usage"),
+            expected: "a buffer created with BufferUsages::STORAGE".into(),
+            got: format!("{:?}", buf.usage()),
+        });
+    }
+    if buf.size() < need {
+        return Err(FmaError::ShapeMismatch {
+            what: format!("{name} buffer"),
+            expected: format!("at least {need} bytes for {shape}"),
+            got: format!("{} bytes", buf.size()),
+        });
+    }
+    Ok(())
+}
+
+/// Scratch buffers of one backward.
+struct Scratch {
+    params: wgpu::Buffer,
+    select: wgpu::Buffer,
+    stride: u32,
+    coarse_k: wgpu::Buffer,
+    coarse_v: wgpu::Buffer,
+    dcoarse_k: wgpu::Buffer,
+    dcoarse_v: wgpu::Buffer,
+    stats: wgpu::Buffer,
+}
+
+impl FmaAttention {
+    /// The plan a backward of `shape` would execute.
+    pub fn backward_plan(&self, shape: Shape) -> Result<BackwardPlan> {
+        BackwardPlan::new(shape, &self.cfg, &self.limits)
+    }
+
+    /// FMA of host tensors that keeps what the backward needs on the GPU (async). Q, K, V:
+    /// (batch, heads, seq, head_dim) f32. Returns O and the LSE (as [`FmaAttention::forward`]
+    /// with the LSE) and the [`Saved`] tensors for [`FmaAttention::backward`].
+    pub async fn forward_train_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+    ) -> Result<(Output, Saved)> {
+        shape.validate()?;
+        shape.check_len("Q", q.len())?;
+        shape.check_len("K", k.len())?;
+        shape.check_len("V", v.len())?;
+        self.backward_plan(shape)?; // the backward must be possible before we run a forward
+        let device = &self.ctx.device;
+        let bytes = shape.elements() as u64 * 4;
+        let input = wgpu::BufferUsages::COPY_DST;
+        let output = wgpu::BufferUsages::COPY_SRC;
+        let saved = Saved {
+            shape,
+            owner: self.id,
+            q: storage(device, "saved q", bytes, input),
+            k: storage(device, "saved k", bytes, input),
+            v: storage(device, "saved v", bytes, input),
+            o: storage(device, "saved o", bytes, output),
+            lse: storage(device, "saved lse", shape.rows() as u64 * 4, output),
+        };
+        let queue = &self.ctx.queue;
+        queue.write_buffer(&saved.q, 0, bytemuck::cast_slice(q));
+        queue.write_buffer(&saved.k, 0, bytemuck::cast_slice(k));
+        queue.write_buffer(&saved.v, 0, bytemuck::cast_slice(v));
+        self.forward_buffers_async(
+            GpuTensors {
+                q: &saved.q,
+                k: &saved.k,
+                v: &saved.v,
+                out: &saved.o,
+                lse: Some(&saved.lse),
+            },
+            shape,
+        )
+        .await?;
+        let staged = Staged::new(device, shape, true);
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("forward_train readback"),
+        });
+        staged.record(&mut enc, &saved.o, &saved.lse);
+        queue.submit([enc.finish()]);
+        let out = staged.read(&self.ctx).await?;
+        Ok((out, saved))
+    }
+
+    /// Blocking [`FmaAttention::forward_train_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_train(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+    ) -> Result<(Output, Saved)> {
+        pollster::block_on(self.forward_train_async(q, k, v, shape))
+    }
+
+    /// Keeps the tensors of a forward the caller ran with [`FmaAttention::forward_buffers`] on
+    /// this instance, for [`FmaAttention::backward_buffers`]. `t.lse` must be the buffer that
+    /// forward wrote the LSE into; without it there is nothing to differentiate from
+    /// ([`FmaError::NoSavedForward`]). The buffers must not change until the backward is recorded.
+    pub fn saved_from_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<Saved> {
+        t.check(shape)?;
+        let lse = t.lse.ok_or_else(|| {
+            FmaError::NoSavedForward(
+                "no LSE buffer: run forward_buffers with GpuTensors::lse set and pass the same buffers here"
+                    .into(),
+            )
+        })?;
+        Ok(Saved {
+            shape,
+            owner: self.id,
+            q: t.q.clone(),
+            k: t.k.clone(),
+            v: t.v.clone(),
+            o: t.out.clone(),
+            lse: lse.clone(),
+        })
+    }
+
+    /// Backward of host dO (async): dO of shape (batch, heads, seq, head_dim) = the saved
+    /// forward's shape. Returns dQ, dK, dV and, in Learned mode, the gradients of every level
+    /// of the configuration's weights summed over batch and heads (levels the sequence does
+    /// not use get zeros).
+    pub async fn backward_async(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
+        let shape = saved.shape;
+        shape.check_len("dO", dout.len())?;
+        let plan = self.backward_plan(shape)?;
+        let device = &self.ctx.device;
+        let bytes = shape.elements() as u64 * 4;
+        let out = wgpu::BufferUsages::COPY_SRC;
+        let dout_buf = storage(device, "dO", bytes, wgpu::BufferUsages::COPY_DST);
+        self.ctx
+            .queue
+            .write_buffer(&dout_buf, 0, bytemuck::cast_slice(dout));
+        let (dq, dk, dv) = (
+            storage(device, "dq", bytes, out),
+            storage(device, "dk", bytes, out),
+            storage(device, "dv", bytes, out),
+        );
+        let learned = matches!(self.cfg.downsample, Downsample::Learned(_));
+        let (we, be) = (
+            plan.weight_elements as u64 * 4,
+            plan.bias_elements as u64 * 4,
+        );
+        let wbufs = learned.then(|| {
+            [
+                storage(device, "dwk", we, out),
+                storage(device, "dwv", we, out),
+                storage(device, "dbk", be, out),
+                storage(device, "dbv", be, out),
+            ]
+        });
+        let grads = GradTensors {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            weights: wbufs
+                .as_ref()
+                .map(|[wk, wv, bk, bv]| WeightGradTensors { wk, wv, bk, bv }),
+        };
+        self.backward_buffers_async(saved, &dout_buf, grads).await?;
+
+        // One staging buffer: dq, dk, dv, then dWK, dWV, dbK, dbV.
+        let mut parts: Vec<(&wgpu::Buffer, u64)> = vec![(&dq, bytes), (&dk, bytes), (&dv, bytes)];
+        if let Some([wk, wv, bk, bv]) = &wbufs {
+            parts.extend([(wk, we), (wv, we), (bk, be), (bv, be)]);
+        }
+        let total: u64 = parts.iter().map(|p| p.1).sum();
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("gradients readback"),
+            size: total.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("gradients readback"),
+        });
+        let mut at = 0;
+        for &(buf, len) in &parts {
+            if len > 0 {
+                enc.copy_buffer_to_buffer(buf, 0, &staging, at, len);
+            }
+            at += len;
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        let all = read_f32(device, &staging, total).await?;
+        self.ctx.check_alive()?;
+        let n = shape.elements();
+        let mut rest = all.as_slice();
+        let mut take = |len: usize| {
+            let (head, tail) = rest.split_at(len.min(rest.len()));
+            rest = tail;
+            head.to_vec()
+        };
+        let (gq, gk, gv) = (take(n), take(n), take(n));
+        let weights = match &self.cfg.downsample {
+            Downsample::Learned(w) => {
+                let (wk, wv) = (take(plan.weight_elements), take(plan.weight_elements));
+                let (bk, bv) = (take(plan.bias_elements), take(plan.bias_elements));
+                let (d, p, m) = (shape.head_dim, self.cfg.rank, self.cfg.block);
+                let (mut woff, mut boff) = (0, 0);
+                let used = plan.forward.levels.count();
+                let levels = (1..=w.levels.len())
+                    .map(|l| {
+                        let win = window(m, l);
+                        if l > used {
+                            return LevelGradients::zeros(d, p, win);
+                        }
+                        let (wl, bl) = (d * p * win, d * p);
+                        let g = LevelGradients {
+                            wk: wk[woff..woff + wl].to_vec(),
+                            bk: bk[boff..boff + bl].to_vec(),
+                            wv: wv[woff..woff + wl].to_vec(),
+                            bv: bv[boff..boff + bl].to_vec(),
+                        };
+                        woff += wl;
+                        boff += bl;
+                        g
+                    })
+                    .collect();
+                Some(levels)
+            }
+            Downsample::Average => None,
+        };
+        Ok(Gradients {
+            dq: gq,
+            dk: gk,
+            dv: gv,
+            weights,
+        })
+    }
+
+    /// Blocking [`FmaAttention::backward_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
+        pollster::block_on(self.backward_async(saved, dout))
+    }
+
+    /// Backward of dO already on the GPU ((batch, heads, seq, head_dim) f32, `STORAGE`) into
+    /// the caller's gradient buffers; records and submits one command buffer and returns
+    /// without waiting for the GPU.
+    pub async fn backward_buffers_async(
+        &self,
+        saved: &Saved,
+        dout: &wgpu::Buffer,
+        g: GradTensors<'_>,
+    ) -> Result<()> {
+        if saved.owner != self.id {
+            return Err(FmaError::NoSavedForward(
+                "these tensors were saved by another FmaAttention (whose configuration may differ); \
+                 run forward_train on the instance that runs the backward"
+                    .into(),
+            ));
+        }
+        let shape = saved.shape;
+        let plan = self.backward_plan(shape)?;
+        let bytes = shape.elements() as u64 * 4;
+        check_buffer("dO", dout, bytes, shape)?;
+        check_buffer("dQ", g.dq, bytes, shape)?;
+        check_buffer("dK", g.dk, bytes, shape)?;
+        check_buffer("dV", g.dv, bytes, shape)?;
+        let learned = matches!(self.cfg.downsample, Downsample::Learned(_));
+        if let Some(w) = &g.weights {
+            if !learned {
+                return Err(FmaError::InvalidConfig {
+                    what: "weight gradients",
+                    value: "requested".into(),
+                    allowed: "only in Learned mode: Average downsampling has no weights".into(),
+                });
+            }
+            let (we, be) = (
+                plan.weight_elements as u64 * 4,
+                plan.bias_elements as u64 * 4,
+            );
+            check_buffer("dWK", w.wk, we, shape)?;
+            check_buffer("dWV", w.wv, we, shape)?;
+            check_buffer("dbK", w.bk, be, shape)?;
+            check_buffer("dbV", w.bv, be, shape)?;
+        }
+        let dispatches = plan.dispatches();
+        let mut pipes = Vec::with_capacity(dispatches.len());
+        for d in &dispatches {
+            pipes.push(
+                self.ctx
+                    .kernels
+                    .pipeline(&self.ctx.device, d.pass, d.spec)
+                    .await?,
+            );
+        }
+        let scratch = self.backward_scratch(&plan, &dispatches)?;
+        let scopes = Scopes::push(&self.ctx)?;
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("fma backward"),
+            });
+        self.record_backward(&mut enc, &dispatches, &pipes, &scratch, saved, dout, g);
+        self.ctx.queue.submit([enc.finish()]);
+        scopes.pop(&self.ctx, "the FMA backward").await
+    }
+
+    /// Blocking [`FmaAttention::backward_buffers_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward_buffers(
+        &self,
+        saved: &Saved,
+        dout: &wgpu::Buffer,
+        g: GradTensors<'_>,
+    ) -> Result<()> {
+        pollster::block_on(self.backward_buffers_async(saved, dout, g))
+    }
+
+    fn backward_scratch(&self, plan: &BackwardPlan, dispatches: &[Dispatch]) -> Result<Scratch> {
+        let device = &self.ctx.device;
+        let uniform = |label, data: &[u8]| {
+            let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: data.len() as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.ctx.queue.write_buffer(&buf, 0, data);
+            buf
+        };
+        let params = to_uniform_bytes(&self.params(&plan.forward))?;
+        // One selector per dispatch at an offset aligned for dynamic uniform offsets.
+        let stride = self.ctx.limits.min_uniform_buffer_offset_alignment.max(16);
+        let mut select = vec![0u8; stride as usize * dispatches.len()];
+        for (i, d) in dispatches.iter().enumerate() {
+            let bytes = to_uniform_bytes(&LevelSelect {
+                level: d.level.unwrap_or(0),
+                workgroups_x: d.grid[0],
+            })?;
+            let at = i * stride as usize;
+            select[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        let coarse = plan.forward.workspace.coarse_bytes;
+        let none = wgpu::BufferUsages::empty();
+        Ok(Scratch {
+            params: uniform("backward params", &params),
+            select: uniform("backward select", &select),
+            stride,
+            coarse_k: storage(device, "coarse_k", coarse, none),
+            coarse_v: storage(device, "coarse_v", coarse, none),
+            dcoarse_k: storage(device, "dcoarse_k", coarse, none),
+            dcoarse_v: storage(device, "dcoarse_v", coarse, none),
+            stats: storage(device, "lse and delta", plan.stats_bytes, none),
+        })
+    }
+
+    /// Records every dispatch, each with its own selector, into one compute pass (wgpu orders
+    /// the dispatches' storage accesses).
+    #[allow(clippy::too_many_arguments)]
+    fn record_backward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        dispatches: &[Dispatch],
+        pipes: &[wgpu::ComputePipeline],
+        s: &Scratch,
+        saved: &Saved,
+        dout: &wgpu::Buffer,
+        g: GradTensors<'_>,
+    ) {
+        let device = &self.ctx.device;
+        let layouts = &self.ctx.kernels.layouts;
+        let w = &self.weights;
+        let select = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("backward select"),
+            layout: &layouts.level_select,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &s.select,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(16),
+                }),
+            }],
+        });
+        // Group-0 buffers of each pass, binding i at index i (as `backward_bindings.rs`).
+        let buffers = |pass: Pass| -> Option<Vec<&wgpu::Buffer>> {
+            Some(match pass {
+                Pass::Downsample => vec![
+                    &s.params,
+                    &saved.k,
+                    &saved.v,
+                    &w.wk,
+                    &w.wv,
+                    &w.bk,
+                    &w.bv,
+                    &s.coarse_k,
+                    &s.coarse_v,
+                ],
+                Pass::BackwardDelta => vec![&s.params, &saved.o, dout, &saved.lse, &s.stats],
+                Pass::BackwardDq => vec![
+                    &s.params,
+                    &saved.q,
+                    &saved.k,
+                    &saved.v,
+                    &s.coarse_k,
+                    &s.coarse_v,
+                    dout,
+                    &s.stats,
+                    g.dq,
+                ],
+                Pass::BackwardDkvCoarse => vec![
+                    &s.params,
+                    &saved.q,
+                    &s.coarse_k,
+                    &s.coarse_v,
+                    dout,
+                    &s.stats,
+                    &s.dcoarse_k,
+                    &s.dcoarse_v,
+                ],
+                Pass::BackwardDkvFine => vec![
+                    &s.params, &saved.q, &saved.k, &saved.v, dout, &s.stats, g.dk, g.dv,
+                ],
+                Pass::DownsampleBackward => vec![
+                    &s.params,
+                    &w.wk,
+                    &w.wv,
+                    &s.dcoarse_k,
+                    &s.dcoarse_v,
+                    g.dk,
+                    g.dv,
+                ],
+                Pass::WeightsBackward => {
+                    let gw = g.weights?;
+                    vec![
+                        &s.params,
+                        &saved.k,
+                        &saved.v,
+                        &s.dcoarse_k,
+                        &s.dcoarse_v,
+                        gw.wk,
+                        gw.wv,
+                        gw.bk,
+                        gw.bv,
+                    ]
+                }
+                _ => return None,
+            })
+        };
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("fma backward"),
+            timestamp_writes: None,
+        });
+        let mut bound: Option<(Pass, wgpu::BindGroup)> = None;
+        for (i, (d, pipe)) in dispatches.iter().zip(pipes).enumerate() {
+            let layout = match d.pass {
+                Pass::Downsample => Some(&layouts.downsample),
+                other => layouts.backward(other),
+            };
+            // The weight passes are skipped when no weight-gradient buffers were given.
+            let (Some(layout), Some(bufs)) = (layout, buffers(d.pass)) else {
+                continue;
+            };
+            if bound.as_ref().map(|b| b.0) != Some(d.pass) {
+                let entries: Vec<_> = bufs
+                    .iter()
+                    .enumerate()
+                    .map(|(b, buf)| wgpu::BindGroupEntry {
+                        binding: b as u32,
+                        resource: buf.as_entire_binding(),
+                    })
+                    .collect();
+                let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(d.pass.name()),
+                    layout,
+                    entries: &entries,
+                });
+                bound = Some((d.pass, group));
+            }
+            if let Some((_, group)) = &bound {
+                pass.set_pipeline(pipe);
+                pass.set_bind_group(0, group, &[]);
+                pass.set_bind_group(1, &select, &[i as u32 * s.stride]);
+                pass.dispatch_workgroups(d.grid[0], d.grid[1], d.grid[2]);
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The scheduler of the backward pass (algorithm.md §8): (shape, config, adapter limits) -> the
+//! dispatches of one fine-query FMA backward. Pure arithmetic, unit-tested without a GPU;
+//! `gpu::backward` executes it. Recording order (one submit):
+//!
+//! 1. the forward's downsample dispatches (coarse K~, V~ recomputed, not stored),
+//! 2. `delta`: D = rowsum(dO * O) next to the LSE,
+//! 3. `dq`: dQ, the forward's workgroups over the same gather lists,
+//! 4. `dkv_coarse`: per level, dK~ and dV~ gathered over the windows whose far list holds them,
+//! 5. `dkv_fine`: dK, dV of the near field, gathered over the query blocks that read each block,
+//! 6. `downsample_backward`: adds the coarse gradients to dK, dV through the downsampling,
+//! 7. `weights_backward`: per level, dW and db (Learned mode only).
+
+use crate::config::{Downsample, FmaConfig};
+use crate::error::{FmaError, Result};
+use crate::gpu::shaders::{Pass, Specialization};
+use crate::plan::{fold, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
+use crate::shape::Shape;
+
+/// Invocations per workgroup of the element-wise backward passes (delta, downsample and
+/// weight gradients) and of the coarse dK~/dV~ pass.
+pub const BACKWARD_WG: u32 = 64;
+
+/// Coarse rows one workgroup of the coarse dK~/dV~ pass handles: enough that each of its
+/// `wg` invocations owns one (row, vec4 of channels) output. Mirror of `PR` in
+/// `shaders/backward_dkv_coarse.wgsl`.
+pub fn coarse_rows_per_workgroup(wg: u32, d4: u32) -> u32 {
+    (wg / d4).max(1)
+}
+
+/// Queries per tile of a dK/dV pass: as many (<= 64) as fit in workgroup memory next to
+/// `fixed` bytes, at `per_query` bytes each.
+fn query_tile(head_dim: usize, fixed: u32, per_query: u32, limits: &KernelLimits) -> Result<u32> {
+    let bq = (limits.workgroup_storage.saturating_sub(fixed) / per_query).min(MAX_KEY_TILE);
+    if bq < MIN_KEY_TILE {
+        return Err(FmaError::LimitExceeded {
+            what: format!(
+                "workgroup memory of the backward pass for head_dim {head_dim} ({MIN_KEY_TILE} queries per tile)"
+            ),
+            requested: (fixed + MIN_KEY_TILE * per_query) as u64,
+            max: limits.workgroup_storage as u64,
+        });
+    }
+    Ok(bq)
+}
+
+/// A dispatch of `total` workgroups of `pass`, folded under the per-dimension limit.
+fn dispatch(
+    pass: Pass,
+    level: Option<u32>,
+    total: u64,
+    spec: Specialization,
+    limits: &KernelLimits,
+) -> Result<Dispatch> {
+    let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
+        what: format!("workgroups of the {} dispatch", pass.name()),
+        requested: total,
+        max: u32::MAX as u64,
+    })?;
+    Ok(Dispatch {
+        pass,
+        level,
+        workgroups: total,
+        grid: fold(total, limits.max_workgroups_per_dim)?,
+        spec,
+    })
+}
+
+/// The plan of one fine-query FMA backward.
+#[derive(Clone, Debug)]
+pub struct BackwardPlan {
+    /// The forward's plan: its downsample dispatches are replayed, its geometry reused.
+    pub forward: FmaPlan,
+    /// D = rowsum(dO * O), one invocation per row.
+    pub delta: Dispatch,
+    /// dQ: one workgroup per query tile of a fine block, as the forward.
+    pub dq: Dispatch,
+    /// dK~, dV~: one dispatch per coarse level.
+    pub dkv_coarse: Vec<Dispatch>,
+    /// dK, dV of the near field: one workgroup per key tile of a fine block.
+    pub dkv_fine: Dispatch,
+    /// dK, dV through the downsampling (absent when there is no coarse level).
+    pub downsample_backward: Option<Dispatch>,
+    /// dW, db: one dispatch per coarse level (Learned mode only).
+    pub weights_backward: Vec<Dispatch>,
+    /// Bytes of the (batch*heads, seq, 2) buffer of LSE and D.
+    pub stats_bytes: u64,
+    /// Elements of each of the concatenated weight-gradient buffers (dWK, dWV) over the
+    /// levels the sequence uses; 0 in Average mode.
+    pub weight_elements: usize,
+    /// Elements of each of the concatenated bias-gradient buffers (dbK, dbV).
+    pub bias_elements: usize,
+}
+
+impl BackwardPlan {
+    /// Plans the backward of FMA for `shape` and `cfg` under `limits`; every limit is checked
+    /// here, before anything is recorded.
+    pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
+        let forward = FmaPlan::new(shape, cfg, limits)?;
+        let (d, p) = (shape.head_dim, cfg.rank);
+        let bh = shape.batch_heads() as u64;
+        let stats_bytes = shape.rows() as u64 * 8;
+        if stats_bytes > limits.max_binding.min(limits.max_buffer) {
+            return Err(FmaError::LimitExceeded {
+                what: format!("the LSE and D of every row ({stats_bytes} bytes in one binding)"),
+                requested: stats_bytes,
+                max: limits.max_binding.min(limits.max_buffer),
+            });
+        }
+        let wg = BACKWARD_WG.min(limits.max_workgroup);
+        let elementwise = Specialization { wg, bk: 1, d4: 1 };
+        let d4 = d.div_ceil(4) as u32;
+
+        let delta = dispatch(
+            Pass::BackwardDelta,
+            None,
+            (shape.rows() as u64).div_ceil(wg as u64),
+            elementwise,
+            limits,
+        )?;
+        // dQ stages the same key tiles as the forward: same workgroups, same specialisation.
+        let att = forward.attention;
+        let dq = Dispatch {
+            pass: Pass::BackwardDq,
+            ..att
+        };
+        // dK/dV of the near field: the forward's tiles with keys and queries swapped; a query
+        // row costs q and dO (two vec4-padded rows) plus LSE and D.
+        let fine_spec = Specialization {
+            bk: query_tile(d, 0, 2 * d4 * 16 + 8, limits)?,
+            ..att.spec
+        };
+        let dkv_fine = Dispatch {
+            pass: Pass::BackwardDkvFine,
+            spec: fine_spec,
+            ..att
+        };
+        // Coarse dK~/dV~: PR rows (k~, v~ and a bias each) fixed, then per query its row
+        // pair plus P and dS for each of the PR rows.
+        let pr = coarse_rows_per_workgroup(wg, d4);
+        let coarse_spec = Specialization {
+            wg,
+            bk: query_tile(d, pr * (2 * d4 * 16 + 4), 2 * d4 * 16 + 8 + 8 * pr, limits)?,
+            d4,
+        };
+        let chunks = (p as u64).div_ceil(pr as u64);
+        let dkv_coarse = forward
+            .levels
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(i, lv)| {
+                dispatch(
+                    Pass::BackwardDkvCoarse,
+                    Some(i as u32),
+                    bh * lv.windows as u64 * chunks,
+                    coarse_spec,
+                    limits,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let downsample_backward = if forward.levels.count() > 0 {
+            Some(dispatch(
+                Pass::DownsampleBackward,
+                None,
+                (shape.elements() as u64).div_ceil(wg as u64),
+                elementwise,
+                limits,
+            )?)
+        } else {
+            None
+        };
+        let learned = matches!(cfg.downsample, Downsample::Learned(_));
+        let mut weights_backward = Vec::new();
+        let (mut weight_elements, mut bias_elements) = (0usize, 0usize);
+        if learned {
+            for (i, lv) in forward.levels.levels.iter().enumerate() {
+                let threads = (d * p * (lv.window + 1)) as u64;
+                weights_backward.push(dispatch(
+                    Pass::WeightsBackward,
+                    Some(i as u32),
+                    threads.div_ceil(wg as u64),
+                    elementwise,
+                    limits,
+                )?);
+                weight_elements += d * p * lv.window;
+                bias_elements += d * p;
+            }
+        }
+        Ok(Self {
+            forward,
+            delta,
+            dq,
+            dkv_coarse,
+            dkv_fine,
+            downsample_backward,
+            weights_backward,
+            stats_bytes,
+            weight_elements,
+            bias_elements,
+        })
+    }
+
+    /// Every dispatch in recording order, the forward's downsample dispatches first.
+    pub fn dispatches(&self) -> Vec<Dispatch> {
+        let mut all = self.forward.downsample.clone();
+        all.push(self.delta);
+        all.push(self.dq);
+        all.extend(&self.dkv_coarse);
+        all.push(self.dkv_fine);
+        all.extend(self.downsample_backward);
+        all.extend(&self.weights_backward);
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::LearnedWeights;
+
+    fn lavapipe() -> KernelLimits {
+        KernelLimits {
+            max_workgroup: 256,
+            workgroup_storage: 32768,
+            max_workgroups_per_dim: 65535,
+            max_binding: 128 << 20,
+            max_buffer: 1 << 30,
+        }
+    }
+
+    fn fits(s: Specialization, bytes: u32, limits: &KernelLimits) {
+        assert!(
+            bytes <= limits.workgroup_storage,
+            "{s:?}: {bytes} bytes of workgroup memory"
+        );
+    }
+
+    #[test]
+    fn dispatch_counts_per_level_and_mode() {
+        let shape = Shape::new(1, 4, 4096, 64);
+        let w = LearnedWeights::box_init_for(64, 64, 2, 4096);
+        let cfg = FmaConfig::new(64, 2).downsample(Downsample::Learned(w));
+        let plan = BackwardPlan::new(shape, &cfg, &lavapipe()).unwrap();
+        assert_eq!(plan.dkv_coarse.len(), 5);
+        assert_eq!(plan.weights_backward.len(), 5);
+        assert_eq!(plan.dq.workgroups, plan.forward.attention.workgroups);
+        assert_eq!(plan.dkv_fine.workgroups, 4 * 64);
+        assert_eq!(plan.delta.workgroups, 4 * 4096 / 64);
+        // d = 64: 16 vec4s, 4 coarse rows per workgroup, p = 2 rows per window: 1 chunk.
+        for (i, dsp) in plan.dkv_coarse.iter().enumerate() {
+            assert_eq!(
+                dsp.workgroups as usize,
+                4 * plan.forward.levels.levels[i].windows
+            );
+        }
+        // 5 downsample + delta + dq + 5 coarse + fine + downsample_backward + 5 weights.
+        assert_eq!(plan.dispatches().len(), 19);
+        assert_eq!(plan.weight_elements, 64 * 2 * (64 + 128 + 256 + 512 + 1024));
+        let avg = BackwardPlan::new(shape, &FmaConfig::new(64, 2), &lavapipe()).unwrap();
+        assert!(avg.weights_backward.is_empty());
+        assert_eq!(avg.weight_elements, 0);
+        let flat =
+            BackwardPlan::new(Shape::new(1, 1, 7, 16), &FmaConfig::new(4, 2), &lavapipe()).unwrap();
+        assert!(flat.downsample_backward.is_none() && flat.dkv_coarse.is_empty());
+    }
+
+    #[test]
+    fn tiles_fit_workgroup_memory_and_the_grid_limit() {
+        let mut web = lavapipe();
+        web.workgroup_storage = 16384;
+        for limits in [lavapipe(), web] {
+            for d in [1usize, 3, 16, 40, 64, 128, 256] {
+                let plan =
+                    BackwardPlan::new(Shape::new(1, 1, 1000, d), &FmaConfig::new(16, 2), &limits)
+                        .unwrap();
+                let d4 = d.div_ceil(4) as u32;
+                let f = plan.dkv_fine.spec;
+                fits(f, f.bk * (2 * d4 * 16 + 8), &limits);
+                let c = plan.dkv_coarse[0].spec;
+                let pr = coarse_rows_per_workgroup(c.wg, c.d4);
+                fits(
+                    c,
+                    pr * (2 * d4 * 16 + 4) + c.bk * (2 * d4 * 16 + 8 + 8 * pr),
+                    &limits,
+                );
+                assert!(pr * c.d4 <= c.wg.max(c.d4));
+            }
+        }
+        let plan = BackwardPlan::new(
+            Shape::new(7, 10000, 16, 16),
+            &FmaConfig::new(16, 2),
+            &lavapipe(),
+        )
+        .unwrap();
+        for dsp in plan.dispatches() {
+            assert!(dsp.grid[0] <= 65535 && dsp.grid[1] <= 65535, "{dsp:?}");
+            assert!(dsp.grid[0] as u64 * dsp.grid[1] as u64 >= dsp.workgroups as u64);
+        }
+        assert!(plan.delta.workgroups > 65535 || plan.dkv_fine.workgroups > 65535);
+    }
+
+    #[test]
+    fn too_little_workgroup_memory_is_a_typed_error() {
+        let mut tiny = lavapipe();
+        tiny.workgroup_storage = 4096;
+        let e = BackwardPlan::new(Shape::new(1, 1, 100, 256), &FmaConfig::new(16, 2), &tiny)
+            .unwrap_err();
+        assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+    }
+}

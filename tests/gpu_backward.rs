@@ -1,0 +1,435 @@
+//! The GPU backward against the f64 CPU reference gradients (`cpu::fma_backward`, itself
+//! checked against finite differences) on random inputs with fresh seeds (printed; replay
+//! with MULTIPOLE_SEED), every gradient buffer poisoned with NaN before the run.
+//!
+//! Tolerance, per tensor: |gpu - ref| <= TOL * (max(1, max|ref|) + |ref|), TOL = 2e-4, i.e.
+//! relative to the tensor's own scale, or to 1, the size of the terms summed, when the
+//! gradient is smaller (n = 1: dQ is exactly 0, a sum of terms that cancel).
+//! Why: Q, K, V, dO are N(0, 1); a gradient element is a sum of up to a few hundred terms
+//! P (dP - D) q (fine keys), or up to 3 w_l query rows for a coarse key, spread back over
+//! w_l / p tokens, and a weight gradient sums batch*heads*n/w_l such terms. The GPU uses f32
+//! everywhere (and P = exp(s - LSE) from the f32 LSE of the forward, WGSL's exp within
+//! 3 + 2|x| ulp), so each term carries ~1e-6 relative error and sums cancel: we measure worst
+//! errors of ~5e-7 .. 1e-6 of the tensor's scale (printed), so the bound leaves ~200x headroom
+//! for other drivers' exp and summation orders. A wrong index, a missing far-list window or a
+//! missing term moves some element by >= 1e-2 of the scale (`gpu_gradients_are_not_trivially_
+//! close` and a mutation of the coarse pass's inverse far list, tried by hand, show this),
+//! 50x above the bound.
+
+mod common;
+
+use common::{browser_like_gpu, closeness, gpu, random_learned, read_buffer};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors};
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Shape};
+use wgpu::util::DeviceExt;
+
+const TOL: f64 = 2e-4;
+
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+fn inputs(seed: u64, shape: Shape) -> Inputs {
+    let len = shape.elements();
+    Inputs {
+        q: normal_tensor(seed, len),
+        k: normal_tensor(seed ^ 0x9e37_79b9, len),
+        v: normal_tensor(seed ^ 0x7f4a_7c15, len),
+        dout: normal_tensor(seed ^ 0x2545_f491, len),
+    }
+}
+
+fn buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+fn nan(ctx: &GpuContext, label: &str, len: usize) -> wgpu::Buffer {
+    buffer(ctx, label, &vec![f32::NAN; len.max(4)])
+}
+
+/// Runs forward then backward through caller buffers (outputs poisoned) and returns the
+/// GPU gradients read back.
+fn gpu_gradients(ctx: &GpuContext, fma: &FmaAttention, x: &Inputs, shape: Shape) -> Gradients<f32> {
+    let (q, k, v) = (
+        buffer(ctx, "q", &x.q),
+        buffer(ctx, "k", &x.k),
+        buffer(ctx, "v", &x.v),
+    );
+    let (o, lse) = (
+        nan(ctx, "o", shape.elements()),
+        nan(ctx, "lse", shape.rows()),
+    );
+    let t = GpuTensors {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &o,
+        lse: Some(&lse),
+    };
+    fma.forward_buffers(t, shape).expect("forward");
+    let saved = fma.saved_from_buffers(t, shape).expect("saved");
+    let dout = buffer(ctx, "dout", &x.dout);
+    let len = shape.elements();
+    let (dq, dk, dv) = (
+        nan(ctx, "dq", len),
+        nan(ctx, "dk", len),
+        nan(ctx, "dv", len),
+    );
+    let plan = fma.backward_plan(shape).expect("plan");
+    let learned = matches!(fma.config().downsample, Downsample::Learned(_));
+    let wbufs = learned.then(|| {
+        [
+            nan(ctx, "dwk", plan.weight_elements),
+            nan(ctx, "dwv", plan.weight_elements),
+            nan(ctx, "dbk", plan.bias_elements),
+            nan(ctx, "dbv", plan.bias_elements),
+        ]
+    });
+    let g = GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: wbufs
+            .as_ref()
+            .map(|[wk, wv, bk, bv]| WeightGradTensors { wk, wv, bk, bv }),
+    };
+    fma.backward_buffers(&saved, &dout, g).expect("backward");
+    let read = |b: &wgpu::Buffer, len: usize| read_buffer(ctx, b)[..len].to_vec();
+    let weights = wbufs.as_ref().map(|[wk, wv, bk, bv]| {
+        // Split the concatenated levels like the library's host API does.
+        let (wk, wv) = (
+            read(wk, plan.weight_elements),
+            read(wv, plan.weight_elements),
+        );
+        let (bk, bv) = (read(bk, plan.bias_elements), read(bv, plan.bias_elements));
+        let (d, p) = (shape.head_dim, fma.config().rank);
+        let (mut wo, mut bo) = (0, 0);
+        plan.forward
+            .levels
+            .levels
+            .iter()
+            .map(|lv| {
+                let (wl, bl) = (d * p * lv.window, d * p);
+                let g = multipole_attn::LevelGradients {
+                    wk: wk[wo..wo + wl].to_vec(),
+                    bk: bk[bo..bo + bl].to_vec(),
+                    wv: wv[wo..wo + wl].to_vec(),
+                    bv: bv[bo..bo + bl].to_vec(),
+                };
+                wo += wl;
+                bo += bl;
+                g
+            })
+            .collect()
+    });
+    Gradients {
+        dq: read(&dq, len),
+        dk: read(&dk, len),
+        dv: read(&dv, len),
+        weights,
+    }
+}
+
+/// Largest error of one tensor relative to its scale; asserts it is within TOL.
+fn compare(label: &str, name: &str, gpu: &[f32], reference: &[f64]) -> f64 {
+    let scale = reference.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    let c = closeness(gpu, reference, TOL * scale, TOL);
+    assert_eq!(
+        c.violations, 0,
+        "{label}: {name} {c:?} (scale {scale:.3e}, gpu {}, ref {})",
+        gpu[c.worst_index], reference[c.worst_index]
+    );
+    c.max_abs / scale
+}
+
+/// Checks every gradient of one case; returns the worst scaled error.
+fn check_backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> f64 {
+    let label = format!(
+        "seed {seed} {shape} m={} p={} causal={} learned={}",
+        cfg.block,
+        cfg.rank,
+        cfg.causal,
+        matches!(cfg.downsample, Downsample::Learned(_))
+    );
+    let x = inputs(seed, shape);
+    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let g = gpu_gradients(ctx, &fma, &x, shape);
+    let r = cpu::fma_backward(
+        &widen(&x.q),
+        &widen(&x.k),
+        &widen(&x.v),
+        &widen(&x.dout),
+        shape,
+        cfg,
+    )
+    .unwrap();
+    let mut worst = 0.0f64;
+    for (name, a, b) in [
+        ("dQ", &g.dq, &r.dq),
+        ("dK", &g.dk, &r.dk),
+        ("dV", &g.dv, &r.dv),
+    ] {
+        worst = worst.max(compare(&label, name, a, b));
+    }
+    match (&g.weights, &r.weights) {
+        (Some(gw), Some(rw)) => {
+            // The reference has one entry per level of the weights; the GPU the used ones.
+            assert!(rw.len() >= gw.len());
+            for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
+                for (name, x, y) in [
+                    ("k_w", &a.wk, &b.wk),
+                    ("k_b", &a.bk, &b.bk),
+                    ("v_w", &a.wv, &b.wv),
+                    ("v_b", &a.bv, &b.bv),
+                ] {
+                    worst = worst.max(compare(&label, &format!("{name}{}", l + 1), x, y));
+                }
+            }
+        }
+        (None, None) => {}
+        _ => panic!("{label}: weight gradients on one side only"),
+    }
+    worst
+}
+
+#[test]
+fn backward_matches_reference_over_awkward_shapes() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let ns = [1, 7, 97, 256, 1025];
+    let ds = [16, 40, 64];
+    let ms = [4, 16];
+    let ps = [1, 2];
+    let mut worst = 0.0f64;
+    let mut case = 0usize;
+    for (ni, &n) in ns.iter().enumerate() {
+        for causal in [false, true] {
+            for learned in [false, true] {
+                let d = ds[(ni + case) % ds.len()];
+                let m = ms[(ni + case / 2) % ms.len()];
+                let p = ps[(case / 4 + ni) % ps.len()];
+                let shape = if n >= 1000 {
+                    Shape::new(1, 2, n, d)
+                } else {
+                    Shape::new(2, 2, n, d)
+                };
+                let s = seed.wrapping_add(case as u64 * 7919);
+                let mut cfg = FmaConfig::new(m, p).causal(causal);
+                if learned {
+                    cfg = cfg.downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
+                }
+                worst = worst.max(check_backward(ctx, s, shape, &cfg));
+                case += 1;
+            }
+        }
+    }
+    eprintln!("{case} cases, worst scaled gradient error {worst:.2e}");
+}
+
+#[test]
+fn backward_without_count_correction_and_odd_head_dims() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    for (i, &(n, d, m, p, causal)) in [
+        (333, 3, 4, 2, false),
+        (200, 59, 16, 2, true),
+        (130, 8, 8, 8, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = seed + i as u64;
+        let cfg = FmaConfig::new(m, p).causal(causal).count_correction(i != 0);
+        worst = worst.max(check_backward(ctx, s, Shape::new(1, 2, n, d), &cfg));
+        let learned = cfg.downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
+        worst = worst.max(check_backward(ctx, s, Shape::new(1, 2, n, d), &learned));
+    }
+    eprintln!("worst scaled gradient error {worst:.2e}");
+}
+
+#[test]
+fn backward_is_deterministic_and_host_api_agrees() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    let shape = Shape::new(2, 2, 300, 32);
+    let (m, p) = (16, 2);
+    let x = inputs(seed, shape);
+    let w = random_learned(seed, 32, m, p, shape.seq + 500); // an extra level the call ignores
+    let fma =
+        FmaAttention::new(ctx, FmaConfig::new(m, p).downsample(Downsample::Learned(w))).unwrap();
+    let (out, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
+    let plain = fma.forward(&x.q, &x.k, &x.v, shape, true).unwrap();
+    assert_eq!(out.o, plain.o);
+    assert_eq!(out.lse, plain.lse);
+    let a = fma.backward(&saved, &x.dout).unwrap();
+    let b = fma.backward(&saved, &x.dout).unwrap();
+    assert_eq!(a, b, "two backward runs differ");
+    let (_, saved2) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
+    assert_eq!(a, fma.backward(&saved2, &x.dout).unwrap());
+    let c = gpu_gradients(ctx, &fma, &x, shape);
+    assert_eq!(a.dq, c.dq);
+    assert_eq!(a.dk, c.dk);
+    assert_eq!(a.dv, c.dv);
+    let (aw, cw) = (a.weights.unwrap(), c.weights.unwrap());
+    assert_eq!(aw.len(), cw.len() + 1, "the unused level is returned too");
+    assert_eq!(aw[..cw.len()], cw[..]);
+    let extra = aw.last().unwrap();
+    assert!(extra.wk.iter().chain(&extra.bk).all(|&x| x == 0.0));
+}
+
+#[test]
+fn gpu_gradients_are_not_trivially_close() {
+    // Guards the tolerance: dropping the far field (the gradient through coarse keys) moves
+    // dK by far more than TOL of its scale.
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    let shape = Shape::new(1, 1, 512, 16);
+    let x = inputs(seed, shape);
+    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
+    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
+    let g = fma.backward(&saved, &x.dout).unwrap();
+    let near_only = FmaConfig::new(16, 2);
+    let r = cpu::fma_backward(
+        &widen(&x.q),
+        &widen(&x.k),
+        &widen(&x.v),
+        &widen(&x.dout),
+        shape,
+        &near_only.count_correction(false),
+    )
+    .unwrap();
+    let scale = r.dk.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let diff =
+        g.dk.iter()
+            .zip(&r.dk)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+    assert!(diff > 50.0 * TOL * scale, "{diff} vs scale {scale}");
+}
+
+#[test]
+fn bad_backward_input_is_a_typed_error() {
+    let Some(ctx) = gpu() else { return };
+    let shape = Shape::new(1, 2, 100, 16);
+    let x = inputs(1, shape);
+    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
+    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
+
+    let e = fma.backward(&saved, &x.dout[1..]).unwrap_err();
+    assert!(
+        matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "dO"),
+        "{e}"
+    );
+
+    // Saved by another instance (a causal one: its LSE would be wrong here).
+    let other = FmaAttention::new(ctx, FmaConfig::new(16, 2).causal(true)).unwrap();
+    let e = other.backward(&saved, &x.dout).unwrap_err();
+    assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
+
+    // Buffers without the forward's LSE.
+    let (q, o) = (buffer(ctx, "q", &x.q), nan(ctx, "o", shape.elements()));
+    let t = GpuTensors {
+        q: &q,
+        k: &q,
+        v: &q,
+        out: &o,
+        lse: None,
+    };
+    let e = fma.saved_from_buffers(t, shape).unwrap_err();
+    assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
+    assert!(e.to_string().contains("LSE"), "{e}");
+
+    // A dO buffer too small, and weight gradients asked for in Average mode.
+    let small = buffer(ctx, "small", &x.dout[..100]);
+    let full = buffer(ctx, "dout", &x.dout);
+    let g = GradTensors {
+        dq: &o,
+        dk: &o,
+        dv: &o,
+        weights: None,
+    };
+    let e = fma.backward_buffers(&saved, &small, g).unwrap_err();
+    assert!(
+        matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "dO buffer"),
+        "{e}"
+    );
+    let gw = GradTensors {
+        weights: Some(WeightGradTensors {
+            wk: &o,
+            wv: &o,
+            bk: &o,
+            bv: &o,
+        }),
+        ..g
+    };
+    let e = fma.backward_buffers(&saved, &full, gw).unwrap_err();
+    assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
+
+    // Weights whose shapes do not match the config, or that miss a level the call needs.
+    let w = random_learned(1, 16, 8, 2, 100);
+    let e = FmaAttention::new(
+        ctx,
+        FmaConfig::new(16, 2).downsample(Downsample::Learned(w)),
+    )
+    .err()
+    .expect("weights made for m = 8 used with m = 16");
+    assert!(matches!(e, FmaError::Weights(_)), "{e}");
+    let short = random_learned(1, 16, 16, 2, 40);
+    let learned = FmaAttention::new(
+        ctx,
+        FmaConfig::new(16, 2).downsample(Downsample::Learned(short)),
+    )
+    .unwrap();
+    let e = learned.forward_train(&x.q, &x.k, &x.v, shape).unwrap_err();
+    assert!(matches!(e, FmaError::Weights(_)), "{e}");
+
+    // The context still works.
+    fma.backward(&saved, &x.dout).unwrap();
+}
+
+#[test]
+fn more_than_65535_workgroups_fold_into_2d() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    // n = 9, m = 2: 5 blocks and 2 coarse levels per head; 14000 heads -> 70000 workgroups of
+    // the dQ and near-field dK/dV passes (bidirectional only: the folding does not depend on
+    // the mask, and each case costs ~15 s on lavapipe).
+    let shape = Shape::new(2, 7000, 9, 8);
+    let cfg = FmaConfig::new(2, 2);
+    let plan = FmaAttention::new(ctx, cfg.clone())
+        .unwrap()
+        .backward_plan(shape)
+        .unwrap();
+    assert!(plan.dkv_fine.workgroups > 65535 && plan.dkv_fine.grid[1] > 1);
+    check_backward(ctx, seed, shape, &cfg);
+}
+
+#[test]
+fn backward_under_browser_limits() {
+    // 256 invocations and 16 KiB of workgroup memory: smaller query tiles, same gradients.
+    let Some(ctx) = browser_like_gpu() else {
+        return;
+    };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let (n, d, m, p) = (300, 64, 16, 2);
+    let cfg = FmaConfig::new(m, p)
+        .causal(true)
+        .downsample(Downsample::Learned(random_learned(seed, d, m, p, n)));
+    let worst = check_backward(ctx, seed, Shape::new(1, 2, n, d), &cfg);
+    eprintln!("browser limits: worst scaled gradient error {worst:.2e}");
+}
