@@ -11,6 +11,7 @@
 //! # Ok::<(), multipole_attn::FmaError>(())
 //! ```
 
+mod coarse;
 pub mod context;
 mod dense;
 mod fma;

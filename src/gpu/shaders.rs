@@ -8,17 +8,29 @@
 /// The passes of the library.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pass {
-    /// Coarse keys and values of one level (`shaders/downsample.wgsl`).
+    /// Coarse keys and values (and coarse queries) of one level (`shaders/downsample.wgsl`).
     Downsample,
-    /// The fused fine-query FMA pass (`shaders/fine_attention.wgsl`).
+    /// The fused fine-query FMA pass, or the near field alone with coarse queries
+    /// (`shaders/fine_attention.wgsl`).
     FineAttention,
     /// Exact dense attention (`shaders/dense_attention.wgsl`).
     DenseAttention,
+    /// Coarse queries' attention to their far list at one level (`shaders/coarse_attention.wgsl`).
+    CoarseAttention,
+    /// Upsampling of every level's coarse-query results and the log-sum-exp merge into the near
+    /// field (`shaders/upsample_merge.wgsl`).
+    UpsampleMerge,
 }
 
 impl Pass {
     /// Every pass, for validation tests.
-    pub const ALL: [Pass; 3] = [Pass::Downsample, Pass::FineAttention, Pass::DenseAttention];
+    pub const ALL: [Pass; 5] = [
+        Pass::Downsample,
+        Pass::FineAttention,
+        Pass::DenseAttention,
+        Pass::CoarseAttention,
+        Pass::UpsampleMerge,
+    ];
 
     /// The pass's own WGSL file, before imports.
     pub fn source(self) -> &'static str {
@@ -26,6 +38,8 @@ impl Pass {
             Pass::Downsample => include_str!("../../shaders/downsample.wgsl"),
             Pass::FineAttention => include_str!("../../shaders/fine_attention.wgsl"),
             Pass::DenseAttention => include_str!("../../shaders/dense_attention.wgsl"),
+            Pass::CoarseAttention => include_str!("../../shaders/coarse_attention.wgsl"),
+            Pass::UpsampleMerge => include_str!("../../shaders/upsample_merge.wgsl"),
         }
     }
 
@@ -35,6 +49,8 @@ impl Pass {
             Pass::Downsample => "downsample",
             Pass::FineAttention => "fine_attention",
             Pass::DenseAttention => "dense_attention",
+            Pass::CoarseAttention => "coarse_attention",
+            Pass::UpsampleMerge => "upsample_merge",
         }
     }
 }
@@ -44,6 +60,9 @@ fn shared(name: &str) -> Option<&'static str> {
     match name {
         "params" => Some(include_str!("../../shaders/shared/params.wgsl")),
         "online_softmax" => Some(include_str!("../../shaders/shared/online_softmax.wgsl")),
+        "near_field" => Some(include_str!("../../shaders/shared/near_field.wgsl")),
+        "far_field" => Some(include_str!("../../shaders/shared/far_field.wgsl")),
+        "level_select" => Some(include_str!("../../shaders/shared/level_select.wgsl")),
         _ => None,
     }
 }
