@@ -377,9 +377,9 @@ mod tests {
         assert_eq!(plan.downsample.len(), 5);
         for (i, d) in plan.downsample.iter().enumerate() {
             assert_eq!(d.level, Some(i as u32));
-            // (bh * windows * p * d) threads in workgroups of 64.
+            // (bh * windows * p * d) threads per tensor (K and V) in workgroups of 64.
             let threads = 4 * plan.levels.levels[i].windows * 2 * 64;
-            assert_eq!(d.workgroups as usize, threads.div_ceil(64));
+            assert_eq!(d.workgroups as usize, 2 * threads.div_ceil(64));
         }
         assert_eq!(plan.attention.workgroups, 4 * 64);
         assert_eq!(plan.attention.spec.wg, 64);
@@ -401,8 +401,8 @@ mod tests {
             let (ds, ca) = (steps[2 * l], steps[2 * l + 1]);
             assert_eq!((ds.pass, ds.level), (Pass::Downsample, Some(l as u32)));
             assert_eq!((ca.pass, ca.level), (Pass::CoarseAttention, Some(l as u32)));
-            // K, V and Q pooled: three times the fine plan's workgroups.
-            assert_eq!(ds.workgroups, 3 * fine.downsample[l].workgroups);
+            // K, V and Q pooled: 3/2 of the fine plan's workgroups (K and V).
+            assert_eq!(2 * ds.workgroups, 3 * fine.downsample[l].workgroups);
             // One workgroup of p = 2 coarse queries per (head, window).
             assert_eq!(ca.workgroups as usize, 4 * plan.levels.levels[l].windows);
             assert_eq!((ca.spec.wg, ca.spec.bk), (2, 4));
