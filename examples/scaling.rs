@@ -51,7 +51,13 @@ fn main() {
 }
 
 /// Median seconds of `reps` forwards of `fma` on tensors already on the GPU, after a warm-up.
-fn median_time(ctx: &GpuContext, fma: &FmaAttention, t: GpuTensors<'_>, shape: Shape, reps: usize) -> Result<f64> {
+fn median_time(
+    ctx: &GpuContext,
+    fma: &FmaAttention,
+    t: GpuTensors<'_>,
+    shape: Shape,
+    reps: usize,
+) -> Result<f64> {
     let wait = || {
         ctx.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -75,7 +81,10 @@ fn median_time(ctx: &GpuContext, fma: &FmaAttention, t: GpuTensors<'_>, shape: S
 
 fn run(a: Args) -> Result<()> {
     let ctx = GpuContext::new()?;
-    println!("adapter: {} ({:?}, {:?})", ctx.info.name, ctx.info.backend, ctx.info.device_type);
+    println!(
+        "adapter: {} ({:?}, {:?})",
+        ctx.info.name, ctx.info.backend, ctx.info.device_type
+    );
     println!(
         "heads {}, head_dim {}, m {}, p {}, bidirectional, Average; median of {} (wall clock, tensors on the GPU)",
         a.heads, a.head_dim, a.block, a.rank, a.reps
@@ -83,24 +92,36 @@ fn run(a: Args) -> Result<()> {
     let cfg = FmaConfig::new(a.block, a.rank);
     let fine = FmaAttention::new(&ctx, cfg.clone())?;
     let coarse = FmaAttention::new(&ctx, cfg.queries(Queries::Coarse))?;
-    println!("{:>8} {:>8} {:>12} {:>12} {:>10} {:>10} {:>12}", "n", "levels", "fine ms", "coarse ms", "fine x", "coarse x", "coarse/fine");
+    println!(
+        "{:>8} {:>8} {:>12} {:>12} {:>10} {:>10} {:>12}",
+        "n", "levels", "fine ms", "coarse ms", "fine x", "coarse x", "coarse/fine"
+    );
     let mut prev: Option<(f64, f64)> = None;
     let mut n = a.n_min.max(1);
     while n <= a.n_max {
         let shape = Shape::new(1, a.heads, n, a.head_dim);
         let make = |label, seed| {
-            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::cast_slice(&normal_tensor(seed, shape.elements())),
-                usage: wgpu::BufferUsages::STORAGE,
-            })
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(&normal_tensor(seed, shape.elements())),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
         };
         let (q, k, v, out) = (make("q", 1), make("k", 2), make("v", 3), make("out", 4));
         let lse = make_lse(&ctx, shape);
-        let t = GpuTensors { q: &q, k: &k, v: &v, out: &out, lse: Some(&lse) };
+        let t = GpuTensors {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: Some(&lse),
+        };
         let tf = median_time(&ctx, &fine, t, shape, a.reps)?;
         let tc = median_time(&ctx, &coarse, t, shape, a.reps)?;
-        let ratio = |now: f64, before: Option<f64>| before.map_or("-".to_string(), |b| format!("{:.3}", now / b));
+        let ratio = |now: f64, before: Option<f64>| {
+            before.map_or("-".to_string(), |b| format!("{:.3}", now / b))
+        };
         println!(
             "{n:>8} {:>8} {:>12.1} {:>12.1} {:>10} {:>10} {:>12.3}",
             fine.plan(shape)?.levels.count(),

@@ -245,7 +245,13 @@ impl FmaPlan {
                 // Each workgroup pools one tensor: ceil(bh * rows * d / WG) per tensor.
                 let per_tensor = ((bh * lv.rows(p) * d) as u64).div_ceil(ds_spec.wg as u64);
                 let level = Some(i as u32);
-                dispatch(Pass::Downsample, level, pooled * per_tensor, ds_spec, limits)
+                dispatch(
+                    Pass::Downsample,
+                    level,
+                    pooled * per_tensor,
+                    ds_spec,
+                    limits,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
 

@@ -407,14 +407,25 @@ fn coarse_queries_read_query_weights_or_box_initialise_them() {
     let mut w = LearnedWeights::box_init_for(d, m, p, n);
     for (i, lw) in w.levels.iter_mut().enumerate() {
         let noise = normal_tensor(80 + i as u64, lw.wq.len());
-        lw.wq.iter_mut().zip(noise).for_each(|(x, e)| *x += 0.05 * e);
+        lw.wq
+            .iter_mut()
+            .zip(noise)
+            .for_each(|(x, e)| *x += 0.05 * e);
         lw.bq.iter_mut().for_each(|b| *b = 0.3);
     }
     let with_q = dir.path("Wq.npz");
     write_weights_with_queries(&with_q, &w, None);
     let without_q = dir.path("W.npz");
     write_weights(&without_q, &w, &[1, 2, 3], false, None);
-    let common = ["--reference", "--block", "8", "--rank", "2", "--queries", "coarse"];
+    let common = [
+        "--reference",
+        "--block",
+        "8",
+        "--rank",
+        "2",
+        "--queries",
+        "coarse",
+    ];
     let o_of = |extra: &[&str]| {
         let args: Vec<&str> = common.iter().chain(extra).copied().collect();
         cli(run_args(&dir, &args)).assert_ok();
@@ -439,8 +450,11 @@ fn coarse_queries_read_query_weights_or_box_initialise_them() {
     // q_w without q_b is a mistake, named.
     let half = dir.path("Whalf.npz");
     write_weights_with_queries(&half, &w, Some(2));
-    cli(run_args(&dir, &[&common[..], &["--weights", half.to_str().unwrap()]].concat()))
-        .assert_bad_input(&["no q_b2"]);
+    cli(run_args(
+        &dir,
+        &[&common[..], &["--weights", half.to_str().unwrap()]].concat(),
+    ))
+    .assert_bad_input(&["no q_b2"]);
 }
 
 #[test]
@@ -448,7 +462,11 @@ fn causal_coarse_queries_are_bad_input() {
     let dir = Scratch::new("coarse-causal");
     write_qkv(&dir, &[64, 4], 1);
     for backend in [&["--reference"][..], &[]] {
-        let args = [backend, &["--block", "8", "--queries", "coarse", "--causal"]].concat();
+        let args = [
+            backend,
+            &["--block", "8", "--queries", "coarse", "--causal"],
+        ]
+        .concat();
         cli(run_args(&dir, &args)).assert_bad_input(&["bidirectional only", "causal"]);
     }
     let out = cli(run_args(&dir, &["--dense", "--queries", "coarse"]));

@@ -47,7 +47,13 @@ fn run_gpu(ctx: &GpuContext, x: &[Vec<f32>; 3], shape: Shape, cfg: &FmaConfig) -
 }
 
 /// GPU against the CPU reference; returns the worst |O err| and |LSE err|.
-fn check(ctx: &GpuContext, x: &[Vec<f32>; 3], shape: Shape, cfg: &FmaConfig, label: &str) -> (f64, f64) {
+fn check(
+    ctx: &GpuContext,
+    x: &[Vec<f32>; 3],
+    shape: Shape,
+    cfg: &FmaConfig,
+    label: &str,
+) -> (f64, f64) {
     let [o, lse] = run_gpu(ctx, x, shape, cfg);
     let r = cpu::fma_forward(&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), shape, cfg).unwrap();
     let co = closeness(&o, &r.o, O_ATOL, O_RTOL);
@@ -108,7 +114,13 @@ fn coarse_every_head_dim_block_and_rank_and_count_correction_off() {
             let label = format!("seed {s} d={d} m={m} p={p}");
             check(ctx, &x, shape, &coarse(m, p), &label);
             let off = coarse(m, p).count_correction(false);
-            check(ctx, &x, shape, &off, &format!("{label} no count correction"));
+            check(
+                ctx,
+                &x,
+                shape,
+                &off,
+                &format!("{label} no count correction"),
+            );
         }
     }
 }
@@ -163,16 +175,27 @@ fn coarse_is_exact_against_dense_when_constant_on_the_sub_windows_used() {
             };
             let cfg = coarse(m, p).downsample(mode);
             let rows = [i];
-            let (exact, exact_lse) =
-                cpu::dense_attention_rows(&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), shape, false, &rows)
-                    .unwrap();
+            let (exact, exact_lse) = cpu::dense_attention_rows(
+                &widen(&x[0]),
+                &widen(&x[1]),
+                &widen(&x[2]),
+                shape,
+                false,
+                &rows,
+            )
+            .unwrap();
             let [o, lse] = run_gpu(ctx, &x, shape, &cfg);
             let c = closeness(&o[i * d..(i + 1) * d], &exact, O_ATOL, O_RTOL);
             assert_eq!(c.violations, 0, "seed {s} n={n} i={i}: {c:?}");
-            assert!((lse[i] as f64 - exact_lse[0]).abs() < LSE_ATOL + LSE_RTOL * exact_lse[0].abs());
+            assert!(
+                (lse[i] as f64 - exact_lse[0]).abs() < LSE_ATOL + LSE_RTOL * exact_lse[0].abs()
+            );
             let [o0, _] = run_gpu(ctx, &x, shape, &cfg.clone().count_correction(false));
             let c0 = closeness(&o0[i * d..(i + 1) * d], &exact, O_ATOL, O_RTOL);
-            assert!(c0.max_abs > 100.0 * O_ATOL, "seed {s} i={i}: uncorrected {c0:?}");
+            assert!(
+                c0.max_abs > 100.0 * O_ATOL,
+                "seed {s} i={i}: uncorrected {c0:?}"
+            );
         }
     }
 }
@@ -192,7 +215,10 @@ fn coarse_differs_from_fine() {
         .zip(&crs)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(diff as f64 > 100.0 * O_ATOL, "seed {seed}: coarse equals fine to {diff}");
+    assert!(
+        diff as f64 > 100.0 * O_ATOL,
+        "seed {seed}: coarse equals fine to {diff}"
+    );
 }
 
 #[test]

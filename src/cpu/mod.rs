@@ -104,7 +104,10 @@ pub fn fma_forward(
                     } else {
                         0.0
                     };
-                    (dot(query, &c.keys[row.clone()]) * scale + bias, &c.values[row])
+                    (
+                        dot(query, &c.keys[row.clone()]) * scale + bias,
+                        &c.values[row],
+                    )
                 }
             });
             lse[bh * n + i] = softmax_row(

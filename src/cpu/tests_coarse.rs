@@ -167,7 +167,12 @@ fn reference_equals_the_literal_partial_and_merge_form_of_section_6() {
         let qi = &q[i * d..(i + 1) * d];
         let a0 = i / m;
         let near: Vec<_> = (a0.saturating_sub(1) * m..((a0 + 2) * m).min(n))
-            .map(|t| (dot(qi, &k[t * d..(t + 1) * d]) * scale, &v[t * d..(t + 1) * d]))
+            .map(|t| {
+                (
+                    dot(qi, &k[t * d..(t + 1) * d]) * scale,
+                    &v[t * d..(t + 1) * d],
+                )
+            })
             .collect();
         let mut parts = vec![partial(near)];
         for lv in &levels.levels {
@@ -193,9 +198,15 @@ fn reference_equals_the_literal_partial_and_merge_form_of_section_6() {
         let z: f64 = parts.iter().map(|p| (p.0 - mx).exp() * p.1).sum();
         for c in 0..d {
             let y: f64 = parts.iter().map(|p| (p.0 - mx).exp() * p.2[c]).sum();
-            assert!((y / z - want.o[i * d + c]).abs() < 1e-12, "seed {seed} i={i}");
+            assert!(
+                (y / z - want.o[i * d + c]).abs() < 1e-12,
+                "seed {seed} i={i}"
+            );
         }
-        assert!((mx + z.ln() - want.lse[i]).abs() < 1e-12, "seed {seed} i={i}");
+        assert!(
+            (mx + z.ln() - want.lse[i]).abs() < 1e-12,
+            "seed {seed} i={i}"
+        );
     }
 }
 

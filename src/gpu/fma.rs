@@ -1,6 +1,7 @@
 //! The executor of FMA, fine or coarse queries: turns an [`FmaPlan`] into bind groups and
 //! dispatches (`FmaPlan::steps`, level by level), in one command encoder and one submit.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -177,7 +178,11 @@ impl FmaAttention {
             workgroups_x: plan.attention.grid[0],
             scale: 1.0 / (d as f32).sqrt(),
             coarse_queries: (plan.queries == Queries::Coarse) as u32,
-            pooled: if plan.queries == Queries::Coarse { 3 } else { 2 },
+            pooled: if plan.queries == Queries::Coarse {
+                3
+            } else {
+                2
+            },
             weight_stride: self.weights.weight_stride,
             bias_stride: self.weights.bias_stride,
             levels,
@@ -367,13 +372,9 @@ impl FmaAttention {
     async fn pipes(&self, plan: &FmaPlan) -> Result<Pipes> {
         let mut pipes = Pipes(HashMap::new());
         for step in plan.steps() {
-            if !pipes.0.contains_key(&step.pass) {
-                let p = self
-                    .ctx
-                    .kernels
-                    .pipeline(&self.ctx.device, step.pass, step.spec)
-                    .await?;
-                pipes.0.insert(step.pass, p);
+            if let Entry::Vacant(slot) = pipes.0.entry(step.pass) {
+                let k = &self.ctx.kernels;
+                slot.insert(k.pipeline(&self.ctx.device, step.pass, step.spec).await?);
             }
         }
         Ok(pipes)

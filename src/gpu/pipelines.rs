@@ -65,13 +65,11 @@ impl Layouts {
         .iter()
         .map(|&(i, t)| entry(i, t, false))
         .collect();
-        let down: Vec<_> = [
-            UNIFORM, READ, READ, READ, READ, READ, WRITE, WRITE, WRITE,
-        ]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| entry(i as u32, *t, false))
-        .collect();
+        let down: Vec<_> = [UNIFORM, READ, READ, READ, READ, READ, WRITE, WRITE, WRITE]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| entry(i as u32, *t, false))
+            .collect();
         let sparse = |bindings: &[(u32, wgpu::BufferBindingType)]| -> Vec<_> {
             bindings.iter().map(|&(i, t)| entry(i, t, false)).collect()
         };
@@ -128,14 +126,12 @@ impl Kernels {
                 Some(&self.layouts.downsample),
                 Some(&self.layouts.level_select),
             ],
-            Pass::CoarseAttention => vec![
-                Some(&self.layouts.coarse),
-                Some(&self.layouts.level_select),
-            ],
-            Pass::UpsampleMerge => vec![
-                Some(&self.layouts.merge),
-                Some(&self.layouts.level_select),
-            ],
+            Pass::CoarseAttention => {
+                vec![Some(&self.layouts.coarse), Some(&self.layouts.level_select)]
+            }
+            Pass::UpsampleMerge => {
+                vec![Some(&self.layouts.merge), Some(&self.layouts.level_select)]
+            }
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let source = compose(pass, spec);
