@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{closeness, gpu, random_learned, Poisoned};
+use common::{browser_like_gpu, closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::levels::{far_list, sub_window, Levels};
@@ -248,4 +248,18 @@ fn coarse_host_api_matches_buffer_api_and_folds_many_heads() {
     let [o, lse] = run_gpu(ctx, &x, shape, &cfg);
     assert_eq!(a.o, o);
     assert_eq!(a.lse.unwrap(), lse);
+}
+
+#[test]
+fn coarse_runs_under_browser_limits() {
+    // 256 invocations and 16 KiB of workgroup memory: m = 512 splits a block into two query
+    // tiles, p = 512 a window's coarse queries into two tiles of the coarse attention.
+    let Some(ctx) = browser_like_gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    for &(n, d, m, p) in &[(1100, 128, 512, 4), (2100, 16, 512, 512), (777, 40, 300, 3)] {
+        let shape = Shape::new(1, 2, n, d);
+        let label = format!("seed {seed} {shape} m={m} p={p} (browser limits)");
+        check(ctx, &inputs(seed, shape), shape, &coarse(m, p), &label);
+    }
 }
