@@ -1,7 +1,11 @@
 // Pooling of one level (algorithm.md §4, §6): coarse keys and values, and with coarse queries
 // the coarse queries too, Average or Learned. One invocation per (tensor, head, coarse row,
 // channel); each workgroup pools one tensor (so its branch on the tensor is uniform) and
-// consecutive invocations read consecutive channels. CPU mirror: `src/cpu/downsample.rs`.
+// consecutive invocations read consecutive channels. Average is hierarchical: level 1 from the
+// tokens, level l >= 2 from level l-1's rows (S(l,a,j) is the union of two level l-1
+// sub-windows, so the count-weighted mean of their means is its mean), which makes pooling
+// O(n d) over all levels instead of O(n d L). Learned mode convolves the tokens at every level.
+// CPU mirror: `src/cpu/downsample.rs` (which pools every level from the tokens).
 
 #import params
 #import level_select
@@ -28,6 +32,17 @@ fn input(tensor: u32, idx: u32) -> f32 {
     return q[idx];
 }
 
+// Element `idx` of the coarse rows of the tensor being pooled (a finer level's, already written).
+fn coarse_input(tensor: u32, idx: u32) -> f32 {
+    if (tensor == 0u) {
+        return coarse_k[idx];
+    }
+    if (tensor == 1u) {
+        return coarse_v[idx];
+    }
+    return coarse_q[idx];
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let info = params.levels[sel.level];
@@ -50,7 +65,26 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let win = info.window;
     let head = bh * params.n * d;
     var s = 0.0;
-    if (params.learned == 0u) {
+    if (params.learned == 0u && sel.level > 0u) {
+        // S(l, a, j) = S(l-1, 2a + (2j) / p, (2j) mod p) and the one after it (tokens
+        // [a w_l + j s_l, + s_l) with s_l = 2 s_(l-1)); either may be empty at the end.
+        let prev = params.levels[sel.level - 1u];
+        var total = 0u;
+        for (var h = 0u; h < 2u; h++) {
+            let jj = 2u * j + h;
+            let child_a = 2u * a + jj / p;
+            let child_j = jj % p;
+            let count = sub_window_count(prev.window, child_a, child_j);
+            if (count > 0u) {
+                let row_in = bh * params.coarse_rows + prev.row_offset + child_a * p + child_j;
+                s += f32(count) * coarse_input(tensor, row_in * d + c);
+                total += count;
+            }
+        }
+        if (total > 0u) {
+            s /= f32(total);
+        }
+    } else if (params.learned == 0u) {
         let count = sub_window_count(win, a, j);
         let start = a * win + j * (win / p);
         for (var t = 0u; t < count; t++) {
