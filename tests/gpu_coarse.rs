@@ -254,7 +254,9 @@ fn coarse_host_api_matches_buffer_api_and_folds_many_heads() {
 fn coarse_runs_under_browser_limits() {
     // 256 invocations and 16 KiB of workgroup memory: m = 512 splits a block into two query
     // tiles, p = 512 a window's coarse queries into two tiles of the coarse attention.
-    let Some(ctx) = browser_like_gpu() else { return };
+    let Some(ctx) = browser_like_gpu() else {
+        return;
+    };
     let seed = fresh_seed();
     eprintln!("seed {seed}");
     for &(n, d, m, p) in &[(1100, 128, 512, 4), (2100, 16, 512, 512), (777, 40, 300, 3)] {
