@@ -1,10 +1,13 @@
-//! The main job: FMA with fine queries on a built-in input (fixed seed, n = 8192, 4 heads,
+//! The main job: FMA with fine queries and with coarse queries (algorithm.md §6; bidirectional
+//! only, so skipped with --causal) on a built-in input (fixed seed, n = 8192, 4 heads,
 //! head_dim 64) on the default adapter, against exact dense attention on the same GPU.
 //!
 //! `cargo run --release --example demo [-- --n 8192 --heads 4 --head-dim 64 --causal]`
 //!
-//! Two inputs: keys and values that vary smoothly along the sequence (what FMA's coarse levels
-//! are built for) and i.i.d. Gaussian ones (its worst case: no far-field structure at all).
+//! Three inputs: keys and values that vary smoothly along the sequence (what FMA's coarse levels
+//! are built for) with i.i.d. queries; smooth queries, keys and values (what coarse queries,
+//! which pool the queries too, are built for); and i.i.d. Gaussian ones (the worst case: no
+//! far-field structure at all).
 //! Errors are measured on sampled rows against exact dense attention computed in f64 on the CPU.
 
 use std::time::Instant;
@@ -13,7 +16,7 @@ use clap::Parser;
 use multipole_attn::cpu::{dense_attention_rows, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, Output};
 use multipole_attn::random::{normal_tensor, smooth_tensor};
-use multipole_attn::{FmaConfig, Result, Shape};
+use multipole_attn::{FmaConfig, Queries, Result, Shape};
 
 #[derive(Parser)]
 struct Args {
@@ -113,20 +116,37 @@ fn run(a: Args) -> Result<()> {
         "input:    {shape}, seed 2310, causal {}, m {}, p {}",
         a.causal, a.block, a.rank
     );
-    let fma = FmaAttention::new(&ctx, cfg)?;
+    let fma = FmaAttention::new(&ctx, cfg.clone())?;
+    // Coarse queries are bidirectional only: asking for them with --causal is a typed error.
+    let coarse = (!a.causal)
+        .then(|| FmaAttention::new(&ctx, cfg.queries(Queries::Coarse)))
+        .transpose()?;
     let dense = DenseAttention::new(&ctx, a.causal)?;
     let plan = fma.plan(shape)?;
     println!(
-        "plan:     {} coarse levels, {} dispatches in one submit",
+        "plan:     {} coarse levels, {} dispatches in one submit (fine queries)",
         plan.levels.count(),
-        plan.downsample.len() + 1
+        plan.steps().len()
     );
+    if let Some(c) = &coarse {
+        println!(
+            "          {} dispatches in one submit (coarse queries)",
+            c.plan(shape)?.steps().len()
+        );
+    }
 
     let (h, n, d) = (a.heads, a.n, a.head_dim);
     let inputs = [
         Input {
             name: "smooth K, V",
             q: normal_tensor(2310, shape.elements()),
+            k: smooth_tensor(2311, h, n, d, 0.1),
+            v: smooth_tensor(2312, h, n, d, 0.1),
+        },
+        // Coarse queries pool Q as well: they need queries with far-field structure too.
+        Input {
+            name: "smooth Q, K, V",
+            q: smooth_tensor(2313, h, n, d, 0.1),
             k: smooth_tensor(2311, h, n, d, 0.1),
             v: smooth_tensor(2312, h, n, d, 0.1),
         },
@@ -141,6 +161,9 @@ fn run(a: Args) -> Result<()> {
     let small = Shape::new(1, 1, a.block.max(64) * 4, d);
     let z = normal_tensor(1, small.elements());
     fma.forward(&z, &z, &z, small, false)?;
+    if let Some(c) = &coarse {
+        c.forward(&z, &z, &z, small, false)?;
+    }
     dense.forward(&z, &z, &z, small, false)?;
 
     let step = (shape.rows() / a.sample_rows.max(1)).max(1);
@@ -148,20 +171,37 @@ fn run(a: Args) -> Result<()> {
     let (t_fma, o_fma) = time(a.reps, || {
         fma.forward(&inputs[0].q, &inputs[0].k, &inputs[0].v, shape, false)
     })?;
+    let timed_coarse = match &coarse {
+        Some(c) => Some(time(a.reps, || {
+            c.forward(&inputs[0].q, &inputs[0].k, &inputs[0].v, shape, false)
+        })?),
+        None => None,
+    };
     let (t_dense, o_dense) = time(a.dense_reps, || {
         dense.forward(&inputs[0].q, &inputs[0].k, &inputs[0].v, shape, false)
     })?;
     println!(
-        "FMA:      {:9.1} ms  (median of {}, wall clock incl. upload and readback)",
+        "FMA:      {:9.1} ms  (fine queries, median of {}, wall clock incl. upload and readback)",
         t_fma * 1e3,
         a.reps
     );
+    match &timed_coarse {
+        Some((t, _)) => println!(
+            "FMA:      {:9.1} ms  (coarse queries, median of {})",
+            t * 1e3,
+            a.reps
+        ),
+        None => println!("FMA:      coarse queries skipped (bidirectional only; --causal given)"),
+    }
     println!(
         "dense:    {:9.1} ms  (median of {})",
         t_dense * 1e3,
         a.dense_reps
     );
-    println!("speed-up: {:9.1}x", t_dense / t_fma);
+    println!("speed-up: {:9.1}x (fine queries vs dense)", t_dense / t_fma);
+    if let Some((t, _)) = &timed_coarse {
+        println!("speed-up: {:9.1}x (coarse queries vs dense)", t_dense / t);
+    }
     let (dense_err, _) = error(&inputs[0], shape, a.causal, &o_dense.o, &rows)?;
     println!(
         "dense GPU vs f64 exact: max abs {dense_err:.2e} on {} rows",
@@ -174,7 +214,17 @@ fn run(a: Args) -> Result<()> {
             fma.forward(&x.q, &x.k, &x.v, shape, false)?.o
         };
         let (max_abs, rel) = error(x, shape, a.causal, &o, &rows)?;
-        println!("FMA error vs exact attention, {:<12} max abs {max_abs:.2e}, relative {rel:.2e}  ({} rows)", format!("{}:", x.name), rows.len());
+        let name = format!("{}:", x.name);
+        println!("FMA error vs exact attention, fine queries,   {name:<15} max abs {max_abs:.2e}, relative {rel:.2e}  ({} rows)", rows.len());
+        if let (Some(c), Some((_, o_c))) = (&coarse, &timed_coarse) {
+            let o = if i == 0 {
+                o_c.o.clone()
+            } else {
+                c.forward(&x.q, &x.k, &x.v, shape, false)?.o
+            };
+            let (max_abs, rel) = error(x, shape, a.causal, &o, &rows)?;
+            println!("FMA error vs exact attention, coarse queries, {name:<15} max abs {max_abs:.2e}, relative {rel:.2e}  ({} rows)", rows.len());
+        }
     }
     Ok(())
 }

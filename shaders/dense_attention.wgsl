@@ -11,6 +11,7 @@
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // (bh, n)
 
 #import online_softmax
+#import near_field
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -30,17 +31,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     begin_row(head, i, in_tile);
     let t_hi = select(n, i1, causal);
-    for (var t0 = 0u; t0 < t_hi; t0 += BK) {
-        let count = min(BK, t_hi - t0);
-        workgroupBarrier();
-        stage_fine_tile(head, t0, count, lid);
-        workgroupBarrier();
-        var visible = count;
-        if (causal) {
-            visible = select(0u, i - t0 + 1u, i >= t0);
-        }
-        consume_tile(count, visible);
-    }
+    attend_fine_keys(head, 0u, t_hi, i, causal, lid);
     if (in_tile) {
         finish_row(head, bh * n + i, i);
     }

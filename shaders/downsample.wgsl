@@ -1,23 +1,47 @@
-// Coarse keys and values of one level (algorithm.md §4), Average or Learned. One invocation
-// per (head, coarse row, channel); consecutive invocations read consecutive channels.
-// CPU mirror: `src/cpu/downsample.rs`.
+// Pooling of one level (algorithm.md §4, §6): coarse keys and values, and with coarse queries
+// the coarse queries too, Average or Learned. One invocation per (tensor, head, coarse row,
+// channel); each workgroup pools one tensor (so its branch on the tensor is uniform) and
+// consecutive invocations read consecutive channels. Average is hierarchical: level 1 from the
+// tokens, level l >= 2 from level l-1's rows (S(l,a,j) is the union of two level l-1
+// sub-windows, so the count-weighted mean of their means is its mean), which makes pooling
+// O(n d) over all levels instead of O(n d L). Learned mode convolves the tokens at every level.
+// CPU mirror: `src/cpu/downsample.rs` (which pools every level from the tokens).
 
 #import params
+#import level_select
 
-struct LevelSelect {
-    level: u32,        // index into params.levels (level l - 1)
-    workgroups_x: u32, // x size of this level's folded dispatch
+@group(0) @binding(1) var<storage, read> k: array<f32>;              // (bh, n, d)
+@group(0) @binding(2) var<storage, read> v: array<f32>;              // (bh, n, d)
+@group(0) @binding(3) var<storage, read> q: array<f32>;              // (bh, n, d)
+// Learned weights [keys | values | queries], each the levels' (d, p, w_l) concatenated
+// (params.weight_stride apart), and biases likewise, each the levels' (d, p).
+@group(0) @binding(4) var<storage, read> w: array<f32>;
+@group(0) @binding(5) var<storage, read> b: array<f32>;
+@group(0) @binding(6) var<storage, read_write> coarse_k: array<f32>; // (bh, coarse_rows, d)
+@group(0) @binding(7) var<storage, read_write> coarse_v: array<f32>; // (bh, coarse_rows, d)
+@group(0) @binding(8) var<storage, read_write> coarse_q: array<f32>; // (bh, coarse_rows, d)
+
+// Element `idx` of the tensor being pooled: 0 keys, 1 values, 2 queries.
+fn input(tensor: u32, idx: u32) -> f32 {
+    if (tensor == 0u) {
+        return k[idx];
+    }
+    if (tensor == 1u) {
+        return v[idx];
+    }
+    return q[idx];
 }
 
-@group(0) @binding(1) var<storage, read> k: array<f32>;           // (bh, n, d)
-@group(0) @binding(2) var<storage, read> v: array<f32>;           // (bh, n, d)
-@group(0) @binding(3) var<storage, read> wk: array<f32>;          // levels' (d, p, w_l), concatenated
-@group(0) @binding(4) var<storage, read> wv: array<f32>;
-@group(0) @binding(5) var<storage, read> bk: array<f32>;          // levels' (d, p), concatenated
-@group(0) @binding(6) var<storage, read> bv: array<f32>;
-@group(0) @binding(7) var<storage, read_write> coarse_k: array<f32>; // (bh, coarse_rows, d)
-@group(0) @binding(8) var<storage, read_write> coarse_v: array<f32>;
-@group(1) @binding(0) var<uniform> sel: LevelSelect;
+// Element `idx` of the coarse rows of the tensor being pooled (a finer level's, already written).
+fn coarse_input(tensor: u32, idx: u32) -> f32 {
+    if (tensor == 0u) {
+        return coarse_k[idx];
+    }
+    if (tensor == 1u) {
+        return coarse_v[idx];
+    }
+    return coarse_q[idx];
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -25,8 +49,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d = params.d;
     let p = params.p;
     let rows = info.windows * p;
-    let g = (wg.x + wg.y * sel.workgroups_x) * WG + lid;
-    if (g >= params.batch_heads * rows * d) {
+    let per_tensor = params.batch_heads * rows * d;
+    let wgs_per_tensor = (per_tensor + WG - 1u) / WG;
+    let wid = level_workgroup(wg);
+    let tensor = wid / wgs_per_tensor;
+    let g = (wid % wgs_per_tensor) * WG + lid;
+    if (tensor >= params.pooled || g >= per_tensor) {
         return;
     }
     let c = g % d;
@@ -34,37 +62,53 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = g / (d * rows);
     let a = row / p;
     let j = row % p;
-    let w = info.window;
+    let win = info.window;
     let head = bh * params.n * d;
-    var sk = 0.0;
-    var sv = 0.0;
-    if (params.learned == 0u) {
-        let count = sub_window_count(w, a, j);
-        let start = a * w + j * (w / p);
+    var s = 0.0;
+    if (params.learned == 0u && sel.level > 0u) {
+        // S(l, a, j) = S(l-1, 2a + (2j) / p, (2j) mod p) and the one after it (tokens
+        // [a w_l + j s_l, + s_l) with s_l = 2 s_(l-1)); either may be empty at the end.
+        let prev = params.levels[sel.level - 1u];
+        var total = 0u;
+        for (var h = 0u; h < 2u; h++) {
+            let jj = 2u * j + h;
+            let child_a = 2u * a + jj / p;
+            let child_j = jj % p;
+            let count = sub_window_count(prev.window, child_a, child_j);
+            if (count > 0u) {
+                let row_in = bh * params.coarse_rows + prev.row_offset + child_a * p + child_j;
+                s += f32(count) * coarse_input(tensor, row_in * d + c);
+                total += count;
+            }
+        }
+        if (total > 0u) {
+            s /= f32(total);
+        }
+    } else if (params.learned == 0u) {
+        let count = sub_window_count(win, a, j);
+        let start = a * win + j * (win / p);
         for (var t = 0u; t < count; t++) {
-            let idx = head + (start + t) * d + c;
-            sk += k[idx];
-            sv += v[idx];
+            s += input(tensor, head + (start + t) * d + c);
         }
         if (count > 0u) {
-            sk /= f32(count);
-            sv /= f32(count);
+            s /= f32(count);
         }
     } else {
         // Depthwise convolution, kernel = stride = w_l; tokens beyond n count as zero.
-        let start = a * w;
-        let len = min(w, params.n - start);
-        let wrow = info.weight_offset + (c * p + j) * w;
+        let start = a * win;
+        let len = min(win, params.n - start);
+        let wrow = tensor * params.weight_stride + info.weight_offset + (c * p + j) * win;
         for (var t = 0u; t < len; t++) {
-            let idx = head + (start + t) * d + c;
-            sk += wk[wrow + t] * k[idx];
-            sv += wv[wrow + t] * v[idx];
+            s += w[wrow + t] * input(tensor, head + (start + t) * d + c);
         }
-        let b = sel.level * d * p + c * p + j;
-        sk += bk[b];
-        sv += bv[b];
+        s += b[tensor * params.bias_stride + sel.level * d * p + c * p + j];
     }
     let out = (bh * params.coarse_rows + info.row_offset + row) * d + c;
-    coarse_k[out] = sk;
-    coarse_v[out] = sv;
+    if (tensor == 0u) {
+        coarse_k[out] = s;
+    } else if (tensor == 1u) {
+        coarse_v[out] = s;
+    } else {
+        coarse_q[out] = s;
+    }
 }

@@ -9,12 +9,13 @@
 #import params
 #import dispatch
 
-@group(0) @binding(1) var<storage, read> wk: array<f32>;               // levels' (d, p, w_l), concatenated
-@group(0) @binding(2) var<storage, read> wv: array<f32>;
-@group(0) @binding(3) var<storage, read> dcoarse_k: array<f32>;        // (bh, coarse_rows, d)
-@group(0) @binding(4) var<storage, read> dcoarse_v: array<f32>;        // (bh, coarse_rows, d)
-@group(0) @binding(5) var<storage, read_write> dk: array<f32>;         // (bh, n, d)
-@group(0) @binding(6) var<storage, read_write> dv: array<f32>;         // (bh, n, d)
+// Learned weights [keys | values | ...], each kind the levels' (d, p, w_l) concatenated,
+// params.weight_stride elements apart (the forward's layout).
+@group(0) @binding(1) var<storage, read> w_all: array<f32>;
+@group(0) @binding(2) var<storage, read> dcoarse_k: array<f32>;        // (bh, coarse_rows, d)
+@group(0) @binding(3) var<storage, read> dcoarse_v: array<f32>;        // (bh, coarse_rows, d)
+@group(0) @binding(4) var<storage, read_write> dk: array<f32>;         // (bh, n, d)
+@group(0) @binding(5) var<storage, read_write> dv: array<f32>;         // (bh, n, d)
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -44,8 +45,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         } else {
             for (var j = 0u; j < p; j++) {
                 let widx = info.weight_offset + (c * p + j) * w + tt;
-                gk += wk[widx] * dcoarse_k[rows + j * d];
-                gv += wv[widx] * dcoarse_v[rows + j * d];
+                gk += w_all[widx] * dcoarse_k[rows + j * d];
+                gv += w_all[params.weight_stride + widx] * dcoarse_v[rows + j * d];
             }
         }
     }

@@ -13,9 +13,23 @@ pub enum Downsample {
     Learned(LearnedWeights),
 }
 
-/// Configuration of a Fast Multipole Attention with fine queries.
+/// At which resolution the queries attend to the coarse levels (algorithm.md §6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Queries {
+    /// Every query attends at full resolution to every level: O(n log n), causal or not.
+    #[default]
+    Fine,
+    /// Level 0 with fine queries; at each coarse level the queries are pooled like the keys
+    /// (Average, or Learned with their own `wq`, `bq`), each coarse query attends to its
+    /// window's far list, and every token takes its coarse query's result: O(n).
+    /// Bidirectional only (a pooled query mixes later tokens into earlier outputs).
+    Coarse,
+}
+
+/// Configuration of a Fast Multipole Attention.
 ///
-/// Defaults (`FmaConfig::default()`): m = 64, p = 2, bidirectional, Average, count correction on.
+/// Defaults (`FmaConfig::default()`): m = 64, p = 2, bidirectional, Average, count correction
+/// on, fine queries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FmaConfig {
     /// Fine block size m (>= 1, divisible by `rank`).
@@ -28,6 +42,8 @@ pub struct FmaConfig {
     pub downsample: Downsample,
     /// Add ln |S(l,a,j)| to the logit of every coarse key (algorithm.md §5).
     pub count_correction: bool,
+    /// Fine or coarse queries (coarse: bidirectional only).
+    pub queries: Queries,
 }
 
 impl Default for FmaConfig {
@@ -38,6 +54,7 @@ impl Default for FmaConfig {
             causal: false,
             downsample: Downsample::Average,
             count_correction: true,
+            queries: Queries::Fine,
         }
     }
 }
@@ -70,7 +87,14 @@ impl FmaConfig {
         self
     }
 
-    /// Checks m and p (and the weights' shapes for `head_dim` and `seq`, in Learned mode).
+    /// Chooses fine or coarse queries.
+    pub fn queries(mut self, queries: Queries) -> Self {
+        self.queries = queries;
+        self
+    }
+
+    /// Checks m and p, that coarse queries are not asked for with the causal mask, and (in
+    /// Learned mode) the weights' shapes for `head_dim` and `seq`.
     pub fn validate(&self, head_dim: usize, seq: usize) -> Result<()> {
         if self.block == 0 {
             return Err(FmaError::InvalidConfig {
@@ -86,8 +110,12 @@ impl FmaConfig {
                 allowed: format!("p >= 1 and p divides the block size m = {}", self.block),
             });
         }
+        if self.causal && self.queries == Queries::Coarse {
+            return Err(FmaError::CausalCoarseQueries);
+        }
         if let Downsample::Learned(w) = &self.downsample {
-            w.validate(head_dim, self.block, self.rank, seq)?;
+            let with_queries = self.queries == Queries::Coarse;
+            w.validate(head_dim, self.block, self.rank, seq, with_queries)?;
         }
         Ok(())
     }

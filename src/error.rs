@@ -27,6 +27,15 @@ pub enum FmaError {
         /// What is allowed.
         allowed: String,
     },
+    /// Coarse queries were asked for together with the causal mask (algorithm.md §6): a pooled
+    /// query mixes every token of its sub-window, so a token's output would depend on later
+    /// tokens. Causal attention uses fine queries.
+    #[error(
+        "coarse queries are bidirectional only: a pooled query mixes every token of its \
+         sub-window, so with the causal mask a token's output would depend on later tokens; \
+         use fine queries for causal attention (or drop the causal mask)"
+    )]
+    CausalCoarseQueries,
     /// Learned downsampling weights of the wrong shape, or missing a level.
     #[error("learned weights: {0}")]
     Weights(String),

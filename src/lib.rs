@@ -19,7 +19,7 @@ pub mod random;
 pub mod shape;
 pub mod weights;
 
-pub use config::{Downsample, FmaConfig};
+pub use config::{Downsample, FmaConfig, Queries};
 pub use error::{FmaError, Result};
 pub use gradients::{Gradients, LevelGradients};
 pub use shape::Shape;

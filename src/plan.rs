@@ -1,7 +1,7 @@
 //! The scheduler: (shape, config, adapter limits) -> the dispatches of one forward, per level.
 //! Pure arithmetic, unit-tested without a GPU; `gpu::fma` and `gpu::dense` execute plans.
 
-use crate::config::{Downsample, FmaConfig};
+use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::gpu::shaders::{Pass, Specialization};
 use crate::levels::Levels;
@@ -16,6 +16,8 @@ pub const MAX_KEY_TILE: u32 = 64;
 pub const MIN_KEY_TILE: u32 = 4;
 /// Invocations per workgroup of the downsample pass.
 pub const DOWNSAMPLE_WG: u32 = 64;
+/// Invocations per workgroup of the upsample-merge pass (one token each).
+pub const MERGE_WG: u32 = 64;
 
 /// The adapter limits a plan must respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,35 +131,74 @@ fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
 pub struct Workspace {
     /// Rows of [K~_1; ...; K~_L] per head.
     pub coarse_rows: usize,
-    /// Bytes of each of the coarse K~ and V~ buffers: (bh, coarse_rows, d) f32.
+    /// Bytes of each of the coarse K~ and V~ buffers (and, coarse queries, of Q~ and of the
+    /// coarse queries' partial outputs): (bh, coarse_rows, d) f32.
     pub coarse_bytes: u64,
+    /// Bytes of the coarse queries' partial LSEs, (bh, coarse_rows) f32 (0 with fine queries).
+    pub coarse_lse_bytes: u64,
     /// Bytes of the LSE: (bh, n) f32.
     pub lse_bytes: u64,
 }
 
 impl Workspace {
     /// Device memory the library allocates for a forward on caller buffers besides Q, K, V, O:
-    /// the coarse K~ and V~ and the LSE (the uniforms add under 1 KiB).
+    /// the coarse K~ and V~ (with coarse queries also Q~, the partial outputs and their LSEs)
+    /// and the LSE; the uniforms add under 1 KiB.
     pub fn device_bytes(&self) -> u64 {
-        2 * self.coarse_bytes + self.lse_bytes
+        let per_row_buffers = if self.coarse_lse_bytes > 0 { 4 } else { 2 };
+        per_row_buffers * self.coarse_bytes + self.coarse_lse_bytes + self.lse_bytes
     }
 }
 
-/// The plan of one fine-query FMA forward.
+/// The plan of one FMA forward, fine or coarse queries.
+///
+/// Fine queries: per level a downsample (K, V), then the fused attention pass.
+/// Coarse queries (algorithm.md §6): per level a downsample (K, V and Q) and that level's
+/// coarse attention, then the fused pass for the near field alone, then the upsample-merge.
+/// [`FmaPlan::steps`] lists them in execution order; all go into one submit.
 #[derive(Clone, Debug)]
 pub struct FmaPlan {
     /// The problem's shape.
     pub shape: Shape,
+    /// Fine or coarse queries.
+    pub queries: Queries,
     /// Level geometry for (n, m, p).
     pub levels: Levels,
-    /// One downsample dispatch per coarse level (K and V together), in level order.
+    /// One downsample dispatch per coarse level (K and V, and Q with coarse queries), in level
+    /// order.
     pub downsample: Vec<Dispatch>,
-    /// The fused attention dispatch (after every downsample).
+    /// Coarse queries: one coarse attention dispatch per level (empty with fine queries).
+    pub coarse_attention: Vec<Dispatch>,
+    /// The fused attention dispatch: every level (fine queries) or the near field only.
     pub attention: Dispatch,
+    /// Coarse queries: the upsample-merge dispatch, last (None with fine queries).
+    pub merge: Option<Dispatch>,
     /// Query tiles per fine block: ceil(m / WG).
     pub tiles_per_block: u32,
     /// Buffer sizes.
     pub workspace: Workspace,
+}
+
+/// Workgroups of a dispatch as u32 (a typed error beyond), folded under the limit.
+fn dispatch(
+    pass: Pass,
+    level: Option<u32>,
+    total: u64,
+    spec: Specialization,
+    limits: &KernelLimits,
+) -> Result<Dispatch> {
+    let workgroups = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
+        what: format!("workgroups of the {} dispatch", pass.name()),
+        requested: total,
+        max: u32::MAX as u64,
+    })?;
+    Ok(Dispatch {
+        pass,
+        level,
+        workgroups,
+        grid: fold(workgroups, limits.max_workgroups_per_dim)?,
+        spec,
+    })
 }
 
 impl FmaPlan {
@@ -179,31 +220,27 @@ impl FmaPlan {
         let coarse_rows = levels.total_rows();
         let coarse_bytes = (bh * coarse_rows * d) as u64 * 4;
         limits.check_binding("the coarse keys of all levels", coarse_bytes)?;
-        if let Downsample::Learned(w) = &cfg.downsample {
+        let coarse_q = cfg.queries == Queries::Coarse;
+        // Tensors the downsample pass pools: K, V (and Q).
+        let pooled: u64 = if coarse_q { 3 } else { 2 };
+        if let Downsample::Learned(_) = &cfg.downsample {
             let per_level: usize = levels.levels.iter().map(|l| d * p * l.window).sum();
             limits.check_binding(
-                "the learned weights of one kind (keys or values)",
-                per_level as u64 * 4,
+                "the learned weights of every level and tensor",
+                pooled * per_level as u64 * 4,
             )?;
-            let _ = w;
         }
 
         let wg = (m as u32).min(limits.max_workgroup);
         let spec = attention_spec(d, wg, limits)?;
         let tiles_per_block = (m as u32).div_ceil(wg);
-        let total = (bh as u64) * levels.fine_blocks() as u64 * tiles_per_block as u64;
-        let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
-            what: "workgroups of the attention dispatch".into(),
-            requested: total,
-            max: u32::MAX as u64,
-        })?;
-        let attention = Dispatch {
-            pass: Pass::FineAttention,
-            level: None,
-            workgroups: total,
-            grid: fold(total, limits.max_workgroups_per_dim)?,
+        let attention = dispatch(
+            Pass::FineAttention,
+            None,
+            (bh as u64) * levels.fine_blocks() as u64 * tiles_per_block as u64,
             spec,
-        };
+            limits,
+        )?;
 
         let ds_spec = Specialization {
             wg: DOWNSAMPLE_WG.min(limits.max_workgroup),
@@ -215,30 +252,80 @@ impl FmaPlan {
             .iter()
             .enumerate()
             .map(|(i, lv)| {
-                let threads = (bh * lv.rows(p) * d) as u64;
-                let wgs = threads.div_ceil(ds_spec.wg as u64) as u32;
-                Ok(Dispatch {
-                    pass: Pass::Downsample,
-                    level: Some(i as u32),
-                    workgroups: wgs,
-                    grid: fold(wgs, limits.max_workgroups_per_dim)?,
-                    spec: ds_spec,
-                })
+                // Each workgroup pools one tensor: ceil(bh * rows * d / WG) per tensor.
+                let per_tensor = ((bh * lv.rows(p) * d) as u64).div_ceil(ds_spec.wg as u64);
+                let level = Some(i as u32);
+                dispatch(
+                    Pass::Downsample,
+                    level,
+                    pooled * per_tensor,
+                    ds_spec,
+                    limits,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
 
+        let (coarse_attention, merge) = if coarse_q {
+            // One workgroup per (head, window, tile of the window's p coarse queries); a far
+            // list is two runs of at most two windows, so 2p keys fill a tile.
+            let wg = (p as u32).min(limits.max_workgroup);
+            let mut c_spec = attention_spec(d, wg, limits)?;
+            c_spec.bk = c_spec.bk.min(2 * p as u32);
+            let tiles = (p as u32).div_ceil(wg) as u64;
+            let coarse = levels
+                .levels
+                .iter()
+                .enumerate()
+                .map(|(i, lv)| {
+                    let total = bh as u64 * lv.windows as u64 * tiles;
+                    dispatch(Pass::CoarseAttention, Some(i as u32), total, c_spec, limits)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let m_spec = Specialization {
+                wg: MERGE_WG.min(limits.max_workgroup),
+                bk: 1,
+                d4: 1,
+            };
+            let total = (shape.rows() as u64).div_ceil(m_spec.wg as u64);
+            let merge = dispatch(Pass::UpsampleMerge, None, total, m_spec, limits)?;
+            (coarse, Some(merge))
+        } else {
+            (Vec::new(), None)
+        };
+
         Ok(Self {
             shape,
+            queries: cfg.queries,
             levels,
             downsample,
+            coarse_attention,
             attention,
+            merge,
             tiles_per_block,
             workspace: Workspace {
                 coarse_rows,
                 coarse_bytes,
+                coarse_lse_bytes: if coarse_q {
+                    (bh * coarse_rows) as u64 * 4
+                } else {
+                    0
+                },
                 lse_bytes: shape.rows() as u64 * 4,
             },
         })
+    }
+
+    /// Every dispatch in execution order: level by level the downsample (and, coarse queries,
+    /// that level's coarse attention), then the fused attention, then (coarse) the merge.
+    pub fn steps(&self) -> Vec<Dispatch> {
+        let mut steps = Vec::with_capacity(2 * self.downsample.len() + 2);
+        for (i, ds) in self.downsample.iter().enumerate() {
+            steps.push(*ds);
+            steps.extend(self.coarse_attention.get(i).copied());
+        }
+        steps.push(self.attention);
+        steps.extend(self.merge);
+        steps
     }
 }
 
@@ -306,14 +393,54 @@ mod tests {
         assert_eq!(plan.downsample.len(), 5);
         for (i, d) in plan.downsample.iter().enumerate() {
             assert_eq!(d.level, Some(i as u32));
-            // (bh * windows * p * d) threads in workgroups of 64.
+            // (bh * windows * p * d) threads per tensor (K and V) in workgroups of 64.
             let threads = 4 * plan.levels.levels[i].windows * 2 * 64;
-            assert_eq!(d.workgroups as usize, threads.div_ceil(64));
+            assert_eq!(d.workgroups as usize, 2 * threads.div_ceil(64));
         }
         assert_eq!(plan.attention.workgroups, 4 * 64);
         assert_eq!(plan.attention.spec.wg, 64);
         // algorithm.md §11: coarse storage <= 4 n p d / m floats per head.
         assert!(plan.workspace.coarse_rows * 64 <= 4 * 4096 * 2 * 64 / 64);
+    }
+
+    #[test]
+    fn coarse_queries_chain_pool_and_attend_level_by_level_then_near_field_then_merge() {
+        let shape = Shape::new(1, 4, 4096, 64);
+        let cfg = FmaConfig::new(64, 2).queries(Queries::Coarse);
+        let plan = FmaPlan::new(shape, &cfg, &lavapipe()).unwrap();
+        let fine = FmaPlan::new(shape, &FmaConfig::new(64, 2), &lavapipe()).unwrap();
+        assert!(fine.coarse_attention.is_empty() && fine.merge.is_none());
+        assert_eq!(fine.steps().len(), 6);
+        let steps = plan.steps();
+        assert_eq!(steps.len(), 2 * 5 + 2);
+        for l in 0..5 {
+            let (ds, ca) = (steps[2 * l], steps[2 * l + 1]);
+            assert_eq!((ds.pass, ds.level), (Pass::Downsample, Some(l as u32)));
+            assert_eq!((ca.pass, ca.level), (Pass::CoarseAttention, Some(l as u32)));
+            // K, V and Q pooled: 3/2 of the fine plan's workgroups (K and V).
+            assert_eq!(2 * ds.workgroups, 3 * fine.downsample[l].workgroups);
+            // One workgroup of p = 2 coarse queries per (head, window).
+            assert_eq!(ca.workgroups as usize, 4 * plan.levels.levels[l].windows);
+            assert_eq!((ca.spec.wg, ca.spec.bk), (2, 4));
+        }
+        assert_eq!(steps[10].pass, Pass::FineAttention);
+        assert_eq!(steps[10], fine.attention);
+        assert_eq!(steps[11].pass, Pass::UpsampleMerge);
+        assert_eq!(steps[11].workgroups, 4 * 4096 / MERGE_WG);
+        assert_eq!(
+            plan.workspace.coarse_lse_bytes,
+            4 * plan.workspace.coarse_rows as u64 * 4
+        );
+        // Coarse work per level shrinks with the window: O(n) in total.
+        let total: u32 = plan.coarse_attention.iter().map(|d| d.workgroups).sum();
+        assert!(total < 2 * 4 * 4096 / 64);
+    }
+
+    #[test]
+    fn causal_coarse_queries_are_refused() {
+        let cfg = FmaConfig::new(64, 2).queries(Queries::Coarse).causal(true);
+        let e = FmaPlan::new(Shape::new(1, 1, 4096, 64), &cfg, &lavapipe()).unwrap_err();
+        assert!(matches!(e, FmaError::CausalCoarseQueries), "{e}");
     }
 
     #[test]

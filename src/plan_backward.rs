@@ -10,7 +10,7 @@
 //! 6. `downsample_backward`: adds the coarse gradients to dK, dV through the downsampling,
 //! 7. `weights_backward`: per level, dW and db (Learned mode only).
 
-use crate::config::{Downsample, FmaConfig};
+use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::gpu::shaders::{Pass, Specialization};
 use crate::plan::{fold, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
@@ -95,6 +95,13 @@ impl BackwardPlan {
     /// Plans the backward of FMA for `shape` and `cfg` under `limits`; every limit is checked
     /// here, before anything is recorded.
     pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
+        if cfg.queries == Queries::Coarse {
+            return Err(FmaError::InvalidConfig {
+                what: "queries",
+                value: "coarse".into(),
+                allowed: "fine: the backward pass supports fine queries only (coarse-query gradients are not implemented yet)".into(),
+            });
+        }
         let forward = FmaPlan::new(shape, cfg, limits)?;
         let (d, p) = (shape.head_dim, cfg.rank);
         let bh = shape.batch_heads() as u64;
@@ -232,6 +239,23 @@ mod tests {
         assert!(
             bytes <= limits.workgroup_storage,
             "{s:?}: {bytes} bytes of workgroup memory"
+        );
+    }
+
+    #[test]
+    fn coarse_queries_have_no_backward_yet() {
+        let cfg = FmaConfig::new(16, 2).queries(Queries::Coarse);
+        let limits = KernelLimits::webgpu_default();
+        let e = BackwardPlan::new(Shape::new(1, 1, 100, 16), &cfg, &limits).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FmaError::InvalidConfig {
+                    what: "queries",
+                    ..
+                }
+            ),
+            "{e}"
         );
     }
 

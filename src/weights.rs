@@ -1,11 +1,12 @@
-//! Learned downsampling weights (algorithm.md §4): per coarse level l, for keys and for values,
-//! a weight of shape (head_dim, p, w_l) and a bias of shape (head_dim, p), shared by all heads.
+//! Learned downsampling weights (algorithm.md §4, §6): per coarse level l, for keys, values and
+//! (coarse queries only) queries, a weight of shape (head_dim, p, w_l) and a bias of shape
+//! (head_dim, p), shared by all heads.
 
 use crate::error::{FmaError, Result};
 use crate::levels::{num_levels, window};
 
 /// The weights of one coarse level l (row-major f32):
-/// `wk`, `wv`: (head_dim, p, w_l); `bk`, `bv`: (head_dim, p).
+/// `wk`, `wv`, `wq`: (head_dim, p, w_l); `bk`, `bv`, `bq`: (head_dim, p).
 /// Coarse key j of window a, channel c:
 /// `K~[a*p+j, c] = bk[c, j] + sum_{t < w_l, a*w_l+t < n} wk[c, j, t] * K[a*w_l + t, c]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +19,11 @@ pub struct LevelWeights {
     pub wv: Vec<f32>,
     /// Value biases, (head_dim, p).
     pub bv: Vec<f32>,
+    /// Query weights, (head_dim, p, w_l): used by coarse queries only (algorithm.md §6);
+    /// fine queries ignore them (they may then be empty).
+    pub wq: Vec<f32>,
+    /// Query biases, (head_dim, p): coarse queries only.
+    pub bq: Vec<f32>,
 }
 
 /// Learned weights for levels 1..=L (index 0 holds level 1). More levels than a sequence
@@ -52,9 +58,11 @@ impl LearnedWeights {
                 }
                 LevelWeights {
                     wv: wk.clone(),
+                    wq: wk.clone(),
                     wk,
                     bk: vec![0.0; head_dim * rank],
                     bv: vec![0.0; head_dim * rank],
+                    bq: vec![0.0; head_dim * rank],
                 }
             })
             .collect();
@@ -72,9 +80,17 @@ impl LearnedWeights {
     }
 
     /// Checks that the weights fit (head_dim, m, p), cover every level a sequence of `seq`
-    /// tokens uses, and have the right length per level (cheap: no pass over the values;
-    /// [`LearnedWeights::check_finite`] does that).
-    pub fn validate(&self, head_dim: usize, block: usize, rank: usize, seq: usize) -> Result<()> {
+    /// tokens uses, and have the right length per level, the query weights too when
+    /// `with_queries` (coarse queries). Cheap: no pass over the values;
+    /// [`LearnedWeights::check_finite`] does that.
+    pub fn validate(
+        &self,
+        head_dim: usize,
+        block: usize,
+        rank: usize,
+        seq: usize,
+        with_queries: bool,
+    ) -> Result<()> {
         if (self.head_dim, self.block, self.rank) != (head_dim, block, rank) {
             return Err(FmaError::Weights(format!(
                 "made for (head_dim {}, m {}, p {}), but the call has (head_dim {head_dim}, m {block}, p {rank})",
@@ -94,7 +110,7 @@ impl LearnedWeights {
             let w = window(block, l);
             let wlen = head_dim * rank * w;
             let blen = head_dim * rank;
-            for (name, len, want, shape) in [
+            let mut checks = vec![
                 (
                     "k_w",
                     lw.wk.len(),
@@ -109,7 +125,17 @@ impl LearnedWeights {
                 ),
                 ("k_b", lw.bk.len(), blen, format!("({head_dim}, {rank})")),
                 ("v_b", lw.bv.len(), blen, format!("({head_dim}, {rank})")),
-            ] {
+            ];
+            if with_queries {
+                checks.push((
+                    "q_w",
+                    lw.wq.len(),
+                    wlen,
+                    format!("({head_dim}, {rank}, {w})"),
+                ));
+                checks.push(("q_b", lw.bq.len(), blen, format!("({head_dim}, {rank})")));
+            }
+            for (name, len, want, shape) in checks {
                 if len != want {
                     return Err(FmaError::Weights(format!(
                         "{name}{l} has {len} values, expected shape {shape} = {want}"
@@ -128,6 +154,8 @@ impl LearnedWeights {
                 ("v_w", &lw.wv),
                 ("k_b", &lw.bk),
                 ("v_b", &lw.bv),
+                ("q_w", &lw.wq),
+                ("q_b", &lw.bq),
             ] {
                 if let Some(pos) = vals.iter().position(|x| !x.is_finite()) {
                     return Err(FmaError::Weights(format!(

@@ -4,7 +4,7 @@
 
 use multipole_attn::cpu::{dense_attention, fma_forward, widen};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
 use ndarray::{Array, ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::{read_npy, write_npy, NpzWriter};
 use std::ffi::OsString;
@@ -372,6 +372,107 @@ fn learned_box_weights_equal_average_on_full_windows() {
     assert!(max_abs_diff(&o_of(&["--weights", w32.to_str().unwrap()]), &want.o) <= 1e-12);
 }
 
+/// Writes every key of `w` (k_, v_ and q_ weights and biases) for levels 1..=L as f32; level
+/// `drop_qb` (if any) without its q_b key.
+fn write_weights_with_queries(path: &Path, w: &LearnedWeights, drop_qb: Option<usize>) {
+    let mut npz = NpzWriter::new(File::create(path).unwrap());
+    let (d, p) = (w.head_dim, w.rank);
+    for (i, lw) in w.levels.iter().enumerate() {
+        let l = i + 1;
+        let win = w.block << i;
+        for (prefix, data, shape) in [
+            ("k_w", &lw.wk, vec![d, p, win]),
+            ("k_b", &lw.bk, vec![d, p]),
+            ("v_w", &lw.wv, vec![d, p, win]),
+            ("v_b", &lw.bv, vec![d, p]),
+            ("q_w", &lw.wq, vec![d, p, win]),
+            ("q_b", &lw.bq, vec![d, p]),
+        ] {
+            if prefix == "q_b" && drop_qb == Some(l) {
+                continue;
+            }
+            let a = ArrayD::from_shape_vec(IxDyn(&shape), data.clone()).unwrap();
+            npz.add_array(format!("{prefix}{l}"), &a).unwrap();
+        }
+    }
+    npz.finish().unwrap();
+}
+
+#[test]
+fn coarse_queries_read_query_weights_or_box_initialise_them() {
+    let dir = Scratch::new("coarse-q");
+    let (n, d, m, p) = (100, 4, 8, 2);
+    let [q, k, v] = write_qkv(&dir, &[n, d], 71).map(|t| widen(&t));
+    let shape = Shape::new(1, 1, n, d);
+    let mut w = LearnedWeights::box_init_for(d, m, p, n);
+    for (i, lw) in w.levels.iter_mut().enumerate() {
+        let noise = normal_tensor(80 + i as u64, lw.wq.len());
+        lw.wq
+            .iter_mut()
+            .zip(noise)
+            .for_each(|(x, e)| *x += 0.05 * e);
+        lw.bq.iter_mut().for_each(|b| *b = 0.3);
+    }
+    let with_q = dir.path("Wq.npz");
+    write_weights_with_queries(&with_q, &w, None);
+    let without_q = dir.path("W.npz");
+    write_weights(&without_q, &w, &[1, 2, 3], false, None);
+    let common = [
+        "--reference",
+        "--block",
+        "8",
+        "--rank",
+        "2",
+        "--queries",
+        "coarse",
+    ];
+    let o_of = |extra: &[&str]| {
+        let args: Vec<&str> = common.iter().chain(extra).copied().collect();
+        cli(run_args(&dir, &args)).assert_ok();
+        to_vec(read_f64(&dir.path("O.npy")))
+    };
+    let coarse = FmaConfig::new(m, p).queries(Queries::Coarse);
+    let want = fma_forward(&q, &k, &v, shape, &coarse).unwrap();
+    assert!(max_abs_diff(&o_of(&[]), &want.o) <= 1e-12);
+    // q_w{l}, q_b{l} are read ...
+    let learned = coarse.clone().downsample(Downsample::Learned(w.clone()));
+    let want = fma_forward(&q, &k, &v, shape, &learned).unwrap();
+    assert!(max_abs_diff(&o_of(&["--weights", with_q.to_str().unwrap()]), &want.o) <= 1e-12);
+    // ... and absent ones take the box initialisation.
+    let boxed = LearnedWeights::box_init_for(d, m, p, n);
+    for (lw, b) in w.levels.iter_mut().zip(&boxed.levels) {
+        lw.wq = b.wq.clone();
+        lw.bq = b.bq.clone();
+    }
+    let learned = coarse.downsample(Downsample::Learned(w.clone()));
+    let want = fma_forward(&q, &k, &v, shape, &learned).unwrap();
+    assert!(max_abs_diff(&o_of(&["--weights", without_q.to_str().unwrap()]), &want.o) <= 1e-12);
+    // q_w without q_b is a mistake, named.
+    let half = dir.path("Whalf.npz");
+    write_weights_with_queries(&half, &w, Some(2));
+    cli(run_args(
+        &dir,
+        &[&common[..], &["--weights", half.to_str().unwrap()]].concat(),
+    ))
+    .assert_bad_input(&["no q_b2"]);
+}
+
+#[test]
+fn causal_coarse_queries_are_bad_input() {
+    let dir = Scratch::new("coarse-causal");
+    write_qkv(&dir, &[64, 4], 1);
+    for backend in [&["--reference"][..], &[]] {
+        let args = [
+            backend,
+            &["--block", "8", "--queries", "coarse", "--causal"],
+        ]
+        .concat();
+        cli(run_args(&dir, &args)).assert_bad_input(&["bidirectional only", "causal"]);
+    }
+    let out = cli(run_args(&dir, &["--dense", "--queries", "coarse"]));
+    assert_eq!(out.code, Some(2), "stderr: {}", out.stderr);
+}
+
 #[test]
 fn weights_with_average_is_an_error() {
     let dir = Scratch::new("w-avg");
@@ -600,11 +701,9 @@ fn gpu_matches_reference_when_an_adapter_exists() {
     write_qkv(&dir, &[2, 2, 100, 16], 61);
     let lse = dir.path("LSE.npy");
     let lse_s = lse.to_str().unwrap();
-    for causal in [false, true] {
+    for variant in [&[][..], &["--causal"], &["--queries", "coarse"]] {
         let mut extra = vec!["--block", "8", "--lse", lse_s];
-        if causal {
-            extra.push("--causal");
-        }
+        extra.extend(variant);
         let gpu = cli(run_args(&dir, &extra));
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
         if !ci && gpu.code == Some(1) && gpu.stderr.contains("no GPU adapter found") {
@@ -620,8 +719,8 @@ fn gpu_matches_reference_when_an_adapter_exists() {
         let lse_ref = to_vec(read_f64(&lse));
         let o_gpu: Vec<f64> = o_gpu.iter().map(|&x| x as f64).collect();
         let lse_gpu: Vec<f64> = lse_gpu.iter().map(|&x| x as f64).collect();
-        assert!(max_abs_diff(&o_gpu, &o_ref) <= 1e-4, "causal {causal}");
-        assert!(max_abs_diff(&lse_gpu, &lse_ref) <= 1e-4, "causal {causal}");
+        assert!(max_abs_diff(&o_gpu, &o_ref) <= 1e-4, "{variant:?}");
+        assert!(max_abs_diff(&lse_gpu, &lse_ref) <= 1e-4, "{variant:?}");
     }
 }
 

@@ -1,12 +1,12 @@
-// The tiled online softmax shared by the fused FMA pass and the dense baseline: one invocation
-// owns one query row (q, running max, running sum, weighted value sum in registers); keys and
-// values arrive in tiles of BK rows staged in workgroup memory by the whole workgroup, so no
-// score matrix ever reaches device memory. CPU mirror: `cpu::softmax_row`.
-// Needs from the importer: consts D4 (= ceil(d / 4)), BK, WG; bindings q, k, v.
+// The tiled online softmax shared by the attention passes: one invocation owns one query row
+// (q, running max, running sum, weighted value sum in registers); keys and values arrive in
+// tiles of BK rows staged in workgroup memory by the whole workgroup (`near_field.wgsl` stages
+// fine keys, `far_field.wgsl` coarse ones), so no score matrix ever reaches device memory.
+// CPU mirror: `cpu::softmax_row`.
+// Needs from the importer: consts D4 (= ceil(d / 4)), BK, WG; params; bindings q, out, lse.
 
-// Logit offset of a staged key: 0 for fine keys, ln |S| for corrected coarse keys, ABSENT for
-// an empty sub-window. A sentinel, not -inf: WGSL implementations may assume finite floats.
-const ABSENT: f32 = -1e30;
+// Each staged key carries a logit offset in tile_bias: 0 for fine keys, ln |S| for corrected
+// coarse keys, ABSENT (params.wgsl) for an empty sub-window.
 const NEG_START: f32 = -1e30;
 
 var<workgroup> tile_k: array<vec4<f32>, BK * D4>;
@@ -37,33 +37,6 @@ fn begin_row(head: u32, i: u32, in_tile: bool) {
     }
     run_max = NEG_START;
     run_sum = 0.0;
-}
-
-// Stages fine keys/values [start, start + count) of the head at element offset `head`
-// (count <= BK), zero-padded to D4 vec4s per row. Call in uniform control flow.
-fn stage_fine_tile(head: u32, start: u32, count: u32, lid: u32) {
-    let d = params.d;
-    for (var idx = lid; idx < BK * D4; idx += WG) {
-        let r = idx / D4;
-        let c4 = idx % D4;
-        var kk = vec4<f32>(0.0);
-        var vv = vec4<f32>(0.0);
-        if (r < count) {
-            let base = head + (start + r) * d;
-            for (var e = 0u; e < 4u; e++) {
-                let c = c4 * 4u + e;
-                if (c < d) {
-                    kk[e] = k[base + c];
-                    vv[e] = v[base + c];
-                }
-            }
-        }
-        tile_k[idx] = kk;
-        tile_v[idx] = vv;
-    }
-    for (var r = lid; r < BK; r += WG) {
-        tile_bias[r] = 0.0;
-    }
 }
 
 // Folds the first `count` staged keys into this invocation's row; only keys r < visible

@@ -23,12 +23,20 @@ struct Params {
     total_workgroups: u32,   // workgroups that do work; the dispatch is folded into 2D
     workgroups_x: u32,       // x size of the folded dispatch
     scale: f32,              // 1 / sqrt(d)
+    coarse_queries: u32,     // 1: coarse queries (§6): the fused pass does the near field only
+    pooled: u32,             // tensors the downsample pass pools: 2 (K, V) or 3 (K, V, Q)
+    weight_stride: u32,      // elements per tensor kind in the learned weight buffer
+    bias_stride: u32,        // elements per tensor kind in the learned bias buffer
     _pad0: u32,
     _pad1: u32,
     levels: array<LevelInfo, 32>,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
+
+// Logit offset of a key that does not exist (an empty sub-window), and the LSE of a partial
+// result over no key. A sentinel, not -inf: WGSL implementations may assume finite floats.
+const ABSENT: f32 = -1e30;
 
 // Linear workgroup index of a dispatch folded into (x, y) to stay under 65535 per dimension.
 fn linear_workgroup(wg: vec3<u32>) -> u32 {

@@ -1,5 +1,5 @@
-//! Coarse keys and values of every level (algorithm.md §4), in f64, one head at a time.
-//! CPU mirror of `shaders/downsample.wgsl`.
+//! Coarse keys and values of every level (algorithm.md §4), and the coarse queries of §6, in
+//! f64, one head at a time. CPU mirror of `shaders/downsample.wgsl`.
 
 use crate::config::Downsample;
 use crate::levels::{sub_window, Levels};
@@ -12,14 +12,26 @@ pub struct CoarseLevel {
     pub values: Vec<f64>,
 }
 
-/// Downsamples one head's K or V, `x` of shape (n, d), at every level.
-/// `pick_k` selects the key (true) or value (false) weights in Learned mode.
-fn downsample_one(
+/// Which tensor is pooled: it picks the learned weights (`wk`/`bk`, `wv`/`bv`, `wq`/`bq`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooled {
+    /// Keys.
+    Keys,
+    /// Values.
+    Values,
+    /// Queries (coarse queries, algorithm.md §6).
+    Queries,
+}
+
+/// Downsamples one head's K, V or Q, `x` of shape (n, d), at every level: one
+/// (windows * p, d) row-major tensor per level 1..=L, row a*p + j pooling S(l, a, j)
+/// (an empty sub-window gives a zero row in Average mode).
+pub fn downsample_one(
     x: &[f64],
     d: usize,
     levels: &Levels,
     mode: &Downsample,
-    pick_k: bool,
+    which: Pooled,
 ) -> Vec<Vec<f64>> {
     let (n, m, p) = (levels.n, levels.m, levels.p);
     levels
@@ -46,10 +58,10 @@ fn downsample_one(
                         }
                         Downsample::Learned(wts) => {
                             let lw = &wts.levels[lv.level - 1];
-                            let (w, b) = if pick_k {
-                                (&lw.wk, &lw.bk)
-                            } else {
-                                (&lw.wv, &lw.bv)
+                            let (w, b) = match which {
+                                Pooled::Keys => (&lw.wk, &lw.bk),
+                                Pooled::Values => (&lw.wv, &lw.bv),
+                                Pooled::Queries => (&lw.wq, &lw.bq),
                             };
                             let win = lv.window;
                             for c in 0..d {
@@ -80,8 +92,8 @@ pub fn downsample_head(
     levels: &Levels,
     mode: &Downsample,
 ) -> Vec<CoarseLevel> {
-    let ks = downsample_one(k, d, levels, mode, true);
-    let vs = downsample_one(v, d, levels, mode, false);
+    let ks = downsample_one(k, d, levels, mode, Pooled::Keys);
+    let vs = downsample_one(v, d, levels, mode, Pooled::Values);
     ks.into_iter()
         .zip(vs)
         .map(|(keys, values)| CoarseLevel { keys, values })

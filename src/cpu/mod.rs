@@ -1,17 +1,19 @@
-//! The CPU reference, in f64: FMA with fine queries exactly as algorithm.md says, and exact
-//! dense softmax attention. It is the oracle of every GPU test, so it is written for reading,
+//! The CPU reference, in f64: FMA with fine or coarse queries exactly as algorithm.md says, and
+//! exact dense softmax attention. It is the oracle of every GPU test, so it is written for reading,
 //! not for speed: per query, list the keys it sees, then take one softmax over them.
 
 pub mod backward;
+pub mod coarse;
 pub mod downsample;
 pub mod gather;
 
-use crate::config::FmaConfig;
+use crate::config::{FmaConfig, Queries};
 #[cfg(test)]
 use crate::error::FmaError;
 use crate::error::Result;
 use crate::levels::{sub_window, Levels};
 use crate::shape::Shape;
+use coarse::CoarseQueries;
 use downsample::downsample_head;
 use gather::{seen_keys, SeenKey};
 
@@ -59,8 +61,13 @@ fn softmax_row<'a>(keys: impl Iterator<Item = (f64, &'a [f64])> + Clone, out: &m
     max + z.ln()
 }
 
-/// Fast Multipole Attention with fine queries (algorithm.md §2-5, §7) of `q`, `k`, `v`, each
-/// of shape (batch, heads, seq, head_dim), row-major.
+/// Fast Multipole Attention (algorithm.md §2-7) of `q`, `k`, `v`, each of shape
+/// (batch, heads, seq, head_dim), row-major; fine or coarse queries as `cfg.queries` says.
+///
+/// Every query i takes one softmax over the keys it sees (`gather::seen_keys`): the near field
+/// with q_i itself, the far lists of the coarse levels with q_i (fine queries) or with the
+/// coarse query of the sub-window holding i at that level (coarse queries, §6; bidirectional
+/// only, causal + coarse is [`FmaError::CausalCoarseQueries`](crate::FmaError)).
 pub fn fma_forward(
     q: &[f64],
     k: &[f64],
@@ -80,6 +87,8 @@ pub fn fma_forward(
         let head = bh * n * d..(bh + 1) * n * d;
         let (qh, kh, vh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()]);
         let coarse = downsample_head(kh, vh, d, &levels, &cfg.downsample);
+        let coarse_q = (cfg.queries == Queries::Coarse)
+            .then(|| CoarseQueries::new(qh, d, &levels, &cfg.downsample));
         for i in 0..n {
             let qi = &qh[i * d..(i + 1) * d];
             let keys = seen_keys(&levels, cfg.causal, i);
@@ -89,6 +98,7 @@ pub fn fma_forward(
                     &vh[t * d..(t + 1) * d],
                 ),
                 SeenKey::Coarse { level, window, j } => {
+                    let query = coarse_q.as_ref().map_or(qi, |cq| cq.of_token(level, i));
                     let c = &coarse[level - 1];
                     let row = (window * p + j) * d..(window * p + j + 1) * d;
                     let count = sub_window(n, cfg.block, p, level, window, j).len() as f64;
@@ -97,7 +107,10 @@ pub fn fma_forward(
                     } else {
                         0.0
                     };
-                    (dot(qi, &c.keys[row.clone()]) * scale + bias, &c.values[row])
+                    (
+                        dot(query, &c.keys[row.clone()]) * scale + bias,
+                        &c.values[row],
+                    )
                 }
             });
             lse[bh * n + i] = softmax_row(
@@ -166,3 +179,5 @@ pub fn widen(x: &[f32]) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_coarse;

@@ -26,7 +26,7 @@ fn tiling_property_holds_for_every_query() {
     }
 }
 
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+pub(super) fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
@@ -58,7 +58,7 @@ fn no_coarse_levels_equals_dense() {
 
 /// K and V made constant on every sub-window in query i's far lists (random elsewhere), so
 /// that the coarse keys it sees are exactly the keys they stand for.
-fn flatten_far_field(
+pub(super) fn flatten_far_field(
     k: &mut [f64],
     v: &mut [f64],
     levels: &Levels,

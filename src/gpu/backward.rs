@@ -99,6 +99,8 @@ struct Scratch {
     stride: u32,
     coarse_k: wgpu::Buffer,
     coarse_v: wgpu::Buffer,
+    /// Binding 8 of the forward's downsample pass, which pools no queries here.
+    coarse_q_unused: wgpu::Buffer,
     dcoarse_k: wgpu::Buffer,
     dcoarse_v: wgpu::Buffer,
     stats: wgpu::Buffer,
@@ -424,6 +426,7 @@ impl FmaAttention {
             stride,
             coarse_k: storage(device, "coarse_k", coarse, none),
             coarse_v: storage(device, "coarse_v", coarse, none),
+            coarse_q_unused: storage(device, "coarse_q (unused)", 16, none),
             dcoarse_k: storage(device, "dcoarse_k", coarse, none),
             dcoarse_v: storage(device, "dcoarse_v", coarse, none),
             stats: storage(device, "lse and delta", plan.stats_bytes, none),
@@ -461,16 +464,18 @@ impl FmaAttention {
         // Group-0 buffers of each pass, binding i at index i (as `backward_bindings.rs`).
         let buffers = |pass: Pass| -> Option<Vec<&wgpu::Buffer>> {
             Some(match pass {
+                // The forward's downsample layout; queries are not pooled (params.pooled = 2),
+                // so Q~ is a 16-byte placeholder.
                 Pass::Downsample => vec![
                     &s.params,
                     &saved.k,
                     &saved.v,
-                    &w.wk,
-                    &w.wv,
-                    &w.bk,
-                    &w.bv,
+                    &saved.q,
+                    &w.w,
+                    &w.b,
                     &s.coarse_k,
                     &s.coarse_v,
+                    &s.coarse_q_unused,
                 ],
                 Pass::BackwardDelta => vec![&s.params, &saved.o, dout, &saved.lse, &s.stats],
                 Pass::BackwardDq => vec![
@@ -497,15 +502,9 @@ impl FmaAttention {
                 Pass::BackwardDkvFine => vec![
                     &s.params, &saved.q, &saved.k, &saved.v, dout, &s.stats, g.dk, g.dv,
                 ],
-                Pass::DownsampleBackward => vec![
-                    &s.params,
-                    &w.wk,
-                    &w.wv,
-                    &s.dcoarse_k,
-                    &s.dcoarse_v,
-                    g.dk,
-                    g.dv,
-                ],
+                Pass::DownsampleBackward => {
+                    vec![&s.params, &w.w, &s.dcoarse_k, &s.dcoarse_v, g.dk, g.dv]
+                }
                 Pass::WeightsBackward => {
                     let gw = g.weights?;
                     vec![

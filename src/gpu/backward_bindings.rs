@@ -30,8 +30,8 @@ pub(crate) fn group0(pass: Pass) -> Option<&'static [wgpu::BufferBindingType]> {
         Pass::BackwardDkvFine => &[UNIFORM, READ, READ, READ, READ, READ, WRITE, WRITE],
         // params, q, coarse_k, coarse_v, dout, stats, dcoarse_k, dcoarse_v
         Pass::BackwardDkvCoarse => &[UNIFORM, READ, READ, READ, READ, READ, WRITE, WRITE],
-        // params, wk, wv, dcoarse_k, dcoarse_v, dk, dv
-        Pass::DownsampleBackward => &[UNIFORM, READ, READ, READ, READ, WRITE, WRITE],
+        // params, w (keys | values), dcoarse_k, dcoarse_v, dk, dv
+        Pass::DownsampleBackward => &[UNIFORM, READ, READ, READ, WRITE, WRITE],
         // params, k, v, dcoarse_k, dcoarse_v, dwk, dwv, dbk, dbv
         Pass::WeightsBackward => &[UNIFORM, READ, READ, READ, READ, WRITE, WRITE, WRITE, WRITE],
         _ => return None,

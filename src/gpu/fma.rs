@@ -1,11 +1,13 @@
-//! The executor of fine-query FMA: turns an [`FmaPlan`] into bind groups and dispatches, the
-//! downsample pass of every level then the fused attention pass, in one command encoder.
+//! The executor of FMA, fine or coarse queries: turns an [`FmaPlan`] into bind groups and
+//! dispatches (`FmaPlan::steps`, level by level), in one command encoder and one submit.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::config::{Downsample, FmaConfig};
+use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
+use crate::gpu::coarse::CoarseQueryBuffers;
 use crate::gpu::io::{GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, LevelInfo, LevelSelect, Params, MAX_LEVELS};
 use crate::gpu::pipelines::poisoned;
@@ -15,60 +17,88 @@ use crate::gpu::{GpuContext, Output};
 use crate::levels::window;
 use crate::plan::{FmaPlan, KernelLimits};
 use crate::shape::Shape;
+use crate::weights::LevelWeights;
 
-/// Learned weights on the GPU: every level's (d, p, w_l) weights concatenated (`wk`, `wv`)
-/// and every level's (d, p) biases concatenated (`bk`, `bv`). 16-byte dummies in Average mode.
+/// Learned weights on the GPU: `w` = [keys | values | queries], each kind every level's
+/// (d, p, w_l) weights concatenated (`weight_stride` elements apart); `b` likewise with the
+/// (d, p) biases. Queries only with coarse queries; 16-byte dummies in Average mode.
 pub(super) struct WeightBuffers {
-    pub(super) wk: wgpu::Buffer,
-    pub(super) wv: wgpu::Buffer,
-    pub(super) bk: wgpu::Buffer,
-    pub(super) bv: wgpu::Buffer,
+    pub(super) w: wgpu::Buffer,
+    pub(super) b: wgpu::Buffer,
+    pub(super) weight_stride: u32,
+    pub(super) bias_stride: u32,
 }
 
 impl WeightBuffers {
     fn new(ctx: &GpuContext, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
-        let concat = |f: &dyn Fn(&crate::weights::LevelWeights) -> &Vec<f32>| -> Vec<f32> {
+        type Pick = fn(&LevelWeights) -> &Vec<f32>;
+        let (w_kinds, b_kinds): (Vec<Pick>, Vec<Pick>) = match cfg.queries {
+            Queries::Fine => (vec![|l| &l.wk, |l| &l.wv], vec![|l| &l.bk, |l| &l.bv]),
+            Queries::Coarse => (
+                vec![|l| &l.wk, |l| &l.wv, |l| &l.wq],
+                vec![|l| &l.bk, |l| &l.bv, |l| &l.bq],
+            ),
+        };
+        let concat = |kinds: &[Pick]| -> (Vec<f32>, usize) {
             match &cfg.downsample {
                 Downsample::Learned(w) => {
-                    w.levels.iter().flat_map(|l| f(l).iter().copied()).collect()
+                    let stride = w.levels.iter().map(|l| kinds[0](l).len()).sum();
+                    let all = kinds
+                        .iter()
+                        .flat_map(|f| w.levels.iter().flat_map(|l| f(l).iter().copied()))
+                        .collect();
+                    (all, stride)
                 }
-                Downsample::Average => Vec::new(),
+                Downsample::Average => (Vec::new(), 0),
             }
         };
         let upload = |label: &str, data: Vec<f32>| -> Result<wgpu::Buffer> {
             let bytes = data.len() as u64 * 4;
-            if bytes > limits.max_binding.min(limits.max_buffer) {
+            let max = limits.max_binding.min(limits.max_buffer);
+            if bytes > max {
                 return Err(crate::FmaError::LimitExceeded {
-                    what: format!("learned weights {label} in one storage binding"),
+                    what: format!("learned {label} in one storage binding"),
                     requested: bytes,
-                    max: limits.max_binding.min(limits.max_buffer),
+                    max,
                 });
             }
             let buf = storage(&ctx.device, label, bytes, wgpu::BufferUsages::COPY_DST);
             ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&data));
             Ok(buf)
         };
+        let (w, weight_stride) = concat(&w_kinds);
+        let (b, bias_stride) = concat(&b_kinds);
+        let stride = |x: usize| {
+            u32::try_from(x).map_err(|_| crate::FmaError::LimitExceeded {
+                what: "learned weights of one tensor kind (elements)".into(),
+                requested: x as u64,
+                max: u32::MAX as u64,
+            })
+        };
         Ok(Self {
-            wk: upload("wk", concat(&|l| &l.wk))?,
-            wv: upload("wv", concat(&|l| &l.wv))?,
-            bk: upload("bk", concat(&|l| &l.bk))?,
-            bv: upload("bv", concat(&|l| &l.bv))?,
+            weight_stride: stride(weight_stride)?,
+            bias_stride: stride(bias_stride)?,
+            w: upload("weights", w)?,
+            b: upload("biases", b)?,
         })
     }
 }
 
-/// Per-shape device state: parameters, the level selectors, the coarse K~ and V~ buffers.
+/// Per-shape device state: parameters, one level selector per dispatch, the coarse K~ and V~
+/// buffers and the coarse-query buffers.
 struct Workspace {
     params: wgpu::Buffer,
     level_select: wgpu::Buffer,
     select_stride: u32,
     coarse_k: wgpu::Buffer,
     coarse_v: wgpu::Buffer,
+    coarse_q: CoarseQueryBuffers,
     /// Buffers for host tensors, made on the first host call of this shape.
     host: Option<HostBuffers>,
 }
 
-/// Fine-query Fast Multipole Attention on the GPU (algorithm.md §3-6).
+/// Fast Multipole Attention on the GPU (algorithm.md §3-7), with fine queries (O(n log n),
+/// causal or not) or coarse queries (O(n), bidirectional only) as `FmaConfig::queries` says.
 ///
 /// Built once per configuration; pipelines and per-shape buffers are cached, so repeated calls
 /// with the same shape allocate nothing. Safe to share between threads.
@@ -153,6 +183,14 @@ impl FmaAttention {
             total_workgroups: plan.attention.workgroups,
             workgroups_x: plan.attention.grid[0],
             scale: 1.0 / (d as f32).sqrt(),
+            coarse_queries: (plan.queries == Queries::Coarse) as u32,
+            pooled: if plan.queries == Queries::Coarse {
+                3
+            } else {
+                2
+            },
+            weight_stride: self.weights.weight_stride,
+            bias_stride: self.weights.bias_stride,
             levels,
             ..Default::default()
         }
@@ -176,12 +214,13 @@ impl FmaAttention {
             mapped_at_creation: false,
         });
         self.ctx.queue.write_buffer(&params_buf, 0, &params);
-        // One LevelSelect per level at an offset aligned for dynamic uniform offsets.
+        // One LevelSelect per step (dispatch) at an offset aligned for dynamic uniform offsets.
         let stride = self.ctx.limits.min_uniform_buffer_offset_alignment.max(16);
-        let mut select = vec![0u8; stride as usize * plan.downsample.len().max(1)];
-        for (i, d) in plan.downsample.iter().enumerate() {
+        let steps = plan.steps();
+        let mut select = vec![0u8; stride as usize * steps.len()];
+        for (i, d) in steps.iter().enumerate() {
             let bytes = to_uniform_bytes(&LevelSelect {
-                level: i as u32,
+                level: d.level.unwrap_or(0),
                 workgroups_x: d.grid[0],
             })?;
             select[i * stride as usize..i * stride as usize + bytes.len()].copy_from_slice(&bytes);
@@ -209,13 +248,92 @@ impl FmaAttention {
                 plan.workspace.coarse_bytes,
                 wgpu::BufferUsages::empty(),
             ),
+            coarse_q: CoarseQueryBuffers::new(device, plan),
             host: None,
         }));
         map.insert(plan.shape, ws.clone());
         Ok(ws)
     }
 
-    /// Records every dispatch of `plan` into `enc`.
+    /// Group 0 of `pass` for this forward (binding numbers as in the pass's WGSL file).
+    fn bind_group(
+        &self,
+        pass: Pass,
+        ws: &Workspace,
+        t: &GpuTensors<'_>,
+        lse: &wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        let layouts = &self.ctx.kernels.layouts;
+        let (w, cq) = (&self.weights, &ws.coarse_q);
+        let (layout, bufs): (_, Vec<(u32, &wgpu::Buffer)>) = match pass {
+            Pass::Downsample => (
+                &layouts.downsample,
+                vec![
+                    (0, &ws.params),
+                    (1, t.k),
+                    (2, t.v),
+                    (3, t.q),
+                    (4, &w.w),
+                    (5, &w.b),
+                    (6, &ws.coarse_k),
+                    (7, &ws.coarse_v),
+                    (8, &cq.q),
+                ],
+            ),
+            Pass::CoarseAttention => (
+                &layouts.coarse,
+                vec![
+                    (0, &ws.params),
+                    (1, &cq.q),
+                    (4, &ws.coarse_k),
+                    (5, &ws.coarse_v),
+                    (6, &cq.o),
+                    (7, &cq.lse),
+                ],
+            ),
+            Pass::UpsampleMerge => (
+                &layouts.merge,
+                vec![
+                    (0, &ws.params),
+                    (1, &cq.o),
+                    (2, &cq.lse),
+                    (6, t.out),
+                    (7, lse),
+                ],
+            ),
+            // FineAttention (the only other pass an FMA plan holds).
+            _ => (
+                &layouts.fine,
+                vec![
+                    (0, &ws.params),
+                    (1, t.q),
+                    (2, t.k),
+                    (3, t.v),
+                    (4, &ws.coarse_k),
+                    (5, &ws.coarse_v),
+                    (6, t.out),
+                    (7, lse),
+                ],
+            ),
+        };
+        let entries: Vec<_> = bufs
+            .iter()
+            .map(|&(binding, b)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        self.ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(pass.name()),
+                layout,
+                entries: &entries,
+            })
+    }
+
+    /// Records every dispatch of `plan` into `enc`, in the order of `plan.steps()`; the
+    /// per-level passes find their level and grid in the step's LevelSelect slot.
     fn record(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -224,98 +342,48 @@ impl FmaAttention {
         t: GpuTensors<'_>,
         lse: &wgpu::Buffer,
         pipes: &Pipes,
-    ) {
+    ) -> Result<()> {
         let device = &self.ctx.device;
-        let layouts = &self.ctx.kernels.layouts;
-        let bind = |layout: &wgpu::BindGroupLayout, label: &str, bufs: &[(u32, &wgpu::Buffer)]| {
-            let entries: Vec<_> = bufs
-                .iter()
-                .map(|&(binding, b)| wgpu::BindGroupEntry {
-                    binding,
-                    resource: b.as_entire_binding(),
-                })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(label),
-                layout,
-                entries: &entries,
-            })
-        };
+        let select = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("level_select"),
+            layout: &self.ctx.kernels.layouts.level_select,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &ws.level_select,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(16),
+                }),
+            }],
+        });
+        let mut groups: HashMap<Pass, wgpu::BindGroup> = HashMap::new();
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("fma forward"),
             timestamp_writes: None,
         });
-        if !plan.downsample.is_empty() {
-            let w = &self.weights;
-            let group = bind(
-                &layouts.downsample,
-                "downsample",
-                &[
-                    (0, &ws.params),
-                    (1, t.k),
-                    (2, t.v),
-                    (3, &w.wk),
-                    (4, &w.wv),
-                    (5, &w.bk),
-                    (6, &w.bv),
-                    (7, &ws.coarse_k),
-                    (8, &ws.coarse_v),
-                ],
-            );
-            let select = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("level_select"),
-                layout: &layouts.level_select,
-                entries: &[wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &ws.level_select,
-                        offset: 0,
-                        size: std::num::NonZeroU64::new(16),
-                    }),
-                }],
-            });
-            pass.set_pipeline(&pipes.downsample);
-            pass.set_bind_group(0, &group, &[]);
-            for (i, d) in plan.downsample.iter().enumerate() {
-                pass.set_bind_group(1, &select, &[i as u32 * ws.select_stride]);
-                pass.dispatch_workgroups(d.grid[0], d.grid[1], d.grid[2]);
+        for (k, step) in plan.steps().iter().enumerate() {
+            let group = groups
+                .entry(step.pass)
+                .or_insert_with(|| self.bind_group(step.pass, ws, &t, lse));
+            pass.set_pipeline(pipes.get(step.pass)?);
+            pass.set_bind_group(0, &*group, &[]);
+            if step.pass != Pass::FineAttention {
+                pass.set_bind_group(1, &select, &[k as u32 * ws.select_stride]);
             }
+            pass.dispatch_workgroups(step.grid[0], step.grid[1], step.grid[2]);
         }
-        let group = bind(
-            &layouts.fine,
-            "fine_attention",
-            &[
-                (0, &ws.params),
-                (1, t.q),
-                (2, t.k),
-                (3, t.v),
-                (4, &ws.coarse_k),
-                (5, &ws.coarse_v),
-                (6, t.out),
-                (7, lse),
-            ],
-        );
-        pass.set_pipeline(&pipes.attention);
-        pass.set_bind_group(0, &group, &[]);
-        let g = plan.attention.grid;
-        pass.dispatch_workgroups(g[0], g[1], g[2]);
+        Ok(())
     }
 
     async fn pipes(&self, plan: &FmaPlan) -> Result<Pipes> {
-        let k = &self.ctx.kernels;
-        let device = &self.ctx.device;
-        let attention = k
-            .pipeline(device, Pass::FineAttention, plan.attention.spec)
-            .await?;
-        let ds_spec = plan.downsample.first().map(|d| d.spec);
-        let downsample = match ds_spec {
-            Some(spec) => k.pipeline(device, Pass::Downsample, spec).await?,
-            None => attention.clone(), // unused: no coarse level to downsample
-        };
-        Ok(Pipes {
-            attention,
-            downsample,
-        })
+        let mut pipes = Pipes(HashMap::new());
+        for step in plan.steps() {
+            if let Entry::Vacant(slot) = pipes.0.entry(step.pass) {
+                let k = &self.ctx.kernels;
+                slot.insert(k.pipeline(&self.ctx.device, step.pass, step.spec).await?);
+            }
+        }
+        Ok(pipes)
     }
 
     /// FMA of host tensors (async; works on the web). Q, K, V: (batch, heads, seq, head_dim)
@@ -348,7 +416,7 @@ impl FmaAttention {
                 .ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
-            self.record(&mut enc, &plan, &ws, host.tensors(), &host.lse, &pipes);
+            self.record(&mut enc, &plan, &ws, host.tensors(), &host.lse, &pipes)?;
             staged.record(&mut enc, &host.out, &host.lse);
             self.ctx.queue.submit([enc.finish()]);
             ws.host = Some(host);
@@ -397,7 +465,7 @@ impl FmaAttention {
                 .ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
-            self.record(&mut enc, &plan, &ws, t, lse, &pipes);
+            self.record(&mut enc, &plan, &ws, t, lse, &pipes)?;
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "the FMA forward").await
@@ -410,7 +478,14 @@ impl FmaAttention {
     }
 }
 
-struct Pipes {
-    attention: wgpu::ComputePipeline,
-    downsample: wgpu::ComputePipeline,
+/// The pipelines of one plan, by pass (every per-level dispatch of a pass shares one).
+struct Pipes(HashMap<Pass, wgpu::ComputePipeline>);
+
+impl Pipes {
+    fn get(&self, pass: Pass) -> Result<&wgpu::ComputePipeline> {
+        self.0.get(&pass).ok_or_else(|| crate::FmaError::Gpu {
+            stage: "recording the FMA forward".into(),
+            message: format!("no pipeline was built for the {} pass", pass.name()),
+        })
+    }
 }

@@ -13,6 +13,7 @@
 
 mod backward;
 mod backward_bindings;
+mod coarse;
 pub mod context;
 mod dense;
 mod fma;

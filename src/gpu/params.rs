@@ -39,17 +39,22 @@ pub struct Params {
     pub total_workgroups: u32,
     pub workgroups_x: u32,
     pub scale: f32,
+    pub coarse_queries: u32,
+    pub pooled: u32,
+    pub weight_stride: u32,
+    pub bias_stride: u32,
     pub _pad0: u32,
     pub _pad1: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 
-/// Mirror of WGSL `LevelSelect` (downsample pass, one per level at a dynamic offset).
+/// Mirror of WGSL `LevelSelect` (`shaders/shared/level_select.wgsl`): one per dispatch of the
+/// per-level passes, at a dynamic offset.
 #[derive(Clone, Copy, Debug, Default, ShaderType)]
 pub struct LevelSelect {
-    /// Level index l - 1.
+    /// Level index l - 1 (unused by upsample_merge).
     pub level: u32,
-    /// x size of this level's folded dispatch.
+    /// x size of this dispatch's folded grid.
     pub workgroups_x: u32,
 }
 

@@ -30,10 +30,15 @@ pub(crate) struct Layouts {
     pub fine: wgpu::BindGroupLayout,
     /// dense_attention: params, q, k, v, out, lse (bindings 0-3, 6-7).
     pub dense: wgpu::BindGroupLayout,
-    /// downsample group 0: params, k, v, wk, wv, bk, bv, coarse_k, coarse_v.
+    /// downsample group 0: params, k, v, q, w, b, coarse_k, coarse_v, coarse_q.
     pub downsample: wgpu::BindGroupLayout,
-    /// downsample group 1: the level selector at a dynamic offset (also group 1 of every
-    /// backward pass).
+    /// coarse_attention: params, coarse_q, coarse_k, coarse_v, partial o~, partial lse~
+    /// (bindings 0-1, 4-7).
+    pub coarse: wgpu::BindGroupLayout,
+    /// upsample_merge: params, partial o~, partial lse~, out, lse (bindings 0-2, 6-7).
+    pub merge: wgpu::BindGroupLayout,
+    /// group 1 of the per-level passes (downsample, coarse attention, merge, every backward
+    /// pass): the level selector at a dynamic offset.
     pub level_select: wgpu::BindGroupLayout,
     /// group 0 of each backward pass (`backward_bindings.rs`).
     pub backward: Vec<(Pass, wgpu::BindGroupLayout)>,
@@ -73,15 +78,29 @@ impl Layouts {
         .iter()
         .map(|&(i, t)| entry(i, t, false))
         .collect();
-        let down: Vec<_> = [UNIFORM, READ, READ, READ, READ, READ, READ, WRITE, WRITE]
+        let down: Vec<_> = [UNIFORM, READ, READ, READ, READ, READ, WRITE, WRITE, WRITE]
             .iter()
             .enumerate()
             .map(|(i, t)| entry(i as u32, *t, false))
             .collect();
+        let sparse = |bindings: &[(u32, wgpu::BufferBindingType)]| -> Vec<_> {
+            bindings.iter().map(|&(i, t)| entry(i, t, false)).collect()
+        };
+        let coarse = sparse(&[
+            (0, UNIFORM),
+            (1, READ),
+            (4, READ),
+            (5, READ),
+            (6, WRITE),
+            (7, WRITE),
+        ]);
+        let merge = sparse(&[(0, UNIFORM), (1, READ), (2, READ), (6, WRITE), (7, WRITE)]);
         Self {
             fine: make("fine_attention", &fine),
             dense: make("dense_attention", &dense),
             downsample: make("downsample", &down),
+            coarse: make("coarse_attention", &coarse),
+            merge: make("upsample_merge", &merge),
             level_select: make("level_select", &[entry(0, UNIFORM, true)]),
             backward: crate::gpu::backward_bindings::layouts(device),
         }
@@ -121,6 +140,12 @@ impl Kernels {
                 Some(&self.layouts.downsample),
                 Some(&self.layouts.level_select),
             ],
+            Pass::CoarseAttention => {
+                vec![Some(&self.layouts.coarse), Some(&self.layouts.level_select)]
+            }
+            Pass::UpsampleMerge => {
+                vec![Some(&self.layouts.merge), Some(&self.layouts.level_select)]
+            }
             backward => vec![
                 Some(
                     self.layouts

@@ -8,9 +8,10 @@
 /// The passes of the library.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Pass {
-    /// Coarse keys and values of one level (`shaders/downsample.wgsl`).
+    /// Coarse keys and values (and coarse queries) of one level (`shaders/downsample.wgsl`).
     Downsample,
-    /// The fused fine-query FMA pass (`shaders/fine_attention.wgsl`).
+    /// The fused fine-query FMA pass, or the near field alone with coarse queries
+    /// (`shaders/fine_attention.wgsl`).
     FineAttention,
     /// Exact dense attention (`shaders/dense_attention.wgsl`).
     DenseAttention,
@@ -27,11 +28,16 @@ pub enum Pass {
     DownsampleBackward,
     /// Backward: gradients of one level's learned weights (`shaders/weights_backward.wgsl`).
     WeightsBackward,
+    /// Coarse queries' attention to their far list at one level (`shaders/coarse_attention.wgsl`).
+    CoarseAttention,
+    /// Upsampling of every level's coarse-query results and the log-sum-exp merge into the near
+    /// field (`shaders/upsample_merge.wgsl`).
+    UpsampleMerge,
 }
 
 impl Pass {
     /// Every pass, for validation tests.
-    pub const ALL: [Pass; 9] = [
+    pub const ALL: [Pass; 11] = [
         Pass::Downsample,
         Pass::FineAttention,
         Pass::DenseAttention,
@@ -41,6 +47,8 @@ impl Pass {
         Pass::BackwardDkvCoarse,
         Pass::DownsampleBackward,
         Pass::WeightsBackward,
+        Pass::CoarseAttention,
+        Pass::UpsampleMerge,
     ];
 
     /// The pass's own WGSL file, before imports.
@@ -55,6 +63,8 @@ impl Pass {
             Pass::BackwardDkvCoarse => include_str!("../../shaders/backward_dkv_coarse.wgsl"),
             Pass::DownsampleBackward => include_str!("../../shaders/downsample_backward.wgsl"),
             Pass::WeightsBackward => include_str!("../../shaders/weights_backward.wgsl"),
+            Pass::CoarseAttention => include_str!("../../shaders/coarse_attention.wgsl"),
+            Pass::UpsampleMerge => include_str!("../../shaders/upsample_merge.wgsl"),
         }
     }
 
@@ -70,6 +80,8 @@ impl Pass {
             Pass::BackwardDkvCoarse => "backward_dkv_coarse",
             Pass::DownsampleBackward => "downsample_backward",
             Pass::WeightsBackward => "weights_backward",
+            Pass::CoarseAttention => "coarse_attention",
+            Pass::UpsampleMerge => "upsample_merge",
         }
     }
 }
@@ -82,6 +94,9 @@ fn shared(name: &str) -> Option<&'static str> {
         "dispatch" => Some(include_str!("../../shaders/shared/dispatch.wgsl")),
         "backward_keys" => Some(include_str!("../../shaders/shared/backward_keys.wgsl")),
         "backward_queries" => Some(include_str!("../../shaders/shared/backward_queries.wgsl")),
+        "near_field" => Some(include_str!("../../shaders/shared/near_field.wgsl")),
+        "far_field" => Some(include_str!("../../shaders/shared/far_field.wgsl")),
+        "level_select" => Some(include_str!("../../shaders/shared/level_select.wgsl")),
         _ => None,
     }
 }

@@ -73,8 +73,9 @@ use multipole_attn::gpu::GpuTensors;
 use multipole_attn::{LearnedWeights, Shape};
 use wgpu::util::DeviceExt;
 
-/// Box-initialised learned weights plus N(0, 0.5/w_l) noise and N(0, 0.1) biases, so that the
-/// learned path differs from Average and a wrong index into the weights shows.
+/// Box-initialised learned weights plus N(0, 0.5/w_l) noise and N(0, 0.1) biases (keys, values
+/// and queries), so that the learned path differs from Average and a wrong index into the
+/// weights shows.
 pub fn random_learned(
     seed: u64,
     head_dim: usize,
@@ -91,6 +92,8 @@ pub fn random_learned(
             (&mut lw.wv, 2, 0.5 / win as f32),
             (&mut lw.bk, 3, 0.1),
             (&mut lw.bv, 4, 0.1),
+            (&mut lw.wq, 5, 0.5 / win as f32),
+            (&mut lw.bq, 6, 0.1),
         ] {
             let noise = multipole_attn::random::normal_tensor(s + off, buf.len());
             buf.iter_mut().zip(noise).for_each(|(x, e)| *x += scale * e);

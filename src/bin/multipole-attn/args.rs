@@ -47,6 +47,15 @@ pub enum DownsampleArg {
     Learned,
 }
 
+/// At which resolution queries attend to the coarse levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QueriesArg {
+    /// Every query at full resolution: O(n log n), causal or not.
+    Fine,
+    /// Queries pooled per level like the keys: O(n); bidirectional only.
+    Coarse,
+}
+
 /// Arguments of `multipole-attn run`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -56,6 +65,8 @@ float32 on the GPU and float64 with --reference (float64 inputs keep their preci
 
 Learned weights (.npz): for levels l = 1, 2, ... keys k_w{l}, v_w{l} of shape (d, p, m*2^(l-1))
 and k_b{l}, v_b{l} of shape (d, p), float32 or float64. Levels are read until k_w{l} is absent.
+With --queries coarse, q_w{l} (d, p, m*2^(l-1)) and q_b{l} (d, p) pool the queries; a level
+without them uses the box initialisation for its queries.
 --weights alone implies --downsample learned; --weights with --downsample average is an error.
 
 Exit codes: 0 success, 2 bad input (arguments, files, shapes, weights), 1 GPU or runtime failure.")]
@@ -90,8 +101,11 @@ pub struct RunArgs {
     /// Do not add ln(token count) to the logits of coarse keys.
     #[arg(long)]
     pub no_count_correction: bool,
+    /// Fine queries (O(n log n)) or coarse queries pooled per level (O(n), bidirectional only).
+    #[arg(long, value_enum, value_name = "KIND", default_value = "fine")]
+    pub queries: QueriesArg,
     /// Exact dense softmax attention instead of FMA (the FMA options do not apply).
-    #[arg(long, conflicts_with_all = ["block", "rank", "downsample", "weights", "no_count_correction"])]
+    #[arg(long, conflicts_with_all = ["block", "rank", "downsample", "weights", "no_count_correction", "queries"])]
     pub dense: bool,
     /// Run the f64 CPU reference instead of the GPU (slow; for checking).
     #[arg(long)]

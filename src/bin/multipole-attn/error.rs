@@ -55,7 +55,8 @@ impl CliError {
             CliError::Fma(e) => match e {
                 FmaError::ShapeMismatch { .. }
                 | FmaError::InvalidConfig { .. }
-                | FmaError::Weights(_) => EXIT_BAD_INPUT,
+                | FmaError::Weights(_)
+                | FmaError::CausalCoarseQueries => EXIT_BAD_INPUT,
                 // LimitExceeded: the input is valid, this adapter just cannot run it.
                 _ => EXIT_RUNTIME,
             },

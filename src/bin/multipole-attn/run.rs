@@ -1,13 +1,13 @@
 //! `multipole-attn run`: load Q, K, V, build the configuration, compute on the GPU or with the
 //! CPU reference, write O (and the LSE).
 
-use crate::args::{DownsampleArg, RunArgs};
+use crate::args::{DownsampleArg, QueriesArg, RunArgs};
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor, write_array};
 use crate::tensor::{fmt_shape, Tensor};
 use crate::weights_npz::read_weights;
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
-use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Shape};
+use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Queries, Shape};
 
 /// What to compute.
 enum Method {
@@ -99,10 +99,16 @@ pub(crate) fn problem_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> CliResult<Sha
 /// validated here so that every input error surfaces before any computation.
 pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig> {
     let (d, n) = (shape.head_dim, shape.seq);
+    let queries = match args.queries {
+        QueriesArg::Fine => Queries::Fine,
+        QueriesArg::Coarse => Queries::Coarse,
+    };
     let base = FmaConfig::new(args.block, args.rank)
         .causal(args.causal)
-        .count_correction(!args.no_count_correction);
-    // m and p first: the weight shapes and the box initialisation assume m >= 1 and p | m.
+        .count_correction(!args.no_count_correction)
+        .queries(queries);
+    // m and p first (and causal + coarse): the weight shapes and the box initialisation
+    // assume m >= 1 and p | m.
     base.validate(d, n)?;
     let learned = match (args.downsample, &args.weights) {
         (Some(DownsampleArg::Average), Some(_)) => {

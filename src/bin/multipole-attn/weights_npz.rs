@@ -1,7 +1,9 @@
 //! Reading learned downsampling weights from an .npz archive.
 //!
 //! Keys, for levels l = 1, 2, ... (read until `k_w{l}` is absent): `k_w{l}`, `v_w{l}` of shape
-//! (d, p, m*2^(l-1)) and `k_b{l}`, `v_b{l}` of shape (d, p); float32 or float64.
+//! (d, p, m*2^(l-1)) and `k_b{l}`, `v_b{l}` of shape (d, p); float32 or float64. Optionally
+//! `q_w{l}`, `q_b{l}` (same shapes), the coarse queries' weights (algorithm.md §6): a level
+//! without them gets the box initialisation for its queries.
 //! The library checks the level count and lengths; here we check full ndarray shapes, because a
 //! transposed or mis-sized array can have the right length and would silently be misread.
 
@@ -65,6 +67,7 @@ pub fn read_weights(
     let names: BTreeSet<String> = npz.names().map_err(bad_archive)?.into_iter().collect();
     let mut used = BTreeSet::new();
     let mut levels = Vec::new();
+    let mut box_q = Vec::new();
     for l in 1usize.. {
         if !names.contains(&format!("k_w{l}")) {
             break;
@@ -76,7 +79,7 @@ pub fn read_weights(
             let key = format!("{prefix}{l}");
             if !names.contains(&key) {
                 return Err(CliError::Input(format!(
-                    "{src} has k_w{l} but no {key}: every level l needs k_w{{l}}, k_b{{l}}, v_w{{l}} and v_b{{l}}"
+                    "{src} has k_w{l} but no {key}: every level l needs k_w{{l}}, k_b{{l}}, v_w{{l}} and v_b{{l}} (and q_w{{l}} with q_b{{l}}, or neither)"
                 )));
             }
             let t = read_key(&mut npz, &src, &key)?;
@@ -91,12 +94,37 @@ pub fn read_weights(
             t.into_f32(&format!("{key} in {src}"))
         };
         let (wshape, bshape) = ([head_dim, rank, w], [head_dim, rank]);
+        let (wk, bk, wv, bv) = (
+            get("k_w", &wshape)?,
+            get("k_b", &bshape)?,
+            get("v_w", &wshape)?,
+            get("v_b", &bshape)?,
+        );
+        // Query weights are optional per level (only coarse queries use them); one without the
+        // other is most likely a mistake, so it is an error like a missing k_b.
+        let has_q = names.contains(&format!("q_w{l}")) || names.contains(&format!("q_b{l}"));
+        let (wq, bq) = if has_q {
+            (get("q_w", &wshape)?, get("q_b", &bshape)?)
+        } else {
+            box_q.push(l);
+            (Vec::new(), Vec::new())
+        };
         levels.push(LevelWeights {
-            wk: get("k_w", &wshape)?,
-            bk: get("k_b", &bshape)?,
-            wv: get("v_w", &wshape)?,
-            bv: get("v_b", &bshape)?,
+            wk,
+            bk,
+            wv,
+            bv,
+            wq,
+            bq,
         });
+    }
+    // Levels without query weights take the box initialisation (the default of §4).
+    if !box_q.is_empty() {
+        let boxed = LearnedWeights::box_init(head_dim, block, rank, levels.len());
+        for &l in &box_q {
+            levels[l - 1].wq = boxed.levels[l - 1].wq.clone();
+            levels[l - 1].bq = boxed.levels[l - 1].bq.clone();
+        }
     }
     if levels.is_empty() {
         let found: Vec<&str> = names.iter().map(String::as_str).collect();

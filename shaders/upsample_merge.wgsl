@@ -1,0 +1,62 @@
+// Upsampling and merge (algorithm.md §6, coarse queries): every token takes, at each coarse
+// level l, the partial result of the coarse query of the sub-window S(l, a, u) that holds it
+// (upsampling by repetition) and merges it into its near-field result by the log-sum-exp rule,
+// in place in O and the LSE: LSE = ln sum_l exp(LSE_l), o = sum_l exp(LSE_l - LSE) o_l, which
+// is M = max M_l, Z = sum exp(M_l - M) Z_l, o = sum exp(M_l - M) Y_l / Z written per level as
+// (o_l, LSE_l). One invocation per token. CPU mirror: `cpu::fma_forward` with coarse queries
+// (one softmax over the union of the levels' keys, which this merge reproduces).
+
+#import params
+#import level_select
+
+@group(0) @binding(1) var<storage, read> coarse_o: array<f32>;     // partial o~ (bh, coarse_rows, d)
+@group(0) @binding(2) var<storage, read> coarse_lse: array<f32>;   // partial lse~ (bh, coarse_rows)
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;    // near field in, O out (bh, n, d)
+@group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // near field in, LSE out (bh, n)
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = params.n;
+    let g = level_workgroup(wg) * WG + lid;
+    if (g >= params.batch_heads * n) {
+        return;
+    }
+    let bh = g / n;
+    let i = g % n;
+    let d = params.d;
+    let p = params.p;
+    var rows: array<u32, 32>;
+    var weight: array<f32, 32>;
+    let lse0 = lse[g];
+    var big = lse0;
+    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+        let info = params.levels[lvl];
+        let a = i / info.window;
+        let u = (i % info.window) / (info.window / p);
+        rows[lvl] = bh * params.coarse_rows + info.row_offset + a * p + u;
+        weight[lvl] = coarse_lse[rows[lvl]];
+        big = max(big, weight[lvl]);
+    }
+    var z = exp(lse0 - big);
+    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+        if (weight[lvl] > ABSENT * 0.5) {
+            z += exp(weight[lvl] - big);
+        }
+    }
+    let total = big + log(z);
+    let w0 = exp(lse0 - total);
+    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+        weight[lvl] = select(0.0, exp(weight[lvl] - total), weight[lvl] > ABSENT * 0.5);
+    }
+    let base = g * d;
+    for (var c = 0u; c < d; c++) {
+        var acc = w0 * out[base + c];
+        for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+            if (weight[lvl] > 0.0) {
+                acc += weight[lvl] * coarse_o[rows[lvl] * d + c];
+            }
+        }
+        out[base + c] = acc;
+    }
+    lse[g] = total;
+}
