@@ -10,6 +10,10 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need_apt=()
 dpkg -s mesa-vulkan-drivers >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
 dpkg -s libvulkan1 >/dev/null 2>&1 || need_apt+=(libvulkan1)
+# wgpu's GL backend on llvmpipe, the second software adapter `multipole-attn doctor` checks.
+dpkg -s libegl1 >/dev/null 2>&1 || need_apt+=(libegl1)
+dpkg -s libegl-mesa0 >/dev/null 2>&1 || need_apt+=(libegl-mesa0)
+dpkg -s libgl1-mesa-dri >/dev/null 2>&1 || need_apt+=(libgl1-mesa-dri)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
