@@ -33,6 +33,10 @@ pub struct DoctorArgs {
     /// Only adapters on these backends (comma-separated: vulkan, gl, metal, dx12); default all.
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
+    /// Fail unless an adapter is found on each of these backends (comma-separated), so that a
+    /// CI machine missing a driver fails instead of quietly testing less.
+    #[arg(long, value_delimiter = ',')]
+    pub require: Vec<String>,
     /// Print every case, not only the failed ones.
     #[arg(long)]
     pub verbose: bool,

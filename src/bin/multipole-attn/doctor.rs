@@ -25,6 +25,19 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
     if adapters.is_empty() {
         return Err(CliError::NoAdapter);
     }
+    let found: Vec<String> = adapters
+        .iter()
+        .map(|ad| format!("{:?}", ad.get_info().backend).to_ascii_lowercase())
+        .collect();
+    for backend in &a.require {
+        let backend = backend.trim().to_ascii_lowercase();
+        if !found.contains(&backend) {
+            return Err(CliError::Runtime(format!(
+                "no adapter on the required backend '{backend}' (found: {})",
+                found.join(", ")
+            )));
+        }
+    }
     let cases = suite().len();
     println!("conformance suite: {cases} cases per adapter, bound |gpu - f64 reference| <= {ATOL:e} + {RTOL:e} |ref|\n");
     let mut summary = Vec::new();
