@@ -1,4 +1,4 @@
-//! Benchmark sweep: FMA (fine queries), dense attention (the tiled online-softmax WGSL kernel)
+//! Benchmark sweep: FMA (fine queries, and coarse queries where bidirectional), dense attention (the tiled online-softmax WGSL kernel)
 //! and a plain register-tiled matmul kernel (the roofline proxy) on one adapter.
 //!
 //! `cargo run --release --example bench [-- --n-min 1024 --n-max 65536 --head-dims 64 --blocks 64 --ranks 2 --causal false]`
@@ -14,8 +14,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::cpu::{dense_attention_rows, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::levels::{far_list, near_blocks, sub_window, Levels};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Queries, Shape};
 use plotters::prelude::*;
 use wgpu::util::DeviceExt;
 
@@ -177,6 +178,35 @@ fn error_vs_dense(t: &Tensors, o: &[f32], shape: Shape, causal: bool) -> Option<
     Some(worst)
 }
 
+/// Keys attended with coarse queries (bidirectional), summed over every query of one head:
+/// the near field key by key, plus per level each non-empty coarse query's far-list keys.
+fn coarse_query_keys(lv: &Levels) -> f64 {
+    let (n, m, p) = (lv.n, lv.m, lv.p);
+    let mut total = 0f64;
+    for a0 in 0..lv.fine_blocks() {
+        let near = near_blocks(a0, false, lv.fine_blocks());
+        let queries = ((a0 + 1) * m).min(n) - a0 * m;
+        total += (queries * ((near.end * m).min(n) - near.start * m)) as f64;
+    }
+    for l in &lv.levels {
+        for a in 0..l.windows {
+            let keys: usize = far_list(a, false, l.windows)
+                .iter()
+                .map(|&b| {
+                    (0..p)
+                        .filter(|&j| !sub_window(n, m, p, l.level, b, j).is_empty())
+                        .count()
+                })
+                .sum();
+            let coarse_queries = (0..p)
+                .filter(|&u| !sub_window(n, m, p, l.level, a, u).is_empty())
+                .count();
+            total += (coarse_queries * keys) as f64;
+        }
+    }
+    total
+}
+
 /// GFLOP/s of the matmul kernel on (size x size) x (size x size), checked on one row.
 fn matmul_gflops(ctx: &GpuContext, size: u32, reps: usize) -> Result<f64, String> {
     let src = include_str!("../shaders/bench/matmul.wgsl");
@@ -301,6 +331,15 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut rows: Vec<Row> = Vec::new();
     for &(d, m, p, causal) in &configs {
         let fma = FmaAttention::new(&ctx, FmaConfig::new(m, p).causal(causal))?;
+        // Coarse queries are bidirectional only (algorithm.md §6).
+        let coarse = if causal {
+            None
+        } else {
+            Some(FmaAttention::new(
+                &ctx,
+                FmaConfig::new(m, p).queries(Queries::Coarse),
+            )?)
+        };
         let dense = DenseAttention::new(&ctx, causal)?;
         let mut last_dense: Option<(usize, f64)> = None;
         for &n in &ns {
@@ -329,6 +368,29 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 err_vs_dense: error_vs_dense(&t, &o, shape, causal),
                 note: String::new(),
             });
+
+            if let Some(coarse) = &coarse {
+                let plan = coarse.plan(shape)?;
+                let secs = time(&ctx, a.reps, || {
+                    let _ = coarse.forward_buffers(t.gpu(), shape);
+                });
+                let o = read(&ctx, &t.out);
+                let flops = 4.0 * d as f64 * coarse_query_keys(&plan.levels) * a.heads as f64;
+                rows.push(Row {
+                    method: "fma-coarse",
+                    n,
+                    d,
+                    m,
+                    p,
+                    causal,
+                    seconds: Some(secs),
+                    flops,
+                    library_bytes: plan.workspace.device_bytes(),
+                    qkvo_bytes: qkvo,
+                    err_vs_dense: error_vs_dense(&t, &o, shape, causal),
+                    note: String::new(),
+                });
+            }
 
             let dense_flops = if causal {
                 2.0 * d as f64 * (n as f64) * (n as f64 + 1.0)

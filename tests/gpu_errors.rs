@@ -135,35 +135,77 @@ fn caller_buffers_are_checked() {
 }
 
 #[test]
-fn tensor_over_the_binding_limit_is_refused() {
+fn tensors_over_the_binding_limit_are_split_by_heads() {
     if gpu().is_none() {
         return;
     }
-    // A device that grants only 1 MiB per storage binding.
-    let ctx = pollster::block_on(async {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = instance
-            .request_adapter(&Default::default())
-            .await
-            .expect("adapter");
-        let limits = wgpu::Limits {
-            max_storage_buffer_binding_size: 1 << 20,
-            ..wgpu::Limits::default()
-        };
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                required_limits: limits,
-                ..Default::default()
-            })
-            .await
-            .expect("device");
-        GpuContext::from_device(adapter.get_info(), device, queue)
-    });
-    let shape = Shape::new(1, 2, 4096, 64); // 2 MiB per tensor
-    let x = normal_tensor(5, shape.elements());
-    let fma = FmaAttention::new(&ctx, FmaConfig::default()).unwrap();
-    let e = fma.forward(&x, &x, &x, shape, false).unwrap_err();
+    // Two devices with WebGPU's default limits but for the storage-binding size: 1 MiB (the
+    // split run) and 128 MiB (the unsplit one). Same tiles on both, so the bits must agree.
+    let device_with = |binding: u64| {
+        pollster::block_on(async {
+            let instance = wgpu::Instance::new(
+                wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+            );
+            let adapter = instance
+                .request_adapter(&Default::default())
+                .await
+                .expect("adapter");
+            let limits = wgpu::Limits {
+                max_storage_buffer_binding_size: binding,
+                ..wgpu::Limits::default()
+            };
+            let (device, queue) = adapter
+                .request_device(&wgpu::DeviceDescriptor {
+                    required_limits: limits,
+                    ..Default::default()
+                })
+                .await
+                .expect("device");
+            GpuContext::from_device(adapter.get_info(), device, queue)
+        })
+    };
+    let ctx = device_with(1 << 20);
+    let big = &device_with(128 << 20);
+    let seed = fresh_seed();
+    // 5 heads of 1024 x 64: 1.25 MiB per tensor, processed as runs of 4 heads and 1 head.
+    let shape = Shape::new(1, 5, 1024, 64);
+    let (q, k, v) = (
+        normal_tensor(seed, shape.elements()),
+        normal_tensor(seed + 1, shape.elements()),
+        normal_tensor(seed + 2, shape.elements()),
+    );
+    for cfg in [FmaConfig::new(64, 2), FmaConfig::new(16, 2).causal(true)] {
+        let split = FmaAttention::new(&ctx, cfg.clone())
+            .unwrap()
+            .forward(&q, &k, &v, shape, true)
+            .unwrap();
+        let whole = FmaAttention::new(big, cfg)
+            .unwrap()
+            .forward(&q, &k, &v, shape, true)
+            .unwrap();
+        assert_eq!(
+            split.o, whole.o,
+            "seed {seed}: split run differs from the unsplit one"
+        );
+        assert_eq!(split.lse, whole.lse);
+    }
+    let split = DenseAttention::new(&ctx, false)
+        .unwrap()
+        .forward(&q, &k, &v, shape, false)
+        .unwrap();
+    let whole = DenseAttention::new(big, false)
+        .unwrap()
+        .forward(&q, &k, &v, shape, false)
+        .unwrap();
+    assert_eq!(split.o, whole.o);
+
+    // One head alone over the limit (2 MiB) cannot be split by heads: a typed error.
+    let long = Shape::new(1, 1, 8192, 64);
+    let x = normal_tensor(seed, long.elements());
+    let e = FmaAttention::new(&ctx, FmaConfig::default())
+        .unwrap()
+        .forward(&x, &x, &x, long, false)
+        .unwrap_err();
     match e {
         FmaError::LimitExceeded { requested, max, .. } => {
             assert_eq!(requested, 2 << 20);
@@ -173,20 +215,9 @@ fn tensor_over_the_binding_limit_is_refused() {
     }
     let e = DenseAttention::new(&ctx, false)
         .unwrap()
-        .forward(&x, &x, &x, shape, false)
+        .forward(&x, &x, &x, long, false)
         .unwrap_err();
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
-    // Half the heads fit.
-    let half = Shape::new(1, 1, 4096, 64);
-    assert!(fma
-        .forward(
-            &x[..half.elements()],
-            &x[..half.elements()],
-            &x[..half.elements()],
-            half,
-            false
-        )
-        .is_ok());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
 use crate::gpu::coarse::CoarseQueryBuffers;
-use crate::gpu::io::{GpuTensors, HostBuffers, Scopes, Staged};
+use crate::gpu::io::{forward_in_chunks, head_chunks, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, LevelInfo, LevelSelect, Params, MAX_LEVELS};
 use crate::gpu::pipelines::poisoned;
 use crate::gpu::readback::storage;
@@ -388,6 +388,11 @@ impl FmaAttention {
 
     /// FMA of host tensors (async; works on the web). Q, K, V: (batch, heads, seq, head_dim)
     /// row-major f32. Returns O of the same shape and, if `want_lse`, the LSE (batch, heads, seq).
+    ///
+    /// Tensors larger than the adapter's storage-binding limit are processed a run of heads at
+    /// a time (same result as one run); a single head over the limit is
+    /// [`crate::FmaError::LimitExceeded`]. A NaN or infinity in the inputs reaches exactly the
+    /// rows whose softmax includes it, directly or through a coarse key, as in dense attention.
     pub async fn forward_async(
         &self,
         q: &[f32],
@@ -400,6 +405,26 @@ impl FmaAttention {
         shape.check_len("Q", q.len())?;
         shape.check_len("K", k.len())?;
         shape.check_len("V", v.len())?;
+        // Tensors over one storage binding are processed a run of heads at a time.
+        let chunks = head_chunks(shape, |s| self.plan(s).map(|_| ()))?;
+        if chunks.len() == 1 {
+            return self.forward_whole(q, k, v, shape, want_lse).await;
+        }
+        forward_in_chunks(shape, &chunks, q, k, v, want_lse, |q, k, v, s| {
+            self.forward_whole(q, k, v, s, want_lse)
+        })
+        .await
+    }
+
+    /// One forward of host tensors whose every buffer fits the adapter's limits.
+    async fn forward_whole(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        want_lse: bool,
+    ) -> Result<Output> {
         let plan = self.plan(shape)?;
         let pipes = self.pipes(&plan).await?;
         let ws = self.workspace(&plan)?;

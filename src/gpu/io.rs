@@ -167,3 +167,74 @@ impl Staged {
         Ok(Output { o: all, lse })
     }
 }
+
+/// Runs of whole heads `(first, count)` over batch*heads such that each run's shape passes
+/// `fits` (a plan check): one run when the whole shape fits; otherwise the largest number of
+/// heads whose tensors stay within the adapter's binding limits, so a tensor larger than one
+/// storage binding is processed in pieces. A single head that does not fit is the error `fits`
+/// gives for it.
+pub(crate) fn head_chunks(
+    shape: Shape,
+    fits: impl Fn(Shape) -> Result<()>,
+) -> Result<Vec<(usize, usize)>> {
+    let bh = shape.batch_heads();
+    match fits(shape) {
+        Ok(()) => return Ok(vec![(0, bh)]),
+        Err(FmaError::LimitExceeded { .. }) if bh > 1 => {}
+        Err(e) => return Err(e),
+    }
+    let heads = |count| Shape::new(1, count, shape.seq, shape.head_dim);
+    fits(heads(1))?;
+    // Largest count that fits (the checks are monotone in the number of heads).
+    let (mut lo, mut hi) = (1, bh);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(heads(mid)).is_ok() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok((0..bh)
+        .step_by(lo)
+        .map(|first| (first, lo.min(bh - first)))
+        .collect())
+}
+
+/// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
+/// independent, so the result is the one an unsplit run would give).
+pub(crate) async fn forward_in_chunks<'a, F, Fut>(
+    shape: Shape,
+    chunks: &[(usize, usize)],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    want_lse: bool,
+    run: F,
+) -> Result<Output>
+where
+    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
+    Fut: std::future::Future<Output = Result<Output>>,
+{
+    let per_head = shape.seq * shape.head_dim;
+    let mut o = Vec::with_capacity(shape.elements());
+    let mut lse = Vec::with_capacity(if want_lse { shape.rows() } else { 0 });
+    for &(first, count) in chunks {
+        let r = first * per_head..(first + count) * per_head;
+        let part = run(
+            &q[r.clone()],
+            &k[r.clone()],
+            &v[r],
+            Shape::new(1, count, shape.seq, shape.head_dim),
+        )
+        .await?;
+        o.extend_from_slice(&part.o);
+        if let Some(l) = part.lse {
+            lse.extend_from_slice(&l);
+        }
+    }
+    Ok(Output {
+        o,
+        lse: want_lse.then_some(lse),
+    })
+}
