@@ -4,6 +4,7 @@
 
 pub mod downsample;
 pub mod gather;
+pub mod level_mass;
 
 use crate::config::FmaConfig;
 #[cfg(test)]
