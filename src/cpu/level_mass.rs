@@ -119,7 +119,10 @@ mod tests {
                 let lm = level_mass(&q, &k, &v, shape, &cfg, 1, i).unwrap();
                 assert_eq!(lm.mass.len(), levels.count() + 1);
                 let total: f64 = lm.mass.iter().sum();
-                assert!((total - 1.0).abs() < 1e-12, "seed {seed} n={n} i={i}: {total}");
+                assert!(
+                    (total - 1.0).abs() < 1e-12,
+                    "seed {seed} n={n} i={i}: {total}"
+                );
                 assert!(lm.mass.iter().all(|&x| (0.0..=1.0).contains(&x)));
                 // Same keys and logits as the reference: the same log-sum-exp, to rounding.
                 let want = reference.lse[n + i];
