@@ -35,11 +35,18 @@ impl Gpu {
         })
     }
 
-    /// The adapter's name, backend and driver, e.g. "SwiftShader Device (BrowserWebGpu)".
+    /// The adapter's name, backend, device type and driver, e.g. "unnamed adapter (BrowserWebGpu,
+    /// Cpu)" for Chromium's SwiftShader fallback (Chromium does not tell pages the name).
     #[wasm_bindgen(getter)]
     pub fn adapter(&self) -> String {
         let i = &self.ctx.info;
-        let mut s = format!("{} ({:?})", i.name, i.backend);
+        // Browsers may withhold the adapter's name; say what is known then.
+        let name = if i.name.is_empty() {
+            "unnamed adapter"
+        } else {
+            &i.name
+        };
+        let mut s = format!("{name} ({:?}, {:?})", i.backend, i.device_type);
         if !i.driver.is_empty() {
             s += &format!(", {}", i.driver);
         }

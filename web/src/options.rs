@@ -3,6 +3,7 @@
 use multipole_attn::{FmaConfig, Shape};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
 
 /// Which queries attend at the coarse levels (algorithm.md §6).
 ///
@@ -46,6 +47,11 @@ pub struct Options {
     pub queries: Queries,
 }
 
+/// The JS names of the fields of [`Options`].
+const FIELDS: [&str; 8] = [
+    "batch", "heads", "n", "headDim", "m", "p", "causal", "queries",
+];
+
 fn one() -> usize {
     1
 }
@@ -59,6 +65,19 @@ fn default_p() -> usize {
 impl Options {
     /// Reads the options object passed from JS; a wrong field is an error naming it.
     pub fn from_js(value: JsValue) -> Result<Self, JsError> {
+        // serde-wasm-bindgen reads only the declared fields of a JS object, so
+        // `deny_unknown_fields` alone would let a typo pass silently: check the keys here.
+        if let Some(obj) = value.dyn_ref::<js_sys::Object>() {
+            for key in js_sys::Object::keys(obj).iter() {
+                let key = key.as_string().unwrap_or_default();
+                if !FIELDS.contains(&key.as_str()) {
+                    return Err(JsError::new(&format!(
+                        "invalid options: unknown field `{key}`, expected one of {}",
+                        FIELDS.join(", ")
+                    )));
+                }
+            }
+        }
         serde_wasm_bindgen::from_value(value)
             .map_err(|e| JsError::new(&format!("invalid options: {e}")))
     }

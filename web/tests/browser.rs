@@ -453,3 +453,23 @@ fn level_mass_sums_to_one_and_matches_the_reference_lse() {
         );
     }
 }
+
+/// The keys `Options::from_js` accepts are exactly the ones serde reads and writes.
+#[wasm_bindgen_test]
+fn option_field_names_round_trip() {
+    let o = opts(2, 3, 10, 8, 4, 2, true);
+    let js = o.to_js().unwrap();
+    let keys: Vec<String> = js_sys::Object::keys(js.unchecked_ref::<js_sys::Object>())
+        .iter()
+        .map(|k| k.as_string().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["batch", "heads", "n", "headDim", "m", "p", "causal", "queries"]
+    );
+    assert_eq!(Options::from_js(js).unwrap(), o);
+    let defaults = Options::from_js(js_opts(r#"{"n": 5, "headDim": 4}"#)).unwrap();
+    assert_eq!(defaults, opts(1, 1, 5, 4, 64, 2, false));
+    let msg = message(Options::from_js(js_opts(r#"{"n": 5.5, "headDim": 4}"#)).unwrap_err());
+    assert!(msg.starts_with("invalid options:"), "{msg}");
+}
