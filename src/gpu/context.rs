@@ -132,10 +132,13 @@ fn no_adapter(e: wgpu::RequestAdapterError) -> FmaError {
 /// What to do when no adapter was found, said for the platform the library runs on.
 #[cfg(target_arch = "wasm32")]
 fn no_adapter(e: wgpu::RequestAdapterError) -> FmaError {
-    FmaError::NoAdapter(format!(
-        " ({e}): this browser exposes no WebGPU adapter; use one with WebGPU \
-         enabled (a recent Chrome, Edge or Safari; headless Chromium needs --enable-unsafe-webgpu)"
-    ))
+    // wgpu's own text lists every native backend as "not compiled in": only noise here.
+    log::debug!("request_adapter: {e}");
+    FmaError::NoAdapter(
+        ": this browser exposes no WebGPU adapter; use one with WebGPU enabled (a recent \
+         Chrome, Edge or Safari; headless Chromium needs --enable-unsafe-webgpu)"
+            .into(),
+    )
 }
 
 /// The limits the library asks for: WebGPU's defaults (or the downlevel defaults on an adapter
