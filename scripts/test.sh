@@ -20,3 +20,5 @@ echo "== CLI against the independent float64 reference (scripts/fma_reference.py
 python3 scripts/fma_reference.py
 cargo build --release --bin multipole-attn
 python3 scripts/check_cli.py target/release/multipole-attn
+
+bash scripts/test_web.sh
