@@ -43,3 +43,6 @@ if ! python3 -c 'import numpy' >/dev/null 2>&1; then
     || python3 -m pip install -q --break-system-packages -r "$(dirname "$0")/requirements.txt" \
     || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-numpy; }
 fi
+
+# The browser build (web/): Chromium, the wasm32 target, wasm-bindgen-cli, node packages.
+bash "$(dirname "$0")/setup_web.sh"

@@ -4,6 +4,9 @@
 //! through wgpu. See `README.md` for the algorithm in a paragraph and `levels` for a drawing of
 //! which keys a query sees at each level.
 #![warn(missing_docs)]
+// On wasm32 wgpu's handles are not Send (the browser is one thread); the Arcs that make the
+// executors shareable between native threads are then merely reference counts.
+#![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
 
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]

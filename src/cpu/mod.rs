@@ -6,6 +6,7 @@ pub mod backward;
 pub mod coarse;
 pub mod downsample;
 pub mod gather;
+pub mod level_mass;
 
 use crate::config::{FmaConfig, Queries};
 #[cfg(test)]

@@ -56,12 +56,7 @@ impl GpuContext {
                 ..Default::default()
             })
             .await
-            .map_err(|e| {
-                let backend = std::env::var("WGPU_BACKEND").map(|b| format!(" for WGPU_BACKEND={b}")).unwrap_or_default();
-                FmaError::NoAdapter(format!(
-                    "{backend} ({e}); install a Vulkan, Metal or DX12 driver (on Debian: apt-get install mesa-vulkan-drivers libvulkan1)"
-                ))
-            })?;
+            .map_err(no_adapter)?;
         Self::from_adapter(&adapter, options).await
     }
 
@@ -121,6 +116,29 @@ impl GpuContext {
             .min(self.limits.max_compute_workgroup_size_x)
             .min(256)
     }
+}
+
+/// What to do when no adapter was found, said for the platform the library runs on.
+#[cfg(not(target_arch = "wasm32"))]
+fn no_adapter(e: wgpu::RequestAdapterError) -> FmaError {
+    let backend = std::env::var("WGPU_BACKEND")
+        .map(|b| format!(" for WGPU_BACKEND={b}"))
+        .unwrap_or_default();
+    FmaError::NoAdapter(format!(
+        "{backend} ({e}); install a Vulkan, Metal or DX12 driver (on Debian: apt-get install mesa-vulkan-drivers libvulkan1)"
+    ))
+}
+
+/// What to do when no adapter was found, said for the platform the library runs on.
+#[cfg(target_arch = "wasm32")]
+fn no_adapter(e: wgpu::RequestAdapterError) -> FmaError {
+    // wgpu's own text lists every native backend as "not compiled in": only noise here.
+    log::debug!("request_adapter: {e}");
+    FmaError::NoAdapter(
+        ": this browser exposes no WebGPU adapter; use one with WebGPU enabled (a recent \
+         Chrome, Edge or Safari; headless Chromium needs --enable-unsafe-webgpu)"
+            .into(),
+    )
 }
 
 /// The limits the library asks for: WebGPU's defaults (or the downlevel defaults on an adapter

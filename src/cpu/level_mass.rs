@@ -1,0 +1,150 @@
+//! Where one query's attention goes: the share of its single softmax (algorithm.md §5) that
+//! falls on each level, level 0 being its fine keys and level l the coarse keys of level l.
+//! What the browser demo draws next to the query's bands; the key list and the logits (scale,
+//! count correction) are those of [`super::fma_forward`], and a test checks both give the same
+//! log-sum-exp.
+
+use crate::config::FmaConfig;
+use crate::error::{FmaError, Result};
+use crate::levels::{sub_window, Levels};
+use crate::shape::Shape;
+
+use super::downsample::downsample_head;
+use super::gather::{seen_keys, SeenKey};
+
+/// One query's softmax, summed per level.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LevelMass {
+    /// Probability mass per level, length L + 1: `mass[0]` on the fine keys, `mass[l]` on the
+    /// coarse keys of level l. Sums to 1.
+    pub mass: Vec<f64>,
+    /// Keys seen per level, length L + 1 (fine keys; coarse keys, p per far window).
+    pub keys: Vec<usize>,
+    /// The query's log-sum-exp over every key it sees (equals `fma_forward`'s LSE of the row).
+    pub lse: f64,
+}
+
+/// The per-level softmax mass of query `i` of head `bh` (flat index batch * heads + head) under
+/// FMA with `cfg`. `q`, `k`, `v`: (batch, heads, seq, head_dim), row-major. Costs one head's
+/// downsampling, O(n d L), plus the query's O(m + p L) keys.
+pub fn level_mass(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    cfg: &FmaConfig,
+    bh: usize,
+    i: usize,
+) -> Result<LevelMass> {
+    super::check_inputs(q, k, v, shape)?;
+    cfg.validate(shape.head_dim, shape.seq)?;
+    cfg.validate_values()?;
+    let (n, d, p) = (shape.seq, shape.head_dim, cfg.rank);
+    for (what, value, bound) in [("head", bh, shape.batch_heads()), ("query", i, n)] {
+        if value >= bound {
+            return Err(FmaError::ShapeMismatch {
+                what: format!("{what} index"),
+                expected: format!("< {bound} for {shape}"),
+                got: value.to_string(),
+            });
+        }
+    }
+    let levels = Levels::new(n, cfg.block, p);
+    let head = bh * n * d..(bh + 1) * n * d;
+    let (kh, vh) = (&k[head.clone()], &v[head.clone()]);
+    let qi = &q[head.start + i * d..head.start + (i + 1) * d];
+    let coarse = downsample_head(kh, vh, d, &levels, &cfg.downsample);
+    let scale = 1.0 / (d as f64).sqrt();
+    let dot = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    let logits: Vec<(usize, f64)> = seen_keys(&levels, cfg.causal, i)
+        .into_iter()
+        .map(|key| match key {
+            SeenKey::Fine(t) => (0, dot(qi, &kh[t * d..(t + 1) * d]) * scale),
+            SeenKey::Coarse { level, window, j } => {
+                let row = (window * p + j) * d..(window * p + j + 1) * d;
+                let count = sub_window(n, cfg.block, p, level, window, j).len() as f64;
+                let bias = if cfg.count_correction {
+                    count.ln()
+                } else {
+                    0.0
+                };
+                let s = dot(qi, &coarse[level - 1].keys[row]) * scale + bias;
+                (level, s)
+            }
+        })
+        .collect();
+    let max = logits
+        .iter()
+        .map(|&(_, s)| s)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let mut mass = vec![0f64; levels.count() + 1];
+    let mut keys = vec![0usize; levels.count() + 1];
+    for &(l, s) in &logits {
+        mass[l] += (s - max).exp();
+        keys[l] += 1;
+    }
+    let z: f64 = mass.iter().sum();
+    mass.iter_mut().for_each(|x| *x /= z);
+    Ok(LevelMass {
+        mass,
+        keys,
+        lse: max + z.ln(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{fma_forward, widen};
+    use crate::random::{fresh_seed, normal_tensor};
+
+    #[test]
+    fn level_mass_sums_to_one_and_matches_the_reference_lse() {
+        let seed = fresh_seed();
+        eprintln!("seed {seed}");
+        for &(n, d, m, p, causal) in &[
+            (1, 4, 4, 2, false),
+            (97, 8, 4, 2, true),
+            (1025, 16, 16, 4, false),
+            (1000, 8, 8, 1, true),
+        ] {
+            let shape = Shape::new(1, 2, n, d);
+            let q = widen(&normal_tensor(seed, shape.elements()));
+            let k = widen(&normal_tensor(seed + 1, shape.elements()));
+            let v = widen(&normal_tensor(seed + 2, shape.elements()));
+            let cfg = FmaConfig::new(m, p).causal(causal);
+            let reference = fma_forward(&q, &k, &v, shape, &cfg).unwrap();
+            let levels = Levels::new(n, m, p);
+            for i in [0, n / 3, n / 2, n - 1] {
+                let lm = level_mass(&q, &k, &v, shape, &cfg, 1, i).unwrap();
+                assert_eq!(lm.mass.len(), levels.count() + 1);
+                let total: f64 = lm.mass.iter().sum();
+                assert!(
+                    (total - 1.0).abs() < 1e-12,
+                    "seed {seed} n={n} i={i}: {total}"
+                );
+                assert!(lm.mass.iter().all(|&x| (0.0..=1.0).contains(&x)));
+                // Same keys and logits as the reference: the same log-sum-exp, to rounding.
+                let want = reference.lse[n + i];
+                assert!(
+                    (lm.lse - want).abs() < 1e-12 * want.abs().max(1.0),
+                    "seed {seed} n={n} m={m} p={p} causal={causal} i={i}: {} vs {want}",
+                    lm.lse
+                );
+                let fine = levels.fine_blocks().min(if causal { 2 } else { 3 });
+                assert!(lm.keys[0] >= 1 && lm.keys[0] <= fine * m);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_indices_are_typed_errors() {
+        let shape = Shape::new(1, 2, 10, 4);
+        let x = vec![0.5f64; shape.elements()];
+        let cfg = FmaConfig::new(4, 2);
+        let e = level_mass(&x, &x, &x, shape, &cfg, 2, 0).unwrap_err();
+        assert!(e.to_string().contains("head index"), "{e}");
+        let e = level_mass(&x, &x, &x, shape, &cfg, 0, 10).unwrap_err();
+        assert!(e.to_string().contains("query index"), "{e}");
+    }
+}

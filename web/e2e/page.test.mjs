@@ -1,0 +1,177 @@
+// End-to-end test of the demo page, as a person would use it: serve web/ on 127.0.0.1, open it
+// in headless Chromium (/usr/bin/chromium through playwright-core, WebGPU on SwiftShader), set a
+// configuration, press Run, wait for the result, check the figures shown are sane, and save
+// screenshots under results/ (the test's artefacts). Needs web/pkg/ (scripts/web.sh
+// --build-only). Run: `cd web && npm test`.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const WEB = join(dirname(fileURLToPath(import.meta.url)), "..");
+const RESULTS = join(WEB, "..", "results");
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+// platform.md: --enable-unsafe-webgpu is the flag that gives headless Chromium a WebGPU adapter.
+const FLAGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+const RUN_TIMEOUT_MS = 240_000;
+
+let server;
+let url;
+const profiles = [];
+
+/** python3 -m http.server on a free port of 127.0.0.1 (the README's way of serving web/). */
+function serve() {
+  return new Promise((resolve, reject) => {
+    const p = spawn("python3", ["-u", "-m", "http.server", "--bind", "127.0.0.1", "--directory", WEB, "0"],
+      { stdio: ["ignore", "pipe", "pipe"] });
+    const timer = setTimeout(() => reject(new Error("http.server did not start in 20 s")), 20_000);
+    p.stdout.on("data", (chunk) => {
+      const m = /port (\d+)/.exec(String(chunk));
+      if (m) {
+        clearTimeout(timer);
+        resolve({ process: p, url: `http://127.0.0.1:${m[1]}/` });
+      }
+    });
+    p.on("exit", (code) => reject(new Error(`http.server exited with ${code}`)));
+  });
+}
+
+async function browser(webgpu) {
+  const profile = mkdtempSync(join(tmpdir(), "fma-e2e-"));
+  profiles.push(profile);
+  const args = webgpu ? [...FLAGS, "--enable-unsafe-webgpu"] : FLAGS;
+  // A persistent context on a fresh directory: Chromium's --user-data-dir, new every launch.
+  return chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args,
+    viewport: { width: 1100, height: 1000 },
+    deviceScaleFactor: 1,
+  });
+}
+
+/** Waits until the page leaves the "loading"/"running" states; returns the state. */
+async function settled(page, timeout) {
+  await page.waitForFunction(
+    () => !["loading", "running"].includes(document.body.dataset.state),
+    null, { timeout, polling: 250 });
+  return page.evaluate(() => document.body.dataset.state);
+}
+
+const value = (page, id) => page.$eval(`#${id}`, (el) => Number(el.dataset.value));
+
+/** Presses Run, waits, checks the figures; returns them. */
+async function runAndCheck(page, label) {
+  await page.click("#run");
+  const s = await settled(page, RUN_TIMEOUT_MS);
+  const status = await page.textContent("#status");
+  assert.equal(s, "done", `${label}: page ended in state ${s}: ${status}`);
+  const r = {
+    fmaMs: await value(page, "fma-ms"),
+    denseMs: await value(page, "dense-ms"),
+    speedup: await value(page, "speedup"),
+    relError: await value(page, "rel-error"),
+    shown: {
+      fma: await page.textContent("#fma-ms"),
+      dense: await page.textContent("#dense-ms"),
+      speedup: await page.textContent("#speedup"),
+      error: await page.textContent("#rel-error"),
+    },
+    config: (await page.textContent("#result-config")).trim(),
+    notes: (await page.textContent("#result-notes")).trim(),
+    structure: (await page.textContent("#structure-text")).trim(),
+  };
+  console.log(`${label}: ${r.config}\n  FMA ${r.shown.fma} ms, dense ${r.shown.dense} ms, ` +
+    `speed-up ${r.shown.speedup}x, error vs dense ${r.shown.error} (relative)\n  ${r.notes}\n  ${r.structure}`);
+  assert.ok(r.fmaMs > 0 && Number.isFinite(r.fmaMs), `${label}: FMA time ${r.fmaMs}`);
+  assert.ok(r.denseMs > 0 && Number.isFinite(r.denseMs), `${label}: dense time ${r.denseMs}`);
+  assert.ok(Math.abs(r.speedup - r.denseMs / r.fmaMs) < 1e-9 * r.speedup, `${label}: speed-up ${r.speedup}`);
+  // Smooth keys and values: FMA is an approximation, a few percent off dense attention (the
+  // native demo measures ~2e-2); a broken pass would be off by O(1) or NaN.
+  assert.ok(r.relError > 0 && r.relError < 0.1, `${label}: relative error ${r.relError}`);
+  assert.match(r.structure, /attends to \d+ keys/);
+  assert.match(r.structure, /% of its attention on the fine keys/);
+  return r;
+}
+
+/** Counts canvas pixels in the level colours: the bands were drawn. */
+const paintedPixels = (page) => page.$eval("#picture", (c) => {
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 60) n++;
+  return n;
+});
+
+before(async () => {
+  mkdirSync(RESULTS, { recursive: true });
+  ({ process: server, url } = await serve());
+});
+
+after(() => {
+  server?.kill();
+  for (const p of profiles) rmSync(p, { recursive: true, force: true });
+});
+
+test("default run, then a causal configuration, on WebGPU", { timeout: 3 * RUN_TIMEOUT_MS }, async () => {
+  const ctx = await browser(true);
+  try {
+    const page = await ctx.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(url);
+    const s = await settled(page, 60_000);
+    assert.equal(s, "ready", `page state ${s}: ${await page.textContent("#status")} ${await page.textContent("#no-webgpu")}`);
+    console.log(await page.textContent("#adapter"));
+    assert.ok(await paintedPixels(page) > 100, "the structure picture is drawn before any run");
+
+    const defaults = await runAndCheck(page, "default run");
+    assert.match(defaults.config, /n = 4096, 2 heads, head_dim 64, m = 64, p = 2, bidirectional/);
+    await page.screenshot({ path: join(RESULTS, "web-demo.png"), fullPage: true });
+
+    // A configuration set through the form, as a person would.
+    await page.selectOption("#n", "2048");
+    await page.selectOption("#heads", "1");
+    await page.selectOption("#head_dim", "32");
+    await page.selectOption("#m", "32");
+    await page.selectOption("#p", "4");
+    await page.check("#causal");
+    const r = await runAndCheck(page, "causal run");
+    assert.match(r.config, /n = 2048, 1 head, head_dim 32, m = 32, p = 4, causal/);
+    // Choose a query by clicking the picture: the text follows it.
+    const box = await page.locator("#picture").boundingBox();
+    const { left, width } = await page.$eval("#picture", (c) => ({
+      left: Number(c.dataset.left), width: Number(c.dataset.width) }));
+    await page.mouse.click(box.x + left + 0.5 * width, box.y + 40);
+    const q = Number(await page.textContent("#query-out"));
+    assert.ok(Math.abs(q - 1024) <= 8, `clicked query ${q}`);
+    assert.match(await page.textContent("#structure-text"), new RegExp(`Query ${q} attends`));
+    await page.screenshot({ path: join(RESULTS, "web-demo-causal.png"), fullPage: true });
+    assert.deepEqual(errors, [], "no uncaught errors in the page");
+  } finally {
+    await ctx.close();
+  }
+});
+
+test("without WebGPU the page says so plainly", { timeout: 60_000 }, async () => {
+  const ctx = await browser(false);
+  try {
+    const page = await ctx.newPage();
+    await page.goto(url);
+    const s = await settled(page, 30_000);
+    assert.equal(s, "no-webgpu");
+    const msg = await page.textContent("#no-webgpu");
+    assert.ok(await page.isVisible("#no-webgpu"));
+    assert.match(msg, /This browser has no WebGPU/);
+    assert.ok(await page.isDisabled("#run"));
+    assert.ok(await paintedPixels(page) > 100, "the picture of the method still works");
+    console.log(`no WebGPU: ${msg}`);
+    await page.screenshot({ path: join(RESULTS, "web-demo-no-webgpu.png"), fullPage: true });
+  } finally {
+    await ctx.close();
+  }
+});

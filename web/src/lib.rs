@@ -1,0 +1,35 @@
+//! # multipole-attn in the browser
+//!
+//! The library compiled to WebAssembly with the same WGSL shaders and the same scheduler, on
+//! the browser's WebGPU, exposed to JavaScript through wasm-bindgen. Every function that can
+//! fail throws a JS `Error` whose message is the library's [`multipole_attn::FmaError`] text.
+//!
+//! ```js
+//! import init, { Gpu, makeInputs, compareOutputs, structure, levelMass } from "./pkg/multipole_attn_web.js";
+//! await init();
+//! const gpu = await Gpu.create();                  // throws when the browser has no WebGPU
+//! const opts = { heads: 2, n: 4096, headDim: 64, m: 64, p: 2, causal: false };
+//! const x = makeInputs(opts, "smooth", 2310);      // Q, K, V: (1, heads, n, headDim) f32
+//! const o = await gpu.fma(x.q, x.k, x.v, opts);    // Float32Array, same shape
+//! const exact = await gpu.dense(x.q, x.k, x.v, opts);
+//! const err = compareOutputs(o, exact);            // { relError, maxAbsError }
+//! const s = structure(opts, 1000);                 // bands query 1000 sees, per level
+//! const w = levelMass(x.q, x.k, x.v, opts, 0, 1000); // its softmax mass per level
+//! ```
+//!
+//! Options (`opts`) are checked in Rust: unknown fields, non-integers and values the algorithm
+//! does not allow are errors. `queries: "fine"` is the default and the only value until
+//! coarse-query FMA lands; see [`options::Queries`].
+#![warn(missing_docs)]
+
+pub mod compare;
+pub mod gpu;
+pub mod inputs;
+pub mod options;
+pub mod structure;
+
+pub use compare::{compare_outputs, Errors};
+pub use gpu::Gpu;
+pub use inputs::{make_inputs, Inputs};
+pub use options::{Options, Queries};
+pub use structure::{level_mass, structure, Band, LevelGeometry, Structure};

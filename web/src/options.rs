@@ -1,0 +1,106 @@
+//! The options object every JS call takes, checked and turned into the library's types.
+
+use multipole_attn::{FmaConfig, Shape};
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+
+/// Which queries attend at the coarse levels (algorithm.md §6).
+///
+/// Only `"fine"` exists in this build. When coarse-query FMA lands in the library, adding it
+/// here is one variant plus one line in [`Options::config`] that sets it on the `FmaConfig`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Queries {
+    /// Every query attends at full resolution to every level: O(n log n).
+    #[default]
+    Fine,
+}
+
+/// A problem and an FMA configuration, as JS passes it:
+/// `{ batch?: 1, heads?: 1, n, headDim, m?: 64, p?: 2, causal?: false, queries?: "fine" }`.
+/// Tensors are (batch, heads, n, headDim) f32, row-major.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Options {
+    /// Batch size (default 1).
+    #[serde(default = "one")]
+    pub batch: usize,
+    /// Heads per batch element (default 1).
+    #[serde(default = "one")]
+    pub heads: usize,
+    /// Sequence length.
+    pub n: usize,
+    /// Head dimension d (1..=256).
+    pub head_dim: usize,
+    /// Fine block size m (default 64; divisible by p).
+    #[serde(default = "default_m")]
+    pub m: usize,
+    /// Coarse rank p (default 2).
+    #[serde(default = "default_p")]
+    pub p: usize,
+    /// Causal mask (default false).
+    #[serde(default)]
+    pub causal: bool,
+    /// Query resolution at the coarse levels (default `"fine"`).
+    #[serde(default)]
+    pub queries: Queries,
+}
+
+/// The JS names of the fields of [`Options`].
+const FIELDS: [&str; 8] = [
+    "batch", "heads", "n", "headDim", "m", "p", "causal", "queries",
+];
+
+fn one() -> usize {
+    1
+}
+fn default_m() -> usize {
+    FmaConfig::default().block
+}
+fn default_p() -> usize {
+    FmaConfig::default().rank
+}
+
+impl Options {
+    /// Reads the options object passed from JS; a wrong field is an error naming it.
+    pub fn from_js(value: JsValue) -> Result<Self, JsError> {
+        // serde-wasm-bindgen reads only the declared fields of a JS object, so
+        // `deny_unknown_fields` alone would let a typo pass silently: check the keys here.
+        if let Some(obj) = value.dyn_ref::<js_sys::Object>() {
+            for key in js_sys::Object::keys(obj).iter() {
+                let key = key.as_string().unwrap_or_default();
+                if !FIELDS.contains(&key.as_str()) {
+                    return Err(JsError::new(&format!(
+                        "invalid options: unknown field `{key}`, expected one of {}",
+                        FIELDS.join(", ")
+                    )));
+                }
+            }
+        }
+        serde_wasm_bindgen::from_value(value)
+            .map_err(|e| JsError::new(&format!("invalid options: {e}")))
+    }
+
+    /// The options as a JS object (what `from_js` reads).
+    pub fn to_js(&self) -> Result<JsValue, JsError> {
+        serde_wasm_bindgen::to_value(self).map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// (batch, heads, n, head_dim), validated.
+    pub fn shape(&self) -> Result<Shape, JsError> {
+        let shape = Shape::new(self.batch, self.heads, self.n, self.head_dim);
+        shape.validate()?;
+        Ok(shape)
+    }
+
+    /// The FMA configuration (Average downsampling, count correction on), validated.
+    pub fn config(&self) -> Result<FmaConfig, JsError> {
+        let cfg = match self.queries {
+            Queries::Fine => FmaConfig::new(self.m, self.p).causal(self.causal),
+        };
+        cfg.validate(self.head_dim, self.n)?;
+        cfg.validate_values()?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,475 @@
+//! The library in the browser: WebGPU output against the f64 CPU reference (compiled to wasm
+//! too) on several shapes, under the browser's limits, plus the JS-facing API (options, errors
+//! as JS exceptions, the structure and level-mass exports).
+//!
+//! Run: `CHROMEDRIVER=/usr/bin/chromedriver cargo test --target wasm32-unknown-unknown -p
+//! multipole-attn-web` (headless Chromium, flags in `web/webdriver.json`; scripts/test_web.sh).
+//!
+//! Seeds are fresh per run (printed; the browser console shows them on failure). Output
+//! buffers are filled with NaN before the GPU runs, so an element no kernel writes fails.
+//!
+//! Tolerance, as in the native `tests/gpu_forward.rs`: |gpu - ref| <= 5e-5 + 5e-5 |ref| for O
+//! and 5e-5 + 1e-5 |ref| for the LSE. Inputs are N(0, 1), so logits are O(1..10) and O is a
+//! convex combination of O(1) values; f32 dot products of d <= 128 terms (relative error about
+//! sqrt(d) * 6e-8), WebGPU's exp (3 + 2|x| ulp, the same bound WGSL gives natively) and sums of
+//! at most a few hundred (FMA) or n (dense) terms give a few 1e-6. An indexing error (a key at
+//! the wrong level, a lost count correction) moves O by 1e-2 or more.
+#![cfg(target_arch = "wasm32")]
+
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::{FmaConfig, Shape};
+use multipole_attn_web::{
+    compare_outputs, make_inputs, structure, Gpu, Options, Queries, Structure,
+};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_test::*;
+use wgpu::util::DeviceExt;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+const O_ATOL: f64 = 5e-5;
+const O_RTOL: f64 = 5e-5;
+const LSE_ATOL: f64 = 5e-5;
+const LSE_RTOL: f64 = 1e-5;
+
+/// Number of elements outside |gpu - ref| <= atol + rtol |ref| (NaN counts), and the largest error.
+fn violations(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> (usize, f64) {
+    assert_eq!(gpu.len(), reference.len());
+    let mut bad = 0;
+    let mut worst = 0f64;
+    for (&g, &r) in gpu.iter().zip(reference) {
+        let e = (g as f64 - r).abs();
+        if e.is_nan() || e > atol + rtol * r.abs() {
+            bad += 1;
+        }
+        worst = if e.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(e)
+        };
+    }
+    (bad, worst)
+}
+
+fn opts(
+    batch: usize,
+    heads: usize,
+    n: usize,
+    d: usize,
+    m: usize,
+    p: usize,
+    causal: bool,
+) -> Options {
+    Options {
+        batch,
+        heads,
+        n,
+        head_dim: d,
+        m,
+        p,
+        causal,
+        queries: Queries::Fine,
+    }
+}
+
+/// Copies `buf` into a mappable buffer and awaits the browser's map callback.
+async fn read_back(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<f32> {
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test readback"),
+        size: buf.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+    ctx.queue.submit([enc.finish()]);
+    let (tx, rx) = futures_channel::oneshot::channel();
+    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    rx.await.expect("map callback ran").expect("buffer mapped");
+    let data =
+        bytemuck::cast_slice::<u8, f32>(&staging.slice(..).get_mapped_range().unwrap()).to_vec();
+    staging.unmap();
+    data
+}
+
+/// Q, K, V uploaded; O and the LSE filled with NaN.
+struct Poisoned {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    out: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
+impl Poisoned {
+    fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32], shape: Shape) -> Self {
+        let init = |label, data: &[f32], extra| {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(data),
+                    usage: wgpu::BufferUsages::STORAGE | extra,
+                })
+        };
+        Self {
+            q: init("q", q, wgpu::BufferUsages::empty()),
+            k: init("k", k, wgpu::BufferUsages::empty()),
+            v: init("v", v, wgpu::BufferUsages::empty()),
+            out: init(
+                "out",
+                &vec![f32::NAN; shape.elements()],
+                wgpu::BufferUsages::COPY_SRC,
+            ),
+            lse: init(
+                "lse",
+                &vec![f32::NAN; shape.rows()],
+                wgpu::BufferUsages::COPY_SRC,
+            ),
+        }
+    }
+
+    fn tensors(&self) -> GpuTensors<'_> {
+        GpuTensors {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            lse: Some(&self.lse),
+        }
+    }
+}
+
+struct Qkv {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn qkv(seed: u64, shape: Shape) -> Qkv {
+    Qkv {
+        q: normal_tensor(seed, shape.elements()),
+        k: normal_tensor(seed ^ 0x9e37_79b9, shape.elements()),
+        v: normal_tensor(seed ^ 0x7f4a_7c15, shape.elements()),
+    }
+}
+
+async fn gpu() -> Gpu {
+    let g = Gpu::create()
+        .await
+        .unwrap_or_else(|e| panic!("no WebGPU in this browser: {:?}", JsValue::from(e)));
+    console_log!(
+        "adapter: {}, max workgroup {}, workgroup memory {} B",
+        g.adapter(),
+        g.max_workgroup(),
+        g.workgroup_memory()
+    );
+    g
+}
+
+#[wasm_bindgen_test]
+async fn fma_matches_the_cpu_reference_under_browser_limits() {
+    let g = gpu().await;
+    let ctx = g.context();
+    // What the browser grants is what the plans must fit: at most 256 invocations per workgroup.
+    assert!(ctx.max_workgroup() <= 256);
+    let seed = fresh_seed();
+    console_log!("seed {seed}");
+    // (batch, heads, n, d, m, p, causal): awkward n, d not a multiple of 4, m = 256 (one
+    // workgroup of the browser's maximum per block), m = 512 (two query tiles per block).
+    let cases = [
+        (1, 1, 1, 16, 4, 2, false),
+        (1, 2, 7, 3, 4, 1, true),
+        (1, 2, 97, 40, 16, 4, true),
+        (2, 1, 1025, 64, 64, 2, false),
+        (1, 1, 1025, 128, 32, 2, true),
+        (1, 2, 2048, 64, 64, 2, true),
+        (1, 1, 1100, 32, 256, 4, false),
+        (1, 1, 1100, 128, 512, 2, true),
+    ];
+    for (i, &(b, h, n, d, m, p, causal)) in cases.iter().enumerate() {
+        let shape = Shape::new(b, h, n, d);
+        let cfg = FmaConfig::new(m, p).causal(causal);
+        let label = format!("seed {seed} case {i}: {shape} m={m} p={p} causal={causal}");
+        let x = qkv(seed + i as u64, shape);
+        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+        let plan = fma.plan(shape).unwrap();
+        assert!(
+            plan.attention.spec.wg <= ctx.max_workgroup(),
+            "{label}: {plan:?}"
+        );
+        let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+        fma.forward_buffers_async(bufs.tensors(), shape)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let o = read_back(ctx, &bufs.out).await;
+        let lse = read_back(ctx, &bufs.lse).await;
+        let r = cpu::fma_forward(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, &cfg).unwrap();
+        let (bad_o, err_o) = violations(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
+        let (bad_l, err_l) = violations(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
+        console_log!("{label}: max |O - ref| {err_o:.2e}, max |LSE - ref| {err_l:.2e}");
+        assert_eq!(bad_o, 0, "{label}: O off by up to {err_o}");
+        assert_eq!(bad_l, 0, "{label}: LSE off by up to {err_l}");
+    }
+}
+
+#[wasm_bindgen_test]
+async fn dense_matches_the_cpu_reference() {
+    let g = gpu().await;
+    let ctx = g.context();
+    let seed = fresh_seed();
+    for (i, &(h, n, d, causal)) in [(2, 97, 40, true), (1, 1025, 64, false), (1, 300, 128, true)]
+        .iter()
+        .enumerate()
+    {
+        let shape = Shape::new(1, h, n, d);
+        let label = format!("seed {seed} dense {shape} causal={causal}");
+        let x = qkv(seed + 100 + i as u64, shape);
+        let dense = DenseAttention::new(ctx, causal).unwrap();
+        let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+        dense
+            .forward_buffers_async(bufs.tensors(), shape)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let o = read_back(ctx, &bufs.out).await;
+        let r =
+            cpu::dense_attention(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, causal).unwrap();
+        let (bad, err) = violations(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
+        console_log!("{label}: max |O - ref| {err:.2e}");
+        assert_eq!(bad, 0, "{label}: O off by up to {err}");
+    }
+}
+
+/// The JS-facing path (options object in, Float32Array out) gives the reference's output, also
+/// on a second call that reuses the cached buffers of the shape with different inputs.
+#[wasm_bindgen_test]
+async fn exported_fma_and_dense_match_the_reference() {
+    let g = gpu().await;
+    let seed = fresh_seed() as u32;
+    for o in [
+        opts(1, 2, 333, 24, 16, 2, false),
+        opts(1, 1, 1000, 64, 64, 2, true),
+    ] {
+        let shape = o.shape().unwrap();
+        let cfg = o.config().unwrap();
+        for round in 0..2u32 {
+            let label = format!("seed {seed} round {round} {o:?}");
+            let x = make_inputs(o.to_js().unwrap(), "random", seed + round).unwrap();
+            let (q, k, v) = (x.q.clone(), x.k.clone(), x.v.clone());
+            let got = g
+                .fma(q.clone(), k.clone(), v.clone(), o.to_js().unwrap())
+                .await
+                .unwrap();
+            let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
+            let (bad, err) = violations(&got, &r.o, O_ATOL, O_RTOL);
+            assert_eq!(bad, 0, "{label}: FMA off by up to {err}");
+            let exact = g
+                .dense(q.clone(), k.clone(), v.clone(), o.to_js().unwrap())
+                .await
+                .unwrap();
+            let d =
+                cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, o.causal).unwrap();
+            let (bad, err) = violations(&exact, &d.o, O_ATOL, O_RTOL);
+            assert_eq!(bad, 0, "{label}: dense off by up to {err}");
+            // compareOutputs agrees with the f64 distance between the two references, to
+            // within the GPU's own error.
+            let e = compare_outputs(&got, &exact).unwrap();
+            let num: f64 = r.o.iter().zip(&d.o).map(|(a, b)| (a - b).powi(2)).sum();
+            let den: f64 = d.o.iter().map(|b| b * b).sum();
+            let want = (num / den).sqrt();
+            assert!(
+                (e.rel_error - want).abs() < 1e-4,
+                "{label}: {} vs {want}",
+                e.rel_error
+            );
+            assert!(
+                e.max_abs_error > 0.0 && e.rel_error > 0.0,
+                "{label}: FMA equals dense?"
+            );
+        }
+    }
+}
+
+/// The message of a thrown JS Error.
+fn message(e: wasm_bindgen::JsError) -> String {
+    let v: JsValue = e.into();
+    v.dyn_into::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .unwrap_or_else(|v| format!("not an Error: {v:?}"))
+}
+
+fn js_opts(json: &str) -> JsValue {
+    js_sys::JSON::parse(json).unwrap()
+}
+
+#[wasm_bindgen_test]
+async fn errors_are_js_exceptions_with_the_library_message() {
+    let g = gpu().await;
+    let o = opts(1, 2, 100, 16, 16, 2, false);
+    let x = normal_tensor(1, o.shape().unwrap().elements());
+    let short = x[1..].to_vec();
+    let e = g
+        .fma(x.clone(), x.clone(), short, o.to_js().unwrap())
+        .await
+        .unwrap_err();
+    let msg = message(e);
+    assert!(msg.starts_with("shape mismatch for V: expected"), "{msg}");
+
+    let bad_p = js_opts(r#"{"n": 100, "headDim": 16, "m": 16, "p": 3}"#);
+    let msg = message(
+        g.fma(x.clone(), x.clone(), x.clone(), bad_p)
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("p divides the block size m = 16"), "{msg}");
+
+    let typo = js_opts(r#"{"n": 100, "headDim": 16, "heds": 2}"#);
+    let msg = message(
+        g.dense(x.clone(), x.clone(), x.clone(), typo)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        msg.starts_with("invalid options:") && msg.contains("heds"),
+        "{msg}"
+    );
+
+    let coarse = js_opts(r#"{"n": 100, "headDim": 16, "queries": "coarse"}"#);
+    let msg = message(
+        g.fma(x.clone(), x.clone(), x.clone(), coarse)
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("coarse") && msg.contains("fine"), "{msg}");
+
+    let wide = js_opts(r#"{"n": 10, "headDim": 300}"#);
+    let y = normal_tensor(2, 3000);
+    let msg = message(g.dense(y.clone(), y.clone(), y, wide).await.unwrap_err());
+    assert!(
+        msg.contains("head_dim") && msg.contains("1 ..= 256"),
+        "{msg}"
+    );
+
+    let msg = message(
+        make_inputs(o.to_js().unwrap(), "noise", 1)
+            .map(|_| ())
+            .unwrap_err(),
+    );
+    assert!(msg.contains("\"smooth\" or \"random\""), "{msg}");
+    let msg = message(structure(o.to_js().unwrap(), 100).unwrap_err());
+    assert!(msg.contains("query index"), "{msg}");
+
+    // The device still works after every refusal.
+    let y = normal_tensor(3, o.shape().unwrap().elements());
+    let out = g
+        .fma(y.clone(), y.clone(), y, o.to_js().unwrap())
+        .await
+        .unwrap();
+    assert!(out.iter().all(|v| v.is_finite()));
+}
+
+/// The bands drawn for a query tile the sequence exactly once (causal: up to the query), their
+/// width is w_l / p at level l (doubling per level, clipped only at n), and the key count is
+/// the CPU reference's.
+#[wasm_bindgen_test]
+fn structure_bands_tile_the_sequence() {
+    for &(n, m, p, causal) in &[
+        (1, 4, 2, false),
+        (97, 4, 2, true),
+        (1025, 16, 4, false),
+        (4096, 64, 2, false),
+        (4096, 64, 2, true),
+        (1000, 8, 1, true),
+    ] {
+        let o = opts(1, 1, n, 8, m, p, causal);
+        for i in [0, n / 3, n / 2, n - 1] {
+            let js = structure(o.to_js().unwrap(), i as u32).unwrap();
+            let s: Structure = multipole_attn_web::structure::structure_of(&o, i).unwrap();
+            // The JS object carries the same bands.
+            let bands = js_sys::Reflect::get(&js, &"bands".into()).unwrap();
+            assert_eq!(js_sys::Array::from(&bands).length() as usize, s.bands.len());
+            let mut cover = vec![0u32; n];
+            for b in &s.bands {
+                assert!(b.start < b.end && b.end <= n, "{b:?}");
+                if b.level > 0 {
+                    let g = s.levels[b.level];
+                    assert_eq!(g.window, m << (b.level - 1));
+                    assert_eq!(g.sub_window, g.window / p);
+                    assert!(b.end - b.start == g.sub_window || b.end == n, "{b:?} {g:?}");
+                }
+                cover[b.start..b.end].iter_mut().for_each(|c| *c += 1);
+            }
+            for (t, &c) in cover.iter().enumerate() {
+                let want = u32::from(!causal || t <= i);
+                assert_eq!(
+                    c, want,
+                    "n={n} m={m} p={p} causal={causal} query {i} key {t}"
+                );
+            }
+            let levels = multipole_attn::levels::Levels::new(n, m, p);
+            let keys = multipole_attn::cpu::gather::seen_keys(&levels, causal, i).len();
+            assert_eq!(s.keys, keys);
+        }
+    }
+}
+
+#[wasm_bindgen_test]
+fn level_mass_sums_to_one_and_matches_the_reference_lse() {
+    let seed = fresh_seed() as u32;
+    let o = opts(1, 2, 1500, 32, 32, 2, true);
+    let shape = o.shape().unwrap();
+    let x = make_inputs(o.to_js().unwrap(), "smooth", seed).unwrap();
+    let (q, k, v) = (x.q.clone(), x.k.clone(), x.v.clone());
+    let r = cpu::fma_forward(
+        &widen(&q),
+        &widen(&k),
+        &widen(&v),
+        shape,
+        &o.config().unwrap(),
+    )
+    .unwrap();
+    for i in [0, 700, 1499] {
+        let js = multipole_attn_web::level_mass(&q, &k, &v, o.to_js().unwrap(), 1, i).unwrap();
+        let mass: Vec<f64> =
+            serde_wasm_bindgen::from_value(js_sys::Reflect::get(&js, &"mass".into()).unwrap())
+                .unwrap();
+        let lse = js_sys::Reflect::get(&js, &"lse".into())
+            .unwrap()
+            .as_f64()
+            .unwrap();
+        let levels = multipole_attn::levels::num_levels(1500, 32);
+        assert_eq!(mass.len(), levels + 1);
+        assert!(
+            (mass.iter().sum::<f64>() - 1.0).abs() < 1e-12,
+            "seed {seed} query {i}: {mass:?}"
+        );
+        let want = r.lse[1500 + i as usize];
+        assert!(
+            (lse - want).abs() < 1e-9,
+            "seed {seed} query {i}: lse {lse} vs {want}"
+        );
+    }
+}
+
+/// The keys `Options::from_js` accepts are exactly the ones serde reads and writes.
+#[wasm_bindgen_test]
+fn option_field_names_round_trip() {
+    let o = opts(2, 3, 10, 8, 4, 2, true);
+    let js = o.to_js().unwrap();
+    let keys: Vec<String> = js_sys::Object::keys(js.unchecked_ref::<js_sys::Object>())
+        .iter()
+        .map(|k| k.as_string().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["batch", "heads", "n", "headDim", "m", "p", "causal", "queries"]
+    );
+    assert_eq!(Options::from_js(js).unwrap(), o);
+    let defaults = Options::from_js(js_opts(r#"{"n": 5, "headDim": 4}"#)).unwrap();
+    assert_eq!(defaults, opts(1, 1, 5, 4, 64, 2, false));
+    let msg = message(Options::from_js(js_opts(r#"{"n": 5.5, "headDim": 4}"#)).unwrap_err());
+    assert!(msg.starts_with("invalid options:"), "{msg}");
+}
