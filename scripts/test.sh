@@ -20,13 +20,11 @@ echo "== CLI against the independent float64 reference (scripts/fma_reference.py
 python3 scripts/fma_reference.py
 cargo build --release --bin multipole-attn
 python3 scripts/check_cli.py target/release/multipole-attn
-<<<<<<< HEAD
 python3 scripts/check_cli_grad.py target/release/multipole-attn
 
 echo "== conformance suite on every adapter (Vulkan lavapipe and GL llvmpipe here)"
 # The GL adapter needs EGL and Mesa's DRI driver (scripts/setup.sh installs them).
 target/release/multipole-attn doctor --require vulkan,gl
-=======
 
 bash scripts/test_web.sh
 
