@@ -33,12 +33,12 @@ function formOptions() {
     m: Number($("m").value),
     p: Number($("p").value),
     causal: $("causal").checked,
-    queries: "fine",
+    queries: $("queries").value,
   };
 }
 
 const describe = (o) =>
-  `n = ${o.n}, ${o.heads} head${o.heads > 1 ? "s" : ""}, head_dim ${o.headDim}, m = ${o.m}, p = ${o.p}, ${o.causal ? "causal" : "bidirectional"}`;
+  `n = ${o.n}, ${o.heads} head${o.heads > 1 ? "s" : ""}, head_dim ${o.headDim}, m = ${o.m}, p = ${o.p}, ${o.causal ? "causal" : "bidirectional"}, ${o.queries} queries`;
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
@@ -388,7 +388,7 @@ function noWebGpu(reason) {
 async function main() {
   await init();
   $("config").addEventListener("submit", run);
-  for (const id of ["n", "heads", "head_dim", "m", "p", "causal", "inputs"]) {
+  for (const id of ["n", "heads", "head_dim", "m", "p", "queries", "causal", "inputs"]) {
     $(id).addEventListener("change", configChanged);
   }
   $("query").addEventListener("input", drawStructure);

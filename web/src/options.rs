@@ -5,16 +5,16 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
-/// Which queries attend at the coarse levels (algorithm.md §6).
-///
-/// Only `"fine"` exists in this build. When coarse-query FMA lands in the library, adding it
-/// here is one variant plus one line in [`Options::config`] that sets it on the `FmaConfig`.
+/// Which queries attend at the coarse levels (algorithm.md §6): `"fine"` or `"coarse"`
+/// (bidirectional only; with `causal: true` it is an error saying so).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Queries {
     /// Every query attends at full resolution to every level: O(n log n).
     #[default]
     Fine,
+    /// Queries pooled like the keys at every coarse level: O(n), bidirectional only.
+    Coarse,
 }
 
 /// A problem and an FMA configuration, as JS passes it:
@@ -98,6 +98,9 @@ impl Options {
     pub fn config(&self) -> Result<FmaConfig, JsError> {
         let cfg = match self.queries {
             Queries::Fine => FmaConfig::new(self.m, self.p).causal(self.causal),
+            Queries::Coarse => FmaConfig::new(self.m, self.p)
+                .causal(self.causal)
+                .queries(multipole_attn::Queries::Coarse),
         };
         cfg.validate(self.head_dim, self.n)?;
         cfg.validate_values()?;

@@ -178,22 +178,31 @@ async fn fma_matches_the_cpu_reference_under_browser_limits() {
     assert!(ctx.max_workgroup() <= 256);
     let seed = fresh_seed();
     console_log!("seed {seed}");
-    // (batch, heads, n, d, m, p, causal): awkward n, d not a multiple of 4, m = 256 (one
-    // workgroup of the browser's maximum per block), m = 512 (two query tiles per block).
+    // (batch, heads, n, d, m, p, causal, coarse queries): awkward n, d not a multiple of 4,
+    // m = 256 (one workgroup of the browser's maximum per block), m = 512 (two query tiles per
+    // block); coarse queries (bidirectional only) on two shapes.
     let cases = [
-        (1, 1, 1, 16, 4, 2, false),
-        (1, 2, 7, 3, 4, 1, true),
-        (1, 2, 97, 40, 16, 4, true),
-        (2, 1, 1025, 64, 64, 2, false),
-        (1, 1, 1025, 128, 32, 2, true),
-        (1, 2, 2048, 64, 64, 2, true),
-        (1, 1, 1100, 32, 256, 4, false),
-        (1, 1, 1100, 128, 512, 2, true),
+        (1, 1, 1, 16, 4, 2, false, false),
+        (1, 2, 7, 3, 4, 1, true, false),
+        (1, 2, 97, 40, 16, 4, true, false),
+        (2, 1, 1025, 64, 64, 2, false, false),
+        (1, 1, 1025, 128, 32, 2, true, false),
+        (1, 2, 2048, 64, 64, 2, true, false),
+        (1, 1, 1100, 32, 256, 4, false, false),
+        (1, 1, 1100, 128, 512, 2, true, false),
+        (1, 2, 97, 40, 16, 2, false, true),
+        (1, 1, 1100, 64, 256, 4, false, true),
     ];
-    for (i, &(b, h, n, d, m, p, causal)) in cases.iter().enumerate() {
+    for (i, &(b, h, n, d, m, p, causal, coarse)) in cases.iter().enumerate() {
         let shape = Shape::new(b, h, n, d);
-        let cfg = FmaConfig::new(m, p).causal(causal);
-        let label = format!("seed {seed} case {i}: {shape} m={m} p={p} causal={causal}");
+        let queries = if coarse {
+            multipole_attn::Queries::Coarse
+        } else {
+            multipole_attn::Queries::Fine
+        };
+        let cfg = FmaConfig::new(m, p).causal(causal).queries(queries);
+        let label =
+            format!("seed {seed} case {i}: {shape} m={m} p={p} causal={causal} {queries:?}");
         let x = qkv(seed + i as u64, shape);
         let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
         let plan = fma.plan(shape).unwrap();
@@ -337,13 +346,16 @@ async fn errors_are_js_exceptions_with_the_library_message() {
         "{msg}"
     );
 
-    let coarse = js_opts(r#"{"n": 100, "headDim": 16, "queries": "coarse"}"#);
+    let coarse = js_opts(r#"{"n": 100, "headDim": 16, "queries": "coarse", "causal": true}"#);
     let msg = message(
         g.fma(x.clone(), x.clone(), x.clone(), coarse)
             .await
             .unwrap_err(),
     );
-    assert!(msg.contains("coarse") && msg.contains("fine"), "{msg}");
+    assert!(
+        msg.contains("coarse queries are bidirectional only"),
+        "{msg}"
+    );
 
     let wide = js_opts(r#"{"n": 10, "headDim": 300}"#);
     let y = normal_tensor(2, 3000);
