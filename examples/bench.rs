@@ -519,26 +519,29 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 .filter_map(|r| r.seconds.map(|s| (r.n, s)))
                 .collect()
         };
-        let fma = pick("fma-fine");
         let dense = pick("dense");
-        let ratios: Vec<String> = fma
-            .windows(2)
-            .map(|w| format!("{}->{}: {:.2}", w[0].0, w[1].0, w[1].1 / w[0].1))
-            .collect();
-        println!(
-            "d={d} m={m} p={p} causal={causal}: FMA t(2n)/t(n): {}",
-            ratios.join(", ")
-        );
-        let speedups: Vec<String> = fma
-            .iter()
-            .filter_map(|&(n, s)| {
-                dense
-                    .iter()
-                    .find(|x| x.0 == n)
-                    .map(|x| format!("n={n}: {:.1}x", x.1 / s))
-            })
-            .collect();
-        println!("  FMA speed-up over dense: {}", speedups.join(", "));
+        println!("d={d} m={m} p={p} causal={causal}:");
+        for method in ["fma-fine", "fma-coarse"] {
+            let fma = pick(method);
+            if fma.is_empty() {
+                continue;
+            }
+            let ratios: Vec<String> = fma
+                .windows(2)
+                .map(|w| format!("{}->{}: {:.2}", w[0].0, w[1].0, w[1].1 / w[0].1))
+                .collect();
+            println!("  {method} t(2n)/t(n): {}", ratios.join(", "));
+            let speedups: Vec<String> = fma
+                .iter()
+                .filter_map(|&(n, s)| {
+                    dense
+                        .iter()
+                        .find(|x| x.0 == n)
+                        .map(|x| format!("n={n}: {:.1}x", x.1 / s))
+                })
+                .collect();
+            println!("  {method} speed-up over dense: {}", speedups.join(", "));
+        }
     }
 
     plot(&a.out.join("bench.svg"), &rows, mm)?;

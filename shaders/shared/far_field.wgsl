@@ -10,7 +10,8 @@ fn stage_coarse_tile(bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
     let d = params.d;
     let info = params.levels[lvl];
     let head = (bh * params.coarse_rows + info.row_offset) * d;
-    for (var idx = lid; idx < BK * D4; idx += WG) {
+    // Only the rows consume_tile reads (r < count): a short tile costs what it holds.
+    for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
         var kk = vec4<f32>(0.0);
@@ -28,7 +29,7 @@ fn stage_coarse_tile(bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
         tile_k[idx] = kk;
         tile_v[idx] = vv;
     }
-    for (var r = lid; r < BK; r += WG) {
+    for (var r = lid; r < count; r += WG) {
         var bias = ABSENT;
         if (r < count) {
             let row = row0 + r;

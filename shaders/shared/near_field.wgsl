@@ -7,7 +7,8 @@
 // (count <= BK), zero-padded to D4 vec4s per row. Call in uniform control flow.
 fn stage_fine_tile(head: u32, start: u32, count: u32, lid: u32) {
     let d = params.d;
-    for (var idx = lid; idx < BK * D4; idx += WG) {
+    // Only the rows consume_tile reads (r < count): a short tile costs what it holds.
+    for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
         var kk = vec4<f32>(0.0);
@@ -25,7 +26,7 @@ fn stage_fine_tile(head: u32, start: u32, count: u32, lid: u32) {
         tile_k[idx] = kk;
         tile_v[idx] = vv;
     }
-    for (var r = lid; r < BK; r += WG) {
+    for (var r = lid; r < count; r += WG) {
         tile_bias[r] = 0.0;
     }
 }

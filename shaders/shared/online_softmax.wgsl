@@ -47,7 +47,7 @@ fn consume_tile(count: u32, visible: u32) {
     var s: array<f32, BK>;
     var tile_max = NEG_START;
     var seen_any = false;
-    for (var r = 0u; r < BK; r++) {
+    for (var r = 0u; r < count; r++) {
         if (r < n_keys) {
             let bias = tile_bias[r];
             if (bias > ABSENT * 0.5) {
@@ -74,7 +74,7 @@ fn consume_tile(count: u32, visible: u32) {
     run_max = new_max;
     // The keep test repeats the first sweep's instead of looking at s[r], so that a NaN score
     // (a NaN in q or k) poisons this row as it would in dense attention rather than vanishing.
-    for (var r = 0u; r < BK; r++) {
+    for (var r = 0u; r < count; r++) {
         if (r < n_keys && tile_bias[r] > ABSENT * 0.5) {
             let w = exp(s[r] - new_max);
             run_sum += w;
