@@ -10,8 +10,9 @@ use crate::shape::Shape;
 /// Largest head dimension the attention kernels support (a query row and its accumulator live
 /// in registers: 2 * 256 floats per invocation is already a lot).
 pub const MAX_HEAD_DIM: usize = 256;
-/// Most keys staged per tile: beyond 64 the per-invocation score array stops paying off.
-pub const MAX_KEY_TILE: u32 = 64;
+/// Most keys staged per tile: 32 measured 13% faster than 63 for FMA on lavapipe (docs/perf.md):
+/// 32 divides the near field of m = 64 (192 keys) and keeps the per-invocation score array small.
+pub const MAX_KEY_TILE: u32 = 32;
 /// Fewest keys per tile worth running (below this, workgroup memory is too small for d).
 pub const MIN_KEY_TILE: u32 = 4;
 /// Invocations per workgroup of the downsample pass.
