@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
-use crate::gpu::io::{forward_in_chunks, head_chunks, GpuTensors, HostBuffers, Scopes, Staged};
+use crate::gpu::io::{forward_host, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, Params};
 use crate::gpu::pipelines::poisoned;
 use crate::gpu::readback::storage;
@@ -136,18 +136,16 @@ impl DenseAttention {
         shape: Shape,
         want_lse: bool,
     ) -> Result<Output> {
-        shape.validate()?;
-        shape.check_len("Q", q.len())?;
-        shape.check_len("K", k.len())?;
-        shape.check_len("V", v.len())?;
         // Tensors over one storage binding are processed a run of heads at a time.
-        let chunks = head_chunks(shape, |s| self.plan(s).map(|_| ()))?;
-        if chunks.len() == 1 {
-            return self.forward_whole(q, k, v, shape, want_lse).await;
-        }
-        forward_in_chunks(shape, &chunks, q, k, v, want_lse, |q, k, v, s| {
-            self.forward_whole(q, k, v, s, want_lse)
-        })
+        forward_host(
+            shape,
+            q,
+            k,
+            v,
+            want_lse,
+            |s| self.plan(s).map(|_| ()),
+            |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
+        )
         .await
     }
 

@@ -173,10 +173,7 @@ impl Staged {
 /// heads whose tensors stay within the adapter's binding limits, so a tensor larger than one
 /// storage binding is processed in pieces. A single head that does not fit is the error `fits`
 /// gives for it.
-pub(crate) fn head_chunks(
-    shape: Shape,
-    fits: impl Fn(Shape) -> Result<()>,
-) -> Result<Vec<(usize, usize)>> {
+fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(usize, usize)>> {
     let bh = shape.batch_heads();
     match fits(shape) {
         Ok(()) => return Ok(vec![(0, bh)]),
@@ -203,7 +200,7 @@ pub(crate) fn head_chunks(
 
 /// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
 /// independent, so the result is the one an unsplit run would give).
-pub(crate) async fn forward_in_chunks<'a, F, Fut>(
+async fn forward_in_chunks<'a, F, Fut>(
     shape: Shape,
     chunks: &[(usize, usize)],
     q: &'a [f32],
@@ -237,4 +234,30 @@ where
         o,
         lse: want_lse.then_some(lse),
     })
+}
+
+/// The host-tensor front of every forward: checks the shape and the slices' lengths, then runs
+/// `run` once, or once per run of heads when the tensors exceed a binding (see [`head_chunks`]).
+pub(crate) async fn forward_host<'a, F, Fut>(
+    shape: Shape,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    want_lse: bool,
+    fits: impl Fn(Shape) -> Result<()>,
+    run: F,
+) -> Result<Output>
+where
+    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
+    Fut: std::future::Future<Output = Result<Output>>,
+{
+    shape.validate()?;
+    shape.check_len("Q", q.len())?;
+    shape.check_len("K", k.len())?;
+    shape.check_len("V", v.len())?;
+    let chunks = head_chunks(shape, fits)?;
+    if chunks.len() == 1 {
+        return run(q, k, v, shape).await;
+    }
+    forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
 }
