@@ -181,7 +181,7 @@ pub struct FmaPlan {
 }
 
 /// Workgroups of a dispatch as u32 (a typed error beyond), folded under the limit.
-fn dispatch(
+pub(crate) fn dispatch(
     pass: Pass,
     level: Option<u32>,
     total: u64,

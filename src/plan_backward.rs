@@ -13,7 +13,7 @@
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::gpu::shaders::{Pass, Specialization};
-use crate::plan::{fold, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
+use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
 use crate::shape::Shape;
 
 /// Invocations per workgroup of the element-wise backward passes (delta, downsample and
@@ -41,28 +41,6 @@ fn query_tile(head_dim: usize, fixed: u32, per_query: u32, limits: &KernelLimits
         });
     }
     Ok(bq)
-}
-
-/// A dispatch of `total` workgroups of `pass`, folded under the per-dimension limit.
-fn dispatch(
-    pass: Pass,
-    level: Option<u32>,
-    total: u64,
-    spec: Specialization,
-    limits: &KernelLimits,
-) -> Result<Dispatch> {
-    let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
-        what: format!("workgroups of the {} dispatch", pass.name()),
-        requested: total,
-        max: u32::MAX as u64,
-    })?;
-    Ok(Dispatch {
-        pass,
-        level,
-        workgroups: total,
-        grid: fold(total, limits.max_workgroups_per_dim)?,
-        spec,
-    })
 }
 
 /// The plan of one fine-query FMA backward.
