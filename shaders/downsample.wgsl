@@ -48,7 +48,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let info = params.levels[sel.level];
     let d = params.d;
     let p = params.p;
-    let rows = info.windows * p;
+    let win = info.window;
+    // The windows holding tokens of the chunk [chunk_lo, chunk_hi) (all of them unless split).
+    let a_lo = params.chunk_lo / win;
+    let a_hi = (params.chunk_hi + win - 1u) / win;
+    let rows = (a_hi - a_lo) * p;
     let per_tensor = params.batch_heads * rows * d;
     let wgs_per_tensor = (per_tensor + WG - 1u) / WG;
     let wid = level_workgroup(wg);
@@ -58,12 +62,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return;
     }
     let c = g % d;
-    let row = (g / d) % rows;
+    let row = a_lo * p + (g / d) % rows;
     let bh = g / (d * rows);
     let a = row / p;
     let j = row % p;
-    let win = info.window;
-    let head = bh * params.n * d;
+    let out = (bh * params.coarse_rows + info.row_offset + row) * d + c;
     var s = 0.0;
     if (params.learned == 0u && sel.level > 0u) {
         // S(l, a, j) = S(l-1, 2a + (2j) / p, (2j) mod p) and the one after it (tokens
@@ -84,26 +87,32 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (total > 0u) {
             s /= f32(total);
         }
-    } else if (params.learned == 0u) {
-        let count = sub_window_count(win, a, j);
-        let start = a * win + j * (win / p);
-        for (var t = 0u; t < count; t++) {
-            s += input(tensor, head + (start + t) * d + c);
-        }
-        if (count > 0u) {
-            s /= f32(count);
-        }
     } else {
-        // Depthwise convolution, kernel = stride = w_l; tokens beyond n count as zero.
-        let start = a * win;
-        let len = min(win, params.n - start);
-        let wrow = tensor * params.weight_stride + info.weight_offset + (c * p + j) * win;
-        for (var t = 0u; t < len; t++) {
-            s += w[wrow + t] * input(tensor, head + (start + t) * d + c);
+        // From the tokens. Element offset of row 0 of the head: wraps like fine_attention's when
+        // a split head's bindings start at row_base > 0. A split head pools level 1 (Average)
+        // a chunk at a time: chunks are whole fine blocks, so every window of m tokens lies in
+        // one chunk and this dispatch covers exactly the windows of its chunk.
+        let head = (bh * params.n - params.row_base) * d;
+        if (params.learned == 0u) {
+            let count = sub_window_count(win, a, j);
+            let start = a * win + j * (win / p);
+            for (var t = 0u; t < count; t++) {
+                s += input(tensor, head + (start + t) * d + c);
+            }
+            if (count > 0u) {
+                s /= f32(count);
+            }
+        } else {
+            // Depthwise convolution, kernel = stride = w_l; tokens beyond n count as zero.
+            let start = a * win;
+            let len = min(win, params.n - start);
+            let wrow = tensor * params.weight_stride + info.weight_offset + (c * p + j) * win;
+            for (var t = 0u; t < len; t++) {
+                s += w[wrow + t] * input(tensor, head + (start + t) * d + c);
+            }
+            s += b[tensor * params.bias_stride + sel.level * d * p + c * p + j];
         }
-        s += b[tensor * params.bias_stride + sel.level * d * p + c * p + j];
     }
-    let out = (bh * params.coarse_rows + info.row_offset + row) * d + c;
     if (tensor == 0u) {
         coarse_k[out] = s;
     } else if (tensor == 1u) {

@@ -26,16 +26,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let n = params.n;
     let m = params.m;
-    let blocks = (n + m - 1u) / m;
+    // The fine blocks of the chunk [chunk_lo, chunk_hi) (all of them unless split).
+    let blocks = (params.chunk_hi - params.chunk_lo + m - 1u) / m;
     let tiles = blocks * params.tiles_per_block;
     let bh = wid / tiles;
     let tile = wid % tiles;
-    let a0 = tile / params.tiles_per_block;
+    let a0 = params.chunk_lo / m + tile / params.tiles_per_block;
     let i0 = a0 * m + (tile % params.tiles_per_block) * WG;
     let i1 = min(min(i0 + WG, (a0 + 1u) * m), n);
     let i = i0 + lid;
     let in_tile = i < i1;
-    let head = bh * n * params.d;
+    // Element offset of row 0 of this head in the bound tensors. A split head's bindings start
+    // at global row row_base (batch_heads = 1), making this (-row_base d) mod 2^32: u32
+    // arithmetic wraps in WGSL, so head + t d still lands on bound row t - row_base.
+    let head = (bh * n - params.row_base) * params.d;
     let causal = params.causal != 0u;
 
     begin_row(head, i, in_tile);
@@ -52,6 +56,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     if (in_tile) {
-        finish_row(head, bh * n + i, i);
+        finish_row(head, bh * n + i - params.row_base, i);
     }
 }

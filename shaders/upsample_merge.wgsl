@@ -17,12 +17,16 @@
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = params.n;
-    let g = level_workgroup(wg) * WG + lid;
-    if (g >= params.batch_heads * n) {
+    // Tokens [chunk_lo, chunk_hi) of every head (all of them unless the head is split).
+    let span = params.chunk_hi - params.chunk_lo;
+    let t = level_workgroup(wg) * WG + lid;
+    if (t >= params.batch_heads * span) {
         return;
     }
-    let bh = g / n;
-    let i = g % n;
+    let bh = t / span;
+    let i = params.chunk_lo + t % span;
+    // Row of O and the LSE in the bound buffers (they start at global row row_base).
+    let g = bh * n + i - params.row_base;
     let d = params.d;
     let p = params.p;
     var rows: array<u32, 32>;

@@ -18,6 +18,7 @@ pub mod gradients;
 pub mod levels;
 pub mod plan;
 pub mod plan_backward;
+pub mod plan_split;
 pub mod random;
 pub mod shape;
 pub mod weights;

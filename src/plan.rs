@@ -55,8 +55,13 @@ impl KernelLimits {
         Self::from_wgpu(&wgpu::Limits::default())
     }
 
+    /// Bytes one storage binding may hold: the binding limit, or the buffer limit if lower.
+    pub fn binding_bytes(&self) -> u64 {
+        self.max_binding.min(self.max_buffer)
+    }
+
     fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
-        let max = self.max_binding.min(self.max_buffer);
+        let max = self.binding_bytes();
         if bytes > max {
             return Err(FmaError::LimitExceeded {
                 what: format!("{what} ({bytes} bytes in one storage binding)"),
@@ -207,6 +212,17 @@ impl FmaPlan {
     /// anything is recorded.
     pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
         check_tensors(shape, limits)?;
+        Self::without_tensor_bindings(shape, cfg, limits)
+    }
+
+    /// [`FmaPlan::new`] less the check that Q, K, V and O each fit one storage binding: the
+    /// plan of a head whose sequence `crate::plan_split` cuts into chunks that do.
+    pub(crate) fn without_tensor_bindings(
+        shape: Shape,
+        cfg: &FmaConfig,
+        limits: &KernelLimits,
+    ) -> Result<Self> {
+        shape.validate()?;
         cfg.validate(shape.head_dim, shape.seq)?;
         let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
         if m > u32::MAX as usize / 4 {

@@ -72,6 +72,7 @@ impl DenseAttention {
             total_workgroups: plan.attention.workgroups,
             workgroups_x: plan.attention.grid[0],
             scale: 1.0 / (s.head_dim as f32).sqrt(),
+            chunk_hi: s.seq as u32,
             ..Default::default()
         })?;
         let params = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {

@@ -8,14 +8,16 @@ use std::sync::{Arc, Mutex};
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
 use crate::gpu::coarse::CoarseQueryBuffers;
-use crate::gpu::io::{forward_host, GpuTensors, HostBuffers, Scopes, Staged};
+use crate::gpu::io::{check_host, forward_host, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, LevelInfo, LevelSelect, Params, MAX_LEVELS};
 use crate::gpu::pipelines::poisoned;
 use crate::gpu::readback::storage;
 use crate::gpu::shaders::Pass;
+use crate::gpu::split::SplitIo;
 use crate::gpu::{GpuContext, Output};
 use crate::levels::window;
-use crate::plan::{FmaPlan, KernelLimits};
+use crate::plan::{Dispatch, FmaPlan, KernelLimits};
+use crate::plan_split::head_exceeds_binding;
 use crate::shape::Shape;
 use crate::weights::LevelWeights;
 
@@ -86,10 +88,10 @@ impl WeightBuffers {
 
 /// Per-shape device state: parameters, one level selector per dispatch, the coarse K~ and V~
 /// buffers and the coarse-query buffers.
-struct Workspace {
-    params: wgpu::Buffer,
-    level_select: wgpu::Buffer,
-    select_stride: u32,
+pub(super) struct Workspace {
+    pub(super) params: wgpu::Buffer,
+    pub(super) level_select: wgpu::Buffer,
+    pub(super) select_stride: u32,
     coarse_k: wgpu::Buffer,
     coarse_v: wgpu::Buffer,
     coarse_q: CoarseQueryBuffers,
@@ -191,13 +193,14 @@ impl FmaAttention {
             },
             weight_stride: self.weights.weight_stride,
             bias_stride: self.weights.bias_stride,
+            chunk_hi: s.seq as u32,
             levels,
             ..Default::default()
         }
     }
 
     /// The cached workspace of `plan`'s shape, made (and its parameters written) on first use.
-    fn workspace(&self, plan: &FmaPlan) -> Result<Arc<Mutex<Workspace>>> {
+    pub(super) fn workspace(&self, plan: &FmaPlan) -> Result<Arc<Mutex<Workspace>>> {
         let mut map = self.workspaces.lock().map_err(poisoned)?;
         if let Some(ws) = map.get(&plan.shape) {
             return Ok(ws.clone());
@@ -206,32 +209,9 @@ impl FmaAttention {
             map.clear();
         }
         let device = &self.ctx.device;
-        let params = to_uniform_bytes(&self.params(plan))?;
-        let params_buf = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("params"),
-            size: params.len() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.ctx.queue.write_buffer(&params_buf, 0, &params);
-        // One LevelSelect per step (dispatch) at an offset aligned for dynamic uniform offsets.
-        let stride = self.ctx.limits.min_uniform_buffer_offset_alignment.max(16);
-        let steps = plan.steps();
-        let mut select = vec![0u8; stride as usize * steps.len()];
-        for (i, d) in steps.iter().enumerate() {
-            let bytes = to_uniform_bytes(&LevelSelect {
-                level: d.level.unwrap_or(0),
-                workgroups_x: d.grid[0],
-            })?;
-            select[i * stride as usize..i * stride as usize + bytes.len()].copy_from_slice(&bytes);
-        }
-        let level_select = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("level_select"),
-            size: select.len() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.ctx.queue.write_buffer(&level_select, 0, &select);
+        let params_buf = self.uniform("params", &to_uniform_bytes(&self.params(plan))?);
+        let stride = self.select_stride();
+        let level_select = self.uniform("level_select", &level_selects(&plan.steps(), stride)?);
         let ws = Arc::new(Mutex::new(Workspace {
             params: params_buf,
             level_select,
@@ -255,10 +235,30 @@ impl FmaAttention {
         Ok(ws)
     }
 
-    /// Group 0 of `pass` for this forward (binding numbers as in the pass's WGSL file).
-    fn bind_group(
+    /// A uniform buffer holding `bytes`.
+    pub(super) fn uniform(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.len().max(16) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.ctx.queue.write_buffer(&buf, 0, bytes);
+        buf
+    }
+
+    /// Bytes between the level selectors of consecutive dispatches: the adapter's alignment
+    /// of dynamic uniform offsets.
+    pub(super) fn select_stride(&self) -> u32 {
+        self.ctx.limits.min_uniform_buffer_offset_alignment.max(16)
+    }
+
+    /// Group 0 of `pass` for this forward (binding numbers as in the pass's WGSL file), with
+    /// `params` as its parameter block (the workspace's, or a chunk's for a split head).
+    pub(super) fn bind_group(
         &self,
         pass: Pass,
+        params: &wgpu::Buffer,
         ws: &Workspace,
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
@@ -269,7 +269,7 @@ impl FmaAttention {
             Pass::Downsample => (
                 &layouts.downsample,
                 vec![
-                    (0, &ws.params),
+                    (0, params),
                     (1, t.k),
                     (2, t.v),
                     (3, t.q),
@@ -283,7 +283,7 @@ impl FmaAttention {
             Pass::CoarseAttention => (
                 &layouts.coarse,
                 vec![
-                    (0, &ws.params),
+                    (0, params),
                     (1, &cq.q),
                     (4, &ws.coarse_k),
                     (5, &ws.coarse_v),
@@ -293,19 +293,13 @@ impl FmaAttention {
             ),
             Pass::UpsampleMerge => (
                 &layouts.merge,
-                vec![
-                    (0, &ws.params),
-                    (1, &cq.o),
-                    (2, &cq.lse),
-                    (6, t.out),
-                    (7, lse),
-                ],
+                vec![(0, params), (1, &cq.o), (2, &cq.lse), (6, t.out), (7, lse)],
             ),
             // FineAttention (the only other pass an FMA plan holds).
             _ => (
                 &layouts.fine,
                 vec![
-                    (0, &ws.params),
+                    (0, params),
                     (1, t.q),
                     (2, t.k),
                     (3, t.v),
@@ -343,19 +337,7 @@ impl FmaAttention {
         lse: &wgpu::Buffer,
         pipes: &Pipes,
     ) -> Result<()> {
-        let device = &self.ctx.device;
-        let select = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("level_select"),
-            layout: &self.ctx.kernels.layouts.level_select,
-            entries: &[wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &ws.level_select,
-                    offset: 0,
-                    size: std::num::NonZeroU64::new(16),
-                }),
-            }],
-        });
+        let select = self.select_group(&ws.level_select);
         let mut groups: HashMap<Pass, wgpu::BindGroup> = HashMap::new();
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("fma forward"),
@@ -364,7 +346,7 @@ impl FmaAttention {
         for (k, step) in plan.steps().iter().enumerate() {
             let group = groups
                 .entry(step.pass)
-                .or_insert_with(|| self.bind_group(step.pass, ws, &t, lse));
+                .or_insert_with(|| self.bind_group(step.pass, &ws.params, ws, &t, lse));
             pass.set_pipeline(pipes.get(step.pass)?);
             pass.set_bind_group(0, &*group, &[]);
             if step.pass != Pass::FineAttention {
@@ -375,7 +357,25 @@ impl FmaAttention {
         Ok(())
     }
 
-    async fn pipes(&self, plan: &FmaPlan) -> Result<Pipes> {
+    /// Group 1 of the per-level passes: one [`LevelSelect`] of `buf`, at a dynamic offset.
+    pub(super) fn select_group(&self, buf: &wgpu::Buffer) -> wgpu::BindGroup {
+        self.ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("level_select"),
+                layout: &self.ctx.kernels.layouts.level_select,
+                entries: &[wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: buf,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(16),
+                    }),
+                }],
+            })
+    }
+
+    pub(super) async fn pipes(&self, plan: &FmaPlan) -> Result<Pipes> {
         let mut pipes = Pipes(HashMap::new());
         for step in plan.steps() {
             if let Entry::Vacant(slot) = pipes.0.entry(step.pass) {
@@ -389,9 +389,11 @@ impl FmaAttention {
     /// FMA of host tensors (async; works on the web). Q, K, V: (batch, heads, seq, head_dim)
     /// row-major f32. Returns O of the same shape and, if `want_lse`, the LSE (batch, heads, seq).
     ///
-    /// Tensors larger than the adapter's storage-binding limit are processed a run of heads at
-    /// a time (same result as one run); a single head over the limit is
-    /// [`crate::FmaError::LimitExceeded`]. A NaN or infinity in the inputs reaches exactly the
+    /// Tensors larger than the adapter's storage-binding limit are processed in pieces with
+    /// the same result, to the bit, as one run: a run of heads at a time, or, when one head
+    /// alone is over the limit, chunks of its sequence (`crate::plan_split`). What must still
+    /// fit one binding: the coarse rows of one head and the learned weights (else
+    /// [`crate::FmaError::LimitExceeded`]). A NaN or infinity in the inputs reaches exactly the
     /// rows whose softmax includes it, directly or through a coarse key, as in dense attention.
     pub async fn forward_async(
         &self,
@@ -401,7 +403,13 @@ impl FmaAttention {
         shape: Shape,
         want_lse: bool,
     ) -> Result<Output> {
-        // Tensors over one storage binding are processed a run of heads at a time.
+        // A head over one storage binding is cut along its sequence; tensors over a binding
+        // whose heads fit are processed a run of heads at a time.
+        if head_exceeds_binding(shape, &self.limits) {
+            check_host(shape, q, k, v)?;
+            let io = SplitIo::Host { q, k, v, want_lse };
+            return self.forward_split(io, shape).await;
+        }
         forward_host(
             shape,
             q,
@@ -463,8 +471,18 @@ impl FmaAttention {
 
     /// FMA of tensors already on the GPU; O (and the LSE, when `t.lse` is given) stay there.
     /// Records and submits one command buffer and returns without waiting for the GPU.
+    ///
+    /// Tensors larger than one storage binding are copied through bindings that fit, a head
+    /// (or a chunk of one head's sequence) at a time, one submit per head: Q, K and V then
+    /// need `COPY_SRC` usage and O and the LSE `COPY_DST` (a typed error says so otherwise).
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
         t.check(shape)?;
+        if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
+            return self
+                .forward_split(SplitIo::Device(t), shape)
+                .await
+                .map(|_| ());
+        }
         let plan = self.plan(shape)?;
         let pipes = self.pipes(&plan).await?;
         let ws = self.workspace(&plan)?;
@@ -501,11 +519,26 @@ impl FmaAttention {
     }
 }
 
+/// One [`LevelSelect`] per dispatch of `steps` (its level and folded grid), `stride` bytes
+/// apart so each can be bound at a dynamic offset.
+pub(super) fn level_selects(steps: &[Dispatch], stride: u32) -> Result<Vec<u8>> {
+    let stride = stride as usize;
+    let mut select = vec![0u8; stride * steps.len().max(1)];
+    for (i, d) in steps.iter().enumerate() {
+        let bytes = to_uniform_bytes(&LevelSelect {
+            level: d.level.unwrap_or(0),
+            workgroups_x: d.grid[0],
+        })?;
+        select[i * stride..i * stride + bytes.len()].copy_from_slice(&bytes);
+    }
+    Ok(select)
+}
+
 /// The pipelines of one plan, by pass (every per-level dispatch of a pass shares one).
-struct Pipes(HashMap<Pass, wgpu::ComputePipeline>);
+pub(super) struct Pipes(HashMap<Pass, wgpu::ComputePipeline>);
 
 impl Pipes {
-    fn get(&self, pass: Pass) -> Result<&wgpu::ComputePipeline> {
+    pub(super) fn get(&self, pass: Pass) -> Result<&wgpu::ComputePipeline> {
         self.0.get(&pass).ok_or_else(|| crate::FmaError::Gpu {
             stage: "recording the FMA forward".into(),
             message: format!("no pipeline was built for the {} pass", pass.name()),

@@ -151,10 +151,24 @@ impl Staged {
     }
 
     pub fn record(&self, enc: &mut wgpu::CommandEncoder, out: &wgpu::Buffer, lse: &wgpu::Buffer) {
+        self.record_from(enc, out, lse, 0);
+    }
+
+    /// Like [`Staged::record`], for O and LSE buffers whose first `skip` rows are not part of
+    /// the output (the halo of a chunk of a split head).
+    pub fn record_from(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        out: &wgpu::Buffer,
+        lse: &wgpu::Buffer,
+        skip: u64,
+    ) {
         let o_bytes = self.shape.elements() as u64 * 4;
-        enc.copy_buffer_to_buffer(out, 0, &self.buffer, 0, o_bytes);
+        let row = self.shape.head_dim as u64 * 4;
+        enc.copy_buffer_to_buffer(out, skip * row, &self.buffer, 0, o_bytes);
         if self.want_lse {
-            enc.copy_buffer_to_buffer(lse, 0, &self.buffer, o_bytes, self.shape.rows() as u64 * 4);
+            let lse_bytes = self.shape.rows() as u64 * 4;
+            enc.copy_buffer_to_buffer(lse, skip * 4, &self.buffer, o_bytes, lse_bytes);
         }
     }
 
@@ -236,6 +250,14 @@ where
     })
 }
 
+/// Checks the shape, and the lengths of host Q, K and V against it.
+pub(crate) fn check_host(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
+    shape.validate()?;
+    shape.check_len("Q", q.len())?;
+    shape.check_len("K", k.len())?;
+    shape.check_len("V", v.len())
+}
+
 /// The host-tensor front of every forward: checks the shape and the slices' lengths, then runs
 /// `run` once, or once per run of heads when the tensors exceed a binding (see [`head_chunks`]).
 pub(crate) async fn forward_host<'a, F, Fut>(
@@ -251,10 +273,7 @@ where
     F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
     Fut: std::future::Future<Output = Result<Output>>,
 {
-    shape.validate()?;
-    shape.check_len("Q", q.len())?;
-    shape.check_len("K", k.len())?;
-    shape.check_len("V", v.len())?;
+    check_host(shape, q, k, v)?;
     let chunks = head_chunks(shape, fits)?;
     if chunks.len() == 1 {
         return run(q, k, v, shape).await;

@@ -22,6 +22,7 @@ pub(crate) mod params;
 pub(crate) mod pipelines;
 mod readback;
 pub mod shaders;
+mod split;
 
 pub use backward::{GradTensors, Saved, WeightGradTensors};
 #[cfg(not(target_arch = "wasm32"))]

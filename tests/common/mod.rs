@@ -114,12 +114,24 @@ pub struct Poisoned {
 
 impl Poisoned {
     pub fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32], shape: Shape) -> Self {
+        Self::with_usage(ctx, q, k, v, shape, wgpu::BufferUsages::empty())
+    }
+
+    /// Like [`Poisoned::new`], every buffer with `usage` besides.
+    pub fn with_usage(
+        ctx: &GpuContext,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        usage: wgpu::BufferUsages,
+    ) -> Self {
         let init = |label, data: &[f32], extra| {
             ctx.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some(label),
                     contents: bytemuck::cast_slice(data),
-                    usage: wgpu::BufferUsages::STORAGE | extra,
+                    usage: wgpu::BufferUsages::STORAGE | usage | extra,
                 })
         };
         let nan_o = vec![f32::NAN; shape.elements()];
@@ -167,4 +179,30 @@ pub fn read_buffer(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<f32> {
     let data = bytemuck::cast_slice::<u8, f32>(&slice.get_mapped_range().expect("mapped")).to_vec();
     staging.unmap();
     data
+}
+
+/// A device on the default adapter with WebGPU's default limits but for the storage-binding
+/// size, `binding` bytes: a small one makes the library split tensors as it must for large
+/// inputs on a real limit.
+pub fn gpu_with_binding_limit(binding: u64) -> GpuContext {
+    pollster::block_on(async {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&Default::default())
+            .await
+            .expect("adapter");
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: binding,
+            ..wgpu::Limits::default()
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                required_limits: limits,
+                ..Default::default()
+            })
+            .await
+            .expect("device");
+        GpuContext::from_device(adapter.get_info(), device, queue)
+    })
 }

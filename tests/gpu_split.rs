@@ -1,0 +1,179 @@
+//! Heads longer than one storage binding (`plan_split`): on a device whose binding limit is
+//! 16 KiB, FMA cuts each head's sequence into chunks of whole fine blocks. The result must be
+//! the bits of an unsplit run on a device with the default limit (same kernels and tiles, the
+//! same float operations in the same order; both devices are made alike, so the tiles agree),
+//! for host tensors and for the caller's buffers,
+//! and close to the f64 reference (same tolerance as tests/gpu_forward.rs).
+
+mod common;
+
+use common::{closeness, gpu, gpu_with_binding_limit, random_learned, read_buffer, Poisoned};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::FmaAttention;
+use multipole_attn::plan::KernelLimits;
+use multipole_attn::plan_split::SplitPlan;
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Queries, Shape};
+
+const SMALL: u64 = 16 << 10;
+
+fn inputs(seed: u64, shape: Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    (
+        normal_tensor(seed, shape.elements()),
+        normal_tensor(seed + 1, shape.elements()),
+        normal_tensor(seed + 2, shape.elements()),
+    )
+}
+
+/// The configurations and shapes tried; every head is over 16 KiB, and each case says how
+/// many chunks a head becomes (so the test cannot pass by not splitting).
+fn cases() -> Vec<(FmaConfig, Shape, usize)> {
+    vec![
+        // 1025 x 16: 65.6 KB per head; chunks of 192 tokens plus a 32-token halo each side.
+        (FmaConfig::new(32, 2), Shape::new(1, 2, 1025, 16), 6),
+        (
+            FmaConfig::new(32, 1).causal(true),
+            Shape::new(1, 2, 1025, 16),
+            6,
+        ),
+        (
+            FmaConfig::new(32, 2).queries(Queries::Coarse),
+            Shape::new(2, 1, 1025, 16),
+            6,
+        ),
+        // head_dim 3 (not a multiple of 4), m = 64: 1365 rows per binding, chunks of 1216.
+        (FmaConfig::new(64, 2), Shape::new(1, 1, 5000, 3), 5),
+        (
+            FmaConfig::new(64, 4).count_correction(false),
+            Shape::new(1, 1, 5000, 3),
+            5,
+        ),
+    ]
+}
+
+#[test]
+fn a_head_over_the_binding_is_split_along_its_sequence_to_the_bit() {
+    if gpu().is_none() {
+        return;
+    }
+    let small = gpu_with_binding_limit(SMALL);
+    let default = &gpu_with_binding_limit(128 << 20);
+    let seed = fresh_seed();
+    for (cfg, shape, chunks) in cases() {
+        let limits = KernelLimits::from_wgpu(&small.limits);
+        let plan = SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits).unwrap();
+        assert_eq!(plan.chunks.len(), chunks, "{cfg:?} {shape}");
+
+        let (q, k, v) = inputs(seed, shape);
+        let split = FmaAttention::new(&small, cfg.clone())
+            .unwrap()
+            .forward(&q, &k, &v, shape, true)
+            .unwrap();
+        let whole = FmaAttention::new(default, cfg.clone())
+            .unwrap()
+            .forward(&q, &k, &v, shape, true)
+            .unwrap();
+        assert!(
+            split.o == whole.o && split.lse == whole.lse,
+            "seed {seed} {cfg:?} {shape}: the split run differs from the unsplit one"
+        );
+
+        let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
+        let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
+        assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: O {c:?}");
+        let c = closeness(split.lse.as_deref().unwrap(), &r.lse, 5e-5, 1e-5);
+        assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: LSE {c:?}");
+    }
+}
+
+#[test]
+fn caller_buffers_over_the_binding_are_copied_through_in_pieces() {
+    if gpu().is_none() {
+        return;
+    }
+    let small = gpu_with_binding_limit(SMALL);
+    let default = &gpu_with_binding_limit(128 << 20);
+    let seed = fresh_seed();
+    let learned = |shape: Shape, m, p| {
+        Downsample::Learned(random_learned(seed + 7, shape.head_dim, m, p, shape.seq))
+    };
+    let per_head = Shape::new(2, 4, 200, 16);
+    let cases = [
+        // Every head over the binding: split along the sequence, head by head.
+        (FmaConfig::new(32, 2), Shape::new(1, 3, 1025, 16)),
+        (
+            FmaConfig::new(32, 2).queries(Queries::Coarse),
+            Shape::new(1, 2, 1025, 16),
+        ),
+        // Heads of 12.8 KB, 102 KB in all: one chunk per head, Learned weights too.
+        (
+            FmaConfig::new(32, 1).downsample(learned(per_head, 32, 1)),
+            per_head,
+        ),
+        (FmaConfig::new(32, 2).causal(true), per_head),
+    ];
+    let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    for (cfg, shape) in cases {
+        let (q, k, v) = inputs(seed, shape);
+        // Outputs NaN-poisoned: a row no chunk copies back fails the comparison.
+        let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
+        FmaAttention::new(&small, cfg.clone())
+            .unwrap()
+            .forward_buffers(bufs.tensors(), shape)
+            .unwrap();
+        let (o, lse) = bufs.read(&small);
+        let whole = FmaAttention::new(default, cfg.clone())
+            .unwrap()
+            .forward(&q, &k, &v, shape, true)
+            .unwrap();
+        assert!(
+            o == whole.o && Some(lse) == whole.lse,
+            "seed {seed} {cfg:?} {shape}: buffers split differently from the host run"
+        );
+    }
+
+    // Without COPY_SRC the pieces cannot be copied out of Q: a typed error naming Q.
+    let shape = Shape::new(1, 1, 1025, 16);
+    let (q, k, v) = inputs(seed, shape);
+    let bufs = Poisoned::new(&small, &q, &k, &v, shape);
+    let e = FmaAttention::new(&small, FmaConfig::new(32, 2))
+        .unwrap()
+        .forward_buffers(bufs.tensors(), shape)
+        .unwrap_err();
+    assert!(
+        matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "Q buffer usage"),
+        "{e}"
+    );
+    // The context still works, and the output was left alone.
+    assert!(read_buffer(&small, &bufs.out).iter().all(|x| x.is_nan()));
+}
+
+#[test]
+fn what_cannot_split_is_a_typed_error() {
+    if gpu().is_none() {
+        return;
+    }
+    let small = gpu_with_binding_limit(SMALL);
+    let shape = Shape::new(1, 1, 1025, 16);
+    let (q, k, v) = inputs(fresh_seed(), shape);
+    // Learned weights grow with n: a head too long for a binding has weights too large too.
+    let weights = random_learned(3, 16, 32, 1, shape.seq);
+    let e = FmaAttention::new(
+        &small,
+        FmaConfig::new(32, 1).downsample(Downsample::Learned(weights)),
+    )
+    .and_then(|f| f.forward(&q, &k, &v, shape, false))
+    .unwrap_err();
+    assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+    // m = 256 needs 3 m = 768 rows of 64 B in one binding.
+    let e = FmaAttention::new(&small, FmaConfig::new(256, 2))
+        .unwrap()
+        .forward(&q, &k, &v, shape, false)
+        .unwrap_err();
+    match e {
+        FmaError::LimitExceeded { requested, max, .. } => {
+            assert_eq!((requested, max), (768 * 64, SMALL));
+        }
+        e => panic!("expected LimitExceeded, got {e}"),
+    }
+}
