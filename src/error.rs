@@ -68,6 +68,18 @@ pub enum FmaError {
         /// What wgpu said.
         message: String,
     },
+    /// The GPU ran out of memory while allocating or running a pass. Nothing was written to
+    /// the caller's outputs that can be trusted; a smaller batch or sequence may fit.
+    #[error(
+        "GPU out of memory in {stage}: {message}; process fewer heads or a shorter sequence per \
+         call"
+    )]
+    OutOfMemory {
+        /// What the library was doing.
+        stage: String,
+        /// What wgpu said.
+        message: String,
+    },
     /// The device was lost (driver reset, out of memory, adapter removed).
     #[error("GPU device lost: {0}")]
     DeviceLost(String),

@@ -226,3 +226,31 @@ fn browser_limits_on_a_native_adapter() {
         );
     }
 }
+
+#[test]
+fn a_lost_device_is_a_typed_error_on_every_later_call() {
+    if gpu().is_none() {
+        return;
+    }
+    // A device of its own (destroying the shared one would break the other tests).
+    let ctx = gpu_with_binding_limit(128 << 20);
+    let shape = Shape::new(1, 2, 300, 16);
+    let x = normal_tensor(fresh_seed(), shape.elements());
+    let fma = FmaAttention::new(&ctx, FmaConfig::new(16, 2)).unwrap();
+    let dense = DenseAttention::new(&ctx, false).unwrap();
+    let bufs = Poisoned::new(&ctx, &x, &x, &x, shape);
+    fma.forward(&x, &x, &x, shape, true).unwrap();
+
+    // What a driver reset or a removed adapter looks like to wgpu.
+    ctx.device.destroy();
+    let lost = |e: FmaError| assert!(matches!(e, FmaError::DeviceLost(_)), "{e}");
+    lost(fma.forward(&x, &x, &x, shape, true).unwrap_err());
+    lost(fma.forward_buffers(bufs.tensors(), shape).unwrap_err());
+    lost(dense.forward(&x, &x, &x, shape, false).unwrap_err());
+    lost(
+        FmaAttention::new(&ctx, FmaConfig::new(16, 2))
+            .err()
+            .unwrap(),
+    );
+    lost(DenseAttention::new(&ctx, false).err().unwrap());
+}

@@ -79,7 +79,9 @@ impl GpuContext {
         Ok(Self::from_device(info, device, queue))
     }
 
-    /// Wraps a caller's own device and queue. The library then uses `device.limits()`.
+    /// Wraps a caller's own device and queue. The library then uses `device.limits()`, sets
+    /// the device-lost callback, and replaces wgpu's panicking handler of errors outside an
+    /// error scope by one that logs them (set your own afterwards if you need another).
     pub fn from_device(info: wgpu::AdapterInfo, device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let lost = Arc::new(Mutex::new(None));
         let flag = lost.clone();
@@ -88,6 +90,10 @@ impl GpuContext {
                 *l = Some(format!("{reason:?}: {msg}"));
             }
         });
+        // wgpu's default for an error outside an error scope is to panic. The library records
+        // its work inside scopes; what still escapes them (calls on a device that is being
+        // lost) is logged instead, and the call that made it returns a typed error.
+        device.on_uncaptured_error(Arc::new(|e| log::error!("wgpu error outside a scope: {e}")));
         let limits = device.limits();
         let kernels = Arc::new(Kernels::new(&device));
         Self {
@@ -102,6 +108,10 @@ impl GpuContext {
 
     /// Returns [`FmaError::DeviceLost`] once the device has been lost.
     pub fn check_alive(&self) -> Result<()> {
+        // wgpu runs the device-lost callback from a poll: a non-blocking one makes a loss seen
+        // now rather than at the next readback (the browser runs callbacks by itself).
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
         match self.lost.lock().ok().and_then(|l| l.clone()) {
             Some(msg) => Err(FmaError::DeviceLost(msg)),
             None => Ok(()),

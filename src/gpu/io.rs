@@ -116,13 +116,21 @@ impl Scopes {
     pub async fn pop(self, ctx: &GpuContext, stage: &str) -> Result<()> {
         let invalid = self.invalid.pop().await;
         let oom = self.oom.pop().await;
-        if let Some(e) = invalid.or(oom) {
-            return Err(FmaError::Gpu {
-                stage: stage.into(),
-                message: e.to_string(),
-            });
+        // A loss explains whatever else went wrong: report it first.
+        ctx.check_alive()?;
+        match invalid.or(oom) {
+            Some(e) => Err(scope_error(stage, e)),
+            None => Ok(()),
         }
-        ctx.check_alive()
+    }
+}
+
+/// The typed error of what an error scope caught during `stage`.
+fn scope_error(stage: &str, e: wgpu::Error) -> FmaError {
+    let (stage, message) = (stage.to_string(), e.to_string());
+    match e {
+        wgpu::Error::OutOfMemory { .. } => FmaError::OutOfMemory { stage, message },
+        _ => FmaError::Gpu { stage, message },
     }
 }
 
@@ -175,8 +183,10 @@ impl Staged {
     pub async fn read(self, ctx: &GpuContext) -> Result<Output> {
         let bytes =
             (self.shape.elements() + if self.want_lse { self.shape.rows() } else { 0 }) as u64 * 4;
-        let mut all = read_f32(&ctx.device, &self.buffer, bytes).await?;
+        // A lost device makes the readback fail: say that rather than how the mapping failed.
+        let all = read_f32(&ctx.device, &self.buffer, bytes).await;
         ctx.check_alive()?;
+        let mut all = all?;
         let lse = self.want_lse.then(|| all.split_off(self.shape.elements()));
         Ok(Output { o: all, lse })
     }
@@ -279,4 +289,26 @@ where
         return run(q, k, v, shape).await;
     }
     forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_in_a_scope_is_its_own_error() {
+        // No driver of this machine can be made to run out of memory on demand (lavapipe
+        // allocates lazily), so the mapping is checked on the error wgpu would give.
+        let oom = wgpu::Error::OutOfMemory {
+            source: "VK_ERROR_OUT_OF_DEVICE_MEMORY".into(),
+        };
+        let e = scope_error("the FMA forward", oom);
+        assert!(matches!(&e, FmaError::OutOfMemory { stage, .. } if stage == "the FMA forward"));
+        assert!(e.to_string().contains("fewer heads"), "{e}");
+        let invalid = wgpu::Error::Validation {
+            source: "bad binding".into(),
+            description: "bad binding".into(),
+        };
+        assert!(matches!(scope_error("x", invalid), FmaError::Gpu { .. }));
+    }
 }

@@ -55,6 +55,8 @@ pub(crate) async fn read_f32(
     buffer: &wgpu::Buffer,
     bytes: u64,
 ) -> Result<Vec<f32>> {
+    // Mapping fails with a validation error (not a panic) when the device is being lost.
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let state = Arc::new(Mutex::new(MapState::default()));
     let cb_state = state.clone();
     let slice = buffer.slice(0..bytes.max(4));
@@ -70,8 +72,9 @@ pub(crate) async fn read_f32(
     device
         .poll(wgpu::PollType::wait_indefinitely())
         .map_err(|e| FmaError::Readback(e.to_string()))?;
-    #[cfg(target_arch = "wasm32")]
-    let _ = device;
+    if let Some(e) = scope.pop().await {
+        return Err(FmaError::Readback(e.to_string()));
+    }
     MapFuture(state)
         .await
         .map_err(|e| FmaError::Readback(e.to_string()))?;
