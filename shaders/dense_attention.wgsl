@@ -13,6 +13,47 @@
 #import online_softmax
 #import near_field
 
+// A head longer than one storage binding is attended a (query chunk, key chunk) pair per
+// dispatch, key chunks in order (`src/plan_split.rs`). Between them a row's running state
+// stays in device memory, exactly: the unnormalised accumulator in O, the running max and sum
+// in the chunk's LSE buffer (max at `row`, sum `chunk_hi - chunk_lo` rows later). Key chunks
+// start at multiples of BK, so the tiles, and every float operation, are an unsplit run's.
+
+// Picks up row `row`'s state saved by the previous key chunk (q as begin_row loads it).
+fn resume_row(head: u32, row: u32, i: u32, in_tile: bool) {
+    begin_row(head, i, in_tile);
+    if (in_tile) {
+        let d = params.d;
+        for (var c4 = 0u; c4 < D4; c4++) {
+            var x = vec4<f32>(0.0);
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    x[e] = out[head + i * d + c];
+                }
+            }
+            acc[c4] = x;
+        }
+        run_max = lse[row];
+        run_sum = lse[row + params.chunk_hi - params.chunk_lo];
+    }
+}
+
+// Saves row `row`'s state for the next key chunk.
+fn save_row(head: u32, row: u32, i: u32) {
+    let d = params.d;
+    for (var c4 = 0u; c4 < D4; c4++) {
+        for (var e = 0u; e < 4u; e++) {
+            let c = c4 * 4u + e;
+            if (c < d) {
+                out[head + i * d + c] = acc[c4][e];
+            }
+        }
+    }
+    lse[row] = run_max;
+    lse[row + params.chunk_hi - params.chunk_lo] = run_sum;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let wid = linear_workgroup(wg);
@@ -22,17 +63,33 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = params.n;
     let tiles = params.tiles_per_block;
     let bh = wid / tiles;
-    let i0 = (wid % tiles) * WG;
-    let i1 = min(i0 + WG, n);
+    let i0 = params.chunk_lo + (wid % tiles) * WG;
+    let i1 = min(i0 + WG, params.chunk_hi);
     let i = i0 + lid;
     let in_tile = i < i1;
-    let head = bh * n * params.d;
     let causal = params.causal != 0u;
+    // Keys this tile attends to over all chunks: [0, t_end).
+    let t_end = select(n, i1, causal);
+    if (params.key_lo >= t_end) {
+        return; // finished by an earlier key chunk (causal); uniform over the workgroup
+    }
+    // Element offsets of row 0 of the head in the bound Q, O and K, V (wrapping when a split
+    // head's bindings start later, as in fine_attention.wgsl), and this row's LSE slot.
+    let q_head = (bh * n - params.row_base) * params.d;
+    let k_head = (bh * n - params.key_lo) * params.d;
+    let row = bh * n + i - params.row_base;
 
-    begin_row(head, i, in_tile);
-    let t_hi = select(n, i1, causal);
-    attend_fine_keys(head, 0u, t_hi, i, causal, lid);
+    if (params.key_lo == 0u) {
+        begin_row(q_head, i, in_tile);
+    } else {
+        resume_row(q_head, row, i, in_tile);
+    }
+    attend_fine_keys(k_head, params.key_lo, min(t_end, params.key_hi), i, causal, lid);
     if (in_tile) {
-        finish_row(head, bh * n + i, i);
+        if (params.key_hi >= t_end) {
+            finish_row(q_head, row, i);
+        } else {
+            save_row(q_head, row, i);
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod levels;
 pub mod plan;
 pub mod plan_backward;
 pub mod plan_split;
+pub mod plan_split_dense;
 pub mod random;
 pub mod shape;
 pub mod weights;

@@ -361,6 +361,13 @@ impl DensePlan {
     /// Plans dense attention for `shape` under `limits`.
     pub fn new(shape: Shape, limits: &KernelLimits) -> Result<Self> {
         check_tensors(shape, limits)?;
+        Self::without_tensor_bindings(shape, limits)
+    }
+
+    /// [`DensePlan::new`] less the check that each tensor fits one storage binding (the plan
+    /// of a head that `crate::plan_split` cuts into chunks).
+    pub(crate) fn without_tensor_bindings(shape: Shape, limits: &KernelLimits) -> Result<Self> {
+        shape.validate()?;
         let wg = 64u32.min(limits.max_workgroup);
         let spec = attention_spec(shape.head_dim, wg, limits)?;
         let tiles = (shape.seq as u32).div_ceil(wg);

@@ -9,9 +9,10 @@ mod common;
 
 use common::{closeness, gpu, gpu_with_binding_limit, random_learned, read_buffer, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::FmaAttention;
+use multipole_attn::gpu::{DenseAttention, FmaAttention};
 use multipole_attn::plan::KernelLimits;
 use multipole_attn::plan_split::SplitPlan;
+use multipole_attn::plan_split_dense::DenseSplitPlan;
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, FmaError, Queries, Shape};
 
@@ -146,6 +147,57 @@ fn caller_buffers_over_the_binding_are_copied_through_in_pieces() {
     );
     // The context still works, and the output was left alone.
     assert!(read_buffer(&small, &bufs.out).iter().all(|x| x.is_nan()));
+}
+
+#[test]
+fn dense_attention_over_the_binding_runs_query_and_key_chunk_pairs_to_the_bit() {
+    if gpu().is_none() {
+        return;
+    }
+    let small = gpu_with_binding_limit(SMALL);
+    let default = &gpu_with_binding_limit(128 << 20);
+    let seed = fresh_seed();
+    let limits = KernelLimits::from_wgpu(&small.limits);
+    // 1000 x 16: 4 chunks of 256; 700 x 3: 2 chunks (1344 rows of 12 B each fit 16 KiB).
+    for (shape, chunks) in [
+        (Shape::new(1, 2, 1000, 16), 4),
+        (Shape::new(2, 1, 1400, 3), 2),
+    ] {
+        for causal in [false, true] {
+            let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, causal, &limits).unwrap();
+            assert_eq!(plan.chunks.len(), chunks);
+            let (q, k, v) = inputs(seed, shape);
+            let split = DenseAttention::new(&small, causal)
+                .unwrap()
+                .forward(&q, &k, &v, shape, true)
+                .unwrap();
+            let whole = DenseAttention::new(default, causal)
+                .unwrap()
+                .forward(&q, &k, &v, shape, true)
+                .unwrap();
+            assert!(
+                split.o == whole.o && split.lse == whole.lse,
+                "seed {seed} {shape} causal {causal}: the split run differs from the unsplit one"
+            );
+            let r =
+                cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, causal).unwrap();
+            let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
+            assert_eq!(c.violations, 0, "seed {seed} {shape}: O {c:?}");
+
+            // The caller's buffers, outputs NaN-poisoned.
+            let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+            let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
+            DenseAttention::new(&small, causal)
+                .unwrap()
+                .forward_buffers(bufs.tensors(), shape)
+                .unwrap();
+            let (o, lse) = bufs.read(&small);
+            assert!(
+                o == whole.o && Some(lse) == whole.lse,
+                "seed {seed} {shape}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -27,14 +27,14 @@ struct Params {
     pooled: u32,             // tensors the downsample pass pools: 2 (K, V) or 3 (K, V, Q)
     weight_stride: u32,      // elements per tensor kind in the learned weight buffer
     bias_stride: u32,        // elements per tensor kind in the learned bias buffer
-    // A head longer than one storage binding is processed in chunks of whole fine blocks
-    // (`src/plan_split.rs`), one head at a time (batch_heads = 1). Unsplit: 0, 0, n.
-    row_base: u32,           // global row of the first row of the bound Q, K, V, O and LSE
+    // A head longer than one storage binding is processed in chunks (`src/plan_split.rs`),
+    // one head at a time (batch_heads = 1). Unsplit: 0, 0, n, 0, n.
+    row_base: u32,           // global row of the first bound row of Q and O (FMA: of K, V too)
     chunk_lo: u32,           // first token this dispatch covers (queries, pooled or merged tokens)
-    chunk_hi: u32,           // one past the last (a multiple of m, or n)
+    chunk_hi: u32,           // one past the last (a multiple of the tile, or n)
+    key_lo: u32,             // dense: first key of this dispatch (and first bound row of K, V)
+    key_hi: u32,             // dense: one past its last key
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
     levels: array<LevelInfo, 32>,
 }
 

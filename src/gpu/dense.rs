@@ -4,13 +4,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
-use crate::gpu::io::{forward_host, GpuTensors, HostBuffers, Scopes, Staged};
+use crate::gpu::io::{check_host, forward_host, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, Params};
 use crate::gpu::pipelines::poisoned;
-use crate::gpu::readback::storage;
+use crate::gpu::readback::{storage, uniform};
 use crate::gpu::shaders::Pass;
+use crate::gpu::split::SplitIo;
 use crate::gpu::{GpuContext, Output};
 use crate::plan::{DensePlan, KernelLimits};
+use crate::plan_split::head_exceeds_binding;
 use crate::shape::Shape;
 
 struct Workspace {
@@ -29,9 +31,9 @@ struct Workspace {
 ///    3 | x x x x |
 /// ```
 pub struct DenseAttention {
-    ctx: GpuContext,
-    causal: bool,
-    limits: KernelLimits,
+    pub(super) ctx: GpuContext,
+    pub(super) causal: bool,
+    pub(super) limits: KernelLimits,
     workspaces: Mutex<HashMap<Shape, Arc<Mutex<Workspace>>>>,
 }
 
@@ -52,16 +54,10 @@ impl DenseAttention {
         DensePlan::new(shape, &self.limits)
     }
 
-    fn workspace(&self, plan: &DensePlan) -> Result<Arc<Mutex<Workspace>>> {
-        let mut map = self.workspaces.lock().map_err(poisoned)?;
-        if let Some(ws) = map.get(&plan.shape) {
-            return Ok(ws.clone());
-        }
-        if map.len() >= 8 {
-            map.clear();
-        }
+    /// The parameter block of `plan` (every query row against every key).
+    pub(super) fn params(&self, plan: &DensePlan) -> Params {
         let s = plan.shape;
-        let bytes = to_uniform_bytes(&Params {
+        Params {
             n: s.seq as u32,
             d: s.head_dim as u32,
             m: plan.attention.spec.wg,
@@ -73,29 +69,33 @@ impl DenseAttention {
             workgroups_x: plan.attention.grid[0],
             scale: 1.0 / (s.head_dim as f32).sqrt(),
             chunk_hi: s.seq as u32,
+            key_hi: s.seq as u32,
             ..Default::default()
-        })?;
-        let params = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("dense params"),
-            size: bytes.len() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.ctx.queue.write_buffer(&params, 0, &bytes);
+        }
+    }
+
+    fn workspace(&self, plan: &DensePlan) -> Result<Arc<Mutex<Workspace>>> {
+        let mut map = self.workspaces.lock().map_err(poisoned)?;
+        if let Some(ws) = map.get(&plan.shape) {
+            return Ok(ws.clone());
+        }
+        if map.len() >= 8 {
+            map.clear();
+        }
+        let bytes = to_uniform_bytes(&self.params(plan))?;
+        let params = uniform(&self.ctx.device, &self.ctx.queue, "dense params", &bytes);
         let ws = Arc::new(Mutex::new(Workspace { params, host: None }));
-        map.insert(s, ws.clone());
+        map.insert(plan.shape, ws.clone());
         Ok(ws)
     }
 
-    fn record(
+    /// Group 0 of the dense pass (binding numbers as in `dense_attention.wgsl`).
+    pub(super) fn bind_group(
         &self,
-        enc: &mut wgpu::CommandEncoder,
-        plan: &DensePlan,
         params: &wgpu::Buffer,
-        t: GpuTensors<'_>,
+        t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
-        pipeline: &wgpu::ComputePipeline,
-    ) {
+    ) -> wgpu::BindGroup {
         let entries: Vec<_> = [
             (0, params),
             (1, t.q),
@@ -110,14 +110,25 @@ impl DenseAttention {
             resource: b.as_entire_binding(),
         })
         .collect();
-        let group = self
-            .ctx
+        self.ctx
             .device
             .create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("dense_attention"),
                 layout: &self.ctx.kernels.layouts.dense,
                 entries: &entries,
-            });
+            })
+    }
+
+    fn record(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &DensePlan,
+        params: &wgpu::Buffer,
+        t: GpuTensors<'_>,
+        lse: &wgpu::Buffer,
+        pipeline: &wgpu::ComputePipeline,
+    ) {
+        let group = self.bind_group(params, &t, lse);
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward"),
             timestamp_writes: None,
@@ -129,6 +140,10 @@ impl DenseAttention {
     }
 
     /// Dense attention of host tensors (async). Shapes as [`crate::gpu::FmaAttention::forward_async`].
+    ///
+    /// Tensors over one storage binding are processed in pieces with the unsplit result to the
+    /// bit: runs of heads, or for a head over the limit, pairs of query and key chunks
+    /// (`crate::plan_split_dense`).
     pub async fn forward_async(
         &self,
         q: &[f32],
@@ -137,7 +152,13 @@ impl DenseAttention {
         shape: Shape,
         want_lse: bool,
     ) -> Result<Output> {
-        // Tensors over one storage binding are processed a run of heads at a time.
+        // A head over one storage binding is cut into chunks of queries and keys; tensors
+        // over a binding whose heads fit are processed a run of heads at a time.
+        if head_exceeds_binding(shape, &self.limits) {
+            check_host(shape, q, k, v)?;
+            let io = SplitIo::Host { q, k, v, want_lse };
+            return self.forward_split(io, shape).await;
+        }
         forward_host(
             shape,
             q,
@@ -210,9 +231,17 @@ impl DenseAttention {
         pollster::block_on(self.forward_async(q, k, v, shape, want_lse))
     }
 
-    /// Dense attention of tensors already on the GPU; results stay there.
+    /// Dense attention of tensors already on the GPU; results stay there. Tensors over one
+    /// storage binding are copied through bindings that fit, a head (or chunk) at a time: Q, K
+    /// and V then need `COPY_SRC` usage and O and the LSE `COPY_DST`.
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
         t.check(shape)?;
+        if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
+            return self
+                .forward_split(SplitIo::Device(t), shape)
+                .await
+                .map(|_| ());
+        }
         let plan = self.plan(shape)?;
         let pipeline = self
             .ctx

@@ -11,7 +11,7 @@ use crate::gpu::coarse::CoarseQueryBuffers;
 use crate::gpu::io::{check_host, forward_host, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, LevelInfo, LevelSelect, Params, MAX_LEVELS};
 use crate::gpu::pipelines::poisoned;
-use crate::gpu::readback::storage;
+use crate::gpu::readback::{storage, uniform};
 use crate::gpu::shaders::Pass;
 use crate::gpu::split::SplitIo;
 use crate::gpu::{GpuContext, Output};
@@ -237,14 +237,7 @@ impl FmaAttention {
 
     /// A uniform buffer holding `bytes`.
     pub(super) fn uniform(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes.len().max(16) as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.ctx.queue.write_buffer(&buf, 0, bytes);
-        buf
+        uniform(&self.ctx.device, &self.ctx.queue, label, bytes)
     }
 
     /// Bytes between the level selectors of consecutive dispatches: the adapter's alignment

@@ -16,6 +16,7 @@ mod backward_bindings;
 mod coarse;
 pub mod context;
 mod dense;
+mod dense_split;
 mod fma;
 mod io;
 pub(crate) mod params;

@@ -43,16 +43,19 @@ pub struct Params {
     pub pooled: u32,
     pub weight_stride: u32,
     pub bias_stride: u32,
-    /// Global row of the first row of the bound Q, K, V, O and LSE (0 unless one head's
-    /// sequence is split across bindings, `crate::plan_split`).
+    /// Global row of the first bound row of Q and O, for FMA of K and V too (0 unless one
+    /// head's sequence is split across bindings, `crate::plan_split`).
     pub row_base: u32,
     /// First token the dispatch covers (0 unless split).
     pub chunk_lo: u32,
     /// One past the last token the dispatch covers (n unless split).
     pub chunk_hi: u32,
+    /// Dense attention: the first key of the dispatch and first bound row of K and V (0
+    /// unless split).
+    pub key_lo: u32,
+    /// Dense attention: one past the dispatch's last key (n unless split).
+    pub key_hi: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
-    pub _pad2: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 

@@ -23,6 +23,23 @@ pub(crate) fn storage(
     })
 }
 
+/// A uniform buffer holding `bytes` (written through the queue, before the next submit).
+pub(crate) fn uniform(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    label: &str,
+    bytes: &[u8],
+) -> wgpu::Buffer {
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.len().max(16).next_multiple_of(4) as u64,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(&buf, 0, bytes);
+    buf
+}
+
 #[derive(Default)]
 struct MapState {
     result: Option<std::result::Result<(), wgpu::BufferAsyncError>>,

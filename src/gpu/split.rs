@@ -56,7 +56,7 @@ impl ChunkBuffers {
 }
 
 /// Checks the caller's buffers allow the copies a split forward makes.
-fn check_copy_usage(t: &GpuTensors<'_>) -> Result<()> {
+pub(super) fn check_copy_usage(t: &GpuTensors<'_>) -> Result<()> {
     let need = |name: &str, buf: &wgpu::Buffer, usage: wgpu::BufferUsages, flag: &str| {
         if buf.usage().contains(usage) {
             Ok(())

@@ -1,0 +1,174 @@
+//! The executor of a [`DenseSplitPlan`]: dense attention of tensors too large for one storage
+//! binding, one head at a time, one dispatch per (query chunk, key chunk) pair
+//! (`crate::plan_split_dense`). Inputs and outputs as for FMA ([`SplitIo`]).
+
+use crate::error::Result;
+use crate::gpu::dense::DenseAttention;
+use crate::gpu::io::{GpuTensors, Scopes, Staged};
+use crate::gpu::params::to_uniform_bytes;
+use crate::gpu::readback::{storage, uniform};
+use crate::gpu::shaders::Pass;
+use crate::gpu::split::{check_copy_usage, SplitIo};
+use crate::gpu::Output;
+use crate::plan_split_dense::DenseSplitPlan;
+use crate::shape::Shape;
+
+/// Rows `lo..hi` of one head: Q and O with the LSE (two floats per row while key chunks run:
+/// the running max, then the running sum), and K and V.
+struct ChunkBuffers {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    out: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
+impl DenseAttention {
+    /// Dense attention of `shape` through a [`DenseSplitPlan`]: per head, one submit; host
+    /// outputs are read back head by head (an empty [`Output`] for [`SplitIo::Device`]).
+    pub(super) async fn forward_split(&self, io: SplitIo<'_>, shape: Shape) -> Result<Output> {
+        if let SplitIo::Device(t) = &io {
+            check_copy_usage(t)?;
+        }
+        let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, self.causal, &self.limits)?;
+        let pipeline = self
+            .ctx
+            .kernels
+            .pipeline(
+                &self.ctx.device,
+                Pass::DenseAttention,
+                plan.head.attention.spec,
+            )
+            .await?;
+        let want_lse = matches!(io, SplitIo::Host { want_lse: true, .. });
+        let mut o = Vec::new();
+        let mut lse = Vec::new();
+        for h in 0..shape.batch_heads() {
+            let scopes = Scopes::push(&self.ctx)?;
+            let staged = self.split_head(&plan, &pipeline, io, h)?;
+            scopes
+                .pop(&self.ctx, "the dense forward of a split head")
+                .await?;
+            for part in staged {
+                let part = part.read(&self.ctx).await?;
+                o.extend_from_slice(&part.o);
+                lse.extend(part.lse.into_iter().flatten());
+            }
+        }
+        Ok(Output {
+            o,
+            lse: want_lse.then_some(lse),
+        })
+    }
+
+    /// Records and submits head `h`: inputs in, every pair, outputs out.
+    fn split_head(
+        &self,
+        plan: &DenseSplitPlan,
+        pipeline: &wgpu::ComputePipeline,
+        io: SplitIo<'_>,
+        h: usize,
+    ) -> Result<Vec<Staged>> {
+        let device = &self.ctx.device;
+        let (n, d) = (plan.head.shape.seq, plan.head.shape.head_dim);
+        let (input, output) = (wgpu::BufferUsages::COPY_DST, wgpu::BufferUsages::COPY_SRC);
+        let chunks: Vec<_> = plan
+            .chunks
+            .iter()
+            .map(|&(lo, hi)| {
+                let bytes = ((hi - lo) * d) as u64 * 4;
+                ChunkBuffers {
+                    q: storage(device, "q chunk", bytes, input),
+                    k: storage(device, "k chunk", bytes, input),
+                    v: storage(device, "v chunk", bytes, input),
+                    out: storage(device, "out chunk", bytes, output),
+                    lse: storage(device, "lse chunk", (hi - lo) as u64 * 8, output),
+                }
+            })
+            .collect();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("dense"),
+        });
+
+        for (&(lo, hi), b) in plan.chunks.iter().zip(&chunks) {
+            let (first, len) = ((h * n + lo) * d, (hi - lo) * d);
+            let dst = [&b.q, &b.k, &b.v];
+            match io {
+                SplitIo::Host { q, k, v, .. } => {
+                    for (src, dst) in [q, k, v].into_iter().zip(dst) {
+                        let part = bytemuck::cast_slice(&src[first..first + len]);
+                        self.ctx.queue.write_buffer(dst, 0, part);
+                    }
+                }
+                SplitIo::Device(t) => {
+                    for (src, dst) in [t.q, t.k, t.v].into_iter().zip(dst) {
+                        enc.copy_buffer_to_buffer(src, first as u64 * 4, dst, 0, len as u64 * 4);
+                    }
+                }
+            }
+        }
+
+        // One parameter block per pair: its query rows and keys.
+        let base = self.params(&plan.head);
+        let groups = plan
+            .pairs
+            .iter()
+            .map(|pair| {
+                let (q_lo, q_hi) = plan.chunks[pair.query];
+                let (k_lo, k_hi) = plan.chunks[pair.key];
+                let mut params = base;
+                params.row_base = q_lo as u32;
+                params.chunk_lo = q_lo as u32;
+                params.chunk_hi = q_hi as u32;
+                params.key_lo = k_lo as u32;
+                params.key_hi = k_hi as u32;
+                params.tiles_per_block = pair.tiles;
+                params.total_workgroups = pair.dispatch.workgroups;
+                params.workgroups_x = pair.dispatch.grid[0];
+                let bytes = to_uniform_bytes(&params)?;
+                let buf = uniform(device, &self.ctx.queue, "dense chunk params", &bytes);
+                let (qc, kc) = (&chunks[pair.query], &chunks[pair.key]);
+                let t = GpuTensors {
+                    q: &qc.q,
+                    k: &kc.k,
+                    v: &kc.v,
+                    out: &qc.out,
+                    lse: None,
+                };
+                Ok(self.bind_group(&buf, &t, &qc.lse))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("dense forward (split head)"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(pipeline);
+            for (pair, group) in plan.pairs.iter().zip(&groups) {
+                pass.set_bind_group(0, group, &[]);
+                let g = pair.dispatch.grid;
+                pass.dispatch_workgroups(g[0], g[1], g[2]);
+            }
+        }
+
+        let mut staged = Vec::new();
+        for (&(lo, hi), b) in plan.chunks.iter().zip(&chunks) {
+            match io {
+                SplitIo::Host { want_lse, .. } => {
+                    let part = Staged::new(device, Shape::new(1, 1, hi - lo, d), want_lse);
+                    part.record(&mut enc, &b.out, &b.lse);
+                    staged.push(part);
+                }
+                SplitIo::Device(t) => {
+                    let (first, rows, row) = ((h * n + lo) as u64, (hi - lo) as u64, d as u64 * 4);
+                    enc.copy_buffer_to_buffer(&b.out, 0, t.out, first * row, rows * row);
+                    if let Some(lse) = t.lse {
+                        enc.copy_buffer_to_buffer(&b.lse, 0, lse, first * 4, rows * 4);
+                    }
+                }
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        Ok(staged)
+    }
+}

@@ -1,0 +1,155 @@
+//! Dense attention of a head longer than one storage binding: the head's queries and keys are
+//! cut at the same boundaries into chunks that each fit a binding, and every (query chunk, key
+//! chunk) pair is one dispatch, key chunks in order. A row's online-softmax state (running max,
+//! sum and unnormalised accumulator) waits in device memory between them
+//! (`shaders/dense_attention.wgsl`). Chunks are multiples of the query tile and of the key tile,
+//! so the tiles, and the result's bits, are those of an unsplit run. Causal: a query chunk
+//! needs only the key chunks up to its own.
+//!
+//! ```text
+//!              key chunk 0   1   2            causal: pairs (q, k) with k <= q
+//! query chunk 0         x   x   x                     x . .
+//!             1         x   x   x                     x x .
+//!             2         x   x   x                     x x x
+//! ```
+//!
+//! Pure arithmetic, unit-tested without a GPU; `gpu::dense_split` executes it.
+
+use crate::error::{FmaError, Result};
+use crate::plan::{dispatch, DensePlan, Dispatch, KernelLimits};
+use crate::shape::Shape;
+
+/// One dispatch: the queries of one chunk against the keys of one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DensePair {
+    /// Index of the query chunk in [`DenseSplitPlan::chunks`].
+    pub query: usize,
+    /// Index of the key chunk.
+    pub key: usize,
+    /// Query tiles of the query chunk, one workgroup each.
+    pub tiles: u32,
+    /// The dispatch.
+    pub dispatch: Dispatch,
+}
+
+/// The plan of dense attention over one head in chunks (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct DenseSplitPlan {
+    /// The plan of one head, shape (1, 1, n, d), less the tensor-binding check.
+    pub head: DensePlan,
+    /// The chunks `lo..hi`, in order: the same boundaries for queries and keys.
+    pub chunks: Vec<(usize, usize)>,
+    /// The dispatches in execution order: per query chunk, its key chunks in order.
+    pub pairs: Vec<DensePair>,
+}
+
+impl DenseSplitPlan {
+    /// Plans a head of `n` tokens of width `d`. A head that fits is one chunk. Each query
+    /// chunk's LSE binding holds two floats per row while the pairs run (the running max and
+    /// sum), so the chunk size respects that too.
+    pub fn new(n: usize, d: usize, causal: bool, limits: &KernelLimits) -> Result<Self> {
+        let head = DensePlan::without_tensor_bindings(Shape::new(1, 1, n, d), limits)?;
+        let spec = head.attention.spec;
+        // Multiple of both tiles: query tiles of WG rows, key tiles of BK rows.
+        let unit = lcm(spec.wg as usize, spec.bk as usize);
+        let max_rows = (limits.binding_bytes() / (d.max(2) as u64 * 4)) as usize;
+        let chunk = if n <= max_rows {
+            n
+        } else if max_rows >= unit {
+            max_rows / unit * unit
+        } else {
+            return Err(FmaError::LimitExceeded {
+                what: format!(
+                    "one tile of {unit} rows of head_dim {d} in one storage binding, the least \
+                     dense attention over a head split across bindings needs"
+                ),
+                requested: (unit * d.max(2) * 4) as u64,
+                max: limits.binding_bytes(),
+            });
+        };
+        let chunks: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|lo| (lo, (lo + chunk).min(n)))
+            .collect();
+        let mut pairs = Vec::new();
+        for (qi, &(lo, hi)) in chunks.iter().enumerate() {
+            let tiles = (hi - lo).div_ceil(spec.wg as usize) as u32;
+            let keys = if causal { qi + 1 } else { chunks.len() };
+            for ki in 0..keys {
+                pairs.push(DensePair {
+                    query: qi,
+                    key: ki,
+                    tiles,
+                    dispatch: dispatch(head.attention.pass, None, tiles as u64, spec, limits)?,
+                });
+            }
+        }
+        Ok(Self {
+            head,
+            chunks,
+            pairs,
+        })
+    }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut x: usize, mut y: usize| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    a / gcd(a, b) * b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(binding: u64) -> KernelLimits {
+        KernelLimits {
+            max_workgroup: 256,
+            workgroup_storage: 16384,
+            max_workgroups_per_dim: 65535,
+            max_binding: binding,
+            max_buffer: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn chunks_are_whole_tiles_and_pairs_follow_the_mask() {
+        // 1000 x 16 under 16 KiB: 256 rows per binding, a multiple of 64 (WG) and 32 (BK).
+        for causal in [false, true] {
+            let plan = DenseSplitPlan::new(1000, 16, causal, &limits(16 << 10)).unwrap();
+            assert_eq!(plan.chunks.len(), 4);
+            assert!(plan.chunks.iter().all(|&(lo, _)| lo % 256 == 0));
+            assert_eq!(plan.chunks.last().unwrap().1, 1000);
+            let expect = if causal { 1 + 2 + 3 + 4 } else { 16 };
+            assert_eq!(plan.pairs.len(), expect);
+            // Per query chunk, its key chunks in order starting from 0.
+            for w in plan.pairs.windows(2) {
+                if w[0].query == w[1].query {
+                    assert_eq!(w[1].key, w[0].key + 1);
+                } else {
+                    assert_eq!((w[1].query, w[1].key), (w[0].query + 1, 0));
+                }
+            }
+            assert_eq!(
+                plan.pairs.last().unwrap().tiles,
+                (1000 - 768usize).div_ceil(64) as u32
+            );
+        }
+    }
+
+    #[test]
+    fn the_state_of_two_floats_per_row_bounds_the_chunk_at_head_dim_one() {
+        let plan = DenseSplitPlan::new(10_000, 1, false, &limits(16 << 10)).unwrap();
+        assert_eq!(plan.chunks[0].1, 2048); // 16 KiB / 8 bytes, a multiple of 64
+    }
+
+    #[test]
+    fn a_binding_below_one_tile_is_a_typed_error() {
+        let e = DenseSplitPlan::new(100_000, 256, false, &limits(32 << 10)).unwrap_err();
+        assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+    }
+}
