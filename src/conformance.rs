@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::config::{Downsample, FmaConfig};
+use crate::config::{Downsample, FmaConfig, Queries};
 use crate::cpu::{self, widen};
 use crate::error::Result;
 use crate::gpu::{DenseAttention, FmaAttention, GpuContext};
@@ -29,7 +29,15 @@ pub enum Check {
     /// FMA against exact dense attention on query `row` of head 0, with K and V made constant
     /// on every sub-window that row's far lists use (algorithm.md §5: then FMA is exact).
     Exactness(FmaConfig, usize),
+    /// FMA restricted to [`SPLIT_BINDING`] bytes per binding, so each head is cut along its
+    /// sequence: against the reference, and bit for bit against the unrestricted run.
+    SplitFma(FmaConfig),
+    /// Dense attention (causal or not) restricted likewise: query and key chunk pairs.
+    SplitDense(bool),
 }
+
+/// The binding size of the split cases: 16 KiB, 256 rows of head_dim 16.
+pub const SPLIT_BINDING: u64 = 16 << 10;
 
 /// One conformance case.
 #[derive(Clone, Debug)]
@@ -138,6 +146,33 @@ pub fn suite() -> Vec<Case> {
             check: Check::Dense(causal),
         });
     }
+    // Heads of 1025 x 16 (65.6 KB) under 16 KiB bindings: 6 chunks of 192 tokens (FMA), 5 of
+    // 256 (dense).
+    let split = Shape::new(1, 2, 1025, 16);
+    for (name, cfg) in [
+        ("bidir", FmaConfig::new(32, 2)),
+        ("causal", FmaConfig::new(32, 1).causal(true)),
+        (
+            "coarse queries",
+            FmaConfig::new(32, 2).queries(Queries::Coarse),
+        ),
+    ] {
+        cases.push(Case {
+            name: format!("fma split head n=1025 d=16 m=32 {name}"),
+            shape: split,
+            check: Check::SplitFma(cfg),
+        });
+    }
+    for causal in [false, true] {
+        cases.push(Case {
+            name: format!(
+                "dense split head n=1025 d=16 {}",
+                if causal { "causal" } else { "bidir" }
+            ),
+            shape: split,
+            check: Check::SplitDense(causal),
+        });
+    }
     for &(n, m, p, causal, row) in &[
         (512, 16, 2, false, 200),
         (1000, 16, 4, true, 999),
@@ -220,6 +255,30 @@ async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool
             let (eo, ok_o) = max_err(&g.o, &r.o);
             let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
             Ok((eo.max(el), ok_o && ok_l))
+        }
+        Check::SplitFma(cfg) => {
+            let fma = |limit| FmaAttention::new(ctx, cfg.clone()).map(|f| f.max_binding(limit));
+            let g = fma(SPLIT_BINDING)?
+                .forward_async(&q, &k, &v, s, true)
+                .await?;
+            let whole = fma(u64::MAX)?.forward_async(&q, &k, &v, s, true).await?;
+            let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), s, cfg)?;
+            let (eo, ok_o) = max_err(&g.o, &r.o);
+            let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
+            let same = g.o == whole.o && g.lse == whole.lse;
+            Ok((eo.max(el), ok_o && ok_l && same))
+        }
+        Check::SplitDense(causal) => {
+            let dense = |limit| DenseAttention::new(ctx, *causal).map(|f| f.max_binding(limit));
+            let g = dense(SPLIT_BINDING)?
+                .forward_async(&q, &k, &v, s, true)
+                .await?;
+            let whole = dense(u64::MAX)?.forward_async(&q, &k, &v, s, true).await?;
+            let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), s, *causal)?;
+            let (eo, ok_o) = max_err(&g.o, &r.o);
+            let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
+            let same = g.o == whole.o && g.lse == whole.lse;
+            Ok((eo.max(el), ok_o && ok_l && same))
         }
         Check::Exactness(cfg, row) => {
             let levels = Levels::new(s.seq, cfg.block, cfg.rank);

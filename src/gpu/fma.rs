@@ -146,6 +146,16 @@ impl FmaAttention {
         })
     }
 
+    /// Uses at most `bytes` per storage binding, below the device's own limit (a larger value
+    /// changes nothing): tensors over it take the split paths (`crate::plan_split`). For
+    /// checking those paths on an adapter (`multipole-attn doctor` does), or for bounding the
+    /// size of the library's single allocations. Call before the first forward.
+    pub fn max_binding(mut self, bytes: u64) -> Self {
+        self.limits.max_binding = self.limits.max_binding.min(bytes);
+        self.workspaces = Mutex::new(HashMap::new());
+        self
+    }
+
     /// The configuration.
     pub fn config(&self) -> &FmaConfig {
         &self.cfg
