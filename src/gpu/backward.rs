@@ -8,9 +8,12 @@
 
 use crate::config::Downsample;
 use crate::error::{FmaError, Result};
-use crate::gpu::fma::FmaAttention;
+use std::sync::Arc;
+
+use crate::gpu::fma::{level_selects, FmaAttention, MAX_CACHED_SHAPES};
 use crate::gpu::io::{GpuTensors, Scopes, Staged};
-use crate::gpu::params::{to_uniform_bytes, LevelSelect};
+use crate::gpu::params::to_uniform_bytes;
+use crate::gpu::pipelines::poisoned;
 use crate::gpu::readback::{read_f32, storage};
 use crate::gpu::shaders::Pass;
 use crate::gpu::Output;
@@ -92,8 +95,8 @@ fn check_buffer(name: &str, buf: &wgpu::Buffer, need: u64, shape: Shape) -> Resu
     Ok(())
 }
 
-/// Scratch buffers of one backward.
-struct Scratch {
+/// Scratch buffers of a backward of one shape.
+pub(super) struct Scratch {
     params: wgpu::Buffer,
     select: wgpu::Buffer,
     stride: u32,
@@ -394,35 +397,32 @@ impl FmaAttention {
         pollster::block_on(self.backward_buffers_async(saved, dout, g))
     }
 
-    fn backward_scratch(&self, plan: &BackwardPlan, dispatches: &[Dispatch]) -> Result<Scratch> {
-        let device = &self.ctx.device;
-        let uniform = |label, data: &[u8]| {
-            let buf = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: data.len() as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            self.ctx.queue.write_buffer(&buf, 0, data);
-            buf
-        };
-        let params = to_uniform_bytes(&self.params(&plan.forward))?;
-        // One selector per dispatch at an offset aligned for dynamic uniform offsets.
-        let stride = self.ctx.limits.min_uniform_buffer_offset_alignment.max(16);
-        let mut select = vec![0u8; stride as usize * dispatches.len()];
-        for (i, d) in dispatches.iter().enumerate() {
-            let bytes = to_uniform_bytes(&LevelSelect {
-                level: d.level.unwrap_or(0),
-                workgroups_x: d.grid[0],
-            })?;
-            let at = i * stride as usize;
-            select[at..at + bytes.len()].copy_from_slice(&bytes);
+    /// The scratch buffers of a backward of `plan`'s shape: made on first use, then cached
+    /// per shape. Concurrent backwards of one shape may share them without a lock: nothing is
+    /// written to them from the host after creation, and each submit computes every scratch
+    /// value it reads (the queue runs submits one after another).
+    fn backward_scratch(
+        &self,
+        plan: &BackwardPlan,
+        dispatches: &[Dispatch],
+    ) -> Result<Arc<Scratch>> {
+        let mut cache = self.backward_cache.lock().map_err(poisoned)?;
+        if let Some(s) = cache.get(&plan.forward.shape) {
+            return Ok(s.clone());
         }
+        if cache.len() >= MAX_CACHED_SHAPES {
+            cache.clear();
+        }
+        let device = &self.ctx.device;
+        let stride = self.select_stride();
         let coarse = plan.forward.workspace.coarse_bytes;
         let none = wgpu::BufferUsages::empty();
-        Ok(Scratch {
-            params: uniform("backward params", &params),
-            select: uniform("backward select", &select),
+        let scratch = Arc::new(Scratch {
+            params: self.uniform(
+                "backward params",
+                &to_uniform_bytes(&self.params(&plan.forward))?,
+            ),
+            select: self.uniform("backward select", &level_selects(dispatches, stride)?),
             stride,
             coarse_k: storage(device, "coarse_k", coarse, none),
             coarse_v: storage(device, "coarse_v", coarse, none),
@@ -430,7 +430,9 @@ impl FmaAttention {
             dcoarse_k: storage(device, "dcoarse_k", coarse, none),
             dcoarse_v: storage(device, "dcoarse_v", coarse, none),
             stats: storage(device, "lse and delta", plan.stats_bytes, none),
-        })
+        });
+        cache.insert(plan.forward.shape, scratch.clone());
+        Ok(scratch)
     }
 
     /// Records every dispatch, each with its own selector, into one compute pass (wgpu orders
@@ -449,18 +451,7 @@ impl FmaAttention {
         let device = &self.ctx.device;
         let layouts = &self.ctx.kernels.layouts;
         let w = &self.weights;
-        let select = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("backward select"),
-            layout: &layouts.level_select,
-            entries: &[wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &s.select,
-                    offset: 0,
-                    size: std::num::NonZeroU64::new(16),
-                }),
-            }],
-        });
+        let select = self.select_group(&s.select);
         // Group-0 buffers of each pass, binding i at index i (as `backward_bindings.rs`).
         let buffers = |pass: Pass| -> Option<Vec<&wgpu::Buffer>> {
             Some(match pass {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
+use crate::gpu::backward::Scratch;
 use crate::gpu::coarse::CoarseQueryBuffers;
 use crate::gpu::io::{check_host, forward_host, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, LevelInfo, LevelSelect, Params, MAX_LEVELS};
@@ -112,11 +113,13 @@ pub struct FmaAttention {
     /// Unique per instance: ties a [`crate::gpu::Saved`] forward to the instance that made it.
     pub(super) id: u64,
     workspaces: Mutex<HashMap<Shape, Arc<Mutex<Workspace>>>>,
+    /// The backward's scratch buffers per shape (`gpu::backward`).
+    pub(super) backward_cache: Mutex<HashMap<Shape, Arc<Scratch>>>,
 }
 
 /// Shapes whose buffers are kept; beyond this the cache is cleared (a long-running caller
 /// cycling through many shapes should not grow memory without bound).
-const MAX_CACHED_SHAPES: usize = 8;
+pub(super) const MAX_CACHED_SHAPES: usize = 8;
 
 /// The next [`FmaAttention`] id.
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -143,6 +146,7 @@ impl FmaAttention {
             weights,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             workspaces: Mutex::new(HashMap::new()),
+            backward_cache: Mutex::new(HashMap::new()),
         })
     }
 
