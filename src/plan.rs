@@ -73,6 +73,21 @@ impl KernelLimits {
     }
 }
 
+#[cfg(test)]
+impl KernelLimits {
+    /// A desktop adapter's limits but for `binding` bytes per storage binding (unit tests of
+    /// the split plans).
+    pub(crate) fn with_binding(binding: u64) -> Self {
+        Self {
+            max_workgroup: 256,
+            workgroup_storage: 16384,
+            max_workgroups_per_dim: 65535,
+            max_binding: binding,
+            max_buffer: 1 << 30,
+        }
+    }
+}
+
 /// One compute dispatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dispatch {

@@ -208,13 +208,7 @@ mod tests {
     use crate::weights::LearnedWeights;
 
     fn limits(binding: u64) -> KernelLimits {
-        KernelLimits {
-            max_workgroup: 256,
-            workgroup_storage: 16384,
-            max_workgroups_per_dim: 65535,
-            max_binding: binding,
-            max_buffer: 1 << 30,
-        }
+        KernelLimits::with_binding(binding)
     }
 
     #[test]

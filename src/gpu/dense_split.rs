@@ -4,24 +4,14 @@
 
 use crate::error::Result;
 use crate::gpu::dense::DenseAttention;
-use crate::gpu::io::{GpuTensors, Scopes, Staged};
+use crate::gpu::io::{GpuTensors, HostBuffers, Staged};
 use crate::gpu::params::to_uniform_bytes;
-use crate::gpu::readback::{storage, uniform};
+use crate::gpu::readback::uniform;
 use crate::gpu::shaders::Pass;
-use crate::gpu::split::{check_copy_usage, SplitIo};
+use crate::gpu::split::{check_copy_usage, per_head, SplitIo};
 use crate::gpu::Output;
 use crate::plan_split_dense::DenseSplitPlan;
 use crate::shape::Shape;
-
-/// Rows `lo..hi` of one head: Q and O with the LSE (two floats per row while key chunks run:
-/// the running max, then the running sum), and K and V.
-struct ChunkBuffers {
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    out: wgpu::Buffer,
-    lse: wgpu::Buffer,
-}
 
 impl DenseAttention {
     /// Dense attention of `shape` through a [`DenseSplitPlan`]: per head, one submit; host
@@ -40,25 +30,14 @@ impl DenseAttention {
                 plan.head.attention.spec,
             )
             .await?;
-        let want_lse = matches!(io, SplitIo::Host { want_lse: true, .. });
-        let mut o = Vec::new();
-        let mut lse = Vec::new();
-        for h in 0..shape.batch_heads() {
-            let scopes = Scopes::push(&self.ctx)?;
-            let staged = self.split_head(&plan, &pipeline, io, h)?;
-            scopes
-                .pop(&self.ctx, "the dense forward of a split head")
-                .await?;
-            for part in staged {
-                let part = part.read(&self.ctx).await?;
-                o.extend_from_slice(&part.o);
-                lse.extend(part.lse.into_iter().flatten());
-            }
-        }
-        Ok(Output {
-            o,
-            lse: want_lse.then_some(lse),
-        })
+        per_head(
+            &self.ctx,
+            io,
+            shape,
+            "the dense forward of a split head",
+            |h| self.split_head(&plan, &pipeline, io, h),
+        )
+        .await
     }
 
     /// Records and submits head `h`: inputs in, every pair, outputs out.
@@ -71,41 +50,19 @@ impl DenseAttention {
     ) -> Result<Vec<Staged>> {
         let device = &self.ctx.device;
         let (n, d) = (plan.head.shape.seq, plan.head.shape.head_dim);
-        let (input, output) = (wgpu::BufferUsages::COPY_DST, wgpu::BufferUsages::COPY_SRC);
+        // Per chunk rows lo..hi of Q, K, V, O, and the LSE with room for two floats per row.
         let chunks: Vec<_> = plan
             .chunks
             .iter()
-            .map(|&(lo, hi)| {
-                let bytes = ((hi - lo) * d) as u64 * 4;
-                ChunkBuffers {
-                    q: storage(device, "q chunk", bytes, input),
-                    k: storage(device, "k chunk", bytes, input),
-                    v: storage(device, "v chunk", bytes, input),
-                    out: storage(device, "out chunk", bytes, output),
-                    lse: storage(device, "lse chunk", (hi - lo) as u64 * 8, output),
-                }
-            })
+            .map(|&(lo, hi)| HostBuffers::with_lse_floats(device, Shape::new(1, 1, hi - lo, d), 2))
             .collect();
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("dense"),
         });
 
         for (&(lo, hi), b) in plan.chunks.iter().zip(&chunks) {
-            let (first, len) = ((h * n + lo) * d, (hi - lo) * d);
-            let dst = [&b.q, &b.k, &b.v];
-            match io {
-                SplitIo::Host { q, k, v, .. } => {
-                    for (src, dst) in [q, k, v].into_iter().zip(dst) {
-                        let part = bytemuck::cast_slice(&src[first..first + len]);
-                        self.ctx.queue.write_buffer(dst, 0, part);
-                    }
-                }
-                SplitIo::Device(t) => {
-                    for (src, dst) in [t.q, t.k, t.v].into_iter().zip(dst) {
-                        enc.copy_buffer_to_buffer(src, first as u64 * 4, dst, 0, len as u64 * 4);
-                    }
-                }
-            }
+            let rows = (h * n + lo) * d..(h * n + hi) * d;
+            io.fill(&self.ctx.queue, &mut enc, rows, [&b.q, &b.k, &b.v]);
         }
 
         // One parameter block per pair: its query rows and keys.

@@ -57,7 +57,9 @@ impl GpuTensors<'_> {
     }
 }
 
-/// Buffers for host tensors of one shape, allocated once and reused by later calls.
+/// Q, K, V, O and LSE buffers the library owns for one shape: those of host tensors (made
+/// once per shape and reused by later calls), or one chunk of a split head (`gpu::split`).
+/// Q, K, V take copies in (`COPY_DST`), O and the LSE copies out (`COPY_SRC`).
 pub(crate) struct HostBuffers {
     pub q: wgpu::Buffer,
     pub k: wgpu::Buffer,
@@ -68,6 +70,11 @@ pub(crate) struct HostBuffers {
 
 impl HostBuffers {
     pub fn new(device: &wgpu::Device, shape: Shape) -> Self {
+        Self::with_lse_floats(device, shape, 1)
+    }
+
+    /// With `per_row` floats per row in the LSE buffer (a split dense head keeps two there).
+    pub fn with_lse_floats(device: &wgpu::Device, shape: Shape, per_row: u64) -> Self {
         let bytes = shape.elements() as u64 * 4;
         let input = wgpu::BufferUsages::COPY_DST;
         let output = wgpu::BufferUsages::COPY_SRC;
@@ -76,7 +83,7 @@ impl HostBuffers {
             k: storage(device, "k", bytes, input),
             v: storage(device, "v", bytes, input),
             out: storage(device, "out", bytes, output),
-            lse: storage(device, "lse", shape.rows() as u64 * 4, output),
+            lse: storage(device, "lse", shape.rows() as u64 * 4 * per_row, output),
         }
     }
 

@@ -5,14 +5,15 @@
 //! Inputs come from host slices (uploaded chunk by chunk) or from the caller's buffers (copied
 //! chunk by chunk, so those may exceed a binding as long as the adapter allows the buffer).
 
+use std::ops::Range;
+
 use crate::error::{FmaError, Result};
 use crate::gpu::fma::{level_selects, FmaAttention, Pipes, Workspace};
-use crate::gpu::io::{GpuTensors, Scopes, Staged};
+use crate::gpu::io::{GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::to_uniform_bytes;
 use crate::gpu::pipelines::poisoned;
-use crate::gpu::readback::storage;
 use crate::gpu::shaders::Pass;
-use crate::gpu::Output;
+use crate::gpu::{GpuContext, Output};
 use crate::plan_split::{Chunk, SplitPlan};
 use crate::shape::Shape;
 
@@ -31,28 +32,67 @@ pub(super) enum SplitIo<'a> {
     Device(GpuTensors<'a>),
 }
 
+impl SplitIo<'_> {
+    /// Puts elements `range` of Q, K and V into `dst`: written through the queue (before the
+    /// next submit) from host slices, or copied in `enc` from the caller's buffers.
+    pub(super) fn fill(
+        &self,
+        queue: &wgpu::Queue,
+        enc: &mut wgpu::CommandEncoder,
+        range: Range<usize>,
+        dst: [&wgpu::Buffer; 3],
+    ) {
+        match self {
+            SplitIo::Host { q, k, v, .. } => {
+                for (src, dst) in [q, k, v].into_iter().zip(dst) {
+                    queue.write_buffer(dst, 0, bytemuck::cast_slice(&src[range.clone()]));
+                }
+            }
+            SplitIo::Device(t) => {
+                let (at, bytes) = (range.start as u64 * 4, range.len() as u64 * 4);
+                for (src, dst) in [t.q, t.k, t.v].into_iter().zip(dst) {
+                    enc.copy_buffer_to_buffer(src, at, dst, 0, bytes);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `head` for every head of `shape`, each inside error scopes (`head` records and
+/// submits one head and returns its chunks' readbacks), and concatenates the host outputs
+/// (an empty [`Output`] for [`SplitIo::Device`]).
+pub(super) async fn per_head(
+    ctx: &GpuContext,
+    io: SplitIo<'_>,
+    shape: Shape,
+    stage: &str,
+    mut head: impl FnMut(usize) -> Result<Vec<Staged>>,
+) -> Result<Output> {
+    let want_lse = matches!(io, SplitIo::Host { want_lse: true, .. });
+    let mut o = Vec::new();
+    let mut lse = Vec::new();
+    for h in 0..shape.batch_heads() {
+        let scopes = Scopes::push(ctx)?;
+        let staged = head(h)?;
+        scopes.pop(ctx, stage).await?;
+        for part in staged {
+            let part = part.read(ctx).await?;
+            o.extend_from_slice(&part.o);
+            lse.extend(part.lse.into_iter().flatten());
+        }
+    }
+    Ok(Output {
+        o,
+        lse: want_lse.then_some(lse),
+    })
+}
+
 /// One chunk's bindings: rows `row_base..row_base + rows` of one head's Q, K, V, O and LSE,
 /// and its own parameter block and level selectors (its downsample levels, then its merge).
 struct ChunkBuffers {
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    out: wgpu::Buffer,
-    lse: wgpu::Buffer,
+    t: HostBuffers,
     params: wgpu::Buffer,
     select: wgpu::Buffer,
-}
-
-impl ChunkBuffers {
-    fn tensors(&self) -> GpuTensors<'_> {
-        GpuTensors {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            out: &self.out,
-            lse: Some(&self.lse),
-        }
-    }
 }
 
 /// Checks the caller's buffers allow the copies a split forward makes.
@@ -89,28 +129,17 @@ impl FmaAttention {
         let plan = SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
         let pipes = self.pipes(&plan.head).await?;
         let ws = self.workspace(&plan.head)?;
-        let want_lse = matches!(io, SplitIo::Host { want_lse: true, .. });
-        let mut o = Vec::new();
-        let mut lse = Vec::new();
-        for h in 0..shape.batch_heads() {
-            let scopes = Scopes::push(&self.ctx)?;
-            let staged = {
+        per_head(
+            &self.ctx,
+            io,
+            shape,
+            "the FMA forward of a split head",
+            |h| {
                 let ws = ws.lock().map_err(poisoned)?;
-                self.split_head(&plan, &ws, &pipes, io, h)?
-            };
-            scopes
-                .pop(&self.ctx, "the FMA forward of a split head")
-                .await?;
-            for part in staged {
-                let part = part.read(&self.ctx).await?;
-                o.extend_from_slice(&part.o);
-                lse.extend(part.lse.into_iter().flatten());
-            }
-        }
-        Ok(Output {
-            o,
-            lse: want_lse.then_some(lse),
-        })
+                self.split_head(&plan, &ws, &pipes, io, h)
+            },
+        )
+        .await
     }
 
     /// Records and submits head `h`: inputs in, the three steps of `crate::plan_split`,
@@ -135,24 +164,8 @@ impl FmaAttention {
 
         // Inputs: rows row_base..row_base + rows of head h.
         for (c, b) in plan.chunks.iter().zip(&chunks) {
-            let first = (h * n + c.row_base) * d;
-            let len = c.rows * d;
-            let dst = [&b.q, &b.k, &b.v];
-            match io {
-                SplitIo::Host { q, k, v, .. } => {
-                    for (src, dst) in [q, k, v].into_iter().zip(dst) {
-                        let part = &src[first..first + len];
-                        self.ctx
-                            .queue
-                            .write_buffer(dst, 0, bytemuck::cast_slice(part));
-                    }
-                }
-                SplitIo::Device(t) => {
-                    for (src, dst) in [t.q, t.k, t.v].into_iter().zip(dst) {
-                        enc.copy_buffer_to_buffer(src, first as u64 * 4, dst, 0, len as u64 * 4);
-                    }
-                }
-            }
+            let rows = (h * n + c.row_base) * d..(h * n + c.row_base + c.rows) * d;
+            io.fill(&self.ctx.queue, &mut enc, rows, [&b.t.q, &b.t.k, &b.t.v]);
         }
 
         {
@@ -167,7 +180,8 @@ impl FmaAttention {
                 if c.downsample.is_empty() {
                     continue;
                 }
-                let group = self.bind_group(Pass::Downsample, &b.params, ws, &b.tensors(), &b.lse);
+                let group =
+                    self.bind_group(Pass::Downsample, &b.params, ws, &b.t.tensors(), &b.t.lse);
                 let select = self.select_group(&b.select);
                 pass.set_pipeline(pipes.get(Pass::Downsample)?);
                 pass.set_bind_group(0, &group, &[]);
@@ -182,7 +196,7 @@ impl FmaAttention {
             let first = &chunks[0];
             for (k, step) in plan.shared_steps() {
                 let group =
-                    self.bind_group(step.pass, &ws.params, ws, &first.tensors(), &first.lse);
+                    self.bind_group(step.pass, &ws.params, ws, &first.t.tensors(), &first.t.lse);
                 pass.set_pipeline(pipes.get(step.pass)?);
                 pass.set_bind_group(0, &group, &[]);
                 pass.set_bind_group(1, &select, &[k as u32 * stride]);
@@ -190,14 +204,14 @@ impl FmaAttention {
             }
             // 3. Per chunk, the attention of its queries and (coarse queries) the merge.
             for (c, b) in plan.chunks.iter().zip(&chunks) {
-                let t = b.tensors();
-                let group = self.bind_group(Pass::FineAttention, &b.params, ws, &t, &b.lse);
+                let t = b.t.tensors();
+                let group = self.bind_group(Pass::FineAttention, &b.params, ws, &t, &b.t.lse);
                 pass.set_pipeline(pipes.get(Pass::FineAttention)?);
                 pass.set_bind_group(0, &group, &[]);
                 let g = c.attention.grid;
                 pass.dispatch_workgroups(g[0], g[1], g[2]);
                 if let Some(merge) = c.merge {
-                    let group = self.bind_group(Pass::UpsampleMerge, &b.params, ws, &t, &b.lse);
+                    let group = self.bind_group(Pass::UpsampleMerge, &b.params, ws, &t, &b.t.lse);
                     pass.set_pipeline(pipes.get(Pass::UpsampleMerge)?);
                     pass.set_bind_group(0, &group, &[]);
                     let slot = c.downsample.len() as u32 * stride;
@@ -215,15 +229,15 @@ impl FmaAttention {
             match io {
                 SplitIo::Host { want_lse, .. } => {
                     let part = Staged::new(device, Shape::new(1, 1, c.hi - c.lo, d), want_lse);
-                    part.record_from(&mut enc, &b.out, &b.lse, skip);
+                    part.record_from(&mut enc, &b.t.out, &b.t.lse, skip);
                     staged.push(part);
                 }
                 SplitIo::Device(t) => {
                     let first = (h * n + c.lo) as u64;
                     let row = d as u64 * 4;
-                    enc.copy_buffer_to_buffer(&b.out, skip * row, t.out, first * row, rows * row);
+                    enc.copy_buffer_to_buffer(&b.t.out, skip * row, t.out, first * row, rows * row);
                     if let Some(lse) = t.lse {
-                        enc.copy_buffer_to_buffer(&b.lse, skip * 4, lse, first * 4, rows * 4);
+                        enc.copy_buffer_to_buffer(&b.t.lse, skip * 4, lse, first * 4, rows * 4);
                     }
                 }
             }
@@ -236,8 +250,6 @@ impl FmaAttention {
     /// `row_base..row_base + rows` and tokens `lo..hi`, with the chunk's attention grid.
     fn chunk_buffers(&self, plan: &SplitPlan, c: &Chunk) -> Result<ChunkBuffers> {
         let device = &self.ctx.device;
-        let tensor = (c.rows * plan.head.shape.head_dim) as u64 * 4;
-        let (input, output) = (wgpu::BufferUsages::COPY_DST, wgpu::BufferUsages::COPY_SRC);
         let mut params = self.params(&plan.head);
         params.row_base = c.row_base as u32;
         params.chunk_lo = c.lo as u32;
@@ -246,11 +258,7 @@ impl FmaAttention {
         params.workgroups_x = c.attention.grid[0];
         let steps: Vec<_> = c.downsample.iter().copied().chain(c.merge).collect();
         Ok(ChunkBuffers {
-            q: storage(device, "q chunk", tensor, input),
-            k: storage(device, "k chunk", tensor, input),
-            v: storage(device, "v chunk", tensor, input),
-            out: storage(device, "out chunk", tensor, output),
-            lse: storage(device, "lse chunk", c.rows as u64 * 4, output),
+            t: HostBuffers::new(device, Shape::new(1, 1, c.rows, plan.head.shape.head_dim)),
             params: self.uniform("chunk params", &to_uniform_bytes(&params)?),
             select: self.uniform(
                 "chunk level_select",
