@@ -226,6 +226,62 @@ async fn fma_matches_the_cpu_reference_under_browser_limits() {
 }
 
 #[wasm_bindgen_test]
+async fn heads_split_across_small_bindings_match_unsplit_runs_to_the_bit() {
+    // The library capped at 16 KiB per binding: heads of 1025 x 16 go through the split paths
+    // (FMA chunks of whole blocks, dense chunk pairs), as a head over the browser's 128 MiB
+    // would; the bits must be the uncapped run's, and O within the reference's tolerance.
+    let g = gpu().await;
+    let ctx = g.context();
+    let seed = fresh_seed();
+    console_log!("seed {seed}");
+    let shape = Shape::new(1, 2, 1025, 16);
+    let x = qkv(seed, shape);
+    let cap = 16 << 10;
+    for cfg in [
+        FmaConfig::new(32, 2),
+        FmaConfig::new(32, 1).causal(true),
+        FmaConfig::new(32, 2).queries(multipole_attn::Queries::Coarse),
+    ] {
+        let fma = |limit| {
+            FmaAttention::new(ctx, cfg.clone())
+                .unwrap()
+                .max_binding(limit)
+        };
+        let split = fma(cap)
+            .forward_async(&x.q, &x.k, &x.v, shape, true)
+            .await
+            .unwrap();
+        let whole = fma(u64::MAX)
+            .forward_async(&x.q, &x.k, &x.v, shape, true)
+            .await
+            .unwrap();
+        assert!(
+            split.o == whole.o && split.lse == whole.lse,
+            "seed {seed} {cfg:?}"
+        );
+        let r = cpu::fma_forward(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, &cfg).unwrap();
+        let (bad, err) = violations(&split.o, &r.o, O_ATOL, O_RTOL);
+        console_log!("split {cfg:?}: max |O - ref| {err:.2e}");
+        assert_eq!(bad, 0, "seed {seed} {cfg:?}: O off by up to {err}");
+    }
+    for causal in [false, true] {
+        let dense = |limit| DenseAttention::new(ctx, causal).unwrap().max_binding(limit);
+        let split = dense(cap)
+            .forward_async(&x.q, &x.k, &x.v, shape, true)
+            .await
+            .unwrap();
+        let whole = dense(u64::MAX)
+            .forward_async(&x.q, &x.k, &x.v, shape, true)
+            .await
+            .unwrap();
+        assert!(
+            split.o == whole.o && split.lse == whole.lse,
+            "seed {seed} dense {causal}"
+        );
+    }
+}
+
+#[wasm_bindgen_test]
 async fn dense_matches_the_cpu_reference() {
     let g = gpu().await;
     let ctx = g.context();
