@@ -174,8 +174,8 @@ impl FmaAttention {
                 timestamp_writes: None,
             });
             let stride = ws.select_stride;
-            // 1. The levels pooled from tokens, chunk by chunk (in token order: a Learned window
-            //    spanning chunks is summed in that order).
+            // 1. The levels pooled from tokens, chunk by chunk: level 1 in Average mode (every
+            //    level in Learned mode, which never has more than one chunk).
             for (c, b) in plan.chunks.iter().zip(&chunks) {
                 if c.downsample.is_empty() {
                     continue;
