@@ -67,7 +67,7 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("multipole-attn"),
-                required_features: wgpu::Features::empty(),
+                required_features: negotiate_features(adapter.features(), options),
                 required_limits: limits.clone(),
                 ..Default::default()
             })
@@ -106,6 +106,16 @@ impl GpuContext {
             Some(msg) => Err(FmaError::DeviceLost(msg)),
             None => Ok(()),
         }
+    }
+
+    /// Whether the device can time GPU work with timestamps written between the commands of an
+    /// encoder (`CommandEncoder::write_timestamp`; both timestamp features enabled). True on
+    /// a device the library created when the adapter offers them; on a caller's device, when
+    /// the caller enabled them.
+    pub fn encoder_timestamps(&self) -> bool {
+        self.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
     }
 
     /// Largest workgroup the library's kernels may use on this device (at most 256, the
@@ -171,6 +181,15 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
             .min(web.max_storage_buffer_binding_size);
     }
     l
+}
+
+/// The optional features the library asks for, only those `adapter` offers (none is required):
+/// GPU timestamps ([`wgpu::Features::TIMESTAMP_QUERY`], and
+/// [`wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS`] so a caller can time work recorded with
+/// [`crate::gpu::FmaAttention::encode`] between `CommandEncoder::write_timestamp` calls).
+pub fn negotiate_features(adapter: wgpu::Features, _options: ContextOptions) -> wgpu::Features {
+    let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+    adapter & wanted
 }
 
 /// What `multipole-attn info` prints about one adapter.
