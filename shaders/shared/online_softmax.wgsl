@@ -39,28 +39,60 @@ fn begin_row(head: u32, i: u32, in_tile: bool) {
     run_sum = 0.0;
 }
 
+// Whether staged key r (of a tile of `count` keys, of which keys r < n_keys are visible) takes
+// part: visible and not ABSENT. Rows from count on are stale: never read for r >= n_keys.
+fn key_ok(r: u32, n_keys: u32) -> bool {
+    return r < n_keys && tile_bias[min(r, BK - 1u)] > ABSENT * 0.5;
+}
+
 // Folds the first `count` staged keys into this invocation's row; only keys r < visible
 // (causal limit) whose bias is not ABSENT take part. Two sweeps per tile (scores and their
 // maximum, then weights and values) so the accumulator is rescaled once per tile, not per key.
+// Keys go four at a time: each q_row / acc element is loaded once per four keys instead of once
+// per key (register blocking; lavapipe keeps these per-invocation arrays in memory).
 fn consume_tile(count: u32, visible: u32) {
     let n_keys = min(count, visible);
-    var s: array<f32, BK>;
+    let groups = (count + 3u) / 4u;
+    var s: array<vec4<f32>, (BK + 3u) / 4u>;
     var tile_max = NEG_START;
     var seen_any = false;
-    for (var r = 0u; r < count; r++) {
-        if (r < n_keys) {
-            let bias = tile_bias[r];
-            if (bias > ABSENT * 0.5) {
-                var dot4 = vec4<f32>(0.0);
-                for (var c4 = 0u; c4 < D4; c4++) {
-                    dot4 += q_row[c4] * tile_k[r * D4 + c4];
-                }
-                let score = dot4.x + dot4.y + dot4.z + dot4.w + bias;
-                s[r] = score;
-                tile_max = max(tile_max, score);
-                seen_any = true;
+    for (var g = 0u; g < groups; g++) {
+        let r = g * 4u;
+        let ok = vec4<bool>(key_ok(r, n_keys), key_ok(r + 1u, n_keys), key_ok(r + 2u, n_keys),
+                            key_ok(r + 3u, n_keys));
+        if (!any(ok)) {
+            continue;
+        }
+        var d0 = vec4<f32>(0.0);
+        var d1 = vec4<f32>(0.0);
+        var d2 = vec4<f32>(0.0);
+        var d3 = vec4<f32>(0.0);
+        if (all(ok)) {
+            for (var c4 = 0u; c4 < D4; c4++) {
+                let x = q_row[c4];
+                d0 += x * tile_k[r * D4 + c4];
+                d1 += x * tile_k[(r + 1u) * D4 + c4];
+                d2 += x * tile_k[(r + 2u) * D4 + c4];
+                d3 += x * tile_k[(r + 3u) * D4 + c4];
+            }
+        } else {
+            // A partial group (tile end, causal diagonal, empty sub-window): key by key.
+            for (var c4 = 0u; c4 < D4; c4++) {
+                let x = q_row[c4];
+                if (ok.x) { d0 += x * tile_k[r * D4 + c4]; }
+                if (ok.y) { d1 += x * tile_k[(r + 1u) * D4 + c4]; }
+                if (ok.z) { d2 += x * tile_k[(r + 2u) * D4 + c4]; }
+                if (ok.w) { d3 += x * tile_k[(r + 3u) * D4 + c4]; }
             }
         }
+        let one = vec4<f32>(1.0);
+        let bias = vec4<f32>(tile_bias[min(r, BK - 1u)], tile_bias[min(r + 1u, BK - 1u)],
+                             tile_bias[min(r + 2u, BK - 1u)], tile_bias[min(r + 3u, BK - 1u)]);
+        let sc = vec4<f32>(dot(d0, one), dot(d1, one), dot(d2, one), dot(d3, one)) + bias;
+        let masked = select(vec4<f32>(NEG_START), sc, ok);
+        s[g] = masked;
+        tile_max = max(tile_max, max(max(masked.x, masked.y), max(masked.z, masked.w)));
+        seen_any = true;
     }
     if (!seen_any) {
         return;
@@ -72,14 +104,32 @@ fn consume_tile(count: u32, visible: u32) {
         acc[c4] *= correction;
     }
     run_max = new_max;
-    // The keep test repeats the first sweep's instead of looking at s[r], so that a NaN score
-    // (a NaN in q or k) poisons this row as it would in dense attention rather than vanishing.
-    for (var r = 0u; r < count; r++) {
-        if (r < n_keys && tile_bias[r] > ABSENT * 0.5) {
-            let w = exp(s[r] - new_max);
-            run_sum += w;
+    // The keep test repeats the first sweep's instead of looking at s, so that a NaN score
+    // (a NaN in q or k) poisons this row as it would in dense attention rather than vanishing;
+    // a key that does not take part contributes nothing, not 0 * (its value), which is NaN
+    // when a masked future value is.
+    for (var g = 0u; g < groups; g++) {
+        let r = g * 4u;
+        let ok = vec4<bool>(key_ok(r, n_keys), key_ok(r + 1u, n_keys), key_ok(r + 2u, n_keys),
+                            key_ok(r + 3u, n_keys));
+        if (!any(ok)) {
+            continue;
+        }
+        let w = select(vec4<f32>(0.0), exp(s[g] - new_max), ok);
+        run_sum += w.x + w.y + w.z + w.w;
+        if (all(ok)) {
             for (var c4 = 0u; c4 < D4; c4++) {
-                acc[c4] += w * tile_v[r * D4 + c4];
+                acc[c4] += w.x * tile_v[r * D4 + c4] + w.y * tile_v[(r + 1u) * D4 + c4]
+                    + w.z * tile_v[(r + 2u) * D4 + c4] + w.w * tile_v[(r + 3u) * D4 + c4];
+            }
+        } else {
+            for (var c4 = 0u; c4 < D4; c4++) {
+                var a = acc[c4];
+                if (ok.x) { a += w.x * tile_v[r * D4 + c4]; }
+                if (ok.y) { a += w.y * tile_v[(r + 1u) * D4 + c4]; }
+                if (ok.z) { a += w.z * tile_v[(r + 2u) * D4 + c4]; }
+                if (ok.w) { a += w.w * tile_v[(r + 3u) * D4 + c4]; }
+                acc[c4] = a;
             }
         }
     }
