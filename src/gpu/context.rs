@@ -89,7 +89,7 @@ impl GpuContext {
             }
         });
         let limits = device.limits();
-        let kernels = Arc::new(Kernels::new(&device));
+        let kernels = Arc::new(Kernels::new(&device, subgroup_size(&info, &device)));
         Self {
             kernels,
             device,
@@ -186,10 +186,29 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
 /// The optional features the library asks for, only those `adapter` offers (none is required):
 /// GPU timestamps ([`wgpu::Features::TIMESTAMP_QUERY`], and
 /// [`wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS`] so a caller can time work recorded with
-/// [`crate::gpu::FmaAttention::encode`] between `CommandEncoder::write_timestamp` calls).
-pub fn negotiate_features(adapter: wgpu::Features, _options: ContextOptions) -> wgpu::Features {
-    let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+/// [`crate::gpu::FmaAttention::encode`] between `CommandEncoder::write_timestamp` calls), and
+/// [`wgpu::Features::SUBGROUP`], with which the attention passes share their staged key tiles
+/// through subgroup shuffles (2-3x faster on lavapipe, docs/perf.md). Not subgroups with
+/// `options.browser_limits`: browsers' WebGPU does not expose them to wgpu.
+pub fn negotiate_features(adapter: wgpu::Features, options: ContextOptions) -> wgpu::Features {
+    let mut wanted =
+        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+    if !options.browser_limits {
+        wanted |= wgpu::Features::SUBGROUP;
+    }
     adapter & wanted
+}
+
+/// The subgroup size the kernels are composed for: the adapter's smallest, when the device has
+/// [`wgpu::Features::SUBGROUP`] and the size is one the kernels handle (a power of two from 4
+/// to 128). The kernels check at run time that a subgroup really has that many lanes and fall
+/// back to plain loads where not, so a device whose subgroups vary in size stays correct.
+fn subgroup_size(info: &wgpu::AdapterInfo, device: &wgpu::Device) -> Option<u32> {
+    let size = info.subgroup_min_size;
+    (device.features().contains(wgpu::Features::SUBGROUP)
+        && size.is_power_of_two()
+        && (4..=128).contains(&size))
+    .then_some(size)
 }
 
 /// What `multipole-attn info` prints about one adapter.
