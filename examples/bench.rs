@@ -409,6 +409,14 @@ fn run(a: &Args) -> Result<(), BoxError> {
         ctx.info.driver,
         ctx.info.driver_info
     );
+    println!(
+        "kernels: {}",
+        match ctx.subgroup_kernels() {
+            Some(sg) =>
+                format!("subgroup variant (tiles shared by broadcasts, subgroup size {sg})"),
+            None => "plain (no subgroups)".into(),
+        }
+    );
     let clock = Clock::new(&ctx, a.clock)?;
     let clock_text = match &clock {
         Clock::Gpu { period_ns, .. } => {
@@ -558,6 +566,10 @@ fn run(a: &Args) -> Result<(), BoxError> {
     bar.finish_and_clear();
 
     std::fs::create_dir_all(&a.out)?;
+    let kernels = match ctx.subgroup_kernels() {
+        Some(sg) => format!("subgroup-{sg}"),
+        None => "plain".into(),
+    };
     let mut csv = csv::Writer::from_path(a.out.join("bench.csv"))?;
     csv.write_record([
         "method",
@@ -573,6 +585,7 @@ fn run(a: &Args) -> Result<(), BoxError> {
         "qkvo_bytes",
         "max_err_vs_dense",
         "clock",
+        "kernels",
         "note",
     ])?;
     println!("\ntimes: median ms, clock: {}", clock.name());
@@ -625,6 +638,7 @@ fn run(a: &Args) -> Result<(), BoxError> {
             r.qkvo_bytes.to_string(),
             r.err_vs_dense.map_or(String::new(), |e| format!("{e:e}")),
             clock.name().to_string(),
+            kernels.clone(),
             r.note.clone(),
         ])?;
     }

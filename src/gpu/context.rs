@@ -118,6 +118,13 @@ impl GpuContext {
         )
     }
 
+    /// The subgroup size the attention kernels were built for on this device (they share
+    /// staged tiles through subgroup broadcasts; see `shaders::compose_for`), or `None` when
+    /// the device has no `Features::SUBGROUP` and they use plain workgroup-memory loads.
+    pub fn subgroup_kernels(&self) -> Option<u32> {
+        self.kernels.subgroup
+    }
+
     /// Largest workgroup the library's kernels may use on this device (at most 256, the
     /// browser's limit, which is also where the kernels' tiles stop paying off).
     pub fn max_workgroup(&self) -> u32 {
