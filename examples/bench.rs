@@ -3,8 +3,11 @@
 //!
 //! `cargo run --release --example bench [-- --n-min 1024 --n-max 65536 --head-dims 64 --blocks 64 --ranks 2 --causal false]`
 //!
-//! Times are medians over repetitions after a warm-up, wall clock around submit + wait with
-//! every tensor already on the GPU (no upload or readback inside the timed region). Prints a
+//! Times are medians over repetitions after a warm-up, every tensor already on the GPU (no
+//! upload or readback inside the timed region), each run recorded with `encode` into its own
+//! command buffer: timed by GPU timestamps written before and after it where the device offers
+//! them inside encoders (`--clock auto`), else by the wall clock around submit + wait. The
+//! table and the CSV's `clock` column say which. Prints a
 //! summary table; writes results/bench.csv and results/bench.svg (time vs n, log-log).
 
 use std::path::PathBuf;
@@ -49,6 +52,10 @@ struct Args {
     /// Skip dense attention where its estimated time per run exceeds this many seconds.
     #[arg(long, default_value_t = 20.0)]
     dense_budget_s: f64,
+    /// Clock: GPU timestamps where the device offers them inside encoders (auto), or the wall
+    /// clock around submit + wait.
+    #[arg(long, value_enum, default_value_t = ClockChoice::Auto)]
+    clock: ClockChoice,
     /// Output folder.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -75,23 +82,128 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median seconds of `run` + a full device wait, after one warm-up.
-fn time(ctx: &GpuContext, reps: usize, mut run: impl FnMut()) -> f64 {
-    let wait = || {
-        let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
-    };
-    run();
-    wait();
-    median(
-        (0..reps.max(1))
-            .map(|_| {
-                let t = Instant::now();
-                run();
-                wait();
-                t.elapsed().as_secs_f64()
+/// How the bench times GPU work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ClockChoice {
+    /// GPU timestamps when the device offers them inside encoders, else the wall clock.
+    Auto,
+    /// Wall clock around submit + wait.
+    Wall,
+    /// GPU timestamps (an error where the device offers none).
+    Timestamp,
+}
+
+/// The clock in use: GPU timestamps written before and after the recorded work (the GPU's own
+/// time for it, in ns via the queue's timestamp period), or the wall clock around submit +
+/// wait (adds submit and wake-up latency, a fixed cost that matters only for short runs).
+enum Clock {
+    Gpu {
+        queries: wgpu::QuerySet,
+        resolve: wgpu::Buffer,
+        readback: wgpu::Buffer,
+        period_ns: f64,
+    },
+    Wall,
+}
+
+impl Clock {
+    fn new(ctx: &GpuContext, choice: ClockChoice) -> Result<Self, String> {
+        let available = ctx.encoder_timestamps();
+        match (choice, available) {
+            (ClockChoice::Wall, _) | (ClockChoice::Auto, false) => return Ok(Clock::Wall),
+            (ClockChoice::Timestamp, false) => {
+                return Err(
+                    "--clock timestamp: the device offers no TIMESTAMP_QUERY_INSIDE_ENCODERS"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let buffer = |usage| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bench timestamps"),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
             })
-            .collect(),
-    )
+        };
+        Ok(Clock::Gpu {
+            queries,
+            resolve: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            period_ns: ctx.queue.get_timestamp_period() as f64,
+        })
+    }
+
+    /// Name for the table and the CSV.
+    fn name(&self) -> &'static str {
+        match self {
+            Clock::Gpu { .. } => "gpu-timestamp",
+            Clock::Wall => "wall",
+        }
+    }
+
+    /// Seconds of one run of `record`, recorded into a fresh encoder and submitted alone.
+    fn once(&self, ctx: &GpuContext, record: &mut Record<'_>) -> Result<f64, BoxError> {
+        let wait = || ctx.device.poll(wgpu::PollType::wait_indefinitely());
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        match self {
+            Clock::Wall => {
+                let t = Instant::now();
+                record(&mut enc)?;
+                ctx.queue.submit([enc.finish()]);
+                wait()?;
+                Ok(t.elapsed().as_secs_f64())
+            }
+            Clock::Gpu {
+                queries,
+                resolve,
+                readback,
+                period_ns,
+            } => {
+                enc.write_timestamp(queries, 0);
+                record(&mut enc)?;
+                enc.write_timestamp(queries, 1);
+                enc.resolve_query_set(queries, 0..2, resolve, 0);
+                enc.copy_buffer_to_buffer(resolve, 0, readback, 0, 16);
+                ctx.queue.submit([enc.finish()]);
+                readback.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+                wait()?;
+                let ticks: [u64; 2] = {
+                    let view = readback.slice(..).get_mapped_range()?;
+                    let t: &[u64] = bytemuck::cast_slice(&view);
+                    [t[0], t[1]]
+                };
+                readback.unmap();
+                Ok(ticks[1].wrapping_sub(ticks[0]) as f64 * period_ns * 1e-9)
+            }
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// Records one run of the timed work into an encoder.
+type Record<'a> = dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), BoxError> + 'a;
+
+/// Median seconds of `record` (each run submitted alone and waited for), after one warm-up.
+fn time(
+    ctx: &GpuContext,
+    clock: &Clock,
+    reps: usize,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<(), BoxError>,
+) -> Result<f64, BoxError> {
+    clock.once(ctx, &mut record)?;
+    let mut v = Vec::new();
+    for _ in 0..reps.max(1) {
+        v.push(clock.once(ctx, &mut record)?);
+    }
+    Ok(median(v))
 }
 
 struct Tensors {
@@ -208,7 +320,7 @@ fn coarse_query_keys(lv: &Levels) -> f64 {
 }
 
 /// GFLOP/s of the matmul kernel on (size x size) x (size x size), checked on one row.
-fn matmul_gflops(ctx: &GpuContext, size: u32, reps: usize) -> Result<f64, String> {
+fn matmul_gflops(ctx: &GpuContext, clock: &Clock, size: u32, reps: usize) -> Result<f64, BoxError> {
     let src = include_str!("../shaders/bench/matmul.wgsl");
     let module = ctx
         .device
@@ -257,16 +369,13 @@ fn matmul_gflops(ctx: &GpuContext, size: u32, reps: usize) -> Result<f64, String
         }),
     });
     let tiles = size.div_ceil(64);
-    let seconds = time(ctx, reps, || {
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &group, &[]);
-            pass.dispatch_workgroups(tiles, tiles, 1);
-        }
-        ctx.queue.submit([enc.finish()]);
-    });
+    let seconds = time(ctx, clock, reps, |enc| {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(tiles, tiles, 1);
+        Ok(())
+    })?;
     let c = read(ctx, &cb);
     let row = size as usize / 3;
     for col in (0..size as usize).step_by(97) {
@@ -275,9 +384,7 @@ fn matmul_gflops(ctx: &GpuContext, size: u32, reps: usize) -> Result<f64, String
             .sum();
         let got = c[row * size as usize + col] as f64;
         if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
-            return Err(format!(
-                "matmul check failed at ({row}, {col}): {got} vs {want}"
-            ));
+            return Err(format!("matmul check failed at ({row}, {col}): {got} vs {want}").into());
         }
     }
     Ok(2.0 * (size as f64).powi(3) / seconds / 1e9)
@@ -292,7 +399,7 @@ fn main() {
     }
 }
 
-fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn run(a: &Args) -> Result<(), BoxError> {
     let ctx = GpuContext::new()?;
     println!(
         "adapter: {} ({:?}, {:?}, {} {})",
@@ -302,8 +409,26 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ctx.info.driver,
         ctx.info.driver_info
     );
-    println!("timing: median of {} after a warm-up; wall clock around submit + wait, tensors resident on the GPU", a.reps);
-    let mm = matmul_gflops(&ctx, 1024, a.reps)?;
+    println!(
+        "kernels: {}",
+        match ctx.subgroup_kernels() {
+            Some(sg) =>
+                format!("subgroup variant (tiles shared by broadcasts, subgroup size {sg})"),
+            None => "plain (no subgroups)".into(),
+        }
+    );
+    let clock = Clock::new(&ctx, a.clock)?;
+    let clock_text = match &clock {
+        Clock::Gpu { period_ns, .. } => {
+            format!("GPU timestamps around the recorded work (period {period_ns} ns)")
+        }
+        Clock::Wall => "wall clock around submit + wait".into(),
+    };
+    println!(
+        "timing: median of {} after a warm-up; {clock_text}; tensors resident on the GPU",
+        a.reps
+    );
+    let mm = matmul_gflops(&ctx, &clock, 1024, a.reps)?;
     println!("matmul kernel (1024^3, roofline proxy): {mm:.2} GFLOP/s");
 
     let mut ns = Vec::new();
@@ -348,9 +473,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let t = Tensors::new(&ctx, shape, n as u64);
             let qkvo = 4 * shape.elements() as u64 * 4;
             let plan = fma.plan(shape)?;
-            let secs = time(&ctx, a.reps, || {
-                let _ = fma.forward_buffers(t.gpu(), shape);
-            });
+            let secs = time(&ctx, &clock, a.reps, |enc| {
+                Ok(fma.encode(enc, t.gpu(), shape)?)
+            })?;
             let o = read(&ctx, &t.out);
             let flops =
                 4.0 * d as f64 * plan.levels.keys_seen_total(causal) as f64 * a.heads as f64;
@@ -371,9 +496,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
 
             if let Some(coarse) = &coarse {
                 let plan = coarse.plan(shape)?;
-                let secs = time(&ctx, a.reps, || {
-                    let _ = coarse.forward_buffers(t.gpu(), shape);
-                });
+                let secs = time(&ctx, &clock, a.reps, |enc| {
+                    Ok(coarse.encode(enc, t.gpu(), shape)?)
+                })?;
                 let o = read(&ctx, &t.out);
                 let flops = 4.0 * d as f64 * coarse_query_keys(&plan.levels) * a.heads as f64;
                 rows.push(Row {
@@ -414,9 +539,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     note: format!("skipped: ~{e:.0} s per run > budget {} s", a.dense_budget_s),
                 }),
                 _ => {
-                    let secs = time(&ctx, a.reps, || {
-                        let _ = dense.forward_buffers(t.gpu(), shape);
-                    });
+                    let secs = time(&ctx, &clock, a.reps, |enc| {
+                        Ok(dense.encode(enc, t.gpu(), shape)?)
+                    })?;
                     let o = read(&ctx, &t.out);
                     last_dense = Some((n, secs));
                     rows.push(Row {
@@ -441,6 +566,10 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     bar.finish_and_clear();
 
     std::fs::create_dir_all(&a.out)?;
+    let kernels = match ctx.subgroup_kernels() {
+        Some(sg) => format!("subgroup-{sg}"),
+        None => "plain".into(),
+    };
     let mut csv = csv::Writer::from_path(a.out.join("bench.csv"))?;
     csv.write_record([
         "method",
@@ -455,10 +584,13 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "library_bytes",
         "qkvo_bytes",
         "max_err_vs_dense",
+        "clock",
+        "kernels",
         "note",
     ])?;
+    println!("\ntimes: median ms, clock: {}", clock.name());
     println!(
-        "\n{:<9} {:>6} {:>3} {:>3} {:>2} {:>6} {:>11} {:>8} {:>7} {:>10} {:>9} {:>9}  note",
+        "{:<9} {:>6} {:>3} {:>3} {:>2} {:>6} {:>11} {:>8} {:>7} {:>10} {:>9} {:>9}  note",
         "method",
         "n",
         "d",
@@ -505,6 +637,8 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             r.library_bytes.to_string(),
             r.qkvo_bytes.to_string(),
             r.err_vs_dense.map_or(String::new(), |e| format!("{e:e}")),
+            clock.name().to_string(),
+            kernels.clone(),
             r.note.clone(),
         ])?;
     }

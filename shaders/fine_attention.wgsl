@@ -51,9 +51,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // Coarse levels, window a = floor(a0 / 2^(l-1)) (none with coarse queries).
     let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
-    for (var lvl = 0u; lvl < far_levels; lvl++) {
-        attend_far_list(bh, lvl, i32(a0 >> lvl), causal, lid);
-    }
+    attend_far_field(bh, a0, causal, far_levels, lid);
 
     if (in_tile) {
         finish_row(head, bh * n + i - params.row_base, i);

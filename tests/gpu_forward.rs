@@ -125,6 +125,31 @@ fn every_head_dim_block_and_rank() {
 }
 
 #[test]
+fn workgroups_that_are_not_whole_subgroups() {
+    // With subgroups (lavapipe: 8 lanes) the attention passes share tile rows by subgroup
+    // broadcasts only in subgroups with every lane present; m = 12, 20, 100 leave a partial last
+    // subgroup (4 lanes) that must take the plain path, m = 2 a workgroup below one subgroup;
+    // and head dims below, at and above one vec4 per lane (d = 3, 36, 132).
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    for (i, &d) in [3, 36, 132].iter().enumerate() {
+        for &m in &[2, 12, 20, 100] {
+            for causal in [false, true] {
+                let cfg = FmaConfig::new(m, 2).causal(causal);
+                check_fma(
+                    ctx,
+                    seed + (i * 1000 + m) as u64,
+                    Shape::new(1, 2, 1000, d),
+                    &cfg,
+                );
+            }
+        }
+        check_dense(ctx, seed + i as u64, Shape::new(1, 1, 300, d), true);
+    }
+}
+
+#[test]
 fn count_correction_off_matches_reference() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
@@ -250,4 +275,46 @@ fn gpu_differs_from_dense() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
     assert!(diff as f64 > 100.0 * O_ATOL, "FMA equals dense to {diff}");
+}
+
+#[test]
+fn encode_into_callers_encoder_matches_forward_buffers() {
+    // `encode` records into the caller's command stream: two forwards (FMA with its scratch LSE,
+    // then dense into other buffers) in one encoder and one submit must give the bits of
+    // `forward_buffers`, and bad input must be refused before anything is recorded.
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let shape = Shape::new(1, 2, 1000, 40);
+    let x = inputs(seed, shape);
+    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
+    let dense = DenseAttention::new(ctx, true).unwrap();
+    let (a, b) = (
+        Poisoned::new(ctx, &x.q, &x.k, &x.v, shape),
+        Poisoned::new(ctx, &x.q, &x.k, &x.v, shape),
+    );
+    fma.forward_buffers(a.tensors(), shape).unwrap();
+    dense.forward_buffers(b.tensors(), shape).unwrap();
+    let (want_fma, want_dense) = (a.read(ctx), b.read(ctx));
+
+    let (c, e) = (
+        Poisoned::new(ctx, &x.q, &x.k, &x.v, shape),
+        Poisoned::new(ctx, &x.q, &x.k, &x.v, shape),
+    );
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let mut without_lse = c.tensors();
+    without_lse.lse = None;
+    fma.encode(&mut enc, without_lse, shape).unwrap();
+    dense.encode(&mut enc, e.tensors(), shape).unwrap();
+    let small = Shape::new(1, 2, 2000, 40);
+    assert!(fma.encode(&mut enc, e.tensors(), small).is_err());
+    assert!(dense.encode(&mut enc, e.tensors(), small).is_err());
+    ctx.queue.submit([enc.finish()]);
+    let (got_fma, got_dense) = (c.read(ctx), e.read(ctx));
+    assert_eq!(got_fma.0, want_fma.0, "FMA O differs");
+    assert!(
+        got_fma.1.iter().all(|l| l.is_nan()),
+        "LSE written without a buffer"
+    );
+    assert_eq!(got_dense, want_dense, "dense O or LSE differs");
 }

@@ -19,7 +19,7 @@ var<private> run_max: f32;
 var<private> run_sum: f32;
 
 // Loads query row `i` of head `head` (element offset), pre-scaled by 1/sqrt(d), and resets
-// the running state.
+// the running state. Call in uniform control flow (the subgroup variant counts its lanes).
 fn begin_row(head: u32, i: u32, in_tile: bool) {
     let d = params.d;
     for (var c4 = 0u; c4 < D4; c4++) {
@@ -37,53 +37,19 @@ fn begin_row(head: u32, i: u32, in_tile: bool) {
     }
     run_max = NEG_START;
     run_sum = 0.0;
+    tile_rows_begin();
 }
 
-// Folds the first `count` staged keys into this invocation's row; only keys r < visible
-// (causal limit) whose bias is not ABSENT take part. Two sweeps per tile (scores and their
-// maximum, then weights and values) so the accumulator is rescaled once per tile, not per key.
-fn consume_tile(count: u32, visible: u32) {
-    let n_keys = min(count, visible);
-    var s: array<f32, BK>;
-    var tile_max = NEG_START;
-    var seen_any = false;
-    for (var r = 0u; r < count; r++) {
-        if (r < n_keys) {
-            let bias = tile_bias[r];
-            if (bias > ABSENT * 0.5) {
-                var dot4 = vec4<f32>(0.0);
-                for (var c4 = 0u; c4 < D4; c4++) {
-                    dot4 += q_row[c4] * tile_k[r * D4 + c4];
-                }
-                let score = dot4.x + dot4.y + dot4.z + dot4.w + bias;
-                s[r] = score;
-                tile_max = max(tile_max, score);
-                seen_any = true;
-            }
-        }
-    }
-    if (!seen_any) {
-        return;
-    }
-    let new_max = max(run_max, tile_max);
-    let correction = exp(run_max - new_max);
-    run_sum *= correction;
-    for (var c4 = 0u; c4 < D4; c4++) {
-        acc[c4] *= correction;
-    }
-    run_max = new_max;
-    // The keep test repeats the first sweep's instead of looking at s[r], so that a NaN score
-    // (a NaN in q or k) poisons this row as it would in dense attention rather than vanishing.
-    for (var r = 0u; r < count; r++) {
-        if (r < n_keys && tile_bias[r] > ABSENT * 0.5) {
-            let w = exp(s[r] - new_max);
-            run_sum += w;
-            for (var c4 = 0u; c4 < D4; c4++) {
-                acc[c4] += w * tile_v[r * D4 + c4];
-            }
-        }
-    }
+// Whether staged key r (of a tile of `count` keys, of which keys r < n_keys are visible) takes
+// part: visible and not ABSENT. Rows from count on are stale: never read for r >= n_keys.
+fn key_ok(r: u32, n_keys: u32) -> bool {
+    return r < n_keys && tile_bias[min(r, BK - 1u)] > ABSENT * 0.5;
 }
+
+// consume_tile (and tile_rows_begin, called by begin_row): one key at a time with plain
+// workgroup-memory loads, or on a device with subgroups four keys at a time with the tile rows
+// shared by subgroup broadcasts (shaders.rs `compose_for`).
+#import tile_rows
 
 // Writes o_i = acc / Z and LSE_i = M + ln Z.
 fn finish_row(head: u32, row: u32, i: u32) {

@@ -67,7 +67,7 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("multipole-attn"),
-                required_features: wgpu::Features::empty(),
+                required_features: negotiate_features(adapter.features(), options),
                 required_limits: limits.clone(),
                 ..Default::default()
             })
@@ -95,7 +95,7 @@ impl GpuContext {
         // lost) is logged instead, and the call that made it returns a typed error.
         device.on_uncaptured_error(Arc::new(|e| log::error!("wgpu error outside a scope: {e}")));
         let limits = device.limits();
-        let kernels = Arc::new(Kernels::new(&device));
+        let kernels = Arc::new(Kernels::new(&device, subgroup_size(&info, &device)));
         Self {
             kernels,
             device,
@@ -116,6 +116,23 @@ impl GpuContext {
             Some(msg) => Err(FmaError::DeviceLost(msg)),
             None => Ok(()),
         }
+    }
+
+    /// Whether the device can time GPU work with timestamps written between the commands of an
+    /// encoder (`CommandEncoder::write_timestamp`; both timestamp features enabled). True on
+    /// a device the library created when the adapter offers them; on a caller's device, when
+    /// the caller enabled them.
+    pub fn encoder_timestamps(&self) -> bool {
+        self.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
+    }
+
+    /// The subgroup size the attention kernels were built for on this device (they share
+    /// staged tiles through subgroup broadcasts; see `shaders::compose_for`), or `None` when
+    /// the device has no `Features::SUBGROUP` and they use plain workgroup-memory loads.
+    pub fn subgroup_kernels(&self) -> Option<u32> {
+        self.kernels.subgroup
     }
 
     /// Largest workgroup the library's kernels may use on this device (at most 256, the
@@ -181,6 +198,34 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
             .min(web.max_storage_buffer_binding_size);
     }
     l
+}
+
+/// The optional features the library asks for, only those `adapter` offers (none is required):
+/// GPU timestamps ([`wgpu::Features::TIMESTAMP_QUERY`], and
+/// [`wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS`] so a caller can time work recorded with
+/// [`crate::gpu::FmaAttention::encode`] between `CommandEncoder::write_timestamp` calls), and
+/// [`wgpu::Features::SUBGROUP`], with which the attention passes share their staged key tiles
+/// through subgroup shuffles (2-3x faster on lavapipe, docs/perf.md). Not subgroups with
+/// `options.browser_limits`: browsers' WebGPU does not expose them to wgpu.
+pub fn negotiate_features(adapter: wgpu::Features, options: ContextOptions) -> wgpu::Features {
+    let mut wanted =
+        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+    if !options.browser_limits {
+        wanted |= wgpu::Features::SUBGROUP;
+    }
+    adapter & wanted
+}
+
+/// The subgroup size the kernels are composed for: the adapter's smallest, when the device has
+/// [`wgpu::Features::SUBGROUP`] and the size is one the kernels handle (a power of two from 4
+/// to 128). The kernels check at run time that a subgroup really has that many lanes and fall
+/// back to plain loads where not, so a device whose subgroups vary in size stays correct.
+fn subgroup_size(info: &wgpu::AdapterInfo, device: &wgpu::Device) -> Option<u32> {
+    let size = info.subgroup_min_size;
+    (device.features().contains(wgpu::Features::SUBGROUP)
+        && size.is_power_of_two()
+        && (4..=128).contains(&size))
+    .then_some(size)
 }
 
 /// What `multipole-attn info` prints about one adapter.

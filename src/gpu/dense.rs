@@ -250,36 +250,18 @@ impl DenseAttention {
                 .await
                 .map(|_| ());
         }
-        let plan = self.plan(shape)?;
-        let pipeline = self
-            .ctx
-            .kernels
-            .pipeline(&self.ctx.device, Pass::DenseAttention, plan.attention.spec)
-            .await?;
+        let (plan, pipeline) = self.plan_and_pipeline(shape).await?;
         let ws = self.workspace(&plan)?;
         let scopes = Scopes::push(&self.ctx)?;
         {
             let ws = ws.lock().map_err(poisoned)?;
-            let scratch;
-            let lse = match t.lse {
-                Some(l) => l,
-                None => {
-                    scratch = storage(
-                        &self.ctx.device,
-                        "lse (unused)",
-                        shape.rows() as u64 * 4,
-                        wgpu::BufferUsages::empty(),
-                    );
-                    &scratch
-                }
-            };
             let mut enc = self
                 .ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("dense"),
                 });
-            self.record(&mut enc, &plan, &ws.params, t, lse, &pipeline);
+            self.record_with_lse(&mut enc, &plan, &ws.params, t, &pipeline);
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "the dense forward").await
@@ -289,5 +271,71 @@ impl DenseAttention {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
         pollster::block_on(self.forward_buffers_async(t, shape))
+    }
+
+    /// Records dense attention of tensors already on the GPU into the caller's encoder without
+    /// submitting (see [`crate::gpu::FmaAttention::encode`]: same checks first, validation
+    /// errors of the recorded commands surface at the caller's submit). Native only (blocks on
+    /// pipeline creation the first time); on the web use [`DenseAttention::encode_async`].
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+    ) -> Result<()> {
+        pollster::block_on(self.encode_async(enc, t, shape))
+    }
+
+    /// [`DenseAttention::encode`], async (works on the web too).
+    pub async fn encode_async(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+    ) -> Result<()> {
+        t.check(shape)?;
+        let (plan, pipeline) = self.plan_and_pipeline(shape).await?;
+        let ws = self.workspace(&plan)?;
+        let ws = ws.lock().map_err(poisoned)?;
+        self.record_with_lse(enc, &plan, &ws.params, t, &pipeline);
+        Ok(())
+    }
+
+    /// The plan of `shape` and its (cached) pipeline.
+    async fn plan_and_pipeline(&self, shape: Shape) -> Result<(DensePlan, wgpu::ComputePipeline)> {
+        let plan = self.plan(shape)?;
+        let pipeline = self
+            .ctx
+            .kernels
+            .pipeline(&self.ctx.device, Pass::DenseAttention, plan.attention.spec)
+            .await?;
+        Ok((plan, pipeline))
+    }
+
+    /// [`DenseAttention::record`] with a scratch LSE buffer when the caller wants none (wgpu
+    /// keeps it alive while a recorded command uses it).
+    fn record_with_lse(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &DensePlan,
+        params: &wgpu::Buffer,
+        t: GpuTensors<'_>,
+        pipeline: &wgpu::ComputePipeline,
+    ) {
+        let scratch;
+        let lse = match t.lse {
+            Some(l) => l,
+            None => {
+                scratch = storage(
+                    &self.ctx.device,
+                    "lse (unused)",
+                    plan.shape.rows() as u64 * 4,
+                    wgpu::BufferUsages::empty(),
+                );
+                &scratch
+            }
+        };
+        self.record(enc, plan, params, t, lse, pipeline);
     }
 }

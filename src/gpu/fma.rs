@@ -496,24 +496,11 @@ impl FmaAttention {
         let scopes = Scopes::push(&self.ctx)?;
         {
             let ws = ws.lock().map_err(poisoned)?;
-            let scratch_lse;
-            let lse = match t.lse {
-                Some(l) => l,
-                None => {
-                    scratch_lse = storage(
-                        &self.ctx.device,
-                        "lse (unused)",
-                        shape.rows() as u64 * 4,
-                        wgpu::BufferUsages::empty(),
-                    );
-                    &scratch_lse
-                }
-            };
             let mut enc = self
                 .ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
-            self.record(&mut enc, &plan, &ws, t, lse, &pipes)?;
+            self.record_with_lse(&mut enc, &plan, &ws, t, &pipes)?;
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "the FMA forward").await
@@ -523,6 +510,68 @@ impl FmaAttention {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
         pollster::block_on(self.forward_buffers_async(t, shape))
+    }
+
+    /// Records the whole forward of tensors already on the GPU into the caller's encoder,
+    /// without submitting: for callers that embed FMA in their own command stream (and for
+    /// GPU timestamps around it). The checks of [`FmaAttention::forward_buffers`] (buffer
+    /// usages and sizes, shape, configuration, limits) run first and return typed errors;
+    /// a validation error of the recorded commands themselves surfaces at the caller's
+    /// `encoder.finish()` or `queue.submit`, not here. O (and the LSE, when `t.lse` is given)
+    /// are written when the caller's submit runs. Tensors must fit one storage binding each
+    /// ([`crate::FmaError::LimitExceeded`] otherwise): the split paths of `forward_buffers`
+    /// submit head by head. Blocking on pipeline creation the first time
+    /// a shape is seen (native only; on the web use [`FmaAttention::encode_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+    ) -> Result<()> {
+        pollster::block_on(self.encode_async(enc, t, shape))
+    }
+
+    /// [`FmaAttention::encode`], async (works on the web too).
+    pub async fn encode_async(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+    ) -> Result<()> {
+        t.check(shape)?;
+        let plan = self.plan(shape)?;
+        let pipes = self.pipes(&plan).await?;
+        let ws = self.workspace(&plan)?;
+        let ws = ws.lock().map_err(poisoned)?;
+        self.record_with_lse(enc, &plan, &ws, t, &pipes)
+    }
+
+    /// [`FmaAttention::record`] with a scratch LSE buffer when the caller wants none. The
+    /// scratch may be dropped before the commands run: wgpu keeps a buffer alive while a
+    /// recorded command uses it.
+    fn record_with_lse(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &FmaPlan,
+        ws: &Workspace,
+        t: GpuTensors<'_>,
+        pipes: &Pipes,
+    ) -> Result<()> {
+        let scratch_lse;
+        let lse = match t.lse {
+            Some(l) => l,
+            None => {
+                scratch_lse = storage(
+                    &self.ctx.device,
+                    "lse (unused)",
+                    plan.shape.rows() as u64 * 4,
+                    wgpu::BufferUsages::empty(),
+                );
+                &scratch_lse
+            }
+        };
+        self.record(enc, plan, ws, t, lse, pipes)
     }
 }
 

@@ -28,7 +28,9 @@ mod split;
 pub use backward::{GradTensors, Saved, WeightGradTensors};
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::{all_adapters, list_adapters};
-pub use context::{negotiate_limits, AdapterReport, ContextOptions, GpuContext};
+pub use context::{
+    negotiate_features, negotiate_limits, AdapterReport, ContextOptions, GpuContext,
+};
 pub use dense::DenseAttention;
 pub use fma::FmaAttention;
 pub use io::GpuTensors;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::error::{FmaError, Result};
-use crate::gpu::shaders::{compose, Pass, Specialization};
+use crate::gpu::shaders::{compose_for, Pass, Specialization};
 
 fn entry(binding: u32, ty: wgpu::BufferBindingType, dynamic: bool) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {
@@ -110,13 +110,17 @@ impl Layouts {
 /// Layouts plus a pipeline cache for one device.
 pub(crate) struct Kernels {
     pub layouts: Layouts,
+    /// Subgroup size the attention passes are composed for (`shaders::compose_for`); `None`
+    /// without subgroup operations. Fixed per device, so it is not part of the cache key.
+    pub subgroup: Option<u32>,
     pipelines: Mutex<HashMap<(Pass, Specialization), wgpu::ComputePipeline>>,
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device) -> Self {
+    pub fn new(device: &wgpu::Device, subgroup: Option<u32>) -> Self {
         Self {
             layouts: Layouts::new(device),
+            subgroup,
             pipelines: Mutex::new(HashMap::new()),
         }
     }
@@ -159,7 +163,7 @@ impl Kernels {
             ],
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let source = compose(pass, spec);
+        let source = compose_for(pass, spec, self.subgroup);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(pass.name()),
             source: wgpu::ShaderSource::Wgsl(source.into()),

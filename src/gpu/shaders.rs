@@ -112,8 +112,20 @@ pub struct Specialization {
     pub d4: u32,
 }
 
-/// The full WGSL text of `pass` with its constants and imports resolved.
+/// The full WGSL text of `pass` with its constants and imports resolved (no subgroup
+/// operations: the variant every device can run).
 pub fn compose(pass: Pass, spec: Specialization) -> String {
+    compose_for(pass, spec, None)
+}
+
+/// Like [`compose`], for a device that runs subgroup operations with subgroups of (at least)
+/// `subgroup` invocations when it is `Some`: the attention passes then read the staged key and
+/// value tiles cooperatively, one element per lane, and share them by subgroup shuffles
+/// (`shared/tile_rows_subgroup.wgsl`). Why: on lavapipe every workgroup-memory load is a loop
+/// over the SIMD lanes, so loading each element once per subgroup instead of once per
+/// invocation is what the kernels are bound by (docs/perf.md). Passes without key tiles are
+/// unaffected. The text is valid only on a device with `Features::SUBGROUP`.
+pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> String {
     let mut out = format!(
         "// {} (generated: WG = {}, BK = {}, D4 = {})\nconst WG: u32 = {}u;\nconst BK: u32 = {}u;\nconst D4: u32 = {}u;\n",
         pass.name(),
@@ -124,16 +136,86 @@ pub fn compose(pass: Pass, spec: Specialization) -> String {
         spec.bk,
         spec.d4
     );
-    for line in pass.source().lines() {
-        match line.trim().strip_prefix("#import ") {
-            // Every import name is a literal in our own sources; an unknown one is a bug that
-            // the naga validation test catches (the raw line is not valid WGSL).
-            Some(name) => out.push_str(shared(name.trim()).unwrap_or(line)),
-            None => out.push_str(line),
+    if let Some(sg) = subgroup {
+        out.push_str(&format!("const SG: u32 = {sg}u;\n"));
+    }
+    push_resolved(&mut out, pass.source(), subgroup.is_some());
+    match subgroup {
+        Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg),
+        None => out,
+    }
+}
+
+/// Writes out the `//#unroll` loops of `tile_rows_subgroup.wgsl` for `d4` and subgroup size
+/// `sg`: WGSL's subgroupBroadcast takes only a constant lane, and the shuffle with a computed
+/// lane was much slower on lavapipe (see the comments there).
+fn unroll_subgroup_loops(text: &str, d4: u32, sg: u32) -> String {
+    let mut out = String::with_capacity(text.len() + 256 * d4 as usize);
+    for line in text.lines() {
+        match line.trim() {
+            "//#unroll dots" => {
+                for c4 in 0..d4 {
+                    let (t, j) = (c4 / sg, c4 % sg);
+                    for k in 0..4 {
+                        out.push_str(&format!(
+                            "    d{k} += q_row[{c4}] * subgroupBroadcast(k{k}[{t}], {j}u);\n"
+                        ));
+                    }
+                }
+            }
+            "//#unroll accumulate" => {
+                for c4 in 0..d4 {
+                    let (t, j) = (c4 / sg, c4 % sg);
+                    let terms: Vec<String> = ["x", "y", "z", "w"]
+                        .iter()
+                        .enumerate()
+                        .map(|(k, e)| {
+                            format!(
+                                "select(zero, w.{e} * subgroupBroadcast(v{k}[{t}], {j}u), ok.{e})"
+                            )
+                        })
+                        .collect();
+                    out.push_str(&format!("    acc[{c4}] += {};\n", terms.join(" + ")));
+                }
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
         }
-        out.push('\n');
     }
     out
+}
+
+/// Appends `text` with its `#import` lines replaced by the shared snippets (recursively: a
+/// snippet may import another). `tile_rows` names the plain or the subgroup variant.
+fn push_resolved(out: &mut String, text: &str, subgroup: bool) {
+    for line in text.lines() {
+        match line.trim().strip_prefix("#import ").map(str::trim) {
+            Some("tile_rows") => push_resolved(
+                out,
+                if subgroup {
+                    include_str!("../../shaders/shared/tile_rows_subgroup.wgsl")
+                } else {
+                    include_str!("../../shaders/shared/tile_rows_plain.wgsl")
+                },
+                subgroup,
+            ),
+            // Every import name is a literal in our own sources; an unknown one is a bug that
+            // the naga validation test catches (the raw line is not valid WGSL).
+            Some(name) => match shared(name) {
+                Some(snippet) => push_resolved(out, snippet, subgroup),
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            },
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +249,35 @@ mod tests {
                         "{} (wg {wg}, bk {bk}, d4 {d4}) does not validate:\n{e}",
                         pass.name()
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn subgroup_variants_validate_with_subgroup_capabilities() {
+        // The variant a device with Features::SUBGROUP gets, for subgroup sizes smaller than,
+        // equal to and larger than the row (D4) and the workgroup.
+        for pass in Pass::ALL {
+            for &(wg, bk, d4) in &[(1, 1, 1), (4, 16, 4), (64, 31, 16), (256, 8, 64)] {
+                for sg in [4, 8, 32, 128] {
+                    let src = compose_for(pass, Specialization { wg, bk, d4 }, Some(sg));
+                    assert!(!src.contains("//#unroll"), "{}: loop left", pass.name());
+                    let module = naga::front::wgsl::parse_str(&src)
+                        .unwrap_or_else(|e| panic!("{}: {}", pass.name(), e.emit_to_string(&src)));
+                    naga::valid::Validator::new(
+                        naga::valid::ValidationFlags::all(),
+                        naga::valid::Capabilities::SUBGROUP,
+                    )
+                    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+                    .validate(&module)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "{} (wg {wg}, bk {bk}, d4 {d4}, sg {sg}): {e:?}",
+                            pass.name()
+                        )
+                    });
                 }
             }
         }
