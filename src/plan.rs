@@ -55,6 +55,12 @@ impl KernelLimits {
         Self::from_wgpu(&wgpu::Limits::default())
     }
 
+    /// These limits with at most `bytes` per storage binding.
+    pub fn capped(mut self, bytes: u64) -> Self {
+        self.max_binding = self.max_binding.min(bytes);
+        self
+    }
+
     /// Bytes one storage binding may hold: the binding limit, or the buffer limit if lower.
     pub fn binding_bytes(&self) -> u64 {
         self.max_binding.min(self.max_buffer)

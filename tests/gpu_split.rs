@@ -9,6 +9,7 @@ mod common;
 
 use common::{closeness, gpu, gpu_with_binding_limit, random_learned, read_buffer, Poisoned};
 use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::GpuContext;
 use multipole_attn::gpu::{DenseAttention, FmaAttention};
 use multipole_attn::plan::KernelLimits;
 use multipole_attn::plan_split::SplitPlan;
@@ -52,87 +53,77 @@ fn cases() -> Vec<(FmaConfig, Shape, usize)> {
     ]
 }
 
+/// The two ways a binding is small, as (device of the split run, device of the unsplit run,
+/// cap on the library's bindings for the split run): a device whose limit is 16 KiB (kernels
+/// without subgroup operations: `from_device` enables no feature), and the shared context
+/// with the library capped at 16 KiB (`max_binding`; on lavapipe its kernels share tiles
+/// through subgroups).
+fn setups(shared: &'static GpuContext) -> Vec<(GpuContext, GpuContext, u64)> {
+    vec![
+        (
+            gpu_with_binding_limit(SMALL),
+            gpu_with_binding_limit(128 << 20),
+            u64::MAX,
+        ),
+        (shared.clone(), shared.clone(), SMALL),
+    ]
+}
+
 #[test]
 fn a_head_over_the_binding_is_split_along_its_sequence_to_the_bit() {
-    if gpu().is_none() {
-        return;
-    }
-    let small = gpu_with_binding_limit(SMALL);
-    let default = &gpu_with_binding_limit(128 << 20);
+    let Some(shared) = gpu() else { return };
     let seed = fresh_seed();
-    for (cfg, shape, chunks) in cases() {
-        let limits = KernelLimits::from_wgpu(&small.limits);
-        let plan = SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits).unwrap();
-        assert_eq!(plan.chunks.len(), chunks, "{cfg:?} {shape}");
-
-        let (q, k, v) = inputs(seed, shape);
-        let split = FmaAttention::new(&small, cfg.clone())
-            .unwrap()
-            .forward(&q, &k, &v, shape, true)
-            .unwrap();
-        let whole = FmaAttention::new(default, cfg.clone())
-            .unwrap()
-            .forward(&q, &k, &v, shape, true)
-            .unwrap();
-        assert!(
-            split.o == whole.o && split.lse == whole.lse,
-            "seed {seed} {cfg:?} {shape}: the split run differs from the unsplit one"
-        );
-
-        let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
-        let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
-        assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: O {c:?}");
-        let c = closeness(split.lse.as_deref().unwrap(), &r.lse, 5e-5, 1e-5);
-        assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: LSE {c:?}");
+    for (small, default, cap) in setups(shared) {
+        for (cfg, shape, chunks) in cases() {
+            let limits = KernelLimits::from_wgpu(&small.limits);
+            let plan =
+                SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits.capped(cap)).unwrap();
+            assert_eq!(plan.chunks.len(), chunks, "{cfg:?} {shape}");
+            split_run_matches(&small, &default, cap, &cfg, shape, seed);
+        }
     }
+}
+
+/// FMA of `shape` on `small` (bindings capped at `cap`) equals the run on `default` bit for
+/// bit, and the f64 reference within the tolerance of tests/gpu_forward.rs.
+fn split_run_matches(
+    small: &GpuContext,
+    default: &GpuContext,
+    cap: u64,
+    cfg: &FmaConfig,
+    shape: Shape,
+    seed: u64,
+) {
+    let (q, k, v) = inputs(seed, shape);
+    let split = FmaAttention::new(small, cfg.clone())
+        .unwrap()
+        .max_binding(cap)
+        .forward(&q, &k, &v, shape, true)
+        .unwrap();
+    let whole = FmaAttention::new(default, cfg.clone())
+        .unwrap()
+        .forward(&q, &k, &v, shape, true)
+        .unwrap();
+    assert!(
+        split.o == whole.o && split.lse == whole.lse,
+        "seed {seed} {cfg:?} {shape} cap {cap}: the split run differs from the unsplit one"
+    );
+
+    let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, cfg).unwrap();
+    let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
+    assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: O {c:?}");
+    let c = closeness(split.lse.as_deref().unwrap(), &r.lse, 5e-5, 1e-5);
+    assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: LSE {c:?}");
 }
 
 #[test]
 fn caller_buffers_over_the_binding_are_copied_through_in_pieces() {
-    if gpu().is_none() {
-        return;
+    let Some(shared) = gpu() else { return };
+    let seed = fresh_seed();
+    for (small, default, cap) in setups(shared) {
+        buffers_split_like_host_runs(&small, &default, cap, seed);
     }
     let small = gpu_with_binding_limit(SMALL);
-    let default = &gpu_with_binding_limit(128 << 20);
-    let seed = fresh_seed();
-    let learned = |shape: Shape, m, p| {
-        Downsample::Learned(random_learned(seed + 7, shape.head_dim, m, p, shape.seq))
-    };
-    let per_head = Shape::new(2, 4, 200, 16);
-    let cases = [
-        // Every head over the binding: split along the sequence, head by head.
-        (FmaConfig::new(32, 2), Shape::new(1, 3, 1025, 16)),
-        (
-            FmaConfig::new(32, 2).queries(Queries::Coarse),
-            Shape::new(1, 2, 1025, 16),
-        ),
-        // Heads of 12.8 KB, 102 KB in all: one chunk per head, Learned weights too.
-        (
-            FmaConfig::new(32, 1).downsample(learned(per_head, 32, 1)),
-            per_head,
-        ),
-        (FmaConfig::new(32, 2).causal(true), per_head),
-    ];
-    let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    for (cfg, shape) in cases {
-        let (q, k, v) = inputs(seed, shape);
-        // Outputs NaN-poisoned: a row no chunk copies back fails the comparison.
-        let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
-        FmaAttention::new(&small, cfg.clone())
-            .unwrap()
-            .forward_buffers(bufs.tensors(), shape)
-            .unwrap();
-        let (o, lse) = bufs.read(&small);
-        let whole = FmaAttention::new(default, cfg.clone())
-            .unwrap()
-            .forward(&q, &k, &v, shape, true)
-            .unwrap();
-        assert!(
-            o == whole.o && Some(lse) == whole.lse,
-            "seed {seed} {cfg:?} {shape}: buffers split differently from the host run"
-        );
-    }
-
     // Without COPY_SRC the pieces cannot be copied out of Q: a typed error naming Q.
     let shape = Shape::new(1, 1, 1025, 16);
     let (q, k, v) = inputs(seed, shape);
@@ -154,48 +145,43 @@ fn dense_attention_over_the_binding_runs_query_and_key_chunk_pairs_to_the_bit() 
     if gpu().is_none() {
         return;
     }
-    let small = gpu_with_binding_limit(SMALL);
-    let default = &gpu_with_binding_limit(128 << 20);
+    let Some(shared) = gpu() else { return };
     let seed = fresh_seed();
-    let limits = KernelLimits::from_wgpu(&small.limits);
-    // 1000 x 16: 4 chunks of 256; 700 x 3: 2 chunks (1344 rows of 12 B each fit 16 KiB).
-    for (shape, chunks) in [
-        (Shape::new(1, 2, 1000, 16), 4),
-        (Shape::new(2, 1, 1400, 3), 2),
-    ] {
-        for causal in [false, true] {
-            let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, causal, &limits).unwrap();
-            assert_eq!(plan.chunks.len(), chunks);
-            let (q, k, v) = inputs(seed, shape);
-            let split = DenseAttention::new(&small, causal)
-                .unwrap()
-                .forward(&q, &k, &v, shape, true)
-                .unwrap();
-            let whole = DenseAttention::new(default, causal)
-                .unwrap()
-                .forward(&q, &k, &v, shape, true)
-                .unwrap();
-            assert!(
-                split.o == whole.o && split.lse == whole.lse,
-                "seed {seed} {shape} causal {causal}: the split run differs from the unsplit one"
-            );
-            let r =
-                cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, causal).unwrap();
-            let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
-            assert_eq!(c.violations, 0, "seed {seed} {shape}: O {c:?}");
+    for (small, default, cap) in setups(shared) {
+        let limits = KernelLimits::from_wgpu(&small.limits).capped(cap);
+        // 1000 x 16: 4 chunks of 256; 1400 x 3: 2 chunks (1344 rows of 12 B each fit 16 KiB).
+        for (shape, chunks) in [
+            (Shape::new(1, 2, 1000, 16), 4),
+            (Shape::new(2, 1, 1400, 3), 2),
+        ] {
+            for causal in [false, true] {
+                let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, causal, &limits);
+                assert_eq!(plan.unwrap().chunks.len(), chunks);
+                let label = format!("seed {seed} {shape} causal {causal} cap {cap}");
+                let (q, k, v) = inputs(seed, shape);
+                let dense = |ctx, cap| DenseAttention::new(ctx, causal).unwrap().max_binding(cap);
+                let split = dense(&small, cap).forward(&q, &k, &v, shape, true).unwrap();
+                let whole = dense(&default, u64::MAX)
+                    .forward(&q, &k, &v, shape, true)
+                    .unwrap();
+                assert!(
+                    split.o == whole.o && split.lse == whole.lse,
+                    "{label}: the split run differs from the unsplit one"
+                );
+                let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, causal)
+                    .unwrap();
+                let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
+                assert_eq!(c.violations, 0, "{label}: O {c:?}");
 
-            // The caller's buffers, outputs NaN-poisoned.
-            let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-            let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
-            DenseAttention::new(&small, causal)
-                .unwrap()
-                .forward_buffers(bufs.tensors(), shape)
-                .unwrap();
-            let (o, lse) = bufs.read(&small);
-            assert!(
-                o == whole.o && Some(lse) == whole.lse,
-                "seed {seed} {shape}"
-            );
+                // The caller's buffers, outputs NaN-poisoned.
+                let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+                let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
+                dense(&small, cap)
+                    .forward_buffers(bufs.tensors(), shape)
+                    .unwrap();
+                let (o, lse) = bufs.read(&small);
+                assert!(o == whole.o && Some(lse) == whole.lse, "{label}");
+            }
         }
     }
 }
@@ -227,5 +213,48 @@ fn what_cannot_split_is_a_typed_error() {
             assert_eq!((requested, max), (768 * 64, SMALL));
         }
         e => panic!("expected LimitExceeded, got {e}"),
+    }
+}
+
+/// forward_buffers on `small` (capped at `cap`) over tensors larger than its bindings, outputs
+/// NaN-poisoned, equals the host run on `default` bit for bit.
+fn buffers_split_like_host_runs(small: &GpuContext, default: &GpuContext, cap: u64, seed: u64) {
+    let learned = |shape: Shape, m, p| {
+        Downsample::Learned(random_learned(seed + 7, shape.head_dim, m, p, shape.seq))
+    };
+    let per_head = Shape::new(2, 4, 200, 16);
+    let cases = [
+        // Every head over the binding: split along the sequence, head by head.
+        (FmaConfig::new(32, 2), Shape::new(1, 3, 1025, 16)),
+        (
+            FmaConfig::new(32, 2).queries(Queries::Coarse),
+            Shape::new(1, 2, 1025, 16),
+        ),
+        // Heads of 12.8 KB, 102 KB in all: one chunk per head, Learned weights too.
+        (
+            FmaConfig::new(32, 1).downsample(learned(per_head, 32, 1)),
+            per_head,
+        ),
+        (FmaConfig::new(32, 2).causal(true), per_head),
+    ];
+    let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    for (cfg, shape) in cases {
+        let (q, k, v) = inputs(seed, shape);
+        // Outputs NaN-poisoned: a row no chunk copies back fails the comparison.
+        let bufs = Poisoned::with_usage(small, &q, &k, &v, shape, copy);
+        FmaAttention::new(small, cfg.clone())
+            .unwrap()
+            .max_binding(cap)
+            .forward_buffers(bufs.tensors(), shape)
+            .unwrap();
+        let (o, lse) = bufs.read(small);
+        let whole = FmaAttention::new(default, cfg.clone())
+            .unwrap()
+            .forward(&q, &k, &v, shape, true)
+            .unwrap();
+        assert!(
+            o == whole.o && Some(lse) == whole.lse,
+            "seed {seed} {cfg:?} {shape} cap {cap}: buffers split differently from the host run"
+        );
     }
 }

@@ -52,7 +52,7 @@ impl DenseAttention {
     /// Uses at most `bytes` per storage binding, below the device's own limit, as
     /// [`crate::gpu::FmaAttention::max_binding`]. Call before the first forward.
     pub fn max_binding(mut self, bytes: u64) -> Self {
-        self.limits.max_binding = self.limits.max_binding.min(bytes);
+        self.limits = self.limits.capped(bytes);
         self.workspaces = Mutex::new(HashMap::new());
         self
     }

@@ -155,7 +155,7 @@ impl FmaAttention {
     /// checking those paths on an adapter (`multipole-attn doctor` does), or for bounding the
     /// size of the library's single allocations. Call before the first forward.
     pub fn max_binding(mut self, bytes: u64) -> Self {
-        self.limits.max_binding = self.limits.max_binding.min(bytes);
+        self.limits = self.limits.capped(bytes);
         self.workspaces = Mutex::new(HashMap::new());
         self
     }
