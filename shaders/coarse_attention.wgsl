@@ -1,9 +1,15 @@
 // Per-level local attention at coarse resolution (algorithm.md §6, coarse queries): one
-// workgroup = the p coarse queries (or a tile of WG of them) of one window a at one level; they
-// share a's far list, so its coarse keys are staged once for all of them. Each coarse query
-// writes its partial result as (o~ = Y / Z, lse~ = M + ln Z), which carries the same
-// information as (max, sum, weighted value sum); (0, ABSENT) when the far list is empty.
-// CPU mirror: `cpu::coarse` (the coarse-query arm of `cpu::fma_forward`).
+// invocation per coarse query (a, u) of one level, WG of them per workgroup, over the coarse
+// keys of window a's far list. Each coarse query writes its partial result as
+// (o~ = Y / Z, lse~ = M + ln Z), which carries the same information as (max, sum, weighted
+// value sum); (0, ABSENT) when the far list is empty. CPU mirror: `cpu::coarse` (the
+// coarse-query arm of `cpu::fma_forward`).
+//
+// Why not the staged tiles of the other attention passes: a far list holds at most 3 p keys,
+// and the p coarse queries of a window that share it are too few to fill a workgroup (p = 2
+// made workgroups of two invocations, which wasted llvmpipe's 8-wide SIMD and any GPU's warp).
+// Each invocation reads its few keys straight from the buffers instead, one key at a time with
+// an online softmax, and a workgroup holds the queries of WG / p windows.
 
 #import params
 #import level_select
@@ -14,39 +20,118 @@
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;    // partial o~ (bh, coarse_rows, d)
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // partial lse~ (bh, coarse_rows)
 
-#import online_softmax
-#import far_field
+var<private> q_row: array<vec4<f32>, D4>;
+var<private> acc: array<vec4<f32>, D4>;
+
+// Row `row` (element offset) of a d-wide buffer as D4 vec4s, zero-padded.
+fn load_k(row: u32) -> array<vec4<f32>, D4> {
+    var x: array<vec4<f32>, D4>;
+    for (var c4 = 0u; c4 < D4; c4++) {
+        for (var e = 0u; e < 4u; e++) {
+            let c = c4 * 4u + e;
+            if (c < params.d) {
+                x[c4][e] = coarse_k[row + c];
+            }
+        }
+    }
+    return x;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let info = params.levels[sel.level];
     let p = params.p;
-    let tiles = (p + WG - 1u) / WG;
-    let per_head = info.windows * tiles;
-    let wid = level_workgroup(wg);
-    if (wid >= params.batch_heads * per_head) {
+    let d = params.d;
+    let rows = info.windows * p;
+    let g = level_workgroup(wg) * WG + lid;
+    if (g >= params.batch_heads * rows) {
         return;
     }
-    let bh = wid / per_head;
-    let a = (wid % per_head) / tiles;
-    let u = ((wid % per_head) % tiles) * WG + lid;
-    let in_tile = u < p;
-    // Rows of this level, in the concatenated per-head buffers.
-    let head = (bh * params.coarse_rows + info.row_offset) * params.d;
-    let r = a * p + u;
-
-    begin_row(head, r, in_tile);
-    // Coarse queries are bidirectional only (the config refuses causal + coarse).
-    attend_far_list(bh, sel.level, i32(a), false, lid);
-
-    if (in_tile) {
-        if (run_sum > 0.0) {
-            finish_row(head, bh * params.coarse_rows + info.row_offset + r, r);
-        } else {
-            for (var c = 0u; c < params.d; c++) {
-                out[head + r * params.d + c] = 0.0;
+    let bh = g / rows;
+    let r = g % rows;
+    let a = i32(r / p);
+    // Rows of this level in the concatenated per-head buffers.
+    let level_row = bh * params.coarse_rows + info.row_offset;
+    let head = level_row * d;
+    for (var c4 = 0u; c4 < D4; c4++) {
+        var x = vec4<f32>(0.0);
+        for (var e = 0u; e < 4u; e++) {
+            let c = c4 * 4u + e;
+            if (c < d) {
+                x[e] = q[head + r * d + c];
             }
-            lse[bh * params.coarse_rows + info.row_offset + r] = ABSENT;
         }
+        q_row[c4] = x * params.scale;
+        acc[c4] = vec4<f32>(0.0);
+    }
+    var run_max = ABSENT;
+    var run_sum = 0.0;
+    var seen = false; // any key (not run_sum > 0: a NaN sum must reach the output)
+
+    // The far list (bidirectional only: the config refuses causal + coarse queries) as two
+    // runs of windows: a even {a-2}, {a+2, a+3}; a odd {a-3, a-2}, {a+2}.
+    let odd = (a & 1) == 1;
+    for (var run = 0u; run < 2u; run++) {
+        var lo = select(a - 2, a - 3, odd);
+        var hi = a - 2;
+        if (run == 1u) {
+            lo = a + 2;
+            hi = select(a + 3, a + 2, odd);
+        }
+        lo = max(lo, 0);
+        hi = min(hi, i32(info.windows) - 1);
+        for (var b = lo; b <= hi; b++) {
+            for (var j = 0u; j < p; j++) {
+                let size = sub_window_count(info.window, u32(b), j);
+                if (size == 0u) {
+                    continue;
+                }
+                let key = u32(b) * p + j;
+                let kk = load_k(head + key * d);
+                var dot4 = vec4<f32>(0.0);
+                for (var c4 = 0u; c4 < D4; c4++) {
+                    dot4 += q_row[c4] * kk[c4];
+                }
+                let bias = select(0.0, log(f32(size)), params.count_correction != 0u);
+                let score = dot4.x + dot4.y + dot4.z + dot4.w + bias;
+                // Online softmax, one key at a time. A NaN score makes w (and so the row) NaN,
+                // as in dense attention, whatever max() does with it.
+                let new_max = max(run_max, score);
+                let correction = exp(run_max - new_max);
+                let w = exp(score - new_max);
+                run_sum = run_sum * correction + w;
+                for (var c4 = 0u; c4 < D4; c4++) {
+                    var vv = vec4<f32>(0.0);
+                    for (var e = 0u; e < 4u; e++) {
+                        let c = c4 * 4u + e;
+                        if (c < d) {
+                            vv[e] = coarse_v[head + key * d + c];
+                        }
+                    }
+                    acc[c4] = acc[c4] * correction + w * vv;
+                }
+                run_max = new_max;
+                seen = true;
+            }
+        }
+    }
+
+    if (seen) {
+        let inv = 1.0 / run_sum;
+        for (var c4 = 0u; c4 < D4; c4++) {
+            let x = acc[c4] * inv;
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    out[head + r * d + c] = x[e];
+                }
+            }
+        }
+        lse[level_row + r] = run_max + log(run_sum);
+    } else {
+        for (var c = 0u; c < d; c++) {
+            out[head + r * d + c] = 0.0;
+        }
+        lse[level_row + r] = ABSENT;
     }
 }

@@ -31,6 +31,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let p = params.p;
     var rows: array<u32, 32>;
     var weight: array<f32, 32>;
+    // Whether the coarse query holding token i at each level has any key: from the indices
+    // (its window's far list holds a window that exists), not from its lse~ being ABSENT, so
+    // that a NaN partial (a NaN key or value in its far field) is merged, and poisons the
+    // token as in dense attention, rather than failing a comparison and vanishing.
+    var present: array<bool, 32>;
     let lse0 = lse[g];
     var big = lse0;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
@@ -39,24 +44,30 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let u = (i % info.window) / (info.window / p);
         rows[lvl] = bh * params.coarse_rows + info.row_offset + a * p + u;
         weight[lvl] = coarse_lse[rows[lvl]];
-        big = max(big, weight[lvl]);
+        // Far list of a (bidirectional): a-2 (a-3 too if odd) and a+2 (a+3 too if even).
+        let before = a >= 2u;
+        let after = a + 2u < info.windows;
+        present[lvl] = before || after;
+        if (present[lvl]) {
+            big = max(big, weight[lvl]);
+        }
     }
     var z = exp(lse0 - big);
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-        if (weight[lvl] > ABSENT * 0.5) {
+        if (present[lvl]) {
             z += exp(weight[lvl] - big);
         }
     }
     let total = big + log(z);
     let w0 = exp(lse0 - total);
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-        weight[lvl] = select(0.0, exp(weight[lvl] - total), weight[lvl] > ABSENT * 0.5);
+        weight[lvl] = select(0.0, exp(weight[lvl] - total), present[lvl]);
     }
     let base = g * d;
     for (var c = 0u; c < d; c++) {
         var acc = w0 * out[base + c];
         for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-            if (weight[lvl] > 0.0) {
+            if (present[lvl]) {
                 acc += weight[lvl] * coarse_o[rows[lvl] * d + c];
             }
         }

@@ -17,6 +17,8 @@ pub const MAX_KEY_TILE: u32 = 32;
 pub const MIN_KEY_TILE: u32 = 4;
 /// Invocations per workgroup of the downsample pass.
 pub const DOWNSAMPLE_WG: u32 = 64;
+/// Invocations per workgroup of the coarse-attention pass (one coarse query each).
+pub const COARSE_WG: u32 = 64;
 /// Invocations per workgroup of the upsample-merge pass (one token each).
 pub const MERGE_WG: u32 = 64;
 
@@ -304,18 +306,19 @@ impl FmaPlan {
             .collect::<Result<Vec<_>>>()?;
 
         let (coarse_attention, merge) = if coarse_q {
-            // One workgroup per (head, window, tile of the window's p coarse queries); a far
-            // list is two runs of at most two windows, so 2p keys fill a tile.
-            let wg = (p as u32).min(limits.max_workgroup);
-            let mut c_spec = attention_spec(d, wg, limits)?;
-            c_spec.bk = c_spec.bk.min(2 * p as u32);
-            let tiles = (p as u32).div_ceil(wg) as u64;
+            // One invocation per coarse query, COARSE_WG per workgroup (its keys are read
+            // directly, no tile: `coarse_attention.wgsl` says why).
+            let c_spec = Specialization {
+                wg: COARSE_WG.min(limits.max_workgroup),
+                bk: 1,
+                d4: attention_spec(d, 1, limits)?.d4,
+            };
             let coarse = levels
                 .levels
                 .iter()
                 .enumerate()
                 .map(|(i, lv)| {
-                    let total = bh as u64 * lv.windows as u64 * tiles;
+                    let total = ((bh * lv.rows(p)) as u64).div_ceil(c_spec.wg as u64);
                     dispatch(Pass::CoarseAttention, Some(i as u32), total, c_spec, limits)
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -464,9 +467,10 @@ mod tests {
             assert_eq!((ca.pass, ca.level), (Pass::CoarseAttention, Some(l as u32)));
             // K, V and Q pooled: 3/2 of the fine plan's workgroups (K and V).
             assert_eq!(2 * ds.workgroups, 3 * fine.downsample[l].workgroups);
-            // One workgroup of p = 2 coarse queries per (head, window).
-            assert_eq!(ca.workgroups as usize, 4 * plan.levels.levels[l].windows);
-            assert_eq!((ca.spec.wg, ca.spec.bk), (2, 4));
+            // One invocation per coarse query (4 heads x windows x p = 2), 64 per workgroup.
+            let queries = 4 * plan.levels.levels[l].windows * 2;
+            assert_eq!(ca.workgroups as usize, queries.div_ceil(64));
+            assert_eq!((ca.spec.wg, ca.spec.d4), (64, 16));
         }
         assert_eq!(steps[10].pass, Pass::FineAttention);
         assert_eq!(steps[10], fine.attention);

@@ -9,7 +9,7 @@ use common::gpu;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Queries, Shape};
 
 /// Rows (of one head) whose output the CPU reference makes non-finite.
 fn poisoned_rows(o: &[f64], d: usize) -> Vec<bool> {
@@ -25,7 +25,13 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
     eprintln!("seed {seed}");
     let shape = Shape::new(1, 2, 700, 16);
     let d = shape.head_dim;
-    for causal in [false, true] {
+    // Fine queries both ways, and coarse queries (bidirectional only), whose pooled queries
+    // carry a NaN in Q to every token of their sub-window's coarse query.
+    for (causal, queries) in [
+        (false, Queries::Fine),
+        (true, Queries::Fine),
+        (false, Queries::Coarse),
+    ] {
         for (tensor, value) in [
             ("K", f32::NAN),
             ("V", f32::INFINITY),
@@ -40,7 +46,7 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
             let which = ["Q", "K", "V"].iter().position(|&t| t == tensor).unwrap();
             let pos = 300; // head 0, token 300
             x[which][pos * d + 3] = value;
-            let cfg = FmaConfig::new(16, 2).causal(causal);
+            let cfg = FmaConfig::new(16, 2).causal(causal).queries(queries);
             let r =
                 cpu::fma_forward(&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), shape, &cfg).unwrap();
             let g = FmaAttention::new(ctx, cfg)
@@ -56,7 +62,7 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
                 let gr = &g.o[row * d..(row + 1) * d];
                 let rr = &r.o[row * d..(row + 1) * d];
                 if is_bad {
-                    assert!(gr.iter().any(|v| !v.is_finite()), "causal={causal} {tensor}={value}: row {row} should be non-finite, got {gr:?}");
+                    assert!(gr.iter().any(|v| !v.is_finite()), "causal={causal} {queries:?} {tensor}={value}: row {row} should be non-finite, got {gr:?}");
                 } else {
                     let err = gr
                         .iter()
@@ -65,7 +71,7 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
                         .fold(0.0, f64::max);
                     assert!(
                         err < 1e-4,
-                        "causal={causal} {tensor}={value}: clean row {row} corrupted (err {err})"
+                        "causal={causal} {queries:?} {tensor}={value}: clean row {row} corrupted (err {err})"
                     );
                 }
             }
