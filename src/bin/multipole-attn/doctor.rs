@@ -49,28 +49,44 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
             info.name, info.backend, info.device_type, info.driver, info.driver_info
         );
         let start = Instant::now();
+        let mut kernels = String::from("-");
         let results = match pollster::block_on(GpuContext::from_adapter(
             &adapter,
             ContextOptions::default(),
         )) {
-            Ok(ctx) => pollster::block_on(run_suite(&ctx, |r| {
-                if a.verbose || !r.passed {
-                    let status = if r.passed { "ok  " } else { "FAIL" };
-                    let err = r
-                        .error
-                        .as_deref()
-                        .map(|e| format!("  ({e})"))
-                        .unwrap_or_default();
-                    println!(
-                        "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
-                        r.name, r.max_err, r.seconds
-                    );
-                }
-            })),
+            Ok(ctx) => {
+                // Which attention kernels this device runs: the suite checks that variant.
+                kernels = match ctx.subgroup_kernels() {
+                    Some(sg) => format!("subgroup {sg}"),
+                    None => "plain".into(),
+                };
+                println!("   kernels: {kernels}");
+                pollster::block_on(run_suite(&ctx, |r| {
+                    if a.verbose || !r.passed {
+                        let status = if r.passed { "ok  " } else { "FAIL" };
+                        let err = r
+                            .error
+                            .as_deref()
+                            .map(|e| format!("  ({e})"))
+                            .unwrap_or_default();
+                        println!(
+                            "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
+                            r.name, r.max_err, r.seconds
+                        );
+                    }
+                }))
+            }
             Err(e) => {
                 println!("   could not create a device: {e}\n");
                 all_ok = false;
-                summary.push((info, 0, cases, f64::INFINITY, start.elapsed().as_secs_f64()));
+                summary.push((
+                    info,
+                    kernels,
+                    0,
+                    cases,
+                    f64::INFINITY,
+                    start.elapsed().as_secs_f64(),
+                ));
                 continue;
             }
         };
@@ -84,6 +100,7 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
         all_ok &= failed == 0;
         summary.push((
             info,
+            kernels,
             results.len() - failed,
             failed,
             worst,
@@ -91,19 +108,20 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
         ));
     }
     println!(
-        "{:<36} {:<8} {:<40} {:>6} {:>6} {:>10} {:>8}",
-        "adapter", "backend", "driver", "passed", "failed", "worst err", "time"
+        "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10} {:>8}",
+        "adapter", "backend", "driver", "kernels", "passed", "failed", "worst err", "time"
     );
-    for (info, passed, failed, worst, secs) in &summary {
+    for (info, kernels, passed, failed, worst, secs) in &summary {
         let driver: String = format!("{} {}", info.driver, info.driver_info)
             .chars()
             .take(40)
             .collect();
         println!(
-            "{:<36} {:<8} {:<40} {:>6} {:>6} {:>10.2e} {:>7.1}s",
+            "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10.2e} {:>7.1}s",
             info.name,
             format!("{:?}", info.backend),
             driver,
+            kernels,
             passed,
             failed,
             worst,
