@@ -26,8 +26,8 @@ var<private> dv_acc: array<vec4<f32>, D4>;
 
 // Folds staged queries r < count whose position start + r is >= `first` into this key's sums.
 fn consume_queries(start: u32, count: u32, first: u32) {
-    for (var r = 0u; r < BK; r++) {
-        if (r < count && start + r >= first) {
+    for (var r = 0u; r < count; r++) {
+        if (start + r >= first) {
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c4 = 0u; c4 < D4; c4++) {

@@ -27,22 +27,20 @@ var<private> row_delta: f32;
 // Folds the first min(count, visible) staged keys into this row's dQ.
 fn consume_keys(count: u32, visible: u32) {
     let n_keys = min(count, visible);
-    for (var r = 0u; r < BK; r++) {
-        if (r < n_keys) {
-            let bias = tile_bias[r];
-            if (bias > NO_KEY * 0.5) {
-                var s4 = vec4<f32>(0.0);
-                var g4 = vec4<f32>(0.0);
-                for (var c4 = 0u; c4 < D4; c4++) {
-                    s4 += q_row[c4] * tile_k[r * D4 + c4];
-                    g4 += do_row[c4] * tile_v[r * D4 + c4];
-                }
-                let s = s4.x + s4.y + s4.z + s4.w + bias;
-                let pr = exp(s - row_lse);
-                let ds = pr * (g4.x + g4.y + g4.z + g4.w - row_delta);
-                for (var c4 = 0u; c4 < D4; c4++) {
-                    dq_acc[c4] += ds * tile_k[r * D4 + c4];
-                }
+    for (var r = 0u; r < n_keys; r++) {
+        let bias = tile_bias[r];
+        if (bias > NO_KEY * 0.5) {
+            var s4 = vec4<f32>(0.0);
+            var g4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                s4 += q_row[c4] * tile_k[r * D4 + c4];
+                g4 += do_row[c4] * tile_v[r * D4 + c4];
+            }
+            let s = s4.x + s4.y + s4.z + s4.w + bias;
+            let pr = exp(s - row_lse);
+            let ds = pr * (g4.x + g4.y + g4.z + g4.w - row_delta);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                dq_acc[c4] += ds * tile_k[r * D4 + c4];
             }
         }
     }

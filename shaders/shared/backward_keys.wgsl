@@ -11,10 +11,12 @@ var<workgroup> tile_v: array<vec4<f32>, BK * D4>;
 var<workgroup> tile_bias: array<f32, BK>;
 
 // Stages fine keys/values [start, start + count) of the head at element offset `head`
-// (count <= BK), zero-padded to D4 vec4s per row. Call in uniform control flow.
+// (count <= BK), zero-padded to D4 vec4s per row; rows from count on keep stale data, which
+// no consumer reads. Call in uniform control flow.
 fn stage_fine_keys(head: u32, start: u32, count: u32, lid: u32) {
     let d = params.d;
-    for (var idx = lid; idx < BK * D4; idx += WG) {
+    // Only the rows the consumers read (r < count): a short tile costs what it holds.
+    for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
         var kk = vec4<f32>(0.0);
@@ -32,7 +34,7 @@ fn stage_fine_keys(head: u32, start: u32, count: u32, lid: u32) {
         tile_k[idx] = kk;
         tile_v[idx] = vv;
     }
-    for (var r = lid; r < BK; r += WG) {
+    for (var r = lid; r < count; r += WG) {
         tile_bias[r] = 0.0;
     }
 }
@@ -43,7 +45,8 @@ fn stage_coarse_keys(bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
     let d = params.d;
     let info = params.levels[lvl];
     let head = (bh * params.coarse_rows + info.row_offset) * d;
-    for (var idx = lid; idx < BK * D4; idx += WG) {
+    // Only the rows the consumers read (r < count): a short tile costs what it holds.
+    for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
         var kk = vec4<f32>(0.0);
@@ -61,7 +64,7 @@ fn stage_coarse_keys(bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
         tile_k[idx] = kk;
         tile_v[idx] = vv;
     }
-    for (var r = lid; r < BK; r += WG) {
+    for (var r = lid; r < count; r += WG) {
         var bias = NO_KEY;
         if (r < count) {
             let row = row0 + r;

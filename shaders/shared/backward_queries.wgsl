@@ -8,11 +8,13 @@ var<workgroup> tile_lse: array<f32, BK>;
 var<workgroup> tile_delta: array<f32, BK>;
 
 // Stages query rows [start, start + count) of head `bh` (count <= BK), zero-padded to D4
-// vec4s per row. Call in uniform control flow.
+// vec4s per row; rows from count on keep stale data, which no consumer reads. Call in uniform
+// control flow.
 fn stage_queries(bh: u32, start: u32, count: u32, lid: u32) {
     let d = params.d;
     let head = bh * params.n * d;
-    for (var idx = lid; idx < BK * D4; idx += WG) {
+    // Only the rows the consumers read (i < count): a short tile costs what it holds.
+    for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
         var qq = vec4<f32>(0.0);
@@ -30,7 +32,7 @@ fn stage_queries(bh: u32, start: u32, count: u32, lid: u32) {
         tile_q[idx] = qq;
         tile_do[idx] = gg;
     }
-    for (var r = lid; r < BK; r += WG) {
+    for (var r = lid; r < count; r += WG) {
         var l = 0.0;
         var dl = 0.0;
         if (r < count) {
