@@ -1,0 +1,97 @@
+//! Backward timing: `FmaAttention::backward_buffers` on tensors resident on the GPU, median
+//! wall clock of `--reps` runs after a warm-up, against the forward of the same shape.
+//!
+//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64]`
+//!
+//! The log of backward tuning steps is in docs/perf.md (change 7 on).
+
+use std::time::Instant;
+
+use clap::Parser;
+use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors};
+use multipole_attn::random::normal_tensor;
+use multipole_attn::{FmaConfig, Shape};
+use wgpu::util::DeviceExt;
+
+#[derive(Parser)]
+struct Args {
+    /// Sequence lengths.
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
+    n: Vec<usize>,
+    /// Head dimension.
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Block size m.
+    #[arg(long, default_value_t = 64)]
+    block: usize,
+    /// Rank p.
+    #[arg(long, default_value_t = 2)]
+    rank: usize,
+    /// Timed repetitions (median reported), after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+}
+
+/// Median milliseconds of `reps` runs of `run` (each waited for), after one warm-up.
+fn median_ms(ctx: &GpuContext, reps: usize, mut run: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..=reps)
+        .map(|_| {
+            let t = Instant::now();
+            run();
+            let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .skip(1)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    env_logger::init();
+    let a = Args::parse();
+    let ctx = GpuContext::new()?;
+    println!("adapter {} ({:?})", ctx.info.name, ctx.info.backend);
+    println!(
+        "{:>7} {:>7} {:>12} {:>12} {:>8}",
+        "n", "causal", "forward ms", "backward ms", "b/f"
+    );
+    for &n in &a.n {
+        let shape = Shape::new(1, 1, n, a.head_dim);
+        let tensor = |seed: u64| {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytemuck::cast_slice(&normal_tensor(seed, shape.elements())),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let [q, k, v, o, lse, dout, dq, dk, dv] = [1, 2, 3, 4, 5, 6, 7, 8, 9].map(tensor);
+        for causal in [false, true] {
+            let fma = FmaAttention::new(&ctx, FmaConfig::new(a.block, a.rank).causal(causal))?;
+            let t = GpuTensors {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &o,
+                lse: Some(&lse),
+            };
+            let forward = median_ms(&ctx, a.reps, || fma.forward_buffers(t, shape).unwrap());
+            let saved = fma.saved_from_buffers(t, shape)?;
+            let g = GradTensors {
+                dq: &dq,
+                dk: &dk,
+                dv: &dv,
+                weights: None,
+            };
+            let backward = median_ms(&ctx, a.reps, || {
+                fma.backward_buffers(&saved, &dout, g).unwrap()
+            });
+            println!(
+                "{n:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2}",
+                backward / forward
+            );
+        }
+    }
+    Ok(())
+}
