@@ -203,7 +203,8 @@ impl Staged {
 /// `fits` (a plan check): one run when the whole shape fits; otherwise the largest number of
 /// heads whose tensors stay within the adapter's binding limits, so a tensor larger than one
 /// storage binding is processed in pieces. A single head that does not fit is the error `fits`
-/// gives for it.
+/// gives for it (the FMA and dense fronts split such a head along its sequence before they
+/// get here: `gpu::split`, `gpu::dense_split`).
 fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(usize, usize)>> {
     let bh = shape.batch_heads();
     match fits(shape) {
