@@ -53,6 +53,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Rows of this level in the concatenated per-head buffers.
     let level_row = bh * params.coarse_rows + info.row_offset;
     let head = level_row * d;
+    // The query row, as online_softmax's begin_row loads it (not imported: its tiles and
+    // subgroup set-up have no use here, and the early return above is not uniform).
     for (var c4 = 0u; c4 < D4; c4++) {
         var x = vec4<f32>(0.0);
         for (var e = 0u; e < 4u; e++) {

@@ -11,7 +11,7 @@ use crate::error::{FmaError, Result};
 use std::sync::Arc;
 
 use crate::gpu::fma::{level_selects, FmaAttention, MAX_CACHED_SHAPES};
-use crate::gpu::io::{GpuTensors, Scopes, Staged};
+use crate::gpu::io::{check_host, GpuTensors, Scopes, Staged};
 use crate::gpu::params::to_uniform_bytes;
 use crate::gpu::pipelines::poisoned;
 use crate::gpu::readback::{read_f32, storage};
@@ -125,10 +125,7 @@ impl FmaAttention {
         v: &[f32],
         shape: Shape,
     ) -> Result<(Output, Saved)> {
-        shape.validate()?;
-        shape.check_len("Q", q.len())?;
-        shape.check_len("K", k.len())?;
-        shape.check_len("V", v.len())?;
+        check_host(shape, q, k, v)?;
         self.backward_plan(shape)?; // the backward must be possible before we run a forward
         let device = &self.ctx.device;
         let bytes = shape.elements() as u64 * 4;

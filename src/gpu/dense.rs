@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
-use crate::gpu::io::{check_host, forward_host, GpuTensors, HostBuffers, Scopes, Staged};
+use crate::gpu::io::{forward_host, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, Params};
 use crate::gpu::pipelines::poisoned;
 use crate::gpu::readback::{storage, uniform};
@@ -12,7 +12,6 @@ use crate::gpu::shaders::Pass;
 use crate::gpu::split::SplitIo;
 use crate::gpu::{GpuContext, Output};
 use crate::plan::{DensePlan, KernelLimits};
-use crate::plan_split::head_exceeds_binding;
 use crate::shape::Shape;
 
 struct Workspace {
@@ -162,19 +161,16 @@ impl DenseAttention {
     ) -> Result<Output> {
         // A head over one storage binding is cut into chunks of queries and keys; tensors
         // over a binding whose heads fit are processed a run of heads at a time.
-        if head_exceeds_binding(shape, &self.limits) {
-            check_host(shape, q, k, v)?;
-            let io = SplitIo::Host { q, k, v, want_lse };
-            return self.forward_split(io, shape).await;
-        }
         forward_host(
             shape,
             q,
             k,
             v,
             want_lse,
+            &self.limits,
             |s| self.plan(s).map(|_| ()),
             |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
+            |io| self.forward_split(io, shape),
         )
         .await
     }

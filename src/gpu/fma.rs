@@ -9,7 +9,7 @@ use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
 use crate::gpu::backward::Scratch;
 use crate::gpu::coarse::CoarseQueryBuffers;
-use crate::gpu::io::{check_host, forward_host, GpuTensors, HostBuffers, Scopes, Staged};
+use crate::gpu::io::{forward_host, GpuTensors, HostBuffers, Scopes, Staged};
 use crate::gpu::params::{to_uniform_bytes, LevelInfo, LevelSelect, Params, MAX_LEVELS};
 use crate::gpu::pipelines::poisoned;
 use crate::gpu::readback::{storage, uniform};
@@ -18,7 +18,6 @@ use crate::gpu::split::SplitIo;
 use crate::gpu::{GpuContext, Output};
 use crate::levels::window;
 use crate::plan::{Dispatch, FmaPlan, KernelLimits};
-use crate::plan_split::head_exceeds_binding;
 use crate::shape::Shape;
 use crate::weights::LevelWeights;
 
@@ -412,19 +411,16 @@ impl FmaAttention {
     ) -> Result<Output> {
         // A head over one storage binding is cut along its sequence; tensors over a binding
         // whose heads fit are processed a run of heads at a time.
-        if head_exceeds_binding(shape, &self.limits) {
-            check_host(shape, q, k, v)?;
-            let io = SplitIo::Host { q, k, v, want_lse };
-            return self.forward_split(io, shape).await;
-        }
         forward_host(
             shape,
             q,
             k,
             v,
             want_lse,
+            &self.limits,
             |s| self.plan(s).map(|_| ()),
             |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
+            |io| self.forward_split(io, shape),
         )
         .await
     }

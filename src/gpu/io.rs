@@ -3,7 +3,10 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::readback::{read_f32, storage};
+use crate::gpu::split::SplitIo;
 use crate::gpu::{GpuContext, Output};
+use crate::plan::KernelLimits;
+use crate::plan_split::head_exceeds_binding;
 use crate::shape::Shape;
 
 /// Q, K, V, O and the LSE of one forward living in GPU buffers (the caller's own, or ones the
@@ -276,47 +279,35 @@ pub(crate) fn check_host(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> Resul
     shape.check_len("V", v.len())
 }
 
-/// The host-tensor front of every forward: checks the shape and the slices' lengths, then runs
-/// `run` once, or once per run of heads when the tensors exceed a binding (see [`head_chunks`]).
-pub(crate) async fn forward_host<'a, F, Fut>(
+/// The host-tensor front of every forward: checks the shape and the slices' lengths, then
+/// runs `split` when one head alone exceeds a binding (it cuts the head's sequence:
+/// `gpu::split`, `gpu::dense_split`), else `run` once, or once per run of heads when the
+/// tensors exceed a binding (see [`head_chunks`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward_host<'a, F, Fut, S, SFut>(
     shape: Shape,
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
     want_lse: bool,
+    limits: &KernelLimits,
     fits: impl Fn(Shape) -> Result<()>,
     run: F,
+    split: S,
 ) -> Result<Output>
 where
     F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
     Fut: std::future::Future<Output = Result<Output>>,
+    S: FnOnce(SplitIo<'a>) -> SFut,
+    SFut: std::future::Future<Output = Result<Output>>,
 {
     check_host(shape, q, k, v)?;
+    if head_exceeds_binding(shape, limits) {
+        return split(SplitIo::Host { q, k, v, want_lse }).await;
+    }
     let chunks = head_chunks(shape, fits)?;
     if chunks.len() == 1 {
         return run(q, k, v, shape).await;
     }
     forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn out_of_memory_in_a_scope_is_its_own_error() {
-        // No driver of this machine can be made to run out of memory on demand (lavapipe
-        // allocates lazily), so the mapping is checked on the error wgpu would give.
-        let oom = wgpu::Error::OutOfMemory {
-            source: "VK_ERROR_OUT_OF_DEVICE_MEMORY".into(),
-        };
-        let e = scope_error("the FMA forward", oom);
-        assert!(matches!(&e, FmaError::OutOfMemory { stage, .. } if stage == "the FMA forward"));
-        assert!(e.to_string().contains("fewer heads"), "{e}");
-        let invalid = wgpu::Error::Validation {
-            source: "bad binding".into(),
-            description: "bad binding".into(),
-        };
-        assert!(matches!(scope_error("x", invalid), FmaError::Gpu { .. }));
-    }
 }
