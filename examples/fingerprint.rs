@@ -45,9 +45,10 @@ fn random_weights(d: usize, m: usize, p: usize, n: usize, seed: u64) -> LearnedW
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = GpuContext::new()?;
     eprintln!("adapter {} ({:?})", ctx.info.name, ctx.info.backend);
-    let split = 16 * 1024;
-    for &(n, d, m, p) in &[(97usize, 16usize, 8usize, 2usize), (1025, 40, 16, 4), (300, 64, 32, 2)] {
+    for &(n, d, m, p) in &[(97usize, 16usize, 8usize, 2usize), (1025, 40, 16, 2), (300, 64, 32, 2)] {
         let shape = Shape::new(1, 2, n, d);
+        // A binding of half a head: every head is cut along its sequence.
+        let split = (n * d * 2) as u64;
         let q = normal_tensor(1, shape.elements());
         let k = normal_tensor(2, shape.elements());
         let v = normal_tensor(3, shape.elements());
@@ -99,8 +100,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     hash(&w)
                 );
             }
-            let small = FmaAttention::new(&ctx, cfg)?.max_binding(split);
-            if shape.elements() as u64 * 2 > split {
+            let small = FmaAttention::new(&ctx, cfg.clone())?.max_binding(split);
+            if let Downsample::Average = cfg.downsample {
                 let out = small.forward(&q, &k, &v, shape, true)?;
                 println!(
                     "n {n} d {d} m {m} p {p} {name:<20} split    o {:016x} lse {:016x}",
@@ -112,8 +113,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for causal in [false, true] {
             let dense = DenseAttention::new(&ctx, causal)?;
             let out = dense.forward(&q, &k, &v, shape, true)?;
+            // At least two tiles of 64 rows: the least a split dense head needs.
             let split = DenseAttention::new(&ctx, causal)?
-                .max_binding(split)
+                .max_binding(split.max(2 * 64 * d as u64 * 4))
                 .forward(&q, &k, &v, shape, true)?;
             println!(
                 "n {n} d {d} dense causal {causal:<5} o {:016x} lse {:016x} split o {:016x}",
