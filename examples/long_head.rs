@@ -1,5 +1,5 @@
 //! One head longer than the adapter's storage-binding limit, at the adapter's real limit: FMA
-//! cuts its sequence into chunks (`plan_split`), and the output is checked against the f64 CPU
+//! cuts its sequence into chunks (`plan::SplitPlan`), and the output is checked against the f64 CPU
 //! reference.
 //!
 //! `cargo run --release --example long_head [-- --head-dim 16 --over 1.05]`
@@ -13,7 +13,7 @@ use clap::Parser;
 use multipole_attn::cpu::{fma_forward, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::plan::KernelLimits;
-use multipole_attn::plan_split::SplitPlan;
+use multipole_attn::plan::SplitPlan;
 use multipole_attn::random::smooth_tensor;
 use multipole_attn::{FmaConfig, Shape};
 

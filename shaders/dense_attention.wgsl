@@ -1,12 +1,13 @@
 // Exact dense attention, softmax(Q K^T / sqrt(d)) V, the yardstick for FMA: the same tiled
 // online softmax as the FMA pass (one invocation per query row, keys in tiles of BK staged in
-// workgroup memory), over every key (causal: keys t <= i). CPU mirror: `cpu::dense_attention`.
+// workgroup memory), over every key (causal: keys t <= i + n_kv - n, the queries being the
+// last n of n_kv positions; n_kv = n for self-attention). CPU mirror: `cpu::dense_attention`.
 
 #import params
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
-@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
-@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n, d)
+@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n_kv, d)
+@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n_kv, d)
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;    // (bh, n, d)
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // (bh, n)
 
@@ -14,7 +15,7 @@
 #import near_field
 
 // A head longer than one storage binding is attended a (query chunk, key chunk) pair per
-// dispatch, key chunks in order (`src/plan_split.rs`). Between them a row's running state
+// dispatch, key chunks in order (`src/plan/split_dense.rs`). Between them a row's running state
 // stays in device memory, exactly: the unnormalised accumulator in O, the running max and sum
 // in the chunk's LSE buffer (max at `row`, sum `chunk_hi - chunk_lo` rows later). Key chunks
 // start at multiples of BK, so the tiles, and every float operation, are an unsplit run's.
@@ -68,15 +69,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let i = i0 + lid;
     let in_tile = i < i1;
     let causal = params.causal != 0u;
+    // Query i sits at key position i + shift (causal needs n_kv >= n: the plan checks).
+    let shift = params.n_kv - n;
     // Keys this tile attends to over all chunks: [0, t_end).
-    let t_end = select(n, i1, causal);
+    let t_end = select(params.n_kv, i1 + shift, causal);
     if (params.key_lo >= t_end) {
         return; // finished by an earlier key chunk (causal); uniform over the workgroup
     }
     // Element offsets of row 0 of the head in the bound Q, O and K, V (wrapping when a split
     // head's bindings start later, as in fine_attention.wgsl), and this row's LSE slot.
     let q_head = (bh * n - params.row_base) * params.d;
-    let k_head = (bh * n - params.key_lo) * params.d;
+    let k_head = (bh * params.n_kv - params.key_lo) * params.d;
     let row = bh * n + i - params.row_base;
 
     if (params.key_lo == 0u) {
@@ -84,7 +87,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     } else {
         resume_row(q_head, row, i, in_tile);
     }
-    attend_fine_keys(k_head, params.key_lo, min(t_end, params.key_hi), i, causal, lid);
+    attend_fine_keys(k_head, params.key_lo, min(t_end, params.key_hi), i + shift, causal, lid);
     if (in_tile) {
         if (params.key_hi >= t_end) {
             finish_row(q_head, row, i);

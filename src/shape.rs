@@ -1,31 +1,52 @@
-//! The shape of an attention problem: (batch, heads, seq, head_dim), row-major f32.
+//! The shape of an attention problem: Q and O of (batch, heads, seq, head_dim), K and V of
+//! (batch, heads, seq_kv, head_dim), row-major f32.
 
 use crate::error::{FmaError, Result};
 
-/// Shape of Q, K, V and O: `(batch, heads, seq, head_dim)`, row-major, so element
-/// `(b, h, i, c)` sits at `((b * heads + h) * seq + i) * head_dim + c`.
-/// The LSE has shape `(batch, heads, seq)`.
+/// Shape of Q and O: `(batch, heads, seq, head_dim)`, row-major, so element `(b, h, i, c)`
+/// sits at `((b * heads + h) * seq + i) * head_dim + c`; K and V: `(batch, heads, seq_kv,
+/// head_dim)`, the same with `seq_kv`. The LSE has shape `(batch, heads, seq)`. Self-attention
+/// ([`Shape::new`]) has `seq_kv = seq`; dense attention also takes `seq_kv != seq`
+/// ([`Shape::cross`]); FMA asks for equal lengths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
     /// Batch size.
     pub batch: usize,
     /// Heads per batch element.
     pub heads: usize,
-    /// Sequence length n (number of queries = number of keys).
+    /// Query length n (rows of Q, O and the LSE).
     pub seq: usize,
+    /// Key length (rows of K and V): `seq` for self-attention.
+    pub seq_kv: usize,
     /// Head dimension d.
     pub head_dim: usize,
 }
 
 impl Shape {
-    /// A shape `(batch, heads, seq, head_dim)`.
+    /// A self-attention shape `(batch, heads, seq, head_dim)`: as many keys as queries.
     pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Self {
+        Self::cross(batch, heads, seq, seq, head_dim)
+    }
+
+    /// Q of `(batch, heads, seq, head_dim)` against K, V of `(batch, heads, seq_kv, head_dim)`.
+    pub fn cross(batch: usize, heads: usize, seq: usize, seq_kv: usize, head_dim: usize) -> Self {
         Self {
             batch,
             heads,
             seq,
+            seq_kv,
             head_dim,
         }
+    }
+
+    /// Whether there are as many keys as queries.
+    pub fn is_self(&self) -> bool {
+        self.seq == self.seq_kv
+    }
+
+    /// This shape with `heads` heads per batch element (and a batch of one): a run of heads.
+    pub fn with_heads(&self, heads: usize) -> Self {
+        Self::cross(1, heads, self.seq, self.seq_kv, self.head_dim)
     }
 
     /// batch * heads: the number of independent attention problems.
@@ -33,9 +54,14 @@ impl Shape {
         self.batch * self.heads
     }
 
-    /// Number of elements of Q (and of K, V, O): batch * heads * seq * head_dim.
+    /// Number of elements of Q (and of O): batch * heads * seq * head_dim.
     pub fn elements(&self) -> usize {
         self.batch_heads() * self.seq * self.head_dim
+    }
+
+    /// Number of elements of K (and of V): batch * heads * seq_kv * head_dim.
+    pub fn kv_elements(&self) -> usize {
+        self.batch_heads() * self.seq_kv * self.head_dim
     }
 
     /// Number of rows of the LSE: batch * heads * seq.
@@ -49,6 +75,7 @@ impl Shape {
             ("batch", self.batch),
             ("heads", self.heads),
             ("seq", self.seq),
+            ("seq_kv", self.seq_kv),
             ("head_dim", self.head_dim),
         ] {
             if v == 0 {
@@ -59,12 +86,14 @@ impl Shape {
                 });
             }
         }
-        let total = self
-            .batch
-            .checked_mul(self.heads)
-            .and_then(|x| x.checked_mul(self.seq))
-            .and_then(|x| x.checked_mul(self.head_dim));
-        if total.is_none() || total.unwrap_or(0) > u32::MAX as usize {
+        let total = |seq: usize| {
+            self.batch
+                .checked_mul(self.heads)
+                .and_then(|x| x.checked_mul(seq))
+                .and_then(|x| x.checked_mul(self.head_dim))
+        };
+        let fits = |t: Option<usize>| t.is_some_and(|t| t <= u32::MAX as usize);
+        if !fits(total(self.seq)) || !fits(total(self.seq_kv)) {
             return Err(FmaError::InvalidConfig {
                 what: "shape",
                 value: format!("{self}"),
@@ -74,7 +103,19 @@ impl Shape {
         Ok(())
     }
 
-    /// Checks that a slice holds exactly `elements()` values.
+    /// Checks that a slice of K or V holds exactly `kv_elements()` values.
+    pub fn check_kv_len(&self, what: &str, len: usize) -> Result<()> {
+        if len != self.kv_elements() {
+            return Err(FmaError::ShapeMismatch {
+                what: what.into(),
+                expected: format!("{self} = {} elements", self.kv_elements()),
+                got: format!("{len} elements"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that a slice of Q (or O, dO) holds exactly `elements()` values.
     pub fn check_len(&self, what: &str, len: usize) -> Result<()> {
         if len != self.elements() {
             return Err(FmaError::ShapeMismatch {
@@ -89,10 +130,10 @@ impl Shape {
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "(batch {}, heads {}, seq {}, head_dim {})",
-            self.batch, self.heads, self.seq, self.head_dim
-        )
+        write!(f, "(batch {}, heads {}, seq {}", self.batch, self.heads, self.seq)?;
+        if !self.is_self() {
+            write!(f, ", seq_kv {}", self.seq_kv)?;
+        }
+        write!(f, ", head_dim {})", self.head_dim)
     }
 }

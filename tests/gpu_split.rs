@@ -1,4 +1,4 @@
-//! Heads longer than one storage binding (`plan_split`): on a device whose binding limit is
+//! Heads longer than one storage binding (`plan::SplitPlan`): on a device whose binding limit is
 //! 16 KiB, FMA cuts each head's sequence into chunks of whole fine blocks. The result must be
 //! the bits of an unsplit run on a device with the default limit (same kernels and tiles, the
 //! same float operations in the same order; both devices are made alike, so the tiles agree),
@@ -12,8 +12,8 @@ use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::GpuContext;
 use multipole_attn::gpu::{DenseAttention, FmaAttention};
 use multipole_attn::plan::KernelLimits;
-use multipole_attn::plan_split::SplitPlan;
-use multipole_attn::plan_split_dense::DenseSplitPlan;
+use multipole_attn::plan::SplitPlan;
+use multipole_attn::plan::DenseSplitPlan;
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, FmaError, Queries, Shape};
 

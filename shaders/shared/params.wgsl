@@ -34,7 +34,7 @@ struct Params {
     chunk_hi: u32,           // one past the last (a multiple of the tile, or n)
     key_lo: u32,             // dense: first key of this dispatch (and first bound row of K, V)
     key_hi: u32,             // dense: one past its last key
-    _pad0: u32,
+    n_kv: u32,               // rows of K and V per head (n for self-attention)
     levels: array<LevelInfo, 32>,
 }
 

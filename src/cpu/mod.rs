@@ -33,8 +33,8 @@ pub struct Reference {
 fn check_inputs(q: &[f64], k: &[f64], v: &[f64], shape: Shape) -> Result<()> {
     shape.validate()?;
     shape.check_len("Q", q.len())?;
-    shape.check_len("K", k.len())?;
-    shape.check_len("V", v.len())?;
+    shape.check_kv_len("K", k.len())?;
+    shape.check_kv_len("V", v.len())?;
     Ok(())
 }
 
@@ -123,8 +123,9 @@ pub fn fma_forward(
     Ok(Reference { o, lse })
 }
 
-/// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V` (causal: keys t <= i only),
-/// tensors of shape (batch, heads, seq, head_dim).
+/// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V`: Q of shape (batch, heads, seq,
+/// head_dim), K and V of (batch, heads, seq_kv, head_dim). Causal: query i sees keys
+/// t <= i + seq_kv - seq (the queries are the last positions; needs seq_kv >= seq).
 pub fn dense_attention(
     q: &[f64],
     k: &[f64],
@@ -149,7 +150,14 @@ pub fn dense_attention_rows(
     rows: &[usize],
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     check_inputs(q, k, v, shape)?;
-    let (n, d) = (shape.seq, shape.head_dim);
+    let (n, n_kv, d) = (shape.seq, shape.seq_kv, shape.head_dim);
+    if causal && n_kv < n {
+        return Err(crate::error::FmaError::ShapeMismatch {
+            what: "causal dense attention".into(),
+            expected: "seq_kv >= seq (the queries are the last seq key positions)".into(),
+            got: format!("{shape}"),
+        });
+    }
     let scale = 1.0 / (d as f64).sqrt();
     let mut o = vec![0f64; rows.len() * d];
     let mut lse = vec![0f64; rows.len()];
@@ -161,12 +169,14 @@ pub fn dense_attention_rows(
                 got: row.to_string(),
             });
         }
-        let (base, i) = ((row / n) * n * d, row % n);
+        let (head, i) = (row / n, row % n);
+        let (base, kv_base) = (head * n * d, head * n_kv * d);
         let qi = &q[base + i * d..base + (i + 1) * d];
-        let last = if causal { i + 1 } else { n };
+        // Causal: query i sits at key position i + n_kv - n.
+        let last = if causal { i + n_kv - n + 1 } else { n_kv };
         let logit_value = (0..last).map(|t| {
-            let kt = &k[base + t * d..base + (t + 1) * d];
-            (dot(qi, kt) * scale, &v[base + t * d..base + (t + 1) * d])
+            let kt = &k[kv_base + t * d..kv_base + (t + 1) * d];
+            (dot(qi, kt) * scale, &v[kv_base + t * d..kv_base + (t + 1) * d])
         });
         lse[r] = softmax_row(logit_value, &mut o[r * d..(r + 1) * d]);
     }

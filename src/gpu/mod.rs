@@ -1,5 +1,7 @@
-//! The GPU path: a context (adapter, device, negotiated limits), WGSL passes, the per-level
-//! scheduler's plans executed as one submit per forward.
+//! The GPU path, in two layers (docs/architecture.md): the engine (`engine`: context, pass
+//! descriptors, buffers, scopes, caches, the host front and the record loop) and, on top, the
+//! executors that turn a plan (`crate::plan`) into recorded work: [`FmaAttention`] (forward,
+//! split heads, backward) and [`DenseAttention`].
 //!
 //! ```no_run
 //! use multipole_attn::{gpu::{FmaAttention, GpuContext}, FmaConfig, Shape};
@@ -11,36 +13,17 @@
 //! # Ok::<(), multipole_attn::FmaError>(())
 //! ```
 
-mod backward;
-mod backward_bindings;
-mod coarse;
-pub mod context;
 mod dense;
-mod dense_split;
+pub mod engine;
 mod fma;
-mod io;
-pub(crate) mod params;
-pub(crate) mod pipelines;
-mod readback;
-pub mod shaders;
-mod split;
 
-pub use backward::{GradTensors, Saved, WeightGradTensors};
+pub use dense::DenseAttention;
 #[cfg(not(target_arch = "wasm32"))]
-pub use context::{all_adapters, list_adapters};
-pub use context::{
+pub use engine::context::{all_adapters, list_adapters};
+pub use engine::context::{
     negotiate_features, negotiate_limits, AdapterReport, ContextOptions, GpuContext,
 };
-pub use dense::DenseAttention;
+pub use engine::shaders;
+pub use engine::tensors::{GpuTensors, Output};
+pub use fma::backward::{GradTensors, Saved, WeightGradTensors};
 pub use fma::FmaAttention;
-pub use io::GpuTensors;
-
-/// Host-side result of a forward: O of shape (batch, heads, seq, head_dim) and, on request,
-/// the per-row log-sum-exp of shape (batch, heads, seq).
-#[derive(Clone, Debug)]
-pub struct Output {
-    /// Attention output, (batch, heads, seq, head_dim).
-    pub o: Vec<f32>,
-    /// LSE, (batch, heads, seq), when asked for.
-    pub lse: Option<Vec<f32>>,
-}

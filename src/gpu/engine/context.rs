@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
-use crate::gpu::pipelines::Kernels;
+use crate::gpu::engine::pipelines::Kernels;
 
 /// How to pick limits when the library creates the device itself.
 #[derive(Clone, Copy, Debug, Default)]

@@ -1,39 +1,50 @@
-//! The executor of exact dense attention (the baseline every speed figure is compared with).
+//! The executor of exact dense attention (the baseline every speed figure is compared with):
+//! one dispatch of a [`DensePlan`], or a head over one storage binding in (query chunk, key
+//! chunk) pairs (`split.rs`).
 
-use std::collections::HashMap;
+mod split;
+
 use std::sync::{Arc, Mutex};
 
-use crate::error::Result;
-use crate::gpu::io::{forward_host, GpuTensors, HostBuffers, Scopes, Staged};
-use crate::gpu::params::{to_uniform_bytes, Params};
-use crate::gpu::pipelines::poisoned;
-use crate::gpu::readback::{storage, uniform};
-use crate::gpu::shaders::Pass;
-use crate::gpu::split::SplitIo;
-use crate::gpu::{GpuContext, Output};
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::{storage, uniform};
+use crate::gpu::engine::cache::ShapeCache;
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::front::forward_host;
+use crate::gpu::engine::params::{to_uniform_bytes, Params};
+use crate::gpu::engine::passes::Role;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::record::{record_steps, Pipes, Resources};
+use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
+use crate::gpu::engine::tensors::Output;
 use crate::plan::{DensePlan, KernelLimits};
 use crate::shape::Shape;
 
-struct Workspace {
+/// The uniforms of one shape: the parameter block (the dense pass has no level selector).
+struct Uniforms {
     params: wgpu::Buffer,
-    host: Option<HostBuffers>,
 }
 
 /// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V` on the GPU, tiled with an
-/// online softmax (no n x n matrix in memory). Causal:
+/// online softmax (no n x n matrix in memory). Q: (batch, heads, seq, head_dim), K and V:
+/// (batch, heads, seq_kv, head_dim) ([`Shape::cross`]; `seq_kv = seq` for self-attention).
+/// Causal, with the queries aligned to the last keys (query i sits at key position
+/// i + seq_kv - seq, as when new tokens attend to a cache; needs seq_kv >= seq):
 ///
 /// ```text
-///        keys ->
-/// q  0 | x . . . |
-///    1 | x x . . |      x = attended, . = masked
-///    2 | x x x . |
-///    3 | x x x x |
+///        keys ->                          keys ->
+/// q  0 | x . . . |                 q  0 | x x x . . |
+///    1 | x x . . |  seq = seq_kv      1 | x x x x . |  seq = 3, seq_kv = 5
+///    2 | x x x . |                    2 | x x x x x |
+///    3 | x x x x |                   x = attended, . = masked
 /// ```
 pub struct DenseAttention {
-    pub(super) ctx: GpuContext,
-    pub(super) causal: bool,
-    pub(super) limits: KernelLimits,
-    workspaces: Mutex<HashMap<Shape, Arc<Mutex<Workspace>>>>,
+    ctx: GpuContext,
+    causal: bool,
+    limits: KernelLimits,
+    uniforms: ShapeCache<Shape, Uniforms>,
+    host: Mutex<HostPool>,
 }
 
 impl DenseAttention {
@@ -44,7 +55,8 @@ impl DenseAttention {
             ctx: ctx.clone(),
             causal,
             limits: KernelLimits::from_wgpu(&ctx.limits),
-            workspaces: Mutex::new(HashMap::new()),
+            uniforms: ShapeCache::default(),
+            host: Mutex::new(HostPool::default()),
         })
     }
 
@@ -52,20 +64,30 @@ impl DenseAttention {
     /// [`crate::gpu::FmaAttention::max_binding`]. Call before the first forward.
     pub fn max_binding(mut self, bytes: u64) -> Self {
         self.limits = self.limits.capped(bytes);
-        self.workspaces = Mutex::new(HashMap::new());
+        self.host = Mutex::new(HostPool::default());
         self
     }
 
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
+        if self.causal && shape.seq_kv < shape.seq {
+            return Err(FmaError::ShapeMismatch {
+                what: "causal dense attention".into(),
+                expected: "at least as many keys as queries (seq_kv >= seq): the queries are \
+                           the last seq of the seq_kv positions"
+                    .into(),
+                got: format!("{shape}"),
+            });
+        }
         DensePlan::new(shape, &self.limits)
     }
 
     /// The parameter block of `plan` (every query row against every key).
-    pub(super) fn params(&self, plan: &DensePlan) -> Params {
+    fn params(&self, plan: &DensePlan) -> Params {
         let s = plan.shape;
         Params {
             n: s.seq as u32,
+            n_kv: s.seq_kv as u32,
             d: s.head_dim as u32,
             m: plan.attention.spec.wg,
             p: 1,
@@ -76,81 +98,41 @@ impl DenseAttention {
             workgroups_x: plan.attention.grid[0],
             scale: 1.0 / (s.head_dim as f32).sqrt(),
             chunk_hi: s.seq as u32,
-            key_hi: s.seq as u32,
+            key_hi: s.seq_kv as u32,
             ..Default::default()
         }
     }
 
-    fn workspace(&self, plan: &DensePlan) -> Result<Arc<Mutex<Workspace>>> {
-        let mut map = self.workspaces.lock().map_err(poisoned)?;
-        if let Some(ws) = map.get(&plan.shape) {
-            return Ok(ws.clone());
-        }
-        if map.len() >= 8 {
-            map.clear();
-        }
-        let bytes = to_uniform_bytes(&self.params(plan))?;
-        let params = uniform(&self.ctx.device, &self.ctx.queue, "dense params", &bytes);
-        let ws = Arc::new(Mutex::new(Workspace { params, host: None }));
-        map.insert(plan.shape, ws.clone());
-        Ok(ws)
+    fn uniforms(&self, plan: &DensePlan) -> Result<Arc<Uniforms>> {
+        self.uniforms.get_or_make(plan.shape, || {
+            let bytes = to_uniform_bytes(&self.params(plan))?;
+            Ok(Uniforms {
+                params: uniform(&self.ctx.device, &self.ctx.queue, "dense params", &bytes),
+            })
+        })
     }
 
-    /// Group 0 of the dense pass (binding numbers as in `dense_attention.wgsl`).
-    pub(super) fn bind_group(
+    /// Records `steps` (the plan's dispatch, or a split head's pairs) with `params`.
+    fn record(
         &self,
+        cpass: &mut wgpu::ComputePass<'_>,
+        steps: &[crate::plan::Dispatch],
+        pipes: &Pipes,
         params: &wgpu::Buffer,
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
-    ) -> wgpu::BindGroup {
-        let entries: Vec<_> = [
-            (0, params),
-            (1, t.q),
-            (2, t.k),
-            (3, t.v),
-            (6, t.out),
-            (7, lse),
-        ]
-        .into_iter()
-        .map(|(binding, b)| wgpu::BindGroupEntry {
-            binding,
-            resource: b.as_entire_binding(),
-        })
-        .collect();
-        self.ctx
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("dense_attention"),
-                layout: &self.ctx.kernels.layouts.dense,
-                entries: &entries,
-            })
-    }
-
-    fn record(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        plan: &DensePlan,
-        params: &wgpu::Buffer,
-        t: GpuTensors<'_>,
-        lse: &wgpu::Buffer,
-        pipeline: &wgpu::ComputePipeline,
-    ) {
-        let group = self.bind_group(params, &t, lse);
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("dense forward"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &group, &[]);
-        let g = plan.attention.grid;
-        pass.dispatch_workgroups(g[0], g[1], g[2]);
+    ) -> Result<()> {
+        let res = Resources::default()
+            .with(Role::Params, params)
+            .tensors(t, lse);
+        record_steps(&self.ctx, cpass, steps, pipes, None, &res)
     }
 
     /// Dense attention of host tensors (async). Shapes as [`crate::gpu::FmaAttention::forward_async`].
     ///
     /// Tensors over one storage binding are processed in pieces with the unsplit result to the
     /// bit: runs of heads, or for a head over the limit, pairs of query and key chunks
-    /// (`crate::plan_split_dense`).
+    /// (`crate::plan::DenseSplitPlan`).
     pub async fn forward_async(
         &self,
         q: &[f32],
@@ -185,20 +167,13 @@ impl DenseAttention {
         want_lse: bool,
     ) -> Result<Output> {
         let plan = self.plan(shape)?;
-        let pipeline = self
-            .ctx
-            .kernels
-            .pipeline(&self.ctx.device, Pass::DenseAttention, plan.attention.spec)
-            .await?;
-        let ws = self.workspace(&plan)?;
+        let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
+        let uniforms = self.uniforms(&plan)?;
         let staged = Staged::new(&self.ctx.device, shape, want_lse);
         let scopes = Scopes::push(&self.ctx)?;
         {
-            let mut ws = ws.lock().map_err(poisoned)?;
-            let host = ws
-                .host
-                .take()
-                .unwrap_or_else(|| HostBuffers::new(&self.ctx.device, shape));
+            let mut host = self.host.lock().map_err(poisoned)?;
+            let host = host.fit(&self.ctx.device, shape, self.limits.binding_bytes());
             host.upload(&self.ctx.queue, q, k, v);
             let mut enc = self
                 .ctx
@@ -206,17 +181,16 @@ impl DenseAttention {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("dense"),
                 });
-            self.record(
-                &mut enc,
-                &plan,
-                &ws.params,
-                host.tensors(),
-                &host.lse,
-                &pipeline,
-            );
+            {
+                let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("dense forward"),
+                    timestamp_writes: None,
+                });
+                let t = host.tensors();
+                self.record(&mut cpass, &[plan.attention], &pipes, &uniforms.params, &t, &host.lse)?;
+            }
             staged.record(&mut enc, &host.out, &host.lse);
             self.ctx.queue.submit([enc.finish()]);
-            ws.host = Some(host);
         }
         scopes.pop(&self.ctx, "the dense forward").await?;
         staged.read(&self.ctx).await
@@ -246,20 +220,15 @@ impl DenseAttention {
                 .await
                 .map(|_| ());
         }
-        let (plan, pipeline) = self.plan_and_pipeline(shape).await?;
-        let ws = self.workspace(&plan)?;
         let scopes = Scopes::push(&self.ctx)?;
-        {
-            let ws = ws.lock().map_err(poisoned)?;
-            let mut enc = self
-                .ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("dense"),
-                });
-            self.record_with_lse(&mut enc, &plan, &ws.params, t, &pipeline);
-            self.ctx.queue.submit([enc.finish()]);
-        }
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("dense"),
+            });
+        self.encode_async(&mut enc, t, shape).await?;
+        self.ctx.queue.submit([enc.finish()]);
         scopes.pop(&self.ctx, "the dense forward").await
     }
 
@@ -291,34 +260,11 @@ impl DenseAttention {
         shape: Shape,
     ) -> Result<()> {
         t.check(shape)?;
-        let (plan, pipeline) = self.plan_and_pipeline(shape).await?;
-        let ws = self.workspace(&plan)?;
-        let ws = ws.lock().map_err(poisoned)?;
-        self.record_with_lse(enc, &plan, &ws.params, t, &pipeline);
-        Ok(())
-    }
-
-    /// The plan of `shape` and its (cached) pipeline.
-    async fn plan_and_pipeline(&self, shape: Shape) -> Result<(DensePlan, wgpu::ComputePipeline)> {
         let plan = self.plan(shape)?;
-        let pipeline = self
-            .ctx
-            .kernels
-            .pipeline(&self.ctx.device, Pass::DenseAttention, plan.attention.spec)
-            .await?;
-        Ok((plan, pipeline))
-    }
-
-    /// [`DenseAttention::record`] with a scratch LSE buffer when the caller wants none (wgpu
-    /// keeps it alive while a recorded command uses it).
-    fn record_with_lse(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        plan: &DensePlan,
-        params: &wgpu::Buffer,
-        t: GpuTensors<'_>,
-        pipeline: &wgpu::ComputePipeline,
-    ) {
+        let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
+        let uniforms = self.uniforms(&plan)?;
+        // A scratch LSE when the caller wants none (wgpu keeps it alive while a recorded
+        // command uses it).
         let scratch;
         let lse = match t.lse {
             Some(l) => l,
@@ -332,6 +278,10 @@ impl DenseAttention {
                 &scratch
             }
         };
-        self.record(enc, plan, params, t, lse, pipeline);
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dense forward"),
+            timestamp_writes: None,
+        });
+        self.record(&mut cpass, &[plan.attention], &pipes, &uniforms.params, &t, lse)
     }
 }

@@ -1,115 +1,27 @@
-//! WGSL sources, embedded at compile time so native and wasm ship identical text, and the
-//! tiny `#import` step that splices `shaders/shared/*.wgsl` into a pass.
+//! The WGSL text of a pass: its source (embedded at compile time by its descriptor in
+//! `passes.rs`, so native and wasm ship identical text), the tiny `#import` step that splices
+//! `shaders/shared/*.wgsl` into it, and its specialisation constants.
 //!
 //! Each pass is specialised by constants prepended as WGSL `const`s (workgroup size `WG`, key
 //! tile `BK`, padded head dimension `D4`): fixed sizes let private and workgroup arrays be
 //! sized exactly, and a pipeline is built once per distinct set (see `pipelines.rs`).
 
-/// The passes of the library.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Pass {
-    /// Coarse keys and values (and coarse queries) of one level (`shaders/downsample.wgsl`).
-    Downsample,
-    /// The fused fine-query FMA pass, or the near field alone with coarse queries
-    /// (`shaders/fine_attention.wgsl`).
-    FineAttention,
-    /// Exact dense attention (`shaders/dense_attention.wgsl`).
-    DenseAttention,
-    /// Backward: D = rowsum(dO * O) next to the LSE (`shaders/backward_delta.wgsl`).
-    BackwardDelta,
-    /// Backward: dQ of fine queries (`shaders/backward_dq.wgsl`).
-    BackwardDq,
-    /// Backward: dK, dV of the near field (`shaders/backward_dkv_fine.wgsl`).
-    BackwardDkvFine,
-    /// Backward: dK~, dV~ of one level's coarse keys (`shaders/backward_dkv_coarse.wgsl`).
-    BackwardDkvCoarse,
-    /// Backward: coarse gradients back through the downsampling
-    /// (`shaders/downsample_backward.wgsl`).
-    DownsampleBackward,
-    /// Backward: gradients of one level's learned weights (`shaders/weights_backward.wgsl`).
-    WeightsBackward,
-    /// Coarse queries' attention to their far list at one level (`shaders/coarse_attention.wgsl`).
-    CoarseAttention,
-    /// Upsampling of every level's coarse-query results and the log-sum-exp merge into the near
-    /// field (`shaders/upsample_merge.wgsl`).
-    UpsampleMerge,
-}
-
-impl Pass {
-    /// Every pass, for validation tests.
-    pub const ALL: [Pass; 11] = [
-        Pass::Downsample,
-        Pass::FineAttention,
-        Pass::DenseAttention,
-        Pass::BackwardDelta,
-        Pass::BackwardDq,
-        Pass::BackwardDkvFine,
-        Pass::BackwardDkvCoarse,
-        Pass::DownsampleBackward,
-        Pass::WeightsBackward,
-        Pass::CoarseAttention,
-        Pass::UpsampleMerge,
-    ];
-
-    /// The pass's own WGSL file, before imports.
-    pub fn source(self) -> &'static str {
-        match self {
-            Pass::Downsample => include_str!("../../shaders/downsample.wgsl"),
-            Pass::FineAttention => include_str!("../../shaders/fine_attention.wgsl"),
-            Pass::DenseAttention => include_str!("../../shaders/dense_attention.wgsl"),
-            Pass::BackwardDelta => include_str!("../../shaders/backward_delta.wgsl"),
-            Pass::BackwardDq => include_str!("../../shaders/backward_dq.wgsl"),
-            Pass::BackwardDkvFine => include_str!("../../shaders/backward_dkv_fine.wgsl"),
-            Pass::BackwardDkvCoarse => include_str!("../../shaders/backward_dkv_coarse.wgsl"),
-            Pass::DownsampleBackward => include_str!("../../shaders/downsample_backward.wgsl"),
-            Pass::WeightsBackward => include_str!("../../shaders/weights_backward.wgsl"),
-            Pass::CoarseAttention => include_str!("../../shaders/coarse_attention.wgsl"),
-            Pass::UpsampleMerge => include_str!("../../shaders/upsample_merge.wgsl"),
-        }
-    }
-
-    /// A short name for labels and errors.
-    pub fn name(self) -> &'static str {
-        match self {
-            Pass::Downsample => "downsample",
-            Pass::FineAttention => "fine_attention",
-            Pass::DenseAttention => "dense_attention",
-            Pass::BackwardDelta => "backward_delta",
-            Pass::BackwardDq => "backward_dq",
-            Pass::BackwardDkvFine => "backward_dkv_fine",
-            Pass::BackwardDkvCoarse => "backward_dkv_coarse",
-            Pass::DownsampleBackward => "downsample_backward",
-            Pass::WeightsBackward => "weights_backward",
-            Pass::CoarseAttention => "coarse_attention",
-            Pass::UpsampleMerge => "upsample_merge",
-        }
-    }
-}
+use crate::gpu::engine::passes::desc;
+pub use crate::plan::{Pass, Specialization};
 
 /// A shared snippet by its `#import` name.
 fn shared(name: &str) -> Option<&'static str> {
     match name {
-        "params" => Some(include_str!("../../shaders/shared/params.wgsl")),
-        "online_softmax" => Some(include_str!("../../shaders/shared/online_softmax.wgsl")),
-        "dispatch" => Some(include_str!("../../shaders/shared/dispatch.wgsl")),
-        "backward_keys" => Some(include_str!("../../shaders/shared/backward_keys.wgsl")),
-        "backward_queries" => Some(include_str!("../../shaders/shared/backward_queries.wgsl")),
-        "near_field" => Some(include_str!("../../shaders/shared/near_field.wgsl")),
-        "far_field" => Some(include_str!("../../shaders/shared/far_field.wgsl")),
-        "level_select" => Some(include_str!("../../shaders/shared/level_select.wgsl")),
+        "params" => Some(include_str!("../../../shaders/shared/params.wgsl")),
+        "online_softmax" => Some(include_str!("../../../shaders/shared/online_softmax.wgsl")),
+        "dispatch" => Some(include_str!("../../../shaders/shared/dispatch.wgsl")),
+        "backward_keys" => Some(include_str!("../../../shaders/shared/backward_keys.wgsl")),
+        "backward_queries" => Some(include_str!("../../../shaders/shared/backward_queries.wgsl")),
+        "near_field" => Some(include_str!("../../../shaders/shared/near_field.wgsl")),
+        "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
+        "level_select" => Some(include_str!("../../../shaders/shared/level_select.wgsl")),
         _ => None,
     }
-}
-
-/// Specialisation constants of one pipeline.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Specialization {
-    /// Invocations per workgroup (one query row each in the attention passes).
-    pub wg: u32,
-    /// Keys per tile staged in workgroup memory (attention passes; ignored by downsample).
-    pub bk: u32,
-    /// Head dimension rounded up to vec4s: ceil(d / 4) (attention passes).
-    pub d4: u32,
 }
 
 /// The full WGSL text of `pass` with its constants and imports resolved (no subgroup
@@ -139,7 +51,7 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     if let Some(sg) = subgroup {
         out.push_str(&format!("const SG: u32 = {sg}u;\n"));
     }
-    push_resolved(&mut out, pass.source(), subgroup.is_some());
+    push_resolved(&mut out, desc(pass).source, subgroup.is_some());
     match subgroup {
         Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg),
         None => out,
@@ -195,9 +107,9 @@ fn push_resolved(out: &mut String, text: &str, subgroup: bool) {
             Some("tile_rows") => push_resolved(
                 out,
                 if subgroup {
-                    include_str!("../../shaders/shared/tile_rows_subgroup.wgsl")
+                    include_str!("../../../shaders/shared/tile_rows_subgroup.wgsl")
                 } else {
-                    include_str!("../../shaders/shared/tile_rows_plain.wgsl")
+                    include_str!("../../../shaders/shared/tile_rows_plain.wgsl")
                 },
                 subgroup,
             ),
@@ -299,6 +211,82 @@ mod tests {
                 "{} keeps an unresolved import",
                 pass.name()
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod descriptors {
+    use super::compose;
+    use crate::gpu::engine::passes::{desc, Access, Access::*};
+    use crate::plan::{Pass, Specialization};
+
+    /// WebGPU's default limit of storage buffers per shader stage.
+    const MAX_STORAGE_PER_STAGE: usize = 8;
+
+    /// Every global buffer of the composed WGSL: (group, binding, name, access).
+    fn reflect(pass: Pass) -> Vec<(u32, u32, String, Access)> {
+        let spec = Specialization {
+            wg: 64,
+            bk: 8,
+            d4: 4,
+        };
+        let src = compose(pass, spec);
+        let module = naga::front::wgsl::parse_str(&src).expect("shader parses");
+        let mut out: Vec<_> = module
+            .global_variables
+            .iter()
+            .filter_map(|(_, g)| {
+                let b = g.binding.as_ref()?;
+                let access = match g.space {
+                    naga::AddressSpace::Uniform => Uniform,
+                    naga::AddressSpace::Storage { access } => {
+                        if access.contains(naga::StorageAccess::STORE) {
+                            ReadWrite
+                        } else {
+                            Read
+                        }
+                    }
+                    _ => return None,
+                };
+                Some((b.group, b.binding, g.name.clone().unwrap_or_default(), access))
+            })
+            .collect();
+        out.sort_by_key(|(g, b, _, _)| (*g, *b));
+        out
+    }
+
+    #[test]
+    fn every_descriptor_matches_its_wgsl_bindings() {
+        for pass in Pass::ALL {
+            let d = desc(pass);
+            let mut want: Vec<_> = d
+                .bindings
+                .iter()
+                .map(|b| (0, b.binding, b.name.to_string(), b.access))
+                .collect();
+            if d.level_select {
+                want.push((1, 0, "sel".to_string(), Uniform));
+            }
+            assert_eq!(reflect(pass), want, "{}", pass.name());
+        }
+    }
+
+    #[test]
+    fn bindings_are_in_order_with_one_role_each_and_fit_the_browser() {
+        for pass in Pass::ALL {
+            let b = desc(pass).bindings;
+            assert!(b.windows(2).all(|w| w[0].binding < w[1].binding), "{}", pass.name());
+            for (i, x) in b.iter().enumerate() {
+                assert!(
+                    b[i + 1..].iter().all(|y| y.role != x.role),
+                    "{}: role {:?} bound twice",
+                    pass.name(),
+                    x.role
+                );
+            }
+            let storage = b.iter().filter(|x| x.access != Uniform).count();
+            assert!(storage <= MAX_STORAGE_PER_STAGE, "{}", pass.name());
         }
     }
 }

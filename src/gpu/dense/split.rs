@@ -1,17 +1,18 @@
 //! The executor of a [`DenseSplitPlan`]: dense attention of tensors too large for one storage
 //! binding, one head at a time, one dispatch per (query chunk, key chunk) pair
-//! (`crate::plan_split_dense`). Inputs and outputs as for FMA ([`SplitIo`]).
+//! (`crate::plan::DenseSplitPlan`). Inputs and outputs as for FMA ([`SplitIo`]).
 
-use crate::error::Result;
-use crate::gpu::dense::DenseAttention;
-use crate::gpu::io::{GpuTensors, HostBuffers, Staged};
-use crate::gpu::params::to_uniform_bytes;
-use crate::gpu::readback::uniform;
-use crate::gpu::shaders::Pass;
-use crate::gpu::split::{check_copy_usage, per_head, SplitIo};
-use crate::gpu::Output;
-use crate::plan_split_dense::DenseSplitPlan;
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::uniform;
+use crate::gpu::engine::params::to_uniform_bytes;
+use crate::gpu::engine::record::Pipes;
+use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
+use crate::gpu::engine::tensors::{GpuTensors, HostBuffers, Staged};
+use crate::gpu::engine::tensors::Output;
+use crate::plan::DenseSplitPlan;
 use crate::shape::Shape;
+
+use super::DenseAttention;
 
 impl DenseAttention {
     /// Dense attention of `shape` through a [`DenseSplitPlan`]: per head, one submit; host
@@ -20,22 +21,24 @@ impl DenseAttention {
         if let SplitIo::Device(t) = &io {
             check_copy_usage(t)?;
         }
+        if !shape.is_self() {
+            return Err(FmaError::LimitExceeded {
+                what: format!(
+                    "one head of {shape} in one storage binding: a head is split across \
+                     bindings only when it has as many keys as queries"
+                ),
+                requested: shape.seq.max(shape.seq_kv) as u64 * shape.head_dim as u64 * 4,
+                max: self.limits.binding_bytes(),
+            });
+        }
         let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, self.causal, &self.limits)?;
-        let pipeline = self
-            .ctx
-            .kernels
-            .pipeline(
-                &self.ctx.device,
-                Pass::DenseAttention,
-                plan.head.attention.spec,
-            )
-            .await?;
+        let pipes = Pipes::new(&self.ctx, [&plan.head.attention]).await?;
         per_head(
             &self.ctx,
             io,
             shape,
             "the dense forward of a split head",
-            |h| self.split_head(&plan, &pipeline, io, h),
+            |h| self.split_head(&plan, &pipes, io, h),
         )
         .await
     }
@@ -44,7 +47,7 @@ impl DenseAttention {
     fn split_head(
         &self,
         plan: &DenseSplitPlan,
-        pipeline: &wgpu::ComputePipeline,
+        pipes: &Pipes,
         io: SplitIo<'_>,
         h: usize,
     ) -> Result<Vec<Staged>> {
@@ -67,7 +70,7 @@ impl DenseAttention {
 
         // One parameter block per pair: its query rows and keys.
         let base = self.params(&plan.head);
-        let groups = plan
+        let params = plan
             .pairs
             .iter()
             .map(|pair| {
@@ -83,7 +86,15 @@ impl DenseAttention {
                 params.total_workgroups = pair.dispatch.workgroups;
                 params.workgroups_x = pair.dispatch.grid[0];
                 let bytes = to_uniform_bytes(&params)?;
-                let buf = uniform(device, &self.ctx.queue, "dense chunk params", &bytes);
+                Ok(uniform(device, &self.ctx.queue, "dense chunk params", &bytes))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("dense forward (split head)"),
+                timestamp_writes: None,
+            });
+            for (pair, params) in plan.pairs.iter().zip(&params) {
                 let (qc, kc) = (&chunks[pair.query], &chunks[pair.key]);
                 let t = GpuTensors {
                     q: &qc.q,
@@ -92,19 +103,7 @@ impl DenseAttention {
                     out: &qc.out,
                     lse: None,
                 };
-                Ok(self.bind_group(&buf, &t, &qc.lse))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("dense forward (split head)"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(pipeline);
-            for (pair, group) in plan.pairs.iter().zip(&groups) {
-                pass.set_bind_group(0, group, &[]);
-                let g = pair.dispatch.grid;
-                pass.dispatch_workgroups(g[0], g[1], g[2]);
+                self.record(&mut cpass, &[pair.dispatch], pipes, params, &t, &qc.lse)?;
             }
         }
 

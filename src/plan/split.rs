@@ -32,7 +32,7 @@
 
 use crate::config::{Downsample, FmaConfig};
 use crate::error::{FmaError, Result};
-use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits};
+use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, Pass};
 use crate::shape::Shape;
 
 /// One chunk of a split head.
@@ -190,10 +190,10 @@ impl SplitPlan {
             .into_iter()
             .enumerate()
             .filter(|(_, s)| match s.pass {
-                crate::gpu::shaders::Pass::Downsample => {
+                Pass::Downsample => {
                     s.level.is_some_and(|l| l as usize >= self.token_levels)
                 }
-                crate::gpu::shaders::Pass::CoarseAttention => true,
+                Pass::CoarseAttention => true,
                 _ => false,
             })
             .collect()
@@ -204,7 +204,7 @@ impl SplitPlan {
 mod tests {
     use super::*;
     use crate::config::Queries;
-    use crate::gpu::shaders::Pass;
+    use crate::plan::Pass;
     use crate::weights::LearnedWeights;
 
     fn limits(binding: u64) -> KernelLimits {

@@ -12,7 +12,7 @@
 
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
-use crate::gpu::shaders::{Pass, Specialization};
+use crate::plan::{Pass, Specialization};
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
 use crate::shape::Shape;
 
@@ -27,7 +27,7 @@ pub fn coarse_rows_per_workgroup(wg: u32, d4: u32) -> u32 {
     (wg / d4).max(1)
 }
 
-/// Queries per tile of a dK/dV pass: as many (<= 64) as fit in workgroup memory next to
+/// Queries per tile of a dK/dV pass: as many (<= MAX_KEY_TILE = 32) as fit in workgroup memory next to
 /// `fixed` bytes, at `per_query` bytes each.
 fn query_tile(head_dim: usize, fixed: u32, per_query: u32, limits: &KernelLimits) -> Result<u32> {
     let bq = (limits.workgroup_storage.saturating_sub(fixed) / per_query).min(MAX_KEY_TILE);

@@ -1,12 +1,10 @@
-//! Moving tensors between the host and the GPU, and submitting one forward's commands inside
-//! error scopes so validation failures and out-of-memory come back as typed errors.
+//! Tensors on the GPU: the caller's ([`GpuTensors`]), the library's own for host tensors
+//! ([`HostBuffers`]), their readback ([`Staged`]), and the error scopes around one submit so
+//! validation failures and out-of-memory come back as typed errors ([`Scopes`]).
 
 use crate::error::{FmaError, Result};
-use crate::gpu::readback::{read_f32, storage};
-use crate::gpu::split::SplitIo;
-use crate::gpu::{GpuContext, Output};
-use crate::plan::KernelLimits;
-use crate::plan_split::head_exceeds_binding;
+use crate::gpu::engine::buffers::{read_f32, storage};
+use crate::gpu::engine::context::GpuContext;
 use crate::shape::Shape;
 
 /// Q, K, V, O and the LSE of one forward living in GPU buffers (the caller's own, or ones the
@@ -30,11 +28,12 @@ impl GpuTensors<'_> {
     /// Checks every buffer is a storage buffer large enough for `shape`.
     pub fn check(&self, shape: Shape) -> Result<()> {
         let tensor = shape.elements() as u64 * 4;
+        let kv = shape.kv_elements() as u64 * 4;
         let rows = shape.rows() as u64 * 4;
         let mut all = vec![
             ("Q", self.q, tensor),
-            ("K", self.k, tensor),
-            ("V", self.v, tensor),
+            ("K", self.k, kv),
+            ("V", self.v, kv),
             ("O", self.out, tensor),
         ];
         if let Some(l) = self.lse {
@@ -78,15 +77,18 @@ impl HostBuffers {
 
     /// With `per_row` floats per row in the LSE buffer (a split dense head keeps two there).
     pub fn with_lse_floats(device: &wgpu::Device, shape: Shape, per_row: u64) -> Self {
-        let bytes = shape.elements() as u64 * 4;
+        Self::with_bytes(device, Bytes::of(shape, per_row))
+    }
+
+    fn with_bytes(device: &wgpu::Device, b: Bytes) -> Self {
         let input = wgpu::BufferUsages::COPY_DST;
         let output = wgpu::BufferUsages::COPY_SRC;
         Self {
-            q: storage(device, "q", bytes, input),
-            k: storage(device, "k", bytes, input),
-            v: storage(device, "v", bytes, input),
-            out: storage(device, "out", bytes, output),
-            lse: storage(device, "lse", shape.rows() as u64 * 4 * per_row, output),
+            q: storage(device, "q", b.q, input),
+            k: storage(device, "k", b.kv, input),
+            v: storage(device, "v", b.kv, input),
+            out: storage(device, "out", b.q, output),
+            lse: storage(device, "lse", b.lse, output),
         }
     }
 
@@ -104,6 +106,59 @@ impl HostBuffers {
             out: &self.out,
             lse: Some(&self.lse),
         }
+    }
+}
+
+/// Bytes of each [`HostBuffers`] buffer: Q and O, K and V, the LSE.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Bytes {
+    q: u64,
+    kv: u64,
+    lse: u64,
+}
+
+impl Bytes {
+    fn of(shape: Shape, lse_floats_per_row: u64) -> Self {
+        Self {
+            q: shape.elements() as u64 * 4,
+            kv: shape.kv_elements() as u64 * 4,
+            lse: shape.rows() as u64 * 4 * lse_floats_per_row,
+        }
+    }
+
+    fn holds(&self, need: &Bytes) -> bool {
+        self.q >= need.q && self.kv >= need.kv && self.lse >= need.lse
+    }
+}
+
+/// The buffers of host tensors, kept between calls and grown by capacity: a call whose shape
+/// fits what is there (any shape no larger than one seen before) allocates nothing.
+#[derive(Default)]
+pub(crate) struct HostPool {
+    bufs: Option<(HostBuffers, Bytes)>,
+}
+
+impl HostPool {
+    /// Buffers that hold `shape`'s tensors, each at most `cap` bytes unless `shape` needs more
+    /// (the plan has checked it does not).
+    pub fn fit(&mut self, device: &wgpu::Device, shape: Shape, cap: u64) -> &HostBuffers {
+        let need = Bytes::of(shape, 1);
+        if !self.bufs.as_ref().is_some_and(|(_, have)| have.holds(&need)) {
+            let have = self.bufs.take().map(|(_, b)| b);
+            let grow = |old: Option<u64>, new: u64| {
+                old.map_or(new, |o| (o + o / 2).min(cap).max(new))
+            };
+            let b = Bytes {
+                q: grow(have.map(|h| h.q), need.q),
+                kv: grow(have.map(|h| h.kv), need.kv),
+                lse: grow(have.map(|h| h.lse), need.lse),
+            };
+            self.bufs = Some((HostBuffers::with_bytes(device, b), b));
+        }
+        let (bufs, _) = self.bufs.get_or_insert_with(|| {
+            (HostBuffers::with_bytes(device, need), need)
+        });
+        bufs
     }
 }
 
@@ -202,112 +257,12 @@ impl Staged {
     }
 }
 
-/// Runs of whole heads `(first, count)` over batch*heads such that each run's shape passes
-/// `fits` (a plan check): one run when the whole shape fits; otherwise the largest number of
-/// heads whose tensors stay within the adapter's binding limits, so a tensor larger than one
-/// storage binding is processed in pieces. A single head that does not fit is the error `fits`
-/// gives for it (the FMA and dense fronts split such a head along its sequence before they
-/// get here: `gpu::split`, `gpu::dense_split`).
-fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(usize, usize)>> {
-    let bh = shape.batch_heads();
-    match fits(shape) {
-        Ok(()) => return Ok(vec![(0, bh)]),
-        Err(FmaError::LimitExceeded { .. }) if bh > 1 => {}
-        Err(e) => return Err(e),
-    }
-    let heads = |count| Shape::new(1, count, shape.seq, shape.head_dim);
-    fits(heads(1))?;
-    // Largest count that fits (the checks are monotone in the number of heads).
-    let (mut lo, mut hi) = (1, bh);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if fits(heads(mid)).is_ok() {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    Ok((0..bh)
-        .step_by(lo)
-        .map(|first| (first, lo.min(bh - first)))
-        .collect())
-}
-
-/// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
-/// independent, so the result is the one an unsplit run would give).
-async fn forward_in_chunks<'a, F, Fut>(
-    shape: Shape,
-    chunks: &[(usize, usize)],
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    want_lse: bool,
-    run: F,
-) -> Result<Output>
-where
-    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
-    Fut: std::future::Future<Output = Result<Output>>,
-{
-    let per_head = shape.seq * shape.head_dim;
-    let mut o = Vec::with_capacity(shape.elements());
-    let mut lse = Vec::with_capacity(if want_lse { shape.rows() } else { 0 });
-    for &(first, count) in chunks {
-        let r = first * per_head..(first + count) * per_head;
-        let part = run(
-            &q[r.clone()],
-            &k[r.clone()],
-            &v[r],
-            Shape::new(1, count, shape.seq, shape.head_dim),
-        )
-        .await?;
-        o.extend_from_slice(&part.o);
-        if let Some(l) = part.lse {
-            lse.extend_from_slice(&l);
-        }
-    }
-    Ok(Output {
-        o,
-        lse: want_lse.then_some(lse),
-    })
-}
-
-/// Checks the shape, and the lengths of host Q, K and V against it.
-pub(crate) fn check_host(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
-    shape.validate()?;
-    shape.check_len("Q", q.len())?;
-    shape.check_len("K", k.len())?;
-    shape.check_len("V", v.len())
-}
-
-/// The host-tensor front of every forward: checks the shape and the slices' lengths, then
-/// runs `split` when one head alone exceeds a binding (it cuts the head's sequence:
-/// `gpu::split`, `gpu::dense_split`), else `run` once, or once per run of heads when the
-/// tensors exceed a binding (see [`head_chunks`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn forward_host<'a, F, Fut, S, SFut>(
-    shape: Shape,
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    want_lse: bool,
-    limits: &KernelLimits,
-    fits: impl Fn(Shape) -> Result<()>,
-    run: F,
-    split: S,
-) -> Result<Output>
-where
-    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
-    Fut: std::future::Future<Output = Result<Output>>,
-    S: FnOnce(SplitIo<'a>) -> SFut,
-    SFut: std::future::Future<Output = Result<Output>>,
-{
-    check_host(shape, q, k, v)?;
-    if head_exceeds_binding(shape, limits) {
-        return split(SplitIo::Host { q, k, v, want_lse }).await;
-    }
-    let chunks = head_chunks(shape, fits)?;
-    if chunks.len() == 1 {
-        return run(q, k, v, shape).await;
-    }
-    forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
+/// Host-side result of a forward: O of shape (batch, heads, seq, head_dim) and, on request,
+/// the per-row log-sum-exp of shape (batch, heads, seq).
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// Attention output, (batch, heads, seq, head_dim).
+    pub o: Vec<f32>,
+    /// LSE, (batch, heads, seq), when asked for.
+    pub lse: Option<Vec<f32>>,
 }

@@ -6,22 +6,25 @@
 //! stored, every gradient is gathered by the invocation that owns it (no float atomics), so
 //! two runs give identical bits.
 
-use crate::config::Downsample;
-use crate::error::{FmaError, Result};
 use std::sync::Arc;
 
-use crate::gpu::fma::{level_selects, FmaAttention, MAX_CACHED_SHAPES};
-use crate::gpu::io::{check_host, GpuTensors, Scopes, Staged};
-use crate::gpu::params::to_uniform_bytes;
-use crate::gpu::pipelines::poisoned;
-use crate::gpu::readback::{read_f32, storage};
-use crate::gpu::shaders::Pass;
-use crate::gpu::Output;
+use crate::config::Downsample;
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::{read_f32, storage};
+use crate::gpu::engine::cache::Growing;
+use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::passes::Role;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::record::{record_steps, Pipes, Resources};
+use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
+use crate::gpu::engine::tensors::Output;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::levels::window;
-use crate::plan::Dispatch;
-use crate::plan_backward::BackwardPlan;
+use crate::plan::{BackwardPlan, Dispatch, Pass};
 use crate::shape::Shape;
+
+use super::workspace::Uniforms;
+use super::FmaAttention;
 
 /// What a backward needs from its forward, kept on the GPU: Q, K, V, O of shape
 /// (batch, heads, seq, head_dim) and the LSE of shape (batch, heads, seq), tied to the
@@ -95,18 +98,50 @@ fn check_buffer(name: &str, buf: &wgpu::Buffer, need: u64, shape: Shape) -> Resu
     Ok(())
 }
 
-/// Scratch buffers of a backward of one shape.
-pub(super) struct Scratch {
-    params: wgpu::Buffer,
-    select: wgpu::Buffer,
-    stride: u32,
-    coarse_k: wgpu::Buffer,
-    coarse_v: wgpu::Buffer,
-    /// Binding 8 of the forward's downsample pass, which pools no queries here.
-    coarse_q_unused: wgpu::Buffer,
-    dcoarse_k: wgpu::Buffer,
-    dcoarse_v: wgpu::Buffer,
-    stats: wgpu::Buffer,
+/// Scratch buffers of the backward, grown by capacity: coarse K~, V~ recomputed by the
+/// forward's downsample pass, their gradients dK~, dV~ (bh, coarse_rows, d), the LSE and D of
+/// every row (bh, n, 2), and a 16-byte stand-in for the Q~ the downsample pass binds but does
+/// not pool here (params.pooled = 2).
+pub(crate) struct BackwardScratch {
+    coarse_k: Growing,
+    coarse_v: Growing,
+    coarse_q_unused: Growing,
+    dcoarse_k: Growing,
+    dcoarse_v: Growing,
+    stats: Growing,
+}
+
+impl Default for BackwardScratch {
+    fn default() -> Self {
+        let none = wgpu::BufferUsages::empty();
+        Self {
+            coarse_k: Growing::new("coarse_k", none),
+            coarse_v: Growing::new("coarse_v", none),
+            coarse_q_unused: Growing::new("coarse_q (unused)", none),
+            dcoarse_k: Growing::new("dcoarse_k", none),
+            dcoarse_v: Growing::new("dcoarse_v", none),
+            stats: Growing::new("lse and delta", none),
+        }
+    }
+}
+
+impl BackwardScratch {
+    /// The scratch roles of a backward of `plan`, sized for it.
+    fn resources<'a>(
+        &'a mut self,
+        device: &wgpu::Device,
+        plan: &BackwardPlan,
+        cap: u64,
+    ) -> Resources<'a> {
+        let coarse = plan.forward.workspace.coarse_bytes;
+        Resources::default()
+            .with(Role::CoarseK, self.coarse_k.at_least(device, coarse, cap))
+            .with(Role::CoarseV, self.coarse_v.at_least(device, coarse, cap))
+            .with(Role::CoarseQ, self.coarse_q_unused.at_least(device, 16, cap))
+            .with(Role::DCoarseK, self.dcoarse_k.at_least(device, coarse, cap))
+            .with(Role::DCoarseV, self.dcoarse_v.at_least(device, coarse, cap))
+            .with(Role::Stats, self.stats.at_least(device, plan.stats_bytes, cap))
+    }
 }
 
 impl FmaAttention {
@@ -360,26 +395,54 @@ impl FmaAttention {
             check_buffer("dbK", w.bk, be, shape)?;
             check_buffer("dbV", w.bv, be, shape)?;
         }
-        let dispatches = plan.dispatches();
-        let mut pipes = Vec::with_capacity(dispatches.len());
-        for d in &dispatches {
-            pipes.push(
-                self.ctx
-                    .kernels
-                    .pipeline(&self.ctx.device, d.pass, d.spec)
-                    .await?,
-            );
-        }
-        let scratch = self.backward_scratch(&plan, &dispatches)?;
+        // The weight passes run only when their gradients are asked for.
+        let steps: Vec<Dispatch> = plan
+            .dispatches()
+            .into_iter()
+            .filter(|d| d.pass != Pass::WeightsBackward || g.weights.is_some())
+            .collect();
+        let pipes = Pipes::new(&self.ctx, &steps).await?;
+        let uniforms = self.backward_uniforms(&plan, &steps)?;
         let scopes = Scopes::push(&self.ctx)?;
-        let mut enc = self
-            .ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("fma backward"),
-            });
-        self.record_backward(&mut enc, &dispatches, &pipes, &scratch, saved, dout, g);
-        self.ctx.queue.submit([enc.finish()]);
+        {
+            let mut scratch = self.backward_scratch.lock().map_err(poisoned)?;
+            let w = &self.weights;
+            let mut res = scratch
+                .resources(&self.ctx.device, &plan, self.limits.binding_bytes())
+                .with(Role::Params, &uniforms.params)
+                .with(Role::Q, &saved.q)
+                .with(Role::K, &saved.k)
+                .with(Role::V, &saved.v)
+                .with(Role::Out, &saved.o)
+                .with(Role::Lse, &saved.lse)
+                .with(Role::DOut, dout)
+                .with(Role::Weights, &w.w)
+                .with(Role::Biases, &w.b)
+                .with(Role::DQ, g.dq)
+                .with(Role::DK, g.dk)
+                .with(Role::DV, g.dv);
+            if let Some(gw) = g.weights {
+                res = res
+                    .with(Role::DWk, gw.wk)
+                    .with(Role::DWv, gw.wv)
+                    .with(Role::DBk, gw.bk)
+                    .with(Role::DBv, gw.bv);
+            }
+            let mut enc = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("fma backward"),
+                });
+            {
+                let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("fma backward"),
+                    timestamp_writes: None,
+                });
+                record_steps(&self.ctx, &mut cpass, &steps, &pipes, Some(&uniforms.selects), &res)?;
+            }
+            self.ctx.queue.submit([enc.finish()]);
+        }
         scopes.pop(&self.ctx, "the FMA backward").await
     }
 
@@ -394,158 +457,12 @@ impl FmaAttention {
         pollster::block_on(self.backward_buffers_async(saved, dout, g))
     }
 
-    /// The scratch buffers of a backward of `plan`'s shape: made on first use, then cached
-    /// per shape. Concurrent backwards of one shape may share them without a lock: nothing is
-    /// written to them from the host after creation, and each submit computes every scratch
-    /// value it reads (the queue runs submits one after another).
-    fn backward_scratch(
-        &self,
-        plan: &BackwardPlan,
-        dispatches: &[Dispatch],
-    ) -> Result<Arc<Scratch>> {
-        let mut cache = self.backward_cache.lock().map_err(poisoned)?;
-        if let Some(s) = cache.get(&plan.forward.shape) {
-            return Ok(s.clone());
-        }
-        if cache.len() >= MAX_CACHED_SHAPES {
-            cache.clear();
-        }
-        let device = &self.ctx.device;
-        let stride = self.select_stride();
-        let coarse = plan.forward.workspace.coarse_bytes;
-        let none = wgpu::BufferUsages::empty();
-        let scratch = Arc::new(Scratch {
-            params: self.uniform(
-                "backward params",
-                &to_uniform_bytes(&self.params(&plan.forward))?,
-            ),
-            select: self.uniform("backward select", &level_selects(dispatches, stride)?),
-            stride,
-            coarse_k: storage(device, "coarse_k", coarse, none),
-            coarse_v: storage(device, "coarse_v", coarse, none),
-            coarse_q_unused: storage(device, "coarse_q (unused)", 16, none),
-            dcoarse_k: storage(device, "dcoarse_k", coarse, none),
-            dcoarse_v: storage(device, "dcoarse_v", coarse, none),
-            stats: storage(device, "lse and delta", plan.stats_bytes, none),
-        });
-        cache.insert(plan.forward.shape, scratch.clone());
-        Ok(scratch)
-    }
-
-    /// Records every dispatch, each with its own selector, into one compute pass (wgpu orders
-    /// the dispatches' storage accesses).
-    #[allow(clippy::too_many_arguments)]
-    fn record_backward(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        dispatches: &[Dispatch],
-        pipes: &[wgpu::ComputePipeline],
-        s: &Scratch,
-        saved: &Saved,
-        dout: &wgpu::Buffer,
-        g: GradTensors<'_>,
-    ) {
-        let device = &self.ctx.device;
-        let layouts = &self.ctx.kernels.layouts;
-        let w = &self.weights;
-        let select = self.select_group(&s.select);
-        // Group-0 buffers of each pass, binding i at index i (as `backward_bindings.rs`).
-        let buffers = |pass: Pass| -> Option<Vec<&wgpu::Buffer>> {
-            Some(match pass {
-                // The forward's downsample layout; queries are not pooled (params.pooled = 2),
-                // so Q~ is a 16-byte placeholder.
-                Pass::Downsample => vec![
-                    &s.params,
-                    &saved.k,
-                    &saved.v,
-                    &saved.q,
-                    &w.w,
-                    &w.b,
-                    &s.coarse_k,
-                    &s.coarse_v,
-                    &s.coarse_q_unused,
-                ],
-                Pass::BackwardDelta => vec![&s.params, &saved.o, dout, &saved.lse, &s.stats],
-                Pass::BackwardDq => vec![
-                    &s.params,
-                    &saved.q,
-                    &saved.k,
-                    &saved.v,
-                    &s.coarse_k,
-                    &s.coarse_v,
-                    dout,
-                    &s.stats,
-                    g.dq,
-                ],
-                Pass::BackwardDkvCoarse => vec![
-                    &s.params,
-                    &saved.q,
-                    &s.coarse_k,
-                    &s.coarse_v,
-                    dout,
-                    &s.stats,
-                    &s.dcoarse_k,
-                    &s.dcoarse_v,
-                ],
-                Pass::BackwardDkvFine => vec![
-                    &s.params, &saved.q, &saved.k, &saved.v, dout, &s.stats, g.dk, g.dv,
-                ],
-                Pass::DownsampleBackward => {
-                    vec![&s.params, &w.w, &s.dcoarse_k, &s.dcoarse_v, g.dk, g.dv]
-                }
-                Pass::WeightsBackward => {
-                    let gw = g.weights?;
-                    vec![
-                        &s.params,
-                        &saved.k,
-                        &saved.v,
-                        &s.dcoarse_k,
-                        &s.dcoarse_v,
-                        gw.wk,
-                        gw.wv,
-                        gw.bk,
-                        gw.bv,
-                    ]
-                }
-                _ => return None,
-            })
-        };
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("fma backward"),
-            timestamp_writes: None,
-        });
-        let mut bound: Option<(Pass, wgpu::BindGroup)> = None;
-        for (i, (d, pipe)) in dispatches.iter().zip(pipes).enumerate() {
-            let layout = match d.pass {
-                Pass::Downsample => Some(&layouts.downsample),
-                other => layouts.backward(other),
-            };
-            // The weight passes are skipped when no weight-gradient buffers were given.
-            let (Some(layout), Some(bufs)) = (layout, buffers(d.pass)) else {
-                continue;
-            };
-            if bound.as_ref().map(|b| b.0) != Some(d.pass) {
-                let entries: Vec<_> = bufs
-                    .iter()
-                    .enumerate()
-                    .map(|(b, buf)| wgpu::BindGroupEntry {
-                        binding: b as u32,
-                        resource: buf.as_entire_binding(),
-                    })
-                    .collect();
-                let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(d.pass.name()),
-                    layout,
-                    entries: &entries,
-                });
-                bound = Some((d.pass, group));
-            }
-            if let Some((_, group)) = &bound {
-                pass.set_pipeline(pipe);
-                pass.set_bind_group(0, group, &[]);
-                pass.set_bind_group(1, &select, &[i as u32 * s.stride]);
-                pass.dispatch_workgroups(d.grid[0], d.grid[1], d.grid[2]);
-            }
-        }
+    /// The uniforms of a backward of `plan` recording `steps` (with or without the weight
+    /// passes): the forward's parameter block and one selector per step.
+    fn backward_uniforms(&self, plan: &BackwardPlan, steps: &[Dispatch]) -> Result<Arc<Uniforms>> {
+        let key = (plan.forward.shape, steps.len());
+        self.backward_uniforms.get_or_make(key, || {
+            Uniforms::new(&self.ctx, &self.params(&plan.forward), steps)
+        })
     }
 }

@@ -1,158 +1,21 @@
-//! The scheduler: (shape, config, adapter limits) -> the dispatches of one forward, per level.
-//! Pure arithmetic, unit-tested without a GPU; `gpu::fma` and `gpu::dense` execute plans.
+//! The plan of one FMA forward, fine or coarse queries: (shape, config, adapter limits) -> the
+//! dispatches per level. Pure arithmetic, unit-tested without a GPU; `gpu::fma` executes it.
 
+use super::dispatch::{
+    attention_spec, dispatch, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MERGE_WG,
+};
+use super::limits::KernelLimits;
+use super::pass::{Pass, Specialization};
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
-use crate::gpu::shaders::{Pass, Specialization};
 use crate::levels::Levels;
 use crate::shape::Shape;
 
-/// Largest head dimension the attention kernels support (a query row and its accumulator live
-/// in registers: 2 * 256 floats per invocation is already a lot).
-pub const MAX_HEAD_DIM: usize = 256;
-/// Most keys staged per tile: 32 measured 13% faster than 63 for FMA on lavapipe (docs/perf.md):
-/// 32 divides the near field of m = 64 (192 keys) and keeps the per-invocation score array small.
-pub const MAX_KEY_TILE: u32 = 32;
-/// Fewest keys per tile worth running (below this, workgroup memory is too small for d).
-pub const MIN_KEY_TILE: u32 = 4;
-/// Invocations per workgroup of the downsample pass.
-pub const DOWNSAMPLE_WG: u32 = 64;
-/// Invocations per workgroup of the coarse-attention pass (one coarse query each).
-pub const COARSE_WG: u32 = 64;
-/// Invocations per workgroup of the upsample-merge pass (one token each).
-pub const MERGE_WG: u32 = 64;
-
-/// The adapter limits a plan must respect.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelLimits {
-    /// Invocations per workgroup the kernels may use (<= 256, the browser's limit).
-    pub max_workgroup: u32,
-    /// Bytes of workgroup memory per workgroup.
-    pub workgroup_storage: u32,
-    /// Workgroups per dispatch dimension.
-    pub max_workgroups_per_dim: u32,
-    /// Bytes per storage binding.
-    pub max_binding: u64,
-    /// Bytes per buffer.
-    pub max_buffer: u64,
-}
-
-impl KernelLimits {
-    /// The limits of a device.
-    pub fn from_wgpu(l: &wgpu::Limits) -> Self {
-        Self {
-            max_workgroup: l
-                .max_compute_invocations_per_workgroup
-                .min(l.max_compute_workgroup_size_x)
-                .min(256),
-            workgroup_storage: l.max_compute_workgroup_storage_size,
-            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
-            max_binding: l.max_storage_buffer_binding_size,
-            max_buffer: l.max_buffer_size,
-        }
-    }
-
-    /// WebGPU's default limits (what a browser grants without asking).
-    pub fn webgpu_default() -> Self {
-        Self::from_wgpu(&wgpu::Limits::default())
-    }
-
-    /// These limits with at most `bytes` per storage binding.
-    pub fn capped(mut self, bytes: u64) -> Self {
-        self.max_binding = self.max_binding.min(bytes);
-        self
-    }
-
-    /// Bytes one storage binding may hold: the binding limit, or the buffer limit if lower.
-    pub fn binding_bytes(&self) -> u64 {
-        self.max_binding.min(self.max_buffer)
-    }
-
-    fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
-        let max = self.binding_bytes();
-        if bytes > max {
-            return Err(FmaError::LimitExceeded {
-                what: format!("{what} ({bytes} bytes in one storage binding)"),
-                requested: bytes,
-                max,
-            });
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-impl KernelLimits {
-    /// A desktop adapter's limits but for `binding` bytes per storage binding (unit tests of
-    /// the split plans).
-    pub(crate) fn with_binding(binding: u64) -> Self {
-        Self {
-            max_workgroup: 256,
-            workgroup_storage: 16384,
-            max_workgroups_per_dim: 65535,
-            max_binding: binding,
-            max_buffer: 1 << 30,
-        }
-    }
-}
-
-/// One compute dispatch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Dispatch {
-    /// Which pass.
-    pub pass: Pass,
-    /// Coarse level index (l - 1) for per-level passes.
-    pub level: Option<u32>,
-    /// Workgroups that do work (the shader skips the padding of the folded grid).
-    pub workgroups: u32,
-    /// The folded grid `[x, y, 1]`, each at most the adapter's per-dimension limit.
-    pub grid: [u32; 3],
-    /// Pipeline specialisation.
-    pub spec: Specialization,
-}
-
-/// Folds `total` workgroups into a 2D grid with no dimension above `max_dim`.
-pub fn fold(total: u32, max_dim: u32) -> Result<[u32; 3]> {
-    let x = total.clamp(1, max_dim);
-    let y = total.div_ceil(x).max(1);
-    if y > max_dim {
-        return Err(FmaError::LimitExceeded {
-            what: "workgroups of one dispatch".into(),
-            requested: total as u64,
-            max: max_dim as u64 * max_dim as u64,
-        });
-    }
-    Ok([x, y, 1])
-}
-
-/// Checks the head dimension and picks the key tile: as many keys (<= 64) as fit in the
-/// adapter's workgroup memory, two vec4-padded rows (K and V) plus one bias per key.
-pub fn attention_spec(head_dim: usize, wg: u32, limits: &KernelLimits) -> Result<Specialization> {
-    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
-        return Err(FmaError::InvalidConfig {
-            what: "head_dim",
-            value: head_dim.to_string(),
-            allowed: format!("1 ..= {MAX_HEAD_DIM}"),
-        });
-    }
-    let d4 = head_dim.div_ceil(4) as u32;
-    let bytes_per_key = 2 * d4 * 16 + 4;
-    let bk = (limits.workgroup_storage / bytes_per_key).min(MAX_KEY_TILE);
-    if bk < MIN_KEY_TILE {
-        return Err(FmaError::LimitExceeded {
-            what: format!(
-                "workgroup memory for head_dim {head_dim} ({MIN_KEY_TILE} keys per tile)"
-            ),
-            requested: (MIN_KEY_TILE * bytes_per_key) as u64,
-            max: limits.workgroup_storage as u64,
-        });
-    }
-    Ok(Specialization { wg, bk, d4 })
-}
-
-fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
+/// Checks the shape and that Q, K, V and O each fit one storage binding.
+pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
     shape.validate()?;
-    limits.check_binding("a Q, K, V or O tensor", shape.elements() as u64 * 4)
+    limits.check_binding("a Q or O tensor", shape.elements() as u64 * 4)?;
+    limits.check_binding("a K or V tensor", shape.kv_elements() as u64 * 4)
 }
 
 /// Byte sizes of the buffers a forward needs besides Q, K, V and O.
@@ -208,27 +71,6 @@ pub struct FmaPlan {
     pub workspace: Workspace,
 }
 
-/// Workgroups of a dispatch as u32 (a typed error beyond), folded under the limit.
-pub(crate) fn dispatch(
-    pass: Pass,
-    level: Option<u32>,
-    total: u64,
-    spec: Specialization,
-    limits: &KernelLimits,
-) -> Result<Dispatch> {
-    let workgroups = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
-        what: format!("workgroups of the {} dispatch", pass.name()),
-        requested: total,
-        max: u32::MAX as u64,
-    })?;
-    Ok(Dispatch {
-        pass,
-        level,
-        workgroups,
-        grid: fold(workgroups, limits.max_workgroups_per_dim)?,
-        spec,
-    })
-}
 
 impl FmaPlan {
     /// Plans FMA for `shape` and `cfg` under `limits`; every limit is checked here, before
@@ -239,13 +81,23 @@ impl FmaPlan {
     }
 
     /// [`FmaPlan::new`] less the check that Q, K, V and O each fit one storage binding: the
-    /// plan of a head whose sequence `crate::plan_split` cuts into chunks that do.
+    /// plan of a head whose sequence `crate::plan::SplitPlan` cuts into chunks that do.
     pub(crate) fn without_tensor_bindings(
         shape: Shape,
         cfg: &FmaConfig,
         limits: &KernelLimits,
     ) -> Result<Self> {
         shape.validate()?;
+        if !shape.is_self() {
+            return Err(FmaError::ShapeMismatch {
+                what: "FMA keys and values".into(),
+                expected: format!(
+                    "as many keys as queries ({} rows): FMA's levels are those of one sequence",
+                    shape.seq
+                ),
+                got: format!("{} rows (seq_kv)", shape.seq_kv),
+            });
+        }
         cfg.validate(shape.head_dim, shape.seq)?;
         let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
         if m > u32::MAX as usize / 4 {
@@ -370,54 +222,10 @@ impl FmaPlan {
     }
 }
 
-/// The plan of one dense attention forward.
-#[derive(Clone, Debug)]
-pub struct DensePlan {
-    /// The problem's shape.
-    pub shape: Shape,
-    /// The attention dispatch.
-    pub attention: Dispatch,
-    /// Query tiles of the sequence: ceil(n / WG).
-    pub tiles: u32,
-}
-
-impl DensePlan {
-    /// Plans dense attention for `shape` under `limits`.
-    pub fn new(shape: Shape, limits: &KernelLimits) -> Result<Self> {
-        check_tensors(shape, limits)?;
-        Self::without_tensor_bindings(shape, limits)
-    }
-
-    /// [`DensePlan::new`] less the check that each tensor fits one storage binding (the plan
-    /// of a head that `crate::plan_split` cuts into chunks).
-    pub(crate) fn without_tensor_bindings(shape: Shape, limits: &KernelLimits) -> Result<Self> {
-        shape.validate()?;
-        let wg = 64u32.min(limits.max_workgroup);
-        let spec = attention_spec(shape.head_dim, wg, limits)?;
-        let tiles = (shape.seq as u32).div_ceil(wg);
-        let total = shape.batch_heads() as u64 * tiles as u64;
-        let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
-            what: "workgroups of the dense dispatch".into(),
-            requested: total,
-            max: u32::MAX as u64,
-        })?;
-        Ok(Self {
-            shape,
-            attention: Dispatch {
-                pass: Pass::DenseAttention,
-                level: None,
-                workgroups: total,
-                grid: fold(total, limits.max_workgroups_per_dim)?,
-                spec,
-            },
-            tiles,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{fold, DensePlan};
 
     fn lavapipe() -> KernelLimits {
         KernelLimits {

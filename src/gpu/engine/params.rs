@@ -44,7 +44,7 @@ pub struct Params {
     pub weight_stride: u32,
     pub bias_stride: u32,
     /// Global row of the first bound row of Q and O, for FMA of K and V too (0 unless one
-    /// head's sequence is split across bindings, `crate::plan_split`).
+    /// head's sequence is split across bindings, `crate::plan::SplitPlan`).
     pub row_base: u32,
     /// First token the dispatch covers (0 unless split).
     pub chunk_lo: u32,
@@ -55,7 +55,9 @@ pub struct Params {
     pub key_lo: u32,
     /// Dense attention: one past the dispatch's last key (n unless split).
     pub key_hi: u32,
-    pub _pad0: u32,
+    /// Key length (rows of K and V per head): n unless a dense problem has more or fewer keys
+    /// than queries.
+    pub n_kv: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 
@@ -82,7 +84,7 @@ pub fn to_uniform_bytes<T: ShaderType + encase::internal::WriteInto>(value: &T) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::shaders::{compose, Pass, Specialization};
+    use crate::gpu::engine::shaders::{compose, Pass, Specialization};
 
     fn naga_size(type_name: &str) -> u32 {
         let src = compose(

@@ -1,0 +1,115 @@
+//! The host-tensor front of every forward: checks the shape and the slices' lengths, then
+//! runs the whole problem, runs of heads, or (one head over a binding) the executor's split
+//! path, and concatenates what comes back.
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::tensors::Output;
+use crate::plan::{head_exceeds_binding, KernelLimits};
+use crate::shape::Shape;
+
+/// Runs of whole heads `(first, count)` over batch*heads such that each run's shape passes
+/// `fits` (a plan check): one run when the whole shape fits; otherwise the largest number of
+/// heads whose tensors stay within the adapter's binding limits, so a tensor larger than one
+/// storage binding is processed in pieces. A single head that does not fit is the error `fits`
+/// gives for it (the FMA and dense fronts split such a head along its sequence before they
+/// get here: `gpu::split`, `gpu::dense_split`).
+fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(usize, usize)>> {
+    let bh = shape.batch_heads();
+    match fits(shape) {
+        Ok(()) => return Ok(vec![(0, bh)]),
+        Err(FmaError::LimitExceeded { .. }) if bh > 1 => {}
+        Err(e) => return Err(e),
+    }
+    let heads = |count| shape.with_heads(count);
+    fits(heads(1))?;
+    // Largest count that fits (the checks are monotone in the number of heads).
+    let (mut lo, mut hi) = (1, bh);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(heads(mid)).is_ok() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok((0..bh)
+        .step_by(lo)
+        .map(|first| (first, lo.min(bh - first)))
+        .collect())
+}
+
+/// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
+/// independent, so the result is the one an unsplit run would give).
+async fn forward_in_chunks<'a, F, Fut>(
+    shape: Shape,
+    chunks: &[(usize, usize)],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    want_lse: bool,
+    run: F,
+) -> Result<Output>
+where
+    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
+    Fut: std::future::Future<Output = Result<Output>>,
+{
+    let per_head = shape.seq * shape.head_dim;
+    let per_kv_head = shape.seq_kv * shape.head_dim;
+    let mut o = Vec::with_capacity(shape.elements());
+    let mut lse = Vec::with_capacity(if want_lse { shape.rows() } else { 0 });
+    for &(first, count) in chunks {
+        let r = first * per_head..(first + count) * per_head;
+        let kv = first * per_kv_head..(first + count) * per_kv_head;
+        let part = run(&q[r], &k[kv.clone()], &v[kv], shape.with_heads(count)).await?;
+        o.extend_from_slice(&part.o);
+        if let Some(l) = part.lse {
+            lse.extend_from_slice(&l);
+        }
+    }
+    Ok(Output {
+        o,
+        lse: want_lse.then_some(lse),
+    })
+}
+
+/// Checks the shape, and the lengths of host Q, K and V against it.
+pub(crate) fn check_host(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
+    shape.validate()?;
+    shape.check_len("Q", q.len())?;
+    shape.check_kv_len("K", k.len())?;
+    shape.check_kv_len("V", v.len())
+}
+
+/// The host-tensor front of every forward: checks the shape and the slices' lengths, then
+/// runs `split` when one head alone exceeds a binding (it cuts the head's sequence:
+/// `gpu::split`, `gpu::dense_split`), else `run` once, or once per run of heads when the
+/// tensors exceed a binding (see [`head_chunks`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward_host<'a, F, Fut, S, SFut>(
+    shape: Shape,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    want_lse: bool,
+    limits: &KernelLimits,
+    fits: impl Fn(Shape) -> Result<()>,
+    run: F,
+    split: S,
+) -> Result<Output>
+where
+    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
+    Fut: std::future::Future<Output = Result<Output>>,
+    S: FnOnce(SplitIo<'a>) -> SFut,
+    SFut: std::future::Future<Output = Result<Output>>,
+{
+    check_host(shape, q, k, v)?;
+    if head_exceeds_binding(shape, limits) {
+        return split(SplitIo::Host { q, k, v, want_lse }).await;
+    }
+    let chunks = head_chunks(shape, fits)?;
+    if chunks.len() == 1 {
+        return run(q, k, v, shape).await;
+    }
+    forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
+}

@@ -1,0 +1,286 @@
+//! One descriptor per pass: its WGSL source and its bindings, in binding order, each with the
+//! role of the buffer it holds and its access. Bind-group layouts, pipeline layouts and bind
+//! groups are all derived from these (`pipelines.rs`, `record.rs`), and a test (in
+//! `shaders.rs`, which composes the WGSL) reflects every pass with naga and compares it with its
+//! descriptor, name by name. The match in
+//! [`desc`] is exhaustive: a [`Pass`] without a descriptor does not compile.
+
+use crate::plan::Pass;
+
+/// How a pass uses one binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The uniform parameter block.
+    Uniform,
+    /// A storage buffer the pass only reads.
+    Read,
+    /// A storage buffer the pass writes (and may read).
+    ReadWrite,
+}
+
+/// What a binding holds. An executor supplies one buffer per role it uses
+/// ([`crate::gpu::engine::record::Resources`]); the descriptor says where each goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The uniform `Params` block (`shaders/shared/params.wgsl`).
+    Params,
+    /// Queries Q, (bh, n, d).
+    Q,
+    /// Keys K, (bh, n_k, d).
+    K,
+    /// Values V, (bh, n_k, d).
+    V,
+    /// Output O, (bh, n, d).
+    Out,
+    /// Per-row log-sum-exp, (bh, n).
+    Lse,
+    /// Coarse keys of every level, (bh, coarse_rows, d).
+    CoarseK,
+    /// Coarse values of every level, (bh, coarse_rows, d).
+    CoarseV,
+    /// Coarse queries of every level, (bh, coarse_rows, d).
+    CoarseQ,
+    /// The coarse queries' partial outputs o~, (bh, coarse_rows, d).
+    CoarseOut,
+    /// The coarse queries' partial LSEs, (bh, coarse_rows).
+    CoarseLse,
+    /// Learned weights, [keys | values | queries] of every level.
+    Weights,
+    /// Learned biases, [keys | values | queries] of every level.
+    Biases,
+    /// dL/dO, (bh, n, d).
+    DOut,
+    /// LSE and D = rowsum(dO * O) per row, (bh, n, 2).
+    Stats,
+    /// dL/dQ, (bh, n, d).
+    DQ,
+    /// dL/dK, (bh, n, d).
+    DK,
+    /// dL/dV, (bh, n, d).
+    DV,
+    /// dL/dK~, (bh, coarse_rows, d).
+    DCoarseK,
+    /// dL/dV~, (bh, coarse_rows, d).
+    DCoarseV,
+    /// dL/dWK of every level.
+    DWk,
+    /// dL/dWV of every level.
+    DWv,
+    /// dL/dbK of every level.
+    DBk,
+    /// dL/dbV of every level.
+    DBv,
+}
+
+/// One binding of group 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// Binding number, as `@binding(n)` in the WGSL.
+    pub binding: u32,
+    /// The WGSL variable's name (the test checks it, so a swapped pair of bindings shows).
+    pub name: &'static str,
+    /// What it holds.
+    pub role: Role,
+    /// How the pass uses it.
+    pub access: Access,
+}
+
+/// What the engine needs to know about a pass besides its identity.
+#[derive(Debug)]
+pub struct PassDesc {
+    /// The pass's own WGSL file, before imports and specialisation.
+    pub source: &'static str,
+    /// Group 0, in binding order.
+    pub bindings: &'static [Binding],
+    /// Whether group 1 holds the per-dispatch `LevelSelect` at a dynamic offset
+    /// (`shaders/shared/level_select.wgsl`): the passes dispatched once per level or several
+    /// times per plan.
+    pub level_select: bool,
+}
+
+const fn bind(binding: u32, name: &'static str, role: Role, access: Access) -> Binding {
+    Binding {
+        binding,
+        name,
+        role,
+        access,
+    }
+}
+
+use Access::{Read, ReadWrite, Uniform};
+use Role::*;
+
+const PARAMS: Binding = bind(0, "params", Params, Uniform);
+
+/// The descriptor of `pass`.
+pub fn desc(pass: Pass) -> &'static PassDesc {
+    match pass {
+        Pass::Downsample => &DOWNSAMPLE,
+        Pass::FineAttention => &FINE_ATTENTION,
+        Pass::DenseAttention => &DENSE_ATTENTION,
+        Pass::CoarseAttention => &COARSE_ATTENTION,
+        Pass::UpsampleMerge => &UPSAMPLE_MERGE,
+        Pass::BackwardDelta => &BACKWARD_DELTA,
+        Pass::BackwardDq => &BACKWARD_DQ,
+        Pass::BackwardDkvFine => &BACKWARD_DKV_FINE,
+        Pass::BackwardDkvCoarse => &BACKWARD_DKV_COARSE,
+        Pass::DownsampleBackward => &DOWNSAMPLE_BACKWARD,
+        Pass::WeightsBackward => &WEIGHTS_BACKWARD,
+    }
+}
+
+static DOWNSAMPLE: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/downsample.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "k", K, Read),
+            bind(2, "v", V, Read),
+            bind(3, "q", Q, Read),
+            bind(4, "w", Weights, Read),
+            bind(5, "b", Biases, Read),
+            bind(6, "coarse_k", CoarseK, ReadWrite),
+            bind(7, "coarse_v", CoarseV, ReadWrite),
+            bind(8, "coarse_q", CoarseQ, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static FINE_ATTENTION: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/fine_attention.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "q", Q, Read),
+            bind(2, "k", K, Read),
+            bind(3, "v", V, Read),
+            bind(4, "coarse_k", CoarseK, Read),
+            bind(5, "coarse_v", CoarseV, Read),
+            bind(6, "out", Out, ReadWrite),
+            bind(7, "lse", Lse, ReadWrite),
+        ],
+        level_select: false,
+};
+
+static DENSE_ATTENTION: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/dense_attention.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "q", Q, Read),
+            bind(2, "k", K, Read),
+            bind(3, "v", V, Read),
+            bind(6, "out", Out, ReadWrite),
+            bind(7, "lse", Lse, ReadWrite),
+        ],
+        level_select: false,
+};
+
+static COARSE_ATTENTION: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/coarse_attention.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "q", CoarseQ, Read),
+            bind(4, "coarse_k", CoarseK, Read),
+            bind(5, "coarse_v", CoarseV, Read),
+            bind(6, "out", CoarseOut, ReadWrite),
+            bind(7, "lse", CoarseLse, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static UPSAMPLE_MERGE: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/upsample_merge.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "coarse_o", CoarseOut, Read),
+            bind(2, "coarse_lse", CoarseLse, Read),
+            bind(6, "out", Out, ReadWrite),
+            bind(7, "lse", Lse, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static BACKWARD_DELTA: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/backward_delta.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "o", Out, Read),
+            bind(2, "dout", DOut, Read),
+            bind(3, "lse", Lse, Read),
+            bind(4, "stats", Stats, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static BACKWARD_DQ: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/backward_dq.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "q", Q, Read),
+            bind(2, "k", K, Read),
+            bind(3, "v", V, Read),
+            bind(4, "coarse_k", CoarseK, Read),
+            bind(5, "coarse_v", CoarseV, Read),
+            bind(6, "dout", DOut, Read),
+            bind(7, "stats", Stats, Read),
+            bind(8, "dq", DQ, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static BACKWARD_DKV_FINE: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/backward_dkv_fine.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "q", Q, Read),
+            bind(2, "k", K, Read),
+            bind(3, "v", V, Read),
+            bind(4, "dout", DOut, Read),
+            bind(5, "stats", Stats, Read),
+            bind(6, "dk", DK, ReadWrite),
+            bind(7, "dv", DV, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static BACKWARD_DKV_COARSE: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/backward_dkv_coarse.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "q", Q, Read),
+            bind(2, "coarse_k", CoarseK, Read),
+            bind(3, "coarse_v", CoarseV, Read),
+            bind(4, "dout", DOut, Read),
+            bind(5, "stats", Stats, Read),
+            bind(6, "dcoarse_k", DCoarseK, ReadWrite),
+            bind(7, "dcoarse_v", DCoarseV, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static DOWNSAMPLE_BACKWARD: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/downsample_backward.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "w_all", Weights, Read),
+            bind(2, "dcoarse_k", DCoarseK, Read),
+            bind(3, "dcoarse_v", DCoarseV, Read),
+            bind(4, "dk", DK, ReadWrite),
+            bind(5, "dv", DV, ReadWrite),
+        ],
+        level_select: true,
+};
+
+static WEIGHTS_BACKWARD: PassDesc = PassDesc {
+        source: include_str!("../../../shaders/weights_backward.wgsl"),
+        bindings: &[
+            PARAMS,
+            bind(1, "k", K, Read),
+            bind(2, "v", V, Read),
+            bind(3, "dcoarse_k", DCoarseK, Read),
+            bind(4, "dcoarse_v", DCoarseV, Read),
+            bind(5, "dwk", DWk, ReadWrite),
+            bind(6, "dwv", DWv, ReadWrite),
+            bind(7, "dbk", DBk, ReadWrite),
+            bind(8, "dbv", DBv, ReadWrite),
+        ],
+        level_select: true,
+};

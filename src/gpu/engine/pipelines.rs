@@ -1,0 +1,134 @@
+//! Bind-group layouts (explicit, derived from the pass descriptors, built once per device) and
+//! compute pipelines built once per (pass, specialisation) and looked up by key.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::passes::{desc, Access};
+use crate::gpu::engine::shaders::compose_for;
+use crate::plan::{Pass, Specialization};
+
+fn entry(binding: u32, access: Access, dynamic: bool) -> wgpu::BindGroupLayoutEntry {
+    let ty = match access {
+        Access::Uniform => wgpu::BufferBindingType::Uniform,
+        Access::Read => wgpu::BufferBindingType::Storage { read_only: true },
+        Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+    };
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty,
+            has_dynamic_offset: dynamic,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+/// Layouts plus a pipeline cache for one device.
+pub(crate) struct Kernels {
+    /// Group 0 of every pass, from its descriptor.
+    group0: HashMap<Pass, wgpu::BindGroupLayout>,
+    /// Group 1 of the per-level passes: the level selector at a dynamic offset.
+    pub level_select: wgpu::BindGroupLayout,
+    /// Subgroup size the attention passes are composed for (`shaders::compose_for`); `None`
+    /// without subgroup operations. Fixed per device, so it is not part of the cache key.
+    pub subgroup: Option<u32>,
+    pipelines: Mutex<HashMap<(Pass, Specialization), wgpu::ComputePipeline>>,
+}
+
+impl Kernels {
+    pub fn new(device: &wgpu::Device, subgroup: Option<u32>) -> Self {
+        let group0 = Pass::ALL
+            .iter()
+            .map(|&pass| {
+                let entries: Vec<_> = desc(pass)
+                    .bindings
+                    .iter()
+                    .map(|b| entry(b.binding, b.access, false))
+                    .collect();
+                let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(pass.name()),
+                    entries: &entries,
+                });
+                (pass, layout)
+            })
+            .collect();
+        Self {
+            group0,
+            level_select: device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("level_select"),
+                entries: &[entry(0, Access::Uniform, true)],
+            }),
+            subgroup,
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Group 0 of `pass`.
+    pub fn group0(&self, pass: Pass) -> Result<&wgpu::BindGroupLayout> {
+        // Every pass of Pass::ALL has one; a pass missing from ALL is a bug the tests catch.
+        self.group0.get(&pass).ok_or_else(|| FmaError::Gpu {
+            stage: format!("binding the {} pass", pass.name()),
+            message: "no bind-group layout (the pass is missing from Pass::ALL)".into(),
+        })
+    }
+
+    /// The pipeline of `pass` specialised by `spec`, built on first use. Creation runs inside
+    /// a validation error scope, so a shader the driver rejects is an error, not a panic.
+    pub async fn pipeline(
+        &self,
+        device: &wgpu::Device,
+        pass: Pass,
+        spec: Specialization,
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = (pass, spec);
+        if let Some(p) = self.pipelines.lock().map_err(poisoned)?.get(&key) {
+            return Ok(p.clone());
+        }
+        let mut groups = vec![Some(self.group0(pass)?)];
+        if desc(pass).level_select {
+            groups.push(Some(&self.level_select));
+        }
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let source = compose_for(pass, spec, self.subgroup);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(pass.name()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(pass.name()),
+            bind_group_layouts: &groups,
+            immediate_size: 0,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(pass.name()),
+            layout: Some(&layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(err) = scope.pop().await {
+            return Err(FmaError::Gpu {
+                stage: format!("building the {} pipeline ({spec:?})", pass.name()),
+                message: err.to_string(),
+            });
+        }
+        self.pipelines
+            .lock()
+            .map_err(poisoned)?
+            .insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}
+
+/// The error of a cache whose lock a panicking thread left poisoned.
+pub(crate) fn poisoned<T>(_: std::sync::PoisonError<T>) -> FmaError {
+    FmaError::Gpu {
+        stage: "pipeline cache".into(),
+        message: "a thread panicked while holding the cache lock".into(),
+    }
+}

@@ -1,0 +1,172 @@
+//! The one record loop: a plan's steps into a compute pass. Group 0 of each step's pass is
+//! bound from the executor's [`Resources`] by the roles in the pass's descriptor, group 1 (the
+//! per-level passes) to the step's [`LevelSelect`] slot. No pass is special-cased here: what a
+//! pass binds is its descriptor's business, which buffers fill the roles the executor's.
+
+use std::collections::HashMap;
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::uniform;
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::params::{to_uniform_bytes, LevelSelect};
+use crate::gpu::engine::passes::{desc, Role};
+use crate::gpu::engine::tensors::GpuTensors;
+use crate::plan::{Dispatch, Pass, Specialization};
+
+/// The buffers an executor supplies for one record, by role. A pass whose descriptor names a
+/// role not supplied is a typed error, not a wrong binding.
+#[derive(Default)]
+pub(crate) struct Resources<'a> {
+    buffers: HashMap<Role, &'a wgpu::Buffer>,
+}
+
+impl<'a> Resources<'a> {
+    /// `buf` fills `role`.
+    pub fn with(mut self, role: Role, buf: &'a wgpu::Buffer) -> Self {
+        self.buffers.insert(role, buf);
+        self
+    }
+
+    /// Q, K, V, O of `t` and `lse` (the caller's, or a scratch one when it wants none).
+    pub fn tensors(self, t: &GpuTensors<'a>, lse: &'a wgpu::Buffer) -> Self {
+        self.with(Role::Q, t.q)
+            .with(Role::K, t.k)
+            .with(Role::V, t.v)
+            .with(Role::Out, t.out)
+            .with(Role::Lse, lse)
+    }
+
+    /// Group 0 of `pass` with these buffers.
+    pub fn bind_group(&self, ctx: &GpuContext, pass: Pass) -> Result<wgpu::BindGroup> {
+        let entries = desc(pass)
+            .bindings
+            .iter()
+            .map(|b| {
+                let buf = self.buffers.get(&b.role).ok_or_else(|| FmaError::Gpu {
+                    stage: format!("binding the {} pass", pass.name()),
+                    message: format!("no buffer for binding {} ({:?})", b.binding, b.role),
+                })?;
+                Ok(wgpu::BindGroupEntry {
+                    binding: b.binding,
+                    resource: buf.as_entire_binding(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(pass.name()),
+            layout: ctx.kernels.group0(pass)?,
+            entries: &entries,
+        }))
+    }
+}
+
+/// One [`LevelSelect`] per step of a list (its level and folded grid), each at its own
+/// dynamic offset, made once for that list and kept with the plan's other uniforms.
+pub(crate) struct Selects {
+    buffer: wgpu::Buffer,
+    stride: u32,
+    /// Steps it holds a selector for.
+    count: usize,
+}
+
+impl Selects {
+    /// The selectors of `steps`, in order.
+    pub fn new(ctx: &GpuContext, steps: &[Dispatch]) -> Result<Self> {
+        // Bytes between consecutive selectors: the adapter's dynamic-offset alignment.
+        let stride = ctx.limits.min_uniform_buffer_offset_alignment.max(16);
+        let s = stride as usize;
+        let mut bytes = vec![0u8; s * steps.len().max(1)];
+        for (i, d) in steps.iter().enumerate() {
+            let one = to_uniform_bytes(&LevelSelect {
+                level: d.level.unwrap_or(0),
+                workgroups_x: d.grid[0],
+            })?;
+            bytes[i * s..i * s + one.len()].copy_from_slice(&one);
+        }
+        Ok(Self {
+            buffer: uniform(&ctx.device, &ctx.queue, "level_select", &bytes),
+            stride,
+            count: steps.len(),
+        })
+    }
+
+    fn bind_group(&self, ctx: &GpuContext) -> wgpu::BindGroup {
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("level_select"),
+            layout: &ctx.kernels.level_select,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.buffer,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(16),
+                }),
+            }],
+        })
+    }
+}
+
+/// The pipelines of a set of steps, by (pass, specialisation).
+pub(crate) struct Pipes(HashMap<(Pass, Specialization), wgpu::ComputePipeline>);
+
+impl Pipes {
+    /// Builds (or finds in the device's cache) the pipeline of every step.
+    pub async fn new<'a>(
+        ctx: &GpuContext,
+        steps: impl IntoIterator<Item = &'a Dispatch>,
+    ) -> Result<Self> {
+        let mut map = HashMap::new();
+        for d in steps {
+            let key = (d.pass, d.spec);
+            if !map.contains_key(&key) {
+                let p = ctx.kernels.pipeline(&ctx.device, d.pass, d.spec).await?;
+                map.insert(key, p);
+            }
+        }
+        Ok(Self(map))
+    }
+
+    fn get(&self, d: &Dispatch) -> Result<&wgpu::ComputePipeline> {
+        self.0.get(&(d.pass, d.spec)).ok_or_else(|| FmaError::Gpu {
+            stage: format!("recording the {} pass", d.pass.name()),
+            message: "no pipeline was built for this step".into(),
+        })
+    }
+}
+
+/// Records `steps` in order into `cpass`. `selects` must have been made from exactly these
+/// steps (step k uses selector k); `None` when no step's pass has a level selector. Group 0 is
+/// made once per pass of the list (every step of a pass binds the same buffers).
+pub(crate) fn record_steps(
+    ctx: &GpuContext,
+    cpass: &mut wgpu::ComputePass<'_>,
+    steps: &[Dispatch],
+    pipes: &Pipes,
+    selects: Option<&Selects>,
+    res: &Resources<'_>,
+) -> Result<()> {
+    let needs_select = steps.iter().any(|s| desc(s.pass).level_select);
+    let select = match (needs_select, selects) {
+        (false, _) => None,
+        (true, Some(s)) if s.count >= steps.len() => Some((s.bind_group(ctx), s.stride)),
+        (true, _) => {
+            return Err(FmaError::Gpu {
+                stage: "recording a plan".into(),
+                message: "no level selector for every step of a per-level pass".into(),
+            })
+        }
+    };
+    let mut groups: HashMap<Pass, wgpu::BindGroup> = HashMap::new();
+    for (k, step) in steps.iter().enumerate() {
+        if !groups.contains_key(&step.pass) {
+            groups.insert(step.pass, res.bind_group(ctx, step.pass)?);
+        }
+        cpass.set_pipeline(pipes.get(step)?);
+        cpass.set_bind_group(0, &groups[&step.pass], &[]);
+        if let (true, Some((group, stride))) = (desc(step.pass).level_select, &select) {
+            cpass.set_bind_group(1, group, &[k as u32 * stride]);
+        }
+        cpass.dispatch_workgroups(step.grid[0], step.grid[1], step.grid[2]);
+    }
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! What the split executors (one head over a storage binding, `fma::split`, `dense::split`)
+//! share: where their tensors come from and go ([`SplitIo`]), the per-head submit loop
+//! ([`per_head`]) and the check that the caller's buffers allow the copies they make.
+
+use std::ops::Range;
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
+use crate::gpu::engine::tensors::Output;
+use crate::shape::Shape;
+
+/// Where a split forward's Q, K and V come from and where O and the LSE go.
+#[derive(Clone, Copy)]
+pub(crate) enum SplitIo<'a> {
+    /// Host tensors (batch, heads, seq, head_dim); O (and the LSE) are read back.
+    Host {
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        want_lse: bool,
+    },
+    /// The caller's buffers: Q, K, V need `COPY_SRC`, O and the LSE `COPY_DST` besides
+    /// `STORAGE`; O (and the LSE when given) are written there.
+    Device(GpuTensors<'a>),
+}
+
+impl SplitIo<'_> {
+    /// Puts elements `range` of Q, K and V into `dst`: written through the queue (before the
+    /// next submit) from host slices, or copied in `enc` from the caller's buffers.
+    pub(crate) fn fill(
+        &self,
+        queue: &wgpu::Queue,
+        enc: &mut wgpu::CommandEncoder,
+        range: Range<usize>,
+        dst: [&wgpu::Buffer; 3],
+    ) {
+        match self {
+            SplitIo::Host { q, k, v, .. } => {
+                for (src, dst) in [q, k, v].into_iter().zip(dst) {
+                    queue.write_buffer(dst, 0, bytemuck::cast_slice(&src[range.clone()]));
+                }
+            }
+            SplitIo::Device(t) => {
+                let (at, bytes) = (range.start as u64 * 4, range.len() as u64 * 4);
+                for (src, dst) in [t.q, t.k, t.v].into_iter().zip(dst) {
+                    enc.copy_buffer_to_buffer(src, at, dst, 0, bytes);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `head` for every head of `shape`, each inside error scopes (`head` records and
+/// submits one head and returns its chunks' readbacks), and concatenates the host outputs
+/// (an empty [`Output`] for [`SplitIo::Device`]).
+pub(crate) async fn per_head(
+    ctx: &GpuContext,
+    io: SplitIo<'_>,
+    shape: Shape,
+    stage: &str,
+    mut head: impl FnMut(usize) -> Result<Vec<Staged>>,
+) -> Result<Output> {
+    let want_lse = matches!(io, SplitIo::Host { want_lse: true, .. });
+    let mut o = Vec::new();
+    let mut lse = Vec::new();
+    for h in 0..shape.batch_heads() {
+        let scopes = Scopes::push(ctx)?;
+        let staged = head(h)?;
+        scopes.pop(ctx, stage).await?;
+        for part in staged {
+            let part = part.read(ctx).await?;
+            o.extend_from_slice(&part.o);
+            lse.extend(part.lse.into_iter().flatten());
+        }
+    }
+    Ok(Output {
+        o,
+        lse: want_lse.then_some(lse),
+    })
+}
+
+/// Checks the caller's buffers allow the copies a split forward makes.
+pub(crate) fn check_copy_usage(t: &GpuTensors<'_>) -> Result<()> {
+    let need = |name: &str, buf: &wgpu::Buffer, usage: wgpu::BufferUsages, flag: &str| {
+        if buf.usage().contains(usage) {
+            Ok(())
+        } else {
+            Err(FmaError::ShapeMismatch {
+                what: format!("{name} buffer usage"),
+                expected: format!(
+                    "STORAGE | {flag}: tensors larger than one storage binding are copied in \
+                     pieces"
+                ),
+                got: format!("{:?}", buf.usage()),
+            })
+        }
+    };
+    let (src, dst) = (wgpu::BufferUsages::COPY_SRC, wgpu::BufferUsages::COPY_DST);
+    need("Q", t.q, src, "COPY_SRC")?;
+    need("K", t.k, src, "COPY_SRC")?;
+    need("V", t.v, src, "COPY_SRC")?;
+    need("O", t.out, dst, "COPY_DST")?;
+    t.lse.map_or(Ok(()), |l| need("LSE", l, dst, "COPY_DST"))
+}
+

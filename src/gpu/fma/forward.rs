@@ -1,0 +1,211 @@
+//! The FMA forward: host tensors (uploaded into buffers that grow by capacity), the caller's
+//! buffers, or recording into the caller's encoder. Every path records the plan's steps
+//! (`FmaPlan::steps`, level by level) through the engine's one record loop, into one encoder.
+
+use crate::error::Result;
+use crate::gpu::engine::buffers::storage;
+use crate::gpu::engine::front::forward_host;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::record::{record_steps, Pipes};
+use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
+use crate::gpu::engine::tensors::Output;
+use crate::plan::FmaPlan;
+use crate::shape::Shape;
+
+use super::FmaAttention;
+
+impl FmaAttention {
+    /// FMA of host tensors (async; works on the web). Q, K, V: (batch, heads, seq, head_dim)
+    /// row-major f32. Returns O of the same shape and, if `want_lse`, the LSE (batch, heads, seq).
+    ///
+    /// Tensors larger than the adapter's storage-binding limit are processed in pieces with
+    /// the same result, to the bit, as one run: a run of heads at a time, or, when one head
+    /// alone is over the limit, chunks of its sequence ([`crate::plan::SplitPlan`]). What must
+    /// still fit one binding: the coarse rows of one head and the learned weights (else
+    /// [`crate::FmaError::LimitExceeded`]). A NaN or infinity in the inputs reaches exactly the
+    /// rows whose softmax includes it, directly or through a coarse key, as in dense attention.
+    pub async fn forward_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        want_lse: bool,
+    ) -> Result<Output> {
+        forward_host(
+            shape,
+            q,
+            k,
+            v,
+            want_lse,
+            &self.limits,
+            |s| self.plan(s).map(|_| ()),
+            |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
+            |io| self.forward_split(io, shape),
+        )
+        .await
+    }
+
+    /// One forward of host tensors whose every buffer fits the adapter's limits.
+    async fn forward_whole(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        want_lse: bool,
+    ) -> Result<Output> {
+        let plan = self.plan(shape)?;
+        let steps = plan.steps();
+        let pipes = Pipes::new(&self.ctx, &steps).await?;
+        let staged = Staged::new(&self.ctx.device, shape, want_lse);
+        let scopes = Scopes::push(&self.ctx)?;
+        {
+            let mut host = self.host.lock().map_err(poisoned)?;
+            let host = host.fit(&self.ctx.device, shape, self.limits.binding_bytes());
+            host.upload(&self.ctx.queue, q, k, v);
+            let mut enc = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
+            self.record(&mut enc, &plan, &pipes, host.tensors(), &host.lse)?;
+            staged.record(&mut enc, &host.out, &host.lse);
+            self.ctx.queue.submit([enc.finish()]);
+        }
+        scopes.pop(&self.ctx, "the FMA forward").await?;
+        staged.read(&self.ctx).await
+    }
+
+    /// Blocking [`FmaAttention::forward_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        want_lse: bool,
+    ) -> Result<Output> {
+        pollster::block_on(self.forward_async(q, k, v, shape, want_lse))
+    }
+
+    /// FMA of tensors already on the GPU; O (and the LSE, when `t.lse` is given) stay there.
+    /// Records and submits one command buffer and returns without waiting for the GPU.
+    ///
+    /// Tensors larger than one storage binding are copied through bindings that fit, a head
+    /// (or a chunk of one head's sequence) at a time, one submit per head: Q, K and V then
+    /// need `COPY_SRC` usage and O and the LSE `COPY_DST` (a typed error says so otherwise).
+    pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
+        t.check(shape)?;
+        if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
+            return self
+                .forward_split(SplitIo::Device(t), shape)
+                .await
+                .map(|_| ());
+        }
+        let plan = self.plan(shape)?;
+        let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
+        let scopes = Scopes::push(&self.ctx)?;
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
+        self.record_with_lse(&mut enc, &plan, &pipes, t)?;
+        self.ctx.queue.submit([enc.finish()]);
+        scopes.pop(&self.ctx, "the FMA forward").await
+    }
+
+    /// Blocking [`FmaAttention::forward_buffers_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
+        pollster::block_on(self.forward_buffers_async(t, shape))
+    }
+
+    /// Records the whole forward of tensors already on the GPU into the caller's encoder,
+    /// without submitting: for callers that embed FMA in their own command stream (and for
+    /// GPU timestamps around it). The checks of [`FmaAttention::forward_buffers`] (buffer
+    /// usages and sizes, shape, configuration, limits) run first and return typed errors;
+    /// a validation error of the recorded commands themselves surfaces at the caller's
+    /// `encoder.finish()` or `queue.submit`, not here. O (and the LSE, when `t.lse` is given)
+    /// are written when the caller's submit runs. Tensors must fit one storage binding each
+    /// ([`crate::FmaError::LimitExceeded`] otherwise): the split paths of `forward_buffers`
+    /// submit head by head. Blocking on pipeline creation the first time
+    /// a shape is seen (native only; on the web use [`FmaAttention::encode_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+    ) -> Result<()> {
+        pollster::block_on(self.encode_async(enc, t, shape))
+    }
+
+    /// [`FmaAttention::encode`], async (works on the web too).
+    pub async fn encode_async(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+    ) -> Result<()> {
+        t.check(shape)?;
+        let plan = self.plan(shape)?;
+        let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
+        self.record_with_lse(enc, &plan, &pipes, t)
+    }
+
+    /// [`FmaAttention::record`] with a scratch LSE buffer when the caller wants none. The
+    /// scratch may be dropped before the commands run: wgpu keeps a buffer alive while a
+    /// recorded command uses it.
+    fn record_with_lse(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &FmaPlan,
+        pipes: &Pipes,
+        t: GpuTensors<'_>,
+    ) -> Result<()> {
+        let scratch_lse;
+        let lse = match t.lse {
+            Some(l) => l,
+            None => {
+                scratch_lse = storage(
+                    &self.ctx.device,
+                    "lse (unused)",
+                    plan.shape.rows() as u64 * 4,
+                    wgpu::BufferUsages::empty(),
+                );
+                &scratch_lse
+            }
+        };
+        self.record(enc, plan, pipes, t, lse)
+    }
+
+    /// Records every step of `plan` into `enc`, in the order of `plan.steps()`.
+    fn record(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &FmaPlan,
+        pipes: &Pipes,
+        t: GpuTensors<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<()> {
+        let uniforms = self.uniforms(plan)?;
+        let mut buffers = self.buffers.lock().map_err(poisoned)?;
+        let res = buffers
+            .coarse(&self.ctx, plan, &self.limits, &uniforms.params, &self.weights)
+            .tensors(&t, lse);
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("fma forward"),
+            timestamp_writes: None,
+        });
+        record_steps(
+            &self.ctx,
+            &mut cpass,
+            &plan.steps(),
+            pipes,
+            Some(&uniforms.selects),
+            &res,
+        )
+    }
+}

@@ -1,0 +1,160 @@
+//! The FMA executor (algorithm.md §3-7): [`FmaAttention`] turns an [`FmaPlan`] into recorded
+//! dispatches, one command encoder and one submit per forward (`forward.rs`), a head over one
+//! storage binding chunk by chunk (`split.rs`), and the fine-query backward (`backward.rs`).
+//! Its device state: learned weights (`weights.rs`), per-shape uniforms and buffers that grow
+//! by capacity (`workspace.rs`).
+
+pub(crate) mod backward;
+mod forward;
+mod split;
+mod weights;
+mod workspace;
+
+use std::sync::Mutex;
+
+use crate::config::{Downsample, FmaConfig, Queries};
+use crate::error::Result;
+use crate::gpu::engine::cache::ShapeCache;
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::params::{LevelInfo, Params, MAX_LEVELS};
+use crate::gpu::engine::tensors::HostPool;
+use crate::levels::window;
+use crate::plan::{FmaPlan, KernelLimits};
+use crate::shape::Shape;
+
+use backward::BackwardScratch;
+use weights::WeightBuffers;
+use workspace::{Buffers, Uniforms};
+
+/// Fast Multipole Attention on the GPU (algorithm.md §3-7), with fine queries (O(n log n),
+/// causal or not) or coarse queries (O(n), bidirectional only) as `FmaConfig::queries` says.
+///
+/// Built once per configuration; pipelines are cached per device, uniforms per shape, and the
+/// large buffers grow by capacity, so repeated calls allocate nothing once the largest shape
+/// has been seen. Safe to share between threads.
+pub struct FmaAttention {
+    ctx: GpuContext,
+    cfg: FmaConfig,
+    limits: KernelLimits,
+    weights: WeightBuffers,
+    /// Unique per instance: ties a [`crate::gpu::Saved`] forward to the instance that made it.
+    id: u64,
+    /// The forward's uniforms per shape.
+    uniforms: ShapeCache<Shape, Uniforms>,
+    /// Coarse buffers of the forward. Locked from recording to submit (the lock orders
+    /// callers; the GPU work of each submit computes every coarse value it reads).
+    buffers: Mutex<Buffers>,
+    /// Buffers of host tensors (locked before `buffers`, never after).
+    host: Mutex<HostPool>,
+    /// The backward's uniforms per (shape, steps recorded: with or without the weight passes).
+    backward_uniforms: ShapeCache<(Shape, usize), Uniforms>,
+    /// The backward's scratch buffers (locked as `buffers`).
+    backward_scratch: Mutex<BackwardScratch>,
+}
+
+/// The next [`FmaAttention`] id.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl FmaAttention {
+    /// Prepares FMA with `cfg` on `ctx`: validates m and p and uploads learned weights once.
+    /// Shape-dependent checks (head_dim, levels present in the weights, binding sizes) happen
+    /// per call, before anything is recorded.
+    pub fn new(ctx: &GpuContext, cfg: FmaConfig) -> Result<Self> {
+        ctx.check_alive()?;
+        let head_dim = match &cfg.downsample {
+            Downsample::Learned(w) => w.head_dim,
+            Downsample::Average => 1,
+        };
+        // Level coverage is checked per call (it depends on n); seq = 1 needs no levels.
+        cfg.validate(head_dim, 1)?;
+        cfg.validate_values()?;
+        let limits = KernelLimits::from_wgpu(&ctx.limits);
+        let weights = WeightBuffers::new(ctx, &cfg, &limits)?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            cfg,
+            limits,
+            weights,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            uniforms: ShapeCache::default(),
+            buffers: Mutex::new(Buffers::default()),
+            host: Mutex::new(HostPool::default()),
+            backward_uniforms: ShapeCache::default(),
+            backward_scratch: Mutex::new(BackwardScratch::default()),
+        })
+    }
+
+    /// Uses at most `bytes` per storage binding, below the device's own limit (a larger value
+    /// changes nothing): tensors over it take the split paths ([`crate::plan::SplitPlan`]).
+    /// For checking those paths on an adapter (`multipole-attn doctor` does), or for bounding
+    /// the size of the library's single allocations. Call before the first forward.
+    pub fn max_binding(mut self, bytes: u64) -> Self {
+        self.limits = self.limits.capped(bytes);
+        self.uniforms = ShapeCache::default();
+        self.buffers = Mutex::new(Buffers::default());
+        self.host = Mutex::new(HostPool::default());
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FmaConfig {
+        &self.cfg
+    }
+
+    /// The plan a call with `shape` would execute (dispatches per level, buffer sizes).
+    pub fn plan(&self, shape: Shape) -> Result<FmaPlan> {
+        FmaPlan::new(shape, &self.cfg, &self.limits)
+    }
+
+    /// The parameter block of `plan` (the whole sequence; a split head's chunks adjust it).
+    fn params(&self, plan: &FmaPlan) -> Params {
+        let s = plan.shape;
+        let d = s.head_dim;
+        let mut levels = [LevelInfo::default(); MAX_LEVELS];
+        let mut weight_offset = 0usize;
+        for (i, lv) in plan.levels.levels.iter().enumerate() {
+            levels[i] = LevelInfo {
+                window: lv.window as u32,
+                windows: lv.windows as u32,
+                row_offset: lv.row_offset as u32,
+                weight_offset: weight_offset as u32,
+            };
+            weight_offset += d * self.cfg.rank * window(self.cfg.block, lv.level);
+        }
+        Params {
+            n: s.seq as u32,
+            n_kv: s.seq_kv as u32,
+            d: d as u32,
+            m: self.cfg.block as u32,
+            p: self.cfg.rank as u32,
+            num_levels: plan.levels.count() as u32,
+            causal: self.cfg.causal as u32,
+            count_correction: self.cfg.count_correction as u32,
+            learned: matches!(self.cfg.downsample, Downsample::Learned(_)) as u32,
+            batch_heads: s.batch_heads() as u32,
+            coarse_rows: plan.workspace.coarse_rows as u32,
+            tiles_per_block: plan.tiles_per_block,
+            total_workgroups: plan.attention.workgroups,
+            workgroups_x: plan.attention.grid[0],
+            scale: 1.0 / (d as f32).sqrt(),
+            coarse_queries: (plan.queries == Queries::Coarse) as u32,
+            pooled: if plan.queries == Queries::Coarse {
+                3
+            } else {
+                2
+            },
+            weight_stride: self.weights.weight_stride,
+            bias_stride: self.weights.bias_stride,
+            chunk_hi: s.seq as u32,
+            levels,
+            ..Default::default()
+        }
+    }
+
+    /// The uniforms of `plan`'s shape (its parameters and the selectors of its steps).
+    fn uniforms(&self, plan: &FmaPlan) -> Result<std::sync::Arc<Uniforms>> {
+        self.uniforms.get_or_make(plan.shape, || {
+            Uniforms::new(&self.ctx, &self.params(plan), &plan.steps())
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! The executor of a [`SplitPlan`]: FMA of tensors too large for one storage binding, one head
+//! at a time, each chunk of the head's sequence in bindings of its own ([`SplitPlan`] says how
+//! the sequence is cut and why the result is the unsplit one to the bit).
+//!
+//! Inputs come from host slices (uploaded chunk by chunk) or from the caller's buffers (copied
+//! chunk by chunk, so those may exceed a binding as long as the adapter allows the buffer).
+
+use crate::error::Result;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::record::{record_steps, Pipes, Selects};
+use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
+use crate::gpu::engine::tensors::{HostBuffers, Staged};
+use crate::gpu::engine::tensors::Output;
+use crate::plan::{Chunk, Dispatch, SplitPlan};
+use crate::shape::Shape;
+
+use super::workspace::Uniforms;
+use super::FmaAttention;
+
+/// One chunk's bindings: rows `row_base..row_base + rows` of one head's Q, K, V, O and LSE,
+/// and its own parameter block with the selectors of its two step lists.
+struct ChunkBuffers {
+    t: HostBuffers,
+    /// Step 1 (its downsample levels) with its selectors.
+    pool: Uniforms,
+    /// Step 3 (its attention and, coarse queries, its merge): the same parameters.
+    attend: Selects,
+}
+
+impl FmaAttention {
+    /// FMA of `shape` through a [`SplitPlan`]: per head, one submit; host outputs are read back
+    /// head by head (an empty [`Output`] for [`SplitIo::Device`]).
+    pub(super) async fn forward_split(&self, io: SplitIo<'_>, shape: Shape) -> Result<Output> {
+        if let SplitIo::Device(t) = &io {
+            check_copy_usage(t)?;
+        }
+        let plan = SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
+        let pipes = Pipes::new(&self.ctx, &plan.head.steps()).await?;
+        let shared: Vec<Dispatch> = plan.shared_steps().into_iter().map(|(_, s)| s).collect();
+        let shared_selects = Selects::new(&self.ctx, &shared)?;
+        per_head(
+            &self.ctx,
+            io,
+            shape,
+            "the FMA forward of a split head",
+            |h| self.split_head(&plan, &pipes, &shared, &shared_selects, io, h),
+        )
+        .await
+    }
+
+    /// Records and submits head `h`: inputs in, the three steps of [`SplitPlan`], outputs
+    /// out. Returns the host readbacks of its chunks (none for device outputs).
+    fn split_head(
+        &self,
+        plan: &SplitPlan,
+        pipes: &Pipes,
+        shared: &[Dispatch],
+        shared_selects: &Selects,
+        io: SplitIo<'_>,
+        h: usize,
+    ) -> Result<Vec<Staged>> {
+        let device = &self.ctx.device;
+        let (n, d) = (plan.head.shape.seq, plan.head.shape.head_dim);
+        let head_uniforms = self.uniforms(&plan.head)?;
+        let chunks = plan
+            .chunks
+            .iter()
+            .map(|c| self.chunk_buffers(plan, c))
+            .collect::<Result<Vec<_>>>()?;
+        let mut enc =
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
+
+        // Inputs: rows row_base..row_base + rows of head h.
+        for (c, b) in plan.chunks.iter().zip(&chunks) {
+            let rows = (h * n + c.row_base) * d..(h * n + c.row_base + c.rows) * d;
+            io.fill(&self.ctx.queue, &mut enc, rows, [&b.t.q, &b.t.k, &b.t.v]);
+        }
+
+        {
+            let mut buffers = self.buffers.lock().map_err(poisoned)?;
+            let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("fma forward (split head)"),
+                timestamp_writes: None,
+            });
+            // 1. The levels pooled from tokens, chunk by chunk: level 1 in Average mode (every
+            //    level in Learned mode, which never has more than one chunk).
+            for (c, b) in plan.chunks.iter().zip(&chunks) {
+                let res = buffers
+                    .coarse(&self.ctx, &plan.head, &self.limits, &b.pool.params, &self.weights)
+                    .tensors(&b.t.tensors(), &b.t.lse);
+                record_steps(&self.ctx, &mut cpass, &c.downsample, pipes, Some(&b.pool.selects), &res)?;
+            }
+            // 2. Once per head: the levels pooled from coarse rows and the coarse attention.
+            //    They read no token, so any chunk's tensors fill those bindings.
+            {
+                let first = &chunks[0].t;
+                let res = buffers
+                    .coarse(&self.ctx, &plan.head, &self.limits, &head_uniforms.params, &self.weights)
+                    .tensors(&first.tensors(), &first.lse);
+                record_steps(&self.ctx, &mut cpass, shared, pipes, Some(shared_selects), &res)?;
+            }
+            // 3. Per chunk, the attention of its queries and (coarse queries) the merge.
+            for (c, b) in plan.chunks.iter().zip(&chunks) {
+                let res = buffers
+                    .coarse(&self.ctx, &plan.head, &self.limits, &b.pool.params, &self.weights)
+                    .tensors(&b.t.tensors(), &b.t.lse);
+                let steps: Vec<Dispatch> = std::iter::once(c.attention).chain(c.merge).collect();
+                record_steps(&self.ctx, &mut cpass, &steps, pipes, Some(&b.attend), &res)?;
+            }
+        }
+
+        // Outputs: rows lo..hi of each chunk (the halo rows hold nothing).
+        let mut staged = Vec::new();
+        for (c, b) in plan.chunks.iter().zip(&chunks) {
+            let skip = (c.lo - c.row_base) as u64;
+            let rows = (c.hi - c.lo) as u64;
+            match io {
+                SplitIo::Host { want_lse, .. } => {
+                    let part = Staged::new(device, Shape::new(1, 1, c.hi - c.lo, d), want_lse);
+                    part.record_from(&mut enc, &b.t.out, &b.t.lse, skip);
+                    staged.push(part);
+                }
+                SplitIo::Device(t) => {
+                    let first = (h * n + c.lo) as u64;
+                    let row = d as u64 * 4;
+                    enc.copy_buffer_to_buffer(&b.t.out, skip * row, t.out, first * row, rows * row);
+                    if let Some(lse) = t.lse {
+                        enc.copy_buffer_to_buffer(&b.t.lse, skip * 4, lse, first * 4, rows * 4);
+                    }
+                }
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        Ok(staged)
+    }
+
+    /// The bindings of chunk `c`, and its parameters: the head's, for rows
+    /// `row_base..row_base + rows` and tokens `lo..hi`, with the chunk's attention grid.
+    fn chunk_buffers(&self, plan: &SplitPlan, c: &Chunk) -> Result<ChunkBuffers> {
+        let mut params = self.params(&plan.head);
+        params.row_base = c.row_base as u32;
+        params.chunk_lo = c.lo as u32;
+        params.chunk_hi = c.hi as u32;
+        params.total_workgroups = c.attention.workgroups;
+        params.workgroups_x = c.attention.grid[0];
+        let attend: Vec<Dispatch> = std::iter::once(c.attention).chain(c.merge).collect();
+        Ok(ChunkBuffers {
+            t: HostBuffers::new(
+                &self.ctx.device,
+                Shape::new(1, 1, c.rows, plan.head.shape.head_dim),
+            ),
+            pool: Uniforms::new(&self.ctx, &params, &c.downsample)?,
+            attend: Selects::new(&self.ctx, &attend)?,
+        })
+    }
+}

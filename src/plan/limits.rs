@@ -1,0 +1,77 @@
+//! The adapter limits every plan respects, read from the device once.
+
+use crate::error::{FmaError, Result};
+
+/// The adapter limits a plan must respect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLimits {
+    /// Invocations per workgroup the kernels may use (<= 256, the browser's limit).
+    pub max_workgroup: u32,
+    /// Bytes of workgroup memory per workgroup.
+    pub workgroup_storage: u32,
+    /// Workgroups per dispatch dimension.
+    pub max_workgroups_per_dim: u32,
+    /// Bytes per storage binding.
+    pub max_binding: u64,
+    /// Bytes per buffer.
+    pub max_buffer: u64,
+}
+
+impl KernelLimits {
+    /// The limits of a device.
+    pub fn from_wgpu(l: &wgpu::Limits) -> Self {
+        Self {
+            max_workgroup: l
+                .max_compute_invocations_per_workgroup
+                .min(l.max_compute_workgroup_size_x)
+                .min(256),
+            workgroup_storage: l.max_compute_workgroup_storage_size,
+            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
+            max_binding: l.max_storage_buffer_binding_size,
+            max_buffer: l.max_buffer_size,
+        }
+    }
+
+    /// WebGPU's default limits (what a browser grants without asking).
+    pub fn webgpu_default() -> Self {
+        Self::from_wgpu(&wgpu::Limits::default())
+    }
+
+    /// These limits with at most `bytes` per storage binding.
+    pub fn capped(mut self, bytes: u64) -> Self {
+        self.max_binding = self.max_binding.min(bytes);
+        self
+    }
+
+    /// Bytes one storage binding may hold: the binding limit, or the buffer limit if lower.
+    pub fn binding_bytes(&self) -> u64 {
+        self.max_binding.min(self.max_buffer)
+    }
+
+    pub(crate) fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let max = self.binding_bytes();
+        if bytes > max {
+            return Err(FmaError::LimitExceeded {
+                what: format!("{what} ({bytes} bytes in one storage binding)"),
+                requested: bytes,
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl KernelLimits {
+    /// A desktop adapter's limits but for `binding` bytes per storage binding (unit tests of
+    /// the split plans).
+    pub(crate) fn with_binding(binding: u64) -> Self {
+        Self {
+            max_workgroup: 256,
+            workgroup_storage: 16384,
+            max_workgroups_per_dim: 65535,
+            max_binding: binding,
+            max_buffer: 1 << 30,
+        }
+    }
+}

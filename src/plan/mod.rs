@@ -1,0 +1,26 @@
+//! The scheduler: (shape, config, adapter limits) -> the dispatches of a forward, a backward or
+//! a split head, level by level. Pure arithmetic, unit-tested without a GPU. This layer imports
+//! nothing from `gpu`: a plan names its passes by [`Pass`], and the engine (`gpu::engine`)
+//! maps each to its WGSL and bindings.
+
+mod backward;
+mod dense;
+mod dispatch;
+mod forward;
+mod limits;
+mod pass;
+mod split;
+mod split_dense;
+
+pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
+pub use dense::DensePlan;
+pub(crate) use dispatch::dispatch;
+pub use dispatch::{
+    attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE,
+    MERGE_WG, MIN_KEY_TILE,
+};
+pub use forward::{FmaPlan, Workspace};
+pub use limits::KernelLimits;
+pub use pass::{Pass, Specialization};
+pub use split::{head_exceeds_binding, Chunk, SplitPlan};
+pub use split_dense::{DensePair, DenseSplitPlan};
