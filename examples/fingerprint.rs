@@ -45,7 +45,11 @@ fn random_weights(d: usize, m: usize, p: usize, n: usize, seed: u64) -> LearnedW
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = GpuContext::new()?;
     eprintln!("adapter {} ({:?})", ctx.info.name, ctx.info.backend);
-    for &(n, d, m, p) in &[(97usize, 16usize, 8usize, 2usize), (1025, 40, 16, 2), (300, 64, 32, 2)] {
+    for &(n, d, m, p) in &[
+        (97usize, 16usize, 8usize, 2usize),
+        (1025, 40, 16, 2),
+        (300, 64, 32, 2),
+    ] {
         let shape = Shape::new(1, 2, n, d);
         // A binding of half a head: every head is cut along its sequence.
         let split = (n * d * 2) as u64;
@@ -64,7 +68,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
             (
                 "fine learned causal",
-                FmaConfig::new(m, p).downsample(learned.clone()).causal(true),
+                FmaConfig::new(m, p)
+                    .downsample(learned.clone())
+                    .causal(true),
             ),
             ("coarse", FmaConfig::new(m, p).queries(Queries::Coarse)),
             (

@@ -130,7 +130,11 @@ impl Shape {
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "(batch {}, heads {}, seq {}", self.batch, self.heads, self.seq)?;
+        write!(
+            f,
+            "(batch {}, heads {}, seq {}",
+            self.batch, self.heads, self.seq
+        )?;
         if !self.is_self() {
             write!(f, ", seq_kv {}", self.seq_kv)?;
         }

@@ -80,6 +80,13 @@ fn causal_queries_past_the_keys_fma_with_two_lengths_and_short_buffers_are_typed
         .forward(&q, &k, &v, shape, false)
         .unwrap_err();
     assert!(matches!(e, FmaError::ShapeMismatch { .. }), "{e}");
+    // Also where the head would be cut along its sequence (a binding of a quarter head).
+    let e = FmaAttention::new(ctx, FmaConfig::new(8, 2))
+        .unwrap()
+        .max_binding(1024)
+        .forward(&q, &k, &v, shape, false)
+        .unwrap_err();
+    assert!(matches!(e, FmaError::ShapeMismatch { .. }), "{e}");
     // K sized for seq rather than seq_kv is refused before anything is recorded.
     let e = DenseAttention::new(ctx, false)
         .unwrap()

@@ -11,9 +11,9 @@ use common::{closeness, gpu, gpu_with_binding_limit, random_learned, read_buffer
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::GpuContext;
 use multipole_attn::gpu::{DenseAttention, FmaAttention};
+use multipole_attn::plan::DenseSplitPlan;
 use multipole_attn::plan::KernelLimits;
 use multipole_attn::plan::SplitPlan;
-use multipole_attn::plan::DenseSplitPlan;
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, FmaError, Queries, Shape};
 

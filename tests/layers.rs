@@ -106,7 +106,10 @@ fn layers_import_only_layers_below() {
                 || allowed(from).contains(&to)
                 || (from == "gpu front" && path.starts_with("gpu"));
             if !ok {
-                broken.push(format!("{}:{line}: {from} imports {to} ({path})", rel.display()));
+                broken.push(format!(
+                    "{}:{line}: {from} imports {to} ({path})",
+                    rel.display()
+                ));
             }
         }
     }
@@ -149,5 +152,9 @@ fn no_two_modules_import_each_other() {
             }
         }
     }
-    assert!(cycles.is_empty(), "modules importing each other:\n{}", cycles.join("\n"));
+    assert!(
+        cycles.is_empty(),
+        "modules importing each other:\n{}",
+        cycles.join("\n")
+    );
 }

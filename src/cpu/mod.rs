@@ -176,7 +176,10 @@ pub fn dense_attention_rows(
         let last = if causal { i + n_kv - n + 1 } else { n_kv };
         let logit_value = (0..last).map(|t| {
             let kt = &k[kv_base + t * d..kv_base + (t + 1) * d];
-            (dot(qi, kt) * scale, &v[kv_base + t * d..kv_base + (t + 1) * d])
+            (
+                dot(qi, kt) * scale,
+                &v[kv_base + t * d..kv_base + (t + 1) * d],
+            )
         });
         lse[r] = softmax_row(logit_value, &mut o[r * d..(r + 1) * d]);
     }

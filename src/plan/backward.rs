@@ -12,8 +12,8 @@
 
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
-use crate::plan::{Pass, Specialization};
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
+use crate::plan::{Pass, Specialization};
 use crate::shape::Shape;
 
 /// Invocations per workgroup of the element-wise backward passes (delta, downsample and

@@ -1,15 +1,29 @@
 //! The plan of one FMA forward, fine or coarse queries: (shape, config, adapter limits) -> the
 //! dispatches per level. Pure arithmetic, unit-tested without a GPU; `gpu::fma` executes it.
 
-use super::dispatch::{
-    attention_spec, dispatch, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MERGE_WG,
-};
+use super::dispatch::{attention_spec, dispatch, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MERGE_WG};
 use super::limits::KernelLimits;
 use super::pass::{Pass, Specialization};
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::levels::Levels;
 use crate::shape::Shape;
+
+/// FMA's levels are those of one sequence: as many keys as queries (until incremental
+/// decoding plans a query block against a longer cache).
+pub fn check_self_attention(shape: Shape) -> Result<()> {
+    if shape.is_self() {
+        return Ok(());
+    }
+    Err(FmaError::ShapeMismatch {
+        what: "FMA keys and values".into(),
+        expected: format!(
+            "as many keys as queries ({} rows): FMA's levels are those of one sequence",
+            shape.seq
+        ),
+        got: format!("{} rows (seq_kv)", shape.seq_kv),
+    })
+}
 
 /// Checks the shape and that Q, K, V and O each fit one storage binding.
 pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
@@ -71,7 +85,6 @@ pub struct FmaPlan {
     pub workspace: Workspace,
 }
 
-
 impl FmaPlan {
     /// Plans FMA for `shape` and `cfg` under `limits`; every limit is checked here, before
     /// anything is recorded.
@@ -88,16 +101,7 @@ impl FmaPlan {
         limits: &KernelLimits,
     ) -> Result<Self> {
         shape.validate()?;
-        if !shape.is_self() {
-            return Err(FmaError::ShapeMismatch {
-                what: "FMA keys and values".into(),
-                expected: format!(
-                    "as many keys as queries ({} rows): FMA's levels are those of one sequence",
-                    shape.seq
-                ),
-                got: format!("{} rows (seq_kv)", shape.seq_kv),
-            });
-        }
+        check_self_attention(shape)?;
         cfg.validate(shape.head_dim, shape.seq)?;
         let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
         if m > u32::MAX as usize / 4 {

@@ -16,10 +16,10 @@ pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
 pub use dense::DensePlan;
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{
-    attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE,
-    MERGE_WG, MIN_KEY_TILE,
+    attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,
+    MIN_KEY_TILE,
 };
-pub use forward::{FmaPlan, Workspace};
+pub use forward::{check_self_attention, FmaPlan, Workspace};
 pub use limits::KernelLimits;
 pub use pass::{Pass, Specialization};
 pub use split::{head_exceeds_binding, Chunk, SplitPlan};

@@ -183,16 +183,13 @@ impl SplitPlan {
     }
 
     /// The steps of [`SplitPlan::head`] that run once per head (step 2 of the module
-    /// documentation), with their index in `head.steps()` (which picks their level selector).
-    pub fn shared_steps(&self) -> Vec<(usize, Dispatch)> {
+    /// documentation), in execution order.
+    pub fn shared_steps(&self) -> Vec<Dispatch> {
         self.head
             .steps()
             .into_iter()
-            .enumerate()
-            .filter(|(_, s)| match s.pass {
-                Pass::Downsample => {
-                    s.level.is_some_and(|l| l as usize >= self.token_levels)
-                }
+            .filter(|s| match s.pass {
+                Pass::Downsample => s.level.is_some_and(|l| l as usize >= self.token_levels),
                 Pass::CoarseAttention => true,
                 _ => false,
             })
@@ -263,7 +260,7 @@ mod tests {
         assert_eq!(shared.len(), (levels - 1) + levels);
         assert!(shared
             .iter()
-            .all(|(_, s)| matches!(s.pass, Pass::Downsample | Pass::CoarseAttention)));
+            .all(|s| matches!(s.pass, Pass::Downsample | Pass::CoarseAttention)));
         assert!(plan.chunks.iter().all(|c| c.merge.is_some()));
     }
 

@@ -16,8 +16,8 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::split_io::SplitIo;
-use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
 use crate::gpu::engine::tensors::Output;
+use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
 use crate::plan::{DensePlan, KernelLimits};
 use crate::shape::Shape;
 
@@ -187,7 +187,14 @@ impl DenseAttention {
                     timestamp_writes: None,
                 });
                 let t = host.tensors();
-                self.record(&mut cpass, &[plan.attention], &pipes, &uniforms.params, &t, &host.lse)?;
+                self.record(
+                    &mut cpass,
+                    &[plan.attention],
+                    &pipes,
+                    &uniforms.params,
+                    &t,
+                    &host.lse,
+                )?;
             }
             staged.record(&mut enc, &host.out, &host.lse);
             self.ctx.queue.submit([enc.finish()]);
@@ -282,6 +289,13 @@ impl DenseAttention {
             label: Some("dense forward"),
             timestamp_writes: None,
         });
-        self.record(&mut cpass, &[plan.attention], &pipes, &uniforms.params, &t, lse)
+        self.record(
+            &mut cpass,
+            &[plan.attention],
+            &pipes,
+            &uniforms.params,
+            &t,
+            lse,
+        )
     }
 }

@@ -7,8 +7,8 @@ use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::params::to_uniform_bytes;
 use crate::gpu::engine::record::Pipes;
 use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
-use crate::gpu::engine::tensors::{GpuTensors, HostBuffers, Staged};
 use crate::gpu::engine::tensors::Output;
+use crate::gpu::engine::tensors::{GpuTensors, HostBuffers, Staged};
 use crate::plan::DenseSplitPlan;
 use crate::shape::Shape;
 
@@ -86,7 +86,12 @@ impl DenseAttention {
                 params.total_workgroups = pair.dispatch.workgroups;
                 params.workgroups_x = pair.dispatch.grid[0];
                 let bytes = to_uniform_bytes(&params)?;
-                Ok(uniform(device, &self.ctx.queue, "dense chunk params", &bytes))
+                Ok(uniform(
+                    device,
+                    &self.ctx.queue,
+                    "dense chunk params",
+                    &bytes,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         {

@@ -19,7 +19,7 @@ pub enum Access {
 }
 
 /// What a binding holds. An executor supplies one buffer per role it uses
-/// ([`crate::gpu::engine::record::Resources`]); the descriptor says where each goes.
+/// (`Resources` in `gpu/engine/record.rs`); the descriptor says where each goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The uniform `Params` block (`shaders/shared/params.wgsl`).
@@ -130,157 +130,157 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
 }
 
 static DOWNSAMPLE: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/downsample.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "k", K, Read),
-            bind(2, "v", V, Read),
-            bind(3, "q", Q, Read),
-            bind(4, "w", Weights, Read),
-            bind(5, "b", Biases, Read),
-            bind(6, "coarse_k", CoarseK, ReadWrite),
-            bind(7, "coarse_v", CoarseV, ReadWrite),
-            bind(8, "coarse_q", CoarseQ, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/downsample.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "k", K, Read),
+        bind(2, "v", V, Read),
+        bind(3, "q", Q, Read),
+        bind(4, "w", Weights, Read),
+        bind(5, "b", Biases, Read),
+        bind(6, "coarse_k", CoarseK, ReadWrite),
+        bind(7, "coarse_v", CoarseV, ReadWrite),
+        bind(8, "coarse_q", CoarseQ, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static FINE_ATTENTION: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/fine_attention.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "q", Q, Read),
-            bind(2, "k", K, Read),
-            bind(3, "v", V, Read),
-            bind(4, "coarse_k", CoarseK, Read),
-            bind(5, "coarse_v", CoarseV, Read),
-            bind(6, "out", Out, ReadWrite),
-            bind(7, "lse", Lse, ReadWrite),
-        ],
-        level_select: false,
+    source: include_str!("../../../shaders/fine_attention.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "k", K, Read),
+        bind(3, "v", V, Read),
+        bind(4, "coarse_k", CoarseK, Read),
+        bind(5, "coarse_v", CoarseV, Read),
+        bind(6, "out", Out, ReadWrite),
+        bind(7, "lse", Lse, ReadWrite),
+    ],
+    level_select: false,
 };
 
 static DENSE_ATTENTION: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/dense_attention.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "q", Q, Read),
-            bind(2, "k", K, Read),
-            bind(3, "v", V, Read),
-            bind(6, "out", Out, ReadWrite),
-            bind(7, "lse", Lse, ReadWrite),
-        ],
-        level_select: false,
+    source: include_str!("../../../shaders/dense_attention.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "k", K, Read),
+        bind(3, "v", V, Read),
+        bind(6, "out", Out, ReadWrite),
+        bind(7, "lse", Lse, ReadWrite),
+    ],
+    level_select: false,
 };
 
 static COARSE_ATTENTION: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/coarse_attention.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "q", CoarseQ, Read),
-            bind(4, "coarse_k", CoarseK, Read),
-            bind(5, "coarse_v", CoarseV, Read),
-            bind(6, "out", CoarseOut, ReadWrite),
-            bind(7, "lse", CoarseLse, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/coarse_attention.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", CoarseQ, Read),
+        bind(4, "coarse_k", CoarseK, Read),
+        bind(5, "coarse_v", CoarseV, Read),
+        bind(6, "out", CoarseOut, ReadWrite),
+        bind(7, "lse", CoarseLse, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static UPSAMPLE_MERGE: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/upsample_merge.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "coarse_o", CoarseOut, Read),
-            bind(2, "coarse_lse", CoarseLse, Read),
-            bind(6, "out", Out, ReadWrite),
-            bind(7, "lse", Lse, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/upsample_merge.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "coarse_o", CoarseOut, Read),
+        bind(2, "coarse_lse", CoarseLse, Read),
+        bind(6, "out", Out, ReadWrite),
+        bind(7, "lse", Lse, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static BACKWARD_DELTA: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/backward_delta.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "o", Out, Read),
-            bind(2, "dout", DOut, Read),
-            bind(3, "lse", Lse, Read),
-            bind(4, "stats", Stats, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/backward_delta.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "o", Out, Read),
+        bind(2, "dout", DOut, Read),
+        bind(3, "lse", Lse, Read),
+        bind(4, "stats", Stats, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static BACKWARD_DQ: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/backward_dq.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "q", Q, Read),
-            bind(2, "k", K, Read),
-            bind(3, "v", V, Read),
-            bind(4, "coarse_k", CoarseK, Read),
-            bind(5, "coarse_v", CoarseV, Read),
-            bind(6, "dout", DOut, Read),
-            bind(7, "stats", Stats, Read),
-            bind(8, "dq", DQ, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/backward_dq.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "k", K, Read),
+        bind(3, "v", V, Read),
+        bind(4, "coarse_k", CoarseK, Read),
+        bind(5, "coarse_v", CoarseV, Read),
+        bind(6, "dout", DOut, Read),
+        bind(7, "stats", Stats, Read),
+        bind(8, "dq", DQ, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static BACKWARD_DKV_FINE: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/backward_dkv_fine.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "q", Q, Read),
-            bind(2, "k", K, Read),
-            bind(3, "v", V, Read),
-            bind(4, "dout", DOut, Read),
-            bind(5, "stats", Stats, Read),
-            bind(6, "dk", DK, ReadWrite),
-            bind(7, "dv", DV, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/backward_dkv_fine.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "k", K, Read),
+        bind(3, "v", V, Read),
+        bind(4, "dout", DOut, Read),
+        bind(5, "stats", Stats, Read),
+        bind(6, "dk", DK, ReadWrite),
+        bind(7, "dv", DV, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static BACKWARD_DKV_COARSE: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/backward_dkv_coarse.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "q", Q, Read),
-            bind(2, "coarse_k", CoarseK, Read),
-            bind(3, "coarse_v", CoarseV, Read),
-            bind(4, "dout", DOut, Read),
-            bind(5, "stats", Stats, Read),
-            bind(6, "dcoarse_k", DCoarseK, ReadWrite),
-            bind(7, "dcoarse_v", DCoarseV, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/backward_dkv_coarse.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "coarse_k", CoarseK, Read),
+        bind(3, "coarse_v", CoarseV, Read),
+        bind(4, "dout", DOut, Read),
+        bind(5, "stats", Stats, Read),
+        bind(6, "dcoarse_k", DCoarseK, ReadWrite),
+        bind(7, "dcoarse_v", DCoarseV, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static DOWNSAMPLE_BACKWARD: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/downsample_backward.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "w_all", Weights, Read),
-            bind(2, "dcoarse_k", DCoarseK, Read),
-            bind(3, "dcoarse_v", DCoarseV, Read),
-            bind(4, "dk", DK, ReadWrite),
-            bind(5, "dv", DV, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/downsample_backward.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "w_all", Weights, Read),
+        bind(2, "dcoarse_k", DCoarseK, Read),
+        bind(3, "dcoarse_v", DCoarseV, Read),
+        bind(4, "dk", DK, ReadWrite),
+        bind(5, "dv", DV, ReadWrite),
+    ],
+    level_select: true,
 };
 
 static WEIGHTS_BACKWARD: PassDesc = PassDesc {
-        source: include_str!("../../../shaders/weights_backward.wgsl"),
-        bindings: &[
-            PARAMS,
-            bind(1, "k", K, Read),
-            bind(2, "v", V, Read),
-            bind(3, "dcoarse_k", DCoarseK, Read),
-            bind(4, "dcoarse_v", DCoarseV, Read),
-            bind(5, "dwk", DWk, ReadWrite),
-            bind(6, "dwv", DWv, ReadWrite),
-            bind(7, "dbk", DBk, ReadWrite),
-            bind(8, "dbv", DBv, ReadWrite),
-        ],
-        level_select: true,
+    source: include_str!("../../../shaders/weights_backward.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "k", K, Read),
+        bind(2, "v", V, Read),
+        bind(3, "dcoarse_k", DCoarseK, Read),
+        bind(4, "dcoarse_v", DCoarseV, Read),
+        bind(5, "dwk", DWk, ReadWrite),
+        bind(6, "dwv", DWv, ReadWrite),
+        bind(7, "dbk", DBk, ReadWrite),
+        bind(8, "dbv", DBv, ReadWrite),
+    ],
+    level_select: true,
 };

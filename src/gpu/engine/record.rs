@@ -118,9 +118,8 @@ impl Pipes {
         let mut map = HashMap::new();
         for d in steps {
             let key = (d.pass, d.spec);
-            if !map.contains_key(&key) {
-                let p = ctx.kernels.pipeline(&ctx.device, d.pass, d.spec).await?;
-                map.insert(key, p);
+            if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(key) {
+                slot.insert(ctx.kernels.pipeline(&ctx.device, d.pass, d.spec).await?);
             }
         }
         Ok(Self(map))
@@ -158,11 +157,14 @@ pub(crate) fn record_steps(
     };
     let mut groups: HashMap<Pass, wgpu::BindGroup> = HashMap::new();
     for (k, step) in steps.iter().enumerate() {
-        if !groups.contains_key(&step.pass) {
-            groups.insert(step.pass, res.bind_group(ctx, step.pass)?);
-        }
+        let group = match groups.entry(step.pass) {
+            std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(res.bind_group(ctx, step.pass)?)
+            }
+        };
         cpass.set_pipeline(pipes.get(step)?);
-        cpass.set_bind_group(0, &groups[&step.pass], &[]);
+        cpass.set_bind_group(0, &*group, &[]);
         if let (true, Some((group, stride))) = (desc(step.pass).level_select, &select) {
             cpass.set_bind_group(1, group, &[k as u32 * stride]);
         }

@@ -16,7 +16,9 @@ fn shared(name: &str) -> Option<&'static str> {
         "online_softmax" => Some(include_str!("../../../shaders/shared/online_softmax.wgsl")),
         "dispatch" => Some(include_str!("../../../shaders/shared/dispatch.wgsl")),
         "backward_keys" => Some(include_str!("../../../shaders/shared/backward_keys.wgsl")),
-        "backward_queries" => Some(include_str!("../../../shaders/shared/backward_queries.wgsl")),
+        "backward_queries" => Some(include_str!(
+            "../../../shaders/shared/backward_queries.wgsl"
+        )),
         "near_field" => Some(include_str!("../../../shaders/shared/near_field.wgsl")),
         "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
         "level_select" => Some(include_str!("../../../shaders/shared/level_select.wgsl")),
@@ -249,7 +251,12 @@ mod descriptors {
                     }
                     _ => return None,
                 };
-                Some((b.group, b.binding, g.name.clone().unwrap_or_default(), access))
+                Some((
+                    b.group,
+                    b.binding,
+                    g.name.clone().unwrap_or_default(),
+                    access,
+                ))
             })
             .collect();
         out.sort_by_key(|(g, b, _, _)| (*g, *b));
@@ -276,7 +283,11 @@ mod descriptors {
     fn bindings_are_in_order_with_one_role_each_and_fit_the_browser() {
         for pass in Pass::ALL {
             let b = desc(pass).bindings;
-            assert!(b.windows(2).all(|w| w[0].binding < w[1].binding), "{}", pass.name());
+            assert!(
+                b.windows(2).all(|w| w[0].binding < w[1].binding),
+                "{}",
+                pass.name()
+            );
             for (i, x) in b.iter().enumerate() {
                 assert!(
                     b[i + 1..].iter().all(|y| y.role != x.role),

@@ -6,8 +6,8 @@ use std::ops::Range;
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::context::GpuContext;
-use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
 use crate::gpu::engine::tensors::Output;
+use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
 use crate::shape::Shape;
 
 /// Where a split forward's Q, K and V come from and where O and the LSE go.
@@ -103,4 +103,3 @@ pub(crate) fn check_copy_usage(t: &GpuTensors<'_>) -> Result<()> {
     need("O", t.out, dst, "COPY_DST")?;
     t.lse.map_or(Ok(()), |l| need("LSE", l, dst, "COPY_DST"))
 }
-

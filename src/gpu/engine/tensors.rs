@@ -143,11 +143,14 @@ impl HostPool {
     /// (the plan has checked it does not).
     pub fn fit(&mut self, device: &wgpu::Device, shape: Shape, cap: u64) -> &HostBuffers {
         let need = Bytes::of(shape, 1);
-        if !self.bufs.as_ref().is_some_and(|(_, have)| have.holds(&need)) {
+        if !self
+            .bufs
+            .as_ref()
+            .is_some_and(|(_, have)| have.holds(&need))
+        {
             let have = self.bufs.take().map(|(_, b)| b);
-            let grow = |old: Option<u64>, new: u64| {
-                old.map_or(new, |o| (o + o / 2).min(cap).max(new))
-            };
+            let grow =
+                |old: Option<u64>, new: u64| old.map_or(new, |o| (o + o / 2).min(cap).max(new));
             let b = Bytes {
                 q: grow(have.map(|h| h.q), need.q),
                 kv: grow(have.map(|h| h.kv), need.kv),
@@ -155,9 +158,9 @@ impl HostPool {
             };
             self.bufs = Some((HostBuffers::with_bytes(device, b), b));
         }
-        let (bufs, _) = self.bufs.get_or_insert_with(|| {
-            (HostBuffers::with_bytes(device, need), need)
-        });
+        let (bufs, _) = self
+            .bufs
+            .get_or_insert_with(|| (HostBuffers::with_bytes(device, need), need));
         bufs
     }
 }

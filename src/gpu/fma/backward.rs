@@ -16,8 +16,8 @@ use crate::gpu::engine::front::check_host;
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
-use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
 use crate::gpu::engine::tensors::Output;
+use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
 use crate::gradients::{Gradients, LevelGradients};
 use crate::levels::window;
 use crate::plan::{BackwardPlan, Dispatch, Pass};
@@ -137,10 +137,16 @@ impl BackwardScratch {
         Resources::default()
             .with(Role::CoarseK, self.coarse_k.at_least(device, coarse, cap))
             .with(Role::CoarseV, self.coarse_v.at_least(device, coarse, cap))
-            .with(Role::CoarseQ, self.coarse_q_unused.at_least(device, 16, cap))
+            .with(
+                Role::CoarseQ,
+                self.coarse_q_unused.at_least(device, 16, cap),
+            )
             .with(Role::DCoarseK, self.dcoarse_k.at_least(device, coarse, cap))
             .with(Role::DCoarseV, self.dcoarse_v.at_least(device, coarse, cap))
-            .with(Role::Stats, self.stats.at_least(device, plan.stats_bytes, cap))
+            .with(
+                Role::Stats,
+                self.stats.at_least(device, plan.stats_bytes, cap),
+            )
     }
 }
 
@@ -439,7 +445,14 @@ impl FmaAttention {
                     label: Some("fma backward"),
                     timestamp_writes: None,
                 });
-                record_steps(&self.ctx, &mut cpass, &steps, &pipes, Some(&uniforms.selects), &res)?;
+                record_steps(
+                    &self.ctx,
+                    &mut cpass,
+                    &steps,
+                    &pipes,
+                    Some(&uniforms.selects),
+                    &res,
+                )?;
             }
             self.ctx.queue.submit([enc.finish()]);
         }

@@ -8,8 +8,8 @@ use crate::gpu::engine::front::forward_host;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
-use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
 use crate::gpu::engine::tensors::Output;
+use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
 use crate::plan::FmaPlan;
 use crate::shape::Shape;
 
@@ -193,7 +193,13 @@ impl FmaAttention {
         let uniforms = self.uniforms(plan)?;
         let mut buffers = self.buffers.lock().map_err(poisoned)?;
         let res = buffers
-            .coarse(&self.ctx, plan, &self.limits, &uniforms.params, &self.weights)
+            .coarse(
+                &self.ctx,
+                plan,
+                &self.limits,
+                &uniforms.params,
+                &self.weights,
+            )
             .tensors(&t, lse);
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("fma forward"),

@@ -9,9 +9,9 @@ use crate::error::Result;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Selects};
 use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
-use crate::gpu::engine::tensors::{HostBuffers, Staged};
 use crate::gpu::engine::tensors::Output;
-use crate::plan::{Chunk, Dispatch, SplitPlan};
+use crate::gpu::engine::tensors::{HostBuffers, Staged};
+use crate::plan::{check_self_attention, Chunk, Dispatch, SplitPlan};
 use crate::shape::Shape;
 
 use super::workspace::Uniforms;
@@ -31,12 +31,13 @@ impl FmaAttention {
     /// FMA of `shape` through a [`SplitPlan`]: per head, one submit; host outputs are read back
     /// head by head (an empty [`Output`] for [`SplitIo::Device`]).
     pub(super) async fn forward_split(&self, io: SplitIo<'_>, shape: Shape) -> Result<Output> {
+        check_self_attention(shape)?;
         if let SplitIo::Device(t) = &io {
             check_copy_usage(t)?;
         }
         let plan = SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
         let pipes = Pipes::new(&self.ctx, &plan.head.steps()).await?;
-        let shared: Vec<Dispatch> = plan.shared_steps().into_iter().map(|(_, s)| s).collect();
+        let shared = plan.shared_steps();
         let shared_selects = Selects::new(&self.ctx, &shared)?;
         per_head(
             &self.ctx,
@@ -86,23 +87,55 @@ impl FmaAttention {
             //    level in Learned mode, which never has more than one chunk).
             for (c, b) in plan.chunks.iter().zip(&chunks) {
                 let res = buffers
-                    .coarse(&self.ctx, &plan.head, &self.limits, &b.pool.params, &self.weights)
+                    .coarse(
+                        &self.ctx,
+                        &plan.head,
+                        &self.limits,
+                        &b.pool.params,
+                        &self.weights,
+                    )
                     .tensors(&b.t.tensors(), &b.t.lse);
-                record_steps(&self.ctx, &mut cpass, &c.downsample, pipes, Some(&b.pool.selects), &res)?;
+                record_steps(
+                    &self.ctx,
+                    &mut cpass,
+                    &c.downsample,
+                    pipes,
+                    Some(&b.pool.selects),
+                    &res,
+                )?;
             }
             // 2. Once per head: the levels pooled from coarse rows and the coarse attention.
             //    They read no token, so any chunk's tensors fill those bindings.
             {
                 let first = &chunks[0].t;
                 let res = buffers
-                    .coarse(&self.ctx, &plan.head, &self.limits, &head_uniforms.params, &self.weights)
+                    .coarse(
+                        &self.ctx,
+                        &plan.head,
+                        &self.limits,
+                        &head_uniforms.params,
+                        &self.weights,
+                    )
                     .tensors(&first.tensors(), &first.lse);
-                record_steps(&self.ctx, &mut cpass, shared, pipes, Some(shared_selects), &res)?;
+                record_steps(
+                    &self.ctx,
+                    &mut cpass,
+                    shared,
+                    pipes,
+                    Some(shared_selects),
+                    &res,
+                )?;
             }
             // 3. Per chunk, the attention of its queries and (coarse queries) the merge.
             for (c, b) in plan.chunks.iter().zip(&chunks) {
                 let res = buffers
-                    .coarse(&self.ctx, &plan.head, &self.limits, &b.pool.params, &self.weights)
+                    .coarse(
+                        &self.ctx,
+                        &plan.head,
+                        &self.limits,
+                        &b.pool.params,
+                        &self.weights,
+                    )
                     .tensors(&b.t.tensors(), &b.t.lse);
                 let steps: Vec<Dispatch> = std::iter::once(c.attention).chain(c.merge).collect();
                 record_steps(&self.ctx, &mut cpass, &steps, pipes, Some(&b.attend), &res)?;

@@ -5,12 +5,12 @@
 //! shape reuses what a larger one allocated.
 
 use crate::error::Result;
+use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::cache::Growing;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
-use crate::gpu::engine::buffers::uniform;
-use crate::gpu::engine::record::{Resources, Selects};
 use crate::gpu::engine::passes::Role;
+use crate::gpu::engine::record::{Resources, Selects};
 use crate::plan::{Dispatch, FmaPlan, KernelLimits};
 
 use super::weights::WeightBuffers;
@@ -81,8 +81,14 @@ impl Buffers {
             .with(Role::Params, params)
             .with(Role::Weights, &weights.w)
             .with(Role::Biases, &weights.b)
-            .with(Role::CoarseK, self.coarse_k.at_least(device, ws.coarse_bytes, cap))
-            .with(Role::CoarseV, self.coarse_v.at_least(device, ws.coarse_bytes, cap))
+            .with(
+                Role::CoarseK,
+                self.coarse_k.at_least(device, ws.coarse_bytes, cap),
+            )
+            .with(
+                Role::CoarseV,
+                self.coarse_v.at_least(device, ws.coarse_bytes, cap),
+            )
             .with(Role::CoarseQ, self.coarse_q.at_least(device, rows, cap))
             .with(Role::CoarseOut, self.coarse_o.at_least(device, rows, cap))
             .with(Role::CoarseLse, self.coarse_lse.at_least(device, lse, cap))
