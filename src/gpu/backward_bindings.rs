@@ -120,29 +120,4 @@ mod tests {
             assert_eq!(reflect(pass), want, "{}", pass.name());
         }
     }
-
-    #[test]
-    fn dispatch_select_mirrors_level_select() {
-        use encase::ShaderType;
-        let src = compose(
-            Pass::BackwardDelta,
-            Specialization {
-                wg: 64,
-                bk: 1,
-                d4: 1,
-            },
-        );
-        let module = naga::front::wgsl::parse_str(&src).expect("shader parses");
-        let mut layouter = naga::proc::Layouter::default();
-        layouter.update(module.to_ctx()).expect("layout");
-        let (handle, _) = module
-            .types
-            .iter()
-            .find(|(_, t)| t.name.as_deref() == Some("DispatchSelect"))
-            .expect("DispatchSelect present");
-        assert_eq!(
-            layouter[handle].size as u64,
-            crate::gpu::params::LevelSelect::min_size().get()
-        );
-    }
 }

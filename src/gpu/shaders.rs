@@ -90,13 +90,14 @@ impl Pass {
 fn shared(name: &str) -> Option<&'static str> {
     match name {
         "params" => Some(include_str!("../../shaders/shared/params.wgsl")),
+        "geometry" => Some(include_str!("../../shaders/shared/geometry.wgsl")),
+        "level_select" => Some(include_str!("../../shaders/shared/level_select.wgsl")),
         "online_softmax" => Some(include_str!("../../shaders/shared/online_softmax.wgsl")),
-        "dispatch" => Some(include_str!("../../shaders/shared/dispatch.wgsl")),
-        "backward_keys" => Some(include_str!("../../shaders/shared/backward_keys.wgsl")),
-        "backward_queries" => Some(include_str!("../../shaders/shared/backward_queries.wgsl")),
+        "key_tiles" => Some(include_str!("../../shaders/shared/key_tiles.wgsl")),
+        "coarse_tiles" => Some(include_str!("../../shaders/shared/coarse_tiles.wgsl")),
         "near_field" => Some(include_str!("../../shaders/shared/near_field.wgsl")),
         "far_field" => Some(include_str!("../../shaders/shared/far_field.wgsl")),
-        "level_select" => Some(include_str!("../../shaders/shared/level_select.wgsl")),
+        "backward_queries" => Some(include_str!("../../shaders/shared/backward_queries.wgsl")),
         _ => None,
     }
 }
