@@ -147,6 +147,15 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     }
 }
 
+/// Resolves the `#import` lines of WGSL `text` against the library's shared snippets
+/// (`shaders/shared/*.wgsl`, e.g. `#import geometry`), for tests and tools that build their own
+/// WGSL on them. The plain variant: `#import tile_rows` gets the one without subgroups.
+pub fn resolve_imports(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    push_resolved(&mut out, text, false);
+    out
+}
+
 /// Writes out the `//#unroll` loops of `tile_rows_subgroup.wgsl` for `d4` and subgroup size
 /// `sg`: WGSL's subgroupBroadcast takes only a constant lane, and the shuffle with a computed
 /// lane was much slower on lavapipe (see the comments there).
@@ -281,6 +290,16 @@ mod tests {
                     });
                 }
             }
+        }
+    }
+
+    #[test]
+    fn geometry_stands_alone() {
+        // No params, no bindings: a test shader or a 2D sibling can import it on its own.
+        let src = resolve_imports("#import geometry\n");
+        assert!(src.contains("fn far_run("));
+        if let Err(e) = validate(&src) {
+            panic!("geometry.wgsl alone does not validate:\n{e}");
         }
     }
 
