@@ -59,8 +59,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = wid / tiles;
     let tile = wid % tiles;
     let b = tile / params.tiles_per_block;
-    let t0 = b * m + (tile % params.tiles_per_block) * WG;
-    let t1 = min(min(t0 + WG, (b + 1u) * m), n);
+    let block = window_range(n, m, b);
+    let t0 = block.x + (tile % params.tiles_per_block) * WG;
+    let t1 = min(t0 + WG, block.y);
     let t = t0 + lid;
     let in_tile = t < t1;
     let head = bh * n * d;

@@ -34,8 +34,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = wid / tiles;
     let tile = wid % tiles;
     let a0 = params.chunk_lo / m + tile / params.tiles_per_block;
-    let i0 = a0 * m + (tile % params.tiles_per_block) * WG;
-    let i1 = min(min(i0 + WG, (a0 + 1u) * m), n);
+    let block = window_range(n, m, a0);
+    let i0 = block.x + (tile % params.tiles_per_block) * WG;
+    let i1 = min(i0 + WG, block.y);
     let i = i0 + lid;
     let in_tile = i < i1;
     // Element offset of row 0 of this head in the bound tensors. A split head's bindings start
