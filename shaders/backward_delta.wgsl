@@ -4,7 +4,7 @@
 // CPU mirror: `delta` in `cpu::backward::fma_backward`.
 
 #import params
-#import dispatch
+#import level_select
 
 @group(0) @binding(1) var<storage, read> o: array<f32>;              // (bh, n, d)
 @group(0) @binding(2) var<storage, read> dout: array<f32>;           // (bh, n, d)

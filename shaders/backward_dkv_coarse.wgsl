@@ -1,7 +1,6 @@
 // Backward, dK~ and dV~ of one level's coarse keys (algorithm.md §8), by gather: one workgroup
-// = up to PR coarse rows of one window b; it walks the queries whose far list holds b, read
-// from the static inverse of the far lists (bidirectional: windows b-2 and b+2, plus b+3 if b
-// is even or b-3 if b is odd; causal: b+2, plus b+3 if b is even), BK queries at a time.
+// = up to PR coarse rows of one window b; it walks the queries whose far list holds b (the
+// static inverse of the far lists, `inverse_far_run` in geometry.wgsl), BK queries at a time.
 // Per tile, phase A computes P and dS for every (row, query) pair into workgroup memory, and
 // phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
 // dK~_r = sum_i dS_ir q_i / sqrt(d), dV~_r = sum_i P_ir dO_i, in a fixed order, no atomics.
@@ -9,7 +8,8 @@
 // CPU mirror: the `Slot::Coarse` sums in `cpu::backward::fma_backward`.
 
 #import params
-#import dispatch
+#import geometry
+#import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;                  // (bh, n, d)
 @group(0) @binding(2) var<storage, read> coarse_k: array<f32>;           // (bh, coarse_rows, d)
@@ -26,8 +26,6 @@
 const PR: u32 = max(1u, WG / D4);
 // (row, vec4) outputs per invocation (1 unless D4 > WG).
 const OUTS: u32 = (PR * D4 + WG - 1u) / WG;
-// Logit offset of a coarse key of an empty sub-window (never seen).
-const NO_ROW: f32 = -1e30;
 
 var<workgroup> rows_k: array<vec4<f32>, PR * D4>;   // pre-scaled by 1/sqrt(d)
 var<workgroup> rows_v: array<vec4<f32>, PR * D4>;
@@ -45,7 +43,7 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
         let i = idx % BK;
         var pr = 0.0;
         var ds = 0.0;
-        if (r < nrows && i < count && rows_bias[r] > NO_ROW * 0.5) {
+        if (r < nrows && i < count && rows_bias[r] > ABSENT * 0.5) {
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c4 = 0u; c4 < D4; c4++) {
@@ -72,15 +70,11 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
     }
 }
 
-// The queries of window `a` (signed; skipped when it does not exist) at this level.
-fn window_queries(bh: u32, a: i32, w: u32, windows: u32, nrows: u32, lid: u32) {
-    if (a < 0 || u32(a) >= windows) {
-        return;
-    }
-    let start = u32(a) * w;
-    let end = min(start + w, params.n);
-    for (var i0 = start; i0 < end; i0 += BK) {
-        let count = min(BK, end - i0);
+// The queries of window `a` at this level (window size w).
+fn window_queries(bh: u32, a: u32, w: u32, nrows: u32, lid: u32) {
+    let queries = window_range(params.n, w, a);
+    for (var i0 = queries.x; i0 < queries.y; i0 += BK) {
+        let count = min(BK, queries.y - i0);
         workgroupBarrier();
         stage_queries(bh, i0, count, lid);
         workgroupBarrier();
@@ -125,12 +119,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         rows_v[idx] = vv;
     }
     for (var r = lid; r < PR; r += WG) {
-        var bias = NO_ROW;
+        var bias = ABSENT;
         if (r < nrows) {
-            let size = sub_window_count(w, b, j0 + r);
-            if (size > 0u) {
-                bias = select(0.0, log(f32(size)), params.count_correction != 0u);
-            }
+            bias = coarse_key_bias(sub_window_count(params.n, w, p, b, j0 + r));
         }
         rows_bias[r] = bias;
     }
@@ -140,17 +131,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     // Query windows whose far list holds b, in increasing order.
-    let bi = i32(b);
-    let even = (bi & 1) == 0;
-    if (params.causal == 0u) {
-        if (!even) {
-            window_queries(bh, bi - 3, w, info.windows, nrows, lid);
+    let causal = params.causal != 0u;
+    for (var run = 0u; run < FAR_RUNS; run++) {
+        let readers = inverse_far_run(b, info.windows, causal, run);
+        for (var a = readers.x; a < readers.y; a++) {
+            window_queries(bh, a, w, nrows, lid);
         }
-        window_queries(bh, bi - 2, w, info.windows, nrows, lid);
-    }
-    window_queries(bh, bi + 2, w, info.windows, nrows, lid);
-    if (even) {
-        window_queries(bh, bi + 3, w, info.windows, nrows, lid);
     }
 
     for (var o = 0u; o < OUTS; o++) {

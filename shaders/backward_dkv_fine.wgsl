@@ -1,13 +1,14 @@
 // Backward, dK and dV of the fine keys' near-field use (algorithm.md §8), by gather: one
 // workgroup = a tile of up to WG keys of one fine block b; it walks the queries that read
-// block b at level 0 (bidirectional: blocks b-1, b, b+1; causal: b and b+1, queries i >= t),
+// block b at level 0 (`near_queries` in geometry.wgsl; causal: only queries i >= t),
 // staged BK at a time, and with P recomputed from the saved LSE accumulates in registers
 // dK_t = sum_i P_it (dO_i . v_t - D_i) q_i / sqrt(d) and dV_t = sum_i P_it dO_i.
 // No float atomics, no scatter: each key's sums run in one invocation in a fixed order.
 // CPU mirror: the `Slot::Fine` sums in `cpu::backward::fma_backward`.
 
 #import params
-#import dispatch
+#import geometry
+#import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
@@ -50,7 +51,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = params.n;
     let m = params.m;
     let d = params.d;
-    let blocks = (n + m - 1u) / m;
+    let blocks = window_count(n, m);
     let tiles = blocks * params.tiles_per_block;
     if (wid >= params.batch_heads * tiles) {
         return;
@@ -58,8 +59,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = wid / tiles;
     let tile = wid % tiles;
     let b = tile / params.tiles_per_block;
-    let t0 = b * m + (tile % params.tiles_per_block) * WG;
-    let t1 = min(min(t0 + WG, (b + 1u) * m), n);
+    let block = window_range(n, m, b);
+    let t0 = block.x + (tile % params.tiles_per_block) * WG;
+    let t1 = min(t0 + WG, block.y);
     let t = t0 + lid;
     let in_tile = t < t1;
     let head = bh * n * d;
@@ -83,13 +85,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         dv_acc[c4] = vec4<f32>(0.0);
     }
 
-    // Queries reading block b at level 0: blocks b-1 .. b+1; causal: from the tile's first
-    // key on (a query before t0 sees none of these keys), and each key only queries i >= t.
-    let i_lo = select(select(0u, (b - 1u) * m, b > 0u), t0, causal);
-    let i_hi = min((b + 2u) * m, n);
+    // Queries reading block b at level 0; causal: from the tile's first key on (a query before
+    // t0 sees none of these keys), and each key only queries i >= t.
+    let readers = near_queries(n, m, b, causal);
+    let i_lo = select(readers.x, t0, causal);
     let first = select(0u, t, causal);
-    for (var i0 = i_lo; i0 < i_hi; i0 += BK) {
-        let count = min(BK, i_hi - i0);
+    for (var i0 = i_lo; i0 < readers.y; i0 += BK) {
+        let count = min(BK, readers.y - i0);
         workgroupBarrier();
         stage_queries(bh, i0, count, lid);
         workgroupBarrier();

@@ -5,7 +5,8 @@
 // CPU mirror: the dQ sum in `cpu::backward::fma_backward`.
 
 #import params
-#import dispatch
+#import geometry
+#import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
@@ -16,7 +17,8 @@
 @group(0) @binding(7) var<storage, read> stats: array<f32>;        // (bh, n, 2): LSE, D
 @group(0) @binding(8) var<storage, read_write> dq: array<f32>;     // (bh, n, d)
 
-#import backward_keys
+#import key_tiles
+#import coarse_tiles
 
 var<private> q_row: array<vec4<f32>, D4>;   // pre-scaled by 1/sqrt(d)
 var<private> do_row: array<vec4<f32>, D4>;
@@ -29,7 +31,7 @@ fn consume_keys(count: u32, visible: u32) {
     let n_keys = min(count, visible);
     for (var r = 0u; r < n_keys; r++) {
         let bias = tile_bias[r];
-        if (bias > NO_KEY * 0.5) {
+        if (bias > ABSENT * 0.5) {
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c4 = 0u; c4 < D4; c4++) {
@@ -46,20 +48,14 @@ fn consume_keys(count: u32, visible: u32) {
     }
 }
 
-// The coarse windows [b_lo, b_hi] (inclusive, signed, clipped to what exists) of level `lvl`.
-fn windows_keys(bh: u32, lvl: u32, b_lo: i32, b_hi: i32, lid: u32) {
-    let windows = i32(params.levels[lvl].windows);
-    let lo = max(b_lo, 0);
-    let hi = min(b_hi, windows - 1);
-    if (lo > hi) {
-        return;
-    }
-    let p = params.p;
-    let row_end = u32(hi + 1) * p;
-    for (var row0 = u32(lo) * p; row0 < row_end; row0 += BK) {
+// The coarse keys of windows [run.x, run.y) of level index `lvl`. Arguments uniform over the
+// workgroup (barriers inside).
+fn run_keys(bh: u32, lvl: u32, run: vec2<u32>, lid: u32) {
+    let row_end = run.y * params.p;
+    for (var row0 = run.x * params.p; row0 < row_end; row0 += BK) {
         let count = min(BK, row_end - row0);
         workgroupBarrier();
-        stage_coarse_keys(bh, lvl, row0, count, lid);
+        stage_coarse_tile(bh, lvl, row0, count, lid);
         workgroupBarrier();
         consume_keys(count, count);
     }
@@ -71,7 +67,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = params.n;
     let m = params.m;
     let d = params.d;
-    let blocks = (n + m - 1u) / m;
+    let blocks = window_count(n, m);
     let tiles = blocks * params.tiles_per_block;
     if (wid >= params.batch_heads * tiles) {
         return;
@@ -79,8 +75,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = wid / tiles;
     let tile = wid % tiles;
     let a0 = tile / params.tiles_per_block;
-    let i0 = a0 * m + (tile % params.tiles_per_block) * WG;
-    let i1 = min(min(i0 + WG, (a0 + 1u) * m), n);
+    let block = window_range(n, m, a0);
+    let i0 = block.x + (tile % params.tiles_per_block) * WG;
+    let i1 = min(i0 + WG, block.y);
     let i = i0 + lid;
     let in_tile = i < i1;
     let head = bh * n * d;
@@ -109,13 +106,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         row_delta = stats[2u * (bh * n + i) + 1u];
     }
 
-    // Level 0: blocks a0-1, a0, a0+1 (causal: a0-1, a0 up to the query).
-    let t_lo = select(0u, (a0 - 1u) * m, a0 > 0u);
-    let t_hi = select(min((a0 + 2u) * m, n), i1, causal);
-    for (var t0 = t_lo; t0 < t_hi; t0 += BK) {
+    // Level 0, the forward's near field (causal: up to the tile's last query, then per row).
+    let near = near_keys(n, m, a0, causal);
+    let t_hi = select(near.y, i1, causal);
+    for (var t0 = near.x; t0 < t_hi; t0 += BK) {
         let count = min(BK, t_hi - t0);
         workgroupBarrier();
-        stage_fine_keys(head, t0, count, lid);
+        stage_fine_tile(head, t0, count, lid);
         workgroupBarrier();
         var visible = count;
         if (causal) {
@@ -124,14 +121,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         consume_keys(count, visible);
     }
 
-    // Coarse levels, the forward's far lists: bidirectional a even {a-2}, {a+2, a+3};
-    // a odd {a-3, a-2}, {a+2}; causal a even {a-2}, a odd {a-3, a-2}.
+    // Coarse levels, the forward's far lists, run by run.
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-        let a = i32(a0 >> lvl);
-        let odd = (a & 1) == 1;
-        windows_keys(bh, lvl, select(a - 2, a - 3, odd), a - 2, lid);
-        if (!causal) {
-            windows_keys(bh, lvl, a + 2, select(a + 3, a + 2, odd), lid);
+        let a = block_window(a0, lvl);
+        for (var run = 0u; run < FAR_RUNS; run++) {
+            run_keys(bh, lvl, far_run(a, params.levels[lvl].windows, causal, run), lid);
         }
     }
 

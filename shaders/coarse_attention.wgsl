@@ -12,6 +12,7 @@
 // an online softmax, and a workgroup holds the queries of WG / p windows.
 
 #import params
+#import geometry
 #import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // coarse queries (bh, coarse_rows, d)
@@ -43,13 +44,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let p = params.p;
     let d = params.d;
     let rows = info.windows * p;
-    let g = level_workgroup(wg) * WG + lid;
+    let g = dispatch_workgroup(wg) * WG + lid;
     if (g >= params.batch_heads * rows) {
         return;
     }
     let bh = g / rows;
     let r = g % rows;
-    let a = i32(r / p);
+    let a = r / p;
     // Rows of this level in the concatenated per-head buffers.
     let level_row = bh * params.coarse_rows + info.row_offset;
     let head = level_row * d;
@@ -70,31 +71,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var run_sum = 0.0;
     var seen = false; // any key (not run_sum > 0: a NaN sum must reach the output)
 
-    // The far list (bidirectional only: the config refuses causal + coarse queries) as two
-    // runs of windows: a even {a-2}, {a+2, a+3}; a odd {a-3, a-2}, {a+2}.
-    let odd = (a & 1) == 1;
-    for (var run = 0u; run < 2u; run++) {
-        var lo = select(a - 2, a - 3, odd);
-        var hi = a - 2;
-        if (run == 1u) {
-            lo = a + 2;
-            hi = select(a + 3, a + 2, odd);
-        }
-        lo = max(lo, 0);
-        hi = min(hi, i32(info.windows) - 1);
-        for (var b = lo; b <= hi; b++) {
+    // The far list, bidirectional only: the config refuses causal + coarse queries.
+    for (var run = 0u; run < FAR_RUNS; run++) {
+        let far = far_run(a, info.windows, false, run);
+        for (var b = far.x; b < far.y; b++) {
             for (var j = 0u; j < p; j++) {
-                let size = sub_window_count(info.window, u32(b), j);
+                let size = sub_window_count(params.n, info.window, p, b, j);
                 if (size == 0u) {
                     continue;
                 }
-                let key = u32(b) * p + j;
+                let key = b * p + j;
                 let kk = load_k(head + key * d);
                 var dot4 = vec4<f32>(0.0);
                 for (var c4 = 0u; c4 < D4; c4++) {
                     dot4 += q_row[c4] * kk[c4];
                 }
-                let bias = select(0.0, log(f32(size)), params.count_correction != 0u);
+                let bias = coarse_key_bias(size);
                 let score = dot4.x + dot4.y + dot4.z + dot4.w + bias;
                 // Online softmax, one key at a time. A NaN score makes w (and so the row) NaN,
                 // as in dense attention, whatever max() does with it.

@@ -11,6 +11,7 @@
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;    // (bh, n, d)
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // (bh, n)
 
+#import key_tiles
 #import online_softmax
 #import near_field
 

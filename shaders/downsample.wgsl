@@ -8,6 +8,7 @@
 // CPU mirror: `src/cpu/downsample.rs` (which pools every level from the tokens).
 
 #import params
+#import geometry
 #import level_select
 
 @group(0) @binding(1) var<storage, read> k: array<f32>;              // (bh, n, d)
@@ -51,11 +52,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let win = info.window;
     // The windows holding tokens of the chunk [chunk_lo, chunk_hi) (all of them unless split).
     let a_lo = params.chunk_lo / win;
-    let a_hi = (params.chunk_hi + win - 1u) / win;
+    let a_hi = window_count(params.chunk_hi, win);
     let rows = (a_hi - a_lo) * p;
     let per_tensor = params.batch_heads * rows * d;
     let wgs_per_tensor = (per_tensor + WG - 1u) / WG;
-    let wid = level_workgroup(wg);
+    let wid = dispatch_workgroup(wg);
     let tensor = wid / wgs_per_tensor;
     let g = (wid % wgs_per_tensor) * WG + lid;
     if (tensor >= params.pooled || g >= per_tensor) {
@@ -69,17 +70,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let out = (bh * params.coarse_rows + info.row_offset + row) * d + c;
     var s = 0.0;
     if (params.learned == 0u && sel.level > 0u) {
-        // S(l, a, j) = S(l-1, 2a + (2j) / p, (2j) mod p) and the one after it (tokens
-        // [a w_l + j s_l, + s_l) with s_l = 2 s_(l-1)); either may be empty at the end.
+        // S(l, a, j) is the union of two level l-1 sub-windows; either may be empty at the end.
         let prev = params.levels[sel.level - 1u];
         var total = 0u;
         for (var h = 0u; h < 2u; h++) {
-            let jj = 2u * j + h;
-            let child_a = 2u * a + jj / p;
-            let child_j = jj % p;
-            let count = sub_window_count(prev.window, child_a, child_j);
+            let child = sub_window_child(p, a, j, h);
+            let count = sub_window_count(params.n, prev.window, p, child.x, child.y);
             if (count > 0u) {
-                let row_in = bh * params.coarse_rows + prev.row_offset + child_a * p + child_j;
+                let row_in = bh * params.coarse_rows + prev.row_offset + child.x * p + child.y;
                 s += f32(count) * coarse_input(tensor, row_in * d + c);
                 total += count;
             }
@@ -94,21 +92,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // one chunk and this dispatch covers exactly the windows of its chunk.
         let head = (bh * params.n - params.row_base) * d;
         if (params.learned == 0u) {
-            let count = sub_window_count(win, a, j);
-            let start = a * win + j * (win / p);
-            for (var t = 0u; t < count; t++) {
-                s += input(tensor, head + (start + t) * d + c);
+            let tokens = sub_window(params.n, win, p, a, j);
+            for (var t = tokens.x; t < tokens.y; t++) {
+                s += input(tensor, head + t * d + c);
             }
-            if (count > 0u) {
-                s /= f32(count);
+            if (tokens.y > tokens.x) {
+                s /= f32(tokens.y - tokens.x);
             }
         } else {
             // Depthwise convolution, kernel = stride = w_l; tokens beyond n count as zero.
-            let start = a * win;
-            let len = min(win, params.n - start);
+            let tokens = window_range(params.n, win, a);
             let wrow = tensor * params.weight_stride + info.weight_offset + (c * p + j) * win;
-            for (var t = 0u; t < len; t++) {
-                s += w[wrow + t] * input(tensor, head + (start + t) * d + c);
+            for (var t = 0u; t < tokens.y - tokens.x; t++) {
+                s += w[wrow + t] * input(tensor, head + (tokens.x + t) * d + c);
             }
             s += b[tensor * params.bias_stride + sel.level * d * p + c * p + j];
         }

@@ -7,7 +7,8 @@
 // CPU mirror: `cpu::backward::downsample_backward`.
 
 #import params
-#import dispatch
+#import geometry
+#import level_select
 
 // Learned weights [keys | values | ...], each kind the levels' (d, p, w_l) concatenated,
 // params.weight_stride elements apart (the forward's layout).
@@ -34,17 +35,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let info = params.levels[lvl];
         let w = info.window;
-        let a = t / w;
-        let tt = t - a * w;
+        let s = sub_window_of(w, p, t);
+        let a = s.x;
         let rows = (bh * params.coarse_rows + info.row_offset + a * p) * d + c;
         if (params.learned == 0u) {
-            let j = tt / (w / p);
-            let count = f32(sub_window_count(w, a, j));
+            let j = s.y;
+            let count = f32(sub_window_count(n, w, p, a, j));
             gk += dcoarse_k[rows + j * d] / count;
             gv += dcoarse_v[rows + j * d] / count;
         } else {
             for (var j = 0u; j < p; j++) {
-                let widx = info.weight_offset + (c * p + j) * w + tt;
+                let widx = info.weight_offset + (c * p + j) * w + (t - a * w);
                 gk += w_all[widx] * dcoarse_k[rows + j * d];
                 gv += w_all[params.weight_stride + widx] * dcoarse_v[rows + j * d];
             }

@@ -5,6 +5,7 @@
 // coarse_attention and upsample_merge add the levels. CPU mirror: `cpu::fma_forward`.
 
 #import params
+#import geometry
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
@@ -14,6 +15,7 @@
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;    // (bh, n, d)
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // (bh, n)
 
+#import key_tiles
 #import online_softmax
 #import near_field
 #import far_field
@@ -27,13 +29,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = params.n;
     let m = params.m;
     // The fine blocks of the chunk [chunk_lo, chunk_hi) (all of them unless split).
-    let blocks = (params.chunk_hi - params.chunk_lo + m - 1u) / m;
+    let blocks = window_count(params.chunk_hi - params.chunk_lo, m);
     let tiles = blocks * params.tiles_per_block;
     let bh = wid / tiles;
     let tile = wid % tiles;
     let a0 = params.chunk_lo / m + tile / params.tiles_per_block;
-    let i0 = a0 * m + (tile % params.tiles_per_block) * WG;
-    let i1 = min(min(i0 + WG, (a0 + 1u) * m), n);
+    let block = window_range(n, m, a0);
+    let i0 = block.x + (tile % params.tiles_per_block) * WG;
+    let i1 = min(i0 + WG, block.y);
     let i = i0 + lid;
     let in_tile = i < i1;
     // Element offset of row 0 of this head in the bound tensors. A split head's bindings start
@@ -44,12 +47,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     begin_row(head, i, in_tile);
 
-    // Level 0, the near field: blocks a0-1, a0, a0+1 (causal: a0-1, a0 up to the last query).
-    let t_lo = select(0u, (a0 - 1u) * m, a0 > 0u);
-    let t_hi = select(min((a0 + 2u) * m, n), i1, causal);
-    attend_fine_keys(head, t_lo, t_hi, i, causal, lid);
+    // Level 0, the near field; causal: the tile's keys stop at its last query (the mask in
+    // attend_fine_keys does the rest per row).
+    let near = near_keys(n, m, a0, causal);
+    attend_fine_keys(head, near.x, select(near.y, i1, causal), i, causal, lid);
 
-    // Coarse levels, window a = floor(a0 / 2^(l-1)) (none with coarse queries).
+    // Coarse levels (none with coarse queries).
     let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
     attend_far_field(bh, a0, causal, far_levels, lid);
 

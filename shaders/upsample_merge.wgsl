@@ -7,6 +7,7 @@
 // (one softmax over the union of the levels' keys, which this merge reproduces).
 
 #import params
+#import geometry
 #import level_select
 
 @group(0) @binding(1) var<storage, read> coarse_o: array<f32>;     // partial o~ (bh, coarse_rows, d)
@@ -19,7 +20,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = params.n;
     // Tokens [chunk_lo, chunk_hi) of every head (all of them unless the head is split).
     let span = params.chunk_hi - params.chunk_lo;
-    let t = level_workgroup(wg) * WG + lid;
+    let t = dispatch_workgroup(wg) * WG + lid;
     if (t >= params.batch_heads * span) {
         return;
     }
@@ -40,14 +41,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var big = lse0;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let info = params.levels[lvl];
-        let a = i / info.window;
-        let u = (i % info.window) / (info.window / p);
-        rows[lvl] = bh * params.coarse_rows + info.row_offset + a * p + u;
+        let s = sub_window_of(info.window, p, i);
+        rows[lvl] = bh * params.coarse_rows + info.row_offset + s.x * p + s.y;
         weight[lvl] = coarse_lse[rows[lvl]];
-        // Far list of a (bidirectional): a-2 (a-3 too if odd) and a+2 (a+3 too if even).
-        let before = a >= 2u;
-        let after = a + 2u < info.windows;
-        present[lvl] = before || after;
+        // Coarse queries are bidirectional only (the config refuses causal + coarse queries).
+        present[lvl] = far_count(s.x, info.windows, false) > 0u;
         if (present[lvl]) {
             big = max(big, weight[lvl]);
         }

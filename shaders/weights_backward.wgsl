@@ -7,7 +7,7 @@
 // CPU mirror: the `Downsample::Learned` branch of `cpu::backward::downsample_backward`.
 
 #import params
-#import dispatch
+#import level_select
 
 @group(0) @binding(1) var<storage, read> k: array<f32>;                // (bh, n, d)
 @group(0) @binding(2) var<storage, read> v: array<f32>;                // (bh, n, d)

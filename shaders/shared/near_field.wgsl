@@ -1,36 +1,7 @@
-// Fine keys at full resolution (level 0, and every key of the dense baseline): staging tiles
-// of K and V rows and attending to a contiguous range of them, with the causal mask.
+// Fine keys at full resolution (level 0, and every key of the dense baseline): attending to a
+// contiguous range of them, a tile at a time, with the causal mask.
 // CPU mirror: the `SeenKey::Fine` arm of `cpu::fma_forward`, and `cpu::dense_attention`.
-// Needs from the importer: online_softmax; bindings k, v.
-
-// Stages fine keys/values [start, start + count) of the head at element offset `head`
-// (count <= BK), zero-padded to D4 vec4s per row. Call in uniform control flow.
-fn stage_fine_tile(head: u32, start: u32, count: u32, lid: u32) {
-    let d = params.d;
-    // Only the rows consume_tile reads (r < count): a short tile costs what it holds.
-    for (var idx = lid; idx < count * D4; idx += WG) {
-        let r = idx / D4;
-        let c4 = idx % D4;
-        var kk = vec4<f32>(0.0);
-        var vv = vec4<f32>(0.0);
-        if (r < count) {
-            let base = head + (start + r) * d;
-            for (var e = 0u; e < 4u; e++) {
-                let c = c4 * 4u + e;
-                if (c < d) {
-                    kk[e] = k[base + c];
-                    vv[e] = v[base + c];
-                }
-            }
-        }
-        tile_k[idx] = kk;
-        tile_v[idx] = vv;
-    }
-    for (var r = lid; r < count; r += WG) {
-        tile_bias[r] = 0.0;
-    }
-}
-
+// Needs from the importer: key_tiles, online_softmax.
 
 // Attends query row i (of a workgroup whose rows all share the range) to fine keys
 // [t_lo, t_hi) of the head at element offset `head`, in tiles of BK; causal: keys t <= i only.

@@ -1,17 +1,11 @@
 // The tiled online softmax shared by the attention passes: one invocation owns one query row
 // (q, running max, running sum, weighted value sum in registers); keys and values arrive in
-// tiles of BK rows staged in workgroup memory by the whole workgroup (`near_field.wgsl` stages
-// fine keys, `far_field.wgsl` coarse ones), so no score matrix ever reaches device memory.
+// tiles of BK rows staged in workgroup memory (`key_tiles.wgsl`) by the whole workgroup
+// (`near_field.wgsl` attends fine keys, `far_field.wgsl` coarse ones), so no score matrix ever
+// reaches device memory.
 // CPU mirror: `cpu::softmax_row`.
-// Needs from the importer: consts D4 (= ceil(d / 4)), BK, WG; params; bindings q, out, lse.
-
-// Each staged key carries a logit offset in tile_bias: 0 for fine keys, ln |S| for corrected
-// coarse keys, ABSENT (params.wgsl) for an empty sub-window.
-const NEG_START: f32 = -1e30;
-
-var<workgroup> tile_k: array<vec4<f32>, BK * D4>;
-var<workgroup> tile_v: array<vec4<f32>, BK * D4>;
-var<workgroup> tile_bias: array<f32, BK>;
+// Needs from the importer: consts D4 (= ceil(d / 4)), BK, WG; params; key_tiles; bindings q,
+// out, lse.
 
 var<private> q_row: array<vec4<f32>, D4>;
 var<private> acc: array<vec4<f32>, D4>;
@@ -35,7 +29,7 @@ fn begin_row(head: u32, i: u32, in_tile: bool) {
         q_row[c4] = x * params.scale;
         acc[c4] = vec4<f32>(0.0);
     }
-    run_max = NEG_START;
+    run_max = ABSENT;
     run_sum = 0.0;
     tile_rows_begin();
 }

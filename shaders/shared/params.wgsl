@@ -40,8 +40,9 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 
-// Logit offset of a key that does not exist (an empty sub-window), and the LSE of a partial
-// result over no key. A sentinel, not -inf: WGSL implementations may assume finite floats.
+// The logit of a key that does not exist: the offset of an empty sub-window's coarse key, the
+// running maximum before any key, and the LSE of a partial result over no key. A sentinel, not
+// -inf: WGSL implementations may assume finite floats.
 const ABSENT: f32 = -1e30;
 
 // Linear workgroup index of a dispatch folded into (x, y) to stay under 65535 per dimension.
@@ -49,13 +50,12 @@ fn linear_workgroup(wg: vec3<u32>) -> u32 {
     return wg.x + wg.y * params.workgroups_x;
 }
 
-// |S(l, a, j)|: real tokens of sub-window j of window a (0 for an empty one). CPU mirror:
-// `levels::sub_window`.
-fn sub_window_count(w: u32, a: u32, j: u32) -> u32 {
-    let s = w / params.p;
-    let start = a * w + j * s;
-    if (start >= params.n) {
-        return 0u;
+// Logit offset of a coarse key standing for `count` tokens (algorithm.md §5): ln count under
+// the count correction, 0 without it, ABSENT for an empty sub-window. CPU mirror: the
+// `SeenKey::Coarse` arm of `cpu::fma_forward`.
+fn coarse_key_bias(count: u32) -> f32 {
+    if (count == 0u) {
+        return ABSENT;
     }
-    return min(start + s, params.n) - start;
+    return select(0.0, log(f32(count)), params.count_correction != 0u);
 }

@@ -10,7 +10,7 @@ fn tile_rows_begin() {}
 fn consume_tile(count: u32, visible: u32) {
     let n_keys = min(count, visible);
     var s: array<f32, BK>;
-    var tile_max = NEG_START;
+    var tile_max = ABSENT;
     var seen_any = false;
     for (var r = 0u; r < count; r++) {
         if (r < n_keys) {

@@ -151,13 +151,13 @@ fn consume_tile(count: u32, visible: u32) {
     let n_keys = min(count, visible);
     let groups = (count + 3u) / 4u;
     var s: array<vec4<f32>, (BK + 3u) / 4u>;
-    var tile_max = NEG_START;
+    var tile_max = ABSENT;
     for (var g = 0u; g < groups; g++) {
         let r = g * 4u;
         let ok = keys_ok(r, n_keys);
         let bias = vec4<f32>(tile_bias[min(r, BK - 1u)], tile_bias[min(r + 1u, BK - 1u)],
                              tile_bias[min(r + 2u, BK - 1u)], tile_bias[min(r + 3u, BK - 1u)]);
-        let masked = select(vec4<f32>(NEG_START), tile_dots(r, ok) + bias, ok);
+        let masked = select(vec4<f32>(ABSENT), tile_dots(r, ok) + bias, ok);
         s[g] = masked;
         tile_max = max(tile_max, max(max(masked.x, masked.y), max(masked.z, masked.w)));
     }

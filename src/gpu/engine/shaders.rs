@@ -13,15 +13,16 @@ pub use crate::plan::{Pass, Specialization};
 fn shared(name: &str) -> Option<&'static str> {
     match name {
         "params" => Some(include_str!("../../../shaders/shared/params.wgsl")),
+        "geometry" => Some(include_str!("../../../shaders/shared/geometry.wgsl")),
+        "level_select" => Some(include_str!("../../../shaders/shared/level_select.wgsl")),
         "online_softmax" => Some(include_str!("../../../shaders/shared/online_softmax.wgsl")),
-        "dispatch" => Some(include_str!("../../../shaders/shared/dispatch.wgsl")),
-        "backward_keys" => Some(include_str!("../../../shaders/shared/backward_keys.wgsl")),
+        "key_tiles" => Some(include_str!("../../../shaders/shared/key_tiles.wgsl")),
+        "coarse_tiles" => Some(include_str!("../../../shaders/shared/coarse_tiles.wgsl")),
+        "near_field" => Some(include_str!("../../../shaders/shared/near_field.wgsl")),
+        "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
         "backward_queries" => Some(include_str!(
             "../../../shaders/shared/backward_queries.wgsl"
         )),
-        "near_field" => Some(include_str!("../../../shaders/shared/near_field.wgsl")),
-        "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
-        "level_select" => Some(include_str!("../../../shaders/shared/level_select.wgsl")),
         _ => None,
     }
 }
@@ -58,6 +59,15 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
         Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg),
         None => out,
     }
+}
+
+/// Resolves the `#import` lines of WGSL `text` against the library's shared snippets
+/// (`shaders/shared/*.wgsl`, e.g. `#import geometry`), for tests and tools that build their own
+/// WGSL on them. The plain variant: `#import tile_rows` gets the one without subgroups.
+pub fn resolve_imports(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    push_resolved(&mut out, text, false);
+    out
 }
 
 /// Writes out the `//#unroll` loops of `tile_rows_subgroup.wgsl` for `d4` and subgroup size
@@ -194,6 +204,16 @@ mod tests {
                     });
                 }
             }
+        }
+    }
+
+    #[test]
+    fn geometry_stands_alone() {
+        // No params, no bindings: a test shader or a 2D sibling can import it on its own.
+        let src = resolve_imports("#import geometry\n");
+        assert!(src.contains("fn far_run("));
+        if let Err(e) = validate(&src) {
+            panic!("geometry.wgsl alone does not validate:\n{e}");
         }
     }
 
