@@ -62,10 +62,11 @@ pub struct Params {
 }
 
 /// Mirror of WGSL `LevelSelect` (`shaders/shared/level_select.wgsl`): one per dispatch of the
-/// per-level passes, at a dynamic offset.
+/// passes whose descriptor asks for it (the per-level forward passes and every backward pass),
+/// at a dynamic offset.
 #[derive(Clone, Copy, Debug, Default, ShaderType)]
 pub struct LevelSelect {
-    /// Level index l - 1 (unused by upsample_merge).
+    /// Level index l - 1 (unused by the passes that cover every level at once).
     pub level: u32,
     /// x size of this dispatch's folded grid.
     pub workgroups_x: u32,

@@ -31,7 +31,7 @@ fn entry(binding: u32, access: Access, dynamic: bool) -> wgpu::BindGroupLayoutEn
 pub(crate) struct Kernels {
     /// Group 0 of every pass, from its descriptor.
     group0: HashMap<Pass, wgpu::BindGroupLayout>,
-    /// Group 1 of the per-level passes: the level selector at a dynamic offset.
+    /// Group 1 of the passes with a level selector, at a dynamic offset.
     pub level_select: wgpu::BindGroupLayout,
     /// Subgroup size the attention passes are composed for (`shaders::compose_for`); `None`
     /// without subgroup operations. Fixed per device, so it is not part of the cache key.

@@ -1,7 +1,8 @@
 //! The one record loop: a plan's steps into a compute pass. Group 0 of each step's pass is
-//! bound from the executor's [`Resources`] by the roles in the pass's descriptor, group 1 (the
-//! per-level passes) to the step's [`LevelSelect`] slot. No pass is special-cased here: what a
-//! pass binds is its descriptor's business, which buffers fill the roles the executor's.
+//! bound from the executor's [`Resources`] by the roles in the pass's descriptor, group 1
+//! (passes with a level selector) to the step's [`LevelSelect`] slot. No pass is special-cased
+//! here: what a pass binds is its descriptor's business, which buffers fill the roles the
+//! executor's.
 
 use std::collections::HashMap;
 
