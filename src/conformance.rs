@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::closeness::closeness;
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::cpu::{self, widen};
 use crate::error::Result;
@@ -190,21 +191,11 @@ pub fn suite() -> Vec<Case> {
     cases
 }
 
+/// The largest error and whether every element is within [`ATOL`] + [`RTOL`] |ref| (a missing
+/// element, such as an LSE that was not returned, fails).
 fn max_err(gpu: &[f32], reference: &[f64]) -> (f64, bool) {
-    let mut worst = 0f64;
-    let mut ok = gpu.len() == reference.len();
-    for (&g, &r) in gpu.iter().zip(reference) {
-        let e = (g as f64 - r).abs();
-        if e.is_nan() || e > ATOL + RTOL * r.abs() {
-            ok = false;
-        }
-        worst = if e.is_nan() {
-            f64::INFINITY
-        } else {
-            worst.max(e)
-        };
-    }
-    (worst, ok)
+    let c = closeness(gpu, reference, ATOL, RTOL);
+    (c.max_abs, c.passed())
 }
 
 /// K and V constant on every sub-window in `row`'s far lists (random elsewhere).

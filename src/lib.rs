@@ -8,6 +8,7 @@
 // executors shareable between native threads are then merely reference counts.
 #![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
 
+pub mod closeness;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod conformance;
