@@ -1,7 +1,10 @@
 //! The index maps of algorithm.md §2-3: levels, windows, sub-windows, near blocks, far lists.
 //!
-//! Everything here is pure integer arithmetic on (n, m, p); the CPU reference, the scheduler and
-//! (mirrored in `shaders/shared/levels.wgsl`) the GPU passes all use the same definitions.
+//! Everything here is pure integer arithmetic on (n, m, p), the home of the 1D index maps: the
+//! scheduler (`plan*.rs`) uses these functions directly, the CPU reference through the
+//! [`Geometry`](crate::geometry::Geometry) trait that [`Line`](crate::geometry::Line) implements
+//! with them, and the GPU passes mirror them in WGSL in `shaders/shared/geometry.wgsl` (being
+//! written with the shader restructuring on its own branch).
 //!
 //! Which keys a query in fine block `a0 = 6` sees, bidirectional, n = 16 m (each coarse window
 //! stands for p coarse keys, one per sub-window; every position is covered exactly once):

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conformance;
 pub mod cpu;
 pub mod error;
+pub mod geometry;
 pub mod gpu;
 pub mod gradients;
 pub mod levels;
@@ -27,6 +28,7 @@ pub mod weights;
 
 pub use config::{Downsample, FmaConfig, Queries};
 pub use error::{FmaError, Result};
+pub use geometry::Geometry;
 pub use gradients::{Gradients, LevelGradients};
 pub use shape::Shape;
 pub use weights::{LearnedWeights, LevelWeights};
