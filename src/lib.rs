@@ -8,11 +8,13 @@
 // executors shareable between native threads are then merely reference counts.
 #![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
 
+pub mod closeness;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod conformance;
 pub mod cpu;
 pub mod error;
+pub mod geometry;
 pub mod gpu;
 pub mod gradients;
 pub mod levels;
@@ -23,6 +25,7 @@ pub mod weights;
 
 pub use config::{Downsample, FmaConfig, Queries};
 pub use error::{FmaError, Result};
+pub use geometry::Geometry;
 pub use gradients::{Gradients, LevelGradients};
 pub use shape::Shape;
 pub use weights::{LearnedWeights, LevelWeights};

@@ -44,6 +44,23 @@ impl Shape {
         self.seq == self.seq_kv
     }
 
+    /// [`FmaError::ShapeMismatch`] unless there are as many keys as queries: FMA's levels are
+    /// those of one sequence (until incremental decoding plans a query block against a longer
+    /// cache).
+    pub fn check_self_attention(&self) -> Result<()> {
+        if self.is_self() {
+            return Ok(());
+        }
+        Err(FmaError::ShapeMismatch {
+            what: "FMA keys and values".into(),
+            expected: format!(
+                "as many keys as queries ({} rows): FMA's levels are those of one sequence",
+                self.seq
+            ),
+            got: format!("{} rows (seq_kv)", self.seq_kv),
+        })
+    }
+
     /// This shape with `heads` heads per batch element (and a batch of one): a run of heads.
     pub fn with_heads(&self, heads: usize) -> Self {
         Self::cross(1, heads, self.seq, self.seq_kv, self.head_dim)

@@ -11,13 +11,14 @@
 
 use crate::config::{Downsample, FmaConfig};
 use crate::error::Result;
+use crate::geometry::{Geometry, Line};
 use crate::gradients::{Gradients, LevelGradients};
-use crate::levels::{sub_window, window, Levels};
 use crate::shape::Shape;
 
+use super::checks::{check_geometry, check_inputs};
 use super::downsample::downsample_head;
-use super::gather::{seen_keys, SeenKey};
-use super::{check_inputs, dot};
+use super::gather::{seen_keys_in, SeenKey};
+use super::{count_bias, dot};
 
 /// Where a key's gradient goes: a fine row of K/V or a coarse row of level `level`.
 #[derive(Clone, Copy)]
@@ -40,9 +41,27 @@ pub fn fma_backward(
     check_inputs(q, k, v, shape)?;
     shape.check_len("dO", dout.len())?;
     cfg.validate(shape.head_dim, shape.seq)?;
+    let geometry = Line::new(shape.seq, cfg.block, cfg.rank, cfg.causal);
+    fma_backward_in(&geometry, q, k, v, dout, shape, cfg)
+}
+
+/// [`fma_backward`] in any geometry, the gradients of [`super::fma_forward_in`] with the same
+/// `geometry` and `cfg`: `shape.seq` must be `geometry.tokens()`; weight gradients of level l
+/// have the shape (d, p, `geometry.kernel_len(l)`) of its weights.
+pub fn fma_backward_in<G: Geometry + ?Sized>(
+    geometry: &G,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    shape: Shape,
+    cfg: &FmaConfig,
+) -> Result<Gradients<f64>> {
+    check_inputs(q, k, v, shape)?;
+    shape.check_len("dO", dout.len())?;
+    check_geometry(geometry, shape, cfg)?;
     cfg.validate_values()?;
-    let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
-    let levels = Levels::new(n, m, p);
+    let (n, d, p) = (shape.seq, shape.head_dim, geometry.rank());
     let scale = 1.0 / (d as f64).sqrt();
     let mut dq = vec![0f64; shape.elements()];
     let mut dk = vec![0f64; shape.elements()];
@@ -50,7 +69,7 @@ pub fn fma_backward(
     let mut dw: Option<Vec<LevelGradients<f64>>> = match &cfg.downsample {
         Downsample::Learned(w) => Some(
             (1..=w.levels.len())
-                .map(|l| LevelGradients::zeros(d, p, window(m, l)))
+                .map(|l| LevelGradients::zeros(d, p, geometry.kernel_len(l)))
                 .collect(),
         ),
         Downsample::Average => None,
@@ -63,8 +82,8 @@ pub fn fma_backward(
             &v[head.clone()],
             &dout[head.clone()],
         );
-        let coarse = downsample_head(kh, vh, d, &levels, &cfg.downsample);
-        // dK~, dV~ of every level, (windows * p, d) each.
+        let coarse = downsample_head(kh, vh, d, geometry, &cfg.downsample);
+        // dK~, dV~ of every level, (level_rows, d) each.
         let mut dck: Vec<Vec<f64>> = coarse.iter().map(|c| vec![0.0; c.keys.len()]).collect();
         let mut dcv = dck.clone();
         let (dqh, dkh, dvh) = (
@@ -76,7 +95,7 @@ pub fn fma_backward(
             let qi = &qh[i * d..(i + 1) * d];
             let doi = &doh[i * d..(i + 1) * d];
             // The forward row again: logits, key and value rows, where each gradient goes.
-            let keys: Vec<(f64, &[f64], &[f64], Slot)> = seen_keys(&levels, cfg.causal, i)
+            let keys: Vec<(f64, &[f64], &[f64], Slot)> = seen_keys_in(geometry, i)
                 .into_iter()
                 .map(|key| match key {
                     SeenKey::Fine(t) => {
@@ -92,12 +111,7 @@ pub fn fma_backward(
                         let c = &coarse[level - 1];
                         let row = window * p + j;
                         let kr = &c.keys[row * d..(row + 1) * d];
-                        let count = sub_window(n, m, p, level, window, j).len() as f64;
-                        let bias = if cfg.count_correction {
-                            count.ln()
-                        } else {
-                            0.0
-                        };
+                        let bias = count_bias(geometry, cfg, level, row);
                         (
                             dot(qi, kr) * scale + bias,
                             kr,
@@ -136,7 +150,7 @@ pub fn fma_backward(
                 }
             }
         }
-        downsample_backward(kh, vh, &dck, &dcv, d, &levels, cfg, dkh, dvh, dw.as_mut());
+        downsample_backward(kh, vh, &dck, &dcv, d, geometry, cfg, dkh, dvh, dw.as_mut());
     }
     Ok(Gradients {
         dq,
@@ -148,56 +162,53 @@ pub fn fma_backward(
 
 /// Sends the coarse gradients dK~, dV~ of one head back through the downsampling
 /// (algorithm.md §8): adds their share to `dk`, `dv` (n, d), and in Learned mode adds
-/// dW[c,j,t] = sum_a dK~[a*p+j, c] K[a*w+t, c] and db[c,j] = sum_a dK~[a*p+j, c] to `dw`.
+/// dW[c,j,k] = sum over rows r of basis j of dK~[r, c] K[token of tap k, c] and
+/// db[c,j] = sum over those rows of dK~[r, c] to `dw`.
 #[allow(clippy::too_many_arguments)]
-fn downsample_backward(
+fn downsample_backward<G: Geometry + ?Sized>(
     k: &[f64],
     v: &[f64],
     dck: &[Vec<f64>],
     dcv: &[Vec<f64>],
     d: usize,
-    levels: &Levels,
+    geometry: &G,
     cfg: &FmaConfig,
     dk: &mut [f64],
     dv: &mut [f64],
     mut dw: Option<&mut Vec<LevelGradients<f64>>>,
 ) {
-    let (n, m, p) = (levels.n, levels.m, levels.p);
-    for (li, lv) in levels.levels.iter().enumerate() {
-        let win = lv.window;
-        for a in 0..lv.windows {
-            for j in 0..p {
-                let row = a * p + j;
-                let (gk, gv) = (
-                    &dck[li][row * d..(row + 1) * d],
-                    &dcv[li][row * d..(row + 1) * d],
-                );
-                match &cfg.downsample {
-                    Downsample::Average => {
-                        let s = sub_window(n, m, p, lv.level, a, j);
-                        let count = s.len() as f64;
-                        for t in s {
-                            for c in 0..d {
-                                dk[t * d + c] += gk[c] / count;
-                                dv[t * d + c] += gv[c] / count;
-                            }
+    let p = geometry.rank();
+    for level in 1..=geometry.num_levels() {
+        let li = level - 1;
+        for row in 0..geometry.level_rows(level) {
+            let (gk, gv) = (
+                &dck[li][row * d..(row + 1) * d],
+                &dcv[li][row * d..(row + 1) * d],
+            );
+            match &cfg.downsample {
+                Downsample::Average => {
+                    let count = geometry.row_count(level, row) as f64;
+                    for t in geometry.row_tokens(level, row).into_iter().flatten() {
+                        for c in 0..d {
+                            dk[t * d + c] += gk[c] / count;
+                            dv[t * d + c] += gv[c] / count;
                         }
                     }
-                    Downsample::Learned(wts) => {
-                        let lw = &wts.levels[li];
-                        let g = dw.as_deref_mut().map(|g| &mut g[li]);
-                        let mut g = g;
-                        for c in 0..d {
-                            if let Some(g) = g.as_deref_mut() {
-                                g.bk[c * p + j] += gk[c];
-                                g.bv[c * p + j] += gv[c];
-                            }
-                            for t in 0..win {
-                                let tok = a * win + t;
-                                if tok >= n {
-                                    break; // tokens beyond n are zeros: no gradient
-                                }
-                                let widx = (c * p + j) * win + t;
+                }
+                Downsample::Learned(wts) => {
+                    let lw = &wts.levels[li];
+                    let mut g = dw.as_deref_mut().map(|g| &mut g[li]);
+                    let (j, taps) = (row % p, geometry.kernel_len(level));
+                    let runs = geometry.kernel_taps(level, row);
+                    for c in 0..d {
+                        if let Some(g) = g.as_deref_mut() {
+                            g.bk[c * p + j] += gk[c];
+                            g.bv[c * p + j] += gv[c];
+                        }
+                        for run in &runs {
+                            // Tokens beyond n are zeros: no taps there, no gradient.
+                            for (kidx, tok) in (run.kernel..).zip(run.tokens.clone()) {
+                                let widx = (c * p + j) * taps + kidx;
                                 dk[tok * d + c] += lw.wk[widx] as f64 * gk[c];
                                 dv[tok * d + c] += lw.wv[widx] as f64 * gv[c];
                                 if let Some(g) = g.as_deref_mut() {

@@ -12,35 +12,31 @@
 
 use super::downsample::{downsample_one, Pooled};
 use crate::config::Downsample;
-use crate::levels::Levels;
+use crate::geometry::Geometry;
 
-/// One head's coarse queries: per level l = 1..=L a (windows * p, d) row-major tensor, row
-/// a*p + u pooling the queries of sub-window S(l, a, u).
-pub struct CoarseQueries {
+/// One head's coarse queries: per level l = 1..=L a (level_rows, d) row-major tensor, row r
+/// pooling the queries of the tokens row r stands for (1D: row a*p + u pools S(l, a, u)).
+pub struct CoarseQueries<'g, G: Geometry + ?Sized> {
+    geometry: &'g G,
     per_level: Vec<Vec<f64>>,
-    windows: Vec<usize>,
     d: usize,
-    p: usize,
 }
 
-impl CoarseQueries {
-    /// Pools one head's queries `q` of shape (n, d) at every level of `levels`.
-    pub fn new(q: &[f64], d: usize, levels: &Levels, mode: &Downsample) -> Self {
+impl<'g, G: Geometry + ?Sized> CoarseQueries<'g, G> {
+    /// Pools one head's queries `q` of shape (n, d) at every level of `geometry`.
+    pub fn new(q: &[f64], d: usize, geometry: &'g G, mode: &Downsample) -> Self {
         Self {
-            per_level: downsample_one(q, d, levels, mode, Pooled::Queries),
-            windows: levels.levels.iter().map(|l| l.window).collect(),
+            geometry,
+            per_level: downsample_one(q, d, geometry, mode, Pooled::Queries),
             d,
-            p: levels.p,
         }
     }
 
-    /// The coarse query token `i` takes at coarse level `level` (>= 1): that of the sub-window
-    /// S(l, a, u) holding i, a = floor(i / w_l), u = floor((i mod w_l) / (w_l / p)).
+    /// The coarse query token `i` takes at coarse level `level` (>= 1): that of the row whose
+    /// tokens hold i (1D: S(l, a, u), a = floor(i / w_l), u = floor((i mod w_l) / (w_l / p))).
     /// This is the upsampling by repetition of §6.
     pub fn of_token(&self, level: usize, i: usize) -> &[f64] {
-        let w = self.windows[level - 1];
-        let (a, u) = (i / w, (i % w) / (w / self.p));
-        let row = a * self.p + u;
+        let row = self.geometry.row_of_token(level, i);
         &self.per_level[level - 1][row * self.d..(row + 1) * self.d]
     }
 }

@@ -6,11 +6,13 @@
 
 use crate::config::FmaConfig;
 use crate::error::{FmaError, Result};
-use crate::levels::{sub_window, Levels};
+use crate::geometry::{Geometry, Line};
 use crate::shape::Shape;
 
+use super::checks::{check_geometry, check_inputs};
 use super::downsample::downsample_head;
-use super::gather::{seen_keys, SeenKey};
+use super::gather::{seen_keys_in, SeenKey};
+use super::{count_bias, dot};
 
 /// One query's softmax, summed per level.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,10 +38,29 @@ pub fn level_mass(
     bh: usize,
     i: usize,
 ) -> Result<LevelMass> {
-    super::check_inputs(q, k, v, shape)?;
+    check_inputs(q, k, v, shape)?;
     cfg.validate(shape.head_dim, shape.seq)?;
+    let geometry = Line::new(shape.seq, cfg.block, cfg.rank, cfg.causal);
+    level_mass_in(&geometry, q, k, v, shape, cfg, bh, i)
+}
+
+/// [`level_mass`] in any geometry (`shape.seq` must be `geometry.tokens()`); the keys and logits
+/// are those of [`super::fma_forward_in`] with the same `geometry` and `cfg`.
+#[allow(clippy::too_many_arguments)]
+pub fn level_mass_in<G: Geometry + ?Sized>(
+    geometry: &G,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    cfg: &FmaConfig,
+    bh: usize,
+    i: usize,
+) -> Result<LevelMass> {
+    check_inputs(q, k, v, shape)?;
+    check_geometry(geometry, shape, cfg)?;
     cfg.validate_values()?;
-    let (n, d, p) = (shape.seq, shape.head_dim, cfg.rank);
+    let (n, d, p) = (shape.seq, shape.head_dim, geometry.rank());
     for (what, value, bound) in [("head", bh, shape.batch_heads()), ("query", i, n)] {
         if value >= bound {
             return Err(FmaError::ShapeMismatch {
@@ -49,26 +70,19 @@ pub fn level_mass(
             });
         }
     }
-    let levels = Levels::new(n, cfg.block, p);
     let head = bh * n * d..(bh + 1) * n * d;
     let (kh, vh) = (&k[head.clone()], &v[head.clone()]);
     let qi = &q[head.start + i * d..head.start + (i + 1) * d];
-    let coarse = downsample_head(kh, vh, d, &levels, &cfg.downsample);
+    let coarse = downsample_head(kh, vh, d, geometry, &cfg.downsample);
     let scale = 1.0 / (d as f64).sqrt();
-    let dot = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
-    let logits: Vec<(usize, f64)> = seen_keys(&levels, cfg.causal, i)
+    let logits: Vec<(usize, f64)> = seen_keys_in(geometry, i)
         .into_iter()
         .map(|key| match key {
             SeenKey::Fine(t) => (0, dot(qi, &kh[t * d..(t + 1) * d]) * scale),
             SeenKey::Coarse { level, window, j } => {
-                let row = (window * p + j) * d..(window * p + j + 1) * d;
-                let count = sub_window(n, cfg.block, p, level, window, j).len() as f64;
-                let bias = if cfg.count_correction {
-                    count.ln()
-                } else {
-                    0.0
-                };
-                let s = dot(qi, &coarse[level - 1].keys[row]) * scale + bias;
+                let row = window * p + j;
+                let bias = count_bias(geometry, cfg, level, row);
+                let s = dot(qi, &coarse[level - 1].keys[row * d..(row + 1) * d]) * scale + bias;
                 (level, s)
             }
         })
@@ -77,8 +91,8 @@ pub fn level_mass(
         .iter()
         .map(|&(_, s)| s)
         .fold(f64::NEG_INFINITY, f64::max);
-    let mut mass = vec![0f64; levels.count() + 1];
-    let mut keys = vec![0usize; levels.count() + 1];
+    let mut mass = vec![0f64; geometry.num_levels() + 1];
+    let mut keys = vec![0usize; geometry.num_levels() + 1];
     for &(l, s) in &logits {
         mass[l] += (s - max).exp();
         keys[l] += 1;
@@ -96,6 +110,7 @@ pub fn level_mass(
 mod tests {
     use super::*;
     use crate::cpu::{fma_forward, widen};
+    use crate::levels::Levels;
     use crate::random::{fresh_seed, normal_tensor};
 
     #[test]

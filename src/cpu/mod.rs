@@ -1,8 +1,13 @@
 //! The CPU reference, in f64: FMA with fine or coarse queries exactly as algorithm.md says, and
 //! exact dense softmax attention. It is the oracle of every GPU test, so it is written for reading,
 //! not for speed: per query, list the keys it sees, then take one softmax over them.
+//!
+//! The index maps come from a [`Geometry`] only: the public functions build the 1D [`Line`] of
+//! algorithm.md §2-3 from the configuration, and their `_in` twins take any geometry (the 2D
+//! grid of §9 is meant to be a second one).
 
 pub mod backward;
+mod checks;
 pub mod coarse;
 pub mod downsample;
 pub mod gather;
@@ -12,13 +17,14 @@ use crate::config::{FmaConfig, Queries};
 #[cfg(test)]
 use crate::error::FmaError;
 use crate::error::Result;
-use crate::levels::{sub_window, Levels};
+use crate::geometry::{Geometry, Line};
 use crate::shape::Shape;
+use checks::{check_geometry, check_inputs};
 use coarse::CoarseQueries;
 use downsample::downsample_head;
-use gather::{seen_keys, SeenKey};
+use gather::{seen_keys_in, SeenKey};
 
-pub use backward::fma_backward;
+pub use backward::{fma_backward, fma_backward_in};
 
 /// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
 /// log-sum-exp of the logits, shape (batch, heads, seq).
@@ -30,16 +36,23 @@ pub struct Reference {
     pub lse: Vec<f64>,
 }
 
-fn check_inputs(q: &[f64], k: &[f64], v: &[f64], shape: Shape) -> Result<()> {
-    shape.validate()?;
-    shape.check_len("Q", q.len())?;
-    shape.check_kv_len("K", k.len())?;
-    shape.check_kv_len("V", v.len())?;
-    Ok(())
-}
-
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The count correction of coarse row `row` of level `level` (algorithm.md §5): ln |S| added to
+/// its logit, or 0 when `cfg` turns the correction off.
+fn count_bias<G: Geometry + ?Sized>(
+    geometry: &G,
+    cfg: &FmaConfig,
+    level: usize,
+    row: usize,
+) -> f64 {
+    if cfg.count_correction {
+        (geometry.row_count(level, row) as f64).ln()
+    } else {
+        0.0
+    }
 }
 
 /// One softmax over `(logit, value row)` pairs: writes the weighted mean of the values into
@@ -78,21 +91,37 @@ pub fn fma_forward(
 ) -> Result<Reference> {
     check_inputs(q, k, v, shape)?;
     cfg.validate(shape.head_dim, shape.seq)?;
+    let geometry = Line::new(shape.seq, cfg.block, cfg.rank, cfg.causal);
+    fma_forward_in(&geometry, q, k, v, shape, cfg)
+}
+
+/// [`fma_forward`] in any geometry: `shape.seq` must be `geometry.tokens()`. The geometry decides
+/// which keys each query sees (it replaces `cfg.block`, `cfg.rank` and `cfg.causal`); `cfg`
+/// gives the downsampling, the count correction and the query resolution.
+pub fn fma_forward_in<G: Geometry + ?Sized>(
+    geometry: &G,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    cfg: &FmaConfig,
+) -> Result<Reference> {
+    check_inputs(q, k, v, shape)?;
+    check_geometry(geometry, shape, cfg)?;
     cfg.validate_values()?;
-    let (n, d, p) = (shape.seq, shape.head_dim, cfg.rank);
-    let levels = Levels::new(n, cfg.block, p);
+    let (n, d, p) = (shape.seq, shape.head_dim, geometry.rank());
     let scale = 1.0 / (d as f64).sqrt();
     let mut o = vec![0f64; shape.elements()];
     let mut lse = vec![0f64; shape.rows()];
     for bh in 0..shape.batch_heads() {
         let head = bh * n * d..(bh + 1) * n * d;
         let (qh, kh, vh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()]);
-        let coarse = downsample_head(kh, vh, d, &levels, &cfg.downsample);
+        let coarse = downsample_head(kh, vh, d, geometry, &cfg.downsample);
         let coarse_q = (cfg.queries == Queries::Coarse)
-            .then(|| CoarseQueries::new(qh, d, &levels, &cfg.downsample));
+            .then(|| CoarseQueries::new(qh, d, geometry, &cfg.downsample));
         for i in 0..n {
             let qi = &qh[i * d..(i + 1) * d];
-            let keys = seen_keys(&levels, cfg.causal, i);
+            let keys = seen_keys_in(geometry, i);
             let logit_value = keys.iter().map(|key| match *key {
                 SeenKey::Fine(t) => (
                     dot(qi, &kh[t * d..(t + 1) * d]) * scale,
@@ -101,16 +130,11 @@ pub fn fma_forward(
                 SeenKey::Coarse { level, window, j } => {
                     let query = coarse_q.as_ref().map_or(qi, |cq| cq.of_token(level, i));
                     let c = &coarse[level - 1];
-                    let row = (window * p + j) * d..(window * p + j + 1) * d;
-                    let count = sub_window(n, cfg.block, p, level, window, j).len() as f64;
-                    let bias = if cfg.count_correction {
-                        count.ln()
-                    } else {
-                        0.0
-                    };
+                    let row = window * p + j;
+                    let bias = count_bias(geometry, cfg, level, row);
                     (
-                        dot(query, &c.keys[row.clone()]) * scale + bias,
-                        &c.values[row],
+                        dot(query, &c.keys[row * d..(row + 1) * d]) * scale + bias,
+                        &c.values[row * d..(row + 1) * d],
                     )
                 }
             });

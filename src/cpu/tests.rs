@@ -1,28 +1,28 @@
-use super::gather::coverage;
+use super::gather::coverage_in;
 use super::*;
 use crate::config::Downsample;
-use crate::levels::{far_list, num_levels};
+use crate::geometry::cases;
+use crate::levels::num_levels;
 use crate::random::{fresh_seed, normal_tensor};
 use crate::weights::LearnedWeights;
 
+/// The tiling property (algorithm.md §3, §9): the keys query i sees cover every token it may
+/// see exactly once (causal: tokens 0..=i) and no other. Generic, so any geometry that
+/// implements the trait is checked by adding it to `geometry::cases`.
+fn assert_tiles<G: Geometry + ?Sized>(geometry: &G, label: &str) {
+    for i in 0..geometry.tokens() {
+        let cov = coverage_in(geometry, i);
+        for (t, &c) in cov.iter().enumerate() {
+            let want = if geometry.causal() && t > i { 0 } else { 1 };
+            assert_eq!(c, want, "{label}: query {i} covers key {t} {c} times");
+        }
+    }
+}
+
 #[test]
 fn tiling_property_holds_for_every_query() {
-    for &(m, p) in &[(1, 1), (2, 1), (4, 2), (6, 3), (16, 4), (64, 2)] {
-        for n in [1, 2, 3, 7, 31, 97, 128, 200, 1000, 1025] {
-            let levels = Levels::new(n, m, p);
-            for causal in [false, true] {
-                for i in 0..n {
-                    let cov = coverage(&levels, causal, i);
-                    for (t, &c) in cov.iter().enumerate() {
-                        let want = if causal && t > i { 0 } else { 1 };
-                        assert_eq!(
-                            c, want,
-                            "n={n} m={m} p={p} causal={causal} query {i} covers key {t} {c} times"
-                        );
-                    }
-                }
-            }
-        }
+    for (label, geometry) in cases::all() {
+        assert_tiles(&*geometry, &label);
     }
 }
 
@@ -56,28 +56,65 @@ fn no_coarse_levels_equals_dense() {
     }
 }
 
-/// K and V made constant on every sub-window in query i's far lists (random elsewhere), so
-/// that the coarse keys it sees are exactly the keys they stand for.
-pub(super) fn flatten_far_field(
+/// K and V made constant on the tokens of every coarse row query i sees (random elsewhere),
+/// so that the coarse keys it sees are exactly the keys they stand for.
+pub(super) fn flatten_far_field<G: Geometry + ?Sized>(
     k: &mut [f64],
     v: &mut [f64],
-    levels: &Levels,
+    geometry: &G,
     d: usize,
-    causal: bool,
     i: usize,
 ) {
-    for lv in &levels.levels {
-        for b in far_list(i / lv.window, causal, lv.windows) {
-            for j in 0..levels.p {
-                let s = sub_window(levels.n, levels.m, levels.p, lv.level, b, j);
-                let first = s.start;
-                for t in s {
-                    for c in 0..d {
-                        k[t * d + c] = k[first * d + c];
-                        v[t * d + c] = v[first * d + c];
-                    }
+    for level in 1..=geometry.num_levels() {
+        for row in geometry.coarse_rows(i, level) {
+            let tokens: Vec<usize> = geometry
+                .row_tokens(level, row)
+                .into_iter()
+                .flatten()
+                .collect();
+            let first = tokens[0];
+            for t in tokens {
+                for c in 0..d {
+                    k[t * d + c] = k[first * d + c];
+                    v[t * d + c] = v[first * d + c];
                 }
             }
+        }
+    }
+}
+
+/// Whether query i sees any coarse key.
+pub(super) fn has_far_field<G: Geometry + ?Sized>(geometry: &G, i: usize) -> bool {
+    (1..=geometry.num_levels()).any(|level| !geometry.coarse_rows(i, level).is_empty())
+}
+
+#[test]
+fn exact_in_every_geometry_when_k_v_are_constant_on_what_a_query_sees_coarsely() {
+    // algorithm.md §5 (Average mode): with K and V constant on the tokens of every coarse row
+    // query i sees, its FMA output is dense attention's, in any geometry. This checks the
+    // fine keys, the coarse rows, their tokens and counts (the correction) of each geometry
+    // against the one thing they must add up to.
+    let seed = fresh_seed();
+    let d = 4;
+    for (case, (label, geometry)) in cases::all().into_iter().enumerate() {
+        let n = geometry.tokens();
+        let shape = Shape::new(1, 1, n, d);
+        for i in [0, n / 2, n - 1] {
+            let s = seed + 10 * case as u64;
+            let q = widen(&normal_tensor(s, n * d));
+            let mut k = widen(&normal_tensor(s + 1, n * d));
+            let mut v = widen(&normal_tensor(s + 2, n * d));
+            flatten_far_field(&mut k, &mut v, &*geometry, d, i);
+            let cfg = FmaConfig::default(); // Average, count correction on
+            let f = fma_forward_in(&*geometry, &q, &k, &v, shape, &cfg).unwrap();
+            let (o, lse) =
+                dense_attention_rows(&q, &k, &v, shape, geometry.causal(), &[i]).unwrap();
+            let err = max_abs_diff(&f.o[i * d..(i + 1) * d], &o);
+            assert!(err < 1e-12, "seed {s} {label} query {i}: err {err}");
+            assert!(
+                (f.lse[i] - lse[0]).abs() < 1e-12,
+                "seed {s} {label} query {i}"
+            );
         }
     }
 }
@@ -94,15 +131,15 @@ fn exact_when_far_field_is_constant_on_sub_windows() {
         (97, 8, 2, false),
         (1000, 16, 4, false),
     ] {
-        let levels = Levels::new(n, m, p);
         let shape = Shape::new(1, 1, n, d);
         for causal in [false, true] {
+            let geometry = Line::new(n, m, p, causal);
             for (trial, i) in [0, n / 3, n / 2 + 1, n - 1].into_iter().enumerate() {
                 let s = seed + 10 * trial as u64;
                 let q = widen(&normal_tensor(s, n * d));
                 let mut k = widen(&normal_tensor(s + 1, n * d));
                 let mut v = widen(&normal_tensor(s + 2, n * d));
-                flatten_far_field(&mut k, &mut v, &levels, d, causal, i);
+                flatten_far_field(&mut k, &mut v, &geometry, d, i);
                 let mode = if learned {
                     Downsample::Learned(LearnedWeights::box_init_for(d, m, p, n))
                 } else {
@@ -121,11 +158,7 @@ fn exact_when_far_field_is_constant_on_sub_windows() {
 
                 // Without the count correction the far field is under-weighted: not exact
                 // (whenever query i has a far field at all).
-                let has_far = levels
-                    .levels
-                    .iter()
-                    .any(|lv| !far_list(i / lv.window, causal, lv.windows).is_empty());
-                if has_far {
+                if has_far_field(&geometry, i) {
                     let f0 = fma_forward(&q, &k, &v, shape, &cfg.clone().count_correction(false))
                         .unwrap();
                     assert!(max_abs_diff(&f0.o[row.clone()], &dn.o[row]) > 1e-6);
@@ -191,4 +224,57 @@ fn bad_input_is_a_typed_error() {
         fma_forward(&x, &x, &x, shape, &cfg),
         Err(FmaError::Weights(_))
     ));
+}
+
+#[test]
+fn a_config_that_does_not_fit_the_geometry_is_a_typed_error() {
+    let shape = Shape::new(1, 1, 10, 4);
+    let x = vec![0.5f64; 40];
+    let err = |g: &Line, cfg: &FmaConfig| fma_forward_in(g, &x, &x, &x, shape, cfg).unwrap_err();
+    let e = err(&Line::new(11, 4, 2, false), &FmaConfig::default());
+    assert!(
+        matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "sequence length"),
+        "{e}"
+    );
+    let coarse = FmaConfig::default().queries(Queries::Coarse);
+    let e = err(&Line::new(10, 2, 2, true), &coarse);
+    assert!(matches!(e, FmaError::CausalCoarseQueries), "{e}");
+    // n = 10, m = 2: two levels, kernels of 2 and 4 taps.
+    let mut w = LearnedWeights::box_init(4, 2, 2, 2);
+    w.levels[1].wv.pop();
+    let e = err(
+        &Line::new(10, 2, 2, false),
+        &FmaConfig::default().downsample(Downsample::Learned(w)),
+    );
+    assert!(
+        matches!(&e, FmaError::Weights(m) if m.contains("v_w2")),
+        "{e}"
+    );
+    let short = LearnedWeights::box_init(4, 2, 2, 1);
+    let e = err(
+        &Line::new(10, 2, 2, false),
+        &FmaConfig::default().downsample(Downsample::Learned(short)),
+    );
+    assert!(matches!(e, FmaError::Weights(_)), "{e}");
+}
+
+/// `Levels::keys_seen_total` (the flop count of the benchmarks) against the keys the reference
+/// gathers, query by query.
+#[test]
+fn keys_seen_total_counts_what_the_reference_gathers() {
+    for &(n, m, p) in &[(1, 4, 2), (97, 8, 2), (1000, 16, 4), (4096, 64, 2)] {
+        let lv = crate::levels::Levels::new(n, m, p);
+        for causal in [false, true] {
+            let direct: usize = (0..n)
+                .map(|i| super::gather::seen_keys(&lv, causal, i).len())
+                .sum();
+            assert_eq!(
+                lv.keys_seen_total(causal),
+                direct as u64,
+                "n={n} m={m} p={p} causal={causal}"
+            );
+        }
+    }
+    // algorithm.md §11: at most 218 keys per query for n = 4096, m = 64, p = 2.
+    assert!(crate::levels::Levels::new(4096, 64, 2).keys_seen_total(false) <= 218 * 4096);
 }

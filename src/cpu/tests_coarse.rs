@@ -2,10 +2,10 @@
 //! logits, the literal partial-and-merge form, and the refusal of causal + coarse.
 
 use super::coarse::CoarseQueries;
-use super::tests::{flatten_far_field, max_abs_diff};
+use super::tests::{flatten_far_field, has_far_field, max_abs_diff};
 use super::*;
 use crate::config::{Downsample, Queries};
-use crate::levels::{far_list, num_levels};
+use crate::levels::{far_list, num_levels, sub_window, Levels};
 use crate::random::{fresh_seed, normal_tensor};
 use crate::weights::LearnedWeights;
 
@@ -21,13 +21,13 @@ fn random_qkv(seed: u64, shape: Shape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     )
 }
 
-/// Q made constant (= q_i) on the sub-windows holding token i at every level (the top level's
-/// holds all the others), so every coarse query token i takes equals q_i.
-fn flatten_queries(q: &mut [f64], levels: &Levels, d: usize, i: usize) {
-    if let Some(top) = levels.levels.last() {
-        let w = top.window;
-        let (a, u) = (i / w, (i % w) / (w / levels.p));
-        for t in sub_window(levels.n, levels.m, levels.p, top.level, a, u) {
+/// Q made constant (= q_i) on the rows holding token i at every level (the top level's holds
+/// all the others), so every coarse query token i takes equals q_i.
+fn flatten_queries<G: Geometry + ?Sized>(q: &mut [f64], geometry: &G, d: usize, i: usize) {
+    let top = geometry.num_levels();
+    if top > 0 {
+        let row = geometry.row_of_token(top, i);
+        for t in geometry.row_tokens(top, row).into_iter().flatten() {
             for c in 0..d {
                 q[t * d + c] = q[i * d + c];
             }
@@ -50,13 +50,13 @@ fn coarse_queries_are_exact_when_q_k_v_are_constant_on_the_sub_windows_used() {
         (1000, 16, 4, false),
         (1000, 8, 8, false),
     ] {
-        let levels = Levels::new(n, m, p);
+        let geometry = Line::new(n, m, p, false);
         let shape = Shape::new(1, 1, n, d);
         for (trial, i) in [0, n / 3, n / 2 + 1, n - 1].into_iter().enumerate() {
             let s = seed + 10 * trial as u64;
             let (mut q, mut k, mut v) = random_qkv(s, shape);
-            flatten_far_field(&mut k, &mut v, &levels, d, false, i);
-            flatten_queries(&mut q, &levels, d, i);
+            flatten_far_field(&mut k, &mut v, &geometry, d, i);
+            flatten_queries(&mut q, &geometry, d, i);
             let mode = if learned {
                 Downsample::Learned(LearnedWeights::box_init_for(d, m, p, n))
             } else {
@@ -74,11 +74,7 @@ fn coarse_queries_are_exact_when_q_k_v_are_constant_on_the_sub_windows_used() {
             assert!((f.lse[i] - dn.lse[i]).abs() < 1e-12, "seed {s} i={i}");
 
             // The count correction on coarse-query logits is what makes it exact.
-            let has_far = levels
-                .levels
-                .iter()
-                .any(|lv| !far_list(i / lv.window, false, lv.windows).is_empty());
-            if has_far {
+            if has_far_field(&geometry, i) {
                 let f0 =
                     fma_forward(&q, &k, &v, shape, &cfg.clone().count_correction(false)).unwrap();
                 let err0 = max_abs_diff(&f0.o[row.clone()], &dn.o[row]);
@@ -148,9 +144,10 @@ fn reference_equals_the_literal_partial_and_merge_form_of_section_6() {
     let cfg = coarse(m, p);
     let want = fma_forward(&q, &k, &v, shape, &cfg).unwrap();
     let levels = Levels::new(n, m, p);
+    let line = Line::from_levels(levels.clone(), false);
     let scale = 1.0 / (d as f64).sqrt();
-    let kv = downsample_head(&k, &v, d, &levels, &mode);
-    let cq = CoarseQueries::new(&q, d, &levels, &mode);
+    let kv = downsample_head(&k, &v, d, &line, &mode);
+    let cq = CoarseQueries::new(&q, d, &line, &mode);
     type Partial = (f64, f64, Vec<f64>);
     let partial = |keys: Vec<(f64, &[f64])>| -> Partial {
         let mx = keys.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);

@@ -9,22 +9,6 @@ use crate::error::{FmaError, Result};
 use crate::levels::Levels;
 use crate::shape::Shape;
 
-/// FMA's levels are those of one sequence: as many keys as queries (until incremental
-/// decoding plans a query block against a longer cache).
-pub fn check_self_attention(shape: Shape) -> Result<()> {
-    if shape.is_self() {
-        return Ok(());
-    }
-    Err(FmaError::ShapeMismatch {
-        what: "FMA keys and values".into(),
-        expected: format!(
-            "as many keys as queries ({} rows): FMA's levels are those of one sequence",
-            shape.seq
-        ),
-        got: format!("{} rows (seq_kv)", shape.seq_kv),
-    })
-}
-
 /// Checks the shape and that Q, K, V and O each fit one storage binding.
 pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
     shape.validate()?;
@@ -101,7 +85,7 @@ impl FmaPlan {
         limits: &KernelLimits,
     ) -> Result<Self> {
         shape.validate()?;
-        check_self_attention(shape)?;
+        shape.check_self_attention()?;
         cfg.validate(shape.head_dim, shape.seq)?;
         let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
         if m > u32::MAX as usize / 4 {

@@ -19,7 +19,7 @@ pub use dispatch::{
     attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,
     MIN_KEY_TILE,
 };
-pub use forward::{check_self_attention, FmaPlan, Workspace};
+pub use forward::{FmaPlan, Workspace};
 pub use limits::KernelLimits;
 pub use pass::{Pass, Specialization};
 pub use split::{head_exceeds_binding, Chunk, SplitPlan};

@@ -1,4 +1,5 @@
-//! GPU test helpers: one shared context per test binary, and the closeness check.
+//! GPU test helpers: one shared context per test binary, the closeness check (the library's),
+//! learned weights that differ from the box, NaN-poisoned outputs and buffer read-back.
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
@@ -40,34 +41,10 @@ fn open(options: ContextOptions) -> Option<GpuContext> {
     }
 }
 
-/// Result of comparing a GPU tensor with the f64 reference: |gpu - ref| <= atol + rtol |ref|.
-#[derive(Debug)]
-pub struct Closeness {
-    pub violations: usize,
-    pub max_abs: f64,
-    pub worst_index: usize,
-}
-
-pub fn closeness(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> Closeness {
-    assert_eq!(gpu.len(), reference.len(), "length differs");
-    let mut c = Closeness {
-        violations: 0,
-        max_abs: 0.0,
-        worst_index: 0,
-    };
-    for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
-        let err = (g as f64 - r).abs();
-        // NaN (an unwritten poisoned element) fails: !(NaN <= x).
-        if err.is_nan() || err > atol + rtol * r.abs() {
-            c.violations += 1;
-        }
-        if err > c.max_abs || err.is_nan() {
-            c.max_abs = if err.is_nan() { f64::INFINITY } else { err };
-            c.worst_index = i;
-        }
-    }
-    c
-}
+/// The library's closeness check, |gpu - ref| <= atol + rtol |ref| with NaN failing, shared
+/// with the doctor's conformance suite and the browser tests. (Not every test binary uses it.)
+#[allow(unused_imports)]
+pub use multipole_attn::closeness::{closeness, Closeness};
 
 use multipole_attn::gpu::GpuTensors;
 use multipole_attn::{LearnedWeights, Shape};

@@ -18,8 +18,8 @@
 //! ```
 //!
 //! Options (`opts`) are checked in Rust: unknown fields, non-integers and values the algorithm
-//! does not allow are errors. `queries: "fine"` is the default and the only value until
-//! coarse-query FMA lands; see [`options::Queries`].
+//! does not allow are errors. `queries` is `"fine"` (the default, O(n log n)) or `"coarse"`
+//! (O(n), bidirectional only: with `causal: true` it throws); see [`options::Queries`].
 #![warn(missing_docs)]
 
 pub mod compare;

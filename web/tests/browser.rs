@@ -8,14 +8,16 @@
 //! Seeds are fresh per run (printed; the browser console shows them on failure). Output
 //! buffers are filled with NaN before the GPU runs, so an element no kernel writes fails.
 //!
-//! Tolerance, as in the native `tests/gpu_forward.rs`: |gpu - ref| <= 5e-5 + 5e-5 |ref| for O
-//! and 5e-5 + 1e-5 |ref| for the LSE. Inputs are N(0, 1), so logits are O(1..10) and O is a
-//! convex combination of O(1) values; f32 dot products of d <= 128 terms (relative error about
-//! sqrt(d) * 6e-8), WebGPU's exp (3 + 2|x| ulp, the same bound WGSL gives natively) and sums of
-//! at most a few hundred (FMA) or n (dense) terms give a few 1e-6. An indexing error (a key at
-//! the wrong level, a lost count correction) moves O by 1e-2 or more.
+//! Tolerance, as in the native `tests/gpu_forward.rs` and with the same check
+//! (`multipole_attn::closeness`): |gpu - ref| <= 5e-5 + 5e-5 |ref| for O and 5e-5 + 1e-5 |ref|
+//! for the LSE. Inputs are N(0, 1), so logits are O(1..10) and O is a convex combination of
+//! O(1) values; f32 dot products of d <= 128 terms (relative error about sqrt(d) * 6e-8),
+//! WebGPU's exp (3 + 2|x| ulp, the same bound WGSL gives natively) and sums of at most a few
+//! hundred (FMA) or n (dense) terms give a few 1e-6. An indexing error (a key at the wrong
+//! level, a lost count correction) moves O by 1e-2 or more.
 #![cfg(target_arch = "wasm32")]
 
+use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
@@ -33,25 +35,6 @@ const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
 const LSE_ATOL: f64 = 5e-5;
 const LSE_RTOL: f64 = 1e-5;
-
-/// Number of elements outside |gpu - ref| <= atol + rtol |ref| (NaN counts), and the largest error.
-fn violations(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> (usize, f64) {
-    assert_eq!(gpu.len(), reference.len());
-    let mut bad = 0;
-    let mut worst = 0f64;
-    for (&g, &r) in gpu.iter().zip(reference) {
-        let e = (g as f64 - r).abs();
-        if e.is_nan() || e > atol + rtol * r.abs() {
-            bad += 1;
-        }
-        worst = if e.is_nan() {
-            f64::INFINITY
-        } else {
-            worst.max(e)
-        };
-    }
-    (bad, worst)
-}
 
 fn opts(
     batch: usize,
@@ -217,11 +200,12 @@ async fn fma_matches_the_cpu_reference_under_browser_limits() {
         let o = read_back(ctx, &bufs.out).await;
         let lse = read_back(ctx, &bufs.lse).await;
         let r = cpu::fma_forward(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, &cfg).unwrap();
-        let (bad_o, err_o) = violations(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
-        let (bad_l, err_l) = violations(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
+        let co = closeness(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
+        let cl = closeness(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
+        let (err_o, err_l) = (co.max_abs, cl.max_abs);
         console_log!("{label}: max |O - ref| {err_o:.2e}, max |LSE - ref| {err_l:.2e}");
-        assert_eq!(bad_o, 0, "{label}: O off by up to {err_o}");
-        assert_eq!(bad_l, 0, "{label}: LSE off by up to {err_l}");
+        assert_eq!(co.violations, 0, "{label}: O off by up to {err_o}");
+        assert_eq!(cl.violations, 0, "{label}: LSE off by up to {err_l}");
     }
 }
 
@@ -260,9 +244,13 @@ async fn heads_split_across_small_bindings_match_unsplit_runs_to_the_bit() {
             "seed {seed} {cfg:?}"
         );
         let r = cpu::fma_forward(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, &cfg).unwrap();
-        let (bad, err) = violations(&split.o, &r.o, O_ATOL, O_RTOL);
-        console_log!("split {cfg:?}: max |O - ref| {err:.2e}");
-        assert_eq!(bad, 0, "seed {seed} {cfg:?}: O off by up to {err}");
+        let c = closeness(&split.o, &r.o, O_ATOL, O_RTOL);
+        console_log!("split {cfg:?}: max |O - ref| {:.2e}", c.max_abs);
+        assert_eq!(
+            c.violations, 0,
+            "seed {seed} {cfg:?}: O off by up to {}",
+            c.max_abs
+        );
     }
     for causal in [false, true] {
         let dense = |limit| DenseAttention::new(ctx, causal).unwrap().max_binding(limit);
@@ -302,9 +290,9 @@ async fn dense_matches_the_cpu_reference() {
         let o = read_back(ctx, &bufs.out).await;
         let r =
             cpu::dense_attention(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, causal).unwrap();
-        let (bad, err) = violations(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
-        console_log!("{label}: max |O - ref| {err:.2e}");
-        assert_eq!(bad, 0, "{label}: O off by up to {err}");
+        let c = closeness(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
+        console_log!("{label}: max |O - ref| {:.2e}", c.max_abs);
+        assert_eq!(c.violations, 0, "{label}: O off by up to {}", c.max_abs);
     }
 }
 
@@ -329,16 +317,16 @@ async fn exported_fma_and_dense_match_the_reference() {
                 .await
                 .unwrap();
             let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
-            let (bad, err) = violations(&got, &r.o, O_ATOL, O_RTOL);
-            assert_eq!(bad, 0, "{label}: FMA off by up to {err}");
+            let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
+            assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
             let exact = g
                 .dense(q.clone(), k.clone(), v.clone(), o.to_js().unwrap())
                 .await
                 .unwrap();
             let d =
                 cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, o.causal).unwrap();
-            let (bad, err) = violations(&exact, &d.o, O_ATOL, O_RTOL);
-            assert_eq!(bad, 0, "{label}: dense off by up to {err}");
+            let c = closeness(&exact, &d.o, O_ATOL, O_RTOL);
+            assert_eq!(c.violations, 0, "{label}: dense off by up to {}", c.max_abs);
             // compareOutputs agrees with the f64 distance between the two references, to
             // within the GPU's own error.
             let e = compare_outputs(&got, &exact).unwrap();

@@ -12,6 +12,7 @@
 //! missing term moves a gradient by O(0.1), far beyond both.
 
 use super::fma_backward;
+use crate::closeness::is_close;
 use crate::cpu::fma_forward;
 use crate::random::{fresh_seed, normal_tensor};
 use crate::{Downsample, FmaConfig, LearnedWeights, Shape};
@@ -46,9 +47,10 @@ fn random_weights(seed: u64, d: usize, m: usize, p: usize, n: usize) -> LearnedW
     w
 }
 
+/// The project's closeness check, the finite difference as the reference.
 fn assert_close(what: &str, got: f64, want: f64, atol: f64, rtol: f64) {
     assert!(
-        (got - want).abs() <= atol + rtol * want.abs(),
+        is_close(got, want, atol, rtol),
         "{what}: analytic {got:.12e}, finite difference {want:.12e}"
     );
 }

@@ -11,7 +11,7 @@ use crate::gpu::engine::record::{record_steps, Pipes, Selects};
 use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{HostBuffers, Staged};
-use crate::plan::{check_self_attention, Chunk, Dispatch, SplitPlan};
+use crate::plan::{Chunk, Dispatch, SplitPlan};
 use crate::shape::Shape;
 
 use super::workspace::Uniforms;
@@ -31,7 +31,7 @@ impl FmaAttention {
     /// FMA of `shape` through a [`SplitPlan`]: per head, one submit; host outputs are read back
     /// head by head (an empty [`Output`] for [`SplitIo::Device`]).
     pub(super) async fn forward_split(&self, io: SplitIo<'_>, shape: Shape) -> Result<Output> {
-        check_self_attention(shape)?;
+        shape.check_self_attention()?;
         if let SplitIo::Device(t) = &io {
             check_copy_usage(t)?;
         }
