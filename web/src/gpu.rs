@@ -72,7 +72,7 @@ impl Gpu {
         let plan = self.fma_for(&opts)?.plan(opts.shape()?)?;
         let summary = PlanSummary {
             levels: plan.levels.count(),
-            dispatches: plan.downsample.len() + 1,
+            dispatches: plan.steps().len(),
         };
         serde_wasm_bindgen::to_value(&summary).map_err(|e| JsError::new(&e.to_string()))
     }
