@@ -10,14 +10,13 @@ use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{storage, uniform};
 use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
-use crate::gpu::engine::front::forward_host;
+use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
-use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
+use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{DensePlan, KernelLimits};
 use crate::shape::Shape;
 
@@ -169,38 +168,30 @@ impl DenseAttention {
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
-        let staged = Staged::new(&self.ctx.device, shape, want_lse);
-        let scopes = Scopes::push(&self.ctx)?;
-        {
-            let mut host = self.host.lock().map_err(poisoned)?;
-            let host = host.fit(&self.ctx.device, shape, self.limits.binding_bytes());
-            host.upload(&self.ctx.queue, q, k, v);
-            let mut enc = self
-                .ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("dense"),
-                });
-            {
+        run_host(
+            &self.ctx,
+            &self.host,
+            self.limits.binding_bytes(),
+            shape,
+            (q, k, v),
+            want_lse,
+            "the dense forward",
+            |enc, t, lse| {
                 let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("dense forward"),
                     timestamp_writes: None,
                 });
-                let t = host.tensors();
                 self.record(
                     &mut cpass,
                     &[plan.attention],
                     &pipes,
                     &uniforms.params,
                     &t,
-                    &host.lse,
-                )?;
-            }
-            staged.record(&mut enc, &host.out, &host.lse);
-            self.ctx.queue.submit([enc.finish()]);
-        }
-        scopes.pop(&self.ctx, "the dense forward").await?;
-        staged.read(&self.ctx).await
+                    lse,
+                )
+            },
+        )
+        .await
     }
 
     /// Blocking [`DenseAttention::forward_async`] (native only).

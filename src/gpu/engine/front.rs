@@ -2,9 +2,14 @@
 //! runs the whole problem, runs of heads, or (one head over a binding) the executor's split
 //! path, and concatenates what comes back.
 
+use std::sync::Mutex;
+
 use crate::error::{FmaError, Result};
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
+use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
 use crate::plan::{head_exceeds_binding, KernelLimits};
 use crate::shape::Shape;
 
@@ -112,4 +117,38 @@ where
         return run(q, k, v, shape).await;
     }
     forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
+}
+
+/// One forward of host tensors whose buffers fit one binding each: uploads Q, K, V into the
+/// executor's `pool` (buffers of at most `cap` bytes unless the shape needs more), lets
+/// `record` record the executor's work on them into the encoder (O and the LSE buffer given),
+/// copies O (and the LSE) to a staging buffer in the same submit, submits inside error scopes
+/// (`stage` names the work in an error) and reads the results back. The pool is locked from
+/// upload to submit, so concurrent callers never see each other's inputs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_host(
+    ctx: &GpuContext,
+    pool: &Mutex<HostPool>,
+    cap: u64,
+    shape: Shape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    want_lse: bool,
+    stage: &str,
+    record: impl FnOnce(&mut wgpu::CommandEncoder, GpuTensors<'_>, &wgpu::Buffer) -> Result<()>,
+) -> Result<Output> {
+    let staged = Staged::new(&ctx.device, shape, want_lse);
+    let scopes = Scopes::push(ctx)?;
+    {
+        let mut pool = pool.lock().map_err(poisoned)?;
+        let host = pool.fit(&ctx.device, shape, cap);
+        host.upload(&ctx.queue, q, k, v);
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(stage) });
+        record(&mut enc, host.tensors(), &host.lse)?;
+        staged.record(&mut enc, &host.out, &host.lse);
+        ctx.queue.submit([enc.finish()]);
+    }
+    scopes.pop(ctx, stage).await?;
+    staged.read(ctx).await
 }

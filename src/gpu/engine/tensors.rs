@@ -40,27 +40,34 @@ impl GpuTensors<'_> {
             all.push(("LSE", l, rows));
         }
         for (name, buf, need) in all {
-            if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(FmaError::ShapeMismatch {
-                    what: format!("{name} buffer usage"),
-                    expected: "a buffer created with BufferUsages::STORAGE".into(),
-                    got: format!("{:?}", buf.usage()),
-                });
-            }
-            if buf.size() < need {
-                return Err(FmaError::ShapeMismatch {
-                    what: format!("{name} buffer"),
-                    expected: format!("at least {need} bytes for {shape}"),
-                    got: format!("{} bytes", buf.size()),
-                });
-            }
+            check_storage(name, buf, need, shape)?;
         }
         Ok(())
     }
 }
 
-/// Q, K, V, O and LSE buffers the library owns for one shape: those of host tensors (made
-/// once per shape and reused by later calls), or one chunk of a split head (`gpu::split`).
+/// Checks that a caller's buffer named `name` has `STORAGE` usage and at least `need` bytes
+/// (for `shape`, which the error names).
+pub(crate) fn check_storage(name: &str, buf: &wgpu::Buffer, need: u64, shape: Shape) -> Result<()> {
+    if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(FmaError::ShapeMismatch {
+            what: format!("{name} buffer usage"),
+            expected: "a buffer created with BufferUsages::STORAGE".into(),
+            got: format!("{:?}", buf.usage()),
+        });
+    }
+    if buf.size() < need {
+        return Err(FmaError::ShapeMismatch {
+            what: format!("{name} buffer"),
+            expected: format!("at least {need} bytes for {shape}"),
+            got: format!("{} bytes", buf.size()),
+        });
+    }
+    Ok(())
+}
+
+/// Q, K, V, O and LSE buffers the library owns: those of host tensors (in a [`HostPool`],
+/// reused by later calls), or one chunk of a split head (`gpu/fma/split.rs`, `gpu/dense/split.rs`).
 /// Q, K, V take copies in (`COPY_DST`), O and the LSE copies out (`COPY_SRC`).
 pub(crate) struct HostBuffers {
     pub q: wgpu::Buffer,

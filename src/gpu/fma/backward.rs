@@ -17,7 +17,7 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
+use crate::gpu::engine::tensors::{check_storage, GpuTensors, Scopes, Staged};
 use crate::gradients::{Gradients, LevelGradients};
 use crate::levels::window;
 use crate::plan::{BackwardPlan, Dispatch, Pass};
@@ -78,24 +78,6 @@ pub struct GradTensors<'a> {
     pub dv: &'a wgpu::Buffer,
     /// dL/dW, dL/db of the learned weights (Learned mode only; `None` skips them).
     pub weights: Option<WeightGradTensors<'a>>,
-}
-
-fn check_buffer(name: &str, buf: &wgpu::Buffer, need: u64, shape: Shape) -> Result<()> {
-    if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return Err(FmaError::ShapeMismatch {
-            what: format!("{name} buffer usage"),
-            expected: "a buffer created with BufferUsages::STORAGE".into(),
-            got: format!("{:?}", buf.usage()),
-        });
-    }
-    if buf.size() < need {
-        return Err(FmaError::ShapeMismatch {
-            what: format!("{name} buffer"),
-            expected: format!("at least {need} bytes for {shape}"),
-            got: format!("{} bytes", buf.size()),
-        });
-    }
-    Ok(())
 }
 
 /// Scratch buffers of the backward, grown by capacity: coarse K~, V~ recomputed by the
@@ -379,10 +361,10 @@ impl FmaAttention {
         let shape = saved.shape;
         let plan = self.backward_plan(shape)?;
         let bytes = shape.elements() as u64 * 4;
-        check_buffer("dO", dout, bytes, shape)?;
-        check_buffer("dQ", g.dq, bytes, shape)?;
-        check_buffer("dK", g.dk, bytes, shape)?;
-        check_buffer("dV", g.dv, bytes, shape)?;
+        check_storage("dO", dout, bytes, shape)?;
+        check_storage("dQ", g.dq, bytes, shape)?;
+        check_storage("dK", g.dk, bytes, shape)?;
+        check_storage("dV", g.dv, bytes, shape)?;
         let learned = matches!(self.cfg.downsample, Downsample::Learned(_));
         if let Some(w) = &g.weights {
             if !learned {
@@ -396,10 +378,10 @@ impl FmaAttention {
                 plan.weight_elements as u64 * 4,
                 plan.bias_elements as u64 * 4,
             );
-            check_buffer("dWK", w.wk, we, shape)?;
-            check_buffer("dWV", w.wv, we, shape)?;
-            check_buffer("dbK", w.bk, be, shape)?;
-            check_buffer("dbV", w.bv, be, shape)?;
+            check_storage("dWK", w.wk, we, shape)?;
+            check_storage("dWV", w.wv, we, shape)?;
+            check_storage("dbK", w.bk, be, shape)?;
+            check_storage("dbV", w.bv, be, shape)?;
         }
         // The weight passes run only when their gradients are asked for.
         let steps: Vec<Dispatch> = plan

@@ -4,12 +4,12 @@
 
 use crate::error::Result;
 use crate::gpu::engine::buffers::storage;
-use crate::gpu::engine::front::forward_host;
+use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
+use crate::gpu::engine::tensors::{GpuTensors, Scopes};
 use crate::plan::FmaPlan;
 use crate::shape::Shape;
 
@@ -57,24 +57,18 @@ impl FmaAttention {
         want_lse: bool,
     ) -> Result<Output> {
         let plan = self.plan(shape)?;
-        let steps = plan.steps();
-        let pipes = Pipes::new(&self.ctx, &steps).await?;
-        let staged = Staged::new(&self.ctx.device, shape, want_lse);
-        let scopes = Scopes::push(&self.ctx)?;
-        {
-            let mut host = self.host.lock().map_err(poisoned)?;
-            let host = host.fit(&self.ctx.device, shape, self.limits.binding_bytes());
-            host.upload(&self.ctx.queue, q, k, v);
-            let mut enc = self
-                .ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
-            self.record(&mut enc, &plan, &pipes, host.tensors(), &host.lse)?;
-            staged.record(&mut enc, &host.out, &host.lse);
-            self.ctx.queue.submit([enc.finish()]);
-        }
-        scopes.pop(&self.ctx, "the FMA forward").await?;
-        staged.read(&self.ctx).await
+        let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
+        run_host(
+            &self.ctx,
+            &self.host,
+            self.limits.binding_bytes(),
+            shape,
+            (q, k, v),
+            want_lse,
+            "the FMA forward",
+            |enc, t, lse| self.record(enc, &plan, &pipes, t, lse),
+        )
+        .await
     }
 
     /// Blocking [`FmaAttention::forward_async`] (native only).

@@ -93,6 +93,8 @@ impl FmaAttention {
         self.uniforms = ShapeCache::default();
         self.buffers = Mutex::new(Buffers::default());
         self.host = Mutex::new(HostPool::default());
+        self.backward_uniforms = ShapeCache::default();
+        self.backward_scratch = Mutex::new(BackwardScratch::default());
         self
     }
 
