@@ -41,14 +41,16 @@ pub struct FmaAttention {
     id: u64,
     /// The forward's uniforms per shape.
     uniforms: ShapeCache<Shape, Uniforms>,
-    /// Coarse buffers of the forward. Locked from recording to submit (the lock orders
-    /// callers; the GPU work of each submit computes every coarse value it reads).
+    /// Coarse buffers of the forward, locked while a forward is recorded. Forwards recorded
+    /// one after another may share them: each recording writes every coarse value it later
+    /// reads, and the queue runs command buffers in submission order.
     buffers: Mutex<Buffers>,
     /// Buffers of host tensors (locked before `buffers`, never after).
     host: Mutex<HostPool>,
     /// The backward's uniforms per (shape, steps recorded: with or without the weight passes).
     backward_uniforms: ShapeCache<(Shape, usize), Uniforms>,
-    /// The backward's scratch buffers (locked as `buffers`).
+    /// The backward's scratch buffers, locked from recording to submit; backwards share them
+    /// as forwards share `buffers`.
     backward_scratch: Mutex<BackwardScratch>,
 }
 
