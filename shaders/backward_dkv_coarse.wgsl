@@ -22,7 +22,7 @@
 #import backward_queries
 
 // Coarse rows per workgroup: as many as give every invocation one (row, vec4) output.
-// Rust mirror: `plan_backward::coarse_rows_per_workgroup`.
+// Rust mirror: `plan::coarse_rows_per_workgroup`.
 const PR: u32 = max(1u, WG / D4);
 // (row, vec4) outputs per invocation (1 unless D4 > WG).
 const OUTS: u32 = (PR * D4 + WG - 1u) / WG;

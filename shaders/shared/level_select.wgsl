@@ -1,6 +1,6 @@
 // The per-dispatch selector of the per-level and backward passes, bound at a dynamic offset
 // in group 1 (one entry per dispatch): the coarse level a dispatch works on and the x size of
-// its folded grid. Rust mirror: `LevelSelect` in `src/gpu/params.rs` (the same two u32s).
+// its folded grid. Rust mirror: `LevelSelect` in `src/gpu/engine/params.rs` (the same two u32s).
 
 struct LevelSelect {
     level: u32,        // index into params.levels (level l - 1); unused by whole-tensor passes

@@ -1,5 +1,5 @@
-// Uniform parameters shared by every pass. Rust mirror: `src/gpu/params.rs` (a test checks
-// that naga's layout of this struct has the size encase gives the Rust one).
+// Uniform parameters shared by every pass. Rust mirror: `src/gpu/engine/params.rs` (a test
+// checks that naga's layout of this struct has the size encase gives the Rust one).
 
 struct LevelInfo {
     window: u32,      // w_l = m * 2^(l-1)
@@ -27,7 +27,7 @@ struct Params {
     pooled: u32,             // tensors the downsample pass pools: 2 (K, V) or 3 (K, V, Q)
     weight_stride: u32,      // elements per tensor kind in the learned weight buffer
     bias_stride: u32,        // elements per tensor kind in the learned bias buffer
-    // A head longer than one storage binding is processed in chunks (`src/plan_split.rs`),
+    // A head longer than one storage binding is processed in chunks (`src/plan/split.rs`),
     // one head at a time (batch_heads = 1). Unsplit: 0, 0, n, 0, n.
     row_base: u32,           // global row of the first bound row of Q and O (FMA: of K, V too)
     chunk_lo: u32,           // first token this dispatch covers (queries, pooled or merged tokens)

@@ -1,6 +1,6 @@
 //! The scheduler of the backward pass (algorithm.md §8): (shape, config, adapter limits) -> the
 //! dispatches of one fine-query FMA backward. Pure arithmetic, unit-tested without a GPU;
-//! `gpu::backward` executes it. Recording order (one submit):
+//! `gpu/fma/backward.rs` executes it. Recording order (one submit):
 //!
 //! 1. the forward's downsample dispatches (coarse K~, V~ recomputed, not stored),
 //! 2. `delta`: D = rowsum(dO * O) next to the LSE,

@@ -1,6 +1,6 @@
 //! Splitting one head's sequence across storage bindings: the plan of a forward whose Q, K, V
 //! or O for a single head is larger than one binding (128 MiB by default; 2^19 tokens at
-//! head_dim 64). Pure arithmetic, unit-tested without a GPU; `gpu::split` executes it.
+//! head_dim 64). Pure arithmetic, unit-tested without a GPU; `gpu/fma/split.rs` executes it.
 //!
 //! The head's tokens are cut into chunks of whole fine blocks, each bound together with one
 //! block of halo on either side (a fine block's near field reaches one block left and right):

@@ -13,7 +13,7 @@
 //!             2         x   x   x                     x x x
 //! ```
 //!
-//! Pure arithmetic, unit-tested without a GPU; `gpu::dense_split` executes it.
+//! Pure arithmetic, unit-tested without a GPU; `gpu/dense/split.rs` executes it.
 
 use crate::error::{FmaError, Result};
 use crate::plan::{dispatch, DensePlan, Dispatch, KernelLimits};

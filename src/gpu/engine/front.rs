@@ -18,7 +18,7 @@ use crate::shape::Shape;
 /// heads whose tensors stay within the adapter's binding limits, so a tensor larger than one
 /// storage binding is processed in pieces. A single head that does not fit is the error `fits`
 /// gives for it (the FMA and dense fronts split such a head along its sequence before they
-/// get here: `gpu::split`, `gpu::dense_split`).
+/// get here: `gpu/fma/split.rs`, `gpu/dense/split.rs`).
 fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(usize, usize)>> {
     let bh = shape.batch_heads();
     match fits(shape) {
@@ -88,7 +88,7 @@ pub(crate) fn check_host(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> Resul
 
 /// The host-tensor front of every forward: checks the shape and the slices' lengths, then
 /// runs `split` when one head alone exceeds a binding (it cuts the head's sequence:
-/// `gpu::split`, `gpu::dense_split`), else `run` once, or once per run of heads when the
+/// `gpu/fma/split.rs`, `gpu/dense/split.rs`), else `run` once, or once per run of heads when the
 /// tensors exceed a binding (see [`head_chunks`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward_host<'a, F, Fut, S, SFut>(
