@@ -8,7 +8,7 @@ use crate::closeness::closeness;
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::cpu::{self, widen};
 use crate::error::Result;
-use crate::geometry::{Geometry, Line};
+use crate::geometry::{flatten_far_field, Line};
 use crate::gpu::{DenseAttention, FmaAttention, GpuContext};
 use crate::random::normal_tensor;
 use crate::shape::Shape;
@@ -196,26 +196,6 @@ pub fn suite() -> Vec<Case> {
 fn max_err(gpu: &[f32], reference: &[f64]) -> (f64, bool) {
     let c = closeness(gpu, reference, ATOL, RTOL);
     (c.max_abs, c.passed())
-}
-
-/// K and V constant on the tokens of every coarse key `row` sees (random elsewhere).
-fn flatten_far_field(k: &mut [f32], v: &mut [f32], geometry: &Line, d: usize, row: usize) {
-    for level in 1..=geometry.num_levels() {
-        for coarse in geometry.coarse_rows(row, level) {
-            let tokens: Vec<usize> = geometry
-                .row_tokens(level, coarse)
-                .into_iter()
-                .flatten()
-                .collect();
-            let first = tokens[0];
-            for t in tokens {
-                for c in 0..d {
-                    k[t * d + c] = k[first * d + c];
-                    v[t * d + c] = v[first * d + c];
-                }
-            }
-        }
-    }
 }
 
 async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool)> {

@@ -1,7 +1,7 @@
 use super::gather::coverage_in;
 use super::*;
 use crate::config::Downsample;
-use crate::geometry::cases;
+use crate::geometry::{cases, flatten_far_field};
 use crate::levels::num_levels;
 use crate::random::{fresh_seed, normal_tensor};
 use crate::weights::LearnedWeights;
@@ -52,33 +52,6 @@ fn no_coarse_levels_equals_dense() {
                 max_abs_diff(&f.lse, &d.lse) < 1e-12,
                 "seed {seed} n={n} m={m}"
             );
-        }
-    }
-}
-
-/// K and V made constant on the tokens of every coarse row query i sees (random elsewhere),
-/// so that the coarse keys it sees are exactly the keys they stand for.
-pub(super) fn flatten_far_field<G: Geometry + ?Sized>(
-    k: &mut [f64],
-    v: &mut [f64],
-    geometry: &G,
-    d: usize,
-    i: usize,
-) {
-    for level in 1..=geometry.num_levels() {
-        for row in geometry.coarse_rows(i, level) {
-            let tokens: Vec<usize> = geometry
-                .row_tokens(level, row)
-                .into_iter()
-                .flatten()
-                .collect();
-            let first = tokens[0];
-            for t in tokens {
-                for c in 0..d {
-                    k[t * d + c] = k[first * d + c];
-                    v[t * d + c] = v[first * d + c];
-                }
-            }
         }
     }
 }

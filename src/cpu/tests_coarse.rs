@@ -2,9 +2,10 @@
 //! logits, the literal partial-and-merge form, and the refusal of causal + coarse.
 
 use super::coarse::CoarseQueries;
-use super::tests::{flatten_far_field, has_far_field, max_abs_diff};
+use super::tests::{has_far_field, max_abs_diff};
 use super::*;
 use crate::config::{Downsample, Queries};
+use crate::geometry::flatten_far_field;
 use crate::levels::{far_list, num_levels, sub_window, Levels};
 use crate::random::{fresh_seed, normal_tensor};
 use crate::weights::LearnedWeights;

@@ -126,3 +126,30 @@ pub trait Geometry {
     /// beyond the sequence or grid count as zero and are left out).
     fn kernel_taps(&self, level: usize, row: usize) -> Vec<KernelRun>;
 }
+
+/// Makes K and V (rows of width `d` per token, one head) constant on the tokens of every coarse
+/// row query `i` sees, the first token's row copied over the rest: then each coarse key stands
+/// exactly for the keys it summarises and FMA (Average mode) is exact for query `i`
+/// (algorithm.md §5). Inputs for exactness checks: the CPU tests and the conformance suite.
+pub fn flatten_far_field<T: Copy, G: Geometry + ?Sized>(
+    k: &mut [T],
+    v: &mut [T],
+    geometry: &G,
+    d: usize,
+    i: usize,
+) {
+    for level in 1..=geometry.num_levels() {
+        for row in geometry.coarse_rows(i, level) {
+            let mut tokens = geometry.row_tokens(level, row).into_iter().flatten();
+            let Some(first) = tokens.next() else {
+                continue;
+            };
+            for t in tokens {
+                for c in 0..d {
+                    k[t * d + c] = k[first * d + c];
+                    v[t * d + c] = v[first * d + c];
+                }
+            }
+        }
+    }
+}

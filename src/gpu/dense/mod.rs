@@ -7,7 +7,7 @@ mod split;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::buffers::{storage, uniform};
+use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::front::{forward_host, run_host};
@@ -127,6 +127,23 @@ impl DenseAttention {
         record_steps(&self.ctx, cpass, steps, pipes, None, &res)
     }
 
+    /// Records `plan`'s one dispatch into its own compute pass of `enc`.
+    fn record_plan(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &DensePlan,
+        pipes: &Pipes,
+        params: &wgpu::Buffer,
+        t: &GpuTensors<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<()> {
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dense forward"),
+            timestamp_writes: None,
+        });
+        self.record(&mut cpass, &[plan.attention], pipes, params, t, lse)
+    }
+
     /// Dense attention of host tensors (async). Shapes as [`crate::gpu::FmaAttention::forward_async`].
     ///
     /// Tensors over one storage binding are processed in pieces with the unsplit result to the
@@ -176,20 +193,7 @@ impl DenseAttention {
             (q, k, v),
             want_lse,
             "the dense forward",
-            |enc, t, lse| {
-                let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("dense forward"),
-                    timestamp_writes: None,
-                });
-                self.record(
-                    &mut cpass,
-                    &[plan.attention],
-                    &pipes,
-                    &uniforms.params,
-                    &t,
-                    lse,
-                )
-            },
+            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms.params, &t, lse),
         )
         .await
     }
@@ -261,32 +265,7 @@ impl DenseAttention {
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
-        // A scratch LSE when the caller wants none (wgpu keeps it alive while a recorded
-        // command uses it).
-        let scratch;
-        let lse = match t.lse {
-            Some(l) => l,
-            None => {
-                scratch = storage(
-                    &self.ctx.device,
-                    "lse (unused)",
-                    plan.shape.rows() as u64 * 4,
-                    wgpu::BufferUsages::empty(),
-                );
-                &scratch
-            }
-        };
-        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("dense forward"),
-            timestamp_writes: None,
-        });
-        self.record(
-            &mut cpass,
-            &[plan.attention],
-            &pipes,
-            &uniforms.params,
-            &t,
-            lse,
-        )
+        let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);
+        self.record_plan(enc, &plan, &pipes, &uniforms.params, &t, &lse)
     }
 }

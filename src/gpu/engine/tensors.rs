@@ -44,6 +44,20 @@ impl GpuTensors<'_> {
         }
         Ok(())
     }
+
+    /// The LSE buffer to write: the caller's, or a scratch one of `shape`'s rows when the
+    /// caller wants none (the passes always write an LSE). The scratch may be dropped once
+    /// recorded: wgpu keeps a buffer alive while a recorded command uses it.
+    pub(crate) fn lse_or_scratch(&self, device: &wgpu::Device, shape: Shape) -> wgpu::Buffer {
+        self.lse.cloned().unwrap_or_else(|| {
+            storage(
+                device,
+                "lse (unused)",
+                shape.rows() as u64 * 4,
+                wgpu::BufferUsages::empty(),
+            )
+        })
+    }
 }
 
 /// Checks that a caller's buffer named `name` has `STORAGE` usage and at least `need` bytes

@@ -3,7 +3,6 @@
 //! (`FmaPlan::steps`, level by level) through the engine's one record loop, into one encoder.
 
 use crate::error::Result;
-use crate::gpu::engine::buffers::storage;
 use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
@@ -149,9 +148,7 @@ impl FmaAttention {
         self.record_with_lse(enc, &plan, &pipes, t)
     }
 
-    /// [`FmaAttention::record`] with a scratch LSE buffer when the caller wants none. The
-    /// scratch may be dropped before the commands run: wgpu keeps a buffer alive while a
-    /// recorded command uses it.
+    /// [`FmaAttention::record`] with the caller's LSE buffer, or a scratch one.
     fn record_with_lse(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -159,20 +156,8 @@ impl FmaAttention {
         pipes: &Pipes,
         t: GpuTensors<'_>,
     ) -> Result<()> {
-        let scratch_lse;
-        let lse = match t.lse {
-            Some(l) => l,
-            None => {
-                scratch_lse = storage(
-                    &self.ctx.device,
-                    "lse (unused)",
-                    plan.shape.rows() as u64 * 4,
-                    wgpu::BufferUsages::empty(),
-                );
-                &scratch_lse
-            }
-        };
-        self.record(enc, plan, pipes, t, lse)
+        let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);
+        self.record(enc, plan, pipes, t, &lse)
     }
 
     /// Records every step of `plan` into `enc`, in the order of `plan.steps()`.

@@ -5,16 +5,16 @@
 //! Inputs come from host slices (uploaded chunk by chunk) or from the caller's buffers (copied
 //! chunk by chunk, so those may exceed a binding as long as the adapter allows the buffer).
 
-use crate::error::Result;
+use crate::error::{FmaError, Result};
 use crate::gpu::engine::pipelines::poisoned;
-use crate::gpu::engine::record::{record_steps, Pipes, Selects};
+use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{HostBuffers, Staged};
 use crate::plan::{Chunk, Dispatch, SplitPlan};
 use crate::shape::Shape;
 
-use super::workspace::Uniforms;
+use super::workspace::{Buffers, Uniforms};
 use super::FmaAttention;
 
 /// One chunk's bindings: rows `row_base..row_base + rows` of one head's Q, K, V, O and LSE,
@@ -86,15 +86,7 @@ impl FmaAttention {
             // 1. The levels pooled from tokens, chunk by chunk: level 1 in Average mode (every
             //    level in Learned mode, which never has more than one chunk).
             for (c, b) in plan.chunks.iter().zip(&chunks) {
-                let res = buffers
-                    .coarse(
-                        &self.ctx,
-                        &plan.head,
-                        &self.limits,
-                        &b.pool.params,
-                        &self.weights,
-                    )
-                    .tensors(&b.t.tensors(), &b.t.lse);
+                let res = self.chunk_resources(&mut buffers, plan, &b.pool.params, &b.t);
                 record_steps(
                     &self.ctx,
                     &mut cpass,
@@ -107,16 +99,14 @@ impl FmaAttention {
             // 2. Once per head: the levels pooled from coarse rows and the coarse attention.
             //    They read no token, so any chunk's tensors fill those bindings.
             {
-                let first = &chunks[0].t;
-                let res = buffers
-                    .coarse(
-                        &self.ctx,
-                        &plan.head,
-                        &self.limits,
-                        &head_uniforms.params,
-                        &self.weights,
-                    )
-                    .tensors(&first.tensors(), &first.lse);
+                let first = &chunks
+                    .first()
+                    .ok_or_else(|| FmaError::Gpu {
+                        stage: "recording a split head".into(),
+                        message: "the plan has no chunk".into(),
+                    })?
+                    .t;
+                let res = self.chunk_resources(&mut buffers, plan, &head_uniforms.params, first);
                 record_steps(
                     &self.ctx,
                     &mut cpass,
@@ -128,15 +118,7 @@ impl FmaAttention {
             }
             // 3. Per chunk, the attention of its queries and (coarse queries) the merge.
             for (c, b) in plan.chunks.iter().zip(&chunks) {
-                let res = buffers
-                    .coarse(
-                        &self.ctx,
-                        &plan.head,
-                        &self.limits,
-                        &b.pool.params,
-                        &self.weights,
-                    )
-                    .tensors(&b.t.tensors(), &b.t.lse);
+                let res = self.chunk_resources(&mut buffers, plan, &b.pool.params, &b.t);
                 let steps: Vec<Dispatch> = std::iter::once(c.attention).chain(c.merge).collect();
                 record_steps(&self.ctx, &mut cpass, &steps, pipes, Some(&b.attend), &res)?;
             }
@@ -165,6 +147,20 @@ impl FmaAttention {
         }
         self.ctx.queue.submit([enc.finish()]);
         Ok(staged)
+    }
+
+    /// Every role of a split forward's pass: the coarse buffers sized for the head, the
+    /// parameter block `params` (the head's or a chunk's) and the chunk tensors `t`.
+    fn chunk_resources<'a>(
+        &'a self,
+        buffers: &'a mut Buffers,
+        plan: &SplitPlan,
+        params: &'a wgpu::Buffer,
+        t: &'a HostBuffers,
+    ) -> Resources<'a> {
+        buffers
+            .coarse(&self.ctx, &plan.head, &self.limits, params, &self.weights)
+            .tensors(&t.tensors(), &t.lse)
     }
 
     /// The bindings of chunk `c`, and its parameters: the head's, for rows
