@@ -129,3 +129,98 @@ impl FmaConfig {
         }
     }
 }
+
+/// Configuration of incremental decoding (algorithm.md §10): a cache for `batch` sequences of
+/// `heads` heads of width `head_dim`, each at most `max_len` tokens long, appended to `max_chunk`
+/// tokens (or fewer) per step. The FMA part (`fma`: m, p, downsampling, count correction) is
+/// causal whatever `fma.causal` says, with fine queries.
+///
+/// What the cache holds per sequence and head: the last `2m - 1 + max_chunk` keys and values
+/// (a ring: the near field of every query of a step), the last few complete windows of every
+/// coarse level (a ring per level: far lists only reach back three windows), and, with
+/// `history`, every key and value so far (in pages that each fit one storage binding) for the
+/// exact dense decode and for callers who want the whole cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeConfig {
+    /// Block size, rank, downsampling and count correction of the FMA.
+    pub fma: FmaConfig,
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Heads per sequence.
+    pub heads: usize,
+    /// Head dimension d.
+    pub head_dim: usize,
+    /// Most tokens a sequence may reach (fixes the number of coarse levels kept).
+    pub max_len: usize,
+    /// Most tokens one step appends per sequence (fixes the rings' sizes).
+    pub max_chunk: usize,
+    /// Keep every key and value (needed by the dense decode).
+    pub history: bool,
+}
+
+impl DecodeConfig {
+    /// A cache for `batch` sequences of `heads` heads of width `head_dim` up to `max_len` tokens,
+    /// with `fma`'s block size, rank and downsampling, steps of up to 64 tokens and the history
+    /// kept.
+    pub fn new(
+        fma: FmaConfig,
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        max_len: usize,
+    ) -> Self {
+        Self {
+            fma: fma.causal(true).queries(Queries::Fine),
+            batch,
+            heads,
+            head_dim,
+            max_len,
+            max_chunk: 64,
+            history: true,
+        }
+    }
+
+    /// Steps of at most `max_chunk` tokens per sequence.
+    pub fn max_chunk(mut self, max_chunk: usize) -> Self {
+        self.max_chunk = max_chunk;
+        self
+    }
+
+    /// Whether every key and value is kept (the dense decode needs it).
+    pub fn history(mut self, keep: bool) -> Self {
+        self.history = keep;
+        self
+    }
+
+    /// Checks the sizes and the FMA configuration (learned weights must cover every level that
+    /// a sequence of `max_len` tokens uses).
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("head_dim", self.head_dim),
+            ("max_len", self.max_len),
+            ("max_chunk", self.max_chunk),
+        ];
+        for (what, value) in positive {
+            if value == 0 {
+                return Err(FmaError::InvalidConfig {
+                    what,
+                    value: "0".into(),
+                    allowed: ">= 1".into(),
+                });
+            }
+        }
+        if self.max_len > u32::MAX as usize / 2 {
+            return Err(FmaError::InvalidConfig {
+                what: "max_len",
+                value: self.max_len.to_string(),
+                allowed: format!("<= {} (positions are 32-bit on the GPU)", u32::MAX / 2),
+            });
+        }
+        let mut fma = self.fma.clone();
+        fma.causal = true;
+        fma.queries = Queries::Fine;
+        fma.validate(self.head_dim, self.max_len)
+    }
+}

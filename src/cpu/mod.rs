@@ -9,6 +9,7 @@
 pub mod backward;
 mod checks;
 pub mod coarse;
+pub mod decode;
 pub mod downsample;
 pub mod gather;
 pub mod level_mass;

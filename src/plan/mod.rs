@@ -4,6 +4,7 @@
 //! maps each to its WGSL and bindings.
 
 mod backward;
+mod decode;
 mod dense;
 mod dispatch;
 mod forward;
@@ -13,6 +14,7 @@ mod split;
 mod split_dense;
 
 pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
+pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::DensePlan;
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{

@@ -54,6 +54,22 @@ passes! {
     /// Upsampling of every level's coarse-query results and the log-sum-exp merge into the near
     /// field (`shaders/upsample_merge.wgsl`).
     UpsampleMerge => "upsample_merge",
+    /// Decoding: a step's keys and values into the near-field ring (`shaders/decode_append.wgsl`).
+    DecodeAppend => "decode_append",
+    /// Decoding: every level's coarse keys and values as their windows fill
+    /// (`shaders/decode_pool.wgsl`).
+    DecodePool => "decode_pool",
+    /// Decoding: a step's queries against the near ring and the coarse slots
+    /// (`shaders/decode_attention.wgsl`).
+    DecodeAttention => "decode_attention",
+    /// Exact dense decoding: partial softmax of one segment of a history page
+    /// (`shaders/decode_dense.wgsl`).
+    DecodeDense => "decode_dense",
+    /// Exact dense decoding: the segments' partials merged into O and the LSE
+    /// (`shaders/decode_merge.wgsl`).
+    DecodeMerge => "decode_merge",
+    /// Decoding: every sequence of the step `chunk` tokens longer (`shaders/decode_advance.wgsl`).
+    DecodeAdvance => "decode_advance",
 }
 
 /// Specialisation constants of one pipeline, prepended to the pass's WGSL as `const`s: fixed

@@ -61,6 +61,41 @@ pub struct Params {
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 
+/// Mirror of WGSL `DecodeParams` (`shaders/shared/decode_params.wgsl`): the decoding passes'
+/// block, one per (step shape, dispatch group); the fields are explained there.
+#[derive(Clone, Copy, Debug, Default, ShaderType)]
+pub struct DecodeParams {
+    pub d: u32,
+    pub m: u32,
+    pub p: u32,
+    pub scale: f32,
+    pub count_correction: u32,
+    pub learned: u32,
+    pub heads: u32,
+    pub bh_base: u32,
+    pub group_rows: u32,
+    pub b_lo: u32,
+    pub b_hi: u32,
+    pub chunk: u32,
+    pub in_rows: u32,
+    pub in_offset: u32,
+    pub ring: u32,
+    pub ring_stride: u32,
+    pub levels: u32,
+    pub slots: u32,
+    pub coarse_stride: u32,
+    pub weight_stride: u32,
+    pub bias_stride: u32,
+    pub page_tokens: u32,
+    pub segment: u32,
+    pub segments: u32,
+    pub partial_stride: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+    pub level_info: [LevelInfo; MAX_LEVELS],
+}
+
 /// Mirror of WGSL `LevelSelect` (`shaders/shared/level_select.wgsl`): one per dispatch of the
 /// passes whose descriptor asks for it (the per-level forward passes and every backward pass),
 /// at a dynamic offset.
@@ -88,8 +123,12 @@ mod tests {
     use crate::gpu::engine::shaders::{compose, Pass, Specialization};
 
     fn naga_size(type_name: &str) -> u32 {
+        naga_size_in(Pass::Downsample, type_name)
+    }
+
+    fn naga_size_in(pass: Pass, type_name: &str) -> u32 {
         let src = compose(
-            Pass::Downsample,
+            pass,
             Specialization {
                 wg: 8,
                 bk: 8,
@@ -117,6 +156,10 @@ mod tests {
         assert_eq!(
             to_uniform_bytes(&Params::default()).unwrap().len() as u32,
             naga_size("Params")
+        );
+        assert_eq!(
+            to_uniform_bytes(&DecodeParams::default()).unwrap().len() as u32,
+            naga_size_in(Pass::DecodeAttention, "DecodeParams")
         );
     }
 }

@@ -70,6 +70,18 @@ pub enum Role {
     DBk,
     /// dL/dbV of every level.
     DBv,
+    /// Decoding: tokens so far per sequence, (batch) u32.
+    Lens,
+    /// Decoding: the near-field ring of a group's heads, (rows, 2, R, d).
+    Ring,
+    /// Decoding: the coarse slots of a group's heads, (rows, 2, levels, slots, p, d).
+    CoarseSlots,
+    /// Dense decoding: per-segment partial softmaxes, (rows, chunk, segments, d + 2).
+    Partials,
+    /// Dense decoding: one history page of keys, (rows, T, d).
+    PageK,
+    /// Dense decoding: one history page of values, (rows, T, d).
+    PageV,
 }
 
 /// One binding of group 0.
@@ -126,6 +138,12 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::BackwardDkvCoarse => &BACKWARD_DKV_COARSE,
         Pass::DownsampleBackward => &DOWNSAMPLE_BACKWARD,
         Pass::WeightsBackward => &WEIGHTS_BACKWARD,
+        Pass::DecodeAppend => &DECODE_APPEND,
+        Pass::DecodePool => &DECODE_POOL,
+        Pass::DecodeAttention => &DECODE_ATTENTION,
+        Pass::DecodeDense => &DECODE_DENSE,
+        Pass::DecodeMerge => &DECODE_MERGE,
+        Pass::DecodeAdvance => &DECODE_ADVANCE,
     }
 }
 
@@ -282,5 +300,76 @@ static WEIGHTS_BACKWARD: PassDesc = PassDesc {
         bind(7, "dbk", DBk, ReadWrite),
         bind(8, "dbv", DBv, ReadWrite),
     ],
+    level_select: true,
+};
+
+static DECODE_APPEND: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_append.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "k", K, Read),
+        bind(2, "v", V, Read),
+        bind(3, "lens", Lens, Read),
+        bind(4, "ring", Ring, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static DECODE_POOL: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_pool.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "k", K, Read),
+        bind(2, "v", V, Read),
+        bind(3, "lens", Lens, Read),
+        bind(4, "w", Weights, Read),
+        bind(5, "b", Biases, Read),
+        bind(6, "coarse", CoarseSlots, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static DECODE_ATTENTION: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_attention.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "lens", Lens, Read),
+        bind(3, "ring", Ring, Read),
+        bind(4, "coarse", CoarseSlots, Read),
+        bind(5, "out", Out, ReadWrite),
+        bind(6, "lse", Lse, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static DECODE_DENSE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_dense.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "lens", Lens, Read),
+        bind(3, "page_k", PageK, Read),
+        bind(4, "page_v", PageV, Read),
+        bind(5, "partials", Partials, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static DECODE_MERGE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_merge.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "lens", Lens, Read),
+        bind(2, "partials", Partials, Read),
+        bind(3, "out", Out, ReadWrite),
+        bind(4, "lse", Lse, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static DECODE_ADVANCE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_advance.wgsl"),
+    bindings: &[PARAMS, bind(1, "lens", Lens, ReadWrite)],
     level_select: true,
 };

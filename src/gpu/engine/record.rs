@@ -18,13 +18,27 @@ use crate::plan::{Dispatch, Pass, Specialization};
 /// role not supplied is a typed error, not a wrong binding.
 #[derive(Default)]
 pub(crate) struct Resources<'a> {
-    buffers: HashMap<Role, &'a wgpu::Buffer>,
+    buffers: HashMap<Role, wgpu::BufferBinding<'a>>,
 }
 
 impl<'a> Resources<'a> {
-    /// `buf` fills `role`.
+    /// `buf` (all of it) fills `role`.
     pub fn with(mut self, role: Role, buf: &'a wgpu::Buffer) -> Self {
-        self.buffers.insert(role, buf);
+        self.buffers.insert(role, buf.as_entire_buffer_binding());
+        self
+    }
+
+    /// Bytes `[offset, offset + size)` of `buf` fill `role` (offset a multiple of the
+    /// adapter's storage offset alignment, at most 256: 256-byte multiples always are).
+    pub fn with_range(mut self, role: Role, buf: &'a wgpu::Buffer, offset: u64, size: u64) -> Self {
+        self.buffers.insert(
+            role,
+            wgpu::BufferBinding {
+                buffer: buf,
+                offset,
+                size: std::num::NonZeroU64::new(size),
+            },
+        );
         self
     }
 
@@ -49,7 +63,7 @@ impl<'a> Resources<'a> {
                 })?;
                 Ok(wgpu::BindGroupEntry {
                     binding: b.binding,
-                    resource: buf.as_entire_binding(),
+                    resource: wgpu::BindingResource::Buffer(buf.clone()),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -20,6 +20,8 @@ fn shared(name: &str) -> Option<&'static str> {
         "coarse_tiles" => Some(include_str!("../../../shaders/shared/coarse_tiles.wgsl")),
         "near_field" => Some(include_str!("../../../shaders/shared/near_field.wgsl")),
         "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
+        "decode_params" => Some(include_str!("../../../shaders/shared/decode_params.wgsl")),
+        "split_softmax" => Some(include_str!("../../../shaders/shared/split_softmax.wgsl")),
         "backward_queries" => Some(include_str!(
             "../../../shaders/shared/backward_queries.wgsl"
         )),

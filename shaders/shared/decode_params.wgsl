@@ -1,0 +1,64 @@
+// Uniform parameters of the decoding passes (algorithm.md §10). Rust mirror: `DecodeParams` in
+// `src/gpu/engine/params.rs` (a test compares the sizes). One block per (step shape, dispatch
+// group): a group is a run of (batch*head) rows whose cache fits the bound ranges.
+
+struct LevelInfo {
+    window: u32,        // w_l = m * 2^(l-1)
+    windows: u32,       // unused here (the forward's ceil(n / w_l))
+    row_offset: u32,    // unused here
+    weight_offset: u32, // first element of level l's (d, p, w_l) weights in the learned buffers
+}
+
+struct DecodeParams {
+    d: u32,
+    m: u32,
+    p: u32,
+    scale: f32,             // 1 / sqrt(d)
+    count_correction: u32,
+    learned: u32,
+    heads: u32,             // heads per sequence: row bh belongs to sequence bh / heads
+    bh_base: u32,           // first (batch*head) row of this dispatch group
+    group_rows: u32,        // rows of this group (bound ranges of the cache start at bh_base)
+    b_lo: u32,              // sequences [b_lo, b_hi) take part in this record
+    b_hi: u32,
+    chunk: u32,             // tokens appended to each sequence
+    in_rows: u32,           // rows per head of the bound Q, K, V (a step: chunk)
+    in_offset: u32,         // first of them this record appends
+    ring: u32,              // R: near-field ring slots per head (token t in slot t mod R)
+    ring_stride: u32,       // elements per head in the ring buffer: [K | V] (R, d), padded
+    levels: u32,            // coarse levels kept
+    slots: u32,             // window slots per level (window a in slot a mod slots)
+    coarse_stride: u32,     // elements per head in the coarse buffer: [K~ | V~] (levels, slots, p, d)
+    weight_stride: u32,     // elements per tensor kind in the learned weight buffer
+    bias_stride: u32,       // elements per tensor kind in the learned bias buffer
+    page_tokens: u32,       // T: tokens per history page (dense decode)
+    segment: u32,           // S: keys per partial of the dense decode (divides T)
+    segments: u32,          // partials per query row: ceil(max_len / S)
+    partial_stride: u32,    // elements per head in the partials buffer: (chunk_max, segments, d + 2)
+    _pad0: u32,             // the array below starts at a 16-byte boundary (uniform layout)
+    _pad1: u32,
+    _pad2: u32,
+    level_info: array<LevelInfo, 32>,
+}
+
+@group(0) @binding(0) var<uniform> params: DecodeParams;
+
+// The logit of a key that does not exist (see params.wgsl).
+const ABSENT: f32 = -1e30;
+
+// Element offset of head row `local` (of this group) in the near-field ring; kv 0 keys, 1 values.
+fn ring_at(local: u32, kv: u32, t: u32) -> u32 {
+    return local * params.ring_stride + (kv * params.ring + t % params.ring) * params.d;
+}
+
+// Element offset of coarse row j of window a at level index lvl (level l = lvl + 1).
+fn coarse_at(local: u32, kv: u32, lvl: u32, a: u32, j: u32) -> u32 {
+    let slot = a % params.slots;
+    return local * params.coarse_stride
+        + (((kv * params.levels + lvl) * params.slots + slot) * params.p + j) * params.d;
+}
+
+// Element offset of token `c` of the bound input rows of global head row `bh` (Q, K, V).
+fn input_at(bh: u32, c: u32) -> u32 {
+    return (bh * params.in_rows + params.in_offset + c) * params.d;
+}

@@ -1,0 +1,394 @@
+//! The decoder's plan (algorithm.md §10): the cache's layout and each step's dispatches.
+//! Pure arithmetic, tested without a GPU.
+//!
+//! Per (batch*head) row the cache holds
+//! - a near-field **ring** of R = min(2m - 1 + C_max, max_len) keys and values, token t in slot
+//!   t mod R: a step of C <= C_max tokens starting at s reads tokens from (floor(s/m) - 1) m,
+//!   at least s - 2m + 1, up to s + C - 1: at most 2m - 1 + C tokens, all still in the ring;
+//! - **coarse slots**: per level, `slots` windows, window a in slot a mod slots. A step's queries
+//!   read windows down to a_first - 3 (causal far lists: a - 2, a - 3) and the pooling writes up
+//!   to a_last, so slots = a_last - a_first + 4 at most: 4 + (m + C_max - 2) / m;
+//! - optionally the **history**: every key and value, in pages of T tokens (a power of two)
+//!   whose every page fits one storage binding, filled by buffer copies.
+//!
+//! Rows are processed in **groups** whose ring, coarse slots and dense partials each fit one
+//! storage binding (bound as ranges of one buffer: per-row strides are 256-byte multiples).
+//! A row's work does not depend on its group, so any grouping gives the same bits.
+
+use super::dispatch::{dispatch, Dispatch};
+use super::limits::KernelLimits;
+use super::pass::{Pass, Specialization};
+use crate::config::{DecodeConfig, Downsample};
+use crate::error::{FmaError, Result};
+use crate::levels::{num_levels, window};
+use crate::plan::MAX_HEAD_DIM;
+
+/// Invocations per workgroup of the decoding passes (a power of two: the split softmax
+/// combines its invocations in a tree).
+pub const DECODE_WG: u32 = 64;
+/// Per-row strides are rounded up to this many f32 (256 bytes), an offset every adapter
+/// accepts for a storage binding.
+pub const ROW_ALIGN: usize = 64;
+/// The dense decode splits a query's keys into at most about this many segments (partials).
+pub const TARGET_SEGMENTS: usize = 256;
+/// Fewest keys per segment of the dense decode.
+pub const MIN_SEGMENT: usize = 64;
+
+/// The cache's layout for one [`DecodeConfig`] on one adapter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeLayout {
+    /// Sequences.
+    pub batch: usize,
+    /// Heads per sequence.
+    pub heads: usize,
+    /// Head dimension d.
+    pub head_dim: usize,
+    /// Block size m.
+    pub block: usize,
+    /// Rank p.
+    pub rank: usize,
+    /// Most tokens per sequence.
+    pub max_len: usize,
+    /// Most tokens per step.
+    pub max_chunk: usize,
+    /// Near-field ring slots R per row.
+    pub ring: usize,
+    /// f32 per row in the ring buffer: [K | V] (R, d), padded to [`ROW_ALIGN`].
+    pub ring_stride: usize,
+    /// Coarse levels kept: L(max_len).
+    pub levels: usize,
+    /// Window slots per level.
+    pub slots: usize,
+    /// f32 per row in the coarse buffer: [K~ | V~] (levels, slots, p, d), padded.
+    pub coarse_stride: usize,
+    /// Rows per dispatch group.
+    pub group: usize,
+    /// History page length T in tokens (0 without history).
+    pub page_tokens: usize,
+    /// Keys per partial of the dense decode (divides T).
+    pub segment: usize,
+    /// Partials per query row of the dense decode.
+    pub segments: usize,
+    /// f32 per row in the partials buffer: (max_chunk, segments, d + 2), padded (0 without
+    /// history).
+    pub partial_stride: usize,
+}
+
+fn padded(x: usize) -> usize {
+    x.div_ceil(ROW_ALIGN) * ROW_ALIGN
+}
+
+impl DecodeLayout {
+    /// The layout of `cfg` under `limits`; a typed error when one row's state cannot fit one
+    /// binding.
+    pub fn new(cfg: &DecodeConfig, limits: &KernelLimits) -> Result<Self> {
+        cfg.validate()?;
+        let (m, p, d) = (cfg.fma.block, cfg.fma.rank, cfg.head_dim);
+        if d > MAX_HEAD_DIM {
+            return Err(FmaError::InvalidConfig {
+                what: "head_dim",
+                value: d.to_string(),
+                allowed: format!("1 ..= {MAX_HEAD_DIM}"),
+            });
+        }
+        let ring = (2 * m - 1 + cfg.max_chunk).min(cfg.max_len);
+        let levels = num_levels(cfg.max_len, m);
+        let slots = 4 + (m + cfg.max_chunk - 2) / m;
+        let ring_stride = padded(2 * ring * d);
+        let coarse_stride = padded(2 * levels.max(1) * slots * p * d);
+        let cap = (limits.binding_bytes() / 4) as usize;
+        let rows = cfg.batch * cfg.heads;
+        let (page_tokens, segment, segments, partial_stride) = if cfg.history {
+            // Pages are per group; size them for the group found without them first, then
+            // shrink the group if the partials do not fit.
+            let segment = (cfg.max_len.div_ceil(TARGET_SEGMENTS))
+                .next_power_of_two()
+                .max(MIN_SEGMENT);
+            (0, segment, 0, 0)
+        } else {
+            (0, 0, 0, 0)
+        };
+        let mut layout = Self {
+            batch: cfg.batch,
+            heads: cfg.heads,
+            head_dim: d,
+            block: m,
+            rank: p,
+            max_len: cfg.max_len,
+            max_chunk: cfg.max_chunk,
+            ring,
+            ring_stride,
+            levels,
+            slots,
+            coarse_stride,
+            group: 0,
+            page_tokens,
+            segment,
+            segments,
+            partial_stride,
+        };
+        let mut widest = ring_stride.max(coarse_stride);
+        if cfg.history {
+            // A page of one row must hold at least one segment's worth of keys.
+            let page_rows = (cap / d).min(cfg.max_len.next_power_of_two());
+            if page_rows == 0 {
+                return Err(too_big("one history row of one head", d * 4, cap));
+            }
+            let page_max = 1usize << page_rows.ilog2();
+            layout.segment = layout.segment.min(page_max);
+            layout.segments = cfg.max_len.div_ceil(layout.segment);
+            layout.partial_stride = padded(cfg.max_chunk * layout.segments * (d + 2));
+            widest = widest.max(layout.partial_stride);
+        }
+        if widest > cap {
+            let what = if widest == ring_stride {
+                "the near-field ring of one head (2m - 1 + max_chunk tokens)"
+            } else if widest == coarse_stride {
+                "the coarse slots of one head"
+            } else {
+                "the dense decode's partials of one head (max_chunk x segments)"
+            };
+            return Err(too_big(what, widest * 4, cap * 4));
+        }
+        layout.group = (cap / widest).min(rows).max(1);
+        if cfg.history {
+            // Largest power-of-two page whose group of rows fits one binding.
+            let per_row = (cap / (layout.group * d)).min(cfg.max_len.next_power_of_two());
+            layout.page_tokens = 1usize << per_row.max(1).ilog2();
+            layout.segment = layout.segment.min(layout.page_tokens);
+            layout.segments = cfg.max_len.div_ceil(layout.segment);
+            layout.partial_stride = padded(cfg.max_chunk * layout.segments * (d + 2));
+            if layout.partial_stride * layout.group > cap {
+                layout.group = (cap / layout.partial_stride).max(1);
+            }
+        }
+        Ok(layout)
+    }
+
+    /// Rows (batch * heads).
+    pub fn rows(&self) -> usize {
+        self.batch * self.heads
+    }
+
+    /// The dispatch groups: row ranges.
+    pub fn groups(&self) -> Vec<std::ops::Range<usize>> {
+        (0..self.rows())
+            .step_by(self.group)
+            .map(|lo| lo..(lo + self.group).min(self.rows()))
+            .collect()
+    }
+
+    /// History pages needed for sequences of up to `len` tokens.
+    pub fn pages_for(&self, len: usize) -> usize {
+        if self.page_tokens == 0 {
+            0
+        } else {
+            len.div_ceil(self.page_tokens)
+        }
+    }
+
+    /// Bytes the FMA part of the cache takes (ring and coarse slots, every row): independent
+    /// of the sequences' lengths.
+    pub fn fma_bytes(&self) -> u64 {
+        (self.rows() * (self.ring_stride + self.coarse_stride)) as u64 * 4
+    }
+
+    /// Bytes the history takes at `len` tokens per sequence (whole pages).
+    pub fn history_bytes(&self, len: usize) -> u64 {
+        let groups = self.groups();
+        let per_page: usize = groups
+            .iter()
+            .map(|g| g.len() * self.page_tokens * self.head_dim)
+            .sum();
+        (2 * self.pages_for(len) * per_page) as u64 * 4
+    }
+
+    fn spec(&self) -> Specialization {
+        Specialization {
+            wg: DECODE_WG,
+            bk: 1,
+            d4: self.head_dim.div_ceil(4) as u32,
+        }
+    }
+
+    /// The dispatches of one group that append `chunk` tokens to its rows: the ring, the coarse
+    /// slots and (with `attend`) the queries' FMA attention.
+    pub fn fma_steps(
+        &self,
+        rows: usize,
+        chunk: usize,
+        attend: bool,
+        limits: &KernelLimits,
+    ) -> Result<Vec<Dispatch>> {
+        let (spec, wg) = (self.spec(), DECODE_WG as u64);
+        let d = self.head_dim as u64;
+        let mut steps = vec![
+            dispatch(
+                Pass::DecodeAppend,
+                None,
+                (rows as u64 * chunk as u64 * d).div_ceil(wg),
+                spec,
+                limits,
+            )?,
+            dispatch(
+                Pass::DecodePool,
+                None,
+                (rows as u64 * 2 * self.levels as u64 * self.slots as u64 * self.rank as u64 * d)
+                    .div_ceil(wg)
+                    .max(1),
+                spec,
+                limits,
+            )?,
+        ];
+        if attend {
+            steps.push(dispatch(
+                Pass::DecodeAttention,
+                None,
+                rows as u64 * chunk as u64,
+                spec,
+                limits,
+            )?);
+        }
+        Ok(steps)
+    }
+
+    /// The dense decode of one group over history pages `0..pages`: a partial pass per page
+    /// (its level selector names the page) and the merge.
+    pub fn dense_steps(
+        &self,
+        rows: usize,
+        chunk: usize,
+        pages: usize,
+        limits: &KernelLimits,
+    ) -> Result<Vec<Dispatch>> {
+        let spec = self.spec();
+        let per_page = (self.page_tokens / self.segment) as u64;
+        let mut steps = (0..pages)
+            .map(|page| {
+                dispatch(
+                    Pass::DecodeDense,
+                    Some(page as u32),
+                    rows as u64 * chunk as u64 * per_page,
+                    spec,
+                    limits,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        steps.push(dispatch(
+            Pass::DecodeMerge,
+            None,
+            rows as u64 * chunk as u64,
+            spec,
+            limits,
+        )?);
+        Ok(steps)
+    }
+
+    /// The last dispatch of every record: the sequences' lengths advance.
+    pub fn advance_step(&self, limits: &KernelLimits) -> Result<Dispatch> {
+        dispatch(Pass::DecodeAdvance, None, 1, self.spec(), limits)
+    }
+
+    /// Learned weights needed: every level kept must have them (a sequence of max_len tokens
+    /// uses them all).
+    pub fn check_weights(&self, downsample: &Downsample) -> Result<()> {
+        if let Downsample::Learned(w) = downsample {
+            if w.levels.len() < self.levels {
+                return Err(FmaError::Weights(format!(
+                    "decoding up to {} tokens with m = {} uses {} levels, but the weights have {} (missing level {})",
+                    self.max_len,
+                    self.block,
+                    self.levels,
+                    w.levels.len(),
+                    w.levels.len() + 1
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Window size of level index `lvl` (level lvl + 1).
+    pub fn window(&self, lvl: usize) -> usize {
+        window(self.block, lvl + 1)
+    }
+}
+
+fn too_big(what: &str, bytes: usize, max: usize) -> FmaError {
+    FmaError::LimitExceeded {
+        what: format!("{what}: fewer heads per call, a smaller block size or max_chunk would fit"),
+        requested: bytes as u64,
+        max: max as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FmaConfig;
+
+    fn cfg(m: usize, p: usize, max_len: usize, chunk: usize) -> DecodeConfig {
+        DecodeConfig::new(FmaConfig::new(m, p), 2, 3, 16, max_len).max_chunk(chunk)
+    }
+
+    #[test]
+    fn ring_and_slots_hold_what_one_step_reads() {
+        for (m, chunk) in [(1, 1), (4, 1), (4, 3), (8, 64), (64, 1), (64, 16)] {
+            let l = DecodeLayout::new(
+                &cfg(m, 1, 1 << 20, chunk),
+                &KernelLimits::with_binding(1 << 27),
+            )
+            .unwrap();
+            // Every start s: the step's oldest near token and its newest token fit the ring,
+            // and its windows [a_first - 3, a_last] fit the slots, at every level.
+            for s in 0..(4 * m + 3 * chunk) {
+                let oldest = (s / m).saturating_sub(1) * m;
+                assert!(s + chunk - oldest <= l.ring, "m {m} chunk {chunk} s {s}");
+                for lvl in 0..l.levels.min(4) {
+                    let w = l.window(lvl);
+                    let (a0, a1) = (s / w, (s + chunk - 1) / w);
+                    assert!(
+                        a1 - a0 + 4 <= l.slots,
+                        "m {m} chunk {chunk} s {s} level {lvl}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn groups_pages_and_segments_fit_the_binding() {
+        let limits = KernelLimits::with_binding(16 << 10);
+        let c = DecodeConfig::new(FmaConfig::new(32, 2), 2, 2, 16, 4096).max_chunk(3);
+        let l = DecodeLayout::new(&c, &limits).unwrap();
+        let cap = 16 << 10;
+        assert!(l.group >= 1 && l.group < 4, "{l:?}");
+        assert!(l.group * l.ring_stride * 4 <= cap);
+        assert!(l.group * l.coarse_stride * 4 <= cap);
+        assert!(l.group * l.partial_stride * 4 <= cap);
+        assert!(l.group * l.page_tokens * l.head_dim * 4 <= cap);
+        assert!(l.page_tokens.is_power_of_two() && l.page_tokens % l.segment == 0);
+        assert_eq!(l.segments, 4096usize.div_ceil(l.segment));
+        let covered: usize = l.groups().iter().map(|g| g.len()).sum();
+        assert_eq!(covered, 4);
+    }
+
+    #[test]
+    fn a_row_too_wide_for_one_binding_is_a_typed_error() {
+        let limits = KernelLimits::with_binding(1 << 10);
+        let c = DecodeConfig::new(FmaConfig::new(64, 2), 1, 1, 64, 1 << 16);
+        assert!(matches!(
+            DecodeLayout::new(&c, &limits),
+            Err(FmaError::LimitExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn the_fma_state_does_not_grow_with_the_length() {
+        let limits = KernelLimits::with_binding(1 << 27);
+        let small = DecodeLayout::new(&cfg(64, 2, 1 << 12, 1), &limits).unwrap();
+        let large = DecodeLayout::new(&cfg(64, 2, 1 << 20, 1), &limits).unwrap();
+        // Only the number of levels grows (log n).
+        assert_eq!(small.ring, large.ring);
+        assert!(large.fma_bytes() < 3 * small.fma_bytes());
+    }
+}
