@@ -23,7 +23,7 @@ pub mod random;
 pub mod shape;
 pub mod weights;
 
-pub use config::{Downsample, FmaConfig, Queries};
+pub use config::{DecodeConfig, Downsample, FmaConfig, Queries};
 pub use error::{FmaError, Result};
 pub use geometry::Geometry;
 pub use gradients::{Gradients, LevelGradients};

@@ -70,6 +70,7 @@ fn layer(path: &str) -> &'static str {
         ["gpu", "engine", ..] => "engine",
         ["gpu", "fma", ..] => "fma",
         ["gpu", "dense", ..] => "dense",
+        ["gpu", "decode", ..] => "decode",
         ["gpu", ..] => "gpu front",
         ["plan", ..] => "plan",
         ["cpu", ..] => "cpu",
@@ -86,7 +87,9 @@ fn allowed(from: &str) -> &'static [&'static str] {
         "plan" => &["leaf"],
         "engine" => &["leaf", "plan"],
         "fma" | "dense" => &["leaf", "plan", "engine"],
-        _ => &["leaf", "cpu", "plan", "engine", "fma", "dense", "gpu front"],
+        // The decoder runs the executors' forwards for a prefill, as any caller would.
+        "decode" => &["leaf", "plan", "engine", "fma", "dense"],
+        _ => &["leaf", "cpu", "plan", "engine", "fma", "dense", "decode", "gpu front"],
     }
 }
 

@@ -35,8 +35,8 @@ struct DecodeParams {
     segment: u32,           // S: keys per partial of the dense decode (divides T)
     segments: u32,          // partials per query row: ceil(max_len / S)
     partial_stride: u32,    // elements per head in the partials buffer: (chunk_max, segments, d + 2)
-    _pad0: u32,             // the array below starts at a 16-byte boundary (uniform layout)
-    _pad1: u32,
+    in_row0: u32,           // the (batch*head) row of the first row of the bound Q, K, V
+    _pad1: u32,             // the array below starts at a 16-byte boundary (uniform layout)
     _pad2: u32,
     level_info: array<LevelInfo, 32>,
 }
@@ -60,5 +60,5 @@ fn coarse_at(local: u32, kv: u32, lvl: u32, a: u32, j: u32) -> u32 {
 
 // Element offset of token `c` of the bound input rows of global head row `bh` (Q, K, V).
 fn input_at(bh: u32, c: u32) -> u32 {
-    return (bh * params.in_rows + params.in_offset + c) * params.d;
+    return ((bh - params.in_row0) * params.in_rows + params.in_offset + c) * params.d;
 }

@@ -13,10 +13,12 @@
 //! # Ok::<(), multipole_attn::FmaError>(())
 //! ```
 
+mod decode;
 mod dense;
 pub mod engine;
 mod fma;
 
+pub use decode::{DecodeMode, Decoder, StepTensors};
 pub use dense::DenseAttention;
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::context::{all_adapters, list_adapters};

@@ -96,19 +96,54 @@ impl DecodeLayout {
         let slots = 4 + (m + cfg.max_chunk - 2) / m;
         let ring_stride = padded(2 * ring * d);
         let coarse_stride = padded(2 * levels.max(1) * slots * p * d);
+        // Sizes in f32 from here on.
         let cap = (limits.binding_bytes() / 4) as usize;
         let rows = cfg.batch * cfg.heads;
-        let (page_tokens, segment, segments, partial_stride) = if cfg.history {
-            // Pages are per group; size them for the group found without them first, then
-            // shrink the group if the partials do not fit.
-            let segment = (cfg.max_len.div_ceil(TARGET_SEGMENTS))
+        let fixed = ring_stride.max(coarse_stride);
+        if fixed > cap {
+            let what = if fixed == ring_stride {
+                "the near-field ring of one head (2m - 1 + max_chunk tokens)"
+            } else {
+                "the coarse slots of one head"
+            };
+            return Err(too_big(what, fixed, cap));
+        }
+        let mut group = (cap / fixed).min(rows);
+        let (mut page_tokens, mut segment, mut segments, mut partial_stride) = (0, 0, 0, 0);
+        if cfg.history {
+            if d > cap {
+                return Err(too_big("one history token of one head", d, cap));
+            }
+            // About TARGET_SEGMENTS partials per query, of at least MIN_SEGMENT keys.
+            let wanted = cfg
+                .max_len
+                .div_ceil(TARGET_SEGMENTS)
                 .next_power_of_two()
                 .max(MIN_SEGMENT);
-            (0, segment, 0, 0)
-        } else {
-            (0, 0, 0, 0)
-        };
-        let mut layout = Self {
+            loop {
+                // The largest power-of-two page whose group of rows fits one binding; a
+                // segment never straddles two pages.
+                let per_row = (cap / (group * d))
+                    .min(cfg.max_len.next_power_of_two())
+                    .max(1);
+                page_tokens = 1usize << per_row.ilog2();
+                segment = wanted.min(page_tokens);
+                segments = cfg.max_len.div_ceil(segment);
+                partial_stride = padded(cfg.max_chunk * segments * (d + 2));
+                if partial_stride > cap {
+                    return Err(too_big(
+                        "the dense decode's partials of one head (max_chunk x segments x (d + 2))",
+                        partial_stride,
+                        cap,
+                    ));
+                }
+                if partial_stride * group <= cap {
+                    break;
+                }
+                group = cap / partial_stride;
+            }
+        }
+        let layout = Self {
             batch: cfg.batch,
             heads: cfg.heads,
             head_dim: d,
@@ -121,47 +156,12 @@ impl DecodeLayout {
             levels,
             slots,
             coarse_stride,
-            group: 0,
+            group,
             page_tokens,
             segment,
             segments,
             partial_stride,
         };
-        let mut widest = ring_stride.max(coarse_stride);
-        if cfg.history {
-            // A page of one row must hold at least one segment's worth of keys.
-            let page_rows = (cap / d).min(cfg.max_len.next_power_of_two());
-            if page_rows == 0 {
-                return Err(too_big("one history row of one head", d * 4, cap));
-            }
-            let page_max = 1usize << page_rows.ilog2();
-            layout.segment = layout.segment.min(page_max);
-            layout.segments = cfg.max_len.div_ceil(layout.segment);
-            layout.partial_stride = padded(cfg.max_chunk * layout.segments * (d + 2));
-            widest = widest.max(layout.partial_stride);
-        }
-        if widest > cap {
-            let what = if widest == ring_stride {
-                "the near-field ring of one head (2m - 1 + max_chunk tokens)"
-            } else if widest == coarse_stride {
-                "the coarse slots of one head"
-            } else {
-                "the dense decode's partials of one head (max_chunk x segments)"
-            };
-            return Err(too_big(what, widest * 4, cap * 4));
-        }
-        layout.group = (cap / widest).min(rows).max(1);
-        if cfg.history {
-            // Largest power-of-two page whose group of rows fits one binding.
-            let per_row = (cap / (layout.group * d)).min(cfg.max_len.next_power_of_two());
-            layout.page_tokens = 1usize << per_row.max(1).ilog2();
-            layout.segment = layout.segment.min(layout.page_tokens);
-            layout.segments = cfg.max_len.div_ceil(layout.segment);
-            layout.partial_stride = padded(cfg.max_chunk * layout.segments * (d + 2));
-            if layout.partial_stride * layout.group > cap {
-                layout.group = (cap / layout.partial_stride).max(1);
-            }
-        }
         Ok(layout)
     }
 
@@ -262,7 +262,7 @@ impl DecodeLayout {
         limits: &KernelLimits,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec();
-        let per_page = (self.page_tokens / self.segment) as u64;
+        let per_page = (self.page_tokens / self.segment.max(1)) as u64;
         let mut steps = (0..pages)
             .map(|page| {
                 dispatch(
@@ -313,11 +313,14 @@ impl DecodeLayout {
     }
 }
 
-fn too_big(what: &str, bytes: usize, max: usize) -> FmaError {
+/// The error of one head's `floats` not fitting one binding of `cap` floats.
+fn too_big(what: &str, floats: usize, cap: usize) -> FmaError {
     FmaError::LimitExceeded {
-        what: format!("{what}: fewer heads per call, a smaller block size or max_chunk would fit"),
-        requested: bytes as u64,
-        max: max as u64,
+        what: format!(
+            "{what} in one storage binding (a smaller block size, max_chunk or max_len would fit)"
+        ),
+        requested: floats as u64 * 4,
+        max: cap as u64 * 4,
     }
 }
 
@@ -366,7 +369,7 @@ mod tests {
         assert!(l.group * l.coarse_stride * 4 <= cap);
         assert!(l.group * l.partial_stride * 4 <= cap);
         assert!(l.group * l.page_tokens * l.head_dim * 4 <= cap);
-        assert!(l.page_tokens.is_power_of_two() && l.page_tokens % l.segment == 0);
+        assert!(l.page_tokens.is_power_of_two() && l.page_tokens.is_multiple_of(l.segment));
         assert_eq!(l.segments, 4096usize.div_ceil(l.segment));
         let covered: usize = l.groups().iter().map(|g| g.len()).sum();
         assert_eq!(covered, 4);

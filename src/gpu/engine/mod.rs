@@ -1,7 +1,7 @@
 //! The GPU engine: what every executor uses and none owns. The context (adapter, device,
 //! limits, the device's layouts and pipeline cache), the pass descriptors and WGSL
 //! composition, buffers and readback, error scopes, the shape cache and growing buffers, the
-//! host-tensor front and split I/O, and the one record loop. Nothing here imports an executor
+//! host-tensor front and split I/O, the learned weights' buffers, and the one record loop. Nothing here imports an executor
 //! (`gpu::fma`, `gpu::dense`).
 
 pub(crate) mod buffers;
@@ -15,3 +15,4 @@ pub(crate) mod record;
 pub mod shaders;
 pub(crate) mod split_io;
 pub(crate) mod tensors;
+pub(crate) mod weights;

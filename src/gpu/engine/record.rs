@@ -159,17 +159,7 @@ pub(crate) fn record_steps(
     selects: Option<&Selects>,
     res: &Resources<'_>,
 ) -> Result<()> {
-    let needs_select = steps.iter().any(|s| desc(s.pass).level_select);
-    let select = match (needs_select, selects) {
-        (false, _) => None,
-        (true, Some(s)) if s.count >= steps.len() => Some((s.bind_group(ctx), s.stride)),
-        (true, _) => {
-            return Err(FmaError::Gpu {
-                stage: "recording a plan".into(),
-                message: "no level selector for every step of a per-level pass".into(),
-            })
-        }
-    };
+    let select = selector(ctx, steps, selects)?;
     let mut groups: HashMap<Pass, wgpu::BindGroup> = HashMap::new();
     for (k, step) in steps.iter().enumerate() {
         let group = match groups.entry(step.pass) {
@@ -178,12 +168,58 @@ pub(crate) fn record_steps(
                 slot.insert(res.bind_group(ctx, step.pass)?)
             }
         };
-        cpass.set_pipeline(pipes.get(step)?);
-        cpass.set_bind_group(0, &*group, &[]);
-        if let (true, Some((group, stride))) = (desc(step.pass).level_select, &select) {
-            cpass.set_bind_group(1, group, &[k as u32 * stride]);
-        }
-        cpass.dispatch_workgroups(step.grid[0], step.grid[1], step.grid[2]);
+        dispatch_one(cpass, steps, k, pipes, group, select.as_ref())?;
     }
+    Ok(())
+}
+
+/// Records step `k` of `steps` alone, group 0 bound from `res`: for a step whose buffers differ
+/// from its pass's other steps (a decoder's history pages). `selects` as in [`record_steps`].
+pub(crate) fn record_step(
+    ctx: &GpuContext,
+    cpass: &mut wgpu::ComputePass<'_>,
+    steps: &[Dispatch],
+    k: usize,
+    pipes: &Pipes,
+    selects: Option<&Selects>,
+    res: &Resources<'_>,
+) -> Result<()> {
+    let select = selector(ctx, steps, selects)?;
+    let group = res.bind_group(ctx, steps[k].pass)?;
+    dispatch_one(cpass, steps, k, pipes, &group, select.as_ref())
+}
+
+/// The level-selector group of `steps` and its stride, when any step's pass has one.
+fn selector(
+    ctx: &GpuContext,
+    steps: &[Dispatch],
+    selects: Option<&Selects>,
+) -> Result<Option<(wgpu::BindGroup, u32)>> {
+    let needs_select = steps.iter().any(|s| desc(s.pass).level_select);
+    match (needs_select, selects) {
+        (false, _) => Ok(None),
+        (true, Some(s)) if s.count >= steps.len() => Ok(Some((s.bind_group(ctx), s.stride))),
+        (true, _) => Err(FmaError::Gpu {
+            stage: "recording a plan".into(),
+            message: "no level selector for every step of a per-level pass".into(),
+        }),
+    }
+}
+
+fn dispatch_one(
+    cpass: &mut wgpu::ComputePass<'_>,
+    steps: &[Dispatch],
+    k: usize,
+    pipes: &Pipes,
+    group: &wgpu::BindGroup,
+    select: Option<&(wgpu::BindGroup, u32)>,
+) -> Result<()> {
+    let step = &steps[k];
+    cpass.set_pipeline(pipes.get(step)?);
+    cpass.set_bind_group(0, group, &[]);
+    if let (true, Some((group, stride))) = (desc(step.pass).level_select, select) {
+        cpass.set_bind_group(1, group, &[k as u32 * stride]);
+    }
+    cpass.dispatch_workgroups(step.grid[0], step.grid[1], step.grid[2]);
     Ok(())
 }

@@ -1,13 +1,12 @@
 //! The FMA executor (algorithm.md §3-7): [`FmaAttention`] turns an [`FmaPlan`] into recorded
 //! dispatches, one command encoder and one submit per forward (`forward.rs`), a head over one
 //! storage binding chunk by chunk (`split.rs`), and the fine-query backward (`backward.rs`).
-//! Its device state: learned weights (`weights.rs`), per-shape uniforms and buffers that grow
+//! Its device state: learned weights (`engine::weights`), per-shape uniforms and buffers that grow
 //! by capacity (`workspace.rs`).
 
 pub(crate) mod backward;
 mod forward;
 mod split;
-mod weights;
 mod workspace;
 
 use std::sync::Mutex;
@@ -22,8 +21,8 @@ use crate::levels::window;
 use crate::plan::{FmaPlan, KernelLimits};
 use crate::shape::Shape;
 
+use crate::gpu::engine::weights::WeightBuffers;
 use backward::BackwardScratch;
-use weights::WeightBuffers;
 use workspace::{Buffers, Uniforms};
 
 /// Fast Multipole Attention on the GPU (algorithm.md §3-7), with fine queries (O(n log n),

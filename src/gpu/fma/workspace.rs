@@ -13,7 +13,7 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::record::{Resources, Selects};
 use crate::plan::{Dispatch, FmaPlan, KernelLimits};
 
-use super::weights::WeightBuffers;
+use crate::gpu::engine::weights::WeightBuffers;
 
 /// The uniforms of one shape: its parameter block and one level selector per step.
 pub(crate) struct Uniforms {

@@ -1,4 +1,5 @@
-//! The learned weights of every level on the GPU, uploaded once per [`super::FmaAttention`].
+//! The learned weights of every level on the GPU, uploaded once per executor (the FMA forward
+//! and backward, the decoder).
 
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
@@ -11,10 +12,10 @@ use crate::weights::LevelWeights;
 /// (d, p, w_l) weights concatenated (`weight_stride` elements apart); `b` likewise with the
 /// (d, p) biases. Queries only with coarse queries; 16-byte dummies in Average mode.
 pub(crate) struct WeightBuffers {
-    pub(super) w: wgpu::Buffer,
-    pub(super) b: wgpu::Buffer,
-    pub(super) weight_stride: u32,
-    pub(super) bias_stride: u32,
+    pub(crate) w: wgpu::Buffer,
+    pub(crate) b: wgpu::Buffer,
+    pub(crate) weight_stride: u32,
+    pub(crate) bias_stride: u32,
 }
 
 impl WeightBuffers {

@@ -1,0 +1,372 @@
+//! The decoder's calls: steps of host tensors (uploaded into the cache's own buffers, one
+//! submit, read back), steps recorded into the caller's encoder, and the prefill (the causal
+//! forward's rows, then the cache filled a binding-sized chunk at a time).
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::tensors::{check_storage, Output, Scopes, Staged};
+use crate::shape::Shape;
+
+use super::record::{Io, Work};
+use super::{DecodeMode, Decoder};
+
+/// The tensors of one step already on the GPU: Q, K, V of shape (batch, heads, C, head_dim)
+/// with `STORAGE` usage (K and V also `COPY_SRC` when the cache keeps its history), O of the
+/// same shape and the LSE (batch, heads, C).
+#[derive(Clone, Copy, Debug)]
+pub struct StepTensors<'a> {
+    /// Queries of the new tokens.
+    pub q: &'a wgpu::Buffer,
+    /// Their keys.
+    pub k: &'a wgpu::Buffer,
+    /// Their values.
+    pub v: &'a wgpu::Buffer,
+    /// Output rows, written.
+    pub out: &'a wgpu::Buffer,
+    /// Their LSE, written.
+    pub lse: &'a wgpu::Buffer,
+}
+
+impl Decoder {
+    fn step_shape(&self, chunk: usize) -> Shape {
+        Shape::new(self.cfg.batch, self.cfg.heads, chunk, self.cfg.head_dim)
+    }
+
+    /// Chunk length of host step tensors of `len` floats each.
+    fn chunk_of(&self, len: usize) -> Result<usize> {
+        let row = self.cfg.batch * self.cfg.heads * self.cfg.head_dim;
+        if len == 0 || !len.is_multiple_of(row) {
+            return Err(FmaError::ShapeMismatch {
+                what: "step tensors (batch, heads, C, head_dim)".into(),
+                expected: format!("a positive multiple of {row} floats"),
+                got: format!("{len} floats"),
+            });
+        }
+        Ok(len / row)
+    }
+
+    /// Appends C tokens to every sequence (Q, K, V: (batch, heads, C, head_dim)) and returns
+    /// their outputs (same shape) and LSE (batch, heads, C): FMA or exact dense attention over
+    /// the cache as `mode` says. Async: works on the web.
+    pub async fn step_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mode: DecodeMode,
+    ) -> Result<Output> {
+        let chunk = self.chunk_of(q.len())?;
+        let shape = self.step_shape(chunk);
+        check_host(shape, q, k, v)?;
+        let bytes = shape.elements() as u64 * 4;
+        let cap = self.limits.binding_bytes();
+        if bytes > cap {
+            return Err(FmaError::LimitExceeded {
+                what: "one step's Q, K or V (fewer tokens per step fit)".into(),
+                requested: bytes,
+                max: cap,
+            });
+        }
+        let pipes = self.pipes().await?;
+        let staged = Staged::new(&self.ctx.device, shape, true);
+        let scopes = Scopes::push(&self.ctx)?;
+        {
+            let mut st = self.state.lock().map_err(poisoned)?;
+            let dev = &self.ctx.device;
+            let [bq, bk, bv, bo, bl] = &mut st.io;
+            let (bq, bk, bv) = (
+                bq.at_least(dev, bytes, cap).clone(),
+                bk.at_least(dev, bytes, cap).clone(),
+                bv.at_least(dev, bytes, cap).clone(),
+            );
+            let (bo, bl) = (
+                bo.at_least(dev, bytes, cap).clone(),
+                bl.at_least(dev, shape.rows() as u64 * 4, cap).clone(),
+            );
+            self.ctx.queue.write_buffer(&bq, 0, bytemuck::cast_slice(q));
+            self.ctx.queue.write_buffer(&bk, 0, bytemuck::cast_slice(k));
+            self.ctx.queue.write_buffer(&bv, 0, bytemuck::cast_slice(v));
+            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("decode step"),
+            });
+            let io = Io {
+                q: Some(&bq),
+                k: &bk,
+                v: &bv,
+                out: Some(&bo),
+                lse: Some(&bl),
+                chunk,
+                in_rows: chunk,
+                in_offset: 0,
+                seqs: 0..self.cfg.batch,
+            };
+            self.record(&mut enc, &mut st, &pipes, &io, Work::Attend(mode, 0))?;
+            staged.record(&mut enc, &bo, &bl);
+            self.ctx.queue.submit([enc.finish()]);
+        }
+        scopes.pop(&self.ctx, "a decoding step").await?;
+        staged.read(&self.ctx).await
+    }
+
+    /// Blocking [`Decoder::step_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn step(&self, q: &[f32], k: &[f32], v: &[f32], mode: DecodeMode) -> Result<Output> {
+        pollster::block_on(self.step_async(q, k, v, mode))
+    }
+
+    /// Records a step of tensors already on the GPU into the caller's encoder (C from the
+    /// buffers' sizes is not guessed: `chunk` says it). Checks run first; the step takes effect
+    /// when the caller submits, and steps recorded one after another each see their own
+    /// positions. A recorded step must be submitted (the decoder counts it as taken).
+    pub async fn encode_step_async(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: StepTensors<'_>,
+        chunk: usize,
+        mode: DecodeMode,
+    ) -> Result<()> {
+        let shape = self.step_shape(chunk.max(1));
+        let bytes = shape.elements() as u64 * 4;
+        for (name, buf, need) in [
+            ("Q", t.q, bytes),
+            ("K", t.k, bytes),
+            ("V", t.v, bytes),
+            ("O", t.out, bytes),
+            ("LSE", t.lse, shape.rows() as u64 * 4),
+        ] {
+            check_storage(name, buf, need, shape)?;
+        }
+        if self.layout.page_tokens > 0 {
+            for (name, buf) in [("K", t.k), ("V", t.v)] {
+                if !buf.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                    return Err(FmaError::ShapeMismatch {
+                        what: format!("{name} buffer usage"),
+                        expected:
+                            "COPY_SRC as well (the cache copies keys and values into its history)"
+                                .into(),
+                        got: format!("{:?}", buf.usage()),
+                    });
+                }
+            }
+        }
+        let pipes = self.pipes().await?;
+        let mut st = self.state.lock().map_err(poisoned)?;
+        let io = Io {
+            q: Some(t.q),
+            k: t.k,
+            v: t.v,
+            out: Some(t.out),
+            lse: Some(t.lse),
+            chunk,
+            in_rows: chunk,
+            in_offset: 0,
+            seqs: 0..self.cfg.batch,
+        };
+        self.record(enc, &mut st, &pipes, &io, Work::Attend(mode, 0))
+    }
+
+    /// Blocking [`Decoder::encode_step_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode_step(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: StepTensors<'_>,
+        chunk: usize,
+        mode: DecodeMode,
+    ) -> Result<()> {
+        pollster::block_on(self.encode_step_async(enc, t, chunk, mode))
+    }
+
+    /// Appends the first `lengths[b]` tokens of K, V (batch, heads, P, head_dim) to sequence b,
+    /// without queries or outputs: the cache of a prompt whose outputs are not needed (or were
+    /// computed elsewhere). Sequences of length 0 are not touched. Long prompts go through in
+    /// chunks that fit one storage binding.
+    pub async fn extend_async(&self, k: &[f32], v: &[f32], lengths: &[usize]) -> Result<()> {
+        let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
+        let p = self.check_prompt(k, v, lengths)?;
+        let cap = self.limits.binding_bytes();
+        // Runs of consecutive sequences with the same length go together.
+        let mut b = 0;
+        while b < b_n {
+            let len = lengths[b];
+            let mut e = b + 1;
+            while e < b_n && lengths[e] == len {
+                e += 1;
+            }
+            if len > 0 {
+                let rows = (e - b) * h;
+                let per_token = (rows * d) as u64 * 4;
+                let chunk = ((cap / per_token) as usize).clamp(1, len);
+                let mut off = 0;
+                while off < len {
+                    let c = chunk.min(len - off);
+                    let mut kc = Vec::with_capacity(rows * c * d);
+                    let mut vc = Vec::with_capacity(rows * c * d);
+                    for r in 0..rows {
+                        let base = ((b * h + r) * p + off) * d;
+                        kc.extend_from_slice(&k[base..base + c * d]);
+                        vc.extend_from_slice(&v[base..base + c * d]);
+                    }
+                    self.ingest(&kc, &vc, c, b..e).await?;
+                    off += c;
+                }
+            }
+            b = e;
+        }
+        Ok(())
+    }
+
+    /// One binding-sized chunk of a prompt into the cache, one submit.
+    async fn ingest(
+        &self,
+        k: &[f32],
+        v: &[f32],
+        chunk: usize,
+        seqs: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let cap = self.limits.binding_bytes();
+        let bytes = k.len() as u64 * 4;
+        let pipes = self.pipes().await?;
+        let scopes = Scopes::push(&self.ctx)?;
+        {
+            let mut st = self.state.lock().map_err(poisoned)?;
+            let dev = &self.ctx.device;
+            let [_, bk, bv, _, _] = &mut st.io;
+            let (bk, bv) = (
+                bk.at_least(dev, bytes, cap).clone(),
+                bv.at_least(dev, bytes, cap).clone(),
+            );
+            self.ctx.queue.write_buffer(&bk, 0, bytemuck::cast_slice(k));
+            self.ctx.queue.write_buffer(&bv, 0, bytemuck::cast_slice(v));
+            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("decode prefill"),
+            });
+            let io = Io {
+                q: None,
+                k: &bk,
+                v: &bv,
+                out: None,
+                lse: None,
+                chunk,
+                in_rows: chunk,
+                in_offset: 0,
+                seqs,
+            };
+            self.record(&mut enc, &mut st, &pipes, &io, Work::Ingest)?;
+            self.ctx.queue.submit([enc.finish()]);
+        }
+        scopes.pop(&self.ctx, "filling the decoding cache").await
+    }
+
+    /// Blocking [`Decoder::extend_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn extend(&self, k: &[f32], v: &[f32], lengths: &[usize]) -> Result<()> {
+        pollster::block_on(self.extend_async(k, v, lengths))
+    }
+
+    /// The prompt's length P from K, V of (batch, heads, P, head_dim), and the lengths checked.
+    fn check_prompt(&self, k: &[f32], v: &[f32], lengths: &[usize]) -> Result<usize> {
+        let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
+        if lengths.len() != b_n {
+            return Err(FmaError::ShapeMismatch {
+                what: "prompt lengths".into(),
+                expected: format!("one per sequence ({b_n})"),
+                got: lengths.len().to_string(),
+            });
+        }
+        let row = b_n * h * d;
+        if !k.len().is_multiple_of(row) || k.len() != v.len() {
+            return Err(FmaError::ShapeMismatch {
+                what: "prompt K, V (batch, heads, P, head_dim)".into(),
+                expected: format!("equal lengths, multiples of {row} floats"),
+                got: format!("K {} floats, V {} floats", k.len(), v.len()),
+            });
+        }
+        let p = k.len() / row;
+        if let Some((b, &len)) = lengths.iter().enumerate().find(|(_, &len)| len > p) {
+            return Err(FmaError::ShapeMismatch {
+                what: format!("prompt length of sequence {b}"),
+                expected: format!("<= {p} (the tensors' length)"),
+                got: len.to_string(),
+            });
+        }
+        Ok(p)
+    }
+
+    /// The prompt's outputs and the cache: sequence b's first `lengths[b]` tokens of Q, K, V
+    /// (batch, heads, P, head_dim) go through the causal forward (FMA, or exact dense attention
+    /// with [`DecodeMode::Dense`]), and are appended to the cache as [`Decoder::extend_async`]
+    /// does. O is (batch, heads, P, head_dim) with zero rows beyond a sequence's length (LSE
+    /// -inf there). Sequences must be empty (fresh, or [`Decoder::reset`]) when prefilled.
+    pub async fn prefill_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lengths: &[usize],
+        mode: DecodeMode,
+    ) -> Result<Output> {
+        let p = self.check_prompt(k, v, lengths)?;
+        let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
+        if q.len() != k.len() {
+            return Err(FmaError::ShapeMismatch {
+                what: "prompt Q".into(),
+                expected: format!("{} floats, as K", k.len()),
+                got: q.len().to_string(),
+            });
+        }
+        let lens = self.lens()?;
+        if let Some(b) = (0..b_n).find(|&b| lengths[b] > 0 && lens[b] > 0) {
+            return Err(FmaError::ShapeMismatch {
+                what: format!("sequence {b} to prefill"),
+                expected: "an empty sequence (reset it first)".into(),
+                got: format!("{} tokens held", lens[b]),
+            });
+        }
+        let mut o = vec![0f32; q.len()];
+        let mut lse = vec![f32::NEG_INFINITY; b_n * h * p];
+        for b in 0..b_n {
+            let len = lengths[b];
+            if len == 0 {
+                continue;
+            }
+            let slice = |x: &[f32]| -> Vec<f32> {
+                (0..h)
+                    .flat_map(|r| {
+                        let base = ((b * h + r) * p) * d;
+                        x[base..base + len * d].to_vec()
+                    })
+                    .collect()
+            };
+            let shape = Shape::new(1, h, len, d);
+            let (qs, ks, vs) = (slice(q), slice(k), slice(v));
+            let out = match mode {
+                DecodeMode::Fma => self.fma.forward_async(&qs, &ks, &vs, shape, true).await?,
+                DecodeMode::Dense => self.dense.forward_async(&qs, &ks, &vs, shape, true).await?,
+            };
+            let out_lse = out.lse.unwrap_or_default();
+            for r in 0..h {
+                let base = ((b * h + r) * p) * d;
+                o[base..base + len * d].copy_from_slice(&out.o[r * len * d..(r + 1) * len * d]);
+                lse[(b * h + r) * p..(b * h + r) * p + len]
+                    .copy_from_slice(&out_lse[r * len..(r + 1) * len]);
+            }
+        }
+        self.extend_async(k, v, lengths).await?;
+        Ok(Output { o, lse: Some(lse) })
+    }
+
+    /// Blocking [`Decoder::prefill_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn prefill(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lengths: &[usize],
+        mode: DecodeMode,
+    ) -> Result<Output> {
+        pollster::block_on(self.prefill_async(q, k, v, lengths, mode))
+    }
+}

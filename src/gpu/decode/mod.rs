@@ -1,0 +1,156 @@
+//! The decoder (algorithm.md §10): a multi-level KV cache on the GPU and steps of C tokens
+//! per sequence at O(m + p L) keys per token ([`Decoder`]). Its layout comes from
+//! [`DecodeLayout`] (`plan/decode.rs`); the cache's buffers live in `state.rs`, one record of
+//! the decoding passes in `record.rs`, and the host-tensor calls (prefill, steps) in `host.rs`.
+//! The prefill's outputs come from the causal forward of the FMA and dense executors, which this
+//! folder uses as any caller would; nothing below imports it.
+
+mod host;
+mod record;
+mod state;
+
+use std::sync::{Arc, Mutex};
+
+use crate::config::{DecodeConfig, Downsample, FmaConfig};
+use crate::error::{FmaError, Result};
+use crate::gpu::dense::DenseAttention;
+use crate::gpu::engine::cache::ShapeCache;
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::record::Pipes;
+use crate::gpu::engine::weights::WeightBuffers;
+use crate::gpu::fma::FmaAttention;
+use crate::plan::{DecodeLayout, KernelLimits};
+
+pub use host::StepTensors;
+use record::{RecordKey, Uniforms};
+use state::State;
+
+/// Which attention a step runs over the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodeMode {
+    /// FMA: the near ring and every level's far list, O(m + p L) keys per query.
+    Fma,
+    /// Exact dense attention over the history, split over its length (flash-decoding); needs
+    /// [`DecodeConfig::history`].
+    Dense,
+}
+
+/// Incremental causal decoding for a batch of sequences (algorithm.md §10).
+///
+/// Tensors of a step: Q, K, V of shape (batch, heads, C, head_dim) with 1 <= C <=
+/// `max_chunk`, C new tokens for every sequence, each appended at its own length; O of the same
+/// shape and the LSE (batch, heads, C). The output of the token at position i equals row i of
+/// the causal FMA forward of its sequence (up to float summation order), and the dense mode's
+/// row i that of exact causal attention.
+///
+/// The cache lives on the GPU and is never recomputed: a coarse window's keys and values are
+/// pooled once, as its tokens arrive; the FMA state per (sequence, head) has a fixed size
+/// ([`DecodeLayout::fma_bytes`]); the history (when kept) grows by pages that are never
+/// copied. Sequences' lengths are tracked on the GPU too, so steps recorded into one encoder
+/// each see their own positions. Safe to share between threads (calls are serialised).
+pub struct Decoder {
+    ctx: GpuContext,
+    cfg: DecodeConfig,
+    limits: KernelLimits,
+    layout: DecodeLayout,
+    weights: WeightBuffers,
+    fma: FmaAttention,
+    dense: DenseAttention,
+    uniforms: ShapeCache<RecordKey, Uniforms>,
+    pipes: Mutex<Option<Arc<Pipes>>>,
+    state: Mutex<State>,
+}
+
+impl Decoder {
+    /// An empty cache for `cfg` on `ctx`: checks the configuration and the learned weights
+    /// (every level a sequence of `max_len` tokens uses), lays the cache out under the
+    /// adapter's limits and allocates its fixed part.
+    pub fn new(ctx: &GpuContext, cfg: DecodeConfig) -> Result<Self> {
+        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits))
+    }
+
+    /// [`Decoder::new`] using at most `bytes` per storage binding (below the device's own
+    /// limit): the cache is then bound in more, smaller groups and pages, with the same bits.
+    pub fn with_max_binding(ctx: &GpuContext, cfg: DecodeConfig, bytes: u64) -> Result<Self> {
+        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits).capped(bytes))
+    }
+
+    fn with_limits(ctx: &GpuContext, mut cfg: DecodeConfig, limits: KernelLimits) -> Result<Self> {
+        ctx.check_alive()?;
+        cfg.fma = cfg
+            .fma
+            .clone()
+            .causal(true)
+            .queries(crate::config::Queries::Fine);
+        let layout = DecodeLayout::new(&cfg, &limits)?;
+        layout.check_weights(&cfg.fma.downsample)?;
+        cfg.fma.validate_values()?;
+        let fma_cfg: FmaConfig = cfg.fma.clone();
+        let weights = WeightBuffers::new(ctx, &fma_cfg, &limits)?;
+        let fma = FmaAttention::new(ctx, fma_cfg)?.max_binding(limits.max_binding);
+        let dense = DenseAttention::new(ctx, true)?.max_binding(limits.max_binding);
+        let state = State::new(ctx, &layout)?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            cfg,
+            limits,
+            layout,
+            weights,
+            fma,
+            dense,
+            uniforms: ShapeCache::default(),
+            pipes: Mutex::new(None),
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DecodeConfig {
+        &self.cfg
+    }
+
+    /// The cache's layout (ring, slots, groups, pages).
+    pub fn layout(&self) -> &DecodeLayout {
+        &self.layout
+    }
+
+    /// Tokens each sequence holds, (batch).
+    pub fn lens(&self) -> Result<Vec<usize>> {
+        Ok(self.lock()?.lens.clone())
+    }
+
+    /// Bytes the cache takes on the GPU now: the FMA state (fixed) and the history pages.
+    pub fn bytes(&self) -> Result<(u64, u64)> {
+        let st = self.lock()?;
+        Ok((self.layout.fma_bytes(), st.history_bytes()))
+    }
+
+    /// Empties sequence `b` (it starts again at position 0); the other sequences are not
+    /// touched. Takes effect in queue order, before any later step.
+    pub fn reset(&self, b: usize) -> Result<()> {
+        if b >= self.cfg.batch {
+            return Err(FmaError::ShapeMismatch {
+                what: "sequence index".into(),
+                expected: format!("< {} (the batch)", self.cfg.batch),
+                got: b.to_string(),
+            });
+        }
+        let mut st = self.lock()?;
+        st.lens[b] = 0;
+        self.ctx
+            .queue
+            .write_buffer(&st.lens_gpu, b as u64 * 4, &0u32.to_le_bytes());
+        Ok(())
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(crate::gpu::engine::pipelines::poisoned)
+    }
+
+    /// Checks that learned mode has weights (the pool pass binds them either way).
+    fn learned(&self) -> bool {
+        matches!(self.cfg.fma.downsample, Downsample::Learned(_))
+    }
+}
