@@ -19,38 +19,50 @@
 
 var<private> q_row: array<vec4<f32>, D4>;
 
-fn load4(buf_is_ring: bool, at: u32) -> array<vec4<f32>, D4> {
-    var r: array<vec4<f32>, D4>;
-    let d = params.d;
-    for (var c4 = 0u; c4 < D4; c4++) {
-        var x = vec4<f32>(0.0);
-        for (var e = 0u; e < 4u; e++) {
-            let c = c4 * 4u + e;
-            if (c < d) {
-                if (buf_is_ring) {
-                    x[e] = ring[at + c];
-                } else {
-                    x[e] = coarse[at + c];
-                }
-            }
-        }
-        r[c4] = x;
-    }
-    return r;
+// Elements 4 c4 .. 4 c4 + 3 of the row at element offset `at` of the ring (or of the coarse
+// slots), zeros beyond d. Whole vec4s are built from four loads rather than element by element
+// with a dynamic component index, which compilers (llvmpipe's among them) turn into slow code.
+// The tail's loads past the row read the next row or are clamped (WGSL's robust access) and are
+// discarded by the select.
+fn ring4(at: u32, c4: u32) -> vec4<f32> {
+    let b = at + c4 * 4u;
+    let rem = params.d - c4 * 4u;
+    return vec4<f32>(ring[b], select(0.0, ring[b + 1u], rem > 1u),
+                     select(0.0, ring[b + 2u], rem > 2u), select(0.0, ring[b + 3u], rem > 3u));
 }
 
-// Folds one key (at element offset `key_at` of the ring or the coarse buffer, its value
-// `val_at`, logit offset `bias`) into this invocation's share.
-fn fold_key(is_ring: bool, key_at: u32, val_at: u32, bias: f32) {
-    let kk = load4(is_ring, key_at);
+fn coarse4(at: u32, c4: u32) -> vec4<f32> {
+    let b = at + c4 * 4u;
+    let rem = params.d - c4 * 4u;
+    return vec4<f32>(coarse[b], select(0.0, coarse[b + 1u], rem > 1u),
+                     select(0.0, coarse[b + 2u], rem > 2u), select(0.0, coarse[b + 3u], rem > 3u));
+}
+
+// Folds fine key t (from the ring) into this invocation's share.
+fn fold_fine(local: u32, t: u32) {
+    let k_at = ring_at(local, 0u, t);
     var dot4 = vec4<f32>(0.0);
     for (var c4 = 0u; c4 < D4; c4++) {
-        dot4 += q_row[c4] * kk[c4];
+        dot4 += q_row[c4] * ring4(k_at, c4);
+    }
+    let wt = split_weight(dot4.x + dot4.y + dot4.z + dot4.w);
+    let v_at = ring_at(local, 1u, t);
+    for (var c4 = 0u; c4 < D4; c4++) {
+        part_acc[c4] += wt * ring4(v_at, c4);
+    }
+}
+
+// Folds coarse key j of window a at level index lvl, logit offset `bias`, into the share.
+fn fold_coarse(local: u32, lvl: u32, a: u32, j: u32, bias: f32) {
+    let k_at = coarse_at(local, 0u, lvl, a, j);
+    var dot4 = vec4<f32>(0.0);
+    for (var c4 = 0u; c4 < D4; c4++) {
+        dot4 += q_row[c4] * coarse4(k_at, c4);
     }
     let wt = split_weight(dot4.x + dot4.y + dot4.z + dot4.w + bias);
-    let vv = load4(is_ring, val_at);
+    let v_at = coarse_at(local, 1u, lvl, a, j);
     for (var c4 = 0u; c4 < D4; c4++) {
-        part_acc[c4] += wt * vv[c4];
+        part_acc[c4] += wt * coarse4(v_at, c4);
     }
 }
 
@@ -88,7 +100,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let a0 = i / m;
     let lo = select(0u, (a0 - 1u) * m, a0 > 0u);
     for (var t = lo + lid; t <= i; t += WG) {
-        fold_key(true, ring_at(local, 0u, t), ring_at(local, 1u, t), 0.0);
+        fold_fine(local, t);
     }
     // Levels 1..: the causal far list of the query's window a: a - 2, and a - 3 when a is odd
     // (complete windows, w_l / p tokens per coarse key). Keys are dealt round-robin.
@@ -105,7 +117,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let fw = a - 2u - r;
             for (var j = 0u; j < p; j++) {
                 if (key % WG == lid) {
-                    fold_key(false, coarse_at(local, 0u, lvl, fw, j), coarse_at(local, 1u, lvl, fw, j), bias);
+                    fold_coarse(local, lvl, fw, j, bias);
                 }
                 key++;
             }

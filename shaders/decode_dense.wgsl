@@ -17,6 +17,22 @@
 
 var<private> q_row: array<vec4<f32>, D4>;
 
+// Elements 4 c4 .. 4 c4 + 3 of the page row at element offset `at`, zeros beyond d (built from
+// four loads, as decode_attention.wgsl's ring4 and for the same reason).
+fn key4(at: u32, c4: u32) -> vec4<f32> {
+    let b = at + c4 * 4u;
+    let rem = params.d - c4 * 4u;
+    return vec4<f32>(page_k[b], select(0.0, page_k[b + 1u], rem > 1u),
+                     select(0.0, page_k[b + 2u], rem > 2u), select(0.0, page_k[b + 3u], rem > 3u));
+}
+
+fn value4(at: u32, c4: u32) -> vec4<f32> {
+    let b = at + c4 * 4u;
+    let rem = params.d - c4 * 4u;
+    return vec4<f32>(page_v[b], select(0.0, page_v[b + 1u], rem > 1u),
+                     select(0.0, page_v[b + 2u], rem > 2u), select(0.0, page_v[b + 3u], rem > 3u));
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let per_page = params.page_tokens / params.segment;
@@ -57,25 +73,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let at = page_base + (t - page * params.page_tokens) * d;
         var dot4 = vec4<f32>(0.0);
         for (var c4 = 0u; c4 < D4; c4++) {
-            var kk = vec4<f32>(0.0);
-            for (var e = 0u; e < 4u; e++) {
-                let ch = c4 * 4u + e;
-                if (ch < d) {
-                    kk[e] = page_k[at + ch];
-                }
-            }
-            dot4 += q_row[c4] * kk;
+            dot4 += q_row[c4] * key4(at, c4);
         }
         let wt = split_weight(dot4.x + dot4.y + dot4.z + dot4.w);
         for (var c4 = 0u; c4 < D4; c4++) {
-            var vv = vec4<f32>(0.0);
-            for (var e = 0u; e < 4u; e++) {
-                let ch = c4 * 4u + e;
-                if (ch < d) {
-                    vv[e] = page_v[at + ch];
-                }
-            }
-            part_acc[c4] += wt * vv;
+            part_acc[c4] += wt * value4(at, c4);
         }
     }
     split_combine(lid);

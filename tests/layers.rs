@@ -89,7 +89,16 @@ fn allowed(from: &str) -> &'static [&'static str] {
         "fma" | "dense" => &["leaf", "plan", "engine"],
         // The decoder runs the executors' forwards for a prefill, as any caller would.
         "decode" => &["leaf", "plan", "engine", "fma", "dense"],
-        _ => &["leaf", "cpu", "plan", "engine", "fma", "dense", "decode", "gpu front"],
+        _ => &[
+            "leaf",
+            "cpu",
+            "plan",
+            "engine",
+            "fma",
+            "dense",
+            "decode",
+            "gpu front",
+        ],
     }
 }
 

@@ -32,7 +32,7 @@ pub const ROW_ALIGN: usize = 64;
 /// The dense decode splits a query's keys into at most about this many segments (partials).
 pub const TARGET_SEGMENTS: usize = 256;
 /// Fewest keys per segment of the dense decode.
-pub const MIN_SEGMENT: usize = 64;
+pub const MIN_SEGMENT: usize = 1024;
 
 /// The cache's layout for one [`DecodeConfig`] on one adapter.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,6 +20,9 @@ pub enum Command {
     /// Gradients of FMA: forward and backward for a given dO; writes dQ, dK, dV and the
     /// learned weights' gradients to an .npz.
     Grad(GradArgs),
+    /// Incremental causal decoding: prefill the first P tokens of Q, K, V, then append the rest
+    /// C tokens at a time through the multi-level KV cache; writes all n rows of O.
+    Decode(DecodeArgs),
     /// List every GPU adapter wgpu finds, with the limits and features this library uses.
     Info,
     /// Run the conformance suite (FMA and dense attention against the f64 CPU reference) on
@@ -134,6 +137,30 @@ pub struct GradArgs {
     #[arg(long = "dout", value_name = "DO.npy")]
     pub dout: PathBuf,
     /// The options of `run` (--out names the gradients .npz).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Arguments of `multipole-attn decode`: those of `run` plus the prefill and chunk lengths.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Decodes causally (--causal is implied): the first P tokens go through the causal forward and fill
+the cache; the remaining n - P arrive in steps of C tokens per sequence (the last step may be
+shorter), each attending to the cache: FMA (near blocks and every level's far list, O(m + p log n)
+keys per token) or, with --dense, exact attention over every cached key. O (and --lse) hold all n
+rows; row i equals row i of `run --causal` up to float rounding. Prints tokens per second of the
+steps. --reference decodes with the f64 CPU mirror instead.
+
+Exit codes: 0 success, 2 bad input (P > n, C = 0, --queries coarse, weights missing a level
+the final length needs, ...), 1 GPU or runtime failure.")]
+pub struct DecodeArgs {
+    /// Tokens per sequence prefilled through the causal forward (0 ..= n).
+    #[arg(long, value_name = "P")]
+    pub prefill: usize,
+    /// Tokens appended per step and sequence (>= 1).
+    #[arg(long, value_name = "C", default_value_t = 1)]
+    pub chunk: usize,
+    /// The options of `run`.
     #[command(flatten)]
     pub run: RunArgs,
 }

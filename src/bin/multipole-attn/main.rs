@@ -6,6 +6,7 @@
 //! 1 for a GPU or runtime failure (see [`error::CliError::exit_code`]).
 
 mod args;
+mod decode;
 mod doctor;
 mod error;
 mod grad;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         args::Command::Run(a) => run::run(a),
         args::Command::Grad(a) => grad::grad(a),
+        args::Command::Decode(a) => decode::decode(a),
         args::Command::Info => info::info(),
         args::Command::Doctor(a) => doctor::doctor(a),
     };

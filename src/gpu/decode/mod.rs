@@ -104,6 +104,18 @@ impl Decoder {
         })
     }
 
+    /// Builds the decoding passes' pipelines now rather than in the first step (for timing,
+    /// or to pay the compilation before a latency-sensitive loop). Async: works on the web.
+    pub async fn prepare_async(&self) -> Result<()> {
+        self.pipes().await.map(|_| ())
+    }
+
+    /// Blocking [`Decoder::prepare_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn prepare(&self) -> Result<()> {
+        pollster::block_on(self.prepare_async())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &DecodeConfig {
         &self.cfg

@@ -1,0 +1,200 @@
+//! `multipole-attn decode`: prefill P tokens, then decode the rest C tokens at a time through
+//! the decoder's cache (FMA or exact dense), and write every row of O (and the LSE).
+
+use std::time::Instant;
+
+use crate::args::{DecodeArgs, QueriesArg};
+use crate::error::{CliError, CliResult};
+use crate::npy_io::{check_output_path, read_tensor, write_array};
+use crate::run::{build_config, problem_shape};
+use crate::tensor::fmt_shape;
+use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext};
+use multipole_attn::levels::num_levels;
+use multipole_attn::{cpu, DecodeConfig, Shape};
+
+/// Rows [lo, lo + len) of every (batch, head) row of `x` (shape `s`), as (batch, heads, len, d).
+fn rows<T: Copy>(x: &[T], s: Shape, lo: usize, len: usize) -> Vec<T> {
+    let (n, d) = (s.seq, s.head_dim);
+    (0..s.batch_heads())
+        .flat_map(|bh| {
+            x[(bh * n + lo) * d..(bh * n + lo + len) * d]
+                .iter()
+                .copied()
+        })
+        .collect()
+}
+
+/// Writes `part` (batch, heads, len, width) into rows [lo, lo + len) of `all` (shape `s`).
+fn put<T: Copy>(all: &mut [T], part: &[T], s: Shape, lo: usize, len: usize, width: usize) {
+    let n = s.seq;
+    for bh in 0..s.batch_heads() {
+        all[(bh * n + lo) * width..(bh * n + lo + len) * width]
+            .copy_from_slice(&part[bh * len * width..(bh + 1) * len * width]);
+    }
+}
+
+/// Runs the `decode` subcommand.
+pub fn decode(args: &DecodeArgs) -> CliResult<()> {
+    let run = &args.run;
+    check_output_path(&run.out)?;
+    if let Some(lse) = &run.lse {
+        check_output_path(lse)?;
+    }
+    if run.queries == QueriesArg::Coarse {
+        return Err(CliError::Input(
+            "--queries coarse cannot decode: decoding is causal and coarse queries are bidirectional \
+             only (a pooled query would read later tokens); use fine queries"
+                .into(),
+        ));
+    }
+    if args.chunk == 0 {
+        return Err(CliError::Input(
+            "--chunk must be at least 1 token per step".into(),
+        ));
+    }
+    let (q, k, v) = (
+        read_tensor(&run.q, "Q")?,
+        read_tensor(&run.k, "K")?,
+        read_tensor(&run.v, "V")?,
+    );
+    let shape = problem_shape(&q, &k, &v)?;
+    shape.validate()?;
+    let n = shape.seq;
+    if args.prefill > n {
+        return Err(CliError::Input(format!(
+            "--prefill {} is longer than the sequence: Q, K, V have n = {n} tokens ({})",
+            args.prefill,
+            fmt_shape(&q.shape)
+        )));
+    }
+    let mut fma = build_config(run, shape)?;
+    fma.causal = true;
+    let cfg = DecodeConfig::new(fma, shape.batch, shape.heads, shape.head_dim, n)
+        .max_chunk(args.chunk.min(n.max(1)))
+        .history(run.dense);
+    cfg.validate()?;
+    let o_shape = q.shape.clone();
+    let lse_shape = o_shape[..o_shape.len() - 1].to_vec();
+    if run.reference {
+        let (o, lse) = reference(
+            &cfg,
+            run.dense,
+            q.into_f64(),
+            k.into_f64(),
+            v.into_f64(),
+            shape,
+        )?;
+        write_array(&run.out, &o_shape, o)?;
+        if let Some(path) = &run.lse {
+            write_array(path, &lse_shape, lse)?;
+        }
+        return Ok(());
+    }
+    let (o, lse) = gpu(
+        args,
+        &cfg,
+        q.into_f32("Q")?,
+        k.into_f32("K")?,
+        v.into_f32("V")?,
+        shape,
+    )?;
+    write_array(&run.out, &o_shape, o)?;
+    if let Some(path) = &run.lse {
+        write_array(path, &lse_shape, lse)?;
+    }
+    Ok(())
+}
+
+/// Decodes on the GPU: the prefill, then the steps (timed), every row gathered.
+fn gpu(
+    args: &DecodeArgs,
+    cfg: &DecodeConfig,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    s: Shape,
+) -> CliResult<(Vec<f32>, Vec<f32>)> {
+    let ctx = GpuContext::new()?;
+    log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
+    let dec = Decoder::new(&ctx, cfg.clone())?;
+    dec.prepare()?;
+    let mode = if args.run.dense {
+        DecodeMode::Dense
+    } else {
+        DecodeMode::Fma
+    };
+    let (n, d, p) = (s.seq, s.head_dim, args.prefill);
+    let mut o = vec![0f32; s.elements()];
+    let mut lse = vec![0f32; s.rows()];
+    if p > 0 {
+        let pre = dec.prefill(
+            &rows(&q, s, 0, p),
+            &rows(&k, s, 0, p),
+            &rows(&v, s, 0, p),
+            &vec![p; s.batch],
+            mode,
+        )?;
+        put(&mut o, &pre.o, s, 0, p, d);
+        put(&mut lse, &pre.lse.unwrap_or_default(), s, 0, p, 1);
+    }
+    let start = Instant::now();
+    let mut steps = 0;
+    let mut at = p;
+    while at < n {
+        let c = args.chunk.min(n - at);
+        let out = dec.step(
+            &rows(&q, s, at, c),
+            &rows(&k, s, at, c),
+            &rows(&v, s, at, c),
+            mode,
+        )?;
+        put(&mut o, &out.o, s, at, c, d);
+        put(&mut lse, &out.lse.unwrap_or_default(), s, at, c, 1);
+        at += c;
+        steps += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = (n - p) * s.batch;
+    let (fixed, history) = dec.bytes()?;
+    println!(
+        "decode: {} ({}), prefill {p}, {steps} steps of up to {} tokens: {tokens} tokens in {:.3} s, {:.1} tokens/s (wall clock incl. upload and readback)",
+        s,
+        if args.run.dense { "dense" } else { "FMA" },
+        args.chunk,
+        secs,
+        tokens as f64 / secs.max(1e-9)
+    );
+    println!(
+        "cache: FMA state {fixed} bytes (fixed), history {history} bytes; K and V themselves: {} bytes",
+        2 * s.elements() * 4
+    );
+    Ok((o, lse))
+}
+
+/// Decodes with the f64 CPU mirror (FMA) or takes exact causal attention (dense).
+fn reference(
+    cfg: &DecodeConfig,
+    dense: bool,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    s: Shape,
+) -> CliResult<(Vec<f64>, Vec<f64>)> {
+    if dense {
+        let r = cpu::dense_attention(&q, &k, &v, s, true)?;
+        return Ok((r.o, r.lse));
+    }
+    let (n, d) = (s.seq, s.head_dim);
+    let mut o = vec![0f64; s.elements()];
+    let mut lse = vec![0f64; s.rows()];
+    for bh in 0..s.batch_heads() {
+        let mut dec = cpu::decode::Decoder::new(&cfg.fma, d, num_levels(n, cfg.fma.block));
+        for i in 0..n {
+            let r = (bh * n + i) * d..(bh * n + i + 1) * d;
+            let (row, l) = dec.step(&q[r.clone()], &k[r.clone()], &v[r.clone()]);
+            o[r].copy_from_slice(&row);
+            lse[bh * n + i] = l;
+        }
+    }
+    Ok((o, lse))
+}
