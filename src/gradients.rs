@@ -1,6 +1,8 @@
 //! Gradients of fine-query FMA (algorithm.md §8): what the backward pass returns, in f64 from
 //! the CPU reference and in f32 from the GPU.
 
+use crate::weights::LevelWeights;
+
 /// Gradients of one coarse level's learned downsampling weights, summed over batch and heads
 /// (the weights are shared by all heads), in the layout of [`crate::LevelWeights`]:
 /// `wk`, `wv`: (head_dim, p, w_l); `bk`, `bv`: (head_dim, p), row-major.
@@ -26,6 +28,17 @@ impl<T: Clone + Default> LevelGradients<T> {
             bk: b.clone(),
             wv: w,
             bv: b,
+        }
+    }
+
+    /// All-zero gradients shaped like `weights` (a level the sequence does not use: its
+    /// gradient has the weights' shape, whatever (m, p) the index maps use for this sequence).
+    pub fn zeros_like(weights: &LevelWeights) -> Self {
+        Self {
+            wk: vec![T::default(); weights.wk.len()],
+            bk: vec![T::default(); weights.bk.len()],
+            wv: vec![T::default(); weights.wv.len()],
+            bv: vec![T::default(); weights.bv.len()],
         }
     }
 }

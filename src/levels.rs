@@ -30,6 +30,21 @@ pub fn num_levels(n: usize, m: usize) -> usize {
     l
 }
 
+/// The (m, p) the index maps use for a sequence of `n` tokens asked for with block size `m`
+/// and rank `p`: (m, p) itself when m < n; (n, 1) when m >= n. A block size of at least n puts
+/// every token in fine block 0, so L = 0, the near field is the whole sequence and p is used
+/// nowhere: every such m has the same index maps, those of m = n. Clamping here keeps every
+/// size computed from m (query tiles, dispatches, loops, u32 token arithmetic in the shaders)
+/// bounded by n, so m = 2^31 - 1 costs what m = n does and gives the same bits.
+pub fn effective_block(n: usize, m: usize, p: usize) -> (usize, usize) {
+    let n = n.max(1);
+    if m >= n {
+        (n, 1)
+    } else {
+        (m, p)
+    }
+}
+
 /// Window size w_l = m * 2^(l-1) at coarse level `l >= 1` (w_1 = m).
 pub fn window(m: usize, level: usize) -> usize {
     debug_assert!(level >= 1);
@@ -96,17 +111,20 @@ impl Level {
 pub struct Levels {
     /// Sequence length.
     pub n: usize,
-    /// Fine block size.
+    /// Fine block size as the index maps use it: the configured m, or n when m >= n
+    /// ([`effective_block`]).
     pub m: usize,
-    /// Coarse rank.
+    /// Coarse rank: the configured p, or 1 when m >= n (no coarse level uses it).
     pub p: usize,
     /// Coarse levels 1..=L, in order.
     pub levels: Vec<Level>,
 }
 
 impl Levels {
-    /// The level structure of a sequence of `n` tokens, block size `m`, rank `p`.
+    /// The level structure of a sequence of `n` tokens, block size `m`, rank `p` (m >= n is
+    /// stored as (n, 1), see [`effective_block`]).
     pub fn new(n: usize, m: usize, p: usize) -> Self {
+        let (m, p) = effective_block(n, m, p);
         let l_count = num_levels(n, m);
         let mut levels = Vec::with_capacity(l_count);
         let mut row_offset = 0;
@@ -207,6 +225,28 @@ mod tests {
         assert_eq!(num_levels(1, 64), 0);
         assert_eq!(num_levels(128, 64), 0);
         assert_eq!(num_levels(129, 64), 1);
+    }
+
+    #[test]
+    fn a_block_of_at_least_n_is_the_block_of_n() {
+        for n in [1, 7, 64, 97, 1000] {
+            let whole = Levels::new(n, n, 1);
+            assert_eq!((whole.m, whole.p, whole.count()), (n, 1, 0));
+            for (m, p) in [
+                (n, 1),
+                (n + 1, 1),
+                (2 * n, 2),
+                ((1 << 31) - 1, 1),
+                ((1 << 31) - 1, (1 << 31) - 1),
+                (usize::MAX, 1),
+            ] {
+                assert_eq!(Levels::new(n, m, p), whole, "n={n} m={m} p={p}");
+            }
+            // Below n the configured block stays.
+            if n > 2 {
+                assert_eq!(Levels::new(n, n - 1, 1).m, n - 1);
+            }
+        }
     }
 
     #[test]

@@ -69,7 +69,14 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
     let mut dw: Option<Vec<LevelGradients<f64>>> = match &cfg.downsample {
         Downsample::Learned(w) => Some(
             (1..=w.levels.len())
-                .map(|l| LevelGradients::zeros(d, p, geometry.kernel_len(l)))
+                .zip(&w.levels)
+                .map(|(l, lw)| {
+                    if l <= geometry.num_levels() {
+                        LevelGradients::zeros(d, p, geometry.kernel_len(l))
+                    } else {
+                        LevelGradients::zeros_like(lw)
+                    }
+                })
                 .collect(),
         ),
         Downsample::Average => None,

@@ -81,7 +81,7 @@ impl BackwardPlan {
             });
         }
         let forward = FmaPlan::new(shape, cfg, limits)?;
-        let (d, p) = (shape.head_dim, cfg.rank);
+        let (d, p) = (shape.head_dim, forward.levels.p);
         let bh = shape.batch_heads() as u64;
         let stats_bytes = shape.rows() as u64 * 8;
         if stats_bytes > limits.max_binding.min(limits.max_buffer) {

@@ -87,15 +87,21 @@ impl FmaPlan {
         shape.validate()?;
         shape.check_self_attention()?;
         cfg.validate(shape.head_dim, shape.seq)?;
-        let (n, d, m, p) = (shape.seq, shape.head_dim, cfg.block, cfg.rank);
+        let (n, d) = (shape.seq, shape.head_dim);
+        // The index maps' (m, p): a block of at least n is the block of n (levels.rs,
+        // `effective_block`), so no size below grows with a larger m.
+        let levels = Levels::new(n, cfg.block, cfg.rank);
+        let (m, p) = (levels.m, levels.p);
         if m > u32::MAX as usize / 4 {
             return Err(FmaError::InvalidConfig {
                 what: "block size m",
                 value: m.to_string(),
-                allowed: "m < 2^30".into(),
+                allowed: format!(
+                    "m < 2^30 when it is below the sequence length n = {n} (the shaders index \
+                     tokens in u32: use a smaller m, or m >= n for exact attention)"
+                ),
             });
         }
-        let levels = Levels::new(n, m, p);
         let bh = shape.batch_heads();
         let coarse_rows = levels.total_rows();
         let coarse_bytes = (bh * coarse_rows * d) as u64 * 4;

@@ -84,7 +84,7 @@ impl SplitPlan {
     pub fn new(n: usize, d: usize, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
         let shape = Shape::new(1, 1, n, d);
         let head = FmaPlan::without_tensor_bindings(shape, cfg, limits)?;
-        let m = cfg.block;
+        let m = head.levels.m;
         let row_bytes = d as u64 * 4;
         let max_rows = limits.binding_bytes() / row_bytes;
         let core = if n as u64 <= max_rows {
@@ -103,10 +103,16 @@ impl SplitPlan {
             }
             let need = 3 * m as u64;
             if max_rows < need {
+                // m >= n is stored as m = n (levels.rs): then the block is the whole head.
+                let block = if m == n {
+                    format!("the block size m >= n makes the whole head of {n} tokens one block")
+                } else {
+                    format!("one fine block of m = {m} tokens")
+                };
                 return Err(FmaError::LimitExceeded {
                     what: format!(
-                        "one fine block and its two neighbours ({need} tokens of head_dim {d}) \
-                         in one storage binding, the least a head split across bindings needs"
+                        "a head split across storage bindings binds one fine block and its two \
+                         neighbours ({need} tokens of head_dim {d}), and {block}"
                     ),
                     requested: need * row_bytes,
                     max: limits.binding_bytes(),

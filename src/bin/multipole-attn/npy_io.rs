@@ -1,9 +1,9 @@
-//! Reading float32/float64 .npy files into [`Tensor`]s and writing results, with error
+//! Reading float16/float32/float64 .npy files into [`Tensor`]s and writing results, with error
 //! messages that say what is wrong with the file (truncated, wrong dtype, not .npy at all).
 
 use crate::error::{CliError, CliResult};
 use crate::tensor::{fmt_shape, Tensor};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::npy::header::{Header, ReadHeaderError};
 use ndarray_npy::{write_npy, ReadNpyError, ReadNpyExt, WritableElement, WriteNpyError};
 use std::fs::File;
@@ -13,6 +13,8 @@ use std::path::Path;
 /// The float dtypes the CLI accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FloatDtype {
+    /// float16, '<f2' or '>f2': decoded to float32 on load (exactly: every f16 is an f32).
+    F16 { big_endian: bool },
     /// float32, '<f4' or '>f4'.
     F32,
     /// float64, '<f8' or '>f8'.
@@ -23,6 +25,7 @@ impl FloatDtype {
     /// Bytes per element.
     fn size(self) -> usize {
         match self {
+            FloatDtype::F16 { .. } => 2,
             FloatDtype::F32 => 4,
             FloatDtype::F64 => 8,
         }
@@ -31,6 +34,7 @@ impl FloatDtype {
     /// The numpy name.
     fn name(self) -> &'static str {
         match self {
+            FloatDtype::F16 { .. } => "float16",
             FloatDtype::F32 => "float32",
             FloatDtype::F64 => "float64",
         }
@@ -41,8 +45,11 @@ impl FloatDtype {
 /// `'<f4'`), or an error message naming the dtype that was found instead.
 pub fn float_dtype(descriptor: &str) -> Result<FloatDtype, String> {
     let d = descriptor.trim_matches('\'');
-    // ndarray-npy reads exactly these four; native-order '=' is never written by numpy.
+    // ndarray-npy reads the f4 and f8 ones, `read_f16` the f2 ones; native-order '=' is never
+    // written by numpy.
     match d {
+        "<f2" => return Ok(FloatDtype::F16 { big_endian: false }),
+        ">f2" => return Ok(FloatDtype::F16 { big_endian: true }),
         "<f4" | ">f4" => return Ok(FloatDtype::F32),
         "<f8" | ">f8" => return Ok(FloatDtype::F64),
         _ => {}
@@ -62,7 +69,8 @@ pub fn float_dtype(descriptor: &str) -> Result<FloatDtype, String> {
         _ => descriptor.to_string(),
     };
     Err(format!(
-        "dtype {name} ({descriptor}); only float32 and float64 are supported"
+        "dtype {name} ({descriptor}); only float16, float32 and float64 are supported \
+         (convert with numpy's .astype(np.float32); bfloat16 has no numpy dtype: save it as float32)"
     ))
 }
 
@@ -90,7 +98,7 @@ pub fn npy_error(src: &str, err: ReadNpyError) -> CliError {
     CliError::Input(msg)
 }
 
-/// Reads a float32 or float64 .npy file. `what` names the input in messages ("Q", "K", ...).
+/// Reads a float16, float32 or float64 .npy file (float16 becomes float32). `what` names the input in messages ("Q", "K", ...).
 ///
 /// The header is checked against the file size before the data is read, so a truncated or
 /// corrupt file gives a message with byte counts instead of a huge allocation.
@@ -120,12 +128,60 @@ pub fn read_tensor(path: &Path, what: &str) -> CliResult<Tensor> {
         dtype,
         file_len.saturating_sub(data_start),
     )?;
-    reader.rewind().map_err(open_err)?;
     match dtype {
-        FloatDtype::F32 => ArrayD::<f32>::read_npy(&mut reader).map(Tensor::from_f32),
-        FloatDtype::F64 => ArrayD::<f64>::read_npy(&mut reader).map(Tensor::from_f64),
+        FloatDtype::F16 { big_endian } => read_f16(
+            &mut reader,
+            &header.shape,
+            big_endian,
+            header.layout.is_fortran(),
+        )
+        .map_err(|e| npy_error(&src, ReadNpyError::Io(e))),
+        FloatDtype::F32 => {
+            reader.rewind().map_err(open_err)?;
+            ArrayD::<f32>::read_npy(&mut reader)
+                .map(Tensor::from_f32)
+                .map_err(|e| npy_error(&src, e))
+        }
+        FloatDtype::F64 => {
+            reader.rewind().map_err(open_err)?;
+            ArrayD::<f64>::read_npy(&mut reader)
+                .map(Tensor::from_f64)
+                .map_err(|e| npy_error(&src, e))
+        }
     }
-    .map_err(|e| npy_error(&src, e))
+}
+
+/// The float16 data after an .npy header (its size already checked), as an f32 tensor: the
+/// conversion is exact (f16's values are a subset of f32's), so the result is the one a
+/// float32 file holding the same values gives.
+fn read_f16(
+    reader: &mut impl io::Read,
+    shape: &[usize],
+    big_endian: bool,
+    fortran_order: bool,
+) -> io::Result<Tensor> {
+    let count: usize = shape.iter().product();
+    let mut bytes = vec![0u8; count * 2];
+    reader.read_exact(&mut bytes)?;
+    let values: Vec<f32> = bytes
+        .chunks_exact(2)
+        .map(|b| {
+            let pair = [b[0], b[1]];
+            let h = if big_endian {
+                half::f16::from_be_bytes(pair)
+            } else {
+                half::f16::from_le_bytes(pair)
+            };
+            h.to_f32()
+        })
+        .collect();
+    let array = if fortran_order {
+        ArrayD::from_shape_vec(IxDyn(shape).f(), values)
+    } else {
+        ArrayD::from_shape_vec(IxDyn(shape), values)
+    }
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok(Tensor::from_f32(array))
 }
 
 /// Checks that exactly the bytes the header's shape and dtype need follow the header.

@@ -307,11 +307,12 @@ impl FmaAttention {
                 let (mut woff, mut boff) = (0, 0);
                 let used = plan.forward.levels.count();
                 let levels = (1..=w.levels.len())
-                    .map(|l| {
-                        let win = window(m, l);
+                    .zip(&w.levels)
+                    .map(|(l, lw)| {
                         if l > used {
-                            return LevelGradients::zeros(d, p, win);
+                            return LevelGradients::zeros_like(lw);
                         }
+                        let win = window(m, l);
                         let (wl, bl) = (d * p * win, d * p);
                         let g = LevelGradients {
                             wk: wk[woff..woff + wl].to_vec(),

@@ -17,7 +17,6 @@ use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{LevelInfo, Params, MAX_LEVELS};
 use crate::gpu::engine::tensors::HostPool;
-use crate::levels::window;
 use crate::plan::{FmaPlan, KernelLimits};
 use crate::shape::Shape;
 
@@ -122,14 +121,15 @@ impl FmaAttention {
                 row_offset: lv.row_offset as u32,
                 weight_offset: weight_offset as u32,
             };
-            weight_offset += d * self.cfg.rank * window(self.cfg.block, lv.level);
+            weight_offset += d * plan.levels.p * lv.window;
         }
         Params {
             n: s.seq as u32,
             n_kv: s.seq_kv as u32,
             d: d as u32,
-            m: self.cfg.block as u32,
-            p: self.cfg.rank as u32,
+            // The index maps' m and p (n and 1 for m >= n, `levels::effective_block`).
+            m: plan.levels.m as u32,
+            p: plan.levels.p as u32,
             num_levels: plan.levels.count() as u32,
             causal: self.cfg.causal as u32,
             count_correction: self.cfg.count_correction as u32,
