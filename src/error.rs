@@ -39,15 +39,20 @@ pub enum FmaError {
     /// Learned downsampling weights of the wrong shape, or missing a level.
     #[error("learned weights: {0}")]
     Weights(String),
-    /// The request needs more of an adapter resource than the adapter grants.
-    #[error("{what} needs {requested}, but the adapter allows at most {max}")]
+    /// The request needs more of an adapter resource than the adapter grants. The message
+    /// says what was asked, what is allowed and what to do instead.
+    #[error("{what}: {requested} {unit} needed, at most {max} allowed by the adapter; {advice}")]
     LimitExceeded {
-        /// The resource (a binding's bytes, workgroup memory, workgroups per dimension, ...).
+        /// What needs the resource (the coarse keys of one head, a dispatch, ...).
         what: String,
-        /// How much the request needs.
+        /// How much the request needs, in `unit`.
         requested: u64,
-        /// The adapter's limit.
+        /// The adapter's limit, in `unit`.
         max: u64,
+        /// The resource's unit: "bytes in one storage binding", "workgroups", ...
+        unit: &'static str,
+        /// What the caller can change so that the request fits.
+        advice: String,
     },
     /// No GPU adapter could be found (or none on the backend asked for by `WGPU_BACKEND`).
     #[error("no GPU adapter found{0}")]

@@ -136,5 +136,5 @@ fn a_split_head_with_a_block_of_2_pow_31_minus_1_is_a_quick_typed_error() {
             .unwrap_err()
             .to_string()
     });
-    assert!(e.contains("smaller block size"), "{e}");
+    assert!(e.contains("use a smaller block size m"), "{e}");
 }

@@ -10,6 +10,7 @@
 //! 6. `downsample_backward`: adds the coarse gradients to dK, dV through the downsampling,
 //! 7. `weights_backward`: per level, dW and db (Learned mode only).
 
+use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
@@ -33,11 +34,11 @@ fn query_tile(head_dim: usize, fixed: u32, per_query: u32, limits: &KernelLimits
     let bq = (limits.workgroup_storage.saturating_sub(fixed) / per_query).min(MAX_KEY_TILE);
     if bq < MIN_KEY_TILE {
         return Err(FmaError::LimitExceeded {
-            what: format!(
-                "workgroup memory of the backward pass for head_dim {head_dim} ({MIN_KEY_TILE} queries per tile)"
-            ),
+            what: format!("a backward tile of {MIN_KEY_TILE} queries of head_dim {head_dim}"),
             requested: (fixed + MIN_KEY_TILE * per_query) as u64,
             max: limits.workgroup_storage as u64,
+            unit: "bytes of workgroup memory",
+            advice: "use a smaller head_dim on this adapter".into(),
         });
     }
     Ok(bq)
@@ -86,9 +87,11 @@ impl BackwardPlan {
         let stats_bytes = shape.rows() as u64 * 8;
         if stats_bytes > limits.max_binding.min(limits.max_buffer) {
             return Err(FmaError::LimitExceeded {
-                what: format!("the LSE and D of every row ({stats_bytes} bytes in one binding)"),
+                what: "the LSE and D of every row of the backward".into(),
                 requested: stats_bytes,
                 max: limits.max_binding.min(limits.max_buffer),
+                unit: BINDING_BYTES,
+                advice: "differentiate fewer heads per backward call".into(),
             });
         }
         let wg = BACKWARD_WG.min(limits.max_workgroup);

@@ -34,9 +34,11 @@ impl DensePlan {
         let tiles = (shape.seq as u32).div_ceil(wg);
         let total = shape.batch_heads() as u64 * tiles as u64;
         let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
-            what: "workgroups of the dense dispatch".into(),
+            what: "the dense dispatch".into(),
             requested: total,
             max: u32::MAX as u64,
+            unit: "workgroups",
+            advice: "process fewer heads per call, or shorter sequences".into(),
         })?;
         Ok(Self {
             shape,

@@ -41,9 +41,11 @@ pub fn fold(total: u32, max_dim: u32) -> Result<[u32; 3]> {
     let y = total.div_ceil(x).max(1);
     if y > max_dim {
         return Err(FmaError::LimitExceeded {
-            what: "workgroups of one dispatch".into(),
+            what: "one dispatch".into(),
             requested: total as u64,
             max: max_dim as u64 * max_dim as u64,
+            unit: "workgroups",
+            advice: "process fewer heads per call, or shorter sequences".into(),
         });
     }
     Ok([x, y, 1])
@@ -64,11 +66,11 @@ pub fn attention_spec(head_dim: usize, wg: u32, limits: &KernelLimits) -> Result
     let bk = (limits.workgroup_storage / bytes_per_key).min(MAX_KEY_TILE);
     if bk < MIN_KEY_TILE {
         return Err(FmaError::LimitExceeded {
-            what: format!(
-                "workgroup memory for head_dim {head_dim} ({MIN_KEY_TILE} keys per tile)"
-            ),
+            what: format!("a tile of {MIN_KEY_TILE} keys of head_dim {head_dim}"),
             requested: (MIN_KEY_TILE * bytes_per_key) as u64,
             max: limits.workgroup_storage as u64,
+            unit: "bytes of workgroup memory",
+            advice: "use a smaller head_dim on this adapter".into(),
         });
     }
     Ok(Specialization { wg, bk, d4 })
@@ -83,9 +85,11 @@ pub(crate) fn dispatch(
     limits: &KernelLimits,
 ) -> Result<Dispatch> {
     let workgroups = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
-        what: format!("workgroups of the {} dispatch", pass.name()),
+        what: format!("the {} dispatch", pass.name()),
         requested: total,
         max: u32::MAX as u64,
+        unit: "workgroups",
+        advice: "process fewer heads per call, or shorter sequences".into(),
     })?;
     Ok(Dispatch {
         pass,

@@ -12,8 +12,12 @@ use crate::shape::Shape;
 /// Checks the shape and that Q, K, V and O each fit one storage binding.
 pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
     shape.validate()?;
-    limits.check_binding("a Q or O tensor", shape.elements() as u64 * 4)?;
-    limits.check_binding("a K or V tensor", shape.kv_elements() as u64 * 4)
+    // Only `encode` (the caller's encoder, one recording) reaches these: the other entry points
+    // split tensors over bindings themselves.
+    let advice = "record fewer heads per encode call, or use forward_buffers, which splits \
+                  tensors over bindings itself";
+    limits.check_binding("a Q or O tensor", shape.elements() as u64 * 4, advice)?;
+    limits.check_binding("a K or V tensor", shape.kv_elements() as u64 * 4, advice)
 }
 
 /// Byte sizes of the buffers a forward needs besides Q, K, V and O.
@@ -105,7 +109,12 @@ impl FmaPlan {
         let bh = shape.batch_heads();
         let coarse_rows = levels.total_rows();
         let coarse_bytes = (bh * coarse_rows * d) as u64 * 4;
-        limits.check_binding("the coarse keys of all levels", coarse_bytes)?;
+        limits.check_binding(
+            "the coarse keys of all levels",
+            coarse_bytes,
+            "use a larger block size m or a smaller rank p (a head has about 2 n p / m coarse \
+             rows), or fewer heads per call",
+        )?;
         let coarse_q = cfg.queries == Queries::Coarse;
         // Tensors the downsample pass pools: K, V (and Q).
         let pooled: u64 = if coarse_q { 3 } else { 2 };
@@ -114,6 +123,8 @@ impl FmaPlan {
             limits.check_binding(
                 "the learned weights of every level and tensor",
                 pooled * per_level as u64 * 4,
+                "Learned weights hold d p w_l floats per level, about 2 d p n in all: use \
+                 Average downsampling, a smaller rank p, or shorter sequences",
             )?;
         }
 

@@ -2,6 +2,9 @@
 
 use crate::error::{FmaError, Result};
 
+/// The unit of a storage binding's size in [`FmaError::LimitExceeded`].
+pub(crate) const BINDING_BYTES: &str = "bytes in one storage binding";
+
 /// The adapter limits a plan must respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelLimits {
@@ -48,13 +51,17 @@ impl KernelLimits {
         self.max_binding.min(self.max_buffer)
     }
 
-    pub(crate) fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+    /// Checks that `bytes` of `what` fit one storage binding; `advice` says what to change
+    /// when they do not.
+    pub(crate) fn check_binding(&self, what: &str, bytes: u64, advice: &str) -> Result<()> {
         let max = self.binding_bytes();
         if bytes > max {
             return Err(FmaError::LimitExceeded {
-                what: format!("{what} ({bytes} bytes in one storage binding)"),
+                what: what.into(),
                 requested: bytes,
                 max,
+                unit: BINDING_BYTES,
+                advice: advice.into(),
             });
         }
         Ok(())

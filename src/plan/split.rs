@@ -30,6 +30,7 @@
 //! pooled tensor, about d p n over all levels, so they outgrow a binding before a head does.
 //! A head of Learned FMA that fits is one chunk (the buffer API copies heads that way).
 
+use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig};
 use crate::error::{FmaError, Result};
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, Pass};
@@ -92,13 +93,14 @@ impl SplitPlan {
         } else {
             if let Downsample::Learned(_) = cfg.downsample {
                 return Err(FmaError::LimitExceeded {
-                    what: format!(
-                        "one head of {n} tokens of head_dim {d} in one storage binding: only \
-                         Average downsampling splits a head's sequence (Learned weights grow \
-                         with n and outgrow a binding first)"
-                    ),
+                    what: format!("one head of {n} tokens of head_dim {d} (Learned mode)"),
                     requested: n as u64 * row_bytes,
                     max: limits.binding_bytes(),
+                    unit: BINDING_BYTES,
+                    advice: "only Average downsampling splits a head's sequence over bindings \
+                             (Learned weights grow with n and outgrow a binding first): use \
+                             Average mode or shorter heads"
+                        .into(),
                 });
             }
             let need = 3 * m as u64;
@@ -116,6 +118,8 @@ impl SplitPlan {
                     ),
                     requested: need * row_bytes,
                     max: limits.binding_bytes(),
+                    unit: BINDING_BYTES,
+                    advice: "use a smaller block size m".into(),
                 });
             }
             ((max_rows - 2 * m as u64) / m as u64) as usize * m

@@ -15,6 +15,7 @@
 //!
 //! Pure arithmetic, unit-tested without a GPU; `gpu/dense/split.rs` executes it.
 
+use super::limits::BINDING_BYTES;
 use crate::error::{FmaError, Result};
 use crate::plan::{dispatch, DensePlan, Dispatch, KernelLimits};
 use crate::shape::Shape;
@@ -60,11 +61,14 @@ impl DenseSplitPlan {
         } else {
             return Err(FmaError::LimitExceeded {
                 what: format!(
-                    "one tile of {unit} rows of head_dim {d} in one storage binding, the least \
-                     dense attention over a head split across bindings needs"
+                    "dense attention over a head split across bindings: one tile of {unit} rows \
+                     of head_dim {d}"
                 ),
                 requested: (unit * d.max(2) * 4) as u64,
                 max: limits.binding_bytes(),
+                unit: BINDING_BYTES,
+                advice: "allow larger storage bindings (max_binding), or use a smaller head_dim"
+                    .into(),
             });
         };
         let chunks: Vec<_> = (0..n)

@@ -23,12 +23,13 @@ impl DenseAttention {
         }
         if !shape.is_self() {
             return Err(FmaError::LimitExceeded {
-                what: format!(
-                    "one head of {shape} in one storage binding: a head is split across \
-                     bindings only when it has as many keys as queries"
-                ),
+                what: format!("one head of {shape}"),
                 requested: shape.seq.max(shape.seq_kv) as u64 * shape.head_dim as u64 * 4,
                 max: self.limits.binding_bytes(),
+                unit: "bytes in one storage binding",
+                advice: "a head is split across bindings only when it has as many keys as \
+                         queries: use shorter heads"
+                    .into(),
             });
         }
         let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, self.causal, &self.limits)?;

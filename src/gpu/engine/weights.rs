@@ -46,9 +46,13 @@ impl WeightBuffers {
             let max = limits.max_binding.min(limits.max_buffer);
             if bytes > max {
                 return Err(crate::FmaError::LimitExceeded {
-                    what: format!("learned {label} in one storage binding"),
+                    what: format!("the learned {label} of every level"),
                     requested: bytes,
                     max,
+                    unit: "bytes in one storage binding",
+                    advice: "Learned weights hold d p w_l floats per level: use fewer levels \
+                             (weights for a shorter sequence), a smaller rank p, or Average mode"
+                        .into(),
                 });
             }
             let buf = storage(&ctx.device, label, bytes, wgpu::BufferUsages::COPY_DST);
@@ -59,9 +63,11 @@ impl WeightBuffers {
         let (b, bias_stride) = concat(&b_kinds);
         let stride = |x: usize| {
             u32::try_from(x).map_err(|_| crate::FmaError::LimitExceeded {
-                what: "learned weights of one tensor kind (elements)".into(),
+                what: "the learned weights of one tensor kind".into(),
                 requested: x as u64,
                 max: u32::MAX as u64,
+                unit: "elements",
+                advice: "use fewer levels, a smaller rank p, or Average mode".into(),
             })
         };
         Ok(Self {
