@@ -204,10 +204,16 @@ fn what_cannot_split_is_a_typed_error() {
     .unwrap_err();
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
     // m = 256 needs 3 m = 768 rows of 64 B in one binding.
-    let e = FmaAttention::new(&small, FmaConfig::new(256, 2))
+    let fma = FmaAttention::new(&small, FmaConfig::new(256, 2)).unwrap();
+    let e = fma.forward(&q, &k, &v, shape, false).unwrap_err();
+    // `check` says so from the shape alone, with the same message (the CLI runs it before it
+    // reads the data).
+    assert_eq!(fma.check(shape).unwrap_err().to_string(), e.to_string());
+    assert!(e.to_string().contains("use a smaller block size m"), "{e}");
+    FmaAttention::new(&small, FmaConfig::new(32, 2))
         .unwrap()
-        .forward(&q, &k, &v, shape, false)
-        .unwrap_err();
+        .check(shape)
+        .unwrap();
     match e {
         FmaError::LimitExceeded { requested, max, .. } => {
             assert_eq!((requested, max), (768 * 64, SMALL));

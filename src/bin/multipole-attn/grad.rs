@@ -33,7 +33,7 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     let k = read_tensor(&run.k, "K")?;
     let v = read_tensor(&run.v, "V")?;
     let dout = read_tensor(&args.dout, "dO")?;
-    let shape = problem_shape(&q, &k, &v)?;
+    let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
     if dout.shape != q.shape {
         return Err(CliError::Input(format!(
             "dO must have the shape of Q (and of O), but Q has shape {} and dO has shape {}",

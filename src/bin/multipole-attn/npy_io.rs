@@ -103,6 +103,46 @@ pub fn npy_error(src: &str, err: ReadNpyError) -> CliError {
 /// The header is checked against the file size before the data is read, so a truncated or
 /// corrupt file gives a message with byte counts instead of a huge allocation.
 pub fn read_tensor(path: &Path, what: &str) -> CliResult<Tensor> {
+    let (mut reader, header, dtype, src) = open_npy(path, what)?;
+    let open_err = |source: io::Error| CliError::Open {
+        what: what.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    match dtype {
+        FloatDtype::F16 { big_endian } => read_f16(
+            &mut reader,
+            &header.shape,
+            big_endian,
+            header.layout.is_fortran(),
+        )
+        .map_err(|e| npy_error(&src, ReadNpyError::Io(e))),
+        FloatDtype::F32 => {
+            reader.rewind().map_err(open_err)?;
+            ArrayD::<f32>::read_npy(&mut reader)
+                .map(Tensor::from_f32)
+                .map_err(|e| npy_error(&src, e))
+        }
+        FloatDtype::F64 => {
+            reader.rewind().map_err(open_err)?;
+            ArrayD::<f64>::read_npy(&mut reader)
+                .map(Tensor::from_f64)
+                .map_err(|e| npy_error(&src, e))
+        }
+    }
+}
+
+/// The shape of an .npy file, from its header alone (the header is checked as
+/// [`read_tensor`] checks it, the data is not read): lets a command check the problem against
+/// the adapter before it reads gigabytes.
+pub fn read_shape(path: &Path, what: &str) -> CliResult<Vec<usize>> {
+    open_npy(path, what).map(|(_, header, _, _)| header.shape)
+}
+
+/// Opens an .npy file and reads its header: the reader just past the header, the header,
+/// its float dtype, and the name of the file for messages. Checks the dtype and that exactly
+/// the data the header promises follows it.
+fn open_npy(path: &Path, what: &str) -> CliResult<(BufReader<File>, Header, FloatDtype, String)> {
     let src = format!("{what} file {}", path.display());
     let open_err = |source: io::Error| CliError::Open {
         what: what.to_string(),
@@ -128,27 +168,7 @@ pub fn read_tensor(path: &Path, what: &str) -> CliResult<Tensor> {
         dtype,
         file_len.saturating_sub(data_start),
     )?;
-    match dtype {
-        FloatDtype::F16 { big_endian } => read_f16(
-            &mut reader,
-            &header.shape,
-            big_endian,
-            header.layout.is_fortran(),
-        )
-        .map_err(|e| npy_error(&src, ReadNpyError::Io(e))),
-        FloatDtype::F32 => {
-            reader.rewind().map_err(open_err)?;
-            ArrayD::<f32>::read_npy(&mut reader)
-                .map(Tensor::from_f32)
-                .map_err(|e| npy_error(&src, e))
-        }
-        FloatDtype::F64 => {
-            reader.rewind().map_err(open_err)?;
-            ArrayD::<f64>::read_npy(&mut reader)
-                .map(Tensor::from_f64)
-                .map_err(|e| npy_error(&src, e))
-        }
-    }
+    Ok((reader, header, dtype, src))
 }
 
 /// The float16 data after an .npy header (its size already checked), as an f32 tensor: the

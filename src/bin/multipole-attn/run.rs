@@ -3,7 +3,7 @@
 
 use crate::args::{DownsampleArg, QueriesArg, RunArgs};
 use crate::error::{CliError, CliResult};
-use crate::npy_io::{check_output_path, read_tensor, write_array};
+use crate::npy_io::{check_output_path, read_shape, read_tensor, write_array};
 use crate::tensor::{fmt_shape, Tensor};
 use crate::weights_npz::read_weights;
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
@@ -24,15 +24,16 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     if let Some(lse) = &args.lse {
         check_output_path(lse)?;
     }
-    let q = read_tensor(&args.q, "Q")?;
-    let k = read_tensor(&args.k, "K")?;
-    let v = read_tensor(&args.v, "V")?;
-    for (name, t) in [("Q", &q), ("K", &k), ("V", &v)] {
-        log::info!("{name}: {} {}", t.dtype(), fmt_shape(&t.shape));
-    }
-    let shape = problem_shape(&q, &k, &v)?;
+    // Headers first: the shape, the configuration and (on the GPU) the adapter's limits are
+    // checked before the data is read, which for long sequences is gigabytes.
+    let shapes = [
+        read_shape(&args.q, "Q")?,
+        read_shape(&args.k, "K")?,
+        read_shape(&args.v, "V")?,
+    ];
+    let shape = problem_shape(&shapes[0], &shapes[1], &shapes[2])?;
     shape.validate()?;
-    let o_shape = q.shape.clone();
+    let o_shape = shapes[0].clone();
     let lse_shape = o_shape[..o_shape.len() - 1].to_vec();
     let method = if args.dense {
         Method::Dense {
@@ -41,6 +42,17 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     } else {
         Method::Fma(build_config(args, shape)?)
     };
+    let gpu = if args.reference {
+        None
+    } else {
+        Some(prepare_gpu(&method, shape)?)
+    };
+    let q = read_tensor(&args.q, "Q")?;
+    let k = read_tensor(&args.k, "K")?;
+    let v = read_tensor(&args.v, "V")?;
+    for (name, t) in [("Q", &q), ("K", &k), ("V", &v)] {
+        log::info!("{name}: {} {}", t.dtype(), fmt_shape(&t.shape));
+    }
     log::info!(
         "{} {shape} on {}",
         if args.dense { "dense" } else { "FMA" },
@@ -50,15 +62,9 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             "the GPU"
         }
     );
-    if args.reference {
-        let r = run_reference(&method, q, k, v, shape)?;
-        write_array(&args.out, &o_shape, r.o)?;
-        if let Some(path) = &args.lse {
-            write_array(path, &lse_shape, r.lse)?;
-        }
-    } else {
+    if let Some(gpu) = gpu {
         let want_lse = args.lse.is_some();
-        let out = run_gpu(&method, q, k, v, shape, want_lse)?;
+        let out = gpu.run(q, k, v, shape, want_lse)?;
         write_array(&args.out, &o_shape, out.o)?;
         if let Some(path) = &args.lse {
             let lse = out.lse.ok_or_else(|| {
@@ -68,29 +74,35 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             })?;
             write_array(path, &lse_shape, lse)?;
         }
+    } else {
+        let r = run_reference(&method, q, k, v, shape)?;
+        write_array(&args.out, &o_shape, r.o)?;
+        if let Some(path) = &args.lse {
+            write_array(path, &lse_shape, r.lse)?;
+        }
     }
     Ok(())
 }
 
 /// The problem shape of Q, K, V: they must agree exactly, with 2 axes (n, d) or 4
 /// (batch, heads, n, d).
-pub(crate) fn problem_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> CliResult<Shape> {
+pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<Shape> {
     for (name, t) in [("K", k), ("V", v)] {
-        if t.shape != q.shape {
+        if t != q {
             return Err(CliError::Input(format!(
                 "Q, K and V must have the same shape, but Q has shape {} and {name} has shape {}",
-                fmt_shape(&q.shape),
-                fmt_shape(&t.shape)
+                fmt_shape(q),
+                fmt_shape(t)
             )));
         }
     }
-    match *q.shape.as_slice() {
+    match *q {
         [n, d] => Ok(Shape::new(1, 1, n, d)),
         [b, h, n, d] => Ok(Shape::new(b, h, n, d)),
         _ => Err(CliError::Input(format!(
             "Q, K and V must have 2 axes (n, d) or 4 (batch, heads, n, d), but they have shape {} ({} axes)",
-            fmt_shape(&q.shape),
-            q.shape.len()
+            fmt_shape(q),
+            q.len()
         ))),
     }
 }
@@ -149,25 +161,41 @@ fn run_reference(
     Ok(r)
 }
 
-/// Runs on the GPU in f32.
-fn run_gpu(
-    method: &Method,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    shape: Shape,
-    want_lse: bool,
-) -> CliResult<multipole_attn::gpu::Output> {
-    let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
+/// A GPU executor ready for the problem: the adapter is opened and (FMA) the plan's limits
+/// checked before any data is read.
+enum Gpu {
+    Dense(DenseAttention),
+    Fma(FmaAttention),
+}
+
+/// Opens the adapter and prepares `method`; FMA checks `shape` against the adapter's limits.
+fn prepare_gpu(method: &Method, shape: Shape) -> CliResult<Gpu> {
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
-    let out = match method {
-        Method::Dense { causal } => {
-            DenseAttention::new(&ctx, *causal)?.forward(&q, &k, &v, shape, want_lse)?
-        }
+    Ok(match method {
+        Method::Dense { causal } => Gpu::Dense(DenseAttention::new(&ctx, *causal)?),
         Method::Fma(cfg) => {
-            FmaAttention::new(&ctx, cfg.clone())?.forward(&q, &k, &v, shape, want_lse)?
+            let fma = FmaAttention::new(&ctx, cfg.clone())?;
+            fma.check(shape)?;
+            Gpu::Fma(fma)
         }
-    };
-    Ok(out)
+    })
+}
+
+impl Gpu {
+    /// Runs on the GPU in f32.
+    fn run(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        shape: Shape,
+        want_lse: bool,
+    ) -> CliResult<multipole_attn::gpu::Output> {
+        let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
+        Ok(match self {
+            Gpu::Dense(dense) => dense.forward(&q, &k, &v, shape, want_lse)?,
+            Gpu::Fma(fma) => fma.forward(&q, &k, &v, shape, want_lse)?,
+        })
+    }
 }

@@ -2,14 +2,14 @@
 //! buffers, or recording into the caller's encoder. Every path records the plan's steps
 //! (`FmaPlan::steps`, level by level) through the engine's one record loop, into one encoder.
 
-use crate::error::Result;
+use crate::error::{FmaError, Result};
 use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, Scopes};
-use crate::plan::FmaPlan;
+use crate::plan::{head_exceeds_binding, FmaPlan, SplitPlan};
 use crate::shape::Shape;
 
 use super::FmaAttention;
@@ -44,6 +44,24 @@ impl FmaAttention {
             |io| self.forward_split(io, shape),
         )
         .await
+    }
+
+    /// Checks, before any data exists, that [`FmaAttention::forward`] of `shape` fits this
+    /// adapter: the shape, the configuration for it, and every limit its plan checks (of the
+    /// whole tensors, a run of heads, or a head split across bindings, whichever the forward
+    /// would take). Lets a caller fail before reading gigabytes of input.
+    pub fn check(&self, shape: Shape) -> Result<()> {
+        shape.validate()?;
+        if head_exceeds_binding(shape, &self.limits) {
+            return SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits).map(drop);
+        }
+        match self.plan(shape) {
+            // A run of fewer heads at a time may fit (`forward_host`): one head must.
+            Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
+                self.plan(shape.with_heads(1)).map(drop)
+            }
+            other => other.map(drop),
+        }
     }
 
     /// One forward of host tensors whose every buffer fits the adapter's limits.
