@@ -164,8 +164,8 @@ fn run_reference(
 /// A GPU executor ready for the problem: the adapter is opened and (FMA) the plan's limits
 /// checked before any data is read.
 enum Gpu {
-    Dense(DenseAttention),
-    Fma(FmaAttention),
+    Dense(Box<DenseAttention>),
+    Fma(Box<FmaAttention>),
 }
 
 /// Opens the adapter and prepares `method`; FMA checks `shape` against the adapter's limits.
@@ -173,11 +173,11 @@ fn prepare_gpu(method: &Method, shape: Shape) -> CliResult<Gpu> {
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
     Ok(match method {
-        Method::Dense { causal } => Gpu::Dense(DenseAttention::new(&ctx, *causal)?),
+        Method::Dense { causal } => Gpu::Dense(Box::new(DenseAttention::new(&ctx, *causal)?)),
         Method::Fma(cfg) => {
             let fma = FmaAttention::new(&ctx, cfg.clone())?;
             fma.check(shape)?;
-            Gpu::Fma(fma)
+            Gpu::Fma(Box::new(fma))
         }
     })
 }
