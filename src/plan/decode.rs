@@ -316,11 +316,11 @@ impl DecodeLayout {
 /// The error of one head's `floats` not fitting one binding of `cap` floats.
 fn too_big(what: &str, floats: usize, cap: usize) -> FmaError {
     FmaError::LimitExceeded {
-        what: format!(
-            "{what} in one storage binding (a smaller block size, max_chunk or max_len would fit)"
-        ),
+        what: what.into(),
         requested: floats as u64 * 4,
         max: cap as u64 * 4,
+        unit: super::limits::BINDING_BYTES,
+        advice: "a smaller block size, max_chunk or max_len would fit".into(),
     }
 }
 

@@ -63,9 +63,11 @@ impl Decoder {
         let cap = self.limits.binding_bytes();
         if bytes > cap {
             return Err(FmaError::LimitExceeded {
-                what: "one step's Q, K or V (fewer tokens per step fit)".into(),
+                what: "one step's Q, K or V".into(),
                 requested: bytes,
                 max: cap,
+                unit: "bytes in one storage binding",
+                advice: "append fewer tokens per step, or fewer sequences".into(),
             });
         }
         let pipes = self.pipes().await?;

@@ -93,11 +93,13 @@ impl Decoder {
             if after > l.max_len {
                 return Err(FmaError::LimitExceeded {
                     what: format!(
-                        "tokens of sequence {b} ({} held, {} appended; reset it or make a decoder with a larger max_len)",
+                        "sequence {b} ({} tokens held, {} appended)",
                         st.lens[b], io.chunk
                     ),
                     requested: after as u64,
                     max: l.max_len as u64,
+                    unit: "tokens (the decoder's max_len)",
+                    advice: "reset the sequence, or make a decoder with a larger max_len".into(),
                 });
             }
             longest = longest.max(after);
@@ -272,9 +274,11 @@ impl Decoder {
         }
         if l.levels > MAX_LEVELS {
             return Err(FmaError::LimitExceeded {
-                what: "coarse levels of the decoder".into(),
+                what: "the decoder's cache".into(),
                 requested: l.levels as u64,
                 max: MAX_LEVELS as u64,
+                unit: "coarse levels",
+                advice: "use a larger block size m or a smaller max_len".into(),
             });
         }
         let mut level_info = [LevelInfo::default(); MAX_LEVELS];
