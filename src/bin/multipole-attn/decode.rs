@@ -57,7 +57,7 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
         read_tensor(&run.k, "K")?,
         read_tensor(&run.v, "V")?,
     );
-    let shape = problem_shape(&q, &k, &v)?;
+    let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
     shape.validate()?;
     let n = shape.seq;
     if args.prefill > n {
