@@ -20,7 +20,7 @@ use super::limits::KernelLimits;
 use super::pass::{Pass, Specialization};
 use crate::config::{DecodeConfig, Downsample};
 use crate::error::{FmaError, Result};
-use crate::levels::{num_levels, window};
+use crate::levels::{effective_block, num_levels, window};
 use crate::plan::MAX_HEAD_DIM;
 
 /// Invocations per workgroup of the decoding passes (a power of two: the split softmax
@@ -53,7 +53,7 @@ pub struct DecodeLayout {
     pub max_chunk: usize,
     /// Near-field ring slots R per row.
     pub ring: usize,
-    /// f32 per row in the ring buffer: [K | V] (R, d), padded to [`ROW_ALIGN`].
+    /// f32 per row in the ring buffer: [K | V] (R, d), padded to a multiple of 64 (256 bytes).
     pub ring_stride: usize,
     /// Coarse levels kept: L(max_len).
     pub levels: usize,
@@ -83,7 +83,10 @@ impl DecodeLayout {
     /// binding.
     pub fn new(cfg: &DecodeConfig, limits: &KernelLimits) -> Result<Self> {
         cfg.validate()?;
-        let (m, p, d) = (cfg.fma.block, cfg.fma.rank, cfg.head_dim);
+        // m >= max_len: one fine block, no level (levels::effective_block), so sizes stay
+        // bounded by the length for any m.
+        let (m, p) = effective_block(cfg.max_len, cfg.fma.block, cfg.fma.rank);
+        let d = cfg.head_dim;
         if d > MAX_HEAD_DIM {
             return Err(FmaError::InvalidConfig {
                 what: "head_dim",
