@@ -23,12 +23,14 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod decode;
 pub mod gpu;
 pub mod inputs;
 pub mod options;
 pub mod structure;
 
 pub use compare::{compare_outputs, Errors};
+pub use decode::{Decoded, Decoding};
 pub use gpu::Gpu;
 pub use inputs::{make_inputs, Inputs};
 pub use options::{Options, Queries};
