@@ -3,6 +3,7 @@
 // bands, per-level softmax mass, errors) comes from Rust through wasm-bindgen; this file only
 // reads the form, times the calls and draws.
 import init, { Gpu, makeInputs, compareOutputs, structure, levelMass } from "./pkg/multipole_attn_web.js";
+import { setupDecodePanel } from "./decode_panel.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -417,6 +418,7 @@ async function main() {
     `WebGPU adapter: <b>${escapeHtml(name)}</b> · up to ${state.gpu.maxWorkgroup} invocations per workgroup, ` +
     `${state.gpu.workgroupMemory / 1024} KiB workgroup memory`;
   $("run").disabled = false;
+  setupDecodePanel(state.gpu);
   setState("ready", "Ready. Choose a configuration and press Run.");
 }
 

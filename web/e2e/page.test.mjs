@@ -175,3 +175,33 @@ test("without WebGPU the page says so plainly", { timeout: 60_000 }, async () =>
     await ctx.close();
   }
 });
+
+test("the decoding panel generates tokens with FMA and dense", { timeout: RUN_TIMEOUT_MS }, async () => {
+  const ctx = await browser(true);
+  try {
+    const page = await ctx.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(url);
+    assert.equal(await settled(page, 60_000), "ready");
+    await page.selectOption("#decode-contexts", "256,1024");
+    await page.selectOption("#decode-steps", "3");
+    await page.click("#decode-run");
+    await page.waitForFunction(() => !["idle", "running"].includes(document.getElementById("decoding").dataset.state),
+      null, { timeout: RUN_TIMEOUT_MS, polling: 250 });
+    const state = await page.$eval("#decoding", (el) => el.dataset.state);
+    const status = await page.textContent("#decode-status");
+    assert.equal(state, "done", `decoding panel: ${status}`);
+    const rows = await page.$$eval("#decode-table tr", (trs) => trs.slice(1).map((tr) =>
+      [...tr.querySelectorAll("td")].map((td) => parseFloat(td.textContent))));
+    console.log(`decoding panel: ${JSON.stringify(rows)}`);
+    assert.equal(rows.length, 2);
+    for (const [context, fma, dense] of rows) {
+      assert.ok(fma > 0 && dense > 0 && Number.isFinite(fma) && Number.isFinite(dense), `context ${context}`);
+    }
+    await page.screenshot({ path: join(RESULTS, "web-demo-decoding.png"), fullPage: true });
+    assert.deepEqual(errors, [], "no uncaught errors in the page");
+  } finally {
+    await ctx.close();
+  }
+});
