@@ -358,3 +358,21 @@ fn bad_steps_are_typed_errors_and_leave_the_cache_usable() {
     dec.reset(0).unwrap();
     assert_eq!(dec.lens().unwrap(), vec![0, 20]);
 }
+
+#[test]
+fn a_lost_device_is_a_typed_error_for_the_decoder() {
+    if gpu().is_none() {
+        return;
+    }
+    // A device of its own (destroying the shared one would break the other tests).
+    let ctx = common::gpu_with_binding_limit(128 << 20);
+    let cfg = DecodeConfig::new(FmaConfig::new(4, 2), 1, 2, 8, 50);
+    let dec = Decoder::new(&ctx, cfg.clone()).unwrap();
+    let x = normal_tensor(fresh_seed(), 2 * 8);
+    dec.step(&x, &x, &x, DecodeMode::Fma).unwrap();
+    ctx.device.destroy();
+    let lost = |e: FmaError| assert!(matches!(e, FmaError::DeviceLost(_)), "{e}");
+    lost(dec.step(&x, &x, &x, DecodeMode::Fma).unwrap_err());
+    lost(dec.prefill(&x, &x, &x, &[1], DecodeMode::Fma).unwrap_err());
+    lost(Decoder::new(&ctx, cfg).err().unwrap());
+}

@@ -56,6 +56,7 @@ impl Decoder {
         v: &[f32],
         mode: DecodeMode,
     ) -> Result<Output> {
+        self.ctx.check_alive()?;
         let chunk = self.chunk_of(q.len())?;
         let shape = self.step_shape(chunk);
         check_host(shape, q, k, v)?;
@@ -128,6 +129,7 @@ impl Decoder {
         chunk: usize,
         mode: DecodeMode,
     ) -> Result<()> {
+        self.ctx.check_alive()?;
         let shape = self.step_shape(chunk.max(1));
         let bytes = shape.elements() as u64 * 4;
         for (name, buf, need) in [
@@ -185,6 +187,7 @@ impl Decoder {
     /// computed elsewhere). Sequences of length 0 are not touched. Long prompts go through in
     /// chunks that fit one storage binding.
     pub async fn extend_async(&self, k: &[f32], v: &[f32], lengths: &[usize]) -> Result<()> {
+        self.ctx.check_alive()?;
         let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
         let p = self.check_prompt(k, v, lengths)?;
         let cap = self.limits.binding_bytes();
@@ -309,6 +312,7 @@ impl Decoder {
         lengths: &[usize],
         mode: DecodeMode,
     ) -> Result<Output> {
+        self.ctx.check_alive()?;
         let p = self.check_prompt(k, v, lengths)?;
         let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
         if q.len() != k.len() {
