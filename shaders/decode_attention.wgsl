@@ -1,9 +1,9 @@
 // Decoding (algorithm.md §10), step 3 of 3: the chunk's queries attend to what the cache holds
 // for them, O(m + p L) keys each instead of i: the near field (blocks a0 - 1 and a0 up to
 // the query itself) from the ring, and every level's causal far list from the coarse slots.
-// One workgroup per (head row, query): its keys are split over the invocations and combined
-// with the log-sum-exp rule (split_softmax.wgsl). The row equals row i of the causal forward
-// (fine_attention.wgsl) up to summation order. CPU mirror: `cpu::decode::Decoder::attend`.
+// One workgroup per (head row, query), keys in tiles of WG (decode_softmax.wgsl). The row
+// equals row i of the causal forward (fine_attention.wgsl) up to summation order.
+// CPU mirror: `cpu::decode::Decoder::attend`.
 
 #import decode_params
 #import level_select
@@ -15,15 +15,16 @@
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;     // (bh, chunk, d)
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;     // (bh, chunk)
 
-#import split_softmax
+#import decode_softmax
 
-var<private> q_row: array<vec4<f32>, D4>;
+// A value row in the coarse slots rather than the ring (tile_at's top bit; element offsets of
+// one binding stay below 2^31).
+const COARSE_ROW: u32 = 0x80000000u;
 
-// Elements 4 c4 .. 4 c4 + 3 of the row at element offset `at` of the ring (or of the coarse
-// slots), zeros beyond d. Whole vec4s are built from four loads rather than element by element
-// with a dynamic component index, which compilers (llvmpipe's among them) turn into slow code.
-// The tail's loads past the row read the next row or are clamped (WGSL's robust access) and are
-// discarded by the select.
+// Elements 4 c4 .. 4 c4 + 3 of the row at element offset `at`, zeros beyond d. Whole vec4s
+// are built from four loads rather than element by element with a dynamic component index,
+// which compilers (llvmpipe's among them) turn into slow code. The tail's loads past the row
+// read the next row or are clamped (WGSL's robust access) and are discarded by the select.
 fn ring4(at: u32, c4: u32) -> vec4<f32> {
     let b = at + c4 * 4u;
     let rem = params.d - c4 * 4u;
@@ -38,32 +39,38 @@ fn coarse4(at: u32, c4: u32) -> vec4<f32> {
                      select(0.0, coarse[b + 2u], rem > 2u), select(0.0, coarse[b + 3u], rem > 3u));
 }
 
-// Folds fine key t (from the ring) into this invocation's share.
-fn fold_fine(local: u32, t: u32) {
-    let k_at = ring_at(local, 0u, t);
-    var dot4 = vec4<f32>(0.0);
-    for (var c4 = 0u; c4 < D4; c4++) {
-        dot4 += q_row[c4] * ring4(k_at, c4);
-    }
-    let wt = split_weight(dot4.x + dot4.y + dot4.z + dot4.w);
-    let v_at = ring_at(local, 1u, t);
-    for (var c4 = 0u; c4 < D4; c4++) {
-        part_acc[c4] += wt * ring4(v_at, c4);
-    }
+fn q4(at: u32, c4: u32) -> vec4<f32> {
+    let b = at + c4 * 4u;
+    let rem = params.d - c4 * 4u;
+    return vec4<f32>(q[b], select(0.0, q[b + 1u], rem > 1u),
+                     select(0.0, q[b + 2u], rem > 2u), select(0.0, q[b + 3u], rem > 3u));
 }
 
-// Folds coarse key j of window a at level index lvl, logit offset `bias`, into the share.
-fn fold_coarse(local: u32, lvl: u32, a: u32, j: u32, bias: f32) {
-    let k_at = coarse_at(local, 0u, lvl, a, j);
-    var dot4 = vec4<f32>(0.0);
-    for (var c4 = 0u; c4 < D4; c4++) {
-        dot4 += q_row[c4] * coarse4(k_at, c4);
+// Coarse keys of query i's far lists over every level: a - 2, and a - 3 when a is odd.
+fn far_total(i: u32) -> u32 {
+    var total = 0u;
+    for (var lvl = 0u; lvl < params.levels; lvl++) {
+        let a = i / params.level_info[lvl].window;
+        if (a < 2u) {
+            break; // and every higher level too
+        }
+        total += select(1u, 2u, (a & 1u) == 1u) * params.p;
     }
-    let wt = split_weight(dot4.x + dot4.y + dot4.z + dot4.w + bias);
-    let v_at = coarse_at(local, 1u, lvl, a, j);
-    for (var c4 = 0u; c4 < D4; c4++) {
-        part_acc[c4] += wt * coarse4(v_at, c4);
+    return total;
+}
+
+// The f-th far key of query i: (level index, window, j).
+fn far_key(i: u32, f: u32) -> vec3<u32> {
+    var rest = f;
+    for (var lvl = 0u; lvl < params.levels; lvl++) {
+        let a = i / params.level_info[lvl].window;
+        let count = select(1u, 2u, (a & 1u) == 1u) * params.p;
+        if (rest < count) {
+            return vec3<u32>(lvl, a - 2u - rest / params.p, rest % params.p);
+        }
+        rest -= count;
     }
+    return vec3<u32>(0u); // not reached for f < far_total(i)
 }
 
 @compute @workgroup_size(WG)
@@ -72,9 +79,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (wid >= params.group_rows * params.chunk) {
         return;
     }
-    let d = params.d;
     let m = params.m;
-    let p = params.p;
     let c = wid % params.chunk;
     let local = wid / params.chunk;
     let bh = params.bh_base + local;
@@ -83,51 +88,66 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return; // uniform over the workgroup
     }
     let i = lens[seq] + c;
-    let q_at = input_at(bh, c);
-    for (var c4 = 0u; c4 < D4; c4++) {
-        var x = vec4<f32>(0.0);
-        for (var e = 0u; e < 4u; e++) {
-            let ch = c4 * 4u + e;
-            if (ch < d) {
-                x[e] = q[q_at + ch];
-            }
-        }
-        q_row[c4] = x * params.scale;
-    }
-    split_begin();
+    softmax_begin(lid, q4(input_at(bh, c), min(lid, D4 - 1u)));
+    workgroupBarrier();
 
-    // Level 0: blocks a0 - 1 and a0, keys t <= i.
+    // Level 0: blocks a0 - 1 and a0, keys t <= i; then the coarse levels.
     let a0 = i / m;
     let lo = select(0u, (a0 - 1u) * m, a0 > 0u);
-    for (var t = lo + lid; t <= i; t += WG) {
-        fold_fine(local, t);
-    }
-    // Levels 1..: the causal far list of the query's window a: a - 2, and a - 3 when a is odd
-    // (complete windows, w_l / p tokens per coarse key). Keys are dealt round-robin.
-    var key = 0u;
-    for (var lvl = 0u; lvl < params.levels; lvl++) {
-        let win = params.level_info[lvl].window;
-        let a = i / win;
-        if (a < 2u) {
-            break; // and every higher level too
+    let near = i + 1u - lo;
+    let total = near + far_total(i);
+    let correct = params.count_correction != 0u;
+    for (var t0 = 0u; t0 < total; t0 += WG) {
+        let g = t0 + lid;
+        var s = ABSENT;
+        var at = 0u;
+        if (g < near) {
+            let k_at = ring_at(local, 0u, lo + g);
+            var dot4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                dot4 += q_shared[c4] * ring4(k_at, c4);
+            }
+            s = dot4.x + dot4.y + dot4.z + dot4.w;
+            at = ring_at(local, 1u, lo + g);
+        } else if (g < total) {
+            let key = far_key(i, g - near);
+            let k_at = coarse_at(local, 0u, key.x, key.y, key.z);
+            var dot4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                dot4 += q_shared[c4] * coarse4(k_at, c4);
+            }
+            // Complete windows: w_l / p tokens per coarse key.
+            let bias = select(0.0, log(f32(params.level_info[key.x].window / params.p)), correct);
+            s = dot4.x + dot4.y + dot4.z + dot4.w + bias;
+            at = coarse_at(local, 1u, key.x, key.y, key.z) | COARSE_ROW;
         }
-        let bias = select(0.0, log(f32(win / p)), params.count_correction != 0u);
-        let runs = select(1u, 2u, (a & 1u) == 1u);
-        for (var r = 0u; r < runs; r++) {
-            let fw = a - 2u - r;
-            for (var j = 0u; j < p; j++) {
-                if (key % WG == lid) {
-                    fold_coarse(local, lvl, fw, j, bias);
+        tile_s[lid] = s;
+        tile_z[lid] = 1.0;
+        tile_at[lid] = at;
+        workgroupBarrier();
+        let any = softmax_weigh(lid);
+        workgroupBarrier();
+        let c4 = value_c4(lid);
+        if (any && value_lane(lid) < VALUE_LANES) {
+            for (var r = value_lane(lid); r < min(WG, total - t0); r += VALUE_LANES) {
+                let a = tile_at[r];
+                var v4: vec4<f32>;
+                if ((a & COARSE_ROW) != 0u) {
+                    v4 = coarse4(a & ~COARSE_ROW, c4);
+                } else {
+                    v4 = ring4(a, c4);
                 }
-                key++;
+                softmax_add(r, v4);
             }
         }
+        workgroupBarrier();
     }
 
-    split_combine(lid);
+    softmax_combine(lid);
     let row = bh * params.chunk + c;
+    let d = params.d;
     if (lid < D4) {
-        let x = row_acc[lid] / red_sum[0];
+        let x = red_acc[lid] / red_z[0];
         for (var e = 0u; e < 4u; e++) {
             let ch = lid * 4u + e;
             if (ch < d) {
@@ -136,6 +156,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     if (lid == 0u) {
-        lse[row] = red_max[0] + log(red_sum[0]);
+        lse[row] = run_max + log(red_z[0]);
     }
 }

@@ -1,8 +1,9 @@
 // Exact dense decoding over the cache's history (flash-decoding): the chunk's queries against
 // every key so far, split over the cache's length so the whole device works even for one
 // query. This pass: one workgroup per (head row, query, segment of S keys of one history page
-// (page = the level selector's `level`)), writing the segment's partial softmax; decode_merge
-// combines them. CPU mirror: `cpu::dense_attention_rows` (causal, the query last).
+// (page = the level selector's `level`)), writing the segment's partial softmax (its max, its
+// sum and its unnormalised weighted values); decode_merge combines them. Keys in tiles of WG
+// (decode_softmax.wgsl). CPU mirror: `cpu::dense_attention_rows` (causal, the query last).
 
 #import decode_params
 #import level_select
@@ -13,12 +14,10 @@
 @group(0) @binding(4) var<storage, read> page_v: array<f32>;          // (group rows, T, d)
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>;  // (group rows, chunk_max, segments, d + 2)
 
-#import split_softmax
+#import decode_softmax
 
-var<private> q_row: array<vec4<f32>, D4>;
-
-// Elements 4 c4 .. 4 c4 + 3 of the page row at element offset `at`, zeros beyond d (built from
-// four loads, as decode_attention.wgsl's ring4 and for the same reason).
+// Elements 4 c4 .. 4 c4 + 3 of a row at element offset `at`, zeros beyond d (built from four
+// loads, as decode_attention.wgsl's ring4 and for the same reason).
 fn key4(at: u32, c4: u32) -> vec4<f32> {
     let b = at + c4 * 4u;
     let rem = params.d - c4 * 4u;
@@ -31,6 +30,13 @@ fn value4(at: u32, c4: u32) -> vec4<f32> {
     let rem = params.d - c4 * 4u;
     return vec4<f32>(page_v[b], select(0.0, page_v[b + 1u], rem > 1u),
                      select(0.0, page_v[b + 2u], rem > 2u), select(0.0, page_v[b + 3u], rem > 3u));
+}
+
+fn q4(at: u32, c4: u32) -> vec4<f32> {
+    let b = at + c4 * 4u;
+    let rem = params.d - c4 * 4u;
+    return vec4<f32>(q[b], select(0.0, q[b + 1u], rem > 1u),
+                     select(0.0, q[b + 2u], rem > 2u), select(0.0, q[b + 3u], rem > 3u));
 }
 
 @compute @workgroup_size(WG)
@@ -51,47 +57,50 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let i = lens[seq] + c;
     let page = sel.level;
-    let t0 = page * params.page_tokens + seg_local * params.segment;
-    if (t0 > i) {
+    let first = page * params.page_tokens + seg_local * params.segment;
+    if (first > i) {
         return; // the merge reads segments up to i / S only; uniform over the workgroup
     }
-    let t1 = min(t0 + params.segment, i + 1u);
-    let q_at = input_at(bh, c);
-    for (var c4 = 0u; c4 < D4; c4++) {
-        var x = vec4<f32>(0.0);
-        for (var e = 0u; e < 4u; e++) {
-            let ch = c4 * 4u + e;
-            if (ch < d) {
-                x[e] = q[q_at + ch];
+    let total = min(params.segment, i + 1u - first);
+    softmax_begin(lid, q4(input_at(bh, c), min(lid, D4 - 1u)));
+    workgroupBarrier();
+    // Element offset of the segment's first key in the bound page.
+    let base = (local * params.page_tokens + seg_local * params.segment) * d;
+    for (var t0 = 0u; t0 < total; t0 += WG) {
+        let g = t0 + lid;
+        var s = ABSENT;
+        if (g < total) {
+            var dot4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                dot4 += q_shared[c4] * key4(base + g * d, c4);
+            }
+            s = dot4.x + dot4.y + dot4.z + dot4.w;
+        }
+        tile_s[lid] = s;
+        tile_z[lid] = 1.0;
+        workgroupBarrier();
+        let any = softmax_weigh(lid);
+        workgroupBarrier();
+        let c4 = value_c4(lid);
+        if (any && value_lane(lid) < VALUE_LANES) {
+            for (var r = value_lane(lid); r < min(WG, total - t0); r += VALUE_LANES) {
+                softmax_add(r, value4(base + (t0 + r) * d, c4));
             }
         }
-        q_row[c4] = x * params.scale;
+        workgroupBarrier();
     }
-    split_begin();
-    let page_base = local * params.page_tokens * d;
-    for (var t = t0 + lid; t < t1; t += WG) {
-        let at = page_base + (t - page * params.page_tokens) * d;
-        var dot4 = vec4<f32>(0.0);
-        for (var c4 = 0u; c4 < D4; c4++) {
-            dot4 += q_row[c4] * key4(at, c4);
-        }
-        let wt = split_weight(dot4.x + dot4.y + dot4.z + dot4.w);
-        for (var c4 = 0u; c4 < D4; c4++) {
-            part_acc[c4] += wt * value4(at, c4);
-        }
-    }
-    split_combine(lid);
-    let seg = t0 / params.segment;
+    softmax_combine(lid);
+    let seg = first / params.segment;
     let at = local * params.partial_stride + (c * params.segments + seg) * (d + 2u);
     if (lid == 0u) {
-        partials[at] = red_max[0];
-        partials[at + 1u] = red_sum[0];
+        partials[at] = run_max;
+        partials[at + 1u] = red_z[0];
     }
     if (lid < D4) {
         for (var e = 0u; e < 4u; e++) {
             let ch = lid * 4u + e;
             if (ch < d) {
-                partials[at + 2u + ch] = row_acc[lid][e];
+                partials[at + 2u + ch] = red_acc[lid][e];
             }
         }
     }

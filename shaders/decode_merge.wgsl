@@ -1,6 +1,7 @@
 // Exact dense decoding, second pass: one workgroup per (head row, query) combines the partial
-// softmaxes of its segments (decode_dense.wgsl) with the log-sum-exp rule, in a fixed order,
-// and writes O and the LSE. CPU mirror: the merge rule of algorithm.md §6.
+// softmaxes of its segments (decode_dense.wgsl) with the log-sum-exp rule (a segment is a
+// "key" whose logit is its max, whose value is its weighted sum and which adds its sum to Z),
+// in a fixed order, and writes O and the LSE. CPU mirror: the merge rule of algorithm.md §6.
 
 #import decode_params
 #import level_select
@@ -10,7 +11,14 @@
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;       // (bh, chunk, d)
 @group(0) @binding(4) var<storage, read_write> lse: array<f32>;       // (bh, chunk)
 
-#import split_softmax
+#import decode_softmax
+
+fn partial4(at: u32, c4: u32) -> vec4<f32> {
+    let b = at + c4 * 4u;
+    let rem = params.d - c4 * 4u;
+    return vec4<f32>(partials[b], select(0.0, partials[b + 1u], rem > 1u),
+                     select(0.0, partials[b + 2u], rem > 2u), select(0.0, partials[b + 3u], rem > 3u));
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -27,27 +35,35 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return;
     }
     let i = lens[seq] + c;
-    split_begin();
-    let last = i / params.segment;
-    for (var seg = lid; seg <= last; seg += WG) {
-        let at = local * params.partial_stride + (c * params.segments + seg) * (d + 2u);
-        var acc: array<vec4<f32>, D4>;
-        for (var c4 = 0u; c4 < D4; c4++) {
-            var x = vec4<f32>(0.0);
-            for (var e = 0u; e < 4u; e++) {
-                let ch = c4 * 4u + e;
-                if (ch < d) {
-                    x[e] = partials[at + 2u + ch];
-                }
-            }
-            acc[c4] = x;
+    softmax_begin(lid, vec4<f32>(0.0));
+    let total = i / params.segment + 1u;
+    let row0 = local * params.partial_stride + c * params.segments * (d + 2u);
+    for (var t0 = 0u; t0 < total; t0 += WG) {
+        let g = t0 + lid;
+        var s = ABSENT;
+        var z = 0.0;
+        if (g < total) {
+            let at = row0 + g * (d + 2u);
+            z = partials[at + 1u];
+            s = select(ABSENT, partials[at], z > 0.0);
         }
-        split_fold_partial(partials[at], partials[at + 1u], acc);
+        tile_s[lid] = s;
+        tile_z[lid] = z;
+        workgroupBarrier();
+        let any = softmax_weigh(lid);
+        workgroupBarrier();
+        let c4 = value_c4(lid);
+        if (any && value_lane(lid) < VALUE_LANES) {
+            for (var r = value_lane(lid); r < min(WG, total - t0); r += VALUE_LANES) {
+                softmax_add(r, partial4(row0 + (t0 + r) * (d + 2u) + 2u, c4));
+            }
+        }
+        workgroupBarrier();
     }
-    split_combine(lid);
+    softmax_combine(lid);
     let row = bh * params.chunk + c;
     if (lid < D4) {
-        let x = row_acc[lid] / red_sum[0];
+        let x = red_acc[lid] / red_z[0];
         for (var e = 0u; e < 4u; e++) {
             let ch = lid * 4u + e;
             if (ch < d) {
@@ -56,6 +72,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     if (lid == 0u) {
-        lse[row] = red_max[0] + log(red_sum[0]);
+        lse[row] = run_max + log(red_z[0]);
     }
 }

@@ -21,7 +21,7 @@ fn shared(name: &str) -> Option<&'static str> {
         "near_field" => Some(include_str!("../../../shaders/shared/near_field.wgsl")),
         "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
         "decode_params" => Some(include_str!("../../../shaders/shared/decode_params.wgsl")),
-        "split_softmax" => Some(include_str!("../../../shaders/shared/split_softmax.wgsl")),
+        "decode_softmax" => Some(include_str!("../../../shaders/shared/decode_softmax.wgsl")),
         "backward_queries" => Some(include_str!(
             "../../../shaders/shared/backward_queries.wgsl"
         )),
