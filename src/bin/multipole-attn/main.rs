@@ -10,6 +10,7 @@ mod decode;
 mod doctor;
 mod error;
 mod grad;
+mod headless;
 mod info;
 mod npy_io;
 mod run;
@@ -23,6 +24,8 @@ fn main() -> ExitCode {
     env_logger::init();
     // clap prints its own `error: ...` and exits with 2 on a usage error.
     let cli = args::Cli::parse();
+    // Before any thread or wgpu instance exists (headless.rs says why); removed when dropped.
+    let _runtime_dir = headless::quiet_window_system_probe();
     let result = match &cli.command {
         args::Command::Run(a) => run::run(a),
         args::Command::Grad(a) => grad::grad(a),

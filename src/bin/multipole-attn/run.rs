@@ -7,6 +7,7 @@ use crate::npy_io::{check_output_path, read_shape, read_tensor, write_array};
 use crate::tensor::{fmt_shape, Tensor};
 use crate::weights_npz::read_weights;
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::levels::num_levels;
 use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Queries, Shape};
 
 /// What to compute.
@@ -137,7 +138,7 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
         return Ok(base);
     }
     let weights = match &args.weights {
-        Some(path) => read_weights(path, d, args.block, args.rank)?,
+        Some(path) => read_weights(path, d, args.block, args.rank, num_levels(n, args.block))?,
         None => LearnedWeights::box_init_for(d, args.block, args.rank, n),
     };
     let cfg = base.downsample(Downsample::Learned(weights));

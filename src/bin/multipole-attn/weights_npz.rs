@@ -47,11 +47,14 @@ fn read_key<R: Read + Seek>(npz: &mut NpzReader<R>, src: &str, key: &str) -> Cli
 
 /// Reads learned weights for head dimension `head_dim`, block size `block` and rank `rank`
 /// (which fix every expected shape). `block` and `rank` must already be valid (m >= 1, p | m).
+/// `needed` is the number of coarse levels the sequence has: with none (n <= 2 m) no weights
+/// are used, so an archive without `k_w1` is accepted then, and only then.
 pub fn read_weights(
     path: &Path,
     head_dim: usize,
     block: usize,
     rank: usize,
+    needed: usize,
 ) -> CliResult<LearnedWeights> {
     let src = format!("weights file {}", path.display());
     let file = File::open(path).map_err(|source| CliError::Open {
@@ -126,10 +129,10 @@ pub fn read_weights(
             levels[l - 1].bq = boxed.levels[l - 1].bq.clone();
         }
     }
-    if levels.is_empty() {
+    if levels.is_empty() && needed > 0 {
         let found: Vec<&str> = names.iter().map(String::as_str).collect();
         return Err(CliError::Input(format!(
-            "{src} has no key k_w1 (expected k_w1, k_b1, v_w1, v_b1, k_w2, ...); it holds [{}]",
+            "{src} has no key k_w1 (expected k_w1, k_b1, v_w1, v_b1, k_w2, ... for the {needed} coarse level(s) of this sequence); it holds [{}]",
             found.join(", ")
         )));
     }
