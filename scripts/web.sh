@@ -16,7 +16,7 @@ fi
 
 echo "== building web/ for wasm32-unknown-unknown (release)"
 cargo build --release --target wasm32-unknown-unknown -p multipole-attn-web
-wasm-bindgen --target web --no-typescript --out-dir web/pkg \
+wasm-bindgen --target web --typescript --out-dir web/pkg \
   target/wasm32-unknown-unknown/release/multipole_attn_web.wasm
 echo "web/pkg: $(du -h web/pkg/multipole_attn_web_bg.wasm | cut -f1) of wasm"
 

@@ -2,7 +2,9 @@
 //! reference, over shapes, masks, modes and the exactness property. `multipole-attn doctor`
 //! runs it on every adapter found, so users can check their own GPU and driver.
 
-use std::time::Instant;
+pub mod report;
+
+use serde::Serialize;
 
 use crate::closeness::closeness;
 use crate::config::{Downsample, FmaConfig, Queries};
@@ -52,13 +54,13 @@ pub struct Case {
 }
 
 /// The outcome of one case.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct CaseResult {
     /// The case's name.
     pub name: String,
     /// Within the bound.
     pub passed: bool,
-    /// Largest |gpu - reference| over O and the LSE (infinite for NaN).
+    /// Largest |gpu - reference| over O and the LSE (infinite for NaN; `null` in JSON).
     pub max_err: f64,
     /// Wall-clock seconds, pipeline builds included.
     pub seconds: f64,
@@ -268,12 +270,24 @@ async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool
 
 /// Runs every case of [`suite`] on `ctx`, in order, calling `progress` after each; a case whose
 /// run fails is a failed case.
-pub async fn run_suite(ctx: &GpuContext, mut progress: impl FnMut(&CaseResult)) -> Vec<CaseResult> {
+#[cfg(not(target_arch = "wasm32"))]
+pub async fn run_suite(ctx: &GpuContext, progress: impl FnMut(&CaseResult)) -> Vec<CaseResult> {
+    let start = std::time::Instant::now();
+    run_suite_with_clock(ctx, &|| start.elapsed().as_secs_f64(), progress).await
+}
+
+/// [`run_suite`] with a clock in seconds (`performance.now() / 1000` in the browser, where
+/// `std::time::Instant` panics).
+pub async fn run_suite_with_clock(
+    ctx: &GpuContext,
+    now: &dyn Fn() -> f64,
+    mut progress: impl FnMut(&CaseResult),
+) -> Vec<CaseResult> {
     let mut out = Vec::new();
     for (i, case) in suite().iter().enumerate() {
-        let t = now_seconds();
+        let t = now();
         let r = run_case(ctx, case, 1000 + 17 * i as u64).await;
-        let seconds = now_seconds() - t;
+        let seconds = now() - t;
         let result = match r {
             Ok((max_err, passed)) => CaseResult {
                 name: case.name.clone(),
@@ -294,10 +308,4 @@ pub async fn run_suite(ctx: &GpuContext, mut progress: impl FnMut(&CaseResult)) 
         out.push(result);
     }
     out
-}
-
-/// Seconds since an arbitrary origin.
-fn now_seconds() -> f64 {
-    thread_local! { static START: Instant = Instant::now(); }
-    START.with(|s| s.elapsed().as_secs_f64())
 }

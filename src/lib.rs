@@ -10,7 +10,6 @@
 
 pub mod closeness;
 pub mod config;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod conformance;
 pub mod cpu;
 pub mod error;

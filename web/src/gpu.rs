@@ -67,7 +67,11 @@ impl Gpu {
 
     /// Coarse levels and dispatches FMA would run for `options` (one submit):
     /// `{ levels, dispatches }`.
-    pub fn plan(&self, options: JsValue) -> Result<JsValue, JsError> {
+    #[wasm_bindgen(unchecked_return_type = "Plan")]
+    pub fn plan(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
+    ) -> Result<JsValue, JsError> {
         let opts = Options::from_js(options)?;
         let plan = self.fma_for(&opts)?.plan(opts.shape()?)?;
         let summary = PlanSummary {
@@ -84,7 +88,7 @@ impl Gpu {
         q: Vec<f32>,
         k: Vec<f32>,
         v: Vec<f32>,
-        options: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
     ) -> Result<Vec<f32>, JsError> {
         let opts = Options::from_js(options)?;
         let shape = opts.shape()?;
@@ -99,7 +103,7 @@ impl Gpu {
         q: Vec<f32>,
         k: Vec<f32>,
         v: Vec<f32>,
-        options: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
     ) -> Result<Vec<f32>, JsError> {
         let opts = Options::from_js(options)?;
         let shape = opts.shape()?;

@@ -23,7 +23,11 @@ pub struct Inputs {
 ///   channel plus N(0, 0.1²) noise), the far-field structure FMA's coarse levels summarise;
 /// - `"random"`: Q, K, V i.i.d. N(0, 1), FMA's worst case (nothing to summarise).
 #[wasm_bindgen(js_name = makeInputs)]
-pub fn make_inputs(options: JsValue, kind: &str, seed: u32) -> Result<Inputs, JsError> {
+pub fn make_inputs(
+    #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
+    #[wasm_bindgen(unchecked_param_type = "\"smooth\" | \"random\"")] kind: &str,
+    seed: u32,
+) -> Result<Inputs, JsError> {
     let opts = Options::from_js(options)?;
     let shape = opts.shape()?;
     let (len, seed) = (shape.elements(), seed as u64);

@@ -23,11 +23,13 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod conformance;
 pub mod decode;
 pub mod gpu;
 pub mod inputs;
 pub mod options;
 pub mod structure;
+pub mod types;
 
 pub use compare::{compare_outputs, Errors};
 pub use decode::{Decoded, Decoding};

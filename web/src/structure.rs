@@ -122,8 +122,11 @@ pub fn structure_of(opts: &Options, query: usize) -> Result<Structure, JsError> 
 
 /// JS `structure(options, query)`: `{ n, query, levels: [{ level, window, windows, subWindow }],
 /// bands: [{ level, start, end, window, j }], keys }` for the query at position `query`.
-#[wasm_bindgen]
-pub fn structure(options: JsValue, query: u32) -> Result<JsValue, JsError> {
+#[wasm_bindgen(unchecked_return_type = "Structure")]
+pub fn structure(
+    #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
+    query: u32,
+) -> Result<JsValue, JsError> {
     let s = structure_of(&Options::from_js(options)?, query as usize)?;
     serde_wasm_bindgen::to_value(&s).map_err(|e| JsError::new(&e.to_string()))
 }
@@ -180,12 +183,12 @@ pub fn level_mass_of(
 
 /// JS `levelMass(q, k, v, options, head, query)`: `{ mass: [...], keys: [...], lse }`, one
 /// entry per level 0..=L; `mass` sums to 1.
-#[wasm_bindgen(js_name = levelMass)]
+#[wasm_bindgen(js_name = levelMass, unchecked_return_type = "LevelMass")]
 pub fn level_mass(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    options: JsValue,
+    #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
     head: u32,
     query: u32,
 ) -> Result<JsValue, JsError> {

@@ -43,6 +43,11 @@ pub struct DoctorArgs {
     /// Print every case, not only the failed ones.
     #[arg(long)]
     pub verbose: bool,
+    /// Print only the report as JSON on stdout (the document the browser page's "Test this
+    /// GPU" copies): per adapter its identity, kernels, passed, failed, worst error, time and
+    /// every case.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How coarse keys and values are made from the fine ones.

@@ -1,36 +1,30 @@
-//! `multipole-attn doctor`: the conformance suite on every adapter, one table per adapter.
+//! `multipole-attn doctor`: the conformance suite on every adapter, one table per adapter, or
+//! with `--json` the report document the browser page's "Test this GPU" also produces.
 
 use std::time::Instant;
 
 use crate::args::DoctorArgs;
 use crate::error::{CliError, CliResult};
-use multipole_attn::conformance::{run_suite, suite, ATOL, RTOL};
+use indicatif::{ProgressBar, ProgressStyle};
+use multipole_attn::conformance::report::{AdapterReport, Report};
+use multipole_attn::conformance::{suite, ATOL, RTOL};
 use multipole_attn::gpu::{all_adapters, ContextOptions, GpuContext};
 
 /// Runs the suite on each adapter (optionally only some backends) and prints a table per
-/// adapter; fails if any adapter fails any case or no adapter is found.
+/// adapter, or the JSON report; fails if any adapter fails any case or no adapter is found.
 pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
-    let wanted: Vec<String> = a
-        .backends
-        .iter()
-        .map(|b| b.trim().to_ascii_lowercase())
-        .collect();
+    let backend_of = |ad: &wgpu::Adapter| format!("{:?}", ad.get_info().backend).to_lowercase();
+    let wanted: Vec<String> = a.backends.iter().map(|b| b.trim().to_lowercase()).collect();
     let adapters: Vec<_> = all_adapters()
         .into_iter()
-        .filter(|ad| {
-            wanted.is_empty()
-                || wanted.contains(&format!("{:?}", ad.get_info().backend).to_ascii_lowercase())
-        })
+        .filter(|ad| wanted.is_empty() || wanted.contains(&backend_of(ad)))
         .collect();
     if adapters.is_empty() {
         return Err(CliError::NoAdapter);
     }
-    let found: Vec<String> = adapters
-        .iter()
-        .map(|ad| format!("{:?}", ad.get_info().backend).to_ascii_lowercase())
-        .collect();
+    let found: Vec<String> = adapters.iter().map(backend_of).collect();
     for backend in &a.require {
-        let backend = backend.trim().to_ascii_lowercase();
+        let backend = backend.trim().to_lowercase();
         if !found.contains(&backend) {
             return Err(CliError::Runtime(format!(
                 "no adapter on the required backend '{backend}' (found: {})",
@@ -38,101 +32,99 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
             )));
         }
     }
+    let say = |line: String| {
+        if !a.json {
+            println!("{line}");
+        }
+    };
     let cases = suite().len();
-    println!("conformance suite: {cases} cases per adapter, bound |gpu - f64 reference| <= {ATOL:e} + {RTOL:e} |ref|\n");
-    let mut summary = Vec::new();
-    let mut all_ok = true;
+    say(format!("conformance suite: {cases} cases per adapter, bound |gpu - f64 reference| <= {ATOL:e} + {RTOL:e} |ref|\n"));
+    let mut reports = Vec::new();
     for adapter in adapters {
         let info = adapter.get_info();
-        println!(
+        say(format!(
             "== {} ({:?}, {:?}), driver: {} {}",
             info.name, info.backend, info.device_type, info.driver, info.driver_info
-        );
+        ));
         let start = Instant::now();
-        let mut kernels = String::from("-");
-        let results = match pollster::block_on(GpuContext::from_adapter(
+        let ctx = match pollster::block_on(GpuContext::from_adapter(
             &adapter,
             ContextOptions::default(),
         )) {
-            Ok(ctx) => {
-                // Which attention kernels this device runs: the suite checks that variant.
-                kernels = match ctx.subgroup_kernels() {
-                    Some(sg) => format!("subgroup {sg}"),
-                    None => "plain".into(),
-                };
-                println!("   kernels: {kernels}");
-                pollster::block_on(run_suite(&ctx, |r| {
-                    if a.verbose || !r.passed {
-                        let status = if r.passed { "ok  " } else { "FAIL" };
-                        let err = r
-                            .error
-                            .as_deref()
-                            .map(|e| format!("  ({e})"))
-                            .unwrap_or_default();
-                        println!(
-                            "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
-                            r.name, r.max_err, r.seconds
-                        );
-                    }
-                }))
-            }
+            Ok(ctx) => ctx,
             Err(e) => {
-                println!("   could not create a device: {e}\n");
-                all_ok = false;
-                summary.push((
-                    info,
-                    kernels,
-                    0,
-                    cases,
-                    f64::INFINITY,
-                    start.elapsed().as_secs_f64(),
-                ));
+                say(format!("   could not create a device: {e}\n"));
+                let secs = start.elapsed().as_secs_f64();
+                reports.push(AdapterReport::no_device(&info, e.to_string(), secs));
                 continue;
             }
         };
-        let failed = results.iter().filter(|r| !r.passed).count();
-        let worst = results.iter().map(|r| r.max_err).fold(0.0, f64::max);
-        println!(
-            "   {} passed, {failed} failed, worst error {worst:.2e}, {:.1}s\n",
-            results.len() - failed,
-            start.elapsed().as_secs_f64()
-        );
-        all_ok &= failed == 0;
-        summary.push((
-            info,
-            kernels,
-            results.len() - failed,
-            failed,
-            worst,
-            start.elapsed().as_secs_f64(),
+        let bar = progress_bar(cases, &info.name);
+        let clock = move || start.elapsed().as_secs_f64();
+        let report = pollster::block_on(AdapterReport::run(&ctx, &clock, |_, _, r| {
+            bar.inc(1);
+            bar.set_message(r.name.clone());
+            if !a.json && (a.verbose || !r.passed) {
+                let status = if r.passed { "ok  " } else { "FAIL" };
+                let err = r
+                    .error
+                    .as_deref()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default();
+                // Above the bar, which redraws below it (a plain println without a terminal).
+                bar.println(format!(
+                    "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
+                    r.name, r.max_err, r.seconds
+                ));
+            }
+        }));
+        bar.finish_and_clear();
+        say(format!("   kernels: {}", report.kernels));
+        say(format!(
+            "   {} passed, {} failed, worst error {:.2e}, {:.1}s\n",
+            report.passed, report.failed, report.worst_error, report.seconds
         ));
+        reports.push(report);
     }
-    println!(
-        "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10} {:>8}",
-        "adapter", "backend", "driver", "kernels", "passed", "failed", "worst err", "time"
-    );
-    for (info, kernels, passed, failed, worst, secs) in &summary {
-        let driver: String = format!("{} {}", info.driver, info.driver_info)
-            .chars()
-            .take(40)
-            .collect();
-        println!(
-            "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10.2e} {:>7.1}s",
-            info.name,
-            format!("{:?}", info.backend),
-            driver,
-            kernels,
-            passed,
-            failed,
-            worst,
-            secs
-        );
+    let report = Report::new(reports);
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print_table(&report);
     }
-    if all_ok {
+    if report.passed() {
         Ok(())
     } else {
         Err(CliError::Runtime(
             "at least one adapter failed the conformance suite".into(),
         ))
+    }
+}
+
+/// A bar on stderr for one adapter's cases; indicatif draws it only when stderr is a
+/// terminal, so logs and CI output stay clean.
+fn progress_bar(cases: usize, adapter: &str) -> ProgressBar {
+    let bar = ProgressBar::new(cases as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("   {prefix} [{bar:30}] {pos}/{len} {elapsed} {wide_msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(adapter.chars().take(24).collect::<String>());
+    bar
+}
+
+/// The summary table: one row per adapter.
+fn print_table(report: &Report) {
+    println!(
+        "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10} {:>8}",
+        "adapter", "backend", "driver", "kernels", "passed", "failed", "worst err", "time"
+    );
+    for r in &report.adapters {
+        let driver: String = r.driver.chars().take(40).collect();
+        println!(
+            "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10.2e} {:>7.1}s",
+            r.adapter, r.backend, driver, r.kernels, r.passed, r.failed, r.worst_error, r.seconds
+        );
     }
 }

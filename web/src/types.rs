@@ -1,0 +1,69 @@
+//! TypeScript types of the plain objects the JS API takes and returns, for the `.d.ts` that
+//! wasm-bindgen writes into web/pkg/ (the functions name them with `unchecked_*_type`; wasm
+//! itself sees `JsValue`s, checked in Rust by `Options::from_js`).
+
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen(typescript_custom_section)]
+const TYPES: &'static str = r#"
+/** A problem and an FMA configuration; tensors are (batch, heads, n, headDim) f32, row-major. */
+export interface FmaOptions {
+  /** Batch size (default 1). */
+  batch?: number;
+  /** Heads per batch element (default 1). */
+  heads?: number;
+  /** Sequence length. */
+  n: number;
+  /** Head dimension d, 1..=256. */
+  headDim: number;
+  /** Fine block size m (default 64; divisible by p). */
+  m?: number;
+  /** Coarse rank p (default 2). */
+  p?: number;
+  /** Causal mask (default false). */
+  causal?: boolean;
+  /** "fine" (default, O(n log n)) or "coarse" (O(n), bidirectional only). */
+  queries?: "fine" | "coarse";
+}
+
+/** What `Gpu.plan` returns: coarse levels and dispatches in the one submit. */
+export interface Plan {
+  levels: number;
+  dispatches: number;
+}
+
+/** One band of keys a query sees as one coarse key (level 0: its fine keys). */
+export interface Band {
+  level: number;
+  start: number;
+  end: number;
+  window: number;
+  j: number;
+}
+
+/** What `structure` returns. */
+export interface Structure {
+  n: number;
+  query: number;
+  levels: { level: number; window: number; windows: number; subWindow: number }[];
+  bands: Band[];
+  keys: number;
+}
+
+/** What `levelMass` returns: per level 0..=L the softmax mass (sums to 1) and keys seen. */
+export interface LevelMass {
+  mass: number[];
+  keys: number[];
+  lse: number;
+}
+
+/** What `Gpu.conformance` passes to its progress callback after every case. */
+export interface ConformanceProgress {
+  done: number;
+  total: number;
+  name: string;
+  passed: boolean;
+  maxErr: number;
+  seconds: number;
+}
+"#;
