@@ -4,6 +4,7 @@
 // reads the form, times the calls and draws.
 import init, { Gpu, makeInputs, compareOutputs, structure, levelMass } from "./pkg/multipole_attn_web.js";
 import { setupDecodePanel } from "./decode_panel.js";
+import { setupConformance } from "./conformance.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -419,6 +420,7 @@ async function main() {
     `${state.gpu.workgroupMemory / 1024} KiB workgroup memory`;
   $("run").disabled = false;
   setupDecodePanel(state.gpu);
+  setupConformance(state.gpu, name);
   setState("ready", "Ready. Choose a configuration and press Run.");
 }
 
