@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{FmaConfig, Shape};
@@ -56,6 +57,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:>7} {:>7} {:>12} {:>12} {:>8}",
         "n", "causal", "forward ms", "backward ms", "b/f"
     );
+    // On stderr, drawn only when it is a terminal (logs stay clean); rows print above it.
+    let bar = ProgressBar::new(2 * a.n.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     for &n in &a.n {
         let shape = Shape::new(1, 1, n, a.head_dim);
         let tensor = |seed: u64| {
@@ -68,6 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let [q, k, v, o, lse, dout, dq, dk, dv] = [1, 2, 3, 4, 5, 6, 7, 8, 9].map(tensor);
         for causal in [false, true] {
+            bar.set_message(format!("n={n} causal={causal}"));
             let fma = FmaAttention::new(&ctx, FmaConfig::new(a.block, a.rank).causal(causal))?;
             let t = GpuTensors {
                 q: &q,
@@ -87,11 +95,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let backward = median_ms(&ctx, a.reps, || {
                 fma.backward_buffers(&saved, &dout, g).unwrap()
             });
-            println!(
-                "{n:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2}",
-                backward / forward
-            );
+            // suspend, not bar.println: that prints nothing when the bar is hidden.
+            bar.suspend(|| {
+                println!(
+                    "{n:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2}",
+                    backward / forward
+                )
+            });
+            bar.inc(1);
         }
     }
+    bar.finish_and_clear();
     Ok(())
 }

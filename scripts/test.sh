@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every test: set up, then formatting, lints and docs, the Rust test suite (CPU reference, GPU
+# Every test: set up (scripts/setup_test.sh), then formatting, lints and docs, the Rust test suite (CPU reference, GPU
 # passes against it on the default adapter, CLI), and the CLI against the independent float64
 # numpy implementation of algorithm.md. Under CI=true a missing GPU adapter fails the GPU tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup_test.sh
 source scripts/env.sh
 
 echo "== format, lints, docs"
@@ -24,8 +24,13 @@ python3 scripts/check_cli_grad.py target/release/multipole-attn
 python3 scripts/check_cli_coarse.py target/release/multipole-attn
 
 echo "== conformance suite on every adapter (Vulkan lavapipe and GL llvmpipe here)"
-# The GL adapter needs EGL and Mesa's DRI driver (scripts/setup.sh installs them).
-target/release/multipole-attn doctor --require vulkan,gl
+# The GL adapter needs EGL and Mesa's DRI driver (scripts/setup_test.sh installs them). The
+# report as JSON (--json, the document the page's "Test this GPU" copies), checked and printed
+# as a table by check_doctor_json.py; doctor's stderr must stay free of "error" lines.
+mkdir -p results
+target/release/multipole-attn doctor --require vulkan,gl --json >results/doctor.json 2>results/doctor.stderr \
+  || { cat results/doctor.stderr results/doctor.json; exit 1; }
+python3 scripts/check_doctor_json.py results/doctor.json results/doctor.stderr vulkan,gl
 
 bash scripts/test_web.sh
 

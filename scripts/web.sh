@@ -4,13 +4,13 @@
 # `--build-only` stops after the build (the tests use it). Needs a browser with WebGPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${SKIP_SETUP:-0}" != 1 ]; then bash scripts/setup.sh; bash scripts/setup_web.sh; fi
+if [ "${SKIP_SETUP:-0}" != 1 ]; then bash scripts/setup.sh && bash scripts/setup_web.sh; fi
 source scripts/env.sh
 
 want=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' Cargo.lock)
 have=$(wasm-bindgen --version 2>/dev/null | awk '{ print $2 }' || true)
 if [ "$have" != "$want" ]; then
-  echo "web.sh: wasm-bindgen $want is needed (found: ${have:-none}); run scripts/setup.sh" >&2
+  echo "web.sh: wasm-bindgen $want is needed (found: ${have:-none}); run scripts/setup_web.sh" >&2
   exit 1
 fi
 

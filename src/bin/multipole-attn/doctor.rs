@@ -71,11 +71,14 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
                     .as_deref()
                     .map(|e| format!("  ({e})"))
                     .unwrap_or_default();
-                // Above the bar, which redraws below it (a plain println without a terminal).
-                bar.println(format!(
-                    "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
-                    r.name, r.max_err, r.seconds
-                ));
+                // Above the bar, which redraws below it; suspend rather than bar.println, which
+                // prints nothing when the bar is hidden (stderr not a terminal).
+                bar.suspend(|| {
+                    println!(
+                        "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
+                        r.name, r.max_err, r.seconds
+                    )
+                });
             }
         }));
         bar.finish_and_clear();
