@@ -2,7 +2,8 @@
 # The browser build's tests: lints of the wasm crate, the library's WebGPU output against the
 # CPU reference inside headless Chromium (wasm-bindgen-test), then the demo page end to end
 # (build, serve on 127.0.0.1, playwright-core drives /usr/bin/chromium; screenshots land in
-# results/). Called at the end of scripts/test.sh; run alone after scripts/setup.sh.
+# results/), its "Test this GPU" conformance run, and the README's TypeScript example against
+# the generated declarations. Called at the end of scripts/test.sh; run alone after scripts/setup_test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
