@@ -43,13 +43,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let info = params.levels[sel.level];
     let p = params.p;
     let d = params.d;
-    let rows = info.windows * p;
+    // The coarse queries of the windows holding tokens [chunk_lo, chunk_hi) (all of them
+    // unless a split head's coarse rows are attended a group of windows at a time).
+    let a_lo = params.chunk_lo / info.window;
+    let rows = (window_count(params.chunk_hi, info.window) - a_lo) * p;
     let g = dispatch_workgroup(wg) * WG + lid;
     if (g >= params.batch_heads * rows) {
         return;
     }
     let bh = g / rows;
-    let r = g % rows;
+    let r = a_lo * p + g % rows;
     let a = r / p;
     // Rows of this level in the concatenated per-head buffers.
     let level_row = bh * params.coarse_rows + info.row_offset;

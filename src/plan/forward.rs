@@ -78,15 +78,18 @@ impl FmaPlan {
     /// anything is recorded.
     pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
         check_tensors(shape, limits)?;
-        Self::without_tensor_bindings(shape, cfg, limits)
+        Self::without_tensor_bindings(shape, cfg, limits, true)
     }
 
     /// [`FmaPlan::new`] less the check that Q, K, V and O each fit one storage binding: the
-    /// plan of a head whose sequence `crate::plan::SplitPlan` cuts into chunks that do.
+    /// plan of a head whose sequence `crate::plan::SplitPlan` cuts into chunks that do; with
+    /// `coarse_in_one_binding` false also less the check that the coarse rows of all levels
+    /// do (a head whose coarse rows `crate::plan::CoarseSplit` splits).
     pub(crate) fn without_tensor_bindings(
         shape: Shape,
         cfg: &FmaConfig,
         limits: &KernelLimits,
+        coarse_in_one_binding: bool,
     ) -> Result<Self> {
         shape.validate()?;
         shape.check_self_attention()?;
@@ -109,12 +112,14 @@ impl FmaPlan {
         let bh = shape.batch_heads();
         let coarse_rows = levels.total_rows();
         let coarse_bytes = (bh * coarse_rows * d) as u64 * 4;
-        limits.check_binding(
-            "the coarse keys of all levels",
-            coarse_bytes,
-            "use a larger block size m or a smaller rank p (a head has about 2 n p / m coarse \
-             rows), or fewer heads per call",
-        )?;
+        if coarse_in_one_binding {
+            limits.check_binding(
+                "the coarse keys of all levels",
+                coarse_bytes,
+                "use a larger block size m or a smaller rank p (a head has about 2 n p / m \
+                 coarse rows), or fewer heads per call",
+            )?;
+        }
         let coarse_q = cfg.queries == Queries::Coarse;
         // Tensors the downsample pass pools: K, V (and Q).
         let pooled: u64 = if coarse_q { 3 } else { 2 };

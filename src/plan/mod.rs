@@ -11,6 +11,7 @@ mod forward;
 mod limits;
 mod pass;
 mod split;
+mod split_coarse;
 mod split_dense;
 
 pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
@@ -24,5 +25,9 @@ pub use dispatch::{
 pub use forward::{FmaPlan, Workspace};
 pub use limits::KernelLimits;
 pub use pass::{Pass, Specialization};
-pub use split::{head_exceeds_binding, Chunk, SplitPlan};
+pub use split::{fma_head_splits, head_exceeds_binding, Chunk, SplitPlan};
+pub use split_coarse::{
+    attend_rows_bound, attend_windows, blocks_per_chunk, head_coarse_exceeds_binding, CoarseSplit,
+    CoarseStep, CoarseTensor, Slice,
+};
 pub use split_dense::{DensePair, DenseSplitPlan};

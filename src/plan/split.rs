@@ -12,9 +12,9 @@
 //!                                     [-m  chunk 2  ]
 //! ```
 //!
-//! The coarse rows of every level (at most 4 n p / m floats per tensor, so a small fraction of
-//! the tokens for p << m) stay whole in one binding: the far field of any chunk reads them all.
-//! Per head the dispatches run in this order:
+//! When the coarse rows of all levels of the head fit one binding (at most 4 n p / m floats per
+//! tensor, so a small fraction of the tokens for p << m) they stay whole there: the far field
+//! of any chunk reads them all. Per head the dispatches then run in this order:
 //!
 //! 1. per chunk, the downsample of level 1, the only one that reads tokens in Average mode
 //!    (higher levels pool the level below); a window of level 1 is one fine block, so it never
@@ -23,14 +23,24 @@
 //!    attention: the same dispatches as an unsplit plan of one head;
 //! 3. per chunk, the fused attention of its queries and (coarse queries) the upsample-merge.
 //!
+//! When they do not (a long head, or a small m), [`SplitPlan::coarse`] splits them too
+//! (`split_coarse.rs`): each step binds compact copies of the rows it touches, the chunks
+//! shrink until the rows their far lists read fit, and the head is bounded by device memory.
+//! A head whose tokens fit one binding then binds them whole in every chunk
+//! ([`SplitPlan::shared_tokens`]).
+//!
 //! Each pass does the same float operations in the same order as in an unsplit run, so the
 //! result is the unsplit result to the bit (tested against a device with a larger limit).
 //!
 //! Learned downsampling cannot split a head: its weights hold d p w_l floats per level and
 //! pooled tensor, about d p n over all levels, so they outgrow a binding before a head does.
-//! A head of Learned FMA that fits is one chunk (the buffer API copies heads that way).
+//! A head of Learned FMA that fits is one chunk (the buffer API copies heads that way), or
+//! several sharing its one binding of tokens when its coarse rows are split.
 
 use super::limits::BINDING_BYTES;
+use super::split_coarse::{
+    blocks_per_chunk, capacity, head_coarse_exceeds_binding, CoarseSplit, Head,
+};
 use crate::config::{Downsample, FmaConfig};
 use crate::error::{FmaError, Result};
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, Pass};
@@ -44,12 +54,14 @@ pub struct Chunk {
     pub lo: usize,
     /// One past its last token.
     pub hi: usize,
-    /// First token of its bindings of Q, K, V, O and the LSE: `lo - m` (0 for the first).
+    /// First token of its bindings of Q, K, V, O and the LSE: `lo - m` (0 for the first, and
+    /// for every chunk of [`SplitPlan::shared_tokens`]).
     pub row_base: usize,
-    /// Tokens in those bindings: `row_base..min(hi + m, n)`.
+    /// Tokens in those bindings: `row_base..min(hi + m, n)` (`0..n` when shared).
     pub rows: usize,
     /// Downsample of the token-reading levels (indices 0..[`SplitPlan::token_levels`]) over
-    /// the windows that hold tokens of this chunk.
+    /// the windows that hold tokens of this chunk (none when the coarse rows are split: then
+    /// [`CoarseSplit::pool`] pools).
     pub downsample: Vec<Dispatch>,
     /// The fused attention of this chunk's fine blocks.
     pub attention: Dispatch,
@@ -64,10 +76,17 @@ pub struct SplitPlan {
     /// buffer sizes and the dispatches that read only coarse rows (step 2).
     pub head: FmaPlan,
     /// Levels whose downsample reads tokens and so runs per chunk: 1 (Average) or L (Learned,
-    /// then with a single chunk).
+    /// then with a single chunk); 0 when the coarse rows are split.
     pub token_levels: usize,
     /// The chunks, in token order.
     pub chunks: Vec<Chunk>,
+    /// The head's tokens fit one binding, which every chunk binds whole (several chunks only
+    /// when the coarse rows are split).
+    pub shared_tokens: bool,
+    /// The coarse rows of all levels exceed one binding: the steps that move them through
+    /// compact bindings (then the chunks' downsample and [`SplitPlan::shared_steps`] are
+    /// empty, and each chunk's attention is [`CoarseSplit::attend`]).
+    pub coarse: Option<CoarseSplit>,
 }
 
 /// Whether a head of `shape` is too long for one storage binding, so a forward must split its
@@ -76,19 +95,29 @@ pub fn head_exceeds_binding(shape: Shape, limits: &KernelLimits) -> bool {
     (shape.seq as u64) * (shape.head_dim as u64) * 4 > limits.binding_bytes()
 }
 
+/// Whether an FMA forward of `shape` with `cfg` must take the split path ([`SplitPlan`]): one
+/// head's tokens, or the coarse rows of all its levels, exceed one storage binding.
+pub fn fma_head_splits(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> bool {
+    head_exceeds_binding(shape, limits)
+        || head_coarse_exceeds_binding(shape.seq, shape.head_dim, cfg.block, cfg.rank, limits)
+}
+
 impl SplitPlan {
     /// Plans one head of `n` tokens of width `d` in chunks whose bindings (chunk plus halo)
     /// each fit `limits`. A head that fits whole is one chunk. Errors: what
     /// [`FmaPlan::new`] checks besides the tensor sizes (the coarse rows of one head must fit a
     /// binding), and [`FmaError::LimitExceeded`] when not even one fine block with its two
-    /// neighbours (3 m tokens) fits.
+    /// neighbours (3 m tokens) fits, or (coarse rows split) not even the coarse rows one
+    /// block reads.
     pub fn new(n: usize, d: usize, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
         let shape = Shape::new(1, 1, n, d);
-        let head = FmaPlan::without_tensor_bindings(shape, cfg, limits)?;
+        let split_coarse = head_coarse_exceeds_binding(n, d, cfg.block, cfg.rank, limits);
+        let head = FmaPlan::without_tensor_bindings(shape, cfg, limits, !split_coarse)?;
         let m = head.levels.m;
         let row_bytes = d as u64 * 4;
         let max_rows = limits.binding_bytes() / row_bytes;
-        let core = if n as u64 <= max_rows {
+        let shared_tokens = n as u64 <= max_rows;
+        let mut core = if shared_tokens {
             n
         } else {
             if let Downsample::Learned(_) = cfg.downsample {
@@ -124,18 +153,72 @@ impl SplitPlan {
             }
             ((max_rows - 2 * m as u64) / m as u64) as usize * m
         };
-        let token_levels = match cfg.downsample {
-            Downsample::Average => head.levels.count().min(1),
-            Downsample::Learned(_) => head.levels.count(),
+        let cap = capacity(d, limits);
+        let coarse_q = head.merge.is_some();
+        if split_coarse {
+            // Chunks whose far lists' rows fit one compact binding.
+            let k = blocks_per_chunk(&head.levels, core.div_ceil(m), cap, coarse_q, d)?;
+            core = core.min(k * m);
+        }
+        let token_levels = match (&cfg.downsample, split_coarse) {
+            (_, true) => 0,
+            (Downsample::Average, false) => head.levels.count().min(1),
+            (Downsample::Learned(_), false) => head.levels.count(),
         };
         let chunks = (0..n)
             .step_by(core)
-            .map(|lo| Self::chunk(&head, token_levels, lo, (lo + core).min(n), m, limits))
+            .map(|lo| {
+                let mut c = Self::chunk(&head, token_levels, lo, (lo + core).min(n), m, limits)?;
+                if shared_tokens {
+                    (c.row_base, c.rows) = (0, n);
+                }
+                Ok(c)
+            })
             .collect::<Result<Vec<_>>>()?;
+        let coarse = if split_coarse {
+            let h = Head {
+                plan: &head,
+                downsample: &cfg.downsample,
+                limits,
+                capacity: cap,
+            };
+            let mut pool = Vec::new();
+            // Average: level 1 from each chunk's tokens; Learned (shared tokens): every level
+            // from the head's one binding.
+            let first_level = match cfg.downsample {
+                Downsample::Average => {
+                    for (i, c) in chunks.iter().enumerate() {
+                        pool.push(h.pool_tokens(0, c.lo / m..c.hi.div_ceil(m), i)?);
+                    }
+                    1
+                }
+                Downsample::Learned(_) => 0,
+            };
+            pool.extend(h.pool_steps(first_level)?);
+            let attend: Vec<_> = chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let steps = std::iter::once(c.attention).chain(c.merge).collect();
+                    h.attend_step(i, c.lo, c.hi, steps)
+                })
+                .collect();
+            h.check(&pool)?;
+            h.check(&attend)?;
+            Some(CoarseSplit {
+                capacity: cap,
+                pool,
+                attend,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             head,
             token_levels,
             chunks,
+            shared_tokens,
+            coarse,
         })
     }
 
@@ -195,6 +278,9 @@ impl SplitPlan {
     /// The steps of [`SplitPlan::head`] that run once per head (step 2 of the module
     /// documentation), in execution order.
     pub fn shared_steps(&self) -> Vec<Dispatch> {
+        if self.coarse.is_some() {
+            return Vec::new();
+        }
         self.head
             .steps()
             .into_iter()

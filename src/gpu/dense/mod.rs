@@ -17,7 +17,7 @@ use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
-use crate::plan::{DensePlan, KernelLimits};
+use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits};
 use crate::shape::Shape;
 
 /// The uniforms of one shape: the parameter block (the dense pass has no level selector).
@@ -165,7 +165,7 @@ impl DenseAttention {
             k,
             v,
             want_lse,
-            &self.limits,
+            head_exceeds_binding(shape, &self.limits),
             |s| self.plan(s).map(|_| ()),
             |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
             |io| self.forward_split(io, shape),

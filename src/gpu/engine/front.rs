@@ -10,7 +10,6 @@ use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
-use crate::plan::{head_exceeds_binding, KernelLimits};
 use crate::shape::Shape;
 
 /// Runs of whole heads `(first, count)` over batch*heads such that each run's shape passes
@@ -87,7 +86,8 @@ pub(crate) fn check_host(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> Resul
 }
 
 /// The host-tensor front of every forward: checks the shape and the slices' lengths, then
-/// runs `split` when one head alone exceeds a binding (it cuts the head's sequence:
+/// runs `split` when `split_head` (the executor's test: one head alone exceeds a binding, its
+/// tokens or, for FMA, its coarse rows; `split` cuts the head's sequence:
 /// `gpu/fma/split.rs`, `gpu/dense/split.rs`), else `run` once, or once per run of heads when the
 /// tensors exceed a binding (see [`head_chunks`]).
 #[allow(clippy::too_many_arguments)]
@@ -97,7 +97,7 @@ pub(crate) async fn forward_host<'a, F, Fut, S, SFut>(
     k: &'a [f32],
     v: &'a [f32],
     want_lse: bool,
-    limits: &KernelLimits,
+    split_head: bool,
     fits: impl Fn(Shape) -> Result<()>,
     run: F,
     split: S,
@@ -109,7 +109,7 @@ where
     SFut: std::future::Future<Output = Result<Output>>,
 {
     check_host(shape, q, k, v)?;
-    if head_exceeds_binding(shape, limits) {
+    if split_head {
         return split(SplitIo::Host { q, k, v, want_lse }).await;
     }
     let chunks = head_chunks(shape, fits)?;

@@ -9,7 +9,7 @@ use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, Scopes};
-use crate::plan::{head_exceeds_binding, FmaPlan, SplitPlan};
+use crate::plan::{fma_head_splits, FmaPlan, SplitPlan};
 use crate::shape::Shape;
 
 use super::FmaAttention;
@@ -38,7 +38,7 @@ impl FmaAttention {
             k,
             v,
             want_lse,
-            &self.limits,
+            fma_head_splits(shape, &self.cfg, &self.limits),
             |s| self.plan(s).map(|_| ()),
             |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
             |io| self.forward_split(io, shape),
@@ -52,7 +52,7 @@ impl FmaAttention {
     /// would take). Lets a caller fail before reading gigabytes of input.
     pub fn check(&self, shape: Shape) -> Result<()> {
         shape.validate()?;
-        if head_exceeds_binding(shape, &self.limits) {
+        if fma_head_splits(shape, &self.cfg, &self.limits) {
             return SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits).map(drop);
         }
         match self.plan(shape) {
@@ -109,7 +109,8 @@ impl FmaAttention {
     /// need `COPY_SRC` usage and O and the LSE `COPY_DST` (a typed error says so otherwise).
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
         t.check(shape)?;
-        if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
+        let over = shape.elements() as u64 * 4 > self.limits.binding_bytes();
+        if over || fma_head_splits(shape, &self.cfg, &self.limits) {
             return self
                 .forward_split(SplitIo::Device(t), shape)
                 .await

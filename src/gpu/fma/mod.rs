@@ -1,12 +1,14 @@
 //! The FMA executor (algorithm.md §3-7): [`FmaAttention`] turns an [`FmaPlan`] into recorded
 //! dispatches, one command encoder and one submit per forward (`forward.rs`), a head over one
-//! storage binding chunk by chunk (`split.rs`), and the fine-query backward (`backward.rs`).
+//! storage binding chunk by chunk (`split.rs`; its coarse rows through compact bindings when
+//! they exceed one, `split_coarse.rs`), and the fine-query backward (`backward.rs`).
 //! Its device state: learned weights (`engine::weights`), per-shape uniforms and buffers that grow
 //! by capacity (`workspace.rs`).
 
 pub(crate) mod backward;
 mod forward;
 mod split;
+mod split_coarse;
 mod workspace;
 
 use std::sync::Mutex;

@@ -36,6 +36,9 @@ impl FmaAttention {
             check_copy_usage(t)?;
         }
         let plan = SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
+        if let Some(coarse) = &plan.coarse {
+            return self.forward_split_coarse(io, shape, &plan, coarse).await;
+        }
         let pipes = Pipes::new(&self.ctx, &plan.head.steps()).await?;
         let shared = plan.shared_steps();
         let shared_selects = Selects::new(&self.ctx, &shared)?;
