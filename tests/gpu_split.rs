@@ -264,3 +264,77 @@ fn buffers_split_like_host_runs(small: &GpuContext, default: &GpuContext, cap: u
         );
     }
 }
+
+/// Heads whose coarse rows of all levels exceed the binding (a small block size m: about
+/// 2 n p / m rows), as (configuration, shape, cap on the library's bindings). Each step then
+/// binds compact copies of the coarse rows it reads (`plan::CoarseSplit`).
+fn coarse_row_cases(seed: u64) -> Vec<(FmaConfig, Shape, u64)> {
+    let learned = |d, m, p, n| Downsample::Learned(random_learned(seed + 9, d, m, p, n));
+    vec![
+        // 1000 x 4: the tokens (16 KB) fit one binding, the ~2000 coarse rows (32 KB) do not.
+        (FmaConfig::new(2, 2), Shape::new(1, 2, 1000, 4), SMALL),
+        (FmaConfig::new(2, 2).causal(true), Shape::new(1, 1, 1000, 4), SMALL),
+        (
+            FmaConfig::new(2, 2).queries(Queries::Coarse),
+            Shape::new(1, 1, 1000, 4),
+            SMALL,
+        ),
+        // 3000 x 4: the tokens split too.
+        (FmaConfig::new(4, 2), Shape::new(1, 1, 3000, 4), SMALL),
+        (
+            FmaConfig::new(4, 2).queries(Queries::Coarse),
+            Shape::new(1, 1, 3000, 4),
+            SMALL,
+        ),
+        // Learned: its weights (about d p n floats per pooled tensor) fit where the coarse rows
+        // (about 2 n d) do not only for m = 1; with coarse queries (three pooled tensors) only
+        // in a narrow band, here 28 KiB for n = 2048, d = 2.
+        (
+            FmaConfig::new(1, 1).downsample(learned(4, 1, 1, 600)),
+            Shape::new(1, 1, 600, 4),
+            SMALL,
+        ),
+        (
+            FmaConfig::new(1, 1)
+                .queries(Queries::Coarse)
+                .downsample(learned(2, 1, 1, 2048)),
+            Shape::new(1, 1, 2048, 2),
+            28 << 10,
+        ),
+    ]
+}
+
+#[test]
+fn coarse_row_split_equals_the_unsplit_result_under_a_16_kib_binding_limit() {
+    let Some(shared) = gpu() else { return };
+    let seed = fresh_seed();
+    for (cfg, shape, cap) in coarse_row_cases(seed) {
+        let limits = KernelLimits::from_wgpu(&shared.limits).capped(cap);
+        let plan = SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits).unwrap();
+        let coarse = plan.coarse.as_ref().expect(&format!("{cfg:?} {shape}: not split"));
+        assert!(coarse.attend.len() > 1, "{cfg:?} {shape}: one chunk");
+        split_run_matches(shared, shared, cap, &cfg, shape, seed);
+    }
+    // A device whose own limit is 16 KiB (kernels without subgroups), host tensors and the
+    // caller's buffers.
+    let (small, default) = (
+        gpu_with_binding_limit(SMALL),
+        gpu_with_binding_limit(128 << 20),
+    );
+    for (cfg, shape, _) in coarse_row_cases(seed).into_iter().take(4) {
+        split_run_matches(&small, &default, u64::MAX, &cfg, shape, seed);
+    }
+    let (cfg, shape, _) = coarse_row_cases(seed).swap_remove(2);
+    let (q, k, v) = inputs(seed, shape);
+    let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
+    let fma = FmaAttention::new(&small, cfg.clone()).unwrap();
+    fma.check(shape).unwrap();
+    fma.forward_buffers(bufs.tensors(), shape).unwrap();
+    let (o, lse) = bufs.read(&small);
+    let whole = FmaAttention::new(&default, cfg)
+        .unwrap()
+        .forward(&q, &k, &v, shape, true)
+        .unwrap();
+    assert!(o == whole.o && Some(lse) == whole.lse, "seed {seed}: buffers");
+}
