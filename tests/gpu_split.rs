@@ -273,7 +273,11 @@ fn coarse_row_cases(seed: u64) -> Vec<(FmaConfig, Shape, u64)> {
     vec![
         // 1000 x 4: the tokens (16 KB) fit one binding, the ~2000 coarse rows (32 KB) do not.
         (FmaConfig::new(2, 2), Shape::new(1, 2, 1000, 4), SMALL),
-        (FmaConfig::new(2, 2).causal(true), Shape::new(1, 1, 1000, 4), SMALL),
+        (
+            FmaConfig::new(2, 2).causal(true),
+            Shape::new(1, 1, 1000, 4),
+            SMALL,
+        ),
         (
             FmaConfig::new(2, 2).queries(Queries::Coarse),
             Shape::new(1, 1, 1000, 4),
@@ -311,7 +315,10 @@ fn coarse_row_split_equals_the_unsplit_result_under_a_16_kib_binding_limit() {
     for (cfg, shape, cap) in coarse_row_cases(seed) {
         let limits = KernelLimits::from_wgpu(&shared.limits).capped(cap);
         let plan = SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits).unwrap();
-        let coarse = plan.coarse.as_ref().expect(&format!("{cfg:?} {shape}: not split"));
+        let coarse = plan
+            .coarse
+            .as_ref()
+            .expect(&format!("{cfg:?} {shape}: not split"));
         assert!(coarse.attend.len() > 1, "{cfg:?} {shape}: one chunk");
         split_run_matches(shared, shared, cap, &cfg, shape, seed);
     }
@@ -336,5 +343,8 @@ fn coarse_row_split_equals_the_unsplit_result_under_a_16_kib_binding_limit() {
         .unwrap()
         .forward(&q, &k, &v, shape, true)
         .unwrap();
-    assert!(o == whole.o && Some(lse) == whole.lse, "seed {seed}: buffers");
+    assert!(
+        o == whole.o && Some(lse) == whole.lse,
+        "seed {seed}: buffers"
+    );
 }

@@ -440,3 +440,267 @@ impl Head<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FmaConfig, Queries};
+    use crate::levels::{far_list, Levels};
+    use crate::plan::SplitPlan;
+    use crate::weights::LearnedWeights;
+    use std::collections::HashSet;
+
+    const SMALL: u64 = 16 << 10;
+
+    fn limits(binding: u64) -> KernelLimits {
+        KernelLimits::with_binding(binding)
+    }
+
+    /// (config, n, d) whose coarse rows exceed 16 KiB: tokens shared (1000 x 4) or split too
+    /// (3000 x 4); fine and coarse queries, causal, Learned.
+    fn cases() -> Vec<(FmaConfig, usize, usize)> {
+        let learned = |d, m, p, n| Downsample::Learned(LearnedWeights::box_init_for(d, m, p, n));
+        vec![
+            (FmaConfig::new(2, 2), 1000, 4),
+            (FmaConfig::new(2, 2).causal(true), 1000, 4),
+            (FmaConfig::new(2, 2).queries(Queries::Coarse), 1000, 4),
+            (FmaConfig::new(4, 2), 3000, 4),
+            (FmaConfig::new(4, 2).causal(true), 3001, 4),
+            (FmaConfig::new(4, 2).queries(Queries::Coarse), 3000, 4),
+            (
+                FmaConfig::new(1, 1).downsample(learned(4, 1, 1, 600)),
+                600,
+                4,
+            ),
+        ]
+    }
+
+    fn plan(cfg: &FmaConfig, n: usize, d: usize) -> SplitPlan {
+        SplitPlan::new(n, d, cfg, &limits(SMALL)).unwrap()
+    }
+
+    /// Every row of `s`, as (level, row).
+    fn rows(s: &Slice) -> impl Iterator<Item = (usize, usize)> + '_ {
+        s.level_rows().map(move |r| (s.level, r))
+    }
+
+    /// Whether `copies` hold row `row` of level `level` of tensor `t`.
+    fn holds(copies: &[(CoarseTensor, Slice)], t: CoarseTensor, level: usize, row: usize) -> bool {
+        copies
+            .iter()
+            .any(|(ct, s)| *ct == t && s.level == level && s.level_rows().contains(&row))
+    }
+
+    #[test]
+    fn the_coarse_rows_split_only_when_they_exceed_a_binding_and_small_heads_share_their_tokens() {
+        // 1000 x 4: tokens 16 000 B fit 16 KiB; 998 windows x p = 2 coarse rows of 16 B do not.
+        let p = plan(&FmaConfig::new(2, 2), 1000, 4);
+        assert!(head_coarse_exceeds_binding(1000, 4, 2, 2, &limits(SMALL)));
+        let coarse = p.coarse.as_ref().unwrap();
+        assert!(p.shared_tokens && p.chunks.len() > 1);
+        assert_eq!(coarse.capacity, 1024);
+        assert_eq!(coarse.attend.len(), p.chunks.len());
+        assert!(p.chunks.iter().all(|c| (c.row_base, c.rows) == (0, 1000)));
+        assert!(p.chunks.iter().all(|c| c.downsample.is_empty()));
+        assert!(p.shared_steps().is_empty() && p.token_levels == 0);
+        let mut next = 0;
+        for c in &p.chunks {
+            assert_eq!(c.lo, next);
+            next = c.hi;
+        }
+        assert_eq!(next, 1000);
+        // p = 1 halves them (15 968 B): no coarse split, one chunk.
+        let one = plan(&FmaConfig::new(2, 1), 1000, 4);
+        assert!(one.coarse.is_none() && one.chunks.len() == 1);
+        // Long heads keep their halo'd token bindings.
+        let long = plan(&FmaConfig::new(4, 2), 3000, 4);
+        assert!(!long.shared_tokens && long.coarse.is_some());
+        assert!(long.chunks.iter().all(|c| c.rows * 16 <= SMALL as usize));
+    }
+
+    #[test]
+    fn a_slices_row_offset_lands_the_shaders_indices_on_its_compact_rows() {
+        for (first, at) in [
+            (0, 0),
+            (5, 0),
+            (7, 300),
+            (1 << 31, 12),
+            (u32::MAX as usize, 0),
+        ] {
+            let s = Slice {
+                level: 0,
+                first,
+                rows: 1,
+                at,
+            };
+            assert_eq!(s.row_offset().wrapping_add(first as u32), at as u32);
+            // A row index times d, as the shaders compute it, wraps onto the same element.
+            let d = 12u32;
+            let idx = s.row_offset().wrapping_add(first as u32).wrapping_mul(d) + 5;
+            assert_eq!(idx as usize, at * 12 + 5);
+        }
+    }
+
+    #[test]
+    fn every_step_fits_its_compact_buffers_and_copies_only_its_layout() {
+        for (cfg, n, d) in cases() {
+            let p = plan(&cfg, n, d);
+            let coarse = p.coarse.as_ref().unwrap_or_else(|| panic!("{cfg:?} {n}"));
+            assert_eq!(coarse.capacity, SMALL as usize / (4 * d));
+            for step in coarse.pool.iter().chain(&coarse.attend) {
+                assert!(step.rows() <= coarse.capacity, "{cfg:?} {step:?}");
+                let mut used = HashSet::new();
+                let mut levels = HashSet::new();
+                for s in &step.layout {
+                    assert!(levels.insert(s.level), "a level twice in one layout");
+                    for r in s.at..s.at + s.rows {
+                        assert!(used.insert(r), "compact row {r} twice");
+                    }
+                }
+                for (_, c) in step.load.iter().chain(&step.save) {
+                    let home = step.layout.iter().find(|s| s.level == c.level).unwrap();
+                    assert!(home.first <= c.first && c.first + c.rows <= home.first + home.rows);
+                    assert_eq!(c.row_offset(), home.row_offset(), "moved inside its layout");
+                }
+                assert!(step.chunk < p.chunks.len());
+                assert!(step.lo < step.hi && step.hi <= n);
+            }
+        }
+    }
+
+    #[test]
+    fn pooling_saves_every_row_once_after_the_rows_it_reads() {
+        use CoarseTensor::*;
+        for (cfg, n, d) in cases() {
+            let p = plan(&cfg, n, d);
+            let coarse = p.coarse.as_ref().unwrap();
+            let levels = &p.head.levels;
+            let coarse_q = p.head.merge.is_some();
+            let learned = matches!(cfg.downsample, Downsample::Learned(_));
+            let mut saved = HashSet::new();
+            for step in &coarse.pool {
+                for (t, s) in &step.load {
+                    for (l, r) in rows(s) {
+                        assert!(
+                            saved.contains(&(*t, l, r)),
+                            "{cfg:?}: {t:?} {l} {r} unsaved"
+                        );
+                    }
+                }
+                for (t, s) in &step.save {
+                    for (l, r) in rows(s) {
+                        assert!(
+                            saved.insert((*t, l, r)),
+                            "{cfg:?}: {t:?} {l} {r} saved twice"
+                        );
+                        let (a, lv) = (r / levels.p, levels.levels[l]);
+                        if matches!(t, K | V | Q) && l > 0 && !learned {
+                            // Average pools from the children, windows 2a and 2a + 1.
+                            let below = levels.levels[l - 1].windows;
+                            for child in [2 * a, 2 * a + 1].into_iter().filter(|&c| c < below) {
+                                for j in 0..levels.p {
+                                    let row = child * levels.p + j;
+                                    assert!(holds(&step.load, *t, l - 1, row), "{cfg:?}: child");
+                                }
+                            }
+                        }
+                        if *t == Out {
+                            // Coarse attention reads the far list of its window.
+                            for b in far_list(a, false, lv.windows) {
+                                for j in 0..levels.p {
+                                    assert!(holds(&step.load, K, l, b * levels.p + j));
+                                    assert!(holds(&step.load, V, l, b * levels.p + j));
+                                }
+                            }
+                            assert!(holds(&step.load, Q, l, r));
+                        }
+                    }
+                }
+            }
+            let mut tensors = vec![K, V];
+            if coarse_q {
+                tensors.extend([Q, Out, Lse]);
+            }
+            for t in tensors {
+                for (l, lv) in levels.levels.iter().enumerate() {
+                    for r in 0..lv.rows(levels.p) {
+                        assert!(
+                            saved.contains(&(t, l, r)),
+                            "{cfg:?}: {t:?} {l} {r} never saved"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_chunk_loads_every_row_its_queries_read() {
+        use CoarseTensor::*;
+        for (cfg, n, d) in cases() {
+            let p = plan(&cfg, n, d);
+            let coarse = p.coarse.as_ref().unwrap();
+            let (levels, m) = (&p.head.levels, p.head.levels.m);
+            for (c, step) in p.chunks.iter().zip(&coarse.attend) {
+                assert_eq!((step.lo, step.hi), (c.lo, c.hi));
+                assert_eq!(step.dispatches[0], c.attention);
+                for i in c.lo..c.hi {
+                    for (l, lv) in levels.levels.iter().enumerate() {
+                        if p.head.merge.is_some() {
+                            let sub = (i % lv.window) / (lv.window / levels.p);
+                            let row = i / lv.window * levels.p + sub;
+                            assert!(holds(&step.load, Out, l, row));
+                            assert!(holds(&step.load, Lse, l, row));
+                        } else {
+                            for b in far_list(i / m * m / lv.window, cfg.causal, lv.windows) {
+                                for j in 0..levels.p {
+                                    assert!(holds(&step.load, K, l, b * levels.p + j));
+                                    assert!(holds(&step.load, V, l, b * levels.p + j));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_row_bound_holds_for_every_chunk_position() {
+        for (n, m, p) in [(1000, 2, 2), (3001, 4, 2), (5000, 1, 1), (777, 3, 3)] {
+            let levels = Levels::new(n, m, p);
+            for k in [1, 2, 3, 7, 16, 40] {
+                for coarse in [false, true] {
+                    let bound = attend_rows_bound(&levels, k, coarse);
+                    for lo in (0..n).step_by(m) {
+                        let hi = (lo + k * m).min(n);
+                        let rows: usize = (0..levels.count())
+                            .map(|l| attend_windows(&levels, l, lo, hi, coarse).len() * p)
+                            .sum();
+                        assert!(rows <= bound, "n={n} m={m} k={k} lo={lo}");
+                    }
+                }
+            }
+            // The chunk is the largest within the bound.
+            let k = blocks_per_chunk(&levels, 1000, 200, false, 4).unwrap();
+            assert!(attend_rows_bound(&levels, k, false) <= 200);
+            assert!(k == 1000 || attend_rows_bound(&levels, k + 1, false) > 200);
+        }
+    }
+
+    #[test]
+    fn a_binding_too_small_for_one_blocks_far_rows_is_a_typed_error() {
+        // 100 000 tokens, m = 4, p = 4: 14 levels of up to 8 windows of 4 rows of 256 B each
+        // (about 112 KiB) for one block, under a 64 KiB binding.
+        let e = SplitPlan::new(100_000, 64, &FmaConfig::new(4, 4), &limits(64 << 10)).unwrap_err();
+        match e {
+            FmaError::LimitExceeded {
+                max, unit, advice, ..
+            } => {
+                assert_eq!((max, unit), (64 << 10, BINDING_BYTES));
+                assert!(advice.contains("smaller rank p"), "{advice}");
+            }
+            other => panic!("expected LimitExceeded, got {other:?}"),
+        }
+    }
+}
