@@ -318,7 +318,7 @@ fn coarse_row_split_equals_the_unsplit_result_under_a_16_kib_binding_limit() {
         let coarse = plan
             .coarse
             .as_ref()
-            .expect(&format!("{cfg:?} {shape}: not split"));
+            .unwrap_or_else(|| panic!("{cfg:?} {shape}: not split"));
         assert!(coarse.attend.len() > 1, "{cfg:?} {shape}: one chunk");
         split_run_matches(shared, shared, cap, &cfg, shape, seed);
     }

@@ -168,7 +168,7 @@ pub fn attend_windows(
         return lo / lv.window..hi.div_ceil(lv.window);
     }
     let m = levels.m;
-    let (first, last) = (lo / m >> lvl, (hi.div_ceil(m) - 1) >> lvl);
+    let (first, last) = ((lo / m) >> lvl, (hi.div_ceil(m) - 1) >> lvl);
     first.saturating_sub(3)..(last + 4).min(lv.windows)
 }
 

@@ -20,8 +20,10 @@ impl FmaAttention {
     ///
     /// Tensors larger than the adapter's storage-binding limit are processed in pieces with
     /// the same result, to the bit, as one run: a run of heads at a time, or, when one head
-    /// alone is over the limit, chunks of its sequence ([`crate::plan::SplitPlan`]). What must
-    /// still fit one binding: the coarse rows of one head and the learned weights (else
+    /// alone is over the limit (its tokens, or the coarse rows of all its levels), chunks of its
+    /// sequence ([`crate::plan::SplitPlan`], its coarse rows through compact bindings when they
+    /// exceed one: [`crate::plan::CoarseSplit`]). What must still fit one binding: the coarse
+    /// rows one fine block reads and the learned weights (else
     /// [`crate::FmaError::LimitExceeded`]). A NaN or infinity in the inputs reaches exactly the
     /// rows whose softmax includes it, directly or through a coarse key, as in dense attention.
     pub async fn forward_async(
