@@ -161,7 +161,7 @@ impl Decoder {
             .map_err(crate::gpu::engine::pipelines::poisoned)
     }
 
-    /// Checks that learned mode has weights (the pool pass binds them either way).
+    /// Whether the coarse rows are pooled with learned weights (else averaged).
     fn learned(&self) -> bool {
         matches!(self.cfg.fma.downsample, Downsample::Learned(_))
     }

@@ -115,28 +115,6 @@ impl Decoder {
         let rows = io.seqs.start * h..io.seqs.end * h;
         let in_row0 = rows.start;
 
-        // The history: buffer copies of each row's new tokens into its pages.
-        if l.page_tokens > 0 {
-            st.grow_pages(&self.ctx.device, longest);
-            let t_page = l.page_tokens;
-            for bh in rows.clone() {
-                let (g, local) = (bh / l.group, bh % l.group);
-                let mut t = st.lens[bh / h];
-                let end = t + io.chunk;
-                let mut src = (((bh - in_row0) * io.in_rows + io.in_offset) * d) as u64 * 4;
-                while t < end {
-                    let run = (end - t).min(t_page - t % t_page);
-                    let page = &st.pages[g][t / t_page];
-                    let dst = ((local * t_page + t % t_page) * d) as u64 * 4;
-                    let bytes = (run * d) as u64 * 4;
-                    enc.copy_buffer_to_buffer(io.k, src, &page.k, dst, bytes);
-                    enc.copy_buffer_to_buffer(io.v, src, &page.v, dst, bytes);
-                    src += bytes;
-                    t += run;
-                }
-            }
-        }
-
         let groups: Vec<(usize, Range<usize>)> = l
             .groups()
             .into_iter()
@@ -165,6 +143,29 @@ impl Decoder {
                     .get_or_make(key, || self.make_uniforms(&key))?,
             );
         }
+        // Every check has passed (what follows fails only on a bug): the history, by buffer
+        // copies of each row's new tokens into its pages.
+        if l.page_tokens > 0 {
+            st.grow_pages(&self.ctx.device, longest);
+            let t_page = l.page_tokens;
+            for bh in rows.clone() {
+                let (g, local) = (bh / l.group, bh % l.group);
+                let mut t = st.lens[bh / h];
+                let end = t + io.chunk;
+                let mut src = (((bh - in_row0) * io.in_rows + io.in_offset) * d) as u64 * 4;
+                while t < end {
+                    let run = (end - t).min(t_page - t % t_page);
+                    let page = &st.pages[g][t / t_page];
+                    let dst = ((local * t_page + t % t_page) * d) as u64 * 4;
+                    let bytes = (run * d) as u64 * 4;
+                    enc.copy_buffer_to_buffer(io.k, src, &page.k, dst, bytes);
+                    enc.copy_buffer_to_buffer(io.v, src, &page.v, dst, bytes);
+                    src += bytes;
+                    t += run;
+                }
+            }
+        }
+
         let partials = if dense {
             Some(st.partials(&self.ctx.device).clone())
         } else {
