@@ -38,6 +38,10 @@ struct Args {
     /// Tokens per step.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     chunk: Vec<usize>,
+    /// Longest context run with more than one token per step (dense steps of C tokens at
+    /// 2^20 take minutes on a CPU adapter).
+    #[arg(long, default_value_t = 262144)]
+    chunked_max: usize,
     /// Heads per sequence.
     #[arg(long, default_value_t = 1)]
     heads: usize,
@@ -104,7 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &batch in &args.batch {
         for &chunk in &args.chunk {
             for &n in &args.contexts {
-                if batch > 1 && n > args.batched_max {
+                if (batch > 1 && n > args.batched_max) || (chunk > 1 && n > args.chunked_max) {
                     continue;
                 }
                 let steps = 2 * (args.reps + 1);

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
+
 use crate::args::{DecodeArgs, QueriesArg};
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor, write_array};
@@ -153,6 +155,7 @@ fn gpu(
         at += c;
         steps += 1;
     }
+    bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let tokens = (n - p) * s.batch;
     let (fixed, history) = dec.bytes()?;
@@ -169,6 +172,18 @@ fn gpu(
         2 * s.elements() * 4
     );
     Ok((o, lse))
+}
+
+/// A bar of decoded tokens on stderr; indicatif draws it only when stderr is a terminal, so
+/// logs and CI output stay clean.
+fn progress_bar(tokens: usize) -> ProgressBar {
+    let bar = ProgressBar::new(tokens as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("   decoding [{bar:30}] {pos}/{len} tokens {per_sec} {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
 }
 
 /// Decodes with the f64 CPU mirror (FMA) or takes exact causal attention (dense).
