@@ -142,8 +142,10 @@ fn gpu(
     let start = Instant::now();
     let mut steps = 0;
     let mut at = p;
+    let bar = progress_bar(n - p);
     while at < n {
         let c = args.chunk.min(n - at);
+        bar.inc(c as u64);
         let out = dec.step(
             &rows(&q, s, at, c),
             &rows(&k, s, at, c),
