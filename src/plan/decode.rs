@@ -23,8 +23,9 @@ use crate::error::{FmaError, Result};
 use crate::levels::{effective_block, num_levels, window};
 use crate::plan::MAX_HEAD_DIM;
 
-/// Invocations per workgroup of the decoding passes (a power of two: the split softmax
-/// combines its invocations in a tree).
+/// Invocations per workgroup of the decoding passes: a tile of keys per workgroup, and at least
+/// one invocation per vec4 of a row in the value phase (`shared/decode_softmax.wgsl`; d <= 256
+/// gives at most 64 vec4s).
 pub const DECODE_WG: u32 = 64;
 /// Per-row strides are rounded up to this many f32 (256 bytes), an offset every adapter
 /// accepts for a storage binding.
