@@ -12,12 +12,12 @@
 #import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;                  // (bh, n, d)
-@group(0) @binding(2) var<storage, read> coarse_k: array<f32>;           // (bh, coarse_rows, d)
-@group(0) @binding(3) var<storage, read> coarse_v: array<f32>;           // (bh, coarse_rows, d)
+@group(0) @binding(2) var<storage, read> coarse_k: array<f32>;           // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(3) var<storage, read> coarse_v: array<f32>;           // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(4) var<storage, read> dout: array<f32>;               // (bh, n, d)
 @group(0) @binding(5) var<storage, read> stats: array<f32>;              // (bh, n, 2): LSE, D
-@group(0) @binding(6) var<storage, read_write> dcoarse_k: array<f32>;    // (bh, coarse_rows, d)
-@group(0) @binding(7) var<storage, read_write> dcoarse_v: array<f32>;    // (bh, coarse_rows, d)
+@group(0) @binding(6) var<storage, read_write> dcoarse_k: array<f32>;    // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(7) var<storage, read_write> dcoarse_v: array<f32>;    // (bh / kv_group, coarse_rows, d)
 
 #import backward_queries
 
@@ -90,16 +90,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let w = info.window;
     let chunks = (p + PR - 1u) / PR;
     let wid = dispatch_workgroup(wg);
-    if (wid >= params.batch_heads * info.windows * chunks) {
+    // One workgroup per (K/V head, window, chunk of rows); grouped-query heads sum over the
+    // kv_group query heads that read the K/V head, in head order (deterministic).
+    if (wid >= (params.batch_heads / params.kv_group) * info.windows * chunks) {
         return;
     }
-    let bh = wid / (info.windows * chunks);
+    let kv_bh = wid / (info.windows * chunks);
     let rem = wid % (info.windows * chunks);
     let b = rem / chunks;
     let j0 = (rem % chunks) * PR;
     let nrows = min(PR, p - j0);
-    // First element of row b*p + j0 of this level in the (bh, coarse_rows, d) buffers.
-    let base = (bh * params.coarse_rows + info.row_offset + b * p + j0) * d;
+    // First element of row b*p + j0 of this level in the (bh / kv_group, coarse_rows, d)
+    // buffers.
+    let base = (kv_bh * params.coarse_rows + info.row_offset + b * p + j0) * d;
 
     for (var idx = lid; idx < PR * D4; idx += WG) {
         let r = idx / D4;
@@ -132,10 +135,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // Query windows whose far list holds b, in increasing order.
     let causal = params.causal != 0u;
-    for (var run = 0u; run < FAR_RUNS; run++) {
-        let readers = inverse_far_run(b, info.windows, causal, run);
-        for (var a = readers.x; a < readers.y; a++) {
-            window_queries(bh, a, w, nrows, lid);
+    for (var bh = kv_bh * params.kv_group; bh < (kv_bh + 1u) * params.kv_group; bh++) {
+        for (var run = 0u; run < FAR_RUNS; run++) {
+            let readers = inverse_far_run(b, info.windows, causal, run);
+            for (var a = readers.x; a < readers.y; a++) {
+                window_queries(bh, a, w, nrows, lid);
+            }
         }
     }
 

@@ -11,12 +11,12 @@
 #import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
-@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
-@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n, d)
+@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
+@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh / kv_group, n, d)
 @group(0) @binding(4) var<storage, read> dout: array<f32>;         // (bh, n, d)
 @group(0) @binding(5) var<storage, read> stats: array<f32>;        // (bh, n, 2): LSE, D
-@group(0) @binding(6) var<storage, read_write> dk: array<f32>;     // (bh, n, d)
-@group(0) @binding(7) var<storage, read_write> dv: array<f32>;     // (bh, n, d)
+@group(0) @binding(6) var<storage, read_write> dk: array<f32>;     // (bh / kv_group, n, d)
+@group(0) @binding(7) var<storage, read_write> dv: array<f32>;     // (bh / kv_group, n, d)
 
 #import backward_queries
 
@@ -53,10 +53,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d = params.d;
     let blocks = window_count(n, m);
     let tiles = blocks * params.tiles_per_block;
-    if (wid >= params.batch_heads * tiles) {
+    // One workgroup per tile of a K/V head's keys; grouped-query heads sum the gradients of
+    // the kv_group query heads that read it, in head order (deterministic, no atomics).
+    if (wid >= (params.batch_heads / params.kv_group) * tiles) {
         return;
     }
-    let bh = wid / tiles;
+    let kv_bh = wid / tiles;
     let tile = wid % tiles;
     let b = tile / params.tiles_per_block;
     let block = window_range(n, m, b);
@@ -64,7 +66,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let t1 = min(t0 + WG, block.y);
     let t = t0 + lid;
     let in_tile = t < t1;
-    let head = bh * n * d;
+    let head = kv_bh * n * d;
     let causal = params.causal != 0u;
 
     for (var c4 = 0u; c4 < D4; c4++) {
@@ -90,12 +92,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let readers = near_queries(n, m, b, causal);
     let i_lo = select(readers.x, t0, causal);
     let first = select(0u, t, causal);
-    for (var i0 = i_lo; i0 < readers.y; i0 += BK) {
-        let count = min(BK, readers.y - i0);
-        workgroupBarrier();
-        stage_queries(bh, i0, count, lid);
-        workgroupBarrier();
-        consume_queries(i0, count, first);
+    for (var bh = kv_bh * params.kv_group; bh < (kv_bh + 1u) * params.kv_group; bh++) {
+        for (var i0 = i_lo; i0 < readers.y; i0 += BK) {
+            let count = min(BK, readers.y - i0);
+            workgroupBarrier();
+            stage_queries(bh, i0, count, lid);
+            workgroupBarrier();
+            consume_queries(i0, count, first);
+        }
     }
 
     if (in_tile) {

@@ -9,10 +9,10 @@
 #import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
-@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
-@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n, d)
-@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh, coarse_rows, d)
-@group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh, coarse_rows, d)
+@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
+@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh / kv_group, n, d)
+@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(6) var<storage, read> dout: array<f32>;         // (bh, n, d)
 @group(0) @binding(7) var<storage, read> stats: array<f32>;        // (bh, n, 2): LSE, D
 @group(0) @binding(8) var<storage, read_write> dq: array<f32>;     // (bh, n, d)
@@ -48,14 +48,14 @@ fn consume_keys(count: u32, visible: u32) {
     }
 }
 
-// The coarse keys of windows [run.x, run.y) of level index `lvl`. Arguments uniform over the
+// The coarse keys of windows [run.x, run.y) of level index `lvl`, K/V head kv_bh. Arguments uniform over the
 // workgroup (barriers inside).
-fn run_keys(bh: u32, lvl: u32, run: vec2<u32>, lid: u32) {
+fn run_keys(kv_bh: u32, lvl: u32, run: vec2<u32>, lid: u32) {
     let row_end = run.y * params.p;
     for (var row0 = run.x * params.p; row0 < row_end; row0 += BK) {
         let count = min(BK, row_end - row0);
         workgroupBarrier();
-        stage_coarse_tile(bh, lvl, row0, count, lid);
+        stage_coarse_tile(kv_bh, lvl, row0, count, lid);
         workgroupBarrier();
         consume_keys(count, count);
     }
@@ -81,6 +81,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let i = i0 + lid;
     let in_tile = i < i1;
     let head = bh * n * d;
+    // The K/V head this query head reads (grouped-query attention).
+    let kv_bh = bh / params.kv_group;
+    let kv_head = kv_bh * n * d;
     let causal = params.causal != 0u;
 
     for (var c4 = 0u; c4 < D4; c4++) {
@@ -112,7 +115,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var t0 = near.x; t0 < t_hi; t0 += BK) {
         let count = min(BK, t_hi - t0);
         workgroupBarrier();
-        stage_fine_tile(head, t0, count, lid);
+        stage_fine_tile(kv_head, t0, count, lid);
         workgroupBarrier();
         var visible = count;
         if (causal) {
@@ -125,7 +128,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let a = block_window(a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
-            run_keys(bh, lvl, far_run(a, params.levels[lvl].windows, causal, run), lid);
+            run_keys(kv_bh, lvl, far_run(a, params.levels[lvl].windows, causal, run), lid);
         }
     }
 

@@ -16,8 +16,8 @@
 #import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // coarse queries (bh, coarse_rows, d)
-@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh, coarse_rows, d)
-@group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh, coarse_rows, d)
+@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;    // partial o~ (bh, coarse_rows, d)
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // partial lse~ (bh, coarse_rows)
 
@@ -54,9 +54,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = g / rows;
     let r = a_lo * p + g % rows;
     let a = r / p;
-    // Rows of this level in the concatenated per-head buffers.
+    // Rows of this level in the concatenated per-head buffers: the query head's coarse
+    // queries, partial outputs and LSEs, and its K/V head's coarse keys and values.
     let level_row = bh * params.coarse_rows + info.row_offset;
     let head = level_row * d;
+    let kv_head = ((bh / params.kv_group) * params.coarse_rows + info.row_offset) * d;
     // The query row, as online_softmax's begin_row loads it (not imported: its tiles and
     // subgroup set-up have no use here, and the early return above is not uniform).
     for (var c4 = 0u; c4 < D4; c4++) {
@@ -84,7 +86,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     continue;
                 }
                 let key = b * p + j;
-                let kk = load_k(head + key * d);
+                let kk = load_k(kv_head + key * d);
                 var dot4 = vec4<f32>(0.0);
                 for (var c4 = 0u; c4 < D4; c4++) {
                     dot4 += q_row[c4] * kk[c4];
@@ -102,7 +104,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     for (var e = 0u; e < 4u; e++) {
                         let c = c4 * 4u + e;
                         if (c < d) {
-                            vv[e] = coarse_v[head + key * d + c];
+                            vv[e] = coarse_v[kv_head + key * d + c];
                         }
                     }
                     acc[c4] = acc[c4] * correction + w * vv;

@@ -6,8 +6,8 @@
 #import params
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
-@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n_kv, d)
-@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n_kv, d)
+@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n_kv, d)
+@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh / kv_group, n_kv, d)
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;    // (bh, n, d)
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // (bh, n)
 
@@ -80,7 +80,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Element offsets of row 0 of the head in the bound Q, O and K, V (wrapping when a split
     // head's bindings start later, as in fine_attention.wgsl), and this row's LSE slot.
     let q_head = (bh * n - params.row_base) * params.d;
-    let k_head = (bh * params.n_kv - params.key_lo) * params.d;
+    // K/V head bh / kv_group: grouped-query heads share it.
+    let k_head = ((bh / params.kv_group) * params.n_kv - params.key_lo) * params.d;
     let row = bh * n + i - params.row_base;
 
     if (params.key_lo == 0u) {

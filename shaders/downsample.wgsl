@@ -11,15 +11,15 @@
 #import geometry
 #import level_select
 
-@group(0) @binding(1) var<storage, read> k: array<f32>;              // (bh, n, d)
-@group(0) @binding(2) var<storage, read> v: array<f32>;              // (bh, n, d)
+@group(0) @binding(1) var<storage, read> k: array<f32>;              // (bh / kv_group, n, d)
+@group(0) @binding(2) var<storage, read> v: array<f32>;              // (bh / kv_group, n, d)
 @group(0) @binding(3) var<storage, read> q: array<f32>;              // (bh, n, d)
 // Learned weights [keys | values | queries], each the levels' (d, p, w_l) concatenated
 // (params.weight_stride apart), and biases likewise, each the levels' (d, p).
 @group(0) @binding(4) var<storage, read> w: array<f32>;
 @group(0) @binding(5) var<storage, read> b: array<f32>;
-@group(0) @binding(6) var<storage, read_write> coarse_k: array<f32>; // (bh, coarse_rows, d)
-@group(0) @binding(7) var<storage, read_write> coarse_v: array<f32>; // (bh, coarse_rows, d)
+@group(0) @binding(6) var<storage, read_write> coarse_k: array<f32>; // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(7) var<storage, read_write> coarse_v: array<f32>; // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(8) var<storage, read_write> coarse_q: array<f32>; // (bh, coarse_rows, d)
 
 // Element `idx` of the tensor being pooled: 0 keys, 1 values, 2 queries.
@@ -54,17 +54,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let a_lo = params.chunk_lo / win;
     let a_hi = window_count(params.chunk_hi, win);
     let rows = (a_hi - a_lo) * p;
-    let per_tensor = params.batch_heads * rows * d;
-    let wgs_per_tensor = (per_tensor + WG - 1u) / WG;
+    // K and V have batch_heads / kv_group heads (grouped-query attention: each is pooled once
+    // for its group of query heads), Q batch_heads: the workgroups of K, then V, then Q.
+    let kv_wgs = ((params.batch_heads / params.kv_group) * rows * d + WG - 1u) / WG;
     let wid = dispatch_workgroup(wg);
-    let tensor = wid / wgs_per_tensor;
-    let g = (wid % wgs_per_tensor) * WG + lid;
+    let tensor = min(wid / kv_wgs, 2u);
+    let heads = select(params.batch_heads / params.kv_group, params.batch_heads, tensor == 2u);
+    let per_tensor = heads * rows * d;
+    let g = (wid - tensor * kv_wgs) * WG + lid;
     if (tensor >= params.pooled || g >= per_tensor) {
         return;
     }
     let c = g % d;
     let row = a_lo * p + (g / d) % rows;
-    let bh = g / (d * rows);
+    let bh = g / (d * rows); // a K/V head for tensors 0 and 1, a query head for 2
     let a = row / p;
     let j = row % p;
     let out = (bh * params.coarse_rows + info.row_offset + row) * d + c;

@@ -13,10 +13,10 @@
 // Learned weights [keys | values | ...], each kind the levels' (d, p, w_l) concatenated,
 // params.weight_stride elements apart (the forward's layout).
 @group(0) @binding(1) var<storage, read> w_all: array<f32>;
-@group(0) @binding(2) var<storage, read> dcoarse_k: array<f32>;        // (bh, coarse_rows, d)
-@group(0) @binding(3) var<storage, read> dcoarse_v: array<f32>;        // (bh, coarse_rows, d)
-@group(0) @binding(4) var<storage, read_write> dk: array<f32>;         // (bh, n, d)
-@group(0) @binding(5) var<storage, read_write> dv: array<f32>;         // (bh, n, d)
+@group(0) @binding(2) var<storage, read> dcoarse_k: array<f32>;        // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(3) var<storage, read> dcoarse_v: array<f32>;        // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(4) var<storage, read_write> dk: array<f32>;         // (bh / kv_group, n, d)
+@group(0) @binding(5) var<storage, read_write> dv: array<f32>;         // (bh / kv_group, n, d)
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -24,12 +24,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = params.n;
     let p = params.p;
     let g = dispatch_workgroup(wg) * WG + lid;
-    if (g >= params.batch_heads * n * d) {
+    // Over the K/V heads (grouped-query attention: dK~ already summed over each group).
+    if (g >= (params.batch_heads / params.kv_group) * n * d) {
         return;
     }
     let c = g % d;
     let t = (g / d) % n;
-    let bh = g / (d * n);
+    let bh = g / (d * n); // a K/V head
     var gk = dk[g];
     var gv = dv[g];
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {

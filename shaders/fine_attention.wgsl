@@ -8,10 +8,10 @@
 #import geometry
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
-@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh, n, d)
-@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh, n, d)
-@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh, coarse_rows, d)
-@group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh, coarse_rows, d)
+@group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
+@group(0) @binding(3) var<storage, read> v: array<f32>;            // (bh / kv_group, n, d)
+@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh / kv_group, coarse_rows, d)
+@group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;    // (bh, n, d)
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // (bh, n)
 
@@ -43,6 +43,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // at global row row_base (batch_heads = 1), making this (-row_base d) mod 2^32: u32
     // arithmetic wraps in WGSL, so head + t d still lands on bound row t - row_base.
     let head = (bh * n - params.row_base) * params.d;
+    // The K/V head this query head reads (grouped-query attention), offset alike.
+    let kv_bh = bh / params.kv_group;
+    let kv_head = (kv_bh * n - params.row_base) * params.d;
     let causal = params.causal != 0u;
 
     begin_row(head, i, in_tile);
@@ -50,11 +53,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Level 0, the near field; causal: the tile's keys stop at its last query (the mask in
     // attend_fine_keys does the rest per row).
     let near = near_keys(n, m, a0, causal);
-    attend_fine_keys(head, near.x, select(near.y, i1, causal), i, causal, lid);
+    attend_fine_keys(kv_head, near.x, select(near.y, i1, causal), i, causal, lid);
 
     // Coarse levels (none with coarse queries).
     let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
-    attend_far_field(bh, a0, causal, far_levels, lid);
+    attend_far_field(kv_bh, a0, causal, far_levels, lid);
 
     if (in_tile) {
         finish_row(head, bh * n + i - params.row_base, i);

@@ -1,19 +1,27 @@
 //! The shape of an attention problem: Q and O of (batch, heads, seq, head_dim), K and V of
-//! (batch, heads, seq_kv, head_dim), row-major f32.
+//! (batch, kv_heads, seq_kv, head_dim), row-major f32.
 
 use crate::error::{FmaError, Result};
 
 /// Shape of Q and O: `(batch, heads, seq, head_dim)`, row-major, so element `(b, h, i, c)`
-/// sits at `((b * heads + h) * seq + i) * head_dim + c`; K and V: `(batch, heads, seq_kv,
-/// head_dim)`, the same with `seq_kv`. The LSE has shape `(batch, heads, seq)`. Self-attention
-/// ([`Shape::new`]) has `seq_kv = seq`; dense attention also takes `seq_kv != seq`
-/// ([`Shape::cross`]); FMA asks for equal lengths.
+/// sits at `((b * heads + h) * seq + i) * head_dim + c`; K and V: `(batch, kv_heads, seq_kv,
+/// head_dim)`, the same with `kv_heads` and `seq_kv`. The LSE has shape `(batch, heads, seq)`.
+/// Self-attention ([`Shape::new`]) has `seq_kv = seq`; dense attention also takes
+/// `seq_kv != seq` ([`Shape::cross`]); FMA asks for equal lengths.
+///
+/// Grouped-query attention ([`Shape::with_kv_heads`]): `kv_heads` divides `heads`, and query
+/// head `h` reads K/V head `h / (heads / kv_heads)`, so consecutive query heads share a K/V
+/// head (PyTorch's `enable_gqa`, FlashAttention). `kv_heads = heads` is multi-head attention,
+/// `kv_heads = 1` multi-query attention. In the flattened `(batch * heads)` index `bh`, the
+/// K/V head is `bh / group` with `group = heads / kv_heads`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
     /// Batch size.
     pub batch: usize,
-    /// Heads per batch element.
+    /// Query heads per batch element.
     pub heads: usize,
+    /// K/V heads per batch element: `heads` (multi-head), or a divisor of it (grouped-query).
+    pub kv_heads: usize,
     /// Query length n (rows of Q, O and the LSE).
     pub seq: usize,
     /// Key length (rows of K and V): `seq` for self-attention.
@@ -33,10 +41,28 @@ impl Shape {
         Self {
             batch,
             heads,
+            kv_heads: heads,
             seq,
             seq_kv,
             head_dim,
         }
+    }
+
+    /// This shape with `kv_heads` K/V heads (grouped-query attention; `kv_heads` must divide
+    /// `heads`, which [`Shape::validate`] checks).
+    pub fn with_kv_heads(mut self, kv_heads: usize) -> Self {
+        self.kv_heads = kv_heads;
+        self
+    }
+
+    /// Query heads per K/V head: `heads / kv_heads` (1 for multi-head attention).
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+
+    /// batch * kv_heads: the number of K/V heads, each pooled once for its group of queries.
+    pub fn kv_batch_heads(&self) -> usize {
+        self.batch * self.kv_heads
     }
 
     /// Whether there are as many keys as queries.
@@ -61,9 +87,16 @@ impl Shape {
         })
     }
 
-    /// This shape with `heads` heads per batch element (and a batch of one): a run of heads.
+    /// This shape with `heads` query heads per batch element (and a batch of one): a run of
+    /// heads. A run of grouped heads keeps the group size when `heads` is a multiple of it
+    /// (whole groups); a run that is a part of one group reads one K/V head.
     pub fn with_heads(&self, heads: usize) -> Self {
-        Self::cross(1, heads, self.seq, self.seq_kv, self.head_dim)
+        let kv_heads = if heads % self.group() == 0 {
+            heads / self.group()
+        } else {
+            1
+        };
+        Self::cross(1, heads, self.seq, self.seq_kv, self.head_dim).with_kv_heads(kv_heads)
     }
 
     /// batch * heads: the number of independent attention problems.
@@ -76,9 +109,9 @@ impl Shape {
         self.batch_heads() * self.seq * self.head_dim
     }
 
-    /// Number of elements of K (and of V): batch * heads * seq_kv * head_dim.
+    /// Number of elements of K (and of V): batch * kv_heads * seq_kv * head_dim.
     pub fn kv_elements(&self) -> usize {
-        self.batch_heads() * self.seq_kv * self.head_dim
+        self.kv_batch_heads() * self.seq_kv * self.head_dim
     }
 
     /// Number of rows of the LSE: batch * heads * seq.
@@ -91,6 +124,7 @@ impl Shape {
         for (name, v) in [
             ("batch", self.batch),
             ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
             ("seq", self.seq),
             ("seq_kv", self.seq_kv),
             ("head_dim", self.head_dim),
@@ -102,6 +136,17 @@ impl Shape {
                     allowed: "every axis of (batch, heads, seq, head_dim) must be >= 1".into(),
                 });
             }
+        }
+        if self.heads % self.kv_heads != 0 {
+            return Err(FmaError::InvalidConfig {
+                what: "kv_heads",
+                value: self.kv_heads.to_string(),
+                allowed: format!(
+                    "a divisor of heads = {} (grouped-query attention: each K/V head serves \
+                     heads / kv_heads consecutive query heads)",
+                    self.heads
+                ),
+            });
         }
         let total = |seq: usize| {
             self.batch
@@ -149,9 +194,13 @@ impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "(batch {}, heads {}, seq {}",
-            self.batch, self.heads, self.seq
+            "(batch {}, heads {}",
+            self.batch, self.heads
         )?;
+        if self.kv_heads != self.heads {
+            write!(f, ", kv_heads {}", self.kv_heads)?;
+        }
+        write!(f, ", seq {}", self.seq)?;
         if !self.is_self() {
             write!(f, ", seq_kv {}", self.seq_kv)?;
         }

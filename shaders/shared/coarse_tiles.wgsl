@@ -5,11 +5,12 @@
 // Needs from the importer: key_tiles, geometry; bindings coarse_k, coarse_v.
 
 // Stages coarse rows [row0, row0 + count) of level index `lvl` (level l - 1), count <= BK,
-// with each key's logit offset (coarse_key_bias). Call in uniform control flow.
-fn stage_coarse_tile(bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
+// of K/V head kv_bh, with each key's logit offset (coarse_key_bias). Call in uniform control
+// flow.
+fn stage_coarse_tile(kv_bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
     let d = params.d;
     let info = params.levels[lvl];
-    let head = (bh * params.coarse_rows + info.row_offset) * d;
+    let head = (kv_bh * params.coarse_rows + info.row_offset) * d;
     // Only the rows the consumers read (r < count): a short tile costs what it holds.
     for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;

@@ -39,12 +39,12 @@ fn far_key(a0: u32, causal: bool, g: u32) -> vec2<u32> {
 // Stages keys [g0, g0 + count) of block a0's gathered far field (count <= BK). Each invocation
 // stages whole rows: it finds its row's level once (a walk over the levels) instead of once per
 // element; the far field is a few dozen rows, so the lost load coalescing costs little.
-fn stage_far_gathered(bh: u32, a0: u32, causal: bool, g0: u32, count: u32, lid: u32) {
+fn stage_far_gathered(kv_bh: u32, a0: u32, causal: bool, g0: u32, count: u32, lid: u32) {
     let d = params.d;
     for (var r = lid; r < count; r += WG) {
         let key = far_key(a0, causal, g0 + r);
         let info = params.levels[key.x];
-        let base = (bh * params.coarse_rows + info.row_offset + key.y) * d;
+        let base = (kv_bh * params.coarse_rows + info.row_offset + key.y) * d;
         for (var c4 = 0u; c4 < D4; c4++) {
             var kk = vec4<f32>(0.0);
             var vv = vec4<f32>(0.0);
@@ -63,14 +63,15 @@ fn stage_far_gathered(bh: u32, a0: u32, causal: bool, g0: u32, count: u32, lid: 
     }
 }
 
-// Attends to every level's far list of fine block a0 (levels 1..`levels`), gathered.
+// Attends to every level's far list of fine block a0 (levels 1..`levels`), gathered, from the
+// coarse rows of K/V head kv_bh.
 // Arguments uniform over the workgroup (barriers inside).
-fn attend_far_field(bh: u32, a0: u32, causal: bool, levels: u32, lid: u32) {
+fn attend_far_field(kv_bh: u32, a0: u32, causal: bool, levels: u32, lid: u32) {
     let total = far_total(a0, causal, levels);
     for (var g0 = 0u; g0 < total; g0 += BK) {
         let count = min(BK, total - g0);
         workgroupBarrier();
-        stage_far_gathered(bh, a0, causal, g0, count, lid);
+        stage_far_gathered(kv_bh, a0, causal, g0, count, lid);
         workgroupBarrier();
         consume_tile(count, count);
     }

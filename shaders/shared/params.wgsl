@@ -35,6 +35,9 @@ struct Params {
     key_lo: u32,             // dense: first key of this dispatch (and first bound row of K, V)
     key_hi: u32,             // dense: one past its last key
     n_kv: u32,               // rows of K and V per head (n for self-attention)
+    // Grouped-query attention: query heads per K/V head (1: multi-head). Query head bh reads
+    // K/V head bh / kv_group of K, V, K~ and V~, which hold batch_heads / kv_group heads.
+    kv_group: u32,
     levels: array<LevelInfo, 32>,
 }
 

@@ -27,9 +27,11 @@ enum Slot {
     Coarse { level: usize, row: usize },
 }
 
-/// Gradients of `L = sum(dO * O)` with `O = cpu::fma_forward(q, k, v, shape, cfg).o`; `q`, `k`,
-/// `v`, `dout` of shape (batch, heads, seq, head_dim). Weight gradients are summed over batch
-/// and heads, one entry per level of the configuration's weights (unused levels are zero).
+/// Gradients of `L = sum(dO * O)` with `O = cpu::fma_forward(q, k, v, shape, cfg).o`; `q` and
+/// `dout` of shape (batch, heads, seq, head_dim), `k`, `v` of (batch, kv_heads, seq, head_dim).
+/// dK and dV have K's shape: with grouped-query heads, the sum over each K/V head's group of
+/// query heads. Weight gradients are summed over batch and heads, one entry per level of the
+/// configuration's weights (unused levels are zero).
 pub fn fma_backward(
     q: &[f64],
     k: &[f64],
@@ -64,8 +66,8 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
     let (n, d, p) = (shape.seq, shape.head_dim, geometry.rank());
     let scale = 1.0 / (d as f64).sqrt();
     let mut dq = vec![0f64; shape.elements()];
-    let mut dk = vec![0f64; shape.elements()];
-    let mut dv = vec![0f64; shape.elements()];
+    let mut dk = vec![0f64; shape.kv_elements()];
+    let mut dv = vec![0f64; shape.kv_elements()];
     let mut dw: Option<Vec<LevelGradients<f64>>> = match &cfg.downsample {
         Downsample::Learned(w) => Some(
             (1..=w.levels.len())
@@ -83,10 +85,13 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
     };
     for bh in 0..shape.batch_heads() {
         let head = bh * n * d..(bh + 1) * n * d;
+        // Grouped-query heads: this query head's K/V head, whose gradients sum the group's.
+        let kv_bh = bh / shape.group();
+        let kv_head = kv_bh * n * d..(kv_bh + 1) * n * d;
         let (qh, kh, vh, doh) = (
             &q[head.clone()],
-            &k[head.clone()],
-            &v[head.clone()],
+            &k[kv_head.clone()],
+            &v[kv_head.clone()],
             &dout[head.clone()],
         );
         let coarse = downsample_head(kh, vh, d, geometry, &cfg.downsample);
@@ -95,8 +100,8 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
         let mut dcv = dck.clone();
         let (dqh, dkh, dvh) = (
             &mut dq[head.clone()],
-            &mut dk[head.clone()],
-            &mut dv[head.clone()],
+            &mut dk[kv_head.clone()],
+            &mut dv[kv_head.clone()],
         );
         for i in 0..n {
             let qi = &qh[i * d..(i + 1) * d];

@@ -116,7 +116,9 @@ pub fn fma_forward_in<G: Geometry + ?Sized>(
     let mut lse = vec![0f64; shape.rows()];
     for bh in 0..shape.batch_heads() {
         let head = bh * n * d..(bh + 1) * n * d;
-        let (qh, kh, vh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()]);
+        // Grouped-query heads read K/V head bh / group.
+        let kv_head = (bh / shape.group()) * n * d..(bh / shape.group() + 1) * n * d;
+        let (qh, kh, vh) = (&q[head.clone()], &k[kv_head.clone()], &v[kv_head]);
         let coarse = downsample_head(kh, vh, d, geometry, &cfg.downsample);
         let coarse_q = (cfg.queries == Queries::Coarse)
             .then(|| CoarseQueries::new(qh, d, geometry, &cfg.downsample));
@@ -149,7 +151,8 @@ pub fn fma_forward_in<G: Geometry + ?Sized>(
 }
 
 /// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V`: Q of shape (batch, heads, seq,
-/// head_dim), K and V of (batch, heads, seq_kv, head_dim). Causal: query i sees keys
+/// head_dim), K and V of (batch, kv_heads, seq_kv, head_dim) (query head h reads K/V head
+/// h / (heads / kv_heads)). Causal: query i sees keys
 /// t <= i + seq_kv - seq (the queries are the last positions; needs seq_kv >= seq).
 pub fn dense_attention(
     q: &[f64],
@@ -195,7 +198,7 @@ pub fn dense_attention_rows(
             });
         }
         let (head, i) = (row / n, row % n);
-        let (base, kv_base) = (head * n * d, head * n_kv * d);
+        let (base, kv_base) = (head * n * d, (head / shape.group()) * n_kv * d);
         let qi = &q[base + i * d..base + (i + 1) * d];
         // Causal: query i sits at key position i + n_kv - n.
         let last = if causal { i + n_kv - n + 1 } else { n_kv };

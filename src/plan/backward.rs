@@ -83,7 +83,7 @@ impl BackwardPlan {
         }
         let forward = FmaPlan::new(shape, cfg, limits)?;
         let (d, p) = (shape.head_dim, forward.levels.p);
-        let bh = shape.batch_heads() as u64;
+        let kv_bh = shape.kv_batch_heads() as u64;
         let stats_bytes = shape.rows() as u64 * 8;
         if stats_bytes > limits.max_binding.min(limits.max_buffer) {
             return Err(FmaError::LimitExceeded {
@@ -117,11 +117,15 @@ impl BackwardPlan {
             bk: query_tile(d, 0, 2 * d4 * 16 + 8, limits)?,
             ..att.spec
         };
-        let dkv_fine = Dispatch {
-            pass: Pass::BackwardDkvFine,
-            spec: fine_spec,
-            ..att
-        };
+        // One workgroup per tile of a K/V head's keys (grouped-query attention: the K/V heads,
+        // each summing its group of query heads).
+        let dkv_fine = dispatch(
+            Pass::BackwardDkvFine,
+            None,
+            kv_bh * forward.levels.fine_blocks() as u64 * forward.tiles_per_block as u64,
+            fine_spec,
+            limits,
+        )?;
         // Coarse dK~/dV~: PR rows (k~, v~ and a bias each) fixed, then per query its row
         // pair plus P and dS for each of the PR rows.
         let pr = coarse_rows_per_workgroup(wg, d4);
@@ -140,7 +144,7 @@ impl BackwardPlan {
                 dispatch(
                     Pass::BackwardDkvCoarse,
                     Some(i as u32),
-                    bh * lv.windows as u64 * chunks,
+                    kv_bh * lv.windows as u64 * chunks,
                     coarse_spec,
                     limits,
                 )
@@ -150,7 +154,7 @@ impl BackwardPlan {
             Some(dispatch(
                 Pass::DownsampleBackward,
                 None,
-                (shape.elements() as u64).div_ceil(wg as u64),
+                (shape.kv_elements() as u64).div_ceil(wg as u64),
                 elementwise,
                 limits,
             )?)

@@ -25,9 +25,13 @@ pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
 pub struct Workspace {
     /// Rows of [K~_1; ...; K~_L] per head.
     pub coarse_rows: usize,
-    /// Bytes of each of the coarse K~ and V~ buffers (and, coarse queries, of Q~ and of the
-    /// coarse queries' partial outputs): (bh, coarse_rows, d) f32.
+    /// Bytes of Q~ and of the coarse queries' partial outputs (coarse queries): (bh,
+    /// coarse_rows, d) f32, one block per query head. Limits are checked on this size, the
+    /// larger of the two.
     pub coarse_bytes: u64,
+    /// Bytes of each of the coarse K~ and V~ buffers: (bh / group, coarse_rows, d) f32, one
+    /// block per K/V head (grouped-query attention pools each K/V head once).
+    pub coarse_kv_bytes: u64,
     /// Bytes of the coarse queries' partial LSEs, (bh, coarse_rows) f32 (0 with fine queries).
     pub coarse_lse_bytes: u64,
     /// Bytes of the LSE: (bh, n) f32.
@@ -39,8 +43,11 @@ impl Workspace {
     /// the coarse K~ and V~ (with coarse queries also Q~, the partial outputs and their LSEs)
     /// and the LSE; the uniforms add under 1 KiB.
     pub fn device_bytes(&self) -> u64 {
-        let per_row_buffers = if self.coarse_lse_bytes > 0 { 4 } else { 2 };
-        per_row_buffers * self.coarse_bytes + self.coarse_lse_bytes + self.lse_bytes
+        let query_side = if self.coarse_lse_bytes > 0 { 2 } else { 0 };
+        2 * self.coarse_kv_bytes
+            + query_side * self.coarse_bytes
+            + self.coarse_lse_bytes
+            + self.lse_bytes
     }
 }
 
@@ -110,8 +117,11 @@ impl FmaPlan {
             });
         }
         let bh = shape.batch_heads();
+        let kv_bh = shape.kv_batch_heads();
         let coarse_rows = levels.total_rows();
+        // K~ and V~ per K/V head; Q~ and the coarse queries' partial outputs per query head.
         let coarse_bytes = (bh * coarse_rows * d) as u64 * 4;
+        let coarse_kv_bytes = (kv_bh * coarse_rows * d) as u64 * 4;
         if coarse_in_one_binding {
             limits.check_binding(
                 "the coarse keys of all levels",
@@ -154,13 +164,16 @@ impl FmaPlan {
             .iter()
             .enumerate()
             .map(|(i, lv)| {
-                // Each workgroup pools one tensor: ceil(bh * rows * d / WG) per tensor.
-                let per_tensor = ((bh * lv.rows(p) * d) as u64).div_ceil(ds_spec.wg as u64);
+                // Each workgroup pools one tensor: ceil(heads * rows * d / WG) per tensor, K and
+                // V over the K/V heads, Q (coarse queries) over the query heads.
+                let per_tensor =
+                    |heads: usize| ((heads * lv.rows(p) * d) as u64).div_ceil(ds_spec.wg as u64);
+                let q_wgs = if coarse_q { per_tensor(bh) } else { 0 };
                 let level = Some(i as u32);
                 dispatch(
                     Pass::Downsample,
                     level,
-                    pooled * per_tensor,
+                    2 * per_tensor(kv_bh) + q_wgs,
                     ds_spec,
                     limits,
                 )
@@ -208,6 +221,7 @@ impl FmaPlan {
             workspace: Workspace {
                 coarse_rows,
                 coarse_bytes,
+                coarse_kv_bytes,
                 coarse_lse_bytes: if coarse_q {
                     (bh * coarse_rows) as u64 * 4
                 } else {

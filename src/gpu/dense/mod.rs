@@ -92,6 +92,7 @@ impl DenseAttention {
             p: 1,
             causal: self.causal as u32,
             batch_heads: s.batch_heads() as u32,
+            kv_group: s.group() as u32,
             tiles_per_block: plan.tiles,
             total_workgroups: plan.attention.workgroups,
             workgroups_x: plan.attention.grid[0],

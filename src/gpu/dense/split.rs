@@ -39,7 +39,7 @@ impl DenseAttention {
             io,
             shape,
             "the dense forward of a split head",
-            |h| self.split_head(&plan, &pipes, io, h),
+            |h| self.split_head(&plan, &pipes, io, (shape, h)),
         )
         .await
     }
@@ -50,7 +50,7 @@ impl DenseAttention {
         plan: &DenseSplitPlan,
         pipes: &Pipes,
         io: SplitIo<'_>,
-        h: usize,
+        (shape, h): (Shape, usize),
     ) -> Result<Vec<Staged>> {
         let device = &self.ctx.device;
         let (n, d) = (plan.head.shape.seq, plan.head.shape.head_dim);
@@ -65,8 +65,7 @@ impl DenseAttention {
         });
 
         for (&(lo, hi), b) in plan.chunks.iter().zip(&chunks) {
-            let rows = (h * n + lo) * d..(h * n + hi) * d;
-            io.fill(&self.ctx.queue, &mut enc, rows, [&b.q, &b.k, &b.v]);
+            io.fill(&self.ctx.queue, &mut enc, (shape, h), lo..hi, [&b.q, &b.k, &b.v]);
         }
 
         // One parameter block per pair: its query rows and keys.

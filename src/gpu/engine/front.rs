@@ -18,6 +18,9 @@ use crate::shape::Shape;
 /// storage binding is processed in pieces. A single head that does not fit is the error `fits`
 /// gives for it (the FMA and dense fronts split such a head along its sequence before they
 /// get here: `gpu/fma/split.rs`, `gpu/dense/split.rs`).
+///
+/// Grouped-query heads run in whole groups (a run's K/V are its groups' K/V heads), or, when
+/// one group does not fit, one query head at a time with its K/V head.
 fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(usize, usize)>> {
     let bh = shape.batch_heads();
     match fits(shape) {
@@ -25,22 +28,39 @@ fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(
         Err(FmaError::LimitExceeded { .. }) if bh > 1 => {}
         Err(e) => return Err(e),
     }
+    let group = shape.group();
     let heads = |count| shape.with_heads(count);
-    fits(heads(1))?;
-    // Largest count that fits (the checks are monotone in the number of heads).
-    let (mut lo, mut hi) = (1, bh);
+    // Runs of whole groups when one group fits, else of single heads.
+    let unit = if group > 1 && fits(heads(group)).is_ok() {
+        group
+    } else {
+        fits(heads(1))?;
+        1
+    };
+    // Largest number of units that fits (the checks are monotone in the number of heads).
+    let (mut lo, mut hi) = (1, bh / unit);
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
-        if fits(heads(mid)).is_ok() {
+        if fits(heads(mid * unit)).is_ok() {
             lo = mid;
         } else {
             hi = mid - 1;
         }
     }
+    let run = lo * unit;
     Ok((0..bh)
-        .step_by(lo)
-        .map(|first| (first, lo.min(bh - first)))
+        .step_by(run)
+        .map(|first| (first, run.min(bh - first)))
         .collect())
+}
+
+/// The K/V heads `(first, count)` that the run of query heads `(first, count)` reads: a run
+/// is whole groups or lies inside one ([`head_chunks`]), query head `bh` reading K/V head
+/// `bh / group`.
+pub(crate) fn kv_heads_of(shape: Shape, (first, count): (usize, usize)) -> (usize, usize) {
+    let group = shape.group();
+    let kv_first = first / group;
+    (kv_first, (first + count - 1) / group + 1 - kv_first)
 }
 
 /// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
@@ -64,7 +84,8 @@ where
     let mut lse = Vec::with_capacity(if want_lse { shape.rows() } else { 0 });
     for &(first, count) in chunks {
         let r = first * per_head..(first + count) * per_head;
-        let kv = first * per_kv_head..(first + count) * per_kv_head;
+        let (kv_first, kv_count) = kv_heads_of(shape, (first, count));
+        let kv = kv_first * per_kv_head..(kv_first + kv_count) * per_kv_head;
         let part = run(&q[r], &k[kv.clone()], &v[kv], shape.with_heads(count)).await?;
         o.extend_from_slice(&part.o);
         if let Some(l) = part.lse {

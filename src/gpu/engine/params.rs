@@ -58,6 +58,9 @@ pub struct Params {
     /// Key length (rows of K and V per head): n unless a dense problem has more or fewer keys
     /// than queries.
     pub n_kv: u32,
+    /// Query heads per K/V head (1: multi-head attention): K, V, K~ and V~ hold
+    /// `batch_heads / kv_group` heads, and query head `bh` reads K/V head `bh / kv_group`.
+    pub kv_group: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 

@@ -26,24 +26,29 @@ pub(crate) enum SplitIo<'a> {
 }
 
 impl SplitIo<'_> {
-    /// Puts elements `range` of Q, K and V into `dst`: written through the queue (before the
-    /// next submit) from host slices, or copied in `enc` from the caller's buffers.
+    /// Puts tokens `tokens` of query head `h` of Q, and of its K/V head `h / shape.group()` of
+    /// K and V, into `dst` (Q, K, V): written through the queue (before the next submit) from
+    /// host slices, or copied in `enc` from the caller's buffers.
     pub(crate) fn fill(
         &self,
         queue: &wgpu::Queue,
         enc: &mut wgpu::CommandEncoder,
-        range: Range<usize>,
+        (shape, h): (Shape, usize),
+        tokens: Range<usize>,
         dst: [&wgpu::Buffer; 3],
     ) {
+        let (n, d) = (shape.seq, shape.head_dim);
+        let rows_of = |head: usize| (head * n + tokens.start) * d..(head * n + tokens.end) * d;
+        let ranges = [rows_of(h), rows_of(h / shape.group()), rows_of(h / shape.group())];
         match self {
             SplitIo::Host { q, k, v, .. } => {
-                for (src, dst) in [q, k, v].into_iter().zip(dst) {
-                    queue.write_buffer(dst, 0, bytemuck::cast_slice(&src[range.clone()]));
+                for ((src, dst), range) in [q, k, v].into_iter().zip(dst).zip(ranges) {
+                    queue.write_buffer(dst, 0, bytemuck::cast_slice(&src[range]));
                 }
             }
             SplitIo::Device(t) => {
-                let (at, bytes) = (range.start as u64 * 4, range.len() as u64 * 4);
-                for (src, dst) in [t.q, t.k, t.v].into_iter().zip(dst) {
+                for ((src, dst), range) in [t.q, t.k, t.v].into_iter().zip(dst).zip(ranges) {
+                    let (at, bytes) = (range.start as u64 * 4, range.len() as u64 * 4);
                     enc.copy_buffer_to_buffer(src, at, dst, 0, bytes);
                 }
             }

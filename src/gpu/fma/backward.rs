@@ -115,7 +115,8 @@ impl BackwardScratch {
         plan: &BackwardPlan,
         cap: u64,
     ) -> Resources<'a> {
-        let coarse = plan.forward.workspace.coarse_bytes;
+        // K~, V~ and their gradients: one block per K/V head.
+        let coarse = plan.forward.workspace.coarse_kv_bytes;
         Resources::default()
             .with(Role::CoarseK, self.coarse_k.at_least(device, coarse, cap))
             .with(Role::CoarseV, self.coarse_v.at_least(device, coarse, cap))
@@ -152,14 +153,15 @@ impl FmaAttention {
         self.backward_plan(shape)?; // the backward must be possible before we run a forward
         let device = &self.ctx.device;
         let bytes = shape.elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * 4;
         let input = wgpu::BufferUsages::COPY_DST;
         let output = wgpu::BufferUsages::COPY_SRC;
         let saved = Saved {
             shape,
             owner: self.id,
             q: storage(device, "saved q", bytes, input),
-            k: storage(device, "saved k", bytes, input),
-            v: storage(device, "saved v", bytes, input),
+            k: storage(device, "saved k", kv_bytes, input),
+            v: storage(device, "saved v", kv_bytes, input),
             o: storage(device, "saved o", bytes, output),
             lse: storage(device, "saved lse", shape.rows() as u64 * 4, output),
         };
@@ -224,7 +226,9 @@ impl FmaAttention {
     }
 
     /// Backward of host dO (async): dO of shape (batch, heads, seq, head_dim) = the saved
-    /// forward's shape. Returns dQ, dK, dV and, in Learned mode, the gradients of every level
+    /// forward's shape. Returns dQ of Q's shape, dK and dV of K's shape (batch, kv_heads,
+    /// seq, head_dim): with grouped-query heads each K/V head's gradient is the sum over its
+    /// group of query heads, in head order (deterministic), and, in Learned mode, the gradients of every level
     /// of the configuration's weights summed over batch and heads (levels the sequence does
     /// not use get zeros).
     pub async fn backward_async(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
@@ -238,10 +242,11 @@ impl FmaAttention {
         self.ctx
             .queue
             .write_buffer(&dout_buf, 0, bytemuck::cast_slice(dout));
+        let kv_bytes = shape.kv_elements() as u64 * 4;
         let (dq, dk, dv) = (
             storage(device, "dq", bytes, out),
-            storage(device, "dk", bytes, out),
-            storage(device, "dv", bytes, out),
+            storage(device, "dk", kv_bytes, out),
+            storage(device, "dv", kv_bytes, out),
         );
         let learned = matches!(self.cfg.downsample, Downsample::Learned(_));
         let (we, be) = (
@@ -267,7 +272,8 @@ impl FmaAttention {
         self.backward_buffers_async(saved, &dout_buf, grads).await?;
 
         // One staging buffer: dq, dk, dv, then dWK, dWV, dbK, dbV.
-        let mut parts: Vec<(&wgpu::Buffer, u64)> = vec![(&dq, bytes), (&dk, bytes), (&dv, bytes)];
+        let mut parts: Vec<(&wgpu::Buffer, u64)> =
+            vec![(&dq, bytes), (&dk, kv_bytes), (&dv, kv_bytes)];
         if let Some([wk, wv, bk, bv]) = &wbufs {
             parts.extend([(wk, we), (wv, we), (bk, be), (bv, be)]);
         }
@@ -291,14 +297,14 @@ impl FmaAttention {
         self.ctx.queue.submit([enc.finish()]);
         let all = read_f32(device, &staging, total).await?;
         self.ctx.check_alive()?;
-        let n = shape.elements();
+        let (n, n_kv) = (shape.elements(), shape.kv_elements());
         let mut rest = all.as_slice();
         let mut take = |len: usize| {
             let (head, tail) = rest.split_at(len.min(rest.len()));
             rest = tail;
             head.to_vec()
         };
-        let (gq, gk, gv) = (take(n), take(n), take(n));
+        let (gq, gk, gv) = (take(n), take(n_kv), take(n_kv));
         let weights = match &self.cfg.downsample {
             Downsample::Learned(w) => {
                 let (wk, wv) = (take(plan.weight_elements), take(plan.weight_elements));
@@ -364,8 +370,9 @@ impl FmaAttention {
         let bytes = shape.elements() as u64 * 4;
         check_storage("dO", dout, bytes, shape)?;
         check_storage("dQ", g.dq, bytes, shape)?;
-        check_storage("dK", g.dk, bytes, shape)?;
-        check_storage("dV", g.dv, bytes, shape)?;
+        let kv_bytes = shape.kv_elements() as u64 * 4;
+        check_storage("dK", g.dk, kv_bytes, shape)?;
+        check_storage("dV", g.dv, kv_bytes, shape)?;
         let learned = matches!(self.cfg.downsample, Downsample::Learned(_));
         if let Some(w) = &g.weights {
             if !learned {

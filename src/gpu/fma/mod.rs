@@ -137,6 +137,7 @@ impl FmaAttention {
             count_correction: self.cfg.count_correction as u32,
             learned: matches!(self.cfg.downsample, Downsample::Learned(_)) as u32,
             batch_heads: s.batch_heads() as u32,
+            kv_group: s.group() as u32,
             coarse_rows: plan.workspace.coarse_rows as u32,
             tiles_per_block: plan.tiles_per_block,
             total_workgroups: plan.attention.workgroups,

@@ -47,7 +47,7 @@ impl FmaAttention {
             io,
             shape,
             "the FMA forward of a split head",
-            |h| self.split_head(&plan, &pipes, &shared, &shared_selects, io, h),
+            |h| self.split_head(&plan, &pipes, &shared, &shared_selects, io, (shape, h)),
         )
         .await
     }
@@ -61,7 +61,7 @@ impl FmaAttention {
         shared: &[Dispatch],
         shared_selects: &Selects,
         io: SplitIo<'_>,
-        h: usize,
+        (shape, h): (Shape, usize),
     ) -> Result<Vec<Staged>> {
         let device = &self.ctx.device;
         let (n, d) = (plan.head.shape.seq, plan.head.shape.head_dim);
@@ -74,10 +74,11 @@ impl FmaAttention {
         let mut enc =
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("fma") });
 
-        // Inputs: rows row_base..row_base + rows of head h.
+        // Inputs: rows row_base..row_base + rows of head h (K, V: of its K/V head).
         for (c, b) in plan.chunks.iter().zip(&chunks) {
-            let rows = (h * n + c.row_base) * d..(h * n + c.row_base + c.rows) * d;
-            io.fill(&self.ctx.queue, &mut enc, rows, [&b.t.q, &b.t.k, &b.t.v]);
+            let tokens = c.row_base..c.row_base + c.rows;
+            let dst = [&b.t.q, &b.t.k, &b.t.v];
+            io.fill(&self.ctx.queue, &mut enc, (shape, h), tokens, dst);
         }
 
         {

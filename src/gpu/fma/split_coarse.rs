@@ -111,7 +111,7 @@ impl FmaAttention {
             io,
             shape,
             "the FMA forward of a split head (coarse rows split)",
-            |h| self.split_head_coarse(plan, coarse, &pipes, &state, io, h),
+            |h| self.split_head_coarse(plan, coarse, &pipes, &state, io, (shape, h)),
         )
         .await
     }
@@ -200,7 +200,7 @@ impl FmaAttention {
         pipes: &Pipes,
         state: &CoarseState,
         io: SplitIo<'_>,
-        h: usize,
+        (shape, h): (Shape, usize),
     ) -> Result<Vec<Staged>> {
         let device = &self.ctx.device;
         let (n, d) = (plan.head.shape.seq, plan.head.shape.head_dim);
@@ -208,8 +208,8 @@ impl FmaAttention {
             label: Some("fma (coarse rows split)"),
         });
         for (c, t) in plan.chunks.iter().zip(&state.tokens) {
-            let rows = (h * n + c.row_base) * d..(h * n + c.row_base + c.rows) * d;
-            io.fill(&self.ctx.queue, &mut enc, rows, [&t.q, &t.k, &t.v]);
+            let tokens = c.row_base..c.row_base + c.rows;
+            io.fill(&self.ctx.queue, &mut enc, (shape, h), tokens, [&t.q, &t.k, &t.v]);
         }
         let steps = coarse.pool.iter().zip(&state.pool);
         for (step, u) in steps.chain(coarse.attend.iter().zip(&state.attend)) {

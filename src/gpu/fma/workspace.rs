@@ -83,11 +83,11 @@ impl Buffers {
             .with(Role::Biases, &weights.b)
             .with(
                 Role::CoarseK,
-                self.coarse_k.at_least(device, ws.coarse_bytes, cap),
+                self.coarse_k.at_least(device, ws.coarse_kv_bytes, cap),
             )
             .with(
                 Role::CoarseV,
-                self.coarse_v.at_least(device, ws.coarse_bytes, cap),
+                self.coarse_v.at_least(device, ws.coarse_kv_bytes, cap),
             )
             .with(Role::CoarseQ, self.coarse_q.at_least(device, rows, cap))
             .with(Role::CoarseOut, self.coarse_o.at_least(device, rows, cap))
