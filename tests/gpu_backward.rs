@@ -35,11 +35,11 @@ struct Inputs {
 }
 
 fn inputs(seed: u64, shape: Shape) -> Inputs {
-    let len = shape.elements();
+    let (len, kv_len) = (shape.elements(), shape.kv_elements());
     Inputs {
         q: normal_tensor(seed, len),
-        k: normal_tensor(seed ^ 0x9e37_79b9, len),
-        v: normal_tensor(seed ^ 0x7f4a_7c15, len),
+        k: normal_tensor(seed ^ 0x9e37_79b9, kv_len),
+        v: normal_tensor(seed ^ 0x7f4a_7c15, kv_len),
         dout: normal_tensor(seed ^ 0x2545_f491, len),
     }
 }
@@ -79,11 +79,11 @@ fn gpu_gradients(ctx: &GpuContext, fma: &FmaAttention, x: &Inputs, shape: Shape)
     fma.forward_buffers(t, shape).expect("forward");
     let saved = fma.saved_from_buffers(t, shape).expect("saved");
     let dout = buffer(ctx, "dout", &x.dout);
-    let len = shape.elements();
+    let (len, kv_len) = (shape.elements(), shape.kv_elements());
     let (dq, dk, dv) = (
         nan(ctx, "dq", len),
-        nan(ctx, "dk", len),
-        nan(ctx, "dv", len),
+        nan(ctx, "dk", kv_len),
+        nan(ctx, "dv", kv_len),
     );
     let plan = fma.backward_plan(shape).expect("plan");
     let learned = matches!(fma.config().downsample, Downsample::Learned(_));
@@ -134,8 +134,8 @@ fn gpu_gradients(ctx: &GpuContext, fma: &FmaAttention, x: &Inputs, shape: Shape)
     });
     Gradients {
         dq: read(&dq, len),
-        dk: read(&dk, len),
-        dv: read(&dv, len),
+        dk: read(&dk, kv_len),
+        dv: read(&dv, kv_len),
         weights,
     }
 }
@@ -432,4 +432,82 @@ fn backward_under_browser_limits() {
         .downsample(Downsample::Learned(random_learned(seed, d, m, p, n)));
     let worst = check_backward(ctx, seed, Shape::new(1, 2, n, d), &cfg);
     eprintln!("browser limits: worst scaled gradient error {worst:.2e}");
+}
+
+/// K or V of `shape` with each K/V head repeated for its group (multi-head tensors).
+fn repeat_kv(x: &[f32], shape: Shape) -> Vec<f64> {
+    let per_head = shape.seq * shape.head_dim;
+    (0..shape.batch_heads())
+        .flat_map(|bh| &x[(bh / shape.group()) * per_head..(bh / shape.group() + 1) * per_head])
+        .map(|&v| v as f64)
+        .collect()
+}
+
+/// Sums a multi-head gradient over each group of query heads: the grouped-query dK or dV.
+fn sum_groups(g: &[f64], shape: Shape) -> Vec<f64> {
+    let per_head = shape.seq * shape.head_dim;
+    let mut out = vec![0.0; shape.kv_elements()];
+    for (bh, head) in g.chunks(per_head).enumerate() {
+        let kv = bh / shape.group();
+        for (o, x) in out[kv * per_head..(kv + 1) * per_head].iter_mut().zip(head) {
+            *o += x;
+        }
+    }
+    out
+}
+
+/// Grouped-query heads: dQ of Q's shape, dK and dV of K's shape, against the multi-head
+/// reference on repeated K/V heads with its dK, dV summed over each group; NaN-poisoned
+/// gradient buffers; two runs bit-identical (the group is summed in head order, no atomics).
+#[test]
+fn grouped_query_gradients_sum_each_group() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    // (batch, heads, kv_heads, n, d, m, p)
+    for (i, &(batch, heads, kv_heads, n, d, m, p)) in
+        [(2, 4, 2, 97, 16, 8, 2), (1, 4, 1, 257, 16, 16, 2)]
+            .iter()
+            .enumerate()
+    {
+        let shape = Shape::new(batch, heads, n, d).with_kv_heads(kv_heads);
+        let mha = Shape::new(batch, heads, n, d);
+        for causal in [false, true] {
+            for learned in [false, true] {
+                let s = seed + 4 * i as u64 + 2 * causal as u64 + learned as u64;
+                let mut cfg = FmaConfig::new(m, p).causal(causal);
+                if learned {
+                    cfg = cfg.downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
+                }
+                let label = format!("seed {s} {shape} causal={causal} learned={learned}");
+                let x = inputs(s, shape);
+                let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+                let g = gpu_gradients(ctx, &fma, &x, shape);
+                let r = cpu::fma_backward(
+                    &widen(&x.q),
+                    &repeat_kv(&x.k, shape),
+                    &repeat_kv(&x.v, shape),
+                    &widen(&x.dout),
+                    mha,
+                    &cfg,
+                )
+                .unwrap();
+                worst = worst.max(compare(&label, "dQ", &g.dq, &r.dq));
+                worst = worst.max(compare(&label, "dK", &g.dk, &sum_groups(&r.dk, shape)));
+                worst = worst.max(compare(&label, "dV", &g.dv, &sum_groups(&r.dv, shape)));
+                if let (Some(gw), Some(rw)) = (&g.weights, &r.weights) {
+                    for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
+                        let name = format!("k_w{}", l + 1);
+                        worst = worst.max(compare(&label, &name, &a.wk, &b.wk));
+                        let name = format!("v_b{}", l + 1);
+                        worst = worst.max(compare(&label, &name, &a.bv, &b.bv));
+                    }
+                }
+                let again = gpu_gradients(ctx, &fma, &x, shape);
+                assert_eq!(g, again, "{label}: two runs differ");
+            }
+        }
+    }
+    eprintln!("grouped-query worst scaled gradient error {worst:.2e}");
 }

@@ -17,7 +17,7 @@ use common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, Shape};
+use multipole_attn::{Downsample, FmaConfig, Queries, Shape};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -33,8 +33,8 @@ struct Inputs {
 fn inputs(seed: u64, shape: Shape) -> Inputs {
     Inputs {
         q: normal_tensor(seed, shape.elements()),
-        k: normal_tensor(seed ^ 0x9e37_79b9, shape.elements()),
-        v: normal_tensor(seed ^ 0x7f4a_7c15, shape.elements()),
+        k: normal_tensor(seed ^ 0x9e37_79b9, shape.kv_elements()),
+        v: normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements()),
     }
 }
 
@@ -317,4 +317,94 @@ fn encode_into_callers_encoder_matches_forward_buffers() {
         "LSE written without a buffer"
     );
     assert_eq!(got_dense, want_dense, "dense O or LSE differs");
+}
+
+/// K or V of `shape` (batch, kv_heads, n, d) with each K/V head repeated for its group:
+/// the multi-head tensors that grouped-query attention must equal.
+fn repeat_kv(x: &[f32], shape: Shape) -> Vec<f64> {
+    let per_head = shape.seq_kv * shape.head_dim;
+    (0..shape.batch_heads())
+        .flat_map(|bh| &x[(bh / shape.group()) * per_head..(bh / shape.group() + 1) * per_head])
+        .map(|&v| v as f64)
+        .collect()
+}
+
+/// Grouped-query (and multi-query) heads, FMA and dense, through NaN-poisoned caller buffers,
+/// against the reference run on K and V with every K/V head repeated for its group. The
+/// pooling then runs once per K/V head on the GPU and once per query head in the reference,
+/// so a query head reading the wrong K/V head, or a coarse row of the wrong head, fails.
+#[test]
+fn grouped_query_heads_equal_multi_head_attention_on_repeated_keys() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    // (batch, heads, kv_heads, n, head_dim, m, p)
+    let cases = [
+        (2, 4, 2, 97, 16, 8, 2),
+        (1, 8, 1, 1025, 16, 64, 4),
+        (2, 6, 3, 1, 16, 8, 2),
+    ];
+    for (i, &(batch, heads, kv_heads, n, d, m, p)) in cases.iter().enumerate() {
+        let shape = Shape::new(batch, heads, n, d).with_kv_heads(kv_heads);
+        let mha = Shape::new(batch, heads, n, d);
+        let seed = seed + i as u64;
+        let x = inputs(seed, shape);
+        let (k, v) = (repeat_kv(&x.k, shape), repeat_kv(&x.v, shape));
+        let q = widen(&x.q);
+        let check = |label: &str, o: &[f32], lse: &[f32], r: &cpu::Reference| {
+            let co = closeness(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
+            let cl = closeness(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
+            assert_eq!(co.violations, 0, "seed {seed} {shape} {label}: O {co:?}");
+            assert_eq!(cl.violations, 0, "seed {seed} {shape} {label}: LSE {cl:?}");
+            co.max_abs
+        };
+        for causal in [false, true] {
+            let queries: &[Queries] = if causal {
+                &[Queries::Fine]
+            } else {
+                &[Queries::Fine, Queries::Coarse]
+            };
+            for &queries in queries {
+                for ds in modes(seed, d, m, p, n) {
+                    let cfg = FmaConfig::new(m, p)
+                        .causal(causal)
+                        .queries(queries)
+                        .downsample(ds);
+                    let label = format!("causal={causal} {queries:?} m={m} p={p}");
+                    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+                    let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+                    fma.forward_buffers(bufs.tensors(), shape).unwrap();
+                    let (o, lse) = bufs.read(ctx);
+                    let r = cpu::fma_forward(&q, &k, &v, mha, &cfg).unwrap();
+                    worst = worst.max(check(&label, &o, &lse, &r));
+                    // The host API (runs of whole groups when the tensors are large) agrees.
+                    let host = fma.forward(&x.q, &x.k, &x.v, shape, false).unwrap();
+                    assert_eq!(host.o, o[..shape.elements()], "{label}: host vs buffers");
+                }
+            }
+            let dense = DenseAttention::new(ctx, causal).unwrap();
+            let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+            dense.forward_buffers(bufs.tensors(), shape).unwrap();
+            let (o, lse) = bufs.read(ctx);
+            let r = cpu::dense_attention(&q, &k, &v, mha, causal).unwrap();
+            worst = worst.max(check(&format!("dense causal={causal}"), &o, &lse, &r));
+        }
+    }
+    eprintln!("grouped-query worst |O err| {worst:.2e}");
+}
+
+#[test]
+fn kv_heads_that_do_not_divide_heads_are_a_typed_error() {
+    let Some(ctx) = gpu() else { return };
+    let shape = Shape::new(1, 6, 64, 16).with_kv_heads(4);
+    let x = vec![0.5f32; shape.elements()];
+    let kv = vec![0.5f32; 4 * 64 * 16];
+    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
+    let e = fma.forward(&x, &kv, &kv, shape, false).unwrap_err();
+    assert!(
+        matches!(e, multipole_attn::FmaError::InvalidConfig { what: "kv_heads", .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("divisor of heads = 6"), "{e}");
 }

@@ -38,6 +38,10 @@ struct Params {
     // Grouped-query attention: query heads per K/V head (1: multi-head). Query head bh reads
     // K/V head bh / kv_group of K, V, K~ and V~, which hold batch_heads / kv_group heads.
     kv_group: u32,
+    // Uniform layout: `levels` must start at a multiple of 16 bytes.
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
     levels: array<LevelInfo, 32>,
 }
 

@@ -61,6 +61,10 @@ pub struct Params {
     /// Query heads per K/V head (1: multi-head attention): K, V, K~ and V~ hold
     /// `batch_heads / kv_group` heads, and query head `bh` reads K/V head `bh / kv_group`.
     pub kv_group: u32,
+    /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 
