@@ -22,8 +22,8 @@ const SMALL: u64 = 16 << 10;
 fn inputs(seed: u64, shape: Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (
         normal_tensor(seed, shape.elements()),
-        normal_tensor(seed + 1, shape.elements()),
-        normal_tensor(seed + 2, shape.elements()),
+        normal_tensor(seed + 1, shape.kv_elements()),
+        normal_tensor(seed + 2, shape.kv_elements()),
     )
 }
 
@@ -41,6 +41,12 @@ fn cases() -> Vec<(FmaConfig, Shape, usize)> {
         (
             FmaConfig::new(32, 2).queries(Queries::Coarse),
             Shape::new(2, 1, 1025, 16),
+            6,
+        ),
+        // Grouped-query heads: each split query head reads its K/V head's chunks.
+        (
+            FmaConfig::new(32, 2),
+            Shape::new(1, 4, 1025, 16).with_kv_heads(2),
             6,
         ),
         // head_dim 3 (not a multiple of 4), m = 64: 1365 rows per binding, chunks of 1216.
@@ -114,6 +120,28 @@ fn split_run_matches(
     assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: O {c:?}");
     let c = closeness(split.lse.as_deref().unwrap(), &r.lse, 5e-5, 1e-5);
     assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: LSE {c:?}");
+}
+
+/// Grouped-query heads whose tensors exceed a binding together but not per group run in
+/// runs of whole groups (8 heads of 80 x 16 floats: 20 KiB of Q per 4 heads, so runs of one
+/// group of 2), and multi-query heads of one K/V head one query head at a time.
+#[test]
+fn grouped_heads_over_the_binding_run_in_whole_groups_to_the_bit() {
+    let Some(shared) = gpu() else { return };
+    let seed = fresh_seed();
+    for (small, default, cap) in setups(shared) {
+        for shape in [
+            Shape::new(2, 4, 80, 16).with_kv_heads(2),
+            Shape::new(1, 4, 200, 16).with_kv_heads(1),
+        ] {
+            for cfg in [
+                FmaConfig::new(16, 2),
+                FmaConfig::new(16, 2).queries(Queries::Coarse),
+            ] {
+                split_run_matches(&small, &default, cap, &cfg, shape, seed);
+            }
+        }
+    }
 }
 
 #[test]
