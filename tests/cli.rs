@@ -742,3 +742,42 @@ fn no_adapter_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// K and V with fewer heads than Q (grouped-query attention): the reference path equals the
+/// library's, the GPU path matches it within tests/gpu_forward.rs's tolerance, and K/V heads
+/// that do not divide Q's are bad input naming both shapes.
+#[test]
+fn grouped_query_heads_run_and_bad_head_counts_are_bad_input() {
+    let dir = Scratch::new("gqa");
+    let (q_dims, kv_dims) = ([2, 4, 50, 8], [2, 2, 50, 8]);
+    let q = normal_tensor(31, 2 * 4 * 50 * 8);
+    let (k, v) = (normal_tensor(32, 2 * 2 * 50 * 8), normal_tensor(33, 2 * 2 * 50 * 8));
+    write_f32(&dir.path("Q.npy"), &q_dims, q.clone());
+    write_f32(&dir.path("K.npy"), &kv_dims, k.clone());
+    write_f32(&dir.path("V.npy"), &kv_dims, v.clone());
+    let shape = Shape::new(2, 4, 50, 8).with_kv_heads(2);
+    let want = fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &FmaConfig::new(8, 2))
+        .unwrap();
+    cli(run_args(&dir, &["--reference", "--block", "8"])).assert_ok();
+    let o = read_f64(&dir.path("O.npy"));
+    assert_eq!(o.shape(), &q_dims);
+    assert!(max_abs_diff(&to_vec(o), &want.o) <= 1e-12);
+    let gpu = cli(run_args(&dir, &["--block", "8"]));
+    if gpu.code == Some(0) {
+        let o: ArrayD<f32> = read_npy(dir.path("O.npy")).expect("read O");
+        let o: Vec<f64> = o.iter().map(|&x| x as f64).collect();
+        assert!(max_abs_diff(&o, &want.o) <= 1e-4);
+    } else {
+        // Only where no adapter exists, and never under CI.
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci && gpu.stderr.contains("adapter"), "{}", gpu.stderr);
+    }
+    write_f32(&dir.path("K.npy"), &[2, 3, 50, 8], normal_tensor(34, 2 * 3 * 50 * 8));
+    write_f32(&dir.path("V.npy"), &[2, 3, 50, 8], normal_tensor(35, 2 * 3 * 50 * 8));
+    cli(run_args(&dir, &["--reference"])).assert_bad_input(&[
+        "3 heads",
+        "does not divide",
+        "(2, 4, 50, 8)",
+        "(2, 3, 50, 8)",
+    ]);
+}

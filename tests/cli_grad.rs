@@ -299,3 +299,28 @@ fn bad_grad_input_is_exit_2_naming_it() {
     std::fs::remove_file(dir.path("DO.npy")).unwrap();
     assert_bad_input(&cli(&grad_args(&dir, &["--reference"])), &["dO", "DO.npy"]);
 }
+
+/// Grouped-query heads: dq of Q's shape, dk and dv of K's (fewer heads), equal to the library's
+/// reference gradients.
+#[test]
+fn grouped_query_gradients_have_the_shape_of_k() {
+    let dir = Scratch::new("gqa");
+    let (q_dims, kv_dims) = (vec![1, 4, 40, 8], vec![1, 1, 40, 8]);
+    let mut x: [Vec<f32>; 4] = Default::default();
+    for (i, (name, dims)) in [("Q", &q_dims), ("K", &kv_dims), ("V", &kv_dims), ("DO", &q_dims)]
+        .into_iter()
+        .enumerate()
+    {
+        x[i] = normal_tensor(70 + i as u64, dims.iter().product());
+        write_f32(&dir.path(&format!("{name}.npy")), dims, x[i].clone());
+    }
+    let out = cli(&grad_args(&dir, &["--block", "4", "--rank", "2", "--reference"]));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let got = read_npz(&dir.path("G.npz"));
+    let shape = Shape::new(1, 4, 40, 8).with_kv_heads(1);
+    let mut want = expected(&x, &q_dims, shape, &FmaConfig::new(4, 2));
+    for w in want.iter_mut().filter(|w| w.0 == "dk" || w.0 == "dv") {
+        w.1 = kv_dims.clone();
+    }
+    assert!(compare(&got, &want) <= 1e-12);
+}

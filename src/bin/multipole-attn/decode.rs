@@ -61,6 +61,14 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
     );
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
     shape.validate()?;
+    if shape.kv_heads != shape.heads {
+        return Err(CliError::Input(format!(
+            "decode needs K and V with as many heads as Q ({}), but they have {}: the decoding \
+             cache holds one K/V head per query head (grouped-query heads are supported by \
+             `run` and `grad`)",
+            shape.heads, shape.kv_heads
+        )));
+    }
     let n = shape.seq;
     if args.prefill > n {
         return Err(CliError::Input(format!(

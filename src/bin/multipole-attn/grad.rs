@@ -43,7 +43,7 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     }
     shape.validate()?;
     let cfg = build_config(run, shape)?;
-    let x_shape = q.shape.clone();
+    let (x_shape, kv_shape) = (q.shape.clone(), k.shape.clone());
     log::info!(
         "FMA gradients {shape} on {}",
         if run.reference {
@@ -55,10 +55,10 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     if run.reference {
         let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
         let g = cpu::fma_backward(&q, &k, &v, &dout, shape, &cfg)?;
-        write_gradients(&run.out, &x_shape, shape, &cfg, g)
+        write_gradients(&run.out, (&x_shape, &kv_shape), shape, &cfg, g)
     } else {
         let g = run_gpu(&cfg, q, k, v, dout, shape)?;
-        write_gradients(&run.out, &x_shape, shape, &cfg, g)
+        write_gradients(&run.out, (&x_shape, &kv_shape), shape, &cfg, g)
     }
 }
 
@@ -92,11 +92,12 @@ fn write_error(path: &Path, e: WriteNpzError) -> CliError {
     }
 }
 
-/// Writes `dq`, `dk`, `dv` with the shape of Q, and per level l `k_w{l}`, `v_w{l}`
+/// Writes `dq` with the shape of Q, `dk`, `dv` with the shape of K (grouped-query heads: each
+/// K/V head's gradient sums its group of query heads), and per level l `k_w{l}`, `v_w{l}`
 /// (d, p, m 2^(l-1)) and `k_b{l}`, `v_b{l}` (d, p).
 fn write_gradients<T: WritableElement + Clone>(
     path: &Path,
-    x_shape: &[usize],
+    (x_shape, kv_shape): (&[usize], &[usize]),
     shape: Shape,
     cfg: &FmaConfig,
     g: Gradients<T>,
@@ -118,8 +119,8 @@ fn write_gradients<T: WritableElement + Clone>(
         npz.add_array(name, &arr).map_err(|e| write_error(path, e))
     };
     add("dq".into(), x_shape, g.dq)?;
-    add("dk".into(), x_shape, g.dk)?;
-    add("dv".into(), x_shape, g.dv)?;
+    add("dk".into(), kv_shape, g.dk)?;
+    add("dv".into(), kv_shape, g.dv)?;
     let (d, p) = (shape.head_dim, cfg.rank);
     for (i, lg) in g.weights.into_iter().flatten().enumerate() {
         let l = i + 1;

@@ -85,25 +85,42 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     Ok(())
 }
 
-/// The problem shape of Q, K, V: they must agree exactly, with 2 axes (n, d) or 4
-/// (batch, heads, n, d).
+/// The problem shape of Q, K, V: 2 axes (n, d), all three equal, or 4 (batch, heads, n, d),
+/// where K and V may have fewer heads than Q (grouped-query attention: their heads must
+/// divide Q's, and query head h reads K/V head h / (heads / kv_heads)).
 pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<Shape> {
-    for (name, t) in [("K", k), ("V", v)] {
-        if t != q {
-            return Err(CliError::Input(format!(
-                "Q, K and V must have the same shape, but Q has shape {} and {name} has shape {}",
-                fmt_shape(q),
-                fmt_shape(t)
-            )));
-        }
+    if v != k {
+        return Err(CliError::Input(format!(
+            "K and V must have the same shape, but K has shape {} and V has shape {}",
+            fmt_shape(k),
+            fmt_shape(v)
+        )));
     }
-    match *q {
-        [n, d] => Ok(Shape::new(1, 1, n, d)),
-        [b, h, n, d] => Ok(Shape::new(b, h, n, d)),
-        _ => Err(CliError::Input(format!(
-            "Q, K and V must have 2 axes (n, d) or 4 (batch, heads, n, d), but they have shape {} ({} axes)",
+    match (q, k) {
+        (&[n, d], &[nk, dk]) if (nk, dk) == (n, d) => Ok(Shape::new(1, 1, n, d)),
+        (&[b, h, n, d], &[bk, hk, nk, dk]) if (bk, nk, dk) == (b, n, d) && hk > 0 => {
+            if h % hk != 0 {
+                return Err(CliError::Input(format!(
+                    "K and V have {hk} heads, which does not divide Q's {h} heads: grouped-query \
+                     attention needs K/V heads that divide the query heads (each K/V head serves \
+                     heads / kv_heads consecutive query heads); shapes Q {}, K {}",
+                    fmt_shape(q),
+                    fmt_shape(k)
+                )));
+            }
+            Ok(Shape::new(b, h, n, d).with_kv_heads(hk))
+        }
+        (&[_, _], _) | (&[_, _, _, _], _) if q.len() == k.len() => Err(CliError::Input(format!(
+            "Q, K and V must agree in every axis but K/V's heads (batch, n and head_dim; K/V may \
+             have fewer heads for grouped-query attention), but Q has shape {} and K has shape {}",
             fmt_shape(q),
-            q.len()
+            fmt_shape(k)
+        ))),
+        _ => Err(CliError::Input(format!(
+            "Q, K and V must all have 2 axes (n, d) or all 4 (batch, heads, n, d), but Q has shape \
+             {} and K has shape {}",
+            fmt_shape(q),
+            fmt_shape(k)
         ))),
     }
 }
