@@ -6,8 +6,8 @@ use wasm_bindgen::prelude::*;
 
 use crate::options::Options;
 
-/// Q, K, V of one problem, each (batch, heads, n, headDim) f32 (JS: `x.q`, `x.k`, `x.v` are
-/// copies as `Float32Array`).
+/// Q, K, V of one problem, Q (batch, heads, n, headDim) and K, V (batch, kvHeads, n, headDim)
+/// f32 (JS: `x.q`, `x.k`, `x.v` are copies as `Float32Array`).
 #[wasm_bindgen(getter_with_clone)]
 pub struct Inputs {
     /// Queries.
@@ -30,17 +30,20 @@ pub fn make_inputs(
 ) -> Result<Inputs, JsError> {
     let opts = Options::from_js(options)?;
     let shape = opts.shape()?;
-    let (len, seed) = (shape.elements(), seed as u64);
+    let (len, kv_len, seed) = (shape.elements(), shape.kv_elements(), seed as u64);
     let q = normal_tensor(seed, len);
     let (k, v) = match kind {
         "smooth" => {
-            let (rows, n, d) = (shape.batch_heads(), shape.seq, shape.head_dim);
+            let (rows, n, d) = (shape.kv_batch_heads(), shape.seq, shape.head_dim);
             (
                 smooth_tensor(seed + 1, rows, n, d, 0.1),
                 smooth_tensor(seed + 2, rows, n, d, 0.1),
             )
         }
-        "random" => (normal_tensor(seed + 1, len), normal_tensor(seed + 2, len)),
+        "random" => (
+            normal_tensor(seed + 1, kv_len),
+            normal_tensor(seed + 2, kv_len),
+        ),
         other => {
             return Err(JsError::new(&format!(
                 "invalid input kind {other:?}: \"smooth\" or \"random\""

@@ -18,8 +18,9 @@ pub enum Queries {
 }
 
 /// A problem and an FMA configuration, as JS passes it:
-/// `{ batch?: 1, heads?: 1, n, headDim, m?: 64, p?: 2, causal?: false, queries?: "fine" }`.
-/// Tensors are (batch, heads, n, headDim) f32, row-major.
+/// `{ batch?: 1, heads?: 1, kvHeads?: heads, n, headDim, m?: 64, p?: 2, causal?: false,
+/// queries?: "fine" }`. Q and O are (batch, heads, n, headDim) f32, row-major; K and V
+/// (batch, kvHeads, n, headDim) (grouped-query attention when kvHeads < heads).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Options {
@@ -29,6 +30,10 @@ pub struct Options {
     /// Heads per batch element (default 1).
     #[serde(default = "one")]
     pub heads: usize,
+    /// K/V heads per batch element (default `heads`): a divisor of `heads`; query head h
+    /// reads K/V head h / (heads / kvHeads) (grouped-query attention; 1: multi-query).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_heads: Option<usize>,
     /// Sequence length.
     pub n: usize,
     /// Head dimension d (1..=256).
@@ -48,8 +53,8 @@ pub struct Options {
 }
 
 /// The JS names of the fields of [`Options`].
-const FIELDS: [&str; 8] = [
-    "batch", "heads", "n", "headDim", "m", "p", "causal", "queries",
+const FIELDS: [&str; 9] = [
+    "batch", "heads", "kvHeads", "n", "headDim", "m", "p", "causal", "queries",
 ];
 
 fn one() -> usize {
@@ -87,9 +92,10 @@ impl Options {
         serde_wasm_bindgen::to_value(self).map_err(|e| JsError::new(&e.to_string()))
     }
 
-    /// (batch, heads, n, head_dim), validated.
+    /// (batch, heads, n, head_dim) with `kvHeads` K/V heads, validated.
     pub fn shape(&self) -> Result<Shape, JsError> {
-        let shape = Shape::new(self.batch, self.heads, self.n, self.head_dim);
+        let shape = Shape::new(self.batch, self.heads, self.n, self.head_dim)
+            .with_kv_heads(self.kv_heads.unwrap_or(self.heads));
         shape.validate()?;
         Ok(shape)
     }

@@ -154,9 +154,9 @@ pub fn level_mass_of(
 ) -> Result<Mass, JsError> {
     let shape = opts.shape()?;
     let cfg = opts.config()?;
-    for (name, x) in [("Q", q), ("K", k), ("V", v)] {
-        shape.check_len(name, x.len())?;
-    }
+    shape.check_len("Q", q.len())?;
+    shape.check_kv_len("K", k.len())?;
+    shape.check_kv_len("V", v.len())?;
     if head >= shape.batch_heads() {
         return Err(FmaError::ShapeMismatch {
             what: "head index".into(),
@@ -168,11 +168,10 @@ pub fn level_mass_of(
     // Only this head's rows, widened to f64: a single-head problem.
     let one = Shape::new(1, 1, shape.seq, shape.head_dim);
     let r = head * one.elements()..(head + 1) * one.elements();
-    let (qh, kh, vh) = (
-        widen(&q[r.clone()]),
-        widen(&k[r.clone()]),
-        widen(&v[r.clone()]),
-    );
+    // Its K/V head (grouped-query attention).
+    let kv = head / shape.group();
+    let kv = kv * one.elements()..(kv + 1) * one.elements();
+    let (qh, kh, vh) = (widen(&q[r]), widen(&k[kv.clone()]), widen(&v[kv]));
     let lm = cpu_level_mass(&qh, &kh, &vh, one, &cfg, 0, query)?;
     Ok(Mass {
         mass: lm.mass,

@@ -6,12 +6,16 @@ use wasm_bindgen::prelude::*;
 
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &'static str = r#"
-/** A problem and an FMA configuration; tensors are (batch, heads, n, headDim) f32, row-major. */
+/** A problem and an FMA configuration; Q and O are (batch, heads, n, headDim) f32, row-major,
+ * K and V (batch, kvHeads, n, headDim). */
 export interface FmaOptions {
   /** Batch size (default 1). */
   batch?: number;
-  /** Heads per batch element (default 1). */
+  /** Query heads per batch element (default 1). */
   heads?: number;
+  /** K/V heads (default heads): a divisor of heads; query head h reads K/V head
+   * h / (heads / kvHeads) (grouped-query attention; 1 = multi-query). */
+  kvHeads?: number;
   /** Sequence length. */
   n: number;
   /** Head dimension d, 1..=256. */

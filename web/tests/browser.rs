@@ -48,6 +48,7 @@ fn opts(
     Options {
         batch,
         heads,
+        kv_heads: None,
         n,
         head_dim: d,
         m,
@@ -135,8 +136,8 @@ struct Qkv {
 fn qkv(seed: u64, shape: Shape) -> Qkv {
     Qkv {
         q: normal_tensor(seed, shape.elements()),
-        k: normal_tensor(seed ^ 0x9e37_79b9, shape.elements()),
-        v: normal_tensor(seed ^ 0x7f4a_7c15, shape.elements()),
+        k: normal_tensor(seed ^ 0x9e37_79b9, shape.kv_elements()),
+        v: normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements()),
     }
 }
 
@@ -344,6 +345,53 @@ async fn exported_fma_and_dense_match_the_reference() {
             );
         }
     }
+}
+
+/// `kvHeads` (grouped-query attention) through the JS-facing path: K and V from `makeInputs`
+/// have kvHeads heads; FMA and dense equal the reference run on K, V with each K/V head repeated
+/// for its group; a kvHeads that does not divide heads is an Error naming it.
+#[wasm_bindgen_test]
+async fn kv_heads_option_runs_grouped_query_attention() {
+    let g = gpu().await;
+    let seed = fresh_seed() as u32;
+    for (kv_heads, causal) in [(1, false), (2, true)] {
+        let o = Options {
+            kv_heads: Some(kv_heads),
+            ..opts(1, 4, 200, 16, 16, 2, causal)
+        };
+        let shape = o.shape().unwrap();
+        let label = format!("seed {seed} {o:?}");
+        let x = make_inputs(o.to_js().unwrap(), "random", seed).unwrap();
+        assert_eq!(x.k.len(), shape.kv_elements(), "{label}");
+        // Multi-head K, V: each K/V head repeated for its group.
+        let per_head = 200 * 16;
+        let repeat = |t: &[f32]| -> Vec<f64> {
+            (0..4)
+                .flat_map(|h| &t[(h / (4 / kv_heads)) * per_head..][..per_head])
+                .map(|&v| v as f64)
+                .collect()
+        };
+        let (k, v) = (repeat(&x.k), repeat(&x.v));
+        let mha = Shape::new(1, 4, 200, 16);
+        let got = g
+            .fma(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await
+            .unwrap();
+        let r = cpu::fma_forward(&widen(&x.q), &k, &v, mha, &o.config().unwrap()).unwrap();
+        let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
+        assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
+        let exact = g
+            .dense(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await
+            .unwrap();
+        let d = cpu::dense_attention(&widen(&x.q), &k, &v, mha, causal).unwrap();
+        let c = closeness(&exact, &d.o, O_ATOL, O_RTOL);
+        assert_eq!(c.violations, 0, "{label}: dense off by up to {}", c.max_abs);
+    }
+    let bad = js_opts(r#"{"heads": 4, "kvHeads": 3, "n": 16, "headDim": 8}"#);
+    let e = make_inputs(bad, "random", 1).err().expect("kvHeads 3 of 4 heads");
+    let m = message(e);
+    assert!(m.contains("kv_heads") && m.contains("divisor of heads = 4"), "{m}");
 }
 
 /// The message of a thrown JS Error.
