@@ -91,7 +91,7 @@ impl Shape {
     /// heads. A run of grouped heads keeps the group size when `heads` is a multiple of it
     /// (whole groups); a run that is a part of one group reads one K/V head.
     pub fn with_heads(&self, heads: usize) -> Self {
-        let kv_heads = if heads % self.group() == 0 {
+        let kv_heads = if heads.is_multiple_of(self.group()) {
             heads / self.group()
         } else {
             1
@@ -137,7 +137,7 @@ impl Shape {
                 });
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(FmaError::InvalidConfig {
                 what: "kv_heads",
                 value: self.kv_heads.to_string(),
@@ -192,11 +192,7 @@ impl Shape {
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "(batch {}, heads {}",
-            self.batch, self.heads
-        )?;
+        write!(f, "(batch {}, heads {}", self.batch, self.heads)?;
         if self.kv_heads != self.heads {
             write!(f, ", kv_heads {}", self.kv_heads)?;
         }

@@ -751,13 +751,22 @@ fn grouped_query_heads_run_and_bad_head_counts_are_bad_input() {
     let dir = Scratch::new("gqa");
     let (q_dims, kv_dims) = ([2, 4, 50, 8], [2, 2, 50, 8]);
     let q = normal_tensor(31, 2 * 4 * 50 * 8);
-    let (k, v) = (normal_tensor(32, 2 * 2 * 50 * 8), normal_tensor(33, 2 * 2 * 50 * 8));
+    let (k, v) = (
+        normal_tensor(32, 2 * 2 * 50 * 8),
+        normal_tensor(33, 2 * 2 * 50 * 8),
+    );
     write_f32(&dir.path("Q.npy"), &q_dims, q.clone());
     write_f32(&dir.path("K.npy"), &kv_dims, k.clone());
     write_f32(&dir.path("V.npy"), &kv_dims, v.clone());
     let shape = Shape::new(2, 4, 50, 8).with_kv_heads(2);
-    let want = fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &FmaConfig::new(8, 2))
-        .unwrap();
+    let want = fma_forward(
+        &widen(&q),
+        &widen(&k),
+        &widen(&v),
+        shape,
+        &FmaConfig::new(8, 2),
+    )
+    .unwrap();
     cli(run_args(&dir, &["--reference", "--block", "8"])).assert_ok();
     let o = read_f64(&dir.path("O.npy"));
     assert_eq!(o.shape(), &q_dims);
@@ -772,8 +781,16 @@ fn grouped_query_heads_run_and_bad_head_counts_are_bad_input() {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
         assert!(!ci && gpu.stderr.contains("adapter"), "{}", gpu.stderr);
     }
-    write_f32(&dir.path("K.npy"), &[2, 3, 50, 8], normal_tensor(34, 2 * 3 * 50 * 8));
-    write_f32(&dir.path("V.npy"), &[2, 3, 50, 8], normal_tensor(35, 2 * 3 * 50 * 8));
+    write_f32(
+        &dir.path("K.npy"),
+        &[2, 3, 50, 8],
+        normal_tensor(34, 2 * 3 * 50 * 8),
+    );
+    write_f32(
+        &dir.path("V.npy"),
+        &[2, 3, 50, 8],
+        normal_tensor(35, 2 * 3 * 50 * 8),
+    );
     cli(run_args(&dir, &["--reference"])).assert_bad_input(&[
         "3 heads",
         "does not divide",

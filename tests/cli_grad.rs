@@ -307,14 +307,22 @@ fn grouped_query_gradients_have_the_shape_of_k() {
     let dir = Scratch::new("gqa");
     let (q_dims, kv_dims) = (vec![1, 4, 40, 8], vec![1, 1, 40, 8]);
     let mut x: [Vec<f32>; 4] = Default::default();
-    for (i, (name, dims)) in [("Q", &q_dims), ("K", &kv_dims), ("V", &kv_dims), ("DO", &q_dims)]
-        .into_iter()
-        .enumerate()
+    for (i, (name, dims)) in [
+        ("Q", &q_dims),
+        ("K", &kv_dims),
+        ("V", &kv_dims),
+        ("DO", &q_dims),
+    ]
+    .into_iter()
+    .enumerate()
     {
         x[i] = normal_tensor(70 + i as u64, dims.iter().product());
         write_f32(&dir.path(&format!("{name}.npy")), dims, x[i].clone());
     }
-    let out = cli(&grad_args(&dir, &["--block", "4", "--rank", "2", "--reference"]));
+    let out = cli(&grad_args(
+        &dir,
+        &["--block", "4", "--rank", "2", "--reference"],
+    ));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let got = read_npz(&dir.path("G.npz"));
     let shape = Shape::new(1, 4, 40, 8).with_kv_heads(1);

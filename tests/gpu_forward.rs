@@ -403,7 +403,13 @@ fn kv_heads_that_do_not_divide_heads_are_a_typed_error() {
     let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
     let e = fma.forward(&x, &kv, &kv, shape, false).unwrap_err();
     assert!(
-        matches!(e, multipole_attn::FmaError::InvalidConfig { what: "kv_heads", .. }),
+        matches!(
+            e,
+            multipole_attn::FmaError::InvalidConfig {
+                what: "kv_heads",
+                ..
+            }
+        ),
         "{e}"
     );
     assert!(e.to_string().contains("divisor of heads = 6"), "{e}");

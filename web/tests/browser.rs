@@ -389,9 +389,14 @@ async fn kv_heads_option_runs_grouped_query_attention() {
         assert_eq!(c.violations, 0, "{label}: dense off by up to {}", c.max_abs);
     }
     let bad = js_opts(r#"{"heads": 4, "kvHeads": 3, "n": 16, "headDim": 8}"#);
-    let e = make_inputs(bad, "random", 1).err().expect("kvHeads 3 of 4 heads");
+    let e = make_inputs(bad, "random", 1)
+        .err()
+        .expect("kvHeads 3 of 4 heads");
     let m = message(e);
-    assert!(m.contains("kv_heads") && m.contains("divisor of heads = 4"), "{m}");
+    assert!(
+        m.contains("kv_heads") && m.contains("divisor of heads = 4"),
+        "{m}"
+    );
 }
 
 /// The message of a thrown JS Error.

@@ -99,7 +99,7 @@ pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<
     match (q, k) {
         (&[n, d], &[nk, dk]) if (nk, dk) == (n, d) => Ok(Shape::new(1, 1, n, d)),
         (&[b, h, n, d], &[bk, hk, nk, dk]) if (bk, nk, dk) == (b, n, d) && hk > 0 => {
-            if h % hk != 0 {
+            if !h.is_multiple_of(hk) {
                 return Err(CliError::Input(format!(
                     "K and V have {hk} heads, which does not divide Q's {h} heads: grouped-query \
                      attention needs K/V heads that divide the query heads (each K/V head serves \

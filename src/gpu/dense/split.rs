@@ -65,7 +65,13 @@ impl DenseAttention {
         });
 
         for (&(lo, hi), b) in plan.chunks.iter().zip(&chunks) {
-            io.fill(&self.ctx.queue, &mut enc, (shape, h), lo..hi, [&b.q, &b.k, &b.v]);
+            io.fill(
+                &self.ctx.queue,
+                &mut enc,
+                (shape, h),
+                lo..hi,
+                [&b.q, &b.k, &b.v],
+            );
         }
 
         // One parameter block per pair: its query rows and keys.

@@ -39,7 +39,11 @@ impl SplitIo<'_> {
     ) {
         let (n, d) = (shape.seq, shape.head_dim);
         let rows_of = |head: usize| (head * n + tokens.start) * d..(head * n + tokens.end) * d;
-        let ranges = [rows_of(h), rows_of(h / shape.group()), rows_of(h / shape.group())];
+        let ranges = [
+            rows_of(h),
+            rows_of(h / shape.group()),
+            rows_of(h / shape.group()),
+        ];
         match self {
             SplitIo::Host { q, k, v, .. } => {
                 for ((src, dst), range) in [q, k, v].into_iter().zip(dst).zip(ranges) {

@@ -209,7 +209,13 @@ impl FmaAttention {
         });
         for (c, t) in plan.chunks.iter().zip(&state.tokens) {
             let tokens = c.row_base..c.row_base + c.rows;
-            io.fill(&self.ctx.queue, &mut enc, (shape, h), tokens, [&t.q, &t.k, &t.v]);
+            io.fill(
+                &self.ctx.queue,
+                &mut enc,
+                (shape, h),
+                tokens,
+                [&t.q, &t.k, &t.v],
+            );
         }
         let steps = coarse.pool.iter().zip(&state.pool);
         for (step, u) in steps.chain(coarse.attend.iter().zip(&state.attend)) {
