@@ -14,6 +14,7 @@
 #import params
 #import geometry
 #import level_select
+#import sequences
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // coarse queries (bh, coarse_rows, d)
 @group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh / kv_group, coarse_rows, d)
@@ -46,19 +47,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // The coarse queries of the windows holding tokens [chunk_lo, chunk_hi) (all of them
     // unless a split head's coarse rows are attended a group of windows at a time).
     let a_lo = params.chunk_lo / info.window;
-    let rows = (window_count(params.chunk_hi, info.window) - a_lo) * p;
+    var rows = (window_count(params.chunk_hi, info.window) - a_lo) * p;
+    if (params.seqs > 0u) {
+        rows = seq_table[sec_rows(sel.level) + params.seqs]; // every sequence's (varlen)
+    }
     let g = dispatch_workgroup(wg) * WG + lid;
-    if (g >= params.batch_heads * rows) {
+    if (g >= query_heads() * rows) {
         return;
     }
-    let bh = g / rows;
-    let r = a_lo * p + g % rows;
+    var r = a_lo * p + g % rows;
+    var seq = 0u;
+    if (params.seqs > 0u) {
+        seq = seq_search(sec_rows(sel.level), r);
+        r -= seq_table[sec_rows(sel.level) + seq];
+    }
+    let pr = problem(g / rows, seq);
+    let n = pr.n;
     let a = r / p;
     // Rows of this level in the concatenated per-head buffers: the query head's coarse
     // queries, partial outputs and LSEs, and its K/V head's coarse keys and values.
-    let level_row = bh * params.coarse_rows + info.row_offset;
+    let level_row = coarse_row(pr.q_crow, sel.level, seq, 0u);
     let head = level_row * d;
-    let kv_head = ((bh / params.kv_group) * params.coarse_rows + info.row_offset) * d;
+    let kv_head = coarse_row(pr.kv_crow, sel.level, seq, 0u) * d;
     // The query row, as online_softmax's begin_row loads it (not imported: its tiles and
     // subgroup set-up have no use here, and the early return above is not uniform).
     for (var c4 = 0u; c4 < D4; c4++) {
@@ -78,10 +88,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // The far list, bidirectional only: the config refuses causal + coarse queries.
     for (var run = 0u; run < FAR_RUNS; run++) {
-        let far = far_run(a, info.windows, false, run);
+        let far = far_run(a, level_windows(pr, sel.level), false, run);
         for (var b = far.x; b < far.y; b++) {
             for (var j = 0u; j < p; j++) {
-                let size = sub_window_count(params.n, info.window, p, b, j);
+                let size = sub_window_count(n, info.window, p, b, j);
                 if (size == 0u) {
                     continue;
                 }

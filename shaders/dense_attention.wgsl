@@ -4,6 +4,8 @@
 // last n of n_kv positions; n_kv = n for self-attention). CPU mirror: `cpu::dense_attention`.
 
 #import params
+#import geometry
+#import sequences
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n_kv, d)
@@ -62,36 +64,45 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (wid >= params.total_workgroups) {
         return;
     }
-    let n = params.n;
-    let tiles = params.tiles_per_block;
-    let bh = wid / tiles;
-    let i0 = params.chunk_lo + (wid % tiles) * WG;
-    let i1 = min(i0 + WG, params.chunk_hi);
+    // Query tiles of each problem: tiles_per_block of the sequence (or of a split head's query
+    // chunk), or each sequence's own (varlen, sequences.wgsl).
+    let at = locate(wid, params.tiles_per_block, sec_tile(), query_heads());
+    if (at.x == 0xffffffffu) {
+        return; // uniform over the workgroup
+    }
+    let pr = problem(at.x, at.y);
+    let n = pr.n;
+    // A sequence of a variable-length batch attends to itself: its n keys, unsplit.
+    let varlen = params.seqs > 0u;
+    let n_kv = select(params.n_kv, n, varlen);
+    let key_hi = select(params.key_hi, n, varlen);
+    let i0 = params.chunk_lo + at.z * WG;
+    let i1 = min(i0 + WG, select(params.chunk_hi, n, varlen));
     let i = i0 + lid;
     let in_tile = i < i1;
     let causal = params.causal != 0u;
     // Query i sits at key position i + shift (causal needs n_kv >= n: the plan checks).
-    let shift = params.n_kv - n;
+    let shift = n_kv - n;
     // Keys this tile attends to over all chunks: [0, t_end).
-    let t_end = select(params.n_kv, i1 + shift, causal);
+    let t_end = select(n_kv, i1 + shift, causal);
     if (params.key_lo >= t_end) {
         return; // finished by an earlier key chunk (causal); uniform over the workgroup
     }
     // Element offsets of row 0 of the head in the bound Q, O and K, V (wrapping when a split
-    // head's bindings start later, as in fine_attention.wgsl), and this row's LSE slot.
-    let q_head = (bh * n - params.row_base) * params.d;
-    // K/V head bh / kv_group: grouped-query heads share it.
-    let k_head = ((bh / params.kv_group) * params.n_kv - params.key_lo) * params.d;
-    let row = bh * n + i - params.row_base;
+    // head's bindings start later, as in fine_attention.wgsl), and this row's LSE slot. K/V:
+    // the query head's K/V head (grouped-query heads share it).
+    let q_head = (pr.q_row - params.row_base) * params.d;
+    let k_head = (pr.kv_row - params.key_lo) * params.d;
+    let row = pr.q_row + i - params.row_base;
 
     if (params.key_lo == 0u) {
         begin_row(q_head, i, in_tile);
     } else {
         resume_row(q_head, row, i, in_tile);
     }
-    attend_fine_keys(k_head, params.key_lo, min(t_end, params.key_hi), i + shift, causal, lid);
+    attend_fine_keys(k_head, params.key_lo, min(t_end, key_hi), i + shift, causal, lid);
     if (in_tile) {
-        if (params.key_hi >= t_end) {
+        if (key_hi >= t_end) {
             finish_row(q_head, row, i);
         } else {
             save_row(q_head, row, i);

@@ -10,14 +10,15 @@
 #import params
 #import geometry
 #import level_select
+#import sequences
 
 @group(0) @binding(1) var<storage, read> k: array<f32>;              // (bh / kv_group, n, d)
 @group(0) @binding(2) var<storage, read> v: array<f32>;              // (bh / kv_group, n, d)
 @group(0) @binding(3) var<storage, read> q: array<f32>;              // (bh, n, d)
 // Learned weights [keys | values | queries], each the levels' (d, p, w_l) concatenated
-// (params.weight_stride apart), and biases likewise, each the levels' (d, p).
+// (params.weight_stride apart), then from params.bias_base the biases likewise, each the
+// levels' (d, p) (one binding for both: WebGPU's eight storage bindings per stage).
 @group(0) @binding(4) var<storage, read> w: array<f32>;
-@group(0) @binding(5) var<storage, read> b: array<f32>;
 @group(0) @binding(6) var<storage, read_write> coarse_k: array<f32>; // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(7) var<storage, read_write> coarse_v: array<f32>; // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(8) var<storage, read_write> coarse_q: array<f32>; // (bh, coarse_rows, d)
@@ -53,24 +54,39 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // The windows holding tokens of the chunk [chunk_lo, chunk_hi) (all of them unless split).
     let a_lo = params.chunk_lo / win;
     let a_hi = window_count(params.chunk_hi, win);
-    let rows = (a_hi - a_lo) * p;
-    // K and V have batch_heads / kv_group heads (grouped-query attention: each is pooled once
-    // for its group of query heads), Q batch_heads: the workgroups of K, then V, then Q.
-    let kv_wgs = ((params.batch_heads / params.kv_group) * rows * d + WG - 1u) / WG;
+    // Rows per head: the chunk's windows (equal sequences), or every sequence's (varlen).
+    var rows = (a_hi - a_lo) * p;
+    if (params.seqs > 0u) {
+        rows = seq_table[sec_rows(sel.level) + params.seqs];
+    }
+    // K and V have query_heads() / kv_group heads (grouped-query attention: each is pooled once
+    // for its group of query heads), Q query_heads(): the workgroups of K, then V, then Q.
+    let kv_heads = query_heads() / params.kv_group;
+    let kv_wgs = (kv_heads * rows * d + WG - 1u) / WG;
     let wid = dispatch_workgroup(wg);
     let tensor = min(wid / kv_wgs, 2u);
-    let heads = select(params.batch_heads / params.kv_group, params.batch_heads, tensor == 2u);
+    let heads = select(kv_heads, query_heads(), tensor == 2u);
     let per_tensor = heads * rows * d;
     let g = (wid - tensor * kv_wgs) * WG + lid;
     if (tensor >= params.pooled || g >= per_tensor) {
         return;
     }
     let c = g % d;
-    let row = a_lo * p + (g / d) % rows;
-    let bh = g / (d * rows); // a K/V head for tensors 0 and 1, a query head for 2
+    let head = g / (d * rows); // a K/V head for tensors 0 and 1, a query head for 2
+    var row = a_lo * p + (g / d) % rows;
+    var seq = 0u;
+    if (params.seqs > 0u) {
+        seq = seq_search(sec_rows(sel.level), row);
+        row -= seq_table[sec_rows(sel.level) + seq];
+    }
+    let pr = problem(select(head * params.kv_group, head, tensor == 2u), seq);
+    let n = pr.n;
+    // Its rows in the tensor and its coarse rows (K/V head or query head).
+    let tok_row = select(pr.kv_row, pr.q_row, tensor == 2u);
+    let crow = select(pr.kv_crow, pr.q_crow, tensor == 2u);
     let a = row / p;
     let j = row % p;
-    let out = (bh * params.coarse_rows + info.row_offset + row) * d + c;
+    let out = coarse_row(crow, sel.level, seq, row) * d + c;
     var s = 0.0;
     if (params.learned == 0u && sel.level > 0u) {
         // S(l, a, j) is the union of two level l-1 sub-windows; either may be empty at the end.
@@ -78,9 +94,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var total = 0u;
         for (var h = 0u; h < 2u; h++) {
             let child = sub_window_child(p, a, j, h);
-            let count = sub_window_count(params.n, prev.window, p, child.x, child.y);
+            let count = sub_window_count(n, prev.window, p, child.x, child.y);
             if (count > 0u) {
-                let row_in = bh * params.coarse_rows + prev.row_offset + child.x * p + child.y;
+                let row_in = coarse_row(crow, sel.level - 1u, seq, child.x * p + child.y);
                 s += f32(count) * coarse_input(tensor, row_in * d + c);
                 total += count;
             }
@@ -93,23 +109,23 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // a split head's bindings start at row_base > 0. A split head pools level 1 (Average)
         // a chunk at a time: chunks are whole fine blocks, so every window of m tokens lies in
         // one chunk and this dispatch covers exactly the windows of its chunk.
-        let head = (bh * params.n - params.row_base) * d;
+        let base = (tok_row - params.row_base) * d;
         if (params.learned == 0u) {
-            let tokens = sub_window(params.n, win, p, a, j);
+            let tokens = sub_window(n, win, p, a, j);
             for (var t = tokens.x; t < tokens.y; t++) {
-                s += input(tensor, head + t * d + c);
+                s += input(tensor, base + t * d + c);
             }
             if (tokens.y > tokens.x) {
                 s /= f32(tokens.y - tokens.x);
             }
         } else {
             // Depthwise convolution, kernel = stride = w_l; tokens beyond n count as zero.
-            let tokens = window_range(params.n, win, a);
+            let tokens = window_range(n, win, a);
             let wrow = tensor * params.weight_stride + info.weight_offset + (c * p + j) * win;
             for (var t = 0u; t < tokens.y - tokens.x; t++) {
-                s += w[wrow + t] * input(tensor, head + (tokens.x + t) * d + c);
+                s += w[wrow + t] * input(tensor, base + (tokens.x + t) * d + c);
             }
-            s += b[tensor * params.bias_stride + sel.level * d * p + c * p + j];
+            s += w[params.bias_base + tensor * params.bias_stride + sel.level * d * p + c * p + j];
         }
     }
     if (tensor == 0u) {

@@ -6,6 +6,7 @@
 
 #import params
 #import geometry
+#import sequences
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
@@ -26,13 +27,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (wid >= params.total_workgroups) {
         return;
     }
-    let n = params.n;
     let m = params.m;
-    // The fine blocks of the chunk [chunk_lo, chunk_hi) (all of them unless split).
-    let blocks = window_count(params.chunk_hi - params.chunk_lo, m);
-    let tiles = blocks * params.tiles_per_block;
-    let bh = wid / tiles;
-    let tile = wid % tiles;
+    // The fine blocks of the chunk [chunk_lo, chunk_hi) (all of them unless split), or of each
+    // sequence of a variable-length batch (sequences.wgsl).
+    let tiles = window_count(params.chunk_hi - params.chunk_lo, m) * params.tiles_per_block;
+    let at = locate(wid, tiles, sec_tile(), params.batch_heads);
+    if (at.x == 0xffffffffu) {
+        return; // uniform over the workgroup
+    }
+    let pr = problem(at.x, at.y);
+    let n = pr.n;
+    let tile = at.z;
     let a0 = params.chunk_lo / m + tile / params.tiles_per_block;
     let block = window_range(n, m, a0);
     let i0 = block.x + (tile % params.tiles_per_block) * WG;
@@ -42,10 +47,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Element offset of row 0 of this head in the bound tensors. A split head's bindings start
     // at global row row_base (batch_heads = 1), making this (-row_base d) mod 2^32: u32
     // arithmetic wraps in WGSL, so head + t d still lands on bound row t - row_base.
-    let head = (bh * n - params.row_base) * params.d;
+    let head = (pr.q_row - params.row_base) * params.d;
     // The K/V head this query head reads (grouped-query attention), offset alike.
-    let kv_bh = bh / params.kv_group;
-    let kv_head = (kv_bh * n - params.row_base) * params.d;
+    let kv_head = (pr.kv_row - params.row_base) * params.d;
     let causal = params.causal != 0u;
 
     begin_row(head, i, in_tile);
@@ -57,9 +61,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // Coarse levels (none with coarse queries).
     let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
-    attend_far_field(kv_bh, a0, causal, far_levels, lid);
+    attend_far_field(pr, a0, causal, far_levels, lid);
 
     if (in_tile) {
-        finish_row(head, bh * n + i - params.row_base, i);
+        finish_row(head, pr.q_row + i - params.row_base, i);
     }
 }

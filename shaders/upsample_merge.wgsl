@@ -9,6 +9,7 @@
 #import params
 #import geometry
 #import level_select
+#import sequences
 
 @group(0) @binding(1) var<storage, read> coarse_o: array<f32>;     // partial o~ (bh, coarse_rows, d)
 @group(0) @binding(2) var<storage, read> coarse_lse: array<f32>;   // partial lse~ (bh, coarse_rows)
@@ -17,17 +18,22 @@
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n = params.n;
-    // Tokens [chunk_lo, chunk_hi) of every head (all of them unless the head is split).
-    let span = params.chunk_hi - params.chunk_lo;
+    // Tokens [chunk_lo, chunk_hi) of every head (all of them unless the head is split), or
+    // every sequence's tokens (varlen).
+    let span = select(params.chunk_hi - params.chunk_lo, seq_table[params.seqs], params.seqs > 0u);
     let t = dispatch_workgroup(wg) * WG + lid;
-    if (t >= params.batch_heads * span) {
+    if (t >= query_heads() * span) {
         return;
     }
-    let bh = t / span;
-    let i = params.chunk_lo + t % span;
+    var i = params.chunk_lo + t % span;
+    var seq = 0u;
+    if (params.seqs > 0u) {
+        seq = seq_search(sec_tok(), i);
+        i -= seq_table[seq];
+    }
+    let pr = problem(t / span, seq);
     // Row of O and the LSE in the bound buffers (they start at global row row_base).
-    let g = bh * n + i - params.row_base;
+    let g = pr.q_row + i - params.row_base;
     let d = params.d;
     let p = params.p;
     var rows: array<u32, 32>;
@@ -42,10 +48,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let info = params.levels[lvl];
         let s = sub_window_of(info.window, p, i);
-        rows[lvl] = bh * params.coarse_rows + info.row_offset + s.x * p + s.y;
+        rows[lvl] = coarse_row(pr.q_crow, lvl, seq, s.x * p + s.y);
         weight[lvl] = coarse_lse[rows[lvl]];
         // Coarse queries are bidirectional only (the config refuses causal + coarse queries).
-        present[lvl] = far_count(s.x, info.windows, false) > 0u;
+        present[lvl] = far_count(s.x, level_windows(pr, lvl), false) > 0u;
         if (present[lvl]) {
             big = max(big, weight[lvl]);
         }

@@ -19,6 +19,7 @@ pub mod gradients;
 pub mod levels;
 pub mod plan;
 pub mod random;
+pub mod sequences;
 pub mod shape;
 pub mod weights;
 
@@ -26,5 +27,6 @@ pub use config::{DecodeConfig, Downsample, FmaConfig, Queries};
 pub use error::{FmaError, Result};
 pub use geometry::Geometry;
 pub use gradients::{Gradients, LevelGradients};
+pub use sequences::{SeqLayout, Sequences};
 pub use shape::Shape;
 pub use weights::{LearnedWeights, LevelWeights};

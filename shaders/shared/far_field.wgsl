@@ -2,16 +2,17 @@
 // in one sequence, staged BK at a time, so a block pays two barriers and one rescale per BK
 // coarse keys instead of per run of at most 2p keys (2 runs x L levels).
 // CPU mirror: the `SeenKey::Coarse` arm of `cpu::fma_forward`; far lists: `levels::far_list`.
-// Needs from the importer: key_tiles, online_softmax, geometry; bindings coarse_k, coarse_v.
+// Needs from the importer: key_tiles, online_softmax, geometry, sequences; bindings coarse_k,
+// coarse_v. The problem `pr` gives the sequence's length and its K/V head's coarse rows.
 
 // Coarse keys that fine block a0 sees over `levels` levels.
-fn far_total(a0: u32, causal: bool, levels: u32) -> u32 {
+fn far_total(pr: Problem, a0: u32, causal: bool, levels: u32) -> u32 {
     let p = params.p;
     var total = 0u;
     for (var lvl = 0u; lvl < levels; lvl++) {
         let a = block_window(a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = far_run(a, params.levels[lvl].windows, causal, run);
+            let r = far_run(a, level_windows(pr, lvl), causal, run);
             total += (r.y - r.x) * p;
         }
     }
@@ -19,13 +20,13 @@ fn far_total(a0: u32, causal: bool, levels: u32) -> u32 {
 }
 
 // The g-th key of block a0's gathered far field: (level index, row within the level).
-fn far_key(a0: u32, causal: bool, g: u32) -> vec2<u32> {
+fn far_key(pr: Problem, a0: u32, causal: bool, g: u32) -> vec2<u32> {
     let p = params.p;
     var rest = g;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let a = block_window(a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = far_run(a, params.levels[lvl].windows, causal, run);
+            let r = far_run(a, level_windows(pr, lvl), causal, run);
             let rows = (r.y - r.x) * p;
             if (rest < rows) {
                 return vec2<u32>(lvl, r.x * p + rest);
@@ -39,12 +40,12 @@ fn far_key(a0: u32, causal: bool, g: u32) -> vec2<u32> {
 // Stages keys [g0, g0 + count) of block a0's gathered far field (count <= BK). Each invocation
 // stages whole rows: it finds its row's level once (a walk over the levels) instead of once per
 // element; the far field is a few dozen rows, so the lost load coalescing costs little.
-fn stage_far_gathered(kv_bh: u32, a0: u32, causal: bool, g0: u32, count: u32, lid: u32) {
+fn stage_far_gathered(pr: Problem, a0: u32, causal: bool, g0: u32, count: u32, lid: u32) {
     let d = params.d;
     for (var r = lid; r < count; r += WG) {
-        let key = far_key(a0, causal, g0 + r);
+        let key = far_key(pr, a0, causal, g0 + r);
         let info = params.levels[key.x];
-        let base = (kv_bh * params.coarse_rows + info.row_offset + key.y) * d;
+        let base = coarse_row(pr.kv_crow, key.x, pr.s, key.y) * d;
         for (var c4 = 0u; c4 < D4; c4++) {
             var kk = vec4<f32>(0.0);
             var vv = vec4<f32>(0.0);
@@ -59,19 +60,19 @@ fn stage_far_gathered(kv_bh: u32, a0: u32, causal: bool, g0: u32, count: u32, li
             tile_v[r * D4 + c4] = vv;
         }
         tile_bias[r] = coarse_key_bias(
-            sub_window_count(params.n, info.window, params.p, key.y / params.p, key.y % params.p));
+            sub_window_count(pr.n, info.window, params.p, key.y / params.p, key.y % params.p));
     }
 }
 
-// Attends to every level's far list of fine block a0 (levels 1..`levels`), gathered, from the
-// coarse rows of K/V head kv_bh.
+// Attends to every level's far list of fine block a0 (levels 1..`levels`) of problem pr,
+// gathered, from its K/V head's coarse rows.
 // Arguments uniform over the workgroup (barriers inside).
-fn attend_far_field(kv_bh: u32, a0: u32, causal: bool, levels: u32, lid: u32) {
-    let total = far_total(a0, causal, levels);
+fn attend_far_field(pr: Problem, a0: u32, causal: bool, levels: u32, lid: u32) {
+    let total = far_total(pr, a0, causal, levels);
     for (var g0 = 0u; g0 < total; g0 += BK) {
         let count = min(BK, total - g0);
         workgroupBarrier();
-        stage_far_gathered(kv_bh, a0, causal, g0, count, lid);
+        stage_far_gathered(pr, a0, causal, g0, count, lid);
         workgroupBarrier();
         consume_tile(count, count);
     }

@@ -38,8 +38,15 @@ struct Params {
     // Grouped-query attention: query heads per K/V head (1: multi-head). Query head bh reads
     // K/V head bh / kv_group of K, V, K~ and V~, which hold batch_heads / kv_group heads.
     kv_group: u32,
+    // Variable-length batches (`shared/sequences.wgsl`): 0 for a batch of equal sequences of n
+    // tokens (every other field as above); else the number of sequences, each its own FMA,
+    // described by the sequence table, with `heads` query heads each.
+    seqs: u32,
+    heads: u32,              // query heads per sequence (varlen)
+    q_head_stride: u32,      // rows between heads of one sequence in Q, O, the LSE (varlen)
+    kv_head_stride: u32,     // rows between K/V heads of one sequence in K, V (varlen)
+    bias_base: u32,          // first bias element in the downsample pass's weight binding
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad0: u32,
     _pad1: u32,
     _pad2: u32,
     levels: array<LevelInfo, 32>,

@@ -16,6 +16,17 @@ pub struct DensePlan {
     pub attention: Dispatch,
     /// Query tiles of the sequence: ceil(n / WG).
     pub tiles: u32,
+    /// A padded variable-length batch: the fill of its padding rows, after the attention.
+    pub pad: Option<Dispatch>,
+    /// A variable-length batch's sequence table (`None` for a batch of equal sequences).
+    pub sequences: Option<super::sequences::SeqTable>,
+}
+
+impl DensePlan {
+    /// Every dispatch in execution order: the attention, then (padded batches) the padding.
+    pub fn steps(&self) -> Vec<Dispatch> {
+        std::iter::once(self.attention).chain(self.pad).collect()
+    }
 }
 
 impl DensePlan {
@@ -50,6 +61,8 @@ impl DensePlan {
                 spec,
             },
             tiles,
+            pad: None,
+            sequences: None,
         })
     }
 }

@@ -74,10 +74,15 @@ pub struct FmaPlan {
     pub attention: Dispatch,
     /// Coarse queries: the upsample-merge dispatch, last (None with fine queries).
     pub merge: Option<Dispatch>,
+    /// A padded variable-length batch: the fill of its padding rows (O = 0, LSE = -inf), last.
+    pub pad: Option<Dispatch>,
     /// Query tiles per fine block: ceil(m / WG).
     pub tiles_per_block: u32,
     /// Buffer sizes.
     pub workspace: Workspace,
+    /// A variable-length batch's sequence table ([`FmaPlan::for_sequences`]); `None` for a
+    /// batch of equal sequences.
+    pub sequences: Option<super::sequences::SeqTable>,
 }
 
 impl FmaPlan {
@@ -217,6 +222,7 @@ impl FmaPlan {
             coarse_attention,
             attention,
             merge,
+            pad: None,
             tiles_per_block,
             workspace: Workspace {
                 coarse_rows,
@@ -229,6 +235,7 @@ impl FmaPlan {
                 },
                 lse_bytes: shape.rows() as u64 * 4,
             },
+            sequences: None,
         })
     }
 
@@ -242,6 +249,7 @@ impl FmaPlan {
         }
         steps.push(self.attention);
         steps.extend(self.merge);
+        steps.extend(self.pad);
         steps
     }
 }

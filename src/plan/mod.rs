@@ -10,9 +10,11 @@ mod dispatch;
 mod forward;
 mod limits;
 mod pass;
+mod sequences;
 mod split;
 mod split_coarse;
 mod split_dense;
+mod varlen;
 
 pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
 pub use decode::{DecodeLayout, DECODE_WG};
@@ -25,6 +27,7 @@ pub use dispatch::{
 pub use forward::{FmaPlan, Workspace};
 pub use limits::KernelLimits;
 pub use pass::{Pass, Specialization};
+pub use sequences::SeqTable;
 pub use split::{fma_head_splits, head_exceeds_binding, Chunk, SplitPlan};
 pub use split_coarse::{
     attend_rows_bound, attend_windows, blocks_per_chunk, head_coarse_exceeds_binding, CoarseSplit,

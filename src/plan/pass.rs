@@ -54,6 +54,9 @@ passes! {
     /// Upsampling of every level's coarse-query results and the log-sum-exp merge into the near
     /// field (`shaders/upsample_merge.wgsl`).
     UpsampleMerge => "upsample_merge",
+    /// A padded variable-length batch: O = 0 and LSE = -inf on the padding rows
+    /// (`shaders/pad_rows.wgsl`).
+    PadRows => "pad_rows",
     /// Decoding: a step's keys and values into the near-field ring (`shaders/decode_append.wgsl`).
     DecodeAppend => "decode_append",
     /// Decoding: every level's coarse keys and values as their windows fill

@@ -104,3 +104,13 @@ pub(crate) async fn read_f32(
     buffer.unmap();
     Ok(out)
 }
+
+/// The sequence table of a variable-length batch (`plan::SeqTable`) as a storage buffer.
+pub(crate) fn sequence_table(device: &wgpu::Device, table: &crate::plan::SeqTable) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("sequence table"),
+        contents: bytemuck::cast_slice(&table.words),
+        usage: wgpu::BufferUsages::STORAGE,
+    })
+}

@@ -61,8 +61,18 @@ pub struct Params {
     /// Query heads per K/V head (1: multi-head attention): K, V, K~ and V~ hold
     /// `batch_heads / kv_group` heads, and query head `bh` reads K/V head `bh / kv_group`.
     pub kv_group: u32,
+    /// Variable-length batches: the number of sequences (0: a batch of equal sequences).
+    pub seqs: u32,
+    /// Variable-length batches: query heads per sequence.
+    pub heads: u32,
+    /// Variable-length batches: rows between the query heads of a sequence.
+    pub q_head_stride: u32,
+    /// Variable-length batches: rows between the K/V heads of a sequence.
+    pub kv_head_stride: u32,
+    /// First bias element in the weight binding of the downsample pass
+    /// (`engine::weights::WeightBuffers`).
+    pub bias_base: u32,
     /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad0: u32,
     pub _pad1: u32,
     pub _pad2: u32,
     pub levels: [LevelInfo; MAX_LEVELS],

@@ -82,6 +82,9 @@ pub enum Role {
     PageK,
     /// Dense decoding: one history page of values, (rows, T, d).
     PageV,
+    /// The sequence table of a variable-length batch (`shaders/shared/sequences.wgsl`,
+    /// `plan::SeqTable`); a placeholder for a batch of equal sequences.
+    SeqTable,
 }
 
 /// One binding of group 0.
@@ -123,6 +126,7 @@ use Access::{Read, ReadWrite, Uniform};
 use Role::*;
 
 const PARAMS: Binding = bind(0, "params", Params, Uniform);
+const SEQ_TABLE: Binding = bind(10, "seq_table", SeqTable, Read);
 
 /// The descriptor of `pass`.
 pub fn desc(pass: Pass) -> &'static PassDesc {
@@ -132,6 +136,7 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::DenseAttention => &DENSE_ATTENTION,
         Pass::CoarseAttention => &COARSE_ATTENTION,
         Pass::UpsampleMerge => &UPSAMPLE_MERGE,
+        Pass::PadRows => &PAD_ROWS,
         Pass::BackwardDelta => &BACKWARD_DELTA,
         Pass::BackwardDq => &BACKWARD_DQ,
         Pass::BackwardDkvFine => &BACKWARD_DKV_FINE,
@@ -155,10 +160,10 @@ static DOWNSAMPLE: PassDesc = PassDesc {
         bind(2, "v", V, Read),
         bind(3, "q", Q, Read),
         bind(4, "w", Weights, Read),
-        bind(5, "b", Biases, Read),
         bind(6, "coarse_k", CoarseK, ReadWrite),
         bind(7, "coarse_v", CoarseV, ReadWrite),
         bind(8, "coarse_q", CoarseQ, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: true,
 };
@@ -174,6 +179,7 @@ static FINE_ATTENTION: PassDesc = PassDesc {
         bind(5, "coarse_v", CoarseV, Read),
         bind(6, "out", Out, ReadWrite),
         bind(7, "lse", Lse, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: false,
 };
@@ -187,6 +193,7 @@ static DENSE_ATTENTION: PassDesc = PassDesc {
         bind(3, "v", V, Read),
         bind(6, "out", Out, ReadWrite),
         bind(7, "lse", Lse, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: false,
 };
@@ -200,6 +207,7 @@ static COARSE_ATTENTION: PassDesc = PassDesc {
         bind(5, "coarse_v", CoarseV, Read),
         bind(6, "out", CoarseOut, ReadWrite),
         bind(7, "lse", CoarseLse, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: true,
 };
@@ -212,6 +220,18 @@ static UPSAMPLE_MERGE: PassDesc = PassDesc {
         bind(2, "coarse_lse", CoarseLse, Read),
         bind(6, "out", Out, ReadWrite),
         bind(7, "lse", Lse, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
+static PAD_ROWS: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/pad_rows.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(6, "out", Out, ReadWrite),
+        bind(7, "lse", Lse, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: true,
 };

@@ -37,6 +37,9 @@ pub(crate) struct Kernels {
     /// without subgroup operations. Fixed per device, so it is not part of the cache key.
     pub subgroup: Option<u32>,
     pipelines: Mutex<HashMap<(Pass, Specialization), wgpu::ComputePipeline>>,
+    /// The sequence table bound when a dispatch has none (a batch of equal sequences, which
+    /// the passes recognise by `params.seqs = 0` and never read it): 16 zero bytes.
+    pub no_sequences: wgpu::Buffer,
 }
 
 impl Kernels {
@@ -64,6 +67,12 @@ impl Kernels {
             }),
             subgroup,
             pipelines: Mutex::new(HashMap::new()),
+            no_sequences: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("no sequence table"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
         }
     }
 

@@ -57,13 +57,20 @@ impl<'a> Resources<'a> {
             .bindings
             .iter()
             .map(|b| {
-                let buf = self.buffers.get(&b.role).ok_or_else(|| FmaError::Gpu {
-                    stage: format!("binding the {} pass", pass.name()),
-                    message: format!("no buffer for binding {} ({:?})", b.binding, b.role),
-                })?;
+                let buf = match (self.buffers.get(&b.role), b.role) {
+                    (Some(buf), _) => buf.clone(),
+                    // A batch of equal sequences: the passes do not read the table.
+                    (None, Role::SeqTable) => ctx.kernels.no_sequences.as_entire_buffer_binding(),
+                    (None, role) => {
+                        return Err(FmaError::Gpu {
+                            stage: format!("binding the {} pass", pass.name()),
+                            message: format!("no buffer for binding {} ({role:?})", b.binding),
+                        })
+                    }
+                };
                 Ok(wgpu::BindGroupEntry {
                     binding: b.binding,
-                    resource: wgpu::BindingResource::Buffer(buf.clone()),
+                    resource: wgpu::BindingResource::Buffer(buf),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -9,13 +9,17 @@ use crate::plan::KernelLimits;
 use crate::weights::LevelWeights;
 
 /// Learned weights on the GPU: `w` = [keys | values | queries], each kind every level's
-/// (d, p, w_l) weights concatenated (`weight_stride` elements apart); `b` likewise with the
-/// (d, p) biases. Queries only with coarse queries; 16-byte dummies in Average mode.
+/// (d, p, w_l) weights concatenated (`weight_stride` elements apart), followed at element
+/// `bias_base` by the biases laid out alike; `b` the biases alone, each kind every level's
+/// (d, p) biases (`bias_stride` apart). Queries only with coarse queries; 16-byte dummies in
+/// Average mode. (The downsample pass reads biases from `w`: WebGPU allows 8 storage bindings
+/// per stage, and it needs its eighth for the sequence table.)
 pub(crate) struct WeightBuffers {
     pub(crate) w: wgpu::Buffer,
     pub(crate) b: wgpu::Buffer,
     pub(crate) weight_stride: u32,
     pub(crate) bias_stride: u32,
+    pub(crate) bias_base: u32,
 }
 
 impl WeightBuffers {
@@ -59,8 +63,10 @@ impl WeightBuffers {
             ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&data));
             Ok(buf)
         };
-        let (w, weight_stride) = concat(&w_kinds);
+        let (mut w, weight_stride) = concat(&w_kinds);
         let (b, bias_stride) = concat(&b_kinds);
+        let bias_base = w.len();
+        w.extend_from_slice(&b);
         let stride = |x: usize| {
             u32::try_from(x).map_err(|_| crate::FmaError::LimitExceeded {
                 what: "the learned weights of one tensor kind".into(),
@@ -73,6 +79,7 @@ impl WeightBuffers {
         Ok(Self {
             weight_stride: stride(weight_stride)?,
             bias_stride: stride(bias_stride)?,
+            bias_base: stride(bias_base)?,
             w: upload("weights", w)?,
             b: upload("biases", b)?,
         })

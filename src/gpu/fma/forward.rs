@@ -4,6 +4,8 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::front::{forward_host, run_host};
+use crate::gpu::engine::buffers::sequence_table;
+use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
@@ -12,6 +14,7 @@ use crate::gpu::engine::tensors::{GpuTensors, Scopes};
 use crate::plan::{fma_head_splits, FmaPlan, SplitPlan};
 use crate::shape::Shape;
 
+use super::workspace::Uniforms;
 use super::FmaAttention;
 
 impl FmaAttention {
@@ -182,7 +185,7 @@ impl FmaAttention {
     }
 
     /// Records every step of `plan` into `enc`, in the order of `plan.steps()`.
-    fn record(
+    pub(super) fn record(
         &self,
         enc: &mut wgpu::CommandEncoder,
         plan: &FmaPlan,
@@ -190,9 +193,22 @@ impl FmaAttention {
         t: GpuTensors<'_>,
         lse: &wgpu::Buffer,
     ) -> Result<()> {
-        let uniforms = self.uniforms(plan)?;
+        // A variable-length batch's uniforms depend on its lengths, not only on its shape:
+        // made per call with its sequence table, not cached by shape.
+        let uniforms = match &plan.sequences {
+            Some(_) => std::sync::Arc::new(Uniforms::new(
+                &self.ctx,
+                &self.params(plan),
+                &plan.steps(),
+            )?),
+            None => self.uniforms(plan)?,
+        };
+        let table = plan
+            .sequences
+            .as_ref()
+            .map(|t| sequence_table(&self.ctx.device, t));
         let mut buffers = self.buffers.lock().map_err(poisoned)?;
-        let res = buffers
+        let mut res = buffers
             .coarse(
                 &self.ctx,
                 plan,
@@ -201,6 +217,9 @@ impl FmaAttention {
                 &self.weights,
             )
             .tensors(&t, lse);
+        if let Some(table) = &table {
+            res = res.with(Role::SeqTable, table);
+        }
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("fma forward"),
             timestamp_writes: None,

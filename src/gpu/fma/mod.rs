@@ -9,6 +9,7 @@ pub(crate) mod backward;
 mod forward;
 mod split;
 mod split_coarse;
+mod varlen;
 mod workspace;
 
 use std::sync::Mutex;
@@ -125,7 +126,7 @@ impl FmaAttention {
             };
             weight_offset += d * plan.levels.p * lv.window;
         }
-        Params {
+        let mut params = Params {
             n: s.seq as u32,
             n_kv: s.seq_kv as u32,
             d: d as u32,
@@ -151,10 +152,26 @@ impl FmaAttention {
             },
             weight_stride: self.weights.weight_stride,
             bias_stride: self.weights.bias_stride,
+            bias_base: self.weights.bias_base,
             chunk_hi: s.seq as u32,
             levels,
             ..Default::default()
+        };
+        if let Some(t) = &plan.sequences {
+            // Every sequence's own work (shaders/shared/sequences.wgsl): the levels' rows
+            // concatenated over the sequences of a head.
+            for (info, offset) in params.levels.iter_mut().zip(t.level_offsets()) {
+                info.row_offset = offset as u32;
+            }
+            params.coarse_rows = t.coarse_rows() as u32;
+            params.seqs = t.seqs as u32;
+            params.heads = s.heads as u32;
+            params.q_head_stride = t.q_head_stride as u32;
+            params.kv_head_stride = t.kv_head_stride as u32;
+            params.n = plan.levels.n as u32;
+            params.chunk_hi = plan.levels.n as u32;
         }
+        params
     }
 
     /// The uniforms of `plan`'s shape (its parameters and the selectors of its steps).

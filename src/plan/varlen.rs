@@ -1,0 +1,225 @@
+//! Plans of a variable-length batch (`crate::Sequences`): the same passes as a batch of equal
+//! sequences, with dispatches sized by the sequence table's totals instead of heads times one
+//! sequence's work, so a pack of tens of thousands of short sequences, or one long sequence
+//! beside short ones, costs its tokens and not its longest sequence times its count.
+
+use super::dense::DensePlan;
+use super::dispatch::{dispatch, Dispatch, MERGE_WG};
+use super::forward::{FmaPlan, Workspace};
+use super::limits::KernelLimits;
+use super::pass::{Pass, Specialization};
+use super::sequences::SeqTable;
+use crate::config::{FmaConfig, Queries};
+use crate::error::Result;
+use crate::sequences::{SeqLayout, Sequences};
+use crate::shape::Shape;
+
+/// Checks that each tensor of the batch fits one storage binding (a variable-length batch is
+/// not split across bindings).
+fn check_batch(shape: Shape, limits: &KernelLimits) -> Result<()> {
+    let advice = "split the batch into several calls of fewer sequences";
+    limits.check_binding("a Q or O tensor", shape.elements() as u64 * 4, advice)?;
+    limits.check_binding("a K or V tensor", shape.kv_elements() as u64 * 4, advice)
+}
+
+/// The shape of one sequence of `n` tokens with the batch's heads.
+fn one(shape: Shape, n: usize) -> Shape {
+    Shape::new(1, shape.heads, n.max(1), shape.head_dim).with_kv_heads(shape.kv_heads)
+}
+
+/// The padding fill of a padded batch: one invocation per row of O.
+fn pad_dispatch(seqs: &Sequences, shape: Shape, limits: &KernelLimits) -> Result<Option<Dispatch>> {
+    if seqs.layout == SeqLayout::Packed {
+        return Ok(None);
+    }
+    let spec = Specialization {
+        wg: MERGE_WG.min(limits.max_workgroup),
+        bk: 1,
+        d4: 1,
+    };
+    let total = (shape.rows() as u64).div_ceil(spec.wg as u64);
+    dispatch(Pass::PadRows, None, total, spec, limits).map(Some)
+}
+
+impl FmaPlan {
+    /// Plans FMA of the variable-length batch `seqs` with `heads` query heads, `kv_heads` K/V
+    /// heads and head dimension `d`: the levels, tiles and specialisations of its longest
+    /// sequence, dispatches over every sequence's own work.
+    pub fn for_sequences(
+        seqs: &Sequences,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        cfg: &FmaConfig,
+        limits: &KernelLimits,
+    ) -> Result<Self> {
+        let shape = seqs.shape(heads, kv_heads, d);
+        shape.validate()?;
+        check_batch(shape, limits)?;
+        let base = FmaPlan::without_tensor_bindings(
+            one(shape, seqs.max_len()),
+            cfg,
+            limits,
+            false,
+        )?;
+        let (m, tpb) = (base.levels.m, base.tiles_per_block);
+        let table = SeqTable::new(seqs, heads, kv_heads, Some(&base.levels), |n| {
+            n.div_ceil(m) as u64 * tpb as u64
+        })?;
+        let coarse_rows = table.coarse_rows();
+        let coarse_bytes = (heads * coarse_rows * d) as u64 * 4;
+        let coarse_kv_bytes = (kv_heads * coarse_rows * d) as u64 * 4;
+        limits.check_binding(
+            "the coarse keys of all levels",
+            coarse_bytes,
+            "use a larger block size m or a smaller rank p, or fewer sequences per call",
+        )?;
+        let h = heads as u64;
+        let attention = dispatch(
+            Pass::FineAttention,
+            None,
+            h * table.tiles,
+            base.attention.spec,
+            limits,
+        )?;
+        let coarse_q = cfg.queries == Queries::Coarse;
+        let downsample = base
+            .downsample
+            .iter()
+            .zip(&table.level_rows)
+            .map(|(ds, &rows)| {
+                let per_tensor =
+                    |hh: usize| ((hh * rows * d) as u64).div_ceil(ds.spec.wg as u64);
+                let q_wgs = if coarse_q { per_tensor(heads) } else { 0 };
+                dispatch(
+                    Pass::Downsample,
+                    ds.level,
+                    2 * per_tensor(kv_heads) + q_wgs,
+                    ds.spec,
+                    limits,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let coarse_attention = base
+            .coarse_attention
+            .iter()
+            .zip(&table.level_rows)
+            .map(|(ca, &rows)| {
+                let total = (h * rows as u64).div_ceil(ca.spec.wg as u64);
+                dispatch(Pass::CoarseAttention, ca.level, total, ca.spec, limits)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let merge = base
+            .merge
+            .map(|mg| {
+                let total = (h * seqs.total() as u64).div_ceil(mg.spec.wg as u64);
+                dispatch(Pass::UpsampleMerge, None, total, mg.spec, limits)
+            })
+            .transpose()?;
+        Ok(Self {
+            shape,
+            queries: cfg.queries,
+            levels: base.levels,
+            downsample,
+            coarse_attention,
+            attention,
+            merge,
+            pad: pad_dispatch(seqs, shape, limits)?,
+            tiles_per_block: tpb,
+            workspace: Workspace {
+                coarse_rows,
+                coarse_bytes,
+                coarse_kv_bytes,
+                coarse_lse_bytes: if coarse_q {
+                    (heads * coarse_rows) as u64 * 4
+                } else {
+                    0
+                },
+                lse_bytes: shape.rows() as u64 * 4,
+            },
+            sequences: Some(table),
+        })
+    }
+}
+
+impl DensePlan {
+    /// Plans exact attention of the variable-length batch `seqs`: every sequence attends to
+    /// itself (causal or not), in query tiles of its own.
+    pub fn for_sequences(
+        seqs: &Sequences,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        limits: &KernelLimits,
+    ) -> Result<Self> {
+        let shape = seqs.shape(heads, kv_heads, d);
+        shape.validate()?;
+        check_batch(shape, limits)?;
+        let base = DensePlan::without_tensor_bindings(one(shape, seqs.max_len()), limits)?;
+        let wg = base.attention.spec.wg as usize;
+        let table = SeqTable::new(seqs, heads, kv_heads, None, |n| n.div_ceil(wg) as u64)?;
+        let attention = dispatch(
+            Pass::DenseAttention,
+            None,
+            heads as u64 * table.tiles,
+            base.attention.spec,
+            limits,
+        )?;
+        Ok(Self {
+            shape,
+            attention,
+            tiles: base.tiles,
+            pad: pad_dispatch(seqs, shape, limits)?,
+            sequences: Some(table),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lavapipe() -> KernelLimits {
+        KernelLimits {
+            max_workgroup: 256,
+            workgroup_storage: 32768,
+            max_workgroups_per_dim: 65535,
+            max_binding: 128 << 20,
+            max_buffer: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn a_pack_costs_its_tokens_not_its_longest_sequence() {
+        // One sequence of 65536 tokens beside 10000 of 1..9.
+        let mut lengths: Vec<usize> = (0..10000).map(|i| 1 + i % 9).collect();
+        lengths.push(65536);
+        let seqs = Sequences::packed(lengths).unwrap();
+        let cfg = FmaConfig::new(64, 2);
+        let plan = FmaPlan::for_sequences(&seqs, 2, 1, 64, &cfg, &lavapipe()).unwrap();
+        let long = FmaPlan::new(Shape::new(1, 2, 65536, 64), &cfg, &lavapipe()).unwrap();
+        // Each short sequence is one fine block (one tile); the long one its own tiles.
+        assert_eq!(
+            plan.attention.workgroups,
+            long.attention.workgroups + 2 * 10000
+        );
+        assert!(plan.pad.is_none());
+        let t = plan.sequences.as_ref().unwrap();
+        assert_eq!(t.seqs, 10001);
+        // Level 1 of a short sequence: one window of p rows.
+        assert_eq!(t.level_rows[0], 10000 * 2 + 65536 / 64 * 2);
+        assert_eq!(plan.workspace.coarse_rows, t.coarse_rows());
+    }
+
+    #[test]
+    fn padded_batches_fill_their_padding_and_dense_follows_each_sequence() {
+        let seqs = Sequences::padded(100, vec![100, 3, 0]).unwrap();
+        let plan =
+            FmaPlan::for_sequences(&seqs, 2, 2, 16, &FmaConfig::new(16, 2), &lavapipe()).unwrap();
+        assert_eq!(plan.shape, Shape::new(3, 2, 100, 16));
+        assert_eq!(plan.pad.unwrap().workgroups, (3 * 2 * 100usize).div_ceil(64) as u32);
+        let dense = DensePlan::for_sequences(&seqs, 2, 1, 16, &lavapipe()).unwrap();
+        // ceil(100 / 64) + ceil(3 / 64) + 0 tiles per head.
+        assert_eq!(dense.attention.workgroups, 2 * 3);
+    }
+}
