@@ -31,7 +31,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // The fine blocks of the chunk [chunk_lo, chunk_hi) (all of them unless split), or of each
     // sequence of a variable-length batch (sequences.wgsl).
     let tiles = window_count(params.chunk_hi - params.chunk_lo, m) * params.tiles_per_block;
-    let at = locate(wid, tiles, sec_tile(), params.batch_heads);
+    let at = locate(wid, tiles, sec_tile(), query_heads());
     if (at.x == 0xffffffffu) {
         return; // uniform over the workgroup
     }

@@ -56,12 +56,8 @@ impl FmaPlan {
         let shape = seqs.shape(heads, kv_heads, d);
         shape.validate()?;
         check_batch(shape, limits)?;
-        let base = FmaPlan::without_tensor_bindings(
-            one(shape, seqs.max_len()),
-            cfg,
-            limits,
-            false,
-        )?;
+        let base =
+            FmaPlan::without_tensor_bindings(one(shape, seqs.max_len()), cfg, limits, false)?;
         let (m, tpb) = (base.levels.m, base.tiles_per_block);
         let table = SeqTable::new(seqs, heads, kv_heads, Some(&base.levels), |n| {
             n.div_ceil(m) as u64 * tpb as u64
@@ -88,8 +84,7 @@ impl FmaPlan {
             .iter()
             .zip(&table.level_rows)
             .map(|(ds, &rows)| {
-                let per_tensor =
-                    |hh: usize| ((hh * rows * d) as u64).div_ceil(ds.spec.wg as u64);
+                let per_tensor = |hh: usize| ((hh * rows * d) as u64).div_ceil(ds.spec.wg as u64);
                 let q_wgs = if coarse_q { per_tensor(heads) } else { 0 };
                 dispatch(
                     Pass::Downsample,
@@ -217,7 +212,10 @@ mod tests {
         let plan =
             FmaPlan::for_sequences(&seqs, 2, 2, 16, &FmaConfig::new(16, 2), &lavapipe()).unwrap();
         assert_eq!(plan.shape, Shape::new(3, 2, 100, 16));
-        assert_eq!(plan.pad.unwrap().workgroups, (3 * 2 * 100usize).div_ceil(64) as u32);
+        assert_eq!(
+            plan.pad.unwrap().workgroups,
+            (3 * 2 * 100usize).div_ceil(64) as u32
+        );
         let dense = DensePlan::for_sequences(&seqs, 2, 1, 16, &lavapipe()).unwrap();
         // ceil(100 / 64) + ceil(3 / 64) + 0 tiles per head.
         assert_eq!(dense.attention.workgroups, 2 * 3);

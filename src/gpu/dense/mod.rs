@@ -3,6 +3,7 @@
 //! chunk) pairs (`split.rs`).
 
 mod split;
+mod varlen;
 
 use std::sync::{Arc, Mutex};
 
@@ -12,8 +13,8 @@ use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
-use crate::gpu::engine::passes::Role;
-use crate::gpu::engine::record::{record_steps, Pipes, Resources};
+use crate::gpu::engine::passes::{desc, Role};
+use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
@@ -92,13 +93,23 @@ impl DenseAttention {
             p: 1,
             causal: self.causal as u32,
             batch_heads: s.batch_heads() as u32,
-            kv_group: s.group() as u32,
             tiles_per_block: plan.tiles,
             total_workgroups: plan.attention.workgroups,
             workgroups_x: plan.attention.grid[0],
             scale: 1.0 / (s.head_dim as f32).sqrt(),
             chunk_hi: s.seq as u32,
             key_hi: s.seq_kv as u32,
+            kv_group: s.group() as u32,
+            seqs: plan.sequences.as_ref().map_or(0, |t| t.seqs as u32),
+            heads: s.heads as u32,
+            q_head_stride: plan
+                .sequences
+                .as_ref()
+                .map_or(0, |t| t.q_head_stride as u32),
+            kv_head_stride: plan
+                .sequences
+                .as_ref()
+                .map_or(0, |t| t.kv_head_stride as u32),
             ..Default::default()
         }
     }
@@ -122,10 +133,32 @@ impl DenseAttention {
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
     ) -> Result<()> {
-        let res = Resources::default()
+        self.record_with(cpass, steps, pipes, params, (t, lse), None)
+    }
+
+    /// [`DenseAttention::record`] with a variable-length batch's sequence table, when given.
+    fn record_with(
+        &self,
+        cpass: &mut wgpu::ComputePass<'_>,
+        steps: &[crate::plan::Dispatch],
+        pipes: &Pipes,
+        params: &wgpu::Buffer,
+        (t, lse): (&GpuTensors<'_>, &wgpu::Buffer),
+        table: Option<&wgpu::Buffer>,
+    ) -> Result<()> {
+        let mut res = Resources::default()
             .with(Role::Params, params)
             .tensors(t, lse);
-        record_steps(&self.ctx, cpass, steps, pipes, None, &res)
+        if let Some(table) = table {
+            res = res.with(Role::SeqTable, table);
+        }
+        // Pad rows select no level: one selector for the whole list.
+        let selects = steps
+            .iter()
+            .any(|d| desc(d.pass).level_select)
+            .then(|| Selects::new(&self.ctx, steps))
+            .transpose()?;
+        record_steps(&self.ctx, cpass, steps, pipes, selects.as_ref(), &res)
     }
 
     /// Records `plan`'s one dispatch into its own compute pass of `enc`.

@@ -3,8 +3,8 @@
 //! (`FmaPlan::steps`, level by level) through the engine's one record loop, into one encoder.
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::buffers::sequence_table;
+use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
@@ -196,11 +196,9 @@ impl FmaAttention {
         // A variable-length batch's uniforms depend on its lengths, not only on its shape:
         // made per call with its sequence table, not cached by shape.
         let uniforms = match &plan.sequences {
-            Some(_) => std::sync::Arc::new(Uniforms::new(
-                &self.ctx,
-                &self.params(plan),
-                &plan.steps(),
-            )?),
+            Some(_) => {
+                std::sync::Arc::new(Uniforms::new(&self.ctx, &self.params(plan), &plan.steps())?)
+            }
             None => self.uniforms(plan)?,
         };
         let table = plan

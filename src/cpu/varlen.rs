@@ -1,0 +1,152 @@
+//! The reference of a variable-length batch (`crate::Sequences`): every sequence run alone
+//! through [`fma_forward`] or [`dense_attention`] on its own rows, the results put back in the
+//! batch's layout; padding rows (padded batches) get O = 0 and LSE = -inf.
+
+use super::{dense_attention, fma_forward, Reference};
+use crate::config::FmaConfig;
+use crate::error::Result;
+use crate::sequences::Sequences;
+use crate::shape::Shape;
+
+/// Rows `[row, row + n)` of every head of a tensor whose heads are `stride` rows apart.
+fn gather(x: &[f64], heads: usize, stride: usize, row: usize, n: usize, d: usize) -> Vec<f64> {
+    (0..heads)
+        .flat_map(|h| &x[(h * stride + row) * d..(h * stride + row + n) * d])
+        .copied()
+        .collect()
+}
+
+/// Runs `one(q, k, v, shape)` on every sequence of `seqs` alone and assembles the batch's O and
+/// LSE (`shape`: the tensors' shape, as [`Sequences::shape`] gives it).
+fn each_sequence(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    seqs: &Sequences,
+    one: impl Fn(&[f64], &[f64], &[f64], Shape) -> Result<Reference>,
+) -> Result<Reference> {
+    seqs.check(shape)?;
+    shape.check_len("Q", q.len())?;
+    shape.check_kv_len("K", k.len())?;
+    shape.check_kv_len("V", v.len())?;
+    let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let mut o = vec![0f64; shape.elements()];
+    let mut lse = vec![f64::NEG_INFINITY; shape.rows()];
+    for (s, &n) in seqs.lengths.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let (q_stride, q_row) = seqs.rows(heads, s);
+        let (kv_stride, kv_row) = seqs.rows(kv_heads, s);
+        let r = one(
+            &gather(q, heads, q_stride, q_row, n, d),
+            &gather(k, kv_heads, kv_stride, kv_row, n, d),
+            &gather(v, kv_heads, kv_stride, kv_row, n, d),
+            Shape::new(1, heads, n, d).with_kv_heads(kv_heads),
+        )?;
+        for h in 0..heads {
+            let at = h * q_stride + q_row;
+            o[at * d..(at + n) * d].copy_from_slice(&r.o[h * n * d..(h + 1) * n * d]);
+            lse[at..at + n].copy_from_slice(&r.lse[h * n..(h + 1) * n]);
+        }
+    }
+    Ok(Reference { o, lse })
+}
+
+/// FMA of a variable-length batch: every sequence its own FMA (its own levels), as if run
+/// alone. `shape` is the tensors' shape ([`Sequences::shape`]).
+pub fn fma_forward_varlen(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    seqs: &Sequences,
+    cfg: &FmaConfig,
+) -> Result<Reference> {
+    each_sequence(q, k, v, shape, seqs, |q, k, v, s| {
+        fma_forward(q, k, v, s, cfg)
+    })
+}
+
+/// Exact attention of a variable-length batch: every sequence attends to itself.
+pub fn dense_attention_varlen(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    seqs: &Sequences,
+    causal: bool,
+) -> Result<Reference> {
+    each_sequence(q, k, v, shape, seqs, |q, k, v, s| {
+        dense_attention(q, k, v, s, causal)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::normal_tensor;
+
+    fn wide(seed: u64, len: usize) -> Vec<f64> {
+        normal_tensor(seed, len).iter().map(|&x| x as f64).collect()
+    }
+
+    #[test]
+    fn padded_equals_packed_and_padding_is_zero_and_minus_infinity() {
+        let lengths = vec![5, 1, 12];
+        let (heads, kv_heads, d, n) = (2, 1, 4, 12);
+        let packed = Sequences::packed(lengths.clone()).unwrap();
+        let padded = Sequences::padded(n, lengths.clone()).unwrap();
+        let (ps, qs) = (
+            packed.shape(heads, kv_heads, d),
+            padded.shape(heads, kv_heads, d),
+        );
+        let (q, k, v) = (
+            wide(1, ps.elements()),
+            wide(2, ps.kv_elements()),
+            wide(3, ps.kv_elements()),
+        );
+        // The packed tensors laid out padded: sequence s of head h at row (s heads + h) n.
+        let pad = |x: &[f64], hh: usize| {
+            let mut out = vec![0.5; lengths.len() * hh * n * d];
+            for (s, &len) in lengths.iter().enumerate() {
+                let (stride, row) = packed.rows(hh, s);
+                for h in 0..hh {
+                    let src = (h * stride + row) * d;
+                    let dst = ((s * hh + h) * n) * d;
+                    out[dst..dst + len * d].copy_from_slice(&x[src..src + len * d]);
+                }
+            }
+            out
+        };
+        let cfg = FmaConfig::new(4, 2);
+        let a = fma_forward_varlen(&q, &k, &v, ps, &packed, &cfg).unwrap();
+        let b =
+            fma_forward_varlen(&pad(&q, 2), &pad(&k, 1), &pad(&v, 1), qs, &padded, &cfg).unwrap();
+        for (s, &len) in lengths.iter().enumerate() {
+            let (stride, row) = packed.rows(heads, s);
+            for h in 0..heads {
+                let pa = h * stride + row;
+                let pb = (s * heads + h) * n;
+                assert_eq!(a.o[pa * d..(pa + len) * d], b.o[pb * d..(pb + len) * d]);
+                assert_eq!(a.lse[pa..pa + len], b.lse[pb..pb + len]);
+                assert!(b.o[(pb + len) * d..(pb + n) * d].iter().all(|&x| x == 0.0));
+                assert!(b.lse[pb + len..pb + n]
+                    .iter()
+                    .all(|&x| x == f64::NEG_INFINITY));
+            }
+        }
+        // A sequence alone is the batch's rows of it.
+        let one = Shape::new(1, heads, 12, d).with_kv_heads(kv_heads);
+        let alone = fma_forward(
+            &gather(&q, heads, 18, 6, 12, d),
+            &gather(&k, kv_heads, 18, 6, 12, d),
+            &gather(&v, kv_heads, 18, 6, 12, d),
+            one,
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(alone.o[..12 * d], a.o[6 * d..18 * d]);
+    }
+}

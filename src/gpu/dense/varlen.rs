@@ -1,0 +1,139 @@
+//! Exact attention of a variable-length batch (`crate::Sequences`): every sequence attends to
+//! itself, in query tiles of its own, one dispatch over all of them.
+
+use crate::error::Result;
+use crate::gpu::engine::buffers::{sequence_table, uniform};
+use crate::gpu::engine::front::{check_host, run_host};
+use crate::gpu::engine::params::to_uniform_bytes;
+use crate::gpu::engine::record::Pipes;
+use crate::gpu::engine::tensors::{GpuTensors, Output, Scopes};
+use crate::plan::DensePlan;
+use crate::sequences::Sequences;
+use crate::shape::Shape;
+
+use super::DenseAttention;
+
+impl DenseAttention {
+    /// Records `plan` (a variable-length batch's) into its own compute pass of `enc`.
+    fn record_varlen(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        plan: &DensePlan,
+        pipes: &Pipes,
+        t: &GpuTensors<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<()> {
+        let device = &self.ctx.device;
+        let params = uniform(
+            device,
+            &self.ctx.queue,
+            "dense varlen params",
+            &to_uniform_bytes(&self.params(plan))?,
+        );
+        let table = plan.sequences.as_ref().map(|t| sequence_table(device, t));
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dense forward (variable lengths)"),
+            timestamp_writes: None,
+        });
+        self.record_with(
+            &mut cpass,
+            &plan.steps(),
+            pipes,
+            &params,
+            (t, lse),
+            table.as_ref(),
+        )
+    }
+
+    /// Exact attention of a variable-length batch of host tensors (async): layouts and
+    /// results as [`crate::gpu::FmaAttention::forward_varlen_async`] (padding rows: O = 0, LSE
+    /// = -inf; causal per sequence). Each tensor must fit one storage binding.
+    pub async fn forward_varlen_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        seqs: &Sequences,
+        want_lse: bool,
+    ) -> Result<Output> {
+        check_host(shape, q, k, v)?;
+        seqs.check(shape)?;
+        let plan = DensePlan::for_sequences(
+            seqs,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            &self.limits,
+        )?;
+        let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
+        run_host(
+            &self.ctx,
+            &self.host,
+            self.limits.binding_bytes(),
+            shape,
+            (q, k, v),
+            want_lse,
+            "the dense forward of a variable-length batch",
+            |enc, t, lse| self.record_varlen(enc, &plan, &pipes, &t, lse),
+        )
+        .await
+    }
+
+    /// Blocking [`DenseAttention::forward_varlen_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_varlen(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        seqs: &Sequences,
+        want_lse: bool,
+    ) -> Result<Output> {
+        pollster::block_on(self.forward_varlen_async(q, k, v, shape, seqs, want_lse))
+    }
+
+    /// [`DenseAttention::forward_varlen_async`] of tensors already on the GPU.
+    pub async fn forward_varlen_buffers_async(
+        &self,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<()> {
+        t.check(shape)?;
+        seqs.check(shape)?;
+        let plan = DensePlan::for_sequences(
+            seqs,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            &self.limits,
+        )?;
+        let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
+        let scopes = Scopes::push(&self.ctx)?;
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("dense varlen"),
+            });
+        let lse = t.lse_or_scratch(&self.ctx.device, shape);
+        self.record_varlen(&mut enc, &plan, &pipes, &t, &lse)?;
+        self.ctx.queue.submit([enc.finish()]);
+        scopes
+            .pop(&self.ctx, "the dense forward of a variable-length batch")
+            .await
+    }
+
+    /// Blocking [`DenseAttention::forward_varlen_buffers_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_varlen_buffers(
+        &self,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<()> {
+        pollster::block_on(self.forward_varlen_buffers_async(t, shape, seqs))
+    }
+}
