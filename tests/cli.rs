@@ -798,3 +798,73 @@ fn grouped_query_heads_run_and_bad_head_counts_are_bad_input() {
         "(2, 3, 50, 8)",
     ]);
 }
+
+/// `--seqlens` (packed) and `--lengths` (padded): the reference path equals the library's
+/// per-sequence reference, the GPU path matches it, and lengths that do not fit the arrays are
+/// bad input saying what is allowed.
+#[test]
+fn seqlens_and_lengths_run_variable_length_batches() {
+    use multipole_attn::cpu::fma_forward_varlen;
+    use multipole_attn::Sequences;
+    let dir = Scratch::new("varlen");
+    let [q, k, v] = write_qkv(&dir, &[1, 2, 60, 8], 41);
+    let seqs = Sequences::packed(vec![13, 1, 46]).unwrap();
+    let shape = Shape::new(1, 2, 60, 8);
+    let cfg = FmaConfig::new(8, 2);
+    let want = fma_forward_varlen(&widen(&q), &widen(&k), &widen(&v), shape, &seqs, &cfg).unwrap();
+    cli(run_args(
+        &dir,
+        &["--reference", "--block", "8", "--seqlens", "13,1,46"],
+    ))
+    .assert_ok();
+    let o = read_f64(&dir.path("O.npy"));
+    assert!(max_abs_diff(&to_vec(o), &want.o) <= 1e-12);
+    let gpu = cli(run_args(&dir, &["--block", "8", "--seqlens", "13,1,46"]));
+    if gpu.code == Some(0) {
+        let o: ArrayD<f32> = read_npy(dir.path("O.npy")).expect("read O");
+        let o: Vec<f64> = o.iter().map(|&x| x as f64).collect();
+        assert!(max_abs_diff(&o, &want.o) <= 1e-4);
+    } else {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci && gpu.stderr.contains("adapter"), "{}", gpu.stderr);
+    }
+    cli(run_args(&dir, &["--reference", "--seqlens", "13,1,45"]))
+        .assert_bad_input(&["sum to 59", "n = 60"]);
+    cli(run_args(&dir, &["--reference", "--seqlens", "13,0,47"]))
+        .assert_bad_input(&["length 0 at sequence 1", ">= 1"]);
+
+    // Padded: two batch rows of 30 tokens, lengths 30 and 7.
+    write_qkv(&dir, &[2, 1, 30, 8], 43);
+    let lse = dir.path("LSE.npy");
+    let lse_arg = lse.to_str().unwrap();
+    cli(run_args(
+        &dir,
+        &[
+            "--reference",
+            "--block",
+            "8",
+            "--lengths",
+            "30,7",
+            "--lse",
+            lse_arg,
+        ],
+    ))
+    .assert_ok();
+    let o = to_vec(read_f64(&dir.path("O.npy")));
+    let l = to_vec(read_f64(&lse));
+    assert!(o[(30 + 7) * 8..].iter().all(|&x| x == 0.0), "padding O");
+    assert!(
+        l[37..].iter().all(|&x| x == f64::NEG_INFINITY),
+        "padding LSE"
+    );
+    assert!(l[..37].iter().all(|x| x.is_finite()));
+    cli(run_args(&dir, &["--reference", "--lengths", "30"]))
+        .assert_bad_input(&["1 lengths", "2 batch rows"]);
+    cli(run_args(&dir, &["--reference", "--lengths", "31,2"]))
+        .assert_bad_input(&["length 31", "n = 30"]);
+    cli(run_args(&dir, &["--reference", "--seqlens", "20,10"])).assert_bad_input(&[
+        "--seqlens",
+        "batch 2",
+        "--lengths",
+    ]);
+}

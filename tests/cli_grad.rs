@@ -332,3 +332,11 @@ fn grouped_query_gradients_have_the_shape_of_k() {
     }
     assert!(compare(&got, &want) <= 1e-12);
 }
+
+#[test]
+fn grad_refuses_variable_length_batches_naming_what_exists() {
+    let dir = Scratch::new("varlen");
+    write_inputs(&dir, &[20, 4], 5);
+    let out = cli(&grad_args(&dir, &["--block", "4", "--seqlens", "5,15"]));
+    assert_bad_input(&out, &["--seqlens", "no backward"]);
+}

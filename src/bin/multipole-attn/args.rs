@@ -125,6 +125,21 @@ pub struct RunArgs {
     /// Also write the per-row log-sum-exp of the logits.
     #[arg(long, value_name = "LSE.npy")]
     pub lse: Option<PathBuf>,
+    /// A packed variable-length batch: the lengths (each >= 1, summing to n) of sequences laid
+    /// one after another along the sequence axis of arrays (n, d) or (1, heads, n, d); each is
+    /// its own attention problem, no token attends across sequences.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N0,N1,..",
+        conflicts_with = "lengths"
+    )]
+    pub seqlens: Option<Vec<usize>>,
+    /// A padded batch: one length (0..=n) per batch row of arrays (batch, heads, n, d);
+    /// positions at or beyond a row's length are neither attended nor attended from (O = 0,
+    /// LSE = -inf there).
+    #[arg(long, value_delimiter = ',', value_name = "L0,L1,..")]
+    pub lengths: Option<Vec<usize>>,
 }
 
 /// Arguments of `multipole-attn grad`: those of `run` plus dO; `--out` names the .npz.

@@ -60,6 +60,13 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
         read_tensor(&run.v, "V")?,
     );
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
+    if run.seqlens.is_some() || run.lengths.is_some() {
+        return Err(CliError::Input(
+            "decode does not take --seqlens or --lengths yet: variable-length batches have a forward \
+             (`run`) but no decoding cache"
+                .into(),
+        ));
+    }
     shape.validate()?;
     if shape.kv_heads != shape.heads {
         return Err(CliError::Input(format!(

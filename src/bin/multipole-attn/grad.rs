@@ -34,6 +34,13 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     let v = read_tensor(&run.v, "V")?;
     let dout = read_tensor(&args.dout, "dO")?;
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
+    if run.seqlens.is_some() || run.lengths.is_some() {
+        return Err(CliError::Input(
+            "grad does not take --seqlens or --lengths yet: variable-length batches have a forward \
+             (`run`) but no backward"
+                .into(),
+        ));
+    }
     if dout.shape != q.shape {
         return Err(CliError::Input(format!(
             "dO must have the shape of Q (and of O), but Q has shape {} and dO has shape {}",

@@ -8,7 +8,7 @@ use crate::tensor::{fmt_shape, Tensor};
 use crate::weights_npz::read_weights;
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
 use multipole_attn::levels::num_levels;
-use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Queries, Shape};
+use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Queries, Sequences, Shape};
 
 /// What to compute.
 enum Method {
@@ -34,6 +34,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     ];
     let shape = problem_shape(&shapes[0], &shapes[1], &shapes[2])?;
     shape.validate()?;
+    let seqs = sequences(args, shape)?;
     let o_shape = shapes[0].clone();
     let lse_shape = o_shape[..o_shape.len() - 1].to_vec();
     let method = if args.dense {
@@ -46,7 +47,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     let gpu = if args.reference {
         None
     } else {
-        Some(prepare_gpu(&method, shape)?)
+        Some(prepare_gpu(&method, shape, seqs.as_ref())?)
     };
     let q = read_tensor(&args.q, "Q")?;
     let k = read_tensor(&args.k, "K")?;
@@ -65,7 +66,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     );
     if let Some(gpu) = gpu {
         let want_lse = args.lse.is_some();
-        let out = gpu.run(q, k, v, shape, want_lse)?;
+        let out = gpu.run(q, k, v, (shape, seqs.as_ref()), want_lse)?;
         write_array(&args.out, &o_shape, out.o)?;
         if let Some(path) = &args.lse {
             let lse = out.lse.ok_or_else(|| {
@@ -76,7 +77,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             write_array(path, &lse_shape, lse)?;
         }
     } else {
-        let r = run_reference(&method, q, k, v, shape)?;
+        let r = run_reference(&method, q, k, v, (shape, seqs.as_ref()))?;
         write_array(&args.out, &o_shape, r.o)?;
         if let Some(path) = &args.lse {
             write_array(path, &lse_shape, r.lse)?;
@@ -169,14 +170,69 @@ fn run_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    shape: Shape,
+    (shape, seqs): (Shape, Option<&Sequences>),
 ) -> CliResult<cpu::Reference> {
     let (q, k, v) = (q.into_f64(), k.into_f64(), v.into_f64());
-    let r = match method {
-        Method::Dense { causal } => cpu::dense_attention(&q, &k, &v, shape, *causal)?,
-        Method::Fma(cfg) => cpu::fma_forward(&q, &k, &v, shape, cfg)?,
+    let r = match (method, seqs) {
+        (Method::Dense { causal }, None) => cpu::dense_attention(&q, &k, &v, shape, *causal)?,
+        (Method::Fma(cfg), None) => cpu::fma_forward(&q, &k, &v, shape, cfg)?,
+        (Method::Dense { causal }, Some(s)) => {
+            cpu::dense_attention_varlen(&q, &k, &v, shape, s, *causal)?
+        }
+        (Method::Fma(cfg), Some(s)) => cpu::fma_forward_varlen(&q, &k, &v, shape, s, cfg)?,
     };
     Ok(r)
+}
+
+/// The variable-length batch of `--seqlens` (packed) or `--lengths` (padded), checked against
+/// the arrays' shape; `None` without either.
+pub(crate) fn sequences(args: &RunArgs, shape: Shape) -> CliResult<Option<Sequences>> {
+    let n = shape.seq;
+    if let Some(lens) = &args.seqlens {
+        if shape.batch != 1 {
+            return Err(CliError::Input(format!(
+                "--seqlens packs sequences along the sequence axis of arrays (n, d) or (1, heads, \
+                 n, d), but Q has batch {} ({shape}); for one sequence per batch row use --lengths",
+                shape.batch
+            )));
+        }
+        let total: usize = lens.iter().sum();
+        if total != n {
+            return Err(CliError::Input(format!(
+                "--seqlens {} sum to {total} tokens, but Q, K and V have n = {n}: the lengths of \
+                 a packed batch must sum to n",
+                join(lens)
+            )));
+        }
+        return Ok(Some(Sequences::packed(lens.clone())?));
+    }
+    if let Some(lens) = &args.lengths {
+        if lens.len() != shape.batch {
+            return Err(CliError::Input(format!(
+                "--lengths {} gives {} lengths, but Q has {} batch rows ({shape}): one length per \
+                 row",
+                join(lens),
+                lens.len(),
+                shape.batch
+            )));
+        }
+        if let Some(&l) = lens.iter().find(|&&l| l > n) {
+            return Err(CliError::Input(format!(
+                "--lengths {}: length {l} is over the rows' n = {n} tokens (lengths 0..=n; 0 is a \
+                 row with no sequence, all padding)",
+                join(lens)
+            )));
+        }
+        return Ok(Some(Sequences::padded(n, lens.clone())?));
+    }
+    Ok(None)
+}
+
+fn join(lens: &[usize]) -> String {
+    lens.iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A GPU executor ready for the problem: the adapter is opened and (FMA) the plan's limits
@@ -186,15 +242,19 @@ enum Gpu {
     Fma(Box<FmaAttention>),
 }
 
-/// Opens the adapter and prepares `method`; FMA checks `shape` against the adapter's limits.
-fn prepare_gpu(method: &Method, shape: Shape) -> CliResult<Gpu> {
+/// Opens the adapter and prepares `method`; FMA checks `shape` (and the sequences of a
+/// variable-length batch) against the adapter's limits.
+fn prepare_gpu(method: &Method, shape: Shape, seqs: Option<&Sequences>) -> CliResult<Gpu> {
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
     Ok(match method {
         Method::Dense { causal } => Gpu::Dense(Box::new(DenseAttention::new(&ctx, *causal)?)),
         Method::Fma(cfg) => {
             let fma = FmaAttention::new(&ctx, cfg.clone())?;
-            fma.check(shape)?;
+            match seqs {
+                Some(s) => fma.plan_sequences(shape, s).map(drop)?,
+                None => fma.check(shape)?,
+            }
             Gpu::Fma(Box::new(fma))
         }
     })
@@ -207,13 +267,15 @@ impl Gpu {
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        shape: Shape,
+        (shape, seqs): (Shape, Option<&Sequences>),
         want_lse: bool,
     ) -> CliResult<multipole_attn::gpu::Output> {
         let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
-        Ok(match self {
-            Gpu::Dense(dense) => dense.forward(&q, &k, &v, shape, want_lse)?,
-            Gpu::Fma(fma) => fma.forward(&q, &k, &v, shape, want_lse)?,
+        Ok(match (self, seqs) {
+            (Gpu::Dense(dense), None) => dense.forward(&q, &k, &v, shape, want_lse)?,
+            (Gpu::Fma(fma), None) => fma.forward(&q, &k, &v, shape, want_lse)?,
+            (Gpu::Dense(dense), Some(s)) => dense.forward_varlen(&q, &k, &v, shape, s, want_lse)?,
+            (Gpu::Fma(fma), Some(s)) => fma.forward_varlen(&q, &k, &v, shape, s, want_lse)?,
         })
     }
 }
