@@ -81,8 +81,9 @@ impl Gpu {
         serde_wasm_bindgen::to_value(&summary).map_err(|e| JsError::new(&e.to_string()))
     }
 
-    /// Fast Multipole Attention of `q`, `k`, `v` ((batch, heads, n, headDim) f32) on the GPU:
-    /// resolves to O of the same shape. Uploads, one submit, readback.
+    /// Fast Multipole Attention of `q`, `k`, `v` ((batch, heads, n, headDim) f32; K, V with
+    /// `kvHeads` heads) on the GPU: resolves to O of Q's shape. With `seqlens`, every packed
+    /// sequence is its own FMA. Uploads, one submit, readback.
     pub async fn fma(
         &self,
         q: Vec<f32>,
@@ -93,7 +94,14 @@ impl Gpu {
         let opts = Options::from_js(options)?;
         let shape = opts.shape()?;
         let fma = self.fma_for(&opts)?;
-        Ok(fma.forward_async(&q, &k, &v, shape, false).await?.o)
+        let out = match opts.sequences()? {
+            Some(seqs) => {
+                fma.forward_varlen_async(&q, &k, &v, shape, &seqs, false)
+                    .await?
+            }
+            None => fma.forward_async(&q, &k, &v, shape, false).await?,
+        };
+        Ok(out.o)
     }
 
     /// Exact dense softmax attention on the GPU (causal when `options.causal`), the baseline:
@@ -108,7 +116,15 @@ impl Gpu {
         let opts = Options::from_js(options)?;
         let shape = opts.shape()?;
         let dense = self.dense_for(opts.causal)?;
-        Ok(dense.forward_async(&q, &k, &v, shape, false).await?.o)
+        let out = match opts.sequences()? {
+            Some(seqs) => {
+                dense
+                    .forward_varlen_async(&q, &k, &v, shape, &seqs, false)
+                    .await?
+            }
+            None => dense.forward_async(&q, &k, &v, shape, false).await?,
+        };
+        Ok(out.o)
     }
 }
 

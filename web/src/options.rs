@@ -1,6 +1,6 @@
 //! The options object every JS call takes, checked and turned into the library's types.
 
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Sequences, Shape};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -19,7 +19,7 @@ pub enum Queries {
 
 /// A problem and an FMA configuration, as JS passes it:
 /// `{ batch?: 1, heads?: 1, kvHeads?: heads, n, headDim, m?: 64, p?: 2, causal?: false,
-/// queries?: "fine" }`. Q and O are (batch, heads, n, headDim) f32, row-major; K and V
+/// queries?: "fine", seqlens?: [..] }`. Q and O are (batch, heads, n, headDim) f32, row-major; K and V
 /// (batch, kvHeads, n, headDim) (grouped-query attention when kvHeads < heads).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -50,11 +50,16 @@ pub struct Options {
     /// Query resolution at the coarse levels (default `"fine"`).
     #[serde(default)]
     pub queries: Queries,
+    /// A packed variable-length batch (FlashAttention's cu_seqlens as lengths): sequences of
+    /// these lengths (each >= 1, summing to `n`, `batch` 1) one after another along the
+    /// sequence axis, each its own attention problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seqlens: Option<Vec<usize>>,
 }
 
 /// The JS names of the fields of [`Options`].
-const FIELDS: [&str; 9] = [
-    "batch", "heads", "kvHeads", "n", "headDim", "m", "p", "causal", "queries",
+const FIELDS: [&str; 10] = [
+    "batch", "heads", "kvHeads", "n", "headDim", "m", "p", "causal", "queries", "seqlens",
 ];
 
 fn one() -> usize {
@@ -98,6 +103,16 @@ impl Options {
             .with_kv_heads(self.kv_heads.unwrap_or(self.heads));
         shape.validate()?;
         Ok(shape)
+    }
+
+    /// The packed sequences of `seqlens`, checked against the shape (`None` without them).
+    pub fn sequences(&self) -> Result<Option<Sequences>, JsError> {
+        let Some(lens) = &self.seqlens else {
+            return Ok(None);
+        };
+        let seqs = Sequences::packed(lens.clone())?;
+        seqs.check(self.shape()?)?;
+        Ok(Some(seqs))
     }
 
     /// The FMA configuration (Average downsampling, count correction on), validated.

@@ -28,6 +28,9 @@ export interface FmaOptions {
   causal?: boolean;
   /** "fine" (default, O(n log n)) or "coarse" (O(n), bidirectional only). */
   queries?: "fine" | "coarse";
+  /** A packed variable-length batch: sequence lengths (each >= 1, summing to n, batch 1),
+   * one after another along the sequence axis, each its own attention problem. */
+  seqlens?: number[];
 }
 
 /** What `Gpu.plan` returns: coarse levels and dispatches in the one submit. */

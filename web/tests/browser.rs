@@ -55,6 +55,7 @@ fn opts(
         p,
         causal,
         queries: Queries::Fine,
+        seqlens: None,
     }
 }
 
@@ -397,6 +398,46 @@ async fn kv_heads_option_runs_grouped_query_attention() {
         m.contains("kv_heads") && m.contains("divisor of heads = 4"),
         "{m}"
     );
+}
+
+/// `seqlens` (a packed variable-length batch) through the JS-facing path: FMA and dense equal
+/// the reference run sequence by sequence; lengths that do not sum to n are an Error.
+#[wasm_bindgen_test]
+async fn seqlens_option_runs_each_sequence_alone() {
+    let g = gpu().await;
+    let seed = fresh_seed() as u32;
+    let o = Options {
+        seqlens: Some(vec![1, 7, 97, 150]),
+        kv_heads: Some(1),
+        ..opts(1, 2, 255, 16, 16, 2, false)
+    };
+    let shape = o.shape().unwrap();
+    let seqs = o.sequences().unwrap().unwrap();
+    let label = format!("seed {seed} {o:?}");
+    let x = make_inputs(o.to_js().unwrap(), "random", seed).unwrap();
+    let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
+    let got = g
+        .fma(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+        .await
+        .unwrap();
+    let r = cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &o.config().unwrap()).unwrap();
+    let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
+    assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
+    let exact = g
+        .dense(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+        .await
+        .unwrap();
+    let d = cpu::dense_attention_varlen(&q, &k, &v, shape, &seqs, false).unwrap();
+    let c = closeness(&exact, &d.o, O_ATOL, O_RTOL);
+    assert_eq!(c.violations, 0, "{label}: dense off by up to {}", c.max_abs);
+    let bad = js_opts(r#"{"n": 10, "headDim": 8, "seqlens": [3, 4]}"#);
+    let e = g
+        .fma(vec![0.5; 80], vec![0.5; 80], vec![0.5; 80], bad)
+        .await
+        .err()
+        .expect("lengths summing to 7 of 10");
+    let m = message(e);
+    assert!(m.contains("lengths sum to 7"), "{m}");
 }
 
 /// The message of a thrown JS Error.

@@ -1,19 +1,24 @@
-//! Grouped-query heads against multi-head attention at the same query heads: FMA forward
-//! (fine queries) and backward on tensors resident on the GPU, median wall clock of `--reps`
-//! runs after a warm-up, both configurations in one process, with the device memory each
-//! needs (Q, K, V, O, LSE and the library's workspace: coarse K~, V~ per K/V head).
+//! What real models batch, measured in one process on tensors resident on the GPU (median wall
+//! clock of `--reps` runs after a warm-up):
+//! 1. grouped-query heads against multi-head attention at the same query heads: FMA forward
+//!    (fine queries) and backward, with the device memory each needs (Q, K, V, O, LSE and the
+//!    library's workspace: coarse K~, V~ per K/V head);
+//! 2. a packed batch of mixed lengths (`Sequences::packed`) against the same sequences padded
+//!    to the longest: run as a padded batch with lengths (`Sequences::padded`), and as a plain
+//!    batch of equal sequences (what a caller without variable lengths runs), FMA and dense.
 //!
-//! `cargo run --release --example bench_gqa [-- --n 4096,16384 --heads 8 --kv-heads 1,2,8]`
+//! `cargo run --release --example bench_batches [-- --n 4096 --heads 8 --kv-heads 8,2,1
+//!  --pack 64 --pack-max 4096]`
 //!
-//! Prints a table; the README's grouped-query table comes from it.
+//! Prints two tables; the README's tables come from them.
 
 use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors};
+use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Sequences, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -42,6 +47,91 @@ struct Args {
     /// Also time the backward.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     backward: bool,
+    /// Sequences in the mixed-length pack (0: skip part 2).
+    #[arg(long, default_value_t = 64)]
+    pack: usize,
+    /// Longest sequence of the pack; lengths spread log-uniformly from 16 up to it.
+    #[arg(long, default_value_t = 4096)]
+    pack_max: usize,
+}
+
+/// A device buffer of `len` N(0, 1) floats.
+fn buffer(ctx: &GpuContext, seed: u64, len: usize) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&normal_tensor(seed, len.max(1))),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+}
+
+/// Part 2: the pack, padded with lengths, and padded as a plain batch; FMA then dense.
+fn mixed_lengths(ctx: &GpuContext, a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Log-uniform lengths 16 .. pack_max, in a fixed shuffled order.
+    let count = a.pack;
+    let lengths: Vec<usize> = (0..count)
+        .map(|i| {
+            let f = ((i * 37) % count) as f64 / (count.max(2) - 1) as f64;
+            (16.0 * (a.pack_max as f64 / 16.0).powf(f)).round() as usize
+        })
+        .collect();
+    let n_max = *lengths.iter().max().unwrap_or(&1);
+    let total: usize = lengths.iter().sum();
+    let (h, d) = (1, a.head_dim);
+    println!(
+        "\n{count} sequences of 16..{n_max} tokens ({total} in all, {:.1}x fewer than padded to \
+         the longest), heads {h}, head_dim {d}",
+        (count * n_max) as f64 / total as f64
+    );
+    println!(
+        "{:>8} {:>26} {:>11} {:>8} {:>10}",
+        "method", "layout", "ms", "vs pack", "MiB"
+    );
+    let packed = Sequences::packed(lengths.clone())?;
+    let padded = Sequences::padded(n_max, lengths.clone())?;
+    let layouts = [
+        ("packed (seqlens)", packed.shape(h, h, d), Some(&packed)),
+        ("padded, with lengths", padded.shape(h, h, d), Some(&padded)),
+        ("padded, plain batch", padded.shape(h, h, d), None),
+    ];
+    for method in ["FMA", "dense"] {
+        let mut base = None;
+        for (name, shape, seqs) in layouts {
+            let (len, kv_len) = (shape.elements(), shape.kv_elements());
+            let (q, k, v, o) = (
+                buffer(ctx, 1, len),
+                buffer(ctx, 2, kv_len),
+                buffer(ctx, 3, kv_len),
+                buffer(ctx, 4, len),
+            );
+            let lse = buffer(ctx, 5, shape.rows());
+            let t = GpuTensors {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &o,
+                lse: Some(&lse),
+            };
+            let fma = FmaAttention::new(ctx, FmaConfig::new(a.block, a.rank))?;
+            let dense = DenseAttention::new(ctx, false)?;
+            let ms = median_ms(ctx, a.reps, || {
+                match (method, seqs) {
+                    ("FMA", Some(s)) => fma.forward_varlen_buffers(t, shape, s),
+                    ("FMA", None) => fma.forward_buffers(t, shape),
+                    (_, Some(s)) => dense.forward_varlen_buffers(t, shape, s),
+                    (_, None) => dense.forward_buffers(t, shape),
+                }
+                .unwrap()
+            });
+            let mib = (2 * len + 2 * kv_len + shape.rows()) as f64 * 4.0 / (1 << 20) as f64;
+            let b = *base.get_or_insert(ms);
+            println!(
+                "{method:>8} {name:>26} {ms:>11.1} {:>7.2}x {mib:>10.1}",
+                ms / b
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Median milliseconds of `reps` runs of `run` (each waited for), after one warm-up.
@@ -82,14 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             bar.set_message(format!("n={n} kv_heads={kv}"));
             let shape = Shape::new(1, a.heads, n, a.head_dim).with_kv_heads(kv);
             shape.validate()?;
-            let buffer = |seed: u64, len: usize| {
-                ctx.device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: None,
-                        contents: bytemuck::cast_slice(&normal_tensor(seed, len)),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    })
-            };
+            let buffer = |seed: u64, len: usize| buffer(&ctx, seed, len);
             let (len, kv_len) = (shape.elements(), shape.kv_elements());
             let (q, k, v, o) = (
                 buffer(1, len),
@@ -143,5 +226,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     bar.finish_and_clear();
+    if a.pack > 0 {
+        mixed_lengths(&ctx, &a)?;
+    }
     Ok(())
 }
