@@ -434,8 +434,7 @@ async fn seqlens_option_runs_each_sequence_alone() {
     let e = g
         .fma(vec![0.5; 80], vec![0.5; 80], vec![0.5; 80], bad)
         .await
-        .err()
-        .expect("lengths summing to 7 of 10");
+        .expect_err("lengths summing to 7 of 10");
     let m = message(e);
     assert!(m.contains("lengths sum to 7"), "{m}");
 }
