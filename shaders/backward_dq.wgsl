@@ -48,8 +48,8 @@ fn consume_keys(count: u32, visible: u32) {
     }
 }
 
-// The coarse keys of windows [run.x, run.y) of level index `lvl`, K/V head kv_bh. Arguments uniform over the
-// workgroup (barriers inside).
+// The coarse keys of windows [run.x, run.y) of level index `lvl` of K/V head kv_bh.
+// Arguments uniform over the workgroup (barriers inside).
 fn run_keys(kv_bh: u32, lvl: u32, run: vec2<u32>, lid: u32) {
     let row_end = run.y * params.p;
     for (var row0 = run.x * params.p; row0 < row_end; row0 += BK) {

@@ -251,3 +251,59 @@ fn keys_seen_total_counts_what_the_reference_gathers() {
     // algorithm.md §11: at most 218 keys per query for n = 4096, m = 64, p = 2.
     assert!(crate::levels::Levels::new(4096, 64, 2).keys_seen_total(false) <= 218 * 4096);
 }
+
+/// Grouped-query heads in the reference equal multi-head attention on K, V with every K/V head
+/// repeated for its group, forward and backward (dK, dV summed over each group): the indexing
+/// `bh / group` the GPU tests and the CLI's reference path rely on.
+#[test]
+fn grouped_query_heads_equal_repeated_multi_head_attention() {
+    let (batch, heads, kv_heads, n, d) = (2, 6, 2, 37, 8);
+    let gqa = Shape::new(batch, heads, n, d).with_kv_heads(kv_heads);
+    let mha = Shape::new(batch, heads, n, d);
+    let wide = |seed: u64, len: usize| -> Vec<f64> {
+        normal_tensor(seed, len).iter().map(|&x| x as f64).collect()
+    };
+    let (q, k, v, dout) = (
+        wide(1, gqa.elements()),
+        wide(2, gqa.kv_elements()),
+        wide(3, gqa.kv_elements()),
+        wide(4, gqa.elements()),
+    );
+    let per_head = n * d;
+    let repeat = |x: &[f64]| -> Vec<f64> {
+        (0..batch * heads)
+            .flat_map(|bh| &x[(bh / 3) * per_head..(bh / 3 + 1) * per_head])
+            .copied()
+            .collect()
+    };
+    let (kr, vr) = (repeat(&k), repeat(&v));
+    for cfg in [
+        FmaConfig::new(4, 2),
+        FmaConfig::new(4, 2).causal(true),
+        FmaConfig::new(4, 2).queries(Queries::Coarse),
+    ] {
+        let a = fma_forward(&q, &k, &v, gqa, &cfg).unwrap();
+        let b = fma_forward(&q, &kr, &vr, mha, &cfg).unwrap();
+        assert_eq!(a.o, b.o, "{cfg:?}");
+        assert_eq!(a.lse, b.lse, "{cfg:?}");
+        let dense = dense_attention(&q, &k, &v, gqa, cfg.causal).unwrap();
+        assert_eq!(
+            dense.o,
+            dense_attention(&q, &kr, &vr, mha, cfg.causal).unwrap().o
+        );
+        if cfg.queries == Queries::Fine {
+            let ga = crate::cpu::fma_backward(&q, &k, &v, &dout, gqa, &cfg).unwrap();
+            let gb = crate::cpu::fma_backward(&q, &kr, &vr, &dout, mha, &cfg).unwrap();
+            assert_eq!(ga.dq, gb.dq);
+            let mut dk = vec![0f64; gqa.kv_elements()];
+            for (bh, g) in gb.dk.chunks(per_head).enumerate() {
+                for (x, y) in dk[(bh / 3) * per_head..].iter_mut().zip(g) {
+                    *x += y;
+                }
+            }
+            for (x, y) in ga.dk.iter().zip(&dk) {
+                assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
+    }
+}
