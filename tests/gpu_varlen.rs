@@ -270,3 +270,50 @@ fn lengths_that_do_not_match_the_tensors_are_typed_errors() {
         "{e}"
     );
 }
+
+/// Under a 16 KiB binding cap the batch runs in groups of sequences that fit, and a sequence
+/// too long alone (1025 x 16 floats per head) is split along itself: the result matches the
+/// uncapped run to float rounding (tiles follow each group's longest sequence) and the
+/// reference within the forward's tolerance; padded rows stay padding.
+#[test]
+fn a_batch_over_the_binding_runs_in_groups_with_the_unsplit_result() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let cap = 16 << 10;
+    for seqs in [
+        Sequences::packed(vec![5, 60, 1025, 3, 200, 90]).unwrap(),
+        Sequences::padded(300, vec![300, 0, 17, 250]).unwrap(),
+    ] {
+        let shape = seqs.shape(2, 1, 16);
+        let x = inputs(seed, shape);
+        let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
+        for cfg in [FmaConfig::new(16, 2), FmaConfig::new(16, 2).causal(true)] {
+            let label = format!("seed {seed} {seqs:?} {cfg:?}");
+            let small = FmaAttention::new(ctx, cfg.clone())
+                .unwrap()
+                .max_binding(cap);
+            assert!(
+                small.plan_sequences(shape, &seqs).is_err(),
+                "{label}: must split"
+            );
+            let split = small
+                .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let r = cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &cfg).unwrap();
+            check(&label, &split.o, split.lse.as_deref().unwrap(), &r);
+            let whole = FmaAttention::new(ctx, cfg.clone())
+                .unwrap()
+                .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+                .unwrap();
+            let c = closeness(&split.o, &widen(&whole.o), 1e-6, 1e-6);
+            assert_eq!(c.violations, 0, "{label}: split vs whole {c:?}");
+        }
+        let dense = DenseAttention::new(ctx, true).unwrap().max_binding(cap);
+        let out = dense
+            .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+            .unwrap();
+        let r = cpu::dense_attention_varlen(&q, &k, &v, shape, &seqs, true).unwrap();
+        check("dense split", &out.o, out.lse.as_deref().unwrap(), &r);
+    }
+}

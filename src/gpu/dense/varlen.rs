@@ -1,12 +1,13 @@
 //! Exact attention of a variable-length batch (`crate::Sequences`): every sequence attends to
 //! itself, in query tiles of its own, one dispatch over all of them.
 
-use crate::error::Result;
+use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{sequence_table, uniform};
 use crate::gpu::engine::front::{check_host, run_host};
 use crate::gpu::engine::params::to_uniform_bytes;
 use crate::gpu::engine::record::Pipes;
 use crate::gpu::engine::tensors::{GpuTensors, Output, Scopes};
+use crate::gpu::engine::varlen_io::varlen_in_groups;
 use crate::plan::DensePlan;
 use crate::sequences::Sequences;
 use crate::shape::Shape;
@@ -47,7 +48,8 @@ impl DenseAttention {
 
     /// Exact attention of a variable-length batch of host tensors (async): layouts and
     /// results as [`crate::gpu::FmaAttention::forward_varlen_async`] (padding rows: O = 0, LSE
-    /// = -inf; causal per sequence). Each tensor must fit one storage binding.
+    /// = -inf; causal per sequence). Tensors over one storage binding run in groups of
+    /// sequences, a sequence too long alone split along itself.
     pub async fn forward_varlen_async(
         &self,
         q: &[f32],
@@ -59,14 +61,46 @@ impl DenseAttention {
     ) -> Result<Output> {
         check_host(shape, q, k, v)?;
         seqs.check(shape)?;
-        let plan = DensePlan::for_sequences(
+        let plan = match DensePlan::for_sequences(
             seqs,
             shape.heads,
             shape.kv_heads,
             shape.head_dim,
             &self.limits,
-        )?;
+        ) {
+            Ok(plan) => plan,
+            // Groups of sequences that fit; a sequence too long alone split along itself.
+            Err(FmaError::LimitExceeded { .. }) => {
+                let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+                let bytes_of = |lens: &[usize]| (h * lens.iter().sum::<usize>() * d) as u64 * 4;
+                let cap = self.limits.binding_bytes();
+                return varlen_in_groups((q, k, v), shape, seqs, want_lse, (cap, &bytes_of), |g| {
+                    let one = Shape::new(1, h, g.seqs.total(), d).with_kv_heads(kvh);
+                    async move {
+                        if g.seqs.count() == 1 {
+                            self.forward_async(&g.q, &g.k, &g.v, one, want_lse).await
+                        } else {
+                            let plan = DensePlan::for_sequences(&g.seqs, h, kvh, d, &self.limits)?;
+                            self.run_varlen(&plan, (&g.q, &g.k, &g.v), want_lse).await
+                        }
+                    }
+                })
+                .await;
+            }
+            Err(e) => return Err(e),
+        };
+        self.run_varlen(&plan, (q, k, v), want_lse).await
+    }
+
+    /// One run of host tensors of a batch whose plan fits.
+    async fn run_varlen(
+        &self,
+        plan: &DensePlan,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        want_lse: bool,
+    ) -> Result<Output> {
         let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
+        let shape = plan.shape;
         run_host(
             &self.ctx,
             &self.host,
@@ -75,7 +109,7 @@ impl DenseAttention {
             (q, k, v),
             want_lse,
             "the dense forward of a variable-length batch",
-            |enc, t, lse| self.record_varlen(enc, &plan, &pipes, &t, lse),
+            |enc, t, lse| self.record_varlen(enc, plan, &pipes, &t, lse),
         )
         .await
     }

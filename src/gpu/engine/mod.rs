@@ -15,4 +15,5 @@ pub(crate) mod record;
 pub mod shaders;
 pub(crate) mod split_io;
 pub(crate) mod tensors;
+pub(crate) mod varlen_io;
 pub(crate) mod weights;

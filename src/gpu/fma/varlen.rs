@@ -1,10 +1,12 @@
 //! FMA of a variable-length batch (`crate::Sequences`, packed or padded): the forward's passes
 //! with the sequence table bound, one submit, every sequence its own FMA.
 
-use crate::error::Result;
+use crate::error::{FmaError, Result};
 use crate::gpu::engine::front::{check_host, run_host};
 use crate::gpu::engine::record::Pipes;
 use crate::gpu::engine::tensors::{GpuTensors, Output, Scopes};
+use crate::gpu::engine::varlen_io::varlen_in_groups;
+use crate::levels::Levels;
 use crate::plan::FmaPlan;
 use crate::sequences::Sequences;
 use crate::shape::Shape;
@@ -35,8 +37,10 @@ impl FmaAttention {
     /// the work is its tokens' (no padding to the longest). Returns O of Q's shape and, if
     /// `want_lse`, the LSE `(batch, heads, n)`; padding rows hold O = 0 and LSE = -inf.
     ///
-    /// Each tensor must fit one storage binding ([`crate::FmaError::LimitExceeded`] says to
-    /// split the batch otherwise). The backward of a variable-length batch is not implemented.
+    /// Tensors over one storage binding run in groups of sequences that fit, and a sequence
+    /// too long alone is split along its sequence as [`FmaAttention::forward_async`] does (the
+    /// result equals the unsplit run to float rounding). The backward of a variable-length
+    /// batch is not implemented.
     pub async fn forward_varlen_async(
         &self,
         q: &[f32],
@@ -47,6 +51,27 @@ impl FmaAttention {
         want_lse: bool,
     ) -> Result<Output> {
         check_host(shape, q, k, v)?;
+        match self.plan_sequences(shape, seqs) {
+            Err(FmaError::LimitExceeded { .. }) => {
+                self.forward_varlen_groups((q, k, v), shape, seqs, want_lse)
+                    .await
+            }
+            Err(e) => Err(e),
+            Ok(_) => {
+                self.forward_varlen_whole((q, k, v), shape, seqs, want_lse)
+                    .await
+            }
+        }
+    }
+
+    /// One run of a batch whose tensors fit one binding each (else the plan's error).
+    async fn forward_varlen_whole(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+        seqs: &Sequences,
+        want_lse: bool,
+    ) -> Result<Output> {
         let plan = self.plan_sequences(shape, seqs)?;
         let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
         run_host(
@@ -58,6 +83,55 @@ impl FmaAttention {
             want_lse,
             "the FMA forward of a variable-length batch",
             |enc, t, lse| self.record(enc, &plan, &pipes, t, lse),
+        )
+        .await
+    }
+
+    /// A batch whose tensors exceed one binding: its sequences in packed groups that fit, and
+    /// a sequence too long alone through [`FmaAttention::forward_async`], which splits it
+    /// along its sequence (`engine::varlen_io`). Every sequence is computed as if alone, so
+    /// the result is the unsplit one up to the float rounding of tiles that follow each
+    /// group's longest sequence.
+    async fn forward_varlen_groups(
+        &self,
+        qkv: (&[f32], &[f32], &[f32]),
+        shape: Shape,
+        seqs: &Sequences,
+        want_lse: bool,
+    ) -> Result<Output> {
+        let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+        let levels = Levels::new(seqs.max_len().max(1), self.cfg.block, self.cfg.rank);
+        // The largest tensor of a packed run: Q, O or the coarse rows of its query heads
+        // (counted with the batch's levels, at least the run's own).
+        let bytes_of = |lens: &[usize]| -> u64 {
+            let tokens: usize = lens.iter().sum();
+            let rows: usize = lens
+                .iter()
+                .map(|&n| {
+                    let lv = &levels.levels;
+                    lv.iter()
+                        .map(|l| n.div_ceil(l.window) * levels.p)
+                        .sum::<usize>()
+                })
+                .sum();
+            (h * tokens.max(rows) * d) as u64 * 4
+        };
+        let cap = self.limits.binding_bytes();
+        varlen_in_groups(
+            qkv,
+            shape,
+            seqs,
+            want_lse,
+            (cap, &bytes_of),
+            |g| async move {
+                if g.seqs.count() == 1 {
+                    let one = Shape::new(1, h, g.seqs.total(), d).with_kv_heads(kvh);
+                    self.forward_async(&g.q, &g.k, &g.v, one, want_lse).await
+                } else {
+                    self.forward_varlen_whole((&g.q, &g.k, &g.v), g.shape, &g.seqs, want_lse)
+                        .await
+                }
+            },
         )
         .await
     }
