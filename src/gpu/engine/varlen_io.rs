@@ -8,6 +8,9 @@ use crate::gpu::engine::tensors::Output;
 use crate::sequences::Sequences;
 use crate::shape::Shape;
 
+/// The bytes of the largest tensor of a packed run of sequences of these lengths.
+pub(crate) type BytesOf<'a> = dyn Fn(&[usize]) -> u64 + 'a;
+
 /// Q, K, V of some sequences of a batch, packed, and where their rows came from.
 pub(crate) struct Group {
     /// The group's sequences, packed.
@@ -24,7 +27,7 @@ pub(crate) struct Group {
 /// Splits the sequences of `seqs` (non-empty ones, in order) into runs whose packed tensors
 /// stay under `cap` bytes by `bytes_of(lengths)` (an estimate that only grows with the run); a
 /// sequence over `cap` alone is a run of one.
-fn runs(seqs: &Sequences, cap: u64, bytes_of: &dyn Fn(&[usize]) -> u64) -> Vec<Vec<usize>> {
+fn runs(seqs: &Sequences, cap: u64, bytes_of: &BytesOf<'_>) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     for (s, &n) in seqs.lengths.iter().enumerate() {
@@ -61,12 +64,12 @@ fn gather(x: &[f32], seqs: &Sequences, heads: usize, d: usize, members: &[usize]
 /// Runs the batch `seqs` of `shape` in groups under `cap` bytes per tensor (`bytes_of` the
 /// largest tensor of a packed run of lengths): `run(group)` for each group and puts O (and the
 /// LSE) back in the batch's layout.
-pub(crate) async fn varlen_in_groups<'a, F, Fut>(
+pub(crate) async fn varlen_in_groups<F, Fut>(
     (q, k, v): (&[f32], &[f32], &[f32]),
     shape: Shape,
     seqs: &Sequences,
     want_lse: bool,
-    (cap, bytes_of): (u64, &dyn Fn(&[usize]) -> u64),
+    (cap, bytes_of): (u64, &BytesOf<'_>),
     mut run: F,
 ) -> Result<Output>
 where
