@@ -54,7 +54,10 @@ impl DenseAttention {
         Ok(Self {
             ctx: ctx.clone(),
             causal,
-            limits: KernelLimits::from_wgpu(&ctx.limits),
+            limits: KernelLimits {
+                dense_subgroup: ctx.subgroup_kernels().is_some(),
+                ..KernelLimits::from_wgpu(&ctx.limits)
+            },
             uniforms: ShapeCache::default(),
             host: Mutex::new(HostPool::default()),
         })
