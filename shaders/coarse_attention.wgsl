@@ -3,7 +3,8 @@
 // keys of window a's far list. Each coarse query writes its partial result as
 // (o~ = Y / Z, lse~ = M + ln Z), which carries the same information as (max, sum, weighted
 // value sum); (0, ABSENT) when the far list is empty. CPU mirror: `cpu::coarse` (the
-// coarse-query arm of `cpu::fma_forward`).
+// coarse-query arm of `cpu::fma_forward`). 1D and 2D (a window is a cell, a sub-window a band)
+// through the geometry interface of geometry.wgsl.
 //
 // Why not the staged tiles of the other attention passes: a far list holds at most 3 p keys,
 // and the p coarse queries of a window that share it are too few to fill a workgroup (p = 2
@@ -46,8 +47,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d = params.d;
     // The coarse queries of the windows holding tokens [chunk_lo, chunk_hi) (all of them
     // unless a split head's coarse rows are attended a group of windows at a time).
-    let a_lo = params.chunk_lo / info.window;
-    var rows = (window_count(params.chunk_hi, info.window) - a_lo) * p;
+    let cols = params.grid_w;
+    let groups = chunk_groups(params.chunk_lo, params.chunk_hi, info.window, cols);
+    let a_lo = groups.x;
+    var rows = (groups.y - a_lo) * p;
     if (params.seqs > 0u) {
         rows = seq_table[sec_rows(sel.level) + params.seqs]; // every sequence's (varlen)
     }
@@ -88,10 +91,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // The far list, bidirectional only: the config refuses causal + coarse queries.
     for (var run = 0u; run < FAR_RUNS; run++) {
-        let far = far_run(a, level_windows(pr, sel.level), false, run);
+        let far = level_far_run(n, params.m, cols, sel.level, a, level_windows(pr, sel.level),
+                                false, run);
         for (var b = far.x; b < far.y; b++) {
             for (var j = 0u; j < p; j++) {
-                let size = sub_window_count(n, info.window, p, b, j);
+                let size = row_count(n, info.window, p, cols, b * p + j);
                 if (size == 0u) {
                     continue;
                 }

@@ -5,7 +5,8 @@
 // tokens, level l >= 2 from level l-1's rows (S(l,a,j) is the union of two level l-1
 // sub-windows, so the count-weighted mean of their means is its mean), which makes pooling
 // O(n d) over all levels instead of O(n d L). Learned mode convolves the tokens at every level.
-// CPU mirror: `src/cpu/downsample.rs` (which pools every level from the tokens).
+// CPU mirror: `src/cpu/downsample.rs` (which pools every level from the tokens). 1D and 2D
+// through the geometry interface (geometry.wgsl, geometry_grid.wgsl).
 
 #import params
 #import geometry
@@ -52,10 +53,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let p = params.p;
     let win = info.window;
     // The windows holding tokens of the chunk [chunk_lo, chunk_hi) (all of them unless split).
-    let a_lo = params.chunk_lo / win;
-    let a_hi = window_count(params.chunk_hi, win);
+    let cols = params.grid_w;
+    let groups = chunk_groups(params.chunk_lo, params.chunk_hi, win, cols);
+    let a_lo = groups.x;
     // Rows per head: the chunk's windows (equal sequences), or every sequence's (varlen).
-    var rows = (a_hi - a_lo) * p;
+    var rows = (groups.y - a_lo) * p;
     if (params.seqs > 0u) {
         rows = seq_table[sec_rows(sel.level) + params.seqs];
     }
@@ -89,14 +91,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let out = coarse_row(crow, sel.level, seq, row) * d + c;
     var s = 0.0;
     if (params.learned == 0u && sel.level > 0u) {
-        // S(l, a, j) is the union of two level l-1 sub-windows; either may be empty at the end.
+        // S(l, a, j) is the union of CHILDREN level l-1 rows (1D: two sub-windows; 2D: two bands
+        // of two cells); any may be empty at the end.
         let prev = params.levels[sel.level - 1u];
         var total = 0u;
-        for (var h = 0u; h < 2u; h++) {
-            let child = sub_window_child(p, a, j, h);
-            let count = sub_window_count(n, prev.window, p, child.x, child.y);
+        for (var h = 0u; h < CHILDREN; h++) {
+            let child = row_child(n, win, p, cols, a, j, h);
+            let count = child.y;
             if (count > 0u) {
-                let row_in = coarse_row(crow, sel.level - 1u, seq, child.x * p + child.y);
+                let row_in = coarse_row(crow, sel.level - 1u, seq, child.x);
                 s += f32(count) * coarse_input(tensor, row_in * d + c);
                 total += count;
             }
@@ -111,19 +114,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // one chunk and this dispatch covers exactly the windows of its chunk.
         let base = (tok_row - params.row_base) * d;
         if (params.learned == 0u) {
-            let tokens = sub_window(n, win, p, a, j);
-            for (var t = tokens.x; t < tokens.y; t++) {
-                s += input(tensor, base + t * d + c);
+            let count = row_count(n, win, p, cols, row);
+            for (var t = 0u; t < count; t++) {
+                s += input(tensor, base + row_token(n, win, p, cols, row, t) * d + c);
             }
-            if (tokens.y > tokens.x) {
-                s /= f32(tokens.y - tokens.x);
+            if (count > 0u) {
+                s /= f32(count);
             }
         } else {
-            // Depthwise convolution, kernel = stride = w_l; tokens beyond n count as zero.
-            let tokens = window_range(n, win, a);
-            let wrow = tensor * params.weight_stride + info.weight_offset + (c * p + j) * win;
-            for (var t = 0u; t < tokens.y - tokens.x; t++) {
-                s += w[wrow + t] * input(tensor, base + (tokens.x + t) * d + c);
+            // Depthwise convolution, kernel = stride = w_l (2D: w_l x w_l); tokens beyond n
+            // (the grid) count as zero.
+            let taps = group_taps(n, win, cols, a);
+            let wrow = tensor * params.weight_stride + info.weight_offset
+                + (c * p + j) * kernel_len(win);
+            for (var t = 0u; t < taps; t++) {
+                let tap = group_tap(n, win, cols, a, t);
+                s += w[wrow + tap.y] * input(tensor, base + tap.x * d + c);
             }
             s += w[params.bias_base + tensor * params.bias_stride + sel.level * d * p + c * p + j];
         }

@@ -28,9 +28,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return;
     }
     let m = params.m;
-    // The fine blocks of the chunk [chunk_lo, chunk_hi) (all of them unless split), or of each
-    // sequence of a variable-length batch (sequences.wgsl).
-    let tiles = window_count(params.chunk_hi - params.chunk_lo, m) * params.tiles_per_block;
+    let cols = params.grid_w;
+    // The query blocks (fine blocks; 2D: fine cells) of the chunk [chunk_lo, chunk_hi) (all of
+    // them unless split), or of each sequence of a variable-length batch (sequences.wgsl).
+    let blocks = chunk_blocks(params.chunk_lo, params.chunk_hi, m, cols);
+    let tiles = blocks.y * params.tiles_per_block;
     let at = locate(wid, tiles, sec_tile(), query_heads());
     if (at.x == 0xffffffffu) {
         return; // uniform over the workgroup
@@ -38,12 +40,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let pr = problem(at.x, at.y);
     let n = pr.n;
     let tile = at.z;
-    let a0 = params.chunk_lo / m + tile / params.tiles_per_block;
-    let block = window_range(n, m, a0);
-    let i0 = block.x + (tile % params.tiles_per_block) * WG;
-    let i1 = min(i0 + WG, block.y);
-    let i = i0 + lid;
-    let in_tile = i < i1;
+    let a0 = blocks.x + tile / params.tiles_per_block;
+    // Queries q0 .. q1 of the block (1D: tokens block start + q), this invocation's q0 + lid.
+    let q0 = (tile % params.tiles_per_block) * WG;
+    let q1 = min(q0 + WG, block_size(n, m, cols, a0));
+    let i = block_token(n, m, cols, a0, q0 + lid);
+    let in_tile = q0 + lid < q1;
+    // One past the tile's last query (1D: its causal key limit).
+    let i1 = block_token(n, m, cols, a0, q1 - 1u) + 1u;
     // Element offset of row 0 of this head in the bound tensors. A split head's bindings start
     // at global row row_base (batch_heads = 1), making this (-row_base d) mod 2^32: u32
     // arithmetic wraps in WGSL, so head + t d still lands on bound row t - row_base.
@@ -56,8 +60,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // Level 0, the near field; causal: the tile's keys stop at its last query (the mask in
     // attend_fine_keys does the rest per row).
-    let near = near_keys(n, m, a0, causal);
-    attend_fine_keys(kv_head, near.x, select(near.y, i1, causal), i, causal, lid);
+    for (var run = 0u; run < near_runs(n, m, cols, a0); run++) {
+        let near = near_run(n, m, cols, a0, causal, run);
+        attend_fine_keys(kv_head, near.x, select(near.y, i1, causal), i, causal, lid);
+    }
 
     // Coarse levels (none with coarse queries).
     let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);

@@ -4,7 +4,8 @@
 // in place in O and the LSE: LSE = ln sum_l exp(LSE_l), o = sum_l exp(LSE_l - LSE) o_l, which
 // is M = max M_l, Z = sum exp(M_l - M) Z_l, o = sum exp(M_l - M) Y_l / Z written per level as
 // (o_l, LSE_l). One invocation per token. CPU mirror: `cpu::fma_forward` with coarse queries
-// (one softmax over the union of the levels' keys, which this merge reproduces).
+// (one softmax over the union of the levels' keys, which this merge reproduces). 1D and 2D
+// (the band holding the token) through the geometry interface of geometry.wgsl.
 
 #import params
 #import geometry
@@ -47,11 +48,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var big = lse0;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let info = params.levels[lvl];
-        let s = sub_window_of(info.window, p, i);
-        rows[lvl] = coarse_row(pr.q_crow, lvl, seq, s.x * p + s.y);
+        let row = row_of(pr.n, info.window, p, params.grid_w, i);
+        rows[lvl] = coarse_row(pr.q_crow, lvl, seq, row);
         weight[lvl] = coarse_lse[rows[lvl]];
         // Coarse queries are bidirectional only (the config refuses causal + coarse queries).
-        present[lvl] = far_count(s.x, level_windows(pr, lvl), false) > 0u;
+        var far = 0u;
+        for (var run = 0u; run < FAR_RUNS; run++) {
+            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, row / p,
+                                  level_windows(pr, lvl), false, run);
+            far += r.y - r.x;
+        }
+        present[lvl] = far > 0u;
         if (present[lvl]) {
             big = max(big, weight[lvl]);
         }

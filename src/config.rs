@@ -1,6 +1,7 @@
 //! FMA configuration: block size m, rank p, causal mask, downsampling mode, count correction.
 
 use crate::error::{FmaError, Result};
+use crate::geometry::Grid;
 use crate::weights::LearnedWeights;
 
 /// How the coarse keys and values of each level are made from the fine ones (algorithm.md §4).
@@ -44,6 +45,11 @@ pub struct FmaConfig {
     pub count_correction: bool,
     /// Fine or coarse queries (coarse: bidirectional only).
     pub queries: Queries,
+    /// `None`: a 1D sequence (algorithm.md §2-3). `Some(grid)`: the tokens lie on an H x W grid
+    /// in raster order (§9; the sequence length must be H W): `block` is the cell side r, cells
+    /// r x r with a 3 x 3 near field, `rank` p coarse keys per cell (horizontal bands), learned
+    /// weights (d, p, s_l, s_l) per level. Bidirectional only.
+    pub grid: Option<Grid>,
 }
 
 impl Default for FmaConfig {
@@ -55,6 +61,7 @@ impl Default for FmaConfig {
             downsample: Downsample::Average,
             count_correction: true,
             queries: Queries::Fine,
+            grid: None,
         }
     }
 }
@@ -93,8 +100,15 @@ impl FmaConfig {
         self
     }
 
-    /// Checks m and p, that coarse queries are not asked for with the causal mask, and (in
-    /// Learned mode) the weights' shapes for `head_dim` and `seq`.
+    /// Lays the tokens on an H x W grid (algorithm.md §9), or back on a line with `None`.
+    pub fn grid(mut self, grid: Option<Grid>) -> Self {
+        self.grid = grid;
+        self
+    }
+
+    /// Checks m and p, that coarse queries are not asked for with the causal mask, (with a
+    /// grid) that the grid holds `seq` tokens and is not causal, and (in Learned mode) the
+    /// weights' shapes for `head_dim` and `seq`.
     pub fn validate(&self, head_dim: usize, seq: usize) -> Result<()> {
         if self.block == 0 {
             return Err(FmaError::InvalidConfig {
@@ -110,12 +124,36 @@ impl FmaConfig {
                 allowed: format!("p >= 1 and p divides the block size m = {}", self.block),
             });
         }
+        if let Some(grid) = self.grid {
+            if grid.h == 0 || grid.w == 0 {
+                return Err(FmaError::InvalidConfig {
+                    what: "grid",
+                    value: grid.to_string(),
+                    allowed: "H >= 1 and W >= 1".into(),
+                });
+            }
+            if grid.h.checked_mul(grid.w) != Some(seq) {
+                return Err(FmaError::ShapeMismatch {
+                    what: "grid".into(),
+                    expected: format!("H * W = the sequence length {seq}"),
+                    got: format!("{grid} = {} tokens", grid.h.saturating_mul(grid.w)),
+                });
+            }
+            if self.causal {
+                return Err(FmaError::CausalGrid);
+            }
+        }
         if self.causal && self.queries == Queries::Coarse {
             return Err(FmaError::CausalCoarseQueries);
         }
         if let Downsample::Learned(w) = &self.downsample {
             let with_queries = self.queries == Queries::Coarse;
-            w.validate(head_dim, self.block, self.rank, seq, with_queries)?;
+            match self.grid {
+                None => w.validate(head_dim, self.block, self.rank, seq, with_queries)?,
+                Some(grid) => {
+                    w.validate_grid(head_dim, self.block, self.rank, grid, with_queries)?
+                }
+            }
         }
         Ok(())
     }

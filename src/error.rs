@@ -36,6 +36,13 @@ pub enum FmaError {
          use fine queries for causal attention (or drop the causal mask)"
     )]
     CausalCoarseQueries,
+    /// The causal mask was asked for on a 2D grid (algorithm.md §9): a grid has no order in
+    /// which later tokens are hidden; 2D FMA is bidirectional.
+    #[error(
+        "the causal mask is not defined on a 2D grid (algorithm.md §9): 2D FMA is \
+         bidirectional; drop the causal mask or lay the tokens on a line"
+    )]
+    CausalGrid,
     /// Learned downsampling weights of the wrong shape, or missing a level.
     #[error("learned weights: {0}")]
     Weights(String),

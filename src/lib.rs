@@ -25,7 +25,7 @@ pub mod weights;
 
 pub use config::{DecodeConfig, Downsample, FmaConfig, Queries};
 pub use error::{FmaError, Result};
-pub use geometry::Geometry;
+pub use geometry::{Geometry, Grid};
 pub use gradients::{Gradients, LevelGradients};
 pub use sequences::{SeqLayout, Sequences};
 pub use shape::Shape;

@@ -3,6 +3,7 @@
 //! (head_dim, p), shared by all heads.
 
 use crate::error::{FmaError, Result};
+use crate::geometry::{cell_side, Grid};
 use crate::levels::{num_levels, window};
 
 /// The weights of one coarse level l (row-major f32):
@@ -74,6 +75,48 @@ impl LearnedWeights {
         }
     }
 
+    /// The box-average initialisation of 2D weights (algorithm.md §9) for cells of side
+    /// `block` (r) and `levels` levels: per level l a (head_dim, p, s_l, s_l) weight with
+    /// `w[c, j, dy, dx] = p / s_l^2` when grid row dy of the cell falls in band j (rows
+    /// j s_l / p .. (j + 1) s_l / p), else 0; biases 0. On full cells this equals Average.
+    pub fn box_init_grid(head_dim: usize, block: usize, rank: usize, levels: usize) -> Self {
+        let levels = (1..=levels)
+            .map(|l| {
+                let s = cell_side(block, l);
+                let taps = s * s;
+                let band = s / rank;
+                let mut wk = vec![0f32; head_dim * rank * taps];
+                for c in 0..head_dim {
+                    for j in 0..rank {
+                        for k in j * band * s..(j + 1) * band * s {
+                            wk[(c * rank + j) * taps + k] = rank as f32 / taps as f32;
+                        }
+                    }
+                }
+                LevelWeights {
+                    wv: wk.clone(),
+                    wq: wk.clone(),
+                    wk,
+                    bk: vec![0.0; head_dim * rank],
+                    bv: vec![0.0; head_dim * rank],
+                    bq: vec![0.0; head_dim * rank],
+                }
+            })
+            .collect();
+        Self {
+            head_dim,
+            block,
+            rank,
+            levels,
+        }
+    }
+
+    /// [`LearnedWeights::box_init_grid`] with exactly the levels `grid` needs with cells of
+    /// side `block`.
+    pub fn box_init_grid_for(head_dim: usize, block: usize, rank: usize, grid: Grid) -> Self {
+        Self::box_init_grid(head_dim, block, rank, grid.num_levels(block.max(1)))
+    }
+
     /// The box initialisation with exactly the levels a sequence of `seq` tokens needs.
     pub fn box_init_for(head_dim: usize, block: usize, rank: usize, seq: usize) -> Self {
         Self::box_init(head_dim, block, rank, num_levels(seq, block.max(1)))
@@ -91,24 +134,62 @@ impl LearnedWeights {
         seq: usize,
         with_queries: bool,
     ) -> Result<()> {
+        let need = num_levels(seq, block);
+        let what = format!("a sequence of {seq} tokens with m = {block}");
+        self.validate_levels(head_dim, block, rank, need, &what, with_queries, |l| {
+            let w = window(block, l);
+            (w, format!("{w}"))
+        })
+    }
+
+    /// [`LearnedWeights::validate`] for 2D weights on `grid` with cells of side `block` (r):
+    /// per level l a (head_dim, p, s_l, s_l) weight (algorithm.md §9).
+    pub fn validate_grid(
+        &self,
+        head_dim: usize,
+        block: usize,
+        rank: usize,
+        grid: Grid,
+        with_queries: bool,
+    ) -> Result<()> {
+        let need = grid.num_levels(block);
+        let what = format!("a {grid} grid with r = {block}");
+        self.validate_levels(head_dim, block, rank, need, &what, with_queries, |l| {
+            let s = cell_side(block, l);
+            (s * s, format!("{s}, {s}"))
+        })
+    }
+
+    /// The checks of `validate` with `need` levels, level l's kernel of `taps(l).0` values
+    /// (shape `taps(l).1` after (head_dim, p)).
+    #[allow(clippy::too_many_arguments)]
+    fn validate_levels(
+        &self,
+        head_dim: usize,
+        block: usize,
+        rank: usize,
+        need: usize,
+        what: &str,
+        with_queries: bool,
+        taps: impl Fn(usize) -> (usize, String),
+    ) -> Result<()> {
         if (self.head_dim, self.block, self.rank) != (head_dim, block, rank) {
             return Err(FmaError::Weights(format!(
                 "made for (head_dim {}, m {}, p {}), but the call has (head_dim {head_dim}, m {block}, p {rank})",
                 self.head_dim, self.block, self.rank
             )));
         }
-        let need = num_levels(seq, block);
         if self.levels.len() < need {
             return Err(FmaError::Weights(format!(
-                "a sequence of {seq} tokens with m = {block} needs {need} levels, but only {} are given (missing level {})",
+                "{what} needs {need} levels, but only {} are given (missing level {})",
                 self.levels.len(),
                 self.levels.len() + 1
             )));
         }
         for (i, lw) in self.levels.iter().enumerate().take(need) {
             let l = i + 1;
-            let w = window(block, l);
-            let wlen = head_dim * rank * w;
+            let (len, w) = taps(l);
+            let wlen = head_dim * rank * len;
             let blen = head_dim * rank;
             let mut checks = vec![
                 (

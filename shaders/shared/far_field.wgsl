@@ -1,7 +1,8 @@
 // The far field of a fine block (fine queries): every level's far-list coarse keys of block a0
 // in one sequence, staged BK at a time, so a block pays two barriers and one rescale per BK
 // coarse keys instead of per run of at most 2p keys (2 runs x L levels).
-// CPU mirror: the `SeenKey::Coarse` arm of `cpu::fma_forward`; far lists: `levels::far_list`.
+// CPU mirror: the `SeenKey::Coarse` arm of `cpu::fma_forward`; far lists: `levels::far_list`
+// (2D: `GridGeometry::far_cells`), through the geometry interface (level_group, level_far_run).
 // Needs from the importer: key_tiles, online_softmax, geometry, sequences; bindings coarse_k,
 // coarse_v. The problem `pr` gives the sequence's length and its K/V head's coarse rows.
 
@@ -10,9 +11,10 @@ fn far_total(pr: Problem, a0: u32, causal: bool, levels: u32) -> u32 {
     let p = params.p;
     var total = 0u;
     for (var lvl = 0u; lvl < levels; lvl++) {
-        let a = block_window(a0, lvl);
+        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = far_run(a, level_windows(pr, lvl), causal, run);
+            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
+                                  causal, run);
             total += (r.y - r.x) * p;
         }
     }
@@ -24,9 +26,10 @@ fn far_key(pr: Problem, a0: u32, causal: bool, g: u32) -> vec2<u32> {
     let p = params.p;
     var rest = g;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-        let a = block_window(a0, lvl);
+        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = far_run(a, level_windows(pr, lvl), causal, run);
+            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
+                                  causal, run);
             let rows = (r.y - r.x) * p;
             if (rest < rows) {
                 return vec2<u32>(lvl, r.x * p + rest);
@@ -60,7 +63,7 @@ fn stage_far_gathered(pr: Problem, a0: u32, causal: bool, g0: u32, count: u32, l
             tile_v[r * D4 + c4] = vv;
         }
         tile_bias[r] = coarse_key_bias(
-            sub_window_count(pr.n, info.window, params.p, key.y / params.p, key.y % params.p));
+            row_count(pr.n, info.window, params.p, params.grid_w, key.y));
     }
 }
 

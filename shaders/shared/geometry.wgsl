@@ -103,3 +103,95 @@ fn inverse_far_run(b: u32, windows: u32, causal: bool, run: u32) -> vec2<u32> {
     }
     return far_run(b, windows, false, run);
 }
+
+// ---- The geometry interface of the passes that run in 1D and 2D (fine_attention with
+// near_field and far_field, downsample): the same names and signatures in
+// shared/geometry_grid.wgsl (the 2D grid of algorithm.md §9), which the composer imports as
+// `geometry` instead for a 2D plan (`Specialization::grid`). `cols` is the grid width W, unused
+// here. A "group" is a window here (a cell in 2D); a query block is a fine block (a fine cell).
+// Here each is the 1D map above, so the 1D passes compute what they computed before, in the
+// same order.
+
+// The query blocks of the tokens [lo, hi): (first block, count).
+fn chunk_blocks(lo: u32, hi: u32, m: u32, cols: u32) -> vec2<u32> {
+    return vec2<u32>(lo / m, window_count(hi - lo, m));
+}
+
+// Queries of block a0.
+fn block_size(n: u32, m: u32, cols: u32, a0: u32) -> u32 {
+    let r = window_range(n, m, a0);
+    return r.y - r.x;
+}
+
+// The token of query q (< block_size) of block a0.
+fn block_token(n: u32, m: u32, cols: u32, a0: u32, q: u32) -> u32 {
+    return a0 * m + q;
+}
+
+// Runs of consecutive near keys of block a0: near_run(.., run) for run < near_runs.
+fn near_runs(n: u32, m: u32, cols: u32, a0: u32) -> u32 {
+    return 1u;
+}
+
+fn near_run(n: u32, m: u32, cols: u32, a0: u32, causal: bool, run: u32) -> vec2<u32> {
+    return near_keys(n, m, a0, causal);
+}
+
+// The group at level index lvl (groups of m 2^lvl tokens) holding block a0.
+fn level_group(n: u32, m: u32, cols: u32, a0: u32, lvl: u32) -> u32 {
+    return block_window(a0, lvl);
+}
+
+// Run `run` (< FAR_RUNS) of the far list of group a at level index lvl, of `groups` groups:
+// consecutive group indices.
+fn level_far_run(n: u32, m: u32, cols: u32, lvl: u32, a: u32, groups: u32, causal: bool,
+                 run: u32) -> vec2<u32> {
+    return far_run(a, groups, causal, run);
+}
+
+// The groups of the tokens [lo, hi) at group size w: (first, end).
+fn chunk_groups(lo: u32, hi: u32, w: u32, cols: u32) -> vec2<u32> {
+    return vec2<u32>(lo / w, window_count(hi, w));
+}
+
+// |S| of coarse row `row` (group row / p, basis row % p) at group size w: its real tokens.
+fn row_count(n: u32, w: u32, p: u32, cols: u32, row: u32) -> u32 {
+    return sub_window_count(n, w, p, row / p, row % p);
+}
+
+// Token t (< row_count) of coarse row `row`.
+fn row_token(n: u32, w: u32, p: u32, cols: u32, row: u32, t: u32) -> u32 {
+    return sub_window(n, w, p, row / p, row % p).x + t;
+}
+
+// The coarse row of group size w holding token t (the coarse query t takes, §6).
+fn row_of(n: u32, w: u32, p: u32, cols: u32, t: u32) -> u32 {
+    let s = sub_window_of(w, p, t);
+    return s.x * p + s.y;
+}
+
+// A coarse row is the union of CHILDREN rows of the level below (group size w / 2).
+const CHILDREN: u32 = 2u;
+
+// Child h (< CHILDREN) of coarse row (a, j) at group size w: (row of the level below, its
+// count; 0 when it lies beyond the tokens).
+fn row_child(n: u32, w: u32, p: u32, cols: u32, a: u32, j: u32, h: u32) -> vec2<u32> {
+    let child = sub_window_child(p, a, j, h);
+    return vec2<u32>(child.x * p + child.y, sub_window_count(n, w / 2u, p, child.x, child.y));
+}
+
+// Taps of a learned kernel at group size w (w in 1D, w^2 in 2D).
+fn kernel_len(w: u32) -> u32 {
+    return w;
+}
+
+// Tokens of group a (clipped), which its learned kernel reads.
+fn group_taps(n: u32, w: u32, cols: u32, a: u32) -> u32 {
+    let r = window_range(n, w, a);
+    return r.y - r.x;
+}
+
+// Tap t (< group_taps) of group a: (token, kernel index).
+fn group_tap(n: u32, w: u32, cols: u32, a: u32, t: u32) -> vec2<u32> {
+    return vec2<u32>(a * w + t, t);
+}

@@ -2,8 +2,8 @@
 // checks that naga's layout of this struct has the size encase gives the Rust one).
 
 struct LevelInfo {
-    window: u32,      // w_l = m * 2^(l-1)
-    windows: u32,     // ceil(n / w_l)
+    window: u32,      // w_l = m * 2^(l-1) (2D: the cell side s_l = r 2^(l-1))
+    windows: u32,     // ceil(n / w_l) (2D: the cells, ceil(H / s_l) ceil(W / s_l))
     row_offset: u32,  // first row of level l in the concatenated coarse buffer
     weight_offset: u32, // first element of level l's (d, p, w_l) weights in the learned buffers
 }
@@ -46,8 +46,8 @@ struct Params {
     q_head_stride: u32,      // rows between heads of one sequence in Q, O, the LSE (varlen)
     kv_head_stride: u32,     // rows between K/V heads of one sequence in K, V (varlen)
     bias_base: u32,          // first bias element in the downsample pass's weight binding
+    grid_w: u32,             // 2D (algorithm.md §9): the grid width W (n = H W); 0 in 1D
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad1: u32,
     _pad2: u32,
     levels: array<LevelInfo, 32>,
 }

@@ -11,7 +11,7 @@
 
 use crate::config::{Downsample, FmaConfig};
 use crate::error::Result;
-use crate::geometry::{Geometry, Line};
+use crate::geometry::Geometry;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
 
@@ -43,8 +43,15 @@ pub fn fma_backward(
     check_inputs(q, k, v, shape)?;
     shape.check_len("dO", dout.len())?;
     cfg.validate(shape.head_dim, shape.seq)?;
-    let geometry = Line::new(shape.seq, cfg.block, cfg.rank, cfg.causal);
-    fma_backward_in(&geometry, q, k, v, dout, shape, cfg)
+    fma_backward_in(
+        &*super::geometry_of(cfg, shape.seq),
+        q,
+        k,
+        v,
+        dout,
+        shape,
+        cfg,
+    )
 }
 
 /// [`fma_backward`] in any geometry, the gradients of [`super::fma_forward_in`] with the same

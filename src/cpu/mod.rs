@@ -3,8 +3,8 @@
 //! not for speed: per query, list the keys it sees, then take one softmax over them.
 //!
 //! The index maps come from a [`Geometry`] only: the public functions build the 1D [`Line`] of
-//! algorithm.md §2-3 from the configuration, and their `_in` twins take any geometry (the 2D
-//! grid of §9 is meant to be a second one).
+//! algorithm.md §2-3, or the 2D [`GridGeometry`] of §9 when `cfg.grid` is set, from the
+//! configuration, and their `_in` twins take any geometry.
 
 pub mod backward;
 mod checks;
@@ -19,7 +19,7 @@ use crate::config::{FmaConfig, Queries};
 #[cfg(test)]
 use crate::error::FmaError;
 use crate::error::Result;
-use crate::geometry::{Geometry, Line};
+use crate::geometry::{Geometry, GridGeometry, Line};
 use crate::shape::Shape;
 use checks::{check_geometry, check_inputs};
 use coarse::CoarseQueries;
@@ -84,7 +84,8 @@ fn softmax_row<'a>(keys: impl Iterator<Item = (f64, &'a [f64])> + Clone, out: &m
 /// Every query i takes one softmax over the keys it sees (`gather::seen_keys`): the near field
 /// with q_i itself, the far lists of the coarse levels with q_i (fine queries) or with the
 /// coarse query of the sub-window holding i at that level (coarse queries, §6; bidirectional
-/// only, causal + coarse is [`FmaError::CausalCoarseQueries`](crate::FmaError)).
+/// only, causal + coarse is [`FmaError::CausalCoarseQueries`](crate::FmaError)). With
+/// `cfg.grid` the tokens lie on that H x W grid in raster order (algorithm.md §9; seq = H W).
 pub fn fma_forward(
     q: &[f64],
     k: &[f64],
@@ -94,8 +95,17 @@ pub fn fma_forward(
 ) -> Result<Reference> {
     check_inputs(q, k, v, shape)?;
     cfg.validate(shape.head_dim, shape.seq)?;
-    let geometry = Line::new(shape.seq, cfg.block, cfg.rank, cfg.causal);
-    fma_forward_in(&geometry, q, k, v, shape, cfg)
+    fma_forward_in(&*geometry_of(cfg, shape.seq), q, k, v, shape, cfg)
+}
+
+/// The geometry `cfg` asks for on a sequence of `seq` tokens (validated): the 1D [`Line`] of
+/// (seq, block, rank, causal), or with `cfg.grid` the 2D [`GridGeometry`] of cells
+/// block x block.
+pub fn geometry_of(cfg: &FmaConfig, seq: usize) -> Box<dyn Geometry> {
+    match cfg.grid {
+        None => Box::new(Line::new(seq, cfg.block, cfg.rank, cfg.causal)),
+        Some(grid) => Box::new(GridGeometry::new(grid, cfg.block, cfg.rank)),
+    }
 }
 
 /// [`fma_forward`] in any geometry: `shape.seq` must be `geometry.tokens()`. The geometry decides
@@ -225,3 +235,5 @@ pub fn widen(x: &[f32]) -> Vec<f64> {
 mod tests;
 #[cfg(test)]
 mod tests_coarse;
+#[cfg(test)]
+mod tests_grid;

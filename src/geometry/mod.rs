@@ -4,9 +4,9 @@
 //! (`crate::cpu`) reads the geometry only through the [`Geometry`] trait.
 //!
 //! [`Line`] is the 1D sequence of algorithm.md §2-3 (causal or not), built on the arithmetic of
-//! [`crate::levels`]. The 2D grid of §9 (cells r x r, 3x3 near field, far lists of up to 27
-//! cells, p horizontal bands per cell, learned weights (d, p, s_l, s_l)) is meant to be a second
-//! implementation of the same trait, not a fork of the reference:
+//! [`crate::levels`]. [`GridGeometry`] is the 2D grid of §9 (cells r x r, 3x3 near field, far
+//! lists of up to 27 cells, p horizontal bands per cell, learned weights (d, p, s_l, s_l)), a
+//! second implementation of the same trait, not a fork of the reference:
 //!
 //! | trait method      | 1D [`Line`]                               | 2D grid (§9)                                   |
 //! |-------------------|-------------------------------------------|------------------------------------------------|
@@ -27,10 +27,12 @@
 
 #[cfg(test)]
 pub(crate) mod cases;
+mod grid;
 mod line;
 #[cfg(test)]
 mod tests;
 
+pub use grid::{cell_side, effective_cell, Grid, GridGeometry};
 pub use line::Line;
 
 use std::ops::Range;

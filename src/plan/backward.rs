@@ -81,6 +81,15 @@ impl BackwardPlan {
                 allowed: "fine: the backward pass supports fine queries only (coarse-query gradients are not implemented yet)".into(),
             });
         }
+        if let Some(grid) = cfg.grid {
+            return Err(FmaError::InvalidConfig {
+                what: "grid",
+                value: grid.to_string(),
+                allowed: "none: the GPU backward runs in 1D only (the 2D gradients are in the CPU \
+                          reference, cpu::fma_backward)"
+                    .into(),
+            });
+        }
         let forward = FmaPlan::new(shape, cfg, limits)?;
         let (d, p) = (shape.head_dim, forward.levels.p);
         let kv_bh = shape.kv_batch_heads() as u64;
@@ -95,7 +104,12 @@ impl BackwardPlan {
             });
         }
         let wg = BACKWARD_WG.min(limits.max_workgroup);
-        let elementwise = Specialization { wg, bk: 1, d4: 1 };
+        let elementwise = Specialization {
+            wg,
+            bk: 1,
+            d4: 1,
+            grid: false,
+        };
         let d4 = d.div_ceil(4) as u32;
 
         let delta = dispatch(
@@ -133,6 +147,7 @@ impl BackwardPlan {
             wg,
             bk: query_tile(d, pr * (2 * d4 * 16 + 4), 2 * d4 * 16 + 8 + 8 * pr, limits)?,
             d4,
+            grid: false,
         };
         let chunks = (p as u64).div_ceil(pr as u64);
         let dkv_coarse = forward

@@ -212,6 +212,7 @@ impl DecodeLayout {
             wg: DECODE_WG,
             bk: 1,
             d4: self.head_dim.div_ceil(4) as u32,
+            grid: false,
         }
     }
 

@@ -73,7 +73,12 @@ pub fn attention_spec(head_dim: usize, wg: u32, limits: &KernelLimits) -> Result
             advice: "use a smaller head_dim on this adapter".into(),
         });
     }
-    Ok(Specialization { wg, bk, d4 })
+    Ok(Specialization {
+        wg,
+        bk,
+        d4,
+        grid: false,
+    })
 }
 
 /// Workgroups of a dispatch as u32 (a typed error beyond), folded under the limit.

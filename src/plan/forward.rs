@@ -6,6 +6,7 @@ use super::limits::KernelLimits;
 use super::pass::{Pass, Specialization};
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
+use crate::geometry::{effective_cell, Grid, GridGeometry};
 use crate::levels::Levels;
 use crate::shape::Shape;
 
@@ -63,8 +64,15 @@ pub struct FmaPlan {
     pub shape: Shape,
     /// Fine or coarse queries.
     pub queries: Queries,
-    /// Level geometry for (n, m, p).
+    /// Level geometry for (n, m, p); on a 2D grid (algorithm.md §9) the grid's levels as
+    /// `GridGeometry::plan_levels` lays them out (cell sides and cell counts).
     pub levels: Levels,
+    /// The 2D grid the tokens lie on (`FmaConfig::grid`), or `None` in 1D.
+    pub grid: Option<Grid>,
+    /// Query blocks (fine blocks; 2D: fine cells) per head (a variable-length batch: of its
+    /// longest sequence): the fused pass's workgroups per head are this times
+    /// `tiles_per_block`.
+    pub query_blocks: usize,
     /// One downsample dispatch per coarse level (K and V, and Q with coarse queries), in level
     /// order.
     pub downsample: Vec<Dispatch>,
@@ -108,9 +116,35 @@ impl FmaPlan {
         cfg.validate(shape.head_dim, shape.seq)?;
         let (n, d) = (shape.seq, shape.head_dim);
         // The index maps' (m, p): a block of at least n is the block of n (levels.rs,
-        // `effective_block`), so no size below grows with a larger m.
-        let levels = Levels::new(n, cfg.block, cfg.rank);
+        // `effective_block`; 2D `effective_cell`), so no size below grows with a larger m.
+        let (levels, query_blocks, block_queries) = match cfg.grid {
+            None => {
+                let levels = Levels::new(n, cfg.block, cfg.rank);
+                let blocks = levels.fine_blocks();
+                let m = levels.m;
+                (levels, blocks, m)
+            }
+            Some(grid) => {
+                let (r, p) = effective_cell(grid, cfg.block, cfg.rank);
+                let geometry = GridGeometry::new(grid, r, p);
+                let (rows, cols) = geometry.cells(0);
+                (
+                    geometry.plan_levels(),
+                    rows * cols,
+                    geometry.block_queries(),
+                )
+            }
+        };
         let (m, p) = (levels.m, levels.p);
+        // Taps of level l's learned kernel: w_l (2D: s_l^2).
+        let taps = |window: usize| {
+            if cfg.grid.is_some() {
+                window * window
+            } else {
+                window
+            }
+        };
+        let grid = cfg.grid.is_some();
         if m > u32::MAX as usize / 4 {
             return Err(FmaError::InvalidConfig {
                 what: "block size m",
@@ -139,7 +173,7 @@ impl FmaPlan {
         // Tensors the downsample pass pools: K, V (and Q).
         let pooled: u64 = if coarse_q { 3 } else { 2 };
         if let Downsample::Learned(_) = &cfg.downsample {
-            let per_level: usize = levels.levels.iter().map(|l| d * p * l.window).sum();
+            let per_level: usize = levels.levels.iter().map(|l| d * p * taps(l.window)).sum();
             limits.check_binding(
                 "the learned weights of every level and tensor",
                 pooled * per_level as u64 * 4,
@@ -148,13 +182,16 @@ impl FmaPlan {
             )?;
         }
 
-        let wg = (m as u32).min(limits.max_workgroup);
-        let spec = attention_spec(d, wg, limits)?;
-        let tiles_per_block = (m as u32).div_ceil(wg);
+        let wg = (block_queries as u32).min(limits.max_workgroup);
+        let spec = Specialization {
+            grid,
+            ..attention_spec(d, wg, limits)?
+        };
+        let tiles_per_block = (block_queries as u32).div_ceil(wg);
         let attention = dispatch(
             Pass::FineAttention,
             None,
-            (bh as u64) * levels.fine_blocks() as u64 * tiles_per_block as u64,
+            (bh as u64) * query_blocks as u64 * tiles_per_block as u64,
             spec,
             limits,
         )?;
@@ -163,6 +200,7 @@ impl FmaPlan {
             wg: DOWNSAMPLE_WG.min(limits.max_workgroup),
             bk: 1,
             d4: 1,
+            grid,
         };
         let downsample = levels
             .levels
@@ -192,6 +230,7 @@ impl FmaPlan {
                 wg: COARSE_WG.min(limits.max_workgroup),
                 bk: 1,
                 d4: attention_spec(d, 1, limits)?.d4,
+                grid,
             };
             let coarse = levels
                 .levels
@@ -206,6 +245,7 @@ impl FmaPlan {
                 wg: MERGE_WG.min(limits.max_workgroup),
                 bk: 1,
                 d4: 1,
+                grid,
             };
             let total = (shape.rows() as u64).div_ceil(m_spec.wg as u64);
             let merge = dispatch(Pass::UpsampleMerge, None, total, m_spec, limits)?;
@@ -218,6 +258,8 @@ impl FmaPlan {
             shape,
             queries: cfg.queries,
             levels,
+            grid: cfg.grid,
+            query_blocks,
             downsample,
             coarse_attention,
             attention,
@@ -290,6 +332,37 @@ mod tests {
         assert_eq!(plan.attention.spec.wg, 64);
         // algorithm.md §11: coarse storage <= 4 n p d / m floats per head.
         assert!(plan.workspace.coarse_rows * 64 <= 4 * 4096 * 2 * 64 / 64);
+    }
+
+    #[test]
+    fn a_grid_plans_one_workgroup_per_cell_and_its_levels() {
+        // 45 x 70 tokens, cells 8 x 8: 6 x 9 fine cells of up to 64 queries; L = 3 (ceil(70 /
+        // 64) = 2), levels of 6 x 9, 3 x 5 and 2 x 3 cells.
+        let grid = Grid::new(45, 70);
+        let cfg = FmaConfig::new(8, 2).grid(Some(grid));
+        let plan = FmaPlan::new(Shape::new(1, 3, 45 * 70, 16), &cfg, &lavapipe()).unwrap();
+        assert_eq!((plan.query_blocks, plan.tiles_per_block), (54, 1));
+        assert_eq!(plan.attention.workgroups, 3 * 54);
+        assert!(plan.attention.spec.grid && plan.downsample.iter().all(|d| d.spec.grid));
+        assert_eq!(plan.attention.spec.wg, 64);
+        let cells: Vec<usize> = plan.levels.levels.iter().map(|l| l.windows).collect();
+        assert_eq!(cells, vec![54, 15, 6]);
+        assert_eq!(plan.workspace.coarse_rows, (54 + 15 + 6) * 2);
+        // A cell of at least the grid is the grid's longer side, with p = 1 and no level.
+        let whole = FmaConfig::new(1 << 20, 4).grid(Some(grid));
+        let plan = FmaPlan::new(Shape::new(1, 1, 45 * 70, 16), &whole, &lavapipe()).unwrap();
+        assert_eq!(
+            (plan.levels.m, plan.levels.p, plan.levels.count()),
+            (70, 1, 0)
+        );
+        assert_eq!((plan.query_blocks, plan.tiles_per_block), (1, 13));
+        // The GPU backward is 1D only: a typed error, not a wrong answer.
+        let e = crate::plan::BackwardPlan::new(Shape::new(1, 1, 45 * 70, 16), &cfg, &lavapipe())
+            .unwrap_err();
+        assert!(
+            matches!(e, FmaError::InvalidConfig { what: "grid", .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -108,4 +108,7 @@ pub struct Specialization {
     pub bk: u32,
     /// Head dimension rounded up to vec4s: ceil(d / 4) (attention passes).
     pub d4: u32,
+    /// The geometry the pass is composed with: false the 1D line (`shared/geometry.wgsl`),
+    /// true the 2D grid of algorithm.md §9 (`shared/geometry_grid.wgsl`).
+    pub grid: bool,
 }

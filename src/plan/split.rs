@@ -97,7 +97,20 @@ pub fn head_exceeds_binding(shape: Shape, limits: &KernelLimits) -> bool {
 
 /// Whether an FMA forward of `shape` with `cfg` must take the split path ([`SplitPlan`]): one
 /// head's tokens, or the coarse rows of all its levels, exceed one storage binding.
+/// On a 2D grid (`cfg.grid`), whose forward is never split, the coarse rows are the grid's
+/// (`SplitPlan::new` then says what does not fit).
 pub fn fma_head_splits(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> bool {
+    if let Some(grid) = cfg.grid {
+        let (r, p) = crate::geometry::effective_cell(grid, cfg.block.max(1), cfg.rank.max(1));
+        // An invalid grid (the plan's typed error) is left to the plan.
+        if grid.h.checked_mul(grid.w) != Some(shape.seq) || p == 0 || r % p != 0 {
+            return false;
+        }
+        let rows =
+            crate::geometry::Geometry::total_rows(&crate::geometry::GridGeometry::new(grid, r, p));
+        return head_exceeds_binding(shape, limits)
+            || rows as u64 * shape.head_dim as u64 * 4 > limits.binding_bytes();
+    }
     head_exceeds_binding(shape, limits)
         || head_coarse_exceeds_binding(shape.seq, shape.head_dim, cfg.block, cfg.rank, limits)
 }
@@ -110,6 +123,18 @@ impl SplitPlan {
     /// neighbours (3 m tokens) fits, or (coarse rows split) not even the coarse rows one
     /// block reads.
     pub fn new(n: usize, d: usize, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
+        if let Some(grid) = cfg.grid {
+            return Err(FmaError::LimitExceeded {
+                what: format!("one head of a {grid} grid of head_dim {d} (2D FMA)"),
+                requested: n as u64 * d as u64 * 4,
+                max: limits.binding_bytes(),
+                unit: BINDING_BYTES,
+                advice: "2D grids are not split across storage bindings yet: a head's Q, K, V \
+                         and its coarse rows must each fit one binding; use a smaller grid or \
+                         head_dim"
+                    .into(),
+            });
+        }
         let shape = Shape::new(1, 1, n, d);
         let split_coarse = head_coarse_exceeds_binding(n, d, cfg.block, cfg.rank, limits);
         let head = FmaPlan::without_tensor_bindings(shape, cfg, limits, !split_coarse)?;

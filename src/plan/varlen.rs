@@ -10,7 +10,7 @@ use super::limits::KernelLimits;
 use super::pass::{Pass, Specialization};
 use super::sequences::SeqTable;
 use crate::config::{FmaConfig, Queries};
-use crate::error::Result;
+use crate::error::{FmaError, Result};
 use crate::sequences::{SeqLayout, Sequences};
 use crate::shape::Shape;
 
@@ -36,6 +36,7 @@ fn pad_dispatch(seqs: &Sequences, shape: Shape, limits: &KernelLimits) -> Result
         wg: MERGE_WG.min(limits.max_workgroup),
         bk: 1,
         d4: 1,
+        grid: false,
     };
     let total = (shape.rows() as u64).div_ceil(spec.wg as u64);
     dispatch(Pass::PadRows, None, total, spec, limits).map(Some)
@@ -53,6 +54,15 @@ impl FmaPlan {
         cfg: &FmaConfig,
         limits: &KernelLimits,
     ) -> Result<Self> {
+        if let Some(grid) = cfg.grid {
+            return Err(FmaError::InvalidConfig {
+                what: "grid",
+                value: grid.to_string(),
+                allowed: "none: a variable-length batch is a batch of 1D sequences (a 2D grid \
+                          fixes the sequence length to H W)"
+                    .into(),
+            });
+        }
         let shape = seqs.shape(heads, kv_heads, d);
         shape.validate()?;
         check_batch(shape, limits)?;
@@ -115,6 +125,8 @@ impl FmaPlan {
             shape,
             queries: cfg.queries,
             levels: base.levels,
+            grid: None,
+            query_blocks: base.query_blocks,
             downsample,
             coarse_attention,
             attention,

@@ -1,7 +1,22 @@
 //! Command-line arguments of `multipole-attn` (clap derive).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use multipole_attn::Grid;
 use std::path::PathBuf;
+
+/// `--grid H,W`: two positive integers.
+fn parse_grid(s: &str) -> Result<Grid, String> {
+    let bad = || format!("expected H,W (two positive integers, e.g. 64,48), got {s:?}");
+    let (h, w) = s.split_once(',').ok_or_else(bad)?;
+    let side = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(bad)
+    };
+    Ok(Grid::new(side(h)?, side(w)?))
+}
 
 /// Fast Multipole Attention on the GPU (wgpu), with an f64 CPU reference.
 #[derive(Debug, Parser)]
@@ -76,7 +91,8 @@ same shape. O is written with the shape of Q; LSE with shape (n,) or (batch, hea
 float32 on the GPU and float64 with --reference (float64 inputs keep their precision there).
 
 Learned weights (.npz): for levels l = 1, 2, ... keys k_w{l}, v_w{l} of shape (d, p, m*2^(l-1))
-and k_b{l}, v_b{l} of shape (d, p), float32 or float64. Levels are read until k_w{l} is absent.
+(with --grid: (d, p, s_l, s_l), s_l = m*2^(l-1)) and k_b{l}, v_b{l} of shape (d, p), float32 or
+float64. Levels are read until k_w{l} is absent.
 With --queries coarse, q_w{l} (d, p, m*2^(l-1)) and q_b{l} (d, p) pool the queries; a level
 without them uses the box initialisation for its queries.
 --weights alone implies --downsample learned; --weights with --downsample average is an error.
@@ -116,8 +132,14 @@ pub struct RunArgs {
     /// Fine queries (O(n log n)) or coarse queries pooled per level (O(n), bidirectional only).
     #[arg(long, value_enum, value_name = "KIND", default_value = "fine")]
     pub queries: QueriesArg,
+    /// The tokens lie on an H x W grid in raster order (2D FMA, algorithm.md §9): n must be
+    /// H*W; --block is the cell side r (cells r x r, a 3 x 3 near field), --rank the bands per
+    /// cell (must divide r); learned weights k_w{l} have shape (d, p, s_l, s_l),
+    /// s_l = r*2^(l-1). Not with --causal.
+    #[arg(long, value_name = "H,W", value_parser = parse_grid)]
+    pub grid: Option<Grid>,
     /// Exact dense softmax attention instead of FMA (the FMA options do not apply).
-    #[arg(long, conflicts_with_all = ["block", "rank", "downsample", "weights", "no_count_correction", "queries"])]
+    #[arg(long, conflicts_with_all = ["block", "rank", "downsample", "weights", "no_count_correction", "queries", "grid"])]
     pub dense: bool,
     /// Run the f64 CPU reference instead of the GPU (slow; for checking).
     #[arg(long)]

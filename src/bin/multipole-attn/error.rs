@@ -56,7 +56,8 @@ impl CliError {
                 FmaError::ShapeMismatch { .. }
                 | FmaError::InvalidConfig { .. }
                 | FmaError::Weights(_)
-                | FmaError::CausalCoarseQueries => EXIT_BAD_INPUT,
+                | FmaError::CausalCoarseQueries
+                | FmaError::CausalGrid => EXIT_BAD_INPUT,
                 // LimitExceeded: the input is valid, this adapter just cannot run it.
                 _ => EXIT_RUNTIME,
             },

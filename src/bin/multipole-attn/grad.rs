@@ -131,7 +131,13 @@ fn write_gradients<T: WritableElement + Clone>(
     let (d, p) = (shape.head_dim, cfg.rank);
     for (i, lg) in g.weights.into_iter().flatten().enumerate() {
         let l = i + 1;
-        let w = [d, p, window(cfg.block, l)];
+        // 2D weights (--grid, algorithm.md §9): (d, p, s_l, s_l).
+        let s = window(cfg.block, l);
+        let w = if cfg.grid.is_some() {
+            vec![d, p, s, s]
+        } else {
+            vec![d, p, s]
+        };
         add(format!("k_w{l}"), &w, lg.wk)?;
         add(format!("k_b{l}"), &[d, p], lg.bk)?;
         add(format!("v_w{l}"), &w, lg.wv)?;

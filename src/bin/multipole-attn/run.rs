@@ -137,9 +137,10 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
     let base = FmaConfig::new(args.block, args.rank)
         .causal(args.causal)
         .count_correction(!args.no_count_correction)
-        .queries(queries);
-    // m and p first (and causal + coarse): the weight shapes and the box initialisation
-    // assume m >= 1 and p | m.
+        .queries(queries)
+        .grid(args.grid);
+    // m and p first (and causal + coarse, and a grid of n tokens, not causal): the weight
+    // shapes and the box initialisation assume m >= 1 and p | m.
     base.validate(d, n)?;
     let learned = match (args.downsample, &args.weights) {
         (Some(DownsampleArg::Average), Some(_)) => {
@@ -155,9 +156,14 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
     if !learned {
         return Ok(base);
     }
-    let weights = match &args.weights {
-        Some(path) => read_weights(path, d, args.block, args.rank, num_levels(n, args.block))?,
-        None => LearnedWeights::box_init_for(d, args.block, args.rank, n),
+    let levels = match args.grid {
+        Some(grid) => grid.num_levels(args.block),
+        None => num_levels(n, args.block),
+    };
+    let weights = match (&args.weights, args.grid) {
+        (Some(path), grid) => read_weights(path, d, args.block, args.rank, levels, grid.is_some())?,
+        (None, Some(grid)) => LearnedWeights::box_init_grid_for(d, args.block, args.rank, grid),
+        (None, None) => LearnedWeights::box_init_for(d, args.block, args.rank, n),
     };
     let cfg = base.downsample(Downsample::Learned(weights));
     cfg.validate(d, n)?;

@@ -3,7 +3,8 @@
 //! Keys, for levels l = 1, 2, ... (read until `k_w{l}` is absent): `k_w{l}`, `v_w{l}` of shape
 //! (d, p, m*2^(l-1)) and `k_b{l}`, `v_b{l}` of shape (d, p); float32 or float64. Optionally
 //! `q_w{l}`, `q_b{l}` (same shapes), the coarse queries' weights (algorithm.md §6): a level
-//! without them gets the box initialisation for its queries.
+//! without them gets the box initialisation for its queries. On a 2D grid (`--grid`) the
+//! weights are (d, p, s_l, s_l), s_l = m*2^(l-1) (algorithm.md §9).
 //! The library checks the level count and lengths; here we check full ndarray shapes, because a
 //! transposed or mis-sized array can have the right length and would silently be misread.
 
@@ -48,13 +49,15 @@ fn read_key<R: Read + Seek>(npz: &mut NpzReader<R>, src: &str, key: &str) -> Cli
 /// Reads learned weights for head dimension `head_dim`, block size `block` and rank `rank`
 /// (which fix every expected shape). `block` and `rank` must already be valid (m >= 1, p | m).
 /// `needed` is the number of coarse levels the sequence has: with none (n <= 2 m) no weights
-/// are used, so an archive without `k_w1` is accepted then, and only then.
+/// are used, so an archive without `k_w1` is accepted then, and only then. `grid`: 2D weights
+/// (algorithm.md §9), `k_w{l}` of shape (d, p, s_l, s_l) with s_l = m 2^(l-1).
 pub fn read_weights(
     path: &Path,
     head_dim: usize,
     block: usize,
     rank: usize,
     needed: usize,
+    grid: bool,
 ) -> CliResult<LearnedWeights> {
     let src = format!("weights file {}", path.display());
     let file = File::open(path).map_err(|source| CliError::Open {
@@ -96,7 +99,12 @@ pub fn read_weights(
             used.insert(key.clone());
             t.into_f32(&format!("{key} in {src}"))
         };
-        let (wshape, bshape) = ([head_dim, rank, w], [head_dim, rank]);
+        let wshape = if grid {
+            vec![head_dim, rank, w, w]
+        } else {
+            vec![head_dim, rank, w]
+        };
+        let bshape = [head_dim, rank];
         let (wk, bk, wv, bv) = (
             get("k_w", &wshape)?,
             get("k_b", &bshape)?,
@@ -123,7 +131,11 @@ pub fn read_weights(
     }
     // Levels without query weights take the box initialisation (the default of §4).
     if !box_q.is_empty() {
-        let boxed = LearnedWeights::box_init(head_dim, block, rank, levels.len());
+        let boxed = if grid {
+            LearnedWeights::box_init_grid(head_dim, block, rank, levels.len())
+        } else {
+            LearnedWeights::box_init(head_dim, block, rank, levels.len())
+        };
         for &l in &box_q {
             levels[l - 1].wq = boxed.levels[l - 1].wq.clone();
             levels[l - 1].bq = boxed.levels[l - 1].bq.clone();

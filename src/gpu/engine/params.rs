@@ -72,8 +72,9 @@ pub struct Params {
     /// First bias element in the weight binding of the downsample pass
     /// (`engine::weights::WeightBuffers`).
     pub bias_base: u32,
+    /// 2D grids (algorithm.md §9): the grid width W, tokens n = H W in raster order; 0 in 1D.
+    pub grid_w: u32,
     /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad1: u32,
     pub _pad2: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
@@ -150,6 +151,7 @@ mod tests {
                 wg: 8,
                 bk: 8,
                 d4: 1,
+                grid: false,
             },
         );
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");

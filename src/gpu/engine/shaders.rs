@@ -58,7 +58,7 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     if let Some(sg) = subgroup {
         out.push_str(&format!("const SG: u32 = {sg}u;\n"));
     }
-    push_resolved(&mut out, desc(pass).source, subgroup.is_some());
+    push_resolved(&mut out, desc(pass).source, subgroup.is_some(), spec.grid);
     match subgroup {
         Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg, qr),
         None => out,
@@ -70,7 +70,15 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
 /// WGSL on them. The plain variant: `#import tile_rows` gets the one without subgroups.
 pub fn resolve_imports(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    push_resolved(&mut out, text, false);
+    push_resolved(&mut out, text, false, false);
+    out
+}
+
+/// [`resolve_imports`] with `#import geometry` resolved to the 2D grid's index maps
+/// (`shaders/shared/geometry_grid.wgsl`, algorithm.md §9), as a 2D plan composes its passes.
+pub fn resolve_imports_grid(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    push_resolved(&mut out, text, false, true);
     out
 }
 
@@ -136,8 +144,9 @@ fn unroll_subgroup_loops(text: &str, d4: u32, sg: u32, qr: u32) -> String {
 }
 
 /// Appends `text` with its `#import` lines replaced by the shared snippets (recursively: a
-/// snippet may import another). `tile_rows` names the plain or the subgroup variant.
-fn push_resolved(out: &mut String, text: &str, subgroup: bool) {
+/// snippet may import another). `tile_rows` names the plain or the subgroup variant, `geometry`
+/// the 1D or (`grid`) the 2D index maps.
+fn push_resolved(out: &mut String, text: &str, subgroup: bool, grid: bool) {
     for line in text.lines() {
         match line.trim().strip_prefix("#import ").map(str::trim) {
             Some("tile_rows") => push_resolved(
@@ -148,11 +157,18 @@ fn push_resolved(out: &mut String, text: &str, subgroup: bool) {
                     include_str!("../../../shaders/shared/tile_rows_plain.wgsl")
                 },
                 subgroup,
+                grid,
+            ),
+            Some("geometry") if grid => push_resolved(
+                out,
+                include_str!("../../../shaders/shared/geometry_grid.wgsl"),
+                subgroup,
+                grid,
             ),
             // Every import name is a literal in our own sources; an unknown one is a bug that
             // the naga validation test catches (the raw line is not valid WGSL).
             Some(name) => match shared(name) {
-                Some(snippet) => push_resolved(out, snippet, subgroup),
+                Some(snippet) => push_resolved(out, snippet, subgroup, grid),
                 None => {
                     out.push_str(line);
                     out.push('\n');
@@ -181,6 +197,37 @@ mod tests {
         Ok(module)
     }
 
+    /// The passes a 2D plan schedules (`FmaPlan` with a grid), composed with the grid's index
+    /// maps: `geometry_grid.wgsl` must define what they call from `geometry.wgsl`.
+    #[test]
+    fn grid_passes_parse_and_validate() {
+        for pass in [
+            Pass::Downsample,
+            Pass::FineAttention,
+            Pass::CoarseAttention,
+            Pass::UpsampleMerge,
+        ] {
+            for &(wg, bk, d4) in &[(1, 1, 1), (64, 31, 16), (256, 8, 64)] {
+                let spec = Specialization {
+                    wg,
+                    bk,
+                    d4,
+                    grid: true,
+                };
+                let src = compose(pass, spec);
+                assert!(src.contains("fn cells_of"), "{}: not the grid", pass.name());
+                if let Err(e) = validate(&src) {
+                    panic!("{} 2D (wg {wg}) does not validate:\n{e}", pass.name());
+                }
+                for sg in [4, 32] {
+                    let src = compose_for(pass, spec, Some(sg));
+                    naga::front::wgsl::parse_str(&src)
+                        .unwrap_or_else(|e| panic!("{}: {}", pass.name(), e.emit_to_string(&src)));
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_pass_parses_and_validates_without_a_gpu() {
         for pass in Pass::ALL {
@@ -191,7 +238,15 @@ mod tests {
                 (64, 15, 32),
                 (256, 8, 64),
             ] {
-                let src = compose(pass, Specialization { wg, bk, d4 });
+                let src = compose(
+                    pass,
+                    Specialization {
+                        wg,
+                        bk,
+                        d4,
+                        grid: false,
+                    },
+                );
                 if let Err(e) = validate(&src) {
                     panic!(
                         "{} (wg {wg}, bk {bk}, d4 {d4}) does not validate:\n{e}",
@@ -209,7 +264,16 @@ mod tests {
         for pass in Pass::ALL {
             for &(wg, bk, d4) in &[(1, 1, 1), (4, 16, 4), (64, 31, 16), (256, 8, 64)] {
                 for sg in [4, 8, 32, 128] {
-                    let src = compose_for(pass, Specialization { wg, bk, d4 }, Some(sg));
+                    let src = compose_for(
+                        pass,
+                        Specialization {
+                            wg,
+                            bk,
+                            d4,
+                            grid: false,
+                        },
+                        Some(sg),
+                    );
                     assert!(!src.contains("//#unroll"), "{}: loop left", pass.name());
                     let module = naga::front::wgsl::parse_str(&src)
                         .unwrap_or_else(|e| panic!("{}: {}", pass.name(), e.emit_to_string(&src)));
@@ -239,6 +303,11 @@ mod tests {
         if let Err(e) = validate(&src) {
             panic!("geometry.wgsl alone does not validate:\n{e}");
         }
+        let src = resolve_imports_grid("#import geometry\n");
+        assert!(src.contains("fn level_far_run("));
+        if let Err(e) = validate(&src) {
+            panic!("geometry_grid.wgsl alone does not validate:\n{e}");
+        }
     }
 
     #[test]
@@ -250,6 +319,7 @@ mod tests {
                     wg: 8,
                     bk: 8,
                     d4: 2,
+                    grid: false,
                 },
             );
             assert!(
@@ -276,6 +346,7 @@ mod descriptors {
             wg: 64,
             bk: 8,
             d4: 4,
+            grid: false,
         };
         let src = compose(pass, spec);
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");

@@ -68,8 +68,9 @@ impl FmaAttention {
             Downsample::Learned(w) => w.head_dim,
             Downsample::Average => 1,
         };
-        // Level coverage is checked per call (it depends on n); seq = 1 needs no levels.
-        cfg.validate(head_dim, 1)?;
+        // Level coverage is checked per call (it depends on n); seq = 1 needs no levels (a
+        // grid fixes the sequence: its H W tokens).
+        cfg.validate(head_dim, cfg.grid.map_or(1, |g| g.tokens()))?;
         cfg.validate_values()?;
         let limits = KernelLimits::from_wgpu(&ctx.limits);
         let weights = WeightBuffers::new(ctx, &cfg, &limits)?;
@@ -124,7 +125,13 @@ impl FmaAttention {
                 row_offset: lv.row_offset as u32,
                 weight_offset: weight_offset as u32,
             };
-            weight_offset += d * plan.levels.p * lv.window;
+            // Kernel taps: w_l (2D: s_l^2, algorithm.md §9).
+            let taps = if plan.grid.is_some() {
+                lv.window * lv.window
+            } else {
+                lv.window
+            };
+            weight_offset += d * plan.levels.p * taps;
         }
         let mut params = Params {
             n: s.seq as u32,
@@ -154,6 +161,7 @@ impl FmaAttention {
             bias_stride: self.weights.bias_stride,
             bias_base: self.weights.bias_base,
             chunk_hi: s.seq as u32,
+            grid_w: plan.grid.map_or(0, |g| g.w as u32),
             levels,
             ..Default::default()
         };

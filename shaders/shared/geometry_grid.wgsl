@@ -1,0 +1,174 @@
+// The 2D index maps of algorithm.md §9: tokens on an H x W grid in raster order (t = y W + x,
+// H = n / W), fine cells of m x m (m is the cell side r), coarse cells of side w = m 2^lvl at
+// level index lvl, p horizontal bands of w / p grid rows per cell, cells aligned at (0, 0) and
+// clipped at the bottom and right edges. The geometry interface of shared/geometry.wgsl (its
+// second half, same names and signatures), which the composer imports as `geometry` for a 2D
+// plan. CPU mirror: `src/geometry/grid.rs` (`GridGeometry`); `tests/gpu_grid.rs` compares the
+// forward through these maps with the CPU reference. Pure functions of their arguments; `cols`
+// is W. A group is a cell, row-major (A * columns + B); coarse row (A * columns + B) p + j.
+// Not causal: the `causal` arguments are ignored.
+
+// Groups of w tokens that cover n tokens, as in 1D (the cells per side below use it).
+fn window_count(n: u32, w: u32) -> u32 {
+    return (n + w - 1u) / w;
+}
+
+// (rows, columns) of cells of side w.
+fn cells_of(n: u32, cols: u32, w: u32) -> vec2<u32> {
+    return vec2<u32>(window_count(n / cols, w), window_count(cols, w));
+}
+
+// A 2D plan is never split: [lo, hi) is the whole grid.
+fn chunk_blocks(lo: u32, hi: u32, m: u32, cols: u32) -> vec2<u32> {
+    let c = cells_of(hi, cols, m);
+    return vec2<u32>(0u, c.x * c.y);
+}
+
+// Grid rows and columns of cell a of side w: vec4(y0, y1, x0, x1), clipped.
+fn cell_box(n: u32, cols: u32, w: u32, a: u32) -> vec4<u32> {
+    let c = cells_of(n, cols, w);
+    let ya = (a / c.y) * w;
+    let xa = (a % c.y) * w;
+    return vec4<u32>(ya, min(ya + w, n / cols), xa, min(xa + w, cols));
+}
+
+fn block_size(n: u32, m: u32, cols: u32, a0: u32) -> u32 {
+    let b = cell_box(n, cols, m, a0);
+    return (b.y - b.x) * (b.w - b.z);
+}
+
+// Query q of the cell in raster order within the cell.
+fn block_token(n: u32, m: u32, cols: u32, a0: u32, q: u32) -> u32 {
+    let b = cell_box(n, cols, m, a0);
+    let bw = b.w - b.z;
+    return (b.x + q / bw) * cols + b.z + q % bw;
+}
+
+// The 3 x 3 fine cells around a0: one run of up to 3 m tokens per grid row.
+fn near_runs(n: u32, m: u32, cols: u32, a0: u32) -> u32 {
+    let c = cells_of(n, cols, m);
+    let a = a0 / c.y;
+    let y0 = select(0u, (a - 1u) * m, a > 0u);
+    return min((a + 2u) * m, n / cols) - y0;
+}
+
+fn near_run(n: u32, m: u32, cols: u32, a0: u32, causal: bool, run: u32) -> vec2<u32> {
+    let c = cells_of(n, cols, m);
+    let a = a0 / c.y;
+    let b = a0 % c.y;
+    let y = select(0u, (a - 1u) * m, a > 0u) + run;
+    let x0 = select(0u, (b - 1u) * m, b > 0u);
+    let x1 = min((b + 2u) * m, cols);
+    return vec2<u32>(y * cols + x0, y * cols + x1);
+}
+
+// The level-lvl cell (side m 2^lvl) holding fine cell a0: (A0 >> lvl, B0 >> lvl).
+fn level_group(n: u32, m: u32, cols: u32, a0: u32, lvl: u32) -> u32 {
+    let c0 = cells_of(n, cols, m);
+    let cl = cells_of(n, cols, m << lvl);
+    return ((a0 / c0.y) >> lvl) * cl.y + ((a0 % c0.y) >> lvl);
+}
+
+// The far list of a cell is the children of its parent's 3 x 3 (6 x 6 cells) minus its own
+// 3 x 3: per row of the 6, one run, or two (left and right of the own 3 x 3) in the own rows.
+const FAR_RUNS: u32 = 12u;
+
+// Run `run`: row run / 2 of the 6 (from the top), piece run % 2; cell indices (row-major) of
+// the level's cells, clipped to the grid; empty runs are (0, 0).
+fn level_far_run(n: u32, m: u32, cols: u32, lvl: u32, a: u32, groups: u32, causal: bool,
+                 run: u32) -> vec2<u32> {
+    let cl = cells_of(n, cols, m << lvl);
+    let ca = a / cl.y;
+    let cb = a % cl.y;
+    let yy = 2u * (ca / 2u) + run / 2u; // the row plus 2
+    if (yy < 2u || yy - 2u >= cl.x) {
+        return vec2<u32>(0u, 0u);
+    }
+    let y = yy - 2u;
+    let xlo = select(0u, 2u * (cb / 2u) - 2u, cb >= 2u);
+    let xhi = min(2u * (cb / 2u) + 4u, cl.y);
+    let own = y + 1u >= ca && y <= ca + 1u;
+    var first = xlo;
+    var end = xhi;
+    if (!own) {
+        if (run % 2u == 1u) {
+            return vec2<u32>(0u, 0u);
+        }
+    } else if (run % 2u == 0u) {
+        end = max(xlo, select(0u, cb - 1u, cb >= 1u));
+    } else {
+        first = min(cb + 2u, xhi);
+    }
+    return vec2<u32>(y * cl.y + first, y * cl.y + max(first, end));
+}
+
+// All cells of side w (2D plans are never split).
+fn chunk_groups(lo: u32, hi: u32, w: u32, cols: u32) -> vec2<u32> {
+    let c = cells_of(hi, cols, w);
+    return vec2<u32>(0u, c.x * c.y);
+}
+
+// Grid rows of band j of cell a (side w), and its columns: vec4(y0, y1, x0, x1), clipped.
+fn band_box(n: u32, w: u32, p: u32, cols: u32, row: u32) -> vec4<u32> {
+    let b = cell_box(n, cols, w, row / p);
+    let band = w / p;
+    let y0 = min(b.x + (row % p) * band, b.y);
+    return vec4<u32>(y0, min(y0 + band, b.y), b.z, b.w);
+}
+
+fn row_count(n: u32, w: u32, p: u32, cols: u32, row: u32) -> u32 {
+    let b = band_box(n, w, p, cols, row);
+    return (b.y - b.x) * (b.w - b.z);
+}
+
+// Token t of band `row` in raster order.
+fn row_token(n: u32, w: u32, p: u32, cols: u32, row: u32, t: u32) -> u32 {
+    let b = band_box(n, w, p, cols, row);
+    let bw = b.w - b.z;
+    return (b.x + t / bw) * cols + b.z + t % bw;
+}
+
+// The band holding token t at cell side w: (A columns + B) p + (y mod w) / (w / p).
+fn row_of(n: u32, w: u32, p: u32, cols: u32, t: u32) -> u32 {
+    let c = cells_of(n, cols, w);
+    let y = t / cols;
+    let x = t % cols;
+    return ((y / w) * c.y + x / w) * p + (y % w) / (w / p);
+}
+
+// Band j of a cell is 2 bands of the level below (rows) times 2 cells (columns).
+const CHILDREN: u32 = 4u;
+
+// Child h: column 2B + h % 2, band 2j + h / 2 counted from the cell's top in bands of the
+// level below (cell row 2A + that / p, band that % p).
+fn row_child(n: u32, w: u32, p: u32, cols: u32, a: u32, j: u32, h: u32) -> vec2<u32> {
+    let cl = cells_of(n, cols, w);
+    let half = w / 2u;
+    let cc = cells_of(n, cols, half);
+    let jj = 2u * j + h / 2u;
+    let y = 2u * (a / cl.y) + jj / p;
+    let x = 2u * (a % cl.y) + h % 2u;
+    if (y >= cc.x || x >= cc.y) {
+        return vec2<u32>(0u, 0u);
+    }
+    let row = (y * cc.y + x) * p + jj % p;
+    return vec2<u32>(row, row_count(n, half, p, cols, row));
+}
+
+fn kernel_len(w: u32) -> u32 {
+    return w * w;
+}
+
+fn group_taps(n: u32, w: u32, cols: u32, a: u32) -> u32 {
+    let b = cell_box(n, cols, w, a);
+    return (b.y - b.x) * (b.w - b.z);
+}
+
+// Tap t of cell a in raster order: (token, kernel index dy w + dx).
+fn group_tap(n: u32, w: u32, cols: u32, a: u32, t: u32) -> vec2<u32> {
+    let b = cell_box(n, cols, w, a);
+    let bw = b.w - b.z;
+    let dy = t / bw;
+    let dx = t % bw;
+    return vec2<u32>((b.x + dy) * cols + b.z + dx, dy * w + dx);
+}

@@ -1,0 +1,320 @@
+//! `run --grid H,W` (2D FMA, algorithm.md §9): (H*W, d) and (batch, heads, H*W, d) arrays in
+//! raster order on the CPU reference against the library's reference, learned 2D weights
+//! (d, p, s_l, s_l) from an .npz, the GPU against the reference when an adapter exists, and
+//! exit 2 with a clear message for H*W != n, p not dividing r, --causal with --grid, and 1D
+//! weights on a grid.
+
+use multipole_attn::cpu::{fma_backward, fma_forward, widen};
+use multipole_attn::random::normal_tensor;
+use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Shape};
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::{read_npy, write_npy, NpzReader, NpzWriter};
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// A scratch directory unique per test and process, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("multipole-attn-grid-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_multipole-attn"))
+        .args(args)
+        .output()
+        .expect("run multipole-attn")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Random Q, K, V of `shape` written to the scratch directory.
+fn write_qkv(dir: &Scratch, shape: &[usize], seed: u64) -> [Vec<f32>; 3] {
+    let len = shape.iter().product();
+    let t = [
+        normal_tensor(seed, len),
+        normal_tensor(seed + 1, len),
+        normal_tensor(seed + 2, len),
+    ];
+    for (name, data) in ["Q.npy", "K.npy", "V.npy"].iter().zip(&t) {
+        let a = ArrayD::from_shape_vec(IxDyn(shape), data.clone()).unwrap();
+        write_npy(dir.path(name), &a).unwrap();
+    }
+    t
+}
+
+fn run_args<'a>(dir: &'a [String; 4], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "run", "--q", &dir[0], "--k", &dir[1], "--v", &dir[2], "--out", &dir[3],
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn files(dir: &Scratch) -> [String; 4] {
+    ["Q.npy", "K.npy", "V.npy", "O.npy"].map(|f| dir.path(f))
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn grid_reference_matches_the_library_for_both_layouts() {
+    let dir = Scratch::new("ref");
+    let f = files(&dir);
+    for (shape, lib) in [
+        (vec![13 * 9, 4], Shape::new(1, 1, 117, 4)),
+        (vec![2, 3, 13 * 9, 4], Shape::new(2, 3, 117, 4)),
+    ] {
+        let [q, k, v] = write_qkv(&dir, &shape, 7);
+        let out = cli(&run_args(
+            &f,
+            &[
+                "--reference",
+                "--grid",
+                "13,9",
+                "--block",
+                "2",
+                "--rank",
+                "2",
+            ],
+        ));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let o: ArrayD<f64> = read_npy(&f[3]).unwrap();
+        assert_eq!(o.shape(), &shape[..]);
+        let cfg = FmaConfig::new(2, 2).grid(Some(Grid::new(13, 9)));
+        let want = fma_forward(&widen(&q), &widen(&k), &widen(&v), lib, &cfg).unwrap();
+        let got: Vec<f64> = o.iter().copied().collect();
+        assert!(max_abs_diff(&got, &want.o) <= 1e-12);
+    }
+}
+
+#[test]
+fn learned_2d_weights_are_read_with_their_shape() {
+    let dir = Scratch::new("weights");
+    let f = files(&dir);
+    let [q, k, v] = write_qkv(&dir, &[20 * 12, 3], 3);
+    let grid = Grid::new(20, 12);
+    let mut w = LearnedWeights::box_init_grid_for(3, 2, 2, grid);
+    assert_eq!(w.levels.len(), 3);
+    w.levels[1].bk[0] = 0.5;
+    let write = |path: &str, square: bool| {
+        let mut npz = NpzWriter::new(File::create(path).unwrap());
+        for (l, lw) in w.levels.iter().enumerate() {
+            let s = 2usize << l;
+            let wshape = if square {
+                vec![3, 2, s, s]
+            } else {
+                vec![3, 2, s * s]
+            };
+            for (name, data, shape) in [
+                ("k_w", &lw.wk, wshape.clone()),
+                ("k_b", &lw.bk, vec![3, 2]),
+                ("v_w", &lw.wv, wshape.clone()),
+                ("v_b", &lw.bv, vec![3, 2]),
+            ] {
+                let a = ArrayD::from_shape_vec(IxDyn(&shape), data.clone()).unwrap();
+                npz.add_array(format!("{name}{}", l + 1), &a).unwrap();
+            }
+        }
+        npz.finish().unwrap();
+    };
+    let wpath = dir.path("W.npz");
+    write(&wpath, true);
+    let args = [
+        "--reference",
+        "--grid",
+        "20,12",
+        "--block",
+        "2",
+        "--rank",
+        "2",
+        "--weights",
+        &wpath,
+    ];
+    let out = cli(&run_args(&f, &args));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let o: ArrayD<f64> = read_npy(&f[3]).unwrap();
+    let cfg = FmaConfig::new(2, 2)
+        .grid(Some(grid))
+        .downsample(Downsample::Learned(w.clone()));
+    let want = fma_forward(
+        &widen(&q),
+        &widen(&k),
+        &widen(&v),
+        Shape::new(1, 1, 240, 3),
+        &cfg,
+    )
+    .unwrap();
+    let got: Vec<f64> = o.iter().copied().collect();
+    assert!(max_abs_diff(&got, &want.o) <= 1e-12);
+    // The 1D layout (d, p, s_l^2) of the same numbers is bad input naming the key and shape.
+    write(&wpath, false);
+    let out = cli(&run_args(&f, &args));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("k_w1") && stderr(&out).contains("(3, 2, 2, 2)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn grids_that_do_not_fit_are_bad_input() {
+    let dir = Scratch::new("bad");
+    let f = files(&dir);
+    write_qkv(&dir, &[35, 4], 1);
+    for (extra, needle) in [
+        (&["--grid", "5,6"][..], "5x6 = 30 tokens"),
+        (
+            &["--grid", "7,5", "--block", "4", "--rank", "3"],
+            "p divides",
+        ),
+        (
+            &["--grid", "7,5", "--causal"],
+            "causal mask is not defined on a 2D grid",
+        ),
+        (&["--grid", "7"], "expected H,W"),
+        (&["--grid", "0,35"], "expected H,W"),
+    ] {
+        for reference in [true, false] {
+            let mut args = extra.to_vec();
+            if reference {
+                args.push("--reference");
+            }
+            let out = cli(&run_args(&f, &args));
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+    }
+}
+
+/// With an adapter, `run --grid` on the GPU agrees with the reference to f32 accuracy (skips
+/// when none is found, except under CI=true).
+#[test]
+fn grid_gpu_matches_the_reference_when_an_adapter_exists() {
+    let dir = Scratch::new("gpu");
+    let f = files(&dir);
+    write_qkv(&dir, &[2, 1, 21 * 17, 8], 9);
+    let extra = ["--grid", "21,17", "--block", "4", "--rank", "2"];
+    let gpu = cli(&run_args(&f, &extra));
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !ci && gpu.status.code() == Some(1) && stderr(&gpu).contains("no GPU adapter found") {
+        eprintln!("no usable GPU adapter: skipping");
+        return;
+    }
+    assert_eq!(gpu.status.code(), Some(0), "{}", stderr(&gpu));
+    let o_gpu: ArrayD<f32> = read_npy(&f[3]).unwrap();
+    let mut with_ref = extra.to_vec();
+    with_ref.push("--reference");
+    let out = cli(&run_args(&f, &with_ref));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let o_ref: ArrayD<f64> = read_npy(&f[3]).unwrap();
+    let o_gpu: Vec<f64> = o_gpu.iter().map(|&x| x as f64).collect();
+    let o_ref: Vec<f64> = o_ref.iter().copied().collect();
+    // f32 against f64 on N(0, 1) inputs: a few 1e-6 (tests/gpu_grid.rs says why).
+    assert!(max_abs_diff(&o_gpu, &o_ref) <= 1e-4);
+}
+
+/// `grad --grid --reference` gives the 2D reference gradients (the learned ones with the
+/// (d, p, s_l, s_l) shape of the weights); on the GPU the 2D backward is not there yet, which
+/// is bad input saying so.
+#[test]
+fn grad_on_a_grid_runs_on_the_reference() {
+    let dir = Scratch::new("grad");
+    let f = files(&dir);
+    let [q, k, v] = write_qkv(&dir, &[9 * 7, 2], 5);
+    let dout = normal_tensor(50, 9 * 7 * 2);
+    let dpath = dir.path("DO.npy");
+    write_npy(
+        &dpath,
+        &ArrayD::from_shape_vec(IxDyn(&[63, 2]), dout.clone()).unwrap(),
+    )
+    .unwrap();
+    let gpath = dir.path("G.npz");
+    let args = |reference: bool| {
+        let mut a = vec![
+            "grad",
+            "--q",
+            &f[0],
+            "--k",
+            &f[1],
+            "--v",
+            &f[2],
+            "--dout",
+            &dpath,
+            "--out",
+            &gpath,
+            "--grid",
+            "9,7",
+            "--block",
+            "2",
+            "--rank",
+            "2",
+            "--downsample",
+            "learned",
+        ];
+        if reference {
+            a.push("--reference");
+        }
+        a
+    };
+    let out = cli(&args(true));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let grid = Grid::new(9, 7);
+    let cfg = FmaConfig::new(2, 2)
+        .grid(Some(grid))
+        .downsample(Downsample::Learned(LearnedWeights::box_init_grid_for(
+            2, 2, 2, grid,
+        )));
+    let want = fma_backward(
+        &widen(&q),
+        &widen(&k),
+        &widen(&v),
+        &widen(&dout),
+        Shape::new(1, 1, 63, 2),
+        &cfg,
+    )
+    .unwrap();
+    let mut npz = NpzReader::new(File::open(&gpath).unwrap()).unwrap();
+    let dq: ArrayD<f64> = npz.by_name("dq").unwrap();
+    let got: Vec<f64> = dq.iter().copied().collect();
+    assert!(max_abs_diff(&got, &want.dq) <= 1e-12);
+    let kw2: ArrayD<f64> = npz.by_name("k_w2").unwrap();
+    assert_eq!(kw2.shape(), &[2, 2, 4, 4]);
+    let got: Vec<f64> = kw2.iter().copied().collect();
+    assert!(max_abs_diff(&got, &want.weights.as_ref().unwrap()[1].wk) <= 1e-12);
+    // The GPU: bad input (or no adapter).
+    let out = cli(&args(false));
+    let err = stderr(&out);
+    if out.status.code() == Some(1) && err.contains("no GPU adapter found") {
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("1D only"), "{err}");
+}
