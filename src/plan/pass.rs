@@ -85,9 +85,10 @@ pub const DENSE_QUERY_ROWS: u32 = 4;
 impl Pass {
     /// Query rows each invocation of the pass owns (`QR`, prepended to the WGSL of every pass
     /// by `compose_for`) for head dims of `d4` vec4s: [`DENSE_QUERY_ROWS`] (or half) for dense
-    /// attention with subgroups, 1 for every other pass and variant. A workgroup of the dense pass holds `wg * QR` rows, invocation
-    /// `l`'s being rows `l + rho * wg` of its tile. The dense plans read it from
-    /// [`crate::plan::KernelLimits::dense_query_rows`], which the executor sets from this.
+    /// attention with subgroups, 1 for every other pass and variant. A workgroup of the dense
+    /// pass holds `wg * QR` rows, invocation `l`'s being rows `l + rho * wg` of its tile. The
+    /// dense plans follow [`crate::plan::KernelLimits::dense_subgroup`], which the executor
+    /// sets.
     pub fn rows_per_invocation(self, subgroup: bool, d4: u32) -> u32 {
         match self {
             Pass::DenseAttention if subgroup && d4 <= 16 => DENSE_QUERY_ROWS,
