@@ -17,7 +17,7 @@ N_MAX="${N_MAX:-8192}"
 REPS="${REPS:-3}"
 OUT="${OUT:-results/peers}"
 BURN="${BURN:-../shared/peers/burn-attn/target/release/burn-attn}"
-if [ -z "${SKIP_BURN:-}" ] && [ ! -x "$BURN" ]; then
+if [ ! -x "$BURN" ]; then
   echo "no burn-attn binary at $BURN: build it (../shared/peers/README.md) or set BURN" >&2
   exit 1
 fi
@@ -26,15 +26,9 @@ ns=()
 n="$N_MIN"
 while [ "$n" -le "$N_MAX" ]; do ns+=("$n"); n=$((n * 2)); done
 
-# SKIP_OURS=1 / SKIP_BURN=1 reuse the CSV already in $OUT (e.g. when one side had to wait).
-if [ -z "${SKIP_OURS:-}" ]; then
-  cargo run --release --example bench -- --n-min "$N_MIN" --n-max "$N_MAX" --causal false,true \
-    --reps "$REPS" --clock wall --dense-budget-s 1000 --out "$OUT" >"$OUT/bench.log"
-fi
-if [ -z "${SKIP_BURN:-}" ]; then
-  WGPU_BACKEND=vulkan BURN_ATTN_IMPLS=flash BURN_ATTN_CHECK=0 BURN_ATTN_SKIP_MS=1000000 \
-    "$BURN" "${ns[@]}" >"$OUT/burn.csv"
-fi
+cargo run --release --example bench -- --n-min "$N_MIN" --n-max "$N_MAX" --causal false,true \
+  --reps "$REPS" --clock wall --dense-budget-s 1000 --out "$OUT" >"$OUT/bench.log"
+BURN_ATTN_IMPLS=flash BURN_ATTN_CHECK=0 BURN_ATTN_SKIP_MS=1000000 "$BURN" "${ns[@]}" >"$OUT/burn.csv"
 
 python3 - "$OUT" <<'PY' | tee "$OUT/peers.md"
 import csv, sys
