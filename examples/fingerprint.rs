@@ -119,11 +119,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for causal in [false, true] {
             let dense = DenseAttention::new(&ctx, causal)?;
             let out = dense.forward(&q, &k, &v, shape, true)?;
-            // At least two query tiles (64 invocations of up to DENSE_QUERY_ROWS rows): the
-            // least a split dense head needs.
-            let tile = 64 * multipole_attn::plan::DENSE_QUERY_ROWS as u64;
+            // At least two tiles of 64 rows: the least a split dense head needs.
             let split = DenseAttention::new(&ctx, causal)?
-                .max_binding(split.max(2 * tile * d as u64 * 4))
+                .max_binding(split.max(2 * 64 * d as u64 * 4))
                 .forward(&q, &k, &v, shape, true)?;
             println!(
                 "n {n} d {d} dense causal {causal:<5} o {:016x} lse {:016x} split o {:016x}",

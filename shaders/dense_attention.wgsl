@@ -1,6 +1,6 @@
 // Exact dense attention, softmax(Q K^T / sqrt(d)) V, the yardstick for FMA: the same tiled
-// online softmax as the FMA pass (each invocation QR query rows of a tile of WG * QR, keys in
-// tiles of BK staged in workgroup memory), over every key (causal: keys t <= i + n_kv - n, the queries being the
+// online softmax as the FMA pass (one invocation per query row, keys in tiles of BK staged in
+// workgroup memory), over every key (causal: keys t <= i + n_kv - n, the queries being the
 // last n of n_kv positions; n_kv = n for self-attention). CPU mirror: `cpu::dense_attention`.
 
 #import params
@@ -23,10 +23,9 @@
 // in the chunk's LSE buffer (max at `row`, sum `chunk_hi - chunk_lo` rows later). Key chunks
 // start at multiples of BK, so the tiles, and every float operation, are an unsplit run's.
 
-// Picks up row `row`'s state saved by the previous key chunk (q as begin_row_of loads it) as
-// the invocation's row `rho`.
-fn resume_row(rho: u32, head: u32, row: u32, i: u32, in_tile: bool) {
-    begin_row_of(rho, head, i, in_tile);
+// Picks up row `row`'s state saved by the previous key chunk (q as begin_row loads it).
+fn resume_row(head: u32, row: u32, i: u32, in_tile: bool) {
+    begin_row(head, i, in_tile);
     if (in_tile) {
         let d = params.d;
         for (var c4 = 0u; c4 < D4; c4++) {
@@ -37,26 +36,26 @@ fn resume_row(rho: u32, head: u32, row: u32, i: u32, in_tile: bool) {
                     x[e] = out[head + i * d + c];
                 }
             }
-            acc[rho * D4 + c4] = x;
+            acc[c4] = x;
         }
-        run_max[rho] = lse[row];
-        run_sum[rho] = lse[row + params.chunk_hi - params.chunk_lo];
+        run_max = lse[row];
+        run_sum = lse[row + params.chunk_hi - params.chunk_lo];
     }
 }
 
-// Saves row `row`'s state (the invocation's row `rho`) for the next key chunk.
-fn save_row(rho: u32, head: u32, row: u32, i: u32) {
+// Saves row `row`'s state for the next key chunk.
+fn save_row(head: u32, row: u32, i: u32) {
     let d = params.d;
     for (var c4 = 0u; c4 < D4; c4++) {
         for (var e = 0u; e < 4u; e++) {
             let c = c4 * 4u + e;
             if (c < d) {
-                out[head + i * d + c] = acc[rho * D4 + c4][e];
+                out[head + i * d + c] = acc[c4][e];
             }
         }
     }
-    lse[row] = run_max[rho];
-    lse[row + params.chunk_hi - params.chunk_lo] = run_sum[rho];
+    lse[row] = run_max;
+    lse[row + params.chunk_hi - params.chunk_lo] = run_sum;
 }
 
 @compute @workgroup_size(WG)
@@ -77,9 +76,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let varlen = params.seqs > 0u;
     let n_kv = select(params.n_kv, n, varlen);
     let key_hi = select(params.key_hi, n, varlen);
-    let i0 = params.chunk_lo + at.z * (WG * QR);
-    let i1 = min(i0 + WG * QR, select(params.chunk_hi, n, varlen));
-    let i = i0 + lid; // this invocation's rows: i + rho WG, rho < QR
+    let i0 = params.chunk_lo + at.z * WG;
+    let i1 = min(i0 + WG, select(params.chunk_hi, n, varlen));
+    let i = i0 + lid;
+    let in_tile = i < i1;
     let causal = params.causal != 0u;
     // Query i sits at key position i + shift (causal needs n_kv >= n: the plan checks).
     let shift = n_kv - n;
@@ -95,23 +95,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let k_head = (pr.kv_row - params.key_lo) * params.d;
     let row = pr.q_row + i - params.row_base;
 
-    for (var rho = 0u; rho < QR; rho++) {
-        let ir = i + rho * WG;
-        if (params.key_lo == 0u) {
-            begin_row_of(rho, q_head, ir, ir < i1);
-        } else {
-            resume_row(rho, q_head, row + rho * WG, ir, ir < i1);
-        }
+    if (params.key_lo == 0u) {
+        begin_row(q_head, i, in_tile);
+    } else {
+        resume_row(q_head, row, i, in_tile);
     }
     attend_fine_keys(k_head, params.key_lo, min(t_end, key_hi), i + shift, causal, lid);
-    for (var rho = 0u; rho < QR; rho++) {
-        let ir = i + rho * WG;
-        if (ir < i1) {
-            if (key_hi >= t_end) {
-                finish_row_of(rho, q_head, row + rho * WG, ir);
-            } else {
-                save_row(rho, q_head, row + rho * WG, ir);
-            }
+    if (in_tile) {
+        if (key_hi >= t_end) {
+            finish_row(q_head, row, i);
+        } else {
+            save_row(q_head, row, i);
         }
     }
 }

@@ -77,6 +77,6 @@ fn attend_far_field(pr: Problem, a0: u32, causal: bool, levels: u32, lid: u32) {
         workgroupBarrier();
         stage_far_gathered(pr, a0, causal, g0, count, lid);
         workgroupBarrier();
-        consume_tile(count, all_visible(count));
+        consume_tile(count, count);
     }
 }

@@ -3,22 +3,18 @@
 // CPU mirror: the `SeenKey::Fine` arm of `cpu::fma_forward`, and `cpu::dense_attention`.
 // Needs from the importer: key_tiles, online_softmax.
 
-// Attends query row i (of a workgroup whose rows all share the range; and rows i + rho WG,
-// rho < QR, as the invocation's rows rho) to fine keys [t_lo, t_hi) of the head at element
-// offset `head`, in tiles of BK; causal: keys t <= i only. t_lo, t_hi and causal must be
-// uniform over the workgroup (barriers inside).
+// Attends query row i (of a workgroup whose rows all share the range) to fine keys
+// [t_lo, t_hi) of the head at element offset `head`, in tiles of BK; causal: keys t <= i only.
+// t_lo, t_hi and causal must be uniform over the workgroup (barriers inside).
 fn attend_fine_keys(head: u32, t_lo: u32, t_hi: u32, i: u32, causal: bool, lid: u32) {
     for (var t0 = t_lo; t0 < t_hi; t0 += BK) {
         let count = min(BK, t_hi - t0);
         workgroupBarrier();
         stage_fine_tile(head, t0, count, lid);
         workgroupBarrier();
-        var visible = all_visible(count);
+        var visible = count;
         if (causal) {
-            for (var rho = 0u; rho < QR; rho++) {
-                let ir = i + rho * WG;
-                visible[rho] = select(0u, ir - t0 + 1u, ir >= t0);
-            }
+            visible = select(0u, i - t0 + 1u, i >= t0);
         }
         consume_tile(count, visible);
     }

@@ -14,7 +14,7 @@ pub struct DensePlan {
     pub shape: Shape,
     /// The attention dispatch.
     pub attention: Dispatch,
-    /// Query tiles of the sequence: ceil(n / (WG * QR)), QR = [`Pass::rows_per_invocation`].
+    /// Query tiles of the sequence: ceil(n / WG).
     pub tiles: u32,
     /// A padded variable-length batch: the fill of its padding rows, after the attention.
     pub pad: Option<Dispatch>,
@@ -42,9 +42,7 @@ impl DensePlan {
         shape.validate()?;
         let wg = 64u32.min(limits.max_workgroup);
         let spec = attention_spec(shape.head_dim, wg, limits)?;
-        let qr = Pass::DenseAttention.rows_per_invocation(limits.dense_subgroup, spec.d4);
-        let rows = wg * qr;
-        let tiles = (shape.seq as u32).div_ceil(rows);
+        let tiles = (shape.seq as u32).div_ceil(wg);
         let total = shape.batch_heads() as u64 * tiles as u64;
         let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
             what: "the dense dispatch".into(),

@@ -308,7 +308,6 @@ mod tests {
             max_workgroups_per_dim: 65535,
             max_binding: 128 << 20,
             max_buffer: 1 << 30,
-            dense_subgroup: false,
         }
     }
 

@@ -18,10 +18,6 @@ pub struct KernelLimits {
     pub max_binding: u64,
     /// Bytes per buffer.
     pub max_buffer: u64,
-    /// Whether the dense pass runs its subgroup variant, whose invocations own several query
-    /// rows each ([`crate::plan::Pass::rows_per_invocation`]); false unless the executor sets
-    /// it (the dense plans size their query tiles by it).
-    pub dense_subgroup: bool,
 }
 
 impl KernelLimits {
@@ -36,7 +32,6 @@ impl KernelLimits {
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
             max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
-            dense_subgroup: false,
         }
     }
 
@@ -84,7 +79,6 @@ impl KernelLimits {
             max_workgroups_per_dim: 65535,
             max_binding: binding,
             max_buffer: 1 << 30,
-            dense_subgroup: false,
         }
     }
 }

@@ -26,7 +26,7 @@ pub use dispatch::{
 };
 pub use forward::{FmaPlan, Workspace};
 pub use limits::KernelLimits;
-pub use pass::{Pass, Specialization, DENSE_QUERY_ROWS};
+pub use pass::{Pass, Specialization};
 pub use sequences::SeqTable;
 pub use split::{fma_head_splits, head_exceeds_binding, Chunk, SplitPlan};
 pub use split_coarse::{

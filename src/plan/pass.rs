@@ -75,29 +75,6 @@ passes! {
     DecodeAdvance => "decode_advance",
 }
 
-/// Query rows per invocation of the dense attention pass (`QR` in its WGSL) in the subgroup
-/// variant, for head dims up to 64 (half as many above, to bound the per-invocation state):
-/// each staged key and value element is read once for this many rows (docs/perf.md, change
-/// 8). The plain variant keeps one row per invocation: with two, llvmpipe's loop limiter
-/// (65535 loop iterations per invocation) cut its tile loop short at 2048 keys.
-pub const DENSE_QUERY_ROWS: u32 = 4;
-
-impl Pass {
-    /// Query rows each invocation of the pass owns (`QR`, prepended to the WGSL of every pass
-    /// by `compose_for`) for head dims of `d4` vec4s: [`DENSE_QUERY_ROWS`] (or half) for dense
-    /// attention with subgroups, 1 for every other pass and variant. A workgroup of the dense
-    /// pass holds `wg * QR` rows, invocation `l`'s being rows `l + rho * wg` of its tile. The
-    /// dense plans follow [`crate::plan::KernelLimits::dense_subgroup`], which the executor
-    /// sets.
-    pub fn rows_per_invocation(self, subgroup: bool, d4: u32) -> u32 {
-        match self {
-            Pass::DenseAttention if subgroup && d4 <= 16 => DENSE_QUERY_ROWS,
-            Pass::DenseAttention if subgroup => DENSE_QUERY_ROWS / 2,
-            _ => 1,
-        }
-    }
-}
-
 /// Specialisation constants of one pipeline, prepended to the pass's WGSL as `const`s: fixed
 /// sizes let private and workgroup arrays be sized exactly; a pipeline is built once per
 /// distinct (pass, specialisation).

@@ -51,13 +51,8 @@ impl DenseSplitPlan {
     pub fn new(n: usize, d: usize, causal: bool, limits: &KernelLimits) -> Result<Self> {
         let head = DensePlan::without_tensor_bindings(Shape::new(1, 1, n, d), limits)?;
         let spec = head.attention.spec;
-        // Multiple of both tiles: query tiles of WG * QR rows, key tiles of BK rows.
-        let qr = head
-            .attention
-            .pass
-            .rows_per_invocation(limits.dense_subgroup, spec.d4);
-        let rows = (spec.wg * qr) as usize;
-        let unit = lcm(rows, spec.bk as usize);
+        // Multiple of both tiles: query tiles of WG rows, key tiles of BK rows.
+        let unit = lcm(spec.wg as usize, spec.bk as usize);
         let max_rows = (limits.binding_bytes() / (d.max(2) as u64 * 4)) as usize;
         let chunk = if n <= max_rows {
             n
@@ -82,7 +77,7 @@ impl DenseSplitPlan {
             .collect();
         let mut pairs = Vec::new();
         for (qi, &(lo, hi)) in chunks.iter().enumerate() {
-            let tiles = (hi - lo).div_ceil(rows) as u32;
+            let tiles = (hi - lo).div_ceil(spec.wg as usize) as u32;
             let keys = if causal { qi + 1 } else { chunks.len() };
             for ki in 0..keys {
                 pairs.push(DensePair {
@@ -142,33 +137,6 @@ mod tests {
                 (1000 - 768usize).div_ceil(64) as u32
             );
         }
-    }
-
-    #[test]
-    fn subgroup_tiles_hold_several_query_rows_per_invocation() {
-        use crate::plan::DensePlan;
-        use crate::shape::Shape;
-        let sg = KernelLimits {
-            dense_subgroup: true,
-            ..limits(1 << 30)
-        };
-        // d = 64: 4 rows per invocation (256 per tile); d = 132: 2 (128 per tile).
-        for (d, rows) in [(64, 256), (132, 128)] {
-            let plan = DensePlan::new(Shape::new(1, 1, 1000, d), &sg).unwrap();
-            assert_eq!(plan.tiles, 1000usize.div_ceil(rows) as u32);
-        }
-        let plan = DenseSplitPlan::new(
-            1000,
-            16,
-            false,
-            &KernelLimits {
-                dense_subgroup: true,
-                ..limits(16 << 10)
-            },
-        )
-        .unwrap();
-        assert!(plan.chunks.iter().all(|&(lo, _)| lo % 256 == 0));
-        assert_eq!(plan.pairs.last().unwrap().tiles, 1);
     }
 
     #[test]

@@ -163,12 +163,8 @@ impl DensePlan {
         shape.validate()?;
         check_batch(shape, limits)?;
         let base = DensePlan::without_tensor_bindings(one(shape, seqs.max_len()), limits)?;
-        let spec = base.attention.spec;
-        // Query tiles of WG * QR rows (several rows per invocation in the subgroup variant).
-        let rows = (spec.wg
-            * Pass::DenseAttention.rows_per_invocation(limits.dense_subgroup, spec.d4))
-            as usize;
-        let table = SeqTable::new(seqs, heads, kv_heads, None, |n| n.div_ceil(rows) as u64)?;
+        let wg = base.attention.spec.wg as usize;
+        let table = SeqTable::new(seqs, heads, kv_heads, None, |n| n.div_ceil(wg) as u64)?;
         let attention = dispatch(
             Pass::DenseAttention,
             None,
@@ -197,7 +193,6 @@ mod tests {
             max_workgroups_per_dim: 65535,
             max_binding: 128 << 20,
             max_buffer: 1 << 30,
-            dense_subgroup: false,
         }
     }
 

@@ -54,10 +54,7 @@ impl DenseAttention {
         Ok(Self {
             ctx: ctx.clone(),
             causal,
-            limits: KernelLimits {
-                dense_subgroup: ctx.subgroup_kernels().is_some(),
-                ..KernelLimits::from_wgpu(&ctx.limits)
-            },
+            limits: KernelLimits::from_wgpu(&ctx.limits),
             uniforms: ShapeCache::default(),
             host: Mutex::new(HostPool::default()),
         })

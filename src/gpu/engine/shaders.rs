@@ -44,9 +44,8 @@ pub fn compose(pass: Pass, spec: Specialization) -> String {
 /// invocation is what the kernels are bound by (docs/perf.md). Passes without key tiles are
 /// unaffected. The text is valid only on a device with `Features::SUBGROUP`.
 pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> String {
-    let qr = pass.rows_per_invocation(subgroup.is_some(), spec.d4);
     let mut out = format!(
-        "// {} (generated: WG = {}, BK = {}, D4 = {}, QR = {qr})\nconst WG: u32 = {}u;\nconst BK: u32 = {}u;\nconst D4: u32 = {}u;\nconst QR: u32 = {qr}u;\n",
+        "// {} (generated: WG = {}, BK = {}, D4 = {})\nconst WG: u32 = {}u;\nconst BK: u32 = {}u;\nconst D4: u32 = {}u;\n",
         pass.name(),
         spec.wg,
         spec.bk,
@@ -60,7 +59,7 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     }
     push_resolved(&mut out, desc(pass).source, subgroup.is_some(), spec.grid);
     match subgroup {
-        Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg, qr),
+        Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg),
         None => out,
     }
 }
@@ -82,56 +81,36 @@ pub fn resolve_imports_grid(text: &str) -> String {
     out
 }
 
-/// Writes out the `//#unroll` loops of `tile_rows_subgroup.wgsl` for `d4`, subgroup size
-/// `sg` and `qr` query rows per invocation: WGSL's subgroupBroadcast takes only a constant
-/// lane, and the shuffle with a computed lane was much slower on lavapipe (see the comments
-/// there). Each broadcast is done once and used by the `qr` rows.
-fn unroll_subgroup_loops(text: &str, d4: u32, sg: u32, qr: u32) -> String {
-    let mut out = String::with_capacity(text.len() + 256 * (d4 * qr) as usize);
+/// Writes out the `//#unroll` loops of `tile_rows_subgroup.wgsl` for `d4` and subgroup size
+/// `sg`: WGSL's subgroupBroadcast takes only a constant lane, and the shuffle with a computed
+/// lane was much slower on lavapipe (see the comments there).
+fn unroll_subgroup_loops(text: &str, d4: u32, sg: u32) -> String {
+    let mut out = String::with_capacity(text.len() + 256 * d4 as usize);
     for line in text.lines() {
         match line.trim() {
             "//#unroll dots" => {
                 for c4 in 0..d4 {
                     let (t, j) = (c4 / sg, c4 % sg);
-                    out.push_str("    {\n");
                     for k in 0..4 {
                         out.push_str(&format!(
-                            "        let b{k} = subgroupBroadcast(k{k}[{t}], {j}u);\n"
+                            "    d{k} += q_row[{c4}] * subgroupBroadcast(k{k}[{t}], {j}u);\n"
                         ));
                     }
-                    for rho in 0..qr {
-                        let q = rho * d4 + c4;
-                        for k in 0..4 {
-                            out.push_str(&format!("        d{k}[{rho}] += q_row[{q}] * b{k};\n"));
-                        }
-                    }
-                    out.push_str("    }\n");
                 }
             }
             "//#unroll accumulate" => {
                 for c4 in 0..d4 {
                     let (t, j) = (c4 / sg, c4 % sg);
-                    out.push_str("    {\n");
-                    for k in 0..4 {
-                        out.push_str(&format!(
-                            "        let b{k} = subgroupBroadcast(v{k}[{t}], {j}u);\n"
-                        ));
-                    }
-                    for rho in 0..qr {
-                        let terms: Vec<String> = ["x", "y", "z", "w"]
-                            .iter()
-                            .enumerate()
-                            .map(|(k, e)| {
-                                format!("select(zero, w[{rho}].{e} * b{k}, ok[{rho}].{e})")
-                            })
-                            .collect();
-                        out.push_str(&format!(
-                            "        acc[{}] += {};\n",
-                            rho * d4 + c4,
-                            terms.join(" + ")
-                        ));
-                    }
-                    out.push_str("    }\n");
+                    let terms: Vec<String> = ["x", "y", "z", "w"]
+                        .iter()
+                        .enumerate()
+                        .map(|(k, e)| {
+                            format!(
+                                "select(zero, w.{e} * subgroupBroadcast(v{k}[{t}], {j}u), ok.{e})"
+                            )
+                        })
+                        .collect();
+                    out.push_str(&format!("    acc[{c4}] += {};\n", terms.join(" + ")));
                 }
             }
             _ => {
