@@ -27,7 +27,7 @@ use downsample::downsample_head;
 use gather::{seen_keys_in, SeenKey};
 
 pub use backward::{fma_backward, fma_backward_in};
-pub use varlen::{dense_attention_varlen, fma_forward_varlen};
+pub use varlen::{dense_attention_varlen, fma_backward_varlen, fma_forward_varlen};
 
 /// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
 /// log-sum-exp of the logits, shape (batch, heads, seq).

@@ -1,10 +1,12 @@
 //! The reference of a variable-length batch (`crate::Sequences`): every sequence run alone
-//! through [`fma_forward`] or [`dense_attention`] on its own rows, the results put back in the
-//! batch's layout; padding rows (padded batches) get O = 0 and LSE = -inf.
+//! through [`fma_forward`], [`dense_attention`] or [`fma_backward`] on its own rows, the
+//! results put back in the batch's layout; padding rows (padded batches) get O = 0 and
+//! LSE = -inf, and gradients 0.
 
-use super::{dense_attention, fma_forward, Reference};
-use crate::config::FmaConfig;
+use super::{dense_attention, fma_backward, fma_forward, Reference};
+use crate::config::{Downsample, FmaConfig};
 use crate::error::Result;
+use crate::gradients::{Gradients, LevelGradients};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
 
@@ -83,6 +85,79 @@ pub fn dense_attention_varlen(
     })
 }
 
+/// Adds `from` into `into`, element by element.
+fn add_into(into: &mut [f64], from: &[f64]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        *a += b;
+    }
+}
+
+/// Scatters rows `[0, n)` of every head of a sequence's `(heads, n, d)` tensor back into the
+/// batch tensor `x` at `row` (heads `stride` rows apart).
+fn scatter(x: &mut [f64], one: &[f64], stride: usize, row: usize, n: usize, d: usize) {
+    for (h, part) in one.chunks(n * d).enumerate() {
+        let at = (h * stride + row) * d;
+        x[at..at + n * d].copy_from_slice(part);
+    }
+}
+
+/// Gradients of a variable-length batch, each sequence's [`fma_backward`] alone: dQ of Q's
+/// shape, dK and dV of K's shape, 0 on padding rows; in Learned mode the weight gradients
+/// summed over the sequences (each sequence's unused levels contribute 0). `shape` is the
+/// tensors' shape ([`Sequences::shape`]), `dout` of Q's shape.
+pub fn fma_backward_varlen(
+    (q, k, v, dout): (&[f64], &[f64], &[f64], &[f64]),
+    shape: Shape,
+    seqs: &Sequences,
+    cfg: &FmaConfig,
+) -> Result<Gradients<f64>> {
+    seqs.check(shape)?;
+    shape.check_len("Q", q.len())?;
+    shape.check_len("dO", dout.len())?;
+    shape.check_kv_len("K", k.len())?;
+    shape.check_kv_len("V", v.len())?;
+    let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let mut dq = vec![0f64; shape.elements()];
+    let mut dk = vec![0f64; shape.kv_elements()];
+    let mut dv = vec![0f64; shape.kv_elements()];
+    let mut weights: Option<Vec<LevelGradients<f64>>> = match &cfg.downsample {
+        Downsample::Learned(w) => Some(w.levels.iter().map(LevelGradients::zeros_like).collect()),
+        Downsample::Average => None,
+    };
+    for (s, &n) in seqs.lengths.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let (q_stride, q_row) = seqs.rows(heads, s);
+        let (kv_stride, kv_row) = seqs.rows(kv_heads, s);
+        let g = fma_backward(
+            &gather(q, heads, q_stride, q_row, n, d),
+            &gather(k, kv_heads, kv_stride, kv_row, n, d),
+            &gather(v, kv_heads, kv_stride, kv_row, n, d),
+            &gather(dout, heads, q_stride, q_row, n, d),
+            Shape::new(1, heads, n, d).with_kv_heads(kv_heads),
+            cfg,
+        )?;
+        scatter(&mut dq, &g.dq, q_stride, q_row, n, d);
+        scatter(&mut dk, &g.dk, kv_stride, kv_row, n, d);
+        scatter(&mut dv, &g.dv, kv_stride, kv_row, n, d);
+        if let (Some(all), Some(one)) = (weights.as_mut(), g.weights) {
+            for (a, b) in all.iter_mut().zip(&one) {
+                add_into(&mut a.wk, &b.wk);
+                add_into(&mut a.bk, &b.bk);
+                add_into(&mut a.wv, &b.wv);
+                add_into(&mut a.bv, &b.bv);
+            }
+        }
+    }
+    Ok(Gradients {
+        dq,
+        dk,
+        dv,
+        weights,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +223,83 @@ mod tests {
         )
         .unwrap();
         assert_eq!(alone.o[..12 * d], a.o[6 * d..18 * d]);
+    }
+
+    /// The varlen backward is the gradient of the varlen forward: central finite differences
+    /// of L = sum(dO * O) over every input element of a pack of awkward lengths (each
+    /// sequence's own levels, GQA, causal), and the padded layout's gradients equal the
+    /// packed ones with 0 on the padding. Step h = 1e-5 in f64: truncation ~1e-10, rounding
+    /// ~1e-11, so 1e-7 + 1e-6 |g| (as `cpu::backward::tests`); a gradient scattered to the
+    /// wrong row moves by O(0.1).
+    #[test]
+    fn backward_is_the_gradient_of_the_forward_and_padding_gets_zero() {
+        let lengths = vec![3, 9, 1];
+        let (heads, kv_heads, d, n) = (2, 1, 2, 9);
+        let packed = Sequences::packed(lengths.clone()).unwrap();
+        let ps = packed.shape(heads, kv_heads, d);
+        let (q, k, v, dout) = (
+            wide(11, ps.elements()),
+            wide(12, ps.kv_elements()),
+            wide(13, ps.kv_elements()),
+            wide(14, ps.elements()),
+        );
+        let mut cfg = FmaConfig::new(2, 2);
+        cfg.causal = true;
+        let g = fma_backward_varlen((&q, &k, &v, &dout), ps, &packed, &cfg).unwrap();
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let o = fma_forward_varlen(q, k, v, ps, &packed, &cfg).unwrap().o;
+            o.iter().zip(&dout).map(|(a, b)| a * b).sum()
+        };
+        let h = 1e-5;
+        for (name, which, grad) in [("dQ", 0, &g.dq), ("dK", 1, &g.dk), ("dV", 2, &g.dv)] {
+            for idx in 0..grad.len() {
+                let mut xs = [q.clone(), k.clone(), v.clone()];
+                xs[which][idx] += h;
+                let plus = loss(&xs[0], &xs[1], &xs[2]);
+                xs[which][idx] -= 2.0 * h;
+                let minus = loss(&xs[0], &xs[1], &xs[2]);
+                let fd = (plus - minus) / (2.0 * h);
+                assert!(
+                    crate::closeness::is_close(grad[idx], fd, 1e-7, 1e-6),
+                    "{name}[{idx}]: analytic {}, finite difference {fd}",
+                    grad[idx]
+                );
+            }
+        }
+        // The same batch padded to n: equal gradients, 0 on the padding rows.
+        let padded = Sequences::padded(n, lengths.clone()).unwrap();
+        let qs = padded.shape(heads, kv_heads, d);
+        let pad = |x: &[f64], hh: usize| {
+            let mut out = vec![0.25; lengths.len() * hh * n * d];
+            for (s, &len) in lengths.iter().enumerate() {
+                let (stride, row) = packed.rows(hh, s);
+                for h in 0..hh {
+                    let src = (h * stride + row) * d;
+                    let dst = (s * hh + h) * n * d;
+                    out[dst..dst + len * d].copy_from_slice(&x[src..src + len * d]);
+                }
+            }
+            out
+        };
+        let gp = fma_backward_varlen(
+            (&pad(&q, heads), &pad(&k, kv_heads), &pad(&v, kv_heads), &pad(&dout, heads)),
+            qs,
+            &padded,
+            &cfg,
+        )
+        .unwrap();
+        let zero_padding = |x: &[f64], hh: usize| {
+            let mut out = pad(x, hh);
+            for (s, &len) in lengths.iter().enumerate() {
+                for h in 0..hh {
+                    let at = (s * hh + h) * n * d;
+                    out[at + len * d..at + n * d].fill(0.0);
+                }
+            }
+            out
+        };
+        assert_eq!(gp.dq, zero_padding(&g.dq, heads));
+        assert_eq!(gp.dk, zero_padding(&g.dk, kv_heads));
+        assert_eq!(gp.dv, zero_padding(&g.dv, kv_heads));
     }
 }
