@@ -47,8 +47,10 @@ struct Params {
     kv_head_stride: u32,     // rows between K/V heads of one sequence in K, V (varlen)
     bias_base: u32,          // first bias element in the downsample pass's weight binding
     grid_w: u32,             // 2D (algorithm.md §9): the grid width W (n = H W); 0 in 1D
-    // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad2: u32,
+    // Variable-length batches, passes with no binding to spare for the sequence table: the f32
+    // element of a scratch buffer of theirs (the backward's stats, dK~) where a copy of the table
+    // starts (`shared/problems.wgsl`). Also keeps `levels` at a multiple of 16 bytes.
+    table_at: u32,
     levels: array<LevelInfo, 32>,
 }
 

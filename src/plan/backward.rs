@@ -68,19 +68,30 @@ pub struct BackwardPlan {
     pub weight_elements: usize,
     /// Elements of each of the concatenated bias-gradient buffers (dbK, dbV).
     pub bias_elements: usize,
+    /// A padded variable-length batch: zeros the gradients' padding rows (last).
+    pub pad: Option<Dispatch>,
+    /// A variable-length batch: the f32 element of the stats and of dK~ where the executor
+    /// writes a copy of the sequence table (after both buffers' own contents), read by the
+    /// passes with no binding to spare (`params.table_at`); 0 otherwise.
+    pub table_at: usize,
+}
+
+/// What the backward's gather passes run over: a batch of equal sequences' tiles and windows,
+/// or a variable-length batch's (its sequence table's totals), over all K/V heads.
+#[derive(Clone, Debug)]
+pub(super) struct Work {
+    /// Key tiles of the near-field dK/dV pass.
+    pub fine_tiles: u64,
+    /// Windows of each coarse level.
+    pub level_windows: Vec<u64>,
+    /// Elements of K (the real tokens') the downsampling's backward adds into.
+    pub kv_elements: u64,
 }
 
 impl BackwardPlan {
     /// Plans the backward of FMA for `shape` and `cfg` under `limits`; every limit is checked
     /// here, before anything is recorded.
     pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
-        if cfg.queries == Queries::Coarse {
-            return Err(FmaError::InvalidConfig {
-                what: "queries",
-                value: "coarse".into(),
-                allowed: "fine: the backward pass supports fine queries only (coarse-query gradients are not implemented yet)".into(),
-            });
-        }
         if let Some(grid) = cfg.grid {
             return Err(FmaError::InvalidConfig {
                 what: "grid",
@@ -91,8 +102,37 @@ impl BackwardPlan {
             });
         }
         let forward = FmaPlan::new(shape, cfg, limits)?;
-        let (d, p) = (shape.head_dim, forward.levels.p);
         let kv_bh = shape.kv_batch_heads() as u64;
+        let work = Work {
+            fine_tiles: kv_bh * forward.levels.fine_blocks() as u64 * forward.tiles_per_block as u64,
+            level_windows: forward
+                .levels
+                .levels
+                .iter()
+                .map(|lv| kv_bh * lv.windows as u64)
+                .collect(),
+            kv_elements: shape.kv_elements() as u64,
+        };
+        Self::build(forward, cfg, limits, work)
+    }
+
+    /// The backward passes over `forward`'s work: its shape's rows, its tiles and windows as
+    /// `work` counts them (a batch of equal sequences or a variable-length batch).
+    pub(super) fn build(
+        forward: FmaPlan,
+        cfg: &FmaConfig,
+        limits: &KernelLimits,
+        work: Work,
+    ) -> Result<Self> {
+        if cfg.queries == Queries::Coarse {
+            return Err(FmaError::InvalidConfig {
+                what: "queries",
+                value: "coarse".into(),
+                allowed: "fine: the backward pass supports fine queries only (coarse-query gradients are not implemented yet)".into(),
+            });
+        }
+        let shape = forward.shape;
+        let (d, p) = (shape.head_dim, forward.levels.p);
         let stats_bytes = shape.rows() as u64 * 8;
         if stats_bytes > limits.max_binding.min(limits.max_buffer) {
             return Err(FmaError::LimitExceeded {
@@ -136,7 +176,7 @@ impl BackwardPlan {
         let dkv_fine = dispatch(
             Pass::BackwardDkvFine,
             None,
-            kv_bh * forward.levels.fine_blocks() as u64 * forward.tiles_per_block as u64,
+            work.fine_tiles,
             fine_spec,
             limits,
         )?;
@@ -150,16 +190,15 @@ impl BackwardPlan {
             grid: false,
         };
         let chunks = (p as u64).div_ceil(pr as u64);
-        let dkv_coarse = forward
-            .levels
-            .levels
+        let dkv_coarse = work
+            .level_windows
             .iter()
             .enumerate()
-            .map(|(i, lv)| {
+            .map(|(i, &windows)| {
                 dispatch(
                     Pass::BackwardDkvCoarse,
                     Some(i as u32),
-                    kv_bh * lv.windows as u64 * chunks,
+                    windows * chunks,
                     coarse_spec,
                     limits,
                 )
@@ -169,7 +208,7 @@ impl BackwardPlan {
             Some(dispatch(
                 Pass::DownsampleBackward,
                 None,
-                (shape.kv_elements() as u64).div_ceil(wg as u64),
+                work.kv_elements.div_ceil(wg as u64),
                 elementwise,
                 limits,
             )?)
@@ -204,6 +243,8 @@ impl BackwardPlan {
             stats_bytes,
             weight_elements,
             bias_elements,
+            pad: None,
+            table_at: 0,
         })
     }
 
@@ -216,6 +257,7 @@ impl BackwardPlan {
         all.push(self.dkv_fine);
         all.extend(self.downsample_backward);
         all.extend(&self.weights_backward);
+        all.extend(self.pad);
         all
     }
 }

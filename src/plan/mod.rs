@@ -15,6 +15,7 @@ mod split;
 mod split_coarse;
 mod split_dense;
 mod varlen;
+mod varlen_backward;
 
 pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
 pub use decode::{DecodeLayout, DECODE_WG};

@@ -57,6 +57,9 @@ passes! {
     /// A padded variable-length batch: O = 0 and LSE = -inf on the padding rows
     /// (`shaders/pad_rows.wgsl`).
     PadRows => "pad_rows",
+    /// A padded variable-length batch's backward: dQ, dK, dV = 0 on the padding rows
+    /// (`shaders/pad_gradients.wgsl`).
+    PadGradients => "pad_gradients",
     /// Decoding: a step's keys and values into the near-field ring (`shaders/decode_append.wgsl`).
     DecodeAppend => "decode_append",
     /// Decoding: every level's coarse keys and values as their windows fill

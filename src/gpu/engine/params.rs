@@ -74,8 +74,10 @@ pub struct Params {
     pub bias_base: u32,
     /// 2D grids (algorithm.md §9): the grid width W, tokens n = H W in raster order; 0 in 1D.
     pub grid_w: u32,
-    /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad2: u32,
+    /// Variable-length batches, passes without a binding to spare for the sequence table: the
+    /// f32 element of their scratch buffer (the backward's stats and dK~) where a copy of the
+    /// table starts. (Also keeps `levels` at a multiple of 16 bytes, WGSL's uniform layout.)
+    pub table_at: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 

@@ -137,6 +137,7 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::CoarseAttention => &COARSE_ATTENTION,
         Pass::UpsampleMerge => &UPSAMPLE_MERGE,
         Pass::PadRows => &PAD_ROWS,
+        Pass::PadGradients => &PAD_GRADIENTS,
         Pass::BackwardDelta => &BACKWARD_DELTA,
         Pass::BackwardDq => &BACKWARD_DQ,
         Pass::BackwardDkvFine => &BACKWARD_DKV_FINE,
@@ -231,6 +232,18 @@ static PAD_ROWS: PassDesc = PassDesc {
         PARAMS,
         bind(6, "out", Out, ReadWrite),
         bind(7, "lse", Lse, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
+static PAD_GRADIENTS: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/pad_gradients.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dq", DQ, ReadWrite),
+        bind(2, "dk", DK, ReadWrite),
+        bind(3, "dv", DV, ReadWrite),
         SEQ_TABLE,
     ],
     level_select: true,

@@ -16,6 +16,7 @@ fn shared(name: &str) -> Option<&'static str> {
         "geometry" => Some(include_str!("../../../shaders/shared/geometry.wgsl")),
         "level_select" => Some(include_str!("../../../shaders/shared/level_select.wgsl")),
         "sequences" => Some(include_str!("../../../shaders/shared/sequences.wgsl")),
+        "problems" => Some(include_str!("../../../shaders/shared/problems.wgsl")),
         "online_softmax" => Some(include_str!("../../../shaders/shared/online_softmax.wgsl")),
         "key_tiles" => Some(include_str!("../../../shaders/shared/key_tiles.wgsl")),
         "coarse_tiles" => Some(include_str!("../../../shaders/shared/coarse_tiles.wgsl")),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::config::Downsample;
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::buffers::{read_f32, storage};
+use crate::gpu::engine::buffers::{read_f32, sequence_table, storage};
 use crate::gpu::engine::cache::Growing;
 use crate::gpu::engine::front::check_host;
 use crate::gpu::engine::passes::Role;
@@ -21,6 +21,7 @@ use crate::gpu::engine::tensors::{check_storage, GpuTensors, Scopes, Staged};
 use crate::gradients::{Gradients, LevelGradients};
 use crate::levels::window;
 use crate::plan::{BackwardPlan, Dispatch, Pass};
+use crate::sequences::Sequences;
 use crate::shape::Shape;
 
 use super::workspace::Uniforms;
@@ -33,6 +34,9 @@ use super::FmaAttention;
 #[derive(Clone, Debug)]
 pub struct Saved {
     shape: Shape,
+    /// The sequences of a variable-length forward (`forward_train_varlen`); `None` for a batch
+    /// of equal sequences.
+    sequences: Option<Sequences>,
     owner: u64,
     q: wgpu::Buffer,
     k: wgpu::Buffer,
@@ -45,6 +49,17 @@ impl Saved {
     /// The shape of the saved forward.
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// The sequences of a saved variable-length forward.
+    pub fn sequences(&self) -> Option<&Sequences> {
+        self.sequences.as_ref()
+    }
+
+    /// The same tensors as a variable-length batch's.
+    pub(super) fn with_sequences(mut self, seqs: Sequences) -> Self {
+        self.sequences = Some(seqs);
+        self
     }
 }
 
@@ -96,27 +111,48 @@ pub(crate) struct BackwardScratch {
 impl Default for BackwardScratch {
     fn default() -> Self {
         let none = wgpu::BufferUsages::empty();
+        // dK~ and the stats also carry a variable-length batch's sequence table at their tail.
+        let table = wgpu::BufferUsages::COPY_DST;
         Self {
             coarse_k: Growing::new("coarse_k", none),
             coarse_v: Growing::new("coarse_v", none),
             coarse_q_unused: Growing::new("coarse_q (unused)", none),
-            dcoarse_k: Growing::new("dcoarse_k", none),
+            dcoarse_k: Growing::new("dcoarse_k", table),
             dcoarse_v: Growing::new("dcoarse_v", none),
-            stats: Growing::new("lse and delta", none),
+            stats: Growing::new("lse and delta", table),
         }
     }
 }
 
 impl BackwardScratch {
-    /// The scratch roles of a backward of `plan`, sized for it.
+    /// The scratch roles of a backward of `plan`, sized for it. A variable-length batch's
+    /// sequence table is written at element `plan.table_at` of dK~ and of the stats (for the
+    /// passes with no binding to spare: dQ and the weight gradients).
     fn resources<'a>(
         &'a mut self,
-        device: &wgpu::Device,
+        ctx: &crate::gpu::engine::context::GpuContext,
         plan: &BackwardPlan,
         cap: u64,
     ) -> Resources<'a> {
+        let device = &ctx.device;
         // K~, V~ and their gradients: one block per K/V head.
         let coarse = plan.forward.workspace.coarse_kv_bytes;
+        let table = plan.forward.sequences.as_ref().map(|t| {
+            let at = plan.table_at as u64 * 4;
+            (at, at + t.words.len() as u64 * 4, t)
+        });
+        let with_table = |bytes: u64| table.map_or(bytes, |(_, end, _)| end.max(bytes));
+        let dcoarse_k = self
+            .dcoarse_k
+            .at_least(device, with_table(coarse), cap);
+        let stats = self
+            .stats
+            .at_least(device, with_table(plan.stats_bytes), cap);
+        if let Some((at, _, t)) = table {
+            let words: &[u8] = bytemuck::cast_slice(&t.words);
+            ctx.queue.write_buffer(dcoarse_k, at, words);
+            ctx.queue.write_buffer(stats, at, words);
+        }
         Resources::default()
             .with(Role::CoarseK, self.coarse_k.at_least(device, coarse, cap))
             .with(Role::CoarseV, self.coarse_v.at_least(device, coarse, cap))
@@ -124,12 +160,9 @@ impl BackwardScratch {
                 Role::CoarseQ,
                 self.coarse_q_unused.at_least(device, 16, cap),
             )
-            .with(Role::DCoarseK, self.dcoarse_k.at_least(device, coarse, cap))
+            .with(Role::DCoarseK, dcoarse_k)
             .with(Role::DCoarseV, self.dcoarse_v.at_least(device, coarse, cap))
-            .with(
-                Role::Stats,
-                self.stats.at_least(device, plan.stats_bytes, cap),
-            )
+            .with(Role::Stats, stats)
     }
 }
 
@@ -137,6 +170,14 @@ impl FmaAttention {
     /// The plan a backward of `shape` would execute.
     pub fn backward_plan(&self, shape: Shape) -> Result<BackwardPlan> {
         BackwardPlan::new(shape, &self.cfg, &self.limits)
+    }
+
+    /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
+    fn saved_plan(&self, saved: &Saved) -> Result<BackwardPlan> {
+        match &saved.sequences {
+            None => self.backward_plan(saved.shape),
+            Some(seqs) => self.backward_plan_sequences(saved.shape, seqs),
+        }
     }
 
     /// FMA of host tensors that keeps what the backward needs on the GPU (async). Q, K, V:
@@ -149,8 +190,23 @@ impl FmaAttention {
         v: &[f32],
         shape: Shape,
     ) -> Result<(Output, Saved)> {
+        self.forward_train_in((q, k, v), shape, None).await
+    }
+
+    /// [`FmaAttention::forward_train_async`] of a batch of equal sequences (`seqs = None`) or
+    /// of a variable-length batch.
+    pub(super) async fn forward_train_in(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+        seqs: Option<&Sequences>,
+    ) -> Result<(Output, Saved)> {
         check_host(shape, q, k, v)?;
-        self.backward_plan(shape)?; // the backward must be possible before we run a forward
+        // The backward must be possible before we run a forward.
+        match seqs {
+            None => self.backward_plan(shape)?,
+            Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
+        };
         let device = &self.ctx.device;
         let bytes = shape.elements() as u64 * 4;
         let kv_bytes = shape.kv_elements() as u64 * 4;
@@ -158,6 +214,7 @@ impl FmaAttention {
         let output = wgpu::BufferUsages::COPY_SRC;
         let saved = Saved {
             shape,
+            sequences: seqs.cloned(),
             owner: self.id,
             q: storage(device, "saved q", bytes, input),
             k: storage(device, "saved k", kv_bytes, input),
@@ -169,17 +226,17 @@ impl FmaAttention {
         queue.write_buffer(&saved.q, 0, bytemuck::cast_slice(q));
         queue.write_buffer(&saved.k, 0, bytemuck::cast_slice(k));
         queue.write_buffer(&saved.v, 0, bytemuck::cast_slice(v));
-        self.forward_buffers_async(
-            GpuTensors {
-                q: &saved.q,
-                k: &saved.k,
-                v: &saved.v,
-                out: &saved.o,
-                lse: Some(&saved.lse),
-            },
-            shape,
-        )
-        .await?;
+        let t = GpuTensors {
+            q: &saved.q,
+            k: &saved.k,
+            v: &saved.v,
+            out: &saved.o,
+            lse: Some(&saved.lse),
+        };
+        match seqs {
+            None => self.forward_buffers_async(t, shape).await?,
+            Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
+        }
         let staged = Staged::new(device, shape, true);
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("forward_train readback"),
@@ -216,6 +273,7 @@ impl FmaAttention {
         })?;
         Ok(Saved {
             shape,
+            sequences: None,
             owner: self.id,
             q: t.q.clone(),
             k: t.k.clone(),
@@ -234,7 +292,7 @@ impl FmaAttention {
     pub async fn backward_async(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
         let shape = saved.shape;
         shape.check_len("dO", dout.len())?;
-        let plan = self.backward_plan(shape)?;
+        let plan = self.saved_plan(saved)?;
         let device = &self.ctx.device;
         let bytes = shape.elements() as u64 * 4;
         let out = wgpu::BufferUsages::COPY_SRC;
@@ -366,7 +424,7 @@ impl FmaAttention {
             ));
         }
         let shape = saved.shape;
-        let plan = self.backward_plan(shape)?;
+        let plan = self.saved_plan(saved)?;
         let bytes = shape.elements() as u64 * 4;
         check_storage("dO", dout, bytes, shape)?;
         check_storage("dQ", g.dq, bytes, shape)?;
@@ -399,12 +457,17 @@ impl FmaAttention {
             .collect();
         let pipes = Pipes::new(&self.ctx, &steps).await?;
         let uniforms = self.backward_uniforms(&plan, &steps)?;
+        let table = plan
+            .forward
+            .sequences
+            .as_ref()
+            .map(|t| sequence_table(&self.ctx.device, t));
         let scopes = Scopes::push(&self.ctx)?;
         {
             let mut scratch = self.backward_scratch.lock().map_err(poisoned)?;
             let w = &self.weights;
             let mut res = scratch
-                .resources(&self.ctx.device, &plan, self.limits.binding_bytes())
+                .resources(&self.ctx, &plan, self.limits.binding_bytes())
                 .with(Role::Params, &uniforms.params)
                 .with(Role::Q, &saved.q)
                 .with(Role::K, &saved.k)
@@ -417,6 +480,9 @@ impl FmaAttention {
                 .with(Role::DQ, g.dq)
                 .with(Role::DK, g.dk)
                 .with(Role::DV, g.dv);
+            if let Some(table) = &table {
+                res = res.with(Role::SeqTable, table);
+            }
             if let Some(gw) = g.weights {
                 res = res
                     .with(Role::DWk, gw.wk)
@@ -462,7 +528,13 @@ impl FmaAttention {
 
     /// The uniforms of a backward of `plan` recording `steps` (with or without the weight
     /// passes): the forward's parameter block and one selector per step.
+    /// A variable-length batch's depend on its lengths: made per call, not cached by shape.
     fn backward_uniforms(&self, plan: &BackwardPlan, steps: &[Dispatch]) -> Result<Arc<Uniforms>> {
+        if plan.forward.sequences.is_some() {
+            let mut params = self.params(&plan.forward);
+            params.table_at = plan.table_at as u32;
+            return Ok(Arc::new(Uniforms::new(&self.ctx, &params, steps)?));
+        }
         let key = (plan.forward.shape, steps.len());
         self.backward_uniforms.get_or_make(key, || {
             Uniforms::new(&self.ctx, &self.params(&plan.forward), steps)

@@ -1,7 +1,8 @@
 //! The FMA executor (algorithm.md §3-7): [`FmaAttention`] turns an [`FmaPlan`] into recorded
 //! dispatches, one command encoder and one submit per forward (`forward.rs`), a head over one
 //! storage binding chunk by chunk (`split.rs`; its coarse rows through compact bindings when
-//! they exceed one, `split_coarse.rs`), and the fine-query backward (`backward.rs`).
+//! they exceed one, `split_coarse.rs`), a variable-length batch (`varlen.rs`, its training in
+//! `varlen_train.rs`), and the fine-query backward (`backward.rs`).
 //! Its device state: learned weights (`engine::weights`), per-shape uniforms and buffers that grow
 //! by capacity (`workspace.rs`).
 
@@ -10,6 +11,7 @@ mod forward;
 mod split;
 mod split_coarse;
 mod varlen;
+mod varlen_train;
 mod workspace;
 
 use std::sync::Mutex;
