@@ -1,10 +1,13 @@
 // Backward, step 1 (algorithm.md §8): D_i = rowsum(dO_i * O_i) for every query row, stored
 // next to a copy of the saved LSE_i so the later passes read both from one binding (WebGPU
-// allows 8 storage bindings per stage; the dQ pass needs the rest). One invocation per row.
+// allows 8 storage bindings per stage; the dQ pass needs the rest). One invocation per real
+// row (a variable-length batch: per token of every sequence and head, `shared/problems.wgsl`).
 // CPU mirror: `delta` in `cpu::backward::fma_backward`.
 
 #import params
+#import geometry
 #import level_select
+#import sequences
 
 @group(0) @binding(1) var<storage, read> o: array<f32>;              // (bh, n, d)
 @group(0) @binding(2) var<storage, read> dout: array<f32>;           // (bh, n, d)
@@ -13,10 +16,11 @@
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = dispatch_workgroup(wg) * WG + lid;
-    if (row >= params.batch_heads * params.n) {
+    let at = locate(dispatch_workgroup(wg) * WG + lid, params.n, sec_tok(), query_heads());
+    if (at.x == 0xffffffffu) {
         return;
     }
+    let row = problem(at.x, at.y).q_row + at.z;
     let d = params.d;
     let base = row * d;
     var acc = 0.0;

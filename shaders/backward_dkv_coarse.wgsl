@@ -10,6 +10,7 @@
 #import params
 #import geometry
 #import level_select
+#import sequences
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;                  // (bh, n, d)
 @group(0) @binding(2) var<storage, read> coarse_k: array<f32>;           // (bh / kv_group, coarse_rows, d)
@@ -70,13 +71,14 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
     }
 }
 
-// The queries of window `a` at this level (window size w).
-fn window_queries(bh: u32, a: u32, w: u32, nrows: u32, lid: u32) {
-    let queries = window_range(params.n, w, a);
+// The queries of window `a` at this level (window size w) of the query problem whose token 0
+// is row q_row and whose sequence has n tokens.
+fn window_queries(q_row: u32, n: u32, a: u32, w: u32, nrows: u32, lid: u32) {
+    let queries = window_range(n, w, a);
     for (var i0 = queries.x; i0 < queries.y; i0 += BK) {
         let count = min(BK, queries.y - i0);
         workgroupBarrier();
-        stage_queries(bh, i0, count, lid);
+        stage_queries(q_row, i0, count, lid);
         workgroupBarrier();
         consume_queries(count, nrows, lid);
     }
@@ -90,19 +92,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let w = info.window;
     let chunks = (p + PR - 1u) / PR;
     let wid = dispatch_workgroup(wg);
-    // One workgroup per (K/V head, window, chunk of rows); grouped-query heads sum over the
-    // kv_group query heads that read the K/V head, in head order (deterministic).
-    if (wid >= (params.batch_heads / params.kv_group) * info.windows * chunks) {
-        return;
+    // One workgroup per (K/V head, window, chunk of rows), the windows of each sequence of a
+    // variable-length batch found through its coarse rows (p per window); grouped-query heads
+    // sum over the kv_group query heads that read the K/V head, in head order (deterministic).
+    let at = locate((wid / chunks) * p, info.windows * p, sec_rows(sel.level),
+                    query_heads() / params.kv_group);
+    if (at.x == 0xffffffffu) {
+        return; // uniform over the workgroup
     }
-    let kv_bh = wid / (info.windows * chunks);
-    let rem = wid % (info.windows * chunks);
-    let b = rem / chunks;
-    let j0 = (rem % chunks) * PR;
+    let kv_h = at.x;
+    // Problem of the group's first query head: its coarse rows are this K/V head's.
+    let kpr = problem(kv_h * params.kv_group, at.y);
+    let n = kpr.n;
+    let windows = level_windows(kpr, sel.level);
+    let b = at.z / p;
+    let j0 = (wid % chunks) * PR;
     let nrows = min(PR, p - j0);
     // First element of row b*p + j0 of this level in the (bh / kv_group, coarse_rows, d)
     // buffers.
-    let base = (kv_bh * params.coarse_rows + info.row_offset + b * p + j0) * d;
+    let base = coarse_row(kpr.kv_crow, sel.level, kpr.s, b * p + j0) * d;
 
     for (var idx = lid; idx < PR * D4; idx += WG) {
         let r = idx / D4;
@@ -124,7 +132,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var r = lid; r < PR; r += WG) {
         var bias = ABSENT;
         if (r < nrows) {
-            bias = coarse_key_bias(sub_window_count(params.n, w, p, b, j0 + r));
+            bias = coarse_key_bias(sub_window_count(n, w, p, b, j0 + r));
         }
         rows_bias[r] = bias;
     }
@@ -135,11 +143,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // Query windows whose far list holds b, in increasing order.
     let causal = params.causal != 0u;
-    for (var bh = kv_bh * params.kv_group; bh < (kv_bh + 1u) * params.kv_group; bh++) {
+    for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
+        let q_row = problem(bh, at.y).q_row;
         for (var run = 0u; run < FAR_RUNS; run++) {
-            let readers = inverse_far_run(b, info.windows, causal, run);
+            let readers = inverse_far_run(b, windows, causal, run);
             for (var a = readers.x; a < readers.y; a++) {
-                window_queries(bh, a, w, nrows, lid);
+                window_queries(q_row, n, a, w, nrows, lid);
             }
         }
     }

@@ -9,6 +9,7 @@
 #import params
 #import geometry
 #import level_select
+#import sequences
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
@@ -48,25 +49,28 @@ fn consume_queries(start: u32, count: u32, first: u32) {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let wid = dispatch_workgroup(wg);
-    let n = params.n;
     let m = params.m;
     let d = params.d;
-    let blocks = window_count(n, m);
-    let tiles = blocks * params.tiles_per_block;
-    // One workgroup per tile of a K/V head's keys; grouped-query heads sum the gradients of
-    // the kv_group query heads that read it, in head order (deterministic, no atomics).
-    if (wid >= (params.batch_heads / params.kv_group) * tiles) {
-        return;
+    // One workgroup per tile of a K/V head's keys (the forward's tiles, of each sequence of a
+    // variable-length batch); grouped-query heads sum the gradients of the kv_group query
+    // heads that read it, in head order (deterministic, no atomics).
+    let tiles = window_count(params.n, m) * params.tiles_per_block;
+    let at = locate(wid, tiles, sec_tile(), query_heads() / params.kv_group);
+    if (at.x == 0xffffffffu) {
+        return; // uniform over the workgroup
     }
-    let kv_bh = wid / tiles;
-    let tile = wid % tiles;
+    let kv_h = at.x;
+    // Problem of the group's first query head: its K/V rows are this K/V head's.
+    let kpr = problem(kv_h * params.kv_group, at.y);
+    let n = kpr.n;
+    let tile = at.z;
     let b = tile / params.tiles_per_block;
     let block = window_range(n, m, b);
     let t0 = block.x + (tile % params.tiles_per_block) * WG;
     let t1 = min(t0 + WG, block.y);
     let t = t0 + lid;
     let in_tile = t < t1;
-    let head = kv_bh * n * d;
+    let head = kpr.kv_row * d;
     let causal = params.causal != 0u;
 
     for (var c4 = 0u; c4 < D4; c4++) {
@@ -92,11 +96,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let readers = near_queries(n, m, b, causal);
     let i_lo = select(readers.x, t0, causal);
     let first = select(0u, t, causal);
-    for (var bh = kv_bh * params.kv_group; bh < (kv_bh + 1u) * params.kv_group; bh++) {
+    for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
+        let q_row = problem(bh, at.y).q_row;
         for (var i0 = i_lo; i0 < readers.y; i0 += BK) {
             let count = min(BK, readers.y - i0);
             workgroupBarrier();
-            stage_queries(bh, i0, count, lid);
+            stage_queries(q_row, i0, count, lid);
             workgroupBarrier();
             consume_queries(i0, count, first);
         }

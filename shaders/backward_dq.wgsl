@@ -7,6 +7,7 @@
 #import params
 #import geometry
 #import level_select
+#import problems
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
@@ -14,8 +15,15 @@
 @group(0) @binding(4) var<storage, read> coarse_k: array<f32>;     // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(5) var<storage, read> coarse_v: array<f32>;     // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(6) var<storage, read> dout: array<f32>;         // (bh, n, d)
-@group(0) @binding(7) var<storage, read> stats: array<f32>;        // (bh, n, 2): LSE, D
+// (bh, n, 2): LSE, D as f32 bits (u32 here so the table words after them are read exactly).
+@group(0) @binding(7) var<storage, read> stats: array<u32>;
 @group(0) @binding(8) var<storage, read_write> dq: array<f32>;     // (bh, n, d)
+
+// A variable-length batch's sequence table: copied after the stats (all 8 storage bindings
+// of WebGPU's default limit are taken).
+fn seq_word(i: u32) -> u32 {
+    return stats[params.table_at + i];
+}
 
 #import key_tiles
 #import coarse_tiles
@@ -48,14 +56,14 @@ fn consume_keys(count: u32, visible: u32) {
     }
 }
 
-// The coarse keys of windows [run.x, run.y) of level index `lvl` of K/V head kv_bh.
+// The coarse keys of windows [run.x, run.y) of level index `lvl` of problem pr's K/V head.
 // Arguments uniform over the workgroup (barriers inside).
-fn run_keys(kv_bh: u32, lvl: u32, run: vec2<u32>, lid: u32) {
+fn run_keys(pr: Problem, lvl: u32, run: vec2<u32>, lid: u32) {
     let row_end = run.y * params.p;
     for (var row0 = run.x * params.p; row0 < row_end; row0 += BK) {
         let count = min(BK, row_end - row0);
         workgroupBarrier();
-        stage_coarse_tile(kv_bh, lvl, row0, count, lid);
+        stage_coarse_tile(pr, lvl, row0, count, lid);
         workgroupBarrier();
         consume_keys(count, count);
     }
@@ -64,26 +72,27 @@ fn run_keys(kv_bh: u32, lvl: u32, run: vec2<u32>, lid: u32) {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let wid = dispatch_workgroup(wg);
-    let n = params.n;
     let m = params.m;
     let d = params.d;
-    let blocks = window_count(n, m);
-    let tiles = blocks * params.tiles_per_block;
-    if (wid >= params.batch_heads * tiles) {
-        return;
+    // The forward's tiles: of every query head's sequence, or of each sequence of a
+    // variable-length batch (problems.wgsl).
+    let tiles = window_count(params.n, m) * params.tiles_per_block;
+    let at = locate(wid, tiles, sec_tile(), query_heads());
+    if (at.x == 0xffffffffu) {
+        return; // uniform over the workgroup
     }
-    let bh = wid / tiles;
-    let tile = wid % tiles;
+    let pr = problem(at.x, at.y);
+    let n = pr.n;
+    let tile = at.z;
     let a0 = tile / params.tiles_per_block;
     let block = window_range(n, m, a0);
     let i0 = block.x + (tile % params.tiles_per_block) * WG;
     let i1 = min(i0 + WG, block.y);
     let i = i0 + lid;
     let in_tile = i < i1;
-    let head = bh * n * d;
+    let head = pr.q_row * d;
     // The K/V head this query head reads (grouped-query attention).
-    let kv_bh = bh / params.kv_group;
-    let kv_head = kv_bh * n * d;
+    let kv_head = pr.kv_row * d;
     let causal = params.causal != 0u;
 
     for (var c4 = 0u; c4 < D4; c4++) {
@@ -105,8 +114,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     row_lse = 0.0;
     row_delta = 0.0;
     if (in_tile) {
-        row_lse = stats[2u * (bh * n + i)];
-        row_delta = stats[2u * (bh * n + i) + 1u];
+        row_lse = bitcast<f32>(stats[2u * (pr.q_row + i)]);
+        row_delta = bitcast<f32>(stats[2u * (pr.q_row + i) + 1u]);
     }
 
     // Level 0, the forward's near field (causal: up to the tile's last query, then per row).
@@ -128,7 +137,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let a = block_window(a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
-            run_keys(kv_bh, lvl, far_run(a, params.levels[lvl].windows, causal, run), lid);
+            run_keys(pr, lvl, far_run(a, level_windows(pr, lvl), causal, run), lid);
         }
     }
 

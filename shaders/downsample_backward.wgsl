@@ -9,6 +9,7 @@
 #import params
 #import geometry
 #import level_select
+#import sequences
 
 // Learned weights [keys | values | ...], each kind the levels' (d, p, w_l) concatenated,
 // params.weight_stride elements apart (the forward's layout).
@@ -21,16 +22,20 @@
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let d = params.d;
-    let n = params.n;
     let p = params.p;
-    let g = dispatch_workgroup(wg) * WG + lid;
-    // Over the K/V heads (grouped-query attention: dK~ already summed over each group).
-    if (g >= (params.batch_heads / params.kv_group) * n * d) {
+    let u = dispatch_workgroup(wg) * WG + lid;
+    // Over the K/V heads (grouped-query attention: dK~ already summed over each group) and
+    // their real tokens (each sequence's of a variable-length batch).
+    let at = locate(u / d, params.n, sec_tok(), query_heads() / params.kv_group);
+    if (at.x == 0xffffffffu) {
         return;
     }
-    let c = g % d;
-    let t = (g / d) % n;
-    let bh = g / (d * n); // a K/V head
+    let c = u % d;
+    let t = at.z;
+    // Problem of the K/V head's first query head: its K/V and coarse rows are this head's.
+    let kpr = problem(at.x * params.kv_group, at.y);
+    let n = kpr.n;
+    let g = (kpr.kv_row + t) * d + c;
     var gk = dk[g];
     var gv = dv[g];
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
@@ -38,7 +43,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let w = info.window;
         let s = sub_window_of(w, p, t);
         let a = s.x;
-        let rows = (bh * params.coarse_rows + info.row_offset + a * p) * d + c;
+        let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, a * p) * d + c;
         if (params.learned == 0u) {
             let j = s.y;
             let count = f32(sub_window_count(n, w, p, a, j));

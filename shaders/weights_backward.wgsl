@@ -5,27 +5,42 @@
 // atomics):  dWK_l[c,j,t] = sum_{bh, a} dK~[a*p+j, c] * K[a*w_l + t, c]  (a*w_l + t < n),
 // and, for the last d*p invocations, one per bias element (c, j):
 //   dbK_l[c,j] = sum_{bh, a} dK~[a*p+j, c];  likewise for V.
+// A variable-length batch sums over its sequences too (head by head, sequence by sequence).
 // CPU mirror: the `Downsample::Learned` branch of `cpu::backward::downsample_backward`.
 
 #import params
+#import geometry
 #import level_select
+#import problems
 
 @group(0) @binding(1) var<storage, read> k: array<f32>;                // (bh / kv_group, n, d)
 @group(0) @binding(2) var<storage, read> v: array<f32>;                // (bh / kv_group, n, d)
-@group(0) @binding(3) var<storage, read> dcoarse_k: array<f32>;        // (bh / kv_group, coarse_rows, d)
+// (bh / kv_group, coarse_rows, d) as f32 bits (u32 so the table words after them read exactly)
+@group(0) @binding(3) var<storage, read> dcoarse_k: array<u32>;
 @group(0) @binding(4) var<storage, read> dcoarse_v: array<f32>;        // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(5) var<storage, read_write> dwk: array<f32>;        // levels' (d, p, w_l), concatenated
 @group(0) @binding(6) var<storage, read_write> dwv: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dbk: array<f32>;        // levels' (d, p), concatenated
 @group(0) @binding(8) var<storage, read_write> dbv: array<f32>;
 
+// A variable-length batch's sequence table: copied after dK~ (all 8 storage bindings of
+// WebGPU's default limit are taken).
+fn seq_word(i: u32) -> u32 {
+    return dcoarse_k[params.table_at + i];
+}
+
+// Problems per K/V head: its sequences (1 for a batch of equal sequences).
+fn sequences_per_head() -> u32 {
+    return max(params.seqs, 1u);
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let info = params.levels[sel.level];
     let d = params.d;
     let p = params.p;
-    let n = params.n;
     let w = info.window;
+    let kv_heads = query_heads() / params.kv_group;
     let weights = d * p * w;
     let g = dispatch_workgroup(wg) * WG + lid;
     if (g >= weights + d * p) {
@@ -37,13 +52,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let c = g / (p * w);
         let j = (g / w) % p;
         let t = g % w;
-        for (var bh = 0u; bh < params.batch_heads / params.kv_group; bh++) {
-            let rows = (bh * params.coarse_rows + info.row_offset + j) * d + c;
-            let toks = bh * n * d + c;
-            for (var a = 0u; a * w + t < n; a++) {
-                let tok = toks + (a * w + t) * d;
-                sk += dcoarse_k[rows + a * p * d] * k[tok];
-                sv += dcoarse_v[rows + a * p * d] * v[tok];
+        for (var kh = 0u; kh < kv_heads; kh++) {
+            for (var s = 0u; s < sequences_per_head(); s++) {
+                let pr = problem(kh * params.kv_group, s);
+                let rows = coarse_row(pr.kv_crow, sel.level, s, j) * d + c;
+                let toks = pr.kv_row * d + c;
+                for (var a = 0u; a * w + t < pr.n; a++) {
+                    let tok = toks + (a * w + t) * d;
+                    sk += bitcast<f32>(dcoarse_k[rows + a * p * d]) * k[tok];
+                    sv += dcoarse_v[rows + a * p * d] * v[tok];
+                }
             }
         }
         dwk[info.weight_offset + g] = sk;
@@ -52,11 +70,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let e = g - weights;
         let c = e / p;
         let j = e % p;
-        for (var bh = 0u; bh < params.batch_heads / params.kv_group; bh++) {
-            let rows = (bh * params.coarse_rows + info.row_offset + j) * d + c;
-            for (var a = 0u; a < info.windows; a++) {
-                sk += dcoarse_k[rows + a * p * d];
-                sv += dcoarse_v[rows + a * p * d];
+        for (var kh = 0u; kh < kv_heads; kh++) {
+            for (var s = 0u; s < sequences_per_head(); s++) {
+                let pr = problem(kh * params.kv_group, s);
+                let rows = coarse_row(pr.kv_crow, sel.level, s, j) * d + c;
+                for (var a = 0u; a < level_windows(pr, sel.level); a++) {
+                    sk += bitcast<f32>(dcoarse_k[rows + a * p * d]);
+                    sv += dcoarse_v[rows + a * p * d];
+                }
             }
         }
         dbk[sel.level * d * p + e] = sk;

@@ -7,12 +7,12 @@ var<workgroup> tile_do: array<vec4<f32>, BK * D4>;
 var<workgroup> tile_lse: array<f32, BK>;
 var<workgroup> tile_delta: array<f32, BK>;
 
-// Stages query rows [start, start + count) of head `bh` (count <= BK), zero-padded to D4
-// vec4s per row; rows from count on keep stale data, which no consumer reads. Call in uniform
-// control flow.
-fn stage_queries(bh: u32, start: u32, count: u32, lid: u32) {
+// Stages query rows [start, start + count) of the problem whose token 0 is row q_row of Q, dO
+// and the stats (`Problem::q_row`; count <= BK), zero-padded to D4 vec4s per row; rows from
+// count on keep stale data, which no consumer reads. Call in uniform control flow.
+fn stage_queries(q_row: u32, start: u32, count: u32, lid: u32) {
     let d = params.d;
-    let head = bh * params.n * d;
+    let head = q_row * d;
     // Only the rows the consumers read (i < count): a short tile costs what it holds.
     for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
@@ -36,7 +36,7 @@ fn stage_queries(bh: u32, start: u32, count: u32, lid: u32) {
         var l = 0.0;
         var dl = 0.0;
         if (r < count) {
-            let row = bh * params.n + start + r;
+            let row = q_row + start + r;
             l = stats[2u * row];
             dl = stats[2u * row + 1u];
         }

@@ -2,15 +2,15 @@
 // the dQ pass, which walks the far lists run by run. (The forward gathers every level's far
 // list into one sequence instead: `far_field.wgsl`.)
 // CPU mirror: the `SeenKey::Coarse` keys of `cpu::gather::seen_keys`.
-// Needs from the importer: key_tiles, geometry; bindings coarse_k, coarse_v.
+// Needs from the importer: key_tiles, geometry, problems; bindings coarse_k, coarse_v.
 
 // Stages coarse rows [row0, row0 + count) of level index `lvl` (level l - 1), count <= BK,
-// of K/V head kv_bh, with each key's logit offset (coarse_key_bias). Call in uniform control
-// flow.
-fn stage_coarse_tile(kv_bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
+// of problem pr's K/V head and sequence, with each key's logit offset (coarse_key_bias).
+// Call in uniform control flow.
+fn stage_coarse_tile(pr: Problem, lvl: u32, row0: u32, count: u32, lid: u32) {
     let d = params.d;
     let info = params.levels[lvl];
-    let head = (kv_bh * params.coarse_rows + info.row_offset) * d;
+    let head = coarse_row(pr.kv_crow, lvl, pr.s, 0u) * d;
     // Only the rows the consumers read (r < count): a short tile costs what it holds.
     for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
@@ -33,6 +33,6 @@ fn stage_coarse_tile(kv_bh: u32, lvl: u32, row0: u32, count: u32, lid: u32) {
     for (var r = lid; r < count; r += WG) {
         let row = row0 + r;
         tile_bias[r] = coarse_key_bias(
-            sub_window_count(params.n, info.window, params.p, row / params.p, row % params.p));
+            sub_window_count(pr.n, info.window, params.p, row / params.p, row % params.p));
     }
 }

@@ -257,6 +257,7 @@ static BACKWARD_DELTA: PassDesc = PassDesc {
         bind(2, "dout", DOut, Read),
         bind(3, "lse", Lse, Read),
         bind(4, "stats", Stats, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: true,
 };
@@ -288,6 +289,7 @@ static BACKWARD_DKV_FINE: PassDesc = PassDesc {
         bind(5, "stats", Stats, Read),
         bind(6, "dk", DK, ReadWrite),
         bind(7, "dv", DV, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: true,
 };
@@ -303,6 +305,7 @@ static BACKWARD_DKV_COARSE: PassDesc = PassDesc {
         bind(5, "stats", Stats, Read),
         bind(6, "dcoarse_k", DCoarseK, ReadWrite),
         bind(7, "dcoarse_v", DCoarseV, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: true,
 };
@@ -316,6 +319,7 @@ static DOWNSAMPLE_BACKWARD: PassDesc = PassDesc {
         bind(3, "dcoarse_v", DCoarseV, Read),
         bind(4, "dk", DK, ReadWrite),
         bind(5, "dv", DV, ReadWrite),
+        SEQ_TABLE,
     ],
     level_select: true,
 };

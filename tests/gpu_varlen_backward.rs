@@ -1,0 +1,269 @@
+//! The backward of variable-length batches (`Sequences`, packed and padded) against the f64
+//! reference run sequence by sequence alone (`cpu::fma_backward_varlen`, itself checked
+//! against finite differences of the varlen forward), every gradient buffer poisoned with NaN
+//! before the run (padding rows too: the padded batch's last pass must zero them); fresh
+//! seeds (printed); the host API and a second run give the same bits.
+//!
+//! Tolerance: tests/gpu_backward.rs's, |gpu - ref| <= TOL (max(1, max|ref|) + |ref|) per tensor
+//! with TOL = 2e-4, for the same reasons: each sequence is an ordinary FMA backward (its own
+//! levels). A gradient that leaked across a sequence boundary or used another sequence's
+//! windows moves some element by >= 1e-2 of the scale.
+
+mod common;
+
+use common::{closeness, gpu, random_learned, read_buffer};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors};
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Queries, Sequences, Shape};
+use wgpu::util::DeviceExt;
+
+const TOL: f64 = 2e-4;
+
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+fn inputs(seed: u64, shape: Shape) -> Inputs {
+    let (len, kv_len) = (shape.elements(), shape.kv_elements());
+    Inputs {
+        q: normal_tensor(seed, len),
+        k: normal_tensor(seed ^ 0x9e37_79b9, kv_len),
+        v: normal_tensor(seed ^ 0x7f4a_7c15, kv_len),
+        dout: normal_tensor(seed ^ 0x2545_f491, len),
+    }
+}
+
+fn buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+fn nan(ctx: &GpuContext, label: &str, len: usize) -> wgpu::Buffer {
+    buffer(ctx, label, &vec![f32::NAN; len.max(4)])
+}
+
+/// Forward and backward of the batch through caller buffers, every output poisoned; the
+/// weight gradients of the levels the batch uses, split per level.
+fn gpu_gradients(
+    ctx: &GpuContext,
+    fma: &FmaAttention,
+    x: &Inputs,
+    shape: Shape,
+    seqs: &Sequences,
+) -> Gradients<f32> {
+    let (q, k, v) = (
+        buffer(ctx, "q", &x.q),
+        buffer(ctx, "k", &x.k),
+        buffer(ctx, "v", &x.v),
+    );
+    let (o, lse) = (
+        nan(ctx, "o", shape.elements()),
+        nan(ctx, "lse", shape.rows()),
+    );
+    let t = GpuTensors {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &o,
+        lse: Some(&lse),
+    };
+    fma.forward_varlen_buffers(t, shape, seqs).expect("forward");
+    let saved = fma.saved_from_buffers_varlen(t, shape, seqs).expect("saved");
+    let dout = buffer(ctx, "dout", &x.dout);
+    let (len, kv_len) = (shape.elements(), shape.kv_elements());
+    let (dq, dk, dv) = (
+        nan(ctx, "dq", len),
+        nan(ctx, "dk", kv_len),
+        nan(ctx, "dv", kv_len),
+    );
+    let plan = fma.backward_plan_sequences(shape, seqs).expect("plan");
+    let learned = matches!(fma.config().downsample, Downsample::Learned(_));
+    let wbufs = learned.then(|| {
+        [
+            nan(ctx, "dwk", plan.weight_elements),
+            nan(ctx, "dwv", plan.weight_elements),
+            nan(ctx, "dbk", plan.bias_elements),
+            nan(ctx, "dbv", plan.bias_elements),
+        ]
+    });
+    let g = GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: wbufs
+            .as_ref()
+            .map(|[wk, wv, bk, bv]| WeightGradTensors { wk, wv, bk, bv }),
+    };
+    fma.backward_buffers(&saved, &dout, g).expect("backward");
+    let read = |b: &wgpu::Buffer, len: usize| read_buffer(ctx, b)[..len].to_vec();
+    let weights = wbufs.as_ref().map(|[wk, wv, bk, bv]| {
+        let (wk, wv) = (
+            read(wk, plan.weight_elements),
+            read(wv, plan.weight_elements),
+        );
+        let (bk, bv) = (read(bk, plan.bias_elements), read(bv, plan.bias_elements));
+        let (d, p) = (shape.head_dim, fma.config().rank);
+        let (mut wo, mut bo) = (0, 0);
+        plan.forward
+            .levels
+            .levels
+            .iter()
+            .map(|lv| {
+                let (wl, bl) = (d * p * lv.window, d * p);
+                let g = multipole_attn::LevelGradients {
+                    wk: wk[wo..wo + wl].to_vec(),
+                    bk: bk[bo..bo + bl].to_vec(),
+                    wv: wv[wo..wo + wl].to_vec(),
+                    bv: bv[bo..bo + bl].to_vec(),
+                };
+                wo += wl;
+                bo += bl;
+                g
+            })
+            .collect()
+    });
+    Gradients {
+        dq: read(&dq, len),
+        dk: read(&dk, kv_len),
+        dv: read(&dv, kv_len),
+        weights,
+    }
+}
+
+/// Largest error of one tensor relative to its scale; asserts it is within TOL.
+fn compare(label: &str, name: &str, gpu: &[f32], reference: &[f64]) -> f64 {
+    let scale = reference.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    let c = closeness(gpu, reference, TOL * scale, TOL);
+    assert_eq!(
+        c.violations, 0,
+        "{label}: {name} {c:?} (scale {scale:.3e}, gpu {}, ref {})",
+        gpu[c.worst_index], reference[c.worst_index]
+    );
+    c.max_abs / scale
+}
+
+/// Checks every gradient of one batch against the reference, and that the host API gives
+/// the same bits as the buffers; returns the worst scaled error.
+fn check(ctx: &GpuContext, label: &str, x: &Inputs, shape: Shape, seqs: &Sequences, cfg: &FmaConfig) -> f64 {
+    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let g = gpu_gradients(ctx, &fma, x, shape, seqs);
+    let r = cpu::fma_backward_varlen(
+        (&widen(&x.q), &widen(&x.k), &widen(&x.v), &widen(&x.dout)),
+        shape,
+        seqs,
+        cfg,
+    )
+    .unwrap();
+    let mut worst = 0.0f64;
+    for (name, a, b) in [("dQ", &g.dq, &r.dq), ("dK", &g.dk, &r.dk), ("dV", &g.dv, &r.dv)] {
+        worst = worst.max(compare(label, name, a, b));
+    }
+    match (&g.weights, &r.weights) {
+        (Some(gw), Some(rw)) => {
+            assert!(rw.len() >= gw.len());
+            for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
+                for (name, x, y) in [
+                    ("k_w", &a.wk, &b.wk),
+                    ("k_b", &a.bk, &b.bk),
+                    ("v_w", &a.wv, &b.wv),
+                    ("v_b", &a.bv, &b.bv),
+                ] {
+                    worst = worst.max(compare(label, &format!("{name}{}", l + 1), x, y));
+                }
+            }
+        }
+        (None, None) => {}
+        _ => panic!("{label}: weight gradients on one side only"),
+    }
+    // The host API: the same bits (deterministic: no atomics, fixed summation order).
+    let (_, saved) = fma
+        .forward_train_varlen(&x.q, &x.k, &x.v, shape, seqs)
+        .expect("forward_train_varlen");
+    let host = fma.backward(&saved, &x.dout).expect("backward");
+    assert_eq!(host.dq, g.dq, "{label}: host dQ vs buffers");
+    assert_eq!(host.dk, g.dk, "{label}: host dK vs buffers");
+    assert_eq!(host.dv, g.dv, "{label}: host dV vs buffers");
+    worst
+}
+
+/// The awkward lengths 1, 7, 97 and 1025 in one pack, grouped-query heads, causal and not,
+/// Average and Learned.
+#[test]
+fn a_packed_backward_equals_each_sequence_alone() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let seqs = Sequences::packed(vec![1, 7, 97, 1025]).unwrap();
+    let (heads, kv_heads, d, m, p) = (2, 1, 16, 16, 2);
+    let shape = seqs.shape(heads, kv_heads, d);
+    let x = inputs(seed, shape);
+    let mut worst = 0.0f64;
+    for causal in [false, true] {
+        for learned in [false, true] {
+            let mut cfg = FmaConfig::new(m, p).causal(causal);
+            if learned {
+                cfg = cfg.downsample(Downsample::Learned(random_learned(seed, d, m, p, 1025)));
+            }
+            let label = format!("seed {seed} causal={causal} learned={learned}");
+            worst = worst.max(check(ctx, &label, &x, shape, &seqs, &cfg));
+        }
+    }
+    eprintln!("worst scaled error {worst:.2e}");
+}
+
+/// A padded batch (with an empty row and a full one): the reference's gradients, and 0 on
+/// every padding row (poisoned before the run).
+#[test]
+fn a_padded_backward_is_zero_on_the_padding() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let seqs = Sequences::padded(100, vec![100, 3, 0, 57]).unwrap();
+    let (heads, kv_heads, d, m, p) = (4, 2, 8, 8, 2);
+    let shape = seqs.shape(heads, kv_heads, d);
+    let x = inputs(seed, shape);
+    let cfg = FmaConfig::new(m, p)
+        .causal(true)
+        .downsample(Downsample::Learned(random_learned(seed, d, m, p, 100)));
+    let worst = check(ctx, &format!("seed {seed} padded"), &x, shape, &seqs, &cfg);
+    eprintln!("worst scaled error {worst:.2e}");
+}
+
+/// Ten thousand sequences of 1..9 tokens and one of 300 in one call (no per-sequence
+/// dispatch).
+#[test]
+fn ten_thousand_short_sequences_beside_a_long_one() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut lengths: Vec<usize> = (0..10_000).map(|i| 1 + (i * 7) % 9).collect();
+    lengths.insert(5000, 300);
+    let seqs = Sequences::packed(lengths).unwrap();
+    let shape = seqs.shape(1, 1, 4);
+    let x = inputs(seed, shape);
+    let cfg = FmaConfig::new(4, 1);
+    let worst = check(ctx, &format!("seed {seed} 10 001 sequences"), &x, shape, &seqs, &cfg);
+    eprintln!("worst scaled error {worst:.2e}");
+}
+
+/// What the varlen backward does not run is a typed error before any work.
+#[test]
+fn coarse_queries_have_no_varlen_backward() {
+    let Some(ctx) = gpu() else { return };
+    let seqs = Sequences::packed(vec![5, 9]).unwrap();
+    let shape = seqs.shape(1, 1, 8);
+    let fma = FmaAttention::new(ctx, FmaConfig::new(4, 2).queries(Queries::Coarse)).unwrap();
+    let x = inputs(1, shape);
+    let e = fma
+        .forward_train_varlen(&x.q, &x.k, &x.v, shape, &seqs)
+        .unwrap_err();
+    assert!(matches!(e, FmaError::InvalidConfig { what: "queries", .. }), "{e}");
+}
