@@ -5,9 +5,9 @@
 mod common;
 
 use common::random_learned;
-use multipole_attn::cpu::{fma_backward, widen};
+use multipole_attn::cpu::{fma_backward, fma_backward_varlen, widen};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Sequences, Shape};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{write_npy, NpzReader, NpzWriter};
 use std::collections::BTreeSet;
@@ -333,10 +333,71 @@ fn grouped_query_gradients_have_the_shape_of_k() {
     assert!(compare(&got, &want) <= 1e-12);
 }
 
+/// A packed batch (`--seqlens`) and a padded one (`--lengths`): the library's varlen
+/// reference gradients on the CPU path, the same within the GPU tolerance on the GPU path
+/// (when an adapter exists), and bad lengths are exit 2 naming them.
 #[test]
-fn grad_refuses_variable_length_batches_naming_what_exists() {
+fn variable_length_gradients_match_the_library() {
     let dir = Scratch::new("varlen");
-    write_inputs(&dir, &[20, 4], 5);
-    let out = cli(&grad_args(&dir, &["--block", "4", "--seqlens", "5,15"]));
-    assert_bad_input(&out, &["--seqlens", "no backward"]);
+    let x = write_inputs(&dir, &[20, 4], 5);
+    let seqs = Sequences::packed(vec![5, 15]).unwrap();
+    let cfg = FmaConfig::new(4, 1);
+    let g = fma_backward_varlen(
+        (&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), &widen(&x[3])),
+        Shape::new(1, 1, 20, 4),
+        &seqs,
+        &cfg,
+    )
+    .unwrap();
+    let want = vec![
+        ("dk".to_string(), vec![20, 4], g.dk),
+        ("dq".to_string(), vec![20, 4], g.dq),
+        ("dv".to_string(), vec![20, 4], g.dv),
+    ];
+    let base = ["--block", "4", "--rank", "1", "--seqlens", "5,15"];
+    let out = cli(&grad_args(&dir, &[&base[..], &["--reference"]].concat()));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(compare(&read_npz(&dir.path("G.npz")), &want) <= 1e-12);
+    let out = cli(&grad_args(&dir, &base));
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if ci || out.code != Some(1) || !out.stderr.contains("no GPU adapter found") {
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let err = compare(&read_npz(&dir.path("G.npz")), &want);
+        assert!(err <= 2e-4, "GPU varlen gradients: {err}");
+    }
+
+    // Padded: two rows of 10 with lengths 10 and 4; the padding's gradients are 0.
+    let x = write_inputs(&dir, &[2, 1, 10, 4], 6);
+    let padded = Sequences::padded(10, vec![10, 4]).unwrap();
+    let g = fma_backward_varlen(
+        (&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), &widen(&x[3])),
+        Shape::new(2, 1, 10, 4),
+        &padded,
+        &cfg,
+    )
+    .unwrap();
+    assert!(g.dq[(10 + 4) * 4..].iter().all(|&v| v == 0.0));
+    let dims = vec![2, 1, 10, 4];
+    let want = vec![
+        ("dk".to_string(), dims.clone(), g.dk),
+        ("dq".to_string(), dims.clone(), g.dq),
+        ("dv".to_string(), dims, g.dv),
+    ];
+    let out = cli(&grad_args(
+        &dir,
+        &[
+            "--block",
+            "4",
+            "--rank",
+            "1",
+            "--lengths",
+            "10,4",
+            "--reference",
+        ],
+    ));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(compare(&read_npz(&dir.path("G.npz")), &want) <= 1e-12);
+
+    let out = cli(&grad_args(&dir, &["--block", "4", "--lengths", "10,11"]));
+    assert_bad_input(&out, &["--lengths", "11"]);
 }

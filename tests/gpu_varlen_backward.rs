@@ -76,7 +76,9 @@ fn gpu_gradients(
         lse: Some(&lse),
     };
     fma.forward_varlen_buffers(t, shape, seqs).expect("forward");
-    let saved = fma.saved_from_buffers_varlen(t, shape, seqs).expect("saved");
+    let saved = fma
+        .saved_from_buffers_varlen(t, shape, seqs)
+        .expect("saved");
     let dout = buffer(ctx, "dout", &x.dout);
     let (len, kv_len) = (shape.elements(), shape.kv_elements());
     let (dq, dk, dv) = (
@@ -152,7 +154,14 @@ fn compare(label: &str, name: &str, gpu: &[f32], reference: &[f64]) -> f64 {
 
 /// Checks every gradient of one batch against the reference, and that the host API gives
 /// the same bits as the buffers; returns the worst scaled error.
-fn check(ctx: &GpuContext, label: &str, x: &Inputs, shape: Shape, seqs: &Sequences, cfg: &FmaConfig) -> f64 {
+fn check(
+    ctx: &GpuContext,
+    label: &str,
+    x: &Inputs,
+    shape: Shape,
+    seqs: &Sequences,
+    cfg: &FmaConfig,
+) -> f64 {
     let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let g = gpu_gradients(ctx, &fma, x, shape, seqs);
     let r = cpu::fma_backward_varlen(
@@ -163,7 +172,11 @@ fn check(ctx: &GpuContext, label: &str, x: &Inputs, shape: Shape, seqs: &Sequenc
     )
     .unwrap();
     let mut worst = 0.0f64;
-    for (name, a, b) in [("dQ", &g.dq, &r.dq), ("dK", &g.dk, &r.dk), ("dV", &g.dv, &r.dv)] {
+    for (name, a, b) in [
+        ("dQ", &g.dq, &r.dq),
+        ("dK", &g.dk, &r.dk),
+        ("dV", &g.dv, &r.dv),
+    ] {
         worst = worst.max(compare(label, name, a, b));
     }
     match (&g.weights, &r.weights) {
@@ -250,7 +263,14 @@ fn ten_thousand_short_sequences_beside_a_long_one() {
     let shape = seqs.shape(1, 1, 4);
     let x = inputs(seed, shape);
     let cfg = FmaConfig::new(4, 1);
-    let worst = check(ctx, &format!("seed {seed} 10 001 sequences"), &x, shape, &seqs, &cfg);
+    let worst = check(
+        ctx,
+        &format!("seed {seed} 10 001 sequences"),
+        &x,
+        shape,
+        &seqs,
+        &cfg,
+    );
     eprintln!("worst scaled error {worst:.2e}");
 }
 
@@ -265,5 +285,14 @@ fn coarse_queries_have_no_varlen_backward() {
     let e = fma
         .forward_train_varlen(&x.q, &x.k, &x.v, shape, &seqs)
         .unwrap_err();
-    assert!(matches!(e, FmaError::InvalidConfig { what: "queries", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            FmaError::InvalidConfig {
+                what: "queries",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

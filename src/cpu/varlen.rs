@@ -282,7 +282,12 @@ mod tests {
             out
         };
         let gp = fma_backward_varlen(
-            (&pad(&q, heads), &pad(&k, kv_heads), &pad(&v, kv_heads), &pad(&dout, heads)),
+            (
+                &pad(&q, heads),
+                &pad(&k, kv_heads),
+                &pad(&v, kv_heads),
+                &pad(&dout, heads),
+            ),
             qs,
             &padded,
             &cfg,

@@ -104,7 +104,9 @@ impl BackwardPlan {
         let forward = FmaPlan::new(shape, cfg, limits)?;
         let kv_bh = shape.kv_batch_heads() as u64;
         let work = Work {
-            fine_tiles: kv_bh * forward.levels.fine_blocks() as u64 * forward.tiles_per_block as u64,
+            fine_tiles: kv_bh
+                * forward.levels.fine_blocks() as u64
+                * forward.tiles_per_block as u64,
             level_windows: forward
                 .levels
                 .levels

@@ -94,8 +94,12 @@ mod tests {
         let cfg = FmaConfig::new(16, 2);
         let seqs = Sequences::packed(vec![64, 100]).unwrap();
         let plan = BackwardPlan::for_sequences(&seqs, 4, 2, 16, &cfg, &lavapipe()).unwrap();
-        let one = BackwardPlan::new(Shape::new(1, 4, 164, 16).with_kv_heads(2), &cfg, &lavapipe())
-            .unwrap();
+        let one = BackwardPlan::new(
+            Shape::new(1, 4, 164, 16).with_kv_heads(2),
+            &cfg,
+            &lavapipe(),
+        )
+        .unwrap();
         assert_eq!(plan.dkv_fine.workgroups, one.dkv_fine.workgroups);
         assert_eq!(plan.dq.workgroups, plan.forward.attention.workgroups);
         // Level 1 (windows of m = 16): 4 + 7 windows per K/V head; level 2 (32): 2 + 4.
@@ -104,7 +108,10 @@ mod tests {
         assert!(plan.pad.is_none());
         let padded = Sequences::padded(100, vec![64, 100]).unwrap();
         let plan = BackwardPlan::for_sequences(&padded, 4, 2, 16, &cfg, &lavapipe()).unwrap();
-        assert_eq!(plan.pad.unwrap().workgroups, (2 * 4 * 100usize).div_ceil(64) as u32);
+        assert_eq!(
+            plan.pad.unwrap().workgroups,
+            (2 * 4 * 100usize).div_ceil(64) as u32
+        );
         assert_eq!(plan.dispatches().last().unwrap().pass, Pass::PadGradients);
     }
 }

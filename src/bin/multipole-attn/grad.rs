@@ -1,15 +1,17 @@
 //! `multipole-attn grad`: load Q, K, V and dO, run FMA forward and backward (on the GPU or
 //! with the f64 CPU reference), write dQ, dK, dV and, in Learned mode, the gradients of every
 //! level's weights to an .npz named like the weights (`k_w1`, `k_b1`, `v_w1`, `v_b1`, ...).
+//! A variable-length batch (`--seqlens`, `--lengths`) is differentiated sequence by sequence
+//! (each its own FMA; 0 on padding rows; weight gradients summed over the sequences).
 
 use crate::args::GradArgs;
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor};
-use crate::run::{build_config, problem_shape};
+use crate::run::{build_config, problem_shape, sequences};
 use crate::tensor::{fmt_shape, Tensor};
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::levels::window;
-use multipole_attn::{cpu, FmaConfig, Gradients, Shape};
+use multipole_attn::{cpu, FmaConfig, Gradients, Sequences, Shape};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{NpzWriter, WritableElement, WriteNpzError};
 use std::fs::File;
@@ -34,13 +36,7 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     let v = read_tensor(&run.v, "V")?;
     let dout = read_tensor(&args.dout, "dO")?;
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
-    if run.seqlens.is_some() || run.lengths.is_some() {
-        return Err(CliError::Input(
-            "grad does not take --seqlens or --lengths yet: variable-length batches have a forward \
-             (`run`) but no backward"
-                .into(),
-        ));
-    }
+    let seqs = sequences(run, shape)?;
     if dout.shape != q.shape {
         return Err(CliError::Input(format!(
             "dO must have the shape of Q (and of O), but Q has shape {} and dO has shape {}",
@@ -61,10 +57,13 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     );
     if run.reference {
         let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
-        let g = cpu::fma_backward(&q, &k, &v, &dout, shape, &cfg)?;
+        let g = match &seqs {
+            None => cpu::fma_backward(&q, &k, &v, &dout, shape, &cfg)?,
+            Some(s) => cpu::fma_backward_varlen((&q, &k, &v, &dout), shape, s, &cfg)?,
+        };
         write_gradients(&run.out, (&x_shape, &kv_shape), shape, &cfg, g)
     } else {
-        let g = run_gpu(&cfg, q, k, v, dout, shape)?;
+        let g = run_gpu(&cfg, (q, k, v, dout), shape, seqs.as_ref())?;
         write_gradients(&run.out, (&x_shape, &kv_shape), shape, &cfg, g)
     }
 }
@@ -72,18 +71,19 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
 /// Forward (keeping what the backward needs) and backward on the GPU in f32.
 fn run_gpu(
     cfg: &FmaConfig,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    dout: Tensor,
+    (q, k, v, dout): (Tensor, Tensor, Tensor, Tensor),
     shape: Shape,
+    seqs: Option<&Sequences>,
 ) -> CliResult<Gradients<f32>> {
     let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
     let dout = dout.into_f32("dO")?;
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
     let fma = FmaAttention::new(&ctx, cfg.clone())?;
-    let (_, saved) = fma.forward_train(&q, &k, &v, shape)?;
+    let (_, saved) = match seqs {
+        None => fma.forward_train(&q, &k, &v, shape)?,
+        Some(s) => fma.forward_train_varlen(&q, &k, &v, shape, s)?,
+    };
     Ok(fma.backward(&saved, &dout)?)
 }
 

@@ -142,9 +142,7 @@ impl BackwardScratch {
             (at, at + t.words.len() as u64 * 4, t)
         });
         let with_table = |bytes: u64| table.map_or(bytes, |(_, end, _)| end.max(bytes));
-        let dcoarse_k = self
-            .dcoarse_k
-            .at_least(device, with_table(coarse), cap);
+        let dcoarse_k = self.dcoarse_k.at_least(device, with_table(coarse), cap);
         let stats = self
             .stats
             .at_least(device, with_table(plan.stats_bytes), cap);
