@@ -1,6 +1,7 @@
 // Backward, dK~ and dV~ of one level's coarse keys (algorithm.md §8), by gather: one workgroup
 // = up to PR coarse rows of one window b; it walks the queries whose far list holds b (the
-// static inverse of the far lists, `inverse_far_run` in geometry.wgsl), BK queries at a time.
+// static inverse of the far lists, `level_far_readers` in geometry.wgsl; 2D: the far list
+// itself, in geometry_grid.wgsl), BK queries at a time.
 // Per tile, phase A computes P and dS for every (row, query) pair into workgroup memory, and
 // phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
 // dK~_r = sum_i dS_ir q_i / sqrt(d), dV~_r = sum_i P_ir dO_i, in a fixed order, no atomics.
@@ -70,15 +71,19 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
     }
 }
 
-// The queries of window `a` at this level (window size w).
+// The queries of window `a` at this level (window size w; 2D: cell a of side w, a run per
+// grid row).
 fn window_queries(bh: u32, a: u32, w: u32, nrows: u32, lid: u32) {
-    let queries = window_range(params.n, w, a);
-    for (var i0 = queries.x; i0 < queries.y; i0 += BK) {
-        let count = min(BK, queries.y - i0);
-        workgroupBarrier();
-        stage_queries(bh, i0, count, lid);
-        workgroupBarrier();
-        consume_queries(count, nrows, lid);
+    let cols = params.grid_w;
+    for (var run = 0u; run < group_runs(params.n, w, cols, a); run++) {
+        let queries = group_run(params.n, w, cols, a, run);
+        for (var i0 = queries.x; i0 < queries.y; i0 += BK) {
+            let count = min(BK, queries.y - i0);
+            workgroupBarrier();
+            stage_queries(bh, i0, count, lid);
+            workgroupBarrier();
+            consume_queries(count, nrows, lid);
+        }
     }
 }
 
@@ -124,7 +129,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var r = lid; r < PR; r += WG) {
         var bias = ABSENT;
         if (r < nrows) {
-            bias = coarse_key_bias(sub_window_count(params.n, w, p, b, j0 + r));
+            bias = coarse_key_bias(row_count(params.n, w, p, params.grid_w, b * p + j0 + r));
         }
         rows_bias[r] = bias;
     }
@@ -137,7 +142,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let causal = params.causal != 0u;
     for (var bh = kv_bh * params.kv_group; bh < (kv_bh + 1u) * params.kv_group; bh++) {
         for (var run = 0u; run < FAR_RUNS; run++) {
-            let readers = inverse_far_run(b, info.windows, causal, run);
+            let readers = level_far_readers(params.n, params.m, params.grid_w, sel.level, b,
+                                            info.windows, causal, run);
             for (var a = readers.x; a < readers.y; a++) {
                 window_queries(bh, a, w, nrows, lid);
             }
