@@ -71,19 +71,71 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
     }
 }
 
-// The queries of window `a` at this level (window size w; 2D: cell a of side w, a run per
-// grid row).
-fn window_queries(bh: u32, a: u32, w: u32, nrows: u32, lid: u32) {
+// The queries whose far list holds group b of level index `lvl` (group size w), gathered into
+// one sequence: the reader groups in run order (level_far_readers), each group's tokens in
+// order (1D: a window's tokens; 2D: a cell's in raster order, s_l runs of s_l tokens). Staged
+// BK at a time across groups, so a tile is full even when a group's rows are short (2D cells
+// of side 2 would otherwise stage 2 queries per barrier). Each dK~/dV~ sum still runs over the
+// queries in this order, so the tiling does not change a bit.
+fn reader_total(b: u32, lvl: u32, windows: u32, w: u32, causal: bool) -> u32 {
+    let n = params.n;
     let cols = params.grid_w;
-    for (var run = 0u; run < group_runs(params.n, w, cols, a); run++) {
-        let queries = group_run(params.n, w, cols, a, run);
-        for (var i0 = queries.x; i0 < queries.y; i0 += BK) {
-            let count = min(BK, queries.y - i0);
-            workgroupBarrier();
-            stage_queries(bh, i0, count, lid);
-            workgroupBarrier();
-            consume_queries(count, nrows, lid);
+    var total = 0u;
+    for (var run = 0u; run < FAR_RUNS; run++) {
+        let readers = level_far_readers(n, params.m, cols, lvl, b, windows, causal, run);
+        for (var a = readers.x; a < readers.y; a++) {
+            total += group_taps(n, w, cols, a);
         }
+    }
+    return total;
+}
+
+// The g-th query (< reader_total) of that sequence.
+fn reader_token(b: u32, lvl: u32, windows: u32, w: u32, causal: bool, g: u32) -> u32 {
+    let n = params.n;
+    let cols = params.grid_w;
+    var rest = g;
+    for (var run = 0u; run < FAR_RUNS; run++) {
+        let readers = level_far_readers(n, params.m, cols, lvl, b, windows, causal, run);
+        for (var a = readers.x; a < readers.y; a++) {
+            let size = group_taps(n, w, cols, a);
+            if (rest < size) {
+                return group_tap(n, w, cols, a, rest).x;
+            }
+            rest -= size;
+        }
+    }
+    return 0u; // not reached for g < reader_total
+}
+
+// The token of each staged query row (stage_query_tokens).
+var<workgroup> query_token: array<u32, BK>;
+
+// Stages query rows query_token[0 .. count) of head bh (count <= BK) as `stage_queries`
+// (backward_queries.wgsl) stages consecutive rows. Call in uniform control flow.
+fn stage_query_tokens(bh: u32, count: u32, lid: u32) {
+    let d = params.d;
+    let head = bh * params.n * d;
+    for (var idx = lid; idx < count * D4; idx += WG) {
+        let r = idx / D4;
+        let c4 = idx % D4;
+        let base = head + query_token[r] * d;
+        var qq = vec4<f32>(0.0);
+        var gg = vec4<f32>(0.0);
+        for (var e = 0u; e < 4u; e++) {
+            let c = c4 * 4u + e;
+            if (c < d) {
+                qq[e] = q[base + c];
+                gg[e] = dout[base + c];
+            }
+        }
+        tile_q[idx] = qq;
+        tile_do[idx] = gg;
+    }
+    for (var r = lid; r < count; r += WG) {
+        let row = bh * params.n + query_token[r];
+        tile_lse[r] = stats[2u * row];
+        tile_delta[r] = stats[2u * row + 1u];
     }
 }
 
@@ -138,15 +190,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         dv_acc[o] = vec4<f32>(0.0);
     }
 
-    // Query windows whose far list holds b, in increasing order.
+    // The queries of the windows whose far list holds b, in increasing order.
     let causal = params.causal != 0u;
+    let total = reader_total(b, sel.level, info.windows, w, causal);
     for (var bh = kv_bh * params.kv_group; bh < (kv_bh + 1u) * params.kv_group; bh++) {
-        for (var run = 0u; run < FAR_RUNS; run++) {
-            let readers = level_far_readers(params.n, params.m, params.grid_w, sel.level, b,
-                                            info.windows, causal, run);
-            for (var a = readers.x; a < readers.y; a++) {
-                window_queries(bh, a, w, nrows, lid);
+        for (var g0 = 0u; g0 < total; g0 += BK) {
+            let count = min(BK, total - g0);
+            workgroupBarrier();
+            for (var r = lid; r < count; r += WG) {
+                query_token[r] = reader_token(b, sel.level, info.windows, w, causal, g0 + r);
             }
+            workgroupBarrier();
+            stage_query_tokens(bh, count, lid);
+            workgroupBarrier();
+            consume_queries(count, nrows, lid);
         }
     }
 

@@ -216,16 +216,6 @@ fn level_far_readers(n: u32, m: u32, cols: u32, lvl: u32, b: u32, groups: u32, c
     return inverse_far_run(b, groups, causal, run);
 }
 
-// Runs of consecutive tokens of group a at group size w: group_run(.., run) for run <
-// group_runs. Here one run, the window.
-fn group_runs(n: u32, w: u32, cols: u32, a: u32) -> u32 {
-    return 1u;
-}
-
-fn group_run(n: u32, w: u32, cols: u32, a: u32, run: u32) -> vec2<u32> {
-    return window_range(n, w, a);
-}
-
 // The kernel index (< kernel_len(w)) of token t within its group at group size w: t - a w.
 fn tap_of(n: u32, w: u32, cols: u32, t: u32) -> u32 {
     return t % w;

@@ -192,18 +192,6 @@ fn level_far_readers(n: u32, m: u32, cols: u32, lvl: u32, b: u32, groups: u32, c
     return level_far_run(n, m, cols, lvl, b, groups, causal, run);
 }
 
-// The tokens of cell a (side w): one run per grid row of the cell.
-fn group_runs(n: u32, w: u32, cols: u32, a: u32) -> u32 {
-    let b = cell_box(n, cols, w, a);
-    return b.y - b.x;
-}
-
-fn group_run(n: u32, w: u32, cols: u32, a: u32, run: u32) -> vec2<u32> {
-    let b = cell_box(n, cols, w, a);
-    let y = b.x + run;
-    return vec2<u32>(y * cols + b.z, y * cols + b.w);
-}
-
 // The kernel index dy w + dx of token t = (y, x) in its cell of side w.
 fn tap_of(n: u32, w: u32, cols: u32, t: u32) -> u32 {
     return ((t / cols) % w) * w + (t % cols) % w;

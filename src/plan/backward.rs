@@ -138,11 +138,11 @@ impl BackwardPlan {
             limits,
         )?;
         // Coarse dK~/dV~: PR rows (k~, v~ and a bias each) fixed, then per query its row
-        // pair plus P and dS for each of the PR rows.
+        // pair, its token (the queries are gathered) plus P and dS for each of the PR rows.
         let pr = coarse_rows_per_workgroup(wg, d4);
         let coarse_spec = Specialization {
             wg,
-            bk: query_tile(d, pr * (2 * d4 * 16 + 4), 2 * d4 * 16 + 8 + 8 * pr, limits)?,
+            bk: query_tile(d, pr * (2 * d4 * 16 + 4), 2 * d4 * 16 + 12 + 8 * pr, limits)?,
             d4,
             grid,
         };
@@ -307,7 +307,7 @@ mod tests {
                 let pr = coarse_rows_per_workgroup(c.wg, c.d4);
                 fits(
                     c,
-                    pr * (2 * d4 * 16 + 4) + c.bk * (2 * d4 * 16 + 8 + 8 * pr),
+                    pr * (2 * d4 * 16 + 4) + c.bk * (2 * d4 * 16 + 12 + 8 * pr),
                     &limits,
                 );
                 assert!(pr * c.d4 <= c.wg.max(c.d4));
