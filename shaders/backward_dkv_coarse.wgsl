@@ -37,9 +37,10 @@ var<workgroup> pair_ds: array<f32, PR * BK>;        // dS of the same pair
 var<private> dk_acc: array<vec4<f32>, OUTS>;
 var<private> dv_acc: array<vec4<f32>, OUTS>;
 
-// Phase A then phase B for `count` staged queries (call in uniform control flow).
+// Phase A then phase B for `count` staged queries (call in uniform control flow). Only the
+// nrows real rows: with p < PR (p = 2, d = 8: 2 of 32) the rest would be most of the work.
 fn consume_queries(count: u32, nrows: u32, lid: u32) {
-    for (var idx = lid; idx < PR * BK; idx += WG) {
+    for (var idx = lid; idx < nrows * BK; idx += WG) {
         let r = idx / BK;
         let i = idx % BK;
         var pr = 0.0;
@@ -60,7 +61,7 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
     workgroupBarrier();
     for (var o = 0u; o < OUTS; o++) {
         let idx = lid + o * WG;
-        if (idx < PR * D4) {
+        if (idx < nrows * D4) {
             let r = idx / D4;
             let c4 = idx % D4;
             for (var i = 0u; i < count; i++) {
