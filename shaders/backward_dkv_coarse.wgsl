@@ -1,6 +1,7 @@
 // Backward, dK~ and dV~ of one level's coarse keys (algorithm.md §8), by gather: one workgroup
 // = up to PR coarse rows of one window b; it walks the queries whose far list holds b (the
-// static inverse of the far lists, `inverse_far_run` in geometry.wgsl), BK queries at a time.
+// static inverse of the far lists, `level_far_readers` in geometry.wgsl; 2D: the far list
+// itself, in geometry_grid.wgsl), BK queries at a time.
 // Per tile, phase A computes P and dS for every (row, query) pair into workgroup memory, and
 // phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
 // dK~_r = sum_i dS_ir q_i / sqrt(d), dV~_r = sum_i P_ir dO_i, in a fixed order, no atomics.
@@ -37,9 +38,10 @@ var<workgroup> pair_ds: array<f32, PR * BK>;        // dS of the same pair
 var<private> dk_acc: array<vec4<f32>, OUTS>;
 var<private> dv_acc: array<vec4<f32>, OUTS>;
 
-// Phase A then phase B for `count` staged queries (call in uniform control flow).
+// Phase A then phase B for `count` staged queries (call in uniform control flow). Only the
+// nrows real rows: with p < PR (p = 2, d = 8: 2 of 32) the rest would be most of the work.
 fn consume_queries(count: u32, nrows: u32, lid: u32) {
-    for (var idx = lid; idx < PR * BK; idx += WG) {
+    for (var idx = lid; idx < nrows * BK; idx += WG) {
         let r = idx / BK;
         let i = idx % BK;
         var pr = 0.0;
@@ -60,7 +62,7 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
     workgroupBarrier();
     for (var o = 0u; o < OUTS; o++) {
         let idx = lid + o * WG;
-        if (idx < PR * D4) {
+        if (idx < nrows * D4) {
             let r = idx / D4;
             let c4 = idx % D4;
             for (var i = 0u; i < count; i++) {
@@ -71,16 +73,70 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
     }
 }
 
-// The queries of window `a` at this level (window size w) of the query problem whose token 0
-// is row q_row and whose sequence has n tokens.
-fn window_queries(q_row: u32, n: u32, a: u32, w: u32, nrows: u32, lid: u32) {
-    let queries = window_range(n, w, a);
-    for (var i0 = queries.x; i0 < queries.y; i0 += BK) {
-        let count = min(BK, queries.y - i0);
-        workgroupBarrier();
-        stage_queries(q_row, i0, count, lid);
-        workgroupBarrier();
-        consume_queries(count, nrows, lid);
+// The queries whose far list holds group b of level index `lvl` (group size w), gathered into
+// one sequence: the reader groups in run order (level_far_readers), each group's tokens in
+// order (1D: a window's tokens; 2D: a cell's in raster order, s_l runs of s_l tokens). Staged
+// BK at a time across groups, so a tile is full even when a group's rows are short (2D cells
+// of side 2 would otherwise stage 2 queries per barrier). Each dK~/dV~ sum still runs over the
+// queries in this order, so the tiling does not change a bit. n: the problem's tokens.
+fn reader_total(n: u32, b: u32, lvl: u32, windows: u32, w: u32, causal: bool) -> u32 {
+    let cols = params.grid_w;
+    var total = 0u;
+    for (var run = 0u; run < FAR_RUNS; run++) {
+        let readers = level_far_readers(n, params.m, cols, lvl, b, windows, causal, run);
+        for (var a = readers.x; a < readers.y; a++) {
+            total += group_taps(n, w, cols, a);
+        }
+    }
+    return total;
+}
+
+// The g-th query (< reader_total) of that sequence.
+fn reader_token(n: u32, b: u32, lvl: u32, windows: u32, w: u32, causal: bool, g: u32) -> u32 {
+    let cols = params.grid_w;
+    var rest = g;
+    for (var run = 0u; run < FAR_RUNS; run++) {
+        let readers = level_far_readers(n, params.m, cols, lvl, b, windows, causal, run);
+        for (var a = readers.x; a < readers.y; a++) {
+            let size = group_taps(n, w, cols, a);
+            if (rest < size) {
+                return group_tap(n, w, cols, a, rest).x;
+            }
+            rest -= size;
+        }
+    }
+    return 0u; // not reached for g < reader_total
+}
+
+// The token of each staged query row (stage_query_tokens).
+var<workgroup> query_token: array<u32, BK>;
+
+// Stages query rows query_token[0 .. count) of the problem whose token 0 is row q_row
+// (count <= BK) as `stage_queries` (backward_queries.wgsl) stages consecutive rows. Call in
+// uniform control flow.
+fn stage_query_tokens(q_row: u32, count: u32, lid: u32) {
+    let d = params.d;
+    let head = q_row * d;
+    for (var idx = lid; idx < count * D4; idx += WG) {
+        let r = idx / D4;
+        let c4 = idx % D4;
+        let base = head + query_token[r] * d;
+        var qq = vec4<f32>(0.0);
+        var gg = vec4<f32>(0.0);
+        for (var e = 0u; e < 4u; e++) {
+            let c = c4 * 4u + e;
+            if (c < d) {
+                qq[e] = q[base + c];
+                gg[e] = dout[base + c];
+            }
+        }
+        tile_q[idx] = qq;
+        tile_do[idx] = gg;
+    }
+    for (var r = lid; r < count; r += WG) {
+        let row = q_row + query_token[r];
+        tile_lse[r] = stats[2u * row];
+        tile_delta[r] = stats[2u * row + 1u];
     }
 }
 
@@ -104,6 +160,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Problem of the group's first query head: its coarse rows are this K/V head's.
     let kpr = problem(kv_h * params.kv_group, at.y);
     let n = kpr.n;
+    // The level's windows in this sequence (2D: ignored, the cells follow from n and W).
     let windows = level_windows(kpr, sel.level);
     let b = at.z / p;
     let j0 = (wid % chunks) * PR;
@@ -132,7 +189,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var r = lid; r < PR; r += WG) {
         var bias = ABSENT;
         if (r < nrows) {
-            bias = coarse_key_bias(sub_window_count(n, w, p, b, j0 + r));
+            bias = coarse_key_bias(row_count(n, w, p, params.grid_w, b * p + j0 + r));
         }
         rows_bias[r] = bias;
     }
@@ -141,15 +198,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         dv_acc[o] = vec4<f32>(0.0);
     }
 
-    // Query windows whose far list holds b, in increasing order.
+    // The queries of the windows whose far list holds b, in increasing order.
     let causal = params.causal != 0u;
+    let total = reader_total(n, b, sel.level, windows, w, causal);
     for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
         let q_row = problem(bh, at.y).q_row;
-        for (var run = 0u; run < FAR_RUNS; run++) {
-            let readers = inverse_far_run(b, windows, causal, run);
-            for (var a = readers.x; a < readers.y; a++) {
-                window_queries(q_row, n, a, w, nrows, lid);
+        for (var g0 = 0u; g0 < total; g0 += BK) {
+            let count = min(BK, total - g0);
+            workgroupBarrier();
+            for (var r = lid; r < count; r += WG) {
+                query_token[r] = reader_token(n, b, sel.level, windows, w, causal, g0 + r);
             }
+            workgroupBarrier();
+            stage_query_tokens(q_row, count, lid);
+            workgroupBarrier();
+            consume_queries(count, nrows, lid);
         }
     }
 

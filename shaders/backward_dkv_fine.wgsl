@@ -1,6 +1,7 @@
 // Backward, dK and dV of the fine keys' near-field use (algorithm.md §8), by gather: one
 // workgroup = a tile of up to WG keys of one fine block b; it walks the queries that read
-// block b at level 0 (`near_queries` in geometry.wgsl; causal: only queries i >= t),
+// block b at level 0 (`near_query_run` in geometry.wgsl, 2D: the 3 x 3 cells around b in
+// geometry_grid.wgsl; causal: only queries i >= t),
 // staged BK at a time, and with P recomputed from the saved LSE accumulates in registers
 // dK_t = sum_i P_it (dO_i . v_t - D_i) q_i / sqrt(d) and dV_t = sum_i P_it dO_i.
 // No float atomics, no scatter: each key's sums run in one invocation in a fixed order.
@@ -51,10 +52,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let wid = dispatch_workgroup(wg);
     let m = params.m;
     let d = params.d;
-    // One workgroup per tile of a K/V head's keys (the forward's tiles, of each sequence of a
-    // variable-length batch); grouped-query heads sum the gradients of the kv_group query
-    // heads that read it, in head order (deterministic, no atomics).
-    let tiles = window_count(params.n, m) * params.tiles_per_block;
+    let cols = params.grid_w;
+    // One workgroup per tile of a K/V head's keys: the key blocks (fine blocks; 2D: fine
+    // cells) of its sequence, or of each sequence of a variable-length batch (problems.wgsl);
+    // grouped-query heads sum the gradients of the kv_group query heads that read it, in head
+    // order (deterministic, no atomics).
+    let tiles = chunk_blocks(0u, params.n, m, cols).y * params.tiles_per_block;
     let at = locate(wid, tiles, sec_tile(), query_heads() / params.kv_group);
     if (at.x == 0xffffffffu) {
         return; // uniform over the workgroup
@@ -65,11 +68,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = kpr.n;
     let tile = at.z;
     let b = tile / params.tiles_per_block;
-    let block = window_range(n, m, b);
-    let t0 = block.x + (tile % params.tiles_per_block) * WG;
-    let t1 = min(t0 + WG, block.y);
-    let t = t0 + lid;
-    let in_tile = t < t1;
+    // Keys q0 .. q1 of the block (1D: tokens block start + q), this invocation's q0 + lid.
+    let q0 = (tile % params.tiles_per_block) * WG;
+    let q1 = min(q0 + WG, block_size(n, m, cols, b));
+    let t0 = block_token(n, m, cols, b, q0);
+    let t = block_token(n, m, cols, b, q0 + lid);
+    let in_tile = q0 + lid < q1;
     let head = kpr.kv_row * d;
     let causal = params.causal != 0u;
 
@@ -91,19 +95,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         dv_acc[c4] = vec4<f32>(0.0);
     }
 
-    // Queries reading block b at level 0; causal: from the tile's first key on (a query before
-    // t0 sees none of these keys), and each key only queries i >= t.
-    let readers = near_queries(n, m, b, causal);
-    let i_lo = select(readers.x, t0, causal);
+    // Queries reading block b at level 0, run by run; causal (1D): from the tile's first key on
+    // (a query before t0 sees none of these keys), and each key only queries i >= t.
     let first = select(0u, t, causal);
     for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
         let q_row = problem(bh, at.y).q_row;
-        for (var i0 = i_lo; i0 < readers.y; i0 += BK) {
-            let count = min(BK, readers.y - i0);
-            workgroupBarrier();
-            stage_queries(q_row, i0, count, lid);
-            workgroupBarrier();
-            consume_queries(i0, count, first);
+        for (var run = 0u; run < near_query_runs(n, m, cols, b); run++) {
+            let readers = near_query_run(n, m, cols, b, causal, run);
+            let i_lo = select(readers.x, t0, causal);
+            for (var i0 = i_lo; i0 < readers.y; i0 += BK) {
+                let count = min(BK, readers.y - i0);
+                workgroupBarrier();
+                stage_queries(q_row, i0, count, lid);
+                workgroupBarrier();
+                consume_queries(i0, count, first);
+            }
         }
     }
 

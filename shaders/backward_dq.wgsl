@@ -2,6 +2,7 @@
 // queries of one fine block a0, sharing one gather list) walks the same key tiles (near-field
 // fine keys, then every level's far-list coarse keys) and, with P recomputed from the saved
 // LSE, accumulates dQ_i = sum_j P_ij (dO_i . v_j - D_i) k_j / sqrt(d) in registers.
+// 1D and 2D through the geometry interface (geometry.wgsl, geometry_grid.wgsl).
 // CPU mirror: the dQ sum in `cpu::backward::fma_backward`.
 
 #import params
@@ -74,9 +75,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let wid = dispatch_workgroup(wg);
     let m = params.m;
     let d = params.d;
-    // The forward's tiles: of every query head's sequence, or of each sequence of a
-    // variable-length batch (problems.wgsl).
-    let tiles = window_count(params.n, m) * params.tiles_per_block;
+    let cols = params.grid_w;
+    // The forward's tiles: the query blocks (fine blocks; 2D: fine cells) of every query
+    // head's sequence, or of each sequence of a variable-length batch (problems.wgsl).
+    let tiles = chunk_blocks(0u, params.n, m, cols).y * params.tiles_per_block;
     let at = locate(wid, tiles, sec_tile(), query_heads());
     if (at.x == 0xffffffffu) {
         return; // uniform over the workgroup
@@ -85,11 +87,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n = pr.n;
     let tile = at.z;
     let a0 = tile / params.tiles_per_block;
-    let block = window_range(n, m, a0);
-    let i0 = block.x + (tile % params.tiles_per_block) * WG;
-    let i1 = min(i0 + WG, block.y);
-    let i = i0 + lid;
-    let in_tile = i < i1;
+    // Queries q0 .. q1 of the block (1D: tokens block start + q), this invocation's q0 + lid.
+    let q0 = (tile % params.tiles_per_block) * WG;
+    let q1 = min(q0 + WG, block_size(n, m, cols, a0));
+    let i = block_token(n, m, cols, a0, q0 + lid);
+    let in_tile = q0 + lid < q1;
+    // One past the tile's last query (1D: its causal key limit).
+    let i1 = block_token(n, m, cols, a0, q1 - 1u) + 1u;
     let head = pr.q_row * d;
     // The K/V head this query head reads (grouped-query attention).
     let kv_head = pr.kv_row * d;
@@ -119,25 +123,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     // Level 0, the forward's near field (causal: up to the tile's last query, then per row).
-    let near = near_keys(n, m, a0, causal);
-    let t_hi = select(near.y, i1, causal);
-    for (var t0 = near.x; t0 < t_hi; t0 += BK) {
-        let count = min(BK, t_hi - t0);
-        workgroupBarrier();
-        stage_fine_tile(kv_head, t0, count, lid);
-        workgroupBarrier();
-        var visible = count;
-        if (causal) {
-            visible = select(0u, i - t0 + 1u, i >= t0);
+    for (var run = 0u; run < near_runs(n, m, cols, a0); run++) {
+        let near = near_run(n, m, cols, a0, causal, run);
+        let t_hi = select(near.y, i1, causal);
+        for (var t0 = near.x; t0 < t_hi; t0 += BK) {
+            let count = min(BK, t_hi - t0);
+            workgroupBarrier();
+            stage_fine_tile(kv_head, t0, count, lid);
+            workgroupBarrier();
+            var visible = count;
+            if (causal) {
+                visible = select(0u, i - t0 + 1u, i >= t0);
+            }
+            consume_keys(count, visible);
         }
-        consume_keys(count, visible);
     }
 
     // Coarse levels, the forward's far lists, run by run.
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-        let a = block_window(a0, lvl);
+        let a = level_group(n, m, cols, a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
-            run_keys(pr, lvl, far_run(a, level_windows(pr, lvl), causal, run), lid);
+            let r = level_far_run(n, m, cols, lvl, a, level_windows(pr, lvl), causal, run);
+            run_keys(pr, lvl, r, lid);
         }
     }
 

@@ -1,8 +1,9 @@
 // Backward through the downsampling (algorithm.md §8): adds every level's coarse-key gradient
 // to the fine keys it was made from, by gather. One invocation per (head, token t, channel c);
-// for each level, t lies in exactly one window a = t / w_l, so
+// for each level, t lies in exactly one window a = t / w_l (2D: one cell), so
 //   Average: dK[t, c] += dK~[a*p + j, c] / |S(l,a,j)| for the sub-window j holding t;
-//   Learned: dK[t, c] += sum_j WK_l[c, j, t - a*w_l] * dK~[a*p + j, c];
+//   Learned: dK[t, c] += sum_j WK_l[c, j, t - a*w_l] * dK~[a*p + j, c]
+//   (2D: kernel index dy s_l + dx of t in its cell, `tap_of`);
 // likewise for V. Runs after the fine dK/dV pass, whose values it reads and completes.
 // CPU mirror: `cpu::backward::downsample_backward`.
 
@@ -11,8 +12,8 @@
 #import level_select
 #import sequences
 
-// Learned weights [keys | values | ...], each kind the levels' (d, p, w_l) concatenated,
-// params.weight_stride elements apart (the forward's layout).
+// Learned weights [keys | values | ...], each kind the levels' (d, p, w_l) (2D: (d, p, s_l,
+// s_l)) concatenated, params.weight_stride elements apart (the forward's layout).
 @group(0) @binding(1) var<storage, read> w_all: array<f32>;
 @group(0) @binding(2) var<storage, read> dcoarse_k: array<f32>;        // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(3) var<storage, read> dcoarse_v: array<f32>;        // (bh / kv_group, coarse_rows, d)
@@ -38,20 +39,23 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let g = (kpr.kv_row + t) * d + c;
     var gk = dk[g];
     var gv = dv[g];
+    let cols = params.grid_w;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let info = params.levels[lvl];
         let w = info.window;
-        let s = sub_window_of(w, p, t);
-        let a = s.x;
+        // The coarse row holding t (group a, basis row j), and t's kernel index in group a.
+        let row = row_of(n, w, p, cols, t);
+        let a = row / p;
         let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, a * p) * d + c;
         if (params.learned == 0u) {
-            let j = s.y;
-            let count = f32(sub_window_count(n, w, p, a, j));
+            let j = row % p;
+            let count = f32(row_count(n, w, p, cols, row));
             gk += dcoarse_k[rows + j * d] / count;
             gv += dcoarse_v[rows + j * d] / count;
         } else {
+            let tap = tap_of(n, w, cols, t);
             for (var j = 0u; j < p; j++) {
-                let widx = info.weight_offset + (c * p + j) * w + (t - a * w);
+                let widx = info.weight_offset + (c * p + j) * kernel_len(w) + tap;
                 gk += w_all[widx] * dcoarse_k[rows + j * d];
                 gv += w_all[params.weight_stride + widx] * dcoarse_v[rows + j * d];
             }

@@ -2,7 +2,8 @@
 // over the K/V heads (the weights are shared by heads; a K/V head's dK~ already sums its
 // group of query heads) by gather: one invocation per weight
 // element (c, j, t), looping over heads and windows in a fixed order (deterministic, no
-// atomics):  dWK_l[c,j,t] = sum_{bh, a} dK~[a*p+j, c] * K[a*w_l + t, c]  (a*w_l + t < n),
+// atomics):  dWK_l[c,j,t] = sum_{bh, a} dK~[a*p+j, c] * K[a*w_l + t, c]  (a*w_l + t < n;
+// 2D: t = dy s_l + dx of the s_l x s_l kernel, the token at that offset in cell a, `tap_token`),
 // and, for the last d*p invocations, one per bias element (c, j):
 //   dbK_l[c,j] = sum_{bh, a} dK~[a*p+j, c];  likewise for V.
 // A variable-length batch sums over its sequences too (head by head, sequence by sequence).
@@ -18,7 +19,7 @@
 // (bh / kv_group, coarse_rows, d) as f32 bits (u32 so the table words after them read exactly)
 @group(0) @binding(3) var<storage, read> dcoarse_k: array<u32>;
 @group(0) @binding(4) var<storage, read> dcoarse_v: array<f32>;        // (bh / kv_group, coarse_rows, d)
-@group(0) @binding(5) var<storage, read_write> dwk: array<f32>;        // levels' (d, p, w_l), concatenated
+@group(0) @binding(5) var<storage, read_write> dwk: array<f32>;        // levels' (d, p, w_l) (2D: (d, p, s_l, s_l)), concatenated
 @group(0) @binding(6) var<storage, read_write> dwv: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dbk: array<f32>;        // levels' (d, p), concatenated
 @group(0) @binding(8) var<storage, read_write> dbv: array<f32>;
@@ -41,7 +42,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let p = params.p;
     let w = info.window;
     let kv_heads = query_heads() / params.kv_group;
-    let weights = d * p * w;
+    let cols = params.grid_w;
+    let taps = kernel_len(w);
+    let weights = d * p * taps;
     let g = dispatch_workgroup(wg) * WG + lid;
     if (g >= weights + d * p) {
         return;
@@ -49,18 +52,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var sk = 0.0;
     var sv = 0.0;
     if (g < weights) {
-        let c = g / (p * w);
-        let j = (g / w) % p;
-        let t = g % w;
+        let c = g / (p * taps);
+        let j = (g / taps) % p;
+        let t = g % taps;
         for (var kh = 0u; kh < kv_heads; kh++) {
             for (var s = 0u; s < sequences_per_head(); s++) {
                 let pr = problem(kh * params.kv_group, s);
                 let rows = coarse_row(pr.kv_crow, sel.level, s, j) * d + c;
                 let toks = pr.kv_row * d + c;
-                for (var a = 0u; a * w + t < pr.n; a++) {
-                    let tok = toks + (a * w + t) * d;
-                    sk += bitcast<f32>(dcoarse_k[rows + a * p * d]) * k[tok];
-                    sv += dcoarse_v[rows + a * p * d] * v[tok];
+                // The windows (2D: cells) whose tap t lies on a token, in increasing order.
+                for (var a = 0u; a < level_windows(pr, sel.level); a++) {
+                    let token = tap_token(pr.n, w, cols, a, t);
+                    if (token != NO_TOKEN) {
+                        let tok = toks + token * d;
+                        sk += bitcast<f32>(dcoarse_k[rows + a * p * d]) * k[tok];
+                        sv += dcoarse_v[rows + a * p * d] * v[tok];
+                    }
                 }
             }
         }

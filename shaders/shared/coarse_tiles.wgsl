@@ -33,6 +33,6 @@ fn stage_coarse_tile(pr: Problem, lvl: u32, row0: u32, count: u32, lid: u32) {
     for (var r = lid; r < count; r += WG) {
         let row = row0 + r;
         tile_bias[r] = coarse_key_bias(
-            sub_window_count(pr.n, info.window, params.p, row / params.p, row % params.p));
+            row_count(pr.n, info.window, params.p, params.grid_w, row));
     }
 }

@@ -195,3 +195,36 @@ fn group_taps(n: u32, w: u32, cols: u32, a: u32) -> u32 {
 fn group_tap(n: u32, w: u32, cols: u32, a: u32, t: u32) -> vec2<u32> {
     return vec2<u32>(a * w + t, t);
 }
+
+// ---- The inverse maps of the backward passes (algorithm.md §8: gather, not scatter), the same
+// names and signatures in shared/geometry_grid.wgsl.
+
+// Runs of consecutive query tokens whose near field holds fine block b: near_query_run(..,
+// run) for run < near_query_runs. Here one run, near_queries.
+fn near_query_runs(n: u32, m: u32, cols: u32, b: u32) -> u32 {
+    return 1u;
+}
+
+fn near_query_run(n: u32, m: u32, cols: u32, b: u32, causal: bool, run: u32) -> vec2<u32> {
+    return near_queries(n, m, b, causal);
+}
+
+// Run `run` (< FAR_RUNS) of the groups at level index lvl whose far list holds group b:
+// inverse_far_run.
+fn level_far_readers(n: u32, m: u32, cols: u32, lvl: u32, b: u32, groups: u32, causal: bool,
+                     run: u32) -> vec2<u32> {
+    return inverse_far_run(b, groups, causal, run);
+}
+
+// The kernel index (< kernel_len(w)) of token t within its group at group size w: t - a w.
+fn tap_of(n: u32, w: u32, cols: u32, t: u32) -> u32 {
+    return t % w;
+}
+
+// The token at kernel index k of group a at group size w, or NO_TOKEN beyond the tokens.
+const NO_TOKEN: u32 = 0xffffffffu;
+
+fn tap_token(n: u32, w: u32, cols: u32, a: u32, k: u32) -> u32 {
+    let t = a * w + k;
+    return select(NO_TOKEN, t, t < n);
+}

@@ -172,3 +172,37 @@ fn group_tap(n: u32, w: u32, cols: u32, a: u32, t: u32) -> vec2<u32> {
     let dx = t % bw;
     return vec2<u32>((b.x + dy) * cols + b.z + dx, dy * w + dx);
 }
+
+// ---- The inverse maps of the backward passes. In 2D both relations are symmetric (cells'
+// Chebyshev distance: near <= 1; far > 1 with parents at <= 1), so each inverse is the map
+// itself; `geometry::grid` tests the symmetry on GridGeometry.
+
+// The query tokens whose near field holds fine cell b: the 3 x 3 cells around b.
+fn near_query_runs(n: u32, m: u32, cols: u32, b: u32) -> u32 {
+    return near_runs(n, m, cols, b);
+}
+
+fn near_query_run(n: u32, m: u32, cols: u32, b: u32, causal: bool, run: u32) -> vec2<u32> {
+    return near_run(n, m, cols, b, causal, run);
+}
+
+// The cells whose far list holds cell b: b's far list.
+fn level_far_readers(n: u32, m: u32, cols: u32, lvl: u32, b: u32, groups: u32, causal: bool,
+                     run: u32) -> vec2<u32> {
+    return level_far_run(n, m, cols, lvl, b, groups, causal, run);
+}
+
+// The kernel index dy w + dx of token t = (y, x) in its cell of side w.
+fn tap_of(n: u32, w: u32, cols: u32, t: u32) -> u32 {
+    return ((t / cols) % w) * w + (t % cols) % w;
+}
+
+// The token at kernel index k = dy w + dx of cell a, or NO_TOKEN beyond the grid.
+const NO_TOKEN: u32 = 0xffffffffu;
+
+fn tap_token(n: u32, w: u32, cols: u32, a: u32, k: u32) -> u32 {
+    let b = cell_box(n, cols, w, a);
+    let y = b.x + k / w;
+    let x = b.z + k % w;
+    return select(NO_TOKEN, y * cols + x, y < b.y && x < b.w);
+}

@@ -102,8 +102,12 @@ fn coarse_row(crow: u32, lvl: u32, s: u32, r: u32) -> u32 {
     return crow + params.levels[lvl].row_offset + seq_level_row(lvl, s) + r;
 }
 
-// Windows of level index lvl in the problem's sequence.
+// Windows of level index lvl in the problem's sequence (2D: its cells; a variable-length batch
+// is 1D only).
 fn level_windows(pr: Problem, lvl: u32) -> u32 {
+    if (params.seqs == 0u) {
+        return params.levels[lvl].windows;
+    }
     return window_count(pr.n, params.levels[lvl].window);
 }
 

@@ -344,6 +344,49 @@ mod tests {
         assert_eq!(g.far_cells(1, 0, 0).len(), 12);
     }
 
+    /// The GPU backward gathers with the inverse maps, and in 2D it takes each as the map
+    /// itself (`near_query_run` = `near_run`, `level_far_readers` = `level_far_run` in
+    /// geometry_grid.wgsl): key t is in the near field of query i if and only if i is in
+    /// t's, and cell b is in the far list of cell a if and only if a is in b's, on the awkward
+    /// grids of `geometry::cases` for every r and p.
+    #[test]
+    fn near_and_far_relations_are_symmetric() {
+        for (h, w) in [(1, 1), (7, 5), (33, 20), (45, 70), (64, 64)] {
+            for r in [1, 2, 4, 8] {
+                let g = GridGeometry::new(Grid::new(h, w), r, 1);
+                let n = g.tokens();
+                // sees[i * n + t]: query i sees key t at full resolution.
+                let mut sees = vec![false; n * n];
+                for i in 0..n {
+                    for t in g.fine_keys(i).into_iter().flatten() {
+                        assert!(!sees[i * n + t], "{h}x{w} r={r}: key {t} twice for {i}");
+                        sees[i * n + t] = true;
+                    }
+                }
+                for i in 0..n {
+                    for t in 0..i {
+                        assert_eq!(
+                            sees[i * n + t],
+                            sees[t * n + i],
+                            "{h}x{w} r={r}: near field of queries {i} and {t}"
+                        );
+                    }
+                }
+                for level in 1..=g.num_levels() {
+                    let (rows, cols) = g.cells(level);
+                    for a in 0..rows * cols {
+                        for b in g.far_cells(level, a / cols, a % cols) {
+                            assert!(
+                                g.far_cells(level, b / cols, b % cols).contains(&a),
+                                "{h}x{w} r={r} level {level}: {b} in far({a}), not {a} in far({b})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn bands_are_horizontal_runs_of_the_cell() {
         // 14 x 5 grid, r = 4, p = 2 (L = 1, 4 x 2 cells): cell (1, 1) covers rows 4..8, cols

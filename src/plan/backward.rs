@@ -1,5 +1,6 @@
 //! The scheduler of the backward pass (algorithm.md §8): (shape, config, adapter limits) -> the
-//! dispatches of one fine-query FMA backward. Pure arithmetic, unit-tested without a GPU;
+//! dispatches of one fine-query FMA backward, 1D or on a 2D grid (§9: the same passes, composed
+//! with the grid's index maps). Pure arithmetic, unit-tested without a GPU;
 //! `gpu/fma/backward.rs` executes it. Recording order (one submit):
 //!
 //! 1. the forward's downsample dispatches (coarse K~, V~ recomputed, not stored),
@@ -92,21 +93,12 @@ impl BackwardPlan {
     /// Plans the backward of FMA for `shape` and `cfg` under `limits`; every limit is checked
     /// here, before anything is recorded.
     pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
-        if let Some(grid) = cfg.grid {
-            return Err(FmaError::InvalidConfig {
-                what: "grid",
-                value: grid.to_string(),
-                allowed: "none: the GPU backward runs in 1D only (the 2D gradients are in the CPU \
-                          reference, cpu::fma_backward)"
-                    .into(),
-            });
-        }
+        // 2D (algorithm.md §9): the same passes through the grid's index maps (FmaPlan plans
+        // its levels and refuses what 2D does not run).
         let forward = FmaPlan::new(shape, cfg, limits)?;
         let kv_bh = shape.kv_batch_heads() as u64;
         let work = Work {
-            fine_tiles: kv_bh
-                * forward.levels.fine_blocks() as u64
-                * forward.tiles_per_block as u64,
+            fine_tiles: kv_bh * forward.query_blocks as u64 * forward.tiles_per_block as u64,
             level_windows: forward
                 .levels
                 .levels
@@ -134,6 +126,7 @@ impl BackwardPlan {
             });
         }
         let shape = forward.shape;
+        let grid = forward.grid.is_some();
         let (d, p) = (shape.head_dim, forward.levels.p);
         let stats_bytes = shape.rows() as u64 * 8;
         if stats_bytes > limits.max_binding.min(limits.max_buffer) {
@@ -146,19 +139,21 @@ impl BackwardPlan {
             });
         }
         let wg = BACKWARD_WG.min(limits.max_workgroup);
-        let elementwise = Specialization {
+        // delta reads no index map of the geometry; the other element-wise passes do.
+        let delta_spec = Specialization {
             wg,
             bk: 1,
             d4: 1,
             grid: false,
         };
+        let elementwise = Specialization { grid, ..delta_spec };
         let d4 = d.div_ceil(4) as u32;
 
         let delta = dispatch(
             Pass::BackwardDelta,
             None,
             (shape.rows() as u64).div_ceil(wg as u64),
-            elementwise,
+            delta_spec,
             limits,
         )?;
         // dQ stages the same key tiles as the forward: same workgroups, same specialisation.
@@ -183,13 +178,13 @@ impl BackwardPlan {
             limits,
         )?;
         // Coarse dK~/dV~: PR rows (k~, v~ and a bias each) fixed, then per query its row
-        // pair plus P and dS for each of the PR rows.
+        // pair, its token (the queries are gathered) plus P and dS for each of the PR rows.
         let pr = coarse_rows_per_workgroup(wg, d4);
         let coarse_spec = Specialization {
             wg,
-            bk: query_tile(d, pr * (2 * d4 * 16 + 4), 2 * d4 * 16 + 8 + 8 * pr, limits)?,
+            bk: query_tile(d, pr * (2 * d4 * 16 + 4), 2 * d4 * 16 + 12 + 8 * pr, limits)?,
             d4,
-            grid: false,
+            grid,
         };
         let chunks = (p as u64).div_ceil(pr as u64);
         let dkv_coarse = work
@@ -222,7 +217,13 @@ impl BackwardPlan {
         let (mut weight_elements, mut bias_elements) = (0usize, 0usize);
         if learned {
             for (i, lv) in forward.levels.levels.iter().enumerate() {
-                let threads = (d * p * (lv.window + 1)) as u64;
+                // Taps of the level's kernel: w_l (2D: s_l^2).
+                let taps = if grid {
+                    lv.window * lv.window
+                } else {
+                    lv.window
+                };
+                let threads = (d * p * (taps + 1)) as u64;
                 weights_backward.push(dispatch(
                     Pass::WeightsBackward,
                     Some(i as u32),
@@ -230,7 +231,7 @@ impl BackwardPlan {
                     elementwise,
                     limits,
                 )?);
-                weight_elements += d * p * lv.window;
+                weight_elements += d * p * taps;
                 bias_elements += d * p;
             }
         }
@@ -348,7 +349,7 @@ mod tests {
                 let pr = coarse_rows_per_workgroup(c.wg, c.d4);
                 fits(
                     c,
-                    pr * (2 * d4 * 16 + 4) + c.bk * (2 * d4 * 16 + 8 + 8 * pr),
+                    pr * (2 * d4 * 16 + 4) + c.bk * (2 * d4 * 16 + 12 + 8 * pr),
                     &limits,
                 );
                 assert!(pr * c.d4 <= c.wg.max(c.d4));

@@ -186,6 +186,11 @@ mod tests {
             Pass::FineAttention,
             Pass::CoarseAttention,
             Pass::UpsampleMerge,
+            Pass::BackwardDq,
+            Pass::BackwardDkvFine,
+            Pass::BackwardDkvCoarse,
+            Pass::DownsampleBackward,
+            Pass::WeightsBackward,
         ] {
             for &(wg, bk, d4) in &[(1, 1, 1), (64, 31, 16), (256, 8, 64)] {
                 let spec = Specialization {

@@ -65,9 +65,9 @@ impl Saved {
 
 /// Gradient buffers of the learned weights, every level the sequence uses concatenated in
 /// level order (the layout of the forward's weight buffers): `wk`, `wv` hold each level's
-/// (head_dim, p, w_l) gradient, `bk`, `bv` each level's (head_dim, p); f32, `STORAGE` usage.
-/// [`FmaAttention::backward_plan`] gives the element counts (`weight_elements`,
-/// `bias_elements`).
+/// (head_dim, p, w_l) gradient (2D grid: (head_dim, p, s_l, s_l)), `bk`, `bv` each level's
+/// (head_dim, p); f32, `STORAGE` usage. [`FmaAttention::backward_plan`] gives the element
+/// counts (`weight_elements`, `bias_elements`).
 #[derive(Clone, Copy, Debug)]
 pub struct WeightGradTensors<'a> {
     /// dWK of levels 1..=L, written.
@@ -374,8 +374,14 @@ impl FmaAttention {
                         if l > used {
                             return LevelGradients::zeros_like(lw);
                         }
+                        // Taps of level l's kernel: w_l (2D: s_l^2, weights (d, p, s_l, s_l)).
                         let win = window(m, l);
-                        let (wl, bl) = (d * p * win, d * p);
+                        let taps = if plan.forward.grid.is_some() {
+                            win * win
+                        } else {
+                            win
+                        };
+                        let (wl, bl) = (d * p * taps, d * p);
                         let g = LevelGradients {
                             wk: wk[woff..woff + wl].to_vec(),
                             bk: bk[boff..boff + bl].to_vec(),
