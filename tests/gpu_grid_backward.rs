@@ -206,8 +206,15 @@ fn check_backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) ->
     );
     let x = inputs(seed, shape);
     let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let t0 = std::time::Instant::now();
     let g = gpu_gradients(ctx, &fma, &x, shape);
+    let t1 = std::time::Instant::now();
     let r = reference(&x, shape, cfg);
+    eprintln!(
+        "{label}: gpu {:.2} s, reference {:.2} s",
+        (t1 - t0).as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
     let mut worst = 0.0f64;
     for (name, a, b) in [
         ("dQ", &g.dq, &r.dq),

@@ -334,6 +334,45 @@ mod tests {
     }
 
     #[test]
+    fn a_grid_plans_its_cells_and_square_kernels() {
+        // 45 x 70 tokens, cells 8 x 8 (FmaPlan's test): 54 fine cells, levels of 54, 15 and 6
+        // cells of sides 8, 16, 32.
+        let grid = crate::geometry::Grid::new(45, 70);
+        let w = LearnedWeights::box_init_grid_for(16, 8, 2, grid);
+        let cfg = FmaConfig::new(8, 2)
+            .grid(Some(grid))
+            .downsample(Downsample::Learned(w));
+        let shape = Shape::new(1, 3, 45 * 70, 16).with_kv_heads(1);
+        let plan = BackwardPlan::new(shape, &cfg, &lavapipe()).unwrap();
+        assert_eq!(plan.dq.workgroups, 3 * 54);
+        assert_eq!(plan.dkv_fine.workgroups, 54);
+        let cells: Vec<u32> = plan.dkv_coarse.iter().map(|d| d.workgroups).collect();
+        assert_eq!(cells, vec![54, 15, 6]);
+        // Kernels of s_l^2 taps: (d, p, s_l, s_l) per level.
+        assert_eq!(plan.weight_elements, 16 * 2 * (64 + 256 + 1024));
+        assert_eq!(plan.bias_elements, 16 * 2 * 3);
+        // Every pass that reads an index map is composed with the grid's; delta reads none.
+        for d in plan.dispatches() {
+            assert_eq!(d.spec.grid, d.pass != Pass::BackwardDelta, "{d:?}");
+        }
+        // Coarse queries have no backward in 2D either.
+        let coarse = FmaConfig::new(8, 2)
+            .grid(Some(grid))
+            .queries(Queries::Coarse);
+        let e = BackwardPlan::new(shape, &coarse, &lavapipe()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FmaError::InvalidConfig {
+                    what: "queries",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn tiles_fit_workgroup_memory_and_the_grid_limit() {
         let mut web = lavapipe();
         web.workgroup_storage = 16384;
