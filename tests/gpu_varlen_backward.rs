@@ -296,3 +296,22 @@ fn coarse_queries_have_no_varlen_backward() {
         "{e}"
     );
 }
+
+/// A batch whose tensors exceed one storage binding: its forward runs in groups, its backward
+/// does not split (as in 1D), so training on it is a typed error before any work, naming the
+/// limit.
+#[test]
+fn a_batch_over_one_binding_is_a_typed_error_for_training() {
+    if gpu().is_none() {
+        return;
+    }
+    let ctx = common::gpu_with_binding_limit(16 << 10);
+    let seqs = Sequences::packed(vec![300, 200]).unwrap();
+    let shape = seqs.shape(2, 1, 16); // Q: 500 x 2 x 16 f32 = 62.5 KiB
+    let fma = FmaAttention::new(&ctx, FmaConfig::new(16, 2)).unwrap();
+    let x = inputs(2, shape);
+    let e = fma
+        .forward_train_varlen(&x.q, &x.k, &x.v, shape, &seqs)
+        .unwrap_err();
+    assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+}
