@@ -292,6 +292,32 @@ fn grid_backward_matches_the_reference_on_awkward_grids() {
     );
 }
 
+/// Cells of more queries than a workgroup (r = 18: 324 queries, tiles_per_block = 2), with
+/// clipped cells whose last tile is partial or empty, in both modes.
+#[test]
+fn grid_backward_with_cells_over_one_workgroup() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let grid = Grid::new(40, 23);
+    let shape = Shape::new(1, 1, 40 * 23, 8);
+    let plan = FmaAttention::new(ctx, FmaConfig::new(18, 2).grid(Some(grid)))
+        .unwrap()
+        .backward_plan(shape)
+        .unwrap();
+    assert!(plan.forward.tiles_per_block > 1 && plan.forward.levels.count() == 1);
+    let mut worst = 0.0f64;
+    for learned in [false, true] {
+        let mut cfg = FmaConfig::new(18, 2).grid(Some(grid));
+        if learned {
+            let lw = random_grid_weights(seed, 8, 18, 2, grid);
+            cfg = cfg.downsample(Downsample::Learned(lw));
+        }
+        worst = worst.max(check_backward(ctx, seed, shape, &cfg));
+    }
+    eprintln!("worst scaled gradient error {worst:.2e}");
+}
+
 /// Two backward runs give the same bits (every gradient gathered by the invocation that owns
 /// it, in a fixed order, no float atomics), and the host API gives the bits of the buffer API.
 #[test]

@@ -355,6 +355,13 @@ mod tests {
         for d in plan.dispatches() {
             assert_eq!(d.spec.grid, d.pass != Pass::BackwardDelta, "{d:?}");
         }
+        // A grid whose tensors exceed one binding: a typed error (2D heads are never split).
+        let small = KernelLimits {
+            max_binding: 16 << 10,
+            ..lavapipe()
+        };
+        let e = BackwardPlan::new(shape, &cfg, &small).unwrap_err();
+        assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
         // Coarse queries have no backward in 2D either.
         let coarse = FmaConfig::new(8, 2)
             .grid(Some(grid))
