@@ -40,7 +40,8 @@ pub struct Options {
     pub n: usize,
     /// Head dimension d (1..=256).
     pub head_dim: usize,
-    /// Fine block size m (default 64; divisible by p).
+    /// Fine block size m (default 64; divisible by p). With `grid`: the cell side r (the
+    /// default 64 makes an image of at most 64 x 64 one cell, i.e. dense attention).
     #[serde(default = "default_m")]
     pub m: usize,
     /// Coarse rank p (default 2).

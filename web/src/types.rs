@@ -20,7 +20,9 @@ export interface FmaOptions {
   n: number;
   /** Head dimension d, 1..=256. */
   headDim: number;
-  /** Fine block size m (default 64; divisible by p). */
+  /** Fine block size m (default 64; divisible by p). With grid: the cell side r (cells r x r;
+   * 4 or 8 suit small images, and the default 64 makes an image of at most 64 x 64 one cell,
+   * i.e. dense attention). */
   m?: number;
   /** Coarse rank p (default 2). */
   p?: number;
