@@ -1,5 +1,5 @@
 //! A fixed conformance suite: FMA and dense attention on a given adapter against the f64 CPU
-//! reference, over shapes, masks, modes and the exactness property. `multipole-attn doctor`
+//! reference, over shapes, masks, modes, 2D grids and the exactness property. `multipole-attn doctor`
 //! runs it on every adapter found, so users can check their own GPU and driver.
 
 pub mod report;
@@ -10,7 +10,7 @@ use crate::closeness::closeness;
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::cpu::{self, widen};
 use crate::error::Result;
-use crate::geometry::{flatten_far_field, Line};
+use crate::geometry::{flatten_far_field, Grid, Line};
 use crate::gpu::{DenseAttention, FmaAttention, GpuContext};
 use crate::random::normal_tensor;
 use crate::shape::Shape;
@@ -25,7 +25,7 @@ pub const RTOL: f64 = 5e-5;
 /// What one case runs.
 #[derive(Clone, Debug)]
 pub enum Check {
-    /// FMA with this configuration against `cpu::fma_forward` (O and LSE).
+    /// FMA with this configuration against `cpu::fma_forward` (O and LSE; 2D with `cfg.grid`).
     Fma(FmaConfig),
     /// Dense attention (causal or not) against `cpu::dense_attention`.
     Dense(bool),
@@ -78,6 +78,28 @@ fn perturbed_weights(d: usize, m: usize, p: usize, n: usize, seed: u64) -> Learn
             (&mut lw.wv, 2, scale),
             (&mut lw.bk, 3, 0.1),
             (&mut lw.bv, 4, 0.1),
+        ] {
+            let noise = normal_tensor(seed + 10 * l as u64 + s, buf.len());
+            buf.iter_mut().zip(noise).for_each(|(x, e)| *x += amp * e);
+        }
+    }
+    w
+}
+
+/// 2D learned weights (algorithm.md §9: (d, p, s_l, s_l) per level) that differ from the box
+/// initialisation: N(0, 0.5 / s_l^2) on every kernel (queries' too, for coarse queries) and
+/// N(0, 0.1) on the biases, so a wrong tap index moves the result (deterministic).
+fn perturbed_grid_weights(d: usize, r: usize, p: usize, grid: Grid, seed: u64) -> LearnedWeights {
+    let mut w = LearnedWeights::box_init_grid_for(d, r, p, grid);
+    for (l, lw) in w.levels.iter_mut().enumerate() {
+        let taps = ((r << l) * (r << l)) as f32;
+        for (buf, s, amp) in [
+            (&mut lw.wk, 1, 0.5 / taps),
+            (&mut lw.wv, 2, 0.5 / taps),
+            (&mut lw.bk, 3, 0.1),
+            (&mut lw.bv, 4, 0.1),
+            (&mut lw.wq, 5, 0.5 / taps),
+            (&mut lw.bq, 6, 0.1),
         ] {
             let noise = normal_tensor(seed + 10 * l as u64 + s, buf.len());
             buf.iter_mut().zip(noise).for_each(|(x, e)| *x += amp * e);
@@ -174,6 +196,47 @@ pub fn suite() -> Vec<Case> {
             ),
             shape: split,
             check: Check::SplitDense(causal),
+        });
+    }
+    // 2D FMA (algorithm.md §9) on grids with clipped cells at the bottom and right edges and
+    // non-square levels: 7 x 5 with cells 2 x 2 (one coarse level), 33 x 20 with cells 4 x 4
+    // (three levels), fine and coarse queries, Average and Learned. Small, since the browser
+    // runs the suite on SwiftShader: 35 and 660 tokens, 2 heads.
+    for (i, (h, w, d, r, p, coarse, learned)) in [
+        (7, 5, 16, 2, 2, false, false),
+        (7, 5, 16, 2, 1, true, true),
+        (33, 20, 32, 4, 2, false, false),
+        (33, 20, 32, 4, 2, false, true),
+        (33, 20, 32, 4, 2, true, false),
+        (33, 20, 24, 4, 4, true, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let grid = Grid::new(h, w);
+        let mode = if learned {
+            Downsample::Learned(perturbed_grid_weights(d, r, p, grid, 100 + i as u64))
+        } else {
+            Downsample::Average
+        };
+        let queries = if coarse {
+            Queries::Coarse
+        } else {
+            Queries::Fine
+        };
+        cases.push(Case {
+            name: format!(
+                "fma grid {grid} d={d} r={r} p={p} {} queries {}",
+                if coarse { "coarse" } else { "fine" },
+                if learned { "learned" } else { "average" }
+            ),
+            shape: Shape::new(1, 2, h * w, d),
+            check: Check::Fma(
+                FmaConfig::new(r, p)
+                    .grid(Some(grid))
+                    .queries(queries)
+                    .downsample(mode),
+            ),
         });
     }
     for &(n, m, p, causal, row) in &[

@@ -5,6 +5,7 @@
 import init, { Gpu, makeInputs, compareOutputs, structure, levelMass } from "./pkg/multipole_attn_web.js";
 import { setupDecodePanel } from "./decode_panel.js";
 import { setupConformance } from "./conformance.js";
+import { setupGridView, setupGridRun } from "./grid_panel.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -397,6 +398,7 @@ async function main() {
   $("picture").addEventListener("click", pickQuery);
   window.addEventListener("resize", drawStructure);
   drawStructure();
+  setupGridView();
 
   if (!("gpu" in navigator)) {
     noWebGpu("navigator.gpu is missing (WebGPU is off, or the page is not served from a secure origin such as 127.0.0.1).");
@@ -420,6 +422,7 @@ async function main() {
     `${state.gpu.workgroupMemory / 1024} KiB workgroup memory`;
   $("run").disabled = false;
   setupDecodePanel(state.gpu);
+  setupGridRun(state.gpu);
   setupConformance(state.gpu, name);
   setState("ready", "Ready. Choose a configuration and press Run.");
 }

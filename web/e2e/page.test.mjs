@@ -205,3 +205,60 @@ test("the decoding panel generates tokens with FMA and dense", { timeout: RUN_TI
     await ctx.close();
   }
 });
+
+test("the 2D panel: clicking a pixel shows its cells, and 2D FMA runs against dense", { timeout: RUN_TIMEOUT_MS }, async () => {
+  const ctx = await browser(true);
+  try {
+    const page = await ctx.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(url);
+    assert.equal(await settled(page, 60_000), "ready");
+    await page.locator("#grid-view").scrollIntoViewIfNeeded();
+    // Click pixel (y, x) = (5, 20) of the default 32 x 32 grid.
+    const box = await page.locator("#grid-canvas").boundingBox();
+    await page.mouse.click(box.x + (20.5 / 32) * box.width, box.y + (5.5 / 32) * box.height);
+    const view = await page.$eval("#grid-view", (el) => ({ query: Number(el.dataset.query), keys: Number(el.dataset.keys) }));
+    assert.equal(view.query, 5 * 32 + 20);
+    // Cells 4 x 4, p = 2 on 32 x 32: the pixel's cell is (1, 5), its 3 x 3 fine cells are rows
+    // 0..12, columns 16..28 (144 keys), plus coarse keys of levels 1 and 2; far fewer than
+    // dense's 1024.
+    assert.ok(view.keys > 144 && view.keys < 1024 / 2, `keys ${view.keys}`);
+    const text = await page.textContent("#grid-text");
+    assert.match(text, /Pixel \(5, 20\) attends to \d+ keys: ■ 144 at full resolution/);
+    assert.match(text, /level 1: \d+ coarse keys \(cells 4 × 4\); ■ level 2: \d+ coarse keys \(cells 8 × 8\)/);
+    // Every level's colour is on the canvas: the near pixels and the far cells of levels 1, 2.
+    const colours = await page.$eval("#grid-canvas", (c) => {
+      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      const near = [0xd1, 0x49, 0x5b];
+      let nearPx = 0, shaded = 0;
+      for (let i = 0; i < d.length; i += 4) {
+        if (d[i] === near[0] && d[i + 1] === near[1] && d[i + 2] === near[2]) nearPx++;
+        else if (Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 40) shaded++;
+      }
+      return { nearPx, shaded };
+    });
+    assert.ok(colours.nearPx > 100 * 144 && colours.shaded > 1000, JSON.stringify(colours));
+
+    for (const queries of ["fine", "coarse"]) {
+      await page.selectOption("#grid-queries", queries);
+      await page.click("#grid-run");
+      await page.waitForFunction(() => !["idle", "running"].includes(document.getElementById("grid-view").dataset.state),
+        null, { timeout: RUN_TIMEOUT_MS, polling: 250 });
+      const state = await page.$eval("#grid-view", (el) => el.dataset.state);
+      const status = await page.textContent("#grid-status");
+      assert.equal(state, "done", `2D panel (${queries}): ${status}`);
+      const num = (id) => page.$eval(`#${id}`, (el) => Number(el.dataset.value));
+      const r = { fma: await num("grid-fma-ms"), dense: await num("grid-dense-ms"), err: await num("grid-error") };
+      console.log(`2D panel, ${queries} queries: FMA ${r.fma} ms, dense ${r.dense} ms, relative error ${r.err}; ${status}`);
+      assert.ok(r.fma > 0 && r.dense > 0 && Number.isFinite(r.fma) && Number.isFinite(r.dense), JSON.stringify(r));
+      // An approximation of dense attention: off by some percent, not 0 (then nothing was
+      // approximated) and not O(1) or NaN (a broken pass).
+      assert.ok(r.err > 1e-4 && r.err < 0.5, `relative error ${r.err}`);
+    }
+    await page.locator("#grid-view").screenshot({ path: join(RESULTS, "web-demo-grid.png") });
+    assert.deepEqual(errors, [], "no uncaught errors in the page");
+  } finally {
+    await ctx.close();
+  }
+});

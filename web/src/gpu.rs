@@ -83,7 +83,8 @@ impl Gpu {
 
     /// Fast Multipole Attention of `q`, `k`, `v` ((batch, heads, n, headDim) f32; K, V with
     /// `kvHeads` heads) on the GPU: resolves to O of Q's shape. With `seqlens`, every packed
-    /// sequence is its own FMA. Uploads, one submit, readback.
+    /// sequence is its own FMA; with `grid: [H, W]`, 2D FMA of every head's H x W image.
+    /// Uploads, one submit, readback.
     pub async fn fma(
         &self,
         q: Vec<f32>,
@@ -115,6 +116,11 @@ impl Gpu {
     ) -> Result<Vec<f32>, JsError> {
         let opts = Options::from_js(options)?;
         let shape = opts.shape()?;
+        if opts.grid.is_some() {
+            // Dense attention is the same on a grid, but a grid that does not fit n (or a
+            // causal grid) is refused as FMA refuses it.
+            opts.config()?;
+        }
         let dense = self.dense_for(opts.causal)?;
         let out = match opts.sequences()? {
             Some(seqs) => {

@@ -20,12 +20,23 @@
 //! Options (`opts`) are checked in Rust: unknown fields, non-integers and values the algorithm
 //! does not allow are errors. `queries` is `"fine"` (the default, O(n log n)) or `"coarse"`
 //! (O(n), bidirectional only: with `causal: true` it throws); see [`options::Queries`].
+//!
+//! 2D (images, algorithm.md §9): `grid: [H, W]` lays the n = H W tokens of every head on an
+//! H x W grid in raster order, with `m` the cell side r; `gridStructure(opts, t)` is what
+//! token t sees (its near cells and its far bands per level):
+//!
+//! ```js
+//! const img = { n: 32 * 32, headDim: 32, m: 4, p: 2, grid: [32, 32] };
+//! const o2 = await gpu.fma(x.q, x.k, x.v, img);        // throws if H W != n, p ∤ m or causal
+//! const view = gridStructure(img, 5 * 32 + 7);         // pixel (y, x) = (5, 7)
+//! ```
 #![warn(missing_docs)]
 
 pub mod compare;
 pub mod conformance;
 pub mod decode;
 pub mod gpu;
+pub mod grid_structure;
 pub mod inputs;
 pub mod options;
 pub mod structure;
@@ -34,6 +45,7 @@ pub mod types;
 pub use compare::{compare_outputs, Errors};
 pub use decode::{Decoded, Decoding};
 pub use gpu::Gpu;
+pub use grid_structure::{grid_structure, GridBand, GridLevel, GridStructure, Rect};
 pub use inputs::{make_inputs, Inputs};
 pub use options::{Options, Queries};
 pub use structure::{level_mass, structure, Band, LevelGeometry, Structure};

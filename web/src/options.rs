@@ -1,6 +1,6 @@
 //! The options object every JS call takes, checked and turned into the library's types.
 
-use multipole_attn::{FmaConfig, Sequences, Shape};
+use multipole_attn::{FmaConfig, FmaError, Grid, Sequences, Shape};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -19,8 +19,10 @@ pub enum Queries {
 
 /// A problem and an FMA configuration, as JS passes it:
 /// `{ batch?: 1, heads?: 1, kvHeads?: heads, n, headDim, m?: 64, p?: 2, causal?: false,
-/// queries?: "fine", seqlens?: [..] }`. Q and O are (batch, heads, n, headDim) f32, row-major; K and V
-/// (batch, kvHeads, n, headDim) (grouped-query attention when kvHeads < heads).
+/// queries?: "fine", seqlens?: [..], grid?: [H, W] }`. Q and O are (batch, heads, n, headDim)
+/// f32, row-major; K and V (batch, kvHeads, n, headDim) (grouped-query attention when
+/// kvHeads < heads). With `grid` the n = H W tokens of every head lie on an H x W image in
+/// raster order (token t = y W + x) and `m` is the cell side r (2D FMA, algorithm.md §9).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Options {
@@ -38,7 +40,8 @@ pub struct Options {
     pub n: usize,
     /// Head dimension d (1..=256).
     pub head_dim: usize,
-    /// Fine block size m (default 64; divisible by p).
+    /// Fine block size m (default 64; divisible by p). With `grid`: the cell side r (the
+    /// default 64 makes an image of at most 64 x 64 one cell, i.e. dense attention).
     #[serde(default = "default_m")]
     pub m: usize,
     /// Coarse rank p (default 2).
@@ -55,11 +58,15 @@ pub struct Options {
     /// sequence axis, each its own attention problem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seqlens: Option<Vec<usize>>,
+    /// `[H, W]`: the tokens lie on an H x W grid in raster order (2D FMA, algorithm.md §9):
+    /// H W must be `n`, `m` is the cell side r (p divides it), not causal, no `seqlens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<[usize; 2]>,
 }
 
 /// The JS names of the fields of [`Options`].
-const FIELDS: [&str; 10] = [
-    "batch", "heads", "kvHeads", "n", "headDim", "m", "p", "causal", "queries", "seqlens",
+const FIELDS: [&str; 11] = [
+    "batch", "heads", "kvHeads", "n", "headDim", "m", "p", "causal", "queries", "seqlens", "grid",
 ];
 
 fn one() -> usize {
@@ -110,19 +117,37 @@ impl Options {
         let Some(lens) = &self.seqlens else {
             return Ok(None);
         };
+        if let Some(grid) = self.grid_shape() {
+            // A packed batch is a batch of 1D sequences; the FMA plan refuses it too, but the
+            // dense path would run it and ignore the grid: refuse it here for both.
+            return Err(FmaError::InvalidConfig {
+                what: "grid",
+                value: grid.to_string(),
+                allowed: "none with seqlens: a variable-length batch is a batch of 1D sequences"
+                    .into(),
+            }
+            .into());
+        }
         let seqs = Sequences::packed(lens.clone())?;
         seqs.check(self.shape()?)?;
         Ok(Some(seqs))
     }
 
-    /// The FMA configuration (Average downsampling, count correction on), validated.
+    /// The 2D grid of `grid` (`None` in 1D), not yet checked against `n`.
+    pub fn grid_shape(&self) -> Option<Grid> {
+        self.grid.map(|[h, w]| Grid::new(h, w))
+    }
+
+    /// The FMA configuration (Average downsampling, count correction on), validated: with
+    /// `grid`, H W = n, p divides the cell side m and not causal (typed errors naming each).
     pub fn config(&self) -> Result<FmaConfig, JsError> {
         let cfg = match self.queries {
             Queries::Fine => FmaConfig::new(self.m, self.p).causal(self.causal),
             Queries::Coarse => FmaConfig::new(self.m, self.p)
                 .causal(self.causal)
                 .queries(multipole_attn::Queries::Coarse),
-        };
+        }
+        .grid(self.grid_shape());
         cfg.validate(self.head_dim, self.n)?;
         cfg.validate_values()?;
         Ok(cfg)

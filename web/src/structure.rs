@@ -59,9 +59,23 @@ pub struct Structure {
     pub keys: usize,
 }
 
+/// The 1D views have no 2D counterpart here (the 2D one is `gridStructure`): a grid is an error.
+fn refuse_grid(opts: &Options) -> Result<(), JsError> {
+    match opts.grid_shape() {
+        None => Ok(()),
+        Some(grid) => Err(FmaError::InvalidConfig {
+            what: "grid",
+            value: grid.to_string(),
+            allowed: "none: structure and levelMass are the 1D views (gridStructure is 2D)".into(),
+        }
+        .into()),
+    }
+}
+
 /// The bands query `query` sees for (n, m, p, causal) of `opts`.
 pub fn structure_of(opts: &Options, query: usize) -> Result<Structure, JsError> {
     opts.config()?;
+    refuse_grid(opts)?;
     if query >= opts.n {
         return Err(FmaError::ShapeMismatch {
             what: "query index".into(),
@@ -154,6 +168,7 @@ pub fn level_mass_of(
 ) -> Result<Mass, JsError> {
     let shape = opts.shape()?;
     let cfg = opts.config()?;
+    refuse_grid(opts)?;
     shape.check_len("Q", q.len())?;
     shape.check_kv_len("K", k.len())?;
     shape.check_kv_len("V", v.len())?;

@@ -20,7 +20,9 @@ export interface FmaOptions {
   n: number;
   /** Head dimension d, 1..=256. */
   headDim: number;
-  /** Fine block size m (default 64; divisible by p). */
+  /** Fine block size m (default 64; divisible by p). With grid: the cell side r (cells r x r;
+   * 4 or 8 suit small images, and the default 64 makes an image of at most 64 x 64 one cell,
+   * i.e. dense attention). */
   m?: number;
   /** Coarse rank p (default 2). */
   p?: number;
@@ -31,6 +33,9 @@ export interface FmaOptions {
   /** A packed variable-length batch: sequence lengths (each >= 1, summing to n, batch 1),
    * one after another along the sequence axis, each its own attention problem. */
   seqlens?: number[];
+  /** [H, W]: the n = H W tokens lie on an H x W grid in raster order (token y W + x), 2D FMA
+   * with m the cell side r (p divides it); H W must be n, not causal, no seqlens. */
+  grid?: [number, number];
 }
 
 /** What `Gpu.plan` returns: coarse levels and dispatches in the one submit. */
@@ -54,6 +59,26 @@ export interface Structure {
   query: number;
   levels: { level: number; window: number; windows: number; subWindow: number }[];
   bands: Band[];
+  keys: number;
+}
+
+/** Pixels [y0, y1) x [x0, x1) of a grid. */
+export interface Rect {
+  y0: number;
+  x0: number;
+  y1: number;
+  x1: number;
+}
+
+/** What `gridStructure` returns: the query's near pixels, and its coarse keys per level (band
+ * j of cell `cell`, row-major among the level's cells); together they cover the grid once. */
+export interface GridStructure {
+  h: number;
+  w: number;
+  query: number;
+  levels: { level: number; side: number; rows: number; cols: number }[];
+  near: Rect;
+  far: { level: number; cell: number; j: number; rect: Rect }[];
   keys: number;
 }
 

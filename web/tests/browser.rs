@@ -23,7 +23,8 @@ use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{FmaConfig, Shape};
 use multipole_attn_web::{
-    compare_outputs, make_inputs, structure, Gpu, Options, Queries, Structure,
+    compare_outputs, grid_structure, make_inputs, structure, Gpu, GridStructure, Options, Queries,
+    Structure,
 };
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_test::*;
@@ -56,6 +57,7 @@ fn opts(
         causal,
         queries: Queries::Fine,
         seqlens: None,
+        grid: None,
     }
 }
 
@@ -617,8 +619,222 @@ fn option_field_names_round_trip() {
         ["batch", "heads", "n", "headDim", "m", "p", "causal", "queries"]
     );
     assert_eq!(Options::from_js(js).unwrap(), o);
+    let two_d = Options::from_js(js_opts(r#"{"n": 35, "headDim": 4, "grid": [7, 5]}"#)).unwrap();
+    assert_eq!(two_d.grid, Some([7, 5]));
+    assert_eq!(Options::from_js(two_d.to_js().unwrap()).unwrap(), two_d);
     let defaults = Options::from_js(js_opts(r#"{"n": 5, "headDim": 4}"#)).unwrap();
     assert_eq!(defaults, opts(1, 1, 5, 4, 64, 2, false));
     let msg = message(Options::from_js(js_opts(r#"{"n": 5.5, "headDim": 4}"#)).unwrap_err());
     assert!(msg.starts_with("invalid options:"), "{msg}");
+}
+
+/// Options of a 2D problem: `heads` heads on an h x w grid, cells r x r, rank p.
+fn grid_opts(
+    heads: usize,
+    h: usize,
+    w: usize,
+    d: usize,
+    r: usize,
+    p: usize,
+    coarse: bool,
+) -> Options {
+    Options {
+        grid: Some([h, w]),
+        queries: if coarse {
+            Queries::Coarse
+        } else {
+            Queries::Fine
+        },
+        ..opts(1, heads, h * w, d, r, p, false)
+    }
+}
+
+/// 2D FMA (`grid: [H, W]`, algorithm.md §9) in the browser against the f64 CPU reference on
+/// awkward grids (partial cells at the bottom and right edges, non-square), fine and coarse
+/// queries: the library's forward into NaN-poisoned buffers (O and LSE, the tolerance above:
+/// the grid only changes which keys are gathered, at most 9 r^2 + 27 p L of them), and the
+/// JS-facing `fma` and `dense` with the same options.
+#[wasm_bindgen_test]
+async fn grid_fma_matches_the_cpu_reference() {
+    let g = gpu().await;
+    let ctx = g.context();
+    let seed = fresh_seed();
+    console_log!("seed {seed}");
+    // (heads, H, W, d, r, p, coarse): 7 x 5 with cells 2 x 2 (L = 1, clipped cells); 33 x 20
+    // with cells 4 x 4 (L = 3) both query resolutions, d not a multiple of 4 once.
+    let cases = [
+        (2, 7, 5, 16, 2, 2, false),
+        (1, 33, 20, 24, 4, 2, false),
+        (2, 33, 20, 13, 4, 4, true),
+        (1, 7, 5, 16, 2, 1, true),
+    ];
+    for (i, &(heads, h, w, d, r, p, coarse)) in cases.iter().enumerate() {
+        let o = grid_opts(heads, h, w, d, r, p, coarse);
+        let shape = o.shape().unwrap();
+        let cfg = o.config().unwrap();
+        assert_eq!(cfg.grid, Some(multipole_attn::Grid::new(h, w)));
+        let label = format!("seed {seed} case {i}: {o:?}");
+        let x = qkv(seed + i as u64, shape);
+        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+        let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+        fma.forward_buffers_async(bufs.tensors(), shape)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let out = read_back(ctx, &bufs.out).await;
+        let lse = read_back(ctx, &bufs.lse).await;
+        let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
+        let r = cpu::fma_forward(&q, &k, &v, shape, &cfg).unwrap();
+        let co = closeness(&out[..shape.elements()], &r.o, O_ATOL, O_RTOL);
+        let cl = closeness(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
+        console_log!(
+            "{label}: max |O - ref| {:.2e}, max |LSE - ref| {:.2e}",
+            co.max_abs,
+            cl.max_abs
+        );
+        assert_eq!(co.violations, 0, "{label}: O off by up to {}", co.max_abs);
+        assert_eq!(cl.violations, 0, "{label}: LSE off by up to {}", cl.max_abs);
+        // The 2D reference is not the 1D one of the same tokens: the grid was used.
+        let line = cpu::fma_forward(&q, &k, &v, shape, &cfg.clone().grid(None)).unwrap();
+        assert!(
+            closeness(&out[..shape.elements()], &line.o, O_ATOL, O_RTOL).violations > 0,
+            "{label}: 2D output equals 1D"
+        );
+        // The JS-facing calls with the same options object.
+        let got = g
+            .fma(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await
+            .unwrap();
+        let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
+        assert_eq!(
+            c.violations, 0,
+            "{label}: JS fma off by up to {}",
+            c.max_abs
+        );
+        let exact = g
+            .dense(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await
+            .unwrap();
+        let dr = cpu::dense_attention(&q, &k, &v, shape, false).unwrap();
+        let c = closeness(&exact, &dr.o, O_ATOL, O_RTOL);
+        assert_eq!(
+            c.violations, 0,
+            "{label}: JS dense off by up to {}",
+            c.max_abs
+        );
+    }
+}
+
+/// A bad `grid` is a thrown Error that says what is wrong: H W != n, p not dividing the cell
+/// side, causal, with seqlens, a zero side, a malformed value; the 1D views refuse a grid and
+/// the 2D view needs one.
+#[wasm_bindgen_test]
+async fn grid_option_errors_are_clear() {
+    let g = gpu().await;
+    let x = normal_tensor(4, 35 * 8);
+    let fma_err = |json: &str| {
+        let (g, x, o) = (&g, x.clone(), js_opts(json));
+        async move { message(g.fma(x.clone(), x.clone(), x, o).await.unwrap_err()) }
+    };
+    let m = fma_err(r#"{"n": 35, "headDim": 8, "m": 2, "p": 2, "grid": [6, 5]}"#).await;
+    assert!(
+        m.contains("grid")
+            && m.contains("H * W = the sequence length 35")
+            && m.contains("6x5 = 30"),
+        "{m}"
+    );
+    let m = fma_err(r#"{"n": 35, "headDim": 8, "m": 4, "p": 3, "grid": [7, 5]}"#).await;
+    assert!(m.contains("p divides the block size m = 4"), "{m}");
+    let m = fma_err(r#"{"n": 35, "headDim": 8, "m": 2, "causal": true, "grid": [7, 5]}"#).await;
+    assert!(m.contains("bidirectional"), "{m}");
+    let m = fma_err(r#"{"n": 35, "headDim": 8, "m": 2, "grid": [0, 5]}"#).await;
+    assert!(m.contains("H >= 1 and W >= 1"), "{m}");
+    let m =
+        fma_err(r#"{"n": 35, "headDim": 8, "m": 2, "grid": [7, 5], "seqlens": [20, 15]}"#).await;
+    assert!(m.contains("grid") && m.contains("seqlens"), "{m}");
+    let m = fma_err(r#"{"n": 35, "headDim": 8, "grid": [7]}"#).await;
+    assert!(m.starts_with("invalid options:"), "{m}");
+    // Dense refuses the same misfit grid.
+    let bad = js_opts(r#"{"n": 35, "headDim": 8, "m": 2, "grid": [5, 5]}"#);
+    let m = message(
+        g.dense(x.clone(), x.clone(), x.clone(), bad)
+            .await
+            .unwrap_err(),
+    );
+    assert!(m.contains("H * W = the sequence length 35"), "{m}");
+    let two_d = grid_opts(1, 7, 5, 8, 2, 2, false).to_js().unwrap();
+    let m = message(structure(two_d.clone(), 3).unwrap_err());
+    assert!(m.contains("gridStructure"), "{m}");
+    let m = message(grid_structure(two_d, 35).unwrap_err());
+    assert!(m.contains("query index"), "{m}");
+    let m =
+        message(grid_structure(opts(1, 1, 35, 8, 2, 2, false).to_js().unwrap(), 3).unwrap_err());
+    assert!(m.contains("[H, W]"), "{m}");
+    // The device still works.
+    let o = grid_opts(1, 7, 5, 8, 2, 2, false).to_js().unwrap();
+    let out = g.fma(x.clone(), x.clone(), x, o).await.unwrap();
+    assert!(out.iter().all(|v| v.is_finite()));
+}
+
+/// What `gridStructure` gives the page: the near rectangle and the far bands cover the grid
+/// exactly once, each band is s_l / p rows by s_l columns of a cell of side s_l = r 2^(l-1)
+/// (doubling per level, clipped only at the bottom and right edges), the near rectangle holds
+/// the query, and the key count is the CPU reference geometry's.
+#[wasm_bindgen_test]
+fn grid_structure_covers_the_grid_once() {
+    use multipole_attn::geometry::{Geometry, GridGeometry};
+    for &(h, w, r, p) in &[
+        (1, 1, 2, 1),
+        (7, 5, 2, 2),
+        (33, 20, 4, 2),
+        (32, 32, 4, 4),
+        (45, 70, 8, 2),
+    ] {
+        let o = grid_opts(1, h, w, 8, r, p, false);
+        let geometry = GridGeometry::new(multipole_attn::Grid::new(h, w), r, p);
+        for t in [0, h * w / 3, h * w / 2, h * w - 1] {
+            let js = grid_structure(o.to_js().unwrap(), t as u32).unwrap();
+            let s: GridStructure =
+                multipole_attn_web::grid_structure::grid_structure_of(&o, t).unwrap();
+            let far = js_sys::Reflect::get(&js, &"far".into()).unwrap();
+            assert_eq!(js_sys::Array::from(&far).length() as usize, s.far.len());
+            let label = format!("{h}x{w} r={r} p={p} query {t}");
+            let (y, x) = (t / w, t % w);
+            let n = &s.near;
+            assert!(
+                (n.y0..n.y1).contains(&y) && (n.x0..n.x1).contains(&x),
+                "{label}"
+            );
+            let mut cover = vec![0u32; h * w];
+            let mut paint = |rect: &multipole_attn_web::Rect| {
+                for yy in rect.y0..rect.y1 {
+                    for xx in rect.x0..rect.x1 {
+                        cover[yy * w + xx] += 1;
+                    }
+                }
+            };
+            paint(n);
+            assert_eq!(s.levels.len(), geometry.num_levels() + 1, "{label}");
+            for b in &s.far {
+                let side = r << (b.level - 1);
+                assert_eq!(s.levels[b.level].side, side, "{label}");
+                let rect = b.rect;
+                assert!(rect.y1 <= h && rect.x1 <= w, "{label} {b:?}");
+                assert!(
+                    rect.y1 - rect.y0 == side / p || rect.y1 == h,
+                    "{label} {b:?}"
+                );
+                assert!(rect.x1 - rect.x0 == side || rect.x1 == w, "{label} {b:?}");
+                assert_eq!(rect.y0 % (side / p), 0, "{label} {b:?}");
+                assert_eq!(rect.x0 % side, 0, "{label} {b:?}");
+                paint(&rect);
+            }
+            assert!(cover.iter().all(|&c| c == 1), "{label}: {cover:?}");
+            let fine: usize = geometry.fine_keys(t).iter().map(|k| k.len()).sum();
+            let coarse: usize = (1..=geometry.num_levels())
+                .map(|l| geometry.coarse_rows(t, l).len())
+                .sum();
+            assert_eq!(n.area(), fine, "{label}");
+            assert_eq!(s.keys, fine + coarse, "{label}");
+        }
+    }
 }
