@@ -50,8 +50,8 @@ pub struct Params {
     pub chunk_lo: u32,
     /// One past the last token the dispatch covers (n unless split).
     pub chunk_hi: u32,
-    /// Dense attention: the first key of the dispatch and first bound row of K and V (0
-    /// unless split).
+    /// Dense attention: the first key of the dispatch (0 unless its keys come in chunks,
+    /// `crate::plan::DensePlan::key_chunks`).
     pub key_lo: u32,
     /// Dense attention: one past the dispatch's last key (n unless split).
     pub key_hi: u32,
@@ -74,8 +74,9 @@ pub struct Params {
     pub bias_base: u32,
     /// 2D grids (algorithm.md §9): the grid width W, tokens n = H W in raster order; 0 in 1D.
     pub grid_w: u32,
-    /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad2: u32,
+    /// Dense attention: the first bound row of K and V (a split head's key chunk; 0 unless
+    /// split). Also keeps `levels` at a multiple of 16 bytes (WGSL's uniform layout).
+    pub key_base: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 
