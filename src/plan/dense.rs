@@ -68,16 +68,15 @@ impl DensePlan {
     /// the keys fit.
     pub fn key_chunks(&self, max_keys: usize) -> Vec<(usize, usize)> {
         let n_kv = self.shape.seq_kv;
+        if n_kv <= max_keys {
+            return vec![(0, n_kv)];
+        }
         let bk = self.attention.spec.bk as usize;
         let chunk = (max_keys / bk).max(1) * bk;
-        let mut chunks: Vec<_> = (0..n_kv)
+        (0..n_kv)
             .step_by(chunk)
             .map(|lo| (lo, (lo + chunk).min(n_kv)))
-            .collect();
-        if chunks.is_empty() {
-            chunks.push((0, 0));
-        }
-        chunks
+            .collect()
     }
 }
 
