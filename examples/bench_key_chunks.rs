@@ -92,9 +92,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let chunks = default.plan(shape)?;
     let per = chunks.keys_per_dispatch();
     let cases = [
-        ("one dispatch".to_string(), DenseAttention::new(&ctx, a.causal)?.keys_per_dispatch(usize::MAX)),
+        (
+            "one dispatch".to_string(),
+            DenseAttention::new(&ctx, a.causal)?.keys_per_dispatch(usize::MAX),
+        ),
         (format!("default ({per} keys per dispatch)"), default),
-        (format!("{} keys per dispatch", a.small), DenseAttention::new(&ctx, a.causal)?.keys_per_dispatch(a.small)),
+        (
+            format!("{} keys per dispatch", a.small),
+            DenseAttention::new(&ctx, a.causal)?.keys_per_dispatch(a.small),
+        ),
     ];
     println!(
         "adapter {} ({:?}); subgroups {:?}; n = {}, d = {}, causal = {}; chunks: 1, {}, {}",

@@ -74,7 +74,9 @@ impl Case {
 #[test]
 fn long_key_ranges_are_attended_in_chunks_on_every_variant() {
     let Some(ctx) = gpu() else { return };
-    let Some(plain) = browser_like_gpu() else { return };
+    let Some(plain) = browser_like_gpu() else {
+        return;
+    };
     assert!(plain.subgroup_kernels().is_none());
     for (d, keys) in [(64, 40_961), (256, 4_099)] {
         for causal in [false, true] {

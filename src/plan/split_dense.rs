@@ -176,7 +176,10 @@ mod tests {
         }
         assert_eq!(next, 1000);
         let first: Vec<_> = parts[..5].iter().map(|p| p.keys).collect();
-        assert_eq!(first, [(0, 96), (96, 192), (192, 256), (256, 288), (288, 384)]);
+        assert_eq!(
+            first,
+            [(0, 96), (96, 192), (192, 256), (256, 288), (288, 384)]
+        );
     }
 
     #[test]

@@ -144,7 +144,12 @@ impl DenseAttention {
                     let mut p = base;
                     (p.key_lo, p.key_hi) = (lo as u32, hi as u32);
                     let bytes = to_uniform_bytes(&p)?;
-                    Ok(uniform(&self.ctx.device, &self.ctx.queue, "dense params", &bytes))
+                    Ok(uniform(
+                        &self.ctx.device,
+                        &self.ctx.queue,
+                        "dense params",
+                        &bytes,
+                    ))
                 })
                 .collect::<Result<_>>()?;
             Ok(Uniforms { params })
