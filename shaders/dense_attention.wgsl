@@ -17,13 +17,15 @@
 #import online_softmax
 #import near_field
 
-// A head longer than one storage binding is attended a (query chunk, key chunk) pair per
-// dispatch, key chunks in order (`src/plan/split_dense.rs`). Between them a row's running state
-// stays in device memory, exactly: the unnormalised accumulator in O, the running max and sum
-// in the chunk's LSE buffer (max at `row`, sum `chunk_hi - chunk_lo` rows later). Key chunks
-// start at multiples of BK, so the tiles, and every float operation, are an unsplit run's.
+// Key chunks (`src/plan/dense.rs`, `src/plan/split_dense.rs`): a row's keys are attended at
+// most `DENSE_KEYS_PER_DISPATCH` per dispatch, chunks in order, because llvmpipe stops an
+// invocation's loops after 65535 iterations in all (perf.md, change 9); a head longer than one
+// storage binding is attended a (query chunk, key chunk) pair at a time the same way. Every
+// dispatch ends its rows as a finished partial result (O, LSE) over the keys so far; the next
+// chunk resumes from it: acc = O, running max = LSE, running sum = 1 (the same state scaled by
+// 1 / Z: softmax over the union of the chunks, by the log-sum-exp rule).
 
-// Picks up row `row`'s state saved by the previous key chunk (q as begin_row loads it).
+// Picks up row `row`'s partial (O, LSE) left by the previous key chunk (q as begin_row loads it).
 fn resume_row(head: u32, row: u32, i: u32, in_tile: bool) {
     begin_row(head, i, in_tile);
     if (in_tile) {
@@ -39,23 +41,8 @@ fn resume_row(head: u32, row: u32, i: u32, in_tile: bool) {
             acc[c4] = x;
         }
         run_max = lse[row];
-        run_sum = lse[row + params.chunk_hi - params.chunk_lo];
+        run_sum = 1.0;
     }
-}
-
-// Saves row `row`'s state for the next key chunk.
-fn save_row(head: u32, row: u32, i: u32) {
-    let d = params.d;
-    for (var c4 = 0u; c4 < D4; c4++) {
-        for (var e = 0u; e < 4u; e++) {
-            let c = c4 * 4u + e;
-            if (c < d) {
-                out[head + i * d + c] = acc[c4][e];
-            }
-        }
-    }
-    lse[row] = run_max;
-    lse[row + params.chunk_hi - params.chunk_lo] = run_sum;
 }
 
 @compute @workgroup_size(WG)
@@ -89,10 +76,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return; // finished by an earlier key chunk (causal); uniform over the workgroup
     }
     // Element offsets of row 0 of the head in the bound Q, O and K, V (wrapping when a split
-    // head's bindings start later, as in fine_attention.wgsl), and this row's LSE slot. K/V:
-    // the query head's K/V head (grouped-query heads share it).
+    // head's bindings start later, row_base and key_base, as in fine_attention.wgsl), and this
+    // row's LSE slot. K/V: the query head's K/V head (grouped-query heads share it).
     let q_head = (pr.q_row - params.row_base) * params.d;
-    let k_head = (pr.kv_row - params.key_lo) * params.d;
+    let k_head = (pr.kv_row - params.key_base) * params.d;
     let row = pr.q_row + i - params.row_base;
 
     if (params.key_lo == 0u) {
@@ -102,10 +89,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     attend_fine_keys(k_head, params.key_lo, min(t_end, key_hi), i + shift, causal, lid);
     if (in_tile) {
-        if (key_hi >= t_end) {
-            finish_row(q_head, row, i);
-        } else {
-            save_row(q_head, row, i);
-        }
+        finish_row(q_head, row, i);
     }
 }

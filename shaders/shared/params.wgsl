@@ -32,7 +32,7 @@ struct Params {
     row_base: u32,           // global row of the first bound row of Q and O (FMA: of K, V too)
     chunk_lo: u32,           // first token this dispatch covers (queries, pooled or merged tokens)
     chunk_hi: u32,           // one past the last (a multiple of the tile, or n)
-    key_lo: u32,             // dense: first key of this dispatch (and first bound row of K, V)
+    key_lo: u32,             // dense: first key of this dispatch
     key_hi: u32,             // dense: one past its last key
     n_kv: u32,               // rows of K and V per head (n for self-attention)
     // Grouped-query attention: query heads per K/V head (1: multi-head). Query head bh reads
@@ -49,8 +49,13 @@ struct Params {
     grid_w: u32,             // 2D (algorithm.md §9): the grid width W (n = H W); 0 in 1D
     // Variable-length batches, passes with no binding to spare for the sequence table: the f32
     // element of a scratch buffer of theirs (the backward's stats, dK~) where a copy of the table
-    // starts (`shared/problems.wgsl`). Also keeps `levels` at a multiple of 16 bytes.
+    // starts (`shared/problems.wgsl`).
     table_at: u32,
+    key_base: u32,           // dense: the first bound row of K, V (a split head's key chunk)
+    // Uniform layout: `levels` must start at a multiple of 16 bytes.
+    _pad3: u32,
+    _pad4: u32,
+    _pad5: u32,
     levels: array<LevelInfo, 32>,
 }
 

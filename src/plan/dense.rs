@@ -1,4 +1,5 @@
-//! The plan of exact dense attention: one dispatch over every (query tile, head).
+//! The plan of exact dense attention: one dispatch over every (query tile, head) per chunk of
+//! at most [`DENSE_KEY_TILES_PER_DISPATCH`] key tiles ([`DensePlan::key_chunks`]).
 
 use super::dispatch::{attention_spec, fold, Dispatch};
 use super::forward::check_tensors;
@@ -6,6 +7,24 @@ use super::limits::KernelLimits;
 use super::pass::Pass;
 use crate::error::{FmaError, Result};
 use crate::shape::Shape;
+
+/// Key tiles one dense dispatch attends at most per query row; longer key ranges run as
+/// several dispatches, key chunks in order, each resuming the rows' partial (O, LSE)
+/// (`shaders/dense_attention.wgsl`). Why: llvmpipe (Mesa's software rasterizer, lavapipe and
+/// GL) stops an invocation's loops after 65535 iterations in all (gallivm's loop limiter), and
+/// the dense kernel spends 40 .. 120 of them per key tile at d <= 128: without chunks, 16
+/// queries came back wrong from 819 .. 1639 tiles on, depending on d, BK and the variant
+/// (docs/perf.md, change 9); 256 tiles stay 2x below the lowest tile count that ran right.
+pub const DENSE_KEY_TILES_PER_DISPATCH: usize = 256;
+
+/// Loop iterations a dense dispatch may spend per invocation on its key loops above
+/// `UNROLLED_D4`: half of llvmpipe's 65535.
+const LOOP_BUDGET: usize = 32768;
+
+/// The largest D4 (= ceil(d / 4)) whose per-key loops over the row get unrolled on llvmpipe.
+/// Above it (d > 128) the plain variant's loops over a row's D4 vec4s stay loops, about
+/// 2 D4 + 8 iterations per key: at d = 256 wrong from 896 keys on, right at 448.
+const UNROLLED_D4: usize = 32;
 
 /// The plan of one dense attention forward.
 #[derive(Clone, Debug)]
@@ -24,8 +43,40 @@ pub struct DensePlan {
 
 impl DensePlan {
     /// Every dispatch in execution order: the attention, then (padded batches) the padding.
+    /// A key range of more than one chunk ([`DensePlan::key_chunks`]) repeats the attention
+    /// dispatch once per chunk with that chunk's parameters.
     pub fn steps(&self) -> Vec<Dispatch> {
         std::iter::once(self.attention).chain(self.pad).collect()
+    }
+
+    /// Keys per dispatch by default: [`DENSE_KEY_TILES_PER_DISPATCH`] tiles of this plan's BK,
+    /// and above d = 128 at most `LOOP_BUDGET / (2 D4 + 8)` keys (240 at d = 256).
+    pub fn keys_per_dispatch(&self) -> usize {
+        let spec = self.attention.spec;
+        let tiles = DENSE_KEY_TILES_PER_DISPATCH * spec.bk as usize;
+        let d4 = spec.d4 as usize;
+        if d4 > UNROLLED_D4 {
+            tiles.min(LOOP_BUDGET / (2 * d4 + 8))
+        } else {
+            tiles
+        }
+    }
+
+    /// The key ranges `lo..hi` of the dispatches over `seq_kv` keys, in order: chunks of at most
+    /// `max_keys` keys (rounded down to whole key tiles, at least one tile), each starting at a
+    /// multiple of BK, so the tiles are those of one dispatch over every key. One chunk when
+    /// the keys fit.
+    pub fn key_chunks(&self, max_keys: usize) -> Vec<(usize, usize)> {
+        let n_kv = self.shape.seq_kv;
+        if n_kv <= max_keys {
+            return vec![(0, n_kv)];
+        }
+        let bk = self.attention.spec.bk as usize;
+        let chunk = (max_keys / bk).max(1) * bk;
+        (0..n_kv)
+            .step_by(chunk)
+            .map(|lo| (lo, (lo + chunk).min(n_kv)))
+            .collect()
     }
 }
 
@@ -64,5 +115,35 @@ impl DensePlan {
             pad: None,
             sequences: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_chunks_are_whole_tiles_in_order_and_cover_every_key() {
+        let limits = KernelLimits::with_binding(128 << 20);
+        let plan = DensePlan::new(Shape::cross(1, 2, 5, 1000, 16), &limits).unwrap();
+        let bk = plan.attention.spec.bk as usize;
+        assert_eq!(plan.key_chunks(usize::MAX), vec![(0, 1000)]);
+        assert_eq!(plan.key_chunks(1000), vec![(0, 1000)]);
+        // 100 keys round down to whole tiles.
+        let chunks = plan.key_chunks(100);
+        let per = 100 / bk * bk;
+        assert_eq!(chunks.len(), 1000usize.div_ceil(per));
+        assert_eq!(chunks[0], (0, per));
+        assert_eq!(chunks.last().unwrap().1, 1000);
+        for w in chunks.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+            assert_eq!(w[1].0 % bk, 0);
+        }
+        // Fewer keys than a tile asked for: one tile per chunk.
+        assert_eq!(plan.key_chunks(1)[1], (bk, 2 * bk));
+        assert_eq!(plan.keys_per_dispatch(), DENSE_KEY_TILES_PER_DISPATCH * bk);
+        // Above d = 128 the loops over a row bound the keys: 32768 / (2 * 64 + 8) at d = 256.
+        let wide = DensePlan::new(Shape::new(1, 1, 10, 256), &limits).unwrap();
+        assert_eq!(wide.keys_per_dispatch(), 240);
     }
 }

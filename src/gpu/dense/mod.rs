@@ -21,9 +21,10 @@ use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits};
 use crate::shape::Shape;
 
-/// The uniforms of one shape: the parameter block (the dense pass has no level selector).
+/// The uniforms of one shape: a parameter block per key chunk (the dense pass has no level
+/// selector).
 struct Uniforms {
-    params: wgpu::Buffer,
+    params: Vec<wgpu::Buffer>,
 }
 
 /// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V` on the GPU, tiled with an
@@ -43,6 +44,8 @@ pub struct DenseAttention {
     ctx: GpuContext,
     causal: bool,
     limits: KernelLimits,
+    /// Keys per dispatch (`None`: [`DensePlan::keys_per_dispatch`]).
+    max_keys: Option<usize>,
     uniforms: ShapeCache<Shape, Uniforms>,
     host: Mutex<HostPool>,
 }
@@ -55,6 +58,7 @@ impl DenseAttention {
             ctx: ctx.clone(),
             causal,
             limits: KernelLimits::from_wgpu(&ctx.limits),
+            max_keys: None,
             uniforms: ShapeCache::default(),
             host: Mutex::new(HostPool::default()),
         })
@@ -66,6 +70,22 @@ impl DenseAttention {
         self.limits = self.limits.capped(bytes);
         self.host = Mutex::new(HostPool::default());
         self
+    }
+
+    /// Attends at most `keys` keys per query row in one dispatch (rounded down to whole key
+    /// tiles), longer key ranges in chunks (the default,
+    /// [`crate::plan::DENSE_KEY_TILES_PER_DISPATCH`] tiles, keeps llvmpipe's loop limit; see
+    /// [`DensePlan::key_chunks`]). Smaller values exercise the chunking on small problems
+    /// (tests) or measure its cost. Call before the first forward.
+    pub fn keys_per_dispatch(mut self, keys: usize) -> Self {
+        self.max_keys = Some(keys);
+        self.uniforms = ShapeCache::default();
+        self
+    }
+
+    /// The key ranges of `plan`'s attention dispatches, in order.
+    fn key_chunks(&self, plan: &DensePlan) -> Vec<(usize, usize)> {
+        plan.key_chunks(self.max_keys.unwrap_or_else(|| plan.keys_per_dispatch()))
     }
 
     /// The plan a call with `shape` would execute.
@@ -116,10 +136,23 @@ impl DenseAttention {
 
     fn uniforms(&self, plan: &DensePlan) -> Result<Arc<Uniforms>> {
         self.uniforms.get_or_make(plan.shape, || {
-            let bytes = to_uniform_bytes(&self.params(plan))?;
-            Ok(Uniforms {
-                params: uniform(&self.ctx.device, &self.ctx.queue, "dense params", &bytes),
-            })
+            let base = self.params(plan);
+            let params = self
+                .key_chunks(plan)
+                .into_iter()
+                .map(|(lo, hi)| {
+                    let mut p = base;
+                    (p.key_lo, p.key_hi) = (lo as u32, hi as u32);
+                    let bytes = to_uniform_bytes(&p)?;
+                    Ok(uniform(
+                        &self.ctx.device,
+                        &self.ctx.queue,
+                        "dense params",
+                        &bytes,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            Ok(Uniforms { params })
         })
     }
 
@@ -161,13 +194,13 @@ impl DenseAttention {
         record_steps(&self.ctx, cpass, steps, pipes, selects.as_ref(), &res)
     }
 
-    /// Records `plan`'s one dispatch into its own compute pass of `enc`.
+    /// Records `plan`'s dispatches, one per key chunk in order, into a compute pass of `enc`.
     fn record_plan(
         &self,
         enc: &mut wgpu::CommandEncoder,
         plan: &DensePlan,
         pipes: &Pipes,
-        params: &wgpu::Buffer,
+        uniforms: &Uniforms,
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
     ) -> Result<()> {
@@ -175,14 +208,18 @@ impl DenseAttention {
             label: Some("dense forward"),
             timestamp_writes: None,
         });
-        self.record(&mut cpass, &[plan.attention], pipes, params, t, lse)
+        for params in &uniforms.params {
+            self.record(&mut cpass, &[plan.attention], pipes, params, t, lse)?;
+        }
+        Ok(())
     }
 
     /// Dense attention of host tensors (async). Shapes as [`crate::gpu::FmaAttention::forward_async`].
     ///
-    /// Tensors over one storage binding are processed in pieces with the unsplit result to the
-    /// bit: runs of heads, or for a head over the limit, pairs of query and key chunks
-    /// (`crate::plan::DenseSplitPlan`).
+    /// Tensors over one storage binding are processed in pieces: runs of heads (the unsplit
+    /// result to the bit), or for a head over the limit, pairs of query and key chunks
+    /// (`crate::plan::DenseSplitPlan`; a later key chunk merges into the rows' partial results,
+    /// so the result equals the unsplit one within rounding).
     pub async fn forward_async(
         &self,
         q: &[f32],
@@ -227,7 +264,7 @@ impl DenseAttention {
             (q, k, v),
             want_lse,
             "the dense forward",
-            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms.params, &t, lse),
+            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms, &t, lse),
         )
         .await
     }
@@ -300,6 +337,6 @@ impl DenseAttention {
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);
-        self.record_plan(enc, &plan, &pipes, &uniforms.params, &t, &lse)
+        self.record_plan(enc, &plan, &pipes, &uniforms, &t, &lse)
     }
 }

@@ -32,7 +32,13 @@ impl DenseAttention {
                     .into(),
             });
         }
-        let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, self.causal, &self.limits)?;
+        let plan = DenseSplitPlan::with_max_keys(
+            shape.seq,
+            shape.head_dim,
+            self.causal,
+            &self.limits,
+            self.max_keys,
+        )?;
         let pipes = Pipes::new(&self.ctx, [&plan.head.attention]).await?;
         per_head(
             &self.ctx,
@@ -54,11 +60,11 @@ impl DenseAttention {
     ) -> Result<Vec<Staged>> {
         let device = &self.ctx.device;
         let (n, d) = (plan.head.shape.seq, plan.head.shape.head_dim);
-        // Per chunk rows lo..hi of Q, K, V, O, and the LSE with room for two floats per row.
+        // Per chunk rows lo..hi of Q, K, V, O and the LSE.
         let chunks: Vec<_> = plan
             .chunks
             .iter()
-            .map(|&(lo, hi)| HostBuffers::with_lse_floats(device, Shape::new(1, 1, hi - lo, d), 2))
+            .map(|&(lo, hi)| HostBuffers::new(device, Shape::new(1, 1, hi - lo, d)))
             .collect();
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("dense"),
@@ -81,13 +87,13 @@ impl DenseAttention {
             .iter()
             .map(|pair| {
                 let (q_lo, q_hi) = plan.chunks[pair.query];
-                let (k_lo, k_hi) = plan.chunks[pair.key];
                 let mut params = base;
                 params.row_base = q_lo as u32;
                 params.chunk_lo = q_lo as u32;
                 params.chunk_hi = q_hi as u32;
-                params.key_lo = k_lo as u32;
-                params.key_hi = k_hi as u32;
+                params.key_base = plan.chunks[pair.key].0 as u32;
+                params.key_lo = pair.keys.0 as u32;
+                params.key_hi = pair.keys.1 as u32;
                 params.tiles_per_block = pair.tiles;
                 params.total_workgroups = pair.dispatch.workgroups;
                 params.workgroups_x = pair.dispatch.grid[0];

@@ -50,8 +50,8 @@ pub struct Params {
     pub chunk_lo: u32,
     /// One past the last token the dispatch covers (n unless split).
     pub chunk_hi: u32,
-    /// Dense attention: the first key of the dispatch and first bound row of K and V (0
-    /// unless split).
+    /// Dense attention: the first key of the dispatch (0 unless its keys come in chunks,
+    /// `crate::plan::DensePlan::key_chunks`).
     pub key_lo: u32,
     /// Dense attention: one past the dispatch's last key (n unless split).
     pub key_hi: u32,
@@ -76,8 +76,15 @@ pub struct Params {
     pub grid_w: u32,
     /// Variable-length batches, passes without a binding to spare for the sequence table: the
     /// f32 element of their scratch buffer (the backward's stats and dK~) where a copy of the
-    /// table starts. (Also keeps `levels` at a multiple of 16 bytes, WGSL's uniform layout.)
+    /// table starts.
     pub table_at: u32,
+    /// Dense attention: the first bound row of K and V (a split head's key chunk; 0 unless
+    /// split).
+    pub key_base: u32,
+    /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
+    pub _pad3: u32,
+    pub _pad4: u32,
+    pub _pad5: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
 

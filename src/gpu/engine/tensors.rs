@@ -93,12 +93,7 @@ pub(crate) struct HostBuffers {
 
 impl HostBuffers {
     pub fn new(device: &wgpu::Device, shape: Shape) -> Self {
-        Self::with_lse_floats(device, shape, 1)
-    }
-
-    /// With `per_row` floats per row in the LSE buffer (a split dense head keeps two there).
-    pub fn with_lse_floats(device: &wgpu::Device, shape: Shape, per_row: u64) -> Self {
-        Self::with_bytes(device, Bytes::of(shape, per_row))
+        Self::with_bytes(device, Bytes::of(shape, 1))
     }
 
     fn with_bytes(device: &wgpu::Device, b: Bytes) -> Self {
