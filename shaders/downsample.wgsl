@@ -110,8 +110,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     } else {
         // From the tokens. Element offset of row 0 of the head: wraps like fine_attention's when
         // a split head's bindings start at row_base > 0. A split head pools level 1 (Average)
-        // a chunk at a time: chunks are whole fine blocks, so every window of m tokens lies in
-        // one chunk and this dispatch covers exactly the windows of its chunk.
+        // a chunk at a time: chunks are whole fine blocks (2D: whole rows of fine cells), so
+        // every window of m tokens (2D: cell of m x m) lies in one chunk and this dispatch
+        // covers exactly the windows of its chunk.
         let base = (tok_row - params.row_base) * d;
         if (params.learned == 0u) {
             let count = row_count(n, win, p, cols, row);

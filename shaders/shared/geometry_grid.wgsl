@@ -18,10 +18,12 @@ fn cells_of(n: u32, cols: u32, w: u32) -> vec2<u32> {
     return vec2<u32>(window_count(n / cols, w), window_count(cols, w));
 }
 
-// A 2D plan is never split: [lo, hi) is the whole grid.
+// The fine cells of the tokens [lo, hi): (first, count), row-major. [lo, hi) is the whole grid,
+// or a split head's chunk (plan/split.rs): whole rows of fine cells (lo a multiple of m W, hi
+// too or n), whose cells are consecutive.
 fn chunk_blocks(lo: u32, hi: u32, m: u32, cols: u32) -> vec2<u32> {
-    let c = cells_of(hi, cols, m);
-    return vec2<u32>(0u, c.x * c.y);
+    let g = chunk_groups(lo, hi, m, cols);
+    return vec2<u32>(g.x, g.y - g.x);
 }
 
 // Grid rows and columns of cell a of side w: vec4(y0, y1, x0, x1), clipped.
@@ -102,10 +104,13 @@ fn level_far_run(n: u32, m: u32, cols: u32, lvl: u32, a: u32, groups: u32, causa
     return vec2<u32>(y * cl.y + first, y * cl.y + max(first, end));
 }
 
-// All cells of side w (2D plans are never split).
+// The cells of side w holding tokens of [lo, hi): (first, end), row-major, the cells of the
+// grid rows lo / cols .. ceil(hi / cols). All of them for [0, n); for a split head's chunk
+// (whole rows of fine cells) at w = m, its level-1 cells, which no other chunk holds.
 fn chunk_groups(lo: u32, hi: u32, w: u32, cols: u32) -> vec2<u32> {
-    let c = cells_of(hi, cols, w);
-    return vec2<u32>(0u, c.x * c.y);
+    let per_row = window_count(cols, w);
+    let y1 = window_count(hi, cols);
+    return vec2<u32>((lo / cols / w) * per_row, window_count(y1, w) * per_row);
 }
 
 // Grid rows of band j of cell a (side w), and its columns: vec4(y0, y1, x0, x1), clipped.

@@ -29,6 +29,14 @@
 //! A head whose tokens fit one binding then binds them whole in every chunk
 //! ([`SplitPlan::shared_tokens`]).
 //!
+//! On a 2D grid (algorithm.md §9, tokens in raster order) the rows are rows of fine cells, r W
+//! tokens each (r grid rows of the W columns): a query's near field is the 3 x 3 fine cells
+//! around its own, so it reaches one row of cells above and below, and the halo is r W tokens.
+//! A chunk's cells are consecutive (row-major), `chunk_blocks` and `chunk_groups` of
+//! `shaders/shared/geometry_grid.wgsl` find them from `lo..hi`, and a level-1 cell (one fine
+//! cell) never spans two chunks. The coarse rows of a 2D head must fit one binding (a typed
+//! error otherwise: there is no 2D `split_coarse`); coarse queries split as in 1D.
+//!
 //! Each pass does the same float operations in the same order as in an unsplit run, so the
 //! result is the unsplit result to the bit (tested against a device with a larger limit).
 //!
@@ -50,20 +58,21 @@ use crate::shape::Shape;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chunk {
     /// Its tokens: queries attended, tokens pooled and merged, `lo..hi`. `lo` is a multiple of
-    /// m; `hi` too, or n.
+    /// m (2D: of r W, whole rows of fine cells); `hi` too, or n.
     pub lo: usize,
     /// One past its last token.
     pub hi: usize,
-    /// First token of its bindings of Q, K, V, O and the LSE: `lo - m` (0 for the first, and
-    /// for every chunk of [`SplitPlan::shared_tokens`]).
+    /// First token of its bindings of Q, K, V, O and the LSE: `lo - m` (2D: `lo - r W`; 0 for
+    /// the first, and for every chunk of [`SplitPlan::shared_tokens`]).
     pub row_base: usize,
-    /// Tokens in those bindings: `row_base..min(hi + m, n)` (`0..n` when shared).
+    /// Tokens in those bindings: `row_base..min(hi + m, n)` (2D: `hi + r W`; `0..n` when
+    /// shared).
     pub rows: usize,
     /// Downsample of the token-reading levels (indices 0..[`SplitPlan::token_levels`]) over
     /// the windows that hold tokens of this chunk (none when the coarse rows are split: then
     /// [`CoarseSplit::pool`] pools).
     pub downsample: Vec<Dispatch>,
-    /// The fused attention of this chunk's fine blocks.
+    /// The fused attention of this chunk's fine blocks (2D: fine cells).
     pub attention: Dispatch,
     /// Coarse queries: the upsample-merge of this chunk's tokens.
     pub merge: Option<Dispatch>,
@@ -97,8 +106,8 @@ pub fn head_exceeds_binding(shape: Shape, limits: &KernelLimits) -> bool {
 
 /// Whether an FMA forward of `shape` with `cfg` must take the split path ([`SplitPlan`]): one
 /// head's tokens, or the coarse rows of all its levels, exceed one storage binding.
-/// On a 2D grid (`cfg.grid`), whose forward is never split, the coarse rows are the grid's
-/// (`SplitPlan::new` then says what does not fit).
+/// On a 2D grid (`cfg.grid`) the coarse rows are the grid's; a 2D head splits only its tokens
+/// (`SplitPlan::new` says so when its coarse rows do not fit).
 pub fn fma_head_splits(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> bool {
     if let Some(grid) = cfg.grid {
         let (r, p) = crate::geometry::effective_cell(grid, cfg.block.max(1), cfg.rank.max(1));
@@ -115,30 +124,77 @@ pub fn fma_head_splits(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> 
         || head_coarse_exceeds_binding(shape.seq, shape.head_dim, cfg.block, cfg.rank, limits)
 }
 
-impl SplitPlan {
-    /// Plans one head of `n` tokens of width `d` in chunks whose bindings (chunk plus halo)
-    /// each fit `limits`. A head that fits whole is one chunk. Errors: what
-    /// [`FmaPlan::new`] checks besides the tensor sizes (the coarse rows of one head must fit a
-    /// binding), and [`FmaError::LimitExceeded`] when not even one fine block with its two
-    /// neighbours (3 m tokens) fits, or (coarse rows split) not even the coarse rows one
-    /// block reads.
-    pub fn new(n: usize, d: usize, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
-        if let Some(grid) = cfg.grid {
-            return Err(FmaError::LimitExceeded {
-                what: format!("one head of a {grid} grid of head_dim {d} (2D FMA)"),
-                requested: n as u64 * d as u64 * 4,
-                max: limits.binding_bytes(),
-                unit: BINDING_BYTES,
-                advice: "2D grids are not split across storage bindings yet: a head's Q, K, V \
-                         and its coarse rows must each fit one binding; use a smaller grid or \
-                         head_dim"
-                    .into(),
-            });
+/// How a head is cut: chunks of whole rows of `unit()` tokens, each bound with one row of halo
+/// on either side, since a query's near field reaches one such row before and after its own.
+#[derive(Clone, Copy, Debug)]
+struct Cut {
+    /// The fine block m (2D: the fine cell side r).
+    m: usize,
+    /// 2D: the grid width W (tokens in raster order); `None` in 1D.
+    cols: Option<usize>,
+}
+
+impl Cut {
+    /// Tokens per row: a fine block, m (2D: a row of fine cells, r W).
+    fn unit(self) -> usize {
+        self.cols.map_or(self.m, |w| self.m * w)
+    }
+
+    /// The groups of side `w` (1D windows, 2D cells) holding tokens of `lo..hi`, for `lo` a
+    /// multiple of `unit()`: as `chunk_groups` in `shaders/shared/geometry*.wgsl` counts them.
+    fn groups(self, lo: usize, hi: usize, w: usize) -> usize {
+        match self.cols {
+            None => hi.div_ceil(w) - lo / w,
+            Some(cols) => {
+                let (y0, y1) = (lo / cols, hi.div_ceil(cols));
+                (y1.div_ceil(w) - y0 / w) * cols.div_ceil(w)
+            }
         }
+    }
+}
+
+impl SplitPlan {
+    /// Plans one head of `n` tokens of width `d` (2D: `n` = H W tokens of `cfg.grid`) in
+    /// chunks whose bindings (chunk plus halo) each fit `limits`. A head that fits whole is one
+    /// chunk. Errors: what [`FmaPlan::new`] checks besides the tensor sizes, and
+    /// [`FmaError::LimitExceeded`] when not even one fine block with its two neighbours (3 m
+    /// tokens; 2D: three rows of fine cells, 3 r W tokens) fits, or (coarse rows split) not even
+    /// the coarse rows one block reads, or (2D) the coarse rows of the head exceed a binding.
+    pub fn new(n: usize, d: usize, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
         let shape = Shape::new(1, 1, n, d);
-        let split_coarse = head_coarse_exceeds_binding(n, d, cfg.block, cfg.rank, limits);
-        let head = FmaPlan::without_tensor_bindings(shape, cfg, limits, !split_coarse)?;
+        // 2D: the coarse rows stay whole (checked below with a message of its own).
+        let split_coarse =
+            cfg.grid.is_none() && head_coarse_exceeds_binding(n, d, cfg.block, cfg.rank, limits);
+        let head = FmaPlan::without_tensor_bindings(
+            shape,
+            cfg,
+            limits,
+            !split_coarse && cfg.grid.is_none(),
+        )?;
         let m = head.levels.m;
+        let cut = Cut {
+            m,
+            cols: head.grid.map(|g| g.w),
+        };
+        if let Some(grid) = head.grid {
+            let coarse = (head.levels.total_rows() * d) as u64 * 4;
+            if coarse > limits.binding_bytes() {
+                return Err(FmaError::LimitExceeded {
+                    what: format!(
+                        "the coarse keys of all levels of one head of a {grid} grid of head_dim \
+                         {d} (2D FMA)"
+                    ),
+                    requested: coarse,
+                    max: limits.binding_bytes(),
+                    unit: BINDING_BYTES,
+                    advice: "a 2D head's coarse rows are not split across storage bindings \
+                             (1D's split_coarse): use a larger cell side r or a smaller rank p \
+                             (a head has about 4 n p / (3 r^2) coarse rows)"
+                        .into(),
+                });
+            }
+        }
+        let unit = cut.unit();
         let row_bytes = d as u64 * 4;
         let max_rows = limits.binding_bytes() / row_bytes;
         let shared_tokens = n as u64 <= max_rows;
@@ -157,26 +213,45 @@ impl SplitPlan {
                         .into(),
                 });
             }
-            let need = 3 * m as u64;
+            let need = 3 * unit as u64;
             if max_rows < need {
-                // m >= n is stored as m = n (levels.rs): then the block is the whole head.
-                let block = if m == n {
-                    format!("the block size m >= n makes the whole head of {n} tokens one block")
+                let (what, advice) = match head.grid {
+                    // m >= n is stored as m = n (levels.rs): then the block is the whole head.
+                    None if m == n => (
+                        format!(
+                            "the block size m >= n makes the whole head of {n} tokens one block"
+                        ),
+                        "use a smaller block size m",
+                    ),
+                    None => (
+                        format!("one fine block of m = {m} tokens"),
+                        "use a smaller block size m",
+                    ),
+                    Some(grid) => (
+                        format!(
+                            "on a {grid} grid one row of fine cells of side r = {m} holds \
+                             {unit} tokens"
+                        ),
+                        "use a smaller cell side r or a narrower grid",
+                    ),
+                };
+                let unit_name = if head.grid.is_some() {
+                    "row of fine cells"
                 } else {
-                    format!("one fine block of m = {m} tokens")
+                    "fine block"
                 };
                 return Err(FmaError::LimitExceeded {
                     what: format!(
-                        "a head split across storage bindings binds one fine block and its two \
-                         neighbours ({need} tokens of head_dim {d}), and {block}"
+                        "a head split across storage bindings binds one {unit_name} and its two \
+                         neighbours ({need} tokens of head_dim {d}), and {what}"
                     ),
                     requested: need * row_bytes,
                     max: limits.binding_bytes(),
                     unit: BINDING_BYTES,
-                    advice: "use a smaller block size m".into(),
+                    advice: advice.into(),
                 });
             }
-            ((max_rows - 2 * m as u64) / m as u64) as usize * m
+            ((max_rows - 2 * unit as u64) / unit as u64) as usize * unit
         };
         let cap = capacity(d, limits);
         let coarse_q = head.merge.is_some();
@@ -193,7 +268,8 @@ impl SplitPlan {
         let chunks = (0..n)
             .step_by(core)
             .map(|lo| {
-                let mut c = Self::chunk(&head, token_levels, lo, (lo + core).min(n), m, limits)?;
+                let hi = (lo + core).min(n);
+                let mut c = Self::chunk(&head, token_levels, lo, hi, cut, limits)?;
                 if shared_tokens {
                     (c.row_base, c.rows) = (0, n);
                 }
@@ -252,19 +328,20 @@ impl SplitPlan {
         token_levels: usize,
         lo: usize,
         hi: usize,
-        m: usize,
+        cut: Cut,
         limits: &KernelLimits,
     ) -> Result<Chunk> {
         let (n, d, p) = (head.shape.seq, head.shape.head_dim, head.levels.p);
-        let row_base = lo.saturating_sub(m);
+        let unit = cut.unit();
+        let row_base = lo.saturating_sub(unit);
         let pooled: u64 = if head.merge.is_some() { 3 } else { 2 };
         let downsample = head.levels.levels[..token_levels]
             .iter()
             .zip(&head.downsample)
             .enumerate()
             .map(|(i, (lv, whole))| {
-                // Windows holding tokens of lo..hi, as `downsample.wgsl` derives them.
-                let windows = hi.div_ceil(lv.window) - lo / lv.window;
+                // Windows (cells) holding tokens of lo..hi, as `downsample.wgsl` derives them.
+                let windows = cut.groups(lo, hi, lv.window);
                 let per_tensor = ((windows * p * d) as u64).div_ceil(whole.spec.wg as u64);
                 dispatch(
                     whole.pass,
@@ -278,7 +355,7 @@ impl SplitPlan {
         let attention = dispatch(
             head.attention.pass,
             None,
-            (hi - lo).div_ceil(m) as u64 * head.tiles_per_block as u64,
+            cut.groups(lo, hi, cut.m) as u64 * head.tiles_per_block as u64,
             head.attention.spec,
             limits,
         )?;
@@ -293,7 +370,7 @@ impl SplitPlan {
             lo,
             hi,
             row_base,
-            rows: (hi + m).min(n) - row_base,
+            rows: (hi + unit).min(n) - row_base,
             downsample,
             attention,
             merge,
@@ -391,6 +468,102 @@ mod tests {
         assert_eq!(plan.chunks.len(), 1);
         assert_eq!((plan.chunks[0].lo, plan.chunks[0].hi), (0, 1000));
         assert_eq!((plan.chunks[0].row_base, plan.chunks[0].rows), (0, 1000));
+    }
+
+    /// 2D: chunks of whole rows of fine cells (r W tokens) with one such row of halo on
+    /// either side, the attention and level-1 downsample over exactly the chunk's cells, every
+    /// binding within the limit and every dispatch dimension within 65535.
+    #[test]
+    fn a_grid_is_cut_into_whole_rows_of_fine_cells() {
+        use crate::geometry::{Geometry, Grid, GridGeometry};
+        // (H, W, d, r, p, queries, binding): 16 KiB splits the small grids into several
+        // chunks (45 x 70 at r = 4, d = 4: one row of cells per chunk); the 2048 x 8192 grid
+        // at 128 MiB has chunks of 126 976 cells, folded into two dimensions.
+        for (h, w, d, r, p, queries, binding) in [
+            (45, 70, 4, 4, 1, Queries::Fine, 16 << 10),
+            (45, 70, 4, 4, 2, Queries::Coarse, 16 << 10),
+            (33, 20, 16, 2, 1, Queries::Fine, 16 << 10),
+            (33, 20, 8, 2, 2, Queries::Coarse, 16 << 10),
+            (33, 20, 16, 4, 2, Queries::Fine, 16 << 10),
+            (2048, 8192, 16, 4, 1, Queries::Fine, 128 << 20),
+        ] {
+            let (n, grid) = (h * w, Grid::new(h, w));
+            let cfg = FmaConfig::new(r, p).grid(Some(grid)).queries(queries);
+            let plan = SplitPlan::new(n, d, &cfg, &limits(binding)).unwrap();
+            let unit = r * w;
+            let max_rows = binding as usize / (d * 4);
+            assert!(plan.chunks.len() > 1, "{grid} d={d}: not split");
+            assert_eq!(plan.token_levels, 1);
+            assert!(!plan.shared_tokens && plan.coarse.is_none());
+            let geo = GridGeometry::new(grid, r, p);
+            assert_eq!(plan.head.levels.total_rows(), geo.total_rows());
+            let cell_cols = w.div_ceil(r);
+            let mut next = 0;
+            for c in &plan.chunks {
+                assert_eq!(c.lo, next);
+                assert_eq!(c.lo % unit, 0, "{grid}: chunk starts inside a row of cells");
+                assert!(c.hi == n || c.hi % unit == 0);
+                assert_eq!(c.row_base, c.lo.saturating_sub(unit));
+                assert_eq!(c.row_base + c.rows, (c.hi + unit).min(n));
+                assert!(
+                    c.rows <= max_rows,
+                    "{grid}: {} rows over the binding",
+                    c.rows
+                );
+                // The chunk's fine cells, one workgroup (tile) each.
+                let cells = (c.hi.div_ceil(w).div_ceil(r) - c.lo / w / r) * cell_cols;
+                let tiles = cells * plan.head.tiles_per_block as usize;
+                assert_eq!(c.attention.workgroups as usize, tiles);
+                let pooled = if queries == Queries::Coarse { 3 } else { 2 };
+                let ds = pooled * (cells * p * d).div_ceil(64);
+                assert_eq!(c.downsample[0].workgroups as usize, ds);
+                assert_eq!(c.merge.is_some(), queries == Queries::Coarse);
+                for s in std::iter::once(&c.attention)
+                    .chain(&c.downsample)
+                    .chain(&c.merge)
+                {
+                    assert!(s.grid.iter().all(|&g| g <= 65535), "{s:?}");
+                }
+                next = c.hi;
+            }
+            assert_eq!(next, n);
+            // Every fine cell is attended by exactly one chunk.
+            let total: u32 = plan.chunks.iter().map(|c| c.attention.workgroups).sum();
+            assert_eq!(total, plan.head.attention.workgroups);
+        }
+    }
+
+    #[test]
+    fn what_a_grid_cannot_split_is_a_typed_error() {
+        use crate::geometry::Grid;
+        let grid = Some(Grid::new(45, 70));
+        // Three rows of cells of side 8 are 3 * 8 * 70 = 1680 tokens: 26.9 KB at d = 4.
+        let cfg = FmaConfig::new(8, 1).grid(grid);
+        match SplitPlan::new(45 * 70, 4, &cfg, &limits(16 << 10)) {
+            Err(FmaError::LimitExceeded { requested, .. }) => {
+                assert_eq!(requested, 1680 * 4 * 4)
+            }
+            other => panic!("expected LimitExceeded, got {other:?}"),
+        }
+        // Coarse rows over the binding: r = p = 2 on 45 x 70 has 2192 coarse rows of 32 B.
+        let cfg = FmaConfig::new(2, 2).grid(grid);
+        let e = SplitPlan::new(45 * 70, 8, &cfg, &limits(16 << 10)).unwrap_err();
+        assert!(
+            matches!(&e, FmaError::LimitExceeded { what, .. } if what.contains("coarse")),
+            "{e}"
+        );
+        // Learned mode does not split a head (its weights outgrow the binding first here).
+        let lw = LearnedWeights::box_init_grid_for(4, 4, 1, Grid::new(45, 70));
+        let cfg = FmaConfig::new(4, 1)
+            .grid(grid)
+            .downsample(Downsample::Learned(lw));
+        let plan = SplitPlan::new(45 * 70, 4, &cfg, &limits(1 << 20)).unwrap();
+        assert_eq!(plan.chunks.len(), 1);
+        let e = SplitPlan::new(45 * 70, 4, &cfg, &limits(16 << 10)).unwrap_err();
+        assert!(
+            matches!(&e, FmaError::LimitExceeded { what, .. } if what.contains("earned")),
+            "{e}"
+        );
     }
 
     #[test]
