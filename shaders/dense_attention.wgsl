@@ -59,10 +59,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let pr = problem(at.x, at.y);
     let n = pr.n;
-    // A sequence of a variable-length batch attends to itself: its n keys, unsplit.
+    // A sequence of a variable-length batch attends to itself: its n keys, in the dispatch's
+    // key chunk [key_lo, key_hi) of the longest sequence's keys (a shorter one's rows are
+    // finished by an earlier chunk and return below).
     let varlen = params.seqs > 0u;
     let n_kv = select(params.n_kv, n, varlen);
-    let key_hi = select(params.key_hi, n, varlen);
+    let key_hi = select(params.key_hi, min(params.key_hi, n), varlen);
     let i0 = params.chunk_lo + at.z * WG;
     let i1 = min(i0 + WG, select(params.chunk_hi, n, varlen));
     let i = i0 + lid;

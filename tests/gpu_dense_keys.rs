@@ -16,7 +16,7 @@ use common::{browser_like_gpu, closeness, gpu, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, GpuContext};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::Shape;
+use multipole_attn::{Sequences, Shape};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -104,6 +104,54 @@ fn small_key_chunks_merge_to_the_reference() {
                 .unwrap()
                 .keys_per_dispatch(keys);
             case.check(ctx, &dense, &format!("{keys} keys per dispatch"));
+        }
+    }
+}
+
+/// A variable-length batch in small key chunks: each sequence's rows end in the chunk that
+/// holds its last key (shorter sequences return from the later chunks untouched), packed and
+/// padded, causal and not, against each sequence alone; the padding's O = 0, LSE = -inf.
+#[test]
+fn variable_length_batches_take_key_chunks_too() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    for seqs in [
+        Sequences::packed(vec![1, 70, 33, 129]).unwrap(),
+        Sequences::padded(129, vec![129, 0, 40]).unwrap(),
+    ] {
+        let shape = seqs.shape(2, 1, 8);
+        let q = normal_tensor(seed, shape.elements());
+        let k = normal_tensor(seed ^ 0x9e37_79b9, shape.kv_elements());
+        let v = normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements());
+        for causal in [false, true] {
+            let label = format!("seed {seed} {seqs:?} causal {causal}");
+            let dense = DenseAttention::new(ctx, causal)
+                .unwrap()
+                .keys_per_dispatch(32);
+            let out = dense
+                .forward_varlen(&q, &k, &v, shape, &seqs, true)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let r = cpu::dense_attention_varlen(
+                &widen(&q),
+                &widen(&k),
+                &widen(&v),
+                shape,
+                &seqs,
+                causal,
+            )
+            .unwrap();
+            let co = closeness(&out.o, &r.o, O_ATOL, O_RTOL);
+            assert_eq!(co.violations, 0, "{label}: O {co:?}");
+            for (i, (&a, &b)) in out.lse.as_ref().unwrap().iter().zip(&r.lse).enumerate() {
+                if b == f64::NEG_INFINITY {
+                    assert_eq!(a, f32::NEG_INFINITY, "{label}: LSE of padding row {i}");
+                } else {
+                    assert!(
+                        (a as f64 - b).abs() <= LSE_ATOL + LSE_RTOL * b.abs(),
+                        "{label}: LSE row {i}: {a} vs {b}"
+                    );
+                }
+            }
         }
     }
 }

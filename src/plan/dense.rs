@@ -67,7 +67,11 @@ impl DensePlan {
     /// multiple of BK, so the tiles are those of one dispatch over every key. One chunk when
     /// the keys fit.
     pub fn key_chunks(&self, max_keys: usize) -> Vec<(usize, usize)> {
-        let n_kv = self.shape.seq_kv;
+        // A variable-length batch: its longest sequence's keys (shorter ones finish early).
+        let n_kv = self
+            .sequences
+            .as_ref()
+            .map_or(self.shape.seq_kv, |t| t.max_len);
         if n_kv <= max_keys {
             return vec![(0, n_kv)];
         }

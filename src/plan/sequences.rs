@@ -25,6 +25,8 @@ pub struct SeqTable {
     pub q_head_stride: usize,
     /// Rows between the K/V heads of a sequence in K, V.
     pub kv_head_stride: usize,
+    /// Tokens of the longest sequence (the most keys a query row attends to).
+    pub max_len: usize,
 }
 
 impl SeqTable {
@@ -82,6 +84,7 @@ impl SeqTable {
             level_rows,
             q_head_stride,
             kv_head_stride: q_head_stride,
+            max_len: seqs.max_len(),
         })
     }
 

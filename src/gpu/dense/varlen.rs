@@ -15,7 +15,9 @@ use crate::shape::Shape;
 use super::DenseAttention;
 
 impl DenseAttention {
-    /// Records `plan` (a variable-length batch's) into its own compute pass of `enc`.
+    /// Records `plan` (a variable-length batch's) into its own compute pass of `enc`: the
+    /// attention once per key chunk of the longest sequence (`DenseAttention::key_chunks`:
+    /// llvmpipe's loop limit), then the padding.
     fn record_varlen(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -25,25 +27,31 @@ impl DenseAttention {
         lse: &wgpu::Buffer,
     ) -> Result<()> {
         let device = &self.ctx.device;
-        let params = uniform(
-            device,
-            &self.ctx.queue,
-            "dense varlen params",
-            &to_uniform_bytes(&self.params(plan))?,
-        );
+        let base = self.params(plan);
+        let chunks = self.key_chunks(plan);
         let table = plan.sequences.as_ref().map(|t| sequence_table(device, t));
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward (variable lengths)"),
             timestamp_writes: None,
         });
-        self.record_with(
-            &mut cpass,
-            &plan.steps(),
-            pipes,
-            &params,
-            (t, lse),
-            table.as_ref(),
-        )
+        for (c, &(lo, hi)) in chunks.iter().enumerate() {
+            let mut p = base;
+            (p.key_lo, p.key_hi) = (lo as u32, hi as u32);
+            let params = uniform(
+                device,
+                &self.ctx.queue,
+                "dense varlen params",
+                &to_uniform_bytes(&p)?,
+            );
+            // The padding pass (padded batches) once, after the last chunk.
+            let steps = if c + 1 == chunks.len() {
+                plan.steps()
+            } else {
+                vec![plan.attention]
+            };
+            self.record_with(&mut cpass, &steps, pipes, &params, (t, lse), table.as_ref())?;
+        }
+        Ok(())
     }
 
     /// Exact attention of a variable-length batch of host tensors (async): layouts and
