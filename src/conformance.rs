@@ -12,6 +12,7 @@ use crate::cpu::{self, widen};
 use crate::error::Result;
 use crate::geometry::{flatten_far_field, Grid, Line};
 use crate::gpu::{DenseAttention, FmaAttention, GpuContext};
+use crate::plan::{DenseSplitPlan, KernelLimits};
 use crate::random::normal_tensor;
 use crate::shape::Shape;
 use crate::weights::LearnedWeights;
@@ -305,7 +306,15 @@ async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool
             let g = dense(SPLIT_BINDING)?
                 .forward_async(&q, &k, &v, s, true)
                 .await?;
-            let whole = dense(u64::MAX)?.forward_async(&q, &k, &v, s, true).await?;
+            // Each key chunk of the split run ends the rows as a partial (O, LSE) that the next
+            // resumes from; an unsplit run with its key chunks at the same boundaries does the
+            // same float operations, so the two agree to the bit.
+            let limits = KernelLimits::from_wgpu(&ctx.limits).capped(SPLIT_BINDING);
+            let keys = DenseSplitPlan::new(s.seq, s.head_dim, *causal, &limits)?.chunks[0].1;
+            let whole = dense(u64::MAX)?
+                .keys_per_dispatch(keys)
+                .forward_async(&q, &k, &v, s, true)
+                .await?;
             let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), s, *causal)?;
             let (eo, ok_o) = max_err(&g.o, &r.o);
             let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
