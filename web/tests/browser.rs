@@ -20,6 +20,7 @@
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::plan::{DenseSplitPlan, KernelLimits};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{FmaConfig, Shape};
 use multipole_attn_web::{
@@ -262,7 +263,16 @@ async fn heads_split_across_small_bindings_match_unsplit_runs_to_the_bit() {
             .forward_async(&x.q, &x.k, &x.v, shape, true)
             .await
             .unwrap();
+        // Each key chunk of the split run ends the rows as a partial (O, LSE) that the next
+        // resumes from: an uncapped run with its key chunks at the same boundaries does the
+        // same float operations.
+        let limits = KernelLimits::from_wgpu(&ctx.limits).capped(cap);
+        let keys = DenseSplitPlan::new(shape.seq, shape.head_dim, causal, &limits)
+            .unwrap()
+            .chunks[0]
+            .1;
         let whole = dense(u64::MAX)
+            .keys_per_dispatch(keys)
             .forward_async(&x.q, &x.k, &x.v, shape, true)
             .await
             .unwrap();
