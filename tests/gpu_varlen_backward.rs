@@ -11,14 +11,13 @@
 
 mod common;
 
-use common::{closeness, gpu, random_learned, read_buffer};
+use common::gradients::{backward_poisoned, buffer, compare, nan};
+
+use common::{gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors};
+use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Queries, Sequences, Shape};
-use wgpu::util::DeviceExt;
-
-const TOL: f64 = 2e-4;
 
 struct Inputs {
     q: Vec<f32>,
@@ -35,19 +34,6 @@ fn inputs(seed: u64, shape: Shape) -> Inputs {
         v: normal_tensor(seed ^ 0x7f4a_7c15, kv_len),
         dout: normal_tensor(seed ^ 0x2545_f491, len),
     }
-}
-
-fn buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> wgpu::Buffer {
-    ctx.device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::cast_slice(data),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        })
-}
-
-fn nan(ctx: &GpuContext, label: &str, len: usize) -> wgpu::Buffer {
-    buffer(ctx, label, &vec![f32::NAN; len.max(4)])
 }
 
 /// Forward and backward of the batch through caller buffers, every output poisoned; the
@@ -79,77 +65,8 @@ fn gpu_gradients(
     let saved = fma
         .saved_from_buffers_varlen(t, shape, seqs)
         .expect("saved");
-    let dout = buffer(ctx, "dout", &x.dout);
-    let (len, kv_len) = (shape.elements(), shape.kv_elements());
-    let (dq, dk, dv) = (
-        nan(ctx, "dq", len),
-        nan(ctx, "dk", kv_len),
-        nan(ctx, "dv", kv_len),
-    );
     let plan = fma.backward_plan_sequences(shape, seqs).expect("plan");
-    let learned = matches!(fma.config().downsample, Downsample::Learned(_));
-    let wbufs = learned.then(|| {
-        [
-            nan(ctx, "dwk", plan.weight_elements),
-            nan(ctx, "dwv", plan.weight_elements),
-            nan(ctx, "dbk", plan.bias_elements),
-            nan(ctx, "dbv", plan.bias_elements),
-        ]
-    });
-    let g = GradTensors {
-        dq: &dq,
-        dk: &dk,
-        dv: &dv,
-        weights: wbufs
-            .as_ref()
-            .map(|[wk, wv, bk, bv]| WeightGradTensors { wk, wv, bk, bv }),
-    };
-    fma.backward_buffers(&saved, &dout, g).expect("backward");
-    let read = |b: &wgpu::Buffer, len: usize| read_buffer(ctx, b)[..len].to_vec();
-    let weights = wbufs.as_ref().map(|[wk, wv, bk, bv]| {
-        let (wk, wv) = (
-            read(wk, plan.weight_elements),
-            read(wv, plan.weight_elements),
-        );
-        let (bk, bv) = (read(bk, plan.bias_elements), read(bv, plan.bias_elements));
-        let (d, p) = (shape.head_dim, fma.config().rank);
-        let (mut wo, mut bo) = (0, 0);
-        plan.forward
-            .levels
-            .levels
-            .iter()
-            .map(|lv| {
-                let (wl, bl) = (d * p * lv.window, d * p);
-                let g = multipole_attn::LevelGradients {
-                    wk: wk[wo..wo + wl].to_vec(),
-                    bk: bk[bo..bo + bl].to_vec(),
-                    wv: wv[wo..wo + wl].to_vec(),
-                    bv: bv[bo..bo + bl].to_vec(),
-                };
-                wo += wl;
-                bo += bl;
-                g
-            })
-            .collect()
-    });
-    Gradients {
-        dq: read(&dq, len),
-        dk: read(&dk, kv_len),
-        dv: read(&dv, kv_len),
-        weights,
-    }
-}
-
-/// Largest error of one tensor relative to its scale; asserts it is within TOL.
-fn compare(label: &str, name: &str, gpu: &[f32], reference: &[f64]) -> f64 {
-    let scale = reference.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-    let c = closeness(gpu, reference, TOL * scale, TOL);
-    assert_eq!(
-        c.violations, 0,
-        "{label}: {name} {c:?} (scale {scale:.3e}, gpu {}, ref {})",
-        gpu[c.worst_index], reference[c.worst_index]
-    );
-    c.max_abs / scale
+    backward_poisoned(ctx, fma, &saved, &plan, &x.dout)
 }
 
 /// Checks every gradient of one batch against the reference, and that the host API gives

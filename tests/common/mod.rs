@@ -2,6 +2,8 @@
 //! learned weights that differ from the box, NaN-poisoned outputs and buffer read-back.
 #![allow(dead_code)]
 
+pub mod gradients;
+
 use std::sync::OnceLock;
 
 use multipole_attn::gpu::{ContextOptions, GpuContext};

@@ -1,0 +1,121 @@
+//! The backward tests' shared half: a backward of saved tensors into NaN-poisoned caller
+//! buffers with the gradients read back (the weights' split per level, as the host API does),
+//! and the comparison of one gradient with the f64 reference at the backward tolerance.
+
+use multipole_attn::gpu::{FmaAttention, GpuContext, GradTensors, Saved, WeightGradTensors};
+use multipole_attn::plan::BackwardPlan;
+use multipole_attn::{Downsample, Gradients, LevelGradients};
+use wgpu::util::DeviceExt;
+
+use super::{closeness, read_buffer};
+
+/// The backward tolerance, per tensor: |gpu - ref| <= TOL (max(1, max|ref|) + |ref|) (why:
+/// tests/gpu_backward.rs's header).
+pub const TOL: f64 = 2e-4;
+
+/// A storage buffer holding `data`, readable back.
+pub fn buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+/// A storage buffer of `len` NaNs (at least 4), so an unwritten element fails a comparison.
+pub fn nan(ctx: &GpuContext, label: &str, len: usize) -> wgpu::Buffer {
+    buffer(ctx, label, &vec![f32::NAN; len.max(4)])
+}
+
+/// The backward of `saved` (planned as `plan`) with dO = `dout`, every gradient buffer
+/// poisoned with NaN; dQ, dK, dV read back and, in Learned mode, the weights' gradients split
+/// per level: (d, p, w_l), or (d, p, s_l, s_l) on a 2D grid.
+pub fn backward_poisoned(
+    ctx: &GpuContext,
+    fma: &FmaAttention,
+    saved: &Saved,
+    plan: &BackwardPlan,
+    dout: &[f32],
+) -> Gradients<f32> {
+    let shape = saved.shape();
+    let dout = buffer(ctx, "dout", dout);
+    let (len, kv_len) = (shape.elements(), shape.kv_elements());
+    let (dq, dk, dv) = (
+        nan(ctx, "dq", len),
+        nan(ctx, "dk", kv_len),
+        nan(ctx, "dv", kv_len),
+    );
+    let learned = matches!(fma.config().downsample, Downsample::Learned(_));
+    let wbufs = learned.then(|| {
+        [
+            nan(ctx, "dwk", plan.weight_elements),
+            nan(ctx, "dwv", plan.weight_elements),
+            nan(ctx, "dbk", plan.bias_elements),
+            nan(ctx, "dbv", plan.bias_elements),
+        ]
+    });
+    let g = GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: wbufs
+            .as_ref()
+            .map(|[wk, wv, bk, bv]| WeightGradTensors { wk, wv, bk, bv }),
+    };
+    fma.backward_buffers(saved, &dout, g).expect("backward");
+    let read = |b: &wgpu::Buffer, len: usize| read_buffer(ctx, b)[..len].to_vec();
+    let weights = wbufs.as_ref().map(|[wk, wv, bk, bv]| {
+        let (wk, wv) = (
+            read(wk, plan.weight_elements),
+            read(wv, plan.weight_elements),
+        );
+        let (bk, bv) = (read(bk, plan.bias_elements), read(bv, plan.bias_elements));
+        let (d, p) = (shape.head_dim, plan.forward.levels.p);
+        let grid = plan.forward.grid.is_some();
+        let (mut wo, mut bo) = (0, 0);
+        plan.forward
+            .levels
+            .levels
+            .iter()
+            .map(|lv| {
+                // Kernel taps: w_l (2D: s_l x s_l, the level's `window` is the cell side).
+                let taps = if grid {
+                    lv.window * lv.window
+                } else {
+                    lv.window
+                };
+                let (wl, bl) = (d * p * taps, d * p);
+                let g = LevelGradients {
+                    wk: wk[wo..wo + wl].to_vec(),
+                    bk: bk[bo..bo + bl].to_vec(),
+                    wv: wv[wo..wo + wl].to_vec(),
+                    bv: bv[bo..bo + bl].to_vec(),
+                };
+                wo += wl;
+                bo += bl;
+                g
+            })
+            .collect()
+    });
+    Gradients {
+        dq: read(&dq, len),
+        dk: read(&dk, kv_len),
+        dv: read(&dv, kv_len),
+        weights,
+    }
+}
+
+/// Largest error of one tensor relative to its scale; asserts it is within TOL (and finite:
+/// a NaN left by an unwritten element is a violation).
+pub fn compare(label: &str, name: &str, gpu: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(gpu.len(), reference.len(), "{label}: {name} length");
+    let scale = reference.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    let c = closeness(gpu, reference, TOL * scale, TOL);
+    assert_eq!(
+        c.violations, 0,
+        "{label}: {name} {c:?} (scale {scale:.3e}, gpu {}, ref {})",
+        gpu[c.worst_index], reference[c.worst_index]
+    );
+    c.max_abs / scale
+}
