@@ -270,16 +270,6 @@ mod tests {
     use super::*;
     use crate::weights::LearnedWeights;
 
-    fn lavapipe() -> KernelLimits {
-        KernelLimits {
-            max_workgroup: 256,
-            workgroup_storage: 32768,
-            max_workgroups_per_dim: 65535,
-            max_binding: 128 << 20,
-            max_buffer: 1 << 30,
-        }
-    }
-
     fn fits(s: Specialization, bytes: u32, limits: &KernelLimits) {
         assert!(
             bytes <= limits.workgroup_storage,
@@ -309,7 +299,7 @@ mod tests {
         let shape = Shape::new(1, 4, 4096, 64);
         let w = LearnedWeights::box_init_for(64, 64, 2, 4096);
         let cfg = FmaConfig::new(64, 2).downsample(Downsample::Learned(w));
-        let plan = BackwardPlan::new(shape, &cfg, &lavapipe()).unwrap();
+        let plan = BackwardPlan::new(shape, &cfg, &KernelLimits::lavapipe()).unwrap();
         assert_eq!(plan.dkv_coarse.len(), 5);
         assert_eq!(plan.weights_backward.len(), 5);
         assert_eq!(plan.dq.workgroups, plan.forward.attention.workgroups);
@@ -325,11 +315,16 @@ mod tests {
         // 5 downsample + delta + dq + 5 coarse + fine + downsample_backward + 5 weights.
         assert_eq!(plan.dispatches().len(), 19);
         assert_eq!(plan.weight_elements, 64 * 2 * (64 + 128 + 256 + 512 + 1024));
-        let avg = BackwardPlan::new(shape, &FmaConfig::new(64, 2), &lavapipe()).unwrap();
+        let avg =
+            BackwardPlan::new(shape, &FmaConfig::new(64, 2), &KernelLimits::lavapipe()).unwrap();
         assert!(avg.weights_backward.is_empty());
         assert_eq!(avg.weight_elements, 0);
-        let flat =
-            BackwardPlan::new(Shape::new(1, 1, 7, 16), &FmaConfig::new(4, 2), &lavapipe()).unwrap();
+        let flat = BackwardPlan::new(
+            Shape::new(1, 1, 7, 16),
+            &FmaConfig::new(4, 2),
+            &KernelLimits::lavapipe(),
+        )
+        .unwrap();
         assert!(flat.downsample_backward.is_none() && flat.dkv_coarse.is_empty());
     }
 
@@ -343,7 +338,7 @@ mod tests {
             .grid(Some(grid))
             .downsample(Downsample::Learned(w));
         let shape = Shape::new(1, 3, 45 * 70, 16).with_kv_heads(1);
-        let plan = BackwardPlan::new(shape, &cfg, &lavapipe()).unwrap();
+        let plan = BackwardPlan::new(shape, &cfg, &KernelLimits::lavapipe()).unwrap();
         assert_eq!(plan.dq.workgroups, 3 * 54);
         assert_eq!(plan.dkv_fine.workgroups, 54);
         let cells: Vec<u32> = plan.dkv_coarse.iter().map(|d| d.workgroups).collect();
@@ -358,7 +353,7 @@ mod tests {
         // A grid whose tensors exceed one binding: a typed error (2D heads are never split).
         let small = KernelLimits {
             max_binding: 16 << 10,
-            ..lavapipe()
+            ..KernelLimits::lavapipe()
         };
         let e = BackwardPlan::new(shape, &cfg, &small).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
@@ -366,7 +361,7 @@ mod tests {
         let coarse = FmaConfig::new(8, 2)
             .grid(Some(grid))
             .queries(Queries::Coarse);
-        let e = BackwardPlan::new(shape, &coarse, &lavapipe()).unwrap_err();
+        let e = BackwardPlan::new(shape, &coarse, &KernelLimits::lavapipe()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -381,9 +376,9 @@ mod tests {
 
     #[test]
     fn tiles_fit_workgroup_memory_and_the_grid_limit() {
-        let mut web = lavapipe();
+        let mut web = KernelLimits::lavapipe();
         web.workgroup_storage = 16384;
-        for limits in [lavapipe(), web] {
+        for limits in [KernelLimits::lavapipe(), web] {
             for d in [1usize, 3, 16, 40, 64, 128, 256] {
                 let plan =
                     BackwardPlan::new(Shape::new(1, 1, 1000, d), &FmaConfig::new(16, 2), &limits)
@@ -404,7 +399,7 @@ mod tests {
         let plan = BackwardPlan::new(
             Shape::new(7, 10000, 16, 16),
             &FmaConfig::new(16, 2),
-            &lavapipe(),
+            &KernelLimits::lavapipe(),
         )
         .unwrap();
         for dsp in plan.dispatches() {
@@ -416,7 +411,7 @@ mod tests {
 
     #[test]
     fn too_little_workgroup_memory_is_a_typed_error() {
-        let mut tiny = lavapipe();
+        let mut tiny = KernelLimits::lavapipe();
         tiny.workgroup_storage = 4096;
         let e = BackwardPlan::new(Shape::new(1, 1, 100, 256), &FmaConfig::new(16, 2), &tiny)
             .unwrap_err();

@@ -301,22 +301,12 @@ mod tests {
     use super::*;
     use crate::plan::{fold, DensePlan};
 
-    fn lavapipe() -> KernelLimits {
-        KernelLimits {
-            max_workgroup: 256,
-            workgroup_storage: 32768,
-            max_workgroups_per_dim: 65535,
-            max_binding: 128 << 20,
-            max_buffer: 1 << 30,
-        }
-    }
-
     #[test]
     fn one_downsample_dispatch_per_level_then_attention() {
         let plan = FmaPlan::new(
             Shape::new(1, 4, 4096, 64),
             &FmaConfig::new(64, 2),
-            &lavapipe(),
+            &KernelLimits::lavapipe(),
         )
         .unwrap();
         assert_eq!(plan.levels.count(), 5);
@@ -339,7 +329,12 @@ mod tests {
         // 64) = 2), levels of 6 x 9, 3 x 5 and 2 x 3 cells.
         let grid = Grid::new(45, 70);
         let cfg = FmaConfig::new(8, 2).grid(Some(grid));
-        let plan = FmaPlan::new(Shape::new(1, 3, 45 * 70, 16), &cfg, &lavapipe()).unwrap();
+        let plan = FmaPlan::new(
+            Shape::new(1, 3, 45 * 70, 16),
+            &cfg,
+            &KernelLimits::lavapipe(),
+        )
+        .unwrap();
         assert_eq!((plan.query_blocks, plan.tiles_per_block), (54, 1));
         assert_eq!(plan.attention.workgroups, 3 * 54);
         assert!(plan.attention.spec.grid && plan.downsample.iter().all(|d| d.spec.grid));
@@ -349,7 +344,12 @@ mod tests {
         assert_eq!(plan.workspace.coarse_rows, (54 + 15 + 6) * 2);
         // A cell of at least the grid is the grid's longer side, with p = 1 and no level.
         let whole = FmaConfig::new(1 << 20, 4).grid(Some(grid));
-        let plan = FmaPlan::new(Shape::new(1, 1, 45 * 70, 16), &whole, &lavapipe()).unwrap();
+        let plan = FmaPlan::new(
+            Shape::new(1, 1, 45 * 70, 16),
+            &whole,
+            &KernelLimits::lavapipe(),
+        )
+        .unwrap();
         assert_eq!(
             (plan.levels.m, plan.levels.p, plan.levels.count()),
             (70, 1, 0)
@@ -361,8 +361,8 @@ mod tests {
     fn coarse_queries_chain_pool_and_attend_level_by_level_then_near_field_then_merge() {
         let shape = Shape::new(1, 4, 4096, 64);
         let cfg = FmaConfig::new(64, 2).queries(Queries::Coarse);
-        let plan = FmaPlan::new(shape, &cfg, &lavapipe()).unwrap();
-        let fine = FmaPlan::new(shape, &FmaConfig::new(64, 2), &lavapipe()).unwrap();
+        let plan = FmaPlan::new(shape, &cfg, &KernelLimits::lavapipe()).unwrap();
+        let fine = FmaPlan::new(shape, &FmaConfig::new(64, 2), &KernelLimits::lavapipe()).unwrap();
         assert!(fine.coarse_attention.is_empty() && fine.merge.is_none());
         assert_eq!(fine.steps().len(), 6);
         let steps = plan.steps();
@@ -394,7 +394,8 @@ mod tests {
     #[test]
     fn causal_coarse_queries_are_refused() {
         let cfg = FmaConfig::new(64, 2).queries(Queries::Coarse).causal(true);
-        let e = FmaPlan::new(Shape::new(1, 1, 4096, 64), &cfg, &lavapipe()).unwrap_err();
+        let e =
+            FmaPlan::new(Shape::new(1, 1, 4096, 64), &cfg, &KernelLimits::lavapipe()).unwrap_err();
         assert!(matches!(e, FmaError::CausalCoarseQueries), "{e}");
     }
 
@@ -404,7 +405,7 @@ mod tests {
         let plan = FmaPlan::new(
             Shape::new(7, 10000, 16, 16),
             &FmaConfig::new(16, 2),
-            &lavapipe(),
+            &KernelLimits::lavapipe(),
         )
         .unwrap();
         assert_eq!(plan.attention.workgroups, 70000);
@@ -419,7 +420,7 @@ mod tests {
 
     #[test]
     fn workgroups_and_tiles_follow_the_adapter_limits() {
-        let mut web = lavapipe();
+        let mut web = KernelLimits::lavapipe();
         web.max_workgroup = 256;
         web.workgroup_storage = 16384;
         let plan =
@@ -434,14 +435,14 @@ mod tests {
 
     #[test]
     fn limits_are_typed_errors() {
-        let mut tiny = lavapipe();
+        let mut tiny = KernelLimits::lavapipe();
         tiny.max_binding = 1 << 20;
         let e = FmaPlan::new(Shape::new(1, 8, 8192, 64), &FmaConfig::default(), &tiny).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
         let e = FmaPlan::new(
             Shape::new(1, 1, 64, 300),
             &FmaConfig::default(),
-            &lavapipe(),
+            &KernelLimits::lavapipe(),
         )
         .unwrap_err();
         assert!(
@@ -454,12 +455,16 @@ mod tests {
             ),
             "{e}"
         );
-        let mut no_mem = lavapipe();
+        let mut no_mem = KernelLimits::lavapipe();
         no_mem.workgroup_storage = 1024;
         let e = DensePlan::new(Shape::new(1, 1, 64, 256), &no_mem).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
-        let e =
-            FmaPlan::new(Shape::new(1, 1, 0, 16), &FmaConfig::default(), &lavapipe()).unwrap_err();
+        let e = FmaPlan::new(
+            Shape::new(1, 1, 0, 16),
+            &FmaConfig::default(),
+            &KernelLimits::lavapipe(),
+        )
+        .unwrap_err();
         assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
     }
 }

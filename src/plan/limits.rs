@@ -70,6 +70,14 @@ impl KernelLimits {
 
 #[cfg(test)]
 impl KernelLimits {
+    /// lavapipe's limits (32 KiB of workgroup memory, 128 MiB bindings), for the plans' tests.
+    pub(crate) fn lavapipe() -> Self {
+        Self {
+            workgroup_storage: 32768,
+            ..Self::with_binding(128 << 20)
+        }
+    }
+
     /// A desktop adapter's limits but for `binding` bytes per storage binding (unit tests of
     /// the split plans).
     pub(crate) fn with_binding(binding: u64) -> Self {

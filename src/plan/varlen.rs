@@ -186,16 +186,6 @@ impl DensePlan {
 mod tests {
     use super::*;
 
-    fn lavapipe() -> KernelLimits {
-        KernelLimits {
-            max_workgroup: 256,
-            workgroup_storage: 32768,
-            max_workgroups_per_dim: 65535,
-            max_binding: 128 << 20,
-            max_buffer: 1 << 30,
-        }
-    }
-
     #[test]
     fn a_pack_costs_its_tokens_not_its_longest_sequence() {
         // One sequence of 65536 tokens beside 10000 of 1..9.
@@ -203,8 +193,10 @@ mod tests {
         lengths.push(65536);
         let seqs = Sequences::packed(lengths).unwrap();
         let cfg = FmaConfig::new(64, 2);
-        let plan = FmaPlan::for_sequences(&seqs, 2, 1, 64, &cfg, &lavapipe()).unwrap();
-        let long = FmaPlan::new(Shape::new(1, 2, 65536, 64), &cfg, &lavapipe()).unwrap();
+        let plan =
+            FmaPlan::for_sequences(&seqs, 2, 1, 64, &cfg, &KernelLimits::lavapipe()).unwrap();
+        let long =
+            FmaPlan::new(Shape::new(1, 2, 65536, 64), &cfg, &KernelLimits::lavapipe()).unwrap();
         // Each short sequence is one fine block (one tile); the long one its own tiles.
         assert_eq!(
             plan.attention.workgroups,
@@ -221,14 +213,21 @@ mod tests {
     #[test]
     fn padded_batches_fill_their_padding_and_dense_follows_each_sequence() {
         let seqs = Sequences::padded(100, vec![100, 3, 0]).unwrap();
-        let plan =
-            FmaPlan::for_sequences(&seqs, 2, 2, 16, &FmaConfig::new(16, 2), &lavapipe()).unwrap();
+        let plan = FmaPlan::for_sequences(
+            &seqs,
+            2,
+            2,
+            16,
+            &FmaConfig::new(16, 2),
+            &KernelLimits::lavapipe(),
+        )
+        .unwrap();
         assert_eq!(plan.shape, Shape::new(3, 2, 100, 16));
         assert_eq!(
             plan.pad.unwrap().workgroups,
             (3 * 2 * 100usize).div_ceil(64) as u32
         );
-        let dense = DensePlan::for_sequences(&seqs, 2, 1, 16, &lavapipe()).unwrap();
+        let dense = DensePlan::for_sequences(&seqs, 2, 1, 16, &KernelLimits::lavapipe()).unwrap();
         // ceil(100 / 64) + ceil(3 / 64) + 0 tiles per head.
         assert_eq!(dense.attention.workgroups, 2 * 3);
     }

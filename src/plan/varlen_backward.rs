@@ -77,27 +77,18 @@ mod tests {
     use super::*;
     use crate::shape::Shape;
 
-    fn lavapipe() -> KernelLimits {
-        KernelLimits {
-            max_workgroup: 256,
-            workgroup_storage: 32768,
-            max_workgroups_per_dim: 65535,
-            max_binding: 128 << 20,
-            max_buffer: 1 << 30,
-        }
-    }
-
     #[test]
     fn a_pack_is_differentiated_over_its_tokens() {
         // Two sequences of 64 + 100 tokens against one of 164: the same fine blocks of m = 16
         // up to the partial ones (4 + 7 against 11), and each sequence's own windows.
         let cfg = FmaConfig::new(16, 2);
         let seqs = Sequences::packed(vec![64, 100]).unwrap();
-        let plan = BackwardPlan::for_sequences(&seqs, 4, 2, 16, &cfg, &lavapipe()).unwrap();
+        let plan =
+            BackwardPlan::for_sequences(&seqs, 4, 2, 16, &cfg, &KernelLimits::lavapipe()).unwrap();
         let one = BackwardPlan::new(
             Shape::new(1, 4, 164, 16).with_kv_heads(2),
             &cfg,
-            &lavapipe(),
+            &KernelLimits::lavapipe(),
         )
         .unwrap();
         assert_eq!(plan.dkv_fine.workgroups, one.dkv_fine.workgroups);
@@ -107,7 +98,8 @@ mod tests {
         assert_eq!(plan.dkv_coarse[1].workgroups, 2 * 6);
         assert!(plan.pad.is_none());
         let padded = Sequences::padded(100, vec![64, 100]).unwrap();
-        let plan = BackwardPlan::for_sequences(&padded, 4, 2, 16, &cfg, &lavapipe()).unwrap();
+        let plan = BackwardPlan::for_sequences(&padded, 4, 2, 16, &cfg, &KernelLimits::lavapipe())
+            .unwrap();
         assert_eq!(
             plan.pad.unwrap().workgroups,
             (2 * 4 * 100usize).div_ceil(64) as u32
