@@ -1,11 +1,13 @@
-//! Gradients of fine-query FMA (algorithm.md §8): what the backward pass returns, in f64 from
+//! Gradients of FMA (algorithm.md §8), fine or coarse queries: what the backward pass returns, in f64 from
 //! the CPU reference and in f32 from the GPU.
 
 use crate::weights::LevelWeights;
 
 /// Gradients of one coarse level's learned downsampling weights, summed over batch and heads
 /// (the weights are shared by all heads), in the layout of [`crate::LevelWeights`]:
-/// `wk`, `wv`: (head_dim, p, w_l); `bk`, `bv`: (head_dim, p), row-major.
+/// `wk`, `wv`, `wq`: (head_dim, p, w_l); `bk`, `bv`, `bq`: (head_dim, p), row-major. The query
+/// weights' gradients are those of coarse queries (algorithm.md §6); fine queries do not use
+/// the query weights, so theirs are zero.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LevelGradients<T> {
     /// dL/dWK_l, (head_dim, p, w_l).
@@ -16,6 +18,10 @@ pub struct LevelGradients<T> {
     pub wv: Vec<T>,
     /// dL/dbV_l, (head_dim, p).
     pub bv: Vec<T>,
+    /// dL/dWQ_l, (head_dim, p, w_l): coarse queries; zero for fine queries.
+    pub wq: Vec<T>,
+    /// dL/dbQ_l, (head_dim, p): coarse queries; zero for fine queries.
+    pub bq: Vec<T>,
 }
 
 impl<T: Clone + Default> LevelGradients<T> {
@@ -26,8 +32,10 @@ impl<T: Clone + Default> LevelGradients<T> {
         Self {
             wk: w.clone(),
             bk: b.clone(),
-            wv: w,
-            bv: b,
+            wv: w.clone(),
+            bv: b.clone(),
+            wq: w,
+            bq: b,
         }
     }
 
@@ -39,6 +47,10 @@ impl<T: Clone + Default> LevelGradients<T> {
             bk: vec![T::default(); weights.bk.len()],
             wv: vec![T::default(); weights.wv.len()],
             bv: vec![T::default(); weights.bv.len()],
+            // Fine-query weights may leave the query weights empty: their gradient has the
+            // key weights' shape either way.
+            wq: vec![T::default(); weights.wk.len()],
+            bq: vec![T::default(); weights.bk.len()],
         }
     }
 }

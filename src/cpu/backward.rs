@@ -1,4 +1,4 @@
-//! The backward pass of fine-query FMA in f64 (algorithm.md §8): the oracle of the GPU
+//! The backward pass of FMA in f64, fine or coarse queries (algorithm.md §8 with §6): the oracle of the GPU
 //! backward. Written like the forward reference (per query, the keys it sees, one softmax),
 //! with scatter on the CPU where the GPU gathers. CPU mirror of `shaders/backward_*.wgsl`,
 //! `shaders/downsample_backward.wgsl` and `shaders/weights_backward.wgsl`.
@@ -7,16 +7,19 @@
 //! dS_ij = P_ij (dO_i . v_j - D_i); dQ_i = sum_j dS_ij k_j / sqrt(d);
 //! dk_j = sum_i dS_ij q_i / sqrt(d); dv_j = sum_i P_ij dO_i, for fine and coarse keys alike;
 //! a coarse key's gradient then flows back through the downsampling (Average: spread over
-//! its sub-window; Learned: through W, and into dW, db).
+//! its sub-window; Learned: through W, and into dW, db). With coarse queries the far field's
+//! query is the pooled query of the token's row: its dQ share goes to that row (dQ~), and
+//! from there back through the query pooling (into dQ, and dWQ, dbQ).
 
-use crate::config::{Downsample, FmaConfig};
+use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
 use crate::geometry::Geometry;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
 
 use super::checks::{check_geometry, check_inputs};
-use super::downsample::downsample_head;
+use super::coarse::CoarseQueries;
+use super::downsample::{downsample_head, Pooled};
 use super::gather::{seen_keys_in, SeenKey};
 use super::{count_bias, dot};
 
@@ -25,6 +28,21 @@ use super::{count_bias, dot};
 enum Slot {
     Fine(usize),
     Coarse { level: usize, row: usize },
+}
+
+/// One key a query row saw in the forward, with what its gradients need.
+struct SeenRow<'a> {
+    /// The logit, count correction included.
+    logit: f64,
+    key: &'a [f64],
+    value: &'a [f64],
+    /// The query that met the key: q_i, or at a coarse level with coarse queries the pooled
+    /// query of the token's row.
+    query: &'a [f64],
+    slot: Slot,
+    /// Coarse queries at a coarse level: the (level, row) of that pooled query, which takes
+    /// the query gradient instead of dQ_i.
+    query_slot: Option<(usize, usize)>,
 }
 
 /// Gradients of `L = sum(dO * O)` with `O = cpu::fma_forward(q, k, v, shape, cfg).o`; `q` and
@@ -90,6 +108,7 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
         ),
         Downsample::Average => None,
     };
+    let coarse_queries = cfg.queries == Queries::Coarse;
     for bh in 0..shape.batch_heads() {
         let head = bh * n * d..(bh + 1) * n * d;
         // Grouped-query heads: this query head's K/V head, whose gradients sum the group's.
@@ -102,9 +121,15 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
             &dout[head.clone()],
         );
         let coarse = downsample_head(kh, vh, d, geometry, &cfg.downsample);
-        // dK~, dV~ of every level, (level_rows, d) each.
+        // Coarse queries (§6): level l's far list is seen through the pooled query of the
+        // token's row, so the far field's query gradient lands on that row (dQ~), which then
+        // flows back through the query pooling like dK~ through the key pooling.
+        let coarse_q =
+            coarse_queries.then(|| CoarseQueries::new(qh, d, geometry, &cfg.downsample));
+        // dK~, dV~ (and dQ~) of every level, (level_rows, d) each.
         let mut dck: Vec<Vec<f64>> = coarse.iter().map(|c| vec![0.0; c.keys.len()]).collect();
         let mut dcv = dck.clone();
+        let mut dcq = dck.clone();
         let (dqh, dkh, dvh) = (
             &mut dq[head.clone()],
             &mut dk[kv_head.clone()],
@@ -113,50 +138,68 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
         for i in 0..n {
             let qi = &qh[i * d..(i + 1) * d];
             let doi = &doh[i * d..(i + 1) * d];
-            // The forward row again: logits, key and value rows, where each gradient goes.
-            let keys: Vec<(f64, &[f64], &[f64], Slot)> = seen_keys_in(geometry, i)
+            // The forward row again: every key's logit, key and value rows, the query that
+            // met it, and where the gradients go.
+            let keys: Vec<SeenRow> = seen_keys_in(geometry, i)
                 .into_iter()
                 .map(|key| match key {
                     SeenKey::Fine(t) => {
                         let kt = &kh[t * d..(t + 1) * d];
-                        (
-                            dot(qi, kt) * scale,
-                            kt,
-                            &vh[t * d..(t + 1) * d],
-                            Slot::Fine(t),
-                        )
+                        SeenRow {
+                            logit: dot(qi, kt) * scale,
+                            key: kt,
+                            value: &vh[t * d..(t + 1) * d],
+                            query: qi,
+                            slot: Slot::Fine(t),
+                            query_slot: None,
+                        }
                     }
                     SeenKey::Coarse { level, window, j } => {
                         let c = &coarse[level - 1];
                         let row = window * p + j;
                         let kr = &c.keys[row * d..(row + 1) * d];
-                        let bias = count_bias(geometry, cfg, level, row);
-                        (
-                            dot(qi, kr) * scale + bias,
-                            kr,
-                            &c.values[row * d..(row + 1) * d],
-                            Slot::Coarse { level, row },
-                        )
+                        let (query, query_slot) = match &coarse_q {
+                            Some(cq) => (
+                                cq.of_token(level, i),
+                                Some((level, geometry.row_of_token(level, i))),
+                            ),
+                            None => (qi, None),
+                        };
+                        SeenRow {
+                            logit: dot(query, kr) * scale + count_bias(geometry, cfg, level, row),
+                            key: kr,
+                            value: &c.values[row * d..(row + 1) * d],
+                            query,
+                            slot: Slot::Coarse { level, row },
+                            query_slot,
+                        }
                     }
                 })
                 .collect();
-            let max = keys.iter().map(|k| k.0).fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = keys.iter().map(|k| (k.0 - max).exp()).sum();
+            let max = keys
+                .iter()
+                .map(|k| k.logit)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = keys.iter().map(|k| (k.logit - max).exp()).sum();
             let lse = max + z.ln();
-            let probs: Vec<f64> = keys.iter().map(|k| (k.0 - lse).exp()).collect();
+            let probs: Vec<f64> = keys.iter().map(|k| (k.logit - lse).exp()).collect();
             let mut oi = vec![0f64; d];
             for (pr, key) in probs.iter().zip(&keys) {
-                for (o, x) in oi.iter_mut().zip(key.2) {
+                for (o, x) in oi.iter_mut().zip(key.value) {
                     *o += pr * x;
                 }
             }
             let delta = dot(doi, &oi);
-            for (&pr, &(_, kr, vr, slot)) in probs.iter().zip(&keys) {
-                let ds = pr * (dot(doi, vr) - delta);
+            for (&pr, key) in probs.iter().zip(&keys) {
+                let ds = pr * (dot(doi, key.value) - delta);
+                let gq = match key.query_slot {
+                    Some((level, row)) => &mut dcq[level - 1][row * d..(row + 1) * d],
+                    None => &mut dqh[i * d..(i + 1) * d],
+                };
                 for c in 0..d {
-                    dqh[i * d + c] += scale * ds * kr[c];
+                    gq[c] += scale * ds * key.key[c];
                 }
-                let (gk, gv) = match slot {
+                let (gk, gv) = match key.slot {
                     Slot::Fine(t) => (&mut dkh[t * d..(t + 1) * d], &mut dvh[t * d..(t + 1) * d]),
                     Slot::Coarse { level, row } => (
                         &mut dck[level - 1][row * d..(row + 1) * d],
@@ -164,12 +207,19 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
                     ),
                 };
                 for c in 0..d {
-                    gk[c] += scale * ds * qi[c];
+                    gk[c] += scale * ds * key.query[c];
                     gv[c] += pr * doi[c];
                 }
             }
         }
-        downsample_backward(kh, vh, &dck, &dcv, d, geometry, cfg, dkh, dvh, dw.as_mut());
+        let mut pool_back = |x: &[f64], dc: &[Vec<f64>], which: Pooled, dx: &mut [f64]| {
+            pool_backward(x, dc, which, d, geometry, cfg, dx, dw.as_mut());
+        };
+        pool_back(kh, &dck, Pooled::Keys, dkh);
+        pool_back(vh, &dcv, Pooled::Values, dvh);
+        if coarse_queries {
+            pool_back(qh, &dcq, Pooled::Queries, dqh);
+        }
     }
     Ok(Gradients {
         dq,
@@ -179,60 +229,63 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
     })
 }
 
-/// Sends the coarse gradients dK~, dV~ of one head back through the downsampling
-/// (algorithm.md §8): adds their share to `dk`, `dv` (n, d), and in Learned mode adds
-/// dW[c,j,k] = sum over rows r of basis j of dK~[r, c] K[token of tap k, c] and
-/// db[c,j] = sum over those rows of dK~[r, c] to `dw`.
+/// Sends the coarse gradients `dc` (one (level_rows, d) tensor per level) of one head's
+/// pooled `x` (n, d) back through the pooling (algorithm.md §8): adds their share to `dx`, and
+/// in Learned mode adds dW[c,j,k] = sum over rows r of basis j of dc[r, c] x[token of tap k, c]
+/// and db[c,j] = sum over those rows of dc[r, c] to the weight gradients `which` selects.
 #[allow(clippy::too_many_arguments)]
-fn downsample_backward<G: Geometry + ?Sized>(
-    k: &[f64],
-    v: &[f64],
-    dck: &[Vec<f64>],
-    dcv: &[Vec<f64>],
+fn pool_backward<G: Geometry + ?Sized>(
+    x: &[f64],
+    dc: &[Vec<f64>],
+    which: Pooled,
     d: usize,
     geometry: &G,
     cfg: &FmaConfig,
-    dk: &mut [f64],
-    dv: &mut [f64],
+    dx: &mut [f64],
     mut dw: Option<&mut Vec<LevelGradients<f64>>>,
 ) {
     let p = geometry.rank();
     for level in 1..=geometry.num_levels() {
         let li = level - 1;
         for row in 0..geometry.level_rows(level) {
-            let (gk, gv) = (
-                &dck[li][row * d..(row + 1) * d],
-                &dcv[li][row * d..(row + 1) * d],
-            );
+            let g = &dc[li][row * d..(row + 1) * d];
             match &cfg.downsample {
                 Downsample::Average => {
                     let count = geometry.row_count(level, row) as f64;
                     for t in geometry.row_tokens(level, row).into_iter().flatten() {
                         for c in 0..d {
-                            dk[t * d + c] += gk[c] / count;
-                            dv[t * d + c] += gv[c] / count;
+                            dx[t * d + c] += g[c] / count;
                         }
                     }
                 }
                 Downsample::Learned(wts) => {
                     let lw = &wts.levels[li];
-                    let mut g = dw.as_deref_mut().map(|g| &mut g[li]);
+                    let w = match which {
+                        Pooled::Keys => &lw.wk,
+                        Pooled::Values => &lw.wv,
+                        Pooled::Queries => &lw.wq,
+                    };
+                    let mut grads = dw.as_deref_mut().map(|gw| {
+                        let lg = &mut gw[li];
+                        match which {
+                            Pooled::Keys => (&mut lg.wk, &mut lg.bk),
+                            Pooled::Values => (&mut lg.wv, &mut lg.bv),
+                            Pooled::Queries => (&mut lg.wq, &mut lg.bq),
+                        }
+                    });
                     let (j, taps) = (row % p, geometry.kernel_len(level));
                     let runs = geometry.kernel_taps(level, row);
                     for c in 0..d {
-                        if let Some(g) = g.as_deref_mut() {
-                            g.bk[c * p + j] += gk[c];
-                            g.bv[c * p + j] += gv[c];
+                        if let Some((_, gb)) = grads.as_mut() {
+                            gb[c * p + j] += g[c];
                         }
                         for run in &runs {
                             // Tokens beyond n are zeros: no taps there, no gradient.
                             for (kidx, tok) in (run.kernel..).zip(run.tokens.clone()) {
                                 let widx = (c * p + j) * taps + kidx;
-                                dk[tok * d + c] += lw.wk[widx] as f64 * gk[c];
-                                dv[tok * d + c] += lw.wv[widx] as f64 * gv[c];
-                                if let Some(g) = g.as_deref_mut() {
-                                    g.wk[widx] += gk[c] * k[tok * d + c];
-                                    g.wv[widx] += gv[c] * v[tok * d + c];
+                                dx[tok * d + c] += w[widx] as f64 * g[c];
+                                if let Some((gw, _)) = grads.as_mut() {
+                                    gw[widx] += g[c] * x[tok * d + c];
                                 }
                             }
                         }

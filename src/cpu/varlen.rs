@@ -147,6 +147,8 @@ pub fn fma_backward_varlen(
                 add_into(&mut a.bk, &b.bk);
                 add_into(&mut a.wv, &b.wv);
                 add_into(&mut a.bv, &b.bv);
+                add_into(&mut a.wq, &b.wq);
+                add_into(&mut a.bq, &b.bq);
             }
         }
     }

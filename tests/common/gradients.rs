@@ -91,6 +91,8 @@ pub fn backward_poisoned(
                     bk: bk[bo..bo + bl].to_vec(),
                     wv: wv[wo..wo + wl].to_vec(),
                     bv: bv[bo..bo + bl].to_vec(),
+                    wq: vec![0.0; wl],
+                    bq: vec![0.0; bl],
                 };
                 wo += wl;
                 bo += bl;

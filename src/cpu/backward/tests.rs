@@ -15,7 +15,7 @@ use super::fma_backward;
 use crate::closeness::is_close;
 use crate::cpu::fma_forward;
 use crate::random::{fresh_seed, normal_tensor};
-use crate::{Downsample, FmaConfig, LearnedWeights, Shape};
+use crate::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
 
 fn loss(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], shape: Shape, cfg: &FmaConfig) -> f64 {
     let o = fma_forward(q, k, v, shape, cfg).expect("forward").o;
@@ -39,6 +39,8 @@ fn random_weights(seed: u64, d: usize, m: usize, p: usize, n: usize) -> LearnedW
             (&mut lw.wv, 2, 0.3),
             (&mut lw.bk, 3, 0.2),
             (&mut lw.bv, 4, 0.2),
+            (&mut lw.wq, 5, 0.3),
+            (&mut lw.bq, 6, 0.2),
         ] {
             let noise = normal_tensor(s + off, buf.len());
             buf.iter_mut().zip(noise).for_each(|(x, e)| *x += sc * e);
@@ -57,9 +59,10 @@ fn assert_close(what: &str, got: f64, want: f64, atol: f64, rtol: f64) {
 
 fn check_case(seed: u64, shape: Shape, cfg: &FmaConfig) {
     let label = format!(
-        "seed {seed} {shape} m={} p={} causal={} cc={} learned={}",
+        "seed {seed} {shape} m={} p={} {:?} queries causal={} cc={} learned={}",
         cfg.block,
         cfg.rank,
+        cfg.queries,
         cfg.causal,
         cfg.count_correction,
         matches!(cfg.downsample, Downsample::Learned(_))
@@ -117,12 +120,14 @@ fn check_case(seed: u64, shape: Shape, cfg: &FmaConfig) {
     assert_eq!(gw.len(), w.levels.len());
     let step = 1.0f32 / 4096.0;
     for (li, lg) in gw.iter().enumerate() {
-        for kind in 0..4 {
+        for kind in 0..6 {
             let (name, grad) = match kind {
                 0 => ("k_w", &lg.wk),
                 1 => ("k_b", &lg.bk),
                 2 => ("v_w", &lg.wv),
-                _ => ("v_b", &lg.bv),
+                3 => ("v_b", &lg.bv),
+                4 => ("q_w", &lg.wq),
+                _ => ("q_b", &lg.bq),
             };
             for idx in 0..grad.len() {
                 let perturbed = |sign: f32| {
@@ -132,7 +137,9 @@ fn check_case(seed: u64, shape: Shape, cfg: &FmaConfig) {
                         0 => &mut lw.wk,
                         1 => &mut lw.bk,
                         2 => &mut lw.wv,
-                        _ => &mut lw.bv,
+                        3 => &mut lw.bv,
+                        4 => &mut lw.wq,
+                        _ => &mut lw.bq,
                     };
                     buf[idx] += sign * step;
                     let taken = buf[idx];
@@ -173,6 +180,38 @@ fn gradients_match_finite_differences() {
     }
     let cfg = FmaConfig::new(4, 2).count_correction(false);
     check_case(seed ^ 7, Shape::new(2, 1, 19, 2), &cfg);
+}
+
+/// Coarse queries (algorithm.md §6, bidirectional only): the far field's query is pooled, so
+/// its gradient reaches dQ through the query pooling and, in Learned mode, dWQ and dbQ.
+/// Partial windows and sub-windows at every level (n = 13, 23, 9, 17), p = 1 and 2, two
+/// batches, count correction off once.
+#[test]
+fn coarse_query_gradients_match_finite_differences() {
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut case = 0u64;
+    for (shape, m, p) in [
+        (Shape::new(1, 2, 13, 3), 4, 2),
+        (Shape::new(1, 1, 23, 2), 4, 1),
+        (Shape::new(1, 1, 1, 2), 4, 2),
+        (Shape::new(2, 1, 9, 2), 2, 2),
+    ] {
+        for learned in [false, true] {
+            let s = seed.wrapping_add(case * 101);
+            let mut cfg = FmaConfig::new(m, p).queries(Queries::Coarse);
+            if learned {
+                let w = random_weights(s, shape.head_dim, m, p, shape.seq);
+                cfg = cfg.downsample(Downsample::Learned(w));
+            }
+            check_case(s, shape, &cfg);
+            case += 1;
+        }
+    }
+    let cfg = FmaConfig::new(4, 2)
+        .queries(Queries::Coarse)
+        .count_correction(false);
+    check_case(seed ^ 11, Shape::new(1, 1, 17, 2), &cfg);
 }
 
 #[test]

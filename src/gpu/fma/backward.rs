@@ -387,6 +387,8 @@ impl FmaAttention {
                             bk: bk[boff..boff + bl].to_vec(),
                             wv: wv[woff..woff + wl].to_vec(),
                             bv: bv[boff..boff + bl].to_vec(),
+                            wq: vec![0.0; wl],
+                            bq: vec![0.0; bl],
                         };
                         woff += wl;
                         boff += bl;
