@@ -6,18 +6,21 @@
 // phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
 // dK~_r = sum_i dS_ir q_i / sqrt(d), dV~_r = sum_i P_ir dO_i, in a fixed order, no atomics.
 // Rows of empty sub-windows are never seen: their P is 0 and they get zeros.
-// CPU mirror: the `Slot::Coarse` sums in `cpu::backward::fma_backward`.
+// With coarse queries (params.coarse_queries; the pass `backward_dkv_coarse_q`, which binds
+// Q~, G and (R, H) of backward_coarse_stats.wgsl as q, dout and stats) the queries of a reader
+// window are its p coarse-query rows, each standing for the tokens of its sub-window.
+// CPU mirror: the `Slot::Coarse` sums in `cpu::backward::fma_backward_in`.
 
 #import params
 #import geometry
 #import level_select
 #import sequences
 
-@group(0) @binding(1) var<storage, read> q: array<f32>;                  // (bh, n, d)
+@group(0) @binding(1) var<storage, read> q: array<f32>;                  // (bh, n, d) (coarse queries: Q~)
 @group(0) @binding(2) var<storage, read> coarse_k: array<f32>;           // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(3) var<storage, read> coarse_v: array<f32>;           // (bh / kv_group, coarse_rows, d)
-@group(0) @binding(4) var<storage, read> dout: array<f32>;               // (bh, n, d)
-@group(0) @binding(5) var<storage, read> stats: array<f32>;              // (bh, n, 2): LSE, D
+@group(0) @binding(4) var<storage, read> dout: array<f32>;               // (bh, n, d) (coarse queries: G)
+@group(0) @binding(5) var<storage, read> stats: array<f32>;              // (bh, n, 2): LSE, D (coarse: R, H)
 @group(0) @binding(6) var<storage, read_write> dcoarse_k: array<f32>;    // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(7) var<storage, read_write> dcoarse_v: array<f32>;    // (bh / kv_group, coarse_rows, d)
 
@@ -79,27 +82,39 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
 // BK at a time across groups, so a tile is full even when a group's rows are short (2D cells
 // of side 2 would otherwise stage 2 queries per barrier). Each dK~/dV~ sum still runs over the
 // queries in this order, so the tiling does not change a bit. n: the problem's tokens.
+// Queries of reader group a: its tokens, or with coarse queries its p coarse-query rows.
+fn reader_size(n: u32, w: u32, cols: u32, a: u32) -> u32 {
+    if (params.coarse_queries != 0u) {
+        return params.p;
+    }
+    return group_taps(n, w, cols, a);
+}
+
 fn reader_total(n: u32, b: u32, lvl: u32, windows: u32, w: u32, causal: bool) -> u32 {
     let cols = params.grid_w;
     var total = 0u;
     for (var run = 0u; run < FAR_RUNS; run++) {
         let readers = level_far_readers(n, params.m, cols, lvl, b, windows, causal, run);
         for (var a = readers.x; a < readers.y; a++) {
-            total += group_taps(n, w, cols, a);
+            total += reader_size(n, w, cols, a);
         }
     }
     return total;
 }
 
-// The g-th query (< reader_total) of that sequence.
+// The g-th query (< reader_total) of that sequence: a token, or with coarse queries a coarse
+// row of the level.
 fn reader_token(n: u32, b: u32, lvl: u32, windows: u32, w: u32, causal: bool, g: u32) -> u32 {
     let cols = params.grid_w;
     var rest = g;
     for (var run = 0u; run < FAR_RUNS; run++) {
         let readers = level_far_readers(n, params.m, cols, lvl, b, windows, causal, run);
         for (var a = readers.x; a < readers.y; a++) {
-            let size = group_taps(n, w, cols, a);
+            let size = reader_size(n, w, cols, a);
             if (rest < size) {
+                if (params.coarse_queries != 0u) {
+                    return a * params.p + rest;
+                }
                 return group_tap(n, w, cols, a, rest).x;
             }
             rest -= size;
@@ -111,16 +126,23 @@ fn reader_token(n: u32, b: u32, lvl: u32, windows: u32, w: u32, causal: bool, g:
 // The token of each staged query row (stage_query_tokens).
 var<workgroup> query_token: array<u32, BK>;
 
-// Stages query rows query_token[0 .. count) of the problem whose token 0 is row q_row
-// (count <= BK) as `stage_queries` (backward_queries.wgsl) stages consecutive rows. Call in
-// uniform control flow.
-fn stage_query_tokens(q_row: u32, count: u32, lid: u32) {
+// The row of staged query r in q, dout and stats: its token's in the problem, or with coarse
+// queries its coarse row's at this level.
+fn query_row(pr: Problem, r: u32) -> u32 {
+    if (params.coarse_queries != 0u) {
+        return coarse_row(pr.q_crow, sel.level, pr.s, query_token[r]);
+    }
+    return pr.q_row + query_token[r];
+}
+
+// Stages query rows query_token[0 .. count) of problem `pr` (count <= BK) as `stage_queries`
+// (backward_queries.wgsl) stages consecutive rows. Call in uniform control flow.
+fn stage_query_tokens(pr: Problem, count: u32, lid: u32) {
     let d = params.d;
-    let head = q_row * d;
     for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
-        let base = head + query_token[r] * d;
+        let base = query_row(pr, r) * d;
         var qq = vec4<f32>(0.0);
         var gg = vec4<f32>(0.0);
         for (var e = 0u; e < 4u; e++) {
@@ -134,7 +156,7 @@ fn stage_query_tokens(q_row: u32, count: u32, lid: u32) {
         tile_do[idx] = gg;
     }
     for (var r = lid; r < count; r += WG) {
-        let row = q_row + query_token[r];
+        let row = query_row(pr, r);
         tile_lse[r] = stats[2u * row];
         tile_delta[r] = stats[2u * row + 1u];
     }
@@ -202,7 +224,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let causal = params.causal != 0u;
     let total = reader_total(n, b, sel.level, windows, w, causal);
     for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
-        let q_row = problem(bh, at.y).q_row;
+        let qpr = problem(bh, at.y);
         for (var g0 = 0u; g0 < total; g0 += BK) {
             let count = min(BK, total - g0);
             workgroupBarrier();
@@ -210,7 +232,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 query_token[r] = reader_token(n, b, sel.level, windows, w, causal, g0 + r);
             }
             workgroupBarrier();
-            stage_query_tokens(q_row, count, lid);
+            stage_query_tokens(qpr, count, lid);
             workgroupBarrier();
             consume_queries(count, nrows, lid);
         }

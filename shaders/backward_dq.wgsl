@@ -1,4 +1,4 @@
-// Backward, dQ of fine queries (algorithm.md §8): the forward's workgroup (a tile of up to WG
+// Backward, dQ of fine queries (algorithm.md §8; with coarse queries the near field's share): the forward's workgroup (a tile of up to WG
 // queries of one fine block a0, sharing one gather list) walks the same key tiles (near-field
 // fine keys, then every level's far-list coarse keys) and, with P recomputed from the saved
 // LSE, accumulates dQ_i = sum_j P_ij (dO_i . v_j - D_i) k_j / sqrt(d) in registers.
@@ -139,8 +139,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 
-    // Coarse levels, the forward's far lists, run by run.
-    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+    // Coarse levels, the forward's far lists, run by run. With coarse queries the far field met
+    // the pooled queries, not q_i: its share of dQ comes through dQ~ (backward_coarse_dq.wgsl,
+    // then downsample_backward.wgsl), so this pass does the near field only, as the forward's.
+    let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
+    for (var lvl = 0u; lvl < far_levels; lvl++) {
         let a = level_group(n, m, cols, a0, lvl);
         for (var run = 0u; run < FAR_RUNS; run++) {
             let r = level_far_run(n, m, cols, lvl, a, level_windows(pr, lvl), causal, run);

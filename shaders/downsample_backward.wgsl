@@ -5,7 +5,10 @@
 //   Learned: dK[t, c] += sum_j WK_l[c, j, t - a*w_l] * dK~[a*p + j, c]
 //   (2D: kernel index dy s_l + dx of t in its cell, `tap_of`);
 // likewise for V. Runs after the fine dK/dV pass, whose values it reads and completes.
-// CPU mirror: `cpu::backward::downsample_backward`.
+// With coarse queries (params.coarse_queries) the workgroups after those of K and V do the same
+// for Q: dQ[t, c] += the share of dQ~ (backward_coarse_dq.wgsl) of the coarse query t took at
+// each level, through the query weights (the third kind), completing the near field's dQ.
+// CPU mirror: `cpu::backward::pool_backward`.
 
 #import params
 #import geometry
@@ -19,12 +22,59 @@
 @group(0) @binding(3) var<storage, read> dcoarse_v: array<f32>;        // (bh / kv_group, coarse_rows, d)
 @group(0) @binding(4) var<storage, read_write> dk: array<f32>;         // (bh / kv_group, n, d)
 @group(0) @binding(5) var<storage, read_write> dv: array<f32>;         // (bh / kv_group, n, d)
+@group(0) @binding(6) var<storage, read> dcoarse_q: array<f32>;        // (bh, coarse_rows, d)
+@group(0) @binding(7) var<storage, read_write> dq: array<f32>;         // (bh, n, d)
+
+// dQ of unit u (query head, token, channel) of the dispatch's query part (coarse queries).
+fn query_part(u: u32) {
+    let d = params.d;
+    let p = params.p;
+    let at = locate(u / d, params.n, sec_tok(), query_heads());
+    if (at.x == 0xffffffffu) {
+        return;
+    }
+    let c = u % d;
+    let t = at.z;
+    let pr = problem(at.x, at.y);
+    let n = pr.n;
+    let g = (pr.q_row + t) * d + c;
+    var gq = dq[g];
+    let cols = params.grid_w;
+    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+        let info = params.levels[lvl];
+        let w = info.window;
+        let row = row_of(n, w, p, cols, t);
+        let rows = coarse_row(pr.q_crow, lvl, pr.s, (row / p) * p) * d + c;
+        if (params.learned == 0u) {
+            gq += dcoarse_q[rows + (row % p) * d] / f32(row_count(n, w, p, cols, row));
+        } else {
+            let tap = tap_of(n, w, cols, t);
+            for (var j = 0u; j < p; j++) {
+                let widx = 2u * params.weight_stride + info.weight_offset
+                    + (c * p + j) * kernel_len(w) + tap;
+                gq += w_all[widx] * dcoarse_q[rows + j * d];
+            }
+        }
+    }
+    dq[g] = gq;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let d = params.d;
     let p = params.p;
-    let u = dispatch_workgroup(wg) * WG + lid;
+    // The workgroups of K and V, then (coarse queries) those of Q, each over its heads.
+    let kv_heads = query_heads() / params.kv_group;
+    let per_head = select(params.n, seq_table[sec_tok() + params.seqs], params.seqs > 0u);
+    let kv_wgs = (kv_heads * per_head * d + WG - 1u) / WG;
+    let wid = dispatch_workgroup(wg);
+    if (wid >= kv_wgs) {
+        if (params.coarse_queries != 0u) {
+            query_part((wid - kv_wgs) * WG + lid);
+        }
+        return;
+    }
+    let u = wid * WG + lid;
     // Over the K/V heads (grouped-query attention: dK~ already summed over each group) and
     // their real tokens (each sequence's of a variable-length batch).
     let at = locate(u / d, params.n, sec_tok(), query_heads() / params.kv_group);

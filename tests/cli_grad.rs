@@ -7,7 +7,7 @@ mod common;
 use common::random_learned;
 use multipole_attn::cpu::{fma_backward, fma_backward_varlen, widen};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Sequences, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Sequences, Shape};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{write_npy, NpzReader, NpzWriter};
 use std::collections::BTreeSet;
@@ -111,6 +111,8 @@ fn write_weights(path: &Path, w: &LearnedWeights) {
             ("k_b", &lw.bk, vec![d, p]),
             ("v_w", &lw.wv, vec![d, p, win]),
             ("v_b", &lw.bv, vec![d, p]),
+            ("q_w", &lw.wq, vec![d, p, win]),
+            ("q_b", &lw.bq, vec![d, p]),
         ] {
             let a = ArrayD::from_shape_vec(IxDyn(&shape), data.clone()).unwrap();
             npz.add_array(format!("{key}{l}"), &a).unwrap();
@@ -166,6 +168,10 @@ fn expected(
         out.push((format!("k_b{l}"), vec![d, p], lg.bk));
         out.push((format!("v_w{l}"), vec![d, p, win], lg.wv));
         out.push((format!("v_b{l}"), vec![d, p], lg.bv));
+        if cfg.queries == Queries::Coarse {
+            out.push((format!("q_w{l}"), vec![d, p, win], lg.wq));
+            out.push((format!("q_b{l}"), vec![d, p], lg.bq));
+        }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -242,6 +248,55 @@ fn reference_gradients_match_the_library() {
     let cfg = FmaConfig::new(4, 1);
     let err = compare(&got, &expected(&x, &[30, 5], Shape::new(1, 1, 30, 5), &cfg));
     assert!(err <= 1e-12, "{err}");
+}
+
+/// `--queries coarse` (algorithm.md §6): the query weights' gradients are written too, the
+/// reference path equals the library's and the GPU path is within the backward tolerance.
+#[test]
+fn coarse_query_gradients_on_both_paths() {
+    let dir = Scratch::new("coarse");
+    let x_shape = vec![1, 2, 70, 8];
+    let x = write_inputs(&dir, &x_shape, 41);
+    let shape = Shape::new(1, 2, 70, 8);
+    let w = random_learned(41, 8, 4, 2, 70);
+    write_weights(&dir.path("W.npz"), &w);
+    let cfg = FmaConfig::new(4, 2)
+        .queries(Queries::Coarse)
+        .downsample(Downsample::Learned(w));
+    let want = expected(&x, &x_shape, shape, &cfg);
+    let w = dir.arg("W.npz");
+    let base = [
+        "--block",
+        "4",
+        "--rank",
+        "2",
+        "--queries",
+        "coarse",
+        "--weights",
+        &w,
+    ];
+    let out = cli(&grad_args(&dir, &[&base[..], &["--reference"]].concat()));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let got = read_npz(&dir.path("G.npz"));
+    assert!(
+        got.iter().any(|a| a.0 == "q_w1"),
+        "query weights' gradients"
+    );
+    let err = compare(&got, &want);
+    assert!(
+        err <= 1e-12,
+        "reference path differs from the library by {err}"
+    );
+    let out = cli(&grad_args(&dir, &base));
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !ci && out.code == Some(1) && out.stderr.contains("no GPU adapter found") {
+        eprintln!("no usable GPU adapter: skipping ({})", out.stderr.trim());
+        return;
+    }
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let err = compare(&read_npz(&dir.path("G.npz")), &want);
+    eprintln!("coarse-query GPU gradients vs reference: worst scaled error {err:.2e}");
+    assert!(err <= 2e-4, "{err}");
 }
 
 /// The GPU path within the tolerance of tests/gpu_backward.rs (2e-4 of each array's scale).

@@ -288,6 +288,7 @@ fn bad_backward_input_is_a_typed_error() {
             wv: &o,
             bk: &o,
             bv: &o,
+            queries: None,
         }),
         ..g
     };

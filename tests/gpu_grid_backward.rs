@@ -26,9 +26,7 @@ use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::GridGeometry;
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{
-    Downsample, FmaConfig, FmaError, Gradients, Grid, LearnedWeights, Queries, Shape,
-};
+use multipole_attn::{Downsample, FmaConfig, Gradients, Grid, LearnedWeights, Shape};
 
 struct Inputs {
     q: Vec<f32>,
@@ -289,26 +287,4 @@ fn two_d_gradients_are_not_the_line_gradients() {
             "seed {seed}: {name} {diff} vs scale {scale}"
         );
     }
-}
-
-/// Coarse queries have no backward (in 1D neither): a typed error, before any forward runs.
-#[test]
-fn grid_coarse_query_backward_is_a_typed_error() {
-    let Some(ctx) = gpu() else { return };
-    let grid = Some(Grid::new(8, 8));
-    let shape = Shape::new(1, 1, 64, 4);
-    let x = vec![0.5f32; shape.elements()];
-    let cfg = FmaConfig::new(2, 1).grid(grid).queries(Queries::Coarse);
-    let fma = FmaAttention::new(ctx, cfg).unwrap();
-    let e = fma.forward_train(&x, &x, &x, shape).err();
-    assert!(
-        matches!(
-            &e,
-            Some(FmaError::InvalidConfig {
-                what: "queries",
-                ..
-            })
-        ),
-        "{e:?}"
-    );
 }

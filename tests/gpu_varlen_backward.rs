@@ -105,6 +105,8 @@ fn check(
                     ("k_b", &a.bk, &b.bk),
                     ("v_w", &a.wv, &b.wv),
                     ("v_b", &a.bv, &b.bv),
+                    ("q_w", &a.wq, &b.wq),
+                    ("q_b", &a.bq, &b.bq),
                 ] {
                     worst = worst.max(compare(label, &format!("{name}{}", l + 1), x, y));
                 }
@@ -191,27 +193,32 @@ fn ten_thousand_short_sequences_beside_a_long_one() {
     eprintln!("worst scaled error {worst:.2e}");
 }
 
-/// What the varlen backward does not run is a typed error before any work.
+/// Coarse queries (algorithm.md §6, bidirectional) over a pack and a padded batch: each
+/// sequence's coarse-query rows pool only its own tokens, Average and Learned (the query
+/// weights' gradients summed over the sequences).
 #[test]
-fn coarse_queries_have_no_varlen_backward() {
+fn coarse_query_batches_equal_each_sequence_alone() {
     let Some(ctx) = gpu() else { return };
-    let seqs = Sequences::packed(vec![5, 9]).unwrap();
-    let shape = seqs.shape(1, 1, 8);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(4, 2).queries(Queries::Coarse)).unwrap();
-    let x = inputs(1, shape);
-    let e = fma
-        .forward_train_varlen(&x.q, &x.k, &x.v, shape, &seqs)
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            FmaError::InvalidConfig {
-                what: "queries",
-                ..
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let (heads, kv_heads, d, m, p) = (2, 1, 8, 8, 2);
+    let mut worst = 0.0f64;
+    for seqs in [
+        Sequences::packed(vec![1, 7, 97, 300]).unwrap(),
+        Sequences::padded(60, vec![60, 0, 13]).unwrap(),
+    ] {
+        let shape = seqs.shape(heads, kv_heads, d);
+        let x = inputs(seed, shape);
+        for learned in [false, true] {
+            let mut cfg = FmaConfig::new(m, p).queries(Queries::Coarse);
+            if learned {
+                cfg = cfg.downsample(Downsample::Learned(random_learned(seed, d, m, p, 300)));
             }
-        ),
-        "{e}"
-    );
+            let label = format!("seed {seed} {seqs:?} coarse queries learned={learned}");
+            worst = worst.max(check(ctx, &label, &x, shape, &seqs, &cfg));
+        }
+    }
+    eprintln!("worst scaled error {worst:.2e}");
 }
 
 /// A batch whose tensors exceed one storage binding: its forward runs in groups, its backward

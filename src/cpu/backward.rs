@@ -124,8 +124,7 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
         // Coarse queries (§6): level l's far list is seen through the pooled query of the
         // token's row, so the far field's query gradient lands on that row (dQ~), which then
         // flows back through the query pooling like dK~ through the key pooling.
-        let coarse_q =
-            coarse_queries.then(|| CoarseQueries::new(qh, d, geometry, &cfg.downsample));
+        let coarse_q = coarse_queries.then(|| CoarseQueries::new(qh, d, geometry, &cfg.downsample));
         // dK~, dV~ (and dQ~) of every level, (level_rows, d) each.
         let mut dck: Vec<Vec<f64>> = coarse.iter().map(|c| vec![0.0; c.keys.len()]).collect();
         let mut dcv = dck.clone();
@@ -196,8 +195,8 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
                     Some((level, row)) => &mut dcq[level - 1][row * d..(row + 1) * d],
                     None => &mut dqh[i * d..(i + 1) * d],
                 };
-                for c in 0..d {
-                    gq[c] += scale * ds * key.key[c];
+                for (g, kc) in gq.iter_mut().zip(key.key) {
+                    *g += scale * ds * kc;
                 }
                 let (gk, gv) = match key.slot {
                     Slot::Fine(t) => (&mut dkh[t * d..(t + 1) * d], &mut dvh[t * d..(t + 1) * d]),

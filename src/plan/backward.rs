@@ -1,15 +1,23 @@
 //! The scheduler of the backward pass (algorithm.md §8): (shape, config, adapter limits) -> the
-//! dispatches of one fine-query FMA backward, 1D or on a 2D grid (§9: the same passes, composed
-//! with the grid's index maps). Pure arithmetic, unit-tested without a GPU;
+//! dispatches of one FMA backward, fine or coarse queries (§6), 1D or on a 2D grid (§9: the same
+//! passes, composed with the grid's index maps). Pure arithmetic, unit-tested without a GPU;
 //! `gpu/fma/backward.rs` executes it. Recording order (one submit):
 //!
-//! 1. the forward's downsample dispatches (coarse K~, V~ recomputed, not stored),
+//! 1. the forward's downsample dispatches (coarse K~, V~, and Q~ with coarse queries,
+//!    recomputed, not stored),
 //! 2. `delta`: D = rowsum(dO * O) next to the LSE,
-//! 3. `dq`: dQ, the forward's workgroups over the same gather lists,
-//! 4. `dkv_coarse`: per level, dK~ and dV~ gathered over the windows whose far list holds them,
-//! 5. `dkv_fine`: dK, dV of the near field, gathered over the query blocks that read each block,
-//! 6. `downsample_backward`: adds the coarse gradients to dK, dV through the downsampling,
-//! 7. `weights_backward`: per level, dW and db (Learned mode only).
+//! 3. `dq`: dQ, the forward's workgroups over the same gather lists (coarse queries: the near
+//!    field only),
+//! 4. coarse queries only: `coarse_stats`, per level in order, what each coarse-query row's
+//!    tokens send back to it (G, R, H; level l from level l-1), then `coarse_dq`, per level,
+//!    dQ~ over the row's far list,
+//! 5. `dkv_coarse`: per level, dK~ and dV~ gathered over the windows whose far list holds them
+//!    (coarse queries: over those windows' coarse-query rows),
+//! 6. `dkv_fine`: dK, dV of the near field, gathered over the query blocks that read each block,
+//! 7. `downsample_backward`: adds the coarse gradients to dK, dV (coarse queries: and dQ~ to
+//!    dQ) through the downsampling,
+//! 8. `weights_backward`: per level, dW and db of keys and values (Learned mode only), and
+//!    `weights_backward_q` those of the queries (Learned mode with coarse queries).
 
 use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig, Queries};
@@ -45,7 +53,7 @@ fn query_tile(head_dim: usize, fixed: u32, per_query: u32, limits: &KernelLimits
     Ok(bq)
 }
 
-/// The plan of one fine-query FMA backward.
+/// The plan of one FMA backward.
 #[derive(Clone, Debug)]
 pub struct BackwardPlan {
     /// The forward's plan: its downsample dispatches are replayed, its geometry reused.
@@ -54,14 +62,21 @@ pub struct BackwardPlan {
     pub delta: Dispatch,
     /// dQ: one workgroup per query tile of a fine block, as the forward.
     pub dq: Dispatch,
+    /// Coarse queries: (G, R, H) of every coarse-query row, one dispatch per level in level
+    /// order (empty with fine queries).
+    pub coarse_stats: Vec<Dispatch>,
+    /// Coarse queries: dQ~, one dispatch per level (empty with fine queries).
+    pub coarse_dq: Vec<Dispatch>,
     /// dK~, dV~: one dispatch per coarse level.
     pub dkv_coarse: Vec<Dispatch>,
     /// dK, dV of the near field: one workgroup per key tile of a fine block.
     pub dkv_fine: Dispatch,
     /// dK, dV through the downsampling (absent when there is no coarse level).
     pub downsample_backward: Option<Dispatch>,
-    /// dW, db: one dispatch per coarse level (Learned mode only).
+    /// dW, db of keys and values: one dispatch per coarse level (Learned mode only).
     pub weights_backward: Vec<Dispatch>,
+    /// dWQ, dbQ: one dispatch per coarse level (Learned mode with coarse queries only).
+    pub weights_backward_q: Vec<Dispatch>,
     /// Bytes of the (batch*heads, seq, 2) buffer of LSE and D.
     pub stats_bytes: u64,
     /// Elements of each of the concatenated weight-gradient buffers (dWK, dWV) over the
@@ -118,14 +133,10 @@ impl BackwardPlan {
         limits: &KernelLimits,
         work: Work,
     ) -> Result<Self> {
-        if cfg.queries == Queries::Coarse {
-            return Err(FmaError::InvalidConfig {
-                what: "queries",
-                value: "coarse".into(),
-                allowed: "fine: the backward pass supports fine queries only (coarse-query gradients are not implemented yet)".into(),
-            });
-        }
+        let coarse_q = cfg.queries == Queries::Coarse;
         let shape = forward.shape;
+        // Query heads per K/V head: the coarse-query passes run over query heads.
+        let group = shape.group() as u64;
         let grid = forward.grid.is_some();
         let (d, p) = (shape.head_dim, forward.levels.p);
         let stats_bytes = shape.rows() as u64 * 8;
@@ -192,20 +203,49 @@ impl BackwardPlan {
             .iter()
             .enumerate()
             .map(|(i, &windows)| {
-                dispatch(
-                    Pass::BackwardDkvCoarse,
-                    Some(i as u32),
-                    windows * chunks,
-                    coarse_spec,
-                    limits,
-                )
+                let pass = if coarse_q {
+                    Pass::BackwardDkvCoarseQ
+                } else {
+                    Pass::BackwardDkvCoarse
+                };
+                dispatch(pass, Some(i as u32), windows * chunks, coarse_spec, limits)
             })
             .collect::<Result<Vec<_>>>()?;
+        // Coarse queries: per level, (G, R, H) of each query head's coarse rows (d + 1 units
+        // per row), then dQ~ (one invocation per row, D4-wide private rows).
+        let (mut coarse_stats, mut coarse_dq) = (Vec::new(), Vec::new());
+        if coarse_q {
+            let p = p as u64;
+            for (i, &windows) in work.level_windows.iter().enumerate() {
+                let rows = windows * group * p;
+                let level = Some(i as u32);
+                coarse_stats.push(dispatch(
+                    Pass::BackwardCoarseStats,
+                    level,
+                    (rows * (d as u64 + 1)).div_ceil(wg as u64),
+                    elementwise,
+                    limits,
+                )?);
+                coarse_dq.push(dispatch(
+                    Pass::BackwardCoarseDq,
+                    level,
+                    rows.div_ceil(wg as u64),
+                    Specialization { d4, ..elementwise },
+                    limits,
+                )?);
+            }
+        }
+        // The workgroups of K and V's tokens, then (coarse queries) those of Q's.
+        let q_wgs = if coarse_q {
+            (work.kv_elements * group).div_ceil(wg as u64)
+        } else {
+            0
+        };
         let downsample_backward = if forward.levels.count() > 0 {
             Some(dispatch(
                 Pass::DownsampleBackward,
                 None,
-                work.kv_elements.div_ceil(wg as u64),
+                work.kv_elements.div_ceil(wg as u64) + q_wgs,
                 elementwise,
                 limits,
             )?)
@@ -213,7 +253,7 @@ impl BackwardPlan {
             None
         };
         let learned = matches!(cfg.downsample, Downsample::Learned(_));
-        let mut weights_backward = Vec::new();
+        let (mut weights_backward, mut weights_backward_q) = (Vec::new(), Vec::new());
         let (mut weight_elements, mut bias_elements) = (0usize, 0usize);
         if learned {
             for (i, lv) in forward.levels.levels.iter().enumerate() {
@@ -224,13 +264,24 @@ impl BackwardPlan {
                     lv.window
                 };
                 let threads = (d * p * (taps + 1)) as u64;
-                weights_backward.push(dispatch(
-                    Pass::WeightsBackward,
-                    Some(i as u32),
-                    threads.div_ceil(wg as u64),
-                    elementwise,
-                    limits,
-                )?);
+                let passes: &[Pass] = if coarse_q {
+                    &[Pass::WeightsBackward, Pass::WeightsBackwardQ]
+                } else {
+                    &[Pass::WeightsBackward]
+                };
+                for &pass in passes {
+                    let step = dispatch(
+                        pass,
+                        Some(i as u32),
+                        threads.div_ceil(wg as u64),
+                        elementwise,
+                        limits,
+                    )?;
+                    match pass {
+                        Pass::WeightsBackward => weights_backward.push(step),
+                        _ => weights_backward_q.push(step),
+                    }
+                }
                 weight_elements += d * p * taps;
                 bias_elements += d * p;
             }
@@ -239,10 +290,13 @@ impl BackwardPlan {
             forward,
             delta,
             dq,
+            coarse_stats,
+            coarse_dq,
             dkv_coarse,
             dkv_fine,
             downsample_backward,
             weights_backward,
+            weights_backward_q,
             stats_bytes,
             weight_elements,
             bias_elements,
@@ -256,10 +310,13 @@ impl BackwardPlan {
         let mut all = self.forward.downsample.clone();
         all.push(self.delta);
         all.push(self.dq);
+        all.extend(&self.coarse_stats);
+        all.extend(&self.coarse_dq);
         all.extend(&self.dkv_coarse);
         all.push(self.dkv_fine);
         all.extend(self.downsample_backward);
         all.extend(&self.weights_backward);
+        all.extend(&self.weights_backward_q);
         all.extend(self.pad);
         all
     }
@@ -278,20 +335,53 @@ mod tests {
     }
 
     #[test]
-    fn coarse_queries_have_no_backward_yet() {
-        let cfg = FmaConfig::new(16, 2).queries(Queries::Coarse);
+    fn coarse_queries_add_their_passes_level_by_level() {
+        // 4 query heads on 2 K/V heads, n = 100, m = 16, p = 2: levels of windows 16, 32
+        // (ceil(100 / 16) = 7 and 4 windows), Learned mode.
+        let (n, d) = (100, 16);
+        let w = LearnedWeights::box_init_for(d, 16, 2, n);
+        let cfg = FmaConfig::new(16, 2)
+            .queries(Queries::Coarse)
+            .downsample(Downsample::Learned(w));
+        let shape = Shape::new(1, 4, n, d).with_kv_heads(2);
         let limits = KernelLimits::webgpu_default();
-        let e = BackwardPlan::new(Shape::new(1, 1, 100, 16), &cfg, &limits).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                FmaError::InvalidConfig {
-                    what: "queries",
-                    ..
-                }
-            ),
-            "{e}"
+        let plan = BackwardPlan::new(shape, &cfg, &limits).unwrap();
+        let fine = BackwardPlan::new(shape, &cfg.clone().queries(Queries::Fine), &limits).unwrap();
+        let levels = plan.forward.levels.count();
+        assert_eq!(levels, 2);
+        assert_eq!(plan.coarse_stats.len(), levels);
+        assert_eq!(plan.coarse_dq.len(), levels);
+        assert_eq!(plan.weights_backward_q.len(), levels);
+        assert!(fine.coarse_stats.is_empty() && fine.weights_backward_q.is_empty());
+        let wg = plan.delta.spec.wg as u64;
+        for (i, windows) in [7u64, 4].into_iter().enumerate() {
+            // 4 query heads x windows x p rows; G's d channels and one (R, H) unit per row.
+            let rows = 4 * windows * 2;
+            assert_eq!(
+                plan.coarse_stats[i].workgroups as u64,
+                (rows * 17).div_ceil(wg)
+            );
+            assert_eq!(plan.coarse_dq[i].workgroups as u64, rows.div_ceil(wg));
+            assert_eq!(plan.dkv_coarse[i].pass, Pass::BackwardDkvCoarseQ);
+            assert_eq!(fine.dkv_coarse[i].pass, Pass::BackwardDkvCoarse);
+        }
+        // The downsampling's backward adds Q's 4 heads after K's and V's 2.
+        let kv = (2 * n * d) as u64;
+        assert_eq!(
+            plan.downsample_backward.unwrap().workgroups as u64,
+            kv.div_ceil(wg) + (2 * kv).div_ceil(wg)
         );
+        // Recording order: the stats of every level before any dQ~ (level l pools level l-1's),
+        // dQ~ before the downsampling's backward and the query weights' gradients read it.
+        let order: Vec<Pass> = plan.dispatches().iter().map(|s| s.pass).collect();
+        let first = |p: Pass| order.iter().position(|&x| x == p).unwrap();
+        let last = |p: Pass| order.iter().rposition(|&x| x == p).unwrap();
+        assert!(last(Pass::BackwardDq) < first(Pass::BackwardCoarseStats));
+        assert!(last(Pass::BackwardCoarseStats) < first(Pass::BackwardCoarseDq));
+        assert!(last(Pass::BackwardCoarseDq) < first(Pass::DownsampleBackward));
+        assert!(last(Pass::BackwardCoarseDq) < first(Pass::WeightsBackwardQ));
+        let levels_in_order: Vec<Option<u32>> = plan.coarse_stats.iter().map(|s| s.level).collect();
+        assert_eq!(levels_in_order, vec![Some(0), Some(1)]);
     }
 
     #[test]
@@ -357,21 +447,18 @@ mod tests {
         };
         let e = BackwardPlan::new(shape, &cfg, &small).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
-        // Coarse queries have no backward in 2D either.
+        // Coarse queries in 2D: the same per-level passes, composed with the grid.
         let coarse = FmaConfig::new(8, 2)
             .grid(Some(grid))
             .queries(Queries::Coarse);
-        let e = BackwardPlan::new(shape, &coarse, &KernelLimits::lavapipe()).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                FmaError::InvalidConfig {
-                    what: "queries",
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let plan = BackwardPlan::new(shape, &coarse, &KernelLimits::lavapipe()).unwrap();
+        assert_eq!(plan.coarse_stats.len(), plan.forward.levels.count());
+        assert!(plan
+            .coarse_stats
+            .iter()
+            .chain(&plan.coarse_dq)
+            .chain(&plan.dkv_coarse)
+            .all(|s| s.spec.grid && s.level.is_some()));
     }
 
     #[test]

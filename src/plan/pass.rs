@@ -44,6 +44,19 @@ passes! {
     BackwardDkvFine => "backward_dkv_fine",
     /// Backward: dK~, dV~ of one level's coarse keys (`shaders/backward_dkv_coarse.wgsl`).
     BackwardDkvCoarse => "backward_dkv_coarse",
+    /// Backward of coarse queries: what each coarse-query row's tokens send back to it, its
+    /// (G, R, H), one level (`shaders/backward_coarse_stats.wgsl`).
+    BackwardCoarseStats => "backward_coarse_stats",
+    /// Backward of coarse queries: dQ~ of one level's coarse queries
+    /// (`shaders/backward_coarse_dq.wgsl`).
+    BackwardCoarseDq => "backward_coarse_dq",
+    /// Backward of coarse queries: dK~, dV~ of one level's coarse keys gathered over the
+    /// coarse-query rows that saw them (`shaders/backward_dkv_coarse.wgsl`, bound to Q~ and
+    /// the rows' (G, R, H)).
+    BackwardDkvCoarseQ => "backward_dkv_coarse_q",
+    /// Backward of coarse queries: gradients of one level's learned query weights
+    /// (`shaders/weights_backward_q.wgsl`).
+    WeightsBackwardQ => "weights_backward_q",
     /// Backward: coarse gradients back through the downsampling
     /// (`shaders/downsample_backward.wgsl`).
     DownsampleBackward => "downsample_backward",

@@ -55,13 +55,25 @@ pub fn backward_poisoned(
             nan(ctx, "dbv", plan.bias_elements),
         ]
     });
+    // Coarse queries: the query weights' gradients too (fine queries have none: zeros).
+    let coarse_q = !plan.coarse_dq.is_empty();
+    let qbufs = (learned && coarse_q).then(|| {
+        [
+            nan(ctx, "dwq", plan.weight_elements),
+            nan(ctx, "dbq", plan.bias_elements),
+        ]
+    });
     let g = GradTensors {
         dq: &dq,
         dk: &dk,
         dv: &dv,
-        weights: wbufs
-            .as_ref()
-            .map(|[wk, wv, bk, bv]| WeightGradTensors { wk, wv, bk, bv }),
+        weights: wbufs.as_ref().map(|[wk, wv, bk, bv]| WeightGradTensors {
+            wk,
+            wv,
+            bk,
+            bv,
+            queries: qbufs.as_ref().map(|[wq, bq]| (wq, bq)),
+        }),
     };
     fma.backward_buffers(saved, &dout, g).expect("backward");
     let read = |b: &wgpu::Buffer, len: usize| read_buffer(ctx, b)[..len].to_vec();
@@ -71,6 +83,13 @@ pub fn backward_poisoned(
             read(wv, plan.weight_elements),
         );
         let (bk, bv) = (read(bk, plan.bias_elements), read(bv, plan.bias_elements));
+        let (wq, bq) = match &qbufs {
+            Some([wq, bq]) => (read(wq, plan.weight_elements), read(bq, plan.bias_elements)),
+            None => (
+                vec![0.0; plan.weight_elements],
+                vec![0.0; plan.bias_elements],
+            ),
+        };
         let (d, p) = (shape.head_dim, plan.forward.levels.p);
         let grid = plan.forward.grid.is_some();
         let (mut wo, mut bo) = (0, 0);
@@ -91,8 +110,8 @@ pub fn backward_poisoned(
                     bk: bk[bo..bo + bl].to_vec(),
                     wv: wv[wo..wo + wl].to_vec(),
                     bv: bv[bo..bo + bl].to_vec(),
-                    wq: vec![0.0; wl],
-                    bq: vec![0.0; bl],
+                    wq: wq[wo..wo + wl].to_vec(),
+                    bq: bq[bo..bo + bl].to_vec(),
                 };
                 wo += wl;
                 bo += bl;

@@ -848,3 +848,83 @@ fn grid_structure_covers_the_grid_once() {
         }
     }
 }
+
+/// The backward (training) in the browser: fine queries (causal) and coarse queries
+/// (algorithm.md §6, Learned mode, the query weights' gradients included) against the f64
+/// reference under what the browser grants (no subgroups, 256 invocations, 16 KiB of workgroup
+/// memory). Tolerance: tests/gpu_backward.rs's, 2e-4 of each tensor's scale (its header says
+/// why; the browser's f32 exp is within the same ulp bounds).
+#[wasm_bindgen_test]
+async fn backward_matches_the_cpu_reference_for_fine_and_coarse_queries() {
+    let g = gpu().await;
+    let ctx = g.context();
+    let seed = fresh_seed();
+    console_log!("seed {seed}");
+    let (n, d, m, p) = (97, 12, 8, 2);
+    let shape = Shape::new(1, 2, n, d);
+    let x = qkv(seed, shape);
+    let dout = normal_tensor(seed ^ 0x2545_f491, shape.elements());
+    let mut w = multipole_attn::LearnedWeights::box_init_for(d, m, p, n);
+    for (l, lw) in w.levels.iter_mut().enumerate() {
+        for (k, buf) in [&mut lw.wk, &mut lw.wq, &mut lw.bq].into_iter().enumerate() {
+            let noise = normal_tensor(seed + 10 * l as u64 + k as u64, buf.len());
+            buf.iter_mut().zip(noise).for_each(|(x, e)| *x += 0.05 * e);
+        }
+    }
+    let learned = multipole_attn::Downsample::Learned(w);
+    for cfg in [
+        FmaConfig::new(m, p).causal(true),
+        FmaConfig::new(m, p)
+            .queries(multipole_attn::Queries::Coarse)
+            .downsample(learned),
+    ] {
+        let label = format!("seed {seed} {:?} queries", cfg.queries);
+        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+        let (_, saved) = fma
+            .forward_train_async(&x.q, &x.k, &x.v, shape)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let got = fma
+            .backward_async(&saved, &dout)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let want = cpu::fma_backward(
+            &widen(&x.q),
+            &widen(&x.k),
+            &widen(&x.v),
+            &widen(&dout),
+            shape,
+            &cfg,
+        )
+        .unwrap();
+        let mut pairs = vec![
+            ("dQ", got.dq.clone(), want.dq.clone()),
+            ("dK", got.dk.clone(), want.dk.clone()),
+            ("dV", got.dv.clone(), want.dv.clone()),
+        ];
+        for (l, (a, b)) in got
+            .weights
+            .iter()
+            .flatten()
+            .zip(want.weights.iter().flatten())
+            .enumerate()
+        {
+            pairs.push(("k_w", a.wk.clone(), b.wk.clone()));
+            pairs.push(("k_b", a.bk.clone(), b.bk.clone()));
+            pairs.push(("v_w", a.wv.clone(), b.wv.clone()));
+            pairs.push(("v_b", a.bv.clone(), b.bv.clone()));
+            pairs.push(("q_w", a.wq.clone(), b.wq.clone()));
+            pairs.push(("q_b", a.bq.clone(), b.bq.clone()));
+            console_log!("{label}: level {} weight gradients compared", l + 1);
+        }
+        for (name, a, b) in pairs {
+            let scale = b.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            let c = closeness(&a, &b, 2e-4 * scale, 2e-4);
+            console_log!(
+                "{label}: {name} max error {:.2e} of scale {scale:.2e}",
+                c.max_abs
+            );
+            assert_eq!(c.violations, 0, "{label}: {name} {c:?}");
+        }
+    }
+}

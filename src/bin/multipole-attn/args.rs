@@ -170,8 +170,10 @@ pub struct RunArgs {
 Computes dL/dQ, dL/dK, dL/dV (and, in Learned mode, dL/dW, dL/db of every level's weights,
 summed over batch and heads) for L = sum(dO * O), O = FMA(Q, K, V); dO has the shape of Q.
 --out GRADS.npz holds dq, dk, dv (shape of Q) and, in Learned mode, k_w{l}, k_b{l}, v_w{l},
-v_b{l} for every level of the weights (the layout of --weights; levels the sequence does not
-use are zeros). float32 on the GPU, float64 with --reference. --dense and --lse do not apply.
+v_b{l} (with --queries coarse also q_w{l}, q_b{l}) for every level of the weights (the layout
+of --weights; levels the sequence does not use are zeros). Fine or coarse queries, 1D or
+--grid, variable-length batches. float32 on the GPU, float64 with --reference. --dense and
+--lse do not apply.
 
 Exit codes: 0 success, 2 bad input (arguments, files, shapes, weights), 1 GPU or runtime failure.")]
 pub struct GradArgs {

@@ -1,6 +1,7 @@
 //! `multipole-attn grad`: load Q, K, V and dO, run FMA forward and backward (on the GPU or
 //! with the f64 CPU reference), write dQ, dK, dV and, in Learned mode, the gradients of every
-//! level's weights to an .npz named like the weights (`k_w1`, `k_b1`, `v_w1`, `v_b1`, ...).
+//! level's weights to an .npz named like the weights (`k_w1`, `k_b1`, `v_w1`, `v_b1`, ...;
+//! with `--queries coarse` also `q_w1`, `q_b1`, ...).
 //! A variable-length batch (`--seqlens`, `--lengths`) is differentiated sequence by sequence
 //! (each its own FMA; 0 on padding rows; weight gradients summed over the sequences).
 
@@ -11,7 +12,7 @@ use crate::run::{build_config, problem_shape, sequences};
 use crate::tensor::{fmt_shape, Tensor};
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::levels::window;
-use multipole_attn::{cpu, FmaConfig, Gradients, Sequences, Shape};
+use multipole_attn::{cpu, FmaConfig, Gradients, Queries, Sequences, Shape};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{NpzWriter, WritableElement, WriteNpzError};
 use std::fs::File;
@@ -101,7 +102,7 @@ fn write_error(path: &Path, e: WriteNpzError) -> CliError {
 
 /// Writes `dq` with the shape of Q, `dk`, `dv` with the shape of K (grouped-query heads: each
 /// K/V head's gradient sums its group of query heads), and per level l `k_w{l}`, `v_w{l}`
-/// (d, p, m 2^(l-1)) and `k_b{l}`, `v_b{l}` (d, p).
+/// (d, p, m 2^(l-1)) and `k_b{l}`, `v_b{l}` (d, p); with coarse queries also `q_w{l}`, `q_b{l}`.
 fn write_gradients<T: WritableElement + Clone>(
     path: &Path,
     (x_shape, kv_shape): (&[usize], &[usize]),
@@ -142,6 +143,11 @@ fn write_gradients<T: WritableElement + Clone>(
         add(format!("k_b{l}"), &[d, p], lg.bk)?;
         add(format!("v_w{l}"), &w, lg.wv)?;
         add(format!("v_b{l}"), &[d, p], lg.bv)?;
+        // Fine queries do not use the query weights (their gradients would be zeros).
+        if cfg.queries == Queries::Coarse {
+            add(format!("q_w{l}"), &w, lg.wq)?;
+            add(format!("q_b{l}"), &[d, p], lg.bq)?;
+        }
     }
     npz.finish().map_err(|e| write_error(path, e))?;
     Ok(())

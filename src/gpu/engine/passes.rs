@@ -70,6 +70,16 @@ pub enum Role {
     DBk,
     /// dL/dbV of every level.
     DBv,
+    /// Coarse queries: dL/dQ~, (bh, coarse_rows, d).
+    DCoarseQ,
+    /// Coarse queries: G, what a coarse-query row's tokens send back, (bh, coarse_rows, d).
+    CoarseDOut,
+    /// Coarse queries: (R, H) per coarse-query row, (bh, coarse_rows, 2).
+    CoarseStats,
+    /// Coarse queries: dL/dWQ of every level.
+    DWq,
+    /// Coarse queries: dL/dbQ of every level.
+    DBq,
     /// Decoding: tokens so far per sequence, (batch) u32.
     Lens,
     /// Decoding: the near-field ring of a group's heads, (rows, 2, R, d).
@@ -142,6 +152,10 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::BackwardDq => &BACKWARD_DQ,
         Pass::BackwardDkvFine => &BACKWARD_DKV_FINE,
         Pass::BackwardDkvCoarse => &BACKWARD_DKV_COARSE,
+        Pass::BackwardCoarseStats => &BACKWARD_COARSE_STATS,
+        Pass::BackwardCoarseDq => &BACKWARD_COARSE_DQ,
+        Pass::BackwardDkvCoarseQ => &BACKWARD_DKV_COARSE_Q,
+        Pass::WeightsBackwardQ => &WEIGHTS_BACKWARD_Q,
         Pass::DownsampleBackward => &DOWNSAMPLE_BACKWARD,
         Pass::WeightsBackward => &WEIGHTS_BACKWARD,
         Pass::DecodeAppend => &DECODE_APPEND,
@@ -310,6 +324,65 @@ static BACKWARD_DKV_COARSE: PassDesc = PassDesc {
     level_select: true,
 };
 
+/// The coarse-query twin of [`BACKWARD_DKV_COARSE`]: the same WGSL (which branches on
+/// `params.coarse_queries`), its queries the coarse-query rows.
+static BACKWARD_DKV_COARSE_Q: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/backward_dkv_coarse.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", CoarseQ, Read),
+        bind(2, "coarse_k", CoarseK, Read),
+        bind(3, "coarse_v", CoarseV, Read),
+        bind(4, "dout", CoarseDOut, Read),
+        bind(5, "stats", CoarseStats, Read),
+        bind(6, "dcoarse_k", DCoarseK, ReadWrite),
+        bind(7, "dcoarse_v", DCoarseV, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
+static BACKWARD_COARSE_STATS: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/backward_coarse_stats.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dout", DOut, Read),
+        bind(2, "stats", Stats, Read),
+        bind(3, "coarse_dout", CoarseDOut, ReadWrite),
+        bind(4, "coarse_stats", CoarseStats, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
+static BACKWARD_COARSE_DQ: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/backward_coarse_dq.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "coarse_q", CoarseQ, Read),
+        bind(2, "coarse_k", CoarseK, Read),
+        bind(3, "coarse_v", CoarseV, Read),
+        bind(4, "coarse_dout", CoarseDOut, Read),
+        bind(5, "coarse_stats", CoarseStats, Read),
+        bind(6, "dcoarse_q", DCoarseQ, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
+static WEIGHTS_BACKWARD_Q: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/weights_backward_q.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "dcoarse_q", DCoarseQ, Read),
+        bind(3, "dwq", DWq, ReadWrite),
+        bind(4, "dbq", DBq, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
 static DOWNSAMPLE_BACKWARD: PassDesc = PassDesc {
     source: include_str!("../../../shaders/downsample_backward.wgsl"),
     bindings: &[
@@ -319,6 +392,8 @@ static DOWNSAMPLE_BACKWARD: PassDesc = PassDesc {
         bind(3, "dcoarse_v", DCoarseV, Read),
         bind(4, "dk", DK, ReadWrite),
         bind(5, "dv", DV, ReadWrite),
+        bind(6, "dcoarse_q", DCoarseQ, Read),
+        bind(7, "dq", DQ, ReadWrite),
         SEQ_TABLE,
     ],
     level_select: true,

@@ -1,4 +1,4 @@
-//! The executor of the fine-query FMA backward (algorithm.md §8): a forward that keeps what the
+//! The executor of the FMA backward, fine or coarse queries (algorithm.md §8): a forward that keeps what the
 //! backward needs ([`Saved`]: Q, K, V, O and the LSE on the GPU), and a backward that takes dO
 //! and records every dispatch of a [`BackwardPlan`] into one command encoder: the coarse keys
 //! recomputed by the forward's downsample pass, then the backward passes in plan order.
@@ -64,10 +64,10 @@ impl Saved {
 }
 
 /// Gradient buffers of the learned weights, every level the sequence uses concatenated in
-/// level order (the layout of the forward's weight buffers): `wk`, `wv` hold each level's
-/// (head_dim, p, w_l) gradient (2D grid: (head_dim, p, s_l, s_l)), `bk`, `bv` each level's
-/// (head_dim, p); f32, `STORAGE` usage. [`FmaAttention::backward_plan`] gives the element
-/// counts (`weight_elements`, `bias_elements`).
+/// level order (the layout of the forward's weight buffers): `wk`, `wv` (and `wq`) hold each
+/// level's (head_dim, p, w_l) gradient (2D grid: (head_dim, p, s_l, s_l)), `bk`, `bv` (and
+/// `bq`) each level's (head_dim, p); f32, `STORAGE` usage. [`FmaAttention::backward_plan`]
+/// gives the element counts (`weight_elements`, `bias_elements`).
 #[derive(Clone, Copy, Debug)]
 pub struct WeightGradTensors<'a> {
     /// dWK of levels 1..=L, written.
@@ -78,6 +78,9 @@ pub struct WeightGradTensors<'a> {
     pub bk: &'a wgpu::Buffer,
     /// dbV of levels 1..=L, written.
     pub bv: &'a wgpu::Buffer,
+    /// Coarse queries: dWQ and dbQ of levels 1..=L, written (`None` skips them; fine queries
+    /// have none and ignore this).
+    pub queries: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
 }
 
 /// Where a backward writes: dQ, dK, dV of shape (batch, heads, seq, head_dim), f32 buffers
@@ -96,15 +99,20 @@ pub struct GradTensors<'a> {
 }
 
 /// Scratch buffers of the backward, grown by capacity: coarse K~, V~ recomputed by the
-/// forward's downsample pass, their gradients dK~, dV~ (bh, coarse_rows, d), the LSE and D of
-/// every row (bh, n, 2), and a 16-byte stand-in for the Q~ the downsample pass binds but does
-/// not pool here (params.pooled = 2).
+/// forward's downsample pass, their gradients dK~, dV~ (bh / kv_group, coarse_rows, d), the
+/// LSE and D of every row (bh, n, 2); with coarse queries Q~ recomputed, dQ~ and G
+/// (bh, coarse_rows, d) and (R, H) (bh, coarse_rows, 2), 16-byte stand-ins with fine queries
+/// (the downsample passes bind them, params.pooled = 2 and params.coarse_queries = 0 leave
+/// them unread).
 pub(crate) struct BackwardScratch {
     coarse_k: Growing,
     coarse_v: Growing,
-    coarse_q_unused: Growing,
+    coarse_q: Growing,
     dcoarse_k: Growing,
     dcoarse_v: Growing,
+    dcoarse_q: Growing,
+    coarse_dout: Growing,
+    coarse_stats: Growing,
     stats: Growing,
 }
 
@@ -116,9 +124,12 @@ impl Default for BackwardScratch {
         Self {
             coarse_k: Growing::new("coarse_k", none),
             coarse_v: Growing::new("coarse_v", none),
-            coarse_q_unused: Growing::new("coarse_q (unused)", none),
+            coarse_q: Growing::new("coarse_q", none),
             dcoarse_k: Growing::new("dcoarse_k", table),
             dcoarse_v: Growing::new("dcoarse_v", none),
+            dcoarse_q: Growing::new("dcoarse_q", none),
+            coarse_dout: Growing::new("coarse_dout (G)", none),
+            coarse_stats: Growing::new("coarse_stats (R, H)", none),
             stats: Growing::new("lse and delta", table),
         }
     }
@@ -146,6 +157,13 @@ impl BackwardScratch {
         let stats = self
             .stats
             .at_least(device, with_table(plan.stats_bytes), cap);
+        // Coarse queries: Q~, dQ~ and G one block per query head, (R, H) two floats per row.
+        let ws = &plan.forward.workspace;
+        let (query_rows, query_stats) = if plan.coarse_dq.is_empty() {
+            (16, 16)
+        } else {
+            (ws.coarse_bytes, 2 * ws.coarse_lse_bytes)
+        };
         if let Some((at, _, t)) = table {
             let words: &[u8] = bytemuck::cast_slice(&t.words);
             ctx.queue.write_buffer(dcoarse_k, at, words);
@@ -156,10 +174,22 @@ impl BackwardScratch {
             .with(Role::CoarseV, self.coarse_v.at_least(device, coarse, cap))
             .with(
                 Role::CoarseQ,
-                self.coarse_q_unused.at_least(device, 16, cap),
+                self.coarse_q.at_least(device, query_rows, cap),
             )
             .with(Role::DCoarseK, dcoarse_k)
             .with(Role::DCoarseV, self.dcoarse_v.at_least(device, coarse, cap))
+            .with(
+                Role::DCoarseQ,
+                self.dcoarse_q.at_least(device, query_rows, cap),
+            )
+            .with(
+                Role::CoarseDOut,
+                self.coarse_dout.at_least(device, query_rows, cap),
+            )
+            .with(
+                Role::CoarseStats,
+                self.coarse_stats.at_least(device, query_stats, cap),
+            )
             .with(Role::Stats, stats)
     }
 }
@@ -305,6 +335,7 @@ impl FmaAttention {
             storage(device, "dv", kv_bytes, out),
         );
         let learned = matches!(self.cfg.downsample, Downsample::Learned(_));
+        let coarse_q = !plan.coarse_dq.is_empty();
         let (we, be) = (
             plan.weight_elements as u64 * 4,
             plan.bias_elements as u64 * 4,
@@ -317,21 +348,34 @@ impl FmaAttention {
                 storage(device, "dbv", be, out),
             ]
         });
+        let qbufs = (learned && coarse_q).then(|| {
+            [
+                storage(device, "dwq", we, out),
+                storage(device, "dbq", be, out),
+            ]
+        });
         let grads = GradTensors {
             dq: &dq,
             dk: &dk,
             dv: &dv,
-            weights: wbufs
-                .as_ref()
-                .map(|[wk, wv, bk, bv]| WeightGradTensors { wk, wv, bk, bv }),
+            weights: wbufs.as_ref().map(|[wk, wv, bk, bv]| WeightGradTensors {
+                wk,
+                wv,
+                bk,
+                bv,
+                queries: qbufs.as_ref().map(|[wq, bq]| (wq, bq)),
+            }),
         };
         self.backward_buffers_async(saved, &dout_buf, grads).await?;
 
-        // One staging buffer: dq, dk, dv, then dWK, dWV, dbK, dbV.
+        // One staging buffer: dq, dk, dv, then dWK, dWV, dbK, dbV (and dWQ, dbQ).
         let mut parts: Vec<(&wgpu::Buffer, u64)> =
             vec![(&dq, bytes), (&dk, kv_bytes), (&dv, kv_bytes)];
         if let Some([wk, wv, bk, bv]) = &wbufs {
             parts.extend([(wk, we), (wv, we), (bk, be), (bv, be)]);
+        }
+        if let Some([wq, bq]) = &qbufs {
+            parts.extend([(wq, we), (bq, be)]);
         }
         let total: u64 = parts.iter().map(|p| p.1).sum();
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
@@ -365,6 +409,15 @@ impl FmaAttention {
             Downsample::Learned(w) => {
                 let (wk, wv) = (take(plan.weight_elements), take(plan.weight_elements));
                 let (bk, bv) = (take(plan.bias_elements), take(plan.bias_elements));
+                // Fine queries do not use the query weights: their gradients are zeros.
+                let (wq, bq) = if coarse_q {
+                    (take(plan.weight_elements), take(plan.bias_elements))
+                } else {
+                    (
+                        vec![0.0; plan.weight_elements],
+                        vec![0.0; plan.bias_elements],
+                    )
+                };
                 let (d, p, m) = (shape.head_dim, self.cfg.rank, self.cfg.block);
                 let (mut woff, mut boff) = (0, 0);
                 let used = plan.forward.levels.count();
@@ -387,8 +440,8 @@ impl FmaAttention {
                             bk: bk[boff..boff + bl].to_vec(),
                             wv: wv[woff..woff + wl].to_vec(),
                             bv: bv[boff..boff + bl].to_vec(),
-                            wq: vec![0.0; wl],
-                            bq: vec![0.0; bl],
+                            wq: wq[woff..woff + wl].to_vec(),
+                            bq: bq[boff..boff + bl].to_vec(),
                         };
                         woff += wl;
                         boff += bl;
@@ -454,12 +507,21 @@ impl FmaAttention {
             check_storage("dWV", w.wv, we, shape)?;
             check_storage("dbK", w.bk, be, shape)?;
             check_storage("dbV", w.bv, be, shape)?;
+            if let Some((wq, bq)) = w.queries {
+                check_storage("dWQ", wq, we, shape)?;
+                check_storage("dbQ", bq, be, shape)?;
+            }
         }
         // The weight passes run only when their gradients are asked for.
+        let query_weights = g.weights.is_some_and(|w| w.queries.is_some());
         let steps: Vec<Dispatch> = plan
             .dispatches()
             .into_iter()
-            .filter(|d| d.pass != Pass::WeightsBackward || g.weights.is_some())
+            .filter(|d| match d.pass {
+                Pass::WeightsBackward => g.weights.is_some(),
+                Pass::WeightsBackwardQ => query_weights,
+                _ => true,
+            })
             .collect();
         let pipes = Pipes::new(&self.ctx, &steps).await?;
         let uniforms = self.backward_uniforms(&plan, &steps)?;
@@ -495,6 +557,9 @@ impl FmaAttention {
                     .with(Role::DWv, gw.wv)
                     .with(Role::DBk, gw.bk)
                     .with(Role::DBv, gw.bv);
+                if let Some((wq, bq)) = gw.queries {
+                    res = res.with(Role::DWq, wq).with(Role::DBq, bq);
+                }
             }
             let mut enc = self
                 .ctx
