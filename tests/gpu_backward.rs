@@ -18,30 +18,15 @@
 
 mod common;
 
-use common::gradients::{backward_poisoned, buffer, compare, nan, TOL};
+use common::gradients::{
+    backward_poisoned, buffer, compare, compare_all, inputs, nan, Inputs, TOL,
+};
 
 use common::{browser_like_gpu, gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors};
-use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::random::fresh_seed;
 use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Shape};
-
-struct Inputs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    dout: Vec<f32>,
-}
-
-fn inputs(seed: u64, shape: Shape) -> Inputs {
-    let (len, kv_len) = (shape.elements(), shape.kv_elements());
-    Inputs {
-        q: normal_tensor(seed, len),
-        k: normal_tensor(seed ^ 0x9e37_79b9, kv_len),
-        v: normal_tensor(seed ^ 0x7f4a_7c15, kv_len),
-        dout: normal_tensor(seed ^ 0x2545_f491, len),
-    }
-}
 
 /// Runs forward then backward through caller buffers (outputs poisoned) and returns the
 /// GPU gradients read back.
@@ -89,33 +74,7 @@ fn check_backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) ->
         cfg,
     )
     .unwrap();
-    let mut worst = 0.0f64;
-    for (name, a, b) in [
-        ("dQ", &g.dq, &r.dq),
-        ("dK", &g.dk, &r.dk),
-        ("dV", &g.dv, &r.dv),
-    ] {
-        worst = worst.max(compare(&label, name, a, b));
-    }
-    match (&g.weights, &r.weights) {
-        (Some(gw), Some(rw)) => {
-            // The reference has one entry per level of the weights; the GPU the used ones.
-            assert!(rw.len() >= gw.len());
-            for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
-                for (name, x, y) in [
-                    ("k_w", &a.wk, &b.wk),
-                    ("k_b", &a.bk, &b.bk),
-                    ("v_w", &a.wv, &b.wv),
-                    ("v_b", &a.bv, &b.bv),
-                ] {
-                    worst = worst.max(compare(&label, &format!("{name}{}", l + 1), x, y));
-                }
-            }
-        }
-        (None, None) => {}
-        _ => panic!("{label}: weight gradients on one side only"),
-    }
-    worst
+    compare_all(&label, &g, &r)
 }
 
 #[test]

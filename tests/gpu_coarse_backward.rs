@@ -13,30 +13,13 @@
 
 mod common;
 
-use common::gradients::{backward_poisoned, compare};
+use common::gradients::{backward_poisoned, compare_all, inputs, Inputs};
 use common::{gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::Grid;
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, LearnedWeights, Queries, Shape};
-
-struct Inputs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    dout: Vec<f32>,
-}
-
-fn inputs(seed: u64, shape: Shape) -> Inputs {
-    let (len, kv_len) = (shape.elements(), shape.kv_elements());
-    Inputs {
-        q: normal_tensor(seed, len),
-        k: normal_tensor(seed ^ 0x9e37_79b9, kv_len),
-        v: normal_tensor(seed ^ 0x7f4a_7c15, kv_len),
-        dout: normal_tensor(seed ^ 0x2545_f491, len),
-    }
-}
 
 /// The GPU gradients of one case (forward through `forward_train`, backward into poisoned
 /// buffers).
@@ -68,34 +51,7 @@ fn check(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> f64 {
         cfg,
     )
     .unwrap();
-    let mut worst = 0.0f64;
-    for (name, a, b) in [
-        ("dQ", &g.dq, &r.dq),
-        ("dK", &g.dk, &r.dk),
-        ("dV", &g.dv, &r.dv),
-    ] {
-        worst = worst.max(compare(&label, name, a, b));
-    }
-    match (&g.weights, &r.weights) {
-        (Some(gw), Some(rw)) => {
-            assert!(rw.len() >= gw.len());
-            for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
-                for (name, x, y) in [
-                    ("k_w", &a.wk, &b.wk),
-                    ("k_b", &a.bk, &b.bk),
-                    ("v_w", &a.wv, &b.wv),
-                    ("v_b", &a.bv, &b.bv),
-                    ("q_w", &a.wq, &b.wq),
-                    ("q_b", &a.bq, &b.bq),
-                ] {
-                    worst = worst.max(compare(&label, &format!("{name}{}", l + 1), x, y));
-                }
-            }
-        }
-        (None, None) => {}
-        _ => panic!("{label}: weight gradients on one side only"),
-    }
-    worst
+    compare_all(&label, &g, &r)
 }
 
 /// 1D: n = 1, 97 and 1025 (partial windows and sub-windows at every level), p = 1, 2, 4,

@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::gradients::{backward_poisoned, buffer, compare, nan, TOL};
+use common::gradients::{backward_poisoned, buffer, compare_all, inputs, nan, Inputs, TOL};
 
 use common::gpu;
 use multipole_attn::cpu::{self, widen};
@@ -27,23 +27,6 @@ use multipole_attn::geometry::GridGeometry;
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, Gradients, Grid, LearnedWeights, Shape};
-
-struct Inputs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    dout: Vec<f32>,
-}
-
-fn inputs(seed: u64, shape: Shape) -> Inputs {
-    let (len, kv_len) = (shape.elements(), shape.kv_elements());
-    Inputs {
-        q: normal_tensor(seed, len),
-        k: normal_tensor(seed ^ 0x9e37_79b9, kv_len),
-        v: normal_tensor(seed ^ 0x7f4a_7c15, kv_len),
-        dout: normal_tensor(seed ^ 0x2545_f491, len),
-    }
-}
 
 /// Box-initialised 2D weights plus N(0, 0.5 / s_l^2) noise and N(0, 0.1) biases, so Learned
 /// differs from Average and a misplaced kernel tap shows in the gradients.
@@ -126,33 +109,7 @@ fn check_backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) ->
         (t1 - t0).as_secs_f64(),
         t1.elapsed().as_secs_f64()
     );
-    let mut worst = 0.0f64;
-    for (name, a, b) in [
-        ("dQ", &g.dq, &r.dq),
-        ("dK", &g.dk, &r.dk),
-        ("dV", &g.dv, &r.dv),
-    ] {
-        worst = worst.max(compare(&label, name, a, b));
-    }
-    match (&g.weights, &r.weights) {
-        (Some(gw), Some(rw)) => {
-            // The reference has one entry per level of the weights; the GPU the used ones.
-            assert!(rw.len() >= gw.len(), "{label}");
-            for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
-                for (name, x, y) in [
-                    ("k_w", &a.wk, &b.wk),
-                    ("k_b", &a.bk, &b.bk),
-                    ("v_w", &a.wv, &b.wv),
-                    ("v_b", &a.bv, &b.bv),
-                ] {
-                    worst = worst.max(compare(&label, &format!("{name}{}", l + 1), x, y));
-                }
-            }
-        }
-        (None, None) => {}
-        _ => panic!("{label}: weight gradients on one side only"),
-    }
-    worst
+    compare_all(&label, &g, &r)
 }
 
 /// (H, W, r, p, learned): every grid of issue 16, r in {2, 4, 8} and p in {1, 2, 4} (p divides

@@ -4,7 +4,8 @@
 
 use multipole_attn::gpu::{FmaAttention, GpuContext, GradTensors, Saved, WeightGradTensors};
 use multipole_attn::plan::BackwardPlan;
-use multipole_attn::{Downsample, Gradients, LevelGradients};
+use multipole_attn::random::normal_tensor;
+use multipole_attn::{Downsample, Gradients, LevelGradients, Shape};
 use wgpu::util::DeviceExt;
 
 use super::{closeness, read_buffer};
@@ -12,6 +13,25 @@ use super::{closeness, read_buffer};
 /// The backward tolerance, per tensor: |gpu - ref| <= TOL (max(1, max|ref|) + |ref|) (why:
 /// tests/gpu_backward.rs's header).
 pub const TOL: f64 = 2e-4;
+
+/// Q, K, V and dO of a backward test, N(0, 1) from one seed.
+pub struct Inputs {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub dout: Vec<f32>,
+}
+
+/// Q and dO of `shape`'s query heads, K and V of its K/V heads.
+pub fn inputs(seed: u64, shape: Shape) -> Inputs {
+    let (len, kv_len) = (shape.elements(), shape.kv_elements());
+    Inputs {
+        q: normal_tensor(seed, len),
+        k: normal_tensor(seed ^ 0x9e37_79b9, kv_len),
+        v: normal_tensor(seed ^ 0x7f4a_7c15, kv_len),
+        dout: normal_tensor(seed ^ 0x2545_f491, len),
+    }
+}
 
 /// A storage buffer holding `data`, readable back.
 pub fn buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> wgpu::Buffer {
@@ -139,4 +159,39 @@ pub fn compare(label: &str, name: &str, gpu: &[f32], reference: &[f64]) -> f64 {
         gpu[c.worst_index], reference[c.worst_index]
     );
     c.max_abs / scale
+}
+
+/// Compares every gradient of `gpu` with `reference` (dQ, dK, dV and, in Learned mode, each
+/// used level's six weight and bias gradients: the query weights' are zeros on both sides with
+/// fine queries); returns the worst scaled error.
+pub fn compare_all(label: &str, gpu: &Gradients<f32>, reference: &Gradients<f64>) -> f64 {
+    let mut worst = 0.0f64;
+    for (name, a, b) in [
+        ("dQ", &gpu.dq, &reference.dq),
+        ("dK", &gpu.dk, &reference.dk),
+        ("dV", &gpu.dv, &reference.dv),
+    ] {
+        worst = worst.max(compare(label, name, a, b));
+    }
+    match (&gpu.weights, &reference.weights) {
+        (Some(gw), Some(rw)) => {
+            // The reference has one entry per level of the weights; the GPU the used ones.
+            assert!(rw.len() >= gw.len(), "{label}");
+            for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
+                for (name, x, y) in [
+                    ("k_w", &a.wk, &b.wk),
+                    ("k_b", &a.bk, &b.bk),
+                    ("v_w", &a.wv, &b.wv),
+                    ("v_b", &a.bv, &b.bv),
+                    ("q_w", &a.wq, &b.wq),
+                    ("q_b", &a.bq, &b.bq),
+                ] {
+                    worst = worst.max(compare(label, &format!("{name}{}", l + 1), x, y));
+                }
+            }
+        }
+        (None, None) => {}
+        _ => panic!("{label}: weight gradients on one side only"),
+    }
+    worst
 }
