@@ -1,5 +1,5 @@
-//! Gradients of FMA (algorithm.md §8), fine or coarse queries: what the backward pass returns, in f64 from
-//! the CPU reference and in f32 from the GPU.
+//! Gradients of FMA (algorithm.md §8), fine or coarse queries: what the backward pass returns,
+//! in f64 from the CPU reference and in f32 from the GPU.
 
 use crate::weights::LevelWeights;
 

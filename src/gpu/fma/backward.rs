@@ -1,7 +1,8 @@
-//! The executor of the FMA backward, fine or coarse queries (algorithm.md §8): a forward that keeps what the
-//! backward needs ([`Saved`]: Q, K, V, O and the LSE on the GPU), and a backward that takes dO
-//! and records every dispatch of a [`BackwardPlan`] into one command encoder: the coarse keys
-//! recomputed by the forward's downsample pass, then the backward passes in plan order.
+//! The executor of the FMA backward, fine or coarse queries (algorithm.md §8): a forward that
+//! keeps what the backward needs ([`Saved`]: Q, K, V, O and the LSE on the GPU), and a backward
+//! that takes dO and records every dispatch of a [`BackwardPlan`] into one command encoder: the
+//! coarse keys (and queries) recomputed by the forward's downsample pass, then the backward
+//! passes in plan order.
 //! FlashAttention-style: probabilities are recomputed from the saved LSE, no score matrix is
 //! stored, every gradient is gathered by the invocation that owns it (no float atomics), so
 //! two runs give identical bits.
