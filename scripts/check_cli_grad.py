@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Cross-check `multipole-attn grad` against central finite differences of the independent
-float64 forward in fma_reference.py (written from algorithm.md alone; it has no backward).
+float64 forwards in fma_reference.py and, for coarse queries, check_cli_coarse.py (both written
+from algorithm.md alone; neither has a backward).
 
 Usage:
     python3 scripts/check_cli_grad.py [BIN]
@@ -9,7 +10,8 @@ BIN defaults to $MULTIPOLE_ATTN_BIN, else target/release/multipole-attn.
 Environment: CHECK_SEED=<int> reuses a seed (default: a fresh one, printed).
 
 For L = sum(dO * O(Q, K, V, W)), every gradient array G the CLI writes (dq, dk, dv and, in
-Learned mode, k_w{l}, k_b{l}, v_w{l}, v_b{l}) is checked along DIRS random unit directions U
+Learned mode, k_w{l}, k_b{l}, v_w{l}, v_b{l}, with coarse queries also q_w{l}, q_b{l}) is
+checked along DIRS random unit directions U
 and COORDS random single coordinates:
     err = |<G, U> - (L(X + hU) - L(X - hU)) / 2h| / max(1, |G|)     (h = 1e-5, float64)
 The finite difference itself is good to ~1e-9 (O(h^2) truncation, 1e-16 / h rounding).
@@ -30,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fma_reference as ref  # noqa: E402
 from check_cli import find_bin, random_weights  # noqa: E402
+from check_cli_coarse import coarse_fma  # noqa: E402
 
 TOL_GPU = 2e-5
 TOL_REF = 1e-7
@@ -37,22 +40,27 @@ H = 1e-5
 DIRS = 3
 COORDS = 3
 
-# name, shape, m, p, causal, mode
+# name, shape, m, p, causal, mode, queries (coarse: (n, d) inputs, bidirectional)
 CASES = [
-    ("n97-d8-m4-p2-bidir-learned", (97, 8), 4, 2, False, "learned"),
-    ("n61-d5-m4-p1-causal-learned", (61, 5), 4, 1, True, "learned"),
-    ("b2h2-n50-d8-m8-p2-causal-avg", (2, 2, 50, 8), 8, 2, True, "average"),
-    ("n130-d4-m16-p2-bidir-avg", (130, 4), 16, 2, False, "average"),
+    ("n97-d8-m4-p2-bidir-learned", (97, 8), 4, 2, False, "learned", "fine"),
+    ("n61-d5-m4-p1-causal-learned", (61, 5), 4, 1, True, "learned", "fine"),
+    ("b2h2-n50-d8-m8-p2-causal-avg", (2, 2, 50, 8), 8, 2, True, "average", "fine"),
+    ("n130-d4-m16-p2-bidir-avg", (130, 4), 16, 2, False, "average", "fine"),
+    ("n75-d6-m4-p2-coarse-learned", (75, 6), 4, 2, False, "learned", "coarse"),
+    ("n90-d4-m8-p1-coarse-avg", (90, 4), 8, 1, False, "average", "coarse"),
 ]
 
 
-def loss(q, k, v, dout, m, p, causal, mode, weights):
-    o, _ = ref.fma_forward(q, k, v, m, p, causal, mode, weights)
+def loss(q, k, v, dout, m, p, causal, mode, weights, queries="fine"):
+    if queries == "coarse":
+        o, _ = coarse_fma(q, k, v, m, p, mode, weights)
+    else:
+        o, _ = ref.fma_forward(q, k, v, m, p, causal, mode, weights)
     return float(np.sum(o * dout))
 
 
 def check_case(binary, tmp, rng, ci, case):
-    name, shape, m, p, causal, mode = case
+    name, shape, m, p, causal, mode, queries = case
     d, n = shape[-1], shape[-2]
     L = ref.num_levels(n, m)
     q, k, v, dout = (rng.standard_normal(shape).astype(np.float32) for _ in range(4))
@@ -62,12 +70,19 @@ def check_case(binary, tmp, rng, ci, case):
         np.save(paths[nm], arr)
     args = ["grad", "--q", str(paths["q"]), "--k", str(paths["k"]), "--v", str(paths["v"]),
             "--dout", str(paths["dout"]), "--block", str(m), "--rank", str(p),
-            "--downsample", mode]
+            "--downsample", mode, "--queries", queries]
     if causal:
         args.append("--causal")
     weights = None
     if mode == "learned" and L > 0:
         weights = random_weights(rng, d, m, p, L)
+        if queries == "coarse":
+            # The query weights: the key weights' kind of draw, from their own values.
+            for l in range(1, L + 1):
+                weights[f"q_w{l}"] = (weights[f"k_w{l}"]
+                                      * (1.0 + 0.3 * rng.standard_normal(weights[f"k_w{l}"].shape))
+                                      ).astype(np.float32)
+                weights[f"q_b{l}"] = (0.1 * rng.standard_normal((d, p))).astype(np.float32)
         wpath = tmp / f"c{ci}_w.npz"
         np.savez(wpath, **weights)
         args += ["--weights", str(wpath)]
@@ -77,7 +92,7 @@ def check_case(binary, tmp, rng, ci, case):
     do64 = dout.astype(np.float64)
 
     def f(x, w):
-        return loss(x["q"], x["k"], x["v"], do64, m, p, causal, mode, w)
+        return loss(x["q"], x["k"], x["v"], do64, m, p, causal, mode, w, queries)
 
     results = []
     for path, tol in (("gpu", TOL_GPU), ("reference", TOL_REF)):
@@ -91,7 +106,8 @@ def check_case(binary, tmp, rng, ci, case):
         grads = dict(np.load(out))
         want = {"dq", "dk", "dv"}
         if mode == "learned":
-            want |= {f"{t}_{kind}{l}" for t in "kv" for kind in "wb" for l in range(1, L + 1)}
+            kinds = "kvq" if queries == "coarse" else "kv"
+            want |= {f"{t}_{kind}{l}" for t in kinds for kind in "wb" for l in range(1, L + 1)}
         if set(grads) != want:
             results.append((label, False, f"keys {sorted(grads)}, expected {sorted(want)}"))
             continue
