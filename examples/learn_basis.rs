@@ -9,16 +9,18 @@
 //! landmark's key (exp of a mean is not the mean of exps); learned weights can give landmark
 //! positions their own weight. Each step draws a fresh sample (so the error printed is on
 //! unseen data), computes the loss L = mean((O_fma - O_dense)^2), feeds dO = 2 (O_fma -
-//! O_dense) / N to the backward, and takes one Adam step on every level's (WK, bK, WV, bV).
+//! O_dense) / N to the backward, and takes one Adam step on every level's (WK, bK, WV, bV)
+//! (with coarse queries, algorithm.md §6, also (WQ, bQ): the O(n) variant trains the same way).
 //!
 //! Prints, per step, the relative error ||O - O_dense|| / ||O_dense|| of Learned and Average
 //! FMA on that step's sample, and writes results/learn_basis.svg (error vs step).
 //!
-//! `cargo run --release --example learn_basis [-- STEPS]`
+//! `cargo run --release --example learn_basis [-- STEPS [fine|coarse]]` (coarse queries write
+//! results/learn_basis_coarse.svg).
 
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
 use multipole_attn::random::{normal_tensor, smooth_tensor};
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Result, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Result, Shape};
 use plotters::prelude::*;
 
 const N: usize = 512;
@@ -89,7 +91,12 @@ impl Adam {
     }
 }
 
-fn plot(path: &str, learned: &[f64], average: &[f64]) -> std::result::Result<(), String> {
+fn plot(
+    path: &str,
+    learned: &[f64],
+    average: &[f64],
+    queries: Queries,
+) -> std::result::Result<(), String> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let hi = learned.iter().chain(average).fold(0.0f64, |a, &b| a.max(b)) * 1.1;
@@ -100,7 +107,9 @@ fn plot(path: &str, learned: &[f64], average: &[f64]) -> std::result::Result<(),
         * 0.9;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("FMA vs dense attention, n = {N}, d = {D}, m = {M}, p = {P}"),
+            format!(
+                "FMA ({queries:?} queries) vs dense attention, n = {N}, d = {D}, m = {M}, p = {P}"
+            ),
             ("sans-serif", 20),
         )
         .margin(15)
@@ -138,14 +147,18 @@ fn main() -> Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(150);
+    let queries = match std::env::args().nth(2).as_deref() {
+        Some("coarse") => Queries::Coarse,
+        _ => Queries::Fine,
+    };
     let ctx = GpuContext::new()?;
     println!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
     let shape = Shape::new(1, HEADS, N, D);
     let mut weights = LearnedWeights::box_init_for(D, M, P, N);
     let dense = DenseAttention::new(&ctx, false)?;
-    let average = FmaAttention::new(&ctx, FmaConfig::new(M, P))?;
+    let average = FmaAttention::new(&ctx, FmaConfig::new(M, P).queries(queries))?;
     // Step sizes relative to each level's box weight p / w_l (Adam's steps are ~lr each).
-    let mut opt: Vec<[Adam; 4]> = weights
+    let mut opt: Vec<[Adam; 6]> = weights
         .levels
         .iter()
         .enumerate()
@@ -156,6 +169,8 @@ fn main() -> Result<()> {
                 Adam::new(lw.bk.len(), 0.01),
                 Adam::new(lw.wv.len(), 0.05 * box_w),
                 Adam::new(lw.bv.len(), 0.01),
+                Adam::new(lw.wq.len(), 0.05 * box_w),
+                Adam::new(lw.bq.len(), 0.01),
             ]
         })
         .collect();
@@ -167,7 +182,9 @@ fn main() -> Result<()> {
         let target = dense.forward(&q, &k, &v, shape, false)?.o;
         let fma = FmaAttention::new(
             &ctx,
-            FmaConfig::new(M, P).downsample(Downsample::Learned(weights.clone())),
+            FmaConfig::new(M, P)
+                .queries(queries)
+                .downsample(Downsample::Learned(weights.clone())),
         )?;
         let (out, saved) = fma.forward_train(&q, &k, &v, shape)?;
         let base = average.forward(&q, &k, &v, shape, false)?.o;
@@ -195,6 +212,11 @@ fn main() -> Result<()> {
             o[1].step(&mut lw.bk, &g.bk, t);
             o[2].step(&mut lw.wv, &g.wv, t);
             o[3].step(&mut lw.bv, &g.bv, t);
+            // Fine queries do not use the query weights: their gradients are zeros.
+            if queries == Queries::Coarse {
+                o[4].step(&mut lw.wq, &g.wq, t);
+                o[5].step(&mut lw.bq, &g.bq, t);
+            }
         }
     }
     let tail = 10.min(steps);
@@ -208,8 +230,12 @@ fn main() -> Result<()> {
         mean(&average_err) / mean(&learned_err)
     );
     std::fs::create_dir_all("results").ok();
-    match plot("results/learn_basis.svg", &learned_err, &average_err) {
-        Ok(()) => println!("wrote results/learn_basis.svg"),
+    let path = match queries {
+        Queries::Coarse => "results/learn_basis_coarse.svg",
+        Queries::Fine => "results/learn_basis.svg",
+    };
+    match plot(path, &learned_err, &average_err, queries) {
+        Ok(()) => println!("wrote {path}"),
         Err(e) => eprintln!("could not write the plot: {e}"),
     }
     Ok(())
