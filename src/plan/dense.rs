@@ -21,10 +21,11 @@ pub const DENSE_KEY_TILES_PER_DISPATCH: usize = 256;
 /// `UNROLLED_D4`: half of llvmpipe's 65535.
 const LOOP_BUDGET: usize = 32768;
 
-/// The largest D4 (= ceil(d / 4)) whose per-key loops over the row get unrolled on llvmpipe.
-/// Above it (d > 128) the plain variant's loops over a row's D4 vec4s stay loops, about
-/// 2 D4 + 8 iterations per key: at d = 256 wrong from 896 keys on, right at 448.
-const UNROLLED_D4: usize = 32;
+/// The largest D4 (= ceil(d / 4)) whose per-key loops over the row llvmpipe unrolls itself.
+/// Above it (d > 128) the plain variant's loops over a row's D4 vec4s stayed loops, about
+/// 2 D4 + 8 iterations per key: at d = 256 wrong from 896 keys on, right at 448. The composer
+/// now writes those loops out above it (`gpu::engine::shaders`, docs/perf.md, change 10).
+pub const UNROLLED_D4: usize = 32;
 
 /// The plan of one dense attention forward.
 #[derive(Clone, Debug)]

@@ -7,6 +7,7 @@
 //! sized exactly, and a pipeline is built once per distinct set (see `pipelines.rs`).
 
 use crate::gpu::engine::passes::desc;
+use crate::plan::UNROLLED_D4;
 pub use crate::plan::{Pass, Specialization};
 
 /// A shared snippet by its `#import` name.
@@ -59,6 +60,9 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
         out.push_str(&format!("const SG: u32 = {sg}u;\n"));
     }
     push_resolved(&mut out, desc(pass).source, subgroup.is_some(), spec.grid);
+    if spec.d4 > UNROLLED_D4 as u32 {
+        out = unroll_row_loops(&out, spec.d4);
+    }
     match subgroup {
         Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg),
         None => out,
@@ -79,6 +83,56 @@ pub fn resolve_imports(text: &str) -> String {
 pub fn resolve_imports_grid(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     push_resolved(&mut out, text, false, true);
+    out
+}
+
+/// The first line of a loop over a row's D4 vec4s, as every pass writes it.
+const ROW_LOOP: &str = "for (var c4 = 0u; c4 < D4; c4++) {";
+
+/// Writes out every loop over a row's vec4s (a line [`ROW_LOOP`], its body, a line `}`) as `d4`
+/// blocks `{ let c4 = ..u; body }`: the same statements in the same order, so the same results,
+/// without a loop. Why: llvmpipe (lavapipe and Mesa's GL, the CI's and the web's path) stops an
+/// invocation's loops after 65535 iterations counted over the whole invocation and then returns
+/// wrong results; it unrolls these loops itself up to D4 = [`UNROLLED_D4`] but not above, where
+/// they cost a key ~2 D4 + 8 iterations (at d = 256 the fine pass was wrong from m = 192 on;
+/// docs/perf.md, change 10). Applied only above `UNROLLED_D4`, so smaller heads compile the
+/// text they always did.
+fn unroll_row_loops(text: &str, d4: u32) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if line.trim() != ROW_LOOP {
+            out.push_str(line);
+            out.push('\n');
+            i += 1;
+            continue;
+        }
+        let indent = &line[..line.len() - line.trim_start().len()];
+        // The body: up to the line that closes the loop's brace.
+        let mut depth = 1i32;
+        let mut end = i + 1;
+        while end < lines.len() {
+            let l = lines[end];
+            depth += l.matches('{').count() as i32 - l.matches('}').count() as i32;
+            if depth == 0 {
+                break;
+            }
+            end += 1;
+        }
+        assert!(end < lines.len(), "a row loop without its closing brace");
+        for c4 in 0..d4 {
+            out.push_str(&format!("{indent}{{\n{indent}    let c4 = {c4}u;\n"));
+            for l in &lines[i + 1..end] {
+                out.push_str(l);
+                out.push('\n');
+            }
+            out.push_str(indent);
+            out.push_str("}\n");
+        }
+        i = end + 1;
+    }
     out
 }
 
@@ -275,6 +329,28 @@ mod tests {
                             pass.name()
                         )
                     });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_loops_are_written_out_above_d_128_only() {
+        for pass in Pass::ALL {
+            let spec = |d4| Specialization {
+                wg: 64,
+                bk: 7,
+                d4,
+                grid: false,
+            };
+            // Up to D4 = 32 the text is what it always was (llvmpipe unrolls those itself).
+            let small = compose(pass, spec(UNROLLED_D4 as u32));
+            assert!(!small.contains("let c4 = 0u;"), "{}", pass.name());
+            for sg in [None, Some(8)] {
+                let wide = compose_for(pass, spec(UNROLLED_D4 as u32 + 1), sg);
+                assert!(!wide.contains(ROW_LOOP), "{}: a row loop left", pass.name());
+                if small.contains(ROW_LOOP) {
+                    assert!(wide.contains("let c4 = 32u;"), "{}", pass.name());
                 }
             }
         }

@@ -1,0 +1,247 @@
+//! llvmpipe's loop limit on the plain variant above d = 128 (docs/perf.md, change 10).
+//! llvmpipe (lavapipe, Mesa's GL; our CI's adapter and the web's path) stops an invocation's
+//! loops after 65535 iterations counted over the whole invocation and then returns wrong
+//! results without an error. Above d = 128 (D4 > 32) its compiler no longer unrolls the plain
+//! variant's loops over a row's D4 vec4s, so a key cost ~2 D4 + 8 iterations: at d = 256 the
+//! fine-query pass was wrong from m = 192 on (n = 1024), and the backward's dQ and dK/dV passes
+//! alike. The composer now writes those loops out above d = 128 (`engine::shaders`,
+//! `unroll_row_loops`), so the row loops cost no iteration at any d.
+//!
+//! These run the plain variant (a context with browser limits: no subgroups) at d = 256 with
+//! large blocks, on caller buffers poisoned with NaN, against the f64 reference. Each shape
+//! compiles each pass once (the same WG, BK and D4 in every case).
+//!
+//! Tolerances: the forward's of tests/gpu_forward.rs, |gpu - ref| <= 5e-5 + 5e-5 |ref| for O and
+//! 5e-5 + 1e-5 |ref| for the LSE: N(0, 1) inputs give logits of O(1..10) and O a convex
+//! combination of O(1) values; an f32 dot product of 256 terms carries ~1e-6 relative error and
+//! the softmax sums ~800 positive terms, a few 1e-7 .. 1e-6 measured. The backward's of
+//! tests/gpu_backward.rs (2e-4 of each tensor's scale; why: its header). The failures this
+//! guards against are 1e-2 .. 3e-1 (0.26 on O at m = 256 before the fix).
+
+mod common;
+
+use common::gradients::{backward_poisoned, buffer, compare, nan};
+use common::{browser_like_gpu, closeness, Poisoned};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::{FmaConfig, Queries, Shape};
+
+const O_ATOL: f64 = 5e-5;
+const O_RTOL: f64 = 5e-5;
+const LSE_ATOL: f64 = 5e-5;
+const LSE_RTOL: f64 = 1e-5;
+
+fn tensors(seed: u64, shape: Shape) -> [Vec<f32>; 4] {
+    [
+        normal_tensor(seed, shape.elements()),
+        normal_tensor(seed ^ 0x9e37_79b9, shape.kv_elements()),
+        normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements()),
+        normal_tensor(seed ^ 0x2545_f491, shape.elements()),
+    ]
+}
+
+fn config(m: usize, p: usize, causal: bool, queries: Queries) -> FmaConfig {
+    FmaConfig {
+        block: m,
+        rank: p,
+        causal,
+        queries,
+        ..FmaConfig::default()
+    }
+}
+
+fn label(seed: u64, shape: Shape, cfg: &FmaConfig) -> String {
+    format!(
+        "seed {seed} {shape} m={} p={} causal={} {:?}",
+        cfg.block, cfg.rank, cfg.causal, cfg.queries
+    )
+}
+
+/// The forward through NaN-poisoned caller buffers against the reference; returns the largest
+/// absolute error of O (asserting only when `assert`).
+fn forward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, assert: bool) -> f64 {
+    let label = label(seed, shape, cfg);
+    let [q, k, v, _] = tensors(seed, shape);
+    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
+    fma.forward_buffers(bufs.tensors(), shape)
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (o, lse) = bufs.read(ctx);
+    let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, cfg).unwrap();
+    let co = closeness(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
+    let cl = closeness(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
+    if assert {
+        assert_eq!(co.violations, 0, "{label}: O {co:?}");
+        assert_eq!(cl.violations, 0, "{label}: LSE {cl:?}");
+    }
+    // Infinite when an element is NaN (unwritten).
+    co.max_abs.max(cl.max_abs)
+}
+
+/// Forward then backward (every gradient buffer poisoned) against the reference gradients;
+/// returns the worst scaled error (asserting only when `assert`).
+fn backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, assert: bool) -> f64 {
+    let label = label(seed, shape, cfg);
+    let [q, k, v, dout] = tensors(seed, shape);
+    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (qb, kb, vb) = (
+        buffer(ctx, "q", &q),
+        buffer(ctx, "k", &k),
+        buffer(ctx, "v", &v),
+    );
+    let (o, lse) = (
+        nan(ctx, "o", shape.elements()),
+        nan(ctx, "lse", shape.rows()),
+    );
+    let t = GpuTensors {
+        q: &qb,
+        k: &kb,
+        v: &vb,
+        out: &o,
+        lse: Some(&lse),
+    };
+    fma.forward_buffers(t, shape).expect("forward");
+    let saved = fma.saved_from_buffers(t, shape).expect("saved");
+    let plan = fma.backward_plan(shape).expect("plan");
+    let g = backward_poisoned(ctx, &fma, &saved, &plan, &dout);
+    let r = cpu::fma_backward(
+        &widen(&q),
+        &widen(&k),
+        &widen(&v),
+        &widen(&dout),
+        shape,
+        cfg,
+    )
+    .unwrap();
+    [
+        ("dQ", &g.dq, &r.dq),
+        ("dK", &g.dk, &r.dk),
+        ("dV", &g.dv, &r.dv),
+    ]
+    .into_iter()
+    .map(|(name, a, b)| {
+        if assert {
+            compare(&label, name, a, b)
+        } else {
+            let scale = b.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            closeness(a, b, 0.0, 0.0).max_abs / scale
+        }
+    })
+    .fold(0.0, f64::max)
+}
+
+fn plain() -> Option<&'static GpuContext> {
+    let ctx = browser_like_gpu()?;
+    assert!(
+        ctx.subgroup_kernels().is_none(),
+        "browser limits: no subgroups"
+    );
+    Some(ctx)
+}
+
+/// Fine queries at d = 256: blocks of 256 (wrong before the fix: the middle block's queries
+/// see 768 near-field keys) and a block beyond n, the largest any m gives (planned as one block
+/// of n: every query sees all 768 keys in its near field, the last one when causal).
+#[test]
+fn fine_queries_with_large_blocks_at_d256_on_the_plain_variant() {
+    let Some(ctx) = plain() else { return };
+    let seed = fresh_seed();
+    let shape = Shape::new(1, 1, 768, 256);
+    for (m, causal) in [(256, false), (4096, true)] {
+        let cfg = config(m, 4, causal, Queries::Fine);
+        let err = forward(ctx, seed, shape, &cfg, true);
+        eprintln!("{}: max |error| {err:.2e}", label(seed, shape, &cfg));
+    }
+}
+
+/// Coarse queries at d = 256 with blocks of 256 and p = m (a coarse query of the one level's
+/// windows 0 and 3 attends 2 p = 512 coarse keys; the near field up to 768 fine keys).
+#[test]
+fn coarse_queries_with_large_blocks_at_d256_on_the_plain_variant() {
+    let Some(ctx) = plain() else { return };
+    let seed = fresh_seed();
+    let shape = Shape::new(1, 1, 1024, 256);
+    let cfg = config(256, 256, false, Queries::Coarse);
+    let err = forward(ctx, seed, shape, &cfg, true);
+    eprintln!("{}: max |error| {err:.2e}", label(seed, shape, &cfg));
+}
+
+/// The backward at d = 256 with blocks of 256: dQ sweeps the middle block's 768 near keys,
+/// dK/dV the middle block's keys' 768 near queries.
+#[test]
+fn backward_with_large_blocks_at_d256_on_the_plain_variant() {
+    let Some(ctx) = plain() else { return };
+    let seed = fresh_seed();
+    let shape = Shape::new(1, 1, 768, 256);
+    let cfg = config(256, 4, false, Queries::Fine);
+    let err = backward(ctx, seed, shape, &cfg, true);
+    eprintln!("{}: worst scaled error {err:.2e}", label(seed, shape, &cfg));
+}
+
+/// Not a check: the measurement behind docs/perf.md's change 10 (the largest right block size
+/// per d on the plain variant). `cargo test --test gpu_loop_limit -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn probe_block_sizes() {
+    let Some(ctx) = plain() else { return };
+    let seed = fresh_seed();
+    let n = std::env::var("PROBE_N").map_or(1024, |s| s.parse().unwrap());
+    let ds: Vec<usize> = std::env::var("PROBE_D").map_or(vec![128, 160, 256], |s| {
+        s.split(',').map(|x| x.parse().unwrap()).collect()
+    });
+    let ms: Vec<usize> = std::env::var("PROBE_M").map_or(vec![64, 128, 160, 192, 256, 512], |s| {
+        s.split(',').map(|x| x.parse().unwrap()).collect()
+    });
+    let backward_too = std::env::var("PROBE_BACKWARD").is_ok();
+    for &d in &ds {
+        let shape = Shape::new(1, 1, n, d);
+        for &m in &ms {
+            let cfg = config(m, 4, false, Queries::Fine);
+            let err = forward(ctx, seed, shape, &cfg, false);
+            let grad = if backward_too {
+                let err = backward(ctx, seed, shape, &cfg, false);
+                format!(", backward worst scaled error {err:.2e}")
+            } else {
+                String::new()
+            };
+            eprintln!("n {n} d {d} m {m}: forward max |error| {err:.2e}{grad}");
+        }
+    }
+}
+
+/// Not a check: one dense dispatch (no key chunks) of 16 queries over PROBE_KEYS keys at
+/// PROBE_D on the plain variant, against the reference: the loop cost per key of the sweeps
+/// that the fine pass's near field shares (`near_field.wgsl`), so the block size from which a
+/// fine pass would pass llvmpipe's limit (about a third of the first wrong key count).
+#[test]
+#[ignore]
+fn probe_unchunked_dense_keys() {
+    let Some(ctx) = plain() else { return };
+    let seed = fresh_seed();
+    let list = |var: &str, default: &str| -> Vec<usize> {
+        std::env::var(var)
+            .unwrap_or(default.into())
+            .split(',')
+            .map(|x| x.parse().unwrap())
+            .collect()
+    };
+    for d in list("PROBE_D", "256") {
+        for keys in list("PROBE_KEYS", "8192,16384,24576,32768") {
+            let shape = Shape::cross(1, 1, 16, keys, d);
+            let [q, k, v, _] = tensors(seed, shape);
+            let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, false).unwrap();
+            let dense = multipole_attn::gpu::DenseAttention::new(ctx, false)
+                .unwrap()
+                .keys_per_dispatch(usize::MAX);
+            let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
+            dense.forward_buffers(bufs.tensors(), shape).unwrap();
+            let (o, _) = bufs.read(ctx);
+            let c = closeness(&o, &r.o, O_ATOL, O_RTOL);
+            eprintln!(
+                "d {d}, {keys} keys in one dispatch: max |error| {:.2e}",
+                c.max_abs
+            );
+        }
+    }
+}
