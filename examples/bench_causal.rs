@@ -30,8 +30,8 @@ type BoxError = Box<dyn std::error::Error>;
 
 /// The kernel under test, for one mask.
 enum Kernel {
-    Dense(DenseAttention),
-    Fma(FmaAttention),
+    Dense(Box<DenseAttention>),
+    Fma(Box<FmaAttention>),
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -84,12 +84,12 @@ fn main() -> Result<(), BoxError> {
         for name in ["FMA fine", "dense"] {
             let make = |causal: bool| -> Result<Kernel, BoxError> {
                 Ok(if name == "dense" {
-                    Kernel::Dense(DenseAttention::new(&ctx, causal)?)
+                    Kernel::Dense(Box::new(DenseAttention::new(&ctx, causal)?))
                 } else {
-                    Kernel::Fma(FmaAttention::new(
+                    Kernel::Fma(Box::new(FmaAttention::new(
                         &ctx,
                         FmaConfig::new(64, 2).causal(causal),
-                    )?)
+                    )?))
                 })
             };
             let kernels = [make(false)?, make(true)?];
