@@ -1,7 +1,9 @@
 //! Backward timing: `FmaAttention::backward_buffers` on tensors resident on the GPU, median
 //! wall clock of `--reps` runs after a warm-up, against the forward of the same shape.
 //!
-//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64]`
+//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64 --queries fine,coarse --causal false,true]`
+//!
+//! Coarse queries are bidirectional only (their causal cases are skipped).
 //!
 //! The log of backward tuning steps is in docs/perf.md (change 7 on).
 
@@ -11,7 +13,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Queries, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -31,6 +33,18 @@ struct Args {
     /// Timed repetitions (median reported), after one warm-up.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Query modes: fine, coarse.
+    #[arg(long, value_delimiter = ',', default_value = "fine")]
+    queries: Vec<QueryMode>,
+    /// Masks.
+    #[arg(long, value_delimiter = ',', default_value = "false,true")]
+    causal: Vec<bool>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum QueryMode {
+    Fine,
+    Coarse,
 }
 
 /// Median milliseconds of `reps` runs of `run` (each waited for), after one warm-up.
@@ -54,11 +68,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = GpuContext::new()?;
     println!("adapter {} ({:?})", ctx.info.name, ctx.info.backend);
     println!(
-        "{:>7} {:>7} {:>12} {:>12} {:>8}",
-        "n", "causal", "forward ms", "backward ms", "b/f"
+        "{:>7} {:>7} {:>7} {:>12} {:>12} {:>8}",
+        "n", "queries", "causal", "forward ms", "backward ms", "b/f"
     );
+    // Coarse queries are bidirectional only.
+    let cases: Vec<(QueryMode, bool)> = a
+        .queries
+        .iter()
+        .flat_map(|&q| a.causal.iter().map(move |&c| (q, c)))
+        .filter(|&(q, c)| !(c && matches!(q, QueryMode::Coarse)))
+        .collect();
     // On stderr, drawn only when it is a terminal (logs stay clean); rows print above it.
-    let bar = ProgressBar::new(2 * a.n.len() as u64);
+    let bar = ProgressBar::new((cases.len() * a.n.len()) as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -74,9 +95,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
         };
         let [q, k, v, o, lse, dout, dq, dk, dv] = [1, 2, 3, 4, 5, 6, 7, 8, 9].map(tensor);
-        for causal in [false, true] {
-            bar.set_message(format!("n={n} causal={causal}"));
-            let fma = FmaAttention::new(&ctx, FmaConfig::new(a.block, a.rank).causal(causal))?;
+        for &(mode, causal) in &cases {
+            bar.set_message(format!("n={n} {mode:?} causal={causal}"));
+            let queries = match mode {
+                QueryMode::Fine => Queries::Fine,
+                QueryMode::Coarse => Queries::Coarse,
+            };
+            let config = FmaConfig::new(a.block, a.rank)
+                .causal(causal)
+                .queries(queries);
+            let fma = FmaAttention::new(&ctx, config)?;
             let t = GpuTensors {
                 q: &q,
                 k: &k,
@@ -98,7 +126,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // suspend, not bar.println: that prints nothing when the bar is hidden.
             bar.suspend(|| {
                 println!(
-                    "{n:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2}",
+                    "{n:>7} {:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2}",
+                    format!("{mode:?}").to_lowercase(),
                     backward / forward
                 )
             });

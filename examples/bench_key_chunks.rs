@@ -116,6 +116,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run = |dense: &DenseAttention| -> Result<f64, Box<dyn std::error::Error>> {
         let start = Instant::now();
         dense.forward_buffers(t, shape)?;
+        // forward_buffers submits without waiting: wait here, or the next run pays for it.
+        ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };
     let mut outputs = Vec::new();
