@@ -45,6 +45,19 @@ fn resume_row(head: u32, row: u32, i: u32, in_tile: bool) {
     }
 }
 
+// The query tile workgroup z of a problem's `tiles` runs: causal, in the order 0, T-1, 1, T-2,
+// ... (a bijection of [0, T)), so that any contiguous run of workgroups mixes short tiles
+// (early rows, few keys) with long ones. Why: llvmpipe hands each of its threads one contiguous
+// share of a dispatch's workgroups, so in tile order the thread with the last tiles held 3/4
+// of the causal work and capped the causal speed-up at 4/3 (perf.md, issue 18's measurements).
+// Each tile computes what it did before: the same bits in any order.
+fn causal_tile(z: u32, tiles: u32) -> u32 {
+    if (z % 2u == 0u) {
+        return z / 2u;
+    }
+    return tiles - 1u - z / 2u;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let wid = linear_workgroup(wg);
@@ -65,7 +78,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let varlen = params.seqs > 0u;
     let n_kv = select(params.n_kv, n, varlen);
     let key_hi = select(params.key_hi, min(params.key_hi, n), varlen);
-    let i0 = params.chunk_lo + at.z * WG;
+    // A batch of equal sequences (or a split head's query chunk) has tiles_per_block tiles each.
+    var tile = at.z;
+    if (params.causal != 0u && !varlen) {
+        tile = causal_tile(at.z, params.tiles_per_block);
+    }
+    let i0 = params.chunk_lo + tile * WG;
     let i1 = min(i0 + WG, select(params.chunk_hi, n, varlen));
     let i = i0 + lid;
     let in_tile = i < i1;
