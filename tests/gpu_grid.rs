@@ -193,22 +193,4 @@ fn what_the_gpu_does_not_run_in_2d_is_a_typed_error() {
     // Causal.
     let e = FmaAttention::new(ctx, FmaConfig::new(2, 1).grid(grid).causal(true)).err();
     assert!(matches!(e, Some(FmaError::CausalGrid)), "{e:?}");
-    // The backward of coarse queries (not built in 1D either; the fine-query backward runs in
-    // 2D: tests/gpu_grid_backward.rs).
-    let cfg = FmaConfig::new(2, 1).grid(grid).queries(Queries::Coarse);
-    let fma = FmaAttention::new(ctx, cfg).unwrap();
-    let e = fma
-        .forward_train(&x, &x, &x, shape)
-        .and_then(|(_, saved)| fma.backward(&saved, &x))
-        .err();
-    assert!(
-        matches!(
-            &e,
-            Some(FmaError::InvalidConfig {
-                what: "queries",
-                ..
-            })
-        ),
-        "{e:?}"
-    );
 }
