@@ -8,8 +8,8 @@
 //! `shaders/backward_coarse_stats.wgsl`), a few ulp more per term, and sums over a row's tokens
 //! that the reference does token by token: the measured worst errors are printed and sit
 //! ~100x below the bound. A dQ~ that misses its pooling, a far window or a token of a row moves
-//! elements by >= 1e-2 of the scale (`coarse_and_fine_query_gradients_differ_and_runs_repeat` shows the two
-//! resolutions' gradients are that far apart).
+//! elements by >= 1e-2 of the scale (`coarse_and_fine_query_gradients_differ_and_runs_repeat`
+//! shows the two resolutions' gradients are that far apart).
 
 mod common;
 
