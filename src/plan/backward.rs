@@ -22,6 +22,7 @@
 use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
+use crate::gradients::LevelGradients;
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
 use crate::plan::{Pass, Specialization};
 use crate::shape::Shape;
@@ -51,6 +52,16 @@ fn query_tile(head_dim: usize, fixed: u32, per_query: u32, limits: &KernelLimits
         });
     }
     Ok(bq)
+}
+
+/// Taps of a level's learned kernel: its window w_l (2D: s_l^2, the level's `window` being the
+/// cell side).
+fn kernel_taps(grid: bool, window: usize) -> usize {
+    if grid {
+        window * window
+    } else {
+        window
+    }
 }
 
 /// The plan of one FMA backward.
@@ -257,12 +268,7 @@ impl BackwardPlan {
         let (mut weight_elements, mut bias_elements) = (0usize, 0usize);
         if learned {
             for (i, lv) in forward.levels.levels.iter().enumerate() {
-                // Taps of the level's kernel: w_l (2D: s_l^2).
-                let taps = if grid {
-                    lv.window * lv.window
-                } else {
-                    lv.window
-                };
+                let taps = kernel_taps(grid, lv.window);
                 let threads = (d * p * (taps + 1)) as u64;
                 let passes: &[Pass] = if coarse_q {
                     &[Pass::WeightsBackward, Pass::WeightsBackwardQ]
@@ -303,6 +309,38 @@ impl BackwardPlan {
             pad: None,
             table_at: 0,
         })
+    }
+
+    /// Splits a backward's concatenated weight gradients (the layout of
+    /// `gpu::WeightGradTensors`: level after level, each used level's (head_dim, p, taps)
+    /// weights, `weight_elements` in all, and its (head_dim, p) biases, `bias_elements`) into one
+    /// [`LevelGradients`] per level this plan uses. `w` = [dWK, dWV, dWQ], `b` = [dbK, dbV, dbQ].
+    pub fn split_weight_gradients(
+        &self,
+        [wk, wv, wq]: [&[f32]; 3],
+        [bk, bv, bq]: [&[f32]; 3],
+    ) -> Vec<LevelGradients<f32>> {
+        let (d, p) = (self.forward.shape.head_dim, self.forward.levels.p);
+        let grid = self.forward.grid.is_some();
+        let (mut wo, mut bo) = (0, 0);
+        self.forward
+            .levels
+            .levels
+            .iter()
+            .map(|lv| {
+                let (wl, bl) = (d * p * kernel_taps(grid, lv.window), d * p);
+                let (w, b) = (wo..wo + wl, bo..bo + bl);
+                (wo, bo) = (w.end, b.end);
+                LevelGradients {
+                    wk: wk[w.clone()].to_vec(),
+                    bk: bk[b.clone()].to_vec(),
+                    wv: wv[w.clone()].to_vec(),
+                    bv: bv[b.clone()].to_vec(),
+                    wq: wq[w].to_vec(),
+                    bq: bq[b].to_vec(),
+                }
+            })
+            .collect()
     }
 
     /// Every dispatch in recording order, the forward's downsample dispatches first.

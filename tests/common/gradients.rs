@@ -5,7 +5,7 @@
 use multipole_attn::gpu::{FmaAttention, GpuContext, GradTensors, Saved, WeightGradTensors};
 use multipole_attn::plan::BackwardPlan;
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, Gradients, LevelGradients, Shape};
+use multipole_attn::{Downsample, Gradients, Shape};
 use wgpu::util::DeviceExt;
 
 use super::{closeness, read_buffer};
@@ -110,34 +110,7 @@ pub fn backward_poisoned(
                 vec![0.0; plan.bias_elements],
             ),
         };
-        let (d, p) = (shape.head_dim, plan.forward.levels.p);
-        let grid = plan.forward.grid.is_some();
-        let (mut wo, mut bo) = (0, 0);
-        plan.forward
-            .levels
-            .levels
-            .iter()
-            .map(|lv| {
-                // Kernel taps: w_l (2D: s_l x s_l, the level's `window` is the cell side).
-                let taps = if grid {
-                    lv.window * lv.window
-                } else {
-                    lv.window
-                };
-                let (wl, bl) = (d * p * taps, d * p);
-                let g = LevelGradients {
-                    wk: wk[wo..wo + wl].to_vec(),
-                    bk: bk[bo..bo + bl].to_vec(),
-                    wv: wv[wo..wo + wl].to_vec(),
-                    bv: bv[bo..bo + bl].to_vec(),
-                    wq: wq[wo..wo + wl].to_vec(),
-                    bq: bq[bo..bo + bl].to_vec(),
-                };
-                wo += wl;
-                bo += bl;
-                g
-            })
-            .collect()
+        plan.split_weight_gradients([&wk, &wv, &wq], [&bk, &bv, &bq])
     });
     Gradients {
         dq: read(&dq, len),

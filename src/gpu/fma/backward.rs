@@ -20,7 +20,6 @@ use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{check_storage, GpuTensors, Scopes, Staged};
 use crate::gradients::{Gradients, LevelGradients};
-use crate::levels::window;
 use crate::plan::{BackwardPlan, Dispatch, Pass};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
@@ -419,36 +418,12 @@ impl FmaAttention {
                         vec![0.0; plan.bias_elements],
                     )
                 };
-                let (d, p, m) = (shape.head_dim, self.cfg.rank, self.cfg.block);
-                let (mut woff, mut boff) = (0, 0);
-                let used = plan.forward.levels.count();
-                let levels = (1..=w.levels.len())
-                    .zip(&w.levels)
-                    .map(|(l, lw)| {
-                        if l > used {
-                            return LevelGradients::zeros_like(lw);
-                        }
-                        // Taps of level l's kernel: w_l (2D: s_l^2, weights (d, p, s_l, s_l)).
-                        let win = window(m, l);
-                        let taps = if plan.forward.grid.is_some() {
-                            win * win
-                        } else {
-                            win
-                        };
-                        let (wl, bl) = (d * p * taps, d * p);
-                        let g = LevelGradients {
-                            wk: wk[woff..woff + wl].to_vec(),
-                            bk: bk[boff..boff + bl].to_vec(),
-                            wv: wv[woff..woff + wl].to_vec(),
-                            bv: bv[boff..boff + bl].to_vec(),
-                            wq: wq[woff..woff + wl].to_vec(),
-                            bq: bq[boff..boff + bl].to_vec(),
-                        };
-                        woff += wl;
-                        boff += bl;
-                        g
-                    })
-                    .collect();
+                // The used levels from the buffers; the weights' extra levels get zeros.
+                let used = plan.split_weight_gradients([&wk, &wv, &wq], [&bk, &bv, &bq]);
+                let unused = w.levels[used.len()..]
+                    .iter()
+                    .map(LevelGradients::zeros_like);
+                let levels = used.into_iter().chain(unused).collect();
                 Some(levels)
             }
             Downsample::Average => None,
