@@ -27,8 +27,15 @@ var<private> v_row: array<vec4<f32>, D4>;
 var<private> dk_acc: array<vec4<f32>, D4>;
 var<private> dv_acc: array<vec4<f32>, D4>;
 
-// Folds staged queries r < count whose position start + r is >= `first` into this key's sums.
-fn consume_queries(start: u32, count: u32, first: u32) {
+// consume_queries (and tile_rows_begin): query by query with plain workgroup-memory loads, or
+// on a device with subgroups four queries at a time with the tile rows shared by subgroup
+// broadcasts (shaders.rs `compose_for`).
+#import dkv_rows
+
+// Folds staged queries r < count whose position start + r is >= `first` into this key's sums,
+// query by query. The plain variant's consume_queries, and the subgroup variant's for a
+// subgroup that is not full.
+fn consume_queries_plain(start: u32, count: u32, first: u32) {
     for (var r = 0u; r < count; r++) {
         if (start + r >= first) {
             var s4 = vec4<f32>(0.0);
@@ -76,6 +83,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let in_tile = q0 + lid < q1;
     let head = kpr.kv_row * d;
     let causal = params.causal != 0u;
+    tile_rows_begin();
 
     for (var c4 = 0u; c4 < D4; c4++) {
         var kk = vec4<f32>(0.0);

@@ -35,8 +35,14 @@ var<private> dq_acc: array<vec4<f32>, D4>;
 var<private> row_lse: f32;
 var<private> row_delta: f32;
 
-// Folds the first min(count, visible) staged keys into this row's dQ.
-fn consume_keys(count: u32, visible: u32) {
+// consume_keys (and tile_rows_begin): key by key with plain workgroup-memory loads, or on a
+// device with subgroups four keys at a time with the tile rows shared by subgroup broadcasts
+// (shaders.rs `compose_for`).
+#import dq_rows
+
+// Folds the first min(count, visible) staged keys into this row's dQ, key by key. The plain
+// variant's consume_keys, and the subgroup variant's for a subgroup that is not full.
+fn consume_keys_plain(count: u32, visible: u32) {
     let n_keys = min(count, visible);
     for (var r = 0u; r < n_keys; r++) {
         let bias = tile_bias[r];
@@ -98,6 +104,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // The K/V head this query head reads (grouped-query attention).
     let kv_head = pr.kv_row * d;
     let causal = params.causal != 0u;
+    tile_rows_begin();
 
     for (var c4 = 0u; c4 < D4; c4++) {
         var x = vec4<f32>(0.0);

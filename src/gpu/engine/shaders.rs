@@ -28,8 +28,27 @@ fn shared(name: &str) -> Option<&'static str> {
         "backward_queries" => Some(include_str!(
             "../../../shaders/shared/backward_queries.wgsl"
         )),
+        "subgroup_rows" => Some(include_str!("../../../shaders/shared/subgroup_rows.wgsl")),
+        "subgroup_key_rows" => Some(include_str!(
+            "../../../shaders/shared/subgroup_key_rows.wgsl"
+        )),
         _ => None,
     }
+}
+
+/// A snippet with a plain and a subgroup variant, by its `#import` name: the sweeps over the
+/// staged tile rows of the forward (`tile_rows`: online_softmax's consume_tile), of the dQ pass
+/// (`dq_rows`) and of the dK/dV pass of fine keys (`dkv_rows`).
+fn variant(name: &str, subgroup: bool) -> Option<&'static str> {
+    Some(match (name, subgroup) {
+        ("tile_rows", false) => include_str!("../../../shaders/shared/tile_rows_plain.wgsl"),
+        ("tile_rows", true) => include_str!("../../../shaders/shared/tile_rows_subgroup.wgsl"),
+        ("dq_rows", false) => include_str!("../../../shaders/shared/dq_rows_plain.wgsl"),
+        ("dq_rows", true) => include_str!("../../../shaders/shared/dq_rows_subgroup.wgsl"),
+        ("dkv_rows", false) => include_str!("../../../shaders/shared/dkv_rows_plain.wgsl"),
+        ("dkv_rows", true) => include_str!("../../../shaders/shared/dkv_rows_subgroup.wgsl"),
+        _ => return None,
+    })
 }
 
 /// The full WGSL text of `pass` with its constants and imports resolved (no subgroup
@@ -140,63 +159,50 @@ fn unroll_row_loops(text: &str, d4: u32) -> String {
     out
 }
 
-/// Writes out the `//#unroll` loops of `tile_rows_subgroup.wgsl` for `d4` and subgroup size
-/// `sg`: WGSL's subgroupBroadcast takes only a constant lane, and the shuffle with a computed
-/// lane was much slower on lavapipe (see the comments there).
+/// The marker of a statement template that [`unroll_subgroup_loops`] writes out once per vec4
+/// of a row.
+const EACH_C4: &str = "//#each_c4 ";
+
+/// Writes out the `//#each_c4 <statements>` lines of the subgroup snippets
+/// (`shaders/shared/*_subgroup.wgsl`) once per c4 < `d4`, with `{c4}` replaced by c4, `{t}` by
+/// c4 / `sg` (the lane's share of a row holding element c4) and `{j}` by c4 % `sg` (the lane
+/// that holds it): WGSL's subgroupBroadcast takes only a constant lane, and the shuffle with a
+/// computed lane was much slower on lavapipe (docs/perf.md, change 5).
 fn unroll_subgroup_loops(text: &str, d4: u32, sg: u32) -> String {
-    let mut out = String::with_capacity(text.len() + 256 * d4 as usize);
+    let mut out = String::with_capacity(text.len() + 1024 * d4 as usize);
     for line in text.lines() {
-        match line.trim() {
-            "//#unroll dots" => {
-                for c4 in 0..d4 {
-                    let (t, j) = (c4 / sg, c4 % sg);
-                    for k in 0..4 {
-                        out.push_str(&format!(
-                            "    d{k} += q_row[{c4}] * subgroupBroadcast(k{k}[{t}], {j}u);\n"
-                        ));
-                    }
-                }
-            }
-            "//#unroll accumulate" => {
-                for c4 in 0..d4 {
-                    let (t, j) = (c4 / sg, c4 % sg);
-                    let terms: Vec<String> = ["x", "y", "z", "w"]
-                        .iter()
-                        .enumerate()
-                        .map(|(k, e)| {
-                            format!(
-                                "select(zero, w.{e} * subgroupBroadcast(v{k}[{t}], {j}u), ok.{e})"
-                            )
-                        })
-                        .collect();
-                    out.push_str(&format!("    acc[{c4}] += {};\n", terms.join(" + ")));
-                }
-            }
-            _ => {
-                out.push_str(line);
-                out.push('\n');
-            }
+        let Some(template) = line.trim().strip_prefix(EACH_C4) else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let indent = &line[..line.len() - line.trim_start().len()];
+        for c4 in 0..d4 {
+            let (t, j) = (c4 / sg, c4 % sg);
+            out.push_str(indent);
+            out.push_str(
+                &template
+                    .replace("{c4}", &c4.to_string())
+                    .replace("{t}", &t.to_string())
+                    .replace("{j}", &j.to_string()),
+            );
+            out.push('\n');
         }
     }
     out
 }
 
 /// Appends `text` with its `#import` lines replaced by the shared snippets (recursively: a
-/// snippet may import another). `tile_rows` names the plain or the subgroup variant, `geometry`
-/// the 1D or (`grid`) the 2D index maps.
+/// snippet may import another). The names of [`variant`] get the plain or the subgroup snippet,
+/// `geometry` the 1D or (`grid`) the 2D index maps.
 fn push_resolved(out: &mut String, text: &str, subgroup: bool, grid: bool) {
     for line in text.lines() {
-        match line.trim().strip_prefix("#import ").map(str::trim) {
-            Some("tile_rows") => push_resolved(
-                out,
-                if subgroup {
-                    include_str!("../../../shaders/shared/tile_rows_subgroup.wgsl")
-                } else {
-                    include_str!("../../../shaders/shared/tile_rows_plain.wgsl")
-                },
-                subgroup,
-                grid,
-            ),
+        let import = line.trim().strip_prefix("#import ").map(str::trim);
+        if let Some(snippet) = import.and_then(|name| variant(name, subgroup)) {
+            push_resolved(out, snippet, subgroup, grid);
+            continue;
+        }
+        match import {
             Some("geometry") if grid => push_resolved(
                 out,
                 include_str!("../../../shaders/shared/geometry_grid.wgsl"),
@@ -317,7 +323,7 @@ mod tests {
                         },
                         Some(sg),
                     );
-                    assert!(!src.contains("//#unroll"), "{}: loop left", pass.name());
+                    assert!(!src.contains("//#each_c4"), "{}: template left", pass.name());
                     let module = naga::front::wgsl::parse_str(&src)
                         .unwrap_or_else(|e| panic!("{}: {}", pass.name(), e.emit_to_string(&src)));
                     naga::valid::Validator::new(
