@@ -134,9 +134,11 @@ fn main() -> Result<(), BoxError> {
     let a = Args::parse();
     let sub = GpuContext::with_options(ContextOptions {
         browser_limits: false,
+        ..Default::default()
     })?;
     let browser = GpuContext::with_options(ContextOptions {
         browser_limits: true,
+        ..Default::default()
     })?;
     let plain = without_subgroups()?;
     println!("adapter {} ({:?})", sub.info.name, sub.info.backend);

@@ -129,11 +129,22 @@ var<workgroup> query_token: array<u32, BK>;
 // The row of staged query r in q, dout and stats: its token's in the problem, or with coarse
 // queries its coarse row's at this level.
 fn query_row(pr: Problem, r: u32) -> u32 {
-    if (params.coarse_queries != 0u) {
-        return coarse_row(pr.q_crow, sel.level, pr.s, query_token[r]);
-    }
-    return pr.q_row + query_token[r];
+    return token_row(pr, query_token[r]);
 }
+
+// The row of query `token` (a token, or with coarse queries a coarse row of the level) in q,
+// dout and stats.
+fn token_row(pr: Problem, token: u32) -> u32 {
+    if (params.coarse_queries != 0u) {
+        return coarse_row(pr.q_crow, sel.level, pr.s, token);
+    }
+    return pr.q_row + token;
+}
+
+// coarse_rows_subgroup and SUBGROUP_COARSE_ROWS: on a device with subgroups, lanes take a
+// row's channels and walk its queries without staging (the two phases below are then not
+// run); without, nothing.
+#import dkv_coarse_rows
 
 // Stages query rows query_token[0 .. count) of problem `pr` (count <= BK) as `stage_queries`
 // (backward_queries.wgsl) stages consecutive rows. Call in uniform control flow.
@@ -190,6 +201,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // First element of row b*p + j0 of this level in the (bh / kv_group, coarse_rows, d)
     // buffers.
     let base = coarse_row(kpr.kv_crow, sel.level, kpr.s, b * p + j0) * d;
+    if (SUBGROUP_COARSE_ROWS) {
+        coarse_rows_subgroup(kpr, at.y, kv_h, b, j0, nrows, lid);
+        return; // uniform (a constant)
+    }
 
     for (var idx = lid; idx < PR * D4; idx += WG) {
         let r = idx / D4;

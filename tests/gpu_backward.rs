@@ -22,7 +22,7 @@ use common::gradients::{
     backward_poisoned, buffer, compare, compare_all, inputs, nan, Inputs, TOL,
 };
 
-use common::{browser_like_gpu, gpu, random_learned};
+use common::{browser_like_gpu, gpu, mismatched_subgroup_gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors};
 use multipole_attn::random::fresh_seed;
@@ -308,6 +308,29 @@ fn backward_under_browser_limits() {
         .downsample(Downsample::Learned(random_learned(seed, d, m, p, n)));
     let worst = check_backward(ctx, seed, Shape::new(1, 2, n, d), &cfg);
     eprintln!("browser limits: worst scaled gradient error {worst:.2e}");
+}
+
+#[test]
+fn backward_where_subgroups_are_not_the_composed_size() {
+    // Every subgroup kernel's fallback (a subgroup without exactly SG lanes): the forward's and
+    // the dQ / dK / dV passes' plain sweeps, and the coarse rows' per-lane dots.
+    let Some(ctx) = mismatched_subgroup_gpu() else {
+        return;
+    };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    for (i, &(n, d, m, p, causal)) in [(97, 40, 16, 2, false), (200, 8, 8, 2, true)]
+        .iter()
+        .enumerate()
+    {
+        let s = seed + i as u64;
+        let cfg = FmaConfig::new(m, p)
+            .causal(causal)
+            .downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
+        worst = worst.max(check_backward(ctx, s, Shape::new(1, 2, n, d), &cfg));
+    }
+    eprintln!("fallback paths: worst scaled gradient error {worst:.2e}");
 }
 
 /// K or V of `shape` with each K/V head repeated for its group (multi-head tensors).

@@ -14,7 +14,7 @@
 mod common;
 
 use common::gradients::{backward_poisoned, compare_all, inputs, Inputs};
-use common::{gpu, random_learned};
+use common::{gpu, mismatched_subgroup_gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::Grid;
 use multipole_attn::gpu::{FmaAttention, GpuContext};
@@ -84,6 +84,34 @@ fn coarse_query_gradients_match_the_reference() {
         }
     }
     eprintln!("worst scaled error {worst:.2e}");
+}
+
+/// The subgroup kernels' fallbacks (no subgroup has the composed size; see
+/// `mismatched_subgroup_gpu`), coarse queries: the coarse rows' per-lane dots and the plain
+/// sweeps, d = 40 (more vec4s than lanes) and 12.
+#[test]
+fn coarse_query_gradients_where_subgroups_are_not_the_composed_size() {
+    let Some(ctx) = mismatched_subgroup_gpu() else {
+        return;
+    };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    for (i, (shape, m, p)) in [
+        (Shape::new(1, 2, 97, 40), 8, 2),
+        (Shape::new(1, 1, 130, 12), 4, 4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = seed.wrapping_add(i as u64);
+        let w = random_learned(s, shape.head_dim, m, p, shape.seq);
+        let cfg = FmaConfig::new(m, p)
+            .queries(Queries::Coarse)
+            .downsample(Downsample::Learned(w));
+        worst = worst.max(check(ctx, s, shape, &cfg));
+    }
+    eprintln!("fallback paths: worst scaled error {worst:.2e}");
 }
 
 /// 2D (algorithm.md §9): a 12 x 10 grid of 2 x 2 cells (partial cells at the right and bottom

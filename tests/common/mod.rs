@@ -21,7 +21,31 @@ pub fn browser_like_gpu() -> Option<&'static GpuContext> {
     CTX.get_or_init(|| {
         open(ContextOptions {
             browser_limits: true,
+            ..Default::default()
         })
+    })
+    .as_ref()
+}
+
+/// A context whose subgroup kernels are composed for subgroups of another size than the
+/// adapter's (`ContextOptions::subgroup_size`: twice its smallest), so that no subgroup has
+/// exactly that many lanes and every kernel takes its per-invocation fallback, as on a device
+/// whose subgroups are wider than its minimum. `None` (skipped) where the adapter has no
+/// subgroups: there every device runs the plain variant, which the other tests cover.
+pub fn mismatched_subgroup_gpu() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let Some(size) = gpu()?.subgroup_kernels() else {
+            eprintln!("skipping: the adapter has no subgroups");
+            return None;
+        };
+        let other = if size == 128 { 64 } else { 2 * size };
+        let ctx = open(ContextOptions {
+            subgroup_size: Some(other),
+            ..Default::default()
+        })?;
+        assert_eq!(ctx.subgroup_kernels(), Some(other));
+        Some(ctx)
     })
     .as_ref()
 }

@@ -11,6 +11,14 @@ pub struct ContextOptions {
     /// Ask only for what a browser grants (256 invocations per workgroup, 16 KiB workgroup
     /// memory, no f16): catches web-only failures on a native adapter.
     pub browser_limits: bool,
+    /// Compose the subgroup kernels for subgroups of this many invocations instead of the
+    /// adapter's smallest (a power of two from 4 to 128; needs [`wgpu::Features::SUBGROUP`],
+    /// so not with `browser_limits`). For a device whose compute subgroups are wider than its
+    /// minimum (some report 8 and run 16 or 32), composing for the width it runs lets the
+    /// shared paths engage. Wherever a subgroup does not have exactly this many lanes the
+    /// kernels take their per-invocation fallback: correct, slower (the tests use this to run
+    /// the fallback on an adapter whose subgroups always match).
+    pub subgroup_size: Option<u32>,
 }
 
 /// A wgpu device and queue, the adapter they came from, and the limits the library may use.
@@ -63,6 +71,9 @@ impl GpuContext {
     /// Creates a device on `adapter`, negotiating limits (see [`negotiate_limits`]).
     pub async fn from_adapter(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Self> {
         let info = adapter.get_info();
+        if let Some(size) = options.subgroup_size {
+            check_subgroup_size(size, adapter.features(), options)?;
+        }
         let limits = negotiate_limits(&adapter.limits(), options);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -76,7 +87,11 @@ impl GpuContext {
                 adapter: info.name.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Self::from_device(info, device, queue))
+        let mut ctx = Self::from_device(info, device, queue);
+        if let Some(size) = options.subgroup_size {
+            ctx.kernels = Arc::new(Kernels::new(&ctx.device, Some(size)));
+        }
+        Ok(ctx)
     }
 
     /// Wraps a caller's own device and queue. The library then uses `device.limits()`, sets
@@ -226,6 +241,28 @@ fn subgroup_size(info: &wgpu::AdapterInfo, device: &wgpu::Device) -> Option<u32>
         && size.is_power_of_two()
         && (4..=128).contains(&size))
     .then_some(size)
+}
+
+/// Whether the kernels can be composed for subgroups of `size` on a device made from an
+/// adapter with `features` and `options` ([`ContextOptions::subgroup_size`]).
+fn check_subgroup_size(size: u32, features: wgpu::Features, options: ContextOptions) -> Result<()> {
+    if !(size.is_power_of_two() && (4..=128).contains(&size)) {
+        return Err(FmaError::InvalidConfig {
+            what: "subgroup_size",
+            value: size.to_string(),
+            allowed: "a power of two from 4 to 128".into(),
+        });
+    }
+    if !negotiate_features(features, options).contains(wgpu::Features::SUBGROUP) {
+        return Err(FmaError::InvalidConfig {
+            what: "subgroup_size",
+            value: size.to_string(),
+            allowed: "none: the device has no subgroups (the adapter does not offer \
+                      Features::SUBGROUP, or browser_limits is set)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// What `multipole-attn info` prints about one adapter.

@@ -38,7 +38,8 @@ fn shared(name: &str) -> Option<&'static str> {
 
 /// A snippet with a plain and a subgroup variant, by its `#import` name: the sweeps over the
 /// staged tile rows of the forward (`tile_rows`: online_softmax's consume_tile), of the dQ pass
-/// (`dq_rows`) and of the dK/dV pass of fine keys (`dkv_rows`).
+/// (`dq_rows`), of the dK/dV pass of fine keys (`dkv_rows`) and of coarse keys
+/// (`dkv_coarse_rows`).
 fn variant(name: &str, subgroup: bool) -> Option<&'static str> {
     Some(match (name, subgroup) {
         ("tile_rows", false) => include_str!("../../../shaders/shared/tile_rows_plain.wgsl"),
@@ -47,6 +48,12 @@ fn variant(name: &str, subgroup: bool) -> Option<&'static str> {
         ("dq_rows", true) => include_str!("../../../shaders/shared/dq_rows_subgroup.wgsl"),
         ("dkv_rows", false) => include_str!("../../../shaders/shared/dkv_rows_plain.wgsl"),
         ("dkv_rows", true) => include_str!("../../../shaders/shared/dkv_rows_subgroup.wgsl"),
+        ("dkv_coarse_rows", false) => {
+            include_str!("../../../shaders/shared/dkv_coarse_rows_plain.wgsl")
+        }
+        ("dkv_coarse_rows", true) => {
+            include_str!("../../../shaders/shared/dkv_coarse_rows_subgroup.wgsl")
+        }
         _ => return None,
     })
 }
@@ -323,7 +330,11 @@ mod tests {
                         },
                         Some(sg),
                     );
-                    assert!(!src.contains("//#each_c4"), "{}: template left", pass.name());
+                    assert!(
+                        !src.contains("//#each_c4"),
+                        "{}: template left",
+                        pass.name()
+                    );
                     let module = naga::front::wgsl::parse_str(&src)
                         .unwrap_or_else(|e| panic!("{}: {}", pass.name(), e.emit_to_string(&src)));
                     naga::valid::Validator::new(
