@@ -1,6 +1,7 @@
 // Backward through the downsampling (algorithm.md §8): adds every level's coarse-key gradient
-// to the fine keys it was made from, by gather. One invocation per (head, token t, channel c);
-// for each level, t lies in exactly one window a = t / w_l (2D: one cell), so
+// to the fine keys it was made from, by gather. One invocation per (head, token t, vec4 of
+// channels c: the level's index arithmetic, several integer divisions, is per token, so it is
+// done once for four channels: 3.5x faster on lavapipe than per channel, docs/perf.md change 14); for each level, t lies in exactly one window a = t / w_l (2D: one cell), so
 //   Average: dK[t, c] += dK~[a*p + j, c] / |S(l,a,j)| for the sub-window j holding t;
 //   Learned: dK[t, c] += sum_j WK_l[c, j, t - a*w_l] * dK~[a*p + j, c]
 //   (2D: kernel index dy s_l + dx of t in its cell, `tap_of`);
@@ -25,38 +26,55 @@
 @group(0) @binding(6) var<storage, read> dcoarse_q: array<f32>;        // (bh, coarse_rows, d)
 @group(0) @binding(7) var<storage, read_write> dq: array<f32>;         // (bh, n, d)
 
-// dQ of unit u (query head, token, channel) of the dispatch's query part (coarse queries).
+// dQ of unit u (query head, token, vec4 of channels) of the dispatch's query part (coarse
+// queries).
 fn query_part(u: u32) {
     let d = params.d;
     let p = params.p;
-    let at = locate(u / d, params.n, sec_tok(), query_heads());
+    let at = locate(u / D4, params.n, sec_tok(), query_heads());
     if (at.x == 0xffffffffu) {
         return;
     }
-    let c = u % d;
+    let c0 = (u % D4) * 4u;
     let t = at.z;
     let pr = problem(at.x, at.y);
     let n = pr.n;
-    let g = (pr.q_row + t) * d + c;
-    var gq = dq[g];
+    let g = (pr.q_row + t) * d;
+    var gq = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if (c0 + e < d) {
+            gq[e] = dq[g + c0 + e];
+        }
+    }
     let cols = params.grid_w;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let info = params.levels[lvl];
         let w = info.window;
         let row = row_of(n, w, p, cols, t);
-        let rows = coarse_row(pr.q_crow, lvl, pr.s, (row / p) * p) * d + c;
-        if (params.learned == 0u) {
-            gq += dcoarse_q[rows + (row % p) * d] / f32(row_count(n, w, p, cols, row));
-        } else {
-            let tap = tap_of(n, w, cols, t);
-            for (var j = 0u; j < p; j++) {
-                let widx = 2u * params.weight_stride + info.weight_offset
-                    + (c * p + j) * kernel_len(w) + tap;
-                gq += w_all[widx] * dcoarse_q[rows + j * d];
+        let rows = coarse_row(pr.q_crow, lvl, pr.s, (row / p) * p) * d;
+        let count = f32(row_count(n, w, p, cols, row));
+        let tap = tap_of(n, w, cols, t);
+        for (var e = 0u; e < 4u; e++) {
+            let c = c0 + e;
+            if (c >= d) {
+                break;
+            }
+            if (params.learned == 0u) {
+                gq[e] += dcoarse_q[rows + c + (row % p) * d] / count;
+            } else {
+                for (var j = 0u; j < p; j++) {
+                    let widx = 2u * params.weight_stride + info.weight_offset
+                        + (c * p + j) * kernel_len(w) + tap;
+                    gq[e] += w_all[widx] * dcoarse_q[rows + c + j * d];
+                }
             }
         }
     }
-    dq[g] = gq;
+    for (var e = 0u; e < 4u; e++) {
+        if (c0 + e < d) {
+            dq[g + c0 + e] = gq[e];
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -66,7 +84,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // The workgroups of K and V, then (coarse queries) those of Q, each over its heads.
     let kv_heads = query_heads() / params.kv_group;
     let per_head = select(params.n, seq_table[sec_tok() + params.seqs], params.seqs > 0u);
-    let kv_wgs = (kv_heads * per_head * d + WG - 1u) / WG;
+    let kv_wgs = (kv_heads * per_head * D4 + WG - 1u) / WG;
     let wid = dispatch_workgroup(wg);
     if (wid >= kv_wgs) {
         if (params.coarse_queries != 0u) {
@@ -77,18 +95,24 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let u = wid * WG + lid;
     // Over the K/V heads (grouped-query attention: dK~ already summed over each group) and
     // their real tokens (each sequence's of a variable-length batch).
-    let at = locate(u / d, params.n, sec_tok(), query_heads() / params.kv_group);
+    let at = locate(u / D4, params.n, sec_tok(), query_heads() / params.kv_group);
     if (at.x == 0xffffffffu) {
         return;
     }
-    let c = u % d;
+    let c0 = (u % D4) * 4u;
     let t = at.z;
     // Problem of the K/V head's first query head: its K/V and coarse rows are this head's.
     let kpr = problem(at.x * params.kv_group, at.y);
     let n = kpr.n;
-    let g = (kpr.kv_row + t) * d + c;
-    var gk = dk[g];
-    var gv = dv[g];
+    let g = (kpr.kv_row + t) * d;
+    var gk = vec4<f32>(0.0);
+    var gv = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if (c0 + e < d) {
+            gk[e] = dk[g + c0 + e];
+            gv[e] = dv[g + c0 + e];
+        }
+    }
     let cols = params.grid_w;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
         let info = params.levels[lvl];
@@ -96,21 +120,31 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // The coarse row holding t (group a, basis row j), and t's kernel index in group a.
         let row = row_of(n, w, p, cols, t);
         let a = row / p;
-        let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, a * p) * d + c;
-        if (params.learned == 0u) {
-            let j = row % p;
-            let count = f32(row_count(n, w, p, cols, row));
-            gk += dcoarse_k[rows + j * d] / count;
-            gv += dcoarse_v[rows + j * d] / count;
-        } else {
-            let tap = tap_of(n, w, cols, t);
-            for (var j = 0u; j < p; j++) {
-                let widx = info.weight_offset + (c * p + j) * kernel_len(w) + tap;
-                gk += w_all[widx] * dcoarse_k[rows + j * d];
-                gv += w_all[params.weight_stride + widx] * dcoarse_v[rows + j * d];
+        let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, a * p) * d;
+        let j_t = row % p;
+        let count = f32(row_count(n, w, p, cols, row));
+        let tap = tap_of(n, w, cols, t);
+        for (var e = 0u; e < 4u; e++) {
+            let c = c0 + e;
+            if (c >= d) {
+                break;
+            }
+            if (params.learned == 0u) {
+                gk[e] += dcoarse_k[rows + c + j_t * d] / count;
+                gv[e] += dcoarse_v[rows + c + j_t * d] / count;
+            } else {
+                for (var j = 0u; j < p; j++) {
+                    let widx = info.weight_offset + (c * p + j) * kernel_len(w) + tap;
+                    gk[e] += w_all[widx] * dcoarse_k[rows + c + j * d];
+                    gv[e] += w_all[params.weight_stride + widx] * dcoarse_v[rows + c + j * d];
+                }
             }
         }
     }
-    dk[g] = gk;
-    dv[g] = gv;
+    for (var e = 0u; e < 4u; e++) {
+        if (c0 + e < d) {
+            dk[g + c0 + e] = gk[e];
+            dv[g + c0 + e] = gv[e];
+        }
+    }
 }

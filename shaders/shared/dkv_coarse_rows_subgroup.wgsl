@@ -1,6 +1,7 @@
 // The coarse dK~/dV~ pass (`backward_dkv_coarse.wgsl`) with subgroup operations (devices with
 // Features::SUBGROUP): lanes are channels, not (row, query) pairs. Block k of SG consecutive
-// invocations takes rows k, k + WG / SG, ... of the workgroup's nrows; lane j of a block holds
+// invocations takes rows k RB .. k RB + RB - 1 of the workgroup's nrows (then k + WG / SG, ...:
+// with p = 2, block 0 takes both rows and loads each query once for them); lane j of a block holds
 // channels (vec4s) j, j + SG, ... of the row's k~ and v~, of each query's q and dO as it walks
 // them, and of the row's dK~ and dV~ sums. A score is the subgroupAdd of the lanes' partial
 // dots. Why: the two-phase path reads every staged query row once per (row, query) pair and
@@ -18,6 +19,8 @@
 const SUBGROUP_COARSE_ROWS: bool = WG >= SG;
 // Invocation blocks that take rows: only whole ones.
 const ROW_BLOCKS: u32 = max(1u, WG / SG);
+// Rows a block takes at once: each query's channels, loaded once, serve all of them.
+const RB: u32 = 4u;
 
 // The buffers lane_vec4 reads.
 const FROM_Q: u32 = 0u;
@@ -55,66 +58,79 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
     tile_rows_begin();
     // One full subgroup in invocation order: every lane of the subgroup agrees.
     let cooperative = sg_full && subgroupAll(sg_lane == lane && subgroupBroadcastFirst(blk) == blk);
-    let info = params.levels[sel.level];
     let p = params.p;
     let d = params.d;
-    let w = info.window;
+    let w = params.levels[sel.level].window;
     let n = kpr.n;
     let cols = params.grid_w;
     let windows = level_windows(kpr, sel.level);
     let causal = params.causal != 0u;
     let zero = vec4<f32>(0.0);
-    for (var r = blk; r < nrows; r += ROW_BLOCKS) {
-        let base = coarse_row(kpr.kv_crow, sel.level, kpr.s, b * p + j0 + r) * d;
-        let bias = coarse_key_bias(row_count(n, w, p, cols, b * p + j0 + r));
-        // This lane's channels of k~ (pre-scaled) and v~, and of the row's sums.
-        var kr: array<vec4<f32>, SG_ROW>;
-        var vr: array<vec4<f32>, SG_ROW>;
-        var dk_sum: array<vec4<f32>, SG_ROW>;
-        var dv_sum: array<vec4<f32>, SG_ROW>;
-        for (var t = 0u; t < SG_ROW; t++) {
-            kr[t] = lane_vec4(FROM_COARSE_K, base, lane + t * SG) * params.scale;
-            vr[t] = lane_vec4(FROM_COARSE_V, base, lane + t * SG);
-            dk_sum[t] = zero;
-            dv_sum[t] = zero;
+    // Up to RB rows at once (block k takes rows k RB .., then (k + ROW_BLOCKS) RB ..).
+    for (var r0 = blk * RB; r0 < nrows; r0 += ROW_BLOCKS * RB) {
+        let rn = min(RB, nrows - r0);
+        // Each row's first element, bias, this lane's channels of k~ (pre-scaled) and v~, and
+        // of its sums. Rows past rn and rows of empty sub-windows take no part (zeros out, as
+        // in the two-phase path).
+        var base: array<u32, RB>;
+        var bias: array<f32, RB>;
+        var kr: array<array<vec4<f32>, SG_ROW>, RB>;
+        var vr: array<array<vec4<f32>, SG_ROW>, RB>;
+        var dk_sum: array<array<vec4<f32>, SG_ROW>, RB>;
+        var dv_sum: array<array<vec4<f32>, SG_ROW>, RB>;
+        for (var i = 0u; i < rn; i++) {
+            let row = b * p + j0 + r0 + i;
+            base[i] = coarse_row(kpr.kv_crow, sel.level, kpr.s, row) * d;
+            bias[i] = coarse_key_bias(row_count(n, w, p, cols, row));
+            for (var t = 0u; t < SG_ROW; t++) {
+                kr[i][t] = lane_vec4(FROM_COARSE_K, base[i], lane + t * SG) * params.scale;
+                vr[i][t] = lane_vec4(FROM_COARSE_V, base[i], lane + t * SG);
+                dk_sum[i][t] = zero;
+                dv_sum[i][t] = zero;
+            }
         }
-        // Rows of empty sub-windows meet no query: zeros, as in the two-phase path.
-        if (bias > ABSENT * 0.5) {
-            for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
-                let qpr = problem(bh, seq);
-                for (var run = 0u; run < FAR_RUNS; run++) {
-                    let readers = level_far_readers(n, params.m, cols, sel.level, b, windows,
-                                                    causal, run);
-                    for (var a = readers.x; a < readers.y; a++) {
-                        let size = reader_size(n, w, cols, a);
-                        for (var k = 0u; k < size; k++) {
-                            var token = a * p + k;
-                            if (params.coarse_queries == 0u) {
-                                token = group_tap(n, w, cols, a, k).x;
+        for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
+            let qpr = problem(bh, seq);
+            for (var run = 0u; run < FAR_RUNS; run++) {
+                let readers = level_far_readers(n, params.m, cols, sel.level, b, windows, causal,
+                                                run);
+                for (var a = readers.x; a < readers.y; a++) {
+                    let size = reader_size(n, w, cols, a);
+                    for (var k = 0u; k < size; k++) {
+                        var token = a * p + k;
+                        if (params.coarse_queries == 0u) {
+                            token = group_tap(n, w, cols, a, k).x;
+                        }
+                        let row = token_row(qpr, token);
+                        let at = row * d;
+                        // This lane's channels of the query's q and dO, loaded once for the rn
+                        // rows (the pass's main cost: two thirds of it with one row at a time).
+                        var qs: array<vec4<f32>, SG_ROW>;
+                        var gs: array<vec4<f32>, SG_ROW>;
+                        for (var t = 0u; t < SG_ROW; t++) {
+                            qs[t] = lane_vec4(FROM_Q, at, lane + t * SG);
+                            gs[t] = lane_vec4(FROM_DOUT, at, lane + t * SG);
+                        }
+                        let lse = stats[2u * row];
+                        let delta = stats[2u * row + 1u];
+                        for (var i = 0u; i < rn; i++) {
+                            if (bias[i] <= ABSENT * 0.5) {
+                                continue; // uniform over the block
                             }
-                            let row = token_row(qpr, token);
-                            let at = row * d;
-                            var qs: array<vec4<f32>, SG_ROW>;
-                            var gs: array<vec4<f32>, SG_ROW>;
                             var s4 = zero;
                             var g4 = zero;
                             if (cooperative) {
                                 for (var t = 0u; t < SG_ROW; t++) {
-                                    qs[t] = lane_vec4(FROM_Q, at, lane + t * SG);
-                                    gs[t] = lane_vec4(FROM_DOUT, at, lane + t * SG);
-                                    s4 += qs[t] * kr[t];
-                                    g4 += gs[t] * vr[t];
+                                    s4 += qs[t] * kr[i][t];
+                                    g4 += gs[t] * vr[i][t];
                                 }
                             } else {
                                 // Every lane its own full dots (no cross-lane operation).
                                 for (var c4 = 0u; c4 < D4; c4++) {
-                                    let kk = lane_vec4(FROM_COARSE_K, base, c4) * params.scale;
+                                    let kk = lane_vec4(FROM_COARSE_K, base[i], c4) * params.scale;
                                     s4 += lane_vec4(FROM_Q, at, c4) * kk;
-                                    g4 += lane_vec4(FROM_DOUT, at, c4) * lane_vec4(FROM_COARSE_V, base, c4);
-                                }
-                                for (var t = 0u; t < SG_ROW; t++) {
-                                    qs[t] = lane_vec4(FROM_Q, at, lane + t * SG);
-                                    gs[t] = lane_vec4(FROM_DOUT, at, lane + t * SG);
+                                    g4 += lane_vec4(FROM_DOUT, at, c4)
+                                        * lane_vec4(FROM_COARSE_V, base[i], c4);
                                 }
                             }
                             var s = s4.x + s4.y + s4.z + s4.w;
@@ -123,26 +139,28 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
                                 s = subgroupAdd(s);
                                 g = subgroupAdd(g);
                             }
-                            let pr = exp(s + bias - stats[2u * row]);
-                            let ds = pr * (g - stats[2u * row + 1u]);
+                            let pr = exp(s + bias[i] - lse);
+                            let ds = pr * (g - delta);
                             for (var t = 0u; t < SG_ROW; t++) {
-                                dk_sum[t] += ds * qs[t];
-                                dv_sum[t] += pr * gs[t];
+                                dk_sum[i][t] += ds * qs[t];
+                                dv_sum[i][t] += pr * gs[t];
                             }
                         }
                     }
                 }
             }
         }
-        for (var t = 0u; t < SG_ROW; t++) {
-            let c4 = lane + t * SG;
-            let gk = dk_sum[t] * params.scale;
-            let gv = dv_sum[t];
-            for (var e = 0u; e < 4u; e++) {
-                let c = c4 * 4u + e;
-                if (c < d) {
-                    dcoarse_k[base + c] = gk[e];
-                    dcoarse_v[base + c] = gv[e];
+        for (var i = 0u; i < rn; i++) {
+            for (var t = 0u; t < SG_ROW; t++) {
+                let c4 = lane + t * SG;
+                let gk = dk_sum[i][t] * params.scale;
+                let gv = dv_sum[i][t];
+                for (var e = 0u; e < 4u; e++) {
+                    let c = c4 * 4u + e;
+                    if (c < d) {
+                        dcoarse_k[base[i] + c] = gk[e];
+                        dcoarse_v[base[i] + c] = gv[e];
+                    }
                 }
             }
         }

@@ -246,9 +246,11 @@ impl BackwardPlan {
                 )?);
             }
         }
-        // The workgroups of K and V's tokens, then (coarse queries) those of Q's.
+        // The workgroups of K and V's tokens, then (coarse queries) those of Q's; an invocation
+        // per token and vec4 of channels.
+        let kv_units = work.kv_elements / d as u64 * d4 as u64;
         let q_wgs = if coarse_q {
-            (work.kv_elements * group).div_ceil(wg as u64)
+            (kv_units * group).div_ceil(wg as u64)
         } else {
             0
         };
@@ -256,8 +258,8 @@ impl BackwardPlan {
             Some(dispatch(
                 Pass::DownsampleBackward,
                 None,
-                work.kv_elements.div_ceil(wg as u64) + q_wgs,
-                elementwise,
+                kv_units.div_ceil(wg as u64) + q_wgs,
+                Specialization { d4, ..elementwise },
                 limits,
             )?)
         } else {
@@ -403,8 +405,9 @@ mod tests {
             assert_eq!(plan.dkv_coarse[i].pass, Pass::BackwardDkvCoarseQ);
             assert_eq!(fine.dkv_coarse[i].pass, Pass::BackwardDkvCoarse);
         }
-        // The downsampling's backward adds Q's 4 heads after K's and V's 2.
-        let kv = (2 * n * d) as u64;
+        // The downsampling's backward adds Q's 4 heads after K's and V's 2 (an invocation per
+        // token and vec4 of channels: d / 4 per token).
+        let kv = (2 * n * d / 4) as u64;
         assert_eq!(
             plan.downsample_backward.unwrap().workgroups as u64,
             kv.div_ceil(wg) + (2 * kv).div_ceil(wg)
