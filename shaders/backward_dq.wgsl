@@ -63,19 +63,6 @@ fn consume_keys_plain(count: u32, visible: u32) {
     }
 }
 
-// The coarse keys of windows [run.x, run.y) of level index `lvl` of problem pr's K/V head.
-// Arguments uniform over the workgroup (barriers inside).
-fn run_keys(pr: Problem, lvl: u32, run: vec2<u32>, lid: u32) {
-    let row_end = run.y * params.p;
-    for (var row0 = run.x * params.p; row0 < row_end; row0 += BK) {
-        let count = min(BK, row_end - row0);
-        workgroupBarrier();
-        stage_coarse_tile(pr, lvl, row0, count, lid);
-        workgroupBarrier();
-        consume_keys(count, count);
-    }
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let wid = dispatch_workgroup(wg);
@@ -146,16 +133,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 
-    // Coarse levels, the forward's far lists, run by run. With coarse queries the far field met
-    // the pooled queries, not q_i: its share of dQ comes through dQ~ (backward_coarse_dq.wgsl,
-    // then downsample_backward.wgsl), so this pass does the near field only, as the forward's.
+    // Coarse levels, the forward's far lists gathered into one sequence as the forward's
+    // (coarse_tiles.wgsl). With coarse queries the far field met the pooled queries, not q_i:
+    // its share of dQ comes through dQ~ (backward_coarse_dq.wgsl, then
+    // downsample_backward.wgsl), so this pass does the near field only, as the forward's.
     let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
-    for (var lvl = 0u; lvl < far_levels; lvl++) {
-        let a = level_group(n, m, cols, a0, lvl);
-        for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = level_far_run(n, m, cols, lvl, a, level_windows(pr, lvl), causal, run);
-            run_keys(pr, lvl, r, lid);
-        }
+    let total = far_total(pr, a0, causal, far_levels);
+    for (var g0 = 0u; g0 < total; g0 += BK) {
+        let count = min(BK, total - g0);
+        workgroupBarrier();
+        stage_far_gathered(pr, a0, causal, g0, count, lid);
+        workgroupBarrier();
+        consume_keys(count, count);
     }
 
     if (in_tile) {

@@ -1,24 +1,59 @@
-// Staging of consecutive coarse rows of one level into the key tiles (`key_tiles.wgsl`), for
-// the dQ pass, which walks the far lists run by run. (The forward gathers every level's far
-// list into one sequence instead: `far_field.wgsl`.)
-// CPU mirror: the `SeenKey::Coarse` keys of `cpu::gather::seen_keys`.
-// Needs from the importer: key_tiles, geometry, problems; bindings coarse_k, coarse_v.
+// A fine block's far field gathered into one sequence: every level's far-list coarse keys of
+// block a0 (levels in order, each level's runs in order, rows in order), staged BK at a time
+// into the key tiles (`key_tiles.wgsl`), so a tile is full although a run holds at most 2p
+// keys. Used by the forward's far field (`far_field.wgsl`) and by the dQ pass.
+// CPU mirror: the `SeenKey::Coarse` keys of `cpu::gather::seen_keys`; far lists:
+// `levels::far_list` (2D: `GridGeometry::far_cells`), through the geometry interface
+// (level_group, level_far_run).
+// Needs from the importer: key_tiles, geometry, problems or sequences; bindings coarse_k,
+// coarse_v.
 
-// Stages coarse rows [row0, row0 + count) of level index `lvl` (level l - 1), count <= BK,
-// of problem pr's K/V head and sequence, with each key's logit offset (coarse_key_bias).
-// Call in uniform control flow.
-fn stage_coarse_tile(pr: Problem, lvl: u32, row0: u32, count: u32, lid: u32) {
+// Coarse keys that fine block a0 sees over `levels` levels.
+fn far_total(pr: Problem, a0: u32, causal: bool, levels: u32) -> u32 {
+    let p = params.p;
+    var total = 0u;
+    for (var lvl = 0u; lvl < levels; lvl++) {
+        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
+        for (var run = 0u; run < FAR_RUNS; run++) {
+            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
+                                  causal, run);
+            total += (r.y - r.x) * p;
+        }
+    }
+    return total;
+}
+
+// The g-th key of block a0's gathered far field: (level index, row within the level).
+fn far_key(pr: Problem, a0: u32, causal: bool, g: u32) -> vec2<u32> {
+    let p = params.p;
+    var rest = g;
+    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
+        for (var run = 0u; run < FAR_RUNS; run++) {
+            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
+                                  causal, run);
+            let rows = (r.y - r.x) * p;
+            if (rest < rows) {
+                return vec2<u32>(lvl, r.x * p + rest);
+            }
+            rest -= rows;
+        }
+    }
+    return vec2<u32>(0u, 0u); // not reached for g < far_total
+}
+
+// Stages keys [g0, g0 + count) of block a0's gathered far field (count <= BK). Each invocation
+// stages whole rows: it finds its row's level once (a walk over the levels) instead of once per
+// element; the far field is a few dozen rows, so the lost load coalescing costs little.
+fn stage_far_gathered(pr: Problem, a0: u32, causal: bool, g0: u32, count: u32, lid: u32) {
     let d = params.d;
-    let info = params.levels[lvl];
-    let head = coarse_row(pr.kv_crow, lvl, pr.s, 0u) * d;
-    // Only the rows the consumers read (r < count): a short tile costs what it holds.
-    for (var idx = lid; idx < count * D4; idx += WG) {
-        let r = idx / D4;
-        let c4 = idx % D4;
-        var kk = vec4<f32>(0.0);
-        var vv = vec4<f32>(0.0);
-        if (r < count) {
-            let base = head + (row0 + r) * d;
+    for (var r = lid; r < count; r += WG) {
+        let key = far_key(pr, a0, causal, g0 + r);
+        let info = params.levels[key.x];
+        let base = coarse_row(pr.kv_crow, key.x, pr.s, key.y) * d;
+        for (var c4 = 0u; c4 < D4; c4++) {
+            var kk = vec4<f32>(0.0);
+            var vv = vec4<f32>(0.0);
             for (var e = 0u; e < 4u; e++) {
                 let c = c4 * 4u + e;
                 if (c < d) {
@@ -26,13 +61,11 @@ fn stage_coarse_tile(pr: Problem, lvl: u32, row0: u32, count: u32, lid: u32) {
                     vv[e] = coarse_v[base + c];
                 }
             }
+            tile_k[r * D4 + c4] = kk;
+            tile_v[r * D4 + c4] = vv;
         }
-        tile_k[idx] = kk;
-        tile_v[idx] = vv;
-    }
-    for (var r = lid; r < count; r += WG) {
-        let row = row0 + r;
         tile_bias[r] = coarse_key_bias(
-            row_count(pr.n, info.window, params.p, params.grid_w, row));
+            row_count(pr.n, info.window, params.p, params.grid_w, key.y));
     }
 }
+

@@ -1,71 +1,11 @@
 // The far field of a fine block (fine queries): every level's far-list coarse keys of block a0
-// in one sequence, staged BK at a time, so a block pays two barriers and one rescale per BK
-// coarse keys instead of per run of at most 2p keys (2 runs x L levels).
-// CPU mirror: the `SeenKey::Coarse` arm of `cpu::fma_forward`; far lists: `levels::far_list`
-// (2D: `GridGeometry::far_cells`), through the geometry interface (level_group, level_far_run).
+// in one sequence (`coarse_tiles.wgsl`), staged BK at a time, so a block pays two barriers and
+// one rescale per BK coarse keys instead of per run of at most 2p keys (2 runs x L levels).
+// CPU mirror: the `SeenKey::Coarse` arm of `cpu::fma_forward`.
 // Needs from the importer: key_tiles, online_softmax, geometry, sequences; bindings coarse_k,
 // coarse_v. The problem `pr` gives the sequence's length and its K/V head's coarse rows.
 
-// Coarse keys that fine block a0 sees over `levels` levels.
-fn far_total(pr: Problem, a0: u32, causal: bool, levels: u32) -> u32 {
-    let p = params.p;
-    var total = 0u;
-    for (var lvl = 0u; lvl < levels; lvl++) {
-        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
-        for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
-                                  causal, run);
-            total += (r.y - r.x) * p;
-        }
-    }
-    return total;
-}
-
-// The g-th key of block a0's gathered far field: (level index, row within the level).
-fn far_key(pr: Problem, a0: u32, causal: bool, g: u32) -> vec2<u32> {
-    let p = params.p;
-    var rest = g;
-    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
-        for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
-                                  causal, run);
-            let rows = (r.y - r.x) * p;
-            if (rest < rows) {
-                return vec2<u32>(lvl, r.x * p + rest);
-            }
-            rest -= rows;
-        }
-    }
-    return vec2<u32>(0u, 0u); // not reached for g < far_total
-}
-
-// Stages keys [g0, g0 + count) of block a0's gathered far field (count <= BK). Each invocation
-// stages whole rows: it finds its row's level once (a walk over the levels) instead of once per
-// element; the far field is a few dozen rows, so the lost load coalescing costs little.
-fn stage_far_gathered(pr: Problem, a0: u32, causal: bool, g0: u32, count: u32, lid: u32) {
-    let d = params.d;
-    for (var r = lid; r < count; r += WG) {
-        let key = far_key(pr, a0, causal, g0 + r);
-        let info = params.levels[key.x];
-        let base = coarse_row(pr.kv_crow, key.x, pr.s, key.y) * d;
-        for (var c4 = 0u; c4 < D4; c4++) {
-            var kk = vec4<f32>(0.0);
-            var vv = vec4<f32>(0.0);
-            for (var e = 0u; e < 4u; e++) {
-                let c = c4 * 4u + e;
-                if (c < d) {
-                    kk[e] = coarse_k[base + c];
-                    vv[e] = coarse_v[base + c];
-                }
-            }
-            tile_k[r * D4 + c4] = kk;
-            tile_v[r * D4 + c4] = vv;
-        }
-        tile_bias[r] = coarse_key_bias(
-            row_count(pr.n, info.window, params.p, params.grid_w, key.y));
-    }
-}
+#import coarse_tiles
 
 // Attends to every level's far list of fine block a0 (levels 1..`levels`) of problem pr,
 // gathered, from its K/V head's coarse rows.
