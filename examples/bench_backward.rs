@@ -1,7 +1,7 @@
 //! Backward timing: `FmaAttention::backward_buffers` on tensors resident on the GPU, median
 //! wall clock of `--reps` runs after a warm-up, against the forward of the same shape.
 //!
-//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64 --queries fine,coarse --causal false,true]`
+//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64 --queries fine,coarse --causal false,true --browser-limits]`
 //!
 //! Coarse queries are bidirectional only (their causal cases are skipped).
 //!
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors};
+use multipole_attn::gpu::{ContextOptions, FmaAttention, GpuContext, GpuTensors, GradTensors};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{FmaConfig, Queries, Shape};
 use wgpu::util::DeviceExt;
@@ -39,6 +39,9 @@ struct Args {
     /// Masks.
     #[arg(long, value_delimiter = ',', default_value = "false,true")]
     causal: Vec<bool>,
+    /// Ask only for what a browser grants (no subgroups: the plain kernels, as on the web).
+    #[arg(long)]
+    browser_limits: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -65,8 +68,19 @@ fn median_ms(ctx: &GpuContext, reps: usize, mut run: impl FnMut()) -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
     let a = Args::parse();
-    let ctx = GpuContext::new()?;
-    println!("adapter {} ({:?})", ctx.info.name, ctx.info.backend);
+    let ctx = GpuContext::with_options(ContextOptions {
+        browser_limits: a.browser_limits,
+        ..Default::default()
+    })?;
+    println!(
+        "adapter {} ({:?}), {}",
+        ctx.info.name,
+        ctx.info.backend,
+        match ctx.subgroup_kernels() {
+            Some(sg) => format!("subgroup kernels, size {sg}"),
+            None => "plain kernels".into(),
+        }
+    );
     println!(
         "{:>7} {:>7} {:>7} {:>12} {:>12} {:>8}",
         "n", "queries", "causal", "forward ms", "backward ms", "b/f"
