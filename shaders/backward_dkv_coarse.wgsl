@@ -6,6 +6,9 @@
 // phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
 // dK~_r = sum_i dS_ir q_i / sqrt(d), dV~_r = sum_i P_ir dO_i, in a fixed order, no atomics.
 // Rows of empty sub-windows are never seen: their P is 0 and they get zeros.
+// On a device with subgroups the rows take another path instead of the two phases
+// (`shared/dkv_coarse_rows_subgroup.wgsl`: lanes are channels, queries are read without staging,
+// the same sums in the same order over the queries).
 // With coarse queries (params.coarse_queries; the pass `backward_dkv_coarse_q`, which binds
 // Q~, G and (R, H) of backward_coarse_stats.wgsl as q, dout and stats) the queries of a reader
 // window are its p coarse-query rows, each standing for the tokens of its sub-window.
