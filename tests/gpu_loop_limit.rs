@@ -1,4 +1,5 @@
-//! llvmpipe's loop limit on the plain variant above d = 128 (docs/perf.md, change 10).
+//! llvmpipe's loop limit on the plain variant above d = 128 (docs/perf.md, change 10), and on
+//! the subgroup variant's coarse dK~/dV~ pass at long sequences (change 13).
 //! llvmpipe (lavapipe, Mesa's GL; our CI's adapter and the web's path) stops an invocation's
 //! loops after 65535 iterations counted over the whole invocation and then returns wrong
 //! results without an error. Above d = 128 (D4 > 32) its compiler no longer unrolls the plain
@@ -175,6 +176,22 @@ fn backward_with_large_blocks_at_d256_on_the_plain_variant() {
     let seed = fresh_seed();
     let shape = Shape::new(1, 1, 768, 256);
     let cfg = config(256, 4, false, Queries::Fine);
+    let err = backward(ctx, seed, shape, &cfg, true);
+    eprintln!("{}: worst scaled error {err:.2e}", label(seed, shape, &cfg));
+}
+
+/// The coarse dK~/dV~ pass with subgroups at n = 32768 (levels up to windows of 8192 tokens,
+/// each read by 3 x 8192 queries): its first version walked all of a window's readers in one
+/// block, past llvmpipe's limit from n = 32768 on (dV off by 1e-2 of its scale, no error);
+/// the blocks now split the readers (docs/perf.md, change 13). d = 8 keeps the reference
+/// cheap: the loop counts do not depend on d. The default context (the subgroup variant where
+/// the adapter has subgroups).
+#[test]
+fn coarse_key_gradients_of_long_sequences_with_subgroups() {
+    let Some(ctx) = common::gpu() else { return };
+    let seed = fresh_seed();
+    let shape = Shape::new(1, 1, 32768, 8);
+    let cfg = config(64, 2, false, Queries::Fine);
     let err = backward(ctx, seed, shape, &cfg, true);
     eprintln!("{}: worst scaled error {err:.2e}", label(seed, shape, &cfg));
 }

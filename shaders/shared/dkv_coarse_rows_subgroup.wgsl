@@ -1,18 +1,20 @@
 // The coarse dK~/dV~ pass (`backward_dkv_coarse.wgsl`) with subgroup operations (devices with
-// Features::SUBGROUP): lanes are channels, not (row, query) pairs. Block k of SG consecutive
-// invocations takes rows k RB .. k RB + RB - 1 of the workgroup's nrows (then k + WG / SG, ...:
-// with p = 2, block 0 takes both rows and loads each query once for them); lane j of a block holds
-// channels (vec4s) j, j + SG, ... of the row's k~ and v~, of each query's q and dO as it walks
-// them, and of the row's dK~ and dV~ sums. A score is the subgroupAdd of the lanes' partial
-// dots. Why: the two-phase path reads every staged query row once per (row, query) pair and
-// once per (row, channel) output, each a per-lane gather from workgroup memory on llvmpipe
-// (the pass took 45% of the backward after the dQ and fine dK/dV passes got subgroups); here
-// each lane reads its channels of each query once per row from the buffers, with no staging
-// and no barrier. Each row's sums run over the queries in the two-phase path's order, in one
-// block, so which block takes a row does not change a bit.
+// Features::SUBGROUP): lanes are channels, not (row, query) pairs. The workgroup takes up to RB
+// of its rows at a time. Each block of SG consecutive invocations walks every ROW_BLOCKS-th of
+// their readers; lane j of a block holds channels (vec4s) j, j + SG, ... of the rows' k~ and
+// v~, of each query's q and dO (loaded once for the rows), and of the block's share of the
+// rows' dK~ and dV~ sums; a score is the subgroupAdd of the lanes' partial dots. The shares
+// are then added in block order through workgroup memory, so the bits do not depend on
+// timing. Why: the two-phase path reads every staged query row once per (row, query) pair and
+// once per (row, channel) output, each a per-lane gather from workgroup memory on llvmpipe (the
+// pass took 45% of the backward after the dQ and fine dK/dV passes got subgroups); here each
+// lane reads its channels of each query once for all the rows, without staging. Why the
+// blocks split the readers, not the rows: an invocation walks 3 w_l / ROW_BLOCKS queries at
+// level l, where one block walking all of a top level's readers passed llvmpipe's limit of
+// 65535 loop iterations per invocation from n = 32768 on (wrong dV, no error).
 // A block that is not exactly one full subgroup with lanes in invocation order (a device with
 // another layout, a partial last subgroup) computes each score in every lane instead (plain
-// loads, same rows): correct anywhere, slower. WG < SG: the two-phase path does every row.
+// loads): correct anywhere, slower. WG < SG: the two-phase path does every row.
 
 #import subgroup_rows
 
@@ -48,12 +50,14 @@ fn lane_vec4(which: u32, at: u32, c4: u32) -> vec4<f32> {
 }
 
 // Rows j0 .. j0 + nrows of window b (level sel.level) of K/V head kv_h of sequence `seq`,
-// whose first query head's problem is kpr. Called in uniform control flow; no barrier inside.
+// whose first query head's problem is kpr: up to RB rows at a time, every block walking its
+// share of the readers (query g of the sequence goes to block g % ROW_BLOCKS), then the blocks'
+// partial sums added in block order through workgroup memory (rows_k, rows_v of the pass).
+// Call in uniform control flow (barriers inside).
 fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrows: u32, lid: u32) {
     let blk = lid / SG;
-    if (blk >= ROW_BLOCKS) {
-        return; // the partial last block (WG % SG lanes) takes no row
-    }
+    // The partial last block (WG % SG invocations) walks nothing; it meets the barriers.
+    let walks = blk < ROW_BLOCKS;
     let lane = lid % SG;
     tile_rows_begin();
     // One full subgroup in invocation order: every lane of the subgroup agrees.
@@ -66,12 +70,11 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
     let windows = level_windows(kpr, sel.level);
     let causal = params.causal != 0u;
     let zero = vec4<f32>(0.0);
-    // Up to RB rows at once (block k takes rows k RB .., then (k + ROW_BLOCKS) RB ..).
-    for (var r0 = blk * RB; r0 < nrows; r0 += ROW_BLOCKS * RB) {
+    for (var r0 = 0u; r0 < nrows; r0 += RB) {
         let rn = min(RB, nrows - r0);
-        // Each row's first element, bias, this lane's channels of k~ (pre-scaled) and v~, and
-        // of its sums. Rows past rn and rows of empty sub-windows take no part (zeros out, as
-        // in the two-phase path).
+        // Each row's first element and bias, this lane's channels of its k~ (pre-scaled) and
+        // v~, and of this block's share of its sums. Rows of empty sub-windows take no part
+        // (zeros out, as in the two-phase path).
         var base: array<u32, RB>;
         var bias: array<f32, RB>;
         var kr: array<array<vec4<f32>, SG_ROW>, RB>;
@@ -89,6 +92,9 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
                 dv_sum[i][t] = zero;
             }
         }
+        // The readers' sequence as in the two-phase path (query heads, runs, reader groups,
+        // their queries in order); g0 is the index of group a's first query in it.
+        var g0 = 0u;
         for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
             let qpr = problem(bh, seq);
             for (var run = 0u; run < FAR_RUNS; run++) {
@@ -96,7 +102,13 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
                                                 run);
                 for (var a = readers.x; a < readers.y; a++) {
                     let size = reader_size(n, w, cols, a);
-                    for (var k = 0u; k < size; k++) {
+                    // This block's queries of group a: g0 + k with (g0 + k) % ROW_BLOCKS == blk.
+                    var k = (blk + ROW_BLOCKS - g0 % ROW_BLOCKS) % ROW_BLOCKS;
+                    g0 += size;
+                    if (!walks) {
+                        continue;
+                    }
+                    for (; k < size; k += ROW_BLOCKS) {
                         var token = a * p + k;
                         if (params.coarse_queries == 0u) {
                             token = group_tap(n, w, cols, a, k).x;
@@ -150,19 +162,43 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
                 }
             }
         }
-        for (var i = 0u; i < rn; i++) {
-            for (var t = 0u; t < SG_ROW; t++) {
-                let c4 = lane + t * SG;
-                let gk = dk_sum[i][t] * params.scale;
-                let gv = dv_sum[i][t];
-                for (var e = 0u; e < 4u; e++) {
-                    let c = c4 * 4u + e;
-                    if (c < d) {
-                        dcoarse_k[base[i] + c] = gk[e];
-                        dcoarse_v[base[i] + c] = gv[e];
+        // The blocks' shares added in block order (rn <= nrows <= PR rows fit rows_k, rows_v).
+        for (var k = 0u; k < ROW_BLOCKS; k++) {
+            workgroupBarrier();
+            if (blk == k) {
+                for (var i = 0u; i < rn; i++) {
+                    for (var t = 0u; t < SG_ROW; t++) {
+                        let c4 = lane + t * SG;
+                        if (c4 < D4) {
+                            let idx = i * D4 + c4;
+                            if (k == 0u) {
+                                rows_k[idx] = dk_sum[i][t];
+                                rows_v[idx] = dv_sum[i][t];
+                            } else {
+                                rows_k[idx] += dk_sum[i][t];
+                                rows_v[idx] += dv_sum[i][t];
+                            }
+                        }
                     }
                 }
             }
         }
+        workgroupBarrier();
+        for (var idx = lid; idx < rn * D4; idx += WG) {
+            let i = idx / D4;
+            let c4 = idx % D4;
+            let at = coarse_row(kpr.kv_crow, sel.level, kpr.s, b * p + j0 + r0 + i) * d;
+            let gk = rows_k[idx] * params.scale;
+            let gv = rows_v[idx];
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    dcoarse_k[at + c] = gk[e];
+                    dcoarse_v[at + c] = gv[e];
+                }
+            }
+        }
+        // rows_k and rows_v are read above before the next row group's blocks write them.
+        workgroupBarrier();
     }
 }
