@@ -1,17 +1,17 @@
 // The coarse dK~/dV~ pass (`backward_dkv_coarse.wgsl`) with subgroup operations (devices with
 // Features::SUBGROUP): lanes are channels, not (row, query) pairs. The workgroup takes up to RB
-// of its rows at a time. Each block of SG consecutive invocations walks every ROW_BLOCKS-th of
-// their readers; lane j of a block holds channels (vec4s) j, j + SG, ... of the rows' k~ and
-// v~, of each query's q and dO (loaded once for the rows), and of the block's share of the
-// rows' dK~ and dV~ sums; a score is the subgroupAdd of the lanes' partial dots. The shares
-// are then added in block order through workgroup memory, so the bits do not depend on
-// timing. Why: the two-phase path reads every staged query row once per (row, query) pair and
+// of its rows at a time, walked by one block of SG invocations, or for a long walk by every
+// block over a contiguous share of the readers (then the shares are added in block order
+// through workgroup memory: the bits do not depend on timing). Lane j of a block holds
+// channels (vec4s) j, j + SG, ... of the rows' k~ and v~, of each query's q and dO (loaded
+// once for the rows), and of the rows' dK~ and dV~ sums; a score is the subgroupAdd of the
+// lanes' partial dots. Why: the two-phase path reads every staged query row once per (row, query) pair and
 // once per (row, channel) output, each a per-lane gather from workgroup memory on llvmpipe (the
 // pass took 45% of the backward after the dQ and fine dK/dV passes got subgroups); here each
-// lane reads its channels of each query once for all the rows, without staging. Why the
-// blocks split the readers, not the rows: an invocation walks 3 w_l / ROW_BLOCKS queries at
-// level l, where one block walking all of a top level's readers passed llvmpipe's limit of
-// 65535 loop iterations per invocation from n = 32768 on (wrong dV, no error).
+// lane reads its channels of each query once for all the rows, without staging. Why long
+// walks split: one block walking all of a top level's readers (3 w_l queries) passed
+// llvmpipe's limit of 65535 loop iterations per invocation from n = 32768 on (wrong dV, no
+// error).
 // A block that is not exactly one full subgroup with lanes in invocation order (a device with
 // another layout, a partial last subgroup) computes each score in every lane instead (plain
 // loads): correct anywhere, slower. WG < SG: the two-phase path does every row.
@@ -49,120 +49,193 @@ fn lane_vec4(which: u32, at: u32, c4: u32) -> vec4<f32> {
     return x;
 }
 
-// Rows j0 .. j0 + nrows of window b (level sel.level) of K/V head kv_h of sequence `seq`,
-// whose first query head's problem is kpr: up to RB rows at a time, every block walking its
-// share of the readers (query g of the sequence goes to block g % ROW_BLOCKS), then the blocks'
-// partial sums added in block order through workgroup memory (rows_k, rows_v of the pass).
-// Call in uniform control flow (barriers inside).
-fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrows: u32, lid: u32) {
-    let blk = lid / SG;
-    // The partial last block (WG % SG invocations) walks nothing; it meets the barriers.
-    let walks = blk < ROW_BLOCKS;
-    let lane = lid % SG;
-    tile_rows_begin();
-    // One full subgroup in invocation order: every lane of the subgroup agrees.
-    let cooperative = sg_full && subgroupAll(sg_lane == lane && subgroupBroadcastFirst(blk) == blk);
+// The sums of up to RB rows over a contiguous share of their readers.
+struct RowSums {
+    // This lane's channels (vec4s lane + t SG) of each row's dK~ (not yet scaled) and dV~.
+    dk: array<array<vec4<f32>, SG_ROW>, RB>,
+    dv: array<array<vec4<f32>, SG_ROW>, RB>,
+}
+
+// Where a row group's reader walk runs: the arguments every walk shares.
+struct Walk {
+    kpr: Problem,
+    seq: u32,
+    kv_h: u32,
+    b: u32,
+    // The group's first row (window row j0 + r0) and its row count (<= RB).
+    row0: u32,
+    rn: u32,
+    lane: u32,
+    cooperative: bool,
+}
+
+// The first element of row r (< rn) of the walk's group in the coarse buffers.
+fn walk_row_at(wk: Walk, r: u32) -> u32 {
+    return coarse_row(wk.kpr.kv_crow, sel.level, wk.kpr.s, wk.b * params.p + wk.row0 + r)
+        * params.d;
+}
+
+// Queries [lo, hi) of the rows' readers (query heads, runs, reader groups, their queries in
+// order, as in the two-phase path) folded into the rows' sums. No barrier inside.
+fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
     let p = params.p;
     let d = params.d;
     let w = params.levels[sel.level].window;
-    let n = kpr.n;
+    let n = wk.kpr.n;
     let cols = params.grid_w;
-    let windows = level_windows(kpr, sel.level);
+    let windows = level_windows(wk.kpr, sel.level);
     let causal = params.causal != 0u;
+    let lane = wk.lane;
     let zero = vec4<f32>(0.0);
-    for (var r0 = 0u; r0 < nrows; r0 += RB) {
-        let rn = min(RB, nrows - r0);
-        // Each row's first element and bias, this lane's channels of its k~ (pre-scaled) and
-        // v~, and of this block's share of its sums. Rows of empty sub-windows take no part
-        // (zeros out, as in the two-phase path).
-        var base: array<u32, RB>;
-        var bias: array<f32, RB>;
-        var kr: array<array<vec4<f32>, SG_ROW>, RB>;
-        var vr: array<array<vec4<f32>, SG_ROW>, RB>;
-        var dk_sum: array<array<vec4<f32>, SG_ROW>, RB>;
-        var dv_sum: array<array<vec4<f32>, SG_ROW>, RB>;
-        for (var i = 0u; i < rn; i++) {
-            let row = b * p + j0 + r0 + i;
-            base[i] = coarse_row(kpr.kv_crow, sel.level, kpr.s, row) * d;
-            bias[i] = coarse_key_bias(row_count(n, w, p, cols, row));
-            for (var t = 0u; t < SG_ROW; t++) {
-                kr[i][t] = lane_vec4(FROM_COARSE_K, base[i], lane + t * SG) * params.scale;
-                vr[i][t] = lane_vec4(FROM_COARSE_V, base[i], lane + t * SG);
-                dk_sum[i][t] = zero;
-                dv_sum[i][t] = zero;
-            }
+    // Each row's first element and bias, this lane's channels of its k~ (pre-scaled) and v~.
+    // Rows of empty sub-windows take no part (zeros out, as in the two-phase path).
+    var base: array<u32, RB>;
+    var bias: array<f32, RB>;
+    var kr: array<array<vec4<f32>, SG_ROW>, RB>;
+    var vr: array<array<vec4<f32>, SG_ROW>, RB>;
+    var sums: RowSums;
+    for (var i = 0u; i < wk.rn; i++) {
+        base[i] = walk_row_at(wk, i);
+        bias[i] = coarse_key_bias(row_count(n, w, p, cols, wk.b * p + wk.row0 + i));
+        for (var t = 0u; t < SG_ROW; t++) {
+            kr[i][t] = lane_vec4(FROM_COARSE_K, base[i], lane + t * SG) * params.scale;
+            vr[i][t] = lane_vec4(FROM_COARSE_V, base[i], lane + t * SG);
+            sums.dk[i][t] = zero;
+            sums.dv[i][t] = zero;
         }
-        // The readers' sequence as in the two-phase path (query heads, runs, reader groups,
-        // their queries in order); g0 is the index of group a's first query in it.
-        var g0 = 0u;
-        for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
-            let qpr = problem(bh, seq);
-            for (var run = 0u; run < FAR_RUNS; run++) {
-                let readers = level_far_readers(n, params.m, cols, sel.level, b, windows, causal,
-                                                run);
-                for (var a = readers.x; a < readers.y; a++) {
-                    let size = reader_size(n, w, cols, a);
-                    // This block's queries of group a: g0 + k with (g0 + k) % ROW_BLOCKS == blk.
-                    var k = (blk + ROW_BLOCKS - g0 % ROW_BLOCKS) % ROW_BLOCKS;
-                    g0 += size;
-                    if (!walks) {
-                        continue;
+    }
+    // g0: the index of reader group a's first query in the sequence.
+    var g0 = 0u;
+    for (var bh = wk.kv_h * params.kv_group; bh < (wk.kv_h + 1u) * params.kv_group; bh++) {
+        let qpr = problem(bh, wk.seq);
+        for (var run = 0u; run < FAR_RUNS; run++) {
+            let readers = level_far_readers(n, params.m, cols, sel.level, wk.b, windows, causal,
+                                            run);
+            for (var a = readers.x; a < readers.y; a++) {
+                let size = reader_size(n, w, cols, a);
+                let k_lo = clamp(lo, g0, g0 + size) - g0;
+                let k_hi = clamp(hi, g0, g0 + size) - g0;
+                g0 += size;
+                for (var k = k_lo; k < k_hi; k++) {
+                    var token = a * p + k;
+                    if (params.coarse_queries == 0u) {
+                        token = group_tap(n, w, cols, a, k).x;
                     }
-                    for (; k < size; k += ROW_BLOCKS) {
-                        var token = a * p + k;
-                        if (params.coarse_queries == 0u) {
-                            token = group_tap(n, w, cols, a, k).x;
+                    let row = token_row(qpr, token);
+                    let at = row * d;
+                    // This lane's channels of the query's q and dO, loaded once for the rn
+                    // rows (the pass's main cost: two thirds of it with one row at a time).
+                    var qs: array<vec4<f32>, SG_ROW>;
+                    var gs: array<vec4<f32>, SG_ROW>;
+                    for (var t = 0u; t < SG_ROW; t++) {
+                        qs[t] = lane_vec4(FROM_Q, at, lane + t * SG);
+                        gs[t] = lane_vec4(FROM_DOUT, at, lane + t * SG);
+                    }
+                    let lse = stats[2u * row];
+                    let delta = stats[2u * row + 1u];
+                    for (var i = 0u; i < wk.rn; i++) {
+                        if (bias[i] <= ABSENT * 0.5) {
+                            continue; // uniform over the block
                         }
-                        let row = token_row(qpr, token);
-                        let at = row * d;
-                        // This lane's channels of the query's q and dO, loaded once for the rn
-                        // rows (the pass's main cost: two thirds of it with one row at a time).
-                        var qs: array<vec4<f32>, SG_ROW>;
-                        var gs: array<vec4<f32>, SG_ROW>;
-                        for (var t = 0u; t < SG_ROW; t++) {
-                            qs[t] = lane_vec4(FROM_Q, at, lane + t * SG);
-                            gs[t] = lane_vec4(FROM_DOUT, at, lane + t * SG);
-                        }
-                        let lse = stats[2u * row];
-                        let delta = stats[2u * row + 1u];
-                        for (var i = 0u; i < rn; i++) {
-                            if (bias[i] <= ABSENT * 0.5) {
-                                continue; // uniform over the block
-                            }
-                            var s4 = zero;
-                            var g4 = zero;
-                            if (cooperative) {
-                                for (var t = 0u; t < SG_ROW; t++) {
-                                    s4 += qs[t] * kr[i][t];
-                                    g4 += gs[t] * vr[i][t];
-                                }
-                            } else {
-                                // Every lane its own full dots (no cross-lane operation).
-                                for (var c4 = 0u; c4 < D4; c4++) {
-                                    let kk = lane_vec4(FROM_COARSE_K, base[i], c4) * params.scale;
-                                    s4 += lane_vec4(FROM_Q, at, c4) * kk;
-                                    g4 += lane_vec4(FROM_DOUT, at, c4)
-                                        * lane_vec4(FROM_COARSE_V, base[i], c4);
-                                }
-                            }
-                            var s = s4.x + s4.y + s4.z + s4.w;
-                            var g = g4.x + g4.y + g4.z + g4.w;
-                            if (cooperative) {
-                                s = subgroupAdd(s);
-                                g = subgroupAdd(g);
-                            }
-                            let pr = exp(s + bias[i] - lse);
-                            let ds = pr * (g - delta);
+                        var s4 = zero;
+                        var g4 = zero;
+                        if (wk.cooperative) {
                             for (var t = 0u; t < SG_ROW; t++) {
-                                dk_sum[i][t] += ds * qs[t];
-                                dv_sum[i][t] += pr * gs[t];
+                                s4 += qs[t] * kr[i][t];
+                                g4 += gs[t] * vr[i][t];
                             }
+                        } else {
+                            // Every lane its own full dots (no cross-lane operation).
+                            for (var c4 = 0u; c4 < D4; c4++) {
+                                let kk = lane_vec4(FROM_COARSE_K, base[i], c4) * params.scale;
+                                s4 += lane_vec4(FROM_Q, at, c4) * kk;
+                                g4 += lane_vec4(FROM_DOUT, at, c4)
+                                    * lane_vec4(FROM_COARSE_V, base[i], c4);
+                            }
+                        }
+                        var s = s4.x + s4.y + s4.z + s4.w;
+                        var g = g4.x + g4.y + g4.z + g4.w;
+                        if (wk.cooperative) {
+                            s = subgroupAdd(s);
+                            g = subgroupAdd(g);
+                        }
+                        let pr = exp(s + bias[i] - lse);
+                        let ds = pr * (g - delta);
+                        for (var t = 0u; t < SG_ROW; t++) {
+                            sums.dk[i][t] += ds * qs[t];
+                            sums.dv[i][t] += pr * gs[t];
                         }
                     }
                 }
             }
         }
-        // The blocks' shares added in block order (rn <= nrows <= PR rows fit rows_k, rows_v).
+    }
+    return sums;
+}
+
+// Writes vec4 c4 of row r of the walk's group: dK~ (scaled here) and dV~.
+fn write_row_vec4(wk: Walk, r: u32, c4: u32, dk: vec4<f32>, dv: vec4<f32>) {
+    let at = walk_row_at(wk, r);
+    let gk = dk * params.scale;
+    for (var e = 0u; e < 4u; e++) {
+        let c = c4 * 4u + e;
+        if (c < params.d) {
+            dcoarse_k[at + c] = gk[e];
+            dcoarse_v[at + c] = dv[e];
+        }
+    }
+}
+
+// Loop iterations a block may spend on one walk: below llvmpipe's 65535 per invocation with
+// room for the rest of the pass (each query costs its own iteration plus one per row).
+const WALK_ITERATIONS: u32 = 40000u;
+
+// Rows j0 .. j0 + nrows of window b (level sel.level) of K/V head kv_h of sequence `seq`,
+// whose first query head's problem is kpr, RB rows at a time. A walk short enough for one
+// block runs in block 0 with no barrier (the others idle; with barriers on its path llvmpipe
+// kept the walk's arrays in memory: the backward took 15% longer at n = 16384). A longer one (the
+// top levels from n = 32768 on; one block walking it passed llvmpipe's iteration limit)
+// splits the readers into contiguous shares, one per block, whose sums are added in block
+// order through workgroup memory (rows_k, rows_v of the pass). Uniform control flow.
+fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrows: u32, lid: u32) {
+    let blk = lid / SG;
+    let lane = lid % SG;
+    tile_rows_begin();
+    // One full subgroup in invocation order: every lane of the subgroup agrees.
+    let cooperative = sg_full && subgroupAll(sg_lane == lane && subgroupBroadcastFirst(blk) == blk);
+    let total = reader_total(kpr.n, b, sel.level, level_windows(kpr, sel.level),
+                             params.levels[sel.level].window, params.causal != 0u)
+        * params.kv_group;
+    // A short walk: block 0, no barrier anywhere on this path (not even between row groups:
+    // llvmpipe keeps a loop's arrays in memory when the loop holds a barrier).
+    if (total * (min(RB, nrows) + 1u) <= WALK_ITERATIONS) {
+        if (blk == 0u) {
+            for (var r0 = 0u; r0 < nrows; r0 += RB) {
+                let rn = min(RB, nrows - r0);
+                let wk = Walk(kpr, seq, kv_h, b, j0 + r0, rn, lane, cooperative);
+                let sums = walk_readers(wk, 0u, total);
+                for (var i = 0u; i < rn; i++) {
+                    for (var t = 0u; t < SG_ROW; t++) {
+                        let c4 = lane + t * SG;
+                        if (c4 < D4) {
+                            write_row_vec4(wk, i, c4, sums.dk[i][t], sums.dv[i][t]);
+                        }
+                    }
+                }
+            }
+        }
+        return; // uniform: total and nrows are
+    }
+    for (var r0 = 0u; r0 < nrows; r0 += RB) {
+        let rn = min(RB, nrows - r0);
+        let wk = Walk(kpr, seq, kv_h, b, j0 + r0, rn, lane, cooperative);
+        // The partial last block (WG % SG invocations) walks nothing; it meets the barriers.
+        let share = (total + ROW_BLOCKS - 1u) / ROW_BLOCKS;
+        var sums: RowSums;
+        if (blk < ROW_BLOCKS) {
+            sums = walk_readers(wk, blk * share, (blk + 1u) * share);
+        }
+        // The shares added in block order (rn <= nrows <= PR rows fit rows_k and rows_v).
         for (var k = 0u; k < ROW_BLOCKS; k++) {
             workgroupBarrier();
             if (blk == k) {
@@ -172,11 +245,11 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
                         if (c4 < D4) {
                             let idx = i * D4 + c4;
                             if (k == 0u) {
-                                rows_k[idx] = dk_sum[i][t];
-                                rows_v[idx] = dv_sum[i][t];
+                                rows_k[idx] = sums.dk[i][t];
+                                rows_v[idx] = sums.dv[i][t];
                             } else {
-                                rows_k[idx] += dk_sum[i][t];
-                                rows_v[idx] += dv_sum[i][t];
+                                rows_k[idx] += sums.dk[i][t];
+                                rows_v[idx] += sums.dv[i][t];
                             }
                         }
                     }
@@ -185,18 +258,7 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
         }
         workgroupBarrier();
         for (var idx = lid; idx < rn * D4; idx += WG) {
-            let i = idx / D4;
-            let c4 = idx % D4;
-            let at = coarse_row(kpr.kv_crow, sel.level, kpr.s, b * p + j0 + r0 + i) * d;
-            let gk = rows_k[idx] * params.scale;
-            let gv = rows_v[idx];
-            for (var e = 0u; e < 4u; e++) {
-                let c = c4 * 4u + e;
-                if (c < d) {
-                    dcoarse_k[at + c] = gk[e];
-                    dcoarse_v[at + c] = gv[e];
-                }
-            }
+            write_row_vec4(wk, idx / D4, idx % D4, rows_k[idx], rows_v[idx]);
         }
         // rows_k and rows_v are read above before the next row group's blocks write them.
         workgroupBarrier();
