@@ -186,16 +186,16 @@ fn write_row_vec4(wk: Walk, r: u32, c4: u32, dk: vec4<f32>, dv: vec4<f32>) {
     }
 }
 
-// Loop iterations a block may spend on one walk: below llvmpipe's 65535 per invocation with
-// room for the rest of the pass (each query costs its own iteration plus one per row).
+// Loop iterations one block may spend on its walks: below llvmpipe's 65535 per invocation,
+// with room for the rest of the pass.
 const WALK_ITERATIONS: u32 = 40000u;
 
 // Rows j0 .. j0 + nrows of window b (level sel.level) of K/V head kv_h of sequence `seq`,
 // whose first query head's problem is kpr, RB rows at a time. A walk short enough for one
 // block runs in block 0 with no barrier (the others idle; with barriers on its path llvmpipe
-// kept the walk's arrays in memory: the backward took 15% longer at n = 16384). A longer one (the
-// top levels from n = 32768 on; one block walking it passed llvmpipe's iteration limit)
-// splits the readers into contiguous shares, one per block, whose sums are added in block
+// kept the walk's arrays in memory: the backward took 15% longer at n = 16384). Longer ones
+// (the top levels from n = 32768 on; one block walking them passed llvmpipe's iteration
+// limit) split the readers into contiguous shares, one per block, whose sums are added in block
 // order through workgroup memory (rows_k, rows_v of the pass). Uniform control flow.
 fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrows: u32, lid: u32) {
     let blk = lid / SG;
@@ -206,9 +206,11 @@ fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrow
     let total = reader_total(kpr.n, b, sel.level, level_windows(kpr, sel.level),
                              params.levels[sel.level].window, params.causal != 0u)
         * params.kv_group;
-    // A short walk: block 0, no barrier anywhere on this path (not even between row groups:
-    // llvmpipe keeps a loop's arrays in memory when the loop holds a barrier).
-    if (total * (min(RB, nrows) + 1u) <= WALK_ITERATIONS) {
+    // Short walks: block 0, no barrier anywhere on this path (not even between row groups:
+    // llvmpipe keeps a loop's arrays in memory when the loop holds a barrier). One walk per
+    // group of RB rows, each query an iteration plus one per row: total (nrows + groups).
+    let groups = (nrows + RB - 1u) / RB;
+    if (total * (nrows + groups) <= WALK_ITERATIONS) {
         if (blk == 0u) {
             for (var r0 = 0u; r0 < nrows; r0 += RB) {
                 let rn = min(RB, nrows - r0);
