@@ -147,9 +147,10 @@ pub struct RunArgs {
     /// Also write the per-row log-sum-exp of the logits.
     #[arg(long, value_name = "LSE.npy")]
     pub lse: Option<PathBuf>,
-    /// A packed variable-length batch: the lengths (each >= 1, summing to n) of sequences laid
-    /// one after another along the sequence axis of arrays (n, d) or (1, heads, n, d); each is
-    /// its own attention problem, no token attends across sequences.
+    /// A packed variable-length batch: the lengths (summing to n; 0 is an empty sequence, which
+    /// has no rows) of sequences laid one after another along the sequence axis of arrays
+    /// (n, d) or (1, heads, n, d); each is its own attention problem, no token attends across
+    /// sequences.
     #[arg(
         long,
         value_delimiter = ',',
