@@ -31,6 +31,7 @@ cargo build --release --bin multipole-attn
 python3 scripts/check_cli.py target/release/multipole-attn
 python3 scripts/check_cli_grad.py target/release/multipole-attn
 python3 scripts/check_cli_coarse.py target/release/multipole-attn
+python3 scripts/check_cli_cross.py target/release/multipole-attn
 
 echo "== conformance suite on every adapter (Vulkan lavapipe and GL llvmpipe here)"
 # The GL adapter needs EGL and Mesa's DRI driver (scripts/setup_test.sh installs them). The

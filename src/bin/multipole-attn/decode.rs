@@ -68,6 +68,13 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
         ));
     }
     shape.validate()?;
+    if !shape.is_self() {
+        return Err(CliError::Input(format!(
+            "decode needs Q, K and V of one length (the tokens to decode), but Q has {} rows and \
+             K, V {}: decoding appends each token's key and value as it goes",
+            shape.seq, shape.seq_kv
+        )));
+    }
     if shape.kv_heads != shape.heads {
         return Err(CliError::Input(format!(
             "decode needs K and V with as many heads as Q ({}), but they have {}: the decoding \
