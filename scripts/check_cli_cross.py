@@ -2,7 +2,7 @@
 """Cross-check model-shaped inputs of the `multipole-attn` CLI against float64 numpy:
 cross-length attention (K, V longer or shorter than Q; bottom-right causal alignment; FMA's
 gradients by finite differences),
-grouped-query K/V heads in `run` and `decode`, empty sequences in `--seqlens`, and
+grouped-query K/V heads in `run` and `decode` (against the same float64 definitions), empty sequences in `--seqlens`, and
 np.savez_compressed weights.
 
 Usage:
@@ -194,6 +194,24 @@ def main():
                     worst = max(worst, abs(float(np.sum(grad * u)) - fd) / max(1.0, np.linalg.norm(grad)))
             shapes_ok = g["dq"].shape == q.shape and g["dk"].shape == k.shape
             report(label, shapes_ok and worst <= tol, f"worst scaled error {worst:.2e}, tol {tol:.0e}")
+
+        # Decoding with grouped-query K/V heads (the cache holds K/V heads only): FMA against
+        # the causal float64 FMA of each query head with its K/V head, dense against causal
+        # dense attention; prefill 50, then steps of 3 tokens.
+        b, h, hk, n, d, m, p = 2, 4, 2, 133, 16, 16, 2
+        q, k, v = f32(b, h, n, d), f32(b, hk, n, d), f32(b, hk, n, d)
+        q64, k64, v64 = w64(q, k, v)
+        want_fma = [np.zeros((b, h, n, d)), np.zeros((b, h, n))]
+        for bi in range(b):
+            for hi in range(h):
+                o, lse = ref.fma_forward(q64[bi, hi], k64[bi, hi // (h // hk)], v64[bi, hi // (h // hk)],
+                                         m, p, True, "average")
+                want_fma[0][bi, hi], want_fma[1][bi, hi] = o, lse
+        decode = ["--prefill", "50", "--chunk", "3"]
+        run_case(f"decode FMA q({b},{h},{n},{d}) kv({b},{hk},{n},{d})", q, k, v,
+                 decode + ["--block", str(m), "--rank", str(p)], want_fma, cmd="decode")
+        run_case(f"decode dense q({b},{h},{n},{d}) kv({b},{hk},{n},{d})", q, k, v, decode + ["--dense"],
+                 dense(q64, k64, v64, True), cmd="decode")
 
         # FMA refuses what has no FMA meaning, with exit 2.
         q, k, v = f32(50, 8), f32(80, 8), f32(80, 8)
