@@ -158,6 +158,19 @@ pub struct RunArgs {
         conflicts_with = "lengths"
     )]
     pub seqlens: Option<Vec<usize>>,
+    /// With --seqlens: the key lengths of the same sequences (one each, summing to K's and
+    /// V's length; FlashAttention's cu_seqlens_k as lengths), when they differ from the query
+    /// lengths. K and V are packed by these; each sequence's queries attend to its own keys
+    /// (with --causal bottom-right aligned: the queries are the last of its keys' positions;
+    /// a sequence with queries but no key gets O = 0, LSE = -inf). FMA takes them with
+    /// --causal and at least as many keys as queries per sequence (not in `grad` on the GPU).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "K0,K1,..",
+        requires = "seqlens"
+    )]
+    pub seqlens_kv: Option<Vec<usize>>,
     /// A padded batch: one length (0..=n) per batch row of arrays (batch, heads, n, d);
     /// positions at or beyond a row's length are neither attended nor attended from (O = 0,
     /// LSE = -inf there).
