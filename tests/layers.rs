@@ -214,8 +214,8 @@ fn the_directory_index_names_every_file() {
                 continue;
             }
             let (folder, name) = file.rsplit_once('/').unwrap_or(("", &file));
-            let listed = index.contains(&format!("**{folder}/**"))
-                && index.contains(&format!("`{name}`"));
+            let listed =
+                index.contains(&format!("**{folder}/**")) && index.contains(&format!("`{name}`"));
             if !listed {
                 missing.push(file);
             }
