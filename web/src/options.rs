@@ -18,10 +18,11 @@ pub enum Queries {
 }
 
 /// A problem and an FMA configuration, as JS passes it:
-/// `{ batch?: 1, heads?: 1, kvHeads?: heads, n, headDim, m?: 64, p?: 2, causal?: false,
-/// queries?: "fine", seqlens?: [..], grid?: [H, W] }`. Q and O are (batch, heads, n, headDim)
-/// f32, row-major; K and V (batch, kvHeads, n, headDim) (grouped-query attention when
-/// kvHeads < heads). With `grid` the n = H W tokens of every head lie on an H x W image in
+/// `{ batch?: 1, heads?: 1, kvHeads?: heads, n, nKv?: n, headDim, m?: 64, p?: 2, causal?:
+/// false, queries?: "fine", seqlens?: [..], seqlensKv?: [..], grid?: [H, W] }`. Q and O are
+/// (batch, heads, n, headDim) f32, row-major; K and V (batch, kvHeads, nKv, headDim)
+/// (grouped-query attention when kvHeads < heads; cross-length attention when nKv != n, causal
+/// bottom-right aligned). With `grid` the n = H W tokens of every head lie on an H x W image in
 /// raster order (token t = y W + x) and `m` is the cell side r (2D FMA, algorithm.md §9).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -36,8 +37,13 @@ pub struct Options {
     /// reads K/V head h / (heads / kvHeads) (grouped-query attention; 1: multi-query).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_heads: Option<usize>,
-    /// Sequence length.
+    /// Sequence length (of Q).
     pub n: usize,
+    /// Keys (and values) per head (default `n`): another length is cross-length attention,
+    /// causal bottom-right aligned (the queries are the last n positions); dense takes any,
+    /// FMA more keys than queries with `causal` and fine queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv: Option<usize>,
     /// Head dimension d (1..=256).
     pub head_dim: usize,
     /// Fine block size m (default 64; divisible by p). With `grid`: the cell side r (the
@@ -58,6 +64,10 @@ pub struct Options {
     /// sequence axis, each its own attention problem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seqlens: Option<Vec<usize>>,
+    /// With `seqlens`: each sequence's key length (FlashAttention's cu_seqlens_k as lengths;
+    /// summing to `nKv`), K and V packed by these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seqlens_kv: Option<Vec<usize>>,
     /// `[H, W]`: the tokens lie on an H x W grid in raster order (2D FMA, algorithm.md §9):
     /// H W must be `n`, `m` is the cell side r (p divides it), not causal, no `seqlens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,8 +75,20 @@ pub struct Options {
 }
 
 /// The JS names of the fields of [`Options`].
-const FIELDS: [&str; 11] = [
-    "batch", "heads", "kvHeads", "n", "headDim", "m", "p", "causal", "queries", "seqlens", "grid",
+const FIELDS: [&str; 13] = [
+    "batch",
+    "heads",
+    "kvHeads",
+    "n",
+    "nKv",
+    "headDim",
+    "m",
+    "p",
+    "causal",
+    "queries",
+    "seqlens",
+    "seqlensKv",
+    "grid",
 ];
 
 fn one() -> usize {
@@ -106,7 +128,8 @@ impl Options {
 
     /// (batch, heads, n, head_dim) with `kvHeads` K/V heads, validated.
     pub fn shape(&self) -> Result<Shape, JsError> {
-        let shape = Shape::new(self.batch, self.heads, self.n, self.head_dim)
+        let n_kv = self.n_kv.unwrap_or(self.n);
+        let shape = Shape::cross(self.batch, self.heads, self.n, n_kv, self.head_dim)
             .with_kv_heads(self.kv_heads.unwrap_or(self.heads));
         shape.validate()?;
         Ok(shape)
@@ -115,6 +138,14 @@ impl Options {
     /// The packed sequences of `seqlens`, checked against the shape (`None` without them).
     pub fn sequences(&self) -> Result<Option<Sequences>, JsError> {
         let Some(lens) = &self.seqlens else {
+            if self.seqlens_kv.is_some() {
+                return Err(FmaError::InvalidConfig {
+                    what: "seqlensKv",
+                    value: "given without seqlens".into(),
+                    allowed: "the key lengths of the sequences of seqlens, beside it".into(),
+                }
+                .into());
+            }
             return Ok(None);
         };
         if let Some(grid) = self.grid_shape() {
@@ -128,7 +159,10 @@ impl Options {
             }
             .into());
         }
-        let seqs = Sequences::packed(lens.clone())?;
+        let seqs = match &self.seqlens_kv {
+            Some(kv) => Sequences::packed_cross(lens.clone(), kv.clone())?,
+            None => Sequences::packed(lens.clone())?,
+        };
         seqs.check(self.shape()?)?;
         Ok(Some(seqs))
     }
@@ -148,7 +182,8 @@ impl Options {
                 .queries(multipole_attn::Queries::Coarse),
         }
         .grid(self.grid_shape());
-        cfg.validate(self.head_dim, self.n)?;
+        // The levels are those of the keys' sequence (a shorter Q is its last positions).
+        cfg.validate(self.head_dim, self.n_kv.unwrap_or(self.n))?;
         cfg.validate_values()?;
         Ok(cfg)
     }

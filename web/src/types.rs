@@ -7,7 +7,7 @@ use wasm_bindgen::prelude::*;
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &'static str = r#"
 /** A problem and an FMA configuration; Q and O are (batch, heads, n, headDim) f32, row-major,
- * K and V (batch, kvHeads, n, headDim). */
+ * K and V (batch, kvHeads, nKv, headDim). */
 export interface FmaOptions {
   /** Batch size (default 1). */
   batch?: number;
@@ -16,8 +16,11 @@ export interface FmaOptions {
   /** K/V heads (default heads): a divisor of heads; query head h reads K/V head
    * h / (heads / kvHeads) (grouped-query attention; 1 = multi-query). */
   kvHeads?: number;
-  /** Sequence length. */
+  /** Sequence length (of Q). */
   n: number;
+  /** Keys and values per head (default n): cross-length attention, causal bottom-right aligned
+   * (the queries are the last n positions); FMA needs causal, fine queries and nKv > n. */
+  nKv?: number;
   /** Head dimension d, 1..=256. */
   headDim: number;
   /** Fine block size m (default 64; divisible by p). With grid: the cell side r (cells r x r;
@@ -30,9 +33,11 @@ export interface FmaOptions {
   causal?: boolean;
   /** "fine" (default, O(n log n)) or "coarse" (O(n), bidirectional only). */
   queries?: "fine" | "coarse";
-  /** A packed variable-length batch: sequence lengths (each >= 1, summing to n, batch 1),
-   * one after another along the sequence axis, each its own attention problem. */
+  /** A packed variable-length batch: sequence lengths (summing to n, batch 1; 0 is an empty
+   * sequence), one after another along the sequence axis, each its own attention problem. */
   seqlens?: number[];
+  /** With seqlens: each sequence's key length (summing to nKv); K, V packed by these. */
+  seqlensKv?: number[];
   /** [H, W]: the n = H W tokens lie on an H x W grid in raster order (token y W + x), 2D FMA
    * with m the cell side r (p divides it); H W must be n, not causal, no seqlens. */
   grid?: [number, number];

@@ -52,12 +52,14 @@ fn opts(
         heads,
         kv_heads: None,
         n,
+        n_kv: None,
         head_dim: d,
         m,
         p,
         causal,
         queries: Queries::Fine,
         seqlens: None,
+        seqlens_kv: None,
         grid: None,
     }
 }
@@ -410,6 +412,71 @@ async fn kv_heads_option_runs_grouped_query_attention() {
         m.contains("kv_heads") && m.contains("divisor of heads = 4"),
         "{m}"
     );
+}
+
+/// Model-shaped inputs through the JS-facing path: `nKv` (Q shorter or longer than K, V; causal
+/// bottom-right aligned), dense and FMA's causal chunk, and `seqlensKv` (each packed sequence
+/// with keys of its own length), against the CPU reference with the forward's tolerance.
+#[wasm_bindgen_test]
+async fn n_kv_and_seqlens_kv_options_run_cross_length_attention() {
+    let g = gpu().await;
+    let seed = fresh_seed() as u32;
+    let cases = [
+        Options {
+            n_kv: Some(300),
+            kv_heads: Some(1),
+            ..opts(1, 2, 37, 16, 16, 2, true)
+        },
+        Options {
+            n_kv: Some(20),
+            ..opts(1, 1, 50, 8, 16, 2, true)
+        },
+        Options {
+            seqlens: Some(vec![5, 0, 17]),
+            seqlens_kv: Some(vec![9, 4, 17]),
+            n_kv: Some(30),
+            ..opts(1, 2, 22, 8, 8, 2, true)
+        },
+    ];
+    for o in cases {
+        let shape = o.shape().unwrap();
+        let label = format!("seed {seed} {o:?}");
+        let x = make_inputs(o.to_js().unwrap(), "random", seed).unwrap();
+        assert_eq!(x.k.len(), shape.kv_elements(), "{label}");
+        let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
+        let (want_dense, want_fma) = match o.sequences().unwrap() {
+            Some(seqs) => (
+                cpu::dense_attention_varlen(&q, &k, &v, shape, &seqs, true).unwrap(),
+                cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &o.config().unwrap()).ok(),
+            ),
+            None => (
+                cpu::dense_attention(&q, &k, &v, shape, true).unwrap(),
+                cpu::fma_forward(&q, &k, &v, shape, &o.config().unwrap()).ok(),
+            ),
+        };
+        let exact = g
+            .dense(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await
+            .unwrap();
+        let c = closeness(&exact, &want_dense.o, O_ATOL, O_RTOL);
+        assert_eq!(c.violations, 0, "{label}: dense off by up to {}", c.max_abs);
+        let fma = g
+            .fma(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await;
+        match (want_fma, fma) {
+            (Some(r), Ok(got)) => {
+                let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
+                assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
+            }
+            // Fewer keys than queries has no FMA meaning: an Error on both paths.
+            (None, Err(e)) => assert!(message(e).contains("keys"), "{label}"),
+            (r, got) => panic!(
+                "{label}: reference {} but the GPU {}",
+                r.is_some(),
+                got.is_ok()
+            ),
+        }
+    }
 }
 
 /// `seqlens` (a packed variable-length batch) through the JS-facing path: FMA and dense equal
