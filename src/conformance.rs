@@ -18,7 +18,7 @@ use crate::shape::Shape;
 use crate::weights::LearnedWeights;
 
 /// |gpu - ref| <= ATOL + RTOL |ref|, the bound of the GPU tests (justified in
-/// tests/gpu_forward.rs: f32 dot products and WGSL exp against an f64 reference).
+/// tests/gpu/forward.rs: f32 dot products and WGSL exp against an f64 reference).
 pub const ATOL: f64 = 5e-5;
 /// Relative part of the bound.
 pub const RTOL: f64 = 5e-5;

@@ -1,6 +1,6 @@
 // The 1D index maps of algorithm.md §2-3 and their inverses (§8), the only place the WGSL
 // spells them out. CPU mirror: `src/levels.rs` (`near_blocks`, `far_list`, `sub_window`,
-// `Levels`); `tests/gpu_geometry.rs` compares the two for many (n, m, p).
+// `Levels`); `tests/gpu/geometry.rs` compares the two for many (n, m, p).
 // Pure functions of their arguments (no params, no bindings), so the file stands alone in a
 // test shader, and a 2D geometry can sit beside it with the same function names.
 // Token and window ranges are half-open vec2(first, end) with first <= end (Rust's Range).

@@ -3,7 +3,7 @@
 // level index lvl, p horizontal bands of w / p grid rows per cell, cells aligned at (0, 0) and
 // clipped at the bottom and right edges. The geometry interface of shared/geometry.wgsl (its
 // second half, same names and signatures), which the composer imports as `geometry` for a 2D
-// plan. CPU mirror: `src/geometry/grid.rs` (`GridGeometry`); `tests/gpu_grid.rs` compares the
+// plan. CPU mirror: `src/geometry/grid.rs` (`GridGeometry`); `tests/gpu/grid.rs` compares the
 // forward through these maps with the CPU reference. Pure functions of their arguments; `cols`
 // is W. A group is a cell, row-major (A * columns + B); coarse row (A * columns + B) p + j.
 // Not causal: the `causal` arguments are ignored.

@@ -215,7 +215,7 @@ fn grid_gpu_matches_the_reference_when_an_adapter_exists() {
     let o_ref: ArrayD<f64> = read_npy(&f[3]).unwrap();
     let o_gpu: Vec<f64> = o_gpu.iter().map(|&x| x as f64).collect();
     let o_ref: Vec<f64> = o_ref.iter().copied().collect();
-    // f32 against f64 on N(0, 1) inputs: a few 1e-6 (tests/gpu_grid.rs says why).
+    // f32 against f64 on N(0, 1) inputs: a few 1e-6 (tests/gpu/grid.rs says why).
     assert!(max_abs_diff(&o_gpu, &o_ref) <= 1e-4);
 }
 
@@ -251,7 +251,7 @@ fn npz_array(path: &str, name: &str, f32_data: bool) -> ArrayD<f64> {
     }
 }
 
-/// |gpu - ref| <= 2e-4 of the tensor's scale (max(1, max |ref|)): tests/gpu_grid_backward.rs
+/// |gpu - ref| <= 2e-4 of the tensor's scale (max(1, max |ref|)): tests/gpu/grid_backward.rs
 /// says why.
 fn assert_close_to_scale(name: &str, got: &ArrayD<f64>, want: &[f64]) {
     let got: Vec<f64> = got.iter().copied().collect();

@@ -826,7 +826,7 @@ fn no_adapter_is_a_clear_error() {
 }
 
 /// K and V with fewer heads than Q (grouped-query attention): the reference path equals the
-/// library's, the GPU path matches it within tests/gpu_forward.rs's tolerance, and K/V heads
+/// library's, the GPU path matches it within tests/gpu/forward.rs's tolerance, and K/V heads
 /// that do not divide Q's are bad input naming both shapes.
 #[test]
 fn grouped_query_heads_run_and_bad_head_counts_are_bad_input() {

@@ -11,7 +11,7 @@ use wgpu::util::DeviceExt;
 use super::{closeness, read_buffer};
 
 /// The backward tolerance, per tensor: |gpu - ref| <= TOL (max(1, max|ref|) + |ref|) (why:
-/// tests/gpu_backward.rs's header).
+/// tests/gpu/backward.rs's header).
 pub const TOL: f64 = 2e-4;
 
 /// Q, K, V and dO of a backward test, N(0, 1) from one seed.

@@ -5,7 +5,7 @@
 //! lavapipe, and from 896 keys on at d = 256 without subgroups (docs/perf.md, change 9). Few
 //! queries over 40 000+ keys keep this quick: one workgroup per head.
 //!
-//! Tolerance: that of tests/gpu_forward.rs, |gpu - ref| <= 5e-5 + 5e-5 |ref| for O and
+//! Tolerance: that of tests/gpu/forward.rs, |gpu - ref| <= 5e-5 + 5e-5 |ref| for O and
 //! 5e-5 + 1e-5 |ref| for the LSE (N(0, 1) inputs, an f32 softmax over n positive terms: a few
 //! 1e-7 measured here). A key tile skipped or attended twice, or a chunk's partial dropped, moves
 //! O by ~1e-2 (the error seen before the fix was 3e-2 .. 5e-2).

@@ -174,7 +174,7 @@ fn tensors_over_the_binding_limit_are_split_by_heads() {
         .unwrap();
     assert_eq!(split.o, whole.o);
 
-    // One head alone over the limit is split along its sequence: tests/gpu_split.rs.
+    // One head alone over the limit is split along its sequence: tests/gpu/split.rs.
 }
 
 #[test]

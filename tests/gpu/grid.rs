@@ -5,7 +5,7 @@
 //! Average and Learned, fine and coarse queries, output buffers poisoned with NaN, fresh seeds
 //! (printed, replayable with MULTIPOLE_SEED).
 //!
-//! Tolerance: that of `tests/gpu_forward.rs` (5e-5 + 5e-5 |ref| on O, 5e-5 + 1e-5 |ref| on the
+//! Tolerance: that of `tests/gpu/forward.rs` (5e-5 + 5e-5 |ref| on O, 5e-5 + 1e-5 |ref| on the
 //! LSE), for the same reasons: N(0, 1) inputs, f32 dots of d = 16 or 40 terms, and one softmax
 //! over at most 9 r^2 + 27 p L (<= 900) keys give errors of a few 1e-6; an indexing error (a
 //! cell seen twice or not at all, a wrong band count) moves O by 1e-2 or more.

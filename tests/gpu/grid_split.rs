@@ -3,14 +3,14 @@
 //! tokens), each bound with one row of cells of halo above and below. The result must be the
 //! bits of the unsplit run (same kernels and tiles, the same float operations in the same
 //! order), through host slices and through the caller's NaN-poisoned buffers, and close to the
-//! f64 reference with the tolerance of `tests/gpu_grid.rs` (5e-5 + 5e-5 |ref| on O, 5e-5 +
+//! f64 reference with the tolerance of `tests/gpu/grid.rs` (5e-5 + 5e-5 |ref| on O, 5e-5 +
 //! 1e-5 |ref| on the LSE: N(0, 1) inputs, dots of d <= 16 terms and softmaxes over at most
 //! 9 r^2 + 27 p L keys give errors of a few 1e-6, while a cell attended twice, missed, or read
 //! from the wrong bound row moves O by 1e-2 or more).
 //!
 //! Sizes: at 16 KiB a binding holds 4096 / d rows, which must hold three rows of cells
 //! (3 r W tokens) and the grid's coarse rows (about 4 H W p / (3 r^2)): hence d = 4 on the
-//! 45 x 70 grid and d = 8 or 16 on 33 x 20. Causal is not allowed in 2D (`tests/gpu_grid.rs`).
+//! 45 x 70 grid and d = 8 or 16 on 33 x 20. Causal is not allowed in 2D (`tests/gpu/grid.rs`).
 
 use std::sync::OnceLock;
 

@@ -6,7 +6,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod backward;
 mod coarse;
+mod coarse_backward;
 mod concurrency;
 mod decode;
 mod dense_keys;
@@ -14,10 +16,13 @@ mod errors;
 mod forward;
 mod geometry;
 mod grid;
+mod grid_backward;
 mod grid_split;
 mod large_block;
+mod loop_limit;
 mod nonfinite;
 mod properties;
 mod shapes;
 mod split;
 mod varlen;
+mod varlen_backward;

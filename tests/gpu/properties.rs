@@ -74,7 +74,7 @@ proptest! {
         fma.forward_buffers(bufs.tensors(), shape).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let (o, lse) = bufs.read(ctx);
         let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        // Tolerances as in tests/gpu_forward.rs (justified there).
+        // Tolerances as in tests/gpu/forward.rs (justified there).
         let co = closeness(&o, &r.o, 5e-5, 5e-5);
         let cl = closeness(&lse, &r.lse, 5e-5, 1e-5);
         prop_assert_eq!(co.violations, 0, "O: {:?}", co);

@@ -133,7 +133,7 @@ fn fma_causal_chunks_are_the_last_rows_of_the_full_causal_forward() {
             ("dV", &g.dv, &rg.dv),
         ] {
             assert_eq!(got.len(), want.len(), "{label}: {name} length");
-            // Within tests/gpu_backward.rs's bound (2e-4 of the scale; N(0, 1) inputs here too).
+            // Within tests/gpu/backward.rs's bound (2e-4 of the scale; N(0, 1) inputs here too).
             let c = closeness(got, want, 1e-4, 1e-4);
             assert_eq!(c.violations, 0, "{label}: {name} {c:?}");
         }

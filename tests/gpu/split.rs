@@ -3,7 +3,7 @@
 //! the bits of an unsplit run on a device with the default limit (same kernels and tiles, the
 //! same float operations in the same order; both devices are made alike, so the tiles agree),
 //! for host tensors and for the caller's buffers,
-//! and close to the f64 reference (same tolerance as tests/gpu_forward.rs).
+//! and close to the f64 reference (same tolerance as tests/gpu/forward.rs).
 
 use crate::common::{
     closeness, gpu, gpu_with_binding_limit, random_learned, read_buffer, Poisoned,
@@ -91,7 +91,7 @@ fn a_head_over_the_binding_is_split_along_its_sequence_to_the_bit() {
 }
 
 /// FMA of `shape` on `small` (bindings capped at `cap`) equals the run on `default` bit for
-/// bit, and the f64 reference within the tolerance of tests/gpu_forward.rs.
+/// bit, and the f64 reference within the tolerance of tests/gpu/forward.rs.
 fn split_run_matches(
     small: &GpuContext,
     default: &GpuContext,

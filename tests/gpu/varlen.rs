@@ -3,7 +3,7 @@
 //! against the f64 reference run sequence by sequence alone (`cpu::fma_forward_varlen`), with
 //! output buffers poisoned with NaN; padded equals packed to the bit; fresh seeds (printed).
 //!
-//! Tolerance: tests/gpu_forward.rs's (|gpu - ref| <= 5e-5 + 5e-5 |ref| for O, 5e-5 + 1e-5 |ref|
+//! Tolerance: tests/gpu/forward.rs's (|gpu - ref| <= 5e-5 + 5e-5 |ref| for O, 5e-5 + 1e-5 |ref|
 //! for the LSE), for the same reasons: each sequence is an ordinary FMA problem. A token that
 //! attended across a sequence boundary, or a sequence run with another's levels or windows,
 //! moves O by far more.

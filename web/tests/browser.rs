@@ -8,7 +8,7 @@
 //! Seeds are fresh per run (printed; the browser console shows them on failure). Output
 //! buffers are filled with NaN before the GPU runs, so an element no kernel writes fails.
 //!
-//! Tolerance, as in the native `tests/gpu_forward.rs` and with the same check
+//! Tolerance, as in the native `tests/gpu/forward.rs` and with the same check
 //! (`multipole_attn::closeness`): |gpu - ref| <= 5e-5 + 5e-5 |ref| for O and 5e-5 + 1e-5 |ref|
 //! for the LSE. Inputs are N(0, 1), so logits are O(1..10) and O is a convex combination of
 //! O(1) values; f32 dot products of d <= 128 terms (relative error about sqrt(d) * 6e-8),
@@ -919,7 +919,7 @@ fn grid_structure_covers_the_grid_once() {
 /// The backward (training) in the browser: fine queries (causal) and coarse queries
 /// (algorithm.md §6, Learned mode, the query weights' gradients included) against the f64
 /// reference under what the browser grants (no subgroups, 256 invocations, 16 KiB of workgroup
-/// memory). Tolerance: tests/gpu_backward.rs's, 2e-4 of each tensor's scale (its header says
+/// memory). Tolerance: tests/gpu/backward.rs's, 2e-4 of each tensor's scale (its header says
 /// why; the browser's f32 exp is within the same ulp bounds).
 #[wasm_bindgen_test]
 async fn backward_matches_the_cpu_reference_for_fine_and_coarse_queries() {

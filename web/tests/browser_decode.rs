@@ -3,7 +3,7 @@
 //! sequences at different positions, and the JS errors of bad options and modes.
 //!
 //! Run as `browser.rs` (scripts/test_web.sh). Tolerance as there and as the native
-//! `tests/gpu_decode.rs`: |gpu - ref| <= 5e-5 + 5e-5 |ref| for O, 5e-5 + 1e-5 |ref| for the LSE.
+//! `tests/gpu/decode.rs`: |gpu - ref| <= 5e-5 + 5e-5 |ref| for O, 5e-5 + 1e-5 |ref| for the LSE.
 #![cfg(target_arch = "wasm32")]
 
 use multipole_attn::closeness::closeness;

@@ -7,7 +7,7 @@
 //! r in {2, 4, 8}, p in {1, 2, 4}, Average and Learned, every gradient buffer poisoned with NaN
 //! before the run, fresh seeds (printed, replayable with MULTIPOLE_SEED).
 //!
-//! Tolerance: that of `tests/gpu_backward.rs`, per tensor |gpu - ref| <= TOL (max(1,
+//! Tolerance: that of `tests/gpu/backward.rs`, per tensor |gpu - ref| <= TOL (max(1,
 //! max|ref|) + |ref|), TOL = 2e-4, for the same reasons: N(0, 1) inputs, f32 throughout, P
 //! recomputed from the forward's f32 LSE; a gradient element sums at most 9 r^2 (<= 576)
 //! near-field terms, or for a coarse key the queries of up to 27 cells (27 s_l^2), spread back
@@ -17,11 +17,9 @@
 //! tap misplaced) moves an element by >= 1e-2 of its scale:
 //! `two_d_gradients_are_not_the_line_gradients` shows the geometry is seen well above TOL.
 
-mod common;
+use crate::common::gradients::{backward_poisoned, buffer, compare_all, inputs, nan, Inputs, TOL};
 
-use common::gradients::{backward_poisoned, buffer, compare_all, inputs, nan, Inputs, TOL};
-
-use common::gpu;
+use crate::common::gpu;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::GridGeometry;
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};

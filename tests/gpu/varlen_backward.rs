@@ -4,16 +4,15 @@
 //! before the run (padding rows too: the padded batch's last pass must zero them); fresh
 //! seeds (printed); the host API and a second run give the same bits.
 //!
-//! Tolerance: tests/gpu_backward.rs's, |gpu - ref| <= TOL (max(1, max|ref|) + |ref|) per tensor
+//! Tolerance: tests/gpu/backward.rs's, |gpu - ref| <= TOL (max(1, max|ref|) + |ref|) per tensor
 //! with TOL = 2e-4, for the same reasons: each sequence is an ordinary FMA backward (its own
 //! levels). A gradient that leaked across a sequence boundary or used another sequence's
 //! windows moves some element by >= 1e-2 of the scale.
 
-mod common;
+use crate::common;
+use crate::common::gradients::{backward_poisoned, buffer, compare_all, inputs, nan, Inputs};
 
-use common::gradients::{backward_poisoned, buffer, compare_all, inputs, nan, Inputs};
-
-use common::{gpu, random_learned};
+use crate::common::{gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
 use multipole_attn::random::fresh_seed;

@@ -16,13 +16,11 @@
 //! close` and a mutation of the coarse pass's inverse far list, tried by hand, show this),
 //! 50x above the bound.
 
-mod common;
-
-use common::gradients::{
+use crate::common::gradients::{
     backward_poisoned, buffer, compare, compare_all, inputs, nan, Inputs, TOL,
 };
 
-use common::{browser_like_gpu, gpu, mismatched_subgroup_gpu, random_learned};
+use crate::common::{browser_like_gpu, gpu, mismatched_subgroup_gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors};
 use multipole_attn::random::fresh_seed;

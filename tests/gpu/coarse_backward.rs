@@ -3,7 +3,7 @@
 //! random inputs with fresh seeds (printed), every gradient buffer poisoned with NaN first.
 //!
 //! Tolerance: that of every backward test (`common::gradients::TOL` = 2e-4 of each tensor's
-//! scale; tests/gpu_backward.rs's header says why). The coarse-query path adds one product of
+//! scale; tests/gpu/backward.rs's header says why). The coarse-query path adds one product of
 //! two exponentials per far-field term (exp(s - R) exp(R - LSE_i), both <= 1, see
 //! `shaders/backward_coarse_stats.wgsl`), a few ulp more per term, and sums over a row's tokens
 //! that the reference does token by token: the measured worst errors are printed and sit
@@ -11,10 +11,8 @@
 //! elements by >= 1e-2 of the scale (`coarse_and_fine_query_gradients_differ_and_runs_repeat`
 //! shows the two resolutions' gradients are that far apart).
 
-mod common;
-
-use common::gradients::{backward_poisoned, compare_all, inputs, Inputs};
-use common::{gpu, mismatched_subgroup_gpu, random_learned};
+use crate::common::gradients::{backward_poisoned, compare_all, inputs, Inputs};
+use crate::common::{gpu, mismatched_subgroup_gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::Grid;
 use multipole_attn::gpu::{FmaAttention, GpuContext};

@@ -2,9 +2,8 @@
 //! f64 reference gradients, the GPU path against it (skipped when no adapter exists, except
 //! under CI=true), the .npz layout, and bad input (exit 2, a message naming what is wrong).
 
-mod common;
-
-use common::random_learned;
+use crate::common::random_learned;
+use crate::scratch::Scratch;
 use multipole_attn::cpu::{fma_backward, fma_backward_varlen, widen};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Sequences, Shape};
@@ -12,37 +11,8 @@ use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{write_npy, NpzReader, NpzWriter};
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// A scratch directory, unique per test and process, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "multipole-attn-cli-grad-{}-{test}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Outcome {
     code: Option<i32>,
@@ -299,7 +269,7 @@ fn coarse_query_gradients_on_both_paths() {
     assert!(err <= 2e-4, "{err}");
 }
 
-/// The GPU path within the tolerance of tests/gpu_backward.rs (2e-4 of each array's scale).
+/// The GPU path within the tolerance of tests/gpu/backward.rs (2e-4 of each array's scale).
 #[test]
 fn gpu_gradients_match_the_reference_when_an_adapter_exists() {
     let dir = Scratch::new("gpu");

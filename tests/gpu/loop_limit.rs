@@ -12,17 +12,16 @@
 //! large blocks, on caller buffers poisoned with NaN, against the f64 reference. Each shape
 //! compiles each pass once (the same WG, BK and D4 in every case).
 //!
-//! Tolerances: the forward's of tests/gpu_forward.rs, |gpu - ref| <= 5e-5 + 5e-5 |ref| for O and
+//! Tolerances: the forward's of tests/gpu/forward.rs, |gpu - ref| <= 5e-5 + 5e-5 |ref| for O and
 //! 5e-5 + 1e-5 |ref| for the LSE: N(0, 1) inputs give logits of O(1..10) and O a convex
 //! combination of O(1) values; an f32 dot product of 256 terms carries ~1e-6 relative error and
 //! the softmax sums ~800 positive terms, a few 1e-7 .. 1e-6 measured. The backward's of
-//! tests/gpu_backward.rs (2e-4 of each tensor's scale; why: its header). The failures this
+//! tests/gpu/backward.rs (2e-4 of each tensor's scale; why: its header). The failures this
 //! guards against are 1e-2 .. 3e-1 (0.26 on O at m = 256 before the fix).
 
-mod common;
-
-use common::gradients::{backward_poisoned, buffer, compare, nan};
-use common::{browser_like_gpu, closeness, Poisoned};
+use crate::common;
+use crate::common::gradients::{backward_poisoned, buffer, compare, nan};
+use crate::common::{browser_like_gpu, closeness, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
