@@ -10,6 +10,7 @@ pub mod backward;
 mod checks;
 pub mod coarse;
 pub mod decode;
+pub mod dense_backward;
 pub mod downsample;
 pub mod gather;
 pub mod level_mass;
@@ -27,6 +28,7 @@ use downsample::downsample_head;
 use gather::{seen_keys_in, SeenKey};
 
 pub use backward::{fma_backward, fma_backward_in};
+pub use dense_backward::dense_backward;
 pub use varlen::{dense_attention_varlen, fma_backward_varlen, fma_forward_varlen};
 
 /// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
@@ -164,8 +166,9 @@ pub fn fma_forward_in<G: Geometry + ?Sized>(
 
 /// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V`: Q of shape (batch, heads, seq,
 /// head_dim), K and V of (batch, kv_heads, seq_kv, head_dim) (query head h reads K/V head
-/// h / (heads / kv_heads)). Causal: query i sees keys
-/// t <= i + seq_kv - seq (the queries are the last positions; needs seq_kv >= seq).
+/// h / (heads / kv_heads)). Causal, bottom-right aligned: query i sees keys
+/// t <= i + seq_kv - seq (the queries are the last positions); with seq_kv < seq the first
+/// seq - seq_kv rows see no key and get O = 0, LSE = -inf.
 pub fn dense_attention(
     q: &[f64],
     k: &[f64],
@@ -191,13 +194,6 @@ pub fn dense_attention_rows(
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     check_inputs(q, k, v, shape)?;
     let (n, n_kv, d) = (shape.seq, shape.seq_kv, shape.head_dim);
-    if causal && n_kv < n {
-        return Err(crate::error::FmaError::ShapeMismatch {
-            what: "causal dense attention".into(),
-            expected: "seq_kv >= seq (the queries are the last seq key positions)".into(),
-            got: format!("{shape}"),
-        });
-    }
     let scale = 1.0 / (d as f64).sqrt();
     let mut o = vec![0f64; rows.len() * d];
     let mut lse = vec![0f64; rows.len()];
@@ -212,8 +208,17 @@ pub fn dense_attention_rows(
         let (head, i) = (row / n, row % n);
         let (base, kv_base) = (head * n * d, (head / shape.group()) * n_kv * d);
         let qi = &q[base + i * d..base + (i + 1) * d];
-        // Causal: query i sits at key position i + n_kv - n.
-        let last = if causal { i + n_kv - n + 1 } else { n_kv };
+        // Causal: query i sits at key position i + n_kv - n (keys [0, last)).
+        let last = if causal {
+            visible_keys(i, n, n_kv)
+        } else {
+            n_kv
+        };
+        if last == 0 {
+            // No key: an empty softmax, O = 0 and LSE = -inf (o is zero already).
+            lse[r] = f64::NEG_INFINITY;
+            continue;
+        }
         let logit_value = (0..last).map(|t| {
             let kt = &k[kv_base + t * d..kv_base + (t + 1) * d];
             (
@@ -224,6 +229,12 @@ pub fn dense_attention_rows(
         lse[r] = softmax_row(logit_value, &mut o[r * d..(r + 1) * d]);
     }
     Ok((o, lse))
+}
+
+/// Keys a causal query row `i` of `n` sees among `n_kv` (bottom-right aligned: keys
+/// t <= i + n_kv - n, so [0, visible_keys)); 0 for the first n - n_kv rows when n_kv < n.
+pub fn visible_keys(i: usize, n: usize, n_kv: usize) -> usize {
+    (i + n_kv + 1).saturating_sub(n).min(n_kv)
 }
 
 /// Widens an f32 tensor to f64 for the reference.
