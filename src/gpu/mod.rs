@@ -19,7 +19,7 @@ pub mod engine;
 mod fma;
 
 pub use decode::{DecodeMode, Decoder, StepTensors};
-pub use dense::DenseAttention;
+pub use dense::{DenseAttention, DenseSaved};
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::context::{all_adapters, list_adapters};
 pub use engine::context::{
