@@ -58,6 +58,10 @@ DENSE_CASES = [
     ("dense-n61-d6-causal", (61, 6), (61, 6), True),
     ("dense-b2h4kv2-n37-d8-causal", (2, 4, 37, 8), (2, 2, 37, 8), True),
     ("dense-b1h3kv1-n50-d5-bidir", (1, 3, 50, 5), (1, 1, 50, 5), False),
+    # Cross-length: more keys than queries, and fewer (causal: the first 15 rows see no key).
+    ("dense-b1h4kv2-n20-nkv45-d6-bidir", (1, 4, 20, 6), (1, 2, 45, 6), False),
+    ("dense-b1h4kv2-n20-nkv45-d6-causal", (1, 4, 20, 6), (1, 2, 45, 6), True),
+    ("dense-b2h2-n40-nkv25-d7-causal", (2, 2, 40, 7), (2, 2, 25, 7), True),
 ]
 
 

@@ -12,6 +12,15 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 
+echo "== the library without the CLI's dependencies (feature cli; web/ depends on it so)"
+cli_only='^(clap|ndarray|ndarray-npy|env_logger|indicatif|zip) '
+for pkg in multipole-attn multipole-attn-web; do
+  flags=(); [ "$pkg" = multipole-attn ] && flags=(--no-default-features)
+  if cargo tree -p "$pkg" "${flags[@]}" -e normal --prefix none | grep -E "$cli_only"; then
+    echo "error: $pkg pulls in a CLI-only dependency (above)"; exit 1
+  fi
+done
+
 echo "== cargo test (WGPU_BACKEND=$WGPU_BACKEND)"
 cargo test --all-targets
 cargo test --doc
@@ -22,6 +31,7 @@ cargo build --release --bin multipole-attn
 python3 scripts/check_cli.py target/release/multipole-attn
 python3 scripts/check_cli_grad.py target/release/multipole-attn
 python3 scripts/check_cli_coarse.py target/release/multipole-attn
+python3 scripts/check_cli_cross.py target/release/multipole-attn
 
 echo "== conformance suite on every adapter (Vulkan lavapipe and GL llvmpipe here)"
 # The GL adapter needs EGL and Mesa's DRI driver (scripts/setup_test.sh installs them). The

@@ -6,8 +6,8 @@
 #import decode_params
 #import level_select
 
-@group(0) @binding(1) var<storage, read> k: array<f32>;             // (bh, in_rows, d)
-@group(0) @binding(2) var<storage, read> v: array<f32>;             // (bh, in_rows, d)
+@group(0) @binding(1) var<storage, read> k: array<f32>;             // (cache rows, in_rows, d)
+@group(0) @binding(2) var<storage, read> v: array<f32>;             // (cache rows, in_rows, d)
 @group(0) @binding(3) var<storage, read> lens: array<u32>;          // (batch): tokens so far
 @group(0) @binding(4) var<storage, read_write> ring: array<f32>;    // (group rows, 2, R, d)
 

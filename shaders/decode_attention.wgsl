@@ -8,12 +8,12 @@
 #import decode_params
 #import level_select
 
-@group(0) @binding(1) var<storage, read> q: array<f32>;             // (bh, in_rows, d)
+@group(0) @binding(1) var<storage, read> q: array<f32>;             // (query rows, in_rows, d)
 @group(0) @binding(2) var<storage, read> lens: array<u32>;          // (batch)
 @group(0) @binding(3) var<storage, read> ring: array<f32>;          // (group rows, 2, R, d)
 @group(0) @binding(4) var<storage, read> coarse: array<f32>;        // (group rows, 2, levels, slots, p, d)
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;     // (bh, chunk, d)
-@group(0) @binding(6) var<storage, read_write> lse: array<f32>;     // (bh, chunk)
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;     // (query rows, chunk, d)
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;     // (query rows, chunk)
 
 #import decode_softmax
 
@@ -76,19 +76,22 @@ fn far_key(i: u32, f: u32) -> vec3<u32> {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let wid = dispatch_workgroup(wg);
-    if (wid >= params.group_rows * params.chunk) {
+    if (wid >= params.group_rows * params.qgroup * params.chunk) {
         return;
     }
     let m = params.m;
     let c = wid % params.chunk;
-    let local = wid / params.chunk;
+    // Query row `bhq` reads cache row `bh` (its K/V head): `local` of this group.
+    let local_q = wid / params.chunk;
+    let local = local_q / params.qgroup;
     let bh = params.bh_base + local;
+    let bhq = params.bh_base * params.qgroup + local_q;
     let seq = bh / params.heads;
     if (seq < params.b_lo || seq >= params.b_hi) {
         return; // uniform over the workgroup
     }
     let i = lens[seq] + c;
-    softmax_begin(lid, q4(input_at(bh, c), min(lid, D4 - 1u)));
+    softmax_begin(lid, q4(query_at(bhq, c), min(lid, D4 - 1u)));
     workgroupBarrier();
 
     // Level 0: blocks a0 - 1 and a0, keys t <= i; then the coarse levels.
@@ -144,7 +147,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     softmax_combine(lid);
-    let row = bh * params.chunk + c;
+    let row = bhq * params.chunk + c;
     let d = params.d;
     if (lid < D4) {
         let x = red_acc[lid] / red_z[0];

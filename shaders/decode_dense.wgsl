@@ -8,11 +8,11 @@
 #import decode_params
 #import level_select
 
-@group(0) @binding(1) var<storage, read> q: array<f32>;               // (bh, in_rows, d)
+@group(0) @binding(1) var<storage, read> q: array<f32>;               // (query rows, in_rows, d)
 @group(0) @binding(2) var<storage, read> lens: array<u32>;            // (batch)
 @group(0) @binding(3) var<storage, read> page_k: array<f32>;          // (group rows, T, d)
 @group(0) @binding(4) var<storage, read> page_v: array<f32>;          // (group rows, T, d)
-@group(0) @binding(5) var<storage, read_write> partials: array<f32>;  // (group rows, chunk_max, segments, d + 2)
+@group(0) @binding(5) var<storage, read_write> partials: array<f32>;  // (group query rows, chunk_max, segments, d + 2)
 
 #import decode_softmax
 
@@ -43,14 +43,17 @@ fn q4(at: u32, c4: u32) -> vec4<f32> {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let per_page = params.page_tokens / params.segment;
     let wid = dispatch_workgroup(wg);
-    if (wid >= params.group_rows * params.chunk * per_page) {
+    if (wid >= params.group_rows * params.qgroup * params.chunk * per_page) {
         return;
     }
     let d = params.d;
     let seg_local = wid % per_page;
     let c = (wid / per_page) % params.chunk;
-    let local = wid / (per_page * params.chunk);
+    // Query row `bhq` of the group's `local_q`, reading cache row `local` (its K/V head).
+    let local_q = wid / (per_page * params.chunk);
+    let local = local_q / params.qgroup;
     let bh = params.bh_base + local;
+    let bhq = params.bh_base * params.qgroup + local_q;
     let seq = bh / params.heads;
     if (seq < params.b_lo || seq >= params.b_hi) {
         return;
@@ -62,7 +65,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return; // the merge reads segments up to i / S only; uniform over the workgroup
     }
     let total = min(params.segment, i + 1u - first);
-    softmax_begin(lid, q4(input_at(bh, c), min(lid, D4 - 1u)));
+    softmax_begin(lid, q4(query_at(bhq, c), min(lid, D4 - 1u)));
     workgroupBarrier();
     // Element offset of the segment's first key in the bound page.
     let base = (local * params.page_tokens + seg_local * params.segment) * d;
@@ -91,7 +94,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     softmax_combine(lid);
     let seg = first / params.segment;
-    let at = local * params.partial_stride + (c * params.segments + seg) * (d + 2u);
+    let at = local_q * params.partial_stride + (c * params.segments + seg) * (d + 2u);
     if (lid == 0u) {
         partials[at] = run_max;
         partials[at + 1u] = red_z[0];

@@ -7,9 +7,9 @@
 #import level_select
 
 @group(0) @binding(1) var<storage, read> lens: array<u32>;            // (batch)
-@group(0) @binding(2) var<storage, read> partials: array<f32>;        // (group rows, chunk_max, segments, d + 2)
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;       // (bh, chunk, d)
-@group(0) @binding(4) var<storage, read_write> lse: array<f32>;       // (bh, chunk)
+@group(0) @binding(2) var<storage, read> partials: array<f32>;        // (group query rows, chunk_max, segments, d + 2)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;       // (query rows, chunk, d)
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;       // (query rows, chunk)
 
 #import decode_softmax
 
@@ -23,13 +23,15 @@ fn partial4(at: u32, c4: u32) -> vec4<f32> {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let wid = dispatch_workgroup(wg);
-    if (wid >= params.group_rows * params.chunk) {
+    if (wid >= params.group_rows * params.qgroup * params.chunk) {
         return;
     }
     let d = params.d;
     let c = wid % params.chunk;
-    let local = wid / params.chunk;
-    let bh = params.bh_base + local;
+    // Query row `bhq` of the group's `local_q` (cache row local_q / qgroup).
+    let local_q = wid / params.chunk;
+    let bh = params.bh_base + local_q / params.qgroup;
+    let bhq = params.bh_base * params.qgroup + local_q;
     let seq = bh / params.heads;
     if (seq < params.b_lo || seq >= params.b_hi) {
         return;
@@ -37,7 +39,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let i = lens[seq] + c;
     softmax_begin(lid, vec4<f32>(0.0));
     let total = i / params.segment + 1u;
-    let row0 = local * params.partial_stride + c * params.segments * (d + 2u);
+    let row0 = local_q * params.partial_stride + c * params.segments * (d + 2u);
     for (var t0 = 0u; t0 < total; t0 += WG) {
         let g = t0 + lid;
         var s = ABSENT;
@@ -61,7 +63,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     softmax_combine(lid);
-    let row = bh * params.chunk + c;
+    let row = bhq * params.chunk + c;
     if (lid < D4) {
         let x = red_acc[lid] / red_z[0];
         for (var e = 0u; e < 4u; e++) {

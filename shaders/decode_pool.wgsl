@@ -10,8 +10,8 @@
 #import decode_params
 #import level_select
 
-@group(0) @binding(1) var<storage, read> k: array<f32>;             // (bh, in_rows, d)
-@group(0) @binding(2) var<storage, read> v: array<f32>;             // (bh, in_rows, d)
+@group(0) @binding(1) var<storage, read> k: array<f32>;             // (cache rows, in_rows, d)
+@group(0) @binding(2) var<storage, read> v: array<f32>;             // (cache rows, in_rows, d)
 @group(0) @binding(3) var<storage, read> lens: array<u32>;          // (batch)
 // Learned weights [keys | values | queries] of every level ((d, p, w_l) each, weight_stride
 // apart), biases likewise ((d, p) each); 16-byte dummies in Average mode.

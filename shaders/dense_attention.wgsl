@@ -1,7 +1,9 @@
 // Exact dense attention, softmax(Q K^T / sqrt(d)) V, the yardstick for FMA: the same tiled
 // online softmax as the FMA pass (one invocation per query row, keys in tiles of BK staged in
-// workgroup memory), over every key (causal: keys t <= i + n_kv - n, the queries being the
-// last n of n_kv positions; n_kv = n for self-attention). CPU mirror: `cpu::dense_attention`.
+// workgroup memory), over every key (causal, bottom-right aligned: keys t <= i + n_kv - n, the
+// queries being the last n of n_kv positions; with n_kv < n the first n - n_kv queries see no
+// key and get O = 0, LSE = -inf; n_kv = n for self-attention). CPU mirror:
+// `cpu::dense_attention`.
 
 #import params
 #import geometry
@@ -15,7 +17,6 @@
 
 #import key_tiles
 #import online_softmax
-#import near_field
 
 // Key chunks (`src/plan/dense.rs`, `src/plan/split_dense.rs`): a row's keys are attended at
 // most `DENSE_KEYS_PER_DISPATCH` per dispatch, chunks in order, because llvmpipe stops an
@@ -40,8 +41,29 @@ fn resume_row(head: u32, row: u32, i: u32, in_tile: bool) {
             }
             acc[c4] = x;
         }
-        run_max = lse[row];
-        run_sum = 1.0;
+        // A row with no key so far (LSE = -inf) resumes empty: no arithmetic on -inf.
+        let empty = bitcast<u32>(lse[row]) == 0xff800000u;
+        run_max = select(lse[row], ABSENT, empty);
+        run_sum = select(1.0, 0.0, empty);
+    }
+}
+
+// Attends keys [t_lo, t_hi) of the head at element offset `head` for query i; causal: keys t
+// with t + n <= i + n_kv only (bottom-right; written so that no u32 goes below zero when
+// n_kv < n). As `attend_fine_keys`, with the alignment of two lengths.
+fn attend_keys(head: u32, t_lo: u32, t_hi: u32, i: u32, n: u32, n_kv: u32, causal: bool, lid: u32) {
+    // Keys t < lim - n are visible, lim = i + 1 + n_kv (none when lim <= n).
+    let lim = i + 1u + n_kv;
+    for (var t0 = t_lo; t0 < t_hi; t0 += BK) {
+        let count = min(BK, t_hi - t0);
+        workgroupBarrier();
+        stage_fine_tile(head, t0, count, lid);
+        workgroupBarrier();
+        var visible = count;
+        if (causal) {
+            visible = select(0u, lim - n - t0, lim > n + t0);
+        }
+        consume_tile(count, visible);
     }
 }
 
@@ -88,11 +110,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let i = i0 + lid;
     let in_tile = i < i1;
     let causal = params.causal != 0u;
-    // Query i sits at key position i + shift (causal needs n_kv >= n: the plan checks).
-    let shift = n_kv - n;
-    // Keys this tile attends to over all chunks: [0, t_end).
-    let t_end = select(n_kv, i1 + shift, causal);
-    if (params.key_lo >= t_end) {
+    // Keys this tile attends to over all chunks: [0, t_end); causal, query i sits at key
+    // position i + n_kv - n (t_end = 0 when every row of the tile is before the first key).
+    let t_end = select(n_kv, max(i1 + n_kv, n) - n, causal);
+    if (params.key_lo >= t_end && params.key_lo > 0u) {
         return; // finished by an earlier key chunk (causal); uniform over the workgroup
     }
     // Element offsets of row 0 of the head in the bound Q, O and K, V (wrapping when a split
@@ -107,7 +128,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     } else {
         resume_row(q_head, row, i, in_tile);
     }
-    attend_fine_keys(k_head, params.key_lo, min(t_end, key_hi), i + shift, causal, lid);
+    attend_keys(k_head, params.key_lo, min(t_end, key_hi), i, n, n_kv, causal, lid);
     if (in_tile) {
         finish_row(q_head, row, i);
     }

@@ -184,8 +184,11 @@ pub struct DecodeConfig {
     pub fma: FmaConfig,
     /// Sequences in the batch.
     pub batch: usize,
-    /// Heads per sequence.
+    /// Query heads per sequence.
     pub heads: usize,
+    /// K/V heads per sequence: `heads`, or a divisor of it (grouped-query attention: query head
+    /// h reads K/V head h / (heads / kv_heads)). The cache holds K/V heads only.
+    pub kv_heads: usize,
     /// Head dimension d.
     pub head_dim: usize,
     /// Most tokens a sequence may reach (fixes the number of coarse levels kept).
@@ -211,11 +214,25 @@ impl DecodeConfig {
             fma: fma.causal(true).queries(Queries::Fine),
             batch,
             heads,
+            kv_heads: heads,
             head_dim,
             max_len,
             max_chunk: 64,
             history: true,
         }
+    }
+
+    /// `kv_heads` K/V heads per sequence (grouped-query attention; must divide `heads`): the
+    /// cache then holds `heads / kv_heads` times less, and steps take K, V of shape
+    /// (batch, kv_heads, C, head_dim).
+    pub fn kv_heads(mut self, kv_heads: usize) -> Self {
+        self.kv_heads = kv_heads;
+        self
+    }
+
+    /// Query heads per K/V head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
     }
 
     /// Steps of at most `max_chunk` tokens per sequence.
@@ -236,6 +253,7 @@ impl DecodeConfig {
         let positive = [
             ("batch", self.batch),
             ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
             ("head_dim", self.head_dim),
             ("max_len", self.max_len),
             ("max_chunk", self.max_chunk),
@@ -248,6 +266,14 @@ impl DecodeConfig {
                     allowed: ">= 1".into(),
                 });
             }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(FmaError::InvalidConfig {
+                what: "kv_heads",
+                value: format!("{} K/V heads for {} query heads", self.kv_heads, self.heads),
+                allowed: "a divisor of heads (each K/V head serves heads / kv_heads query heads)"
+                    .into(),
+            });
         }
         if self.max_len > u32::MAX as usize / 2 {
             return Err(FmaError::InvalidConfig {

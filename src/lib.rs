@@ -12,6 +12,7 @@ pub mod closeness;
 pub mod config;
 pub mod conformance;
 pub mod cpu;
+pub mod cross;
 pub mod error;
 pub mod geometry;
 pub mod gpu;

@@ -38,23 +38,17 @@ pub struct Sequences {
 
 impl Sequences {
     /// Packed sequences of `lengths` tokens (FlashAttention's `cu_seqlens` are the prefix sums).
-    /// Every length must be at least 1: an empty sequence has no rows in a packed tensor, so
-    /// drop it instead.
+    /// An empty sequence (length 0, a repeated entry of `cu_seqlens`, as serving batches hold
+    /// them) has no rows in a packed tensor: it is dropped, which changes no output, so
+    /// `[0, 5, 0, 3]` is the batch `[5, 3]`. At least one sequence must be non-empty.
     pub fn packed(lengths: Vec<usize>) -> Result<Self> {
+        let given = lengths.len();
+        let lengths: Vec<usize> = lengths.into_iter().filter(|&l| l > 0).collect();
         if lengths.is_empty() {
             return Err(FmaError::InvalidConfig {
                 what: "sequence lengths",
-                value: "[]".into(),
-                allowed: "at least one sequence".into(),
-            });
-        }
-        if let Some(i) = lengths.iter().position(|&l| l == 0) {
-            return Err(FmaError::InvalidConfig {
-                what: "sequence lengths",
-                value: format!("length 0 at sequence {i}"),
-                allowed: "lengths >= 1 in a packed batch: an empty sequence has no rows there, \
-                          so leave it out"
-                    .into(),
+                value: format!("{given} sequence(s), all empty"),
+                allowed: "at least one sequence with a token".into(),
             });
         }
         Ok(Self {
@@ -160,9 +154,16 @@ mod tests {
     }
 
     #[test]
+    fn empty_packed_sequences_are_dropped() {
+        let s = Sequences::packed(vec![0, 5, 0, 3, 0]).unwrap();
+        assert_eq!(s, Sequences::packed(vec![5, 3]).unwrap());
+        assert_eq!(s.shape(2, 1, 4), Shape::new(1, 2, 8, 4).with_kv_heads(1));
+    }
+
+    #[test]
     fn bad_lengths_are_typed_errors() {
-        let e = Sequences::packed(vec![3, 0]).unwrap_err();
-        assert!(e.to_string().contains("length 0 at sequence 1"), "{e}");
+        let e = Sequences::packed(vec![0, 0]).unwrap_err();
+        assert!(e.to_string().contains("all empty"), "{e}");
         assert!(Sequences::packed(vec![]).is_err());
         let e = Sequences::padded(4, vec![3, 5]).unwrap_err();
         assert!(e.to_string().contains("length 5 at batch row 1"), "{e}");

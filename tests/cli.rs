@@ -548,6 +548,110 @@ fn weights_with_wrong_shape_name_key_and_shapes() {
     out.assert_bad_input(&["k_b1 has shape (2, 4), expected (4, 2)"]);
 }
 
+/// Rewrites the .npz at `from` into `to` with every member deflate-compressed, as
+/// `np.savez_compressed` writes them; `edit` may replace a member's bytes first.
+fn recompress(from: &Path, to: &Path, edit: impl Fn(&str, Vec<u8>) -> Vec<u8>) {
+    use std::io::{Read, Write};
+    use zip::write::SimpleFileOptions;
+    let mut src = zip::ZipArchive::new(File::open(from).unwrap()).unwrap();
+    let mut dst = zip::ZipWriter::new(File::create(to).unwrap());
+    let deflated =
+        SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for i in 0..src.len() {
+        let mut member = src.by_index(i).unwrap();
+        let name = member.name().to_owned();
+        let mut bytes = Vec::new();
+        member.read_to_end(&mut bytes).unwrap();
+        dst.start_file(name.as_str(), deflated).unwrap();
+        dst.write_all(&edit(&name, bytes)).unwrap();
+    }
+    dst.finish().unwrap();
+}
+
+#[test]
+fn compressed_weights_read_as_stored_ones_and_lying_sizes_are_refused() {
+    let dir = Scratch::new("w-deflate");
+    let (n, d, m, p) = (64, 4, 8, 2);
+    write_qkv(&dir, &[n, d], 61);
+    // Weights that are not the box initialisation, so that reading them matters.
+    let mut w = LearnedWeights::box_init_for(d, m, p, n);
+    for (i, lw) in w.levels.iter_mut().enumerate() {
+        lw.wk = normal_tensor(70 + i as u64, lw.wk.len());
+        lw.bv = normal_tensor(80 + i as u64, lw.bv.len());
+    }
+    let (stored, deflated) = (dir.path("W.npz"), dir.path("Wz.npz"));
+    write_weights(&stored, &w, &[1, 2], false, None);
+    recompress(&stored, &deflated, |_, b| b);
+    let o_of = |weights: &Path| {
+        let args = [
+            "--reference",
+            "--block",
+            "8",
+            "--weights",
+            weights.to_str().unwrap(),
+        ];
+        cli(run_args(&dir, &args)).assert_ok();
+        to_vec(read_f64(&dir.path("O.npy")))
+    };
+    let want = o_of(&stored);
+    assert_eq!(
+        o_of(&deflated),
+        want,
+        "deflated weights must read exactly as stored ones"
+    );
+    let cfg = FmaConfig::new(m, p).downsample(Downsample::Learned(w.clone()));
+    let q = widen(&normal_tensor(61, n * d));
+    let k = widen(&normal_tensor(62, n * d));
+    let v = widen(&normal_tensor(63, n * d));
+    let lib = fma_forward(&q, &k, &v, Shape::new(1, 1, n, d), &cfg).unwrap();
+    assert!(max_abs_diff(&want, &lib.o) <= 1e-12);
+
+    // A member whose header claims 2^40 columns (terabytes once inflated): refused at its
+    // header, before anything is allocated.
+    let bomb = dir.path("Wbomb.npz");
+    recompress(&stored, &bomb, |name, b| {
+        if name != "k_w1.npy" {
+            return b;
+        }
+        let a = ArrayD::<f32>::zeros(IxDyn(&[4, 2, 1]));
+        let mut out = Vec::new();
+        ndarray_npy::WriteNpyExt::write_npy(&a, &mut out).unwrap();
+        // Same header length: the longer shape takes 12 of the header's padding spaces.
+        let (from, to) = (b"(4, 2, 1)".as_slice(), b"(4, 2, 1099511627776)".as_slice());
+        let at = out.windows(from.len()).position(|w| w == from).unwrap();
+        let end = out.iter().position(|&c| c == b'\n').unwrap();
+        let mut edited = out[..at].to_vec();
+        edited.extend_from_slice(to);
+        edited.extend_from_slice(&out[at + from.len()..end - (to.len() - from.len())]);
+        edited.extend_from_slice(&out[end..]);
+        edited
+    });
+    let args = [
+        "--reference",
+        "--block",
+        "8",
+        "--weights",
+        bomb.to_str().unwrap(),
+    ];
+    cli(run_args(&dir, &args)).assert_bad_input(&["k_w1 has shape (4, 2, 1099511627776)"]);
+    // The right shape in the header but half the data: the declared size disagrees.
+    let short = dir.path("Wshort.npz");
+    recompress(&stored, &short, |name, mut b| {
+        if name == "v_w2.npy" {
+            b.truncate(b.len() - 64);
+        }
+        b
+    });
+    let args = [
+        "--reference",
+        "--block",
+        "8",
+        "--weights",
+        short.to_str().unwrap(),
+    ];
+    cli(run_args(&dir, &args)).assert_bad_input(&["v_w2", "declares"]);
+}
+
 #[test]
 fn weights_missing_a_key_of_a_present_level_names_it() {
     let dir = Scratch::new("w-key");
@@ -830,8 +934,32 @@ fn seqlens_and_lengths_run_variable_length_batches() {
     }
     cli(run_args(&dir, &["--reference", "--seqlens", "13,1,45"]))
         .assert_bad_input(&["sum to 59", "n = 60"]);
-    cli(run_args(&dir, &["--reference", "--seqlens", "13,0,47"]))
-        .assert_bad_input(&["length 0 at sequence 1", ">= 1"]);
+    // Empty sequences (repeated cu_seqlens entries) have no rows: 0,13,1,0,46,0 is 13,1,46,
+    // bit for bit, on the reference and on the GPU.
+    let o_of = |lens: &str, reference: bool| {
+        let mut args = vec!["--block", "8", "--seqlens", lens];
+        if reference {
+            args.push("--reference");
+        }
+        let out = cli(run_args(&dir, &args));
+        (out.code == Some(0)).then(|| match reference {
+            true => to_vec(read_f64(&dir.path("O.npy"))),
+            false => {
+                let o: ArrayD<f32> = read_npy(dir.path("O.npy")).expect("read O");
+                o.iter().map(|&x| x as f64).collect()
+            }
+        })
+    };
+    assert_eq!(o_of("0,13,1,0,46,0", true), Some(want.o.clone()));
+    if let Some(o) = o_of("0,13,1,0,46,0", false) {
+        assert_eq!(
+            Some(o),
+            o_of("13,1,46", false),
+            "GPU: empty sequences change nothing"
+        );
+    }
+    cli(run_args(&dir, &["--reference", "--seqlens", "0,0"]))
+        .assert_bad_input(&["sum to 0 tokens", "n = 60"]);
 
     // Padded: two batch rows of 30 tokens, lengths 30 and 7.
     write_qkv(&dir, &[2, 1, 30, 8], 43);

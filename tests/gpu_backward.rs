@@ -419,27 +419,22 @@ fn grouped_query_gradients_sum_each_group() {
 // group (dK, dV) instead of a near field, a few hundred here.
 
 /// Dense forward then backward through caller buffers, O, the LSE and every gradient poisoned
-/// with NaN. `saved_o_lse`: O and the LSE to save instead of running the forward (what the
-/// forward cannot run yet: causal with seq_kv < seq).
+/// with NaN.
 fn dense_gradients(
     ctx: &GpuContext,
     dense: &DenseAttention,
     x: &Inputs,
     shape: Shape,
-    saved_o_lse: Option<(&[f32], &[f32])>,
 ) -> Gradients<f32> {
     let (q, k, v) = (
         buffer(ctx, "q", &x.q),
         buffer(ctx, "k", &x.k),
         buffer(ctx, "v", &x.v),
     );
-    let (o, lse) = match saved_o_lse {
-        Some((o, lse)) => (buffer(ctx, "o", o), buffer(ctx, "lse", lse)),
-        None => (
-            nan(ctx, "o", shape.elements()),
-            nan(ctx, "lse", shape.rows()),
-        ),
-    };
+    let (o, lse) = (
+        nan(ctx, "o", shape.elements()),
+        nan(ctx, "lse", shape.rows()),
+    );
     let t = GpuTensors {
         q: &q,
         k: &k,
@@ -447,9 +442,7 @@ fn dense_gradients(
         out: &o,
         lse: Some(&lse),
     };
-    if saved_o_lse.is_none() {
-        dense.forward_buffers(t, shape).expect("dense forward");
-    }
+    dense.forward_buffers(t, shape).expect("dense forward");
     let saved = dense.saved_from_buffers(t, shape).expect("saved");
     let dout = buffer(ctx, "dout", &x.dout);
     let (len, kv_len) = (shape.elements(), shape.kv_elements());
@@ -492,15 +485,7 @@ fn check_dense(
         dense = dense.keys_per_dispatch(keys);
     }
     let (q, k, v, dout) = (widen(&x.q), widen(&x.k), widen(&x.v), widen(&x.dout));
-    // Causal with fewer keys than queries: saved from the reference's O and LSE (-inf on the
-    // rows with no key), as the forward will write them.
-    let reference_fwd = (causal && shape.seq_kv < shape.seq).then(|| {
-        let r = cpu::dense_attention(&q, &k, &v, shape, true).unwrap();
-        let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
-        (f(&r.o), f(&r.lse))
-    });
-    let saved = reference_fwd.as_ref().map(|(o, l)| (&o[..], &l[..]));
-    let g = dense_gradients(ctx, &dense, &x, shape, saved);
+    let g = dense_gradients(ctx, &dense, &x, shape);
     let r = cpu::dense_backward(&q, &k, &v, &dout, shape, causal).unwrap();
     compare_all(&label, &g, &r)
 }
@@ -555,7 +540,7 @@ fn dense_backward_is_deterministic_and_host_api_agrees() {
         dense.backward(&saved, &x.dout).unwrap(),
         "two runs differ"
     );
-    assert_eq!(a, dense_gradients(ctx, &dense, &x, shape, None));
+    assert_eq!(a, dense_gradients(ctx, &dense, &x, shape));
 }
 
 #[test]

@@ -376,3 +376,106 @@ fn a_lost_device_is_a_typed_error_for_the_decoder() {
     lost(dec.prefill(&x, &x, &x, &[1], DecodeMode::Fma).unwrap_err());
     lost(Decoder::new(&ctx, cfg).err().unwrap());
 }
+
+/// Grouped-query heads (`DecodeConfig::kv_heads`): the cache holds the K/V heads only, and
+/// each query head reads its group's. Decoding Q (2, 6, n, d) against K, V of 2 heads gives, bit
+/// for bit, what decoding against those K, V repeated for every query head gives (each query
+/// row does the same arithmetic on the same keys), FMA and dense, over 4 KiB bindings (cache
+/// rows in groups that split a sequence's heads, partials of several query rows per cache
+/// row); and the dense rows equal exact causal attention with grouped heads.
+#[test]
+fn grouped_query_heads_decode_as_their_repeated_k_v_heads() {
+    let Some(ctx) = gpu() else { return };
+    let (b, h, hk, n, d, chunk) = (2, 6, 2, 45, 8, 4);
+    let seed = fresh_seed();
+    let q = normal_tensor(seed, b * h * n * d);
+    let k = normal_tensor(seed + 1, b * hk * n * d);
+    let v = normal_tensor(seed + 2, b * hk * n * d);
+    // K, V with every K/V head repeated for its query heads: (b, h, n, d).
+    let repeat = |x: &[f32]| -> Vec<f32> {
+        (0..b * h)
+            .flat_map(|bh| {
+                let kv = bh / (h / hk);
+                x[kv * n * d..(kv + 1) * n * d].to_vec()
+            })
+            .collect()
+    };
+    let (k_rep, v_rep) = (repeat(&k), repeat(&v));
+    // Tokens [lo, lo + len) of each of `heads` rows of x, as (b, heads, len, d).
+    let part = |x: &[f32], heads: usize, lo: usize, len: usize| -> Vec<f32> {
+        (0..heads)
+            .flat_map(|r| x[(r * n + lo) * d..(r * n + lo + len) * d].to_vec())
+            .collect()
+    };
+    for mode in [DecodeMode::Fma, DecodeMode::Dense] {
+        let label = format!("seed {seed} {mode:?}");
+        let decode_all = |kv_heads: usize, k: &[f32], v: &[f32]| -> (Vec<f32>, Vec<f32>) {
+            let cfg = DecodeConfig::new(FmaConfig::new(4, 2), b, h, d, n)
+                .kv_heads(kv_heads)
+                .max_chunk(chunk);
+            let dec = Decoder::with_max_binding(ctx, cfg, 4 << 10).expect("decoder");
+            let (mut o, mut lse) = (Vec::new(), Vec::new());
+            let prefill = 9;
+            let pre = dec
+                .prefill(
+                    &part(&q, b * h, 0, prefill),
+                    &part(k, b * kv_heads, 0, prefill),
+                    &part(v, b * kv_heads, 0, prefill),
+                    &[prefill; 2],
+                    mode,
+                )
+                .unwrap_or_else(|e| panic!("{label}: prefill: {e}"));
+            o.push(pre.o);
+            lse.push(pre.lse.unwrap());
+            let mut at = prefill;
+            while at < n {
+                let c = chunk.min(n - at);
+                let out = dec
+                    .step(
+                        &part(&q, b * h, at, c),
+                        &part(k, b * kv_heads, at, c),
+                        &part(v, b * kv_heads, at, c),
+                        mode,
+                    )
+                    .unwrap_or_else(|e| panic!("{label}: step at {at}: {e}"));
+                o.push(out.o);
+                lse.push(out.lse.unwrap());
+                at += c;
+            }
+            (o.concat(), lse.concat())
+        };
+        let grouped = decode_all(hk, &k, &v);
+        let repeated = decode_all(h, &k_rep, &v_rep);
+        assert!(grouped.0.iter().all(|x| x.is_finite()), "{label}: O");
+        assert_eq!(grouped, repeated, "{label}: grouped vs repeated K/V heads");
+        if mode == DecodeMode::Dense {
+            // Step by step, the rows come in (step, b, h, token) order; compare them with the
+            // grouped exact attention per step.
+            let shape = Shape::new(b, h, n, d).with_kv_heads(hk);
+            let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, true).unwrap();
+            let mut at = 0;
+            let (mut got_o, mut got_l) = (vec![0f32; b * h * n * d], vec![0f32; b * h * n]);
+            let mut steps = vec![9];
+            let mut t = 9;
+            while t < n {
+                steps.push(chunk.min(n - t));
+                t += chunk;
+            }
+            let (mut oo, mut ol) = (0, 0);
+            for len in steps {
+                for bh in 0..b * h {
+                    got_o[(bh * n + at) * d..(bh * n + at + len) * d]
+                        .copy_from_slice(&grouped.0[oo..oo + len * d]);
+                    got_l[bh * n + at..bh * n + at + len].copy_from_slice(&grouped.1[ol..ol + len]);
+                    oo += len * d;
+                    ol += len;
+                }
+                at += len;
+            }
+            let co = closeness(&got_o, &r.o, O_ATOL, O_RTOL);
+            let cl = closeness(&got_l, &r.lse, LSE_ATOL, LSE_RTOL);
+            assert_eq!(co.violations, 0, "{label}: O {co:?}");
+            assert_eq!(cl.violations, 0, "{label}: LSE {cl:?}");
+        }
+    }
+}

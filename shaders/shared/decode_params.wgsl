@@ -16,9 +16,9 @@ struct DecodeParams {
     scale: f32,             // 1 / sqrt(d)
     count_correction: u32,
     learned: u32,
-    heads: u32,             // heads per sequence: row bh belongs to sequence bh / heads
-    bh_base: u32,           // first (batch*head) row of this dispatch group
-    group_rows: u32,        // rows of this group (bound ranges of the cache start at bh_base)
+    heads: u32,             // K/V heads per sequence: cache row bh belongs to sequence bh / heads
+    bh_base: u32,           // first (batch*kv_head) cache row of this dispatch group
+    group_rows: u32,        // cache rows of this group (bound ranges of the cache start at bh_base)
     b_lo: u32,              // sequences [b_lo, b_hi) take part in this record
     b_hi: u32,
     chunk: u32,             // tokens appended to each sequence
@@ -35,9 +35,9 @@ struct DecodeParams {
     segment: u32,           // S: keys per partial of the dense decode (divides T)
     segments: u32,          // partials per query row: ceil(max_len / S)
     partial_stride: u32,    // elements per head in the partials buffer: (chunk_max, segments, d + 2)
-    in_row0: u32,           // the (batch*head) row of the first row of the bound Q, K, V
-    _pad1: u32,             // the array below starts at a 16-byte boundary (uniform layout)
-    _pad2: u32,
+    in_row0: u32,           // the cache row of the first row of the bound K, V (Q: in_row0 * qgroup)
+    qgroup: u32,            // query heads per K/V head (grouped-query attention; 1: multi-head)
+    _pad2: u32,             // the array below starts at a 16-byte boundary (uniform layout)
     level_info: array<LevelInfo, 32>,
 }
 
@@ -58,7 +58,13 @@ fn coarse_at(local: u32, kv: u32, lvl: u32, a: u32, j: u32) -> u32 {
         + (((kv * params.levels + lvl) * params.slots + slot) * params.p + j) * params.d;
 }
 
-// Element offset of token `c` of the bound input rows of global head row `bh` (Q, K, V).
+// Element offset of token `c` of the bound input rows of global cache row `bh` (K, V).
 fn input_at(bh: u32, c: u32) -> u32 {
     return ((bh - params.in_row0) * params.in_rows + params.in_offset + c) * params.d;
+}
+
+// Element offset of token `c` of global query row `bhq` (batch*head) in the bound Q: query head
+// h of a sequence reads cache row (K/V head) h / qgroup.
+fn query_at(bhq: u32, c: u32) -> u32 {
+    return ((bhq - params.in_row0 * params.qgroup) * params.in_rows + params.in_offset + c) * params.d;
 }

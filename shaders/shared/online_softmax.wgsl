@@ -45,10 +45,12 @@ fn key_ok(r: u32, n_keys: u32) -> bool {
 // shared by subgroup broadcasts (shaders.rs `compose_for`).
 #import tile_rows
 
-// Writes o_i = acc / Z and LSE_i = M + ln Z.
+// Writes o_i = acc / Z and LSE_i = M + ln Z; a row that attended no key (Z = 0: a causal query
+// before the first key of a shorter K, dense attention only) gets O = 0 and LSE = -inf.
 fn finish_row(head: u32, row: u32, i: u32) {
     let d = params.d;
-    let inv = 1.0 / run_sum;
+    let empty = run_sum == 0.0;
+    let inv = select(1.0 / run_sum, 0.0, empty);
     for (var c4 = 0u; c4 < D4; c4++) {
         let x = acc[c4] * inv;
         for (var e = 0u; e < 4u; e++) {
@@ -58,5 +60,9 @@ fn finish_row(head: u32, row: u32, i: u32) {
             }
         }
     }
-    lse[row] = run_max + log(run_sum);
+    if (empty) {
+        lse[row] = bitcast<f32>(0xff800000u); // -inf: a store, no arithmetic on it
+    } else {
+        lse[row] = run_max + log(run_sum);
+    }
 }

@@ -60,6 +60,18 @@ pub fn fma_backward(
 ) -> Result<Gradients<f64>> {
     check_inputs(q, k, v, shape)?;
     shape.check_len("dO", dout.len())?;
+    if crate::cross::check_fma_cross(shape, cfg)? {
+        // The chunk's rows of a causal FMA over seq_kv tokens (`crate::cross`): padding
+        // queries with dO = 0 give no gradient.
+        let full = crate::cross::full_shape(shape);
+        let (q, dout) = (
+            crate::cross::pad_rows(q, shape),
+            crate::cross::pad_rows(dout, shape),
+        );
+        let mut g = fma_backward(&q, k, v, &dout, full, cfg)?;
+        g.dq = crate::cross::last_rows(&g.dq, shape, shape.head_dim);
+        return Ok(g);
+    }
     cfg.validate(shape.head_dim, shape.seq)?;
     fma_backward_in(
         &*super::geometry_of(cfg, shape.seq),

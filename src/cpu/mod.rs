@@ -82,6 +82,8 @@ fn softmax_row<'a>(keys: impl Iterator<Item = (f64, &'a [f64])> + Clone, out: &m
 
 /// Fast Multipole Attention (algorithm.md §2-7) of `q`, `k`, `v`, each of shape
 /// (batch, heads, seq, head_dim), row-major; fine or coarse queries as `cfg.queries` says.
+/// K, V may be longer (seq_kv > seq) with causal fine queries: the queries are the last seq
+/// positions ([`crate::cross`]).
 ///
 /// Every query i takes one softmax over the keys it sees (`gather::seen_keys`): the near field
 /// with q_i itself, the far lists of the coarse levels with q_i (fine queries) or with the
@@ -96,6 +98,15 @@ pub fn fma_forward(
     cfg: &FmaConfig,
 ) -> Result<Reference> {
     check_inputs(q, k, v, shape)?;
+    if crate::cross::check_fma_cross(shape, cfg)? {
+        // The last seq positions of a causal FMA over seq_kv tokens (`crate::cross`).
+        let full = crate::cross::full_shape(shape);
+        let r = fma_forward(&crate::cross::pad_rows(q, shape), k, v, full, cfg)?;
+        return Ok(Reference {
+            o: crate::cross::last_rows(&r.o, shape, shape.head_dim),
+            lse: crate::cross::last_rows(&r.lse, shape, 1),
+        });
+    }
     cfg.validate(shape.head_dim, shape.seq)?;
     fma_forward_in(&*geometry_of(cfg, shape.seq), q, k, v, shape, cfg)
 }
@@ -168,7 +179,7 @@ pub fn fma_forward_in<G: Geometry + ?Sized>(
 /// head_dim), K and V of (batch, kv_heads, seq_kv, head_dim) (query head h reads K/V head
 /// h / (heads / kv_heads)). Causal, bottom-right aligned: query i sees keys
 /// t <= i + seq_kv - seq (the queries are the last positions); with seq_kv < seq the first
-/// seq - seq_kv rows see no key and get O = 0, LSE = -inf.
+/// seq - seq_kv queries see no key and get O = 0, LSE = -inf.
 pub fn dense_attention(
     q: &[f64],
     k: &[f64],
@@ -208,15 +219,14 @@ pub fn dense_attention_rows(
         let (head, i) = (row / n, row % n);
         let (base, kv_base) = (head * n * d, (head / shape.group()) * n_kv * d);
         let qi = &q[base + i * d..base + (i + 1) * d];
-        // Causal: query i sits at key position i + n_kv - n (keys [0, last)).
+        // Causal: query i sits at key position i + n_kv - n (before key 0 when negative).
         let last = if causal {
-            visible_keys(i, n, n_kv)
+            (i + n_kv + 1).saturating_sub(n)
         } else {
             n_kv
         };
         if last == 0 {
-            // No key: an empty softmax, O = 0 and LSE = -inf (o is zero already).
-            lse[r] = f64::NEG_INFINITY;
+            lse[r] = f64::NEG_INFINITY; // no key: O stays 0
             continue;
         }
         let logit_value = (0..last).map(|t| {

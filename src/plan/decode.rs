@@ -1,7 +1,8 @@
 //! The decoder's plan (algorithm.md §10): the cache's layout and each step's dispatches.
 //! Pure arithmetic, tested without a GPU.
 //!
-//! Per (batch*head) row the cache holds
+//! Per (batch*kv_head) row the cache holds (grouped-query attention: the K/V heads only; the
+//! attention passes run over the `heads / kv_heads` query rows of each cache row)
 //! - a near-field **ring** of R = min(2m - 1 + C_max, max_len) keys and values, token t in slot
 //!   t mod R: a step of C <= C_max tokens starting at s reads tokens from (floor(s/m) - 1) m,
 //!   at least s - 2m + 1, up to s + C - 1: at most 2m - 1 + C tokens, all still in the ring;
@@ -40,8 +41,10 @@ pub const MIN_SEGMENT: usize = 1024;
 pub struct DecodeLayout {
     /// Sequences.
     pub batch: usize,
-    /// Heads per sequence.
+    /// Query heads per sequence.
     pub heads: usize,
+    /// K/V heads per sequence (cache rows per sequence).
+    pub kv_heads: usize,
     /// Head dimension d.
     pub head_dim: usize,
     /// Block size m.
@@ -62,7 +65,7 @@ pub struct DecodeLayout {
     pub slots: usize,
     /// f32 per row in the coarse buffer: [K~ | V~] (levels, slots, p, d), padded.
     pub coarse_stride: usize,
-    /// Rows per dispatch group.
+    /// Cache rows (K/V heads) per dispatch group.
     pub group: usize,
     /// History page length T in tokens (0 without history).
     pub page_tokens: usize,
@@ -70,8 +73,8 @@ pub struct DecodeLayout {
     pub segment: usize,
     /// Partials per query row of the dense decode.
     pub segments: usize,
-    /// f32 per row in the partials buffer: (max_chunk, segments, d + 2), padded (0 without
-    /// history).
+    /// f32 per query row in the partials buffer: (max_chunk, segments, d + 2), padded (0
+    /// without history); a group's partials hold its rows' `heads / kv_heads` query rows each.
     pub partial_stride: usize,
 }
 
@@ -102,7 +105,8 @@ impl DecodeLayout {
         let coarse_stride = padded(2 * levels.max(1) * slots * p * d);
         // Sizes in f32 from here on.
         let cap = (limits.binding_bytes() / 4) as usize;
-        let rows = cfg.batch * cfg.heads;
+        let rows = cfg.batch * cfg.kv_heads;
+        let qgroup = cfg.group();
         let fixed = ring_stride.max(coarse_stride);
         if fixed > cap {
             let what = if fixed == ring_stride {
@@ -134,22 +138,23 @@ impl DecodeLayout {
                 segment = wanted.min(page_tokens);
                 segments = cfg.max_len.div_ceil(segment);
                 partial_stride = padded(cfg.max_chunk * segments * (d + 2));
-                if partial_stride > cap {
+                if partial_stride * qgroup > cap {
                     return Err(too_big(
                         "the dense decode's partials of one head (max_chunk x segments x (d + 2))",
-                        partial_stride,
+                        partial_stride * qgroup,
                         cap,
                     ));
                 }
-                if partial_stride * group <= cap {
+                if partial_stride * qgroup * group <= cap {
                     break;
                 }
-                group = cap / partial_stride;
+                group = cap / (partial_stride * qgroup);
             }
         }
         let layout = Self {
             batch: cfg.batch,
             heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
             head_dim: d,
             block: m,
             rank: p,
@@ -169,9 +174,14 @@ impl DecodeLayout {
         Ok(layout)
     }
 
-    /// Rows (batch * heads).
+    /// Cache rows (batch * kv_heads).
     pub fn rows(&self) -> usize {
-        self.batch * self.heads
+        self.batch * self.kv_heads
+    }
+
+    /// Query heads per cache row (grouped-query attention; 1 for multi-head).
+    pub fn qgroup(&self) -> usize {
+        self.heads / self.kv_heads
     }
 
     /// The dispatch groups: row ranges.
@@ -246,10 +256,11 @@ impl DecodeLayout {
             )?,
         ];
         if attend {
+            // One workgroup per query row and token: each cache row's query heads.
             steps.push(dispatch(
                 Pass::DecodeAttention,
                 None,
-                rows as u64 * chunk as u64,
+                (rows * self.qgroup()) as u64 * chunk as u64,
                 spec,
                 limits,
             )?);
@@ -273,7 +284,7 @@ impl DecodeLayout {
                 dispatch(
                     Pass::DecodeDense,
                     Some(page as u32),
-                    rows as u64 * chunk as u64 * per_page,
+                    (rows * self.qgroup()) as u64 * chunk as u64 * per_page,
                     spec,
                     limits,
                 )
@@ -282,7 +293,7 @@ impl DecodeLayout {
         steps.push(dispatch(
             Pass::DecodeMerge,
             None,
-            rows as u64 * chunk as u64,
+            (rows * self.qgroup()) as u64 * chunk as u64,
             spec,
             limits,
         )?);
@@ -372,12 +383,34 @@ mod tests {
         assert!(l.group >= 1 && l.group < 4, "{l:?}");
         assert!(l.group * l.ring_stride * 4 <= cap);
         assert!(l.group * l.coarse_stride * 4 <= cap);
-        assert!(l.group * l.partial_stride * 4 <= cap);
+        assert!(l.group * l.partial_stride * l.qgroup() * 4 <= cap);
         assert!(l.group * l.page_tokens * l.head_dim * 4 <= cap);
         assert!(l.page_tokens.is_power_of_two() && l.page_tokens.is_multiple_of(l.segment));
         assert_eq!(l.segments, 4096usize.div_ceil(l.segment));
         let covered: usize = l.groups().iter().map(|g| g.len()).sum();
         assert_eq!(covered, 4);
+    }
+
+    #[test]
+    fn grouped_heads_keep_k_v_heads_only() {
+        let limits = KernelLimits::with_binding(1 << 27);
+        let mha = DecodeLayout::new(&cfg(16, 2, 4096, 2).history(true), &limits).unwrap();
+        let gqa = DecodeLayout::new(&cfg(16, 2, 4096, 2).kv_heads(1), &limits).unwrap();
+        assert_eq!((mha.rows(), gqa.rows()), (6, 2));
+        assert_eq!(gqa.qgroup(), 3);
+        assert_eq!(gqa.fma_bytes() * 3, mha.fma_bytes());
+        assert_eq!(gqa.history_bytes(4096) * 3, mha.history_bytes(4096));
+        // The attention passes run over every query row: as many workgroups either way.
+        let steps = |l: &DecodeLayout| l.fma_steps(l.group, 2, true, &limits).unwrap();
+        assert_eq!(steps(&mha)[2].workgroups, steps(&gqa)[2].workgroups);
+        let bad = cfg(16, 2, 4096, 2).kv_heads(2);
+        assert!(matches!(
+            DecodeLayout::new(&bad, &limits),
+            Err(FmaError::InvalidConfig {
+                what: "kv_heads",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub struct Options {
     #[serde(default)]
     pub queries: Queries,
     /// A packed variable-length batch (FlashAttention's cu_seqlens as lengths): sequences of
-    /// these lengths (each >= 1, summing to `n`, `batch` 1) one after another along the
+    /// these lengths (summing to `n`, `batch` 1; an empty one has no rows) one after another along the
     /// sequence axis, each its own attention problem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seqlens: Option<Vec<usize>>,

@@ -147,9 +147,10 @@ pub struct RunArgs {
     /// Also write the per-row log-sum-exp of the logits.
     #[arg(long, value_name = "LSE.npy")]
     pub lse: Option<PathBuf>,
-    /// A packed variable-length batch: the lengths (each >= 1, summing to n) of sequences laid
-    /// one after another along the sequence axis of arrays (n, d) or (1, heads, n, d); each is
-    /// its own attention problem, no token attends across sequences.
+    /// A packed variable-length batch: the lengths (summing to n; 0 is an empty sequence, which
+    /// has no rows) of sequences laid one after another along the sequence axis of arrays
+    /// (n, d) or (1, heads, n, d); each is its own attention problem, no token attends across
+    /// sequences.
     #[arg(
         long,
         value_delimiter = ',',
@@ -173,8 +174,9 @@ summed over batch and heads) for L = sum(dO * O), O = FMA(Q, K, V); dO has the s
 v_b{l} (with --queries coarse also q_w{l}, q_b{l}) for every level of the weights (the layout
 of --weights; levels the sequence does not use are zeros). Fine or coarse queries, 1D or
 --grid, variable-length batches. float32 on the GPU, float64 with --reference. --lse does not
-apply. --dense differentiates exact attention instead (dq, dk, dv; K/V heads may divide Q's;
---causal bottom-right aligned as in run; not with --seqlens or --lengths).
+apply. --dense differentiates exact attention instead (dq, dk, dv; K/V may have fewer heads
+and another length than Q, --causal bottom-right aligned as in run; not with --seqlens or
+--lengths).
 
 Exit codes: 0 success, 2 bad input (arguments, files, shapes, weights), 1 GPU or runtime failure.")]
 pub struct GradArgs {

@@ -14,10 +14,11 @@ use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext};
 use multipole_attn::levels::num_levels;
 use multipole_attn::{cpu, DecodeConfig, Shape};
 
-/// Rows [lo, lo + len) of every (batch, head) row of `x` (shape `s`), as (batch, heads, len, d).
-fn rows<T: Copy>(x: &[T], s: Shape, lo: usize, len: usize) -> Vec<T> {
+/// Rows [lo, lo + len) of each of the `heads` (batch, head) rows of `x` (n = `s.seq` rows
+/// each), as (batch, heads, len, d): Q's heads or K's and V's (fewer, grouped-query).
+fn rows<T: Copy>(x: &[T], s: Shape, heads: usize, lo: usize, len: usize) -> Vec<T> {
     let (n, d) = (s.seq, s.head_dim);
-    (0..s.batch_heads())
+    (0..heads)
         .flat_map(|bh| {
             x[(bh * n + lo) * d..(bh * n + lo + len) * d]
                 .iter()
@@ -68,12 +69,11 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
         ));
     }
     shape.validate()?;
-    if shape.kv_heads != shape.heads {
+    if !shape.is_self() {
         return Err(CliError::Input(format!(
-            "decode needs K and V with as many heads as Q ({}), but they have {}: the decoding \
-             cache holds one K/V head per query head (grouped-query heads are supported by \
-             `run` and `grad`)",
-            shape.heads, shape.kv_heads
+            "decode needs Q, K and V of one length (the tokens to decode), but Q has {} rows and \
+             K, V {}: decoding appends each token's key and value as it goes",
+            shape.seq, shape.seq_kv
         )));
     }
     let n = shape.seq;
@@ -87,6 +87,7 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
     let mut fma = build_config(run, shape)?;
     fma.causal = true;
     let cfg = DecodeConfig::new(fma, shape.batch, shape.heads, shape.head_dim, n)
+        .kv_heads(shape.kv_heads)
         .max_chunk(args.chunk.min(n.max(1)))
         .history(run.dense);
     cfg.validate()?;
@@ -145,9 +146,9 @@ fn gpu(
     let mut lse = vec![0f32; s.rows()];
     if p > 0 {
         let pre = dec.prefill(
-            &rows(&q, s, 0, p),
-            &rows(&k, s, 0, p),
-            &rows(&v, s, 0, p),
+            &rows(&q, s, s.batch_heads(), 0, p),
+            &rows(&k, s, s.kv_batch_heads(), 0, p),
+            &rows(&v, s, s.kv_batch_heads(), 0, p),
             &vec![p; s.batch],
             mode,
         )?;
@@ -162,9 +163,9 @@ fn gpu(
         let c = args.chunk.min(n - at);
         bar.inc(c as u64);
         let out = dec.step(
-            &rows(&q, s, at, c),
-            &rows(&k, s, at, c),
-            &rows(&v, s, at, c),
+            &rows(&q, s, s.batch_heads(), at, c),
+            &rows(&k, s, s.kv_batch_heads(), at, c),
+            &rows(&v, s, s.kv_batch_heads(), at, c),
             mode,
         )?;
         put(&mut o, &out.o, s, at, c, d);
@@ -186,7 +187,7 @@ fn gpu(
     );
     println!(
         "cache: FMA state {fixed} bytes (fixed), history {history} bytes; K and V themselves: {} bytes",
-        2 * s.elements() * 4
+        2 * s.kv_elements() * 4
     );
     Ok((o, lse))
 }
@@ -221,9 +222,12 @@ fn reference(
     let mut lse = vec![0f64; s.rows()];
     for bh in 0..s.batch_heads() {
         let mut dec = cpu::decode::Decoder::new(&cfg.fma, d, num_levels(n, cfg.fma.block));
+        // Grouped-query heads: query head bh reads K/V head bh / group.
+        let kv = bh / s.group();
         for i in 0..n {
             let r = (bh * n + i) * d..(bh * n + i + 1) * d;
-            let (row, l) = dec.step(&q[r.clone()], &k[r.clone()], &v[r.clone()]);
+            let rk = (kv * n + i) * d..(kv * n + i + 1) * d;
+            let (row, l) = dec.step(&q[r.clone()], &k[rk.clone()], &v[rk]);
             o[r].copy_from_slice(&row);
             lse[bh * n + i] = l;
         }

@@ -13,6 +13,7 @@ mod grad;
 mod headless;
 mod info;
 mod npy_io;
+mod npz;
 mod run;
 mod tensor;
 mod weights_npz;

@@ -6,6 +6,7 @@ use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_shape, read_tensor, write_array};
 use crate::tensor::{fmt_shape, Tensor};
 use crate::weights_npz::read_weights;
+use multipole_attn::cross::check_fma_cross;
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
 use multipole_attn::levels::num_levels;
 use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Queries, Sequences, Shape};
@@ -86,9 +87,11 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     Ok(())
 }
 
-/// The problem shape of Q, K, V: 2 axes (n, d), all three equal, or 4 (batch, heads, n, d),
-/// where K and V may have fewer heads than Q (grouped-query attention: their heads must
-/// divide Q's, and query head h reads K/V head h / (heads / kv_heads)).
+/// The problem shape of Q, K, V: 2 axes (n, d) for Q and (n_kv, d) for K and V, or 4:
+/// Q (batch, heads, n, d), K and V (batch, kv_heads, n_kv, d). K and V may have fewer heads
+/// than Q (grouped-query attention: their heads must divide Q's, and query head h reads K/V
+/// head h / (heads / kv_heads)) and another length (cross-length attention: n_kv != n; what
+/// each method takes of it is checked by the method).
 pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<Shape> {
     if v != k {
         return Err(CliError::Input(format!(
@@ -98,8 +101,8 @@ pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<
         )));
     }
     match (q, k) {
-        (&[n, d], &[nk, dk]) if (nk, dk) == (n, d) => Ok(Shape::new(1, 1, n, d)),
-        (&[b, h, n, d], &[bk, hk, nk, dk]) if (bk, nk, dk) == (b, n, d) && hk > 0 => {
+        (&[n, d], &[nk, dk]) if dk == d => Ok(Shape::cross(1, 1, n, nk, d)),
+        (&[b, h, n, d], &[bk, hk, nk, dk]) if (bk, dk) == (b, d) && hk > 0 => {
             if !h.is_multiple_of(hk) {
                 return Err(CliError::Input(format!(
                     "K and V have {hk} heads, which does not divide Q's {h} heads: grouped-query \
@@ -109,11 +112,12 @@ pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<
                     fmt_shape(k)
                 )));
             }
-            Ok(Shape::new(b, h, n, d).with_kv_heads(hk))
+            Ok(Shape::cross(b, h, n, nk, d).with_kv_heads(hk))
         }
         (&[_, _], _) | (&[_, _, _, _], _) if q.len() == k.len() => Err(CliError::Input(format!(
-            "Q, K and V must agree in every axis but K/V's heads (batch, n and head_dim; K/V may \
-             have fewer heads for grouped-query attention), but Q has shape {} and K has shape {}",
+            "Q, K and V must agree in batch and head_dim (K/V may have fewer heads, for \
+             grouped-query attention, and another length, for cross-length attention), but Q \
+             has shape {} and K has shape {}",
             fmt_shape(q),
             fmt_shape(k)
         ))),
@@ -129,7 +133,8 @@ pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<
 /// The FMA configuration from the arguments; learned weights are read (or box-initialised) and
 /// validated here so that every input error surfaces before any computation.
 pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig> {
-    let (d, n) = (shape.head_dim, shape.seq);
+    // The levels are those of the keys' sequence (a shorter Q is its last positions).
+    let (d, n) = (shape.head_dim, shape.seq_kv);
     let queries = match args.queries {
         QueriesArg::Fine => Queries::Fine,
         QueriesArg::Coarse => Queries::Coarse,
@@ -154,6 +159,7 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
         (Some(DownsampleArg::Average) | None, None) => false,
     };
     if !learned {
+        check_fma_cross(shape, &base)?;
         return Ok(base);
     }
     let levels = match args.grid {
@@ -167,6 +173,7 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
     };
     let cfg = base.downsample(Downsample::Learned(weights));
     cfg.validate(d, n)?;
+    check_fma_cross(shape, &cfg)?;
     Ok(cfg)
 }
 
@@ -194,6 +201,12 @@ fn run_reference(
 /// the arrays' shape; `None` without either.
 pub(crate) fn sequences(args: &RunArgs, shape: Shape) -> CliResult<Option<Sequences>> {
     let n = shape.seq;
+    if !shape.is_self() && (args.seqlens.is_some() || args.lengths.is_some()) {
+        return Err(CliError::Input(format!(
+            "--seqlens and --lengths need K and V as long as Q ({shape}): the sequences of a \
+             variable-length batch each attend to their own tokens"
+        )));
+    }
     if let Some(lens) = &args.seqlens {
         if shape.batch != 1 {
             return Err(CliError::Input(format!(

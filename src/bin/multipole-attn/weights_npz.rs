@@ -9,41 +9,15 @@
 //! transposed or mis-sized array can have the right length and would silently be misread.
 
 use crate::error::{CliError, CliResult};
-use crate::npy_io::npy_error;
-use crate::tensor::{fmt_shape, Tensor};
+use crate::npz::Npz;
 use multipole_attn::{LearnedWeights, LevelWeights};
-use ndarray::{IxDyn, OwnedRepr};
-use ndarray_npy::{NpzReader, ReadNpyError, ReadNpzError};
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::{Read, Seek};
 use std::path::Path;
 
 /// Window size w_l = m * 2^(l-1), or None if it overflows (an absurd level count).
 fn window_size(block: usize, level: usize) -> Option<usize> {
     let shift = u32::try_from(level - 1).ok()?;
     block.checked_mul(1usize.checked_shl(shift)?)
-}
-
-/// A friendly message for an error reading the array `name` out of an archive.
-fn npz_error(name: &str, err: ReadNpzError) -> CliError {
-    match err {
-        ReadNpzError::Npy(e) => npy_error(name, e),
-        ReadNpzError::Zip(e) => CliError::Input(format!("cannot read {name}: {e}")),
-    }
-}
-
-/// Reads one float32 or float64 array by key (trying f32 first, then f64).
-fn read_key<R: Read + Seek>(npz: &mut NpzReader<R>, src: &str, key: &str) -> CliResult<Tensor> {
-    let name = format!("{key} in {src}");
-    match npz.by_name::<OwnedRepr<f32>, IxDyn>(key) {
-        Ok(a) => Ok(Tensor::from_f32(a)),
-        Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(_))) => npz
-            .by_name::<OwnedRepr<f64>, IxDyn>(key)
-            .map(Tensor::from_f64)
-            .map_err(|e| npz_error(&name, e)),
-        Err(e) => Err(npz_error(&name, e)),
-    }
 }
 
 /// Reads learned weights for head dimension `head_dim`, block size `block` and rank `rank`
@@ -60,17 +34,8 @@ pub fn read_weights(
     grid: bool,
 ) -> CliResult<LearnedWeights> {
     let src = format!("weights file {}", path.display());
-    let file = File::open(path).map_err(|source| CliError::Open {
-        what: "weights".into(),
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let bad_archive = |e: ReadNpzError| match e {
-        ReadNpzError::Zip(z) => CliError::Input(format!("{src} is not a valid .npz archive: {z}")),
-        other => npz_error(&src, other),
-    };
-    let mut npz = NpzReader::new(file).map_err(bad_archive)?;
-    let names: BTreeSet<String> = npz.names().map_err(bad_archive)?.into_iter().collect();
+    let mut npz = Npz::open(path, src.clone())?;
+    let names = npz.names();
     let mut used = BTreeSet::new();
     let mut levels = Vec::new();
     let mut box_q = Vec::new();
@@ -88,14 +53,13 @@ pub fn read_weights(
                     "{src} has k_w{l} but no {key}: every level l needs k_w{{l}}, k_b{{l}}, v_w{{l}} and v_b{{l}} (and q_w{{l}} with q_b{{l}}, or neither)"
                 )));
             }
-            let t = read_key(&mut npz, &src, &key)?;
-            if t.shape != shape {
-                return Err(CliError::Input(format!(
-                    "{src}: {key} has shape {}, expected {} for d = {head_dim}, p = {rank}, m = {block}",
-                    fmt_shape(&t.shape),
-                    fmt_shape(shape)
-                )));
-            }
+            // The shape is checked from the member's header, before its data is read.
+            let t = npz.read(&key, shape).map_err(|e| match e {
+                CliError::Input(m) => {
+                    CliError::Input(format!("{m} (for d = {head_dim}, p = {rank}, m = {block})"))
+                }
+                other => other,
+            })?;
             used.insert(key.clone());
             t.into_f32(&format!("{key} in {src}"))
         };

@@ -11,9 +11,9 @@ use crate::shape::Shape;
 use super::record::{Io, Work};
 use super::{DecodeMode, Decoder};
 
-/// The tensors of one step already on the GPU: Q, K, V of shape (batch, heads, C, head_dim)
-/// with `STORAGE` usage (K and V also `COPY_SRC` when the cache keeps its history), O of the
-/// same shape and the LSE (batch, heads, C).
+/// The tensors of one step already on the GPU: Q of shape (batch, heads, C, head_dim), K, V of
+/// (batch, kv_heads, C, head_dim), with `STORAGE` usage (K and V also `COPY_SRC` when the
+/// cache keeps its history), O of Q's shape and the LSE (batch, heads, C).
 #[derive(Clone, Copy, Debug)]
 pub struct StepTensors<'a> {
     /// Queries of the new tokens.
@@ -31,6 +31,7 @@ pub struct StepTensors<'a> {
 impl Decoder {
     fn step_shape(&self, chunk: usize) -> Shape {
         Shape::new(self.cfg.batch, self.cfg.heads, chunk, self.cfg.head_dim)
+            .with_kv_heads(self.cfg.kv_heads)
     }
 
     /// Chunk length of host step tensors of `len` floats each.
@@ -38,7 +39,7 @@ impl Decoder {
         let row = self.cfg.batch * self.cfg.heads * self.cfg.head_dim;
         if len == 0 || !len.is_multiple_of(row) {
             return Err(FmaError::ShapeMismatch {
-                what: "step tensors (batch, heads, C, head_dim)".into(),
+                what: "step Q (batch, heads, C, head_dim)".into(),
                 expected: format!("a positive multiple of {row} floats"),
                 got: format!("{len} floats"),
             });
@@ -46,9 +47,9 @@ impl Decoder {
         Ok(len / row)
     }
 
-    /// Appends C tokens to every sequence (Q, K, V: (batch, heads, C, head_dim)) and returns
-    /// their outputs (same shape) and LSE (batch, heads, C): FMA or exact dense attention over
-    /// the cache as `mode` says. Async: works on the web.
+    /// Appends C tokens to every sequence (Q: (batch, heads, C, head_dim), K, V: (batch,
+    /// kv_heads, C, head_dim)) and returns their outputs (Q's shape) and LSE (batch, heads, C):
+    /// FMA or exact dense attention over the cache as `mode` says. Async: works on the web.
     pub async fn step_async(
         &self,
         q: &[f32],
@@ -61,6 +62,7 @@ impl Decoder {
         let shape = self.step_shape(chunk);
         check_host(shape, q, k, v)?;
         let bytes = shape.elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * 4;
         let cap = self.limits.binding_bytes();
         if bytes > cap {
             return Err(FmaError::LimitExceeded {
@@ -80,8 +82,8 @@ impl Decoder {
             let [bq, bk, bv, bo, bl] = &mut st.io;
             let (bq, bk, bv) = (
                 bq.at_least(dev, bytes, cap).clone(),
-                bk.at_least(dev, bytes, cap).clone(),
-                bv.at_least(dev, bytes, cap).clone(),
+                bk.at_least(dev, kv_bytes, cap).clone(),
+                bv.at_least(dev, kv_bytes, cap).clone(),
             );
             let (bo, bl) = (
                 bo.at_least(dev, bytes, cap).clone(),
@@ -132,10 +134,11 @@ impl Decoder {
         self.ctx.check_alive()?;
         let shape = self.step_shape(chunk.max(1));
         let bytes = shape.elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * 4;
         for (name, buf, need) in [
             ("Q", t.q, bytes),
-            ("K", t.k, bytes),
-            ("V", t.v, bytes),
+            ("K", t.k, kv_bytes),
+            ("V", t.v, kv_bytes),
             ("O", t.out, bytes),
             ("LSE", t.lse, shape.rows() as u64 * 4),
         ] {
@@ -182,13 +185,13 @@ impl Decoder {
         pollster::block_on(self.encode_step_async(enc, t, chunk, mode))
     }
 
-    /// Appends the first `lengths[b]` tokens of K, V (batch, heads, P, head_dim) to sequence b,
+    /// Appends the first `lengths[b]` tokens of K, V (batch, kv_heads, P, head_dim) to sequence b,
     /// without queries or outputs: the cache of a prompt whose outputs are not needed (or were
     /// computed elsewhere). Sequences of length 0 are not touched. Long prompts go through in
     /// chunks that fit one storage binding.
     pub async fn extend_async(&self, k: &[f32], v: &[f32], lengths: &[usize]) -> Result<()> {
         self.ctx.check_alive()?;
-        let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
+        let (b_n, h, d) = (self.cfg.batch, self.cfg.kv_heads, self.cfg.head_dim);
         let p = self.check_prompt(k, v, lengths)?;
         let cap = self.limits.binding_bytes();
         // Runs of consecutive sequences with the same length go together.
@@ -270,9 +273,10 @@ impl Decoder {
         pollster::block_on(self.extend_async(k, v, lengths))
     }
 
-    /// The prompt's length P from K, V of (batch, heads, P, head_dim), and the lengths checked.
+    /// The prompt's length P from K, V of (batch, kv_heads, P, head_dim), and the lengths
+    /// checked.
     fn check_prompt(&self, k: &[f32], v: &[f32], lengths: &[usize]) -> Result<usize> {
-        let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
+        let (b_n, h, d) = (self.cfg.batch, self.cfg.kv_heads, self.cfg.head_dim);
         if lengths.len() != b_n {
             return Err(FmaError::ShapeMismatch {
                 what: "prompt lengths".into(),
@@ -283,7 +287,7 @@ impl Decoder {
         let row = b_n * h * d;
         if !k.len().is_multiple_of(row) || k.len() != v.len() {
             return Err(FmaError::ShapeMismatch {
-                what: "prompt K, V (batch, heads, P, head_dim)".into(),
+                what: "prompt K, V (batch, kv_heads, P, head_dim)".into(),
                 expected: format!("equal lengths, multiples of {row} floats"),
                 got: format!("K {} floats, V {} floats", k.len(), v.len()),
             });
@@ -299,8 +303,8 @@ impl Decoder {
         Ok(p)
     }
 
-    /// The prompt's outputs and the cache: sequence b's first `lengths[b]` tokens of Q, K, V
-    /// (batch, heads, P, head_dim) go through the causal forward (FMA, or exact dense attention
+    /// The prompt's outputs and the cache: sequence b's first `lengths[b]` tokens of Q
+    /// (batch, heads, P, head_dim), K, V (batch, kv_heads, P, head_dim) go through the causal forward (FMA, or exact dense attention
     /// with [`DecodeMode::Dense`]), and are appended to the cache as [`Decoder::extend_async`]
     /// does. O is (batch, heads, P, head_dim) with zero rows beyond a sequence's length (LSE
     /// -inf there). Sequences must be empty (fresh, or [`Decoder::reset`]) when prefilled.
@@ -315,10 +319,14 @@ impl Decoder {
         self.ctx.check_alive()?;
         let p = self.check_prompt(k, v, lengths)?;
         let (b_n, h, d) = (self.cfg.batch, self.cfg.heads, self.cfg.head_dim);
-        if q.len() != k.len() {
+        let hk = self.cfg.kv_heads;
+        if q.len() != k.len() * self.cfg.group() {
             return Err(FmaError::ShapeMismatch {
-                what: "prompt Q".into(),
-                expected: format!("{} floats, as K", k.len()),
+                what: "prompt Q (batch, heads, P, head_dim)".into(),
+                expected: format!(
+                    "{} floats, K's times heads / kv_heads",
+                    k.len() * self.cfg.group()
+                ),
                 got: q.len().to_string(),
             });
         }
@@ -337,16 +345,17 @@ impl Decoder {
             if len == 0 {
                 continue;
             }
-            let slice = |x: &[f32]| -> Vec<f32> {
-                (0..h)
+            // Sequence b's first len tokens of each of `heads` heads.
+            let slice = |x: &[f32], heads: usize| -> Vec<f32> {
+                (0..heads)
                     .flat_map(|r| {
-                        let base = ((b * h + r) * p) * d;
+                        let base = ((b * heads + r) * p) * d;
                         x[base..base + len * d].to_vec()
                     })
                     .collect()
             };
-            let shape = Shape::new(1, h, len, d);
-            let (qs, ks, vs) = (slice(q), slice(k), slice(v));
+            let shape = Shape::new(1, h, len, d).with_kv_heads(hk);
+            let (qs, ks, vs) = (slice(q, h), slice(k, hk), slice(v, hk));
             let out = match mode {
                 DecodeMode::Fma => self.fma.forward_async(&qs, &ks, &vs, shape, true).await?,
                 DecodeMode::Dense => self.dense.forward_async(&qs, &ks, &vs, shape, true).await?,

@@ -37,8 +37,10 @@ pub enum DecodeMode {
 
 /// Incremental causal decoding for a batch of sequences (algorithm.md §10).
 ///
-/// Tensors of a step: Q, K, V of shape (batch, heads, C, head_dim) with 1 <= C <=
-/// `max_chunk`, C new tokens for every sequence, each appended at its own length; O of the same
+/// Tensors of a step: Q of shape (batch, heads, C, head_dim), K, V of (batch, kv_heads, C,
+/// head_dim) ([`DecodeConfig::kv_heads`]: grouped-query attention keeps only the K/V heads in
+/// the cache, query head h reading K/V head h / (heads / kv_heads)), with 1 <= C <=
+/// `max_chunk`, C new tokens for every sequence, each appended at its own length; O of Q's
 /// shape and the LSE (batch, heads, C). The output of the token at position i equals row i of
 /// the causal FMA forward of its sequence (up to float summation order), and the dense mode's
 /// row i that of exact causal attention.

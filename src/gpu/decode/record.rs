@@ -45,8 +45,8 @@ pub(crate) struct Uniforms {
     steps: Vec<Dispatch>,
 }
 
-/// The tensors of one record: K, V (rows in_row0.., in_rows each, from in_offset), and for
-/// attention Q (the same layout) and O, LSE of shape (batch, heads, chunk).
+/// The tensors of one record: K, V (cache rows in_row0.., in_rows each, from in_offset), and
+/// for attention Q (the same layout over query rows) and O, LSE of shape (batch, heads, chunk).
 pub(super) struct Io<'a> {
     pub q: Option<&'a wgpu::Buffer>,
     pub k: &'a wgpu::Buffer,
@@ -72,7 +72,8 @@ impl Decoder {
         work: Work,
     ) -> Result<()> {
         let l = &self.layout;
-        let (h, d) = (l.heads, l.head_dim);
+        // Cache rows: K/V heads (grouped-query attention: fewer than the query heads).
+        let (h, d) = (l.kv_heads, l.head_dim);
         if io.chunk == 0 {
             return Err(FmaError::InvalidConfig {
                 what: "tokens per step",
@@ -300,7 +301,8 @@ impl Decoder {
             scale: 1.0 / (d as f32).sqrt(),
             count_correction: self.cfg.fma.count_correction as u32,
             learned: self.learned() as u32,
-            heads: l.heads as u32,
+            heads: l.kv_heads as u32,
+            qgroup: l.qgroup() as u32,
             bh_base: range.start as u32,
             group_rows: rows as u32,
             b_lo: key.seqs.0 as u32,

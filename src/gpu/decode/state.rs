@@ -102,7 +102,7 @@ impl State {
     /// The partials buffer (made once).
     pub fn partials(&mut self, device: &wgpu::Device) -> &wgpu::Buffer {
         let l = &self.layout;
-        let bytes = (l.group * l.partial_stride) as u64 * 4;
+        let bytes = (l.group * l.qgroup() * l.partial_stride) as u64 * 4;
         self.partials.get_or_insert_with(|| {
             storage(
                 device,

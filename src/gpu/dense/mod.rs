@@ -10,7 +10,7 @@ pub use backward::DenseSaved;
 
 use std::sync::{Arc, Mutex};
 
-use crate::error::{FmaError, Result};
+use crate::error::Result;
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::cache::{Growing, ShapeCache};
 use crate::gpu::engine::context::GpuContext;
@@ -33,8 +33,9 @@ struct Uniforms {
 /// Exact dense softmax attention `softmax(Q K^T / sqrt(d)) V` on the GPU, tiled with an
 /// online softmax (no n x n matrix in memory). Q: (batch, heads, seq, head_dim), K and V:
 /// (batch, heads, seq_kv, head_dim) ([`Shape::cross`]; `seq_kv = seq` for self-attention).
-/// Causal, with the queries aligned to the last keys (query i sits at key position
-/// i + seq_kv - seq, as when new tokens attend to a cache; needs seq_kv >= seq):
+/// Causal, with the queries aligned to the last keys (bottom-right, as FlashAttention: query i
+/// sits at key position i + seq_kv - seq, as when new tokens attend to a cache; with
+/// seq_kv < seq the first seq - seq_kv queries see no key and get O = 0, LSE = -inf):
 ///
 /// ```text
 ///        keys ->                          keys ->
@@ -110,15 +111,6 @@ impl DenseAttention {
 
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
-        if self.causal && shape.seq_kv < shape.seq {
-            return Err(FmaError::ShapeMismatch {
-                what: "causal dense attention".into(),
-                expected: "at least as many keys as queries (seq_kv >= seq): the queries are \
-                           the last seq of the seq_kv positions"
-                    .into(),
-                got: format!("{shape}"),
-            });
-        }
         DensePlan::new(shape, &self.limits)
     }
 

@@ -118,7 +118,7 @@ pub struct DecodeParams {
     pub segments: u32,
     pub partial_stride: u32,
     pub in_row0: u32,
-    pub _pad1: u32,
+    pub qgroup: u32,
     pub _pad2: u32,
     pub level_info: [LevelInfo; MAX_LEVELS],
 }

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use crate::config::Downsample;
+use crate::cross;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage};
 use crate::gpu::engine::cache::Growing;
@@ -35,6 +36,9 @@ use super::FmaAttention;
 #[derive(Clone, Debug)]
 pub struct Saved {
     shape: Shape,
+    /// The caller's shape when Q was shorter than K and V (`crate::cross`): the saved tensors
+    /// are then those of the full-length forward (`shape`), Q padded at the front.
+    chunk: Option<Shape>,
     /// The sequences of a variable-length forward (`forward_train_varlen`); `None` for a batch
     /// of equal sequences.
     sequences: Option<Sequences>,
@@ -47,9 +51,9 @@ pub struct Saved {
 }
 
 impl Saved {
-    /// The shape of the saved forward.
+    /// The shape of the saved forward (as the caller gave it).
     pub fn shape(&self) -> Shape {
-        self.shape
+        self.chunk.unwrap_or(self.shape)
     }
 
     /// The sequences of a saved variable-length forward.
@@ -177,6 +181,10 @@ impl FmaAttention {
     /// FMA of host tensors that keeps what the backward needs on the GPU (async). Q, K, V:
     /// (batch, heads, seq, head_dim) f32. Returns O and the LSE (as [`FmaAttention::forward`]
     /// with the LSE) and the [`Saved`] tensors for [`FmaAttention::backward`].
+    ///
+    /// K and V may be longer than Q with a causal, fine-query 1D configuration, as in
+    /// [`FmaAttention::forward_async`] ([`crate::cross`]); the backward then takes dO of Q's
+    /// shape and returns dQ of Q's shape.
     pub async fn forward_train_async(
         &self,
         q: &[f32],
@@ -184,7 +192,20 @@ impl FmaAttention {
         v: &[f32],
         shape: Shape,
     ) -> Result<(Output, Saved)> {
-        self.forward_train_in((q, k, v), shape, None).await
+        if !cross::check_fma_cross(shape, &self.cfg)? {
+            return self.forward_train_in((q, k, v), shape, None).await;
+        }
+        shape.validate()?;
+        shape.check_len("Q", q.len())?;
+        let full = cross::full_shape(shape);
+        let q = cross::pad_rows(q, shape);
+        let (out, mut saved) = self.forward_train_in((&q, k, v), full, None).await?;
+        saved.chunk = Some(shape);
+        let out = Output {
+            o: cross::last_rows(&out.o, shape, shape.head_dim),
+            lse: out.lse.map(|lse| cross::last_rows(&lse, shape, 1)),
+        };
+        Ok((out, saved))
     }
 
     /// [`FmaAttention::forward_train_async`] of a batch of equal sequences (`seqs = None`) or
@@ -208,6 +229,7 @@ impl FmaAttention {
         let output = wgpu::BufferUsages::COPY_SRC;
         let saved = Saved {
             shape,
+            chunk: None,
             sequences: seqs.cloned(),
             owner: self.id,
             q: storage(device, "saved q", bytes, input),
@@ -267,6 +289,7 @@ impl FmaAttention {
         })?;
         Ok(Saved {
             shape,
+            chunk: None,
             sequences: None,
             owner: self.id,
             q: t.q.clone(),
@@ -284,6 +307,21 @@ impl FmaAttention {
     /// of the configuration's weights summed over batch and heads (levels the sequence does
     /// not use get zeros).
     pub async fn backward_async(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
+        if let Some(chunk) = saved.chunk {
+            // dO of the chunk's rows; the padding queries get dO = 0, so no gradient reaches
+            // them or, through them, K and V (`crate::cross`).
+            chunk.check_len("dO", dout.len())?;
+            let mut g = self
+                .backward_self(saved, &cross::pad_rows(dout, chunk))
+                .await?;
+            g.dq = cross::last_rows(&g.dq, chunk, chunk.head_dim);
+            return Ok(g);
+        }
+        self.backward_self(saved, dout).await
+    }
+
+    /// [`FmaAttention::backward_async`] of the saved (full-length) shape.
+    async fn backward_self(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
         let shape = saved.shape;
         shape.check_len("dO", dout.len())?;
         let plan = self.saved_plan(saved)?;
@@ -332,7 +370,13 @@ impl FmaAttention {
                 queries: qbufs.as_ref().map(|[wq, bq]| (wq, bq)),
             }),
         };
-        self.backward_buffers_async(saved, &dout_buf, grads).await?;
+        // The saved tensors as a whole-length forward's (a chunk's dO is padded by now).
+        let whole = Saved {
+            chunk: None,
+            ..saved.clone()
+        };
+        self.backward_buffers_async(&whole, &dout_buf, grads)
+            .await?;
 
         // One staging buffer: dq, dk, dv, then dWK, dWV, dbK, dbV (and dWQ, dbQ).
         let mut parts: Vec<(&wgpu::Buffer, u64)> =
@@ -423,6 +467,13 @@ impl FmaAttention {
                  run forward_train on the instance that runs the backward"
                     .into(),
             ));
+        }
+        if let Some(chunk) = saved.chunk {
+            return Err(FmaError::ShapeMismatch {
+                what: "the backward of a chunk (Q shorter than K, V) into buffers".into(),
+                expected: "host dO through backward / backward_async, which pad it".into(),
+                got: format!("{chunk}"),
+            });
         }
         let shape = saved.shape;
         let plan = self.saved_plan(saved)?;

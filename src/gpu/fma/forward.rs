@@ -2,6 +2,7 @@
 //! buffers, or recording into the caller's encoder. Every path records the plan's steps
 //! (`FmaPlan::steps`, level by level) through the engine's one record loop, into one encoder.
 
+use crate::cross;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::sequence_table;
 use crate::gpu::engine::front::{forward_host, run_host};
@@ -29,7 +30,35 @@ impl FmaAttention {
     /// rows one fine block reads and the learned weights (else
     /// [`crate::FmaError::LimitExceeded`]). A NaN or infinity in the inputs reaches exactly the
     /// rows whose softmax includes it, directly or through a coarse key, as in dense attention.
+    ///
+    /// K and V may be longer than Q (`shape.seq_kv > shape.seq`) with a causal, fine-query 1D
+    /// configuration: the queries are then the last seq of the seq_kv positions (chunked
+    /// prefill; [`crate::cross`]); other cross-length shapes are a typed error.
     pub async fn forward_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        want_lse: bool,
+    ) -> Result<Output> {
+        if !cross::check_fma_cross(shape, &self.cfg)? {
+            return self.forward_self(q, k, v, shape, want_lse).await;
+        }
+        shape.validate()?;
+        shape.check_len("Q", q.len())?;
+        let full = cross::full_shape(shape);
+        let out = self
+            .forward_self(&cross::pad_rows(q, shape), k, v, full, want_lse)
+            .await?;
+        Ok(Output {
+            o: cross::last_rows(&out.o, shape, shape.head_dim),
+            lse: out.lse.map(|lse| cross::last_rows(&lse, shape, 1)),
+        })
+    }
+
+    /// [`FmaAttention::forward_async`] of a self-attention shape.
+    async fn forward_self(
         &self,
         q: &[f32],
         k: &[f32],
@@ -57,6 +86,9 @@ impl FmaAttention {
     /// would take). Lets a caller fail before reading gigabytes of input.
     pub fn check(&self, shape: Shape) -> Result<()> {
         shape.validate()?;
+        if cross::check_fma_cross(shape, &self.cfg)? {
+            return self.check(cross::full_shape(shape));
+        }
         if fma_head_splits(shape, &self.cfg, &self.limits) {
             return SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits).map(drop);
         }
