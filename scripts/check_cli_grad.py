@@ -52,7 +52,7 @@ CASES = [
     ("n90-d4-m8-p1-coarse-avg", (90, 4), 8, 1, False, "average", "coarse"),
 ]
 
-# --dense: name, Q shape, K/V shape, causal
+# --dense: name, Q shape, K/V shape, causal[, --seqlens of a packed batch]
 DENSE_CASES = [
     ("dense-n61-d6-bidir", (61, 6), (61, 6), False),
     ("dense-n61-d6-causal", (61, 6), (61, 6), True),
@@ -62,7 +62,21 @@ DENSE_CASES = [
     ("dense-b1h4kv2-n20-nkv45-d6-bidir", (1, 4, 20, 6), (1, 2, 45, 6), False),
     ("dense-b1h4kv2-n20-nkv45-d6-causal", (1, 4, 20, 6), (1, 2, 45, 6), True),
     ("dense-b2h2-n40-nkv25-d7-causal", (2, 2, 40, 7), (2, 2, 25, 7), True),
+    # A packed batch: each sequence attends to itself (one empty).
+    ("dense-packed-1,0,17,30-h2kv1-d5-causal", (1, 2, 48, 5), (1, 1, 48, 5), True, (1, 0, 17, 30)),
 ]
+
+
+def dense_forward_packed(q, k, v, causal, seqlens):
+    """dense_forward of each sequence of a packed (1, h, total, d) batch alone."""
+    o = np.zeros(q.shape)
+    at = 0
+    for n in seqlens:
+        rows = slice(at, at + n)
+        if n > 0:
+            o[:, :, rows] = dense_forward(q[:, :, rows], k[:, :, rows], v[:, :, rows], causal)
+        at += n
+    return o
 
 
 def dense_forward(q, k, v, causal):
@@ -175,7 +189,8 @@ def check_case(binary, tmp, rng, ci, case):
 
 def check_dense_case(binary, tmp, rng, ci, case):
     """grad --dense on both paths against finite differences of dense_forward."""
-    name, q_shape, kv_shape, causal = case
+    name, q_shape, kv_shape, causal = case[:4]
+    seqlens = case[4] if len(case) > 4 else None
     q, dout = (rng.standard_normal(q_shape).astype(np.float32) for _ in range(2))
     k, v = (rng.standard_normal(kv_shape).astype(np.float32) for _ in range(2))
     paths = {}
@@ -186,11 +201,17 @@ def check_dense_case(binary, tmp, rng, ci, case):
             "--v", str(paths["v"]), "--dout", str(paths["dout"])]
     if causal:
         args.append("--causal")
+    if seqlens is not None:
+        args += ["--seqlens", ",".join(map(str, seqlens))]
     base = {"q": q.astype(np.float64), "k": k.astype(np.float64), "v": v.astype(np.float64)}
     do64 = dout.astype(np.float64)
 
     def f(x):
-        return float(np.sum(dense_forward(x["q"], x["k"], x["v"], causal) * do64))
+        if seqlens is not None:
+            o = dense_forward_packed(x["q"], x["k"], x["v"], causal, seqlens)
+        else:
+            o = dense_forward(x["q"], x["k"], x["v"], causal)
+        return float(np.sum(o * do64))
 
     results = []
     for path, tol in (("gpu", TOL_GPU), ("reference", TOL_REF)):

@@ -346,10 +346,10 @@ fn bad_grad_input_is_exit_2_naming_it() {
         )),
         &["k_w1", "expected (4, 2, 4)"],
     );
-    // Dense gradients of a variable-length batch, and FMA options with --dense.
+    // FMA options with --dense, and lengths that do not add up to the tensors'.
     assert_bad_input(
-        &cli(&grad_args(&dir, &["--dense", "--seqlens", "10,10"])),
-        &["--dense", "--seqlens"],
+        &cli(&grad_args(&dir, &["--dense", "--seqlens", "10,11"])),
+        &["10,11"],
     );
     assert_bad_input(
         &cli(&grad_args(&dir, &["--dense", "--block", "4"])),

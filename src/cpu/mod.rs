@@ -29,7 +29,9 @@ use gather::{seen_keys_in, SeenKey};
 
 pub use backward::{fma_backward, fma_backward_in};
 pub use dense_backward::dense_backward;
-pub use varlen::{dense_attention_varlen, fma_backward_varlen, fma_forward_varlen};
+pub use varlen::{
+    dense_attention_varlen, dense_backward_varlen, fma_backward_varlen, fma_forward_varlen,
+};
 
 /// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
 /// log-sum-exp of the logits, shape (batch, heads, seq).

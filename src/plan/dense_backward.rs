@@ -11,6 +11,7 @@ use super::limits::{KernelLimits, BINDING_BYTES};
 use super::pass::{Pass, Specialization};
 use super::DENSE_KEY_TILES_PER_DISPATCH;
 use crate::error::{FmaError, Result};
+use crate::sequences::{SeqLayout, Sequences};
 use crate::shape::Shape;
 
 /// Invocations per workgroup of the dense backward's passes: keys of a dK/dV tile, query rows
@@ -34,12 +35,65 @@ pub struct DenseBackwardPlan {
     pub query_tiles: u32,
     /// Bytes of the stats (LSE, D per row): (bh, n, 2) f32.
     pub stats_bytes: u64,
+    /// A padded variable-length batch: dQ, dK, dV = 0 on its padding rows, last.
+    pub pad: Option<Dispatch>,
 }
 
 impl DenseBackwardPlan {
     /// Plans the backward of dense attention of `shape` under `limits`.
     pub fn new(shape: Shape, limits: &KernelLimits) -> Result<Self> {
-        let forward = DensePlan::new(shape, limits)?;
+        Self::build(DensePlan::new(shape, limits)?, limits)
+    }
+
+    /// Plans the backward of exact attention of the variable-length batch `seqs` (every
+    /// sequence attends to itself; `heads` query heads, `kv_heads` K/V heads of width `d`):
+    /// its passes run over the sequence table's tiles (`DensePlan::for_sequences`), a padded
+    /// batch ends with `pad_gradients`.
+    pub fn for_sequences(
+        seqs: &Sequences,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        limits: &KernelLimits,
+    ) -> Result<Self> {
+        let forward = DensePlan::for_sequences(seqs, heads, kv_heads, d, limits)?;
+        let shape = forward.shape;
+        let table_tiles = forward.sequences.as_ref().map_or(0, |t| t.tiles);
+        let mut plan = Self::build(forward, limits)?;
+        // The table's tiles are the forward's query tiles of WG rows: the same WG here, so
+        // each sequence's key tiles (its own keys) are its query tiles.
+        debug_assert_eq!(plan.dq.spec.wg, plan.forward.attention.spec.wg);
+        plan.dq = dispatch(
+            Pass::DenseBackwardDq,
+            None,
+            heads as u64 * table_tiles,
+            plan.dq.spec,
+            limits,
+        )?;
+        plan.dkv = dispatch(
+            Pass::DenseBackwardDkv,
+            None,
+            kv_heads as u64 * table_tiles,
+            plan.dkv.spec,
+            limits,
+        )?;
+        if seqs.layout != SeqLayout::Packed {
+            let spec = plan.delta.spec;
+            plan.pad = Some(dispatch(
+                Pass::PadGradients,
+                None,
+                (shape.rows() as u64).div_ceil(spec.wg as u64),
+                spec,
+                limits,
+            )?);
+        }
+        Ok(plan)
+    }
+
+    /// The plan of `forward`'s backward: a batch of equal sequences' sizes (a variable-length
+    /// batch's dispatches are resized by [`DenseBackwardPlan::for_sequences`]).
+    fn build(forward: DensePlan, limits: &KernelLimits) -> Result<Self> {
+        let shape = forward.shape;
         let stats_bytes = shape.rows() as u64 * 8;
         if stats_bytes > limits.binding_bytes() {
             return Err(FmaError::LimitExceeded {
@@ -74,6 +128,8 @@ impl DenseBackwardPlan {
             bk: query_tile(shape.head_dim, 2 * d4 * 16 + 8, limits)?,
             ..dq_spec
         };
+        // A variable-length batch's shape is its tensors' (padded rows count): its tiles come
+        // from the table, these only size the plain dispatches.
         let query_tiles = (shape.seq as u32).div_ceil(wg);
         let key_tiles = (shape.seq_kv as u32).div_ceil(wg);
         let dkv = dispatch(
@@ -98,6 +154,7 @@ impl DenseBackwardPlan {
             key_tiles,
             query_tiles,
             stats_bytes,
+            pad: None,
         })
     }
 
@@ -226,6 +283,26 @@ mod tests {
         );
         let wide = DenseBackwardPlan::new(Shape::new(1, 1, 10, 256), &limits).unwrap();
         assert_eq!(wide.keys_per_dispatch(), 240);
+    }
+
+    #[test]
+    fn a_variable_length_batch_runs_over_its_tiles_and_pads_a_padded_one() {
+        let limits = KernelLimits::lavapipe();
+        let packed = Sequences::packed(vec![10, 0, 130, 64]).unwrap();
+        let plan = DenseBackwardPlan::for_sequences(&packed, 4, 2, 16, &limits).unwrap();
+        // Tiles of 64: 1 + 0 + 3 + 1 per head.
+        assert_eq!(plan.dq.workgroups, 4 * 5);
+        assert_eq!(plan.dkv.workgroups, 2 * 5);
+        assert!(plan.pad.is_none());
+        assert_eq!(plan.key_chunks(usize::MAX), vec![(0, 130)]);
+        let padded = Sequences::padded(130, vec![10, 130]).unwrap();
+        let plan = DenseBackwardPlan::for_sequences(&padded, 2, 1, 16, &limits).unwrap();
+        assert_eq!(plan.dq.workgroups, 2 * 4);
+        let rows = 2 * 2 * 130u32;
+        assert_eq!(
+            plan.pad.unwrap().workgroups,
+            rows.div_ceil(DENSE_BACKWARD_WG)
+        );
     }
 
     #[test]

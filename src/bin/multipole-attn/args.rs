@@ -175,8 +175,8 @@ v_b{l} (with --queries coarse also q_w{l}, q_b{l}) for every level of the weight
 of --weights; levels the sequence does not use are zeros). Fine or coarse queries, 1D or
 --grid, variable-length batches. float32 on the GPU, float64 with --reference. --lse does not
 apply. --dense differentiates exact attention instead (dq, dk, dv; K/V may have fewer heads
-and another length than Q, --causal bottom-right aligned as in run; not with --seqlens or
---lengths).
+and another length than Q, --causal bottom-right aligned as in run; variable-length batches
+too).
 
 Exit codes: 0 success, 2 bad input (arguments, files, shapes, weights), 1 GPU or runtime failure.")]
 pub struct GradArgs {

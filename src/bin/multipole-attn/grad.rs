@@ -5,7 +5,8 @@
 //! A variable-length batch (`--seqlens`, `--lengths`) is differentiated sequence by sequence
 //! (each its own FMA; 0 on padding rows; weight gradients summed over the sequences).
 //! `--dense` differentiates exact attention instead (`DenseAttention::backward`,
-//! `cpu::dense_backward`): dq, dk, dv only.
+//! `cpu::dense_backward`; variable-length batches too, each sequence attending to itself):
+//! dq, dk, dv only.
 
 use crate::args::GradArgs;
 use crate::error::{CliError, CliResult};
@@ -54,20 +55,16 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
         }
     );
     if run.dense {
-        if seqs.is_some() {
-            return Err(CliError::Input(
-                "grad --dense differentiates a batch of equal sequences: --seqlens and --lengths \
-                 are not supported with --dense"
-                    .into(),
-            ));
-        }
         let shapes = (&x_shape[..], &kv_shape[..]);
         return if run.reference {
             let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
-            let g = cpu::dense_backward(&q, &k, &v, &dout, shape, run.causal)?;
+            let g = match &seqs {
+                None => cpu::dense_backward(&q, &k, &v, &dout, shape, run.causal)?,
+                Some(s) => cpu::dense_backward_varlen((&q, &k, &v, &dout), shape, s, run.causal)?,
+            };
             write_gradients(&run.out, shapes, shape, None, g)
         } else {
-            let g = run_dense_gpu(run.causal, (q, k, v, dout), shape)?;
+            let g = run_dense_gpu(run.causal, (q, k, v, dout), shape, seqs.as_ref())?;
             write_gradients(&run.out, shapes, shape, None, g)
         };
     }
@@ -91,13 +88,17 @@ fn run_dense_gpu(
     causal: bool,
     (q, k, v, dout): (Tensor, Tensor, Tensor, Tensor),
     shape: Shape,
+    seqs: Option<&Sequences>,
 ) -> CliResult<Gradients<f32>> {
     let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
     let dout = dout.into_f32("dO")?;
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
     let dense = DenseAttention::new(&ctx, causal)?;
-    let (_, saved) = dense.forward_train(&q, &k, &v, shape)?;
+    let (_, saved) = match seqs {
+        None => dense.forward_train(&q, &k, &v, shape)?,
+        Some(s) => dense.forward_train_varlen(&q, &k, &v, shape, s)?,
+    };
     Ok(dense.backward(&saved, &dout)?)
 }
 

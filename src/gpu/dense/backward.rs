@@ -8,7 +8,7 @@
 //! atomics), so two runs give identical bits.
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::buffers::{read_f32, storage, uniform};
+use crate::gpu::engine::buffers::{read_f32, sequence_table, storage, uniform};
 use crate::gpu::engine::front::check_host;
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
@@ -17,6 +17,7 @@ use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::tensors::{check_storage, GpuTensors, GradTensors, Output, Scopes, Staged};
 use crate::gradients::Gradients;
 use crate::plan::{DenseBackwardPlan, Dispatch};
+use crate::sequences::Sequences;
 use crate::shape::Shape;
 
 use super::DenseAttention;
@@ -29,6 +30,8 @@ use super::DenseAttention;
 #[derive(Clone, Debug)]
 pub struct DenseSaved {
     shape: Shape,
+    /// The sequences of a variable-length forward; `None` for a batch of equal sequences.
+    sequences: Option<Sequences>,
     owner: u64,
     q: wgpu::Buffer,
     k: wgpu::Buffer,
@@ -42,15 +45,22 @@ impl DenseSaved {
     pub fn shape(&self) -> Shape {
         self.shape
     }
+
+    /// The sequences of a saved variable-length forward.
+    pub fn sequences(&self) -> Option<&Sequences> {
+        self.sequences.as_ref()
+    }
 }
 
 /// The parameter blocks of one backward shape: D's (with its level selector), one per query
-/// chunk of the dK/dV pass and one per key chunk of the dQ pass.
+/// chunk of the dK/dV pass and one per key chunk of the dQ pass; a padded variable-length
+/// batch's padding pass uses D's block with its own selector.
 pub(super) struct BackwardUniforms {
     delta: wgpu::Buffer,
     selects: Selects,
     dkv: Vec<wgpu::Buffer>,
     dq: Vec<wgpu::Buffer>,
+    pad: Option<Selects>,
 }
 
 impl DenseAttention {
@@ -58,6 +68,32 @@ impl DenseAttention {
     /// planned (its first seq - seq_kv rows take no gradient) even where the forward refuses it.
     pub fn backward_plan(&self, shape: Shape) -> Result<DenseBackwardPlan> {
         DenseBackwardPlan::new(shape, &self.limits)
+    }
+
+    /// The plan of the backward of a variable-length batch of `shape` (the tensors' shape, as
+    /// [`Sequences::shape`] gives it).
+    pub fn backward_plan_sequences(
+        &self,
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<DenseBackwardPlan> {
+        shape.validate()?;
+        seqs.check(shape)?;
+        DenseBackwardPlan::for_sequences(
+            seqs,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            &self.limits,
+        )
+    }
+
+    /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
+    fn saved_plan(&self, saved: &DenseSaved) -> Result<DenseBackwardPlan> {
+        match &saved.sequences {
+            None => self.backward_plan(saved.shape),
+            Some(seqs) => self.backward_plan_sequences(saved.shape, seqs),
+        }
     }
 
     /// The query chunks of the dK/dV dispatches and the key chunks of the dQ dispatches.
@@ -68,11 +104,21 @@ impl DenseAttention {
         ]
     }
 
+    /// The uniforms of `plan`, made once per shape (a variable-length batch's depend on its
+    /// lengths: made per call).
     fn backward_uniforms(
         &self,
         plan: &DenseBackwardPlan,
     ) -> Result<std::sync::Arc<BackwardUniforms>> {
-        self.backward_uniforms.get_or_make(plan.forward.shape, || {
+        if plan.forward.sequences.is_some() {
+            return Ok(std::sync::Arc::new(self.make_backward_uniforms(plan)?));
+        }
+        self.backward_uniforms
+            .get_or_make(plan.forward.shape, || self.make_backward_uniforms(plan))
+    }
+
+    fn make_backward_uniforms(&self, plan: &DenseBackwardPlan) -> Result<BackwardUniforms> {
+        {
             let base = self.params(&plan.forward);
             let make = |p: Params, label: &str| -> Result<wgpu::Buffer> {
                 Ok(uniform(
@@ -111,8 +157,12 @@ impl DenseAttention {
                 selects: Selects::new(&self.ctx, &[plan.delta])?,
                 dkv,
                 dq,
+                pad: plan
+                    .pad
+                    .map(|pad| Selects::new(&self.ctx, &[pad]))
+                    .transpose()?,
             })
-        })
+        }
     }
 
     /// Dense attention of host tensors that keeps what the backward needs on the GPU (async).
@@ -126,9 +176,51 @@ impl DenseAttention {
         v: &[f32],
         shape: Shape,
     ) -> Result<(Output, DenseSaved)> {
+        self.forward_train_in((q, k, v), shape, None).await
+    }
+
+    /// [`DenseAttention::forward_varlen_async`] that keeps what the backward needs on the GPU:
+    /// returns O and the LSE (padding rows: 0 and -inf) and the [`DenseSaved`] tensors, whose
+    /// [`DenseAttention::backward_async`] gives dQ of Q's shape, dK and dV of K's shape (0 on
+    /// padding rows). The tensors must fit one storage binding each (a typed error says so).
+    pub async fn forward_train_varlen_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<(Output, DenseSaved)> {
+        self.forward_train_in((q, k, v), shape, Some(seqs)).await
+    }
+
+    /// Blocking [`DenseAttention::forward_train_varlen_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_train_varlen(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<(Output, DenseSaved)> {
+        pollster::block_on(self.forward_train_varlen_async(q, k, v, shape, seqs))
+    }
+
+    /// The training forward of a batch of equal sequences (`seqs = None`) or of a
+    /// variable-length batch.
+    async fn forward_train_in(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+        seqs: Option<&Sequences>,
+    ) -> Result<(Output, DenseSaved)> {
         check_host(shape, q, k, v)?;
         // The backward must be possible before we run a forward.
-        self.backward_plan(shape)?;
+        match seqs {
+            None => self.backward_plan(shape)?,
+            Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
+        };
         let device = &self.ctx.device;
         let bytes = shape.elements() as u64 * 4;
         let kv_bytes = shape.kv_elements() as u64 * 4;
@@ -136,6 +228,7 @@ impl DenseAttention {
         let output = wgpu::BufferUsages::COPY_SRC;
         let saved = DenseSaved {
             shape,
+            sequences: seqs.cloned(),
             owner: self.id,
             q: storage(device, "saved q", bytes, input),
             k: storage(device, "saved k", kv_bytes, input),
@@ -154,7 +247,10 @@ impl DenseAttention {
             out: &saved.o,
             lse: Some(&saved.lse),
         };
-        self.forward_buffers_async(t, shape).await?;
+        match seqs {
+            None => self.forward_buffers_async(t, shape).await?,
+            Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
+        }
         let staged = Staged::new(device, shape, true);
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("dense forward_train readback"),
@@ -192,6 +288,7 @@ impl DenseAttention {
         })?;
         Ok(DenseSaved {
             shape,
+            sequences: None,
             owner: self.id,
             q: t.q.clone(),
             k: t.k.clone(),
@@ -199,6 +296,20 @@ impl DenseAttention {
             o: t.out.clone(),
             lse: lse.clone(),
         })
+    }
+
+    /// [`DenseAttention::saved_from_buffers`] of a forward the caller ran with
+    /// [`DenseAttention::forward_varlen_buffers`] on the variable-length batch `seqs`.
+    pub fn saved_from_buffers_varlen(
+        &self,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<DenseSaved> {
+        self.backward_plan_sequences(shape, seqs)?;
+        let mut saved = self.saved_from_buffers(t, shape)?;
+        saved.sequences = Some(seqs.clone());
+        Ok(saved)
     }
 
     /// Backward of host dO (async), dO of Q's shape (batch, heads, seq, head_dim). Returns dQ
@@ -286,15 +397,24 @@ impl DenseAttention {
             });
         }
         let shape = saved.shape;
-        let plan = self.backward_plan(shape)?;
+        let plan = self.saved_plan(saved)?;
         let bytes = shape.elements() as u64 * 4;
         let kv_bytes = shape.kv_elements() as u64 * 4;
         check_storage("dO", dout, bytes, shape)?;
         check_storage("dQ", g.dq, bytes, shape)?;
         check_storage("dK", g.dk, kv_bytes, shape)?;
         check_storage("dV", g.dv, kv_bytes, shape)?;
-        let pipes = Pipes::new(&self.ctx, [&plan.delta, &plan.dkv, &plan.dq]).await?;
+        let steps: Vec<Dispatch> = [plan.delta, plan.dkv, plan.dq]
+            .into_iter()
+            .chain(plan.pad)
+            .collect();
+        let pipes = Pipes::new(&self.ctx, &steps).await?;
         let uniforms = self.backward_uniforms(&plan)?;
+        let table = plan
+            .forward
+            .sequences
+            .as_ref()
+            .map(|t| sequence_table(&self.ctx.device, t));
         let scopes = Scopes::push(&self.ctx)?;
         {
             let mut stats = self.stats.lock().map_err(poisoned)?;
@@ -303,7 +423,13 @@ impl DenseAttention {
                 plan.stats_bytes,
                 self.limits.binding_bytes(),
             );
-            let res = |params| resources(params, saved, dout, stats, &g);
+            let res = |params| {
+                let r = resources(params, saved, dout, stats, &g);
+                match &table {
+                    Some(table) => r.with(Role::SeqTable, table),
+                    None => r,
+                }
+            };
             let mut enc = self
                 .ctx
                 .device
@@ -330,6 +456,11 @@ impl DenseAttention {
                 }
                 for params in &uniforms.dq {
                     record_steps(ctx, &mut cpass, &[plan.dq], &pipes, None, &res(params))?;
+                }
+                // A padded batch: zeros on the padding rows, last.
+                if let (Some(pad), Some(selects)) = (plan.pad, &uniforms.pad) {
+                    let res = res(&uniforms.delta);
+                    record_steps(ctx, &mut cpass, &[pad], &pipes, Some(selects), &res)?;
                 }
             }
             self.ctx.queue.submit([enc.finish()]);
