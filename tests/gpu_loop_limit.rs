@@ -1,6 +1,6 @@
 //! llvmpipe's loop limit on the plain variant above d = 128 (docs/perf.md, change 10), and on
 //! the subgroup variant's coarse dK~/dV~ pass at long sequences (change 13), and on the dense
-//! backward's walks over every query or key (perf.md change 14).
+//! backward's walks over every query or key (perf.md change 16).
 //! llvmpipe (lavapipe, Mesa's GL; our CI's adapter and the web's path) stops an invocation's
 //! loops after 65535 iterations counted over the whole invocation and then returns wrong
 //! results without an error. Above d = 128 (D4 > 32) its compiler no longer unrolls the plain
