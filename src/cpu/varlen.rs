@@ -1,5 +1,5 @@
 //! The reference of a variable-length batch (`crate::Sequences`): every sequence run alone
-//! through [`fma_forward`], [`dense_attention`], [`fma_backward`] or [`dense_backward`] on its
+//! through [`fma_forward`], [`dense_attention`], [`fma_backward`] or [`dense_backward()`] on its
 //! own rows, the results put back in the batch's layout; padding rows (padded batches) get
 //! O = 0 and LSE = -inf, and gradients 0.
 
@@ -121,7 +121,7 @@ pub fn fma_backward_varlen(
 }
 
 /// Gradients of exact attention of a variable-length batch, each sequence's
-/// [`dense_backward`] alone (every sequence attends to itself; causal per sequence): dQ of
+/// [`dense_backward()`] alone (every sequence attends to itself; causal per sequence): dQ of
 /// Q's shape, dK and dV of K's shape, 0 on padding rows. `shape` is the tensors' shape
 /// ([`Sequences::shape`]), `dout` of Q's shape.
 pub fn dense_backward_varlen(
