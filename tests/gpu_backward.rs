@@ -614,4 +614,8 @@ fn bad_dense_backward_input_is_a_typed_error() {
     };
     let e = dense.saved_from_buffers(t, shape).unwrap_err();
     assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
+    // Tensors over one storage binding: the backward does not split them.
+    let small = DenseAttention::new(ctx, false).unwrap().max_binding(512);
+    let e = small.forward_train(&x.q, &x.k, &x.v, shape).unwrap_err();
+    assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
 }
