@@ -2,7 +2,8 @@
 """Cross-check model-shaped inputs of the `multipole-attn` CLI against float64 numpy:
 cross-length attention (K, V longer or shorter than Q; bottom-right causal alignment; FMA's
 gradients by finite differences),
-grouped-query K/V heads in `run` and `decode` (against the same float64 definitions), empty sequences in `--seqlens`, and
+grouped-query K/V heads in `run` and `decode` (against the same float64 definitions), empty
+sequences in `--seqlens` and per-sequence key lengths (`--seqlens-kv`), and
 np.savez_compressed weights.
 
 Usage:
@@ -212,6 +213,39 @@ def main():
                  decode + ["--block", str(m), "--rank", str(p)], want_fma, cmd="decode")
         run_case(f"decode dense q({b},{h},{n},{d}) kv({b},{hk},{n},{d})", q, k, v, decode + ["--dense"],
                  dense(q64, k64, v64, True), cmd="decode")
+
+        # --seqlens-kv: packed sequences whose keys have lengths of their own (cu_seqlens_q,
+        # cu_seqlens_k), empty queries and keys among them; each sequence against its own keys.
+        qlens, kvlens = [5, 0, 17, 3, 0], [9, 4, 17, 0, 0]
+        h, hk, d = 4, 2, 8
+        q, k, v = f32(1, h, sum(qlens), d), f32(1, hk, sum(kvlens), d), f32(1, hk, sum(kvlens), d)
+        q64, k64, v64 = w64(q, k, v)
+        for causal in (False, True):
+            want = [np.zeros(q.shape), np.full(q.shape[:-1], -np.inf)]
+            qa = ka = 0
+            for nq, nk in zip(qlens, kvlens):
+                if nq and nk:
+                    o, lse = dense(q64[:, :, qa:qa + nq], k64[:, :, ka:ka + nk], v64[:, :, ka:ka + nk], causal)
+                    want[0][:, :, qa:qa + nq], want[1][:, :, qa:qa + nq] = o, lse
+                qa, ka = qa + nq, ka + nk
+            flags = ["--dense", "--seqlens", ",".join(map(str, qlens)),
+                     "--seqlens-kv", ",".join(map(str, kvlens))] + (["--causal"] if causal else [])
+            run_case(f"dense --seqlens {qlens} --seqlens-kv {kvlens} causal={causal}", q, k, v, flags, want)
+        # FMA: causal, every sequence with at least as many keys as queries.
+        qlens, kvlens, m, p = [20, 1, 0, 64], [70, 1, 30, 64], 8, 2
+        q, k, v = f32(1, 2, sum(qlens), d), f32(1, 2, sum(kvlens), d), f32(1, 2, sum(kvlens), d)
+        q64, k64, v64 = w64(q, k, v)
+        want = [np.zeros(q.shape), np.full(q.shape[:-1], -np.inf)]
+        qa = ka = 0
+        for nq, nk in zip(qlens, kvlens):
+            for hi in range(2):
+                if nq:
+                    o, lse = fma_cross(q64[0, hi, qa:qa + nq], k64[0, hi, ka:ka + nk], v64[0, hi, ka:ka + nk], m, p)
+                    want[0][0, hi, qa:qa + nq], want[1][0, hi, qa:qa + nq] = o, lse
+            qa, ka = qa + nq, ka + nk
+        flags = ["--causal", "--block", str(m), "--rank", str(p), "--seqlens", ",".join(map(str, qlens)),
+                 "--seqlens-kv", ",".join(map(str, kvlens))]
+        run_case(f"FMA causal --seqlens {qlens} --seqlens-kv {kvlens}", q, k, v, flags, want)
 
         # FMA refuses what has no FMA meaning, with exit 2.
         q, k, v = f32(50, 8), f32(80, 8), f32(80, 8)

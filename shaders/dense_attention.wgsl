@@ -94,12 +94,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let pr = problem(at.x, at.y);
     let n = pr.n;
-    // A sequence of a variable-length batch attends to itself: its n keys, in the dispatch's
-    // key chunk [key_lo, key_hi) of the longest sequence's keys (a shorter one's rows are
-    // finished by an earlier chunk and return below).
+    // A sequence of a variable-length batch attends to itself: its n_kv keys (n, or a length
+    // of their own), in the dispatch's key chunk [key_lo, key_hi) of the longest sequence's
+    // keys (a shorter one's rows are finished by an earlier chunk and return below).
     let varlen = params.seqs > 0u;
-    let n_kv = select(params.n_kv, n, varlen);
-    let key_hi = select(params.key_hi, min(params.key_hi, n), varlen);
+    let n_kv = pr.n_kv;
+    let key_hi = select(params.key_hi, min(params.key_hi, n_kv), varlen);
     // A batch of equal sequences (or a split head's query chunk) has tiles_per_block tiles each.
     var tile = at.z;
     if (params.causal != 0u && !varlen) {

@@ -76,9 +76,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // The problem of the group's first query head: its K/V rows are this K/V head's.
     let kpr = problem(kv_h * params.kv_group, at.y);
     let n = kpr.n;
-    // A sequence of a variable-length batch attends to its own n keys.
+    let n_kv = kpr.n_kv;
     let varlen = params.seqs > 0u;
-    let n_kv = select(params.n_kv, n, varlen);
     var tile = at.z;
     if (causal && !varlen) {
         tile = causal_order(at.z, params.tiles_per_block);

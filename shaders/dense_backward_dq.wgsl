@@ -67,9 +67,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let pr = problem(at.x, at.y);
     let n = pr.n;
-    // A sequence of a variable-length batch attends to its own n keys.
+    let n_kv = pr.n_kv;
     let varlen = params.seqs > 0u;
-    let n_kv = select(params.n_kv, n, varlen);
     var tile = at.z;
     if (causal && !varlen) {
         tile = causal_order(at.z, params.tiles_per_block);

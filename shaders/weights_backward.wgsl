@@ -7,7 +7,7 @@
 // and, for the last d*p invocations, one per bias element (c, j):
 //   dbK_l[c,j] = sum_{bh, a} dK~[a*p+j, c];  likewise for V.
 // A variable-length batch sums over its sequences too (head by head, sequence by sequence).
-// CPU mirror: the `Downsample::Learned` branch of `cpu::backward::downsample_backward`.
+// CPU mirror: the `Downsample::Learned` branch of `cpu::backward::pool_backward`.
 
 #import params
 #import geometry

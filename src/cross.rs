@@ -15,6 +15,7 @@
 
 use crate::config::{FmaConfig, Queries};
 use crate::error::{FmaError, Result};
+use crate::sequences::Sequences;
 use crate::shape::Shape;
 
 /// Whether `shape` is a cross-length FMA problem that FMA runs (causal, fine queries, 1D,
@@ -81,6 +82,84 @@ pub fn last_rows<T: Copy>(full: &[T], shape: Shape, width: usize) -> Vec<T> {
         .collect()
 }
 
+/// The same for a packed batch whose sequences have keys of their own
+/// ([`Sequences::packed_cross`]): `Ok(true)` when FMA runs it (causal, fine queries, 1D, every
+/// sequence with at least as many keys as queries), `Ok(false)` for equal lengths, else a
+/// typed error.
+pub fn check_fma_cross_varlen(seqs: &Sequences, cfg: &FmaConfig) -> Result<bool> {
+    if !seqs.is_cross() {
+        return Ok(false);
+    }
+    let ok = cfg.causal && cfg.queries == Queries::Fine && cfg.grid.is_none();
+    let short = (0..seqs.count()).find(|&s| seqs.kv_len(s) < seqs.lengths[s]);
+    if ok && short.is_none() {
+        return Ok(true);
+    }
+    Err(FmaError::ShapeMismatch {
+        what: "FMA of sequences with key lengths of their own".into(),
+        expected: "causal, fine queries, 1D, and at least as many keys as queries in every \
+                   sequence (its queries are the last of its keys' positions); dense attention \
+                   takes any lengths"
+            .into(),
+        got: match short {
+            Some(s) => format!(
+                "sequence {s}: {} queries, {} keys",
+                seqs.lengths[s],
+                seqs.kv_len(s)
+            ),
+            None => "a bidirectional, coarse-query or 2D configuration".into(),
+        },
+    })
+}
+
+/// The self-attention batch a cross-length packed batch runs as: the key lengths.
+pub fn full_sequences(seqs: &Sequences) -> Result<Sequences> {
+    Sequences::packed(seqs.kv_lens())
+}
+
+/// Q (or dO) of a cross-length packed batch, `(1, heads, sum q_s, d)`, placed at the last q_s
+/// positions of each sequence's k_s in `(1, heads, sum k_s, d)`, zeros before.
+pub fn pad_rows_varlen<T: Copy + Default>(
+    x: &[T],
+    seqs: &Sequences,
+    heads: usize,
+    d: usize,
+) -> Vec<T> {
+    let (q_total, kv_total) = (seqs.total(), seqs.kv_lens().iter().sum::<usize>());
+    let mut full = vec![T::default(); heads * kv_total * d];
+    for h in 0..heads {
+        let (mut q_at, mut kv_at) = (h * q_total, h * kv_total);
+        for s in 0..seqs.count() {
+            let (n, nk) = (seqs.lengths[s], seqs.kv_len(s));
+            let dst = (kv_at + nk - n) * d;
+            full[dst..dst + n * d].copy_from_slice(&x[q_at * d..(q_at + n) * d]);
+            (q_at, kv_at) = (q_at + n, kv_at + nk);
+        }
+    }
+    full
+}
+
+/// The rows of each sequence's queries out of a [`pad_rows_varlen`]-shaped tensor with `width`
+/// values per row: `(1, heads, sum q_s, width)`.
+pub fn last_rows_varlen<T: Copy>(
+    full: &[T],
+    seqs: &Sequences,
+    heads: usize,
+    width: usize,
+) -> Vec<T> {
+    let kv_total = seqs.kv_lens().iter().sum::<usize>();
+    let mut out = Vec::with_capacity(heads * seqs.total() * width);
+    for h in 0..heads {
+        let mut kv_at = h * kv_total;
+        for s in 0..seqs.count() {
+            let (n, nk) = (seqs.lengths[s], seqs.kv_len(s));
+            out.extend_from_slice(&full[(kv_at + nk - n) * width..(kv_at + nk) * width]);
+            kv_at += nk;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +177,27 @@ mod tests {
         assert_eq!(
             last_rows(&lse, shape, 1),
             vec![3, 4, 8, 9, 13, 14, 18, 19, 23, 24, 28, 29]
+        );
+    }
+
+    #[test]
+    fn varlen_padding_places_each_sequence_at_its_keys_end() {
+        let seqs = Sequences::packed_cross(vec![1, 2, 0], vec![3, 2, 4]).unwrap();
+        let x = [1u32, 2, 3, 4, 5, 6]; // 2 heads, 3 query rows, width 1
+        let full = pad_rows_varlen(&x, &seqs, 2, 1);
+        assert_eq!(
+            full,
+            vec![0, 0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 4, 5, 6, 0, 0, 0, 0]
+        );
+        assert_eq!(last_rows_varlen(&full, &seqs, 2, 1), x);
+        let causal = FmaConfig::new(4, 2).causal(true);
+        assert!(check_fma_cross_varlen(&seqs, &causal).unwrap());
+        assert!(check_fma_cross_varlen(&seqs, &FmaConfig::new(4, 2)).is_err());
+        let short = Sequences::packed_cross(vec![3], vec![2]).unwrap();
+        let e = check_fma_cross_varlen(&short, &causal).unwrap_err();
+        assert!(
+            e.to_string().contains("sequence 0: 3 queries, 2 keys"),
+            "{e}"
         );
     }
 

@@ -32,8 +32,11 @@ pub enum SeqLayout {
 pub struct Sequences {
     /// Where they lie.
     pub layout: SeqLayout,
-    /// Real tokens of each sequence.
+    /// Real tokens of each sequence (its queries).
     pub lengths: Vec<usize>,
+    /// Keys (and values) of each sequence when they differ from its queries
+    /// ([`Sequences::packed_cross`], FlashAttention's `cu_seqlens_k`); `None`: as `lengths`.
+    pub kv_lengths: Option<Vec<usize>>,
 }
 
 impl Sequences {
@@ -54,7 +57,65 @@ impl Sequences {
         Ok(Self {
             layout: SeqLayout::Packed,
             lengths,
+            kv_lengths: None,
         })
+    }
+
+    /// Packed sequences whose queries and keys have lengths of their own (FlashAttention's
+    /// `cu_seqlens_q` and `cu_seqlens_k` as lengths): Q, O of `(1, heads, sum q_lengths, d)`,
+    /// K, V of `(1, kv_heads, sum kv_lengths, d)`; sequence s's queries attend to its own keys
+    /// (causal: bottom-right aligned, as [`crate::Shape::cross`]). A sequence with no query
+    /// and no key is dropped; one with keys but no query keeps its keys' place; one with queries
+    /// but no key gives O = 0, LSE = -inf. Equal lengths are [`Sequences::packed`].
+    pub fn packed_cross(q_lengths: Vec<usize>, kv_lengths: Vec<usize>) -> Result<Self> {
+        if q_lengths.len() != kv_lengths.len() {
+            return Err(FmaError::InvalidConfig {
+                what: "key lengths of a packed batch",
+                value: format!(
+                    "{} key lengths for {} sequences",
+                    kv_lengths.len(),
+                    q_lengths.len()
+                ),
+                allowed: "one key length per sequence".into(),
+            });
+        }
+        if q_lengths == kv_lengths {
+            return Self::packed(q_lengths);
+        }
+        let (lengths, kv): (Vec<usize>, Vec<usize>) = q_lengths
+            .into_iter()
+            .zip(kv_lengths)
+            .filter(|&(q, k)| q > 0 || k > 0)
+            .unzip();
+        if lengths.iter().all(|&l| l == 0) {
+            return Err(FmaError::InvalidConfig {
+                what: "sequence lengths",
+                value: "no sequence has a query".into(),
+                allowed: "at least one sequence with a token".into(),
+            });
+        }
+        Ok(Self {
+            layout: SeqLayout::Packed,
+            lengths,
+            kv_lengths: Some(kv),
+        })
+    }
+
+    /// Keys of sequence s.
+    pub fn kv_len(&self, s: usize) -> usize {
+        self.kv_lengths.as_ref().map_or(self.lengths[s], |k| k[s])
+    }
+
+    /// Whether some sequence has another number of keys than of queries.
+    pub fn is_cross(&self) -> bool {
+        self.kv_lengths.is_some()
+    }
+
+    /// The keys of every sequence (its `lengths` unless [`Sequences::packed_cross`] set them).
+    pub fn kv_lens(&self) -> Vec<usize> {
+        self.kv_lengths
+            .clone()
+            .unwrap_or_else(|| self.lengths.clone())
     }
 
     /// Padded rows of `n` tokens with `lengths[b]` real ones each (0 allowed: a row with no
@@ -77,6 +138,7 @@ impl Sequences {
         Ok(Self {
             layout: SeqLayout::Padded { n },
             lengths,
+            kv_lengths: None,
         })
     }
 
@@ -95,22 +157,39 @@ impl Sequences {
         self.lengths.iter().sum()
     }
 
+    /// The longest key range of a sequence (the most keys a query row attends to).
+    pub fn max_kv_len(&self) -> usize {
+        self.kv_lens().into_iter().max().unwrap_or(0)
+    }
+
     /// The tensors' shape for `heads` query heads, `kv_heads` K/V heads and head dimension `d`:
-    /// packed `(1, heads, total, d)`, padded `(batch, heads, n, d)` (K, V with `kv_heads`).
+    /// packed `(1, heads, total, d)` (K, V: their own total), padded `(batch, heads, n, d)`
+    /// (K, V with `kv_heads`).
     pub fn shape(&self, heads: usize, kv_heads: usize, d: usize) -> Shape {
         match self.layout {
-            SeqLayout::Packed => Shape::new(1, heads, self.total(), d),
+            SeqLayout::Packed => {
+                let kv_total = self.kv_lens().iter().sum();
+                Shape::cross(1, heads, self.total(), kv_total, d)
+            }
             SeqLayout::Padded { n } => Shape::new(self.count(), heads, n, d),
         }
         .with_kv_heads(kv_heads)
     }
 
     /// Rows between the heads of one sequence, and the row of token 0 of head 0 of sequence
-    /// `s`, in a tensor with `heads` heads (Q, O: query heads; K, V: K/V heads).
+    /// `s`, in Q, O (`heads` query heads).
     pub fn rows(&self, heads: usize, s: usize) -> (usize, usize) {
         match self.layout {
             SeqLayout::Packed => (self.total(), self.lengths[..s].iter().sum()),
             SeqLayout::Padded { n } => (n, s * heads * n),
+        }
+    }
+
+    /// [`Sequences::rows`] of K and V (`kv_heads` heads, packed by the key lengths).
+    pub fn kv_rows(&self, kv_heads: usize, s: usize) -> (usize, usize) {
+        match (&self.kv_lengths, self.layout) {
+            (Some(kv), SeqLayout::Packed) => (kv.iter().sum(), kv[..s].iter().sum()),
+            _ => self.rows(kv_heads, s),
         }
     }
 
@@ -122,8 +201,9 @@ impl Sequences {
                 what: "variable-length batch".into(),
                 expected: match self.layout {
                     SeqLayout::Packed => format!(
-                        "{want}: the lengths sum to {} packed tokens in one batch row",
-                        self.total()
+                        "{want}: the lengths sum to {} packed tokens in one batch row (keys: {})",
+                        self.total(),
+                        self.kv_lens().iter().sum::<usize>()
                     ),
                     SeqLayout::Padded { n } => format!(
                         "{want}: one batch row per length ({}), {n} tokens each",
@@ -158,6 +238,25 @@ mod tests {
         let s = Sequences::packed(vec![0, 5, 0, 3, 0]).unwrap();
         assert_eq!(s, Sequences::packed(vec![5, 3]).unwrap());
         assert_eq!(s.shape(2, 1, 4), Shape::new(1, 2, 8, 4).with_kv_heads(1));
+    }
+
+    #[test]
+    fn cross_lengths_pack_keys_by_their_own() {
+        let s = Sequences::packed_cross(vec![2, 0, 0, 3], vec![5, 4, 0, 3]).unwrap();
+        assert_eq!(
+            (s.lengths.clone(), s.kv_lens()),
+            (vec![2, 0, 3], vec![5, 4, 3])
+        );
+        assert_eq!(
+            s.shape(2, 1, 8),
+            Shape::cross(1, 2, 5, 12, 8).with_kv_heads(1)
+        );
+        assert_eq!((s.rows(2, 2), s.kv_rows(1, 2)), ((5, 2), (12, 9)));
+        assert_eq!(s.max_kv_len(), 5);
+        let same = Sequences::packed_cross(vec![0, 3], vec![0, 3]).unwrap();
+        assert_eq!(same, Sequences::packed(vec![3]).unwrap());
+        assert!(Sequences::packed_cross(vec![1], vec![1, 2]).is_err());
+        assert!(Sequences::packed_cross(vec![0, 0], vec![1, 2]).is_err());
     }
 
     #[test]

@@ -170,3 +170,59 @@ fn no_two_modules_import_each_other() {
         cycles.join("\n")
     );
 }
+
+/// Every file under `dir` (recursively), relative to `root`, skipping build outputs and
+/// installed packages.
+fn all_files(root: &Path, dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if ["node_modules", "pkg", "target", "results"].contains(&name.as_ref())
+            || name.starts_with('.')
+        {
+            continue;
+        }
+        if path.is_dir() {
+            out.extend(all_files(root, &path));
+        } else {
+            let rel = path.strip_prefix(root).expect("under the root");
+            out.push(rel.to_string_lossy().replace('\\', "/"));
+        }
+    }
+    out
+}
+
+/// docs/architecture.md's directory index names every file of the code, shaders, tests,
+/// examples, scripts and the web front: a file nobody describes is a file nobody finds.
+#[test]
+fn the_directory_index_names_every_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = fs::read_to_string(root.join("docs/architecture.md")).expect("architecture.md");
+    let index = doc
+        .split("## Directory index")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a '## Directory index' section");
+    let mut missing = Vec::new();
+    for dir in ["src", "shaders", "tests", "examples", "scripts", "web"] {
+        for file in all_files(root, &root.join(dir)) {
+            if file.ends_with("package-lock.json") {
+                continue;
+            }
+            let (folder, name) = file.rsplit_once('/').unwrap_or(("", &file));
+            let listed =
+                index.contains(&format!("**{folder}/**")) && index.contains(&format!("`{name}`"));
+            if !listed {
+                missing.push(file);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md's directory index lacks {missing:?}: add a line for each"
+    );
+}

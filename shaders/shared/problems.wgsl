@@ -15,7 +15,8 @@
 //   TILE  [S+1, 2S+2)         query tiles before s (this executor's tiling)
 //   QBASE [2S+2, 3S+2)        row of token 0 of head 0 of s in Q, O, the LSE
 //   KVBASE[3S+2, 4S+2)        row of token 0 of K/V head 0 of s in K, V
-//   ROWS l[4S+2 + l(S+1), ..) coarse rows (windows_l(n_s) p) before s at level index l
+//   KVTOK [4S+2, 5S+3)        keys before sequence s (TOK unless its keys have their own length)
+//   ROWS l[5S+3 + l(S+1), ..) coarse rows (windows_l(n_s) p) before s at level index l
 // Row of token i of query head h: QBASE[s] + h q_head_stride + i; coarse row r of level
 // index l: h coarse_rows + levels[l].row_offset + ROWS_l[s] + r (K~, V~: K/V head h / kv_group).
 // Needs from the importer: params and `fn seq_word(i: u32) -> u32`, word i of the table:
@@ -24,7 +25,8 @@
 // (params.table_at) and imports this file alone.
 
 struct Problem {
-    n: u32,        // tokens of the sequence
+    n: u32,        // tokens of the sequence (its queries)
+    n_kv: u32,     // its keys: n, or a length of their own (cross-length, dense attention)
     q_row: u32,    // row of its token 0 in Q, O and the LSE
     kv_row: u32,   // row of its token 0 in K and V
     q_crow: u32,   // first coarse row of its query head (Q~, partial outputs) before level offsets
@@ -47,7 +49,7 @@ fn sec_tile() -> u32 {
     return params.seqs + 1u;
 }
 fn sec_rows(lvl: u32) -> u32 {
-    return 4u * params.seqs + 2u + lvl * (params.seqs + 1u);
+    return 5u * params.seqs + 3u + lvl * (params.seqs + 1u);
 }
 
 // The largest s < S with table[base + s] <= u: the sequence holding unit u of a prefix section.
@@ -75,12 +77,14 @@ fn problem(h: u32, s: u32) -> Problem {
     pr.s = s;
     if (params.seqs == 0u) {
         pr.n = params.n;
+        pr.n_kv = params.n_kv;
         pr.q_row = h * params.n;
         pr.kv_row = kv_h * params.n_kv;
         pr.qh = h;
     } else {
         let sq = params.seqs;
         pr.n = seq_word(s + 1u) - seq_word(s);
+        pr.n_kv = seq_word(4u * sq + 3u + s) - seq_word(4u * sq + 2u + s);
         pr.q_row = seq_word(2u * sq + 2u + s) + h * params.q_head_stride;
         pr.kv_row = seq_word(3u * sq + 2u + s) + kv_h * params.kv_head_stride;
         pr.qh = h * sq + s;

@@ -46,6 +46,10 @@ pub struct AdapterReport {
     pub seconds: f64,
     /// Why no device could be made on the adapter, if so.
     pub error: Option<String>,
+    /// Why the library cannot run on the adapter at all (`gpu::compute_support`: no compute
+    /// shaders, too few storage bindings), if so: the adapter was not tested, and counts as
+    /// neither passed nor failed.
+    pub unsupported: Option<String>,
     /// Every case, in the suite's order (empty when no device could be made).
     pub results: Vec<CaseResult>,
 }
@@ -62,7 +66,7 @@ impl Report {
         }
     }
 
-    /// Whether every adapter passed every case.
+    /// Whether every adapter that can run compute passes passed every case.
     pub fn passed(&self) -> bool {
         self.adapters
             .iter()
@@ -92,7 +96,16 @@ impl AdapterReport {
             worst_error: 0.0,
             seconds: 0.0,
             error: None,
+            unsupported: None,
             results: Vec::new(),
+        }
+    }
+
+    /// The adapter `info` that cannot run compute passes (`why`): not tested, no case counted.
+    pub fn unsupported(info: &wgpu::AdapterInfo, why: String) -> Self {
+        Self {
+            unsupported: Some(why),
+            ..Self::identify(info)
         }
     }
 

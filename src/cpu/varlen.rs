@@ -40,12 +40,17 @@ fn each_sequence(
             continue;
         }
         let (q_stride, q_row) = seqs.rows(heads, s);
-        let (kv_stride, kv_row) = seqs.rows(kv_heads, s);
+        let (kv_stride, kv_row) = seqs.kv_rows(kv_heads, s);
+        // Its own keys (packed_cross: a length of their own); none: O = 0, LSE = -inf.
+        let nk = seqs.kv_len(s);
+        if nk == 0 {
+            continue;
+        }
         let r = one(
             &gather(q, heads, q_stride, q_row, n, d),
-            &gather(k, kv_heads, kv_stride, kv_row, n, d),
-            &gather(v, kv_heads, kv_stride, kv_row, n, d),
-            Shape::new(1, heads, n, d).with_kv_heads(kv_heads),
+            &gather(k, kv_heads, kv_stride, kv_row, nk, d),
+            &gather(v, kv_heads, kv_stride, kv_row, nk, d),
+            Shape::cross(1, heads, n, nk, d).with_kv_heads(kv_heads),
         )?;
         for h in 0..heads {
             let at = h * q_stride + q_row;
@@ -66,6 +71,7 @@ pub fn fma_forward_varlen(
     seqs: &Sequences,
     cfg: &FmaConfig,
 ) -> Result<Reference> {
+    crate::cross::check_fma_cross_varlen(seqs, cfg)?;
     each_sequence(q, k, v, shape, seqs, |q, k, v, s| {
         fma_forward(q, k, v, s, cfg)
     })
@@ -111,6 +117,7 @@ pub fn fma_backward_varlen(
     seqs: &Sequences,
     cfg: &FmaConfig,
 ) -> Result<Gradients<f64>> {
+    crate::cross::check_fma_cross_varlen(seqs, cfg)?;
     let weights = match &cfg.downsample {
         Downsample::Learned(w) => Some(w.levels.iter().map(LevelGradients::zeros_like).collect()),
         Downsample::Average => None,
@@ -159,17 +166,18 @@ fn backward_each_sequence(
             continue;
         }
         let (q_stride, q_row) = seqs.rows(heads, s);
-        let (kv_stride, kv_row) = seqs.rows(kv_heads, s);
+        let (kv_stride, kv_row) = seqs.kv_rows(kv_heads, s);
+        let nk = seqs.kv_len(s);
         let g = one(
             &gather(q, heads, q_stride, q_row, n, d),
-            &gather(k, kv_heads, kv_stride, kv_row, n, d),
-            &gather(v, kv_heads, kv_stride, kv_row, n, d),
+            &gather(k, kv_heads, kv_stride, kv_row, nk, d),
+            &gather(v, kv_heads, kv_stride, kv_row, nk, d),
             &gather(dout, heads, q_stride, q_row, n, d),
-            Shape::new(1, heads, n, d).with_kv_heads(kv_heads),
+            Shape::cross(1, heads, n, nk, d).with_kv_heads(kv_heads),
         )?;
         scatter(&mut dq, &g.dq, q_stride, q_row, n, d);
-        scatter(&mut dk, &g.dk, kv_stride, kv_row, n, d);
-        scatter(&mut dv, &g.dv, kv_stride, kv_row, n, d);
+        scatter(&mut dk, &g.dk, kv_stride, kv_row, nk, d);
+        scatter(&mut dv, &g.dv, kv_stride, kv_row, nk, d);
         if let (Some(all), Some(one)) = (weights.as_mut(), g.weights) {
             for (a, b) in all.iter_mut().zip(&one) {
                 add_into(&mut a.wk, &b.wk);

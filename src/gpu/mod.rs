@@ -20,11 +20,12 @@ mod fma;
 
 pub use decode::{DecodeMode, Decoder, StepTensors};
 pub use dense::{DenseAttention, DenseSaved};
+pub use engine::context::{
+    adapter_support, compute_support, negotiate_features, negotiate_limits, AdapterReport,
+    ContextOptions, GpuContext,
+};
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::context::{all_adapters, list_adapters};
-pub use engine::context::{
-    negotiate_features, negotiate_limits, AdapterReport, ContextOptions, GpuContext,
-};
 pub use engine::shaders;
 pub use engine::tensors::{GpuTensors, Output};
 pub use fma::backward::{GradTensors, Saved, WeightGradTensors};

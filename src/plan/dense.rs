@@ -72,7 +72,7 @@ impl DensePlan {
         let n_kv = self
             .sequences
             .as_ref()
-            .map_or(self.shape.seq_kv, |t| t.max_len);
+            .map_or(self.shape.seq_kv, |t| t.max_kv_len);
         if n_kv <= max_keys {
             return vec![(0, n_kv)];
         }

@@ -56,6 +56,16 @@ impl DenseBackwardPlan {
         d: usize,
         limits: &KernelLimits,
     ) -> Result<Self> {
+        if seqs.is_cross() {
+            // The dK/dV pass takes its key tiles from the table's query tiles.
+            return Err(FmaError::InvalidConfig {
+                what: "key lengths",
+                value: "of their own per sequence, in a dense backward".into(),
+                allowed: "each sequence's keys are its queries (Sequences::packed or padded): \
+                          the dense backward of per-sequence key lengths is not implemented yet"
+                    .into(),
+            });
+        }
         let forward = DensePlan::for_sequences(seqs, heads, kv_heads, d, limits)?;
         let shape = forward.shape;
         let table_tiles = forward.sequences.as_ref().map_or(0, |t| t.tiles);
@@ -186,7 +196,12 @@ impl DenseBackwardPlan {
     /// keys in whole key tiles (at least one), as [`DensePlan::key_chunks`].
     pub fn key_chunks(&self, max_keys: usize) -> Vec<(usize, usize)> {
         let bk = self.dq.spec.bk as usize;
-        chunks(self.longest(self.forward.shape.seq_kv), bk, max_keys)
+        let n_kv = self
+            .forward
+            .sequences
+            .as_ref()
+            .map_or(self.forward.shape.seq_kv, |t| t.max_kv_len);
+        chunks(n_kv, bk, max_keys)
     }
 
     /// The query ranges `lo..hi` (of each query head) of the dK/dV dispatches, in order: a
@@ -198,8 +213,8 @@ impl DenseBackwardPlan {
         chunks(self.longest(self.forward.shape.seq), bk, per_head)
     }
 
-    /// `len` rows, or a variable-length batch's longest sequence (its own keys: shorter
-    /// sequences finish early).
+    /// `len` queries, or a variable-length batch's longest sequence (shorter sequences finish
+    /// early).
     fn longest(&self, len: usize) -> usize {
         self.forward.sequences.as_ref().map_or(len, |t| t.max_len)
     }
@@ -303,6 +318,8 @@ mod tests {
             plan.pad.unwrap().workgroups,
             rows.div_ceil(DENSE_BACKWARD_WG)
         );
+        let cross = Sequences::packed_cross(vec![5, 3], vec![9, 3]).unwrap();
+        assert!(DenseBackwardPlan::for_sequences(&cross, 2, 1, 16, &limits).is_err());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! Sections (u32), S sequences: TOK (S + 1, prefix sums of the real tokens), TILE (S + 1,
 //! prefix sums of the executor's query tiles per sequence), QBASE and KVBASE (S each: the row of
-//! token 0 of head 0 in Q and in K), then per coarse level l ROWS_l (S + 1, prefix sums of
-//! windows_l(n_s) p). Work is laid out head by head, sequence by sequence inside a head.
+//! token 0 of head 0 in Q and in K), KVTOK (S + 1, prefix sums of the sequences' keys: TOK's
+//! unless `Sequences::packed_cross` gave them lengths of their own), then per coarse level l
+//! ROWS_l (S + 1, prefix sums of windows_l(n_s) p). Work is laid out head by head, sequence by
+//! sequence inside a head.
 
 use crate::error::{FmaError, Result};
 use crate::levels::Levels;
@@ -25,8 +27,10 @@ pub struct SeqTable {
     pub q_head_stride: usize,
     /// Rows between the K/V heads of a sequence in K, V.
     pub kv_head_stride: usize,
-    /// Tokens of the longest sequence (the most keys a query row attends to).
+    /// Tokens of the longest sequence.
     pub max_len: usize,
+    /// Keys of the longest sequence (the most keys a query row attends to).
+    pub max_kv_len: usize,
 }
 
 impl SeqTable {
@@ -56,7 +60,14 @@ impl SeqTable {
         let total_tiles = tile_prefix[s];
         words64.extend(tile_prefix);
         words64.extend((0..s).map(|i| seqs.rows(heads, i).1 as u64));
-        words64.extend((0..s).map(|i| seqs.rows(kv_heads, i).1 as u64));
+        words64.extend((0..s).map(|i| seqs.kv_rows(kv_heads, i).1 as u64));
+        let kv_lens = seqs.kv_lens();
+        words64.extend(
+            std::iter::once(0).chain(kv_lens.iter().scan(0u64, |acc, &n| {
+                *acc += n as u64;
+                Some(*acc)
+            })),
+        );
         let mut level_rows = Vec::new();
         if let Some(lv) = levels {
             for level in &lv.levels {
@@ -77,14 +88,16 @@ impl SeqTable {
                 advice: "split the batch into several calls".into(),
             })?;
         let (q_head_stride, _) = seqs.rows(heads, 0);
+        let (kv_head_stride, _) = seqs.kv_rows(kv_heads, 0);
         Ok(Self {
             words,
             seqs: s,
             tiles: total_tiles,
             level_rows,
             q_head_stride,
-            kv_head_stride: q_head_stride,
+            kv_head_stride,
             max_len: seqs.max_len(),
+            max_kv_len: seqs.max_kv_len(),
         })
     }
 
@@ -111,6 +124,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cross_lengths_get_their_own_key_sections() {
+        let seqs = Sequences::packed_cross(vec![3, 0, 2], vec![5, 4, 1]).unwrap();
+        let t = SeqTable::new(&seqs, 2, 1, None, |n| n.div_ceil(2) as u64).unwrap();
+        let w = &t.words;
+        assert_eq!(&w[0..4], &[0, 3, 3, 5]); // TOK
+        assert_eq!(&w[8..11], &[0, 3, 3]); // QBASE
+        assert_eq!(&w[11..14], &[0, 5, 9]); // KVBASE: packed by the key lengths
+        assert_eq!(&w[14..18], &[0, 5, 9, 10]); // KVTOK
+        assert_eq!((t.q_head_stride, t.kv_head_stride), (5, 10));
+        assert_eq!((t.max_len, t.max_kv_len), (3, 5));
+    }
+
+    #[test]
     fn packed_table_sections() {
         let seqs = Sequences::packed(vec![3, 9, 1]).unwrap();
         let levels = Levels::new(9, 2, 2); // m = 2: L = 2, windows of 2 and 4
@@ -121,8 +147,9 @@ mod tests {
         assert_eq!(&w[4..8], &[0, 2, 7, 8]); // TILE: blocks of 2
         assert_eq!(&w[8..11], &[0, 3, 12]); // QBASE
         assert_eq!(&w[11..14], &[0, 3, 12]); // KVBASE
-        assert_eq!(&w[14..18], &[0, 4, 14, 16]); // level 1: 2, 5, 1 windows of 2, p = 2
-        assert_eq!(&w[18..22], &[0, 2, 8, 10]); // level 2: 1, 3, 1 windows of 4
+        assert_eq!(&w[14..18], &[0, 3, 12, 13]); // KVTOK: as TOK
+        assert_eq!(&w[18..22], &[0, 4, 14, 16]); // level 1: 2, 5, 1 windows of 2, p = 2
+        assert_eq!(&w[22..26], &[0, 2, 8, 10]); // level 2: 1, 3, 1 windows of 4
         assert_eq!(t.level_rows, vec![16, 10]);
         assert_eq!(t.level_offsets(), vec![0, 16]);
         assert_eq!((t.tiles, t.q_head_stride), (8, 13));

@@ -89,7 +89,7 @@ test("Test this GPU runs the doctor suite and copies its JSON", { timeout: SUITE
     assert.equal(report.adapters.length, 1);
     const a = report.adapters[0];
     assert.deepEqual(Object.keys(a), ["adapter", "backend", "device_type", "driver", "kernels",
-      "passed", "failed", "worst_error", "seconds", "error", "results"]);
+      "passed", "failed", "worst_error", "seconds", "error", "unsupported", "results"]);
     assert.equal(a.backend, "BrowserWebGpu");
     assert.equal(a.kernels, "plain");
     assert.equal(a.results.length, report.cases);

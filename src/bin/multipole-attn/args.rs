@@ -37,6 +37,16 @@ pub enum Command {
     Grad(GradArgs),
     /// Incremental causal decoding: prefill the first P tokens of Q, K, V, then append the rest
     /// C tokens at a time through the multi-level KV cache; writes all n rows of O.
+    // `run`'s options that do not apply to decoding stay out of its help (decode.rs refuses
+    // them when given: decoding is causal, fine-query, 1D and one length per batch row).
+    #[command(
+        mut_arg("causal", |a| a.hide(true)),
+        mut_arg("queries", |a| a.hide(true)),
+        mut_arg("grid", |a| a.hide(true)),
+        mut_arg("seqlens", |a| a.hide(true)),
+        mut_arg("seqlens_kv", |a| a.hide(true)),
+        mut_arg("lengths", |a| a.hide(true))
+    )]
     Decode(DecodeArgs),
     /// List every GPU adapter wgpu finds, with the limits and features this library uses.
     Info,
@@ -86,9 +96,17 @@ pub enum QueriesArg {
 /// Arguments of `multipole-attn run`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Arrays: .npy, float32 or float64, shape (n, d) or (batch, heads, n, d); Q, K and V must have the
-same shape. O is written with the shape of Q; LSE with shape (n,) or (batch, heads, n). Both are
-float32 on the GPU and float64 with --reference (float64 inputs keep their precision there).
+Arrays: .npy, float16, float32 or float64: Q of shape (n, d) or (batch, heads, n, d), K and V of
+(n_kv, d) or (batch, kv_heads, n_kv, d): fewer K/V heads than Q's (grouped-query attention,
+kv_heads dividing heads) and another length (cross-length: n_kv != n) are allowed. O is written
+with the shape of Q; LSE with shape (n,) or (batch, heads, n). Both are float32 on the GPU and
+float64 with --reference (float64 inputs keep their precision there).
+
+Cross-length attention: --dense takes any n_kv (bidirectional: every key; --causal: bottom-right
+aligned, query i sees key j iff j <= i + n_kv - n; a query with no key gets O = 0, LSE = -inf).
+FMA takes n_kv > n with --causal and fine queries: the n queries are the last n positions of a
+causal FMA over the n_kv tokens (a chunk of a sequence attending to itself and what precedes
+it); other cross-length FMA is bad input (exit 2).
 
 Learned weights (.npz): for levels l = 1, 2, ... keys k_w{l}, v_w{l} of shape (d, p, m*2^(l-1))
 (with --grid: (d, p, s_l, s_l), s_l = m*2^(l-1)) and k_b{l}, v_b{l} of shape (d, p), float32 or
@@ -117,7 +135,10 @@ pub struct RunArgs {
     /// Coarse rank p: coarse keys per window; must divide m.
     #[arg(long, value_name = "P", default_value_t = 2)]
     pub rank: usize,
-    /// Causal mask: query i sees keys t <= i only.
+    /// Causal mask, bottom-right aligned (as FlashAttention): query i of n sees key j of n_kv
+    /// iff j <= i + n_kv - n, so the queries are the last n of the keys' positions (n_kv = n:
+    /// keys t <= i). PyTorch's `is_causal` aligns top-left (j <= i) instead; the two agree when
+    /// n_kv = n.
     #[arg(long)]
     pub causal: bool,
     /// Downsampling of coarse keys/values [default: average, or learned when --weights is given].
@@ -158,6 +179,19 @@ pub struct RunArgs {
         conflicts_with = "lengths"
     )]
     pub seqlens: Option<Vec<usize>>,
+    /// With --seqlens: the key lengths of the same sequences (one each, summing to K's and
+    /// V's length; FlashAttention's cu_seqlens_k as lengths), when they differ from the query
+    /// lengths. K and V are packed by these; each sequence's queries attend to its own keys
+    /// (with --causal bottom-right aligned: the queries are the last of its keys' positions;
+    /// a sequence with queries but no key gets O = 0, LSE = -inf). FMA takes them with
+    /// --causal and at least as many keys as queries per sequence (not in `grad` on the GPU).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "K0,K1,..",
+        requires = "seqlens"
+    )]
+    pub seqlens_kv: Option<Vec<usize>>,
     /// A padded batch: one length (0..=n) per batch row of arrays (batch, heads, n, d);
     /// positions at or beyond a row's length are neither attended nor attended from (O = 0,
     /// LSE = -inf there).

@@ -50,6 +50,13 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
                 .into(),
         ));
     }
+    if run.grid.is_some() {
+        return Err(CliError::Input(
+            "decode does not take --grid: decoding appends tokens of a 1D sequence (2D FMA is \
+             bidirectional)"
+                .into(),
+        ));
+    }
     if args.chunk == 0 {
         return Err(CliError::Input(
             "--chunk must be at least 1 token per step".into(),
@@ -63,8 +70,8 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
     if run.seqlens.is_some() || run.lengths.is_some() {
         return Err(CliError::Input(
-            "decode does not take --seqlens or --lengths yet: variable-length batches have a forward \
-             (`run`) but no decoding cache"
+            "decode does not take --seqlens, --seqlens-kv or --lengths yet: variable-length batches \
+             have a forward (`run`) but no decoding cache"
                 .into(),
         ));
     }

@@ -8,7 +8,7 @@ use crate::error::{CliError, CliResult};
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::conformance::report::{AdapterReport, Report};
 use multipole_attn::conformance::{suite, ATOL, RTOL};
-use multipole_attn::gpu::{all_adapters, ContextOptions, GpuContext};
+use multipole_attn::gpu::{adapter_support, all_adapters, ContextOptions, GpuContext};
 
 /// Runs the suite on each adapter (optionally only some backends) and prints a table per
 /// adapter, or the JSON report; fails if any adapter fails any case or no adapter is found.
@@ -22,12 +22,19 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
     if adapters.is_empty() {
         return Err(CliError::NoAdapter);
     }
-    let found: Vec<String> = adapters.iter().map(backend_of).collect();
+    // A required backend needs an adapter that can run the suite: one without compute
+    // shaders there (NVIDIA's GL 3.3 context) is no substitute.
+    let found: Vec<String> = adapters
+        .iter()
+        .filter(|ad| adapter_support(ad).is_ok())
+        .map(backend_of)
+        .collect();
     for backend in &a.require {
         let backend = backend.trim().to_lowercase();
         if !found.contains(&backend) {
             return Err(CliError::Runtime(format!(
-                "no adapter on the required backend '{backend}' (found: {})",
+                "no adapter that can run compute passes on the required backend '{backend}' \
+                 (found: {})",
                 found.join(", ")
             )));
         }
@@ -46,6 +53,13 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
             "== {} ({:?}, {:?}), driver: {} {}",
             info.name, info.backend, info.device_type, info.driver, info.driver_info
         ));
+        if let Err(why) = adapter_support(&adapter) {
+            say(format!(
+                "   not tested: the adapter cannot run compute passes ({why})\n"
+            ));
+            reports.push(AdapterReport::unsupported(&info, why));
+            continue;
+        }
         let start = Instant::now();
         let ctx = match pollster::block_on(GpuContext::from_adapter(
             &adapter,
@@ -125,6 +139,13 @@ fn print_table(report: &Report) {
     );
     for r in &report.adapters {
         let driver: String = r.driver.chars().take(40).collect();
+        if let Some(why) = &r.unsupported {
+            println!(
+                "{:<36} {:<8} {:<40} not tested: cannot run compute passes ({why})",
+                r.adapter, r.backend, driver
+            );
+            continue;
+        }
         println!(
             "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10.2e} {:>7.1}s",
             r.adapter, r.backend, driver, r.kernels, r.passed, r.failed, r.worst_error, r.seconds

@@ -59,6 +59,10 @@ pub fn format_report(index: usize, r: &AdapterReport) -> String {
         (false, false) => format!("{} ({})", info.driver, info.driver_info),
     };
     let _ = writeln!(s, "  driver:       {driver}");
+    if let Some(why) = &r.unsupported {
+        // One clear line; the library never picks this adapter by default.
+        let _ = writeln!(s, "  unusable:     cannot run compute passes ({why})");
+    }
     let _ = writeln!(s, "  limits:");
     let limits = [
         (
@@ -124,6 +128,7 @@ mod tests {
             info,
             limits: wgpu::Limits::default(),
             features: wgpu::Features::SUBGROUP,
+            unsupported: None,
         };
         let text = format_report(0, &report);
         assert!(text.starts_with("adapter 0: Test GPU\n"), "{text}");
@@ -142,5 +147,38 @@ mod tests {
         assert_eq!(feature("SUBGROUP"), Some(true));
         assert_eq!(feature("SHADER_F16"), Some(false));
         assert_eq!(feature("TIMESTAMP_QUERY"), Some(false));
+    }
+
+    #[test]
+    fn an_adapter_without_compute_gets_one_clear_line() {
+        // What wgpu reports for a GL 3.3 context: no compute shaders, no storage buffers.
+        let downlevel = wgpu::DownlevelCapabilities {
+            flags: wgpu::DownlevelFlags::empty(),
+            ..Default::default()
+        };
+        let limits = wgpu::Limits {
+            max_storage_buffers_per_shader_stage: 0,
+            ..wgpu::Limits::downlevel_webgl2_defaults()
+        };
+        let why = multipole_attn::gpu::compute_support(&downlevel, &limits).unwrap_err();
+        assert!(
+            why.contains("compute shaders") && why.contains("8 storage buffers"),
+            "{why}"
+        );
+        let full = wgpu::DownlevelCapabilities::default();
+        assert!(multipole_attn::gpu::compute_support(&full, &wgpu::Limits::default()).is_ok());
+        let report = AdapterReport {
+            info: wgpu::AdapterInfo::new(wgpu::DeviceType::Other, wgpu::Backend::Gl),
+            limits,
+            features: wgpu::Features::empty(),
+            unsupported: Some(why),
+        };
+        let text = format_report(1, &report);
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("unusable")).collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(
+            lines[0].contains("cannot run compute passes (lacks compute shaders"),
+            "{text}"
+        );
     }
 }

@@ -158,8 +158,13 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
         (Some(DownsampleArg::Learned), _) | (None, Some(_)) => true,
         (Some(DownsampleArg::Average) | None, None) => false,
     };
+    // Per-sequence key lengths are checked sequence by sequence (`cross::check_fma_cross_varlen`,
+    // by the plan and the reference), not as one cross-length shape.
+    let whole = args.seqlens_kv.is_none();
     if !learned {
-        check_fma_cross(shape, &base)?;
+        if whole {
+            check_fma_cross(shape, &base)?;
+        }
         return Ok(base);
     }
     let levels = match args.grid {
@@ -173,7 +178,9 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
     };
     let cfg = base.downsample(Downsample::Learned(weights));
     cfg.validate(d, n)?;
-    check_fma_cross(shape, &cfg)?;
+    if whole {
+        check_fma_cross(shape, &cfg)?;
+    }
     Ok(cfg)
 }
 
@@ -201,10 +208,41 @@ fn run_reference(
 /// the arrays' shape; `None` without either.
 pub(crate) fn sequences(args: &RunArgs, shape: Shape) -> CliResult<Option<Sequences>> {
     let n = shape.seq;
+    if let (Some(lens), Some(kv)) = (&args.seqlens, &args.seqlens_kv) {
+        if shape.batch != 1 {
+            return Err(CliError::Input(format!(
+                "--seqlens packs sequences along the sequence axis of arrays (n, d) or (1, heads, \
+                 n, d), but Q has batch {} ({shape})",
+                shape.batch
+            )));
+        }
+        if kv.len() != lens.len() {
+            return Err(CliError::Input(format!(
+                "--seqlens-kv {} gives {} key lengths for the {} sequences of --seqlens {}: one \
+                 each",
+                join(kv),
+                kv.len(),
+                lens.len(),
+                join(lens)
+            )));
+        }
+        for (flag, l, total) in [("--seqlens", lens, n), ("--seqlens-kv", kv, shape.seq_kv)] {
+            let sum: usize = l.iter().sum();
+            if sum != total {
+                return Err(CliError::Input(format!(
+                    "{flag} {} sum to {sum} tokens, but the arrays have {total} ({shape}): Q is \
+                     packed by --seqlens and K, V by --seqlens-kv",
+                    join(l)
+                )));
+            }
+        }
+        return Ok(Some(Sequences::packed_cross(lens.clone(), kv.clone())?));
+    }
     if !shape.is_self() && (args.seqlens.is_some() || args.lengths.is_some()) {
         return Err(CliError::Input(format!(
-            "--seqlens and --lengths need K and V as long as Q ({shape}): the sequences of a \
-             variable-length batch each attend to their own tokens"
+            "--seqlens and --lengths need K and V as long as Q ({shape}), or --seqlens-kv with \
+             the key lengths: the sequences of a variable-length batch each attend to their own \
+             tokens"
         )));
     }
     if let Some(lens) = &args.seqlens {

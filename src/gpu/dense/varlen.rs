@@ -77,6 +77,8 @@ impl DenseAttention {
             &self.limits,
         ) {
             Ok(plan) => plan,
+            // Keys with lengths of their own are not regrouped (yet): the limit's error.
+            Err(e @ FmaError::LimitExceeded { .. }) if seqs.is_cross() => return Err(e),
             // Groups of sequences that fit; a sequence too long alone split along itself.
             Err(FmaError::LimitExceeded { .. }) => {
                 let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);

@@ -54,7 +54,10 @@ impl GpuContext {
         pollster::block_on(Self::new_async(options))
     }
 
-    /// Finds an adapter and creates a device (async: works in the browser too).
+    /// Finds an adapter and creates a device (async: works in the browser too). An adapter
+    /// that cannot run the library's compute passes ([`compute_support`]: a GL 3.3 context,
+    /// say) is never chosen when another can: natively the others are tried in the order
+    /// discrete, integrated, virtual, CPU, other.
     pub async fn new_async(options: ContextOptions) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
@@ -65,6 +68,17 @@ impl GpuContext {
             })
             .await
             .map_err(no_adapter)?;
+        #[cfg(not(target_arch = "wasm32"))]
+        let adapter = match adapter_support(&adapter) {
+            Ok(()) => adapter,
+            Err(why) => capable_adapter(&instance).await.ok_or_else(|| {
+                FmaError::NoAdapter(format!(
+                    ": the adapter found, {}, cannot run compute passes ({why}), and no other \
+                     can; install a Vulkan, Metal or DX12 driver",
+                    adapter.get_info().name
+                ))
+            })?,
+        };
         Self::from_adapter(&adapter, options).await
     }
 
@@ -274,6 +288,8 @@ pub struct AdapterReport {
     pub limits: wgpu::Limits,
     /// The adapter's features.
     pub features: wgpu::Features,
+    /// Why the library cannot run on it ([`compute_support`]), if so.
+    pub unsupported: Option<String>,
 }
 
 impl std::fmt::Display for AdapterReport {
@@ -284,6 +300,67 @@ impl std::fmt::Display for AdapterReport {
             self.info.name, self.info.backend, self.info.device_type
         )
     }
+}
+
+/// What the library needs of an adapter to run anything: compute shaders and the 8 storage
+/// bindings per stage of its widest passes (WebGPU's default), and 64 invocations per
+/// workgroup. `Err` names what is missing, in one line (`info` and `doctor` print it): a GL
+/// 3.3 context, which wgpu lists beside Vulkan on NVIDIA's drivers, has no compute shaders.
+pub fn compute_support(
+    downlevel: &wgpu::DownlevelCapabilities,
+    limits: &wgpu::Limits,
+) -> std::result::Result<(), String> {
+    let mut missing = Vec::new();
+    if !downlevel
+        .flags
+        .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+    {
+        missing.push("compute shaders".to_string());
+    }
+    if limits.max_storage_buffers_per_shader_stage < 8 {
+        missing.push(format!(
+            "8 storage buffers per shader stage (has {})",
+            limits.max_storage_buffers_per_shader_stage
+        ));
+    }
+    if limits.max_compute_invocations_per_workgroup < 64 {
+        missing.push(format!(
+            "64 invocations per workgroup (has {})",
+            limits.max_compute_invocations_per_workgroup
+        ));
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("lacks {}", missing.join(", ")))
+    }
+}
+
+/// [`compute_support`] of an adapter.
+pub fn adapter_support(adapter: &wgpu::Adapter) -> std::result::Result<(), String> {
+    compute_support(&adapter.get_downlevel_capabilities(), &adapter.limits())
+}
+
+/// The first adapter of `instance` that can run the library, by device type (discrete,
+/// integrated, virtual, CPU, other).
+#[cfg(not(target_arch = "wasm32"))]
+async fn capable_adapter(instance: &wgpu::Instance) -> Option<wgpu::Adapter> {
+    use wgpu::DeviceType::*;
+    let rank = |t: wgpu::DeviceType| match t {
+        DiscreteGpu => 0,
+        IntegratedGpu => 1,
+        VirtualGpu => 2,
+        Cpu => 3,
+        Other => 4,
+    };
+    let mut found: Vec<wgpu::Adapter> = instance
+        .enumerate_adapters(wgpu::Backends::all())
+        .await
+        .into_iter()
+        .filter(|a| adapter_support(a).is_ok())
+        .collect();
+    found.sort_by_key(|a| rank(a.get_info().device_type));
+    found.into_iter().next()
 }
 
 /// Every adapter wgpu finds on every backend (ignores `WGPU_BACKEND`).
@@ -305,6 +382,7 @@ pub fn list_adapters() -> Vec<AdapterReport> {
             info: a.get_info(),
             limits: a.limits(),
             features: a.features(),
+            unsupported: adapter_support(&a).err(),
         })
         .collect()
 }

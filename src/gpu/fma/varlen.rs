@@ -1,6 +1,7 @@
 //! FMA of a variable-length batch (`crate::Sequences`, packed or padded): the forward's passes
 //! with the sequence table bound, one submit, every sequence its own FMA.
 
+use crate::cross;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::front::{check_host, run_host};
 use crate::gpu::engine::record::Pipes;
@@ -19,6 +20,12 @@ impl FmaAttention {
     pub fn plan_sequences(&self, shape: Shape, seqs: &Sequences) -> Result<FmaPlan> {
         shape.validate()?;
         seqs.check(shape)?;
+        if cross::check_fma_cross_varlen(seqs, &self.cfg)? {
+            // Each sequence's queries as the last of its keys' positions (`crate::cross`).
+            let full = cross::full_sequences(seqs)?;
+            let full_shape = full.shape(shape.heads, shape.kv_heads, shape.head_dim);
+            return self.plan_sequences(full_shape, &full);
+        }
         FmaPlan::for_sequences(
             seqs,
             shape.heads,
@@ -34,13 +41,16 @@ impl FmaAttention {
     /// total, head_dim)`, the sequences one after another; padded ([`Sequences::padded`]):
     /// `(batch, heads, n, head_dim)` with one length per row. Every sequence is its own FMA (its
     /// own levels, windows and partial last window), no token attends across sequences, and
-    /// the work is its tokens' (no padding to the longest). Returns O of Q's shape and, if
+    /// the work is its tokens' (no padding to the longest). Packed sequences whose keys have
+    /// lengths of their own ([`Sequences::packed_cross`]; causal fine queries, at least as many
+    /// keys as queries) run as [`crate::cross`] says. Returns O of Q's shape and, if
     /// `want_lse`, the LSE `(batch, heads, n)`; padding rows hold O = 0 and LSE = -inf.
     ///
     /// Tensors over one storage binding run in groups of sequences that fit, and a sequence
     /// too long alone is split along its sequence as [`FmaAttention::forward_async`] does (the
-    /// result equals the unsplit run to float rounding). The backward of a variable-length
-    /// batch is not implemented.
+    /// result equals the unsplit run to float rounding). Training:
+    /// [`FmaAttention::forward_train_varlen`] and [`FmaAttention::backward`] (tensors within
+    /// one storage binding each).
     pub async fn forward_varlen_async(
         &self,
         q: &[f32],
@@ -51,6 +61,35 @@ impl FmaAttention {
         want_lse: bool,
     ) -> Result<Output> {
         check_host(shape, q, k, v)?;
+        if cross::check_fma_cross_varlen(seqs, &self.cfg)? {
+            seqs.check(shape)?;
+            let full = cross::full_sequences(seqs)?;
+            let full_shape = full.shape(shape.heads, shape.kv_heads, shape.head_dim);
+            let q = cross::pad_rows_varlen(q, seqs, shape.heads, shape.head_dim);
+            let out = self
+                .forward_varlen_self(&q, k, v, full_shape, &full, want_lse)
+                .await?;
+            return Ok(Output {
+                o: cross::last_rows_varlen(&out.o, seqs, shape.heads, shape.head_dim),
+                lse: out
+                    .lse
+                    .map(|lse| cross::last_rows_varlen(&lse, seqs, shape.heads, 1)),
+            });
+        }
+        self.forward_varlen_self(q, k, v, shape, seqs, want_lse)
+            .await
+    }
+
+    /// [`FmaAttention::forward_varlen_async`] of sequences whose keys are their queries.
+    async fn forward_varlen_self(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        seqs: &Sequences,
+        want_lse: bool,
+    ) -> Result<Output> {
         match self.plan_sequences(shape, seqs) {
             Err(FmaError::LimitExceeded { .. }) => {
                 self.forward_varlen_groups((q, k, v), shape, seqs, want_lse)
@@ -159,6 +198,7 @@ impl FmaAttention {
         seqs: &Sequences,
     ) -> Result<()> {
         t.check(shape)?;
+        host_only(seqs, "a forward of buffers")?;
         let plan = self.plan_sequences(shape, seqs)?;
         let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
         let scopes = Scopes::push(&self.ctx)?;
@@ -186,4 +226,19 @@ impl FmaAttention {
     ) -> Result<()> {
         pollster::block_on(self.forward_varlen_buffers_async(t, shape, seqs))
     }
+}
+
+/// Sequences whose keys have lengths of their own run through host tensors only (their queries
+/// are padded on the host, `crate::cross`): a typed error for `what` otherwise.
+pub(super) fn host_only(seqs: &Sequences, what: &str) -> Result<()> {
+    if !seqs.is_cross() {
+        return Ok(());
+    }
+    Err(FmaError::ShapeMismatch {
+        what: format!("FMA sequences with key lengths of their own in {what}"),
+        expected: "host tensors through forward_varlen, or key lengths equal to the query \
+                   lengths"
+            .into(),
+        got: format!("queries {:?}, keys {:?}", seqs.lengths, seqs.kv_lens()),
+    })
 }

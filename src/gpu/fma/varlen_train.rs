@@ -19,6 +19,7 @@ impl FmaAttention {
     pub fn backward_plan_sequences(&self, shape: Shape, seqs: &Sequences) -> Result<BackwardPlan> {
         shape.validate()?;
         seqs.check(shape)?;
+        super::varlen::host_only(seqs, "the backward")?;
         BackwardPlan::for_sequences(
             seqs,
             shape.heads,

@@ -3,9 +3,7 @@
 //! hangs. With FMA a key also reaches, through its coarse summaries, every query whose far list
 //! holds one of its windows, exactly as a dense row that sees it.
 
-mod common;
-
-use common::gpu;
+use crate::common::gpu;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention};
 use multipole_attn::random::{fresh_seed, normal_tensor};

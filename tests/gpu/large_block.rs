@@ -7,12 +7,10 @@
 //! CI. Tolerance against the f64 reference: that of `gpu_forward.rs` (5e-5 + 5e-5 |ref| on O,
 //! 5e-5 + 1e-5 |ref| on the LSE); against m = n: equal to the bit, since both run one plan.
 
-mod common;
-
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{closeness, gpu};
+use crate::common::{closeness, gpu};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::FmaAttention;
 use multipole_attn::random::normal_tensor;

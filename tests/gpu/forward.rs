@@ -11,9 +11,7 @@
 //! the wrong level or a missing count correction moves O by 1e-2 or more; see
 //! `gpu_differs_from_dense`).
 
-mod common;
-
-use common::{closeness, gpu, random_learned, Poisoned};
+use crate::common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
 use multipole_attn::random::{fresh_seed, normal_tensor};

@@ -10,9 +10,7 @@
 //! over at most 9 r^2 + 27 p L (<= 900) keys give errors of a few 1e-6; an indexing error (a
 //! cell seen twice or not at all, a wrong band count) moves O by 1e-2 or more.
 
-mod common;
-
-use common::{closeness, gpu, Poisoned};
+use crate::common::{closeness, gpu, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::random::{fresh_seed, normal_tensor};

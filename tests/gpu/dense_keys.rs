@@ -10,9 +10,7 @@
 //! 1e-7 measured here). A key tile skipped or attended twice, or a chunk's partial dropped, moves
 //! O by ~1e-2 (the error seen before the fix was 3e-2 .. 5e-2).
 
-mod common;
-
-use common::{browser_like_gpu, closeness, gpu, Poisoned};
+use crate::common::{browser_like_gpu, closeness, gpu, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, GpuContext};
 use multipole_attn::random::{fresh_seed, normal_tensor};

@@ -10,9 +10,7 @@
 //! Any indexing error (a token taking a neighbour's coarse query, a level dropped, the count
 //! correction missing) moves O by 1e-2 or more (`coarse_differs_from_fine`).
 
-mod common;
-
-use common::{browser_like_gpu, closeness, gpu, random_learned, Poisoned};
+use crate::common::{browser_like_gpu, closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::levels::{far_list, sub_window, Levels};

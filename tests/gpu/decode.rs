@@ -10,9 +10,8 @@
 //! pooled rows summed token by token), which moves results by a few ulps of the O(1) values,
 //! far below the bound; a wrong key, level or window moves them by 1e-2 or more.
 
-mod common;
-
-use common::{closeness, gpu, random_learned, read_buffer};
+use crate::common;
+use crate::common::{closeness, gpu, random_learned, read_buffer};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext, StepTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};

@@ -3,46 +3,21 @@
 //! queries, on the CPU reference and the GPU; with one coarse level the same archive is still
 //! bad input naming `k_w1`.
 
+use crate::scratch::Scratch;
 use multipole_attn::random::normal_tensor;
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{read_npy, write_npy, NpzReader, NpzWriter};
 use std::fs::File;
-use std::path::PathBuf;
 use std::process::{Command, Output};
-
-/// A scratch directory unique per test and process, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "multipole-attn-nolevels-{}-{test}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Writes Q, K, V, dO of shape (n, 4) and an .npz holding no array.
 fn inputs(dir: &Scratch, n: usize) {
     for (i, name) in ["Q.npy", "K.npy", "V.npy", "DO.npy"].iter().enumerate() {
         let a = ArrayD::from_shape_vec(IxDyn(&[n, 4]), normal_tensor(70 + i as u64, n * 4))
             .expect("shape");
-        write_npy(dir.path(name), &a).expect("write npy");
+        write_npy(dir.arg(name), &a).expect("write npy");
     }
-    NpzWriter::new(File::create(dir.path("W.npz")).expect("create npz"))
+    NpzWriter::new(File::create(dir.arg("W.npz")).expect("create npz"))
         .finish()
         .expect("write empty npz");
 }
@@ -56,12 +31,12 @@ fn cli(dir: &Scratch, cmd: &str, out: &str, extra: &[&str]) -> Output {
         ("--v", "V.npy"),
         ("--out", out),
     ] {
-        c.args([flag.to_string(), dir.path(file)]);
+        c.args([flag.to_string(), dir.arg(file)]);
     }
     if cmd == "grad" {
-        c.args(["--dout".to_string(), dir.path("DO.npy")]);
+        c.args(["--dout".to_string(), dir.arg("DO.npy")]);
     }
-    c.args(["--block", "4", "--weights"]).arg(dir.path("W.npz"));
+    c.args(["--block", "4", "--weights"]).arg(dir.arg("W.npz"));
     c.args(extra).output().expect("run multipole-attn")
 }
 
@@ -88,17 +63,17 @@ fn run_without_coarse_levels_needs_no_weights() {
     inputs(&dir, 7);
     // With no coarse level FMA is dense attention over the near field, which is everything.
     let dense = Command::new(env!("CARGO_BIN_EXE_multipole-attn"))
-        .args(["run", "--dense", "--reference", "--q", &dir.path("Q.npy")])
-        .args(["--k", &dir.path("K.npy"), "--v", &dir.path("V.npy")])
-        .args(["--out", &dir.path("D.npy")])
+        .args(["run", "--dense", "--reference", "--q", &dir.arg("Q.npy")])
+        .args(["--k", &dir.arg("K.npy"), "--v", &dir.arg("V.npy")])
+        .args(["--out", &dir.arg("D.npy")])
         .output()
         .expect("run multipole-attn");
     assert_eq!(dense.status.code(), Some(0));
-    let exact = read(&dir.path("D.npy"));
+    let exact = read(&dir.arg("D.npy"));
     for queries in ["fine", "coarse"] {
         let out = cli(&dir, "run", "O.npy", &["--reference", "--queries", queries]);
         assert_eq!(out.status.code(), Some(0), "{out:?}");
-        let o = read(&dir.path("O.npy"));
+        let o = read(&dir.arg("O.npy"));
         let worst = o
             .iter()
             .zip(&exact)
@@ -106,7 +81,7 @@ fn run_without_coarse_levels_needs_no_weights() {
             .fold(0.0, f64::max);
         assert!(worst < 1e-12, "{queries}: {worst}");
         if ok_or_no_adapter(&cli(&dir, "run", "G.npy", &["--queries", queries])).is_some() {
-            let g: ArrayD<f32> = read_npy(dir.path("G.npy")).expect("read f32 npy");
+            let g: ArrayD<f32> = read_npy(dir.arg("G.npy")).expect("read f32 npy");
             let worst = g
                 .iter()
                 .zip(&exact)
@@ -127,9 +102,9 @@ fn grad_without_coarse_levels_needs_no_weights() {
     };
     let out = cli(&dir, "grad", "R.npz", &["--reference"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert_eq!(names(&dir.path("R.npz")), ["dq", "dk", "dv"]);
+    assert_eq!(names(&dir.arg("R.npz")), ["dq", "dk", "dv"]);
     if ok_or_no_adapter(&cli(&dir, "grad", "G.npz", &[])).is_some() {
-        assert_eq!(names(&dir.path("G.npz")), ["dq", "dk", "dv"]);
+        assert_eq!(names(&dir.arg("G.npz")), ["dq", "dk", "dv"]);
     }
 }
 

@@ -12,11 +12,9 @@
 //! (3 r W tokens) and the grid's coarse rows (about 4 H W p / (3 r^2)): hence d = 4 on the
 //! 45 x 70 grid and d = 8 or 16 on 33 x 20. Causal is not allowed in 2D (`tests/gpu_grid.rs`).
 
-mod common;
-
 use std::sync::OnceLock;
 
-use common::{closeness, gpu, gpu_with_binding_limit, Poisoned};
+use crate::common::{closeness, gpu, gpu_with_binding_limit, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{FmaAttention, GpuContext};
 use multipole_attn::plan::{KernelLimits, SplitPlan};

@@ -1,9 +1,7 @@
 //! Bad input on the GPU path: every case returns a typed error naming what was wrong, and the
 //! context keeps working afterwards. Plus the browser's limits on a native adapter.
 
-mod common;
-
-use common::{browser_like_gpu, closeness, gpu, gpu_with_binding_limit, Poisoned};
+use crate::common::{browser_like_gpu, closeness, gpu, gpu_with_binding_limit, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};

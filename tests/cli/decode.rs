@@ -3,35 +3,11 @@
 //! (FMA and `--dense`) equals them to f32 accuracy (5e-5 + 5e-5 |ref|, as the GPU tests), and
 //! bad input exits with 2 and says what is wrong.
 
+use crate::scratch::Scratch;
 use multipole_attn::random::normal_tensor;
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{read_npy, write_npy, NpzWriter};
-use std::path::PathBuf;
 use std::process::Command;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "multipole-attn-decode-{}-{test}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs the binary: (exit code, stdout, stderr).
 fn cli(args: &[String]) -> (Option<i32>, String, String) {
@@ -56,7 +32,7 @@ fn args(dir: &Scratch, cmd: &str, out: &str, extra: &[&str]) -> Vec<String> {
         ("--out", out),
     ] {
         a.push(flag.into());
-        a.push(dir.path(file));
+        a.push(dir.arg(file));
     }
     a.extend(extra.iter().map(|s| s.to_string()));
     a
@@ -66,15 +42,15 @@ fn write_qkv(dir: &Scratch, shape: &[usize], seed: u64) {
     let len = shape.iter().product();
     for (i, name) in ["Q.npy", "K.npy", "V.npy"].iter().enumerate() {
         let a = ArrayD::from_shape_vec(IxDyn(shape), normal_tensor(seed + i as u64, len)).unwrap();
-        write_npy(dir.path(name), &a).unwrap();
+        write_npy(dir.arg(name), &a).unwrap();
     }
 }
 
 fn read(dir: &Scratch, name: &str) -> Vec<f64> {
-    if let Ok(a) = read_npy::<_, ArrayD<f64>>(dir.path(name)) {
+    if let Ok(a) = read_npy::<_, ArrayD<f64>>(dir.arg(name)) {
         return a.iter().copied().collect();
     }
-    let a: ArrayD<f32> = read_npy(dir.path(name)).unwrap();
+    let a: ArrayD<f32> = read_npy(dir.arg(name)).unwrap();
     a.iter().map(|&x| x as f64).collect()
 }
 
@@ -194,7 +170,7 @@ fn bad_decode_input_exits_with_2() {
         );
     }
     // Weights for level 1 only; 40 tokens with m = 4 use 3 levels.
-    let mut npz = NpzWriter::new(std::fs::File::create(dir.path("W.npz")).unwrap());
+    let mut npz = NpzWriter::new(std::fs::File::create(dir.arg("W.npz")).unwrap());
     for (key, shape) in [
         ("k_w1", vec![4, 2, 4]),
         ("k_b1", vec![4, 2]),
@@ -209,7 +185,7 @@ fn bad_decode_input_exits_with_2() {
         .unwrap();
     }
     npz.finish().unwrap();
-    let w = dir.path("W.npz");
+    let w = dir.arg("W.npz");
     let r = cli(&args(
         &dir,
         "decode",

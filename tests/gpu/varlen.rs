@@ -8,9 +8,7 @@
 //! attended across a sequence boundary, or a sequence run with another's levels or windows,
 //! moves O by far more.
 
-mod common;
-
-use common::{closeness, gpu, random_learned, Poisoned};
+use crate::common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
 use multipole_attn::random::{fresh_seed, normal_tensor};

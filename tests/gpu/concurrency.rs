@@ -1,10 +1,8 @@
 //! One context used from several threads at once gives the same bits as sequential use.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::gpu;
+use crate::common::gpu;
 use multipole_attn::gpu::{DenseAttention, FmaAttention};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{FmaConfig, Shape};

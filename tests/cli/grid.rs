@@ -5,37 +5,14 @@
 //! weights on a grid; `grad --grid H,W` on the reference and the GPU (both layouts, learned
 //! gradients of shape (d, p, s_l, s_l)) and its bad input.
 
+use crate::scratch::Scratch;
 use multipole_attn::cpu::{fma_backward, fma_forward, widen};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Shape};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{read_npy, write_npy, NpzReader, NpzWriter};
 use std::fs::File;
-use std::path::PathBuf;
 use std::process::{Command, Output};
-
-/// A scratch directory unique per test and process, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("multipole-attn-grid-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_multipole-attn"))
@@ -58,7 +35,7 @@ fn write_qkv(dir: &Scratch, shape: &[usize], seed: u64) -> [Vec<f32>; 3] {
     ];
     for (name, data) in ["Q.npy", "K.npy", "V.npy"].iter().zip(&t) {
         let a = ArrayD::from_shape_vec(IxDyn(shape), data.clone()).unwrap();
-        write_npy(dir.path(name), &a).unwrap();
+        write_npy(dir.arg(name), &a).unwrap();
     }
     t
 }
@@ -72,7 +49,7 @@ fn run_args<'a>(dir: &'a [String; 4], extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn files(dir: &Scratch) -> [String; 4] {
-    ["Q.npy", "K.npy", "V.npy", "O.npy"].map(|f| dir.path(f))
+    ["Q.npy", "K.npy", "V.npy", "O.npy"].map(|f| dir.arg(f))
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
@@ -144,7 +121,7 @@ fn learned_2d_weights_are_read_with_their_shape() {
         }
         npz.finish().unwrap();
     };
-    let wpath = dir.path("W.npz");
+    let wpath = dir.arg("W.npz");
     write(&wpath, true);
     let args = [
         "--reference",
@@ -246,7 +223,7 @@ fn grid_gpu_matches_the_reference_when_an_adapter_exists() {
 fn write_dout(dir: &Scratch, shape: &[usize], seed: u64) -> Vec<f32> {
     let dout = normal_tensor(seed, shape.iter().product());
     let a = ArrayD::from_shape_vec(IxDyn(shape), dout.clone()).unwrap();
-    write_npy(dir.path("DO.npy"), &a).unwrap();
+    write_npy(dir.arg("DO.npy"), &a).unwrap();
     dout
 }
 
@@ -291,7 +268,7 @@ fn assert_close_to_scale(name: &str, got: &ArrayD<f64>, want: &[f64]) {
 fn grad_on_a_grid_runs_on_the_reference_and_the_gpu() {
     let dir = Scratch::new("grad");
     let f = files(&dir);
-    let (dpath, gpath) = (dir.path("DO.npy"), dir.path("G.npz"));
+    let (dpath, gpath) = (dir.arg("DO.npy"), dir.arg("G.npz"));
     let grid = Grid::new(9, 7);
     for (layout, lib, learned) in [
         (vec![9 * 7, 2], Shape::new(1, 1, 63, 2), true),
@@ -357,7 +334,7 @@ fn grad_on_a_grid_runs_on_the_reference_and_the_gpu() {
 fn grad_grids_that_do_not_fit_are_bad_input() {
     let dir = Scratch::new("grad-bad");
     let f = files(&dir);
-    let (dpath, gpath) = (dir.path("DO.npy"), dir.path("G.npz"));
+    let (dpath, gpath) = (dir.arg("DO.npy"), dir.arg("G.npz"));
     write_qkv(&dir, &[35, 4], 1);
     write_dout(&dir, &[35, 4], 2);
     for (extra, needle) in [

@@ -2,6 +2,7 @@
 //! path), so they pass on machines without a GPU; the one GPU test skips when `info` finds no
 //! adapter.
 
+use crate::scratch::Scratch;
 use multipole_attn::cpu::{dense_attention, fma_forward, widen};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
@@ -9,31 +10,8 @@ use ndarray::{Array, ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::{read_npy, write_npy, NpzWriter};
 use std::ffi::OsString;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// A scratch directory under the system temp dir, unique per test and process, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("multipole-attn-cli-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What a run of the binary produced.
 struct Outcome {

@@ -6,9 +6,7 @@
 //! dispatch into an output buffer poisoned with 0xFFFFFFFF (an unwritten slot fails), and the
 //! host compares.
 
-mod common;
-
-use common::{gpu, read_buffer};
+use crate::common::{gpu, read_buffer};
 use std::collections::HashMap;
 
 use multipole_attn::gpu::shaders::resolve_imports;

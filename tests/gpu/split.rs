@@ -5,9 +5,9 @@
 //! for host tensors and for the caller's buffers,
 //! and close to the f64 reference (same tolerance as tests/gpu_forward.rs).
 
-mod common;
-
-use common::{closeness, gpu, gpu_with_binding_limit, random_learned, read_buffer, Poisoned};
+use crate::common::{
+    closeness, gpu, gpu_with_binding_limit, random_learned, read_buffer, Poisoned,
+};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::GpuContext;
 use multipole_attn::gpu::{DenseAttention, FmaAttention};

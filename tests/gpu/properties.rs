@@ -2,9 +2,7 @@
 //! proptest shrinking a failure to a minimal case. Few cases by default (lavapipe is slow);
 //! PROPTEST_CASES=200 runs more.
 
-mod common;
-
-use common::{closeness, gpu, random_learned, Poisoned};
+use crate::common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::FmaAttention;
 use multipole_attn::random::normal_tensor;

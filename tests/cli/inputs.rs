@@ -4,36 +4,12 @@
 
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{read_npy, write_npy};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::scratch::Scratch;
 use multipole_attn::random::normal_tensor;
-
-/// A scratch directory, unique per test and process, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "multipole-attn-cli-inputs-{}-{test}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `run` on `{prefix}Q.npy`, `{prefix}K.npy`, `{prefix}V.npy` of `dir`, O into `out`.
 fn run(dir: &Scratch, prefix: &str, out: &str, extra: &[&str]) -> Output {

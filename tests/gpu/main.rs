@@ -1,0 +1,23 @@
+//! Every GPU test in one binary: each test binary links wgpu and naga, so one binary instead of
+//! one per file saves CI a link (and a copy of wgpu's generic code) per file. The modules share
+//! `tests/common`'s contexts (one device per kind for the whole binary); a test that destroys a
+//! device makes its own. Each module's header says what it checks and why its tolerance holds.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod coarse;
+mod concurrency;
+mod decode;
+mod dense_keys;
+mod errors;
+mod forward;
+mod geometry;
+mod grid;
+mod grid_split;
+mod large_block;
+mod nonfinite;
+mod properties;
+mod shapes;
+mod split;
+mod varlen;
