@@ -1,7 +1,10 @@
 //! Backward timing: `FmaAttention::backward_buffers` on tensors resident on the GPU, median
-//! wall clock of `--reps` runs after a warm-up, against the forward of the same shape.
+//! wall clock of `--reps` runs after a warm-up, against the forward of the same shape; and the
+//! baseline, exact attention's `DenseAttention::backward_buffers` against its forward (a
+//! `dense` row per n and mask, first), with each FMA backward's time over the dense
+//! backward's of the same mask (`b / dense b`).
 //!
-//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64 --queries fine,coarse --causal false,true --browser-limits]`
+//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64 --queries fine,coarse --causal false,true --browser-limits --no-dense]`
 //!
 //! Coarse queries are bidirectional only (their causal cases are skipped).
 //!
@@ -11,7 +14,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use multipole_attn::gpu::{ContextOptions, FmaAttention, GpuContext, GpuTensors, GradTensors};
+use multipole_attn::gpu::{
+    ContextOptions, DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors,
+};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{FmaConfig, Queries, Shape};
 use wgpu::util::DeviceExt;
@@ -42,6 +47,9 @@ struct Args {
     /// Ask only for what a browser grants (no subgroups: the plain kernels, as on the web).
     #[arg(long)]
     browser_limits: bool,
+    /// Skip the dense baseline (O(n^2): the slow part at long n).
+    #[arg(long)]
+    no_dense: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -82,8 +90,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     println!(
-        "{:>7} {:>7} {:>7} {:>12} {:>12} {:>8}",
-        "n", "queries", "causal", "forward ms", "backward ms", "b/f"
+        "{:>7} {:>7} {:>7} {:>12} {:>12} {:>8} {:>11}",
+        "n", "queries", "causal", "forward ms", "backward ms", "b/f", "b / dense b"
     );
     // Coarse queries are bidirectional only.
     let cases: Vec<(QueryMode, bool)> = a
@@ -93,7 +101,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|&(q, c)| !(c && matches!(q, QueryMode::Coarse)))
         .collect();
     // On stderr, drawn only when it is a terminal (logs stay clean); rows print above it.
-    let bar = ProgressBar::new((cases.len() * a.n.len()) as u64);
+    let masks = if a.no_dense { 0 } else { a.causal.len() };
+    let bar = ProgressBar::new(((cases.len() + masks) * a.n.len()) as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -109,6 +118,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
         };
         let [q, k, v, o, lse, dout, dq, dk, dv] = [1, 2, 3, 4, 5, 6, 7, 8, 9].map(tensor);
+        let t = GpuTensors {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &o,
+            lse: Some(&lse),
+        };
+        let g = GradTensors {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            weights: None,
+        };
+        // The dense baseline of each mask: its backward's time, for the FMA rows' last column.
+        let mut dense_backward = Vec::new();
+        for &causal in a.causal.iter().filter(|_| !a.no_dense) {
+            bar.set_message(format!("n={n} dense causal={causal}"));
+            let dense = DenseAttention::new(&ctx, causal)?;
+            let forward = median_ms(&ctx, a.reps, || dense.forward_buffers(t, shape).unwrap());
+            let saved = dense.saved_from_buffers(t, shape)?;
+            let backward = median_ms(&ctx, a.reps, || {
+                dense.backward_buffers(&saved, &dout, g).unwrap()
+            });
+            dense_backward.push((causal, backward));
+            bar.suspend(|| {
+                println!(
+                    "{n:>7} {:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2} {:>11.3}",
+                    "dense",
+                    backward / forward,
+                    1.0
+                )
+            });
+            bar.inc(1);
+        }
         for &(mode, causal) in &cases {
             bar.set_message(format!("n={n} {mode:?} causal={causal}"));
             let queries = match mode {
@@ -119,28 +162,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .causal(causal)
                 .queries(queries);
             let fma = FmaAttention::new(&ctx, config)?;
-            let t = GpuTensors {
-                q: &q,
-                k: &k,
-                v: &v,
-                out: &o,
-                lse: Some(&lse),
-            };
             let forward = median_ms(&ctx, a.reps, || fma.forward_buffers(t, shape).unwrap());
             let saved = fma.saved_from_buffers(t, shape)?;
-            let g = GradTensors {
-                dq: &dq,
-                dk: &dk,
-                dv: &dv,
-                weights: None,
-            };
             let backward = median_ms(&ctx, a.reps, || {
                 fma.backward_buffers(&saved, &dout, g).unwrap()
             });
+            let vs_dense = dense_backward
+                .iter()
+                .find(|d| d.0 == causal)
+                .map_or("-".to_string(), |d| format!("{:.3}", backward / d.1));
             // suspend, not bar.println: that prints nothing when the bar is hidden.
             bar.suspend(|| {
                 println!(
-                    "{n:>7} {:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2}",
+                    "{n:>7} {:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2} {vs_dense:>11}",
                     format!("{mode:?}").to_lowercase(),
                     backward / forward
                 )

@@ -10,6 +10,7 @@ pub mod backward;
 mod checks;
 pub mod coarse;
 pub mod decode;
+pub mod dense_backward;
 pub mod downsample;
 pub mod gather;
 pub mod level_mass;
@@ -27,7 +28,10 @@ use downsample::downsample_head;
 use gather::{seen_keys_in, SeenKey};
 
 pub use backward::{fma_backward, fma_backward_in};
-pub use varlen::{dense_attention_varlen, fma_backward_varlen, fma_forward_varlen};
+pub use dense_backward::dense_backward;
+pub use varlen::{
+    dense_attention_varlen, dense_backward_varlen, fma_backward_varlen, fma_forward_varlen,
+};
 
 /// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
 /// log-sum-exp of the logits, shape (batch, heads, seq).
@@ -237,6 +241,12 @@ pub fn dense_attention_rows(
         lse[r] = softmax_row(logit_value, &mut o[r * d..(r + 1) * d]);
     }
     Ok((o, lse))
+}
+
+/// Keys a causal query row `i` of `n` sees among `n_kv` (bottom-right aligned: keys
+/// t <= i + n_kv - n, so [0, visible_keys)); 0 for the first n - n_kv rows when n_kv < n.
+pub fn visible_keys(i: usize, n: usize, n_kv: usize) -> usize {
+    (i + n_kv + 1).saturating_sub(n).min(n_kv)
 }
 
 /// Widens an f32 tensor to f64 for the reference.

@@ -1,9 +1,9 @@
 //! The reference of a variable-length batch (`crate::Sequences`): every sequence run alone
-//! through [`fma_forward`], [`dense_attention`] or [`fma_backward`] on its own rows, the
-//! results put back in the batch's layout; padding rows (padded batches) get O = 0 and
-//! LSE = -inf, and gradients 0.
+//! through [`fma_forward`], [`dense_attention`], [`fma_backward`] or [`dense_backward()`] on its
+//! own rows, the results put back in the batch's layout; padding rows (padded batches) get
+//! O = 0 and LSE = -inf, and gradients 0.
 
-use super::{dense_attention, fma_backward, fma_forward, Reference};
+use super::{dense_attention, dense_backward, fma_backward, fma_forward, Reference};
 use crate::config::{Downsample, FmaConfig};
 use crate::error::Result;
 use crate::gradients::{Gradients, LevelGradients};
@@ -112,12 +112,46 @@ fn scatter(x: &mut [f64], one: &[f64], stride: usize, row: usize, n: usize, d: u
 /// summed over the sequences (each sequence's unused levels contribute 0). `shape` is the
 /// tensors' shape ([`Sequences::shape`]), `dout` of Q's shape.
 pub fn fma_backward_varlen(
-    (q, k, v, dout): (&[f64], &[f64], &[f64], &[f64]),
+    x: (&[f64], &[f64], &[f64], &[f64]),
     shape: Shape,
     seqs: &Sequences,
     cfg: &FmaConfig,
 ) -> Result<Gradients<f64>> {
     crate::cross::check_fma_cross_varlen(seqs, cfg)?;
+    let weights = match &cfg.downsample {
+        Downsample::Learned(w) => Some(w.levels.iter().map(LevelGradients::zeros_like).collect()),
+        Downsample::Average => None,
+    };
+    backward_each_sequence(x, shape, seqs, weights, |q, k, v, dout, s| {
+        fma_backward(q, k, v, dout, s, cfg)
+    })
+}
+
+/// Gradients of exact attention of a variable-length batch, each sequence's
+/// [`dense_backward()`] alone (every sequence attends to itself; causal per sequence): dQ of
+/// Q's shape, dK and dV of K's shape, 0 on padding rows. `shape` is the tensors' shape
+/// ([`Sequences::shape`]), `dout` of Q's shape.
+pub fn dense_backward_varlen(
+    x: (&[f64], &[f64], &[f64], &[f64]),
+    shape: Shape,
+    seqs: &Sequences,
+    causal: bool,
+) -> Result<Gradients<f64>> {
+    backward_each_sequence(x, shape, seqs, None, |q, k, v, dout, s| {
+        dense_backward(q, k, v, dout, s, causal)
+    })
+}
+
+/// Runs `one(q, k, v, dout, shape)` on every sequence of `seqs` alone and assembles the
+/// batch's gradients; weight gradients (`weights`: zeros of every level, or `None`) summed
+/// over the sequences.
+fn backward_each_sequence(
+    (q, k, v, dout): (&[f64], &[f64], &[f64], &[f64]),
+    shape: Shape,
+    seqs: &Sequences,
+    mut weights: Option<Vec<LevelGradients<f64>>>,
+    one: impl Fn(&[f64], &[f64], &[f64], &[f64], Shape) -> Result<Gradients<f64>>,
+) -> Result<Gradients<f64>> {
     seqs.check(shape)?;
     shape.check_len("Q", q.len())?;
     shape.check_len("dO", dout.len())?;
@@ -127,10 +161,6 @@ pub fn fma_backward_varlen(
     let mut dq = vec![0f64; shape.elements()];
     let mut dk = vec![0f64; shape.kv_elements()];
     let mut dv = vec![0f64; shape.kv_elements()];
-    let mut weights: Option<Vec<LevelGradients<f64>>> = match &cfg.downsample {
-        Downsample::Learned(w) => Some(w.levels.iter().map(LevelGradients::zeros_like).collect()),
-        Downsample::Average => None,
-    };
     for (s, &n) in seqs.lengths.iter().enumerate() {
         if n == 0 {
             continue;
@@ -138,13 +168,12 @@ pub fn fma_backward_varlen(
         let (q_stride, q_row) = seqs.rows(heads, s);
         let (kv_stride, kv_row) = seqs.kv_rows(kv_heads, s);
         let nk = seqs.kv_len(s);
-        let g = fma_backward(
+        let g = one(
             &gather(q, heads, q_stride, q_row, n, d),
             &gather(k, kv_heads, kv_stride, kv_row, nk, d),
             &gather(v, kv_heads, kv_stride, kv_row, nk, d),
             &gather(dout, heads, q_stride, q_row, n, d),
             Shape::cross(1, heads, n, nk, d).with_kv_heads(kv_heads),
-            cfg,
         )?;
         scatter(&mut dq, &g.dq, q_stride, q_row, n, d);
         scatter(&mut dk, &g.dk, kv_stride, kv_row, nk, d);

@@ -19,7 +19,7 @@ pub mod engine;
 mod fma;
 
 pub use decode::{DecodeMode, Decoder, StepTensors};
-pub use dense::DenseAttention;
+pub use dense::{DenseAttention, DenseSaved};
 pub use engine::context::{
     adapter_support, compute_support, negotiate_features, negotiate_limits, AdapterReport,
     ContextOptions, GpuContext,

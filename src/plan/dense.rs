@@ -19,7 +19,7 @@ pub const DENSE_KEY_TILES_PER_DISPATCH: usize = 256;
 
 /// Loop iterations a dense dispatch may spend per invocation on its key loops above
 /// `UNROLLED_D4`: half of llvmpipe's 65535.
-const LOOP_BUDGET: usize = 32768;
+pub(super) const LOOP_BUDGET: usize = 32768;
 
 /// The largest D4 (= ceil(d / 4)) whose per-key loops over the row llvmpipe unrolls itself.
 /// Above it (d > 128) the plain variant's loops over a row's D4 vec4s stayed loops, about

@@ -6,6 +6,7 @@
 mod backward;
 mod decode;
 mod dense;
+mod dense_backward;
 mod dispatch;
 mod forward;
 mod limits;
@@ -20,6 +21,7 @@ mod varlen_backward;
 pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
+pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{
     attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,

@@ -36,6 +36,11 @@ passes! {
     FineAttention => "fine_attention",
     /// Exact dense attention (`shaders/dense_attention.wgsl`).
     DenseAttention => "dense_attention",
+    /// Dense backward: dK, dV per key tile over its group's queries
+    /// (`shaders/dense_backward_dkv.wgsl`).
+    DenseBackwardDkv => "dense_backward_dkv",
+    /// Dense backward: dQ per query tile over its keys (`shaders/dense_backward_dq.wgsl`).
+    DenseBackwardDq => "dense_backward_dq",
     /// Backward: D = rowsum(dO * O) next to the LSE (`shaders/backward_delta.wgsl`).
     BackwardDelta => "backward_delta",
     /// Backward: dQ of fine queries (`shaders/backward_dq.wgsl`).

@@ -316,7 +316,15 @@ fn bad_grad_input_is_exit_2_naming_it() {
         )),
         &["k_w1", "expected (4, 2, 4)"],
     );
-    assert_bad_input(&cli(&grad_args(&dir, &["--dense"])), &["--dense"]);
+    // FMA options with --dense, and lengths that do not add up to the tensors'.
+    assert_bad_input(
+        &cli(&grad_args(&dir, &["--dense", "--seqlens", "10,11"])),
+        &["10,11"],
+    );
+    assert_bad_input(
+        &cli(&grad_args(&dir, &["--dense", "--block", "4"])),
+        &["--dense", "--block"],
+    );
     assert_bad_input(
         &cli(&grad_args(&dir, &["--lse", &dir.arg("L.npy")])),
         &["--lse"],
@@ -356,6 +364,56 @@ fn grouped_query_gradients_have_the_shape_of_k() {
         w.1 = kv_dims.clone();
     }
     assert!(compare(&got, &want) <= 1e-12);
+}
+
+/// `grad --dense`: exact attention's gradients, grouped-query heads and causal, equal to
+/// `cpu::dense_backward` on the reference path and within the GPU tolerance (2e-4 of each
+/// array's scale) on the GPU path when an adapter exists; no weight arrays.
+#[test]
+fn dense_gradients_match_the_library() {
+    let dir = Scratch::new("dense");
+    let (q_dims, kv_dims) = (vec![2, 4, 33, 8], vec![2, 2, 33, 8]);
+    let mut x: [Vec<f32>; 4] = Default::default();
+    for (i, (name, dims)) in [
+        ("Q", &q_dims),
+        ("K", &kv_dims),
+        ("V", &kv_dims),
+        ("DO", &q_dims),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        x[i] = normal_tensor(90 + i as u64, dims.iter().product());
+        write_f32(&dir.path(&format!("{name}.npy")), dims, x[i].clone());
+    }
+    let shape = Shape::new(2, 4, 33, 8).with_kv_heads(2);
+    let g = multipole_attn::cpu::dense_backward(
+        &widen(&x[0]),
+        &widen(&x[1]),
+        &widen(&x[2]),
+        &widen(&x[3]),
+        shape,
+        true,
+    )
+    .unwrap();
+    let want = vec![
+        ("dk".to_string(), kv_dims.clone(), g.dk),
+        ("dq".to_string(), q_dims.clone(), g.dq),
+        ("dv".to_string(), kv_dims.clone(), g.dv),
+    ];
+    let out = cli(&grad_args(&dir, &["--dense", "--causal", "--reference"]));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(compare(&read_npz(&dir.path("G.npz")), &want) <= 1e-12);
+    let out = cli(&grad_args(&dir, &["--dense", "--causal"]));
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !ci && out.code == Some(1) && out.stderr.contains("no GPU adapter found") {
+        eprintln!("no usable GPU adapter: skipping ({})", out.stderr.trim());
+        return;
+    }
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let err = compare(&read_npz(&dir.path("G.npz")), &want);
+    eprintln!("dense GPU gradients vs reference: worst scaled error {err:.2e}");
+    assert!(err <= 2e-4, "{err}");
 }
 
 /// A packed batch (`--seqlens`) and a padded one (`--lengths`): the library's varlen

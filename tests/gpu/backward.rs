@@ -22,7 +22,9 @@ use crate::common::gradients::{
 
 use crate::common::{browser_like_gpu, gpu, mismatched_subgroup_gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors};
+use multipole_attn::gpu::{
+    DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors,
+};
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Shape};
 
@@ -407,4 +409,211 @@ fn grouped_query_gradients_sum_each_group() {
         }
     }
     eprintln!("grouped-query worst scaled gradient error {worst:.2e}");
+}
+
+// The dense backward (`DenseAttention::backward`, FlashAttention-2's structure) against
+// `cpu::dense_backward` (checked against finite differences), at the same tolerance: its sums
+// are of the same terms P (dP - D) q, over every key (dQ) or every query of a K/V head's
+// group (dK, dV) instead of a near field, a few hundred here.
+
+/// Dense forward then backward through caller buffers, O, the LSE and every gradient poisoned
+/// with NaN.
+fn dense_gradients(
+    ctx: &GpuContext,
+    dense: &DenseAttention,
+    x: &Inputs,
+    shape: Shape,
+) -> Gradients<f32> {
+    let (q, k, v) = (
+        buffer(ctx, "q", &x.q),
+        buffer(ctx, "k", &x.k),
+        buffer(ctx, "v", &x.v),
+    );
+    let (o, lse) = (
+        nan(ctx, "o", shape.elements()),
+        nan(ctx, "lse", shape.rows()),
+    );
+    let t = GpuTensors {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &o,
+        lse: Some(&lse),
+    };
+    dense.forward_buffers(t, shape).expect("dense forward");
+    let saved = dense.saved_from_buffers(t, shape).expect("saved");
+    let dout = buffer(ctx, "dout", &x.dout);
+    let (len, kv_len) = (shape.elements(), shape.kv_elements());
+    let (dq, dk, dv) = (
+        nan(ctx, "dq", len),
+        nan(ctx, "dk", kv_len),
+        nan(ctx, "dv", kv_len),
+    );
+    let g = GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: None,
+    };
+    dense
+        .backward_buffers(&saved, &dout, g)
+        .expect("dense backward");
+    let read = |b: &wgpu::Buffer, len: usize| common::read_buffer(ctx, b)[..len].to_vec();
+    Gradients {
+        dq: read(&dq, len),
+        dk: read(&dk, kv_len),
+        dv: read(&dv, kv_len),
+        weights: None,
+    }
+}
+
+/// Checks one dense case against the reference; returns the worst scaled error. `keys`: keys
+/// (and queries) per dispatch, `None` for the default (one chunk at these sizes).
+fn check_dense(
+    ctx: &GpuContext,
+    seed: u64,
+    shape: Shape,
+    causal: bool,
+    keys: Option<usize>,
+) -> f64 {
+    let label = format!("dense seed {seed} {shape} causal={causal} keys/dispatch {keys:?}");
+    let x = inputs(seed, shape);
+    let mut dense = DenseAttention::new(ctx, causal).unwrap();
+    if let Some(keys) = keys {
+        dense = dense.keys_per_dispatch(keys);
+    }
+    let (q, k, v, dout) = (widen(&x.q), widen(&x.k), widen(&x.v), widen(&x.dout));
+    let g = dense_gradients(ctx, &dense, &x, shape);
+    let r = cpu::dense_backward(&q, &k, &v, &dout, shape, causal).unwrap();
+    compare_all(&label, &g, &r)
+}
+
+#[test]
+fn dense_backward_matches_reference() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    let cases = [
+        (Shape::new(1, 2, 1, 16), None),
+        (Shape::new(2, 2, 97, 40), None),
+        (Shape::cross(1, 2, 97, 130, 16), None),
+        (Shape::cross(1, 4, 130, 66, 59).with_kv_heads(2), None),
+        // Chunks of one tile (BK = 32 at d = 8): dK/dV walk 4 query ranges (40 / 3 queries
+        // per head of the group, rounded up to a tile), dQ 5 key ranges.
+        (Shape::cross(1, 3, 97, 130, 8).with_kv_heads(1), Some(40)),
+    ];
+    for (c, (shape, keys)) in cases.into_iter().enumerate() {
+        for causal in [false, true] {
+            let s = seed.wrapping_add(c as u64 * 7919 + causal as u64);
+            worst = worst.max(check_dense(ctx, s, shape, causal, keys));
+        }
+    }
+    // The plain variant (no subgroups, as in a browser) and the subgroup variant's fallback
+    // for subgroups that are not the composed size: one small causal GQA case each.
+    let shape = Shape::cross(1, 2, 37, 50, 16).with_kv_heads(1);
+    for other in [browser_like_gpu(), mismatched_subgroup_gpu()]
+        .into_iter()
+        .flatten()
+    {
+        worst = worst.max(check_dense(other, seed ^ 0x5bd1, shape, true, Some(40)));
+    }
+    eprintln!("worst scaled dense gradient error {worst:.2e}");
+}
+
+#[test]
+fn dense_backward_is_deterministic_and_host_api_agrees() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    let shape = Shape::cross(1, 4, 70, 90, 24).with_kv_heads(2);
+    let x = inputs(seed, shape);
+    let dense = DenseAttention::new(ctx, true).unwrap();
+    let (out, saved) = dense.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
+    let plain = dense.forward(&x.q, &x.k, &x.v, shape, true).unwrap();
+    assert_eq!(out.o, plain.o);
+    assert_eq!(out.lse, plain.lse);
+    let a = dense.backward(&saved, &x.dout).unwrap();
+    assert_eq!(
+        a,
+        dense.backward(&saved, &x.dout).unwrap(),
+        "two runs differ"
+    );
+    assert_eq!(a, dense_gradients(ctx, &dense, &x, shape));
+}
+
+#[test]
+fn bad_dense_backward_input_is_a_typed_error() {
+    let Some(ctx) = gpu() else { return };
+    let shape = Shape::new(1, 2, 20, 8);
+    let x = inputs(1, shape);
+    let dense = DenseAttention::new(ctx, false).unwrap();
+    let (_, saved) = dense.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
+    let e = dense.backward(&saved, &x.dout[1..]).unwrap_err();
+    assert!(
+        matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "dO"),
+        "{e}"
+    );
+    let other = DenseAttention::new(ctx, true).unwrap();
+    let e = other.backward(&saved, &x.dout).unwrap_err();
+    assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
+    // Query heads that K/V heads do not divide.
+    let odd = Shape::new(1, 3, 20, 8).with_kv_heads(2);
+    let y = inputs(2, odd);
+    let e = dense.forward_train(&y.q, &y.k, &y.v, odd).unwrap_err();
+    assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
+    let (full, small) = (
+        buffer(ctx, "dout", &x.dout),
+        buffer(ctx, "small", &x.q[..10]),
+    );
+    let g = |b| GradTensors {
+        dq: b,
+        dk: &full,
+        dv: &full,
+        weights: None,
+    };
+    let e = dense
+        .backward_buffers(&saved, &full, g(&small))
+        .unwrap_err();
+    assert!(
+        matches!(&e, FmaError::ShapeMismatch { what, .. } if what.contains("dQ")),
+        "{e}"
+    );
+    let e = dense
+        .backward_buffers(&saved, &small, g(&full))
+        .unwrap_err();
+    assert!(
+        matches!(&e, FmaError::ShapeMismatch { what, .. } if what.contains("dO")),
+        "{e}"
+    );
+    let w = WeightGradTensors {
+        wk: &full,
+        wv: &full,
+        bk: &full,
+        bv: &full,
+        queries: None,
+    };
+    let e = dense
+        .backward_buffers(
+            &saved,
+            &full,
+            GradTensors {
+                weights: Some(w),
+                ..g(&full)
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
+    let t = GpuTensors {
+        q: &full,
+        k: &full,
+        v: &full,
+        out: &full,
+        lse: None,
+    };
+    let e = dense.saved_from_buffers(t, shape).unwrap_err();
+    assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
+    // Tensors over one storage binding: the backward does not split them.
+    let small = DenseAttention::new(ctx, false).unwrap().max_binding(512);
+    let e = small.forward_train(&x.q, &x.k, &x.v, shape).unwrap_err();
+    assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
 }

@@ -1,5 +1,6 @@
 //! llvmpipe's loop limit on the plain variant above d = 128 (docs/perf.md, change 10), and on
-//! the subgroup variant's coarse dK~/dV~ pass at long sequences (change 13).
+//! the subgroup variant's coarse dK~/dV~ pass at long sequences (change 13), and on the dense
+//! backward's walks over every query or key (perf.md change 16).
 //! llvmpipe (lavapipe, Mesa's GL; our CI's adapter and the web's path) stops an invocation's
 //! loops after 65535 iterations counted over the whole invocation and then returns wrong
 //! results without an error. Above d = 128 (D4 > 32) its compiler no longer unrolls the plain
@@ -197,6 +198,51 @@ fn coarse_key_gradients_of_long_sequences_with_subgroups() {
 
 /// Not a check: the measurement behind docs/perf.md's change 10 (the largest right block size
 /// per d on the plain variant). `cargo test --test gpu_loop_limit -- --ignored --nocapture`.
+/// The dense backward's walks: dK/dV of a key tile over 65536 queries (2048 query tiles of
+/// BK = 32) and dQ of a query tile over 65536 keys, far past the ~820 .. 1640 tiles from which
+/// one dense dispatch came back wrong (perf.md change 9), run in chunks of
+/// `DENSE_KEY_TILES_PER_DISPATCH` tiles (8 dispatches each). Plain variant, d = 8, 32 keys
+/// (queries) on the short side; each gradient against `cpu::dense_backward` at the backward's
+/// tolerance. `DENSE_BACKWARD_UNCHUNKED=1` runs each walk as one dispatch instead (it must fail).
+#[test]
+fn dense_backward_walks_of_65536_rows_run_in_chunks() {
+    let Some(ctx) = plain() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let unchunked = std::env::var("DENSE_BACKWARD_UNCHUNKED").is_ok();
+    for shape in [
+        Shape::cross(1, 1, 32, 65536, 8),
+        Shape::cross(1, 1, 65536, 32, 8),
+    ] {
+        let [q, k, v, dout] = tensors(seed, shape);
+        let mut dense = multipole_attn::gpu::DenseAttention::new(ctx, false).unwrap();
+        if unchunked {
+            dense = dense.keys_per_dispatch(usize::MAX);
+        }
+        let (_, saved) = dense.forward_train(&q, &k, &v, shape).unwrap();
+        let g = dense.backward(&saved, &dout).unwrap();
+        let r = cpu::dense_backward(
+            &widen(&q),
+            &widen(&k),
+            &widen(&v),
+            &widen(&dout),
+            shape,
+            false,
+        )
+        .unwrap();
+        let label = format!("seed {seed} {shape} dense backward");
+        let worst = [
+            ("dQ", &g.dq, &r.dq),
+            ("dK", &g.dk, &r.dk),
+            ("dV", &g.dv, &r.dv),
+        ]
+        .into_iter()
+        .map(|(name, a, b)| compare(&label, name, a, b))
+        .fold(0.0f64, f64::max);
+        eprintln!("{label}: worst scaled error {worst:.2e}");
+    }
+}
+
 #[test]
 #[ignore]
 fn probe_block_sizes() {

@@ -14,7 +14,7 @@ use crate::common::gradients::{backward_poisoned, buffer, compare_all, inputs, n
 
 use crate::common::{gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors};
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Queries, Sequences, Shape};
 
@@ -194,4 +194,93 @@ fn a_batch_over_one_binding_is_a_typed_error_for_training() {
         .forward_train_varlen(&x.q, &x.k, &x.v, shape, &seqs)
         .unwrap_err();
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+}
+
+/// Exact attention's backward of variable-length batches (`DenseAttention`, every sequence
+/// attending to itself) against `cpu::dense_backward_varlen`: a pack of awkward lengths with
+/// grouped-query heads, causal and not, once in chunks of one tile (the longest sequence's
+/// 130 keys in 5 dispatches: shorter sequences finish early), and a padded batch with an empty
+/// row (its padding poisoned before the run must come back 0). The host API gives the same bits.
+#[test]
+fn dense_batches_equal_each_sequence_alone() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let packed = Sequences::packed(vec![1, 7, 97, 130]).unwrap();
+    let padded = Sequences::padded(100, vec![100, 3, 0, 57]).unwrap();
+    let mut worst = 0.0f64;
+    for (seqs, causal, keys) in [
+        (&packed, false, None),
+        (&packed, true, None),
+        (&packed, true, Some(40)),
+        (&padded, true, None),
+    ] {
+        let label = format!(
+            "seed {seed} {:?} causal={causal} keys {keys:?}",
+            seqs.layout
+        );
+        let shape = seqs.shape(4, 2, 16);
+        let x = inputs(seed, shape);
+        let mut dense = DenseAttention::new(ctx, causal).unwrap();
+        if let Some(keys) = keys {
+            dense = dense.keys_per_dispatch(keys);
+        }
+        let (q, k, v) = (
+            buffer(ctx, "q", &x.q),
+            buffer(ctx, "k", &x.k),
+            buffer(ctx, "v", &x.v),
+        );
+        let (o, lse) = (
+            nan(ctx, "o", shape.elements()),
+            nan(ctx, "lse", shape.rows()),
+        );
+        let t = GpuTensors {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &o,
+            lse: Some(&lse),
+        };
+        dense
+            .forward_varlen_buffers(t, shape, seqs)
+            .expect("forward");
+        let saved = dense.saved_from_buffers_varlen(t, shape, seqs).unwrap();
+        let dout = buffer(ctx, "dout", &x.dout);
+        let (dq, dk, dv) = (
+            nan(ctx, "dq", shape.elements()),
+            nan(ctx, "dk", shape.kv_elements()),
+            nan(ctx, "dv", shape.kv_elements()),
+        );
+        let g = GradTensors {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            weights: None,
+        };
+        dense.backward_buffers(&saved, &dout, g).expect("backward");
+        let read = |b: &wgpu::Buffer, len: usize| common::read_buffer(ctx, b)[..len].to_vec();
+        let got = Gradients {
+            dq: read(&dq, shape.elements()),
+            dk: read(&dk, shape.kv_elements()),
+            dv: read(&dv, shape.kv_elements()),
+            weights: None,
+        };
+        let r = cpu::dense_backward_varlen(
+            (&widen(&x.q), &widen(&x.k), &widen(&x.v), &widen(&x.dout)),
+            shape,
+            seqs,
+            causal,
+        )
+        .unwrap();
+        worst = worst.max(compare_all(&label, &got, &r));
+        let (_, saved) = dense
+            .forward_train_varlen(&x.q, &x.k, &x.v, shape, seqs)
+            .unwrap();
+        assert_eq!(
+            dense.backward(&saved, &x.dout).unwrap(),
+            got,
+            "{label}: host API"
+        );
+    }
+    eprintln!("worst scaled dense error {worst:.2e}");
 }

@@ -32,8 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Run FMA (or exact dense attention) on Q, K, V from .npy files and write O (and LSE).
     Run(RunArgs),
-    /// Gradients of FMA: forward and backward for a given dO; writes dQ, dK, dV and the
-    /// learned weights' gradients to an .npz.
+    /// Gradients of FMA (or, with --dense, exact attention): forward and backward for a given
+    /// dO; writes dQ, dK, dV and the learned weights' gradients to an .npz.
     Grad(GradArgs),
     /// Incremental causal decoding: prefill the first P tokens of Q, K, V, then append the rest
     /// C tokens at a time through the multi-level KV cache; writes all n rows of O.
@@ -207,8 +207,10 @@ summed over batch and heads) for L = sum(dO * O), O = FMA(Q, K, V); dO has the s
 --out GRADS.npz holds dq, dk, dv (shape of Q) and, in Learned mode, k_w{l}, k_b{l}, v_w{l},
 v_b{l} (with --queries coarse also q_w{l}, q_b{l}) for every level of the weights (the layout
 of --weights; levels the sequence does not use are zeros). Fine or coarse queries, 1D or
---grid, variable-length batches. float32 on the GPU, float64 with --reference. --dense and
---lse do not apply.
+--grid, variable-length batches. float32 on the GPU, float64 with --reference. --lse does not
+apply. --dense differentiates exact attention instead (dq, dk, dv; K/V may have fewer heads
+and another length than Q, --causal bottom-right aligned as in run; variable-length batches
+too).
 
 Exit codes: 0 success, 2 bad input (arguments, files, shapes, weights), 1 GPU or runtime failure.")]
 pub struct GradArgs {

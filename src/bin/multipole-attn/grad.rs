@@ -4,13 +4,16 @@
 //! with `--queries coarse` also `q_w1`, `q_b1`, ...).
 //! A variable-length batch (`--seqlens`, `--lengths`) is differentiated sequence by sequence
 //! (each its own FMA; 0 on padding rows; weight gradients summed over the sequences).
+//! `--dense` differentiates exact attention instead (`DenseAttention::backward`,
+//! `cpu::dense_backward`; variable-length batches too, each sequence attending to itself):
+//! dq, dk, dv only.
 
 use crate::args::GradArgs;
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor};
 use crate::run::{build_config, problem_shape, sequences};
 use crate::tensor::{fmt_shape, Tensor};
-use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
 use multipole_attn::levels::window;
 use multipole_attn::{cpu, FmaConfig, Gradients, Queries, Sequences, Shape};
 use ndarray::{ArrayD, IxDyn};
@@ -21,11 +24,6 @@ use std::path::Path;
 /// Runs the `grad` subcommand.
 pub fn grad(args: &GradArgs) -> CliResult<()> {
     let run = &args.run;
-    if run.dense {
-        return Err(CliError::Input(
-            "grad differentiates FMA; --dense (exact attention) has no backward here".into(),
-        ));
-    }
     if run.lse.is_some() {
         return Err(CliError::Input(
             "--lse is an output of run, not of grad (grad writes only the gradients .npz)".into(),
@@ -46,27 +44,62 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
         )));
     }
     shape.validate()?;
-    let cfg = build_config(run, shape)?;
     let (x_shape, kv_shape) = (q.shape.clone(), k.shape.clone());
     log::info!(
-        "FMA gradients {shape} on {}",
+        "{} gradients {shape} on {}",
+        if run.dense { "dense" } else { "FMA" },
         if run.reference {
             "the CPU reference"
         } else {
             "the GPU"
         }
     );
+    if run.dense {
+        let shapes = (&x_shape[..], &kv_shape[..]);
+        return if run.reference {
+            let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
+            let g = match &seqs {
+                None => cpu::dense_backward(&q, &k, &v, &dout, shape, run.causal)?,
+                Some(s) => cpu::dense_backward_varlen((&q, &k, &v, &dout), shape, s, run.causal)?,
+            };
+            write_gradients(&run.out, shapes, shape, None, g)
+        } else {
+            let g = run_dense_gpu(run.causal, (q, k, v, dout), shape, seqs.as_ref())?;
+            write_gradients(&run.out, shapes, shape, None, g)
+        };
+    }
+    let cfg = build_config(run, shape)?;
     if run.reference {
         let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
         let g = match &seqs {
             None => cpu::fma_backward(&q, &k, &v, &dout, shape, &cfg)?,
             Some(s) => cpu::fma_backward_varlen((&q, &k, &v, &dout), shape, s, &cfg)?,
         };
-        write_gradients(&run.out, (&x_shape, &kv_shape), shape, &cfg, g)
+        write_gradients(&run.out, (&x_shape, &kv_shape), shape, Some(&cfg), g)
     } else {
         let g = run_gpu(&cfg, (q, k, v, dout), shape, seqs.as_ref())?;
-        write_gradients(&run.out, (&x_shape, &kv_shape), shape, &cfg, g)
+        write_gradients(&run.out, (&x_shape, &kv_shape), shape, Some(&cfg), g)
     }
+}
+
+/// Exact dense attention forward (keeping what the backward needs) and backward on the GPU
+/// in f32.
+fn run_dense_gpu(
+    causal: bool,
+    (q, k, v, dout): (Tensor, Tensor, Tensor, Tensor),
+    shape: Shape,
+    seqs: Option<&Sequences>,
+) -> CliResult<Gradients<f32>> {
+    let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
+    let dout = dout.into_f32("dO")?;
+    let ctx = GpuContext::new()?;
+    log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
+    let dense = DenseAttention::new(&ctx, causal)?;
+    let (_, saved) = match seqs {
+        None => dense.forward_train(&q, &k, &v, shape)?,
+        Some(s) => dense.forward_train_varlen(&q, &k, &v, shape, s)?,
+    };
+    Ok(dense.backward(&saved, &dout)?)
 }
 
 /// Forward (keeping what the backward needs) and backward on the GPU in f32.
@@ -101,13 +134,14 @@ fn write_error(path: &Path, e: WriteNpzError) -> CliError {
 }
 
 /// Writes `dq` with the shape of Q, `dk`, `dv` with the shape of K (grouped-query heads: each
-/// K/V head's gradient sums its group of query heads), and per level l `k_w{l}`, `v_w{l}`
-/// (d, p, m 2^(l-1)) and `k_b{l}`, `v_b{l}` (d, p); with coarse queries also `q_w{l}`, `q_b{l}`.
+/// K/V head's gradient sums its group of query heads), and for FMA (`cfg`) per level l
+/// `k_w{l}`, `v_w{l}` (d, p, m 2^(l-1)) and `k_b{l}`, `v_b{l}` (d, p); with coarse queries also
+/// `q_w{l}`, `q_b{l}`.
 fn write_gradients<T: WritableElement + Clone>(
     path: &Path,
     (x_shape, kv_shape): (&[usize], &[usize]),
     shape: Shape,
-    cfg: &FmaConfig,
+    cfg: Option<&FmaConfig>,
     g: Gradients<T>,
 ) -> CliResult<()> {
     let file = File::create(path).map_err(|e| CliError::Write {
@@ -129,6 +163,9 @@ fn write_gradients<T: WritableElement + Clone>(
     add("dq".into(), x_shape, g.dq)?;
     add("dk".into(), kv_shape, g.dk)?;
     add("dv".into(), kv_shape, g.dv)?;
+    let Some(cfg) = cfg else {
+        return npz.finish().map_err(|e| write_error(path, e)).map(|_| ());
+    };
     let (d, p) = (shape.head_dim, cfg.rank);
     for (i, lg) in g.weights.into_iter().flatten().enumerate() {
         let l = i + 1;

@@ -1,15 +1,18 @@
 //! The executor of exact dense attention (the baseline every speed figure is compared with):
 //! one dispatch of a [`DensePlan`], or a head over one storage binding in (query chunk, key
-//! chunk) pairs (`split.rs`).
+//! chunk) pairs (`split.rs`); its backward (`backward.rs`).
 
+mod backward;
 mod split;
 mod varlen;
+
+pub use backward::DenseSaved;
 
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
 use crate::gpu::engine::buffers::uniform;
-use crate::gpu::engine::cache::ShapeCache;
+use crate::gpu::engine::cache::{Growing, ShapeCache};
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::front::{forward_host, run_host};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
@@ -49,7 +52,16 @@ pub struct DenseAttention {
     max_keys: Option<usize>,
     uniforms: ShapeCache<Shape, Uniforms>,
     host: Mutex<HostPool>,
+    /// Tells a [`DenseSaved`] of this instance from another's.
+    id: u64,
+    /// The backward's parameter blocks per shape (`backward.rs`).
+    backward_uniforms: ShapeCache<Shape, backward::BackwardUniforms>,
+    /// The backward's LSE and D per row, (bh, n, 2), grown by capacity.
+    stats: Mutex<Growing>,
 }
+
+/// The next [`DenseAttention`] id.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl DenseAttention {
     /// Prepares dense attention on `ctx`.
@@ -62,6 +74,12 @@ impl DenseAttention {
             max_keys: None,
             uniforms: ShapeCache::default(),
             host: Mutex::new(HostPool::default()),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            backward_uniforms: ShapeCache::default(),
+            stats: Mutex::new(Growing::new(
+                "dense lse and delta",
+                wgpu::BufferUsages::empty(),
+            )),
         })
     }
 
@@ -77,10 +95,12 @@ impl DenseAttention {
     /// tiles), longer key ranges in chunks (the default,
     /// [`crate::plan::DENSE_KEY_TILES_PER_DISPATCH`] tiles, keeps llvmpipe's loop limit; see
     /// [`DensePlan::key_chunks`]). Smaller values exercise the chunking on small problems
-    /// (tests) or measure its cost. Call before the first forward.
+    /// (tests) or measure its cost. The backward walks at most as many keys (dQ) and queries
+    /// (dK, dV, over a K/V head's group) per dispatch. Call before the first forward.
     pub fn keys_per_dispatch(mut self, keys: usize) -> Self {
         self.max_keys = Some(keys);
         self.uniforms = ShapeCache::default();
+        self.backward_uniforms = ShapeCache::default();
         self
     }
 

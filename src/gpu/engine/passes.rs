@@ -144,6 +144,8 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::Downsample => &DOWNSAMPLE,
         Pass::FineAttention => &FINE_ATTENTION,
         Pass::DenseAttention => &DENSE_ATTENTION,
+        Pass::DenseBackwardDkv => &DENSE_BACKWARD_DKV,
+        Pass::DenseBackwardDq => &DENSE_BACKWARD_DQ,
         Pass::CoarseAttention => &COARSE_ATTENTION,
         Pass::UpsampleMerge => &UPSAMPLE_MERGE,
         Pass::PadRows => &PAD_ROWS,
@@ -208,6 +210,37 @@ static DENSE_ATTENTION: PassDesc = PassDesc {
         bind(3, "v", V, Read),
         bind(6, "out", Out, ReadWrite),
         bind(7, "lse", Lse, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: false,
+};
+
+static DENSE_BACKWARD_DKV: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/dense_backward_dkv.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "k", K, Read),
+        bind(3, "v", V, Read),
+        bind(4, "dout", DOut, Read),
+        bind(5, "stats", Stats, Read),
+        bind(6, "dk", DK, ReadWrite),
+        bind(7, "dv", DV, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: false,
+};
+
+static DENSE_BACKWARD_DQ: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/dense_backward_dq.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "q", Q, Read),
+        bind(2, "k", K, Read),
+        bind(3, "v", V, Read),
+        bind(4, "dout", DOut, Read),
+        bind(5, "stats", Stats, Read),
+        bind(6, "dq", DQ, ReadWrite),
         SEQ_TABLE,
     ],
     level_select: false,

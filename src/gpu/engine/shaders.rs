@@ -25,6 +25,7 @@ fn shared(name: &str) -> Option<&'static str> {
         "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
         "decode_params" => Some(include_str!("../../../shaders/shared/decode_params.wgsl")),
         "decode_softmax" => Some(include_str!("../../../shaders/shared/decode_softmax.wgsl")),
+        "dense_causal" => Some(include_str!("../../../shaders/shared/dense_causal.wgsl")),
         "backward_queries" => Some(include_str!(
             "../../../shaders/shared/backward_queries.wgsl"
         )),

@@ -285,3 +285,39 @@ pub struct Output {
     /// LSE, (batch, heads, seq), when asked for.
     pub lse: Option<Vec<f32>>,
 }
+
+/// Gradient buffers of the learned weights, every level the sequence uses concatenated in
+/// level order (the layout of the forward's weight buffers): `wk`, `wv` (and `wq`) hold each
+/// level's (head_dim, p, w_l) gradient (2D grid: (head_dim, p, s_l, s_l)), `bk`, `bv` (and
+/// `bq`) each level's (head_dim, p); f32, `STORAGE` usage. [`crate::gpu::FmaAttention::backward_plan`]
+/// gives the element counts (`weight_elements`, `bias_elements`).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightGradTensors<'a> {
+    /// dWK of levels 1..=L, written.
+    pub wk: &'a wgpu::Buffer,
+    /// dWV of levels 1..=L, written.
+    pub wv: &'a wgpu::Buffer,
+    /// dbK of levels 1..=L, written.
+    pub bk: &'a wgpu::Buffer,
+    /// dbV of levels 1..=L, written.
+    pub bv: &'a wgpu::Buffer,
+    /// Coarse queries: dWQ and dbQ of levels 1..=L, written (`None` skips them; fine queries
+    /// have none and ignore this).
+    pub queries: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
+}
+
+/// Where a backward (FMA's or dense attention's) writes: dQ of Q's shape (batch, heads, seq,
+/// head_dim), dK and dV of K's (batch, kv_heads, seq_kv, head_dim), f32 buffers with `STORAGE`
+/// usage; in FMA's Learned mode optionally the weights' gradients (summed over batch and
+/// heads). Every element is written (none is accumulated into).
+#[derive(Clone, Copy, Debug)]
+pub struct GradTensors<'a> {
+    /// dL/dQ, written.
+    pub dq: &'a wgpu::Buffer,
+    /// dL/dK, written.
+    pub dk: &'a wgpu::Buffer,
+    /// dL/dV, written.
+    pub dv: &'a wgpu::Buffer,
+    /// dL/dW, dL/db of the learned weights (Learned mode only; `None` skips them).
+    pub weights: Option<WeightGradTensors<'a>>,
+}

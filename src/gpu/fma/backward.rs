@@ -20,6 +20,7 @@ use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{check_storage, GpuTensors, Scopes, Staged};
+pub use crate::gpu::engine::tensors::{GradTensors, WeightGradTensors};
 use crate::gradients::{Gradients, LevelGradients};
 use crate::plan::{BackwardPlan, Dispatch, Pass};
 use crate::sequences::Sequences;
@@ -65,41 +66,6 @@ impl Saved {
         self.sequences = Some(seqs);
         self
     }
-}
-
-/// Gradient buffers of the learned weights, every level the sequence uses concatenated in
-/// level order (the layout of the forward's weight buffers): `wk`, `wv` (and `wq`) hold each
-/// level's (head_dim, p, w_l) gradient (2D grid: (head_dim, p, s_l, s_l)), `bk`, `bv` (and
-/// `bq`) each level's (head_dim, p); f32, `STORAGE` usage. [`FmaAttention::backward_plan`]
-/// gives the element counts (`weight_elements`, `bias_elements`).
-#[derive(Clone, Copy, Debug)]
-pub struct WeightGradTensors<'a> {
-    /// dWK of levels 1..=L, written.
-    pub wk: &'a wgpu::Buffer,
-    /// dWV of levels 1..=L, written.
-    pub wv: &'a wgpu::Buffer,
-    /// dbK of levels 1..=L, written.
-    pub bk: &'a wgpu::Buffer,
-    /// dbV of levels 1..=L, written.
-    pub bv: &'a wgpu::Buffer,
-    /// Coarse queries: dWQ and dbQ of levels 1..=L, written (`None` skips them; fine queries
-    /// have none and ignore this).
-    pub queries: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
-}
-
-/// Where a backward writes: dQ, dK, dV of shape (batch, heads, seq, head_dim), f32 buffers
-/// with `STORAGE` usage; in Learned mode optionally the weights' gradients (summed over batch
-/// and heads). Every element is written (none is accumulated into).
-#[derive(Clone, Copy, Debug)]
-pub struct GradTensors<'a> {
-    /// dL/dQ, written.
-    pub dq: &'a wgpu::Buffer,
-    /// dL/dK, written.
-    pub dk: &'a wgpu::Buffer,
-    /// dL/dV, written.
-    pub dv: &'a wgpu::Buffer,
-    /// dL/dW, dL/db of the learned weights (Learned mode only; `None` skips them).
-    pub weights: Option<WeightGradTensors<'a>>,
 }
 
 /// Scratch buffers of the backward, grown by capacity: coarse K~, V~ recomputed by the

@@ -1,0 +1,503 @@
+//! The backward of exact dense attention (FlashAttention-2's structure, `plan::DenseBackwardPlan`):
+//! a forward that keeps what the backward needs ([`DenseSaved`]: Q, K, V, O and the LSE on the
+//! GPU), and a backward that takes dO and records D = rowsum(dO * O), dK/dV per key tile (query
+//! chunks in order) and dQ per query tile (key chunks in order) into one command encoder. The
+//! same calls as `FmaAttention`'s (`forward_train`, `saved_from_buffers`, `backward`,
+//! `backward_buffers`), so callers treat both alike. Probabilities are recomputed from the saved
+//! LSE; every gradient is summed by the invocation that owns it in a fixed order (no float
+//! atomics), so two runs give identical bits.
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::{read_f32, sequence_table, storage, uniform};
+use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::params::{to_uniform_bytes, Params};
+use crate::gpu::engine::passes::Role;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
+use crate::gpu::engine::tensors::{check_storage, GpuTensors, GradTensors, Output, Scopes, Staged};
+use crate::gradients::Gradients;
+use crate::plan::{DenseBackwardPlan, Dispatch};
+use crate::sequences::Sequences;
+use crate::shape::Shape;
+
+use super::DenseAttention;
+
+/// What a dense backward needs from its forward, kept on the GPU: Q and O of shape (batch,
+/// heads, seq, head_dim), K and V of (batch, kv_heads, seq_kv, head_dim), the LSE of (batch,
+/// heads, seq), tied to the [`DenseAttention`] that ran the forward (its causal flag). Made by
+/// [`DenseAttention::forward_train`] or, for tensors the caller keeps on the GPU, by
+/// [`DenseAttention::saved_from_buffers`].
+#[derive(Clone, Debug)]
+pub struct DenseSaved {
+    shape: Shape,
+    /// The sequences of a variable-length forward; `None` for a batch of equal sequences.
+    sequences: Option<Sequences>,
+    owner: u64,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    o: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
+impl DenseSaved {
+    /// The shape of the saved forward.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// The sequences of a saved variable-length forward.
+    pub fn sequences(&self) -> Option<&Sequences> {
+        self.sequences.as_ref()
+    }
+}
+
+/// The parameter blocks of one backward shape: D's (with its level selector), one per query
+/// chunk of the dK/dV pass and one per key chunk of the dQ pass; a padded variable-length
+/// batch's padding pass uses D's block with its own selector.
+pub(super) struct BackwardUniforms {
+    delta: wgpu::Buffer,
+    selects: Selects,
+    dkv: Vec<wgpu::Buffer>,
+    dq: Vec<wgpu::Buffer>,
+    pad: Option<Selects>,
+}
+
+impl DenseAttention {
+    /// The plan a backward of `shape` would execute. Causal with fewer keys than queries is
+    /// planned (its first seq - seq_kv rows take no gradient) even where the forward refuses it.
+    pub fn backward_plan(&self, shape: Shape) -> Result<DenseBackwardPlan> {
+        DenseBackwardPlan::new(shape, &self.limits)
+    }
+
+    /// The plan of the backward of a variable-length batch of `shape` (the tensors' shape, as
+    /// [`Sequences::shape`] gives it).
+    pub fn backward_plan_sequences(
+        &self,
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<DenseBackwardPlan> {
+        shape.validate()?;
+        seqs.check(shape)?;
+        DenseBackwardPlan::for_sequences(
+            seqs,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            &self.limits,
+        )
+    }
+
+    /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
+    fn saved_plan(&self, saved: &DenseSaved) -> Result<DenseBackwardPlan> {
+        match &saved.sequences {
+            None => self.backward_plan(saved.shape),
+            Some(seqs) => self.backward_plan_sequences(saved.shape, seqs),
+        }
+    }
+
+    /// The query chunks of the dK/dV dispatches and the key chunks of the dQ dispatches.
+    fn backward_chunks(&self, plan: &DenseBackwardPlan) -> [Vec<(usize, usize)>; 2] {
+        [
+            plan.query_chunks(self.max_keys.unwrap_or_else(|| plan.queries_per_dispatch())),
+            plan.key_chunks(self.max_keys.unwrap_or_else(|| plan.keys_per_dispatch())),
+        ]
+    }
+
+    /// The uniforms of `plan`, made once per shape (a variable-length batch's depend on its
+    /// lengths: made per call).
+    fn backward_uniforms(
+        &self,
+        plan: &DenseBackwardPlan,
+    ) -> Result<std::sync::Arc<BackwardUniforms>> {
+        if plan.forward.sequences.is_some() {
+            return Ok(std::sync::Arc::new(self.make_backward_uniforms(plan)?));
+        }
+        self.backward_uniforms
+            .get_or_make(plan.forward.shape, || self.make_backward_uniforms(plan))
+    }
+
+    fn make_backward_uniforms(&self, plan: &DenseBackwardPlan) -> Result<BackwardUniforms> {
+        {
+            let base = self.params(&plan.forward);
+            let make = |p: Params, label: &str| -> Result<wgpu::Buffer> {
+                Ok(uniform(
+                    &self.ctx.device,
+                    &self.ctx.queue,
+                    label,
+                    &to_uniform_bytes(&p)?,
+                ))
+            };
+            let per = |d: &Dispatch, tiles: u32| {
+                let mut p = base;
+                p.tiles_per_block = tiles;
+                p.total_workgroups = d.workgroups;
+                p.workgroups_x = d.grid[0];
+                p
+            };
+            let [queries, keys] = self.backward_chunks(plan);
+            let dkv = queries
+                .into_iter()
+                .map(|(lo, hi)| {
+                    let mut p = per(&plan.dkv, plan.key_tiles);
+                    (p.chunk_lo, p.chunk_hi) = (lo as u32, hi as u32);
+                    make(p, "dense dkv params")
+                })
+                .collect::<Result<_>>()?;
+            let dq = keys
+                .into_iter()
+                .map(|(lo, hi)| {
+                    let mut p = per(&plan.dq, plan.query_tiles);
+                    (p.key_lo, p.key_hi) = (lo as u32, hi as u32);
+                    make(p, "dense dq params")
+                })
+                .collect::<Result<_>>()?;
+            Ok(BackwardUniforms {
+                delta: make(base, "dense delta params")?,
+                selects: Selects::new(&self.ctx, &[plan.delta])?,
+                dkv,
+                dq,
+                pad: plan
+                    .pad
+                    .map(|pad| Selects::new(&self.ctx, &[pad]))
+                    .transpose()?,
+            })
+        }
+    }
+
+    /// Dense attention of host tensors that keeps what the backward needs on the GPU (async).
+    /// Q: (batch, heads, seq, head_dim), K, V: (batch, kv_heads, seq_kv, head_dim), f32.
+    /// Returns O and the LSE (as [`DenseAttention::forward`] with the LSE) and the
+    /// [`DenseSaved`] tensors for [`DenseAttention::backward`].
+    pub async fn forward_train_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+    ) -> Result<(Output, DenseSaved)> {
+        self.forward_train_in((q, k, v), shape, None).await
+    }
+
+    /// [`DenseAttention::forward_varlen_async`] that keeps what the backward needs on the GPU:
+    /// returns O and the LSE (padding rows: 0 and -inf) and the [`DenseSaved`] tensors, whose
+    /// [`DenseAttention::backward_async`] gives dQ of Q's shape, dK and dV of K's shape (0 on
+    /// padding rows). The tensors must fit one storage binding each (a typed error says so).
+    pub async fn forward_train_varlen_async(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<(Output, DenseSaved)> {
+        self.forward_train_in((q, k, v), shape, Some(seqs)).await
+    }
+
+    /// Blocking [`DenseAttention::forward_train_varlen_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_train_varlen(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<(Output, DenseSaved)> {
+        pollster::block_on(self.forward_train_varlen_async(q, k, v, shape, seqs))
+    }
+
+    /// The training forward of a batch of equal sequences (`seqs = None`) or of a
+    /// variable-length batch.
+    async fn forward_train_in(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+        seqs: Option<&Sequences>,
+    ) -> Result<(Output, DenseSaved)> {
+        check_host(shape, q, k, v)?;
+        // The backward must be possible before we run a forward.
+        match seqs {
+            None => self.backward_plan(shape)?,
+            Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
+        };
+        let device = &self.ctx.device;
+        let bytes = shape.elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * 4;
+        let input = wgpu::BufferUsages::COPY_DST;
+        let output = wgpu::BufferUsages::COPY_SRC;
+        let saved = DenseSaved {
+            shape,
+            sequences: seqs.cloned(),
+            owner: self.id,
+            q: storage(device, "saved q", bytes, input),
+            k: storage(device, "saved k", kv_bytes, input),
+            v: storage(device, "saved v", kv_bytes, input),
+            o: storage(device, "saved o", bytes, output),
+            lse: storage(device, "saved lse", shape.rows() as u64 * 4, output),
+        };
+        let queue = &self.ctx.queue;
+        queue.write_buffer(&saved.q, 0, bytemuck::cast_slice(q));
+        queue.write_buffer(&saved.k, 0, bytemuck::cast_slice(k));
+        queue.write_buffer(&saved.v, 0, bytemuck::cast_slice(v));
+        let t = GpuTensors {
+            q: &saved.q,
+            k: &saved.k,
+            v: &saved.v,
+            out: &saved.o,
+            lse: Some(&saved.lse),
+        };
+        match seqs {
+            None => self.forward_buffers_async(t, shape).await?,
+            Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
+        }
+        let staged = Staged::new(device, shape, true);
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("dense forward_train readback"),
+        });
+        staged.record(&mut enc, &saved.o, &saved.lse);
+        queue.submit([enc.finish()]);
+        let out = staged.read(&self.ctx).await?;
+        Ok((out, saved))
+    }
+
+    /// Blocking [`DenseAttention::forward_train_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_train(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+    ) -> Result<(Output, DenseSaved)> {
+        pollster::block_on(self.forward_train_async(q, k, v, shape))
+    }
+
+    /// Keeps the tensors of a forward the caller ran with [`DenseAttention::forward_buffers`]
+    /// on this instance, for [`DenseAttention::backward_buffers`]. `t.lse` must be the buffer
+    /// that forward wrote the LSE into ([`FmaError::NoSavedForward`] without one). The buffers
+    /// must not change until the backward is recorded.
+    pub fn saved_from_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<DenseSaved> {
+        t.check(shape)?;
+        let lse = t.lse.ok_or_else(|| {
+            FmaError::NoSavedForward(
+                "no LSE buffer: run forward_buffers with GpuTensors::lse set and pass the same \
+                 buffers here"
+                    .into(),
+            )
+        })?;
+        Ok(DenseSaved {
+            shape,
+            sequences: None,
+            owner: self.id,
+            q: t.q.clone(),
+            k: t.k.clone(),
+            v: t.v.clone(),
+            o: t.out.clone(),
+            lse: lse.clone(),
+        })
+    }
+
+    /// [`DenseAttention::saved_from_buffers`] of a forward the caller ran with
+    /// [`DenseAttention::forward_varlen_buffers`] on the variable-length batch `seqs`.
+    pub fn saved_from_buffers_varlen(
+        &self,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        seqs: &Sequences,
+    ) -> Result<DenseSaved> {
+        self.backward_plan_sequences(shape, seqs)?;
+        let mut saved = self.saved_from_buffers(t, shape)?;
+        saved.sequences = Some(seqs.clone());
+        Ok(saved)
+    }
+
+    /// Backward of host dO (async), dO of Q's shape (batch, heads, seq, head_dim). Returns dQ
+    /// of Q's shape, dK and dV of K's shape (batch, kv_heads, seq_kv, head_dim): with
+    /// grouped-query heads each K/V head's gradient is the sum over its group of query heads,
+    /// in head order (deterministic). `weights` is `None`.
+    pub async fn backward_async(&self, saved: &DenseSaved, dout: &[f32]) -> Result<Gradients<f32>> {
+        let shape = saved.shape;
+        shape.check_len("dO", dout.len())?;
+        let device = &self.ctx.device;
+        let bytes = shape.elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * 4;
+        let dout_buf = storage(device, "dO", bytes, wgpu::BufferUsages::COPY_DST);
+        self.ctx
+            .queue
+            .write_buffer(&dout_buf, 0, bytemuck::cast_slice(dout));
+        let out = wgpu::BufferUsages::COPY_SRC;
+        let (dq, dk, dv) = (
+            storage(device, "dq", bytes, out),
+            storage(device, "dk", kv_bytes, out),
+            storage(device, "dv", kv_bytes, out),
+        );
+        let grads = GradTensors {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            weights: None,
+        };
+        self.backward_buffers_async(saved, &dout_buf, grads).await?;
+        // One staging buffer: dq, dk, dv.
+        let total = bytes + 2 * kv_bytes;
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dense gradients readback"),
+            size: total.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("dense gradients readback"),
+        });
+        enc.copy_buffer_to_buffer(&dq, 0, &staging, 0, bytes);
+        enc.copy_buffer_to_buffer(&dk, 0, &staging, bytes, kv_bytes);
+        enc.copy_buffer_to_buffer(&dv, 0, &staging, bytes + kv_bytes, kv_bytes);
+        self.ctx.queue.submit([enc.finish()]);
+        let mut all = read_f32(device, &staging, total).await?;
+        self.ctx.check_alive()?;
+        let gv = all.split_off(shape.elements() + shape.kv_elements());
+        let gk = all.split_off(shape.elements());
+        Ok(Gradients {
+            dq: all,
+            dk: gk,
+            dv: gv,
+            weights: None,
+        })
+    }
+
+    /// Blocking [`DenseAttention::backward_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward(&self, saved: &DenseSaved, dout: &[f32]) -> Result<Gradients<f32>> {
+        pollster::block_on(self.backward_async(saved, dout))
+    }
+
+    /// Backward of dO already on the GPU ((batch, heads, seq, head_dim) f32, `STORAGE`) into
+    /// the caller's gradient buffers (`g.weights` must be `None`: dense attention has no
+    /// weights); records and submits one command buffer and returns without waiting for the
+    /// GPU.
+    pub async fn backward_buffers_async(
+        &self,
+        saved: &DenseSaved,
+        dout: &wgpu::Buffer,
+        g: GradTensors<'_>,
+    ) -> Result<()> {
+        if saved.owner != self.id {
+            return Err(FmaError::NoSavedForward(
+                "these tensors were saved by another DenseAttention (whose causal flag may \
+                 differ); run forward_train on the instance that runs the backward"
+                    .into(),
+            ));
+        }
+        if g.weights.is_some() {
+            return Err(FmaError::InvalidConfig {
+                what: "weight gradients",
+                value: "requested".into(),
+                allowed: "none: dense attention has no learned weights".into(),
+            });
+        }
+        let shape = saved.shape;
+        let plan = self.saved_plan(saved)?;
+        let bytes = shape.elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * 4;
+        check_storage("dO", dout, bytes, shape)?;
+        check_storage("dQ", g.dq, bytes, shape)?;
+        check_storage("dK", g.dk, kv_bytes, shape)?;
+        check_storage("dV", g.dv, kv_bytes, shape)?;
+        let steps: Vec<Dispatch> = [plan.delta, plan.dkv, plan.dq]
+            .into_iter()
+            .chain(plan.pad)
+            .collect();
+        let pipes = Pipes::new(&self.ctx, &steps).await?;
+        let uniforms = self.backward_uniforms(&plan)?;
+        let table = plan
+            .forward
+            .sequences
+            .as_ref()
+            .map(|t| sequence_table(&self.ctx.device, t));
+        let scopes = Scopes::push(&self.ctx)?;
+        {
+            let mut stats = self.stats.lock().map_err(poisoned)?;
+            let stats = stats.at_least(
+                &self.ctx.device,
+                plan.stats_bytes,
+                self.limits.binding_bytes(),
+            );
+            let res = |params| {
+                let r = resources(params, saved, dout, stats, &g);
+                match &table {
+                    Some(table) => r.with(Role::SeqTable, table),
+                    None => r,
+                }
+            };
+            let mut enc = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("dense backward"),
+                });
+            {
+                let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("dense backward"),
+                    timestamp_writes: None,
+                });
+                let ctx = &self.ctx;
+                record_steps(
+                    ctx,
+                    &mut cpass,
+                    &[plan.delta],
+                    &pipes,
+                    Some(&uniforms.selects),
+                    &res(&uniforms.delta),
+                )?;
+                // Chunks in order: each resumes the sums the previous left in dK, dV or dQ.
+                for params in &uniforms.dkv {
+                    record_steps(ctx, &mut cpass, &[plan.dkv], &pipes, None, &res(params))?;
+                }
+                for params in &uniforms.dq {
+                    record_steps(ctx, &mut cpass, &[plan.dq], &pipes, None, &res(params))?;
+                }
+                // A padded batch: zeros on the padding rows, last.
+                if let (Some(pad), Some(selects)) = (plan.pad, &uniforms.pad) {
+                    let res = res(&uniforms.delta);
+                    record_steps(ctx, &mut cpass, &[pad], &pipes, Some(selects), &res)?;
+                }
+            }
+            self.ctx.queue.submit([enc.finish()]);
+        }
+        scopes.pop(&self.ctx, "the dense backward").await
+    }
+
+    /// Blocking [`DenseAttention::backward_buffers_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward_buffers(
+        &self,
+        saved: &DenseSaved,
+        dout: &wgpu::Buffer,
+        g: GradTensors<'_>,
+    ) -> Result<()> {
+        pollster::block_on(self.backward_buffers_async(saved, dout, g))
+    }
+}
+
+/// The buffers of every pass of a dense backward, with `params` as its parameter block.
+fn resources<'a>(
+    params: &'a wgpu::Buffer,
+    saved: &'a DenseSaved,
+    dout: &'a wgpu::Buffer,
+    stats: &'a wgpu::Buffer,
+    g: &GradTensors<'a>,
+) -> Resources<'a> {
+    Resources::default()
+        .with(Role::Params, params)
+        .with(Role::Q, &saved.q)
+        .with(Role::K, &saved.k)
+        .with(Role::V, &saved.v)
+        .with(Role::Out, &saved.o)
+        .with(Role::Lse, &saved.lse)
+        .with(Role::DOut, dout)
+        .with(Role::Stats, stats)
+        .with(Role::DQ, g.dq)
+        .with(Role::DK, g.dk)
+        .with(Role::DV, g.dv)
+}
