@@ -17,7 +17,10 @@ mod split_dense;
 mod varlen;
 mod varlen_backward;
 
-pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
+pub use backward::{
+    coarse_rows_per_workgroup, combine_rounds, max_readers, reader_chunks, BackwardPlan,
+    BACKWARD_WG, COMBINE_FAN_IN, DKV_COARSE_CHUNK,
+};
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub(crate) use dispatch::dispatch;

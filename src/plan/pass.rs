@@ -44,6 +44,9 @@ passes! {
     BackwardDkvFine => "backward_dkv_fine",
     /// Backward: dK~, dV~ of one level's coarse keys (`shaders/backward_dkv_coarse.wgsl`).
     BackwardDkvCoarse => "backward_dkv_coarse",
+    /// Backward: one round of the tree that adds the coarse dK~/dV~ pass's reader-chunk
+    /// partial sums (`shaders/backward_dkv_combine.wgsl`).
+    BackwardDkvCombine => "backward_dkv_combine",
     /// Backward of coarse queries: what each coarse-query row's tokens send back to it, its
     /// (G, R, H), one level (`shaders/backward_coarse_stats.wgsl`).
     BackwardCoarseStats => "backward_coarse_stats",

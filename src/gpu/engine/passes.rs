@@ -152,6 +152,7 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::BackwardDq => &BACKWARD_DQ,
         Pass::BackwardDkvFine => &BACKWARD_DKV_FINE,
         Pass::BackwardDkvCoarse => &BACKWARD_DKV_COARSE,
+        Pass::BackwardDkvCombine => &BACKWARD_DKV_COMBINE,
         Pass::BackwardCoarseStats => &BACKWARD_COARSE_STATS,
         Pass::BackwardCoarseDq => &BACKWARD_COARSE_DQ,
         Pass::BackwardDkvCoarseQ => &BACKWARD_DKV_COARSE_Q,
@@ -319,6 +320,17 @@ static BACKWARD_DKV_COARSE: PassDesc = PassDesc {
         bind(5, "stats", Stats, Read),
         bind(6, "dcoarse_k", DCoarseK, ReadWrite),
         bind(7, "dcoarse_v", DCoarseV, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
+static BACKWARD_DKV_COMBINE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/backward_dkv_combine.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dcoarse_k", DCoarseK, ReadWrite),
+        bind(2, "dcoarse_v", DCoarseV, ReadWrite),
         SEQ_TABLE,
     ],
     level_select: true,

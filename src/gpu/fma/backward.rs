@@ -153,7 +153,11 @@ impl BackwardScratch {
             (at, at + t.words.len() as u64 * 4, t)
         });
         let with_table = |bytes: u64| table.map_or(bytes, |(_, end, _)| end.max(bytes));
-        let dcoarse_k = self.dcoarse_k.at_least(device, with_table(coarse), cap);
+        // The reader chunks' partial sums of the coarse dK~/dV~ pass follow in both.
+        let partials = (plan.partials_at + plan.partial_elements) as u64 * 4;
+        let dcoarse_k = self
+            .dcoarse_k
+            .at_least(device, with_table(coarse).max(partials), cap);
         let stats = self
             .stats
             .at_least(device, with_table(plan.stats_bytes), cap);
@@ -177,7 +181,10 @@ impl BackwardScratch {
                 self.coarse_q.at_least(device, query_rows, cap),
             )
             .with(Role::DCoarseK, dcoarse_k)
-            .with(Role::DCoarseV, self.dcoarse_v.at_least(device, coarse, cap))
+            .with(
+                Role::DCoarseV,
+                self.dcoarse_v.at_least(device, coarse.max(partials), cap),
+            )
             .with(
                 Role::DCoarseQ,
                 self.dcoarse_q.at_least(device, query_rows, cap),
@@ -580,11 +587,14 @@ impl FmaAttention {
         if plan.forward.sequences.is_some() {
             let mut params = self.params(&plan.forward);
             params.table_at = plan.table_at as u32;
+            params.partials_at = plan.partials_at as u32;
             return Ok(Arc::new(Uniforms::new(&self.ctx, &params, steps)?));
         }
         let key = (plan.forward.shape, steps.len());
         self.backward_uniforms.get_or_make(key, || {
-            Uniforms::new(&self.ctx, &self.params(&plan.forward), steps)
+            let mut params = self.params(&plan.forward);
+            params.partials_at = plan.partials_at as u32;
+            Uniforms::new(&self.ctx, &params, steps)
         })
     }
 }
