@@ -6,6 +6,7 @@
 mod backward;
 mod decode;
 mod dense;
+mod depth;
 mod dispatch;
 mod forward;
 mod limits;
@@ -23,6 +24,9 @@ pub use backward::{
 };
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
+pub use depth::{
+    backward_depths, dense_depths, dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
+};
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{
     attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,

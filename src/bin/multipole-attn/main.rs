@@ -13,6 +13,7 @@ mod grad;
 mod headless;
 mod info;
 mod npy_io;
+mod plan;
 mod run;
 mod tensor;
 mod weights_npz;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         args::Command::Decode(a) => decode::decode(a),
         args::Command::Info => info::info(),
         args::Command::Doctor(a) => doctor::doctor(a),
+        args::Command::Plan(a) => plan::plan(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
