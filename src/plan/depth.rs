@@ -482,8 +482,7 @@ mod tests {
         let all = backward(65536, &cfg);
         let top = all
             .iter()
-            .filter(|d| d.dispatch.pass == Pass::BackwardDkvCoarse)
-            .last()
+            .rfind(|d| d.dispatch.pass == Pass::BackwardDkvCoarse)
             .unwrap();
         assert_eq!(top.dispatch.args, [192, DKV_COARSE_CHUNK]);
         // p = 2 rows (one subgroup walk of 4 rows), each q and dO of 256 readers.
