@@ -12,7 +12,9 @@
 //!    tokens send back to it (G, R, H; level l from level l-1), then `coarse_dq`, per level,
 //!    dQ~ over the row's far list,
 //! 5. `dkv_coarse`: per level, dK~ and dV~ gathered over the windows whose far list holds them
-//!    (coarse queries: over those windows' coarse-query rows),
+//!    (coarse queries: over those windows' coarse-query rows), in chunks of
+//!    [`DKV_COARSE_CHUNK`] readers, each level followed by the rounds of `dkv_combine` that add
+//!    its chunks' partial sums (none for a level of one chunk),
 //! 6. `dkv_fine`: dK, dV of the near field, gathered over the query blocks that read each block,
 //! 7. `downsample_backward`: adds the coarse gradients to dK, dV (coarse queries: and dQ~ to
 //!    dQ) through the downsampling,
