@@ -44,6 +44,15 @@ pub fn coarse_rows_per_workgroup(wg: u32, d4: u32) -> u32 {
 /// chunk. 256 = 8 tiles of 32; the near field of m = 64 is 192 queries.
 pub const DKV_COARSE_CHUNK: u32 = 256;
 
+/// Windows (over all K/V heads) one invocation of `weights_backward` sums for its weight
+/// element: 64 windows, 4 rows each (dK~, K, dV~, V).
+pub const WEIGHT_CHUNK_WINDOWS: u32 = 64;
+
+/// Chunks of `windows` (a level's, over all K/V heads) for `weights_backward`.
+pub fn weight_chunks(windows: u64) -> u64 {
+    windows.div_ceil(WEIGHT_CHUNK_WINDOWS as u64).max(1)
+}
+
 /// Partial sums one invocation of a combine round adds (`shaders/backward_dkv_combine.wgsl`).
 pub const COMBINE_FAN_IN: u64 = 16;
 
@@ -135,8 +144,12 @@ pub struct BackwardPlan {
     pub dkv_fine: Dispatch,
     /// dK, dV through the downsampling (absent when there is no coarse level).
     pub downsample_backward: Option<Dispatch>,
-    /// dW, db of keys and values: one dispatch per coarse level (Learned mode only).
+    /// dW, db of keys and values: one dispatch per coarse level (Learned mode only), a
+    /// workgroup per (elements, chunk of the level's windows).
     pub weights_backward: Vec<Dispatch>,
+    /// Per level of `weights_backward`, the rounds that add its chunks' partial sums (empty for
+    /// a level of one chunk).
+    pub weights_combine: Vec<Vec<Dispatch>>,
     /// dWQ, dbQ: one dispatch per coarse level (Learned mode with coarse queries only).
     pub weights_backward_q: Vec<Dispatch>,
     /// Bytes of the (batch*heads, seq, 2) buffer of LSE and D.
@@ -309,12 +322,7 @@ impl BackwardPlan {
         // The partial sums follow dK~'s and dV~'s own rows (and a variable-length batch's table
         // copy in dK~: `for_sequences` moves them past it).
         let partials_at = forward.workspace.coarse_kv_bytes.div_ceil(4);
-        let partial_elements = partial_rows * d as u64;
-        limits.check_binding(
-            "the backward's dK~ with its partial sums",
-            (partials_at + partial_elements) * 4,
-            "differentiate fewer heads per backward call",
-        )?;
+        let mut partial_elements = partial_rows * d as u64;
         // Coarse queries: per level, (G, R, H) of each query head's coarse rows (d + 1 units
         // per row), then dQ~ (one invocation per row, D4-wide private rows).
         let (mut coarse_stats, mut coarse_dq) = (Vec::new(), Vec::new());
@@ -360,6 +368,7 @@ impl BackwardPlan {
         };
         let learned = matches!(cfg.downsample, Downsample::Learned(_));
         let (mut weights_backward, mut weights_backward_q) = (Vec::new(), Vec::new());
+        let mut weights_combine = Vec::new();
         let (mut weight_elements, mut bias_elements) = (0usize, 0usize);
         if learned {
             for (i, lv) in forward.levels.levels.iter().enumerate() {
@@ -371,7 +380,7 @@ impl BackwardPlan {
                     &[Pass::WeightsBackward]
                 };
                 for &pass in passes {
-                    let step = dispatch(
+                    let mut step = dispatch(
                         pass,
                         Some(i as u32),
                         threads.div_ceil(wg as u64),
@@ -379,7 +388,38 @@ impl BackwardPlan {
                         limits,
                     )?;
                     match pass {
-                        Pass::WeightsBackward => weights_backward.push(step),
+                        Pass::WeightsBackward => {
+                            // The level's windows over every K/V head in chunks (n / w_l per
+                            // head: O(n) at level 1), added by a tree of combine rounds.
+                            let chunks = weight_chunks(work.level_windows[i]);
+                            step = dispatch(
+                                pass,
+                                Some(i as u32),
+                                threads.div_ceil(wg as u64) * chunks,
+                                elementwise,
+                                limits,
+                            )?;
+                            step.args = [chunks as u32, WEIGHT_CHUNK_WINDOWS];
+                            let rounds = combine_rounds(chunks)
+                                .into_iter()
+                                .map(|(stride, groups)| {
+                                    let mut c = dispatch(
+                                        Pass::WeightsBackwardCombine,
+                                        Some(i as u32),
+                                        (threads * groups).div_ceil(wg as u64),
+                                        elementwise,
+                                        limits,
+                                    )?;
+                                    c.args = [chunks as u32, stride as u32];
+                                    Ok(c)
+                                })
+                                .collect::<Result<Vec<_>>>()?;
+                            if chunks > 1 {
+                                partial_elements = partial_elements.max(threads * chunks * 2);
+                            }
+                            weights_backward.push(step);
+                            weights_combine.push(rounds);
+                        }
                         _ => weights_backward_q.push(step),
                     }
                 }
@@ -387,6 +427,11 @@ impl BackwardPlan {
                 bias_elements += d * p;
             }
         }
+        limits.check_binding(
+            "the backward's dK~ or dV~ with its partial sums",
+            (partials_at + partial_elements) * 4,
+            "differentiate fewer heads per backward call",
+        )?;
         Ok(Self {
             forward,
             delta,
@@ -400,6 +445,7 @@ impl BackwardPlan {
             dkv_fine,
             downsample_backward,
             weights_backward,
+            weights_combine,
             weights_backward_q,
             stats_bytes,
             weight_elements,
@@ -454,7 +500,10 @@ impl BackwardPlan {
         }
         all.push(self.dkv_fine);
         all.extend(self.downsample_backward);
-        all.extend(&self.weights_backward);
+        for (step, rounds) in self.weights_backward.iter().zip(&self.weights_combine) {
+            all.push(*step);
+            all.extend(rounds);
+        }
         all.extend(&self.weights_backward_q);
         all.extend(self.pad);
         all
@@ -610,14 +659,26 @@ mod tests {
             .map(|i| 4 * plan.forward.levels.levels[i].windows * 2 * chunks[i] as usize * 64)
             .max()
             .unwrap();
-        assert_eq!(plan.partial_elements, most);
+        // Learned: each weight element's sum over the level's 4 heads x windows (256, 128,
+        // 64, 32, 16) in chunks of 64 windows, its (K, V) partials after dV~'s rows.
+        let weight_chunks = [4u64, 2, 1, 1, 1];
+        for (i, step) in plan.weights_backward.iter().enumerate() {
+            assert_eq!(step.args, [weight_chunks[i] as u32, WEIGHT_CHUNK_WINDOWS]);
+            assert_eq!(
+                plan.weights_combine[i].len(),
+                usize::from(weight_chunks[i] > 1)
+            );
+        }
+        let threads = |w: u64| 64 * 2 * (w + 1);
+        let weights_most = (threads(64) * 4 * 2).max(threads(128) * 2 * 2) as usize;
+        assert_eq!(plan.partial_elements, most.max(weights_most));
         assert_eq!(
             plan.partials_at as u64 * 4,
             plan.forward.workspace.coarse_kv_bytes
         );
         // 5 downsample + delta + dq + 5 coarse + 4 combine + fine + downsample_backward + 5
-        // weights.
-        assert_eq!(plan.dispatches().len(), 23);
+        // weights + 2 combine.
+        assert_eq!(plan.dispatches().len(), 25);
         assert_eq!(plan.weight_elements, 64 * 2 * (64 + 128 + 256 + 512 + 1024));
         let avg =
             BackwardPlan::new(shape, &FmaConfig::new(64, 2), &KernelLimits::lavapipe()).unwrap();

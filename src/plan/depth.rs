@@ -13,6 +13,7 @@
 
 use super::backward::{
     coarse_rows_per_workgroup, max_readers, BackwardPlan, COMBINE_FAN_IN, DKV_COARSE_CHUNK,
+    WEIGHT_CHUNK_WINDOWS,
 };
 use super::dense::DensePlan;
 use super::dispatch::Dispatch;
@@ -317,13 +318,26 @@ pub fn downsample_backward(m: &DepthModel) -> Depth {
     }
 }
 
-/// `weights_backward` at level index `i`: an invocation per weight element (c, j, t) sums over
-/// every K/V head and window of the level (dK~, K, dV~, V of each).
+/// `weights_backward` at level index `i`: an invocation per (weight element (c, j, t), chunk)
+/// sums over at most `WEIGHT_CHUNK_WINDOWS` of the level's windows over every K/V head (dK~,
+/// K, dV~, V of each).
 pub fn weights_backward(m: &DepthModel, i: usize) -> Depth {
-    let serial = 4 * m.kv_bh * m.levels[i].1;
+    let windows = m.kv_bh * m.levels[i].1;
     Depth {
-        serial_rows: serial,
-        rows: (m.taps(i) + 1) * m.p * serial,
+        serial_rows: 4 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
+        rows: (m.taps(i) + 1) * m.p * 4 * windows,
+    }
+}
+
+/// `weights_backward_combine`, one round: an invocation per (element, group) adds at most 16
+/// partial (K, V) pairs.
+pub fn weights_backward_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
+    let [chunks, stride] = d.args.map(u64::from);
+    let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
+    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    Depth {
+        serial_rows: 2 * added,
+        rows: (m.taps(i) + 1) * m.p * groups * 2 * added,
     }
 }
 
@@ -362,6 +376,7 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
         Pass::BackwardCoarseDq => backward_coarse_dq(model, level),
         Pass::DownsampleBackward => downsample_backward(model),
         Pass::WeightsBackward => weights_backward(model, level),
+        Pass::WeightsBackwardCombine => weights_backward_combine(model, level, d),
         Pass::WeightsBackwardQ => weights_backward_q(model, level),
         Pass::PadRows | Pass::PadGradients => writes_only(),
         Pass::DenseAttention => dense_attention(d, model.n),
@@ -435,7 +450,13 @@ mod tests {
     use crate::shape::Shape;
 
     fn backward(n: usize, cfg: &FmaConfig) -> Vec<DispatchDepth> {
-        let shape = Shape::new(1, 1, n, 64);
+        // Learned weights are (d, p, w_l) per level: d = 4 keeps 2^22 tokens' small (the
+        // chains do not depend on d).
+        let d = match &cfg.downsample {
+            Downsample::Learned(_) => 4,
+            Downsample::Average => 64,
+        };
+        let shape = Shape::new(1, 1, n, d);
         let plan = BackwardPlan::new(shape, cfg, &KernelLimits::discrete_gpu()).unwrap();
         let mut all = forward_depths(&plan.forward, cfg);
         all.extend(backward_depths(&plan, cfg));
@@ -497,34 +518,47 @@ mod tests {
     }
 
     /// Issue 27's bound: every pass's chain at n = 2^22 is at most its chain at 2^16 plus
-    /// O(p log n) (here 8 p log2 n), and at most 8 (3m + 4pL) + 1024.
+    /// O(p log n) (here 8 p log2 n), and at most 8 (3m + 4pL) + 1024. Learned mode: every pass
+    /// but its `downsample` (w_l kernel taps per coarse row: not chunked yet).
     #[test]
     fn no_chain_grows_with_n() {
         let (m, p) = (64usize, 2usize);
-        let configs = [
-            FmaConfig::new(m, p),
-            FmaConfig::new(m, p).causal(true),
-            FmaConfig::new(m, p).queries(Queries::Coarse),
+        let learned = |n: usize| {
+            let w = crate::weights::LearnedWeights::box_init_for(4, m, p, n);
+            FmaConfig::new(m, p).downsample(Downsample::Learned(w))
+        };
+        let configs: [&dyn Fn(usize) -> FmaConfig; 4] = [
+            &|_| FmaConfig::new(m, p),
+            &|_| FmaConfig::new(m, p).causal(true),
+            &|_| FmaConfig::new(m, p).queries(Queries::Coarse),
+            &learned,
         ];
-        for cfg in &configs {
-            let base = backward(1 << 16, cfg);
+        for config in configs {
+            let base = backward(1 << 16, &config(1 << 16));
             for log_n in 16..=22 {
                 let n = 1usize << log_n;
-                let all = backward(n, cfg);
+                let cfg = &config(n);
+                let all: Vec<DispatchDepth> = backward(n, cfg)
+                    .into_iter()
+                    .filter(|d| {
+                        let learned = matches!(cfg.downsample, Downsample::Learned(_));
+                        !(learned && d.dispatch.pass == Pass::Downsample)
+                    })
+                    .collect();
                 let levels = crate::levels::Levels::new(n, m, p).count();
                 let bound = (8 * (3 * m + 4 * p * levels) + 1024) as u64;
                 for d in &all {
                     let pass = d.dispatch.pass;
                     assert!(
                         d.serial_rows <= bound,
-                        "{cfg:?} n = {n}: {} reads {} rows in a row (bound {bound})",
+                        "n = {n}: {} reads {} rows in a row (bound {bound})",
                         pass.name(),
                         d.serial_rows
                     );
                     let grown = (8 * p * log_n) as u64;
                     assert!(
                         d.serial_rows <= deepest(&base, pass) + grown,
-                        "{cfg:?} n = {n}: {} reads {} rows in a row, {} at n = 65536",
+                        "n = {n}: {} reads {} rows in a row, {} at n = 65536",
                         pass.name(),
                         d.serial_rows,
                         deepest(&base, pass)

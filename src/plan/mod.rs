@@ -19,8 +19,8 @@ mod varlen;
 mod varlen_backward;
 
 pub use backward::{
-    coarse_rows_per_workgroup, combine_rounds, max_readers, reader_chunks, BackwardPlan,
-    BACKWARD_WG, COMBINE_FAN_IN, DKV_COARSE_CHUNK,
+    coarse_rows_per_workgroup, combine_rounds, max_readers, reader_chunks, weight_chunks,
+    BackwardPlan, BACKWARD_WG, COMBINE_FAN_IN, DKV_COARSE_CHUNK, WEIGHT_CHUNK_WINDOWS,
 };
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};

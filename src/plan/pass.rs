@@ -65,6 +65,9 @@ passes! {
     DownsampleBackward => "downsample_backward",
     /// Backward: gradients of one level's learned weights (`shaders/weights_backward.wgsl`).
     WeightsBackward => "weights_backward",
+    /// Backward: one round of the tree that adds `weights_backward`'s partial sums over chunks
+    /// of a level's windows (`shaders/weights_backward_combine.wgsl`).
+    WeightsBackwardCombine => "weights_backward_combine",
     /// Coarse queries' attention to their far list at one level (`shaders/coarse_attention.wgsl`).
     CoarseAttention => "coarse_attention",
     /// Upsampling of every level's coarse-query results and the log-sum-exp merge into the near

@@ -159,6 +159,7 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::WeightsBackwardQ => &WEIGHTS_BACKWARD_Q,
         Pass::DownsampleBackward => &DOWNSAMPLE_BACKWARD,
         Pass::WeightsBackward => &WEIGHTS_BACKWARD,
+        Pass::WeightsBackwardCombine => &WEIGHTS_BACKWARD_COMBINE,
         Pass::DecodeAppend => &DECODE_APPEND,
         Pass::DecodePool => &DECODE_POOL,
         Pass::DecodeAttention => &DECODE_ATTENTION,
@@ -418,11 +419,24 @@ static WEIGHTS_BACKWARD: PassDesc = PassDesc {
         bind(1, "k", K, Read),
         bind(2, "v", V, Read),
         bind(3, "dcoarse_k", DCoarseK, Read),
-        bind(4, "dcoarse_v", DCoarseV, Read),
+        bind(4, "dcoarse_v", DCoarseV, ReadWrite),
         bind(5, "dwk", DWk, ReadWrite),
         bind(6, "dwv", DWv, ReadWrite),
         bind(7, "dbk", DBk, ReadWrite),
         bind(8, "dbv", DBv, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static WEIGHTS_BACKWARD_COMBINE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/weights_backward_combine.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dcoarse_v", DCoarseV, ReadWrite),
+        bind(2, "dwk", DWk, ReadWrite),
+        bind(3, "dwv", DWv, ReadWrite),
+        bind(4, "dbk", DBk, ReadWrite),
+        bind(5, "dbv", DBv, ReadWrite),
     ],
     level_select: true,
 };

@@ -501,7 +501,7 @@ impl FmaAttention {
             .dispatches()
             .into_iter()
             .filter(|d| match d.pass {
-                Pass::WeightsBackward => g.weights.is_some(),
+                Pass::WeightsBackward | Pass::WeightsBackwardCombine => g.weights.is_some(),
                 Pass::WeightsBackwardQ => query_weights,
                 _ => true,
             })
