@@ -55,8 +55,9 @@ struct Params {
     // The backward's coarse dK~/dV~: the f32 element of dK~ and dV~ where the partial sums of
     // its reader chunks start (backward_dkv_coarse.wgsl, backward_dkv_combine.wgsl).
     partials_at: u32,
+    // The same in dQ~ for the query weights' gradients (weights_backward_q.wgsl).
+    q_partials_at: u32,
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad4: u32,
     _pad5: u32,
     levels: array<LevelInfo, 32>,
 }

@@ -150,8 +150,15 @@ pub struct BackwardPlan {
     /// Per level of `weights_backward`, the rounds that add its chunks' partial sums (empty for
     /// a level of one chunk).
     pub weights_combine: Vec<Vec<Dispatch>>,
-    /// dWQ, dbQ: one dispatch per coarse level (Learned mode with coarse queries only).
+    /// dWQ, dbQ: one dispatch per coarse level (Learned mode with coarse queries only), a
+    /// workgroup per (elements, chunk of the level's windows).
     pub weights_backward_q: Vec<Dispatch>,
+    /// Per level of `weights_backward_q`, the rounds that add its chunks' partial sums.
+    pub weights_q_combine: Vec<Vec<Dispatch>>,
+    /// The f32 element of dQ~ where the query weights' partial sums start.
+    pub q_partials_at: usize,
+    /// Elements of those partial sums (the largest level's).
+    pub q_partial_elements: usize,
     /// Bytes of the (batch*heads, seq, 2) buffer of LSE and D.
     pub stats_bytes: u64,
     /// Elements of each of the concatenated weight-gradient buffers (dWK, dWV) over the
@@ -368,7 +375,10 @@ impl BackwardPlan {
         };
         let learned = matches!(cfg.downsample, Downsample::Learned(_));
         let (mut weights_backward, mut weights_backward_q) = (Vec::new(), Vec::new());
-        let mut weights_combine = Vec::new();
+        let (mut weights_combine, mut weights_q_combine) = (Vec::new(), Vec::new());
+        // The query weights' partial sums follow dQ~'s rows.
+        let q_partials_at = forward.workspace.coarse_bytes.div_ceil(4);
+        let mut q_partial_elements = 0u64;
         let (mut weight_elements, mut bias_elements) = (0usize, 0usize);
         if learned {
             for (i, lv) in forward.levels.levels.iter().enumerate() {
@@ -420,7 +430,37 @@ impl BackwardPlan {
                             weights_backward.push(step);
                             weights_combine.push(rounds);
                         }
-                        _ => weights_backward_q.push(step),
+                        _ => {
+                            // The same over the query heads' windows (dQ~ and Q).
+                            let chunks = weight_chunks(work.level_windows[i] * group);
+                            step = dispatch(
+                                pass,
+                                Some(i as u32),
+                                threads.div_ceil(wg as u64) * chunks,
+                                elementwise,
+                                limits,
+                            )?;
+                            step.args = [chunks as u32, WEIGHT_CHUNK_WINDOWS];
+                            let rounds = combine_rounds(chunks)
+                                .into_iter()
+                                .map(|(stride, groups)| {
+                                    let mut c = dispatch(
+                                        Pass::WeightsBackwardQCombine,
+                                        Some(i as u32),
+                                        (threads * groups).div_ceil(wg as u64),
+                                        elementwise,
+                                        limits,
+                                    )?;
+                                    c.args = [chunks as u32, stride as u32];
+                                    Ok(c)
+                                })
+                                .collect::<Result<Vec<_>>>()?;
+                            if chunks > 1 {
+                                q_partial_elements = q_partial_elements.max(threads * chunks);
+                            }
+                            weights_backward_q.push(step);
+                            weights_q_combine.push(rounds);
+                        }
                     }
                 }
                 weight_elements += d * p * taps;
@@ -432,6 +472,13 @@ impl BackwardPlan {
             (partials_at + partial_elements) * 4,
             "differentiate fewer heads per backward call",
         )?;
+        if q_partial_elements > 0 {
+            limits.check_binding(
+                "the backward's dQ~ with its partial sums",
+                (q_partials_at + q_partial_elements) * 4,
+                "differentiate fewer heads per backward call",
+            )?;
+        }
         Ok(Self {
             forward,
             delta,
@@ -447,6 +494,9 @@ impl BackwardPlan {
             weights_backward,
             weights_combine,
             weights_backward_q,
+            weights_q_combine,
+            q_partials_at: q_partials_at as usize,
+            q_partial_elements: q_partial_elements as usize,
             stats_bytes,
             weight_elements,
             bias_elements,
@@ -504,7 +554,10 @@ impl BackwardPlan {
             all.push(*step);
             all.extend(rounds);
         }
-        all.extend(&self.weights_backward_q);
+        for (step, rounds) in self.weights_backward_q.iter().zip(&self.weights_q_combine) {
+            all.push(*step);
+            all.extend(rounds);
+        }
         all.extend(self.pad);
         all
     }

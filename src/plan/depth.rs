@@ -341,12 +341,24 @@ pub fn weights_backward_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth
     }
 }
 
-/// `weights_backward_q` at level index `i`: the same over the query heads (dQ~ and Q).
+/// `weights_backward_q` at level index `i`: the same over the query heads' windows (dQ~ and Q).
 pub fn weights_backward_q(m: &DepthModel, i: usize) -> Depth {
-    let serial = 2 * m.bh * m.levels[i].1;
+    let windows = m.bh * m.levels[i].1;
     Depth {
-        serial_rows: serial,
-        rows: (m.taps(i) + 1) * m.p * serial,
+        serial_rows: 2 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
+        rows: (m.taps(i) + 1) * m.p * 2 * windows,
+    }
+}
+
+/// `weights_backward_q_combine`, one round: an invocation per (element, group) adds at most
+/// 16 partial sums.
+pub fn weights_backward_q_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
+    let [chunks, stride] = d.args.map(u64::from);
+    let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
+    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    Depth {
+        serial_rows: added,
+        rows: (m.taps(i) + 1) * m.p * groups * added,
     }
 }
 
@@ -378,6 +390,7 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
         Pass::WeightsBackward => weights_backward(model, level),
         Pass::WeightsBackwardCombine => weights_backward_combine(model, level, d),
         Pass::WeightsBackwardQ => weights_backward_q(model, level),
+        Pass::WeightsBackwardQCombine => weights_backward_q_combine(model, level, d),
         Pass::PadRows | Pass::PadGradients => writes_only(),
         Pass::DenseAttention => dense_attention(d, model.n),
         Pass::DecodeAppend
@@ -527,11 +540,13 @@ mod tests {
             let w = crate::weights::LearnedWeights::box_init_for(4, m, p, n);
             FmaConfig::new(m, p).downsample(Downsample::Learned(w))
         };
-        let configs: [&dyn Fn(usize) -> FmaConfig; 4] = [
+        let learned_coarse = |n: usize| learned(n).queries(Queries::Coarse);
+        let configs: [&dyn Fn(usize) -> FmaConfig; 5] = [
             &|_| FmaConfig::new(m, p),
             &|_| FmaConfig::new(m, p).causal(true),
             &|_| FmaConfig::new(m, p).queries(Queries::Coarse),
             &learned,
+            &learned_coarse,
         ];
         for config in configs {
             let base = backward(1 << 16, &config(1 << 16));

@@ -60,6 +60,9 @@ passes! {
     /// Backward of coarse queries: gradients of one level's learned query weights
     /// (`shaders/weights_backward_q.wgsl`).
     WeightsBackwardQ => "weights_backward_q",
+    /// Backward of coarse queries: one round of the tree that adds `weights_backward_q`'s
+    /// partial sums over chunks of a level's windows (`shaders/weights_backward_q_combine.wgsl`).
+    WeightsBackwardQCombine => "weights_backward_q_combine",
     /// Backward: coarse gradients back through the downsampling
     /// (`shaders/downsample_backward.wgsl`).
     DownsampleBackward => "downsample_backward",

@@ -84,8 +84,10 @@ pub struct Params {
     /// The backward's coarse dK~/dV~ pass: the f32 element of dK~ and dV~ where the partial
     /// sums of its reader chunks start (`plan::BackwardPlan::partials_at`).
     pub partials_at: u32,
+    /// The same in dQ~ for the query weights' gradients
+    /// (`plan::BackwardPlan::q_partials_at`).
+    pub q_partials_at: u32,
     /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad4: u32,
     pub _pad5: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }

@@ -157,6 +157,7 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::BackwardCoarseDq => &BACKWARD_COARSE_DQ,
         Pass::BackwardDkvCoarseQ => &BACKWARD_DKV_COARSE_Q,
         Pass::WeightsBackwardQ => &WEIGHTS_BACKWARD_Q,
+        Pass::WeightsBackwardQCombine => &WEIGHTS_BACKWARD_Q_COMBINE,
         Pass::DownsampleBackward => &DOWNSAMPLE_BACKWARD,
         Pass::WeightsBackward => &WEIGHTS_BACKWARD,
         Pass::WeightsBackwardCombine => &WEIGHTS_BACKWARD_COMBINE,
@@ -388,7 +389,7 @@ static WEIGHTS_BACKWARD_Q: PassDesc = PassDesc {
     bindings: &[
         PARAMS,
         bind(1, "q", Q, Read),
-        bind(2, "dcoarse_q", DCoarseQ, Read),
+        bind(2, "dcoarse_q", DCoarseQ, ReadWrite),
         bind(3, "dwq", DWq, ReadWrite),
         bind(4, "dbq", DBq, ReadWrite),
         SEQ_TABLE,
@@ -424,6 +425,17 @@ static WEIGHTS_BACKWARD: PassDesc = PassDesc {
         bind(6, "dwv", DWv, ReadWrite),
         bind(7, "dbk", DBk, ReadWrite),
         bind(8, "dbv", DBv, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static WEIGHTS_BACKWARD_Q_COMBINE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/weights_backward_q_combine.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dcoarse_q", DCoarseQ, ReadWrite),
+        bind(2, "dwq", DWq, ReadWrite),
+        bind(3, "dbq", DBq, ReadWrite),
     ],
     level_select: true,
 };

@@ -168,6 +168,8 @@ impl BackwardScratch {
         } else {
             (ws.coarse_bytes, 2 * ws.coarse_lse_bytes)
         };
+        // dQ~ also holds the query weights' partial sums after its rows.
+        let query_grads = query_rows.max((plan.q_partials_at + plan.q_partial_elements) as u64 * 4);
         if let Some((at, _, t)) = table {
             let words: &[u8] = bytemuck::cast_slice(&t.words);
             ctx.queue.write_buffer(dcoarse_k, at, words);
@@ -187,7 +189,7 @@ impl BackwardScratch {
             )
             .with(
                 Role::DCoarseQ,
-                self.dcoarse_q.at_least(device, query_rows, cap),
+                self.dcoarse_q.at_least(device, query_grads, cap),
             )
             .with(
                 Role::CoarseDOut,
@@ -502,7 +504,7 @@ impl FmaAttention {
             .into_iter()
             .filter(|d| match d.pass {
                 Pass::WeightsBackward | Pass::WeightsBackwardCombine => g.weights.is_some(),
-                Pass::WeightsBackwardQ => query_weights,
+                Pass::WeightsBackwardQ | Pass::WeightsBackwardQCombine => query_weights,
                 _ => true,
             })
             .collect();
@@ -588,12 +590,14 @@ impl FmaAttention {
             let mut params = self.params(&plan.forward);
             params.table_at = plan.table_at as u32;
             params.partials_at = plan.partials_at as u32;
+            params.q_partials_at = plan.q_partials_at as u32;
             return Ok(Arc::new(Uniforms::new(&self.ctx, &params, steps)?));
         }
         let key = (plan.forward.shape, steps.len());
         self.backward_uniforms.get_or_make(key, || {
             let mut params = self.params(&plan.forward);
             params.partials_at = plan.partials_at as u32;
+            params.q_partials_at = plan.q_partials_at as u32;
             Uniforms::new(&self.ctx, &params, steps)
         })
     }
