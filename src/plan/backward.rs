@@ -390,77 +390,52 @@ impl BackwardPlan {
                     &[Pass::WeightsBackward]
                 };
                 for &pass in passes {
+                    // The level's windows over every K/V head (query heads for the query
+                    // weights) in chunks: n / w_l per head, O(n) at level 1; a level of more
+                    // than one chunk is added by a tree of combine rounds.
+                    let (windows, combine) = match pass {
+                        Pass::WeightsBackward => {
+                            (work.level_windows[i], Pass::WeightsBackwardCombine)
+                        }
+                        _ => (work.level_windows[i] * group, Pass::WeightsBackwardQCombine),
+                    };
+                    let chunks = weight_chunks(windows);
                     let mut step = dispatch(
                         pass,
                         Some(i as u32),
-                        threads.div_ceil(wg as u64),
+                        threads.div_ceil(wg as u64) * chunks,
                         elementwise,
                         limits,
                     )?;
-                    match pass {
-                        Pass::WeightsBackward => {
-                            // The level's windows over every K/V head in chunks (n / w_l per
-                            // head: O(n) at level 1), added by a tree of combine rounds.
-                            let chunks = weight_chunks(work.level_windows[i]);
-                            step = dispatch(
-                                pass,
+                    step.args = [chunks as u32, WEIGHT_CHUNK_WINDOWS];
+                    let rounds = combine_rounds(chunks)
+                        .into_iter()
+                        .map(|(stride, groups)| {
+                            let mut c = dispatch(
+                                combine,
                                 Some(i as u32),
-                                threads.div_ceil(wg as u64) * chunks,
+                                (threads * groups).div_ceil(wg as u64),
                                 elementwise,
                                 limits,
                             )?;
-                            step.args = [chunks as u32, WEIGHT_CHUNK_WINDOWS];
-                            let rounds = combine_rounds(chunks)
-                                .into_iter()
-                                .map(|(stride, groups)| {
-                                    let mut c = dispatch(
-                                        Pass::WeightsBackwardCombine,
-                                        Some(i as u32),
-                                        (threads * groups).div_ceil(wg as u64),
-                                        elementwise,
-                                        limits,
-                                    )?;
-                                    c.args = [chunks as u32, stride as u32];
-                                    Ok(c)
-                                })
-                                .collect::<Result<Vec<_>>>()?;
-                            if chunks > 1 {
-                                partial_elements = partial_elements.max(threads * chunks * 2);
-                            }
-                            weights_backward.push(step);
-                            weights_combine.push(rounds);
+                            c.args = [chunks as u32, stride as u32];
+                            Ok(c)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    // K and V: a (K, V) pair per element and chunk after dV~'s rows; Q: one
+                    // per element and chunk after dQ~'s.
+                    if pass == Pass::WeightsBackward {
+                        if chunks > 1 {
+                            partial_elements = partial_elements.max(threads * chunks * 2);
                         }
-                        _ => {
-                            // The same over the query heads' windows (dQ~ and Q).
-                            let chunks = weight_chunks(work.level_windows[i] * group);
-                            step = dispatch(
-                                pass,
-                                Some(i as u32),
-                                threads.div_ceil(wg as u64) * chunks,
-                                elementwise,
-                                limits,
-                            )?;
-                            step.args = [chunks as u32, WEIGHT_CHUNK_WINDOWS];
-                            let rounds = combine_rounds(chunks)
-                                .into_iter()
-                                .map(|(stride, groups)| {
-                                    let mut c = dispatch(
-                                        Pass::WeightsBackwardQCombine,
-                                        Some(i as u32),
-                                        (threads * groups).div_ceil(wg as u64),
-                                        elementwise,
-                                        limits,
-                                    )?;
-                                    c.args = [chunks as u32, stride as u32];
-                                    Ok(c)
-                                })
-                                .collect::<Result<Vec<_>>>()?;
-                            if chunks > 1 {
-                                q_partial_elements = q_partial_elements.max(threads * chunks);
-                            }
-                            weights_backward_q.push(step);
-                            weights_q_combine.push(rounds);
+                        weights_backward.push(step);
+                        weights_combine.push(rounds);
+                    } else {
+                        if chunks > 1 {
+                            q_partial_elements = q_partial_elements.max(threads * chunks);
                         }
+                        weights_backward_q.push(step);
+                        weights_q_combine.push(rounds);
                     }
                 }
                 weight_elements += d * p * taps;
