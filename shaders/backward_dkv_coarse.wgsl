@@ -1,9 +1,14 @@
 // Backward, dK~ and dV~ of one level's coarse keys (algorithm.md §8), by gather: one workgroup
-// = up to PR coarse rows of one window b; it walks the queries whose far list holds b (the
-// static inverse of the far lists, `level_far_readers` in geometry.wgsl; 2D: the far list
-// itself, in geometry_grid.wgsl), BK queries at a time.
-// Per tile, phase A computes P and dS for every (row, query) pair into workgroup memory, and
-// phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
+// = up to PR coarse rows of one window b and one chunk of their readers: the queries whose far
+// list holds b (the static inverse of the far lists, `level_far_readers` in geometry.wgsl; 2D:
+// the far list itself, in geometry_grid.wgsl), for every query head of the K/V head, in one
+// sequence cut into chunks of sel.arg1 queries, sel.arg0 chunks per row. At level l the
+// readers are 3 w_l queries: O(n) at the top level, so one workgroup walking them all was the
+// backward's longest serial chain on a GPU (115x the forward at n = 65536 on an H200, issue
+// 27). With one chunk the workgroup writes dK~, dV~; with more, its chunk's partial sums after
+// them (params.partials_at), which backward_dkv_combine.wgsl adds in a fixed tree.
+// Per tile of BK queries, phase A computes P and dS for every (row, query) pair into workgroup
+// memory, and phase B has each invocation sum them for its own (row, channel vec4) of dK~ and dV~:
 // dK~_r = sum_i dS_ir q_i / sqrt(d), dV~_r = sum_i P_ir dO_i, in a fixed order, no atomics.
 // Rows of empty sub-windows are never seen: their P is 0 and they get zeros.
 // On a device with subgroups the rows take another path instead of the two phases
@@ -149,6 +154,19 @@ fn token_row(pr: Problem, token: u32) -> u32 {
 // run); without, nothing.
 #import dkv_coarse_rows
 
+// Where row r of the workgroup's rows goes: dK~, dV~ themselves (one reader chunk), or the
+// chunk's partial sums (row u0 + r of the level, chunk k: see backward_dkv_combine.wgsl).
+struct Outs {
+    // Element of row 0's first channel.
+    at: u32,
+    // Elements between consecutive rows.
+    stride: u32,
+}
+
+fn out_at(o: Outs, r: u32) -> u32 {
+    return o.at + r * o.stride;
+}
+
 // Stages query rows query_token[0 .. count) of problem `pr` (count <= BK) as `stage_queries`
 // (backward_queries.wgsl) stages consecutive rows. Call in uniform control flow.
 fn stage_query_tokens(pr: Problem, count: u32, lid: u32) {
@@ -183,7 +201,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d = params.d;
     let w = info.window;
     let chunks = (p + PR - 1u) / PR;
-    let wid = dispatch_workgroup(wg);
+    // Reader chunk k of the workgroup's rows (sel.arg0 per row, sel.arg1 queries each).
+    let reader_chunks = sel.arg0;
+    let k = dispatch_workgroup(wg) % reader_chunks;
+    let wid = dispatch_workgroup(wg) / reader_chunks;
     // One workgroup per (K/V head, window, chunk of rows), the windows of each sequence of a
     // variable-length batch found through its coarse rows (p per window); grouped-query heads
     // sum over the kv_group query heads that read the K/V head, in head order (deterministic).
@@ -204,8 +225,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // First element of row b*p + j0 of this level in the (bh / kv_group, coarse_rows, d)
     // buffers.
     let base = coarse_row(kpr.kv_crow, sel.level, kpr.s, b * p + j0) * d;
+    // Row j0 of window b is row u0 of the level (over K/V heads and sequences).
+    let u0 = (wid / chunks) * p + j0;
+    var outs = Outs(base, d);
+    if (reader_chunks > 1u) {
+        outs = Outs(params.partials_at + (u0 * reader_chunks + k) * d, reader_chunks * d);
+    }
+    // The chunk: queries [lo, hi) of the sequence (query heads, then each head's readers).
+    let causal = params.causal != 0u;
+    let total = reader_total(n, b, sel.level, windows, w, causal);
+    let lo = min(k * sel.arg1, total * params.kv_group);
+    let hi = min(lo + sel.arg1, total * params.kv_group);
     if (SUBGROUP_COARSE_ROWS) {
-        coarse_rows_subgroup(kpr, at.y, kv_h, b, j0, nrows, lid);
+        coarse_rows_subgroup(kpr, at.y, kv_h, b, j0, nrows, vec2<u32>(lo, hi), outs, lid);
         return; // uniform (a constant)
     }
 
@@ -238,13 +270,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         dv_acc[o] = vec4<f32>(0.0);
     }
 
-    // The queries of the windows whose far list holds b, in increasing order.
-    let causal = params.causal != 0u;
-    let total = reader_total(n, b, sel.level, windows, w, causal);
-    for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
-        let qpr = problem(bh, at.y);
-        for (var g0 = 0u; g0 < total; g0 += BK) {
-            let count = min(BK, total - g0);
+    // The chunk's queries of the windows whose far list holds b, in increasing order, query
+    // head by query head.
+    for (var h = 0u; h < params.kv_group; h++) {
+        let qpr = problem(kv_h * params.kv_group + h, at.y);
+        let h_lo = clamp(lo, h * total, (h + 1u) * total) - h * total;
+        let h_hi = clamp(hi, h * total, (h + 1u) * total) - h * total;
+        for (var g0 = h_lo; g0 < h_hi; g0 += BK) {
+            let count = min(BK, h_hi - g0);
             workgroupBarrier();
             for (var r = lid; r < count; r += WG) {
                 query_token[r] = reader_token(n, b, sel.level, windows, w, causal, g0 + r);
@@ -266,8 +299,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             for (var e = 0u; e < 4u; e++) {
                 let c = c4 * 4u + e;
                 if (c < d) {
-                    dcoarse_k[base + r * d + c] = gk[e];
-                    dcoarse_v[base + r * d + c] = gv[e];
+                    dcoarse_k[out_at(outs, r) + c] = gk[e];
+                    dcoarse_v[out_at(outs, r) + c] = gv[e];
                 }
             }
         }

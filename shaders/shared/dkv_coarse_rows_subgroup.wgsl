@@ -1,17 +1,16 @@
 // The coarse dK~/dV~ pass (`backward_dkv_coarse.wgsl`) with subgroup operations (devices with
-// Features::SUBGROUP): lanes are channels, not (row, query) pairs. The workgroup takes up to RB
-// of its rows at a time, walked by one block of SG invocations, or for a long walk by every
-// block over a contiguous share of the readers (then the shares are added in block order
-// through workgroup memory: the bits do not depend on timing). Lane j of a block holds
-// channels (vec4s) j, j + SG, ... of the rows' k~ and v~, of each query's q and dO (loaded
-// once for the rows), and of the rows' dK~ and dV~ sums; a score is the subgroupAdd of the
-// lanes' partial dots. Why: the two-phase path reads every staged query row once per (row, query) pair and
-// once per (row, channel) output, each a per-lane gather from workgroup memory on llvmpipe (the
-// pass took 45% of the backward after the dQ and fine dK/dV passes got subgroups); here each
-// lane reads its channels of each query once for all the rows, without staging. Why long
-// walks split: one block walking all of a top level's readers (3 w_l queries) passed
-// llvmpipe's limit of 65535 loop iterations per invocation from n = 32768 on (wrong dV, no
-// error).
+// Features::SUBGROUP): lanes are channels, not (row, query) pairs. Block 0 (the first SG
+// invocations) walks the workgroup's reader chunk for RB of its rows at a time, with no barrier
+// on its path (with barriers llvmpipe kept the walk's arrays in memory: +15% on the backward at
+// n = 16384, perf.md change 13); the chunk is short (plan::DKV_COARSE_CHUNK queries), so the
+// walk stays far below llvmpipe's 65535 loop iterations and its chain does not grow with n.
+// Lane j holds channels (vec4s) j, j + SG, ... of the rows' k~ and v~, of each query's q and
+// dO (loaded once for the rows), and of the rows' dK~ and dV~ sums; a score is the subgroupAdd
+// of the lanes' partial dots. Why: the two-phase path reads every staged query row once per
+// (row, query) pair and once per (row, channel) output, each a per-lane gather from workgroup
+// memory on llvmpipe (the pass took 45% of the backward after the dQ and fine dK/dV passes got
+// subgroups); here each lane reads its channels of each query once for all the rows, without
+// staging.
 // A block that is not exactly one full subgroup with lanes in invocation order (a device with
 // another layout, a partial last subgroup) computes each score in every lane instead (plain
 // loads): correct anywhere, slower. WG < SG: the two-phase path does every row.
@@ -19,8 +18,6 @@
 #import subgroup_rows
 
 const SUBGROUP_COARSE_ROWS: bool = WG >= SG;
-// Invocation blocks that take rows: only whole ones.
-const ROW_BLOCKS: u32 = max(1u, WG / SG);
 // Rows a block takes at once: each query's channels, loaded once, serve all of them.
 const RB: u32 = 4u;
 
@@ -67,6 +64,8 @@ struct Walk {
     rn: u32,
     lane: u32,
     cooperative: bool,
+    // Where the group's rows are written (its first row's element, rows' stride).
+    out: Outs,
 }
 
 // The first element of row r (< rn) of the walk's group in the coarse buffers.
@@ -173,9 +172,9 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
     return sums;
 }
 
-// Writes vec4 c4 of row r of the walk's group: dK~ (scaled here) and dV~.
+// Writes vec4 c4 of row r of the walk's group: dK~ (scaled here) and dV~, or their partials.
 fn write_row_vec4(wk: Walk, r: u32, c4: u32, dk: vec4<f32>, dv: vec4<f32>) {
-    let at = walk_row_at(wk, r);
+    let at = out_at(wk.out, r);
     let gk = dk * params.scale;
     for (var e = 0u; e < 4u; e++) {
         let c = c4 * 4u + e;
@@ -186,83 +185,32 @@ fn write_row_vec4(wk: Walk, r: u32, c4: u32, dk: vec4<f32>, dv: vec4<f32>) {
     }
 }
 
-// Loop iterations one block may spend on its walks: below llvmpipe's 65535 per invocation,
-// with room for the rest of the pass.
-const WALK_ITERATIONS: u32 = 40000u;
-
 // Rows j0 .. j0 + nrows of window b (level sel.level) of K/V head kv_h of sequence `seq`,
-// whose first query head's problem is kpr, RB rows at a time. A walk short enough for one
-// block runs in block 0 with no barrier (the others idle; with barriers on its path llvmpipe
-// kept the walk's arrays in memory: the backward took 15% longer at n = 16384). Longer ones
-// (the top levels from n = 32768 on; one block walking them passed llvmpipe's iteration
-// limit) split the readers into contiguous shares, one per block, whose sums are added in block
-// order through workgroup memory (rows_k, rows_v of the pass). Uniform control flow.
-fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrows: u32, lid: u32) {
+// whose first query head's problem is kpr, over queries [range.x, range.y) of their reader
+// sequence, RB rows at a time, written to `outs` (row r of the workgroup's at out_at(outs, r)).
+// The walk is at most plan::DKV_COARSE_CHUNK = 256 queries, each an iteration plus one per row:
+// at most 256 (PR + PR / RB) <= 20480 iterations (PR <= 64), below llvmpipe's limit.
+fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrows: u32,
+                        range: vec2<u32>, outs: Outs, lid: u32) {
     let blk = lid / SG;
     let lane = lid % SG;
     tile_rows_begin();
     // One full subgroup in invocation order: every lane of the subgroup agrees.
     let cooperative = sg_full && subgroupAll(sg_lane == lane && subgroupBroadcastFirst(blk) == blk);
-    let total = reader_total(kpr.n, b, sel.level, level_windows(kpr, sel.level),
-                             params.levels[sel.level].window, params.causal != 0u)
-        * params.kv_group;
-    // Short walks: block 0, no barrier anywhere on this path (not even between row groups:
-    // llvmpipe keeps a loop's arrays in memory when the loop holds a barrier). One walk per
-    // group of RB rows, each query an iteration plus one per row: total (nrows + groups).
-    let groups = (nrows + RB - 1u) / RB;
-    if (total * (nrows + groups) <= WALK_ITERATIONS) {
-        if (blk == 0u) {
-            for (var r0 = 0u; r0 < nrows; r0 += RB) {
-                let rn = min(RB, nrows - r0);
-                let wk = Walk(kpr, seq, kv_h, b, j0 + r0, rn, lane, cooperative);
-                let sums = walk_readers(wk, 0u, total);
-                for (var i = 0u; i < rn; i++) {
-                    for (var t = 0u; t < SG_ROW; t++) {
-                        let c4 = lane + t * SG;
-                        if (c4 < D4) {
-                            write_row_vec4(wk, i, c4, sums.dk[i][t], sums.dv[i][t]);
-                        }
+    if (blk == 0u) {
+        for (var r0 = 0u; r0 < nrows; r0 += RB) {
+            let rn = min(RB, nrows - r0);
+            let out = Outs(out_at(outs, r0), outs.stride);
+            let wk = Walk(kpr, seq, kv_h, b, j0 + r0, rn, lane, cooperative, out);
+            let sums = walk_readers(wk, range.x, range.y);
+            for (var i = 0u; i < rn; i++) {
+                for (var t = 0u; t < SG_ROW; t++) {
+                    let c4 = lane + t * SG;
+                    if (c4 < D4) {
+                        write_row_vec4(wk, i, c4, sums.dk[i][t], sums.dv[i][t]);
                     }
                 }
             }
         }
-        return; // uniform: total and nrows are
-    }
-    for (var r0 = 0u; r0 < nrows; r0 += RB) {
-        let rn = min(RB, nrows - r0);
-        let wk = Walk(kpr, seq, kv_h, b, j0 + r0, rn, lane, cooperative);
-        // The partial last block (WG % SG invocations) walks nothing; it meets the barriers.
-        let share = (total + ROW_BLOCKS - 1u) / ROW_BLOCKS;
-        var sums: RowSums;
-        if (blk < ROW_BLOCKS) {
-            sums = walk_readers(wk, blk * share, (blk + 1u) * share);
-        }
-        // The shares added in block order (rn <= nrows <= PR rows fit rows_k and rows_v).
-        for (var k = 0u; k < ROW_BLOCKS; k++) {
-            workgroupBarrier();
-            if (blk == k) {
-                for (var i = 0u; i < rn; i++) {
-                    for (var t = 0u; t < SG_ROW; t++) {
-                        let c4 = lane + t * SG;
-                        if (c4 < D4) {
-                            let idx = i * D4 + c4;
-                            if (k == 0u) {
-                                rows_k[idx] = sums.dk[i][t];
-                                rows_v[idx] = sums.dv[i][t];
-                            } else {
-                                rows_k[idx] += sums.dk[i][t];
-                                rows_v[idx] += sums.dv[i][t];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        workgroupBarrier();
-        for (var idx = lid; idx < rn * D4; idx += WG) {
-            write_row_vec4(wk, idx / D4, idx % D4, rows_k[idx], rows_v[idx]);
-        }
-        // rows_k and rows_v are read above before the next row group's blocks write them.
-        workgroupBarrier();
     }
 }

@@ -52,9 +52,12 @@ struct Params {
     // starts (`shared/problems.wgsl`).
     table_at: u32,
     key_base: u32,           // dense: the first bound row of K, V (a split head's key chunk)
+    // The backward's coarse dK~/dV~: the f32 element of dK~ and dV~ where the partial sums of
+    // its reader chunks start (backward_dkv_coarse.wgsl, backward_dkv_combine.wgsl).
+    partials_at: u32,
+    // The same in dQ~ for the query weights' gradients (weights_backward_q.wgsl).
+    q_partials_at: u32,
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad3: u32,
-    _pad4: u32,
     _pad5: u32,
     levels: array<LevelInfo, 32>,
 }

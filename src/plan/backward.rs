@@ -12,7 +12,9 @@
 //!    tokens send back to it (G, R, H; level l from level l-1), then `coarse_dq`, per level,
 //!    dQ~ over the row's far list,
 //! 5. `dkv_coarse`: per level, dK~ and dV~ gathered over the windows whose far list holds them
-//!    (coarse queries: over those windows' coarse-query rows),
+//!    (coarse queries: over those windows' coarse-query rows), in chunks of
+//!    [`DKV_COARSE_CHUNK`] readers, each level followed by the rounds of `dkv_combine` that add
+//!    its chunks' partial sums (none for a level of one chunk),
 //! 6. `dkv_fine`: dK, dV of the near field, gathered over the query blocks that read each block,
 //! 7. `downsample_backward`: adds the coarse gradients to dK, dV (coarse queries: and dQ~ to
 //!    dQ) through the downsampling,
@@ -36,6 +38,57 @@ pub const BACKWARD_WG: u32 = 64;
 /// `shaders/backward_dkv_coarse.wgsl`.
 pub fn coarse_rows_per_workgroup(wg: u32, d4: u32) -> u32 {
     (wg / d4).max(1)
+}
+
+/// Queries of a coarse row's readers one workgroup of the coarse dK~/dV~ pass walks: a reader
+/// chunk. 256 = 8 tiles of 32; the near field of m = 64 is 192 queries.
+pub const DKV_COARSE_CHUNK: u32 = 256;
+
+/// Windows (over all K/V heads) one invocation of `weights_backward` sums for its weight
+/// element: 64 windows, 4 rows each (dK~, K, dV~, V).
+pub const WEIGHT_CHUNK_WINDOWS: u32 = 64;
+
+/// Chunks of `windows` (a level's, over all K/V heads) for `weights_backward`.
+pub fn weight_chunks(windows: u64) -> u64 {
+    windows.div_ceil(WEIGHT_CHUNK_WINDOWS as u64).max(1)
+}
+
+/// Partial sums one invocation of a combine round adds (`shaders/backward_dkv_combine.wgsl`).
+pub const COMBINE_FAN_IN: u64 = 16;
+
+/// The most queries that read one coarse row of a level of group size `window` (per query
+/// head): 1D, the tokens of its 3 reader windows (causal: 2), each of `window`; 2D, of its 27
+/// reader cells of `window`^2; with coarse queries those groups' p coarse rows each.
+pub fn max_readers(grid: bool, causal: bool, coarse_q: bool, window: usize, p: usize) -> u64 {
+    let groups = match (grid, causal) {
+        (true, _) => 27,
+        (false, true) => 2,
+        (false, false) => 3,
+    };
+    let size = if coarse_q {
+        p
+    } else {
+        kernel_taps(grid, window)
+    };
+    (groups * size) as u64
+}
+
+/// Reader chunks of a coarse row read by `readers` queries (all query heads of a K/V head).
+pub fn reader_chunks(readers: u64) -> u64 {
+    readers.div_ceil(DKV_COARSE_CHUNK as u64).max(1)
+}
+
+/// The combine rounds of `chunks` partial sums per row: (stride, groups) of each, where round
+/// r adds partials g F^(r+1) + i F^r (i < F = COMBINE_FAN_IN) into g F^(r+1), the last one
+/// into the row itself. None for one chunk.
+pub fn combine_rounds(chunks: u64) -> Vec<(u64, u64)> {
+    let mut rounds = Vec::new();
+    let mut stride = 1;
+    while stride < chunks {
+        rounds.push((stride, chunks.div_ceil(stride * COMBINE_FAN_IN)));
+        stride *= COMBINE_FAN_IN;
+    }
+    rounds
 }
 
 /// Queries per tile of a dK/dV pass: as many (<= MAX_KEY_TILE = 32) as fit in workgroup memory next to
@@ -78,16 +131,34 @@ pub struct BackwardPlan {
     pub coarse_stats: Vec<Dispatch>,
     /// Coarse queries: dQ~, one dispatch per level (empty with fine queries).
     pub coarse_dq: Vec<Dispatch>,
-    /// dK~, dV~: one dispatch per coarse level.
+    /// dK~, dV~: one dispatch per coarse level, a workgroup per (window, rows, reader chunk).
     pub dkv_coarse: Vec<Dispatch>,
+    /// Per coarse level, the rounds that add its reader chunks' partial sums into dK~, dV~
+    /// (empty for a level of one chunk, which writes them directly).
+    pub dkv_combine: Vec<Vec<Dispatch>>,
+    /// The f32 element of dK~ and dV~ where the partial sums of the reader chunks start.
+    pub partials_at: usize,
+    /// Elements of those partial sums (each of dK~ and dV~; the largest level's).
+    pub partial_elements: usize,
     /// dK, dV of the near field: one workgroup per key tile of a fine block.
     pub dkv_fine: Dispatch,
     /// dK, dV through the downsampling (absent when there is no coarse level).
     pub downsample_backward: Option<Dispatch>,
-    /// dW, db of keys and values: one dispatch per coarse level (Learned mode only).
+    /// dW, db of keys and values: one dispatch per coarse level (Learned mode only), a
+    /// workgroup per (elements, chunk of the level's windows).
     pub weights_backward: Vec<Dispatch>,
-    /// dWQ, dbQ: one dispatch per coarse level (Learned mode with coarse queries only).
+    /// Per level of `weights_backward`, the rounds that add its chunks' partial sums (empty for
+    /// a level of one chunk).
+    pub weights_combine: Vec<Vec<Dispatch>>,
+    /// dWQ, dbQ: one dispatch per coarse level (Learned mode with coarse queries only), a
+    /// workgroup per (elements, chunk of the level's windows).
     pub weights_backward_q: Vec<Dispatch>,
+    /// Per level of `weights_backward_q`, the rounds that add its chunks' partial sums.
+    pub weights_q_combine: Vec<Vec<Dispatch>>,
+    /// The f32 element of dQ~ where the query weights' partial sums start.
+    pub q_partials_at: usize,
+    /// Elements of those partial sums (the largest level's).
+    pub q_partial_elements: usize,
     /// Bytes of the (batch*heads, seq, 2) buffer of LSE and D.
     pub stats_bytes: u64,
     /// Elements of each of the concatenated weight-gradient buffers (dWK, dWV) over the
@@ -209,19 +280,56 @@ impl BackwardPlan {
             grid,
         };
         let chunks = (p as u64).div_ceil(pr as u64);
-        let dkv_coarse = work
-            .level_windows
-            .iter()
-            .enumerate()
-            .map(|(i, &windows)| {
-                let pass = if coarse_q {
-                    Pass::BackwardDkvCoarseQ
-                } else {
-                    Pass::BackwardDkvCoarse
-                };
-                dispatch(pass, Some(i as u32), windows * chunks, coarse_spec, limits)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Each coarse row's readers (3 w_l queries at level l in 1D: O(n) at the top level) in
+        // chunks of DKV_COARSE_CHUNK, one workgroup each, so no workgroup's walk grows with n;
+        // a level of more than one chunk writes partial sums, added by a tree of combine rounds.
+        let mut dkv_coarse = Vec::new();
+        let mut dkv_combine = Vec::new();
+        let mut partial_rows = 0u64;
+        for (i, &windows) in work.level_windows.iter().enumerate() {
+            let pass = if coarse_q {
+                Pass::BackwardDkvCoarseQ
+            } else {
+                Pass::BackwardDkvCoarse
+            };
+            let window = forward.levels.levels[i].window;
+            let readers = max_readers(grid, cfg.causal, coarse_q, window, p) * group;
+            let k = reader_chunks(readers);
+            let mut step = dispatch(
+                pass,
+                Some(i as u32),
+                windows * chunks * k,
+                coarse_spec,
+                limits,
+            )?;
+            step.args = [k as u32, DKV_COARSE_CHUNK];
+            dkv_coarse.push(step);
+            let rows = windows * p as u64;
+            let combine_spec = Specialization { d4, ..elementwise };
+            let rounds = combine_rounds(k)
+                .into_iter()
+                .map(|(stride, groups)| {
+                    let units = rows * groups * d4 as u64;
+                    let mut c = dispatch(
+                        Pass::BackwardDkvCombine,
+                        Some(i as u32),
+                        units.div_ceil(wg as u64),
+                        combine_spec,
+                        limits,
+                    )?;
+                    c.args = [k as u32, stride as u32];
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if k > 1 {
+                partial_rows = partial_rows.max(rows * k);
+            }
+            dkv_combine.push(rounds);
+        }
+        // The partial sums follow dK~'s and dV~'s own rows (and a variable-length batch's table
+        // copy in dK~: `for_sequences` moves them past it).
+        let partials_at = forward.workspace.coarse_kv_bytes.div_ceil(4);
+        let mut partial_elements = partial_rows * d as u64;
         // Coarse queries: per level, (G, R, H) of each query head's coarse rows (d + 1 units
         // per row), then dQ~ (one invocation per row, D4-wide private rows).
         let (mut coarse_stats, mut coarse_dq) = (Vec::new(), Vec::new());
@@ -267,6 +375,10 @@ impl BackwardPlan {
         };
         let learned = matches!(cfg.downsample, Downsample::Learned(_));
         let (mut weights_backward, mut weights_backward_q) = (Vec::new(), Vec::new());
+        let (mut weights_combine, mut weights_q_combine) = (Vec::new(), Vec::new());
+        // The query weights' partial sums follow dQ~'s rows.
+        let q_partials_at = forward.workspace.coarse_bytes.div_ceil(4);
+        let mut q_partial_elements = 0u64;
         let (mut weight_elements, mut bias_elements) = (0usize, 0usize);
         if learned {
             for (i, lv) in forward.levels.levels.iter().enumerate() {
@@ -278,21 +390,69 @@ impl BackwardPlan {
                     &[Pass::WeightsBackward]
                 };
                 for &pass in passes {
-                    let step = dispatch(
+                    // The level's windows over every K/V head (query heads for the query
+                    // weights) in chunks: n / w_l per head, O(n) at level 1; a level of more
+                    // than one chunk is added by a tree of combine rounds.
+                    let (windows, combine) = match pass {
+                        Pass::WeightsBackward => {
+                            (work.level_windows[i], Pass::WeightsBackwardCombine)
+                        }
+                        _ => (work.level_windows[i] * group, Pass::WeightsBackwardQCombine),
+                    };
+                    let chunks = weight_chunks(windows);
+                    let mut step = dispatch(
                         pass,
                         Some(i as u32),
-                        threads.div_ceil(wg as u64),
+                        threads.div_ceil(wg as u64) * chunks,
                         elementwise,
                         limits,
                     )?;
-                    match pass {
-                        Pass::WeightsBackward => weights_backward.push(step),
-                        _ => weights_backward_q.push(step),
+                    step.args = [chunks as u32, WEIGHT_CHUNK_WINDOWS];
+                    let rounds = combine_rounds(chunks)
+                        .into_iter()
+                        .map(|(stride, groups)| {
+                            let mut c = dispatch(
+                                combine,
+                                Some(i as u32),
+                                (threads * groups).div_ceil(wg as u64),
+                                elementwise,
+                                limits,
+                            )?;
+                            c.args = [chunks as u32, stride as u32];
+                            Ok(c)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    // K and V: a (K, V) pair per element and chunk after dV~'s rows; Q: one
+                    // per element and chunk after dQ~'s.
+                    if pass == Pass::WeightsBackward {
+                        if chunks > 1 {
+                            partial_elements = partial_elements.max(threads * chunks * 2);
+                        }
+                        weights_backward.push(step);
+                        weights_combine.push(rounds);
+                    } else {
+                        if chunks > 1 {
+                            q_partial_elements = q_partial_elements.max(threads * chunks);
+                        }
+                        weights_backward_q.push(step);
+                        weights_q_combine.push(rounds);
                     }
                 }
                 weight_elements += d * p * taps;
                 bias_elements += d * p;
             }
+        }
+        limits.check_binding(
+            "the backward's dK~ or dV~ with its partial sums",
+            (partials_at + partial_elements) * 4,
+            "differentiate fewer heads per backward call",
+        )?;
+        if q_partial_elements > 0 {
+            limits.check_binding(
+                "the backward's dQ~ with its partial sums",
+                (q_partials_at + q_partial_elements) * 4,
+                "differentiate fewer heads per backward call",
+            )?;
         }
         Ok(Self {
             forward,
@@ -301,10 +461,17 @@ impl BackwardPlan {
             coarse_stats,
             coarse_dq,
             dkv_coarse,
+            dkv_combine,
+            partials_at: partials_at as usize,
+            partial_elements: partial_elements as usize,
             dkv_fine,
             downsample_backward,
             weights_backward,
+            weights_combine,
             weights_backward_q,
+            weights_q_combine,
+            q_partials_at: q_partials_at as usize,
+            q_partial_elements: q_partial_elements as usize,
             stats_bytes,
             weight_elements,
             bias_elements,
@@ -352,11 +519,20 @@ impl BackwardPlan {
         all.push(self.dq);
         all.extend(&self.coarse_stats);
         all.extend(&self.coarse_dq);
-        all.extend(&self.dkv_coarse);
+        for (step, rounds) in self.dkv_coarse.iter().zip(&self.dkv_combine) {
+            all.push(*step);
+            all.extend(rounds);
+        }
         all.push(self.dkv_fine);
         all.extend(self.downsample_backward);
-        all.extend(&self.weights_backward);
-        all.extend(&self.weights_backward_q);
+        for (step, rounds) in self.weights_backward.iter().zip(&self.weights_combine) {
+            all.push(*step);
+            all.extend(rounds);
+        }
+        for (step, rounds) in self.weights_backward_q.iter().zip(&self.weights_q_combine) {
+            all.push(*step);
+            all.extend(rounds);
+        }
         all.extend(self.pad);
         all
     }
@@ -426,6 +602,56 @@ mod tests {
     }
 
     #[test]
+    fn combine_rounds_add_every_chunk_once_in_order() {
+        assert!(combine_rounds(1).is_empty());
+        assert_eq!(combine_rounds(2), vec![(1, 1)]);
+        assert_eq!(combine_rounds(16), vec![(1, 1)]);
+        assert_eq!(combine_rounds(17), vec![(1, 2), (16, 1)]);
+        assert_eq!(
+            combine_rounds(6144),
+            vec![(1, 384), (16, 24), (256, 2), (4096, 1)]
+        );
+        // Replays the rounds as backward_dkv_combine.wgsl runs them: partial k holds the list
+        // of chunks summed into it; the last round's group 0 is the row.
+        for chunks in 1..700u64 {
+            let mut parts: Vec<Vec<u64>> = (0..chunks).map(|k| vec![k]).collect();
+            let rounds = combine_rounds(chunks);
+            for (r, &(stride, groups)) in rounds.iter().enumerate() {
+                let span = stride * COMBINE_FAN_IN;
+                assert_eq!(groups, chunks.div_ceil(span));
+                assert_eq!(r + 1 == rounds.len(), span >= chunks);
+                for g in 0..groups {
+                    let first = g * span;
+                    let mut sum = Vec::new();
+                    for i in 0..COMBINE_FAN_IN {
+                        let k = first + i * stride;
+                        if k < chunks {
+                            sum.extend(std::mem::take(&mut parts[k as usize]));
+                        }
+                    }
+                    parts[first as usize] = sum;
+                }
+            }
+            assert_eq!(parts[0], (0..chunks).collect::<Vec<_>>(), "{chunks} chunks");
+        }
+    }
+
+    #[test]
+    fn a_reader_chunk_stays_below_the_loop_limit() {
+        // The subgroup walk: an iteration per query plus one per row, RB = 4 rows per group,
+        // at most PR = 64 rows (WG = 64, d <= 4): below WALK_ITERATIONS = 40000.
+        let (pr, rb) = (64u32, 4u32);
+        assert!(DKV_COARSE_CHUNK * (pr + pr.div_ceil(rb)) <= 40000);
+        // The chunks cover every reader: 1D bidirectional 3 w_l, causal 2 w_l, 2D 27 s_l^2.
+        assert_eq!(max_readers(false, false, false, 1024, 2), 3072);
+        assert_eq!(max_readers(false, true, false, 1024, 2), 2048);
+        assert_eq!(max_readers(true, false, false, 16, 2), 27 * 256);
+        assert_eq!(max_readers(false, false, true, 1024, 4), 12);
+        assert_eq!(reader_chunks(3072), 12);
+        assert_eq!(reader_chunks(1), 1);
+    }
+
+    #[test]
     fn dispatch_counts_per_level_and_mode() {
         let shape = Shape::new(1, 4, 4096, 64);
         let w = LearnedWeights::box_init_for(64, 64, 2, 4096);
@@ -436,15 +662,51 @@ mod tests {
         assert_eq!(plan.dq.workgroups, plan.forward.attention.workgroups);
         assert_eq!(plan.dkv_fine.workgroups, 4 * 64);
         assert_eq!(plan.delta.workgroups, 4 * 4096 / 64);
-        // d = 64: 16 vec4s, 4 coarse rows per workgroup, p = 2 rows per window: 1 chunk.
+        // d = 64: 16 vec4s, 4 coarse rows per workgroup, p = 2 rows per window: 1 chunk of
+        // rows; the readers (3 w_l queries) in chunks of 256: 1, 2, 3, 6, 12 at windows 64 ..
+        // 1024, and the levels of more than one a combine round (at most 16 chunks each).
+        let chunks = [1, 2, 3, 6, 12];
         for (i, dsp) in plan.dkv_coarse.iter().enumerate() {
+            let lv = plan.forward.levels.levels[i];
+            assert_eq!(dsp.args, [chunks[i], DKV_COARSE_CHUNK]);
+            assert_eq!(dsp.workgroups as usize, 4 * lv.windows * chunks[i] as usize);
+            let rounds = &plan.dkv_combine[i];
+            assert_eq!(rounds.len(), usize::from(chunks[i] > 1));
+            for r in rounds {
+                assert_eq!(r.args, [chunks[i], 1]);
+                // An invocation per (row, vec4): 4 heads x windows x p = 2 rows x 16 vec4s.
+                assert_eq!(
+                    r.workgroups as usize,
+                    (4 * lv.windows * 2 * 16).div_ceil(64)
+                );
+            }
+        }
+        // Partial sums: the largest level's rows times chunks, after dK~'s rows.
+        let most = (0..5)
+            .filter(|&i| chunks[i] > 1)
+            .map(|i| 4 * plan.forward.levels.levels[i].windows * 2 * chunks[i] as usize * 64)
+            .max()
+            .unwrap();
+        // Learned: each weight element's sum over the level's 4 heads x windows (256, 128,
+        // 64, 32, 16) in chunks of 64 windows, its (K, V) partials after dV~'s rows.
+        let weight_chunks = [4u64, 2, 1, 1, 1];
+        for (i, step) in plan.weights_backward.iter().enumerate() {
+            assert_eq!(step.args, [weight_chunks[i] as u32, WEIGHT_CHUNK_WINDOWS]);
             assert_eq!(
-                dsp.workgroups as usize,
-                4 * plan.forward.levels.levels[i].windows
+                plan.weights_combine[i].len(),
+                usize::from(weight_chunks[i] > 1)
             );
         }
-        // 5 downsample + delta + dq + 5 coarse + fine + downsample_backward + 5 weights.
-        assert_eq!(plan.dispatches().len(), 19);
+        let threads = |w: u64| 64 * 2 * (w + 1);
+        let weights_most = (threads(64) * 4 * 2).max(threads(128) * 2 * 2) as usize;
+        assert_eq!(plan.partial_elements, most.max(weights_most));
+        assert_eq!(
+            plan.partials_at as u64 * 4,
+            plan.forward.workspace.coarse_kv_bytes
+        );
+        // 5 downsample + delta + dq + 5 coarse + 4 combine + fine + downsample_backward + 5
+        // weights + 2 combine.
+        assert_eq!(plan.dispatches().len(), 25);
         assert_eq!(plan.weight_elements, 64 * 2 * (64 + 128 + 256 + 512 + 1024));
         let avg =
             BackwardPlan::new(shape, &FmaConfig::new(64, 2), &KernelLimits::lavapipe()).unwrap();
@@ -472,8 +734,10 @@ mod tests {
         let plan = BackwardPlan::new(shape, &cfg, &KernelLimits::lavapipe()).unwrap();
         assert_eq!(plan.dq.workgroups, 3 * 54);
         assert_eq!(plan.dkv_fine.workgroups, 54);
+        // Per cell its readers (up to 27 cells of s_l^2 tokens, 3 query heads) in chunks of 256.
         let cells: Vec<u32> = plan.dkv_coarse.iter().map(|d| d.workgroups).collect();
-        assert_eq!(cells, vec![54, 15, 6]);
+        let chunks = |s: u32| (27 * s * s * 3).div_ceil(256);
+        assert_eq!(cells, vec![54 * chunks(8), 15 * chunks(16), 6 * chunks(32)]);
         // Kernels of s_l^2 taps: (d, p, s_l, s_l) per level.
         assert_eq!(plan.weight_elements, 16 * 2 * (64 + 256 + 1024));
         assert_eq!(plan.bias_elements, 16 * 2 * 3);

@@ -115,6 +115,7 @@ impl DensePlan {
                 workgroups: total,
                 grid: fold(total, limits.max_workgroups_per_dim)?,
                 spec,
+                args: [0, 0],
             },
             tiles,
             pad: None,

@@ -33,6 +33,11 @@ pub struct Dispatch {
     pub grid: [u32; 3],
     /// Pipeline specialisation.
     pub spec: Specialization,
+    /// Pass-specific selector words (`LevelSelect.arg0`, `arg1` in
+    /// `shaders/shared/level_select.wgsl`), 0 for the passes that read none: the coarse
+    /// dK~/dV~ pass's reader chunks per row and queries per chunk, its combine rounds' chunks
+    /// and stride (`plan::backward`).
+    pub args: [u32; 2],
 }
 
 /// Folds `total` workgroups into a 2D grid with no dimension above `max_dim`.
@@ -102,5 +107,6 @@ pub(crate) fn dispatch(
         workgroups,
         grid: fold(workgroups, limits.max_workgroups_per_dim)?,
         spec,
+        args: [0, 0],
     })
 }

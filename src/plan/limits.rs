@@ -35,6 +35,20 @@ impl KernelLimits {
         }
     }
 
+    /// A discrete GPU's limits as wgpu reports them over Vulkan (an NVIDIA H200:
+    /// `../shared/design/gpu.md`): 256 invocations per workgroup (this library's cap), 48 KiB
+    /// of workgroup memory, 2 GiB per storage binding, 4 GiB per buffer. The default of
+    /// `multipole-attn plan`.
+    pub fn discrete_gpu() -> Self {
+        Self {
+            max_workgroup: 256,
+            workgroup_storage: 48 << 10,
+            max_workgroups_per_dim: 65535,
+            max_binding: 2 << 30,
+            max_buffer: 4 << 30,
+        }
+    }
+
     /// WebGPU's default limits (what a browser grants without asking).
     pub fn webgpu_default() -> Self {
         Self::from_wgpu(&wgpu::Limits::default())

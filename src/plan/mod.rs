@@ -7,6 +7,7 @@ mod backward;
 mod decode;
 mod dense;
 mod dense_backward;
+mod depth;
 mod dispatch;
 mod forward;
 mod limits;
@@ -18,10 +19,16 @@ mod split_dense;
 mod varlen;
 mod varlen_backward;
 
-pub use backward::{coarse_rows_per_workgroup, BackwardPlan, BACKWARD_WG};
+pub use backward::{
+    coarse_rows_per_workgroup, combine_rounds, max_readers, reader_chunks, weight_chunks,
+    BackwardPlan, BACKWARD_WG, COMBINE_FAN_IN, DKV_COARSE_CHUNK, WEIGHT_CHUNK_WINDOWS,
+};
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};
+pub use depth::{
+    backward_depths, dense_depths, dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
+};
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{
     attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,

@@ -49,6 +49,9 @@ passes! {
     BackwardDkvFine => "backward_dkv_fine",
     /// Backward: dK~, dV~ of one level's coarse keys (`shaders/backward_dkv_coarse.wgsl`).
     BackwardDkvCoarse => "backward_dkv_coarse",
+    /// Backward: one round of the tree that adds the coarse dK~/dV~ pass's reader-chunk
+    /// partial sums (`shaders/backward_dkv_combine.wgsl`).
+    BackwardDkvCombine => "backward_dkv_combine",
     /// Backward of coarse queries: what each coarse-query row's tokens send back to it, its
     /// (G, R, H), one level (`shaders/backward_coarse_stats.wgsl`).
     BackwardCoarseStats => "backward_coarse_stats",
@@ -62,11 +65,17 @@ passes! {
     /// Backward of coarse queries: gradients of one level's learned query weights
     /// (`shaders/weights_backward_q.wgsl`).
     WeightsBackwardQ => "weights_backward_q",
+    /// Backward of coarse queries: one round of the tree that adds `weights_backward_q`'s
+    /// partial sums over chunks of a level's windows (`shaders/weights_backward_q_combine.wgsl`).
+    WeightsBackwardQCombine => "weights_backward_q_combine",
     /// Backward: coarse gradients back through the downsampling
     /// (`shaders/downsample_backward.wgsl`).
     DownsampleBackward => "downsample_backward",
     /// Backward: gradients of one level's learned weights (`shaders/weights_backward.wgsl`).
     WeightsBackward => "weights_backward",
+    /// Backward: one round of the tree that adds `weights_backward`'s partial sums over chunks
+    /// of a level's windows (`shaders/weights_backward_combine.wgsl`).
+    WeightsBackwardCombine => "weights_backward_combine",
     /// Coarse queries' attention to their far list at one level (`shaders/coarse_attention.wgsl`).
     CoarseAttention => "coarse_attention",
     /// Upsampling of every level's coarse-query results and the log-sum-exp merge into the near

@@ -47,9 +47,11 @@ impl BackwardPlan {
         let words = table.words.len();
         let mut plan = Self::build(forward, cfg, limits, work)?;
         plan.table_at = table_at;
+        // The reader chunks' partial sums after the table's copy.
+        plan.partials_at = plan.partials_at.max(table_at + words);
         limits.check_binding(
             "the backward's stats or dK~ with the sequence table",
-            (table_at + words) as u64 * 4,
+            (plan.partials_at + plan.partial_elements) as u64 * 4,
             "differentiate fewer sequences or heads per call",
         )?;
         if seqs.layout != SeqLayout::Packed {

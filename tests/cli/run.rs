@@ -974,3 +974,56 @@ fn seqlens_and_lengths_run_variable_length_batches() {
         "--lengths",
     ]);
 }
+
+#[test]
+fn plan_prints_the_dispatches_with_their_depth_without_a_gpu() {
+    use multipole_attn::plan::{backward_depths, forward_depths, BackwardPlan, KernelLimits};
+    let out = cli([
+        "plan",
+        "--n",
+        "65536",
+        "--head-dim",
+        "64",
+        "--backward",
+        "--json",
+    ]);
+    out.assert_ok();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    let got = doc["dispatches"].as_array().expect("a dispatches array");
+    // The library's plan of the same problem, in recording order.
+    let cfg = FmaConfig::new(64, 2);
+    let shape = Shape::new(1, 1, 65536, 64);
+    let plan = BackwardPlan::new(shape, &cfg, &KernelLimits::discrete_gpu()).unwrap();
+    let mut want = forward_depths(&plan.forward, &cfg);
+    want.extend(backward_depths(&plan, &cfg));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["pass"], w.dispatch.pass.name());
+        assert_eq!(g["workgroups"], serde_json::json!(w.dispatch.grid));
+        assert_eq!(g["invocations"], w.invocations);
+        assert_eq!(g["serial_rows"], w.serial_rows);
+        assert_eq!(g["rows"], w.rows);
+    }
+    // The coarse backward's readers in chunks: no chain near the top level's 3 w_L = 49152.
+    let deepest = got.iter().map(|g| g["serial_rows"].as_u64().unwrap()).max();
+    assert!(deepest.unwrap() < 1024, "{deepest:?}");
+    assert!(got.iter().any(|g| g["pass"] == "backward_dkv_combine"));
+    // The table: a header and a line per dispatch.
+    let table = cli(["plan", "--n", "1000", "--head-dim", "16", "--causal"]);
+    table.assert_ok();
+    assert!(table.stdout.starts_with("pass"), "{}", table.stdout);
+    assert!(table.stdout.contains("fine_attention"), "{}", table.stdout);
+    // A rank that does not divide the block: bad input, as for `run`.
+    cli([
+        "plan",
+        "--n",
+        "1000",
+        "--head-dim",
+        "16",
+        "--block",
+        "16",
+        "--rank",
+        "3",
+    ])
+    .assert_bad_input(&["rank"]);
+}

@@ -458,7 +458,7 @@ fn dense_gradients(
     dense
         .backward_buffers(&saved, &dout, g)
         .expect("dense backward");
-    let read = |b: &wgpu::Buffer, len: usize| common::read_buffer(ctx, b)[..len].to_vec();
+    let read = |b: &wgpu::Buffer, len: usize| crate::common::read_buffer(ctx, b)[..len].to_vec();
     Gradients {
         dq: read(&dq, len),
         dk: read(&dk, kv_len),

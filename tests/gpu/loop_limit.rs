@@ -183,7 +183,8 @@ fn backward_with_large_blocks_at_d256_on_the_plain_variant() {
 /// The coarse dK~/dV~ pass with subgroups at n = 32768 (levels up to windows of 8192 tokens,
 /// each read by 3 x 8192 queries): its first version walked all of a window's readers in one
 /// block, past llvmpipe's limit from n = 32768 on (dV off by 1e-2 of its scale, no error);
-/// the blocks now split the readers (docs/perf.md, change 13). d = 8 keeps the reference
+/// the readers now come in chunks of 256 queries, a workgroup each, added by two rounds of
+/// the combine tree at the top level (96 chunks; docs/perf.md, changes 13 and 16). d = 8 keeps the reference
 /// cheap: the loop counts do not depend on d. The default context (the subgroup variant where
 /// the adapter has subgroups).
 #[test]

@@ -53,6 +53,9 @@ pub enum Command {
     /// Run the conformance suite (FMA and dense attention against the f64 CPU reference) on
     /// every adapter found, on every backend; exit 1 if any adapter fails a case.
     Doctor(DoctorArgs),
+    /// Print the dispatches a problem would run (per dispatch: pass, workgroups, invocations,
+    /// serial_rows, rows) without opening a GPU.
+    Plan(crate::plan::PlanArgs),
 }
 
 /// Arguments of `multipole-attn doctor`.

@@ -14,6 +14,7 @@ mod headless;
 mod info;
 mod npy_io;
 mod npz;
+mod plan;
 mod run;
 mod tensor;
 mod weights_npz;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         args::Command::Decode(a) => decode::decode(a),
         args::Command::Info => info::info(),
         args::Command::Doctor(a) => doctor::doctor(a),
+        args::Command::Plan(a) => plan::plan(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,9 +81,13 @@ pub struct Params {
     /// Dense attention: the first bound row of K and V (a split head's key chunk; 0 unless
     /// split).
     pub key_base: u32,
+    /// The backward's coarse dK~/dV~ pass: the f32 element of dK~ and dV~ where the partial
+    /// sums of its reader chunks start (`plan::BackwardPlan::partials_at`).
+    pub partials_at: u32,
+    /// The same in dQ~ for the query weights' gradients
+    /// (`plan::BackwardPlan::q_partials_at`).
+    pub q_partials_at: u32,
     /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad3: u32,
-    pub _pad4: u32,
     pub _pad5: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
 }
@@ -132,6 +136,10 @@ pub struct LevelSelect {
     pub level: u32,
     /// x size of this dispatch's folded grid.
     pub workgroups_x: u32,
+    /// Pass-specific word ([`crate::plan::Dispatch::args`]`[0]`).
+    pub arg0: u32,
+    /// Pass-specific word ([`crate::plan::Dispatch::args`]`[1]`).
+    pub arg1: u32,
 }
 
 /// Serialises a shader-visible value by WGSL's uniform layout rules.

@@ -154,12 +154,15 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::BackwardDq => &BACKWARD_DQ,
         Pass::BackwardDkvFine => &BACKWARD_DKV_FINE,
         Pass::BackwardDkvCoarse => &BACKWARD_DKV_COARSE,
+        Pass::BackwardDkvCombine => &BACKWARD_DKV_COMBINE,
         Pass::BackwardCoarseStats => &BACKWARD_COARSE_STATS,
         Pass::BackwardCoarseDq => &BACKWARD_COARSE_DQ,
         Pass::BackwardDkvCoarseQ => &BACKWARD_DKV_COARSE_Q,
         Pass::WeightsBackwardQ => &WEIGHTS_BACKWARD_Q,
+        Pass::WeightsBackwardQCombine => &WEIGHTS_BACKWARD_Q_COMBINE,
         Pass::DownsampleBackward => &DOWNSAMPLE_BACKWARD,
         Pass::WeightsBackward => &WEIGHTS_BACKWARD,
+        Pass::WeightsBackwardCombine => &WEIGHTS_BACKWARD_COMBINE,
         Pass::DecodeAppend => &DECODE_APPEND,
         Pass::DecodePool => &DECODE_POOL,
         Pass::DecodeAttention => &DECODE_ATTENTION,
@@ -357,6 +360,17 @@ static BACKWARD_DKV_COARSE: PassDesc = PassDesc {
     level_select: true,
 };
 
+static BACKWARD_DKV_COMBINE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/backward_dkv_combine.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dcoarse_k", DCoarseK, ReadWrite),
+        bind(2, "dcoarse_v", DCoarseV, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
 /// The coarse-query twin of [`BACKWARD_DKV_COARSE`]: the same WGSL (which branches on
 /// `params.coarse_queries`), its queries the coarse-query rows.
 static BACKWARD_DKV_COARSE_Q: PassDesc = PassDesc {
@@ -408,7 +422,7 @@ static WEIGHTS_BACKWARD_Q: PassDesc = PassDesc {
     bindings: &[
         PARAMS,
         bind(1, "q", Q, Read),
-        bind(2, "dcoarse_q", DCoarseQ, Read),
+        bind(2, "dcoarse_q", DCoarseQ, ReadWrite),
         bind(3, "dwq", DWq, ReadWrite),
         bind(4, "dbq", DBq, ReadWrite),
         SEQ_TABLE,
@@ -439,11 +453,35 @@ static WEIGHTS_BACKWARD: PassDesc = PassDesc {
         bind(1, "k", K, Read),
         bind(2, "v", V, Read),
         bind(3, "dcoarse_k", DCoarseK, Read),
-        bind(4, "dcoarse_v", DCoarseV, Read),
+        bind(4, "dcoarse_v", DCoarseV, ReadWrite),
         bind(5, "dwk", DWk, ReadWrite),
         bind(6, "dwv", DWv, ReadWrite),
         bind(7, "dbk", DBk, ReadWrite),
         bind(8, "dbv", DBv, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static WEIGHTS_BACKWARD_Q_COMBINE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/weights_backward_q_combine.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dcoarse_q", DCoarseQ, ReadWrite),
+        bind(2, "dwq", DWq, ReadWrite),
+        bind(3, "dbq", DBq, ReadWrite),
+    ],
+    level_select: true,
+};
+
+static WEIGHTS_BACKWARD_COMBINE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/weights_backward_combine.wgsl"),
+    bindings: &[
+        PARAMS,
+        bind(1, "dcoarse_v", DCoarseV, ReadWrite),
+        bind(2, "dwk", DWk, ReadWrite),
+        bind(3, "dwv", DWv, ReadWrite),
+        bind(4, "dbk", DBk, ReadWrite),
+        bind(5, "dbv", DBv, ReadWrite),
     ],
     level_select: true,
 };

@@ -102,6 +102,8 @@ impl Selects {
             let one = to_uniform_bytes(&LevelSelect {
                 level: d.level.unwrap_or(0),
                 workgroups_x: d.grid[0],
+                arg0: d.args[0],
+                arg1: d.args[1],
             })?;
             bytes[i * s..i * s + one.len()].copy_from_slice(&one);
         }

@@ -123,7 +123,11 @@ impl BackwardScratch {
             (at, at + t.words.len() as u64 * 4, t)
         });
         let with_table = |bytes: u64| table.map_or(bytes, |(_, end, _)| end.max(bytes));
-        let dcoarse_k = self.dcoarse_k.at_least(device, with_table(coarse), cap);
+        // The reader chunks' partial sums of the coarse dK~/dV~ pass follow in both.
+        let partials = (plan.partials_at + plan.partial_elements) as u64 * 4;
+        let dcoarse_k = self
+            .dcoarse_k
+            .at_least(device, with_table(coarse).max(partials), cap);
         let stats = self
             .stats
             .at_least(device, with_table(plan.stats_bytes), cap);
@@ -134,6 +138,8 @@ impl BackwardScratch {
         } else {
             (ws.coarse_bytes, 2 * ws.coarse_lse_bytes)
         };
+        // dQ~ also holds the query weights' partial sums after its rows.
+        let query_grads = query_rows.max((plan.q_partials_at + plan.q_partial_elements) as u64 * 4);
         if let Some((at, _, t)) = table {
             let words: &[u8] = bytemuck::cast_slice(&t.words);
             ctx.queue.write_buffer(dcoarse_k, at, words);
@@ -147,10 +153,13 @@ impl BackwardScratch {
                 self.coarse_q.at_least(device, query_rows, cap),
             )
             .with(Role::DCoarseK, dcoarse_k)
-            .with(Role::DCoarseV, self.dcoarse_v.at_least(device, coarse, cap))
+            .with(
+                Role::DCoarseV,
+                self.dcoarse_v.at_least(device, coarse.max(partials), cap),
+            )
             .with(
                 Role::DCoarseQ,
-                self.dcoarse_q.at_least(device, query_rows, cap),
+                self.dcoarse_q.at_least(device, query_grads, cap),
             )
             .with(
                 Role::CoarseDOut,
@@ -511,8 +520,8 @@ impl FmaAttention {
             .dispatches()
             .into_iter()
             .filter(|d| match d.pass {
-                Pass::WeightsBackward => g.weights.is_some(),
-                Pass::WeightsBackwardQ => query_weights,
+                Pass::WeightsBackward | Pass::WeightsBackwardCombine => g.weights.is_some(),
+                Pass::WeightsBackwardQ | Pass::WeightsBackwardQCombine => query_weights,
                 _ => true,
             })
             .collect();
@@ -597,11 +606,16 @@ impl FmaAttention {
         if plan.forward.sequences.is_some() {
             let mut params = self.params(&plan.forward);
             params.table_at = plan.table_at as u32;
+            params.partials_at = plan.partials_at as u32;
+            params.q_partials_at = plan.q_partials_at as u32;
             return Ok(Arc::new(Uniforms::new(&self.ctx, &params, steps)?));
         }
         let key = (plan.forward.shape, steps.len());
         self.backward_uniforms.get_or_make(key, || {
-            Uniforms::new(&self.ctx, &self.params(&plan.forward), steps)
+            let mut params = self.params(&plan.forward);
+            params.partials_at = plan.partials_at as u32;
+            params.q_partials_at = plan.q_partials_at as u32;
+            Uniforms::new(&self.ctx, &params, steps)
         })
     }
 }

@@ -1,0 +1,162 @@
+//! `multipole-attn plan`: the dispatches a problem would run, with each one's work and depth
+//! (`multipole_attn::plan::DispatchDepth`), without opening a GPU: for users who want to see
+//! what will run, and for tests.
+
+use crate::args::{DownsampleArg, QueriesArg};
+use crate::error::CliResult;
+use clap::Args;
+use multipole_attn::plan::{
+    backward_depths, dense_depths, forward_depths, BackwardPlan, DensePlan, DispatchDepth, FmaPlan,
+    KernelLimits,
+};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
+use serde::Serialize;
+
+/// Arguments of `multipole-attn plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Sequence length n.
+    #[arg(long, value_name = "N")]
+    pub n: usize,
+    /// Head dimension d.
+    #[arg(long, value_name = "D")]
+    pub head_dim: usize,
+    /// Fine block size m.
+    #[arg(long, value_name = "M", default_value_t = 64)]
+    pub block: usize,
+    /// Coarse rank p.
+    #[arg(long, value_name = "P", default_value_t = 2)]
+    pub rank: usize,
+    /// Heads per batch element.
+    #[arg(long, value_name = "H", default_value_t = 1)]
+    pub heads: usize,
+    /// Batch size.
+    #[arg(long, value_name = "B", default_value_t = 1)]
+    pub batch: usize,
+    /// Causal mask.
+    #[arg(long)]
+    pub causal: bool,
+    /// Fine or coarse queries.
+    #[arg(long, value_enum, value_name = "KIND", default_value = "fine")]
+    pub queries: QueriesArg,
+    /// Downsampling (learned: the box initialisation's shapes).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "average")]
+    pub downsample: DownsampleArg,
+    /// The forward's dispatches, then the backward's.
+    #[arg(long)]
+    pub backward: bool,
+    /// Exact dense attention instead of FMA.
+    #[arg(long, conflicts_with_all = ["backward", "queries", "downsample"])]
+    pub dense: bool,
+    /// Bytes per storage binding, in MiB [default: 2048, a discrete GPU's].
+    #[arg(long, value_name = "MIB")]
+    pub binding_mib: Option<u64>,
+    /// Bytes of workgroup memory [default: 49152, a discrete GPU's].
+    #[arg(long, value_name = "BYTES")]
+    pub workgroup_storage: Option<u32>,
+    /// Print `{"dispatches": [...]}` instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One dispatch as `--json` prints it.
+#[derive(Debug, Serialize)]
+struct Row {
+    pass: &'static str,
+    /// The coarse level l >= 1 of a per-level dispatch.
+    level: Option<u32>,
+    workgroups: [u32; 3],
+    invocations: u32,
+    serial_rows: u64,
+    rows: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Document {
+    dispatches: Vec<Row>,
+}
+
+/// The limits the plan is made under.
+fn limits(a: &PlanArgs) -> KernelLimits {
+    let mut l = KernelLimits::discrete_gpu();
+    if let Some(mib) = a.binding_mib {
+        l.max_binding = mib << 20;
+        l.max_buffer = l.max_buffer.max(l.max_binding);
+    }
+    if let Some(bytes) = a.workgroup_storage {
+        l.workgroup_storage = bytes;
+    }
+    l
+}
+
+/// The dispatches of the problem `a` describes, in recording order, with their depth.
+pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
+    let shape = Shape::new(a.batch, a.heads, a.n, a.head_dim);
+    let limits = limits(a);
+    if a.dense {
+        let plan = DensePlan::new(shape, &limits)?;
+        return Ok(dense_depths(&plan));
+    }
+    let mut cfg = FmaConfig::new(a.block, a.rank).causal(a.causal);
+    if a.queries == QueriesArg::Coarse {
+        cfg = cfg.queries(Queries::Coarse);
+    }
+    if a.downsample == DownsampleArg::Learned {
+        let w = LearnedWeights::box_init_for(a.head_dim, a.block, a.rank, a.n);
+        cfg = cfg.downsample(Downsample::Learned(w));
+    }
+    let forward = FmaPlan::new(shape, &cfg, &limits)?;
+    let mut all = forward_depths(&forward, &cfg);
+    if a.backward {
+        let plan = BackwardPlan::new(shape, &cfg, &limits)?;
+        all.extend(backward_depths(&plan, &cfg));
+    }
+    Ok(all)
+}
+
+/// Runs the `plan` subcommand.
+pub fn plan(a: &PlanArgs) -> CliResult<()> {
+    let all = dispatches(a)?;
+    let rows: Vec<Row> = all
+        .iter()
+        .map(|d| Row {
+            pass: d.dispatch.pass.name(),
+            level: d.dispatch.level.map(|l| l + 1),
+            workgroups: d.dispatch.grid,
+            invocations: d.invocations,
+            serial_rows: d.serial_rows,
+            rows: d.rows,
+        })
+        .collect();
+    if a.json {
+        let doc = Document { dispatches: rows };
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| crate::error::CliError::Runtime(e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>5} {:>20} {:>11} {:>11} {:>14}",
+        "pass", "level", "workgroups", "invocations", "serial_rows", "rows"
+    );
+    for r in &rows {
+        let level = r.level.map_or("-".to_string(), |l| l.to_string());
+        let [x, y, z] = r.workgroups;
+        println!(
+            "{:<24} {:>5} {:>20} {:>11} {:>11} {:>14}",
+            r.pass,
+            level,
+            format!("{x} x {y} x {z}"),
+            r.invocations,
+            r.serial_rows,
+            r.rows
+        );
+    }
+    let deepest = rows.iter().map(|r| r.serial_rows).max().unwrap_or(0);
+    let total: u64 = rows.iter().map(|r| r.rows).sum();
+    println!(
+        "{} dispatches; longest chain {deepest} rows; {total} rows read",
+        rows.len()
+    );
+    Ok(())
+}

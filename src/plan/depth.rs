@@ -1,0 +1,653 @@
+//! Work and depth of every dispatch of a plan, from the plan's parameters alone (no GPU): per
+//! dispatch `serial_rows`, the most rows (of Q, K, V, O, dO, dK, dV, coarse rows or partial
+//! sums) one invocation reads one after another (loop trip count times rows per trip), and
+//! `rows`, all rows the dispatch reads (a row staged once in workgroup memory, or read by the
+//! invocations of its channels, counts once). On two CPU cores total work decides; on a GPU
+//! with ~17,000 invocations in flight the longest chain does (`../shared/design/gpu.md`), so a
+//! pass whose `serial_rows` grows with n is the pass that makes a GPU slow (issue 27).
+//!
+//! The figures are upper bounds from the index maps (algorithm.md §3, §8, §9): the near field
+//! of a query (1D: 3 blocks, causal 2; 2D: 9 cells), its far list (per level up to 3 windows of
+//! p rows, causal 2; 2D up to 27 cells), a coarse row's readers (the same counts inverted),
+//! each clipped at the sequence. `multipole-attn plan` prints them.
+
+use super::backward::{
+    coarse_rows_per_workgroup, max_readers, BackwardPlan, COMBINE_FAN_IN, DKV_COARSE_CHUNK,
+    WEIGHT_CHUNK_WINDOWS,
+};
+use super::dense::DensePlan;
+use super::dispatch::Dispatch;
+use super::forward::FmaPlan;
+use super::pass::Pass;
+use crate::config::{Downsample, FmaConfig, Queries};
+
+/// Rows the subgroup coarse dK~/dV~ walk takes per pass over its readers (`RB` in
+/// `shaders/shared/dkv_coarse_rows_subgroup.wgsl`).
+const SUBGROUP_WALK_ROWS: u64 = 4;
+
+/// The work and depth of one dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DispatchDepth {
+    /// The dispatch (pass, level, workgroups, folded grid, specialisation).
+    pub dispatch: Dispatch,
+    /// Invocations per workgroup.
+    pub invocations: u32,
+    /// The most rows one invocation reads one after another.
+    pub serial_rows: u64,
+    /// All rows the dispatch reads.
+    pub rows: u64,
+}
+
+/// The `(serial_rows, rows)` of one dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Depth {
+    /// The most rows one invocation reads one after another.
+    pub serial_rows: u64,
+    /// All rows the dispatch reads.
+    pub rows: u64,
+}
+
+/// What the figures depend on: the problem's index maps and sizes, taken from a plan.
+#[derive(Clone, Debug)]
+pub struct DepthModel {
+    /// Tokens per sequence.
+    pub n: u64,
+    /// Fine block (2D: fine cell side r).
+    pub m: u64,
+    /// Coarse rank.
+    pub p: u64,
+    /// Per coarse level, its window (2D: cell side) and windows (cells).
+    pub levels: Vec<(u64, u64)>,
+    /// Query heads over the batch.
+    pub bh: u64,
+    /// K/V heads over the batch.
+    pub kv_bh: u64,
+    /// A 2D grid (algorithm.md §9).
+    pub grid: bool,
+    /// Causal masking.
+    pub causal: bool,
+    /// Coarse queries (§6).
+    pub coarse_queries: bool,
+    /// Learned downsampling (§4).
+    pub learned: bool,
+}
+
+impl DepthModel {
+    /// The model of `plan`'s problem under `cfg`.
+    pub fn new(plan: &FmaPlan, cfg: &FmaConfig) -> Self {
+        let shape = plan.shape;
+        Self {
+            n: shape.seq as u64,
+            m: plan.levels.m as u64,
+            p: plan.levels.p as u64,
+            levels: plan
+                .levels
+                .levels
+                .iter()
+                .map(|l| (l.window as u64, l.windows as u64))
+                .collect(),
+            bh: shape.batch_heads() as u64,
+            kv_bh: shape.kv_batch_heads() as u64,
+            grid: plan.grid.is_some(),
+            causal: cfg.causal,
+            coarse_queries: plan.queries == Queries::Coarse,
+            learned: matches!(cfg.downsample, Downsample::Learned(_)),
+        }
+    }
+
+    /// Query heads per K/V head.
+    fn group(&self) -> u64 {
+        (self.bh / self.kv_bh.max(1)).max(1)
+    }
+
+    /// Fine keys of a query (and, by symmetry, queries that read a fine key).
+    pub fn near(&self) -> u64 {
+        let blocks = match (self.grid, self.causal) {
+            (true, _) => 9 * self.m * self.m,
+            (false, true) => 2 * self.m,
+            (false, false) => 3 * self.m,
+        };
+        blocks.min(self.n)
+    }
+
+    /// Coarse keys of a query at level index `i`: its far list's windows times p.
+    pub fn far_level(&self, i: usize) -> u64 {
+        let windows = self.levels[i].1;
+        let list = match (self.grid, self.causal) {
+            (true, _) => 27,
+            (false, true) => 2,
+            (false, false) => 3,
+        };
+        list.min(windows) * self.p
+    }
+
+    /// Coarse keys of a query over every level.
+    pub fn far(&self) -> u64 {
+        (0..self.levels.len()).map(|i| self.far_level(i)).sum()
+    }
+
+    /// Coarse rows of level index `i` per head.
+    fn level_rows(&self, i: usize) -> u64 {
+        self.levels[i].1 * self.p
+    }
+
+    /// Tokens of a level's learned kernel (w_l; 2D s_l^2), clipped at the sequence.
+    fn taps(&self, i: usize) -> u64 {
+        let w = self.levels[i].0;
+        let taps = if self.grid { w * w } else { w };
+        taps.min(self.n)
+    }
+
+    /// Rows a coarse row of the first level pools (w_1 / p tokens; 2D r^2 / p).
+    fn first_level_tokens(&self) -> u64 {
+        let w = self.levels.first().map_or(self.m, |l| l.0);
+        let tokens = if self.grid { w * w } else { w };
+        tokens.div_ceil(self.p).min(self.n)
+    }
+
+    /// Rows of level l - 1 a coarse row of level l >= 2 pools (1D 2; 2D 4).
+    fn children(&self) -> u64 {
+        if self.grid {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Levels.
+    fn count(&self) -> u64 {
+        self.levels.len() as u64
+    }
+}
+
+/// `downsample` at level index `i`: an invocation per (tensor, head, coarse row, channel)
+/// pools its row's tokens (level 1, Average), its children rows (Average, level >= 2) or its
+/// window's w_l kernel taps (Learned).
+pub fn downsample(m: &DepthModel, i: usize) -> Depth {
+    let heads = 2 * m.kv_bh + if m.coarse_queries { m.bh } else { 0 };
+    let serial = if m.learned {
+        m.taps(i)
+    } else if i == 0 {
+        m.first_level_tokens()
+    } else {
+        m.children()
+    };
+    Depth {
+        serial_rows: serial,
+        rows: heads * m.level_rows(i) * serial,
+    }
+}
+
+/// `fine_attention`: a workgroup per query tile stages the block's gather list (K and V of
+/// its near keys and, with fine queries, its coarse keys); each invocation walks all of them
+/// for its query.
+pub fn fine_attention(m: &DepthModel, d: &Dispatch) -> Depth {
+    let keys = m.near() + if m.coarse_queries { 0 } else { m.far() };
+    let wg = d.spec.wg as u64;
+    Depth {
+        serial_rows: 1 + 2 * keys,
+        rows: d.workgroups as u64 * (wg + 2 * keys),
+    }
+}
+
+/// `coarse_attention` at level index `i`: an invocation per coarse query, over its far list.
+pub fn coarse_attention(m: &DepthModel, i: usize) -> Depth {
+    let serial = 1 + 2 * m.far_level(i);
+    Depth {
+        serial_rows: serial,
+        rows: m.bh * m.level_rows(i) * serial,
+    }
+}
+
+/// `upsample_merge`: an invocation per token merges the near field's partial result and one
+/// per level.
+pub fn upsample_merge(m: &DepthModel) -> Depth {
+    let serial = 1 + m.count();
+    Depth {
+        serial_rows: serial,
+        rows: m.bh * m.n * serial,
+    }
+}
+
+/// `dense_attention`: an invocation per query walks the dispatch's key chunk.
+pub fn dense_attention(d: &Dispatch, keys: u64) -> Depth {
+    let wg = d.spec.wg as u64;
+    Depth {
+        serial_rows: 1 + 2 * keys,
+        rows: d.workgroups as u64 * (wg + 2 * keys),
+    }
+}
+
+/// The dense backward (`dense_backward_dkv`, `dense_backward_dq`, FlashAttention-2's
+/// structure): an invocation owns a key (a query) and walks every query row of its K/V head's
+/// group, q, dO and the row's (LSE, D) (every key and value), as dense attention's forward
+/// walks its keys: O(n) by definition of exact attention, cut into per-dispatch chunks for
+/// llvmpipe only. An upper bound over one whole walk.
+pub fn dense_backward(d: &Dispatch, walked: u64, rows_per_step: u64) -> Depth {
+    let wg = d.spec.wg as u64;
+    Depth {
+        serial_rows: 1 + rows_per_step * walked,
+        rows: d.workgroups as u64 * (wg + rows_per_step * walked),
+    }
+}
+
+/// `backward_delta`: an invocation per row reads dO and O.
+pub fn backward_delta(m: &DepthModel) -> Depth {
+    Depth {
+        serial_rows: 2,
+        rows: 2 * m.bh * m.n,
+    }
+}
+
+/// `backward_dq`: the forward's tiles and gather lists, each query with its dO.
+pub fn backward_dq(m: &DepthModel, d: &Dispatch) -> Depth {
+    let keys = m.near() + if m.coarse_queries { 0 } else { m.far() };
+    let wg = d.spec.wg as u64;
+    Depth {
+        serial_rows: 2 + 2 * keys,
+        rows: d.workgroups as u64 * (2 * wg + 2 * keys),
+    }
+}
+
+/// `backward_dkv_fine`: a workgroup per key tile walks the queries (q and dO) of every query
+/// head of its K/V head that read the tile's block: the near field inverted.
+pub fn backward_dkv_fine(m: &DepthModel, d: &Dispatch) -> Depth {
+    let queries = m.group() * m.near();
+    let wg = d.spec.wg as u64;
+    Depth {
+        serial_rows: 2 + 2 * queries,
+        rows: d.workgroups as u64 * (2 * wg + 2 * queries),
+    }
+}
+
+/// `backward_dkv_coarse(_q)` at level index `i`: a workgroup per (window, rows, reader chunk)
+/// walks at most `DKV_COARSE_CHUNK` of its rows' readers (q and dO each), once per group of 4
+/// rows on the subgroup path, after loading its rows' k~ and v~.
+pub fn backward_dkv_coarse(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
+    let readers = max_readers(
+        m.grid,
+        m.causal,
+        m.coarse_queries,
+        m.levels[i].0 as usize,
+        m.p as usize,
+    ) * m.group();
+    let chunk = readers.min(DKV_COARSE_CHUNK as u64);
+    let pr = coarse_rows_per_workgroup(d.spec.wg, d.spec.d4) as u64;
+    let rows = m.p.min(pr);
+    Depth {
+        serial_rows: 2 * rows + 2 * chunk * rows.div_ceil(SUBGROUP_WALK_ROWS),
+        rows: d.workgroups as u64 * (2 * rows + 2 * chunk),
+    }
+}
+
+/// `backward_dkv_combine`, one round at level index `i`: an invocation per (row, group, vec4)
+/// adds at most 16 partial sums of dK~ and of dV~.
+pub fn backward_dkv_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
+    let [chunks, stride] = d.args.map(u64::from);
+    let fan_in = COMBINE_FAN_IN;
+    let added = chunks.div_ceil(stride).min(fan_in);
+    let groups = chunks.div_ceil(stride * fan_in);
+    Depth {
+        serial_rows: 2 * added,
+        rows: m.kv_bh * m.level_rows(i) * groups * 2 * added,
+    }
+}
+
+/// `backward_coarse_stats` at level index `i`: an invocation per (coarse-query row, channel)
+/// pools its tokens' dO (level 1) or its children rows' (level >= 2).
+pub fn backward_coarse_stats(m: &DepthModel, i: usize) -> Depth {
+    let serial = if i == 0 {
+        2 * m.first_level_tokens()
+    } else {
+        2 * m.children()
+    };
+    Depth {
+        serial_rows: serial,
+        rows: m.bh * m.level_rows(i) * serial,
+    }
+}
+
+/// `backward_coarse_dq` at level index `i`: an invocation per coarse-query row over its far
+/// list (k~ and v~ of each key, after its q~ and G).
+pub fn backward_coarse_dq(m: &DepthModel, i: usize) -> Depth {
+    let serial = 2 + 2 * m.far_level(i);
+    Depth {
+        serial_rows: serial,
+        rows: m.bh * m.level_rows(i) * serial,
+    }
+}
+
+/// `downsample_backward`: an invocation per (token, vec4) adds, per level, the coarse rows
+/// its token went into (Average 1, Learned p; dK~ and dV~) to its dK, dV; with coarse queries
+/// the query part does the same for dQ.
+pub fn downsample_backward(m: &DepthModel) -> Depth {
+    let per_level = if m.learned { m.p } else { 1 };
+    let kv = 2 + 2 * m.count() * per_level;
+    let q = 1 + m.count() * per_level;
+    let q_rows = if m.coarse_queries { m.bh * m.n * q } else { 0 };
+    Depth {
+        serial_rows: kv,
+        rows: m.kv_bh * m.n * kv + q_rows,
+    }
+}
+
+/// `weights_backward` at level index `i`: an invocation per (weight element (c, j, t), chunk)
+/// sums over at most `WEIGHT_CHUNK_WINDOWS` of the level's windows over every K/V head (dK~,
+/// K, dV~, V of each).
+pub fn weights_backward(m: &DepthModel, i: usize) -> Depth {
+    let windows = m.kv_bh * m.levels[i].1;
+    Depth {
+        serial_rows: 4 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
+        rows: (m.taps(i) + 1) * m.p * 4 * windows,
+    }
+}
+
+/// `weights_backward_combine`, one round: an invocation per (element, group) adds at most 16
+/// partial (K, V) pairs.
+pub fn weights_backward_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
+    let [chunks, stride] = d.args.map(u64::from);
+    let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
+    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    Depth {
+        serial_rows: 2 * added,
+        rows: (m.taps(i) + 1) * m.p * groups * 2 * added,
+    }
+}
+
+/// `weights_backward_q` at level index `i`: the same over the query heads' windows (dQ~ and Q).
+pub fn weights_backward_q(m: &DepthModel, i: usize) -> Depth {
+    let windows = m.bh * m.levels[i].1;
+    Depth {
+        serial_rows: 2 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
+        rows: (m.taps(i) + 1) * m.p * 2 * windows,
+    }
+}
+
+/// `weights_backward_q_combine`, one round: an invocation per (element, group) adds at most
+/// 16 partial sums.
+pub fn weights_backward_q_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
+    let [chunks, stride] = d.args.map(u64::from);
+    let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
+    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    Depth {
+        serial_rows: added,
+        rows: (m.taps(i) + 1) * m.p * groups * added,
+    }
+}
+
+/// `pad_rows`, `pad_gradients`: writes only.
+fn writes_only() -> Depth {
+    Depth {
+        serial_rows: 0,
+        rows: 0,
+    }
+}
+
+/// The depth of dispatch `d` of a plan of `model`'s problem (not dense attention: see
+/// [`dense_depths`]; not the decoder's passes).
+pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
+    let level = d.level.unwrap_or(0) as usize;
+    match d.pass {
+        Pass::Downsample => downsample(model, level),
+        Pass::FineAttention => fine_attention(model, d),
+        Pass::CoarseAttention => coarse_attention(model, level),
+        Pass::UpsampleMerge => upsample_merge(model),
+        Pass::BackwardDelta => backward_delta(model),
+        Pass::BackwardDq => backward_dq(model, d),
+        Pass::BackwardDkvFine => backward_dkv_fine(model, d),
+        Pass::BackwardDkvCoarse | Pass::BackwardDkvCoarseQ => backward_dkv_coarse(model, level, d),
+        Pass::BackwardDkvCombine => backward_dkv_combine(model, level, d),
+        Pass::BackwardCoarseStats => backward_coarse_stats(model, level),
+        Pass::BackwardCoarseDq => backward_coarse_dq(model, level),
+        Pass::DownsampleBackward => downsample_backward(model),
+        Pass::WeightsBackward => weights_backward(model, level),
+        Pass::WeightsBackwardCombine => weights_backward_combine(model, level, d),
+        Pass::WeightsBackwardQ => weights_backward_q(model, level),
+        Pass::WeightsBackwardQCombine => weights_backward_q_combine(model, level, d),
+        Pass::PadRows | Pass::PadGradients => writes_only(),
+        Pass::DenseAttention => dense_attention(d, model.n),
+        Pass::DenseBackwardDkv => dense_backward(d, model.n, 3),
+        Pass::DenseBackwardDq => dense_backward(d, model.n, 2),
+        Pass::DecodeAppend
+        | Pass::DecodePool
+        | Pass::DecodeAttention
+        | Pass::DecodeDense
+        | Pass::DecodeMerge
+        | Pass::DecodeAdvance => writes_only(),
+    }
+}
+
+fn with_depth(model: &DepthModel, d: Dispatch) -> DispatchDepth {
+    let depth = dispatch_depth(model, &d);
+    DispatchDepth {
+        dispatch: d,
+        invocations: d.spec.wg,
+        serial_rows: depth.serial_rows,
+        rows: depth.rows,
+    }
+}
+
+/// Every dispatch of a forward in recording order, with its depth.
+pub fn forward_depths(plan: &FmaPlan, cfg: &FmaConfig) -> Vec<DispatchDepth> {
+    let model = DepthModel::new(plan, cfg);
+    plan.steps()
+        .into_iter()
+        .map(|d| with_depth(&model, d))
+        .collect()
+}
+
+/// Every dispatch of a backward in recording order, with its depth.
+pub fn backward_depths(plan: &BackwardPlan, cfg: &FmaConfig) -> Vec<DispatchDepth> {
+    let model = DepthModel::new(&plan.forward, cfg);
+    plan.dispatches()
+        .into_iter()
+        .map(|d| with_depth(&model, d))
+        .collect()
+}
+
+/// Every dispatch of dense attention in recording order (one per key chunk), with its depth.
+pub fn dense_depths(plan: &DensePlan) -> Vec<DispatchDepth> {
+    let chunks = plan.key_chunks(plan.keys_per_dispatch());
+    let mut all: Vec<DispatchDepth> = chunks
+        .iter()
+        .map(|&(lo, hi)| {
+            let d = plan.attention;
+            let depth = dense_attention(&d, (hi - lo) as u64);
+            DispatchDepth {
+                dispatch: d,
+                invocations: d.spec.wg,
+                serial_rows: depth.serial_rows,
+                rows: depth.rows,
+            }
+        })
+        .collect();
+    all.extend(plan.pad.map(|d| DispatchDepth {
+        dispatch: d,
+        invocations: d.spec.wg,
+        serial_rows: 0,
+        rows: 0,
+    }));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::Grid;
+    use crate::plan::KernelLimits;
+    use crate::shape::Shape;
+
+    fn backward(n: usize, cfg: &FmaConfig) -> Vec<DispatchDepth> {
+        // Learned weights are (d, p, w_l) per level: d = 4 keeps 2^22 tokens' small (the
+        // chains do not depend on d).
+        let d = match &cfg.downsample {
+            Downsample::Learned(_) => 4,
+            Downsample::Average => 64,
+        };
+        let shape = Shape::new(1, 1, n, d);
+        let plan = BackwardPlan::new(shape, cfg, &KernelLimits::discrete_gpu()).unwrap();
+        let mut all = forward_depths(&plan.forward, cfg);
+        all.extend(backward_depths(&plan, cfg));
+        all
+    }
+
+    /// The longest chain of each pass over its dispatches.
+    fn deepest(all: &[DispatchDepth], pass: Pass) -> u64 {
+        all.iter()
+            .filter(|d| d.dispatch.pass == pass)
+            .map(|d| d.serial_rows)
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_fused_pass_walks_the_gather_list_of_algorithm_md() {
+        // n = 4096, m = 64, p = 2 (algorithm.md §11): at most 3m + 3pL = 222 keys per query,
+        // each a K and a V row, after the query's own.
+        let cfg = FmaConfig::new(64, 2);
+        let plan =
+            FmaPlan::new(Shape::new(1, 1, 4096, 64), &cfg, &KernelLimits::lavapipe()).unwrap();
+        let model = DepthModel::new(&plan, &cfg);
+        assert_eq!(model.near() + model.far(), 222);
+        let att = fine_attention(&model, &plan.attention);
+        assert_eq!(att.serial_rows, 1 + 2 * 222);
+        // Causal: 2 blocks and 2 windows per level.
+        let causal = FmaConfig::new(64, 2).causal(true);
+        let model = DepthModel::new(&plan, &causal);
+        assert_eq!(model.near() + model.far(), 128 + 2 * 2 * 5);
+        // Average pooling: level 1 reads w_1 / p = 32 tokens per row, the others 2 rows.
+        let model = DepthModel::new(&plan, &cfg);
+        assert_eq!(downsample(&model, 0).serial_rows, 32);
+        assert_eq!(downsample(&model, 4).serial_rows, 2);
+        // Over a level, K and V: 2 heads x 128 rows x 32 tokens = every token twice.
+        assert_eq!(downsample(&model, 0).rows, 2 * 4096);
+    }
+
+    #[test]
+    fn the_coarse_backward_walks_chunks_and_a_tree() {
+        // n = 65536, m = 64, p = 2: the top level (w = 16384) has 3 w = 49152 readers per
+        // row, 192 chunks of 256; the tree adds 16, then 12.
+        let cfg = FmaConfig::new(64, 2);
+        let all = backward(65536, &cfg);
+        let top = all
+            .iter()
+            .rfind(|d| d.dispatch.pass == Pass::BackwardDkvCoarse)
+            .unwrap();
+        assert_eq!(top.dispatch.args, [192, DKV_COARSE_CHUNK]);
+        // p = 2 rows (one subgroup walk of 4 rows), each q and dO of 256 readers.
+        assert_eq!(top.serial_rows, 2 * 2 + 2 * 256);
+        let rounds: Vec<u64> = all
+            .iter()
+            .filter(|d| d.dispatch.pass == Pass::BackwardDkvCombine)
+            .filter(|d| d.dispatch.level == top.dispatch.level)
+            .map(|d| d.serial_rows)
+            .collect();
+        assert_eq!(rounds, vec![2 * 16, 2 * 12]);
+    }
+
+    /// Issue 27's bound: every pass's chain at n = 2^22 is at most its chain at 2^16 plus
+    /// O(p log n) (here 8 p log2 n), and at most 8 (3m + 4pL) + 1024. Learned mode: every pass
+    /// but its `downsample` (w_l kernel taps per coarse row: not chunked yet).
+    #[test]
+    fn no_chain_grows_with_n() {
+        let (m, p) = (64usize, 2usize);
+        let learned = |n: usize| {
+            let w = crate::weights::LearnedWeights::box_init_for(4, m, p, n);
+            FmaConfig::new(m, p).downsample(Downsample::Learned(w))
+        };
+        let learned_coarse = |n: usize| learned(n).queries(Queries::Coarse);
+        let configs: [&dyn Fn(usize) -> FmaConfig; 5] = [
+            &|_| FmaConfig::new(m, p),
+            &|_| FmaConfig::new(m, p).causal(true),
+            &|_| FmaConfig::new(m, p).queries(Queries::Coarse),
+            &learned,
+            &learned_coarse,
+        ];
+        for config in configs {
+            let base = backward(1 << 16, &config(1 << 16));
+            for log_n in 16..=22 {
+                let n = 1usize << log_n;
+                let cfg = &config(n);
+                let all: Vec<DispatchDepth> = backward(n, cfg)
+                    .into_iter()
+                    .filter(|d| {
+                        let learned = matches!(cfg.downsample, Downsample::Learned(_));
+                        !(learned && d.dispatch.pass == Pass::Downsample)
+                    })
+                    .collect();
+                let levels = crate::levels::Levels::new(n, m, p).count();
+                let bound = (8 * (3 * m + 4 * p * levels) + 1024) as u64;
+                for d in &all {
+                    let pass = d.dispatch.pass;
+                    assert!(
+                        d.serial_rows <= bound,
+                        "n = {n}: {} reads {} rows in a row (bound {bound})",
+                        pass.name(),
+                        d.serial_rows
+                    );
+                    let grown = (8 * p * log_n) as u64;
+                    assert!(
+                        d.serial_rows <= deepest(&base, pass) + grown,
+                        "n = {n}: {} reads {} rows in a row, {} at n = 65536",
+                        pass.name(),
+                        d.serial_rows,
+                        deepest(&base, pass)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_chain_grows_with_n_in_2d() {
+        // Cells 8 x 8, p = 2, square grids of 2^16 and 2^22 tokens.
+        let at = |side: usize| {
+            let cfg = FmaConfig::new(8, 2).grid(Some(Grid::new(side, side)));
+            let shape = Shape::new(1, 1, side * side, 16);
+            let plan = BackwardPlan::new(shape, &cfg, &KernelLimits::discrete_gpu()).unwrap();
+            let mut all = forward_depths(&plan.forward, &cfg);
+            all.extend(backward_depths(&plan, &cfg));
+            all
+        };
+        let (small, large) = (at(256), at(2048));
+        for d in &large {
+            let pass = d.dispatch.pass;
+            assert!(
+                d.serial_rows <= deepest(&small, pass) + 8 * 2 * 22,
+                "{}: {} rows in a row at 2^22, {} at 2^16",
+                pass.name(),
+                d.serial_rows,
+                deepest(&small, pass)
+            );
+        }
+    }
+
+    #[test]
+    fn the_pass_that_reads_most_runs_on_many_invocations() {
+        let n = 1usize << 20;
+        for cfg in [
+            FmaConfig::new(64, 2),
+            FmaConfig::new(64, 2).causal(true),
+            FmaConfig::new(64, 2).queries(Queries::Coarse),
+        ] {
+            let all = backward(n, &cfg);
+            let most = all.iter().max_by_key(|d| d.rows).unwrap();
+            let invocations = most.dispatch.workgroups as u64 * most.invocations as u64;
+            assert!(
+                invocations >= (n / 64) as u64,
+                "{cfg:?}: {} reads {} rows on {invocations} invocations",
+                most.dispatch.pass.name(),
+                most.rows
+            );
+        }
+    }
+
+    #[test]
+    fn dense_attention_chains_are_its_key_chunks() {
+        let plan = DensePlan::new(Shape::new(1, 1, 10000, 64), &KernelLimits::lavapipe()).unwrap();
+        let all = dense_depths(&plan);
+        let keys = plan.keys_per_dispatch() as u64;
+        assert_eq!(all.len(), 10000usize.div_ceil(keys as usize));
+        assert_eq!(all[0].serial_rows, 1 + 2 * keys);
+    }
+}
