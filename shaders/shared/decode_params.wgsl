@@ -66,5 +66,6 @@ fn input_at(bh: u32, c: u32) -> u32 {
 // Element offset of token `c` of global query row `bhq` (batch*head) in the bound Q: query head
 // h of a sequence reads cache row (K/V head) h / qgroup.
 fn query_at(bhq: u32, c: u32) -> u32 {
-    return ((bhq - params.in_row0 * params.qgroup) * params.in_rows + params.in_offset + c) * params.d;
+    let row = bhq - params.in_row0 * params.qgroup;
+    return (row * params.in_rows + params.in_offset + c) * params.d;
 }

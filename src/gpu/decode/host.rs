@@ -304,10 +304,11 @@ impl Decoder {
     }
 
     /// The prompt's outputs and the cache: sequence b's first `lengths[b]` tokens of Q
-    /// (batch, heads, P, head_dim), K, V (batch, kv_heads, P, head_dim) go through the causal forward (FMA, or exact dense attention
-    /// with [`DecodeMode::Dense`]), and are appended to the cache as [`Decoder::extend_async`]
-    /// does. O is (batch, heads, P, head_dim) with zero rows beyond a sequence's length (LSE
-    /// -inf there). Sequences must be empty (fresh, or [`Decoder::reset`]) when prefilled.
+    /// (batch, heads, P, head_dim), K, V (batch, kv_heads, P, head_dim) go through the causal
+    /// forward (FMA, or exact dense attention with [`DecodeMode::Dense`]), and are appended to
+    /// the cache as [`Decoder::extend_async`] does. O is (batch, heads, P, head_dim) with zero
+    /// rows beyond a sequence's length (LSE -inf there). Sequences must be empty (fresh, or
+    /// [`Decoder::reset`]) when prefilled.
     pub async fn prefill_async(
         &self,
         q: &[f32],
