@@ -61,7 +61,7 @@ fn finish_row(head: u32, row: u32, i: u32) {
         }
     }
     if (empty) {
-        lse[row] = bitcast<f32>(0xff800000u); // -inf: a store, no arithmetic on it
+        lse[row] = neg_inf(); // a store, no arithmetic on it
     } else {
         lse[row] = run_max + log(run_sum);
     }

@@ -69,6 +69,14 @@ struct Params {
 // -inf: WGSL implementations may assume finite floats.
 const ABSENT: f32 = -1e30;
 
+// -inf, for the LSE of a row no key reaches (a store, never arithmetic). Read through a
+// function-local variable: `bitcast<f32>(0xff800000u)` alone is a const-expression, which Tint
+// (Chromium's WGSL compiler) rejects ("value -inf cannot be represented as 'f32'").
+fn neg_inf() -> f32 {
+    var bits = 0xff800000u;
+    return bitcast<f32>(bits);
+}
+
 // Linear workgroup index of a dispatch folded into (x, y) to stay under 65535 per dimension.
 fn linear_workgroup(wg: vec3<u32>) -> u32 {
     return wg.x + wg.y * params.workgroups_x;
