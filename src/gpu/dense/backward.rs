@@ -14,7 +14,9 @@ use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
-use crate::gpu::engine::tensors::{check_storage, GpuTensors, GradTensors, Output, Scopes, Staged};
+use crate::gpu::engine::tensors::{
+    check_storage, GpuTensors, GradTensors, Output, SavedTensors, Scopes,
+};
 use crate::gradients::Gradients;
 use crate::plan::{DenseBackwardPlan, Dispatch};
 use crate::sequences::Sequences;
@@ -33,11 +35,7 @@ pub struct DenseSaved {
     /// The sequences of a variable-length forward; `None` for a batch of equal sequences.
     sequences: Option<Sequences>,
     owner: u64,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    o: wgpu::Buffer,
-    lse: wgpu::Buffer,
+    tensors: SavedTensors,
 }
 
 impl DenseSaved {
@@ -221,43 +219,18 @@ impl DenseAttention {
             None => self.backward_plan(shape)?,
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };
-        let device = &self.ctx.device;
-        let bytes = shape.elements() as u64 * 4;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
-        let input = wgpu::BufferUsages::COPY_DST;
-        let output = wgpu::BufferUsages::COPY_SRC;
         let saved = DenseSaved {
             shape,
             sequences: seqs.cloned(),
             owner: self.id,
-            q: storage(device, "saved q", bytes, input),
-            k: storage(device, "saved k", kv_bytes, input),
-            v: storage(device, "saved v", kv_bytes, input),
-            o: storage(device, "saved o", bytes, output),
-            lse: storage(device, "saved lse", shape.rows() as u64 * 4, output),
+            tensors: SavedTensors::upload(&self.ctx, shape, (q, k, v)),
         };
-        let queue = &self.ctx.queue;
-        queue.write_buffer(&saved.q, 0, bytemuck::cast_slice(q));
-        queue.write_buffer(&saved.k, 0, bytemuck::cast_slice(k));
-        queue.write_buffer(&saved.v, 0, bytemuck::cast_slice(v));
-        let t = GpuTensors {
-            q: &saved.q,
-            k: &saved.k,
-            v: &saved.v,
-            out: &saved.o,
-            lse: Some(&saved.lse),
-        };
+        let t = saved.tensors.tensors();
         match seqs {
             None => self.forward_buffers_async(t, shape).await?,
             Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
         }
-        let staged = Staged::new(device, shape, true);
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("dense forward_train readback"),
-        });
-        staged.record(&mut enc, &saved.o, &saved.lse);
-        queue.submit([enc.finish()]);
-        let out = staged.read(&self.ctx).await?;
+        let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
         Ok((out, saved))
     }
 
@@ -278,23 +251,11 @@ impl DenseAttention {
     /// that forward wrote the LSE into ([`FmaError::NoSavedForward`] without one). The buffers
     /// must not change until the backward is recorded.
     pub fn saved_from_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<DenseSaved> {
-        t.check(shape)?;
-        let lse = t.lse.ok_or_else(|| {
-            FmaError::NoSavedForward(
-                "no LSE buffer: run forward_buffers with GpuTensors::lse set and pass the same \
-                 buffers here"
-                    .into(),
-            )
-        })?;
         Ok(DenseSaved {
             shape,
             sequences: None,
             owner: self.id,
-            q: t.q.clone(),
-            k: t.k.clone(),
-            v: t.v.clone(),
-            o: t.out.clone(),
-            lse: lse.clone(),
+            tensors: SavedTensors::from_buffers(t, shape)?,
         })
     }
 
@@ -490,11 +451,7 @@ fn resources<'a>(
 ) -> Resources<'a> {
     Resources::default()
         .with(Role::Params, params)
-        .with(Role::Q, &saved.q)
-        .with(Role::K, &saved.k)
-        .with(Role::V, &saved.v)
-        .with(Role::Out, &saved.o)
-        .with(Role::Lse, &saved.lse)
+        .with_saved(&saved.tensors)
         .with(Role::DOut, dout)
         .with(Role::Stats, stats)
         .with(Role::DQ, g.dq)

@@ -11,7 +11,7 @@ use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{to_uniform_bytes, LevelSelect};
 use crate::gpu::engine::passes::{desc, Role};
-use crate::gpu::engine::tensors::GpuTensors;
+use crate::gpu::engine::tensors::{GpuTensors, SavedTensors};
 use crate::plan::{Dispatch, Pass, Specialization};
 
 /// The buffers an executor supplies for one record, by role. A pass whose descriptor names a
@@ -26,6 +26,15 @@ impl<'a> Resources<'a> {
     pub fn with(mut self, role: Role, buf: &'a wgpu::Buffer) -> Self {
         self.buffers.insert(role, buf.as_entire_buffer_binding());
         self
+    }
+
+    /// A saved forward's Q, K, V, O and LSE fill their roles (what every backward pass reads).
+    pub fn with_saved(self, saved: &'a SavedTensors) -> Self {
+        self.with(Role::Q, &saved.q)
+            .with(Role::K, &saved.k)
+            .with(Role::V, &saved.v)
+            .with(Role::Out, &saved.o)
+            .with(Role::Lse, &saved.lse)
     }
 
     /// Bytes `[offset, offset + size)` of `buf` fill `role` (offset a multiple of the

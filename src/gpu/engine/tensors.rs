@@ -321,3 +321,81 @@ pub struct GradTensors<'a> {
     /// dL/dW, dL/db of the learned weights (Learned mode only; `None` skips them).
     pub weights: Option<WeightGradTensors<'a>>,
 }
+
+/// What a backward needs of its forward, on the GPU: Q, K, V, O and the LSE. The FMA and the
+/// dense executors' saved handles (`Saved`, `DenseSaved`) each hold one, beside their shape
+/// and owner.
+#[derive(Clone, Debug)]
+pub(crate) struct SavedTensors {
+    pub q: wgpu::Buffer,
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    pub o: wgpu::Buffer,
+    pub lse: wgpu::Buffer,
+}
+
+impl SavedTensors {
+    /// Buffers for a forward of `shape` with host Q, K, V uploaded into them (O and the LSE to
+    /// be written by the forward and read back by [`SavedTensors::read_outputs`]).
+    pub fn upload(ctx: &GpuContext, shape: Shape, (q, k, v): (&[f32], &[f32], &[f32])) -> Self {
+        let device = &ctx.device;
+        let (bytes, kv_bytes) = (shape.elements() as u64 * 4, shape.kv_elements() as u64 * 4);
+        let input = wgpu::BufferUsages::COPY_DST;
+        let output = wgpu::BufferUsages::COPY_SRC;
+        let saved = Self {
+            q: storage(device, "saved q", bytes, input),
+            k: storage(device, "saved k", kv_bytes, input),
+            v: storage(device, "saved v", kv_bytes, input),
+            o: storage(device, "saved o", bytes, output),
+            lse: storage(device, "saved lse", shape.rows() as u64 * 4, output),
+        };
+        ctx.queue.write_buffer(&saved.q, 0, bytemuck::cast_slice(q));
+        ctx.queue.write_buffer(&saved.k, 0, bytemuck::cast_slice(k));
+        ctx.queue.write_buffer(&saved.v, 0, bytemuck::cast_slice(v));
+        saved
+    }
+
+    /// The caller's buffers of a forward already run (`t.lse` must be the buffer that forward
+    /// wrote the LSE into: without it there is nothing to differentiate from).
+    pub fn from_buffers(t: GpuTensors<'_>, shape: Shape) -> Result<Self> {
+        t.check(shape)?;
+        let lse = t.lse.ok_or_else(|| {
+            FmaError::NoSavedForward(
+                "no LSE buffer: run forward_buffers with GpuTensors::lse set and pass the same \
+                 buffers here"
+                    .into(),
+            )
+        })?;
+        Ok(Self {
+            q: t.q.clone(),
+            k: t.k.clone(),
+            v: t.v.clone(),
+            o: t.out.clone(),
+            lse: lse.clone(),
+        })
+    }
+
+    /// The tensors as a forward's I/O.
+    pub fn tensors(&self) -> GpuTensors<'_> {
+        GpuTensors {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.o,
+            lse: Some(&self.lse),
+        }
+    }
+
+    /// Reads O and the LSE of `shape` back (one submit, waited for).
+    pub async fn read_outputs(&self, ctx: &GpuContext, shape: Shape) -> Result<Output> {
+        let staged = Staged::new(&ctx.device, shape, true);
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("forward_train readback"),
+            });
+        staged.record(&mut enc, &self.o, &self.lse);
+        ctx.queue.submit([enc.finish()]);
+        staged.read(ctx).await
+    }
+}

@@ -19,7 +19,7 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::tensors::{check_storage, GpuTensors, Scopes, Staged};
+use crate::gpu::engine::tensors::{check_storage, GpuTensors, SavedTensors, Scopes};
 pub use crate::gpu::engine::tensors::{GradTensors, WeightGradTensors};
 use crate::gradients::{Gradients, LevelGradients};
 use crate::plan::{BackwardPlan, Dispatch, Pass};
@@ -43,11 +43,7 @@ pub struct Saved {
     /// of equal sequences.
     sequences: Option<Sequences>,
     owner: u64,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    o: wgpu::Buffer,
-    lse: wgpu::Buffer,
+    tensors: SavedTensors,
 }
 
 impl Saved {
@@ -231,44 +227,19 @@ impl FmaAttention {
             None => self.backward_plan(shape)?,
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };
-        let device = &self.ctx.device;
-        let bytes = shape.elements() as u64 * 4;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
-        let input = wgpu::BufferUsages::COPY_DST;
-        let output = wgpu::BufferUsages::COPY_SRC;
         let saved = Saved {
             shape,
             chunk: None,
             sequences: seqs.cloned(),
             owner: self.id,
-            q: storage(device, "saved q", bytes, input),
-            k: storage(device, "saved k", kv_bytes, input),
-            v: storage(device, "saved v", kv_bytes, input),
-            o: storage(device, "saved o", bytes, output),
-            lse: storage(device, "saved lse", shape.rows() as u64 * 4, output),
+            tensors: SavedTensors::upload(&self.ctx, shape, (q, k, v)),
         };
-        let queue = &self.ctx.queue;
-        queue.write_buffer(&saved.q, 0, bytemuck::cast_slice(q));
-        queue.write_buffer(&saved.k, 0, bytemuck::cast_slice(k));
-        queue.write_buffer(&saved.v, 0, bytemuck::cast_slice(v));
-        let t = GpuTensors {
-            q: &saved.q,
-            k: &saved.k,
-            v: &saved.v,
-            out: &saved.o,
-            lse: Some(&saved.lse),
-        };
+        let t = saved.tensors.tensors();
         match seqs {
             None => self.forward_buffers_async(t, shape).await?,
             Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
         }
-        let staged = Staged::new(device, shape, true);
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("forward_train readback"),
-        });
-        staged.record(&mut enc, &saved.o, &saved.lse);
-        queue.submit([enc.finish()]);
-        let out = staged.read(&self.ctx).await?;
+        let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
         Ok((out, saved))
     }
 
@@ -289,23 +260,12 @@ impl FmaAttention {
     /// forward wrote the LSE into; without it there is nothing to differentiate from
     /// ([`FmaError::NoSavedForward`]). The buffers must not change until the backward is recorded.
     pub fn saved_from_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<Saved> {
-        t.check(shape)?;
-        let lse = t.lse.ok_or_else(|| {
-            FmaError::NoSavedForward(
-                "no LSE buffer: run forward_buffers with GpuTensors::lse set and pass the same buffers here"
-                    .into(),
-            )
-        })?;
         Ok(Saved {
             shape,
             chunk: None,
             sequences: None,
             owner: self.id,
-            q: t.q.clone(),
-            k: t.k.clone(),
-            v: t.v.clone(),
-            o: t.out.clone(),
-            lse: lse.clone(),
+            tensors: SavedTensors::from_buffers(t, shape)?,
         })
     }
 
@@ -539,11 +499,7 @@ impl FmaAttention {
             let mut res = scratch
                 .resources(&self.ctx, &plan, self.limits.binding_bytes())
                 .with(Role::Params, &uniforms.params)
-                .with(Role::Q, &saved.q)
-                .with(Role::K, &saved.k)
-                .with(Role::V, &saved.v)
-                .with(Role::Out, &saved.o)
-                .with(Role::Lse, &saved.lse)
+                .with_saved(&saved.tensors)
                 .with(Role::DOut, dout)
                 .with(Role::Weights, &w.w)
                 .with(Role::Biases, &w.b)
