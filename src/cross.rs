@@ -18,6 +18,12 @@ use crate::error::{FmaError, Result};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
 
+/// Whether `cfg` gives a chunk of queries an FMA meaning: causal (the chunk is the last
+/// positions), fine queries (a query's output depends on its own row only) and 1D.
+fn runs_chunks(cfg: &FmaConfig) -> bool {
+    cfg.causal && cfg.queries == Queries::Fine && cfg.grid.is_none()
+}
+
 /// Whether `shape` is a cross-length FMA problem that FMA runs (causal, fine queries, 1D,
 /// seq_kv > seq): `Ok(true)`; self-attention: `Ok(false)`; any other cross-length problem: a
 /// typed error saying what FMA takes.
@@ -25,7 +31,7 @@ pub fn check_fma_cross(shape: Shape, cfg: &FmaConfig) -> Result<bool> {
     if shape.is_self() {
         return Ok(false);
     }
-    let ok = cfg.causal && cfg.queries == Queries::Fine && cfg.grid.is_none();
+    let ok = runs_chunks(cfg);
     if ok && shape.seq_kv > shape.seq {
         return Ok(true);
     }
@@ -90,7 +96,7 @@ pub fn check_fma_cross_varlen(seqs: &Sequences, cfg: &FmaConfig) -> Result<bool>
     if !seqs.is_cross() {
         return Ok(false);
     }
-    let ok = cfg.causal && cfg.queries == Queries::Fine && cfg.grid.is_none();
+    let ok = runs_chunks(cfg);
     let short = (0..seqs.count()).find(|&s| seqs.kv_len(s) < seqs.lengths[s]);
     if ok && short.is_none() {
         return Ok(true);
