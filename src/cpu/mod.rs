@@ -12,6 +12,7 @@ pub mod coarse;
 pub mod decode;
 pub mod dense_backward;
 pub mod downsample;
+mod entry;
 pub mod gather;
 pub mod level_mass;
 pub mod varlen;
@@ -29,6 +30,7 @@ use gather::{seen_keys_in, SeenKey};
 
 pub use backward::{fma_backward, fma_backward_in};
 pub use dense_backward::dense_backward;
+pub use entry::{backward, forward};
 pub use varlen::{
     dense_attention_varlen, dense_backward_varlen, fma_backward_varlen, fma_forward_varlen,
 };

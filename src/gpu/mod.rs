@@ -13,11 +13,16 @@
 //! # Ok::<(), multipole_attn::FmaError>(())
 //! ```
 
+mod attention;
 mod decode;
 mod dense;
 pub mod engine;
 mod fma;
 
+pub use attention::{
+    Attention, BackwardIo, Encode, ForwardIo, Host, HostGrad, Plan, Resident, ResidentGrad,
+    Saved as TrainSaved, TrainIo,
+};
 pub use decode::{DecodeMode, Decoder, StepTensors};
 pub use dense::{DenseAttention, DenseSaved};
 pub use engine::context::{

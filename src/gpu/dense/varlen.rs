@@ -54,6 +54,18 @@ impl DenseAttention {
         Ok(())
     }
 
+    /// The plan of a forward of the variable-length batch `seqs` over one binding.
+    pub(crate) fn plan_sequences(&self, shape: Shape, seqs: &Sequences) -> Result<DensePlan> {
+        seqs.check(shape)?;
+        DensePlan::for_sequences(
+            seqs,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            &self.limits,
+        )
+    }
+
     /// Exact attention of a variable-length batch of host tensors (async): layouts and
     /// results as [`crate::gpu::FmaAttention::forward_varlen_async`] (padding rows: O = 0, LSE
     /// = -inf; causal per sequence). Tensors over one storage binding run in groups of

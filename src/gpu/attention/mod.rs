@@ -1,0 +1,450 @@
+//! The one entry point of the GPU path: [`Attention`] runs a [`Problem`] by a [`Method`] (FMA
+//! or exact dense attention), one call per operation (forward, training forward, backward),
+//! each taking its tensors as host slices, resident buffers or the caller's encoder (`io.rs`).
+//! Below it the executors (`gpu/fma/`, `gpu/dense/`) keep one method per path; this layer
+//! only chooses the path, so every caller branches nowhere.
+
+mod io;
+
+use std::sync::OnceLock;
+
+use crate::error::{FmaError, Result};
+use crate::gpu::dense::{DenseAttention, DenseSaved};
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::tensors::Output;
+use crate::gpu::fma::backward::Saved as FmaSaved;
+use crate::gpu::fma::FmaAttention;
+use crate::gradients::Gradients;
+use crate::method::Method;
+use crate::plan::{BackwardPlan, DenseBackwardPlan, DensePlan, FmaPlan};
+use crate::problem::Problem;
+
+use io::{BackwardArgs, ForwardArgs};
+pub use io::{BackwardIo, Encode, ForwardIo, Host, HostGrad, Resident, ResidentGrad, TrainIo};
+
+/// Attention on the GPU: a [`Method`] on a device, run on any [`Problem`].
+///
+/// ```no_run
+/// use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
+/// use multipole_attn::{FmaConfig, Method, Problem, Shape};
+/// let ctx = GpuContext::new()?;                          // honours WGPU_BACKEND
+/// let fma = Attention::new(&ctx, Method::Fma(FmaConfig::new(64, 2)))?;
+/// let p = Problem::new(Shape::new(1, 4, 8192, 64)).causal(true);
+/// let q = vec![0.1f32; p.shape.elements()];
+/// let out = fma.forward(&p, Host::new(&q, &q, &q))?;    // O (1, 4, 8192, 64), LSE (1, 4, 8192)
+/// let (_, saved) = fma.train(&p, Host::new(&q, &q, &q))?;
+/// let grads = fma.backward(&saved, HostGrad(&out.o))?;  // dQ, dK, dV
+/// # Ok::<(), multipole_attn::FmaError>(())
+/// ```
+///
+/// Built once per method; the executors behind it (one per mask, made on first use) cache
+/// pipelines per device, uniforms per shape and buffers by capacity, so repeated calls
+/// allocate nothing once the largest shape has been seen. Safe to share between threads.
+/// Every call has an `_async` form (the only one on the web) and a blocking twin.
+pub struct Attention {
+    ctx: GpuContext,
+    method: Method,
+    max_binding: Option<u64>,
+    keys_per_dispatch: Option<usize>,
+    /// FMA's executors, bidirectional and causal (learned weights are uploaded by each).
+    fma: [OnceLock<FmaAttention>; 2],
+    /// Dense attention's executors, bidirectional and causal.
+    dense: [OnceLock<DenseAttention>; 2],
+}
+
+/// The tensors a training forward keeps for [`Attention::backward`], with the problem they
+/// belong to. Only the [`Attention`] that made it (same method, same mask) takes it back.
+pub struct Saved {
+    problem: Problem,
+    kind: SavedKind,
+}
+
+enum SavedKind {
+    Fma(FmaSaved),
+    Dense(DenseSaved),
+}
+
+impl Saved {
+    /// The problem of the saved forward.
+    pub fn problem(&self) -> &Problem {
+        &self.problem
+    }
+}
+
+/// The plan a forward or backward of a problem executes: FMA's or dense attention's.
+#[derive(Clone, Debug)]
+pub enum Plan {
+    /// FMA's forward: per-level dispatches, buffer sizes.
+    Fma(FmaPlan),
+    /// FMA's backward.
+    FmaBackward(BackwardPlan),
+    /// Dense attention's forward.
+    Dense(DensePlan),
+    /// Dense attention's backward.
+    DenseBackward(DenseBackwardPlan),
+}
+
+/// One executor, whichever the method.
+enum Exec<'e> {
+    Fma(&'e FmaAttention),
+    Dense(&'e DenseAttention),
+}
+
+impl Attention {
+    /// Prepares `method` on `ctx`. FMA's configuration is checked (m, p, the weights'
+    /// shapes for their head_dim) and its learned weights uploaded here; shape-dependent
+    /// checks happen per call, before anything is recorded.
+    pub fn new(ctx: &GpuContext, method: Method) -> Result<Self> {
+        let attention = Self {
+            ctx: ctx.clone(),
+            method,
+            max_binding: None,
+            keys_per_dispatch: None,
+            fma: Default::default(),
+            dense: Default::default(),
+        };
+        // The bidirectional executor now, so a bad configuration fails here (a grid or coarse
+        // queries refuse only the causal one, at its first call).
+        if let Method::Fma(_) = attention.method {
+            attention.fma_exec(false)?;
+        } else {
+            attention.dense_exec(false)?;
+        }
+        Ok(attention)
+    }
+
+    /// FMA with `cfg` ([`Attention::new`] with [`Method::Fma`]).
+    pub fn fma(ctx: &GpuContext, cfg: crate::FmaConfig) -> Result<Self> {
+        Self::new(ctx, Method::Fma(cfg))
+    }
+
+    /// Exact dense attention ([`Attention::new`] with [`Method::Dense`]).
+    pub fn dense(ctx: &GpuContext) -> Result<Self> {
+        Self::new(ctx, Method::Dense)
+    }
+
+    /// Uses at most `bytes` per storage binding, below the device's own limit (a larger value
+    /// changes nothing): tensors over it take the split paths ([`crate::plan::SplitPlan`],
+    /// [`crate::plan::DenseSplitPlan`]). For checking those paths on an adapter (`doctor`
+    /// does) or bounding the library's single allocations. Call before the first forward.
+    pub fn max_binding(mut self, bytes: u64) -> Result<Self> {
+        self.max_binding = Some(bytes);
+        self.rebuild()
+    }
+
+    /// Dense attention attends at most `keys` keys per query row in one dispatch (rounded
+    /// down to whole key tiles), longer ranges in chunks (default
+    /// [`crate::plan::DENSE_KEY_TILES_PER_DISPATCH`] tiles: llvmpipe's loop limit); its
+    /// backward walks at most as many. Smaller values exercise the chunking on small
+    /// problems or measure its cost. No effect on FMA.
+    pub fn keys_per_dispatch(mut self, keys: usize) -> Result<Self> {
+        self.keys_per_dispatch = Some(keys);
+        self.rebuild()
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The context.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Drops the executors made so far (after a knob changed) and remakes the first one.
+    fn rebuild(mut self) -> Result<Self> {
+        self.fma = Default::default();
+        self.dense = Default::default();
+        match self.method {
+            Method::Fma(_) => self.fma_exec(false).map(drop)?,
+            Method::Dense => self.dense_exec(false).map(drop)?,
+        }
+        Ok(self)
+    }
+
+    fn fma_exec(&self, causal: bool) -> Result<&FmaAttention> {
+        let cell = &self.fma[causal as usize];
+        if let Some(e) = cell.get() {
+            return Ok(e);
+        }
+        let Method::Fma(cfg) = &self.method else {
+            return Err(not_this_method("FMA"));
+        };
+        let mut e = FmaAttention::new(&self.ctx, cfg.clone().causal(causal))?;
+        if let Some(bytes) = self.max_binding {
+            e = e.max_binding(bytes);
+        }
+        // Two threads may both make one; the first kept wins, the other is dropped.
+        Ok(cell.get_or_init(|| e))
+    }
+
+    fn dense_exec(&self, causal: bool) -> Result<&DenseAttention> {
+        let cell = &self.dense[causal as usize];
+        if let Some(e) = cell.get() {
+            return Ok(e);
+        }
+        let mut e = DenseAttention::new(&self.ctx, causal)?;
+        if let Some(bytes) = self.max_binding {
+            e = e.max_binding(bytes);
+        }
+        if let Some(keys) = self.keys_per_dispatch {
+            e = e.keys_per_dispatch(keys);
+        }
+        Ok(cell.get_or_init(|| e))
+    }
+
+    fn exec(&self, p: &Problem) -> Result<Exec<'_>> {
+        Ok(match self.method {
+            Method::Fma(_) => Exec::Fma(self.fma_exec(p.causal)?),
+            Method::Dense => Exec::Dense(self.dense_exec(p.causal)?),
+        })
+    }
+
+    /// The plan a forward of `p` executes (dispatches, buffer sizes), without running it.
+    pub fn plan(&self, p: &Problem) -> Result<Plan> {
+        p.validate()?;
+        let s = p.shape;
+        Ok(match (self.exec(p)?, &p.sequences) {
+            (Exec::Fma(e), None) => Plan::Fma(e.plan(s)?),
+            (Exec::Fma(e), Some(seqs)) => Plan::Fma(e.plan_sequences(s, seqs)?),
+            (Exec::Dense(e), None) => Plan::Dense(e.plan(s)?),
+            (Exec::Dense(e), Some(seqs)) => Plan::Dense(e.plan_sequences(s, seqs)?),
+        })
+    }
+
+    /// The plan a backward of `p` executes.
+    pub fn backward_plan(&self, p: &Problem) -> Result<Plan> {
+        p.validate()?;
+        let s = p.shape;
+        Ok(match (self.exec(p)?, &p.sequences) {
+            (Exec::Fma(e), None) => Plan::FmaBackward(e.backward_plan(s)?),
+            (Exec::Fma(e), Some(seqs)) => Plan::FmaBackward(e.backward_plan_sequences(s, seqs)?),
+            (Exec::Dense(e), None) => Plan::DenseBackward(e.backward_plan(s)?),
+            (Exec::Dense(e), Some(seqs)) => {
+                Plan::DenseBackward(e.backward_plan_sequences(s, seqs)?)
+            }
+        })
+    }
+
+    /// Checks that a forward of `p` can run on this device (shape, configuration, limits:
+    /// whole tensors, a run of heads or a head split across bindings, whichever the forward
+    /// takes), without touching the GPU: a caller can fail before reading gigabytes of input.
+    pub fn check(&self, p: &Problem) -> Result<()> {
+        p.validate()?;
+        let fits = match (self.exec(p)?, &p.sequences) {
+            (Exec::Fma(e), None) => return e.check(p.shape),
+            (Exec::Fma(e), Some(seqs)) => e.plan_sequences(p.shape, seqs).map(drop),
+            (Exec::Dense(e), None) => e.plan(p.shape).map(drop),
+            (Exec::Dense(e), Some(seqs)) => e.plan_sequences(p.shape, seqs).map(drop),
+        };
+        match fits {
+            // Host tensors over a binding run in pieces (runs of heads, groups of sequences,
+            // chunks of a head): the limit is not the end of the road.
+            Err(FmaError::LimitExceeded { .. }) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// The forward of `p` (async): O (batch, heads, seq, head_dim) and the LSE (batch, heads,
+    /// seq), returned ([`Host`]) or written into the caller's buffers ([`Resident`],
+    /// [`Encode`]).
+    pub async fn forward_async<'a, I: ForwardIo<'a>>(&self, p: &Problem, io: I) -> Result<I::Out> {
+        self.forward_args(p, io.args()).await.map(I::out)
+    }
+
+    /// Blocking [`Attention::forward_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward<'a, I: ForwardIo<'a>>(&self, p: &Problem, io: I) -> Result<I::Out> {
+        pollster::block_on(self.forward_async(p, io))
+    }
+
+    /// A training forward of `p` (async): the forward's output as [`Attention::forward`]
+    /// gives it, and the tensors the backward needs ([`Saved`]). With [`Resident`] tensors
+    /// the LSE buffer is required (the backward reads it) and the buffers must not change
+    /// until the backward is recorded.
+    pub async fn train_async<'a, I: TrainIo<'a>>(
+        &self,
+        p: &Problem,
+        io: I,
+    ) -> Result<(I::Out, Saved)> {
+        let (out, kind) = self.train_args(p, io.args()).await?;
+        let saved = Saved {
+            problem: p.clone(),
+            kind,
+        };
+        Ok((I::out(out), saved))
+    }
+
+    /// Blocking [`Attention::train_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn train<'a, I: TrainIo<'a>>(&self, p: &Problem, io: I) -> Result<(I::Out, Saved)> {
+        pollster::block_on(self.train_async(p, io))
+    }
+
+    /// The backward of a training forward (async): dQ of Q's shape, dK and dV of K's (with
+    /// grouped K/V heads each K/V head's gradient sums its group's, in head order), and in
+    /// FMA's Learned mode the gradients of every level's weights; returned ([`HostGrad`]) or
+    /// written into the caller's buffers ([`ResidentGrad`]). Deterministic run to run.
+    pub async fn backward_async<'a, I: BackwardIo<'a>>(
+        &self,
+        saved: &Saved,
+        io: I,
+    ) -> Result<I::Out> {
+        self.backward_args(saved, io.args()).await.map(I::out)
+    }
+
+    /// Blocking [`Attention::backward_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn backward<'a, I: BackwardIo<'a>>(&self, saved: &Saved, io: I) -> Result<I::Out> {
+        pollster::block_on(self.backward_async(saved, io))
+    }
+
+    async fn forward_args(&self, p: &Problem, args: ForwardArgs<'_>) -> Result<Option<Output>> {
+        p.validate()?;
+        let s = p.shape;
+        let seqs = p.sequences.as_ref();
+        match (self.exec(p)?, seqs, args) {
+            (_, Some(_), ForwardArgs::Encode(..)) => Err(encoder_varlen()),
+            (Exec::Fma(e), None, ForwardArgs::Host(h)) => {
+                e.forward_async(h.q, h.k, h.v, s, h.lse).await.map(Some)
+            }
+            (Exec::Fma(e), Some(seqs), ForwardArgs::Host(h)) => e
+                .forward_varlen_async(h.q, h.k, h.v, s, seqs, h.lse)
+                .await
+                .map(Some),
+            (Exec::Fma(e), None, ForwardArgs::Resident(t)) => {
+                e.forward_buffers_async(t, s).await.map(|_| None)
+            }
+            (Exec::Fma(e), Some(seqs), ForwardArgs::Resident(t)) => e
+                .forward_varlen_buffers_async(t, s, seqs)
+                .await
+                .map(|_| None),
+            (Exec::Fma(e), None, ForwardArgs::Encode(enc, t)) => {
+                e.encode_async(enc, t, s).await.map(|_| None)
+            }
+            (Exec::Dense(e), None, ForwardArgs::Host(h)) => {
+                e.forward_async(h.q, h.k, h.v, s, h.lse).await.map(Some)
+            }
+            (Exec::Dense(e), Some(seqs), ForwardArgs::Host(h)) => e
+                .forward_varlen_async(h.q, h.k, h.v, s, seqs, h.lse)
+                .await
+                .map(Some),
+            (Exec::Dense(e), None, ForwardArgs::Resident(t)) => {
+                e.forward_buffers_async(t, s).await.map(|_| None)
+            }
+            (Exec::Dense(e), Some(seqs), ForwardArgs::Resident(t)) => e
+                .forward_varlen_buffers_async(t, s, seqs)
+                .await
+                .map(|_| None),
+            (Exec::Dense(e), None, ForwardArgs::Encode(enc, t)) => {
+                e.encode_async(enc, t, s).await.map(|_| None)
+            }
+        }
+    }
+
+    async fn train_args(
+        &self,
+        p: &Problem,
+        args: ForwardArgs<'_>,
+    ) -> Result<(Option<Output>, SavedKind)> {
+        p.validate()?;
+        let s = p.shape;
+        let seqs = p.sequences.as_ref();
+        match (self.exec(p)?, args) {
+            (_, ForwardArgs::Encode(..)) => Err(FmaError::InvalidConfig {
+                what: "training forward",
+                value: "an encoder".into(),
+                allowed: "host tensors or resident buffers (the backward needs a submitted \
+                          forward)"
+                    .into(),
+            }),
+            (Exec::Fma(e), ForwardArgs::Host(h)) => {
+                let (out, saved) = match seqs {
+                    None => e.forward_train_async(h.q, h.k, h.v, s).await?,
+                    Some(seqs) => e.forward_train_varlen_async(h.q, h.k, h.v, s, seqs).await?,
+                };
+                Ok((Some(out), SavedKind::Fma(saved)))
+            }
+            (Exec::Dense(e), ForwardArgs::Host(h)) => {
+                let (out, saved) = match seqs {
+                    None => e.forward_train_async(h.q, h.k, h.v, s).await?,
+                    Some(seqs) => e.forward_train_varlen_async(h.q, h.k, h.v, s, seqs).await?,
+                };
+                Ok((Some(out), SavedKind::Dense(saved)))
+            }
+            (Exec::Fma(e), ForwardArgs::Resident(t)) => {
+                // Checked before the forward runs: no LSE buffer, nothing to differentiate.
+                let saved = match seqs {
+                    None => e.saved_from_buffers(t, s)?,
+                    Some(seqs) => e.saved_from_buffers_varlen(t, s, seqs)?,
+                };
+                match seqs {
+                    None => e.forward_buffers_async(t, s).await?,
+                    Some(seqs) => e.forward_varlen_buffers_async(t, s, seqs).await?,
+                }
+                Ok((None, SavedKind::Fma(saved)))
+            }
+            (Exec::Dense(e), ForwardArgs::Resident(t)) => {
+                let saved = match seqs {
+                    None => e.saved_from_buffers(t, s)?,
+                    Some(seqs) => e.saved_from_buffers_varlen(t, s, seqs)?,
+                };
+                match seqs {
+                    None => e.forward_buffers_async(t, s).await?,
+                    Some(seqs) => e.forward_varlen_buffers_async(t, s, seqs).await?,
+                }
+                Ok((None, SavedKind::Dense(saved)))
+            }
+        }
+    }
+
+    async fn backward_args(
+        &self,
+        saved: &Saved,
+        args: BackwardArgs<'_>,
+    ) -> Result<Option<Gradients<f32>>> {
+        // The executor of the saved forward's mask; its owner check refuses tensors saved by
+        // another Attention (another method or configuration).
+        let exec = self.exec(&saved.problem)?;
+        match (exec, &saved.kind, args) {
+            (Exec::Fma(e), SavedKind::Fma(s), BackwardArgs::Host(dout)) => {
+                e.backward_async(s, dout).await.map(Some)
+            }
+            (Exec::Fma(e), SavedKind::Fma(s), BackwardArgs::Resident(dout, g)) => {
+                e.backward_buffers_async(s, dout, g).await.map(|_| None)
+            }
+            (Exec::Dense(e), SavedKind::Dense(s), BackwardArgs::Host(dout)) => {
+                e.backward_async(s, dout).await.map(Some)
+            }
+            (Exec::Dense(e), SavedKind::Dense(s), BackwardArgs::Resident(dout, g)) => {
+                e.backward_buffers_async(s, dout, g).await.map(|_| None)
+            }
+            _ => Err(FmaError::NoSavedForward(
+                "these tensors were saved by an Attention of the other method (FMA or dense); \
+                 run train on the Attention that runs the backward"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// A variable-length batch recorded into the caller's encoder: not offered (its sequence
+/// table is uploaded per call).
+fn encoder_varlen() -> FmaError {
+    FmaError::InvalidConfig {
+        what: "I/O",
+        value: "a variable-length batch recorded into the caller's encoder".into(),
+        allowed: "host tensors or resident buffers for a variable-length batch; an encoder \
+                  for a batch of whole sequences"
+            .into(),
+    }
+}
+
+fn not_this_method(what: &str) -> FmaError {
+    FmaError::InvalidConfig {
+        what: "method",
+        value: format!("a call for {what} on another method"),
+        allowed: "the method the Attention was made with".into(),
+    }
+}
