@@ -1,4 +1,4 @@
-//! FMA configuration: block size m, rank p, causal mask, downsampling mode, count correction.
+//! FMA configuration: block size m, rank p, downsampling mode, count correction, queries, grid.
 
 use crate::error::{FmaError, Result};
 use crate::geometry::Grid;
@@ -37,8 +37,10 @@ pub struct FmaConfig {
     pub block: usize,
     /// Coarse rank p: coarse keys per window at every coarse level (>= 1).
     pub rank: usize,
-    /// Causal mask: query i sees keys t <= i only.
-    pub causal: bool,
+    /// Causal mask: query i sees keys t <= i only. Set from the [`crate::Problem`] by the
+    /// entry points (`gpu::Attention`, `cpu::forward`), the decoder (always causal) and
+    /// `cross::check`: the mask belongs to the problem, not to the method.
+    pub(crate) causal: bool,
     /// Downsampling mode of the coarse keys and values.
     pub downsample: Downsample,
     /// Add ln |S(l,a,j)| to the logit of every coarse key (algorithm.md §5).
@@ -76,8 +78,8 @@ impl FmaConfig {
         }
     }
 
-    /// Sets the causal mask.
-    pub fn causal(mut self, causal: bool) -> Self {
+    /// Sets the causal mask (the problem's: see the field).
+    pub(crate) fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
@@ -171,7 +173,7 @@ impl FmaConfig {
 /// Configuration of incremental decoding (algorithm.md §10): a cache for `batch` sequences of
 /// `heads` heads of width `head_dim`, each at most `max_len` tokens long, appended to `max_chunk`
 /// tokens (or fewer) per step. The FMA part (`fma`: m, p, downsampling, count correction) is
-/// causal whatever `fma.causal` says, with fine queries.
+/// causal, with fine queries.
 ///
 /// What the cache holds per sequence and head: the last `2m - 1 + max_chunk` keys and values
 /// (a ring: the near field of every query of a step), the last few complete windows of every

@@ -11,8 +11,10 @@ use crate::config::{Downsample, FmaConfig, Queries};
 use crate::cpu::{self, widen};
 use crate::error::Result;
 use crate::geometry::{flatten_far_field, Grid, Line};
-use crate::gpu::{DenseAttention, FmaAttention, GpuContext};
+use crate::gpu::{Attention, GpuContext, Host, Output};
+use crate::method::Method;
 use crate::plan::{DenseSplitPlan, KernelLimits};
+use crate::problem::Problem;
 use crate::random::normal_tensor;
 use crate::shape::Shape;
 use crate::weights::LearnedWeights;
@@ -26,18 +28,18 @@ pub const RTOL: f64 = 5e-5;
 /// What one case runs.
 #[derive(Clone, Debug)]
 pub enum Check {
-    /// FMA with this configuration against `cpu::fma_forward` (O and LSE; 2D with `cfg.grid`).
+    /// FMA with this configuration against `cpu::forward` (O and LSE; 2D with `cfg.grid`).
     Fma(FmaConfig),
-    /// Dense attention (causal or not) against `cpu::dense_attention`.
-    Dense(bool),
+    /// Dense attention against `cpu::forward`.
+    Dense,
     /// FMA against exact dense attention on query `row` of head 0, with K and V made constant
     /// on every sub-window that row's far lists use (algorithm.md §5: then FMA is exact).
     Exactness(FmaConfig, usize),
     /// FMA restricted to [`SPLIT_BINDING`] bytes per binding, so each head is cut along its
     /// sequence: against the reference, and bit for bit against the unrestricted run.
     SplitFma(FmaConfig),
-    /// Dense attention (causal or not) restricted likewise: query and key chunk pairs.
-    SplitDense(bool),
+    /// Dense attention restricted likewise: query and key chunk pairs.
+    SplitDense,
 }
 
 /// The binding size of the split cases: 16 KiB, 256 rows of head_dim 16.
@@ -48,8 +50,8 @@ pub const SPLIT_BINDING: u64 = 16 << 10;
 pub struct Case {
     /// A short name for the table.
     pub name: String,
-    /// (batch, heads, seq, head_dim).
-    pub shape: Shape,
+    /// (batch, heads, seq, head_dim) and the mask.
+    pub problem: Problem,
     /// What to check.
     pub check: Check,
 }
@@ -133,7 +135,7 @@ pub fn suite() -> Vec<Case> {
                 } else {
                     Downsample::Average
                 };
-                let cfg = FmaConfig::new(m, p).causal(causal).downsample(mode);
+                let cfg = FmaConfig::new(m, p).downsample(mode);
                 let name = format!(
                     "fma n={n} d={d} m={m} p={p} {} {}",
                     if causal { "causal" } else { "bidir" },
@@ -141,7 +143,7 @@ pub fn suite() -> Vec<Case> {
                 );
                 cases.push(Case {
                     name,
-                    shape: Shape::new(1, 2, n, d),
+                    problem: Problem::new(Shape::new(1, 2, n, d)).causal(causal),
                     check: Check::Fma(cfg),
                 });
             }
@@ -149,12 +151,12 @@ pub fn suite() -> Vec<Case> {
     }
     cases.push(Case {
         name: "fma no count correction n=500".into(),
-        shape: Shape::new(2, 1, 500, 32),
+        problem: Problem::new(Shape::new(2, 1, 500, 32)),
         check: Check::Fma(FmaConfig::new(16, 2).count_correction(false)),
     });
     cases.push(Case {
         name: "fma 2 query tiles per block m=300".into(),
-        shape: Shape::new(1, 1, 1100, 16),
+        problem: Problem::new(Shape::new(1, 1, 1100, 16)),
         check: Check::Fma(FmaConfig::new(300, 3)),
     });
     for &(n, d, causal) in &[
@@ -168,24 +170,25 @@ pub fn suite() -> Vec<Case> {
                 "dense n={n} d={d} {}",
                 if causal { "causal" } else { "bidir" }
             ),
-            shape: Shape::new(1, 2, n, d),
-            check: Check::Dense(causal),
+            problem: Problem::new(Shape::new(1, 2, n, d)).causal(causal),
+            check: Check::Dense,
         });
     }
     // Heads of 1025 x 16 (65.6 KB) under 16 KiB bindings: 6 chunks of 192 tokens (FMA), 5 of
     // 256 (dense).
     let split = Shape::new(1, 2, 1025, 16);
-    for (name, cfg) in [
-        ("bidir", FmaConfig::new(32, 2)),
-        ("causal", FmaConfig::new(32, 1).causal(true)),
+    for (name, cfg, causal) in [
+        ("bidir", FmaConfig::new(32, 2), false),
+        ("causal", FmaConfig::new(32, 1), true),
         (
             "coarse queries",
             FmaConfig::new(32, 2).queries(Queries::Coarse),
+            false,
         ),
     ] {
         cases.push(Case {
             name: format!("fma split head n=1025 d=16 m=32 {name}"),
-            shape: split,
+            problem: Problem::new(split).causal(causal),
             check: Check::SplitFma(cfg),
         });
     }
@@ -195,8 +198,8 @@ pub fn suite() -> Vec<Case> {
                 "dense split head n=1025 d=16 {}",
                 if causal { "causal" } else { "bidir" }
             ),
-            shape: split,
-            check: Check::SplitDense(causal),
+            problem: Problem::new(split).causal(causal),
+            check: Check::SplitDense,
         });
     }
     // 2D FMA (algorithm.md §9) on grids with clipped cells at the bottom and right edges and
@@ -232,7 +235,7 @@ pub fn suite() -> Vec<Case> {
                 if coarse { "coarse" } else { "fine" },
                 if learned { "learned" } else { "average" }
             ),
-            shape: Shape::new(1, 2, h * w, d),
+            problem: Problem::new(Shape::new(1, 2, h * w, d)),
             check: Check::Fma(
                 FmaConfig::new(r, p)
                     .grid(Some(grid))
@@ -251,8 +254,8 @@ pub fn suite() -> Vec<Case> {
                 "exactness n={n} m={m} p={p} {} row {row}",
                 if causal { "causal" } else { "bidir" }
             ),
-            shape: Shape::new(1, 1, n, 16),
-            check: Check::Exactness(FmaConfig::new(m, p).causal(causal), row),
+            problem: Problem::new(Shape::new(1, 1, n, 16)).causal(causal),
+            check: Check::Exactness(FmaConfig::new(m, p), row),
         });
     }
     cases
@@ -266,73 +269,72 @@ fn max_err(gpu: &[f32], reference: &[f64]) -> (f64, bool) {
 }
 
 async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool)> {
-    let s = case.shape;
+    let p = &case.problem;
+    let s = p.shape;
     let q = normal_tensor(seed, s.elements());
     let mut k = normal_tensor(seed + 1, s.elements());
     let mut v = normal_tensor(seed + 2, s.elements());
+    let method = match &case.check {
+        Check::Fma(cfg) | Check::SplitFma(cfg) | Check::Exactness(cfg, _) => {
+            Method::Fma(cfg.clone())
+        }
+        Check::Dense | Check::SplitDense => Method::Dense,
+    };
+    let attention = |limit| Attention::new(ctx, method.clone())?.max_binding(limit);
+    let reference =
+        |q: &[f32], k: &[f32], v: &[f32]| cpu::forward(&method, p, &widen(q), &widen(k), &widen(v));
+    let compare = |g: &Output, r: &cpu::Reference| {
+        let (eo, ok_o) = max_err(&g.o, &r.o);
+        let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
+        (eo.max(el), ok_o && ok_l)
+    };
     match &case.check {
-        Check::Fma(cfg) => {
-            let g = FmaAttention::new(ctx, cfg.clone())?
-                .forward_async(&q, &k, &v, s, true)
+        Check::Fma(_) | Check::Dense => {
+            let g = attention(u64::MAX)?
+                .forward_async(p, Host::new(&q, &k, &v))
                 .await?;
-            let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), s, cfg)?;
-            let (eo, ok_o) = max_err(&g.o, &r.o);
-            let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
-            Ok((eo.max(el), ok_o && ok_l))
+            Ok(compare(&g, &reference(&q, &k, &v)?))
         }
-        Check::Dense(causal) => {
-            let g = DenseAttention::new(ctx, *causal)?
-                .forward_async(&q, &k, &v, s, true)
+        Check::SplitFma(_) => {
+            let g = attention(SPLIT_BINDING)?
+                .forward_async(p, Host::new(&q, &k, &v))
                 .await?;
-            let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), s, *causal)?;
-            let (eo, ok_o) = max_err(&g.o, &r.o);
-            let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
-            Ok((eo.max(el), ok_o && ok_l))
-        }
-        Check::SplitFma(cfg) => {
-            let fma = |limit| FmaAttention::new(ctx, cfg.clone()).map(|f| f.max_binding(limit));
-            let g = fma(SPLIT_BINDING)?
-                .forward_async(&q, &k, &v, s, true)
+            let whole = attention(u64::MAX)?
+                .forward_async(p, Host::new(&q, &k, &v))
                 .await?;
-            let whole = fma(u64::MAX)?.forward_async(&q, &k, &v, s, true).await?;
-            let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), s, cfg)?;
-            let (eo, ok_o) = max_err(&g.o, &r.o);
-            let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
+            let (err, ok) = compare(&g, &reference(&q, &k, &v)?);
             let same = g.o == whole.o && g.lse == whole.lse;
-            Ok((eo.max(el), ok_o && ok_l && same))
+            Ok((err, ok && same))
         }
-        Check::SplitDense(causal) => {
-            let dense = |limit| DenseAttention::new(ctx, *causal).map(|f| f.max_binding(limit));
-            let g = dense(SPLIT_BINDING)?
-                .forward_async(&q, &k, &v, s, true)
+        Check::SplitDense => {
+            let g = attention(SPLIT_BINDING)?
+                .forward_async(p, Host::new(&q, &k, &v))
                 .await?;
             // Each key chunk of the split run ends the rows as a partial (O, LSE) that the next
             // resumes from; an unsplit run with its key chunks at the same boundaries does the
             // same float operations, so the two agree to the bit.
             let limits = KernelLimits::from_wgpu(&ctx.limits).capped(SPLIT_BINDING);
-            let keys = DenseSplitPlan::new(s.seq, s.head_dim, *causal, &limits)?.chunks[0].1;
-            let whole = dense(u64::MAX)?
-                .keys_per_dispatch(keys)
-                .forward_async(&q, &k, &v, s, true)
+            let keys = DenseSplitPlan::new(s.seq, s.head_dim, p.causal, &limits)?.chunks[0].1;
+            let whole = attention(u64::MAX)?
+                .keys_per_dispatch(keys)?
+                .forward_async(p, Host::new(&q, &k, &v))
                 .await?;
-            let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), s, *causal)?;
-            let (eo, ok_o) = max_err(&g.o, &r.o);
-            let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
+            let (err, ok) = compare(&g, &reference(&q, &k, &v)?);
             let same = g.o == whole.o && g.lse == whole.lse;
-            Ok((eo.max(el), ok_o && ok_l && same))
+            Ok((err, ok && same))
         }
         Check::Exactness(cfg, row) => {
-            let geometry = Line::new(s.seq, cfg.block, cfg.rank, cfg.causal);
+            let geometry = Line::new(s.seq, cfg.block, cfg.rank, p.causal);
             flatten_far_field(&mut k, &mut v, &geometry, s.head_dim, *row);
-            let g = FmaAttention::new(ctx, cfg.clone())?
-                .forward_async(&q, &k, &v, s, false)
+            let g = attention(u64::MAX)?
+                .forward_async(p, Host::new(&q, &k, &v).without_lse())
                 .await?;
             let (exact, _) = cpu::dense_attention_rows(
                 &widen(&q),
                 &widen(&k),
                 &widen(&v),
                 s,
-                cfg.causal,
+                p.causal,
                 &[*row],
             )?;
             let d = s.head_dim;

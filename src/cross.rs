@@ -15,6 +15,7 @@
 
 use crate::config::{FmaConfig, Queries};
 use crate::error::{FmaError, Result};
+use crate::problem::Problem;
 use crate::sequences::Sequences;
 use crate::shape::Shape;
 
@@ -22,6 +23,19 @@ use crate::shape::Shape;
 /// positions), fine queries (a query's output depends on its own row only) and 1D.
 fn runs_chunks(cfg: &FmaConfig) -> bool {
     cfg.causal && cfg.queries == Queries::Fine && cfg.grid.is_none()
+}
+
+/// Checks `cfg` for the problem `p` before anything runs: the configuration with `p`'s mask
+/// (m, p, causal with coarse queries or a grid, the learned weights' levels for `p`'s keys)
+/// and the keys' lengths, whole ([`check_fma_cross`]) or per sequence
+/// ([`check_fma_cross_varlen`]).
+pub fn check(cfg: &FmaConfig, p: &Problem) -> Result<()> {
+    let cfg = cfg.clone().causal(p.causal);
+    cfg.validate(p.shape.head_dim, p.shape.seq_kv)?;
+    match &p.sequences {
+        None => check_fma_cross(p.shape, &cfg).map(drop),
+        Some(seqs) => check_fma_cross_varlen(seqs, &cfg).map(drop),
+    }
 }
 
 /// Whether `shape` is a cross-length FMA problem that FMA runs (causal, fine queries, 1D,

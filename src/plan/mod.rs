@@ -44,3 +44,21 @@ pub use split_coarse::{
     CoarseStep, CoarseTensor, Slice,
 };
 pub use split_dense::{DensePair, DenseSplitPlan};
+
+/// FMA's forward dispatches of the problem `p` (the mask from `p`) with the depth of each, and
+/// with `backward` the backward's after them: what `multipole-attn plan` prints.
+pub fn fma_depths(
+    p: &crate::problem::Problem,
+    cfg: &crate::config::FmaConfig,
+    limits: &KernelLimits,
+    backward: bool,
+) -> crate::error::Result<Vec<DispatchDepth>> {
+    let cfg = cfg.clone().causal(p.causal);
+    let forward = FmaPlan::new(p.shape, &cfg, limits)?;
+    let mut all = forward_depths(&forward, &cfg);
+    if backward {
+        let plan = BackwardPlan::new(p.shape, &cfg, limits)?;
+        all.extend(backward_depths(&plan, &cfg));
+    }
+    Ok(all)
+}

@@ -3,13 +3,13 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use multipole_attn::gpu::{ContextOptions, DenseAttention, FmaAttention, GpuContext};
-use multipole_attn::FmaConfig;
+use multipole_attn::gpu::{Attention, ContextOptions, GpuContext, Host, Plan};
+use multipole_attn::Method;
 use wasm_bindgen::prelude::*;
 
 use crate::options::Options;
 
-/// Prepared configurations kept per `Gpu`: each holds its pipelines and per-shape buffers, so a
+/// Prepared methods kept per `Gpu`: each holds its pipelines and per-shape buffers, so a
 /// repeated run allocates and compiles nothing.
 const KEPT: usize = 8;
 
@@ -17,8 +17,7 @@ const KEPT: usize = 8;
 #[wasm_bindgen]
 pub struct Gpu {
     ctx: GpuContext,
-    fma: RefCell<Vec<(FmaConfig, Rc<FmaAttention>)>>,
-    dense: RefCell<Vec<(bool, Rc<DenseAttention>)>>,
+    kept: RefCell<Vec<(Method, Rc<Attention>)>>,
 }
 
 #[wasm_bindgen]
@@ -30,8 +29,7 @@ impl Gpu {
         let ctx = GpuContext::new_async(ContextOptions::default()).await?;
         Ok(Gpu {
             ctx,
-            fma: RefCell::new(Vec::new()),
-            dense: RefCell::new(Vec::new()),
+            kept: RefCell::new(Vec::new()),
         })
     }
 
@@ -73,7 +71,10 @@ impl Gpu {
         #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
     ) -> Result<JsValue, JsError> {
         let opts = Options::from_js(options)?;
-        let plan = self.fma_for(&opts)?.plan(opts.shape()?)?;
+        let method = Method::Fma(opts.config()?);
+        let Plan::Fma(plan) = self.attention(method)?.plan(&opts.problem()?)? else {
+            return Err(JsError::new("internal error: FMA planned as another method"));
+        };
         let summary = PlanSummary {
             levels: plan.levels.count(),
             dispatches: plan.steps().len(),
@@ -93,15 +94,10 @@ impl Gpu {
         #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
     ) -> Result<Vec<f32>, JsError> {
         let opts = Options::from_js(options)?;
-        let shape = opts.shape()?;
-        let fma = self.fma_for(&opts)?;
-        let out = match opts.sequences()? {
-            Some(seqs) => {
-                fma.forward_varlen_async(&q, &k, &v, shape, &seqs, false)
-                    .await?
-            }
-            None => fma.forward_async(&q, &k, &v, shape, false).await?,
-        };
+        let fma = self.attention(Method::Fma(opts.config()?))?;
+        let out = fma
+            .forward_async(&opts.problem()?, Host::new(&q, &k, &v).without_lse())
+            .await?;
         Ok(out.o)
     }
 
@@ -115,21 +111,15 @@ impl Gpu {
         #[wasm_bindgen(unchecked_param_type = "FmaOptions")] options: JsValue,
     ) -> Result<Vec<f32>, JsError> {
         let opts = Options::from_js(options)?;
-        let shape = opts.shape()?;
         if opts.grid.is_some() {
             // Dense attention is the same on a grid, but a grid that does not fit n (or a
             // causal grid) is refused as FMA refuses it.
             opts.config()?;
         }
-        let dense = self.dense_for(opts.causal)?;
-        let out = match opts.sequences()? {
-            Some(seqs) => {
-                dense
-                    .forward_varlen_async(&q, &k, &v, shape, &seqs, false)
-                    .await?
-            }
-            None => dense.forward_async(&q, &k, &v, shape, false).await?,
-        };
+        let dense = self.attention(Method::Dense)?;
+        let out = dense
+            .forward_async(&opts.problem()?, Host::new(&q, &k, &v).without_lse())
+            .await?;
         Ok(out.o)
     }
 }
@@ -146,28 +136,17 @@ impl Gpu {
         &self.ctx
     }
 
-    /// The prepared FMA of `opts`' configuration, made on first use.
-    fn fma_for(&self, opts: &Options) -> Result<Rc<FmaAttention>, JsError> {
-        let cfg = opts.config()?;
-        let mut kept = self.fma.borrow_mut();
-        if let Some((_, f)) = kept.iter().find(|(c, _)| *c == cfg) {
-            return Ok(f.clone());
+    /// The prepared attention of `method`, made on first use.
+    fn attention(&self, method: Method) -> Result<Rc<Attention>, JsError> {
+        let mut kept = self.kept.borrow_mut();
+        if let Some((_, a)) = kept.iter().find(|(m, _)| *m == method) {
+            return Ok(a.clone());
         }
-        let f = Rc::new(FmaAttention::new(&self.ctx, cfg.clone())?);
+        let a = Rc::new(Attention::new(&self.ctx, method.clone())?);
         if kept.len() >= KEPT {
             kept.remove(0);
         }
-        kept.push((cfg, f.clone()));
-        Ok(f)
-    }
-
-    fn dense_for(&self, causal: bool) -> Result<Rc<DenseAttention>, JsError> {
-        let mut kept = self.dense.borrow_mut();
-        if let Some((_, d)) = kept.iter().find(|(c, _)| *c == causal) {
-            return Ok(d.clone());
-        }
-        let d = Rc::new(DenseAttention::new(&self.ctx, causal)?);
-        kept.push((causal, d.clone()));
-        Ok(d)
+        kept.push((method, a.clone()));
+        Ok(a)
     }
 }

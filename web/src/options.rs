@@ -1,6 +1,6 @@
 //! The options object every JS call takes, checked and turned into the library's types.
 
-use multipole_attn::{FmaConfig, FmaError, Grid, Sequences, Shape};
+use multipole_attn::{FmaConfig, FmaError, Grid, Problem, Sequences, Shape};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -176,15 +176,24 @@ impl Options {
     /// `grid`, H W = n, p divides the cell side m and not causal (typed errors naming each).
     pub fn config(&self) -> Result<FmaConfig, JsError> {
         let cfg = match self.queries {
-            Queries::Fine => FmaConfig::new(self.m, self.p).causal(self.causal),
-            Queries::Coarse => FmaConfig::new(self.m, self.p)
-                .causal(self.causal)
-                .queries(multipole_attn::Queries::Coarse),
+            Queries::Fine => FmaConfig::new(self.m, self.p),
+            Queries::Coarse => {
+                FmaConfig::new(self.m, self.p).queries(multipole_attn::Queries::Coarse)
+            }
         }
         .grid(self.grid_shape());
-        // The levels are those of the keys' sequence (a shorter Q is its last positions).
-        cfg.validate(self.head_dim, self.n_kv.unwrap_or(self.n))?;
         cfg.validate_values()?;
+        // m, p, the mask against coarse queries and grids, and the keys' lengths.
+        multipole_attn::cross::check(&cfg, &self.problem()?)?;
         Ok(cfg)
+    }
+
+    /// The problem: shape, packed sequences and mask.
+    pub fn problem(&self) -> Result<Problem, JsError> {
+        Ok(Problem {
+            shape: self.shape()?,
+            sequences: self.sequences()?,
+            causal: self.causal,
+        })
     }
 }

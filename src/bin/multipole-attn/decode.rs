@@ -12,7 +12,7 @@ use crate::run::{build_config, problem_shape};
 use crate::tensor::fmt_shape;
 use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext};
 use multipole_attn::levels::num_levels;
-use multipole_attn::{cpu, DecodeConfig, Shape};
+use multipole_attn::{cpu, DecodeConfig, Problem, Shape};
 
 /// Rows [lo, lo + len) of each of the `heads` (batch, head) rows of `x` (n = `s.seq` rows
 /// each), as (batch, heads, len, d): Q's heads or K's and V's (fewer, grouped-query).
@@ -91,8 +91,8 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
             fmt_shape(&q.shape)
         )));
     }
-    let mut fma = build_config(run, shape)?;
-    fma.causal = true;
+    // Decoding is causal: each token sees the ones before it.
+    let fma = build_config(run, &Problem::new(shape).causal(true))?;
     let cfg = DecodeConfig::new(fma, shape.batch, shape.heads, shape.head_dim, n)
         .kv_heads(shape.kv_heads)
         .max_chunk(args.chunk.min(n.max(1)))

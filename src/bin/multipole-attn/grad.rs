@@ -4,8 +4,7 @@
 //! with `--queries coarse` also `q_w1`, `q_b1`, ...).
 //! A variable-length batch (`--seqlens`, `--lengths`) is differentiated sequence by sequence
 //! (each its own FMA; 0 on padding rows; weight gradients summed over the sequences).
-//! `--dense` differentiates exact attention instead (`DenseAttention::backward`,
-//! `cpu::dense_backward`; variable-length batches too, each sequence attending to itself):
+//! `--dense` differentiates exact attention instead (`Method::Dense`; variable-length batches too, each sequence attending to itself):
 //! dq, dk, dv only.
 
 use crate::args::GradArgs;
@@ -13,9 +12,9 @@ use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor};
 use crate::run::{build_config, problem_shape, sequences};
 use crate::tensor::{fmt_shape, Tensor};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::levels::window;
-use multipole_attn::{cpu, FmaConfig, Gradients, Queries, Sequences, Shape};
+use multipole_attn::{cpu, FmaConfig, Gradients, Method, Problem, Queries, Shape};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{NpzWriter, WritableElement, WriteNpzError};
 use std::fs::File;
@@ -35,7 +34,11 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     let v = read_tensor(&run.v, "V")?;
     let dout = read_tensor(&args.dout, "dO")?;
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
-    let seqs = sequences(run, shape)?;
+    let problem = Problem {
+        shape,
+        sequences: sequences(run, shape)?,
+        causal: run.causal,
+    };
     if dout.shape != q.shape {
         return Err(CliError::Input(format!(
             "dO must have the shape of Q (and of O), but Q has shape {} and dO has shape {}",
@@ -54,71 +57,36 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
             "the GPU"
         }
     );
-    if run.dense {
-        let shapes = (&x_shape[..], &kv_shape[..]);
-        return if run.reference {
-            let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
-            let g = match &seqs {
-                None => cpu::dense_backward(&q, &k, &v, &dout, shape, run.causal)?,
-                Some(s) => cpu::dense_backward_varlen((&q, &k, &v, &dout), shape, s, run.causal)?,
-            };
-            write_gradients(&run.out, shapes, shape, None, g)
-        } else {
-            let g = run_dense_gpu(run.causal, (q, k, v, dout), shape, seqs.as_ref())?;
-            write_gradients(&run.out, shapes, shape, None, g)
-        };
-    }
-    let cfg = build_config(run, shape)?;
-    if run.reference {
-        let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
-        let g = match &seqs {
-            None => cpu::fma_backward(&q, &k, &v, &dout, shape, &cfg)?,
-            Some(s) => cpu::fma_backward_varlen((&q, &k, &v, &dout), shape, s, &cfg)?,
-        };
-        write_gradients(&run.out, (&x_shape, &kv_shape), shape, Some(&cfg), g)
+    let method = if run.dense {
+        Method::Dense
     } else {
-        let g = run_gpu(&cfg, (q, k, v, dout), shape, seqs.as_ref())?;
-        write_gradients(&run.out, (&x_shape, &kv_shape), shape, Some(&cfg), g)
-    }
-}
-
-/// Exact dense attention forward (keeping what the backward needs) and backward on the GPU
-/// in f32.
-fn run_dense_gpu(
-    causal: bool,
-    (q, k, v, dout): (Tensor, Tensor, Tensor, Tensor),
-    shape: Shape,
-    seqs: Option<&Sequences>,
-) -> CliResult<Gradients<f32>> {
-    let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
-    let dout = dout.into_f32("dO")?;
-    let ctx = GpuContext::new()?;
-    log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
-    let dense = DenseAttention::new(&ctx, causal)?;
-    let (_, saved) = match seqs {
-        None => dense.forward_train(&q, &k, &v, shape)?,
-        Some(s) => dense.forward_train_varlen(&q, &k, &v, shape, s)?,
+        Method::Fma(build_config(run, &problem)?)
     };
-    Ok(dense.backward(&saved, &dout)?)
+    let shapes = (&x_shape[..], &kv_shape[..]);
+    if run.reference {
+        // f64 inputs keep their precision in the reference.
+        let (q, k, v, dout) = (q.into_f64(), k.into_f64(), v.into_f64(), dout.into_f64());
+        let g = cpu::backward(&method, &problem, (&q, &k, &v), &dout)?;
+        write_gradients(&run.out, shapes, shape, method.fma(), g)
+    } else {
+        let g = run_gpu(&method, (q, k, v, dout), &problem)?;
+        write_gradients(&run.out, shapes, shape, method.fma(), g)
+    }
 }
 
 /// Forward (keeping what the backward needs) and backward on the GPU in f32.
 fn run_gpu(
-    cfg: &FmaConfig,
+    method: &Method,
     (q, k, v, dout): (Tensor, Tensor, Tensor, Tensor),
-    shape: Shape,
-    seqs: Option<&Sequences>,
+    problem: &Problem,
 ) -> CliResult<Gradients<f32>> {
     let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
     let dout = dout.into_f32("dO")?;
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
-    let fma = FmaAttention::new(&ctx, cfg.clone())?;
-    let (_, saved) = match seqs {
-        None => fma.forward_train(&q, &k, &v, shape)?,
-        Some(s) => fma.forward_train_varlen(&q, &k, &v, shape, s)?,
-    };
-    Ok(fma.backward(&saved, &dout)?)
+    let attention = Attention::new(&ctx, method.clone())?;
+    let (_, saved) = attention.train(problem, Host::new(&q, &k, &v))?;
+    Ok(attention.backward(&saved, HostGrad(&dout))?)
 }
 
 fn write_error(path: &Path, e: WriteNpzError) -> CliError {

@@ -5,11 +5,8 @@
 use crate::args::{DownsampleArg, QueriesArg};
 use crate::error::CliResult;
 use clap::Args;
-use multipole_attn::plan::{
-    backward_depths, dense_depths, forward_depths, BackwardPlan, DensePlan, DispatchDepth, FmaPlan,
-    KernelLimits,
-};
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
+use multipole_attn::plan::{dense_depths, fma_depths, DensePlan, DispatchDepth, KernelLimits};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Problem, Queries, Shape};
 use serde::Serialize;
 
 /// Arguments of `multipole-attn plan`.
@@ -97,7 +94,7 @@ pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
         let plan = DensePlan::new(shape, &limits)?;
         return Ok(dense_depths(&plan));
     }
-    let mut cfg = FmaConfig::new(a.block, a.rank).causal(a.causal);
+    let mut cfg = FmaConfig::new(a.block, a.rank);
     if a.queries == QueriesArg::Coarse {
         cfg = cfg.queries(Queries::Coarse);
     }
@@ -105,13 +102,8 @@ pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
         let w = LearnedWeights::box_init_for(a.head_dim, a.block, a.rank, a.n);
         cfg = cfg.downsample(Downsample::Learned(w));
     }
-    let forward = FmaPlan::new(shape, &cfg, &limits)?;
-    let mut all = forward_depths(&forward, &cfg);
-    if a.backward {
-        let plan = BackwardPlan::new(shape, &cfg, &limits)?;
-        all.extend(backward_depths(&plan, &cfg));
-    }
-    Ok(all)
+    let problem = Problem::new(shape).causal(a.causal);
+    Ok(fma_depths(&problem, &cfg, &limits, a.backward)?)
 }
 
 /// Runs the `plan` subcommand.

@@ -4,20 +4,12 @@
 use crate::args::{DownsampleArg, QueriesArg, RunArgs};
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_shape, read_tensor, write_array};
-use crate::tensor::{fmt_shape, Tensor};
+use crate::tensor::fmt_shape;
 use crate::weights_npz::read_weights;
-use multipole_attn::cross::check_fma_cross;
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host};
 use multipole_attn::levels::num_levels;
-use multipole_attn::{cpu, Downsample, FmaConfig, LearnedWeights, Queries, Sequences, Shape};
-
-/// What to compute.
-enum Method {
-    /// Exact dense softmax attention, optionally causal.
-    Dense { causal: bool },
-    /// Fast Multipole Attention with this configuration.
-    Fma(FmaConfig),
-}
+use multipole_attn::{cpu, cross, Downsample, FmaConfig, LearnedWeights, Method, Problem};
+use multipole_attn::{Queries, Sequences, Shape};
 
 /// Runs the `run` subcommand.
 pub fn run(args: &RunArgs) -> CliResult<()> {
@@ -35,20 +27,22 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     ];
     let shape = problem_shape(&shapes[0], &shapes[1], &shapes[2])?;
     shape.validate()?;
-    let seqs = sequences(args, shape)?;
+    let problem = Problem {
+        shape,
+        sequences: sequences(args, shape)?,
+        causal: args.causal,
+    };
     let o_shape = shapes[0].clone();
     let lse_shape = o_shape[..o_shape.len() - 1].to_vec();
     let method = if args.dense {
-        Method::Dense {
-            causal: args.causal,
-        }
+        Method::Dense
     } else {
-        Method::Fma(build_config(args, shape)?)
+        Method::Fma(build_config(args, &problem)?)
     };
     let gpu = if args.reference {
         None
     } else {
-        Some(prepare_gpu(&method, shape, seqs.as_ref())?)
+        Some(prepare_gpu(method.clone(), &problem)?)
     };
     let q = read_tensor(&args.q, "Q")?;
     let k = read_tensor(&args.k, "K")?;
@@ -66,8 +60,14 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         }
     );
     if let Some(gpu) = gpu {
-        let want_lse = args.lse.is_some();
-        let out = gpu.run(q, k, v, (shape, seqs.as_ref()), want_lse)?;
+        let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
+        let host = Host::new(&q, &k, &v);
+        let host = if args.lse.is_some() {
+            host
+        } else {
+            host.without_lse()
+        };
+        let out = gpu.forward(&problem, host)?;
         write_array(&args.out, &o_shape, out.o)?;
         if let Some(path) = &args.lse {
             let lse = out.lse.ok_or_else(|| {
@@ -78,7 +78,9 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             write_array(path, &lse_shape, lse)?;
         }
     } else {
-        let r = run_reference(&method, q, k, v, (shape, seqs.as_ref()))?;
+        // f64 inputs keep their precision in the reference.
+        let (q, k, v) = (q.into_f64(), k.into_f64(), v.into_f64());
+        let r = cpu::forward(&method, &problem, &q, &k, &v)?;
         write_array(&args.out, &o_shape, r.o)?;
         if let Some(path) = &args.lse {
             write_array(path, &lse_shape, r.lse)?;
@@ -132,21 +134,20 @@ pub(crate) fn problem_shape(q: &[usize], k: &[usize], v: &[usize]) -> CliResult<
 
 /// The FMA configuration from the arguments; learned weights are read (or box-initialised) and
 /// validated here so that every input error surfaces before any computation.
-pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig> {
+pub(crate) fn build_config(args: &RunArgs, problem: &Problem) -> CliResult<FmaConfig> {
     // The levels are those of the keys' sequence (a shorter Q is its last positions).
-    let (d, n) = (shape.head_dim, shape.seq_kv);
+    let (d, n) = (problem.shape.head_dim, problem.shape.seq_kv);
     let queries = match args.queries {
         QueriesArg::Fine => Queries::Fine,
         QueriesArg::Coarse => Queries::Coarse,
     };
     let base = FmaConfig::new(args.block, args.rank)
-        .causal(args.causal)
         .count_correction(!args.no_count_correction)
         .queries(queries)
         .grid(args.grid);
     // m and p first (and causal + coarse, and a grid of n tokens, not causal): the weight
     // shapes and the box initialisation assume m >= 1 and p | m.
-    base.validate(d, n)?;
+    cross::check(&base, problem)?;
     let learned = match (args.downsample, &args.weights) {
         (Some(DownsampleArg::Average), Some(_)) => {
             return Err(CliError::Input(
@@ -158,13 +159,8 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
         (Some(DownsampleArg::Learned), _) | (None, Some(_)) => true,
         (Some(DownsampleArg::Average) | None, None) => false,
     };
-    // Per-sequence key lengths are checked sequence by sequence (`cross::check_fma_cross_varlen`,
-    // by the plan and the reference), not as one cross-length shape.
-    let whole = args.seqlens_kv.is_none();
     if !learned {
-        if whole {
-            check_fma_cross(shape, &base)?;
-        }
+        cross::check(&base, problem)?;
         return Ok(base);
     }
     let levels = match args.grid {
@@ -177,31 +173,8 @@ pub(crate) fn build_config(args: &RunArgs, shape: Shape) -> CliResult<FmaConfig>
         (None, None) => LearnedWeights::box_init_for(d, args.block, args.rank, n),
     };
     let cfg = base.downsample(Downsample::Learned(weights));
-    cfg.validate(d, n)?;
-    if whole {
-        check_fma_cross(shape, &cfg)?;
-    }
+    cross::check(&cfg, problem)?;
     Ok(cfg)
-}
-
-/// Runs the f64 CPU reference; f64 inputs keep their precision.
-fn run_reference(
-    method: &Method,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    (shape, seqs): (Shape, Option<&Sequences>),
-) -> CliResult<cpu::Reference> {
-    let (q, k, v) = (q.into_f64(), k.into_f64(), v.into_f64());
-    let r = match (method, seqs) {
-        (Method::Dense { causal }, None) => cpu::dense_attention(&q, &k, &v, shape, *causal)?,
-        (Method::Fma(cfg), None) => cpu::fma_forward(&q, &k, &v, shape, cfg)?,
-        (Method::Dense { causal }, Some(s)) => {
-            cpu::dense_attention_varlen(&q, &k, &v, shape, s, *causal)?
-        }
-        (Method::Fma(cfg), Some(s)) => cpu::fma_forward_varlen(&q, &k, &v, shape, s, cfg)?,
-    };
-    Ok(r)
 }
 
 /// The variable-length batch of `--seqlens` (packed) or `--lengths` (padded), checked against
@@ -292,47 +265,12 @@ fn join(lens: &[usize]) -> String {
         .join(",")
 }
 
-/// A GPU executor ready for the problem: the adapter is opened and (FMA) the plan's limits
-/// checked before any data is read.
-enum Gpu {
-    Dense(Box<DenseAttention>),
-    Fma(Box<FmaAttention>),
-}
-
-/// Opens the adapter and prepares `method`; FMA checks `shape` (and the sequences of a
-/// variable-length batch) against the adapter's limits.
-fn prepare_gpu(method: &Method, shape: Shape, seqs: Option<&Sequences>) -> CliResult<Gpu> {
+/// Opens the adapter and prepares `method`, checking the problem against the adapter's
+/// limits before any data is read.
+fn prepare_gpu(method: Method, problem: &Problem) -> CliResult<Attention> {
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
-    Ok(match method {
-        Method::Dense { causal } => Gpu::Dense(Box::new(DenseAttention::new(&ctx, *causal)?)),
-        Method::Fma(cfg) => {
-            let fma = FmaAttention::new(&ctx, cfg.clone())?;
-            match seqs {
-                Some(s) => fma.plan_sequences(shape, s).map(drop)?,
-                None => fma.check(shape)?,
-            }
-            Gpu::Fma(Box::new(fma))
-        }
-    })
-}
-
-impl Gpu {
-    /// Runs on the GPU in f32.
-    fn run(
-        &self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        (shape, seqs): (Shape, Option<&Sequences>),
-        want_lse: bool,
-    ) -> CliResult<multipole_attn::gpu::Output> {
-        let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
-        Ok(match (self, seqs) {
-            (Gpu::Dense(dense), None) => dense.forward(&q, &k, &v, shape, want_lse)?,
-            (Gpu::Fma(fma), None) => fma.forward(&q, &k, &v, shape, want_lse)?,
-            (Gpu::Dense(dense), Some(s)) => dense.forward_varlen(&q, &k, &v, shape, s, want_lse)?,
-            (Gpu::Fma(fma), Some(s)) => fma.forward_varlen(&q, &k, &v, shape, s, want_lse)?,
-        })
-    }
+    let attention = Attention::new(&ctx, method)?;
+    attention.check(problem)?;
+    Ok(attention)
 }
