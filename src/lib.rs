@@ -24,6 +24,7 @@ pub mod problem;
 pub mod random;
 pub mod sequences;
 pub mod shape;
+pub mod variants;
 pub mod weights;
 
 pub use config::{DecodeConfig, Downsample, FmaConfig, Queries};
@@ -34,4 +35,5 @@ pub use method::Method;
 pub use problem::Problem;
 pub use sequences::{SeqLayout, Sequences};
 pub use shape::Shape;
+pub use variants::{Variants, Window};
 pub use weights::{LearnedWeights, LevelWeights};
