@@ -1,10 +1,12 @@
 //! The attention problem every entry point takes besides the tensors: the shape (with the
-//! keys' length and K/V heads), the sequences of a variable-length batch and the causal mask.
+//! keys' length and K/V heads), the sequences of a variable-length batch, the causal mask and
+//! the softmax variants.
 //! One value says what is attended to; [`crate::Method`] says how (FMA or exact).
 
 use crate::error::Result;
 use crate::sequences::Sequences;
 use crate::shape::Shape;
+use crate::variants::Variants;
 
 /// One attention problem. Tensors (host slices or GPU buffers) are laid out as [`Shape`]
 /// says: Q, O `(batch, heads, seq, head_dim)`, K, V `(batch, kv_heads, seq_kv, head_dim)`,
@@ -33,6 +35,8 @@ pub struct Problem {
     /// sequence in a variable-length batch). PyTorch's `is_causal` is top-left aligned; the
     /// two agree when seq_kv = seq.
     pub causal: bool,
+    /// The softmax variants (softcap, sinks, sliding window); default none.
+    pub variants: Variants,
 }
 
 impl Problem {
@@ -42,6 +46,7 @@ impl Problem {
             shape,
             sequences: None,
             causal: false,
+            variants: Variants::default(),
         }
     }
 
@@ -52,6 +57,7 @@ impl Problem {
             shape: seqs.shape(heads, kv_heads, head_dim),
             sequences: Some(seqs),
             causal: false,
+            variants: Variants::default(),
         }
     }
 
@@ -61,9 +67,17 @@ impl Problem {
         self
     }
 
-    /// Checks the shape and, for a variable-length batch, that the sequences fill it.
+    /// Sets the softmax variants.
+    pub fn variants(mut self, variants: Variants) -> Self {
+        self.variants = variants;
+        self
+    }
+
+    /// Checks the shape, for a variable-length batch that the sequences fill it, and the
+    /// variants against the heads and the mask.
     pub fn validate(&self) -> Result<()> {
         self.shape.validate()?;
+        self.variants.validate(self.shape.heads, self.causal)?;
         if let Some(seqs) = &self.sequences {
             seqs.check(self.shape)?;
         }

@@ -45,7 +45,8 @@ pub fn backward(
     }
 }
 
-/// `cfg` with the problem's mask (the lower functions read it from the configuration).
+/// `cfg` with the problem's mask and variants (the lower functions read them from the
+/// configuration).
 fn with_mask(cfg: &FmaConfig, p: &Problem) -> FmaConfig {
-    cfg.clone().causal(p.causal)
+    cfg.clone().causal(p.causal).variants(p.variants.clone())
 }

@@ -73,7 +73,9 @@ impl Gpu {
         let opts = Options::from_js(options)?;
         let method = Method::Fma(opts.config()?);
         let Plan::Fma(plan) = self.attention(method)?.plan(&opts.problem()?)? else {
-            return Err(JsError::new("internal error: FMA planned as another method"));
+            return Err(JsError::new(
+                "internal error: FMA planned as another method",
+            ));
         };
         let summary = PlanSummary {
             levels: plan.levels.count(),

@@ -158,6 +158,7 @@ impl<'a> BackwardIo<'a> for HostGrad<'a> {
             dk: Vec::new(),
             dv: Vec::new(),
             weights: None,
+            dsinks: None,
         })
     }
 }

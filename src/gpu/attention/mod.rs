@@ -6,7 +6,7 @@
 
 mod io;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
 use crate::gpu::dense::{DenseAttention, DenseSaved};
@@ -18,6 +18,7 @@ use crate::gradients::Gradients;
 use crate::method::Method;
 use crate::plan::{BackwardPlan, DenseBackwardPlan, DensePlan, FmaPlan};
 use crate::problem::Problem;
+use crate::variants::Variants;
 
 use io::{BackwardArgs, ForwardArgs};
 pub use io::{BackwardIo, Encode, ForwardIo, Host, HostGrad, Resident, ResidentGrad, TrainIo};
@@ -46,10 +47,57 @@ pub struct Attention {
     method: Method,
     max_binding: Option<u64>,
     keys_per_dispatch: Option<usize>,
-    /// FMA's executors, bidirectional and causal (learned weights are uploaded by each).
-    fma: [OnceLock<FmaAttention>; 2],
-    /// Dense attention's executors, bidirectional and causal.
-    dense: [OnceLock<DenseAttention>; 2],
+    /// FMA's executors, one per mask and variants seen (each uploads the learned weights).
+    fma: Mutex<Vec<(Softmax, Arc<FmaAttention>)>>,
+    /// Dense attention's executors, likewise.
+    dense: Mutex<Vec<(Softmax, Arc<DenseAttention>)>>,
+}
+
+/// What an executor is specialised by besides the method: the problem's mask and variants.
+#[derive(Clone, Debug, PartialEq)]
+struct Softmax {
+    causal: bool,
+    variants: Variants,
+}
+
+impl Softmax {
+    fn of(p: &Problem) -> Self {
+        Self {
+            causal: p.causal,
+            variants: p.variants.clone(),
+        }
+    }
+
+    fn plain() -> Self {
+        Self {
+            causal: false,
+            variants: Variants::default(),
+        }
+    }
+}
+
+/// Executors kept per [`Attention`]: a model's layers use one or two (window and global
+/// layers), a sweep a few more; the oldest goes beyond this many.
+const KEPT: usize = 8;
+
+/// The executor kept for `key`, or a new one from `make`.
+fn kept<T>(
+    cell: &Mutex<Vec<(Softmax, Arc<T>)>>,
+    key: Softmax,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
+    // A poisoned lock only means another thread panicked while holding it; the list is
+    // still a valid list of executors.
+    let mut all = cell.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, e)) = all.iter().find(|(k, _)| *k == key) {
+        return Ok(e.clone());
+    }
+    let e = Arc::new(make()?);
+    if all.len() >= KEPT {
+        all.remove(0);
+    }
+    all.push((key, e.clone()));
+    Ok(e)
 }
 
 /// The tensors a training forward keeps for [`Attention::backward`], with the problem they
@@ -85,9 +133,9 @@ pub enum Plan {
 }
 
 /// One executor, whichever the method.
-enum Exec<'e> {
-    Fma(&'e FmaAttention),
-    Dense(&'e DenseAttention),
+enum Exec {
+    Fma(Arc<FmaAttention>),
+    Dense(Arc<DenseAttention>),
 }
 
 impl Attention {
@@ -105,11 +153,7 @@ impl Attention {
         };
         // The bidirectional executor now, so a bad configuration fails here (a grid or coarse
         // queries refuse only the causal one, at its first call).
-        if let Method::Fma(_) = attention.method {
-            attention.fma_exec(false)?;
-        } else {
-            attention.dense_exec(false)?;
-        }
+        attention.exec_for(Softmax::plain())?;
         Ok(attention)
     }
 
@@ -156,49 +200,46 @@ impl Attention {
     fn rebuild(mut self) -> Result<Self> {
         self.fma = Default::default();
         self.dense = Default::default();
-        match self.method {
-            Method::Fma(_) => self.fma_exec(false).map(drop)?,
-            Method::Dense => self.dense_exec(false).map(drop)?,
-        }
+        self.exec_for(Softmax::plain())?;
         Ok(self)
     }
 
-    fn fma_exec(&self, causal: bool) -> Result<&FmaAttention> {
-        let cell = &self.fma[causal as usize];
-        if let Some(e) = cell.get() {
-            return Ok(e);
+    /// The executor of `softmax` (made on first use).
+    fn exec_for(&self, softmax: Softmax) -> Result<Exec> {
+        match &self.method {
+            Method::Fma(cfg) => {
+                let make = || {
+                    let cfg = cfg
+                        .clone()
+                        .causal(softmax.causal)
+                        .variants(softmax.variants.clone());
+                    let e = FmaAttention::new(&self.ctx, cfg)?;
+                    Ok(match self.max_binding {
+                        Some(bytes) => e.max_binding(bytes),
+                        None => e,
+                    })
+                };
+                kept(&self.fma, softmax.clone(), make).map(Exec::Fma)
+            }
+            Method::Dense => {
+                let make = || {
+                    let mut e = DenseAttention::new(&self.ctx, softmax.causal)?
+                        .with_variants(softmax.variants.clone());
+                    if let Some(bytes) = self.max_binding {
+                        e = e.max_binding(bytes);
+                    }
+                    if let Some(keys) = self.keys_per_dispatch {
+                        e = e.keys_per_dispatch(keys);
+                    }
+                    Ok(e)
+                };
+                kept(&self.dense, softmax.clone(), make).map(Exec::Dense)
+            }
         }
-        let Method::Fma(cfg) = &self.method else {
-            return Err(not_this_method("FMA"));
-        };
-        let mut e = FmaAttention::new(&self.ctx, cfg.clone().causal(causal))?;
-        if let Some(bytes) = self.max_binding {
-            e = e.max_binding(bytes);
-        }
-        // Two threads may both make one; the first kept wins, the other is dropped.
-        Ok(cell.get_or_init(|| e))
     }
 
-    fn dense_exec(&self, causal: bool) -> Result<&DenseAttention> {
-        let cell = &self.dense[causal as usize];
-        if let Some(e) = cell.get() {
-            return Ok(e);
-        }
-        let mut e = DenseAttention::new(&self.ctx, causal)?;
-        if let Some(bytes) = self.max_binding {
-            e = e.max_binding(bytes);
-        }
-        if let Some(keys) = self.keys_per_dispatch {
-            e = e.keys_per_dispatch(keys);
-        }
-        Ok(cell.get_or_init(|| e))
-    }
-
-    fn exec(&self, p: &Problem) -> Result<Exec<'_>> {
-        Ok(match self.method {
-            Method::Fma(_) => Exec::Fma(self.fma_exec(p.causal)?),
-            Method::Dense => Exec::Dense(self.dense_exec(p.causal)?),
-        })
+    fn exec(&self, p: &Problem) -> Result<Exec> {
+        self.exec_for(Softmax::of(p))
     }
 
     /// The plan a forward of `p` executes (dispatches, buffer sizes), without running it.
@@ -438,13 +479,5 @@ fn encoder_varlen() -> FmaError {
         allowed: "host tensors or resident buffers for a variable-length batch; an encoder \
                   for a batch of whole sequences"
             .into(),
-    }
-}
-
-fn not_this_method(what: &str) -> FmaError {
-    FmaError::InvalidConfig {
-        what: "method",
-        value: format!("a call for {what} on another method"),
-        allowed: "the method the Attention was made with".into(),
     }
 }
