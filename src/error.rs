@@ -96,7 +96,7 @@ pub enum FmaError {
     #[error("GPU device lost: {0}")]
     DeviceLost(String),
     /// A backward pass was asked for without the forward it differentiates: no saved LSE, or
-    /// tensors saved by another [`crate::gpu::FmaAttention`] (another configuration).
+    /// tensors saved by another [`crate::gpu::Attention`] (another method or configuration).
     #[error("the backward needs the tensors saved by this FmaAttention's forward: {0}")]
     NoSavedForward(String),
     /// Reading results back from the GPU failed.

@@ -38,17 +38,7 @@ pub struct DenseSaved {
     tensors: SavedTensors,
 }
 
-impl DenseSaved {
-    /// The shape of the saved forward.
-    pub fn shape(&self) -> Shape {
-        self.shape
-    }
-
-    /// The sequences of a saved variable-length forward.
-    pub fn sequences(&self) -> Option<&Sequences> {
-        self.sequences.as_ref()
-    }
-}
+impl DenseSaved {}
 
 /// The parameter blocks of one backward shape: D's (with its level selector), one per query
 /// chunk of the dK/dV pass and one per key chunk of the dQ pass; a padded variable-length
@@ -192,19 +182,6 @@ impl DenseAttention {
         self.forward_train_in((q, k, v), shape, Some(seqs)).await
     }
 
-    /// Blocking [`DenseAttention::forward_train_varlen_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_train_varlen(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-        seqs: &Sequences,
-    ) -> Result<(Output, DenseSaved)> {
-        pollster::block_on(self.forward_train_varlen_async(q, k, v, shape, seqs))
-    }
-
     /// The training forward of a batch of equal sequences (`seqs = None`) or of a
     /// variable-length batch.
     async fn forward_train_in(
@@ -232,18 +209,6 @@ impl DenseAttention {
         }
         let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
         Ok((out, saved))
-    }
-
-    /// Blocking [`DenseAttention::forward_train_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_train(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-    ) -> Result<(Output, DenseSaved)> {
-        pollster::block_on(self.forward_train_async(q, k, v, shape))
     }
 
     /// Keeps the tensors of a forward the caller ran with [`DenseAttention::forward_buffers`]
@@ -326,12 +291,6 @@ impl DenseAttention {
             weights: None,
             dsinks: None,
         })
-    }
-
-    /// Blocking [`DenseAttention::backward_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn backward(&self, saved: &DenseSaved, dout: &[f32]) -> Result<Gradients<f32>> {
-        pollster::block_on(self.backward_async(saved, dout))
     }
 
     /// Backward of dO already on the GPU ((batch, heads, seq, head_dim) f32, `STORAGE`) into
@@ -428,17 +387,6 @@ impl DenseAttention {
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "the dense backward").await
-    }
-
-    /// Blocking [`DenseAttention::backward_buffers_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn backward_buffers(
-        &self,
-        saved: &DenseSaved,
-        dout: &wgpu::Buffer,
-        g: GradTensors<'_>,
-    ) -> Result<()> {
-        pollster::block_on(self.backward_buffers_async(saved, dout, g))
     }
 }
 

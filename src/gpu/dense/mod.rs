@@ -97,11 +97,6 @@ impl DenseAttention {
         self
     }
 
-    /// The softmax variants this instance runs.
-    pub fn variants(&self) -> &Variants {
-        &self.variants
-    }
-
     /// Uses at most `bytes` per storage binding, below the device's own limit, as
     /// [`crate::gpu::FmaAttention::max_binding`]. Call before the first forward.
     pub fn max_binding(mut self, bytes: u64) -> Self {
@@ -300,19 +295,6 @@ impl DenseAttention {
         .await
     }
 
-    /// Blocking [`DenseAttention::forward_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-        want_lse: bool,
-    ) -> Result<Output> {
-        pollster::block_on(self.forward_async(q, k, v, shape, want_lse))
-    }
-
     /// Dense attention of tensors already on the GPU; results stay there. Tensors over one
     /// storage binding are copied through bindings that fit, a head (or chunk) at a time: Q, K
     /// and V then need `COPY_SRC` usage and O and the LSE `COPY_DST`.
@@ -334,26 +316,6 @@ impl DenseAttention {
         self.encode_async(&mut enc, t, shape).await?;
         self.ctx.queue.submit([enc.finish()]);
         scopes.pop(&self.ctx, "the dense forward").await
-    }
-
-    /// Blocking [`DenseAttention::forward_buffers_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
-        pollster::block_on(self.forward_buffers_async(t, shape))
-    }
-
-    /// Records dense attention of tensors already on the GPU into the caller's encoder without
-    /// submitting (see [`crate::gpu::FmaAttention::encode`]: same checks first, validation
-    /// errors of the recorded commands surface at the caller's submit). Native only (blocks on
-    /// pipeline creation the first time); on the web use [`DenseAttention::encode_async`].
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn encode(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        t: GpuTensors<'_>,
-        shape: Shape,
-    ) -> Result<()> {
-        pollster::block_on(self.encode_async(enc, t, shape))
     }
 
     /// [`DenseAttention::encode`], async (works on the web too).

@@ -136,20 +136,6 @@ impl DenseAttention {
         .await
     }
 
-    /// Blocking [`DenseAttention::forward_varlen_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_varlen(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-        seqs: &Sequences,
-        want_lse: bool,
-    ) -> Result<Output> {
-        pollster::block_on(self.forward_varlen_async(q, k, v, shape, seqs, want_lse))
-    }
-
     /// [`DenseAttention::forward_varlen_async`] of tensors already on the GPU.
     pub async fn forward_varlen_buffers_async(
         &self,
@@ -180,16 +166,5 @@ impl DenseAttention {
         scopes
             .pop(&self.ctx, "the dense forward of a variable-length batch")
             .await
-    }
-
-    /// Blocking [`DenseAttention::forward_varlen_buffers_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_varlen_buffers(
-        &self,
-        t: GpuTensors<'_>,
-        shape: Shape,
-        seqs: &Sequences,
-    ) -> Result<()> {
-        pollster::block_on(self.forward_varlen_buffers_async(t, shape, seqs))
     }
 }

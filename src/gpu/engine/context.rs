@@ -232,7 +232,7 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
 /// The optional features the library asks for, only those `adapter` offers (none is required):
 /// GPU timestamps ([`wgpu::Features::TIMESTAMP_QUERY`], and
 /// [`wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS`] so a caller can time work recorded with
-/// [`crate::gpu::FmaAttention::encode`] between `CommandEncoder::write_timestamp` calls), and
+/// [`crate::gpu::Attention::forward`] with [`crate::gpu::Encode`] between `CommandEncoder::write_timestamp` calls), and
 /// [`wgpu::Features::SUBGROUP`], with which the attention passes share their staged key tiles
 /// through subgroup shuffles (2-3x faster on lavapipe, docs/perf.md). Not subgroups with
 /// `options.browser_limits`: browsers' WebGPU does not expose them to wgpu.

@@ -289,7 +289,7 @@ pub struct Output {
 /// Gradient buffers of the learned weights, every level the sequence uses concatenated in
 /// level order (the layout of the forward's weight buffers): `wk`, `wv` (and `wq`) hold each
 /// level's (head_dim, p, w_l) gradient (2D grid: (head_dim, p, s_l, s_l)), `bk`, `bv` (and
-/// `bq`) each level's (head_dim, p); f32, `STORAGE` usage. [`crate::gpu::FmaAttention::backward_plan`]
+/// `bq`) each level's (head_dim, p); f32, `STORAGE` usage. [`crate::gpu::Attention::backward_plan`]
 /// gives the element counts (`weight_elements`, `bias_elements`).
 #[derive(Clone, Copy, Debug)]
 pub struct WeightGradTensors<'a> {

@@ -47,16 +47,6 @@ pub struct Saved {
 }
 
 impl Saved {
-    /// The shape of the saved forward (as the caller gave it).
-    pub fn shape(&self) -> Shape {
-        self.chunk.unwrap_or(self.shape)
-    }
-
-    /// The sequences of a saved variable-length forward.
-    pub fn sequences(&self) -> Option<&Sequences> {
-        self.sequences.as_ref()
-    }
-
     /// The same tensors as a variable-length batch's.
     pub(super) fn with_sequences(mut self, seqs: Sequences) -> Self {
         self.sequences = Some(seqs);
@@ -243,18 +233,6 @@ impl FmaAttention {
         Ok((out, saved))
     }
 
-    /// Blocking [`FmaAttention::forward_train_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_train(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-    ) -> Result<(Output, Saved)> {
-        pollster::block_on(self.forward_train_async(q, k, v, shape))
-    }
-
     /// Keeps the tensors of a forward the caller ran with [`FmaAttention::forward_buffers`] on
     /// this instance, for [`FmaAttention::backward_buffers`]. `t.lse` must be the buffer that
     /// forward wrote the LSE into; without it there is nothing to differentiate from
@@ -416,12 +394,6 @@ impl FmaAttention {
         })
     }
 
-    /// Blocking [`FmaAttention::backward_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn backward(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
-        pollster::block_on(self.backward_async(saved, dout))
-    }
-
     /// Backward of dO already on the GPU ((batch, heads, seq, head_dim) f32, `STORAGE`) into
     /// the caller's gradient buffers; records and submits one command buffer and returns
     /// without waiting for the GPU.
@@ -543,17 +515,6 @@ impl FmaAttention {
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "the FMA backward").await
-    }
-
-    /// Blocking [`FmaAttention::backward_buffers_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn backward_buffers(
-        &self,
-        saved: &Saved,
-        dout: &wgpu::Buffer,
-        g: GradTensors<'_>,
-    ) -> Result<()> {
-        pollster::block_on(self.backward_buffers_async(saved, dout, g))
     }
 
     /// The uniforms of a backward of `plan` recording `steps` (with or without the weight

@@ -125,19 +125,6 @@ impl FmaAttention {
         .await
     }
 
-    /// Blocking [`FmaAttention::forward_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-        want_lse: bool,
-    ) -> Result<Output> {
-        pollster::block_on(self.forward_async(q, k, v, shape, want_lse))
-    }
-
     /// FMA of tensors already on the GPU; O (and the LSE, when `t.lse` is given) stay there.
     /// Records and submits one command buffer and returns without waiting for the GPU.
     ///
@@ -163,32 +150,6 @@ impl FmaAttention {
         self.record_with_lse(&mut enc, &plan, &pipes, t)?;
         self.ctx.queue.submit([enc.finish()]);
         scopes.pop(&self.ctx, "the FMA forward").await
-    }
-
-    /// Blocking [`FmaAttention::forward_buffers_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
-        pollster::block_on(self.forward_buffers_async(t, shape))
-    }
-
-    /// Records the whole forward of tensors already on the GPU into the caller's encoder,
-    /// without submitting: for callers that embed FMA in their own command stream (and for
-    /// GPU timestamps around it). The checks of [`FmaAttention::forward_buffers`] (buffer
-    /// usages and sizes, shape, configuration, limits) run first and return typed errors;
-    /// a validation error of the recorded commands themselves surfaces at the caller's
-    /// `encoder.finish()` or `queue.submit`, not here. O (and the LSE, when `t.lse` is given)
-    /// are written when the caller's submit runs. Tensors must fit one storage binding each
-    /// ([`crate::FmaError::LimitExceeded`] otherwise): the split paths of `forward_buffers`
-    /// submit head by head. Blocking on pipeline creation the first time
-    /// a shape is seen (native only; on the web use [`FmaAttention::encode_async`]).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn encode(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        t: GpuTensors<'_>,
-        shape: Shape,
-    ) -> Result<()> {
-        pollster::block_on(self.encode_async(enc, t, shape))
     }
 
     /// [`FmaAttention::encode`], async (works on the web too).

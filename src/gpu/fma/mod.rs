@@ -104,11 +104,6 @@ impl FmaAttention {
         self
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &FmaConfig {
-        &self.cfg
-    }
-
     /// The plan a call with `shape` would execute (dispatches per level, buffer sizes).
     pub fn plan(&self, shape: Shape) -> Result<FmaPlan> {
         FmaPlan::new(shape, &self.cfg, &self.limits)

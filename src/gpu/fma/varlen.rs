@@ -175,20 +175,6 @@ impl FmaAttention {
         .await
     }
 
-    /// Blocking [`FmaAttention::forward_varlen_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_varlen(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-        seqs: &Sequences,
-        want_lse: bool,
-    ) -> Result<Output> {
-        pollster::block_on(self.forward_varlen_async(q, k, v, shape, seqs, want_lse))
-    }
-
     /// [`FmaAttention::forward_varlen_async`] of tensors already on the GPU: O (and the LSE,
     /// when `t.lse` is given) stay there. Records and submits one command buffer.
     pub async fn forward_varlen_buffers_async(
@@ -214,17 +200,6 @@ impl FmaAttention {
         scopes
             .pop(&self.ctx, "the FMA forward of a variable-length batch")
             .await
-    }
-
-    /// Blocking [`FmaAttention::forward_varlen_buffers_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_varlen_buffers(
-        &self,
-        t: GpuTensors<'_>,
-        shape: Shape,
-        seqs: &Sequences,
-    ) -> Result<()> {
-        pollster::block_on(self.forward_varlen_buffers_async(t, shape, seqs))
     }
 }
 

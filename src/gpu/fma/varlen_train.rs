@@ -46,19 +46,6 @@ impl FmaAttention {
         self.forward_train_in((q, k, v), shape, Some(seqs)).await
     }
 
-    /// Blocking [`FmaAttention::forward_train_varlen_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn forward_train_varlen(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: Shape,
-        seqs: &Sequences,
-    ) -> Result<(Output, Saved)> {
-        pollster::block_on(self.forward_train_varlen_async(q, k, v, shape, seqs))
-    }
-
     /// [`FmaAttention::saved_from_buffers`] of a forward the caller ran with
     /// [`FmaAttention::forward_varlen_buffers`] on the variable-length batch `seqs`.
     pub fn saved_from_buffers_varlen(
