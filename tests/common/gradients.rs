@@ -2,10 +2,11 @@
 //! buffers with the gradients read back (the weights' split per level, as the host API does),
 //! and the comparison of one gradient with the f64 reference at the backward tolerance.
 
-use multipole_attn::gpu::{FmaAttention, GpuContext, GradTensors, Saved, WeightGradTensors};
-use multipole_attn::plan::BackwardPlan;
+use multipole_attn::gpu::{
+    Attention, GpuContext, GradTensors, Plan, ResidentGrad, Saved, WeightGradTensors,
+};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, Gradients, Shape};
+use multipole_attn::{Downsample, Gradients, Method, Shape};
 use wgpu::util::DeviceExt;
 
 use super::{closeness, read_buffer};
@@ -48,17 +49,19 @@ pub fn nan(ctx: &GpuContext, label: &str, len: usize) -> wgpu::Buffer {
     buffer(ctx, label, &vec![f32::NAN; len.max(4)])
 }
 
-/// The backward of `saved` (planned as `plan`) with dO = `dout`, every gradient buffer
-/// poisoned with NaN; dQ, dK, dV read back and, in Learned mode, the weights' gradients split
-/// per level: (d, p, w_l), or (d, p, s_l, s_l) on a 2D grid.
+/// The FMA backward of `saved` with dO = `dout` through resident buffers, every gradient
+/// buffer poisoned with NaN; dQ, dK, dV read back and, in Learned mode, the weights' gradients
+/// split per level: (d, p, w_l), or (d, p, s_l, s_l) on a 2D grid.
 pub fn backward_poisoned(
     ctx: &GpuContext,
-    fma: &FmaAttention,
+    fma: &Attention,
     saved: &Saved,
-    plan: &BackwardPlan,
     dout: &[f32],
 ) -> Gradients<f32> {
-    let shape = saved.shape();
+    let shape = saved.problem().shape;
+    let Ok(Plan::FmaBackward(plan)) = fma.backward_plan(saved.problem()) else {
+        panic!("not an FMA backward");
+    };
     let dout = buffer(ctx, "dout", dout);
     let (len, kv_len) = (shape.elements(), shape.kv_elements());
     let (dq, dk, dv) = (
@@ -66,7 +69,10 @@ pub fn backward_poisoned(
         nan(ctx, "dk", kv_len),
         nan(ctx, "dv", kv_len),
     );
-    let learned = matches!(fma.config().downsample, Downsample::Learned(_));
+    let learned = matches!(
+        fma.method(),
+        Method::Fma(cfg) if matches!(cfg.downsample, Downsample::Learned(_))
+    );
     let wbufs = learned.then(|| {
         [
             nan(ctx, "dwk", plan.weight_elements),
@@ -95,7 +101,11 @@ pub fn backward_poisoned(
             queries: qbufs.as_ref().map(|[wq, bq]| (wq, bq)),
         }),
     };
-    fma.backward_buffers(saved, &dout, g).expect("backward");
+    let io = ResidentGrad {
+        dout: &dout,
+        grads: g,
+    };
+    fma.backward(saved, io).expect("backward");
     let read = |b: &wgpu::Buffer, len: usize| read_buffer(ctx, b)[..len].to_vec();
     let weights = wbufs.as_ref().map(|[wk, wv, bk, bv]| {
         let (wk, wv) = (
