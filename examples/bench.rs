@@ -16,10 +16,10 @@ use std::time::Instant;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::cpu::{dense_attention_rows, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, Encode, GpuContext, GpuTensors};
 use multipole_attn::levels::{far_list, near_blocks, sub_window, Levels};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Queries, Shape};
+use multipole_attn::{FmaConfig, FmaError, Problem, Queries, Shape};
 use plotters::prelude::*;
 use wgpu::util::DeviceExt;
 
@@ -455,26 +455,27 @@ fn run(a: &Args) -> Result<(), BoxError> {
     );
     let mut rows: Vec<Row> = Vec::new();
     for &(d, m, p, causal) in &configs {
-        let fma = FmaAttention::new(&ctx, FmaConfig::new(m, p).causal(causal))?;
+        let fma = Attention::fma(&ctx, FmaConfig::new(m, p))?;
         // Coarse queries are bidirectional only (algorithm.md §6).
         let coarse = if causal {
             None
         } else {
-            Some(FmaAttention::new(
+            Some(Attention::fma(
                 &ctx,
                 FmaConfig::new(m, p).queries(Queries::Coarse),
             )?)
         };
-        let dense = DenseAttention::new(&ctx, causal)?;
+        let dense = Attention::dense(&ctx)?;
         let mut last_dense: Option<(usize, f64)> = None;
         for &n in &ns {
             bar.set_message(format!("d={d} m={m} p={p} causal={causal} n={n}"));
             let shape = Shape::new(1, a.heads, n, d);
+            let problem = Problem::new(shape).causal(causal);
             let t = Tensors::new(&ctx, shape, n as u64);
             let qkvo = 4 * shape.elements() as u64 * 4;
-            let plan = fma.plan(shape)?;
+            let plan = fma_plan(&fma, &problem)?;
             let secs = time(&ctx, &clock, a.reps, |enc| {
-                Ok(fma.encode(enc, t.gpu(), shape)?)
+                Ok(fma.forward(&problem, Encode(enc, t.gpu()))?)
             })?;
             let o = read(&ctx, &t.out);
             let flops =
@@ -495,9 +496,9 @@ fn run(a: &Args) -> Result<(), BoxError> {
             });
 
             if let Some(coarse) = &coarse {
-                let plan = coarse.plan(shape)?;
+                let plan = fma_plan(coarse, &problem)?;
                 let secs = time(&ctx, &clock, a.reps, |enc| {
-                    Ok(coarse.encode(enc, t.gpu(), shape)?)
+                    Ok(coarse.forward(&problem, Encode(enc, t.gpu()))?)
                 })?;
                 let o = read(&ctx, &t.out);
                 let flops = 4.0 * d as f64 * coarse_query_keys(&plan.levels) * a.heads as f64;
@@ -540,7 +541,7 @@ fn run(a: &Args) -> Result<(), BoxError> {
                 }),
                 _ => {
                     let secs = time(&ctx, &clock, a.reps, |enc| {
-                        Ok(dense.encode(enc, t.gpu(), shape)?)
+                        Ok(dense.forward(&problem, Encode(enc, t.gpu()))?)
                     })?;
                     let o = read(&ctx, &t.out);
                     last_dense = Some((n, secs));
@@ -757,4 +758,14 @@ fn plot(
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// FMA's forward plan of `problem`.
+fn fma_plan(fma: &Attention, problem: &Problem) -> Result<multipole_attn::plan::FmaPlan, FmaError> {
+    let plan = fma.plan(problem)?;
+    plan.fma().cloned().ok_or_else(|| FmaError::InvalidConfig {
+        what: "method",
+        value: "dense".into(),
+        allowed: "FMA".into(),
+    })
 }

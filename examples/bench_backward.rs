@@ -1,6 +1,6 @@
-//! Backward timing: `FmaAttention::backward_buffers` on tensors resident on the GPU, median
+//! Backward timing: FMA's backward (`Attention::backward`) on tensors resident on the GPU, median
 //! wall clock of `--reps` runs after a warm-up, against the forward of the same shape; and the
-//! baseline, exact attention's `DenseAttention::backward_buffers` against its forward (a
+//! baseline, exact attention's backward (`Method::Dense`) against its forward (a
 //! `dense` row per n and mask, first), with each FMA backward's time over the dense
 //! backward's of the same mask (`b / dense b`).
 //!
@@ -15,10 +15,10 @@ use std::time::Instant;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::gpu::{
-    ContextOptions, DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors,
+    Attention, ContextOptions, GpuContext, GpuTensors, GradTensors, Resident, ResidentGrad,
 };
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Queries, Shape};
+use multipole_attn::{FmaConfig, Problem, Queries, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -131,16 +131,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dv: &dv,
             weights: None,
         };
+        let io = ResidentGrad {
+            dout: &dout,
+            grads: g,
+        };
         // The dense baseline of each mask: its backward's time, for the FMA rows' last column.
         let mut dense_backward = Vec::new();
         for &causal in a.causal.iter().filter(|_| !a.no_dense) {
             bar.set_message(format!("n={n} dense causal={causal}"));
-            let dense = DenseAttention::new(&ctx, causal)?;
-            let forward = median_ms(&ctx, a.reps, || dense.forward_buffers(t, shape).unwrap());
-            let saved = dense.saved_from_buffers(t, shape)?;
-            let backward = median_ms(&ctx, a.reps, || {
-                dense.backward_buffers(&saved, &dout, g).unwrap()
+            let problem = Problem::new(shape).causal(causal);
+            let dense = Attention::dense(&ctx)?;
+            let forward = median_ms(&ctx, a.reps, || {
+                dense.forward(&problem, Resident(t)).unwrap()
             });
+            let (_, saved) = dense.train(&problem, Resident(t))?;
+            let backward = median_ms(&ctx, a.reps, || dense.backward(&saved, io).unwrap());
             dense_backward.push((causal, backward));
             bar.suspend(|| {
                 println!(
@@ -158,15 +163,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 QueryMode::Fine => Queries::Fine,
                 QueryMode::Coarse => Queries::Coarse,
             };
-            let config = FmaConfig::new(a.block, a.rank)
-                .causal(causal)
-                .queries(queries);
-            let fma = FmaAttention::new(&ctx, config)?;
-            let forward = median_ms(&ctx, a.reps, || fma.forward_buffers(t, shape).unwrap());
-            let saved = fma.saved_from_buffers(t, shape)?;
-            let backward = median_ms(&ctx, a.reps, || {
-                fma.backward_buffers(&saved, &dout, g).unwrap()
-            });
+            let problem = Problem::new(shape).causal(causal);
+            let fma = Attention::fma(&ctx, FmaConfig::new(a.block, a.rank).queries(queries))?;
+            let forward = median_ms(&ctx, a.reps, || fma.forward(&problem, Resident(t)).unwrap());
+            let (_, saved) = fma.train(&problem, Resident(t))?;
+            let backward = median_ms(&ctx, a.reps, || fma.backward(&saved, io).unwrap());
             let vs_dense = dense_backward
                 .iter()
                 .find(|d| d.0 == causal)

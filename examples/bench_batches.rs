@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, GradTensors, Resident, ResidentGrad};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Sequences, Shape};
+use multipole_attn::{FmaConfig, Problem, Sequences, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -112,16 +112,17 @@ fn mixed_lengths(ctx: &GpuContext, a: &Args) -> Result<(), Box<dyn std::error::E
                 out: &o,
                 lse: Some(&lse),
             };
-            let fma = FmaAttention::new(ctx, FmaConfig::new(a.block, a.rank))?;
-            let dense = DenseAttention::new(ctx, false)?;
+            let attention = if method == "FMA" {
+                Attention::fma(ctx, FmaConfig::new(a.block, a.rank))?
+            } else {
+                Attention::dense(ctx)?
+            };
+            let problem = Problem {
+                sequences: seqs.cloned(),
+                ..Problem::new(shape)
+            };
             let ms = median_ms(ctx, a.reps, || {
-                match (method, seqs) {
-                    ("FMA", Some(s)) => fma.forward_varlen_buffers(t, shape, s),
-                    ("FMA", None) => fma.forward_buffers(t, shape),
-                    (_, Some(s)) => dense.forward_varlen_buffers(t, shape, s),
-                    (_, None) => dense.forward_buffers(t, shape),
-                }
-                .unwrap()
+                attention.forward(&problem, Resident(t)).unwrap()
             });
             let mib = (2 * len + 2 * kv_len + shape.rows()) as f64 * 4.0 / (1 << 20) as f64;
             let b = *base.get_or_insert(ms);
@@ -181,7 +182,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 buffer(4, len),
             );
             let lse = buffer(5, shape.rows());
-            let fma = FmaAttention::new(&ctx, FmaConfig::new(a.block, a.rank))?;
+            let fma = Attention::fma(&ctx, FmaConfig::new(a.block, a.rank))?;
+            let problem = Problem::new(shape);
             let t = GpuTensors {
                 q: &q,
                 k: &k,
@@ -189,9 +191,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 out: &o,
                 lse: Some(&lse),
             };
-            let forward = median_ms(&ctx, a.reps, || fma.forward_buffers(t, shape).unwrap());
+            let forward = median_ms(&ctx, a.reps, || fma.forward(&problem, Resident(t)).unwrap());
             let backward = if a.backward {
-                let saved = fma.saved_from_buffers(t, shape)?;
+                let (_, saved) = fma.train(&problem, Resident(t))?;
                 let (dout, dq) = (buffer(6, len), buffer(7, len));
                 let (dk, dv) = (buffer(8, kv_len), buffer(9, kv_len));
                 let g = GradTensors {
@@ -200,16 +202,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     dv: &dv,
                     weights: None,
                 };
-                median_ms(&ctx, a.reps, || {
-                    fma.backward_buffers(&saved, &dout, g).unwrap()
-                })
+                let io = ResidentGrad {
+                    dout: &dout,
+                    grads: g,
+                };
+                median_ms(&ctx, a.reps, || fma.backward(&saved, io).unwrap())
             } else {
                 f64::NAN
             };
             // Q, O, the LSE, K, V and the forward's workspace (coarse K~, V~ per K/V head).
-            let plan = fma.plan(shape)?;
-            let bytes =
-                (2 * len + 2 * kv_len + shape.rows()) as u64 * 4 + plan.workspace.device_bytes();
+            let workspace = fma
+                .plan(&problem)?
+                .fma()
+                .map_or(0, |p| p.workspace.device_bytes());
+            let bytes = (2 * len + 2 * kv_len + shape.rows()) as u64 * 4 + workspace;
             let mib = bytes as f64 / (1 << 20) as f64;
             let (bf, bb, bm) = *base.get_or_insert((forward, backward, mib));
             bar.suspend(|| {

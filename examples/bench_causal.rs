@@ -8,9 +8,9 @@
 use std::time::Instant;
 
 use clap::Parser;
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, Encode, GpuContext, GpuTensors};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Problem, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -27,12 +27,6 @@ struct Args {
 }
 
 type BoxError = Box<dyn std::error::Error>;
-
-/// The kernel under test, for one mask.
-enum Kernel {
-    Dense(Box<DenseAttention>),
-    Fma(Box<FmaAttention>),
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -70,36 +64,28 @@ fn main() -> Result<(), BoxError> {
             out: &out,
             lse: None,
         };
-        let once = |kernel: &Kernel| -> Result<f64, BoxError> {
+        let once = |kernel: &Attention, causal: bool| -> Result<f64, BoxError> {
+            let problem = Problem::new(shape).causal(causal);
             let start = Instant::now();
             let mut enc = ctx.device.create_command_encoder(&Default::default());
-            match kernel {
-                Kernel::Dense(d) => d.encode(&mut enc, t, shape)?,
-                Kernel::Fma(f) => f.encode(&mut enc, t, shape)?,
-            }
+            kernel.forward(&problem, Encode(&mut enc, t))?;
             ctx.queue.submit([enc.finish()]);
             ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
             Ok(start.elapsed().as_secs_f64() * 1e3)
         };
         for name in ["FMA fine", "dense"] {
-            let make = |causal: bool| -> Result<Kernel, BoxError> {
-                Ok(if name == "dense" {
-                    Kernel::Dense(Box::new(DenseAttention::new(&ctx, causal)?))
-                } else {
-                    Kernel::Fma(Box::new(FmaAttention::new(
-                        &ctx,
-                        FmaConfig::new(64, 2).causal(causal),
-                    )?))
-                })
+            let kernel = if name == "dense" {
+                Attention::dense(&ctx)?
+            } else {
+                Attention::fma(&ctx, FmaConfig::new(64, 2))?
             };
-            let kernels = [make(false)?, make(true)?];
-            for k in &kernels {
-                once(k)?; // warm-up
+            for causal in [false, true] {
+                once(&kernel, causal)?; // warm-up
             }
             let mut times = [Vec::new(), Vec::new()];
             for rep in 0..a.reps {
                 for i in [rep % 2, 1 - rep % 2] {
-                    times[i].push(once(&kernels[i])?);
+                    times[i].push(once(&kernel, i == 1)?);
                 }
             }
             let [b, c] = times.map(median);

@@ -24,9 +24,9 @@ use std::time::Instant;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::geometry::{Geometry, GridGeometry};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Grid, Queries, Shape};
+use multipole_attn::{FmaConfig, Grid, Problem, Queries, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -161,7 +161,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          median of {} (FMA) / {} (dense) after a warm-up",
         ctx.info.name, ctx.info.backend, a.reps, a.dense_reps
     );
-    let dense = DenseAttention::new(&ctx, false)?;
+    let dense = Attention::dense(&ctx)?;
     let bar = ProgressBar::new(a.sides.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed}]")
@@ -173,6 +173,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &side in &a.sides {
         let n = side * side;
         let shape = Shape::new(1, 1, n, d);
+        let problem = Problem::new(shape);
         let grid = Grid::new(side, side);
         let res = Resident::new(&ctx, shape);
         let (fine_pairs, coarse_pairs) = pairs(&GridGeometry::new(grid, r, p));
@@ -182,15 +183,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             bar.set_message(format!("{side}x{side} FMA {queries:?}"));
             let cfg = FmaConfig::new(r, p).grid(Some(grid)).queries(queries);
-            let fma = FmaAttention::new(&ctx, cfg)?;
-            median_s(&ctx, a.reps, || fma.forward_buffers(res.tensors(), shape)).map(Some)
+            let fma = Attention::fma(&ctx, cfg)?;
+            median_s(&ctx, a.reps, || {
+                fma.forward(&problem, multipole_attn::gpu::Resident(res.tensors()))
+            })
+            .map(Some)
         };
         let fine = fma_time(Queries::Fine)?;
         let coarse = fma_time(Queries::Coarse)?;
         let dense_t = if side <= a.dense_max_side {
             bar.set_message(format!("{side}x{side} dense"));
             Some(median_s(&ctx, a.dense_reps, || {
-                dense.forward_buffers(res.tensors(), shape)
+                dense.forward(&problem, multipole_attn::gpu::Resident(res.tensors()))
             })?)
         } else {
             None

@@ -13,9 +13,9 @@
 use std::time::Instant;
 
 use clap::Parser;
-use multipole_attn::gpu::{DenseAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Resident};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::Shape;
+use multipole_attn::{Problem, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -88,18 +88,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out: &out,
         lse: Some(&lse),
     };
-    let default = DenseAttention::new(&ctx, a.causal)?;
-    let chunks = default.plan(shape)?;
+    let problem = Problem::new(shape).causal(a.causal);
+    let default = Attention::dense(&ctx)?;
+    let Some(chunks) = default.plan(&problem)?.dense().cloned() else {
+        return Err("dense attention planned as another method".into());
+    };
     let per = chunks.keys_per_dispatch();
     let cases = [
         (
             "one dispatch".to_string(),
-            DenseAttention::new(&ctx, a.causal)?.keys_per_dispatch(usize::MAX),
+            Attention::dense(&ctx)?.keys_per_dispatch(usize::MAX)?,
         ),
         (format!("default ({per} keys per dispatch)"), default),
         (
             format!("{} keys per dispatch", a.small),
-            DenseAttention::new(&ctx, a.causal)?.keys_per_dispatch(a.small),
+            Attention::dense(&ctx)?.keys_per_dispatch(a.small)?,
         ),
     ];
     println!(
@@ -113,10 +116,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         chunks.key_chunks(per).len(),
         chunks.key_chunks(a.small).len()
     );
-    let run = |dense: &DenseAttention| -> Result<f64, Box<dyn std::error::Error>> {
+    let run = |dense: &Attention| -> Result<f64, Box<dyn std::error::Error>> {
         let start = Instant::now();
-        dense.forward_buffers(t, shape)?;
-        // forward_buffers submits without waiting: wait here, or the next run pays for it.
+        dense.forward(&problem, Resident(t))?;
+        // A resident forward submits without waiting: wait here, or the next run pays for it.
         ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };

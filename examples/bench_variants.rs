@@ -12,11 +12,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use multipole_attn::gpu::{
-    negotiate_features, negotiate_limits, ContextOptions, DenseAttention, FmaAttention, GpuContext,
-    GpuTensors,
+    negotiate_features, negotiate_limits, Attention, ContextOptions, Encode, GpuContext, GpuTensors,
 };
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Problem, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -43,18 +42,20 @@ type BoxError = Box<dyn std::error::Error>;
 /// One device, its kernels, and resident Q, K, V, O for one shape.
 struct Variant {
     ctx: GpuContext,
-    fma: FmaAttention,
-    dense: DenseAttention,
+    causal: bool,
+    fma: Attention,
+    dense: Attention,
     qkvo: [wgpu::Buffer; 4],
 }
 
 impl Variant {
     fn new(ctx: GpuContext, causal: bool) -> Result<Self, BoxError> {
-        let fma = FmaAttention::new(&ctx, FmaConfig::new(64, 2).causal(causal))?;
-        let dense = DenseAttention::new(&ctx, causal)?;
+        let fma = Attention::fma(&ctx, FmaConfig::new(64, 2))?;
+        let dense = Attention::dense(&ctx)?;
         let qkvo = [0, 1, 2, 3].map(|_| empty(&ctx, 4));
         Ok(Self {
             ctx,
+            causal,
             fma,
             dense,
             qkvo,
@@ -83,13 +84,11 @@ impl Variant {
             out,
             lse: None,
         };
+        let problem = Problem::new(shape).causal(self.causal);
         let start = Instant::now();
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        if dense {
-            self.dense.encode(&mut enc, t, shape)?;
-        } else {
-            self.fma.encode(&mut enc, t, shape)?;
-        }
+        let kernel = if dense { &self.dense } else { &self.fma };
+        kernel.forward(&problem, Encode(&mut enc, t))?;
         self.ctx.queue.submit([enc.finish()]);
         self.ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
         Ok(start.elapsed().as_secs_f64() * 1e3)

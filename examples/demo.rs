@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use multipole_attn::cpu::{dense_attention_rows, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, Output};
+use multipole_attn::gpu::{Attention, GpuContext, Host, Output, Plan};
 use multipole_attn::random::{normal_tensor, smooth_tensor};
-use multipole_attn::{FmaConfig, Queries, Result, Shape};
+use multipole_attn::{FmaConfig, Problem, Queries, Result, Shape};
 
 #[derive(Parser)]
 struct Args {
@@ -69,6 +69,11 @@ struct Input {
     v: Vec<f32>,
 }
 
+/// Q, K, V of `x` as host inputs; O only.
+fn host(x: &Input) -> Host<'_> {
+    Host::new(&x.q, &x.k, &x.v).without_lse()
+}
+
 /// Max abs error and relative Frobenius error of `o` on `rows` against f64 dense attention.
 fn error(x: &Input, shape: Shape, causal: bool, o: &[f32], rows: &[usize]) -> Result<(f64, f64)> {
     let d = shape.head_dim;
@@ -111,27 +116,29 @@ fn run(a: Args) -> Result<()> {
         ctx.info.driver_info
     );
     let shape = Shape::new(1, a.heads, a.n, a.head_dim);
-    let cfg = FmaConfig::new(a.block, a.rank).causal(a.causal);
+    let problem = Problem::new(shape).causal(a.causal);
+    let cfg = FmaConfig::new(a.block, a.rank);
     println!(
         "input:    {shape}, seed 2310, causal {}, m {}, p {}",
         a.causal, a.block, a.rank
     );
-    let fma = FmaAttention::new(&ctx, cfg.clone())?;
+    let fma = Attention::fma(&ctx, cfg.clone())?;
     // Coarse queries are bidirectional only: asking for them with --causal is a typed error.
     let coarse = (!a.causal)
-        .then(|| FmaAttention::new(&ctx, cfg.queries(Queries::Coarse)))
+        .then(|| Attention::fma(&ctx, cfg.queries(Queries::Coarse)))
         .transpose()?;
-    let dense = DenseAttention::new(&ctx, a.causal)?;
-    let plan = fma.plan(shape)?;
-    println!(
-        "plan:     {} coarse levels, {} dispatches in one submit (fine queries)",
-        plan.levels.count(),
-        plan.steps().len()
-    );
-    if let Some(c) = &coarse {
+    let dense = Attention::dense(&ctx)?;
+    if let Plan::Fma(plan) = fma.plan(&problem)? {
+        println!(
+            "plan:     {} coarse levels, {} dispatches in one submit (fine queries)",
+            plan.levels.count(),
+            plan.steps().len()
+        );
+    }
+    if let Some(Plan::Fma(plan)) = coarse.as_ref().map(|c| c.plan(&problem)).transpose()? {
         println!(
             "          {} dispatches in one submit (coarse queries)",
-            c.plan(shape)?.steps().len()
+            plan.steps().len()
         );
     }
 
@@ -158,28 +165,23 @@ fn run(a: Args) -> Result<()> {
         },
     ];
     // Warm-up on a short sequence compiles the same pipelines (they depend on d, m, limits).
-    let small = Shape::new(1, 1, a.block.max(64) * 4, d);
-    let z = normal_tensor(1, small.elements());
-    fma.forward(&z, &z, &z, small, false)?;
+    let small = Problem::new(Shape::new(1, 1, a.block.max(64) * 4, d)).causal(a.causal);
+    let z = normal_tensor(1, small.shape.elements());
+    let zs = Host::new(&z, &z, &z).without_lse();
+    fma.forward(&small, zs)?;
     if let Some(c) = &coarse {
-        c.forward(&z, &z, &z, small, false)?;
+        c.forward(&small, zs)?;
     }
-    dense.forward(&z, &z, &z, small, false)?;
+    dense.forward(&small, zs)?;
 
     let step = (shape.rows() / a.sample_rows.max(1)).max(1);
     let rows: Vec<usize> = (0..shape.rows()).step_by(step).collect();
-    let (t_fma, o_fma) = time(a.reps, || {
-        fma.forward(&inputs[0].q, &inputs[0].k, &inputs[0].v, shape, false)
-    })?;
+    let (t_fma, o_fma) = time(a.reps, || fma.forward(&problem, host(&inputs[0])))?;
     let timed_coarse = match &coarse {
-        Some(c) => Some(time(a.reps, || {
-            c.forward(&inputs[0].q, &inputs[0].k, &inputs[0].v, shape, false)
-        })?),
+        Some(c) => Some(time(a.reps, || c.forward(&problem, host(&inputs[0])))?),
         None => None,
     };
-    let (t_dense, o_dense) = time(a.dense_reps, || {
-        dense.forward(&inputs[0].q, &inputs[0].k, &inputs[0].v, shape, false)
-    })?;
+    let (t_dense, o_dense) = time(a.dense_reps, || dense.forward(&problem, host(&inputs[0])))?;
     println!(
         "FMA:      {:9.1} ms  (fine queries, median of {}, wall clock incl. upload and readback)",
         t_fma * 1e3,
@@ -211,7 +213,7 @@ fn run(a: Args) -> Result<()> {
         let o = if i == 0 {
             o_fma.o.clone()
         } else {
-            fma.forward(&x.q, &x.k, &x.v, shape, false)?.o
+            fma.forward(&problem, host(x))?.o
         };
         let (max_abs, rel) = error(x, shape, a.causal, &o, &rows)?;
         let name = format!("{}:", x.name);
@@ -220,7 +222,7 @@ fn run(a: Args) -> Result<()> {
             let o = if i == 0 {
                 o_c.o.clone()
             } else {
-                c.forward(&x.q, &x.k, &x.v, shape, false)?.o
+                c.forward(&problem, host(x))?.o
             };
             let (max_abs, rel) = error(x, shape, a.causal, &o, &rows)?;
             println!("FMA error vs exact attention, coarse queries, {name:<15} max abs {max_abs:.2e}, relative {rel:.2e}  ({} rows)", rows.len());

@@ -8,9 +8,9 @@
 //! bits. The hashes depend on the adapter (its float arithmetic and subgroup size), so compare
 //! runs on the same machine only.
 
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Problem, Queries, Shape};
 
 /// FNV-1a over the bits of `xs`.
 fn hash(xs: &[f32]) -> u64 {
@@ -59,30 +59,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dout = normal_tensor(4, shape.elements());
         let learned = Downsample::Learned(random_weights(d, m, p, n, 5));
         let configs = [
-            ("fine", FmaConfig::new(m, p)),
-            ("fine causal", FmaConfig::new(m, p).causal(true)),
-            ("fine no-cc", FmaConfig::new(m, p).count_correction(false)),
+            ("fine", FmaConfig::new(m, p), false),
+            ("fine causal", FmaConfig::new(m, p), true),
+            (
+                "fine no-cc",
+                FmaConfig::new(m, p).count_correction(false),
+                false,
+            ),
             (
                 "fine learned",
                 FmaConfig::new(m, p).downsample(learned.clone()),
+                false,
             ),
             (
                 "fine learned causal",
-                FmaConfig::new(m, p)
-                    .downsample(learned.clone())
-                    .causal(true),
+                FmaConfig::new(m, p).downsample(learned.clone()),
+                true,
             ),
-            ("coarse", FmaConfig::new(m, p).queries(Queries::Coarse)),
+            (
+                "coarse",
+                FmaConfig::new(m, p).queries(Queries::Coarse),
+                false,
+            ),
             (
                 "coarse learned",
                 FmaConfig::new(m, p)
                     .queries(Queries::Coarse)
                     .downsample(learned.clone()),
+                false,
             ),
         ];
-        for (name, cfg) in configs {
-            let fma = FmaAttention::new(&ctx, cfg.clone())?;
-            let out = fma.forward(&q, &k, &v, shape, true)?;
+        let x = Host::new(&q, &k, &v);
+        for (name, cfg, causal) in configs {
+            let problem = Problem::new(shape).causal(causal);
+            let fma = Attention::fma(&ctx, cfg.clone())?;
+            let out = fma.forward(&problem, x)?;
             let lse = out.lse.unwrap_or_default();
             println!(
                 "n {n} d {d} m {m} p {p} {name:<20} forward  o {:016x} lse {:016x}",
@@ -90,8 +101,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 hash(&lse)
             );
             if cfg.queries == Queries::Fine {
-                let (_, saved) = fma.forward_train(&q, &k, &v, shape)?;
-                let g = fma.backward(&saved, &dout)?;
+                let (_, saved) = fma.train(&problem, x)?;
+                let g = fma.backward(&saved, HostGrad(&dout))?;
                 let w: Vec<f32> = g
                     .weights
                     .iter()
@@ -106,9 +117,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     hash(&w)
                 );
             }
-            let small = FmaAttention::new(&ctx, cfg.clone())?.max_binding(split);
+            let small = Attention::fma(&ctx, cfg.clone())?.max_binding(split)?;
             if let Downsample::Average = cfg.downsample {
-                let out = small.forward(&q, &k, &v, shape, true)?;
+                let out = small.forward(&problem, x)?;
                 println!(
                     "n {n} d {d} m {m} p {p} {name:<20} split    o {:016x} lse {:016x}",
                     hash(&out.o),
@@ -117,12 +128,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         for causal in [false, true] {
-            let dense = DenseAttention::new(&ctx, causal)?;
-            let out = dense.forward(&q, &k, &v, shape, true)?;
+            let problem = Problem::new(shape).causal(causal);
+            let out = Attention::dense(&ctx)?.forward(&problem, x)?;
             // At least two tiles of 64 rows: the least a split dense head needs.
-            let split = DenseAttention::new(&ctx, causal)?
-                .max_binding(split.max(2 * 64 * d as u64 * 4))
-                .forward(&q, &k, &v, shape, true)?;
+            let split = Attention::dense(&ctx)?
+                .max_binding(split.max(2 * 64 * d as u64 * 4))?
+                .forward(&problem, x)?;
             println!(
                 "n {n} d {d} dense causal {causal:<5} o {:016x} lse {:016x} split o {:016x}",
                 hash(&out.o),

@@ -15,9 +15,9 @@
 use std::time::Instant;
 
 use clap::Parser;
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, Resident};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, Grid, Result, Shape};
+use multipole_attn::{FmaConfig, Grid, Problem, Result, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -67,14 +67,14 @@ fn smooth(seed: u64, side: usize, d: usize, amplitude: f32) -> Vec<f32> {
     out
 }
 
-struct Resident {
+struct Uploaded {
     q: wgpu::Buffer,
     k: wgpu::Buffer,
     v: wgpu::Buffer,
     out: wgpu::Buffer,
 }
 
-impl Resident {
+impl Uploaded {
     fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32]) -> Self {
         let init = |data: &[f32]| {
             ctx.device
@@ -143,12 +143,12 @@ fn run(args: Args) -> Result<()> {
         "{:>9} {:>7} | {:>10} {:>10} | {:>10} {:>10} | {:>9} {:>9} {:>9}",
         "grid", "tokens", "2D smooth", "1D smooth", "2D iid", "1D iid", "dense s", "2D s", "1D s"
     );
-    let dense = DenseAttention::new(&ctx, false)?;
+    let dense = Attention::dense(&ctx)?;
     for &side in &args.sides {
         let n = side * side;
-        let shape = Shape::new(1, 1, n, d);
-        let grid = FmaAttention::new(&ctx, FmaConfig::new(r, p).grid(Some(Grid::new(side, side))))?;
-        let line = FmaAttention::new(&ctx, FmaConfig::new(m, p))?;
+        let problem = Problem::new(Shape::new(1, 1, n, d));
+        let grid = Attention::fma(&ctx, FmaConfig::new(r, p).grid(Some(Grid::new(side, side))))?;
+        let line = Attention::fma(&ctx, FmaConfig::new(m, p))?;
         let amplitude = 1.5 / (d as f32).powf(0.25);
         let inputs = [
             (
@@ -164,21 +164,22 @@ fn run(args: Args) -> Result<()> {
         ];
         let mut errs = Vec::new();
         for (q, k, v) in &inputs {
-            let want = dense.forward(q, k, v, shape, false)?.o;
+            let x = Host::new(q, k, v).without_lse();
+            let want = dense.forward(&problem, x)?.o;
             for fma in [&grid, &line] {
-                errs.push(rel_err(&fma.forward(q, k, v, shape, false)?.o, &want));
+                errs.push(rel_err(&fma.forward(&problem, x)?.o, &want));
             }
         }
         let (q, k, v) = &inputs[1];
-        let res = Resident::new(&ctx, q, k, v);
+        let res = Uploaded::new(&ctx, q, k, v);
         let td = time(&ctx, args.reps, || {
-            dense.forward_buffers(res.tensors(), shape)
+            dense.forward(&problem, Resident(res.tensors()))
         })?;
         let t2 = time(&ctx, args.reps, || {
-            grid.forward_buffers(res.tensors(), shape)
+            grid.forward(&problem, Resident(res.tensors()))
         })?;
         let t1 = time(&ctx, args.reps, || {
-            line.forward_buffers(res.tensors(), shape)
+            line.forward(&problem, Resident(res.tensors()))
         })?;
         println!(
             "{:>9} {:>7} | {:>10.2e} {:>10.2e} | {:>10.2e} {:>10.2e} | {:>9.4} {:>9.4} {:>9.4}",

@@ -18,9 +18,9 @@
 //! `cargo run --release --example learn_basis [-- STEPS [fine|coarse]]` (coarse queries write
 //! results/learn_basis_coarse.svg).
 
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::random::{normal_tensor, smooth_tensor};
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Result, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Problem, Queries, Result, Shape};
 use plotters::prelude::*;
 
 const N: usize = 512;
@@ -155,8 +155,9 @@ fn main() -> Result<()> {
     println!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
     let shape = Shape::new(1, HEADS, N, D);
     let mut weights = LearnedWeights::box_init_for(D, M, P, N);
-    let dense = DenseAttention::new(&ctx, false)?;
-    let average = FmaAttention::new(&ctx, FmaConfig::new(M, P).queries(queries))?;
+    let problem = Problem::new(shape);
+    let dense = Attention::dense(&ctx)?;
+    let average = Attention::fma(&ctx, FmaConfig::new(M, P).queries(queries))?;
     // Step sizes relative to each level's box weight p / w_l (Adam's steps are ~lr each).
     let mut opt: Vec<[Adam; 6]> = weights
         .levels
@@ -179,15 +180,16 @@ fn main() -> Result<()> {
     println!("{:>5} {:>14} {:>14}", "step", "learned err", "average err");
     for step in 0..steps {
         let [q, k, v] = sample(1000 + 7 * step as u64);
-        let target = dense.forward(&q, &k, &v, shape, false)?.o;
-        let fma = FmaAttention::new(
+        let x = Host::new(&q, &k, &v).without_lse();
+        let target = dense.forward(&problem, x)?.o;
+        let fma = Attention::fma(
             &ctx,
             FmaConfig::new(M, P)
                 .queries(queries)
                 .downsample(Downsample::Learned(weights.clone())),
         )?;
-        let (out, saved) = fma.forward_train(&q, &k, &v, shape)?;
-        let base = average.forward(&q, &k, &v, shape, false)?.o;
+        let (out, saved) = fma.train(&problem, x)?;
+        let base = average.forward(&problem, x)?.o;
         let (el, ea) = (rel_error(&out.o, &target), rel_error(&base, &target));
         learned_err.push(el);
         average_err.push(ea);
@@ -201,7 +203,7 @@ fn main() -> Result<()> {
             .zip(&target)
             .map(|(a, b)| scale * (a - b))
             .collect();
-        let grads = fma.backward(&saved, &dout)?;
+        let grads = fma.backward(&saved, HostGrad(&dout))?;
         let Some(gw) = grads.weights else {
             unreachable!("Learned mode returns weight gradients")
         };

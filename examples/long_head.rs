@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use clap::Parser;
 use multipole_attn::cpu::{fma_forward, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host};
 use multipole_attn::plan::KernelLimits;
 use multipole_attn::plan::SplitPlan;
 use multipole_attn::random::smooth_tensor;
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Problem, Shape};
 
 #[derive(Parser)]
 struct Args {
@@ -55,9 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let q = smooth_tensor(1, 1, n, d, 0.1);
     let k = smooth_tensor(2, 1, n, d, 0.1);
     let v = smooth_tensor(3, 1, n, d, 0.1);
-    let fma = FmaAttention::new(&ctx, cfg.clone())?;
+    let fma = Attention::fma(&ctx, cfg.clone())?;
     let t = Instant::now();
-    let out = fma.forward(&q, &k, &v, shape, true)?;
+    let out = fma.forward(&Problem::new(shape), Host::new(&q, &k, &v))?;
     let gpu_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let r = fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg)?;

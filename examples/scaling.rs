@@ -15,9 +15,9 @@
 use std::time::Instant;
 
 use clap::Parser;
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Resident};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{FmaConfig, FmaError, Queries, Result, Shape};
+use multipole_attn::{FmaConfig, FmaError, Problem, Queries, Result, Shape};
 use wgpu::util::DeviceExt;
 
 #[derive(Parser)]
@@ -69,9 +69,9 @@ fn process_cpu_seconds() -> Option<f64> {
 /// tensors already on the GPU, after one warm-up run.
 fn time_forward(
     ctx: &GpuContext,
-    fma: &FmaAttention,
+    fma: &Attention,
     t: GpuTensors<'_>,
-    shape: Shape,
+    problem: &Problem,
     reps: usize,
 ) -> Result<(f64, Option<f64>)> {
     let wait = || {
@@ -82,14 +82,14 @@ fn time_forward(
                 message: e.to_string(),
             })
     };
-    fma.forward_buffers(t, shape)?;
+    fma.forward(problem, Resident(t))?;
     wait()?;
     let reps = reps.max(1);
     let mut times = Vec::with_capacity(reps);
     let cpu_start = process_cpu_seconds();
     for _ in 0..reps {
         let start = Instant::now();
-        fma.forward_buffers(t, shape)?;
+        fma.forward(problem, Resident(t))?;
         wait()?;
         times.push(start.elapsed().as_secs_f64());
     }
@@ -111,8 +111,8 @@ fn run(a: Args) -> Result<()> {
         a.heads, a.head_dim, a.block, a.rank, a.reps
     );
     let cfg = FmaConfig::new(a.block, a.rank);
-    let fine = FmaAttention::new(&ctx, cfg.clone())?;
-    let coarse = FmaAttention::new(&ctx, cfg.queries(Queries::Coarse))?;
+    let fine = Attention::fma(&ctx, cfg.clone())?;
+    let coarse = Attention::fma(&ctx, cfg.queries(Queries::Coarse))?;
     println!(
         "{:>7} {:>6} | {:>9} {:>9} {:>7} {:>7} {:>6} | {:>9} {:>9} {:>7} {:>7} {:>6}",
         "n",
@@ -154,13 +154,14 @@ fn run(a: Args) -> Result<()> {
             out: &out,
             lse: Some(&lse),
         };
-        let (tf, cf) = time_forward(&ctx, &fine, t, shape, a.reps)?;
-        let (tc, cc) = time_forward(&ctx, &coarse, t, shape, a.reps)?;
+        let problem = Problem::new(shape);
+        let (tf, cf) = time_forward(&ctx, &fine, t, &problem, a.reps)?;
+        let (tc, cc) = time_forward(&ctx, &coarse, t, &problem, a.reps)?;
         let now = [tf, tc, cf.unwrap_or(f64::NAN), cc.unwrap_or(f64::NAN)];
         let ratio = |i: usize| prev.map_or("-".to_string(), |p| format!("{:.3}", now[i] / p[i]));
         println!(
             "{n:>7} {:>6} | {:>9.1} {:>9.1} {:>7} {:>7} {:>6.3} | {:>9.1} {:>9.1} {:>7} {:>7} {:>6.3}",
-            fine.plan(shape)?.levels.count(),
+            fine.plan(&problem)?.fma().map_or(0, |p| p.levels.count()),
             tf * 1e3,
             tc * 1e3,
             ratio(0),

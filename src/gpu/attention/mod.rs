@@ -132,6 +132,40 @@ pub enum Plan {
     DenseBackward(DenseBackwardPlan),
 }
 
+impl Plan {
+    /// FMA's forward plan, if this is one.
+    pub fn fma(&self) -> Option<&FmaPlan> {
+        match self {
+            Plan::Fma(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// FMA's backward plan, if this is one.
+    pub fn fma_backward(&self) -> Option<&BackwardPlan> {
+        match self {
+            Plan::FmaBackward(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Dense attention's forward plan, if this is one.
+    pub fn dense(&self) -> Option<&DensePlan> {
+        match self {
+            Plan::Dense(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Dense attention's backward plan, if this is one.
+    pub fn dense_backward(&self) -> Option<&DenseBackwardPlan> {
+        match self {
+            Plan::DenseBackward(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
 /// One executor, whichever the method.
 enum Exec {
     Fma(Arc<FmaAttention>),
