@@ -7,6 +7,7 @@
 use crate::config::FmaConfig;
 use crate::error::{FmaError, Result};
 use crate::geometry::{Geometry, Line};
+use crate::problem::Problem;
 use crate::shape::Shape;
 
 use super::checks::{check_geometry, check_inputs};
@@ -26,22 +27,24 @@ pub struct LevelMass {
     pub lse: f64,
 }
 
-/// The per-level softmax mass of query `i` of head `bh` (flat index batch * heads + head) under
-/// FMA with `cfg`. `q`, `k`, `v`: (batch, heads, seq, head_dim), row-major. Costs one head's
-/// downsampling, O(n d L), plus the query's O(m + p L) keys.
+/// The per-level softmax mass of query `i` of head `bh` (flat index batch * heads + head) of
+/// the problem `p` under FMA with `cfg`. `q`, `k`, `v`: (batch, heads, seq, head_dim),
+/// row-major. Costs one head's downsampling, O(n d L), plus the query's O(m + p L) keys.
 pub fn level_mass(
     q: &[f64],
     k: &[f64],
     v: &[f64],
-    shape: Shape,
+    p: &Problem,
     cfg: &FmaConfig,
     bh: usize,
     i: usize,
 ) -> Result<LevelMass> {
+    let shape = p.shape;
     check_inputs(q, k, v, shape)?;
+    let cfg = cfg.clone().causal(p.causal);
     cfg.validate(shape.head_dim, shape.seq)?;
-    let geometry = Line::new(shape.seq, cfg.block, cfg.rank, cfg.causal);
-    level_mass_in(&geometry, q, k, v, shape, cfg, bh, i)
+    let geometry = Line::new(shape.seq, cfg.block, cfg.rank, p.causal);
+    level_mass_in(&geometry, q, k, v, shape, &cfg, bh, i)
 }
 
 /// [`level_mass`] in any geometry (`shape.seq` must be `geometry.tokens()`); the keys and logits
@@ -127,11 +130,12 @@ mod tests {
             let q = widen(&normal_tensor(seed, shape.elements()));
             let k = widen(&normal_tensor(seed + 1, shape.elements()));
             let v = widen(&normal_tensor(seed + 2, shape.elements()));
-            let cfg = FmaConfig::new(m, p).causal(causal);
-            let reference = fma_forward(&q, &k, &v, shape, &cfg).unwrap();
+            let cfg = FmaConfig::new(m, p);
+            let problem = Problem::new(shape).causal(causal);
+            let reference = fma_forward(&q, &k, &v, shape, &cfg.clone().causal(causal)).unwrap();
             let levels = Levels::new(n, m, p);
             for i in [0, n / 3, n / 2, n - 1] {
-                let lm = level_mass(&q, &k, &v, shape, &cfg, 1, i).unwrap();
+                let lm = level_mass(&q, &k, &v, &problem, &cfg, 1, i).unwrap();
                 assert_eq!(lm.mass.len(), levels.count() + 1);
                 let total: f64 = lm.mass.iter().sum();
                 assert!(
@@ -157,9 +161,10 @@ mod tests {
         let shape = Shape::new(1, 2, 10, 4);
         let x = vec![0.5f64; shape.elements()];
         let cfg = FmaConfig::new(4, 2);
-        let e = level_mass(&x, &x, &x, shape, &cfg, 2, 0).unwrap_err();
+        let p = Problem::new(shape);
+        let e = level_mass(&x, &x, &x, &p, &cfg, 2, 0).unwrap_err();
         assert!(e.to_string().contains("head index"), "{e}");
-        let e = level_mass(&x, &x, &x, shape, &cfg, 0, 10).unwrap_err();
+        let e = level_mass(&x, &x, &x, &p, &cfg, 0, 10).unwrap_err();
         assert!(e.to_string().contains("query index"), "{e}");
     }
 }

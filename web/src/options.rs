@@ -194,6 +194,7 @@ impl Options {
             shape: self.shape()?,
             sequences: self.sequences()?,
             causal: self.causal,
+            variants: Default::default(),
         })
     }
 }

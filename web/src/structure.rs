@@ -5,7 +5,7 @@ use multipole_attn::cpu::gather::{seen_keys, SeenKey};
 use multipole_attn::cpu::level_mass::level_mass as cpu_level_mass;
 use multipole_attn::cpu::widen;
 use multipole_attn::levels::{sub_window, Levels};
-use multipole_attn::{FmaError, Shape};
+use multipole_attn::{FmaError, Problem, Shape};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
@@ -187,7 +187,8 @@ pub fn level_mass_of(
     let kv = head / shape.group();
     let kv = kv * one.elements()..(kv + 1) * one.elements();
     let (qh, kh, vh) = (widen(&q[r]), widen(&k[kv.clone()]), widen(&v[kv]));
-    let lm = cpu_level_mass(&qh, &kh, &vh, one, &cfg, 0, query)?;
+    let problem = Problem::new(one).causal(opts.causal);
+    let lm = cpu_level_mass(&qh, &kh, &vh, &problem, &cfg, 0, query)?;
     Ok(Mass {
         mass: lm.mass,
         keys: lm.keys,

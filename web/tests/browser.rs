@@ -19,10 +19,10 @@
 
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, HostGrad, Resident};
 use multipole_attn::plan::{DenseSplitPlan, KernelLimits};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Method, Problem, Shape};
 use multipole_attn_web::{
     compare_outputs, grid_structure, make_inputs, structure, Gpu, GridStructure, Options, Queries,
     Structure,
@@ -139,6 +139,36 @@ struct Qkv {
     v: Vec<f32>,
 }
 
+/// The f64 FMA of the options' problem (its shape replaced by `shape` when given: K and V
+/// repeated per query head, say).
+fn fma_reference(
+    o: &Options,
+    shape: Option<Shape>,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+) -> multipole_attn::Result<cpu::Reference> {
+    let problem = o
+        .problem()
+        .map_err(|_| multipole_attn::FmaError::InvalidConfig {
+            what: "options",
+            value: format!("{o:?}"),
+            allowed: "a valid problem".into(),
+        })?;
+    let problem = Problem {
+        shape: shape.unwrap_or(problem.shape),
+        ..problem
+    };
+    let cfg = o
+        .config()
+        .map_err(|_| multipole_attn::FmaError::InvalidConfig {
+            what: "options",
+            value: format!("{o:?}"),
+            allowed: "a valid FMA configuration".into(),
+        })?;
+    cpu::forward(&Method::Fma(cfg), &problem, q, k, v)
+}
+
 fn qkv(seed: u64, shape: Shape) -> Qkv {
     Qkv {
         q: normal_tensor(seed, shape.elements()),
@@ -190,23 +220,25 @@ async fn fma_matches_the_cpu_reference_under_browser_limits() {
         } else {
             multipole_attn::Queries::Fine
         };
-        let cfg = FmaConfig::new(m, p).causal(causal).queries(queries);
+        let method = Method::Fma(FmaConfig::new(m, p).queries(queries));
+        let problem = Problem::new(shape).causal(causal);
         let label =
             format!("seed {seed} case {i}: {shape} m={m} p={p} causal={causal} {queries:?}");
         let x = qkv(seed + i as u64, shape);
-        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-        let plan = fma.plan(shape).unwrap();
+        let fma = Attention::new(ctx, method.clone()).unwrap();
+        let plan = fma.plan(&problem).unwrap();
+        let wg = plan.fma().map(|p| p.attention.spec.wg);
         assert!(
-            plan.attention.spec.wg <= ctx.max_workgroup(),
+            wg.is_some_and(|wg| wg <= ctx.max_workgroup()),
             "{label}: {plan:?}"
         );
         let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-        fma.forward_buffers_async(bufs.tensors(), shape)
+        fma.forward_async(&problem, Resident(bufs.tensors()))
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         let o = read_back(ctx, &bufs.out).await;
         let lse = read_back(ctx, &bufs.lse).await;
-        let r = cpu::fma_forward(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, &cfg).unwrap();
+        let r = cpu::forward(&method, &problem, &widen(&x.q), &widen(&x.k), &widen(&x.v)).unwrap();
         let co = closeness(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
         let cl = closeness(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
         let (err_o, err_l) = (co.max_abs, cl.max_abs);
@@ -228,29 +260,29 @@ async fn heads_split_across_small_bindings_match_unsplit_runs_to_the_bit() {
     let shape = Shape::new(1, 2, 1025, 16);
     let x = qkv(seed, shape);
     let cap = 16 << 10;
-    for cfg in [
-        FmaConfig::new(32, 2),
-        FmaConfig::new(32, 1).causal(true),
-        FmaConfig::new(32, 2).queries(multipole_attn::Queries::Coarse),
+    let host = Host::new(&x.q, &x.k, &x.v);
+    for (cfg, causal) in [
+        (FmaConfig::new(32, 2), false),
+        (FmaConfig::new(32, 1), true),
+        (
+            FmaConfig::new(32, 2).queries(multipole_attn::Queries::Coarse),
+            false,
+        ),
     ] {
+        let problem = Problem::new(shape).causal(causal);
+        let method = Method::Fma(cfg.clone());
         let fma = |limit| {
-            FmaAttention::new(ctx, cfg.clone())
+            Attention::new(ctx, method.clone())
+                .and_then(|a| a.max_binding(limit))
                 .unwrap()
-                .max_binding(limit)
         };
-        let split = fma(cap)
-            .forward_async(&x.q, &x.k, &x.v, shape, true)
-            .await
-            .unwrap();
-        let whole = fma(u64::MAX)
-            .forward_async(&x.q, &x.k, &x.v, shape, true)
-            .await
-            .unwrap();
+        let split = fma(cap).forward_async(&problem, host).await.unwrap();
+        let whole = fma(u64::MAX).forward_async(&problem, host).await.unwrap();
         assert!(
             split.o == whole.o && split.lse == whole.lse,
-            "seed {seed} {cfg:?}"
+            "seed {seed} {cfg:?} causal {causal}"
         );
-        let r = cpu::fma_forward(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, &cfg).unwrap();
+        let r = cpu::forward(&method, &problem, &widen(&x.q), &widen(&x.k), &widen(&x.v)).unwrap();
         let c = closeness(&split.o, &r.o, O_ATOL, O_RTOL);
         console_log!("split {cfg:?}: max |O - ref| {:.2e}", c.max_abs);
         assert_eq!(
@@ -260,11 +292,13 @@ async fn heads_split_across_small_bindings_match_unsplit_runs_to_the_bit() {
         );
     }
     for causal in [false, true] {
-        let dense = |limit| DenseAttention::new(ctx, causal).unwrap().max_binding(limit);
-        let split = dense(cap)
-            .forward_async(&x.q, &x.k, &x.v, shape, true)
-            .await
-            .unwrap();
+        let problem = Problem::new(shape).causal(causal);
+        let dense = |limit| {
+            Attention::dense(ctx)
+                .and_then(|a| a.max_binding(limit))
+                .unwrap()
+        };
+        let split = dense(cap).forward_async(&problem, host).await.unwrap();
         // Each key chunk of the split run ends the rows as a partial (O, LSE) that the next
         // resumes from: an uncapped run with its key chunks at the same boundaries does the
         // same float operations.
@@ -275,7 +309,8 @@ async fn heads_split_across_small_bindings_match_unsplit_runs_to_the_bit() {
             .1;
         let whole = dense(u64::MAX)
             .keys_per_dispatch(keys)
-            .forward_async(&x.q, &x.k, &x.v, shape, true)
+            .unwrap()
+            .forward_async(&problem, host)
             .await
             .unwrap();
         assert!(
@@ -297,10 +332,13 @@ async fn dense_matches_the_cpu_reference() {
         let shape = Shape::new(1, h, n, d);
         let label = format!("seed {seed} dense {shape} causal={causal}");
         let x = qkv(seed + 100 + i as u64, shape);
-        let dense = DenseAttention::new(ctx, causal).unwrap();
+        let dense = Attention::dense(ctx).unwrap();
         let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
         dense
-            .forward_buffers_async(bufs.tensors(), shape)
+            .forward_async(
+                &Problem::new(shape).causal(causal),
+                Resident(bufs.tensors()),
+            )
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         let o = read_back(ctx, &bufs.out).await;
@@ -323,7 +361,6 @@ async fn exported_fma_and_dense_match_the_reference() {
         opts(1, 1, 1000, 64, 64, 2, true),
     ] {
         let shape = o.shape().unwrap();
-        let cfg = o.config().unwrap();
         for round in 0..2u32 {
             let label = format!("seed {seed} round {round} {o:?}");
             let x = make_inputs(o.to_js().unwrap(), "random", seed + round).unwrap();
@@ -332,7 +369,7 @@ async fn exported_fma_and_dense_match_the_reference() {
                 .fma(q.clone(), k.clone(), v.clone(), o.to_js().unwrap())
                 .await
                 .unwrap();
-            let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
+            let r = fma_reference(&o, None, &widen(&q), &widen(&k), &widen(&v)).unwrap();
             let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
             assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
             let exact = g
@@ -392,7 +429,7 @@ async fn kv_heads_option_runs_grouped_query_attention() {
             .fma(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
             .await
             .unwrap();
-        let r = cpu::fma_forward(&widen(&x.q), &k, &v, mha, &o.config().unwrap()).unwrap();
+        let r = fma_reference(&o, Some(mha), &widen(&x.q), &k, &v).unwrap();
         let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
         assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
         let exact = g
@@ -447,11 +484,11 @@ async fn n_kv_and_seqlens_kv_options_run_cross_length_attention() {
         let (want_dense, want_fma) = match o.sequences().unwrap() {
             Some(seqs) => (
                 cpu::dense_attention_varlen(&q, &k, &v, shape, &seqs, true).unwrap(),
-                cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &o.config().unwrap()).ok(),
+                fma_reference(&o, None, &q, &k, &v).ok(),
             ),
             None => (
                 cpu::dense_attention(&q, &k, &v, shape, true).unwrap(),
-                cpu::fma_forward(&q, &k, &v, shape, &o.config().unwrap()).ok(),
+                fma_reference(&o, None, &q, &k, &v).ok(),
             ),
         };
         let exact = g
@@ -499,7 +536,7 @@ async fn seqlens_option_runs_each_sequence_alone() {
         .fma(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
         .await
         .unwrap();
-    let r = cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &o.config().unwrap()).unwrap();
+    let r = fma_reference(&o, None, &q, &k, &v).unwrap();
     let c = closeness(&got, &r.o, O_ATOL, O_RTOL);
     assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
     let exact = g
@@ -648,17 +685,9 @@ fn structure_bands_tile_the_sequence() {
 fn level_mass_sums_to_one_and_matches_the_reference_lse() {
     let seed = fresh_seed() as u32;
     let o = opts(1, 2, 1500, 32, 32, 2, true);
-    let shape = o.shape().unwrap();
     let x = make_inputs(o.to_js().unwrap(), "smooth", seed).unwrap();
     let (q, k, v) = (x.q.clone(), x.k.clone(), x.v.clone());
-    let r = cpu::fma_forward(
-        &widen(&q),
-        &widen(&k),
-        &widen(&v),
-        shape,
-        &o.config().unwrap(),
-    )
-    .unwrap();
+    let r = fma_reference(&o, None, &widen(&q), &widen(&k), &widen(&v)).unwrap();
     for i in [0, 700, 1499] {
         let js = multipole_attn_web::level_mass(&q, &k, &v, o.to_js().unwrap(), 1, i).unwrap();
         let mass: Vec<f64> =
@@ -752,9 +781,9 @@ async fn grid_fma_matches_the_cpu_reference() {
         assert_eq!(cfg.grid, Some(multipole_attn::Grid::new(h, w)));
         let label = format!("seed {seed} case {i}: {o:?}");
         let x = qkv(seed + i as u64, shape);
-        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+        let fma = Attention::fma(ctx, cfg.clone()).unwrap();
         let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-        fma.forward_buffers_async(bufs.tensors(), shape)
+        fma.forward_async(&Problem::new(shape), Resident(bufs.tensors()))
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         let out = read_back(ctx, &bufs.out).await;
@@ -939,31 +968,29 @@ async fn backward_matches_the_cpu_reference_for_fine_and_coarse_queries() {
         }
     }
     let learned = multipole_attn::Downsample::Learned(w);
-    for cfg in [
-        FmaConfig::new(m, p).causal(true),
-        FmaConfig::new(m, p)
-            .queries(multipole_attn::Queries::Coarse)
-            .downsample(learned),
+    for (cfg, causal) in [
+        (FmaConfig::new(m, p), true),
+        (
+            FmaConfig::new(m, p)
+                .queries(multipole_attn::Queries::Coarse)
+                .downsample(learned),
+            false,
+        ),
     ] {
         let label = format!("seed {seed} {:?} queries", cfg.queries);
-        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+        let problem = Problem::new(shape).causal(causal);
+        let method = Method::Fma(cfg);
+        let fma = Attention::new(ctx, method.clone()).unwrap();
         let (_, saved) = fma
-            .forward_train_async(&x.q, &x.k, &x.v, shape)
+            .train_async(&problem, Host::new(&x.q, &x.k, &x.v))
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         let got = fma
-            .backward_async(&saved, &dout)
+            .backward_async(&saved, HostGrad(&dout))
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let want = cpu::fma_backward(
-            &widen(&x.q),
-            &widen(&x.k),
-            &widen(&x.v),
-            &widen(&dout),
-            shape,
-            &cfg,
-        )
-        .unwrap();
+        let qkv = (&widen(&x.q)[..], &widen(&x.k)[..], &widen(&x.v)[..]);
+        let want = cpu::backward(&method, &problem, qkv, &widen(&dout)).unwrap();
         let mut pairs = vec![
             ("dQ", got.dq.clone(), want.dq.clone()),
             ("dK", got.dk.clone(), want.dk.clone()),

@@ -9,7 +9,7 @@
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Method, Problem, Shape};
 use multipole_attn_web::{Decoding, Gpu};
 use wasm_bindgen::JsValue;
 use wasm_bindgen_test::*;
@@ -104,11 +104,13 @@ async fn decoded_rows_equal_the_causal_forward_in_the_browser() {
         for (b, (o, l)) in got.iter().enumerate() {
             let shape = Shape::new(1, h, lens[b], d);
             let [q, k, v] = seqs[b].clone().map(|x| widen(&x));
-            let r = if mode == "fma" {
-                cpu::fma_forward(&q, &k, &v, shape, &FmaConfig::new(m, p).causal(true)).unwrap()
+            let method = if mode == "fma" {
+                Method::Fma(FmaConfig::new(m, p))
             } else {
-                cpu::dense_attention(&q, &k, &v, shape, true).unwrap()
+                Method::Dense
             };
+            let problem = Problem::new(shape).causal(true);
+            let r = cpu::forward(&method, &problem, &q, &k, &v).unwrap();
             let co = closeness(o, &r.o, 5e-5, 5e-5);
             let cl = closeness(l, &r.lse, 5e-5, 1e-5);
             assert_eq!(
