@@ -35,9 +35,8 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     let dout = read_tensor(&args.dout, "dO")?;
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
     let problem = Problem {
-        shape,
         sequences: sequences(run, shape)?,
-        causal: run.causal,
+        ..Problem::new(shape).causal(run.causal)
     };
     if dout.shape != q.shape {
         return Err(CliError::Input(format!(

@@ -28,9 +28,8 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     let shape = problem_shape(&shapes[0], &shapes[1], &shapes[2])?;
     shape.validate()?;
     let problem = Problem {
-        shape,
         sequences: sequences(args, shape)?,
-        causal: args.causal,
+        ..Problem::new(shape).causal(args.causal)
     };
     let o_shape = shapes[0].clone();
     let lse_shape = o_shape[..o_shape.len() - 1].to_vec();

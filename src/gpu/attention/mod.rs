@@ -120,6 +120,8 @@ impl Saved {
 }
 
 /// The plan a forward or backward of a problem executes: FMA's or dense attention's.
+// A plan is made per call and read, not stored in bulk: boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Plan {
     /// FMA's forward: per-level dispatches, buffer sizes.
