@@ -4,9 +4,11 @@
 
 use crate::common::random_learned;
 use crate::scratch::Scratch;
-use multipole_attn::cpu::{fma_backward, fma_backward_varlen, widen};
+use multipole_attn::cpu::{self, fma_backward_varlen, widen};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Sequences, Shape};
+use multipole_attn::{
+    Downsample, FmaConfig, LearnedWeights, Method, Problem, Queries, Sequences, Shape,
+};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{write_npy, NpzReader, NpzWriter};
 use std::collections::BTreeSet;
@@ -114,18 +116,13 @@ fn read_npz(path: &Path) -> Vec<(String, Vec<usize>, Vec<f64>)> {
 fn expected(
     x: &[Vec<f32>; 4],
     x_shape: &[usize],
-    shape: Shape,
+    problem: &Problem,
     cfg: &FmaConfig,
 ) -> Vec<(String, Vec<usize>, Vec<f64>)> {
-    let g = fma_backward(
-        &widen(&x[0]),
-        &widen(&x[1]),
-        &widen(&x[2]),
-        &widen(&x[3]),
-        shape,
-        cfg,
-    )
-    .unwrap();
+    let shape = problem.shape;
+    let (q, k, v) = (widen(&x[0]), widen(&x[1]), widen(&x[2]));
+    let method = Method::Fma(cfg.clone());
+    let g = cpu::backward(&method, problem, (&q, &k, &v), &widen(&x[3])).unwrap();
     let mut out = vec![
         ("dq".to_string(), x_shape.to_vec(), g.dq),
         ("dk".to_string(), x_shape.to_vec(), g.dk),
@@ -168,16 +165,14 @@ fn compare(got: &[(String, Vec<usize>, Vec<f64>)], want: &[(String, Vec<usize>, 
     worst
 }
 
-fn learned_case(dir: &Scratch, seed: u64) -> ([Vec<f32>; 4], Vec<usize>, Shape, FmaConfig) {
+fn learned_case(dir: &Scratch, seed: u64) -> ([Vec<f32>; 4], Vec<usize>, Problem, FmaConfig) {
     let x_shape = vec![2, 1, 50, 8];
     let x = write_inputs(dir, &x_shape, seed);
-    let shape = Shape::new(2, 1, 50, 8);
+    let problem = Problem::new(Shape::new(2, 1, 50, 8)).causal(true);
     let w = random_learned(seed, 8, 4, 2, 50);
     write_weights(&dir.path("W.npz"), &w);
-    let cfg = FmaConfig::new(4, 2)
-        .causal(true)
-        .downsample(Downsample::Learned(w));
-    (x, x_shape, shape, cfg)
+    let cfg = FmaConfig::new(4, 2).downsample(Downsample::Learned(w));
+    (x, x_shape, problem, cfg)
 }
 
 #[test]
@@ -201,7 +196,7 @@ fn reference_gradients_match_the_library() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let got = read_npz(&dir.path("G.npz"));
     assert!(got.iter().any(|a| a.0 == "k_w3"), "every level is written");
-    let err = compare(&got, &expected(&x, &x_shape, shape, &cfg));
+    let err = compare(&got, &expected(&x, &x_shape, &shape, &cfg));
     assert!(
         err <= 1e-12,
         "reference path differs from the library by {err}"
@@ -216,7 +211,8 @@ fn reference_gradients_match_the_library() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let got = read_npz(&dir.path("G.npz"));
     let cfg = FmaConfig::new(4, 1);
-    let err = compare(&got, &expected(&x, &[30, 5], Shape::new(1, 1, 30, 5), &cfg));
+    let p = Problem::new(Shape::new(1, 1, 30, 5));
+    let err = compare(&got, &expected(&x, &[30, 5], &p, &cfg));
     assert!(err <= 1e-12, "{err}");
 }
 
@@ -227,13 +223,13 @@ fn coarse_query_gradients_on_both_paths() {
     let dir = Scratch::new("coarse");
     let x_shape = vec![1, 2, 70, 8];
     let x = write_inputs(&dir, &x_shape, 41);
-    let shape = Shape::new(1, 2, 70, 8);
+    let shape = Problem::new(Shape::new(1, 2, 70, 8));
     let w = random_learned(41, 8, 4, 2, 70);
     write_weights(&dir.path("W.npz"), &w);
     let cfg = FmaConfig::new(4, 2)
         .queries(Queries::Coarse)
         .downsample(Downsample::Learned(w));
-    let want = expected(&x, &x_shape, shape, &cfg);
+    let want = expected(&x, &x_shape, &shape, &cfg);
     let w = dir.arg("W.npz");
     let base = [
         "--block",
@@ -287,7 +283,7 @@ fn gpu_gradients_match_the_reference_when_an_adapter_exists() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let err = compare(
         &read_npz(&dir.path("G.npz")),
-        &expected(&x, &x_shape, shape, &cfg),
+        &expected(&x, &x_shape, &shape, &cfg),
     );
     eprintln!("GPU gradients vs reference: worst scaled error {err:.2e}");
     assert!(err <= 2e-4, "{err}");
@@ -359,7 +355,7 @@ fn grouped_query_gradients_have_the_shape_of_k() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let got = read_npz(&dir.path("G.npz"));
     let shape = Shape::new(1, 4, 40, 8).with_kv_heads(1);
-    let mut want = expected(&x, &q_dims, shape, &FmaConfig::new(4, 2));
+    let mut want = expected(&x, &q_dims, &Problem::new(shape), &FmaConfig::new(4, 2));
     for w in want.iter_mut().filter(|w| w.0 == "dk" || w.0 == "dv") {
         w.1 = kv_dims.clone();
     }

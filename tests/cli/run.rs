@@ -3,9 +3,9 @@
 //! adapter.
 
 use crate::scratch::Scratch;
-use multipole_attn::cpu::{dense_attention, fma_forward, widen};
+use multipole_attn::cpu::{self, dense_attention, fma_forward, widen};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Method, Problem, Queries, Shape};
 use ndarray::{Array, ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::{read_npy, write_npy, NpzWriter};
 use std::ffi::OsString;
@@ -172,15 +172,9 @@ fn batch_heads_input_round_trips_causal_without_correction() {
     let lse = read_f64(&lse_path);
     assert_eq!(o.shape(), &dims);
     assert_eq!(lse.shape(), &[2, 3, 50]);
-    let cfg = FmaConfig::new(4, 2).causal(true).count_correction(false);
-    let want = fma_forward(
-        &widen(&q),
-        &widen(&k),
-        &widen(&v),
-        Shape::new(2, 3, 50, 4),
-        &cfg,
-    )
-    .unwrap();
+    let method = Method::Fma(FmaConfig::new(4, 2).count_correction(false));
+    let problem = Problem::new(Shape::new(2, 3, 50, 4)).causal(true);
+    let want = cpu::forward(&method, &problem, &widen(&q), &widen(&k), &widen(&v)).unwrap();
     assert!(max_abs_diff(&to_vec(o), &want.o) <= 1e-12);
     assert!(max_abs_diff(&to_vec(lse), &want.lse) <= 1e-12);
 }
