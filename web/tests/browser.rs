@@ -148,24 +148,18 @@ fn fma_reference(
     k: &[f64],
     v: &[f64],
 ) -> multipole_attn::Result<cpu::Reference> {
-    let problem = o
-        .problem()
-        .map_err(|_| multipole_attn::FmaError::InvalidConfig {
-            what: "options",
-            value: format!("{o:?}"),
-            allowed: "a valid problem".into(),
-        })?;
+    // The options' own errors are JsErrors; the reference speaks FmaError.
+    let invalid = |_| multipole_attn::FmaError::InvalidConfig {
+        what: "options",
+        value: format!("{o:?}"),
+        allowed: "a valid problem and FMA configuration".into(),
+    };
+    let problem = o.problem().map_err(invalid)?;
     let problem = Problem {
         shape: shape.unwrap_or(problem.shape),
         ..problem
     };
-    let cfg = o
-        .config()
-        .map_err(|_| multipole_attn::FmaError::InvalidConfig {
-            what: "options",
-            value: format!("{o:?}"),
-            allowed: "a valid FMA configuration".into(),
-        })?;
+    let cfg = o.config().map_err(invalid)?;
     cpu::forward(&Method::Fma(cfg), &problem, q, k, v)
 }
 

@@ -450,28 +450,20 @@ impl Attention {
                 };
                 Ok((Some(out), SavedKind::Dense(saved)))
             }
-            (Exec::Fma(e), ForwardArgs::Resident(t)) => {
+            (exec, ForwardArgs::Resident(t)) => {
                 // Checked before the forward runs: no LSE buffer, nothing to differentiate.
-                let saved = match seqs {
-                    None => e.saved_from_buffers(t, s)?,
-                    Some(seqs) => e.saved_from_buffers_varlen(t, s, seqs)?,
+                let saved = match (exec, seqs) {
+                    (Exec::Fma(e), None) => SavedKind::Fma(e.saved_from_buffers(t, s)?),
+                    (Exec::Fma(e), Some(q)) => {
+                        SavedKind::Fma(e.saved_from_buffers_varlen(t, s, q)?)
+                    }
+                    (Exec::Dense(e), None) => SavedKind::Dense(e.saved_from_buffers(t, s)?),
+                    (Exec::Dense(e), Some(q)) => {
+                        SavedKind::Dense(e.saved_from_buffers_varlen(t, s, q)?)
+                    }
                 };
-                match seqs {
-                    None => e.forward_buffers_async(t, s).await?,
-                    Some(seqs) => e.forward_varlen_buffers_async(t, s, seqs).await?,
-                }
-                Ok((None, SavedKind::Fma(saved)))
-            }
-            (Exec::Dense(e), ForwardArgs::Resident(t)) => {
-                let saved = match seqs {
-                    None => e.saved_from_buffers(t, s)?,
-                    Some(seqs) => e.saved_from_buffers_varlen(t, s, seqs)?,
-                };
-                match seqs {
-                    None => e.forward_buffers_async(t, s).await?,
-                    Some(seqs) => e.forward_varlen_buffers_async(t, s, seqs).await?,
-                }
-                Ok((None, SavedKind::Dense(saved)))
+                self.forward_args(p, ForwardArgs::Resident(t)).await?;
+                Ok((None, saved))
             }
         }
     }
