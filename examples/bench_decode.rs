@@ -5,7 +5,7 @@
 //!
 //! For each (batch, chunk C, context N): a decoder is filled with N random tokens per sequence
 //! (`Decoder::extend`, no outputs), then steps of C tokens alternate FMA and dense on the same
-//! cache (tensors already on the GPU, `encode_step`, one submit per step, waited for); the
+//! cache (tensors already on the GPU, `Decoder::step` with `EncodeStep`, one submit per step, waited for); the
 //! median wall clock of `--reps` steps of each is reported per token (ms per step / C), with
 //! tokens per second (batch * C / step time) and the dense/FMA ratio. `record` is the host time
 //! of recording and submitting one FMA step (its overhead, not waited for). Writes CSV and an SVG
@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use clap::Parser;
-use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext, StepTensors};
+use multipole_attn::gpu::{DecodeMode, Decoder, EncodeStep, GpuContext, StepTensors};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{DecodeConfig, FmaConfig};
 use plotters::prelude::*;
@@ -153,7 +153,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     for mode in [DecodeMode::Fma, DecodeMode::Dense] {
                         let start = Instant::now();
                         let mut enc = ctx.device.create_command_encoder(&Default::default());
-                        dec.encode_step(&mut enc, t, chunk, mode)?;
+                        let io = EncodeStep {
+                            encoder: &mut enc,
+                            tensors: t,
+                            tokens: chunk,
+                        };
+                        dec.step(mode, io)?;
                         ctx.queue.submit([enc.finish()]);
                         let recorded = start.elapsed().as_secs_f64() * 1e3;
                         ctx.device.poll(wgpu::PollType::wait_indefinitely())?;

@@ -19,20 +19,20 @@
 mod attention;
 mod decode;
 mod dense;
-pub mod engine;
+mod engine;
 mod fma;
 
-pub use attention::{
-    Attention, BackwardIo, Encode, ForwardIo, Host, HostGrad, Plan, Resident, ResidentGrad, Saved,
-    TrainIo,
-};
-pub use decode::{DecodeMode, Decoder, StepTensors};
+pub use attention::{Attention, Plan, Saved};
+pub use decode::{DecodeMode, Decoder, EncodeStep, StepIo, StepTensors};
 pub use engine::context::{
     adapter_support, compute_support, negotiate_features, negotiate_limits, AdapterReport,
     ContextOptions, GpuContext,
 };
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::context::{all_adapters, list_adapters};
+pub use engine::io::{
+    BackwardIo, Encode, ForwardIo, Host, HostGrad, Resident, ResidentGrad, TrainIo,
+};
 pub use engine::shaders;
 pub use engine::tensors::{GpuTensors, Output};
 pub use fma::backward::{GradTensors, WeightGradTensors};

@@ -8,7 +8,7 @@
 //! r.o; r.lse;                                  // Float32Arrays; dec.lens is [101 ...]
 //! ```
 
-use multipole_attn::gpu::{DecodeMode, Decoder};
+use multipole_attn::gpu::{DecodeMode, Decoder, Host};
 use multipole_attn::{DecodeConfig, FmaConfig};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
@@ -163,7 +163,10 @@ impl Decoding {
         v: Vec<f32>,
         mode_name: String,
     ) -> Result<Decoded, JsError> {
-        let out = self.dec.step_async(&q, &k, &v, mode(&mode_name)?).await?;
+        let out = self
+            .dec
+            .step_async(mode(&mode_name)?, Host::new(&q, &k, &v))
+            .await?;
         Ok(Decoded {
             o: out.o,
             lse: out.lse.unwrap_or_default(),

@@ -10,7 +10,7 @@ use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor, write_array};
 use crate::run::{build_config, problem_shape};
 use crate::tensor::fmt_shape;
-use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext};
+use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext, Host};
 use multipole_attn::levels::num_levels;
 use multipole_attn::{cpu, DecodeConfig, Problem, Shape};
 
@@ -169,12 +169,12 @@ fn gpu(
     while at < n {
         let c = args.chunk.min(n - at);
         bar.inc(c as u64);
-        let out = dec.step(
-            &rows(&q, s, s.batch_heads(), at, c),
-            &rows(&k, s, s.kv_batch_heads(), at, c),
-            &rows(&v, s, s.kv_batch_heads(), at, c),
-            mode,
-        )?;
+        let (qs, ks, vs) = (
+            rows(&q, s, s.batch_heads(), at, c),
+            rows(&k, s, s.kv_batch_heads(), at, c),
+            rows(&v, s, s.kv_batch_heads(), at, c),
+        );
+        let out = dec.step(mode, Host::new(&qs, &ks, &vs))?;
         put(&mut o, &out.o, s, at, c, d);
         put(&mut lse, &out.lse.unwrap_or_default(), s, at, c, 1);
         at += c;

@@ -1,10 +1,9 @@
 //! The one entry point of the GPU path: [`Attention`] runs a [`Problem`] by a [`Method`] (FMA
 //! or exact dense attention), one call per operation (forward, training forward, backward),
-//! each taking its tensors as host slices, resident buffers or the caller's encoder (`io.rs`).
+//! each taking its tensors as host slices, resident buffers or the caller's encoder
+//! (`engine/io.rs`).
 //! Below it the executors (`gpu/fma/`, `gpu/dense/`) keep one method per path; this layer
 //! only chooses the path, so every caller branches nowhere.
-
-mod io;
 
 use std::sync::{Arc, Mutex};
 
@@ -20,8 +19,7 @@ use crate::plan::{BackwardPlan, DenseBackwardPlan, DensePlan, FmaPlan};
 use crate::problem::Problem;
 use crate::variants::Variants;
 
-use io::{BackwardArgs, ForwardArgs};
-pub use io::{BackwardIo, Encode, ForwardIo, Host, HostGrad, Resident, ResidentGrad, TrainIo};
+use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, TrainIo};
 
 /// Attention on the GPU: a [`Method`] on a device, run on any [`Problem`].
 ///

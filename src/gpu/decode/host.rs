@@ -4,6 +4,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::io::{sealed::Sealed, Host};
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::tensors::{check_storage, Output, Scopes, Staged};
 use crate::shape::Shape;
@@ -28,6 +29,61 @@ pub struct StepTensors<'a> {
     pub lse: &'a wgpu::Buffer,
 }
 
+/// One step's tensors on the GPU recorded into the caller's encoder ([`Decoder::step`]):
+/// `tokens` new tokens per sequence (C; the buffers may be larger).
+#[derive(Debug)]
+pub struct EncodeStep<'a> {
+    /// The caller's encoder.
+    pub encoder: &'a mut wgpu::CommandEncoder,
+    /// Q, K, V of the new tokens, O and the LSE written.
+    pub tensors: StepTensors<'a>,
+    /// C, the new tokens per sequence.
+    pub tokens: usize,
+}
+
+/// A step's tensors as one value.
+pub(crate) enum StepArgs<'a> {
+    Host(Host<'a>),
+    Encode(EncodeStep<'a>),
+}
+
+/// The tensors of a decoding step: [`Host`] (returns [`Output`]) or [`EncodeStep`] (`()`).
+#[allow(private_interfaces)] // sealed: the args enum is the library's own business
+pub trait StepIo<'a>: Sealed {
+    /// What the step returns.
+    type Out;
+    #[doc(hidden)]
+    fn args(self) -> StepArgs<'a>;
+    #[doc(hidden)]
+    fn out(out: Option<Output>) -> Self::Out;
+}
+
+impl Sealed for EncodeStep<'_> {}
+
+#[allow(private_interfaces)]
+impl<'a> StepIo<'a> for Host<'a> {
+    type Out = Output;
+    fn args(self) -> StepArgs<'a> {
+        StepArgs::Host(self)
+    }
+    fn out(out: Option<Output>) -> Output {
+        // The host path always returns its output (`Decoder::step_async`).
+        out.unwrap_or(Output {
+            o: Vec::new(),
+            lse: None,
+        })
+    }
+}
+
+#[allow(private_interfaces)]
+impl<'a> StepIo<'a> for EncodeStep<'a> {
+    type Out = ();
+    fn args(self) -> StepArgs<'a> {
+        StepArgs::Encode(self)
+    }
+    fn out(_: Option<Output>) {}
+}
+
 impl Decoder {
     fn step_shape(&self, chunk: usize) -> Shape {
         Shape::new(self.cfg.batch, self.cfg.heads, chunk, self.cfg.head_dim)
@@ -47,16 +103,31 @@ impl Decoder {
         Ok(len / row)
     }
 
-    /// Appends C tokens to every sequence (Q: (batch, heads, C, head_dim), K, V: (batch,
-    /// kv_heads, C, head_dim)) and returns their outputs (Q's shape) and LSE (batch, heads, C):
-    /// FMA or exact dense attention over the cache as `mode` says. Async: works on the web.
-    pub async fn step_async(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mode: DecodeMode,
-    ) -> Result<Output> {
+    /// Appends C tokens to every sequence and attends them to the cache, FMA or exact dense
+    /// attention as `mode` says (async: works on the web). The step's tensors: Q (batch,
+    /// heads, C, head_dim), K, V (batch, kv_heads, C, head_dim) as host slices ([`Host`]:
+    /// returns O of Q's shape and the LSE (batch, heads, C)), or buffers recorded into the
+    /// caller's encoder ([`EncodeStep`]: O and the LSE written when it submits).
+    pub async fn step_async<'a, I: StepIo<'a>>(&self, mode: DecodeMode, io: I) -> Result<I::Out> {
+        let out = match io.args() {
+            StepArgs::Host(h) => Some(self.step_host(h.q, h.k, h.v, mode).await?),
+            StepArgs::Encode(e) => {
+                self.step_encode(e.encoder, e.tensors, e.tokens, mode)
+                    .await?;
+                None
+            }
+        };
+        Ok(I::out(out))
+    }
+
+    /// Blocking [`Decoder::step_async`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn step<'a, I: StepIo<'a>>(&self, mode: DecodeMode, io: I) -> Result<I::Out> {
+        pollster::block_on(self.step_async(mode, io))
+    }
+
+    /// A step of host tensors: upload, record, one submit, read back.
+    async fn step_host(&self, q: &[f32], k: &[f32], v: &[f32], mode: DecodeMode) -> Result<Output> {
         self.ctx.check_alive()?;
         let chunk = self.chunk_of(q.len())?;
         let shape = self.step_shape(chunk);
@@ -114,17 +185,11 @@ impl Decoder {
         staged.read(&self.ctx).await
     }
 
-    /// Blocking [`Decoder::step_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn step(&self, q: &[f32], k: &[f32], v: &[f32], mode: DecodeMode) -> Result<Output> {
-        pollster::block_on(self.step_async(q, k, v, mode))
-    }
-
-    /// Records a step of tensors already on the GPU into the caller's encoder (C from the
-    /// buffers' sizes is not guessed: `chunk` says it). Checks run first; the step takes effect
-    /// when the caller submits, and steps recorded one after another each see their own
+    /// A step of tensors already on the GPU recorded into the caller's encoder (C is not
+    /// guessed from the buffers' sizes: `chunk` says it). Checks run first; the step takes
+    /// effect when the caller submits, and steps recorded one after another each see their own
     /// positions. A recorded step must be submitted (the decoder counts it as taken).
-    pub async fn encode_step_async(
+    async fn step_encode(
         &self,
         enc: &mut wgpu::CommandEncoder,
         t: StepTensors<'_>,
@@ -171,18 +236,6 @@ impl Decoder {
             seqs: 0..self.cfg.batch,
         };
         self.record(enc, &mut st, &pipes, &io, Work::Attend(mode, 0))
-    }
-
-    /// Blocking [`Decoder::encode_step_async`] (native only).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn encode_step(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        t: StepTensors<'_>,
-        chunk: usize,
-        mode: DecodeMode,
-    ) -> Result<()> {
-        pollster::block_on(self.encode_step_async(enc, t, chunk, mode))
     }
 
     /// Appends the first `lengths[b]` tokens of K, V (batch, kv_heads, P, head_dim) to sequence b,

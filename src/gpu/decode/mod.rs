@@ -21,7 +21,7 @@ use crate::gpu::engine::weights::WeightBuffers;
 use crate::gpu::fma::FmaAttention;
 use crate::plan::{DecodeLayout, KernelLimits};
 
-pub use host::StepTensors;
+pub use host::{EncodeStep, StepIo, StepTensors};
 use record::{RecordKey, Uniforms};
 use state::State;
 

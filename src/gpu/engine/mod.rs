@@ -8,6 +8,7 @@ pub(crate) mod buffers;
 pub(crate) mod cache;
 pub mod context;
 pub(crate) mod front;
+pub mod io;
 pub(crate) mod params;
 pub mod passes;
 pub(crate) mod pipelines;

@@ -1,6 +1,7 @@
-//! The tensors of one call to [`super::Attention`]: host slices, buffers resident on the GPU,
-//! or buffers recorded into the caller's encoder. Each kind says what the call returns
-//! (`Out`): host inputs give host results, resident ones leave them in the caller's buffers.
+//! The tensors of one call to `gpu::Attention` (or one step of `gpu::Decoder`): host slices,
+//! buffers resident on the GPU, or buffers recorded into the caller's encoder. Each kind says
+//! what the call returns (`Out`): host inputs give host results, resident ones leave them in
+//! the caller's buffers.
 
 use crate::gpu::engine::tensors::{GpuTensors, GradTensors, Output};
 use crate::gradients::Gradients;
@@ -72,8 +73,8 @@ pub(crate) enum BackwardArgs<'a> {
     Resident(&'a wgpu::Buffer, GradTensors<'a>),
 }
 
-mod sealed {
-    /// Only this module's I/O kinds implement the I/O traits.
+pub(crate) mod sealed {
+    /// Only the library's I/O kinds implement the I/O traits.
     pub trait Sealed {}
     impl Sealed for super::Host<'_> {}
     impl Sealed for super::Resident<'_> {}
