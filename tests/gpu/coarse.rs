@@ -12,10 +12,10 @@
 
 use crate::common::{browser_like_gpu, closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, Plan, Resident};
 use multipole_attn::levels::{far_list, sub_window, Levels};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, FmaError, LearnedWeights, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, FmaError, LearnedWeights, Problem, Queries, Shape};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -36,9 +36,9 @@ fn inputs(seed: u64, shape: Shape) -> [Vec<f32>; 3] {
 
 /// Runs `cfg` on the GPU through caller buffers poisoned with NaN; returns (O, LSE).
 fn run_gpu(ctx: &GpuContext, x: &[Vec<f32>; 3], shape: Shape, cfg: &FmaConfig) -> [Vec<f32>; 2] {
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{shape}: {e}"));
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{shape}: {e}"));
     let bufs = Poisoned::new(ctx, &x[0], &x[1], &x[2], shape);
-    fma.forward_buffers(bufs.tensors(), shape)
+    fma.forward(&Problem::new(shape), Resident(bufs.tensors()))
         .unwrap_or_else(|e| panic!("{shape}: {e}"));
     let (o, lse) = bufs.read(ctx);
     [o[..shape.elements()].to_vec(), lse[..shape.rows()].to_vec()]
@@ -222,9 +222,13 @@ fn coarse_differs_from_fine() {
 #[test]
 fn causal_coarse_is_refused_with_a_typed_error() {
     let Some(ctx) = gpu() else { return };
-    let err = FmaAttention::new(ctx, coarse(16, 2).causal(true))
-        .err()
-        .expect("causal + coarse must be refused");
+    // The mask is the problem's: refused at the call, before any work.
+    let p = Problem::new(Shape::new(1, 1, 64, 4)).causal(true);
+    let x = vec![0.5f32; p.shape.elements()];
+    let err = Attention::fma(ctx, coarse(16, 2))
+        .unwrap()
+        .forward(&p, Host::new(&x, &x, &x))
+        .expect_err("causal + coarse must be refused");
     assert!(matches!(err, FmaError::CausalCoarseQueries), "{err}");
     assert!(err.to_string().contains("bidirectional only"), "{err}");
 }
@@ -236,13 +240,18 @@ fn coarse_host_api_matches_buffer_api_and_folds_many_heads() {
     // 14000 heads of n = 9, m = 2: over 65535 workgroups in the near-field and merge passes.
     let shape = Shape::new(2, 7000, 9, 8);
     let cfg = coarse(2, 2);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-    assert!(fma.plan(shape).unwrap().attention.workgroups > 65535);
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
+    let Plan::Fma(plan) = fma.plan(&Problem::new(shape)).unwrap() else {
+        panic!("not an FMA plan")
+    };
+    assert!(plan.attention.workgroups > 65535);
     let x = inputs(seed, shape);
     check(ctx, &x, shape, &cfg, &format!("seed {seed} many heads"));
     let shape = Shape::new(1, 2, 1000, 64);
     let x = inputs(seed, shape);
-    let a = fma.forward(&x[0], &x[1], &x[2], shape, true).unwrap();
+    let a = fma
+        .forward(&Problem::new(shape), Host::new(&x[0], &x[1], &x[2]))
+        .unwrap();
     let [o, lse] = run_gpu(ctx, &x, shape, &cfg);
     assert_eq!(a.o, o);
     assert_eq!(a.lse.unwrap(), lse);

@@ -15,17 +15,19 @@ use crate::common::gradients::{backward_poisoned, compare_all, inputs, Inputs};
 use crate::common::{gpu, mismatched_subgroup_gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::Grid;
-use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, LearnedWeights, Queries, Shape};
+use multipole_attn::{
+    Downsample, FmaConfig, FmaError, Gradients, LearnedWeights, Problem, Queries, Shape,
+};
 
-/// The GPU gradients of one case (forward through `forward_train`, backward into poisoned
-/// buffers).
+/// The GPU gradients of one case (forward through `train`, backward into poisoned buffers).
 fn gpu_gradients(ctx: &GpuContext, cfg: &FmaConfig, x: &Inputs, shape: Shape) -> Gradients<f32> {
-    let fma = FmaAttention::new(ctx, cfg.clone()).expect("config");
-    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).expect("forward");
-    let plan = fma.backward_plan(shape).expect("plan");
-    backward_poisoned(ctx, &fma, &saved, &plan, &x.dout)
+    let fma = Attention::fma(ctx, cfg.clone()).expect("config");
+    let (_, saved) = fma
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .expect("forward");
+    backward_poisoned(ctx, &fma, &saved, &x.dout)
 }
 
 /// Checks every gradient of one case, the query weights' included; returns the worst scaled
@@ -162,9 +164,11 @@ fn coarse_and_fine_query_gradients_differ_and_runs_repeat() {
     let a = gpu_gradients(ctx, &cfg, &x, shape);
     let b = gpu_gradients(ctx, &cfg, &x, shape);
     assert!(a == b, "two runs differ");
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    let host = fma.backward(&saved, &x.dout).unwrap();
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
+    let (_, saved) = fma
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .unwrap();
+    let host = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
     assert!(host == a, "the host API differs from the buffer API");
     let fine = gpu_gradients(ctx, &cfg.clone().queries(Queries::Fine), &x, shape);
     let scale = a.dq.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -188,7 +192,12 @@ fn coarse_and_fine_query_gradients_differ_and_runs_repeat() {
 #[test]
 fn causal_coarse_query_training_is_refused() {
     let Some(ctx) = gpu() else { return };
-    let cfg = FmaConfig::new(4, 2).queries(Queries::Coarse).causal(true);
-    let e = FmaAttention::new(ctx, cfg).err();
+    let cfg = FmaConfig::new(4, 2).queries(Queries::Coarse);
+    let p = Problem::new(Shape::new(1, 1, 64, 4)).causal(true);
+    let x = vec![0.5f32; p.shape.elements()];
+    let e = Attention::fma(ctx, cfg)
+        .unwrap()
+        .train(&p, Host::new(&x, &x, &x))
+        .err();
     assert!(matches!(e, Some(FmaError::CausalCoarseQueries)), "{e:?}");
 }

@@ -3,17 +3,17 @@
 use std::sync::Arc;
 
 use crate::common::gpu;
-use multipole_attn::gpu::{DenseAttention, FmaAttention};
+use multipole_attn::gpu::{Attention, Host, HostGrad};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, Shape};
+use multipole_attn::{FmaConfig, Problem, Shape};
 
 #[test]
 fn four_threads_share_one_context_and_one_fma() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     eprintln!("seed {seed}");
-    let fma = Arc::new(FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap());
-    let dense = Arc::new(DenseAttention::new(ctx, true).unwrap());
+    let fma = Arc::new(Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap());
+    let dense = Arc::new(Attention::dense(ctx).unwrap());
     // Two threads share a shape (and so the cached buffers), two have their own.
     let shapes = [
         Shape::new(1, 2, 300, 16),
@@ -38,8 +38,13 @@ fn four_threads_share_one_context_and_one_fma() {
         .zip(&inputs)
         .map(|(&s, (q, k, v))| {
             (
-                fma.forward(q, k, v, s, true).unwrap(),
-                dense.forward(q, k, v, s, false).unwrap(),
+                fma.forward(&Problem::new(s), Host::new(q, k, v)).unwrap(),
+                dense
+                    .forward(
+                        &Problem::new(s).causal(true),
+                        Host::new(q, k, v).without_lse(),
+                    )
+                    .unwrap(),
             )
         })
         .collect();
@@ -52,9 +57,12 @@ fn four_threads_share_one_context_and_one_fma() {
                 std::thread::spawn(move || {
                     let mut outs = Vec::new();
                     for _ in 0..3 {
+                        let (p, causal) = (Problem::new(s), Problem::new(s).causal(true));
                         outs.push((
-                            fma.forward(&q, &k, &v, s, true).unwrap(),
-                            dense.forward(&q, &k, &v, s, false).unwrap(),
+                            fma.forward(&p, Host::new(&q, &k, &v)).unwrap(),
+                            dense
+                                .forward(&causal, Host::new(&q, &k, &v).without_lse())
+                                .unwrap(),
                         ));
                     }
                     outs
@@ -87,7 +95,7 @@ fn four_threads_train_through_one_fma() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     eprintln!("seed {seed}");
-    let fma = Arc::new(FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap());
+    let fma = Arc::new(Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap());
     let shapes = [
         Shape::new(1, 2, 300, 16),
         Shape::new(1, 2, 300, 16),
@@ -105,9 +113,10 @@ fn four_threads_train_through_one_fma() {
             x
         })
         .collect();
-    let train = |fma: &FmaAttention, s: Shape, x: &[Vec<f32>]| {
-        let (_, saved) = fma.forward_train(&x[0], &x[1], &x[2], s).unwrap();
-        fma.backward(&saved, &x[3]).unwrap()
+    let train = |fma: &Attention, s: Shape, x: &[Vec<f32>]| {
+        let p = Problem::new(s);
+        let (_, saved) = fma.train(&p, Host::new(&x[0], &x[1], &x[2])).unwrap();
+        fma.backward(&saved, HostGrad(&x[3])).unwrap()
     };
     let sequential: Vec<_> = shapes
         .iter()

@@ -12,9 +12,9 @@
 
 use crate::common::{browser_like_gpu, closeness, gpu, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Sequences, Shape};
+use multipole_attn::{Problem, Sequences, Shape};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -24,7 +24,7 @@ const LSE_RTOL: f64 = 1e-5;
 /// Random inputs of `shape` and the f64 reference.
 struct Case {
     label: String,
-    shape: Shape,
+    problem: Problem,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -41,7 +41,7 @@ impl Case {
         let label = format!("seed {seed} {shape} causal {causal}");
         Self {
             label,
-            shape,
+            problem: Problem::new(shape).causal(causal),
             q,
             k,
             v,
@@ -49,13 +49,14 @@ impl Case {
         }
     }
 
-    /// Runs `dense` (made with this case's mask) through NaN-poisoned caller buffers and
-    /// checks O and the LSE against the reference.
-    fn check(&self, ctx: &GpuContext, dense: &DenseAttention, what: &str) {
+    /// Runs `dense` on this case's problem through NaN-poisoned caller buffers and checks O
+    /// and the LSE against the reference.
+    fn check(&self, ctx: &GpuContext, dense: &Attention, what: &str) {
         let label = format!("{what} {}", self.label);
-        let bufs = Poisoned::new(ctx, &self.q, &self.k, &self.v, self.shape);
+        let shape = self.problem.shape;
+        let bufs = Poisoned::new(ctx, &self.q, &self.k, &self.v, shape);
         dense
-            .forward_buffers(bufs.tensors(), self.shape)
+            .forward(&self.problem, Resident(bufs.tensors()))
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         let (o, lse) = bufs.read(ctx);
         let co = closeness(&o, &self.r.o, O_ATOL, O_RTOL);
@@ -95,7 +96,7 @@ fn long_key_ranges_are_attended_in_chunks_on_every_variant() {
         for causal in [false, true] {
             let case = Case::new(Shape::cross(1, 1, 16, keys, d), causal);
             for (what, ctx) in [("default", ctx), ("browser limits", plain)] {
-                case.check(ctx, &DenseAttention::new(ctx, causal).unwrap(), what);
+                case.check(ctx, &Attention::dense(ctx).unwrap(), what);
             }
         }
     }
@@ -116,9 +117,10 @@ fn small_key_chunks_merge_to_the_reference() {
     ] {
         for causal in [false, true] {
             let case = Case::new(shape, causal);
-            let dense = DenseAttention::new(ctx, causal)
+            let dense = Attention::dense(ctx)
                 .unwrap()
-                .keys_per_dispatch(keys);
+                .keys_per_dispatch(keys)
+                .unwrap();
             case.check(ctx, &dense, &format!("{keys} keys per dispatch"));
         }
     }
@@ -141,11 +143,13 @@ fn variable_length_batches_take_key_chunks_too() {
         let v = normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements());
         for causal in [false, true] {
             let label = format!("seed {seed} {seqs:?} causal {causal}");
-            let dense = DenseAttention::new(ctx, causal)
+            let problem = Problem::varlen(seqs.clone(), 2, 1, 8).causal(causal);
+            let dense = Attention::dense(ctx)
                 .unwrap()
-                .keys_per_dispatch(32);
+                .keys_per_dispatch(32)
+                .unwrap();
             let out = dense
-                .forward_varlen(&q, &k, &v, shape, &seqs, true)
+                .forward(&problem, Host::new(&q, &k, &v))
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
             let r = cpu::dense_attention_varlen(
                 &widen(&q),

@@ -12,9 +12,11 @@
 
 use crate::common::{closeness, gpu, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, FmaError, Grid, LearnedWeights, Queries, Shape};
+use multipole_attn::{
+    Downsample, FmaConfig, FmaError, Grid, LearnedWeights, Problem, Queries, Shape,
+};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -71,9 +73,9 @@ fn check_grid(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> (f6
         normal_tensor(seed ^ 0x9e37_79b9, n),
         normal_tensor(seed ^ 0x7f4a_7c15, n),
     );
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
-    fma.forward_buffers(bufs.tensors(), shape)
+    fma.forward(&Problem::new(shape), Resident(bufs.tensors()))
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let (o, lse) = bufs.read(ctx);
     let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, cfg).unwrap();
@@ -180,15 +182,19 @@ fn what_the_gpu_does_not_run_in_2d_is_a_typed_error() {
     let shape = Shape::new(1, 1, 64, 4);
     let x = vec![0.5f32; shape.elements()];
     // H W != n.
-    let fma = FmaAttention::new(ctx, FmaConfig::new(2, 1).grid(grid)).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(2, 1).grid(grid)).unwrap();
+    let (x60, short) = (&x[..60], Problem::new(Shape::new(1, 1, 15, 4)));
     let e = fma
-        .forward(&x[..60], &x[..60], &x[..60], Shape::new(1, 1, 15, 4), false)
+        .forward(&short, Host::new(x60, x60, x60).without_lse())
         .unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "grid"),
         "{e}"
     );
-    // Causal.
-    let e = FmaAttention::new(ctx, FmaConfig::new(2, 1).grid(grid).causal(true)).err();
+    // Causal (the problem's mask: refused at the call, before any work).
+    let causal = Problem::new(shape).causal(true);
+    let e = fma
+        .forward(&causal, Host::new(&x, &x, &x).without_lse())
+        .err();
     assert!(matches!(e, Some(FmaError::CausalGrid)), "{e:?}");
 }

@@ -16,10 +16,12 @@ use std::sync::OnceLock;
 
 use crate::common::{closeness, gpu, gpu_with_binding_limit, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, Resident};
 use multipole_attn::plan::{KernelLimits, SplitPlan};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, FmaError, Grid, LearnedWeights, Queries, Shape};
+use multipole_attn::{
+    Downsample, FmaConfig, FmaError, Grid, LearnedWeights, Problem, Queries, Shape,
+};
 
 const SMALL: u64 = 16 << 10;
 
@@ -111,19 +113,23 @@ fn a_grid_over_the_binding_runs_in_rows_of_cells_to_the_bit() {
         let s = seed.wrapping_add(i as u64 * 7919);
         let label = format!("seed {s} {shape} grid {} {cfg:?}", cfg.grid.unwrap());
         let (q, k, v) = inputs(s, shape);
+        let problem = Problem::new(shape);
         let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
         for (small, default, cap) in setups(shared) {
             let limits = KernelLimits::from_wgpu(&small.limits).capped(cap);
             let plan = SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits).unwrap();
             assert_eq!(plan.chunks.len(), chunks, "{label}");
-            let fma = |ctx| FmaAttention::new(ctx, cfg.clone()).unwrap();
-            let whole = fma(default).forward(&q, &k, &v, shape, true).unwrap();
+            let fma = |ctx| Attention::fma(ctx, cfg.clone()).unwrap();
+            let whole = fma(default)
+                .forward(&problem, Host::new(&q, &k, &v))
+                .unwrap();
             let lse = whole.lse.clone().unwrap();
 
             // Host slices (runs of whole heads when a head fits).
             let split = fma(small)
                 .max_binding(cap)
-                .forward(&q, &k, &v, shape, true)
+                .unwrap()
+                .forward(&problem, Host::new(&q, &k, &v))
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
             assert!(
                 split.o == whole.o && split.lse == whole.lse,
@@ -135,7 +141,8 @@ fn a_grid_over_the_binding_runs_in_rows_of_cells_to_the_bit() {
             let bufs = Poisoned::with_usage(small, &q, &k, &v, shape, copy);
             fma(small)
                 .max_binding(cap)
-                .forward_buffers(bufs.tensors(), shape)
+                .unwrap()
+                .forward(&problem, Resident(bufs.tensors()))
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
             let (o, l) = bufs.read(small);
             assert!(
@@ -187,7 +194,7 @@ fn what_a_grid_cannot_split_is_a_typed_error() {
             "earned",
         ),
     ] {
-        let fma = match FmaAttention::new(small, cfg.clone()) {
+        let fma = match Attention::fma(small, cfg.clone()) {
             Ok(fma) => fma,
             Err(e) => {
                 assert!(
@@ -197,7 +204,8 @@ fn what_a_grid_cannot_split_is_a_typed_error() {
                 continue;
             }
         };
-        let e = fma.check(shape(d)).unwrap_err();
+        let problem = Problem::new(shape(d));
+        let e = fma.check(&problem).unwrap_err();
         assert!(
             matches!(&e, FmaError::LimitExceeded { what, .. } if what.contains(needle)),
             "{cfg:?}: {e}"
@@ -205,15 +213,19 @@ fn what_a_grid_cannot_split_is_a_typed_error() {
         let x = vec![0.25f32; shape(d).elements()];
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let bufs = Poisoned::with_usage(small, &x, &x, &x, shape(d), copy);
-        let e = fma.forward_buffers(bufs.tensors(), shape(d)).unwrap_err();
+        let e = fma.forward(&problem, Resident(bufs.tensors())).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{cfg:?}: {e}");
-        let e = fma.forward(&x, &x, &x, shape(d), false).unwrap_err();
+        let e = fma
+            .forward(&problem, Host::new(&x, &x, &x).without_lse())
+            .unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{cfg:?}: {e}");
         assert!(bufs.read(small).0.iter().all(|v| v.is_nan()));
     }
     // The backward has no split path (nor in 1D): a head the forward splits cannot train.
     let x = vec![0.25f32; shape(4).elements()];
-    let fma = FmaAttention::new(small, FmaConfig::new(4, 1).grid(Some(grid))).unwrap();
-    let e = fma.forward_train(&x, &x, &x, shape(4)).err();
+    let fma = Attention::fma(small, FmaConfig::new(4, 1).grid(Some(grid))).unwrap();
+    let e = fma
+        .train(&Problem::new(shape(4)), Host::new(&x, &x, &x))
+        .err();
     assert!(matches!(e, Some(FmaError::LimitExceeded { .. })), "{e:?}");
 }

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::{closeness, gpu};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::FmaAttention;
+use multipole_attn::gpu::{Attention, Host, HostGrad};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Method, Problem, Queries, Shape};
 
 /// The largest block a 32-bit index could hold, a prime: only p = 1 and p = m divide it.
 const HUGE: usize = (1 << 31) - 1;
@@ -51,17 +51,20 @@ fn inputs(shape: Shape) -> [Vec<f32>; 3] {
     ]
 }
 
-/// O and the LSE of the GPU forward, and (fine queries) dQ, dK, dV of dO = 1.
-fn run(cfg: FmaConfig, shape: Shape) -> Vec<Vec<f32>> {
+/// O and the LSE of the GPU forward of `problem`, and (fine queries) dQ, dK, dV of dO = 1.
+fn run(cfg: FmaConfig, problem: Problem) -> Vec<Vec<f32>> {
     let ctx = gpu().expect("checked by the caller");
+    let shape = problem.shape;
     let [q, k, v] = inputs(shape);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
     if cfg.queries == Queries::Coarse {
-        let out = fma.forward(&q, &k, &v, shape, true).unwrap();
+        let out = fma.forward(&problem, Host::new(&q, &k, &v)).unwrap();
         return vec![out.o, out.lse.unwrap()];
     }
-    let (out, saved) = fma.forward_train(&q, &k, &v, shape).unwrap();
-    let g = fma.backward(&saved, &vec![1.0; shape.elements()]).unwrap();
+    let (out, saved) = fma.train(&problem, Host::new(&q, &k, &v)).unwrap();
+    let g = fma
+        .backward(&saved, HostGrad(&vec![1.0; shape.elements()]))
+        .unwrap();
     vec![out.o, out.lse.unwrap(), g.dq, g.dk, g.dv]
 }
 
@@ -73,23 +76,25 @@ fn a_block_of_2_pow_31_minus_1_runs_as_fast_as_m_equals_n_and_gives_its_bits() {
     let shape = Shape::new(1, 2, 64, 16);
     let n = shape.seq;
     let learned = |m, p| Downsample::Learned(LearnedWeights::box_init_for(16, m, p, n));
-    // (name, configuration for m and p): each is compared at (n, 1), (HUGE, 1), (HUGE, HUGE).
+    // (name, causal mask, configuration for m and p): each is compared at (n, 1), (HUGE, 1),
+    // (HUGE, HUGE).
     type Make = fn(FmaConfig, Downsample) -> FmaConfig;
-    let cases: [(&str, Make); 4] = [
-        ("bidirectional", |c, _| c),
-        ("causal", |c, _| c.causal(true)),
-        ("coarse queries", |c, _| c.queries(Queries::Coarse)),
-        ("learned", |c, w| c.downsample(w)),
+    let cases: [(&str, bool, Make); 4] = [
+        ("bidirectional", false, |c, _| c),
+        ("causal", true, |c, _| c),
+        ("coarse queries", false, |c, _| c.queries(Queries::Coarse)),
+        ("learned", false, |c, w| c.downsample(w)),
     ];
-    for (name, make) in cases {
+    for (name, causal, make) in cases {
         let at = |m: usize, p: usize| make(FmaConfig::new(m, p), learned(m, p));
+        let problem = Problem::new(shape).causal(causal);
         let label = format!("{name}, m = n = {n}");
-        let cfg = at(n, 1);
-        let want = within_deadline(&label, move || run(cfg, shape));
+        let (cfg, pr) = (at(n, 1), problem.clone());
+        let want = within_deadline(&label, move || run(cfg, pr));
         for (m, p) in [(HUGE, 1), (HUGE, HUGE)] {
             let label = format!("{name}, m = {m}, p = {p}");
-            let cfg = at(m, p);
-            let got = within_deadline(&label, move || run(cfg, shape));
+            let (cfg, pr) = (at(m, p), problem.clone());
+            let got = within_deadline(&label, move || run(cfg, pr));
             assert_eq!(got.len(), want.len(), "{label}");
             for (g, w) in got.iter().zip(&want) {
                 assert!(
@@ -98,18 +103,17 @@ fn a_block_of_2_pow_31_minus_1_runs_as_fast_as_m_equals_n_and_gives_its_bits() {
                 );
             }
             // And the reference at that m: exact attention, within the forward's tolerance.
-            let cfg = at(m, p);
+            let (method, pr) = (Method::Fma(at(m, p)), problem.clone());
             let [q, k, v] = inputs(shape);
             let r = within_deadline(&format!("{label}, CPU reference"), move || {
-                cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap()
+                cpu::forward(&method, &pr, &widen(&q), &widen(&k), &widen(&v)).unwrap()
             });
             let co = closeness(&got[0], &r.o, 5e-5, 5e-5);
             let cl = closeness(&got[1], &r.lse, 5e-5, 1e-5);
             assert_eq!(co.violations + cl.violations, 0, "{label}: {co:?} {cl:?}");
             let [q, k, v] = inputs(shape);
             let dense =
-                cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, name == "causal")
-                    .unwrap();
+                cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, causal).unwrap();
             let cd = closeness(&got[0], &dense.o, 5e-5, 5e-5);
             assert_eq!(
                 cd.violations, 0,
@@ -126,11 +130,12 @@ fn a_split_head_with_a_block_of_2_pow_31_minus_1_is_a_quick_typed_error() {
     // sequence as one fine block, which a split head cannot bind; it must say so at once.
     let shape = Shape::new(1, 1, 1024, 16);
     let [q, k, v] = inputs(shape);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(HUGE, 1))
+    let fma = Attention::fma(ctx, FmaConfig::new(HUGE, 1))
         .unwrap()
-        .max_binding(16 << 10);
+        .max_binding(16 << 10)
+        .unwrap();
     let e = within_deadline("split head, m = 2^31 - 1", move || {
-        fma.forward(&q, &k, &v, shape, false)
+        fma.forward(&Problem::new(shape), Host::new(&q, &k, &v).without_lse())
             .unwrap_err()
             .to_string()
     });

@@ -24,9 +24,9 @@ use crate::common;
 use crate::common::gradients::{backward_poisoned, buffer, compare, nan};
 use crate::common::{browser_like_gpu, closeness, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, HostGrad, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, Queries, Shape};
+use multipole_attn::{FmaConfig, Method, Problem, Queries, Shape};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -42,34 +42,30 @@ fn tensors(seed: u64, shape: Shape) -> [Vec<f32>; 4] {
     ]
 }
 
-fn config(m: usize, p: usize, causal: bool, queries: Queries) -> FmaConfig {
-    FmaConfig {
-        block: m,
-        rank: p,
-        causal,
-        queries,
-        ..FmaConfig::default()
-    }
+fn config(m: usize, p: usize, queries: Queries) -> FmaConfig {
+    FmaConfig::new(m, p).queries(queries)
 }
 
-fn label(seed: u64, shape: Shape, cfg: &FmaConfig) -> String {
+fn label(seed: u64, problem: &Problem, cfg: &FmaConfig) -> String {
     format!(
-        "seed {seed} {shape} m={} p={} causal={} {:?}",
-        cfg.block, cfg.rank, cfg.causal, cfg.queries
+        "seed {seed} {} m={} p={} causal={} {:?}",
+        problem.shape, cfg.block, cfg.rank, problem.causal, cfg.queries
     )
 }
 
-/// The forward through NaN-poisoned caller buffers against the reference; returns the largest
-/// absolute error of O (asserting only when `assert`).
-fn forward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, assert: bool) -> f64 {
-    let label = label(seed, shape, cfg);
+/// The forward of `problem` through NaN-poisoned caller buffers against the reference; returns
+/// the largest absolute error of O (asserting only when `assert`).
+fn forward(ctx: &GpuContext, seed: u64, problem: &Problem, cfg: &FmaConfig, assert: bool) -> f64 {
+    let label = label(seed, problem, cfg);
+    let shape = problem.shape;
     let [q, k, v, _] = tensors(seed, shape);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let method = Method::Fma(cfg.clone());
+    let fma = Attention::new(ctx, method.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
-    fma.forward_buffers(bufs.tensors(), shape)
+    fma.forward(problem, Resident(bufs.tensors()))
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let (o, lse) = bufs.read(ctx);
-    let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, cfg).unwrap();
+    let r = cpu::forward(&method, problem, &widen(&q), &widen(&k), &widen(&v)).unwrap();
     let co = closeness(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
     let cl = closeness(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
     if assert {
@@ -82,10 +78,12 @@ fn forward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, assert: b
 
 /// Forward then backward (every gradient buffer poisoned) against the reference gradients;
 /// returns the worst scaled error (asserting only when `assert`).
-fn backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, assert: bool) -> f64 {
-    let label = label(seed, shape, cfg);
+fn backward(ctx: &GpuContext, seed: u64, problem: &Problem, cfg: &FmaConfig, assert: bool) -> f64 {
+    let label = label(seed, problem, cfg);
+    let shape = problem.shape;
     let [q, k, v, dout] = tensors(seed, shape);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let method = Method::Fma(cfg.clone());
+    let fma = Attention::new(ctx, method.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let (qb, kb, vb) = (
         buffer(ctx, "q", &q),
         buffer(ctx, "k", &k),
@@ -102,17 +100,13 @@ fn backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, assert: 
         out: &o,
         lse: Some(&lse),
     };
-    fma.forward_buffers(t, shape).expect("forward");
-    let saved = fma.saved_from_buffers(t, shape).expect("saved");
-    let plan = fma.backward_plan(shape).expect("plan");
-    let g = backward_poisoned(ctx, &fma, &saved, &plan, &dout);
-    let r = cpu::fma_backward(
-        &widen(&q),
-        &widen(&k),
-        &widen(&v),
+    let ((), saved) = fma.train(problem, Resident(t)).expect("forward");
+    let g = backward_poisoned(ctx, &fma, &saved, &dout);
+    let r = cpu::backward(
+        &method,
+        problem,
+        (&widen(&q), &widen(&k), &widen(&v)),
         &widen(&dout),
-        shape,
-        cfg,
     )
     .unwrap();
     [
@@ -150,9 +144,10 @@ fn fine_queries_with_large_blocks_at_d256_on_the_plain_variant() {
     let seed = fresh_seed();
     let shape = Shape::new(1, 1, 768, 256);
     for (m, causal) in [(256, false), (4096, true)] {
-        let cfg = config(m, 4, causal, Queries::Fine);
-        let err = forward(ctx, seed, shape, &cfg, true);
-        eprintln!("{}: max |error| {err:.2e}", label(seed, shape, &cfg));
+        let problem = Problem::new(shape).causal(causal);
+        let cfg = config(m, 4, Queries::Fine);
+        let err = forward(ctx, seed, &problem, &cfg, true);
+        eprintln!("{}: max |error| {err:.2e}", label(seed, &problem, &cfg));
     }
 }
 
@@ -162,10 +157,10 @@ fn fine_queries_with_large_blocks_at_d256_on_the_plain_variant() {
 fn coarse_queries_with_large_blocks_at_d256_on_the_plain_variant() {
     let Some(ctx) = plain() else { return };
     let seed = fresh_seed();
-    let shape = Shape::new(1, 1, 1024, 256);
-    let cfg = config(256, 256, false, Queries::Coarse);
-    let err = forward(ctx, seed, shape, &cfg, true);
-    eprintln!("{}: max |error| {err:.2e}", label(seed, shape, &cfg));
+    let problem = Problem::new(Shape::new(1, 1, 1024, 256));
+    let cfg = config(256, 256, Queries::Coarse);
+    let err = forward(ctx, seed, &problem, &cfg, true);
+    eprintln!("{}: max |error| {err:.2e}", label(seed, &problem, &cfg));
 }
 
 /// The backward at d = 256 with blocks of 256: dQ sweeps the middle block's 768 near keys,
@@ -174,10 +169,13 @@ fn coarse_queries_with_large_blocks_at_d256_on_the_plain_variant() {
 fn backward_with_large_blocks_at_d256_on_the_plain_variant() {
     let Some(ctx) = plain() else { return };
     let seed = fresh_seed();
-    let shape = Shape::new(1, 1, 768, 256);
-    let cfg = config(256, 4, false, Queries::Fine);
-    let err = backward(ctx, seed, shape, &cfg, true);
-    eprintln!("{}: worst scaled error {err:.2e}", label(seed, shape, &cfg));
+    let problem = Problem::new(Shape::new(1, 1, 768, 256));
+    let cfg = config(256, 4, Queries::Fine);
+    let err = backward(ctx, seed, &problem, &cfg, true);
+    eprintln!(
+        "{}: worst scaled error {err:.2e}",
+        label(seed, &problem, &cfg)
+    );
 }
 
 /// The coarse dK~/dV~ pass with subgroups at n = 32768 (levels up to windows of 8192 tokens,
@@ -191,10 +189,13 @@ fn backward_with_large_blocks_at_d256_on_the_plain_variant() {
 fn coarse_key_gradients_of_long_sequences_with_subgroups() {
     let Some(ctx) = common::gpu() else { return };
     let seed = fresh_seed();
-    let shape = Shape::new(1, 1, 32768, 8);
-    let cfg = config(64, 2, false, Queries::Fine);
-    let err = backward(ctx, seed, shape, &cfg, true);
-    eprintln!("{}: worst scaled error {err:.2e}", label(seed, shape, &cfg));
+    let problem = Problem::new(Shape::new(1, 1, 32768, 8));
+    let cfg = config(64, 2, Queries::Fine);
+    let err = backward(ctx, seed, &problem, &cfg, true);
+    eprintln!(
+        "{}: worst scaled error {err:.2e}",
+        label(seed, &problem, &cfg)
+    );
 }
 
 /// Not a check: the measurement behind docs/perf.md's change 10 (the largest right block size
@@ -216,12 +217,14 @@ fn dense_backward_walks_of_65536_rows_run_in_chunks() {
         Shape::cross(1, 1, 65536, 32, 8),
     ] {
         let [q, k, v, dout] = tensors(seed, shape);
-        let mut dense = multipole_attn::gpu::DenseAttention::new(ctx, false).unwrap();
+        let mut dense = Attention::dense(ctx).unwrap();
         if unchunked {
-            dense = dense.keys_per_dispatch(usize::MAX);
+            dense = dense.keys_per_dispatch(usize::MAX).unwrap();
         }
-        let (_, saved) = dense.forward_train(&q, &k, &v, shape).unwrap();
-        let g = dense.backward(&saved, &dout).unwrap();
+        let (_, saved) = dense
+            .train(&Problem::new(shape), Host::new(&q, &k, &v))
+            .unwrap();
+        let g = dense.backward(&saved, HostGrad(&dout)).unwrap();
         let r = cpu::dense_backward(
             &widen(&q),
             &widen(&k),
@@ -258,12 +261,12 @@ fn probe_block_sizes() {
     });
     let backward_too = std::env::var("PROBE_BACKWARD").is_ok();
     for &d in &ds {
-        let shape = Shape::new(1, 1, n, d);
+        let problem = Problem::new(Shape::new(1, 1, n, d));
         for &m in &ms {
-            let cfg = config(m, 4, false, Queries::Fine);
-            let err = forward(ctx, seed, shape, &cfg, false);
+            let cfg = config(m, 4, Queries::Fine);
+            let err = forward(ctx, seed, &problem, &cfg, false);
             let grad = if backward_too {
-                let err = backward(ctx, seed, shape, &cfg, false);
+                let err = backward(ctx, seed, &problem, &cfg, false);
                 format!(", backward worst scaled error {err:.2e}")
             } else {
                 String::new()
@@ -294,11 +297,14 @@ fn probe_unchunked_dense_keys() {
             let shape = Shape::cross(1, 1, 16, keys, d);
             let [q, k, v, _] = tensors(seed, shape);
             let r = cpu::dense_attention(&widen(&q), &widen(&k), &widen(&v), shape, false).unwrap();
-            let dense = multipole_attn::gpu::DenseAttention::new(ctx, false)
+            let dense = Attention::dense(ctx)
                 .unwrap()
-                .keys_per_dispatch(usize::MAX);
+                .keys_per_dispatch(usize::MAX)
+                .unwrap();
             let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
-            dense.forward_buffers(bufs.tensors(), shape).unwrap();
+            dense
+                .forward(&Problem::new(shape), Resident(bufs.tensors()))
+                .unwrap();
             let (o, _) = bufs.read(ctx);
             let c = closeness(&o, &r.o, O_ATOL, O_RTOL);
             eprintln!(

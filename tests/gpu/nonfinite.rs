@@ -5,9 +5,9 @@
 
 use crate::common::gpu;
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention};
+use multipole_attn::gpu::{Attention, Host};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, Queries, Shape};
+use multipole_attn::{FmaConfig, Method, Problem, Queries, Shape};
 
 /// Rows (of one head) whose output the CPU reference makes non-finite.
 fn poisoned_rows(o: &[f64], d: usize) -> Vec<bool> {
@@ -44,12 +44,13 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
             let which = ["Q", "K", "V"].iter().position(|&t| t == tensor).unwrap();
             let pos = 300; // head 0, token 300
             x[which][pos * d + 3] = value;
-            let cfg = FmaConfig::new(16, 2).causal(causal).queries(queries);
-            let r =
-                cpu::fma_forward(&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), shape, &cfg).unwrap();
-            let g = FmaAttention::new(ctx, cfg)
+            let problem = Problem::new(shape).causal(causal);
+            let method = Method::Fma(FmaConfig::new(16, 2).queries(queries));
+            let (wq, wk, wv) = (widen(&x[0]), widen(&x[1]), widen(&x[2]));
+            let r = cpu::forward(&method, &problem, &wq, &wk, &wv).unwrap();
+            let g = Attention::new(ctx, method)
                 .unwrap()
-                .forward(&x[0], &x[1], &x[2], shape, false)
+                .forward(&problem, Host::new(&x[0], &x[1], &x[2]).without_lse())
                 .unwrap();
             let bad = poisoned_rows(&r.o, d);
             assert!(
@@ -77,9 +78,9 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
             let rd =
                 cpu::dense_attention(&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), shape, causal)
                     .unwrap();
-            let gd = DenseAttention::new(ctx, causal)
+            let gd = Attention::dense(ctx)
                 .unwrap()
-                .forward(&x[0], &x[1], &x[2], shape, false)
+                .forward(&problem, Host::new(&x[0], &x[1], &x[2]).without_lse())
                 .unwrap();
             for (row, &is_bad) in poisoned_rows(&rd.o, d).iter().enumerate() {
                 let finite = gd.o[row * d..(row + 1) * d].iter().all(|v| v.is_finite());

@@ -4,9 +4,9 @@
 
 use crate::common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::FmaAttention;
+use multipole_attn::gpu::{Attention, Resident};
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, FmaConfig, Shape};
+use multipole_attn::{Downsample, FmaConfig, Method, Problem, Shape};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -68,12 +68,14 @@ proptest! {
         let k = normal_tensor(c.seed ^ 1, shape.elements());
         let v = normal_tensor(c.seed ^ 2, shape.elements());
         let mode = if c.learned { Downsample::Learned(random_learned(c.seed, c.d, c.m, c.p, c.n)) } else { Downsample::Average };
-        let cfg = FmaConfig::new(c.m, c.p).causal(c.causal).downsample(mode).count_correction(c.count_correction);
-        let fma = FmaAttention::new(ctx, cfg.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let cfg = FmaConfig::new(c.m, c.p).downsample(mode).count_correction(c.count_correction);
+        let problem = Problem::new(shape).causal(c.causal);
+        let method = Method::Fma(cfg);
+        let fma = Attention::new(ctx, method.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
-        fma.forward_buffers(bufs.tensors(), shape).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        fma.forward(&problem, Resident(bufs.tensors())).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let (o, lse) = bufs.read(ctx);
-        let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let r = cpu::forward(&method, &problem, &widen(&q), &widen(&k), &widen(&v)).map_err(|e| TestCaseError::fail(e.to_string()))?;
         // Tolerances as in tests/gpu/forward.rs (justified there).
         let co = closeness(&o, &r.o, 5e-5, 5e-5);
         let cl = closeness(&lse, &r.lse, 5e-5, 1e-5);

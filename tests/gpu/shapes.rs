@@ -9,9 +9,9 @@
 
 use crate::common::{closeness, gpu, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuTensors, Host, HostGrad, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, FmaError, Queries, Shape};
+use multipole_attn::{FmaConfig, FmaError, Method, Problem, Queries, Shape};
 use wgpu::util::DeviceExt;
 
 const O_ATOL: f64 = 5e-5;
@@ -45,12 +45,13 @@ fn dense_attention_with_fewer_or_more_queries_than_keys() {
         let shape = Shape::cross(2, 3, seq, seq_kv, 24);
         let (q, k, v) = inputs(seed, shape);
         let label = format!("seed {seed} {shape} causal {causal}");
-        let dense = DenseAttention::new(ctx, causal).unwrap();
+        let problem = Problem::new(shape).causal(causal);
+        let dense = Attention::dense(ctx).unwrap();
         // Through NaN-poisoned caller buffers: an unwritten row fails.
         let (o, lse) = {
             let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
             dense
-                .forward_buffers(bufs.tensors(), shape)
+                .forward(&problem, Resident(bufs.tensors()))
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
             bufs.read(ctx)
         };
@@ -75,7 +76,7 @@ fn dense_attention_with_fewer_or_more_queries_than_keys() {
         let cl = closeness(&keep(&lse[..shape.rows()]), &want, LSE_ATOL, LSE_RTOL);
         assert_eq!(cl.violations, 0, "{label}: LSE {cl:?}");
         // The host path gives the same bits.
-        let host = dense.forward(&q, &k, &v, shape, true).unwrap();
+        let host = dense.forward(&problem, Host::new(&q, &k, &v)).unwrap();
         assert_eq!(host.o, o[..shape.elements()], "{label}");
     }
 }
@@ -87,14 +88,15 @@ fn dense_attention_with_fewer_or_more_queries_than_keys() {
 fn fma_causal_chunks_are_the_last_rows_of_the_full_causal_forward() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
-    let cfg = FmaConfig::new(8, 2).causal(true);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+    let method = Method::Fma(FmaConfig::new(8, 2));
+    let fma = Attention::new(ctx, method.clone()).unwrap();
     for (seq, seq_kv) in [(1, 97), (37, 200)] {
         let shape = Shape::cross(2, 2, seq, seq_kv, 16).with_kv_heads(1);
+        let problem = Problem::new(shape).causal(true);
         let (q, k, v) = inputs(seed, shape);
         let label = format!("seed {seed} {shape}");
-        let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
-        let out = fma.forward(&q, &k, &v, shape, true).unwrap();
+        let r = cpu::forward(&method, &problem, &widen(&q), &widen(&k), &widen(&v)).unwrap();
+        let out = fma.forward(&problem, Host::new(&q, &k, &v)).unwrap();
         let co = closeness(&out.o, &r.o, O_ATOL, O_RTOL);
         let cl = closeness(out.lse.as_ref().unwrap(), &r.lse, LSE_ATOL, LSE_RTOL);
         assert_eq!(co.violations, 0, "{label}: O {co:?}");
@@ -106,7 +108,12 @@ fn fma_causal_chunks_are_the_last_rows_of_the_full_causal_forward() {
             let dst = (bh * seq_kv + seq_kv - seq) * 16;
             q_full[dst..dst + seq * 16].copy_from_slice(&q[bh * seq * 16..(bh + 1) * seq * 16]);
         }
-        let whole = fma.forward(&q_full, &k, &v, full, false).unwrap();
+        let whole = fma
+            .forward(
+                &Problem::new(full).causal(true),
+                Host::new(&q_full, &k, &v).without_lse(),
+            )
+            .unwrap();
         for bh in 0..4 {
             let at = (bh * seq_kv + seq_kv - seq) * 16;
             assert_eq!(
@@ -116,15 +123,13 @@ fn fma_causal_chunks_are_the_last_rows_of_the_full_causal_forward() {
             );
         }
         let dout = normal_tensor(seed ^ 7, shape.elements());
-        let (_, saved) = fma.forward_train(&q, &k, &v, shape).unwrap();
-        let g = fma.backward(&saved, &dout).unwrap();
-        let rg = cpu::fma_backward(
-            &widen(&q),
-            &widen(&k),
-            &widen(&v),
+        let (_, saved) = fma.train(&problem, Host::new(&q, &k, &v)).unwrap();
+        let g = fma.backward(&saved, HostGrad(&dout)).unwrap();
+        let rg = cpu::backward(
+            &method,
+            &problem,
+            (&widen(&q), &widen(&k), &widen(&v)),
             &widen(&dout),
-            shape,
-            &cfg,
         )
         .unwrap();
         for (name, got, want) in [
@@ -145,22 +150,24 @@ fn fma_with_two_lengths_and_short_buffers_are_typed_errors() {
     let Some(ctx) = gpu() else { return };
     let shape = Shape::cross(1, 1, 64, 32, 16);
     let (q, k, v) = inputs(1, shape);
-    let e = FmaAttention::new(ctx, FmaConfig::new(8, 2))
+    let problem = Problem::new(shape);
+    let e = Attention::fma(ctx, FmaConfig::new(8, 2))
         .unwrap()
-        .forward(&q, &k, &v, shape, false)
+        .forward(&problem, Host::new(&q, &k, &v).without_lse())
         .unwrap_err();
     assert!(matches!(e, FmaError::ShapeMismatch { .. }), "{e}");
     // Also where the head would be cut along its sequence (a binding of a quarter head).
-    let e = FmaAttention::new(ctx, FmaConfig::new(8, 2))
+    let e = Attention::fma(ctx, FmaConfig::new(8, 2))
         .unwrap()
         .max_binding(1024)
-        .forward(&q, &k, &v, shape, false)
+        .unwrap()
+        .forward(&problem, Host::new(&q, &k, &v).without_lse())
         .unwrap_err();
     assert!(matches!(e, FmaError::ShapeMismatch { .. }), "{e}");
     // K sized for seq rather than seq_kv is refused before anything is recorded.
-    let e = DenseAttention::new(ctx, false)
+    let e = Attention::dense(ctx)
         .unwrap()
-        .forward(&q, &q, &q, shape, false)
+        .forward(&problem, Host::new(&q, &q, &q).without_lse())
         .unwrap_err();
     assert!(matches!(e, FmaError::ShapeMismatch { .. }), "{e}");
     let buf = |data: &[f32]| {
@@ -180,9 +187,9 @@ fn fma_with_two_lengths_and_short_buffers_are_typed_errors() {
         out: &out,
         lse: None,
     };
-    let e = DenseAttention::new(ctx, false)
+    let e = Attention::dense(ctx)
         .unwrap()
-        .forward_buffers(t, long)
+        .forward(&Problem::new(long), Resident(t))
         .unwrap_err();
     assert!(matches!(e, FmaError::ShapeMismatch { .. }), "{e}");
 }
@@ -192,26 +199,30 @@ fn buffers_grown_for_a_larger_shape_give_a_fresh_instances_bits() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     eprintln!("seed {seed}");
-    let cfgs = [
-        FmaConfig::new(8, 2).causal(true),
-        FmaConfig::new(8, 2).queries(Queries::Coarse),
+    // (configuration, causal mask)
+    let cases = [
+        (FmaConfig::new(8, 2), true),
+        (FmaConfig::new(8, 2).queries(Queries::Coarse), false),
     ];
-    for cfg in cfgs {
-        let reused = FmaAttention::new(ctx, cfg.clone()).unwrap();
+    for (cfg, causal) in cases {
+        let reused = Attention::fma(ctx, cfg.clone()).unwrap();
         // Grow, shrink, grow one token at a time, as a decoder's prefixes would.
         for n in [300, 97, 1, 98, 99, 301, 500] {
             let shape = Shape::new(1, 2, n, 16);
+            let problem = Problem::new(shape).causal(causal);
             let (q, k, v) = inputs(seed + n as u64, shape);
-            let got = reused.forward(&q, &k, &v, shape, true).unwrap();
-            let fresh = FmaAttention::new(ctx, cfg.clone())
+            let got = reused.forward(&problem, Host::new(&q, &k, &v)).unwrap();
+            let fresh = Attention::fma(ctx, cfg.clone())
                 .unwrap()
-                .forward(&q, &k, &v, shape, true)
+                .forward(&problem, Host::new(&q, &k, &v))
                 .unwrap();
             assert_eq!(got.o, fresh.o, "seed {seed} n {n} {:?}", cfg.queries);
             assert_eq!(got.lse, fresh.lse, "seed {seed} n {n}");
             if n == 500 {
                 // and both are right.
-                let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
+                let method = Method::Fma(cfg.clone());
+                let (q, k, v) = (widen(&q), widen(&k), widen(&v));
+                let r = cpu::forward(&method, &problem, &q, &k, &v).unwrap();
                 let c = closeness(&got.o, &r.o, O_ATOL, O_RTOL);
                 assert_eq!(c.violations, 0, "seed {seed}: {c:?}");
             }
@@ -222,13 +233,14 @@ fn buffers_grown_for_a_larger_shape_give_a_fresh_instances_bits() {
                 break;
             }
             let shape = Shape::new(1, 1, n, 16);
+            let problem = Problem::new(shape).causal(causal);
             let (q, k, v) = inputs(seed + 7 * n as u64, shape);
             let dout = normal_tensor(seed + 1, shape.elements());
-            let (_, saved) = reused.forward_train(&q, &k, &v, shape).unwrap();
-            let got = reused.backward(&saved, &dout).unwrap();
-            let fresh_fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-            let (_, saved) = fresh_fma.forward_train(&q, &k, &v, shape).unwrap();
-            let fresh = fresh_fma.backward(&saved, &dout).unwrap();
+            let (_, saved) = reused.train(&problem, Host::new(&q, &k, &v)).unwrap();
+            let got = reused.backward(&saved, HostGrad(&dout)).unwrap();
+            let fresh_fma = Attention::fma(ctx, cfg.clone()).unwrap();
+            let (_, saved) = fresh_fma.train(&problem, Host::new(&q, &k, &v)).unwrap();
+            let fresh = fresh_fma.backward(&saved, HostGrad(&dout)).unwrap();
             assert_eq!(got.dq, fresh.dq, "seed {seed} n {n}");
             assert_eq!(got.dk, fresh.dk, "seed {seed} n {n}");
             assert_eq!(got.dv, fresh.dv, "seed {seed} n {n}");

@@ -10,9 +10,9 @@
 
 use crate::common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Host, Plan, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, Queries, Sequences, Shape};
+use multipole_attn::{Downsample, FmaConfig, Method, Problem, Queries, Sequences, Shape};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -33,16 +33,20 @@ fn inputs(seed: u64, shape: Shape) -> Inputs {
     }
 }
 
-/// O and the LSE of one run through NaN-poisoned caller buffers.
-fn run_fma(
-    ctx: &GpuContext,
-    fma: &FmaAttention,
-    x: &Inputs,
-    shape: Shape,
-    seqs: &Sequences,
-) -> (Vec<f32>, Vec<f32>) {
+/// The variable-length problem of `seqs` laid out as `shape`.
+fn varlen(shape: Shape, seqs: &Sequences, causal: bool) -> Problem {
+    Problem {
+        sequences: Some(seqs.clone()),
+        ..Problem::new(shape).causal(causal)
+    }
+}
+
+/// O and the LSE of one run of `p` (a variable-length batch) through NaN-poisoned caller
+/// buffers.
+fn run_fma(ctx: &GpuContext, fma: &Attention, x: &Inputs, p: &Problem) -> (Vec<f32>, Vec<f32>) {
+    let shape = p.shape;
     let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-    fma.forward_varlen_buffers(bufs.tensors(), shape, seqs)
+    fma.forward(p, Resident(bufs.tensors()))
         .unwrap_or_else(|e| panic!("{shape}: {e}"));
     let (o, lse) = bufs.read(ctx);
     (o[..shape.elements()].to_vec(), lse[..shape.rows()].to_vec())
@@ -78,6 +82,7 @@ fn a_pack_of_awkward_lengths_equals_each_sequence_alone() {
     let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
     let mut worst = 0.0f64;
     for causal in [false, true] {
+        let problem = varlen(shape, &seqs, causal);
         let queries: &[Queries] = if causal {
             &[Queries::Fine]
         } else {
@@ -85,26 +90,25 @@ fn a_pack_of_awkward_lengths_equals_each_sequence_alone() {
         };
         for &queries in queries {
             for learned in [false, true] {
-                let mut cfg = FmaConfig::new(m, p).causal(causal).queries(queries);
+                let mut cfg = FmaConfig::new(m, p).queries(queries);
                 if learned {
                     cfg = cfg.downsample(Downsample::Learned(random_learned(seed, d, m, p, 1025)));
                 }
                 let label = format!("seed {seed} causal={causal} {queries:?} learned={learned}");
-                let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-                let (o, lse) = run_fma(ctx, &fma, &x, shape, &seqs);
-                let r = cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &cfg).unwrap();
+                let method = Method::Fma(cfg);
+                let fma = Attention::new(ctx, method.clone()).unwrap();
+                let (o, lse) = run_fma(ctx, &fma, &x, &problem);
+                let r = cpu::forward(&method, &problem, &q, &k, &v).unwrap();
                 worst = worst.max(check(&label, &o, &lse, &r));
                 // The host API and a second run give the same bits.
-                let host = fma
-                    .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
-                    .unwrap();
+                let host = fma.forward(&problem, Host::new(&x.q, &x.k, &x.v)).unwrap();
                 assert_eq!(host.o, o, "{label}: host vs buffers");
                 assert_eq!(host.lse.unwrap(), lse, "{label}: host LSE vs buffers");
             }
         }
-        let dense = DenseAttention::new(ctx, causal).unwrap();
+        let dense = Attention::dense(ctx).unwrap();
         let out = dense
-            .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+            .forward(&problem, Host::new(&x.q, &x.k, &x.v))
             .unwrap();
         let r = cpu::dense_attention_varlen(&q, &k, &v, shape, &seqs, causal).unwrap();
         worst = worst.max(check(
@@ -133,19 +137,22 @@ fn ten_thousand_short_sequences_and_a_long_one_in_one_call() {
     let x = inputs(seed, shape);
     let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
     let cfg = FmaConfig::new(8, 2);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-    let plan = fma.plan_sequences(shape, &seqs).unwrap();
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
+    let problem = varlen(shape, &seqs, false);
+    let Plan::Fma(plan) = fma.plan(&problem).unwrap() else {
+        panic!("not an FMA plan")
+    };
     assert_eq!(
         plan.steps().len(),
         plan.levels.count() + 1,
         "one dispatch per pass"
     );
-    let (o, lse) = run_fma(ctx, &fma, &x, shape, &seqs);
+    let (o, lse) = run_fma(ctx, &fma, &x, &problem);
     let r = cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &cfg).unwrap();
     let e = check(&format!("seed {seed} FMA"), &o, &lse, &r);
-    let dense = DenseAttention::new(ctx, true).unwrap();
+    let dense = Attention::dense(ctx).unwrap();
     let out = dense
-        .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+        .forward(&varlen(shape, &seqs, true), Host::new(&x.q, &x.k, &x.v))
         .unwrap();
     let r = cpu::dense_attention_varlen(&q, &k, &v, shape, &seqs, true).unwrap();
     let f = check(
@@ -195,15 +202,17 @@ fn padded_equals_packed_to_the_bit_and_its_padding_is_written() {
         k: pad(&x.k, kv_heads, seed + 2),
         v: pad(&x.v, kv_heads, seed + 3),
     };
-    for cfg in [
-        FmaConfig::new(16, 2),
-        FmaConfig::new(16, 2).causal(true),
-        FmaConfig::new(16, 2).queries(Queries::Coarse),
+    for (cfg, causal) in [
+        (FmaConfig::new(16, 2), false),
+        (FmaConfig::new(16, 2), true),
+        (FmaConfig::new(16, 2).queries(Queries::Coarse), false),
     ] {
-        let label = format!("seed {seed} {cfg:?}");
-        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-        let (po, pl) = run_fma(ctx, &fma, &x, ps, &packed);
-        let (qo, ql) = run_fma(ctx, &fma, &y, qs, &padded);
+        let label = format!("seed {seed} causal={causal} {cfg:?}");
+        let method = Method::Fma(cfg);
+        let fma = Attention::new(ctx, method.clone()).unwrap();
+        let padded_problem = varlen(qs, &padded, causal);
+        let (po, pl) = run_fma(ctx, &fma, &x, &varlen(ps, &packed, causal));
+        let (qo, ql) = run_fma(ctx, &fma, &y, &padded_problem);
         let padded_out = Inputs {
             q: qo.clone(),
             k: Vec::new(),
@@ -236,9 +245,8 @@ fn padded_equals_packed_to_the_bit_and_its_padding_is_written() {
                 s_packed += 1;
             }
         }
-        let r =
-            cpu::fma_forward_varlen(&widen(&y.q), &widen(&y.k), &widen(&y.v), qs, &padded, &cfg)
-                .unwrap();
+        let (yq, yk, yv) = (widen(&y.q), widen(&y.k), widen(&y.v));
+        let r = cpu::forward(&method, &padded_problem, &yq, &yk, &yv).unwrap();
         check(&label, &qo, &ql, &r);
     }
 }
@@ -246,12 +254,15 @@ fn padded_equals_packed_to_the_bit_and_its_padding_is_written() {
 #[test]
 fn lengths_that_do_not_match_the_tensors_are_typed_errors() {
     let Some(ctx) = gpu() else { return };
-    let fma = FmaAttention::new(ctx, FmaConfig::new(8, 2)).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(8, 2)).unwrap();
     let seqs = Sequences::packed(vec![10, 20]).unwrap();
     let shape = Shape::new(1, 1, 31, 8);
     let x = vec![0.25f32; shape.elements()];
     let e = fma
-        .forward_varlen(&x, &x, &x, shape, &seqs, false)
+        .forward(
+            &varlen(shape, &seqs, false),
+            Host::new(&x, &x, &x).without_lse(),
+        )
         .unwrap_err();
     assert!(
         e.to_string().contains("lengths sum to 30 packed tokens"),
@@ -261,7 +272,10 @@ fn lengths_that_do_not_match_the_tensors_are_typed_errors() {
     let three = Shape::new(3, 1, 16, 8);
     let y = vec![0.25f32; three.elements()];
     let e = fma
-        .forward_varlen(&y, &y, &y, three, &padded, false)
+        .forward(
+            &varlen(three, &padded, false),
+            Host::new(&y, &y, &y).without_lse(),
+        )
         .unwrap_err();
     assert!(
         e.to_string().contains("one batch row per length (2)"),
@@ -286,30 +300,31 @@ fn a_batch_over_the_binding_runs_in_groups_with_the_unsplit_result() {
         let shape = seqs.shape(2, 1, 16);
         let x = inputs(seed, shape);
         let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
-        for cfg in [FmaConfig::new(16, 2), FmaConfig::new(16, 2).causal(true)] {
-            let label = format!("seed {seed} {seqs:?} {cfg:?}");
-            let small = FmaAttention::new(ctx, cfg.clone())
+        for causal in [false, true] {
+            let cfg = FmaConfig::new(16, 2);
+            let label = format!("seed {seed} {seqs:?} causal={causal} {cfg:?}");
+            let problem = varlen(shape, &seqs, causal);
+            let method = Method::Fma(cfg);
+            let small = Attention::new(ctx, method.clone())
                 .unwrap()
-                .max_binding(cap);
-            assert!(
-                small.plan_sequences(shape, &seqs).is_err(),
-                "{label}: must split"
-            );
+                .max_binding(cap)
+                .unwrap();
+            assert!(small.plan(&problem).is_err(), "{label}: must split");
             let split = small
-                .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+                .forward(&problem, Host::new(&x.q, &x.k, &x.v))
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
-            let r = cpu::fma_forward_varlen(&q, &k, &v, shape, &seqs, &cfg).unwrap();
+            let r = cpu::forward(&method, &problem, &q, &k, &v).unwrap();
             check(&label, &split.o, split.lse.as_deref().unwrap(), &r);
-            let whole = FmaAttention::new(ctx, cfg.clone())
+            let whole = Attention::new(ctx, method)
                 .unwrap()
-                .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+                .forward(&problem, Host::new(&x.q, &x.k, &x.v))
                 .unwrap();
             let c = closeness(&split.o, &widen(&whole.o), 1e-6, 1e-6);
             assert_eq!(c.violations, 0, "{label}: split vs whole {c:?}");
         }
-        let dense = DenseAttention::new(ctx, true).unwrap().max_binding(cap);
+        let dense = Attention::dense(ctx).unwrap().max_binding(cap).unwrap();
         let out = dense
-            .forward_varlen(&x.q, &x.k, &x.v, shape, &seqs, true)
+            .forward(&varlen(shape, &seqs, true), Host::new(&x.q, &x.k, &x.v))
             .unwrap();
         let r = cpu::dense_attention_varlen(&q, &k, &v, shape, &seqs, true).unwrap();
         check("dense split", &out.o, out.lse.as_deref().unwrap(), &r);

@@ -14,19 +14,23 @@ use crate::common::gradients::{backward_poisoned, buffer, compare_all, inputs, n
 
 use crate::common::{gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors};
+use multipole_attn::gpu::{
+    Attention, GpuContext, GpuTensors, GradTensors, Host, HostGrad, Resident, ResidentGrad,
+};
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Queries, Sequences, Shape};
+use multipole_attn::{
+    Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Queries, Sequences,
+};
 
-/// Forward and backward of the batch through caller buffers, every output poisoned; the
+/// The variable-length problem of `seqs` with `heads`, `kv_heads` and `d`.
+fn varlen(seqs: &Sequences, (heads, kv_heads, d): (usize, usize, usize), causal: bool) -> Problem {
+    Problem::varlen(seqs.clone(), heads, kv_heads, d).causal(causal)
+}
+
+/// Forward and backward of the batch `p` through caller buffers, every output poisoned; the
 /// weight gradients of the levels the batch uses, split per level.
-fn gpu_gradients(
-    ctx: &GpuContext,
-    fma: &FmaAttention,
-    x: &Inputs,
-    shape: Shape,
-    seqs: &Sequences,
-) -> Gradients<f32> {
+fn gpu_gradients(ctx: &GpuContext, fma: &Attention, x: &Inputs, p: &Problem) -> Gradients<f32> {
+    let shape = p.shape;
     let (q, k, v) = (
         buffer(ctx, "q", &x.q),
         buffer(ctx, "k", &x.k),
@@ -43,39 +47,27 @@ fn gpu_gradients(
         out: &o,
         lse: Some(&lse),
     };
-    fma.forward_varlen_buffers(t, shape, seqs).expect("forward");
-    let saved = fma
-        .saved_from_buffers_varlen(t, shape, seqs)
-        .expect("saved");
-    let plan = fma.backward_plan_sequences(shape, seqs).expect("plan");
-    backward_poisoned(ctx, fma, &saved, &plan, &x.dout)
+    let ((), saved) = fma.train(p, Resident(t)).expect("forward");
+    backward_poisoned(ctx, fma, &saved, &x.dout)
 }
 
 /// Checks every gradient of one batch against the reference, and that the host API gives
 /// the same bits as the buffers; returns the worst scaled error.
-fn check(
-    ctx: &GpuContext,
-    label: &str,
-    x: &Inputs,
-    shape: Shape,
-    seqs: &Sequences,
-    cfg: &FmaConfig,
-) -> f64 {
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let g = gpu_gradients(ctx, &fma, x, shape, seqs);
-    let r = cpu::fma_backward_varlen(
-        (&widen(&x.q), &widen(&x.k), &widen(&x.v), &widen(&x.dout)),
-        shape,
-        seqs,
-        cfg,
+fn check(ctx: &GpuContext, label: &str, x: &Inputs, p: &Problem, cfg: &FmaConfig) -> f64 {
+    let method = Method::Fma(cfg.clone());
+    let fma = Attention::new(ctx, method.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let g = gpu_gradients(ctx, &fma, x, p);
+    let r = cpu::backward(
+        &method,
+        p,
+        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
+        &widen(&x.dout),
     )
     .unwrap();
     let worst = compare_all(label, &g, &r);
     // The host API: the same bits (deterministic: no atomics, fixed summation order).
-    let (_, saved) = fma
-        .forward_train_varlen(&x.q, &x.k, &x.v, shape, seqs)
-        .expect("forward_train_varlen");
-    let host = fma.backward(&saved, &x.dout).expect("backward");
+    let (_, saved) = fma.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
+    let host = fma.backward(&saved, HostGrad(&x.dout)).expect("backward");
     assert_eq!(host.dq, g.dq, "{label}: host dQ vs buffers");
     assert_eq!(host.dk, g.dk, "{label}: host dK vs buffers");
     assert_eq!(host.dv, g.dv, "{label}: host dV vs buffers");
@@ -96,12 +88,13 @@ fn a_packed_backward_equals_each_sequence_alone() {
     let mut worst = 0.0f64;
     for causal in [false, true] {
         for learned in [false, true] {
-            let mut cfg = FmaConfig::new(m, p).causal(causal);
+            let mut cfg = FmaConfig::new(m, p);
             if learned {
                 cfg = cfg.downsample(Downsample::Learned(random_learned(seed, d, m, p, 1025)));
             }
             let label = format!("seed {seed} causal={causal} learned={learned}");
-            worst = worst.max(check(ctx, &label, &x, shape, &seqs, &cfg));
+            let problem = varlen(&seqs, (heads, kv_heads, d), causal);
+            worst = worst.max(check(ctx, &label, &x, &problem, &cfg));
         }
     }
     eprintln!("worst scaled error {worst:.2e}");
@@ -118,10 +111,10 @@ fn a_padded_backward_is_zero_on_the_padding() {
     let (heads, kv_heads, d, m, p) = (4, 2, 8, 8, 2);
     let shape = seqs.shape(heads, kv_heads, d);
     let x = inputs(seed, shape);
-    let cfg = FmaConfig::new(m, p)
-        .causal(true)
-        .downsample(Downsample::Learned(random_learned(seed, d, m, p, 100)));
-    let worst = check(ctx, &format!("seed {seed} padded"), &x, shape, &seqs, &cfg);
+    let cfg =
+        FmaConfig::new(m, p).downsample(Downsample::Learned(random_learned(seed, d, m, p, 100)));
+    let problem = varlen(&seqs, (heads, kv_heads, d), true);
+    let worst = check(ctx, &format!("seed {seed} padded"), &x, &problem, &cfg);
     eprintln!("worst scaled error {worst:.2e}");
 }
 
@@ -138,12 +131,12 @@ fn ten_thousand_short_sequences_beside_a_long_one() {
     let shape = seqs.shape(1, 1, 4);
     let x = inputs(seed, shape);
     let cfg = FmaConfig::new(4, 1);
+    let problem = varlen(&seqs, (1, 1, 4), false);
     let worst = check(
         ctx,
         &format!("seed {seed} 10 001 sequences"),
         &x,
-        shape,
-        &seqs,
+        &problem,
         &cfg,
     );
     eprintln!("worst scaled error {worst:.2e}");
@@ -171,7 +164,8 @@ fn coarse_query_batches_equal_each_sequence_alone() {
                 cfg = cfg.downsample(Downsample::Learned(random_learned(seed, d, m, p, 300)));
             }
             let label = format!("seed {seed} {seqs:?} coarse queries learned={learned}");
-            worst = worst.max(check(ctx, &label, &x, shape, &seqs, &cfg));
+            let problem = varlen(&seqs, (heads, kv_heads, d), false);
+            worst = worst.max(check(ctx, &label, &x, &problem, &cfg));
         }
     }
     eprintln!("worst scaled error {worst:.2e}");
@@ -188,15 +182,19 @@ fn a_batch_over_one_binding_is_a_typed_error_for_training() {
     let ctx = common::gpu_with_binding_limit(16 << 10);
     let seqs = Sequences::packed(vec![300, 200]).unwrap();
     let shape = seqs.shape(2, 1, 16); // Q: 500 x 2 x 16 f32 = 62.5 KiB
-    let fma = FmaAttention::new(&ctx, FmaConfig::new(16, 2)).unwrap();
+    let fma = Attention::fma(&ctx, FmaConfig::new(16, 2)).unwrap();
     let x = inputs(2, shape);
     let e = fma
-        .forward_train_varlen(&x.q, &x.k, &x.v, shape, &seqs)
-        .unwrap_err();
+        .train(
+            &varlen(&seqs, (2, 1, 16), false),
+            Host::new(&x.q, &x.k, &x.v),
+        )
+        .err()
+        .expect("training over one binding must be refused");
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
 }
 
-/// Exact attention's backward of variable-length batches (`DenseAttention`, every sequence
+/// Exact attention's backward of variable-length batches (`Method::Dense`, every sequence
 /// attending to itself) against `cpu::dense_backward_varlen`: a pack of awkward lengths with
 /// grouped-query heads, causal and not, once in chunks of one tile (the longest sequence's
 /// 130 keys in 5 dispatches: shorter sequences finish early), and a padded batch with an empty
@@ -221,9 +219,10 @@ fn dense_batches_equal_each_sequence_alone() {
         );
         let shape = seqs.shape(4, 2, 16);
         let x = inputs(seed, shape);
-        let mut dense = DenseAttention::new(ctx, causal).unwrap();
+        let problem = varlen(seqs, (4, 2, 16), causal);
+        let mut dense = Attention::dense(ctx).unwrap();
         if let Some(keys) = keys {
-            dense = dense.keys_per_dispatch(keys);
+            dense = dense.keys_per_dispatch(keys).unwrap();
         }
         let (q, k, v) = (
             buffer(ctx, "q", &x.q),
@@ -241,10 +240,7 @@ fn dense_batches_equal_each_sequence_alone() {
             out: &o,
             lse: Some(&lse),
         };
-        dense
-            .forward_varlen_buffers(t, shape, seqs)
-            .expect("forward");
-        let saved = dense.saved_from_buffers_varlen(t, shape, seqs).unwrap();
+        let ((), saved) = dense.train(&problem, Resident(t)).expect("forward");
         let dout = buffer(ctx, "dout", &x.dout);
         let (dq, dk, dv) = (
             nan(ctx, "dq", shape.elements()),
@@ -257,7 +253,11 @@ fn dense_batches_equal_each_sequence_alone() {
             dv: &dv,
             weights: None,
         };
-        dense.backward_buffers(&saved, &dout, g).expect("backward");
+        let io = ResidentGrad {
+            dout: &dout,
+            grads: g,
+        };
+        dense.backward(&saved, io).expect("backward");
         let read = |b: &wgpu::Buffer, len: usize| common::read_buffer(ctx, b)[..len].to_vec();
         let got = Gradients {
             dq: read(&dq, shape.elements()),
@@ -274,11 +274,9 @@ fn dense_batches_equal_each_sequence_alone() {
         )
         .unwrap();
         worst = worst.max(compare_all(&label, &got, &r));
-        let (_, saved) = dense
-            .forward_train_varlen(&x.q, &x.k, &x.v, shape, seqs)
-            .unwrap();
+        let (_, saved) = dense.train(&problem, Host::new(&x.q, &x.k, &x.v)).unwrap();
         assert_eq!(
-            dense.backward(&saved, &x.dout).unwrap(),
+            dense.backward(&saved, HostGrad(&x.dout)).unwrap(),
             got,
             "{label}: host API"
         );
