@@ -110,6 +110,19 @@ enum SavedKind {
     Dense(DenseSaved),
 }
 
+impl std::fmt::Debug for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let method = match self.kind {
+            SavedKind::Fma(_) => "FMA",
+            SavedKind::Dense(_) => "dense",
+        };
+        f.debug_struct("Saved")
+            .field("method", &method)
+            .field("problem", &self.problem)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Saved {
     /// The problem of the saved forward.
     pub fn problem(&self) -> &Problem {
