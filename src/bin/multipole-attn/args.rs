@@ -45,7 +45,10 @@ pub enum Command {
         mut_arg("grid", |a| a.hide(true)),
         mut_arg("seqlens", |a| a.hide(true)),
         mut_arg("seqlens_kv", |a| a.hide(true)),
-        mut_arg("lengths", |a| a.hide(true))
+        mut_arg("lengths", |a| a.hide(true)),
+        mut_arg("softcap", |a| a.hide(true)),
+        mut_arg("sinks", |a| a.hide(true)),
+        mut_arg("window", |a| a.hide(true))
     )]
     Decode(DecodeArgs),
     /// List every GPU adapter wgpu finds, with the limits and features this library uses.
@@ -200,6 +203,41 @@ pub struct RunArgs {
     /// LSE = -inf there).
     #[arg(long, value_delimiter = ',', value_name = "L0,L1,..")]
     pub lengths: Option<Vec<usize>>,
+    /// Logit softcap C > 0 (Gemma 2): every logit l, fine or coarse, becomes C tanh(l / C);
+    /// FMA's count correction is added after the cap.
+    #[arg(long, value_name = "C")]
+    pub softcap: Option<f32>,
+    /// Attention sinks (gpt-oss): .npy of shape (heads,), one logit S_h per query head whose
+    /// term exp(S_h) joins every row's softmax denominator and carries no value
+    /// (O_i = sum_j e^{l_ij} v_j / (e^{S_h} + sum_j e^{l_ij}); the LSE includes it). `grad`
+    /// also writes `dsinks` (heads,).
+    #[arg(long, value_name = "S.npy")]
+    pub sinks: Option<PathBuf>,
+    /// Sliding window: query i sees key j iff i - L <= j <= i + R (bottom-right aligned for
+    /// K/V longer than Q, as --causal); with --causal R must be 0. Exact for --dense (key tiles
+    /// outside the band skipped); FMA runs it as its near field with no coarse level (fine
+    /// queries, 1D).
+    #[arg(long, value_name = "L,R", value_parser = parse_window)]
+    pub window: Option<multipole_attn::Window>,
+}
+
+/// `--window L,R`: two non-negative integers.
+fn parse_window(s: &str) -> Result<multipole_attn::Window, String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let [l, r] = parts[..] else {
+        return Err(format!(
+            "expected L,R (two non-negative integers), got {s:?}"
+        ));
+    };
+    let n = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("{x:?} in --window {s}: {e} (L and R are non-negative integers)"))
+    };
+    Ok(multipole_attn::Window {
+        left: n(l)?,
+        right: n(r)?,
+    })
 }
 
 /// Arguments of `multipole-attn grad`: those of `run` plus dO; `--out` names the .npz.

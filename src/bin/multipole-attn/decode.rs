@@ -50,6 +50,13 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
                 .into(),
         ));
     }
+    if run.softcap.is_some() || run.sinks.is_some() || run.window.is_some() {
+        return Err(CliError::Input(
+            "decode does not take --softcap, --sinks or --window yet: the decoding cache has no \
+             softmax variants (run and grad have them)"
+                .into(),
+        ));
+    }
     if run.grid.is_some() {
         return Err(CliError::Input(
             "decode does not take --grid: decoding appends tokens of a 1D sequence (2D FMA is \

@@ -10,7 +10,7 @@
 use crate::args::GradArgs;
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor};
-use crate::run::{build_config, problem_shape, sequences};
+use crate::run::{build_config, problem, problem_shape};
 use crate::tensor::{fmt_shape, Tensor};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::levels::window;
@@ -34,10 +34,7 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     let v = read_tensor(&run.v, "V")?;
     let dout = read_tensor(&args.dout, "dO")?;
     let shape = problem_shape(&q.shape, &k.shape, &v.shape)?;
-    let problem = Problem {
-        sequences: sequences(run, shape)?,
-        ..Problem::new(shape).causal(run.causal)
-    };
+    let problem = problem(run, shape)?;
     if dout.shape != q.shape {
         return Err(CliError::Input(format!(
             "dO must have the shape of Q (and of O), but Q has shape {} and dO has shape {}",
@@ -130,6 +127,10 @@ fn write_gradients<T: WritableElement + Clone>(
     add("dq".into(), x_shape, g.dq)?;
     add("dk".into(), kv_shape, g.dk)?;
     add("dv".into(), kv_shape, g.dv)?;
+    if let Some(dsinks) = g.dsinks {
+        let heads = dsinks.len();
+        add("dsinks".into(), &[heads], dsinks)?;
+    }
     let Some(cfg) = cfg else {
         return npz.finish().map_err(|e| write_error(path, e)).map(|_| ());
     };

@@ -9,7 +9,7 @@ use crate::weights_npz::read_weights;
 use multipole_attn::gpu::{Attention, GpuContext, Host};
 use multipole_attn::levels::num_levels;
 use multipole_attn::{cpu, cross, Downsample, FmaConfig, LearnedWeights, Method, Problem};
-use multipole_attn::{Queries, Sequences, Shape};
+use multipole_attn::{Queries, Sequences, Shape, Variants};
 
 /// Runs the `run` subcommand.
 pub fn run(args: &RunArgs) -> CliResult<()> {
@@ -27,10 +27,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     ];
     let shape = problem_shape(&shapes[0], &shapes[1], &shapes[2])?;
     shape.validate()?;
-    let problem = Problem {
-        sequences: sequences(args, shape)?,
-        ..Problem::new(shape).causal(args.causal)
-    };
+    let problem = problem(args, shape)?;
     let o_shape = shapes[0].clone();
     let lse_shape = o_shape[..o_shape.len() - 1].to_vec();
     let method = if args.dense {
@@ -174,6 +171,38 @@ pub(crate) fn build_config(args: &RunArgs, problem: &Problem) -> CliResult<FmaCo
     let cfg = base.downsample(Downsample::Learned(weights));
     cross::check(&cfg, problem)?;
     Ok(cfg)
+}
+
+/// The problem of the arguments: the arrays' shape, the sequences of `--seqlens` or
+/// `--lengths`, `--causal` and the variants (`--softcap`, `--sinks`, `--window`), checked.
+pub(crate) fn problem(args: &RunArgs, shape: Shape) -> CliResult<Problem> {
+    let sinks = match &args.sinks {
+        None => None,
+        Some(path) => {
+            let t = read_tensor(path, "sinks")?;
+            if t.shape != [shape.heads] {
+                return Err(CliError::Input(format!(
+                    "--sinks {} has shape {}, but Q has {} heads: one sink logit per query head, \
+                     shape ({},)",
+                    path.display(),
+                    fmt_shape(&t.shape),
+                    shape.heads,
+                    shape.heads
+                )));
+            }
+            Some(t.into_f32("sinks")?)
+        }
+    };
+    let problem = Problem {
+        sequences: sequences(args, shape)?,
+        ..Problem::new(shape).causal(args.causal).variants(Variants {
+            softcap: args.softcap,
+            sinks,
+            window: args.window,
+        })
+    };
+    problem.validate()?;
+    Ok(problem)
 }
 
 /// The variable-length batch of `--seqlens` (packed) or `--lengths` (padded), checked against
