@@ -21,6 +21,7 @@ mod grid_split;
 mod large_block;
 mod loop_limit;
 mod nonfinite;
+mod pool_chunks;
 mod properties;
 mod shapes;
 mod split;

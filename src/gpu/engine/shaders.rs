@@ -18,6 +18,8 @@ fn shared(name: &str) -> Option<&'static str> {
         "level_select" => Some(include_str!("../../../shaders/shared/level_select.wgsl")),
         "sequences" => Some(include_str!("../../../shaders/shared/sequences.wgsl")),
         "problems" => Some(include_str!("../../../shaders/shared/problems.wgsl")),
+        "combine_tree" => Some(include_str!("../../../shaders/shared/combine_tree.wgsl")),
+        "pool_units" => Some(include_str!("../../../shaders/shared/pool_units.wgsl")),
         "online_softmax" => Some(include_str!("../../../shaders/shared/online_softmax.wgsl")),
         "key_tiles" => Some(include_str!("../../../shaders/shared/key_tiles.wgsl")),
         "coarse_tiles" => Some(include_str!("../../../shaders/shared/coarse_tiles.wgsl")),
