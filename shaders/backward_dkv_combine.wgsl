@@ -46,6 +46,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = 0u; i < FAN_IN; i++) {
         let k = first + i * stride;
         if (k < chunks) {
+            //#rows(2u, select(0u, 2u, c0 == 0u))
             let src_at = params.partials_at + (u * chunks + k) * d + c0;
             for (var e = 0u; e < 4u; e++) {
                 if (c0 + e < d) {

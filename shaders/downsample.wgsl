@@ -12,6 +12,10 @@
 // CPU mirror: `src/cpu/downsample.rs` (which pools every level from the tokens). 1D and 2D
 // through the geometry interface (geometry.wgsl, geometry_grid.wgsl).
 
+// `//#rows(serial, total)` lines count the rows an invocation reads (one row of K, V, Q or
+// coarse rows per element read, the total once per row: channel 0), in the counting variant
+// of the tests only (`shaders::compose_counting`); elsewhere they are comments.
+
 #import params
 #import geometry
 #import level_select
@@ -89,6 +93,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let child = row_child(n, win, p, cols, a, j, h);
             let count = child.y;
             if (count > 0u) {
+                //#rows(1u, select(0u, 1u, c == 0u))
                 let row_in = coarse_row(crow, sel.level - 1u, seq, child.x);
                 s += f32(count) * coarse_input(tensor, row_in * d + c);
                 total += count;
@@ -107,6 +112,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (params.learned == 0u) {
             let count = row_count(n, win, p, cols, row);
             for (var t = 0u; t < count; t++) {
+                //#rows(1u, select(0u, 1u, c == 0u))
                 s += input(tensor, base + row_token(n, win, p, cols, row, t) * d + c);
             }
             if (count > 0u) {
@@ -125,6 +131,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let wrow = tensor * params.weight_stride + info.weight_offset
                 + (c * p + j) * kernel_len(win);
             for (var t = t0; t < t1; t++) {
+                //#rows(1u, select(0u, 1u, c == 0u))
                 let tap = group_tap(n, win, cols, a, t);
                 s += w[wrow + tap.y] * input(tensor, base + tap.x * d + c);
             }

@@ -55,6 +55,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = 0u; i < FAN_IN; i++) {
         let k = tree_member(g, i, stride);
         if (k < chunks) {
+            //#rows(1u, select(0u, 1u, c == 0u))
             s += load(pu.tensor, at + k * d);
         }
     }

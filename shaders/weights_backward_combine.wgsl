@@ -42,6 +42,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = 0u; i < FAN_IN; i++) {
         let k = first + i * stride;
         if (k < chunks) {
+            // A (K, V) pair: 2 rows, the total once per (j, t) (channel 0).
+            //#rows(2u, select(0u, 2u, g < p * kernel_len(info.window) || (g >= weights && g - weights < p)))
             let at = params.partials_at + (g * chunks + k) * 2u;
             sk += dcoarse_v[at];
             sv += dcoarse_v[at + 1u];

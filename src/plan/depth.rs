@@ -189,10 +189,10 @@ pub fn downsample(m: &DepthModel, i: usize) -> Depth {
 pub fn downsample_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
     let [chunks, stride] = d.args.map(u64::from);
     let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
-    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    let read = chunks.div_ceil(stride);
     Depth {
         serial_rows: added,
-        rows: pooled_heads(m) * m.level_rows(i) * groups * added,
+        rows: pooled_heads(m) * m.level_rows(i) * read,
     }
 }
 
@@ -304,10 +304,11 @@ pub fn backward_dkv_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
     let [chunks, stride] = d.args.map(u64::from);
     let fan_in = COMBINE_FAN_IN;
     let added = chunks.div_ceil(stride).min(fan_in);
-    let groups = chunks.div_ceil(stride * fan_in);
+    // Every partial of the round's stride is read once: ceil(chunks / stride) per row.
+    let read = chunks.div_ceil(stride);
     Depth {
         serial_rows: 2 * added,
-        rows: m.kv_bh * m.level_rows(i) * groups * 2 * added,
+        rows: m.kv_bh * m.level_rows(i) * 2 * read,
     }
 }
 
@@ -351,12 +352,12 @@ pub fn downsample_backward(m: &DepthModel) -> Depth {
 
 /// `weights_backward` at level index `i`: an invocation per (weight element (c, j, t), chunk)
 /// sums over at most `WEIGHT_CHUNK_WINDOWS` of the level's windows over every K/V head (dK~,
-/// K, dV~, V of each).
+/// K, dV~, V of each; a bias element dK~ and dV~ only).
 pub fn weights_backward(m: &DepthModel, i: usize) -> Depth {
     let windows = m.kv_bh * m.levels[i].1;
     Depth {
         serial_rows: 4 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
-        rows: (m.taps(i) + 1) * m.p * 4 * windows,
+        rows: (4 * m.taps(i) + 2) * m.p * windows,
     }
 }
 
@@ -365,10 +366,10 @@ pub fn weights_backward(m: &DepthModel, i: usize) -> Depth {
 pub fn weights_backward_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
     let [chunks, stride] = d.args.map(u64::from);
     let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
-    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    let read = chunks.div_ceil(stride);
     Depth {
         serial_rows: 2 * added,
-        rows: (m.taps(i) + 1) * m.p * groups * 2 * added,
+        rows: (m.taps(i) + 1) * m.p * 2 * read,
     }
 }
 
@@ -386,10 +387,10 @@ pub fn weights_backward_q(m: &DepthModel, i: usize) -> Depth {
 pub fn weights_backward_q_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
     let [chunks, stride] = d.args.map(u64::from);
     let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
-    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    let read = chunks.div_ceil(stride);
     Depth {
         serial_rows: added,
-        rows: (m.taps(i) + 1) * m.p * groups * added,
+        rows: (m.taps(i) + 1) * m.p * read,
     }
 }
 
