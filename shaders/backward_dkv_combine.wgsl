@@ -14,13 +14,12 @@
 #import params
 #import geometry
 #import level_select
+#import combine_tree
 #import sequences
 
 @group(0) @binding(1) var<storage, read_write> dcoarse_k: array<f32>;    // (bh / kv_group, coarse_rows, d), then the partials
 @group(0) @binding(2) var<storage, read_write> dcoarse_v: array<f32>;    // (bh / kv_group, coarse_rows, d), then the partials
 
-// Partials added per invocation: Rust mirror `plan::COMBINE_FAN_IN`.
-const FAN_IN: u32 = 16u;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -29,8 +28,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d = params.d;
     let chunks = sel.arg0;
     let stride = sel.arg1;
-    let span = stride * FAN_IN;
-    let groups = (chunks + span - 1u) / span;
+    let span = tree_span(stride);
+    let groups = tree_groups(chunks, stride);
     let idx = dispatch_workgroup(wg) * WG + lid;
     let c0 = (idx % D4) * 4u;
     let g = (idx / D4) % groups;
@@ -47,6 +46,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = 0u; i < FAN_IN; i++) {
         let k = first + i * stride;
         if (k < chunks) {
+            //#rows(2u, select(0u, 2u, c0 == 0u))
             let src_at = params.partials_at + (u * chunks + k) * d + c0;
             for (var e = 0u; e < 4u; e++) {
                 if (c0 + e < d) {

@@ -4,14 +4,23 @@
 // consecutive invocations read consecutive channels. Average is hierarchical: level 1 from the
 // tokens, level l >= 2 from level l-1's rows (S(l,a,j) is the union of two level l-1
 // sub-windows, so the count-weighted mean of their means is its mean), which makes pooling
-// O(n d) over all levels instead of O(n d L). Learned mode convolves the tokens at every level.
+// O(n d) over all levels instead of O(n d L). Learned mode convolves the tokens at every level,
+// w_l taps per coarse row (n / 4 at the top level): a level of more than `plan::POOL_TAPS` taps
+// walks them in chunks of sel.arg1 taps, sel.arg0 chunks, one invocation each, which write
+// partial sums after the tensor's coarse rows (pool_partials_at) for the rounds of
+// downsample_combine.wgsl to add in a fixed tree; so no invocation's walk grows with n.
 // CPU mirror: `src/cpu/downsample.rs` (which pools every level from the tokens). 1D and 2D
 // through the geometry interface (geometry.wgsl, geometry_grid.wgsl).
+
+// `//#rows(serial, total)` lines count the rows an invocation reads (one row of K, V, Q or
+// coarse rows per element read, the total once per row: channel 0), in the counting variant
+// of the tests only (`shaders::compose_counting`); elsewhere they are comments.
 
 #import params
 #import geometry
 #import level_select
 #import sequences
+#import pool_units
 
 @group(0) @binding(1) var<storage, read> k: array<f32>;              // (bh / kv_group, n, d)
 @group(0) @binding(2) var<storage, read> v: array<f32>;              // (bh / kv_group, n, d)
@@ -52,43 +61,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d = params.d;
     let p = params.p;
     let win = info.window;
-    // The windows holding tokens of the chunk [chunk_lo, chunk_hi) (all of them unless split).
     let cols = params.grid_w;
-    let groups = chunk_groups(params.chunk_lo, params.chunk_hi, win, cols);
-    let a_lo = groups.x;
-    // Rows per head: the chunk's windows (equal sequences), or every sequence's (varlen).
-    var rows = (groups.y - a_lo) * p;
-    if (params.seqs > 0u) {
-        rows = seq_table[sec_rows(sel.level) + params.seqs];
-    }
-    // K and V have query_heads() / kv_group heads (grouped-query attention: each is pooled once
-    // for its group of query heads), Q query_heads(): the workgroups of K, then V, then Q.
-    let kv_heads = query_heads() / params.kv_group;
-    let kv_wgs = (kv_heads * rows * d + WG - 1u) / WG;
-    let wid = dispatch_workgroup(wg);
-    let tensor = min(wid / kv_wgs, 2u);
-    let heads = select(kv_heads, query_heads(), tensor == 2u);
-    let per_tensor = heads * rows * d;
-    let g = (wid - tensor * kv_wgs) * WG + lid;
-    if (tensor >= params.pooled || g >= per_tensor) {
+    // Learned taps in `chunks` chunks of `span` (one chunk: every tap, as Average always).
+    let chunks = max(sel.arg0, 1u);
+    let span = sel.arg1;
+    let pu = pool_unit(dispatch_workgroup(wg), lid, sel.level, d * chunks);
+    if (!pu.ok) {
         return;
     }
-    let c = g % d;
-    let head = g / (d * rows); // a K/V head for tensors 0 and 1, a query head for 2
-    var row = a_lo * p + (g / d) % rows;
-    var seq = 0u;
-    if (params.seqs > 0u) {
-        seq = seq_search(sec_rows(sel.level), row);
-        row -= seq_table[sec_rows(sel.level) + seq];
-    }
-    let pr = problem(select(head * params.kv_group, head, tensor == 2u), seq);
-    let n = pr.n;
-    // Its rows in the tensor and its coarse rows (K/V head or query head).
-    let tok_row = select(pr.kv_row, pr.q_row, tensor == 2u);
-    let crow = select(pr.kv_crow, pr.q_crow, tensor == 2u);
+    let tensor = pu.tensor;
+    let c = pu.rest % d;
+    let chunk = pu.rest / d;
+    let row = pu.row;
+    let seq = pu.seq;
+    let n = pu.n;
+    let crow = pu.crow;
     let a = row / p;
     let j = row % p;
-    let out = coarse_row(crow, sel.level, seq, row) * d + c;
+    var out = coarse_row(crow, sel.level, seq, row) * d + c;
+    if (chunks > 1u) {
+        // The chunk's partial sum, (head row, chunk, channel) after the coarse rows.
+        out = pool_partials_at(tensor) + pu.u;
+    }
     var s = 0.0;
     if (params.learned == 0u && sel.level > 0u) {
         // S(l, a, j) is the union of CHILDREN level l-1 rows (1D: two sub-windows; 2D: two bands
@@ -99,6 +93,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let child = row_child(n, win, p, cols, a, j, h);
             let count = child.y;
             if (count > 0u) {
+                //#rows(1u, select(0u, 1u, c == 0u))
                 let row_in = coarse_row(crow, sel.level - 1u, seq, child.x);
                 s += f32(count) * coarse_input(tensor, row_in * d + c);
                 total += count;
@@ -113,10 +108,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         // a chunk at a time: chunks are whole fine blocks (2D: whole rows of fine cells), so
         // every window of m tokens (2D: cell of m x m) lies in one chunk and this dispatch
         // covers exactly the windows of its chunk.
-        let base = (tok_row - params.row_base) * d;
+        let base = (pu.tok_row - params.row_base) * d;
         if (params.learned == 0u) {
             let count = row_count(n, win, p, cols, row);
             for (var t = 0u; t < count; t++) {
+                //#rows(1u, select(0u, 1u, c == 0u))
                 s += input(tensor, base + row_token(n, win, p, cols, row, t) * d + c);
             }
             if (count > 0u) {
@@ -124,15 +120,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         } else {
             // Depthwise convolution, kernel = stride = w_l (2D: w_l x w_l); tokens beyond n
-            // (the grid) count as zero.
+            // (the grid) count as zero. This invocation's taps: its chunk's, or all of them.
             let taps = group_taps(n, win, cols, a);
+            var t0 = 0u;
+            var t1 = taps;
+            if (chunks > 1u) {
+                t0 = min(chunk * span, taps);
+                t1 = min(t0 + span, taps);
+            }
             let wrow = tensor * params.weight_stride + info.weight_offset
                 + (c * p + j) * kernel_len(win);
-            for (var t = 0u; t < taps; t++) {
+            for (var t = t0; t < t1; t++) {
+                //#rows(1u, select(0u, 1u, c == 0u))
                 let tap = group_tap(n, win, cols, a, t);
                 s += w[wrow + tap.y] * input(tensor, base + tap.x * d + c);
             }
-            s += w[params.bias_base + tensor * params.bias_stride + sel.level * d * p + c * p + j];
+            // The bias once: in chunk 0's partial.
+            if (chunk == 0u) {
+                s += w[params.bias_base + tensor * params.bias_stride + sel.level * d * p + c * p + j];
+            }
         }
     }
     if (tensor == 0u) {

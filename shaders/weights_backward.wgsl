@@ -74,10 +74,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let gk = bitcast<f32>(dcoarse_k[row]);
         let gv = dcoarse_v[row];
         if (bias) {
+            //#rows(2u, select(0u, 2u, c == 0u))
             sk += gk;
             sv += gv;
         } else {
             let token = tap_token(pr.n, w, cols, a, t);
+            // dK~ and dV~, then K and V of a tap inside the sequence (the total once per
+            // (j, t): channel 0).
+            //#rows(select(2u, 4u, token != NO_TOKEN), select(0u, select(2u, 4u, token != NO_TOKEN), c == 0u))
             if (token != NO_TOKEN) {
                 let tok = (pr.kv_row + token) * d + c;
                 sk += gk * k[tok];

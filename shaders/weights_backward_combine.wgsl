@@ -12,6 +12,7 @@
 #import params
 #import geometry
 #import level_select
+#import combine_tree
 
 @group(0) @binding(1) var<storage, read_write> dcoarse_v: array<f32>;    // dV~, then the partials
 @group(0) @binding(2) var<storage, read_write> dwk: array<f32>;          // levels' (d, p, w_l) (2D: (d, p, s_l, s_l)), concatenated
@@ -19,8 +20,6 @@
 @group(0) @binding(4) var<storage, read_write> dbk: array<f32>;          // levels' (d, p), concatenated
 @group(0) @binding(5) var<storage, read_write> dbv: array<f32>;
 
-// Partials added per invocation: Rust mirror `plan::COMBINE_FAN_IN`.
-const FAN_IN: u32 = 16u;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -30,8 +29,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let weights = d * p * kernel_len(info.window);
     let chunks = sel.arg0;
     let stride = sel.arg1;
-    let span = stride * FAN_IN;
-    let groups = (chunks + span - 1u) / span;
+    let span = tree_span(stride);
+    let groups = tree_groups(chunks, stride);
     let idx = dispatch_workgroup(wg) * WG + lid;
     let g = idx / groups;
     if (g >= weights + d * p) {
@@ -43,6 +42,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = 0u; i < FAN_IN; i++) {
         let k = first + i * stride;
         if (k < chunks) {
+            // A (K, V) pair: 2 rows, the total once per (j, t) (channel 0).
+            //#rows(2u, select(0u, 2u, g < p * kernel_len(info.window) || (g >= weights && g - weights < p)))
             let at = params.partials_at + (g * chunks + k) * 2u;
             sk += dcoarse_v[at];
             sv += dcoarse_v[at + 1u];

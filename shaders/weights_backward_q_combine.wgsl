@@ -11,13 +11,12 @@
 #import params
 #import geometry
 #import level_select
+#import combine_tree
 
 @group(0) @binding(1) var<storage, read_write> dcoarse_q: array<f32>;    // dQ~, then the partials
 @group(0) @binding(2) var<storage, read_write> dwq: array<f32>;          // levels' (d, p, w_l) (2D: (d, p, s_l, s_l)), concatenated
 @group(0) @binding(3) var<storage, read_write> dbq: array<f32>;          // levels' (d, p), concatenated
 
-// Partials added per invocation: Rust mirror `plan::COMBINE_FAN_IN`.
-const FAN_IN: u32 = 16u;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -27,8 +26,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let weights = d * p * kernel_len(info.window);
     let chunks = sel.arg0;
     let stride = sel.arg1;
-    let span = stride * FAN_IN;
-    let groups = (chunks + span - 1u) / span;
+    let span = tree_span(stride);
+    let groups = tree_groups(chunks, stride);
     let idx = dispatch_workgroup(wg) * WG + lid;
     let g = idx / groups;
     if (g >= weights + d * p) {

@@ -442,9 +442,10 @@ impl BackwardPlan {
                 bias_elements += d * p;
             }
         }
+        // K~ and V~ recomputed hold the downsample pass's partial sums from the same element.
         limits.check_binding(
             "the backward's dK~ or dV~ with its partial sums",
-            (partials_at + partial_elements) * 4,
+            (partials_at + partial_elements.max(forward.workspace.pool_partials_kv)) * 4,
             "differentiate fewer heads per backward call",
         )?;
         if q_partial_elements > 0 {
@@ -514,7 +515,7 @@ impl BackwardPlan {
 
     /// Every dispatch in recording order, the forward's downsample dispatches first.
     pub fn dispatches(&self) -> Vec<Dispatch> {
-        let mut all = self.forward.downsample.clone();
+        let mut all = self.forward.pool_steps();
         all.push(self.delta);
         all.push(self.dq);
         all.extend(&self.coarse_stats);
@@ -704,9 +705,9 @@ mod tests {
             plan.partials_at as u64 * 4,
             plan.forward.workspace.coarse_kv_bytes
         );
-        // 5 downsample + delta + dq + 5 coarse + 4 combine + fine + downsample_backward + 5
-        // weights + 2 combine.
-        assert_eq!(plan.dispatches().len(), 25);
+        // 5 downsample + 2 downsample combine (Learned taps 512 and 1024 in chunks of 256) +
+        // delta + dq + 5 coarse + 4 combine + fine + downsample_backward + 5 weights + 2 combine.
+        assert_eq!(plan.dispatches().len(), 27);
         assert_eq!(plan.weight_elements, 64 * 2 * (64 + 128 + 256 + 512 + 1024));
         let avg =
             BackwardPlan::new(shape, &FmaConfig::new(64, 2), &KernelLimits::lavapipe()).unwrap();

@@ -17,7 +17,7 @@ use super::backward::{
 };
 use super::dense::DensePlan;
 use super::dispatch::Dispatch;
-use super::forward::FmaPlan;
+use super::forward::{FmaPlan, POOL_TAPS};
 use super::pass::Pass;
 use crate::config::{Downsample, FmaConfig, Queries};
 
@@ -160,21 +160,39 @@ impl DepthModel {
     }
 }
 
+/// Heads the downsample pass pools: K and V of every K/V head, and Q of every query head
+/// with coarse queries.
+fn pooled_heads(m: &DepthModel) -> u64 {
+    2 * m.kv_bh + if m.coarse_queries { m.bh } else { 0 }
+}
+
 /// `downsample` at level index `i`: an invocation per (tensor, head, coarse row, channel)
-/// pools its row's tokens (level 1, Average), its children rows (Average, level >= 2) or its
-/// window's w_l kernel taps (Learned).
+/// pools its row's tokens (level 1, Average), its children rows (Average, level >= 2) or one
+/// chunk of at most `POOL_TAPS` of its window's w_l kernel taps (Learned).
 pub fn downsample(m: &DepthModel, i: usize) -> Depth {
-    let heads = 2 * m.kv_bh + if m.coarse_queries { m.bh } else { 0 };
-    let serial = if m.learned {
-        m.taps(i)
+    let (serial, per_row) = if m.learned {
+        let taps = m.taps(i);
+        (taps.min(POOL_TAPS as u64), taps)
     } else if i == 0 {
-        m.first_level_tokens()
+        (m.first_level_tokens(), m.first_level_tokens())
     } else {
-        m.children()
+        (m.children(), m.children())
     };
     Depth {
         serial_rows: serial,
-        rows: heads * m.level_rows(i) * serial,
+        rows: pooled_heads(m) * m.level_rows(i) * per_row,
+    }
+}
+
+/// `downsample_combine`, one round at level index `i`: an invocation per (tensor, head, row,
+/// group, channel) adds at most 16 partial sums.
+pub fn downsample_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
+    let [chunks, stride] = d.args.map(u64::from);
+    let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
+    let read = chunks.div_ceil(stride);
+    Depth {
+        serial_rows: added,
+        rows: pooled_heads(m) * m.level_rows(i) * read,
     }
 }
 
@@ -286,10 +304,11 @@ pub fn backward_dkv_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
     let [chunks, stride] = d.args.map(u64::from);
     let fan_in = COMBINE_FAN_IN;
     let added = chunks.div_ceil(stride).min(fan_in);
-    let groups = chunks.div_ceil(stride * fan_in);
+    // Every partial of the round's stride is read once: ceil(chunks / stride) per row.
+    let read = chunks.div_ceil(stride);
     Depth {
         serial_rows: 2 * added,
-        rows: m.kv_bh * m.level_rows(i) * groups * 2 * added,
+        rows: m.kv_bh * m.level_rows(i) * 2 * read,
     }
 }
 
@@ -333,12 +352,12 @@ pub fn downsample_backward(m: &DepthModel) -> Depth {
 
 /// `weights_backward` at level index `i`: an invocation per (weight element (c, j, t), chunk)
 /// sums over at most `WEIGHT_CHUNK_WINDOWS` of the level's windows over every K/V head (dK~,
-/// K, dV~, V of each).
+/// K, dV~, V of each; a bias element dK~ and dV~ only).
 pub fn weights_backward(m: &DepthModel, i: usize) -> Depth {
     let windows = m.kv_bh * m.levels[i].1;
     Depth {
         serial_rows: 4 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
-        rows: (m.taps(i) + 1) * m.p * 4 * windows,
+        rows: (4 * m.taps(i) + 2) * m.p * windows,
     }
 }
 
@@ -347,10 +366,10 @@ pub fn weights_backward(m: &DepthModel, i: usize) -> Depth {
 pub fn weights_backward_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
     let [chunks, stride] = d.args.map(u64::from);
     let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
-    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    let read = chunks.div_ceil(stride);
     Depth {
         serial_rows: 2 * added,
-        rows: (m.taps(i) + 1) * m.p * groups * 2 * added,
+        rows: (m.taps(i) + 1) * m.p * 2 * read,
     }
 }
 
@@ -368,10 +387,10 @@ pub fn weights_backward_q(m: &DepthModel, i: usize) -> Depth {
 pub fn weights_backward_q_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
     let [chunks, stride] = d.args.map(u64::from);
     let added = chunks.div_ceil(stride).min(COMBINE_FAN_IN);
-    let groups = chunks.div_ceil(stride * COMBINE_FAN_IN);
+    let read = chunks.div_ceil(stride);
     Depth {
         serial_rows: added,
-        rows: (m.taps(i) + 1) * m.p * groups * added,
+        rows: (m.taps(i) + 1) * m.p * read,
     }
 }
 
@@ -389,6 +408,7 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
     let level = d.level.unwrap_or(0) as usize;
     match d.pass {
         Pass::Downsample => downsample(model, level),
+        Pass::DownsampleCombine => downsample_combine(model, level, d),
         Pass::FineAttention => fine_attention(model, d),
         Pass::CoarseAttention => coarse_attention(model, level),
         Pass::UpsampleMerge => upsample_merge(model),
@@ -546,8 +566,8 @@ mod tests {
     }
 
     /// Issue 27's bound: every pass's chain at n = 2^22 is at most its chain at 2^16 plus
-    /// O(p log n) (here 8 p log2 n), and at most 8 (3m + 4pL) + 1024. Learned mode: every pass
-    /// but its `downsample` (w_l kernel taps per coarse row: not chunked yet).
+    /// O(p log n) (here 8 p log2 n), and at most 8 (3m + 4pL) + 1024; Learned mode's
+    /// `downsample` included (its w_l taps in chunks of `POOL_TAPS`).
     #[test]
     fn no_chain_grows_with_n() {
         let (m, p) = (64usize, 2usize);
@@ -568,13 +588,7 @@ mod tests {
             for log_n in 16..=22 {
                 let n = 1usize << log_n;
                 let cfg = &config(n);
-                let all: Vec<DispatchDepth> = backward(n, cfg)
-                    .into_iter()
-                    .filter(|d| {
-                        let learned = matches!(cfg.downsample, Downsample::Learned(_));
-                        !(learned && d.dispatch.pass == Pass::Downsample)
-                    })
-                    .collect();
+                let all = backward(n, cfg);
                 let levels = crate::levels::Levels::new(n, m, p).count();
                 let bound = (8 * (3 * m + 4 * p * levels) + 1024) as u64;
                 for d in &all {
@@ -600,25 +614,41 @@ mod tests {
 
     #[test]
     fn no_chain_grows_with_n_in_2d() {
-        // Cells 8 x 8, p = 2, square grids of 2^16 and 2^22 tokens.
-        let at = |side: usize| {
-            let cfg = FmaConfig::new(8, 2).grid(Some(Grid::new(side, side)));
-            let shape = Shape::new(1, 1, side * side, 16);
+        // Cells 8 x 8, p = 2, square grids of 2^16 and 2^22 tokens; Average and Learned.
+        let at = |side: usize, learned: bool| {
+            let grid = Grid::new(side, side);
+            let mut cfg = FmaConfig::new(8, 2).grid(Some(grid));
+            if learned {
+                let w = crate::weights::LearnedWeights::box_init_grid_for(4, 8, 2, grid);
+                cfg = cfg.downsample(Downsample::Learned(w));
+            }
+            let d = if learned { 4 } else { 16 };
+            let shape = Shape::new(1, 1, side * side, d);
             let plan = BackwardPlan::new(shape, &cfg, &KernelLimits::discrete_gpu()).unwrap();
             let mut all = forward_depths(&plan.forward, &cfg);
             all.extend(backward_depths(&plan, &cfg));
-            all
+            (all, plan.forward.levels.count())
         };
-        let (small, large) = (at(256), at(2048));
-        for d in &large {
-            let pass = d.dispatch.pass;
-            assert!(
-                d.serial_rows <= deepest(&small, pass) + 8 * 2 * 22,
-                "{}: {} rows in a row at 2^22, {} at 2^16",
-                pass.name(),
-                d.serial_rows,
-                deepest(&small, pass)
-            );
+        for learned in [false, true] {
+            let ((small, _), (large, levels)) = (at(256, learned), at(2048, learned));
+            let bound = (8 * (3 * 8 + 4 * 2 * levels) + 1024) as u64;
+            for d in &large {
+                let pass = d.dispatch.pass;
+                assert!(
+                    d.serial_rows <= deepest(&small, pass) + 8 * 2 * 22,
+                    "{}: {} rows in a row at 2^22, {} at 2^16",
+                    pass.name(),
+                    d.serial_rows,
+                    deepest(&small, pass)
+                );
+                // The 2D near field is 9 cells of r^2 = 64 tokens (576 keys, 2 rows each).
+                assert!(
+                    d.serial_rows <= bound.max(2 * 9 * 64 + 2 + 2 * 27 * 2 * levels as u64),
+                    "{}: {} rows in a row at 2^22",
+                    pass.name(),
+                    d.serial_rows
+                );
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! The plan of one FMA forward, fine or coarse queries: (shape, config, adapter limits) -> the
 //! dispatches per level. Pure arithmetic, unit-tested without a GPU; `gpu::fma` executes it.
 
+use super::backward::combine_rounds;
 use super::dispatch::{attention_spec, dispatch, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MERGE_WG};
 use super::limits::KernelLimits;
 use super::pass::{Pass, Specialization};
@@ -21,6 +22,82 @@ pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
     limits.check_binding("a K or V tensor", shape.kv_elements() as u64 * 4, advice)
 }
 
+/// Taps of a learned kernel one invocation of `downsample` walks: a level of more (w_l > 256;
+/// 2D s_l^2 > 256) walks them in chunks of this many, one invocation per (row, channel, chunk),
+/// whose partial sums `downsample_combine` adds by [`combine_rounds`] (fan-in 16), so no
+/// invocation's chain grows with n (w_l reaches n / 4 at the top level). Levels of at most one
+/// chunk keep the single pass and its bits: no extra dispatch where the chain is short anyway
+/// (every level up to w_l = 256, i.e. up to 3 levels at m = 64).
+pub const POOL_TAPS: u32 = 256;
+
+/// One level's pooling: its downsample dispatch and the combine rounds after it.
+#[derive(Clone, Debug)]
+pub(crate) struct PoolLevel {
+    pub downsample: Dispatch,
+    pub combine: Vec<Dispatch>,
+    /// Partial-sum elements after K~'s (and V~'s) rows; 0 for one chunk.
+    pub kv_partials: u64,
+    /// The same after Q~'s rows.
+    pub q_partials: u64,
+}
+
+/// Chunks of a level's learned taps (`taps`: w_l, 2D s_l^2, clipped at the longest sequence);
+/// `None` (Average) is one.
+pub(crate) fn pool_chunks(taps: Option<u64>) -> u64 {
+    taps.map_or(1, |t| t.div_ceil(POOL_TAPS as u64).max(1))
+}
+
+/// The dispatches of level index `level`'s pooling over `rows` coarse rows per head of
+/// `kv_heads` K/V heads (and, coarse queries, `heads` query heads) of head dimension `d`:
+/// an invocation per (tensor, head, row, chunk of taps, channel) in workgroups of one tensor
+/// (`shaders/shared/pool_units.wgsl`), then per combine round one per (tensor, head, row,
+/// group, channel).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pool_level(
+    level: usize,
+    rows: u64,
+    (kv_heads, heads, coarse_q): (u64, u64, bool),
+    d: u64,
+    taps: Option<u64>,
+    spec: Specialization,
+    limits: &KernelLimits,
+) -> Result<PoolLevel> {
+    let chunks = pool_chunks(taps);
+    let wg = spec.wg as u64;
+    let workgroups = |per_row: u64| {
+        let q = if coarse_q {
+            (heads * rows * per_row).div_ceil(wg)
+        } else {
+            0
+        };
+        2 * (kv_heads * rows * per_row).div_ceil(wg) + q
+    };
+    let lvl = Some(level as u32);
+    let mut downsample = dispatch(Pass::Downsample, lvl, workgroups(d * chunks), spec, limits)?;
+    downsample.args = [chunks as u32, POOL_TAPS];
+    let combine = combine_rounds(chunks)
+        .into_iter()
+        .map(|(stride, groups)| {
+            let mut c = dispatch(
+                Pass::DownsampleCombine,
+                lvl,
+                workgroups(d * groups),
+                spec,
+                limits,
+            )?;
+            c.args = [chunks as u32, stride as u32];
+            Ok(c)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let partials = |h: u64| if chunks > 1 { h * rows * chunks * d } else { 0 };
+    Ok(PoolLevel {
+        downsample,
+        combine,
+        kv_partials: partials(kv_heads),
+        q_partials: if coarse_q { partials(heads) } else { 0 },
+    })
+}
+
 /// Byte sizes of the buffers a forward needs besides Q, K, V and O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Workspace {
@@ -37,9 +114,26 @@ pub struct Workspace {
     pub coarse_lse_bytes: u64,
     /// Bytes of the LSE: (bh, n) f32.
     pub lse_bytes: u64,
+    /// f32 elements of the Learned downsample pass's tap-chunk partial sums after K~'s (and
+    /// after V~'s) rows: the largest level's of more than one chunk, 0 if none.
+    pub pool_partials_kv: u64,
+    /// The same after Q~'s rows (coarse queries).
+    pub pool_partials_q: u64,
 }
 
 impl Workspace {
+    /// Bytes of each of the K~ and V~ buffers: their rows, then the downsample pass's partial
+    /// sums (from element `coarse_kv_bytes / 4`, `params.partials_at`).
+    pub fn coarse_kv_buffer_bytes(&self) -> u64 {
+        self.coarse_kv_bytes + self.pool_partials_kv * 4
+    }
+
+    /// Bytes of the Q~ buffer (coarse queries): its rows, then the partial sums (from element
+    /// `coarse_bytes / 4`, `params.q_partials_at`).
+    pub fn coarse_q_buffer_bytes(&self) -> u64 {
+        self.coarse_bytes + self.pool_partials_q * 4
+    }
+
     /// Device memory the library allocates for a forward on caller buffers besides Q, K, V, O:
     /// the coarse K~ and V~ (with coarse queries also Q~, the partial outputs and their LSEs)
     /// and the LSE; the uniforms add under 1 KiB.
@@ -76,6 +170,9 @@ pub struct FmaPlan {
     /// One downsample dispatch per coarse level (K and V, and Q with coarse queries), in level
     /// order.
     pub downsample: Vec<Dispatch>,
+    /// Per level, the rounds that add its downsample's tap-chunk partial sums (Learned mode,
+    /// levels of more than [`POOL_TAPS`] taps; empty otherwise).
+    pub downsample_combine: Vec<Vec<Dispatch>>,
     /// Coarse queries: one coarse attention dispatch per level (empty with fine queries).
     pub coarse_attention: Vec<Dispatch>,
     /// The fused attention dispatch: every level (fine queries) or the near field only.
@@ -202,26 +299,41 @@ impl FmaPlan {
             d4: 1,
             grid,
         };
-        let downsample = levels
+        let learned = matches!(cfg.downsample, Downsample::Learned(_));
+        let pools = levels
             .levels
             .iter()
             .enumerate()
             .map(|(i, lv)| {
-                // Each workgroup pools one tensor: ceil(heads * rows * d / WG) per tensor, K and
-                // V over the K/V heads, Q (coarse queries) over the query heads.
-                let per_tensor =
-                    |heads: usize| ((heads * lv.rows(p) * d) as u64).div_ceil(ds_spec.wg as u64);
-                let q_wgs = if coarse_q { per_tensor(bh) } else { 0 };
-                let level = Some(i as u32);
-                dispatch(
-                    Pass::Downsample,
-                    level,
-                    2 * per_tensor(kv_bh) + q_wgs,
+                let taps = learned.then(|| taps(lv.window).min(n) as u64);
+                pool_level(
+                    i,
+                    lv.rows(p) as u64,
+                    (kv_bh as u64, bh as u64, coarse_q),
+                    d as u64,
+                    taps,
                     ds_spec,
                     limits,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        let pool_partials_kv = pools.iter().map(|l| l.kv_partials).max().unwrap_or(0);
+        let pool_partials_q = pools.iter().map(|l| l.q_partials).max().unwrap_or(0);
+        if coarse_in_one_binding {
+            let advice = "use a larger block size m, a smaller rank p, or fewer heads per call";
+            limits.check_binding(
+                "the coarse keys with the downsampling's partial sums",
+                coarse_kv_bytes + pool_partials_kv * 4,
+                advice,
+            )?;
+            limits.check_binding(
+                "the coarse queries with the downsampling's partial sums",
+                coarse_bytes + pool_partials_q * 4,
+                advice,
+            )?;
+        }
+        let downsample = pools.iter().map(|l| l.downsample).collect();
+        let downsample_combine = pools.into_iter().map(|l| l.combine).collect();
 
         let (coarse_attention, merge) = if coarse_q {
             // One invocation per coarse query, COARSE_WG per workgroup (its keys are read
@@ -261,6 +373,7 @@ impl FmaPlan {
             grid: cfg.grid,
             query_blocks,
             downsample,
+            downsample_combine,
             coarse_attention,
             attention,
             merge,
@@ -276,9 +389,22 @@ impl FmaPlan {
                     0
                 },
                 lse_bytes: shape.rows() as u64 * 4,
+                pool_partials_kv,
+                pool_partials_q,
             },
             sequences: None,
         })
+    }
+
+    /// The pooling of every level in execution order: level by level the downsample and its
+    /// combine rounds (the backward recomputes K~, V~ (Q~) with them).
+    pub fn pool_steps(&self) -> Vec<Dispatch> {
+        let mut steps = Vec::new();
+        for (i, ds) in self.downsample.iter().enumerate() {
+            steps.push(*ds);
+            steps.extend(self.downsample_combine.get(i).into_iter().flatten());
+        }
+        steps
     }
 
     /// Every dispatch in execution order: level by level the downsample (and, coarse queries,
@@ -287,6 +413,7 @@ impl FmaPlan {
         let mut steps = Vec::with_capacity(2 * self.downsample.len() + 2);
         for (i, ds) in self.downsample.iter().enumerate() {
             steps.push(*ds);
+            steps.extend(self.downsample_combine.get(i).into_iter().flatten());
             steps.extend(self.coarse_attention.get(i).copied());
         }
         steps.push(self.attention);
@@ -389,6 +516,55 @@ mod tests {
         // Coarse work per level shrinks with the window: O(n) in total.
         let total: u32 = plan.coarse_attention.iter().map(|d| d.workgroups).sum();
         assert!(total < 2 * 4 * 4096 / 64);
+    }
+
+    #[test]
+    fn learned_levels_of_many_taps_pool_in_chunks_added_by_a_tree() {
+        // n = 65536, m = 64, p = 2: windows 64 .. 16384; levels of at most 256 taps pool in
+        // one pass, the others in chunks of 256 taps (up to 64 at w = 16384: two rounds).
+        let n = 65536;
+        let w = crate::weights::LearnedWeights::box_init_for(4, 64, 2, n);
+        let cfg = FmaConfig::new(64, 2)
+            .queries(Queries::Coarse)
+            .downsample(Downsample::Learned(w));
+        let shape = Shape::new(1, 2, n, 4);
+        let plan = FmaPlan::new(shape, &cfg, &KernelLimits::discrete_gpu()).unwrap();
+        let mut most = (0, 0);
+        for (i, lv) in plan.levels.levels.iter().enumerate() {
+            let chunks = lv.window.div_ceil(POOL_TAPS as usize) as u64;
+            let ds = plan.downsample[i];
+            assert_eq!(ds.args, [chunks as u32, POOL_TAPS]);
+            // K, V and Q of 2 heads: (rows x chunks x d) units each, in workgroups of 64.
+            let units = 2 * lv.rows(2) as u64 * chunks * 4;
+            assert_eq!(ds.workgroups as u64, 3 * units.div_ceil(64));
+            let rounds: Vec<[u32; 2]> = plan.downsample_combine[i].iter().map(|c| c.args).collect();
+            let want: Vec<[u32; 2]> = combine_rounds(chunks)
+                .into_iter()
+                .map(|(stride, _)| [chunks as u32, stride as u32])
+                .collect();
+            assert_eq!(rounds, want);
+            if chunks > 1 {
+                most = most.max((2 * lv.rows(2) as u64 * chunks * 4, i));
+            }
+        }
+        assert_eq!(plan.downsample_combine[8].len(), 2);
+        assert_eq!(plan.workspace.pool_partials_kv, most.0);
+        assert_eq!(plan.workspace.pool_partials_q, most.0);
+        // Recording order: each level's rounds right after its downsample.
+        let steps = plan.steps();
+        let first = steps
+            .iter()
+            .position(|s| s.pass == Pass::DownsampleCombine)
+            .unwrap();
+        assert_eq!(
+            (steps[first - 1].pass, steps[first - 1].level),
+            (Pass::Downsample, steps[first].level)
+        );
+        // Average mode: one pass per level, no partials.
+        let avg =
+            FmaPlan::new(shape, &FmaConfig::new(64, 2), &KernelLimits::discrete_gpu()).unwrap();
+        assert!(avg.downsample_combine.iter().all(Vec::is_empty));
+        assert_eq!(avg.workspace.pool_partials_kv, 0);
     }
 
     #[test]

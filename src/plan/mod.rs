@@ -34,7 +34,7 @@ pub use dispatch::{
     attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,
     MIN_KEY_TILE,
 };
-pub use forward::{FmaPlan, Workspace};
+pub use forward::{FmaPlan, Workspace, POOL_TAPS};
 pub use limits::KernelLimits;
 pub use pass::{Pass, Specialization};
 pub use sequences::SeqTable;

@@ -31,6 +31,9 @@ macro_rules! passes {
 passes! {
     /// Coarse keys and values (and coarse queries) of one level (`shaders/downsample.wgsl`).
     Downsample => "downsample",
+    /// One round of the tree that adds the Learned downsample pass's tap-chunk partial sums
+    /// (`shaders/downsample_combine.wgsl`).
+    DownsampleCombine => "downsample_combine",
     /// The fused fine-query FMA pass, or the near field alone with coarse queries
     /// (`shaders/fine_attention.wgsl`).
     FineAttention => "fine_attention",

@@ -45,6 +45,7 @@
 //! A head of Learned FMA that fits is one chunk (the buffer API copies heads that way), or
 //! several sharing its one binding of tokens when its coarse rows are split.
 
+use super::forward::{pool_level, POOL_TAPS};
 use super::limits::BINDING_BYTES;
 use super::split_coarse::{
     blocks_per_chunk, capacity, head_coarse_exceeds_binding, CoarseSplit, Head,
@@ -69,7 +70,8 @@ pub struct Chunk {
     /// shared).
     pub rows: usize,
     /// Downsample of the token-reading levels (indices 0..[`SplitPlan::token_levels`]) over
-    /// the windows that hold tokens of this chunk (none when the coarse rows are split: then
+    /// the windows that hold tokens of this chunk, each followed by its combine rounds (Learned
+    /// levels in tap chunks) (none when the coarse rows are split: then
     /// [`CoarseSplit::pool`] pools).
     pub downsample: Vec<Dispatch>,
     /// The fused attention of this chunk's fine blocks (2D: fine cells).
@@ -335,23 +337,28 @@ impl SplitPlan {
         let unit = cut.unit();
         let row_base = lo.saturating_sub(unit);
         let pooled: u64 = if head.merge.is_some() { 3 } else { 2 };
-        let downsample = head.levels.levels[..token_levels]
+        let mut downsample = Vec::new();
+        for (i, (lv, whole)) in head.levels.levels[..token_levels]
             .iter()
             .zip(&head.downsample)
             .enumerate()
-            .map(|(i, (lv, whole))| {
-                // Windows (cells) holding tokens of lo..hi, as `downsample.wgsl` derives them.
-                let windows = cut.groups(lo, hi, lv.window);
-                let per_tensor = ((windows * p * d) as u64).div_ceil(whole.spec.wg as u64);
-                dispatch(
-                    whole.pass,
-                    Some(i as u32),
-                    pooled * per_tensor,
-                    whole.spec,
-                    limits,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        {
+            // Windows (cells) holding tokens of lo..hi, as `downsample.wgsl` derives them; in
+            // the head's chunks of learned taps with the same combine rounds (the unsplit bits).
+            let windows = cut.groups(lo, hi, lv.window);
+            let chunks = whole.args[0].max(1) as u64;
+            let pool = pool_level(
+                i,
+                (windows * p) as u64,
+                (1, 1, pooled == 3),
+                d as u64,
+                (chunks > 1).then_some(chunks * POOL_TAPS as u64),
+                whole.spec,
+                limits,
+            )?;
+            downsample.push(pool.downsample);
+            downsample.extend(pool.combine);
+        }
         let attention = dispatch(
             head.attention.pass,
             None,
@@ -442,7 +449,9 @@ mod tests {
         assert_eq!(plan.token_levels, plan.head.levels.count());
         assert!(plan.shared_steps().is_empty());
         assert_eq!(plan.chunks.len(), 1);
-        assert_eq!(plan.chunks[0].downsample.len(), plan.token_levels);
+        // The head's own pooling: every level, with its combine rounds (taps 512 .. 2048 in
+        // chunks of 256), as an unsplit run records it.
+        assert_eq!(plan.chunks[0].downsample, plan.head.pool_steps());
         let e = SplitPlan::new(4096, 8, &cfg, &limits(8 << 10)).unwrap_err();
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
     }

@@ -34,8 +34,9 @@
 use std::ops::Range;
 
 use super::dispatch::dispatch;
-use super::forward::FmaPlan;
+use super::forward::{pool_level, FmaPlan, POOL_TAPS};
 use super::limits::{KernelLimits, BINDING_BYTES};
+use super::pass::Pass;
 use super::Dispatch;
 use crate::config::Downsample;
 use crate::error::{FmaError, Result};
@@ -121,6 +122,18 @@ impl CoarseStep {
     /// Compact rows its layout uses.
     pub fn rows(&self) -> usize {
         self.layout.iter().map(|s| s.at + s.rows).max().unwrap_or(0)
+    }
+
+    /// Rows of partial sums a Learned pooling step in tap chunks writes after the compact
+    /// rows (`params.partials_at`): its rows times its chunks; 0 for any other step.
+    pub fn partial_rows(&self) -> usize {
+        let own = self.layout.last().map_or(0, |s| s.rows);
+        self.dispatches
+            .iter()
+            .filter(|d| d.pass == Pass::Downsample && d.args[0] > 1)
+            .map(|d| own * d.args[0] as usize)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -263,18 +276,26 @@ impl Head<'_> {
     }
 
     /// The downsample of level index `lvl` over windows `a`.
-    fn downsample(&self, lvl: usize, a: &Range<usize>) -> Result<Dispatch> {
+    fn downsample(&self, lvl: usize, a: &Range<usize>) -> Result<Vec<Dispatch>> {
         let whole = self.plan.downsample[lvl];
         let (p, d) = (self.plan.levels.p, self.plan.shape.head_dim);
-        let per_tensor = ((a.len() * p * d) as u64).div_ceil(whole.spec.wg as u64);
-        let pooled = self.pooled().len() as u64;
-        dispatch(
-            whole.pass,
-            Some(lvl as u32),
-            pooled * per_tensor,
+        // The head's chunks of learned taps (one in Average mode), so the rows get the bits
+        // of an unsplit run: the same chunks, added by the same tree.
+        let chunks = whole.args[0].max(1) as u64;
+        let taps = (chunks > 1).then_some(chunks * POOL_TAPS as u64);
+        let coarse_q = self.pooled().len() == 3;
+        let pool = pool_level(
+            lvl,
+            (a.len() * p) as u64,
+            (1, 1, coarse_q),
+            d as u64,
+            taps,
             whole.spec,
             self.limits,
-        )
+        )?;
+        Ok(std::iter::once(pool.downsample)
+            .chain(pool.combine)
+            .collect())
     }
 
     /// Tokens of windows `a` at level index `lvl`: the step's `lo..hi`.
@@ -295,7 +316,7 @@ impl Head<'_> {
             save: self.pooled().into_iter().map(|t| (t, layout[0])).collect(),
             layout,
             load: Vec::new(),
-            dispatches: vec![self.downsample(lvl, &a)?],
+            dispatches: self.downsample(lvl, &a)?,
         })
     }
 
@@ -314,7 +335,7 @@ impl Head<'_> {
             load: self.pooled().into_iter().map(|t| (t, layout[0])).collect(),
             save: self.pooled().into_iter().map(|t| (t, layout[1])).collect(),
             layout,
-            dispatches: vec![self.downsample(lvl, &a)?],
+            dispatches: self.downsample(lvl, &a)?,
         })
     }
 
@@ -363,7 +384,10 @@ impl Head<'_> {
         let mut steps = Vec::new();
         for (lvl, lv) in self.plan.levels.levels.iter().enumerate().skip(first_level) {
             if learned {
-                for a in Self::groups(lv.windows, (cap / p).max(1)) {
+                // Each window's rows and, in tap chunks, its partial sums in the compact rows.
+                let chunks = self.plan.downsample[lvl].args[0] as usize;
+                let per_window = if chunks > 1 { p * (1 + chunks) } else { p };
+                for a in Self::groups(lv.windows, (cap / per_window).max(1)) {
                     steps.push(self.pool_tokens(lvl, a, 0)?);
                 }
             } else {
@@ -428,7 +452,7 @@ impl Head<'_> {
     /// Checks every step fits the compact buffers (a typed error, not a wrong binding).
     pub fn check(&self, steps: &[CoarseStep]) -> Result<()> {
         let d = self.plan.shape.head_dim as u64;
-        match steps.iter().map(CoarseStep::rows).max() {
+        match steps.iter().map(|s| s.rows() + s.partial_rows()).max() {
             Some(rows) if rows > self.capacity => Err(FmaError::LimitExceeded {
                 what: format!("the coarse rows one step of a split head reads ({rows} rows)"),
                 requested: rows as u64 * d * 4,

@@ -5,7 +5,7 @@
 
 use super::dense::DensePlan;
 use super::dispatch::{dispatch, Dispatch, MERGE_WG};
-use super::forward::{FmaPlan, Workspace};
+use super::forward::{pool_level, FmaPlan, Workspace};
 use super::limits::KernelLimits;
 use super::pass::{Pass, Specialization};
 use super::sequences::SeqTable;
@@ -89,22 +89,41 @@ impl FmaPlan {
             limits,
         )?;
         let coarse_q = cfg.queries == Queries::Coarse;
-        let downsample = base
+        // Learned taps clipped at the longest sequence, as the base plan's.
+        let learned = matches!(cfg.downsample, crate::config::Downsample::Learned(_));
+        let pools = base
             .downsample
             .iter()
+            .zip(&base.levels.levels)
             .zip(&table.level_rows)
-            .map(|(ds, &rows)| {
-                let per_tensor = |hh: usize| ((hh * rows * d) as u64).div_ceil(ds.spec.wg as u64);
-                let q_wgs = if coarse_q { per_tensor(heads) } else { 0 };
-                dispatch(
-                    Pass::Downsample,
-                    ds.level,
-                    2 * per_tensor(kv_heads) + q_wgs,
+            .enumerate()
+            .map(|(i, ((ds, lv), &rows))| {
+                let taps = learned.then(|| lv.window.min(seqs.max_len()) as u64);
+                pool_level(
+                    i,
+                    rows as u64,
+                    (kv_heads as u64, heads as u64, coarse_q),
+                    d as u64,
+                    taps,
                     ds.spec,
                     limits,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        let pool_partials_kv = pools.iter().map(|l| l.kv_partials).max().unwrap_or(0);
+        let pool_partials_q = pools.iter().map(|l| l.q_partials).max().unwrap_or(0);
+        limits.check_binding(
+            "the coarse keys with the downsampling's partial sums",
+            coarse_kv_bytes + pool_partials_kv * 4,
+            "use a larger block size m or a smaller rank p, or fewer sequences per call",
+        )?;
+        limits.check_binding(
+            "the coarse queries with the downsampling's partial sums",
+            coarse_bytes + pool_partials_q * 4,
+            "use a larger block size m or a smaller rank p, or fewer sequences per call",
+        )?;
+        let downsample = pools.iter().map(|l| l.downsample).collect();
+        let downsample_combine = pools.into_iter().map(|l| l.combine).collect();
         let coarse_attention = base
             .coarse_attention
             .iter()
@@ -128,6 +147,7 @@ impl FmaPlan {
             grid: None,
             query_blocks: base.query_blocks,
             downsample,
+            downsample_combine,
             coarse_attention,
             attention,
             merge,
@@ -143,6 +163,8 @@ impl FmaPlan {
                     0
                 },
                 lse_bytes: shape.rows() as u64 * 4,
+                pool_partials_kv,
+                pool_partials_q,
             },
             sequences: Some(table),
         })

@@ -51,7 +51,11 @@ impl BackwardPlan {
         plan.partials_at = plan.partials_at.max(table_at + words);
         limits.check_binding(
             "the backward's stats or dK~ with the sequence table",
-            (plan.partials_at + plan.partial_elements) as u64 * 4,
+            (plan.partials_at
+                + plan
+                    .partial_elements
+                    .max(plan.forward.workspace.pool_partials_kv as usize)) as u64
+                * 4,
             "differentiate fewer sequences or heads per call",
         )?;
         if seqs.layout != SeqLayout::Packed {

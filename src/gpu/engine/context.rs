@@ -108,6 +108,52 @@ impl GpuContext {
         Ok(ctx)
     }
 
+    /// This context with pipelines that count the rows each invocation reads
+    /// (`shaders::compose_counting`; pipelines built before are forgotten): for the tests that
+    /// check `plan::depth` against what the shaders walk. Not for production use: every
+    /// counted read is an atomic.
+    #[doc(hidden)]
+    pub fn counting_rows(mut self) -> Self {
+        let subgroup = self.kernels.subgroup;
+        self.kernels = Arc::new(Kernels::counting(&self.device, subgroup));
+        self
+    }
+
+    /// A counting context's (max, total) rows of each dispatch of the records since the last
+    /// call, by the dispatch's index in its record (the later record wins where several
+    /// overlap), and resets them; empty for a context that does not count.
+    #[doc(hidden)]
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn take_row_counts(&self) -> Result<Vec<[u32; 2]>> {
+        use crate::gpu::engine::pipelines::{COUNTER_SLOTS, COUNTER_STRIDE};
+        let Some(c) = &self.kernels.counter else {
+            return Ok(Vec::new());
+        };
+        let bytes = COUNTER_SLOTS * COUNTER_STRIDE;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("row counters readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(&c.buffer, 0, &staging, 0, bytes);
+        enc.clear_buffer(&c.buffer, 0, None);
+        self.queue.submit([enc.finish()]);
+        let words = pollster::block_on(crate::gpu::engine::buffers::read_f32(
+            &self.device,
+            &staging,
+            bytes,
+        ))?;
+        let per = (COUNTER_STRIDE / 4) as usize;
+        Ok(words
+            .chunks(per)
+            .map(|w| [w[0].to_bits(), w[1].to_bits()])
+            .collect())
+    }
+
     /// Wraps a caller's own device and queue. The library then uses `device.limits()`, sets
     /// the device-lost callback, and replaces wgpu's panicking handler of errors outside an
     /// error scope by one that logs them (set your own afterwards if you need another).

@@ -142,6 +142,7 @@ const SEQ_TABLE: Binding = bind(10, "seq_table", SeqTable, Read);
 pub fn desc(pass: Pass) -> &'static PassDesc {
     match pass {
         Pass::Downsample => &DOWNSAMPLE,
+        Pass::DownsampleCombine => &DOWNSAMPLE_COMBINE,
         Pass::FineAttention => &FINE_ATTENTION,
         Pass::DenseAttention => &DENSE_ATTENTION,
         Pass::DenseBackwardDkv => &DENSE_BACKWARD_DKV,
@@ -180,6 +181,18 @@ static DOWNSAMPLE: PassDesc = PassDesc {
         bind(2, "v", V, Read),
         bind(3, "q", Q, Read),
         bind(4, "w", Weights, Read),
+        bind(6, "coarse_k", CoarseK, ReadWrite),
+        bind(7, "coarse_v", CoarseV, ReadWrite),
+        bind(8, "coarse_q", CoarseQ, ReadWrite),
+        SEQ_TABLE,
+    ],
+    level_select: true,
+};
+
+static DOWNSAMPLE_COMBINE: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/downsample_combine.wgsl"),
+    bindings: &[
+        PARAMS,
         bind(6, "coarse_k", CoarseK, ReadWrite),
         bind(7, "coarse_v", CoarseV, ReadWrite),
         bind(8, "coarse_q", CoarseQ, ReadWrite),

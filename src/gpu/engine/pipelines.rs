@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::passes::{desc, Access};
-use crate::gpu::engine::shaders::compose_for;
+use crate::gpu::engine::shaders::{compose_counting, compose_for};
 use crate::plan::{Pass, Specialization};
 
 fn entry(binding: u32, access: Access, dynamic: bool) -> wgpu::BindGroupLayoutEntry {
@@ -27,6 +27,53 @@ fn entry(binding: u32, access: Access, dynamic: bool) -> wgpu::BindGroupLayoutEn
     }
 }
 
+/// Dispatches a record may have while rows are counted, and the bytes between their counters
+/// (a storage offset alignment every adapter accepts).
+pub(crate) const COUNTER_SLOTS: u64 = 1024;
+pub(crate) const COUNTER_STRIDE: u64 = 256;
+
+/// The per-dispatch row counters of a counting device (`GpuContext::counting_rows`, tests):
+/// group 2 of every pipeline, dispatch k's (max, total) at byte k * COUNTER_STRIDE.
+pub(crate) struct RowCounter {
+    pub buffer: wgpu::Buffer,
+    pub layout: wgpu::BindGroupLayout,
+    pub group: wgpu::BindGroup,
+}
+
+impl RowCounter {
+    fn new(device: &wgpu::Device) -> Self {
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("row counters"),
+            size: COUNTER_SLOTS * COUNTER_STRIDE,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("row counters"),
+            entries: &[entry(0, Access::ReadWrite, true)],
+        });
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("row counters"),
+            layout: &layout,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &buffer,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(8),
+                }),
+            }],
+        });
+        Self {
+            buffer,
+            layout,
+            group,
+        }
+    }
+}
+
 /// Layouts plus a pipeline cache for one device.
 pub(crate) struct Kernels {
     /// Group 0 of every pass, from its descriptor.
@@ -40,6 +87,8 @@ pub(crate) struct Kernels {
     /// The sequence table bound when a dispatch has none (a batch of equal sequences, which
     /// the passes recognise by `params.seqs = 0` and never read it): 16 zero bytes.
     pub no_sequences: wgpu::Buffer,
+    /// A counting device's row counters (tests; `None` otherwise).
+    pub counter: Option<RowCounter>,
 }
 
 impl Kernels {
@@ -73,6 +122,16 @@ impl Kernels {
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             }),
+            counter: None,
+        }
+    }
+
+    /// The kernels of a device whose pipelines count the rows each invocation reads
+    /// (`shaders::compose_counting`): tests of `plan::depth` only.
+    pub fn counting(device: &wgpu::Device, subgroup: Option<u32>) -> Self {
+        Self {
+            counter: Some(RowCounter::new(device)),
+            ..Self::new(device, subgroup)
         }
     }
 
@@ -101,8 +160,15 @@ impl Kernels {
         if desc(pass).level_select {
             groups.push(Some(&self.level_select));
         }
+        if let Some(c) = &self.counter {
+            groups.resize(2, None);
+            groups.push(Some(&c.layout));
+        }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let source = compose_for(pass, spec, self.subgroup);
+        let source = match self.counter {
+            Some(_) => compose_counting(pass, spec, self.subgroup),
+            None => compose_for(pass, spec, self.subgroup),
+        };
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(pass.name()),
             source: wgpu::ShaderSource::Wgsl(source.into()),

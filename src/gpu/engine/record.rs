@@ -11,6 +11,7 @@ use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{to_uniform_bytes, LevelSelect};
 use crate::gpu::engine::passes::{desc, Role};
+use crate::gpu::engine::pipelines::{COUNTER_SLOTS, COUNTER_STRIDE};
 use crate::gpu::engine::tensors::{GpuTensors, SavedTensors};
 use crate::plan::{Dispatch, Pass, Specialization};
 
@@ -186,7 +187,7 @@ pub(crate) fn record_steps(
                 slot.insert(res.bind_group(ctx, step.pass)?)
             }
         };
-        dispatch_one(cpass, steps, k, pipes, group, select.as_ref())?;
+        dispatch_one(ctx, cpass, (steps, k), pipes, group, select.as_ref())?;
     }
     Ok(())
 }
@@ -204,7 +205,7 @@ pub(crate) fn record_step(
 ) -> Result<()> {
     let select = selector(ctx, steps, selects)?;
     let group = res.bind_group(ctx, steps[k].pass)?;
-    dispatch_one(cpass, steps, k, pipes, &group, select.as_ref())
+    dispatch_one(ctx, cpass, (steps, k), pipes, &group, select.as_ref())
 }
 
 /// The level-selector group of `steps` and its stride, when any step's pass has one.
@@ -225,9 +226,9 @@ fn selector(
 }
 
 fn dispatch_one(
+    ctx: &GpuContext,
     cpass: &mut wgpu::ComputePass<'_>,
-    steps: &[Dispatch],
-    k: usize,
+    (steps, k): (&[Dispatch], usize),
     pipes: &Pipes,
     group: &wgpu::BindGroup,
     select: Option<&(wgpu::BindGroup, u32)>,
@@ -237,6 +238,16 @@ fn dispatch_one(
     cpass.set_bind_group(0, group, &[]);
     if let (true, Some((group, stride))) = (desc(step.pass).level_select, select) {
         cpass.set_bind_group(1, group, &[k as u32 * stride]);
+    }
+    // A counting device (tests): step k's row counter.
+    if let Some(c) = &ctx.kernels.counter {
+        if k as u64 >= COUNTER_SLOTS {
+            return Err(FmaError::Gpu {
+                stage: "counting rows".into(),
+                message: format!("more than {COUNTER_SLOTS} dispatches in one record"),
+            });
+        }
+        cpass.set_bind_group(2, &c.group, &[(k as u64 * COUNTER_STRIDE) as u32]);
     }
     cpass.dispatch_workgroups(step.grid[0], step.grid[1], step.grid[2]);
     Ok(())

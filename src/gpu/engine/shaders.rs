@@ -18,6 +18,8 @@ fn shared(name: &str) -> Option<&'static str> {
         "level_select" => Some(include_str!("../../../shaders/shared/level_select.wgsl")),
         "sequences" => Some(include_str!("../../../shaders/shared/sequences.wgsl")),
         "problems" => Some(include_str!("../../../shaders/shared/problems.wgsl")),
+        "combine_tree" => Some(include_str!("../../../shaders/shared/combine_tree.wgsl")),
+        "pool_units" => Some(include_str!("../../../shaders/shared/pool_units.wgsl")),
         "online_softmax" => Some(include_str!("../../../shaders/shared/online_softmax.wgsl")),
         "key_tiles" => Some(include_str!("../../../shaders/shared/key_tiles.wgsl")),
         "coarse_tiles" => Some(include_str!("../../../shaders/shared/coarse_tiles.wgsl")),
@@ -99,6 +101,42 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
         None => out,
     }
 }
+
+/// The row-counting variant of [`compose_for`] (tests only: `GpuContext::counting_rows`): every
+/// `//#rows(serial, total)` marker line of the pass and its snippets becomes a call that adds
+/// `serial` to the invocation's count of rows read one after another (its running maximum over
+/// the dispatch goes to word 0 of a per-dispatch counter at group 2) and `total` to the
+/// dispatch's total (word 1). Without this variant the markers are comments: the normal
+/// pipelines carry no trace of it.
+pub fn compose_counting(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> String {
+    let text = compose_for(pass, spec, subgroup);
+    let mut out = String::from(ROW_COUNTER);
+    for line in text.lines() {
+        match line.trim_start().strip_prefix("//#rows(") {
+            Some(args) => {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                out.push_str(&format!("{indent}count_rows({};\n", args.trim_end()));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The counter of [`compose_counting`]: group 2, one (max, total) pair per dispatch at a
+/// dynamic offset.
+const ROW_COUNTER: &str =
+    "@group(2) @binding(0) var<storage, read_write> row_counts: array<atomic<u32>, 2>;
+var<private> rows_read: u32 = 0u;
+fn count_rows(serial: u32, total: u32) {
+    rows_read += serial;
+    atomicMax(&row_counts[0], rows_read);
+    atomicAdd(&row_counts[1], total);
+}
+";
 
 /// Resolves the `#import` lines of WGSL `text` against the library's shared snippets
 /// (`shaders/shared/*.wgsl`, e.g. `#import geometry`), for tests and tools that build their own

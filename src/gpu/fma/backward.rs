@@ -124,6 +124,14 @@ impl BackwardScratch {
         } else {
             (ws.coarse_bytes, 2 * ws.coarse_lse_bytes)
         };
+        // The recomputed K~, V~ (Q~) hold the downsample pass's tap-chunk partial sums after
+        // their rows, from `partials_at` (`q_partials_at`) as in dK~ (dQ~).
+        let pooled_kv = coarse.max((plan.partials_at as u64 + ws.pool_partials_kv) * 4);
+        let pooled_q = if plan.coarse_dq.is_empty() {
+            16
+        } else {
+            query_rows.max((plan.q_partials_at as u64 + ws.pool_partials_q) * 4)
+        };
         // dQ~ also holds the query weights' partial sums after its rows.
         let query_grads = query_rows.max((plan.q_partials_at + plan.q_partial_elements) as u64 * 4);
         if let Some((at, _, t)) = table {
@@ -132,12 +140,15 @@ impl BackwardScratch {
             ctx.queue.write_buffer(stats, at, words);
         }
         Resources::default()
-            .with(Role::CoarseK, self.coarse_k.at_least(device, coarse, cap))
-            .with(Role::CoarseV, self.coarse_v.at_least(device, coarse, cap))
             .with(
-                Role::CoarseQ,
-                self.coarse_q.at_least(device, query_rows, cap),
+                Role::CoarseK,
+                self.coarse_k.at_least(device, pooled_kv, cap),
             )
+            .with(
+                Role::CoarseV,
+                self.coarse_v.at_least(device, pooled_kv, cap),
+            )
+            .with(Role::CoarseQ, self.coarse_q.at_least(device, pooled_q, cap))
             .with(Role::DCoarseK, dcoarse_k)
             .with(
                 Role::DCoarseV,

@@ -159,6 +159,10 @@ impl FmaAttention {
             bias_base: self.weights.bias_base,
             chunk_hi: s.seq as u32,
             grid_w: plan.grid.map_or(0, |g| g.w as u32),
+            // The downsample pass's tap-chunk partial sums follow the coarse rows (the
+            // backward moves `partials_at` further, and sizes K~ and V~ to match).
+            partials_at: (plan.workspace.coarse_kv_bytes / 4) as u32,
+            q_partials_at: (plan.workspace.coarse_bytes / 4) as u32,
             levels,
             ..Default::default()
         };

@@ -129,13 +129,26 @@ impl FmaAttention {
             .map(CoarseStep::rows)
             .max()
             .unwrap_or(0) as u64;
+        // Learned pooling in tap chunks: its partial sums after those rows in K~, V~ (Q~).
+        let partial_rows = coarse
+            .pool
+            .iter()
+            .map(CoarseStep::partial_rows)
+            .max()
+            .unwrap_or(0) as u64;
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let mut stores = HashMap::new();
         let mut compact = HashMap::new();
         for t in TENSORS {
             // Unused roles (Q~, o~, lse~ with fine queries) get placeholders: the downsample
             // pass binds Q~ but pools only K and V.
-            let bytes = if used(t) { rows * row_bytes(t) } else { 0 };
+            let pooled = matches!(t, CoarseTensor::K | CoarseTensor::V | CoarseTensor::Q);
+            let extra = if pooled { partial_rows } else { 0 };
+            let bytes = if used(t) {
+                (rows + extra) * row_bytes(t)
+            } else {
+                0
+            };
             compact.insert(t, storage(device, "coarse compact", bytes, copy));
             if used(t) {
                 for (lvl, lv) in plan.head.levels.levels.iter().enumerate() {
@@ -148,7 +161,7 @@ impl FmaAttention {
         let uniforms = |steps: &[CoarseStep]| {
             steps
                 .iter()
-                .map(|s| self.step_uniforms(plan, s))
+                .map(|s| self.step_uniforms(plan, s, rows as usize))
                 .collect::<Result<Vec<_>>>()
         };
         let n = plan.head.shape.seq;
@@ -172,8 +185,11 @@ impl FmaAttention {
 
     /// The parameters of `step`: the head's, with its chunk's token binding, its tokens, its
     /// levels' row offsets moved onto the compact buffers and (attention) its grid.
-    fn step_uniforms(&self, plan: &SplitPlan, step: &CoarseStep) -> Result<Uniforms> {
+    fn step_uniforms(&self, plan: &SplitPlan, step: &CoarseStep, rows: usize) -> Result<Uniforms> {
         let mut params = self.params(&plan.head);
+        // The downsample pass's tap-chunk partial sums follow the compact rows.
+        let after = (rows * plan.head.shape.head_dim) as u32;
+        (params.partials_at, params.q_partials_at) = (after, after);
         params.row_base = plan.chunks[step.chunk].row_base as u32;
         params.chunk_lo = step.lo as u32;
         params.chunk_hi = step.hi as u32;

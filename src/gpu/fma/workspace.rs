@@ -73,7 +73,7 @@ impl Buffers {
         let (device, cap) = (&ctx.device, limits.binding_bytes());
         let ws = &plan.workspace;
         let (rows, lse) = if plan.merge.is_some() {
-            (ws.coarse_bytes, ws.coarse_lse_bytes)
+            (ws.coarse_q_buffer_bytes(), ws.coarse_lse_bytes)
         } else {
             (0, 0)
         };
@@ -83,14 +83,20 @@ impl Buffers {
             .with(Role::Biases, &weights.b)
             .with(
                 Role::CoarseK,
-                self.coarse_k.at_least(device, ws.coarse_kv_bytes, cap),
+                self.coarse_k
+                    .at_least(device, ws.coarse_kv_buffer_bytes(), cap),
             )
             .with(
                 Role::CoarseV,
-                self.coarse_v.at_least(device, ws.coarse_kv_bytes, cap),
+                self.coarse_v
+                    .at_least(device, ws.coarse_kv_buffer_bytes(), cap),
             )
             .with(Role::CoarseQ, self.coarse_q.at_least(device, rows, cap))
-            .with(Role::CoarseOut, self.coarse_o.at_least(device, rows, cap))
+            .with(
+                Role::CoarseOut,
+                self.coarse_o
+                    .at_least(device, ws.coarse_bytes.min(rows), cap),
+            )
             .with(Role::CoarseLse, self.coarse_lse.at_least(device, lse, cap))
     }
 }

@@ -1,0 +1,119 @@
+//! `plan::depth`'s figures proven on the shaders: a counting device
+//! (`GpuContext::counting_rows`, pipelines composed with `shaders::compose_counting`) adds up,
+//! per dispatch, the rows each invocation reads one after another (its maximum) and all rows
+//! the dispatch reads (each row once), and the plan's `serial_rows` and `rows` must equal them
+//! exactly, on shapes whose windows are all full (the figures are upper bounds that partial
+//! windows stay under; checked too). The passes whose shaders carry `//#rows` markers: the
+//! downsample pass and its combine rounds (Average and Learned, 1D and 2D, coarse queries),
+//! the coarse dK~/dV~ pass's combine rounds, the learned weights' gradients and their combine
+//! rounds; the others (fine_attention, backward_dq, backward_dkv_fine, backward_dkv_coarse, the
+//! coarse-query passes, downsample_backward) are not instrumented yet.
+
+use crate::common::{gpu, random_learned};
+use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::plan::{backward_depths, forward_depths, DispatchDepth, Pass};
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Queries, Shape};
+
+/// The passes whose shaders count their reads.
+const COUNTED: [Pass; 5] = [
+    Pass::Downsample,
+    Pass::DownsampleCombine,
+    Pass::BackwardDkvCombine,
+    Pass::WeightsBackward,
+    Pass::WeightsBackwardCombine,
+];
+
+/// Compares the counted (max, total) of each dispatch of a counted pass with the plan's.
+/// `exact`: every window full, so the bounds are attained.
+fn compare(label: &str, plan: &[DispatchDepth], counts: &[[u32; 2]], exact: bool) -> usize {
+    let mut checked = 0;
+    for (k, d) in plan.iter().enumerate() {
+        if !COUNTED.contains(&d.dispatch.pass) {
+            continue;
+        }
+        let [serial, rows] = counts[k].map(u64::from);
+        let what = format!(
+            "{label}: dispatch {k} {} level {:?}: counted ({serial}, {rows}), plan ({}, {})",
+            d.dispatch.pass.name(),
+            d.dispatch.level,
+            d.serial_rows,
+            d.rows
+        );
+        if exact {
+            assert_eq!((serial, rows), (d.serial_rows, d.rows), "{what}");
+        } else {
+            assert!(serial <= d.serial_rows && rows <= d.rows, "{what}");
+        }
+        checked += 1;
+    }
+    checked
+}
+
+fn run(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, exact: bool) {
+    let label = format!("seed {seed} {shape} {cfg:?}");
+    let label = &label[..label.len().min(160)];
+    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+    let q = normal_tensor(seed, shape.elements());
+    let k = normal_tensor(seed + 1, shape.kv_elements());
+    let v = normal_tensor(seed + 2, shape.kv_elements());
+    ctx.take_row_counts().unwrap();
+    let (_, saved) = fma.forward_train(&q, &k, &v, shape).unwrap();
+    let forward = ctx.take_row_counts().unwrap();
+    let dout = normal_tensor(seed + 3, shape.elements());
+    fma.backward(&saved, &dout).unwrap();
+    let backward = ctx.take_row_counts().unwrap();
+    let plan = fma.backward_plan(shape).unwrap();
+    let mut checked = compare(label, &forward_depths(&plan.forward, cfg), &forward, exact);
+    checked += compare(label, &backward_depths(&plan, cfg), &backward, exact);
+    assert!(checked > 0, "{label}: nothing counted");
+    eprintln!("{label}: {checked} dispatches agree");
+}
+
+#[test]
+fn the_plans_depth_is_what_the_shaders_walk() {
+    let Some(_) = gpu() else { return };
+    let ctx = GpuContext::new().unwrap().counting_rows();
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    // 1D, n = 4096, m = 16, p = 2: every window full; Learned levels of 512 .. 1024 taps in
+    // chunks, the top ones' readers in chunks (dK~/dV~ combine), 4 query heads on 2 K/V heads.
+    let (n, d) = (4096, 8);
+    let shape = Shape::new(1, 4, n, d).with_kv_heads(2);
+    let learned = |s| Downsample::Learned(random_learned(s, d, 16, 2, n));
+    run(&ctx, seed, shape, &FmaConfig::new(16, 2), true);
+    run(
+        &ctx,
+        seed,
+        shape,
+        &FmaConfig::new(16, 2).causal(true).downsample(learned(seed)),
+        true,
+    );
+    run(
+        &ctx,
+        seed,
+        Shape::new(1, 2, n, d),
+        &FmaConfig::new(16, 2)
+            .queries(Queries::Coarse)
+            .downsample(learned(seed)),
+        true,
+    );
+    // 2D, 128 x 128 tokens, cells 8 x 8, p = 2 (cells of 64 .. 1024 taps, all full).
+    let grid = Grid::new(128, 128);
+    let w = LearnedWeights::box_init_grid_for(d, 8, 2, grid);
+    let cfg = FmaConfig::new(8, 2)
+        .grid(Some(grid))
+        .downsample(Downsample::Learned(w));
+    run(&ctx, seed, Shape::new(1, 1, 128 * 128, d), &cfg, true);
+    // Awkward n: partial windows stay under the plan's bounds.
+    let (n, d) = (3001, 5);
+    let shape = Shape::new(1, 3, n, d);
+    let w = Downsample::Learned(random_learned(seed, d, 8, 2, n));
+    run(
+        &ctx,
+        seed,
+        shape,
+        &FmaConfig::new(8, 2).downsample(w),
+        false,
+    );
+}
