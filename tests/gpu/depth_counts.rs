@@ -10,10 +10,10 @@
 //! coarse-query passes, downsample_backward) are not instrumented yet.
 
 use crate::common::{gpu, random_learned};
-use multipole_attn::gpu::{FmaAttention, GpuContext};
-use multipole_attn::plan::{backward_depths, forward_depths, DispatchDepth, Pass};
+use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
+use multipole_attn::plan::{fma_depths, DispatchDepth, KernelLimits, Pass};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Problem, Queries, Shape};
 
 /// The passes whose shaders count their reads.
 const COUNTED: [Pass; 5] = [
@@ -50,22 +50,27 @@ fn compare(label: &str, plan: &[DispatchDepth], counts: &[[u32; 2]], exact: bool
     checked
 }
 
-fn run(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig, exact: bool) {
-    let label = format!("seed {seed} {shape} {cfg:?}");
+fn run(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig, exact: bool) {
+    let shape = p.shape;
+    let label = format!("seed {seed} {shape} causal {} {cfg:?}", p.causal);
     let label = &label[..label.len().min(160)];
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
     let q = normal_tensor(seed, shape.elements());
     let k = normal_tensor(seed + 1, shape.kv_elements());
     let v = normal_tensor(seed + 2, shape.kv_elements());
     ctx.take_row_counts().unwrap();
-    let (_, saved) = fma.forward_train(&q, &k, &v, shape).unwrap();
+    let (_, saved) = fma.train(p, Host::new(&q, &k, &v)).unwrap();
     let forward = ctx.take_row_counts().unwrap();
     let dout = normal_tensor(seed + 3, shape.elements());
-    fma.backward(&saved, &dout).unwrap();
+    fma.backward(&saved, HostGrad(&dout)).unwrap();
     let backward = ctx.take_row_counts().unwrap();
-    let plan = fma.backward_plan(shape).unwrap();
-    let mut checked = compare(label, &forward_depths(&plan.forward, cfg), &forward, exact);
-    checked += compare(label, &backward_depths(&plan, cfg), &backward, exact);
+    // The plans of the executor's limits: the forward's dispatches, then the backward's.
+    let limits = KernelLimits::from_wgpu(&ctx.limits);
+    let forward_plan = fma_depths(p, cfg, &limits, false).unwrap();
+    let both = fma_depths(p, cfg, &limits, true).unwrap();
+    let backward_plan = &both[forward_plan.len()..];
+    let mut checked = compare(label, &forward_plan, &forward, exact);
+    checked += compare(label, backward_plan, &backward, exact);
     assert!(checked > 0, "{label}: nothing counted");
     eprintln!("{label}: {checked} dispatches agree");
 }
@@ -81,18 +86,24 @@ fn the_plans_depth_is_what_the_shaders_walk() {
     let (n, d) = (4096, 8);
     let shape = Shape::new(1, 4, n, d).with_kv_heads(2);
     let learned = |s| Downsample::Learned(random_learned(s, d, 16, 2, n));
-    run(&ctx, seed, shape, &FmaConfig::new(16, 2), true);
     run(
         &ctx,
         seed,
-        shape,
-        &FmaConfig::new(16, 2).causal(true).downsample(learned(seed)),
+        &Problem::new(shape),
+        &FmaConfig::new(16, 2),
         true,
     );
     run(
         &ctx,
         seed,
-        Shape::new(1, 2, n, d),
+        &Problem::new(shape).causal(true),
+        &FmaConfig::new(16, 2).downsample(learned(seed)),
+        true,
+    );
+    run(
+        &ctx,
+        seed,
+        &Problem::new(Shape::new(1, 2, n, d)),
         &FmaConfig::new(16, 2)
             .queries(Queries::Coarse)
             .downsample(learned(seed)),
@@ -104,7 +115,13 @@ fn the_plans_depth_is_what_the_shaders_walk() {
     let cfg = FmaConfig::new(8, 2)
         .grid(Some(grid))
         .downsample(Downsample::Learned(w));
-    run(&ctx, seed, Shape::new(1, 1, 128 * 128, d), &cfg, true);
+    run(
+        &ctx,
+        seed,
+        &Problem::new(Shape::new(1, 1, 128 * 128, d)),
+        &cfg,
+        true,
+    );
     // Awkward n: partial windows stay under the plan's bounds.
     let (n, d) = (3001, 5);
     let shape = Shape::new(1, 3, n, d);
@@ -112,7 +129,7 @@ fn the_plans_depth_is_what_the_shaders_walk() {
     run(
         &ctx,
         seed,
-        shape,
+        &Problem::new(shape),
         &FmaConfig::new(8, 2).downsample(w),
         false,
     );

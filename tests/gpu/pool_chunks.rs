@@ -12,27 +12,34 @@
 
 use crate::common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, GpuContext, Resident};
 use multipole_attn::plan::{FmaPlan, KernelLimits, POOL_TAPS};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Queries, Shape};
+use multipole_attn::{
+    Downsample, FmaConfig, Grid, LearnedWeights, Method, Problem, Queries, Shape,
+};
 
 /// Runs FMA through NaN-poisoned buffers; checks O and the LSE; returns O.
-fn check(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> Vec<f32> {
+fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig) -> Vec<f32> {
+    let shape = p.shape;
     let q = normal_tensor(seed, shape.elements());
     let k = normal_tensor(seed ^ 0x9e37_79b9, shape.kv_elements());
     let v = normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements());
-    let label = format!("seed {seed} {shape} m={} p={}", cfg.block, cfg.rank);
-    // The case must pool some level in more than one chunk.
+    let label = format!(
+        "seed {seed} {shape} m={} p={} causal {}",
+        cfg.block, cfg.rank, p.causal
+    );
+    // The case must pool some level in more than one chunk (the mask does not change pooling).
     let plan = FmaPlan::new(shape, cfg, &KernelLimits::discrete_gpu()).unwrap();
     let chunks = plan.downsample.iter().map(|d| d.args[0]).max().unwrap();
     assert!(chunks > 1, "{label}: no chunked level");
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let method = Method::Fma(cfg.clone());
+    let fma = Attention::new(ctx, method.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
-    fma.forward_buffers(bufs.tensors(), shape)
+    fma.forward(p, Resident(bufs.tensors()))
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let (o, lse) = bufs.read(ctx);
-    let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, cfg).unwrap();
+    let r = cpu::forward(&method, p, &widen(&q), &widen(&k), &widen(&v)).unwrap();
     let co = closeness(&o[..shape.elements()], &r.o, 5e-5, 5e-5);
     let cl = closeness(&lse[..shape.rows()], &r.lse, 5e-5, 1e-5);
     eprintln!(
@@ -53,13 +60,13 @@ fn learned_taps_in_chunks_match_the_reference_and_repeat_bit_for_bit() {
     // tree); 2 query heads on 1 K/V head; causal.
     let (n, d) = (20011, 8);
     let shape = Shape::new(1, 2, n, d).with_kv_heads(1);
-    let cfg = FmaConfig::new(8, 2)
-        .causal(true)
-        .downsample(Downsample::Learned(random_learned(seed, d, 8, 2, n)));
+    let cfg =
+        FmaConfig::new(8, 2).downsample(Downsample::Learned(random_learned(seed, d, 8, 2, n)));
     let plan = FmaPlan::new(shape, &cfg, &KernelLimits::discrete_gpu()).unwrap();
     assert!(plan.downsample_combine.iter().any(|r| r.len() == 2));
-    let first = check(ctx, seed, shape, &cfg);
-    let again = check(ctx, seed, shape, &cfg);
+    let causal = Problem::new(shape).causal(true);
+    let first = check(ctx, seed, &causal, &cfg);
+    let again = check(ctx, seed, &causal, &cfg);
     assert!(
         first
             .iter()
@@ -77,7 +84,7 @@ fn learned_taps_in_chunks_match_the_reference_and_repeat_bit_for_bit() {
         4,
         n,
     )));
-    check(ctx, seed + 1, shape, &cfg);
+    check(ctx, seed + 1, &Problem::new(shape), &cfg);
 }
 
 #[test]
@@ -90,7 +97,7 @@ fn coarse_queries_pool_their_queries_in_chunks_too() {
     let cfg = FmaConfig::new(16, 2)
         .queries(Queries::Coarse)
         .downsample(Downsample::Learned(random_learned(seed, d, 16, 2, n)));
-    check(ctx, seed, shape, &cfg);
+    check(ctx, seed, &Problem::new(shape), &cfg);
 }
 
 #[test]
@@ -115,6 +122,6 @@ fn a_grid_pools_its_square_kernels_in_chunks() {
         .grid(Some(grid))
         .downsample(Downsample::Learned(w));
     let shape = Shape::new(1, 2, 100 * 75, d);
-    check(ctx, seed, shape, &cfg);
+    check(ctx, seed, &Problem::new(shape), &cfg);
     const { assert!(POOL_TAPS < 32 * 32) };
 }
