@@ -23,14 +23,16 @@ use crate::common::gradients::{
 use crate::common::{browser_like_gpu, gpu, mismatched_subgroup_gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{
-    DenseAttention, FmaAttention, GpuContext, GpuTensors, GradTensors, WeightGradTensors,
+    Attention, GpuContext, GpuTensors, GradTensors, Host, HostGrad, Plan, Resident, ResidentGrad,
+    WeightGradTensors,
 };
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Shape};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Shape};
 
 /// Runs forward then backward through caller buffers (outputs poisoned) and returns the
 /// GPU gradients read back.
-fn gpu_gradients(ctx: &GpuContext, fma: &FmaAttention, x: &Inputs, shape: Shape) -> Gradients<f32> {
+fn gpu_gradients(ctx: &GpuContext, fma: &Attention, x: &Inputs, p: &Problem) -> Gradients<f32> {
+    let shape = p.shape;
     let (q, k, v) = (
         buffer(ctx, "q", &x.q),
         buffer(ctx, "k", &x.k),
@@ -47,31 +49,28 @@ fn gpu_gradients(ctx: &GpuContext, fma: &FmaAttention, x: &Inputs, shape: Shape)
         out: &o,
         lse: Some(&lse),
     };
-    fma.forward_buffers(t, shape).expect("forward");
-    let saved = fma.saved_from_buffers(t, shape).expect("saved");
-    let plan = fma.backward_plan(shape).expect("plan");
-    backward_poisoned(ctx, fma, &saved, &plan, &x.dout)
+    let ((), saved) = fma.train(p, Resident(t)).expect("forward");
+    backward_poisoned(ctx, fma, &saved, &x.dout)
 }
 
 /// Checks every gradient of one case; returns the worst scaled error.
-fn check_backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> f64 {
+fn check_backward(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig) -> f64 {
+    let shape = p.shape;
     let label = format!(
         "seed {seed} {shape} m={} p={} causal={} learned={}",
         cfg.block,
         cfg.rank,
-        cfg.causal,
+        p.causal,
         matches!(cfg.downsample, Downsample::Learned(_))
     );
     let x = inputs(seed, shape);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let g = gpu_gradients(ctx, &fma, &x, shape);
-    let r = cpu::fma_backward(
-        &widen(&x.q),
-        &widen(&x.k),
-        &widen(&x.v),
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let g = gpu_gradients(ctx, &fma, &x, p);
+    let r = cpu::backward(
+        &Method::Fma(cfg.clone()),
+        p,
+        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
         &widen(&x.dout),
-        shape,
-        cfg,
     )
     .unwrap();
     compare_all(&label, &g, &r)
@@ -100,11 +99,12 @@ fn backward_matches_reference_over_awkward_shapes() {
                     Shape::new(2, 2, n, d)
                 };
                 let s = seed.wrapping_add(case as u64 * 7919);
-                let mut cfg = FmaConfig::new(m, p).causal(causal);
+                let mut cfg = FmaConfig::new(m, p);
                 if learned {
                     cfg = cfg.downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
                 }
-                worst = worst.max(check_backward(ctx, s, shape, &cfg));
+                let problem = Problem::new(shape).causal(causal);
+                worst = worst.max(check_backward(ctx, s, &problem, &cfg));
                 case += 1;
             }
         }
@@ -127,10 +127,11 @@ fn backward_without_count_correction_and_odd_head_dims() {
     .enumerate()
     {
         let s = seed + i as u64;
-        let cfg = FmaConfig::new(m, p).causal(causal).count_correction(i != 0);
-        worst = worst.max(check_backward(ctx, s, Shape::new(1, 2, n, d), &cfg));
+        let cfg = FmaConfig::new(m, p).count_correction(i != 0);
+        let problem = Problem::new(Shape::new(1, 2, n, d)).causal(causal);
+        worst = worst.max(check_backward(ctx, s, &problem, &cfg));
         let learned = cfg.downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
-        worst = worst.max(check_backward(ctx, s, Shape::new(1, 2, n, d), &learned));
+        worst = worst.max(check_backward(ctx, s, &problem, &learned));
     }
     eprintln!("worst scaled gradient error {worst:.2e}");
 }
@@ -140,21 +141,22 @@ fn backward_is_deterministic_and_host_api_agrees() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     let shape = Shape::new(2, 2, 300, 32);
+    let problem = Problem::new(shape);
     let (m, p) = (16, 2);
     let x = inputs(seed, shape);
     let w = random_learned(seed, 32, m, p, shape.seq + 500); // an extra level the call ignores
-    let fma =
-        FmaAttention::new(ctx, FmaConfig::new(m, p).downsample(Downsample::Learned(w))).unwrap();
-    let (out, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    let plain = fma.forward(&x.q, &x.k, &x.v, shape, true).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(m, p).downsample(Downsample::Learned(w))).unwrap();
+    let host = || Host::new(&x.q, &x.k, &x.v);
+    let (out, saved) = fma.train(&problem, host()).unwrap();
+    let plain = fma.forward(&problem, host()).unwrap();
     assert_eq!(out.o, plain.o);
     assert_eq!(out.lse, plain.lse);
-    let a = fma.backward(&saved, &x.dout).unwrap();
-    let b = fma.backward(&saved, &x.dout).unwrap();
+    let a = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
+    let b = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
     assert_eq!(a, b, "two backward runs differ");
-    let (_, saved2) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    assert_eq!(a, fma.backward(&saved2, &x.dout).unwrap());
-    let c = gpu_gradients(ctx, &fma, &x, shape);
+    let (_, saved2) = fma.train(&problem, host()).unwrap();
+    assert_eq!(a, fma.backward(&saved2, HostGrad(&x.dout)).unwrap());
+    let c = gpu_gradients(ctx, &fma, &x, &problem);
     assert_eq!(a.dq, c.dq);
     assert_eq!(a.dk, c.dk);
     assert_eq!(a.dv, c.dv);
@@ -173,9 +175,11 @@ fn gpu_gradients_are_not_trivially_close() {
     let seed = fresh_seed();
     let shape = Shape::new(1, 1, 512, 16);
     let x = inputs(seed, shape);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
-    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    let g = fma.backward(&saved, &x.dout).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap();
+    let (_, saved) = fma
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .unwrap();
+    let g = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
     let near_only = FmaConfig::new(16, 2);
     let r = cpu::fma_backward(
         &widen(&x.q),
@@ -199,19 +203,27 @@ fn gpu_gradients_are_not_trivially_close() {
 fn bad_backward_input_is_a_typed_error() {
     let Some(ctx) = gpu() else { return };
     let shape = Shape::new(1, 2, 100, 16);
+    let problem = Problem::new(shape);
     let x = inputs(1, shape);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
-    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap();
+    let (_, saved) = fma.train(&problem, Host::new(&x.q, &x.k, &x.v)).unwrap();
 
-    let e = fma.backward(&saved, &x.dout[1..]).unwrap_err();
+    let e = fma.backward(&saved, HostGrad(&x.dout[1..])).unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "dO"),
         "{e}"
     );
 
-    // Saved by another instance (a causal one: its LSE would be wrong here).
-    let other = FmaAttention::new(ctx, FmaConfig::new(16, 2).causal(true)).unwrap();
-    let e = other.backward(&saved, &x.dout).unwrap_err();
+    // Saved by another instance (one that has also run the problem causally: the mask is the
+    // problem's, so any other Attention must refuse the tensors), or by dense attention.
+    let other = Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap();
+    other
+        .train(&problem.clone().causal(true), Host::new(&x.q, &x.k, &x.v))
+        .unwrap();
+    let e = other.backward(&saved, HostGrad(&x.dout)).unwrap_err();
+    assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
+    let dense = Attention::dense(ctx).unwrap();
+    let e = dense.backward(&saved, HostGrad(&x.dout)).unwrap_err();
     assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
 
     // Buffers without the forward's LSE.
@@ -223,7 +235,10 @@ fn bad_backward_input_is_a_typed_error() {
         out: &o,
         lse: None,
     };
-    let e = fma.saved_from_buffers(t, shape).unwrap_err();
+    let e = fma
+        .train(&problem, Resident(t))
+        .err()
+        .expect("buffers without an LSE");
     assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
     assert!(e.to_string().contains("LSE"), "{e}");
 
@@ -236,7 +251,15 @@ fn bad_backward_input_is_a_typed_error() {
         dv: &o,
         weights: None,
     };
-    let e = fma.backward_buffers(&saved, &small, g).unwrap_err();
+    let e = fma
+        .backward(
+            &saved,
+            ResidentGrad {
+                dout: &small,
+                grads: g,
+            },
+        )
+        .unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "dO buffer"),
         "{e}"
@@ -251,12 +274,20 @@ fn bad_backward_input_is_a_typed_error() {
         }),
         ..g
     };
-    let e = fma.backward_buffers(&saved, &full, gw).unwrap_err();
+    let e = fma
+        .backward(
+            &saved,
+            ResidentGrad {
+                dout: &full,
+                grads: gw,
+            },
+        )
+        .unwrap_err();
     assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
 
     // Weights whose shapes do not match the config, or that miss a level the call needs.
     let w = random_learned(1, 16, 8, 2, 100);
-    let e = FmaAttention::new(
+    let e = Attention::fma(
         ctx,
         FmaConfig::new(16, 2).downsample(Downsample::Learned(w)),
     )
@@ -264,16 +295,19 @@ fn bad_backward_input_is_a_typed_error() {
     .expect("weights made for m = 8 used with m = 16");
     assert!(matches!(e, FmaError::Weights(_)), "{e}");
     let short = random_learned(1, 16, 16, 2, 40);
-    let learned = FmaAttention::new(
+    let learned = Attention::fma(
         ctx,
         FmaConfig::new(16, 2).downsample(Downsample::Learned(short)),
     )
     .unwrap();
-    let e = learned.forward_train(&x.q, &x.k, &x.v, shape).unwrap_err();
+    let e = learned
+        .train(&problem, Host::new(&x.q, &x.k, &x.v))
+        .err()
+        .expect("weights without the levels of n = 100");
     assert!(matches!(e, FmaError::Weights(_)), "{e}");
 
     // The context still works.
-    fma.backward(&saved, &x.dout).unwrap();
+    fma.backward(&saved, HostGrad(&x.dout)).unwrap();
 }
 
 #[test]
@@ -284,14 +318,17 @@ fn more_than_65535_workgroups_fold_into_2d() {
     // n = 9, m = 2: 5 blocks and 2 coarse levels per head; 14000 heads -> 70000 workgroups of
     // the dQ and near-field dK/dV passes (bidirectional only: the folding does not depend on
     // the mask, and each case costs ~15 s on lavapipe).
-    let shape = Shape::new(2, 7000, 9, 8);
+    let problem = Problem::new(Shape::new(2, 7000, 9, 8));
     let cfg = FmaConfig::new(2, 2);
-    let plan = FmaAttention::new(ctx, cfg.clone())
+    let Plan::FmaBackward(plan) = Attention::fma(ctx, cfg.clone())
         .unwrap()
-        .backward_plan(shape)
-        .unwrap();
+        .backward_plan(&problem)
+        .unwrap()
+    else {
+        panic!("not an FMA backward plan");
+    };
     assert!(plan.dkv_fine.workgroups > 65535 && plan.dkv_fine.grid[1] > 1);
-    check_backward(ctx, seed, shape, &cfg);
+    check_backward(ctx, seed, &problem, &cfg);
 }
 
 #[test]
@@ -303,10 +340,10 @@ fn backward_under_browser_limits() {
     let seed = fresh_seed();
     eprintln!("seed {seed}");
     let (n, d, m, p) = (300, 64, 16, 2);
-    let cfg = FmaConfig::new(m, p)
-        .causal(true)
-        .downsample(Downsample::Learned(random_learned(seed, d, m, p, n)));
-    let worst = check_backward(ctx, seed, Shape::new(1, 2, n, d), &cfg);
+    let cfg =
+        FmaConfig::new(m, p).downsample(Downsample::Learned(random_learned(seed, d, m, p, n)));
+    let problem = Problem::new(Shape::new(1, 2, n, d)).causal(true);
+    let worst = check_backward(ctx, seed, &problem, &cfg);
     eprintln!("browser limits: worst scaled gradient error {worst:.2e}");
 }
 
@@ -325,10 +362,10 @@ fn backward_where_subgroups_are_not_the_composed_size() {
         .enumerate()
     {
         let s = seed + i as u64;
-        let cfg = FmaConfig::new(m, p)
-            .causal(causal)
-            .downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
-        worst = worst.max(check_backward(ctx, s, Shape::new(1, 2, n, d), &cfg));
+        let cfg =
+            FmaConfig::new(m, p).downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
+        let problem = Problem::new(Shape::new(1, 2, n, d)).causal(causal);
+        worst = worst.max(check_backward(ctx, s, &problem, &cfg));
     }
     eprintln!("fallback paths: worst scaled gradient error {worst:.2e}");
 }
@@ -375,21 +412,24 @@ fn grouped_query_gradients_sum_each_group() {
         for causal in [false, true] {
             for learned in [false, true] {
                 let s = seed + 4 * i as u64 + 2 * causal as u64 + learned as u64;
-                let mut cfg = FmaConfig::new(m, p).causal(causal);
+                let mut cfg = FmaConfig::new(m, p);
                 if learned {
                     cfg = cfg.downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
                 }
                 let label = format!("seed {s} {shape} causal={causal} learned={learned}");
                 let x = inputs(s, shape);
-                let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-                let g = gpu_gradients(ctx, &fma, &x, shape);
-                let r = cpu::fma_backward(
-                    &widen(&x.q),
-                    &repeat_kv(&x.k, shape),
-                    &repeat_kv(&x.v, shape),
+                let problem = Problem::new(shape).causal(causal);
+                let fma = Attention::fma(ctx, cfg.clone()).unwrap();
+                let g = gpu_gradients(ctx, &fma, &x, &problem);
+                let r = cpu::backward(
+                    &Method::Fma(cfg),
+                    &Problem::new(mha).causal(causal),
+                    (
+                        &widen(&x.q),
+                        &repeat_kv(&x.k, shape),
+                        &repeat_kv(&x.v, shape),
+                    ),
                     &widen(&x.dout),
-                    mha,
-                    &cfg,
                 )
                 .unwrap();
                 worst = worst.max(compare(&label, "dQ", &g.dq, &r.dq));
@@ -403,7 +443,7 @@ fn grouped_query_gradients_sum_each_group() {
                         worst = worst.max(compare(&label, &name, &a.bv, &b.bv));
                     }
                 }
-                let again = gpu_gradients(ctx, &fma, &x, shape);
+                let again = gpu_gradients(ctx, &fma, &x, &problem);
                 assert_eq!(g, again, "{label}: two runs differ");
             }
         }
@@ -411,19 +451,15 @@ fn grouped_query_gradients_sum_each_group() {
     eprintln!("grouped-query worst scaled gradient error {worst:.2e}");
 }
 
-// The dense backward (`DenseAttention::backward`, FlashAttention-2's structure) against
+// The dense backward (`Attention::backward` of `Method::Dense`, FlashAttention-2's structure) against
 // `cpu::dense_backward` (checked against finite differences), at the same tolerance: its sums
 // are of the same terms P (dP - D) q, over every key (dQ) or every query of a K/V head's
 // group (dK, dV) instead of a near field, a few hundred here.
 
 /// Dense forward then backward through caller buffers, O, the LSE and every gradient poisoned
 /// with NaN.
-fn dense_gradients(
-    ctx: &GpuContext,
-    dense: &DenseAttention,
-    x: &Inputs,
-    shape: Shape,
-) -> Gradients<f32> {
+fn dense_gradients(ctx: &GpuContext, dense: &Attention, x: &Inputs, p: &Problem) -> Gradients<f32> {
+    let shape = p.shape;
     let (q, k, v) = (
         buffer(ctx, "q", &x.q),
         buffer(ctx, "k", &x.k),
@@ -440,8 +476,7 @@ fn dense_gradients(
         out: &o,
         lse: Some(&lse),
     };
-    dense.forward_buffers(t, shape).expect("dense forward");
-    let saved = dense.saved_from_buffers(t, shape).expect("saved");
+    let ((), saved) = dense.train(p, Resident(t)).expect("dense forward");
     let dout = buffer(ctx, "dout", &x.dout);
     let (len, kv_len) = (shape.elements(), shape.kv_elements());
     let (dq, dk, dv) = (
@@ -456,7 +491,13 @@ fn dense_gradients(
         weights: None,
     };
     dense
-        .backward_buffers(&saved, &dout, g)
+        .backward(
+            &saved,
+            ResidentGrad {
+                dout: &dout,
+                grads: g,
+            },
+        )
         .expect("dense backward");
     let read = |b: &wgpu::Buffer, len: usize| crate::common::read_buffer(ctx, b)[..len].to_vec();
     Gradients {
@@ -479,12 +520,12 @@ fn check_dense(
 ) -> f64 {
     let label = format!("dense seed {seed} {shape} causal={causal} keys/dispatch {keys:?}");
     let x = inputs(seed, shape);
-    let mut dense = DenseAttention::new(ctx, causal).unwrap();
+    let mut dense = Attention::dense(ctx).unwrap();
     if let Some(keys) = keys {
-        dense = dense.keys_per_dispatch(keys);
+        dense = dense.keys_per_dispatch(keys).unwrap();
     }
     let (q, k, v, dout) = (widen(&x.q), widen(&x.k), widen(&x.v), widen(&x.dout));
-    let g = dense_gradients(ctx, &dense, &x, shape);
+    let g = dense_gradients(ctx, &dense, &x, &Problem::new(shape).causal(causal));
     let r = cpu::dense_backward(&q, &k, &v, &dout, shape, causal).unwrap();
     compare_all(&label, &g, &r)
 }
@@ -527,40 +568,53 @@ fn dense_backward_is_deterministic_and_host_api_agrees() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     let shape = Shape::cross(1, 4, 70, 90, 24).with_kv_heads(2);
+    let problem = Problem::new(shape).causal(true);
     let x = inputs(seed, shape);
-    let dense = DenseAttention::new(ctx, true).unwrap();
-    let (out, saved) = dense.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    let plain = dense.forward(&x.q, &x.k, &x.v, shape, true).unwrap();
+    let dense = Attention::dense(ctx).unwrap();
+    let host = || Host::new(&x.q, &x.k, &x.v);
+    let (out, saved) = dense.train(&problem, host()).unwrap();
+    let plain = dense.forward(&problem, host()).unwrap();
     assert_eq!(out.o, plain.o);
     assert_eq!(out.lse, plain.lse);
-    let a = dense.backward(&saved, &x.dout).unwrap();
+    let a = dense.backward(&saved, HostGrad(&x.dout)).unwrap();
     assert_eq!(
         a,
-        dense.backward(&saved, &x.dout).unwrap(),
+        dense.backward(&saved, HostGrad(&x.dout)).unwrap(),
         "two runs differ"
     );
-    assert_eq!(a, dense_gradients(ctx, &dense, &x, shape));
+    assert_eq!(a, dense_gradients(ctx, &dense, &x, &problem));
 }
 
 #[test]
 fn bad_dense_backward_input_is_a_typed_error() {
     let Some(ctx) = gpu() else { return };
     let shape = Shape::new(1, 2, 20, 8);
+    let problem = Problem::new(shape);
     let x = inputs(1, shape);
-    let dense = DenseAttention::new(ctx, false).unwrap();
-    let (_, saved) = dense.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    let e = dense.backward(&saved, &x.dout[1..]).unwrap_err();
+    let dense = Attention::dense(ctx).unwrap();
+    let (_, saved) = dense.train(&problem, Host::new(&x.q, &x.k, &x.v)).unwrap();
+    let e = dense.backward(&saved, HostGrad(&x.dout[1..])).unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "dO"),
         "{e}"
     );
-    let other = DenseAttention::new(ctx, true).unwrap();
-    let e = other.backward(&saved, &x.dout).unwrap_err();
+    // Saved by another instance (one that has run a causal problem too), or by FMA.
+    let other = Attention::dense(ctx).unwrap();
+    other
+        .train(&problem.clone().causal(true), Host::new(&x.q, &x.k, &x.v))
+        .unwrap();
+    let e = other.backward(&saved, HostGrad(&x.dout)).unwrap_err();
+    assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
+    let fma = Attention::fma(ctx, FmaConfig::new(4, 2)).unwrap();
+    let e = fma.backward(&saved, HostGrad(&x.dout)).unwrap_err();
     assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
     // Query heads that K/V heads do not divide.
     let odd = Shape::new(1, 3, 20, 8).with_kv_heads(2);
     let y = inputs(2, odd);
-    let e = dense.forward_train(&y.q, &y.k, &y.v, odd).unwrap_err();
+    let e = dense
+        .train(&Problem::new(odd), Host::new(&y.q, &y.k, &y.v))
+        .err()
+        .expect("3 query heads over 2 K/V heads");
     assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
     let (full, small) = (
         buffer(ctx, "dout", &x.dout),
@@ -573,14 +627,26 @@ fn bad_dense_backward_input_is_a_typed_error() {
         weights: None,
     };
     let e = dense
-        .backward_buffers(&saved, &full, g(&small))
+        .backward(
+            &saved,
+            ResidentGrad {
+                dout: &full,
+                grads: g(&small),
+            },
+        )
         .unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what.contains("dQ")),
         "{e}"
     );
     let e = dense
-        .backward_buffers(&saved, &small, g(&full))
+        .backward(
+            &saved,
+            ResidentGrad {
+                dout: &small,
+                grads: g(&full),
+            },
+        )
         .unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what.contains("dO")),
@@ -594,12 +660,14 @@ fn bad_dense_backward_input_is_a_typed_error() {
         queries: None,
     };
     let e = dense
-        .backward_buffers(
+        .backward(
             &saved,
-            &full,
-            GradTensors {
-                weights: Some(w),
-                ..g(&full)
+            ResidentGrad {
+                dout: &full,
+                grads: GradTensors {
+                    weights: Some(w),
+                    ..g(&full)
+                },
             },
         )
         .unwrap_err();
@@ -611,10 +679,16 @@ fn bad_dense_backward_input_is_a_typed_error() {
         out: &full,
         lse: None,
     };
-    let e = dense.saved_from_buffers(t, shape).unwrap_err();
+    let e = dense
+        .train(&problem, Resident(t))
+        .err()
+        .expect("buffers without an LSE");
     assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
     // Tensors over one storage binding: the backward does not split them.
-    let small = DenseAttention::new(ctx, false).unwrap().max_binding(512);
-    let e = small.forward_train(&x.q, &x.k, &x.v, shape).unwrap_err();
+    let small = Attention::dense(ctx).unwrap().max_binding(512).unwrap();
+    let e = small
+        .train(&problem, Host::new(&x.q, &x.k, &x.v))
+        .err()
+        .expect("tensors over a 512-byte binding");
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
 }

@@ -15,7 +15,7 @@ use crate::common::{closeness, gpu, random_learned, read_buffer};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext, StepTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{DecodeConfig, Downsample, FmaConfig, FmaError, Shape};
+use multipole_attn::{DecodeConfig, Downsample, FmaConfig, FmaError, Method, Problem, Shape};
 use wgpu::util::DeviceExt;
 
 const O_ATOL: f64 = 5e-5;
@@ -183,12 +183,13 @@ fn check(ctx: &GpuContext, run: &Run) {
     let dec = Decoder::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let got = decode(ctx, &dec, run, &seqs);
     for (b, (o, lse)) in got.iter().enumerate() {
-        let shape = Shape::new(1, run.heads, run.len(b), run.d);
+        let causal = Problem::new(Shape::new(1, run.heads, run.len(b), run.d)).causal(true);
         let [q, k, v] = seqs[b].clone().map(|x| widen(&x));
-        let r = match run.mode {
-            DecodeMode::Fma => cpu::fma_forward(&q, &k, &v, shape, &cfg.fma).unwrap(),
-            DecodeMode::Dense => cpu::dense_attention(&q, &k, &v, shape, true).unwrap(),
+        let method = match run.mode {
+            DecodeMode::Fma => Method::Fma(cfg.fma.clone()),
+            DecodeMode::Dense => Method::Dense,
         };
+        let r = cpu::forward(&method, &causal, &q, &k, &v).unwrap();
         let co = closeness(o, &r.o, O_ATOL, O_RTOL);
         let cl = closeness(lse, &r.lse, LSE_ATOL, LSE_RTOL);
         assert_eq!(co.violations, 0, "{label} sequence {b}: O {co:?}");

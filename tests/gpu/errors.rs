@@ -3,33 +3,41 @@
 
 use crate::common::{browser_like_gpu, closeness, gpu, gpu_with_binding_limit, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuTensors, Host, Plan, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, FmaError, LearnedWeights, Shape};
+use multipole_attn::{Downsample, FmaConfig, FmaError, LearnedWeights, Method, Problem, Shape};
 
 #[test]
 fn bad_shapes_and_configs_are_typed_errors() {
     let Some(ctx) = gpu() else { return };
     let shape = Shape::new(1, 2, 100, 16);
+    let problem = Problem::new(shape);
     let x = normal_tensor(1, shape.elements());
-    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap();
 
-    let e = fma.forward(&x, &x, &x[1..], shape, false).unwrap_err();
+    let e = fma
+        .forward(&problem, Host::new(&x, &x, &x[1..]).without_lse())
+        .unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "V"),
         "{e}"
     );
     let e = fma
-        .forward(&x, &x, &x, Shape::new(1, 0, 100, 16), false)
+        .forward(
+            &Problem::new(Shape::new(1, 0, 100, 16)),
+            Host::new(&x, &x, &x).without_lse(),
+        )
         .unwrap_err();
     assert!(
         matches!(e, FmaError::InvalidConfig { what: "heads", .. }),
         "{e}"
     );
 
-    let wide = Shape::new(1, 1, 10, 300);
-    let y = normal_tensor(2, wide.elements());
-    let e = fma.forward(&y, &y, &y, wide, false).unwrap_err();
+    let wide = Problem::new(Shape::new(1, 1, 10, 300));
+    let y = normal_tensor(2, wide.shape.elements());
+    let e = fma
+        .forward(&wide, Host::new(&y, &y, &y).without_lse())
+        .unwrap_err();
     assert!(
         matches!(
             e,
@@ -41,9 +49,9 @@ fn bad_shapes_and_configs_are_typed_errors() {
         "{e}"
     );
     assert!(e.to_string().contains("1 ..= 256"), "{e}");
-    let e = DenseAttention::new(ctx, false)
+    let e = Attention::dense(ctx)
         .unwrap()
-        .forward(&y, &y, &y, wide, false)
+        .forward(&wide, Host::new(&y, &y, &y).without_lse())
         .unwrap_err();
     assert!(
         matches!(
@@ -56,7 +64,7 @@ fn bad_shapes_and_configs_are_typed_errors() {
         "{e}"
     );
 
-    let e = FmaAttention::new(ctx, FmaConfig::new(16, 3))
+    let e = Attention::fma(ctx, FmaConfig::new(16, 3))
         .err()
         .expect("p = 3 does not divide m = 16");
     assert!(
@@ -67,10 +75,12 @@ fn bad_shapes_and_configs_are_typed_errors() {
     // Weights for n = 100 (3 levels at m = 8) used on n = 1000 (6 levels).
     let w = LearnedWeights::box_init_for(16, 8, 2, 100);
     let learned =
-        FmaAttention::new(ctx, FmaConfig::new(8, 2).downsample(Downsample::Learned(w))).unwrap();
-    let long = Shape::new(1, 1, 1000, 16);
-    let z = normal_tensor(3, long.elements());
-    let e = learned.forward(&z, &z, &z, long, false).unwrap_err();
+        Attention::fma(ctx, FmaConfig::new(8, 2).downsample(Downsample::Learned(w))).unwrap();
+    let long = Problem::new(Shape::new(1, 1, 1000, 16));
+    let z = normal_tensor(3, long.shape.elements());
+    let e = learned
+        .forward(&long, Host::new(&z, &z, &z).without_lse())
+        .unwrap_err();
     assert!(
         matches!(&e, FmaError::Weights(m) if m.contains("missing level 4")),
         "{e}"
@@ -78,7 +88,7 @@ fn bad_shapes_and_configs_are_typed_errors() {
 
     let mut bad = LearnedWeights::box_init_for(16, 8, 2, 100);
     bad.levels[1].bv[3] = f32::NAN;
-    let e = FmaAttention::new(
+    let e = Attention::fma(
         ctx,
         FmaConfig::new(8, 2).downsample(Downsample::Learned(bad)),
     )
@@ -90,7 +100,9 @@ fn bad_shapes_and_configs_are_typed_errors() {
     );
 
     // The context is still usable after all of that.
-    assert!(fma.forward(&x, &x, &x, shape, false).is_ok());
+    assert!(fma
+        .forward(&problem, Host::new(&x, &x, &x).without_lse())
+        .is_ok());
 }
 
 #[test]
@@ -98,10 +110,11 @@ fn caller_buffers_are_checked() {
     let Some(ctx) = gpu() else { return };
     let shape = Shape::new(1, 1, 64, 16);
     let x = normal_tensor(4, shape.elements());
+    let problem = Problem::new(shape);
     let bufs = Poisoned::new(ctx, &x, &x, &x, shape);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
-    let bigger = Shape::new(1, 2, 64, 16);
-    let e = fma.forward_buffers(bufs.tensors(), bigger).unwrap_err();
+    let fma = Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap();
+    let bigger = Problem::new(Shape::new(1, 2, 64, 16));
+    let e = fma.forward(&bigger, Resident(bufs.tensors())).unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "Q buffer"),
         "{e}"
@@ -117,7 +130,7 @@ fn caller_buffers_are_checked() {
         out: &not_storage,
         ..bufs.tensors()
     };
-    let e = fma.forward_buffers(t, shape).unwrap_err();
+    let e = fma.forward(&problem, Resident(t)).unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "O buffer usage"),
         "{e}"
@@ -128,7 +141,7 @@ fn caller_buffers_are_checked() {
         out: &bufs.q,
         ..bufs.tensors()
     };
-    let e = fma.forward_buffers(t, shape).unwrap_err();
+    let e = fma.forward(&problem, Resident(t)).unwrap_err();
     assert!(matches!(e, FmaError::Gpu { .. }), "{e}");
 }
 
@@ -149,14 +162,19 @@ fn tensors_over_the_binding_limit_are_split_by_heads() {
         normal_tensor(seed + 1, shape.elements()),
         normal_tensor(seed + 2, shape.elements()),
     );
-    for cfg in [FmaConfig::new(64, 2), FmaConfig::new(16, 2).causal(true)] {
-        let split = FmaAttention::new(&ctx, cfg.clone())
+    let host = Host::new(&q, &k, &v);
+    for (cfg, causal) in [
+        (FmaConfig::new(64, 2), false),
+        (FmaConfig::new(16, 2), true),
+    ] {
+        let problem = Problem::new(shape).causal(causal);
+        let split = Attention::fma(&ctx, cfg.clone())
             .unwrap()
-            .forward(&q, &k, &v, shape, true)
+            .forward(&problem, host)
             .unwrap();
-        let whole = FmaAttention::new(big, cfg)
+        let whole = Attention::fma(big, cfg)
             .unwrap()
-            .forward(&q, &k, &v, shape, true)
+            .forward(&problem, host)
             .unwrap();
         assert_eq!(
             split.o, whole.o,
@@ -164,13 +182,14 @@ fn tensors_over_the_binding_limit_are_split_by_heads() {
         );
         assert_eq!(split.lse, whole.lse);
     }
-    let split = DenseAttention::new(&ctx, false)
+    let problem = Problem::new(shape);
+    let split = Attention::dense(&ctx)
         .unwrap()
-        .forward(&q, &k, &v, shape, false)
+        .forward(&problem, host.without_lse())
         .unwrap();
-    let whole = DenseAttention::new(big, false)
+    let whole = Attention::dense(big)
         .unwrap()
-        .forward(&q, &k, &v, shape, false)
+        .forward(&problem, host.without_lse())
         .unwrap();
     assert_eq!(split.o, whole.o);
 
@@ -199,14 +218,18 @@ fn browser_limits_on_a_native_adapter() {
             normal_tensor(seed + 1, shape.elements()),
             normal_tensor(seed + 2, shape.elements()),
         );
-        let cfg = FmaConfig::new(m, p).causal(causal);
-        let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-        let plan = fma.plan(shape).unwrap();
+        let problem = Problem::new(shape).causal(causal);
+        let cfg = FmaConfig::new(m, p);
+        let fma = Attention::fma(ctx, cfg.clone()).unwrap();
+        let Plan::Fma(plan) = fma.plan(&problem).unwrap() else {
+            panic!("not an FMA plan");
+        };
         assert!(plan.attention.spec.wg <= 256);
         let bufs = Poisoned::new(ctx, &q, &k, &v, shape);
-        fma.forward_buffers(bufs.tensors(), shape).unwrap();
+        fma.forward(&problem, Resident(bufs.tensors())).unwrap();
         let (o, lse) = bufs.read(ctx);
-        let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, &cfg).unwrap();
+        let method = Method::Fma(cfg);
+        let r = cpu::forward(&method, &problem, &widen(&q), &widen(&k), &widen(&v)).unwrap();
         let co = closeness(&o, &r.o, 5e-5, 5e-5);
         let cl = closeness(&lse, &r.lse, 5e-5, 1e-5);
         assert_eq!(
@@ -225,22 +248,20 @@ fn a_lost_device_is_a_typed_error_on_every_later_call() {
     // A device of its own (destroying the shared one would break the other tests).
     let ctx = gpu_with_binding_limit(128 << 20);
     let shape = Shape::new(1, 2, 300, 16);
+    let problem = Problem::new(shape);
     let x = normal_tensor(fresh_seed(), shape.elements());
-    let fma = FmaAttention::new(&ctx, FmaConfig::new(16, 2)).unwrap();
-    let dense = DenseAttention::new(&ctx, false).unwrap();
+    let host = Host::new(&x, &x, &x);
+    let fma = Attention::fma(&ctx, FmaConfig::new(16, 2)).unwrap();
+    let dense = Attention::dense(&ctx).unwrap();
     let bufs = Poisoned::new(&ctx, &x, &x, &x, shape);
-    fma.forward(&x, &x, &x, shape, true).unwrap();
+    fma.forward(&problem, host).unwrap();
 
     // What a driver reset or a removed adapter looks like to wgpu.
     ctx.device.destroy();
     let lost = |e: FmaError| assert!(matches!(e, FmaError::DeviceLost(_)), "{e}");
-    lost(fma.forward(&x, &x, &x, shape, true).unwrap_err());
-    lost(fma.forward_buffers(bufs.tensors(), shape).unwrap_err());
-    lost(dense.forward(&x, &x, &x, shape, false).unwrap_err());
-    lost(
-        FmaAttention::new(&ctx, FmaConfig::new(16, 2))
-            .err()
-            .unwrap(),
-    );
-    lost(DenseAttention::new(&ctx, false).err().unwrap());
+    lost(fma.forward(&problem, host).unwrap_err());
+    lost(fma.forward(&problem, Resident(bufs.tensors())).unwrap_err());
+    lost(dense.forward(&problem, host.without_lse()).unwrap_err());
+    lost(Attention::fma(&ctx, FmaConfig::new(16, 2)).err().unwrap());
+    lost(Attention::dense(&ctx).err().unwrap());
 }

@@ -13,9 +13,9 @@
 
 use crate::common::{closeness, gpu, random_learned, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DenseAttention, FmaAttention, GpuContext};
+use multipole_attn::gpu::{Attention, Encode, GpuContext, Host, Plan, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, Method, Problem, Queries, Shape};
 
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
@@ -37,21 +37,23 @@ fn inputs(seed: u64, shape: Shape) -> Inputs {
 }
 
 /// Runs FMA through caller buffers poisoned with NaN and checks O and the LSE.
-fn check_fma(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> (f64, f64) {
+fn check_fma(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig) -> (f64, f64) {
+    let shape = p.shape;
     let x = inputs(seed, shape);
     let label = format!(
         "seed {seed} {shape} m={} p={} causal={} {:?}",
         cfg.block,
         cfg.rank,
-        cfg.causal,
+        p.causal,
         std::mem::discriminant(&cfg.downsample)
     );
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-    fma.forward_buffers(bufs.tensors(), shape)
+    fma.forward(p, Resident(bufs.tensors()))
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let (o, lse) = bufs.read(ctx);
-    let r = cpu::fma_forward(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, cfg).unwrap();
+    let method = Method::Fma(cfg.clone());
+    let r = cpu::forward(&method, p, &widen(&x.q), &widen(&x.k), &widen(&x.v)).unwrap();
     let co = closeness(&o[..shape.elements()], &r.o, O_ATOL, O_RTOL);
     let cl = closeness(&lse[..shape.rows()], &r.lse, LSE_ATOL, LSE_RTOL);
     assert_eq!(co.violations, 0, "{label}: O {co:?}");
@@ -88,8 +90,8 @@ fn fma_matches_reference_over_the_shape_grid() {
                 let shape = Shape::new(batch, heads, n, d);
                 let s = seed.wrapping_add(case as u64 * 7919);
                 let downsample = modes(s, d, m, p, n)[mode].clone();
-                let cfg = FmaConfig::new(m, p).causal(causal).downsample(downsample);
-                let (eo, el) = check_fma(ctx, s, shape, &cfg);
+                let cfg = FmaConfig::new(m, p).downsample(downsample);
+                let (eo, el) = check_fma(ctx, s, &Problem::new(shape).causal(causal), &cfg);
                 worst = (worst.0.max(eo), worst.1.max(el));
                 case += 1;
             }
@@ -110,11 +112,11 @@ fn every_head_dim_block_and_rank() {
         for &m in &[4, 16, 64] {
             for &p in &[1, 2, 4] {
                 let causal = (i + m + p) % 2 == 0;
-                let cfg = FmaConfig::new(m, p).causal(causal);
+                let cfg = FmaConfig::new(m, p);
                 check_fma(
                     ctx,
                     seed + (i * 100 + m * 10 + p) as u64,
-                    Shape::new(1, 1, 333, d),
+                    &Problem::new(Shape::new(1, 1, 333, d)).causal(causal),
                     &cfg,
                 );
             }
@@ -134,11 +136,11 @@ fn workgroups_that_are_not_whole_subgroups() {
     for (i, &d) in [3, 36, 132].iter().enumerate() {
         for &m in &[2, 12, 20, 100] {
             for causal in [false, true] {
-                let cfg = FmaConfig::new(m, 2).causal(causal);
+                let cfg = FmaConfig::new(m, 2);
                 check_fma(
                     ctx,
                     seed + (i * 1000 + m) as u64,
-                    Shape::new(1, 2, 1000, d),
+                    &Problem::new(Shape::new(1, 2, 1000, d)).causal(causal),
                     &cfg,
                 );
             }
@@ -152,8 +154,9 @@ fn count_correction_off_matches_reference() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     for causal in [false, true] {
-        let cfg = FmaConfig::new(16, 2).causal(causal).count_correction(false);
-        check_fma(ctx, seed, Shape::new(1, 2, 1025, 32), &cfg);
+        let cfg = FmaConfig::new(16, 2).count_correction(false);
+        let problem = Problem::new(Shape::new(1, 2, 1025, 32)).causal(causal);
+        check_fma(ctx, seed, &problem, &cfg);
     }
 }
 
@@ -162,19 +165,28 @@ fn more_than_65535_workgroups_fold_into_2d() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     // n = 9, m = 2: 5 blocks and 2 coarse levels per head; 14000 heads -> 70000 workgroups.
-    let shape = Shape::new(2, 7000, 9, 8);
+    let problem = Problem::new(Shape::new(2, 7000, 9, 8));
     let cfg = FmaConfig::new(2, 2);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
-    assert!(fma.plan(shape).unwrap().attention.workgroups > 65535);
-    check_fma(ctx, seed, shape, &cfg);
-    check_fma(ctx, seed + 1, shape, &cfg.clone().causal(true));
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
+    let Plan::Fma(plan) = fma.plan(&problem).unwrap() else {
+        panic!("not an FMA plan");
+    };
+    assert!(plan.attention.workgroups > 65535);
+    check_fma(ctx, seed, &problem, &cfg);
+    check_fma(ctx, seed + 1, &problem.clone().causal(true), &cfg);
 
     let dense_shape = Shape::new(1, 70000, 1, 8);
+    let dense_problem = Problem::new(dense_shape);
     let x = inputs(seed, dense_shape);
-    let dense = DenseAttention::new(ctx, false).unwrap();
-    assert!(dense.plan(dense_shape).unwrap().attention.workgroups > 65535);
+    let dense = Attention::dense(ctx).unwrap();
+    let Plan::Dense(plan) = dense.plan(&dense_problem).unwrap() else {
+        panic!("not a dense plan");
+    };
+    assert!(plan.attention.workgroups > 65535);
     let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, dense_shape);
-    dense.forward_buffers(bufs.tensors(), dense_shape).unwrap();
+    dense
+        .forward(&dense_problem, Resident(bufs.tensors()))
+        .unwrap();
     let (o, _) = bufs.read(ctx);
     // One key per head: the output is that head's value row.
     let c = closeness(&o, &widen(&x.v), 1e-6, 1e-6);
@@ -183,9 +195,14 @@ fn more_than_65535_workgroups_fold_into_2d() {
 
 fn check_dense(ctx: &GpuContext, seed: u64, shape: Shape, causal: bool) -> f64 {
     let x = inputs(seed, shape);
-    let dense = DenseAttention::new(ctx, causal).unwrap();
+    let dense = Attention::dense(ctx).unwrap();
     let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-    dense.forward_buffers(bufs.tensors(), shape).unwrap();
+    dense
+        .forward(
+            &Problem::new(shape).causal(causal),
+            Resident(bufs.tensors()),
+        )
+        .unwrap();
     let (o, lse) = bufs.read(ctx);
     let r = cpu::dense_attention(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, causal).unwrap();
     let co = closeness(&o, &r.o, O_ATOL, O_RTOL);
@@ -235,18 +252,20 @@ fn host_api_matches_buffer_api_and_is_deterministic() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     let shape = Shape::new(2, 2, 1000, 64);
+    let problem = Problem::new(shape).causal(true);
     let x = inputs(seed, shape);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(64, 2).causal(true)).unwrap();
-    let a = fma.forward(&x.q, &x.k, &x.v, shape, true).unwrap();
-    let b = fma.forward(&x.q, &x.k, &x.v, shape, true).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(64, 2)).unwrap();
+    let host = Host::new(&x.q, &x.k, &x.v);
+    let a = fma.forward(&problem, host).unwrap();
+    let b = fma.forward(&problem, host).unwrap();
     assert_eq!(a.o, b.o, "two runs differ");
     assert_eq!(a.lse, b.lse);
     let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-    fma.forward_buffers(bufs.tensors(), shape).unwrap();
+    fma.forward(&problem, Resident(bufs.tensors())).unwrap();
     let (o, lse) = bufs.read(ctx);
     assert_eq!(a.o, o);
     assert_eq!(a.lse.unwrap(), lse);
-    let no_lse = fma.forward(&x.q, &x.k, &x.v, shape, false).unwrap();
+    let no_lse = fma.forward(&problem, host.without_lse()).unwrap();
     assert!(no_lse.lse.is_none());
     assert_eq!(no_lse.o, a.o);
 }
@@ -257,15 +276,16 @@ fn gpu_differs_from_dense() {
     // silently computed dense attention (or dropped the far field) would fail the tests above.
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
-    let shape = Shape::new(1, 1, 1024, 32);
-    let x = inputs(seed, shape);
-    let f = FmaAttention::new(ctx, FmaConfig::new(16, 2))
+    let problem = Problem::new(Shape::new(1, 1, 1024, 32));
+    let x = inputs(seed, problem.shape);
+    let host = Host::new(&x.q, &x.k, &x.v).without_lse();
+    let f = Attention::fma(ctx, FmaConfig::new(16, 2))
         .unwrap()
-        .forward(&x.q, &x.k, &x.v, shape, false)
+        .forward(&problem, host)
         .unwrap();
-    let d = DenseAttention::new(ctx, false)
+    let d = Attention::dense(ctx)
         .unwrap()
-        .forward(&x.q, &x.k, &x.v, shape, false)
+        .forward(&problem, host)
         .unwrap();
     let diff =
         f.o.iter()
@@ -277,22 +297,23 @@ fn gpu_differs_from_dense() {
 
 #[test]
 fn encode_into_callers_encoder_matches_forward_buffers() {
-    // `encode` records into the caller's command stream: two forwards (FMA with its scratch LSE,
-    // then dense into other buffers) in one encoder and one submit must give the bits of
-    // `forward_buffers`, and bad input must be refused before anything is recorded.
+    // `Encode` records into the caller's command stream: two forwards (FMA with its scratch
+    // LSE, then dense into other buffers) in one encoder and one submit must give the bits of
+    // `Resident`, and bad input must be refused before anything is recorded.
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
     eprintln!("seed {seed}");
     let shape = Shape::new(1, 2, 1000, 40);
+    let (bidirectional, causal) = (Problem::new(shape), Problem::new(shape).causal(true));
     let x = inputs(seed, shape);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
-    let dense = DenseAttention::new(ctx, true).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap();
+    let dense = Attention::dense(ctx).unwrap();
     let (a, b) = (
         Poisoned::new(ctx, &x.q, &x.k, &x.v, shape),
         Poisoned::new(ctx, &x.q, &x.k, &x.v, shape),
     );
-    fma.forward_buffers(a.tensors(), shape).unwrap();
-    dense.forward_buffers(b.tensors(), shape).unwrap();
+    fma.forward(&bidirectional, Resident(a.tensors())).unwrap();
+    dense.forward(&causal, Resident(b.tensors())).unwrap();
     let (want_fma, want_dense) = (a.read(ctx), b.read(ctx));
 
     let (c, e) = (
@@ -302,11 +323,16 @@ fn encode_into_callers_encoder_matches_forward_buffers() {
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     let mut without_lse = c.tensors();
     without_lse.lse = None;
-    fma.encode(&mut enc, without_lse, shape).unwrap();
-    dense.encode(&mut enc, e.tensors(), shape).unwrap();
-    let small = Shape::new(1, 2, 2000, 40);
-    assert!(fma.encode(&mut enc, e.tensors(), small).is_err());
-    assert!(dense.encode(&mut enc, e.tensors(), small).is_err());
+    fma.forward(&bidirectional, Encode(&mut enc, without_lse))
+        .unwrap();
+    dense
+        .forward(&causal, Encode(&mut enc, e.tensors()))
+        .unwrap();
+    let small = Problem::new(Shape::new(1, 2, 2000, 40));
+    assert!(fma.forward(&small, Encode(&mut enc, e.tensors())).is_err());
+    assert!(dense
+        .forward(&small.causal(true), Encode(&mut enc, e.tensors()))
+        .is_err());
     ctx.queue.submit([enc.finish()]);
     let (got_fma, got_dense) = (c.read(ctx), e.read(ctx));
     assert_eq!(got_fma.0, want_fma.0, "FMA O differs");
@@ -365,25 +391,30 @@ fn grouped_query_heads_equal_multi_head_attention_on_repeated_keys() {
             };
             for &queries in queries {
                 for ds in modes(seed, d, m, p, n) {
-                    let cfg = FmaConfig::new(m, p)
-                        .causal(causal)
-                        .queries(queries)
-                        .downsample(ds);
+                    let cfg = FmaConfig::new(m, p).queries(queries).downsample(ds);
                     let label = format!("causal={causal} {queries:?} m={m} p={p}");
-                    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap();
+                    let problem = Problem::new(shape).causal(causal);
+                    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
                     let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-                    fma.forward_buffers(bufs.tensors(), shape).unwrap();
+                    fma.forward(&problem, Resident(bufs.tensors())).unwrap();
                     let (o, lse) = bufs.read(ctx);
-                    let r = cpu::fma_forward(&q, &k, &v, mha, &cfg).unwrap();
+                    let multi_head = Problem::new(mha).causal(causal);
+                    let r = cpu::forward(&Method::Fma(cfg), &multi_head, &q, &k, &v).unwrap();
                     worst = worst.max(check(&label, &o, &lse, &r));
                     // The host API (runs of whole groups when the tensors are large) agrees.
-                    let host = fma.forward(&x.q, &x.k, &x.v, shape, false).unwrap();
+                    let host = Host::new(&x.q, &x.k, &x.v).without_lse();
+                    let host = fma.forward(&problem, host).unwrap();
                     assert_eq!(host.o, o[..shape.elements()], "{label}: host vs buffers");
                 }
             }
-            let dense = DenseAttention::new(ctx, causal).unwrap();
+            let dense = Attention::dense(ctx).unwrap();
             let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-            dense.forward_buffers(bufs.tensors(), shape).unwrap();
+            dense
+                .forward(
+                    &Problem::new(shape).causal(causal),
+                    Resident(bufs.tensors()),
+                )
+                .unwrap();
             let (o, lse) = bufs.read(ctx);
             let r = cpu::dense_attention(&q, &k, &v, mha, causal).unwrap();
             worst = worst.max(check(&format!("dense causal={causal}"), &o, &lse, &r));
@@ -398,8 +429,10 @@ fn kv_heads_that_do_not_divide_heads_are_a_typed_error() {
     let shape = Shape::new(1, 6, 64, 16).with_kv_heads(4);
     let x = vec![0.5f32; shape.elements()];
     let kv = vec![0.5f32; 4 * 64 * 16];
-    let fma = FmaAttention::new(ctx, FmaConfig::new(16, 2)).unwrap();
-    let e = fma.forward(&x, &kv, &kv, shape, false).unwrap_err();
+    let fma = Attention::fma(ctx, FmaConfig::new(16, 2)).unwrap();
+    let e = fma
+        .forward(&Problem::new(shape), Host::new(&x, &kv, &kv).without_lse())
+        .unwrap_err();
     assert!(
         matches!(
             e,

@@ -22,9 +22,9 @@ use crate::common::gradients::{backward_poisoned, buffer, compare_all, inputs, n
 use crate::common::gpu;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::GridGeometry;
-use multipole_attn::gpu::{FmaAttention, GpuContext, GpuTensors};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, HostGrad, Plan, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, Gradients, Grid, LearnedWeights, Shape};
+use multipole_attn::{Downsample, FmaConfig, Gradients, Grid, LearnedWeights, Problem, Shape};
 
 /// Box-initialised 2D weights plus N(0, 0.5 / s_l^2) noise and N(0, 0.1) biases, so Learned
 /// differs from Average and a misplaced kernel tap shows in the gradients.
@@ -48,7 +48,7 @@ fn random_grid_weights(seed: u64, d: usize, r: usize, p: usize, grid: Grid) -> L
 
 /// Forward then backward through caller buffers, O, the LSE and every gradient poisoned with
 /// NaN; the gradients read back, the weights' split per level as (d, p, s_l^2).
-fn gpu_gradients(ctx: &GpuContext, fma: &FmaAttention, x: &Inputs, shape: Shape) -> Gradients<f32> {
+fn gpu_gradients(ctx: &GpuContext, fma: &Attention, x: &Inputs, shape: Shape) -> Gradients<f32> {
     let (q, k, v) = (
         buffer(ctx, "q", &x.q),
         buffer(ctx, "k", &x.k),
@@ -65,10 +65,10 @@ fn gpu_gradients(ctx: &GpuContext, fma: &FmaAttention, x: &Inputs, shape: Shape)
         out: &o,
         lse: Some(&lse),
     };
-    fma.forward_buffers(t, shape).expect("forward");
-    let saved = fma.saved_from_buffers(t, shape).expect("saved");
-    let plan = fma.backward_plan(shape).expect("plan");
-    backward_poisoned(ctx, fma, &saved, &plan, &x.dout)
+    let ((), saved) = fma
+        .train(&Problem::new(shape), Resident(t))
+        .expect("forward");
+    backward_poisoned(ctx, fma, &saved, &x.dout)
 }
 
 /// The f64 reference gradients in the grid geometry of `cfg`.
@@ -97,7 +97,7 @@ fn check_backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) ->
         matches!(cfg.downsample, Downsample::Learned(_))
     );
     let x = inputs(seed, shape);
-    let fma = FmaAttention::new(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let fma = Attention::fma(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let t0 = std::time::Instant::now();
     let g = gpu_gradients(ctx, &fma, &x, shape);
     let t1 = std::time::Instant::now();
@@ -167,10 +167,13 @@ fn grid_backward_with_cells_over_one_workgroup() {
     eprintln!("seed {seed}");
     let grid = Grid::new(40, 23);
     let shape = Shape::new(1, 1, 40 * 23, 8);
-    let plan = FmaAttention::new(ctx, FmaConfig::new(18, 2).grid(Some(grid)))
+    let Plan::FmaBackward(plan) = Attention::fma(ctx, FmaConfig::new(18, 2).grid(Some(grid)))
         .unwrap()
-        .backward_plan(shape)
-        .unwrap();
+        .backward_plan(&Problem::new(shape))
+        .unwrap()
+    else {
+        panic!("not an FMA backward plan");
+    };
     assert!(plan.forward.tiles_per_block > 1 && plan.forward.levels.count() == 1);
     let mut worst = 0.0f64;
     for learned in [false, true] {
@@ -197,10 +200,12 @@ fn grid_backward_is_deterministic() {
     let cfg = FmaConfig::new(2, 2)
         .grid(Some(grid))
         .downsample(Downsample::Learned(w));
-    let fma = FmaAttention::new(ctx, cfg).unwrap();
-    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    let a = fma.backward(&saved, &x.dout).unwrap();
-    let b = fma.backward(&saved, &x.dout).unwrap();
+    let fma = Attention::fma(ctx, cfg).unwrap();
+    let (_, saved) = fma
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .unwrap();
+    let a = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
+    let b = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
     assert_eq!(a, b, "seed {seed}: two backward runs differ");
     assert!(a.dk.iter().any(|&x| x != 0.0), "seed {seed}: dK all zero");
     let c = gpu_gradients(ctx, &fma, &x, shape);
@@ -218,9 +223,11 @@ fn two_d_gradients_are_not_the_line_gradients() {
     let (h, w, r, p) = (24, 18, 4, 2);
     let shape = Shape::new(1, 1, h * w, 8);
     let x = inputs(seed, shape);
-    let fma = FmaAttention::new(ctx, FmaConfig::new(r, p).grid(Some(Grid::new(h, w)))).unwrap();
-    let (_, saved) = fma.forward_train(&x.q, &x.k, &x.v, shape).unwrap();
-    let g = fma.backward(&saved, &x.dout).unwrap();
+    let fma = Attention::fma(ctx, FmaConfig::new(r, p).grid(Some(Grid::new(h, w)))).unwrap();
+    let (_, saved) = fma
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .unwrap();
+    let g = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
     let line = cpu::fma_backward(
         &widen(&x.q),
         &widen(&x.k),

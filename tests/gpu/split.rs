@@ -10,12 +10,12 @@ use crate::common::{
 };
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::GpuContext;
-use multipole_attn::gpu::{DenseAttention, FmaAttention};
+use multipole_attn::gpu::{Attention, Host, Resident};
 use multipole_attn::plan::DenseSplitPlan;
 use multipole_attn::plan::KernelLimits;
 use multipole_attn::plan::SplitPlan;
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{Downsample, FmaConfig, FmaError, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Queries, Shape};
 
 const SMALL: u64 = 16 << 10;
 
@@ -27,33 +27,41 @@ fn inputs(seed: u64, shape: Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     )
 }
 
-/// The configurations and shapes tried; every head is over 16 KiB, and each case says how
+/// The configurations and problems tried; every head is over 16 KiB, and each case says how
 /// many chunks a head becomes (so the test cannot pass by not splitting).
-fn cases() -> Vec<(FmaConfig, Shape, usize)> {
+fn cases() -> Vec<(FmaConfig, Problem, usize)> {
     vec![
         // 1025 x 16: 65.6 KB per head; chunks of 192 tokens plus a 32-token halo each side.
-        (FmaConfig::new(32, 2), Shape::new(1, 2, 1025, 16), 6),
         (
-            FmaConfig::new(32, 1).causal(true),
-            Shape::new(1, 2, 1025, 16),
+            FmaConfig::new(32, 2),
+            Problem::new(Shape::new(1, 2, 1025, 16)),
+            6,
+        ),
+        (
+            FmaConfig::new(32, 1),
+            Problem::new(Shape::new(1, 2, 1025, 16)).causal(true),
             6,
         ),
         (
             FmaConfig::new(32, 2).queries(Queries::Coarse),
-            Shape::new(2, 1, 1025, 16),
+            Problem::new(Shape::new(2, 1, 1025, 16)),
             6,
         ),
         // Grouped-query heads: each split query head reads its K/V head's chunks.
         (
             FmaConfig::new(32, 2),
-            Shape::new(1, 4, 1025, 16).with_kv_heads(2),
+            Problem::new(Shape::new(1, 4, 1025, 16).with_kv_heads(2)),
             6,
         ),
         // head_dim 3 (not a multiple of 4), m = 64: 1365 rows per binding, chunks of 1216.
-        (FmaConfig::new(64, 2), Shape::new(1, 1, 5000, 3), 5),
+        (
+            FmaConfig::new(64, 2),
+            Problem::new(Shape::new(1, 1, 5000, 3)),
+            5,
+        ),
         (
             FmaConfig::new(64, 4).count_correction(false),
-            Shape::new(1, 1, 5000, 3),
+            Problem::new(Shape::new(1, 1, 5000, 3)),
             5,
         ),
     ]
@@ -80,46 +88,57 @@ fn a_head_over_the_binding_is_split_along_its_sequence_to_the_bit() {
     let Some(shared) = gpu() else { return };
     let seed = fresh_seed();
     for (small, default, cap) in setups(shared) {
-        for (cfg, shape, chunks) in cases() {
+        for (cfg, problem, chunks) in cases() {
+            let shape = problem.shape;
             let limits = KernelLimits::from_wgpu(&small.limits);
             let plan =
                 SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits.capped(cap)).unwrap();
             assert_eq!(plan.chunks.len(), chunks, "{cfg:?} {shape}");
-            split_run_matches(&small, &default, cap, &cfg, shape, seed);
+            split_run_matches(&small, &default, cap, &cfg, &problem, seed);
         }
     }
 }
 
-/// FMA of `shape` on `small` (bindings capped at `cap`) equals the run on `default` bit for
+/// FMA of `problem` on `small` (bindings capped at `cap`) equals the run on `default` bit for
 /// bit, and the f64 reference within the tolerance of tests/gpu/forward.rs.
 fn split_run_matches(
     small: &GpuContext,
     default: &GpuContext,
     cap: u64,
     cfg: &FmaConfig,
-    shape: Shape,
+    problem: &Problem,
     seed: u64,
 ) {
+    let (shape, causal) = (problem.shape, problem.causal);
     let (q, k, v) = inputs(seed, shape);
-    let split = FmaAttention::new(small, cfg.clone())
+    let split = Attention::fma(small, cfg.clone())
         .unwrap()
         .max_binding(cap)
-        .forward(&q, &k, &v, shape, true)
-        .unwrap();
-    let whole = FmaAttention::new(default, cfg.clone())
         .unwrap()
-        .forward(&q, &k, &v, shape, true)
+        .forward(problem, Host::new(&q, &k, &v))
+        .unwrap();
+    let whole = Attention::fma(default, cfg.clone())
+        .unwrap()
+        .forward(problem, Host::new(&q, &k, &v))
         .unwrap();
     assert!(
         split.o == whole.o && split.lse == whole.lse,
-        "seed {seed} {cfg:?} {shape} cap {cap}: the split run differs from the unsplit one"
+        "seed {seed} {cfg:?} causal {causal} {shape} cap {cap}: the split run differs from the \
+         unsplit one"
     );
 
-    let r = cpu::fma_forward(&widen(&q), &widen(&k), &widen(&v), shape, cfg).unwrap();
+    let method = Method::Fma(cfg.clone());
+    let r = cpu::forward(&method, problem, &widen(&q), &widen(&k), &widen(&v)).unwrap();
     let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
-    assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: O {c:?}");
+    assert_eq!(
+        c.violations, 0,
+        "seed {seed} {cfg:?} causal {causal} {shape}: O {c:?}"
+    );
     let c = closeness(split.lse.as_deref().unwrap(), &r.lse, 5e-5, 1e-5);
-    assert_eq!(c.violations, 0, "seed {seed} {cfg:?} {shape}: LSE {c:?}");
+    assert_eq!(
+        c.violations, 0,
+        "seed {seed} {cfg:?} causal {causal} {shape}: LSE {c:?}"
+    );
 }
 
 /// Grouped-query heads whose tensors exceed a binding together but not per group run in
@@ -138,7 +157,7 @@ fn grouped_heads_over_the_binding_run_in_whole_groups_to_the_bit() {
                 FmaConfig::new(16, 2),
                 FmaConfig::new(16, 2).queries(Queries::Coarse),
             ] {
-                split_run_matches(&small, &default, cap, &cfg, shape, seed);
+                split_run_matches(&small, &default, cap, &cfg, &Problem::new(shape), seed);
             }
         }
     }
@@ -156,9 +175,9 @@ fn caller_buffers_over_the_binding_are_copied_through_in_pieces() {
     let shape = Shape::new(1, 1, 1025, 16);
     let (q, k, v) = inputs(seed, shape);
     let bufs = Poisoned::new(&small, &q, &k, &v, shape);
-    let e = FmaAttention::new(&small, FmaConfig::new(32, 2))
+    let e = Attention::fma(&small, FmaConfig::new(32, 2))
         .unwrap()
-        .forward_buffers(bufs.tensors(), shape)
+        .forward(&Problem::new(shape), Resident(bufs.tensors()))
         .unwrap_err();
     assert!(
         matches!(&e, FmaError::ShapeMismatch { what, .. } if what == "Q buffer usage"),
@@ -186,16 +205,19 @@ fn dense_attention_over_the_binding_runs_query_and_key_chunk_pairs_to_the_bit() 
                 let plan = DenseSplitPlan::new(shape.seq, shape.head_dim, causal, &limits).unwrap();
                 assert_eq!(plan.chunks.len(), chunks);
                 let label = format!("seed {seed} {shape} causal {causal} cap {cap}");
+                let problem = Problem::new(shape).causal(causal);
                 let (q, k, v) = inputs(seed, shape);
-                let dense = |ctx, cap| DenseAttention::new(ctx, causal).unwrap().max_binding(cap);
-                let split = dense(&small, cap).forward(&q, &k, &v, shape, true).unwrap();
+                let host = Host::new(&q, &k, &v);
+                let dense = |ctx, cap| Attention::dense(ctx).unwrap().max_binding(cap).unwrap();
+                let split = dense(&small, cap).forward(&problem, host).unwrap();
                 // Each key chunk of the split run ends the rows as a partial (O, LSE) that the
                 // next one resumes from; an unsplit run with its key chunks at the same
                 // boundaries does the same float operations.
                 let keys = plan.chunks[0].1;
                 let whole = dense(&default, u64::MAX)
                     .keys_per_dispatch(keys)
-                    .forward(&q, &k, &v, shape, true)
+                    .unwrap()
+                    .forward(&problem, host)
                     .unwrap();
                 assert!(
                     split.o == whole.o && split.lse == whole.lse,
@@ -210,7 +232,7 @@ fn dense_attention_over_the_binding_runs_query_and_key_chunk_pairs_to_the_bit() 
                 let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
                 let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
                 dense(&small, cap)
-                    .forward_buffers(bufs.tensors(), shape)
+                    .forward(&problem, Resident(bufs.tensors()))
                     .unwrap();
                 let (o, lse) = bufs.read(&small);
                 assert!(o == whole.o && Some(lse) == whole.lse, "{label}");
@@ -226,26 +248,28 @@ fn what_cannot_split_is_a_typed_error() {
     }
     let small = gpu_with_binding_limit(SMALL);
     let shape = Shape::new(1, 1, 1025, 16);
+    let problem = Problem::new(shape);
     let (q, k, v) = inputs(fresh_seed(), shape);
+    let host = Host::new(&q, &k, &v).without_lse();
     // Learned weights grow with n: a head too long for a binding has weights too large too.
     let weights = random_learned(3, 16, 32, 1, shape.seq);
-    let e = FmaAttention::new(
+    let e = Attention::fma(
         &small,
         FmaConfig::new(32, 1).downsample(Downsample::Learned(weights)),
     )
-    .and_then(|f| f.forward(&q, &k, &v, shape, false))
+    .and_then(|f| f.forward(&problem, host))
     .unwrap_err();
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
     // m = 256 needs 3 m = 768 rows of 64 B in one binding.
-    let fma = FmaAttention::new(&small, FmaConfig::new(256, 2)).unwrap();
-    let e = fma.forward(&q, &k, &v, shape, false).unwrap_err();
-    // `check` says so from the shape alone, with the same message (the CLI runs it before it
-    // reads the data).
-    assert_eq!(fma.check(shape).unwrap_err().to_string(), e.to_string());
+    let fma = Attention::fma(&small, FmaConfig::new(256, 2)).unwrap();
+    let e = fma.forward(&problem, host).unwrap_err();
+    // `check` says so from the problem alone, with the same message (the CLI runs it before
+    // it reads the data).
+    assert_eq!(fma.check(&problem).unwrap_err().to_string(), e.to_string());
     assert!(e.to_string().contains("use a smaller block size m"), "{e}");
-    FmaAttention::new(&small, FmaConfig::new(32, 2))
+    Attention::fma(&small, FmaConfig::new(32, 2))
         .unwrap()
-        .check(shape)
+        .check(&problem)
         .unwrap();
     match e {
         FmaError::LimitExceeded { requested, max, .. } => {
@@ -255,8 +279,8 @@ fn what_cannot_split_is_a_typed_error() {
     }
 }
 
-/// forward_buffers on `small` (capped at `cap`) over tensors larger than its bindings, outputs
-/// NaN-poisoned, equals the host run on `default` bit for bit.
+/// A forward of resident buffers on `small` (capped at `cap`) over tensors larger than its
+/// bindings, outputs NaN-poisoned, equals the host run on `default` bit for bit.
 fn buffers_split_like_host_runs(small: &GpuContext, default: &GpuContext, cap: u64, seed: u64) {
     let learned = |shape: Shape, m, p| {
         Downsample::Learned(random_learned(seed + 7, shape.head_dim, m, p, shape.seq))
@@ -264,63 +288,77 @@ fn buffers_split_like_host_runs(small: &GpuContext, default: &GpuContext, cap: u
     let per_head = Shape::new(2, 4, 200, 16);
     let cases = [
         // Every head over the binding: split along the sequence, head by head.
-        (FmaConfig::new(32, 2), Shape::new(1, 3, 1025, 16)),
+        (
+            FmaConfig::new(32, 2),
+            Problem::new(Shape::new(1, 3, 1025, 16)),
+        ),
         (
             FmaConfig::new(32, 2).queries(Queries::Coarse),
-            Shape::new(1, 2, 1025, 16),
+            Problem::new(Shape::new(1, 2, 1025, 16)),
         ),
         // Heads of 12.8 KB, 102 KB in all: one chunk per head, Learned weights too.
         (
             FmaConfig::new(32, 1).downsample(learned(per_head, 32, 1)),
-            per_head,
+            Problem::new(per_head),
         ),
-        (FmaConfig::new(32, 2).causal(true), per_head),
+        (FmaConfig::new(32, 2), Problem::new(per_head).causal(true)),
     ];
     let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    for (cfg, shape) in cases {
+    for (cfg, problem) in cases {
+        let (shape, causal) = (problem.shape, problem.causal);
         let (q, k, v) = inputs(seed, shape);
         // Outputs NaN-poisoned: a row no chunk copies back fails the comparison.
         let bufs = Poisoned::with_usage(small, &q, &k, &v, shape, copy);
-        FmaAttention::new(small, cfg.clone())
+        Attention::fma(small, cfg.clone())
             .unwrap()
             .max_binding(cap)
-            .forward_buffers(bufs.tensors(), shape)
+            .unwrap()
+            .forward(&problem, Resident(bufs.tensors()))
             .unwrap();
         let (o, lse) = bufs.read(small);
-        let whole = FmaAttention::new(default, cfg.clone())
+        let whole = Attention::fma(default, cfg.clone())
             .unwrap()
-            .forward(&q, &k, &v, shape, true)
+            .forward(&problem, Host::new(&q, &k, &v))
             .unwrap();
         assert!(
             o == whole.o && Some(lse) == whole.lse,
-            "seed {seed} {cfg:?} {shape} cap {cap}: buffers split differently from the host run"
+            "seed {seed} {cfg:?} causal {causal} {shape} cap {cap}: buffers split differently \
+             from the host run"
         );
     }
 }
 
 /// Heads whose coarse rows of all levels exceed the binding (a small block size m: about
-/// 2 n p / m rows), as (configuration, shape, cap on the library's bindings). Each step then
+/// 2 n p / m rows), as (configuration, problem, cap on the library's bindings). Each step then
 /// binds compact copies of the coarse rows it reads (`plan::CoarseSplit`).
-fn coarse_row_cases(seed: u64) -> Vec<(FmaConfig, Shape, u64)> {
+fn coarse_row_cases(seed: u64) -> Vec<(FmaConfig, Problem, u64)> {
     let learned = |d, m, p, n| Downsample::Learned(random_learned(seed + 9, d, m, p, n));
     vec![
         // 1000 x 4: the tokens (16 KB) fit one binding, the ~2000 coarse rows (32 KB) do not.
-        (FmaConfig::new(2, 2), Shape::new(1, 2, 1000, 4), SMALL),
         (
-            FmaConfig::new(2, 2).causal(true),
-            Shape::new(1, 1, 1000, 4),
+            FmaConfig::new(2, 2),
+            Problem::new(Shape::new(1, 2, 1000, 4)),
+            SMALL,
+        ),
+        (
+            FmaConfig::new(2, 2),
+            Problem::new(Shape::new(1, 1, 1000, 4)).causal(true),
             SMALL,
         ),
         (
             FmaConfig::new(2, 2).queries(Queries::Coarse),
-            Shape::new(1, 1, 1000, 4),
+            Problem::new(Shape::new(1, 1, 1000, 4)),
             SMALL,
         ),
         // 3000 x 4: the tokens split too.
-        (FmaConfig::new(4, 2), Shape::new(1, 1, 3000, 4), SMALL),
+        (
+            FmaConfig::new(4, 2),
+            Problem::new(Shape::new(1, 1, 3000, 4)),
+            SMALL,
+        ),
         (
             FmaConfig::new(4, 2).queries(Queries::Coarse),
-            Shape::new(1, 1, 3000, 4),
+            Problem::new(Shape::new(1, 1, 3000, 4)),
             SMALL,
         ),
         // Learned: its weights (about d p n floats per pooled tensor) fit where the coarse rows
@@ -328,14 +366,14 @@ fn coarse_row_cases(seed: u64) -> Vec<(FmaConfig, Shape, u64)> {
         // in a narrow band, here 28 KiB for n = 2048, d = 2.
         (
             FmaConfig::new(1, 1).downsample(learned(4, 1, 1, 600)),
-            Shape::new(1, 1, 600, 4),
+            Problem::new(Shape::new(1, 1, 600, 4)),
             SMALL,
         ),
         (
             FmaConfig::new(1, 1)
                 .queries(Queries::Coarse)
                 .downsample(learned(2, 1, 1, 2048)),
-            Shape::new(1, 1, 2048, 2),
+            Problem::new(Shape::new(1, 1, 2048, 2)),
             28 << 10,
         ),
     ]
@@ -345,7 +383,8 @@ fn coarse_row_cases(seed: u64) -> Vec<(FmaConfig, Shape, u64)> {
 fn coarse_row_split_equals_the_unsplit_result_under_a_16_kib_binding_limit() {
     let Some(shared) = gpu() else { return };
     let seed = fresh_seed();
-    for (cfg, shape, cap) in coarse_row_cases(seed) {
+    for (cfg, problem, cap) in coarse_row_cases(seed) {
+        let shape = problem.shape;
         let limits = KernelLimits::from_wgpu(&shared.limits).capped(cap);
         let plan = SplitPlan::new(shape.seq, shape.head_dim, &cfg, &limits).unwrap();
         let coarse = plan
@@ -353,7 +392,7 @@ fn coarse_row_split_equals_the_unsplit_result_under_a_16_kib_binding_limit() {
             .as_ref()
             .unwrap_or_else(|| panic!("{cfg:?} {shape}: not split"));
         assert!(coarse.attend.len() > 1, "{cfg:?} {shape}: one chunk");
-        split_run_matches(shared, shared, cap, &cfg, shape, seed);
+        split_run_matches(shared, shared, cap, &cfg, &problem, seed);
     }
     // A device whose own limit is 16 KiB (kernels without subgroups), host tensors and the
     // caller's buffers.
@@ -361,20 +400,21 @@ fn coarse_row_split_equals_the_unsplit_result_under_a_16_kib_binding_limit() {
         gpu_with_binding_limit(SMALL),
         gpu_with_binding_limit(128 << 20),
     );
-    for (cfg, shape, _) in coarse_row_cases(seed).into_iter().take(4) {
-        split_run_matches(&small, &default, u64::MAX, &cfg, shape, seed);
+    for (cfg, problem, _) in coarse_row_cases(seed).into_iter().take(4) {
+        split_run_matches(&small, &default, u64::MAX, &cfg, &problem, seed);
     }
-    let (cfg, shape, _) = coarse_row_cases(seed).swap_remove(2);
+    let (cfg, problem, _) = coarse_row_cases(seed).swap_remove(2);
+    let shape = problem.shape;
     let (q, k, v) = inputs(seed, shape);
     let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
-    let fma = FmaAttention::new(&small, cfg.clone()).unwrap();
-    fma.check(shape).unwrap();
-    fma.forward_buffers(bufs.tensors(), shape).unwrap();
+    let fma = Attention::fma(&small, cfg.clone()).unwrap();
+    fma.check(&problem).unwrap();
+    fma.forward(&problem, Resident(bufs.tensors())).unwrap();
     let (o, lse) = bufs.read(&small);
-    let whole = FmaAttention::new(&default, cfg)
+    let whole = Attention::fma(&default, cfg)
         .unwrap()
-        .forward(&q, &k, &v, shape, true)
+        .forward(&problem, Host::new(&q, &k, &v))
         .unwrap();
     assert!(
         o == whole.o && Some(lse) == whole.lse,
