@@ -13,7 +13,7 @@
 use crate::common;
 use crate::common::{closeness, gpu, random_learned, read_buffer};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext, StepTensors};
+use multipole_attn::gpu::{DecodeMode, Decoder, EncodeStep, GpuContext, Host, StepTensors};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{DecodeConfig, Downsample, FmaConfig, FmaError, Method, Problem, Shape};
 use wgpu::util::DeviceExt;
@@ -89,7 +89,7 @@ fn storage(ctx: &GpuContext, data: &[f32], extra: wgpu::BufferUsages) -> wgpu::B
 }
 
 /// Decodes `run` with `dec` and returns every sequence's O (heads, len_b, d) and LSE (heads,
-/// len_b), step outputs written into NaN-poisoned buffers through `encode_step`.
+/// len_b), step outputs written into NaN-poisoned buffers through `Decoder::step` with `EncodeStep`.
 fn decode(
     ctx: &GpuContext,
     dec: &Decoder,
@@ -148,7 +148,12 @@ fn decode(
             out: &o_buf,
             lse: &l_buf,
         };
-        dec.encode_step(&mut enc, t, c, run.mode).expect("step");
+        let io = EncodeStep {
+            encoder: &mut enc,
+            tensors: t,
+            tokens: c,
+        };
+        dec.step(run.mode, io).expect("step");
         ctx.queue.submit([enc.finish()]);
         let (o, l) = (read_buffer(ctx, &o_buf), read_buffer(ctx, &l_buf));
         for (b, seq) in out.iter_mut().enumerate() {
@@ -318,19 +323,23 @@ fn bad_steps_are_typed_errors_and_leave_the_cache_usable() {
     // Reference: a twin that sees only the good calls.
     let twin = Decoder::new(ctx, cfg).unwrap();
     let good = |dec: &Decoder, s: u64| {
-        dec.step(&x(2, s), &x(2, s + 1), &x(2, s + 2), DecodeMode::Fma)
-            .unwrap()
-            .o
+        dec.step(
+            DecodeMode::Fma,
+            Host::new(&x(2, s), &x(2, s + 1), &x(2, s + 2)),
+        )
+        .unwrap()
+        .o
     };
     assert_eq!(good(&dec, 1), good(&twin, 1));
     let errs = [
-        dec.step(&x(5, 9), &x(5, 9), &x(5, 9), DecodeMode::Fma)
+        dec.step(DecodeMode::Fma, Host::new(&x(5, 9), &x(5, 9), &x(5, 9)))
             .unwrap_err(), // over max_chunk
-        dec.step(&x(2, 9), &x(2, 9), &x(1, 9), DecodeMode::Fma)
+        dec.step(DecodeMode::Fma, Host::new(&x(2, 9), &x(2, 9), &x(1, 9)))
             .unwrap_err(), // V too short
-        dec.step(&x(2, 9), &x(2, 9), &x(2, 9), DecodeMode::Dense)
+        dec.step(DecodeMode::Dense, Host::new(&x(2, 9), &x(2, 9), &x(2, 9)))
             .unwrap_err(), // no history
-        dec.step(&[], &[], &[], DecodeMode::Fma).unwrap_err(), // C = 0
+        dec.step(DecodeMode::Fma, Host::new(&[], &[], &[]))
+            .unwrap_err(), // C = 0
         dec.prefill(&x(1, 9), &x(1, 9), &x(1, 9), &[1, 1], DecodeMode::Fma)
             .unwrap_err(), // not empty
         dec.reset(2).unwrap_err(),
@@ -351,7 +360,7 @@ fn bad_steps_are_typed_errors_and_leave_the_cache_usable() {
         good(&twin, 10 + s);
     }
     let over = dec
-        .step(&x(2, 5), &x(2, 5), &x(2, 5), DecodeMode::Fma)
+        .step(DecodeMode::Fma, Host::new(&x(2, 5), &x(2, 5), &x(2, 5)))
         .unwrap_err();
     assert!(matches!(over, FmaError::LimitExceeded { .. }), "{over}");
     // Resetting sequence 0 leaves sequence 1 where it was.
@@ -369,10 +378,13 @@ fn a_lost_device_is_a_typed_error_for_the_decoder() {
     let cfg = DecodeConfig::new(FmaConfig::new(4, 2), 1, 2, 8, 50);
     let dec = Decoder::new(&ctx, cfg.clone()).unwrap();
     let x = normal_tensor(fresh_seed(), 2 * 8);
-    dec.step(&x, &x, &x, DecodeMode::Fma).unwrap();
+    dec.step(DecodeMode::Fma, Host::new(&x, &x, &x)).unwrap();
     ctx.device.destroy();
     let lost = |e: FmaError| assert!(matches!(e, FmaError::DeviceLost(_)), "{e}");
-    lost(dec.step(&x, &x, &x, DecodeMode::Fma).unwrap_err());
+    lost(
+        dec.step(DecodeMode::Fma, Host::new(&x, &x, &x))
+            .unwrap_err(),
+    );
     lost(dec.prefill(&x, &x, &x, &[1], DecodeMode::Fma).unwrap_err());
     lost(Decoder::new(&ctx, cfg).err().unwrap());
 }
@@ -432,10 +444,12 @@ fn grouped_query_heads_decode_as_their_repeated_k_v_heads() {
                 let c = chunk.min(n - at);
                 let out = dec
                     .step(
-                        &part(&q, b * h, at, c),
-                        &part(k, b * kv_heads, at, c),
-                        &part(v, b * kv_heads, at, c),
                         mode,
+                        Host::new(
+                            &part(&q, b * h, at, c),
+                            &part(k, b * kv_heads, at, c),
+                            &part(v, b * kv_heads, at, c),
+                        ),
                     )
                     .unwrap_or_else(|e| panic!("{label}: step at {at}: {e}"));
                 o.push(out.o);
