@@ -237,8 +237,7 @@ fn bad_backward_input_is_a_typed_error() {
     };
     let e = fma
         .train(&problem, Resident(t))
-        .err()
-        .expect("buffers without an LSE");
+        .expect_err("buffers without an LSE");
     assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
     assert!(e.to_string().contains("LSE"), "{e}");
 
@@ -291,8 +290,7 @@ fn bad_backward_input_is_a_typed_error() {
         ctx,
         FmaConfig::new(16, 2).downsample(Downsample::Learned(w)),
     )
-    .err()
-    .expect("weights made for m = 8 used with m = 16");
+    .expect_err("weights made for m = 8 used with m = 16");
     assert!(matches!(e, FmaError::Weights(_)), "{e}");
     let short = random_learned(1, 16, 16, 2, 40);
     let learned = Attention::fma(
@@ -302,8 +300,7 @@ fn bad_backward_input_is_a_typed_error() {
     .unwrap();
     let e = learned
         .train(&problem, Host::new(&x.q, &x.k, &x.v))
-        .err()
-        .expect("weights without the levels of n = 100");
+        .expect_err("weights without the levels of n = 100");
     assert!(matches!(e, FmaError::Weights(_)), "{e}");
 
     // The context still works.
@@ -613,8 +610,7 @@ fn bad_dense_backward_input_is_a_typed_error() {
     let y = inputs(2, odd);
     let e = dense
         .train(&Problem::new(odd), Host::new(&y.q, &y.k, &y.v))
-        .err()
-        .expect("3 query heads over 2 K/V heads");
+        .expect_err("3 query heads over 2 K/V heads");
     assert!(matches!(e, FmaError::InvalidConfig { .. }), "{e}");
     let (full, small) = (
         buffer(ctx, "dout", &x.dout),
@@ -681,14 +677,12 @@ fn bad_dense_backward_input_is_a_typed_error() {
     };
     let e = dense
         .train(&problem, Resident(t))
-        .err()
-        .expect("buffers without an LSE");
+        .expect_err("buffers without an LSE");
     assert!(matches!(e, FmaError::NoSavedForward(_)), "{e}");
     // Tensors over one storage binding: the backward does not split them.
     let small = Attention::dense(ctx).unwrap().max_binding(512).unwrap();
     let e = small
         .train(&problem, Host::new(&x.q, &x.k, &x.v))
-        .err()
-        .expect("tensors over a 512-byte binding");
+        .expect_err("tensors over a 512-byte binding");
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
 }

@@ -64,9 +64,7 @@ fn bad_shapes_and_configs_are_typed_errors() {
         "{e}"
     );
 
-    let e = Attention::fma(ctx, FmaConfig::new(16, 3))
-        .err()
-        .expect("p = 3 does not divide m = 16");
+    let e = Attention::fma(ctx, FmaConfig::new(16, 3)).expect_err("p = 3 does not divide m = 16");
     assert!(
         matches!(e, FmaError::InvalidConfig { what: "rank p", .. }),
         "{e}"
@@ -92,8 +90,7 @@ fn bad_shapes_and_configs_are_typed_errors() {
         ctx,
         FmaConfig::new(8, 2).downsample(Downsample::Learned(bad)),
     )
-    .err()
-    .expect("NaN weight");
+    .expect_err("NaN weight");
     assert!(
         matches!(&e, FmaError::Weights(m) if m.contains("v_b2")),
         "{e}"

@@ -189,8 +189,7 @@ fn a_batch_over_one_binding_is_a_typed_error_for_training() {
             &varlen(&seqs, (2, 1, 16), false),
             Host::new(&x.q, &x.k, &x.v),
         )
-        .err()
-        .expect("training over one binding must be refused");
+        .expect_err("training over one binding must be refused");
     assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
 }
 

@@ -98,6 +98,17 @@ fn kept<T>(
     Ok(e)
 }
 
+impl std::fmt::Debug for Attention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attention")
+            .field("adapter", &self.ctx.info.name)
+            .field("method", &self.method)
+            .field("max_binding", &self.max_binding)
+            .field("keys_per_dispatch", &self.keys_per_dispatch)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The tensors a training forward keeps for [`Attention::backward`], with the problem they
 /// belong to. Only the [`Attention`] that made it (same method, same mask) takes it back.
 pub struct Saved {
