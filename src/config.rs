@@ -2,6 +2,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::geometry::Grid;
+use crate::variants::Variants;
 use crate::weights::LearnedWeights;
 
 /// How the coarse keys and values of each level are made from the fine ones (algorithm.md §4).
@@ -50,6 +51,8 @@ pub struct FmaConfig {
     /// r x r with a 3 x 3 near field, `rank` p coarse keys per cell (horizontal bands), learned
     /// weights (d, p, s_l, s_l) per level. Bidirectional only.
     pub grid: Option<Grid>,
+    /// Softmax variants (issue 30: softcap, sinks, sliding window); default none.
+    pub variants: Variants,
 }
 
 impl Default for FmaConfig {
@@ -62,6 +65,7 @@ impl Default for FmaConfig {
             count_correction: true,
             queries: Queries::Fine,
             grid: None,
+            variants: Variants::default(),
         }
     }
 }
@@ -103,6 +107,12 @@ impl FmaConfig {
     /// Lays the tokens on an H x W grid (algorithm.md §9), or back on a line with `None`.
     pub fn grid(mut self, grid: Option<Grid>) -> Self {
         self.grid = grid;
+        self
+    }
+
+    /// Sets the softmax variants (softcap, sinks, sliding window).
+    pub fn variants(mut self, variants: Variants) -> Self {
+        self.variants = variants;
         self
     }
 

@@ -69,4 +69,7 @@ pub struct Gradients<T> {
     pub dv: Vec<T>,
     /// dL/dW and dL/db of every level's learned weights (Learned mode only).
     pub weights: Option<Vec<LevelGradients<T>>>,
+    /// dL/dS of the attention sinks, (heads,), summed over batch and rows
+    /// ([`crate::Variants::sinks`]); `None` without sinks.
+    pub dsinks: Option<Vec<T>>,
 }

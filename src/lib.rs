@@ -22,6 +22,7 @@ pub mod plan;
 pub mod random;
 pub mod sequences;
 pub mod shape;
+pub mod variants;
 pub mod weights;
 
 pub use config::{DecodeConfig, Downsample, FmaConfig, Queries};
@@ -30,4 +31,5 @@ pub use geometry::{Geometry, Grid};
 pub use gradients::{Gradients, LevelGradients};
 pub use sequences::{SeqLayout, Sequences};
 pub use shape::Shape;
+pub use variants::{Variants, Window};
 pub use weights::{LearnedWeights, LevelWeights};

@@ -237,6 +237,7 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
         dk,
         dv,
         weights: dw,
+        dsinks: None,
     })
 }
 

@@ -67,6 +67,7 @@ pub fn dense_backward(
         dk,
         dv,
         weights: None,
+        dsinks: None,
     })
 }
 

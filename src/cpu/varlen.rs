@@ -194,6 +194,7 @@ fn backward_each_sequence(
         dk,
         dv,
         weights,
+        dsinks: None,
     })
 }
 

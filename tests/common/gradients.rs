@@ -117,6 +117,7 @@ pub fn backward_poisoned(
         dk: read(&dk, kv_len),
         dv: read(&dv, kv_len),
         weights,
+        dsinks: None,
     }
 }
 

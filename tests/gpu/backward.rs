@@ -464,6 +464,7 @@ fn dense_gradients(
         dk: read(&dk, kv_len),
         dv: read(&dv, kv_len),
         weights: None,
+        dsinks: None,
     }
 }
 

@@ -264,6 +264,7 @@ fn dense_batches_equal_each_sequence_alone() {
             dk: read(&dk, shape.kv_elements()),
             dv: read(&dv, shape.kv_elements()),
             weights: None,
+            dsinks: None,
         };
         let r = cpu::dense_backward_varlen(
             (&widen(&x.q), &widen(&x.k), &widen(&x.v), &widen(&x.dout)),

@@ -324,6 +324,7 @@ impl DenseAttention {
             dk: gk,
             dv: gv,
             weights: None,
+            dsinks: None,
         })
     }
 

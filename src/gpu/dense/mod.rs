@@ -23,6 +23,7 @@ use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits};
 use crate::shape::Shape;
+use crate::variants::Variants;
 
 /// The uniforms of one shape: a parameter block per key chunk (the dense pass has no level
 /// selector).
@@ -47,6 +48,8 @@ struct Uniforms {
 pub struct DenseAttention {
     ctx: GpuContext,
     causal: bool,
+    /// Softmax variants (softcap, sinks, sliding window), checked per call against the shape.
+    variants: Variants,
     limits: KernelLimits,
     /// Keys per dispatch (`None`: [`DensePlan::keys_per_dispatch`]).
     max_keys: Option<usize>,
@@ -70,6 +73,7 @@ impl DenseAttention {
         Ok(Self {
             ctx: ctx.clone(),
             causal,
+            variants: Variants::default(),
             limits: KernelLimits::from_wgpu(&ctx.limits),
             max_keys: None,
             uniforms: ShapeCache::default(),
@@ -81,6 +85,21 @@ impl DenseAttention {
                 wgpu::BufferUsages::empty(),
             )),
         })
+    }
+
+    /// Runs the softmax variants `variants` (issue 30: softcap, sinks, sliding window),
+    /// checked against each call's shape ([`Variants::validate`]). Call before the first
+    /// forward.
+    pub fn with_variants(mut self, variants: Variants) -> Self {
+        self.variants = variants;
+        self.uniforms = ShapeCache::default();
+        self.backward_uniforms = ShapeCache::default();
+        self
+    }
+
+    /// The softmax variants this instance runs.
+    pub fn variants(&self) -> &Variants {
+        &self.variants
     }
 
     /// Uses at most `bytes` per storage binding, below the device's own limit, as

@@ -412,6 +412,7 @@ impl FmaAttention {
             dk: gk,
             dv: gv,
             weights,
+            dsinks: None,
         })
     }
 

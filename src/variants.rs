@@ -1,0 +1,109 @@
+//! The softmax variants models ship with (issue 30): logit softcapping, attention sinks and
+//! sliding windows, in algorithm terms in `docs/variants.md`.
+
+use crate::error::{FmaError, Result};
+
+/// The softmax variants models ship with (issue 30). Default: none.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Variants {
+    /// Logit softcap C > 0: every logit l (fine or coarse) becomes C tanh(l / C); FMA's count
+    /// correction is added after the cap (Gemma 2).
+    pub softcap: Option<f32>,
+    /// Attention sinks, (heads,): one logit S_h per query head whose term exp(S_h) joins each
+    /// row's softmax denominator and carries no value (gpt-oss).
+    pub sinks: Option<Vec<f32>>,
+    /// Sliding window: query i sees key j iff i - left <= j <= i + right (bottom-right aligned
+    /// for cross-length inputs, as the causal mask).
+    pub window: Option<Window>,
+}
+
+/// A sliding window: `left` keys before the query's position and `right` after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Keys before the query's own position (L >= 0).
+    pub left: usize,
+    /// Keys after the query's own position (R >= 0; 0 with the causal mask).
+    pub right: usize,
+}
+
+impl Variants {
+    /// Checks the variants for `heads` query heads: the softcap C > 0 and finite, one finite
+    /// sink per query head, and with the causal mask a window that looks no further right than
+    /// the query itself (R = 0).
+    pub fn validate(&self, heads: usize, causal: bool) -> Result<()> {
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(FmaError::InvalidConfig {
+                    what: "softcap",
+                    value: c.to_string(),
+                    allowed: "a finite C > 0 (logits become C tanh(l / C))".into(),
+                });
+            }
+        }
+        if let Some(s) = &self.sinks {
+            if s.len() != heads {
+                return Err(FmaError::ShapeMismatch {
+                    what: "sinks".into(),
+                    expected: format!("({heads},): one logit per query head"),
+                    got: format!("({},)", s.len()),
+                });
+            }
+            if let Some(h) = s.iter().position(|x| !x.is_finite()) {
+                return Err(FmaError::InvalidConfig {
+                    what: "sinks",
+                    value: format!("{} at head {h}", s[h]),
+                    allowed: "finite sink logits".into(),
+                });
+            }
+        }
+        if let Some(w) = self.window {
+            if causal && w.right != 0 {
+                return Err(FmaError::InvalidConfig {
+                    what: "window",
+                    value: format!("({}, {})", w.left, w.right),
+                    allowed: "with the causal mask the window's right extent R must be 0".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// No variant on: the plain softmax.
+    pub fn is_plain(&self) -> bool {
+        self.softcap.is_none() && self.sinks.is_none() && self.window.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_says_what_is_allowed() {
+        assert!(Variants::default().validate(4, true).is_ok());
+        assert!(Variants::default().is_plain());
+        let cap = |c| Variants {
+            softcap: Some(c),
+            ..Variants::default()
+        };
+        assert!(cap(30.0).validate(1, false).is_ok());
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            assert!(cap(bad).validate(1, false).is_err(), "{bad}");
+        }
+        let sinks = |s: Vec<f32>| Variants {
+            sinks: Some(s),
+            ..Variants::default()
+        };
+        assert!(sinks(vec![0.5, -1.0]).validate(2, false).is_ok());
+        assert!(sinks(vec![0.5]).validate(2, false).is_err());
+        assert!(sinks(vec![0.5, f32::NAN]).validate(2, false).is_err());
+        let window = |left, right| Variants {
+            window: Some(Window { left, right }),
+            ..Variants::default()
+        };
+        assert!(window(3, 2).validate(1, false).is_ok());
+        assert!(window(3, 0).validate(1, true).is_ok());
+        assert!(window(3, 1).validate(1, true).is_err());
+        assert!(!window(0, 0).is_plain());
+    }
+}
