@@ -156,6 +156,7 @@ impl FmaConfig {
         if self.causal && self.queries == Queries::Coarse {
             return Err(FmaError::CausalCoarseQueries);
         }
+        self.validate_variants(seq)?;
         if let Downsample::Learned(w) = &self.downsample {
             let with_queries = self.queries == Queries::Coarse;
             match self.grid {
@@ -164,6 +165,48 @@ impl FmaConfig {
                     w.validate_grid(head_dim, self.block, self.rank, grid, with_queries)?
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// What FMA runs the softmax variants with (docs/variants.md): fine queries only (coarse
+    /// queries run the plain softmax), and a window only on a line, within the near field
+    /// (L <= m and R <= m for the sequence's block m), where FMA with a window is exactly
+    /// windowed attention over the near field's keys with no coarse level. The values
+    /// themselves are [`Variants::validate`]'s (it needs the heads).
+    fn validate_variants(&self, seq: usize) -> Result<()> {
+        let v = &self.variants;
+        if self.queries == Queries::Coarse && !v.is_plain() {
+            return Err(FmaError::InvalidConfig {
+                what: "queries",
+                value: "coarse with a softmax variant".into(),
+                allowed: "softcap, sinks and windows run with fine queries (coarse queries \
+                          run the plain softmax)"
+                    .into(),
+            });
+        }
+        let Some(w) = v.window else {
+            return Ok(());
+        };
+        if self.grid.is_some() {
+            return Err(FmaError::InvalidConfig {
+                what: "window",
+                value: format!("({}, {}) on a grid", w.left, w.right),
+                allowed: "a sliding window on a 1D sequence (grids have no 1D band)".into(),
+            });
+        }
+        // A block of at least the sequence holds every key in its near field.
+        let m = self.block;
+        if m < seq && (w.left > m || w.right > m) {
+            return Err(FmaError::InvalidConfig {
+                what: "window",
+                value: format!("({}, {})", w.left, w.right),
+                allowed: format!(
+                    "L <= m and R <= m: FMA runs a window through its near field of block \
+                     m = {m}; choose a block m >= {} or dense attention",
+                    w.left.max(w.right)
+                ),
+            });
         }
         Ok(())
     }
