@@ -24,5 +24,6 @@ mod nonfinite;
 mod properties;
 mod shapes;
 mod split;
+mod variants;
 mod varlen;
 mod varlen_backward;
