@@ -245,6 +245,7 @@ fn push_resolved(out: &mut String, text: &str, subgroup: bool, grid: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::SoftmaxFlags;
 
     fn validate(src: &str) -> Result<naga::Module, String> {
         let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
