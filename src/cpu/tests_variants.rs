@@ -109,7 +109,7 @@ impl Problem {
             (Some(s), Some(ds)) => {
                 assert_eq!(ds.len(), s.len(), "{label}");
                 let step = 2f32.powi(-12);
-                for hd in 0..s.len() {
+                for (hd, &analytic) in ds.iter().enumerate() {
                     let mut vu = v.clone();
                     let mut vd = v.clone();
                     vu.sinks.as_mut().unwrap()[hd] += step;
@@ -118,9 +118,9 @@ impl Problem {
                         - f64::from(vd.sinks.as_ref().unwrap()[hd]);
                     let fd = (self.loss(&x, &vu) - self.loss(&x, &vd)) / taken;
                     assert!(
-                        is_close(ds[hd], fd, 1e-6, 1e-5),
-                        "{label} dsinks[{hd}]: analytic {:.12e}, finite difference {fd:.12e}",
-                        ds[hd]
+                        is_close(analytic, fd, 1e-6, 1e-5),
+                        "{label} dsinks[{hd}]: analytic {analytic:.12e}, finite difference \
+                         {fd:.12e}"
                     );
                 }
             }
