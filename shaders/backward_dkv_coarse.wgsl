@@ -23,6 +23,7 @@
 #import geometry
 #import level_select
 #import sequences
+#import variants
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;                  // (bh, n, d) (coarse queries: Q~)
 @group(0) @binding(2) var<storage, read> coarse_k: array<f32>;           // (bh / kv_group, coarse_rows, d)
@@ -64,8 +65,10 @@ fn consume_queries(count: u32, nrows: u32, lid: u32) {
                 s4 += tile_q[i * D4 + c4] * rows_k[r * D4 + c4];
                 g4 += tile_do[i * D4 + c4] * rows_v[r * D4 + c4];
             }
-            pr = exp(s4.x + s4.y + s4.z + s4.w + rows_bias[r] - tile_lse[i]);
-            ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[i]);
+            // Softcap: the cap before the count correction (bias), dS through its slope.
+            let raw = s4.x + s4.y + s4.z + s4.w;
+            pr = exp(capped(raw) + rows_bias[r] - tile_lse[i]);
+            ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[i]) * cap_slope(raw);
         }
         pair_p[idx] = pr;
         pair_ds[idx] = ds;

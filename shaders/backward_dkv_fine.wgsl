@@ -11,6 +11,7 @@
 #import geometry
 #import level_select
 #import sequences
+#import variants
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
@@ -37,15 +38,17 @@ var<private> dv_acc: array<vec4<f32>, D4>;
 // subgroup that is not full.
 fn consume_queries_plain(start: u32, count: u32, first: u32) {
     for (var r = 0u; r < count; r++) {
-        if (start + r >= first) {
+        if (start + r >= first && (!WINDOW || start + r < win_q_end)) {
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c4 = 0u; c4 < D4; c4++) {
                 s4 += tile_q[r * D4 + c4] * k_row[c4];
                 g4 += tile_do[r * D4 + c4] * v_row[c4];
             }
-            let pr = exp(s4.x + s4.y + s4.z + s4.w - tile_lse[r]);
-            let ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[r]);
+            // Softcap: P from the capped logit, dS through the cap's slope.
+            let raw = s4.x + s4.y + s4.z + s4.w;
+            let pr = exp(capped(raw) - tile_lse[r]);
+            let ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[r]) * cap_slope(raw);
             for (var c4 = 0u; c4 < D4; c4++) {
                 dk_acc[c4] += ds * tile_q[r * D4 + c4];
                 dv_acc[c4] += pr * tile_do[r * D4 + c4];
@@ -105,7 +108,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     // Queries reading block b at level 0, run by run; causal (1D): from the tile's first key on
     // (a query before t0 sees none of these keys), and each key only queries i >= t.
-    let first = select(0u, t, causal);
+    var first = select(0u, t, causal);
+    if (WINDOW) {
+        // The queries whose windows hold key t.
+        let mine = window_queries(t, 0, n);
+        first = max(first, mine.x);
+        win_q_end = mine.y;
+    }
     for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
         let q_row = problem(bh, at.y).q_row;
         for (var run = 0u; run < near_query_runs(n, m, cols, b); run++) {

@@ -9,6 +9,7 @@
 #import geometry
 #import level_select
 #import problems
+#import variants
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n, d)
@@ -46,16 +47,18 @@ fn consume_keys_plain(count: u32, visible: u32) {
     let n_keys = min(count, visible);
     for (var r = 0u; r < n_keys; r++) {
         let bias = tile_bias[r];
-        if (bias > ABSENT * 0.5) {
+        if (bias > ABSENT * 0.5 && (!WINDOW || r >= win_first)) {
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c4 = 0u; c4 < D4; c4++) {
                 s4 += q_row[c4] * tile_k[r * D4 + c4];
                 g4 += do_row[c4] * tile_v[r * D4 + c4];
             }
-            let s = s4.x + s4.y + s4.z + s4.w + bias;
+            // Softcap: the cap before the count correction (bias), dS through its slope.
+            let raw = s4.x + s4.y + s4.z + s4.w;
+            let s = capped(raw) + bias;
             let pr = exp(s - row_lse);
-            let ds = pr * (g4.x + g4.y + g4.z + g4.w - row_delta);
+            let ds = pr * (g4.x + g4.y + g4.z + g4.w - row_delta) * cap_slope(raw);
             for (var c4 = 0u; c4 < D4; c4++) {
                 dq_acc[c4] += ds * tile_k[r * D4 + c4];
             }
@@ -129,6 +132,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if (causal) {
                 visible = select(0u, i - t0 + 1u, i >= t0);
             }
+            if (WINDOW) {
+                visible = window_tile(window_keys(i32(i), n), t0, visible);
+            }
             consume_keys(count, visible);
         }
     }
@@ -144,6 +150,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
         stage_far_gathered(pr, a0, causal, g0, count, lid);
         workgroupBarrier();
+        win_first = 0u; // (no far field under a window: the plan has no level)
         consume_keys(count, count);
     }
 

@@ -51,9 +51,11 @@ fn resume_row(head: u32, row: u32, i: u32, in_tile: bool) {
 // Attends keys [t_lo, t_hi) of the head at element offset `head` for query i; causal: keys t
 // with t + n <= i + n_kv only (bottom-right; written so that no u32 goes below zero when
 // n_kv < n). As `attend_fine_keys`, with the alignment of two lengths.
+// WINDOW: keys in the row's window (bottom-right aligned as the causal mask) only.
 fn attend_keys(head: u32, t_lo: u32, t_hi: u32, i: u32, n: u32, n_kv: u32, causal: bool, lid: u32) {
     // Keys t < lim - n are visible, lim = i + 1 + n_kv (none when lim <= n).
     let lim = i + 1u + n_kv;
+    let band = window_keys(i32(i) + i32(n_kv) - i32(n), n_kv);
     for (var t0 = t_lo; t0 < t_hi; t0 += BK) {
         let count = min(BK, t_hi - t0);
         workgroupBarrier();
@@ -62,6 +64,9 @@ fn attend_keys(head: u32, t_lo: u32, t_hi: u32, i: u32, n: u32, n_kv: u32, causa
         var visible = count;
         if (causal) {
             visible = select(0u, lim - n - t0, lim > n + t0);
+        }
+        if (WINDOW) {
+            visible = window_tile(band, t0, visible);
         }
         consume_tile(count, visible);
     }
@@ -113,6 +118,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Keys this tile attends to over all chunks: [0, t_end); causal, query i sits at key
     // position i + n_kv - n (t_end = 0 when every row of the tile is before the first key).
     let t_end = select(n_kv, max(i1 + n_kv, n) - n, causal);
+    // The window: the tile's keys run from its first row's window start (band.x) to its last
+    // row's window end; tiles outside the band are never staged, so a row costs O(L + R).
+    var t_start = params.key_lo;
+    var t_stop = min(t_end, key_hi);
+    if (WINDOW) {
+        let shift = i32(n_kv) - i32(n);
+        let band_lo = window_keys(i32(i0) + shift, n_kv).x;
+        let band_hi = window_keys(i32(i1) - 1 + shift, n_kv).y;
+        if (params.key_lo > 0u && (params.key_lo >= band_hi || key_hi <= band_lo)) {
+            return; // this key chunk holds none of the tile's keys; uniform
+        }
+        t_start = max(t_start, band_lo);
+        t_stop = max(min(t_stop, band_hi), t_start);
+    }
     if (params.key_lo >= t_end && params.key_lo > 0u) {
         return; // finished by an earlier key chunk (causal); uniform over the workgroup
     }
@@ -125,10 +144,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     if (params.key_lo == 0u) {
         begin_row(q_head, i, in_tile);
+        begin_sink(pr); // the sink joins once, in the first key chunk
     } else {
         resume_row(q_head, row, i, in_tile);
     }
-    attend_keys(k_head, params.key_lo, min(t_end, key_hi), i, n, n_kv, causal, lid);
+    attend_keys(k_head, t_start, t_stop, i, n, n_kv, causal, lid);
     if (in_tile) {
         finish_row(q_head, row, i);
     }

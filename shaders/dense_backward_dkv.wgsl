@@ -17,6 +17,7 @@
 #import geometry
 #import sequences
 #import dense_causal
+#import variants
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n_kv, d)
@@ -42,15 +43,17 @@ var<private> dv_acc: array<vec4<f32>, D4>;
 // subgroup that is not full.
 fn consume_queries_plain(start: u32, count: u32, first: u32) {
     for (var r = 0u; r < count; r++) {
-        if (start + r >= first) {
+        if (start + r >= first && (!WINDOW || start + r < win_q_end)) {
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c4 = 0u; c4 < D4; c4++) {
                 s4 += tile_q[r * D4 + c4] * k_row[c4];
                 g4 += tile_do[r * D4 + c4] * v_row[c4];
             }
-            let pr = exp(s4.x + s4.y + s4.z + s4.w - tile_lse[r]);
-            let ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[r]);
+            // Softcap: P from the capped logit, dS through the cap's slope.
+            let raw = s4.x + s4.y + s4.z + s4.w;
+            let pr = exp(capped(raw) - tile_lse[r]);
+            let ds = pr * (g4.x + g4.y + g4.z + g4.w - tile_delta[r]) * cap_slope(raw);
             for (var c4 = 0u; c4 < D4; c4++) {
                 dk_acc[c4] += ds * tile_q[r * D4 + c4];
                 dv_acc[c4] += pr * tile_do[r * D4 + c4];
@@ -114,7 +117,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         first = first_reader(t, n, n_kv);
         i_lo = max(i_lo, first_reader(t0, n, n_kv));
     }
-    let i_hi = min(params.chunk_hi, n);
+    var i_hi = min(params.chunk_hi, n);
+    if (WINDOW) {
+        // The queries whose windows hold this key (per invocation: first, win_q_end) and
+        // those of the tile's keys (the walk).
+        let shift = i32(n_kv) - i32(n);
+        let mine = window_queries(t, shift, n);
+        first = max(first, mine.x);
+        win_q_end = mine.y;
+        i_lo = max(i_lo, window_queries(t0, shift, n).x);
+        let t_last = min(t0 + WG, n_kv) - 1u;
+        i_hi = min(i_hi, window_queries(t_last, shift, n).y);
+    }
     for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
         let q_row = problem(bh, at.y).q_row;
         for (var i0 = i_lo; i0 < i_hi; i0 += BK) {

@@ -13,6 +13,7 @@
 #import geometry
 #import sequences
 #import dense_causal
+#import variants
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (bh, n, d)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (bh / kv_group, n_kv, d)
@@ -38,16 +39,20 @@ var<private> row_delta: f32;
 fn consume_keys_plain(count: u32, visible: u32) {
     let n_keys = min(count, visible);
     for (var r = 0u; r < n_keys; r++) {
-        var s4 = vec4<f32>(0.0);
-        var g4 = vec4<f32>(0.0);
-        for (var c4 = 0u; c4 < D4; c4++) {
-            s4 += q_row[c4] * tile_k[r * D4 + c4];
-            g4 += do_row[c4] * tile_v[r * D4 + c4];
-        }
-        let pr = exp(s4.x + s4.y + s4.z + s4.w - row_lse);
-        let ds = pr * (g4.x + g4.y + g4.z + g4.w - row_delta);
-        for (var c4 = 0u; c4 < D4; c4++) {
-            dq_acc[c4] += ds * tile_k[r * D4 + c4];
+        if (!WINDOW || r >= win_first) {
+            var s4 = vec4<f32>(0.0);
+            var g4 = vec4<f32>(0.0);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                s4 += q_row[c4] * tile_k[r * D4 + c4];
+                g4 += do_row[c4] * tile_v[r * D4 + c4];
+            }
+            // Softcap: P from the capped logit, dS through the cap's slope.
+            let raw = s4.x + s4.y + s4.z + s4.w;
+            let pr = exp(capped(raw) - row_lse);
+            let ds = pr * (g4.x + g4.y + g4.z + g4.w - row_delta) * cap_slope(raw);
+            for (var c4 = 0u; c4 < D4; c4++) {
+                dq_acc[c4] += ds * tile_k[r * D4 + c4];
+            }
         }
     }
 }
@@ -86,8 +91,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (resume && params.key_lo >= t_end) {
         return; // nothing to add to the earlier chunks' dQ; uniform over the workgroup
     }
-    let t_hi = min(t_end, params.key_hi);
+    var t_lo = params.key_lo;
+    var t_hi = min(t_end, params.key_hi);
     let row_keys = select(n_kv, visible_keys(i, n, n_kv), causal);
+    // The window: the tile's keys from its first row's window start to its last row's end.
+    let shift = i32(n_kv) - i32(n);
+    let band = window_keys(i32(i) + shift, n_kv);
+    if (WINDOW) {
+        let band_lo = window_keys(i32(i0) + shift, n_kv).x;
+        let band_hi = window_keys(i32(i1) - 1 + shift, n_kv).y;
+        if (resume && (params.key_lo >= band_hi || params.key_hi <= band_lo)) {
+            return; // nothing of this key chunk in the tile's windows; uniform
+        }
+        t_lo = max(t_lo, band_lo);
+        t_hi = max(min(t_hi, band_hi), t_lo);
+    }
     let head = pr.q_row * d;
     let k_head = pr.kv_row * d;
     tile_rows_begin();
@@ -115,13 +133,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         row_delta = stats[2u * (pr.q_row + i) + 1u];
     }
 
-    for (var t0 = params.key_lo; t0 < t_hi; t0 += BK) {
+    for (var t0 = t_lo; t0 < t_hi; t0 += BK) {
         let count = min(BK, t_hi - t0);
         workgroupBarrier();
         stage_fine_tile(k_head, t0, count, lid);
         workgroupBarrier();
         // Keys of the tile this row sees (causal: below row_keys; past rows see none).
-        let visible = select(0u, row_keys - t0, row_keys > t0 && in_tile);
+        var visible = select(0u, row_keys - t0, row_keys > t0 && in_tile);
+        if (WINDOW) {
+            visible = window_tile(band, t0, visible);
+        }
         consume_keys(count, visible);
     }
 

@@ -57,16 +57,31 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let causal = params.causal != 0u;
 
     begin_row(head, i, in_tile);
+    begin_sink(pr);
 
     // Level 0, the near field; causal: the tile's keys stop at its last query (the mask in
     // attend_fine_keys does the rest per row).
     for (var run = 0u; run < near_runs(n, m, cols, a0); run++) {
         let near = near_run(n, m, cols, a0, causal, run);
-        attend_fine_keys(kv_head, near.x, select(near.y, i1, causal), i, causal, lid);
+        var lo = near.x;
+        var hi = select(near.y, i1, causal);
+        if (WINDOW) {
+            // The tile's keys: from its first query's window start to its last one's end
+            // (FMA's window lies inside the near field: FmaConfig::validate).
+            let first = block_token(n, m, cols, a0, q0);
+            lo = max(lo, window_keys(i32(first), n).x);
+            hi = min(hi, window_keys(i32(i1 - 1u), n).y);
+            hi = max(hi, lo);
+        }
+        attend_fine_keys(kv_head, lo, hi, i, n, causal, lid);
     }
 
-    // Coarse levels (none with coarse queries).
-    let far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
+    // Coarse levels (none with coarse queries, nor with a window: FMA's window is its near
+    // field alone).
+    var far_levels = select(params.num_levels, 0u, params.coarse_queries != 0u);
+    if (WINDOW) {
+        far_levels = 0u;
+    }
     attend_far_field(pr, a0, causal, far_levels, lid);
 
     if (in_tile) {

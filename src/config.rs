@@ -53,8 +53,9 @@ pub struct FmaConfig {
     /// r x r with a 3 x 3 near field, `rank` p coarse keys per cell (horizontal bands), learned
     /// weights (d, p, s_l, s_l) per level. Bidirectional only.
     pub grid: Option<Grid>,
-    /// Softmax variants (issue 30: softcap, sinks, sliding window); default none.
-    pub variants: Variants,
+    /// Softmax variants (issue 30: softcap, sinks, sliding window); default none. Set from the
+    /// [`crate::Problem`] by the entry points, as the mask.
+    pub(crate) variants: Variants,
 }
 
 impl Default for FmaConfig {
@@ -112,8 +113,8 @@ impl FmaConfig {
         self
     }
 
-    /// Sets the softmax variants (softcap, sinks, sliding window).
-    pub fn variants(mut self, variants: Variants) -> Self {
+    /// Sets the softmax variants (the problem's: see the field).
+    pub(crate) fn variants(mut self, variants: Variants) -> Self {
         self.variants = variants;
         self
     }
@@ -158,6 +159,7 @@ impl FmaConfig {
         if self.causal && self.queries == Queries::Coarse {
             return Err(FmaError::CausalCoarseQueries);
         }
+        self.validate_variants(seq)?;
         if let Downsample::Learned(w) = &self.downsample {
             let with_queries = self.queries == Queries::Coarse;
             match self.grid {
@@ -166,6 +168,48 @@ impl FmaConfig {
                     w.validate_grid(head_dim, self.block, self.rank, grid, with_queries)?
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// What FMA runs the softmax variants with (docs/variants.md): fine queries only (coarse
+    /// queries run the plain softmax), and a window only on a line, within the near field
+    /// (L <= m and R <= m for the sequence's block m), where FMA with a window is exactly
+    /// windowed attention over the near field's keys with no coarse level. The values
+    /// themselves are [`Variants::validate`]'s (it needs the heads).
+    fn validate_variants(&self, seq: usize) -> Result<()> {
+        let v = &self.variants;
+        if self.queries == Queries::Coarse && !v.is_plain() {
+            return Err(FmaError::InvalidConfig {
+                what: "queries",
+                value: "coarse with a softmax variant".into(),
+                allowed: "softcap, sinks and windows run with fine queries (coarse queries \
+                          run the plain softmax)"
+                    .into(),
+            });
+        }
+        let Some(w) = v.window else {
+            return Ok(());
+        };
+        if self.grid.is_some() {
+            return Err(FmaError::InvalidConfig {
+                what: "window",
+                value: format!("({}, {}) on a grid", w.left, w.right),
+                allowed: "a sliding window on a 1D sequence (grids have no 1D band)".into(),
+            });
+        }
+        // A block of at least the sequence holds every key in its near field.
+        let m = self.block;
+        if m < seq && (w.left > m || w.right > m) {
+            return Err(FmaError::InvalidConfig {
+                what: "window",
+                value: format!("({}, {})", w.left, w.right),
+                allowed: format!(
+                    "L <= m and R <= m: FMA runs a window through its near field of block \
+                     m = {m}; choose a block m >= {} or dense attention",
+                    w.left.max(w.right)
+                ),
+            });
         }
         Ok(())
     }

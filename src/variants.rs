@@ -2,6 +2,7 @@
 //! sliding windows, in algorithm terms in `docs/variants.md`.
 
 use crate::error::{FmaError, Result};
+use crate::shape::Shape;
 
 /// The softmax variants models ship with (issue 30). Default: none.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -66,6 +67,37 @@ impl Variants {
             }
         }
         Ok(())
+    }
+
+    /// dL/dS of the sinks from a forward's O and LSE and the loss's dO, all of `shape`'s rows
+    /// ((batch, heads, seq), a variable-length batch's tensors as laid out): the sink of
+    /// head h has weight P_i = exp(S_h - LSE_i) in row i's softmax and a zero value, so
+    /// dS_h = -sum_i P_i D_i with D_i = dO_i . O_i, summed in f64 over its rows. A row with
+    /// LSE = -inf (padding) adds nothing. `None` without sinks.
+    pub fn sink_gradient(
+        &self,
+        shape: Shape,
+        o: &[f32],
+        lse: &[f32],
+        dout: &[f32],
+    ) -> Option<Vec<f32>> {
+        let sinks = self.sinks.as_ref()?;
+        let (n, d) = (shape.seq.max(1), shape.head_dim);
+        let mut ds = vec![0f64; sinks.len()];
+        for (row, &l) in lse.iter().enumerate().take(shape.rows()) {
+            if l == f32::NEG_INFINITY {
+                continue;
+            }
+            let h = (row / n) % shape.heads;
+            let at = row * d..(row + 1) * d;
+            let delta: f64 = o[at.clone()]
+                .iter()
+                .zip(&dout[at])
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            ds[h] -= (f64::from(sinks[h]) - f64::from(l)).exp() * delta;
+        }
+        Some(ds.into_iter().map(|x| x as f32).collect())
     }
 
     /// No variant on: the plain softmax.

@@ -158,8 +158,9 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
                             s = subgroupAdd(s);
                             g = subgroupAdd(g);
                         }
-                        let pr = exp(s + bias[i] - lse);
-                        let ds = pr * (g - delta);
+                        // Softcap: the cap before the count correction, dS through its slope.
+                        let pr = exp(capped(s) + bias[i] - lse);
+                        let ds = pr * (g - delta) * cap_slope(s);
                         for (var t = 0u; t < SG_ROW; t++) {
                             sums.dk[i][t] += ds * qs[t];
                             sums.dv[i][t] += pr * gs[t];

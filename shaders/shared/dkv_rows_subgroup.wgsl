@@ -36,7 +36,10 @@ fn consume_queries(start: u32, count: u32, first: u32) {
     let one = vec4<f32>(1.0);
     for (var r = 0u; r < count; r += 4u) {
         let rows = vec4<u32>(r, r + 1u, r + 2u, r + 3u);
-        let ok = (rows < vec4<u32>(count)) & (vec4<u32>(start) + rows >= vec4<u32>(first));
+        var ok = (rows < vec4<u32>(count)) & (vec4<u32>(start) + rows >= vec4<u32>(first));
+        if (WINDOW) {
+            ok = ok & (vec4<u32>(start) + rows < vec4<u32>(win_q_end));
+        }
         // Rows past the tile's queries hold stale data: computed, then masked by ok (select,
         // not multiply: a masked row may be NaN).
         let q0 = q_share(r);
@@ -61,10 +64,11 @@ fn consume_queries(start: u32, count: u32, first: u32) {
                             tile_lse[min(r + 2u, last)], tile_lse[min(r + 3u, last)]);
         let delta = vec4<f32>(tile_delta[min(r, last)], tile_delta[min(r + 1u, last)],
                               tile_delta[min(r + 2u, last)], tile_delta[min(r + 3u, last)]);
-        let s = vec4<f32>(dot(s0, one), dot(s1, one), dot(s2, one), dot(s3, one));
+        // Softcap: P from the capped logit, dS through the cap's slope.
+        let raw = vec4<f32>(dot(s0, one), dot(s1, one), dot(s2, one), dot(s3, one));
         let dp = vec4<f32>(dot(g0, one), dot(g1, one), dot(g2, one), dot(g3, one));
-        let pr = select(zero, exp(s - lse), ok);
-        let ds = select(zero, pr * (dp - delta), ok);
+        let pr = select(zero, exp(capped4(raw) - lse), ok);
+        let ds = select(zero, pr * (dp - delta) * cap_slope4(raw), ok);
         //#each_c4 dk_acc[{c4}] += select(zero, ds.x * subgroupBroadcast(q0[{t}], {j}u), ok.x) + select(zero, ds.y * subgroupBroadcast(q1[{t}], {j}u), ok.y) + select(zero, ds.z * subgroupBroadcast(q2[{t}], {j}u), ok.z) + select(zero, ds.w * subgroupBroadcast(q3[{t}], {j}u), ok.w); dv_acc[{c4}] += select(zero, pr.x * subgroupBroadcast(o0[{t}], {j}u), ok.x) + select(zero, pr.y * subgroupBroadcast(o1[{t}], {j}u), ok.y) + select(zero, pr.z * subgroupBroadcast(o2[{t}], {j}u), ok.z) + select(zero, pr.w * subgroupBroadcast(o3[{t}], {j}u), ok.w);
     }
 }

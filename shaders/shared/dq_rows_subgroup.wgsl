@@ -19,8 +19,11 @@ fn consume_keys(count: u32, visible: u32) {
     for (var r = 0u; r < count; r += 4u) {
         let bias = vec4<f32>(tile_bias[min(r, BK - 1u)], tile_bias[min(r + 1u, BK - 1u)],
                              tile_bias[min(r + 2u, BK - 1u)], tile_bias[min(r + 3u, BK - 1u)]);
-        let ok = (vec4<u32>(r, r + 1u, r + 2u, r + 3u) < vec4<u32>(n_keys))
+        var ok = (vec4<u32>(r, r + 1u, r + 2u, r + 3u) < vec4<u32>(n_keys))
             & (bias > vec4<f32>(ABSENT * 0.5));
+        if (WINDOW) {
+            ok = ok & (vec4<u32>(r, r + 1u, r + 2u, r + 3u) >= vec4<u32>(win_first));
+        }
         // Rows past the tile's keys hold stale data: computed, then masked by ok (select, not
         // multiply: a masked key's stale or future row may be NaN).
         let k0 = k_share(r);
@@ -40,9 +43,11 @@ fn consume_keys(count: u32, visible: u32) {
         var g2 = zero;
         var g3 = zero;
         //#each_c4 s0 += q_row[{c4}] * subgroupBroadcast(k0[{t}], {j}u); s1 += q_row[{c4}] * subgroupBroadcast(k1[{t}], {j}u); s2 += q_row[{c4}] * subgroupBroadcast(k2[{t}], {j}u); s3 += q_row[{c4}] * subgroupBroadcast(k3[{t}], {j}u); g0 += do_row[{c4}] * subgroupBroadcast(v0[{t}], {j}u); g1 += do_row[{c4}] * subgroupBroadcast(v1[{t}], {j}u); g2 += do_row[{c4}] * subgroupBroadcast(v2[{t}], {j}u); g3 += do_row[{c4}] * subgroupBroadcast(v3[{t}], {j}u);
-        let s = vec4<f32>(dot(s0, one), dot(s1, one), dot(s2, one), dot(s3, one)) + bias;
+        // Softcap: the cap before the count correction (bias), dS through its slope.
+        let raw = vec4<f32>(dot(s0, one), dot(s1, one), dot(s2, one), dot(s3, one));
+        let s = capped4(raw) + bias;
         let dp = vec4<f32>(dot(g0, one), dot(g1, one), dot(g2, one), dot(g3, one));
-        let ds = select(zero, exp(s - row_lse) * (dp - row_delta), ok);
+        let ds = select(zero, exp(s - row_lse) * (dp - row_delta) * cap_slope4(raw), ok);
         //#each_c4 dq_acc[{c4}] += select(zero, ds.x * subgroupBroadcast(k0[{t}], {j}u), ok.x) + select(zero, ds.y * subgroupBroadcast(k1[{t}], {j}u), ok.y) + select(zero, ds.z * subgroupBroadcast(k2[{t}], {j}u), ok.z) + select(zero, ds.w * subgroupBroadcast(k3[{t}], {j}u), ok.w);
     }
 }

@@ -4,8 +4,10 @@
 // (`near_field.wgsl` attends fine keys, `far_field.wgsl` coarse ones), so no score matrix ever
 // reaches device memory.
 // CPU mirror: `cpu::softmax_row`.
-// Needs from the importer: consts D4 (= ceil(d / 4)), BK, WG; params; key_tiles; bindings q,
-// out, lse.
+// Needs from the importer: consts D4 (= ceil(d / 4)), BK, WG; params; problems; key_tiles;
+// bindings q, out, lse.
+
+#import variants
 
 var<private> q_row: array<vec4<f32>, D4>;
 var<private> acc: array<vec4<f32>, D4>;
@@ -35,9 +37,23 @@ fn begin_row(head: u32, i: u32, in_tile: bool) {
 }
 
 // Whether staged key r (of a tile of `count` keys, of which keys r < n_keys are visible) takes
-// part: visible and not ABSENT. Rows from count on are stale: never read for r >= n_keys.
+// part: visible, in the row's window (variants.wgsl, win_first) and not ABSENT. Rows from
+// count on are stale: never read for r >= n_keys.
 fn key_ok(r: u32, n_keys: u32) -> bool {
-    return r < n_keys && tile_bias[min(r, BK - 1u)] > ABSENT * 0.5;
+    var ok = r < n_keys && tile_bias[min(r, BK - 1u)] > ABSENT * 0.5;
+    if (WINDOW) {
+        ok = ok && r >= win_first;
+    }
+    return ok;
+}
+
+// Starts the row's softmax with its sink term (SINKS): exp(S - S) = 1 in the sum and nothing
+// in the values, so the sink joins the one softmax and the LSE like a key whose value is 0.
+fn begin_sink(pr: Problem) {
+    if (SINKS) {
+        run_max = sink_logit(pr);
+        run_sum = 1.0;
+    }
 }
 
 // consume_tile (and tile_rows_begin, called by begin_row): one key at a time with plain

@@ -57,9 +57,21 @@ struct Params {
     partials_at: u32,
     // The same in dQ~ for the query weights' gradients (weights_backward_q.wgsl).
     q_partials_at: u32,
+    // The softmax variants (issue 30, `variants.wgsl`; read only where a pipeline's SOFTCAP,
+    // SINKS or WINDOW constant is on).
+    softcap: f32,            // C of the softcap C tanh(l / C)
+    sink_heads: u32,         // query heads of a sequence: the sink of problem qh is qh's head
+    head_base: u32,          // query head of problem 0 (a split head's executor runs one head)
+    window_left: u32,        // L: keys t >= i - L
+    window_right: u32,       // R: keys t <= i + R
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
     _pad5: u32,
+    _pad6: u32,
+    _pad7: u32,
+    _pad8: u32,
     levels: array<LevelInfo, 32>,
+    // The sink logit of query head h: sinks[h / 4][h % 4] (at most 128 heads).
+    sinks: array<vec4<f32>, 32>,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;

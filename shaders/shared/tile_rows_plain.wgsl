@@ -15,12 +15,13 @@ fn consume_tile(count: u32, visible: u32) {
     for (var r = 0u; r < count; r++) {
         if (r < n_keys) {
             let bias = tile_bias[r];
-            if (bias > ABSENT * 0.5) {
+            if (bias > ABSENT * 0.5 && (!WINDOW || r >= win_first)) {
                 var dot4 = vec4<f32>(0.0);
                 for (var c4 = 0u; c4 < D4; c4++) {
                     dot4 += q_row[c4] * tile_k[r * D4 + c4];
                 }
-                let score = dot4.x + dot4.y + dot4.z + dot4.w + bias;
+                // The softcap caps the score; a coarse key's count correction comes after.
+                let score = capped(dot4.x + dot4.y + dot4.z + dot4.w) + bias;
                 s[r] = score;
                 tile_max = max(tile_max, score);
                 seen_any = true;
@@ -40,7 +41,7 @@ fn consume_tile(count: u32, visible: u32) {
     // The keep test repeats the first sweep's instead of looking at s[r], so that a NaN score
     // (a NaN in q or k) poisons this row as it would in dense attention rather than vanishing.
     for (var r = 0u; r < count; r++) {
-        if (r < n_keys && tile_bias[r] > ABSENT * 0.5) {
+        if (r < n_keys && tile_bias[r] > ABSENT * 0.5 && (!WINDOW || r >= win_first)) {
             let w = exp(s[r] - new_max);
             run_sum += w;
             for (var c4 = 0u; c4 < D4; c4++) {

@@ -118,7 +118,8 @@ fn consume_tile(count: u32, visible: u32) {
         let ok = keys_ok(r, n_keys);
         let bias = vec4<f32>(tile_bias[min(r, BK - 1u)], tile_bias[min(r + 1u, BK - 1u)],
                              tile_bias[min(r + 2u, BK - 1u)], tile_bias[min(r + 3u, BK - 1u)]);
-        let masked = select(vec4<f32>(ABSENT), tile_dots(r, ok) + bias, ok);
+        // The softcap caps the score; a coarse key's count correction comes after.
+        let masked = select(vec4<f32>(ABSENT), capped4(tile_dots(r, ok)) + bias, ok);
         s[g] = masked;
         tile_max = max(tile_max, max(max(masked.x, masked.y), max(masked.z, masked.w)));
     }

@@ -21,6 +21,7 @@ use super::checks::{check_geometry, check_inputs};
 use super::coarse::CoarseQueries;
 use super::downsample::{downsample_head, Pooled};
 use super::gather::{seen_keys_in, SeenKey};
+use super::variants::RowRules;
 use super::{count_bias, dot};
 
 /// Where a key's gradient goes: a fine row of K/V or a coarse row of level `level`.
@@ -32,8 +33,10 @@ enum Slot {
 
 /// One key a query row saw in the forward, with what its gradients need.
 struct SeenRow<'a> {
-    /// The logit, count correction included.
+    /// The logit, softcap and count correction included.
     logit: f64,
+    /// d logit / d (q . k / sqrt(d)): the softcap's slope, else 1.
+    slope: f64,
     key: &'a [f64],
     value: &'a [f64],
     /// The query that met the key: q_i, or at a coarse level with coarse queries the pooled
@@ -100,6 +103,9 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
     shape.check_len("dO", dout.len())?;
     check_geometry(geometry, shape, cfg)?;
     cfg.validate_values()?;
+    cfg.variants.validate(shape.heads, geometry.causal())?;
+    let rules = RowRules::new(&cfg.variants);
+    let mut dsinks = cfg.variants.sinks.as_ref().map(|s| vec![0f64; s.len()]);
     let (n, d, p) = (shape.seq, shape.head_dim, geometry.rank());
     let scale = 1.0 / (d as f64).sqrt();
     let mut dq = vec![0f64; shape.elements()];
@@ -151,13 +157,20 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
             let doi = &doh[i * d..(i + 1) * d];
             // The forward row again: every key's logit, key and value rows, the query that
             // met it, and where the gradients go.
+            // (A window: the near field's keys in its band, no coarse level.)
             let keys: Vec<SeenRow> = seen_keys_in(geometry, i)
                 .into_iter()
+                .filter(|key| match *key {
+                    SeenKey::Fine(t) => rules.sees(i as i64, t),
+                    SeenKey::Coarse { .. } => !rules.windowed(),
+                })
                 .map(|key| match key {
                     SeenKey::Fine(t) => {
                         let kt = &kh[t * d..(t + 1) * d];
+                        let raw = dot(qi, kt) * scale;
                         SeenRow {
-                            logit: dot(qi, kt) * scale,
+                            logit: rules.logit(raw),
+                            slope: rules.slope(raw),
                             key: kt,
                             value: &vh[t * d..(t + 1) * d],
                             query: qi,
@@ -176,8 +189,10 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
                             ),
                             None => (qi, None),
                         };
+                        let raw = dot(query, kr) * scale;
                         SeenRow {
-                            logit: dot(query, kr) * scale + count_bias(geometry, cfg, level, row),
+                            logit: rules.logit(raw) + count_bias(geometry, cfg, level, row),
+                            slope: rules.slope(raw),
                             key: kr,
                             value: &c.values[row * d..(row + 1) * d],
                             query,
@@ -187,11 +202,15 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
                     }
                 })
                 .collect();
+            // The sink's term joins the denominator (and the LSE) with no value.
+            let sink = rules.sink(bh % shape.heads);
             let max = keys
                 .iter()
                 .map(|k| k.logit)
+                .chain(sink)
                 .fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = keys.iter().map(|k| (k.logit - max).exp()).sum();
+            let z: f64 = keys.iter().map(|k| (k.logit - max).exp()).sum::<f64>()
+                + sink.map_or(0.0, |s| (s - max).exp());
             let lse = max + z.ln();
             let probs: Vec<f64> = keys.iter().map(|k| (k.logit - lse).exp()).collect();
             let mut oi = vec![0f64; d];
@@ -201,8 +220,11 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
                 }
             }
             let delta = dot(doi, &oi);
+            if let (Some(ds), Some(sink)) = (dsinks.as_mut(), sink) {
+                ds[bh % shape.heads] -= (sink - lse).exp() * delta;
+            }
             for (&pr, key) in probs.iter().zip(&keys) {
-                let ds = pr * (dot(doi, key.value) - delta);
+                let ds = pr * (dot(doi, key.value) - delta) * key.slope;
                 let gq = match key.query_slot {
                     Some((level, row)) => &mut dcq[level - 1][row * d..(row + 1) * d],
                     None => &mut dqh[i * d..(i + 1) * d],
@@ -237,7 +259,7 @@ pub fn fma_backward_in<G: Geometry + ?Sized>(
         dk,
         dv,
         weights: dw,
-        dsinks: None,
+        dsinks,
     })
 }
 

@@ -13,7 +13,9 @@ use crate::gradients::Gradients;
 use crate::shape::Shape;
 
 use super::checks::check_inputs;
-use super::{dense_attention, dot, visible_keys};
+use super::variants::RowRules;
+use super::{dense_attention_with, dot, visible_keys};
+use crate::variants::Variants;
 
 /// Gradients of `L = sum(dO * O)` with `O = cpu::dense_attention(q, k, v, shape, causal).o`:
 /// `q`, `dout` of shape (batch, heads, seq, head_dim), `k`, `v` of (batch, kv_heads, seq_kv,
@@ -28,9 +30,27 @@ pub fn dense_backward(
     shape: Shape,
     causal: bool,
 ) -> Result<Gradients<f64>> {
+    dense_backward_with(q, k, v, dout, shape, causal, &Variants::default())
+}
+
+/// [`dense_backward`] of [`super::dense_attention_with`]: through the softcap
+/// (dl/draw = 1 - tanh^2(raw / C)), and with sinks `dsinks` (heads,): the sink of head h gets
+/// -sum_i P_sink,i D_i over its rows, P_sink,i = exp(S_h - LSE_i) (the sink's weight in row
+/// i's softmax, whose value is zero, so dS = P (0 - D)).
+pub fn dense_backward_with(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    shape: Shape,
+    causal: bool,
+    variants: &Variants,
+) -> Result<Gradients<f64>> {
     check_inputs(q, k, v, shape)?;
     shape.check_len("dO", dout.len())?;
-    let fwd = dense_attention(q, k, v, shape, causal)?;
+    let fwd = dense_attention_with(q, k, v, shape, causal, variants)?;
+    let rules = RowRules::new(variants);
+    let mut dsinks = variants.sinks.as_ref().map(|s| vec![0f64; s.len()]);
     let (n, n_kv, d) = (shape.seq, shape.seq_kv, shape.head_dim);
     let scale = 1.0 / (d as f64).sqrt();
     let mut dq = vec![0f64; shape.elements()];
@@ -49,11 +69,17 @@ pub fn dense_backward(
             };
             let delta = dot(doi, &fwd.o[at.clone()]);
             let lse = fwd.lse[row];
-            for t in 0..last {
+            if let (Some(ds), Some(sink)) = (dsinks.as_mut(), rules.sink(bh % shape.heads)) {
+                ds[bh % shape.heads] -= (sink - lse).exp() * delta;
+            }
+            let pos = i as i64 + n_kv as i64 - n as i64;
+            for t in (0..last).filter(|&t| rules.sees(pos, t)) {
                 let key = kv + t * d..kv + (t + 1) * d;
                 let (kt, vt) = (&k[key.clone()], &v[key.clone()]);
-                let p = (dot(qi, kt) * scale - lse).exp();
-                let ds = p * (dot(doi, vt) - delta);
+                let raw = dot(qi, kt) * scale;
+                let p = (rules.logit(raw) - lse).exp();
+                // Through the cap: the gradient of the raw score.
+                let ds = p * (dot(doi, vt) - delta) * rules.slope(raw);
                 for c in 0..d {
                     dq[at.start + c] += ds * kt[c] * scale;
                     dk[key.start + c] += ds * qi[c] * scale;
@@ -67,7 +93,7 @@ pub fn dense_backward(
         dk,
         dv,
         weights: None,
-        dsinks: None,
+        dsinks,
     })
 }
 
@@ -80,6 +106,7 @@ mod tests {
 
     use super::*;
     use crate::closeness::is_close;
+    use crate::cpu::dense_attention;
     use crate::random::{fresh_seed, normal_tensor};
 
     fn randn(seed: u64, len: usize) -> Vec<f64> {

@@ -1,9 +1,9 @@
 //! The reference's one entry point, the mirror of `gpu::Attention`: a [`Problem`] by a
 //! [`Method`], forward or backward, whatever the batch (whole or variable-length sequences).
 
-use super::fma_forward_varlen;
-use super::{dense_attention, dense_backward, fma_backward, fma_forward, Reference};
-use super::{dense_attention_varlen, dense_backward_varlen, fma_backward_varlen};
+use super::{dense_attention_varlen_with, dense_attention_with, dense_backward_varlen_with};
+use super::{dense_backward_with, fma_backward, fma_backward_varlen, fma_forward};
+use super::{fma_forward_varlen, Reference};
 use crate::config::FmaConfig;
 use crate::error::Result;
 use crate::gradients::Gradients;
@@ -19,8 +19,10 @@ pub fn forward(method: &Method, p: &Problem, q: &[f64], k: &[f64], v: &[f64]) ->
         (Method::Fma(cfg), Some(seqs)) => {
             fma_forward_varlen(q, k, v, p.shape, seqs, &with_mask(cfg, p))
         }
-        (Method::Dense, None) => dense_attention(q, k, v, p.shape, p.causal),
-        (Method::Dense, Some(seqs)) => dense_attention_varlen(q, k, v, p.shape, seqs, p.causal),
+        (Method::Dense, None) => dense_attention_with(q, k, v, p.shape, p.causal, &p.variants),
+        (Method::Dense, Some(seqs)) => {
+            dense_attention_varlen_with(q, k, v, p.shape, seqs, p.causal, &p.variants)
+        }
     }
 }
 
@@ -38,9 +40,9 @@ pub fn backward(
         (Method::Fma(cfg), Some(seqs)) => {
             fma_backward_varlen((q, k, v, dout), p.shape, seqs, &with_mask(cfg, p))
         }
-        (Method::Dense, None) => dense_backward(q, k, v, dout, p.shape, p.causal),
+        (Method::Dense, None) => dense_backward_with(q, k, v, dout, p.shape, p.causal, &p.variants),
         (Method::Dense, Some(seqs)) => {
-            dense_backward_varlen((q, k, v, dout), p.shape, seqs, p.causal)
+            dense_backward_varlen_with((q, k, v, dout), p.shape, seqs, p.causal, &p.variants)
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod downsample;
 mod entry;
 pub mod gather;
 pub mod level_mass;
+mod variants;
 pub mod varlen;
 
 use crate::config::{FmaConfig, Queries};
@@ -23,16 +24,19 @@ use crate::error::FmaError;
 use crate::error::Result;
 use crate::geometry::{Geometry, GridGeometry, Line};
 use crate::shape::Shape;
+use crate::variants::Variants;
 use checks::{check_geometry, check_inputs};
 use coarse::CoarseQueries;
 use downsample::downsample_head;
 use gather::{seen_keys_in, SeenKey};
+use variants::{softmax_row_sink, RowRules};
 
 pub use backward::{fma_backward, fma_backward_in};
-pub use dense_backward::dense_backward;
+pub use dense_backward::{dense_backward, dense_backward_with};
 pub use entry::{backward, forward};
 pub use varlen::{
-    dense_attention_varlen, dense_backward_varlen, fma_backward_varlen, fma_forward_varlen,
+    dense_attention_varlen, dense_attention_varlen_with, dense_backward_varlen,
+    dense_backward_varlen_with, fma_backward_varlen, fma_forward_varlen,
 };
 
 /// Output of the CPU reference: O of shape (batch, heads, seq, head_dim) and the per-row
@@ -139,6 +143,8 @@ pub fn fma_forward_in<G: Geometry + ?Sized>(
     check_inputs(q, k, v, shape)?;
     check_geometry(geometry, shape, cfg)?;
     cfg.validate_values()?;
+    cfg.variants.validate(shape.heads, geometry.causal())?;
+    let rules = RowRules::new(&cfg.variants);
     let (n, d, p) = (shape.seq, shape.head_dim, geometry.rank());
     let scale = 1.0 / (d as f64).sqrt();
     let mut o = vec![0f64; shape.elements()];
@@ -153,10 +159,17 @@ pub fn fma_forward_in<G: Geometry + ?Sized>(
             .then(|| CoarseQueries::new(qh, d, geometry, &cfg.downsample));
         for i in 0..n {
             let qi = &qh[i * d..(i + 1) * d];
-            let keys = seen_keys_in(geometry, i);
+            // A window keeps the near field's keys in its band and no coarse level.
+            let keys: Vec<SeenKey> = seen_keys_in(geometry, i)
+                .into_iter()
+                .filter(|key| match *key {
+                    SeenKey::Fine(t) => rules.sees(i as i64, t),
+                    SeenKey::Coarse { .. } => !rules.windowed(),
+                })
+                .collect();
             let logit_value = keys.iter().map(|key| match *key {
                 SeenKey::Fine(t) => (
-                    dot(qi, &kh[t * d..(t + 1) * d]) * scale,
+                    rules.logit(dot(qi, &kh[t * d..(t + 1) * d]) * scale),
                     &vh[t * d..(t + 1) * d],
                 ),
                 SeenKey::Coarse { level, window, j } => {
@@ -165,13 +178,14 @@ pub fn fma_forward_in<G: Geometry + ?Sized>(
                     let row = window * p + j;
                     let bias = count_bias(geometry, cfg, level, row);
                     (
-                        dot(query, &c.keys[row * d..(row + 1) * d]) * scale + bias,
+                        rules.logit(dot(query, &c.keys[row * d..(row + 1) * d]) * scale) + bias,
                         &c.values[row * d..(row + 1) * d],
                     )
                 }
             });
-            lse[bh * n + i] = softmax_row(
+            lse[bh * n + i] = softmax_row_sink(
                 logit_value,
+                rules.sink(bh % shape.heads),
                 &mut o[head.start + i * d..head.start + (i + 1) * d],
             );
         }
@@ -191,8 +205,23 @@ pub fn dense_attention(
     shape: Shape,
     causal: bool,
 ) -> Result<Reference> {
+    dense_attention_with(q, k, v, shape, causal, &Variants::default())
+}
+
+/// [`dense_attention`] with the softmax variants `variants` (issue 30, `docs/variants.md`):
+/// capped logits, a sink term per query head in every row's denominator (a row with no key
+/// then gets O = 0 and LSE = its sink), and a window i - L <= t <= i + R around each query's
+/// key position (bottom-right aligned, as the causal mask).
+pub fn dense_attention_with(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    causal: bool,
+    variants: &Variants,
+) -> Result<Reference> {
     let rows: Vec<usize> = (0..shape.rows()).collect();
-    let (o, lse) = dense_attention_rows(q, k, v, shape, causal, &rows)?;
+    let (o, lse) = dense_attention_rows_with(q, k, v, shape, causal, variants, &rows)?;
     Ok(Reference { o, lse })
 }
 
@@ -207,7 +236,22 @@ pub fn dense_attention_rows(
     causal: bool,
     rows: &[usize],
 ) -> Result<(Vec<f64>, Vec<f64>)> {
+    dense_attention_rows_with(q, k, v, shape, causal, &Variants::default(), rows)
+}
+
+/// [`dense_attention_rows`] with the softmax variants `variants` ([`dense_attention_with`]).
+pub fn dense_attention_rows_with(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    causal: bool,
+    variants: &Variants,
+    rows: &[usize],
+) -> Result<(Vec<f64>, Vec<f64>)> {
     check_inputs(q, k, v, shape)?;
+    variants.validate(shape.heads, causal)?;
+    let rules = RowRules::new(variants);
     let (n, n_kv, d) = (shape.seq, shape.seq_kv, shape.head_dim);
     let scale = 1.0 / (d as f64).sqrt();
     let mut o = vec![0f64; rows.len() * d];
@@ -229,18 +273,20 @@ pub fn dense_attention_rows(
         } else {
             n_kv
         };
-        if last == 0 {
-            lse[r] = f64::NEG_INFINITY; // no key: O stays 0
-            continue;
-        }
-        let logit_value = (0..last).map(|t| {
+        let pos = i as i64 + n_kv as i64 - n as i64;
+        let logit_value = (0..last).filter(|&t| rules.sees(pos, t)).map(|t| {
             let kt = &k[kv_base + t * d..kv_base + (t + 1) * d];
             (
-                dot(qi, kt) * scale,
+                rules.logit(dot(qi, kt) * scale),
                 &v[kv_base + t * d..kv_base + (t + 1) * d],
             )
         });
-        lse[r] = softmax_row(logit_value, &mut o[r * d..(r + 1) * d]);
+        // No key and no sink: O = 0, LSE = -inf.
+        lse[r] = softmax_row_sink(
+            logit_value,
+            rules.sink(head % shape.heads),
+            &mut o[r * d..(r + 1) * d],
+        );
     }
     Ok((o, lse))
 }
@@ -262,3 +308,5 @@ mod tests;
 mod tests_coarse;
 #[cfg(test)]
 mod tests_grid;
+#[cfg(test)]
+mod tests_variants;

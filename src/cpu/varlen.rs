@@ -1,14 +1,15 @@
 //! The reference of a variable-length batch (`crate::Sequences`): every sequence run alone
-//! through [`fma_forward`], [`dense_attention`], [`fma_backward`] or [`dense_backward()`] on its
+//! through [`fma_forward`], [`super::dense_attention`], [`fma_backward`] or [`super::dense_backward()`] on its
 //! own rows, the results put back in the batch's layout; padding rows (padded batches) get
 //! O = 0 and LSE = -inf, and gradients 0.
 
-use super::{dense_attention, dense_backward, fma_backward, fma_forward, Reference};
+use super::{dense_attention_with, dense_backward_with, fma_backward, fma_forward, Reference};
 use crate::config::{Downsample, FmaConfig};
 use crate::error::Result;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
+use crate::variants::Variants;
 
 /// Rows `[row, row + n)` of every head of a tensor whose heads are `stride` rows apart.
 fn gather(x: &[f64], heads: usize, stride: usize, row: usize, n: usize, d: usize) -> Vec<f64> {
@@ -86,8 +87,22 @@ pub fn dense_attention_varlen(
     seqs: &Sequences,
     causal: bool,
 ) -> Result<Reference> {
+    dense_attention_varlen_with(q, k, v, shape, seqs, causal, &Variants::default())
+}
+
+/// [`dense_attention_varlen`] with the softmax variants `variants`
+/// ([`super::dense_attention_with`]), every sequence alone.
+pub fn dense_attention_varlen_with(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    shape: Shape,
+    seqs: &Sequences,
+    causal: bool,
+    variants: &Variants,
+) -> Result<Reference> {
     each_sequence(q, k, v, shape, seqs, |q, k, v, s| {
-        dense_attention(q, k, v, s, causal)
+        dense_attention_with(q, k, v, s, causal, variants)
     })
 }
 
@@ -128,7 +143,7 @@ pub fn fma_backward_varlen(
 }
 
 /// Gradients of exact attention of a variable-length batch, each sequence's
-/// [`dense_backward()`] alone (every sequence attends to itself; causal per sequence): dQ of
+/// [`super::dense_backward()`] alone (every sequence attends to itself; causal per sequence): dQ of
 /// Q's shape, dK and dV of K's shape, 0 on padding rows. `shape` is the tensors' shape
 /// ([`Sequences::shape`]), `dout` of Q's shape.
 pub fn dense_backward_varlen(
@@ -137,8 +152,20 @@ pub fn dense_backward_varlen(
     seqs: &Sequences,
     causal: bool,
 ) -> Result<Gradients<f64>> {
+    dense_backward_varlen_with(x, shape, seqs, causal, &Variants::default())
+}
+
+/// [`dense_backward_varlen`] with the softmax variants `variants`
+/// ([`super::dense_backward_with`]); `dsinks` sums every sequence's.
+pub fn dense_backward_varlen_with(
+    x: (&[f64], &[f64], &[f64], &[f64]),
+    shape: Shape,
+    seqs: &Sequences,
+    causal: bool,
+    variants: &Variants,
+) -> Result<Gradients<f64>> {
     backward_each_sequence(x, shape, seqs, None, |q, k, v, dout, s| {
-        dense_backward(q, k, v, dout, s, causal)
+        dense_backward_with(q, k, v, dout, s, causal, variants)
     })
 }
 
@@ -161,6 +188,7 @@ fn backward_each_sequence(
     let mut dq = vec![0f64; shape.elements()];
     let mut dk = vec![0f64; shape.kv_elements()];
     let mut dv = vec![0f64; shape.kv_elements()];
+    let mut dsinks: Option<Vec<f64>> = None;
     for (s, &n) in seqs.lengths.iter().enumerate() {
         if n == 0 {
             continue;
@@ -178,6 +206,9 @@ fn backward_each_sequence(
         scatter(&mut dq, &g.dq, q_stride, q_row, n, d);
         scatter(&mut dk, &g.dk, kv_stride, kv_row, nk, d);
         scatter(&mut dv, &g.dv, kv_stride, kv_row, nk, d);
+        if let Some(one) = &g.dsinks {
+            add_into(dsinks.get_or_insert_with(|| vec![0.0; one.len()]), one);
+        }
         if let (Some(all), Some(one)) = (weights.as_mut(), g.weights) {
             for (a, b) in all.iter_mut().zip(&one) {
                 add_into(&mut a.wk, &b.wk);
@@ -194,7 +225,7 @@ fn backward_each_sequence(
         dk,
         dv,
         weights,
-        dsinks: None,
+        dsinks,
     })
 }
 

@@ -26,7 +26,7 @@ use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::gradients::LevelGradients;
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
-use crate::plan::{Pass, Specialization};
+use crate::plan::{Pass, SoftmaxFlags, Specialization};
 use crate::shape::Shape;
 
 /// Invocations per workgroup of the element-wise backward passes (delta, downsample and
@@ -238,6 +238,7 @@ impl BackwardPlan {
             bk: 1,
             d4: 1,
             grid: false,
+            softmax: SoftmaxFlags::PLAIN,
         };
         let elementwise = Specialization { grid, ..delta_spec };
         let d4 = d.div_ceil(4) as u32;
@@ -278,6 +279,9 @@ impl BackwardPlan {
             bk: query_tile(d, pr * (2 * d4 * 16 + 4), 2 * d4 * 16 + 12 + 8 * pr, limits)?,
             d4,
             grid,
+            // The softcap reaches the coarse keys' gradients (the window has no coarse level,
+            // the sinks no key).
+            softmax: att.spec.softmax,
         };
         let chunks = (p as u64).div_ceil(pr as u64);
         // Each coarse row's readers (3 w_l queries at level l in 1D: O(n) at the top level) in

@@ -18,7 +18,7 @@
 
 use super::dispatch::{dispatch, Dispatch};
 use super::limits::KernelLimits;
-use super::pass::{Pass, Specialization};
+use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::config::{DecodeConfig, Downsample};
 use crate::error::{FmaError, Result};
 use crate::levels::{effective_block, num_levels, window};
@@ -223,6 +223,7 @@ impl DecodeLayout {
             bk: 1,
             d4: self.head_dim.div_ceil(4) as u32,
             grid: false,
+            softmax: SoftmaxFlags::PLAIN,
         }
     }
 

@@ -43,6 +43,13 @@ pub struct DensePlan {
 }
 
 impl DensePlan {
+    /// The plan with its attention pass specialised for the softmax variants `flags`
+    /// (`shared/variants.wgsl`; dispatches and sizes do not change).
+    pub fn with_softmax(mut self, flags: super::SoftmaxFlags) -> Self {
+        self.attention.spec.softmax = flags;
+        self
+    }
+
     /// Every dispatch in execution order: the attention, then (padded batches) the padding.
     /// A key range of more than one chunk ([`DensePlan::key_chunks`]) repeats the attention
     /// dispatch once per chunk with that chunk's parameters.

@@ -8,7 +8,7 @@
 use super::dense::{DensePlan, LOOP_BUDGET, UNROLLED_D4};
 use super::dispatch::{dispatch, Dispatch, MAX_KEY_TILE, MIN_KEY_TILE};
 use super::limits::{KernelLimits, BINDING_BYTES};
-use super::pass::{Pass, Specialization};
+use super::pass::{Pass, SoftmaxFlags, Specialization};
 use super::DENSE_KEY_TILES_PER_DISPATCH;
 use crate::error::{FmaError, Result};
 use crate::sequences::{SeqLayout, Sequences};
@@ -40,6 +40,15 @@ pub struct DenseBackwardPlan {
 }
 
 impl DenseBackwardPlan {
+    /// The plan with its forward, dQ and dK/dV passes specialised for the softmax variants
+    /// `flags` (`shared/variants.wgsl`; dispatches and sizes do not change).
+    pub fn with_softmax(mut self, flags: SoftmaxFlags) -> Self {
+        self.forward.attention.spec.softmax = flags;
+        self.dq.spec.softmax = flags;
+        self.dkv.spec.softmax = flags;
+        self
+    }
+
     /// Plans the backward of dense attention of `shape` under `limits`.
     pub fn new(shape: Shape, limits: &KernelLimits) -> Result<Self> {
         Self::build(DensePlan::new(shape, limits)?, limits)
@@ -125,6 +134,7 @@ impl DenseBackwardPlan {
                 bk: 1,
                 d4: 1,
                 grid: false,
+                softmax: SoftmaxFlags::PLAIN,
             },
             limits,
         )?;

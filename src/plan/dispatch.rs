@@ -2,7 +2,7 @@
 //! limit, and the specialisation of the attention passes (key tile, padded head dimension).
 
 use super::limits::KernelLimits;
-use super::pass::{Pass, Specialization};
+use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::error::{FmaError, Result};
 
 /// Largest head dimension the attention kernels support (a query row and its accumulator live
@@ -83,6 +83,7 @@ pub fn attention_spec(head_dim: usize, wg: u32, limits: &KernelLimits) -> Result
         bk,
         d4,
         grid: false,
+        softmax: SoftmaxFlags::PLAIN,
     })
 }
 

@@ -4,7 +4,7 @@
 use super::backward::combine_rounds;
 use super::dispatch::{attention_spec, dispatch, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MERGE_WG};
 use super::limits::KernelLimits;
-use super::pass::{Pass, Specialization};
+use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::geometry::{effective_cell, Grid, GridGeometry};
@@ -216,7 +216,12 @@ impl FmaPlan {
         // `effective_block`; 2D `effective_cell`), so no size below grows with a larger m.
         let (levels, query_blocks, block_queries) = match cfg.grid {
             None => {
-                let levels = Levels::new(n, cfg.block, cfg.rank);
+                let mut levels = Levels::new(n, cfg.block, cfg.rank);
+                // A window is FMA's near field alone (docs/variants.md): no coarse level, so
+                // no downsampling, no far field and no coarse gradient is planned.
+                if cfg.variants.window.is_some() {
+                    levels.levels.clear();
+                }
                 let blocks = levels.fine_blocks();
                 let m = levels.m;
                 (levels, blocks, m)
@@ -282,6 +287,7 @@ impl FmaPlan {
         let wg = (block_queries as u32).min(limits.max_workgroup);
         let spec = Specialization {
             grid,
+            softmax: SoftmaxFlags::of(&cfg.variants),
             ..attention_spec(d, wg, limits)?
         };
         let tiles_per_block = (block_queries as u32).div_ceil(wg);
@@ -298,6 +304,7 @@ impl FmaPlan {
             bk: 1,
             d4: 1,
             grid,
+            softmax: SoftmaxFlags::PLAIN,
         };
         let learned = matches!(cfg.downsample, Downsample::Learned(_));
         let pools = levels
@@ -343,6 +350,7 @@ impl FmaPlan {
                 bk: 1,
                 d4: attention_spec(d, 1, limits)?.d4,
                 grid,
+                softmax: SoftmaxFlags::PLAIN,
             };
             let coarse = levels
                 .levels
@@ -358,6 +366,7 @@ impl FmaPlan {
                 bk: 1,
                 d4: 1,
                 grid,
+                softmax: SoftmaxFlags::PLAIN,
             };
             let total = (shape.rows() as u64).div_ceil(m_spec.wg as u64);
             let merge = dispatch(Pass::UpsampleMerge, None, total, m_spec, limits)?;

@@ -36,7 +36,7 @@ pub use dispatch::{
 };
 pub use forward::{FmaPlan, Workspace, POOL_TAPS};
 pub use limits::KernelLimits;
-pub use pass::{Pass, Specialization};
+pub use pass::{Pass, SoftmaxFlags, Specialization};
 pub use sequences::SeqTable;
 pub use split::{fma_head_splits, head_exceeds_binding, Chunk, SplitPlan};
 pub use split_coarse::{

@@ -122,4 +122,38 @@ pub struct Specialization {
     /// The geometry the pass is composed with: false the 1D line (`shared/geometry.wgsl`),
     /// true the 2D grid of algorithm.md §9 (`shared/geometry_grid.wgsl`).
     pub grid: bool,
+    /// The softmax variants the pass is composed with (issue 30): each on is a WGSL `const`
+    /// true, so a pipeline without them is the plain one, compiled as before.
+    pub softmax: SoftmaxFlags,
+}
+
+/// Which softmax variants of issue 30 ([`crate::Variants`]) a pipeline is specialised for
+/// (`shared/variants.wgsl`: WGSL consts `SOFTCAP`, `SINKS`, `WINDOW`). The values (C, the
+/// sinks, the window) are in the parameter block; only their presence changes the code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SoftmaxFlags {
+    /// Logits capped: C tanh(l / C).
+    pub softcap: bool,
+    /// A sink term per query head in every row's denominator.
+    pub sinks: bool,
+    /// A sliding window masks keys outside i - L <= t <= i + R.
+    pub window: bool,
+}
+
+impl SoftmaxFlags {
+    /// The plain softmax.
+    pub const PLAIN: Self = Self {
+        softcap: false,
+        sinks: false,
+        window: false,
+    };
+
+    /// The flags of `variants`.
+    pub fn of(variants: &crate::variants::Variants) -> Self {
+        Self {
+            softcap: variants.softcap.is_some(),
+            sinks: variants.sinks.is_some(),
+            window: variants.window.is_some(),
+        }
+    }
 }

@@ -7,7 +7,7 @@ use super::dense::DensePlan;
 use super::dispatch::{dispatch, Dispatch, MERGE_WG};
 use super::forward::{pool_level, FmaPlan, Workspace};
 use super::limits::KernelLimits;
-use super::pass::{Pass, Specialization};
+use super::pass::{Pass, SoftmaxFlags, Specialization};
 use super::sequences::SeqTable;
 use crate::config::{FmaConfig, Queries};
 use crate::error::{FmaError, Result};
@@ -37,6 +37,7 @@ fn pad_dispatch(seqs: &Sequences, shape: Shape, limits: &KernelLimits) -> Result
         bk: 1,
         d4: 1,
         grid: false,
+        softmax: SoftmaxFlags::PLAIN,
     };
     let total = (shape.rows() as u64).div_ceil(spec.wg as u64);
     dispatch(Pass::PadRows, None, total, spec, limits).map(Some)

@@ -7,7 +7,7 @@ use super::backward::{BackwardPlan, Work, BACKWARD_WG};
 use super::dispatch::dispatch;
 use super::forward::FmaPlan;
 use super::limits::KernelLimits;
-use super::pass::{Pass, Specialization};
+use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::config::FmaConfig;
 use crate::error::Result;
 use crate::sequences::{SeqLayout, Sequences};
@@ -64,6 +64,7 @@ impl BackwardPlan {
                 bk: 1,
                 d4: 1,
                 grid: false,
+                softmax: SoftmaxFlags::PLAIN,
             };
             let rows = shape.rows() as u64;
             plan.pad = Some(dispatch(

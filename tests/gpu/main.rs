@@ -26,5 +26,6 @@ mod pool_chunks;
 mod properties;
 mod shapes;
 mod split;
+mod variants;
 mod varlen;
 mod varlen_backward;

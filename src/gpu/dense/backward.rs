@@ -18,7 +18,7 @@ use crate::gpu::engine::tensors::{
     check_storage, GpuTensors, GradTensors, Output, SavedTensors, Scopes,
 };
 use crate::gradients::Gradients;
-use crate::plan::{DenseBackwardPlan, Dispatch};
+use crate::plan::{DenseBackwardPlan, Dispatch, SoftmaxFlags};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
 
@@ -55,7 +55,9 @@ impl DenseAttention {
     /// The plan a backward of `shape` would execute. Causal with fewer keys than queries is
     /// planned (its first seq - seq_kv rows take no gradient) even where the forward refuses it.
     pub fn backward_plan(&self, shape: Shape) -> Result<DenseBackwardPlan> {
-        DenseBackwardPlan::new(shape, &self.limits)
+        self.variants.validate(shape.heads, self.causal)?;
+        Ok(DenseBackwardPlan::new(shape, &self.limits)?
+            .with_softmax(SoftmaxFlags::of(&self.variants)))
     }
 
     /// The plan of the backward of a variable-length batch of `shape` (the tensors' shape, as
@@ -67,13 +69,15 @@ impl DenseAttention {
     ) -> Result<DenseBackwardPlan> {
         shape.validate()?;
         seqs.check(shape)?;
-        DenseBackwardPlan::for_sequences(
+        self.variants.validate(shape.heads, self.causal)?;
+        Ok(DenseBackwardPlan::for_sequences(
             seqs,
             shape.heads,
             shape.kv_heads,
             shape.head_dim,
             &self.limits,
-        )
+        )?
+        .with_softmax(SoftmaxFlags::of(&self.variants)))
     }
 
     /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
@@ -107,7 +111,7 @@ impl DenseAttention {
 
     fn make_backward_uniforms(&self, plan: &DenseBackwardPlan) -> Result<BackwardUniforms> {
         {
-            let base = self.params(&plan.forward);
+            let base = self.params(&plan.forward)?;
             let make = |p: Params, label: &str| -> Result<wgpu::Buffer> {
                 Ok(uniform(
                     &self.ctx.device,
@@ -284,12 +288,22 @@ impl DenseAttention {
         self.ctx.check_alive()?;
         let gv = all.split_off(shape.elements() + shape.kv_elements());
         let gk = all.split_off(shape.elements());
+        // dS of the sinks from the saved O and LSE (a reduction over rows per head, on the
+        // host: WGSL has no portable float atomics, and it is two floats per row).
+        let dsinks = match &self.variants.sinks {
+            None => None,
+            Some(_) => {
+                let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
+                let lse = out.lse.unwrap_or_default();
+                self.variants.sink_gradient(shape, &out.o, &lse, dout)
+            }
+        };
         Ok(Gradients {
             dq: all,
             dk: gk,
             dv: gv,
             weights: None,
-            dsinks: None,
+            dsinks,
         })
     }
 

@@ -10,18 +10,18 @@ pub use backward::DenseSaved;
 
 use std::sync::{Arc, Mutex};
 
-use crate::error::Result;
+use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::cache::{Growing, ShapeCache};
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::front::{forward_host, run_host};
-use crate::gpu::engine::params::{to_uniform_bytes, Params};
+use crate::gpu::engine::params::{check_variants, to_uniform_bytes, Params};
 use crate::gpu::engine::passes::{desc, Role};
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
-use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits};
+use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits, SoftmaxFlags};
 use crate::shape::Shape;
 use crate::variants::Variants;
 
@@ -125,11 +125,37 @@ impl DenseAttention {
 
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
-        DensePlan::new(shape, &self.limits)
+        self.variants.validate(shape.heads, self.causal)?;
+        Ok(DensePlan::new(shape, &self.limits)?.with_softmax(SoftmaxFlags::of(&self.variants)))
     }
 
-    /// The parameter block of `plan` (every query row against every key).
-    fn params(&self, plan: &DensePlan) -> Params {
+    /// Refuses the softmax variants where a front would run the heads of `full` in pieces
+    /// (`piece`: a run of heads, or a split head): the pieces' parameter blocks do not say
+    /// which heads they hold, so a sink would meet the wrong head.
+    fn check_whole(&self, full: Shape, piece: Shape) -> Result<()> {
+        if self.variants.is_plain() || full == piece {
+            return Ok(());
+        }
+        Err(FmaError::LimitExceeded {
+            what: "the softmax variants (softcap, sinks, window)".into(),
+            requested: full.elements() as u64 * 4,
+            max: self.limits.binding_bytes(),
+            unit: "bytes in one storage binding",
+            advice: "they run on tensors whose heads fit one storage binding: pass fewer heads \
+                     or shorter sequences per call"
+                .into(),
+        })
+    }
+
+    /// The parameter block of `plan` (every query row against every key), with the variants.
+    fn params(&self, plan: &DensePlan) -> Result<Params> {
+        check_variants(&self.variants)?;
+        let mut p = self.plain_params(plan);
+        p.set_variants(&self.variants, plan.shape.heads, 0);
+        Ok(p)
+    }
+
+    fn plain_params(&self, plan: &DensePlan) -> Params {
         let s = plan.shape;
         Params {
             n: s.seq as u32,
@@ -162,7 +188,7 @@ impl DenseAttention {
 
     fn uniforms(&self, plan: &DensePlan) -> Result<Arc<Uniforms>> {
         self.uniforms.get_or_make(plan.shape, || {
-            let base = self.params(plan);
+            let base = self.params(plan)?;
             let params = self
                 .key_chunks(plan)
                 .into_iter()
@@ -264,7 +290,7 @@ impl DenseAttention {
             want_lse,
             head_exceeds_binding(shape, &self.limits),
             |s| self.plan(s).map(|_| ()),
-            |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
+            |q, k, v, s| self.forward_whole(q, k, v, (shape, s), want_lse),
             |io| self.forward_split(io, shape),
         )
         .await
@@ -276,9 +302,10 @@ impl DenseAttention {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        shape: Shape,
+        (full, shape): (Shape, Shape),
         want_lse: bool,
     ) -> Result<Output> {
+        self.check_whole(full, shape)?;
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;

@@ -8,13 +8,28 @@ use crate::gpu::engine::params::to_uniform_bytes;
 use crate::gpu::engine::record::Pipes;
 use crate::gpu::engine::tensors::{GpuTensors, Output, Scopes};
 use crate::gpu::engine::varlen_io::varlen_in_groups;
-use crate::plan::DensePlan;
+use crate::plan::{DensePlan, KernelLimits, SoftmaxFlags};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
 
 use super::DenseAttention;
 
 impl DenseAttention {
+    /// The plan of the variable-length batch `seqs`, specialised for this instance's
+    /// softmax variants (checked against the heads).
+    fn varlen_plan(
+        &self,
+        seqs: &Sequences,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        limits: &KernelLimits,
+    ) -> Result<DensePlan> {
+        self.variants.validate(heads, self.causal)?;
+        Ok(DensePlan::for_sequences(seqs, heads, kv_heads, d, limits)?
+            .with_softmax(SoftmaxFlags::of(&self.variants)))
+    }
+
     /// Records `plan` (a variable-length batch's) into its own compute pass of `enc`: the
     /// attention once per key chunk of the longest sequence (`DenseAttention::key_chunks`:
     /// llvmpipe's loop limit), then the padding.
@@ -27,7 +42,7 @@ impl DenseAttention {
         lse: &wgpu::Buffer,
     ) -> Result<()> {
         let device = &self.ctx.device;
-        let base = self.params(plan);
+        let base = self.params(plan)?;
         let chunks = self.key_chunks(plan);
         let table = plan.sequences.as_ref().map(|t| sequence_table(device, t));
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -81,7 +96,7 @@ impl DenseAttention {
     ) -> Result<Output> {
         check_host(shape, q, k, v)?;
         seqs.check(shape)?;
-        let plan = match DensePlan::for_sequences(
+        let plan = match self.varlen_plan(
             seqs,
             shape.heads,
             shape.kv_heads,
@@ -102,7 +117,7 @@ impl DenseAttention {
                         if g.seqs.count() == 1 {
                             self.forward_async(&g.q, &g.k, &g.v, one, want_lse).await
                         } else {
-                            let plan = DensePlan::for_sequences(&g.seqs, h, kvh, d, &self.limits)?;
+                            let plan = self.varlen_plan(&g.seqs, h, kvh, d, &self.limits)?;
                             self.run_varlen(&plan, (&g.q, &g.k, &g.v), want_lse).await
                         }
                     }
@@ -145,7 +160,7 @@ impl DenseAttention {
     ) -> Result<()> {
         t.check(shape)?;
         seqs.check(shape)?;
-        let plan = DensePlan::for_sequences(
+        let plan = self.varlen_plan(
             seqs,
             shape.heads,
             shape.kv_heads,

@@ -4,6 +4,7 @@
 use encase::ShaderType;
 
 use crate::error::{FmaError, Result};
+use crate::variants::Variants;
 
 /// Most coarse levels a plan may have (the WGSL array length). n < 2^32 with m >= 1 needs
 /// at most 31.
@@ -87,9 +88,76 @@ pub struct Params {
     /// The same in dQ~ for the query weights' gradients
     /// (`plan::BackwardPlan::q_partials_at`).
     pub q_partials_at: u32,
+    /// Softcap C (issue 30; read where the pipeline's `SOFTCAP` is on).
+    pub softcap: f32,
+    /// Query heads of a sequence: problem qh's sink is that of head qh mod sink_heads (varlen:
+    /// qh / seqs).
+    pub sink_heads: u32,
+    /// Query head of problem 0 (a split head runs one head at a time).
+    pub head_base: u32,
+    /// Window: keys t >= i - window_left.
+    pub window_left: u32,
+    /// Window: keys t <= i + window_right.
+    pub window_right: u32,
     /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
     pub _pad5: u32,
+    pub _pad6: u32,
+    pub _pad7: u32,
+    pub _pad8: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
+    /// Sink logits, four query heads per entry (`MAX_SINK_HEADS`).
+    pub sinks: [Quad; MAX_SINK_HEADS / 4],
+}
+
+/// Most query heads with sinks: the uniform holds their logits (128 covers today's models;
+/// more is a typed error).
+pub const MAX_SINK_HEADS: usize = 128;
+
+/// Four f32s, WGSL `vec4<f32>` in the uniform block.
+#[derive(Clone, Copy, Debug, Default, ShaderType)]
+pub struct Quad {
+    pub x: f32,
+    pub y: f32,
+    pub z: f32,
+    pub w: f32,
+}
+
+impl Params {
+    /// Writes the softmax variants `v` into the block for problems of `heads` query heads per
+    /// sequence, whose first problem is query head `head_base` (0 unless a split head's).
+    /// Sinks beyond [`MAX_SINK_HEADS`] heads are not written ([`check_variants`] refuses them
+    /// when a plan is made).
+    pub fn set_variants(&mut self, v: &Variants, heads: usize, head_base: usize) {
+        self.softcap = v.softcap.unwrap_or(0.0);
+        self.sink_heads = heads as u32;
+        self.head_base = head_base as u32;
+        // The shaders take the window in i32 arithmetic: a window beyond 2^30 keys is the
+        // same as one of 2^30 (no sequence reaches it).
+        if let Some(w) = v.window {
+            self.window_left = w.left.min(1 << 30) as u32;
+            self.window_right = w.right.min(1 << 30) as u32;
+        }
+        if let Some(s) = &v.sinks {
+            for (h, &x) in s.iter().enumerate().take(MAX_SINK_HEADS) {
+                let q = &mut self.sinks[h / 4];
+                *[&mut q.x, &mut q.y, &mut q.z, &mut q.w][h % 4] = x;
+            }
+        }
+    }
+}
+
+/// Refuses sinks of more query heads than the parameter block holds ([`MAX_SINK_HEADS`]).
+pub fn check_variants(v: &Variants) -> Result<()> {
+    match &v.sinks {
+        Some(s) if s.len() > MAX_SINK_HEADS => Err(FmaError::LimitExceeded {
+            what: "attention sinks".into(),
+            requested: s.len() as u64,
+            max: MAX_SINK_HEADS as u64,
+            unit: "query heads",
+            advice: "run the heads in groups of at most 128 per call".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Mirror of WGSL `DecodeParams` (`shaders/shared/decode_params.wgsl`): the decoding passes'
@@ -156,6 +224,7 @@ pub fn to_uniform_bytes<T: ShaderType + encase::internal::WriteInto>(value: &T) 
 mod tests {
     use super::*;
     use crate::gpu::engine::shaders::{compose, Pass, Specialization};
+    use crate::plan::SoftmaxFlags;
 
     fn naga_size(type_name: &str) -> u32 {
         naga_size_in(Pass::Downsample, type_name)
@@ -169,6 +238,7 @@ mod tests {
                 bk: 8,
                 d4: 1,
                 grid: false,
+                softmax: SoftmaxFlags::PLAIN,
             },
         );
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");

@@ -28,6 +28,7 @@ fn shared(name: &str) -> Option<&'static str> {
         "decode_params" => Some(include_str!("../../../shaders/shared/decode_params.wgsl")),
         "decode_softmax" => Some(include_str!("../../../shaders/shared/decode_softmax.wgsl")),
         "dense_causal" => Some(include_str!("../../../shaders/shared/dense_causal.wgsl")),
+        "variants" => Some(include_str!("../../../shaders/shared/variants.wgsl")),
         "backward_queries" => Some(include_str!(
             "../../../shaders/shared/backward_queries.wgsl"
         )),
@@ -88,6 +89,13 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     if let Some(sg) = subgroup {
         out.push_str(&format!("const SG: u32 = {sg}u;\n"));
     }
+    // The softmax variants (`shared/variants.wgsl`): constant false in a plain pipeline, so the
+    // compiler removes their branches and the plain kernels run the code they always did.
+    let f = spec.softmax;
+    out.push_str(&format!(
+        "const SOFTCAP: bool = {};\nconst SINKS: bool = {};\nconst WINDOW: bool = {};\n",
+        f.softcap, f.sinks, f.window
+    ));
     push_resolved(&mut out, desc(pass).source, subgroup.is_some(), spec.grid);
     // The plain variant only: the subgroup variant's per-key sweeps are written out already
     // (`unroll_subgroup_loops`), and writing out its other row loops too made each of its
@@ -275,6 +283,7 @@ fn push_resolved(out: &mut String, text: &str, subgroup: bool, grid: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::SoftmaxFlags;
 
     fn validate(src: &str) -> Result<naga::Module, String> {
         let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
@@ -308,6 +317,7 @@ mod tests {
                     bk,
                     d4,
                     grid: true,
+                    softmax: SoftmaxFlags::PLAIN,
                 };
                 let src = compose(pass, spec);
                 assert!(src.contains("fn cells_of"), "{}: not the grid", pass.name());
@@ -340,6 +350,7 @@ mod tests {
                         bk,
                         d4,
                         grid: false,
+                        softmax: SoftmaxFlags::PLAIN,
                     },
                 );
                 if let Err(e) = validate(&src) {
@@ -366,6 +377,7 @@ mod tests {
                             bk,
                             d4,
                             grid: false,
+                            softmax: SoftmaxFlags::PLAIN,
                         },
                         Some(sg),
                     );
@@ -402,6 +414,7 @@ mod tests {
                 bk: 7,
                 d4,
                 grid: false,
+                softmax: SoftmaxFlags::PLAIN,
             };
             // Up to D4 = 32 the text is what it always was (llvmpipe unrolls those itself).
             let small = compose(pass, spec(UNROLLED_D4 as u32));
@@ -442,6 +455,7 @@ mod tests {
                     bk: 8,
                     d4: 2,
                     grid: false,
+                    softmax: SoftmaxFlags::PLAIN,
                 },
             );
             assert!(
@@ -457,7 +471,7 @@ mod tests {
 mod descriptors {
     use super::compose;
     use crate::gpu::engine::passes::{desc, Access, Access::*};
-    use crate::plan::{Pass, Specialization};
+    use crate::plan::{Pass, SoftmaxFlags, Specialization};
 
     /// WebGPU's default limit of storage buffers per shader stage.
     const MAX_STORAGE_PER_STAGE: usize = 8;
@@ -469,6 +483,7 @@ mod descriptors {
             bk: 8,
             d4: 4,
             grid: false,
+            softmax: SoftmaxFlags::PLAIN,
         };
         let src = compose(pass, spec);
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");

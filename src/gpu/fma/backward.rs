@@ -396,12 +396,21 @@ impl FmaAttention {
             }
             Downsample::Average => None,
         };
+        // dS of the sinks from the saved O and LSE, on the host (as the dense backward).
+        let dsinks = match &self.cfg.variants.sinks {
+            None => None,
+            Some(_) => {
+                let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
+                let lse = out.lse.unwrap_or_default();
+                self.cfg.variants.sink_gradient(shape, &out.o, &lse, dout)
+            }
+        };
         Ok(Gradients {
             dq: gq,
             dk: gk,
             dv: gv,
             weights,
-            dsinks: None,
+            dsinks,
         })
     }
 

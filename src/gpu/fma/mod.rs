@@ -20,7 +20,7 @@ use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::Result;
 use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
-use crate::gpu::engine::params::{LevelInfo, Params, MAX_LEVELS};
+use crate::gpu::engine::params::{check_variants, LevelInfo, Params, MAX_LEVELS};
 use crate::gpu::engine::tensors::HostPool;
 use crate::plan::{FmaPlan, KernelLimits};
 use crate::shape::Shape;
@@ -106,7 +106,14 @@ impl FmaAttention {
 
     /// The plan a call with `shape` would execute (dispatches per level, buffer sizes).
     pub fn plan(&self, shape: Shape) -> Result<FmaPlan> {
+        self.check_variants(shape)?;
         FmaPlan::new(shape, &self.cfg, &self.limits)
+    }
+
+    /// The softmax variants against `shape`'s heads, and what the parameter block holds.
+    fn check_variants(&self, shape: Shape) -> Result<()> {
+        self.cfg.variants.validate(shape.heads, self.cfg.causal)?;
+        check_variants(&self.cfg.variants)
     }
 
     /// The parameter block of `plan` (the whole sequence; a split head's chunks adjust it).
@@ -166,6 +173,7 @@ impl FmaAttention {
             levels,
             ..Default::default()
         };
+        params.set_variants(&self.cfg.variants, s.heads, 0);
         if let Some(t) = &plan.sequences {
             // Every sequence's own work (shaders/shared/sequences.wgsl): the levels' rows
             // concatenated over the sequences of a head.

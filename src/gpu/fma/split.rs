@@ -35,6 +35,18 @@ impl FmaAttention {
         if let SplitIo::Device(t) = &io {
             check_copy_usage(t)?;
         }
+        if !self.cfg.variants.is_plain() {
+            // A split head's chunks are not planned with the softmax variants (yet).
+            return Err(FmaError::LimitExceeded {
+                what: format!("one head of {shape} with a softmax variant"),
+                requested: shape.seq as u64 * shape.head_dim as u64 * 4,
+                max: self.limits.binding_bytes(),
+                unit: "bytes in one storage binding",
+                advice: "softcap, sinks and windows run on heads that fit one storage binding: \
+                         use shorter sequences"
+                    .into(),
+            });
+        }
         let plan = SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
         if let Some(coarse) = &plan.coarse {
             return self.forward_split_coarse(io, shape, &plan, coarse).await;

@@ -26,6 +26,7 @@ impl FmaAttention {
             let full_shape = full.shape(shape.heads, shape.kv_heads, shape.head_dim);
             return self.plan_sequences(full_shape, &full);
         }
+        self.check_variants(shape)?;
         FmaPlan::for_sequences(
             seqs,
             shape.heads,
