@@ -3,10 +3,11 @@
 //! and the comparison of one gradient with the f64 reference at the backward tolerance.
 
 use multipole_attn::gpu::{
-    Attention, GpuContext, GradTensors, Plan, ResidentGrad, Saved, WeightGradTensors,
+    Attention, GpuContext, GpuTensors, GradTensors, Plan, Resident, ResidentGrad, Saved,
+    WeightGradTensors,
 };
 use multipole_attn::random::normal_tensor;
-use multipole_attn::{Downsample, Gradients, Method, Shape};
+use multipole_attn::{Downsample, Gradients, Method, Problem, Shape};
 use wgpu::util::DeviceExt;
 
 use super::{closeness, read_buffer};
@@ -47,6 +48,30 @@ pub fn buffer(ctx: &GpuContext, label: &str, data: &[f32]) -> wgpu::Buffer {
 /// A storage buffer of `len` NaNs (at least 4), so an unwritten element fails a comparison.
 pub fn nan(ctx: &GpuContext, label: &str, len: usize) -> wgpu::Buffer {
     buffer(ctx, label, &vec![f32::NAN; len.max(4)])
+}
+
+/// The training forward of `p` on resident buffers (O and the LSE poisoned with NaN), then
+/// [`backward_poisoned`]: the GPU gradients of one case, read back.
+pub fn gpu_gradients(ctx: &GpuContext, fma: &Attention, x: &Inputs, p: &Problem) -> Gradients<f32> {
+    let shape = p.shape;
+    let (q, k, v) = (
+        buffer(ctx, "q", &x.q),
+        buffer(ctx, "k", &x.k),
+        buffer(ctx, "v", &x.v),
+    );
+    let (o, lse) = (
+        nan(ctx, "o", shape.elements()),
+        nan(ctx, "lse", shape.rows()),
+    );
+    let t = GpuTensors {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &o,
+        lse: Some(&lse),
+    };
+    let ((), saved) = fma.train(p, Resident(t)).expect("forward");
+    backward_poisoned(ctx, fma, &saved, &x.dout)
 }
 
 /// The FMA backward of `saved` with dO = `dout` through resident buffers, every gradient

@@ -17,7 +17,7 @@
 //! 50x above the bound.
 
 use crate::common::gradients::{
-    backward_poisoned, buffer, compare, compare_all, inputs, nan, Inputs, TOL,
+    buffer, compare, compare_all, gpu_gradients, inputs, nan, Inputs, TOL,
 };
 
 use crate::common::{browser_like_gpu, gpu, mismatched_subgroup_gpu, random_learned};
@@ -28,30 +28,6 @@ use multipole_attn::gpu::{
 };
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Shape};
-
-/// Runs forward then backward through caller buffers (outputs poisoned) and returns the
-/// GPU gradients read back.
-fn gpu_gradients(ctx: &GpuContext, fma: &Attention, x: &Inputs, p: &Problem) -> Gradients<f32> {
-    let shape = p.shape;
-    let (q, k, v) = (
-        buffer(ctx, "q", &x.q),
-        buffer(ctx, "k", &x.k),
-        buffer(ctx, "v", &x.v),
-    );
-    let (o, lse) = (
-        nan(ctx, "o", shape.elements()),
-        nan(ctx, "lse", shape.rows()),
-    );
-    let t = GpuTensors {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &o,
-        lse: Some(&lse),
-    };
-    let ((), saved) = fma.train(p, Resident(t)).expect("forward");
-    backward_poisoned(ctx, fma, &saved, &x.dout)
-}
 
 /// Checks every gradient of one case; returns the worst scaled error.
 fn check_backward(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig) -> f64 {

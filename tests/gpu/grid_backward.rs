@@ -17,12 +17,12 @@
 //! tap misplaced) moves an element by >= 1e-2 of its scale:
 //! `two_d_gradients_are_not_the_line_gradients` shows the geometry is seen well above TOL.
 
-use crate::common::gradients::{backward_poisoned, buffer, compare_all, inputs, nan, Inputs, TOL};
+use crate::common::gradients::{compare_all, gpu_gradients, inputs, Inputs, TOL};
 
 use crate::common::gpu;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::geometry::GridGeometry;
-use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, HostGrad, Plan, Resident};
+use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad, Plan};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, Gradients, Grid, LearnedWeights, Problem, Shape};
 
@@ -44,31 +44,6 @@ fn random_grid_weights(seed: u64, d: usize, r: usize, p: usize, grid: Grid) -> L
         }
     }
     w
-}
-
-/// Forward then backward through caller buffers, O, the LSE and every gradient poisoned with
-/// NaN; the gradients read back, the weights' split per level as (d, p, s_l^2).
-fn gpu_gradients(ctx: &GpuContext, fma: &Attention, x: &Inputs, shape: Shape) -> Gradients<f32> {
-    let (q, k, v) = (
-        buffer(ctx, "q", &x.q),
-        buffer(ctx, "k", &x.k),
-        buffer(ctx, "v", &x.v),
-    );
-    let (o, lse) = (
-        nan(ctx, "o", shape.elements()),
-        nan(ctx, "lse", shape.rows()),
-    );
-    let t = GpuTensors {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &o,
-        lse: Some(&lse),
-    };
-    let ((), saved) = fma
-        .train(&Problem::new(shape), Resident(t))
-        .expect("forward");
-    backward_poisoned(ctx, fma, &saved, &x.dout)
 }
 
 /// The f64 reference gradients in the grid geometry of `cfg`.
@@ -99,7 +74,7 @@ fn check_backward(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) ->
     let x = inputs(seed, shape);
     let fma = Attention::fma(ctx, cfg.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
     let t0 = std::time::Instant::now();
-    let g = gpu_gradients(ctx, &fma, &x, shape);
+    let g = gpu_gradients(ctx, &fma, &x, &Problem::new(shape));
     let t1 = std::time::Instant::now();
     let r = reference(&x, shape, cfg);
     eprintln!(
@@ -208,7 +183,7 @@ fn grid_backward_is_deterministic() {
     let b = fma.backward(&saved, HostGrad(&x.dout)).unwrap();
     assert_eq!(a, b, "seed {seed}: two backward runs differ");
     assert!(a.dk.iter().any(|&x| x != 0.0), "seed {seed}: dK all zero");
-    let c = gpu_gradients(ctx, &fma, &x, shape);
+    let c = gpu_gradients(ctx, &fma, &x, &Problem::new(shape));
     assert_eq!((&a.dq, &a.dk, &a.dv), (&c.dq, &c.dk, &c.dv), "seed {seed}");
     let (aw, cw) = (a.weights.unwrap(), c.weights.unwrap());
     assert_eq!(aw[..cw.len()], cw[..], "seed {seed}");

@@ -10,7 +10,7 @@
 //! windows moves some element by >= 1e-2 of the scale.
 
 use crate::common;
-use crate::common::gradients::{backward_poisoned, buffer, compare_all, inputs, nan, Inputs};
+use crate::common::gradients::{buffer, compare_all, gpu_gradients, inputs, nan, Inputs};
 
 use crate::common::{gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
@@ -25,30 +25,6 @@ use multipole_attn::{
 /// The variable-length problem of `seqs` with `heads`, `kv_heads` and `d`.
 fn varlen(seqs: &Sequences, (heads, kv_heads, d): (usize, usize, usize), causal: bool) -> Problem {
     Problem::varlen(seqs.clone(), heads, kv_heads, d).causal(causal)
-}
-
-/// Forward and backward of the batch `p` through caller buffers, every output poisoned; the
-/// weight gradients of the levels the batch uses, split per level.
-fn gpu_gradients(ctx: &GpuContext, fma: &Attention, x: &Inputs, p: &Problem) -> Gradients<f32> {
-    let shape = p.shape;
-    let (q, k, v) = (
-        buffer(ctx, "q", &x.q),
-        buffer(ctx, "k", &x.k),
-        buffer(ctx, "v", &x.v),
-    );
-    let (o, lse) = (
-        nan(ctx, "o", shape.elements()),
-        nan(ctx, "lse", shape.rows()),
-    );
-    let t = GpuTensors {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &o,
-        lse: Some(&lse),
-    };
-    let ((), saved) = fma.train(p, Resident(t)).expect("forward");
-    backward_poisoned(ctx, fma, &saved, &x.dout)
 }
 
 /// Checks every gradient of one batch against the reference, and that the host API gives
