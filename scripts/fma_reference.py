@@ -223,7 +223,7 @@ def downsample(x, lay, mode, weights, kind):
 # --------------------------------------------------------------------------- #
 # Forward (section 5)
 # --------------------------------------------------------------------------- #
-def _fma_2d(q, k, v, m, p, causal, mode, weights, count_correction):
+def _fma_2d(q, k, v, m, p, causal, mode, weights, count_correction, softcap=None, sink=None):
     n, d = q.shape
     lay = coarse_layout(n, m, p)
     if mode == "learned" and weights is None:
@@ -241,11 +241,19 @@ def _fma_2d(q, k, v, m, p, causal, mode, weights, count_correction):
     for a0 in range(nblk):
         rows = np.arange(a0 * m, min(n, (a0 + 1) * m))
         vis = visibility_mask(lay, rows, causal)
-        s = (q[rows] @ X_k.T) * scale + bias[None, :]
-        s = np.where(vis, s, -np.inf)
+        s = (q[rows] @ X_k.T) * scale
+        if softcap is not None:
+            # Logit softcap (issue 30): C tanh(l / C), the count correction added after it.
+            s = softcap * np.tanh(s / softcap)
+        s = np.where(vis, s + bias[None, :], -np.inf)
         M = s.max(axis=1, keepdims=True)
+        if sink is not None:
+            # An attention sink: one more term exp(S) in the denominator, with no value.
+            M = np.maximum(M, sink)
         E = np.exp(s - M)
         Z = E.sum(axis=1, keepdims=True)
+        if sink is not None:
+            Z = Z + np.exp(sink - M)
         o[rows] = (E @ X_v) / Z
         lse[rows] = (M + np.log(Z))[:, 0]
     return o, lse
@@ -261,22 +269,27 @@ def _check_inputs(q, k, v):
 
 
 def fma_forward(q, k, v, m, p, causal=False, mode="average", weights=None,
-                count_correction=True):
+                count_correction=True, softcap=None, sinks=None):
     """FMA with fine queries.  q, k, v: (n, d) or (..., n, d).  Returns (o, lse)
-    with o shaped like q and lse shaped q.shape[:-1], both float64."""
+    with o shaped like q and lse shaped q.shape[:-1], both float64.  softcap: logits become
+    C tanh(l / C) (count correction after it); sinks: one logit per head (the second-to-last
+    leading axis of (..., heads, n, d), or a scalar for (n, d)) joining every softmax's
+    denominator with no value."""
     q, k, v = _check_inputs(q, k, v)
     if mode not in ("average", "learned"):
         raise ValueError(f"mode must be 'average' or 'learned', got {mode!r}")
     if m < 1 or p < 1 or m % p != 0:
         raise ValueError("need m >= 1, p >= 1, m divisible by p")
     if q.ndim == 2:
-        return _fma_2d(q, k, v, m, p, causal, mode, weights, count_correction)
+        sink = None if sinks is None else float(np.asarray(sinks).reshape(-1)[0])
+        return _fma_2d(q, k, v, m, p, causal, mode, weights, count_correction, softcap, sink)
     lead = q.shape[:-2]
     o = np.zeros(q.shape)
     lse = np.zeros(q.shape[:-1])
     for idx in np.ndindex(*lead):
+        sink = None if sinks is None else float(np.asarray(sinks)[idx[-1]])
         o[idx], lse[idx] = _fma_2d(q[idx], k[idx], v[idx], m, p, causal, mode, weights,
-                                   count_correction)
+                                   count_correction, softcap, sink)
     return o, lse
 
 
