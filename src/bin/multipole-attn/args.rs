@@ -114,6 +114,12 @@ FMA takes n_kv > n with --causal and fine queries: the n queries are the last n 
 causal FMA over the n_kv tokens (a chunk of a sequence attending to itself and what precedes
 it); other cross-length FMA is bad input (exit 2).
 
+Softmax variants (docs/variants.md), dense and FMA fine queries, combinable: --softcap C (every
+logit l becomes C tanh(l / C)), --sinks S.npy (one logit per query head in every softmax's
+denominator), --window L,R (query i sees keys i - L ..= i + R; R = 0 with --causal). FMA runs a
+window as its near field alone (block m >= L and R); coarse queries, --grid with a window,
+decode and a head over one storage binding refuse variants (exit 2).
+
 Learned weights (.npz): for levels l = 1, 2, ... keys k_w{l}, v_w{l} of shape (d, p, m*2^(l-1))
 (with --grid: (d, p, s_l, s_l), s_l = m*2^(l-1)) and k_b{l}, v_b{l} of shape (d, p), float32 or
 float64. Levels are read until k_w{l} is absent.
