@@ -17,6 +17,7 @@ use crate::plan::{DenseSplitPlan, KernelLimits};
 use crate::problem::Problem;
 use crate::random::normal_tensor;
 use crate::shape::Shape;
+use crate::variants::{Variants, Window};
 use crate::weights::LearnedWeights;
 
 /// |gpu - ref| <= ATOL + RTOL |ref|, the bound of the GPU tests (justified in
@@ -244,6 +245,52 @@ pub fn suite() -> Vec<Case> {
             ),
         });
     }
+    // The softmax variants (docs/variants.md), one case each (each is its own pipelines, which
+    // cost the browser's and GL's compilers most of a case's time): 97 tokens, 4 query heads on
+    // 2 K/V heads; FMA with the cap and the window, dense with the sinks.
+    let gqa = Shape::new(1, 4, 97, 16).with_kv_heads(2);
+    let plain = Variants::default;
+    for (name, causal, variants, check) in [
+        (
+            "softcap",
+            true,
+            Variants {
+                softcap: Some(2.0),
+                ..plain()
+            },
+            Check::Fma(FmaConfig::new(16, 2)),
+        ),
+        (
+            "sinks",
+            false,
+            Variants {
+                sinks: Some(vec![0.5, -1.0, 1.5, 0.0]),
+                ..plain()
+            },
+            Check::Dense,
+        ),
+        (
+            "window (12, 0)",
+            true,
+            Variants {
+                window: Some(Window { left: 12, right: 0 }),
+                ..plain()
+            },
+            Check::Fma(FmaConfig::new(16, 2)),
+        ),
+    ] {
+        let mask = if causal { "causal" } else { "bidir" };
+        let method = if matches!(check, Check::Dense) {
+            "dense"
+        } else {
+            "fma m=16"
+        };
+        cases.push(Case {
+            name: format!("{method} {name} n=97 {mask}"),
+            problem: Problem::new(gqa).causal(causal).variants(variants),
+            check,
+        });
+    }
     for &(n, m, p, causal, row) in &[
         (512, 16, 2, false, 200),
         (1000, 16, 4, true, 999),
@@ -272,8 +319,8 @@ async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool
     let p = &case.problem;
     let s = p.shape;
     let q = normal_tensor(seed, s.elements());
-    let mut k = normal_tensor(seed + 1, s.elements());
-    let mut v = normal_tensor(seed + 2, s.elements());
+    let mut k = normal_tensor(seed + 1, s.kv_elements());
+    let mut v = normal_tensor(seed + 2, s.kv_elements());
     let method = match &case.check {
         Check::Fma(cfg) | Check::SplitFma(cfg) | Check::Exactness(cfg, _) => {
             Method::Fma(cfg.clone())
