@@ -36,9 +36,12 @@ use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, T
 /// # Ok::<(), multipole_attn::FmaError>(())
 /// ```
 ///
-/// Built once per method; the executors behind it (one per mask, made on first use) cache
-/// pipelines per device, uniforms per shape and buffers by capacity, so repeated calls
-/// allocate nothing once the largest shape has been seen. Safe to share between threads.
+/// Built once per method; the executors behind it (one per mask and variants, made on first
+/// use, the last eight kept) cache pipelines per device, uniforms per shape and buffers by
+/// capacity, so repeated calls allocate nothing once the largest shape has been seen. Sink
+/// logits are part of an executor's uniforms: sinks that change every step (training them)
+/// make an executor per step (pipelines are still shared per device). Safe to share between
+/// threads.
 /// Every call has an `_async` form (the only one on the web) and a blocking twin.
 pub struct Attention {
     ctx: GpuContext,
@@ -49,7 +52,12 @@ pub struct Attention {
     fma: Mutex<Vec<(Softmax, Arc<FmaAttention>)>>,
     /// Dense attention's executors, likewise.
     dense: Mutex<Vec<(Softmax, Arc<DenseAttention>)>>,
+    /// Unique per instance: ties a [`Saved`] to the Attention that made it.
+    id: u64,
 }
+
+/// The next [`Attention`] id.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// What an executor is specialised by besides the method: the problem's mask and variants.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,10 +118,13 @@ impl std::fmt::Debug for Attention {
 }
 
 /// The tensors a training forward keeps for [`Attention::backward`], with the problem they
-/// belong to. Only the [`Attention`] that made it (same method, same mask) takes it back.
+/// belong to and the executor that made them (so a backward finds it even when the Attention
+/// has since made other executors). Only the [`Attention`] that made it takes it back.
 pub struct Saved {
     problem: Problem,
     kind: SavedKind,
+    exec: Exec,
+    owner: u64,
 }
 
 enum SavedKind {
@@ -191,6 +202,7 @@ impl Plan {
 }
 
 /// One executor, whichever the method.
+#[derive(Clone)]
 enum Exec {
     Fma(Arc<FmaAttention>),
     Dense(Arc<DenseAttention>),
@@ -208,6 +220,7 @@ impl Attention {
             keys_per_dispatch: None,
             fma: Default::default(),
             dense: Default::default(),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         // The bidirectional executor now, so a bad configuration fails here (a grid or coarse
         // queries refuse only the causal one, at its first call).
@@ -367,10 +380,14 @@ impl Attention {
         p: &Problem,
         io: I,
     ) -> Result<(I::Out, Saved)> {
-        let (out, kind) = self.train_args(p, io.args()).await?;
+        p.validate()?;
+        let exec = self.exec(p)?;
+        let (out, kind) = self.train_args(&exec, p, io.args()).await?;
         let saved = Saved {
             problem: p.clone(),
             kind,
+            exec,
+            owner: self.id,
         };
         Ok((I::out(out), saved))
     }
@@ -444,13 +461,13 @@ impl Attention {
 
     async fn train_args(
         &self,
+        exec: &Exec,
         p: &Problem,
         args: ForwardArgs<'_>,
     ) -> Result<(Option<Output>, SavedKind)> {
-        p.validate()?;
         let s = p.shape;
         let seqs = p.sequences.as_ref();
-        match (self.exec(p)?, args) {
+        match (exec, args) {
             (_, ForwardArgs::Encode(..)) => Err(FmaError::InvalidConfig {
                 what: "training forward",
                 value: "an encoder".into(),
@@ -495,10 +512,15 @@ impl Attention {
         saved: &Saved,
         args: BackwardArgs<'_>,
     ) -> Result<Option<Gradients<f32>>> {
-        // The executor of the saved forward's mask; its owner check refuses tensors saved by
-        // another Attention (another method or configuration).
-        let exec = self.exec(&saved.problem)?;
-        match (exec, &saved.kind, args) {
+        if saved.owner != self.id {
+            return Err(FmaError::NoSavedForward(
+                "these tensors were saved by another Attention (whose method or configuration \
+                 may differ); run train on the Attention that runs the backward"
+                    .into(),
+            ));
+        }
+        // The executor that saved them (its own owner check is then a formality).
+        match (&saved.exec, &saved.kind, args) {
             (Exec::Fma(e), SavedKind::Fma(s), BackwardArgs::Host(dout)) => {
                 e.backward_async(s, dout).await.map(Some)
             }
@@ -511,10 +533,9 @@ impl Attention {
             (Exec::Dense(e), SavedKind::Dense(s), BackwardArgs::Resident(dout, g)) => {
                 e.backward_buffers_async(s, dout, g).await.map(|_| None)
             }
+            // An executor keeps its own kind of saved tensors.
             _ => Err(FmaError::NoSavedForward(
-                "these tensors were saved by an Attention of the other method (FMA or dense); \
-                 run train on the Attention that runs the backward"
-                    .into(),
+                "saved tensors of another method than their executor's".into(),
             )),
         }
     }
