@@ -25,7 +25,7 @@ mod fma;
 pub use attention::{Attention, Plan, Saved};
 pub use decode::{DecodeMode, Decoder, EncodeStep, StepIo, StepTensors};
 pub use engine::context::{
-    adapter_support, compute_support, negotiate_features, negotiate_limits, AdapterReport,
+    adapter_support, compute_support, negotiate_features, negotiate_limits, AdapterSummary,
     ContextOptions, GpuContext,
 };
 #[cfg(not(target_arch = "wasm32"))]

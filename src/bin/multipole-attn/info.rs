@@ -2,7 +2,7 @@
 //! depends on (storage binding size bounds one tensor, workgroup storage bounds the tiles).
 
 use crate::error::{CliError, CliResult};
-use multipole_attn::gpu::{list_adapters, AdapterReport};
+use multipole_attn::gpu::{list_adapters, AdapterSummary};
 use std::fmt::Write;
 
 /// Runs the `info` subcommand: prints one block per adapter, or fails when there is none.
@@ -40,7 +40,7 @@ fn bytes(n: u64) -> String {
 }
 
 /// One adapter as a block of text: identity, driver, the limits and features that matter here.
-pub fn format_report(index: usize, r: &AdapterReport) -> String {
+pub fn format_report(index: usize, r: &AdapterSummary) -> String {
     let (info, l) = (&r.info, &r.limits);
     let mut s = String::new();
     // Writing to a String cannot fail; the results are ignored on purpose.
@@ -124,7 +124,7 @@ mod tests {
         info.device = 0x2330;
         info.driver = "drv".into();
         info.driver_info = "1.2.3".into();
-        let report = AdapterReport {
+        let report = AdapterSummary {
             info,
             limits: wgpu::Limits::default(),
             features: wgpu::Features::SUBGROUP,
@@ -167,7 +167,7 @@ mod tests {
         );
         let full = wgpu::DownlevelCapabilities::default();
         assert!(multipole_attn::gpu::compute_support(&full, &wgpu::Limits::default()).is_ok());
-        let report = AdapterReport {
+        let report = AdapterSummary {
             info: wgpu::AdapterInfo::new(wgpu::DeviceType::Other, wgpu::Backend::Gl),
             limits,
             features: wgpu::Features::empty(),

@@ -327,7 +327,7 @@ fn check_subgroup_size(size: u32, features: wgpu::Features, options: ContextOpti
 
 /// What `multipole-attn info` prints about one adapter.
 #[derive(Clone, Debug)]
-pub struct AdapterReport {
+pub struct AdapterSummary {
     /// Name, backend, device type, driver.
     pub info: wgpu::AdapterInfo,
     /// The adapter's limits.
@@ -338,7 +338,7 @@ pub struct AdapterReport {
     pub unsupported: Option<String>,
 }
 
-impl std::fmt::Display for AdapterReport {
+impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
@@ -421,10 +421,10 @@ pub fn all_adapters() -> Vec<wgpu::Adapter> {
 
 /// A report on every adapter wgpu finds on every backend (ignores `WGPU_BACKEND`).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn list_adapters() -> Vec<AdapterReport> {
+pub fn list_adapters() -> Vec<AdapterSummary> {
     all_adapters()
         .into_iter()
-        .map(|a| AdapterReport {
+        .map(|a| AdapterSummary {
             info: a.get_info(),
             limits: a.limits(),
             features: a.features(),
