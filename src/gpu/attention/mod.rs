@@ -359,8 +359,8 @@ impl Attention {
     }
 
     /// The forward of `p` (async): O (batch, heads, seq, head_dim) and the LSE (batch, heads,
-    /// seq), returned ([`Host`]) or written into the caller's buffers ([`Resident`],
-    /// [`Encode`]).
+    /// seq), returned ([`Host`](crate::gpu::Host)) or written into the caller's buffers ([`Resident`](crate::gpu::Resident),
+    /// [`Encode`](crate::gpu::Encode)).
     pub async fn forward_async<'a, I: ForwardIo<'a>>(&self, p: &Problem, io: I) -> Result<I::Out> {
         self.forward_args(p, io.args()).await.map(I::out)
     }
@@ -372,7 +372,7 @@ impl Attention {
     }
 
     /// A training forward of `p` (async): the forward's output as [`Attention::forward`]
-    /// gives it, and the tensors the backward needs ([`Saved`]). With [`Resident`] tensors
+    /// gives it, and the tensors the backward needs ([`Saved`]). With [`Resident`](crate::gpu::Resident) tensors
     /// the LSE buffer is required (the backward reads it) and the buffers must not change
     /// until the backward is recorded.
     pub async fn train_async<'a, I: TrainIo<'a>>(
@@ -400,8 +400,8 @@ impl Attention {
 
     /// The backward of a training forward (async): dQ of Q's shape, dK and dV of K's (with
     /// grouped K/V heads each K/V head's gradient sums its group's, in head order), and in
-    /// FMA's Learned mode the gradients of every level's weights; returned ([`HostGrad`]) or
-    /// written into the caller's buffers ([`ResidentGrad`]). Deterministic run to run.
+    /// FMA's Learned mode the gradients of every level's weights; returned ([`HostGrad`](crate::gpu::HostGrad)) or
+    /// written into the caller's buffers ([`ResidentGrad`](crate::gpu::ResidentGrad)). Deterministic run to run.
     pub async fn backward_async<'a, I: BackwardIo<'a>>(
         &self,
         saved: &Saved,
