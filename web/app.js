@@ -158,7 +158,7 @@ function showResult(r) {
     (r.options.window ? "With a window FMA is its near field alone: exact windowed attention, equal to dense up to f32 rounding. " : "") +
     `Max abs error ${r.maxAbsError.toExponential(1)}. Times: median of ${r.fmaReps} (FMA) and ` +
     `${r.denseReps} (dense) runs, wall clock incl. upload and readback, shaders compiled beforehand. ` +
-    (r.kind === "smooth"
+    (r.options.window ? "" : r.kind === "smooth"
       ? "Smooth keys and values have far-field structure for the coarse levels to summarise."
       : "i.i.d. keys and values have no far-field structure: FMA's worst case.");
   document.body.dataset.result = JSON.stringify(r);
@@ -197,7 +197,7 @@ function drawStructure() {
     `instead of ${seen} for dense attention; together they cover ${o.causal ? "every past position" : "every position"} exactly once.` +
     (mass ? ` Head 0 puts <b>${(100 * mass.mass[0]).toFixed(1)}%</b> of its attention on the fine keys.` : "") +
     (variants
-      ? ` The picture is of the plain softmax: the variants (${describeVariants(full).slice(2)}) are not drawn` +
+      ? ` The picture and these counts are plain FMA's: the variants (${describeVariants(full).slice(2)}) are not drawn` +
         (full.window ? `, and with a window FMA has no coarse level: it sees keys ${Math.max(0, query - full.window[0])}..=${Math.min(o.n - 1, query + full.window[1])} one by one.` : ".")
       : "");
 }
