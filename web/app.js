@@ -28,7 +28,7 @@ function setState(s, message = "") {
 
 /** The options object the Rust side reads (web/src/options.rs). */
 function formOptions() {
-  return {
+  const o = {
     batch: 1,
     heads: Number($("heads").value),
     n: Number($("n").value),
@@ -38,10 +38,41 @@ function formOptions() {
     causal: $("causal").checked,
     queries: $("queries").value,
   };
+  return { ...o, ...formVariants(o.heads) };
 }
 
+/**
+ * The softmax variants of the form (docs/variants.md), each left out when its field is empty:
+ * `softcap` C, `sinks` (one logit per head: a comma list, or one value for every head) and
+ * `window` [L, R] (R empty: 0). Values are passed as typed; Rust checks them (C > 0, one
+ * finite sink per head, R = 0 when causal, whole L, R >= 0) and the page shows its error.
+ */
+function formVariants(heads) {
+  const v = {};
+  const text = (id) => $(id).value.trim();
+  if (text("softcap") !== "") v.softcap = Number(text("softcap"));
+  if (text("sinks") !== "") {
+    const s = text("sinks").split(",").map((x) => Number(x.trim() === "" ? NaN : x));
+    v.sinks = s.length === 1 ? Array(heads).fill(s[0]) : s;
+  }
+  if (text("window-left") !== "" || text("window-right") !== "") {
+    v.window = [Number(text("window-left") || 0), Number(text("window-right") || 0)];
+  }
+  return v;
+}
+
+const VARIANTS = ["softcap", "sinks", "window"];
+const hasVariants = (o) => VARIANTS.some((k) => o[k] !== undefined);
+/** `o` without its softmax variants: the picture and the level mass are plain FMA's. */
+const plainOptions = (o) => Object.fromEntries(Object.entries(o).filter(([k]) => !VARIANTS.includes(k)));
+
+const describeVariants = (o) =>
+  (o.softcap !== undefined ? `, softcap ${o.softcap}` : "") +
+  (o.sinks !== undefined ? `, sinks [${o.sinks.join(", ")}]` : "") +
+  (o.window !== undefined ? `, window [${o.window.join(", ")}]` : "");
+
 const describe = (o) =>
-  `n = ${o.n}, ${o.heads} head${o.heads > 1 ? "s" : ""}, head_dim ${o.headDim}, m = ${o.m}, p = ${o.p}, ${o.causal ? "causal" : "bidirectional"}, ${o.queries} queries`;
+  `n = ${o.n}, ${o.heads} head${o.heads > 1 ? "s" : ""}, head_dim ${o.headDim}, m = ${o.m}, p = ${o.p}, ${o.causal ? "causal" : "bidirectional"}, ${o.queries} queries${describeVariants(o)}`;
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
@@ -82,6 +113,7 @@ async function run(event) {
     // timing below includes shader compilation.
     setState("running", "Compiling shaders…");
     const small = { ...o, heads: 1, n: Math.min(o.n, 4 * o.m) };
+    if (o.sinks) small.sinks = o.sinks.slice(0, 1); // one sink per head
     const xs = makeInputs(small, kind, 1);
     await state.gpu.fma(xs.q, xs.k, xs.v, small);
     await state.gpu.dense(xs.q, xs.k, xs.v, small);
@@ -123,9 +155,10 @@ function showResult(r) {
   $("result-config").textContent = `· ${describe(r.options)}, ${r.kind === "smooth" ? "smooth K, V" : "i.i.d. inputs"}`;
   $("result-notes").textContent =
     `${r.levels} coarse level${r.levels === 1 ? "" : "s"}, ${r.dispatches} dispatches in one submit. ` +
+    (r.options.window ? "With a window FMA is its near field alone: exact windowed attention, equal to dense up to f32 rounding. " : "") +
     `Max abs error ${r.maxAbsError.toExponential(1)}. Times: median of ${r.fmaReps} (FMA) and ` +
     `${r.denseReps} (dense) runs, wall clock incl. upload and readback, shaders compiled beforehand. ` +
-    (r.kind === "smooth"
+    (r.options.window ? "" : r.kind === "smooth"
       ? "Smooth keys and values have far-field structure for the coarse levels to summarise."
       : "i.i.d. keys and values have no far-field structure: FMA's worst case.");
   document.body.dataset.result = JSON.stringify(r);
@@ -137,7 +170,11 @@ const nextFrame = () => new Promise((r) => requestAnimationFrame(() => setTimeou
 // The picture.
 
 function drawStructure() {
-  const o = state.run?.options ?? formOptions();
+  const full = state.run?.options ?? formOptions();
+  // The picture is plain FMA's: the bands and the per-level mass of the plain softmax (with a
+  // softmax variant the mass is not shown, and a window has no coarse level at all).
+  const variants = hasVariants(full);
+  const o = plainOptions(full);
   const query = Math.min(Number($("query").value), o.n - 1);
   $("query-out").textContent = String(query);
   let s;
@@ -148,7 +185,7 @@ function drawStructure() {
     return;
   }
   let mass = null;
-  if (state.run) {
+  if (state.run && !variants) {
     mass = levelMass(state.run.inputs.q, state.run.inputs.k, state.run.inputs.v, o, 0, query);
   }
   paint(s, mass, o);
@@ -158,7 +195,11 @@ function drawStructure() {
     `Query <b>${query}</b> attends to <b>${s.keys}</b> keys: ${fine} fine keys and ` +
     `${s.keys - fine} coarse keys over ${s.levels.length - 1} level${s.levels.length === 2 ? "" : "s"}, ` +
     `instead of ${seen} for dense attention; together they cover ${o.causal ? "every past position" : "every position"} exactly once.` +
-    (mass ? ` Head 0 puts <b>${(100 * mass.mass[0]).toFixed(1)}%</b> of its attention on the fine keys.` : "");
+    (mass ? ` Head 0 puts <b>${(100 * mass.mass[0]).toFixed(1)}%</b> of its attention on the fine keys.` : "") +
+    (variants
+      ? ` The picture and these counts are plain FMA's: the variants (${describeVariants(full).slice(2)}) are not drawn` +
+        (full.window ? `, and with a window FMA has no coarse level: it sees keys ${Math.max(0, query - full.window[0])}..=${Math.min(o.n - 1, query + full.window[1])} one by one.` : ".")
+      : "");
 }
 
 // Layout of the picture, CSS pixels.
@@ -342,7 +383,7 @@ function pickQuery(event) {
   const canvas = $("picture");
   const rect = canvas.getBoundingClientRect();
   const left = Number(canvas.dataset.left), W = Number(canvas.dataset.width);
-  const o = state.run?.options ?? formOptions();
+  const o = plainOptions(state.run?.options ?? formOptions());
   const n = o.n;
   const f = (event.clientX - rect.left - left) / W;
   let t;
@@ -391,7 +432,8 @@ function noWebGpu(reason) {
 async function main() {
   await init();
   $("config").addEventListener("submit", run);
-  for (const id of ["n", "heads", "head_dim", "m", "p", "queries", "causal", "inputs"]) {
+  for (const id of ["n", "heads", "head_dim", "m", "p", "queries", "causal", "inputs",
+    "softcap", "sinks", "window-left", "window-right"]) {
     $(id).addEventListener("change", configChanged);
   }
   $("query").addEventListener("input", drawStructure);

@@ -65,8 +65,12 @@ async function settled(page, timeout) {
 
 const value = (page, id) => page.$eval(`#${id}`, (el) => Number(el.dataset.value));
 
-/** Presses Run, waits, checks the figures; returns them. */
-async function runAndCheck(page, label) {
+/**
+ * Presses Run, waits, checks the figures; returns them. `exact`: FMA is exact here (a sliding
+ * window: its near field alone), so its error against dense is f32 rounding; `mass`: the
+ * picture shows the query's softmax mass per level (not with a softmax variant).
+ */
+async function runAndCheck(page, label, { exact = false, mass = true } = {}) {
   await page.click("#run");
   const s = await settled(page, RUN_TIMEOUT_MS);
   const status = await page.textContent("#status");
@@ -93,9 +97,13 @@ async function runAndCheck(page, label) {
   assert.ok(Math.abs(r.speedup - r.denseMs / r.fmaMs) < 1e-9 * r.speedup, `${label}: speed-up ${r.speedup}`);
   // Smooth keys and values: FMA is an approximation, a few percent off dense attention (the
   // native demo measures ~2e-2); a broken pass would be off by O(1) or NaN.
-  assert.ok(r.relError > 0 && r.relError < 0.1, `${label}: relative error ${r.relError}`);
+  if (exact) {
+    assert.ok(r.relError >= 0 && r.relError < 1e-5, `${label}: relative error ${r.relError}`);
+  } else {
+    assert.ok(r.relError > 0 && r.relError < 0.1, `${label}: relative error ${r.relError}`);
+  }
   assert.match(r.structure, /attends to \d+ keys/);
-  assert.match(r.structure, /% of its attention on the fine keys/);
+  if (mass) assert.match(r.structure, /% of its attention on the fine keys/);
   return r;
 }
 
@@ -151,6 +159,66 @@ test("default run, then a causal configuration, on WebGPU", { timeout: 3 * RUN_T
     assert.ok(Math.abs(q - 1024) <= 8, `clicked query ${q}`);
     assert.match(await page.textContent("#structure-text"), new RegExp(`Query ${q} attends`));
     await page.screenshot({ path: join(RESULTS, "web-demo-causal.png"), fullPage: true });
+    assert.deepEqual(errors, [], "no uncaught errors in the page");
+  } finally {
+    await ctx.close();
+  }
+});
+
+test("the softmax variants set on the form run, and a bad one is a plain error", { timeout: 4 * RUN_TIMEOUT_MS }, async () => {
+  const ctx = await browser(true);
+  try {
+    const page = await ctx.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(url);
+    assert.equal(await settled(page, 60_000), "ready");
+    await page.selectOption("#n", "1024");
+    await page.selectOption("#heads", "2");
+    await page.selectOption("#head_dim", "32");
+    await page.selectOption("#m", "32");
+
+    // Gemma 2's softcap with gpt-oss's sinks (one per head), bidirectional FMA.
+    await page.fill("#softcap", "5");
+    await page.fill("#sinks", "1.5, -0.5");
+    const capped = await runAndCheck(page, "softcap + sinks run", { mass: false });
+    assert.match(capped.config, /n = 1024, 2 heads, head_dim 32, m = 32, p = 2, bidirectional, fine queries, softcap 5, sinks \[1\.5, -0\.5\]/);
+    assert.match(capped.structure, /the variants \(softcap 5, sinks \[1\.5, -0\.5\]\) are not drawn/);
+    assert.match(capped.notes, /\d+ coarse levels?/);
+
+    // A sliding window with the causal mask and one sink value for every head (gpt-oss's
+    // window layers): FMA is its near field alone, exact windowed attention.
+    await page.fill("#softcap", "");
+    await page.fill("#sinks", "2");
+    await page.fill("#window-left", "24");
+    await page.check("#causal");
+    const windowed = await runAndCheck(page, "window + sinks run", { exact: true, mass: false });
+    assert.match(windowed.config, /causal, fine queries, sinks \[2, 2\], window \[24, 0\]/);
+    assert.match(windowed.notes, /^0 coarse levels/);
+    assert.match(windowed.notes, /near field alone/);
+    assert.match(windowed.structure, /with a window FMA has no coarse level/);
+    await page.screenshot({ path: join(RESULTS, "web-demo-variants.png"), fullPage: true });
+
+    // A window wider than FMA's near field, then a window looking right under the causal mask:
+    // the library's typed errors, shown in the status; the page runs again afterwards.
+    await page.fill("#window-left", "100");
+    await page.click("#run");
+    assert.equal(await settled(page, RUN_TIMEOUT_MS), "error");
+    const wide = await page.textContent("#status");
+    console.log(`wide window: ${wide}`);
+    assert.match(wide, /^Error: .*window/);
+    await page.fill("#window-left", "8");
+    await page.fill("#window-right", "3");
+    await page.click("#run");
+    assert.equal(await settled(page, RUN_TIMEOUT_MS), "error");
+    const right = await page.textContent("#status");
+    console.log(`window right under causal: ${right}`);
+    assert.match(right, /invalid window = \(8, 3\): with the causal mask the window's right extent R must be 0/);
+
+    // Clearing the fields turns the variants off: the plain run, with its per-level mass.
+    for (const id of ["sinks", "window-left", "window-right"]) await page.fill(`#${id}`, "");
+    const plain = await runAndCheck(page, "variants off again");
+    assert.doesNotMatch(plain.config, /softcap|sinks|window/);
     assert.deepEqual(errors, [], "no uncaught errors in the page");
   } finally {
     await ctx.close();

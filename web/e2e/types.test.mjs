@@ -50,4 +50,7 @@ test("the README example type-checks against web/pkg's declarations", { timeout:
   const bad = typecheck(example.replace("headDim: 64", 'headDim: "64"'));
   assert.notEqual(bad.code, 0, "a string headDim must not type-check");
   assert.match(bad.out, /TS2322/);
+  const badWindow = typecheck(example.replace("window: [63, 0]", "window: 63"));
+  assert.notEqual(badWindow.code, 0, "a window that is not [L, R] must not type-check");
+  assert.match(badWindow.out, /TS2322/);
 });

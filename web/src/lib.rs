@@ -21,6 +21,13 @@
 //! does not allow are errors. `queries` is `"fine"` (the default, O(n log n)) or `"coarse"`
 //! (O(n), bidirectional only: with `causal: true` it throws); see [`options::Queries`].
 //!
+//! Softmax variants (docs/variants.md), for dense attention and FMA with fine queries:
+//! `softcap: C` (every logit becomes C tanh(l / C)), `sinks: [..]` (one logit per query head
+//! joining each row's softmax denominator), `window: [L, R]` (query i sees keys i - L ..= i + R;
+//! FMA runs it through its near field alone, exactly, with L, R <= m). Values the library does
+//! not allow throw its typed error; `structure` and `levelMass` draw the plain softmax and
+//! throw with a variant.
+//!
 //! 2D (images, algorithm.md §9): `grid: [H, W]` lays the n = H W tokens of every head on an
 //! H x W grid in raster order, with `m` the cell side r; `gridStructure(opts, t)` is what
 //! token t sees (its near cells and its far bands per level):

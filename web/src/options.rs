@@ -1,6 +1,6 @@
 //! The options object every JS call takes, checked and turned into the library's types.
 
-use multipole_attn::{FmaConfig, FmaError, Grid, Problem, Sequences, Shape};
+use multipole_attn::{FmaConfig, FmaError, Grid, Problem, Sequences, Shape, Variants, Window};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -19,11 +19,14 @@ pub enum Queries {
 
 /// A problem and an FMA configuration, as JS passes it:
 /// `{ batch?: 1, heads?: 1, kvHeads?: heads, n, nKv?: n, headDim, m?: 64, p?: 2, causal?:
-/// false, queries?: "fine", seqlens?: [..], seqlensKv?: [..], grid?: [H, W] }`. Q and O are
+/// false, queries?: "fine", seqlens?: [..], seqlensKv?: [..], grid?: [H, W], softcap?: C,
+/// sinks?: [..], window?: [L, R] }`. Q and O are
 /// (batch, heads, n, headDim) f32, row-major; K and V (batch, kvHeads, nKv, headDim)
 /// (grouped-query attention when kvHeads < heads; cross-length attention when nKv != n, causal
 /// bottom-right aligned). With `grid` the n = H W tokens of every head lie on an H x W image in
 /// raster order (token t = y W + x) and `m` is the cell side r (2D FMA, algorithm.md §9).
+/// `softcap`, `sinks` and `window` are the softmax variants (docs/variants.md), for dense
+/// attention and FMA with fine queries.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Options {
@@ -72,10 +75,22 @@ pub struct Options {
     /// H W must be `n`, `m` is the cell side r (p divides it), not causal, no `seqlens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid: Option<[usize; 2]>,
+    /// Logit softcap C > 0 (Gemma 2): every logit l, fine or coarse, becomes C tanh(l / C).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softcap: Option<f32>,
+    /// Attention sinks (gpt-oss): one finite logit per query head (`heads` of them), whose
+    /// term exp(S_h) joins each row's softmax denominator and carries no value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<Vec<f32>>,
+    /// `[L, R]`: a sliding window, query i sees key j iff i - L <= j <= i + R (bottom-right
+    /// aligned for cross-length inputs; R = 0 with `causal`). FMA with a window is its near
+    /// field alone (exact windowed attention): L, R <= m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<[usize; 2]>,
 }
 
 /// The JS names of the fields of [`Options`].
-const FIELDS: [&str; 13] = [
+const FIELDS: [&str; 16] = [
     "batch",
     "heads",
     "kvHeads",
@@ -89,6 +104,9 @@ const FIELDS: [&str; 13] = [
     "seqlens",
     "seqlensKv",
     "grid",
+    "softcap",
+    "sinks",
+    "window",
 ];
 
 fn one() -> usize {
@@ -188,13 +206,33 @@ impl Options {
         Ok(cfg)
     }
 
-    /// The problem: shape, packed sequences and mask.
+    /// The softmax variants of `softcap`, `sinks` and `window` (not yet checked: the problem
+    /// checks them against the heads and the mask).
+    pub fn variants(&self) -> Variants {
+        Variants {
+            softcap: self.softcap,
+            sinks: self.sinks.clone(),
+            window: self.window.map(|[left, right]| Window { left, right }),
+        }
+    }
+
+    /// Whether any softmax variant is set.
+    pub fn has_variants(&self) -> bool {
+        self.variants() != Variants::default()
+    }
+
+    /// The problem: shape, packed sequences, mask and softmax variants, validated (typed
+    /// errors: a softcap C <= 0 or not finite, not one finite sink per query head, a window
+    /// with R > 0 under the causal mask; what FMA's configuration refuses with a variant, a
+    /// window wider than its near field or coarse queries, the call's executor says).
     pub fn problem(&self) -> Result<Problem, JsError> {
-        Ok(Problem {
+        let problem = Problem {
             shape: self.shape()?,
             sequences: self.sequences()?,
             causal: self.causal,
-            variants: Default::default(),
-        })
+            variants: self.variants(),
+        };
+        problem.validate()?;
+        Ok(problem)
     }
 }

@@ -72,10 +72,27 @@ fn refuse_grid(opts: &Options) -> Result<(), JsError> {
     }
 }
 
+/// The views draw the plain softmax: a softmax variant (softcap, sinks, window) is an error
+/// rather than a picture or a mass that would silently leave it out.
+fn refuse_variants(opts: &Options) -> Result<(), JsError> {
+    if !opts.has_variants() {
+        return Ok(());
+    }
+    Err(FmaError::InvalidConfig {
+        what: "variants",
+        value: format!("{:?}", opts.variants()),
+        allowed: "none: structure and levelMass show the plain softmax (leave out softcap, \
+                  sinks and window)"
+            .into(),
+    }
+    .into())
+}
+
 /// The bands query `query` sees for (n, m, p, causal) of `opts`.
 pub fn structure_of(opts: &Options, query: usize) -> Result<Structure, JsError> {
     opts.config()?;
     refuse_grid(opts)?;
+    refuse_variants(opts)?;
     if query >= opts.n {
         return Err(FmaError::ShapeMismatch {
             what: "query index".into(),
@@ -169,6 +186,7 @@ pub fn level_mass_of(
     let shape = opts.shape()?;
     let cfg = opts.config()?;
     refuse_grid(opts)?;
+    refuse_variants(opts)?;
     shape.check_len("Q", q.len())?;
     shape.check_kv_len("K", k.len())?;
     shape.check_kv_len("V", v.len())?;

@@ -41,6 +41,16 @@ export interface FmaOptions {
   /** [H, W]: the n = H W tokens lie on an H x W grid in raster order (token y W + x), 2D FMA
    * with m the cell side r (p divides it); H W must be n, not causal, no seqlens. */
   grid?: [number, number];
+  /** Logit softcap C > 0 (Gemma 2): every logit l, fine or coarse, becomes C tanh(l / C).
+   * Dense attention and FMA with fine queries. */
+  softcap?: number;
+  /** Attention sinks (gpt-oss): one finite logit S_h per query head (heads of them); each
+   * row's softmax denominator gains exp(S_h), which carries no value. Dense and fine FMA. */
+  sinks?: number[];
+  /** [L, R]: sliding window, query i sees key j iff i - L <= j <= i + R (bottom-right aligned
+   * for nKv != n; R must be 0 with causal). FMA with a window is exact windowed attention
+   * through its near field alone: L, R <= m, fine queries, not on a grid. */
+  window?: [number, number];
 }
 
 /** What `Gpu.plan` returns: coarse levels and dispatches in the one submit. */

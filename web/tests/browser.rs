@@ -61,6 +61,9 @@ fn opts(
         seqlens: None,
         seqlens_kv: None,
         grid: None,
+        softcap: None,
+        sinks: None,
+        window: None,
     }
 }
 
@@ -718,6 +721,18 @@ fn option_field_names_round_trip() {
         keys,
         ["batch", "heads", "n", "headDim", "m", "p", "causal", "queries"]
     );
+    let variants = Options::from_js(js_opts(
+        r#"{"n": 5, "headDim": 4, "heads": 2, "softcap": 30, "sinks": [0.5, -1], "window": [3, 0]}"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        (variants.softcap, variants.sinks.as_deref(), variants.window),
+        (Some(30.0), Some(&[0.5, -1.0][..]), Some([3, 0]))
+    );
+    assert_eq!(
+        Options::from_js(variants.to_js().unwrap()).unwrap(),
+        variants
+    );
     assert_eq!(Options::from_js(js).unwrap(), o);
     let two_d = Options::from_js(js_opts(r#"{"n": 35, "headDim": 4, "grid": [7, 5]}"#)).unwrap();
     assert_eq!(two_d.grid, Some([7, 5]));
@@ -1015,4 +1030,138 @@ async fn backward_matches_the_cpu_reference_for_fine_and_coarse_queries() {
             assert_eq!(c.violations, 0, "{label}: {name} {c:?}");
         }
     }
+}
+
+/// The softmax variants through the JS-facing path (`softcap`, `sinks`, `window` in the options
+/// object), alone and combined (sinks + window as in gpt-oss, softcap + window as in Gemma 2),
+/// causal or not, with grouped K/V heads and a packed batch: `Gpu.fma` and `Gpu.dense` against
+/// the f64 reference of the same options' problem (`cpu::forward`), with the forward's
+/// tolerance. Each case's reference also differs from the plain softmax's, so a variant the
+/// options dropped would fail. What the library refuses is an Error naming the variant.
+#[wasm_bindgen_test]
+async fn softmax_variant_options_match_the_reference() {
+    let g = gpu().await;
+    let seed = fresh_seed() as u32;
+    console_log!("seed {seed}");
+    // Sinks comparable with the row sums (about n e^{1/2} for N(0, 1) logits): e^4 and more.
+    let sinks: Vec<f32> = normal_tensor(u64::from(seed) ^ 0x5155, 2)
+        .iter()
+        .map(|s| 4.0 + s)
+        .collect();
+    let base = |causal| Options {
+        kv_heads: Some(1),
+        ..opts(1, 2, 200, 16, 16, 2, causal)
+    };
+    let cases = [
+        Options {
+            softcap: Some(1.5),
+            ..base(false)
+        },
+        Options {
+            sinks: Some(sinks.clone()),
+            ..base(true)
+        },
+        Options {
+            window: Some([12, 0]),
+            ..base(true)
+        },
+        Options {
+            window: Some([5, 9]),
+            ..base(false)
+        },
+        Options {
+            sinks: Some(sinks.clone()),
+            window: Some([16, 0]),
+            ..base(true)
+        },
+        Options {
+            softcap: Some(2.0),
+            window: Some([7, 3]),
+            ..base(false)
+        },
+        Options {
+            softcap: Some(1.5),
+            sinks: Some(sinks.clone()),
+            seqlens: Some(vec![50, 0, 150]),
+            ..base(true)
+        },
+    ];
+    for (i, o) in cases.into_iter().enumerate() {
+        let label = format!("seed {seed} case {i} {o:?}");
+        let x = make_inputs(o.to_js().unwrap(), "random", seed + i as u32).unwrap();
+        let (q, k, v) = (widen(&x.q), widen(&x.k), widen(&x.v));
+        let problem = o.problem().unwrap();
+        let want_dense = cpu::forward(&Method::Dense, &problem, &q, &k, &v).unwrap();
+        let want_fma = fma_reference(&o, None, &q, &k, &v).unwrap();
+        let plain = Problem {
+            variants: Default::default(),
+            ..problem.clone()
+        };
+        let plain = cpu::forward(&Method::Dense, &plain, &q, &k, &v).unwrap();
+        let moved = closeness(
+            &want_dense.o.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            &plain.o,
+            1e-3,
+            0.0,
+        );
+        assert!(moved.violations > 0, "{label}: the variant changes nothing");
+        let exact = g
+            .dense(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{label}: dense: {}", message(e)));
+        let c = closeness(&exact, &want_dense.o, O_ATOL, O_RTOL);
+        console_log!("{label}: dense max |O - ref| {:.2e}", c.max_abs);
+        assert_eq!(c.violations, 0, "{label}: dense off by up to {}", c.max_abs);
+        let fma = g
+            .fma(x.q.clone(), x.k.clone(), x.v.clone(), o.to_js().unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{label}: FMA: {}", message(e)));
+        let c = closeness(&fma, &want_fma.o, O_ATOL, O_RTOL);
+        console_log!("{label}: FMA max |O - ref| {:.2e}", c.max_abs);
+        assert_eq!(c.violations, 0, "{label}: FMA off by up to {}", c.max_abs);
+        if o.window.is_some() {
+            // FMA with a window is exact windowed attention: its reference is dense's.
+            let c = closeness(&fma, &want_dense.o, O_ATOL, O_RTOL);
+            assert_eq!(
+                c.violations, 0,
+                "{label}: FMA window vs dense {}",
+                c.max_abs
+            );
+        }
+    }
+
+    // Refusals, as JS Errors with the library's message; the device works after them.
+    let x = normal_tensor(u64::from(seed), 2 * 40 * 8);
+    let base = r#""heads": 2, "n": 40, "headDim": 8, "m": 8"#;
+    for (extra, fma, want) in [
+        (r#""softcap": 0"#, false, "invalid softcap = 0"),
+        (r#""softcap": -2"#, true, "invalid softcap = -2"),
+        (r#""sinks": [1]"#, true, "shape mismatch for sinks"),
+        (
+            r#""window": [4, 2], "causal": true"#,
+            false,
+            "invalid window",
+        ),
+        (r#""window": [20, 0]"#, true, "window"),
+        (r#""softcap": 5, "queries": "coarse""#, true, "coarse"),
+        (r#""window": [-1, 0]"#, false, "invalid options:"),
+        (r#""sinks": 3"#, false, "invalid options:"),
+    ] {
+        let json = format!("{{{base}, {extra}}}");
+        let (x, o) = (x.clone(), js_opts(&json));
+        let r = if fma {
+            g.fma(x.clone(), x.clone(), x, o).await
+        } else {
+            g.dense(x.clone(), x.clone(), x, o).await
+        };
+        let m = message(r.expect_err(&json));
+        assert!(m.contains(want), "{json}: {m}");
+    }
+    let o = js_opts(&format!(r#"{{{base}, "window": [20, 0]}}"#));
+    let out = g.dense(x.clone(), x.clone(), x.clone(), o).await.unwrap();
+    assert!(out.iter().all(|v| v.is_finite()), "dense takes any window");
+    // The 1D views draw the plain softmax: a variant there is an Error, not a silent omission.
+    let o = js_opts(&format!(r#"{{{base}, "softcap": 5}}"#));
+    let m = message(structure(o, 3).unwrap_err());
+    assert!(m.contains("variants"), "{m}");
 }

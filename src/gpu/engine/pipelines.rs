@@ -35,6 +35,8 @@ pub(crate) const COUNTER_STRIDE: u64 = 256;
 /// The per-dispatch row counters of a counting device (`GpuContext::counting_rows`, tests):
 /// group 2 of every pipeline, dispatch k's (max, total) at byte k * COUNTER_STRIDE.
 pub(crate) struct RowCounter {
+    /// Read back by `GpuContext::take_row_counts`, native only.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub buffer: wgpu::Buffer,
     pub layout: wgpu::BindGroupLayout,
     pub group: wgpu::BindGroup,
