@@ -375,6 +375,12 @@ impl Attention {
     /// gives it, and the tensors the backward needs ([`Saved`]). With [`Resident`] tensors
     /// the LSE buffer is required (the backward reads it) and the buffers must not change
     /// until the backward is recorded.
+    ///
+    /// FMA's host tensors over one storage binding train a run of heads at a time (whole K/V
+    /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`]
+    /// only. Still a typed error: resident buffers over a binding, one head over a binding
+    /// (the backward does not split a head along its sequence), sinks on tensors over a
+    /// binding, and a variable-length batch over a binding.
     pub async fn train_async<'a, I: TrainIo<'a>>(
         &self,
         p: &Problem,

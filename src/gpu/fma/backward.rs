@@ -260,7 +260,9 @@ impl FmaAttention {
 
     /// FMA of host tensors that keeps what the backward needs on the GPU (async). Q, K, V:
     /// (batch, heads, seq, head_dim) f32. Returns O and the LSE (as [`FmaAttention::forward`]
-    /// with the LSE) and the [`Saved`] tensors for [`FmaAttention::backward`].
+    /// with the LSE) and the [`Saved`] tensors for [`FmaAttention::backward`]. Tensors whose
+    /// backward exceeds one storage binding while one head's fits train a run of heads at a
+    /// time (`backward_runs.rs`); their backward is then host dO only.
     ///
     /// K and V may be longer than Q with a causal, fine-query 1D configuration, as in
     /// [`FmaAttention::forward_async`] ([`crate::cross`]); the backward then takes dO of Q's
