@@ -20,6 +20,9 @@ use crate::problem::Problem;
 use crate::variants::Variants;
 
 use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, TrainIo};
+// The I/O types the docs below link to (the calls take them through the traits above).
+#[cfg(doc)]
+use crate::gpu::engine::io::{Encode, Host, HostGrad, Resident, ResidentGrad};
 
 /// Attention on the GPU: a [`Method`] on a device, run on any [`Problem`].
 ///
