@@ -14,7 +14,9 @@
 //!   scale.
 //!
 //! The split run is bitwise the same twice, and within the backward tolerance of the f64
-//! reference (`TOL`, tests/gpu/backward.rs). Fresh seeds (printed). Resident buffers over a
+//! reference (`TOL`, tests/gpu/backward.rs). Cases: GQA groups of 2 and 4, one K/V head per
+//! query head, causal and not, fine and coarse queries, Average and Learned, a chunk of Q
+//! shorter than K and V (`crate::cross`). Fresh seeds (printed). Resident buffers over a
 //! binding are a typed error before the forward (their NaN-poisoned outputs stay NaN), as is
 //! a resident backward of host tensors saved in runs (its poisoned gradients stay NaN), sinks
 //! on tensors over a binding, and one head over a binding (the backward does not yet split a
@@ -80,9 +82,17 @@ fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig, whole_groups
         .unwrap()
         .max_binding(LIMIT)
         .unwrap();
-    // The split run cannot pass by not splitting: its backward does not fit one binding.
+    // The split run cannot pass by not splitting: its backward does not fit one binding (a
+    // chunk's: that of Q padded to the keys' length, which it runs).
+    let sh = p.shape;
+    let full = Shape::cross(sh.batch, sh.heads, sh.seq_kv, sh.seq_kv, sh.head_dim)
+        .with_kv_heads(sh.kv_heads);
+    let full = Problem::new(full).causal(p.causal);
     assert!(
-        matches!(split.backward_plan(p), Err(FmaError::LimitExceeded { .. })),
+        matches!(
+            split.backward_plan(&full),
+            Err(FmaError::LimitExceeded { .. })
+        ),
         "{label}: the tensors fit one binding"
     );
     let (out_u, g_u) = host_gradients(&whole, p, &x);
@@ -165,6 +175,15 @@ fn backward_over_one_binding_runs_heads_and_matches_unsplit() {
         ),
         // One K/V head per query head: runs of 3 heads, then 1.
         (Shape::new(2, 2, n, d), false, false, true, true),
+        // A chunk of 100 queries against 300 keys (`crate::cross`: Q padded to the keys'
+        // length, in runs all the same).
+        (
+            Shape::cross(1, 4, 100, n, d).with_kv_heads(2),
+            true,
+            false,
+            true,
+            true,
+        ),
         // A group of 4 heads is over the binding: one query head per run, dK and dV summed
         // over the runs of the group.
         (
