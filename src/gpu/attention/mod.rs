@@ -328,7 +328,10 @@ impl Attention {
         })
     }
 
-    /// The plan a backward of `p` executes.
+    /// The plan a backward of `p` executes. FMA tensors over one storage binding that train a
+    /// run of heads at a time ([`Attention::train`]) have no one plan: this is then the
+    /// binding's `LimitExceeded`, and each run's plan that of `p` with the run's heads
+    /// ([`crate::Shape::with_heads`]).
     pub fn backward_plan(&self, p: &Problem) -> Result<Plan> {
         p.validate()?;
         let s = p.shape;
