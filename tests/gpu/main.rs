@@ -7,6 +7,7 @@
 mod common;
 
 mod backward;
+mod backward_split;
 mod coarse;
 mod coarse_backward;
 mod concurrency;

@@ -20,6 +20,9 @@ use crate::problem::Problem;
 use crate::variants::Variants;
 
 use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, TrainIo};
+// The I/O types the docs below link to (the calls take them through the traits above).
+#[cfg(doc)]
+use crate::gpu::engine::io::{Encode, Host, HostGrad, Resident, ResidentGrad};
 
 /// Attention on the GPU: a [`Method`] on a device, run on any [`Problem`].
 ///
@@ -325,7 +328,10 @@ impl Attention {
         })
     }
 
-    /// The plan a backward of `p` executes.
+    /// The plan a backward of `p` executes. FMA tensors over one storage binding that train a
+    /// run of heads at a time ([`Attention::train`]) have no one plan: this is then the
+    /// binding's `LimitExceeded`, and each run's plan that of `p` with the run's heads
+    /// ([`crate::Shape::with_heads`]).
     pub fn backward_plan(&self, p: &Problem) -> Result<Plan> {
         p.validate()?;
         let s = p.shape;
@@ -375,6 +381,12 @@ impl Attention {
     /// gives it, and the tensors the backward needs ([`Saved`]). With [`Resident`](crate::gpu::Resident) tensors
     /// the LSE buffer is required (the backward reads it) and the buffers must not change
     /// until the backward is recorded.
+    ///
+    /// FMA's host tensors over one storage binding train a run of heads at a time (whole K/V
+    /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`]
+    /// only. Still a typed error: resident buffers over a binding, one head over a binding
+    /// (the backward does not split a head along its sequence), sinks on tensors over a
+    /// binding, and a variable-length batch over a binding.
     pub async fn train_async<'a, I: TrainIo<'a>>(
         &self,
         p: &Problem,

@@ -21,7 +21,10 @@ use crate::shape::Shape;
 ///
 /// Grouped-query heads run in whole groups (a run's K/V are its groups' K/V heads), or, when
 /// one group does not fit, one query head at a time with its K/V head.
-fn head_chunks(shape: Shape, fits: impl Fn(Shape) -> Result<()>) -> Result<Vec<(usize, usize)>> {
+pub(crate) fn head_chunks(
+    shape: Shape,
+    fits: impl Fn(Shape) -> Result<()>,
+) -> Result<Vec<(usize, usize)>> {
     let bh = shape.batch_heads();
     match fits(shape) {
         Ok(()) => return Ok(vec![(0, bh)]),

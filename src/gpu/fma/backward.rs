@@ -43,14 +43,88 @@ pub struct Saved {
     /// of equal sequences.
     sequences: Option<Sequences>,
     owner: u64,
-    tensors: SavedTensors,
+    pub(super) kept: Kept,
+}
+
+/// Where a [`Saved`] forward's tensors are.
+#[derive(Clone, Debug)]
+pub(super) enum Kept {
+    /// All heads in one set of buffers (each within one storage binding).
+    Whole(SavedTensors),
+    /// Tensors over one binding whose heads fit: runs of heads in head order, each its own
+    /// forward with its own buffers (`backward_runs.rs`).
+    Runs(Vec<HeadRun>),
+}
+
+/// One run of heads of a [`Kept::Runs`]: query heads `first .. first + count` of the
+/// batch*heads, saved as a forward of their own shape (`Shape::with_heads`).
+#[derive(Clone, Debug)]
+pub(super) struct HeadRun {
+    pub first: usize,
+    pub count: usize,
+    pub saved: Saved,
 }
 
 impl Saved {
+    /// A forward of `shape` by the executor `owner`, saved in runs of heads.
+    pub(super) fn runs(shape: Shape, owner: u64, kept: Kept) -> Self {
+        Self {
+            shape,
+            chunk: None,
+            sequences: None,
+            owner,
+            kept,
+        }
+    }
+
+    /// The buffers of a forward saved whole; saved in runs of heads ([`Kept::Runs`], host
+    /// tensors over one binding), a typed error: only a host backward splits them.
+    fn whole(&self) -> Result<&SavedTensors> {
+        match &self.kept {
+            Kept::Whole(t) => Ok(t),
+            Kept::Runs(runs) => Err(FmaError::InvalidConfig {
+                what: "the backward into buffers (ResidentGrad)",
+                value: format!(
+                    "a training forward of {} whose tensors exceed one storage binding, saved \
+                     in {} runs of heads",
+                    self.shape,
+                    runs.len()
+                ),
+                allowed: "the host backward (HostGrad), which differentiates one run of heads \
+                          at a time; or tensors that fit one storage binding each"
+                    .into(),
+            }),
+        }
+    }
+
     /// The same tensors as a variable-length batch's.
     pub(super) fn with_sequences(mut self, seqs: Sequences) -> Self {
         self.sequences = Some(seqs);
         self
+    }
+}
+
+/// The error of resident tensors whose backward does not fit one binding: the plan's limit,
+/// with what to do instead (host tensors split; the caller's buffers do not).
+fn resident_over_binding(e: FmaError) -> FmaError {
+    match e {
+        FmaError::LimitExceeded {
+            what,
+            requested,
+            max,
+            unit,
+            advice,
+        } => FmaError::LimitExceeded {
+            what: format!("the backward of resident buffers: {what}"),
+            requested,
+            max,
+            unit,
+            advice: format!(
+                "train on host tensors (Host, then HostGrad), which run a run of heads at a \
+                 time, or pass fewer heads per call ({advice})"
+            ),
+        },
+        e => e,
     }
 }
 
@@ -186,7 +260,9 @@ impl FmaAttention {
 
     /// FMA of host tensors that keeps what the backward needs on the GPU (async). Q, K, V:
     /// (batch, heads, seq, head_dim) f32. Returns O and the LSE (as [`FmaAttention::forward`]
-    /// with the LSE) and the [`Saved`] tensors for [`FmaAttention::backward`].
+    /// with the LSE) and the [`Saved`] tensors for [`FmaAttention::backward`]. Tensors whose
+    /// backward exceeds one storage binding while one head's fits train a run of heads at a
+    /// time (`backward_runs.rs`); their backward is then host dO only.
     ///
     /// K and V may be longer than Q with a causal, fine-query 1D configuration, as in
     /// [`FmaAttention::forward_async`] ([`crate::cross`]); the backward then takes dO of Q's
@@ -225,22 +301,39 @@ impl FmaAttention {
         check_host(shape, q, k, v)?;
         // The backward must be possible before we run a forward.
         match seqs {
-            None => self.backward_plan(shape)?,
+            None => match self.backward_plan(shape) {
+                // Tensors over one binding: a run of heads at a time, if one head fits.
+                Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
+                    return self.forward_train_runs((q, k, v), shape).await;
+                }
+                other => other?,
+            },
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };
+        self.forward_train_whole((q, k, v), shape, seqs).await
+    }
+
+    /// [`FmaAttention::forward_train_in`] of tensors whose backward fits one binding each.
+    pub(super) async fn forward_train_whole(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+        seqs: Option<&Sequences>,
+    ) -> Result<(Output, Saved)> {
+        let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v));
+        let t = tensors.tensors();
+        match seqs {
+            None => self.forward_buffers_async(t, shape).await?,
+            Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
+        }
+        let out = tensors.read_outputs(&self.ctx, shape).await?;
         let saved = Saved {
             shape,
             chunk: None,
             sequences: seqs.cloned(),
             owner: self.id,
-            tensors: SavedTensors::upload(&self.ctx, shape, (q, k, v)),
+            kept: Kept::Whole(tensors),
         };
-        let t = saved.tensors.tensors();
-        match seqs {
-            None => self.forward_buffers_async(t, shape).await?,
-            Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
-        }
-        let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
         Ok((out, saved))
     }
 
@@ -248,13 +341,26 @@ impl FmaAttention {
     /// this instance, for [`FmaAttention::backward_buffers`]. `t.lse` must be the buffer that
     /// forward wrote the LSE into; without it there is nothing to differentiate from
     /// ([`FmaError::NoSavedForward`]). The buffers must not change until the backward is recorded.
+    ///
+    /// The backward of buffers runs on them whole: tensors over one storage binding are a
+    /// typed error here, before the forward runs (host tensors train in runs of heads).
     pub fn saved_from_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<Saved> {
+        // Only the binding limit is decided here; other errors keep coming from the backward.
+        if let Err(e @ FmaError::LimitExceeded { .. }) = self.backward_plan(shape) {
+            return Err(resident_over_binding(e));
+        }
+        self.saved_buffers(t, shape)
+    }
+
+    /// [`FmaAttention::saved_from_buffers`] without its check of the plan (a variable-length
+    /// batch checks its own).
+    pub(super) fn saved_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<Saved> {
         Ok(Saved {
             shape,
             chunk: None,
             sequences: None,
             owner: self.id,
-            tensors: SavedTensors::from_buffers(t, shape)?,
+            kept: Kept::Whole(SavedTensors::from_buffers(t, shape)?),
         })
     }
 
@@ -280,8 +386,21 @@ impl FmaAttention {
 
     /// [`FmaAttention::backward_async`] of the saved (full-length) shape.
     async fn backward_self(&self, saved: &Saved, dout: &[f32]) -> Result<Gradients<f32>> {
+        saved.shape.check_len("dO", dout.len())?;
+        match &saved.kept {
+            Kept::Whole(_) => self.backward_whole(saved, dout).await,
+            Kept::Runs(runs) => self.backward_runs(saved.shape, runs, dout).await,
+        }
+    }
+
+    /// [`FmaAttention::backward_async`] of tensors saved in one set of buffers
+    /// ([`Kept::Whole`]).
+    pub(super) async fn backward_whole(
+        &self,
+        saved: &Saved,
+        dout: &[f32],
+    ) -> Result<Gradients<f32>> {
         let shape = saved.shape;
-        shape.check_len("dO", dout.len())?;
         let plan = self.saved_plan(saved)?;
         let device = &self.ctx.device;
         let bytes = shape.elements() as u64 * 4;
@@ -400,7 +519,7 @@ impl FmaAttention {
         let dsinks = match &self.cfg.variants.sinks {
             None => None,
             Some(_) => {
-                let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
+                let out = saved.whole()?.read_outputs(&self.ctx, shape).await?;
                 let lse = out.lse.unwrap_or_default();
                 self.cfg.variants.sink_gradient(shape, &out.o, &lse, dout)
             }
@@ -438,6 +557,7 @@ impl FmaAttention {
             });
         }
         let shape = saved.shape;
+        let tensors = saved.whole()?;
         let plan = self.saved_plan(saved)?;
         let bytes = shape.elements() as u64 * 4;
         check_storage("dO", dout, bytes, shape)?;
@@ -492,7 +612,7 @@ impl FmaAttention {
             let mut res = scratch
                 .resources(&self.ctx, &plan, self.limits.binding_bytes())
                 .with(Role::Params, &uniforms.params)
-                .with_saved(&saved.tensors)
+                .with_saved(tensors)
                 .with(Role::DOut, dout)
                 .with(Role::Weights, &w.w)
                 .with(Role::Biases, &w.b)

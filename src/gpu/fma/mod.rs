@@ -7,6 +7,7 @@
 //! by capacity (`workspace.rs`).
 
 pub(crate) mod backward;
+mod backward_runs;
 mod forward;
 mod split;
 mod split_coarse;

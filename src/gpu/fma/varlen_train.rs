@@ -55,8 +55,6 @@ impl FmaAttention {
         seqs: &Sequences,
     ) -> Result<Saved> {
         self.backward_plan_sequences(shape, seqs)?;
-        Ok(self
-            .saved_from_buffers(t, shape)?
-            .with_sequences(seqs.clone()))
+        Ok(self.saved_buffers(t, shape)?.with_sequences(seqs.clone()))
     }
 }

@@ -1,0 +1,139 @@
+//! Training on host tensors over one storage binding whose heads fit: the forward and the
+//! backward a run of heads at a time (`engine::front::head_chunks`, as the forward's
+//! `forward_host`), each run its own saved forward, and the runs' gradients put together in
+//! head order on the host.
+//!
+//! Runs are whole K/V-head groups whenever one group fits, so each K/V head's dK and dV are
+//! summed over its query heads inside one run, by the same passes as an unsplit backward: dQ,
+//! dK and dV are then the bits of the unsplit run. A group too large for one binding runs one
+//! query head at a time and its K/V head's gradients are the sum of those runs in head order.
+//! The learned weights' gradients are sums over every head: each run's sum is added to the
+//! previous runs' in run order, in f32 on the host, so the result is the same bits run to run
+//! and differs from the unsplit run (one tree of partial sums over all heads) by rounding only.
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::front::{head_chunks, kv_heads_of};
+use crate::gpu::engine::tensors::Output;
+use crate::gradients::{Gradients, LevelGradients};
+use crate::shape::Shape;
+
+use super::backward::{HeadRun, Kept, Saved};
+use super::FmaAttention;
+
+impl FmaAttention {
+    /// A training forward of `shape` whose backward does not fit one binding with all heads:
+    /// one training forward per run of heads, outputs concatenated in head order.
+    pub(super) async fn forward_train_runs(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+    ) -> Result<(Output, Saved)> {
+        if self.cfg.variants.sinks.is_some() {
+            // A run's parameter block numbers its heads from 0 (`Params::set_variants`): its
+            // sinks would be the wrong heads'.
+            return Err(FmaError::InvalidConfig {
+                what: "attention sinks",
+                value: format!("training on {shape}, whose tensors exceed one storage binding"),
+                allowed: "sinks on tensors whose backward fits one storage binding (fewer heads \
+                          or a shorter sequence per call)"
+                    .into(),
+            });
+        }
+        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))?;
+        let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
+        let mut o = Vec::with_capacity(shape.elements());
+        let mut lse = Vec::with_capacity(shape.rows());
+        let mut kept = Vec::with_capacity(runs.len());
+        for (first, count) in runs {
+            let (kv_first, kv_count) = kv_heads_of(shape, (first, count));
+            let qr = first * per_q..(first + count) * per_q;
+            let kvr = kv_first * per_kv..(kv_first + kv_count) * per_kv;
+            let (out, saved) = self
+                .forward_train_whole(
+                    (&q[qr], &k[kvr.clone()], &v[kvr]),
+                    shape.with_heads(count),
+                    None,
+                )
+                .await?;
+            o.extend_from_slice(&out.o);
+            lse.extend(out.lse.into_iter().flatten());
+            kept.push(HeadRun {
+                first,
+                count,
+                saved,
+            });
+        }
+        let saved = Saved::runs(shape, self.id, Kept::Runs(kept));
+        Ok((Output { o, lse: Some(lse) }, saved))
+    }
+
+    /// The backward of host dO over the runs of a [`Kept::Runs`] forward of `shape`: one
+    /// backward per run, gradients put together in head order (module header).
+    pub(super) async fn backward_runs(
+        &self,
+        shape: Shape,
+        runs: &[HeadRun],
+        dout: &[f32],
+    ) -> Result<Gradients<f32>> {
+        let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
+        let mut dq = Vec::with_capacity(shape.elements());
+        let mut dk = vec![0.0f32; shape.kv_elements()];
+        let mut dv = vec![0.0f32; shape.kv_elements()];
+        // K/V heads already written by an earlier run (a group split into single heads).
+        let mut seen = vec![false; shape.batch * shape.kv_heads];
+        let mut weights: Option<Vec<LevelGradients<f32>>> = None;
+        for run in runs {
+            let r = run.first * per_q..(run.first + run.count) * per_q;
+            let g = self.backward_whole(&run.saved, &dout[r]).await?;
+            dq.extend_from_slice(&g.dq);
+            let (kv_first, kv_count) = kv_heads_of(shape, (run.first, run.count));
+            for (i, h) in (kv_first..kv_first + kv_count).enumerate() {
+                let (src, dst) = (i * per_kv..(i + 1) * per_kv, h * per_kv..(h + 1) * per_kv);
+                accumulate(&mut dk[dst.clone()], &g.dk[src.clone()], seen[h]);
+                accumulate(&mut dv[dst], &g.dv[src], seen[h]);
+                seen[h] = true;
+            }
+            weights = match (weights, g.weights) {
+                (None, w) => w,
+                (Some(mut sum), Some(w)) => {
+                    for (s, l) in sum.iter_mut().zip(&w) {
+                        add_level(s, l);
+                    }
+                    Some(sum)
+                }
+                (sum, None) => sum,
+            };
+        }
+        Ok(Gradients {
+            dq,
+            dk,
+            dv,
+            weights,
+            dsinks: None,
+        })
+    }
+}
+
+/// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head
+/// of one run keeps its bits, a -0.0 included).
+fn accumulate(dst: &mut [f32], src: &[f32], add: bool) {
+    if add {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// One level's weight gradients of a run added to the previous runs' sum.
+fn add_level(sum: &mut LevelGradients<f32>, run: &LevelGradients<f32>) {
+    for (s, r) in [
+        (&mut sum.wk, &run.wk),
+        (&mut sum.bk, &run.bk),
+        (&mut sum.wv, &run.wv),
+        (&mut sum.bv, &run.bv),
+        (&mut sum.wq, &run.wq),
+        (&mut sum.bq, &run.bq),
+    ] {
+        accumulate(s, r, true);
+    }
+}

@@ -1,0 +1,287 @@
+//! The backward of host tensors over one storage binding whose heads fit: with the library
+//! capped at 32 KiB per binding (`Attention::max_binding`, on the shared context, so the split
+//! and the unsplit run use the same kernels), `train` + `backward` run a run of heads at a
+//! time. Against the unsplit run on the same context:
+//! - O, the LSE, dQ, and dK, dV when the runs are whole K/V-head groups: the same bits (each
+//!   run is the unsplit passes over fewer heads; a K/V head's group is summed inside one run);
+//! - dK, dV of a group split into single heads, and the learned weights' gradients (sums over
+//!   all heads: the unsplit run adds them in one tree of partial sums, the split one adds the
+//!   runs' sums in run order on the host): within WTOL = 1e-5 of the tensor's scale
+//!   (max(1, max|g|)). Why: each is the same f32 terms regrouped, a few roundings of at most
+//!   2^-24 of the partial sums, which are within a few times the scale (we measure 2e-7 ..
+//!   4e-7: 25x headroom);
+//!   a missing or doubled run moves an element by about its share of the sum, ~1/runs of the
+//!   scale.
+//!
+//! The split run is bitwise the same twice, and within the backward tolerance of the f64
+//! reference (`TOL`, tests/gpu/backward.rs). Cases: GQA groups of 2 and 4, one K/V head per
+//! query head, causal and not, fine and coarse queries, Average and Learned, a chunk of Q
+//! shorter than K and V (`crate::cross`). Fresh seeds (printed). Resident buffers over a
+//! binding are a typed error before the forward (their NaN-poisoned outputs stay NaN), as is
+//! a resident backward of host tensors saved in runs (its poisoned gradients stay NaN), sinks
+//! on tensors over a binding, and one head over a binding (the backward does not yet split a
+//! head along its sequence).
+
+use crate::common::gradients::{compare_all, inputs, nan, Inputs};
+use crate::common::{gpu, random_learned, read_buffer, Poisoned};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{
+    Attention, GpuContext, GradTensors, Host, HostGrad, Resident, ResidentGrad,
+};
+use multipole_attn::random::fresh_seed;
+use multipole_attn::{
+    Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Queries, Shape, Variants,
+};
+
+/// The binding cap of the split runs.
+const LIMIT: u64 = 32 << 10;
+
+/// Split against unsplit where the sums are regrouped (module header).
+const WTOL: f64 = 1e-5;
+
+/// Largest |a - b| over the scale max(1, max|b|); asserts it is within WTOL.
+fn regrouped(label: &str, name: &str, a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{label}: {name} length");
+    let scale = b.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
+        .fold(
+            0.0,
+            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        );
+    assert!(
+        worst <= WTOL * scale,
+        "{label}: {name} split vs unsplit {worst:.3e} (scale {scale:.3e})"
+    );
+    worst / scale
+}
+
+/// The training forward and backward of host tensors on `fma`.
+fn host_gradients(
+    fma: &Attention,
+    p: &Problem,
+    x: &Inputs,
+) -> (multipole_attn::gpu::Output, Gradients<f32>) {
+    let (out, saved) = fma.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
+    let g = fma.backward(&saved, HostGrad(&x.dout)).expect("backward");
+    (out, g)
+}
+
+/// One case: the split run against the unsplit one, itself, and the f64 reference; returns
+/// the worst regrouping error (of the weights, and of dK, dV when `whole_groups` is false).
+fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig, whole_groups: bool) -> f64 {
+    let label = format!(
+        "seed {seed} {} causal={} {:?}",
+        p.shape, p.causal, cfg.queries
+    );
+    let x = inputs(seed, p.shape);
+    let whole = Attention::fma(ctx, cfg.clone()).unwrap();
+    let split = Attention::fma(ctx, cfg.clone())
+        .unwrap()
+        .max_binding(LIMIT)
+        .unwrap();
+    // The split run cannot pass by not splitting: its backward does not fit one binding (a
+    // chunk's: that of Q padded to the keys' length, which it runs).
+    let sh = p.shape;
+    let full = Shape::cross(sh.batch, sh.heads, sh.seq_kv, sh.seq_kv, sh.head_dim)
+        .with_kv_heads(sh.kv_heads);
+    let full = Problem::new(full).causal(p.causal);
+    assert!(
+        matches!(
+            split.backward_plan(&full),
+            Err(FmaError::LimitExceeded { .. })
+        ),
+        "{label}: the tensors fit one binding"
+    );
+    let (out_u, g_u) = host_gradients(&whole, p, &x);
+    let (out_s, g_s) = host_gradients(&split, p, &x);
+    assert_eq!(out_s.o, out_u.o, "{label}: O");
+    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
+    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
+    let mut worst = 0.0f64;
+    if whole_groups {
+        assert_eq!(g_s.dk, g_u.dk, "{label}: dK");
+        assert_eq!(g_s.dv, g_u.dv, "{label}: dV");
+    } else {
+        worst = worst.max(regrouped(&label, "dK", &g_s.dk, &g_u.dk));
+        worst = worst.max(regrouped(&label, "dV", &g_s.dv, &g_u.dv));
+    }
+    match (&g_s.weights, &g_u.weights) {
+        (Some(ws), Some(wu)) => {
+            assert_eq!(ws.len(), wu.len(), "{label}: levels");
+            for (l, (a, b)) in ws.iter().zip(wu).enumerate() {
+                for (name, x, y) in [
+                    ("k_w", &a.wk, &b.wk),
+                    ("k_b", &a.bk, &b.bk),
+                    ("v_w", &a.wv, &b.wv),
+                    ("v_b", &a.bv, &b.bv),
+                    ("q_w", &a.wq, &b.wq),
+                    ("q_b", &a.bq, &b.bq),
+                ] {
+                    worst = worst.max(regrouped(&label, &format!("{name}{}", l + 1), x, y));
+                }
+            }
+        }
+        (None, None) => {}
+        _ => panic!("{label}: weight gradients on one side only"),
+    }
+    // Deterministic: the same bits from a second training step.
+    let (_, again) = host_gradients(&split, p, &x);
+    assert_eq!(again, g_s, "{label}: two split runs differ");
+    let r = cpu::backward(
+        &Method::Fma(cfg.clone()),
+        p,
+        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
+        &widen(&x.dout),
+    )
+    .unwrap();
+    let to_ref = compare_all(&label, &g_s, &r);
+    eprintln!("{label}: regrouped {worst:.2e}, against f64 {to_ref:.2e}");
+    worst
+}
+
+#[test]
+fn backward_over_one_binding_runs_heads_and_matches_unsplit() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    // 300 x 8 x 4 bytes = 9.6 KB per query head of Q (O, dO, dQ): 3 heads per 32 KiB binding.
+    let (n, d, m) = (300, 8, 8);
+    let mut worst = 0.0f64;
+    for (i, (shape, causal, coarse, with_weights, whole_groups)) in [
+        // Groups of 2 query heads: runs of one group, 4 of them.
+        (
+            Shape::new(2, 4, n, d).with_kv_heads(2),
+            false,
+            false,
+            false,
+            true,
+        ),
+        (
+            Shape::new(2, 4, n, d).with_kv_heads(2),
+            true,
+            false,
+            true,
+            true,
+        ),
+        (
+            Shape::new(1, 4, n, d).with_kv_heads(2),
+            false,
+            true,
+            true,
+            true,
+        ),
+        // One K/V head per query head: runs of 3 heads, then 1.
+        (Shape::new(2, 2, n, d), false, false, true, true),
+        // A chunk of 100 queries against 300 keys (`crate::cross`: Q padded to the keys'
+        // length, in runs all the same).
+        (
+            Shape::cross(1, 4, 100, n, d).with_kv_heads(2),
+            true,
+            false,
+            true,
+            true,
+        ),
+        // A group of 4 heads is over the binding: one query head per run, dK and dV summed
+        // over the runs of the group.
+        (
+            Shape::new(1, 4, n, d).with_kv_heads(1),
+            true,
+            false,
+            true,
+            false,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = seed.wrapping_add(i as u64 * 7919);
+        // Coarse queries' learned weights (keys, values and queries) fit 32 KiB at p = 1.
+        let p = if coarse { 1 } else { 2 };
+        let mut cfg = FmaConfig::new(m, p);
+        if coarse {
+            cfg = cfg.queries(Queries::Coarse);
+        }
+        if with_weights {
+            cfg = cfg.downsample(Downsample::Learned(random_learned(s, d, m, p, n)));
+        }
+        let problem = Problem::new(shape).causal(causal);
+        worst = worst.max(check(ctx, s, &problem, &cfg, whole_groups));
+    }
+    eprintln!("worst regrouping error {worst:.2e} of the scale");
+}
+
+#[test]
+fn what_the_backward_does_not_split_is_a_typed_error() {
+    let Some(ctx) = gpu() else { return };
+    let shape = Shape::new(2, 2, 300, 8);
+    let problem = Problem::new(shape);
+    let x = inputs(fresh_seed(), shape);
+    let split = Attention::fma(ctx, FmaConfig::new(8, 2))
+        .unwrap()
+        .max_binding(LIMIT)
+        .unwrap();
+
+    // Resident tensors over a binding: refused before the forward, saying what to do.
+    let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+    let e = split
+        .train(&problem, Resident(bufs.tensors()))
+        .expect_err("resident tensors over a binding");
+    assert!(
+        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
+            if what.contains("resident") && advice.contains("HostGrad")),
+        "{e}"
+    );
+    let (o, lse) = bufs.read(ctx);
+    assert!(o.iter().chain(&lse).all(|v| v.is_nan()), "the forward ran");
+
+    // Host tensors saved in runs, differentiated into buffers: refused, buffers untouched.
+    let (_, saved) = split
+        .train(&problem, Host::new(&x.q, &x.k, &x.v))
+        .expect("host training in runs");
+    let dout = crate::common::gradients::buffer(ctx, "dout", &x.dout);
+    let (dq, dk, dv) = (
+        nan(ctx, "dq", shape.elements()),
+        nan(ctx, "dk", shape.kv_elements()),
+        nan(ctx, "dv", shape.kv_elements()),
+    );
+    let grads = GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: None,
+    };
+    let e = split
+        .backward(&saved, ResidentGrad { dout: &dout, grads })
+        .expect_err("resident gradients of runs");
+    assert!(
+        matches!(&e, FmaError::InvalidConfig { allowed, .. } if allowed.contains("HostGrad")),
+        "{e}"
+    );
+    for b in [&dq, &dk, &dv] {
+        assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
+    }
+
+    // Sinks on tensors over a binding.
+    let sinks = Problem::new(shape).variants(Variants {
+        sinks: Some(vec![0.5, -0.5]),
+        ..Variants::default()
+    });
+    let e = split
+        .train(&sinks, Host::new(&x.q, &x.k, &x.v))
+        .expect_err("sinks over a binding");
+    assert!(
+        matches!(&e, FmaError::InvalidConfig { what, .. } if *what == "attention sinks"),
+        "{e}"
+    );
+
+    // One head over a binding: the backward does not split a head along its sequence.
+    let long = Shape::new(1, 1, 2000, 8);
+    let y = inputs(1, long);
+    let e = split
+        .train(&Problem::new(long), Host::new(&y.q, &y.k, &y.v))
+        .expect_err("one head over a binding");
+    assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
+}
