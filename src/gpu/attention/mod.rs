@@ -20,9 +20,6 @@ use crate::problem::Problem;
 use crate::variants::Variants;
 
 use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, TrainIo};
-// The I/O types the docs below link to (the calls take them through the traits above).
-#[cfg(doc)]
-use crate::gpu::engine::io::{Encode, Host, HostGrad, Resident, ResidentGrad};
 
 /// Attention on the GPU: a [`Method`] on a device, run on any [`Problem`].
 ///
@@ -383,7 +380,7 @@ impl Attention {
     /// until the backward is recorded.
     ///
     /// FMA's host tensors over one storage binding train a run of heads at a time (whole K/V
-    /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`]
+    /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`](crate::gpu::HostGrad)
     /// only. Still a typed error: resident buffers over a binding, one head over a binding
     /// (the backward does not split a head along its sequence), sinks on tensors over a
     /// binding, and a variable-length batch over a binding.
