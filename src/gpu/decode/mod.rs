@@ -141,7 +141,7 @@ impl Decoder {
 
     /// Empties sequence `b` (it starts again at position 0); the other sequences are not
     /// touched. It is written through the queue, so it takes effect at the next submit, before
-    /// that submit's commands: submit steps recorded with `encode_step` before resetting.
+    /// that submit's commands: submit steps recorded with `EncodeStep` before resetting.
     pub fn reset(&self, b: usize) -> Result<()> {
         if b >= self.cfg.batch {
             return Err(FmaError::ShapeMismatch {
