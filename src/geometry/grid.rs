@@ -98,7 +98,7 @@ impl GridGeometry {
         let mut offsets = vec![0];
         for l in 1..=levels {
             let s = cell_side(r, l);
-            let last = *offsets.last().unwrap();
+            let last = offsets.last().copied().unwrap_or(0);
             offsets.push(last + grid.h.div_ceil(s) * grid.w.div_ceil(s) * p);
         }
         Self {
@@ -222,7 +222,7 @@ impl Geometry for GridGeometry {
     }
 
     fn total_rows(&self) -> usize {
-        *self.offsets.last().unwrap()
+        self.offsets.last().copied().unwrap_or(0)
     }
 
     fn causal(&self) -> bool {

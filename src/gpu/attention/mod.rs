@@ -73,13 +73,6 @@ impl Softmax {
             variants: p.variants.clone(),
         }
     }
-
-    fn plain() -> Self {
-        Self {
-            causal: false,
-            variants: Variants::default(),
-        }
-    }
 }
 
 /// Executors kept per [`Attention`]: a model's layers use one or two (window and global
@@ -209,9 +202,10 @@ enum Exec {
 }
 
 impl Attention {
-    /// Prepares `method` on `ctx`. FMA's configuration is checked (m, p, the weights'
-    /// shapes for their head_dim) and its learned weights uploaded here; shape-dependent
-    /// checks happen per call, before anything is recorded.
+    /// Prepares `method` on `ctx`. FMA's configuration is checked here (m, p, the weights'
+    /// shapes for their head_dim and their values); the executors (and the learned weights'
+    /// upload) come with the first call of each mask and variants, after the shape-dependent
+    /// checks.
     pub fn new(ctx: &GpuContext, method: Method) -> Result<Self> {
         let attention = Self {
             ctx: ctx.clone(),
@@ -222,9 +216,12 @@ impl Attention {
             dense: Default::default(),
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
-        // The bidirectional executor now, so a bad configuration fails here (a grid or coarse
-        // queries refuse only the causal one, at its first call).
-        attention.exec_for(Softmax::plain())?;
+        // A bad configuration fails here, before any executor is made (a grid or coarse
+        // queries refuse only a causal problem, at its first call).
+        match &attention.method {
+            Method::Fma(cfg) => FmaAttention::check_config(ctx, cfg)?,
+            Method::Dense => ctx.check_alive()?,
+        }
         Ok(attention)
     }
 
@@ -267,11 +264,10 @@ impl Attention {
         &self.ctx
     }
 
-    /// Drops the executors made so far (after a knob changed) and remakes the first one.
+    /// Drops the executors made so far (after a knob changed): the next calls make them anew.
     fn rebuild(mut self) -> Result<Self> {
         self.fma = Default::default();
         self.dense = Default::default();
-        self.exec_for(Softmax::plain())?;
         Ok(self)
     }
 

@@ -47,7 +47,8 @@ pub(crate) enum StepArgs<'a> {
     Encode(EncodeStep<'a>),
 }
 
-/// The tensors of a decoding step: [`Host`] (returns [`Output`]) or [`EncodeStep`] (`()`).
+/// The tensors of a decoding step: [`Host`] (returns [`Output`], the LSE always: `Host::lse`
+/// does not apply to a step) or [`EncodeStep`] (`()`).
 #[allow(private_interfaces)] // sealed: the args enum is the library's own business
 pub trait StepIo<'a>: Sealed {
     /// What the step returns.

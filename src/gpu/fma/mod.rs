@@ -58,14 +58,10 @@ pub struct FmaAttention {
     backward_scratch: Mutex<BackwardScratch>,
 }
 
-/// The next [`FmaAttention`] id.
-static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 impl FmaAttention {
-    /// Prepares FMA with `cfg` on `ctx`: validates m and p and uploads learned weights once.
-    /// Shape-dependent checks (head_dim, levels present in the weights, binding sizes) happen
-    /// per call, before anything is recorded.
-    pub fn new(ctx: &GpuContext, cfg: FmaConfig) -> Result<Self> {
+    /// What [`FmaAttention::new`] checks before it uploads anything: a live device, m and p,
+    /// the mask against coarse queries and grids, and the learned weights' shapes and values.
+    pub(crate) fn check_config(ctx: &GpuContext, cfg: &FmaConfig) -> Result<()> {
         ctx.check_alive()?;
         let head_dim = match &cfg.downsample {
             Downsample::Learned(w) => w.head_dim,
@@ -74,7 +70,19 @@ impl FmaAttention {
         // Level coverage is checked per call (it depends on n); seq = 1 needs no levels (a
         // grid fixes the sequence: its H W tokens).
         cfg.validate(head_dim, cfg.grid.map_or(1, |g| g.tokens()))?;
-        cfg.validate_values()?;
+        cfg.validate_values()
+    }
+}
+
+/// The next [`FmaAttention`] id.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl FmaAttention {
+    /// Prepares FMA with `cfg` on `ctx`: validates m and p and uploads learned weights once.
+    /// Shape-dependent checks (head_dim, levels present in the weights, binding sizes) happen
+    /// per call, before anything is recorded.
+    pub fn new(ctx: &GpuContext, cfg: FmaConfig) -> Result<Self> {
+        Self::check_config(ctx, &cfg)?;
         let limits = KernelLimits::from_wgpu(&ctx.limits);
         let weights = WeightBuffers::new(ctx, &cfg, &limits)?;
         Ok(Self {
