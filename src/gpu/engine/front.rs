@@ -66,6 +66,17 @@ pub(crate) fn kv_heads_of(shape: Shape, (first, count): (usize, usize)) -> (usiz
     (kv_first, (first + count - 1) / group + 1 - kv_first)
 }
 
+/// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head
+/// of one run keeps its bits, a -0.0 included): how the training runs of heads put a K/V
+/// head's gradients together in head order (`fma/backward_runs.rs`, `dense/backward_runs.rs`).
+pub(crate) fn add_or_copy(dst: &mut [f32], src: &[f32], add: bool) {
+    if add {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
 /// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
 /// independent, so the result is the one an unsplit run would give).
 async fn forward_in_chunks<'a, F, Fut>(

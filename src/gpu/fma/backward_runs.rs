@@ -12,7 +12,7 @@
 //! and differs from the unsplit run (one tree of partial sums over all heads) by rounding only.
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::front::{head_chunks, kv_heads_of};
+use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
@@ -89,8 +89,8 @@ impl FmaAttention {
             let (kv_first, kv_count) = kv_heads_of(shape, (run.first, run.count));
             for (i, h) in (kv_first..kv_first + kv_count).enumerate() {
                 let (src, dst) = (i * per_kv..(i + 1) * per_kv, h * per_kv..(h + 1) * per_kv);
-                accumulate(&mut dk[dst.clone()], &g.dk[src.clone()], seen[h]);
-                accumulate(&mut dv[dst], &g.dv[src], seen[h]);
+                add_or_copy(&mut dk[dst.clone()], &g.dk[src.clone()], seen[h]);
+                add_or_copy(&mut dv[dst], &g.dv[src], seen[h]);
                 seen[h] = true;
             }
             weights = match (weights, g.weights) {
@@ -114,16 +114,6 @@ impl FmaAttention {
     }
 }
 
-/// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head
-/// of one run keeps its bits, a -0.0 included).
-fn accumulate(dst: &mut [f32], src: &[f32], add: bool) {
-    if add {
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-    } else {
-        dst.copy_from_slice(src);
-    }
-}
-
 /// One level's weight gradients of a run added to the previous runs' sum.
 fn add_level(sum: &mut LevelGradients<f32>, run: &LevelGradients<f32>) {
     for (s, r) in [
@@ -134,6 +124,6 @@ fn add_level(sum: &mut LevelGradients<f32>, run: &LevelGradients<f32>) {
         (&mut sum.wq, &run.wq),
         (&mut sum.bq, &run.bq),
     ] {
-        accumulate(s, r, true);
+        add_or_copy(s, r, true);
     }
 }
