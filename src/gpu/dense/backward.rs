@@ -9,7 +9,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage, uniform};
-use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::front::{check_host, one_head_over_binding};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
@@ -88,6 +88,10 @@ impl DenseSaved {
         }
     }
 }
+
+/// Why the dense backward does not split one head along its sequence (its error says it).
+pub(super) const WHY_WHOLE_HEAD: &str = "its dK/dV pass reads every query of the head for each \
+     key tile, and its dQ pass every key for each query tile, from whole-head bindings";
 
 /// The parameter blocks of one backward shape: D's (with its level selector), one per query
 /// chunk of the dK/dV pass and one per key chunk of the dQ pass; a padded variable-length
@@ -251,7 +255,7 @@ impl DenseAttention {
                 Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
                     return self.forward_train_runs((q, k, v), shape).await;
                 }
-                other => other?,
+                other => other.map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?,
             },
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };

@@ -11,12 +11,12 @@
 //! same terms regrouped: rounding only, and the same bits run to run).
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of};
+use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of, one_head_over_binding};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::Gradients;
 use crate::shape::Shape;
 
-use super::backward::{DenseRun, DenseSaved};
+use super::backward::{DenseRun, DenseSaved, WHY_WHOLE_HEAD};
 use super::DenseAttention;
 
 impl DenseAttention {
@@ -40,8 +40,9 @@ impl DenseAttention {
                     .into(),
             });
         }
-        // A head over one binding is refused here (the plan's LimitExceeded of one head).
-        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))?;
+        // Even one head over a binding: the error says the backward does not split a head.
+        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))
+            .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?;
         let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
         let mut o = Vec::with_capacity(shape.elements());
         let mut lse = Vec::with_capacity(shape.rows());
