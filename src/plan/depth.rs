@@ -20,6 +20,8 @@ use super::dispatch::Dispatch;
 use super::forward::{FmaPlan, POOL_TAPS};
 use super::pass::Pass;
 use crate::config::{Downsample, FmaConfig, Queries};
+use crate::geometry::GridGeometry;
+use crate::levels::{far_list, near_blocks};
 
 /// Rows the subgroup coarse dK~/dV~ walk takes per pass over its readers (`RB` in
 /// `shaders/shared/dkv_coarse_rows_subgroup.wgsl`).
@@ -70,6 +72,13 @@ pub struct DepthModel {
     pub coarse_queries: bool,
     /// Learned downsampling (§4).
     pub learned: bool,
+    /// The most keys one query block's gather list holds: the near field of its widest query
+    /// (causal: the block's last) plus, with fine queries, its far list over every level (p
+    /// rows per window or cell), maximised over the blocks together. At most
+    /// [`DepthModel::near`] + [`DepthModel::far`], and less where no block has the largest
+    /// far list of every level at once (1D: the top level's 2 to 4 windows give any window at
+    /// most 2 far windows, not 3).
+    pub widest_gather: u64,
 }
 
 impl DepthModel {
@@ -92,6 +101,7 @@ impl DepthModel {
             causal: cfg.causal,
             coarse_queries: plan.queries == Queries::Coarse,
             learned: matches!(cfg.downsample, Downsample::Learned(_)),
+            widest_gather: widest_gather(plan, cfg.causal),
         }
     }
 
@@ -160,6 +170,49 @@ impl DepthModel {
     }
 }
 
+/// [`DepthModel::widest_gather`] of `plan`'s problem: every query block's gather list from the
+/// index maps (`levels::near_blocks` and `levels::far_list` in 1D, the 3 x 3 fine cells and
+/// `GridGeometry::far_cells` in 2D), the largest. O(blocks x levels).
+fn widest_gather(plan: &FmaPlan, causal: bool) -> u64 {
+    let levels = &plan.levels;
+    let (m, p, n) = (levels.m, levels.p, plan.shape.seq);
+    let far_levels = if plan.queries == Queries::Coarse {
+        0
+    } else {
+        levels.levels.len()
+    };
+    let mut widest = 0;
+    match plan.grid {
+        None => {
+            let blocks = levels.fine_blocks();
+            for a0 in 0..blocks {
+                let near = near_blocks(a0, causal, blocks);
+                let mut keys = (near.end * m).min(n) - near.start * m;
+                for (i, level) in levels.levels[..far_levels].iter().enumerate() {
+                    keys += far_list(a0 >> i, causal, level.windows).len() * p;
+                }
+                widest = widest.max(keys);
+            }
+        }
+        Some(grid) => {
+            let g = GridGeometry::new(grid, m, p);
+            let (rows, cols) = g.cells(0);
+            for a in 0..rows {
+                let ys = (a.saturating_sub(1) * m, ((a + 2) * m).min(grid.h));
+                for b in 0..cols {
+                    let xs = (b.saturating_sub(1) * m, ((b + 2) * m).min(grid.w));
+                    let mut keys = (ys.1 - ys.0) * (xs.1 - xs.0);
+                    for l in 1..=far_levels {
+                        keys += g.far_cells(l, a >> (l - 1), b >> (l - 1)).len() * p;
+                    }
+                    widest = widest.max(keys);
+                }
+            }
+        }
+    }
+    widest as u64
+}
+
 /// Heads the downsample pass pools: K and V of every K/V head, and Q of every query head
 /// with coarse queries.
 fn pooled_heads(m: &DepthModel) -> u64 {
@@ -198,12 +251,13 @@ pub fn downsample_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
 
 /// `fine_attention`: a workgroup per query tile stages the block's gather list (K and V of
 /// its near keys and, with fine queries, its coarse keys); each invocation walks all of them
-/// for its query.
+/// for its query: the widest block's (exact); `rows` bounds every block's by the widest
+/// near field and far list.
 pub fn fine_attention(m: &DepthModel, d: &Dispatch) -> Depth {
     let keys = m.near() + if m.coarse_queries { 0 } else { m.far() };
     let wg = d.spec.wg as u64;
     Depth {
-        serial_rows: 1 + 2 * keys,
+        serial_rows: 1 + 2 * m.widest_gather,
         rows: d.workgroups as u64 * (wg + 2 * keys),
     }
 }
@@ -257,12 +311,13 @@ pub fn backward_delta(m: &DepthModel) -> Depth {
     }
 }
 
-/// `backward_dq`: the forward's tiles and gather lists, each query with its dO.
+/// `backward_dq`: the forward's tiles and gather lists, each query with its dO (serial: the
+/// widest block's, as [`fine_attention`]).
 pub fn backward_dq(m: &DepthModel, d: &Dispatch) -> Depth {
     let keys = m.near() + if m.coarse_queries { 0 } else { m.far() };
     let wg = d.spec.wg as u64;
     Depth {
-        serial_rows: 2 + 2 * keys,
+        serial_rows: 2 + 2 * m.widest_gather,
         rows: d.workgroups as u64 * (2 * wg + 2 * keys),
     }
 }
@@ -520,17 +575,78 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// The most keys any query sees, query by query from the [`Geometry`]'s key lists (the CPU
+    /// reference's): fine keys plus coarse rows over every level (none with coarse queries).
+    fn brute_widest(g: &dyn crate::geometry::Geometry, coarse_queries: bool) -> u64 {
+        let levels = if coarse_queries { 0 } else { g.num_levels() };
+        (0..g.tokens())
+            .map(|i| {
+                let fine: usize = g.fine_keys(i).iter().map(|r| r.len()).sum();
+                let far: usize = (1..=levels).map(|l| g.coarse_rows(i, l).len()).sum();
+                (fine + far) as u64
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_widest_gather_list_is_the_geometrys() {
+        // Full windows (the geometry leaves out empty rows, the GPU's far list does not).
+        use crate::geometry::{Grid, GridGeometry, Line};
+        let limits = KernelLimits::lavapipe();
+        for (n, m, p) in [
+            (4096, 16, 2),
+            (1024, 8, 4),
+            (512, 64, 2),
+            (2048, 4, 1),
+            (64, 64, 1),
+        ] {
+            for causal in [false, true] {
+                for queries in [Queries::Fine, Queries::Coarse] {
+                    if causal && queries == Queries::Coarse {
+                        continue;
+                    }
+                    let cfg = FmaConfig::new(m, p).causal(causal).queries(queries);
+                    let plan = FmaPlan::new(Shape::new(1, 1, n, 8), &cfg, &limits).unwrap();
+                    let model = DepthModel::new(&plan, &cfg);
+                    let g = Line::from_levels(plan.levels.clone(), causal);
+                    let coarse = queries == Queries::Coarse;
+                    assert_eq!(
+                        model.widest_gather,
+                        brute_widest(&g, coarse),
+                        "n {n} m {m} p {p} causal {causal} {queries:?}"
+                    );
+                    assert!(model.widest_gather <= model.near() + model.far());
+                }
+            }
+        }
+        for (h, w, r, p) in [(64, 64, 8, 2), (128, 32, 4, 1), (96, 96, 8, 4)] {
+            let grid = Grid::new(h, w);
+            let cfg = FmaConfig::new(r, p).grid(Some(grid));
+            let plan = FmaPlan::new(Shape::new(1, 1, h * w, 8), &cfg, &limits).unwrap();
+            let model = DepthModel::new(&plan, &cfg);
+            let g = GridGeometry::new(grid, r, p);
+            assert_eq!(
+                model.widest_gather,
+                brute_widest(&g, false),
+                "{grid} r {r} p {p}"
+            );
+        }
+    }
+
     #[test]
     fn the_fused_pass_walks_the_gather_list_of_algorithm_md() {
-        // n = 4096, m = 64, p = 2 (algorithm.md §11): at most 3m + 3pL = 222 keys per query,
-        // each a K and a V row, after the query's own.
+        // n = 4096, m = 64, p = 2 (algorithm.md §11): at most 218 keys per query (bound
+        // 3m + 3pL = 222: the top level's 4 windows give none 3 far windows), each a K and a V
+        // row, after the query's own.
         let cfg = FmaConfig::new(64, 2);
         let plan =
             FmaPlan::new(Shape::new(1, 1, 4096, 64), &cfg, &KernelLimits::lavapipe()).unwrap();
         let model = DepthModel::new(&plan, &cfg);
         assert_eq!(model.near() + model.far(), 222);
+        assert_eq!(model.widest_gather, 218);
         let att = fine_attention(&model, &plan.attention);
-        assert_eq!(att.serial_rows, 1 + 2 * 222);
+        assert_eq!(att.serial_rows, 1 + 2 * 218);
         // Causal: 2 blocks and 2 windows per level.
         let causal = FmaConfig::new(64, 2).causal(true);
         let model = DepthModel::new(&plan, &causal);

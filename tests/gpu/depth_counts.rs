@@ -16,17 +16,32 @@ use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Problem, Queries, Shape};
 
 /// The passes whose shaders count their reads.
-const COUNTED: [Pass; 5] = [
+const COUNTED: [Pass; 8] = [
     Pass::Downsample,
     Pass::DownsampleCombine,
+    Pass::FineAttention,
+    Pass::BackwardDq,
+    Pass::BackwardDkvFine,
     Pass::BackwardDkvCombine,
     Pass::WeightsBackward,
     Pass::WeightsBackwardCombine,
 ];
 
+/// The passes whose plan `rows` is an upper bound even on full windows: it gives every
+/// workgroup the widest block's gather list (the blocks at the sequence's ends see fewer
+/// fine keys, and no block has the largest far list of every level), where `serial_rows` is
+/// the widest block's exactly.
+const BOUNDED_ROWS: [Pass; 3] = [Pass::FineAttention, Pass::BackwardDq, Pass::BackwardDkvFine];
+
 /// Compares the counted (max, total) of each dispatch of a counted pass with the plan's.
 /// `exact`: every window full, so the bounds are attained.
-fn compare(label: &str, plan: &[DispatchDepth], counts: &[[u32; 2]], exact: bool) -> usize {
+fn compare(
+    label: &str,
+    plan: &[DispatchDepth],
+    counts: &[[u32; 2]],
+    exact: bool,
+    bad: &mut usize,
+) -> usize {
     let mut checked = 0;
     for (k, d) in plan.iter().enumerate() {
         if !COUNTED.contains(&d.dispatch.pass) {
@@ -40,10 +55,19 @@ fn compare(label: &str, plan: &[DispatchDepth], counts: &[[u32; 2]], exact: bool
             d.serial_rows,
             d.rows
         );
-        if exact {
-            assert_eq!((serial, rows), (d.serial_rows, d.rows), "{what}");
+        let ok = if exact {
+            let rows_ok = if BOUNDED_ROWS.contains(&d.dispatch.pass) {
+                rows <= d.rows
+            } else {
+                rows == d.rows
+            };
+            serial == d.serial_rows && rows_ok
         } else {
-            assert!(serial <= d.serial_rows && rows <= d.rows, "{what}");
+            serial <= d.serial_rows && rows <= d.rows
+        };
+        if !ok {
+            eprintln!("MISMATCH {what}");
+            *bad += 1;
         }
         checked += 1;
     }
@@ -69,9 +93,14 @@ fn run(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig, exact: bool) {
     let forward_plan = fma_depths(p, cfg, &limits, false).unwrap();
     let both = fma_depths(p, cfg, &limits, true).unwrap();
     let backward_plan = &both[forward_plan.len()..];
-    let mut checked = compare(label, &forward_plan, &forward, exact);
-    checked += compare(label, backward_plan, &backward, exact);
+    let mut bad = 0;
+    let mut checked = compare(label, &forward_plan, &forward, exact, &mut bad);
+    checked += compare(label, backward_plan, &backward, exact, &mut bad);
     assert!(checked > 0, "{label}: nothing counted");
+    assert_eq!(
+        bad, 0,
+        "{label}: {bad} of {checked} dispatches disagree (above)"
+    );
     eprintln!("{label}: {checked} dispatches agree");
 }
 
