@@ -79,6 +79,26 @@ pub struct DepthModel {
     /// far list of every level at once (1D: the top level's 2 to 4 windows give any window at
     /// most 2 far windows, not 3).
     pub widest_gather: u64,
+    /// The most levels at which one token's coarse query has a key (a far list that is not
+    /// empty): the partial results `upsample_merge` reads for it, over every token.
+    pub widest_merge: u64,
+    /// Per coarse level, its far lists over its windows (2D: cells).
+    pub far_lists: Vec<FarLists>,
+}
+
+/// One coarse level's far lists over its windows (2D: cells), from the index maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FarLists {
+    /// The most far windows of any window (its p coarse queries' far list, over p).
+    pub widest: u64,
+    /// Far windows summed over the level's windows.
+    pub total: u64,
+    /// Tokens of the windows whose far list is not empty: the tokens whose coarse query at
+    /// this level has a key.
+    pub tokens_with_far: u64,
+    /// The most windows whose far list holds one window: its coarse rows' reader windows (the
+    /// far lists inverted; 1D causal is not symmetric).
+    pub widest_readers: u64,
 }
 
 impl DepthModel {
@@ -101,7 +121,9 @@ impl DepthModel {
             causal: cfg.causal,
             coarse_queries: plan.queries == Queries::Coarse,
             learned: matches!(cfg.downsample, Downsample::Learned(_)),
-            widest_gather: widest_gather(plan, cfg.causal),
+            widest_gather: widest_blocks(plan, cfg.causal).0,
+            widest_merge: widest_blocks(plan, false).1,
+            far_lists: far_lists(plan, cfg.causal),
         }
     }
 
@@ -170,28 +192,41 @@ impl DepthModel {
     }
 }
 
-/// [`DepthModel::widest_gather`] of `plan`'s problem: every query block's gather list from the
-/// index maps (`levels::near_blocks` and `levels::far_list` in 1D, the 3 x 3 fine cells and
-/// `GridGeometry::far_cells` in 2D), the largest. O(blocks x levels).
-fn widest_gather(plan: &FmaPlan, causal: bool) -> u64 {
+/// Over every query block of `plan`'s problem (1D fine blocks, 2D fine cells), from the index
+/// maps (`levels::near_blocks` and `levels::far_list` in 1D, the 3 x 3 fine cells and
+/// `GridGeometry::far_cells` in 2D): the largest gather list ([`DepthModel::widest_gather`])
+/// and the most levels with a far list that is not empty ([`DepthModel::widest_merge`]).
+/// O(blocks x levels).
+fn widest_blocks(plan: &FmaPlan, causal: bool) -> (u64, u64) {
     let levels = &plan.levels;
     let (m, p, n) = (levels.m, levels.p, plan.shape.seq);
-    let far_levels = if plan.queries == Queries::Coarse {
+    // With coarse queries the fused pass sees the near field alone.
+    let far_rank = if plan.queries == Queries::Coarse {
         0
     } else {
-        levels.levels.len()
+        p
     };
-    let mut widest = 0;
+    let (mut widest, mut merged) = (0, 0);
+    let mut take = |near: usize, far: &mut dyn Iterator<Item = usize>| {
+        let (mut keys, mut present) = (near, 0);
+        for f in far {
+            keys += f * far_rank;
+            present += usize::from(f > 0);
+        }
+        widest = widest.max(keys);
+        merged = merged.max(present);
+    };
     match plan.grid {
         None => {
             let blocks = levels.fine_blocks();
             for a0 in 0..blocks {
                 let near = near_blocks(a0, causal, blocks);
-                let mut keys = (near.end * m).min(n) - near.start * m;
-                for (i, level) in levels.levels[..far_levels].iter().enumerate() {
-                    keys += far_list(a0 >> i, causal, level.windows).len() * p;
-                }
-                widest = widest.max(keys);
+                let mut far = levels
+                    .levels
+                    .iter()
+                    .enumerate()
+                    .map(|(i, level)| far_list(a0 >> i, causal, level.windows).len());
+                take((near.end * m).min(n) - near.start * m, &mut far);
             }
         }
         Some(grid) => {
@@ -201,16 +236,63 @@ fn widest_gather(plan: &FmaPlan, causal: bool) -> u64 {
                 let ys = (a.saturating_sub(1) * m, ((a + 2) * m).min(grid.h));
                 for b in 0..cols {
                     let xs = (b.saturating_sub(1) * m, ((b + 2) * m).min(grid.w));
-                    let mut keys = (ys.1 - ys.0) * (xs.1 - xs.0);
-                    for l in 1..=far_levels {
-                        keys += g.far_cells(l, a >> (l - 1), b >> (l - 1)).len() * p;
-                    }
-                    widest = widest.max(keys);
+                    let mut far = (1..=levels.levels.len())
+                        .map(|l| g.far_cells(l, a >> (l - 1), b >> (l - 1)).len());
+                    take((ys.1 - ys.0) * (xs.1 - xs.0), &mut far);
                 }
             }
         }
     }
-    widest as u64
+    (widest as u64, merged as u64)
+}
+
+/// [`DepthModel::far_lists`] of `plan`'s problem: every window's (2D: cell's) far list at
+/// every level, from the same index maps as [`widest_blocks`]. O(coarse windows).
+fn far_lists(plan: &FmaPlan, causal: bool) -> Vec<FarLists> {
+    let levels = &plan.levels;
+    let n = plan.shape.seq;
+    let mut all = Vec::with_capacity(levels.levels.len());
+    for (i, level) in levels.levels.iter().enumerate() {
+        let mut lists = FarLists::default();
+        // Per window, the windows whose far list holds it.
+        let mut readers = vec![0u64; level.windows];
+        let mut take = |far: &[usize], tokens: usize| {
+            lists.widest = lists.widest.max(far.len() as u64);
+            lists.total += far.len() as u64;
+            if !far.is_empty() {
+                lists.tokens_with_far += tokens as u64;
+            }
+            for &b in far {
+                readers[b] += 1;
+            }
+        };
+        match plan.grid {
+            None => {
+                let w = level.window;
+                for a in 0..level.windows {
+                    take(
+                        &far_list(a, causal, level.windows),
+                        ((a + 1) * w).min(n) - a * w,
+                    );
+                }
+            }
+            Some(grid) => {
+                let g = GridGeometry::new(grid, levels.m, levels.p);
+                let (rows, cols) = g.cells(i + 1);
+                let s = level.window;
+                for a in 0..rows {
+                    let ys = ((a + 1) * s).min(grid.h) - a * s;
+                    for b in 0..cols {
+                        let xs = ((b + 1) * s).min(grid.w) - b * s;
+                        take(&g.far_cells(i + 1, a, b), ys * xs);
+                    }
+                }
+            }
+        }
+        lists.widest_readers = readers.into_iter().max().unwrap_or(0);
+        all.push(lists);
+    }
+    all
 }
 
 /// Heads the downsample pass pools: K and V of every K/V head, and Q of every query head
@@ -263,21 +345,22 @@ pub fn fine_attention(m: &DepthModel, d: &Dispatch) -> Depth {
 }
 
 /// `coarse_attention` at level index `i`: an invocation per coarse query, over its far list.
+/// Exact on full windows: the widest far list's p rows per window, and every row's own.
 pub fn coarse_attention(m: &DepthModel, i: usize) -> Depth {
-    let serial = 1 + 2 * m.far_level(i);
+    let far = m.far_lists[i];
     Depth {
-        serial_rows: serial,
-        rows: m.bh * m.level_rows(i) * serial,
+        serial_rows: 1 + 2 * m.p * far.widest,
+        rows: m.bh * (m.level_rows(i) + 2 * m.p * m.p * far.total),
     }
 }
 
 /// `upsample_merge`: an invocation per token merges the near field's partial result and one
-/// per level.
+/// per level whose coarse query has a key (exact).
 pub fn upsample_merge(m: &DepthModel) -> Depth {
-    let serial = 1 + m.count();
+    let merged: u64 = m.far_lists.iter().map(|f| f.tokens_with_far).sum();
     Depth {
-        serial_rows: serial,
-        rows: m.bh * m.n * serial,
+        serial_rows: 1 + m.widest_merge,
+        rows: m.bh * (m.n + merged),
     }
 }
 
@@ -337,13 +420,19 @@ pub fn backward_dkv_fine(m: &DepthModel, d: &Dispatch) -> Depth {
 /// walks at most `DKV_COARSE_CHUNK` of its rows' readers (q and dO each), once per group of 4
 /// rows on the subgroup path, after loading its rows' k~ and v~.
 pub fn backward_dkv_coarse(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
-    let readers = max_readers(
-        m.grid,
-        m.causal,
-        m.coarse_queries,
-        m.levels[i].0 as usize,
-        m.p as usize,
-    ) * m.group();
+    // The widest row's readers (the plan's chunks are sized by `max_readers`, a bound).
+    let size = if m.coarse_queries { m.p } else { m.taps(i) };
+    let readers = m.far_lists[i].widest_readers * size * m.group();
+    debug_assert!(
+        readers
+            <= max_readers(
+                m.grid,
+                m.causal,
+                m.coarse_queries,
+                m.levels[i].0 as usize,
+                m.p as usize
+            ) * m.group()
+    );
     let chunk = readers.min(DKV_COARSE_CHUNK as u64);
     let pr = coarse_rows_per_workgroup(d.spec.wg, d.spec.d4) as u64;
     let rows = m.p.min(pr);
@@ -383,11 +472,12 @@ pub fn backward_coarse_stats(m: &DepthModel, i: usize) -> Depth {
 
 /// `backward_coarse_dq` at level index `i`: an invocation per coarse-query row over its far
 /// list (k~ and v~ of each key, after its q~ and G).
+/// Exact on full windows, as [`coarse_attention`].
 pub fn backward_coarse_dq(m: &DepthModel, i: usize) -> Depth {
-    let serial = 2 + 2 * m.far_level(i);
+    let far = m.far_lists[i];
     Depth {
-        serial_rows: serial,
-        rows: m.bh * m.level_rows(i) * serial,
+        serial_rows: 2 + 2 * m.p * far.widest,
+        rows: m.bh * (2 * m.level_rows(i) + 2 * m.p * m.p * far.total),
     }
 }
 

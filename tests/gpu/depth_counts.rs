@@ -16,12 +16,17 @@ use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Problem, Queries, Shape};
 
 /// The passes whose shaders count their reads.
-const COUNTED: [Pass; 8] = [
+const COUNTED: [Pass; 13] = [
     Pass::Downsample,
     Pass::DownsampleCombine,
     Pass::FineAttention,
+    Pass::CoarseAttention,
+    Pass::UpsampleMerge,
     Pass::BackwardDq,
     Pass::BackwardDkvFine,
+    Pass::BackwardDkvCoarse,
+    Pass::BackwardDkvCoarseQ,
+    Pass::BackwardCoarseDq,
     Pass::BackwardDkvCombine,
     Pass::WeightsBackward,
     Pass::WeightsBackwardCombine,
@@ -31,7 +36,13 @@ const COUNTED: [Pass; 8] = [
 /// workgroup the widest block's gather list (the blocks at the sequence's ends see fewer
 /// fine keys, and no block has the largest far list of every level), where `serial_rows` is
 /// the widest block's exactly.
-const BOUNDED_ROWS: [Pass; 3] = [Pass::FineAttention, Pass::BackwardDq, Pass::BackwardDkvFine];
+const BOUNDED_ROWS: [Pass; 5] = [
+    Pass::FineAttention,
+    Pass::BackwardDq,
+    Pass::BackwardDkvFine,
+    Pass::BackwardDkvCoarse,
+    Pass::BackwardDkvCoarseQ,
+];
 
 /// Compares the counted (max, total) of each dispatch of a counted pass with the plan's.
 /// `exact`: every window full, so the bounds are attained.
