@@ -518,12 +518,13 @@ pub fn weights_backward_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth
     }
 }
 
-/// `weights_backward_q` at level index `i`: the same over the query heads' windows (dQ~ and Q).
+/// `weights_backward_q` at level index `i`: the same over the query heads' windows (dQ~ and Q
+/// of each; a bias element dQ~ only).
 pub fn weights_backward_q(m: &DepthModel, i: usize) -> Depth {
     let windows = m.bh * m.levels[i].1;
     Depth {
         serial_rows: 2 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
-        rows: (m.taps(i) + 1) * m.p * 2 * windows,
+        rows: (2 * m.taps(i) + 1) * m.p * windows,
     }
 }
 
