@@ -9,8 +9,9 @@
 //! Average, Learned causal GQA, Learned coarse queries, 2D Learned, 2D coarse queries). The
 //! attention passes' and the coarse dK~/dV~ pass's `rows` stay upper bounds even on full
 //! windows (`BOUNDED_ROWS`: each workgroup is given the widest block's list); their
-//! `serial_rows` is exact. On lavapipe the coarse dK~/dV~ pass takes its subgroup walk; its
-//! two-phase path carries the same markers.
+//! `serial_rows` is exact. The default context runs the subgroup variants on lavapipe; a
+//! context with a browser's limits and no subgroups runs the plain ones (the two-phase coarse
+//! dK~/dV~ path, the plain sweeps) against the same plans.
 
 use crate::common::{gpu, random_learned};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
@@ -197,5 +198,45 @@ fn the_plans_depth_is_what_the_shaders_walk() {
             "{} never compared exactly",
             pass.name()
         );
+    }
+}
+
+#[test]
+fn the_plain_kernels_walk_the_same_depth() {
+    // A browser's limits and no subgroups: the plain variants (the two-phase coarse dK~/dV~
+    // path, the plain key and query sweeps) under the same markers and plans.
+    let Some(plain) = crate::common::browser_like_gpu() else {
+        return;
+    };
+    assert_eq!(
+        plain.subgroup_kernels(),
+        None,
+        "a context without subgroups"
+    );
+    let ctx = plain.clone().counting_rows();
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut proven = Vec::new();
+    let (n, d) = (4096, 8);
+    let shape = Shape::new(1, 4, n, d).with_kv_heads(2);
+    let cases = [
+        (Problem::new(shape), FmaConfig::new(16, 2)),
+        (Problem::new(shape).causal(true), FmaConfig::new(16, 2)),
+        (
+            Problem::new(Shape::new(1, 2, n, d)),
+            FmaConfig::new(16, 2).queries(Queries::Coarse),
+        ),
+    ];
+    for (p, cfg) in &cases {
+        run(&ctx, seed, (p, cfg), true, &mut proven);
+    }
+    for pass in [
+        Pass::FineAttention,
+        Pass::BackwardDq,
+        Pass::BackwardDkvFine,
+        Pass::BackwardDkvCoarse,
+        Pass::BackwardDkvCoarseQ,
+    ] {
+        assert!(proven.contains(&pass), "{} never compared", pass.name());
     }
 }
