@@ -6,10 +6,15 @@
 //! with ~17,000 invocations in flight the longest chain does (`../shared/design/gpu.md`), so a
 //! pass whose `serial_rows` grows with n is the pass that makes a GPU slow (issue 27).
 //!
-//! The figures are upper bounds from the index maps (algorithm.md §3, §8, §9): the near field
-//! of a query (1D: 3 blocks, causal 2; 2D: 9 cells), its far list (per level up to 3 windows of
-//! p rows, causal 2; 2D up to 27 cells), a coarse row's readers (the same counts inverted),
-//! each clipped at the sequence. `multipole-attn plan` prints them.
+//! The figures come from the index maps (algorithm.md §3, §8, §9): the near field of a query
+//! (1D: 3 blocks, causal 2; 2D: 9 cells), its far list (per level up to 3 windows of p rows,
+//! causal 2; 2D up to 27 cells), a coarse row's readers (the same lists inverted), each clipped
+//! at the sequence; the widest block's and window's lists are walked over the blocks and
+//! windows ([`DepthModel::widest_gather`], [`DepthModel::far_lists`]). On a sequence whose
+//! windows are all full every `serial_rows` is what the shaders walk, exactly, and `rows` too
+//! but for the attention passes and the coarse dK~/dV~ pass, where it is an upper bound
+//! (`tests/gpu/depth_counts.rs` counts both on the shaders); partial windows stay under them.
+//! `multipole-attn plan` prints them.
 
 use super::backward::{
     coarse_rows_per_workgroup, max_readers, BackwardPlan, COMBINE_FAN_IN, DKV_COARSE_CHUNK,
