@@ -35,7 +35,7 @@ pub struct DenseSaved {
     /// The sequences of a variable-length forward; `None` for a batch of equal sequences.
     sequences: Option<Sequences>,
     owner: u64,
-    pub(super) kept: DenseKept,
+    kept: DenseKept,
 }
 
 /// Where a [`DenseSaved`] forward's tensors are.
