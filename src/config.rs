@@ -251,8 +251,15 @@ pub struct DecodeConfig {
     pub max_len: usize,
     /// Most tokens one step appends per sequence (fixes the rings' sizes).
     pub max_chunk: usize,
-    /// Keep every key and value (needed by the dense decode).
+    /// Keep every key and value (needed by the dense decode; with a window nothing beyond
+    /// the window is kept, so this is ignored).
     pub history: bool,
+    /// Softmax variants (issue 30, docs/variants.md): softcap, sinks of shape (heads,), a
+    /// sliding window (L, 0). With a window the cache keeps only the last L + `max_chunk`
+    /// keys and values per sequence and head (a ring), no coarse level and no history, so its
+    /// memory does not depend on `max_len`; both decode modes then run exact windowed
+    /// attention over that ring.
+    pub variants: Variants,
 }
 
 impl DecodeConfig {
@@ -275,7 +282,15 @@ impl DecodeConfig {
             max_len,
             max_chunk: 64,
             history: true,
+            variants: Variants::default(),
         }
+    }
+
+    /// Decodes with the softmax variants `variants` (softcap, sinks (heads,), a window with
+    /// R = 0): see the field.
+    pub fn variants(mut self, variants: Variants) -> Self {
+        self.variants = variants;
+        self
     }
 
     /// `kv_heads` K/V heads per sequence (grouped-query attention; must divide `heads`): the
@@ -338,9 +353,14 @@ impl DecodeConfig {
                 allowed: format!("<= {} (positions are 32-bit on the GPU)", u32::MAX / 2),
             });
         }
+        // Decoding is causal: a window looks no further right than the query (R = 0). The
+        // variants are checked here rather than as FMA's: FMA's window rule (L <= m) binds
+        // the FMA mode only (`DecodeLayout::check_fma_window`), not the dense one.
+        self.variants.validate(self.heads, true)?;
         let mut fma = self.fma.clone();
         fma.causal = true;
         fma.queries = Queries::Fine;
+        fma.variants = Variants::default();
         fma.validate(self.head_dim, self.max_len)
     }
 }
