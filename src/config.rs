@@ -355,12 +355,22 @@ impl DecodeConfig {
         }
         // Decoding is causal: a window looks no further right than the query (R = 0). The
         // variants are checked here rather than as FMA's: FMA's window rule (L <= m) binds
-        // the FMA mode only (`DecodeLayout::check_fma_window`), not the dense one.
+        // the FMA mode only (`DecodeConfig::check_fma_window`), not the dense one.
         self.variants.validate(self.heads, true)?;
         let mut fma = self.fma.clone();
         fma.causal = true;
         fma.queries = Queries::Fine;
         fma.variants = Variants::default();
         fma.validate(self.head_dim, self.max_len)
+    }
+
+    /// What the FMA mode adds for a window: FMA runs it through its near field, as the
+    /// causal forward does, so L <= m for block m unless one block holds the whole sequence
+    /// (m >= max_len); a wider window is the forward's typed error (`InvalidConfig`,
+    /// "window"). The dense mode takes any L. Without a window: Ok.
+    pub fn check_fma_window(&self) -> Result<()> {
+        let mut fma = self.fma.clone();
+        fma.variants = self.variants.clone();
+        fma.validate_variants(self.max_len)
     }
 }

@@ -253,27 +253,6 @@ impl DecodeLayout {
         (2 * self.pages_for(len) * per_page) as u64 * 4
     }
 
-    /// FMA runs a window through its near field (docs/variants.md), as the causal forward
-    /// does: L <= m for block m, unless one block holds the whole sequence (m >= max_len).
-    /// The FMA mode refuses a wider window with the forward's typed error; the dense mode
-    /// takes any L.
-    pub fn check_fma_window(&self) -> Result<()> {
-        match self.window {
-            Some(w) if self.block < self.max_len && w.left > self.block => {
-                Err(FmaError::InvalidConfig {
-                    what: "window",
-                    value: format!("({}, {})", w.left, w.right),
-                    allowed: format!(
-                        "L <= m: FMA runs a window through its near field of block m = {}; \
-                         choose a block m >= {} or the dense decode",
-                        self.block, w.left
-                    ),
-                })
-            }
-            _ => Ok(()),
-        }
-    }
-
     /// The specialisation of every decoding pass: the softmax variants are pipeline
     /// constants (`plan::SoftmaxFlags`), so a decoder without them runs the plain kernels.
     fn spec(&self) -> Specialization {
@@ -532,16 +511,16 @@ mod tests {
     #[test]
     fn fma_refuses_a_window_beyond_its_near_field_as_the_forward_does() {
         let limits = KernelLimits::with_binding(1 << 27);
-        let ok = DecodeLayout::new(&windowed(16, 16, 4096, 1), &limits).unwrap();
-        assert!(ok.check_fma_window().is_ok());
+        assert!(windowed(16, 16, 4096, 1).check_fma_window().is_ok());
+        assert!(cfg(16, 2, 4096, 1).check_fma_window().is_ok());
         // m >= max_len: one block holds every key.
-        let whole = DecodeLayout::new(&windowed(64, 60, 64, 1), &limits).unwrap();
-        assert!(whole.check_fma_window().is_ok());
-        let wide = DecodeLayout::new(&windowed(16, 17, 4096, 1), &limits).unwrap();
+        assert!(windowed(64, 60, 64, 1).check_fma_window().is_ok());
         assert!(matches!(
-            wide.check_fma_window(),
+            windowed(16, 17, 4096, 1).check_fma_window(),
             Err(FmaError::InvalidConfig { what: "window", .. })
         ));
+        // The layout (and so the dense mode) takes it.
+        assert!(DecodeLayout::new(&windowed(16, 17, 4096, 1), &limits).is_ok());
         // R > 0 is no causal window.
         let right = cfg(16, 2, 4096, 1).variants(crate::Variants {
             window: Some(Window { left: 4, right: 1 }),

@@ -422,7 +422,7 @@ impl Decoder {
             });
         }
         if mode == DecodeMode::Fma {
-            self.layout.check_fma_window()?;
+            self.cfg.check_fma_window()?;
         }
         let lens = self.lens()?;
         if let Some(b) = (0..b_n).find(|&b| lengths[b] > 0 && lens[b] > 0) {

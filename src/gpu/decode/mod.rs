@@ -100,7 +100,7 @@ impl Decoder {
         cfg.fma.validate_values()?;
         check_variants(&cfg.variants)?;
         // The prefill's forwards run the decoder's variants (FMA's window rule is checked when
-        // the FMA mode is used: `DecodeLayout::check_fma_window`).
+        // the FMA mode is used: `DecodeConfig::check_fma_window`).
         let fma_cfg: FmaConfig = cfg.fma.clone().variants(cfg.variants.clone());
         let weights = WeightBuffers::new(ctx, &fma_cfg, &limits)?;
         let fma = FmaAttention::new(ctx, fma_cfg)?.max_binding(limits.max_binding);

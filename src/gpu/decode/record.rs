@@ -106,7 +106,7 @@ impl Decoder {
             longest = longest.max(after);
         }
         if matches!(work, Work::Attend(DecodeMode::Fma, _)) {
-            l.check_fma_window()?;
+            self.cfg.check_fma_window()?;
         }
         // A window: both modes are exact windowed attention over the ring (decode_attention
         // with no coarse level); the cache has no history to run the dense passes over.
