@@ -8,8 +8,8 @@
 //! prefill's forward (the default context, and `mismatched_subgroup_gpu`'s plain fallback)
 //! give the reference and agree with each other. The windowed decoder's memory is flat: the
 //! same bytes after a prompt of 100 and of 60 000 tokens, with rows still right. Decoding with
-//! a window equals the GPU's causal forward with that window, row by row. Typed errors for
-//! what does not combine.
+//! a window equals the GPU's causal forward with that window, row by row. A windowed cache
+//! over 4 KiB bindings gives the bits of one binding. Typed errors for what does not combine.
 //!
 //! Tolerance: tests/gpu/decode.rs's (5e-5 + 5e-5 |ref| on O, 5e-5 + 1e-5 |ref| on the LSE), for
 //! its reasons (the same keys summed in f32 in another order) and those of
@@ -136,7 +136,21 @@ fn storage(ctx: &GpuContext, data: &[f32]) -> wgpu::Buffer {
 /// len_b): the prefill's rows, then each step's written into NaN-poisoned buffers
 /// (`EncodeStep`).
 fn decode(ctx: &GpuContext, run: &Run, seqs: &[[Vec<f32>; 3]]) -> Vec<(Vec<f32>, Vec<f32>)> {
-    let dec = Decoder::new(ctx, run.cfg()).expect("decoder");
+    decode_with(
+        &Decoder::new(ctx, run.cfg()).expect("decoder"),
+        ctx,
+        run,
+        seqs,
+    )
+}
+
+/// [`decode`] with a decoder of `run.cfg()` made by the caller.
+fn decode_with(
+    dec: &Decoder,
+    ctx: &GpuContext,
+    run: &Run,
+    seqs: &[[Vec<f32>; 3]],
+) -> Vec<(Vec<f32>, Vec<f32>)> {
     let (bn, h, hk, d) = (run.prefill.len(), run.heads, run.kv_heads, run.d);
     let width = *run.prefill.iter().max().unwrap();
     let mut out: Vec<(Vec<f32>, Vec<f32>)> = (0..bn)
@@ -537,4 +551,44 @@ fn what_does_not_combine_is_a_typed_error() {
     dec.step(DecodeMode::Dense, Host::new(&x, &x, &x))
         .expect("dense windowed step");
     assert_eq!(dec.lens().unwrap(), vec![1]);
+}
+
+/// A windowed cache with sinks and a softcap bound in 4 KiB ranges (rows in several groups,
+/// each sequence's heads split between them) gives the bits of one binding, and two runs
+/// repeat: a row's work does not depend on its group. No prefill: at 4 KiB the prefill's
+/// forward would run the heads in pieces, which it refuses with variants (docs/variants.md).
+#[test]
+fn a_windowed_cache_over_4_kib_bindings_gives_the_bits_of_one_binding() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    let run = Run {
+        heads: 6,
+        kv_heads: 3,
+        prefill: vec![0, 0],
+        steps: 25,
+        variants: Variants {
+            softcap: Some(2.5),
+            sinks: Some(normal_tensor(seed ^ 3, 6)),
+            window: Some(Window { left: 7, right: 0 }),
+        },
+        ..base(DecodeMode::Fma)
+    };
+    let seqs = sequences(seed, &run);
+    let whole = decode(ctx, &run, &seqs);
+    let again = decode(ctx, &run, &seqs);
+    let split_dec = Decoder::with_max_binding(ctx, run.cfg(), 4 << 10).expect("decoder");
+    assert!(split_dec.layout().group < 6, "{:?}", split_dec.layout());
+    let split = decode_with(&split_dec, ctx, &run, &seqs);
+    let bits = |x: &Vec<(Vec<f32>, Vec<f32>)>| -> Vec<u32> {
+        x.iter()
+            .flat_map(|(o, l)| o.iter().chain(l).map(|f| f.to_bits()))
+            .collect()
+    };
+    let label = run.label(seed);
+    assert_eq!(bits(&whole), bits(&again), "{label}: two runs differ");
+    assert_eq!(
+        bits(&whole),
+        bits(&split),
+        "{label}: the split cache differs"
+    );
 }
