@@ -233,7 +233,8 @@ impl FmaConfig {
 /// (a ring: the near field of every query of a step), the last few complete windows of every
 /// coarse level (a ring per level: far lists only reach back three windows), and, with
 /// `history`, every key and value so far (in pages that each fit one storage binding) for the
-/// exact dense decode and for callers who want the whole cache.
+/// exact dense decode and for callers who want the whole cache. With a sliding window
+/// (`variants`) only the last L + `max_chunk` keys and values, whatever the length.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeConfig {
     /// Block size, rank, downsampling and count correction of the FMA.
