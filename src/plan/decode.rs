@@ -115,7 +115,8 @@ impl DecodeLayout {
         // is a one-row placeholder binding), nothing kept beyond (no history).
         let (ring, levels, slots, coarse_stride, history) = match window {
             Some(w) => (
-                (w.left + cfg.max_chunk).min(cfg.max_len),
+                // Saturating: a window longer than any sequence is the whole sequence.
+                w.left.saturating_add(cfg.max_chunk).min(cfg.max_len),
                 0,
                 1,
                 ROW_ALIGN,
@@ -506,6 +507,8 @@ mod tests {
         // A window longer than the context: the ring holds the whole sequence.
         let tiny = DecodeLayout::new(&windowed(16, 100, 50, 3), &limits).unwrap();
         assert_eq!(tiny.ring, 50);
+        let huge = DecodeLayout::new(&windowed(16, usize::MAX, 50, 3), &limits).unwrap();
+        assert_eq!(huge.ring, 50);
     }
 
     #[test]
