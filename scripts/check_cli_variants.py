@@ -182,6 +182,7 @@ def main():
             ("window", None, None, win),
             ("sinks+window", None, sinks, win),
             ("softcap+window", 2.0, None, win),
+            ("softcap+sinks", 2.5, sinks, None),
             ("softcap+sinks+window", 3.0, sinks, win),
         ]:
             s32 = None if snk is None else snk.astype(np.float32).astype(np.float64)
