@@ -12,6 +12,7 @@ mod coarse;
 mod coarse_backward;
 mod concurrency;
 mod decode;
+mod decode_variants;
 mod dense_backward_split;
 mod dense_keys;
 mod depth_counts;
