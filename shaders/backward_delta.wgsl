@@ -16,11 +16,14 @@
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let at = locate(dispatch_workgroup(wg) * WG + lid, params.n, sec_tok(), query_heads());
+    // Rows [chunk_lo, chunk_hi) of every head (all of them, 0 and n, unless the head is split
+    // across bindings: then the bound rows of one chunk, which start at global row row_base).
+    let span = params.chunk_hi - params.chunk_lo;
+    let at = locate(dispatch_workgroup(wg) * WG + lid, span, sec_tok(), query_heads());
     if (at.x == 0xffffffffu) {
         return;
     }
-    let row = problem(at.x, at.y).q_row + at.z;
+    let row = problem(at.x, at.y).q_row + params.chunk_lo + at.z - params.row_base;
     let d = params.d;
     let base = row * d;
     var acc = 0.0;

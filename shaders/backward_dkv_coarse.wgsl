@@ -134,6 +134,9 @@ fn reader_token(n: u32, b: u32, lvl: u32, windows: u32, w: u32, causal: bool, g:
     return 0u; // not reached for g < reader_total
 }
 
+// The LSE staged for a query outside the chunk: exp(s - OUTSIDE_LSE) is 0 for any finite s.
+const OUTSIDE_LSE: f32 = 3.0e38;
+
 // The token of each staged query row (stage_query_tokens).
 var<workgroup> query_token: array<u32, BK>;
 
@@ -149,7 +152,22 @@ fn token_row(pr: Problem, token: u32) -> u32 {
     if (params.coarse_queries != 0u) {
         return coarse_row(pr.q_crow, sel.level, pr.s, token);
     }
-    return pr.q_row + token;
+    // A split head's bindings start at global row row_base (0 unsplit).
+    return pr.q_row + token - params.row_base;
+}
+
+// Whether query `token` is in this dispatch's chunk of a split head, [chunk_lo, chunk_hi) (0
+// and n unsplit: every query). Each chunk's dispatch sums only its own queries and adds the sum
+// to the earlier chunks' (`accumulates`), in chunk order.
+fn in_chunk(token: u32) -> bool {
+    return params.coarse_queries != 0u
+        || (token >= params.chunk_lo && token < params.chunk_hi);
+}
+
+// A split head's chunk after the first: its sums are added to the outputs (written by the
+// earlier chunks' dispatches, which run before it), not written over them.
+fn accumulates() -> bool {
+    return params.coarse_queries == 0u && params.chunk_lo > 0u;
 }
 
 // coarse_rows_subgroup and SUBGROUP_COARSE_ROWS: on a device with subgroups, lanes take a
@@ -176,17 +194,21 @@ fn stage_query_tokens(pr: Problem, count: u32, lid: u32) {
     let d = params.d;
     // Every invocation's outputs walk the staged q and dO rows; the workgroup reads each once.
     //#rows(2u * count, select(0u, 2u * count, lid == 0u))
+    // A query outside a split head's chunk is not bound: it stages zeros and an LSE that makes
+    // its P exactly 0, so it adds +0 to every sum (the chunk's sum is that of its own queries).
     for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
         let base = query_row(pr, r) * d;
         var qq = vec4<f32>(0.0);
         var gg = vec4<f32>(0.0);
-        for (var e = 0u; e < 4u; e++) {
-            let c = c4 * 4u + e;
-            if (c < d) {
-                qq[e] = q[base + c];
-                gg[e] = dout[base + c];
+        if (in_chunk(query_token[r])) {
+            for (var e = 0u; e < 4u; e++) {
+                let c = c4 * 4u + e;
+                if (c < d) {
+                    qq[e] = q[base + c];
+                    gg[e] = dout[base + c];
+                }
             }
         }
         tile_q[idx] = qq;
@@ -194,8 +216,14 @@ fn stage_query_tokens(pr: Problem, count: u32, lid: u32) {
     }
     for (var r = lid; r < count; r += WG) {
         let row = query_row(pr, r);
-        tile_lse[r] = stats[2u * row];
-        tile_delta[r] = stats[2u * row + 1u];
+        var l = OUTSIDE_LSE;
+        var dl = 0.0;
+        if (in_chunk(query_token[r])) {
+            l = stats[2u * row];
+            dl = stats[2u * row + 1u];
+        }
+        tile_lse[r] = l;
+        tile_delta[r] = dl;
     }
 }
 
@@ -307,8 +335,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             for (var e = 0u; e < 4u; e++) {
                 let c = c4 * 4u + e;
                 if (c < d) {
-                    dcoarse_k[out_at(outs, r) + c] = gk[e];
-                    dcoarse_v[out_at(outs, r) + c] = gv[e];
+                    let at = out_at(outs, r) + c;
+                    if (accumulates()) {
+                        dcoarse_k[at] += gk[e];
+                        dcoarse_v[at] += gv[e];
+                    } else {
+                        dcoarse_k[at] = gk[e];
+                        dcoarse_v[at] = gv[e];
+                    }
                 }
             }
         }

@@ -67,7 +67,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // cells) of its sequence, or of each sequence of a variable-length batch (problems.wgsl);
     // grouped-query heads sum the gradients of the kv_group query heads that read it, in head
     // order (deterministic, no atomics).
-    let tiles = chunk_blocks(0u, params.n, m, cols).y * params.tiles_per_block;
+    // Of a head split across bindings: the key blocks of the chunk [chunk_lo, chunk_hi) (0 and
+    // n unsplit), whose readers lie in its bound rows (one block of halo either side).
+    let blocks = chunk_blocks(params.chunk_lo, params.chunk_hi, m, cols);
+    let tiles = blocks.y * params.tiles_per_block;
     let at = locate(wid, tiles, sec_tile(), query_heads() / params.kv_group);
     if (at.x == 0xffffffffu) {
         return; // uniform over the workgroup
@@ -77,14 +80,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kpr = problem(kv_h * params.kv_group, at.y);
     let n = kpr.n;
     let tile = at.z;
-    let b = tile / params.tiles_per_block;
+    let b = blocks.x + tile / params.tiles_per_block;
     // Keys q0 .. q1 of the block (1D: tokens block start + q), this invocation's q0 + lid.
     let q0 = (tile % params.tiles_per_block) * WG;
     let q1 = min(q0 + WG, block_size(n, m, cols, b));
     let t0 = block_token(n, m, cols, b, q0);
     let t = block_token(n, m, cols, b, q0 + lid);
     let in_tile = q0 + lid < q1;
-    let head = kpr.kv_row * d;
+    // Bound rows start at global row row_base (wrapping u32 arithmetic, as in backward_dq).
+    let head = (kpr.kv_row - params.row_base) * d;
     let causal = params.causal != 0u;
     tile_rows_begin();
 
@@ -120,7 +124,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         win_q_end = mine.y;
     }
     for (var bh = kv_h * params.kv_group; bh < (kv_h + 1u) * params.kv_group; bh++) {
-        let q_row = problem(bh, at.y).q_row;
+        let q_row = problem(bh, at.y).q_row - params.row_base;
         for (var run = 0u; run < near_query_runs(n, m, cols, b); run++) {
             let readers = near_query_run(n, m, cols, b, causal, run);
             let i_lo = select(readers.x, t0, causal);

@@ -73,8 +73,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d = params.d;
     let cols = params.grid_w;
     // The forward's tiles: the query blocks (fine blocks; 2D: fine cells) of every query
-    // head's sequence, or of each sequence of a variable-length batch (problems.wgsl).
-    let tiles = chunk_blocks(0u, params.n, m, cols).y * params.tiles_per_block;
+    // head's sequence, or of each sequence of a variable-length batch (problems.wgsl); of a
+    // head split across bindings, those of the chunk [chunk_lo, chunk_hi) (0 and n unsplit).
+    let blocks = chunk_blocks(params.chunk_lo, params.chunk_hi, m, cols);
+    let tiles = blocks.y * params.tiles_per_block;
     let at = locate(wid, tiles, sec_tile(), query_heads());
     if (at.x == 0xffffffffu) {
         return; // uniform over the workgroup
@@ -82,7 +84,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let pr = problem(at.x, at.y);
     let n = pr.n;
     let tile = at.z;
-    let a0 = tile / params.tiles_per_block;
+    let a0 = blocks.x + tile / params.tiles_per_block;
     // Queries q0 .. q1 of the block (1D: tokens block start + q), this invocation's q0 + lid.
     let q0 = (tile % params.tiles_per_block) * WG;
     let q1 = min(q0 + WG, block_size(n, m, cols, a0));
@@ -90,9 +92,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let in_tile = q0 + lid < q1;
     // One past the tile's last query (1D: its causal key limit).
     let i1 = block_token(n, m, cols, a0, q1 - 1u) + 1u;
-    let head = pr.q_row * d;
+    // A split head's bindings start at global row row_base (0 unsplit): (-row_base d) mod 2^32
+    // with wrapping u32 arithmetic, so head + t d still lands on bound row t - row_base.
+    let head = (pr.q_row - params.row_base) * d;
     // The K/V head this query head reads (grouped-query attention).
-    let kv_head = pr.kv_row * d;
+    let kv_head = (pr.kv_row - params.row_base) * d;
     let causal = params.causal != 0u;
     tile_rows_begin();
 
@@ -118,8 +122,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     row_lse = 0.0;
     row_delta = 0.0;
     if (in_tile) {
-        row_lse = bitcast<f32>(stats[2u * (pr.q_row + i)]);
-        row_delta = bitcast<f32>(stats[2u * (pr.q_row + i) + 1u]);
+        row_lse = bitcast<f32>(stats[2u * (pr.q_row + i - params.row_base)]);
+        row_delta = bitcast<f32>(stats[2u * (pr.q_row + i - params.row_base) + 1u]);
     }
 
     // Level 0, the forward's near field (causal: up to the tile's last query, then per row).

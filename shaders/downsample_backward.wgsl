@@ -87,7 +87,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let p = params.p;
     // The workgroups of K and V, then (coarse queries) those of Q, each over its heads.
     let kv_heads = query_heads() / params.kv_group;
-    let per_head = select(params.n, seq_table[sec_tok() + params.seqs], params.seqs > 0u);
+    // Tokens [chunk_lo, chunk_hi) of each K/V head (0 and n unless the head is split across
+    // bindings), or each sequence's of a variable-length batch.
+    let span = params.chunk_hi - params.chunk_lo;
+    let per_head = select(span, seq_table[sec_tok() + params.seqs], params.seqs > 0u);
     let kv_wgs = (kv_heads * per_head * D4 + WG - 1u) / WG;
     let wid = dispatch_workgroup(wg);
     if (wid >= kv_wgs) {
@@ -99,16 +102,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let u = wid * WG + lid;
     // Over the K/V heads (grouped-query attention: dK~ already summed over each group) and
     // their real tokens (each sequence's of a variable-length batch).
-    let at = locate(u / D4, params.n, sec_tok(), query_heads() / params.kv_group);
+    let at = locate(u / D4, span, sec_tok(), query_heads() / params.kv_group);
     if (at.x == 0xffffffffu) {
         return;
     }
     let c0 = (u % D4) * 4u;
-    let t = at.z;
+    let t = params.chunk_lo + at.z;
     // Problem of the K/V head's first query head: its K/V and coarse rows are this head's.
     let kpr = problem(at.x * params.kv_group, at.y);
     let n = kpr.n;
-    let g = (kpr.kv_row + t) * d;
+    // Its row in the bound dK and dV (a split head's bindings start at global row row_base).
+    let g = (kpr.kv_row + t - params.row_base) * d;
     var gk = vec4<f32>(0.0);
     var gv = vec4<f32>(0.0);
     // Its dK and dV rows, then per level the dK~ and dV~ rows it went into (`//#rows`, as in

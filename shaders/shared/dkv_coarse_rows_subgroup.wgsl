@@ -123,6 +123,9 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
                     if (params.coarse_queries == 0u) {
                         token = group_tap(n, w, cols, a, k).x;
                     }
+                    if (!in_chunk(token)) {
+                        continue; // outside a split head's chunk: not bound (uniform)
+                    }
                     let row = token_row(qpr, token);
                     let at = row * d;
                     //#rows(2u, select(0u, 2u, lane == 0u))
@@ -184,8 +187,14 @@ fn write_row_vec4(wk: Walk, r: u32, c4: u32, dk: vec4<f32>, dv: vec4<f32>) {
     for (var e = 0u; e < 4u; e++) {
         let c = c4 * 4u + e;
         if (c < params.d) {
-            dcoarse_k[at + c] = gk[e];
-            dcoarse_v[at + c] = dv[e];
+            // A split head's later chunks add to the earlier chunks' sums (accumulates).
+            if (accumulates()) {
+                dcoarse_k[at + c] += gk[e];
+                dcoarse_v[at + c] += dv[e];
+            } else {
+                dcoarse_k[at + c] = gk[e];
+                dcoarse_v[at + c] = dv[e];
+            }
         }
     }
 }

@@ -588,7 +588,7 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
     }
 }
 
-fn with_depth(model: &DepthModel, d: Dispatch) -> DispatchDepth {
+pub(super) fn with_depth(model: &DepthModel, d: Dispatch) -> DispatchDepth {
     let depth = dispatch_depth(model, &d);
     DispatchDepth {
         dispatch: d,

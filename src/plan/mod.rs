@@ -4,6 +4,7 @@
 //! maps each to its WGSL and bindings.
 
 mod backward;
+mod backward_split;
 mod decode;
 mod dense;
 mod dense_backward;
@@ -23,6 +24,7 @@ pub use backward::{
     coarse_rows_per_workgroup, combine_rounds, max_readers, reader_chunks, weight_chunks,
     BackwardPlan, BACKWARD_WG, COMBINE_FAN_IN, DKV_COARSE_CHUNK, WEIGHT_CHUNK_WINDOWS,
 };
+pub use backward_split::{BackwardChunk, BackwardSplitPlan};
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};
@@ -54,7 +56,15 @@ pub fn fma_depths(
     backward: bool,
 ) -> crate::error::Result<Vec<DispatchDepth>> {
     let cfg = cfg.clone().causal(p.causal);
-    let forward = FmaPlan::new(p.shape, &cfg, limits)?;
+    let forward = match FmaPlan::new(p.shape, &cfg, limits) {
+        Ok(forward) => forward,
+        // One head over a binding: its chunks' dispatches (those of every head).
+        Err(e) if exceeds_binding(&e) && head_exceeds_binding(p.shape, limits) => {
+            return backward_split::split_head_depths(p.shape, &cfg, limits, backward)
+                .map_err(|split| if exceeds_binding(&split) { e } else { split });
+        }
+        Err(e) => return Err(e),
+    };
     let mut all = forward_depths(&forward, &cfg);
     if backward {
         let plan = BackwardPlan::new(p.shape, &cfg, limits)?;

@@ -221,8 +221,8 @@ fn what_a_grid_cannot_split_is_a_typed_error() {
         assert!(matches!(e, FmaError::LimitExceeded { .. }), "{cfg:?}: {e}");
         assert!(bufs.read(small).0.iter().all(|v| v.is_nan()));
     }
-    // The backward does not split one head (nor in 1D; it splits runs of heads): a head the
-    // forward splits cannot train.
+    // The backward does not split one 2D head (1D fine-query Average heads split along their
+    // sequence): a 2D head the forward splits cannot train.
     let x = vec![0.25f32; shape(4).elements()];
     let fma = Attention::fma(small, FmaConfig::new(4, 1).grid(Some(grid))).unwrap();
     let e = fma

@@ -14,7 +14,7 @@ use crate::cross;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage};
 use crate::gpu::engine::cache::Growing;
-use crate::gpu::engine::front::{check_host, one_head_over_binding};
+use crate::gpu::engine::front::check_host;
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
@@ -54,6 +54,21 @@ pub(super) enum Kept {
     /// Tensors over one binding whose heads fit: runs of heads in head order, each its own
     /// forward with its own buffers (`backward_runs.rs`).
     Runs(Vec<HeadRun>),
+    /// One head over a binding: the split forward's tensors on the host, bound chunk by chunk
+    /// by the backward (`backward_split.rs`).
+    Split(HostKept),
+}
+
+/// A split-head forward's tensors, kept on the host ([`Kept::Split`], `backward_split.rs`):
+/// Q, O (batch, heads, seq, head_dim), K, V (batch, kv_heads, seq, head_dim) and the LSE
+/// (batch, heads, seq).
+#[derive(Clone, Debug)]
+pub(super) struct HostKept {
+    pub q: Arc<Vec<f32>>,
+    pub k: Arc<Vec<f32>>,
+    pub v: Arc<Vec<f32>>,
+    pub o: Arc<Vec<f32>>,
+    pub lse: Arc<Vec<f32>>,
 }
 
 /// One run of heads of a [`Kept::Runs`]: query heads `first .. first + count` of the
@@ -82,13 +97,16 @@ impl Saved {
     fn whole(&self) -> Result<&SavedTensors> {
         match &self.kept {
             Kept::Whole(t) => Ok(t),
-            Kept::Runs(runs) => Err(FmaError::InvalidConfig {
+            Kept::Runs(_) | Kept::Split(_) => Err(FmaError::InvalidConfig {
                 what: "the backward into buffers (ResidentGrad)",
                 value: format!(
                     "a training forward of {} whose tensors exceed one storage binding, saved \
-                     in {} runs of heads",
+                     {}",
                     self.shape,
-                    runs.len()
+                    match &self.kept {
+                        Kept::Runs(runs) => format!("in {} runs of heads", runs.len()),
+                        _ => "on the host (one head over a binding)".into(),
+                    }
                 ),
                 allowed: "the host backward (HostGrad), which differentiates one run of heads \
                           at a time; or tensors that fit one storage binding each"
@@ -127,11 +145,6 @@ fn resident_over_binding(e: FmaError) -> FmaError {
         e => e,
     }
 }
-
-/// Why the FMA backward does not split one head along its sequence (its error says it).
-pub(super) const WHY_WHOLE_HEAD: &str = "the coarse dK~/dV~ pass reads, for a coarse key of the \
-     top level, queries from all over the sequence (its far-list readers, 3 w_L tokens), so a \
-     head's Q, dO and stats are bound whole";
 
 /// Scratch buffers of the backward, grown by capacity: coarse K~, V~ recomputed by the
 /// forward's downsample pass, their gradients dK~, dV~ (bh / kv_group, coarse_rows, d), the
@@ -174,7 +187,7 @@ impl BackwardScratch {
     /// The scratch roles of a backward of `plan`, sized for it. A variable-length batch's
     /// sequence table is written at element `plan.table_at` of dK~ and of the stats (for the
     /// passes with no binding to spare: dQ and the weight gradients).
-    fn resources<'a>(
+    pub(super) fn resources<'a>(
         &'a mut self,
         ctx: &crate::gpu::engine::context::GpuContext,
         plan: &BackwardPlan,
@@ -255,6 +268,13 @@ impl FmaAttention {
         BackwardPlan::new(shape, &self.cfg, &self.limits)
     }
 
+    /// Whether the backward of one head of `shape` (one query head, its K/V head) exceeds one
+    /// storage binding: then training splits the head along its sequence.
+    fn one_head_exceeds(&self, shape: Shape) -> bool {
+        let one = Shape::cross(1, 1, shape.seq, shape.seq_kv, shape.head_dim);
+        matches!(self.backward_plan(one), Err(FmaError::LimitExceeded { .. }))
+    }
+
     /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
     fn saved_plan(&self, saved: &Saved) -> Result<BackwardPlan> {
         match &saved.sequences {
@@ -308,10 +328,15 @@ impl FmaAttention {
         match seqs {
             None => match self.backward_plan(shape) {
                 // Tensors over one binding: a run of heads at a time, if one head fits.
+                // One head over a binding: split along its sequence.
+                Err(FmaError::LimitExceeded { .. }) if self.one_head_exceeds(shape) => {
+                    return self.forward_train_split((q, k, v), shape).await;
+                }
                 Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
                     return self.forward_train_runs((q, k, v), shape).await;
                 }
-                other => other.map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?,
+                // (A head over a binding splits above: what is left is not about bindings.)
+                other => other?,
             },
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };
@@ -395,6 +420,7 @@ impl FmaAttention {
         match &saved.kept {
             Kept::Whole(_) => self.backward_whole(saved, dout).await,
             Kept::Runs(runs) => self.backward_runs(saved.shape, runs, dout).await,
+            Kept::Split(kept) => self.backward_split(saved.shape, kept, dout).await,
         }
     }
 

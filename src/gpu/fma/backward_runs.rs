@@ -12,12 +12,12 @@
 //! and differs from the unsplit run (one tree of partial sums over all heads) by rounding only.
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of, one_head_over_binding};
+use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
 
-use super::backward::{HeadRun, Kept, Saved, WHY_WHOLE_HEAD};
+use super::backward::{HeadRun, Kept, Saved};
 use super::FmaAttention;
 
 impl FmaAttention {
@@ -39,9 +39,9 @@ impl FmaAttention {
                     .into(),
             });
         }
-        // Even one head over a binding: the error says the backward does not split a head.
-        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))
-            .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?;
+        // One head over a binding trains split along its sequence (`backward_split.rs`), so
+        // every head fits here.
+        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))?;
         let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
         let mut o = Vec::with_capacity(shape.elements());
         let mut lse = Vec::with_capacity(shape.rows());

@@ -8,6 +8,7 @@
 
 pub(crate) mod backward;
 mod backward_runs;
+mod backward_split;
 mod forward;
 mod split;
 mod split_coarse;

@@ -1,0 +1,338 @@
+//! Training on host tensors whose single head exceeds one storage binding: the forward split
+//! as `split.rs` runs it, its inputs and outputs kept on the host ([`HostKept`]), and the
+//! backward of each query head through a [`BackwardSplitPlan`] (its module header says in what
+//! order the chunks' passes run and which bits equal the unsplit backward's).
+//!
+//! Query heads run one at a time (one submit each); a grouped-query K/V head's dK and dV are
+//! the sum of its query heads' in head order, on the host: the same bits run to run.
+
+use std::sync::Arc;
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::{read_f32, storage};
+use crate::gpu::engine::front::add_or_copy;
+use crate::gpu::engine::passes::Role;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::record::{record_steps, Pipes};
+use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::tensors::{Output, Scopes};
+use crate::gradients::Gradients;
+use crate::plan::{BackwardSplitPlan, Chunk, Dispatch};
+use crate::shape::Shape;
+
+use super::backward::{HostKept, Kept, Saved};
+use super::workspace::Uniforms;
+use super::FmaAttention;
+
+/// One chunk's bindings: rows `row_base .. row_base + rows` of one query head's Q, O, dO, the
+/// LSE and D (stats), of its K/V head's K and V, and of the gradients dQ, dK, dV.
+struct ChunkBuffers {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    o: wgpu::Buffer,
+    dout: wgpu::Buffer,
+    lse: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    dq: wgpu::Buffer,
+    dk: wgpu::Buffer,
+    dv: wgpu::Buffer,
+    /// Parameters of D over the bound rows (`chunk_lo .. chunk_hi` = the bound rows).
+    delta: Uniforms,
+    /// Parameters of the chunk's other passes (`chunk_lo .. chunk_hi` = its tokens), the
+    /// selectors of its pooling steps.
+    pool: Uniforms,
+    /// The same parameters, the selectors of its dQ and near-field dK/dV steps.
+    grads: Uniforms,
+    /// The same parameters, per level the selector of its coarse dK~/dV~ step.
+    coarse: Vec<Uniforms>,
+    /// The same parameters, the selector of its downsampling backward.
+    unpool: Uniforms,
+}
+
+impl FmaAttention {
+    /// The training forward of host tensors of `shape` whose single head's backward exceeds
+    /// one binding: the split forward with the LSE, its tensors kept on the host.
+    pub(super) async fn forward_train_split(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+    ) -> Result<(Output, Saved)> {
+        // Everything the backward will need must be possible before the forward runs.
+        BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
+        let io = SplitIo::Host {
+            q,
+            k,
+            v,
+            want_lse: true,
+        };
+        let out = self.forward_split(io, shape).await?;
+        let lse = out.lse.clone().ok_or_else(|| FmaError::Gpu {
+            stage: "the split forward of a training run".into(),
+            message: "the forward returned no LSE".into(),
+        })?;
+        let kept = HostKept {
+            q: Arc::new(q.to_vec()),
+            k: Arc::new(k.to_vec()),
+            v: Arc::new(v.to_vec()),
+            o: Arc::new(out.o.clone()),
+            lse: Arc::new(lse),
+        };
+        Ok((out, Saved::runs(shape, self.id, Kept::Split(kept))))
+    }
+
+    /// The backward of host dO of a [`Kept::Split`] forward of `shape`: query head by query
+    /// head, gradients put together in head order (module header).
+    pub(super) async fn backward_split(
+        &self,
+        shape: Shape,
+        kept: &HostKept,
+        dout: &[f32],
+    ) -> Result<Gradients<f32>> {
+        let plan = BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
+        let all = plan.dispatches();
+        let pipes = Pipes::new(&self.ctx, &all).await?;
+        let per = shape.seq * shape.head_dim;
+        let mut dq = Vec::with_capacity(shape.elements());
+        let mut dk = vec![0.0f32; shape.kv_elements()];
+        let mut dv = vec![0.0f32; shape.kv_elements()];
+        let mut seen = vec![false; shape.kv_batch_heads()];
+        let group = shape.group();
+        for h in 0..shape.batch_heads() {
+            let kv = h / group;
+            let scopes = Scopes::push(&self.ctx)?;
+            let staging = self.split_head_backward(&plan, &pipes, kept, dout, (shape, h))?;
+            scopes
+                .pop(&self.ctx, "the FMA backward of a split head")
+                .await?;
+            let rows = read_f32(&self.ctx.device, &staging, (3 * per * 4) as u64).await?;
+            self.ctx.check_alive()?;
+            let (g_q, rest) = rows.split_at(per);
+            let (g_k, g_v) = rest.split_at(per);
+            dq.extend_from_slice(g_q);
+            let r = kv * per..(kv + 1) * per;
+            add_or_copy(&mut dk[r.clone()], g_k, seen[kv]);
+            add_or_copy(&mut dv[r], g_v, seen[kv]);
+            seen[kv] = true;
+        }
+        Ok(Gradients {
+            dq,
+            dk,
+            dv,
+            weights: None,
+            dsinks: None,
+        })
+    }
+
+    /// Records and submits the backward of query head `h`; returns the staging buffer its dQ,
+    /// dK and dV rows (n each, in that order) are copied into.
+    fn split_head_backward(
+        &self,
+        plan: &BackwardSplitPlan,
+        pipes: &Pipes,
+        kept: &HostKept,
+        dout: &[f32],
+        (shape, h): (Shape, usize),
+    ) -> Result<wgpu::Buffer> {
+        let device = &self.ctx.device;
+        let queue = &self.ctx.queue;
+        let (n, d) = (shape.seq, shape.head_dim);
+        let kv = h / shape.group();
+        let head_params = self.split_backward_params(plan, 0, 0..n);
+        let shared = plan.split.shared_steps();
+        let head_shared = Uniforms::new(&self.ctx, &head_params, &shared)?;
+        let combine = plan
+            .head
+            .dkv_combine
+            .iter()
+            .map(|rounds| Uniforms::new(&self.ctx, &head_params, rounds))
+            .collect::<Result<Vec<_>>>()?;
+        let chunks = plan
+            .split
+            .chunks
+            .iter()
+            .zip(&plan.chunks)
+            .map(|(c, b)| {
+                let t = self.split_chunk_buffers(plan, c, b)?;
+                // Rows row_base .. row_base + rows of head h (K, V: of its K/V head).
+                let rows = |x: &[f32], head: usize| {
+                    let at = head * n * d + c.row_base * d;
+                    x[at..at + c.rows * d].to_vec()
+                };
+                let lse = &kept.lse[h * n + c.row_base..h * n + c.row_base + c.rows];
+                for (buf, data) in [
+                    (&t.q, rows(&kept.q, h)),
+                    (&t.k, rows(&kept.k, kv)),
+                    (&t.v, rows(&kept.v, kv)),
+                    (&t.o, rows(&kept.o, h)),
+                    (&t.dout, rows(dout, h)),
+                ] {
+                    queue.write_buffer(buf, 0, bytemuck::cast_slice(&data));
+                }
+                queue.write_buffer(&t.lse, 0, bytemuck::cast_slice(lse));
+                Ok(t)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let first = chunks.first().ok_or_else(|| FmaError::Gpu {
+            stage: "recording a split head's backward".into(),
+            message: "the plan has no chunk".into(),
+        })?;
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("fma backward (split head)"),
+        });
+        {
+            let mut scratch = self.backward_scratch.lock().map_err(poisoned)?;
+            let cap = self.limits.binding_bytes();
+            let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("fma backward (split head)"),
+                timestamp_writes: None,
+            });
+            // The roles of every pass: the scratch's coarse rows (whole), a chunk's rows.
+            macro_rules! res {
+                ($params:expr, $t:expr) => {
+                    scratch
+                        .resources(&self.ctx, &plan.head, cap)
+                        .with(Role::Params, $params)
+                        .with(Role::Q, &$t.q)
+                        .with(Role::K, &$t.k)
+                        .with(Role::V, &$t.v)
+                        .with(Role::Out, &$t.o)
+                        .with(Role::Lse, &$t.lse)
+                        .with(Role::Stats, &$t.stats)
+                        .with(Role::DOut, &$t.dout)
+                        .with(Role::DQ, &$t.dq)
+                        .with(Role::DK, &$t.dk)
+                        .with(Role::DV, &$t.dv)
+                        .with(Role::Weights, &self.weights.w)
+                        .with(Role::Biases, &self.weights.b)
+                };
+            }
+            // 1. The coarse K~, V~: level 1 from each chunk's tokens, the rest once.
+            for (c, t) in plan.split.chunks.iter().zip(&chunks) {
+                let res = res!(&t.pool.params, t);
+                let sel = Some(&t.pool.selects);
+                record_steps(&self.ctx, &mut cpass, &c.downsample, pipes, sel, &res)?;
+            }
+            let res = res!(&head_shared.params, first);
+            let sel = Some(&head_shared.selects);
+            record_steps(&self.ctx, &mut cpass, &shared, pipes, sel, &res)?;
+            // 2. Per chunk: D, dQ, near-field dK/dV.
+            for (b, t) in plan.chunks.iter().zip(&chunks) {
+                let res = res!(&t.delta.params, t);
+                let sel = Some(&t.delta.selects);
+                record_steps(&self.ctx, &mut cpass, &[b.delta], pipes, sel, &res)?;
+                let res = res!(&t.grads.params, t);
+                let sel = Some(&t.grads.selects);
+                record_steps(&self.ctx, &mut cpass, &[b.dq, b.dkv_fine], pipes, sel, &res)?;
+            }
+            // 3. Level by level (the levels share the partial sums' space): each chunk's coarse
+            //    dK~/dV~ in chunk order, added to the earlier chunks', then the combine rounds.
+            for (l, (rounds, head)) in plan.head.dkv_combine.iter().zip(&combine).enumerate() {
+                for (b, t) in plan.chunks.iter().zip(&chunks) {
+                    let res = res!(&t.coarse[l].params, t);
+                    let sel = Some(&t.coarse[l].selects);
+                    record_steps(&self.ctx, &mut cpass, &[b.dkv_coarse[l]], pipes, sel, &res)?;
+                }
+                let res = res!(&head.params, first);
+                record_steps(
+                    &self.ctx,
+                    &mut cpass,
+                    rounds,
+                    pipes,
+                    Some(&head.selects),
+                    &res,
+                )?;
+            }
+            // 4. Per chunk, dK~ and dV~ into its tokens' dK and dV.
+            for (b, t) in plan.chunks.iter().zip(&chunks) {
+                let steps: Vec<Dispatch> = b.downsample_backward.into_iter().collect();
+                let res = res!(&t.unpool.params, t);
+                let sel = Some(&t.unpool.selects);
+                record_steps(&self.ctx, &mut cpass, &steps, pipes, sel, &res)?;
+            }
+        }
+        // Rows lo..hi of each chunk's dQ, dK, dV (the halo rows hold another chunk's).
+        let row = d as u64 * 4;
+        let per = (n * d) as u64 * 4;
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("split head gradients readback"),
+            size: 3 * per,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        for (c, t) in plan.split.chunks.iter().zip(&chunks) {
+            let skip = (c.lo - c.row_base) as u64 * row;
+            let len = (c.hi - c.lo) as u64 * row;
+            for (i, src) in [&t.dq, &t.dk, &t.dv].into_iter().enumerate() {
+                let at = i as u64 * per + c.lo as u64 * row;
+                enc.copy_buffer_to_buffer(src, skip, &staging, at, len);
+            }
+        }
+        queue.submit([enc.finish()]);
+        Ok(staging)
+    }
+
+    /// The backward's parameter block for a split head's rows from `row_base` and tokens
+    /// `tokens` (the whole head: 0 and 0..n).
+    fn split_backward_params(
+        &self,
+        plan: &BackwardSplitPlan,
+        row_base: usize,
+        tokens: std::ops::Range<usize>,
+    ) -> crate::gpu::engine::params::Params {
+        let mut params = self.params(&plan.head.forward);
+        params.partials_at = plan.head.partials_at as u32;
+        params.q_partials_at = plan.head.q_partials_at as u32;
+        params.row_base = row_base as u32;
+        params.chunk_lo = tokens.start as u32;
+        params.chunk_hi = tokens.end as u32;
+        params
+    }
+
+    /// The bindings of chunk `c` (backward passes `b`) and their parameter blocks.
+    fn split_chunk_buffers(
+        &self,
+        plan: &BackwardSplitPlan,
+        c: &Chunk,
+        b: &crate::plan::BackwardChunk,
+    ) -> Result<ChunkBuffers> {
+        let device = &self.ctx.device;
+        let d = plan.head.forward.shape.head_dim;
+        let bytes = (c.rows * d) as u64 * 4;
+        let input = wgpu::BufferUsages::COPY_DST;
+        let output = wgpu::BufferUsages::COPY_SRC;
+        let bound = c.row_base..c.row_base + c.rows;
+        let params = self.split_backward_params(plan, c.row_base, c.lo..c.hi);
+        let unpool: Vec<Dispatch> = b.downsample_backward.into_iter().collect();
+        Ok(ChunkBuffers {
+            q: storage(device, "q (split chunk)", bytes, input),
+            k: storage(device, "k (split chunk)", bytes, input),
+            v: storage(device, "v (split chunk)", bytes, input),
+            o: storage(device, "o (split chunk)", bytes, input),
+            dout: storage(device, "dO (split chunk)", bytes, input),
+            lse: storage(device, "lse (split chunk)", c.rows as u64 * 4, input),
+            stats: storage(
+                device,
+                "lse and delta (split chunk)",
+                c.rows as u64 * 8,
+                output,
+            ),
+            dq: storage(device, "dq (split chunk)", bytes, output),
+            dk: storage(device, "dk (split chunk)", bytes, output),
+            dv: storage(device, "dv (split chunk)", bytes, output),
+            delta: Uniforms::new(
+                &self.ctx,
+                &self.split_backward_params(plan, c.row_base, bound),
+                &[b.delta],
+            )?,
+            pool: Uniforms::new(&self.ctx, &params, &c.downsample)?,
+            grads: Uniforms::new(&self.ctx, &params, &[b.dq, b.dkv_fine])?,
+            coarse: b
+                .dkv_coarse
+                .iter()
+                .map(|step| Uniforms::new(&self.ctx, &params, &[*step]))
+                .collect::<Result<Vec<_>>>()?,
+            unpool: Uniforms::new(&self.ctx, &params, &unpool)?,
+        })
+    }
+}

@@ -1,0 +1,288 @@
+//! The backward of one head too long for one storage binding (issue 27): the forward's
+//! [`SplitPlan`] chunks (whole fine blocks, each bound with one block of halo on either side),
+//! and per chunk the backward passes over its rows. Pure arithmetic, unit-tested without a GPU;
+//! `gpu/fma/backward_split.rs` executes it.
+//!
+//! Per head, in this order (each step after the ones it reads):
+//!
+//! 1. the coarse K~, V~ recomputed as the split forward pools them ([`SplitPlan`]'s steps 1
+//!    and 2: level 1 per chunk, the higher levels once from the coarse rows);
+//! 2. per chunk: D = rowsum(dO O) of its bound rows (halo included: the near-field dK/dV of
+//!    its keys reads the halo's queries), dQ of its queries, dK and dV of its keys' near field;
+//! 3. level by level (the levels share the space of the reader chunks' partial sums): per
+//!    chunk, in chunk order, the level's coarse dK~/dV~ summed over the readers in the chunk
+//!    and added to the earlier chunks' sums (`backward_dkv_coarse.wgsl`), then the level's
+//!    combine rounds of the reader chunks' partial sums;
+//! 4. per chunk: the downsampling's backward of its tokens (dK~, dV~ into dK, dV).
+//!
+//! Every pass but the coarse dK~/dV~ one does per row the float operations of the unsplit
+//! backward in the same order: dQ, the near-field dK, dV and D are its bits. A coarse row's
+//! sum over a reader chunk (the unsplit plan's `DKV_COARSE_CHUNK` queries) is the unsplit sum
+//! when the reader chunk's queries lie in one token chunk (the other chunks add +0); one that
+//! straddles a chunk boundary is the sum of its two parts, added in chunk order: a regrouping
+//! of the same terms, rounding only, and the same bits run to run.
+//!
+//! What stays refused, with a typed error: Learned pooling (its weights outgrow a binding
+//! before a head does, as the forward's split), coarse queries, 2D grids, coarse rows that do
+//! not fit one binding ([`SplitPlan::coarse`]), softmax variants.
+
+use super::backward::Work;
+use super::depth::{with_depth, DepthModel, DispatchDepth};
+use super::limits::BINDING_BYTES;
+use crate::config::{Downsample, FmaConfig, Queries};
+use crate::error::{FmaError, Result};
+use crate::plan::{dispatch, BackwardPlan, Dispatch, KernelLimits, Pass, SplitPlan};
+use crate::shape::Shape;
+
+/// The dispatches of one head of `shape` split across bindings, with their depth: the split
+/// forward's (its chunks' pooling, the shared levels, its chunks' attention), and with
+/// `backward` the [`BackwardSplitPlan`]'s; every head runs the same list. `cfg` carries the
+/// problem's mask. What `multipole-attn plan` prints for such a head.
+pub(super) fn split_head_depths(
+    shape: Shape,
+    cfg: &FmaConfig,
+    limits: &KernelLimits,
+    backward: bool,
+) -> Result<Vec<DispatchDepth>> {
+    let (n, d) = (shape.seq, shape.head_dim);
+    let split = SplitPlan::new(n, d, cfg, limits)?;
+    if split.coarse.is_some() {
+        // Listed by their own compact bindings' steps (`CoarseSplit`), not here.
+        return Err(FmaError::LimitExceeded {
+            what: format!("the coarse rows of one head of {n} tokens of head_dim {d}"),
+            requested: (split.head.levels.total_rows() * d) as u64 * 4,
+            max: limits.binding_bytes(),
+            unit: BINDING_BYTES,
+            advice: "the plan lists a split head whose coarse rows fit one binding".into(),
+        });
+    }
+    let model = DepthModel::new(&split.head, cfg);
+    let mut steps: Vec<Dispatch> = split
+        .chunks
+        .iter()
+        .flat_map(|c| c.downsample.iter().copied())
+        .collect();
+    steps.extend(split.shared_steps());
+    steps.extend(
+        split
+            .chunks
+            .iter()
+            .flat_map(|c| std::iter::once(c.attention).chain(c.merge)),
+    );
+    if backward {
+        steps.extend(BackwardSplitPlan::new(n, d, cfg, limits)?.dispatches());
+    }
+    Ok(steps.into_iter().map(|s| with_depth(&model, s)).collect())
+}
+
+/// The backward passes of one chunk of a split head.
+#[derive(Clone, Debug)]
+pub struct BackwardChunk {
+    /// D of the chunk's bound rows (`row_base .. row_base + rows` of [`crate::plan::Chunk`]).
+    pub delta: Dispatch,
+    /// dQ of its queries' tiles (the forward's attention tiles of `lo..hi`).
+    pub dq: Dispatch,
+    /// Near-field dK, dV of its keys' tiles.
+    pub dkv_fine: Dispatch,
+    /// Per level, the coarse dK~/dV~ of every coarse row over the readers in the chunk: the
+    /// unsplit plan's dispatches (all rows, all reader chunks).
+    pub dkv_coarse: Vec<Dispatch>,
+    /// dK~, dV~ into dK, dV of its tokens `lo..hi`.
+    pub downsample_backward: Option<Dispatch>,
+}
+
+/// The backward of one head of `n` tokens split across storage bindings.
+#[derive(Clone, Debug)]
+pub struct BackwardSplitPlan {
+    /// The forward's split: chunks, their bindings, the pooling steps of the coarse K~, V~.
+    pub split: SplitPlan,
+    /// The backward of one head, shape (1, 1, n, d), less the tensor-binding check: buffer
+    /// offsets, the combine rounds, the specialisations.
+    pub head: BackwardPlan,
+    /// The backward passes of each chunk of `split.chunks`.
+    pub chunks: Vec<BackwardChunk>,
+}
+
+impl BackwardSplitPlan {
+    /// Plans the backward of one head of `n` tokens of width `d`. Errors: what
+    /// [`SplitPlan::new`] and [`BackwardPlan::new`] check besides the tensor sizes, and
+    /// [`FmaError::LimitExceeded`] for a head over one binding whose configuration the split
+    /// backward does not run (module header), saying which.
+    pub fn new(n: usize, d: usize, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
+        let refuse = |value: &str| FmaError::LimitExceeded {
+            what: format!(
+                "the backward of one head of {n} tokens of head_dim {d} with {value}, over one \
+                 storage binding"
+            ),
+            requested: (n * d) as u64 * 4,
+            max: limits.binding_bytes(),
+            unit: BINDING_BYTES,
+            advice: "the backward splits one head along its sequence for 1D fine queries with \
+                     Average downsampling and no softmax variant: use those, shorter sequences \
+                     per head, or a device with larger storage bindings"
+                .into(),
+        };
+        if cfg.grid.is_some() {
+            return Err(refuse("a 2D grid"));
+        }
+        if cfg.queries == Queries::Coarse {
+            return Err(refuse("coarse queries"));
+        }
+        if let Downsample::Learned(_) = cfg.downsample {
+            return Err(refuse("Learned downsampling"));
+        }
+        if !cfg.variants.is_plain() {
+            return Err(refuse("a softmax variant (softcap, sinks or a window)"));
+        }
+        let split = SplitPlan::new(n, d, cfg, limits)?;
+        if split.coarse.is_some() {
+            return Err(FmaError::LimitExceeded {
+                what: format!(
+                    "the coarse rows of all levels of one head of {n} tokens of head_dim {d} \
+                     (the split backward binds them whole)"
+                ),
+                requested: (split.head.levels.total_rows() * d) as u64 * 4,
+                max: limits.binding_bytes(),
+                unit: BINDING_BYTES,
+                advice: "use a larger block size m or a smaller rank p (a head has about \
+                         2 n p / m coarse rows)"
+                    .into(),
+            });
+        }
+        let forward = split.head.clone();
+        let work = Work {
+            fine_tiles: forward.query_blocks as u64 * forward.tiles_per_block as u64,
+            level_windows: forward
+                .levels
+                .levels
+                .iter()
+                .map(|lv| lv.windows as u64)
+                .collect(),
+            kv_elements: (n * d) as u64,
+        };
+        let head = BackwardPlan::build(forward, cfg, limits, work)?;
+        let m = head.forward.levels.m;
+        let d4 = d.div_ceil(4) as u64;
+        let chunks = split
+            .chunks
+            .iter()
+            .map(|c| {
+                let tiles =
+                    ((c.hi - c.lo).div_ceil(m) as u64) * head.forward.tiles_per_block as u64;
+                let sized = |whole: &Dispatch, total: u64| {
+                    dispatch(whole.pass, whole.level, total, whole.spec, limits)
+                };
+                let wg = u64::from(head.delta.spec.wg);
+                Ok(BackwardChunk {
+                    delta: sized(&head.delta, (c.rows as u64).div_ceil(wg))?,
+                    dq: sized(&head.dq, tiles)?,
+                    dkv_fine: sized(&head.dkv_fine, tiles)?,
+                    dkv_coarse: head.dkv_coarse.clone(),
+                    downsample_backward: head
+                        .downsample_backward
+                        .as_ref()
+                        .map(|whole| {
+                            let wg = u64::from(whole.spec.wg);
+                            sized(whole, ((c.hi - c.lo) as u64 * d4).div_ceil(wg))
+                        })
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            split,
+            head,
+            chunks,
+        })
+    }
+
+    /// Every dispatch of one head's backward in execution order (module header): what
+    /// `plan --backward` lists for a split head.
+    pub fn dispatches(&self) -> Vec<Dispatch> {
+        let mut out = Vec::new();
+        for c in &self.split.chunks {
+            out.extend(c.downsample.iter().copied());
+        }
+        out.extend(self.split.shared_steps());
+        for c in &self.chunks {
+            out.extend([c.delta, c.dq, c.dkv_fine]);
+        }
+        for (l, rounds) in self.head.dkv_combine.iter().enumerate() {
+            out.extend(self.chunks.iter().map(|c| c.dkv_coarse[l]));
+            out.extend(rounds.iter().copied());
+        }
+        for c in &self.chunks {
+            out.extend(c.downsample_backward);
+        }
+        out
+    }
+
+    /// The passes of [`BackwardSplitPlan::dispatches`] (for the pipelines to build).
+    pub fn passes(&self) -> Vec<Pass> {
+        self.dispatches().iter().map(|d| d.pass).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FmaConfig;
+
+    fn cfg(m: usize, p: usize, causal: bool) -> FmaConfig {
+        FmaConfig {
+            block: m,
+            rank: p,
+            causal,
+            ..FmaConfig::default()
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_head_and_size_their_passes() {
+        // 1000 tokens of width 16 (64 KB per tensor) under a 16 KiB binding.
+        let limits = KernelLimits::with_binding(16 << 10);
+        for causal in [false, true] {
+            let plan = BackwardSplitPlan::new(1000, 16, &cfg(32, 2, causal), &limits).unwrap();
+            let chunks = &plan.split.chunks;
+            assert!(chunks.len() > 1);
+            assert_eq!(chunks.len(), plan.chunks.len());
+            let mut next = 0;
+            let mut tiles = 0;
+            for (c, b) in chunks.iter().zip(&plan.chunks) {
+                assert_eq!(c.lo, next);
+                next = c.hi;
+                assert!((c.rows * 16 * 4) as u64 <= limits.binding_bytes());
+                assert_eq!(
+                    b.delta.workgroups,
+                    (c.rows as u32).div_ceil(b.delta.spec.wg)
+                );
+                assert_eq!(b.dq.workgroups, b.dkv_fine.workgroups);
+                tiles += b.dq.workgroups;
+            }
+            assert_eq!(next, 1000);
+            // The chunks' tiles are the head's.
+            assert_eq!(tiles, plan.head.dq.workgroups);
+            let passes = plan.passes();
+            let count = |p: Pass| passes.iter().filter(|&&x| x == p).count();
+            assert_eq!(count(Pass::BackwardDelta), chunks.len());
+            assert_eq!(count(Pass::DownsampleBackward), chunks.len());
+            assert_eq!(
+                count(Pass::BackwardDkvCoarse),
+                chunks.len() * plan.head.dkv_coarse.len()
+            );
+        }
+    }
+
+    #[test]
+    fn what_a_split_head_does_not_run_is_a_typed_error() {
+        let limits = KernelLimits::with_binding(16 << 10);
+        let coarse = FmaConfig {
+            queries: Queries::Coarse,
+            ..cfg(32, 2, false)
+        };
+        assert!(matches!(
+            BackwardSplitPlan::new(1000, 16, &coarse, &limits),
+            Err(FmaError::LimitExceeded { what, .. }) if what.contains("coarse queries")
+        ));
+    }
+}

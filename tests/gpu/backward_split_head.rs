@@ -1,0 +1,182 @@
+//! The backward of ONE head longer than one storage binding (`plan::BackwardSplitPlan`): with
+//! the library capped at 32 KiB per binding (`Attention::max_binding`, on the shared context,
+//! so both runs use the same kernels) a head of 3001 tokens of width 8 (96 KB per tensor) is
+//! bound in 3 chunks of tokens with a block of halo either side. Against the unsplit run (the
+//! default binding, one head in one binding) on the same context:
+//! - O, the LSE and dQ: the same bits (the forward split is bitwise; dQ of a chunk's queries
+//!   reads its bound rows and the whole coarse K~, V~, with the unsplit float operations);
+//! - dK, dV: within WTOL = 1e-5 of the scale (max(1, max|g|)). Why not bitwise: a coarse row's
+//!   sum over a reader chunk (256 gathered queries) that straddles a token-chunk boundary is
+//!   added as two parts in chunk order, and a grouped-query K/V head's gradients are summed
+//!   over its query heads on the host in head order: regroupings of the same f32 terms, a few
+//!   roundings of 2^-24 of partial sums within a few times the scale (we measure ~1e-7).
+//!   A reader chunk or a token chunk missing or counted twice moves an element by its share
+//!   of the sum, far above WTOL.
+//!
+//! The split run is bitwise the same twice, and within the backward tolerance of the f64
+//! reference. Cases: causal and bidirectional, n = 3001 (partial last block, window and
+//! chunk), a GQA group of 2. What stays refused is a typed error: Learned pooling and coarse
+//! queries (the limit, saying what splits), and resident gradients of such a forward (their
+//! NaN-poisoned buffers stay NaN).
+
+use crate::backward_split::regrouped;
+use crate::common::gradients::{compare_all, inputs, nan, Inputs};
+use crate::common::{gpu, random_learned, read_buffer};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, HostGrad, ResidentGrad};
+use multipole_attn::plan::{BackwardSplitPlan, KernelLimits};
+use multipole_attn::random::fresh_seed;
+use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Queries, Shape};
+
+/// The binding cap of the split runs.
+const LIMIT: u64 = 32 << 10;
+
+/// The training forward and backward of host tensors on `fma`.
+fn host_gradients(
+    fma: &Attention,
+    p: &Problem,
+    x: &Inputs,
+) -> (multipole_attn::gpu::Output, Gradients<f32>) {
+    let (out, saved) = fma.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
+    let g = fma.backward(&saved, HostGrad(&x.dout)).expect("backward");
+    (out, g)
+}
+
+/// One case: the split run against the unsplit one, itself and the f64 reference; returns the
+/// worst dK/dV difference from the unsplit run (of the scale).
+fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig) -> f64 {
+    let label = format!("seed {seed} {} causal={}", p.shape, p.causal);
+    let x = inputs(seed, p.shape);
+    let whole = Attention::fma(ctx, cfg.clone()).unwrap();
+    let split = Attention::fma(ctx, cfg.clone())
+        .unwrap()
+        .max_binding(LIMIT)
+        .unwrap();
+    // The split run cannot pass by not splitting: one head's backward is over the binding,
+    // and the head is several chunks.
+    let (n, d) = (p.shape.seq, p.shape.head_dim);
+    let one = Problem::new(Shape::new(1, 1, n, d)).causal(p.causal);
+    assert!(
+        matches!(
+            split.backward_plan(&one),
+            Err(FmaError::LimitExceeded { .. })
+        ),
+        "{label}: one head fits one binding"
+    );
+    let plan = BackwardSplitPlan::new(n, d, cfg, &KernelLimits::webgpu_default().capped(LIMIT))
+        .expect("plan");
+    assert!(plan.split.chunks.len() > 1, "{label}: one chunk");
+    let (out_u, g_u) = host_gradients(&whole, p, &x);
+    let (out_s, g_s) = host_gradients(&split, p, &x);
+    assert_eq!(out_s.o, out_u.o, "{label}: O");
+    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
+    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
+    let worst =
+        regrouped(&label, "dK", &g_s.dk, &g_u.dk).max(regrouped(&label, "dV", &g_s.dv, &g_u.dv));
+    assert!(g_s.weights.is_none() && g_u.weights.is_none(), "{label}");
+    let (_, again) = host_gradients(&split, p, &x);
+    assert_eq!(again, g_s, "{label}: two split runs differ");
+    let r = cpu::backward(
+        &Method::Fma(cfg.clone()),
+        p,
+        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
+        &widen(&x.dout),
+    )
+    .unwrap();
+    let to_ref = compare_all(&label, &g_s, &r);
+    let bitwise = g_s.dk == g_u.dk && g_s.dv == g_u.dv;
+    eprintln!(
+        "{label}: {} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {bitwise}), against f64 \
+         {to_ref:.2e}",
+        plan.split.chunks.len()
+    );
+    worst
+}
+
+#[test]
+fn one_head_over_a_binding_splits_its_backward_and_matches_unsplit() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let (n, d) = (3001, 8);
+    let cfg = FmaConfig::new(16, 2);
+    let mut worst = 0.0f64;
+    for (i, (shape, causal)) in [
+        (Shape::new(1, 1, n, d), false),
+        (Shape::new(1, 1, n, d), true),
+        // A GQA group of 2: each query head split, the K/V head's gradients summed on the host.
+        (Shape::new(1, 2, n, d).with_kv_heads(1), true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = seed.wrapping_add(i as u64 * 7919);
+        let problem = Problem::new(shape).causal(causal);
+        worst = worst.max(check(ctx, s, &problem, &cfg));
+    }
+    eprintln!("worst dK/dV difference {worst:.2e} of the scale");
+}
+
+#[test]
+fn what_a_split_head_backward_does_not_run_is_a_typed_error() {
+    let Some(ctx) = gpu() else { return };
+    let (n, d, m) = (3001, 8, 16);
+    let shape = Shape::new(1, 1, n, d);
+    let x = inputs(fresh_seed(), shape);
+    let capped = |cfg: FmaConfig| {
+        Attention::fma(ctx, cfg)
+            .unwrap()
+            .max_binding(LIMIT)
+            .unwrap()
+    };
+    // Learned pooling: its weights outgrow a binding first (the forward's split says so).
+    let learned =
+        FmaConfig::new(m, 2).downsample(Downsample::Learned(random_learned(1, d, m, 2, n)));
+    let e = capped(learned)
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .expect_err("learned");
+    assert!(
+        matches!(
+            &e,
+            FmaError::LimitExceeded { .. } | FmaError::InvalidConfig { .. }
+        ),
+        "{e}"
+    );
+    // Coarse queries.
+    let coarse = FmaConfig::new(m, 2).queries(Queries::Coarse);
+    let e = capped(coarse)
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .expect_err("coarse queries");
+    assert!(
+        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
+            if what.contains("coarse queries") && advice.contains("Average")),
+        "{e}"
+    );
+    // Resident gradients of a split head's forward: refused, the poisoned buffers untouched.
+    let split = capped(FmaConfig::new(m, 2));
+    let (_, saved) = split
+        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
+        .expect("split training");
+    let dout = crate::common::gradients::buffer(ctx, "dout", &x.dout);
+    let (dq, dk, dv) = (
+        nan(ctx, "dq", shape.elements()),
+        nan(ctx, "dk", shape.kv_elements()),
+        nan(ctx, "dv", shape.kv_elements()),
+    );
+    let grads = GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: None,
+    };
+    let e = split
+        .backward(&saved, ResidentGrad { dout: &dout, grads })
+        .expect_err("resident gradients of a split head");
+    assert!(
+        matches!(&e, FmaError::InvalidConfig { allowed, .. } if allowed.contains("HostGrad")),
+        "{e}"
+    );
+    for b in [&dq, &dk, &dv] {
+        assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
+    }
+}
