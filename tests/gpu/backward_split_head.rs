@@ -15,13 +15,14 @@
 //!
 //! The split run is bitwise the same twice, and within the backward tolerance of the f64
 //! reference. Cases: causal and bidirectional, n = 3001 (partial last block, window and
-//! chunk), a GQA group of 2. What stays refused is a typed error: Learned pooling and coarse
+//! chunk), a GQA group of 2, and a browser's limits (no subgroups: the coarse pass's two-phase
+//! path). What stays refused is a typed error: Learned pooling and coarse
 //! queries (the limit, saying what splits), and resident gradients of such a forward (their
 //! NaN-poisoned buffers stay NaN).
 
 use crate::backward_split::regrouped;
 use crate::common::gradients::{compare_all, inputs, nan, Inputs};
-use crate::common::{gpu, random_learned, read_buffer};
+use crate::common::{browser_like_gpu, gpu, random_learned, read_buffer};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, HostGrad, ResidentGrad};
 use multipole_attn::plan::{BackwardSplitPlan, KernelLimits};
@@ -115,6 +116,25 @@ fn one_head_over_a_binding_splits_its_backward_and_matches_unsplit() {
         worst = worst.max(check(ctx, s, &problem, &cfg));
     }
     eprintln!("worst dK/dV difference {worst:.2e} of the scale");
+}
+
+#[test]
+fn the_plain_kernels_split_a_head_too() {
+    // A browser's limits: no subgroups, so the coarse dK~/dV~ pass takes its two-phase path
+    // (out-of-chunk readers staged as zeros with P = 0) rather than the subgroup walk.
+    let Some(ctx) = browser_like_gpu() else {
+        return;
+    };
+    let seed = fresh_seed();
+    for (i, causal) in [false, true].into_iter().enumerate() {
+        let problem = Problem::new(Shape::new(1, 1, 3001, 8)).causal(causal);
+        check(
+            ctx,
+            seed.wrapping_add(i as u64),
+            &problem,
+            &FmaConfig::new(16, 2),
+        );
+    }
 }
 
 #[test]
