@@ -28,6 +28,7 @@ use crate::gradients::LevelGradients;
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
 use crate::plan::{Pass, SoftmaxFlags, Specialization};
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Invocations per workgroup of the element-wise backward passes (delta, downsample and
 /// weight gradients) and of the coarse dK~/dV~ pass.
@@ -239,6 +240,7 @@ impl BackwardPlan {
             d4: 1,
             grid: false,
             softmax: SoftmaxFlags::PLAIN,
+            storage: Storage::F32,
         };
         let elementwise = Specialization { grid, ..delta_spec };
         let d4 = d.div_ceil(4) as u32;
@@ -282,6 +284,7 @@ impl BackwardPlan {
             // The softcap reaches the coarse keys' gradients (the window has no coarse level,
             // the sinks no key).
             softmax: att.spec.softmax,
+            storage: Storage::F32,
         };
         let chunks = (p as u64).div_ceil(pr as u64);
         // Each coarse row's readers (3 w_l queries at level l in 1D: O(n) at the top level) in

@@ -23,6 +23,7 @@ use crate::config::{DecodeConfig, Downsample};
 use crate::error::{FmaError, Result};
 use crate::levels::{effective_block, num_levels, window};
 use crate::plan::MAX_HEAD_DIM;
+use crate::storage::Storage;
 
 /// Invocations per workgroup of the decoding passes: a tile of keys per workgroup, and at least
 /// one invocation per vec4 of a row in the value phase (`shared/decode_softmax.wgsl`; d <= 256
@@ -224,6 +225,7 @@ impl DecodeLayout {
             d4: self.head_dim.div_ceil(4) as u32,
             grid: false,
             softmax: SoftmaxFlags::PLAIN,
+            storage: Storage::F32,
         }
     }
 

@@ -13,6 +13,7 @@ use super::DENSE_KEY_TILES_PER_DISPATCH;
 use crate::error::{FmaError, Result};
 use crate::sequences::{SeqLayout, Sequences};
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Invocations per workgroup of the dense backward's passes: keys of a dK/dV tile, query rows
 /// of a dQ tile (as the forward's query tile) and rows of the D pass.
@@ -135,6 +136,7 @@ impl DenseBackwardPlan {
                 d4: 1,
                 grid: false,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             },
             limits,
         )?;

@@ -15,6 +15,7 @@ mod decode;
 mod dense_keys;
 mod depth_counts;
 mod errors;
+mod f16;
 mod forward;
 mod geometry;
 mod grid;

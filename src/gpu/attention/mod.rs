@@ -5,11 +5,14 @@
 //! Below it the executors (`gpu/fma/`, `gpu/dense/`) keep one method per path; this layer
 //! only chooses the path, so every caller branches nowhere.
 
+mod half_host;
+
 use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
 use crate::gpu::dense::{DenseAttention, DenseSaved};
 use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::fma::backward::Saved as FmaSaved;
 use crate::gpu::fma::FmaAttention;
@@ -17,6 +20,7 @@ use crate::gradients::Gradients;
 use crate::method::Method;
 use crate::plan::{BackwardPlan, DenseBackwardPlan, DensePlan, FmaPlan};
 use crate::problem::Problem;
+use crate::storage::Storage;
 use crate::variants::Variants;
 
 use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, TrainIo};
@@ -48,6 +52,8 @@ pub struct Attention {
     method: Method,
     max_binding: Option<u64>,
     keys_per_dispatch: Option<usize>,
+    /// The element type of Q, K, V and O ([`Attention::storage`]).
+    storage: Storage,
     /// FMA's executors, one per mask and variants seen (each uploads the learned weights).
     fma: Mutex<Vec<(Softmax, Arc<FmaAttention>)>>,
     /// Dense attention's executors, likewise.
@@ -212,6 +218,7 @@ impl Attention {
             method,
             max_binding: None,
             keys_per_dispatch: None,
+            storage: Storage::F32,
             fma: Default::default(),
             dense: Default::default(),
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -254,6 +261,30 @@ impl Attention {
         self.rebuild()
     }
 
+    /// Stores Q, K, V and O as `storage` (issue 29). [`Storage::F16`] needs
+    /// `wgpu::Features::SHADER_F16` on the device ([`FmaError::MissingFeature`] otherwise:
+    /// every browser without shader-f16, and any context made with `browser_limits`); the
+    /// kernels load f16, compute in f32 (scores, softmax state, accumulators) and store O as
+    /// f16, so O is the f32 path's result on the f16-rounded inputs, rounded once more to f16
+    /// (docs/architecture.md, "Storage"). The LSE and FMA's coarse rows stay f32.
+    ///
+    /// With f16: [`Host`](crate::gpu::Host) tensors stay f32 slices (rounded to f16 on upload;
+    /// a finite value beyond 65504 is a typed error) and O comes back as f16 values widened to
+    /// f32; [`Resident`](crate::gpu::Resident) and [`Encode`](crate::gpu::Encode) buffers hold
+    /// f16 elements (2 bytes each, same layouts) and an f32 LSE. Not offered yet with f16
+    /// (typed errors): training and the backward, variable-length batches, and tensors over
+    /// one storage binding (counted as f32), which f32 storage runs in pieces.
+    pub fn storage(mut self, storage: Storage) -> Result<Self> {
+        check_device_storage(&self.ctx, storage)?;
+        self.storage = storage;
+        self.rebuild()
+    }
+
+    /// The element type of Q, K, V and O ([`Attention::storage`]).
+    pub fn storage_type(&self) -> Storage {
+        self.storage
+    }
+
     /// The method.
     pub fn method(&self) -> &Method {
         &self.method
@@ -280,7 +311,7 @@ impl Attention {
                         .clone()
                         .causal(softmax.causal)
                         .variants(softmax.variants.clone());
-                    let e = FmaAttention::new(&self.ctx, cfg)?;
+                    let e = FmaAttention::new(&self.ctx, cfg)?.with_storage(self.storage)?;
                     Ok(match self.max_binding {
                         Some(bytes) => e.max_binding(bytes),
                         None => e,
@@ -291,7 +322,8 @@ impl Attention {
             Method::Dense => {
                 let make = || {
                     let mut e = DenseAttention::new(&self.ctx, softmax.causal)?
-                        .with_variants(softmax.variants.clone());
+                        .with_variants(softmax.variants.clone())
+                        .with_storage(self.storage)?;
                     if let Some(bytes) = self.max_binding {
                         e = e.max_binding(bytes);
                     }
@@ -427,6 +459,15 @@ impl Attention {
         self.check_sinks_fit(p)?;
         let s = p.shape;
         let seqs = p.sequences.as_ref();
+        if self.storage == Storage::F16 {
+            self.check_f16(p, "a forward")?;
+            if let ForwardArgs::Host(h) = args {
+                // Through f16 buffers: the executors' one f16 path is the resident one.
+                let io = half_host::HalfHost::new(&self.ctx, s, &h)?;
+                Box::pin(self.forward_args(p, ForwardArgs::Resident(io.tensors()))).await?;
+                return io.read(&self.ctx, s, h.lse).await.map(Some);
+            }
+        }
         match (self.exec(p)?, seqs, args) {
             (_, Some(_), ForwardArgs::Encode(..)) => Err(encoder_varlen()),
             (Exec::Fma(e), None, ForwardArgs::Host(h)) => {
@@ -472,6 +513,9 @@ impl Attention {
         p: &Problem,
         args: ForwardArgs<'_>,
     ) -> Result<(Option<Output>, SavedKind)> {
+        if self.storage == Storage::F16 {
+            return Err(f16_not_offered("training (its backward)"));
+        }
         let s = p.shape;
         let seqs = p.sequences.as_ref();
         match (exec, args) {
@@ -549,6 +593,16 @@ impl Attention {
 }
 
 impl Attention {
+    /// What f16 storage does not run yet, for `what` of `p`: a variable-length batch.
+    fn check_f16(&self, p: &Problem, what: &str) -> Result<()> {
+        match p.sequences {
+            Some(_) => Err(f16_not_offered(&format!(
+                "{what} of a variable-length batch"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Sinks on tensors over one storage binding: refused with what to do. The executors run
     /// such tensors in pieces (runs of heads, chunks of a head) whose parameter blocks number
     /// their heads from 0, so they would apply the wrong heads' sinks.
@@ -575,6 +629,17 @@ impl Attention {
                       sequence per call"
                 .into(),
         })
+    }
+}
+
+/// `what` under f16 storage: not offered yet (issue 29's later steps).
+fn f16_not_offered(what: &str) -> FmaError {
+    FmaError::InvalidConfig {
+        what: "storage",
+        value: format!("f16 for {what}"),
+        allowed: "f16 storage for forwards of whole-sequence batches (host, resident or \
+                  encoder tensors); f32 storage (Storage::F32) for the rest"
+            .into(),
     }
 }
 

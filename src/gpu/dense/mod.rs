@@ -19,10 +19,12 @@ use crate::gpu::engine::params::{check_variants, to_uniform_bytes, Params};
 use crate::gpu::engine::passes::{desc, Role};
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::storage_types::{check_device_storage, f16_split_refused};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits, SoftmaxFlags};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::Variants;
 
 /// The uniforms of one shape: a parameter block per key chunk (the dense pass has no level
@@ -61,6 +63,8 @@ pub struct DenseAttention {
     backward_uniforms: ShapeCache<Shape, backward::BackwardUniforms>,
     /// The backward's LSE and D per row, (bh, n, 2), grown by capacity.
     stats: Mutex<Growing>,
+    /// The element type of Q, K, V and O (issue 29).
+    storage: Storage,
 }
 
 /// The next [`DenseAttention`] id.
@@ -84,7 +88,15 @@ impl DenseAttention {
                 "dense lse and delta",
                 wgpu::BufferUsages::empty(),
             )),
+            storage: Storage::F32,
         })
+    }
+
+    /// Stores Q, K, V and O as `storage`, as [`crate::gpu::FmaAttention::with_storage`].
+    pub fn with_storage(mut self, storage: Storage) -> Result<Self> {
+        check_device_storage(&self.ctx, storage)?;
+        self.storage = storage;
+        Ok(self)
     }
 
     /// Runs the softmax variants `variants` (issue 30: softcap, sinks, sliding window),
@@ -126,7 +138,9 @@ impl DenseAttention {
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
         self.variants.validate(shape.heads, self.causal)?;
-        Ok(DensePlan::new(shape, &self.limits)?.with_softmax(SoftmaxFlags::of(&self.variants)))
+        Ok(DensePlan::new(shape, &self.limits)?
+            .with_softmax(SoftmaxFlags::of(&self.variants))
+            .with_storage(self.storage))
     }
 
     /// Refuses the softmax variants where a front would run the heads of `full` in pieces
@@ -326,7 +340,11 @@ impl DenseAttention {
     /// storage binding are copied through bindings that fit, a head (or chunk) at a time: Q, K
     /// and V then need `COPY_SRC` usage and O and the LSE `COPY_DST`.
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
+        let over = shape.elements().max(shape.kv_elements()) as u64 * 4;
+        if self.storage == Storage::F16 && over > self.limits.binding_bytes() {
+            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
+        }
         if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
             return self
                 .forward_split(SplitIo::Device(t), shape)
@@ -352,7 +370,7 @@ impl DenseAttention {
         t: GpuTensors<'_>,
         shape: Shape,
     ) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;

@@ -6,6 +6,7 @@ use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, storage};
 use crate::gpu::engine::context::GpuContext;
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Q, K, V, O and the LSE of one forward living in GPU buffers (the caller's own, or ones the
 /// library allocated for host tensors). Q, K, V, O: (batch, heads, seq, head_dim) f32 with
@@ -25,10 +26,16 @@ pub struct GpuTensors<'a> {
 }
 
 impl GpuTensors<'_> {
-    /// Checks every buffer is a storage buffer large enough for `shape`.
+    /// Checks every buffer is a storage buffer large enough for `shape` (f32 elements).
     pub fn check(&self, shape: Shape) -> Result<()> {
-        let tensor = shape.elements() as u64 * 4;
-        let kv = shape.kv_elements() as u64 * 4;
+        self.check_as(shape, Storage::F32)
+    }
+
+    /// Checks every buffer is a storage buffer large enough for `shape`, Q, K, V and O with
+    /// elements of `storage` (the LSE is f32 always).
+    pub fn check_as(&self, shape: Shape, storage: Storage) -> Result<()> {
+        let tensor = shape.elements() as u64 * storage.bytes();
+        let kv = shape.kv_elements() as u64 * storage.bytes();
         let rows = shape.rows() as u64 * 4;
         let mut all = vec![
             ("Q", self.q, tensor),

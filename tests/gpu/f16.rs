@@ -1,0 +1,266 @@
+//! f16 storage (issue 29) on a device with SHADER_F16 (lavapipe has it): the forward of FMA
+//! (fine and coarse queries, Average and Learned, causal) and of dense attention with Q, K, V
+//! and O stored as f16, against the f64 CPU reference on the f16-rounded inputs, through
+//! resident f16 buffers poisoned with NaN and through host slices; and the typed errors.
+//!
+//! Tolerance: the kernels convert each f16 element to f32 exactly and compute as the f32 path
+//! does, so before its store O carries the f32 path's error (forward.rs: 5e-5 + 5e-5 |ref|);
+//! the store rounds it to f16, a relative error of at most 2^-11 (f16's unit roundoff; values
+//! below f16's smallest normal, 6.1e-5, lose at most 2^-25 absolute). So |gpu - ref| <=
+//! 5e-5 + (5e-5 + 2^-11) |ref|. Coarse queries store the near field's partial O as f16 before
+//! the merge reads it: once more 2^-11 of a partial, which is a convex combination of values,
+//! so 2^-11 max|V| is added to the absolute term there. The LSE is f32 and computed from the
+//! same exact inputs: the f32 tolerance. Stronger still, for fine queries and dense (one
+//! rounding), O must equal the f32 path's O on the same rounded inputs, rounded to f16, bit for
+//! bit: the f16 variant may differ from the f32 one in its loads and stores only.
+
+use crate::common::{browser_like_gpu, gpu, random_learned};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, Resident};
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::storage::{from_f16_bits, round_to_f16, to_f16_bits, F16_UNIT_ROUNDOFF};
+use multipole_attn::{
+    Downsample, FmaConfig, FmaError, Method, Problem, Queries, Sequences, Shape, Storage,
+};
+use wgpu::util::DeviceExt;
+
+const O_ATOL: f64 = 5e-5;
+const O_RTOL: f64 = 5e-5 + F16_UNIT_ROUNDOFF as f64;
+const LSE_ATOL: f64 = 5e-5;
+const LSE_RTOL: f64 = 1e-5;
+
+/// f16 Q, K, V and NaN-poisoned f16 O, f32 LSE.
+struct Half {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    out: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
+fn f16_buffer(ctx: &GpuContext, bits: &[u16], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    let mut words = bits.to_vec();
+    words.resize(bits.len().next_multiple_of(2).max(2), 0);
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("f16 test tensor"),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::STORAGE | usage,
+        })
+}
+
+impl Half {
+    fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32], shape: Shape) -> Self {
+        let bits = |x: &[f32]| to_f16_bits("test", x).unwrap();
+        let out = wgpu::BufferUsages::COPY_SRC;
+        let nan = vec![f32::NAN; shape.rows()];
+        Self {
+            q: f16_buffer(ctx, &bits(q), out),
+            k: f16_buffer(ctx, &bits(k), out),
+            v: f16_buffer(ctx, &bits(v), out),
+            out: f16_buffer(ctx, &vec![0x7e00; shape.elements()], out),
+            lse: ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("lse"),
+                    contents: bytemuck::cast_slice(&nan),
+                    usage: wgpu::BufferUsages::STORAGE | out,
+                }),
+        }
+    }
+
+    fn tensors(&self) -> GpuTensors<'_> {
+        GpuTensors {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            lse: Some(&self.lse),
+        }
+    }
+
+    /// O widened to f32 and the LSE.
+    fn read(&self, ctx: &GpuContext, shape: Shape) -> (Vec<f32>, Vec<f32>) {
+        let words = crate::common::read_buffer(ctx, &self.out);
+        let bits: &[u16] = bytemuck::cast_slice(&words);
+        let lse = crate::common::read_buffer(ctx, &self.lse);
+        (
+            from_f16_bits(&bits[..shape.elements()]),
+            lse[..shape.rows()].to_vec(),
+        )
+    }
+}
+
+/// Inputs N(0, 1) rounded to f16 (exactly what the f16 buffers hold).
+fn inputs(seed: u64, shape: Shape) -> [Vec<f32>; 3] {
+    [
+        round_to_f16(&normal_tensor(seed, shape.elements())),
+        round_to_f16(&normal_tensor(seed + 1, shape.kv_elements())),
+        round_to_f16(&normal_tensor(seed + 2, shape.kv_elements())),
+    ]
+}
+
+/// Runs `method` on `p` with f16 storage (resident, poisoned; and host) and checks it against
+/// the f64 reference and, where one rounding is all, against the f32 path bit for bit.
+/// Returns the largest absolute error of O.
+fn check(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, label: &str) -> f64 {
+    let shape = p.shape;
+    let [q, k, v] = inputs(seed, shape);
+    let half = Attention::new(ctx, method.clone())
+        .and_then(|a| a.storage(Storage::F16))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let bufs = Half::new(ctx, &q, &k, &v, shape);
+    half.forward(p, Resident(bufs.tensors()))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (o, lse) = bufs.read(ctx, shape);
+
+    let r = cpu::forward(method, p, &widen(&q), &widen(&k), &widen(&v)).unwrap();
+    let coarse = matches!(method, Method::Fma(c) if c.queries == Queries::Coarse);
+    let vmax = v.iter().fold(0.0f32, |a, x| a.max(x.abs())) as f64;
+    let atol = O_ATOL
+        + if coarse {
+            F16_UNIT_ROUNDOFF as f64 * vmax
+        } else {
+            0.0
+        };
+    let co = multipole_attn::closeness::closeness(&o, &r.o, atol, O_RTOL);
+    let cl = multipole_attn::closeness::closeness(&lse, &r.lse, LSE_ATOL, LSE_RTOL);
+    assert_eq!(co.violations, 0, "{label}: O {co:?}");
+    assert_eq!(cl.violations, 0, "{label}: LSE {cl:?}");
+    // Every element is an f16 value (the store rounded it; NaN poison would fail above).
+    assert_eq!(o, round_to_f16(&o), "{label}");
+
+    // Host slices: the same values.
+    let host = half.forward(p, Host::new(&q, &k, &v)).unwrap();
+    assert_eq!(host.o, o, "{label}: host vs resident");
+    assert_eq!(host.lse.as_deref(), Some(&lse[..]), "{label}: host LSE");
+
+    if !coarse {
+        let f32_path = Attention::new(ctx, method.clone()).unwrap();
+        let want = f32_path.forward(p, Host::new(&q, &k, &v)).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&o),
+            bits(&round_to_f16(&want.o)),
+            "{label}: vs f32 path"
+        );
+        assert_eq!(
+            bits(&lse),
+            bits(want.lse.as_deref().unwrap()),
+            "{label}: LSE"
+        );
+    }
+    co.max_abs
+}
+
+#[test]
+fn f16_storage_matches_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    // Awkward sizes: odd element counts (d = 3: f16 pairs straddle rows), a sequence shorter
+    // than a block, n not a multiple of m, grouped K/V heads.
+    for &(n, d, m, p) in &[
+        (1, 3, 4, 1),
+        (97, 40, 16, 2),
+        (300, 64, 32, 2),
+        (1025, 17, 64, 4),
+    ] {
+        let shape = Shape::new(1, 2, n, d);
+        for causal in [false, true] {
+            let prob = Problem::new(shape).causal(causal);
+            let cfgs = [
+                FmaConfig::new(m, p),
+                FmaConfig::new(m, p)
+                    .downsample(Downsample::Learned(random_learned(seed, d, m, p, n))),
+            ];
+            for cfg in cfgs {
+                let label = format!("seed {seed} {shape} m={m} p={p} causal={causal}");
+                worst = worst.max(check(ctx, seed, &Method::Fma(cfg), &prob, &label));
+            }
+            let label = format!("seed {seed} {shape} dense causal={causal}");
+            worst = worst.max(check(ctx, seed, &Method::Dense, &prob, &label));
+        }
+        let label = format!("seed {seed} {shape} m={m} p={p} coarse queries");
+        let cfg = FmaConfig::new(m, p).queries(Queries::Coarse);
+        worst = worst.max(check(
+            ctx,
+            seed,
+            &Method::Fma(cfg),
+            &Problem::new(shape),
+            &label,
+        ));
+    }
+    // Grouped K/V heads.
+    let shape = Shape::new(2, 4, 200, 32).with_kv_heads(2);
+    let prob = Problem::new(shape).causal(true);
+    worst = worst.max(check(
+        ctx,
+        seed,
+        &Method::Fma(FmaConfig::new(16, 2)),
+        &prob,
+        "gqa",
+    ));
+    worst = worst.max(check(ctx, seed, &Method::Dense, &prob, "gqa dense"));
+    eprintln!("f16 storage: worst |O - ref| {worst:.2e}");
+}
+
+#[test]
+fn f16_storage_errors_are_typed() {
+    let Some(ctx) = gpu() else { return };
+    // A device without SHADER_F16 (the browser-like one never requests it).
+    if let Some(web) = browser_like_gpu() {
+        let err = Attention::dense(web)
+            .unwrap()
+            .storage(Storage::F16)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FmaError::MissingFeature {
+                    feature: "SHADER_F16",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("f32"), "{err}");
+    }
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let shape = Shape::new(1, 1, 64, 8);
+    let p = Problem::new(shape);
+    let a = Attention::fma(ctx, FmaConfig::new(16, 2))
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    let x = vec![0.5f32; shape.elements()];
+    // A value beyond f16's range names the tensor and the index.
+    let mut big = x.clone();
+    big[5] = 1.0e5;
+    let err = a.forward(&p, Host::new(&x, &big, &x)).unwrap_err();
+    assert!(err.to_string().contains("K[5]"), "{err}");
+    // f32-sized buffers are accepted, f16-sized ones too; shorter ones are refused.
+    let short = Half::new(ctx, &x[..8], &x, &x, Shape::new(1, 1, 1, 8));
+    let whole = Half::new(ctx, &x, &x, &x, shape);
+    let t = GpuTensors {
+        q: &short.q,
+        ..whole.tensors()
+    };
+    assert!(matches!(
+        a.forward(&p, Resident(t)).unwrap_err(),
+        FmaError::ShapeMismatch { .. }
+    ));
+    // Not offered yet: training, variable-length batches.
+    assert!(a.train(&p, Host::new(&x, &x, &x)).is_err());
+    let seqs = Sequences::packed(vec![30, 34]).unwrap();
+    let vp = Problem::varlen(seqs, 1, 1, 8);
+    let err = a.forward(&vp, Host::new(&x, &x, &x)).unwrap_err();
+    assert!(err.to_string().contains("variable-length"), "{err}");
+}
