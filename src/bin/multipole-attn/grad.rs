@@ -14,7 +14,7 @@ use crate::run::{build_config, problem, problem_shape};
 use crate::tensor::{fmt_shape, Tensor};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::levels::window;
-use multipole_attn::{cpu, FmaConfig, Gradients, Method, Problem, Queries, Shape};
+use multipole_attn::{cpu, FmaConfig, Gradients, Method, Problem, Queries, Shape, Storage};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{NpzWriter, WritableElement, WriteNpzError};
 use std::fs::File;
@@ -65,22 +65,24 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
         let g = cpu::backward(&method, &problem, (&q, &k, &v), &dout)?;
         write_gradients(&run.out, shapes, shape, method.fma(), g)
     } else {
-        let g = run_gpu(&method, (q, k, v, dout), &problem)?;
+        let g = run_gpu(&method, (q, k, v, dout), &problem, run.storage.storage())?;
         write_gradients(&run.out, shapes, shape, method.fma(), g)
     }
 }
 
-/// Forward (keeping what the backward needs) and backward on the GPU in f32.
+/// Forward (keeping what the backward needs) and backward on the GPU, tensors stored as
+/// `storage`.
 fn run_gpu(
     method: &Method,
     (q, k, v, dout): (Tensor, Tensor, Tensor, Tensor),
     problem: &Problem,
+    storage: Storage,
 ) -> CliResult<Gradients<f32>> {
     let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
     let dout = dout.into_f32("dO")?;
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
-    let attention = Attention::new(&ctx, method.clone())?;
+    let attention = Attention::new(&ctx, method.clone())?.storage(storage)?;
     let (_, saved) = attention.train(problem, Host::new(&q, &k, &v))?;
     Ok(attention.backward(&saved, HostGrad(&dout))?)
 }
