@@ -520,6 +520,29 @@ impl BackwardPlan {
             .collect()
     }
 
+    /// The plan with every pass composed for `storage` (issue 29): Q, K, V, O, dO and the
+    /// gradients as that type (the coarse rows and their gradients stay f32); dispatches and
+    /// sizes do not change.
+    pub fn with_storage(mut self, storage: Storage) -> Self {
+        self.forward = self.forward.with_storage(storage);
+        let all = [&mut self.delta, &mut self.dq, &mut self.dkv_fine]
+            .into_iter()
+            .chain(self.coarse_stats.iter_mut())
+            .chain(self.coarse_dq.iter_mut())
+            .chain(self.dkv_coarse.iter_mut())
+            .chain(self.dkv_combine.iter_mut().flatten())
+            .chain(self.downsample_backward.iter_mut())
+            .chain(self.weights_backward.iter_mut())
+            .chain(self.weights_combine.iter_mut().flatten())
+            .chain(self.weights_backward_q.iter_mut())
+            .chain(self.weights_q_combine.iter_mut().flatten())
+            .chain(self.pad.iter_mut());
+        for d in all {
+            d.spec.storage = storage;
+        }
+        self
+    }
+
     /// Every dispatch in recording order, the forward's downsample dispatches first.
     pub fn dispatches(&self) -> Vec<Dispatch> {
         let mut all = self.forward.pool_steps();

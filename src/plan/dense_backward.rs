@@ -50,6 +50,19 @@ impl DenseBackwardPlan {
         self
     }
 
+    /// The plan with every pass composed for `storage` (issue 29): Q, K, V, O, dO and the
+    /// gradients as that type; dispatches and sizes do not change.
+    pub fn with_storage(mut self, storage: Storage) -> Self {
+        self.forward = self.forward.with_storage(storage);
+        for d in [&mut self.delta, &mut self.dkv, &mut self.dq]
+            .into_iter()
+            .chain(self.pad.iter_mut())
+        {
+            d.spec.storage = storage;
+        }
+        self
+    }
+
     /// Plans the backward of dense attention of `shape` under `limits`.
     pub fn new(shape: Shape, limits: &KernelLimits) -> Result<Self> {
         Self::build(DensePlan::new(shape, limits)?, limits)

@@ -1,6 +1,6 @@
 //! f16 storage (issue 29) on a device with SHADER_F16 (lavapipe has it): the forward of FMA
 //! (fine and coarse queries, Average and Learned, causal) and of dense attention with Q, K, V
-//! and O stored as f16, against the f64 CPU reference on the f16-rounded inputs, through
+//! and O stored as f16, and their training and backward (dO, dQ, dK, dV f16), against the f64 CPU reference on the f16-rounded inputs, through
 //! resident f16 buffers poisoned with NaN and through host slices; and the typed errors.
 //!
 //! Tolerance: the kernels convert each f16 element to f32 exactly and compute as the f32 path
@@ -257,10 +257,150 @@ fn f16_storage_errors_are_typed() {
         a.forward(&p, Resident(t)).unwrap_err(),
         FmaError::ShapeMismatch { .. }
     ));
-    // Not offered yet: training, variable-length batches.
-    assert!(a.train(&p, Host::new(&x, &x, &x)).is_err());
+    // Not offered yet: a host backward with learned weights, variable-length batches.
+    let learned =
+        FmaConfig::new(16, 2).downsample(Downsample::Learned(random_learned(3, 8, 16, 2, 64)));
+    let al = Attention::fma(ctx, learned)
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    let (_, saved) = al.train(&p, Host::new(&x, &x, &x)).unwrap();
+    let err = al
+        .backward(&saved, multipole_attn::gpu::HostGrad(&x))
+        .unwrap_err();
+    assert!(err.to_string().contains("Learned"), "{err}");
     let seqs = Sequences::packed(vec![30, 34]).unwrap();
     let vp = Problem::varlen(seqs, 1, 1, 8);
     let err = a.forward(&vp, Host::new(&x, &x, &x)).unwrap_err();
     assert!(err.to_string().contains("variable-length"), "{err}");
+}
+
+/// Gradient tolerance, relative to each tensor's scale max(1, max|ref|) (tests/common's
+/// `compare` metric): the f32 path's 2e-4 plus 8 f16 roundings (8 * 2^-11 = 3.9e-3). Why 8:
+/// dQ, dK, dV are rounded once when stored and once more where a later pass adds to them
+/// (FMA's coarse keys' share in dK, dV; coarse queries' share in dQ; a dense key chunk), and
+/// the saved O is f16, so D = rowsum(dO * O) carries 2^-11 of |dO||O|, which dS = P (dP - D)
+/// passes on to every gradient, at the scale of the gradients themselves for N(0, 1) inputs.
+const GRAD_TOL: f64 = 2e-4 + 8.0 * F16_UNIT_ROUNDOFF as f64;
+
+fn compare_grad(label: &str, name: &str, got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{label}: {name}");
+    let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    let c = multipole_attn::closeness::closeness(got, want, GRAD_TOL * scale, GRAD_TOL);
+    assert_eq!(c.violations, 0, "{label}: {name} {c:?} (scale {scale:.3e})");
+    // Gradients are stored as f16: every element is an f16 value.
+    assert_eq!(got, &round_to_f16(got)[..], "{label}: {name} not f16");
+    c.max_abs / scale
+}
+
+/// Training and the backward with f16 storage (host dO; and resident f16 gradient buffers
+/// poisoned with NaN) against the f64 reference gradients on the f16-rounded inputs.
+fn check_backward(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, label: &str) -> f64 {
+    let shape = p.shape;
+    let [q, k, v] = inputs(seed, shape);
+    let dout = round_to_f16(&normal_tensor(seed + 3, shape.elements()));
+    let a = Attention::new(ctx, method.clone())
+        .and_then(|a| a.storage(Storage::F16))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (out, saved) = a
+        .train(p, Host::new(&q, &k, &v))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let fwd = a.forward(p, Host::new(&q, &k, &v)).unwrap();
+    assert_eq!(out.o, fwd.o, "{label}: training forward vs forward");
+    let g = a
+        .backward(&saved, multipole_attn::gpu::HostGrad(&dout))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let r = cpu::backward(
+        method,
+        p,
+        (&widen(&q), &widen(&k), &widen(&v)),
+        &widen(&dout),
+    )
+    .unwrap();
+    let mut worst = 0.0f64;
+    for (name, got, want) in [
+        ("dQ", &g.dq, &r.dq),
+        ("dK", &g.dk, &r.dk),
+        ("dV", &g.dv, &r.dv),
+    ] {
+        worst = worst.max(compare_grad(label, name, got, want));
+    }
+    // Resident: f16 dO and NaN-poisoned f16 gradient buffers give the same bits.
+    let bits = |x: &[f32]| to_f16_bits("test", x).unwrap();
+    let usage = wgpu::BufferUsages::COPY_SRC;
+    let dout_buf = f16_buffer(ctx, &bits(&dout), usage);
+    let nan = |len| f16_buffer(ctx, &vec![0x7e00; len], usage);
+    let (dq, dk, dv) = (
+        nan(shape.elements()),
+        nan(shape.kv_elements()),
+        nan(shape.kv_elements()),
+    );
+    let grads = multipole_attn::gpu::GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: None,
+    };
+    a.backward(
+        &saved,
+        multipole_attn::gpu::ResidentGrad {
+            dout: &dout_buf,
+            grads,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    for (name, buf, len, host) in [
+        ("dQ", &dq, shape.elements(), &g.dq),
+        ("dK", &dk, shape.kv_elements(), &g.dk),
+        ("dV", &dv, shape.kv_elements(), &g.dv),
+    ] {
+        let words = crate::common::read_buffer(ctx, buf);
+        let got = from_f16_bits(&bytemuck::cast_slice::<f32, u16>(&words)[..len]);
+        assert_eq!(&got, host, "{label}: resident {name}");
+    }
+    worst
+}
+
+#[test]
+fn f16_storage_backward_matches_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    for &(n, d, m, p) in &[(1, 3, 4, 1), (97, 40, 16, 2), (300, 17, 32, 4)] {
+        let shape = Shape::new(1, 2, n, d);
+        for causal in [false, true] {
+            let prob = Problem::new(shape).causal(causal);
+            let label = format!("seed {seed} {shape} m={m} p={p} causal={causal}");
+            let fma = Method::Fma(FmaConfig::new(m, p));
+            worst = worst.max(check_backward(ctx, seed, &fma, &prob, &label));
+            let label = format!("seed {seed} {shape} dense causal={causal}");
+            worst = worst.max(check_backward(ctx, seed, &Method::Dense, &prob, &label));
+        }
+        let cfg = FmaConfig::new(m, p).queries(Queries::Coarse);
+        let label = format!("seed {seed} {shape} m={m} p={p} coarse queries");
+        worst = worst.max(check_backward(
+            ctx,
+            seed,
+            &Method::Fma(cfg),
+            &Problem::new(shape),
+            &label,
+        ));
+    }
+    let shape = Shape::new(2, 4, 120, 16).with_kv_heads(2);
+    let prob = Problem::new(shape).causal(true);
+    let fma = Method::Fma(FmaConfig::new(16, 2));
+    worst = worst.max(check_backward(ctx, seed, &fma, &prob, "gqa"));
+    worst = worst.max(check_backward(
+        ctx,
+        seed,
+        &Method::Dense,
+        &prob,
+        "gqa dense",
+    ));
+    eprintln!("f16 storage backward: worst scaled gradient error {worst:.2e}");
 }

@@ -1,6 +1,7 @@
 //! Host tensors under f16 storage (issue 29): Q, K, V rounded to f16 on the host and uploaded
 //! into f16 buffers, the forward run on them as resident tensors, O read back as f16 and
-//! widened to f32 (exact), the LSE read back as the f32 it is. The executors then have one f16
+//! widened to f32 (exact), the LSE read back as the f32 it is; likewise dO and the gradients
+//! of a backward. The executors then have one f16
 //! path, the resident one; their f32 host paths (buffer pools, runs of heads) stay as they were.
 //!
 //! Buffers are made per call (no pool): f16 host calls are the CLI's and the tests' use, where
@@ -12,9 +13,10 @@ use crate::error::Result;
 use crate::gpu::engine::buffers::{read_f32, storage};
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::io::Host;
-use crate::gpu::engine::tensors::{GpuTensors, Output};
+use crate::gpu::engine::tensors::{GpuTensors, GradTensors, Output};
+use crate::gradients::Gradients;
 use crate::shape::Shape;
-use crate::storage::to_f16_bits;
+use crate::storage::{from_f16_bits, to_f16_bits};
 
 /// f16 Q, K, V, O and the f32 LSE of one host call.
 pub(super) struct HalfHost {
@@ -74,31 +76,105 @@ impl HalfHost {
     /// O (widened to f32) and, when `want_lse`, the LSE of `shape`, after the forward was
     /// submitted (one more submit, waited for).
     pub async fn read(&self, ctx: &GpuContext, shape: Shape, want_lse: bool) -> Result<Output> {
-        let o_bytes = self.out.size();
-        let lse_bytes = if want_lse { self.lse.size() } else { 0 };
-        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("f16 readback"),
-            size: o_bytes + lse_bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("f16 readback"),
-            });
-        enc.copy_buffer_to_buffer(&self.out, 0, &staging, 0, o_bytes);
-        if want_lse {
-            enc.copy_buffer_to_buffer(&self.lse, 0, &staging, o_bytes, lse_bytes);
-        }
-        ctx.queue.submit([enc.finish()]);
-        // Read as 4-byte words: O's f16 pairs, then the LSE's f32s.
-        let words = read_f32(&ctx.device, &staging, o_bytes + lse_bytes).await?;
-        let (o_words, lse) = words.split_at((o_bytes / 4) as usize);
-        let bits: &[u16] = bytemuck::cast_slice(o_words);
+        let lse = if want_lse { Some(&self.lse) } else { None };
+        let mut words = read_words(ctx, [Some(&self.out), lse]).await?;
         Ok(Output {
-            o: crate::storage::from_f16_bits(&bits[..shape.elements()]),
-            lse: want_lse.then(|| lse[..shape.rows()].to_vec()),
+            o: f16_values(&words[0], shape.elements()),
+            lse: want_lse.then(|| words.swap_remove(1)[..shape.rows()].to_vec()),
+        })
+    }
+}
+
+/// The whole of each given buffer as 4-byte words (one copy each into one staging buffer, one
+/// submit, waited for); an empty vector for `None`.
+async fn read_words<const N: usize>(
+    ctx: &GpuContext,
+    bufs: [Option<&wgpu::Buffer>; N],
+) -> Result<Vec<Vec<f32>>> {
+    let sizes = bufs.map(|b| b.map_or(0, |b| b.size()));
+    let total: u64 = sizes.iter().sum();
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("f16 readback"),
+        size: total.max(4),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("f16 readback"),
+        });
+    let mut at = 0;
+    for (b, size) in bufs.iter().zip(sizes) {
+        if let Some(b) = b {
+            enc.copy_buffer_to_buffer(b, 0, &staging, at, size);
+        }
+        at += size;
+    }
+    ctx.queue.submit([enc.finish()]);
+    let words = read_f32(&ctx.device, &staging, total).await?;
+    let mut out = Vec::with_capacity(N);
+    let mut at = 0;
+    for size in sizes {
+        let n = (size / 4) as usize;
+        out.push(words[at..at + n].to_vec());
+        at += n;
+    }
+    Ok(out)
+}
+
+/// The first `len` f16 values packed in `words` (two per word, little-endian), widened.
+fn f16_values(words: &[f32], len: usize) -> Vec<f32> {
+    let bits: &[u16] = bytemuck::cast_slice(words);
+    from_f16_bits(&bits[..len])
+}
+
+/// dO and the gradient buffers of one host backward under f16 storage.
+pub(super) struct HalfGrad {
+    dout: wgpu::Buffer,
+    dq: wgpu::Buffer,
+    dk: wgpu::Buffer,
+    dv: wgpu::Buffer,
+}
+
+impl HalfGrad {
+    /// Rounds `dout` (O's shape) to f16 and uploads it; dQ (Q's shape), dK and dV (K's) get
+    /// f16 buffers.
+    pub fn new(ctx: &GpuContext, shape: Shape, dout: &[f32]) -> Result<Self> {
+        shape.check_len("dO", dout.len())?;
+        let bits = to_f16_bits("dO", dout)?;
+        let d = &ctx.device;
+        let usage = wgpu::BufferUsages::COPY_SRC;
+        let (q, kv) = (shape.elements() as u64 * 2, shape.kv_elements() as u64 * 2);
+        Ok(Self {
+            dout: upload(d, "dout f16", &bits),
+            dq: storage(d, "dq f16", q, usage),
+            dk: storage(d, "dk f16", kv, usage),
+            dv: storage(d, "dv f16", kv, usage),
+        })
+    }
+
+    /// dO and the gradients as resident backward I/O (no weight gradients).
+    pub fn tensors(&self) -> (&wgpu::Buffer, GradTensors<'_>) {
+        let g = GradTensors {
+            dq: &self.dq,
+            dk: &self.dk,
+            dv: &self.dv,
+            weights: None,
+        };
+        (&self.dout, g)
+    }
+
+    /// dQ, dK, dV widened to f32, after the backward was submitted.
+    pub async fn read(&self, ctx: &GpuContext, shape: Shape) -> Result<Gradients<f32>> {
+        let w = read_words(ctx, [Some(&self.dq), Some(&self.dk), Some(&self.dv)]).await?;
+        let (q, kv) = (shape.elements(), shape.kv_elements());
+        Ok(Gradients {
+            dq: f16_values(&w[0], q),
+            dk: f16_values(&w[1], kv),
+            dv: f16_values(&w[2], kv),
+            weights: None,
+            dsinks: None,
         })
     }
 }

@@ -9,6 +9,7 @@ mod half_host;
 
 use std::sync::{Arc, Mutex};
 
+use crate::config::Downsample;
 use crate::error::{FmaError, Result};
 use crate::gpu::dense::{DenseAttention, DenseSaved};
 use crate::gpu::engine::context::GpuContext;
@@ -271,9 +272,13 @@ impl Attention {
     /// With f16: [`Host`](crate::gpu::Host) tensors stay f32 slices (rounded to f16 on upload;
     /// a finite value beyond 65504 is a typed error) and O comes back as f16 values widened to
     /// f32; [`Resident`](crate::gpu::Resident) and [`Encode`](crate::gpu::Encode) buffers hold
-    /// f16 elements (2 bytes each, same layouts) and an f32 LSE. Not offered yet with f16
-    /// (typed errors): training and the backward, variable-length batches, and tensors over
-    /// one storage binding (counted as f32), which f32 storage runs in pieces.
+    /// f16 elements (2 bytes each, same layouts) and an f32 LSE. Training and the backward
+    /// run with f16 Q, K, V, O, dO and dQ, dK, dV ([`HostGrad`](crate::gpu::HostGrad): dO
+    /// rounded to f16, the gradients widened; [`ResidentGrad`](crate::gpu::ResidentGrad): f16
+    /// buffers, the learned weights' gradients f32). Not offered yet with f16 (typed errors):
+    /// variable-length batches, tensors over one storage binding (counted as f32), which f32
+    /// storage runs in pieces, and a host backward with Learned weights or sinks (their
+    /// gradients are not returned that way yet).
     pub fn storage(mut self, storage: Storage) -> Result<Self> {
         check_device_storage(&self.ctx, storage)?;
         self.storage = storage;
@@ -513,10 +518,17 @@ impl Attention {
         p: &Problem,
         args: ForwardArgs<'_>,
     ) -> Result<(Option<Output>, SavedKind)> {
-        if self.storage == Storage::F16 {
-            return Err(f16_not_offered("training (its backward)"));
-        }
         let s = p.shape;
+        if self.storage == Storage::F16 {
+            self.check_f16(p, "training")?;
+            if let ForwardArgs::Host(h) = args {
+                // Through f16 buffers, which the saved tensors keep (as resident training).
+                let io = half_host::HalfHost::new(&self.ctx, s, &h)?;
+                let (_, kind) =
+                    Box::pin(self.train_args(exec, p, ForwardArgs::Resident(io.tensors()))).await?;
+                return Ok((Some(io.read(&self.ctx, s, h.lse).await?), kind));
+            }
+        }
         let seqs = p.sequences.as_ref();
         match (exec, args) {
             (_, ForwardArgs::Encode(..)) => Err(FmaError::InvalidConfig {
@@ -570,6 +582,14 @@ impl Attention {
                     .into(),
             ));
         }
+        if let (Storage::F16, BackwardArgs::Host(dout)) = (self.storage, &args) {
+            self.check_f16_host_backward(&saved.problem)?;
+            let s = saved.problem.shape;
+            let io = half_host::HalfGrad::new(&self.ctx, s, dout)?;
+            let (dout, grads) = io.tensors();
+            Box::pin(self.backward_args(saved, BackwardArgs::Resident(dout, grads))).await?;
+            return io.read(&self.ctx, s).await.map(Some);
+        }
         // The executor that saved them (its own owner check is then a formality).
         match (&saved.exec, &saved.kind, args) {
             (Exec::Fma(e), SavedKind::Fma(s), BackwardArgs::Host(dout)) => {
@@ -600,6 +620,19 @@ impl Attention {
                 "{what} of a variable-length batch"
             ))),
             None => Ok(()),
+        }
+    }
+
+    /// What a host backward under f16 storage does not return yet: the learned weights'
+    /// gradients and the sinks' (resident gradients take the weights').
+    fn check_f16_host_backward(&self, p: &Problem) -> Result<()> {
+        let learned = matches!(&self.method, Method::Fma(c) if matches!(c.downsample, Downsample::Learned(_)));
+        match (learned, p.variants.sinks.is_some()) {
+            (true, _) => Err(f16_not_offered(
+                "a host backward with Learned weights (ResidentGrad returns their gradients)",
+            )),
+            (_, true) => Err(f16_not_offered("a backward with sinks (their gradient)")),
+            _ => Ok(()),
         }
     }
 
@@ -637,8 +670,9 @@ fn f16_not_offered(what: &str) -> FmaError {
     FmaError::InvalidConfig {
         what: "storage",
         value: format!("f16 for {what}"),
-        allowed: "f16 storage for forwards of whole-sequence batches (host, resident or \
-                  encoder tensors); f32 storage (Storage::F32) for the rest"
+        allowed: "f16 storage for whole-sequence batches: forwards (host, resident or encoder \
+                  tensors), training and backwards (host dO without learned weights or sinks, \
+                  or resident dO); f32 storage (Storage::F32) for the rest"
             .into(),
     }
 }

@@ -364,8 +364,9 @@ impl SavedTensors {
 
     /// The caller's buffers of a forward already run (`t.lse` must be the buffer that forward
     /// wrote the LSE into: without it there is nothing to differentiate from).
-    pub fn from_buffers(t: GpuTensors<'_>, shape: Shape) -> Result<Self> {
-        t.check(shape)?;
+    /// Q, K, V and O hold elements of `storage`.
+    pub fn from_buffers(t: GpuTensors<'_>, shape: Shape, storage: Storage) -> Result<Self> {
+        t.check_as(shape, storage)?;
         let lse = t.lse.ok_or_else(|| {
             FmaError::NoSavedForward(
                 "no LSE buffer: run forward_buffers with GpuTensors::lse set and pass the same \
