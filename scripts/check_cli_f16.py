@@ -15,6 +15,7 @@ the CLI), runs the GPU path with --storage f16 on both, and checks that
     f16-rounded inputs: the f32 path's kernel error (check_cli.py's 2e-5 scaled, stated per
     element as tests/gpu/forward.rs does) plus one f16 rounding of O, 2^-11 relative.
 A negative control shows the check can fail: dense O judged against the FMA reference.
+And `grad --storage f16` against the CLI's float64 --reference (see below).
 Skips (exit 0) when the adapter has no SHADER_F16 (the CLI says so, exit 1).
 Prints one line per case and `N passed, M failed`; exits 1 if any failed.
 """
@@ -130,6 +131,41 @@ def main():
             print(f"{name} {shape}: dtype {outs[1].dtype}, max |O - ref| {err:.2e}, "
                   f"violations {n_bad}, f32 input == f16 input: {same} -> "
                   f"{'ok' if ok else 'FAIL'}")
+            if ok:
+                npass += 1
+            else:
+                nfail += 1
+        # grad --storage f16: float16 dq, dk, dv against the CLI's float64 --reference (the
+        # independent reference has no backward; check_cli_grad.py checks --reference by
+        # finite differences) within 2e-4 + 8 * 2^-11 of each gradient's scale.
+        shape = (1, 2, 60, 8)
+        xs = [rng.standard_normal(shape).astype(np.float16) for _ in range(4)]
+        paths = []
+        for nm, arr in zip(("q", "k", "v", "do"), xs):
+            paths.append(tmp / f"g_{nm}.npy")
+            np.save(paths[-1], arr)
+        base = ["grad", "--q", str(paths[0]), "--k", str(paths[1]), "--v", str(paths[2]),
+                "--dout", str(paths[3]), "--block", "8", "--causal"]
+        got_p, want_p = tmp / "g16.npz", tmp / "gref.npz"
+        p16 = subprocess.run([str(binary)] + base + ["--out", str(got_p), "--storage", "f16"],
+                             capture_output=True, text=True)
+        pref = subprocess.run([str(binary)] + base + ["--out", str(want_p), "--reference"],
+                              capture_output=True, text=True)
+        if p16.returncode or pref.returncode:
+            print(f"grad: exit {p16.returncode}/{pref.returncode}: {p16.stderr} {pref.stderr}")
+            nfail += 1
+        else:
+            got, want = np.load(got_p), np.load(want_p)
+            tol = 2e-4 + 8 * 2.0 ** -11
+            ok = True
+            for name in ("dq", "dk", "dv"):
+                g, w = got[name], want[name]
+                scale = max(1.0, float(np.abs(w).max()))
+                err = float(np.abs(g.astype(np.float64) - w).max()) / scale
+                good = g.dtype == np.float16 and g.shape == shape and err <= tol
+                ok &= good
+                print(f"grad {name}: dtype {g.dtype}, scaled error {err:.2e} -> "
+                      f"{'ok' if good else 'FAIL'}")
             if ok:
                 npass += 1
             else:

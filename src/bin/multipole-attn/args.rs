@@ -286,7 +286,8 @@ summed over batch and heads) for L = sum(dO * O), O = FMA(Q, K, V); dO has the s
 --out GRADS.npz holds dq, dk, dv (shape of Q) and, in Learned mode, k_w{l}, k_b{l}, v_w{l},
 v_b{l} (with --queries coarse also q_w{l}, q_b{l}) for every level of the weights (the layout
 of --weights; levels the sequence does not use are zeros). Fine or coarse queries, 1D or
---grid, variable-length batches. float32 on the GPU, float64 with --reference. --lse does not
+--grid, variable-length batches. float32 on the GPU, float64 with --reference; with
+--storage f16, dq, dk, dv as float16 (not with learned weights or --sinks yet). --lse does not
 apply. --dense differentiates exact attention instead (dq, dk, dv; K/V may have fewer heads
 and another length than Q, --causal bottom-right aligned as in run; variable-length batches
 too).

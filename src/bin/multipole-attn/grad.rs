@@ -9,7 +9,7 @@
 
 use crate::args::GradArgs;
 use crate::error::{CliError, CliResult};
-use crate::npy_io::{check_output_path, read_tensor};
+use crate::npy_io::{check_output_path, read_tensor, write_f16_npz};
 use crate::run::{build_config, problem, problem_shape};
 use crate::tensor::{fmt_shape, Tensor};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
@@ -65,8 +65,21 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
         let g = cpu::backward(&method, &problem, (&q, &k, &v), &dout)?;
         write_gradients(&run.out, shapes, shape, method.fma(), g)
     } else {
-        let g = run_gpu(&method, (q, k, v, dout), &problem, run.storage.storage())?;
-        write_gradients(&run.out, shapes, shape, method.fma(), g)
+        let storage = run.storage.storage();
+        let g = run_gpu(&method, (q, k, v, dout), &problem, storage)?;
+        match storage {
+            // f16 storage: the gradients are f16 values (no weight or sink gradients: the
+            // library refuses those with host dO), written as float16.
+            Storage::F16 => write_f16_npz(
+                &run.out,
+                &[
+                    ("dq", shapes.0, &g.dq),
+                    ("dk", shapes.1, &g.dk),
+                    ("dv", shapes.1, &g.dv),
+                ],
+            ),
+            Storage::F32 => write_gradients(&run.out, shapes, shape, method.fma(), g),
+        }
     }
 }
 
