@@ -10,7 +10,7 @@ use crate::storage::Storage;
 
 /// Q, K, V, O and the LSE of one forward living in GPU buffers (the caller's own, or ones the
 /// library allocated for host tensors). Q, K, V, O: (batch, heads, seq, head_dim) f32 with
-/// `STORAGE` usage; LSE: (batch, heads, seq) f32.
+/// `STORAGE` usage (f16 under [`crate::Storage::F16`]); LSE: (batch, heads, seq) f32.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuTensors<'a> {
     /// Queries, read.
@@ -315,7 +315,7 @@ pub struct WeightGradTensors<'a> {
 
 /// Where a backward (FMA's or dense attention's) writes: dQ of Q's shape (batch, heads, seq,
 /// head_dim), dK and dV of K's (batch, kv_heads, seq_kv, head_dim), f32 buffers with `STORAGE`
-/// usage; in FMA's Learned mode optionally the weights' gradients (summed over batch and
+/// usage (f16 under [`crate::Storage::F16`]); in FMA's Learned mode (f32 always) optionally the weights' gradients (summed over batch and
 /// heads). Every element is written (none is accumulated into).
 #[derive(Clone, Copy, Debug)]
 pub struct GradTensors<'a> {
