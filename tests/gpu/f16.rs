@@ -404,3 +404,53 @@ fn f16_storage_backward_matches_the_reference() {
     ));
     eprintln!("f16 storage backward: worst scaled gradient error {worst:.2e}");
 }
+
+/// A device of the default adapter without subgroups (the plain kernels, as on GL or in a
+/// browser) but with SHADER_F16; `None` where the adapter has no SHADER_F16.
+fn plain_f16_gpu() -> Option<GpuContext> {
+    use multipole_attn::gpu::{negotiate_features, negotiate_limits, ContextOptions};
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).ok()?;
+    let options = ContextOptions::default();
+    let features = negotiate_features(adapter.features(), options) - wgpu::Features::SUBGROUP;
+    if !features.contains(wgpu::Features::SHADER_F16) {
+        return None;
+    }
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("plain f16"),
+        required_features: features,
+        required_limits: negotiate_limits(&adapter.limits(), options),
+        ..Default::default()
+    }))
+    .ok()?;
+    Some(GpuContext::from_device(adapter.get_info(), device, queue))
+}
+
+/// The plain kernels' f16 variant (no subgroups), including a head above d = 128, whose row
+/// loops the composer writes out before the f16 rewrite.
+#[test]
+fn f16_storage_on_the_plain_kernels() {
+    if gpu().is_none() {
+        return;
+    }
+    let Some(ctx) = plain_f16_gpu() else {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    };
+    assert_eq!(ctx.subgroup_kernels(), None);
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let shape = Shape::new(1, 2, 97, 40);
+    let prob = Problem::new(shape).causal(true);
+    let label = format!("plain seed {seed} {shape}");
+    let fma = Method::Fma(FmaConfig::new(16, 2));
+    check(&ctx, seed, &fma, &prob, &label);
+    check(&ctx, seed, &Method::Dense, &prob, &label);
+    check_backward(&ctx, seed, &fma, &prob, &label);
+    check_backward(&ctx, seed, &Method::Dense, &prob, &label);
+    // d = 132: the FMA forward only (its unrolled pipelines are slow to build on llvmpipe).
+    let shape = Shape::new(1, 1, 70, 132);
+    let label = format!("plain seed {seed} {shape}");
+    check(&ctx, seed, &fma, &Problem::new(shape).causal(true), &label);
+}
