@@ -257,6 +257,20 @@ fn f16_storage_errors_are_typed() {
         a.forward(&p, Resident(t)).unwrap_err(),
         FmaError::ShapeMismatch { .. }
     ));
+    // Tensors over one storage binding (counted as f32): refused by check and by the forward.
+    let small = Attention::dense(ctx)
+        .unwrap()
+        .max_binding(1024)
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    assert!(matches!(
+        small.check(&p),
+        Err(FmaError::LimitExceeded { .. })
+    ));
+    let err = small.forward(&p, Host::new(&x, &x, &x)).unwrap_err();
+    assert!(matches!(err, FmaError::LimitExceeded { .. }), "{err}");
+    assert!(err.to_string().contains("f32 storage"), "{err}");
     // Not offered yet: a host backward with learned weights, variable-length batches.
     let learned =
         FmaConfig::new(16, 2).downsample(Downsample::Learned(random_learned(3, 8, 16, 2, 64)));

@@ -13,7 +13,7 @@ use crate::config::Downsample;
 use crate::error::{FmaError, Result};
 use crate::gpu::dense::{DenseAttention, DenseSaved};
 use crate::gpu::engine::context::GpuContext;
-use crate::gpu::engine::storage_types::check_device_storage;
+use crate::gpu::engine::storage_types::{check_device_storage, f16_split_refused};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::fma::backward::Saved as FmaSaved;
 use crate::gpu::fma::FmaAttention;
@@ -380,6 +380,18 @@ impl Attention {
     /// takes), without touching the GPU: a caller can fail before reading gigabytes of input.
     pub fn check(&self, p: &Problem) -> Result<()> {
         p.validate()?;
+        if self.storage == Storage::F16 {
+            // f16 tensors run whole or not at all: no pieces to fall back on.
+            self.check_f16(p, "a forward")?;
+            let cap = self.binding_cap();
+            if p.shape.elements().max(p.shape.kv_elements()) as u64 * 4 > cap {
+                return Err(f16_split_refused(p.shape, cap));
+            }
+            return match self.exec(p)? {
+                Exec::Fma(e) => e.plan(p.shape).map(drop),
+                Exec::Dense(e) => e.plan(p.shape).map(drop),
+            };
+        }
         let fits = match (self.exec(p)?, &p.sequences) {
             (Exec::Fma(e), None) => return e.check(p.shape),
             (Exec::Fma(e), Some(seqs)) => e.plan_sequences(p.shape, seqs).map(drop),
@@ -623,6 +635,15 @@ impl Attention {
         }
     }
 
+    /// Bytes in one storage binding the executors use (the device's, or `max_binding`'s).
+    fn binding_cap(&self) -> u64 {
+        let mut limits = crate::plan::KernelLimits::from_wgpu(&self.ctx.limits);
+        if let Some(bytes) = self.max_binding {
+            limits = limits.capped(bytes);
+        }
+        limits.binding_bytes()
+    }
+
     /// What a host backward under f16 storage does not return yet: the learned weights'
     /// gradients and the sinks' (resident gradients take the weights').
     fn check_f16_host_backward(&self, p: &Problem) -> Result<()> {
@@ -643,11 +664,7 @@ impl Attention {
         if p.variants.sinks.is_none() {
             return Ok(());
         }
-        let mut limits = crate::plan::KernelLimits::from_wgpu(&self.ctx.limits);
-        if let Some(bytes) = self.max_binding {
-            limits = limits.capped(bytes);
-        }
-        let cap = limits.binding_bytes();
+        let cap = self.binding_cap();
         let bytes = p.shape.elements().max(p.shape.kv_elements()) as u64 * 4;
         if bytes <= cap {
             return Ok(());
