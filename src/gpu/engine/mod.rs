@@ -7,6 +7,7 @@
 pub(crate) mod buffers;
 pub(crate) mod cache;
 pub mod context;
+pub mod coop;
 pub(crate) mod front;
 pub mod io;
 pub(crate) mod params;
