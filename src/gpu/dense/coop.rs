@@ -139,7 +139,9 @@ impl CoopRun {
         });
         cpass.set_pipeline(&self.pipeline);
         cpass.set_bind_group(0, &group, &[]);
+        let timed = ctx.profiler.begin(&mut cpass, "dense_coop", None);
         cpass.dispatch_workgroups(self.grid[0], self.grid[1], self.grid[2]);
+        ctx.profiler.end(&mut cpass, timed);
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::coop::{CoopMode, CoopOffer, CoopShape};
 use crate::gpu::engine::pipelines::Kernels;
+use crate::gpu::engine::profile::{PassTime, Profiler};
 
 /// How to pick limits when the library creates the device itself.
 #[derive(Clone, Copy, Debug, Default)]
@@ -48,6 +49,8 @@ pub struct GpuContext {
     pub(crate) kernels: Arc<Kernels>,
     /// The cooperative-matrix shape the dense forward runs on (`None`: the plain kernels).
     coop: Option<CoopShape>,
+    /// The per-pass profiler, shared with every clone (`profile.rs`; off by default).
+    pub(crate) profiler: Arc<Profiler>,
 }
 
 impl GpuContext {
@@ -209,7 +212,27 @@ impl GpuContext {
             limits,
             lost,
             coop: None,
+            profiler: Arc::new(Profiler::default()),
         }
+    }
+
+    /// Starts timing every dispatch the library records on this context and its clones, up
+    /// to `dispatches` of them (at most 2048), until [`GpuContext::take_profile`]: a GPU
+    /// timestamp before and after each, labelled by pass and level (`gpu::engine::profile`).
+    /// For finding which pass of a plan takes the time; not for production use (timestamps
+    /// between dispatches may keep a GPU from overlapping them). Needs a device with
+    /// `TIMESTAMP_QUERY | TIMESTAMP_QUERY_INSIDE_PASSES` (the library asks for them where
+    /// the adapter offers them); a typed error elsewhere.
+    pub fn start_profiling(&self, dispatches: u32) -> Result<()> {
+        self.profiler.start(&self.device, dispatches)
+    }
+
+    /// Stops profiling and returns the time of every dispatch recorded since
+    /// [`GpuContext::start_profiling`], in recording order, and how many dispatches were
+    /// recorded past its capacity (untimed). Call after the timed work has been submitted.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn take_profile(&self) -> Result<(Vec<PassTime>, u32)> {
+        self.profiler.take(&self.device, &self.queue)
     }
 
     /// Returns [`FmaError::DeviceLost`] once the device has been lost.
@@ -333,8 +356,10 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
 /// through subgroup shuffles (2-3x faster on lavapipe, docs/perf.md). Not subgroups with
 /// `options.browser_limits`: browsers' WebGPU does not expose them to wgpu.
 pub fn negotiate_features(adapter: wgpu::Features, options: ContextOptions) -> wgpu::Features {
-    let mut wanted =
-        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+    // Inside passes too: the per-pass profiler (`GpuContext::start_profiling`).
+    let mut wanted = wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if !options.browser_limits {
         wanted |= wgpu::Features::SUBGROUP;
     }

@@ -13,6 +13,7 @@ pub mod io;
 pub(crate) mod params;
 pub mod passes;
 pub(crate) mod pipelines;
+pub mod profile;
 pub(crate) mod record;
 pub mod shaders;
 pub(crate) mod split_io;
