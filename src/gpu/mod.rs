@@ -34,7 +34,7 @@ pub use engine::io::{
     BackwardIo, Encode, ForwardIo, Host, HostGrad, Resident, ResidentGrad, TrainIo,
 };
 pub use engine::coop::{describe_shapes, fitting_shape, CoopMode, CoopOffer, CoopShape};
-pub use engine::profile::{summarize, PassTime};
+pub use engine::profile::{format_table, summarize, PassTime};
 pub use engine::shaders;
 pub use engine::tensors::{GpuTensors, Output};
 pub use fma::backward::{GradTensors, WeightGradTensors};

@@ -200,9 +200,66 @@ pub fn summarize(times: &[PassTime]) -> Vec<(&'static str, Option<u32>, usize, f
     out
 }
 
+/// `times` as a table summed by pass and level ([`summarize`]): one line per (pass, level)
+/// with its dispatches, milliseconds and share of the total, then the total (and the count of
+/// untimed dispatches, `dropped`, when any): what `examples/bench --per-pass` prints.
+pub fn format_table(times: &[PassTime], dropped: u32) -> String {
+    use std::fmt::Write;
+    let rows = summarize(times);
+    let total: f64 = rows.iter().map(|r| r.3).sum();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "  {:<28} {:>5} {:>10} {:>10} {:>6}",
+        "pass", "level", "dispatches", "ms", "share"
+    );
+    for (pass, level, count, ns) in &rows {
+        let level = level.map_or("-".to_string(), |l| l.to_string());
+        let share = if total > 0.0 { 100.0 * ns / total } else { 0.0 };
+        let _ = writeln!(
+            s,
+            "  {pass:<28} {level:>5} {count:>10} {:>10.3} {share:>5.1}%",
+            ns * 1e-6
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  {:<28} {:>5} {:>10} {:>10.3}",
+        "total",
+        "",
+        times.len(),
+        total * 1e-6
+    );
+    if dropped > 0 {
+        let _ = writeln!(s, "  ({dropped} more dispatches not timed: the profiler was full)");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_sums_by_pass_and_level() {
+        let t = |pass, level, ns| PassTime { pass, level, ns };
+        let text = format_table(
+            &[
+                t("downsample", Some(0), 1e6),
+                t("fine_attention", None, 3e6),
+                t("downsample", Some(0), 1e6),
+            ],
+            2,
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(cols(lines[1]), ["downsample", "0", "2", "2.000", "40.0%"]);
+        assert_eq!(cols(lines[2]), ["fine_attention", "-", "1", "3.000", "60.0%"]);
+        assert_eq!(cols(lines[3]), ["total", "3", "5.000"]);
+        assert!(lines[4].contains("2 more dispatches not timed"), "{text}");
+        assert_eq!(format_table(&[], 0).lines().count(), 2);
+    }
 
     #[test]
     fn summaries_add_by_pass_and_level_in_first_order() {
