@@ -620,7 +620,10 @@ mod tests {
                 assert!(x <= max && y <= max, "{total} {max}: {x} x {y}");
                 let launched = x as u64 * y as u64;
                 assert!(launched >= total as u64, "{total} {max}: {x} x {y}");
-                assert!(launched < total.max(1) as u64 + y as u64, "{total} {max}: {x} x {y}");
+                assert!(
+                    launched < total.max(1) as u64 + y as u64,
+                    "{total} {max}: {x} x {y}"
+                );
             }
         }
     }

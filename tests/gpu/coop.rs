@@ -38,7 +38,11 @@ fn cooperative_matrices_are_used_only_where_offered() {
     }
     // Either way the dense forward runs and agrees with the plain kernels' (exactly where no
     // shape is offered: the same kernel; within f16 rounding on tensor cores).
-    let tol = if if_offered.cooperative_matrix().is_some() { 2e-2 } else { 0.0 };
+    let tol = if if_offered.cooperative_matrix().is_some() {
+        2e-2
+    } else {
+        0.0
+    };
     for (shape, causal) in [
         (Shape::new(2, 3, 200, 64), false),
         (Shape::new(1, 4, 333, 40).with_kv_heads(2), true),
@@ -64,8 +68,16 @@ fn cooperative_matrices_are_used_only_where_offered() {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0f32, f32::max)
         };
-        assert!(worst(&o0, &o1) <= tol, "{shape} causal {causal}: O {}", worst(&o0, &o1));
-        assert!(worst(&l0, &l1) <= tol, "{shape} causal {causal}: LSE {}", worst(&l0, &l1));
+        assert!(
+            worst(&o0, &o1) <= tol,
+            "{shape} causal {causal}: O {}",
+            worst(&o0, &o1)
+        );
+        assert!(
+            worst(&l0, &l1) <= tol,
+            "{shape} causal {causal}: LSE {}",
+            worst(&l0, &l1)
+        );
         // Rows with no key (cross, causal) keep LSE = -inf on both.
         let empty = |l: &[f32]| l.iter().filter(|x| **x == f32::NEG_INFINITY).count();
         assert_eq!(empty(&l0), empty(&l1));

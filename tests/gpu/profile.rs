@@ -9,7 +9,11 @@ use multipole_attn::gpu::{summarize, Attention, GpuContext, Host};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{FmaConfig, Problem, Queries, Shape};
 
-fn profiled(ctx: &GpuContext, attn: &Attention, p: &Problem) -> Vec<(&'static str, Option<u32>, f64)> {
+fn profiled(
+    ctx: &GpuContext,
+    attn: &Attention,
+    p: &Problem,
+) -> Vec<(&'static str, Option<u32>, f64)> {
     let s = p.shape;
     let q = normal_tensor(1, s.elements());
     let k = normal_tensor(2, s.kv_elements());
@@ -27,7 +31,10 @@ fn every_dispatch_of_a_plan_is_timed_by_pass_and_level() {
     let ctx = GpuContext::new().unwrap();
     let needed = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if !ctx.device.features().contains(needed) {
-        eprintln!("skipping: {} has no timestamps inside passes", ctx.info.name);
+        eprintln!(
+            "skipping: {} has no timestamps inside passes",
+            ctx.info.name
+        );
         assert!(ctx.start_profiling(16).is_err());
         return;
     }
@@ -51,7 +58,10 @@ fn every_dispatch_of_a_plan_is_timed_by_pass_and_level() {
         let names: Vec<_> = got.iter().map(|&(p, l, _)| (p, l)).collect();
         assert_eq!(names, want, "{cfg:?} causal {causal}");
         assert!(got.iter().all(|&(_, _, ns)| ns.is_finite() && ns >= 0.0));
-        assert!(got.iter().map(|t| t.2).sum::<f64>() > 0.0, "{cfg:?}: all zero");
+        assert!(
+            got.iter().map(|t| t.2).sum::<f64>() > 0.0,
+            "{cfg:?}: all zero"
+        );
         let sums = summarize(
             &got.iter()
                 .map(|&(pass, level, ns)| multipole_attn::gpu::PassTime { pass, level, ns })
@@ -62,7 +72,10 @@ fn every_dispatch_of_a_plan_is_timed_by_pass_and_level() {
     // Dense: its dispatch (one per key chunk) under the pass's name.
     let dense = Attention::dense(&ctx).unwrap();
     let got = profiled(&ctx, &dense, &Problem::new(shape));
-    assert!(!got.is_empty() && got.iter().all(|t| t.0 == "dense_attention"), "{got:?}");
+    assert!(
+        !got.is_empty() && got.iter().all(|t| t.0 == "dense_attention"),
+        "{got:?}"
+    );
     // Taken: off again; a second take has nothing to read.
     assert!(ctx.take_profile().is_err());
     assert!(ctx.start_profiling(0).is_err());

@@ -205,8 +205,14 @@ mod tests {
         // Metal's f32-only list: shapes shown, the kernel says why not.
         report.cooperative_matrix = vec![shape(8, F32, F32)];
         let text = format_report(0, &report);
-        assert!(text.contains("cooperative matrices: 8x8x8 f32->f32"), "{text}");
-        assert!(text.contains("no (lacks a 16x16x16 or 8x8x8 f16->f32 shape"), "{text}");
+        assert!(
+            text.contains("cooperative matrices: 8x8x8 f32->f32"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no (lacks a 16x16x16 or 8x8x8 f16->f32 shape"),
+            "{text}"
+        );
     }
 
     #[test]

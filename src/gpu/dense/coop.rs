@@ -55,15 +55,16 @@ impl CoopPipelines {
             ctx.limits.max_compute_workgroup_storage_size,
         )?;
         let tiles = (s.seq as u32).div_ceil(spec.bq);
-        let total = (s.batch_heads() as u32)
-            .checked_mul(tiles)
-            .ok_or_else(|| FmaError::LimitExceeded {
-                what: "one dispatch".into(),
-                requested: s.batch_heads() as u64 * tiles as u64,
-                max: u32::MAX as u64,
-                unit: "workgroups",
-                advice: "process fewer heads per call, or shorter sequences".into(),
-            })?;
+        let total =
+            (s.batch_heads() as u32)
+                .checked_mul(tiles)
+                .ok_or_else(|| FmaError::LimitExceeded {
+                    what: "one dispatch".into(),
+                    requested: s.batch_heads() as u64 * tiles as u64,
+                    max: u32::MAX as u64,
+                    unit: "workgroups",
+                    advice: "process fewer heads per call, or shorter sequences".into(),
+                })?;
         let grid = fold(total, ctx.limits.max_compute_workgroups_per_dimension)?;
         let params = Params {
             tiles_per_block: tiles,

@@ -231,7 +231,10 @@ pub fn format_table(times: &[PassTime], dropped: u32) -> String {
         total * 1e-6
     );
     if dropped > 0 {
-        let _ = writeln!(s, "  ({dropped} more dispatches not timed: the profiler was full)");
+        let _ = writeln!(
+            s,
+            "  ({dropped} more dispatches not timed: the profiler was full)"
+        );
     }
     s
 }
@@ -255,7 +258,10 @@ mod tests {
         assert_eq!(lines.len(), 5, "{text}");
         let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         assert_eq!(cols(lines[1]), ["downsample", "0", "2", "2.000", "40.0%"]);
-        assert_eq!(cols(lines[2]), ["fine_attention", "-", "1", "3.000", "60.0%"]);
+        assert_eq!(
+            cols(lines[2]),
+            ["fine_attention", "-", "1", "3.000", "60.0%"]
+        );
         assert_eq!(cols(lines[3]), ["total", "3", "5.000"]);
         assert!(lines[4].contains("2 more dispatches not timed"), "{text}");
         assert_eq!(format_table(&[], 0).lines().count(), 2);
