@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::coop::{CoopMode, CoopOffer, CoopShape};
 use crate::gpu::engine::pipelines::Kernels;
-use crate::gpu::engine::profile::{PassTime, Profiler};
+use crate::gpu::engine::profile::Profiler;
 
 /// How to pick limits when the library creates the device itself.
 #[derive(Clone, Copy, Debug, Default)]
@@ -231,7 +231,7 @@ impl GpuContext {
     /// [`GpuContext::start_profiling`], in recording order, and how many dispatches were
     /// recorded past its capacity (untimed). Call after the timed work has been submitted.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn take_profile(&self) -> Result<(Vec<PassTime>, u32)> {
+    pub fn take_profile(&self) -> Result<(Vec<crate::gpu::engine::profile::PassTime>, u32)> {
         self.profiler.take(&self.device, &self.queue)
     }
 
