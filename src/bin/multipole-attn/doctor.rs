@@ -7,8 +7,8 @@ use crate::args::DoctorArgs;
 use crate::error::{CliError, CliResult};
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::conformance::report::{AdapterReport, Report};
-use multipole_attn::conformance::{suite, ATOL, RTOL};
-use multipole_attn::gpu::{adapter_support, all_adapters, ContextOptions, GpuContext};
+use multipole_attn::conformance::{suite, ATOL, COOP_TOL, RTOL};
+use multipole_attn::gpu::{adapter_support, all_adapters, ContextOptions, CoopMode, GpuContext};
 
 /// Runs the suite on each adapter (optionally only some backends) and prints a table per
 /// adapter, or the JSON report; fails if any adapter fails any case or no adapter is found.
@@ -46,6 +46,11 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
     };
     let cases = suite().len();
     say(format!("conformance suite: {cases} cases per adapter, bound |gpu - f64 reference| <= {ATOL:e} + {RTOL:e} |ref|\n"));
+    if a.cooperative_matrix {
+        say(format!(
+            "dense cases on cooperative matrices where the adapter offers them (f16 inputs): bound {COOP_TOL:e} + {COOP_TOL:e} |ref|\n"
+        ));
+    }
     let mut reports = Vec::new();
     for adapter in adapters {
         let info = adapter.get_info();
@@ -61,10 +66,15 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
             continue;
         }
         let start = Instant::now();
-        let ctx = match pollster::block_on(GpuContext::from_adapter(
-            &adapter,
-            ContextOptions::default(),
-        )) {
+        let options = ContextOptions {
+            cooperative_matrix: if a.cooperative_matrix {
+                CoopMode::IfOffered
+            } else {
+                CoopMode::Off
+            },
+            ..Default::default()
+        };
+        let ctx = match pollster::block_on(GpuContext::from_adapter(&adapter, options)) {
             Ok(ctx) => ctx,
             Err(e) => {
                 say(format!("   could not create a device: {e}\n"));
