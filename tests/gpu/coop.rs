@@ -83,3 +83,69 @@ fn cooperative_matrices_are_used_only_where_offered() {
         assert_eq!(empty(&l0), empty(&l1));
     }
 }
+
+/// The kernel's logic (tiles, strides, row- and column-major loads, causal and cross masks,
+/// grouped heads, the online softmax with O in workgroup memory) on lavapipe: every
+/// cooperative operation emulated in scalar WGSL (`GpuContext::emulating_cooperative_matrix`),
+/// against the f64 reference within the f16 bound. Small shapes: the emulation computes each
+/// matrix in every invocation, and llvmpipe stops an invocation's loops after 65535
+/// iterations (with d = 20 and two key tiles of 16 x 16 matrices it did, and returned zeros).
+#[test]
+fn the_cooperative_kernel_emulated_matches_the_reference() {
+    use multipole_attn::conformance::COOP_TOL;
+    use multipole_attn::cpu::widen;
+    use multipole_attn::Method;
+    let Some(_) = gpu() else { return };
+    // 16 x 16 matrices: one row of matrices per head and at most two key tiles (each emulated
+    // multiply-add is 4096 loop iterations of every invocation).
+    let cases = [
+        (8, Shape::new(1, 2, 37, 16), false),
+        (8, Shape::new(2, 2, 29, 12).with_kv_heads(1), true),
+        (8, Shape::cross(1, 1, 40, 19, 8), true),
+        (8, Shape::cross(1, 1, 9, 23, 20), false),
+        (16, Shape::new(1, 2, 20, 16), true),
+        (16, Shape::cross(1, 1, 9, 23, 8), false),
+    ];
+    for size in [8, 16] {
+        let ctx = GpuContext::new()
+            .unwrap()
+            .emulating_cooperative_matrix(size);
+        for (shape, causal) in cases
+            .iter()
+            .filter(|c| c.0 == size)
+            .map(|&(_, s, c)| (s, c))
+        {
+            let q = normal_tensor(7, shape.elements());
+            let k = normal_tensor(8, shape.kv_elements());
+            let v = normal_tensor(9, shape.kv_elements());
+            let p = Problem::new(shape).causal(causal);
+            let got = Attention::dense(&ctx)
+                .unwrap()
+                .forward(&p, Host::new(&q, &k, &v))
+                .unwrap();
+            let want = multipole_attn::cpu::forward(
+                &Method::Dense,
+                &p,
+                &widen(&q),
+                &widen(&k),
+                &widen(&v),
+            )
+            .unwrap();
+            let lse = got.lse.unwrap();
+            let what = format!("cm {size} {shape} causal {causal}");
+            let mut worst = 0.0f64;
+            for (g, w) in got.o.iter().zip(&want.o).chain(lse.iter().zip(&want.lse)) {
+                if w.is_infinite() {
+                    assert_eq!(*g as f64, *w, "{what}: a row with no key");
+                    continue;
+                }
+                let e = (*g as f64 - w).abs();
+                assert!(e <= COOP_TOL * (1.0 + w.abs()), "{what}: {g} vs {w}");
+                worst = worst.max(e);
+            }
+            // f16 rounding shows: the emulation is not the plain f32 kernel.
+            assert!(worst > 1e-6, "{what}: error {worst:e}, no f16 rounding?");
+            eprintln!("{what}: worst error {worst:.2e}");
+        }
+    }
+}

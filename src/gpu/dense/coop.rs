@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::context::GpuContext;
-use crate::gpu::engine::coop::{compose_dense_coop, CoopSpec};
+use crate::gpu::engine::coop::{
+    compose_dense_coop, compose_dense_coop_emulated, emulation_spec, CoopSpec,
+};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
@@ -49,11 +51,15 @@ impl CoopPipelines {
             return Ok(None);
         }
         let s = plan.shape;
-        let spec = CoopSpec::choose(
-            shape,
-            s.head_dim,
-            ctx.limits.max_compute_workgroup_storage_size,
-        )?;
+        let spec = if ctx.coop_emulated {
+            emulation_spec(shape, s.head_dim)
+        } else {
+            CoopSpec::choose(
+                shape,
+                s.head_dim,
+                ctx.limits.max_compute_workgroup_storage_size,
+            )?
+        };
         let tiles = (s.seq as u32).div_ceil(spec.bq);
         let total =
             (s.batch_heads() as u32)
@@ -91,7 +97,13 @@ impl CoopPipelines {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("dense coop"),
-            source: wgpu::ShaderSource::Wgsl(compose_dense_coop(spec).into()),
+            source: wgpu::ShaderSource::Wgsl(
+                match ctx.coop_emulated {
+                    true => compose_dense_coop_emulated(spec),
+                    false => compose_dense_coop(spec),
+                }
+                .into(),
+            ),
         });
         // The plain dense pass's group 0: the same bindings (the table at 10 unused).
         let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {

@@ -49,6 +49,9 @@ pub struct GpuContext {
     pub(crate) kernels: Arc<Kernels>,
     /// The cooperative-matrix shape the dense forward runs on (`None`: the plain kernels).
     coop: Option<CoopShape>,
+    /// Tests only: the cooperative-matrix kernel is the scalar emulation
+    /// (`coop::compose_dense_coop_emulated`).
+    pub(crate) coop_emulated: bool,
     /// The per-pass profiler, shared with every clone (`profile.rs`; off by default).
     pub(crate) profiler: Arc<Profiler>,
 }
@@ -134,6 +137,17 @@ impl GpuContext {
         Ok(ctx)
     }
 
+    /// This context with dense attention on the cooperative-matrix kernel emulated in scalar
+    /// WGSL (`coop::compose_dense_coop_emulated`; matrices of `size` = 8 or 16, workgroups of
+    /// 8): the kernel's logic checked on an adapter without cooperative matrices. Tests only:
+    /// the emulation computes every matrix in every invocation.
+    #[doc(hidden)]
+    pub fn emulating_cooperative_matrix(mut self, size: u32) -> Self {
+        self.coop = Some(CoopShape { size, subgroup: 8 });
+        self.coop_emulated = true;
+        self
+    }
+
     /// The cooperative-matrix shape dense attention runs on, when
     /// [`ContextOptions::cooperative_matrix`] asked for one and the adapter offers it (`None`
     /// on a caller's own device: wgpu lists the shapes on the adapter only).
@@ -212,6 +226,7 @@ impl GpuContext {
             limits,
             lost,
             coop: None,
+            coop_emulated: false,
             profiler: Arc::new(Profiler::default()),
         }
     }

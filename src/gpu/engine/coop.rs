@@ -251,6 +251,133 @@ pub fn compose_dense_coop(spec: CoopSpec) -> String {
     out
 }
 
+/// Tiles for [`compose_dense_coop_emulated`]: the smallest (BQ = 2 CM, BK = CM), so that an
+/// invocation's emulated multiply-adds stay under llvmpipe's loop limit on small problems.
+pub fn emulation_spec(shape: CoopShape, head_dim: usize) -> CoopSpec {
+    let cm = shape.size;
+    CoopSpec {
+        cm,
+        bq: 2 * cm,
+        bk: cm,
+        dp: (head_dim.max(1) as u32).div_ceil(cm) * cm,
+        wg: shape.subgroup,
+    }
+}
+
+/// The workgroup arrays of `dense_coop.wgsl` that cooperative operations read or write.
+const COOP_ARRAYS: [&str; 6] = ["qs", "ks", "vs", "ss", "ps", "os"];
+
+/// [`compose_dense_coop`] with every cooperative-matrix operation emulated by scalar WGSL, so
+/// the kernel's logic (tiling, strides, row/column-major, masks, the online softmax) runs on
+/// an adapter without cooperative matrices (lavapipe, the CI's): tests only
+/// (`GpuContext::emulating_cooperative_matrix`). f16 values are f32s rounded to f16's
+/// precision by bit operations, so neither feature is needed. Each invocation computes every
+/// matrix in full (redundantly) and only invocation 0 stores one: llvmpipe runs a workgroup's
+/// lanes in batches between barriers, so a later batch may load an output tile invocation 0
+/// already updated, but its result is never stored, and invocation 0 loaded before it stored.
+pub fn compose_dense_coop_emulated(spec: CoopSpec) -> String {
+    let text = compose_dense_coop(spec);
+    let mut out = String::from(
+        "struct EmuMat { e: array<f32, CM * CM> }\nalias MatA = EmuMat;\nalias MatB = EmuMat;\n\
+         alias MatC = EmuMat;\nvar<private> emu_lane: u32;\n",
+    );
+    for line in text.lines() {
+        if line.starts_with("enable ") || line.starts_with("alias Mat") {
+            continue;
+        }
+        let line = line
+            .replace("array<f16, ", "array<f32, ")
+            .replace("f16(", "emu_f16(")
+            .replace("coopMultiplyAdd(", "emu_mad(");
+        let line = emulate_call(&line);
+        out.push_str(&line);
+        out.push('\n');
+        if line.trim_start().starts_with("fn main(") {
+            out.push_str("    emu_lane = lid;\n");
+        }
+    }
+    out.push_str(EMULATION);
+    for name in COOP_ARRAYS {
+        out.push_str(&EMULATED_ACCESS.replace("NAME", name));
+    }
+    out
+}
+
+/// `line` with a cooperative load `coopLoad[T]<M>(&NAME[i], s)` written as
+/// `emu_load_NAME(row_major, i, s)` and a store `coopStoreT(m, &NAME[i], s)` as
+/// `emu_store_NAME(m, i, s)` (the shader's indices hold no brackets).
+fn emulate_call(line: &str) -> String {
+    let (head, row_major, rest) = if let Some(at) = line.find("coopLoadT<") {
+        (&line[..at], Some(true), &line[at..])
+    } else if let Some(at) = line.find("coopLoad<") {
+        (&line[..at], Some(false), &line[at..])
+    } else if let Some(at) = line.find("coopStoreT(") {
+        (&line[..at], None, &line[at + "coopStoreT(".len()..])
+    } else {
+        return line.to_string();
+    };
+    let amp = rest.find('&').expect("a cooperative call takes a pointer");
+    let open = rest.find('[').expect("a pointer to an array element");
+    let close = rest.find(']').expect("a closing bracket");
+    let name = &rest[amp + 1..open];
+    let index = &rest[open + 1..close];
+    let tail = &rest[close + 1..];
+    match row_major {
+        Some(r) => format!("{head}emu_load_{name}({r}, {index}{tail}"),
+        None => {
+            let matrix = rest[..amp].trim_end().trim_end_matches(',');
+            format!("{head}emu_store_{name}({matrix}, {index}{tail}")
+        }
+    }
+}
+
+/// The scalar stand-ins of the emulated kernel: f16 rounding and C + A B.
+const EMULATION: &str = "
+// x rounded to f16's 11 significant bits, to nearest even (f16's range is not emulated: no
+// subnormals, no overflow; unpack2x16float would need SHADER_F16_IN_F32).
+fn emu_f16(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    let lsb = (b >> 13u) & 1u;
+    return bitcast<f32>((b + 0xfffu + lsb) & 0xffffe000u);
+}
+fn emu_mad(a: EmuMat, b: EmuMat, c: EmuMat) -> EmuMat {
+    var r = c;
+    for (var i = 0u; i < CM; i++) {
+        for (var j = 0u; j < CM; j++) {
+            var s = r.e[i * CM + j];
+            for (var k = 0u; k < CM; k++) {
+                s += a.e[i * CM + k] * b.e[k * CM + j];
+            }
+            r.e[i * CM + j] = s;
+        }
+    }
+    return r;
+}
+";
+
+/// The emulated load (row- or column-major) and row-major store of one workgroup array NAME;
+/// element (r, c) of a matrix is `e[r * CM + c]`.
+const EMULATED_ACCESS: &str = "
+fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuMat {
+    var m: EmuMat;
+    for (var r = 0u; r < CM; r++) {
+        for (var c = 0u; c < CM; c++) {
+            m.e[r * CM + c] = NAME[select(at + c * stride + r, at + r * stride + c, row_major)];
+        }
+    }
+    return m;
+}
+fn emu_store_NAME(m: EmuMat, at: u32, stride: u32) {
+    if (emu_lane == 0u) {
+        for (var r = 0u; r < CM; r++) {
+            for (var c = 0u; c < CM; c++) {
+                NAME[at + r * stride + c] = m.e[r * CM + c];
+            }
+        }
+    }
+}
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +459,34 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e:?}"));
         assert!(words.len() > 100);
+    }
+
+    #[test]
+    fn the_emulated_kernel_validates_without_any_capability() {
+        for size in [8, 16] {
+            let shape = CoopShape { size, subgroup: 8 };
+            for d in [1, 16, 40] {
+                let src = compose_dense_coop_emulated(emulation_spec(shape, d));
+                for op in [
+                    "coopLoad",
+                    "coopStore",
+                    "coopMultiplyAdd",
+                    "coop_mat",
+                    "f16>",
+                ] {
+                    assert!(!src.contains(op), "{op} left:\n{src}");
+                }
+                assert!(src.contains("emu_load_ks(false, ") && src.contains("emu_store_os(o, "));
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+                naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::empty(),
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+            }
+        }
     }
 
     #[test]
