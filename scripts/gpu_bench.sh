@@ -38,7 +38,7 @@ echo "== info, doctor"
 "$BIN" info > "$OUT/info.txt" 2>&1 || true
 # doctor exits 1 when a case fails: the report says which, the sweeps still run.
 "$BIN" doctor --json > "$OUT/doctor.json" 2> "$OUT/doctor.stderr" || echo "doctor: some case failed (see $OUT/doctor.json)"
-# Dense attention on tensor cores (opt-in until this passes; docs/perf.md, change 21).
+# Dense attention on tensor cores (opt-in until this passes; docs/perf.md, change 22).
 "$BIN" doctor --cooperative-matrix --json > "$OUT/doctor-coop.json" 2> "$OUT/doctor-coop.stderr" \
   || echo "doctor --cooperative-matrix: some case failed (see $OUT/doctor-coop.json)"
 echo "== forward sweep (FMA fine and coarse, dense; $HEADS heads, n = $ns)"

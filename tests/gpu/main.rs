@@ -13,6 +13,8 @@ mod coarse_backward;
 mod concurrency;
 mod coop;
 mod decode;
+mod decode_variants;
+mod dense_backward_split;
 mod dense_keys;
 mod depth_counts;
 mod errors;

@@ -41,7 +41,7 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
     }
     let say = |line: String| {
         if !a.json {
-            println!("{line}");
+            outln!("{line}");
         }
     };
     let cases = suite().len();
@@ -98,9 +98,11 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
                 // Above the bar, which redraws below it; suspend rather than bar.println, which
                 // prints nothing when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {
-                    println!(
+                    outln!(
                         "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
-                        r.name, r.max_err, r.seconds
+                        r.name,
+                        r.max_err,
+                        r.seconds
                     )
                 });
             }
@@ -115,7 +117,7 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
     }
     let report = Report::new(reports);
     if a.json {
-        println!("{}", report.to_json());
+        outln!("{}", report.to_json());
     } else {
         print_table(&report);
     }
@@ -143,22 +145,38 @@ fn progress_bar(cases: usize, adapter: &str) -> ProgressBar {
 
 /// The summary table: one row per adapter.
 fn print_table(report: &Report) {
-    println!(
+    outln!(
         "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10} {:>8}",
-        "adapter", "backend", "driver", "kernels", "passed", "failed", "worst err", "time"
+        "adapter",
+        "backend",
+        "driver",
+        "kernels",
+        "passed",
+        "failed",
+        "worst err",
+        "time"
     );
     for r in &report.adapters {
         let driver: String = r.driver.chars().take(40).collect();
         if let Some(why) = &r.unsupported {
-            println!(
+            outln!(
                 "{:<36} {:<8} {:<40} not tested: cannot run compute passes ({why})",
-                r.adapter, r.backend, driver
+                r.adapter,
+                r.backend,
+                driver
             );
             continue;
         }
-        println!(
+        outln!(
             "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10.2e} {:>7.1}s",
-            r.adapter, r.backend, driver, r.kernels, r.passed, r.failed, r.worst_error, r.seconds
+            r.adapter,
+            r.backend,
+            driver,
+            r.kernels,
+            r.passed,
+            r.failed,
+            r.worst_error,
+            r.seconds
         );
     }
 }

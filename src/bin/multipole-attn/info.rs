@@ -16,7 +16,7 @@ pub fn info() -> CliResult<()> {
         .enumerate()
         .map(|(i, r)| format_report(i, r))
         .collect();
-    print!("{}", blocks.join("\n"));
+    out!("{}", blocks.join("\n"));
     Ok(())
 }
 

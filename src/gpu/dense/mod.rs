@@ -1,8 +1,10 @@
 //! The executor of exact dense attention (the baseline every speed figure is compared with):
 //! one dispatch of a [`DensePlan`], or a head over one storage binding in (query chunk, key
-//! chunk) pairs (`split.rs`); its backward (`backward.rs`).
+//! chunk) pairs (`split.rs`); its backward (`backward.rs`; host tensors over one binding in runs
+//! of heads, `backward_runs.rs`).
 
 mod backward;
+mod backward_runs;
 mod coop;
 mod split;
 mod varlen;
