@@ -155,7 +155,8 @@ pub fn required_error(adapter: &str, why: String) -> FmaError {
     }
 }
 
-/// The features a device needs for `shape`'s kernels.
+/// The device features the cooperative-matrix kernels need (the shape aside): the matrices and
+/// f16 workgroup memory.
 pub fn features() -> wgpu::Features {
     wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16
 }
