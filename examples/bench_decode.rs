@@ -8,8 +8,11 @@
 //! cache (tensors already on the GPU, `Decoder::step` with `EncodeStep`, one submit per step, waited for); the
 //! median wall clock of `--reps` steps of each is reported per token (ms per step / C), with
 //! tokens per second (batch * C / step time) and the dense/FMA ratio. `record` is the host time
-//! of recording and submitting one FMA step (its overhead, not waited for). Writes CSV and an SVG
-//! plot (`--out`, default results/decode.csv and .svg).
+//! of recording and submitting one FMA step (its overhead, not waited for). Where the device
+//! has `TIMESTAMP_QUERY_INSIDE_ENCODERS`, each step is also timed by GPU timestamps written
+//! into its encoder before and after it (the GPU's own time for the step, without submit and
+//! wake-up latency), reported beside the wall clock ("gpu ms/t"; "-" without them). Writes CSV
+//! and an SVG plot (`--out`, default results/decode.csv and .svg).
 
 use std::time::Instant;
 
@@ -69,6 +72,71 @@ struct Row {
     fma_ms: f64,
     dense_ms: f64,
     record_ms: f64,
+    /// Median GPU milliseconds per step by timestamps (FMA, dense), where the device has them.
+    gpu_ms: Option<(f64, f64)>,
+}
+
+/// GPU timestamps around one step in its own encoder: the step's time on the GPU (ns by the
+/// queue's timestamp period), read back after the wall clock has stopped.
+struct Timer {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    period_ns: f64,
+}
+
+impl Timer {
+    /// A timer where the device offers timestamps inside encoders, else `None`.
+    fn new(ctx: &GpuContext) -> Option<Self> {
+        if !ctx.encoder_timestamps() {
+            return None;
+        }
+        let buffer = |usage| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bench_decode timestamps"),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Some(Self {
+            queries: ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("bench_decode timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolve: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            period_ns: f64::from(ctx.queue.get_timestamp_period()),
+        })
+    }
+
+    /// Before the step's commands.
+    fn begin(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.write_timestamp(&self.queries, 0);
+    }
+
+    /// After them: the two timestamps resolved into the readback buffer.
+    fn end(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.write_timestamp(&self.queries, 1);
+        enc.resolve_query_set(&self.queries, 0..2, &self.resolve, 0);
+        enc.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, 16);
+    }
+
+    /// Milliseconds between the two timestamps (after the submit was waited for).
+    fn read_ms(&self, ctx: &GpuContext) -> Result<f64, Box<dyn std::error::Error>> {
+        self.readback
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, |_| {});
+        ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
+        let ticks: [u64; 2] = {
+            let view = self.readback.slice(..).get_mapped_range()?;
+            let t: &[u64] = bytemuck::cast_slice(&view);
+            [t[0], t[1]]
+        };
+        self.readback.unmap();
+        Ok(ticks[1].wrapping_sub(ticks[0]) as f64 * self.period_ns * 1e-6)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -91,10 +159,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let ctx = GpuContext::new()?;
     println!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
+    let timer = Timer::new(&ctx);
+    println!(
+        "GPU time per step: {}",
+        if timer.is_some() {
+            "timestamps around each step (gpu ms/t columns)"
+        } else {
+            "no TIMESTAMP_QUERY_INSIDE_ENCODERS on this device: wall clock only"
+        }
+    );
     let d = args.head_dim;
     let mut rows = Vec::new();
     println!(
-        "{:>5} {:>3} {:>8} | {:>10} {:>10} {:>8} | {:>10} {:>10} | {:>9}",
+        "{:>5} {:>3} {:>8} | {:>10} {:>10} {:>8} | {:>10} {:>10} | {:>9} | {:>10} {:>10}",
         "batch",
         "C",
         "context",
@@ -103,7 +180,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dense/F",
         "FMA tok/s",
         "dense tok/s",
-        "record ms"
+        "record ms",
+        "FMA gpu ms/t",
+        "dense gpu ms/t"
     );
     for &batch in &args.batch {
         for &chunk in &args.chunk {
@@ -149,27 +228,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let mut fma = Vec::new();
                 let mut dense = Vec::new();
                 let mut record = Vec::new();
+                let (mut fma_gpu, mut dense_gpu) = (Vec::new(), Vec::new());
                 for rep in 0..=args.reps {
                     for mode in [DecodeMode::Fma, DecodeMode::Dense] {
                         let start = Instant::now();
                         let mut enc = ctx.device.create_command_encoder(&Default::default());
+                        if let Some(tm) = &timer {
+                            tm.begin(&mut enc);
+                        }
                         let io = EncodeStep {
                             encoder: &mut enc,
                             tensors: t,
                             tokens: chunk,
                         };
                         dec.step(mode, io)?;
+                        if let Some(tm) = &timer {
+                            tm.end(&mut enc);
+                        }
                         ctx.queue.submit([enc.finish()]);
                         let recorded = start.elapsed().as_secs_f64() * 1e3;
                         ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
                         let ms = start.elapsed().as_secs_f64() * 1e3;
+                        // Read after the wall clock stopped: the readback is not the step's.
+                        let gpu_ms = timer.as_ref().map(|tm| tm.read_ms(&ctx)).transpose()?;
                         if rep > 0 {
                             match mode {
                                 DecodeMode::Fma => {
                                     fma.push(ms);
                                     record.push(recorded);
+                                    fma_gpu.extend(gpu_ms);
                                 }
-                                DecodeMode::Dense => dense.push(ms),
+                                DecodeMode::Dense => {
+                                    dense.push(ms);
+                                    dense_gpu.extend(gpu_ms);
+                                }
                             }
                         }
                     }
@@ -181,11 +273,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     fma_ms: median(fma),
                     dense_ms: median(dense),
                     record_ms: median(record),
+                    gpu_ms: timer.as_ref().map(|_| (median(fma_gpu), median(dense_gpu))),
                 };
                 let per_tok = |ms: f64| ms / chunk as f64;
                 let tps = |ms: f64| (batch * chunk) as f64 / (ms / 1e3);
+                let gpu = |pick: fn((f64, f64)) -> f64| {
+                    row.gpu_ms
+                        .map_or("-".to_string(), |g| format!("{:.3}", per_tok(pick(g))))
+                };
                 println!(
-                    "{:>5} {:>3} {:>8} | {:>10.3} {:>10.3} {:>8.1} | {:>10.1} {:>10.1} | {:>9.3}",
+                    "{:>5} {:>3} {:>8} | {:>10.3} {:>10.3} {:>8.1} | {:>10.1} {:>10.1} | {:>9.3} | {:>12} {:>14}",
                     batch,
                     chunk,
                     n,
@@ -194,7 +291,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     row.dense_ms / row.fma_ms,
                     tps(row.fma_ms),
                     tps(row.dense_ms),
-                    row.record_ms
+                    row.record_ms,
+                    gpu(|g| g.0),
+                    gpu(|g| g.1)
                 );
                 rows.push(row);
             }
@@ -211,6 +310,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fma_ms_per_step",
         "dense_ms_per_step",
         "record_ms",
+        "fma_gpu_ms_per_step",
+        "dense_gpu_ms_per_step",
     ])?;
     for r in &rows {
         w.write_record(&[
@@ -220,6 +321,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!("{:.4}", r.fma_ms),
             format!("{:.4}", r.dense_ms),
             format!("{:.4}", r.record_ms),
+            r.gpu_ms.map_or(String::new(), |g| format!("{:.4}", g.0)),
+            r.gpu_ms.map_or(String::new(), |g| format!("{:.4}", g.1)),
         ])?;
     }
     w.flush()?;

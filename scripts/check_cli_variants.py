@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Cross-check the softmax variants of the `multipole-attn` CLI (issue 30: --softcap,
 --sinks, --window) against float64 numpy: dense and FMA (fine queries), each variant alone and
-combined, causal and not, grouped-query heads; `grad`'s dq, dk, dv and dsinks against central
-finite differences of the float64 forward.
+combined, causal and not, grouped-query heads; `decode` (prefill, then steps through the
+decoding cache) with the same flags, against `run --causal` and the float64 reference; `grad`'s
+dq, dk, dv and dsinks against central finite differences of the float64 forward.
 
 Usage:
     python3 scripts/check_cli_variants.py [BIN]   (default target/release/multipole-attn)
@@ -16,7 +17,7 @@ exp(S_h) to every row's denominator and nothing to its numerator; the LSE includ
 a window is exact windowed attention (its near field, no coarse level): the dense definition.
 
 Error: max|cli - ref| / max(1, max|ref|) over O and the LSE. Tolerance 2e-5 on the GPU (f32),
-1e-9 with --reference. Gradients: |cli - fd| / max(1, max|fd|) <= 2e-4 (the backward's f32
+1e-9 with --reference; decode against `run --causal` (the same path) likewise. Gradients: |cli - fd| / max(1, max|fd|) <= 2e-4 (the backward's f32
 tolerance; the f64 central differences are exact to ~1e-8 at step 1e-5), on a few sampled
 entries per tensor, and dsinks whole.
 """
@@ -171,6 +172,57 @@ def main():
                         got = (np.load(out).astype(np.float64), np.load(lse).astype(np.float64))
                         e = err(got, want)
                         report(label, e <= TOL[path], f"error {e:.2e}, tol {TOL[path]:.0e}")
+
+        # decode: the prefill's rows, then steps of 3 tokens through the cache (a window's ring
+        # wraps many times), equal to `run --causal` with the same flags and to float64.
+        win = (13, 0)
+        for name, cap, snk, w in [
+            ("softcap", 1.5, None, None),
+            ("sinks", None, sinks, None),
+            ("window", None, None, win),
+            ("sinks+window", None, sinks, win),
+            ("softcap+window", 2.0, None, win),
+            ("softcap+sinks", 2.5, sinks, None),
+            ("softcap+sinks+window", 3.0, sinks, win),
+        ]:
+            s32 = None if snk is None else snk.astype(np.float32).astype(np.float64)
+            for method in ("dense", "fma"):
+                if method == "dense":
+                    want = dense(q64, k64, v64, True, cap, s32, w)
+                    mflags = ["--dense"]
+                else:
+                    want = fma(q64, k64, v64, True, m, p, cap, s32, w)
+                    mflags = ["--block", str(m), "--rank", str(p)]
+                for path in ("gpu", "reference"):
+                    got = {}
+                    for cmd in ("run", "decode"):
+                        out, lse = tmp / f"{cmd}_o.npy", tmp / f"{cmd}_lse.npy"
+                        for f in (out, lse):
+                            f.unlink(missing_ok=True)
+                        args = [cmd, "--q", qp, "--k", kp, "--v", vp, "--out", str(out),
+                                "--lse", str(lse)] + mflags + flags_of(False, cap, snk, w)
+                        args += ["--causal"] if cmd == "run" else ["--prefill", "30", "--chunk", "3"]
+                        args += ["--reference"] if path == "reference" else []
+                        rc, text = cli(args)
+                        if rc != 0:
+                            got = None
+                            report(f"decode {method} {name} [{path}]", False,
+                                   f"{cmd} rc={rc}: {text.splitlines()[-1:]}")
+                            break
+                        got[cmd] = (np.load(out).astype(np.float64), np.load(lse).astype(np.float64))
+                    if got is None:
+                        continue
+                    e_ref, e_run = err(got["decode"], want), err(got["decode"], got["run"])
+                    report(f"decode {method} {name} [{path}]",
+                           max(e_ref, e_run) <= TOL[path],
+                           f"error {e_ref:.2e} vs float64, {e_run:.2e} vs run --causal, "
+                           f"tol {TOL[path]:.0e}")
+        # FMA's window is its near field (L <= m), in decode as in run: exit 2; dense takes it.
+        for mflags, want_rc in ((["--block", str(m), "--rank", str(p)], 2), (["--dense"], 0)):
+            rc, text = cli(["decode", "--q", qp, "--k", kp, "--v", vp, "--out", str(tmp / "w.npy"),
+                            "--prefill", "5", "--window", f"{m + 1},0"] + mflags)
+            report(f"decode --window {m + 1},0 {' '.join(mflags)}", rc == want_rc,
+                   f"rc={rc} (want {want_rc}): {text.splitlines()[-1:] if rc else 'ok'}")
 
         # Gradients by central differences of the float64 forward: L = sum(dO * O).
         (b, h, hk, n, d) = (1, 2, 1, 23, 8)

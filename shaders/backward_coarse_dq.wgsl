@@ -62,6 +62,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         g_row[c4] = y;
         acc[c4] = vec4<f32>(0.0);
     }
+    // Its q~ and G rows, then k~ and v~ of each key (`//#rows`: the counting variant of the tests only, `shaders::compose_counting`).
+    //#rows(2u, 2u)
     let least = coarse_stats[2u * q_at];
     let h = coarse_stats[2u * q_at + 1u];
 
@@ -76,6 +78,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     continue;
                 }
                 let key = kv_head + (b * p + j) * d;
+                //#rows(2u, 2u)
                 var s4 = vec4<f32>(0.0);
                 var gv4 = vec4<f32>(0.0);
                 for (var c4 = 0u; c4 < D4; c4++) {

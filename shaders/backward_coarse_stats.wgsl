@@ -56,12 +56,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let out = coarse_row(pr.q_crow, sel.level, seq, row);
     var least = EMPTY_ROW;
     var sum = 0.0;
+    // `//#rows`: the counting variant of the tests only (`shaders::compose_counting`): a token's
+    // (or child row's) stats in the first loop, its dO (G) row in the second, the total once
+    // per row (unit 0).
     if (sel.level == 0u) {
         let count = row_count(n, win, p, cols, row);
         for (var t = 0u; t < count; t++) {
+            //#rows(1u, select(0u, 1u, unit == 0u))
             least = min(least, stats[2u * (pr.q_row + row_token(n, win, p, cols, row, t))]);
         }
         for (var t = 0u; t < count; t++) {
+            //#rows(1u, select(0u, 1u, unit == 0u))
             let tok = pr.q_row + row_token(n, win, p, cols, row, t);
             var x = stats[2u * tok + 1u];
             if (unit < d) {
@@ -75,6 +80,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         for (var h = 0u; h < CHILDREN; h++) {
             let child = row_child(n, win, p, cols, a, j, h);
             if (child.y > 0u) {
+                //#rows(1u, select(0u, 1u, unit == 0u))
                 let at = coarse_row(pr.q_crow, sel.level - 1u, seq, child.x);
                 least = min(least, coarse_stats[2u * at]);
             }
@@ -82,6 +88,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         for (var h = 0u; h < CHILDREN; h++) {
             let child = row_child(n, win, p, cols, a, j, h);
             if (child.y > 0u) {
+                //#rows(1u, select(0u, 1u, unit == 0u))
                 let at = coarse_row(pr.q_crow, sel.level - 1u, seq, child.x);
                 var x = coarse_stats[2u * at + 1u];
                 if (unit < d) {

@@ -174,6 +174,8 @@ fn out_at(o: Outs, r: u32) -> u32 {
 // (backward_queries.wgsl) stages consecutive rows. Call in uniform control flow.
 fn stage_query_tokens(pr: Problem, count: u32, lid: u32) {
     let d = params.d;
+    // Every invocation's outputs walk the staged q and dO rows; the workgroup reads each once.
+    //#rows(2u * count, select(0u, 2u * count, lid == 0u))
     for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;
@@ -244,6 +246,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return; // uniform (a constant)
     }
 
+    // The rows' k~ and v~ (`//#rows`: the counting variant of the tests only,
+    // `shaders::compose_counting`); then the readers, stage_query_tokens.
+    //#rows(2u * nrows, select(0u, 2u * nrows, lid == 0u))
     for (var idx = lid; idx < PR * D4; idx += WG) {
         let r = idx / D4;
         let c4 = idx % D4;

@@ -106,6 +106,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         dv_acc[c4] = vec4<f32>(0.0);
     }
 
+    // Its k and v rows (`//#rows`: the counting variant of the tests only,
+    // `shaders::compose_counting`). The queries: backward_queries.
+    //#rows(select(0u, 2u, in_tile), select(0u, 2u, in_tile))
+
     // Queries reading block b at level 0, run by run; causal (1D): from the tile's first key on
     // (a query before t0 sees none of these keys), and each key only queries i >= t.
     var first = select(0u, t, causal);

@@ -112,6 +112,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         do_row[c4] = g;
         dq_acc[c4] = vec4<f32>(0.0);
     }
+    // Its q and dO rows (`//#rows`: the counting variant of the tests only,
+    // `shaders::compose_counting`). The keys: key_tiles, coarse_tiles.
+    //#rows(select(0u, 2u, in_tile), select(0u, 2u, in_tile))
     row_lse = 0.0;
     row_delta = 0.0;
     if (in_tile) {

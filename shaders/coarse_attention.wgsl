@@ -85,6 +85,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         q_row[c4] = x * params.scale;
         acc[c4] = vec4<f32>(0.0);
     }
+    // Its coarse query row, then k~ and v~ of each key (`//#rows`: the counting variant of the tests only, `shaders::compose_counting`).
+    //#rows(1u, 1u)
     var run_max = ABSENT;
     var run_sum = 0.0;
     var seen = false; // any key (not run_sum > 0: a NaN sum must reach the output)
@@ -100,6 +102,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     continue;
                 }
                 let key = b * p + j;
+                //#rows(2u, 2u)
                 let kk = load_k(kv_head + key * d);
                 var dot4 = vec4<f32>(0.0);
                 for (var c4 = 0u; c4 < D4; c4++) {

@@ -2,7 +2,9 @@
 // for them, O(m + p L) keys each instead of i: the near field (blocks a0 - 1 and a0 up to
 // the query itself) from the ring, and every level's causal far list from the coarse slots.
 // One workgroup per (head row, query), keys in tiles of WG (decode_softmax.wgsl). The row
-// equals row i of the causal forward (fine_attention.wgsl) up to summation order.
+// equals row i of the causal forward (fine_attention.wgsl) up to summation order. With a
+// window (WINDOW: no coarse level, the ring holds the last L + C tokens) the keys are
+// i - L ..= i, exact windowed attention; softcap and sinks as decode_softmax.wgsl applies them.
 // CPU mirror: `cpu::decode::Decoder::attend`.
 
 #import decode_params
@@ -92,11 +94,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let i = lens[seq] + c;
     softmax_begin(lid, q4(query_at(bhq, c), min(lid, D4 - 1u)));
+    softmax_sink(lid, bhq);
     workgroupBarrier();
 
-    // Level 0: blocks a0 - 1 and a0, keys t <= i; then the coarse levels.
+    // Level 0: blocks a0 - 1 and a0, keys t <= i (a window: keys i - L ..= i); then the
+    // coarse levels (none with a window).
     let a0 = i / m;
-    let lo = select(0u, (a0 - 1u) * m, a0 > 0u);
+    var lo = select(0u, (a0 - 1u) * m, a0 > 0u);
+    if (WINDOW) {
+        lo = i - min(i, params.window_left);
+    }
     let near = i + 1u - lo;
     let total = near + far_total(i);
     let correct = params.count_correction != 0u;
@@ -110,7 +117,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             for (var c4 = 0u; c4 < D4; c4++) {
                 dot4 += q_shared[c4] * ring4(k_at, c4);
             }
-            s = dot4.x + dot4.y + dot4.z + dot4.w;
+            s = decode_logit(dot4.x + dot4.y + dot4.z + dot4.w);
             at = ring_at(local, 1u, lo + g);
         } else if (g < total) {
             let key = far_key(i, g - near);
@@ -121,7 +128,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
             // Complete windows: w_l / p tokens per coarse key.
             let bias = select(0.0, log(f32(params.level_info[key.x].window / params.p)), correct);
-            s = dot4.x + dot4.y + dot4.z + dot4.w + bias;
+            s = decode_logit(dot4.x + dot4.y + dot4.z + dot4.w) + bias;
             at = coarse_at(local, 1u, key.x, key.y, key.z) | COARSE_ROW;
         }
         tile_s[lid] = s;

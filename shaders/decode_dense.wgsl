@@ -3,7 +3,10 @@
 // query. This pass: one workgroup per (head row, query, segment of S keys of one history page
 // (page = the level selector's `level`)), writing the segment's partial softmax (its max, its
 // sum and its unnormalised weighted values); decode_merge combines them. Keys in tiles of WG
-// (decode_softmax.wgsl). CPU mirror: `cpu::dense_attention_rows` (causal, the query last).
+// (decode_softmax.wgsl). Softcap: each logit capped here; sinks: joined by the merge (a
+// segment's partial has none); a window never comes here (the windowed decode runs
+// decode_attention over the ring). CPU mirror: `cpu::dense_attention_rows` (causal, the
+// query last).
 
 #import decode_params
 #import level_select
@@ -77,7 +80,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             for (var c4 = 0u; c4 < D4; c4++) {
                 dot4 += q_shared[c4] * key4(base + g * d, c4);
             }
-            s = dot4.x + dot4.y + dot4.z + dot4.w;
+            s = decode_logit(dot4.x + dot4.y + dot4.z + dot4.w);
         }
         tile_s[lid] = s;
         tile_z[lid] = 1.0;

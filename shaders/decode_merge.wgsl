@@ -1,7 +1,8 @@
 // Exact dense decoding, second pass: one workgroup per (head row, query) combines the partial
 // softmaxes of its segments (decode_dense.wgsl) with the log-sum-exp rule (a segment is a
 // "key" whose logit is its max, whose value is its weighted sum and which adds its sum to Z),
-// in a fixed order, and writes O and the LSE. CPU mirror: the merge rule of algorithm.md §6.
+// in a fixed order, and writes O and the LSE. The row's sink (SINKS) joins here, once, as a
+// first partial of Z = 1 and no value. CPU mirror: the merge rule of algorithm.md §6.
 
 #import decode_params
 #import level_select
@@ -38,6 +39,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let i = lens[seq] + c;
     softmax_begin(lid, vec4<f32>(0.0));
+    softmax_sink(lid, bhq);
     let total = i / params.segment + 1u;
     let row0 = local_q * params.partial_stride + c * params.segments * (d + 2u);
     for (var t0 = 0u; t0 < total; t0 += WG) {

@@ -41,6 +41,9 @@ fn query_part(u: u32) {
     let n = pr.n;
     let g = (pr.q_row + t) * d;
     var gq = vec4<f32>(0.0);
+    // Its dQ row, then per level the dQ~ rows it went into (`//#rows`: the counting variant of
+    // the tests only, `shaders::compose_counting`; the total once per token: c0 = 0).
+    //#rows(1u, select(0u, 1u, c0 == 0u))
     for (var e = 0u; e < 4u; e++) {
         if (c0 + e < d) {
             gq[e] = dq[g + c0 + e];
@@ -52,6 +55,7 @@ fn query_part(u: u32) {
         let w = info.window;
         let row = row_of(n, w, p, cols, t);
         let rows = coarse_row(pr.q_crow, lvl, pr.s, (row / p) * p) * d;
+        //#rows(select(p, 1u, params.learned == 0u), select(0u, select(p, 1u, params.learned == 0u), c0 == 0u))
         let count = f32(row_count(n, w, p, cols, row));
         let tap = tap_of(n, w, cols, t);
         for (var e = 0u; e < 4u; e++) {
@@ -107,6 +111,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let g = (kpr.kv_row + t) * d;
     var gk = vec4<f32>(0.0);
     var gv = vec4<f32>(0.0);
+    // Its dK and dV rows, then per level the dK~ and dV~ rows it went into (`//#rows`, as in
+    // query_part).
+    //#rows(2u, select(0u, 2u, c0 == 0u))
     for (var e = 0u; e < 4u; e++) {
         if (c0 + e < d) {
             gk[e] = dk[g + c0 + e];
@@ -121,6 +128,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let row = row_of(n, w, p, cols, t);
         let a = row / p;
         let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, a * p) * d;
+        //#rows(select(2u * p, 2u, params.learned == 0u), select(0u, select(2u * p, 2u, params.learned == 0u), c0 == 0u))
         let j_t = row % p;
         let count = f32(row_count(n, w, p, cols, row));
         let tap = tap_of(n, w, cols, t);

@@ -57,6 +57,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let causal = params.causal != 0u;
 
     begin_row(head, i, in_tile);
+    // Its query row (`//#rows(serial, total)`: the counting variant of the tests only,
+    // `shaders::compose_counting`; elsewhere a comment). The keys: key_tiles, coarse_tiles.
+    //#rows(select(0u, 1u, in_tile), select(0u, 1u, in_tile))
     begin_sink(pr);
 
     // Level 0, the near field; causal: the tile's keys stop at its last query (the mask in

@@ -44,6 +44,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // that a NaN partial (a NaN key or value in its far field) is merged, and poisons the
     // token as in dense attention, rather than failing a comparison and vanishing.
     var present: array<bool, 32>;
+    // The near field's O row, then the partial o~ of each level that has one (`//#rows`: the counting variant of the tests only, `shaders::compose_counting`).
+    //#rows(1u, 1u)
     let lse0 = lse[g];
     var big = lse0;
     for (var lvl = 0u; lvl < params.num_levels; lvl++) {
@@ -59,6 +61,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             far += r.y - r.x;
         }
         present[lvl] = far > 0u;
+        //#rows(select(0u, 1u, present[lvl]), select(0u, 1u, present[lvl]))
         if (present[lvl]) {
             big = max(big, weight[lvl]);
         }

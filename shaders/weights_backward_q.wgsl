@@ -55,9 +55,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let a = at.z / p;
         let grad = dcoarse_q[coarse_row(pr.q_crow, sel.level, at.y, a * p + j) * d + c];
         if (bias) {
+            // dQ~ (`//#rows`: the counting variant of the tests only,
+            // `shaders::compose_counting`; the total once per (j, t): channel 0).
+            //#rows(1u, select(0u, 1u, c == 0u))
             sum += grad;
         } else {
             let token = tap_token(pr.n, w, cols, a, t);
+            // dQ~, then Q of a tap inside the sequence.
+            //#rows(select(1u, 2u, token != NO_TOKEN), select(0u, select(1u, 2u, token != NO_TOKEN), c == 0u))
             if (token != NO_TOKEN) {
                 sum += grad * q[(pr.q_row + token) * d + c];
             }

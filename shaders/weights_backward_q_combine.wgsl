@@ -38,6 +38,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = 0u; i < FAN_IN; i++) {
         let k = first + i * stride;
         if (k < chunks) {
+            // A partial (`//#rows`: the counting variant of the tests only,
+            // `shaders::compose_counting`), the total once per (j, t) (channel 0).
+            //#rows(1u, select(0u, 1u, g < p * kernel_len(info.window) || (g >= weights && g - weights < p)))
             sum += dcoarse_q[params.q_partials_at + g * chunks + k];
         }
     }

@@ -233,7 +233,8 @@ impl FmaConfig {
 /// (a ring: the near field of every query of a step), the last few complete windows of every
 /// coarse level (a ring per level: far lists only reach back three windows), and, with
 /// `history`, every key and value so far (in pages that each fit one storage binding) for the
-/// exact dense decode and for callers who want the whole cache.
+/// exact dense decode and for callers who want the whole cache. With a sliding window
+/// (`variants`) only the last L + `max_chunk` keys and values, whatever the length.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeConfig {
     /// Block size, rank, downsampling and count correction of the FMA.
@@ -251,8 +252,15 @@ pub struct DecodeConfig {
     pub max_len: usize,
     /// Most tokens one step appends per sequence (fixes the rings' sizes).
     pub max_chunk: usize,
-    /// Keep every key and value (needed by the dense decode).
+    /// Keep every key and value (needed by the dense decode; with a window nothing beyond
+    /// the window is kept, so this is ignored).
     pub history: bool,
+    /// Softmax variants (issue 30, docs/variants.md): softcap, sinks of shape (heads,), a
+    /// sliding window (L, 0). With a window the cache keeps only the last L + `max_chunk`
+    /// keys and values per sequence and head (a ring), no coarse level and no history, so its
+    /// memory does not depend on `max_len`; both decode modes then run exact windowed
+    /// attention over that ring.
+    pub variants: Variants,
 }
 
 impl DecodeConfig {
@@ -275,7 +283,15 @@ impl DecodeConfig {
             max_len,
             max_chunk: 64,
             history: true,
+            variants: Variants::default(),
         }
+    }
+
+    /// Decodes with the softmax variants `variants` (softcap, sinks (heads,), a window with
+    /// R = 0): see the field.
+    pub fn variants(mut self, variants: Variants) -> Self {
+        self.variants = variants;
+        self
     }
 
     /// `kv_heads` K/V heads per sequence (grouped-query attention; must divide `heads`): the
@@ -338,9 +354,24 @@ impl DecodeConfig {
                 allowed: format!("<= {} (positions are 32-bit on the GPU)", u32::MAX / 2),
             });
         }
+        // Decoding is causal: a window looks no further right than the query (R = 0). The
+        // variants are checked here rather than as FMA's: FMA's window rule (L <= m) binds
+        // the FMA mode only (`DecodeConfig::check_fma_window`), not the dense one.
+        self.variants.validate(self.heads, true)?;
         let mut fma = self.fma.clone();
         fma.causal = true;
         fma.queries = Queries::Fine;
+        fma.variants = Variants::default();
         fma.validate(self.head_dim, self.max_len)
+    }
+
+    /// What the FMA mode adds for a window: FMA runs it through its near field, as the
+    /// causal forward does, so L <= m for block m unless one block holds the whole sequence
+    /// (m >= max_len); a wider window is the forward's typed error (`InvalidConfig`,
+    /// "window"). The dense mode takes any L. Without a window: Ok.
+    pub fn check_fma_window(&self) -> Result<()> {
+        let mut fma = self.fma.clone();
+        fma.variants = self.variants.clone();
+        fma.validate_variants(self.max_len)
     }
 }

@@ -12,6 +12,8 @@ var<workgroup> tile_delta: array<f32, BK>;
 // count on keep stale data, which no consumer reads. Call in uniform control flow.
 fn stage_queries(q_row: u32, start: u32, count: u32, lid: u32) {
     let d = params.d;
+    // Every invocation walks the staged q and dO rows; the workgroup reads each once.
+    //#rows(2u * count, select(0u, 2u * count, lid == 0u))
     let head = q_row * d;
     // Only the rows the consumers read (i < count): a short tile costs what it holds.
     for (var idx = lid; idx < count * D4; idx += WG) {

@@ -47,6 +47,8 @@ fn far_key(pr: Problem, a0: u32, causal: bool, g: u32) -> vec2<u32> {
 // element; the far field is a few dozen rows, so the lost load coalescing costs little.
 fn stage_far_gathered(pr: Problem, a0: u32, causal: bool, g0: u32, count: u32, lid: u32) {
     let d = params.d;
+    // Every invocation walks the staged k~ and v~ rows; the workgroup reads each once.
+    //#rows(2u * count, select(0u, 2u * count, lid == 0u))
     for (var r = lid; r < count; r += WG) {
         let key = far_key(pr, a0, causal, g0 + r);
         let info = params.levels[key.x];

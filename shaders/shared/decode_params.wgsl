@@ -37,8 +37,13 @@ struct DecodeParams {
     partial_stride: u32,    // elements per head in the partials buffer: (chunk_max, segments, d + 2)
     in_row0: u32,           // the cache row of the first row of the bound K, V (Q: in_row0 * qgroup)
     qgroup: u32,            // query heads per K/V head (grouped-query attention; 1: multi-head)
+    softcap: f32,           // C of the softcap (docs/variants.md; read where SOFTCAP is on)
+    window_left: u32,       // L of the window: keys i - L ..= i (read where WINDOW is on)
     _pad2: u32,             // the array below starts at a 16-byte boundary (uniform layout)
+    _pad3: u32,
+    _pad4: u32,
     level_info: array<LevelInfo, 32>,
+    sinks: array<vec4<f32>, 32>, // sink logit of query head h (of a sequence) at [h / 4][h % 4]
 }
 
 @group(0) @binding(0) var<uniform> params: DecodeParams;

@@ -6,8 +6,12 @@
 // per invocation, no per-invocation array of the head dimension, which compilers tend to
 // keep in memory). Every invocation follows the same running maximum, so the rescaling is
 // uniform, and the final sums run in a fixed order: two runs give the same bits.
-// CPU mirror: `cpu::softmax_row` (the same softmax, another summation order).
-// Needs from the importer: consts WG, D4 (D4 <= WG); params.d, params.scale.
+// The softmax variants (docs/variants.md) are here too, each on where its pipeline constant
+// (SOFTCAP, SINKS, WINDOW: `plan::SoftmaxFlags`) is true, so a plain decoder folds them away.
+// CPU mirror: `cpu::variants::softmax_row_sink` (the same softmax with the sink, another
+// summation order).
+// Needs from the importer: consts WG, D4 (D4 <= WG); params.d, params.scale, params.softcap,
+// params.sinks, params.heads, params.qgroup.
 
 var<workgroup> q_shared: array<vec4<f32>, D4>;
 var<workgroup> tile_s: array<f32, WG>;     // the tile's logits (ABSENT: no key)
@@ -40,6 +44,34 @@ fn softmax_begin(lid: u32, q4: vec4<f32>) {
     run_max = ABSENT;
     acc = vec4<f32>(0.0);
     run_z = 0.0;
+}
+
+// The row's sink (SINKS): a key of logit S_h whose value is zero, so the row starts with
+// running maximum S_h and Z = 1 (counted once: lane 0 holds it, softmax_combine adds lanes).
+// `bhq` is the global query row (batch * heads + h); its head h picks the sink. Call after
+// softmax_begin.
+fn softmax_sink(lid: u32, bhq: u32) {
+    if (SINKS) {
+        let h = bhq % (params.heads * params.qgroup);
+        run_max = params.sinks[h / 4u][h % 4u];
+        run_z = select(0.0, 1.0, lid == 0u);
+    }
+}
+
+// tanh(x) from exp(-2|x|), which never overflows (the forward's `cap_tanh` of
+// shared/variants.wgsl, whose other functions read the forward's parameter block).
+fn decode_tanh(x: f32) -> f32 {
+    let t = exp(-2.0 * abs(x));
+    return sign(x) * (1.0 - t) / (1.0 + t);
+}
+
+// The logit of a raw score l = q . k / sqrt(d): C tanh(l / C) under the softcap (SOFTCAP). A
+// coarse key's count correction is added after, by the caller.
+fn decode_logit(score: f32) -> f32 {
+    if (SOFTCAP) {
+        return params.softcap * decode_tanh(score / params.softcap);
+    }
+    return score;
 }
 
 // After every invocation wrote tile_s[lid], tile_z[lid] (tile_at[lid]) and a barrier: the

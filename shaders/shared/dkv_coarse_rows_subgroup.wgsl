@@ -93,6 +93,9 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
     var kr: array<array<vec4<f32>, SG_ROW>, RB>;
     var vr: array<array<vec4<f32>, SG_ROW>, RB>;
     var sums: RowSums;
+    // The rows' k~ and v~, read by block 0's lanes once per walk (`//#rows`: the counting
+    // variant of the tests only, `shaders::compose_counting`).
+    //#rows(2u * wk.rn, select(0u, 2u * wk.rn, lane == 0u))
     for (var i = 0u; i < wk.rn; i++) {
         base[i] = walk_row_at(wk, i);
         bias[i] = coarse_key_bias(row_count(n, w, p, cols, wk.b * p + wk.row0 + i));
@@ -122,6 +125,7 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
                     }
                     let row = token_row(qpr, token);
                     let at = row * d;
+                    //#rows(2u, select(0u, 2u, lane == 0u))
                     // This lane's channels of the query's q and dO, loaded once for the rn
                     // rows (the pass's main cost: two thirds of it with one row at a time).
                     var qs: array<vec4<f32>, SG_ROW>;

@@ -14,6 +14,8 @@ var<workgroup> tile_bias: array<f32, BK>;
 // no consumer reads. Call in uniform control flow.
 fn stage_fine_tile(head: u32, start: u32, count: u32, lid: u32) {
     let d = params.d;
+    // Every invocation walks the staged K and V rows; the workgroup reads each once.
+    //#rows(2u * count, select(0u, 2u * count, lid == 0u))
     // Only the rows the consumers read (r < count): a short tile costs what it holds.
     for (var idx = lid; idx < count * D4; idx += WG) {
         let r = idx / D4;

@@ -3,7 +3,7 @@
 // tiles of BK rows staged in workgroup memory (`key_tiles.wgsl`) by the whole workgroup
 // (`near_field.wgsl` attends fine keys, `far_field.wgsl` coarse ones), so no score matrix ever
 // reaches device memory.
-// CPU mirror: `cpu::softmax_row`.
+// CPU mirror: `cpu::variants::softmax_row_sink`.
 // Needs from the importer: consts D4 (= ceil(d / 4)), BK, WG; params; problems; key_tiles;
 // bindings q, out, lse.
 

@@ -3,11 +3,16 @@
 //! of each level's current window), appended a token at a time, and the row of a new query
 //! from what the cache holds. Its rows equal the causal forward's (`fma_forward`) exactly: the
 //! same keys (from the same index maps), coarse rows summed in the same order, one softmax.
+//! The softmax variants of the configuration (docs/variants.md) as the forward applies them:
+//! capped logits, the query head's sink in the denominator, and a window i - L ..= i with no
+//! coarse level (then equal to windowed dense attention as well).
 
-use super::{count_bias, dot, softmax_row};
+use super::variants::{softmax_row_sink, RowRules};
+use super::{count_bias, dot};
 use crate::config::{Downsample, FmaConfig};
 use crate::geometry::Line;
 use crate::levels::window;
+use crate::variants::Variants;
 
 use super::gather::{seen_keys_in, SeenKey};
 
@@ -26,6 +31,9 @@ struct LevelCache {
 /// count correction, over `levels` coarse levels (those of the longest sequence decoded).
 pub struct Decoder {
     cfg: FmaConfig,
+    rules: RowRules,
+    /// The sink logit of the query head this cache answers for (`Decoder::head`).
+    sink: Option<f64>,
     d: usize,
     k: Vec<f64>,
     v: Vec<f64>,
@@ -33,11 +41,17 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// An empty cache of head dimension `d` keeping `levels` coarse levels.
+    /// An empty cache of head dimension `d` keeping `levels` coarse levels (none with a
+    /// window), with `cfg`'s variants; with sinks, the query head's is chosen by
+    /// [`Decoder::head`] (head 0 until then).
     pub fn new(cfg: &FmaConfig, d: usize, levels: usize) -> Self {
         let p = cfg.rank;
+        let rules = RowRules::new(&cfg.variants);
+        let levels = if rules.windowed() { 0 } else { levels };
         Self {
             cfg: cfg.clone().causal(true),
+            sink: rules.sink(0),
+            rules,
             d,
             k: Vec::new(),
             v: Vec::new(),
@@ -50,6 +64,25 @@ impl Decoder {
                 })
                 .collect(),
         }
+    }
+
+    /// Decodes with the softmax variants `v` in place of the configuration's (a window drops
+    /// the coarse levels); with sinks, head 0's until [`Decoder::head`]. Call before the
+    /// first token.
+    pub fn with_variants(mut self, v: &Variants) -> Self {
+        self.rules = RowRules::new(v);
+        self.cfg.variants = v.clone();
+        if self.rules.windowed() {
+            self.levels.clear();
+        }
+        self.sink = self.rules.sink(0);
+        self
+    }
+
+    /// Answers for query head `h` of a sequence (its sink joins every row's softmax).
+    pub fn head(mut self, h: usize) -> Self {
+        self.sink = self.rules.sink(h);
+        self
     }
 
     /// Tokens so far.
@@ -126,10 +159,19 @@ impl Decoder {
         let i = n - 1;
         let geometry = Line::new(n, self.cfg.block, p, true);
         let scale = 1.0 / (d as f64).sqrt();
-        let keys = seen_keys_in(&geometry, i);
+        let keys = if self.rules.windowed() {
+            // The window's band, in the order the forward's near field sees it.
+            (0..=i)
+                .filter(|&t| self.rules.sees(i as i64, t))
+                .map(SeenKey::Fine)
+                .collect()
+        } else {
+            seen_keys_in(&geometry, i)
+        };
         let logit_value = keys.iter().map(|key| match *key {
             SeenKey::Fine(t) => (
-                dot(q, &self.k[t * d..(t + 1) * d]) * scale,
+                self.rules
+                    .logit(dot(q, &self.k[t * d..(t + 1) * d]) * scale),
                 &self.v[t * d..(t + 1) * d],
             ),
             SeenKey::Coarse { level, window, j } => {
@@ -137,13 +179,15 @@ impl Decoder {
                 let row = window * p + j;
                 let bias = count_bias(&geometry, &self.cfg, level, row);
                 (
-                    dot(q, &c.keys[row * d..(row + 1) * d]) * scale + bias,
+                    self.rules
+                        .logit(dot(q, &c.keys[row * d..(row + 1) * d]) * scale)
+                        + bias,
                     &c.values[row * d..(row + 1) * d],
                 )
             }
         });
         let mut out = vec![0.0; d];
-        let lse = softmax_row(logit_value, &mut out);
+        let lse = softmax_row_sink(logit_value, self.sink, &mut out);
         (out, lse)
     }
 
@@ -162,6 +206,7 @@ mod tests {
     use crate::levels::num_levels;
     use crate::random::normal_tensor;
     use crate::shape::Shape;
+    use crate::variants::Window;
     use crate::weights::LearnedWeights;
 
     #[test]
@@ -209,6 +254,84 @@ mod tests {
                     "n {n} m {m} p {p} learned {learned} row {i}"
                 );
                 assert_eq!(lse, full.lse[i], "n {n} m {m} p {p} row {i}");
+            }
+        }
+    }
+
+    /// The variants alone and combined: every decoded row equals the causal forward's, bit
+    /// for bit (the same keys in the same order, the same capped logits, the same sink), and
+    /// with a window it equals windowed dense attention too.
+    #[test]
+    fn decoded_rows_with_variants_equal_the_causal_forward_exactly() {
+        let (d, heads) = (4, 3);
+        let sinks = Some(vec![0.7f32, -1.5, 2.0]);
+        let window = |left| Some(Window { left, right: 0 });
+        let none = Variants::default();
+        for (n, m, v) in [
+            (
+                97,
+                4,
+                Variants {
+                    softcap: Some(1.5),
+                    ..none.clone()
+                },
+            ),
+            (
+                70,
+                8,
+                Variants {
+                    sinks: sinks.clone(),
+                    ..none.clone()
+                },
+            ),
+            (
+                50,
+                8,
+                Variants {
+                    window: window(5),
+                    ..none.clone()
+                },
+            ),
+            (
+                61,
+                4,
+                Variants {
+                    softcap: Some(2.0),
+                    sinks: sinks.clone(),
+                    window: window(4),
+                },
+            ),
+            (
+                33,
+                64,
+                Variants {
+                    sinks,
+                    window: window(20),
+                    ..none.clone()
+                },
+            ),
+        ] {
+            let shape = Shape::new(1, heads, n, d);
+            let seed = n as u64 * 7 + m as u64;
+            let [q, k, v_] = [0, 1, 2].map(|t| widen(&normal_tensor(seed + t, heads * n * d)));
+            let cfg = FmaConfig::new(m, 2).causal(true).variants(v.clone());
+            let full = fma_forward(&q, &k, &v_, shape, &cfg).unwrap();
+            let dense = crate::cpu::dense_attention_with(&q, &k, &v_, shape, true, &v).unwrap();
+            for h in 0..heads {
+                let mut dec = Decoder::new(&FmaConfig::new(m, 2), d, num_levels(n, m))
+                    .with_variants(&v)
+                    .head(h);
+                for i in 0..n {
+                    let r = (h * n + i) * d..(h * n + i + 1) * d;
+                    let (o, lse) = dec.step(&q[r.clone()], &k[r.clone()], &v_[r.clone()]);
+                    let label = format!("n {n} m {m} {v:?} head {h} row {i}");
+                    assert_eq!(o, full.o[r.clone()].to_vec(), "{label}");
+                    assert_eq!(lse, full.lse[h * n + i], "{label}");
+                    if v.window.is_some() {
+                        assert_eq!(o, dense.o[r].to_vec(), "{label}: dense");
+                        assert_eq!(lse, dense.lse[h * n + i], "{label}: dense");
+                    }
+                }
             }
         }
     }

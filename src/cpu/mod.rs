@@ -68,26 +68,6 @@ fn count_bias<G: Geometry + ?Sized>(
     }
 }
 
-/// One softmax over `(logit, value row)` pairs: writes the weighted mean of the values into
-/// `out` and returns the log-sum-exp of the logits.
-fn softmax_row<'a>(keys: impl Iterator<Item = (f64, &'a [f64])> + Clone, out: &mut [f64]) -> f64 {
-    let max = keys
-        .clone()
-        .map(|(s, _)| s)
-        .fold(f64::NEG_INFINITY, f64::max);
-    out.iter_mut().for_each(|o| *o = 0.0);
-    let mut z = 0.0;
-    for (s, val) in keys {
-        let e = (s - max).exp();
-        z += e;
-        for (o, x) in out.iter_mut().zip(val) {
-            *o += e * x;
-        }
-    }
-    out.iter_mut().for_each(|o| *o /= z);
-    max + z.ln()
-}
-
 /// Fast Multipole Attention (algorithm.md §2-7) of `q`, `k`, `v`, each of shape
 /// (batch, heads, seq, head_dim), row-major; fine or coarse queries as `cfg.queries` says.
 /// K, V may be longer (seq_kv > seq) with causal fine queries: the queries are the last seq

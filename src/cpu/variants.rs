@@ -53,8 +53,10 @@ impl RowRules {
     pub(crate) fn sees(&self, pos: i64, t: usize) -> bool {
         match self.window {
             Some(w) => {
+                // Saturating: a window beyond i64 (from user input) is unbounded, not negative.
+                let wide = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
                 let t = t as i64;
-                pos - w.left as i64 <= t && t <= pos + w.right as i64
+                pos.saturating_sub(wide(w.left)) <= t && t <= pos.saturating_add(wide(w.right))
             }
             None => true,
         }

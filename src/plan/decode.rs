@@ -12,6 +12,12 @@
 //! - optionally the **history**: every key and value, in pages of T tokens (a power of two)
 //!   whose every page fits one storage binding, filled by buffer copies.
 //!
+//! With a sliding window (L, 0) (docs/variants.md) a query at i sees keys i - L ..= i only,
+//! exact windowed attention in either mode (FMA's window is its near field with no coarse
+//! level): the ring holds R = min(L + C_max, max_len) tokens (a step starting at s reads
+//! s - L ..= s + C - 1), there is no coarse level and no history, so nothing is sized by the
+//! context: the cache's memory stays flat as sequences grow.
+//!
 //! Rows are processed in **groups** whose ring, coarse slots and dense partials each fit one
 //! storage binding (bound as ranges of one buffer: per-row strides are 256-byte multiples).
 //! A row's work does not depend on its group, so any grouping gives the same bits.
@@ -24,6 +30,7 @@ use crate::error::{FmaError, Result};
 use crate::levels::{effective_block, num_levels, window};
 use crate::plan::MAX_HEAD_DIM;
 use crate::storage::Storage;
+use crate::variants::Window;
 
 /// Invocations per workgroup of the decoding passes: a tile of keys per workgroup, and at least
 /// one invocation per vec4 of a row in the value phase (`shared/decode_softmax.wgsl`; d <= 256
@@ -77,6 +84,11 @@ pub struct DecodeLayout {
     /// f32 per query row in the partials buffer: (max_chunk, segments, d + 2), padded (0
     /// without history); a group's partials hold its rows' `heads / kv_heads` query rows each.
     pub partial_stride: usize,
+    /// The sliding window (keys i - L ..= i), if any: then `ring` = min(L + max_chunk,
+    /// max_len), `levels` = 0 and no history.
+    pub window: Option<Window>,
+    /// Which softmax variants the attention passes are specialised for.
+    pub softmax: SoftmaxFlags,
 }
 
 fn padded(x: usize) -> usize {
@@ -99,18 +111,41 @@ impl DecodeLayout {
                 allowed: format!("1 ..= {MAX_HEAD_DIM}"),
             });
         }
-        let ring = (2 * m - 1 + cfg.max_chunk).min(cfg.max_len);
-        let levels = num_levels(cfg.max_len, m);
-        let slots = 4 + (m + cfg.max_chunk - 2) / m;
+        let window = cfg.variants.window;
+        // A window: the last L tokens and the step's own, nothing coarse (the coarse buffer
+        // is a one-row placeholder binding), nothing kept beyond (no history).
+        let (ring, levels, slots, coarse_stride, history) = match window {
+            Some(w) => (
+                // Saturating: a window longer than any sequence is the whole sequence.
+                w.left.saturating_add(cfg.max_chunk).min(cfg.max_len),
+                0,
+                1,
+                ROW_ALIGN,
+                false,
+            ),
+            None => {
+                let levels = num_levels(cfg.max_len, m);
+                let slots = 4 + (m + cfg.max_chunk - 2) / m;
+                let coarse = padded(2 * levels.max(1) * slots * p * d);
+                (
+                    (2 * m - 1 + cfg.max_chunk).min(cfg.max_len),
+                    levels,
+                    slots,
+                    coarse,
+                    cfg.history,
+                )
+            }
+        };
         let ring_stride = padded(2 * ring * d);
-        let coarse_stride = padded(2 * levels.max(1) * slots * p * d);
         // Sizes in f32 from here on.
         let cap = (limits.binding_bytes() / 4) as usize;
         let rows = cfg.batch * cfg.kv_heads;
         let qgroup = cfg.group();
         let fixed = ring_stride.max(coarse_stride);
         if fixed > cap {
-            let what = if fixed == ring_stride {
+            let what = if fixed == ring_stride && window.is_some() {
+                "the window's ring of one head (L + max_chunk tokens)"
+            } else if fixed == ring_stride {
                 "the near-field ring of one head (2m - 1 + max_chunk tokens)"
             } else {
                 "the coarse slots of one head"
@@ -119,7 +154,7 @@ impl DecodeLayout {
         }
         let mut group = (cap / fixed).min(rows);
         let (mut page_tokens, mut segment, mut segments, mut partial_stride) = (0, 0, 0, 0);
-        if cfg.history {
+        if history {
             if d > cap {
                 return Err(too_big("one history token of one head", d, cap));
             }
@@ -171,6 +206,8 @@ impl DecodeLayout {
             segment,
             segments,
             partial_stride,
+            window,
+            softmax: SoftmaxFlags::of(&cfg.variants),
         };
         Ok(layout)
     }
@@ -218,13 +255,15 @@ impl DecodeLayout {
         (2 * self.pages_for(len) * per_page) as u64 * 4
     }
 
+    /// The specialisation of every decoding pass: the softmax variants are pipeline
+    /// constants (`plan::SoftmaxFlags`), so a decoder without them runs the plain kernels.
     fn spec(&self) -> Specialization {
         Specialization {
             wg: DECODE_WG,
             bk: 1,
             d4: self.head_dim.div_ceil(4) as u32,
             grid: false,
-            softmax: SoftmaxFlags::PLAIN,
+            softmax: self.softmax,
             storage: Storage::F32,
         }
     }
@@ -240,15 +279,16 @@ impl DecodeLayout {
     ) -> Result<Vec<Dispatch>> {
         let (spec, wg) = (self.spec(), DECODE_WG as u64);
         let d = self.head_dim as u64;
-        let mut steps = vec![
-            dispatch(
-                Pass::DecodeAppend,
-                None,
-                (rows as u64 * chunk as u64 * d).div_ceil(wg),
-                spec,
-                limits,
-            )?,
-            dispatch(
+        let mut steps = vec![dispatch(
+            Pass::DecodeAppend,
+            None,
+            (rows as u64 * chunk as u64 * d).div_ceil(wg),
+            spec,
+            limits,
+        )?];
+        // No coarse level (a window, or one block holds the sequence): nothing to pool.
+        if self.levels > 0 {
+            steps.push(dispatch(
                 Pass::DecodePool,
                 None,
                 (rows as u64 * 2 * self.levels as u64 * self.slots as u64 * self.rank as u64 * d)
@@ -256,8 +296,8 @@ impl DecodeLayout {
                     .max(1),
                 spec,
                 limits,
-            )?,
-        ];
+            )?);
+        }
         if attend {
             // One workgroup per query row and token: each cache row's query heads.
             steps.push(dispatch(
@@ -434,5 +474,66 @@ mod tests {
         // Only the number of levels grows (log n).
         assert_eq!(small.ring, large.ring);
         assert!(large.fma_bytes() < 3 * small.fma_bytes());
+    }
+
+    fn windowed(m: usize, left: usize, max_len: usize, chunk: usize) -> DecodeConfig {
+        cfg(m, 2, max_len, chunk).variants(crate::Variants {
+            window: Some(Window { left, right: 0 }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_window_keeps_a_ring_of_l_plus_c_and_nothing_that_grows() {
+        let limits = KernelLimits::with_binding(1 << 27);
+        let short = DecodeLayout::new(&windowed(16, 100, 1 << 10, 3), &limits).unwrap();
+        let long = DecodeLayout::new(&windowed(16, 100, 1 << 18, 3), &limits).unwrap();
+        assert_eq!(short.ring, 103);
+        assert_eq!(
+            (short.levels, short.page_tokens, short.partial_stride),
+            (0, 0, 0)
+        );
+        // Sized by the window, not by the context (history asked for and ignored).
+        assert!(windowed(16, 100, 1 << 18, 3).history);
+        assert_eq!(short.fma_bytes(), long.fma_bytes());
+        assert_eq!(long.history_bytes(1 << 18), 0);
+        // No coarse level: nothing to pool, only the ring and the attention.
+        let passes: Vec<Pass> = long
+            .fma_steps(long.group, 3, true, &limits)
+            .unwrap()
+            .iter()
+            .map(|s| s.pass)
+            .collect();
+        assert_eq!(passes, [Pass::DecodeAppend, Pass::DecodeAttention]);
+        assert!(long.softmax.window && !long.softmax.sinks);
+        // A window longer than the context: the ring holds the whole sequence.
+        let tiny = DecodeLayout::new(&windowed(16, 100, 50, 3), &limits).unwrap();
+        assert_eq!(tiny.ring, 50);
+        let huge = DecodeLayout::new(&windowed(16, usize::MAX, 50, 3), &limits).unwrap();
+        assert_eq!(huge.ring, 50);
+    }
+
+    #[test]
+    fn fma_refuses_a_window_beyond_its_near_field_as_the_forward_does() {
+        let limits = KernelLimits::with_binding(1 << 27);
+        assert!(windowed(16, 16, 4096, 1).check_fma_window().is_ok());
+        assert!(cfg(16, 2, 4096, 1).check_fma_window().is_ok());
+        // m >= max_len: one block holds every key.
+        assert!(windowed(64, 60, 64, 1).check_fma_window().is_ok());
+        assert!(matches!(
+            windowed(16, 17, 4096, 1).check_fma_window(),
+            Err(FmaError::InvalidConfig { what: "window", .. })
+        ));
+        // The layout (and so the dense mode) takes it.
+        assert!(DecodeLayout::new(&windowed(16, 17, 4096, 1), &limits).is_ok());
+        // R > 0 is no causal window.
+        let right = cfg(16, 2, 4096, 1).variants(crate::Variants {
+            window: Some(Window { left: 4, right: 1 }),
+            ..Default::default()
+        });
+        assert!(matches!(
+            DecodeLayout::new(&right, &limits),
+            Err(FmaError::InvalidConfig { what: "window", .. })
+        ));
     }
 }

@@ -6,10 +6,15 @@
 //! with ~17,000 invocations in flight the longest chain does (`../shared/design/gpu.md`), so a
 //! pass whose `serial_rows` grows with n is the pass that makes a GPU slow (issue 27).
 //!
-//! The figures are upper bounds from the index maps (algorithm.md §3, §8, §9): the near field
-//! of a query (1D: 3 blocks, causal 2; 2D: 9 cells), its far list (per level up to 3 windows of
-//! p rows, causal 2; 2D up to 27 cells), a coarse row's readers (the same counts inverted),
-//! each clipped at the sequence. `multipole-attn plan` prints them.
+//! The figures come from the index maps (algorithm.md §3, §8, §9): the near field of a query
+//! (1D: 3 blocks, causal 2; 2D: 9 cells), its far list (per level up to 3 windows of p rows,
+//! causal 2; 2D up to 27 cells), a coarse row's readers (the same lists inverted), each clipped
+//! at the sequence; the widest block's and window's lists are walked over the blocks and
+//! windows ([`DepthModel::widest_gather`], [`DepthModel::far_lists`]). On a sequence whose
+//! windows are all full every `serial_rows` is what the shaders walk, exactly, and `rows` too
+//! but for the attention passes and the coarse dK~/dV~ pass, where it is an upper bound
+//! (`tests/gpu/depth_counts.rs` counts both on the shaders); partial windows stay under them.
+//! `multipole-attn plan` prints them.
 
 use super::backward::{
     coarse_rows_per_workgroup, max_readers, BackwardPlan, COMBINE_FAN_IN, DKV_COARSE_CHUNK,
@@ -20,6 +25,8 @@ use super::dispatch::Dispatch;
 use super::forward::{FmaPlan, POOL_TAPS};
 use super::pass::Pass;
 use crate::config::{Downsample, FmaConfig, Queries};
+use crate::geometry::GridGeometry;
+use crate::levels::{far_list, near_blocks};
 
 /// Rows the subgroup coarse dK~/dV~ walk takes per pass over its readers (`RB` in
 /// `shaders/shared/dkv_coarse_rows_subgroup.wgsl`).
@@ -70,6 +77,33 @@ pub struct DepthModel {
     pub coarse_queries: bool,
     /// Learned downsampling (§4).
     pub learned: bool,
+    /// The most keys one query block's gather list holds: the near field of its widest query
+    /// (causal: the block's last) plus, with fine queries, its far list over every level (p
+    /// rows per window or cell), maximised over the blocks together. At most
+    /// [`DepthModel::near`] + [`DepthModel::far`], and less where no block has the largest
+    /// far list of every level at once (1D: the top level's 2 to 4 windows give any window at
+    /// most 2 far windows, not 3).
+    pub widest_gather: u64,
+    /// The most levels at which one token's coarse query has a key (a far list that is not
+    /// empty): the partial results `upsample_merge` reads for it, over every token.
+    pub widest_merge: u64,
+    /// Per coarse level, its far lists over its windows (2D: cells).
+    pub far_lists: Vec<FarLists>,
+}
+
+/// One coarse level's far lists over its windows (2D: cells), from the index maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FarLists {
+    /// The most far windows of any window (its p coarse queries' far list, over p).
+    pub widest: u64,
+    /// Far windows summed over the level's windows.
+    pub total: u64,
+    /// Tokens of the windows whose far list is not empty: the tokens whose coarse query at
+    /// this level has a key.
+    pub tokens_with_far: u64,
+    /// The most windows whose far list holds one window: its coarse rows' reader windows (the
+    /// far lists inverted; 1D causal is not symmetric).
+    pub widest_readers: u64,
 }
 
 impl DepthModel {
@@ -92,6 +126,9 @@ impl DepthModel {
             causal: cfg.causal,
             coarse_queries: plan.queries == Queries::Coarse,
             learned: matches!(cfg.downsample, Downsample::Learned(_)),
+            widest_gather: widest_blocks(plan, cfg.causal).0,
+            widest_merge: widest_blocks(plan, false).1,
+            far_lists: far_lists(plan, cfg.causal),
         }
     }
 
@@ -160,6 +197,109 @@ impl DepthModel {
     }
 }
 
+/// Over every query block of `plan`'s problem (1D fine blocks, 2D fine cells), from the index
+/// maps (`levels::near_blocks` and `levels::far_list` in 1D, the 3 x 3 fine cells and
+/// `GridGeometry::far_cells` in 2D): the largest gather list ([`DepthModel::widest_gather`])
+/// and the most levels with a far list that is not empty ([`DepthModel::widest_merge`]).
+/// O(blocks x levels).
+fn widest_blocks(plan: &FmaPlan, causal: bool) -> (u64, u64) {
+    let levels = &plan.levels;
+    let (m, p, n) = (levels.m, levels.p, plan.shape.seq);
+    // With coarse queries the fused pass sees the near field alone.
+    let far_rank = if plan.queries == Queries::Coarse {
+        0
+    } else {
+        p
+    };
+    let (mut widest, mut merged) = (0, 0);
+    let mut take = |near: usize, far: &mut dyn Iterator<Item = usize>| {
+        let (mut keys, mut present) = (near, 0);
+        for f in far {
+            keys += f * far_rank;
+            present += usize::from(f > 0);
+        }
+        widest = widest.max(keys);
+        merged = merged.max(present);
+    };
+    match plan.grid {
+        None => {
+            let blocks = levels.fine_blocks();
+            for a0 in 0..blocks {
+                let near = near_blocks(a0, causal, blocks);
+                let mut far = levels
+                    .levels
+                    .iter()
+                    .enumerate()
+                    .map(|(i, level)| far_list(a0 >> i, causal, level.windows).len());
+                take((near.end * m).min(n) - near.start * m, &mut far);
+            }
+        }
+        Some(grid) => {
+            let g = GridGeometry::new(grid, m, p);
+            let (rows, cols) = g.cells(0);
+            for a in 0..rows {
+                let ys = (a.saturating_sub(1) * m, ((a + 2) * m).min(grid.h));
+                for b in 0..cols {
+                    let xs = (b.saturating_sub(1) * m, ((b + 2) * m).min(grid.w));
+                    let mut far = (1..=levels.levels.len())
+                        .map(|l| g.far_cells(l, a >> (l - 1), b >> (l - 1)).len());
+                    take((ys.1 - ys.0) * (xs.1 - xs.0), &mut far);
+                }
+            }
+        }
+    }
+    (widest as u64, merged as u64)
+}
+
+/// [`DepthModel::far_lists`] of `plan`'s problem: every window's (2D: cell's) far list at
+/// every level, from the same index maps as [`widest_blocks`]. O(coarse windows).
+fn far_lists(plan: &FmaPlan, causal: bool) -> Vec<FarLists> {
+    let levels = &plan.levels;
+    let n = plan.shape.seq;
+    let mut all = Vec::with_capacity(levels.levels.len());
+    for (i, level) in levels.levels.iter().enumerate() {
+        let mut lists = FarLists::default();
+        // Per window, the windows whose far list holds it.
+        let mut readers = vec![0u64; level.windows];
+        let mut take = |far: &[usize], tokens: usize| {
+            lists.widest = lists.widest.max(far.len() as u64);
+            lists.total += far.len() as u64;
+            if !far.is_empty() {
+                lists.tokens_with_far += tokens as u64;
+            }
+            for &b in far {
+                readers[b] += 1;
+            }
+        };
+        match plan.grid {
+            None => {
+                let w = level.window;
+                for a in 0..level.windows {
+                    take(
+                        &far_list(a, causal, level.windows),
+                        ((a + 1) * w).min(n) - a * w,
+                    );
+                }
+            }
+            Some(grid) => {
+                let g = GridGeometry::new(grid, levels.m, levels.p);
+                let (rows, cols) = g.cells(i + 1);
+                let s = level.window;
+                for a in 0..rows {
+                    let ys = ((a + 1) * s).min(grid.h) - a * s;
+                    for b in 0..cols {
+                        let xs = ((b + 1) * s).min(grid.w) - b * s;
+                        take(&g.far_cells(i + 1, a, b), ys * xs);
+                    }
+                }
+            }
+        }
+        lists.widest_readers = readers.into_iter().max().unwrap_or(0);
+        all.push(lists);
+    }
+    all
+}
+
 /// Heads the downsample pass pools: K and V of every K/V head, and Q of every query head
 /// with coarse queries.
 fn pooled_heads(m: &DepthModel) -> u64 {
@@ -198,32 +338,34 @@ pub fn downsample_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
 
 /// `fine_attention`: a workgroup per query tile stages the block's gather list (K and V of
 /// its near keys and, with fine queries, its coarse keys); each invocation walks all of them
-/// for its query.
+/// for its query: the widest block's (exact); `rows` bounds every block's by the widest
+/// near field and far list.
 pub fn fine_attention(m: &DepthModel, d: &Dispatch) -> Depth {
     let keys = m.near() + if m.coarse_queries { 0 } else { m.far() };
     let wg = d.spec.wg as u64;
     Depth {
-        serial_rows: 1 + 2 * keys,
+        serial_rows: 1 + 2 * m.widest_gather,
         rows: d.workgroups as u64 * (wg + 2 * keys),
     }
 }
 
 /// `coarse_attention` at level index `i`: an invocation per coarse query, over its far list.
+/// Exact on full windows: the widest far list's p rows per window, and every row's own.
 pub fn coarse_attention(m: &DepthModel, i: usize) -> Depth {
-    let serial = 1 + 2 * m.far_level(i);
+    let far = m.far_lists[i];
     Depth {
-        serial_rows: serial,
-        rows: m.bh * m.level_rows(i) * serial,
+        serial_rows: 1 + 2 * m.p * far.widest,
+        rows: m.bh * (m.level_rows(i) + 2 * m.p * m.p * far.total),
     }
 }
 
 /// `upsample_merge`: an invocation per token merges the near field's partial result and one
-/// per level.
+/// per level whose coarse query has a key (exact).
 pub fn upsample_merge(m: &DepthModel) -> Depth {
-    let serial = 1 + m.count();
+    let merged: u64 = m.far_lists.iter().map(|f| f.tokens_with_far).sum();
     Depth {
-        serial_rows: serial,
-        rows: m.bh * m.n * serial,
+        serial_rows: 1 + m.widest_merge,
+        rows: m.bh * (m.n + merged),
     }
 }
 
@@ -257,12 +399,13 @@ pub fn backward_delta(m: &DepthModel) -> Depth {
     }
 }
 
-/// `backward_dq`: the forward's tiles and gather lists, each query with its dO.
+/// `backward_dq`: the forward's tiles and gather lists, each query with its dO (serial: the
+/// widest block's, as [`fine_attention`]).
 pub fn backward_dq(m: &DepthModel, d: &Dispatch) -> Depth {
     let keys = m.near() + if m.coarse_queries { 0 } else { m.far() };
     let wg = d.spec.wg as u64;
     Depth {
-        serial_rows: 2 + 2 * keys,
+        serial_rows: 2 + 2 * m.widest_gather,
         rows: d.workgroups as u64 * (2 * wg + 2 * keys),
     }
 }
@@ -282,13 +425,19 @@ pub fn backward_dkv_fine(m: &DepthModel, d: &Dispatch) -> Depth {
 /// walks at most `DKV_COARSE_CHUNK` of its rows' readers (q and dO each), once per group of 4
 /// rows on the subgroup path, after loading its rows' k~ and v~.
 pub fn backward_dkv_coarse(m: &DepthModel, i: usize, d: &Dispatch) -> Depth {
-    let readers = max_readers(
-        m.grid,
-        m.causal,
-        m.coarse_queries,
-        m.levels[i].0 as usize,
-        m.p as usize,
-    ) * m.group();
+    // The widest row's readers (the plan's chunks are sized by `max_readers`, a bound).
+    let size = if m.coarse_queries { m.p } else { m.taps(i) };
+    let readers = m.far_lists[i].widest_readers * size * m.group();
+    debug_assert!(
+        readers
+            <= max_readers(
+                m.grid,
+                m.causal,
+                m.coarse_queries,
+                m.levels[i].0 as usize,
+                m.p as usize
+            ) * m.group()
+    );
     let chunk = readers.min(DKV_COARSE_CHUNK as u64);
     let pr = coarse_rows_per_workgroup(d.spec.wg, d.spec.d4) as u64;
     let rows = m.p.min(pr);
@@ -328,11 +477,12 @@ pub fn backward_coarse_stats(m: &DepthModel, i: usize) -> Depth {
 
 /// `backward_coarse_dq` at level index `i`: an invocation per coarse-query row over its far
 /// list (k~ and v~ of each key, after its q~ and G).
+/// Exact on full windows, as [`coarse_attention`].
 pub fn backward_coarse_dq(m: &DepthModel, i: usize) -> Depth {
-    let serial = 2 + 2 * m.far_level(i);
+    let far = m.far_lists[i];
     Depth {
-        serial_rows: serial,
-        rows: m.bh * m.level_rows(i) * serial,
+        serial_rows: 2 + 2 * m.p * far.widest,
+        rows: m.bh * (2 * m.level_rows(i) + 2 * m.p * m.p * far.total),
     }
 }
 
@@ -373,12 +523,13 @@ pub fn weights_backward_combine(m: &DepthModel, i: usize, d: &Dispatch) -> Depth
     }
 }
 
-/// `weights_backward_q` at level index `i`: the same over the query heads' windows (dQ~ and Q).
+/// `weights_backward_q` at level index `i`: the same over the query heads' windows (dQ~ and Q
+/// of each; a bias element dQ~ only).
 pub fn weights_backward_q(m: &DepthModel, i: usize) -> Depth {
     let windows = m.bh * m.levels[i].1;
     Depth {
         serial_rows: 2 * windows.min(WEIGHT_CHUNK_WINDOWS as u64),
-        rows: (m.taps(i) + 1) * m.p * 2 * windows,
+        rows: (2 * m.taps(i) + 1) * m.p * windows,
     }
 }
 
@@ -520,17 +671,78 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// The most keys any query sees, query by query from the [`Geometry`]'s key lists (the CPU
+    /// reference's): fine keys plus coarse rows over every level (none with coarse queries).
+    fn brute_widest(g: &dyn crate::geometry::Geometry, coarse_queries: bool) -> u64 {
+        let levels = if coarse_queries { 0 } else { g.num_levels() };
+        (0..g.tokens())
+            .map(|i| {
+                let fine: usize = g.fine_keys(i).iter().map(|r| r.len()).sum();
+                let far: usize = (1..=levels).map(|l| g.coarse_rows(i, l).len()).sum();
+                (fine + far) as u64
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_widest_gather_list_is_the_geometrys() {
+        // Full windows (the geometry leaves out empty rows, the GPU's far list does not).
+        use crate::geometry::{Grid, GridGeometry, Line};
+        let limits = KernelLimits::lavapipe();
+        for (n, m, p) in [
+            (4096, 16, 2),
+            (1024, 8, 4),
+            (512, 64, 2),
+            (2048, 4, 1),
+            (64, 64, 1),
+        ] {
+            for causal in [false, true] {
+                for queries in [Queries::Fine, Queries::Coarse] {
+                    if causal && queries == Queries::Coarse {
+                        continue;
+                    }
+                    let cfg = FmaConfig::new(m, p).causal(causal).queries(queries);
+                    let plan = FmaPlan::new(Shape::new(1, 1, n, 8), &cfg, &limits).unwrap();
+                    let model = DepthModel::new(&plan, &cfg);
+                    let g = Line::from_levels(plan.levels.clone(), causal);
+                    let coarse = queries == Queries::Coarse;
+                    assert_eq!(
+                        model.widest_gather,
+                        brute_widest(&g, coarse),
+                        "n {n} m {m} p {p} causal {causal} {queries:?}"
+                    );
+                    assert!(model.widest_gather <= model.near() + model.far());
+                }
+            }
+        }
+        for (h, w, r, p) in [(64, 64, 8, 2), (128, 32, 4, 1), (96, 96, 8, 4)] {
+            let grid = Grid::new(h, w);
+            let cfg = FmaConfig::new(r, p).grid(Some(grid));
+            let plan = FmaPlan::new(Shape::new(1, 1, h * w, 8), &cfg, &limits).unwrap();
+            let model = DepthModel::new(&plan, &cfg);
+            let g = GridGeometry::new(grid, r, p);
+            assert_eq!(
+                model.widest_gather,
+                brute_widest(&g, false),
+                "{grid} r {r} p {p}"
+            );
+        }
+    }
+
     #[test]
     fn the_fused_pass_walks_the_gather_list_of_algorithm_md() {
-        // n = 4096, m = 64, p = 2 (algorithm.md §11): at most 3m + 3pL = 222 keys per query,
-        // each a K and a V row, after the query's own.
+        // n = 4096, m = 64, p = 2 (algorithm.md §11): at most 218 keys per query (bound
+        // 3m + 3pL = 222: the top level's 4 windows give none 3 far windows), each a K and a V
+        // row, after the query's own.
         let cfg = FmaConfig::new(64, 2);
         let plan =
             FmaPlan::new(Shape::new(1, 1, 4096, 64), &cfg, &KernelLimits::lavapipe()).unwrap();
         let model = DepthModel::new(&plan, &cfg);
         assert_eq!(model.near() + model.far(), 222);
+        assert_eq!(model.widest_gather, 218);
         let att = fine_attention(&model, &plan.attention);
-        assert_eq!(att.serial_rows, 1 + 2 * 222);
+        assert_eq!(att.serial_rows, 1 + 2 * 218);
         // Causal: 2 blocks and 2 windows per level.
         let causal = FmaConfig::new(64, 2).causal(true);
         let model = DepthModel::new(&plan, &causal);

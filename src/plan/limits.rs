@@ -82,6 +82,12 @@ impl KernelLimits {
     }
 }
 
+/// Whether `e` is a storage-binding limit (a tensor or scratch buffer too large for one
+/// binding), not another adapter limit (workgroup memory, workgroups per dimension).
+pub fn exceeds_binding(e: &FmaError) -> bool {
+    matches!(e, FmaError::LimitExceeded { unit, .. } if *unit == BINDING_BYTES)
+}
+
 #[cfg(test)]
 impl KernelLimits {
     /// lavapipe's limits (32 KiB of workgroup memory, 128 MiB bindings), for the plans' tests.

@@ -35,7 +35,7 @@ pub use dispatch::{
     MIN_KEY_TILE,
 };
 pub use forward::{FmaPlan, Workspace, POOL_TAPS};
-pub use limits::KernelLimits;
+pub use limits::{exceeds_binding, KernelLimits};
 pub use pass::{Pass, SoftmaxFlags, Specialization};
 pub use sequences::SeqTable;
 pub use split::{fma_head_splits, head_exceeds_binding, Chunk, SplitPlan};

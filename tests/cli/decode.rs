@@ -1,7 +1,8 @@
 //! `multipole-attn decode`: the f64 CPU decode mirror (`--reference`) equals `run --causal
 //! --reference` (both f64, the same keys summed in the same order: to 1e-12), the GPU decode
 //! (FMA and `--dense`) equals them to f32 accuracy (5e-5 + 5e-5 |ref|, as the GPU tests), and
-//! bad input exits with 2 and says what is wrong.
+//! bad input exits with 2 and says what is wrong. The softmax variants (--softcap, --sinks,
+//! --window) likewise: decode equals `run --causal` with the same flags, on both paths.
 
 use crate::scratch::Scratch;
 use multipole_attn::random::normal_tensor;
@@ -194,4 +195,115 @@ fn bad_decode_input_exits_with_2() {
     ));
     assert_eq!(r.0, Some(2), "{}", r.2);
     assert!(r.2.contains("level"), "{}", r.2);
+}
+
+/// `a` then `b`.
+fn join<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+    [a, b].concat()
+}
+
+/// `decode --softcap/--sinks/--window` (alone and combined, FMA and --dense) equals `run
+/// --causal` with the same flags: the f64 mirror to 1e-12, the GPU to f32 accuracy (the
+/// tolerance of the GPU tests); what does not combine exits with 2 and says why.
+#[test]
+fn decode_takes_the_softmax_variants() {
+    let dir = Scratch::new("variants");
+    write_qkv(&dir, &[1, 2, 61, 8], 19);
+    let sinks = ArrayD::from_shape_vec(IxDyn(&[2]), vec![0.8f32, -1.3]).unwrap();
+    write_npy(dir.arg("S.npy"), &sinks).unwrap();
+    let s = dir.arg("S.npy");
+    let block = ["--block", "8", "--rank", "2"];
+    let mut gpu = true;
+    for (i, flags) in [
+        vec!["--softcap", "1.5"],
+        vec!["--sinks", &s],
+        vec!["--window", "6,0"],
+        vec!["--sinks", &s, "--window", "8,0"],
+        vec!["--softcap", "2", "--sinks", &s, "--window", "5,0"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for dense in [false, true] {
+            let label = format!("{flags:?} dense {dense}");
+            // --block and --rank are FMA's (clap refuses them with --dense).
+            let opts: Vec<&str> = if dense {
+                join(&flags, &["--dense"])
+            } else {
+                join(&block, &flags)
+            };
+            let (r, d, g) = (
+                format!("R{i}{dense}.npy"),
+                format!("D{i}{dense}.npy"),
+                format!("G{i}{dense}.npy"),
+            );
+            let with = |extra: &[&'static str]| join(&opts, extra);
+            ok(&cli(&args(
+                &dir,
+                "run",
+                &r,
+                &with(&["--causal", "--reference"]),
+            )));
+            ok(&cli(&args(
+                &dir,
+                "decode",
+                &d,
+                &with(&["--reference", "--prefill", "7", "--chunk", "3"]),
+            )));
+            assert_close(&read(&dir, &d), &read(&dir, &r), 1e-12, 0.0, &label);
+            if !gpu {
+                continue;
+            }
+            let out = cli(&args(
+                &dir,
+                "decode",
+                &g,
+                &with(&["--prefill", "7", "--chunk", "3"]),
+            ));
+            if out.0 == Some(1)
+                && out.2.contains("no GPU adapter")
+                && std::env::var("CI").as_deref() != Ok("true")
+            {
+                eprintln!("skipping the GPU: {}", out.2);
+                gpu = false;
+                continue;
+            }
+            ok(&out);
+            assert_close(&read(&dir, &g), &read(&dir, &r), 5e-5, 5e-5, &label);
+        }
+    }
+    for (extra, needle) in [
+        (&["--window", "3,1"][..], "R must be 0"),
+        (
+            &["--window", "9,0", "--block", "8"][..],
+            "choose a block m >= 9",
+        ),
+    ] {
+        let r = cli(&args(
+            &dir,
+            "decode",
+            "O.npy",
+            &[extra, &["--prefill", "4", "--reference"]].concat(),
+        ));
+        assert_eq!(r.0, Some(2), "{extra:?}: {}", r.2);
+        assert!(
+            r.2.starts_with("error: ") && r.2.contains(needle),
+            "{extra:?}: {}",
+            r.2
+        );
+    }
+    // The dense decode takes a window wider than FMA's block.
+    ok(&cli(&args(
+        &dir,
+        "decode",
+        "O.npy",
+        &[
+            "--window",
+            "9,0",
+            "--dense",
+            "--prefill",
+            "4",
+            "--reference",
+        ],
+    )));
 }

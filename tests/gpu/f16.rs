@@ -468,3 +468,26 @@ fn f16_storage_on_the_plain_kernels() {
     let label = format!("plain seed {seed} {shape}");
     check(&ctx, seed, &fma, &Problem::new(shape).causal(true), &label);
 }
+
+/// On a context with cooperative matrices (emulated on lavapipe), f16 storage keeps dense
+/// attention on the plain kernels (the cooperative kernel reads f32 tensors): O is still the
+/// f32 path's O rounded, bit for bit.
+#[test]
+fn f16_storage_skips_the_cooperative_kernel() {
+    let Some(base) = gpu() else { return };
+    if !base.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let ctx = GpuContext::new().unwrap().emulating_cooperative_matrix(8);
+    let shape = Shape::new(1, 2, 40, 16);
+    let p = Problem::new(shape).causal(true);
+    let [q, k, v] = inputs(11, shape);
+    let half = Attention::dense(&ctx)
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    let got = half.forward(&p, Host::new(&q, &k, &v)).unwrap();
+    let plain = Attention::dense(base).unwrap();
+    let want = plain.forward(&p, Host::new(&q, &k, &v)).unwrap();
+    assert_eq!(got.o, round_to_f16(&want.o));
+}

@@ -45,10 +45,7 @@ pub enum Command {
         mut_arg("grid", |a| a.hide(true)),
         mut_arg("seqlens", |a| a.hide(true)),
         mut_arg("seqlens_kv", |a| a.hide(true)),
-        mut_arg("lengths", |a| a.hide(true)),
-        mut_arg("softcap", |a| a.hide(true)),
-        mut_arg("sinks", |a| a.hide(true)),
-        mut_arg("window", |a| a.hide(true))
+        mut_arg("lengths", |a| a.hide(true))
     )]
     Decode(DecodeArgs),
     /// List every GPU adapter wgpu finds, with the limits and features this library uses.
@@ -79,6 +76,11 @@ pub struct DoctorArgs {
     /// every case.
     #[arg(long)]
     pub json: bool,
+    /// Run dense attention on cooperative matrices (tensor cores) where the adapter offers a
+    /// fitting shape (`ContextOptions::cooperative_matrix`, opt-in until it has passed here on
+    /// a real GPU); its cases are then held to the f16 bound `conformance::COOP_TOL`.
+    #[arg(long)]
+    pub cooperative_matrix: bool,
 }
 
 /// How coarse keys and values are made from the fine ones.
@@ -137,8 +139,8 @@ it); other cross-length FMA is bad input (exit 2).
 Softmax variants (docs/variants.md), dense and FMA fine queries, combinable: --softcap C (every
 logit l becomes C tanh(l / C)), --sinks S.npy (one logit per query head in every softmax's
 denominator), --window L,R (query i sees keys i - L ..= i + R; R = 0 with --causal). FMA runs a
-window as its near field alone (block m >= L and R); coarse queries, --grid with a window,
-decode and a head over one storage binding refuse variants (exit 2).
+window as its near field alone (block m >= L and R); coarse queries, --grid with a window and a
+head over one storage binding refuse variants (exit 2). `decode` takes them too (R = 0).
 
 Learned weights (.npz): for levels l = 1, 2, ... keys k_w{l}, v_w{l} of shape (d, p, m*2^(l-1))
 (with --grid: (d, p, s_l, s_l), s_l = m*2^(l-1)) and k_b{l}, v_b{l} of shape (d, p), float32 or
@@ -254,7 +256,7 @@ pub struct RunArgs {
     /// Sliding window: query i sees key j iff i - L <= j <= i + R (bottom-right aligned for
     /// K/V longer than Q, as --causal); with --causal R must be 0. Exact for --dense (key tiles
     /// outside the band skipped); FMA runs it as its near field with no coarse level (fine
-    /// queries, 1D).
+    /// queries, 1D). `decode` keeps a ring of the last L + C keys and values (R = 0).
     #[arg(long, value_name = "L,R", value_parser = parse_window)]
     pub window: Option<multipole_attn::Window>,
 }
@@ -312,8 +314,14 @@ keys per token) or, with --dense, exact attention over every cached key. O (and 
 rows; row i equals row i of `run --causal` up to float rounding. Prints tokens per second of the
 steps. --reference decodes with the f64 CPU mirror instead.
 
+Softmax variants, as `run --causal` with the same flags: --softcap C, --sinks S.npy (heads,),
+--window L,0 (R must be 0: decoding is causal). With a window the cache keeps only the last
+L + C keys and values per sequence and head (a ring; no coarse level, no history), so its memory
+does not grow with the context; FMA and --dense then both run exact windowed attention, and FMA
+needs L <= m as `run` does (or --dense).
+
 Exit codes: 0 success, 2 bad input (P > n, C = 0, --queries coarse, weights missing a level
-the final length needs, ...), 1 GPU or runtime failure.")]
+the final length needs, --window with R > 0 or, for FMA, L > m, ...), 1 GPU or runtime failure.")]
 pub struct DecodeArgs {
     /// Tokens per sequence prefilled through the causal forward (0 ..= n).
     #[arg(long, value_name = "P")]

@@ -8,11 +8,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::args::{DecodeArgs, QueriesArg, StorageArg};
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor, write_array};
-use crate::run::{build_config, problem_shape};
+use crate::run::{build_config, problem, problem_shape};
 use crate::tensor::fmt_shape;
 use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext, Host};
 use multipole_attn::levels::num_levels;
-use multipole_attn::{cpu, DecodeConfig, Problem, Shape};
+use multipole_attn::{cpu, DecodeConfig, Shape};
 
 /// Rows [lo, lo + len) of each of the `heads` (batch, head) rows of `x` (n = `s.seq` rows
 /// each), as (batch, heads, len, d): Q's heads or K's and V's (fewer, grouped-query).
@@ -53,13 +53,6 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
         return Err(CliError::Input(
             "--queries coarse cannot decode: decoding is causal and coarse queries are bidirectional \
              only (a pooled query would read later tokens); use fine queries"
-                .into(),
-        ));
-    }
-    if run.softcap.is_some() || run.sinks.is_some() || run.window.is_some() {
-        return Err(CliError::Input(
-            "decode does not take --softcap, --sinks or --window yet: the decoding cache has no \
-             softmax variants (run and grad have them)"
                 .into(),
         ));
     }
@@ -104,13 +97,21 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
             fmt_shape(&q.shape)
         )));
     }
-    // Decoding is causal: each token sees the ones before it.
-    let fma = build_config(run, &Problem::new(shape).causal(true))?;
+    // Decoding is causal: each token sees the ones before it (a window's R must be 0). The
+    // variants (--softcap, --sinks, --window) are `run`'s, read and checked the same way.
+    let problem = problem(run, shape)?.causal(true);
+    problem.validate()?;
+    let fma = build_config(run, &problem)?;
     let cfg = DecodeConfig::new(fma, shape.batch, shape.heads, shape.head_dim, n)
         .kv_heads(shape.kv_heads)
         .max_chunk(args.chunk.min(n.max(1)))
-        .history(run.dense);
+        .history(run.dense)
+        .variants(problem.variants.clone());
     cfg.validate()?;
+    if !run.dense {
+        // FMA's window is its near field (L <= m), as for `run --causal`.
+        cfg.check_fma_window()?;
+    }
     let o_shape = q.shape.clone();
     let lse_shape = o_shape[..o_shape.len() - 1].to_vec();
     if run.reference {
@@ -197,7 +198,7 @@ fn gpu(
     let secs = start.elapsed().as_secs_f64();
     let tokens = (n - p) * s.batch;
     let (fixed, history) = dec.bytes()?;
-    println!(
+    outln!(
         "decode: {} ({}), prefill {p}, {steps} steps of up to {} tokens: {tokens} tokens in {:.3} s, {:.1} tokens/s (wall clock incl. upload and readback)",
         s,
         if args.run.dense { "dense" } else { "FMA" },
@@ -205,10 +206,19 @@ fn gpu(
         secs,
         tokens as f64 / secs.max(1e-9)
     );
-    println!(
-        "cache: FMA state {fixed} bytes (fixed), history {history} bytes; K and V themselves: {} bytes",
-        2 * s.kv_elements() * 4
-    );
+    if cfg.variants.window.is_some() {
+        outln!(
+            "cache: a window's ring, {fixed} bytes (fixed: no history, no coarse level); every \
+             buffer of the decoder {} bytes; K and V themselves: {} bytes",
+            dec.allocated_bytes()?,
+            2 * s.kv_elements() * 4
+        );
+    } else {
+        outln!(
+            "cache: FMA state {fixed} bytes (fixed), history {history} bytes; K and V themselves: {} bytes",
+            2 * s.kv_elements() * 4
+        );
+    }
     Ok((o, lse))
 }
 
@@ -224,7 +234,8 @@ fn progress_bar(tokens: usize) -> ProgressBar {
     bar
 }
 
-/// Decodes with the f64 CPU mirror (FMA) or takes exact causal attention (dense).
+/// Decodes with the f64 CPU mirror (FMA) or takes exact causal attention (dense), with the
+/// variants.
 fn reference(
     cfg: &DecodeConfig,
     dense: bool,
@@ -234,14 +245,16 @@ fn reference(
     s: Shape,
 ) -> CliResult<(Vec<f64>, Vec<f64>)> {
     if dense {
-        let r = cpu::dense_attention(&q, &k, &v, s, true)?;
+        let r = cpu::dense_attention_with(&q, &k, &v, s, true, &cfg.variants)?;
         return Ok((r.o, r.lse));
     }
     let (n, d) = (s.seq, s.head_dim);
     let mut o = vec![0f64; s.elements()];
     let mut lse = vec![0f64; s.rows()];
     for bh in 0..s.batch_heads() {
-        let mut dec = cpu::decode::Decoder::new(&cfg.fma, d, num_levels(n, cfg.fma.block));
+        let mut dec = cpu::decode::Decoder::new(&cfg.fma, d, num_levels(n, cfg.fma.block))
+            .with_variants(&cfg.variants)
+            .head(bh % s.heads);
         // Grouped-query heads: query head bh reads K/V head bh / group.
         let kv = bh / s.group();
         for i in 0..n {

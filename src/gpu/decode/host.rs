@@ -242,7 +242,8 @@ impl Decoder {
     /// Appends the first `lengths[b]` tokens of K, V (batch, kv_heads, P, head_dim) to sequence b,
     /// without queries or outputs: the cache of a prompt whose outputs are not needed (or were
     /// computed elsewhere). Sequences of length 0 are not touched. Long prompts go through in
-    /// chunks that fit one storage binding.
+    /// chunks that fit one storage binding; with a window only the last R tokens (the ring)
+    /// are uploaded, since no later query reads the ones before.
     pub async fn extend_async(&self, k: &[f32], v: &[f32], lengths: &[usize]) -> Result<()> {
         self.ctx.check_alive()?;
         let (b_n, h, d) = (self.cfg.batch, self.cfg.kv_heads, self.cfg.head_dim);
@@ -260,7 +261,7 @@ impl Decoder {
                 let rows = (e - b) * h;
                 let per_token = (rows * d) as u64 * 4;
                 let chunk = ((cap / per_token) as usize).clamp(1, len);
-                let mut off = 0;
+                let mut off = self.skip_to_ring(b..e, len)?;
                 while off < len {
                     let c = chunk.min(len - off);
                     let mut kc = Vec::with_capacity(rows * c * d);
@@ -277,6 +278,41 @@ impl Decoder {
             b = e;
         }
         Ok(())
+    }
+
+    /// With a window: the first tokens of a prompt of `len` tokens for `seqs` that no later
+    /// query reads (all but the ring's last R) advance the sequences' lengths without being
+    /// uploaded, so neither the time nor the staging memory of a prompt grows with its length.
+    /// Returns how many were skipped (0 without a window). Checks max_len first.
+    fn skip_to_ring(&self, seqs: std::ops::Range<usize>, len: usize) -> Result<usize> {
+        let l = &self.layout;
+        if l.window.is_none() || len <= l.ring {
+            return Ok(0);
+        }
+        let skip = len - l.ring;
+        let mut st = self.lock()?;
+        for b in seqs.clone() {
+            let after = st.lens[b] + len;
+            if after > l.max_len {
+                return Err(FmaError::LimitExceeded {
+                    what: format!("sequence {b} ({} tokens held, {len} appended)", st.lens[b]),
+                    requested: after as u64,
+                    max: l.max_len as u64,
+                    unit: "tokens (the decoder's max_len)",
+                    advice: "reset the sequence, or make a decoder with a larger max_len".into(),
+                });
+            }
+        }
+        // Every call before this one has submitted its work (host calls submit at once), so
+        // the GPU's lengths equal the host's: written as absolute values.
+        for b in seqs {
+            st.lens[b] += skip;
+            let bytes = (st.lens[b] as u32).to_le_bytes();
+            self.ctx
+                .queue
+                .write_buffer(&st.lens_gpu, b as u64 * 4, &bytes);
+        }
+        Ok(skip)
     }
 
     /// One binding-sized chunk of a prompt into the cache, one submit.
@@ -384,6 +420,9 @@ impl Decoder {
                 ),
                 got: q.len().to_string(),
             });
+        }
+        if mode == DecodeMode::Fma {
+            self.cfg.check_fma_window()?;
         }
         let lens = self.lens()?;
         if let Some(b) = (0..b_n).find(|&b| lengths[b] > 0 && lens[b] > 0) {

@@ -16,6 +16,7 @@ use crate::error::{FmaError, Result};
 use crate::gpu::dense::DenseAttention;
 use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::params::check_variants;
 use crate::gpu::engine::record::Pipes;
 use crate::gpu::engine::weights::WeightBuffers;
 use crate::gpu::fma::FmaAttention;
@@ -50,6 +51,16 @@ pub enum DecodeMode {
 /// ([`DecodeLayout::fma_bytes`]); the history (when kept) grows by pages that are never
 /// copied. Sequences' lengths are tracked on the GPU too, so steps recorded into one encoder
 /// each see their own positions. Safe to share between threads (calls are serialised).
+///
+/// Softmax variants ([`DecodeConfig::variants`], docs/variants.md): softcap and sinks (of
+/// shape (heads,)) in both modes and in the prefill, as the causal forward runs them. A
+/// sliding window (L, 0) keeps only a ring of the last L + `max_chunk` keys and values per
+/// sequence and K/V head, no coarse level and no history, so the cache's memory
+/// ([`Decoder::allocated_bytes`]) does not grow with the context; both modes then run exact
+/// windowed attention over the ring, equal to the causal forward with the window. Typed
+/// errors: R > 0, sinks not of shape (heads,) or beyond 128 heads, and in FMA mode a window
+/// wider than the block (L > m with m < max_len: FMA's window is its near field, as in the
+/// forward).
 pub struct Decoder {
     ctx: GpuContext,
     cfg: DecodeConfig,
@@ -87,10 +98,15 @@ impl Decoder {
         let layout = DecodeLayout::new(&cfg, &limits)?;
         layout.check_weights(&cfg.fma.downsample)?;
         cfg.fma.validate_values()?;
-        let fma_cfg: FmaConfig = cfg.fma.clone();
+        check_variants(&cfg.variants)?;
+        // The prefill's forwards run the decoder's variants (FMA's window rule is checked when
+        // the FMA mode is used: `DecodeConfig::check_fma_window`).
+        let fma_cfg: FmaConfig = cfg.fma.clone().variants(cfg.variants.clone());
         let weights = WeightBuffers::new(ctx, &fma_cfg, &limits)?;
         let fma = FmaAttention::new(ctx, fma_cfg)?.max_binding(limits.max_binding);
-        let dense = DenseAttention::new(ctx, true)?.max_binding(limits.max_binding);
+        let dense = DenseAttention::new(ctx, true)?
+            .with_variants(cfg.variants.clone())
+            .max_binding(limits.max_binding);
         let state = State::new(ctx, &layout)?;
         Ok(Self {
             ctx: ctx.clone(),
@@ -137,6 +153,15 @@ impl Decoder {
     pub fn bytes(&self) -> Result<(u64, u64)> {
         let st = self.lock()?;
         Ok((self.layout.fma_bytes(), st.history_bytes()))
+    }
+
+    /// Bytes of every GPU buffer the decoder holds now, as allocated (the ring, the coarse
+    /// slots, the lengths, the history pages, the dense decode's partials and the host path's
+    /// step tensors; not the pipelines, the parameter blocks or the prefill's forwards). With
+    /// a window it depends on the window, the batch, the heads and the step size, never on
+    /// how long the sequences are (the memory of a sliding-window decoder stays flat).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        Ok(self.lock()?.allocated_bytes())
     }
 
     /// Empties sequence `b` (it starts again at position 0); the other sequences are not

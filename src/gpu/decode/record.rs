@@ -105,6 +105,17 @@ impl Decoder {
             }
             longest = longest.max(after);
         }
+        if matches!(work, Work::Attend(DecodeMode::Fma, _)) {
+            self.cfg.check_fma_window()?;
+        }
+        // A window: both modes are exact windowed attention over the ring (decode_attention
+        // with no coarse level); the cache has no history to run the dense passes over.
+        let work = match work {
+            Work::Attend(DecodeMode::Dense, _) if l.window.is_some() => {
+                Work::Attend(DecodeMode::Fma, 0)
+            }
+            w => w,
+        };
         let dense = matches!(work, Work::Attend(DecodeMode::Dense, _));
         if dense && l.page_tokens == 0 {
             return Err(FmaError::InvalidConfig {
@@ -294,7 +305,7 @@ impl Decoder {
             };
             offset += d * p * w;
         }
-        let params = DecodeParams {
+        let mut params = DecodeParams {
             d: d as u32,
             m: l.block as u32,
             p: p as u32,
@@ -325,6 +336,7 @@ impl Decoder {
             level_info,
             ..Default::default()
         };
+        params.set_variants(&self.cfg.variants);
         Ok(Uniforms {
             params: uniform(
                 &self.ctx.device,

@@ -113,6 +113,17 @@ impl State {
         })
     }
 
+    /// Bytes of every buffer allocated: cache, lengths, history, partials, step tensors.
+    pub fn allocated_bytes(&self) -> u64 {
+        let io: u64 = self.io.iter().map(Growing::allocated).sum();
+        self.lens_gpu.size()
+            + self.ring.size()
+            + self.coarse.size()
+            + self.history_bytes()
+            + self.partials.as_ref().map_or(0, |p| p.size())
+            + io
+    }
+
     /// Bytes of history pages allocated.
     pub fn history_bytes(&self) -> u64 {
         self.pages

@@ -9,7 +9,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage, uniform};
-use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::front::{check_host, one_head_over_binding};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
@@ -35,10 +35,63 @@ pub struct DenseSaved {
     /// The sequences of a variable-length forward; `None` for a batch of equal sequences.
     sequences: Option<Sequences>,
     owner: u64,
-    tensors: SavedTensors,
+    kept: DenseKept,
 }
 
-impl DenseSaved {}
+/// Where a [`DenseSaved`] forward's tensors are.
+#[derive(Clone, Debug)]
+pub(super) enum DenseKept {
+    /// All heads in one set of buffers (each within one storage binding).
+    Whole(SavedTensors),
+    /// Host tensors over one binding whose heads fit: runs of heads in head order, each its
+    /// own forward with its own buffers (`backward_runs.rs`).
+    Runs(Vec<DenseRun>),
+}
+
+/// One run of heads of a [`DenseKept::Runs`]: query heads `first .. first + count` of the
+/// batch*heads, saved as a forward of their own shape (`Shape::with_heads`).
+#[derive(Clone, Debug)]
+pub(super) struct DenseRun {
+    pub first: usize,
+    pub count: usize,
+    pub saved: DenseSaved,
+}
+
+impl DenseSaved {
+    /// A forward of `shape` by the executor `owner`, saved in runs of heads.
+    pub(super) fn runs(shape: Shape, owner: u64, runs: Vec<DenseRun>) -> Self {
+        Self {
+            shape,
+            sequences: None,
+            owner,
+            kept: DenseKept::Runs(runs),
+        }
+    }
+
+    /// The buffers of a forward saved whole; saved in runs of heads ([`DenseKept::Runs`], host
+    /// tensors over one binding), a typed error: only a host backward takes them.
+    fn whole(&self) -> Result<&SavedTensors> {
+        match &self.kept {
+            DenseKept::Whole(t) => Ok(t),
+            DenseKept::Runs(runs) => Err(FmaError::InvalidConfig {
+                what: "the dense backward into buffers (ResidentGrad)",
+                value: format!(
+                    "a training forward of {} whose tensors exceed one storage binding, saved \
+                     in {} runs of heads",
+                    self.shape,
+                    runs.len()
+                ),
+                allowed: "the host backward (HostGrad), which differentiates one run of heads \
+                          at a time; or tensors that fit one storage binding each"
+                    .into(),
+            }),
+        }
+    }
+}
+
+/// Why the dense backward does not split one head along its sequence (its error says it).
+pub(super) const WHY_WHOLE_HEAD: &str = "its dK/dV pass reads every query of the head for each \
+     key tile, and its dQ pass every key for each query tile, from whole-head bindings";
 
 /// The parameter blocks of one backward shape: D's (with its level selector), one per query
 /// chunk of the dK/dV pass and one per key chunk of the dQ pass; a padded variable-length
@@ -198,21 +251,38 @@ impl DenseAttention {
         check_host(shape, q, k, v)?;
         // The backward must be possible before we run a forward.
         match seqs {
-            None => self.backward_plan(shape)?,
+            None => match self.backward_plan(shape) {
+                // Tensors over one binding: a run of heads at a time, if one head fits.
+                Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
+                    return self.forward_train_runs((q, k, v), shape).await;
+                }
+                other => other.map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?,
+            },
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };
-        let saved = DenseSaved {
-            shape,
-            sequences: seqs.cloned(),
-            owner: self.id,
-            tensors: SavedTensors::upload(&self.ctx, shape, (q, k, v)),
-        };
-        let t = saved.tensors.tensors();
+        self.forward_train_whole((q, k, v), shape, seqs).await
+    }
+
+    /// [`DenseAttention::forward_train_in`] of tensors whose backward fits one binding each.
+    pub(super) async fn forward_train_whole(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        shape: Shape,
+        seqs: Option<&Sequences>,
+    ) -> Result<(Output, DenseSaved)> {
+        let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v));
+        let t = tensors.tensors();
         match seqs {
             None => self.forward_buffers_async(t, shape).await?,
             Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
         }
-        let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
+        let out = tensors.read_outputs(&self.ctx, shape).await?;
+        let saved = DenseSaved {
+            shape,
+            sequences: seqs.cloned(),
+            owner: self.id,
+            kept: DenseKept::Whole(tensors),
+        };
         Ok((out, saved))
     }
 
@@ -225,7 +295,7 @@ impl DenseAttention {
             shape,
             sequences: None,
             owner: self.id,
-            tensors: SavedTensors::from_buffers(t, shape, self.storage)?,
+            kept: DenseKept::Whole(SavedTensors::from_buffers(t, shape, self.storage)?),
         })
     }
 
@@ -247,7 +317,23 @@ impl DenseAttention {
     /// of Q's shape, dK and dV of K's shape (batch, kv_heads, seq_kv, head_dim): with
     /// grouped-query heads each K/V head's gradient is the sum over its group of query heads,
     /// in head order (deterministic). `weights` is `None`.
+    /// Tensors saved in runs of heads (host tensors over one binding) are differentiated one
+    /// run at a time (`backward_runs.rs`).
     pub async fn backward_async(&self, saved: &DenseSaved, dout: &[f32]) -> Result<Gradients<f32>> {
+        saved.shape.check_len("dO", dout.len())?;
+        match &saved.kept {
+            DenseKept::Whole(_) => self.backward_whole(saved, dout).await,
+            DenseKept::Runs(runs) => self.backward_runs(saved.shape, runs, dout).await,
+        }
+    }
+
+    /// [`DenseAttention::backward_async`] of tensors saved in one set of buffers
+    /// ([`DenseKept::Whole`]).
+    pub(super) async fn backward_whole(
+        &self,
+        saved: &DenseSaved,
+        dout: &[f32],
+    ) -> Result<Gradients<f32>> {
         let shape = saved.shape;
         shape.check_len("dO", dout.len())?;
         let device = &self.ctx.device;
@@ -294,7 +380,7 @@ impl DenseAttention {
         let dsinks = match &self.variants.sinks {
             None => None,
             Some(_) => {
-                let out = saved.tensors.read_outputs(&self.ctx, shape).await?;
+                let out = saved.whole()?.read_outputs(&self.ctx, shape).await?;
                 let lse = out.lse.unwrap_or_default();
                 self.variants.sink_gradient(shape, &out.o, &lse, dout)
             }
@@ -333,6 +419,7 @@ impl DenseAttention {
             });
         }
         let shape = saved.shape;
+        let tensors = saved.whole()?;
         let plan = self.saved_plan(saved)?;
         // dO and the gradients have the elements of the storage (issue 29).
         let bytes = shape.elements() as u64 * self.storage.bytes();
@@ -361,7 +448,7 @@ impl DenseAttention {
                 self.limits.binding_bytes(),
             );
             let res = |params| {
-                let r = resources(params, saved, dout, stats, &g);
+                let r = resources(params, tensors, dout, stats, &g);
                 match &table {
                     Some(table) => r.with(Role::SeqTable, table),
                     None => r,
@@ -409,14 +496,14 @@ impl DenseAttention {
 /// The buffers of every pass of a dense backward, with `params` as its parameter block.
 fn resources<'a>(
     params: &'a wgpu::Buffer,
-    saved: &'a DenseSaved,
+    saved: &'a SavedTensors,
     dout: &'a wgpu::Buffer,
     stats: &'a wgpu::Buffer,
     g: &GradTensors<'a>,
 ) -> Resources<'a> {
     Resources::default()
         .with(Role::Params, params)
-        .with_saved(&saved.tensors)
+        .with_saved(saved)
         .with(Role::DOut, dout)
         .with(Role::Stats, stats)
         .with(Role::DQ, g.dq)

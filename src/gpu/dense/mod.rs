@@ -1,8 +1,11 @@
 //! The executor of exact dense attention (the baseline every speed figure is compared with):
 //! one dispatch of a [`DensePlan`], or a head over one storage binding in (query chunk, key
-//! chunk) pairs (`split.rs`); its backward (`backward.rs`).
+//! chunk) pairs (`split.rs`); its backward (`backward.rs`; host tensors over one binding in runs
+//! of heads, `backward_runs.rs`).
 
 mod backward;
+mod backward_runs;
+mod coop;
 mod split;
 mod varlen;
 
@@ -65,6 +68,8 @@ pub struct DenseAttention {
     stats: Mutex<Growing>,
     /// The element type of Q, K, V and O (issue 29).
     storage: Storage,
+    /// The forward on cooperative matrices, where the context negotiated them (`coop.rs`).
+    coop: coop::CoopPipelines,
 }
 
 /// The next [`DenseAttention`] id.
@@ -89,6 +94,7 @@ impl DenseAttention {
                 wgpu::BufferUsages::empty(),
             )),
             storage: Storage::F32,
+            coop: coop::CoopPipelines::default(),
         })
     }
 
@@ -260,7 +266,22 @@ impl DenseAttention {
         record_steps(&self.ctx, cpass, steps, pipes, selects.as_ref(), &res)
     }
 
-    /// Records `plan`'s dispatches, one per key chunk in order, into a compute pass of `enc`.
+    /// The forward of `plan` on cooperative matrices, where the context has them and the
+    /// kernel covers the plan (`coop.rs`).
+    async fn coop_run(&self, plan: &DensePlan) -> Result<Option<coop::CoopRun>> {
+        // The cooperative-matrix kernel reads f32 tensors (its composition has no f16
+        // storage variant yet): f16 storage runs the plain kernels.
+        if self.storage == Storage::F16 {
+            return Ok(None);
+        }
+        let plain = self.variants.is_plain();
+        let base = self.plain_params(plan);
+        self.coop.run(&self.ctx, plan, plain, base).await
+    }
+
+    /// Records `plan`'s dispatches, one per key chunk in order, into a compute pass of `enc`
+    /// (or its one dispatch on cooperative matrices, `coop`).
+    #[allow(clippy::too_many_arguments)]
     fn record_plan(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -269,7 +290,11 @@ impl DenseAttention {
         uniforms: &Uniforms,
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
+        coop: Option<&coop::CoopRun>,
     ) -> Result<()> {
+        if let Some(run) = coop {
+            return run.record(&self.ctx, enc, t, lse);
+        }
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward"),
             timestamp_writes: None,
@@ -323,6 +348,7 @@ impl DenseAttention {
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
+        let coop = self.coop_run(&plan).await?;
         run_host(
             &self.ctx,
             &self.host,
@@ -331,7 +357,7 @@ impl DenseAttention {
             (q, k, v),
             want_lse,
             "the dense forward",
-            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms, &t, lse),
+            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms, &t, lse, coop.as_ref()),
         )
         .await
     }
@@ -375,6 +401,7 @@ impl DenseAttention {
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);
-        self.record_plan(enc, &plan, &pipes, &uniforms, &t, &lse)
+        let coop = self.coop_run(&plan).await?;
+        self.record_plan(enc, &plan, &pipes, &uniforms, &t, &lse, coop.as_ref())
     }
 }

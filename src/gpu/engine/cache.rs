@@ -74,4 +74,9 @@ impl Growing {
             storage(device, label, (have + have / 2).min(cap).max(bytes), usage)
         })
     }
+
+    /// Bytes allocated now (0 before the first use).
+    pub fn allocated(&self) -> u64 {
+        self.buf.as_ref().map_or(0, |b| b.size())
+    }
 }

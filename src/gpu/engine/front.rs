@@ -66,6 +66,48 @@ pub(crate) fn kv_heads_of(shape: Shape, (first, count): (usize, usize)) -> (usiz
     (kv_first, (first + count - 1) / group + 1 - kv_first)
 }
 
+/// The training forward's error when even one head's backward exceeds a storage binding
+/// ([`crate::plan::exceeds_binding`]): the plan's, saying that the backward does not split a
+/// head along its sequence, `why` (the pass that reads every query of the head), and what to
+/// do instead. Other errors are returned as they are.
+pub(crate) fn one_head_over_binding(e: FmaError, why: &str) -> FmaError {
+    if !crate::plan::exceeds_binding(&e) {
+        return e;
+    }
+    let FmaError::LimitExceeded {
+        what,
+        requested,
+        max,
+        unit,
+        advice,
+    } = e
+    else {
+        return e;
+    };
+    FmaError::LimitExceeded {
+        what: format!("the backward of one head: {what}"),
+        requested,
+        max,
+        unit,
+        advice: format!(
+            "the backward runs tensors over one binding a run of heads at a time but does not \
+             split one head along its sequence ({why}): use shorter sequences per head or a \
+             device with larger storage bindings; the forward alone splits a head ({advice})"
+        ),
+    }
+}
+
+/// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head
+/// of one run keeps its bits, a -0.0 included): how the training runs of heads put a K/V
+/// head's gradients together in head order (`fma/backward_runs.rs`, `dense/backward_runs.rs`).
+pub(crate) fn add_or_copy(dst: &mut [f32], src: &[f32], add: bool) {
+    if add {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
 /// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
 /// independent, so the result is the one an unsplit run would give).
 async fn forward_in_chunks<'a, F, Fut>(

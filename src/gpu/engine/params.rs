@@ -191,8 +191,33 @@ pub struct DecodeParams {
     pub partial_stride: u32,
     pub in_row0: u32,
     pub qgroup: u32,
+    /// Softcap C (read where the pipeline's `SOFTCAP` is on).
+    pub softcap: f32,
+    /// Window: keys t >= i - window_left (read where `WINDOW` is on).
+    pub window_left: u32,
     pub _pad2: u32,
+    pub _pad3: u32,
+    pub _pad4: u32,
     pub level_info: [LevelInfo; MAX_LEVELS],
+    /// Sink logits of the query heads of a sequence, four per entry (`MAX_SINK_HEADS`; read
+    /// where `SINKS` is on).
+    pub sinks: [Quad; MAX_SINK_HEADS / 4],
+}
+
+impl DecodeParams {
+    /// Writes the softmax variants `v` into the block (sinks beyond [`MAX_SINK_HEADS`] heads
+    /// are not written: [`check_variants`] refuses them when the decoder is made).
+    pub fn set_variants(&mut self, v: &Variants) {
+        self.softcap = v.softcap.unwrap_or(0.0);
+        // Positions are below 2^31 (`DecodeConfig::validate`): a longer window is the same.
+        self.window_left = v.window.map_or(0, |w| w.left.min(1 << 30) as u32);
+        if let Some(s) = &v.sinks {
+            for (h, &x) in s.iter().enumerate().take(MAX_SINK_HEADS) {
+                let q = &mut self.sinks[h / 4];
+                *[&mut q.x, &mut q.y, &mut q.z, &mut q.w][h % 4] = x;
+            }
+        }
+    }
 }
 
 /// Mirror of WGSL `LevelSelect` (`shaders/shared/level_select.wgsl`): one per dispatch of the

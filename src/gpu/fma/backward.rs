@@ -14,7 +14,7 @@ use crate::cross;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage};
 use crate::gpu::engine::cache::Growing;
-use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::front::{check_host, one_head_over_binding};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
@@ -127,6 +127,11 @@ fn resident_over_binding(e: FmaError) -> FmaError {
         e => e,
     }
 }
+
+/// Why the FMA backward does not split one head along its sequence (its error says it).
+pub(super) const WHY_WHOLE_HEAD: &str = "the coarse dK~/dV~ pass reads, for a coarse key of the \
+     top level, queries from all over the sequence (its far-list readers, 3 w_L tokens), so a \
+     head's Q, dO and stats are bound whole";
 
 /// Scratch buffers of the backward, grown by capacity: coarse K~, V~ recomputed by the
 /// forward's downsample pass, their gradients dK~, dV~ (bh / kv_group, coarse_rows, d), the
@@ -306,7 +311,7 @@ impl FmaAttention {
                 Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
                     return self.forward_train_runs((q, k, v), shape).await;
                 }
-                other => other?,
+                other => other.map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?,
             },
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };

@@ -12,12 +12,12 @@
 //! and differs from the unsplit run (one tree of partial sums over all heads) by rounding only.
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::front::{head_chunks, kv_heads_of};
+use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of, one_head_over_binding};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
 
-use super::backward::{HeadRun, Kept, Saved};
+use super::backward::{HeadRun, Kept, Saved, WHY_WHOLE_HEAD};
 use super::FmaAttention;
 
 impl FmaAttention {
@@ -39,7 +39,9 @@ impl FmaAttention {
                     .into(),
             });
         }
-        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))?;
+        // Even one head over a binding: the error says the backward does not split a head.
+        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))
+            .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?;
         let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
         let mut o = Vec::with_capacity(shape.elements());
         let mut lse = Vec::with_capacity(shape.rows());
@@ -89,8 +91,8 @@ impl FmaAttention {
             let (kv_first, kv_count) = kv_heads_of(shape, (run.first, run.count));
             for (i, h) in (kv_first..kv_first + kv_count).enumerate() {
                 let (src, dst) = (i * per_kv..(i + 1) * per_kv, h * per_kv..(h + 1) * per_kv);
-                accumulate(&mut dk[dst.clone()], &g.dk[src.clone()], seen[h]);
-                accumulate(&mut dv[dst], &g.dv[src], seen[h]);
+                add_or_copy(&mut dk[dst.clone()], &g.dk[src.clone()], seen[h]);
+                add_or_copy(&mut dv[dst], &g.dv[src], seen[h]);
                 seen[h] = true;
             }
             weights = match (weights, g.weights) {
@@ -114,16 +116,6 @@ impl FmaAttention {
     }
 }
 
-/// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head
-/// of one run keeps its bits, a -0.0 included).
-fn accumulate(dst: &mut [f32], src: &[f32], add: bool) {
-    if add {
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-    } else {
-        dst.copy_from_slice(src);
-    }
-}
-
 /// One level's weight gradients of a run added to the previous runs' sum.
 fn add_level(sum: &mut LevelGradients<f32>, run: &LevelGradients<f32>) {
     for (s, r) in [
@@ -134,6 +126,6 @@ fn add_level(sum: &mut LevelGradients<f32>, run: &LevelGradients<f32>) {
         (&mut sum.wq, &run.wq),
         (&mut sum.bq, &run.bq),
     ] {
-        accumulate(s, r, true);
+        add_or_copy(s, r, true);
     }
 }

@@ -1,0 +1,178 @@
+//! The dense backward of host tensors over one storage binding whose heads fit: with the
+//! library capped at 32 KiB per binding (`Attention::max_binding`, on the shared context, so
+//! the split and the unsplit run use the same kernels), `train` + `backward` run a run of heads
+//! at a time (`gpu/dense/backward_runs.rs`). Against the unsplit run on the same context:
+//! - O, the LSE, dQ, and dK, dV when the runs are whole K/V-head groups: the same bits (each
+//!   run is the unsplit passes over fewer heads, every head's sums in the same order);
+//! - dK, dV of a group split into single heads: within WTOL = 1e-5 of the tensor's scale
+//!   (max(1, max|g|)). Why: the unsplit pass sums a K/V head's group of query heads in one
+//!   running sum per key, the split one adds the heads' sums on the host: the same f32 terms
+//!   regrouped, a few roundings of at most 2^-24 of partial sums within a few times the scale
+//!   (we measure 6e-7: 17x headroom); a missing or doubled head moves an element by about its share, ~1/group of the scale.
+//!
+//! The split run is bitwise the same twice and within the backward tolerance of the f64
+//! reference (`TOL`). Cases: GQA groups of 2, one K/V head per query head, causal and not,
+//! fewer queries than keys, and a group of 4 over the binding. A resident backward of host
+//! tensors saved in runs is a typed error that leaves its NaN-poisoned gradients untouched.
+//! Fresh seeds (printed).
+
+use crate::common::gradients::{buffer, compare_all, inputs, nan, Inputs};
+use crate::common::{gpu, read_buffer};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, HostGrad, ResidentGrad};
+use multipole_attn::random::fresh_seed;
+use multipole_attn::{FmaError, Gradients, Method, Problem, Shape};
+
+/// The binding cap of the split runs.
+const LIMIT: u64 = 32 << 10;
+
+/// Split against unsplit where the sums are regrouped (module header).
+const WTOL: f64 = 1e-5;
+
+/// Largest |a - b| over the scale max(1, max|b|), asserted within WTOL.
+fn regrouped(label: &str, name: &str, a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{label}: {name} length");
+    let scale = b.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
+        .fold(
+            0.0,
+            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        );
+    assert!(
+        worst <= WTOL * scale,
+        "{label}: {name} split vs unsplit {worst:.3e} (scale {scale:.3e})"
+    );
+    worst / scale
+}
+
+fn host_gradients(
+    dense: &Attention,
+    p: &Problem,
+    x: &Inputs,
+) -> (multipole_attn::gpu::Output, Gradients<f32>) {
+    let (out, saved) = dense.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
+    let g = dense.backward(&saved, HostGrad(&x.dout)).expect("backward");
+    (out, g)
+}
+
+/// One case against the unsplit run, itself and the f64 reference; returns the regrouping
+/// error of dK, dV (0 when the runs are whole groups).
+fn check(ctx: &GpuContext, seed: u64, p: &Problem, whole_groups: bool) -> f64 {
+    let label = format!("seed {seed} {} causal={}", p.shape, p.causal);
+    let x = inputs(seed, p.shape);
+    let whole = Attention::dense(ctx).unwrap();
+    let split = Attention::dense(ctx).unwrap().max_binding(LIMIT).unwrap();
+    // The split run cannot pass by not splitting: its backward does not fit one binding.
+    assert!(
+        matches!(split.backward_plan(p), Err(FmaError::LimitExceeded { .. })),
+        "{label}: the tensors fit one binding"
+    );
+    let (out_u, g_u) = host_gradients(&whole, p, &x);
+    let (out_s, g_s) = host_gradients(&split, p, &x);
+    assert_eq!(out_s.o, out_u.o, "{label}: O");
+    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
+    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
+    let mut worst = 0.0f64;
+    if whole_groups {
+        assert_eq!(g_s.dk, g_u.dk, "{label}: dK");
+        assert_eq!(g_s.dv, g_u.dv, "{label}: dV");
+    } else {
+        worst = worst.max(regrouped(&label, "dK", &g_s.dk, &g_u.dk));
+        worst = worst.max(regrouped(&label, "dV", &g_s.dv, &g_u.dv));
+    }
+    assert!(g_s.weights.is_none() && g_s.dsinks.is_none(), "{label}");
+    let (_, again) = host_gradients(&split, p, &x);
+    assert_eq!(again, g_s, "{label}: two split runs differ");
+    let r = cpu::backward(
+        &Method::Dense,
+        p,
+        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
+        &widen(&x.dout),
+    )
+    .unwrap();
+    let to_ref = compare_all(&label, &g_s, &r);
+    eprintln!("{label}: regrouped {worst:.2e}, against f64 {to_ref:.2e}");
+    worst
+}
+
+#[test]
+fn dense_backward_over_one_binding_runs_heads_and_matches_unsplit() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    // 300 x 8 x 4 bytes = 9.6 KB per query head of Q (O, dO, dQ): 3 heads per 32 KiB binding.
+    let (n, d) = (300, 8);
+    let mut worst = 0.0f64;
+    for (i, (shape, causal, whole_groups)) in [
+        // Groups of 2 query heads: runs of one group, 4 of them.
+        (Shape::new(2, 4, n, d).with_kv_heads(2), false, true),
+        (Shape::new(2, 4, n, d).with_kv_heads(2), true, true),
+        // One K/V head per query head: runs of 3 heads, then 1.
+        (Shape::new(2, 2, n, d), true, true),
+        // 200 queries against 300 keys (bottom-right causal).
+        (Shape::cross(2, 4, 200, n, d).with_kv_heads(2), true, true),
+        // A group of 4 heads is over the binding: one query head per run, dK and dV summed
+        // over the runs of the group.
+        (Shape::new(1, 4, n, d).with_kv_heads(1), false, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = seed.wrapping_add(i as u64 * 7919);
+        worst = worst.max(check(
+            ctx,
+            s,
+            &Problem::new(shape).causal(causal),
+            whole_groups,
+        ));
+    }
+    eprintln!("worst regrouping error {worst:.2e} of the scale");
+}
+
+#[test]
+fn a_resident_backward_of_dense_runs_is_a_typed_error() {
+    let Some(ctx) = gpu() else { return };
+    let shape = Shape::new(2, 2, 300, 8);
+    let problem = Problem::new(shape);
+    let x = inputs(fresh_seed(), shape);
+    let split = Attention::dense(ctx).unwrap().max_binding(LIMIT).unwrap();
+    let (_, saved) = split
+        .train(&problem, Host::new(&x.q, &x.k, &x.v))
+        .expect("host training in runs");
+    let dout = buffer(ctx, "dout", &x.dout);
+    let (dq, dk, dv) = (
+        nan(ctx, "dq", shape.elements()),
+        nan(ctx, "dk", shape.kv_elements()),
+        nan(ctx, "dv", shape.kv_elements()),
+    );
+    let grads = GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: None,
+    };
+    let e = split
+        .backward(&saved, ResidentGrad { dout: &dout, grads })
+        .expect_err("resident gradients of runs");
+    assert!(
+        matches!(&e, FmaError::InvalidConfig { allowed, .. } if allowed.contains("HostGrad")),
+        "{e}"
+    );
+    for b in [&dq, &dk, &dv] {
+        assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
+    }
+    // One head over a binding: refused (the dense backward does not split a head).
+    let long = Shape::new(2, 1, 2000, 8);
+    let y = inputs(1, long);
+    let e = split
+        .train(&Problem::new(long), Host::new(&y.q, &y.k, &y.v))
+        .expect_err("one head over a binding");
+    assert!(
+        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
+            if what.contains("one head") && advice.contains("does not split one head")),
+        "{e}"
+    );
+}
