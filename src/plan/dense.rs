@@ -50,6 +50,16 @@ impl DensePlan {
         self
     }
 
+    /// The plan with its passes composed for `storage` (issue 29; dispatches and sizes do not
+    /// change: the binding checks count 4 bytes per element, which f16 tensors undercut).
+    pub fn with_storage(mut self, storage: crate::Storage) -> Self {
+        self.attention.spec.storage = storage;
+        if let Some(pad) = &mut self.pad {
+            pad.spec.storage = storage;
+        }
+        self
+    }
+
     /// Every dispatch in execution order: the attention, then (padded batches) the padding.
     /// A key range of more than one chunk ([`DensePlan::key_chunks`]) repeats the attention
     /// dispatch once per chunk with that chunk's parameters.

@@ -10,6 +10,7 @@ use crate::error::{FmaError, Result};
 use crate::geometry::{effective_cell, Grid, GridGeometry};
 use crate::levels::Levels;
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Checks the shape and that Q, K, V and O each fit one storage binding.
 pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
@@ -288,6 +289,7 @@ impl FmaPlan {
         let spec = Specialization {
             grid,
             softmax: SoftmaxFlags::of(&cfg.variants),
+            storage: Storage::F32,
             ..attention_spec(d, wg, limits)?
         };
         let tiles_per_block = (block_queries as u32).div_ceil(wg);
@@ -305,6 +307,7 @@ impl FmaPlan {
             d4: 1,
             grid,
             softmax: SoftmaxFlags::PLAIN,
+            storage: Storage::F32,
         };
         let learned = matches!(cfg.downsample, Downsample::Learned(_));
         let pools = levels
@@ -351,6 +354,7 @@ impl FmaPlan {
                 d4: attention_spec(d, 1, limits)?.d4,
                 grid,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             };
             let coarse = levels
                 .levels
@@ -367,6 +371,7 @@ impl FmaPlan {
                 d4: 1,
                 grid,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             };
             let total = (shape.rows() as u64).div_ceil(m_spec.wg as u64);
             let merge = dispatch(Pass::UpsampleMerge, None, total, m_spec, limits)?;
@@ -414,6 +419,25 @@ impl FmaPlan {
             steps.extend(self.downsample_combine.get(i).into_iter().flatten());
         }
         steps
+    }
+
+    /// The plan with its passes composed for `storage` (issue 29): every step, so the passes
+    /// that bind Q, K, V or O load and store them as that type (the others compose the same
+    /// text either way). Dispatches and sizes do not change: the binding checks count 4 bytes
+    /// per element, which f16 tensors undercut.
+    pub fn with_storage(mut self, storage: crate::Storage) -> Self {
+        let all = self
+            .downsample
+            .iter_mut()
+            .chain(self.downsample_combine.iter_mut().flatten())
+            .chain(self.coarse_attention.iter_mut())
+            .chain(std::iter::once(&mut self.attention))
+            .chain(self.merge.iter_mut())
+            .chain(self.pad.iter_mut());
+        for d in all {
+            d.spec.storage = storage;
+        }
+        self
     }
 
     /// Every dispatch in execution order: level by level the downsample (and, coarse queries,
@@ -600,6 +624,31 @@ mod tests {
         for total in [1u32, 65535, 65536, 1 << 20, u32::MAX / 2] {
             let g = fold(total, 65535).unwrap();
             assert!(g[0] <= 65535 && g[1] <= 65535 && g[0] as u64 * g[1] as u64 >= total as u64);
+        }
+    }
+
+    #[test]
+    fn a_folded_grid_launches_fewer_than_a_row_of_spare_workgroups() {
+        // Just past the limit (the downsample pass's level 1 at n = 131072, 8 heads): two rows
+        // of 32768, not 65535 x 2 with 65534 workgroups doing nothing.
+        assert_eq!(fold(65536, 65535).unwrap(), [32768, 2, 1]);
+        assert_eq!(fold(65535, 65535).unwrap(), [65535, 1, 1]);
+        assert_eq!(fold(0, 65535).unwrap(), [1, 1, 1]);
+        for total in [1u32, 7, 65535, 65536, 98304, 131071, 1 << 20, 65535 * 65535] {
+            for max in [1u32, 256, 65535] {
+                let Ok([x, y, z]) = fold(total, max) else {
+                    assert!(total.div_ceil(max) > max, "{total} {max}");
+                    continue;
+                };
+                assert_eq!(z, 1);
+                assert!(x <= max && y <= max, "{total} {max}: {x} x {y}");
+                let launched = x as u64 * y as u64;
+                assert!(launched >= total as u64, "{total} {max}: {x} x {y}");
+                assert!(
+                    launched < total.max(1) as u64 + y as u64,
+                    "{total} {max}: {x} x {y}"
+                );
+            }
         }
     }
 

@@ -2,6 +2,8 @@
 //! schedules. Which WGSL file a pass runs and what it binds is the engine's business
 //! (`gpu::engine::passes`, one descriptor per pass), so plans stay free of the GPU layer.
 
+use crate::storage::Storage;
+
 /// Declares [`Pass`] from one list, so a pass's variant, its name and its place in
 /// [`Pass::ALL`] cannot disagree.
 macro_rules! passes {
@@ -125,6 +127,9 @@ pub struct Specialization {
     /// The softmax variants the pass is composed with (issue 30): each on is a WGSL `const`
     /// true, so a pipeline without them is the plain one, compiled as before.
     pub softmax: SoftmaxFlags,
+    /// The element type of the pass's Q, K, V, O (and gradient) bindings (issue 29,
+    /// `gpu/engine/storage_types.rs`): [`Storage::F32`] composes the text it always did.
+    pub storage: Storage,
 }
 
 /// Which softmax variants of issue 30 ([`crate::Variants`]) a pipeline is specialised for

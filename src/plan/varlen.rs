@@ -13,6 +13,7 @@ use crate::config::{FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::sequences::{SeqLayout, Sequences};
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Checks that each tensor of the batch fits one storage binding (a variable-length batch is
 /// not split across bindings).
@@ -38,6 +39,7 @@ fn pad_dispatch(seqs: &Sequences, shape: Shape, limits: &KernelLimits) -> Result
         d4: 1,
         grid: false,
         softmax: SoftmaxFlags::PLAIN,
+        storage: Storage::F32,
     };
     let total = (shape.rows() as u64).div_ceil(spec.wg as u64);
     dispatch(Pass::PadRows, None, total, spec, limits).map(Some)

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{DecodeArgs, QueriesArg};
+use crate::args::{DecodeArgs, QueriesArg, StorageArg};
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor, write_array};
 use crate::run::{build_config, problem, problem_shape};
@@ -42,6 +42,12 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
     check_output_path(&run.out)?;
     if let Some(lse) = &run.lse {
         check_output_path(lse)?;
+    }
+    if run.storage == StorageArg::F16 {
+        return Err(CliError::Input(
+            "--storage f16 is not offered by decode yet (its cache is f32); use --storage f32"
+                .into(),
+        ));
     }
     if run.queries == QueriesArg::Coarse {
         return Err(CliError::Input(
@@ -192,7 +198,7 @@ fn gpu(
     let secs = start.elapsed().as_secs_f64();
     let tokens = (n - p) * s.batch;
     let (fixed, history) = dec.bytes()?;
-    println!(
+    outln!(
         "decode: {} ({}), prefill {p}, {steps} steps of up to {} tokens: {tokens} tokens in {:.3} s, {:.1} tokens/s (wall clock incl. upload and readback)",
         s,
         if args.run.dense { "dense" } else { "FMA" },
@@ -201,14 +207,14 @@ fn gpu(
         tokens as f64 / secs.max(1e-9)
     );
     if cfg.variants.window.is_some() {
-        println!(
+        outln!(
             "cache: a window's ring, {fixed} bytes (fixed: no history, no coarse level); every \
              buffer of the decoder {} bytes; K and V themselves: {} bytes",
             dec.allocated_bytes()?,
             2 * s.kv_elements() * 4
         );
     } else {
-        println!(
+        outln!(
             "cache: FMA state {fixed} bytes (fixed), history {history} bytes; K and V themselves: {} bytes",
             2 * s.kv_elements() * 4
         );

@@ -110,7 +110,8 @@ impl DenseAttention {
     pub fn backward_plan(&self, shape: Shape) -> Result<DenseBackwardPlan> {
         self.variants.validate(shape.heads, self.causal)?;
         Ok(DenseBackwardPlan::new(shape, &self.limits)?
-            .with_softmax(SoftmaxFlags::of(&self.variants)))
+            .with_softmax(SoftmaxFlags::of(&self.variants))
+            .with_storage(self.storage))
     }
 
     /// The plan of the backward of a variable-length batch of `shape` (the tensors' shape, as
@@ -294,7 +295,7 @@ impl DenseAttention {
             shape,
             sequences: None,
             owner: self.id,
-            kept: DenseKept::Whole(SavedTensors::from_buffers(t, shape)?),
+            kept: DenseKept::Whole(SavedTensors::from_buffers(t, shape, self.storage)?),
         })
     }
 
@@ -420,8 +421,9 @@ impl DenseAttention {
         let shape = saved.shape;
         let tensors = saved.whole()?;
         let plan = self.saved_plan(saved)?;
-        let bytes = shape.elements() as u64 * 4;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+        // dO and the gradients have the elements of the storage (issue 29).
+        let bytes = shape.elements() as u64 * self.storage.bytes();
+        let kv_bytes = shape.kv_elements() as u64 * self.storage.bytes();
         check_storage("dO", dout, bytes, shape)?;
         check_storage("dQ", g.dq, bytes, shape)?;
         check_storage("dK", g.dk, kv_bytes, shape)?;

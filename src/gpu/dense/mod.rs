@@ -5,6 +5,7 @@
 
 mod backward;
 mod backward_runs;
+mod coop;
 mod split;
 mod varlen;
 
@@ -21,10 +22,12 @@ use crate::gpu::engine::params::{check_variants, to_uniform_bytes, Params};
 use crate::gpu::engine::passes::{desc, Role};
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::storage_types::{check_device_storage, f16_split_refused};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits, SoftmaxFlags};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::Variants;
 
 /// The uniforms of one shape: a parameter block per key chunk (the dense pass has no level
@@ -63,6 +66,10 @@ pub struct DenseAttention {
     backward_uniforms: ShapeCache<Shape, backward::BackwardUniforms>,
     /// The backward's LSE and D per row, (bh, n, 2), grown by capacity.
     stats: Mutex<Growing>,
+    /// The element type of Q, K, V and O (issue 29).
+    storage: Storage,
+    /// The forward on cooperative matrices, where the context negotiated them (`coop.rs`).
+    coop: coop::CoopPipelines,
 }
 
 /// The next [`DenseAttention`] id.
@@ -86,7 +93,16 @@ impl DenseAttention {
                 "dense lse and delta",
                 wgpu::BufferUsages::empty(),
             )),
+            storage: Storage::F32,
+            coop: coop::CoopPipelines::default(),
         })
+    }
+
+    /// Stores Q, K, V and O as `storage`, as [`crate::gpu::FmaAttention::with_storage`].
+    pub fn with_storage(mut self, storage: Storage) -> Result<Self> {
+        check_device_storage(&self.ctx, storage)?;
+        self.storage = storage;
+        Ok(self)
     }
 
     /// Runs the softmax variants `variants` (issue 30: softcap, sinks, sliding window),
@@ -128,7 +144,9 @@ impl DenseAttention {
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
         self.variants.validate(shape.heads, self.causal)?;
-        Ok(DensePlan::new(shape, &self.limits)?.with_softmax(SoftmaxFlags::of(&self.variants)))
+        Ok(DensePlan::new(shape, &self.limits)?
+            .with_softmax(SoftmaxFlags::of(&self.variants))
+            .with_storage(self.storage))
     }
 
     /// Refuses the softmax variants where a front would run the heads of `full` in pieces
@@ -248,7 +266,22 @@ impl DenseAttention {
         record_steps(&self.ctx, cpass, steps, pipes, selects.as_ref(), &res)
     }
 
-    /// Records `plan`'s dispatches, one per key chunk in order, into a compute pass of `enc`.
+    /// The forward of `plan` on cooperative matrices, where the context has them and the
+    /// kernel covers the plan (`coop.rs`).
+    async fn coop_run(&self, plan: &DensePlan) -> Result<Option<coop::CoopRun>> {
+        // The cooperative-matrix kernel reads f32 tensors (its composition has no f16
+        // storage variant yet): f16 storage runs the plain kernels.
+        if self.storage == Storage::F16 {
+            return Ok(None);
+        }
+        let plain = self.variants.is_plain();
+        let base = self.plain_params(plan);
+        self.coop.run(&self.ctx, plan, plain, base).await
+    }
+
+    /// Records `plan`'s dispatches, one per key chunk in order, into a compute pass of `enc`
+    /// (or its one dispatch on cooperative matrices, `coop`).
+    #[allow(clippy::too_many_arguments)]
     fn record_plan(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -257,7 +290,11 @@ impl DenseAttention {
         uniforms: &Uniforms,
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
+        coop: Option<&coop::CoopRun>,
     ) -> Result<()> {
+        if let Some(run) = coop {
+            return run.record(&self.ctx, enc, t, lse);
+        }
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward"),
             timestamp_writes: None,
@@ -311,6 +348,7 @@ impl DenseAttention {
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
+        let coop = self.coop_run(&plan).await?;
         run_host(
             &self.ctx,
             &self.host,
@@ -319,7 +357,7 @@ impl DenseAttention {
             (q, k, v),
             want_lse,
             "the dense forward",
-            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms, &t, lse),
+            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms, &t, lse, coop.as_ref()),
         )
         .await
     }
@@ -328,7 +366,11 @@ impl DenseAttention {
     /// storage binding are copied through bindings that fit, a head (or chunk) at a time: Q, K
     /// and V then need `COPY_SRC` usage and O and the LSE `COPY_DST`.
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
+        let over = shape.elements().max(shape.kv_elements()) as u64 * 4;
+        if self.storage == Storage::F16 && over > self.limits.binding_bytes() {
+            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
+        }
         if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
             return self
                 .forward_split(SplitIo::Device(t), shape)
@@ -354,11 +396,12 @@ impl DenseAttention {
         t: GpuTensors<'_>,
         shape: Shape,
     ) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);
-        self.record_plan(enc, &plan, &pipes, &uniforms, &t, &lse)
+        let coop = self.coop_run(&plan).await?;
+        self.record_plan(enc, &plan, &pipes, &uniforms, &t, &lse, coop.as_ref())
     }
 }

@@ -7,14 +7,17 @@
 pub(crate) mod buffers;
 pub(crate) mod cache;
 pub mod context;
+pub mod coop;
 pub(crate) mod front;
 pub mod io;
 pub(crate) mod params;
 pub mod passes;
 pub(crate) mod pipelines;
+pub mod profile;
 pub(crate) mod record;
 pub mod shaders;
 pub(crate) mod split_io;
+pub(crate) mod storage_types;
 pub(crate) mod tensors;
 pub(crate) mod varlen_io;
 pub(crate) mod weights;

@@ -265,7 +265,7 @@ impl BackwardScratch {
 impl FmaAttention {
     /// The plan a backward of `shape` would execute.
     pub fn backward_plan(&self, shape: Shape) -> Result<BackwardPlan> {
-        BackwardPlan::new(shape, &self.cfg, &self.limits)
+        Ok(BackwardPlan::new(shape, &self.cfg, &self.limits)?.with_storage(self.storage))
     }
 
     /// Whether the backward of one head of `shape` (one query head, its K/V head) exceeds one
@@ -390,7 +390,7 @@ impl FmaAttention {
             chunk: None,
             sequences: None,
             owner: self.id,
-            kept: Kept::Whole(SavedTensors::from_buffers(t, shape)?),
+            kept: Kept::Whole(SavedTensors::from_buffers(t, shape, self.storage)?),
         })
     }
 
@@ -590,10 +590,11 @@ impl FmaAttention {
         let shape = saved.shape;
         let tensors = saved.whole()?;
         let plan = self.saved_plan(saved)?;
-        let bytes = shape.elements() as u64 * 4;
+        // dO and the gradients have the elements of the storage (issue 29).
+        let bytes = shape.elements() as u64 * self.storage.bytes();
         check_storage("dO", dout, bytes, shape)?;
         check_storage("dQ", g.dq, bytes, shape)?;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * self.storage.bytes();
         check_storage("dK", g.dk, kv_bytes, shape)?;
         check_storage("dV", g.dv, kv_bytes, shape)?;
         let learned = matches!(self.cfg.downsample, Downsample::Learned(_));

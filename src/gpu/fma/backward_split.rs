@@ -15,10 +15,12 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::storage_types::f16_split_refused;
 use crate::gpu::engine::tensors::{Output, Scopes};
 use crate::gradients::Gradients;
 use crate::plan::{BackwardSplitPlan, Chunk, Dispatch};
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 use super::backward::{HostKept, Kept, Saved};
 use super::workspace::Uniforms;
@@ -58,6 +60,10 @@ impl FmaAttention {
         (q, k, v): (&[f32], &[f32], &[f32]),
         shape: Shape,
     ) -> Result<(Output, Saved)> {
+        // f16 tensors run whole (their host path goes through f16 buffers, not these chunks).
+        if self.storage == Storage::F16 {
+            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
+        }
         // Everything the backward will need must be possible before the forward runs.
         BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
         let io = SplitIo::Host {
