@@ -156,6 +156,7 @@ fn read(ctx: &GpuContext, buf: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, Bo
     let slice = staging.slice(..);
     slice.map_async(wgpu::MapMode::Read, |_| {});
     ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
-    let out = bytemuck::cast_slice(&slice.get_mapped_range()).to_vec();
+    let view = slice.get_mapped_range()?;
+    let out = bytemuck::cast_slice(&view).to_vec();
     Ok(out)
 }

@@ -153,6 +153,46 @@ mod tests {
     }
 
     #[test]
+    fn plans_count_tiles_of_the_tiled_block() {
+        use crate::plan::{DensePlan, DenseSplitPlan};
+        use crate::sequences::Sequences;
+        use crate::shape::Shape;
+        let gpu = KernelLimits::discrete_gpu();
+        let shape = Shape::new(2, 3, 1000, 128);
+        let plan = DensePlan::with_kernel(shape, &gpu, DenseKernel::Tiled).unwrap();
+        let a = plan.attention;
+        assert_eq!((a.pass, a.spec.wg, a.spec.bk), (Pass::DenseTiled, 32, 16));
+        assert_eq!(plan.tiles, 1000u32.div_ceil(32));
+        assert_eq!(a.workgroups, 6 * plan.tiles);
+        // The rows kernel's plan is what DensePlan::new gave before the tiled kernel.
+        let rows = DensePlan::with_kernel(shape, &gpu, DenseKernel::Rows).unwrap();
+        assert_eq!(
+            rows.attention,
+            DensePlan::new(shape, &gpu).unwrap().attention
+        );
+        assert_eq!(rows.attention.pass, Pass::DenseAttention);
+        // A variable-length batch: each sequence's tiles of the tiled block.
+        let seqs = Sequences::packed(vec![1, 33, 64]).unwrap();
+        let v = DensePlan::for_sequences_with(&seqs, (2, 1, 64), &gpu, DenseKernel::Tiled).unwrap();
+        assert_eq!(v.attention.pass, Pass::DenseTiled);
+        assert_eq!(v.sequences.as_ref().unwrap().tiles, 1 + 1 + 1);
+        assert_eq!(v.attention.workgroups, 2 * 3);
+        // A split head: chunks of whole tiles of the block and the key tile.
+        let small = gpu.capped(64 * 1024);
+        let split = DenseSplitPlan::with_kernel(2000, 64, true, &small, (None, DenseKernel::Tiled))
+            .unwrap();
+        assert_eq!(split.head.attention.pass, Pass::DenseTiled);
+        assert!(split.chunks.len() > 1);
+        for &(lo, _) in &split.chunks {
+            assert_eq!(lo % 64, 0);
+        }
+        assert!(split
+            .pairs
+            .iter()
+            .all(|p| p.dispatch.pass == Pass::DenseTiled));
+    }
+
+    #[test]
     fn rows_is_the_default_and_cpu_adapters_keep_it() {
         assert_eq!(DenseKernel::default(), DenseKernel::Rows);
         assert_eq!(

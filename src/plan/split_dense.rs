@@ -76,8 +76,7 @@ impl DenseSplitPlan {
         limits: &KernelLimits,
         (max_keys, kernel): (Option<usize>, DenseKernel),
     ) -> Result<Self> {
-        let head =
-            DensePlan::without_tensor_bindings_for(Shape::new(1, 1, n, d), limits, kernel)?;
+        let head = DensePlan::without_tensor_bindings_for(Shape::new(1, 1, n, d), limits, kernel)?;
         let spec = head.attention.spec;
         let parts = head.key_chunks(max_keys.unwrap_or_else(|| head.keys_per_dispatch()));
         // Multiple of both tiles: query tiles of WG rows, key tiles of BK rows.

@@ -148,7 +148,10 @@ fn variable_length_batches_take_key_chunks_too() {
         let q = normal_tensor(seed, shape.elements());
         let k = normal_tensor(seed ^ 0x9e37_79b9, shape.kv_elements());
         let v = normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements());
-        for (causal, kernel) in [false, true].into_iter().flat_map(|c| DENSE_KERNELS.map(|k| (c, k))) {
+        for (causal, kernel) in [false, true]
+            .into_iter()
+            .flat_map(|c| DENSE_KERNELS.map(|k| (c, k)))
+        {
             let label = format!("seed {seed} {seqs:?} causal {causal} {kernel:?}");
             let problem = Problem::varlen(seqs.clone(), 2, 1, 8).causal(causal);
             let dense = Attention::dense(ctx)

@@ -16,10 +16,10 @@
 
 use crate::common::gradients::{compare, compare_all, inputs};
 use crate::common::{gpu, mismatched_subgroup_gpu, Poisoned, DENSE_KERNELS};
-use multipole_attn::plan::DenseKernel;
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad, Resident};
+use multipole_attn::plan::DenseKernel;
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{FmaConfig, FmaError, Method, Problem, Sequences, Shape, Variants, Window};
 
