@@ -7,6 +7,7 @@ use super::dispatch::attention_spec;
 use super::limits::KernelLimits;
 use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::error::Result;
+use crate::storage::Storage;
 
 /// The shape of the dense forward kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -87,6 +88,7 @@ pub fn tiled_spec(head_dim: usize, limits: &KernelLimits) -> Option<Specializati
                     d4,
                     grid: false,
                     softmax: SoftmaxFlags::PLAIN,
+                    storage: Storage::F32,
                 });
             }
         }
