@@ -35,5 +35,5 @@ pub use method::Method;
 pub use problem::Problem;
 pub use sequences::{SeqLayout, Sequences};
 pub use shape::Shape;
-pub use variants::{Variants, Window};
+pub use variants::{HeadSpan, Variants, Window};
 pub use weights::{LearnedWeights, LevelWeights};

@@ -7,6 +7,7 @@ use super::limits::KernelLimits;
 use super::pass::Pass;
 use crate::error::{FmaError, Result};
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 
 /// Key tiles one dense dispatch attends at most per query row; longer key ranges run as
 /// several dispatches, key chunks in order, each resuming the rows' partial (O, LSE)
@@ -40,6 +41,9 @@ pub struct DensePlan {
     pub pad: Option<Dispatch>,
     /// A variable-length batch's sequence table (`None` for a batch of equal sequences).
     pub sequences: Option<super::sequences::SeqTable>,
+    /// Which of the caller's query heads the problems are (a run of heads: its sinks'
+    /// heads); [`HeadSpan::whole`] of `shape` unless [`DensePlan::in_span`] says otherwise.
+    pub head_span: HeadSpan,
 }
 
 impl DensePlan {
@@ -47,6 +51,13 @@ impl DensePlan {
     /// (`shared/variants.wgsl`; dispatches and sizes do not change).
     pub fn with_softmax(mut self, flags: super::SoftmaxFlags) -> Self {
         self.attention.spec.softmax = flags;
+        self
+    }
+
+    /// The plan of a run of the caller's heads: problem qh is the caller's head
+    /// `(span.first + qh) mod span.heads` (its sink); nothing else changes.
+    pub fn in_span(mut self, span: HeadSpan) -> Self {
+        self.head_span = span;
         self
     }
 
@@ -127,6 +138,7 @@ impl DensePlan {
             tiles,
             pad: None,
             sequences: None,
+            head_span: HeadSpan::whole(shape),
         })
     }
 }

@@ -378,15 +378,14 @@ impl Attention {
     /// FMA's host tensors over one storage binding train a run of heads at a time (whole K/V
     /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`](crate::gpu::HostGrad)
     /// only. Still a typed error: resident buffers over a binding, one head over a binding
-    /// (the backward does not split a head along its sequence), sinks on tensors over a
-    /// binding, and a variable-length batch over a binding.
+    /// (the backward does not split a head along its sequence), and a variable-length batch
+    /// over a binding.
     pub async fn train_async<'a, I: TrainIo<'a>>(
         &self,
         p: &Problem,
         io: I,
     ) -> Result<(I::Out, Saved)> {
         p.validate()?;
-        self.check_sinks_fit(p)?;
         let exec = self.exec(p)?;
         let (out, kind) = self.train_args(&exec, p, io.args()).await?;
         let saved = Saved {
@@ -424,7 +423,6 @@ impl Attention {
 
     async fn forward_args(&self, p: &Problem, args: ForwardArgs<'_>) -> Result<Option<Output>> {
         p.validate()?;
-        self.check_sinks_fit(p)?;
         let s = p.shape;
         let seqs = p.sequences.as_ref();
         match (self.exec(p)?, seqs, args) {
@@ -545,36 +543,6 @@ impl Attention {
                 "saved tensors of another method than their executor's".into(),
             )),
         }
-    }
-}
-
-impl Attention {
-    /// Sinks on tensors over one storage binding: refused with what to do. The executors run
-    /// such tensors in pieces (runs of heads, chunks of a head) whose parameter blocks number
-    /// their heads from 0, so they would apply the wrong heads' sinks.
-    fn check_sinks_fit(&self, p: &Problem) -> Result<()> {
-        if p.variants.sinks.is_none() {
-            return Ok(());
-        }
-        let mut limits = crate::plan::KernelLimits::from_wgpu(&self.ctx.limits);
-        if let Some(bytes) = self.max_binding {
-            limits = limits.capped(bytes);
-        }
-        let cap = limits.binding_bytes();
-        let bytes = p.shape.elements().max(p.shape.kv_elements()) as u64 * 4;
-        if bytes <= cap {
-            return Ok(());
-        }
-        Err(FmaError::InvalidConfig {
-            what: "attention sinks",
-            value: format!(
-                "on {} ({bytes} bytes per tensor, over one storage binding of {cap} bytes)",
-                p.shape
-            ),
-            allowed: "sinks on tensors that fit one storage binding: fewer heads or a shorter \
-                      sequence per call"
-                .into(),
-        })
     }
 }
 

@@ -25,6 +25,7 @@ use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits, SoftmaxFlags};
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 use crate::variants::Variants;
 
 /// The uniforms of one shape: a parameter block per key chunk (the dense pass has no level
@@ -55,12 +56,12 @@ pub struct DenseAttention {
     limits: KernelLimits,
     /// Keys per dispatch (`None`: [`DensePlan::keys_per_dispatch`]).
     max_keys: Option<usize>,
-    uniforms: ShapeCache<Shape, Uniforms>,
+    uniforms: ShapeCache<(Shape, HeadSpan), Uniforms>,
     host: Mutex<HostPool>,
     /// Tells a [`DenseSaved`] of this instance from another's.
     id: u64,
     /// The backward's parameter blocks per shape (`backward.rs`).
-    backward_uniforms: ShapeCache<Shape, backward::BackwardUniforms>,
+    backward_uniforms: ShapeCache<(Shape, HeadSpan), backward::BackwardUniforms>,
     /// The backward's LSE and D per row, (bh, n, 2), grown by capacity.
     stats: Mutex<Growing>,
 }
@@ -127,24 +128,38 @@ impl DenseAttention {
 
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
-        self.variants.validate(shape.heads, self.causal)?;
-        Ok(DensePlan::new(shape, &self.limits)?.with_softmax(SoftmaxFlags::of(&self.variants)))
+        self.plan_in(shape, HeadSpan::whole(shape))
     }
 
-    /// Refuses the softmax variants where a front would run the heads of `full` in pieces
-    /// (`piece`: a run of heads, or a split head): the pieces' parameter blocks do not say
-    /// which heads they hold, so a sink would meet the wrong head.
-    fn check_whole(&self, full: Shape, piece: Shape) -> Result<()> {
-        if self.variants.is_plain() || full == piece {
+    /// The plan of `shape` as the heads `span` of the caller's problem (a run of heads: the
+    /// variants are checked against the caller's heads, and each problem reads its head's
+    /// sink).
+    pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<DensePlan> {
+        self.variants.validate(span.heads, self.causal)?;
+        Ok(DensePlan::new(shape, &self.limits)?
+            .with_softmax(SoftmaxFlags::of(&self.variants))
+            .in_span(span))
+    }
+
+    /// Refuses the softmax variants on `full` run a head at a time through copies
+    /// (`split.rs`: a head split across storage bindings, or resident tensors over one): its
+    /// (query chunk, key chunk) pairs merge partial rows, and neither the window's band nor
+    /// the sink's one term per row (nor the head's sink) is planned across those pairs.
+    fn check_unsplit(&self, full: Shape) -> Result<()> {
+        if self.variants.is_plain() {
             return Ok(());
         }
         Err(FmaError::LimitExceeded {
-            what: "the softmax variants (softcap, sinks, window)".into(),
-            requested: full.elements() as u64 * 4,
+            what: format!(
+                "{full} with the softmax variants (softcap, sinks, window), run a head at a \
+                 time through copies"
+            ),
+            requested: full.elements().max(full.kv_elements()) as u64 * 4,
             max: self.limits.binding_bytes(),
             unit: "bytes in one storage binding",
-            advice: "they run on tensors whose heads fit one storage binding: pass fewer heads \
-                     or shorter sequences per call"
+            advice: "the variants run on heads that fit one storage binding, from host \
+                     tensors (in runs of heads) or resident tensors that fit one binding: pass \
+                     host tensors, fewer heads or shorter sequences per call"
                 .into(),
         })
     }
@@ -153,7 +168,7 @@ impl DenseAttention {
     fn params(&self, plan: &DensePlan) -> Result<Params> {
         check_variants(&self.variants)?;
         let mut p = self.plain_params(plan);
-        p.set_variants(&self.variants, plan.shape.heads, 0);
+        p.set_variants(&self.variants, plan.head_span.heads, plan.head_span.first);
         Ok(p)
     }
 
@@ -189,7 +204,7 @@ impl DenseAttention {
     }
 
     fn uniforms(&self, plan: &DensePlan) -> Result<Arc<Uniforms>> {
-        self.uniforms.get_or_make(plan.shape, || {
+        self.uniforms.get_or_make((plan.shape, plan.head_span), || {
             let base = self.params(plan)?;
             let params = self
                 .key_chunks(plan)
@@ -291,8 +306,9 @@ impl DenseAttention {
             v,
             want_lse,
             head_exceeds_binding(shape, &self.limits),
-            |s| self.plan(s).map(|_| ()),
-            |q, k, v, s| self.forward_whole(q, k, v, (shape, s), want_lse),
+            // A run's variants are checked against the caller's heads (the sinks' length).
+            |s| self.plan_in(s, HeadSpan::whole(shape)).map(|_| ()),
+            |q, k, v, s, span| self.forward_whole(q, k, v, (s, span), want_lse),
             |io| self.forward_split(io, shape),
         )
         .await
@@ -304,11 +320,10 @@ impl DenseAttention {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        (full, shape): (Shape, Shape),
+        (shape, span): (Shape, HeadSpan),
         want_lse: bool,
     ) -> Result<Output> {
-        self.check_whole(full, shape)?;
-        let plan = self.plan(shape)?;
+        let plan = self.plan_in(shape, span)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         run_host(
@@ -328,6 +343,18 @@ impl DenseAttention {
     /// storage binding are copied through bindings that fit, a head (or chunk) at a time: Q, K
     /// and V then need `COPY_SRC` usage and O and the LSE `COPY_DST`.
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
+        self.forward_buffers_in(t, shape, HeadSpan::whole(shape))
+            .await
+    }
+
+    /// [`DenseAttention::forward_buffers_async`] of `shape` as the heads `span` of the
+    /// caller's problem (a training run of heads, `backward_runs.rs`).
+    pub(super) async fn forward_buffers_in(
+        &self,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        span: HeadSpan,
+    ) -> Result<()> {
         t.check(shape)?;
         if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
             return self
@@ -342,7 +369,7 @@ impl DenseAttention {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("dense"),
             });
-        self.encode_async(&mut enc, t, shape).await?;
+        self.encode_in(&mut enc, t, shape, span).await?;
         self.ctx.queue.submit([enc.finish()]);
         scopes.pop(&self.ctx, "the dense forward").await
     }
@@ -354,8 +381,19 @@ impl DenseAttention {
         t: GpuTensors<'_>,
         shape: Shape,
     ) -> Result<()> {
+        self.encode_in(enc, t, shape, HeadSpan::whole(shape)).await
+    }
+
+    /// [`DenseAttention::encode_async`] of `shape` as the heads `span` of the caller's problem.
+    async fn encode_in(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        span: HeadSpan,
+    ) -> Result<()> {
         t.check(shape)?;
-        let plan = self.plan(shape)?;
+        let plan = self.plan_in(shape, span)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);
