@@ -132,9 +132,7 @@ async fn decode_and_check(extra: &str, variants: Variants) {
             } else {
                 Method::Dense
             };
-            let problem = Problem::new(shape)
-                .causal(true)
-                .variants(variants.clone());
+            let problem = Problem::new(shape).causal(true).variants(variants.clone());
             let r = cpu::forward(&method, &problem, &q, &k, &v).unwrap();
             let co = closeness(o, &r.o, 5e-5, 5e-5);
             let cl = closeness(l, &r.lse, 5e-5, 1e-5);
@@ -181,7 +179,10 @@ async fn bad_decoding_options_and_modes_throw() {
         .step(y.clone(), y.clone(), y.clone(), "fma".into())
         .await
         .is_err());
-    assert!(wide.step(y.clone(), y.clone(), y, "dense".into()).await.is_ok());
+    assert!(wide
+        .step(y.clone(), y.clone(), y, "dense".into())
+        .await
+        .is_ok());
     let dec = Decoding::new(&gpu, options(r#"{"headDim": 4, "maxLen": 10, "m": 4}"#))
         .map_err(JsValue::from)
         .unwrap();

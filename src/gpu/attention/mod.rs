@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::config::Downsample;
 use crate::error::{FmaError, Result};
 use crate::gpu::dense::{DenseAttention, DenseSaved};
 use crate::gpu::engine::context::GpuContext;
@@ -288,24 +289,62 @@ impl Attention {
                 };
                 kept(&self.fma, softmax.clone(), make).map(Exec::Fma)
             }
-            Method::Dense => {
-                let make = || {
-                    let mut e = DenseAttention::new(&self.ctx, softmax.causal)?
-                        .with_variants(softmax.variants.clone());
-                    if let Some(bytes) = self.max_binding {
-                        e = e.max_binding(bytes);
-                    }
-                    if let Some(keys) = self.keys_per_dispatch {
-                        e = e.keys_per_dispatch(keys);
-                    }
-                    Ok(e)
-                };
-                kept(&self.dense, softmax.clone(), make).map(Exec::Dense)
-            }
+            Method::Dense => self.dense_exec(softmax),
         }
     }
 
+    /// Dense attention's executor of `softmax` (made on first use): the method's, or FMA's
+    /// with a window ([`Attention::fma_window_as_dense`]).
+    fn dense_exec(&self, softmax: Softmax) -> Result<Exec> {
+        let make = || {
+            let mut e = DenseAttention::new(&self.ctx, softmax.causal)?
+                .with_variants(softmax.variants.clone());
+            if let Some(bytes) = self.max_binding {
+                e = e.max_binding(bytes);
+            }
+            if let Some(keys) = self.keys_per_dispatch {
+                e = e.keys_per_dispatch(keys);
+            }
+            Ok(e)
+        };
+        kept(&self.dense, softmax.clone(), make).map(Exec::Dense)
+    }
+
+    /// Whether FMA's problem `p` runs on dense attention's banded kernel: FMA with a window
+    /// has no coarse level (docs/variants.md), so it is exact windowed attention through its
+    /// near field, the same numbers as dense attention with the window to f32 rounding, and
+    /// the banded kernel is faster (docs/perf.md, change 20). Average downsampling only (a
+    /// Learned configuration's backward also returns its weights' zero gradients, which the
+    /// dense path has not). FMA's own rules are checked first (its executor's `check`: the
+    /// window within the block, no grid, fine queries, cross-length only causal), so FMA
+    /// accepts and refuses the same problems as before; a binding limit is left to the dense
+    /// path's own handling.
+    fn fma_window_as_dense(&self, p: &Problem) -> Result<bool> {
+        let Method::Fma(cfg) = &self.method else {
+            return Ok(false);
+        };
+        if p.variants.window.is_none() || cfg.downsample != Downsample::Average {
+            return Ok(false);
+        }
+        let Exec::Fma(fma) = self.exec_for(Softmax::of(p))? else {
+            return Ok(false);
+        };
+        let checked = match &p.sequences {
+            None => fma.check(p.shape),
+            Some(seqs) => fma.plan_sequences(p.shape, seqs).map(drop),
+        };
+        match checked {
+            Ok(()) | Err(FmaError::LimitExceeded { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The executor that runs `p`: the method's, except FMA with a window on dense
+    /// attention's banded kernel ([`Attention::fma_window_as_dense`]).
     fn exec(&self, p: &Problem) -> Result<Exec> {
+        if self.fma_window_as_dense(p)? {
+            return self.dense_exec(Softmax::of(p));
+        }
         self.exec_for(Softmax::of(p))
     }
 
