@@ -9,6 +9,12 @@
 //! them inside encoders (`--clock auto`), else by the wall clock around submit + wait. The
 //! table and the CSV's `clock` column say which. Prints a
 //! summary table; writes results/bench.csv and results/bench.svg (time vs n, log-log).
+//!
+//! `--per-pass` adds one profiled run per point (after the timed ones, so their medians are
+//! unaffected): the GPU time of every dispatch summed by pass name and level
+//! (`GpuContext::start_profiling`), printed after the table: which pass a jump in t(2n)/t(n)
+//! comes from. `--cooperative-matrix` runs dense attention on tensor cores where the adapter
+//! offers them (`ContextOptions::cooperative_matrix`, opt-in).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,7 +22,9 @@ use std::time::Instant;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::cpu::{dense_attention_rows, widen};
-use multipole_attn::gpu::{Attention, Encode, GpuContext, GpuTensors};
+use multipole_attn::gpu::{
+    format_table, Attention, ContextOptions, CoopMode, Encode, GpuContext, GpuTensors,
+};
 use multipole_attn::levels::{far_list, near_blocks, sub_window, Levels};
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{FmaConfig, FmaError, Problem, Queries, Shape};
@@ -59,6 +67,14 @@ struct Args {
     /// Output folder.
     #[arg(long, default_value = "results")]
     out: PathBuf,
+    /// Also time every pass of one more run per point (GPU timestamps around each dispatch)
+    /// and print them summed by pass and level.
+    #[arg(long)]
+    per_pass: bool,
+    /// Run dense attention on cooperative matrices (tensor cores) where the adapter offers a
+    /// fitting shape.
+    #[arg(long)]
+    cooperative_matrix: bool,
 }
 
 /// One measured (or skipped) point.
@@ -190,6 +206,24 @@ type BoxError = Box<dyn std::error::Error>;
 
 /// Records one run of the timed work into an encoder.
 type Record<'a> = dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), BoxError> + 'a;
+
+/// One more run of `record`, submitted alone with the per-pass profiler on: `title`, then its
+/// dispatches' GPU times summed by pass and level.
+fn per_pass(
+    ctx: &GpuContext,
+    title: String,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<(), BoxError>,
+) -> Result<String, BoxError> {
+    ctx.start_profiling(2048)?;
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let recorded = record(&mut enc);
+    ctx.queue.submit([enc.finish()]);
+    ctx.device.poll(wgpu::PollType::wait_indefinitely())?;
+    // Taken before `recorded` is checked, so that a failed run leaves profiling off.
+    let (times, dropped) = ctx.take_profile()?;
+    recorded?;
+    Ok(format!("{title}\n{}", format_table(&times, dropped)))
+}
 
 /// Median seconds of `record` (each run submitted alone and waited for), after one warm-up.
 fn time(
@@ -400,7 +434,14 @@ fn main() {
 }
 
 fn run(a: &Args) -> Result<(), BoxError> {
-    let ctx = GpuContext::new()?;
+    let ctx = GpuContext::with_options(ContextOptions {
+        cooperative_matrix: if a.cooperative_matrix {
+            CoopMode::IfOffered
+        } else {
+            CoopMode::Off
+        },
+        ..Default::default()
+    })?;
     println!(
         "adapter: {} ({:?}, {:?}, {} {})",
         ctx.info.name,
@@ -417,7 +458,17 @@ fn run(a: &Args) -> Result<(), BoxError> {
             None => "plain (no subgroups)".into(),
         }
     );
+    if a.cooperative_matrix {
+        println!(
+            "dense on cooperative matrices: {}",
+            match ctx.cooperative_matrix() {
+                Some(s) => format!("{0}x{0}x{0} f16->f32, subgroups of {1}", s.size, s.subgroup),
+                None => "not offered (see `multipole-attn info`): plain kernels".into(),
+            }
+        );
+    }
     let clock = Clock::new(&ctx, a.clock)?;
+    let mut passes: Vec<String> = Vec::new();
     let clock_text = match &clock {
         Clock::Gpu { period_ns, .. } => {
             format!("GPU timestamps around the recorded work (period {period_ns} ns)")
@@ -477,6 +528,12 @@ fn run(a: &Args) -> Result<(), BoxError> {
             let secs = time(&ctx, &clock, a.reps, |enc| {
                 Ok(fma.forward(&problem, Encode(enc, t.gpu()))?)
             })?;
+            if a.per_pass {
+                let title = format!("fma-fine n={n} d={d} m={m} p={p} causal={causal}");
+                passes.push(per_pass(&ctx, title, |enc| {
+                    Ok(fma.forward(&problem, Encode(enc, t.gpu()))?)
+                })?);
+            }
             let o = read(&ctx, &t.out);
             let flops =
                 4.0 * d as f64 * plan.levels.keys_seen_total(causal) as f64 * a.heads as f64;
@@ -500,6 +557,12 @@ fn run(a: &Args) -> Result<(), BoxError> {
                 let secs = time(&ctx, &clock, a.reps, |enc| {
                     Ok(coarse.forward(&problem, Encode(enc, t.gpu()))?)
                 })?;
+                if a.per_pass {
+                    let title = format!("fma-coarse n={n} d={d} m={m} p={p} causal={causal}");
+                    passes.push(per_pass(&ctx, title, |enc| {
+                        Ok(coarse.forward(&problem, Encode(enc, t.gpu()))?)
+                    })?);
+                }
                 let o = read(&ctx, &t.out);
                 let flops = 4.0 * d as f64 * coarse_query_keys(&plan.levels) * a.heads as f64;
                 rows.push(Row {
@@ -543,6 +606,12 @@ fn run(a: &Args) -> Result<(), BoxError> {
                     let secs = time(&ctx, &clock, a.reps, |enc| {
                         Ok(dense.forward(&problem, Encode(enc, t.gpu()))?)
                     })?;
+                    if a.per_pass {
+                        let title = format!("dense n={n} d={d} causal={causal}");
+                        passes.push(per_pass(&ctx, title, |enc| {
+                            Ok(dense.forward(&problem, Encode(enc, t.gpu()))?)
+                        })?);
+                    }
                     let o = read(&ctx, &t.out);
                     last_dense = Some((n, secs));
                     rows.push(Row {
@@ -676,6 +745,13 @@ fn run(a: &Args) -> Result<(), BoxError> {
                 })
                 .collect();
             println!("  {method} speed-up over dense: {}", speedups.join(", "));
+        }
+    }
+
+    if a.per_pass {
+        println!("\nper pass (one profiled run per point; GPU ms per pass and level):");
+        for block in &passes {
+            println!("{block}");
         }
     }
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# For users with a GPU: the conformance suite, then the forward, backward and decoding sweeps
+# For users with a GPU: the conformance suite (also with dense attention on cooperative
+# matrices where offered), then the forward (with each run's time per pass), backward and
+# decoding sweeps
 # and, where python3 imports torch with CUDA, torch's SDPA (f32 memory-efficient and bf16
 # FlashAttention-2) on the same shapes, into one markdown report with ratios:
 # $OUT/report.md (default results/gpu/). Uses the adapter wgpu picks (WGPU_BACKEND as you set
@@ -36,9 +38,12 @@ echo "== info, doctor"
 "$BIN" info > "$OUT/info.txt" 2>&1 || true
 # doctor exits 1 when a case fails: the report says which, the sweeps still run.
 "$BIN" doctor --json > "$OUT/doctor.json" 2> "$OUT/doctor.stderr" || echo "doctor: some case failed (see $OUT/doctor.json)"
+# Dense attention on tensor cores (opt-in until this passes; docs/perf.md, change 22).
+"$BIN" doctor --cooperative-matrix --json > "$OUT/doctor-coop.json" 2> "$OUT/doctor-coop.stderr" \
+  || echo "doctor --cooperative-matrix: some case failed (see $OUT/doctor-coop.json)"
 echo "== forward sweep (FMA fine and coarse, dense; $HEADS heads, n = $ns)"
 "$EX/bench" --n-min 1024 --n-max "$N_MAX" --heads "$HEADS" --causal false,true --reps "$REPS" \
-  --dense-budget-s 2 --out "$OUT" | tee "$OUT/bench.txt"
+  --dense-budget-s 2 --per-pass --out "$OUT" | tee "$OUT/bench.txt"
 echo "== backward"
 "$EX/bench_backward" --n 16384,65536 --queries fine,coarse --causal false,true --reps 3 \
   | tee "$OUT/backward.txt"

@@ -26,6 +26,12 @@ pub const ATOL: f64 = 5e-5;
 /// Relative part of the bound.
 pub const RTOL: f64 = 5e-5;
 
+/// The bound (absolute and relative) of dense attention on cooperative matrices
+/// (`ContextOptions::cooperative_matrix`, `doctor --cooperative-matrix`): Q, K, V and the
+/// probabilities enter the matrix multiply-adds rounded to f16 (relative 2^-11 each), so a
+/// logit of |q.k| / sqrt(d) ~ 10 may be off by ~1e-2 and O and the LSE by about as much.
+pub const COOP_TOL: f64 = 2e-2;
+
 /// What one case runs.
 #[derive(Clone, Debug)]
 pub enum Check {
@@ -311,7 +317,12 @@ pub fn suite() -> Vec<Case> {
 /// The largest error and whether every element is within [`ATOL`] + [`RTOL`] |ref| (a missing
 /// element, such as an LSE that was not returned, fails).
 fn max_err(gpu: &[f32], reference: &[f64]) -> (f64, bool) {
-    let c = closeness(gpu, reference, ATOL, RTOL);
+    max_err_within(gpu, reference, ATOL, RTOL)
+}
+
+/// [`max_err`] with the bound `atol` + `rtol` |ref|.
+fn max_err_within(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> (f64, bool) {
+    let c = closeness(gpu, reference, atol, rtol);
     (c.max_abs, c.passed())
 }
 
@@ -330,9 +341,17 @@ async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool
     let attention = |limit| Attention::new(ctx, method.clone())?.max_binding(limit);
     let reference =
         |q: &[f32], k: &[f32], v: &[f32]| cpu::forward(&method, p, &widen(q), &widen(k), &widen(v));
+    // Dense attention of whole heads runs on cooperative matrices where the context has them
+    // (f16 inputs: the looser bound); split heads run the plain kernel.
+    let coop = ctx.cooperative_matrix().is_some() && matches!(method, Method::Dense);
+    let (atol, rtol) = if coop {
+        (COOP_TOL, COOP_TOL)
+    } else {
+        (ATOL, RTOL)
+    };
     let compare = |g: &Output, r: &cpu::Reference| {
-        let (eo, ok_o) = max_err(&g.o, &r.o);
-        let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
+        let (eo, ok_o) = max_err_within(&g.o, &r.o, atol, rtol);
+        let (el, ok_l) = max_err_within(g.lse.as_deref().unwrap_or(&[]), &r.lse, atol, rtol);
         (eo.max(el), ok_o && ok_l)
     };
     match &case.check {
@@ -366,9 +385,13 @@ async fn run_case(ctx: &GpuContext, case: &Case, seed: u64) -> Result<(f64, bool
                 .keys_per_dispatch(keys)?
                 .forward_async(p, Host::new(&q, &k, &v))
                 .await?;
-            let (err, ok) = compare(&g, &reference(&q, &k, &v)?);
-            let same = g.o == whole.o && g.lse == whole.lse;
-            Ok((err, ok && same))
+            // The split run (plain kernel) against the reference at the plain bound; the bit
+            // comparison holds only when the whole run is the plain kernel too.
+            let r = reference(&q, &k, &v)?;
+            let (eo, ok_o) = max_err(&g.o, &r.o);
+            let (el, ok_l) = max_err(g.lse.as_deref().unwrap_or(&[]), &r.lse);
+            let same = coop || (g.o == whole.o && g.lse == whole.lse);
+            Ok((eo.max(el), ok_o && ok_l && same))
         }
         Check::Exactness(cfg, row) => {
             let geometry = Line::new(s.seq, cfg.block, cfg.rank, p.causal);

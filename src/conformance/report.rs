@@ -149,10 +149,15 @@ impl AdapterReport {
     }
 }
 
-/// Which attention kernels `ctx` runs: `subgroup <size>` or `plain`.
+/// Which attention kernels `ctx` runs: `subgroup <size>` or `plain`, and `, dense on
+/// cooperative matrices MxNxK` where it has them.
 pub fn kernels_name(ctx: &GpuContext) -> String {
-    match ctx.subgroup_kernels() {
+    let base = match ctx.subgroup_kernels() {
         Some(sg) => format!("subgroup {sg}"),
         None => "plain".into(),
+    };
+    match ctx.cooperative_matrix() {
+        Some(c) => format!("{base}, dense on cooperative matrices {0}x{0}x{0}", c.size),
+        None => base,
     }
 }

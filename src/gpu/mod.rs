@@ -30,9 +30,11 @@ pub use engine::context::{
 };
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::context::{all_adapters, list_adapters};
+pub use engine::coop::{describe_shapes, fitting_shape, CoopMode, CoopOffer, CoopShape};
 pub use engine::io::{
     BackwardIo, Encode, ForwardIo, Host, HostGrad, Resident, ResidentGrad, TrainIo,
 };
+pub use engine::profile::{format_table, summarize, PassTime};
 pub use engine::shaders;
 pub use engine::tensors::{GpuTensors, Output};
 pub use fma::backward::{GradTensors, WeightGradTensors};

@@ -40,10 +40,14 @@ pub struct Dispatch {
     pub args: [u32; 2],
 }
 
-/// Folds `total` workgroups into a 2D grid with no dimension above `max_dim`.
+/// Folds `total` workgroups into a 2D grid with no dimension above `max_dim`, launching fewer
+/// than `y` workgroups past `total` (x = ceil(total / y) for the fewest rows y). Why balanced:
+/// filling x to `max_dim` first launched up to twice the work's workgroups just past the limit
+/// (65536 as 65535 x 2 = 131070, half of them returning at once: the downsample pass's
+/// level 1 at n = 131072 x 8 heads; docs/perf.md, change 22).
 pub fn fold(total: u32, max_dim: u32) -> Result<[u32; 3]> {
-    let x = total.clamp(1, max_dim);
-    let y = total.div_ceil(x).max(1);
+    let y = total.div_ceil(max_dim.max(1)).max(1);
+    let x = total.div_ceil(y).max(1);
     if y > max_dim {
         return Err(FmaError::LimitExceeded {
             what: "one dispatch".into(),

@@ -616,6 +616,31 @@ mod tests {
     }
 
     #[test]
+    fn a_folded_grid_launches_fewer_than_a_row_of_spare_workgroups() {
+        // Just past the limit (the downsample pass's level 1 at n = 131072, 8 heads): two rows
+        // of 32768, not 65535 x 2 with 65534 workgroups doing nothing.
+        assert_eq!(fold(65536, 65535).unwrap(), [32768, 2, 1]);
+        assert_eq!(fold(65535, 65535).unwrap(), [65535, 1, 1]);
+        assert_eq!(fold(0, 65535).unwrap(), [1, 1, 1]);
+        for total in [1u32, 7, 65535, 65536, 98304, 131071, 1 << 20, 65535 * 65535] {
+            for max in [1u32, 256, 65535] {
+                let Ok([x, y, z]) = fold(total, max) else {
+                    assert!(total.div_ceil(max) > max, "{total} {max}");
+                    continue;
+                };
+                assert_eq!(z, 1);
+                assert!(x <= max && y <= max, "{total} {max}: {x} x {y}");
+                let launched = x as u64 * y as u64;
+                assert!(launched >= total as u64, "{total} {max}: {x} x {y}");
+                assert!(
+                    launched < total.max(1) as u64 + y as u64,
+                    "{total} {max}: {x} x {y}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn workgroups_and_tiles_follow_the_adapter_limits() {
         let mut web = KernelLimits::lavapipe();
         web.max_workgroup = 256;

@@ -1021,3 +1021,31 @@ fn plan_prints_the_dispatches_with_their_depth_without_a_gpu() {
     ])
     .assert_bad_input(&["rank"]);
 }
+
+/// A reader that closes the pipe early (`plan ... | head`) ends the output quietly with
+/// status 0, as Unix tools do: `println!` panicked there ("failed printing to stdout").
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_multipole-attn"))
+        .args(["plan", "--n", "1048576", "--head-dim", "64", "--backward"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start multipole-attn");
+    // Close the pipe's reading end at once: the plan is computed after the process starts,
+    // so its first write finds no reader (a table small enough for the pipe's buffer would
+    // otherwise be written whole before a late close, and the test could not fail).
+    drop(child.stdout.take().expect("piped stdout"));
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    let status = child.wait().expect("wait for multipole-attn");
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+}

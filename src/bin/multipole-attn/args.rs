@@ -76,6 +76,11 @@ pub struct DoctorArgs {
     /// every case.
     #[arg(long)]
     pub json: bool,
+    /// Run dense attention on cooperative matrices (tensor cores) where the adapter offers a
+    /// fitting shape (`ContextOptions::cooperative_matrix`, opt-in until it has passed here on
+    /// a real GPU); its cases are then held to the f16 bound `conformance::COOP_TOL`.
+    #[arg(long)]
+    pub cooperative_matrix: bool,
 }
 
 /// How coarse keys and values are made from the fine ones.

@@ -192,7 +192,7 @@ fn gpu(
     let secs = start.elapsed().as_secs_f64();
     let tokens = (n - p) * s.batch;
     let (fixed, history) = dec.bytes()?;
-    println!(
+    outln!(
         "decode: {} ({}), prefill {p}, {steps} steps of up to {} tokens: {tokens} tokens in {:.3} s, {:.1} tokens/s (wall clock incl. upload and readback)",
         s,
         if args.run.dense { "dense" } else { "FMA" },
@@ -201,14 +201,14 @@ fn gpu(
         tokens as f64 / secs.max(1e-9)
     );
     if cfg.variants.window.is_some() {
-        println!(
+        outln!(
             "cache: a window's ring, {fixed} bytes (fixed: no history, no coarse level); every \
              buffer of the decoder {} bytes; K and V themselves: {} bytes",
             dec.allocated_bytes()?,
             2 * s.kv_elements() * 4
         );
     } else {
-        println!(
+        outln!(
             "cache: FMA state {fixed} bytes (fixed), history {history} bytes; K and V themselves: {} bytes",
             2 * s.kv_elements() * 4
         );

@@ -7,8 +7,8 @@ use crate::args::DoctorArgs;
 use crate::error::{CliError, CliResult};
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::conformance::report::{AdapterReport, Report};
-use multipole_attn::conformance::{suite, ATOL, RTOL};
-use multipole_attn::gpu::{adapter_support, all_adapters, ContextOptions, GpuContext};
+use multipole_attn::conformance::{suite, ATOL, COOP_TOL, RTOL};
+use multipole_attn::gpu::{adapter_support, all_adapters, ContextOptions, CoopMode, GpuContext};
 
 /// Runs the suite on each adapter (optionally only some backends) and prints a table per
 /// adapter, or the JSON report; fails if any adapter fails any case or no adapter is found.
@@ -41,11 +41,16 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
     }
     let say = |line: String| {
         if !a.json {
-            println!("{line}");
+            outln!("{line}");
         }
     };
     let cases = suite().len();
     say(format!("conformance suite: {cases} cases per adapter, bound |gpu - f64 reference| <= {ATOL:e} + {RTOL:e} |ref|\n"));
+    if a.cooperative_matrix {
+        say(format!(
+            "dense cases on cooperative matrices where the adapter offers them (f16 inputs): bound {COOP_TOL:e} + {COOP_TOL:e} |ref|\n"
+        ));
+    }
     let mut reports = Vec::new();
     for adapter in adapters {
         let info = adapter.get_info();
@@ -61,10 +66,15 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
             continue;
         }
         let start = Instant::now();
-        let ctx = match pollster::block_on(GpuContext::from_adapter(
-            &adapter,
-            ContextOptions::default(),
-        )) {
+        let options = ContextOptions {
+            cooperative_matrix: if a.cooperative_matrix {
+                CoopMode::IfOffered
+            } else {
+                CoopMode::Off
+            },
+            ..Default::default()
+        };
+        let ctx = match pollster::block_on(GpuContext::from_adapter(&adapter, options)) {
             Ok(ctx) => ctx,
             Err(e) => {
                 say(format!("   could not create a device: {e}\n"));
@@ -88,9 +98,11 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
                 // Above the bar, which redraws below it; suspend rather than bar.println, which
                 // prints nothing when the bar is hidden (stderr not a terminal).
                 bar.suspend(|| {
-                    println!(
+                    outln!(
                         "   {status} {:<48} max err {:9.2e} {:7.2}s{err}",
-                        r.name, r.max_err, r.seconds
+                        r.name,
+                        r.max_err,
+                        r.seconds
                     )
                 });
             }
@@ -105,7 +117,7 @@ pub fn doctor(a: &DoctorArgs) -> CliResult<()> {
     }
     let report = Report::new(reports);
     if a.json {
-        println!("{}", report.to_json());
+        outln!("{}", report.to_json());
     } else {
         print_table(&report);
     }
@@ -133,22 +145,38 @@ fn progress_bar(cases: usize, adapter: &str) -> ProgressBar {
 
 /// The summary table: one row per adapter.
 fn print_table(report: &Report) {
-    println!(
+    outln!(
         "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10} {:>8}",
-        "adapter", "backend", "driver", "kernels", "passed", "failed", "worst err", "time"
+        "adapter",
+        "backend",
+        "driver",
+        "kernels",
+        "passed",
+        "failed",
+        "worst err",
+        "time"
     );
     for r in &report.adapters {
         let driver: String = r.driver.chars().take(40).collect();
         if let Some(why) = &r.unsupported {
-            println!(
+            outln!(
                 "{:<36} {:<8} {:<40} not tested: cannot run compute passes ({why})",
-                r.adapter, r.backend, driver
+                r.adapter,
+                r.backend,
+                driver
             );
             continue;
         }
-        println!(
+        outln!(
             "{:<36} {:<8} {:<40} {:<11} {:>6} {:>6} {:>10.2e} {:>7.1}s",
-            r.adapter, r.backend, driver, r.kernels, r.passed, r.failed, r.worst_error, r.seconds
+            r.adapter,
+            r.backend,
+            driver,
+            r.kernels,
+            r.passed,
+            r.failed,
+            r.worst_error,
+            r.seconds
         );
     }
 }

@@ -2,7 +2,7 @@
 //! depends on (storage binding size bounds one tensor, workgroup storage bounds the tiles).
 
 use crate::error::{CliError, CliResult};
-use multipole_attn::gpu::{list_adapters, AdapterSummary};
+use multipole_attn::gpu::{describe_shapes, list_adapters, AdapterSummary};
 use std::fmt::Write;
 
 /// Runs the `info` subcommand: prints one block per adapter, or fails when there is none.
@@ -16,7 +16,7 @@ pub fn info() -> CliResult<()> {
         .enumerate()
         .map(|(i, r)| format_report(i, r))
         .collect();
-    print!("{}", blocks.join("\n"));
+    out!("{}", blocks.join("\n"));
     Ok(())
 }
 
@@ -103,6 +103,21 @@ pub fn format_report(index: usize, r: &AdapterSummary) -> String {
         };
         let _ = writeln!(s, "    {name:<38} {yes}");
     }
+    // Tensor cores (issue 29): the shapes, and whether dense attention would run on them with
+    // `ContextOptions::cooperative_matrix` (or what the adapter lacks).
+    let _ = writeln!(
+        s,
+        "  cooperative matrices: {}",
+        describe_shapes(&r.cooperative_matrix)
+    );
+    let used = match r.coop_offer().choose() {
+        Ok(shape) => format!(
+            "yes, {0}x{0}x{0} f16->f32 with subgroups of {1} (opt-in)",
+            shape.size, shape.subgroup
+        ),
+        Err(why) => format!("no ({why})"),
+    };
+    let _ = writeln!(s, "    {:<38} {used}", "dense kernel on them");
     s
 }
 
@@ -129,6 +144,7 @@ mod tests {
             limits: wgpu::Limits::default(),
             features: wgpu::Features::SUBGROUP,
             unsupported: None,
+            cooperative_matrix: Vec::new(),
         };
         let text = format_report(0, &report);
         assert!(text.starts_with("adapter 0: Test GPU\n"), "{text}");
@@ -147,6 +163,56 @@ mod tests {
         assert_eq!(feature("SUBGROUP"), Some(true));
         assert_eq!(feature("SHADER_F16"), Some(false));
         assert_eq!(feature("TIMESTAMP_QUERY"), Some(false));
+        assert!(text.contains("  cooperative matrices: none\n"), "{text}");
+        assert!(
+            text.contains("dense kernel on them") && text.contains("no (lacks"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn report_lists_cooperative_matrix_shapes() {
+        use wgpu::CooperativeScalarType::{F16, F32};
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan);
+        info.name = "NVIDIA H200".into();
+        (info.subgroup_min_size, info.subgroup_max_size) = (32, 32);
+        let shape = |size, ab, cr| wgpu::CooperativeMatrixProperties {
+            m_size: size,
+            n_size: size,
+            k_size: size,
+            ab_type: ab,
+            cr_type: cr,
+            saturating_accumulation: false,
+        };
+        let mut report = AdapterSummary {
+            info,
+            limits: wgpu::Limits::default(),
+            features: wgpu::Features::SHADER_F16
+                | wgpu::Features::SUBGROUP
+                | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
+            unsupported: None,
+            cooperative_matrix: vec![shape(16, F16, F16), shape(16, F16, F32)],
+        };
+        let text = format_report(0, &report);
+        assert!(
+            text.contains("  cooperative matrices: 16x16x16 f16->f16, 16x16x16 f16->f32\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("yes, 16x16x16 f16->f32 with subgroups of 32 (opt-in)"),
+            "{text}"
+        );
+        // Metal's f32-only list: shapes shown, the kernel says why not.
+        report.cooperative_matrix = vec![shape(8, F32, F32)];
+        let text = format_report(0, &report);
+        assert!(
+            text.contains("cooperative matrices: 8x8x8 f32->f32"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no (lacks a 16x16x16 or 8x8x8 f16->f32 shape"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -172,6 +238,7 @@ mod tests {
             limits,
             features: wgpu::Features::empty(),
             unsupported: Some(why),
+            cooperative_matrix: Vec::new(),
         };
         let text = format_report(1, &report);
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("unusable")).collect();

@@ -5,6 +5,9 @@
 //! Every error prints as `error: <message>` on stderr; the exit code is 2 for bad input and
 //! 1 for a GPU or runtime failure (see [`error::CliError::exit_code`]).
 
+#[macro_use]
+mod stdout;
+
 mod args;
 mod decode;
 mod doctor;

@@ -124,17 +124,22 @@ pub fn plan(a: &PlanArgs) -> CliResult<()> {
         let doc = Document { dispatches: rows };
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| crate::error::CliError::Runtime(e.to_string()))?;
-        println!("{text}");
+        outln!("{text}");
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<24} {:>5} {:>20} {:>11} {:>11} {:>14}",
-        "pass", "level", "workgroups", "invocations", "serial_rows", "rows"
+        "pass",
+        "level",
+        "workgroups",
+        "invocations",
+        "serial_rows",
+        "rows"
     );
     for r in &rows {
         let level = r.level.map_or("-".to_string(), |l| l.to_string());
         let [x, y, z] = r.workgroups;
-        println!(
+        outln!(
             "{:<24} {:>5} {:>20} {:>11} {:>11} {:>14}",
             r.pass,
             level,
@@ -146,7 +151,7 @@ pub fn plan(a: &PlanArgs) -> CliResult<()> {
     }
     let deepest = rows.iter().map(|r| r.serial_rows).max().unwrap_or(0);
     let total: u64 = rows.iter().map(|r| r.rows).sum();
-    println!(
+    outln!(
         "{} dispatches; longest chain {deepest} rows; {total} rows read",
         rows.len()
     );

@@ -5,6 +5,7 @@
 
 mod backward;
 mod backward_runs;
+mod coop;
 mod split;
 mod varlen;
 
@@ -64,6 +65,8 @@ pub struct DenseAttention {
     backward_uniforms: ShapeCache<(Shape, HeadSpan), backward::BackwardUniforms>,
     /// The backward's LSE and D per row, (bh, n, 2), grown by capacity.
     stats: Mutex<Growing>,
+    /// The forward on cooperative matrices, where the context negotiated them (`coop.rs`).
+    coop: coop::CoopPipelines,
 }
 
 /// The next [`DenseAttention`] id.
@@ -87,6 +90,7 @@ impl DenseAttention {
                 "dense lse and delta",
                 wgpu::BufferUsages::empty(),
             )),
+            coop: coop::CoopPipelines::default(),
         })
     }
 
@@ -263,7 +267,17 @@ impl DenseAttention {
         record_steps(&self.ctx, cpass, steps, pipes, selects.as_ref(), &res)
     }
 
-    /// Records `plan`'s dispatches, one per key chunk in order, into a compute pass of `enc`.
+    /// The forward of `plan` on cooperative matrices, where the context has them and the
+    /// kernel covers the plan (`coop.rs`).
+    async fn coop_run(&self, plan: &DensePlan) -> Result<Option<coop::CoopRun>> {
+        let plain = self.variants.is_plain();
+        let base = self.plain_params(plan);
+        self.coop.run(&self.ctx, plan, plain, base).await
+    }
+
+    /// Records `plan`'s dispatches, one per key chunk in order, into a compute pass of `enc`
+    /// (or its one dispatch on cooperative matrices, `coop`).
+    #[allow(clippy::too_many_arguments)]
     fn record_plan(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -272,7 +286,11 @@ impl DenseAttention {
         uniforms: &Uniforms,
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
+        coop: Option<&coop::CoopRun>,
     ) -> Result<()> {
+        if let Some(run) = coop {
+            return run.record(&self.ctx, enc, t, lse);
+        }
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward"),
             timestamp_writes: None,
@@ -326,6 +344,7 @@ impl DenseAttention {
         let plan = self.plan_in(shape, span)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
+        let coop = self.coop_run(&plan).await?;
         run_host(
             &self.ctx,
             &self.host,
@@ -334,7 +353,7 @@ impl DenseAttention {
             (q, k, v),
             want_lse,
             "the dense forward",
-            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms, &t, lse),
+            |enc, t, lse| self.record_plan(enc, &plan, &pipes, &uniforms, &t, lse, coop.as_ref()),
         )
         .await
     }
@@ -397,6 +416,7 @@ impl DenseAttention {
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);
-        self.record_plan(enc, &plan, &pipes, &uniforms, &t, &lse)
+        let coop = self.coop_run(&plan).await?;
+        self.record_plan(enc, &plan, &pipes, &uniforms, &t, &lse, coop.as_ref())
     }
 }

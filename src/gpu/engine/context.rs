@@ -3,7 +3,9 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
+use crate::gpu::engine::coop::{CoopMode, CoopOffer, CoopShape};
 use crate::gpu::engine::pipelines::Kernels;
+use crate::gpu::engine::profile::Profiler;
 
 /// How to pick limits when the library creates the device itself.
 #[derive(Clone, Copy, Debug, Default)]
@@ -19,6 +21,14 @@ pub struct ContextOptions {
     /// kernels take their per-invocation fallback: correct, slower (the tests use this to run
     /// the fallback on an adapter whose subgroups always match).
     pub subgroup_size: Option<u32>,
+    /// Tensor cores through cooperative matrices (native only; issue 29): with
+    /// [`CoopMode::IfOffered`] or [`CoopMode::Required`] the device is created with
+    /// `Features::EXPERIMENTAL_COOPERATIVE_MATRIX` (and `SHADER_F16`) where the adapter offers
+    /// a fitting shape (`gpu::engine::coop::CoopOffer::choose`), and dense attention then runs
+    /// `shaders/dense_coop.wgsl` (f16 inputs, f32 accumulators and softmax; errors of ~1e-3
+    /// instead of ~1e-7). `Required` on an adapter without one is a typed error saying what it
+    /// lacks. Off by default until the variant has passed `doctor` on a real GPU.
+    pub cooperative_matrix: CoopMode,
 }
 
 /// A wgpu device and queue, the adapter they came from, and the limits the library may use.
@@ -37,6 +47,13 @@ pub struct GpuContext {
     lost: Arc<Mutex<Option<String>>>,
     /// Bind-group layouts and the pipeline cache of this device.
     pub(crate) kernels: Arc<Kernels>,
+    /// The cooperative-matrix shape the dense forward runs on (`None`: the plain kernels).
+    coop: Option<CoopShape>,
+    /// Tests only: the cooperative-matrix kernel is the scalar emulation
+    /// (`coop::compose_dense_coop_emulated`).
+    pub(crate) coop_emulated: bool,
+    /// The per-pass profiler, shared with every clone (`profile.rs`; off by default).
+    pub(crate) profiler: Arc<Profiler>,
 }
 
 impl GpuContext {
@@ -89,11 +106,22 @@ impl GpuContext {
             check_subgroup_size(size, adapter.features(), options)?;
         }
         let limits = negotiate_limits(&adapter.limits(), options);
+        let coop = coop_shape(adapter, options)?;
+        let mut required_features = negotiate_features(adapter.features(), options);
+        let mut experimental_features = wgpu::ExperimentalFeatures::disabled();
+        if coop.is_some() {
+            required_features |= crate::gpu::engine::coop::features();
+            // SAFETY: wgpu 30 gates cooperative matrices as experimental (bugs in its
+            // implementation may be undefined behaviour); asked for only by an explicit
+            // `ContextOptions::cooperative_matrix`, documented as experimental there.
+            experimental_features = unsafe { wgpu::ExperimentalFeatures::enabled() };
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("multipole-attn"),
-                required_features: negotiate_features(adapter.features(), options),
+                required_features,
                 required_limits: limits.clone(),
+                experimental_features,
                 ..Default::default()
             })
             .await
@@ -105,7 +133,26 @@ impl GpuContext {
         if let Some(size) = options.subgroup_size {
             ctx.kernels = Arc::new(Kernels::new(&ctx.device, Some(size)));
         }
+        ctx.coop = coop;
         Ok(ctx)
+    }
+
+    /// This context with dense attention on the cooperative-matrix kernel emulated in scalar
+    /// WGSL (`coop::compose_dense_coop_emulated`; matrices of `size` = 8 or 16, workgroups of
+    /// 8): the kernel's logic checked on an adapter without cooperative matrices. Tests only:
+    /// the emulation computes every matrix in every invocation.
+    #[doc(hidden)]
+    pub fn emulating_cooperative_matrix(mut self, size: u32) -> Self {
+        self.coop = Some(CoopShape { size, subgroup: 8 });
+        self.coop_emulated = true;
+        self
+    }
+
+    /// The cooperative-matrix shape dense attention runs on, when
+    /// [`ContextOptions::cooperative_matrix`] asked for one and the adapter offers it (`None`
+    /// on a caller's own device: wgpu lists the shapes on the adapter only).
+    pub fn cooperative_matrix(&self) -> Option<CoopShape> {
+        self.coop
     }
 
     /// This context with pipelines that count the rows each invocation reads
@@ -178,7 +225,29 @@ impl GpuContext {
             info,
             limits,
             lost,
+            coop: None,
+            coop_emulated: false,
+            profiler: Arc::new(Profiler::default()),
         }
+    }
+
+    /// Starts timing every dispatch the library records on this context and its clones, up
+    /// to `dispatches` of them (at most 2048), until [`GpuContext::take_profile`]: a GPU
+    /// timestamp before and after each, labelled by pass and level (`gpu::engine::profile`).
+    /// For finding which pass of a plan takes the time; not for production use (timestamps
+    /// between dispatches may keep a GPU from overlapping them). Needs a device with
+    /// `TIMESTAMP_QUERY | TIMESTAMP_QUERY_INSIDE_PASSES` (the library asks for them where
+    /// the adapter offers them); a typed error elsewhere.
+    pub fn start_profiling(&self, dispatches: u32) -> Result<()> {
+        self.profiler.start(&self.device, dispatches)
+    }
+
+    /// Stops profiling and returns the time of every dispatch recorded since
+    /// [`GpuContext::start_profiling`], in recording order, and how many dispatches were
+    /// recorded past its capacity (untimed). Call after the timed work has been submitted.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn take_profile(&self) -> Result<(Vec<crate::gpu::engine::profile::PassTime>, u32)> {
+        self.profiler.take(&self.device, &self.queue)
     }
 
     /// Returns [`FmaError::DeviceLost`] once the device has been lost.
@@ -217,6 +286,25 @@ impl GpuContext {
             .max_compute_invocations_per_workgroup
             .min(self.limits.max_compute_workgroup_size_x)
             .min(256)
+    }
+}
+
+/// The cooperative-matrix shape `options` ask for on `adapter`: `None` when not asked or (with
+/// [`CoopMode::IfOffered`]) not offered; an error saying what the adapter lacks with
+/// [`CoopMode::Required`].
+fn coop_shape(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Option<CoopShape>> {
+    if options.cooperative_matrix == CoopMode::Off {
+        return Ok(None);
+    }
+    match CoopOffer::of(adapter).choose() {
+        Ok(shape) => Ok(Some(shape)),
+        Err(why) if options.cooperative_matrix == CoopMode::Required => Err(
+            crate::gpu::engine::coop::required_error(&adapter.get_info().name, why),
+        ),
+        Err(why) => {
+            log::info!("cooperative matrices not used: the adapter {why}");
+            Ok(None)
+        }
     }
 }
 
@@ -283,8 +371,10 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
 /// through subgroup shuffles (2-3x faster on lavapipe, docs/perf.md). Not subgroups with
 /// `options.browser_limits`: browsers' WebGPU does not expose them to wgpu.
 pub fn negotiate_features(adapter: wgpu::Features, options: ContextOptions) -> wgpu::Features {
-    let mut wanted =
-        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+    // Inside passes too: the per-pass profiler (`GpuContext::start_profiling`).
+    let mut wanted = wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if !options.browser_limits {
         wanted |= wgpu::Features::SUBGROUP;
     }
@@ -336,6 +426,24 @@ pub struct AdapterSummary {
     pub features: wgpu::Features,
     /// Why the library cannot run on it ([`compute_support`]), if so.
     pub unsupported: Option<String>,
+    /// The cooperative-matrix shapes it offers (`Adapter::cooperative_matrix_properties`;
+    /// empty for none).
+    pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+}
+
+impl AdapterSummary {
+    /// What it offers the cooperative-matrix kernels ([`CoopOffer::choose`] says whether
+    /// they would run and what it lacks if not).
+    pub fn coop_offer(&self) -> CoopOffer {
+        CoopOffer {
+            feature: self
+                .features
+                .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            f16: self.features.contains(wgpu::Features::SHADER_F16),
+            shapes: self.cooperative_matrix.clone(),
+            subgroup: (self.info.subgroup_min_size, self.info.subgroup_max_size),
+        }
+    }
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -429,6 +537,7 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
             limits: a.limits(),
             features: a.features(),
             unsupported: adapter_support(&a).err(),
+            cooperative_matrix: a.cooperative_matrix_properties(),
         })
         .collect()
 }

@@ -7,11 +7,13 @@
 pub(crate) mod buffers;
 pub(crate) mod cache;
 pub mod context;
+pub mod coop;
 pub(crate) mod front;
 pub mod io;
 pub(crate) mod params;
 pub mod passes;
 pub(crate) mod pipelines;
+pub mod profile;
 pub(crate) mod record;
 pub mod shaders;
 pub(crate) mod split_io;

@@ -249,6 +249,9 @@ fn dispatch_one(
         }
         cpass.set_bind_group(2, &c.group, &[(k as u64 * COUNTER_STRIDE) as u32]);
     }
+    // The per-pass profiler, when installed (`profile.rs`): timestamps around the dispatch.
+    let timed = ctx.profiler.begin(cpass, step.pass.name(), step.level);
     cpass.dispatch_workgroups(step.grid[0], step.grid[1], step.grid[2]);
+    ctx.profiler.end(cpass, timed);
     Ok(())
 }

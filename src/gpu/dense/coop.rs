@@ -1,0 +1,160 @@
+//! Dense attention's forward on cooperative matrices (`shaders/dense_coop.wgsl`; issue 29):
+//! chosen for a plan only on a context that negotiated a shape
+//! ([`crate::gpu::ContextOptions::cooperative_matrix`]) and only for what the kernel covers
+//! (a batch of equal sequences, no softmax variant, a head dimension whose tiles fit the
+//! workgroup memory); everything else runs the plain kernel. One dispatch over all keys: the
+//! key chunks of the plain kernel exist for llvmpipe's loop limit, and llvmpipe has no
+//! cooperative matrices.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::uniform;
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::coop::{
+    compose_dense_coop, compose_dense_coop_emulated, emulation_spec, CoopSpec,
+};
+use crate::gpu::engine::params::{to_uniform_bytes, Params};
+use crate::gpu::engine::passes::Role;
+use crate::gpu::engine::pipelines::poisoned;
+use crate::gpu::engine::record::Resources;
+use crate::gpu::engine::tensors::GpuTensors;
+use crate::plan::{fold, DensePlan, Pass};
+
+/// The pipelines of one [`super::DenseAttention`] by tile sizes (one per head dimension used).
+#[derive(Default)]
+pub(super) struct CoopPipelines(Mutex<HashMap<CoopSpec, wgpu::ComputePipeline>>);
+
+/// What one forward on cooperative matrices records: its pipeline, parameter block and grid.
+pub(super) struct CoopRun {
+    pipeline: wgpu::ComputePipeline,
+    params: wgpu::Buffer,
+    grid: [u32; 3],
+}
+
+impl CoopPipelines {
+    /// The run of `plan` on cooperative matrices, or `None` where the plain kernel runs it
+    /// (no shape on `ctx`, a variable-length batch, softmax variants: `plain` false).
+    /// `base` is the plain kernel's parameter block of the plan.
+    pub async fn run(
+        &self,
+        ctx: &GpuContext,
+        plan: &DensePlan,
+        plain: bool,
+        base: Params,
+    ) -> Result<Option<CoopRun>> {
+        let Some(shape) = ctx.cooperative_matrix() else {
+            return Ok(None);
+        };
+        if !plain || plan.sequences.is_some() {
+            return Ok(None);
+        }
+        let s = plan.shape;
+        let spec = if ctx.coop_emulated {
+            emulation_spec(shape, s.head_dim)
+        } else {
+            CoopSpec::choose(
+                shape,
+                s.head_dim,
+                ctx.limits.max_compute_workgroup_storage_size,
+            )?
+        };
+        let tiles = (s.seq as u32).div_ceil(spec.bq);
+        let total =
+            (s.batch_heads() as u32)
+                .checked_mul(tiles)
+                .ok_or_else(|| FmaError::LimitExceeded {
+                    what: "one dispatch".into(),
+                    requested: s.batch_heads() as u64 * tiles as u64,
+                    max: u32::MAX as u64,
+                    unit: "workgroups",
+                    advice: "process fewer heads per call, or shorter sequences".into(),
+                })?;
+        let grid = fold(total, ctx.limits.max_compute_workgroups_per_dimension)?;
+        let params = Params {
+            tiles_per_block: tiles,
+            total_workgroups: total,
+            workgroups_x: grid[0],
+            key_lo: 0,
+            key_hi: s.seq_kv as u32,
+            ..base
+        };
+        let bytes = to_uniform_bytes(&params)?;
+        Ok(Some(CoopRun {
+            pipeline: self.pipeline(ctx, spec).await?,
+            params: uniform(&ctx.device, &ctx.queue, "dense coop params", &bytes),
+            grid,
+        }))
+    }
+
+    /// The pipeline of `spec`, built on first use inside a validation error scope.
+    async fn pipeline(&self, ctx: &GpuContext, spec: CoopSpec) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.0.lock().map_err(poisoned)?.get(&spec) {
+            return Ok(p.clone());
+        }
+        let device = &ctx.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("dense coop"),
+            source: wgpu::ShaderSource::Wgsl(
+                match ctx.coop_emulated {
+                    true => compose_dense_coop_emulated(spec),
+                    false => compose_dense_coop(spec),
+                }
+                .into(),
+            ),
+        });
+        // The plain dense pass's group 0: the same bindings (the table at 10 unused).
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("dense coop"),
+            bind_group_layouts: &[Some(ctx.kernels.group0(Pass::DenseAttention)?)],
+            immediate_size: 0,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("dense coop"),
+            layout: Some(&layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(err) = scope.pop().await {
+            return Err(FmaError::Gpu {
+                stage: format!("building the dense cooperative-matrix pipeline ({spec:?})"),
+                message: err.to_string(),
+            });
+        }
+        self.0
+            .lock()
+            .map_err(poisoned)?
+            .insert(spec, pipeline.clone());
+        Ok(pipeline)
+    }
+}
+
+impl CoopRun {
+    /// Records the forward into a compute pass of `enc` (Q, K, V, O of `t`, the LSE in `lse`).
+    pub fn record(
+        &self,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        t: &GpuTensors<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<()> {
+        let group = Resources::default()
+            .with(Role::Params, &self.params)
+            .tensors(t, lse)
+            .bind_group(ctx, Pass::DenseAttention)?;
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dense forward (cooperative matrices)"),
+            timestamp_writes: None,
+        });
+        cpass.set_pipeline(&self.pipeline);
+        cpass.set_bind_group(0, &group, &[]);
+        let timed = ctx.profiler.begin(&mut cpass, "dense_coop", None);
+        cpass.dispatch_workgroups(self.grid[0], self.grid[1], self.grid[2]);
+        ctx.profiler.end(&mut cpass, timed);
+        Ok(())
+    }
+}

@@ -1,0 +1,596 @@
+//! Cooperative matrices (tensor cores; issue 29): which of an adapter's shapes the library can
+//! use, what `info` says about them, and the WGSL of the dense forward on them
+//! (`shaders/dense_coop.wgsl`). Native only and opt-in
+//! ([`crate::gpu::ContextOptions::cooperative_matrix`]): wgpu 30 gates the feature as
+//! experimental, and the variant has not yet passed `doctor` on a real GPU.
+//!
+//! The shader needs square CM x CM matrices (the only sizes naga's WGSL spells:
+//! `coop_mat8x8`, `coop_mat16x16`) with f16 A and B and an f32 accumulator, f16 workgroup
+//! memory ([`wgpu::Features::SHADER_F16`]), and workgroups of exactly one subgroup (so a
+//! subgroup size the adapter fixes: minimum = maximum).
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::shaders::resolve_imports;
+
+/// Whether to use cooperative matrices (tensor cores) where the adapter offers a fitting shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CoopMode {
+    /// Never (the default until the variant has passed `doctor` on a real GPU).
+    #[default]
+    Off,
+    /// Where the adapter offers a fitting shape ([`fitting_shape`]); silently not elsewhere.
+    IfOffered,
+    /// Always: a context on an adapter without a fitting shape is an error saying what it lacks.
+    Required,
+}
+
+/// The cooperative-matrix shape the kernels run on: CM x CM x CM, f16 inputs, f32 accumulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopShape {
+    /// M = N = K: 8 or 16.
+    pub size: u32,
+    /// Invocations per subgroup, which is the workgroup size of the kernels.
+    pub subgroup: u32,
+}
+
+/// The largest shape among `props` that the kernels can use (f16 x f16 + f32, M = N = K of 8
+/// or 16), or `None`.
+pub fn fitting_shape(props: &[wgpu::CooperativeMatrixProperties]) -> Option<u32> {
+    use wgpu::CooperativeScalarType::{F16, F32};
+    props
+        .iter()
+        .filter(|p| {
+            p.ab_type == F16
+                && p.cr_type == F32
+                && p.m_size == p.n_size
+                && p.n_size == p.k_size
+                && matches!(p.m_size, 8 | 16)
+        })
+        .map(|p| p.m_size)
+        .max()
+}
+
+/// The name of a cooperative scalar type, as `info` prints it.
+fn scalar_name(t: wgpu::CooperativeScalarType) -> &'static str {
+    use wgpu::CooperativeScalarType::*;
+    match t {
+        F32 => "f32",
+        F16 => "f16",
+        I32 => "i32",
+        U32 => "u32",
+    }
+}
+
+/// The shapes `props` lists, one `MxNxK a->c` each (e.g. `16x16x16 f16->f32`), comma
+/// separated, `none` for an empty list: `multipole-attn info`'s line.
+pub fn describe_shapes(props: &[wgpu::CooperativeMatrixProperties]) -> String {
+    if props.is_empty() {
+        return "none".into();
+    }
+    props
+        .iter()
+        .map(|p| {
+            format!(
+                "{}x{}x{} {}->{}{}",
+                p.m_size,
+                p.n_size,
+                p.k_size,
+                scalar_name(p.ab_type),
+                scalar_name(p.cr_type),
+                if p.saturating_accumulation {
+                    " (saturating)"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What an adapter offers that the cooperative-matrix kernels need.
+#[derive(Clone, Debug)]
+pub struct CoopOffer {
+    /// [`wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX`] is among its features.
+    pub feature: bool,
+    /// [`wgpu::Features::SHADER_F16`] is among its features.
+    pub f16: bool,
+    /// Its shapes (`Adapter::cooperative_matrix_properties`).
+    pub shapes: Vec<wgpu::CooperativeMatrixProperties>,
+    /// Its subgroup sizes (minimum, maximum).
+    pub subgroup: (u32, u32),
+}
+
+impl CoopOffer {
+    /// What `adapter` offers.
+    pub fn of(adapter: &wgpu::Adapter) -> Self {
+        let info = adapter.get_info();
+        let features = adapter.features();
+        Self {
+            feature: features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            f16: features.contains(wgpu::Features::SHADER_F16),
+            shapes: adapter.cooperative_matrix_properties(),
+            subgroup: (info.subgroup_min_size, info.subgroup_max_size),
+        }
+    }
+
+    /// The shape the kernels would run on, or what the adapter lacks (one line).
+    pub fn choose(&self) -> std::result::Result<CoopShape, String> {
+        let mut lacks = Vec::new();
+        if !self.feature {
+            lacks.push("Features::EXPERIMENTAL_COOPERATIVE_MATRIX".to_string());
+        }
+        if !self.f16 {
+            lacks.push("Features::SHADER_F16".to_string());
+        }
+        let size = fitting_shape(&self.shapes);
+        if size.is_none() {
+            lacks.push(format!(
+                "a 16x16x16 or 8x8x8 f16->f32 shape (offers {})",
+                describe_shapes(&self.shapes)
+            ));
+        }
+        let (lo, hi) = self.subgroup;
+        if lo != hi || !(lo.is_power_of_two() && (8..=128).contains(&lo)) {
+            lacks.push(format!(
+                "a fixed subgroup size from 8 to 128 (has {lo} to {hi})"
+            ));
+        }
+        match size {
+            Some(size) if lacks.is_empty() => Ok(CoopShape { size, subgroup: lo }),
+            _ => Err(format!("lacks {}", lacks.join(", "))),
+        }
+    }
+}
+
+/// The typed error of [`CoopMode::Required`] on an adapter without a fitting shape.
+pub fn required_error(adapter: &str, why: String) -> FmaError {
+    FmaError::InvalidConfig {
+        what: "cooperative_matrix",
+        value: "Required".into(),
+        allowed: format!(
+            "Off or IfOffered on {adapter}, which {why} (cooperative matrices are native only: \
+             Vulkan with VK_KHR_cooperative_matrix, Metal's simdgroup matrices)"
+        ),
+    }
+}
+
+/// The device features the cooperative-matrix kernels need (the shape aside): the matrices and
+/// f16 workgroup memory.
+pub fn features() -> wgpu::Features {
+    wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16
+}
+
+/// Tile sizes of one dense cooperative-matrix pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopSpec {
+    /// M = N = K of the matrices (8 or 16).
+    pub cm: u32,
+    /// Query rows per workgroup (a multiple of `cm`).
+    pub bq: u32,
+    /// Keys per tile (a multiple of `cm`).
+    pub bk: u32,
+    /// The head dimension padded to a multiple of `cm`.
+    pub dp: u32,
+    /// Invocations per workgroup: one subgroup.
+    pub wg: u32,
+}
+
+impl CoopSpec {
+    /// Workgroup memory of the pipeline, in bytes: Q, K, V tiles and P in f16, scores and the
+    /// output accumulator in f32.
+    pub fn workgroup_bytes(&self) -> u64 {
+        let (bq, bk, dp) = (self.bq as u64, self.bk as u64, self.dp as u64);
+        2 * bq * dp + 2 * 2 * bk * dp + 4 * bq * bk + 2 * bq * bk + 4 * bq * dp
+    }
+
+    /// The largest tiles (64 or 32 or 16 query rows, 32 or 16 keys, at least one matrix each)
+    /// for `head_dim` that fit `workgroup_bytes` of workgroup memory.
+    pub fn choose(shape: CoopShape, head_dim: usize, workgroup_bytes: u32) -> Result<Self> {
+        let cm = shape.size;
+        let dp = (head_dim as u32).div_ceil(cm) * cm;
+        let candidates = [(64, 32), (64, 16), (32, 32), (32, 16), (16, 16)];
+        candidates
+            .iter()
+            .map(|&(bq, bk)| Self {
+                cm,
+                bq: (bq as u32).max(cm),
+                bk: (bk as u32).max(cm),
+                dp,
+                wg: shape.subgroup,
+            })
+            .find(|s| head_dim > 0 && s.workgroup_bytes() <= workgroup_bytes as u64)
+            .ok_or_else(|| FmaError::InvalidConfig {
+                what: "head_dim",
+                value: head_dim.to_string(),
+                allowed: format!(
+                    "1 ..= {} for the cooperative-matrix kernel ({workgroup_bytes} bytes of \
+                     workgroup memory); use ContextOptions::cooperative_matrix = Off",
+                    Self::max_head_dim(cm, workgroup_bytes)
+                ),
+            })
+    }
+
+    /// The largest head dimension the smallest tiles fit in `workgroup_bytes`.
+    fn max_head_dim(cm: u32, workgroup_bytes: u32) -> u32 {
+        let fits = |d: u32| {
+            let s = Self {
+                cm,
+                bq: 16u32.max(cm),
+                bk: 16u32.max(cm),
+                dp: d,
+                wg: 32,
+            };
+            s.workgroup_bytes() <= workgroup_bytes as u64
+        };
+        let mut d = 0;
+        while fits(d + cm) {
+            d += cm;
+        }
+        d
+    }
+}
+
+/// The full WGSL of the dense forward on cooperative matrices for `spec`: the `enable` lines
+/// (which must open a module), the constants and matrix aliases, then
+/// `shaders/dense_coop.wgsl` with its imports resolved.
+pub fn compose_dense_coop(spec: CoopSpec) -> String {
+    let m = format!("coop_mat{0}x{0}", spec.cm);
+    let mut out = format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\n// dense_coop (generated: CM = {cm}, BQ = {bq}, BK = {bk}, DP = {dp}, WG = {wg})\n\
+         const CM: u32 = {cm}u;\nconst BQ: u32 = {bq}u;\nconst BK: u32 = {bk}u;\nconst DP: u32 = {dp}u;\nconst WG: u32 = {wg}u;\n\
+         alias MatA = {m}<f16, A>;\nalias MatB = {m}<f16, B>;\nalias MatC = {m}<f32, C>;\n",
+        cm = spec.cm,
+        bq = spec.bq,
+        bk = spec.bk,
+        dp = spec.dp,
+        wg = spec.wg,
+    );
+    out.push_str(&resolve_imports(include_str!(
+        "../../../shaders/dense_coop.wgsl"
+    )));
+    out
+}
+
+/// Tiles for [`compose_dense_coop_emulated`]: the smallest (BQ = 2 CM, BK = CM), so that an
+/// invocation's emulated multiply-adds stay under llvmpipe's loop limit on small problems.
+pub fn emulation_spec(shape: CoopShape, head_dim: usize) -> CoopSpec {
+    let cm = shape.size;
+    CoopSpec {
+        cm,
+        bq: 2 * cm,
+        bk: cm,
+        dp: (head_dim.max(1) as u32).div_ceil(cm) * cm,
+        wg: shape.subgroup,
+    }
+}
+
+/// The workgroup arrays of `dense_coop.wgsl` that cooperative operations read or write.
+const COOP_ARRAYS: [&str; 6] = ["qs", "ks", "vs", "ss", "ps", "os"];
+
+/// [`compose_dense_coop`] with every cooperative-matrix operation emulated by scalar WGSL, so
+/// the kernel's logic (tiling, strides, row/column-major, masks, the online softmax) runs on
+/// an adapter without cooperative matrices (lavapipe, the CI's): tests only
+/// (`GpuContext::emulating_cooperative_matrix`). f16 values are f32s rounded to f16's
+/// precision by bit operations, so neither feature is needed. Each invocation computes every
+/// matrix in full (redundantly) and only invocation 0 stores one: llvmpipe runs a workgroup's
+/// lanes in batches between barriers, so a later batch may load an output tile invocation 0
+/// already updated, but its result is never stored, and invocation 0 loaded before it stored.
+pub fn compose_dense_coop_emulated(spec: CoopSpec) -> String {
+    let text = compose_dense_coop(spec);
+    let mut out = String::from(
+        "struct EmuMat { e: array<f32, CM * CM> }\nalias MatA = EmuMat;\nalias MatB = EmuMat;\n\
+         alias MatC = EmuMat;\nvar<private> emu_lane: u32;\n",
+    );
+    for line in text.lines() {
+        if line.starts_with("enable ") || line.starts_with("alias Mat") {
+            continue;
+        }
+        let line = line
+            .replace("array<f16, ", "array<f32, ")
+            .replace("f16(", "emu_f16(")
+            .replace("coopMultiplyAdd(", "emu_mad(");
+        let line = emulate_call(&line);
+        out.push_str(&line);
+        out.push('\n');
+        if line.trim_start().starts_with("fn main(") {
+            out.push_str("    emu_lane = lid;\n");
+        }
+    }
+    out.push_str(EMULATION);
+    for name in COOP_ARRAYS {
+        out.push_str(&EMULATED_ACCESS.replace("NAME", name));
+    }
+    out
+}
+
+/// `line` with a cooperative load `coopLoad[T]<M>(&NAME[i], s)` written as
+/// `emu_load_NAME(row_major, i, s)` and a store `coopStoreT(m, &NAME[i], s)` as
+/// `emu_store_NAME(m, i, s)` (the shader's indices hold no brackets).
+fn emulate_call(line: &str) -> String {
+    let (head, row_major, rest) = if let Some(at) = line.find("coopLoadT<") {
+        (&line[..at], Some(true), &line[at..])
+    } else if let Some(at) = line.find("coopLoad<") {
+        (&line[..at], Some(false), &line[at..])
+    } else if let Some(at) = line.find("coopStoreT(") {
+        (&line[..at], None, &line[at + "coopStoreT(".len()..])
+    } else {
+        return line.to_string();
+    };
+    let amp = rest.find('&').expect("a cooperative call takes a pointer");
+    let open = rest.find('[').expect("a pointer to an array element");
+    let close = rest.find(']').expect("a closing bracket");
+    let name = &rest[amp + 1..open];
+    let index = &rest[open + 1..close];
+    let tail = &rest[close + 1..];
+    match row_major {
+        Some(r) => format!("{head}emu_load_{name}({r}, {index}{tail}"),
+        None => {
+            let matrix = rest[..amp].trim_end().trim_end_matches(',');
+            format!("{head}emu_store_{name}({matrix}, {index}{tail}")
+        }
+    }
+}
+
+/// The scalar stand-ins of the emulated kernel: f16 rounding and C + A B.
+const EMULATION: &str = "
+// x rounded to f16's 11 significant bits, to nearest even (f16's range is not emulated: no
+// subnormals, no overflow; unpack2x16float would need SHADER_F16_IN_F32).
+fn emu_f16(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    let lsb = (b >> 13u) & 1u;
+    return bitcast<f32>((b + 0xfffu + lsb) & 0xffffe000u);
+}
+fn emu_mad(a: EmuMat, b: EmuMat, c: EmuMat) -> EmuMat {
+    var r = c;
+    for (var i = 0u; i < CM; i++) {
+        for (var j = 0u; j < CM; j++) {
+            var s = r.e[i * CM + j];
+            for (var k = 0u; k < CM; k++) {
+                s += a.e[i * CM + k] * b.e[k * CM + j];
+            }
+            r.e[i * CM + j] = s;
+        }
+    }
+    return r;
+}
+";
+
+/// The emulated load (row- or column-major) and row-major store of one workgroup array NAME;
+/// element (r, c) of a matrix is `e[r * CM + c]`.
+const EMULATED_ACCESS: &str = "
+fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuMat {
+    var m: EmuMat;
+    for (var r = 0u; r < CM; r++) {
+        for (var c = 0u; c < CM; c++) {
+            m.e[r * CM + c] = NAME[select(at + c * stride + r, at + r * stride + c, row_major)];
+        }
+    }
+    return m;
+}
+fn emu_store_NAME(m: EmuMat, at: u32, stride: u32) {
+    if (emu_lane == 0u) {
+        for (var r = 0u; r < CM; r++) {
+            for (var c = 0u; c < CM; c++) {
+                NAME[at + r * stride + c] = m.e[r * CM + c];
+            }
+        }
+    }
+}
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgpu::CooperativeMatrixProperties as P;
+    use wgpu::CooperativeScalarType::{F16, F32, I32};
+
+    fn prop(size: u32, ab: wgpu::CooperativeScalarType, cr: wgpu::CooperativeScalarType) -> P {
+        P {
+            m_size: size,
+            n_size: size,
+            k_size: size,
+            ab_type: ab,
+            cr_type: cr,
+            saturating_accumulation: false,
+        }
+    }
+
+    /// What wgpu-core enables for a device with the cooperative-matrix feature and SHADER_F16.
+    fn validate(src: &str) -> std::result::Result<(), String> {
+        let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::COOPERATIVE_MATRIX
+                | naga::valid::Capabilities::SHADER_FLOAT16,
+        )
+        .validate(&module)
+        .map_err(|e| e.emit_to_string(src))?;
+        Ok(())
+    }
+
+    #[test]
+    fn coop_dense_composes_and_validates_for_every_shape_and_tile() {
+        for (size, subgroup) in [(16, 32), (8, 32), (16, 64), (8, 8)] {
+            let shape = CoopShape { size, subgroup };
+            for head_dim in [1, 8, 33, 64, 100, 128, 256] {
+                let spec = CoopSpec::choose(shape, head_dim, 48 * 1024).unwrap();
+                let src = compose_dense_coop(spec);
+                assert!(!src.contains("#import"));
+                assert!(src.starts_with("enable f16;"));
+                if let Err(e) = validate(&src) {
+                    panic!("{spec:?} does not validate:\n{e}");
+                }
+            }
+        }
+    }
+
+    /// The SPIR-V a Vulkan device gets (VK_KHR_cooperative_matrix): naga's backend accepts
+    /// the module (f16 workgroup arrays, mixed f16 x f16 + f32 multiply-adds). naga's
+    /// `spv-out` is enabled by wgpu's Vulkan backend, which these targets build.
+    #[cfg(any(target_os = "linux", target_os = "windows"))]
+    #[test]
+    fn coop_dense_writes_spirv() {
+        let spec = CoopSpec::choose(
+            CoopShape {
+                size: 16,
+                subgroup: 32,
+            },
+            64,
+            48 * 1024,
+        )
+        .unwrap();
+        let src = compose_dense_coop(spec);
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::COOPERATIVE_MATRIX
+                | naga::valid::Capabilities::SHADER_FLOAT16,
+        )
+        .validate(&module)
+        .unwrap();
+        let words = naga::back::spv::write_vec(
+            &module,
+            &info,
+            &naga::back::spv::Options::default(),
+            Some(&naga::back::spv::PipelineOptions {
+                shader_stage: naga::ShaderStage::Compute,
+                entry_point: "main".into(),
+            }),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(words.len() > 100);
+    }
+
+    #[test]
+    fn the_emulated_kernel_validates_without_any_capability() {
+        for size in [8, 16] {
+            let shape = CoopShape { size, subgroup: 8 };
+            for d in [1, 16, 40] {
+                let src = compose_dense_coop_emulated(emulation_spec(shape, d));
+                for op in [
+                    "coopLoad",
+                    "coopStore",
+                    "coopMultiplyAdd",
+                    "coop_mat",
+                    "f16>",
+                ] {
+                    assert!(!src.contains(op), "{op} left:\n{src}");
+                }
+                assert!(src.contains("emu_load_ks(false, ") && src.contains("emu_store_os(o, "));
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+                naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::empty(),
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+            }
+        }
+    }
+
+    #[test]
+    fn coop_dense_needs_the_capabilities() {
+        let spec = CoopSpec::choose(
+            CoopShape {
+                size: 16,
+                subgroup: 32,
+            },
+            64,
+            48 * 1024,
+        )
+        .unwrap();
+        let src = compose_dense_coop(spec);
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let plain = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::SHADER_FLOAT16,
+        )
+        .validate(&module);
+        assert!(plain.is_err(), "validated without COOPERATIVE_MATRIX");
+    }
+
+    #[test]
+    fn coop_tiles_fit_workgroup_memory() {
+        let shape = CoopShape {
+            size: 16,
+            subgroup: 32,
+        };
+        let s = CoopSpec::choose(shape, 64, 48 * 1024).unwrap();
+        assert_eq!((s.bq, s.bk, s.dp, s.wg), (64, 32, 64, 32));
+        assert!(s.workgroup_bytes() <= 48 * 1024);
+        let s = CoopSpec::choose(shape, 128, 48 * 1024).unwrap();
+        assert!(s.workgroup_bytes() <= 48 * 1024 && s.bq < 64, "{s:?}");
+        // d = 1 pads to one matrix.
+        assert_eq!(CoopSpec::choose(shape, 1, 48 * 1024).unwrap().dp, 16);
+        let err = CoopSpec::choose(shape, 4096, 48 * 1024).unwrap_err();
+        assert!(err.to_string().contains("head_dim"), "{err}");
+        assert!(CoopSpec::choose(shape, 0, 48 * 1024).is_err());
+    }
+
+    #[test]
+    fn fitting_shape_takes_the_largest_f16_f32_square() {
+        assert_eq!(fitting_shape(&[]), None);
+        assert_eq!(fitting_shape(&[prop(8, F32, F32)]), None);
+        assert_eq!(fitting_shape(&[prop(16, F16, F16)]), None);
+        assert_eq!(fitting_shape(&[prop(16, I32, I32)]), None);
+        assert_eq!(
+            fitting_shape(&[prop(8, F16, F32), prop(16, F16, F32)]),
+            Some(16)
+        );
+        assert_eq!(fitting_shape(&[prop(8, F16, F32)]), Some(8));
+        let mut rect = prop(16, F16, F32);
+        rect.k_size = 8;
+        assert_eq!(fitting_shape(&[rect]), None);
+    }
+
+    #[test]
+    fn shapes_are_described_for_info() {
+        assert_eq!(describe_shapes(&[]), "none");
+        let mut sat = prop(8, I32, I32);
+        sat.saturating_accumulation = true;
+        assert_eq!(
+            describe_shapes(&[prop(16, F16, F32), prop(8, F32, F32), sat]),
+            "16x16x16 f16->f32, 8x8x8 f32->f32, 8x8x8 i32->i32 (saturating)"
+        );
+    }
+
+    #[test]
+    fn an_offer_says_what_it_lacks() {
+        let nvidia = CoopOffer {
+            feature: true,
+            f16: true,
+            shapes: vec![prop(16, F16, F16), prop(16, F16, F32)],
+            subgroup: (32, 32),
+        };
+        assert_eq!(
+            nvidia.choose(),
+            Ok(CoopShape {
+                size: 16,
+                subgroup: 32
+            })
+        );
+        let lavapipe = CoopOffer {
+            feature: false,
+            f16: true,
+            shapes: vec![],
+            subgroup: (8, 8),
+        };
+        let why = lavapipe.choose().unwrap_err();
+        assert!(why.contains("EXPERIMENTAL_COOPERATIVE_MATRIX"), "{why}");
+        assert!(why.contains("offers none"), "{why}");
+        let varying = CoopOffer {
+            subgroup: (32, 64),
+            ..nvidia.clone()
+        };
+        assert!(varying.choose().unwrap_err().contains("32 to 64"));
+        let no_f16 = CoopOffer {
+            f16: false,
+            ..nvidia
+        };
+        assert!(no_f16.choose().unwrap_err().contains("SHADER_F16"));
+        let e = required_error("llvmpipe", why);
+        assert!(e.to_string().contains("cooperative_matrix"), "{e}");
+    }
+}
