@@ -41,6 +41,11 @@ pub(crate) fn head_chunks(
         fits(heads(1))?;
         1
     };
+    if unit == 1 && group > 1 {
+        // One query head at a time: a run of several single heads could straddle two groups,
+        // whose two K/V heads the run's shape (`Shape::with_heads`: one K/V head) cannot say.
+        return Ok((0..bh).map(|first| (first, 1)).collect());
+    }
     // Largest number of units that fits (the checks are monotone in the number of heads).
     let (mut lo, mut hi) = (1, bh / unit);
     while lo < hi {
