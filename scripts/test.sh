@@ -33,6 +33,7 @@ python3 scripts/check_cli_grad.py target/release/multipole-attn
 python3 scripts/check_cli_coarse.py target/release/multipole-attn
 python3 scripts/check_cli_cross.py target/release/multipole-attn
 python3 scripts/check_cli_variants.py target/release/multipole-attn
+python3 scripts/check_cli_f16.py target/release/multipole-attn
 
 echo "== conformance suite on every adapter (Vulkan lavapipe and GL llvmpipe here)"
 # The GL adapter needs EGL and Mesa's DRI driver (scripts/setup_test.sh installs them). The

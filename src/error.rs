@@ -99,6 +99,19 @@ pub enum FmaError {
     /// tensors saved by another [`crate::gpu::Attention`] (another method or configuration).
     #[error("the backward needs the tensors saved by this FmaAttention's forward: {0}")]
     NoSavedForward(String),
+    /// The request needs a device feature the adapter does not offer (f16 storage without
+    /// `SHADER_F16`, every browser without shader-f16 among them).
+    #[error("{what} needs the device feature {feature}, which adapter {adapter} does not offer; {advice}")]
+    MissingFeature {
+        /// What needed it.
+        what: String,
+        /// The wgpu feature, as wgpu names it.
+        feature: &'static str,
+        /// The adapter's name.
+        adapter: String,
+        /// What the caller can do instead.
+        advice: String,
+    },
     /// Reading results back from the GPU failed.
     #[error("reading results back from the GPU failed: {0}")]
     Readback(String),

@@ -24,6 +24,7 @@ pub mod problem;
 pub mod random;
 pub mod sequences;
 pub mod shape;
+pub mod storage;
 pub mod variants;
 pub mod weights;
 
@@ -35,5 +36,6 @@ pub use method::Method;
 pub use problem::Problem;
 pub use sequences::{SeqLayout, Sequences};
 pub use shape::Shape;
+pub use storage::Storage;
 pub use variants::{HeadSpan, Variants, Window};
 pub use weights::{LearnedWeights, LevelWeights};

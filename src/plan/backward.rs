@@ -28,6 +28,7 @@ use crate::gradients::LevelGradients;
 use crate::plan::{dispatch, Dispatch, FmaPlan, KernelLimits, MAX_KEY_TILE, MIN_KEY_TILE};
 use crate::plan::{Pass, SoftmaxFlags, Specialization};
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Invocations per workgroup of the element-wise backward passes (delta, downsample and
 /// weight gradients) and of the coarse dK~/dV~ pass.
@@ -239,6 +240,7 @@ impl BackwardPlan {
             d4: 1,
             grid: false,
             softmax: SoftmaxFlags::PLAIN,
+            storage: Storage::F32,
         };
         let elementwise = Specialization { grid, ..delta_spec };
         let d4 = d.div_ceil(4) as u32;
@@ -282,6 +284,7 @@ impl BackwardPlan {
             // The softcap reaches the coarse keys' gradients (the window has no coarse level,
             // the sinks no key).
             softmax: att.spec.softmax,
+            storage: Storage::F32,
         };
         let chunks = (p as u64).div_ceil(pr as u64);
         // Each coarse row's readers (3 w_l queries at level l in 1D: O(n) at the top level) in
@@ -515,6 +518,29 @@ impl BackwardPlan {
                 }
             })
             .collect()
+    }
+
+    /// The plan with every pass composed for `storage` (issue 29): Q, K, V, O, dO and the
+    /// gradients as that type (the coarse rows and their gradients stay f32); dispatches and
+    /// sizes do not change.
+    pub fn with_storage(mut self, storage: Storage) -> Self {
+        self.forward = self.forward.with_storage(storage);
+        let all = [&mut self.delta, &mut self.dq, &mut self.dkv_fine]
+            .into_iter()
+            .chain(self.coarse_stats.iter_mut())
+            .chain(self.coarse_dq.iter_mut())
+            .chain(self.dkv_coarse.iter_mut())
+            .chain(self.dkv_combine.iter_mut().flatten())
+            .chain(self.downsample_backward.iter_mut())
+            .chain(self.weights_backward.iter_mut())
+            .chain(self.weights_combine.iter_mut().flatten())
+            .chain(self.weights_backward_q.iter_mut())
+            .chain(self.weights_q_combine.iter_mut().flatten())
+            .chain(self.pad.iter_mut());
+        for d in all {
+            d.spec.storage = storage;
+        }
+        self
     }
 
     /// Every dispatch in recording order, the forward's downsample dispatches first.

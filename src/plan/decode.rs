@@ -29,6 +29,7 @@ use crate::config::{DecodeConfig, Downsample};
 use crate::error::{FmaError, Result};
 use crate::levels::{effective_block, num_levels, window};
 use crate::plan::MAX_HEAD_DIM;
+use crate::storage::Storage;
 use crate::variants::Window;
 
 /// Invocations per workgroup of the decoding passes: a tile of keys per workgroup, and at least
@@ -263,6 +264,7 @@ impl DecodeLayout {
             d4: self.head_dim.div_ceil(4) as u32,
             grid: false,
             softmax: self.softmax,
+            storage: Storage::F32,
         }
     }
 

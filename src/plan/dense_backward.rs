@@ -13,6 +13,7 @@ use super::DENSE_KEY_TILES_PER_DISPATCH;
 use crate::error::{FmaError, Result};
 use crate::sequences::{SeqLayout, Sequences};
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Invocations per workgroup of the dense backward's passes: keys of a dK/dV tile, query rows
 /// of a dQ tile (as the forward's query tile) and rows of the D pass.
@@ -46,6 +47,19 @@ impl DenseBackwardPlan {
         self.forward.attention.spec.softmax = flags;
         self.dq.spec.softmax = flags;
         self.dkv.spec.softmax = flags;
+        self
+    }
+
+    /// The plan with every pass composed for `storage` (issue 29): Q, K, V, O, dO and the
+    /// gradients as that type; dispatches and sizes do not change.
+    pub fn with_storage(mut self, storage: Storage) -> Self {
+        self.forward = self.forward.with_storage(storage);
+        for d in [&mut self.delta, &mut self.dkv, &mut self.dq]
+            .into_iter()
+            .chain(self.pad.iter_mut())
+        {
+            d.spec.storage = storage;
+        }
         self
     }
 
@@ -135,6 +149,7 @@ impl DenseBackwardPlan {
                 d4: 1,
                 grid: false,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             },
             limits,
         )?;

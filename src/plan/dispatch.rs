@@ -4,6 +4,7 @@
 use super::limits::KernelLimits;
 use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::error::{FmaError, Result};
+use crate::storage::Storage;
 
 /// Largest head dimension the attention kernels support (a query row and its accumulator live
 /// in registers: 2 * 256 floats per invocation is already a lot).
@@ -88,6 +89,7 @@ pub fn attention_spec(head_dim: usize, wg: u32, limits: &KernelLimits) -> Result
         d4,
         grid: false,
         softmax: SoftmaxFlags::PLAIN,
+        storage: Storage::F32,
     })
 }
 

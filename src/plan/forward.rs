@@ -10,6 +10,7 @@ use crate::error::{FmaError, Result};
 use crate::geometry::{effective_cell, Grid, GridGeometry};
 use crate::levels::Levels;
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 /// Checks the shape and that Q, K, V and O each fit one storage binding.
@@ -299,6 +300,7 @@ impl FmaPlan {
         let spec = Specialization {
             grid,
             softmax: SoftmaxFlags::of(&cfg.variants),
+            storage: Storage::F32,
             ..attention_spec(d, wg, limits)?
         };
         let tiles_per_block = (block_queries as u32).div_ceil(wg);
@@ -316,6 +318,7 @@ impl FmaPlan {
             d4: 1,
             grid,
             softmax: SoftmaxFlags::PLAIN,
+            storage: Storage::F32,
         };
         let learned = matches!(cfg.downsample, Downsample::Learned(_));
         let pools = levels
@@ -362,6 +365,7 @@ impl FmaPlan {
                 d4: attention_spec(d, 1, limits)?.d4,
                 grid,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             };
             let coarse = levels
                 .levels
@@ -378,6 +382,7 @@ impl FmaPlan {
                 d4: 1,
                 grid,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             };
             let total = (shape.rows() as u64).div_ceil(m_spec.wg as u64);
             let merge = dispatch(Pass::UpsampleMerge, None, total, m_spec, limits)?;
@@ -426,6 +431,25 @@ impl FmaPlan {
             steps.extend(self.downsample_combine.get(i).into_iter().flatten());
         }
         steps
+    }
+
+    /// The plan with its passes composed for `storage` (issue 29): every step, so the passes
+    /// that bind Q, K, V or O load and store them as that type (the others compose the same
+    /// text either way). Dispatches and sizes do not change: the binding checks count 4 bytes
+    /// per element, which f16 tensors undercut.
+    pub fn with_storage(mut self, storage: crate::Storage) -> Self {
+        let all = self
+            .downsample
+            .iter_mut()
+            .chain(self.downsample_combine.iter_mut().flatten())
+            .chain(self.coarse_attention.iter_mut())
+            .chain(std::iter::once(&mut self.attention))
+            .chain(self.merge.iter_mut())
+            .chain(self.pad.iter_mut());
+        for d in all {
+            d.spec.storage = storage;
+        }
+        self
     }
 
     /// Every dispatch in execution order: level by level the downsample (and, coarse queries,

@@ -2,6 +2,8 @@
 //! schedules. Which WGSL file a pass runs and what it binds is the engine's business
 //! (`gpu::engine::passes`, one descriptor per pass), so plans stay free of the GPU layer.
 
+use crate::storage::Storage;
+
 /// Declares [`Pass`] from one list, so a pass's variant, its name and its place in
 /// [`Pass::ALL`] cannot disagree.
 macro_rules! passes {
@@ -39,6 +41,9 @@ passes! {
     FineAttention => "fine_attention",
     /// Exact dense attention (`shaders/dense_attention.wgsl`).
     DenseAttention => "dense_attention",
+    /// Exact dense attention in FlashAttention-2's shape for GPUs: a workgroup per block of
+    /// query rows, register micro-tiles of rows x keys (`shaders/dense_tiled.wgsl`).
+    DenseTiled => "dense_tiled",
     /// Dense backward: dK, dV per key tile over its group's queries
     /// (`shaders/dense_backward_dkv.wgsl`).
     DenseBackwardDkv => "dense_backward_dkv",
@@ -125,6 +130,9 @@ pub struct Specialization {
     /// The softmax variants the pass is composed with (issue 30): each on is a WGSL `const`
     /// true, so a pipeline without them is the plain one, compiled as before.
     pub softmax: SoftmaxFlags,
+    /// The element type of the pass's Q, K, V, O (and gradient) bindings (issue 29,
+    /// `gpu/engine/storage_types.rs`): [`Storage::F32`] composes the text it always did.
+    pub storage: Storage,
 }
 
 /// Which softmax variants of issue 30 ([`crate::Variants`]) a pipeline is specialised for

@@ -4,6 +4,7 @@
 //! beside short ones, costs its tokens and not its longest sequence times its count.
 
 use super::dense::DensePlan;
+use super::dense_tiled::DenseKernel;
 use super::dispatch::{dispatch, Dispatch, MERGE_WG};
 use super::forward::{pool_level, FmaPlan, Workspace};
 use super::limits::KernelLimits;
@@ -13,6 +14,7 @@ use crate::config::{FmaConfig, Queries};
 use crate::error::{FmaError, Result};
 use crate::sequences::{SeqLayout, Sequences};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 /// Checks that each tensor of the batch fits one storage binding (a variable-length batch is
@@ -39,6 +41,7 @@ fn pad_dispatch(seqs: &Sequences, shape: Shape, limits: &KernelLimits) -> Result
         d4: 1,
         grid: false,
         softmax: SoftmaxFlags::PLAIN,
+        storage: Storage::F32,
     };
     let total = (shape.rows() as u64).div_ceil(spec.wg as u64);
     dispatch(Pass::PadRows, None, total, spec, limits).map(Some)
@@ -184,14 +187,26 @@ impl DensePlan {
         d: usize,
         limits: &KernelLimits,
     ) -> Result<Self> {
+        Self::for_sequences_with(seqs, (heads, kv_heads, d), limits, DenseKernel::Rows)
+    }
+
+    /// [`DensePlan::for_sequences`] with the forward kernel `kernel` (its own query tile:
+    /// the table counts tiles of its rows); `(heads, kv_heads, d)` as there.
+    pub fn for_sequences_with(
+        seqs: &Sequences,
+        (heads, kv_heads, d): (usize, usize, usize),
+        limits: &KernelLimits,
+        kernel: DenseKernel,
+    ) -> Result<Self> {
         let shape = seqs.shape(heads, kv_heads, d);
         shape.validate()?;
         check_batch(shape, limits)?;
-        let base = DensePlan::without_tensor_bindings(one(shape, seqs.max_len()), limits)?;
+        let base =
+            DensePlan::without_tensor_bindings_for(one(shape, seqs.max_len()), limits, kernel)?;
         let wg = base.attention.spec.wg as usize;
         let table = SeqTable::new(seqs, heads, kv_heads, None, |n| n.div_ceil(wg) as u64)?;
         let attention = dispatch(
-            Pass::DenseAttention,
+            base.attention.pass,
             None,
             heads as u64 * table.tiles,
             base.attention.spec,

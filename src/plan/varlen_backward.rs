@@ -11,6 +11,7 @@ use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::config::FmaConfig;
 use crate::error::Result;
 use crate::sequences::{SeqLayout, Sequences};
+use crate::storage::Storage;
 
 impl BackwardPlan {
     /// Plans the backward of FMA of the variable-length batch `seqs` with `heads` query heads,
@@ -65,6 +66,7 @@ impl BackwardPlan {
                 d4: 1,
                 grid: false,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             };
             let rows = shape.rows() as u64;
             plan.pad = Some(dispatch(

@@ -13,3 +13,4 @@ mod inputs;
 mod no_levels;
 mod quiet;
 mod run;
+mod storage;

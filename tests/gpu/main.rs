@@ -18,6 +18,7 @@ mod dense_backward_split;
 mod dense_keys;
 mod depth_counts;
 mod errors;
+mod f16;
 mod forward;
 mod geometry;
 mod grid;

@@ -10,17 +10,19 @@
 //! read from the wrong head moves O by far more than rounding (sinks ~ N(0, 1), one term of a
 //! row's sum of ~100 exp terms of the same size).
 //!
-//! Against the same Attention without the binding cap: O, the LSE, dQ, dK and dV to the bit
+//! Dense attention runs both forward kernels (rows and tiled: `DENSE_KERNELS`). Against the
+//! same Attention without the binding cap: O, the LSE, dQ, dK and dV to the bit
 //! (a run's dispatches compute each head as the unsplit dispatch does; K/V heads are summed
 //! inside one run; a group run a head at a time: dK and dV within 1e-5 of their scale); dsinks within 1e-6 of its scale (each run's f64 sum over its rows is
 //! rounded to f32 and the runs are added in f32: a few ulp). Against the f64 reference: the
 //! tolerances of tests/gpu/variants.rs.
 
-use crate::common::gpu;
 use crate::common::gradients::{compare, compare_all, inputs};
+use crate::common::{gpu, DENSE_KERNELS};
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, Host, HostGrad, Resident};
+use multipole_attn::plan::DenseKernel;
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{FmaConfig, FmaError, Method, Problem, Shape, Variants, Window};
 
@@ -48,18 +50,18 @@ fn same_bits(label: &str, name: &str, got: &[f32], want: &[f32]) {
 /// f64 reference. `kv_bits`: whole K/V groups per run, so dK and dV are the unsplit bits;
 /// else (a group run one head at a time) their heads' terms are added across runs in head
 /// order, the same terms regrouped: within 1e-5 of each tensor's scale.
-fn check(method: &Method, p: &Problem, seed: u64, kv_bits: bool) {
+/// `kernel`: dense attention's forward kernel (no effect on FMA).
+fn check(method: &Method, p: &Problem, seed: u64, kv_bits: bool, kernel: DenseKernel) {
     let shape = p.shape;
     let label = format!(
-        "seed {seed} {method:?} {shape} causal={} {:?}",
+        "seed {seed} {method:?} {kernel:?} {shape} causal={} {:?}",
         p.causal, p.variants
     );
     let x = inputs(seed, shape);
     let host = Host::new(&x.q, &x.k, &x.v);
-    let whole = Attention::new(gpu().unwrap(), method.clone()).unwrap();
-    let capped = Attention::new(gpu().unwrap(), method.clone())
-        .and_then(|a| a.max_binding(CAP))
-        .unwrap();
+    let make = || Attention::new(gpu().unwrap(), method.clone())?.dense_kernel(kernel);
+    let whole = make().unwrap();
+    let capped = make().and_then(|a| a.max_binding(CAP)).unwrap();
     assert!(
         shape.elements() as u64 * 4 > CAP,
         "{label}: the tensors must exceed the cap"
@@ -149,8 +151,16 @@ fn sinks_on_runs_of_heads_match_the_unsplit_run_and_the_reference() {
             ];
             for v in cases {
                 let p = Problem::new(shape).causal(causal).variants(v);
-                check(&Method::Dense, &p, s, true);
-                check(&Method::Fma(FmaConfig::new(16, 2)), &p, s, true);
+                for kernel in DENSE_KERNELS {
+                    check(&Method::Dense, &p, s, true, kernel);
+                }
+                check(
+                    &Method::Fma(FmaConfig::new(16, 2)),
+                    &p,
+                    s,
+                    true,
+                    DenseKernel::Rows,
+                );
             }
         }
     }
@@ -205,6 +215,14 @@ fn a_group_over_the_binding_runs_one_head_at_a_time_with_its_sink() {
         sinks: Some(normal_tensor(seed ^ 0x51, 6)),
         ..Variants::default()
     });
-    check(&Method::Dense, &p, seed, false);
-    check(&Method::Fma(FmaConfig::new(16, 2)), &p, seed, false);
+    for kernel in DENSE_KERNELS {
+        check(&Method::Dense, &p, seed, false, kernel);
+    }
+    check(
+        &Method::Fma(FmaConfig::new(16, 2)),
+        &p,
+        seed,
+        false,
+        DenseKernel::Rows,
+    );
 }

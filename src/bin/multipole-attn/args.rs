@@ -92,6 +92,26 @@ pub enum DownsampleArg {
     Learned,
 }
 
+/// The element type of Q, K, V and O on the GPU (`--storage`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StorageArg {
+    /// float32 on every adapter.
+    F32,
+    /// float16 (needs SHADER_F16): inputs rounded to f16, arithmetic and softmax in f32, O
+    /// written as float16.
+    F16,
+}
+
+impl StorageArg {
+    /// The library's storage.
+    pub fn storage(self) -> multipole_attn::Storage {
+        match self {
+            StorageArg::F32 => multipole_attn::Storage::F32,
+            StorageArg::F16 => multipole_attn::Storage::F16,
+        }
+    }
+}
+
 /// At which resolution queries attend to the coarse levels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum QueriesArg {
@@ -179,6 +199,18 @@ pub struct RunArgs {
     /// Run the f64 CPU reference instead of the GPU (slow; for checking).
     #[arg(long)]
     pub reference: bool,
+    /// Element type of Q, K, V and O on the GPU: f32, or f16 on adapters with SHADER_F16
+    /// (`info` says; without it the run fails with exit code 1). With f16, float16, float32
+    /// and float64 inputs are rounded to f16, scores, softmax and sums stay f32, and O (and
+    /// grad's gradients) are written as float16; the LSE stays float32.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "TYPE",
+        default_value = "f32",
+        conflicts_with = "reference"
+    )]
+    pub storage: StorageArg,
     /// Also write the per-row log-sum-exp of the logits.
     #[arg(long, value_name = "LSE.npy")]
     pub lse: Option<PathBuf>,
@@ -256,7 +288,8 @@ summed over batch and heads) for L = sum(dO * O), O = FMA(Q, K, V); dO has the s
 --out GRADS.npz holds dq, dk, dv (shape of Q) and, in Learned mode, k_w{l}, k_b{l}, v_w{l},
 v_b{l} (with --queries coarse also q_w{l}, q_b{l}) for every level of the weights (the layout
 of --weights; levels the sequence does not use are zeros). Fine or coarse queries, 1D or
---grid, variable-length batches. float32 on the GPU, float64 with --reference. --lse does not
+--grid, variable-length batches. float32 on the GPU, float64 with --reference; with
+--storage f16, dq, dk, dv as float16 (not with learned weights or --sinks yet). --lse does not
 apply. --dense differentiates exact attention instead (dq, dk, dv; K/V may have fewer heads
 and another length than Q, --causal bottom-right aligned as in run; variable-length batches
 too).

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{DecodeArgs, QueriesArg};
+use crate::args::{DecodeArgs, QueriesArg, StorageArg};
 use crate::error::{CliError, CliResult};
 use crate::npy_io::{check_output_path, read_tensor, write_array};
 use crate::run::{build_config, problem, problem_shape};
@@ -42,6 +42,12 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
     check_output_path(&run.out)?;
     if let Some(lse) = &run.lse {
         check_output_path(lse)?;
+    }
+    if run.storage == StorageArg::F16 {
+        return Err(CliError::Input(
+            "--storage f16 is not offered by decode yet (its cache is f32); use --storage f32"
+                .into(),
+        ));
     }
     if run.queries == QueriesArg::Coarse {
         return Err(CliError::Input(

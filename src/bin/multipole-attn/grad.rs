@@ -9,12 +9,12 @@
 
 use crate::args::GradArgs;
 use crate::error::{CliError, CliResult};
-use crate::npy_io::{check_output_path, read_tensor};
+use crate::npy_io::{check_output_path, read_tensor, write_f16_npz};
 use crate::run::{build_config, problem, problem_shape};
 use crate::tensor::{fmt_shape, Tensor};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::levels::window;
-use multipole_attn::{cpu, FmaConfig, Gradients, Method, Problem, Queries, Shape};
+use multipole_attn::{cpu, FmaConfig, Gradients, Method, Problem, Queries, Shape, Storage};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{NpzWriter, WritableElement, WriteNpzError};
 use std::fs::File;
@@ -65,22 +65,37 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
         let g = cpu::backward(&method, &problem, (&q, &k, &v), &dout)?;
         write_gradients(&run.out, shapes, shape, method.fma(), g)
     } else {
-        let g = run_gpu(&method, (q, k, v, dout), &problem)?;
-        write_gradients(&run.out, shapes, shape, method.fma(), g)
+        let storage = run.storage.storage();
+        let g = run_gpu(&method, (q, k, v, dout), &problem, storage)?;
+        match storage {
+            // f16 storage: the gradients are f16 values (no weight or sink gradients: the
+            // library refuses those with host dO), written as float16.
+            Storage::F16 => write_f16_npz(
+                &run.out,
+                &[
+                    ("dq", shapes.0, &g.dq),
+                    ("dk", shapes.1, &g.dk),
+                    ("dv", shapes.1, &g.dv),
+                ],
+            ),
+            Storage::F32 => write_gradients(&run.out, shapes, shape, method.fma(), g),
+        }
     }
 }
 
-/// Forward (keeping what the backward needs) and backward on the GPU in f32.
+/// Forward (keeping what the backward needs) and backward on the GPU, tensors stored as
+/// `storage`.
 fn run_gpu(
     method: &Method,
     (q, k, v, dout): (Tensor, Tensor, Tensor, Tensor),
     problem: &Problem,
+    storage: Storage,
 ) -> CliResult<Gradients<f32>> {
     let (q, k, v) = (q.into_f32("Q")?, k.into_f32("K")?, v.into_f32("V")?);
     let dout = dout.into_f32("dO")?;
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
-    let attention = Attention::new(&ctx, method.clone())?;
+    let attention = Attention::new(&ctx, method.clone())?.storage(storage)?;
     let (_, saved) = attention.train(problem, Host::new(&q, &k, &v))?;
     Ok(attention.backward(&saved, HostGrad(&dout))?)
 }

@@ -274,3 +274,81 @@ pub fn write_array<A: WritableElement>(
         }
     })
 }
+
+/// The .npy (format 1.0) header of a little-endian float16 C-order array of `shape`: the magic,
+/// the version, the header's length and the dict, padded with spaces to a multiple of 64 bytes
+/// and ended by a newline, as numpy writes it.
+fn f16_header(shape: &[usize]) -> Vec<u8> {
+    let dims = match shape {
+        [n] => format!("({n},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut dict = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': {dims}, }}");
+    // 6 magic + 2 version + 2 length bytes, then the dict and its newline.
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out
+}
+
+/// The .npy bytes of `data` (row-major, values already f16, as f16 storage returns them) as
+/// a float16 array of shape `shape`: each value rounded to f16 (exact for f16 values).
+fn f16_npy(shape: &[usize], data: &[f32]) -> CliResult<Vec<u8>> {
+    if data.len() != shape.iter().product::<usize>() {
+        return Err(CliError::Runtime(format!(
+            "internal error: {} values do not fill the output shape {}",
+            data.len(),
+            fmt_shape(shape)
+        )));
+    }
+    let mut bytes = f16_header(shape);
+    bytes.reserve(2 * data.len());
+    for &x in data {
+        bytes.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
+    }
+    Ok(bytes)
+}
+
+fn write_failed(path: &Path, e: impl std::fmt::Display, kind: Option<io::ErrorKind>) -> CliError {
+    CliError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+        kind,
+    }
+}
+
+/// Writes `data` as a float16 .npy array of shape `shape` ([`f16_npy`]).
+pub fn write_f16(path: &Path, shape: &[usize], data: &[f32]) -> CliResult<()> {
+    let bytes = f16_npy(shape, data)?;
+    std::fs::write(path, bytes).map_err(|e| write_failed(path, &e, Some(e.kind())))
+}
+
+/// Writes the float16 arrays `(name, shape, data)` as an .npz archive (stored, as
+/// `np.savez` writes it: one `name.npy` entry each).
+pub fn write_f16_npz(path: &Path, arrays: &[(&str, &[usize], &[f32])]) -> CliResult<()> {
+    use std::io::Write;
+    let file = File::create(path).map_err(|e| write_failed(path, &e, Some(e.kind())))?;
+    let mut zip = zip::ZipWriter::new(file);
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, shape, data) in arrays {
+        let bytes = f16_npy(shape, data)?;
+        zip.start_file(format!("{name}.npy"), options)
+            .map_err(|e| write_failed(path, e, None))?;
+        zip.write_all(&bytes)
+            .map_err(|e| write_failed(path, &e, Some(e.kind())))?;
+    }
+    zip.finish().map_err(|e| write_failed(path, e, None))?;
+    Ok(())
+}

@@ -3,13 +3,13 @@
 
 use crate::args::{DownsampleArg, QueriesArg, RunArgs};
 use crate::error::{CliError, CliResult};
-use crate::npy_io::{check_output_path, read_shape, read_tensor, write_array};
+use crate::npy_io::{check_output_path, read_shape, read_tensor, write_array, write_f16};
 use crate::tensor::fmt_shape;
 use crate::weights_npz::read_weights;
 use multipole_attn::gpu::{Attention, GpuContext, Host};
 use multipole_attn::levels::num_levels;
 use multipole_attn::{cpu, cross, Downsample, FmaConfig, LearnedWeights, Method, Problem};
-use multipole_attn::{Queries, Sequences, Shape, Variants};
+use multipole_attn::{Queries, Sequences, Shape, Storage, Variants};
 
 /// Runs the `run` subcommand.
 pub fn run(args: &RunArgs) -> CliResult<()> {
@@ -38,7 +38,11 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     let gpu = if args.reference {
         None
     } else {
-        Some(prepare_gpu(method.clone(), &problem)?)
+        Some(prepare_gpu(
+            method.clone(),
+            &problem,
+            args.storage.storage(),
+        )?)
     };
     let q = read_tensor(&args.q, "Q")?;
     let k = read_tensor(&args.k, "K")?;
@@ -64,7 +68,11 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             host.without_lse()
         };
         let out = gpu.forward(&problem, host)?;
-        write_array(&args.out, &o_shape, out.o)?;
+        match gpu.storage_type() {
+            // f16 storage: O holds f16 values; written as the float16 it is.
+            Storage::F16 => write_f16(&args.out, &o_shape, &out.o)?,
+            Storage::F32 => write_array(&args.out, &o_shape, out.o)?,
+        }
         if let Some(path) = &args.lse {
             let lse = out.lse.ok_or_else(|| {
                 CliError::Runtime(
@@ -293,12 +301,12 @@ fn join(lens: &[usize]) -> String {
         .join(",")
 }
 
-/// Opens the adapter and prepares `method`, checking the problem against the adapter's
-/// limits before any data is read.
-fn prepare_gpu(method: Method, problem: &Problem) -> CliResult<Attention> {
+/// Opens the adapter and prepares `method` with `storage` (f16: a typed error without
+/// SHADER_F16), checking the problem against the adapter's limits before any data is read.
+fn prepare_gpu(method: Method, problem: &Problem, storage: Storage) -> CliResult<Attention> {
     let ctx = GpuContext::new()?;
     log::info!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
-    let attention = Attention::new(&ctx, method)?;
+    let attention = Attention::new(&ctx, method)?.storage(storage)?;
     attention.check(problem)?;
     Ok(attention)
 }

@@ -5,19 +5,23 @@
 //! Below it the executors (`gpu/fma/`, `gpu/dense/`) keep one method per path; this layer
 //! only chooses the path, so every caller branches nowhere.
 
+mod half_host;
+
 use std::sync::{Arc, Mutex};
 
 use crate::config::Downsample;
 use crate::error::{FmaError, Result};
 use crate::gpu::dense::{DenseAttention, DenseSaved};
 use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::storage_types::{check_device_storage, f16_split_refused};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::fma::backward::Saved as FmaSaved;
 use crate::gpu::fma::FmaAttention;
 use crate::gradients::Gradients;
 use crate::method::Method;
-use crate::plan::{BackwardPlan, DenseBackwardPlan, DensePlan, FmaPlan};
+use crate::plan::{BackwardPlan, DenseBackwardPlan, DenseKernel, DensePlan, FmaPlan};
 use crate::problem::Problem;
+use crate::storage::Storage;
 use crate::variants::Variants;
 
 use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, TrainIo};
@@ -49,6 +53,10 @@ pub struct Attention {
     method: Method,
     max_binding: Option<u64>,
     keys_per_dispatch: Option<usize>,
+    /// The element type of Q, K, V and O ([`Attention::storage`]).
+    storage: Storage,
+    /// Dense attention's forward kernel, when not the adapter's choice.
+    dense_kernel: Option<DenseKernel>,
     /// FMA's executors, one per mask and variants seen (each uploads the learned weights).
     fma: Mutex<Vec<(Softmax, Arc<FmaAttention>)>>,
     /// Dense attention's executors, likewise.
@@ -107,6 +115,7 @@ impl std::fmt::Debug for Attention {
             .field("method", &self.method)
             .field("max_binding", &self.max_binding)
             .field("keys_per_dispatch", &self.keys_per_dispatch)
+            .field("dense_kernel", &self.dense_kernel)
             .finish_non_exhaustive()
     }
 }
@@ -213,6 +222,8 @@ impl Attention {
             method,
             max_binding: None,
             keys_per_dispatch: None,
+            storage: Storage::F32,
+            dense_kernel: None,
             fma: Default::default(),
             dense: Default::default(),
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -255,6 +266,45 @@ impl Attention {
         self.rebuild()
     }
 
+    /// Stores Q, K, V and O as `storage` (issue 29). [`Storage::F16`] needs
+    /// `wgpu::Features::SHADER_F16` on the device ([`FmaError::MissingFeature`] otherwise:
+    /// every browser without shader-f16, and any context made with `browser_limits`); the
+    /// kernels load f16, compute in f32 (scores, softmax state, accumulators) and store O as
+    /// f16, so O is the f32 path's result on the f16-rounded inputs, rounded once more to f16
+    /// (docs/architecture.md, "Storage"). The LSE and FMA's coarse rows stay f32.
+    ///
+    /// With f16: [`Host`](crate::gpu::Host) tensors stay f32 slices (rounded to f16 on upload;
+    /// a finite value beyond 65504 is a typed error) and O comes back as f16 values widened to
+    /// f32; [`Resident`](crate::gpu::Resident) and [`Encode`](crate::gpu::Encode) buffers hold
+    /// f16 elements (2 bytes each, same layouts) and an f32 LSE. Training and the backward
+    /// run with f16 Q, K, V, O, dO and dQ, dK, dV ([`HostGrad`](crate::gpu::HostGrad): dO
+    /// rounded to f16, the gradients widened; [`ResidentGrad`](crate::gpu::ResidentGrad): f16
+    /// buffers, the learned weights' gradients f32). Not offered yet with f16 (typed errors):
+    /// variable-length batches, tensors over one storage binding (counted as f32), which f32
+    /// storage runs in pieces, and a host backward with Learned weights or sinks (their
+    /// gradients are not returned that way yet).
+    pub fn storage(mut self, storage: Storage) -> Result<Self> {
+        check_device_storage(&self.ctx, storage)?;
+        self.storage = storage;
+        self.rebuild()
+    }
+
+    /// The element type of Q, K, V and O ([`Attention::storage`]).
+    pub fn storage_type(&self) -> Storage {
+        self.storage
+    }
+
+    /// Dense attention's forward runs the kernel of shape `kernel` instead of the adapter's
+    /// choice ([`DenseKernel::for_device`]: [`DenseKernel::Rows`] on a CPU adapter such as
+    /// lavapipe, [`DenseKernel::Tiled`] on a GPU): for testing the tiled kernel on lavapipe and
+    /// comparing the two on one device. Results agree within f32 rounding. Where the tiled
+    /// kernel's tiles do not fit the adapter for the head dimension, the rows kernel runs. The
+    /// backward is the same either way. No effect on FMA. Call before the first forward.
+    pub fn dense_kernel(mut self, kernel: DenseKernel) -> Result<Self> {
+        self.dense_kernel = Some(kernel);
+        self.rebuild()
+    }
+
     /// The method.
     pub fn method(&self) -> &Method {
         &self.method
@@ -281,7 +331,7 @@ impl Attention {
                         .clone()
                         .causal(softmax.causal)
                         .variants(softmax.variants.clone());
-                    let e = FmaAttention::new(&self.ctx, cfg)?;
+                    let e = FmaAttention::new(&self.ctx, cfg)?.with_storage(self.storage)?;
                     Ok(match self.max_binding {
                         Some(bytes) => e.max_binding(bytes),
                         None => e,
@@ -298,12 +348,16 @@ impl Attention {
     fn dense_exec(&self, softmax: Softmax) -> Result<Exec> {
         let make = || {
             let mut e = DenseAttention::new(&self.ctx, softmax.causal)?
-                .with_variants(softmax.variants.clone());
+                .with_variants(softmax.variants.clone())
+                .with_storage(self.storage)?;
             if let Some(bytes) = self.max_binding {
                 e = e.max_binding(bytes);
             }
             if let Some(keys) = self.keys_per_dispatch {
                 e = e.keys_per_dispatch(keys);
+            }
+            if let Some(kernel) = self.dense_kernel {
+                e = e.kernel(kernel);
             }
             Ok(e)
         };
@@ -382,6 +436,18 @@ impl Attention {
     /// takes), without touching the GPU: a caller can fail before reading gigabytes of input.
     pub fn check(&self, p: &Problem) -> Result<()> {
         p.validate()?;
+        if self.storage == Storage::F16 {
+            // f16 tensors run whole or not at all: no pieces to fall back on.
+            self.check_f16(p, "a forward")?;
+            let cap = self.binding_cap();
+            if p.shape.elements().max(p.shape.kv_elements()) as u64 * 4 > cap {
+                return Err(f16_split_refused(p.shape, cap));
+            }
+            return match self.exec(p)? {
+                Exec::Fma(e) => e.plan(p.shape).map(drop),
+                Exec::Dense(e) => e.plan(p.shape).map(drop),
+            };
+        }
         let fits = match (self.exec(p)?, &p.sequences) {
             (Exec::Fma(e), None) => return e.check(p.shape),
             (Exec::Fma(e), Some(seqs)) => e.plan_sequences(p.shape, seqs).map(drop),
@@ -464,6 +530,15 @@ impl Attention {
         p.validate()?;
         let s = p.shape;
         let seqs = p.sequences.as_ref();
+        if self.storage == Storage::F16 {
+            self.check_f16(p, "a forward")?;
+            if let ForwardArgs::Host(h) = args {
+                // Through f16 buffers: the executors' one f16 path is the resident one.
+                let io = half_host::HalfHost::new(&self.ctx, s, &h)?;
+                Box::pin(self.forward_args(p, ForwardArgs::Resident(io.tensors()))).await?;
+                return io.read(&self.ctx, s, h.lse).await.map(Some);
+            }
+        }
         match (self.exec(p)?, seqs, args) {
             (_, Some(_), ForwardArgs::Encode(..)) => Err(encoder_varlen()),
             (Exec::Fma(e), None, ForwardArgs::Host(h)) => {
@@ -510,6 +585,16 @@ impl Attention {
         args: ForwardArgs<'_>,
     ) -> Result<(Option<Output>, SavedKind)> {
         let s = p.shape;
+        if self.storage == Storage::F16 {
+            self.check_f16(p, "training")?;
+            if let ForwardArgs::Host(h) = args {
+                // Through f16 buffers, which the saved tensors keep (as resident training).
+                let io = half_host::HalfHost::new(&self.ctx, s, &h)?;
+                let (_, kind) =
+                    Box::pin(self.train_args(exec, p, ForwardArgs::Resident(io.tensors()))).await?;
+                return Ok((Some(io.read(&self.ctx, s, h.lse).await?), kind));
+            }
+        }
         let seqs = p.sequences.as_ref();
         match (exec, args) {
             (_, ForwardArgs::Encode(..)) => Err(FmaError::InvalidConfig {
@@ -563,6 +648,14 @@ impl Attention {
                     .into(),
             ));
         }
+        if let (Storage::F16, BackwardArgs::Host(dout)) = (self.storage, &args) {
+            self.check_f16_host_backward(&saved.problem)?;
+            let s = saved.problem.shape;
+            let io = half_host::HalfGrad::new(&self.ctx, s, dout)?;
+            let (dout, grads) = io.tensors();
+            Box::pin(self.backward_args(saved, BackwardArgs::Resident(dout, grads))).await?;
+            return io.read(&self.ctx, s).await.map(Some);
+        }
         // The executor that saved them (its own owner check is then a formality).
         match (&saved.exec, &saved.kind, args) {
             (Exec::Fma(e), SavedKind::Fma(s), BackwardArgs::Host(dout)) => {
@@ -582,6 +675,52 @@ impl Attention {
                 "saved tensors of another method than their executor's".into(),
             )),
         }
+    }
+}
+
+impl Attention {
+    /// What f16 storage does not run yet, for `what` of `p`: a variable-length batch.
+    fn check_f16(&self, p: &Problem, what: &str) -> Result<()> {
+        match p.sequences {
+            Some(_) => Err(f16_not_offered(&format!(
+                "{what} of a variable-length batch"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes in one storage binding the executors use (the device's, or `max_binding`'s).
+    fn binding_cap(&self) -> u64 {
+        let mut limits = crate::plan::KernelLimits::from_wgpu(&self.ctx.limits);
+        if let Some(bytes) = self.max_binding {
+            limits = limits.capped(bytes);
+        }
+        limits.binding_bytes()
+    }
+
+    /// What a host backward under f16 storage does not return yet: the learned weights'
+    /// gradients and the sinks' (resident gradients take the weights').
+    fn check_f16_host_backward(&self, p: &Problem) -> Result<()> {
+        let learned = matches!(&self.method, Method::Fma(c) if matches!(c.downsample, Downsample::Learned(_)));
+        match (learned, p.variants.sinks.is_some()) {
+            (true, _) => Err(f16_not_offered(
+                "a host backward with Learned weights (ResidentGrad returns their gradients)",
+            )),
+            (_, true) => Err(f16_not_offered("a backward with sinks (their gradient)")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `what` under f16 storage: not offered yet (issue 29's later steps).
+fn f16_not_offered(what: &str) -> FmaError {
+    FmaError::InvalidConfig {
+        what: "storage",
+        value: format!("f16 for {what}"),
+        allowed: "f16 storage for whole-sequence batches: forwards (host, resident or encoder \
+                  tensors), training and backwards (host dO without learned weights or sinks, \
+                  or resident dO); f32 storage (Storage::F32) for the rest"
+            .into(),
     }
 }
 

@@ -126,7 +126,8 @@ impl DenseAttention {
     ) -> Result<DenseBackwardPlan> {
         self.variants.validate(span.heads, self.causal)?;
         let mut plan = DenseBackwardPlan::new(shape, &self.limits)?
-            .with_softmax(SoftmaxFlags::of(&self.variants));
+            .with_softmax(SoftmaxFlags::of(&self.variants))
+            .with_storage(self.storage);
         plan.forward.head_span = span;
         Ok(plan)
     }
@@ -318,7 +319,7 @@ impl DenseAttention {
             sequences: None,
             span: HeadSpan::whole(shape),
             owner: self.id,
-            kept: DenseKept::Whole(SavedTensors::from_buffers(t, shape)?),
+            kept: DenseKept::Whole(SavedTensors::from_buffers(t, shape, self.storage)?),
         })
     }
 
@@ -445,8 +446,9 @@ impl DenseAttention {
         let shape = saved.shape;
         let tensors = saved.whole()?;
         let plan = self.saved_plan(saved)?;
-        let bytes = shape.elements() as u64 * 4;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+        // dO and the gradients have the elements of the storage (issue 29).
+        let bytes = shape.elements() as u64 * self.storage.bytes();
+        let kv_bytes = shape.kv_elements() as u64 * self.storage.bytes();
         check_storage("dO", dout, bytes, shape)?;
         check_storage("dQ", g.dq, bytes, shape)?;
         check_storage("dK", g.dk, kv_bytes, shape)?;

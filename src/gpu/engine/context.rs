@@ -369,7 +369,8 @@ pub fn negotiate_limits(adapter: &wgpu::Limits, options: ContextOptions) -> wgpu
 /// [`crate::gpu::Attention::forward`] with [`crate::gpu::Encode`] between `CommandEncoder::write_timestamp` calls), and
 /// [`wgpu::Features::SUBGROUP`], with which the attention passes share their staged key tiles
 /// through subgroup shuffles (2-3x faster on lavapipe, docs/perf.md). Not subgroups with
-/// `options.browser_limits`: browsers' WebGPU does not expose them to wgpu.
+/// `options.browser_limits`: browsers' WebGPU does not expose them to wgpu. And
+/// [`wgpu::Features::SHADER_F16`] for [`crate::Storage::F16`] (not under `browser_limits`).
 pub fn negotiate_features(adapter: wgpu::Features, options: ContextOptions) -> wgpu::Features {
     // Inside passes too: the per-pass profiler (`GpuContext::start_profiling`).
     let mut wanted = wgpu::Features::TIMESTAMP_QUERY
@@ -377,6 +378,12 @@ pub fn negotiate_features(adapter: wgpu::Features, options: ContextOptions) -> w
         | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
     if !options.browser_limits {
         wanted |= wgpu::Features::SUBGROUP;
+    }
+    // f16 storage (issue 29): requested wherever the adapter offers it natively; a browser
+    // offers it only through its own adapter (wasm), never under the emulated browser_limits
+    // (SwiftShader has none), so those devices stay f32-only.
+    if !options.browser_limits || cfg!(target_arch = "wasm32") {
+        wanted |= wgpu::Features::SHADER_F16;
     }
     adapter & wanted
 }

@@ -51,7 +51,8 @@ pub struct Encode<'a>(pub &'a mut wgpu::CommandEncoder, pub GpuTensors<'a>);
 #[derive(Clone, Copy, Debug)]
 pub struct HostGrad<'a>(pub &'a [f32]);
 
-/// dO on the GPU (f32, `STORAGE`) and the caller's gradient buffers; one submit, no wait.
+/// dO on the GPU (f32, `STORAGE`; f16 under [`crate::Storage::F16`], as dQ, dK, dV) and the
+/// caller's gradient buffers; one submit, no wait.
 #[derive(Clone, Copy, Debug)]
 pub struct ResidentGrad<'a> {
     /// dL/dO, (batch, heads, seq, head_dim).

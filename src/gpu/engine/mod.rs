@@ -17,6 +17,7 @@ pub mod profile;
 pub(crate) mod record;
 pub mod shaders;
 pub(crate) mod split_io;
+pub(crate) mod storage_types;
 pub(crate) mod tensors;
 pub(crate) mod varlen_io;
 pub(crate) mod weights;

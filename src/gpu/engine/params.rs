@@ -252,6 +252,7 @@ mod tests {
     use super::*;
     use crate::gpu::engine::shaders::{compose, Pass, Specialization};
     use crate::plan::SoftmaxFlags;
+    use crate::storage::Storage;
 
     fn naga_size(type_name: &str) -> u32 {
         naga_size_in(Pass::Downsample, type_name)
@@ -266,6 +267,7 @@ mod tests {
                 d4: 1,
                 grid: false,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             },
         );
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::passes::{desc, Access};
 use crate::gpu::engine::shaders::{compose_counting, compose_for};
+use crate::gpu::engine::storage_types::f16_bindings;
 use crate::plan::{Pass, Specialization};
+use crate::storage::Storage;
 
 fn entry(binding: u32, access: Access, dynamic: bool) -> wgpu::BindGroupLayoutEntry {
     let ty = match access {
@@ -154,6 +156,15 @@ impl Kernels {
         pass: Pass,
         spec: Specialization,
     ) -> Result<wgpu::ComputePipeline> {
+        // A pass that binds no f16 tensor composes the same text in either storage: one
+        // pipeline serves both (coarse passes, combines).
+        let spec = match spec.storage {
+            Storage::F16 if f16_bindings(pass).is_empty() => Specialization {
+                storage: Storage::F32,
+                ..spec
+            },
+            _ => spec,
+        };
         let key = (pass, spec);
         if let Some(p) = self.pipelines.lock().map_err(poisoned)?.get(&key) {
             return Ok(p.clone());

@@ -7,8 +7,10 @@
 //! sized exactly, and a pipeline is built once per distinct set (see `pipelines.rs`).
 
 use crate::gpu::engine::passes::desc;
+use crate::gpu::engine::storage_types::{f16_bindings, to_f16_storage, F16_DIRECTIVE};
 use crate::plan::UNROLLED_D4;
 pub use crate::plan::{Pass, Specialization};
+use crate::storage::Storage;
 
 /// A shared snippet by its `#import` name.
 fn shared(name: &str) -> Option<&'static str> {
@@ -89,6 +91,14 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     if let Some(sg) = subgroup {
         out.push_str(&format!("const SG: u32 = {sg}u;\n"));
     }
+    if pass == Pass::DenseTiled {
+        // Its micro-tile (`plan::dense_tiled`): the planner sizes workgroups by the same numbers.
+        out.push_str(&format!(
+            "const TQ: u32 = {}u;\nconst LANES: u32 = {}u;\n",
+            crate::plan::TILED_ROWS,
+            crate::plan::TILED_LANES
+        ));
+    }
     // The softmax variants (`shared/variants.wgsl`): constant false in a plain pipeline, so the
     // compiler removes their branches and the plain kernels run the code they always did.
     let f = spec.softmax;
@@ -104,9 +114,15 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     if subgroup.is_none() && spec.d4 > UNROLLED_D4 as u32 {
         out = unroll_row_loops(&out, spec.d4);
     }
-    match subgroup {
+    let out = match subgroup {
         Some(sg) => unroll_subgroup_loops(&out, spec.d4, sg),
         None => out,
+    };
+    // f16 storage (issue 29) rewrites the loads and stores of the pass's tensors last, so the
+    // f32 variant is exactly the text it was before storage types existed.
+    match spec.storage {
+        Storage::F32 => out,
+        Storage::F16 => to_f16_storage(&out, &f16_bindings(pass)),
     }
 }
 
@@ -118,7 +134,12 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
 /// pipelines carry no trace of it.
 pub fn compose_counting(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> String {
     let text = compose_for(pass, spec, subgroup);
-    let mut out = String::from(ROW_COUNTER);
+    // WGSL's `enable` directives (f16 storage) must stay before the counter's declarations.
+    let (directives, text) = match text.strip_prefix(F16_DIRECTIVE) {
+        Some(rest) => (F16_DIRECTIVE, rest),
+        None => ("", text.as_str()),
+    };
+    let mut out = format!("{directives}{ROW_COUNTER}");
     for line in text.lines() {
         match line.trim_start().strip_prefix("//#rows(") {
             Some(args) => {
@@ -284,6 +305,7 @@ fn push_resolved(out: &mut String, text: &str, subgroup: bool, grid: bool) {
 mod tests {
     use super::*;
     use crate::plan::SoftmaxFlags;
+    use crate::storage::Storage;
 
     fn validate(src: &str) -> Result<naga::Module, String> {
         let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
@@ -318,6 +340,7 @@ mod tests {
                     d4,
                     grid: true,
                     softmax: SoftmaxFlags::PLAIN,
+                    storage: Storage::F32,
                 };
                 let src = compose(pass, spec);
                 assert!(src.contains("fn cells_of"), "{}: not the grid", pass.name());
@@ -351,6 +374,7 @@ mod tests {
                         d4,
                         grid: false,
                         softmax: SoftmaxFlags::PLAIN,
+                        storage: Storage::F32,
                     },
                 );
                 if let Err(e) = validate(&src) {
@@ -378,6 +402,7 @@ mod tests {
                             d4,
                             grid: false,
                             softmax: SoftmaxFlags::PLAIN,
+                            storage: Storage::F32,
                         },
                         Some(sg),
                     );
@@ -406,6 +431,55 @@ mod tests {
         }
     }
 
+    /// The f16-storage variant of every pass (issue 29), plain and subgroup, validates with
+    /// naga's f16 capability; a pass without f16 tensors composes its f32 text; and the f32
+    /// variant never mentions f16.
+    #[test]
+    fn f16_storage_variants_validate() {
+        for pass in Pass::ALL {
+            for &(wg, bk, d4) in &[(1, 1, 1), (64, 31, 16), (64, 8, 33)] {
+                let spec = Specialization {
+                    wg,
+                    bk,
+                    d4,
+                    grid: false,
+                    softmax: SoftmaxFlags::PLAIN,
+                    storage: Storage::F16,
+                };
+                let f32_spec = Specialization {
+                    storage: Storage::F32,
+                    ..spec
+                };
+                for sg in [None, Some(8)] {
+                    let src = compose_for(pass, spec, sg);
+                    let plain = compose_for(pass, f32_spec, sg);
+                    assert!(!plain.contains("f16"), "{}", pass.name());
+                    if crate::gpu::engine::storage_types::f16_bindings(pass).is_empty() {
+                        assert_eq!(src, plain, "{}", pass.name());
+                        continue;
+                    }
+                    assert!(src.contains("array<f16>"), "{}", pass.name());
+                    let module = naga::front::wgsl::parse_str(&src)
+                        .unwrap_or_else(|e| panic!("{}: {}", pass.name(), e.emit_to_string(&src)));
+                    naga::valid::Validator::new(
+                        naga::valid::ValidationFlags::all(),
+                        naga::valid::Capabilities::SUBGROUP
+                            | naga::valid::Capabilities::SHADER_FLOAT16,
+                    )
+                    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+                    .validate(&module)
+                    .unwrap_or_else(|e| panic!("{} f16 (d4 {d4}, sg {sg:?}): {e:?}", pass.name()));
+                }
+                // The counting variant keeps `enable f16;` first.
+                let counting = compose_counting(pass, spec, None);
+                naga::front::wgsl::parse_str(&counting).unwrap_or_else(|e| {
+                    panic!("{} counting: {}", pass.name(), e.emit_to_string(&counting))
+                });
+            }
+        }
+    }
+
     #[test]
     fn plain_row_loops_are_written_out_above_d_128_only() {
         for pass in Pass::ALL {
@@ -415,6 +489,7 @@ mod tests {
                 d4,
                 grid: false,
                 softmax: SoftmaxFlags::PLAIN,
+                storage: Storage::F32,
             };
             // Up to D4 = 32 the text is what it always was (llvmpipe unrolls those itself).
             let small = compose(pass, spec(UNROLLED_D4 as u32));
@@ -456,6 +531,7 @@ mod tests {
                     d4: 2,
                     grid: false,
                     softmax: SoftmaxFlags::PLAIN,
+                    storage: Storage::F32,
                 },
             );
             assert!(
@@ -472,6 +548,7 @@ mod descriptors {
     use super::compose;
     use crate::gpu::engine::passes::{desc, Access, Access::*};
     use crate::plan::{Pass, SoftmaxFlags, Specialization};
+    use crate::storage::Storage;
 
     /// WebGPU's default limit of storage buffers per shader stage.
     const MAX_STORAGE_PER_STAGE: usize = 8;
@@ -484,6 +561,7 @@ mod descriptors {
             d4: 4,
             grid: false,
             softmax: SoftmaxFlags::PLAIN,
+            storage: Storage::F32,
         };
         let src = compose(pass, spec);
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");

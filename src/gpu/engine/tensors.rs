@@ -6,10 +6,11 @@ use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, storage};
 use crate::gpu::engine::context::GpuContext;
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Q, K, V, O and the LSE of one forward living in GPU buffers (the caller's own, or ones the
 /// library allocated for host tensors). Q, K, V, O: (batch, heads, seq, head_dim) f32 with
-/// `STORAGE` usage; LSE: (batch, heads, seq) f32.
+/// `STORAGE` usage (f16 under [`crate::Storage::F16`]); LSE: (batch, heads, seq) f32.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuTensors<'a> {
     /// Queries, read.
@@ -25,10 +26,16 @@ pub struct GpuTensors<'a> {
 }
 
 impl GpuTensors<'_> {
-    /// Checks every buffer is a storage buffer large enough for `shape`.
+    /// Checks every buffer is a storage buffer large enough for `shape` (f32 elements).
     pub fn check(&self, shape: Shape) -> Result<()> {
-        let tensor = shape.elements() as u64 * 4;
-        let kv = shape.kv_elements() as u64 * 4;
+        self.check_as(shape, Storage::F32)
+    }
+
+    /// Checks every buffer is a storage buffer large enough for `shape`, Q, K, V and O with
+    /// elements of `storage` (the LSE is f32 always).
+    pub fn check_as(&self, shape: Shape, storage: Storage) -> Result<()> {
+        let tensor = shape.elements() as u64 * storage.bytes();
+        let kv = shape.kv_elements() as u64 * storage.bytes();
         let rows = shape.rows() as u64 * 4;
         let mut all = vec![
             ("Q", self.q, tensor),
@@ -308,7 +315,7 @@ pub struct WeightGradTensors<'a> {
 
 /// Where a backward (FMA's or dense attention's) writes: dQ of Q's shape (batch, heads, seq,
 /// head_dim), dK and dV of K's (batch, kv_heads, seq_kv, head_dim), f32 buffers with `STORAGE`
-/// usage; in FMA's Learned mode optionally the weights' gradients (summed over batch and
+/// usage (f16 under [`crate::Storage::F16`]); in FMA's Learned mode (f32 always) optionally the weights' gradients (summed over batch and
 /// heads). Every element is written (none is accumulated into).
 #[derive(Clone, Copy, Debug)]
 pub struct GradTensors<'a> {
@@ -357,8 +364,9 @@ impl SavedTensors {
 
     /// The caller's buffers of a forward already run (`t.lse` must be the buffer that forward
     /// wrote the LSE into: without it there is nothing to differentiate from).
-    pub fn from_buffers(t: GpuTensors<'_>, shape: Shape) -> Result<Self> {
-        t.check(shape)?;
+    /// Q, K, V and O hold elements of `storage`.
+    pub fn from_buffers(t: GpuTensors<'_>, shape: Shape, storage: Storage) -> Result<Self> {
+        t.check_as(shape, storage)?;
         let lse = t.lse.ok_or_else(|| {
             FmaError::NoSavedForward(
                 "no LSE buffer: run forward_buffers with GpuTensors::lse set and pass the same \

@@ -263,7 +263,8 @@ impl FmaAttention {
     /// The backward plan of `shape` as the heads `span` of the caller's problem (a run of
     /// heads: each problem reads its head's sink).
     pub(super) fn backward_plan_in(&self, shape: Shape, span: HeadSpan) -> Result<BackwardPlan> {
-        let mut plan = BackwardPlan::new(shape, &self.cfg, &self.limits)?;
+        let mut plan =
+            BackwardPlan::new(shape, &self.cfg, &self.limits)?.with_storage(self.storage);
         plan.forward.head_span = span;
         Ok(plan)
     }
@@ -382,7 +383,7 @@ impl FmaAttention {
             sequences: None,
             span: HeadSpan::whole(shape),
             owner: self.id,
-            kept: Kept::Whole(SavedTensors::from_buffers(t, shape)?),
+            kept: Kept::Whole(SavedTensors::from_buffers(t, shape, self.storage)?),
         })
     }
 
@@ -582,10 +583,11 @@ impl FmaAttention {
         let shape = saved.shape;
         let tensors = saved.whole()?;
         let plan = self.saved_plan(saved)?;
-        let bytes = shape.elements() as u64 * 4;
+        // dO and the gradients have the elements of the storage (issue 29).
+        let bytes = shape.elements() as u64 * self.storage.bytes();
         check_storage("dO", dout, bytes, shape)?;
         check_storage("dQ", g.dq, bytes, shape)?;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+        let kv_bytes = shape.kv_elements() as u64 * self.storage.bytes();
         check_storage("dK", g.dk, kv_bytes, shape)?;
         check_storage("dV", g.dv, kv_bytes, shape)?;
         let learned = matches!(self.cfg.downsample, Downsample::Learned(_));

@@ -10,10 +10,12 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
+use crate::gpu::engine::storage_types::f16_split_refused;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, Scopes};
 use crate::plan::{fma_head_splits, FmaPlan, SplitPlan};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 use super::workspace::Uniforms;
@@ -146,9 +148,13 @@ impl FmaAttention {
         shape: Shape,
         span: HeadSpan,
     ) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
         let over = shape.elements() as u64 * 4 > self.limits.binding_bytes();
-        if over || fma_head_splits(shape, &self.cfg, &self.limits) {
+        let splits = over || fma_head_splits(shape, &self.cfg, &self.limits);
+        if splits && self.storage == Storage::F16 {
+            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
+        }
+        if splits {
             return self
                 .forward_split(SplitIo::Device(t), shape)
                 .await
@@ -173,7 +179,7 @@ impl FmaAttention {
         t: GpuTensors<'_>,
         shape: Shape,
     ) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
         let plan = self.plan(shape)?;
         let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
         self.record_with_lse(enc, &plan, &pipes, t)

@@ -22,9 +22,11 @@ use crate::error::Result;
 use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{check_variants, LevelInfo, Params, MAX_LEVELS};
+use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::tensors::HostPool;
 use crate::plan::{FmaPlan, KernelLimits};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 use crate::gpu::engine::weights::WeightBuffers;
@@ -57,6 +59,8 @@ pub struct FmaAttention {
     /// The backward's scratch buffers, locked from recording to submit; backwards share them
     /// as forwards share `buffers`.
     backward_scratch: Mutex<BackwardScratch>,
+    /// The element type of Q, K, V and O (issue 29).
+    storage: Storage,
 }
 
 impl FmaAttention {
@@ -97,7 +101,18 @@ impl FmaAttention {
             host: Mutex::new(HostPool::default()),
             backward_uniforms: ShapeCache::default(),
             backward_scratch: Mutex::new(BackwardScratch::default()),
+            storage: Storage::F32,
         })
+    }
+
+    /// Stores Q, K, V and O as `storage` ([`Storage`]: f16 needs `SHADER_F16` on the device,
+    /// else [`crate::FmaError::MissingFeature`]). With f16, the caller's buffers hold f16
+    /// elements and tensors over one storage binding are refused (the split paths copy f32
+    /// rows). Call before the first forward.
+    pub fn with_storage(mut self, storage: Storage) -> Result<Self> {
+        check_device_storage(&self.ctx, storage)?;
+        self.storage = storage;
+        Ok(self)
     }
 
     /// Uses at most `bytes` per storage binding, below the device's own limit (a larger value
@@ -124,7 +139,9 @@ impl FmaAttention {
     /// sink).
     pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<FmaPlan> {
         self.check_variants(span.heads)?;
-        Ok(FmaPlan::new(shape, &self.cfg, &self.limits)?.in_span(span))
+        Ok(FmaPlan::new(shape, &self.cfg, &self.limits)?
+            .with_storage(self.storage)
+            .in_span(span))
     }
 
     /// The softmax variants against the caller's `heads` query heads, and what the parameter

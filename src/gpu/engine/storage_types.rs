@@ -1,0 +1,221 @@
+//! f16 storage at shader composition (issue 29): the f16 variant of a composed pass. The
+//! pass's WGSL is written for f32 tensors (`array<f32>` bindings, plain loads and stores);
+//! [`to_f16_storage`] rewrites the bindings that hold Q, K, V, O, dO and the gradients to
+//! `array<f16>`, wraps every load of them in `f32(..)` and every stored value in `f16(..)`,
+//! and prepends `enable f16;`. Arithmetic, workgroup tiles and the softmax state stay f32, so
+//! the f16 variant computes what the f32 one does on the rounded inputs, rounding O once.
+//!
+//! Why a rewrite rather than an alias in every shader: the f32 variant is then the text the
+//! passes always composed (not merely an equivalent one), and the shaders keep their one
+//! spelling of each load. The rewrite is strict: an access it cannot place (a compound
+//! assignment, an index or a store spanning lines) panics, and a test composes every pass in
+//! both storages and validates it with naga, so a shader change that breaks it fails there.
+
+use crate::error::{FmaError, Result};
+use crate::gpu::engine::context::GpuContext;
+use crate::gpu::engine::passes::{desc, Role};
+use crate::plan::Pass;
+use crate::storage::Storage;
+
+/// Checks that `ctx`'s device can run `storage`: f16 needs `SHADER_F16` (requested by
+/// `negotiate_features` wherever the adapter offers it).
+pub(crate) fn check_device_storage(ctx: &GpuContext, storage: Storage) -> Result<()> {
+    if storage == Storage::F32 || ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return Ok(());
+    }
+    Err(FmaError::MissingFeature {
+        what: "f16 storage (Storage::F16)".into(),
+        feature: "SHADER_F16",
+        adapter: ctx.info.name.clone(),
+        advice: "use f32 storage (Storage::F32, the CLI's --storage f32) on this adapter, or an \
+                 adapter with shader-f16 (a browser without it has none; with \
+                 ContextOptions::browser_limits the device never requests it)"
+            .into(),
+    })
+}
+
+/// The roles stored as f16 under [`crate::Storage::F16`]: the caller's tensors and their
+/// gradients. Internal rows (coarse keys, values, queries, partial outputs, LSE, statistics)
+/// stay f32.
+const F16_ROLES: [Role; 8] = [
+    Role::Q,
+    Role::K,
+    Role::V,
+    Role::Out,
+    Role::DOut,
+    Role::DQ,
+    Role::DK,
+    Role::DV,
+];
+
+/// The error of f16 tensors that would take a split path (a run of heads, or a head in chunks,
+/// over one storage binding of `cap` bytes): those paths copy f32 rows, so f16 storage runs
+/// only tensors whose f32 size fits one binding.
+pub(crate) fn f16_split_refused(shape: crate::Shape, cap: u64) -> FmaError {
+    FmaError::LimitExceeded {
+        what: format!("f16 storage of {shape}"),
+        requested: shape.elements().max(shape.kv_elements()) as u64 * 4,
+        max: cap,
+        unit: "bytes in one storage binding (f16 tensors are not split; counted as f32)",
+        advice: "pass fewer heads or a shorter sequence per call, or use f32 storage, whose \
+                 tensors over a binding run in pieces"
+            .into(),
+    }
+}
+
+/// The directive an f16 variant starts with.
+pub(crate) const F16_DIRECTIVE: &str = "enable f16;\n";
+
+/// The WGSL names of `pass`'s bindings that hold an f16 role.
+pub(crate) fn f16_bindings(pass: Pass) -> Vec<&'static str> {
+    desc(pass)
+        .bindings
+        .iter()
+        .filter(|b| F16_ROLES.contains(&b.role))
+        .map(|b| b.name)
+        .collect()
+}
+
+/// `text` (a composed pass) with the storage arrays `names` as f16: see the module's doc.
+/// Unchanged when `names` is empty.
+pub(crate) fn to_f16_storage(text: &str, names: &[&str]) -> String {
+    if names.is_empty() {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 1024);
+    out.push_str(F16_DIRECTIVE);
+    for line in text.lines() {
+        // Comments (markers included) are left as they are.
+        let (code, comment) = match line.find("//") {
+            Some(at) => line.split_at(at),
+            None => (line, ""),
+        };
+        match declared(code, names) {
+            Some(decl) => out.push_str(&decl),
+            None => out.push_str(&rewrite(code, names, line)),
+        }
+        out.push_str(comment);
+        out.push('\n');
+    }
+    out
+}
+
+/// A storage binding's declaration of one of `names` with its `array<f32>` made f16.
+fn declared(code: &str, names: &[&str]) -> Option<String> {
+    let at = code.find("var<storage")?;
+    let rest = &code[at..];
+    let name = rest[rest.find('>')? + 1..rest.find(':')?].trim();
+    if !names.contains(&name) {
+        return None;
+    }
+    assert!(
+        code.contains("array<f32>"),
+        "f16 storage: `{code}` is not an array<f32>"
+    );
+    Some(code.replacen("array<f32>", "array<f16>", 1))
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// `code` with each access `name[..]` of `names` converted: a load becomes `f32(name[..])`, a
+/// store `name[..] = x;` becomes `name[..] = f16(x);`. `line` names the source in a panic.
+fn rewrite(code: &str, names: &[&str], line: &str) -> String {
+    let b = code.as_bytes();
+    let mut out = String::with_capacity(code.len() + 16);
+    let mut i = 0;
+    while i < b.len() {
+        let starts = is_ident(b[i]) && (i == 0 || !(is_ident(b[i - 1]) || b[i - 1] == b'.'));
+        if !starts {
+            out.push(b[i] as char);
+            i += 1;
+            continue;
+        }
+        let mut end = i;
+        while end < b.len() && is_ident(b[end]) {
+            end += 1;
+        }
+        let ident = &code[i..end];
+        if !(names.contains(&ident) && b.get(end) == Some(&b'[')) {
+            out.push_str(ident);
+            i = end;
+            continue;
+        }
+        let close = closing(code, end, b'[', b']')
+            .unwrap_or_else(|| panic!("f16 storage: an index of `{ident}` spans lines: {line}"));
+        let access = format!("{ident}[{}]", rewrite(&code[end + 1..close], names, line));
+        let after = code[close + 1..].trim_start();
+        let ab = after.as_bytes();
+        if ab.first() == Some(&b'=') && ab.get(1) != Some(&b'=') {
+            let semi = after
+                .find(';')
+                .unwrap_or_else(|| panic!("f16 storage: a store spans lines: {line}"));
+            let value = rewrite(after[1..semi].trim(), names, line);
+            out.push_str(&format!("{access} = f16({value})"));
+            out.push_str(&after[semi..]);
+            return out;
+        }
+        let compound = ab.len() >= 2 && b"+-*/%&|^".contains(&ab[0]) && ab[1] == b'=';
+        assert!(
+            !compound,
+            "f16 storage: a compound assignment to `{ident}`: {line}"
+        );
+        out.push_str(&format!("f32({access})"));
+        i = close + 1;
+    }
+    out
+}
+
+/// The index of the bracket closing the one at `open` (`code[open] == o`), on this line.
+fn closing(code: &str, open: usize, o: u8, c: u8) -> Option<usize> {
+    let mut depth = 0i32;
+    for (j, &x) in code.as_bytes().iter().enumerate().skip(open) {
+        if x == o {
+            depth += 1;
+        } else if x == c {
+            depth -= 1;
+            if depth == 0 {
+                return Some(j);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_stores_are_converted_and_the_rest_kept() {
+        let src = "@group(0) @binding(1) var<storage, read> q: array<f32>;   // (bh, n, d)
+@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;
+fn f() {
+    x[e] = q[head + i * d + c]; // q[0] in a comment
+    out[base + c] = acc * q[idx[2]];
+    var s = coarse_k[3] + myq[1] + a.q[0];
+    out[row] = 0.0;
+}
+";
+        let got = to_f16_storage(src, &["q", "out"]);
+        let want = "enable f16;
+@group(0) @binding(1) var<storage, read> q: array<f16>;   // (bh, n, d)
+@group(0) @binding(4) var<storage, read> coarse_k: array<f32>;
+fn f() {
+    x[e] = f32(q[head + i * d + c]); // q[0] in a comment
+    out[base + c] = f16(acc * f32(q[idx[2]]));
+    var s = coarse_k[3] + myq[1] + a.q[0];
+    out[row] = f16(0.0);
+}
+";
+        assert_eq!(got, want);
+        assert_eq!(to_f16_storage(src, &[]), src);
+    }
+
+    #[test]
+    #[should_panic(expected = "compound assignment")]
+    fn a_compound_assignment_is_refused() {
+        to_f16_storage("    out[i] += 1.0;\n", &["out"]);
+    }
+}

@@ -1,0 +1,493 @@
+//! f16 storage (issue 29) on a device with SHADER_F16 (lavapipe has it): the forward of FMA
+//! (fine and coarse queries, Average and Learned, causal) and of dense attention with Q, K, V
+//! and O stored as f16, and their training and backward (dO, dQ, dK, dV f16), against the f64 CPU reference on the f16-rounded inputs, through
+//! resident f16 buffers poisoned with NaN and through host slices; and the typed errors.
+//!
+//! Tolerance: the kernels convert each f16 element to f32 exactly and compute as the f32 path
+//! does, so before its store O carries the f32 path's error (forward.rs: 5e-5 + 5e-5 |ref|);
+//! the store rounds it to f16, a relative error of at most 2^-11 (f16's unit roundoff; values
+//! below f16's smallest normal, 6.1e-5, lose at most 2^-25 absolute). So |gpu - ref| <=
+//! 5e-5 + (5e-5 + 2^-11) |ref|. Coarse queries store the near field's partial O as f16 before
+//! the merge reads it: once more 2^-11 of a partial, which is a convex combination of values,
+//! so 2^-11 max|V| is added to the absolute term there. The LSE is f32 and computed from the
+//! same exact inputs: the f32 tolerance. Stronger still, for fine queries and dense (one
+//! rounding), O must equal the f32 path's O on the same rounded inputs, rounded to f16, bit for
+//! bit: the f16 variant may differ from the f32 one in its loads and stores only.
+
+use crate::common::{browser_like_gpu, gpu, random_learned};
+use multipole_attn::cpu::{self, widen};
+use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, Resident};
+use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::storage::{from_f16_bits, round_to_f16, to_f16_bits, F16_UNIT_ROUNDOFF};
+use multipole_attn::{
+    Downsample, FmaConfig, FmaError, Method, Problem, Queries, Sequences, Shape, Storage,
+};
+use wgpu::util::DeviceExt;
+
+const O_ATOL: f64 = 5e-5;
+const O_RTOL: f64 = 5e-5 + F16_UNIT_ROUNDOFF as f64;
+const LSE_ATOL: f64 = 5e-5;
+const LSE_RTOL: f64 = 1e-5;
+
+/// f16 Q, K, V and NaN-poisoned f16 O, f32 LSE.
+struct Half {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    out: wgpu::Buffer,
+    lse: wgpu::Buffer,
+}
+
+fn f16_buffer(ctx: &GpuContext, bits: &[u16], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    let mut words = bits.to_vec();
+    words.resize(bits.len().next_multiple_of(2).max(2), 0);
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("f16 test tensor"),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::STORAGE | usage,
+        })
+}
+
+impl Half {
+    fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32], shape: Shape) -> Self {
+        let bits = |x: &[f32]| to_f16_bits("test", x).unwrap();
+        let out = wgpu::BufferUsages::COPY_SRC;
+        let nan = vec![f32::NAN; shape.rows()];
+        Self {
+            q: f16_buffer(ctx, &bits(q), out),
+            k: f16_buffer(ctx, &bits(k), out),
+            v: f16_buffer(ctx, &bits(v), out),
+            out: f16_buffer(ctx, &vec![0x7e00; shape.elements()], out),
+            lse: ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("lse"),
+                    contents: bytemuck::cast_slice(&nan),
+                    usage: wgpu::BufferUsages::STORAGE | out,
+                }),
+        }
+    }
+
+    fn tensors(&self) -> GpuTensors<'_> {
+        GpuTensors {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            lse: Some(&self.lse),
+        }
+    }
+
+    /// O widened to f32 and the LSE.
+    fn read(&self, ctx: &GpuContext, shape: Shape) -> (Vec<f32>, Vec<f32>) {
+        let words = crate::common::read_buffer(ctx, &self.out);
+        let bits: &[u16] = bytemuck::cast_slice(&words);
+        let lse = crate::common::read_buffer(ctx, &self.lse);
+        (
+            from_f16_bits(&bits[..shape.elements()]),
+            lse[..shape.rows()].to_vec(),
+        )
+    }
+}
+
+/// Inputs N(0, 1) rounded to f16 (exactly what the f16 buffers hold).
+fn inputs(seed: u64, shape: Shape) -> [Vec<f32>; 3] {
+    [
+        round_to_f16(&normal_tensor(seed, shape.elements())),
+        round_to_f16(&normal_tensor(seed + 1, shape.kv_elements())),
+        round_to_f16(&normal_tensor(seed + 2, shape.kv_elements())),
+    ]
+}
+
+/// Runs `method` on `p` with f16 storage (resident, poisoned; and host) and checks it against
+/// the f64 reference and, where one rounding is all, against the f32 path bit for bit.
+/// Returns the largest absolute error of O.
+fn check(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, label: &str) -> f64 {
+    let shape = p.shape;
+    let [q, k, v] = inputs(seed, shape);
+    let half = Attention::new(ctx, method.clone())
+        .and_then(|a| a.storage(Storage::F16))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let bufs = Half::new(ctx, &q, &k, &v, shape);
+    half.forward(p, Resident(bufs.tensors()))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (o, lse) = bufs.read(ctx, shape);
+
+    let r = cpu::forward(method, p, &widen(&q), &widen(&k), &widen(&v)).unwrap();
+    let coarse = matches!(method, Method::Fma(c) if c.queries == Queries::Coarse);
+    let vmax = v.iter().fold(0.0f32, |a, x| a.max(x.abs())) as f64;
+    let atol = O_ATOL
+        + if coarse {
+            F16_UNIT_ROUNDOFF as f64 * vmax
+        } else {
+            0.0
+        };
+    let co = multipole_attn::closeness::closeness(&o, &r.o, atol, O_RTOL);
+    let cl = multipole_attn::closeness::closeness(&lse, &r.lse, LSE_ATOL, LSE_RTOL);
+    assert_eq!(co.violations, 0, "{label}: O {co:?}");
+    assert_eq!(cl.violations, 0, "{label}: LSE {cl:?}");
+    // Every element is an f16 value (the store rounded it; NaN poison would fail above).
+    assert_eq!(o, round_to_f16(&o), "{label}");
+
+    // Host slices: the same values.
+    let host = half.forward(p, Host::new(&q, &k, &v)).unwrap();
+    assert_eq!(host.o, o, "{label}: host vs resident");
+    assert_eq!(host.lse.as_deref(), Some(&lse[..]), "{label}: host LSE");
+
+    if !coarse {
+        let f32_path = Attention::new(ctx, method.clone()).unwrap();
+        let want = f32_path.forward(p, Host::new(&q, &k, &v)).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&o),
+            bits(&round_to_f16(&want.o)),
+            "{label}: vs f32 path"
+        );
+        assert_eq!(
+            bits(&lse),
+            bits(want.lse.as_deref().unwrap()),
+            "{label}: LSE"
+        );
+    }
+    co.max_abs
+}
+
+#[test]
+fn f16_storage_matches_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    // Awkward sizes: odd element counts (d = 3: f16 pairs straddle rows), a sequence shorter
+    // than a block, n not a multiple of m, grouped K/V heads.
+    for &(n, d, m, p) in &[
+        (1, 3, 4, 1),
+        (97, 40, 16, 2),
+        (300, 64, 32, 2),
+        (1025, 17, 64, 4),
+    ] {
+        let shape = Shape::new(1, 2, n, d);
+        for causal in [false, true] {
+            let prob = Problem::new(shape).causal(causal);
+            let cfgs = [
+                FmaConfig::new(m, p),
+                FmaConfig::new(m, p)
+                    .downsample(Downsample::Learned(random_learned(seed, d, m, p, n))),
+            ];
+            for cfg in cfgs {
+                let label = format!("seed {seed} {shape} m={m} p={p} causal={causal}");
+                worst = worst.max(check(ctx, seed, &Method::Fma(cfg), &prob, &label));
+            }
+            let label = format!("seed {seed} {shape} dense causal={causal}");
+            worst = worst.max(check(ctx, seed, &Method::Dense, &prob, &label));
+        }
+        let label = format!("seed {seed} {shape} m={m} p={p} coarse queries");
+        let cfg = FmaConfig::new(m, p).queries(Queries::Coarse);
+        worst = worst.max(check(
+            ctx,
+            seed,
+            &Method::Fma(cfg),
+            &Problem::new(shape),
+            &label,
+        ));
+    }
+    // Grouped K/V heads.
+    let shape = Shape::new(2, 4, 200, 32).with_kv_heads(2);
+    let prob = Problem::new(shape).causal(true);
+    worst = worst.max(check(
+        ctx,
+        seed,
+        &Method::Fma(FmaConfig::new(16, 2)),
+        &prob,
+        "gqa",
+    ));
+    worst = worst.max(check(ctx, seed, &Method::Dense, &prob, "gqa dense"));
+    eprintln!("f16 storage: worst |O - ref| {worst:.2e}");
+}
+
+#[test]
+fn f16_storage_errors_are_typed() {
+    let Some(ctx) = gpu() else { return };
+    // A device without SHADER_F16 (the browser-like one never requests it).
+    if let Some(web) = browser_like_gpu() {
+        let err = Attention::dense(web)
+            .unwrap()
+            .storage(Storage::F16)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FmaError::MissingFeature {
+                    feature: "SHADER_F16",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("f32"), "{err}");
+    }
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let shape = Shape::new(1, 1, 64, 8);
+    let p = Problem::new(shape);
+    let a = Attention::fma(ctx, FmaConfig::new(16, 2))
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    let x = vec![0.5f32; shape.elements()];
+    // A value beyond f16's range names the tensor and the index.
+    let mut big = x.clone();
+    big[5] = 1.0e5;
+    let err = a.forward(&p, Host::new(&x, &big, &x)).unwrap_err();
+    assert!(err.to_string().contains("K[5]"), "{err}");
+    // f32-sized buffers are accepted, f16-sized ones too; shorter ones are refused.
+    let short = Half::new(ctx, &x[..8], &x, &x, Shape::new(1, 1, 1, 8));
+    let whole = Half::new(ctx, &x, &x, &x, shape);
+    let t = GpuTensors {
+        q: &short.q,
+        ..whole.tensors()
+    };
+    assert!(matches!(
+        a.forward(&p, Resident(t)).unwrap_err(),
+        FmaError::ShapeMismatch { .. }
+    ));
+    // Tensors over one storage binding (counted as f32): refused by check and by the forward.
+    let small = Attention::dense(ctx)
+        .unwrap()
+        .max_binding(1024)
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    assert!(matches!(
+        small.check(&p),
+        Err(FmaError::LimitExceeded { .. })
+    ));
+    let err = small.forward(&p, Host::new(&x, &x, &x)).unwrap_err();
+    assert!(matches!(err, FmaError::LimitExceeded { .. }), "{err}");
+    assert!(err.to_string().contains("f32 storage"), "{err}");
+    // Not offered yet: a host backward with learned weights, variable-length batches.
+    let learned =
+        FmaConfig::new(16, 2).downsample(Downsample::Learned(random_learned(3, 8, 16, 2, 64)));
+    let al = Attention::fma(ctx, learned)
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    let (_, saved) = al.train(&p, Host::new(&x, &x, &x)).unwrap();
+    let err = al
+        .backward(&saved, multipole_attn::gpu::HostGrad(&x))
+        .unwrap_err();
+    assert!(err.to_string().contains("Learned"), "{err}");
+    let seqs = Sequences::packed(vec![30, 34]).unwrap();
+    let vp = Problem::varlen(seqs, 1, 1, 8);
+    let err = a.forward(&vp, Host::new(&x, &x, &x)).unwrap_err();
+    assert!(err.to_string().contains("variable-length"), "{err}");
+}
+
+/// Gradient tolerance, relative to each tensor's scale max(1, max|ref|) (tests/common's
+/// `compare` metric): the f32 path's 2e-4 plus 8 f16 roundings (8 * 2^-11 = 3.9e-3). Why 8:
+/// dQ, dK, dV are rounded once when stored and once more where a later pass adds to them
+/// (FMA's coarse keys' share in dK, dV; coarse queries' share in dQ; a dense key chunk), and
+/// the saved O is f16, so D = rowsum(dO * O) carries 2^-11 of |dO||O|, which dS = P (dP - D)
+/// passes on to every gradient, at the scale of the gradients themselves for N(0, 1) inputs.
+const GRAD_TOL: f64 = 2e-4 + 8.0 * F16_UNIT_ROUNDOFF as f64;
+
+fn compare_grad(label: &str, name: &str, got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{label}: {name}");
+    let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    let c = multipole_attn::closeness::closeness(got, want, GRAD_TOL * scale, GRAD_TOL);
+    assert_eq!(c.violations, 0, "{label}: {name} {c:?} (scale {scale:.3e})");
+    // Gradients are stored as f16: every element is an f16 value.
+    assert_eq!(got, &round_to_f16(got)[..], "{label}: {name} not f16");
+    c.max_abs / scale
+}
+
+/// Training and the backward with f16 storage (host dO; and resident f16 gradient buffers
+/// poisoned with NaN) against the f64 reference gradients on the f16-rounded inputs.
+fn check_backward(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, label: &str) -> f64 {
+    let shape = p.shape;
+    let [q, k, v] = inputs(seed, shape);
+    let dout = round_to_f16(&normal_tensor(seed + 3, shape.elements()));
+    let a = Attention::new(ctx, method.clone())
+        .and_then(|a| a.storage(Storage::F16))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (out, saved) = a
+        .train(p, Host::new(&q, &k, &v))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let fwd = a.forward(p, Host::new(&q, &k, &v)).unwrap();
+    assert_eq!(out.o, fwd.o, "{label}: training forward vs forward");
+    let g = a
+        .backward(&saved, multipole_attn::gpu::HostGrad(&dout))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let r = cpu::backward(
+        method,
+        p,
+        (&widen(&q), &widen(&k), &widen(&v)),
+        &widen(&dout),
+    )
+    .unwrap();
+    let mut worst = 0.0f64;
+    for (name, got, want) in [
+        ("dQ", &g.dq, &r.dq),
+        ("dK", &g.dk, &r.dk),
+        ("dV", &g.dv, &r.dv),
+    ] {
+        worst = worst.max(compare_grad(label, name, got, want));
+    }
+    // Resident: f16 dO and NaN-poisoned f16 gradient buffers give the same bits.
+    let bits = |x: &[f32]| to_f16_bits("test", x).unwrap();
+    let usage = wgpu::BufferUsages::COPY_SRC;
+    let dout_buf = f16_buffer(ctx, &bits(&dout), usage);
+    let nan = |len| f16_buffer(ctx, &vec![0x7e00; len], usage);
+    let (dq, dk, dv) = (
+        nan(shape.elements()),
+        nan(shape.kv_elements()),
+        nan(shape.kv_elements()),
+    );
+    let grads = multipole_attn::gpu::GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: None,
+    };
+    a.backward(
+        &saved,
+        multipole_attn::gpu::ResidentGrad {
+            dout: &dout_buf,
+            grads,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    for (name, buf, len, host) in [
+        ("dQ", &dq, shape.elements(), &g.dq),
+        ("dK", &dk, shape.kv_elements(), &g.dk),
+        ("dV", &dv, shape.kv_elements(), &g.dv),
+    ] {
+        let words = crate::common::read_buffer(ctx, buf);
+        let got = from_f16_bits(&bytemuck::cast_slice::<f32, u16>(&words)[..len]);
+        assert_eq!(&got, host, "{label}: resident {name}");
+    }
+    worst
+}
+
+#[test]
+fn f16_storage_backward_matches_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let mut worst = 0.0f64;
+    for &(n, d, m, p) in &[(1, 3, 4, 1), (97, 40, 16, 2), (300, 17, 32, 4)] {
+        let shape = Shape::new(1, 2, n, d);
+        for causal in [false, true] {
+            let prob = Problem::new(shape).causal(causal);
+            let label = format!("seed {seed} {shape} m={m} p={p} causal={causal}");
+            let fma = Method::Fma(FmaConfig::new(m, p));
+            worst = worst.max(check_backward(ctx, seed, &fma, &prob, &label));
+            let label = format!("seed {seed} {shape} dense causal={causal}");
+            worst = worst.max(check_backward(ctx, seed, &Method::Dense, &prob, &label));
+        }
+        let cfg = FmaConfig::new(m, p).queries(Queries::Coarse);
+        let label = format!("seed {seed} {shape} m={m} p={p} coarse queries");
+        worst = worst.max(check_backward(
+            ctx,
+            seed,
+            &Method::Fma(cfg),
+            &Problem::new(shape),
+            &label,
+        ));
+    }
+    let shape = Shape::new(2, 4, 120, 16).with_kv_heads(2);
+    let prob = Problem::new(shape).causal(true);
+    let fma = Method::Fma(FmaConfig::new(16, 2));
+    worst = worst.max(check_backward(ctx, seed, &fma, &prob, "gqa"));
+    worst = worst.max(check_backward(
+        ctx,
+        seed,
+        &Method::Dense,
+        &prob,
+        "gqa dense",
+    ));
+    eprintln!("f16 storage backward: worst scaled gradient error {worst:.2e}");
+}
+
+/// A device of the default adapter without subgroups (the plain kernels, as on GL or in a
+/// browser) but with SHADER_F16; `None` where the adapter has no SHADER_F16.
+fn plain_f16_gpu() -> Option<GpuContext> {
+    use multipole_attn::gpu::{negotiate_features, negotiate_limits, ContextOptions};
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).ok()?;
+    let options = ContextOptions::default();
+    let features = negotiate_features(adapter.features(), options) - wgpu::Features::SUBGROUP;
+    if !features.contains(wgpu::Features::SHADER_F16) {
+        return None;
+    }
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("plain f16"),
+        required_features: features,
+        required_limits: negotiate_limits(&adapter.limits(), options),
+        ..Default::default()
+    }))
+    .ok()?;
+    Some(GpuContext::from_device(adapter.get_info(), device, queue))
+}
+
+/// The plain kernels' f16 variant (no subgroups), including a head above d = 128, whose row
+/// loops the composer writes out before the f16 rewrite.
+#[test]
+fn f16_storage_on_the_plain_kernels() {
+    if gpu().is_none() {
+        return;
+    }
+    let Some(ctx) = plain_f16_gpu() else {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    };
+    assert_eq!(ctx.subgroup_kernels(), None);
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let shape = Shape::new(1, 2, 97, 40);
+    let prob = Problem::new(shape).causal(true);
+    let label = format!("plain seed {seed} {shape}");
+    let fma = Method::Fma(FmaConfig::new(16, 2));
+    check(&ctx, seed, &fma, &prob, &label);
+    check(&ctx, seed, &Method::Dense, &prob, &label);
+    check_backward(&ctx, seed, &fma, &prob, &label);
+    check_backward(&ctx, seed, &Method::Dense, &prob, &label);
+    // d = 132: the FMA forward only (its unrolled pipelines are slow to build on llvmpipe).
+    let shape = Shape::new(1, 1, 70, 132);
+    let label = format!("plain seed {seed} {shape}");
+    check(&ctx, seed, &fma, &Problem::new(shape).causal(true), &label);
+}
+
+/// On a context with cooperative matrices (emulated on lavapipe), f16 storage keeps dense
+/// attention on the plain kernels (the cooperative kernel reads f32 tensors): O is still the
+/// f32 path's O rounded, bit for bit.
+#[test]
+fn f16_storage_skips_the_cooperative_kernel() {
+    let Some(base) = gpu() else { return };
+    if !base.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let ctx = GpuContext::new().unwrap().emulating_cooperative_matrix(8);
+    let shape = Shape::new(1, 2, 40, 16);
+    let p = Problem::new(shape).causal(true);
+    let [q, k, v] = inputs(11, shape);
+    let half = Attention::dense(&ctx)
+        .unwrap()
+        .storage(Storage::F16)
+        .unwrap();
+    let got = half.forward(&p, Host::new(&q, &k, &v)).unwrap();
+    let plain = Attention::dense(base).unwrap();
+    let want = plain.forward(&p, Host::new(&q, &k, &v)).unwrap();
+    assert_eq!(got.o, round_to_f16(&want.o));
+}
