@@ -274,6 +274,32 @@ mod tests {
     }
 
     #[test]
+    fn the_plan_listing_shows_a_split_head_per_chunk() {
+        // What `multipole-attn plan --backward` prints under a small binding: the chunks'
+        // dispatches, not the binding error.
+        let limits = KernelLimits::with_binding(16 << 10);
+        let cfg = cfg(32, 2, true);
+        let problem = crate::problem::Problem::new(Shape::new(1, 1, 1000, 16)).causal(true);
+        assert!(crate::plan::FmaPlan::new(problem.shape, &cfg, &limits).is_err());
+        let all = crate::plan::fma_depths(&problem, &cfg, &limits, true).unwrap();
+        let chunks = BackwardSplitPlan::new(1000, 16, &cfg, &limits)
+            .unwrap()
+            .chunks
+            .len();
+        let count = |p: Pass| all.iter().filter(|d| d.dispatch.pass == p).count();
+        assert!(chunks > 1);
+        assert_eq!(count(Pass::FineAttention), chunks);
+        assert_eq!(count(Pass::BackwardDelta), chunks);
+        assert_eq!(count(Pass::BackwardDq), chunks);
+        assert_eq!(count(Pass::DownsampleBackward), chunks);
+        // Without the backward: the forward's list alone.
+        let forward = crate::plan::fma_depths(&problem, &cfg, &limits, false).unwrap();
+        assert!(forward
+            .iter()
+            .all(|d| d.dispatch.pass != Pass::BackwardDelta));
+    }
+
+    #[test]
     fn what_a_split_head_does_not_run_is_a_typed_error() {
         let limits = KernelLimits::with_binding(16 << 10);
         let coarse = FmaConfig {
