@@ -1,8 +1,9 @@
 //! The backward of ONE head longer than one storage binding (`plan::BackwardSplitPlan`): with
 //! the library capped at 32 KiB per binding (`Attention::max_binding`, on the shared context,
 //! so both runs use the same kernels) a head of 3001 tokens of width 8 (96 KB per tensor) is
-//! bound in 4 chunks of tokens (the test asserts more than one) with a block of halo either side. Against the unsplit run (the
-//! default binding, one head in one binding) on the same context:
+//! bound in 4 chunks of tokens (the test asserts more than one) with a block of halo either
+//! side. Against the unsplit run (the default binding, one head in one binding) on the same
+//! context:
 //! - O, the LSE and dQ: the same bits (the forward split is bitwise; dQ of a chunk's queries
 //!   reads its bound rows and the whole coarse K~, V~, with the unsplit float operations);
 //! - dK, dV: within WTOL = 1e-5 of the scale (max(1, max|g|)). Why not bitwise: a coarse row's
