@@ -2,8 +2,8 @@
 
 use crate::error::{FmaError, Result};
 use crate::geometry::Grid;
-use crate::variants::Variants;
 use crate::storage::Storage;
+use crate::variants::Variants;
 use crate::weights::LearnedWeights;
 
 /// How the coarse keys and values of each level are made from the fine ones (algorithm.md §4).

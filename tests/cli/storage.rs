@@ -250,7 +250,10 @@ fn decode_with_f16_storage_matches_run_and_the_reference() {
         // run --causal --storage f16 on the same inputs.
         let mut extra = method.to_vec();
         extra.extend(["--causal", "--storage", "f16"]);
-        let out = cli(&run_args(&dir, "Q16.npy", "K16.npy", "V16.npy", &extra), None);
+        let out = cli(
+            &run_args(&dir, "Q16.npy", "K16.npy", "V16.npy", &extra),
+            None,
+        );
         assert!(out.status.success(), "{}", stderr(&out));
         let (_, ran) = read_f16(&dir.path("O.npy"));
         // The f64 reference of the decoder on the rounded inputs.

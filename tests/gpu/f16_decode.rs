@@ -208,8 +208,16 @@ fn check(ctx: &GpuContext, mode: DecodeMode, variants: Variants, reference: bool
         assert!(o.iter().all(|x| x.is_finite()), "{label} sequence {b}: O");
         let rounded = round_to_f16(&want[b].0);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(o), bits(&rounded), "{label} sequence {b}: O vs f32 rounded");
-        assert_eq!(bits(lse), bits(&want[b].1), "{label} sequence {b}: LSE vs f32");
+        assert_eq!(
+            bits(o),
+            bits(&rounded),
+            "{label} sequence {b}: O vs f32 rounded"
+        );
+        assert_eq!(
+            bits(lse),
+            bits(&want[b].1),
+            "{label} sequence {b}: LSE vs f32"
+        );
         if !reference {
             continue;
         }
@@ -277,7 +285,12 @@ fn f16_decoding_halves_the_cache() {
     decode(ctx, &half, DecodeMode::Dense, &seqs);
     decode(ctx, &single, DecodeMode::Dense, &seqs);
     let (h, s) = (half.bytes().unwrap(), single.bytes().unwrap());
-    assert!(s.1 > 0 && 2 * h.1 == s.1, "history f16 {} vs f32 {}", h.1, s.1);
+    assert!(
+        s.1 > 0 && 2 * h.1 == s.1,
+        "history f16 {} vs f32 {}",
+        h.1,
+        s.1
+    );
     // The ring: half, but for the padding of each row to 256 bytes.
     let (lh, ls) = (half.layout(), single.layout());
     assert!(lh.ring_bytes() <= ls.ring_bytes() / 2 + 256 && lh.ring_bytes() % 256 == 0);
@@ -292,7 +305,10 @@ fn f16_decoding_halves_the_cache() {
     // A windowed decoder's memory is its ring and the step tensors: about half (the lengths,
     // the LSE and the one-row coarse placeholder stay f32).
     let window = Variants {
-        window: Some(Window { left: 200, right: 0 }),
+        window: Some(Window {
+            left: 200,
+            right: 0,
+        }),
         ..Variants::default()
     };
     let big = |s| {
@@ -310,7 +326,10 @@ fn f16_decoding_halves_the_cache() {
         dec.step(DecodeMode::Fma, Host::new(&q, &kv, &kv)).unwrap();
         bytes.push(dec.allocated_bytes().unwrap());
     }
-    eprintln!("windowed decoder allocated: f16 {} f32 {}", bytes[0], bytes[1]);
+    eprintln!(
+        "windowed decoder allocated: f16 {} f32 {}",
+        bytes[0], bytes[1]
+    );
     assert!(
         bytes[0] * 100 <= bytes[1] * 55 && bytes[0] * 2 >= bytes[1] * 9 / 10,
         "f16 {} vs f32 {}",

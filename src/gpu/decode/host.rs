@@ -410,7 +410,10 @@ impl Decoder {
         let cap = self.limits.binding_bytes();
         let storage = self.cfg.storage;
         let bytes = words_bytes(storage, k.len());
-        let (k, v) = (stored_bytes(storage, "K", k)?, stored_bytes(storage, "V", v)?);
+        let (k, v) = (
+            stored_bytes(storage, "K", k)?,
+            stored_bytes(storage, "V", v)?,
+        );
         let pipes = self.pipes().await?;
         let scopes = Scopes::push(&self.ctx)?;
         {
@@ -577,7 +580,11 @@ impl Decoder {
             self.ctx.queue.write_buffer(&b, 0, bytes);
             b
         };
-        let (bq, bk, bv) = (input("prefill q", &q), input("prefill k", &k), input("prefill v", &v));
+        let (bq, bk, bv) = (
+            input("prefill q", &q),
+            input("prefill k", &k),
+            input("prefill v", &v),
+        );
         let out_usage = wgpu::BufferUsages::COPY_SRC;
         let bo = storage(
             dev,

@@ -49,12 +49,7 @@ impl State {
         Ok(Self {
             lens: vec![0; layout.batch],
             lens_gpu,
-            ring: storage(
-                dev,
-                "decode ring",
-                rows * layout.ring_bytes(),
-                copy,
-            ),
+            ring: storage(dev, "decode ring", rows * layout.ring_bytes(), copy),
             coarse: storage(
                 dev,
                 "decode coarse slots",
