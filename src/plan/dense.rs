@@ -1,10 +1,10 @@
 //! The plan of exact dense attention: one dispatch over every (query tile, head) per chunk of
 //! at most [`DENSE_KEY_TILES_PER_DISPATCH`] key tiles ([`DensePlan::key_chunks`]).
 
-use super::dispatch::{attention_spec, fold, Dispatch};
+use super::dense_tiled::{dense_kernel_spec, DenseKernel};
+use super::dispatch::{fold, Dispatch};
 use super::forward::check_tensors;
 use super::limits::KernelLimits;
-use super::pass::Pass;
 use crate::error::{FmaError, Result};
 use crate::shape::Shape;
 
@@ -103,18 +103,30 @@ impl DensePlan {
 }
 
 impl DensePlan {
-    /// Plans dense attention for `shape` under `limits`.
+    /// Plans dense attention for `shape` under `limits`, with the rows kernel.
     pub fn new(shape: Shape, limits: &KernelLimits) -> Result<Self> {
-        check_tensors(shape, limits)?;
-        Self::without_tensor_bindings(shape, limits)
+        Self::with_kernel(shape, limits, DenseKernel::Rows)
     }
 
-    /// [`DensePlan::new`] less the check that each tensor fits one storage binding (the plan
-    /// of a head that `crate::plan::SplitPlan` cuts into chunks).
-    pub(crate) fn without_tensor_bindings(shape: Shape, limits: &KernelLimits) -> Result<Self> {
+    /// [`DensePlan::new`] with the forward kernel `kernel` (its tile sizes from `limits`:
+    /// [`crate::plan::dense_kernel_spec`]).
+    pub fn with_kernel(shape: Shape, limits: &KernelLimits, kernel: DenseKernel) -> Result<Self> {
+        check_tensors(shape, limits)?;
+        Self::without_tensor_bindings_for(shape, limits, kernel)
+    }
+
+    /// [`DensePlan::with_kernel`] less the check that each tensor fits one storage binding (the
+    /// plan of a head that `crate::plan::SplitPlan` cuts into chunks). The query tile is the
+    /// spec's `wg` rows for either kernel, so tiles, key chunks, split heads and sequence
+    /// tables are counted the same way.
+    pub(crate) fn without_tensor_bindings_for(
+        shape: Shape,
+        limits: &KernelLimits,
+        kernel: DenseKernel,
+    ) -> Result<Self> {
         shape.validate()?;
-        let wg = 64u32.min(limits.max_workgroup);
-        let spec = attention_spec(shape.head_dim, wg, limits)?;
+        let (pass, spec) = dense_kernel_spec(kernel, shape.head_dim, limits)?;
+        let wg = spec.wg;
         let tiles = (shape.seq as u32).div_ceil(wg);
         let total = shape.batch_heads() as u64 * tiles as u64;
         let total = u32::try_from(total).map_err(|_| FmaError::LimitExceeded {
@@ -127,7 +139,7 @@ impl DensePlan {
         Ok(Self {
             shape,
             attention: Dispatch {
-                pass: Pass::DenseAttention,
+                pass,
                 level: None,
                 workgroups: total,
                 grid: fold(total, limits.max_workgroups_per_dim)?,

@@ -576,7 +576,7 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
         Pass::WeightsBackwardQ => weights_backward_q(model, level),
         Pass::WeightsBackwardQCombine => weights_backward_q_combine(model, level, d),
         Pass::PadRows | Pass::PadGradients => writes_only(),
-        Pass::DenseAttention => dense_attention(d, model.n),
+        Pass::DenseAttention | Pass::DenseTiled => dense_attention(d, model.n),
         Pass::DenseBackwardDkv => dense_backward(d, model.n, 3),
         Pass::DenseBackwardDq => dense_backward(d, model.n, 2),
         Pass::DecodeAppend

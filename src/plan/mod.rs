@@ -7,6 +7,7 @@ mod backward;
 mod decode;
 mod dense;
 mod dense_backward;
+mod dense_tiled;
 mod depth;
 mod dispatch;
 mod forward;
@@ -26,6 +27,9 @@ pub use backward::{
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};
+pub use dense_tiled::{
+    dense_kernel_spec, tile_bytes, tiled_spec, tiled_threads, DenseKernel, TILED_LANES, TILED_ROWS,
+};
 pub use depth::{
     backward_depths, dense_depths, dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
 };

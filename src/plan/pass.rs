@@ -41,6 +41,9 @@ passes! {
     FineAttention => "fine_attention",
     /// Exact dense attention (`shaders/dense_attention.wgsl`).
     DenseAttention => "dense_attention",
+    /// Exact dense attention in FlashAttention-2's shape for GPUs: a workgroup per block of
+    /// query rows, register micro-tiles of rows x keys (`shaders/dense_tiled.wgsl`).
+    DenseTiled => "dense_tiled",
     /// Dense backward: dK, dV per key tile over its group's queries
     /// (`shaders/dense_backward_dkv.wgsl`).
     DenseBackwardDkv => "dense_backward_dkv",

@@ -18,7 +18,7 @@
 
 use super::limits::BINDING_BYTES;
 use crate::error::{FmaError, Result};
-use crate::plan::{dispatch, DensePlan, Dispatch, KernelLimits};
+use crate::plan::{dispatch, DenseKernel, DensePlan, Dispatch, KernelLimits};
 use crate::shape::Shape;
 
 /// One dispatch: the queries of one chunk against keys of one chunk.
@@ -64,7 +64,19 @@ impl DenseSplitPlan {
         limits: &KernelLimits,
         max_keys: Option<usize>,
     ) -> Result<Self> {
-        let head = DensePlan::without_tensor_bindings(Shape::new(1, 1, n, d), limits)?;
+        Self::with_kernel(n, d, causal, limits, (max_keys, DenseKernel::Rows))
+    }
+
+    /// [`DenseSplitPlan::with_max_keys`] with the forward kernel `kernel` (chunks are whole
+    /// tiles of its query block and key tile).
+    pub fn with_kernel(
+        n: usize,
+        d: usize,
+        causal: bool,
+        limits: &KernelLimits,
+        (max_keys, kernel): (Option<usize>, DenseKernel),
+    ) -> Result<Self> {
+        let head = DensePlan::without_tensor_bindings_for(Shape::new(1, 1, n, d), limits, kernel)?;
         let spec = head.attention.spec;
         let parts = head.key_chunks(max_keys.unwrap_or_else(|| head.keys_per_dispatch()));
         // Multiple of both tiles: query tiles of WG rows, key tiles of BK rows.

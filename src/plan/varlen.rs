@@ -4,6 +4,7 @@
 //! beside short ones, costs its tokens and not its longest sequence times its count.
 
 use super::dense::DensePlan;
+use super::dense_tiled::DenseKernel;
 use super::dispatch::{dispatch, Dispatch, MERGE_WG};
 use super::forward::{pool_level, FmaPlan, Workspace};
 use super::limits::KernelLimits;
@@ -184,14 +185,26 @@ impl DensePlan {
         d: usize,
         limits: &KernelLimits,
     ) -> Result<Self> {
+        Self::for_sequences_with(seqs, (heads, kv_heads, d), limits, DenseKernel::Rows)
+    }
+
+    /// [`DensePlan::for_sequences`] with the forward kernel `kernel` (its own query tile:
+    /// the table counts tiles of its rows); `(heads, kv_heads, d)` as there.
+    pub fn for_sequences_with(
+        seqs: &Sequences,
+        (heads, kv_heads, d): (usize, usize, usize),
+        limits: &KernelLimits,
+        kernel: DenseKernel,
+    ) -> Result<Self> {
         let shape = seqs.shape(heads, kv_heads, d);
         shape.validate()?;
         check_batch(shape, limits)?;
-        let base = DensePlan::without_tensor_bindings(one(shape, seqs.max_len()), limits)?;
+        let base =
+            DensePlan::without_tensor_bindings_for(one(shape, seqs.max_len()), limits, kernel)?;
         let wg = base.attention.spec.wg as usize;
         let table = SeqTable::new(seqs, heads, kv_heads, None, |n| n.div_ceil(wg) as u64)?;
         let attention = dispatch(
-            Pass::DenseAttention,
+            base.attention.pass,
             None,
             heads as u64 * table.tiles,
             base.attention.spec,

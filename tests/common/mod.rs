@@ -7,6 +7,10 @@ pub mod gradients;
 use std::sync::OnceLock;
 
 use multipole_attn::gpu::{ContextOptions, GpuContext};
+use multipole_attn::plan::DenseKernel;
+
+/// Both dense forward kernels: the tests run each whatever the adapter would pick.
+pub const DENSE_KERNELS: [DenseKernel; 2] = [DenseKernel::Rows, DenseKernel::Tiled];
 
 /// The shared context, or `None` (test skipped) when no adapter exists locally. Under CI
 /// (`CI=true`) a missing adapter is a failure, so GPU tests can never pass by not running.

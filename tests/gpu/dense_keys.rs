@@ -10,7 +10,7 @@
 //! 1e-7 measured here). A key tile skipped or attended twice, or a chunk's partial dropped, moves
 //! O by ~1e-2 (the error seen before the fix was 3e-2 .. 5e-2).
 
-use crate::common::{browser_like_gpu, closeness, gpu, Poisoned};
+use crate::common::{browser_like_gpu, closeness, gpu, Poisoned, DENSE_KERNELS};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, Host, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
@@ -96,7 +96,10 @@ fn long_key_ranges_are_attended_in_chunks_on_every_variant() {
         for causal in [false, true] {
             let case = Case::new(Shape::cross(1, 1, 16, keys, d), causal);
             for (what, ctx) in [("default", ctx), ("browser limits", plain)] {
-                case.check(ctx, &Attention::dense(ctx).unwrap(), what);
+                for kernel in DENSE_KERNELS {
+                    let dense = Attention::dense(ctx).unwrap().dense_kernel(kernel).unwrap();
+                    case.check(ctx, &dense, &format!("{what} {kernel:?}"));
+                }
             }
         }
     }
@@ -117,11 +120,15 @@ fn small_key_chunks_merge_to_the_reference() {
     ] {
         for causal in [false, true] {
             let case = Case::new(shape, causal);
-            let dense = Attention::dense(ctx)
-                .unwrap()
-                .keys_per_dispatch(keys)
-                .unwrap();
-            case.check(ctx, &dense, &format!("{keys} keys per dispatch"));
+            for kernel in DENSE_KERNELS {
+                let dense = Attention::dense(ctx)
+                    .unwrap()
+                    .keys_per_dispatch(keys)
+                    .unwrap()
+                    .dense_kernel(kernel)
+                    .unwrap();
+                case.check(ctx, &dense, &format!("{keys} keys per dispatch {kernel:?}"));
+            }
         }
     }
 }
@@ -141,12 +148,17 @@ fn variable_length_batches_take_key_chunks_too() {
         let q = normal_tensor(seed, shape.elements());
         let k = normal_tensor(seed ^ 0x9e37_79b9, shape.kv_elements());
         let v = normal_tensor(seed ^ 0x7f4a_7c15, shape.kv_elements());
-        for causal in [false, true] {
-            let label = format!("seed {seed} {seqs:?} causal {causal}");
+        for (causal, kernel) in [false, true]
+            .into_iter()
+            .flat_map(|c| DENSE_KERNELS.map(|k| (c, k)))
+        {
+            let label = format!("seed {seed} {seqs:?} causal {causal} {kernel:?}");
             let problem = Problem::varlen(seqs.clone(), 2, 1, 8).causal(causal);
             let dense = Attention::dense(ctx)
                 .unwrap()
                 .keys_per_dispatch(32)
+                .unwrap()
+                .dense_kernel(kernel)
                 .unwrap();
             let out = dense
                 .forward(&problem, Host::new(&q, &k, &v))

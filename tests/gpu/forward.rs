@@ -17,6 +17,9 @@ use multipole_attn::gpu::{Attention, Encode, GpuContext, Host, Plan, Resident};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, Method, Problem, Queries, Shape};
 
+use crate::common::DENSE_KERNELS;
+use multipole_attn::plan::{tiled_spec, DenseKernel, KernelLimits, Pass};
+
 const O_ATOL: f64 = 5e-5;
 const O_RTOL: f64 = 5e-5;
 const LSE_ATOL: f64 = 5e-5;
@@ -193,29 +196,53 @@ fn more_than_65535_workgroups_fold_into_2d() {
     assert_eq!(c.violations, 0, "{c:?}");
 }
 
+/// Asserts that `dense` runs `p` with `kernel`'s pass (the tiled kernel where its tiles fit
+/// the adapter for the head dimension), so a test of the tiled kernel cannot pass on the rows
+/// kernel.
+pub(crate) fn assert_runs(dense: &Attention, p: &Problem, kernel: DenseKernel) {
+    let Plan::Dense(plan) = dense.plan(p).unwrap() else {
+        panic!("not a dense plan");
+    };
+    let limits = KernelLimits::from_wgpu(&dense.context().limits);
+    let tiled = kernel == DenseKernel::Tiled && tiled_spec(p.shape.head_dim, &limits).is_some();
+    let want = if tiled {
+        Pass::DenseTiled
+    } else {
+        Pass::DenseAttention
+    };
+    assert_eq!(plan.attention.pass, want, "{kernel:?} {}", p.shape);
+}
+
+/// Dense attention with each forward kernel (`DENSE_KERNELS`: the rows kernel and the tiled
+/// one, whatever the adapter would pick) against one reference; the worst |O err|.
 fn check_dense(ctx: &GpuContext, seed: u64, shape: Shape, causal: bool) -> f64 {
     let x = inputs(seed, shape);
-    let dense = Attention::dense(ctx).unwrap();
-    let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-    dense
-        .forward(
-            &Problem::new(shape).causal(causal),
-            Resident(bufs.tensors()),
-        )
-        .unwrap();
-    let (o, lse) = bufs.read(ctx);
     let r = cpu::dense_attention(&widen(&x.q), &widen(&x.k), &widen(&x.v), shape, causal).unwrap();
-    let co = closeness(&o, &r.o, O_ATOL, O_RTOL);
-    let cl = closeness(&lse, &r.lse, LSE_ATOL, LSE_RTOL);
-    assert_eq!(
-        co.violations, 0,
-        "seed {seed} {shape} causal={causal}: O {co:?}"
-    );
-    assert_eq!(
-        cl.violations, 0,
-        "seed {seed} {shape} causal={causal}: LSE {cl:?}"
-    );
-    co.max_abs
+    let mut worst = 0.0f64;
+    for kernel in DENSE_KERNELS {
+        let dense = Attention::dense(ctx).unwrap().dense_kernel(kernel).unwrap();
+        assert_runs(&dense, &Problem::new(shape).causal(causal), kernel);
+        let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+        dense
+            .forward(
+                &Problem::new(shape).causal(causal),
+                Resident(bufs.tensors()),
+            )
+            .unwrap();
+        let (o, lse) = bufs.read(ctx);
+        let co = closeness(&o, &r.o, O_ATOL, O_RTOL);
+        let cl = closeness(&lse, &r.lse, LSE_ATOL, LSE_RTOL);
+        assert_eq!(
+            co.violations, 0,
+            "seed {seed} {shape} causal={causal} {kernel:?}: O {co:?}"
+        );
+        assert_eq!(
+            cl.violations, 0,
+            "seed {seed} {shape} causal={causal} {kernel:?}: LSE {cl:?}"
+        );
+        worst = worst.max(co.max_abs);
+    }
+    worst
 }
 
 #[test]
@@ -268,6 +295,15 @@ fn host_api_matches_buffer_api_and_is_deterministic() {
     let no_lse = fma.forward(&problem, host.without_lse()).unwrap();
     assert!(no_lse.lse.is_none());
     assert_eq!(no_lse.o, a.o);
+    // The tiled dense kernel: its row maxima and sums meet across lanes in a fixed order.
+    let tiled = Attention::dense(ctx)
+        .unwrap()
+        .dense_kernel(DenseKernel::Tiled)
+        .unwrap();
+    let a = tiled.forward(&problem, host).unwrap();
+    let b = tiled.forward(&problem, host).unwrap();
+    assert_eq!(a.o, b.o, "two tiled dense runs differ");
+    assert_eq!(a.lse, b.lse);
 }
 
 #[test]
@@ -407,17 +443,20 @@ fn grouped_query_heads_equal_multi_head_attention_on_repeated_keys() {
                     assert_eq!(host.o, o[..shape.elements()], "{label}: host vs buffers");
                 }
             }
-            let dense = Attention::dense(ctx).unwrap();
-            let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-            dense
-                .forward(
-                    &Problem::new(shape).causal(causal),
-                    Resident(bufs.tensors()),
-                )
-                .unwrap();
-            let (o, lse) = bufs.read(ctx);
             let r = cpu::dense_attention(&q, &k, &v, mha, causal).unwrap();
-            worst = worst.max(check(&format!("dense causal={causal}"), &o, &lse, &r));
+            for kernel in DENSE_KERNELS {
+                let dense = Attention::dense(ctx).unwrap().dense_kernel(kernel).unwrap();
+                let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+                dense
+                    .forward(
+                        &Problem::new(shape).causal(causal),
+                        Resident(bufs.tensors()),
+                    )
+                    .unwrap();
+                let (o, lse) = bufs.read(ctx);
+                let label = format!("dense causal={causal} {kernel:?}");
+                worst = worst.max(check(&label, &o, &lse, &r));
+            }
         }
     }
     eprintln!("grouped-query worst |O err| {worst:.2e}");

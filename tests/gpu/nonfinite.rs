@@ -3,7 +3,7 @@
 //! hangs. With FMA a key also reaches, through its coarse summaries, every query whose far list
 //! holds one of its windows, exactly as a dense row that sees it.
 
-use crate::common::gpu;
+use crate::common::{gpu, DENSE_KERNELS};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, Host};
 use multipole_attn::random::{fresh_seed, normal_tensor};
@@ -78,16 +78,19 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
             let rd =
                 cpu::dense_attention(&widen(&x[0]), &widen(&x[1]), &widen(&x[2]), shape, causal)
                     .unwrap();
-            let gd = Attention::dense(ctx)
-                .unwrap()
-                .forward(&problem, Host::new(&x[0], &x[1], &x[2]).without_lse())
-                .unwrap();
-            for (row, &is_bad) in poisoned_rows(&rd.o, d).iter().enumerate() {
-                let finite = gd.o[row * d..(row + 1) * d].iter().all(|v| v.is_finite());
-                assert_eq!(
-                    finite, !is_bad,
-                    "dense causal={causal} {tensor}={value}: row {row}"
-                );
+            for kernel in DENSE_KERNELS {
+                let gd = Attention::dense(ctx)
+                    .and_then(|a| a.dense_kernel(kernel))
+                    .unwrap()
+                    .forward(&problem, Host::new(&x[0], &x[1], &x[2]).without_lse())
+                    .unwrap();
+                for (row, &is_bad) in poisoned_rows(&rd.o, d).iter().enumerate() {
+                    let finite = gd.o[row * d..(row + 1) * d].iter().all(|v| v.is_finite());
+                    assert_eq!(
+                        finite, !is_bad,
+                        "dense {kernel:?} causal={causal} {tensor}={value}: row {row}"
+                    );
+                }
             }
         }
     }

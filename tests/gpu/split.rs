@@ -11,9 +11,9 @@ use crate::common::{
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::GpuContext;
 use multipole_attn::gpu::{Attention, Host, Resident};
-use multipole_attn::plan::DenseSplitPlan;
 use multipole_attn::plan::KernelLimits;
 use multipole_attn::plan::SplitPlan;
+use multipole_attn::plan::{DenseKernel, DenseSplitPlan};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Queries, Shape};
 
@@ -227,6 +227,28 @@ fn dense_attention_over_the_binding_runs_query_and_key_chunk_pairs_to_the_bit() 
                     .unwrap();
                 let c = closeness(&split.o, &r.o, 5e-5, 5e-5);
                 assert_eq!(c.violations, 0, "{label}: O {c:?}");
+                // The tiled kernel's split run (its own chunks: whole tiles of its block and
+                // key tile, which depend on the adapter's memory, so only the reference is
+                // shared with the unsplit run) and its resident twin, to the bit.
+                let tiled = || {
+                    Attention::dense(&small)
+                        .unwrap()
+                        .max_binding(cap)
+                        .unwrap()
+                        .dense_kernel(DenseKernel::Tiled)
+                        .unwrap()
+                };
+                let split_tiled = tiled().forward(&problem, host).unwrap();
+                let c = closeness(&split_tiled.o, &r.o, 5e-5, 5e-5);
+                assert_eq!(c.violations, 0, "{label} tiled: O {c:?}");
+                let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+                let bufs = Poisoned::with_usage(&small, &q, &k, &v, shape, copy);
+                tiled().forward(&problem, Resident(bufs.tensors())).unwrap();
+                let (o, lse) = bufs.read(&small);
+                assert!(
+                    o == split_tiled.o && Some(lse) == split_tiled.lse,
+                    "{label} tiled"
+                );
 
                 // The caller's buffers, outputs NaN-poisoned.
                 let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;

@@ -15,10 +15,11 @@
 //! counted twice or a key outside its window moves O by >= 1e-2.
 
 use crate::common::gradients::{compare, compare_all, inputs};
-use crate::common::{gpu, mismatched_subgroup_gpu, Poisoned};
+use crate::common::{gpu, mismatched_subgroup_gpu, Poisoned, DENSE_KERNELS};
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad, Resident};
+use multipole_attn::plan::DenseKernel;
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{FmaConfig, FmaError, Method, Problem, Sequences, Shape, Variants, Window};
 
@@ -86,7 +87,8 @@ fn check_dsinks(label: &str, got: &Option<Vec<f32>>, want: &Option<Vec<f64>>) {
 /// One case of `method` on the problem `p` (its mask and variants): the forward through
 /// NaN-poisoned resident buffers, the backward through host tensors, both against the f64
 /// reference.
-fn case(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem) {
+/// `kernel`: dense attention's forward kernel (no effect on FMA).
+fn case(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, kernel: DenseKernel) {
     let shape = p.shape;
     let name = if method.fma().is_some() {
         "FMA"
@@ -94,11 +96,13 @@ fn case(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem) {
         "dense"
     };
     let label = format!(
-        "seed {seed} {name} {shape} causal={} {:?}",
+        "seed {seed} {name} {shape} causal={} {:?} {kernel:?}",
         p.causal, p.variants
     );
     let x = inputs(seed, shape);
-    let attention = Attention::new(ctx, method.clone()).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let attention = Attention::new(ctx, method.clone())
+        .and_then(|a| a.dense_kernel(kernel))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
     let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
     attention
         .forward(p, Resident(bufs.tensors()))
@@ -138,7 +142,9 @@ fn dense_variants_match_the_reference() {
             let window = Window { left: 20, right: 7 };
             for v in variant_cases(s, shape.heads, causal, window) {
                 let p = Problem::new(shape).causal(causal).variants(v);
-                case(ctx, s, &Method::Dense, &p);
+                for kernel in DENSE_KERNELS {
+                    case(ctx, s, &Method::Dense, &p, kernel);
+                }
             }
         }
     }
@@ -158,7 +164,7 @@ fn fma_variants_match_the_reference() {
         let window = Window { left: 16, right: 9 };
         for v in variant_cases(s, shape.heads, causal, window) {
             let p = Problem::new(shape).causal(causal).variants(v);
-            case(ctx, s, &fma16(), &p);
+            case(ctx, s, &fma16(), &p, DenseKernel::Rows);
         }
     }
     // n = 1: one query, one key.
@@ -169,6 +175,7 @@ fn fma_variants_match_the_reference() {
             seed,
             &fma16(),
             &Problem::new(one).causal(true).variants(v),
+            DenseKernel::Rows,
         );
     }
 }
@@ -213,6 +220,10 @@ fn packed_batches_with_variants() {
     let x = inputs(seed, shape);
     let (q, k, v, dout) = (widen(&x.q), widen(&x.k), widen(&x.v), widen(&x.dout));
     let dense = Attention::dense(ctx).unwrap();
+    let tiled = Attention::dense(ctx)
+        .unwrap()
+        .dense_kernel(DenseKernel::Tiled)
+        .unwrap();
     let fma = Attention::new(ctx, fma16()).unwrap();
     for causal in [false, true] {
         for var in variant_cases(seed, 4, causal, Window { left: 16, right: 3 }) {
@@ -220,9 +231,14 @@ fn packed_batches_with_variants() {
                 sequences: Some(seqs.clone()),
                 ..Problem::new(shape).causal(causal).variants(var)
             };
-            for (method, attention) in [(Method::Dense, &dense), (fma16(), &fma)] {
+            let all = [
+                (Method::Dense, &dense, "rows"),
+                (Method::Dense, &tiled, "tiled"),
+                (fma16(), &fma, ""),
+            ];
+            for (method, attention, kernel) in all {
                 let label = format!(
-                    "seed {seed} packed {method:?} causal={causal} {:?}",
+                    "seed {seed} packed {method:?} {kernel} causal={causal} {:?}",
                     p.variants
                 );
                 let out = attention.forward(&p, Host::new(&x.q, &x.k, &x.v)).unwrap();
@@ -300,17 +316,20 @@ fn the_fallback_path_matches_the_reference() {
         seed,
         &Method::Dense,
         &Problem::new(shape).causal(true).variants(v.clone()),
+        DenseKernel::Rows,
     );
     case(
         ctx,
         seed,
         &fma16(),
         &Problem::new(shape).causal(true).variants(no_window),
+        DenseKernel::Rows,
     );
     case(
         ctx,
         seed,
         &fma16(),
         &Problem::new(shape).causal(true).variants(v),
+        DenseKernel::Rows,
     );
 }

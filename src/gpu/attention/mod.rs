@@ -19,7 +19,7 @@ use crate::gpu::fma::backward::Saved as FmaSaved;
 use crate::gpu::fma::FmaAttention;
 use crate::gradients::Gradients;
 use crate::method::Method;
-use crate::plan::{BackwardPlan, DenseBackwardPlan, DensePlan, FmaPlan};
+use crate::plan::{BackwardPlan, DenseBackwardPlan, DenseKernel, DensePlan, FmaPlan};
 use crate::problem::Problem;
 use crate::storage::Storage;
 use crate::variants::Variants;
@@ -55,6 +55,8 @@ pub struct Attention {
     keys_per_dispatch: Option<usize>,
     /// The element type of Q, K, V and O ([`Attention::storage`]).
     storage: Storage,
+    /// Dense attention's forward kernel, when not the adapter's choice.
+    dense_kernel: Option<DenseKernel>,
     /// FMA's executors, one per mask and variants seen (each uploads the learned weights).
     fma: Mutex<Vec<(Softmax, Arc<FmaAttention>)>>,
     /// Dense attention's executors, likewise.
@@ -113,6 +115,7 @@ impl std::fmt::Debug for Attention {
             .field("method", &self.method)
             .field("max_binding", &self.max_binding)
             .field("keys_per_dispatch", &self.keys_per_dispatch)
+            .field("dense_kernel", &self.dense_kernel)
             .finish_non_exhaustive()
     }
 }
@@ -220,6 +223,7 @@ impl Attention {
             max_binding: None,
             keys_per_dispatch: None,
             storage: Storage::F32,
+            dense_kernel: None,
             fma: Default::default(),
             dense: Default::default(),
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -290,6 +294,17 @@ impl Attention {
         self.storage
     }
 
+    /// Dense attention's forward runs the kernel of shape `kernel` instead of the adapter's
+    /// choice ([`DenseKernel::for_device`]: [`DenseKernel::Rows`] on a CPU adapter such as
+    /// lavapipe, [`DenseKernel::Tiled`] on a GPU): for testing the tiled kernel on lavapipe and
+    /// comparing the two on one device. Results agree within f32 rounding. Where the tiled
+    /// kernel's tiles do not fit the adapter for the head dimension, the rows kernel runs. The
+    /// backward is the same either way. No effect on FMA. Call before the first forward.
+    pub fn dense_kernel(mut self, kernel: DenseKernel) -> Result<Self> {
+        self.dense_kernel = Some(kernel);
+        self.rebuild()
+    }
+
     /// The method.
     pub fn method(&self) -> &Method {
         &self.method
@@ -334,6 +349,9 @@ impl Attention {
                     }
                     if let Some(keys) = self.keys_per_dispatch {
                         e = e.keys_per_dispatch(keys);
+                    }
+                    if let Some(kernel) = self.dense_kernel {
+                        e = e.kernel(kernel);
                     }
                     Ok(e)
                 };

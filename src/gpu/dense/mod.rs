@@ -25,7 +25,7 @@ use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::storage_types::{check_device_storage, f16_split_refused};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
-use crate::plan::{head_exceeds_binding, DensePlan, KernelLimits, SoftmaxFlags};
+use crate::plan::{head_exceeds_binding, DenseKernel, DensePlan, KernelLimits, SoftmaxFlags};
 use crate::shape::Shape;
 use crate::storage::Storage;
 use crate::variants::Variants;
@@ -56,6 +56,9 @@ pub struct DenseAttention {
     /// Softmax variants (softcap, sinks, sliding window), checked per call against the shape.
     variants: Variants,
     limits: KernelLimits,
+    /// The forward kernel's shape ([`DenseKernel::for_device`] of the adapter, or
+    /// [`DenseAttention::kernel`]); the backward's passes do not depend on it.
+    kernel: DenseKernel,
     /// Keys per dispatch (`None`: [`DensePlan::keys_per_dispatch`]).
     max_keys: Option<usize>,
     uniforms: ShapeCache<Shape, Uniforms>,
@@ -84,6 +87,7 @@ impl DenseAttention {
             causal,
             variants: Variants::default(),
             limits: KernelLimits::from_wgpu(&ctx.limits),
+            kernel: DenseKernel::for_device(ctx.info.device_type),
             max_keys: None,
             uniforms: ShapeCache::default(),
             host: Mutex::new(HostPool::default()),
@@ -123,6 +127,18 @@ impl DenseAttention {
         self
     }
 
+    /// Runs the forward with the kernel of shape `kernel` instead of the adapter's choice
+    /// ([`DenseKernel::for_device`]: the rows kernel on a CPU adapter such as lavapipe, the
+    /// tiled one on a GPU): the tests run the tiled kernel on lavapipe with it, and a
+    /// benchmark compares the two on one device. The results agree within f32 rounding (the
+    /// sums are taken in another order); each is deterministic. Call before the first forward.
+    pub fn kernel(mut self, kernel: DenseKernel) -> Self {
+        self.kernel = kernel;
+        self.uniforms = ShapeCache::default();
+        self.host = Mutex::new(HostPool::default());
+        self
+    }
+
     /// Attends at most `keys` keys per query row in one dispatch (rounded down to whole key
     /// tiles), longer key ranges in chunks (the default,
     /// [`crate::plan::DENSE_KEY_TILES_PER_DISPATCH`] tiles, keeps llvmpipe's loop limit; see
@@ -144,7 +160,13 @@ impl DenseAttention {
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
         self.variants.validate(shape.heads, self.causal)?;
-        Ok(DensePlan::new(shape, &self.limits)?
+        // The tiled kernel has no f16 composition yet (its loads are not the rewrite's
+        // patterns): f16 storage runs the rows kernel, which has one.
+        let kernel = match self.storage {
+            Storage::F16 => DenseKernel::Rows,
+            Storage::F32 => self.kernel,
+        };
+        Ok(DensePlan::with_kernel(shape, &self.limits, kernel)?
             .with_softmax(SoftmaxFlags::of(&self.variants))
             .with_storage(self.storage))
     }

@@ -34,12 +34,12 @@ impl DenseAttention {
                     .into(),
             });
         }
-        let plan = DenseSplitPlan::with_max_keys(
+        let plan = DenseSplitPlan::with_kernel(
             shape.seq,
             shape.head_dim,
             self.causal,
             &self.limits,
-            self.max_keys,
+            (self.max_keys, self.kernel),
         )?;
         let pipes = Pipes::new(&self.ctx, [&plan.head.attention]).await?;
         per_head(

@@ -26,8 +26,10 @@ impl DenseAttention {
         limits: &KernelLimits,
     ) -> Result<DensePlan> {
         self.variants.validate(heads, self.causal)?;
-        Ok(DensePlan::for_sequences(seqs, heads, kv_heads, d, limits)?
-            .with_softmax(SoftmaxFlags::of(&self.variants)))
+        Ok(
+            DensePlan::for_sequences_with(seqs, (heads, kv_heads, d), limits, self.kernel)?
+                .with_softmax(SoftmaxFlags::of(&self.variants)),
+        )
     }
 
     /// Records `plan` (a variable-length batch's) into its own compute pass of `enc`: the
@@ -72,12 +74,11 @@ impl DenseAttention {
     /// The plan of a forward of the variable-length batch `seqs` over one binding.
     pub(crate) fn plan_sequences(&self, shape: Shape, seqs: &Sequences) -> Result<DensePlan> {
         seqs.check(shape)?;
-        DensePlan::for_sequences(
+        DensePlan::for_sequences_with(
             seqs,
-            shape.heads,
-            shape.kv_heads,
-            shape.head_dim,
+            (shape.heads, shape.kv_heads, shape.head_dim),
             &self.limits,
+            self.kernel,
         )
     }
 

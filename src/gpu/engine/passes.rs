@@ -145,6 +145,7 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::DownsampleCombine => &DOWNSAMPLE_COMBINE,
         Pass::FineAttention => &FINE_ATTENTION,
         Pass::DenseAttention => &DENSE_ATTENTION,
+        Pass::DenseTiled => &DENSE_TILED,
         Pass::DenseBackwardDkv => &DENSE_BACKWARD_DKV,
         Pass::DenseBackwardDq => &DENSE_BACKWARD_DQ,
         Pass::CoarseAttention => &COARSE_ATTENTION,
@@ -228,6 +229,14 @@ static DENSE_ATTENTION: PassDesc = PassDesc {
         bind(7, "lse", Lse, ReadWrite),
         SEQ_TABLE,
     ],
+    level_select: false,
+};
+
+/// The tiled dense forward binds what the rows kernel binds: either runs a dense plan's
+/// attention dispatch with the same resources.
+static DENSE_TILED: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/dense_tiled.wgsl"),
+    bindings: DENSE_ATTENTION.bindings,
     level_select: false,
 };
 

@@ -91,6 +91,14 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     if let Some(sg) = subgroup {
         out.push_str(&format!("const SG: u32 = {sg}u;\n"));
     }
+    if pass == Pass::DenseTiled {
+        // Its micro-tile (`plan::dense_tiled`): the planner sizes workgroups by the same numbers.
+        out.push_str(&format!(
+            "const TQ: u32 = {}u;\nconst LANES: u32 = {}u;\n",
+            crate::plan::TILED_ROWS,
+            crate::plan::TILED_LANES
+        ));
+    }
     // The softmax variants (`shared/variants.wgsl`): constant false in a plain pipeline, so the
     // compiler removes their branches and the plain kernels run the code they always did.
     let f = spec.softmax;
