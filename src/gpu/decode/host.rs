@@ -15,9 +15,9 @@ use super::record::{Io, Work};
 use super::{DecodeMode, Decoder};
 
 /// The tensors of one step already on the GPU: Q of shape (batch, heads, C, head_dim), K, V of
-/// (batch, kv_heads, C, head_dim) (elements of [`crate::DecodeConfig::storage`], as O's), with
-/// `STORAGE` usage (K and V also `COPY_SRC` when the
-/// cache keeps its history), O of Q's shape and the LSE (batch, heads, C).
+/// (batch, kv_heads, C, head_dim), with `STORAGE` usage (K and V also `COPY_SRC` when the
+/// cache keeps its history), O of Q's shape and the LSE (batch, heads, C). Q, K, V and O hold
+/// elements of [`crate::DecodeConfig::storage`] (f32, or f16: 2 bytes each); the LSE is f32.
 #[derive(Clone, Copy, Debug)]
 pub struct StepTensors<'a> {
     /// Queries of the new tokens.
@@ -105,6 +105,12 @@ fn stored_bytes(storage: Storage, name: &str, x: &[f32]) -> Result<Vec<u8>> {
 /// Bytes of `elements` elements of `storage`, rounded up to whole 4-byte words.
 fn words_bytes(storage: Storage, elements: usize) -> u64 {
     (elements as u64 * storage.bytes()).next_multiple_of(4)
+}
+
+/// Where a host step's O and LSE are read back from: the f32 path's staging, or the f16 one.
+enum Readback {
+    F32(Staged),
+    F16(HalfStaged),
 }
 
 /// A staging buffer that receives an f16 O (rounded up to whole words) and the f32 LSE of a
@@ -221,8 +227,8 @@ impl Decoder {
         );
         let pipes = self.pipes().await?;
         let staged = match storage {
-            Storage::F32 => Ok(Staged::new(&self.ctx.device, shape, true)),
-            Storage::F16 => Err(HalfStaged::new(&self.ctx.device, shape)),
+            Storage::F32 => Readback::F32(Staged::new(&self.ctx.device, shape, true)),
+            Storage::F16 => Readback::F16(HalfStaged::new(&self.ctx.device, shape)),
         };
         let scopes = Scopes::push(&self.ctx)?;
         {
@@ -257,15 +263,15 @@ impl Decoder {
             };
             self.record(&mut enc, &mut st, &pipes, &io, Work::Attend(mode, 0))?;
             match &staged {
-                Ok(s) => s.record(&mut enc, &bo, &bl),
-                Err(s) => s.record(&mut enc, &bo, &bl),
+                Readback::F32(s) => s.record(&mut enc, &bo, &bl),
+                Readback::F16(s) => s.record(&mut enc, &bo, &bl),
             }
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "a decoding step").await?;
         match staged {
-            Ok(s) => s.read(&self.ctx).await,
-            Err(s) => s.read(&self.ctx).await,
+            Readback::F32(s) => s.read(&self.ctx).await,
+            Readback::F16(s) => s.read(&self.ctx).await,
         }
     }
 
