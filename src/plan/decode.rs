@@ -141,10 +141,9 @@ impl DecodeLayout {
             }
         };
         // 256 bytes per row whatever the element (ranges of the ring are bound per group).
-        let ring_stride = (2 * ring * d).div_ceil(ROW_ALIGN * 2) * (ROW_ALIGN * 2);
         let ring_stride = match cfg.storage {
             Storage::F32 => padded(2 * ring * d),
-            Storage::F16 => ring_stride,
+            Storage::F16 => (2 * ring * d).div_ceil(2 * ROW_ALIGN) * (2 * ROW_ALIGN),
         };
         // Sizes in f32 from here on (f16 rows are counted as f32: they then fit with room).
         let cap = (limits.binding_bytes() / 4) as usize;
@@ -431,6 +430,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// f16 storage: ring rows of 256-byte multiples holding [K | V], history pages of half
+    /// the bytes, the coarse slots (f32) unchanged, the same groups and pages.
+    #[test]
+    fn f16_storage_halves_the_ring_and_the_history() {
+        let limits = KernelLimits::with_binding(16 << 10);
+        let c = DecodeConfig::new(FmaConfig::new(32, 2), 2, 2, 16, 4096).max_chunk(3);
+        let f32 = DecodeLayout::new(&c, &limits).unwrap();
+        let f16 = DecodeLayout::new(&c.storage(Storage::F16), &limits).unwrap();
+        assert_eq!(f16.ring_bytes() % 256, 0);
+        assert!(f16.ring_stride >= 2 * f16.ring * 16);
+        assert!(f16.ring_bytes() <= f32.ring_bytes() / 2 + 256);
+        assert_eq!(f16.coarse_stride, f32.coarse_stride);
+        assert_eq!((f16.group, f16.page_tokens), (f32.group, f32.page_tokens));
+        assert_eq!(2 * f16.history_bytes(1000), f32.history_bytes(1000));
     }
 
     #[test]
