@@ -3,8 +3,9 @@
 //! the softcap, the sinks and a sliding window (L, 0), cases rotated each repetition, wall clock
 //! around submit + wait, median after a warm-up. Each variant's time is printed with its ratio
 //! to the plain kernel's at the same n; the window's column shows its cost growing with the
-//! window, not with n (dense skips the key tiles outside the band; FMA runs its near field
-//! alone, so its block m is set to the window: m = L).
+//! window, not with n (dense skips the key tiles outside the band; `Attention` runs FMA with a
+//! window on that same banded kernel, docs/variants.md; its block m is set to the window,
+//! m = L, which FMA's rules require).
 //!
 //! `cargo run --release --example bench_softmax [-- --n 4096,16384 --window 256 --reps 3]`
 

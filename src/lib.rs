@@ -37,5 +37,5 @@ pub use problem::Problem;
 pub use sequences::{SeqLayout, Sequences};
 pub use shape::Shape;
 pub use storage::Storage;
-pub use variants::{Variants, Window};
+pub use variants::{HeadSpan, Variants, Window};
 pub use weights::{LearnedWeights, LevelWeights};

@@ -27,6 +27,38 @@ pub struct Window {
     pub right: usize,
 }
 
+/// Which of the caller's query heads a piece of its problem runs (a run of heads of tensors
+/// over one storage binding, `gpu::engine::front::head_chunks`): the piece's problem `qh`
+/// (its flat batch*heads index, from 0) is the caller's query head `(first + qh) mod heads`.
+/// Only the sinks read it (each head has its own); the plan of a whole problem has
+/// `first = 0` and the problem's own `heads`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HeadSpan {
+    /// Query heads per sequence of the caller's problem (the sinks' length).
+    pub heads: usize,
+    /// The caller's flat batch*heads index of the piece's first problem, reduced mod `heads`.
+    pub first: usize,
+}
+
+impl HeadSpan {
+    /// The whole problem of `shape`: its own heads from head 0.
+    pub fn whole(shape: Shape) -> Self {
+        Self {
+            heads: shape.heads,
+            first: 0,
+        }
+    }
+
+    /// The run of the caller's problem `full` that starts at its flat batch*heads index
+    /// `first`.
+    pub fn run(full: Shape, first: usize) -> Self {
+        Self {
+            heads: full.heads,
+            first: first % full.heads.max(1),
+        }
+    }
+}
+
 impl Variants {
     /// Checks the variants for `heads` query heads: the softcap C > 0 and finite, one finite
     /// sink per query head, and with the causal mask a window that looks no further right than
@@ -73,10 +105,12 @@ impl Variants {
     /// ((batch, heads, seq), a variable-length batch's tensors as laid out): the sink of
     /// head h has weight P_i = exp(S_h - LSE_i) in row i's softmax and a zero value, so
     /// dS_h = -sum_i P_i D_i with D_i = dO_i . O_i, summed in f64 over its rows. A row with
-    /// LSE = -inf (padding) adds nothing. `None` without sinks.
+    /// LSE = -inf (padding) adds nothing. `None` without sinks. `span` says which of the
+    /// sinks' heads `shape`'s problems are ([`HeadSpan::whole`] unless a run of heads).
     pub fn sink_gradient(
         &self,
         shape: Shape,
+        span: HeadSpan,
         o: &[f32],
         lse: &[f32],
         dout: &[f32],
@@ -88,7 +122,7 @@ impl Variants {
             if l == f32::NEG_INFINITY {
                 continue;
             }
-            let h = (row / n) % shape.heads;
+            let h = (span.first + row / n) % sinks.len();
             let at = row * d..(row + 1) * d;
             let delta: f64 = o[at.clone()]
                 .iter()

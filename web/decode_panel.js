@@ -1,7 +1,9 @@
 // The decoding panel: generates tokens one at a time on random inputs on the visitor's GPU
 // (`Decoding`, algorithm.md §10) and plots tokens per second against the context length, FMA
 // decoding (near blocks and every level's far list: O(m + p log n) keys per token) beside exact
-// dense decoding over the same cache (every cached key per token).
+// dense decoding over the same cache (every cached key per token). The softmax select passes
+// its variants (softcap, sinks, window: docs/variants.md) to `Decoding` as its options take
+// them; with a window both modes read a ring of the last L + 1 tokens.
 import { Decoding } from "./pkg/multipole_attn_web.js";
 
 const $ = (id) => document.getElementById(id);
@@ -61,13 +63,16 @@ export function setupDecodePanel(gpu) {
     panel.dataset.state = "running";
     const contexts = $("decode-contexts").value.split(",").map(Number);
     const steps = Number($("decode-steps").value);
+    // The select's values are JSON of the options' softcap, sinks (one head) and window.
+    const variants = JSON.parse($("decode-variants").value);
+    const named = $("decode-variants").selectedOptions[0].textContent;
     const d = 64;
     const points = [];
     const rows = [];
     try {
       for (const context of contexts) {
         status.textContent = `context ${context}: filling the cache…`;
-        const dec = new Decoding(gpu, { headDim: d, maxLen: context + 2 * steps + 2, maxChunk: 1 });
+        const dec = new Decoding(gpu, { headDim: d, maxLen: context + 2 * steps + 2, maxChunk: 1, ...variants });
         await dec.extend(randomArray(context * d), randomArray(context * d), [context]);
         status.textContent = `context ${context}: generating ${steps} tokens with FMA, then dense…`;
         const fma = await tokensPerSecond(dec, "fma", steps, d);
@@ -79,7 +84,7 @@ export function setupDecodePanel(gpu) {
           "<tr><th>context</th><th>FMA tokens/s</th><th>dense tokens/s</th><th>FMA / dense</th></tr>" + rows.join("");
         draw(points);
       }
-      status.textContent = `Done: one head, d = ${d}, m = 64, p = 2; wall clock per token (upload, one submit, readback).`;
+      status.textContent = `Done: one head, d = ${d}, m = 64, p = 2, softmax ${named}; wall clock per token (upload, one submit, readback).`;
       panel.dataset.state = "done";
     } catch (e) {
       status.textContent = `Error: ${e.message ?? e}`;

@@ -61,7 +61,7 @@ struct Params {
     // SINKS or WINDOW constant is on).
     softcap: f32,            // C of the softcap C tanh(l / C)
     sink_heads: u32,         // query heads of a sequence: the sink of problem qh is qh's head
-    head_base: u32,          // query head of problem 0 (a split head's executor runs one head)
+    head_base: u32,          // the caller's query head of problem 0 (a run of heads: HeadSpan)
     window_left: u32,        // L: keys t >= i - L
     window_right: u32,       // R: keys t <= i + R
     // Uniform layout: `levels` must start at a multiple of 16 bytes.

@@ -7,6 +7,7 @@ use super::forward::check_tensors;
 use super::limits::KernelLimits;
 use crate::error::{FmaError, Result};
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 
 /// Key tiles one dense dispatch attends at most per query row; longer key ranges run as
 /// several dispatches, key chunks in order, each resuming the rows' partial (O, LSE)
@@ -40,6 +41,9 @@ pub struct DensePlan {
     pub pad: Option<Dispatch>,
     /// A variable-length batch's sequence table (`None` for a batch of equal sequences).
     pub sequences: Option<super::sequences::SeqTable>,
+    /// Which of the caller's query heads the problems are (a run of heads: its sinks'
+    /// heads); [`HeadSpan::whole`] of `shape` unless [`DensePlan::in_span`] says otherwise.
+    pub head_span: HeadSpan,
 }
 
 impl DensePlan {
@@ -57,6 +61,13 @@ impl DensePlan {
         if let Some(pad) = &mut self.pad {
             pad.spec.storage = storage;
         }
+        self
+    }
+
+    /// The plan of a run of the caller's heads: problem qh is the caller's head
+    /// `(span.first + qh) mod span.heads` (its sink); nothing else changes.
+    pub fn in_span(mut self, span: HeadSpan) -> Self {
+        self.head_span = span;
         self
     }
 
@@ -149,6 +160,7 @@ impl DensePlan {
             tiles,
             pad: None,
             sequences: None,
+            head_span: HeadSpan::whole(shape),
         })
     }
 }

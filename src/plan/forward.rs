@@ -11,6 +11,7 @@ use crate::geometry::{effective_cell, Grid, GridGeometry};
 use crate::levels::Levels;
 use crate::shape::Shape;
 use crate::storage::Storage;
+use crate::variants::HeadSpan;
 
 /// Checks the shape and that Q, K, V and O each fit one storage binding.
 pub(crate) fn check_tensors(shape: Shape, limits: &KernelLimits) -> Result<()> {
@@ -189,9 +190,19 @@ pub struct FmaPlan {
     /// A variable-length batch's sequence table ([`FmaPlan::for_sequences`]); `None` for a
     /// batch of equal sequences.
     pub sequences: Option<super::sequences::SeqTable>,
+    /// Which of the caller's query heads the problems are (a run of heads: its sinks'
+    /// heads); [`HeadSpan::whole`] of `shape` unless [`FmaPlan::in_span`] says otherwise.
+    pub head_span: HeadSpan,
 }
 
 impl FmaPlan {
+    /// The plan of a run of the caller's heads: problem qh is the caller's head
+    /// `(span.first + qh) mod span.heads` (its sink); nothing else changes.
+    pub fn in_span(mut self, span: HeadSpan) -> Self {
+        self.head_span = span;
+        self
+    }
+
     /// Plans FMA for `shape` and `cfg` under `limits`; every limit is checked here, before
     /// anything is recorded.
     pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
@@ -382,6 +393,7 @@ impl FmaPlan {
 
         Ok(Self {
             shape,
+            head_span: HeadSpan::whole(shape),
             queries: cfg.queries,
             levels,
             grid: cfg.grid,

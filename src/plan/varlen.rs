@@ -15,6 +15,7 @@ use crate::error::{FmaError, Result};
 use crate::sequences::{SeqLayout, Sequences};
 use crate::shape::Shape;
 use crate::storage::Storage;
+use crate::variants::HeadSpan;
 
 /// Checks that each tensor of the batch fits one storage binding (a variable-length batch is
 /// not split across bindings).
@@ -146,6 +147,7 @@ impl FmaPlan {
             .transpose()?;
         Ok(Self {
             shape,
+            head_span: HeadSpan::whole(shape),
             queries: cfg.queries,
             levels: base.levels,
             grid: None,
@@ -212,6 +214,7 @@ impl DensePlan {
         )?;
         Ok(Self {
             shape,
+            head_span: HeadSpan::whole(shape),
             attention,
             tiles: base.tiles,
             pad: pad_dispatch(seqs, shape, limits)?,

@@ -9,7 +9,8 @@
 //! give the reference and agree with each other. The windowed decoder's memory is flat: the
 //! same bytes after a prompt of 100 and of 60 000 tokens, with rows still right. Decoding with
 //! a window equals the GPU's causal forward with that window, row by row. A windowed cache
-//! over 4 KiB bindings gives the bits of one binding. Typed errors for what does not combine.
+//! over 4 KiB bindings gives the bits of one binding, its prefill (heads run in runs, each
+//! with its own sinks) included. Typed errors for what does not combine.
 //!
 //! Tolerance: tests/gpu/decode.rs's (5e-5 + 5e-5 |ref| on O, 5e-5 + 1e-5 |ref| on the LSE), for
 //! its reasons (the same keys summed in f32 in another order) and those of
@@ -555,26 +556,38 @@ fn what_does_not_combine_is_a_typed_error() {
 
 /// A windowed cache with sinks and a softcap bound in 4 KiB ranges (rows in several groups,
 /// each sequence's heads split between them) gives the bits of one binding, and two runs
-/// repeat: a row's work does not depend on its group. No prefill: at 4 KiB the prefill's
-/// forward would run the heads in pieces, which it refuses with variants (docs/variants.md).
+/// repeat: a row's work does not depend on its group. With a prefill too, FMA and dense: a
+/// prompt of 30 tokens x 6 heads (11,520 bytes per tensor) runs in runs of one K/V group
+/// (2 heads, 3,840 bytes) from heads 0, 2 and 4, each reading its own heads' sinks
+/// (`HeadSpan`); the rows are also checked against the f64 reference.
 #[test]
 fn a_windowed_cache_over_4_kib_bindings_gives_the_bits_of_one_binding() {
     let Some(ctx) = gpu() else { return };
     let seed = fresh_seed();
+    for (mode, prefill) in [
+        (DecodeMode::Fma, vec![0, 0]),
+        (DecodeMode::Fma, vec![30, 17]),
+        (DecodeMode::Dense, vec![30, 17]),
+    ] {
+        over_4_kib(ctx, seed, mode, prefill);
+    }
+}
+
+fn over_4_kib(ctx: &GpuContext, seed: u64, mode: DecodeMode, prefill: Vec<usize>) {
     let run = Run {
         heads: 6,
         kv_heads: 3,
-        prefill: vec![0, 0],
+        prefill,
         steps: 25,
         variants: Variants {
             softcap: Some(2.5),
             sinks: Some(normal_tensor(seed ^ 3, 6)),
             window: Some(Window { left: 7, right: 0 }),
         },
-        ..base(DecodeMode::Fma)
+        ..base(mode)
     };
     let seqs = sequences(seed, &run);
-    let whole = decode(ctx, &run, &seqs);
+    let whole = check_on(ctx, &run, seed);
     let again = decode(ctx, &run, &seqs);
     let split_dec = Decoder::with_max_binding(ctx, run.cfg(), 4 << 10).expect("decoder");
     assert!(split_dec.layout().group < 6, "{:?}", split_dec.layout());

@@ -34,5 +34,6 @@ mod properties;
 mod shapes;
 mod split;
 mod variants;
+mod variants_runs;
 mod varlen;
 mod varlen_backward;

@@ -268,6 +268,17 @@ test("the decoding panel generates tokens with FMA and dense", { timeout: RUN_TI
       assert.ok(fma > 0 && dense > 0 && Number.isFinite(fma) && Number.isFinite(dense), `context ${context}`);
     }
     await page.screenshot({ path: join(RESULTS, "web-demo-decoding.png"), fullPage: true });
+    // gpt-oss's softmax (a sink and a window of 64): the options reach the decoder, both
+    // modes run over the ring.
+    await page.selectOption("#decode-variants", { label: "sinks + window 64 (gpt-oss)" });
+    await page.click("#decode-run");
+    // Done with this run once its status names the variants (the first run's said "plain").
+    await page.waitForFunction(() => document.getElementById("decode-status").textContent.includes("gpt-oss") ||
+      document.getElementById("decoding").dataset.state === "error",
+      null, { timeout: RUN_TIMEOUT_MS, polling: 250 });
+    const windowed = await page.textContent("#decode-status");
+    assert.equal(await page.$eval("#decoding", (el) => el.dataset.state), "done", `windowed: ${windowed}`);
+    assert.match(windowed, /^Done/);
     assert.deepEqual(errors, [], "no uncaught errors in the page");
   } finally {
     await ctx.close();

@@ -6,10 +6,12 @@
 //! await dec.prefill(q, k, v, [100], "fma");  // (batch, heads, 100, headDim): the prompt
 //! const r = await dec.step(q1, k1, v1, "fma"); // (batch, heads, C, headDim): C new tokens
 //! r.o; r.lse;                                  // Float32Arrays; dec.lens is [101 ...]
+//! // gpt-oss's softmax: a sink logit per query head and a sliding window of 127 keys back.
+//! new Decoding(gpu, { heads: 2, headDim: 64, maxLen: 4096, sinks: [0.5, -1], window: [127, 0] });
 //! ```
 
 use multipole_attn::gpu::{DecodeMode, Decoder, Host};
-use multipole_attn::{DecodeConfig, FmaConfig};
+use multipole_attn::{DecodeConfig, FmaConfig, Variants, Window};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -17,8 +19,13 @@ use wasm_bindgen::JsCast;
 use crate::gpu::Gpu;
 
 /// The options of `new Decoding(gpu, options)`: `{ batch?: 1, heads?: 1, headDim, maxLen,
-/// maxChunk?: 64, m?: 64, p?: 2, countCorrection?: true, history?: true }` (Average
-/// downsampling; `history` keeps every key and value, which the `"dense"` mode needs).
+/// maxChunk?: 64, m?: 64, p?: 2, countCorrection?: true, history?: true, softcap?: C,
+/// sinks?: [..], window?: [L, 0] }` (Average downsampling; `history` keeps every key and
+/// value, which the `"dense"` mode needs). `softcap`, `sinks` and `window` are the softmax
+/// variants as the forward's options take them (`Options`, docs/variants.md), applied to the
+/// prefill and every step; decoding is causal, so the window's R must be 0, and in the
+/// `"fma"` mode L <= m (FMA's window is its near field). With a window the cache keeps a
+/// ring of the last L + maxChunk tokens only, and `history` is ignored.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DecodeOptions {
@@ -38,9 +45,31 @@ pub struct DecodeOptions {
     count_correction: bool,
     #[serde(default = "yes")]
     history: bool,
+    /// Logit softcap C > 0: every logit l becomes C tanh(l / C).
+    #[serde(default)]
+    softcap: Option<f32>,
+    /// One finite sink logit per query head (`heads` of them).
+    #[serde(default)]
+    sinks: Option<Vec<f32>>,
+    /// `[L, R]`: query i sees keys i - L ..= i + R; R must be 0 (decoding is causal).
+    #[serde(default)]
+    window: Option<[usize; 2]>,
 }
 
-const FIELDS: [&str; 9] = [
+impl DecodeOptions {
+    /// The softmax variants of `softcap`, `sinks` and `window` (checked by the decoder: a
+    /// typed error for C <= 0, not one finite sink per head, R > 0, or in the "fma" mode
+    /// L > m).
+    fn variants(&self) -> Variants {
+        Variants {
+            softcap: self.softcap,
+            sinks: self.sinks.clone(),
+            window: self.window.map(|[left, right]| Window { left, right }),
+        }
+    }
+}
+
+const FIELDS: [&str; 12] = [
     "batch",
     "heads",
     "headDim",
@@ -50,6 +79,9 @@ const FIELDS: [&str; 9] = [
     "p",
     "countCorrection",
     "history",
+    "softcap",
+    "sinks",
+    "window",
 ];
 
 fn one() -> usize {
@@ -127,7 +159,8 @@ impl Decoding {
         let fma = FmaConfig::new(o.m, o.p).count_correction(o.count_correction);
         let cfg = DecodeConfig::new(fma, o.batch, o.heads, o.head_dim, o.max_len)
             .max_chunk(o.max_chunk)
-            .history(o.history);
+            .history(o.history)
+            .variants(o.variants());
         Ok(Decoding {
             dec: Decoder::new(gpu.context(), cfg)?,
         })

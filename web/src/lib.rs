@@ -26,7 +26,8 @@
 //! joining each row's softmax denominator), `window: [L, R]` (query i sees keys i - L ..= i + R;
 //! FMA runs it through its near field alone, exactly, with L, R <= m). Values the library does
 //! not allow throw its typed error; `structure` and `levelMass` draw the plain softmax and
-//! throw with a variant.
+//! throw with a variant. `new Decoding(gpu, options)` takes the same three (the window with
+//! R = 0: decoding is causal).
 //!
 //! 2D (images, algorithm.md §9): `grid: [H, W]` lays the n = H W tokens of every head on an
 //! H x W grid in raster order, with `m` the cell side r; `gridStructure(opts, t)` is what

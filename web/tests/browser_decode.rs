@@ -1,6 +1,7 @@
 //! Decoding in the browser (`Decoding`, the JS face of `multipole_attn::gpu::Decoder`): every
 //! decoded row against the f64 causal forward of its whole sequence, FMA and dense, two
-//! sequences at different positions, and the JS errors of bad options and modes.
+//! sequences at different positions, plain and with the softmax variants (softcap, sinks, a
+//! window that the ring wraps), and the JS errors of bad options and modes.
 //!
 //! Run as `browser.rs` (scripts/test_web.sh). Tolerance as there and as the native
 //! `tests/gpu/decode.rs`: |gpu - ref| <= 5e-5 + 5e-5 |ref| for O, 5e-5 + 1e-5 |ref| for the LSE.
@@ -9,7 +10,7 @@
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::random::{fresh_seed, normal_tensor};
-use multipole_attn::{FmaConfig, Method, Problem, Shape};
+use multipole_attn::{FmaConfig, Method, Problem, Shape, Variants, Window};
 use multipole_attn_web::{Decoding, Gpu};
 use wasm_bindgen::JsValue;
 use wasm_bindgen_test::*;
@@ -32,6 +33,28 @@ fn rows(x: &[f32], h: usize, n: usize, d: usize, lo: usize, len: usize, width: u
 
 #[wasm_bindgen_test]
 async fn decoded_rows_equal_the_causal_forward_in_the_browser() {
+    decode_and_check("", Variants::default()).await;
+}
+
+/// The variants reach the decoder from the JS options: a softcap, one sink per head and a
+/// window of 3 keys back (a ring of 3 + maxChunk = 6 tokens, wrapped several times by 28
+/// tokens), against the reference with the same variants. A sink on the wrong head, a
+/// missing cap or a key outside the window moves O by far more than the tolerance.
+#[wasm_bindgen_test]
+async fn decoded_rows_with_variants_equal_the_causal_forward_in_the_browser() {
+    let variants = Variants {
+        softcap: Some(2.5),
+        sinks: Some(vec![0.75, -0.5]),
+        window: Some(Window { left: 3, right: 0 }),
+    };
+    let js = r#", "softcap": 2.5, "sinks": [0.75, -0.5], "window": [3, 0]"#;
+    decode_and_check(js, variants).await;
+}
+
+/// Decodes two sequences (a prefill, then steps of 3 tokens) with the options' `extra` JSON
+/// fields, FMA and dense, and checks every row against the reference's causal forward with
+/// `variants`.
+async fn decode_and_check(extra: &str, variants: Variants) {
     let gpu = Gpu::create().await.expect("WebGPU");
     let seed = fresh_seed();
     let (h, d, m, p, c, steps) = (2usize, 8usize, 4usize, 2usize, 3usize, 6usize);
@@ -42,7 +65,7 @@ async fn decoded_rows_equal_the_causal_forward_in_the_browser() {
         let dec = Decoding::new(
             &gpu,
             options(&format!(
-                r#"{{"batch": 2, "heads": {h}, "headDim": {d}, "maxLen": {max_len}, "maxChunk": {c}, "m": {m}, "p": {p}}}"#
+                r#"{{"batch": 2, "heads": {h}, "headDim": {d}, "maxLen": {max_len}, "maxChunk": {c}, "m": {m}, "p": {p}{extra}}}"#
             )),
         )
         .map_err(JsValue::from)
@@ -109,17 +132,17 @@ async fn decoded_rows_equal_the_causal_forward_in_the_browser() {
             } else {
                 Method::Dense
             };
-            let problem = Problem::new(shape).causal(true);
+            let problem = Problem::new(shape).causal(true).variants(variants.clone());
             let r = cpu::forward(&method, &problem, &q, &k, &v).unwrap();
             let co = closeness(o, &r.o, 5e-5, 5e-5);
             let cl = closeness(l, &r.lse, 5e-5, 1e-5);
             assert_eq!(
                 co.violations, 0,
-                "seed {seed} {mode} sequence {b}: O {co:?}"
+                "seed {seed} {mode} {variants:?} sequence {b}: O {co:?}"
             );
             assert_eq!(
                 cl.violations, 0,
-                "seed {seed} {mode} sequence {b}: LSE {cl:?}"
+                "seed {seed} {mode} {variants:?} sequence {b}: LSE {cl:?}"
             );
         }
         assert_eq!(dec.lens().map_err(JsValue::from).unwrap(), vec![28, 21]);
@@ -135,6 +158,31 @@ async fn bad_decoding_options_and_modes_throw() {
         options(r#"{"headDim": 8, "maxLen": 10, "m": 4, "p": 3}"#)
     )
     .is_err());
+    // The variants' errors: a window looking right, sinks not one per head, a softcap <= 0,
+    // and (FMA mode) a window wider than the block.
+    for bad in [
+        r#"{"headDim": 4, "maxLen": 10, "window": [2, 1]}"#,
+        r#"{"headDim": 4, "maxLen": 10, "heads": 2, "sinks": [0.5]}"#,
+        r#"{"headDim": 4, "maxLen": 10, "softcap": 0}"#,
+        r#"{"headDim": 4, "maxLen": 10, "window": [2]}"#,
+    ] {
+        assert!(Decoding::new(&gpu, options(bad)).is_err(), "{bad}");
+    }
+    let wide = Decoding::new(
+        &gpu,
+        options(r#"{"headDim": 4, "maxLen": 10, "m": 4, "window": [6, 0]}"#),
+    )
+    .map_err(JsValue::from)
+    .expect("a window wider than m: dense decoding takes it");
+    let y = vec![0.5f32; 4];
+    assert!(wide
+        .step(y.clone(), y.clone(), y.clone(), "fma".into())
+        .await
+        .is_err());
+    assert!(wide
+        .step(y.clone(), y.clone(), y, "dense".into())
+        .await
+        .is_ok());
     let dec = Decoding::new(&gpu, options(r#"{"headDim": 4, "maxLen": 10, "m": 4}"#))
         .map_err(JsValue::from)
         .unwrap();

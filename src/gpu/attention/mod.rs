@@ -339,28 +339,66 @@ impl Attention {
                 };
                 kept(&self.fma, softmax.clone(), make).map(Exec::Fma)
             }
-            Method::Dense => {
-                let make = || {
-                    let mut e = DenseAttention::new(&self.ctx, softmax.causal)?
-                        .with_variants(softmax.variants.clone())
-                        .with_storage(self.storage)?;
-                    if let Some(bytes) = self.max_binding {
-                        e = e.max_binding(bytes);
-                    }
-                    if let Some(keys) = self.keys_per_dispatch {
-                        e = e.keys_per_dispatch(keys);
-                    }
-                    if let Some(kernel) = self.dense_kernel {
-                        e = e.kernel(kernel);
-                    }
-                    Ok(e)
-                };
-                kept(&self.dense, softmax.clone(), make).map(Exec::Dense)
-            }
+            Method::Dense => self.dense_exec(softmax),
         }
     }
 
+    /// Dense attention's executor of `softmax` (made on first use): the method's, or FMA's
+    /// with a window ([`Attention::fma_window_as_dense`]).
+    fn dense_exec(&self, softmax: Softmax) -> Result<Exec> {
+        let make = || {
+            let mut e = DenseAttention::new(&self.ctx, softmax.causal)?
+                .with_variants(softmax.variants.clone())
+                .with_storage(self.storage)?;
+            if let Some(bytes) = self.max_binding {
+                e = e.max_binding(bytes);
+            }
+            if let Some(keys) = self.keys_per_dispatch {
+                e = e.keys_per_dispatch(keys);
+            }
+            if let Some(kernel) = self.dense_kernel {
+                e = e.kernel(kernel);
+            }
+            Ok(e)
+        };
+        kept(&self.dense, softmax.clone(), make).map(Exec::Dense)
+    }
+
+    /// Whether FMA's problem `p` runs on dense attention's banded kernel: FMA with a window
+    /// has no coarse level (docs/variants.md), so it is exact windowed attention through its
+    /// near field, the same numbers as dense attention with the window to f32 rounding, and
+    /// the banded kernel is faster (docs/perf.md, change 20). Average downsampling only (a
+    /// Learned configuration's backward also returns its weights' zero gradients, which the
+    /// dense path has not). FMA's own rules are checked first (its executor's `check`: the
+    /// window within the block, no grid, fine queries, cross-length only causal), so FMA
+    /// accepts and refuses the same problems as before; a binding limit is left to the dense
+    /// path's own handling.
+    fn fma_window_as_dense(&self, p: &Problem) -> Result<bool> {
+        let Method::Fma(cfg) = &self.method else {
+            return Ok(false);
+        };
+        if p.variants.window.is_none() || cfg.downsample != Downsample::Average {
+            return Ok(false);
+        }
+        let Exec::Fma(fma) = self.exec_for(Softmax::of(p))? else {
+            return Ok(false);
+        };
+        let checked = match &p.sequences {
+            None => fma.check(p.shape),
+            Some(seqs) => fma.plan_sequences(p.shape, seqs).map(drop),
+        };
+        match checked {
+            Ok(()) | Err(FmaError::LimitExceeded { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The executor that runs `p`: the method's, except FMA with a window on dense
+    /// attention's banded kernel ([`Attention::fma_window_as_dense`]).
     fn exec(&self, p: &Problem) -> Result<Exec> {
+        if self.fma_window_as_dense(p)? {
+            return self.dense_exec(Softmax::of(p));
+        }
         self.exec_for(Softmax::of(p))
     }
 
@@ -445,15 +483,14 @@ impl Attention {
     /// FMA's host tensors over one storage binding train a run of heads at a time (whole K/V
     /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`](crate::gpu::HostGrad)
     /// only. Still a typed error: resident buffers over a binding, one head over a binding
-    /// (the backward does not split a head along its sequence), sinks on tensors over a
-    /// binding, and a variable-length batch over a binding.
+    /// (the backward does not split a head along its sequence), and a variable-length batch
+    /// over a binding.
     pub async fn train_async<'a, I: TrainIo<'a>>(
         &self,
         p: &Problem,
         io: I,
     ) -> Result<(I::Out, Saved)> {
         p.validate()?;
-        self.check_sinks_fit(p)?;
         let exec = self.exec(p)?;
         let (out, kind) = self.train_args(&exec, p, io.args()).await?;
         let saved = Saved {
@@ -491,7 +528,6 @@ impl Attention {
 
     async fn forward_args(&self, p: &Problem, args: ForwardArgs<'_>) -> Result<Option<Output>> {
         p.validate()?;
-        self.check_sinks_fit(p)?;
         let s = p.shape;
         let seqs = p.sequences.as_ref();
         if self.storage == Storage::F16 {
@@ -673,30 +709,6 @@ impl Attention {
             (_, true) => Err(f16_not_offered("a backward with sinks (their gradient)")),
             _ => Ok(()),
         }
-    }
-
-    /// Sinks on tensors over one storage binding: refused with what to do. The executors run
-    /// such tensors in pieces (runs of heads, chunks of a head) whose parameter blocks number
-    /// their heads from 0, so they would apply the wrong heads' sinks.
-    fn check_sinks_fit(&self, p: &Problem) -> Result<()> {
-        if p.variants.sinks.is_none() {
-            return Ok(());
-        }
-        let cap = self.binding_cap();
-        let bytes = p.shape.elements().max(p.shape.kv_elements()) as u64 * 4;
-        if bytes <= cap {
-            return Ok(());
-        }
-        Err(FmaError::InvalidConfig {
-            what: "attention sinks",
-            value: format!(
-                "on {} ({bytes} bytes per tensor, over one storage binding of {cap} bytes)",
-                p.shape
-            ),
-            allowed: "sinks on tensors that fit one storage binding: fewer heads or a shorter \
-                      sequence per call"
-                .into(),
-        })
     }
 }
 

@@ -21,6 +21,7 @@ use crate::gradients::Gradients;
 use crate::plan::{DenseBackwardPlan, Dispatch, SoftmaxFlags};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 
 use super::DenseAttention;
 
@@ -34,6 +35,9 @@ pub struct DenseSaved {
     shape: Shape,
     /// The sequences of a variable-length forward; `None` for a batch of equal sequences.
     sequences: Option<Sequences>,
+    /// Which of the caller's heads these are: a run of heads' (`backward_runs.rs`) reads its
+    /// heads' sinks.
+    span: HeadSpan,
     owner: u64,
     kept: DenseKept,
 }
@@ -63,6 +67,7 @@ impl DenseSaved {
         Self {
             shape,
             sequences: None,
+            span: HeadSpan::whole(shape),
             owner,
             kept: DenseKept::Runs(runs),
         }
@@ -108,10 +113,23 @@ impl DenseAttention {
     /// The plan a backward of `shape` would execute. Causal with fewer keys than queries is
     /// planned (its first seq - seq_kv rows take no gradient) even where the forward refuses it.
     pub fn backward_plan(&self, shape: Shape) -> Result<DenseBackwardPlan> {
-        self.variants.validate(shape.heads, self.causal)?;
-        Ok(DenseBackwardPlan::new(shape, &self.limits)?
+        self.backward_plan_in(shape, HeadSpan::whole(shape))
+    }
+
+    /// The backward plan of `shape` as the heads `span` of the caller's problem (a run of
+    /// heads: the variants are checked against the caller's heads, and each problem reads
+    /// its head's sink).
+    pub(super) fn backward_plan_in(
+        &self,
+        shape: Shape,
+        span: HeadSpan,
+    ) -> Result<DenseBackwardPlan> {
+        self.variants.validate(span.heads, self.causal)?;
+        let mut plan = DenseBackwardPlan::new(shape, &self.limits)?
             .with_softmax(SoftmaxFlags::of(&self.variants))
-            .with_storage(self.storage))
+            .with_storage(self.storage);
+        plan.forward.head_span = span;
+        Ok(plan)
     }
 
     /// The plan of the backward of a variable-length batch of `shape` (the tensors' shape, as
@@ -137,7 +155,7 @@ impl DenseAttention {
     /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
     fn saved_plan(&self, saved: &DenseSaved) -> Result<DenseBackwardPlan> {
         match &saved.sequences {
-            None => self.backward_plan(saved.shape),
+            None => self.backward_plan_in(saved.shape, saved.span),
             Some(seqs) => self.backward_plan_sequences(saved.shape, seqs),
         }
     }
@@ -160,7 +178,9 @@ impl DenseAttention {
             return Ok(std::sync::Arc::new(self.make_backward_uniforms(plan)?));
         }
         self.backward_uniforms
-            .get_or_make(plan.forward.shape, || self.make_backward_uniforms(plan))
+            .get_or_make((plan.forward.shape, plan.forward.head_span), || {
+                self.make_backward_uniforms(plan)
+            })
     }
 
     fn make_backward_uniforms(&self, plan: &DenseBackwardPlan) -> Result<BackwardUniforms> {
@@ -260,26 +280,29 @@ impl DenseAttention {
             },
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };
-        self.forward_train_whole((q, k, v), shape, seqs).await
+        let span = HeadSpan::whole(shape);
+        self.forward_train_whole((q, k, v), (shape, span), seqs)
+            .await
     }
 
     /// [`DenseAttention::forward_train_in`] of tensors whose backward fits one binding each.
     pub(super) async fn forward_train_whole(
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
-        shape: Shape,
+        (shape, span): (Shape, HeadSpan),
         seqs: Option<&Sequences>,
     ) -> Result<(Output, DenseSaved)> {
         let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v));
         let t = tensors.tensors();
         match seqs {
-            None => self.forward_buffers_async(t, shape).await?,
+            None => self.forward_buffers_in(t, shape, span).await?,
             Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
         }
         let out = tensors.read_outputs(&self.ctx, shape).await?;
         let saved = DenseSaved {
             shape,
             sequences: seqs.cloned(),
+            span,
             owner: self.id,
             kept: DenseKept::Whole(tensors),
         };
@@ -294,6 +317,7 @@ impl DenseAttention {
         Ok(DenseSaved {
             shape,
             sequences: None,
+            span: HeadSpan::whole(shape),
             owner: self.id,
             kept: DenseKept::Whole(SavedTensors::from_buffers(t, shape, self.storage)?),
         })
@@ -382,7 +406,8 @@ impl DenseAttention {
             Some(_) => {
                 let out = saved.whole()?.read_outputs(&self.ctx, shape).await?;
                 let lse = out.lse.unwrap_or_default();
-                self.variants.sink_gradient(shape, &out.o, &lse, dout)
+                let variants = &self.variants;
+                variants.sink_gradient(shape, saved.span, &out.o, &lse, dout)
             }
         };
         Ok(Gradients {

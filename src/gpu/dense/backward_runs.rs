@@ -9,12 +9,17 @@
 //! each head's sums run in the same order). A group too large for one binding runs one query
 //! head at a time, and its K/V head's gradients are the sum of those runs in head order (the
 //! same terms regrouped: rounding only, and the same bits run to run).
+//!
+//! Each run knows which of the caller's heads it holds (`HeadSpan`, in its plans and its
+//! `DenseSaved`), so its rows read their own heads' sinks; dS of the sinks is each run's sum
+//! (over its rows) added in run order, in f32: rounding from the unsplit sum.
 
-use crate::error::{FmaError, Result};
+use crate::error::Result;
 use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of, one_head_over_binding};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::Gradients;
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 
 use super::backward::{DenseRun, DenseSaved, WHY_WHOLE_HEAD};
 use super::DenseAttention;
@@ -29,19 +34,10 @@ impl DenseAttention {
         (q, k, v): (&[f32], &[f32], &[f32]),
         shape: Shape,
     ) -> Result<(Output, DenseSaved)> {
-        if self.variants.sinks.is_some() {
-            // A run's parameter block numbers its heads from 0: its sinks would be the wrong
-            // heads'.
-            return Err(FmaError::InvalidConfig {
-                what: "attention sinks",
-                value: format!("training on {shape}, whose tensors exceed one storage binding"),
-                allowed: "sinks on tensors whose backward fits one storage binding (fewer heads \
-                          or a shorter sequence per call)"
-                    .into(),
-            });
-        }
         // Even one head over a binding: the error says the backward does not split a head.
-        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))
+        // A run's variants are checked against the caller's heads (the sinks' length).
+        let whole = HeadSpan::whole(shape);
+        let runs = head_chunks(shape, |s| self.backward_plan_in(s, whole).map(drop))
             .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?;
         let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
         let mut o = Vec::with_capacity(shape.elements());
@@ -54,7 +50,7 @@ impl DenseAttention {
             let (out, saved) = self
                 .forward_train_whole(
                     (&q[qr], &k[kvr.clone()], &v[kvr]),
-                    shape.with_heads(count),
+                    (shape.with_heads(count), HeadSpan::run(shape, first)),
                     None,
                 )
                 .await?;
@@ -86,10 +82,20 @@ impl DenseAttention {
         let mut dv = vec![0.0f32; shape.kv_elements()];
         // K/V heads already written by an earlier run (a group split into single heads).
         let mut seen = vec![false; shape.batch * shape.kv_heads];
+        // dS of the sinks: each run's (of its own rows, read as its heads' by its span)
+        // added in run order, which is head order.
+        let mut dsinks: Option<Vec<f32>> = None;
         for run in runs {
             let r = run.first * per_q..(run.first + run.count) * per_q;
             let g = self.backward_whole(&run.saved, &dout[r]).await?;
             dq.extend_from_slice(&g.dq);
+            dsinks = match (dsinks, g.dsinks) {
+                (Some(mut sum), Some(run)) => {
+                    add_or_copy(&mut sum, &run, true);
+                    Some(sum)
+                }
+                (sum, run) => sum.or(run),
+            };
             let (kv_first, kv_count) = kv_heads_of(shape, (run.first, run.count));
             for (i, h) in (kv_first..kv_first + kv_count).enumerate() {
                 let (src, dst) = (i * per_kv..(i + 1) * per_kv, h * per_kv..(h + 1) * per_kv);
@@ -103,7 +109,7 @@ impl DenseAttention {
             dk,
             dv,
             weights: None,
-            dsinks: None,
+            dsinks,
         })
     }
 }

@@ -28,6 +28,7 @@ use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{head_exceeds_binding, DenseKernel, DensePlan, KernelLimits, SoftmaxFlags};
 use crate::shape::Shape;
 use crate::storage::Storage;
+use crate::variants::HeadSpan;
 use crate::variants::Variants;
 
 /// The uniforms of one shape: a parameter block per key chunk (the dense pass has no level
@@ -61,12 +62,12 @@ pub struct DenseAttention {
     kernel: DenseKernel,
     /// Keys per dispatch (`None`: [`DensePlan::keys_per_dispatch`]).
     max_keys: Option<usize>,
-    uniforms: ShapeCache<Shape, Uniforms>,
+    uniforms: ShapeCache<(Shape, HeadSpan), Uniforms>,
     host: Mutex<HostPool>,
     /// Tells a [`DenseSaved`] of this instance from another's.
     id: u64,
     /// The backward's parameter blocks per shape (`backward.rs`).
-    backward_uniforms: ShapeCache<Shape, backward::BackwardUniforms>,
+    backward_uniforms: ShapeCache<(Shape, HeadSpan), backward::BackwardUniforms>,
     /// The backward's LSE and D per row, (bh, n, 2), grown by capacity.
     stats: Mutex<Growing>,
     /// The element type of Q, K, V and O (issue 29).
@@ -159,7 +160,14 @@ impl DenseAttention {
 
     /// The plan a call with `shape` would execute.
     pub fn plan(&self, shape: Shape) -> Result<DensePlan> {
-        self.variants.validate(shape.heads, self.causal)?;
+        self.plan_in(shape, HeadSpan::whole(shape))
+    }
+
+    /// The plan of `shape` as the heads `span` of the caller's problem (a run of heads: the
+    /// variants are checked against the caller's heads, and each problem reads its head's
+    /// sink).
+    pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<DensePlan> {
+        self.variants.validate(span.heads, self.causal)?;
         // The tiled kernel has no f16 composition yet (its loads are not the rewrite's
         // patterns): f16 storage runs the rows kernel, which has one.
         let kernel = match self.storage {
@@ -168,23 +176,29 @@ impl DenseAttention {
         };
         Ok(DensePlan::with_kernel(shape, &self.limits, kernel)?
             .with_softmax(SoftmaxFlags::of(&self.variants))
-            .with_storage(self.storage))
+            .with_storage(self.storage)
+            .in_span(span))
     }
 
-    /// Refuses the softmax variants where a front would run the heads of `full` in pieces
-    /// (`piece`: a run of heads, or a split head): the pieces' parameter blocks do not say
-    /// which heads they hold, so a sink would meet the wrong head.
-    fn check_whole(&self, full: Shape, piece: Shape) -> Result<()> {
-        if self.variants.is_plain() || full == piece {
+    /// Refuses the softmax variants on `full` run a head at a time through copies
+    /// (`split.rs`: a head split across storage bindings, or resident tensors over one): its
+    /// (query chunk, key chunk) pairs merge partial rows, and neither the window's band nor
+    /// the sink's one term per row (nor the head's sink) is planned across those pairs.
+    fn check_unsplit(&self, full: Shape) -> Result<()> {
+        if self.variants.is_plain() {
             return Ok(());
         }
         Err(FmaError::LimitExceeded {
-            what: "the softmax variants (softcap, sinks, window)".into(),
-            requested: full.elements() as u64 * 4,
+            what: format!(
+                "{full} with the softmax variants (softcap, sinks, window), run a head at a \
+                 time through copies"
+            ),
+            requested: full.elements().max(full.kv_elements()) as u64 * 4,
             max: self.limits.binding_bytes(),
             unit: "bytes in one storage binding",
-            advice: "they run on tensors whose heads fit one storage binding: pass fewer heads \
-                     or shorter sequences per call"
+            advice: "the variants run on heads that fit one storage binding, from host \
+                     tensors (in runs of heads) or resident tensors that fit one binding: pass \
+                     host tensors, fewer heads or shorter sequences per call"
                 .into(),
         })
     }
@@ -193,7 +207,7 @@ impl DenseAttention {
     fn params(&self, plan: &DensePlan) -> Result<Params> {
         check_variants(&self.variants)?;
         let mut p = self.plain_params(plan);
-        p.set_variants(&self.variants, plan.shape.heads, 0);
+        p.set_variants(&self.variants, plan.head_span.heads, plan.head_span.first);
         Ok(p)
     }
 
@@ -229,7 +243,7 @@ impl DenseAttention {
     }
 
     fn uniforms(&self, plan: &DensePlan) -> Result<Arc<Uniforms>> {
-        self.uniforms.get_or_make(plan.shape, || {
+        self.uniforms.get_or_make((plan.shape, plan.head_span), || {
             let base = self.params(plan)?;
             let params = self
                 .key_chunks(plan)
@@ -350,8 +364,9 @@ impl DenseAttention {
             v,
             want_lse,
             head_exceeds_binding(shape, &self.limits),
-            |s| self.plan(s).map(|_| ()),
-            |q, k, v, s| self.forward_whole(q, k, v, (shape, s), want_lse),
+            // A run's variants are checked against the caller's heads (the sinks' length).
+            |s| self.plan_in(s, HeadSpan::whole(shape)).map(|_| ()),
+            |q, k, v, s, span| self.forward_whole(q, k, v, (s, span), want_lse),
             |io| self.forward_split(io, shape),
         )
         .await
@@ -363,11 +378,10 @@ impl DenseAttention {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        (full, shape): (Shape, Shape),
+        (shape, span): (Shape, HeadSpan),
         want_lse: bool,
     ) -> Result<Output> {
-        self.check_whole(full, shape)?;
-        let plan = self.plan(shape)?;
+        let plan = self.plan_in(shape, span)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         let coop = self.coop_run(&plan).await?;
@@ -388,6 +402,18 @@ impl DenseAttention {
     /// storage binding are copied through bindings that fit, a head (or chunk) at a time: Q, K
     /// and V then need `COPY_SRC` usage and O and the LSE `COPY_DST`.
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
+        self.forward_buffers_in(t, shape, HeadSpan::whole(shape))
+            .await
+    }
+
+    /// [`DenseAttention::forward_buffers_async`] of `shape` as the heads `span` of the
+    /// caller's problem (a training run of heads, `backward_runs.rs`).
+    pub(super) async fn forward_buffers_in(
+        &self,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        span: HeadSpan,
+    ) -> Result<()> {
         t.check_as(shape, self.storage)?;
         let over = shape.elements().max(shape.kv_elements()) as u64 * 4;
         if self.storage == Storage::F16 && over > self.limits.binding_bytes() {
@@ -406,7 +432,7 @@ impl DenseAttention {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("dense"),
             });
-        self.encode_async(&mut enc, t, shape).await?;
+        self.encode_in(&mut enc, t, shape, span).await?;
         self.ctx.queue.submit([enc.finish()]);
         scopes.pop(&self.ctx, "the dense forward").await
     }
@@ -418,8 +444,19 @@ impl DenseAttention {
         t: GpuTensors<'_>,
         shape: Shape,
     ) -> Result<()> {
+        self.encode_in(enc, t, shape, HeadSpan::whole(shape)).await
+    }
+
+    /// [`DenseAttention::encode_async`] of `shape` as the heads `span` of the caller's problem.
+    async fn encode_in(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        span: HeadSpan,
+    ) -> Result<()> {
         t.check_as(shape, self.storage)?;
-        let plan = self.plan(shape)?;
+        let plan = self.plan_in(shape, span)?;
         let pipes = Pipes::new(&self.ctx, [&plan.attention]).await?;
         let uniforms = self.uniforms(&plan)?;
         let lse = t.lse_or_scratch(&self.ctx.device, plan.shape);

@@ -22,7 +22,7 @@ impl DenseAttention {
             check_copy_usage(t)?;
         }
         // A split head's pairs are not planned with the variants (yet).
-        self.check_whole(shape, Shape::new(0, 0, 0, 0))?;
+        self.check_unsplit(shape)?;
         if !shape.is_self() {
             return Err(FmaError::LimitExceeded {
                 what: format!("one head of {shape}"),

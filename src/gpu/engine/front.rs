@@ -11,6 +11,7 @@ use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 
 /// Runs of whole heads `(first, count)` over batch*heads such that each run's shape passes
 /// `fits` (a plan check): one run when the whole shape fits; otherwise the largest number of
@@ -40,6 +41,11 @@ pub(crate) fn head_chunks(
         fits(heads(1))?;
         1
     };
+    if unit == 1 && group > 1 {
+        // One query head at a time: a run of several single heads could straddle two groups,
+        // whose two K/V heads the run's shape (`Shape::with_heads`: one K/V head) cannot say.
+        return Ok((0..bh).map(|first| (first, 1)).collect());
+    }
     // Largest number of units that fits (the checks are monotone in the number of heads).
     let (mut lo, mut hi) = (1, bh / unit);
     while lo < hi {
@@ -109,7 +115,8 @@ pub(crate) fn add_or_copy(dst: &mut [f32], src: &[f32], add: bool) {
 }
 
 /// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
-/// independent, so the result is the one an unsplit run would give).
+/// independent, so the result is the one an unsplit run would give). Each run is told which
+/// of the caller's heads it holds ([`HeadSpan::run`]: the sinks are per head).
 async fn forward_in_chunks<'a, F, Fut>(
     shape: Shape,
     chunks: &[(usize, usize)],
@@ -120,7 +127,7 @@ async fn forward_in_chunks<'a, F, Fut>(
     run: F,
 ) -> Result<Output>
 where
-    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
+    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape, HeadSpan) -> Fut,
     Fut: std::future::Future<Output = Result<Output>>,
 {
     let per_head = shape.seq * shape.head_dim;
@@ -131,7 +138,8 @@ where
         let r = first * per_head..(first + count) * per_head;
         let (kv_first, kv_count) = kv_heads_of(shape, (first, count));
         let kv = kv_first * per_kv_head..(kv_first + kv_count) * per_kv_head;
-        let part = run(&q[r], &k[kv.clone()], &v[kv], shape.with_heads(count)).await?;
+        let span = HeadSpan::run(shape, first);
+        let part = run(&q[r], &k[kv.clone()], &v[kv], shape.with_heads(count), span).await?;
         o.extend_from_slice(&part.o);
         if let Some(l) = part.lse {
             lse.extend_from_slice(&l);
@@ -155,7 +163,8 @@ pub(crate) fn check_host(shape: Shape, q: &[f32], k: &[f32], v: &[f32]) -> Resul
 /// runs `split` when `split_head` (the executor's test: one head alone exceeds a binding, its
 /// tokens or, for FMA, its coarse rows; `split` cuts the head's sequence:
 /// `gpu/fma/split.rs`, `gpu/dense/split.rs`), else `run` once, or once per run of heads when the
-/// tensors exceed a binding (see [`head_chunks`]).
+/// tensors exceed a binding (see [`head_chunks`]), with the caller's heads it runs
+/// ([`HeadSpan`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward_host<'a, F, Fut, S, SFut>(
     shape: Shape,
@@ -169,7 +178,7 @@ pub(crate) async fn forward_host<'a, F, Fut, S, SFut>(
     split: S,
 ) -> Result<Output>
 where
-    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape) -> Fut,
+    F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape, HeadSpan) -> Fut,
     Fut: std::future::Future<Output = Result<Output>>,
     S: FnOnce(SplitIo<'a>) -> SFut,
     SFut: std::future::Future<Output = Result<Output>>,
@@ -180,7 +189,7 @@ where
     }
     let chunks = head_chunks(shape, fits)?;
     if chunks.len() == 1 {
-        return run(q, k, v, shape).await;
+        return run(q, k, v, shape, HeadSpan::whole(shape)).await;
     }
     forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
 }

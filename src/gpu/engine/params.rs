@@ -93,7 +93,8 @@ pub struct Params {
     /// Query heads of a sequence: problem qh's sink is that of head qh mod sink_heads (varlen:
     /// qh / seqs).
     pub sink_heads: u32,
-    /// Query head of problem 0 (a split head runs one head at a time).
+    /// The caller's query head of problem 0, mod `sink_heads` (a run of heads of tensors over
+    /// one binding: `HeadSpan::first`).
     pub head_base: u32,
     /// Window: keys t >= i - window_left.
     pub window_left: u32,
@@ -124,7 +125,8 @@ pub struct Quad {
 
 impl Params {
     /// Writes the softmax variants `v` into the block for problems of `heads` query heads per
-    /// sequence, whose first problem is query head `head_base` (0 unless a split head's).
+    /// sequence, whose first problem is query head `head_base` (0 unless a run of heads':
+    /// `HeadSpan`).
     /// Sinks beyond [`MAX_SINK_HEADS`] heads are not written ([`check_variants`] refuses them
     /// when a plan is made).
     pub fn set_variants(&mut self, v: &Variants, heads: usize, head_base: usize) {

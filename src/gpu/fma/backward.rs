@@ -25,6 +25,7 @@ use crate::gradients::{Gradients, LevelGradients};
 use crate::plan::{BackwardPlan, Dispatch, Pass};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 
 use super::workspace::Uniforms;
 use super::FmaAttention;
@@ -42,6 +43,9 @@ pub struct Saved {
     /// The sequences of a variable-length forward (`forward_train_varlen`); `None` for a batch
     /// of equal sequences.
     sequences: Option<Sequences>,
+    /// Which of the caller's heads these are: a run of heads' (`backward_runs.rs`) reads its
+    /// heads' sinks.
+    span: HeadSpan,
     owner: u64,
     pub(super) kept: Kept,
 }
@@ -72,6 +76,7 @@ impl Saved {
             shape,
             chunk: None,
             sequences: None,
+            span: HeadSpan::whole(shape),
             owner,
             kept,
         }
@@ -252,13 +257,22 @@ impl BackwardScratch {
 impl FmaAttention {
     /// The plan a backward of `shape` would execute.
     pub fn backward_plan(&self, shape: Shape) -> Result<BackwardPlan> {
-        Ok(BackwardPlan::new(shape, &self.cfg, &self.limits)?.with_storage(self.storage))
+        self.backward_plan_in(shape, HeadSpan::whole(shape))
+    }
+
+    /// The backward plan of `shape` as the heads `span` of the caller's problem (a run of
+    /// heads: each problem reads its head's sink).
+    pub(super) fn backward_plan_in(&self, shape: Shape, span: HeadSpan) -> Result<BackwardPlan> {
+        let mut plan =
+            BackwardPlan::new(shape, &self.cfg, &self.limits)?.with_storage(self.storage);
+        plan.forward.head_span = span;
+        Ok(plan)
     }
 
     /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
     fn saved_plan(&self, saved: &Saved) -> Result<BackwardPlan> {
         match &saved.sequences {
-            None => self.backward_plan(saved.shape),
+            None => self.backward_plan_in(saved.shape, saved.span),
             Some(seqs) => self.backward_plan_sequences(saved.shape, seqs),
         }
     }
@@ -315,20 +329,22 @@ impl FmaAttention {
             },
             Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
         };
-        self.forward_train_whole((q, k, v), shape, seqs).await
+        let span = HeadSpan::whole(shape);
+        self.forward_train_whole((q, k, v), (shape, span), seqs)
+            .await
     }
 
     /// [`FmaAttention::forward_train_in`] of tensors whose backward fits one binding each.
     pub(super) async fn forward_train_whole(
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
-        shape: Shape,
+        (shape, span): (Shape, HeadSpan),
         seqs: Option<&Sequences>,
     ) -> Result<(Output, Saved)> {
         let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v));
         let t = tensors.tensors();
         match seqs {
-            None => self.forward_buffers_async(t, shape).await?,
+            None => self.forward_buffers_in(t, shape, span).await?,
             Some(seqs) => self.forward_varlen_buffers_async(t, shape, seqs).await?,
         }
         let out = tensors.read_outputs(&self.ctx, shape).await?;
@@ -336,6 +352,7 @@ impl FmaAttention {
             shape,
             chunk: None,
             sequences: seqs.cloned(),
+            span,
             owner: self.id,
             kept: Kept::Whole(tensors),
         };
@@ -364,6 +381,7 @@ impl FmaAttention {
             shape,
             chunk: None,
             sequences: None,
+            span: HeadSpan::whole(shape),
             owner: self.id,
             kept: Kept::Whole(SavedTensors::from_buffers(t, shape, self.storage)?),
         })
@@ -526,7 +544,8 @@ impl FmaAttention {
             Some(_) => {
                 let out = saved.whole()?.read_outputs(&self.ctx, shape).await?;
                 let lse = out.lse.unwrap_or_default();
-                self.cfg.variants.sink_gradient(shape, &out.o, &lse, dout)
+                let variants = &self.cfg.variants;
+                variants.sink_gradient(shape, saved.span, &out.o, &lse, dout)
             }
         };
         Ok(Gradients {
@@ -674,7 +693,7 @@ impl FmaAttention {
             params.q_partials_at = plan.q_partials_at as u32;
             return Ok(Arc::new(Uniforms::new(&self.ctx, &params, steps)?));
         }
-        let key = (plan.forward.shape, steps.len());
+        let key = (plan.forward.shape, plan.forward.head_span, steps.len());
         self.backward_uniforms.get_or_make(key, || {
             let mut params = self.params(&plan.forward);
             params.partials_at = plan.partials_at as u32;

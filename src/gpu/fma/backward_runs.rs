@@ -10,12 +10,17 @@
 //! The learned weights' gradients are sums over every head: each run's sum is added to the
 //! previous runs' in run order, in f32 on the host, so the result is the same bits run to run
 //! and differs from the unsplit run (one tree of partial sums over all heads) by rounding only.
+//!
+//! Each run knows which of the caller's heads it holds (`HeadSpan`, in its plans and its
+//! `Saved`), so its rows read their own heads' sinks; dS of the sinks is each run's sum
+//! (over its rows) added in run order, in f32: rounding from the unsplit sum.
 
-use crate::error::{FmaError, Result};
+use crate::error::Result;
 use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of, one_head_over_binding};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
+use crate::variants::HeadSpan;
 
 use super::backward::{HeadRun, Kept, Saved, WHY_WHOLE_HEAD};
 use super::FmaAttention;
@@ -28,19 +33,10 @@ impl FmaAttention {
         (q, k, v): (&[f32], &[f32], &[f32]),
         shape: Shape,
     ) -> Result<(Output, Saved)> {
-        if self.cfg.variants.sinks.is_some() {
-            // A run's parameter block numbers its heads from 0 (`Params::set_variants`): its
-            // sinks would be the wrong heads'.
-            return Err(FmaError::InvalidConfig {
-                what: "attention sinks",
-                value: format!("training on {shape}, whose tensors exceed one storage binding"),
-                allowed: "sinks on tensors whose backward fits one storage binding (fewer heads \
-                          or a shorter sequence per call)"
-                    .into(),
-            });
-        }
         // Even one head over a binding: the error says the backward does not split a head.
-        let runs = head_chunks(shape, |s| self.backward_plan(s).map(drop))
+        // A run's variants are checked against the caller's heads (the sinks' length).
+        let whole = HeadSpan::whole(shape);
+        let runs = head_chunks(shape, |s| self.backward_plan_in(s, whole).map(drop))
             .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?;
         let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
         let mut o = Vec::with_capacity(shape.elements());
@@ -53,7 +49,7 @@ impl FmaAttention {
             let (out, saved) = self
                 .forward_train_whole(
                     (&q[qr], &k[kvr.clone()], &v[kvr]),
-                    shape.with_heads(count),
+                    (shape.with_heads(count), HeadSpan::run(shape, first)),
                     None,
                 )
                 .await?;
@@ -83,11 +79,21 @@ impl FmaAttention {
         let mut dv = vec![0.0f32; shape.kv_elements()];
         // K/V heads already written by an earlier run (a group split into single heads).
         let mut seen = vec![false; shape.batch * shape.kv_heads];
+        // dS of the sinks: each run's (of its own rows, read as its heads' by its span)
+        // added in run order, which is head order.
+        let mut dsinks: Option<Vec<f32>> = None;
         let mut weights: Option<Vec<LevelGradients<f32>>> = None;
         for run in runs {
             let r = run.first * per_q..(run.first + run.count) * per_q;
             let g = self.backward_whole(&run.saved, &dout[r]).await?;
             dq.extend_from_slice(&g.dq);
+            dsinks = match (dsinks, g.dsinks) {
+                (Some(mut sum), Some(run)) => {
+                    add_or_copy(&mut sum, &run, true);
+                    Some(sum)
+                }
+                (sum, run) => sum.or(run),
+            };
             let (kv_first, kv_count) = kv_heads_of(shape, (run.first, run.count));
             for (i, h) in (kv_first..kv_first + kv_count).enumerate() {
                 let (src, dst) = (i * per_kv..(i + 1) * per_kv, h * per_kv..(h + 1) * per_kv);
@@ -111,7 +117,7 @@ impl FmaAttention {
             dk,
             dv,
             weights,
-            dsinks: None,
+            dsinks,
         })
     }
 }

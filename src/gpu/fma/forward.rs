@@ -16,6 +16,7 @@ use crate::gpu::engine::tensors::{GpuTensors, Scopes};
 use crate::plan::{fma_head_splits, FmaPlan, SplitPlan};
 use crate::shape::Shape;
 use crate::storage::Storage;
+use crate::variants::HeadSpan;
 
 use super::workspace::Uniforms;
 use super::FmaAttention;
@@ -75,8 +76,9 @@ impl FmaAttention {
             v,
             want_lse,
             fma_head_splits(shape, &self.cfg, &self.limits),
-            |s| self.plan(s).map(|_| ()),
-            |q, k, v, s| self.forward_whole(q, k, v, s, want_lse),
+            // A run's variants are checked against the caller's heads (the sinks' length).
+            |s| self.plan_in(s, HeadSpan::whole(shape)).map(|_| ()),
+            |q, k, v, s, span| self.forward_whole(q, k, v, (s, span), want_lse),
             |io| self.forward_split(io, shape),
         )
         .await
@@ -96,9 +98,9 @@ impl FmaAttention {
         }
         match self.plan(shape) {
             // A run of fewer heads at a time may fit (`forward_host`): one head must.
-            Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
-                self.plan(shape.with_heads(1)).map(drop)
-            }
+            Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => self
+                .plan_in(shape.with_heads(1), HeadSpan::whole(shape))
+                .map(drop),
             other => other.map(drop),
         }
     }
@@ -109,10 +111,10 @@ impl FmaAttention {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        shape: Shape,
+        (shape, span): (Shape, HeadSpan),
         want_lse: bool,
     ) -> Result<Output> {
-        let plan = self.plan(shape)?;
+        let plan = self.plan_in(shape, span)?;
         let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
         run_host(
             &self.ctx,
@@ -134,6 +136,18 @@ impl FmaAttention {
     /// (or a chunk of one head's sequence) at a time, one submit per head: Q, K and V then
     /// need `COPY_SRC` usage and O and the LSE `COPY_DST` (a typed error says so otherwise).
     pub async fn forward_buffers_async(&self, t: GpuTensors<'_>, shape: Shape) -> Result<()> {
+        self.forward_buffers_in(t, shape, HeadSpan::whole(shape))
+            .await
+    }
+
+    /// [`FmaAttention::forward_buffers_async`] of `shape` as the heads `span` of the caller's
+    /// problem (a training run of heads, `backward_runs.rs`).
+    pub(super) async fn forward_buffers_in(
+        &self,
+        t: GpuTensors<'_>,
+        shape: Shape,
+        span: HeadSpan,
+    ) -> Result<()> {
         t.check_as(shape, self.storage)?;
         let over = shape.elements() as u64 * 4 > self.limits.binding_bytes();
         let splits = over || fma_head_splits(shape, &self.cfg, &self.limits);
@@ -146,7 +160,7 @@ impl FmaAttention {
                 .await
                 .map(|_| ());
         }
-        let plan = self.plan(shape)?;
+        let plan = self.plan_in(shape, span)?;
         let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;
         let scopes = Scopes::push(&self.ctx)?;
         let mut enc = self

@@ -27,6 +27,7 @@ use crate::gpu::engine::tensors::HostPool;
 use crate::plan::{FmaPlan, KernelLimits};
 use crate::shape::Shape;
 use crate::storage::Storage;
+use crate::variants::HeadSpan;
 
 use crate::gpu::engine::weights::WeightBuffers;
 use backward::BackwardScratch;
@@ -46,7 +47,7 @@ pub struct FmaAttention {
     /// Unique per instance: ties a [`crate::gpu::Saved`] forward to the instance that made it.
     id: u64,
     /// The forward's uniforms per shape.
-    uniforms: ShapeCache<Shape, Uniforms>,
+    uniforms: ShapeCache<(Shape, HeadSpan), Uniforms>,
     /// Coarse buffers of the forward, locked while a forward is recorded. Forwards recorded
     /// one after another may share them: each recording writes every coarse value it later
     /// reads, and the queue runs command buffers in submission order.
@@ -54,7 +55,7 @@ pub struct FmaAttention {
     /// Buffers of host tensors (locked before `buffers`, never after).
     host: Mutex<HostPool>,
     /// The backward's uniforms per (shape, steps recorded: with or without the weight passes).
-    backward_uniforms: ShapeCache<(Shape, usize), Uniforms>,
+    backward_uniforms: ShapeCache<(Shape, HeadSpan, usize), Uniforms>,
     /// The backward's scratch buffers, locked from recording to submit; backwards share them
     /// as forwards share `buffers`.
     backward_scratch: Mutex<BackwardScratch>,
@@ -130,13 +131,23 @@ impl FmaAttention {
 
     /// The plan a call with `shape` would execute (dispatches per level, buffer sizes).
     pub fn plan(&self, shape: Shape) -> Result<FmaPlan> {
-        self.check_variants(shape)?;
-        Ok(FmaPlan::new(shape, &self.cfg, &self.limits)?.with_storage(self.storage))
+        self.plan_in(shape, HeadSpan::whole(shape))
     }
 
-    /// The softmax variants against `shape`'s heads, and what the parameter block holds.
-    fn check_variants(&self, shape: Shape) -> Result<()> {
-        self.cfg.variants.validate(shape.heads, self.cfg.causal)?;
+    /// The plan of `shape` as the heads `span` of the caller's problem (a run of heads: the
+    /// variants are checked against the caller's heads, and each problem reads its head's
+    /// sink).
+    pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<FmaPlan> {
+        self.check_variants(span.heads)?;
+        Ok(FmaPlan::new(shape, &self.cfg, &self.limits)?
+            .with_storage(self.storage)
+            .in_span(span))
+    }
+
+    /// The softmax variants against the caller's `heads` query heads, and what the parameter
+    /// block holds.
+    fn check_variants(&self, heads: usize) -> Result<()> {
+        self.cfg.variants.validate(heads, self.cfg.causal)?;
         check_variants(&self.cfg.variants)
     }
 
@@ -197,7 +208,11 @@ impl FmaAttention {
             levels,
             ..Default::default()
         };
-        params.set_variants(&self.cfg.variants, s.heads, 0);
+        params.set_variants(
+            &self.cfg.variants,
+            plan.head_span.heads,
+            plan.head_span.first,
+        );
         if let Some(t) = &plan.sequences {
             // Every sequence's own work (shaders/shared/sequences.wgsl): the levels' rows
             // concatenated over the sequences of a head.
@@ -217,7 +232,7 @@ impl FmaAttention {
 
     /// The uniforms of `plan`'s shape (its parameters and the selectors of its steps).
     fn uniforms(&self, plan: &FmaPlan) -> Result<std::sync::Arc<Uniforms>> {
-        self.uniforms.get_or_make(plan.shape, || {
+        self.uniforms.get_or_make((plan.shape, plan.head_span), || {
             Uniforms::new(&self.ctx, &self.params(plan), &plan.steps())
         })
     }

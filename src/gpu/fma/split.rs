@@ -36,14 +36,20 @@ impl FmaAttention {
             check_copy_usage(t)?;
         }
         if !self.cfg.variants.is_plain() {
-            // A split head's chunks are not planned with the softmax variants (yet).
+            // A split head's chunks (and the head-at-a-time copies of resident tensors over a
+            // binding) are not planned with the softmax variants (yet): their parameter
+            // blocks are one head's of the head's own plan.
             return Err(FmaError::LimitExceeded {
-                what: format!("one head of {shape} with a softmax variant"),
-                requested: shape.seq as u64 * shape.head_dim as u64 * 4,
+                what: format!(
+                    "{shape} with a softmax variant (softcap, sinks, window), run a head at a \
+                     time through copies"
+                ),
+                requested: shape.elements() as u64 * 4,
                 max: self.limits.binding_bytes(),
                 unit: "bytes in one storage binding",
-                advice: "softcap, sinks and windows run on heads that fit one storage binding: \
-                         use shorter sequences"
+                advice: "the variants run on heads that fit one storage binding, from host \
+                         tensors (in runs of heads) or resident tensors that fit one binding: \
+                         pass host tensors, fewer heads or shorter sequences per call"
                     .into(),
             });
         }

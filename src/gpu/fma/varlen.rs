@@ -26,7 +26,7 @@ impl FmaAttention {
             let full_shape = full.shape(shape.heads, shape.kv_heads, shape.head_dim);
             return self.plan_sequences(full_shape, &full);
         }
-        self.check_variants(shape)?;
+        self.check_variants(shape.heads)?;
         FmaPlan::for_sequences(
             seqs,
             shape.heads,
