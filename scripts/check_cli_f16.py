@@ -15,7 +15,10 @@ the CLI), runs the GPU path with --storage f16 on both, and checks that
     f16-rounded inputs: the f32 path's kernel error (check_cli.py's 2e-5 scaled, stated per
     element as tests/gpu/forward.rs does) plus one f16 rounding of O, 2^-11 relative.
 A negative control shows the check can fail: dense O judged against the FMA reference.
-And `grad --storage f16` against the CLI's float64 --reference (see below).
+And `grad --storage f16` against the CLI's float64 --reference (see below), and
+`decode --storage f16` (FMA and --dense, a prefill and steps): float16 O from float16 and
+float32 inputs alike, within the same bound of the independent causal reference, and within
+1e-4 + (1e-4 + 2^-10) |x| of `run --causal --storage f16` (each rounds an f32 result once).
 Skips (exit 0) when the adapter has no SHADER_F16 (the CLI says so, exit 1).
 Prints one line per case and `N passed, M failed`; exits 1 if any failed.
 """
@@ -166,6 +169,51 @@ def main():
                 ok &= good
                 print(f"grad {name}: dtype {g.dtype}, scaled error {err:.2e} -> "
                       f"{'ok' if good else 'FAIL'}")
+            if ok:
+                npass += 1
+            else:
+                nfail += 1
+        # decode --storage f16 against the causal reference and run --causal --storage f16.
+        shape = (1, 2, 70, 16)
+        x32 = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+        x16 = [x.astype(np.float16) for x in x32]
+        for name, method in (("FMA", ["--block", "8", "--rank", "2"]), ("dense", ["--dense"])):
+            outs = []
+            for kind, xs in (("f32", x32), ("f16", x16)):
+                paths = []
+                for nm, arr in zip("qkv", xs):
+                    paths.append(tmp / f"d_{kind}_{nm}.npy")
+                    np.save(paths[-1], arr)
+                io = ["--q", str(paths[0]), "--k", str(paths[1]), "--v", str(paths[2])]
+                out = tmp / f"d_{kind}_o.npy"
+                args = ["decode"] + io + ["--out", str(out), "--storage", "f16",
+                                          "--prefill", "17", "--chunk", "5"] + method
+                proc = subprocess.run([str(binary)] + args, capture_output=True, text=True)
+                outs.append(np.load(out) if proc.returncode == 0 else None)
+                if proc.returncode:
+                    print(f"decode {name} ({kind} input): exit {proc.returncode}: "
+                          f"{proc.stderr.strip()}")
+            run_o = tmp / "d_run_o.npy"
+            proc = subprocess.run([str(binary), "run"] + io + ["--out", str(run_o), "--causal",
+                                  "--storage", "f16"] + method, capture_output=True, text=True)
+            if proc.returncode or any(o is None for o in outs):
+                print(f"decode {name}: run exit {proc.returncode} {proc.stderr.strip()}")
+                nfail += 1
+                continue
+            ran = np.load(run_o).astype(np.float64)
+            q, k, v = (x.astype(np.float64) for x in x16)
+            if name == "dense":
+                want, _ = ref.dense_attention(q, k, v, True)
+            else:
+                want, _ = ref.fma_forward(q, k, v, 8, 2, True)
+            n_bad, err = violations(outs[1], want)
+            same = outs[0].tobytes() == outs[1].tobytes()
+            near = bool(np.all(np.abs(outs[1] - ran) <= 1e-4 + (1e-4 + 2.0 ** -10) * np.abs(ran)))
+            ok = (n_bad == 0 and same and near and outs[1].dtype == np.float16
+                  and outs[1].shape == shape)
+            print(f"decode {name} {shape}: dtype {outs[1].dtype}, max |O - ref| {err:.2e}, "
+                  f"violations {n_bad}, f32 input == f16 input: {same}, near run: {near} -> "
+                  f"{'ok' if ok else 'FAIL'}")
             if ok:
                 npass += 1
             else:

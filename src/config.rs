@@ -2,6 +2,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::geometry::Grid;
+use crate::storage::Storage;
 use crate::variants::Variants;
 use crate::weights::LearnedWeights;
 
@@ -261,6 +262,11 @@ pub struct DecodeConfig {
     /// memory does not depend on `max_len`; both decode modes then run exact windowed
     /// attention over that ring.
     pub variants: Variants,
+    /// How the cache's keys and values (the ring, the history pages) and a step's Q, K, V and
+    /// O are stored (issue 29): [`Storage::F16`] halves their bytes on adapters with
+    /// `SHADER_F16`; the coarse slots (running sums of a window's tokens), the LSE and every
+    /// sum stay f32.
+    pub storage: Storage,
 }
 
 impl DecodeConfig {
@@ -284,7 +290,16 @@ impl DecodeConfig {
             max_chunk: 64,
             history: true,
             variants: Variants::default(),
+            storage: Storage::F32,
         }
+    }
+
+    /// Stores the cache and the step tensors as `storage` (see the field; f16 needs
+    /// `SHADER_F16` on the device, else [`crate::FmaError::MissingFeature`] from
+    /// [`crate::gpu::Decoder::new`]).
+    pub fn storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
     }
 
     /// Decodes with the softmax variants `variants` (softcap, sinks (heads,), a window with

@@ -65,7 +65,8 @@ pub struct DecodeLayout {
     pub max_chunk: usize,
     /// Near-field ring slots R per row.
     pub ring: usize,
-    /// f32 per row in the ring buffer: [K | V] (R, d), padded to a multiple of 64 (256 bytes).
+    /// Elements per row in the ring buffer: [K | V] (R, d), padded to 256 bytes (64 f32 or
+    /// 128 f16 elements: the ring is stored as [`DecodeLayout::storage`]).
     pub ring_stride: usize,
     /// Coarse levels kept: L(max_len).
     pub levels: usize,
@@ -89,6 +90,9 @@ pub struct DecodeLayout {
     pub window: Option<Window>,
     /// Which softmax variants the attention passes are specialised for.
     pub softmax: SoftmaxFlags,
+    /// The element type of the ring, the history pages and a step's Q, K, V, O
+    /// ([`DecodeConfig::storage`]); the coarse slots and the partials are f32 always.
+    pub storage: Storage,
 }
 
 fn padded(x: usize) -> usize {
@@ -136,8 +140,12 @@ impl DecodeLayout {
                 )
             }
         };
-        let ring_stride = padded(2 * ring * d);
-        // Sizes in f32 from here on.
+        // 256 bytes per row whatever the element (ranges of the ring are bound per group).
+        let ring_stride = match cfg.storage {
+            Storage::F32 => padded(2 * ring * d),
+            Storage::F16 => (2 * ring * d).div_ceil(2 * ROW_ALIGN) * (2 * ROW_ALIGN),
+        };
+        // Sizes in f32 from here on (f16 rows are counted as f32: they then fit with room).
         let cap = (limits.binding_bytes() / 4) as usize;
         let rows = cfg.batch * cfg.kv_heads;
         let qgroup = cfg.group();
@@ -208,6 +216,7 @@ impl DecodeLayout {
             partial_stride,
             window,
             softmax: SoftmaxFlags::of(&cfg.variants),
+            storage: cfg.storage,
         };
         Ok(layout)
     }
@@ -242,7 +251,13 @@ impl DecodeLayout {
     /// Bytes the FMA part of the cache takes (ring and coarse slots, every row): independent
     /// of the sequences' lengths.
     pub fn fma_bytes(&self) -> u64 {
-        (self.rows() * (self.ring_stride + self.coarse_stride)) as u64 * 4
+        self.rows() as u64 * (self.ring_bytes() + self.coarse_stride as u64 * 4)
+    }
+
+    /// Bytes of one row's ring (`ring_stride` elements of [`DecodeLayout::storage`]): a
+    /// multiple of 256.
+    pub fn ring_bytes(&self) -> u64 {
+        self.ring_stride as u64 * self.storage.bytes()
     }
 
     /// Bytes the history takes at `len` tokens per sequence (whole pages).
@@ -252,7 +267,7 @@ impl DecodeLayout {
             .iter()
             .map(|g| g.len() * self.page_tokens * self.head_dim)
             .sum();
-        (2 * self.pages_for(len) * per_page) as u64 * 4
+        (2 * self.pages_for(len) * per_page) as u64 * self.storage.bytes()
     }
 
     /// The specialisation of every decoding pass: the softmax variants are pipeline
@@ -264,7 +279,7 @@ impl DecodeLayout {
             d4: self.head_dim.div_ceil(4) as u32,
             grid: false,
             softmax: self.softmax,
-            storage: Storage::F32,
+            storage: self.storage,
         }
     }
 
@@ -415,6 +430,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// f16 storage: ring rows of 256-byte multiples holding [K | V], history pages of half
+    /// the bytes, the coarse slots (f32) unchanged, the same groups and pages.
+    #[test]
+    fn f16_storage_halves_the_ring_and_the_history() {
+        let limits = KernelLimits::with_binding(16 << 10);
+        let c = DecodeConfig::new(FmaConfig::new(32, 2), 2, 2, 16, 4096).max_chunk(3);
+        let f32 = DecodeLayout::new(&c, &limits).unwrap();
+        let f16 = DecodeLayout::new(&c.storage(Storage::F16), &limits).unwrap();
+        assert_eq!(f16.ring_bytes() % 256, 0);
+        assert!(f16.ring_stride >= 2 * f16.ring * 16);
+        assert!(f16.ring_bytes() <= f32.ring_bytes() / 2 + 256);
+        assert_eq!(f16.coarse_stride, f32.coarse_stride);
+        assert_eq!((f16.group, f16.page_tokens), (f32.group, f32.page_tokens));
+        assert_eq!(2 * f16.history_bytes(1000), f32.history_bytes(1000));
     }
 
     #[test]

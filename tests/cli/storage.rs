@@ -1,7 +1,9 @@
 //! `--storage f16|f32` (issue 29): `run` with f16 storage takes float16, float32 and float64
 //! inputs, writes O as float16 and matches the f64 reference on the f16-rounded inputs within
-//! the f16 tolerance (tests/gpu/f16.rs: 5e-5 + (5e-5 + 2^-11) |ref|); the typed errors of an
-//! adapter without SHADER_F16, of `--reference` and of the subcommands that do not take it yet.
+//! the f16 tolerance (tests/gpu/f16.rs: 5e-5 + (5e-5 + 2^-11) |ref|); `decode` with f16
+//! storage writes float16 rows within that bound of its f64 reference and next to
+//! `run --causal --storage f16`'s; the typed errors of an adapter without SHADER_F16 and of
+//! `--reference`.
 
 use crate::scratch::Scratch;
 use multipole_attn::random::normal_tensor;
@@ -174,13 +176,6 @@ fn f16_storage_errors_are_typed() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("f16"), "{}", stderr(&out));
-    // decode does not take it yet: bad input, saying what to use.
-    let mut args = run_args(&dir, "Q.npy", "K.npy", "V.npy", &["--storage", "f16"]);
-    args[0] = "decode".into();
-    args.extend(["--prefill".into(), "20".into()]);
-    let out = cli(&args, None);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("--storage f32"), "{}", stderr(&out));
     // An adapter without SHADER_F16 (wgpu's GL backend on llvmpipe has none): exit 1, naming
     // the feature and the way out.
     let out = cli(
@@ -200,6 +195,89 @@ fn f16_storage_errors_are_typed() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let e = stderr(&out);
     assert!(e.contains("SHADER_F16") && e.contains("f32"), "{e}");
+    // decode likewise.
+    let mut args = run_args(&dir, "Q.npy", "K.npy", "V.npy", &["--storage", "f16"]);
+    args[0] = "decode".into();
+    args.extend(["--prefill".into(), "20".into()]);
+    let out = cli(&args, Some("gl"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("SHADER_F16") && e.contains("f32"), "{e}");
+}
+
+/// `decode --storage f16` (FMA and --dense, a prefill and steps of 4 tokens): O written as
+/// float16, the same from float16 and float32 inputs, within the f16 bound of the f64
+/// reference on the rounded inputs (decode --reference), and within one f16 rounding of
+/// `run --causal --storage f16` (both round an f32 result once: 2^-10 |x| apart at most,
+/// plus the f32 paths' 5e-5 + 5e-5 |x| each).
+#[test]
+fn decode_with_f16_storage_matches_run_and_the_reference() {
+    let dir = Scratch::new("storage-f16-decode");
+    let shape = [1, 2, 45, 12];
+    let len: usize = shape.iter().product();
+    let names = ["Q", "K", "V"];
+    for (i, name) in names.iter().enumerate() {
+        let x = normal_tensor(900 + i as u64, len);
+        write_f32(&dir.path(&format!("{name}32.npy")), &shape, &x);
+        let r = round_to_f16(&x);
+        write_f16(&dir.path(&format!("{name}16.npy")), &shape, &r);
+        write_f32(&dir.path(&format!("{name}r.npy")), &shape, &r);
+    }
+    let steps = ["--prefill", "13", "--chunk", "4"];
+    for method in [&["--block", "8"][..], &["--dense"]] {
+        let mut outs = Vec::new();
+        for suffix in ["32", "16"] {
+            let [q, k, v] = names.map(|n| format!("{n}{suffix}.npy"));
+            let mut args = run_args(&dir, &q, &k, &v, method);
+            args[0] = "decode".into();
+            args.extend(steps.iter().map(|s| s.to_string()));
+            args.extend(["--storage".into(), "f16".into()]);
+            let out = cli(&args, None);
+            if no_adapter(&out) {
+                eprintln!("no usable GPU adapter: skipping");
+                return;
+            }
+            if out.status.code() == Some(1) && stderr(&out).contains("SHADER_F16") {
+                eprintln!("adapter without SHADER_F16: skipping");
+                return;
+            }
+            assert!(out.status.success(), "{method:?}: {}", stderr(&out));
+            let (got_shape, o) = read_f16(&dir.path("O.npy"));
+            assert_eq!(got_shape, shape);
+            outs.push(o);
+        }
+        assert_eq!(outs[0], outs[1], "{method:?}");
+        // run --causal --storage f16 on the same inputs.
+        let mut extra = method.to_vec();
+        extra.extend(["--causal", "--storage", "f16"]);
+        let out = cli(
+            &run_args(&dir, "Q16.npy", "K16.npy", "V16.npy", &extra),
+            None,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (_, ran) = read_f16(&dir.path("O.npy"));
+        // The f64 reference of the decoder on the rounded inputs.
+        let mut args = run_args(&dir, "Qr.npy", "Kr.npy", "Vr.npy", method);
+        args[0] = "decode".into();
+        args.extend(steps.iter().map(|s| s.to_string()));
+        args.push("--reference".into());
+        let out = cli(&args, None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let want: ArrayD<f64> = read_npy(dir.path("O.npy")).unwrap();
+        let rtol = 5e-5 + 1.0 / 2048.0;
+        let mut worst = 0.0f64;
+        for ((g, r), w) in outs[0].iter().zip(&ran).zip(want.iter()) {
+            let err = (*g as f64 - w).abs();
+            worst = worst.max(err);
+            assert!(err <= 5e-5 + rtol * w.abs(), "{method:?}: {g} vs {w}");
+            let (g, r) = (*g as f64, *r as f64);
+            assert!(
+                (g - r).abs() <= 1e-4 + (1e-4 + 1.0 / 1024.0) * r.abs(),
+                "{method:?}: decode {g} vs run {r}"
+            );
+        }
+        eprintln!("decode --storage f16 {method:?}: max |O - ref| {worst:.3e}");
+    }
 }
 
 #[test]

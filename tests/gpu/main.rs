@@ -20,6 +20,7 @@ mod dense_keys;
 mod depth_counts;
 mod errors;
 mod f16;
+mod f16_decode;
 mod forward;
 mod geometry;
 mod grid;

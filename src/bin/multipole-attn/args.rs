@@ -320,6 +320,10 @@ L + C keys and values per sequence and head (a ring; no coarse level, no history
 does not grow with the context; FMA and --dense then both run exact windowed attention, and FMA
 needs L <= m as `run` does (or --dense).
 
+--storage f16 (adapters with SHADER_F16): the cache's keys and values and each step's Q, K, V, O
+are f16 (inputs rounded), sums and softmax f32; O is written as float16 and equals
+`run --causal --storage f16` within its f16 bound. With --dense the head dimension must be even.
+
 Exit codes: 0 success, 2 bad input (P > n, C = 0, --queries coarse, weights missing a level
 the final length needs, --window with R > 0 or, for FMA, L > m, ...), 1 GPU or runtime failure.")]
 pub struct DecodeArgs {

@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::{DecodeArgs, QueriesArg, StorageArg};
+use crate::args::{DecodeArgs, QueriesArg};
 use crate::error::{CliError, CliResult};
-use crate::npy_io::{check_output_path, read_tensor, write_array};
+use crate::npy_io::{check_output_path, read_tensor, write_array, write_f16};
 use crate::run::{build_config, problem, problem_shape};
 use crate::tensor::fmt_shape;
 use multipole_attn::gpu::{DecodeMode, Decoder, GpuContext, Host};
 use multipole_attn::levels::num_levels;
-use multipole_attn::{cpu, DecodeConfig, Shape};
+use multipole_attn::{cpu, DecodeConfig, Shape, Storage};
 
 /// Rows [lo, lo + len) of each of the `heads` (batch, head) rows of `x` (n = `s.seq` rows
 /// each), as (batch, heads, len, d): Q's heads or K's and V's (fewer, grouped-query).
@@ -42,12 +42,6 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
     check_output_path(&run.out)?;
     if let Some(lse) = &run.lse {
         check_output_path(lse)?;
-    }
-    if run.storage == StorageArg::F16 {
-        return Err(CliError::Input(
-            "--storage f16 is not offered by decode yet (its cache is f32); use --storage f32"
-                .into(),
-        ));
     }
     if run.queries == QueriesArg::Coarse {
         return Err(CliError::Input(
@@ -106,7 +100,8 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
         .kv_heads(shape.kv_heads)
         .max_chunk(args.chunk.min(n.max(1)))
         .history(run.dense)
-        .variants(problem.variants.clone());
+        .variants(problem.variants.clone())
+        .storage(run.storage.storage());
     cfg.validate()?;
     if !run.dense {
         // FMA's window is its near field (L <= m), as for `run --causal`.
@@ -137,7 +132,11 @@ pub fn decode(args: &DecodeArgs) -> CliResult<()> {
         v.into_f32("V")?,
         shape,
     )?;
-    write_array(&run.out, &o_shape, o)?;
+    match cfg.storage {
+        // f16 storage: O holds f16 values; written as the float16 it is (as `run`).
+        Storage::F16 => write_f16(&run.out, &o_shape, &o)?,
+        Storage::F32 => write_array(&run.out, &o_shape, o)?,
+    }
     if let Some(path) = &run.lse {
         write_array(path, &lse_shape, lse)?;
     }
@@ -211,12 +210,12 @@ fn gpu(
             "cache: a window's ring, {fixed} bytes (fixed: no history, no coarse level); every \
              buffer of the decoder {} bytes; K and V themselves: {} bytes",
             dec.allocated_bytes()?,
-            2 * s.kv_elements() * 4
+            2 * s.kv_elements() as u64 * cfg.storage.bytes()
         );
     } else {
         outln!(
             "cache: FMA state {fixed} bytes (fixed), history {history} bytes; K and V themselves: {} bytes",
-            2 * s.kv_elements() * 4
+            2 * s.kv_elements() as u64 * cfg.storage.bytes()
         );
     }
     Ok((o, lse))

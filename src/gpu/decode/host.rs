@@ -3,18 +3,21 @@
 //! forward's rows, then the cache filled a binding-sized chunk at a time).
 
 use crate::error::{FmaError, Result};
+use crate::gpu::engine::buffers::{read_f32, storage};
 use crate::gpu::engine::front::check_host;
 use crate::gpu::engine::io::{sealed::Sealed, Host};
 use crate::gpu::engine::pipelines::poisoned;
-use crate::gpu::engine::tensors::{check_storage, Output, Scopes, Staged};
+use crate::gpu::engine::tensors::{check_storage, GpuTensors, Output, Scopes, Staged};
 use crate::shape::Shape;
+use crate::storage::{from_f16_bits, to_f16_bits, Storage};
 
 use super::record::{Io, Work};
 use super::{DecodeMode, Decoder};
 
 /// The tensors of one step already on the GPU: Q of shape (batch, heads, C, head_dim), K, V of
 /// (batch, kv_heads, C, head_dim), with `STORAGE` usage (K and V also `COPY_SRC` when the
-/// cache keeps its history), O of Q's shape and the LSE (batch, heads, C).
+/// cache keeps its history), O of Q's shape and the LSE (batch, heads, C). Q, K, V and O hold
+/// elements of [`crate::DecodeConfig::storage`] (f32, or f16: 2 bytes each); the LSE is f32.
 #[derive(Clone, Copy, Debug)]
 pub struct StepTensors<'a> {
     /// Queries of the new tokens.
@@ -85,6 +88,76 @@ impl<'a> StepIo<'a> for EncodeStep<'a> {
     fn out(_: Option<Output>) {}
 }
 
+/// `x` as the bytes of the cache's storage: f32 as it is, or rounded to f16 (a finite value
+/// beyond f16's range is a typed error naming `name`), padded to whole 4-byte words (queue
+/// writes and buffer copies move words).
+fn stored_bytes(storage: Storage, name: &str, x: &[f32]) -> Result<Vec<u8>> {
+    Ok(match storage {
+        Storage::F32 => bytemuck::cast_slice(x).to_vec(),
+        Storage::F16 => {
+            let mut bits = to_f16_bits(name, x)?;
+            bits.resize(bits.len().next_multiple_of(2), 0);
+            bytemuck::cast_slice(&bits).to_vec()
+        }
+    })
+}
+
+/// Bytes of `elements` elements of `storage`, rounded up to whole 4-byte words.
+fn words_bytes(storage: Storage, elements: usize) -> u64 {
+    (elements as u64 * storage.bytes()).next_multiple_of(4)
+}
+
+/// Where a host step's O and LSE are read back from: the f32 path's staging, or the f16 one.
+enum Readback {
+    F32(Staged),
+    F16(HalfStaged),
+}
+
+/// A staging buffer that receives an f16 O (rounded up to whole words) and the f32 LSE of a
+/// host step in the step's submit (the f32 path's `Staged`, for f16 elements).
+struct HalfStaged {
+    buffer: wgpu::Buffer,
+    o_elements: usize,
+    o_bytes: u64,
+    lse_bytes: u64,
+}
+
+impl HalfStaged {
+    fn new(device: &wgpu::Device, shape: Shape) -> Self {
+        let o_bytes = words_bytes(Storage::F16, shape.elements());
+        let lse_bytes = shape.rows() as u64 * 4;
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("decode f16 readback"),
+            size: (o_bytes + lse_bytes).max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Self {
+            buffer,
+            o_elements: shape.elements(),
+            o_bytes,
+            lse_bytes,
+        }
+    }
+
+    fn record(&self, enc: &mut wgpu::CommandEncoder, out: &wgpu::Buffer, lse: &wgpu::Buffer) {
+        enc.copy_buffer_to_buffer(out, 0, &self.buffer, 0, self.o_bytes);
+        enc.copy_buffer_to_buffer(lse, 0, &self.buffer, self.o_bytes, self.lse_bytes);
+    }
+
+    async fn read(self, ctx: &crate::gpu::engine::context::GpuContext) -> Result<Output> {
+        let all = read_f32(&ctx.device, &self.buffer, self.o_bytes + self.lse_bytes).await;
+        ctx.check_alive()?;
+        let mut all = all?;
+        let lse = all.split_off((self.o_bytes / 4) as usize);
+        let bits: &[u16] = bytemuck::cast_slice(&all);
+        Ok(Output {
+            o: from_f16_bits(&bits[..self.o_elements]),
+            lse: Some(lse),
+        })
+    }
+}
+
 impl Decoder {
     fn step_shape(&self, chunk: usize) -> Shape {
         Shape::new(self.cfg.batch, self.cfg.heads, chunk, self.cfg.head_dim)
@@ -133,8 +206,9 @@ impl Decoder {
         let chunk = self.chunk_of(q.len())?;
         let shape = self.step_shape(chunk);
         check_host(shape, q, k, v)?;
-        let bytes = shape.elements() as u64 * 4;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+        let storage = self.cfg.storage;
+        let bytes = words_bytes(storage, shape.elements());
+        let kv_bytes = words_bytes(storage, shape.kv_elements());
         let cap = self.limits.binding_bytes();
         if bytes > cap {
             return Err(FmaError::LimitExceeded {
@@ -145,8 +219,17 @@ impl Decoder {
                 advice: "append fewer tokens per step, or fewer sequences".into(),
             });
         }
+        // Rounded before anything is recorded: a value beyond f16's range is a typed error.
+        let (q, k, v) = (
+            stored_bytes(storage, "Q", q)?,
+            stored_bytes(storage, "K", k)?,
+            stored_bytes(storage, "V", v)?,
+        );
         let pipes = self.pipes().await?;
-        let staged = Staged::new(&self.ctx.device, shape, true);
+        let staged = match storage {
+            Storage::F32 => Readback::F32(Staged::new(&self.ctx.device, shape, true)),
+            Storage::F16 => Readback::F16(HalfStaged::new(&self.ctx.device, shape)),
+        };
         let scopes = Scopes::push(&self.ctx)?;
         {
             let mut st = self.state.lock().map_err(poisoned)?;
@@ -161,9 +244,9 @@ impl Decoder {
                 bo.at_least(dev, bytes, cap).clone(),
                 bl.at_least(dev, shape.rows() as u64 * 4, cap).clone(),
             );
-            self.ctx.queue.write_buffer(&bq, 0, bytemuck::cast_slice(q));
-            self.ctx.queue.write_buffer(&bk, 0, bytemuck::cast_slice(k));
-            self.ctx.queue.write_buffer(&bv, 0, bytemuck::cast_slice(v));
+            self.ctx.queue.write_buffer(&bq, 0, &q);
+            self.ctx.queue.write_buffer(&bk, 0, &k);
+            self.ctx.queue.write_buffer(&bv, 0, &v);
             let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("decode step"),
             });
@@ -179,11 +262,17 @@ impl Decoder {
                 seqs: 0..self.cfg.batch,
             };
             self.record(&mut enc, &mut st, &pipes, &io, Work::Attend(mode, 0))?;
-            staged.record(&mut enc, &bo, &bl);
+            match &staged {
+                Readback::F32(s) => s.record(&mut enc, &bo, &bl),
+                Readback::F16(s) => s.record(&mut enc, &bo, &bl),
+            }
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "a decoding step").await?;
-        staged.read(&self.ctx).await
+        match staged {
+            Readback::F32(s) => s.read(&self.ctx).await,
+            Readback::F16(s) => s.read(&self.ctx).await,
+        }
     }
 
     /// A step of tensors already on the GPU recorded into the caller's encoder (C is not
@@ -199,8 +288,9 @@ impl Decoder {
     ) -> Result<()> {
         self.ctx.check_alive()?;
         let shape = self.step_shape(chunk.max(1));
-        let bytes = shape.elements() as u64 * 4;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+        let eb = self.cfg.storage.bytes();
+        let bytes = shape.elements() as u64 * eb;
+        let kv_bytes = shape.kv_elements() as u64 * eb;
         for (name, buf, need) in [
             ("Q", t.q, bytes),
             ("K", t.k, kv_bytes),
@@ -259,7 +349,7 @@ impl Decoder {
             }
             if len > 0 {
                 let rows = (e - b) * h;
-                let per_token = (rows * d) as u64 * 4;
+                let per_token = words_bytes(self.cfg.storage, rows * d);
                 let chunk = ((cap / per_token) as usize).clamp(1, len);
                 let mut off = self.skip_to_ring(b..e, len)?;
                 while off < len {
@@ -324,7 +414,12 @@ impl Decoder {
         seqs: std::ops::Range<usize>,
     ) -> Result<()> {
         let cap = self.limits.binding_bytes();
-        let bytes = k.len() as u64 * 4;
+        let storage = self.cfg.storage;
+        let bytes = words_bytes(storage, k.len());
+        let (k, v) = (
+            stored_bytes(storage, "K", k)?,
+            stored_bytes(storage, "V", v)?,
+        );
         let pipes = self.pipes().await?;
         let scopes = Scopes::push(&self.ctx)?;
         {
@@ -335,8 +430,8 @@ impl Decoder {
                 bk.at_least(dev, bytes, cap).clone(),
                 bv.at_least(dev, bytes, cap).clone(),
             );
-            self.ctx.queue.write_buffer(&bk, 0, bytemuck::cast_slice(k));
-            self.ctx.queue.write_buffer(&bv, 0, bytemuck::cast_slice(v));
+            self.ctx.queue.write_buffer(&bk, 0, &k);
+            self.ctx.queue.write_buffer(&bv, 0, &v);
             let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("decode prefill"),
             });
@@ -450,9 +545,12 @@ impl Decoder {
             };
             let shape = Shape::new(1, h, len, d).with_kv_heads(hk);
             let (qs, ks, vs) = (slice(q, h), slice(k, hk), slice(v, hk));
-            let out = match mode {
-                DecodeMode::Fma => self.fma.forward_async(&qs, &ks, &vs, shape, true).await?,
-                DecodeMode::Dense => self.dense.forward_async(&qs, &ks, &vs, shape, true).await?,
+            let out = match (self.cfg.storage, mode) {
+                (Storage::F16, _) => self.prefill_half(&qs, &ks, &vs, shape, mode).await?,
+                (_, DecodeMode::Fma) => self.fma.forward_async(&qs, &ks, &vs, shape, true).await?,
+                (_, DecodeMode::Dense) => {
+                    self.dense.forward_async(&qs, &ks, &vs, shape, true).await?
+                }
             };
             let out_lse = out.lse.unwrap_or_default();
             for r in 0..h {
@@ -464,6 +562,61 @@ impl Decoder {
         }
         self.extend_async(k, v, lengths).await?;
         Ok(Output { o, lse: Some(lse) })
+    }
+
+    /// The causal forward of one sequence's prompt under f16 storage: the executors' f16 path
+    /// is their resident one (their host calls upload f32), so Q, K, V are rounded into f16
+    /// buffers here, the forward runs on them, and O (f16, widened) and the LSE are read back.
+    async fn prefill_half(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: Shape,
+        mode: DecodeMode,
+    ) -> Result<Output> {
+        let dev = &self.ctx.device;
+        let (q, k, v) = (
+            stored_bytes(Storage::F16, "Q", q)?,
+            stored_bytes(Storage::F16, "K", k)?,
+            stored_bytes(Storage::F16, "V", v)?,
+        );
+        let input = |label: &str, bytes: &[u8]| {
+            let b = storage(dev, label, bytes.len() as u64, wgpu::BufferUsages::COPY_DST);
+            self.ctx.queue.write_buffer(&b, 0, bytes);
+            b
+        };
+        let (bq, bk, bv) = (
+            input("prefill q", &q),
+            input("prefill k", &k),
+            input("prefill v", &v),
+        );
+        let out_usage = wgpu::BufferUsages::COPY_SRC;
+        let bo = storage(
+            dev,
+            "prefill o",
+            words_bytes(Storage::F16, shape.elements()),
+            out_usage,
+        );
+        let bl = storage(dev, "prefill lse", shape.rows() as u64 * 4, out_usage);
+        let t = GpuTensors {
+            q: &bq,
+            k: &bk,
+            v: &bv,
+            out: &bo,
+            lse: Some(&bl),
+        };
+        match mode {
+            DecodeMode::Fma => self.fma.forward_buffers_async(t, shape).await?,
+            DecodeMode::Dense => self.dense.forward_buffers_async(t, shape).await?,
+        }
+        let staged = HalfStaged::new(dev, shape);
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("decode prefill readback"),
+        });
+        staged.record(&mut enc, &bo, &bl);
+        self.ctx.queue.submit([enc.finish()]);
+        staged.read(&self.ctx).await
     }
 
     /// Blocking [`Decoder::prefill_async`] (native only).

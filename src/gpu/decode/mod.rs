@@ -18,9 +18,11 @@ use crate::gpu::engine::cache::ShapeCache;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::check_variants;
 use crate::gpu::engine::record::Pipes;
+use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::weights::WeightBuffers;
 use crate::gpu::fma::FmaAttention;
 use crate::plan::{DecodeLayout, KernelLimits};
+use crate::storage::Storage;
 
 pub use host::{EncodeStep, StepIo, StepTensors};
 use record::{RecordKey, Uniforms};
@@ -61,6 +63,13 @@ pub enum DecodeMode {
 /// errors: R > 0, sinks not of shape (heads,) or beyond 128 heads, and in FMA mode a window
 /// wider than the block (L > m with m < max_len: FMA's window is its near field, as in the
 /// forward).
+///
+/// f16 storage ([`DecodeConfig::storage`], issue 29; needs `SHADER_F16`): the ring, the
+/// history pages and the step tensors hold f16 elements (2 bytes), so Q, K, V of a step on the
+/// GPU ([`StepTensors`]) are f16 buffers and O is written as f16; host tensors are rounded on
+/// upload and O comes back widened to f32. The coarse slots, the dense decode's partials, the
+/// LSE and every sum stay f32, so a step computes what the f32 decoder computes on the
+/// rounded inputs (the prefill runs the f16 causal forward).
 pub struct Decoder {
     ctx: GpuContext,
     cfg: DecodeConfig,
@@ -90,12 +99,24 @@ impl Decoder {
 
     fn with_limits(ctx: &GpuContext, mut cfg: DecodeConfig, limits: KernelLimits) -> Result<Self> {
         ctx.check_alive()?;
+        check_device_storage(ctx, cfg.storage)?;
         cfg.fma = cfg
             .fma
             .clone()
             .causal(true)
             .queries(crate::config::Queries::Fine);
         let layout = DecodeLayout::new(&cfg, &limits)?;
+        // The history is filled by buffer copies, whose offsets and sizes are whole 4-byte
+        // words: with f16 rows of an odd width a token would start mid-word.
+        if cfg.storage == Storage::F16 && layout.page_tokens > 0 && cfg.head_dim % 2 == 1 {
+            return Err(FmaError::InvalidConfig {
+                what: "head_dim of an f16 decoding cache with history",
+                value: cfg.head_dim.to_string(),
+                allowed: "an even head_dim (or DecodeConfig::history(false), a window, or \
+                          f32 storage)"
+                    .into(),
+            });
+        }
         layout.check_weights(&cfg.fma.downsample)?;
         cfg.fma.validate_values()?;
         check_variants(&cfg.variants)?;
@@ -103,10 +124,13 @@ impl Decoder {
         // the FMA mode is used: `DecodeConfig::check_fma_window`).
         let fma_cfg: FmaConfig = cfg.fma.clone().variants(cfg.variants.clone());
         let weights = WeightBuffers::new(ctx, &fma_cfg, &limits)?;
-        let fma = FmaAttention::new(ctx, fma_cfg)?.max_binding(limits.max_binding);
+        let fma = FmaAttention::new(ctx, fma_cfg)?
+            .max_binding(limits.max_binding)
+            .with_storage(cfg.storage)?;
         let dense = DenseAttention::new(ctx, true)?
             .with_variants(cfg.variants.clone())
-            .max_binding(limits.max_binding);
+            .max_binding(limits.max_binding)
+            .with_storage(cfg.storage)?;
         let state = State::new(ctx, &layout)?;
         Ok(Self {
             ctx: ctx.clone(),

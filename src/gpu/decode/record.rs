@@ -160,16 +160,19 @@ impl Decoder {
         if l.page_tokens > 0 {
             st.grow_pages(&self.ctx.device, longest);
             let t_page = l.page_tokens;
+            // Element bytes of K, V and the pages (f16: d is even, so every copy is whole
+            // 4-byte words; `Decoder::new` checks it).
+            let eb = l.storage.bytes();
             for bh in rows.clone() {
                 let (g, local) = (bh / l.group, bh % l.group);
                 let mut t = st.lens[bh / h];
                 let end = t + io.chunk;
-                let mut src = (((bh - in_row0) * io.in_rows + io.in_offset) * d) as u64 * 4;
+                let mut src = (((bh - in_row0) * io.in_rows + io.in_offset) * d) as u64 * eb;
                 while t < end {
                     let run = (end - t).min(t_page - t % t_page);
                     let page = &st.pages[g][t / t_page];
-                    let dst = ((local * t_page + t % t_page) * d) as u64 * 4;
-                    let bytes = (run * d) as u64 * 4;
+                    let dst = ((local * t_page + t % t_page) * d) as u64 * eb;
+                    let bytes = (run * d) as u64 * eb;
                     enc.copy_buffer_to_buffer(io.k, src, &page.k, dst, bytes);
                     enc.copy_buffer_to_buffer(io.v, src, &page.v, dst, bytes);
                     src += bytes;
@@ -188,7 +191,7 @@ impl Decoder {
             timestamp_writes: None,
         });
         for ((g, range), u) in groups.iter().zip(&made) {
-            let ring = l.ring_stride as u64 * 4;
+            let ring = l.ring_bytes();
             let coarse = l.coarse_stride as u64 * 4;
             let n = range.len() as u64;
             let mut res = Resources::default()

@@ -8,7 +8,8 @@ use crate::gpu::engine::cache::Growing;
 use crate::gpu::engine::context::GpuContext;
 use crate::plan::DecodeLayout;
 
-/// Keys and values of one history page of one group, (rows, T, d) each.
+/// Keys and values of one history page of one group, (rows, T, d) each, of the layout's
+/// storage.
 pub(super) struct Page {
     pub k: wgpu::Buffer,
     pub v: wgpu::Buffer,
@@ -19,7 +20,7 @@ pub(super) struct State {
     pub lens: Vec<usize>,
     /// (batch) u32.
     pub lens_gpu: wgpu::Buffer,
-    /// (rows, ring_stride) f32.
+    /// (rows, ring_stride) of the layout's storage (f32 or f16).
     pub ring: wgpu::Buffer,
     /// (rows, coarse_stride) f32.
     pub coarse: wgpu::Buffer,
@@ -48,12 +49,7 @@ impl State {
         Ok(Self {
             lens: vec![0; layout.batch],
             lens_gpu,
-            ring: storage(
-                dev,
-                "decode ring",
-                rows * layout.ring_stride as u64 * 4,
-                copy,
-            ),
+            ring: storage(dev, "decode ring", rows * layout.ring_bytes(), copy),
             coarse: storage(
                 dev,
                 "decode coarse slots",
@@ -78,7 +74,7 @@ impl State {
         let l = &self.layout;
         let want = l.pages_for(len);
         for (g, rows) in l.groups().iter().enumerate() {
-            let bytes = (rows.len() * l.page_tokens * l.head_dim) as u64 * 4;
+            let bytes = (rows.len() * l.page_tokens * l.head_dim) as u64 * l.storage.bytes();
             while self.pages[g].len() < want {
                 let label = "decode history";
                 self.pages[g].push(Page {

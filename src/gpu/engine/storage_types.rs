@@ -35,9 +35,11 @@ pub(crate) fn check_device_storage(ctx: &GpuContext, storage: Storage) -> Result
 }
 
 /// The roles stored as f16 under [`crate::Storage::F16`]: the caller's tensors and their
-/// gradients. Internal rows (coarse keys, values, queries, partial outputs, LSE, statistics)
-/// stay f32.
-const F16_ROLES: [Role; 8] = [
+/// gradients, and the decoding cache's copies of K and V (its ring and history pages: tokens
+/// as they came, each rounded once). Internal rows (coarse keys, values, queries, the
+/// decoder's coarse slots, which hold running sums, partial outputs, LSE, statistics) stay
+/// f32.
+const F16_ROLES: [Role; 11] = [
     Role::Q,
     Role::K,
     Role::V,
@@ -46,6 +48,9 @@ const F16_ROLES: [Role; 8] = [
     Role::DQ,
     Role::DK,
     Role::DV,
+    Role::Ring,
+    Role::PageK,
+    Role::PageV,
 ];
 
 /// The error of f16 tensors that would take a split path (a run of heads, or a head in chunks,
