@@ -21,6 +21,7 @@ use super::backward::{
     WEIGHT_CHUNK_WINDOWS,
 };
 use super::dense::DensePlan;
+use super::dense_tiled::tiled_threads;
 use super::dispatch::Dispatch;
 use super::forward::{FmaPlan, POOL_TAPS};
 use super::pass::Pass;
@@ -588,11 +589,20 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
     }
 }
 
+/// Invocations per workgroup of `d`: its specialisation's `wg`, except the tiled dense kernel,
+/// whose `wg` is its block of query rows and whose workgroup holds 16 lanes per 4 rows.
+fn invocations(d: &Dispatch) -> u32 {
+    match d.pass {
+        Pass::DenseTiled => tiled_threads(d.spec.wg),
+        _ => d.spec.wg,
+    }
+}
+
 pub(super) fn with_depth(model: &DepthModel, d: Dispatch) -> DispatchDepth {
     let depth = dispatch_depth(model, &d);
     DispatchDepth {
         dispatch: d,
-        invocations: d.spec.wg,
+        invocations: invocations(&d),
         serial_rows: depth.serial_rows,
         rows: depth.rows,
     }
@@ -626,7 +636,7 @@ pub fn dense_depths(plan: &DensePlan) -> Vec<DispatchDepth> {
             let depth = dense_attention(&d, (hi - lo) as u64);
             DispatchDepth {
                 dispatch: d,
-                invocations: d.spec.wg,
+                invocations: invocations(&d),
                 serial_rows: depth.serial_rows,
                 rows: depth.rows,
             }
@@ -634,7 +644,7 @@ pub fn dense_depths(plan: &DensePlan) -> Vec<DispatchDepth> {
         .collect();
     all.extend(plan.pad.map(|d| DispatchDepth {
         dispatch: d,
-        invocations: d.spec.wg,
+        invocations: invocations(&d),
         serial_rows: 0,
         rows: 0,
     }));
@@ -882,6 +892,18 @@ mod tests {
                 most.rows
             );
         }
+    }
+
+    #[test]
+    fn the_tiled_dense_kernel_counts_its_lanes() {
+        use crate::plan::DenseKernel;
+        let shape = Shape::new(1, 2, 4096, 64);
+        let limits = KernelLimits::discrete_gpu();
+        let plan = DensePlan::with_kernel(shape, &limits, DenseKernel::Tiled).unwrap();
+        assert_eq!(plan.attention.pass, Pass::DenseTiled);
+        let all = dense_depths(&plan);
+        assert_eq!(all[0].invocations, tiled_threads(plan.attention.spec.wg));
+        assert!(all[0].invocations > plan.attention.spec.wg);
     }
 
     #[test]

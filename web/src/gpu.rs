@@ -64,7 +64,8 @@ impl Gpu {
     }
 
     /// Coarse levels and dispatches FMA would run for `options` (one submit):
-    /// `{ levels, dispatches }`.
+    /// `{ levels, dispatches }` (no level where a window runs it on dense attention's banded
+    /// kernel).
     #[wasm_bindgen(unchecked_return_type = "Plan")]
     pub fn plan(
         &self,
@@ -72,14 +73,22 @@ impl Gpu {
     ) -> Result<JsValue, JsError> {
         let opts = Options::from_js(options)?;
         let method = Method::Fma(opts.config()?);
-        let Plan::Fma(plan) = self.attention(method)?.plan(&opts.problem()?)? else {
-            return Err(JsError::new(
-                "internal error: FMA planned as another method",
-            ));
-        };
-        let summary = PlanSummary {
-            levels: plan.levels.count(),
-            dispatches: plan.steps().len(),
+        let summary = match self.attention(method)?.plan(&opts.problem()?)? {
+            Plan::Fma(plan) => PlanSummary {
+                levels: plan.levels.count(),
+                dispatches: plan.steps().len(),
+            },
+            // FMA with a sliding window is exact windowed attention and runs on dense
+            // attention's banded kernel: no coarse level (docs/variants.md).
+            Plan::Dense(plan) => PlanSummary {
+                levels: 0,
+                dispatches: plan.steps().len(),
+            },
+            _ => {
+                return Err(JsError::new(
+                    "internal error: a forward planned as a backward",
+                ))
+            }
         };
         serde_wasm_bindgen::to_value(&summary).map_err(|e| JsError::new(&e.to_string()))
     }

@@ -5,7 +5,9 @@
 use crate::args::{DownsampleArg, QueriesArg};
 use crate::error::CliResult;
 use clap::Args;
-use multipole_attn::plan::{dense_depths, fma_depths, DensePlan, DispatchDepth, KernelLimits};
+use multipole_attn::plan::{
+    dense_depths, fma_depths, DenseKernel, DensePlan, DispatchDepth, KernelLimits,
+};
 use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Problem, Queries, Shape};
 use serde::Serialize;
 
@@ -42,7 +44,7 @@ pub struct PlanArgs {
     /// The forward's dispatches, then the backward's.
     #[arg(long)]
     pub backward: bool,
-    /// Exact dense attention instead of FMA.
+    /// Exact dense attention instead of FMA (the tiled kernel a GPU runs).
     #[arg(long, conflicts_with_all = ["backward", "queries", "downsample"])]
     pub dense: bool,
     /// Bytes per storage binding, in MiB [default: 2048, a discrete GPU's].
@@ -91,7 +93,8 @@ pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
     let shape = Shape::new(a.batch, a.heads, a.n, a.head_dim);
     let limits = limits(a);
     if a.dense {
-        let plan = DensePlan::new(shape, &limits)?;
+        // The kernel a GPU runs (`DenseKernel::for_device`), as the default limits are a GPU's.
+        let plan = DensePlan::with_kernel(shape, &limits, DenseKernel::Tiled)?;
         return Ok(dense_depths(&plan));
     }
     let mut cfg = FmaConfig::new(a.block, a.rank);
