@@ -15,7 +15,7 @@
 //! (over its rows) added in run order, in f32: rounding from the unsplit sum.
 
 use crate::error::Result;
-use crate::gpu::engine::front::{add_or_copy, head_chunks, kv_heads_of, one_head_over_binding};
+use crate::gpu::engine::front::{head_chunks, one_head_over_binding, runs_of_heads, RunGradients};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::Gradients;
 use crate::shape::Shape;
@@ -39,31 +39,18 @@ impl DenseAttention {
         let whole = HeadSpan::whole(shape);
         let runs = head_chunks(shape, |s| self.backward_plan_in(s, whole).map(drop))
             .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?;
-        let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
-        let mut o = Vec::with_capacity(shape.elements());
-        let mut lse = Vec::with_capacity(shape.rows());
-        let mut kept = Vec::with_capacity(runs.len());
-        for (first, count) in runs {
-            let (kv_first, kv_count) = kv_heads_of(shape, (first, count));
-            let qr = first * per_q..(first + count) * per_q;
-            let kvr = kv_first * per_kv..(kv_first + kv_count) * per_kv;
-            let (out, saved) = self
-                .forward_train_whole(
-                    (&q[qr], &k[kvr.clone()], &v[kvr]),
-                    (shape.with_heads(count), HeadSpan::run(shape, first)),
-                    None,
-                )
-                .await?;
-            o.extend_from_slice(&out.o);
-            lse.extend(out.lse.into_iter().flatten());
-            kept.push(DenseRun {
+        let train = |q, k, v, s, span| self.forward_train_whole((q, k, v), (s, span), None);
+        let (out, runs) = runs_of_heads(shape, &runs, (q, k, v), true, train).await?;
+        let kept = runs
+            .into_iter()
+            .map(|((first, count), saved)| DenseRun {
                 first,
                 count,
                 saved,
-            });
-        }
+            })
+            .collect();
         let saved = DenseSaved::runs(shape, self.id, kept);
-        Ok((Output { o, lse: Some(lse) }, saved))
+        Ok((out, saved))
     }
 
     /// The backward of host dO ((batch, heads, seq, head_dim)) over the runs of a
@@ -76,40 +63,15 @@ impl DenseAttention {
         runs: &[DenseRun],
         dout: &[f32],
     ) -> Result<Gradients<f32>> {
-        let (per_q, per_kv) = (shape.seq * shape.head_dim, shape.seq_kv * shape.head_dim);
-        let mut dq = Vec::with_capacity(shape.elements());
-        let mut dk = vec![0.0f32; shape.kv_elements()];
-        let mut dv = vec![0.0f32; shape.kv_elements()];
-        // K/V heads already written by an earlier run (a group split into single heads).
-        let mut seen = vec![false; shape.batch * shape.kv_heads];
-        // dS of the sinks: each run's (of its own rows, read as its heads' by its span)
-        // added in run order, which is head order.
-        let mut dsinks: Option<Vec<f32>> = None;
+        let per_q = shape.seq * shape.head_dim;
+        let mut sum = RunGradients::new(shape);
         for run in runs {
             let r = run.first * per_q..(run.first + run.count) * per_q;
-            let g = self.backward_whole(&run.saved, &dout[r]).await?;
-            dq.extend_from_slice(&g.dq);
-            dsinks = match (dsinks, g.dsinks) {
-                (Some(mut sum), Some(run)) => {
-                    add_or_copy(&mut sum, &run, true);
-                    Some(sum)
-                }
-                (sum, run) => sum.or(run),
-            };
-            let (kv_first, kv_count) = kv_heads_of(shape, (run.first, run.count));
-            for (i, h) in (kv_first..kv_first + kv_count).enumerate() {
-                let (src, dst) = (i * per_kv..(i + 1) * per_kv, h * per_kv..(h + 1) * per_kv);
-                add_or_copy(&mut dk[dst.clone()], &g.dk[src.clone()], seen[h]);
-                add_or_copy(&mut dv[dst], &g.dv[src], seen[h]);
-                seen[h] = true;
-            }
+            sum.add(
+                (run.first, run.count),
+                self.backward_whole(&run.saved, &dout[r]).await?,
+            );
         }
-        Ok(Gradients {
-            dq,
-            dk,
-            dv,
-            weights: None,
-            dsinks,
-        })
+        Ok(sum.finish())
     }
 }

@@ -10,6 +10,7 @@ use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
+use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
 use crate::variants::HeadSpan;
 
@@ -114,41 +115,122 @@ pub(crate) fn add_or_copy(dst: &mut [f32], src: &[f32], add: bool) {
     }
 }
 
-/// Runs `run` on each run of heads of [`head_chunks`] and concatenates the outputs (heads are
-/// independent, so the result is the one an unsplit run would give). Each run is told which
-/// of the caller's heads it holds ([`HeadSpan::run`]: the sinks are per head).
-async fn forward_in_chunks<'a, F, Fut>(
+/// Runs `run` on each run of heads of `chunks` ([`head_chunks`]) and concatenates the outputs
+/// (heads are independent, so the result is the one an unsplit run would give), keeping what
+/// each run returns beside its output (a training run's saved forward) with its `(first,
+/// count)`. Each run is told which of the caller's heads it holds ([`HeadSpan::run`]: the
+/// sinks are per head).
+#[allow(clippy::type_complexity)]
+pub(crate) async fn runs_of_heads<'a, T, F, Fut>(
     shape: Shape,
     chunks: &[(usize, usize)],
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
     want_lse: bool,
     run: F,
-) -> Result<Output>
+) -> Result<(Output, Vec<((usize, usize), T)>)>
 where
     F: Fn(&'a [f32], &'a [f32], &'a [f32], Shape, HeadSpan) -> Fut,
-    Fut: std::future::Future<Output = Result<Output>>,
+    Fut: std::future::Future<Output = Result<(Output, T)>>,
 {
     let per_head = shape.seq * shape.head_dim;
     let per_kv_head = shape.seq_kv * shape.head_dim;
     let mut o = Vec::with_capacity(shape.elements());
     let mut lse = Vec::with_capacity(if want_lse { shape.rows() } else { 0 });
+    let mut kept = Vec::with_capacity(chunks.len());
     for &(first, count) in chunks {
         let r = first * per_head..(first + count) * per_head;
         let (kv_first, kv_count) = kv_heads_of(shape, (first, count));
         let kv = kv_first * per_kv_head..(kv_first + kv_count) * per_kv_head;
         let span = HeadSpan::run(shape, first);
-        let part = run(&q[r], &k[kv.clone()], &v[kv], shape.with_heads(count), span).await?;
+        let (part, t) = run(&q[r], &k[kv.clone()], &v[kv], shape.with_heads(count), span).await?;
         o.extend_from_slice(&part.o);
         if let Some(l) = part.lse {
             lse.extend_from_slice(&l);
         }
+        kept.push(((first, count), t));
     }
-    Ok(Output {
+    let out = Output {
         o,
         lse: want_lse.then_some(lse),
-    })
+    };
+    Ok((out, kept))
+}
+
+/// The gradients of the training runs of heads put together in head order
+/// (`fma/backward_runs.rs`, `dense/backward_runs.rs`): dQ concatenated; each K/V head's dK and
+/// dV copied from the run that holds its group, or added in head order over the runs of a
+/// group split into single heads; the sinks' and the learned weights' gradients (sums over
+/// heads) added in run order, in f32: the same bits run to run.
+pub(crate) struct RunGradients {
+    shape: Shape,
+    sum: Gradients<f32>,
+    /// K/V heads already written by an earlier run (a group split into single heads).
+    seen: Vec<bool>,
+}
+
+impl RunGradients {
+    /// No run yet, for a forward of `shape`.
+    pub(crate) fn new(shape: Shape) -> Self {
+        Self {
+            shape,
+            sum: Gradients {
+                dq: Vec::with_capacity(shape.elements()),
+                dk: vec![0.0; shape.kv_elements()],
+                dv: vec![0.0; shape.kv_elements()],
+                weights: None,
+                dsinks: None,
+            },
+            seen: vec![false; shape.batch * shape.kv_heads],
+        }
+    }
+
+    /// Adds the gradients `g` of the run of query heads `(first, count)`; runs come in head
+    /// order.
+    pub(crate) fn add(&mut self, (first, count): (usize, usize), g: Gradients<f32>) {
+        let per_kv = self.shape.seq_kv * self.shape.head_dim;
+        let sum = &mut self.sum;
+        sum.dq.extend_from_slice(&g.dq);
+        let (kv_first, kv_count) = kv_heads_of(self.shape, (first, count));
+        for (i, h) in (kv_first..kv_first + kv_count).enumerate() {
+            let (src, dst) = (i * per_kv..(i + 1) * per_kv, h * per_kv..(h + 1) * per_kv);
+            add_or_copy(&mut sum.dk[dst.clone()], &g.dk[src.clone()], self.seen[h]);
+            add_or_copy(&mut sum.dv[dst], &g.dv[src], self.seen[h]);
+            self.seen[h] = true;
+        }
+        match (&mut sum.dsinks, g.dsinks) {
+            (Some(total), Some(run)) => add_or_copy(total, &run, true),
+            (total @ None, run) => *total = run,
+            (Some(_), None) => {}
+        }
+        match (&mut sum.weights, g.weights) {
+            (Some(total), Some(run)) => {
+                for (s, l) in total.iter_mut().zip(&run) {
+                    add_level(s, l);
+                }
+            }
+            (total @ None, run) => *total = run,
+            (Some(_), None) => {}
+        }
+    }
+
+    /// The gradients of every run.
+    pub(crate) fn finish(self) -> Gradients<f32> {
+        self.sum
+    }
+}
+
+/// One level's weight gradients of a run added to the previous runs' sum.
+fn add_level(sum: &mut LevelGradients<f32>, run: &LevelGradients<f32>) {
+    for (s, r) in [
+        (&mut sum.wk, &run.wk),
+        (&mut sum.bk, &run.bk),
+        (&mut sum.wv, &run.wv),
+        (&mut sum.bv, &run.bv),
+        (&mut sum.wq, &run.wq),
+        (&mut sum.bq, &run.bq),
+    ] {
+        add_or_copy(s, r, true);
+    }
 }
 
 /// Checks the shape, and the lengths of host Q, K and V against it.
@@ -191,7 +273,12 @@ where
     if chunks.len() == 1 {
         return run(q, k, v, shape, HeadSpan::whole(shape)).await;
     }
-    forward_in_chunks(shape, &chunks, q, k, v, want_lse, run).await
+    let run = |q, k, v, s, span| {
+        let part = run(q, k, v, s, span);
+        async move { Ok((part.await?, ())) }
+    };
+    let (out, _) = runs_of_heads(shape, &chunks, (q, k, v), want_lse, run).await?;
+    Ok(out)
 }
 
 /// One forward of host tensors whose buffers fit one binding each: uploads Q, K, V into the

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, storage};
-use crate::gpu::engine::front::add_or_copy;
+use crate::gpu::engine::front::RunGradients;
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
@@ -99,13 +99,9 @@ impl FmaAttention {
         let all = plan.dispatches();
         let pipes = Pipes::new(&self.ctx, &all).await?;
         let per = shape.seq * shape.head_dim;
-        let mut dq = Vec::with_capacity(shape.elements());
-        let mut dk = vec![0.0f32; shape.kv_elements()];
-        let mut dv = vec![0.0f32; shape.kv_elements()];
-        let mut seen = vec![false; shape.kv_batch_heads()];
-        let group = shape.group();
+        // A query head is a run of one: its K/V head's gradients are added in head order.
+        let mut sum = RunGradients::new(shape);
         for h in 0..shape.batch_heads() {
-            let kv = h / group;
             let scopes = Scopes::push(&self.ctx)?;
             let staging = self.split_head_backward(&plan, &pipes, kept, dout, (shape, h))?;
             scopes
@@ -115,19 +111,16 @@ impl FmaAttention {
             self.ctx.check_alive()?;
             let (g_q, rest) = rows.split_at(per);
             let (g_k, g_v) = rest.split_at(per);
-            dq.extend_from_slice(g_q);
-            let r = kv * per..(kv + 1) * per;
-            add_or_copy(&mut dk[r.clone()], g_k, seen[kv]);
-            add_or_copy(&mut dv[r], g_v, seen[kv]);
-            seen[kv] = true;
+            let g = Gradients {
+                dq: g_q.to_vec(),
+                dk: g_k.to_vec(),
+                dv: g_v.to_vec(),
+                weights: None,
+                dsinks: None,
+            };
+            sum.add((h, 1), g);
         }
-        Ok(Gradients {
-            dq,
-            dk,
-            dv,
-            weights: None,
-            dsinks: None,
-        })
+        Ok(sum.finish())
     }
 
     /// Records and submits the backward of query head `h`; returns the staging buffer its dQ,
