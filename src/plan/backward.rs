@@ -185,6 +185,8 @@ pub(super) struct Work {
     pub level_windows: Vec<u64>,
     /// Elements of K (the real tokens') the downsampling's backward adds into.
     pub kv_elements: u64,
+    /// Rows of the LSE and D bound at once: the shape's (a split head: its largest chunk's).
+    pub stats_rows: u64,
 }
 
 impl BackwardPlan {
@@ -204,6 +206,7 @@ impl BackwardPlan {
                 .map(|lv| kv_bh * lv.windows as u64)
                 .collect(),
             kv_elements: shape.kv_elements() as u64,
+            stats_rows: shape.rows() as u64,
         };
         Self::build(forward, cfg, limits, work)
     }
@@ -222,7 +225,7 @@ impl BackwardPlan {
         let group = shape.group() as u64;
         let grid = forward.grid.is_some();
         let (d, p) = (shape.head_dim, forward.levels.p);
-        let stats_bytes = shape.rows() as u64 * 8;
+        let stats_bytes = work.stats_rows * 8;
         if stats_bytes > limits.max_binding.min(limits.max_buffer) {
             return Err(FmaError::LimitExceeded {
                 what: "the LSE and D of every row of the backward".into(),

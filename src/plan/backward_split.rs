@@ -22,9 +22,16 @@
 //! straddles a chunk boundary is the sum of its two parts, added in chunk order: a regrouping
 //! of the same terms, rounding only, and the same bits run to run.
 //!
+//! A 2D grid (algorithm.md §9) splits the same way, in the split forward's chunks of whole
+//! rows of fine cells bound with one row of cells of halo above and below (`plan/split.rs`):
+//! the passes find a chunk's cells from its tokens through the geometry interface
+//! (`chunk_blocks`), a cell's 3 x 3 near field (its dQ's keys, its keys' dK/dV readers) lies
+//! in the bound rows, and a coarse row's readers (cells of a far list, each cell's tokens in
+//! raster order) are summed per token chunk as in 1D (`backward_split_grid.rs` tests the plan).
+//!
 //! What stays refused, with a typed error: Learned pooling (its weights outgrow a binding
-//! before a head does, as the forward's split), coarse queries, 2D grids, coarse rows that do
-//! not fit one binding ([`SplitPlan::coarse`]), softmax variants.
+//! before a head does, as the forward's split), coarse queries, coarse rows that do not fit
+//! one binding ([`SplitPlan::coarse`]; a 2D head's always must), softmax variants.
 
 use super::backward::Work;
 use super::depth::{with_depth, DepthModel, DispatchDepth};
@@ -117,14 +124,12 @@ impl BackwardSplitPlan {
             requested: (n * d) as u64 * 4,
             max: limits.binding_bytes(),
             unit: BINDING_BYTES,
-            advice: "the backward splits one head along its sequence for 1D fine queries with \
-                     Average downsampling and no softmax variant: use those, shorter sequences \
-                     per head, or a device with larger storage bindings"
+            advice: "the backward splits one head along its sequence (1D, or a 2D grid in rows \
+                     of cells) for fine queries with Average downsampling and no softmax \
+                     variant: use those, shorter sequences per head, or a device with larger \
+                     storage bindings"
                 .into(),
         };
-        if cfg.grid.is_some() {
-            return Err(refuse("a 2D grid"));
-        }
         if cfg.queries == Queries::Coarse {
             return Err(refuse("coarse queries"));
         }
@@ -159,16 +164,37 @@ impl BackwardSplitPlan {
                 .map(|lv| lv.windows as u64)
                 .collect(),
             kv_elements: (n * d) as u64,
+            // The LSE and D are bound per chunk, as its Q and O.
+            stats_rows: split.chunks.iter().map(|c| c.rows as u64).max().unwrap_or(0),
         };
-        let head = BackwardPlan::build(forward, cfg, limits, work)?;
-        let m = head.forward.levels.m;
+        // What is left over a binding is the head's coarse scratch (dK~, dV~ and the reader
+        // chunks' partial sums), which a split head binds whole: not a matter of heads.
+        let head = BackwardPlan::build(forward, cfg, limits, work).map_err(|e| match e {
+            FmaError::LimitExceeded {
+                what,
+                requested,
+                max,
+                unit,
+                ..
+            } => FmaError::LimitExceeded {
+                what: format!("{what}, of one head of {n} tokens split across bindings"),
+                requested,
+                max,
+                unit,
+                advice: "a split head binds its coarse rows' gradients and their reader chunks' \
+                         partial sums whole (on a 2D grid about 27 n p / 256 rows): use a larger \
+                         block size m (cell side r) or a smaller rank p"
+                    .into(),
+            },
+            other => other,
+        })?;
         let d4 = d.div_ceil(4) as u64;
         let chunks = split
             .chunks
             .iter()
             .map(|c| {
-                let tiles =
-                    ((c.hi - c.lo).div_ceil(m) as u64) * head.forward.tiles_per_block as u64;
+                // Its fine blocks (2D: fine cells), as the forward's attention tiles them.
+                let tiles = split.blocks(c) as u64 * head.forward.tiles_per_block as u64;
                 let sized = |whole: &Dispatch, total: u64| {
                     dispatch(whole.pass, whole.level, total, whole.spec, limits)
                 };

@@ -18,6 +18,8 @@ mod sequences;
 mod split;
 mod split_coarse;
 mod split_dense;
+#[cfg(test)]
+mod tests_backward_split_grid;
 mod varlen;
 mod varlen_backward;
 

@@ -384,6 +384,16 @@ impl SplitPlan {
         })
     }
 
+    /// The fine blocks (2D: fine cells) whose queries chunk `c` attends: as many as
+    /// `chunk_blocks` of `shaders/shared/geometry*.wgsl` finds from its tokens `lo..hi`.
+    pub fn blocks(&self, c: &Chunk) -> usize {
+        let cut = Cut {
+            m: self.head.levels.m,
+            cols: self.head.grid.map(|g| g.w),
+        };
+        cut.groups(c.lo, c.hi, cut.m)
+    }
+
     /// The steps of [`SplitPlan::head`] that run once per head (step 2 of the module
     /// documentation), in execution order.
     pub fn shared_steps(&self) -> Vec<Dispatch> {

@@ -41,6 +41,7 @@ impl BackwardPlan {
                 .map(|&rows| kvh * rows as u64 / p)
                 .collect(),
             kv_elements: kvh * (seqs.total() * d) as u64,
+            stats_rows: forward.shape.rows() as u64,
         };
         let shape = forward.shape;
         // The table's copy follows the larger of the stats (2 per row) and dK~.

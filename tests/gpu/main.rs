@@ -25,6 +25,7 @@ mod forward;
 mod geometry;
 mod grid;
 mod grid_backward;
+mod grid_backward_split;
 mod grid_split;
 mod large_block;
 mod loop_limit;

@@ -5,7 +5,7 @@ use multipole_attn::Grid;
 use std::path::PathBuf;
 
 /// `--grid H,W`: two positive integers.
-fn parse_grid(s: &str) -> Result<Grid, String> {
+pub(crate) fn parse_grid(s: &str) -> Result<Grid, String> {
     let bad = || format!("expected H,W (two positive integers, e.g. 64,48), got {s:?}");
     let (h, w) = s.split_once(',').ok_or_else(bad)?;
     let side = |x: &str| {

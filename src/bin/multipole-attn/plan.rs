@@ -2,13 +2,13 @@
 //! (`multipole_attn::plan::DispatchDepth`), without opening a GPU: for users who want to see
 //! what will run, and for tests.
 
-use crate::args::{DownsampleArg, QueriesArg};
+use crate::args::{parse_grid, DownsampleArg, QueriesArg};
 use crate::error::CliResult;
 use clap::Args;
 use multipole_attn::plan::{
     dense_depths, fma_depths, DenseKernel, DensePlan, DispatchDepth, KernelLimits,
 };
-use multipole_attn::{Downsample, FmaConfig, LearnedWeights, Problem, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Problem, Queries, Shape};
 use serde::Serialize;
 
 /// Arguments of `multipole-attn plan`.
@@ -41,11 +41,15 @@ pub struct PlanArgs {
     /// Downsampling (learned: the box initialisation's shapes).
     #[arg(long, value_enum, value_name = "MODE", default_value = "average")]
     pub downsample: DownsampleArg,
+    /// The tokens lie on an H x W grid in raster order (2D FMA, algorithm.md §9), as `run
+    /// --grid`: n must be H*W, --block is the cell side r.
+    #[arg(long, value_name = "H,W", value_parser = parse_grid)]
+    pub grid: Option<Grid>,
     /// The forward's dispatches, then the backward's.
     #[arg(long)]
     pub backward: bool,
     /// Exact dense attention instead of FMA (the tiled kernel a GPU runs).
-    #[arg(long, conflicts_with_all = ["backward", "queries", "downsample"])]
+    #[arg(long, conflicts_with_all = ["backward", "queries", "downsample", "grid"])]
     pub dense: bool,
     /// Bytes per storage binding, in MiB [default: 2048, a discrete GPU's].
     #[arg(long, value_name = "MIB")]
@@ -97,12 +101,15 @@ pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
         let plan = DensePlan::with_kernel(shape, &limits, DenseKernel::Tiled)?;
         return Ok(dense_depths(&plan));
     }
-    let mut cfg = FmaConfig::new(a.block, a.rank);
+    let mut cfg = FmaConfig::new(a.block, a.rank).grid(a.grid);
     if a.queries == QueriesArg::Coarse {
         cfg = cfg.queries(Queries::Coarse);
     }
     if a.downsample == DownsampleArg::Learned {
-        let w = LearnedWeights::box_init_for(a.head_dim, a.block, a.rank, a.n);
+        let w = match a.grid {
+            Some(grid) => LearnedWeights::box_init_grid_for(a.head_dim, a.block, a.rank, grid),
+            None => LearnedWeights::box_init_for(a.head_dim, a.block, a.rank, a.n),
+        };
         cfg = cfg.downsample(Downsample::Learned(w));
     }
     let problem = Problem::new(shape).causal(a.causal);
