@@ -27,7 +27,7 @@
 //! the passes find a chunk's cells from its tokens through the geometry interface
 //! (`chunk_blocks`), a cell's 3 x 3 near field (its dQ's keys, its keys' dK/dV readers) lies
 //! in the bound rows, and a coarse row's readers (cells of a far list, each cell's tokens in
-//! raster order) are summed per token chunk as in 1D (`backward_split_grid.rs` tests the plan).
+//! raster order) are summed per token chunk as in 1D (`tests_backward_split_grid.rs` tests the plan).
 //!
 //! What stays refused, with a typed error: Learned pooling (its weights outgrow a binding
 //! before a head does, as the forward's split), coarse queries, coarse rows that do not fit
@@ -168,7 +168,8 @@ impl BackwardSplitPlan {
             stats_rows: split.chunks.iter().map(|c| c.rows as u64).max().unwrap_or(0),
         };
         // What is left over a binding is the head's coarse scratch (dK~, dV~ and the reader
-        // chunks' partial sums), which a split head binds whole: not a matter of heads.
+        // chunks' partial sums), which a split head binds whole, or at head_dim 1 a chunk's
+        // LSE and D (8 bytes a row, its tensors 4): not a matter of heads.
         let head = BackwardPlan::build(forward, cfg, limits, work).map_err(|e| match e {
             FmaError::LimitExceeded {
                 what,
@@ -182,8 +183,9 @@ impl BackwardSplitPlan {
                 max,
                 unit,
                 advice: "a split head binds its coarse rows' gradients and their reader chunks' \
-                         partial sums whole (on a 2D grid about 27 n p / 256 rows): use a larger \
-                         block size m (cell side r) or a smaller rank p"
+                         partial sums whole (on a 2D grid about 27 n p / 256 rows), and a \
+                         chunk's LSE and D (8 bytes a row): use a larger block size m (cell side \
+                         r), a smaller rank p, or head_dim >= 2"
                     .into(),
             },
             other => other,

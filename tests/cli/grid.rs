@@ -360,3 +360,58 @@ fn grad_grids_that_do_not_fit_are_bad_input() {
         }
     }
 }
+
+/// `plan --grid H,W --backward` of one 2D head over a small binding (`--binding-mib 1`): the
+/// split backward's dispatches chunk by chunk (issue 27), the library's list, not the binding
+/// error; and the grid's bad input as for `run`.
+#[test]
+fn plan_lists_a_split_grid_head_backward_per_chunk() {
+    use multipole_attn::plan::{fma_depths, BackwardSplitPlan, KernelLimits};
+    use multipole_attn::Problem;
+    // 128 x 160 tokens of width 16: 1.31 MB per tensor over a 1 MiB binding.
+    let args = [
+        "plan",
+        "--n",
+        "20480",
+        "--head-dim",
+        "16",
+        "--grid",
+        "128,160",
+        "--block",
+        "8",
+        "--rank",
+        "2",
+        "--backward",
+        "--binding-mib",
+        "1",
+        "--json",
+    ];
+    let out = cli(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let got = doc["dispatches"].as_array().expect("a dispatches array");
+    let mut limits = KernelLimits::discrete_gpu();
+    limits.max_binding = 1 << 20;
+    let cfg = FmaConfig::new(8, 2).grid(Some(Grid::new(128, 160)));
+    let want = fma_depths(&Problem::new(Shape::new(1, 1, 20480, 16)), &cfg, &limits, true).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["pass"], w.dispatch.pass.name());
+        assert_eq!(g["workgroups"], serde_json::json!(w.dispatch.grid));
+        assert_eq!(g["serial_rows"], w.serial_rows);
+    }
+    let chunks = BackwardSplitPlan::new(20480, 16, &cfg, &limits)
+        .unwrap()
+        .chunks
+        .len();
+    assert!(chunks > 1);
+    for pass in ["backward_delta", "backward_dq", "backward_dkv_fine", "downsample_backward"] {
+        let count = got.iter().filter(|g| g["pass"] == pass).count();
+        assert_eq!(count, chunks, "{pass}");
+    }
+    // n must be H*W, as for `run`.
+    let bad = cli(&["plan", "--n", "20000", "--head-dim", "16", "--grid", "128,160"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("128x160"), "{}", stderr(&bad));
+}

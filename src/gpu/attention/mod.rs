@@ -482,9 +482,10 @@ impl Attention {
     ///
     /// FMA's host tensors over one storage binding train a run of heads at a time (whole K/V
     /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`](crate::gpu::HostGrad)
-    /// only. Still a typed error: resident buffers over a binding, one head over a binding
-    /// (the backward does not split a head along its sequence), and a variable-length batch
-    /// over a binding.
+    /// only; so does one FMA head over a binding, split along its sequence in the forward's
+    /// chunks ([`crate::plan::BackwardSplitPlan`]: fine queries, Average pooling, 1D or a 2D
+    /// grid). Still a typed error: resident buffers over a binding, a head the split backward
+    /// does not run (its error says which), and a variable-length batch over a binding.
     pub async fn train_async<'a, I: TrainIo<'a>>(
         &self,
         p: &Problem,
