@@ -64,10 +64,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Largest |a - b| over max(1, max|b|).
 fn distance(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
-    let worst = a
-        .iter()
-        .zip(b)
-        .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - f64::from(y)).abs()));
+    let worst = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| {
+        m.max((f64::from(x) - f64::from(y)).abs())
+    });
     worst / scale
 }
 
@@ -103,7 +102,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .binding_kib
             .map_or((n * d * 4 / 2) as u64, |kib| kib << 10);
         let limits = KernelLimits::from_wgpu(&ctx.limits).capped(binding);
-        let chunks = BackwardSplitPlan::new(n, d, &cfg, &limits)?.split.chunks.len();
+        let chunks = BackwardSplitPlan::new(n, d, &cfg, &limits)?
+            .split
+            .chunks
+            .len();
         let whole = Attention::fma(&ctx, cfg.clone())?;
         let split = Attention::fma(&ctx, cfg)?.max_binding(binding)?;
         let x = [1u64, 2, 3, 4].map(|s| normal_tensor(s, n * d));
@@ -116,7 +118,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let ((f2, b2), g2) = step(&split, &problem, &x);
             bar.inc(1);
             if rep > 0 {
-                (fu.push(f), bu.push(b), fs.push(f2), bs.push(b2));
+                fu.push(f);
+                bu.push(b);
+                fs.push(f2);
+                bs.push(b2);
             }
             (gu, gs) = (Some(g), Some(g2));
         }

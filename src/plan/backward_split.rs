@@ -165,7 +165,12 @@ impl BackwardSplitPlan {
                 .collect(),
             kv_elements: (n * d) as u64,
             // The LSE and D are bound per chunk, as its Q and O.
-            stats_rows: split.chunks.iter().map(|c| c.rows as u64).max().unwrap_or(0),
+            stats_rows: split
+                .chunks
+                .iter()
+                .map(|c| c.rows as u64)
+                .max()
+                .unwrap_or(0),
         };
         // What is left over a binding is the head's coarse scratch (dK~, dV~ and the reader
         // chunks' partial sums), which a split head binds whole, or at head_dim 1 a chunk's

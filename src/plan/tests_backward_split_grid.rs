@@ -47,7 +47,11 @@ fn a_grid_head_splits_its_backward_in_rows_of_cells() {
         let mut tiles = 0;
         for (c, b) in chunks.iter().zip(&plan.chunks) {
             assert_eq!(c.lo, next, "{label}");
-            assert_eq!(c.lo % unit, 0, "{label}: a chunk starts inside a row of cells");
+            assert_eq!(
+                c.lo % unit,
+                0,
+                "{label}: a chunk starts inside a row of cells"
+            );
             assert!((c.rows * d * 4) as u64 <= binding, "{label}");
             // The chunk's fine cells (whole rows of them), one tile each, as the forward's.
             let cells = (c.hi.div_ceil(w).div_ceil(r) - c.lo / w / r) * cell_cols;
@@ -117,15 +121,15 @@ fn the_plan_listing_shows_a_split_grid_head_per_chunk() {
 fn what_a_split_grid_backward_does_not_run_is_a_typed_error() {
     let grid = Some(Grid::new(45, 70));
     let limits = KernelLimits::with_binding(16 << 10);
-    let refused = |cfg: &FmaConfig, d: usize, word: &str| match BackwardSplitPlan::new(
-        3150, d, cfg, &limits,
-    ) {
-        Err(FmaError::LimitExceeded { what, advice, .. }) => {
-            assert!(what.contains(word), "{what}");
-            assert!(advice.contains("2D grid"), "{advice}");
-        }
-        other => panic!("expected LimitExceeded on {word}, got {other:?}"),
-    };
+    let refused =
+        |cfg: &FmaConfig, d: usize, word: &str| match BackwardSplitPlan::new(3150, d, cfg, &limits)
+        {
+            Err(FmaError::LimitExceeded { what, advice, .. }) => {
+                assert!(what.contains(word), "{what}");
+                assert!(advice.contains("2D grid"), "{advice}");
+            }
+            other => panic!("expected LimitExceeded on {word}, got {other:?}"),
+        };
     // Coarse queries (the 2D forward splits them; their backward does not yet split).
     let coarse = FmaConfig::new(4, 2).grid(grid).queries(Queries::Coarse);
     refused(&coarse, 4, "coarse queries");
@@ -160,5 +164,3 @@ fn what_a_split_grid_backward_does_not_run_is_a_typed_error() {
         "{e}"
     );
 }
-
-

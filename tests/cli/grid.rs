@@ -388,13 +388,18 @@ fn plan_lists_a_split_grid_head_backward_per_chunk() {
     ];
     let out = cli(&args);
     assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     let got = doc["dispatches"].as_array().expect("a dispatches array");
     let mut limits = KernelLimits::discrete_gpu();
     limits.max_binding = 1 << 20;
     let cfg = FmaConfig::new(8, 2).grid(Some(Grid::new(128, 160)));
-    let want = fma_depths(&Problem::new(Shape::new(1, 1, 20480, 16)), &cfg, &limits, true).unwrap();
+    let want = fma_depths(
+        &Problem::new(Shape::new(1, 1, 20480, 16)),
+        &cfg,
+        &limits,
+        true,
+    )
+    .unwrap();
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g["pass"], w.dispatch.pass.name());
@@ -406,12 +411,25 @@ fn plan_lists_a_split_grid_head_backward_per_chunk() {
         .chunks
         .len();
     assert!(chunks > 1);
-    for pass in ["backward_delta", "backward_dq", "backward_dkv_fine", "downsample_backward"] {
+    for pass in [
+        "backward_delta",
+        "backward_dq",
+        "backward_dkv_fine",
+        "downsample_backward",
+    ] {
         let count = got.iter().filter(|g| g["pass"] == pass).count();
         assert_eq!(count, chunks, "{pass}");
     }
     // n must be H*W, as for `run`.
-    let bad = cli(&["plan", "--n", "20000", "--head-dim", "16", "--grid", "128,160"]);
+    let bad = cli(&[
+        "plan",
+        "--n",
+        "20000",
+        "--head-dim",
+        "16",
+        "--grid",
+        "128,160",
+    ]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("128x160"), "{}", stderr(&bad));
 }

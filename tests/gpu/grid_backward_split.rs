@@ -75,7 +75,10 @@ fn host_gradients(
 /// wrote would read +0.
 fn all_written(label: &str, name: &str, g: &[f32]) {
     let bad = g.iter().position(|x| !x.is_finite() || *x == 0.0);
-    assert!(bad.is_none(), "{label}: {name}[{bad:?}] unwritten or not finite");
+    assert!(
+        bad.is_none(),
+        "{label}: {name}[{bad:?}] unwritten or not finite"
+    );
 }
 
 /// One case on `ctx`: the split run against the unsplit one, itself and the f64 reference;
@@ -192,7 +195,14 @@ fn what_a_split_grid_backward_does_not_run_is_a_typed_error() {
         "coarse queries",
     );
     // One row of cells (1 x N) cannot be cut into rows of cells.
-    refused(1, 3150, FmaConfig::new(16, 1), 4, 16 << 10, "row of fine cells");
+    refused(
+        1,
+        3150,
+        FmaConfig::new(16, 1),
+        4,
+        16 << 10,
+        "row of fine cells",
+    );
     // A single column (N x 1): the reader chunks' partial sums outgrow the binding first.
     refused(97, 1, FmaConfig::new(4, 1), 8, 4 << 10, "partial sums");
 }
