@@ -26,6 +26,7 @@ fn cases() -> Vec<(usize, usize, usize, usize, usize, u64)> {
 
 #[test]
 fn a_grid_head_splits_its_backward_in_rows_of_cells() {
+    let mut heads_over = 0;
     for (h, w, d, r, p, binding) in cases() {
         let (n, grid) = (h * w, Grid::new(h, w));
         let label = format!("{grid} d={d} r={r} p={p} binding {binding}");
@@ -39,6 +40,11 @@ fn a_grid_head_splits_its_backward_in_rows_of_cells() {
         let plan = BackwardSplitPlan::new(n, d, &cfg, &limits).expect(&label);
         let chunks = &plan.split.chunks;
         assert!(chunks.len() > 1, "{label}: one chunk");
+        // The LSE and D are bound per chunk: within the binding even where the head's are not
+        // (45 x 70 at d = 4: 25 200 bytes of a 16 KiB binding).
+        assert!(plan.head.stats_bytes <= binding, "{label}");
+        let chunk_rows = chunks.iter().map(|c| c.rows).max().unwrap();
+        assert_eq!(plan.head.stats_bytes, chunk_rows as u64 * 8, "{label}");
         assert_eq!(chunks.len(), plan.chunks.len(), "{label}");
         let (unit, cell_cols) = (r * w, w.div_ceil(r));
         let tpb = plan.head.forward.tiles_per_block as usize;
@@ -78,6 +84,7 @@ fn a_grid_head_splits_its_backward_in_rows_of_cells() {
             next = c.hi;
         }
         assert_eq!(next, n, "{label}");
+        heads_over += usize::from(n as u64 * 8 > binding);
         // Every fine cell's dQ and near-field dK/dV once: the chunks' tiles are the head's.
         assert_eq!(tiles, plan.head.dq.workgroups, "{label}");
         assert_eq!(tiles, plan.head.dkv_fine.workgroups, "{label}");
@@ -90,6 +97,10 @@ fn a_grid_head_splits_its_backward_in_rows_of_cells() {
             "{label}"
         );
     }
+    assert!(
+        heads_over > 0,
+        "no case whose head's LSE and D exceed the binding"
+    );
 }
 
 #[test]

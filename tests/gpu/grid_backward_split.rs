@@ -23,7 +23,8 @@
 //! equal to the NaN-poisoned unsplit run. The split run is bitwise the same twice, and within
 //! the backward tolerance of the f64 reference (`common::gradients::TOL`).
 //! Grids: 7 x 13 (wide, partial cells at the bottom and right edges), 13 x 7 (tall), 17 x 29,
-//! a batch of 2, a GQA group of 2 on 20 x 24, and a browser's limits (no subgroups: the coarse
+//! a batch of 2, a GQA group of 2 on 20 x 24, 45 x 70 in 12 chunks (whose head's LSE and D
+//! exceed the binding: they are bound per chunk), and a browser's limits (no subgroups: the coarse
 //! pass's two-phase path). What stays refused is a typed error: coarse queries, a grid of one
 //! row of cells (1 x N), a single column (N x 1: its reader chunks' partial sums outgrow the
 //! binding first).
@@ -57,6 +58,9 @@ fn cases() -> Vec<Case> {
             12 << 10,
             3,
         ),
+        // d = 4, 3150 tokens: the head's LSE and D (25 200 B) exceed the 16 KiB binding too;
+        // each chunk binds its own. One row of cells (280 tokens) per chunk.
+        (45, 70, 4, 1, Shape::new(1, 1, 3150, 4), 16 << 10, 12),
     ]
 }
 
