@@ -48,6 +48,21 @@ fn host_gradients(
     (out, g)
 }
 
+/// Asserts that `a` and `b` hold the same bits, naming how many elements differ and the first.
+fn same_bits(label: &str, name: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{label}: {name} length");
+    let differ = || (0..a.len()).filter(|&i| a[i].to_bits() != b[i].to_bits());
+    if let Some(i) = differ().next() {
+        panic!(
+            "{label}: {name} differs at {} of {} elements, first at {i}: {} against {}",
+            differ().count(),
+            a.len(),
+            a[i],
+            b[i]
+        );
+    }
+}
+
 /// One case: the split run against the unsplit one, itself and the f64 reference; returns the
 /// worst dK/dV difference from the unsplit run (of the scale; 0 where bitwise).
 fn check(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> f64 {
@@ -81,19 +96,26 @@ fn check(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> f64 {
     assert!(g_nan.dq.iter().all(|v| v.is_nan()), "{label}: NaN dO");
     let (out_u, g_u) = host_gradients(&whole, &p, &x, &x.dout);
     let (out_s, g_s) = host_gradients(&split, &p, &x, &x.dout);
-    assert_eq!(out_s.o, out_u.o, "{label}: O");
-    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
-    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
+    same_bits(&label, "O", &out_s.o, &out_u.o);
+    let lse = |o: &Output| o.lse.clone().expect("the LSE");
+    same_bits(&label, "LSE", &lse(&out_s), &lse(&out_u));
+    same_bits(&label, "dQ", &g_s.dq, &g_u.dq);
     let worst = if shape.group() == 1 {
-        assert_eq!(g_s.dk, g_u.dk, "{label}: dK");
-        assert_eq!(g_s.dv, g_u.dv, "{label}: dV");
+        same_bits(&label, "dK", &g_s.dk, &g_u.dk);
+        same_bits(&label, "dV", &g_s.dv, &g_u.dv);
         0.0
     } else {
         regrouped(&label, "dK", &g_s.dk, &g_u.dk).max(regrouped(&label, "dV", &g_s.dv, &g_u.dv))
     };
     assert!(g_s.weights.is_none() && g_u.weights.is_none(), "{label}");
     let (_, again) = host_gradients(&split, &p, &x, &x.dout);
-    assert_eq!(again, g_s, "{label}: two split runs differ");
+    for (name, a, b) in [
+        ("dQ", &again.dq, &g_s.dq),
+        ("dK", &again.dk, &g_s.dk),
+        ("dV", &again.dv, &g_s.dv),
+    ] {
+        same_bits(&label, &format!("{name} of a second split run"), a, b);
+    }
     let r = cpu::backward(
         &Method::Fma(cfg.clone()),
         &p,
