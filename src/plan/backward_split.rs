@@ -19,8 +19,9 @@
 //! 4. per chunk: the downsampling's backward of its tokens (dK~, dV~ into dK, dV; coarse
 //!    queries: dQ~ into dQ too).
 //!
-//! Every pass but the coarse dK~/dV~ one does per row the float operations of the unsplit
-//! backward in the same order: dQ, the near-field dK, dV and D are its bits. A coarse row's
+//! Every pass but the coarse dK~/dV~ one (of fine queries; with coarse queries that one too:
+//! `backward_split_coarse_q.rs`) does per row the float operations of the unsplit backward in
+//! the same order: dQ, the near-field dK, dV and D are its bits. A coarse row's
 //! sum over a reader chunk (the unsplit plan's `DKV_COARSE_CHUNK` queries) is the unsplit sum
 //! when the reader chunk's queries lie in one token chunk (the other chunks add +0); one that
 //! straddles a chunk boundary is the sum of its two parts, added in chunk order: a regrouping
