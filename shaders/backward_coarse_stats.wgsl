@@ -13,6 +13,9 @@
 // from its CHILDREN rows of level l-1 (R = the least of theirs, G and H rescaled by
 // exp(R - R_child)), so each level costs O(rows d), not O(n d). An empty row gets
 // (R, H) = (EMPTY_ROW, 0) and G = 0: its weights in the passes after are exp(s - EMPTY_ROW) = 0.
+// A head split across bindings (plan/backward_split_coarse_q.rs) runs level 1 once per chunk of
+// tokens [chunk_lo, chunk_hi) (its windows' rows; dO and stats bound from row_base) and the
+// levels above once, over every row.
 // CPU mirror: the `query_slot` sums of `cpu::backward::fma_backward_in`.
 
 #import params
@@ -34,8 +37,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let p = params.p;
     let win = info.window;
     let cols = params.grid_w;
-    // Rows per query head: the level's windows (equal sequences), or every sequence's (varlen).
-    var rows = info.windows * p;
+    // Rows per query head: the level's windows holding tokens [chunk_lo, chunk_hi) (all of them
+    // unless a split head's level 1 is done chunk by chunk, as coarse_attention's groups), or
+    // every sequence's (varlen).
+    let groups = chunk_groups(params.chunk_lo, params.chunk_hi, win, cols);
+    var rows = (groups.y - groups.x) * p;
     if (params.seqs > 0u) {
         rows = seq_table[sec_rows(sel.level) + params.seqs];
     }
@@ -45,7 +51,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return;
     }
     let unit = g % units;
-    var row = (g / units) % rows;
+    var row = groups.x * p + (g / units) % rows;
     var seq = 0u;
     if (params.seqs > 0u) {
         seq = seq_search(sec_rows(sel.level), row);
@@ -60,14 +66,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // (or child row's) stats in the first loop, its dO (G) row in the second, the total once
     // per row (unit 0).
     if (sel.level == 0u) {
+        // Its tokens' rows in the bound dO and stats (a split head's start at global row
+        // row_base; wrapping u32 arithmetic, as backward_dq).
+        let base = pr.q_row - params.row_base;
         let count = row_count(n, win, p, cols, row);
         for (var t = 0u; t < count; t++) {
             //#rows(1u, select(0u, 1u, unit == 0u))
-            least = min(least, stats[2u * (pr.q_row + row_token(n, win, p, cols, row, t))]);
+            least = min(least, stats[2u * (base + row_token(n, win, p, cols, row, t))]);
         }
         for (var t = 0u; t < count; t++) {
             //#rows(1u, select(0u, 1u, unit == 0u))
-            let tok = pr.q_row + row_token(n, win, p, cols, row, t);
+            let tok = base + row_token(n, win, p, cols, row, t);
             var x = stats[2u * tok + 1u];
             if (unit < d) {
                 x = dout[tok * d + unit];

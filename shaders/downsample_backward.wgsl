@@ -31,15 +31,18 @@
 fn query_part(u: u32) {
     let d = params.d;
     let p = params.p;
-    let at = locate(u / D4, params.n, sec_tok(), query_heads());
+    // Tokens [chunk_lo, chunk_hi) of each query head (0 and n unless the head is split), as
+    // K's and V's below.
+    let at = locate(u / D4, params.chunk_hi - params.chunk_lo, sec_tok(), query_heads());
     if (at.x == 0xffffffffu) {
         return;
     }
     let c0 = (u % D4) * 4u;
-    let t = at.z;
+    let t = params.chunk_lo + at.z;
     let pr = problem(at.x, at.y);
     let n = pr.n;
-    let g = (pr.q_row + t) * d;
+    // Its row in the bound dQ (a split head's bindings start at global row row_base).
+    let g = (pr.q_row + t - params.row_base) * d;
     var gq = vec4<f32>(0.0);
     // Its dQ row, then per level the dQ~ rows it went into (`//#rows`: the counting variant of
     // the tests only, `shaders::compose_counting`; the total once per token: c0 = 0).

@@ -5,18 +5,23 @@
 //!
 //! Per head, in this order (each step after the ones it reads):
 //!
-//! 1. the coarse K~, V~ recomputed as the split forward pools them ([`SplitPlan`]'s steps 1
-//!    and 2: level 1 per chunk, the higher levels once from the coarse rows);
+//! 1. the coarse K~, V~ (coarse queries: and Q~) recomputed as the split forward pools them
+//!    ([`SplitPlan`]'s steps 1 and 2 without its coarse attention: level 1 per chunk, the
+//!    higher levels once from the coarse rows);
 //! 2. per chunk: D = rowsum(dO O) of its bound rows (halo included: the near-field dK/dV of
 //!    its keys reads the halo's queries), dQ of its queries, dK and dV of its keys' near field;
 //! 3. level by level (the levels share the space of the reader chunks' partial sums): per
 //!    chunk, in chunk order, the level's coarse dK~/dV~ summed over the readers in the chunk
 //!    and added to the earlier chunks' sums (`backward_dkv_coarse.wgsl`), then the level's
-//!    combine rounds of the reader chunks' partial sums;
-//! 4. per chunk: the downsampling's backward of its tokens (dK~, dV~ into dK, dV).
+//!    combine rounds of the reader chunks' partial sums (coarse queries instead: each chunk's
+//!    level-1 coarse-query stats, then the passes over coarse rows alone once:
+//!    [`CoarseQuerySteps`], `backward_split_coarse_q.rs`);
+//! 4. per chunk: the downsampling's backward of its tokens (dK~, dV~ into dK, dV; coarse
+//!    queries: dQ~ into dQ too).
 //!
-//! Every pass but the coarse dK~/dV~ one does per row the float operations of the unsplit
-//! backward in the same order: dQ, the near-field dK, dV and D are its bits. A coarse row's
+//! Every pass but the coarse dK~/dV~ one (of fine queries; with coarse queries that one too:
+//! `backward_split_coarse_q.rs`) does per row the float operations of the unsplit backward in
+//! the same order: dQ, the near-field dK, dV and D are its bits. A coarse row's
 //! sum over a reader chunk (the unsplit plan's `DKV_COARSE_CHUNK` queries) is the unsplit sum
 //! when the reader chunk's queries lie in one token chunk (the other chunks add +0); one that
 //! straddles a chunk boundary is the sum of its two parts, added in chunk order: a regrouping
@@ -30,10 +35,12 @@
 //! raster order) are summed per token chunk as in 1D (`tests_backward_split_grid.rs` tests the plan).
 //!
 //! What stays refused, with a typed error: Learned pooling (its weights outgrow a binding
-//! before a head does, as the forward's split), coarse queries, coarse rows that do not fit
-//! one binding ([`SplitPlan::coarse`]; a 2D head's always must), softmax variants.
+//! before a head does, as the forward's split), coarse queries on a 2D grid, coarse rows
+//! that do not fit one binding ([`SplitPlan::coarse`]; a 2D head's always must), softmax
+//! variants.
 
 use super::backward::Work;
+use super::backward_split_coarse_q::CoarseQuerySteps;
 use super::depth::{with_depth, DepthModel, DispatchDepth};
 use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig, Queries};
@@ -92,9 +99,10 @@ pub struct BackwardChunk {
     /// Near-field dK, dV of its keys' tiles.
     pub dkv_fine: Dispatch,
     /// Per level, the coarse dK~/dV~ of every coarse row over the readers in the chunk: the
-    /// unsplit plan's dispatches (all rows, all reader chunks).
+    /// unsplit plan's dispatches (all rows, all reader chunks). Empty with coarse queries (the
+    /// pass reads coarse rows alone: [`CoarseQuerySteps::shared`]).
     pub dkv_coarse: Vec<Dispatch>,
-    /// dK~, dV~ into dK, dV of its tokens `lo..hi`.
+    /// dK~, dV~ into dK, dV of its tokens `lo..hi` (coarse queries: and dQ~ into dQ).
     pub downsample_backward: Option<Dispatch>,
 }
 
@@ -108,6 +116,8 @@ pub struct BackwardSplitPlan {
     pub head: BackwardPlan,
     /// The backward passes of each chunk of `split.chunks`.
     pub chunks: Vec<BackwardChunk>,
+    /// Coarse queries: their passes (per chunk level 1's stats, the rest once per head).
+    pub coarse_queries: Option<CoarseQuerySteps>,
 }
 
 impl BackwardSplitPlan {
@@ -124,14 +134,14 @@ impl BackwardSplitPlan {
             requested: (n * d) as u64 * 4,
             max: limits.binding_bytes(),
             unit: BINDING_BYTES,
-            advice: "the backward splits one head along its sequence (1D, or a 2D grid in rows \
-                     of cells) for fine queries with Average downsampling and no softmax \
-                     variant: use those, shorter sequences per head, or a device with larger \
-                     storage bindings"
+            advice: "the backward splits one head along its sequence (1D with fine or coarse \
+                     queries, or a 2D grid in rows of cells with fine queries) with Average \
+                     downsampling and no softmax variant: use those, shorter sequences per head, \
+                     or a device with larger storage bindings"
                 .into(),
         };
-        if cfg.queries == Queries::Coarse {
-            return Err(refuse("coarse queries"));
+        if cfg.queries == Queries::Coarse && cfg.grid.is_some() {
+            return Err(refuse("coarse queries on a 2D grid"));
         }
         if let Downsample::Learned(_) = cfg.downsample {
             return Err(refuse("Learned downsampling"));
@@ -196,6 +206,7 @@ impl BackwardSplitPlan {
             other => other,
         })?;
         let d4 = d.div_ceil(4) as u64;
+        let coarse_q = cfg.queries == Queries::Coarse;
         let chunks = split
             .chunks
             .iter()
@@ -210,23 +221,42 @@ impl BackwardSplitPlan {
                     delta: sized(&head.delta, (c.rows as u64).div_ceil(wg))?,
                     dq: sized(&head.dq, tiles)?,
                     dkv_fine: sized(&head.dkv_fine, tiles)?,
-                    dkv_coarse: head.dkv_coarse.clone(),
+                    dkv_coarse: if coarse_q {
+                        Vec::new()
+                    } else {
+                        head.dkv_coarse.clone()
+                    },
                     downsample_backward: head
                         .downsample_backward
                         .as_ref()
                         .map(|whole| {
+                            // K's and V's tokens, then (coarse queries) Q's, as the head's.
                             let wg = u64::from(whole.spec.wg);
-                            sized(whole, ((c.hi - c.lo) as u64 * d4).div_ceil(wg))
+                            let kv = ((c.hi - c.lo) as u64 * d4).div_ceil(wg);
+                            sized(whole, if coarse_q { 2 * kv } else { kv })
                         })
                         .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let coarse_queries = coarse_q
+            .then(|| CoarseQuerySteps::new(&split, &head, limits))
+            .transpose()?;
         Ok(Self {
             split,
             head,
             chunks,
+            coarse_queries,
         })
+    }
+
+    /// The pooling of the levels above the token-reading ones, once per head:
+    /// [`SplitPlan::shared_steps`] without the forward's coarse attention (coarse queries),
+    /// which the backward does not read.
+    pub fn shared_pool(&self) -> Vec<Dispatch> {
+        let mut steps = self.split.shared_steps();
+        steps.retain(|s| s.pass != Pass::CoarseAttention);
+        steps
     }
 
     /// Every dispatch of one head's backward in execution order (module header): what
@@ -236,13 +266,18 @@ impl BackwardSplitPlan {
         for c in &self.split.chunks {
             out.extend(c.downsample.iter().copied());
         }
-        out.extend(self.split.shared_steps());
+        out.extend(self.shared_pool());
         for c in &self.chunks {
             out.extend([c.delta, c.dq, c.dkv_fine]);
         }
-        for (l, rounds) in self.head.dkv_combine.iter().enumerate() {
-            out.extend(self.chunks.iter().map(|c| c.dkv_coarse[l]));
-            out.extend(rounds.iter().copied());
+        if let Some(cq) = &self.coarse_queries {
+            out.extend(&cq.first_level);
+            out.extend(&cq.shared);
+        } else {
+            for (l, rounds) in self.head.dkv_combine.iter().enumerate() {
+                out.extend(self.chunks.iter().map(|c| c.dkv_coarse[l]));
+                out.extend(rounds.iter().copied());
+            }
         }
         for c in &self.chunks {
             out.extend(c.downsample_backward);
@@ -335,13 +370,18 @@ mod tests {
     #[test]
     fn what_a_split_head_does_not_run_is_a_typed_error() {
         let limits = KernelLimits::with_binding(16 << 10);
-        let coarse = FmaConfig {
+        let sinks = FmaConfig {
             queries: Queries::Coarse,
+            variants: crate::variants::Variants {
+                sinks: Some(vec![0.5]),
+                ..Default::default()
+            },
             ..cfg(32, 2, false)
         };
         assert!(matches!(
-            BackwardSplitPlan::new(1000, 16, &coarse, &limits),
-            Err(FmaError::LimitExceeded { what, .. }) if what.contains("coarse queries")
+            BackwardSplitPlan::new(1000, 16, &sinks, &limits),
+            Err(FmaError::LimitExceeded { what, advice, .. })
+                if what.contains("softmax variant") && advice.contains("coarse")
         ));
     }
 }

@@ -5,6 +5,7 @@
 
 mod backward;
 mod backward_split;
+mod backward_split_coarse_q;
 mod decode;
 mod dense;
 mod dense_backward;
@@ -28,6 +29,7 @@ pub use backward::{
     BackwardPlan, BACKWARD_WG, COMBINE_FAN_IN, DKV_COARSE_CHUNK, WEIGHT_CHUNK_WINDOWS,
 };
 pub use backward_split::{BackwardChunk, BackwardSplitPlan};
+pub use backward_split_coarse_q::CoarseQuerySteps;
 pub use decode::{DecodeLayout, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};

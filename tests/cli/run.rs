@@ -1022,6 +1022,41 @@ fn plan_prints_the_dispatches_with_their_depth_without_a_gpu() {
     .assert_bad_input(&["rank"]);
 }
 
+/// `plan --backward --queries coarse` of one head over the binding lists the split backward's
+/// dispatches (issue 27): per chunk level 1's coarse-query stats, the other levels' once.
+#[test]
+fn plan_lists_a_split_coarse_query_backward() {
+    let out = cli([
+        "plan",
+        "--n",
+        "16384",
+        "--head-dim",
+        "64",
+        "--queries",
+        "coarse",
+        "--backward",
+        "--binding-mib",
+        "1",
+        "--json",
+    ]);
+    out.assert_ok();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    let got = doc["dispatches"].as_array().expect("a dispatches array");
+    let count = |pass: &str, level: Option<u64>| {
+        got.iter()
+            .filter(|g| g["pass"] == pass && level.is_none_or(|l| g["level"] == l))
+            .count()
+    };
+    // 16384 tokens of 256 bytes in 1 MiB bindings: 5 chunks of whole blocks of 64 tokens.
+    assert_eq!(count("upsample_merge", None), 5);
+    assert_eq!(count("backward_delta", None), 5);
+    assert_eq!(count("backward_coarse_stats", Some(1)), 5);
+    // Levels 2..L (L = 7: windows 64 .. 4096) once, and each level's dQ~ once.
+    assert_eq!(count("backward_coarse_stats", None), 5 + 6);
+    assert_eq!(count("backward_coarse_dq", None), 7);
+    assert_eq!(count("downsample_backward", None), 5);
+}
+
 /// A reader that closes the pipe early (`plan ... | head`) ends the output quietly with
 /// status 0, as Unix tools do: `println!` panicked there ("failed printing to stdout").
 #[test]

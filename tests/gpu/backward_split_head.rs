@@ -17,9 +17,9 @@
 //! The split run is bitwise the same twice, and within the backward tolerance of the f64
 //! reference. Cases: causal and bidirectional, n = 3001 (partial last block, window and
 //! chunk), a GQA group of 2, and a browser's limits (no subgroups: the coarse pass's two-phase
-//! path). What stays refused is a typed error: Learned pooling and coarse
-//! queries (the limit, saying what splits), and resident gradients of such a forward (their
-//! NaN-poisoned buffers stay NaN).
+//! path). What stays refused is a typed error: Learned pooling (the limit, saying what splits),
+//! and resident gradients of such a forward (their NaN-poisoned buffers stay NaN). Coarse
+//! queries split too: `backward_split_coarse_q.rs`.
 
 use crate::backward_split::regrouped;
 use crate::common::gradients::{compare_all, inputs, nan, Inputs};
@@ -28,7 +28,7 @@ use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, HostGrad, ResidentGrad};
 use multipole_attn::plan::{BackwardSplitPlan, KernelLimits};
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Shape};
 
 /// The binding cap of the split runs.
 const LIMIT: u64 = 32 << 10;
@@ -161,16 +161,6 @@ fn what_a_split_head_backward_does_not_run_is_a_typed_error() {
             &e,
             FmaError::LimitExceeded { .. } | FmaError::InvalidConfig { .. }
         ),
-        "{e}"
-    );
-    // Coarse queries.
-    let coarse = FmaConfig::new(m, 2).queries(Queries::Coarse);
-    let e = capped(coarse)
-        .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
-        .expect_err("coarse queries");
-    assert!(
-        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
-            if what.contains("coarse queries") && advice.contains("Average")),
         "{e}"
     );
     // Resident gradients of a split head's forward: refused, the poisoned buffers untouched.

@@ -23,6 +23,7 @@ use crate::shape::Shape;
 use crate::storage::Storage;
 
 use super::backward::{HostKept, Kept, Saved};
+use super::backward_split_coarse_q::CoarseQueryUniforms;
 use super::workspace::Uniforms;
 use super::FmaAttention;
 
@@ -138,7 +139,7 @@ impl FmaAttention {
         let (n, d) = (shape.seq, shape.head_dim);
         let kv = h / shape.group();
         let head_params = self.split_backward_params(plan, 0, 0..n);
-        let shared = plan.split.shared_steps();
+        let shared = plan.shared_pool();
         let head_shared = Uniforms::new(&self.ctx, &head_params, &shared)?;
         let combine = plan
             .head
@@ -146,6 +147,16 @@ impl FmaAttention {
             .iter()
             .map(|rounds| Uniforms::new(&self.ctx, &head_params, rounds))
             .collect::<Result<Vec<_>>>()?;
+        let coarse_q = plan
+            .coarse_queries
+            .as_ref()
+            .map(|steps| {
+                let params = plan.split.chunks.iter();
+                let params =
+                    params.map(|c| self.split_backward_params(plan, c.row_base, c.lo..c.hi));
+                CoarseQueryUniforms::new(&self.ctx, steps, params, &head_params)
+            })
+            .transpose()?;
         let chunks = plan
             .split
             .chunks
@@ -224,9 +235,23 @@ impl FmaAttention {
                 let sel = Some(&t.grads.selects);
                 record_steps(&self.ctx, &mut cpass, &[b.dq, b.dkv_fine], pipes, sel, &res)?;
             }
-            // 3. Level by level (the levels share the partial sums' space): each chunk's coarse
-            //    dK~/dV~ in chunk order, added to the earlier chunks', then the combine rounds.
-            for (l, (rounds, head)) in plan.head.dkv_combine.iter().zip(&combine).enumerate() {
+            // 3. Coarse queries: each chunk's level-1 (G, R, H), then the passes over coarse rows
+            //    alone, once (backward_split_coarse_q.rs).
+            if let (Some(steps), Some(u)) = (&plan.coarse_queries, &coarse_q) {
+                for ((step, t), u) in steps.first_level.iter().zip(&chunks).zip(&u.first_level) {
+                    let res = res!(&u.params, t);
+                    let sel = Some(&u.selects);
+                    record_steps(&self.ctx, &mut cpass, &[*step], pipes, sel, &res)?;
+                }
+                let res = res!(&u.shared.params, first);
+                let sel = Some(&u.shared.selects);
+                record_steps(&self.ctx, &mut cpass, &steps.shared, pipes, sel, &res)?;
+            }
+            // 3. Fine queries, level by level (the levels share the partial sums' space): each
+            //    chunk's coarse dK~/dV~ in chunk order, added to the earlier chunks', then the
+            //    combine rounds.
+            let fine_levels = plan.head.dkv_combine.iter().zip(&combine);
+            for (l, (rounds, head)) in fine_levels.enumerate().filter(|_| coarse_q.is_none()) {
                 for (b, t) in plan.chunks.iter().zip(&chunks) {
                     let res = res!(&t.coarse[l].params, t);
                     let sel = Some(&t.coarse[l].selects);

@@ -9,6 +9,7 @@
 pub(crate) mod backward;
 mod backward_runs;
 mod backward_split;
+mod backward_split_coarse_q;
 mod forward;
 mod split;
 mod split_coarse;
