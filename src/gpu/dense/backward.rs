@@ -17,6 +17,7 @@ use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::tensors::{
     check_storage, GpuTensors, GradTensors, Output, SavedTensors, Scopes,
 };
+use crate::gpu::engine::varlen_io::GroupLayout;
 use crate::gradients::Gradients;
 use crate::plan::{DenseBackwardPlan, Dispatch, SoftmaxFlags};
 use crate::sequences::Sequences;
@@ -50,6 +51,21 @@ pub(super) enum DenseKept {
     /// Host tensors over one binding whose heads fit: runs of heads in head order, each its
     /// own forward with its own buffers (`backward_runs.rs`).
     Runs(Vec<DenseRun>),
+    /// A variable-length batch `seqs` over one binding: groups of its sequences in batch
+    /// order, each its own forward (`backward_groups.rs`).
+    Groups {
+        seqs: Sequences,
+        groups: Vec<DenseGroup>,
+    },
+}
+
+/// One group of sequences of a [`DenseKept::Groups`]: where its sequences sit in the batch,
+/// and its forward saved as a packed batch of them (a group of one sequence as a batch of one,
+/// which may itself be saved in runs of heads).
+#[derive(Clone, Debug)]
+pub(super) struct DenseGroup {
+    pub layout: GroupLayout,
+    pub saved: DenseSaved,
 }
 
 /// One run of heads of a [`DenseKept::Runs`]: query heads `first .. first + count` of the
@@ -73,24 +89,47 @@ impl DenseSaved {
         }
     }
 
-    /// The buffers of a forward saved whole; saved in runs of heads ([`DenseKept::Runs`], host
-    /// tensors over one binding), a typed error: only a host backward takes them.
-    fn whole(&self) -> Result<&SavedTensors> {
-        match &self.kept {
-            DenseKept::Whole(t) => Ok(t),
-            DenseKept::Runs(runs) => Err(FmaError::InvalidConfig {
-                what: "the dense backward into buffers (ResidentGrad)",
-                value: format!(
-                    "a training forward of {} whose tensors exceed one storage binding, saved \
-                     in {} runs of heads",
-                    self.shape,
-                    runs.len()
-                ),
-                allowed: "the host backward (HostGrad), which differentiates one run of heads \
-                          at a time; or tensors that fit one storage binding each"
-                    .into(),
-            }),
+    /// A forward of the variable-length batch `seqs` of `shape` by the executor `owner`, saved
+    /// in groups of sequences.
+    pub(super) fn groups(
+        shape: Shape,
+        owner: u64,
+        seqs: &Sequences,
+        groups: Vec<DenseGroup>,
+    ) -> Self {
+        Self {
+            shape,
+            sequences: Some(seqs.clone()),
+            span: HeadSpan::whole(shape),
+            owner,
+            kept: DenseKept::Groups {
+                seqs: seqs.clone(),
+                groups,
+            },
         }
+    }
+
+    /// The buffers of a forward saved whole; saved in runs of heads or groups of sequences
+    /// ([`DenseKept::Runs`], [`DenseKept::Groups`]: host tensors over one binding), a typed
+    /// error: only a host backward takes them.
+    fn whole(&self) -> Result<&SavedTensors> {
+        let pieces = match &self.kept {
+            DenseKept::Whole(t) => return Ok(t),
+            DenseKept::Runs(runs) => format!("{} runs of heads", runs.len()),
+            DenseKept::Groups { groups, .. } => format!("{} groups of sequences", groups.len()),
+        };
+        Err(FmaError::InvalidConfig {
+            what: "the dense backward into buffers (ResidentGrad)",
+            value: format!(
+                "a training forward of {} whose tensors exceed one storage binding, saved in \
+                 {pieces}",
+                self.shape,
+            ),
+            allowed: "the host backward (HostGrad), which differentiates one run of heads (or \
+                      group of sequences) at a time; or tensors that fit one storage binding \
+                      each"
+                .into(),
+        })
     }
 }
 
@@ -278,7 +317,13 @@ impl DenseAttention {
                 }
                 other => other.map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?,
             },
-            Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
+            Some(seqs) => match self.backward_plan_sequences(shape, seqs) {
+                // A batch over one binding: groups of sequences that fit.
+                Err(FmaError::LimitExceeded { .. }) if !seqs.is_cross() => {
+                    return self.forward_train_groups((q, k, v), shape, seqs).await;
+                }
+                other => other?,
+            },
         };
         let span = HeadSpan::whole(shape);
         self.forward_train_whole((q, k, v), (shape, span), seqs)
@@ -348,6 +393,9 @@ impl DenseAttention {
         match &saved.kept {
             DenseKept::Whole(_) => self.backward_whole(saved, dout).await,
             DenseKept::Runs(runs) => self.backward_runs(saved.shape, runs, dout).await,
+            DenseKept::Groups { seqs, groups } => {
+                self.backward_groups(saved.shape, seqs, groups, dout).await
+            }
         }
     }
 

@@ -197,25 +197,32 @@ impl RunGradients {
             add_or_copy(&mut sum.dv[dst], &g.dv[src], self.seen[h]);
             self.seen[h] = true;
         }
-        match (&mut sum.dsinks, g.dsinks) {
-            (Some(total), Some(run)) => add_or_copy(total, &run, true),
-            (total @ None, run) => *total = run,
-            (Some(_), None) => {}
-        }
-        match (&mut sum.weights, g.weights) {
-            (Some(total), Some(run)) => {
-                for (s, l) in total.iter_mut().zip(&run) {
-                    add_level(s, l);
-                }
-            }
-            (total @ None, run) => *total = run,
-            (Some(_), None) => {}
-        }
+        add_sums(sum, g);
     }
 
     /// The gradients of every run.
     pub(crate) fn finish(self) -> Gradients<f32> {
         self.sum
+    }
+}
+
+/// The sums over heads of a piece's gradients `g` (the sinks' and the learned weights') added
+/// to the previous pieces' `sum`, in f32 (the first piece's copied): how runs of heads and
+/// groups of sequences (`engine::varlen_io`) put them together, in piece order.
+pub(crate) fn add_sums(sum: &mut Gradients<f32>, g: Gradients<f32>) {
+    match (&mut sum.dsinks, g.dsinks) {
+        (Some(total), Some(run)) => add_or_copy(total, &run, true),
+        (total @ None, run) => *total = run,
+        (Some(_), None) => {}
+    }
+    match (&mut sum.weights, g.weights) {
+        (Some(total), Some(run)) => {
+            for (s, l) in total.iter_mut().zip(&run) {
+                add_level(s, l);
+            }
+        }
+        (total @ None, run) => *total = run,
+        (Some(_), None) => {}
     }
 }
 

@@ -164,11 +164,11 @@ impl FmaAttention {
             want_lse,
             (cap, &bytes_of),
             |g| async move {
-                if g.seqs.count() == 1 {
-                    let one = Shape::new(1, h, g.seqs.total(), d).with_kv_heads(kvh);
+                if g.layout.seqs.count() == 1 {
+                    let one = Shape::new(1, h, g.layout.seqs.total(), d).with_kv_heads(kvh);
                     self.forward_async(&g.q, &g.k, &g.v, one, want_lse).await
                 } else {
-                    self.forward_varlen_whole((&g.q, &g.k, &g.v), g.shape, &g.seqs, want_lse)
+                    self.forward_varlen_whole((&g.q, &g.k, &g.v), g.shape, &g.layout.seqs, want_lse)
                         .await
                 }
             },
