@@ -16,47 +16,15 @@
 //! tensors saved in runs is a typed error that leaves its NaN-poisoned gradients untouched.
 //! Fresh seeds (printed).
 
-use crate::common::gradients::{buffer, compare_all, inputs, nan, Inputs};
+use crate::common::gradients::{buffer, compare_all, host_gradients, inputs, nan, regrouped};
 use crate::common::{gpu, read_buffer};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, HostGrad, ResidentGrad};
+use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, ResidentGrad};
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{FmaError, Gradients, Method, Problem, Shape};
+use multipole_attn::{FmaError, Method, Problem, Shape};
 
 /// The binding cap of the split runs.
 const LIMIT: u64 = 32 << 10;
-
-/// Split against unsplit where the sums are regrouped (module header).
-const WTOL: f64 = 1e-5;
-
-/// Largest |a - b| over the scale max(1, max|b|), asserted within WTOL.
-fn regrouped(label: &str, name: &str, a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "{label}: {name} length");
-    let scale = b.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
-        .fold(
-            0.0,
-            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
-        );
-    assert!(
-        worst <= WTOL * scale,
-        "{label}: {name} split vs unsplit {worst:.3e} (scale {scale:.3e})"
-    );
-    worst / scale
-}
-
-fn host_gradients(
-    dense: &Attention,
-    p: &Problem,
-    x: &Inputs,
-) -> (multipole_attn::gpu::Output, Gradients<f32>) {
-    let (out, saved) = dense.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
-    let g = dense.backward(&saved, HostGrad(&x.dout)).expect("backward");
-    (out, g)
-}
 
 /// One case against the unsplit run, itself and the f64 reference; returns the regrouping
 /// error of dK, dV (0 when the runs are whole groups).

@@ -85,8 +85,7 @@ impl FmaAttention {
         self.check(shape)?;
         match self.backward_plan(shape) {
             Err(LimitExceeded { .. }) if self.one_head_exceeds(shape) => {
-                BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)
-                    .map(drop)
+                BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits).map(drop)
             }
             Err(LimitExceeded { .. }) if shape.batch_heads() > 1 => {
                 let whole = HeadSpan::whole(shape);
