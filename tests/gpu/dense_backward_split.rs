@@ -13,13 +13,14 @@
 //! The split run is bitwise the same twice and within the backward tolerance of the f64
 //! reference (`TOL`). Cases: GQA groups of 2, one K/V head per query head, causal and not,
 //! fewer queries than keys, and a group of 4 over the binding. A resident backward of host
-//! tensors saved in runs is a typed error that leaves its NaN-poisoned gradients untouched.
+//! tensors saved in runs is a typed error that leaves its NaN-poisoned gradients untouched,
+//! and resident training over a binding one before the forward (its outputs stay NaN).
 //! Fresh seeds (printed).
 
 use crate::common::gradients::{buffer, compare_all, host_gradients, inputs, nan, regrouped};
-use crate::common::{gpu, read_buffer};
+use crate::common::{gpu, read_buffer, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, ResidentGrad};
+use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, Resident, ResidentGrad};
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{FmaError, Method, Problem, Shape};
 
@@ -132,6 +133,20 @@ fn a_resident_backward_of_dense_runs_is_a_typed_error() {
     for b in [&dq, &dk, &dv] {
         assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
     }
+    // Resident buffers over a binding: refused before the forward (as FMA's), so their
+    // poisoned outputs stay NaN, saying what to do.
+    let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let bufs = Poisoned::with_usage(ctx, &x.q, &x.k, &x.v, shape, usage);
+    let e = split
+        .train(&problem, Resident(bufs.tensors()))
+        .expect_err("resident tensors over a binding");
+    assert!(
+        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
+            if what.contains("resident") && advice.contains("HostGrad")),
+        "{e}"
+    );
+    let (o, lse) = bufs.read(ctx);
+    assert!(o.iter().chain(&lse).all(|v| v.is_nan()), "the forward ran");
     // One head over a binding: refused (the dense backward does not split a head).
     let long = Shape::new(2, 1, 2000, 8);
     let y = inputs(1, long);

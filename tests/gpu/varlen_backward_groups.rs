@@ -27,9 +27,9 @@
 
 use crate::common::gradients::{buffer, compare, compare_all, host_gradients, inputs, nan};
 use crate::common::gradients::{regrouped, Inputs};
-use crate::common::{gpu, random_learned, read_buffer};
+use crate::common::{gpu, random_learned, read_buffer, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, ResidentGrad};
+use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, Resident, ResidentGrad};
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{
     Downsample, FmaConfig, FmaError, Method, Problem, Queries, Sequences, Variants,
@@ -267,7 +267,8 @@ fn dense_training_over_a_binding_runs_groups_of_sequences() {
 
 /// What grouped training does not do is a typed error: a dense sequence whose one head is
 /// over the binding (the dense backward does not split a head: the error names the
-/// sequence), and resident gradients of a grouped forward (their poisoned buffers stay NaN).
+/// sequence), resident buffers over a binding (before the forward: their poisoned outputs
+/// stay NaN), and resident gradients of a grouped forward (their poisoned buffers stay NaN).
 #[test]
 fn what_grouped_training_refuses_is_a_typed_error() {
     let Some(ctx) = gpu() else { return };
@@ -295,6 +296,19 @@ fn what_grouped_training_refuses_is_a_typed_error() {
             .unwrap()
             .max_binding(cap)
             .unwrap();
+        // Resident buffers over a binding: refused before the forward (its poisoned outputs
+        // stay NaN), saying what to do.
+        let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
+        let e = att
+            .train(&problem, Resident(bufs.tensors()))
+            .expect_err("resident tensors over a binding");
+        assert!(
+            matches!(&e, FmaError::LimitExceeded { what, advice, .. }
+                if what.contains("resident") && advice.contains("HostGrad")),
+            "{method:?}: {e}"
+        );
+        let (o, lse) = bufs.read(ctx);
+        assert!(o.iter().chain(&lse).all(|v| v.is_nan()), "the forward ran");
         let (_, saved) = att
             .train(&problem, Host::new(&x.q, &x.k, &x.v))
             .expect("host training in groups");

@@ -9,7 +9,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage, uniform};
-use crate::gpu::engine::front::{check_host, one_head_over_binding};
+use crate::gpu::engine::front::{check_host, one_head_over_binding, resident_over_binding};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
@@ -287,7 +287,9 @@ impl DenseAttention {
     /// [`DenseAttention::forward_varlen_async`] that keeps what the backward needs on the GPU:
     /// returns O and the LSE (padding rows: 0 and -inf) and the [`DenseSaved`] tensors, whose
     /// [`DenseAttention::backward_async`] gives dQ of Q's shape, dK and dV of K's shape (0 on
-    /// padding rows). The tensors must fit one storage binding each (a typed error says so).
+    /// padding rows). Tensors over one storage binding train a group of sequences at a time
+    /// (`backward_groups.rs`; a sequence whose one head exceeds a binding is a typed error),
+    /// and the backward then takes host dO only.
     pub async fn forward_train_varlen_async(
         &self,
         q: &[f32],
@@ -358,7 +360,20 @@ impl DenseAttention {
     /// on this instance, for [`DenseAttention::backward_buffers`]. `t.lse` must be the buffer
     /// that forward wrote the LSE into ([`FmaError::NoSavedForward`] without one). The buffers
     /// must not change until the backward is recorded.
+    ///
+    /// The backward of buffers runs on them whole: tensors over one storage binding are a
+    /// typed error here, before the forward runs (host tensors train in runs of heads).
     pub fn saved_from_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<DenseSaved> {
+        // Only the binding limit is decided here; other errors keep coming from the backward.
+        if let Err(e @ FmaError::LimitExceeded { .. }) = self.backward_plan(shape) {
+            return Err(resident_over_binding(e));
+        }
+        self.saved_buffers(t, shape)
+    }
+
+    /// [`DenseAttention::saved_from_buffers`] without its check of the plan (a variable-length
+    /// batch checks its own).
+    fn saved_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<DenseSaved> {
         Ok(DenseSaved {
             shape,
             sequences: None,
@@ -376,8 +391,10 @@ impl DenseAttention {
         shape: Shape,
         seqs: &Sequences,
     ) -> Result<DenseSaved> {
-        self.backward_plan_sequences(shape, seqs)?;
-        let mut saved = self.saved_from_buffers(t, shape)?;
+        // Only host tensors train in groups of sequences: a batch over a binding says so.
+        self.backward_plan_sequences(shape, seqs)
+            .map_err(resident_over_binding)?;
+        let mut saved = self.saved_buffers(t, shape)?;
         saved.sequences = Some(seqs.clone());
         Ok(saved)
     }
@@ -386,8 +403,9 @@ impl DenseAttention {
     /// of Q's shape, dK and dV of K's shape (batch, kv_heads, seq_kv, head_dim): with
     /// grouped-query heads each K/V head's gradient is the sum over its group of query heads,
     /// in head order (deterministic). `weights` is `None`.
-    /// Tensors saved in runs of heads (host tensors over one binding) are differentiated one
-    /// run at a time (`backward_runs.rs`).
+    /// Tensors saved in runs of heads or groups of sequences (host tensors over one binding)
+    /// are differentiated one run or group at a time (`backward_runs.rs`,
+    /// `backward_groups.rs`).
     pub async fn backward_async(&self, saved: &DenseSaved, dout: &[f32]) -> Result<Gradients<f32>> {
         saved.shape.check_len("dO", dout.len())?;
         match &saved.kept {

@@ -104,6 +104,32 @@ pub(crate) fn one_head_over_binding(e: FmaError, why: &str) -> FmaError {
     }
 }
 
+/// The error of resident tensors whose backward does not fit one binding (FMA's and dense
+/// attention's `saved_from_buffers`, before the forward runs): the plan's limit, with what to
+/// do instead (host tensors train in pieces; the caller's buffers do not). Other errors are
+/// returned as they are.
+pub(crate) fn resident_over_binding(e: FmaError) -> FmaError {
+    match e {
+        FmaError::LimitExceeded {
+            what,
+            requested,
+            max,
+            unit,
+            advice,
+        } => FmaError::LimitExceeded {
+            what: format!("the backward of resident buffers: {what}"),
+            requested,
+            max,
+            unit,
+            advice: format!(
+                "train on host tensors (Host, then HostGrad), which run in runs of heads or \
+                 groups of sequences, or pass fewer heads or sequences per call ({advice})"
+            ),
+        },
+        e => e,
+    }
+}
+
 /// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head
 /// of one run keeps its bits, a -0.0 included): how the training runs of heads put a K/V
 /// head's gradients together in head order (`fma/backward_runs.rs`, `dense/backward_runs.rs`).

@@ -14,7 +14,7 @@ use crate::cross;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage};
 use crate::gpu::engine::cache::Growing;
-use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::front::{check_host, resident_over_binding};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
@@ -144,30 +144,6 @@ impl Saved {
     pub(super) fn with_sequences(mut self, seqs: Sequences) -> Self {
         self.sequences = Some(seqs);
         self
-    }
-}
-
-/// The error of resident tensors whose backward does not fit one binding: the plan's limit,
-/// with what to do instead (host tensors split; the caller's buffers do not).
-fn resident_over_binding(e: FmaError) -> FmaError {
-    match e {
-        FmaError::LimitExceeded {
-            what,
-            requested,
-            max,
-            unit,
-            advice,
-        } => FmaError::LimitExceeded {
-            what: format!("the backward of resident buffers: {what}"),
-            requested,
-            max,
-            unit,
-            advice: format!(
-                "train on host tensors (Host, then HostGrad), which run a run of heads at a \
-                 time, or pass fewer heads per call ({advice})"
-            ),
-        },
-        e => e,
     }
 }
 

@@ -50,8 +50,8 @@ impl FmaAttention {
     /// Tensors over one storage binding run in groups of sequences that fit, and a sequence
     /// too long alone is split along its sequence as [`FmaAttention::forward_async`] does (the
     /// result equals the unsplit run to float rounding). Training:
-    /// [`FmaAttention::forward_train_varlen`] and [`FmaAttention::backward`] (tensors within
-    /// one storage binding each).
+    /// [`FmaAttention::forward_train_varlen`] and [`FmaAttention::backward`] (over a binding,
+    /// in groups of sequences too).
     pub async fn forward_varlen_async(
         &self,
         q: &[f32],
