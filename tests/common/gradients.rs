@@ -3,8 +3,8 @@
 //! and the comparison of one gradient with the f64 reference at the backward tolerance.
 
 use multipole_attn::gpu::{
-    Attention, GpuContext, GpuTensors, GradTensors, Plan, Resident, ResidentGrad, Saved,
-    WeightGradTensors,
+    Attention, GpuContext, GpuTensors, GradTensors, Host, HostGrad, Output, Plan, Resident,
+    ResidentGrad, Saved, WeightGradTensors,
 };
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{Downsample, Gradients, Method, Problem, Shape};
@@ -15,6 +15,38 @@ use super::{closeness, read_buffer};
 /// The backward tolerance, per tensor: |gpu - ref| <= TOL (max(1, max|ref|) + |ref|) (why:
 /// tests/gpu/backward.rs's header).
 pub const TOL: f64 = 2e-4;
+
+/// A split run's gradients against the unsplit run's where the split regroups a sum (a K/V
+/// head's over runs of heads, the learned weights' over runs or groups): |a - b| <= WTOL
+/// max(1, max|b|) per tensor (why it holds: the header of each module that uses it).
+pub const WTOL: f64 = 1e-5;
+
+/// Largest |a - b| over the scale max(1, max|b|) (a NaN counts as infinite); asserts it is
+/// within [`WTOL`].
+pub fn regrouped(label: &str, name: &str, a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{label}: {name} length");
+    let scale = b.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
+        .fold(
+            0.0,
+            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        );
+    assert!(
+        worst <= WTOL * scale,
+        "{label}: {name} split vs unsplit {worst:.3e} (scale {scale:.3e})"
+    );
+    worst / scale
+}
+
+/// The training forward and backward of host tensors on `att`: its output and gradients.
+pub fn host_gradients(att: &Attention, p: &Problem, x: &Inputs) -> (Output, Gradients<f32>) {
+    let (out, saved) = att.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
+    let g = att.backward(&saved, HostGrad(&x.dout)).expect("backward");
+    (out, g)
+}
 
 /// Q, K, V and dO of a backward test, N(0, 1) from one seed.
 pub struct Inputs {

@@ -22,52 +22,17 @@
 //! on tensors over a binding, and one Learned head over a binding (one Average head splits
 //! along its sequence: `backward_split_head.rs`).
 
-use crate::common::gradients::{compare_all, inputs, nan, Inputs};
+use crate::common::gradients::{compare_all, host_gradients, inputs, nan, regrouped};
 use crate::common::{gpu, random_learned, read_buffer, Poisoned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{
     Attention, GpuContext, GradTensors, Host, HostGrad, Resident, ResidentGrad,
 };
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{
-    Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Queries, Shape, Variants,
-};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Queries, Shape, Variants};
 
 /// The binding cap of the split runs.
 const LIMIT: u64 = 32 << 10;
-
-/// Split against unsplit where the sums are regrouped (module header).
-const WTOL: f64 = 1e-5;
-
-/// Largest |a - b| over the scale max(1, max|b|); asserts it is within WTOL.
-pub(crate) fn regrouped(label: &str, name: &str, a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "{label}: {name} length");
-    let scale = b.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
-        .fold(
-            0.0,
-            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
-        );
-    assert!(
-        worst <= WTOL * scale,
-        "{label}: {name} split vs unsplit {worst:.3e} (scale {scale:.3e})"
-    );
-    worst / scale
-}
-
-/// The training forward and backward of host tensors on `fma`.
-fn host_gradients(
-    fma: &Attention,
-    p: &Problem,
-    x: &Inputs,
-) -> (multipole_attn::gpu::Output, Gradients<f32>) {
-    let (out, saved) = fma.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
-    let g = fma.backward(&saved, HostGrad(&x.dout)).expect("backward");
-    (out, g)
-}
 
 /// One case: the split run against the unsplit one, itself, and the f64 reference; returns
 /// the worst regrouping error (of the weights, and of dK, dV when `whole_groups` is false).

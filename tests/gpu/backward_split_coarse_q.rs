@@ -24,7 +24,7 @@
 //! pass's two-phase path). What stays refused is a typed error: causal coarse queries (the
 //! configuration's), Learned pooling, and coarse rows that do not fit one binding.
 
-use crate::backward_split::regrouped;
+use crate::common::gradients::regrouped;
 use crate::common::gradients::{compare_all, inputs, Inputs};
 use crate::common::{browser_like_gpu, gpu, random_learned};
 use multipole_attn::cpu::{self, widen};

@@ -21,28 +21,16 @@
 //! and resident gradients of such a forward (their NaN-poisoned buffers stay NaN). Coarse
 //! queries split too: `backward_split_coarse_q.rs`.
 
-use crate::backward_split::regrouped;
-use crate::common::gradients::{compare_all, inputs, nan, Inputs};
+use crate::common::gradients::{compare_all, host_gradients, inputs, nan, regrouped};
 use crate::common::{browser_like_gpu, gpu, random_learned, read_buffer};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, HostGrad, ResidentGrad};
+use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, ResidentGrad};
 use multipole_attn::plan::{BackwardSplitPlan, KernelLimits};
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Shape};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Shape};
 
 /// The binding cap of the split runs.
 const LIMIT: u64 = 32 << 10;
-
-/// The training forward and backward of host tensors on `fma`.
-fn host_gradients(
-    fma: &Attention,
-    p: &Problem,
-    x: &Inputs,
-) -> (multipole_attn::gpu::Output, Gradients<f32>) {
-    let (out, saved) = fma.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
-    let g = fma.backward(&saved, HostGrad(&x.dout)).expect("backward");
-    (out, g)
-}
 
 /// One case: the split run against the unsplit one, itself and the f64 reference; returns the
 /// worst dK/dV difference from the unsplit run (of the scale).

@@ -13,50 +13,19 @@
 //! The split run is bitwise the same twice and within the backward tolerance of the f64
 //! reference (`TOL`). Cases: GQA groups of 2, one K/V head per query head, causal and not,
 //! fewer queries than keys, and a group of 4 over the binding. A resident backward of host
-//! tensors saved in runs is a typed error that leaves its NaN-poisoned gradients untouched.
+//! tensors saved in runs is a typed error that leaves its NaN-poisoned gradients untouched,
+//! and resident training over a binding one before the forward (its outputs stay NaN).
 //! Fresh seeds (printed).
 
-use crate::common::gradients::{buffer, compare_all, inputs, nan, Inputs};
-use crate::common::{gpu, read_buffer};
+use crate::common::gradients::{buffer, compare_all, host_gradients, inputs, nan, regrouped};
+use crate::common::{gpu, read_buffer, Poisoned};
 use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, HostGrad, ResidentGrad};
+use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, Resident, ResidentGrad};
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{FmaError, Gradients, Method, Problem, Shape};
+use multipole_attn::{FmaError, Method, Problem, Shape};
 
 /// The binding cap of the split runs.
 const LIMIT: u64 = 32 << 10;
-
-/// Split against unsplit where the sums are regrouped (module header).
-const WTOL: f64 = 1e-5;
-
-/// Largest |a - b| over the scale max(1, max|b|), asserted within WTOL.
-fn regrouped(label: &str, name: &str, a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "{label}: {name} length");
-    let scale = b.iter().fold(1.0f64, |m, &x| m.max(f64::from(x).abs()));
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
-        .fold(
-            0.0,
-            |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
-        );
-    assert!(
-        worst <= WTOL * scale,
-        "{label}: {name} split vs unsplit {worst:.3e} (scale {scale:.3e})"
-    );
-    worst / scale
-}
-
-fn host_gradients(
-    dense: &Attention,
-    p: &Problem,
-    x: &Inputs,
-) -> (multipole_attn::gpu::Output, Gradients<f32>) {
-    let (out, saved) = dense.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
-    let g = dense.backward(&saved, HostGrad(&x.dout)).expect("backward");
-    (out, g)
-}
 
 /// One case against the unsplit run, itself and the f64 reference; returns the regrouping
 /// error of dK, dV (0 when the runs are whole groups).
@@ -164,6 +133,20 @@ fn a_resident_backward_of_dense_runs_is_a_typed_error() {
     for b in [&dq, &dk, &dv] {
         assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
     }
+    // Resident buffers over a binding: refused before the forward (as FMA's), so their
+    // poisoned outputs stay NaN, saying what to do.
+    let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let bufs = Poisoned::with_usage(ctx, &x.q, &x.k, &x.v, shape, usage);
+    let e = split
+        .train(&problem, Resident(bufs.tensors()))
+        .expect_err("resident tensors over a binding");
+    assert!(
+        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
+            if what.contains("resident") && advice.contains("HostGrad")),
+        "{e}"
+    );
+    let (o, lse) = bufs.read(ctx);
+    assert!(o.iter().chain(&lse).all(|v| v.is_nan()), "the forward ran");
     // One head over a binding: refused (the dense backward does not split a head).
     let long = Shape::new(2, 1, 2000, 8);
     let y = inputs(1, long);

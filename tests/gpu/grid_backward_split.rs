@@ -29,7 +29,7 @@
 //! row of cells (1 x N), a single column (N x 1: its reader chunks' partial sums outgrow the
 //! binding first).
 
-use crate::backward_split::regrouped;
+use crate::common::gradients::regrouped;
 use crate::common::gradients::{compare_all, gpu_gradients, inputs, Inputs};
 use crate::common::{browser_like_gpu, gpu};
 use multipole_attn::cpu::{self, widen};

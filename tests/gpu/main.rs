@@ -40,3 +40,4 @@ mod variants;
 mod variants_runs;
 mod varlen;
 mod varlen_backward;
+mod varlen_backward_groups;

@@ -18,9 +18,7 @@ use multipole_attn::gpu::{
     Attention, GpuContext, GpuTensors, GradTensors, Host, HostGrad, Resident, ResidentGrad,
 };
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{
-    Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Queries, Sequences,
-};
+use multipole_attn::{Downsample, FmaConfig, Gradients, Method, Problem, Queries, Sequences};
 
 /// The variable-length problem of `seqs` with `heads`, `kv_heads` and `d`.
 fn varlen(seqs: &Sequences, (heads, kv_heads, d): (usize, usize, usize), causal: bool) -> Problem {
@@ -145,28 +143,6 @@ fn coarse_query_batches_equal_each_sequence_alone() {
         }
     }
     eprintln!("worst scaled error {worst:.2e}");
-}
-
-/// A batch whose tensors exceed one storage binding: its forward runs in groups, its backward
-/// does not split (as in 1D), so training on it is a typed error before any work, naming the
-/// limit.
-#[test]
-fn a_batch_over_one_binding_is_a_typed_error_for_training() {
-    if gpu().is_none() {
-        return;
-    }
-    let ctx = common::gpu_with_binding_limit(16 << 10);
-    let seqs = Sequences::packed(vec![300, 200]).unwrap();
-    let shape = seqs.shape(2, 1, 16); // Q: 500 x 2 x 16 f32 = 62.5 KiB
-    let fma = Attention::fma(&ctx, FmaConfig::new(16, 2)).unwrap();
-    let x = inputs(2, shape);
-    let e = fma
-        .train(
-            &varlen(&seqs, (2, 1, 16), false),
-            Host::new(&x.q, &x.k, &x.v),
-        )
-        .expect_err("training over one binding must be refused");
-    assert!(matches!(e, FmaError::LimitExceeded { .. }), "{e}");
 }
 
 /// Exact attention's backward of variable-length batches (`Method::Dense`, every sequence

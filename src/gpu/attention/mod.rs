@@ -414,10 +414,11 @@ impl Attention {
         })
     }
 
-    /// The plan a backward of `p` executes. FMA tensors over one storage binding that train a
-    /// run of heads at a time ([`Attention::train`]) have no one plan: this is then the
-    /// binding's `LimitExceeded`, and each run's plan that of `p` with the run's heads
-    /// ([`crate::Shape::with_heads`]).
+    /// The plan a backward of `p` executes. Tensors over one storage binding that train in
+    /// pieces ([`Attention::train`]: runs of heads, a head split along its sequence, groups of
+    /// sequences) have no one plan: this is then the binding's `LimitExceeded`, and each run's
+    /// plan that of `p` with the run's heads ([`crate::Shape::with_heads`]), each group's that
+    /// of its sequences packed.
     pub fn backward_plan(&self, p: &Problem) -> Result<Plan> {
         p.validate()?;
         let s = p.shape;
@@ -480,12 +481,16 @@ impl Attention {
     /// the LSE buffer is required (the backward reads it) and the buffers must not change
     /// until the backward is recorded.
     ///
-    /// FMA's host tensors over one storage binding train a run of heads at a time (whole K/V
-    /// groups when one fits), as the forward runs them; their backward takes [`HostGrad`](crate::gpu::HostGrad)
-    /// only; so does one FMA head over a binding, split along its sequence in the forward's
-    /// chunks ([`crate::plan::BackwardSplitPlan`]: fine queries, Average pooling, 1D or a 2D
-    /// grid). Still a typed error: resident buffers over a binding, a head the split backward
-    /// does not run (its error says which), and a variable-length batch over a binding.
+    /// Host tensors over one storage binding train in pieces, as the forward runs them, and
+    /// their backward takes [`HostGrad`](crate::gpu::HostGrad) only: runs of heads (whole K/V
+    /// groups when one fits; FMA and dense), one head split along its sequence in the
+    /// forward's chunks (FMA, Average downsampling, no softmax variant: 1D with fine or coarse
+    /// queries, or a 2D grid with fine queries; [`crate::plan::BackwardSplitPlan`]), and a
+    /// variable-length batch in groups of sequences (FMA and dense; a sequence too long for a
+    /// group trains alone by the rules above). Still a typed error, before the forward runs:
+    /// resident buffers over a binding, and one head over a binding otherwise (dense attention,
+    /// FMA's Learned downsampling, coarse queries on a 2D grid or a softmax variant; its error
+    /// names the sequence of a variable-length batch).
     pub async fn train_async<'a, I: TrainIo<'a>>(
         &self,
         p: &Problem,

@@ -9,7 +9,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage, uniform};
-use crate::gpu::engine::front::{check_host, one_head_over_binding};
+use crate::gpu::engine::front::{check_host, one_head_over_binding, resident_over_binding};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
@@ -17,6 +17,7 @@ use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::tensors::{
     check_storage, GpuTensors, GradTensors, Output, SavedTensors, Scopes,
 };
+use crate::gpu::engine::varlen_io::GroupLayout;
 use crate::gradients::Gradients;
 use crate::plan::{DenseBackwardPlan, Dispatch, SoftmaxFlags};
 use crate::sequences::Sequences;
@@ -50,6 +51,21 @@ pub(super) enum DenseKept {
     /// Host tensors over one binding whose heads fit: runs of heads in head order, each its
     /// own forward with its own buffers (`backward_runs.rs`).
     Runs(Vec<DenseRun>),
+    /// A variable-length batch `seqs` over one binding: groups of its sequences in batch
+    /// order, each its own forward (`backward_groups.rs`).
+    Groups {
+        seqs: Sequences,
+        groups: Vec<DenseGroup>,
+    },
+}
+
+/// One group of sequences of a [`DenseKept::Groups`]: where its sequences sit in the batch,
+/// and its forward saved as a packed batch of them (a group of one sequence as a batch of one,
+/// which may itself be saved in runs of heads).
+#[derive(Clone, Debug)]
+pub(super) struct DenseGroup {
+    pub layout: GroupLayout,
+    pub saved: DenseSaved,
 }
 
 /// One run of heads of a [`DenseKept::Runs`]: query heads `first .. first + count` of the
@@ -73,24 +89,47 @@ impl DenseSaved {
         }
     }
 
-    /// The buffers of a forward saved whole; saved in runs of heads ([`DenseKept::Runs`], host
-    /// tensors over one binding), a typed error: only a host backward takes them.
-    fn whole(&self) -> Result<&SavedTensors> {
-        match &self.kept {
-            DenseKept::Whole(t) => Ok(t),
-            DenseKept::Runs(runs) => Err(FmaError::InvalidConfig {
-                what: "the dense backward into buffers (ResidentGrad)",
-                value: format!(
-                    "a training forward of {} whose tensors exceed one storage binding, saved \
-                     in {} runs of heads",
-                    self.shape,
-                    runs.len()
-                ),
-                allowed: "the host backward (HostGrad), which differentiates one run of heads \
-                          at a time; or tensors that fit one storage binding each"
-                    .into(),
-            }),
+    /// A forward of the variable-length batch `seqs` of `shape` by the executor `owner`, saved
+    /// in groups of sequences.
+    pub(super) fn groups(
+        shape: Shape,
+        owner: u64,
+        seqs: &Sequences,
+        groups: Vec<DenseGroup>,
+    ) -> Self {
+        Self {
+            shape,
+            sequences: Some(seqs.clone()),
+            span: HeadSpan::whole(shape),
+            owner,
+            kept: DenseKept::Groups {
+                seqs: seqs.clone(),
+                groups,
+            },
         }
+    }
+
+    /// The buffers of a forward saved whole; saved in runs of heads or groups of sequences
+    /// ([`DenseKept::Runs`], [`DenseKept::Groups`]: host tensors over one binding), a typed
+    /// error: only a host backward takes them.
+    fn whole(&self) -> Result<&SavedTensors> {
+        let pieces = match &self.kept {
+            DenseKept::Whole(t) => return Ok(t),
+            DenseKept::Runs(runs) => format!("{} runs of heads", runs.len()),
+            DenseKept::Groups { groups, .. } => format!("{} groups of sequences", groups.len()),
+        };
+        Err(FmaError::InvalidConfig {
+            what: "the dense backward into buffers (ResidentGrad)",
+            value: format!(
+                "a training forward of {} whose tensors exceed one storage binding, saved in \
+                 {pieces}",
+                self.shape,
+            ),
+            allowed: "the host backward (HostGrad), which differentiates one run of heads (or \
+                      group of sequences) at a time; or tensors that fit one storage binding \
+                      each"
+                .into(),
+        })
     }
 }
 
@@ -248,7 +287,9 @@ impl DenseAttention {
     /// [`DenseAttention::forward_varlen_async`] that keeps what the backward needs on the GPU:
     /// returns O and the LSE (padding rows: 0 and -inf) and the [`DenseSaved`] tensors, whose
     /// [`DenseAttention::backward_async`] gives dQ of Q's shape, dK and dV of K's shape (0 on
-    /// padding rows). The tensors must fit one storage binding each (a typed error says so).
+    /// padding rows). Tensors over one storage binding train a group of sequences at a time
+    /// (`backward_groups.rs`; a sequence whose one head exceeds a binding is a typed error),
+    /// and the backward then takes host dO only.
     pub async fn forward_train_varlen_async(
         &self,
         q: &[f32],
@@ -278,7 +319,13 @@ impl DenseAttention {
                 }
                 other => other.map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?,
             },
-            Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
+            Some(seqs) => match self.backward_plan_sequences(shape, seqs) {
+                // A batch over one binding: groups of sequences that fit.
+                Err(FmaError::LimitExceeded { .. }) if !seqs.is_cross() => {
+                    return self.forward_train_groups((q, k, v), shape, seqs).await;
+                }
+                other => other?,
+            },
         };
         let span = HeadSpan::whole(shape);
         self.forward_train_whole((q, k, v), (shape, span), seqs)
@@ -313,7 +360,20 @@ impl DenseAttention {
     /// on this instance, for [`DenseAttention::backward_buffers`]. `t.lse` must be the buffer
     /// that forward wrote the LSE into ([`FmaError::NoSavedForward`] without one). The buffers
     /// must not change until the backward is recorded.
+    ///
+    /// The backward of buffers runs on them whole: tensors over one storage binding are a
+    /// typed error here, before the forward runs (host tensors train in runs of heads).
     pub fn saved_from_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<DenseSaved> {
+        // Only the binding limit is decided here; other errors keep coming from the backward.
+        if let Err(e @ FmaError::LimitExceeded { .. }) = self.backward_plan(shape) {
+            return Err(resident_over_binding(e));
+        }
+        self.saved_buffers(t, shape)
+    }
+
+    /// [`DenseAttention::saved_from_buffers`] without its check of the plan (a variable-length
+    /// batch checks its own).
+    fn saved_buffers(&self, t: GpuTensors<'_>, shape: Shape) -> Result<DenseSaved> {
         Ok(DenseSaved {
             shape,
             sequences: None,
@@ -331,8 +391,10 @@ impl DenseAttention {
         shape: Shape,
         seqs: &Sequences,
     ) -> Result<DenseSaved> {
-        self.backward_plan_sequences(shape, seqs)?;
-        let mut saved = self.saved_from_buffers(t, shape)?;
+        // Only host tensors train in groups of sequences: a batch over a binding says so.
+        self.backward_plan_sequences(shape, seqs)
+            .map_err(resident_over_binding)?;
+        let mut saved = self.saved_buffers(t, shape)?;
         saved.sequences = Some(seqs.clone());
         Ok(saved)
     }
@@ -341,13 +403,17 @@ impl DenseAttention {
     /// of Q's shape, dK and dV of K's shape (batch, kv_heads, seq_kv, head_dim): with
     /// grouped-query heads each K/V head's gradient is the sum over its group of query heads,
     /// in head order (deterministic). `weights` is `None`.
-    /// Tensors saved in runs of heads (host tensors over one binding) are differentiated one
-    /// run at a time (`backward_runs.rs`).
+    /// Tensors saved in runs of heads or groups of sequences (host tensors over one binding)
+    /// are differentiated one run or group at a time (`backward_runs.rs`,
+    /// `backward_groups.rs`).
     pub async fn backward_async(&self, saved: &DenseSaved, dout: &[f32]) -> Result<Gradients<f32>> {
         saved.shape.check_len("dO", dout.len())?;
         match &saved.kept {
             DenseKept::Whole(_) => self.backward_whole(saved, dout).await,
             DenseKept::Runs(runs) => self.backward_runs(saved.shape, runs, dout).await,
+            DenseKept::Groups { seqs, groups } => {
+                self.backward_groups(saved.shape, seqs, groups, dout).await
+            }
         }
     }
 

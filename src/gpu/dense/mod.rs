@@ -4,6 +4,7 @@
 //! of heads, `backward_runs.rs`).
 
 mod backward;
+mod backward_groups;
 mod backward_runs;
 mod coop;
 mod split;

@@ -113,12 +113,12 @@ impl DenseAttention {
                 let bytes_of = |lens: &[usize]| (h * lens.iter().sum::<usize>() * d) as u64 * 4;
                 let cap = self.limits.binding_bytes();
                 return varlen_in_groups((q, k, v), shape, seqs, want_lse, (cap, &bytes_of), |g| {
-                    let one = Shape::new(1, h, g.seqs.total(), d).with_kv_heads(kvh);
+                    let one = Shape::new(1, h, g.layout.seqs.total(), d).with_kv_heads(kvh);
                     async move {
-                        if g.seqs.count() == 1 {
+                        if g.layout.seqs.count() == 1 {
                             self.forward_async(&g.q, &g.k, &g.v, one, want_lse).await
                         } else {
-                            let plan = self.varlen_plan(&g.seqs, h, kvh, d, &self.limits)?;
+                            let plan = self.varlen_plan(&g.layout.seqs, h, kvh, d, &self.limits)?;
                             self.run_varlen(&plan, (&g.q, &g.k, &g.v), want_lse).await
                         }
                     }

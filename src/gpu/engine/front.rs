@@ -104,6 +104,32 @@ pub(crate) fn one_head_over_binding(e: FmaError, why: &str) -> FmaError {
     }
 }
 
+/// The error of resident tensors whose backward does not fit one binding (FMA's and dense
+/// attention's `saved_from_buffers`, before the forward runs): the plan's limit, with what to
+/// do instead (host tensors train in pieces; the caller's buffers do not). Other errors are
+/// returned as they are.
+pub(crate) fn resident_over_binding(e: FmaError) -> FmaError {
+    match e {
+        FmaError::LimitExceeded {
+            what,
+            requested,
+            max,
+            unit,
+            advice,
+        } => FmaError::LimitExceeded {
+            what: format!("the backward of resident buffers: {what}"),
+            requested,
+            max,
+            unit,
+            advice: format!(
+                "train on host tensors (Host, then HostGrad), which run in runs of heads or \
+                 groups of sequences, or pass fewer heads or sequences per call ({advice})"
+            ),
+        },
+        e => e,
+    }
+}
+
 /// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head
 /// of one run keeps its bits, a -0.0 included): how the training runs of heads put a K/V
 /// head's gradients together in head order (`fma/backward_runs.rs`, `dense/backward_runs.rs`).
@@ -197,25 +223,32 @@ impl RunGradients {
             add_or_copy(&mut sum.dv[dst], &g.dv[src], self.seen[h]);
             self.seen[h] = true;
         }
-        match (&mut sum.dsinks, g.dsinks) {
-            (Some(total), Some(run)) => add_or_copy(total, &run, true),
-            (total @ None, run) => *total = run,
-            (Some(_), None) => {}
-        }
-        match (&mut sum.weights, g.weights) {
-            (Some(total), Some(run)) => {
-                for (s, l) in total.iter_mut().zip(&run) {
-                    add_level(s, l);
-                }
-            }
-            (total @ None, run) => *total = run,
-            (Some(_), None) => {}
-        }
+        add_sums(sum, g);
     }
 
     /// The gradients of every run.
     pub(crate) fn finish(self) -> Gradients<f32> {
         self.sum
+    }
+}
+
+/// The sums over heads of a piece's gradients `g` (the sinks' and the learned weights') added
+/// to the previous pieces' `sum`, in f32 (the first piece's copied): how runs of heads and
+/// groups of sequences (`engine::varlen_io`) put them together, in piece order.
+pub(crate) fn add_sums(sum: &mut Gradients<f32>, g: Gradients<f32>) {
+    match (&mut sum.dsinks, g.dsinks) {
+        (Some(total), Some(run)) => add_or_copy(total, &run, true),
+        (total @ None, run) => *total = run,
+        (Some(_), None) => {}
+    }
+    match (&mut sum.weights, g.weights) {
+        (Some(total), Some(run)) => {
+            for (s, l) in total.iter_mut().zip(&run) {
+                add_level(s, l);
+            }
+        }
+        (total @ None, run) => *total = run,
+        (Some(_), None) => {}
     }
 }
 

@@ -14,13 +14,14 @@ use crate::cross;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage};
 use crate::gpu::engine::cache::Growing;
-use crate::gpu::engine::front::check_host;
+use crate::gpu::engine::front::{check_host, resident_over_binding};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{check_storage, GpuTensors, SavedTensors, Scopes};
 pub use crate::gpu::engine::tensors::{GradTensors, WeightGradTensors};
+use crate::gpu::engine::varlen_io::GroupLayout;
 use crate::gradients::{Gradients, LevelGradients};
 use crate::plan::{BackwardPlan, Dispatch, Pass};
 use crate::sequences::Sequences;
@@ -61,6 +62,21 @@ pub(super) enum Kept {
     /// One head over a binding: the split forward's tensors on the host, bound chunk by chunk
     /// by the backward (`backward_split.rs`).
     Split(HostKept),
+    /// A variable-length batch `seqs` over one binding: groups of its sequences in batch
+    /// order, each its own forward (`backward_groups.rs`).
+    Groups {
+        seqs: Sequences,
+        groups: Vec<SeqGroup>,
+    },
+}
+
+/// One group of sequences of a [`Kept::Groups`]: where its sequences sit in the batch, and its
+/// forward saved as a packed batch of them (a group of one sequence as a batch of one, which
+/// may itself be saved in runs of heads or split along its sequence).
+#[derive(Clone, Debug)]
+pub(super) struct SeqGroup {
+    pub layout: GroupLayout,
+    pub saved: Saved,
 }
 
 /// A split-head forward's tensors, kept on the host ([`Kept::Split`], `backward_split.rs`):
@@ -102,7 +118,7 @@ impl Saved {
     fn whole(&self) -> Result<&SavedTensors> {
         match &self.kept {
             Kept::Whole(t) => Ok(t),
-            Kept::Runs(_) | Kept::Split(_) => Err(FmaError::InvalidConfig {
+            Kept::Runs(_) | Kept::Split(_) | Kept::Groups { .. } => Err(FmaError::InvalidConfig {
                 what: "the backward into buffers (ResidentGrad)",
                 value: format!(
                     "a training forward of {} whose tensors exceed one storage binding, saved \
@@ -110,11 +126,15 @@ impl Saved {
                     self.shape,
                     match &self.kept {
                         Kept::Runs(runs) => format!("in {} runs of heads", runs.len()),
+                        Kept::Groups { groups, .. } => {
+                            format!("in {} groups of sequences", groups.len())
+                        }
                         _ => "on the host (one head over a binding)".into(),
                     }
                 ),
                 allowed: "the host backward (HostGrad), which differentiates one run of heads \
-                          at a time; or tensors that fit one storage binding each"
+                          (or group of sequences) at a time; or tensors that fit one storage \
+                          binding each"
                     .into(),
             }),
         }
@@ -124,30 +144,6 @@ impl Saved {
     pub(super) fn with_sequences(mut self, seqs: Sequences) -> Self {
         self.sequences = Some(seqs);
         self
-    }
-}
-
-/// The error of resident tensors whose backward does not fit one binding: the plan's limit,
-/// with what to do instead (host tensors split; the caller's buffers do not).
-fn resident_over_binding(e: FmaError) -> FmaError {
-    match e {
-        FmaError::LimitExceeded {
-            what,
-            requested,
-            max,
-            unit,
-            advice,
-        } => FmaError::LimitExceeded {
-            what: format!("the backward of resident buffers: {what}"),
-            requested,
-            max,
-            unit,
-            advice: format!(
-                "train on host tensors (Host, then HostGrad), which run a run of heads at a \
-                 time, or pass fewer heads per call ({advice})"
-            ),
-        },
-        e => e,
     }
 }
 
@@ -284,7 +280,7 @@ impl FmaAttention {
 
     /// Whether the backward of one head of `shape` (one query head, its K/V head) exceeds one
     /// storage binding: then training splits the head along its sequence.
-    fn one_head_exceeds(&self, shape: Shape) -> bool {
+    pub(super) fn one_head_exceeds(&self, shape: Shape) -> bool {
         let one = Shape::cross(1, 1, shape.seq, shape.seq_kv, shape.head_dim);
         matches!(self.backward_plan(one), Err(FmaError::LimitExceeded { .. }))
     }
@@ -352,7 +348,13 @@ impl FmaAttention {
                 // (A head over a binding splits above: what is left is not about bindings.)
                 other => other?,
             },
-            Some(seqs) => self.backward_plan_sequences(shape, seqs)?,
+            Some(seqs) => match self.backward_plan_sequences(shape, seqs) {
+                // A batch over one binding: groups of sequences that fit.
+                Err(FmaError::LimitExceeded { .. }) if !seqs.is_cross() => {
+                    return self.forward_train_groups((q, k, v), shape, seqs).await;
+                }
+                other => other?,
+            },
         };
         let span = HeadSpan::whole(shape);
         self.forward_train_whole((q, k, v), (shape, span), seqs)
@@ -439,6 +441,9 @@ impl FmaAttention {
             Kept::Whole(_) => self.backward_whole(saved, dout).await,
             Kept::Runs(runs) => self.backward_runs(saved.shape, runs, dout).await,
             Kept::Split(kept) => self.backward_split(saved.shape, kept, dout).await,
+            Kept::Groups { seqs, groups } => {
+                self.backward_groups(saved.shape, seqs, groups, dout).await
+            }
         }
     }
 

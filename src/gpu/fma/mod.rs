@@ -7,6 +7,7 @@
 //! by capacity (`workspace.rs`).
 
 pub(crate) mod backward;
+mod backward_groups;
 mod backward_runs;
 mod backward_split;
 mod backward_split_coarse_q;

@@ -50,8 +50,8 @@ impl FmaAttention {
     /// Tensors over one storage binding run in groups of sequences that fit, and a sequence
     /// too long alone is split along its sequence as [`FmaAttention::forward_async`] does (the
     /// result equals the unsplit run to float rounding). Training:
-    /// [`FmaAttention::forward_train_varlen`] and [`FmaAttention::backward`] (tensors within
-    /// one storage binding each).
+    /// [`FmaAttention::forward_train_varlen`] and [`FmaAttention::backward`] (over a binding,
+    /// in groups of sequences too).
     pub async fn forward_varlen_async(
         &self,
         q: &[f32],
@@ -164,11 +164,11 @@ impl FmaAttention {
             want_lse,
             (cap, &bytes_of),
             |g| async move {
-                if g.seqs.count() == 1 {
-                    let one = Shape::new(1, h, g.seqs.total(), d).with_kv_heads(kvh);
+                if g.layout.seqs.count() == 1 {
+                    let one = Shape::new(1, h, g.layout.seqs.total(), d).with_kv_heads(kvh);
                     self.forward_async(&g.q, &g.k, &g.v, one, want_lse).await
                 } else {
-                    self.forward_varlen_whole((&g.q, &g.k, &g.v), g.shape, &g.seqs, want_lse)
+                    self.forward_varlen_whole((&g.q, &g.k, &g.v), g.shape, &g.layout.seqs, want_lse)
                         .await
                 }
             },

@@ -5,6 +5,7 @@
 //! dispatch, no gradient across sequences).
 
 use crate::error::Result;
+use crate::gpu::engine::front::resident_over_binding;
 use crate::gpu::engine::tensors::{GpuTensors, Output};
 use crate::plan::BackwardPlan;
 use crate::sequences::Sequences;
@@ -34,7 +35,9 @@ impl FmaAttention {
     /// returns O and the LSE (padding rows: 0 and -inf) and the [`Saved`] tensors, whose
     /// [`FmaAttention::backward_async`] gives dQ of Q's shape, dK and dV of K's shape (0 on
     /// padding rows) and, in Learned mode, the weight gradients summed over the sequences.
-    /// The tensors must fit one storage binding each (no split: a typed error says so).
+    /// Tensors over one storage binding train a group of sequences at a time (and a sequence
+    /// too long for a group alone, split along itself where the backward splits one head;
+    /// `backward_groups.rs`): the backward then takes host dO only.
     pub async fn forward_train_varlen_async(
         &self,
         q: &[f32],
@@ -54,7 +57,9 @@ impl FmaAttention {
         shape: Shape,
         seqs: &Sequences,
     ) -> Result<Saved> {
-        self.backward_plan_sequences(shape, seqs)?;
+        // Only host tensors train in groups of sequences: a batch over a binding says so.
+        self.backward_plan_sequences(shape, seqs)
+            .map_err(resident_over_binding)?;
         Ok(self.saved_buffers(t, shape)?.with_sequences(seqs.clone()))
     }
 }
