@@ -11,6 +11,7 @@ mod dense_backward;
 mod dense_tiled;
 mod depth;
 mod dispatch;
+mod fine_tiled;
 mod forward;
 mod limits;
 mod pass;
@@ -40,6 +41,7 @@ pub use dispatch::{
     attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,
     MIN_KEY_TILE,
 };
+pub use fine_tiled::{fine_kernel_spec, fine_tile_bytes, fine_tiled_spec, FmaKernel};
 pub use forward::{FmaPlan, Workspace, POOL_TAPS};
 pub use limits::{exceeds_binding, KernelLimits};
 pub use pass::{Pass, SoftmaxFlags, Specialization};

@@ -25,7 +25,7 @@ use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{check_variants, LevelInfo, Params, MAX_LEVELS};
 use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::tensors::HostPool;
-use crate::plan::{FmaPlan, KernelLimits};
+use crate::plan::{FmaKernel, FmaPlan, KernelLimits};
 use crate::shape::Shape;
 use crate::storage::Storage;
 use crate::variants::HeadSpan;
@@ -62,6 +62,9 @@ pub struct FmaAttention {
     backward_scratch: Mutex<BackwardScratch>,
     /// The element type of Q, K, V and O (issue 29).
     storage: Storage,
+    /// The fused fine-query pass's shape ([`FmaKernel::for_device`] of the adapter, or
+    /// [`FmaAttention::kernel`]'s).
+    kernel: FmaKernel,
 }
 
 impl FmaAttention {
@@ -103,6 +106,7 @@ impl FmaAttention {
             backward_uniforms: ShapeCache::default(),
             backward_scratch: Mutex::new(BackwardScratch::default()),
             storage: Storage::F32,
+            kernel: FmaKernel::for_device(ctx.info.device_type),
         })
     }
 
@@ -130,6 +134,28 @@ impl FmaAttention {
         self
     }
 
+    /// Runs the forward's fused fine-query pass with the kernel of shape `kernel` instead of
+    /// the adapter's choice ([`FmaKernel::for_device`]: the rows kernel on a CPU adapter such
+    /// as lavapipe, the tiled one on a GPU): the tests run the tiled kernel on lavapipe with
+    /// it, and a benchmark compares the two on one device. The results agree within f32
+    /// rounding (the sums are taken in another order); each is deterministic. The training
+    /// forward runs it too; the backward is the same either way. Call before the first forward.
+    pub fn kernel(mut self, kernel: FmaKernel) -> Self {
+        self.kernel = kernel;
+        self.uniforms = ShapeCache::default();
+        self
+    }
+
+    /// The kernel the forward's fused pass is planned with: [`FmaAttention::kernel`]'s, except
+    /// under f16 storage, which runs the rows kernel (the tiled one is not composed for f16
+    /// yet, as dense attention's).
+    pub(super) fn fine_kernel(&self) -> FmaKernel {
+        match self.storage {
+            Storage::F16 => FmaKernel::Rows,
+            Storage::F32 => self.kernel,
+        }
+    }
+
     /// The plan a call with `shape` would execute (dispatches per level, buffer sizes).
     pub fn plan(&self, shape: Shape) -> Result<FmaPlan> {
         self.plan_in(shape, HeadSpan::whole(shape))
@@ -140,7 +166,7 @@ impl FmaAttention {
     /// sink).
     pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<FmaPlan> {
         self.check_variants(span.heads)?;
-        Ok(FmaPlan::new(shape, &self.cfg, &self.limits)?
+        Ok(FmaPlan::with_kernel(shape, &self.cfg, &self.limits, self.fine_kernel())?
             .with_storage(self.storage)
             .in_span(span))
     }
