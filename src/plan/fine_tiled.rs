@@ -143,7 +143,9 @@ mod tests {
             for m in [1, 3, 8, 16, 24, 32, 64, 100, 128, 512] {
                 for limits in [gpu, KernelLimits::lavapipe(), browser()] {
                     if let Some(s) = fine_tiled_spec(d, m, m, &limits) {
-                        assert!(fine_tile_bytes(s.wg, s.bk, s.d4) <= limits.workgroup_storage as u64);
+                        assert!(
+                            fine_tile_bytes(s.wg, s.bk, s.d4) <= limits.workgroup_storage as u64
+                        );
                         assert!(tiled_threads(s.wg) <= limits.max_workgroup);
                         assert_eq!(s.wg % TILED_ROWS, 0);
                         assert_eq!(s.bk % TILED_LANES, 0);
@@ -187,7 +189,10 @@ mod tests {
         let limits = KernelLimits::lavapipe();
         for (shape, cfg) in [
             (Shape::new(1, 4, 4096, 64), FmaConfig::new(64, 2)),
-            (Shape::new(2, 2, 1025, 40), FmaConfig::new(16, 2).causal(true)),
+            (
+                Shape::new(2, 2, 1025, 40),
+                FmaConfig::new(16, 2).causal(true),
+            ),
             (
                 Shape::new(1, 3, 45 * 70, 16),
                 FmaConfig::new(8, 2).grid(Some(Grid::new(45, 70))),
@@ -222,7 +227,9 @@ mod tests {
         let grid = Grid::new(40, 40);
         let g = FmaPlan::with_kernel(
             Shape::new(1, 1, 1600, 16),
-            &FmaConfig::new(8, 2).grid(Some(grid)).queries(Queries::Coarse),
+            &FmaConfig::new(8, 2)
+                .grid(Some(grid))
+                .queries(Queries::Coarse),
             &gpu,
             FmaKernel::Tiled,
         )
@@ -232,8 +239,8 @@ mod tests {
         assert_eq!((g.attention.spec.wg, g.attention.spec.bk), (64, 32));
         // A variable-length batch: each sequence's blocks times the tiles per block.
         let seqs = crate::sequences::Sequences::packed(vec![1, 200, 64]).unwrap();
-        let v = FmaPlan::for_sequences_with(&seqs, (2, 1, 64), &cfg, &gpu, FmaKernel::Tiled)
-            .unwrap();
+        let v =
+            FmaPlan::for_sequences_with(&seqs, (2, 1, 64), &cfg, &gpu, FmaKernel::Tiled).unwrap();
         assert_eq!(v.attention.pass, Pass::FineTiled);
         // Blocks of 128 (the longest sequence's), two tiles each: 1 + 2 + 1 blocks.
         assert_eq!(v.sequences.as_ref().unwrap().tiles, 2 + 4 + 2);
@@ -243,6 +250,9 @@ mod tests {
             SplitPlan::with_kernel(2000, 16, &FmaConfig::new(32, 2), &small, FmaKernel::Tiled)
                 .unwrap();
         assert!(split.chunks.len() > 1);
-        assert!(split.chunks.iter().all(|c| c.attention.pass == Pass::FineTiled));
+        assert!(split
+            .chunks
+            .iter()
+            .all(|c| c.attention.pass == Pass::FineTiled));
     }
 }

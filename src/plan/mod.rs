@@ -54,19 +54,33 @@ pub use split_coarse::{
 pub use split_dense::{DensePair, DenseSplitPlan};
 
 /// FMA's forward dispatches of the problem `p` (the mask from `p`) with the depth of each, and
-/// with `backward` the backward's after them: what `multipole-attn plan` prints.
+/// with `backward` the backward's after them; the forward's fused pass the rows kernel
+/// ([`FmaKernel::Rows`], a CPU adapter's): [`fma_depths_with`] of it.
 pub fn fma_depths(
     p: &crate::problem::Problem,
     cfg: &crate::config::FmaConfig,
     limits: &KernelLimits,
     backward: bool,
 ) -> crate::error::Result<Vec<DispatchDepth>> {
+    fma_depths_with(p, cfg, limits, backward, FmaKernel::Rows)
+}
+
+/// [`fma_depths`] with the forward's fused fine-query pass of shape `kernel` (the backward is
+/// the same either way): what `multipole-attn plan` prints, with the tiled kernel a GPU runs.
+pub fn fma_depths_with(
+    p: &crate::problem::Problem,
+    cfg: &crate::config::FmaConfig,
+    limits: &KernelLimits,
+    backward: bool,
+    kernel: FmaKernel,
+) -> crate::error::Result<Vec<DispatchDepth>> {
     let cfg = cfg.clone().causal(p.causal);
-    let forward = match FmaPlan::new(p.shape, &cfg, limits) {
+    let forward = match FmaPlan::with_kernel(p.shape, &cfg, limits, kernel) {
         Ok(forward) => forward,
         // One head over a binding: its chunks' dispatches (those of every head).
         Err(e) if exceeds_binding(&e) && head_exceeds_binding(p.shape, limits) => {
-            return backward_split::split_head_depths(p.shape, &cfg, limits, backward)
+            let what = (backward, kernel);
+            return backward_split::split_head_depths(p.shape, &cfg, limits, what)
                 .map_err(|split| if exceeds_binding(&split) { e } else { split });
         }
         Err(e) => return Err(e),

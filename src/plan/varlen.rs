@@ -5,8 +5,8 @@
 
 use super::dense::DensePlan;
 use super::dense_tiled::DenseKernel;
-use super::fine_tiled::FmaKernel;
 use super::dispatch::{dispatch, Dispatch, MERGE_WG};
+use super::fine_tiled::FmaKernel;
 use super::forward::{pool_level, FmaPlan, Workspace};
 use super::limits::KernelLimits;
 use super::pass::{Pass, SoftmaxFlags, Specialization};
@@ -84,8 +84,13 @@ impl FmaPlan {
         let shape = seqs.shape(heads, kv_heads, d);
         shape.validate()?;
         check_batch(shape, limits)?;
-        let base =
-            FmaPlan::without_tensor_bindings(one(shape, seqs.max_len()), cfg, limits, false, kernel)?;
+        let base = FmaPlan::without_tensor_bindings(
+            one(shape, seqs.max_len()),
+            cfg,
+            limits,
+            false,
+            kernel,
+        )?;
         let (m, tpb) = (base.levels.m, base.tiles_per_block);
         let table = SeqTable::new(seqs, heads, kv_heads, Some(&base.levels), |n| {
             n.div_ceil(m) as u64 * tpb as u64

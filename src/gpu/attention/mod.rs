@@ -19,9 +19,7 @@ use crate::gpu::fma::backward::Saved as FmaSaved;
 use crate::gpu::fma::FmaAttention;
 use crate::gradients::Gradients;
 use crate::method::Method;
-use crate::plan::{
-    BackwardPlan, DenseBackwardPlan, DenseKernel, DensePlan, FmaKernel, FmaPlan,
-};
+use crate::plan::{BackwardPlan, DenseBackwardPlan, DenseKernel, DensePlan, FmaKernel, FmaPlan};
 use crate::problem::Problem;
 use crate::storage::Storage;
 use crate::variants::Variants;

@@ -166,9 +166,11 @@ impl FmaAttention {
     /// sink).
     pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<FmaPlan> {
         self.check_variants(span.heads)?;
-        Ok(FmaPlan::with_kernel(shape, &self.cfg, &self.limits, self.fine_kernel())?
-            .with_storage(self.storage)
-            .in_span(span))
+        Ok(
+            FmaPlan::with_kernel(shape, &self.cfg, &self.limits, self.fine_kernel())?
+                .with_storage(self.storage)
+                .in_span(span),
+        )
     }
 
     /// The softmax variants against the caller's `heads` query heads, and what the parameter
