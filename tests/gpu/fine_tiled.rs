@@ -21,8 +21,10 @@ use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad, Resident};
 use multipole_attn::plan::{FmaKernel, Pass};
 use multipole_attn::random::{fresh_seed, normal_tensor};
+use multipole_attn::storage::round_to_f16;
 use multipole_attn::{
-    Downsample, FmaConfig, Grid, Method, Problem, Queries, Sequences, Shape, Variants, Window,
+    Downsample, FmaConfig, Grid, Method, Problem, Queries, Sequences, Shape, Storage, Variants,
+    Window,
 };
 
 const O_ATOL: f64 = 5e-5;
@@ -322,5 +324,37 @@ fn training_keeps_the_tiled_forward_and_its_backward_agrees() {
         let wide: Vec<f64> = b.iter().map(|&v| v as f64).collect();
         let c = closeness(a, &wide, 1e-4, 1e-4);
         assert_eq!(c.violations, 0, "seed {seed}: {name} {c:?}");
+    }
+}
+
+/// f16 storage (issue 29): the tiled pass composed for f16 Q, K, V and O differs from its f32
+/// variant in its loads and stores only, so on f16 inputs its O is the f32 tiled pass's O
+/// rounded to f16, bit for bit, and its LSE (f32) equal (as `f16.rs` checks of the rows kernel).
+#[test]
+fn f16_storage_runs_the_tiled_pass_as_its_f32_variant_rounded() {
+    let Some(ctx) = gpu() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let cfg = FmaConfig::new(16, 2);
+    let Ok(half) = Attention::fma(ctx, cfg.clone())
+        .and_then(|a| a.storage(Storage::F16))
+        .and_then(|a| a.fma_kernel(FmaKernel::Tiled))
+    else {
+        eprintln!("skipping: no SHADER_F16");
+        return;
+    };
+    let full = fma(ctx, &cfg, FmaKernel::Tiled);
+    for causal in [false, true] {
+        let shape = Shape::new(1, 2, 300, 24);
+        let p = Problem::new(shape).causal(causal);
+        assert_eq!(fine_pass(&half, &p), Pass::FineTiled);
+        let x = inputs(seed + causal as u64, shape);
+        let (q, k, v) = (round_to_f16(&x.q), round_to_f16(&x.k), round_to_f16(&x.v));
+        let o16 = half.forward(&p, Host::new(&q, &k, &v)).unwrap();
+        let o32 = full.forward(&p, Host::new(&q, &k, &v)).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let label = format!("seed {seed} causal {causal}");
+        assert_eq!(bits(&o16.o), bits(&round_to_f16(&o32.o)), "{label}: O");
+        assert_eq!(o16.lse, o32.lse, "{label}: LSE");
     }
 }

@@ -314,8 +314,7 @@ impl Attention {
     /// choice ([`FmaKernel::for_device`]: [`FmaKernel::Rows`] on a CPU adapter such as
     /// lavapipe, [`FmaKernel::Tiled`] on a GPU): for testing the tiled kernel on lavapipe and
     /// comparing the two on one device. Results agree within f32 rounding. Where the tiled
-    /// kernel's tiles do not fit the adapter for the head dimension, and under f16 storage,
-    /// the rows kernel runs. The training forward runs the chosen kernel; the backward is the
+    /// kernel's tiles do not fit the adapter for the head dimension, the rows kernel runs. The training forward runs the chosen kernel; the backward is the
     /// same either way. No effect on dense attention (nor on FMA with a window and Average
     /// downsampling, which runs on dense attention's banded kernel:
     /// [`Attention::dense_kernel`]). Call before the first forward.

@@ -146,14 +146,11 @@ impl FmaAttention {
         self
     }
 
-    /// The kernel the forward's fused pass is planned with: [`FmaAttention::kernel`]'s, except
-    /// under f16 storage, which runs the rows kernel (the tiled one is not composed for f16
-    /// yet, as dense attention's).
+    /// The kernel the forward's fused pass is planned with ([`FmaAttention::kernel`]'s; under
+    /// f16 storage too: the tiled pass's loads and stores of Q, K, V and O are the composer's
+    /// patterns, so it has an f16 variant).
     pub(super) fn fine_kernel(&self) -> FmaKernel {
-        match self.storage {
-            Storage::F16 => FmaKernel::Rows,
-            Storage::F32 => self.kernel,
-        }
+        self.kernel
     }
 
     /// The plan a call with `shape` would execute (dispatches per level, buffer sizes).
