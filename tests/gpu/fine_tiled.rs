@@ -144,7 +144,7 @@ fn the_tiled_pass_matches_the_reference_and_the_rows_kernel_in_1d() {
     for (i, &(n, d, m, p, heads)) in cases.iter().enumerate() {
         for causal in [false, true] {
             let s = seed.wrapping_add(7919 * (2 * i as u64 + causal as u64));
-            let downsample = if (i + causal as usize) % 2 == 0 {
+            let downsample = if (i + causal as usize).is_multiple_of(2) {
                 Downsample::Average
             } else {
                 Downsample::Learned(random_learned(s, d, m, p, n))
