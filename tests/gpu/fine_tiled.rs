@@ -15,7 +15,9 @@
 //! Sizes stay small: the tiled kernel costs ~4x the rows kernel on lavapipe (docs/perf.md,
 //! change 29), and each (head_dim, block, variants) is a pipeline to build.
 
-use crate::common::{closeness, gpu, gpu_with_binding_limit, random_learned, Poisoned};
+use crate::common::{
+    browser_like_gpu, closeness, gpu, gpu_with_binding_limit, random_learned, Poisoned,
+};
 use crate::grid::random_grid_weights;
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad, Resident};
@@ -243,6 +245,26 @@ fn the_tiled_pass_runs_softcap_sinks_and_windows() {
     let cfg = FmaConfig::new(32, 2).downsample(learned);
     let p = Problem::new(shape).causal(true).variants(window);
     check(ctx, seed + 2, &p, &cfg);
+}
+
+/// A browser's limits (16 KiB of workgroup memory, no subgroups): blocks of 64 queries in tiles
+/// of 16 rows at d = 64 (four per block), and the rows kernel where no tile fits (d = 128).
+#[test]
+fn browser_limits_run_small_tiles_or_the_rows_kernel() {
+    let Some(ctx) = browser_like_gpu() else {
+        return;
+    };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let p = Problem::new(Shape::new(1, 2, 300, 64)).causal(true);
+    let cfg = FmaConfig::new(64, 2);
+    let tiled = fma(ctx, &cfg, FmaKernel::Tiled);
+    let plan = tiled.plan(&p).unwrap();
+    let fine = plan.fma().unwrap();
+    assert_eq!((fine.attention.spec.wg, fine.tiles_per_block), (16, 4));
+    check(ctx, seed, &p, &cfg);
+    let wide = Problem::new(Shape::new(1, 1, 100, 128));
+    assert_eq!(fine_pass(&tiled, &wide), Pass::FineAttention);
 }
 
 /// A head over one storage binding, split along its sequence (and, at m = 4, with its coarse
