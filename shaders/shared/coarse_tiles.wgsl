@@ -6,41 +6,9 @@
 // `levels::far_list` (2D: `GridGeometry::far_cells`), through the geometry interface
 // (level_group, level_far_run).
 // Needs from the importer: key_tiles, geometry, problems or sequences; bindings coarse_k,
-// coarse_v.
+// coarse_v. The gathered sequence itself (far_total, far_key): `far_keys.wgsl`.
 
-// Coarse keys that fine block a0 sees over `levels` levels.
-fn far_total(pr: Problem, a0: u32, causal: bool, levels: u32) -> u32 {
-    let p = params.p;
-    var total = 0u;
-    for (var lvl = 0u; lvl < levels; lvl++) {
-        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
-        for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
-                                  causal, run);
-            total += (r.y - r.x) * p;
-        }
-    }
-    return total;
-}
-
-// The g-th key of block a0's gathered far field: (level index, row within the level).
-fn far_key(pr: Problem, a0: u32, causal: bool, g: u32) -> vec2<u32> {
-    let p = params.p;
-    var rest = g;
-    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
-        let a = level_group(pr.n, params.m, params.grid_w, a0, lvl);
-        for (var run = 0u; run < FAR_RUNS; run++) {
-            let r = level_far_run(pr.n, params.m, params.grid_w, lvl, a, level_windows(pr, lvl),
-                                  causal, run);
-            let rows = (r.y - r.x) * p;
-            if (rest < rows) {
-                return vec2<u32>(lvl, r.x * p + rest);
-            }
-            rest -= rows;
-        }
-    }
-    return vec2<u32>(0u, 0u); // not reached for g < far_total
-}
+#import far_keys
 
 // Stages keys [g0, g0 + count) of block a0's gathered far field (count <= BK). Each invocation
 // stages whole rows: it finds its row's level once (a walk over the levels) instead of once per

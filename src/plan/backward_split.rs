@@ -45,21 +45,22 @@ use super::depth::{with_depth, DepthModel, DispatchDepth};
 use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::error::{FmaError, Result};
-use crate::plan::{dispatch, BackwardPlan, Dispatch, KernelLimits, Pass, SplitPlan};
+use crate::plan::{dispatch, BackwardPlan, Dispatch, FmaKernel, KernelLimits, Pass, SplitPlan};
 use crate::shape::Shape;
 
 /// The dispatches of one head of `shape` split across bindings, with their depth: the split
 /// forward's (its chunks' pooling, the shared levels, its chunks' attention), and with
-/// `backward` the [`BackwardSplitPlan`]'s; every head runs the same list. `cfg` carries the
+/// `backward` the [`BackwardSplitPlan`]'s; every head runs the same list; the forward's fused
+/// pass of shape `kernel`. `cfg` carries the
 /// problem's mask. What `multipole-attn plan` prints for such a head.
 pub(super) fn split_head_depths(
     shape: Shape,
     cfg: &FmaConfig,
     limits: &KernelLimits,
-    backward: bool,
+    (backward, kernel): (bool, FmaKernel),
 ) -> Result<Vec<DispatchDepth>> {
     let (n, d) = (shape.seq, shape.head_dim);
-    let split = SplitPlan::new(n, d, cfg, limits)?;
+    let split = SplitPlan::with_kernel(n, d, cfg, limits, kernel)?;
     if split.coarse.is_some() {
         // Listed by their own compact bindings' steps (`CoarseSplit`), not here.
         return Err(FmaError::LimitExceeded {

@@ -21,7 +21,7 @@ use super::backward::{
     WEIGHT_CHUNK_WINDOWS,
 };
 use super::dense::DensePlan;
-use super::dense_tiled::tiled_threads;
+use super::dense_tiled::{tiled_threads, TILED_ROWS};
 use super::dispatch::Dispatch;
 use super::forward::{FmaPlan, POOL_TAPS};
 use super::pass::Pass;
@@ -350,6 +350,19 @@ pub fn fine_attention(m: &DepthModel, d: &Dispatch) -> Depth {
     }
 }
 
+/// `fine_attention_tiled`: the same keys as [`fine_attention`], staged once per workgroup of a
+/// tile's `wg` queries; each invocation holds the queries of its row group (4 rows, or the
+/// block's fewer) and walks every staged key tile (its micro-tiles read them).
+pub fn fine_tiled(m: &DepthModel, d: &Dispatch) -> Depth {
+    let keys = m.near() + if m.coarse_queries { 0 } else { m.far() };
+    let wg = d.spec.wg as u64;
+    let block = if m.grid { m.m * m.m } else { m.m };
+    Depth {
+        serial_rows: (TILED_ROWS as u64).min(block).min(wg) + 2 * m.widest_gather,
+        rows: d.workgroups as u64 * (wg + 2 * keys),
+    }
+}
+
 /// `coarse_attention` at level index `i`: an invocation per coarse query, over its far list.
 /// Exact on full windows: the widest far list's p rows per window, and every row's own.
 pub fn coarse_attention(m: &DepthModel, i: usize) -> Depth {
@@ -562,6 +575,7 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
         Pass::Downsample => downsample(model, level),
         Pass::DownsampleCombine => downsample_combine(model, level, d),
         Pass::FineAttention => fine_attention(model, d),
+        Pass::FineTiled => fine_tiled(model, d),
         Pass::CoarseAttention => coarse_attention(model, level),
         Pass::UpsampleMerge => upsample_merge(model),
         Pass::BackwardDelta => backward_delta(model),
@@ -589,11 +603,12 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
     }
 }
 
-/// Invocations per workgroup of `d`: its specialisation's `wg`, except the tiled dense kernel,
-/// whose `wg` is its block of query rows and whose workgroup holds 16 lanes per 4 rows.
+/// Invocations per workgroup of `d`: its specialisation's `wg`, except the tiled kernels
+/// (dense and FMA's fine pass), whose `wg` is their block of query rows and whose workgroup
+/// holds 16 lanes per 4 rows.
 fn invocations(d: &Dispatch) -> u32 {
     match d.pass {
-        Pass::DenseTiled => tiled_threads(d.spec.wg),
+        Pass::DenseTiled | Pass::FineTiled => tiled_threads(d.spec.wg),
         _ => d.spec.wg,
     }
 }

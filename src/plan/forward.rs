@@ -3,6 +3,7 @@
 
 use super::backward::combine_rounds;
 use super::dispatch::{attention_spec, dispatch, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MERGE_WG};
+use super::fine_tiled::{fine_kernel_spec, FmaKernel};
 use super::limits::KernelLimits;
 use super::pass::{Pass, SoftmaxFlags, Specialization};
 use crate::config::{Downsample, FmaConfig, Queries};
@@ -206,8 +207,19 @@ impl FmaPlan {
     /// Plans FMA for `shape` and `cfg` under `limits`; every limit is checked here, before
     /// anything is recorded.
     pub fn new(shape: Shape, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
+        Self::with_kernel(shape, cfg, limits, FmaKernel::Rows)
+    }
+
+    /// [`FmaPlan::new`] with the fused fine-query pass of shape `kernel`
+    /// ([`crate::plan::fine_kernel_spec`]): the other steps are the same either way.
+    pub fn with_kernel(
+        shape: Shape,
+        cfg: &FmaConfig,
+        limits: &KernelLimits,
+        kernel: FmaKernel,
+    ) -> Result<Self> {
         check_tensors(shape, limits)?;
-        Self::without_tensor_bindings(shape, cfg, limits, true)
+        Self::without_tensor_bindings(shape, cfg, limits, true, kernel)
     }
 
     /// [`FmaPlan::new`] less the check that Q, K, V and O each fit one storage binding: the
@@ -219,6 +231,7 @@ impl FmaPlan {
         cfg: &FmaConfig,
         limits: &KernelLimits,
         coarse_in_one_binding: bool,
+        kernel: FmaKernel,
     ) -> Result<Self> {
         shape.validate()?;
         shape.check_self_attention()?;
@@ -296,16 +309,19 @@ impl FmaPlan {
             )?;
         }
 
-        let wg = (block_queries as u32).min(limits.max_workgroup);
+        // The near field's runs of consecutive keys: 1D a third of 3 blocks, 2D a row of 3
+        // cells (the tiled pass's key tile need not be longer).
+        let run_keys = if grid { 3 * m } else { m };
+        let (pass, spec) = fine_kernel_spec(kernel, d, block_queries, run_keys, limits)?;
         let spec = Specialization {
             grid,
             softmax: SoftmaxFlags::of(&cfg.variants),
             storage: Storage::F32,
-            ..attention_spec(d, wg, limits)?
+            ..spec
         };
-        let tiles_per_block = (block_queries as u32).div_ceil(wg);
+        let tiles_per_block = (block_queries as u32).div_ceil(spec.wg);
         let attention = dispatch(
-            Pass::FineAttention,
+            pass,
             None,
             (bh as u64) * query_blocks as u64 * tiles_per_block as u64,
             spec,

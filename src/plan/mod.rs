@@ -12,6 +12,7 @@ mod dense_backward;
 mod dense_tiled;
 mod depth;
 mod dispatch;
+mod fine_tiled;
 mod forward;
 mod limits;
 mod pass;
@@ -44,6 +45,7 @@ pub use dispatch::{
     attention_spec, fold, Dispatch, COARSE_WG, DOWNSAMPLE_WG, MAX_HEAD_DIM, MAX_KEY_TILE, MERGE_WG,
     MIN_KEY_TILE,
 };
+pub use fine_tiled::{fine_kernel_spec, fine_tile_bytes, fine_tiled_spec, FmaKernel};
 pub use forward::{FmaPlan, Workspace, POOL_TAPS};
 pub use limits::{exceeds_binding, KernelLimits};
 pub use pass::{Pass, SoftmaxFlags, Specialization};
@@ -56,19 +58,33 @@ pub use split_coarse::{
 pub use split_dense::{DensePair, DenseSplitPlan};
 
 /// FMA's forward dispatches of the problem `p` (the mask from `p`) with the depth of each, and
-/// with `backward` the backward's after them: what `multipole-attn plan` prints.
+/// with `backward` the backward's after them; the forward's fused pass the rows kernel
+/// ([`FmaKernel::Rows`], a CPU adapter's): [`fma_depths_with`] of it.
 pub fn fma_depths(
     p: &crate::problem::Problem,
     cfg: &crate::config::FmaConfig,
     limits: &KernelLimits,
     backward: bool,
 ) -> crate::error::Result<Vec<DispatchDepth>> {
+    fma_depths_with(p, cfg, limits, backward, FmaKernel::Rows)
+}
+
+/// [`fma_depths`] with the forward's fused fine-query pass of shape `kernel` (the backward is
+/// the same either way): what `multipole-attn plan` prints, with the tiled kernel a GPU runs.
+pub fn fma_depths_with(
+    p: &crate::problem::Problem,
+    cfg: &crate::config::FmaConfig,
+    limits: &KernelLimits,
+    backward: bool,
+    kernel: FmaKernel,
+) -> crate::error::Result<Vec<DispatchDepth>> {
     let cfg = cfg.clone().causal(p.causal);
-    let forward = match FmaPlan::new(p.shape, &cfg, limits) {
+    let forward = match FmaPlan::with_kernel(p.shape, &cfg, limits, kernel) {
         Ok(forward) => forward,
         // One head over a binding: its chunks' dispatches (those of every head).
         Err(e) if exceeds_binding(&e) && head_exceeds_binding(p.shape, limits) => {
-            return backward_split::split_head_depths(p.shape, &cfg, limits, backward)
+            let what = (backward, kernel);
+            return backward_split::split_head_depths(p.shape, &cfg, limits, what)
                 .map_err(|split| if exceeds_binding(&split) { e } else { split });
         }
         Err(e) => return Err(e),

@@ -39,6 +39,10 @@ passes! {
     /// The fused fine-query FMA pass, or the near field alone with coarse queries
     /// (`shaders/fine_attention.wgsl`).
     FineAttention => "fine_attention",
+    /// The fused fine-query FMA pass in FlashAttention-2's shape for GPUs: a workgroup per
+    /// tile of a fine block's queries, register micro-tiles of rows x keys
+    /// (`shaders/fine_attention_tiled.wgsl`).
+    FineTiled => "fine_attention_tiled",
     /// Exact dense attention (`shaders/dense_attention.wgsl`).
     DenseAttention => "dense_attention",
     /// Exact dense attention in FlashAttention-2's shape for GPUs: a workgroup per block of

@@ -45,6 +45,7 @@
 //! A head of Learned FMA that fits is one chunk (the buffer API copies heads that way), or
 //! several sharing its one binding of tokens when its coarse rows are split.
 
+use super::fine_tiled::FmaKernel;
 use super::forward::{pool_level, POOL_TAPS};
 use super::limits::BINDING_BYTES;
 use super::split_coarse::{
@@ -163,6 +164,18 @@ impl SplitPlan {
     /// tokens; 2D: three rows of fine cells, 3 r W tokens) fits, or (coarse rows split) not even
     /// the coarse rows one block reads, or (2D) the coarse rows of the head exceed a binding.
     pub fn new(n: usize, d: usize, cfg: &FmaConfig, limits: &KernelLimits) -> Result<Self> {
+        Self::with_kernel(n, d, cfg, limits, FmaKernel::Rows)
+    }
+
+    /// [`SplitPlan::new`] whose chunks run the fused fine-query pass of shape `kernel`
+    /// ([`crate::plan::fine_kernel_spec`]); chunks and bindings are the same either way.
+    pub fn with_kernel(
+        n: usize,
+        d: usize,
+        cfg: &FmaConfig,
+        limits: &KernelLimits,
+        kernel: FmaKernel,
+    ) -> Result<Self> {
         let shape = Shape::new(1, 1, n, d);
         // 2D: the coarse rows stay whole (checked below with a message of its own).
         let split_coarse =
@@ -172,6 +185,7 @@ impl SplitPlan {
             cfg,
             limits,
             !split_coarse && cfg.grid.is_none(),
+            kernel,
         )?;
         let m = head.levels.m;
         let cut = Cut {

@@ -6,6 +6,7 @@
 use super::dense::DensePlan;
 use super::dense_tiled::DenseKernel;
 use super::dispatch::{dispatch, Dispatch, MERGE_WG};
+use super::fine_tiled::FmaKernel;
 use super::forward::{pool_level, FmaPlan, Workspace};
 use super::limits::KernelLimits;
 use super::pass::{Pass, SoftmaxFlags, Specialization};
@@ -59,6 +60,18 @@ impl FmaPlan {
         cfg: &FmaConfig,
         limits: &KernelLimits,
     ) -> Result<Self> {
+        Self::for_sequences_with(seqs, (heads, kv_heads, d), cfg, limits, FmaKernel::Rows)
+    }
+
+    /// [`FmaPlan::for_sequences`] (heads, K/V heads and head dimension as one tuple) with the
+    /// fused fine-query pass of shape `kernel` ([`crate::plan::fine_kernel_spec`]).
+    pub fn for_sequences_with(
+        seqs: &Sequences,
+        (heads, kv_heads, d): (usize, usize, usize),
+        cfg: &FmaConfig,
+        limits: &KernelLimits,
+        kernel: FmaKernel,
+    ) -> Result<Self> {
         if let Some(grid) = cfg.grid {
             return Err(FmaError::InvalidConfig {
                 what: "grid",
@@ -71,8 +84,13 @@ impl FmaPlan {
         let shape = seqs.shape(heads, kv_heads, d);
         shape.validate()?;
         check_batch(shape, limits)?;
-        let base =
-            FmaPlan::without_tensor_bindings(one(shape, seqs.max_len()), cfg, limits, false)?;
+        let base = FmaPlan::without_tensor_bindings(
+            one(shape, seqs.max_len()),
+            cfg,
+            limits,
+            false,
+            kernel,
+        )?;
         let (m, tpb) = (base.levels.m, base.tiles_per_block);
         let table = SeqTable::new(seqs, heads, kv_heads, Some(&base.levels), |n| {
             n.div_ceil(m) as u64 * tpb as u64
@@ -87,7 +105,7 @@ impl FmaPlan {
         )?;
         let h = heads as u64;
         let attention = dispatch(
-            Pass::FineAttention,
+            base.attention.pass,
             None,
             h * table.tiles,
             base.attention.spec,

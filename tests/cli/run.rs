@@ -971,7 +971,9 @@ fn seqlens_and_lengths_run_variable_length_batches() {
 
 #[test]
 fn plan_prints_the_dispatches_with_their_depth_without_a_gpu() {
-    use multipole_attn::plan::{backward_depths, forward_depths, BackwardPlan, KernelLimits};
+    use multipole_attn::plan::{
+        backward_depths, forward_depths, BackwardPlan, FmaKernel, FmaPlan, KernelLimits, Pass,
+    };
     let out = cli([
         "plan",
         "--n",
@@ -987,8 +989,12 @@ fn plan_prints_the_dispatches_with_their_depth_without_a_gpu() {
     // The library's plan of the same problem, in recording order.
     let cfg = FmaConfig::new(64, 2);
     let shape = Shape::new(1, 1, 65536, 64);
-    let plan = BackwardPlan::new(shape, &cfg, &KernelLimits::discrete_gpu()).unwrap();
-    let mut want = forward_depths(&plan.forward, &cfg);
+    let limits = KernelLimits::discrete_gpu();
+    let plan = BackwardPlan::new(shape, &cfg, &limits).unwrap();
+    // The forward with the fused pass a GPU runs (the tiled kernel), then the backward.
+    let forward = FmaPlan::with_kernel(shape, &cfg, &limits, FmaKernel::Tiled).unwrap();
+    assert_eq!(forward.attention.pass, Pass::FineTiled);
+    let mut want = forward_depths(&forward, &cfg);
     want.extend(backward_depths(&plan, &cfg));
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
@@ -1006,7 +1012,11 @@ fn plan_prints_the_dispatches_with_their_depth_without_a_gpu() {
     let table = cli(["plan", "--n", "1000", "--head-dim", "16", "--causal"]);
     table.assert_ok();
     assert!(table.stdout.starts_with("pass"), "{}", table.stdout);
-    assert!(table.stdout.contains("fine_attention"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("fine_attention_tiled"),
+        "{}",
+        table.stdout
+    );
     // A rank that does not divide the block: bad input, as for `run`.
     cli([
         "plan",

@@ -7,10 +7,12 @@ pub mod gradients;
 use std::sync::OnceLock;
 
 use multipole_attn::gpu::{ContextOptions, GpuContext};
-use multipole_attn::plan::DenseKernel;
+use multipole_attn::plan::{DenseKernel, FmaKernel};
 
 /// Both dense forward kernels: the tests run each whatever the adapter would pick.
 pub const DENSE_KERNELS: [DenseKernel; 2] = [DenseKernel::Rows, DenseKernel::Tiled];
+/// Both kernels of FMA's fused fine-query pass, likewise.
+pub const FMA_KERNELS: [FmaKernel; 2] = [FmaKernel::Rows, FmaKernel::Tiled];
 
 /// The shared context, or `None` (test skipped) when no adapter exists locally. Under CI
 /// (`CI=true`) a missing adapter is a failure, so GPU tests can never pass by not running.

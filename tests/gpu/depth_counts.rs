@@ -15,15 +15,16 @@
 
 use crate::common::{gpu, random_learned};
 use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
-use multipole_attn::plan::{fma_depths, DispatchDepth, KernelLimits, Pass};
+use multipole_attn::plan::{fma_depths_with, DispatchDepth, FmaKernel, KernelLimits, Pass};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Problem, Queries, Shape};
 
 /// The passes whose shaders count their reads.
-const COUNTED: [Pass; 17] = [
+const COUNTED: [Pass; 18] = [
     Pass::Downsample,
     Pass::DownsampleCombine,
     Pass::FineAttention,
+    Pass::FineTiled,
     Pass::CoarseAttention,
     Pass::UpsampleMerge,
     Pass::BackwardDq,
@@ -44,8 +45,9 @@ const COUNTED: [Pass; 17] = [
 /// workgroup the widest block's gather list (the blocks at the sequence's ends see fewer
 /// fine keys, and no block has the largest far list of every level), where `serial_rows` is
 /// the widest block's exactly.
-const BOUNDED_ROWS: [Pass; 5] = [
+const BOUNDED_ROWS: [Pass; 6] = [
     Pass::FineAttention,
+    Pass::FineTiled,
     Pass::BackwardDq,
     Pass::BackwardDkvFine,
     Pass::BackwardDkvCoarse,
@@ -105,10 +107,23 @@ fn run(
     exact: bool,
     proven: &mut Vec<Pass>,
 ) {
+    run_kernel(ctx, seed, (p, cfg, FmaKernel::Rows), exact, proven);
+}
+
+/// [`run`] with the forward's fused pass of shape `kernel` (the training forward runs it).
+fn run_kernel(
+    ctx: &GpuContext,
+    seed: u64,
+    (p, cfg, kernel): (&Problem, &FmaConfig, FmaKernel),
+    exact: bool,
+    proven: &mut Vec<Pass>,
+) {
     let shape = p.shape;
-    let label = format!("seed {seed} {shape} causal {} {cfg:?}", p.causal);
+    let label = format!("seed {seed} {shape} causal {} {kernel:?} {cfg:?}", p.causal);
     let label = &label[..label.len().min(160)];
-    let fma = Attention::fma(ctx, cfg.clone()).unwrap();
+    let fma = Attention::fma(ctx, cfg.clone())
+        .and_then(|a| a.fma_kernel(kernel))
+        .unwrap();
     let q = normal_tensor(seed, shape.elements());
     let k = normal_tensor(seed + 1, shape.kv_elements());
     let v = normal_tensor(seed + 2, shape.kv_elements());
@@ -120,8 +135,8 @@ fn run(
     let backward = ctx.take_row_counts().unwrap();
     // The plans of the executor's limits: the forward's dispatches, then the backward's.
     let limits = KernelLimits::from_wgpu(&ctx.limits);
-    let forward_plan = fma_depths(p, cfg, &limits, false).unwrap();
-    let both = fma_depths(p, cfg, &limits, true).unwrap();
+    let forward_plan = fma_depths_with(p, cfg, &limits, false, kernel).unwrap();
+    let both = fma_depths_with(p, cfg, &limits, true, kernel).unwrap();
     let backward_plan = &both[forward_plan.len()..];
     let mut bad = 0;
     let mut checked = compare(label, &forward_plan, &forward, exact, (&mut bad, proven));
@@ -177,6 +192,21 @@ fn the_plans_depth_is_what_the_shaders_walk() {
         .queries(Queries::Coarse);
     let p = Problem::new(Shape::new(1, 2, 64 * 64, d));
     run(&ctx, seed, (&p, &cfg), true, &mut proven);
+    // The tiled fused pass (`FmaKernel::Tiled`): 1D both masks over 2 K/V heads (blocks of 16
+    // queries, one tile each), 2D cells of 8 x 8 (a tile of 64 queries), all windows full.
+    let shape = Shape::new(1, 4, 1024, 8).with_kv_heads(2);
+    let grid = Grid::new(64, 64);
+    let tiled = [
+        (Problem::new(shape), FmaConfig::new(16, 2)),
+        (Problem::new(shape).causal(true), FmaConfig::new(16, 2)),
+        (
+            Problem::new(Shape::new(1, 1, 64 * 64, 8)),
+            FmaConfig::new(8, 2).grid(Some(grid)),
+        ),
+    ];
+    for (p, cfg) in &tiled {
+        run_kernel(&ctx, seed, (p, cfg, FmaKernel::Tiled), true, &mut proven);
+    }
     // Awkward n: partial windows stay under the plan's bounds.
     let (n, d) = (3001, 5);
     let shape = Shape::new(1, 3, n, d);
@@ -191,6 +221,8 @@ fn the_plans_depth_is_what_the_shaders_walk() {
     );
     let cfg = FmaConfig::new(8, 2).queries(Queries::Coarse);
     run(&ctx, seed, (&p, &cfg), false, &mut proven);
+    let tiled = (&p, &cfg, FmaKernel::Tiled);
+    run_kernel(&ctx, seed, tiled, false, &mut proven);
     // Every instrumented pass was compared exactly on some shape.
     for pass in COUNTED {
         assert!(

@@ -37,7 +37,13 @@ const CELLS: [(usize, usize); 8] = [
 
 /// Box-initialised 2D weights plus N(0, 0.5 / s_l^2) noise and N(0, 0.1) biases, so Learned
 /// differs from Average and a wrong kernel index shows.
-fn random_grid_weights(seed: u64, d: usize, r: usize, p: usize, grid: Grid) -> LearnedWeights {
+pub(crate) fn random_grid_weights(
+    seed: u64,
+    d: usize,
+    r: usize,
+    p: usize,
+    grid: Grid,
+) -> LearnedWeights {
     let mut w = LearnedWeights::box_init_grid_for(d, r, p, grid);
     for (l, lw) in w.levels.iter_mut().enumerate() {
         let taps = ((r << l) * (r << l)) as f32;

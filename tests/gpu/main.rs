@@ -22,6 +22,7 @@ mod depth_counts;
 mod errors;
 mod f16;
 mod f16_decode;
+mod fine_tiled;
 mod forward;
 mod geometry;
 mod grid;

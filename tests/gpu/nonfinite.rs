@@ -3,7 +3,7 @@
 //! hangs. With FMA a key also reaches, through its coarse summaries, every query whose far list
 //! holds one of its windows, exactly as a dense row that sees it.
 
-use crate::common::{gpu, DENSE_KERNELS};
+use crate::common::{gpu, DENSE_KERNELS, FMA_KERNELS};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, Host};
 use multipole_attn::random::{fresh_seed, normal_tensor};
@@ -48,30 +48,35 @@ fn non_finite_inputs_reach_exactly_the_rows_that_see_them() {
             let method = Method::Fma(FmaConfig::new(16, 2).queries(queries));
             let (wq, wk, wv) = (widen(&x[0]), widen(&x[1]), widen(&x[2]));
             let r = cpu::forward(&method, &problem, &wq, &wk, &wv).unwrap();
-            let g = Attention::new(ctx, method)
-                .unwrap()
-                .forward(&problem, Host::new(&x[0], &x[1], &x[2]).without_lse())
-                .unwrap();
             let bad = poisoned_rows(&r.o, d);
             assert!(
                 bad.iter().any(|&b| b),
                 "{tensor}={value}: the reference poisons no row"
             );
-            for (row, &is_bad) in bad.iter().enumerate() {
-                let gr = &g.o[row * d..(row + 1) * d];
-                let rr = &r.o[row * d..(row + 1) * d];
-                if is_bad {
-                    assert!(gr.iter().any(|v| !v.is_finite()), "causal={causal} {queries:?} {tensor}={value}: row {row} should be non-finite, got {gr:?}");
-                } else {
-                    let err = gr
-                        .iter()
-                        .zip(rr)
-                        .map(|(a, b)| (*a as f64 - b).abs())
-                        .fold(0.0, f64::max);
-                    assert!(
+            // Both kernels of the fused pass (the tiled one guards its P x V against a
+            // non-finite value in a tile, as dense_tiled.wgsl does).
+            for kernel in FMA_KERNELS {
+                let g = Attention::new(ctx, method.clone())
+                    .and_then(|a| a.fma_kernel(kernel))
+                    .unwrap()
+                    .forward(&problem, Host::new(&x[0], &x[1], &x[2]).without_lse())
+                    .unwrap();
+                for (row, &is_bad) in bad.iter().enumerate() {
+                    let gr = &g.o[row * d..(row + 1) * d];
+                    let rr = &r.o[row * d..(row + 1) * d];
+                    if is_bad {
+                        assert!(gr.iter().any(|v| !v.is_finite()), "{kernel:?} causal={causal} {queries:?} {tensor}={value}: row {row} should be non-finite, got {gr:?}");
+                    } else {
+                        let err = gr
+                            .iter()
+                            .zip(rr)
+                            .map(|(a, b)| (*a as f64 - b).abs())
+                            .fold(0.0, f64::max);
+                        assert!(
                         err < 1e-4,
-                        "causal={causal} {queries:?} {tensor}={value}: clean row {row} corrupted (err {err})"
+                        "{kernel:?} causal={causal} {queries:?} {tensor}={value}: clean row {row} corrupted (err {err})"
                     );
+                    }
                 }
             }
             // Dense attention: the same rule, every row that sees the key.

@@ -6,7 +6,7 @@ use crate::args::{parse_grid, DownsampleArg, QueriesArg};
 use crate::error::CliResult;
 use clap::Args;
 use multipole_attn::plan::{
-    dense_depths, fma_depths, DenseKernel, DensePlan, DispatchDepth, KernelLimits,
+    dense_depths, fma_depths_with, DenseKernel, DensePlan, DispatchDepth, FmaKernel, KernelLimits,
 };
 use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Problem, Queries, Shape};
 use serde::Serialize;
@@ -113,7 +113,11 @@ pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
         cfg = cfg.downsample(Downsample::Learned(w));
     }
     let problem = Problem::new(shape).causal(a.causal);
-    Ok(fma_depths(&problem, &cfg, &limits, a.backward)?)
+    // The fused pass's kernel a GPU runs (`FmaKernel::for_device`), as for dense attention.
+    let kernel = FmaKernel::Tiled;
+    Ok(fma_depths_with(
+        &problem, &cfg, &limits, a.backward, kernel,
+    )?)
 }
 
 /// Runs the `plan` subcommand.

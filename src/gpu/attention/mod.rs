@@ -19,7 +19,7 @@ use crate::gpu::fma::backward::Saved as FmaSaved;
 use crate::gpu::fma::FmaAttention;
 use crate::gradients::Gradients;
 use crate::method::Method;
-use crate::plan::{BackwardPlan, DenseBackwardPlan, DenseKernel, DensePlan, FmaPlan};
+use crate::plan::{BackwardPlan, DenseBackwardPlan, DenseKernel, DensePlan, FmaKernel, FmaPlan};
 use crate::problem::Problem;
 use crate::storage::Storage;
 use crate::variants::Variants;
@@ -57,6 +57,8 @@ pub struct Attention {
     storage: Storage,
     /// Dense attention's forward kernel, when not the adapter's choice.
     dense_kernel: Option<DenseKernel>,
+    /// FMA's fused fine-query kernel, when not the adapter's choice.
+    fma_kernel: Option<FmaKernel>,
     /// FMA's executors, one per mask and variants seen (each uploads the learned weights).
     fma: Mutex<Vec<(Softmax, Arc<FmaAttention>)>>,
     /// Dense attention's executors, likewise.
@@ -116,6 +118,7 @@ impl std::fmt::Debug for Attention {
             .field("max_binding", &self.max_binding)
             .field("keys_per_dispatch", &self.keys_per_dispatch)
             .field("dense_kernel", &self.dense_kernel)
+            .field("fma_kernel", &self.fma_kernel)
             .finish_non_exhaustive()
     }
 }
@@ -224,6 +227,7 @@ impl Attention {
             keys_per_dispatch: None,
             storage: Storage::F32,
             dense_kernel: None,
+            fma_kernel: None,
             fma: Default::default(),
             dense: Default::default(),
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -305,6 +309,20 @@ impl Attention {
         self.rebuild()
     }
 
+    /// FMA's forward runs its fused fine-query pass (`fine_attention`: near field and far
+    /// field in one online softmax) with the kernel of shape `kernel` instead of the adapter's
+    /// choice ([`FmaKernel::for_device`]: [`FmaKernel::Rows`] on a CPU adapter such as
+    /// lavapipe, [`FmaKernel::Tiled`] on a GPU): for testing the tiled kernel on lavapipe and
+    /// comparing the two on one device. Results agree within f32 rounding. Where the tiled
+    /// kernel's tiles do not fit the adapter for the head dimension, the rows kernel runs. The training forward runs the chosen kernel; the backward is the
+    /// same either way. No effect on dense attention (nor on FMA with a window and Average
+    /// downsampling, which runs on dense attention's banded kernel:
+    /// [`Attention::dense_kernel`]). Call before the first forward.
+    pub fn fma_kernel(mut self, kernel: FmaKernel) -> Result<Self> {
+        self.fma_kernel = Some(kernel);
+        self.rebuild()
+    }
+
     /// The method.
     pub fn method(&self) -> &Method {
         &self.method
@@ -331,11 +349,14 @@ impl Attention {
                         .clone()
                         .causal(softmax.causal)
                         .variants(softmax.variants.clone());
-                    let e = FmaAttention::new(&self.ctx, cfg)?.with_storage(self.storage)?;
-                    Ok(match self.max_binding {
-                        Some(bytes) => e.max_binding(bytes),
-                        None => e,
-                    })
+                    let mut e = FmaAttention::new(&self.ctx, cfg)?.with_storage(self.storage)?;
+                    if let Some(bytes) = self.max_binding {
+                        e = e.max_binding(bytes);
+                    }
+                    if let Some(kernel) = self.fma_kernel {
+                        e = e.kernel(kernel);
+                    }
+                    Ok(e)
                 };
                 kept(&self.fma, softmax.clone(), make).map(Exec::Fma)
             }

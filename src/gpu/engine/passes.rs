@@ -144,6 +144,7 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::Downsample => &DOWNSAMPLE,
         Pass::DownsampleCombine => &DOWNSAMPLE_COMBINE,
         Pass::FineAttention => &FINE_ATTENTION,
+        Pass::FineTiled => &FINE_TILED,
         Pass::DenseAttention => &DENSE_ATTENTION,
         Pass::DenseTiled => &DENSE_TILED,
         Pass::DenseBackwardDkv => &DENSE_BACKWARD_DKV,
@@ -215,6 +216,12 @@ static FINE_ATTENTION: PassDesc = PassDesc {
         bind(7, "lse", Lse, ReadWrite),
         SEQ_TABLE,
     ],
+    level_select: false,
+};
+
+static FINE_TILED: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/fine_attention_tiled.wgsl"),
+    bindings: FINE_ATTENTION.bindings,
     level_select: false,
 };
 

@@ -27,6 +27,8 @@ fn shared(name: &str) -> Option<&'static str> {
         "coarse_tiles" => Some(include_str!("../../../shaders/shared/coarse_tiles.wgsl")),
         "near_field" => Some(include_str!("../../../shaders/shared/near_field.wgsl")),
         "far_field" => Some(include_str!("../../../shaders/shared/far_field.wgsl")),
+        "far_keys" => Some(include_str!("../../../shaders/shared/far_keys.wgsl")),
+        "tiled_rows" => Some(include_str!("../../../shaders/shared/tiled_rows.wgsl")),
         "decode_params" => Some(include_str!("../../../shaders/shared/decode_params.wgsl")),
         "decode_softmax" => Some(include_str!("../../../shaders/shared/decode_softmax.wgsl")),
         "dense_causal" => Some(include_str!("../../../shaders/shared/dense_causal.wgsl")),
@@ -91,7 +93,7 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
     if let Some(sg) = subgroup {
         out.push_str(&format!("const SG: u32 = {sg}u;\n"));
     }
-    if pass == Pass::DenseTiled {
+    if matches!(pass, Pass::DenseTiled | Pass::FineTiled) {
         // Its micro-tile (`plan::dense_tiled`): the planner sizes workgroups by the same numbers.
         out.push_str(&format!(
             "const TQ: u32 = {}u;\nconst LANES: u32 = {}u;\n",
@@ -325,6 +327,7 @@ mod tests {
         for pass in [
             Pass::Downsample,
             Pass::FineAttention,
+            Pass::FineTiled,
             Pass::CoarseAttention,
             Pass::UpsampleMerge,
             Pass::BackwardDq,

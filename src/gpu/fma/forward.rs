@@ -94,7 +94,14 @@ impl FmaAttention {
             return self.check(cross::full_shape(shape));
         }
         if fma_head_splits(shape, &self.cfg, &self.limits) {
-            return SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits).map(drop);
+            return SplitPlan::with_kernel(
+                shape.seq,
+                shape.head_dim,
+                &self.cfg,
+                &self.limits,
+                self.fine_kernel(),
+            )
+            .map(drop);
         }
         match self.plan(shape) {
             // A run of fewer heads at a time may fit (`forward_host`): one head must.

@@ -27,7 +27,7 @@ use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{check_variants, LevelInfo, Params, MAX_LEVELS};
 use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::tensors::HostPool;
-use crate::plan::{FmaPlan, KernelLimits};
+use crate::plan::{FmaKernel, FmaPlan, KernelLimits};
 use crate::shape::Shape;
 use crate::storage::Storage;
 use crate::variants::HeadSpan;
@@ -64,6 +64,9 @@ pub struct FmaAttention {
     backward_scratch: Mutex<BackwardScratch>,
     /// The element type of Q, K, V and O (issue 29).
     storage: Storage,
+    /// The fused fine-query pass's shape ([`FmaKernel::for_device`] of the adapter, or
+    /// [`FmaAttention::kernel`]'s).
+    kernel: FmaKernel,
 }
 
 impl FmaAttention {
@@ -105,6 +108,7 @@ impl FmaAttention {
             backward_uniforms: ShapeCache::default(),
             backward_scratch: Mutex::new(BackwardScratch::default()),
             storage: Storage::F32,
+            kernel: FmaKernel::for_device(ctx.info.device_type),
         })
     }
 
@@ -132,6 +136,25 @@ impl FmaAttention {
         self
     }
 
+    /// Runs the forward's fused fine-query pass with the kernel of shape `kernel` instead of
+    /// the adapter's choice ([`FmaKernel::for_device`]: the rows kernel on a CPU adapter such
+    /// as lavapipe, the tiled one on a GPU): the tests run the tiled kernel on lavapipe with
+    /// it, and a benchmark compares the two on one device. The results agree within f32
+    /// rounding (the sums are taken in another order); each is deterministic. The training
+    /// forward runs it too; the backward is the same either way. Call before the first forward.
+    pub fn kernel(mut self, kernel: FmaKernel) -> Self {
+        self.kernel = kernel;
+        self.uniforms = ShapeCache::default();
+        self
+    }
+
+    /// The kernel the forward's fused pass is planned with ([`FmaAttention::kernel`]'s; under
+    /// f16 storage too: the tiled pass's loads and stores of Q, K, V and O are the composer's
+    /// patterns, so it has an f16 variant).
+    pub(super) fn fine_kernel(&self) -> FmaKernel {
+        self.kernel
+    }
+
     /// The plan a call with `shape` would execute (dispatches per level, buffer sizes).
     pub fn plan(&self, shape: Shape) -> Result<FmaPlan> {
         self.plan_in(shape, HeadSpan::whole(shape))
@@ -142,9 +165,11 @@ impl FmaAttention {
     /// sink).
     pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<FmaPlan> {
         self.check_variants(span.heads)?;
-        Ok(FmaPlan::new(shape, &self.cfg, &self.limits)?
-            .with_storage(self.storage)
-            .in_span(span))
+        Ok(
+            FmaPlan::with_kernel(shape, &self.cfg, &self.limits, self.fine_kernel())?
+                .with_storage(self.storage)
+                .in_span(span),
+        )
     }
 
     /// The softmax variants against the caller's `heads` query heads, and what the parameter

@@ -53,7 +53,13 @@ impl FmaAttention {
                     .into(),
             });
         }
-        let plan = SplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
+        let plan = SplitPlan::with_kernel(
+            shape.seq,
+            shape.head_dim,
+            &self.cfg,
+            &self.limits,
+            self.fine_kernel(),
+        )?;
         if let Some(coarse) = &plan.coarse {
             return self.forward_split_coarse(io, shape, &plan, coarse).await;
         }

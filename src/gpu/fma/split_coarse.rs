@@ -199,7 +199,7 @@ impl FmaAttention {
         if let Some(a) = step
             .dispatches
             .iter()
-            .find(|d| d.pass == Pass::FineAttention)
+            .find(|d| matches!(d.pass, Pass::FineAttention | Pass::FineTiled))
         {
             params.total_workgroups = a.workgroups;
             params.workgroups_x = a.grid[0];

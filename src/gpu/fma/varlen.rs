@@ -27,13 +27,12 @@ impl FmaAttention {
             return self.plan_sequences(full_shape, &full);
         }
         self.check_variants(shape.heads)?;
-        FmaPlan::for_sequences(
+        FmaPlan::for_sequences_with(
             seqs,
-            shape.heads,
-            shape.kv_heads,
-            shape.head_dim,
+            (shape.heads, shape.kv_heads, shape.head_dim),
             &self.cfg,
             &self.limits,
+            self.fine_kernel(),
         )
     }
 
