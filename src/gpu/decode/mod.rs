@@ -113,16 +113,40 @@ impl Decoder {
     /// (every level a sequence of `max_len` tokens uses), lays the cache out under the
     /// adapter's limits and allocates its fixed part.
     pub fn new(ctx: &GpuContext, cfg: DecodeConfig) -> Result<Self> {
-        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits))
+        let split = DenseSplit::for_device(ctx.info.device_type);
+        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits), split)
     }
 
     /// [`Decoder::new`] using at most `bytes` per storage binding (below the device's own
     /// limit): the cache is then bound in more, smaller groups and pages, with the same bits.
     pub fn with_max_binding(ctx: &GpuContext, cfg: DecodeConfig, bytes: u64) -> Result<Self> {
-        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits).capped(bytes))
+        let split = DenseSplit::for_device(ctx.info.device_type);
+        let limits = KernelLimits::from_wgpu(&ctx.limits).capped(bytes);
+        Self::with_limits(ctx, cfg, limits, split)
     }
 
-    fn with_limits(ctx: &GpuContext, mut cfg: DecodeConfig, limits: KernelLimits) -> Result<Self> {
+    /// [`Decoder::new`] whose dense decode splits each query's keys as `split` says instead of
+    /// as its adapter's kind does ([`DenseSplit::for_device`]), using at most `max_binding`
+    /// bytes per storage binding where given: for tests and benchmarks of a split on any
+    /// adapter (a GPU's split on a CPU adapter, say). The segments change the dense decode's
+    /// summation order only.
+    pub fn with_dense_split(
+        ctx: &GpuContext,
+        cfg: DecodeConfig,
+        split: DenseSplit,
+        max_binding: Option<u64>,
+    ) -> Result<Self> {
+        let limits = KernelLimits::from_wgpu(&ctx.limits);
+        let limits = max_binding.map_or(limits, |b| limits.capped(b));
+        Self::with_limits(ctx, cfg, limits, split)
+    }
+
+    fn with_limits(
+        ctx: &GpuContext,
+        mut cfg: DecodeConfig,
+        limits: KernelLimits,
+        split: DenseSplit,
+    ) -> Result<Self> {
         ctx.check_alive()?;
         check_device_storage(ctx, cfg.storage)?;
         cfg.fma = cfg
@@ -130,8 +154,7 @@ impl Decoder {
             .clone()
             .causal(true)
             .queries(crate::config::Queries::Fine);
-        let layout =
-            DecodeLayout::with_split(&cfg, &limits, DenseSplit::for_device(ctx.info.device_type))?;
+        let layout = DecodeLayout::with_split(&cfg, &limits, split)?;
         // The history is filled by buffer copies, whose offsets and sizes are whole 4-byte
         // words: with f16 rows of an odd width a token would start mid-word.
         if cfg.storage == Storage::F16 && layout.page_tokens > 0 && cfg.head_dim % 2 == 1 {

@@ -46,13 +46,18 @@ pub(crate) struct RecordKey {
     parity: usize,
 }
 
-/// A group's parameter block, its steps and their level selectors, and the bind group each
-/// step had last with the buffers it was made from.
+/// Bind groups kept per step of a record shape: the last few sets of buffers it was bound to
+/// (a caller alternating between a few sets of step tensors, double-buffered, finds each),
+/// most recent first.
+const KEPT_GROUPS: usize = 4;
+
+/// A group's parameter block, its steps and their level selectors, and the bind groups each
+/// step had last, with the buffers each was made from.
 pub(crate) struct Uniforms {
     params: wgpu::Buffer,
     selects: Selects,
     steps: Vec<Dispatch>,
-    groups: Mutex<HashMap<usize, (BindingIdentity, wgpu::BindGroup)>>,
+    groups: Mutex<HashMap<usize, Vec<(BindingIdentity, wgpu::BindGroup)>>>,
 }
 
 /// The tensors of one record: K, V (cache rows in_row0.., in_rows each, from in_offset), and
@@ -251,12 +256,19 @@ impl Decoder {
                     &res
                 };
                 let identity = res_k.identity(step.pass);
-                let group = match kept.get(&k) {
-                    Some((id, group)) if *id == identity => group.clone(),
-                    _ => {
+                let kept_k = kept.entry(k).or_default();
+                let group = match kept_k.iter().position(|(id, _)| *id == identity) {
+                    Some(at) => {
+                        let hit = kept_k.remove(at);
+                        let group = hit.1.clone();
+                        kept_k.insert(0, hit);
+                        group
+                    }
+                    None => {
                         let group = res_k.bind_group(&self.ctx, step.pass)?;
                         self.bind_groups.fetch_add(1, Ordering::Relaxed);
-                        kept.insert(k, (identity, group.clone()));
+                        kept_k.insert(0, (identity, group.clone()));
+                        kept_k.truncate(KEPT_GROUPS);
                         group
                     }
                 };
@@ -300,8 +312,10 @@ impl Decoder {
         }
         let l = &self.layout;
         let limits = &self.limits;
-        // Every pass a record may have: the fused step, the upkeep and the attention apart.
+        // Every pass a record may have: a step (one pass where fused), the upkeep alone (a
+        // prefill, a dense step) and the attention apart (a step too long to fuse).
         let mut steps = l.fma_steps(1, 1, true, 1, limits)?;
+        steps.extend(l.fma_steps(1, 1, false, 1, limits)?);
         steps.extend(l.fma_steps(1, l.block + 2, true, 1, limits)?);
         if l.page_tokens > 0 {
             steps.extend(l.dense_steps(1, 1, l.dense_cut(1), limits)?);
