@@ -189,7 +189,11 @@ impl DecodeLayout {
 
     /// The layout of `cfg` under `limits` whose dense decode splits as `split` says (the
     /// decoder's: [`DenseSplit::for_device`] of its adapter).
-    pub fn with_split(cfg: &DecodeConfig, limits: &KernelLimits, split: DenseSplit) -> Result<Self> {
+    pub fn with_split(
+        cfg: &DecodeConfig,
+        limits: &KernelLimits,
+        split: DenseSplit,
+    ) -> Result<Self> {
         cfg.validate()?;
         // m >= max_len: one fine block, no level (levels::effective_block), so sizes stay
         // bounded by the length for any m.
@@ -785,7 +789,10 @@ mod tests {
                     let cut = l.dense_cut(longest);
                     assert!(cut.segment.is_power_of_two());
                     assert!(cut.segment >= l.min_segment && cut.segment <= l.page_tokens);
-                    assert!(longest.div_ceil(cut.segment) <= l.segments, "{split:?} {longest}");
+                    assert!(
+                        longest.div_ceil(cut.segment) <= l.segments,
+                        "{split:?} {longest}"
+                    );
                     assert!(cut.covered >= longest.div_ceil(cut.segment));
                     cuts.insert(cut);
                 }

@@ -73,15 +73,26 @@ impl Inputs {
     fn reference(&self, method: &Method) -> (Vec<f64>, Vec<f64>) {
         let shape = Shape::new(self.b, self.h, self.n, self.d).with_kv_heads(self.hk);
         let p = Problem::new(shape).causal(true);
-        let r = cpu::forward(method, &p, &widen(&self.q), &widen(&self.k), &widen(&self.v))
-            .unwrap();
+        let r = cpu::forward(
+            method,
+            &p,
+            &widen(&self.q),
+            &widen(&self.k),
+            &widen(&self.v),
+        )
+        .unwrap();
         (r.o, r.lse)
     }
 }
 
 /// Rows [lo, lo + len) of every (sequence, head) of the reference's O and LSE, in a step's
 /// (b, h, len) order.
-fn reference_rows(x: &Inputs, r: &(Vec<f64>, Vec<f64>), lo: usize, len: usize) -> (Vec<f64>, Vec<f64>) {
+fn reference_rows(
+    x: &Inputs,
+    r: &(Vec<f64>, Vec<f64>),
+    lo: usize,
+    len: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let (n, d) = (x.n, x.d);
     let mut o = Vec::new();
     let mut l = Vec::new();
@@ -208,14 +219,20 @@ fn steady_state_steps_make_no_buffer_and_no_bind_group() {
             counts.push(dec.objects_made().unwrap());
         }
         for (s, c) in counts.iter().enumerate().skip(4) {
-            assert_eq!(*c, counts[3], "{label}: step {s} made something: {counts:?}");
+            assert_eq!(
+                *c, counts[3],
+                "{label}: step {s} made something: {counts:?}"
+            );
         }
         // Another set of step buffers: new bind groups (and nothing else).
         let other = step_buffers(ctx, &x, 1);
         let (o, l) = encoded_step(ctx, &dec, mode, &x, at, 1, &other);
         check(&label, &o, &l, &reference_rows(&x, &want, at, 1));
         let after = dec.objects_made().unwrap();
-        assert!(after.bind_groups > counts[3].bind_groups, "{label}: {after:?}");
+        assert!(
+            after.bind_groups > counts[3].bind_groups,
+            "{label}: {after:?}"
+        );
         assert_eq!(after.buffers, counts[3].buffers, "{label}");
     }
 }

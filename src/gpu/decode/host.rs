@@ -343,7 +343,13 @@ impl Decoder {
             in_offset: 0,
             seqs: 0..self.cfg.batch,
         };
-        self.record(enc, &mut st, &pipes, &io, Work::Attend(mode, DenseCut::default()))
+        self.record(
+            enc,
+            &mut st,
+            &pipes,
+            &io,
+            Work::Attend(mode, DenseCut::default()),
+        )
     }
 
     /// Appends the first `lengths[b]` tokens of K, V (batch, kv_heads, P, head_dim) to sequence b,

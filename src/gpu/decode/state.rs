@@ -96,7 +96,13 @@ impl State {
     }
 
     /// Step tensor `i` (Q, K, V, O, LSE) at least `bytes` long, counting a new buffer.
-    pub fn io_at_least(&mut self, device: &wgpu::Device, i: usize, bytes: u64, cap: u64) -> wgpu::Buffer {
+    pub fn io_at_least(
+        &mut self,
+        device: &wgpu::Device,
+        i: usize,
+        bytes: u64,
+        cap: u64,
+    ) -> wgpu::Buffer {
         let before = self.io[i].allocated();
         let buf = self.io[i].at_least(device, bytes, cap).clone();
         if self.io[i].allocated() != before {

@@ -576,4 +576,3 @@ static DECODE_MERGE: PassDesc = PassDesc {
     ],
     level_select: true,
 };
-
