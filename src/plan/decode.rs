@@ -102,6 +102,44 @@ impl Default for DenseSplit {
     }
 }
 
+/// How the decoder records its steps on an adapter kind: the dense decode's split, and whether
+/// an FMA step that can run as one pass ([`DecodeLayout::can_fuse`]) does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeTuning {
+    /// The dense decode's segments.
+    pub dense: DenseSplit,
+    /// One-pass FMA steps (`decode_step`). On a GPU a step of one token is a few microseconds
+    /// of work, so each dependent dispatch (its launch and the drain before the next) is a
+    /// large share of it: one pass, not two. On a CPU adapter the one pass was measured 6-12x
+    /// slower than the two (docs/perf.md, change 30): llvmpipe most likely runs every
+    /// workgroup of a pass that has barriers (the attention's) in its slower barrier-capable
+    /// form, the upkeep's many small workgroups included; there the upkeep and the attention
+    /// run as two passes.
+    pub one_pass: bool,
+}
+
+impl DecodeTuning {
+    /// A GPU's: [`DenseSplit::GPU`], one-pass steps.
+    pub const GPU: Self = Self {
+        dense: DenseSplit::GPU,
+        one_pass: true,
+    };
+    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps.
+    pub const CPU: Self = Self {
+        dense: DenseSplit::CPU,
+        one_pass: false,
+    };
+
+    /// The tuning for an adapter of type `device_type`: [`DecodeTuning::CPU`] on a CPU
+    /// adapter, [`DecodeTuning::GPU`] on any other.
+    pub fn for_device(device_type: wgpu::DeviceType) -> Self {
+        match device_type {
+            wgpu::DeviceType::Cpu => Self::CPU,
+            _ => Self::GPU,
+        }
+    }
+}
+
 /// What one dense record runs over ([`DecodeLayout::dense_cut`]): its history pages, its
 /// segment length and how many segments per query it dispatches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -166,6 +204,8 @@ pub struct DecodeLayout {
     /// Whether the coarse rows are pooled with learned weights (then an FMA step's attention
     /// runs in a pass of its own: `decode_step` has no binding left for the weights).
     pub learned: bool,
+    /// Whether FMA steps that can run as one pass do ([`DecodeTuning::one_pass`]).
+    pub one_pass: bool,
     /// The sliding window (keys i - L ..= i), if any: then `ring` = min(L + max_chunk,
     /// max_len), `levels` = 0 and no history.
     pub window: Option<Window>,
@@ -181,19 +221,20 @@ fn padded(x: usize) -> usize {
 }
 
 impl DecodeLayout {
-    /// The layout of `cfg` under `limits` with a GPU's dense split ([`DenseSplit::GPU`]); a
-    /// typed error when one row's state cannot fit one binding.
+    /// The layout of `cfg` under `limits` tuned for a GPU ([`DecodeTuning::GPU`]); a typed
+    /// error when one row's state cannot fit one binding.
     pub fn new(cfg: &DecodeConfig, limits: &KernelLimits) -> Result<Self> {
-        Self::with_split(cfg, limits, DenseSplit::GPU)
+        Self::with_tuning(cfg, limits, DecodeTuning::GPU)
     }
 
-    /// The layout of `cfg` under `limits` whose dense decode splits as `split` says (the
-    /// decoder's: [`DenseSplit::for_device`] of its adapter).
-    pub fn with_split(
+    /// The layout of `cfg` under `limits` tuned as `tuning` says (the decoder's:
+    /// [`DecodeTuning::for_device`] of its adapter).
+    pub fn with_tuning(
         cfg: &DecodeConfig,
         limits: &KernelLimits,
-        split: DenseSplit,
+        tuning: DecodeTuning,
     ) -> Result<Self> {
+        let split = tuning.dense;
         cfg.validate()?;
         // m >= max_len: one fine block, no level (levels::effective_block), so sizes stay
         // bounded by the length for any m.
@@ -308,6 +349,7 @@ impl DecodeLayout {
             segments,
             partial_stride,
             learned: matches!(cfg.fma.downsample, Downsample::Learned(_)),
+            one_pass: tuning.one_pass,
             window,
             softmax: SoftmaxFlags::of(&cfg.variants),
             storage: cfg.storage,
@@ -388,13 +430,18 @@ impl DecodeLayout {
             + lens_count as u64
     }
 
-    /// Whether an FMA step of `chunk` tokens runs as one pass (`decode_step`): with no coarse
-    /// level, or with Average pooling and at most m + 1 tokens. Then no query of the step reads
-    /// a coarse window the step writes: a query at i reads windows up to floor(i / w) - 2 at a
-    /// level of window w >= m, and floor((s + C - 1) / w) - floor(s / w) <= 1 for every start
-    /// s exactly when C - 1 <= w.
-    pub fn fused(&self, chunk: usize) -> bool {
+    /// Whether an FMA step of `chunk` tokens can run as one pass (`decode_step`): with no
+    /// coarse level, or with Average pooling and at most m + 1 tokens. Then no query of the
+    /// step reads a coarse window the step writes: a query at i reads windows up to
+    /// floor(i / w) - 2 at a level of window w >= m, and floor((s + C - 1) / w) - floor(s / w)
+    /// <= 1 for every start s exactly when C - 1 <= w.
+    pub fn can_fuse(&self, chunk: usize) -> bool {
         self.levels == 0 || (!self.learned && chunk <= self.block + 1)
+    }
+
+    /// Whether an FMA step of `chunk` tokens runs as one pass: it can, and the tuning says so.
+    pub fn fused(&self, chunk: usize) -> bool {
+        self.one_pass && self.can_fuse(chunk)
     }
 
     /// The dispatches of one group that append `chunk` tokens to its rows (the ring, the coarse
@@ -725,6 +772,7 @@ mod tests {
                         }
                     }
                 }
+                assert_eq!(l.can_fuse(chunk), !conflict, "m {m} chunk {chunk}");
                 assert_eq!(l.fused(chunk), !conflict, "m {m} chunk {chunk}");
             }
         }
@@ -736,6 +784,10 @@ mod tests {
         let c = DecodeConfig::new(learned, 2, 3, 16, 64).max_chunk(3);
         let l = DecodeLayout::new(&c, &limits).unwrap();
         assert!(l.learned && !l.fused(1));
+        // A CPU adapter's tuning: two passes where one could do.
+        let c = cfg(4, 2, 64, 3);
+        let cpu = DecodeLayout::with_tuning(&c, &limits, DecodeTuning::CPU).unwrap();
+        assert!(cpu.can_fuse(1) && !cpu.fused(1));
         let steps = l.fma_steps(l.group, 1, true, 2, &limits).unwrap();
         let passes: Vec<Pass> = steps.iter().map(|s| s.pass).collect();
         assert_eq!(passes, [Pass::DecodeIngest, Pass::DecodeAttention]);
@@ -780,7 +832,11 @@ mod tests {
         ] {
             let c = DecodeConfig::new(FmaConfig::new(64, 2), batch, heads, 64, (1 << 20) + 64)
                 .max_chunk(16);
-            let l = DecodeLayout::with_split(&c, &limits, split).unwrap();
+            let tuning = DecodeTuning {
+                dense: split,
+                ..DecodeTuning::GPU
+            };
+            let l = DecodeLayout::with_tuning(&c, &limits, tuning).unwrap();
             let mut cuts = std::collections::HashSet::new();
             let mut len = 1;
             while len <= l.max_len {

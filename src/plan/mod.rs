@@ -26,7 +26,7 @@ pub use backward::{
     BackwardPlan, BACKWARD_WG, COMBINE_FAN_IN, DKV_COARSE_CHUNK, WEIGHT_CHUNK_WINDOWS,
 };
 pub use backward_split::{BackwardChunk, BackwardSplitPlan};
-pub use decode::{DecodeLayout, DenseCut, DenseSplit, DECODE_WG};
+pub use decode::{DecodeLayout, DecodeTuning, DenseCut, DenseSplit, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};
 pub use dense_tiled::{

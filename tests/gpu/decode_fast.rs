@@ -2,8 +2,10 @@
 //! makes. (1) Steady-state steps make no buffer and no bind group (`Decoder::objects_made`),
 //! on the host path and on `EncodeStep` with the same buffers, FMA and dense, while their
 //! outputs stay equal to the f64 causal forward; other buffers do make bind groups (the
-//! counter counts). (2) The one-pass FMA step (`decode_step`, chunks of at most m + 1 tokens)
-//! and the two-pass record (`decode_ingest` + `decode_attention`, longer chunks) give the same
+//! counter counts). Both tunings: the adapter's (lavapipe: two-pass FMA steps, a CPU's dense
+//! split) and a GPU's (`DecodeTuning::GPU`: one-pass steps, its split). (2) The one-pass FMA
+//! step (`decode_step`, chunks of at most m + 1 tokens) and the two-pass record
+//! (`decode_ingest` + `decode_attention`: a CPU's tuning, or longer chunks) give the same
 //! bits: every row's keys, their order and every pooled sum are the same whatever the chunking
 //! (the pooling adds a window's tokens in token order, carried across steps), so any
 //! difference is a wrong key, window or slot. (3) The dense decode split as a GPU splits it
@@ -17,7 +19,7 @@
 use crate::common::{closeness, gpu, random_learned, read_buffer};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{DecodeMode, Decoder, EncodeStep, GpuContext, Host, StepTensors};
-use multipole_attn::plan::DenseSplit;
+use multipole_attn::plan::{DecodeTuning, DenseSplit};
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::{DecodeConfig, Downsample, FmaConfig, Method, Problem, Shape};
 use wgpu::util::DeviceExt;
@@ -177,8 +179,9 @@ fn steady_state_steps_make_no_buffer_and_no_bind_group() {
     // adapter, so the dense cut stays put), windows of every level completing on the way.
     let (b, h, hk, d, prompt, steps) = (2, 4, 2, 20, 1037, 12);
     let x = Inputs::new(seed, b, h, hk, prompt + 2 * steps, d);
-    for mode in [DecodeMode::Fma, DecodeMode::Dense] {
-        let label = format!("seed {seed} {mode:?}");
+    let modes = [DecodeMode::Fma, DecodeMode::Dense];
+    for (mode, gpu_tuning) in modes.into_iter().flat_map(|m| [(m, false), (m, true)]) {
+        let label = format!("seed {seed} {mode:?} GPU tuning {gpu_tuning}");
         let fma = FmaConfig::new(8, 2);
         let cfg = DecodeConfig::new(fma, b, h, d, x.n)
             .kv_heads(hk)
@@ -189,7 +192,11 @@ fn steady_state_steps_make_no_buffer_and_no_bind_group() {
             DecodeMode::Dense => Method::Dense,
         };
         let want = x.reference(&method);
-        let dec = Decoder::new(ctx, cfg).unwrap();
+        let dec = if gpu_tuning {
+            Decoder::with_tuning(ctx, cfg, DecodeTuning::GPU, None).unwrap()
+        } else {
+            Decoder::new(ctx, cfg).unwrap()
+        };
         dec.extend(
             &x.part(&x.k, hk, 0, prompt),
             &x.part(&x.v, hk, 0, prompt),
@@ -238,15 +245,19 @@ fn steady_state_steps_make_no_buffer_and_no_bind_group() {
 }
 
 /// Decodes every token of `x` after a prefill of `prompt` in steps of `chunk` through the
-/// host path, returning the steps' O and LSE in order.
+/// host path, tuned as `tuning` says, returning every row's O and LSE.
 fn decode_in_chunks(
     ctx: &GpuContext,
-    cfg: &DecodeConfig,
+    (cfg, tuning): (&DecodeConfig, DecodeTuning),
     x: &Inputs,
     prompt: usize,
     chunk: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let dec = Decoder::new(ctx, cfg.clone()).unwrap();
+    let dec = Decoder::with_tuning(ctx, cfg.clone(), tuning, None).unwrap();
+    assert_eq!(
+        dec.layout().fused(chunk),
+        tuning.one_pass && chunk <= dec.layout().block + 1 && !dec.layout().learned
+    );
     dec.extend(
         &x.part(&x.k, x.hk, 0, prompt),
         &x.part(&x.v, x.hk, 0, prompt),
@@ -278,9 +289,10 @@ fn decode_in_chunks(
     (oo, ll)
 }
 
-/// The one-pass step (chunks of 1 and m + 1 tokens) and the two-pass record (m + 2 and 2m + 3
-/// tokens: windows completed and read inside one step) give the same bits, and equal the f64
-/// causal FMA forward; Learned pooling (always two passes) equals its forward too.
+/// The one-pass step (a GPU's tuning, chunks of 1 and m + 1 tokens) and the two-pass record
+/// (a CPU's tuning; m + 2 and 2m + 3 tokens: windows completed and read inside one step) give
+/// the same bits, and equal the f64 causal FMA forward; Learned pooling (always two passes)
+/// equals its forward too.
 #[test]
 fn one_pass_and_two_pass_steps_give_the_same_bits() {
     let Some(ctx) = gpu() else { return };
@@ -294,19 +306,27 @@ fn one_pass_and_two_pass_steps_give_the_same_bits() {
     let want = x.reference(&Method::Fma(cfg.fma.clone()));
     let tail = reference_rows(&x, &want, prompt, n - prompt);
     let mut runs = Vec::new();
-    for chunk in [1, m + 1, m + 2, 2 * m + 3] {
-        let got = decode_in_chunks(ctx, &cfg, &x, prompt, chunk);
-        check(&format!("seed {seed} chunk {chunk}"), &got.0, &got.1, &tail);
-        runs.push((chunk, got));
+    let (gpu, cpu) = (DecodeTuning::GPU, DecodeTuning::CPU);
+    for (chunk, tuning) in [
+        (1, gpu),
+        (m + 1, gpu),
+        (m + 2, gpu),
+        (2 * m + 3, gpu),
+        (1, cpu),
+    ] {
+        let got = decode_in_chunks(ctx, (&cfg, tuning), &x, prompt, chunk);
+        let label = format!("seed {seed} chunk {chunk} {tuning:?}");
+        check(&label, &got.0, &got.1, &tail);
+        runs.push((label, got));
     }
     let bits = |r: &(Vec<f32>, Vec<f32>)| -> Vec<u32> {
         r.0.iter().chain(&r.1).map(|x| x.to_bits()).collect()
     };
-    for (chunk, r) in &runs[1..] {
+    for (label, r) in &runs[1..] {
         assert_eq!(
             bits(r),
             bits(&runs[0].1),
-            "seed {seed}: chunk {chunk} differs from one-token steps"
+            "{label} differs from one-token one-pass steps"
         );
     }
     let learned = fma.downsample(Downsample::Learned(random_learned(seed, d, m, 2, n)));
@@ -314,7 +334,7 @@ fn one_pass_and_two_pass_steps_give_the_same_bits() {
         .kv_heads(hk)
         .max_chunk(m + 1);
     let want = x.reference(&Method::Fma(cfg.fma.clone()));
-    let got = decode_in_chunks(ctx, &cfg, &x, prompt, m + 1);
+    let got = decode_in_chunks(ctx, (&cfg, gpu), &x, prompt, m + 1);
     let tail = reference_rows(&x, &want, prompt, n - prompt);
     check(&format!("seed {seed} learned"), &got.0, &got.1, &tail);
 }
@@ -337,7 +357,11 @@ fn dense_decoding_split_for_a_gpu_equals_exact_attention() {
     let cfg = DecodeConfig::new(FmaConfig::new(8, 2), b, h, d, n)
         .kv_heads(hk)
         .max_chunk(5);
-    let dec = Decoder::with_dense_split(ctx, cfg, split, Some(4 << 10)).unwrap();
+    let tuning = DecodeTuning {
+        dense: split,
+        one_pass: true,
+    };
+    let dec = Decoder::with_tuning(ctx, cfg, tuning, Some(4 << 10)).unwrap();
     let l = dec.layout();
     assert!(l.page_tokens < n && l.min_segment == 4, "{l:?}");
     let pre = dec
@@ -377,5 +401,39 @@ fn dense_decoding_split_for_a_gpu_equals_exact_attention() {
         );
         at += c;
         s += 1;
+    }
+}
+
+/// f16 storage (issue 29): the one-pass step reads the step's own keys from f16 K, V (the
+/// composer's f16 loads) and writes the f16 ring; it gives the two-pass record's bits (which
+/// tests/gpu/f16_decode.rs checks against the f32 decoder and the reference), FMA with grouped
+/// heads, over windows of several levels completing.
+#[test]
+fn one_pass_steps_under_f16_storage_give_the_two_pass_bits() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let seed = fresh_seed();
+    let (b, h, hk, d, m, prompt, n) = (2, 4, 2, 16, 4, 7, 61);
+    let x = Inputs::new(seed, b, h, hk, n, d);
+    let cfg = DecodeConfig::new(FmaConfig::new(m, 2), b, h, d, n)
+        .kv_heads(hk)
+        .max_chunk(m + 1)
+        .storage(multipole_attn::Storage::F16);
+    let runs: Vec<_> = [
+        (1, DecodeTuning::GPU),
+        (m + 1, DecodeTuning::GPU),
+        (1, DecodeTuning::CPU),
+    ]
+    .into_iter()
+    .map(|(chunk, tuning)| decode_in_chunks(ctx, (&cfg, tuning), &x, prompt, chunk))
+    .collect();
+    assert!(runs[0].0.iter().all(|v| v.is_finite()), "seed {seed}");
+    for r in &runs[1..] {
+        assert!(
+            r.0 == runs[0].0 && r.1 == runs[0].1,
+            "seed {seed}: f16 paths differ"
+        );
     }
 }

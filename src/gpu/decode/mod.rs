@@ -22,7 +22,7 @@ use crate::gpu::engine::record::Pipes;
 use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::weights::WeightBuffers;
 use crate::gpu::fma::FmaAttention;
-use crate::plan::{DecodeLayout, DenseSplit, KernelLimits};
+use crate::plan::{DecodeLayout, DecodeTuning, KernelLimits};
 use crate::storage::Storage;
 
 pub use host::{EncodeStep, StepIo, StepTensors};
@@ -87,8 +87,8 @@ pub struct ObjectsMade {
 /// rounded inputs (the prefill runs the f16 causal forward).
 ///
 /// A step is recorded into few dispatches and makes nothing it made before (docs/perf.md,
-/// change 30): an FMA step is one pass (`decode_step`: the attention beside the cache upkeep)
-/// with Average pooling and at most m + 1 tokens, else two; a dense step is the upkeep, one
+/// change 30): on a GPU an FMA step is one pass (`decode_step`: the attention beside the cache
+/// upkeep) with Average pooling and at most m + 1 tokens, else (and on a CPU adapter) two; a dense step is the upkeep, one
 /// pass per history page and the merge; the parameter blocks, bind groups and the host path's
 /// tensors and readback are kept across steps ([`Decoder::objects_made`]).
 pub struct Decoder {
@@ -113,39 +113,39 @@ impl Decoder {
     /// (every level a sequence of `max_len` tokens uses), lays the cache out under the
     /// adapter's limits and allocates its fixed part.
     pub fn new(ctx: &GpuContext, cfg: DecodeConfig) -> Result<Self> {
-        let split = DenseSplit::for_device(ctx.info.device_type);
-        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits), split)
+        let tuning = DecodeTuning::for_device(ctx.info.device_type);
+        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits), tuning)
     }
 
     /// [`Decoder::new`] using at most `bytes` per storage binding (below the device's own
     /// limit): the cache is then bound in more, smaller groups and pages, with the same bits.
     pub fn with_max_binding(ctx: &GpuContext, cfg: DecodeConfig, bytes: u64) -> Result<Self> {
-        let split = DenseSplit::for_device(ctx.info.device_type);
+        let tuning = DecodeTuning::for_device(ctx.info.device_type);
         let limits = KernelLimits::from_wgpu(&ctx.limits).capped(bytes);
-        Self::with_limits(ctx, cfg, limits, split)
+        Self::with_limits(ctx, cfg, limits, tuning)
     }
 
-    /// [`Decoder::new`] whose dense decode splits each query's keys as `split` says instead of
-    /// as its adapter's kind does ([`DenseSplit::for_device`]), using at most `max_binding`
-    /// bytes per storage binding where given: for tests and benchmarks of a split on any
-    /// adapter (a GPU's split on a CPU adapter, say). The segments change the dense decode's
-    /// summation order only.
-    pub fn with_dense_split(
+    /// [`Decoder::new`] tuned as `tuning` says instead of as its adapter's kind is
+    /// ([`DecodeTuning::for_device`]: the dense decode's segments, one-pass FMA steps), using
+    /// at most `max_binding` bytes per storage binding where given: for tests and benchmarks
+    /// of a GPU's recording on any adapter. The segments change the dense decode's summation
+    /// order only; one-pass and two-pass FMA steps give the same bits.
+    pub fn with_tuning(
         ctx: &GpuContext,
         cfg: DecodeConfig,
-        split: DenseSplit,
+        tuning: DecodeTuning,
         max_binding: Option<u64>,
     ) -> Result<Self> {
         let limits = KernelLimits::from_wgpu(&ctx.limits);
         let limits = max_binding.map_or(limits, |b| limits.capped(b));
-        Self::with_limits(ctx, cfg, limits, split)
+        Self::with_limits(ctx, cfg, limits, tuning)
     }
 
     fn with_limits(
         ctx: &GpuContext,
         mut cfg: DecodeConfig,
         limits: KernelLimits,
-        split: DenseSplit,
+        tuning: DecodeTuning,
     ) -> Result<Self> {
         ctx.check_alive()?;
         check_device_storage(ctx, cfg.storage)?;
@@ -154,7 +154,7 @@ impl Decoder {
             .clone()
             .causal(true)
             .queries(crate::config::Queries::Fine);
-        let layout = DecodeLayout::with_split(&cfg, &limits, split)?;
+        let layout = DecodeLayout::with_tuning(&cfg, &limits, tuning)?;
         // The history is filled by buffer copies, whose offsets and sizes are whole 4-byte
         // words: with f16 rows of an odd width a token would start mid-word.
         if cfg.storage == Storage::F16 && layout.page_tokens > 0 && cfg.head_dim % 2 == 1 {
