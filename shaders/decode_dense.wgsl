@@ -1,18 +1,19 @@
 // Exact dense decoding over the cache's history (flash-decoding): the chunk's queries against
 // every key so far, split over the cache's length so the whole device works even for one
 // query. This pass: one workgroup per (head row, query, segment of S keys of one history page
-// (page = the level selector's `level`)), writing the segment's partial softmax (its max, its
-// sum and its unnormalised weighted values); decode_merge combines them. Keys in tiles of WG
-// (decode_softmax.wgsl). Softcap: each logit capped here; sinks: joined by the merge (a
-// segment's partial has none); a window never comes here (the windowed decode runs
-// decode_attention over the ring). CPU mirror: `cpu::dense_attention_rows` (causal, the
-// query last).
+// (page = the level selector's `level`, its segments dispatched = `arg0`)), writing the
+// segment's partial softmax (its max, its sum and its unnormalised weighted values);
+// decode_merge combines them. S is the record's (`params.segment`, sized by the plan for the
+// adapter: `plan::DenseSplit`). Keys in tiles of WG (decode_softmax.wgsl). Softcap: each
+// logit capped here; sinks: joined by the merge (a segment's partial has none); a window never
+// comes here (the windowed decode runs decode_attention over the ring). CPU mirror:
+// `cpu::dense_attention_rows` (causal, the query last).
 
 #import decode_params
 #import level_select
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;               // (query rows, in_rows, d)
-@group(0) @binding(2) var<storage, read> lens: array<u32>;            // (batch)
+@group(0) @binding(2) var<storage, read> lens: array<u32>;            // (2, batch)
 @group(0) @binding(3) var<storage, read> page_k: array<f32>;          // (group rows, T, d)
 @group(0) @binding(4) var<storage, read> page_v: array<f32>;          // (group rows, T, d)
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>;  // (group query rows, chunk_max, segments, d + 2)
@@ -44,7 +45,9 @@ fn q4(at: u32, c4: u32) -> vec4<f32> {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let per_page = params.page_tokens / params.segment;
+    // Segments of this page dispatched per (query row, token): those up to the longest
+    // sequence (the plan's count, rounded up to a power of two).
+    let per_page = sel.arg0;
     let wid = dispatch_workgroup(wg);
     if (wid >= params.group_rows * params.qgroup * params.chunk * per_page) {
         return;
@@ -61,7 +64,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (seq < params.b_lo || seq >= params.b_hi) {
         return;
     }
-    let i = lens[seq] + c;
+    let i = lens[params.lens_in + seq] + c;
     let page = sel.level;
     let first = page * params.page_tokens + seg_local * params.segment;
     if (first > i) {

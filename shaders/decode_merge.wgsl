@@ -7,7 +7,7 @@
 #import decode_params
 #import level_select
 
-@group(0) @binding(1) var<storage, read> lens: array<u32>;            // (batch)
+@group(0) @binding(1) var<storage, read> lens: array<u32>;            // (2, batch)
 @group(0) @binding(2) var<storage, read> partials: array<f32>;        // (group query rows, chunk_max, segments, d + 2)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;       // (query rows, chunk, d)
 @group(0) @binding(4) var<storage, read_write> lse: array<f32>;       // (query rows, chunk)
@@ -37,7 +37,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (seq < params.b_lo || seq >= params.b_hi) {
         return;
     }
-    let i = lens[seq] + c;
+    let i = lens[params.lens_in + seq] + c;
     softmax_begin(lid, vec4<f32>(0.0));
     softmax_sink(lid, bhq);
     let total = i / params.segment + 1u;

@@ -39,9 +39,9 @@ struct DecodeParams {
     qgroup: u32,            // query heads per K/V head (grouped-query attention; 1: multi-head)
     softcap: f32,           // C of the softcap (docs/variants.md; read where SOFTCAP is on)
     window_left: u32,       // L of the window: keys i - L ..= i (read where WINDOW is on)
-    _pad2: u32,             // the array below starts at a 16-byte boundary (uniform layout)
-    _pad3: u32,
-    _pad4: u32,
+    lens_in: u32,           // the lengths this record reads: lens[lens_in + b] (0 or batch)
+    lens_out: u32,          // where it writes them advanced: lens[lens_out + b] (the other half)
+    lens_count: u32,        // sequences whose lengths this record writes: the batch in its last group, else 0
     level_info: array<LevelInfo, 32>,
     sinks: array<vec4<f32>, 32>, // sink logit of query head h (of a sequence) at [h / 4][h % 4]
 }
@@ -50,6 +50,12 @@ struct DecodeParams {
 
 // The logit of a key that does not exist (see params.wgsl).
 const ABSENT: f32 = -1e30;
+
+// The sequences' lengths are kept twice on the GPU (`lens`, (2, batch) u32): a record reads
+// one half and writes the other, advanced by its chunk, and the next record reads that one.
+// So every pass of a record may read the lengths while one of them writes the next ones: no
+// pass of its own advances them, and steps recorded into one encoder each see their own
+// positions.
 
 // Element offset of head row `local` (of this group) in the near-field ring; kv 0 keys, 1 values.
 fn ring_at(local: u32, kv: u32, t: u32) -> u32 {

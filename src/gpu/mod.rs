@@ -23,7 +23,7 @@ mod engine;
 mod fma;
 
 pub use attention::{Attention, Plan, Saved};
-pub use decode::{DecodeMode, Decoder, EncodeStep, StepIo, StepTensors};
+pub use decode::{DecodeMode, Decoder, EncodeStep, ObjectsMade, StepIo, StepTensors};
 pub use engine::context::{
     adapter_support, compute_support, negotiate_features, negotiate_limits, AdapterSummary,
     ContextOptions, GpuContext,

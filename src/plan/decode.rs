@@ -21,6 +21,21 @@
 //! Rows are processed in **groups** whose ring, coarse slots and dense partials each fit one
 //! storage binding (bound as ranges of one buffer: per-row strides are 256-byte multiples).
 //! A row's work does not depend on its group, so any grouping gives the same bits.
+//!
+//! **Dispatches of a record** (one group; [`DecodeLayout::fma_steps`],
+//! [`DecodeLayout::dense_steps`]): the cache upkeep (ring, coarse slots, the lengths advanced
+//! into the other half of a (2, batch) buffer) is one pass, `decode_ingest`; an FMA step
+//! with Average pooling and at most m + 1 tokens is one pass in all, `decode_step` (the
+//! attention beside the upkeep: no query of such a step reads a coarse window the step
+//! writes); otherwise `decode_ingest` then `decode_attention`. Dense steps: `decode_ingest`,
+//! `decode_dense` per history page, `decode_merge`.
+//!
+//! **The dense decode's split** ([`DenseSplit`], flash-decoding): a query's keys are cut into
+//! segments of S keys, one workgroup each, S a power of two chosen per record from the longest
+//! sequence so that one-token steps of every query row fill about `DenseSplit::workgroups`
+//! workgroups, never below `DenseSplit::min_segment` keys or beyond a page
+//! ([`DecodeLayout::dense_cut`]); the merge adds the partials in segment order, so a record's
+//! result depends on (its lengths, C, the layout) only, never on timing.
 
 use super::dispatch::{dispatch, Dispatch};
 use super::limits::KernelLimits;
@@ -39,10 +54,106 @@ pub const DECODE_WG: u32 = 64;
 /// Per-row strides are rounded up to this many f32 (256 bytes), an offset every adapter
 /// accepts for a storage binding.
 pub const ROW_ALIGN: usize = 64;
-/// The dense decode splits a query's keys into at most about this many segments (partials).
-pub const TARGET_SEGMENTS: usize = 256;
-/// Fewest keys per segment of the dense decode.
-pub const MIN_SEGMENT: usize = 1024;
+/// How the dense decode splits each query's keys into segments (flash-decoding), by adapter
+/// kind. wgpu reports no compute-unit count, so the GPU figure is an assumption sized for the
+/// largest card the project targets: an H200 has 132 SMs (`../shared/design/gpu.md`), and
+/// 1024 workgroups of 64 invocations put ~8 on each (512 of its 2048 resident invocations),
+/// enough loads in flight to stream K and V at bandwidth; a smaller GPU runs them in more
+/// waves at no loss. A segment reads at least `min_segment` keys (256 keys: 64 KiB of f32 K
+/// and V at d = 64), so a workgroup's fixed cost (the query, the partial's write, its share of
+/// the merge) stays small against its reads. At batch 1, one head, 2^20 tokens: segments of
+/// 1024 keys, 1024 of them (the issue's floor: >= 264, two per SM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenseSplit {
+    /// Workgroups one dense dispatch should have for a step of one token per query row, over
+    /// every query row of the batch (batch * heads).
+    pub workgroups: usize,
+    /// Fewest keys per segment (a power of two).
+    pub min_segment: usize,
+}
+
+impl DenseSplit {
+    /// A GPU's: ~1024 workgroups of at least 256 keys.
+    pub const GPU: Self = Self {
+        workgroups: 1024,
+        min_segment: 256,
+    };
+    /// A CPU adapter's (lavapipe, llvmpipe: a few cores, each workgroup a loop): about 256
+    /// segments per query of at least 1024 keys, the sizes the decoder had before it was sized
+    /// by adapter (docs/perf.md, issue 14).
+    pub const CPU: Self = Self {
+        workgroups: 256,
+        min_segment: 1024,
+    };
+
+    /// The split for an adapter of type `device_type`: [`DenseSplit::CPU`] on a CPU adapter,
+    /// [`DenseSplit::GPU`] on any other.
+    pub fn for_device(device_type: wgpu::DeviceType) -> Self {
+        match device_type {
+            wgpu::DeviceType::Cpu => Self::CPU,
+            _ => Self::GPU,
+        }
+    }
+}
+
+impl Default for DenseSplit {
+    fn default() -> Self {
+        Self::GPU
+    }
+}
+
+/// How the decoder records its steps on an adapter kind: the dense decode's split, and whether
+/// an FMA step that can run as one pass ([`DecodeLayout::can_fuse`]) does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeTuning {
+    /// The dense decode's segments.
+    pub dense: DenseSplit,
+    /// One-pass FMA steps (`decode_step`). On a GPU a step of one token is a few microseconds
+    /// of work, so each dependent dispatch (its launch and the drain before the next) is a
+    /// large share of it: one pass, not two. On a CPU adapter the one pass was measured 6-12x
+    /// slower than the two (docs/perf.md, change 30): llvmpipe most likely runs every
+    /// workgroup of a pass that has barriers (the attention's) in its slower barrier-capable
+    /// form, the upkeep's many small workgroups included; there the upkeep and the attention
+    /// run as two passes.
+    pub one_pass: bool,
+}
+
+impl DecodeTuning {
+    /// A GPU's: [`DenseSplit::GPU`], one-pass steps.
+    pub const GPU: Self = Self {
+        dense: DenseSplit::GPU,
+        one_pass: true,
+    };
+    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps.
+    pub const CPU: Self = Self {
+        dense: DenseSplit::CPU,
+        one_pass: false,
+    };
+
+    /// The tuning for an adapter of type `device_type`: [`DecodeTuning::CPU`] on a CPU
+    /// adapter, [`DecodeTuning::GPU`] on any other.
+    pub fn for_device(device_type: wgpu::DeviceType) -> Self {
+        match device_type {
+            wgpu::DeviceType::Cpu => Self::CPU,
+            _ => Self::GPU,
+        }
+    }
+}
+
+/// What one dense record runs over ([`DecodeLayout::dense_cut`]): its history pages, its
+/// segment length and how many segments per query it dispatches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenseCut {
+    /// History pages the longest sequence reaches.
+    pub pages: usize,
+    /// Keys per segment S (a power of two dividing the page).
+    pub segment: usize,
+    /// Segments per (query row, token) the record's dense dispatches cover: the longest
+    /// sequence's, rounded up to a power of two (at most the pages' own), so that a record's
+    /// dispatches change only when the length doubles; those past a row's length return at
+    /// once.
+    pub covered: usize,
+}
 
 /// The cache's layout for one [`DecodeConfig`] on one adapter.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,13 +189,23 @@ pub struct DecodeLayout {
     pub group: usize,
     /// History page length T in tokens (0 without history).
     pub page_tokens: usize,
-    /// Keys per partial of the dense decode (divides T).
-    pub segment: usize,
-    /// Partials per query row of the dense decode.
+    /// Fewest keys per segment of the dense decode (a power of two dividing T; records use
+    /// [`DecodeLayout::dense_cut`]'s, from this up to T).
+    pub min_segment: usize,
+    /// Segments wanted per query row and token ([`DenseSplit::workgroups`] over the batch's
+    /// query rows, at least 1).
+    pub split_per_row: usize,
+    /// Partial slots per (query row, token) of the dense decode: the most segments any record
+    /// has.
     pub segments: usize,
     /// f32 per query row in the partials buffer: (max_chunk, segments, d + 2), padded (0
     /// without history); a group's partials hold its rows' `heads / kv_heads` query rows each.
     pub partial_stride: usize,
+    /// Whether the coarse rows are pooled with learned weights (then an FMA step's attention
+    /// runs in a pass of its own: `decode_step` has no binding left for the weights).
+    pub learned: bool,
+    /// Whether FMA steps that can run as one pass do ([`DecodeTuning::one_pass`]).
+    pub one_pass: bool,
     /// The sliding window (keys i - L ..= i), if any: then `ring` = min(L + max_chunk,
     /// max_len), `levels` = 0 and no history.
     pub window: Option<Window>,
@@ -100,9 +221,20 @@ fn padded(x: usize) -> usize {
 }
 
 impl DecodeLayout {
-    /// The layout of `cfg` under `limits`; a typed error when one row's state cannot fit one
-    /// binding.
+    /// The layout of `cfg` under `limits` tuned for a GPU ([`DecodeTuning::GPU`]); a typed
+    /// error when one row's state cannot fit one binding.
     pub fn new(cfg: &DecodeConfig, limits: &KernelLimits) -> Result<Self> {
+        Self::with_tuning(cfg, limits, DecodeTuning::GPU)
+    }
+
+    /// The layout of `cfg` under `limits` tuned as `tuning` says (the decoder's:
+    /// [`DecodeTuning::for_device`] of its adapter).
+    pub fn with_tuning(
+        cfg: &DecodeConfig,
+        limits: &KernelLimits,
+        tuning: DecodeTuning,
+    ) -> Result<Self> {
+        let split = tuning.dense;
         cfg.validate()?;
         // m >= max_len: one fine block, no level (levels::effective_block), so sizes stay
         // bounded by the length for any m.
@@ -161,17 +293,13 @@ impl DecodeLayout {
             return Err(too_big(what, fixed, cap));
         }
         let mut group = (cap / fixed).min(rows);
-        let (mut page_tokens, mut segment, mut segments, mut partial_stride) = (0, 0, 0, 0);
+        let (mut page_tokens, mut min_segment, mut segments, mut partial_stride) = (0, 0, 0, 0);
+        // Segments wanted per query row: the split's workgroups over a one-token step's rows.
+        let split_per_row = (split.workgroups / (cfg.batch * cfg.heads)).max(1);
         if history {
             if d > cap {
                 return Err(too_big("one history token of one head", d, cap));
             }
-            // About TARGET_SEGMENTS partials per query, of at least MIN_SEGMENT keys.
-            let wanted = cfg
-                .max_len
-                .div_ceil(TARGET_SEGMENTS)
-                .next_power_of_two()
-                .max(MIN_SEGMENT);
             loop {
                 // The largest power-of-two page whose group of rows fits one binding; a
                 // segment never straddles two pages.
@@ -179,8 +307,13 @@ impl DecodeLayout {
                     .min(cfg.max_len.next_power_of_two())
                     .max(1);
                 page_tokens = 1usize << per_row.ilog2();
-                segment = wanted.min(page_tokens);
-                segments = cfg.max_len.div_ceil(segment);
+                min_segment = split.min_segment.next_power_of_two().min(page_tokens);
+                // A record's count, ceil(len / S), is at most the wanted count (S >= len /
+                // wanted), the pages' (S = T) and len / min_segment (S >= min_segment).
+                let pages = cfg.max_len.div_ceil(page_tokens);
+                segments = split_per_row
+                    .max(pages)
+                    .min(cfg.max_len.div_ceil(min_segment));
                 partial_stride = padded(cfg.max_chunk * segments * (d + 2));
                 if partial_stride * qgroup > cap {
                     return Err(too_big(
@@ -211,9 +344,12 @@ impl DecodeLayout {
             coarse_stride,
             group,
             page_tokens,
-            segment,
+            min_segment,
+            split_per_row,
             segments,
             partial_stride,
+            learned: matches!(cfg.fma.downsample, Downsample::Learned(_)),
+            one_pass: tuning.one_pass,
             window,
             softmax: SoftmaxFlags::of(&cfg.variants),
             storage: cfg.storage,
@@ -283,42 +419,68 @@ impl DecodeLayout {
         }
     }
 
-    /// The dispatches of one group that append `chunk` tokens to its rows: the ring, the coarse
-    /// slots and (with `attend`) the queries' FMA attention.
+    /// Units of one group's cache upkeep (`shaders/shared/decode_cache.wgsl`): the ring's
+    /// (rows, chunk, d), the coarse slots' (rows, 2, levels, slots, p, d) and `lens_count`
+    /// lengths written.
+    fn upkeep_units(&self, rows: usize, chunk: usize, lens_count: usize) -> u64 {
+        let d = self.head_dim as u64;
+        let (rows, chunk) = (rows as u64, chunk as u64);
+        rows * chunk * d
+            + rows * 2 * (self.levels * self.slots * self.rank) as u64 * d
+            + lens_count as u64
+    }
+
+    /// Whether an FMA step of `chunk` tokens can run as one pass (`decode_step`): with no
+    /// coarse level, or with Average pooling and at most m + 1 tokens. Then no query of the
+    /// step reads a coarse window the step writes: a query at i reads windows up to
+    /// floor(i / w) - 2 at a level of window w >= m, and floor((s + C - 1) / w) - floor(s / w)
+    /// <= 1 for every start s exactly when C - 1 <= w.
+    pub fn can_fuse(&self, chunk: usize) -> bool {
+        self.levels == 0 || (!self.learned && chunk <= self.block + 1)
+    }
+
+    /// Whether an FMA step of `chunk` tokens runs as one pass: it can, and the tuning says so.
+    pub fn fused(&self, chunk: usize) -> bool {
+        self.one_pass && self.can_fuse(chunk)
+    }
+
+    /// The dispatches of one group that append `chunk` tokens to its rows (the ring, the coarse
+    /// slots, `lens_count` lengths advanced: the batch in a record's last group, else 0) and
+    /// (with `attend`) attend its queries by FMA: one pass where [`DecodeLayout::fused`],
+    /// else the upkeep then the attention.
     pub fn fma_steps(
         &self,
         rows: usize,
         chunk: usize,
         attend: bool,
+        lens_count: usize,
         limits: &KernelLimits,
     ) -> Result<Vec<Dispatch>> {
         let (spec, wg) = (self.spec(), DECODE_WG as u64);
-        let d = self.head_dim as u64;
+        let upkeep = self.upkeep_units(rows, chunk, lens_count).div_ceil(wg);
+        // One workgroup per query row and token: each cache row's query heads.
+        let queries = (rows * self.qgroup()) as u64 * chunk as u64;
+        if attend && self.fused(chunk) {
+            return Ok(vec![dispatch(
+                Pass::DecodeStep,
+                None,
+                queries + upkeep,
+                spec,
+                limits,
+            )?]);
+        }
         let mut steps = vec![dispatch(
-            Pass::DecodeAppend,
+            Pass::DecodeIngest,
             None,
-            (rows as u64 * chunk as u64 * d).div_ceil(wg),
+            upkeep.max(1),
             spec,
             limits,
         )?];
-        // No coarse level (a window, or one block holds the sequence): nothing to pool.
-        if self.levels > 0 {
-            steps.push(dispatch(
-                Pass::DecodePool,
-                None,
-                (rows as u64 * 2 * self.levels as u64 * self.slots as u64 * self.rank as u64 * d)
-                    .div_ceil(wg)
-                    .max(1),
-                spec,
-                limits,
-            )?);
-        }
         if attend {
-            // One workgroup per query row and token: each cache row's query heads.
             steps.push(dispatch(
                 Pass::DecodeAttention,
                 None,
-                (rows * self.qgroup()) as u64 * chunk as u64,
+                queries,
                 spec,
                 limits,
             )?);
@@ -326,41 +488,60 @@ impl DecodeLayout {
         Ok(steps)
     }
 
-    /// The dense decode of one group over history pages `0..pages`: a partial pass per page
-    /// (its level selector names the page) and the merge.
+    /// The dense decode's cut of a record whose longest sequence reaches `longest` tokens:
+    /// S = the smallest power of two with at most [`DecodeLayout::split_per_row`] segments
+    /// over `longest`, within [min_segment, page_tokens]. Its count, ceil(longest / S), is at
+    /// most [`DecodeLayout::segments`] (the partial slots).
+    pub fn dense_cut(&self, longest: usize) -> DenseCut {
+        if self.page_tokens == 0 {
+            return DenseCut::default();
+        }
+        let longest = longest.max(1);
+        let segment = longest
+            .div_ceil(self.split_per_row)
+            .next_power_of_two()
+            .clamp(self.min_segment, self.page_tokens);
+        let pages = self.pages_for(longest);
+        let per_page = self.page_tokens / segment;
+        DenseCut {
+            pages,
+            segment,
+            covered: longest
+                .div_ceil(segment)
+                .next_power_of_two()
+                .min(pages * per_page),
+        }
+    }
+
+    /// The dense decode of one group over `cut`: a partial pass per page (its level selector
+    /// names the page, its `arg0` the page's segments dispatched) and the merge (after the
+    /// group's `decode_ingest`, [`DecodeLayout::fma_steps`] without attention).
     pub fn dense_steps(
         &self,
         rows: usize,
         chunk: usize,
-        pages: usize,
+        cut: DenseCut,
         limits: &KernelLimits,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec();
-        let per_page = (self.page_tokens / self.segment.max(1)) as u64;
-        let mut steps = (0..pages)
+        let per_page = self.page_tokens / cut.segment.max(1);
+        let queries = (rows * self.qgroup()) as u64 * chunk as u64;
+        let mut steps = (0..cut.pages)
             .map(|page| {
-                dispatch(
+                let segs = cut.covered.saturating_sub(page * per_page).min(per_page);
+                let mut d = dispatch(
                     Pass::DecodeDense,
                     Some(page as u32),
-                    (rows * self.qgroup()) as u64 * chunk as u64 * per_page,
+                    queries * segs as u64,
                     spec,
                     limits,
-                )
+                )?;
+                d.args[0] = segs as u32;
+                Ok(d)
             })
             .collect::<Result<Vec<_>>>()?;
-        steps.push(dispatch(
-            Pass::DecodeMerge,
-            None,
-            (rows * self.qgroup()) as u64 * chunk as u64,
-            spec,
-            limits,
-        )?);
+        steps.push(dispatch(Pass::DecodeMerge, None, queries, spec, limits)?);
         Ok(steps)
-    }
-
-    /// The last dispatch of every record: the sequences' lengths advance.
-    pub fn advance_step(&self, limits: &KernelLimits) -> Result<Dispatch> {
-        dispatch(Pass::DecodeAdvance, None, 1, self.spec(), limits)
     }
 
     /// Learned weights needed: every level kept must have them (a sequence of max_len tokens
@@ -459,8 +640,8 @@ mod tests {
         assert!(l.group * l.coarse_stride * 4 <= cap);
         assert!(l.group * l.partial_stride * l.qgroup() * 4 <= cap);
         assert!(l.group * l.page_tokens * l.head_dim * 4 <= cap);
-        assert!(l.page_tokens.is_power_of_two() && l.page_tokens.is_multiple_of(l.segment));
-        assert_eq!(l.segments, 4096usize.div_ceil(l.segment));
+        assert!(l.page_tokens.is_power_of_two() && l.page_tokens.is_multiple_of(l.min_segment));
+        assert!(l.segments <= 4096usize.div_ceil(l.min_segment));
         let covered: usize = l.groups().iter().map(|g| g.len()).sum();
         assert_eq!(covered, 4);
     }
@@ -474,9 +655,11 @@ mod tests {
         assert_eq!(gqa.qgroup(), 3);
         assert_eq!(gqa.fma_bytes() * 3, mha.fma_bytes());
         assert_eq!(gqa.history_bytes(4096) * 3, mha.history_bytes(4096));
-        // The attention passes run over every query row: as many workgroups either way.
-        let steps = |l: &DecodeLayout| l.fma_steps(l.group, 2, true, &limits).unwrap();
-        assert_eq!(steps(&mha)[2].workgroups, steps(&gqa)[2].workgroups);
+        // The attention passes run over every query row: as many workgroups either way (a
+        // chunk of m + 2 tokens: the attention in its own pass).
+        let steps = |l: &DecodeLayout| l.fma_steps(l.group, 18, true, 2, &limits).unwrap();
+        assert_eq!(steps(&mha)[1].pass, Pass::DecodeAttention);
+        assert_eq!(steps(&mha)[1].workgroups, steps(&gqa)[1].workgroups);
         let bad = cfg(16, 2, 4096, 2).kv_heads(2);
         assert!(matches!(
             DecodeLayout::new(&bad, &limits),
@@ -528,14 +711,14 @@ mod tests {
         assert!(windowed(16, 100, 1 << 18, 3).history);
         assert_eq!(short.fma_bytes(), long.fma_bytes());
         assert_eq!(long.history_bytes(1 << 18), 0);
-        // No coarse level: nothing to pool, only the ring and the attention.
+        // No coarse level: nothing to pool, the ring and the attention in one pass.
         let passes: Vec<Pass> = long
-            .fma_steps(long.group, 3, true, &limits)
+            .fma_steps(long.group, 3, true, 2, &limits)
             .unwrap()
             .iter()
             .map(|s| s.pass)
             .collect();
-        assert_eq!(passes, [Pass::DecodeAppend, Pass::DecodeAttention]);
+        assert_eq!(passes, [Pass::DecodeStep]);
         assert!(long.softmax.window && !long.softmax.sinks);
         // A window longer than the context: the ring holds the whole sequence.
         let tiny = DecodeLayout::new(&windowed(16, 100, 50, 3), &limits).unwrap();
@@ -566,5 +749,125 @@ mod tests {
             DecodeLayout::new(&right, &limits),
             Err(FmaError::InvalidConfig { what: "window", .. })
         ));
+    }
+
+    /// A step runs as one pass exactly when none of its queries reads a coarse window the step
+    /// writes: checked by brute force over starts and levels against the pooling's windows
+    /// (those holding a token of the step) and the far lists' (a - 2, a - 3 of each query).
+    #[test]
+    fn a_fused_step_reads_no_window_it_writes() {
+        let limits = KernelLimits::with_binding(1 << 27);
+        for m in [1, 2, 4, 16] {
+            let l = DecodeLayout::new(&cfg(m, 1, 1 << 12, 3 * m + 3), &limits).unwrap();
+            for chunk in 1..=(3 * m + 3) {
+                let mut conflict = false;
+                for s in 0..(8 * m + 8) {
+                    for lvl in 0..l.levels.min(3) {
+                        let w = l.window(lvl);
+                        let written = (s / w)..=((s + chunk - 1) / w);
+                        for i in s..s + chunk {
+                            let a = i / w;
+                            let far = [a.checked_sub(2), a.checked_sub(3).filter(|_| a % 2 == 1)];
+                            conflict |= far.iter().flatten().any(|b| written.contains(b));
+                        }
+                    }
+                }
+                assert_eq!(l.can_fuse(chunk), !conflict, "m {m} chunk {chunk}");
+                assert_eq!(l.fused(chunk), !conflict, "m {m} chunk {chunk}");
+            }
+        }
+        // Learned pooling: never fused (decode_step has no binding for the weights); a window
+        // (no coarse level): always.
+        let learned = FmaConfig::new(4, 2).downsample(Downsample::Learned(
+            crate::weights::LearnedWeights::box_init_for(16, 4, 2, 64),
+        ));
+        let c = DecodeConfig::new(learned, 2, 3, 16, 64).max_chunk(3);
+        let l = DecodeLayout::new(&c, &limits).unwrap();
+        assert!(l.learned && !l.fused(1));
+        // A CPU adapter's tuning: two passes where one could do.
+        let c = cfg(4, 2, 64, 3);
+        let cpu = DecodeLayout::with_tuning(&c, &limits, DecodeTuning::CPU).unwrap();
+        assert!(cpu.can_fuse(1) && !cpu.fused(1));
+        let steps = l.fma_steps(l.group, 1, true, 2, &limits).unwrap();
+        let passes: Vec<Pass> = steps.iter().map(|s| s.pass).collect();
+        assert_eq!(passes, [Pass::DecodeIngest, Pass::DecodeAttention]);
+    }
+
+    /// Dispatches per record: FMA 1 (fused) or 2, a prefill chunk 1, dense 2 + pages; the
+    /// upkeep's workgroups cover its units exactly.
+    #[test]
+    fn records_have_few_dispatches() {
+        let limits = KernelLimits::with_binding(1 << 27);
+        let l = DecodeLayout::new(&cfg(64, 2, 1 << 20, 64).history(true), &limits).unwrap();
+        let fma = l.fma_steps(l.group, 1, true, 2, &limits).unwrap();
+        assert_eq!(fma.len(), 1);
+        assert_eq!(fma[0].pass, Pass::DecodeStep);
+        let rows = l.group as u64;
+        let upkeep = rows * 16 + rows * 2 * (l.levels * l.slots * 2 * 16) as u64 + 2;
+        let queries = rows; // one query head per K/V head, one token
+        assert_eq!(
+            fma[0].workgroups as u64,
+            queries + upkeep.div_ceil(DECODE_WG as u64)
+        );
+        assert_eq!(l.fma_steps(l.group, 64, true, 2, &limits).unwrap().len(), 1);
+        let ingest = l.fma_steps(l.group, 200, false, 0, &limits).unwrap();
+        assert_eq!(ingest.len(), 1);
+        let cut = l.dense_cut(1 << 20);
+        let dense = l.dense_steps(l.group, 1, cut, &limits).unwrap();
+        assert_eq!(dense.len(), cut.pages + 1);
+    }
+
+    /// The dense split: S a power of two in [min_segment, T], the count within the partial
+    /// slots for every length, about `workgroups` segments per step at 2^20 tokens (the GPU's
+    /// 1024 at batch 1, >= 264: two per SM of an H200), and dispatches that change only when
+    /// the length doubles.
+    #[test]
+    fn dense_splits_fill_the_adapter_and_fit_the_partials() {
+        let limits = KernelLimits::discrete_gpu();
+        for (split, batch, heads) in [
+            (DenseSplit::GPU, 1, 1),
+            (DenseSplit::GPU, 8, 8),
+            (DenseSplit::CPU, 1, 1),
+            (DenseSplit::CPU, 8, 1),
+        ] {
+            let c = DecodeConfig::new(FmaConfig::new(64, 2), batch, heads, 64, (1 << 20) + 64)
+                .max_chunk(16);
+            let tuning = DecodeTuning {
+                dense: split,
+                ..DecodeTuning::GPU
+            };
+            let l = DecodeLayout::with_tuning(&c, &limits, tuning).unwrap();
+            let mut cuts = std::collections::HashSet::new();
+            let mut len = 1;
+            while len <= l.max_len {
+                for longest in [len, len + 1, (len * 3) / 2] {
+                    let longest = longest.min(l.max_len);
+                    let cut = l.dense_cut(longest);
+                    assert!(cut.segment.is_power_of_two());
+                    assert!(cut.segment >= l.min_segment && cut.segment <= l.page_tokens);
+                    assert!(
+                        longest.div_ceil(cut.segment) <= l.segments,
+                        "{split:?} {longest}"
+                    );
+                    assert!(cut.covered >= longest.div_ceil(cut.segment));
+                    cuts.insert(cut);
+                }
+                len *= 2;
+            }
+            // O(log n) distinct records.
+            assert!(cuts.len() <= 3 * 21, "{}", cuts.len());
+            let rows = batch * heads;
+            let at_1m = l.dense_cut(1 << 20);
+            let workgroups = rows * at_1m.covered;
+            if split == DenseSplit::GPU {
+                assert!(workgroups >= 1024, "{split:?} batch {batch}: {workgroups}");
+            }
+            if (split, batch) == (DenseSplit::GPU, 1) {
+                assert_eq!((at_1m.segment, at_1m.covered), (1024, 1024));
+            }
+            if (split, batch) == (DenseSplit::CPU, 1) {
+                assert_eq!(at_1m.segment, 4096);
+            }
+        }
     }
 }

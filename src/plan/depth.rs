@@ -594,12 +594,11 @@ pub fn dispatch_depth(model: &DepthModel, d: &Dispatch) -> Depth {
         Pass::DenseAttention | Pass::DenseTiled => dense_attention(d, model.n),
         Pass::DenseBackwardDkv => dense_backward(d, model.n, 3),
         Pass::DenseBackwardDq => dense_backward(d, model.n, 2),
-        Pass::DecodeAppend
-        | Pass::DecodePool
+        Pass::DecodeIngest
+        | Pass::DecodeStep
         | Pass::DecodeAttention
         | Pass::DecodeDense
-        | Pass::DecodeMerge
-        | Pass::DecodeAdvance => writes_only(),
+        | Pass::DecodeMerge => writes_only(),
     }
 }
 

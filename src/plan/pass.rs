@@ -99,13 +99,15 @@ passes! {
     /// A padded variable-length batch's backward: dQ, dK, dV = 0 on the padding rows
     /// (`shaders/pad_gradients.wgsl`).
     PadGradients => "pad_gradients",
-    /// Decoding: a step's keys and values into the near-field ring (`shaders/decode_append.wgsl`).
-    DecodeAppend => "decode_append",
-    /// Decoding: every level's coarse keys and values as their windows fill
-    /// (`shaders/decode_pool.wgsl`).
-    DecodePool => "decode_pool",
-    /// Decoding: a step's queries against the near ring and the coarse slots
-    /// (`shaders/decode_attention.wgsl`).
+    /// Decoding: a record's cache upkeep, the step's keys and values into the near-field ring,
+    /// every level's coarse keys and values as their windows fill, the lengths advanced
+    /// (`shaders/decode_ingest.wgsl`).
+    DecodeIngest => "decode_ingest",
+    /// Decoding: a whole FMA step, the queries' attention and the cache upkeep in one pass
+    /// (`shaders/decode_step.wgsl`; Average pooling, chunks of at most m + 1 tokens).
+    DecodeStep => "decode_step",
+    /// Decoding: a step's queries against the near ring and the coarse slots, after
+    /// `decode_ingest` (`shaders/decode_attention.wgsl`).
     DecodeAttention => "decode_attention",
     /// Exact dense decoding: partial softmax of one segment of a history page
     /// (`shaders/decode_dense.wgsl`).
@@ -113,8 +115,6 @@ passes! {
     /// Exact dense decoding: the segments' partials merged into O and the LSE
     /// (`shaders/decode_merge.wgsl`).
     DecodeMerge => "decode_merge",
-    /// Decoding: every sequence of the step `chunk` tokens longer (`shaders/decode_advance.wgsl`).
-    DecodeAdvance => "decode_advance",
 }
 
 /// Specialisation constants of one pipeline, prepended to the pass's WGSL as `const`s: fixed

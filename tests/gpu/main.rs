@@ -15,6 +15,7 @@ mod coarse_backward;
 mod concurrency;
 mod coop;
 mod decode;
+mod decode_fast;
 mod decode_variants;
 mod dense_backward_split;
 mod dense_keys;

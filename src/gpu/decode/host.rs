@@ -7,9 +7,11 @@ use crate::gpu::engine::buffers::{read_f32, storage};
 use crate::gpu::engine::front::check_host;
 use crate::gpu::engine::io::{sealed::Sealed, Host};
 use crate::gpu::engine::pipelines::poisoned;
-use crate::gpu::engine::tensors::{check_storage, GpuTensors, Output, Scopes, Staged};
+use crate::gpu::engine::tensors::{check_storage, GpuTensors, Output, Scopes};
 use crate::shape::Shape;
 use crate::storage::{from_f16_bits, to_f16_bits, Storage};
+
+use crate::plan::DenseCut;
 
 use super::record::{Io, Work};
 use super::{DecodeMode, Decoder};
@@ -107,37 +109,43 @@ fn words_bytes(storage: Storage, elements: usize) -> u64 {
     (elements as u64 * storage.bytes()).next_multiple_of(4)
 }
 
-/// Where a host step's O and LSE are read back from: the f32 path's staging, or the f16 one.
-enum Readback {
-    F32(Staged),
-    F16(HalfStaged),
-}
-
-/// A staging buffer that receives an f16 O (rounded up to whole words) and the f32 LSE of a
-/// host step in the step's submit (the f32 path's `Staged`, for f16 elements).
-struct HalfStaged {
+/// A readback buffer that receives a host step's O (of the cache's storage, rounded up to
+/// whole words) and its f32 LSE in the step's submit. The buffer is the decoder's kept staging
+/// (a step) or a new one (the f16 prefill).
+struct Readback {
     buffer: wgpu::Buffer,
+    storage: Storage,
     o_elements: usize,
     o_bytes: u64,
     lse_bytes: u64,
 }
 
-impl HalfStaged {
-    fn new(device: &wgpu::Device, shape: Shape) -> Self {
-        let o_bytes = words_bytes(Storage::F16, shape.elements());
-        let lse_bytes = shape.rows() as u64 * 4;
+impl Readback {
+    /// Bytes the readback of a step of `shape` takes.
+    fn bytes(storage: Storage, shape: Shape) -> u64 {
+        words_bytes(storage, shape.elements()) + shape.rows() as u64 * 4
+    }
+
+    /// A readback into `buffer` (at least [`Readback::bytes`] long).
+    fn new(buffer: wgpu::Buffer, storage: Storage, shape: Shape) -> Self {
+        Self {
+            buffer,
+            storage,
+            o_elements: shape.elements(),
+            o_bytes: words_bytes(storage, shape.elements()),
+            lse_bytes: shape.rows() as u64 * 4,
+        }
+    }
+
+    /// A readback into a buffer of its own.
+    fn fresh(device: &wgpu::Device, storage: Storage, shape: Shape) -> Self {
         let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("decode f16 readback"),
-            size: (o_bytes + lse_bytes).max(4),
+            label: Some("decode readback"),
+            size: Self::bytes(storage, shape).max(4),
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        Self {
-            buffer,
-            o_elements: shape.elements(),
-            o_bytes,
-            lse_bytes,
-        }
+        Self::new(buffer, storage, shape)
     }
 
     fn record(&self, enc: &mut wgpu::CommandEncoder, out: &wgpu::Buffer, lse: &wgpu::Buffer) {
@@ -145,16 +153,20 @@ impl HalfStaged {
         enc.copy_buffer_to_buffer(lse, 0, &self.buffer, self.o_bytes, self.lse_bytes);
     }
 
-    async fn read(self, ctx: &crate::gpu::engine::context::GpuContext) -> Result<Output> {
+    /// O (widened from f16 where stored so) and the LSE; the buffer is unmapped again.
+    async fn read(&self, ctx: &crate::gpu::engine::context::GpuContext) -> Result<Output> {
         let all = read_f32(&ctx.device, &self.buffer, self.o_bytes + self.lse_bytes).await;
         ctx.check_alive()?;
         let mut all = all?;
         let lse = all.split_off((self.o_bytes / 4) as usize);
-        let bits: &[u16] = bytemuck::cast_slice(&all);
-        Ok(Output {
-            o: from_f16_bits(&bits[..self.o_elements]),
-            lse: Some(lse),
-        })
+        let o = match self.storage {
+            Storage::F32 => all,
+            Storage::F16 => {
+                let bits: &[u16] = bytemuck::cast_slice(&all);
+                from_f16_bits(&bits[..self.o_elements])
+            }
+        };
+        Ok(Output { o, lse: Some(lse) })
     }
 }
 
@@ -226,24 +238,23 @@ impl Decoder {
             stored_bytes(storage, "V", v)?,
         );
         let pipes = self.pipes().await?;
-        let staged = match storage {
-            Storage::F32 => Readback::F32(Staged::new(&self.ctx.device, shape, true)),
-            Storage::F16 => Readback::F16(HalfStaged::new(&self.ctx.device, shape)),
-        };
         let scopes = Scopes::push(&self.ctx)?;
+        let staged;
         {
             let mut st = self.state.lock().map_err(poisoned)?;
             let dev = &self.ctx.device;
-            let [bq, bk, bv, bo, bl] = &mut st.io;
+            // The step tensors and the readback are kept across steps (grown by capacity).
             let (bq, bk, bv) = (
-                bq.at_least(dev, bytes, cap).clone(),
-                bk.at_least(dev, kv_bytes, cap).clone(),
-                bv.at_least(dev, kv_bytes, cap).clone(),
+                st.io_at_least(dev, 0, bytes, cap),
+                st.io_at_least(dev, 1, kv_bytes, cap),
+                st.io_at_least(dev, 2, kv_bytes, cap),
             );
             let (bo, bl) = (
-                bo.at_least(dev, bytes, cap).clone(),
-                bl.at_least(dev, shape.rows() as u64 * 4, cap).clone(),
+                st.io_at_least(dev, 3, bytes, cap),
+                st.io_at_least(dev, 4, shape.rows() as u64 * 4, cap),
             );
+            let staging = st.take_staging(dev, Readback::bytes(storage, shape));
+            staged = Readback::new(staging, storage, shape);
             self.ctx.queue.write_buffer(&bq, 0, &q);
             self.ctx.queue.write_buffer(&bk, 0, &k);
             self.ctx.queue.write_buffer(&bv, 0, &v);
@@ -261,18 +272,24 @@ impl Decoder {
                 in_offset: 0,
                 seqs: 0..self.cfg.batch,
             };
-            self.record(&mut enc, &mut st, &pipes, &io, Work::Attend(mode, 0))?;
-            match &staged {
-                Readback::F32(s) => s.record(&mut enc, &bo, &bl),
-                Readback::F16(s) => s.record(&mut enc, &bo, &bl),
+            let recorded = self.record(
+                &mut enc,
+                &mut st,
+                &pipes,
+                &io,
+                Work::Attend(mode, DenseCut::default()),
+            );
+            if let Err(e) = recorded {
+                st.return_staging(staged.buffer);
+                return Err(e);
             }
+            staged.record(&mut enc, &bo, &bl);
             self.ctx.queue.submit([enc.finish()]);
         }
         scopes.pop(&self.ctx, "a decoding step").await?;
-        match staged {
-            Readback::F32(s) => s.read(&self.ctx).await,
-            Readback::F16(s) => s.read(&self.ctx).await,
-        }
+        let out = staged.read(&self.ctx).await;
+        self.lock()?.return_staging(staged.buffer);
+        out
     }
 
     /// A step of tensors already on the GPU recorded into the caller's encoder (C is not
@@ -326,7 +343,13 @@ impl Decoder {
             in_offset: 0,
             seqs: 0..self.cfg.batch,
         };
-        self.record(enc, &mut st, &pipes, &io, Work::Attend(mode, 0))
+        self.record(
+            enc,
+            &mut st,
+            &pipes,
+            &io,
+            Work::Attend(mode, DenseCut::default()),
+        )
     }
 
     /// Appends the first `lengths[b]` tokens of K, V (batch, kv_heads, P, head_dim) to sequence b,
@@ -394,13 +417,10 @@ impl Decoder {
             }
         }
         // Every call before this one has submitted its work (host calls submit at once), so
-        // the GPU's lengths equal the host's: written as absolute values.
+        // the GPU's lengths equal the host's: written as absolute values (both halves).
         for b in seqs {
-            st.lens[b] += skip;
-            let bytes = (st.lens[b] as u32).to_le_bytes();
-            self.ctx
-                .queue
-                .write_buffer(&st.lens_gpu, b as u64 * 4, &bytes);
+            let len = st.lens[b] + skip;
+            st.write_len(&self.ctx.queue, b, len);
         }
         Ok(skip)
     }
@@ -425,10 +445,9 @@ impl Decoder {
         {
             let mut st = self.state.lock().map_err(poisoned)?;
             let dev = &self.ctx.device;
-            let [_, bk, bv, _, _] = &mut st.io;
             let (bk, bv) = (
-                bk.at_least(dev, bytes, cap).clone(),
-                bv.at_least(dev, bytes, cap).clone(),
+                st.io_at_least(dev, 1, bytes, cap),
+                st.io_at_least(dev, 2, bytes, cap),
             );
             self.ctx.queue.write_buffer(&bk, 0, &k);
             self.ctx.queue.write_buffer(&bv, 0, &v);
@@ -610,7 +629,7 @@ impl Decoder {
             DecodeMode::Fma => self.fma.forward_buffers_async(t, shape).await?,
             DecodeMode::Dense => self.dense.forward_buffers_async(t, shape).await?,
         }
-        let staged = HalfStaged::new(dev, shape);
+        let staged = Readback::fresh(dev, Storage::F16, shape);
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("decode prefill readback"),
         });

@@ -9,6 +9,7 @@ mod host;
 mod record;
 mod state;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{DecodeConfig, Downsample, FmaConfig};
@@ -21,7 +22,7 @@ use crate::gpu::engine::record::Pipes;
 use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::weights::WeightBuffers;
 use crate::gpu::fma::FmaAttention;
-use crate::plan::{DecodeLayout, KernelLimits};
+use crate::plan::{DecodeLayout, DecodeTuning, KernelLimits};
 use crate::storage::Storage;
 
 pub use host::{EncodeStep, StepIo, StepTensors};
@@ -36,6 +37,20 @@ pub enum DecodeMode {
     /// Exact dense attention over the history, split over its length (flash-decoding); needs
     /// [`DecodeConfig::history`].
     Dense,
+}
+
+/// What a decoder has made on the GPU so far ([`Decoder::objects_made`]): a step that finds
+/// everything it needs made (the same shapes, buffers, pages and split as an earlier step)
+/// makes nothing, so these stay put across steady-state steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObjectsMade {
+    /// Buffers: the cache's, history pages, the dense partials, the host path's step tensors
+    /// and readback staging, and each record shape's parameter block and level selectors
+    /// (written once, when made).
+    pub buffers: u64,
+    /// Bind groups (kept per record shape and remade only when a bound buffer changes:
+    /// [`EncodeStep`] tensors that are other buffers than the last step's, a new history page).
+    pub bind_groups: u64,
 }
 
 /// Incremental causal decoding for a batch of sequences (algorithm.md §10).
@@ -70,6 +85,12 @@ pub enum DecodeMode {
 /// upload and O comes back widened to f32. The coarse slots, the dense decode's partials, the
 /// LSE and every sum stay f32, so a step computes what the f32 decoder computes on the
 /// rounded inputs (the prefill runs the f16 causal forward).
+///
+/// A step is recorded into few dispatches and makes nothing it made before (docs/perf.md,
+/// change 30): on a GPU an FMA step is one pass (`decode_step`: the attention beside the cache
+/// upkeep) with Average pooling and at most m + 1 tokens, else (and on a CPU adapter) two; a dense step is the upkeep, one
+/// pass per history page and the merge; the parameter blocks, bind groups and the host path's
+/// tensors and readback are kept across steps ([`Decoder::objects_made`]).
 pub struct Decoder {
     ctx: GpuContext,
     cfg: DecodeConfig,
@@ -81,6 +102,10 @@ pub struct Decoder {
     uniforms: ShapeCache<RecordKey, Uniforms>,
     pipes: Mutex<Option<Arc<Pipes>>>,
     state: Mutex<State>,
+    /// Parameter blocks' and level selectors' buffers made (the state counts its own).
+    uniform_buffers: AtomicU64,
+    /// Bind groups made.
+    bind_groups: AtomicU64,
 }
 
 impl Decoder {
@@ -88,16 +113,40 @@ impl Decoder {
     /// (every level a sequence of `max_len` tokens uses), lays the cache out under the
     /// adapter's limits and allocates its fixed part.
     pub fn new(ctx: &GpuContext, cfg: DecodeConfig) -> Result<Self> {
-        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits))
+        let tuning = DecodeTuning::for_device(ctx.info.device_type);
+        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits), tuning)
     }
 
     /// [`Decoder::new`] using at most `bytes` per storage binding (below the device's own
     /// limit): the cache is then bound in more, smaller groups and pages, with the same bits.
     pub fn with_max_binding(ctx: &GpuContext, cfg: DecodeConfig, bytes: u64) -> Result<Self> {
-        Self::with_limits(ctx, cfg, KernelLimits::from_wgpu(&ctx.limits).capped(bytes))
+        let tuning = DecodeTuning::for_device(ctx.info.device_type);
+        let limits = KernelLimits::from_wgpu(&ctx.limits).capped(bytes);
+        Self::with_limits(ctx, cfg, limits, tuning)
     }
 
-    fn with_limits(ctx: &GpuContext, mut cfg: DecodeConfig, limits: KernelLimits) -> Result<Self> {
+    /// [`Decoder::new`] tuned as `tuning` says instead of as its adapter's kind is
+    /// ([`DecodeTuning::for_device`]: the dense decode's segments, one-pass FMA steps), using
+    /// at most `max_binding` bytes per storage binding where given: for tests and benchmarks
+    /// of a GPU's recording on any adapter. The segments change the dense decode's summation
+    /// order only; one-pass and two-pass FMA steps give the same bits.
+    pub fn with_tuning(
+        ctx: &GpuContext,
+        cfg: DecodeConfig,
+        tuning: DecodeTuning,
+        max_binding: Option<u64>,
+    ) -> Result<Self> {
+        let limits = KernelLimits::from_wgpu(&ctx.limits);
+        let limits = max_binding.map_or(limits, |b| limits.capped(b));
+        Self::with_limits(ctx, cfg, limits, tuning)
+    }
+
+    fn with_limits(
+        ctx: &GpuContext,
+        mut cfg: DecodeConfig,
+        limits: KernelLimits,
+        tuning: DecodeTuning,
+    ) -> Result<Self> {
         ctx.check_alive()?;
         check_device_storage(ctx, cfg.storage)?;
         cfg.fma = cfg
@@ -105,7 +154,7 @@ impl Decoder {
             .clone()
             .causal(true)
             .queries(crate::config::Queries::Fine);
-        let layout = DecodeLayout::new(&cfg, &limits)?;
+        let layout = DecodeLayout::with_tuning(&cfg, &limits, tuning)?;
         // The history is filled by buffer copies, whose offsets and sizes are whole 4-byte
         // words: with f16 rows of an odd width a token would start mid-word.
         if cfg.storage == Storage::F16 && layout.page_tokens > 0 && cfg.head_dim % 2 == 1 {
@@ -143,6 +192,18 @@ impl Decoder {
             uniforms: ShapeCache::default(),
             pipes: Mutex::new(None),
             state: Mutex::new(state),
+            uniform_buffers: AtomicU64::new(0),
+            bind_groups: AtomicU64::new(0),
+        })
+    }
+
+    /// What this decoder has made on the GPU so far (not counting the prefill's forwards,
+    /// which are the executors' own): a diagnostic, which steady-state steps leave unchanged.
+    pub fn objects_made(&self) -> Result<ObjectsMade> {
+        let st = self.lock()?;
+        Ok(ObjectsMade {
+            buffers: st.buffers_made + self.uniform_buffers.load(Ordering::Relaxed),
+            bind_groups: self.bind_groups.load(Ordering::Relaxed),
         })
     }
 
@@ -199,11 +260,7 @@ impl Decoder {
                 got: b.to_string(),
             });
         }
-        let mut st = self.lock()?;
-        st.lens[b] = 0;
-        self.ctx
-            .queue
-            .write_buffer(&st.lens_gpu, b as u64 * 4, &0u32.to_le_bytes());
+        self.lock()?.write_len(&self.ctx.queue, b, 0);
         Ok(())
     }
 

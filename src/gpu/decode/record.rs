@@ -1,17 +1,22 @@
 //! One record of the decoding passes: C tokens appended to a run of sequences (the history
-//! copied into its pages, the ring, the coarse slots), optionally their queries' attention
-//! (FMA or dense), and the lengths advanced, group by group into one compute pass.
+//! copied into its pages; the ring, the coarse slots and the lengths by the upkeep pass),
+//! optionally their queries' attention (FMA or dense), group by group into one compute pass.
+//! What a record's shape fixes (its parameter block, level selectors and bind groups) is made
+//! once per [`RecordKey`] and kept; a bind group is remade only when a buffer it binds
+//! changed.
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::params::{to_uniform_bytes, DecodeParams, LevelInfo, MAX_LEVELS};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
-use crate::gpu::engine::record::{record_step, Pipes, Resources, Selects};
-use crate::plan::{Dispatch, Pass};
+use crate::gpu::engine::record::{record_step, BindingIdentity, Pipes, Resources, Selects};
+use crate::plan::{DenseCut, Dispatch, Pass};
 
 use super::state::State;
 use super::{DecodeMode, Decoder};
@@ -21,8 +26,8 @@ use super::{DecodeMode, Decoder};
 pub(super) enum Work {
     /// Append only (a prefill's cache).
     Ingest,
-    /// Append, then attend (FMA or dense over `pages` history pages).
-    Attend(DecodeMode, usize),
+    /// Append, then attend (FMA, or dense over the cut's pages and segments).
+    Attend(DecodeMode, DenseCut),
 }
 
 /// Everything the uniforms of one group's record depend on.
@@ -35,14 +40,24 @@ pub(crate) struct RecordKey {
     in_row0: usize,
     seqs: (usize, usize),
     work: Work,
+    /// The record's last group: it writes the advanced lengths.
     advance: bool,
+    /// The half of the lengths the record reads.
+    parity: usize,
 }
 
-/// A group's parameter block, its steps and their level selectors.
+/// Bind groups kept per step of a record shape: the last few sets of buffers it was bound to
+/// (a caller alternating between a few sets of step tensors, double-buffered, finds each),
+/// most recent first.
+const KEPT_GROUPS: usize = 4;
+
+/// A group's parameter block, its steps and their level selectors, and the bind groups each
+/// step had last, with the buffers each was made from.
 pub(crate) struct Uniforms {
     params: wgpu::Buffer,
     selects: Selects,
     steps: Vec<Dispatch>,
+    groups: Mutex<HashMap<usize, Vec<(BindingIdentity, wgpu::BindGroup)>>>,
 }
 
 /// The tensors of one record: K, V (cache rows in_row0.., in_rows each, from in_offset), and
@@ -112,7 +127,7 @@ impl Decoder {
         // with no coarse level); the cache has no history to run the dense passes over.
         let work = match work {
             Work::Attend(DecodeMode::Dense, _) if l.window.is_some() => {
-                Work::Attend(DecodeMode::Fma, 0)
+                Work::Attend(DecodeMode::Fma, DenseCut::default())
             }
             w => w,
         };
@@ -133,9 +148,10 @@ impl Decoder {
             .enumerate()
             .filter(|(_, g)| g.start < rows.end && rows.start < g.end)
             .collect();
-        let pages = l.pages_for(longest);
         let work = match work {
-            Work::Attend(DecodeMode::Dense, _) => Work::Attend(DecodeMode::Dense, pages),
+            Work::Attend(DecodeMode::Dense, _) => {
+                Work::Attend(DecodeMode::Dense, l.dense_cut(longest))
+            }
             w => w,
         };
         let mut made = Vec::new();
@@ -149,6 +165,7 @@ impl Decoder {
                 seqs: (io.seqs.start, io.seqs.end),
                 work,
                 advance: i + 1 == groups.len(),
+                parity: st.parity,
             };
             made.push(
                 self.uniforms
@@ -186,10 +203,8 @@ impl Decoder {
         } else {
             None
         };
-        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("decode"),
-            timestamp_writes: None,
-        });
+        // Bind groups first (found or made), then the pass that uses them.
+        let mut bound = Vec::new();
         for ((g, range), u) in groups.iter().zip(&made) {
             let ring = l.ring_bytes();
             let coarse = l.coarse_stride as u64 * 4;
@@ -217,25 +232,59 @@ impl Decoder {
             if let Some(p) = &partials {
                 res = res.with(Role::Partials, p);
             }
+            let mut kept = u.groups.lock().map_err(poisoned)?;
+            let mut groups_k = Vec::with_capacity(u.steps.len());
             for (k, step) in u.steps.iter().enumerate() {
-                let mut res_k;
-                let res_ref = if step.pass == Pass::DecodeDense {
+                // The dense pass binds its step's history page.
+                let page_res;
+                let res_k = if step.pass == Pass::DecodeDense {
                     let page = &st.pages[*g][step.level.unwrap_or(0) as usize];
-                    res_k = Resources::default()
+                    let mut r = Resources::default()
                         .with(Role::Params, &u.params)
                         .with(Role::Lens, &st.lens_gpu)
                         .with(Role::PageK, &page.k)
                         .with(Role::PageV, &page.v);
                     if let Some(q) = io.q {
-                        res_k = res_k.with(Role::Q, q);
+                        r = r.with(Role::Q, q);
                     }
                     if let Some(p) = &partials {
-                        res_k = res_k.with(Role::Partials, p);
+                        r = r.with(Role::Partials, p);
                     }
-                    &res_k
+                    page_res = r;
+                    &page_res
                 } else {
                     &res
                 };
+                let identity = res_k.identity(step.pass);
+                let kept_k = kept.entry(k).or_default();
+                let group = match kept_k.iter().position(|(id, _)| *id == identity) {
+                    Some(at) => {
+                        let hit = kept_k.remove(at);
+                        let group = hit.1.clone();
+                        kept_k.insert(0, hit);
+                        group
+                    }
+                    None => {
+                        let group = res_k.bind_group(&self.ctx, step.pass)?;
+                        self.bind_groups.fetch_add(1, Ordering::Relaxed);
+                        kept_k.insert(0, (identity, group.clone()));
+                        kept_k.truncate(KEPT_GROUPS);
+                        group
+                    }
+                };
+                groups_k.push(group);
+            }
+            if !u.selects.has_group() {
+                self.bind_groups.fetch_add(1, Ordering::Relaxed);
+            }
+            bound.push(groups_k);
+        }
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("decode"),
+            timestamp_writes: None,
+        });
+        for (u, groups_k) in made.iter().zip(&bound) {
+            for (k, group) in groups_k.iter().enumerate() {
                 record_step(
                     &self.ctx,
                     &mut cpass,
@@ -243,7 +292,7 @@ impl Decoder {
                     k,
                     pipes,
                     Some(&u.selects),
-                    res_ref,
+                    group,
                 )?;
             }
         }
@@ -251,6 +300,7 @@ impl Decoder {
         for b in io.seqs.clone() {
             st.lens[b] += io.chunk;
         }
+        st.parity ^= 1;
         Ok(())
     }
 
@@ -262,11 +312,14 @@ impl Decoder {
         }
         let l = &self.layout;
         let limits = &self.limits;
-        let mut steps = l.fma_steps(1, 1, true, limits)?;
+        // Every pass a record may have: a step (one pass where fused), the upkeep alone (a
+        // prefill, a dense step) and the attention apart (a step too long to fuse).
+        let mut steps = l.fma_steps(1, 1, true, 1, limits)?;
+        steps.extend(l.fma_steps(1, 1, false, 1, limits)?);
+        steps.extend(l.fma_steps(1, l.block + 2, true, 1, limits)?);
         if l.page_tokens > 0 {
-            steps.extend(l.dense_steps(1, 1, 1, limits)?);
+            steps.extend(l.dense_steps(1, 1, l.dense_cut(1), limits)?);
         }
-        steps.push(l.advance_step(limits)?);
         let pipes = Arc::new(Pipes::new(&self.ctx, &steps).await?);
         *self.pipes.lock().map_err(poisoned)? = Some(pipes.clone());
         Ok(pipes)
@@ -276,17 +329,18 @@ impl Decoder {
         let l = &self.layout;
         let range = l.groups()[key.group].clone();
         let (rows, d, p) = (range.len(), l.head_dim, l.rank);
+        let lens_count = if key.advance { l.batch } else { 0 };
         let mut steps = l.fma_steps(
             rows,
             key.chunk,
             matches!(key.work, Work::Attend(DecodeMode::Fma, _)),
+            lens_count,
             &self.limits,
         )?;
-        if let Work::Attend(DecodeMode::Dense, pages) = key.work {
-            steps.extend(l.dense_steps(rows, key.chunk, pages, &self.limits)?);
-        }
-        if key.advance {
-            steps.push(l.advance_step(&self.limits)?);
+        let mut segment = 0;
+        if let Work::Attend(DecodeMode::Dense, cut) = key.work {
+            steps.extend(l.dense_steps(rows, key.chunk, cut, &self.limits)?);
+            segment = cut.segment;
         }
         if l.levels > MAX_LEVELS {
             return Err(FmaError::LimitExceeded {
@@ -332,14 +386,19 @@ impl Decoder {
             weight_stride: self.weights.weight_stride,
             bias_stride: self.weights.bias_stride,
             page_tokens: l.page_tokens as u32,
-            segment: l.segment as u32,
+            segment: segment as u32,
             segments: l.segments as u32,
             partial_stride: l.partial_stride as u32,
             in_row0: key.in_row0 as u32,
+            lens_in: (key.parity * l.batch) as u32,
+            lens_out: ((1 - key.parity) * l.batch) as u32,
+            lens_count: lens_count as u32,
             level_info,
             ..Default::default()
         };
         params.set_variants(&self.cfg.variants);
+        // Two buffers, each written once here: the parameter block and the selectors.
+        self.uniform_buffers.fetch_add(2, Ordering::Relaxed);
         Ok(Uniforms {
             params: uniform(
                 &self.ctx.device,
@@ -349,6 +408,7 @@ impl Decoder {
             ),
             selects: Selects::new(&self.ctx, &steps)?,
             steps,
+            groups: Mutex::new(HashMap::new()),
         })
     }
 }

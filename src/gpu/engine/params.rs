@@ -197,9 +197,12 @@ pub struct DecodeParams {
     pub softcap: f32,
     /// Window: keys t >= i - window_left (read where `WINDOW` is on).
     pub window_left: u32,
-    pub _pad2: u32,
-    pub _pad3: u32,
-    pub _pad4: u32,
+    /// The half of the lengths a record reads (0 or batch).
+    pub lens_in: u32,
+    /// The half it writes them advanced to (batch or 0).
+    pub lens_out: u32,
+    /// Sequences whose lengths the record writes: the batch in its last group, else 0.
+    pub lens_count: u32,
     pub level_info: [LevelInfo; MAX_LEVELS],
     /// Sink logits of the query heads of a sequence, four per entry (`MAX_SINK_HEADS`; read
     /// where `SINKS` is on).

@@ -166,12 +166,11 @@ pub fn desc(pass: Pass) -> &'static PassDesc {
         Pass::DownsampleBackward => &DOWNSAMPLE_BACKWARD,
         Pass::WeightsBackward => &WEIGHTS_BACKWARD,
         Pass::WeightsBackwardCombine => &WEIGHTS_BACKWARD_COMBINE,
-        Pass::DecodeAppend => &DECODE_APPEND,
-        Pass::DecodePool => &DECODE_POOL,
+        Pass::DecodeIngest => &DECODE_INGEST,
+        Pass::DecodeStep => &DECODE_STEP,
         Pass::DecodeAttention => &DECODE_ATTENTION,
         Pass::DecodeDense => &DECODE_DENSE,
         Pass::DecodeMerge => &DECODE_MERGE,
-        Pass::DecodeAdvance => &DECODE_ADVANCE,
     }
 }
 
@@ -515,28 +514,33 @@ static WEIGHTS_BACKWARD_COMBINE: PassDesc = PassDesc {
     level_select: true,
 };
 
-static DECODE_APPEND: PassDesc = PassDesc {
-    source: include_str!("../../../shaders/decode_append.wgsl"),
+static DECODE_INGEST: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_ingest.wgsl"),
     bindings: &[
         PARAMS,
         bind(1, "k", K, Read),
         bind(2, "v", V, Read),
-        bind(3, "lens", Lens, Read),
+        bind(3, "lens", Lens, ReadWrite),
         bind(4, "ring", Ring, ReadWrite),
+        bind(5, "coarse", CoarseSlots, ReadWrite),
+        bind(6, "weights", Weights, Read),
+        bind(7, "biases", Biases, Read),
     ],
     level_select: true,
 };
 
-static DECODE_POOL: PassDesc = PassDesc {
-    source: include_str!("../../../shaders/decode_pool.wgsl"),
+static DECODE_STEP: PassDesc = PassDesc {
+    source: include_str!("../../../shaders/decode_step.wgsl"),
     bindings: &[
         PARAMS,
-        bind(1, "k", K, Read),
-        bind(2, "v", V, Read),
-        bind(3, "lens", Lens, Read),
-        bind(4, "w", Weights, Read),
-        bind(5, "b", Biases, Read),
+        bind(1, "q", Q, Read),
+        bind(2, "k", K, Read),
+        bind(3, "v", V, Read),
+        bind(4, "lens", Lens, ReadWrite),
+        bind(5, "ring", Ring, ReadWrite),
         bind(6, "coarse", CoarseSlots, ReadWrite),
+        bind(7, "out", Out, ReadWrite),
+        bind(8, "lse", Lse, ReadWrite),
     ],
     level_select: true,
 };
@@ -577,11 +581,5 @@ static DECODE_MERGE: PassDesc = PassDesc {
         bind(3, "out", Out, ReadWrite),
         bind(4, "lse", Lse, ReadWrite),
     ],
-    level_select: true,
-};
-
-static DECODE_ADVANCE: PassDesc = PassDesc {
-    source: include_str!("../../../shaders/decode_advance.wgsl"),
-    bindings: &[PARAMS, bind(1, "lens", Lens, ReadWrite)],
     level_select: true,
 };

@@ -61,6 +61,24 @@ impl<'a> Resources<'a> {
             .with(Role::Lse, lse)
     }
 
+    /// What group 0 of `pass` would be made from: each binding's buffer, offset and size, in
+    /// binding order (`None` where no buffer fills the role). Two equal identities give
+    /// interchangeable bind groups, so a caller may keep one across records (the decoder's
+    /// steps) and make a new one only when a buffer changed.
+    pub fn identity(&self, pass: Pass) -> BindingIdentity {
+        BindingIdentity(
+            desc(pass)
+                .bindings
+                .iter()
+                .map(|b| {
+                    self.buffers
+                        .get(&b.role)
+                        .map(|x| (x.buffer.clone(), x.offset, x.size))
+                })
+                .collect(),
+        )
+    }
+
     /// Group 0 of `pass` with these buffers.
     pub fn bind_group(&self, ctx: &GpuContext, pass: Pass) -> Result<wgpu::BindGroup> {
         let entries = desc(pass)
@@ -92,6 +110,11 @@ impl<'a> Resources<'a> {
     }
 }
 
+/// The buffers (and byte ranges) a group 0 was made from ([`Resources::identity`]). Holding
+/// one keeps its buffers alive, as the bind group made from them does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BindingIdentity(Vec<Option<(wgpu::Buffer, u64, Option<std::num::NonZeroU64>)>>);
+
 /// One [`LevelSelect`] per step of a list (its level and folded grid), each at its own
 /// dynamic offset, made once for that list and kept with the plan's other uniforms.
 pub(crate) struct Selects {
@@ -99,6 +122,9 @@ pub(crate) struct Selects {
     stride: u32,
     /// Steps it holds a selector for.
     count: usize,
+    /// Its bind group, made on first use and kept (a record made again and again from the
+    /// same selectors, the decoder's steps, binds the same group).
+    group: std::sync::OnceLock<wgpu::BindGroup>,
 }
 
 impl Selects {
@@ -121,10 +147,21 @@ impl Selects {
             buffer: uniform(&ctx.device, &ctx.queue, "level_select", &bytes),
             stride,
             count: steps.len(),
+            group: std::sync::OnceLock::new(),
         })
     }
 
-    fn bind_group(&self, ctx: &GpuContext) -> wgpu::BindGroup {
+    /// Whether its bind group has been made (by [`Selects::bind_group`]).
+    pub fn has_group(&self) -> bool {
+        self.group.get().is_some()
+    }
+
+    /// Its bind group (made once).
+    fn bind_group(&self, ctx: &GpuContext) -> &wgpu::BindGroup {
+        self.group.get_or_init(|| self.make_group(ctx))
+    }
+
+    fn make_group(&self, ctx: &GpuContext) -> wgpu::BindGroup {
         ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("level_select"),
             layout: &ctx.kernels.level_select,
@@ -187,13 +224,15 @@ pub(crate) fn record_steps(
                 slot.insert(res.bind_group(ctx, step.pass)?)
             }
         };
-        dispatch_one(ctx, cpass, (steps, k), pipes, group, select.as_ref())?;
+        dispatch_one(ctx, cpass, (steps, k), pipes, group, select)?;
     }
     Ok(())
 }
 
-/// Records step `k` of `steps` alone, group 0 bound from `res`: for a step whose buffers differ
-/// from its pass's other steps (a decoder's history pages). `selects` as in [`record_steps`].
+/// Records step `k` of `steps` alone with `group` as its group 0 (made by the caller from
+/// [`Resources::bind_group`], and possibly kept across records: the decoder's steps, whose
+/// history pages differ per step). `selects` as in [`record_steps`]; its bind group is made
+/// once and kept.
 pub(crate) fn record_step(
     ctx: &GpuContext,
     cpass: &mut wgpu::ComputePass<'_>,
@@ -201,19 +240,18 @@ pub(crate) fn record_step(
     k: usize,
     pipes: &Pipes,
     selects: Option<&Selects>,
-    res: &Resources<'_>,
+    group: &wgpu::BindGroup,
 ) -> Result<()> {
     let select = selector(ctx, steps, selects)?;
-    let group = res.bind_group(ctx, steps[k].pass)?;
-    dispatch_one(ctx, cpass, (steps, k), pipes, &group, select.as_ref())
+    dispatch_one(ctx, cpass, (steps, k), pipes, group, select)
 }
 
 /// The level-selector group of `steps` and its stride, when any step's pass has one.
-fn selector(
+fn selector<'s>(
     ctx: &GpuContext,
     steps: &[Dispatch],
-    selects: Option<&Selects>,
-) -> Result<Option<(wgpu::BindGroup, u32)>> {
+    selects: Option<&'s Selects>,
+) -> Result<Option<(&'s wgpu::BindGroup, u32)>> {
     let needs_select = steps.iter().any(|s| desc(s.pass).level_select);
     match (needs_select, selects) {
         (false, _) => Ok(None),
@@ -231,7 +269,7 @@ fn dispatch_one(
     (steps, k): (&[Dispatch], usize),
     pipes: &Pipes,
     group: &wgpu::BindGroup,
-    select: Option<&(wgpu::BindGroup, u32)>,
+    select: Option<(&wgpu::BindGroup, u32)>,
 ) -> Result<()> {
     let step = &steps[k];
     cpass.set_pipeline(pipes.get(step)?);

@@ -31,6 +31,8 @@ fn shared(name: &str) -> Option<&'static str> {
         "tiled_rows" => Some(include_str!("../../../shaders/shared/tiled_rows.wgsl")),
         "decode_params" => Some(include_str!("../../../shaders/shared/decode_params.wgsl")),
         "decode_softmax" => Some(include_str!("../../../shaders/shared/decode_softmax.wgsl")),
+        "decode_attend" => Some(include_str!("../../../shaders/shared/decode_attend.wgsl")),
+        "decode_cache" => Some(include_str!("../../../shaders/shared/decode_cache.wgsl")),
         "dense_causal" => Some(include_str!("../../../shaders/shared/dense_causal.wgsl")),
         "variants" => Some(include_str!("../../../shaders/shared/variants.wgsl")),
         "backward_queries" => Some(include_str!(

@@ -1,0 +1,35 @@
+// Decoding (algorithm.md §10): a record's cache upkeep in one pass (shared/decode_cache.wgsl:
+// the ring, the coarse slots, the lengths), one invocation per unit; a prefill's chunks, and
+// the step before an attention that cannot share its pass (decode_attention.wgsl, the dense
+// passes). CPU mirror: `cpu::decode::Decoder::append` and `pool`.
+
+#import decode_params
+#import level_select
+
+@group(0) @binding(1) var<storage, read> k: array<f32>;             // (cache rows, in_rows, d)
+@group(0) @binding(2) var<storage, read> v: array<f32>;             // (cache rows, in_rows, d)
+@group(0) @binding(3) var<storage, read_write> lens: array<u32>;    // (2, batch)
+@group(0) @binding(4) var<storage, read_write> ring: array<f32>;    // (group rows, 2, R, d)
+@group(0) @binding(5) var<storage, read_write> coarse: array<f32>;  // (group rows, 2, levels, slots, p, d)
+// Learned weights [keys | values | queries] of every level ((d, p, w_l) each, weight_stride
+// apart), biases likewise ((d, p) each); 16-byte dummies in Average mode.
+@group(0) @binding(6) var<storage, read> weights: array<f32>;
+@group(0) @binding(7) var<storage, read> biases: array<f32>;
+
+#import decode_cache
+
+fn learned_weight(i: u32) -> f32 {
+    return weights[i];
+}
+
+fn learned_bias(i: u32) -> f32 {
+    return biases[i];
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = dispatch_workgroup(wg) * WG + lid;
+    if (g < upkeep_units()) {
+        upkeep(g);
+    }
+}
