@@ -21,6 +21,7 @@ mod depth_counts;
 mod errors;
 mod f16;
 mod f16_decode;
+mod f16_pieces;
 mod forward;
 mod geometry;
 mod grid;

@@ -12,6 +12,7 @@ use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 /// Runs of whole heads `(first, count)` over batch*heads such that each run's shape passes
@@ -282,7 +283,7 @@ where
 }
 
 /// One forward of host tensors whose buffers fit one binding each: uploads Q, K, V into the
-/// executor's `pool` (buffers of at most `cap` bytes unless the shape needs more), lets
+/// executor's `pool` as `storage` (buffers of at most `cap` bytes unless the shape needs more), lets
 /// `record` record the executor's work on them into the encoder (O and the LSE buffer given),
 /// copies O (and the LSE) to a staging buffer in the same submit, submits inside error scopes
 /// (`stage` names the work in an error) and reads the results back. The pool is locked from
@@ -291,18 +292,18 @@ where
 pub(crate) async fn run_host(
     ctx: &GpuContext,
     pool: &Mutex<HostPool>,
-    cap: u64,
+    (cap, storage): (u64, Storage),
     shape: Shape,
     (q, k, v): (&[f32], &[f32], &[f32]),
     want_lse: bool,
     stage: &str,
     record: impl FnOnce(&mut wgpu::CommandEncoder, GpuTensors<'_>, &wgpu::Buffer) -> Result<()>,
 ) -> Result<Output> {
-    let staged = Staged::new(&ctx.device, shape, want_lse);
+    let staged = Staged::of(&ctx.device, shape, want_lse, storage);
     let scopes = Scopes::push(ctx)?;
     {
         let mut pool = pool.lock().map_err(poisoned)?;
-        let host = pool.fit(&ctx.device, shape, cap);
+        let host = pool.fit(&ctx.device, shape, cap, storage);
         host.upload(&ctx.queue, q, k, v);
         let mut enc = ctx
             .device
