@@ -9,11 +9,12 @@
 //! - runs of heads, groups of sequences, FMA's split head: O and the LSE to the bit (each piece
 //!   computes its rows with the unsplit float operations, as f32's pieces do), and the
 //!   training runs' dQ, dK, dV to the bit where whole K/V groups run together;
-//! - FMA's split-head backward: dQ to the bit, dK and dV within (1e-5 + 2^-10) of their scale
-//!   (max(1, max|g|)): the f32 split's regrouped sums (within 1e-5, backward_split_head.rs)
-//!   may straddle the rounding point of an f16 store, which moves an element by one f16 ulp,
-//!   2^-10 relative at most, once for the fine pass's store (the coarse pass's add rounds
-//!   once more, but from the same f32 sum within 1e-5);
+//! - FMA's split-head backward: dQ to the bit, dK and dV within (1e-5 + 4 2^-11) of their
+//!   scale (max(1, max|g|)): the f32 split's regrouped sums are within 1e-5
+//!   (backward_split_head.rs); a split head runs one query head at a time, so each of the
+//!   group's two query heads stores its own dK, dV as f16 (a rounding of 2^-11 of the scale
+//!   each) and their sum is rounded to f16 once more on the host, where the unsplit run
+//!   rounds the group's f32 sum once: 3 roundings against 1, within 4 2^-11 of the scale;
 //! - dense attention's split head: within the f64 reference's f16 tolerance plus
 //!   (key chunks - 1) 2^-11 max|V|: a query chunk resumes its rows' partial O from the
 //!   f16 O binding after each key chunk, and a partial O is a convex combination of value
@@ -72,20 +73,29 @@ fn same_bits(label: &str, name: &str, got: &[f32], want: &[f32]) {
     );
 }
 
-/// O and the LSE of the f16 run within f16.rs's tolerances of the f64 reference (plus `atol`).
+/// O and the LSE of the f16 run within f16.rs's tolerances of the f64 reference (plus `atol`);
+/// padding rows of a padded batch (reference LSE -inf) must hold LSE = -inf exactly
+/// (closeness needs finite values).
 fn near_reference(
     label: &str,
-    method: &Method,
-    p: &Problem,
+    (method, p): (&Method, &Problem),
     x: &[Vec<f32>; 3],
-    o: &[f32],
-    lse: &[f32],
+    (o, lse): (&[f32], &[f32]),
     atol: f64,
 ) {
     let r = cpu::forward(method, p, &widen(&x[0]), &widen(&x[1]), &widen(&x[2])).unwrap();
     let co = closeness(o, &r.o, O_ATOL + atol, O_RTOL);
-    let cl = closeness(lse, &r.lse, LSE_ATOL, LSE_RTOL);
     assert_eq!(co.violations, 0, "{label}: O {co:?}");
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for (i, (&a, &b)) in lse.iter().zip(&r.lse).enumerate() {
+        if b == f64::NEG_INFINITY {
+            assert_eq!(a, f32::NEG_INFINITY, "{label}: LSE of padding row {i}");
+        } else {
+            got.push(a);
+            want.push(b);
+        }
+    }
+    let cl = closeness(&got, &want, LSE_ATOL, LSE_RTOL);
     assert_eq!(cl.violations, 0, "{label}: LSE {cl:?}");
 }
 
@@ -122,11 +132,9 @@ fn check_runs(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, kernel:
     );
     near_reference(
         &label,
-        method,
-        p,
+        (method, p),
         &x,
-        &got.o,
-        got.lse.as_deref().unwrap(),
+        (&got.o, got.lse.as_deref().unwrap()),
         coarse_atol(method, &x[2]),
     );
 
@@ -213,11 +221,9 @@ fn f16_split_head_equals_the_whole_run() {
         );
         near_reference(
             &label,
-            &fma,
-            &p,
+            (&fma, &p),
             &x,
-            &got.o,
-            got.lse.as_deref().unwrap(),
+            (&got.o, got.lse.as_deref().unwrap()),
             0.0,
         );
         // Resident tensors over the binding: copied through the chunks, poisoned O filled.
@@ -235,7 +241,7 @@ fn f16_split_head_equals_the_whole_run() {
         same_bits(&label, "dQ", &g.dq, &w.dq);
         for (name, got, want) in [("dK", &g.dk, &w.dk), ("dV", &g.dv, &w.dv)] {
             let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
-            let tol = (1e-5 + 2.0 * F16_UNIT_ROUNDOFF as f64) * scale;
+            let tol = (1e-5 + 4.0 * F16_UNIT_ROUNDOFF as f64) * scale;
             let c = closeness(got, &widen(want), tol, 0.0);
             assert_eq!(c.violations, 0, "{label}: {name} {c:?}");
         }
@@ -261,11 +267,9 @@ fn f16_split_head_equals_the_whole_run() {
         let label = format!("{label} dense ({chunks} chunks)");
         near_reference(
             &label,
-            &Method::Dense,
-            &p,
+            (&Method::Dense, &p),
             &x,
-            &got.o,
-            got.lse.as_deref().unwrap(),
+            (&got.o, got.lse.as_deref().unwrap()),
             atol,
         );
         assert_eq!(got.o, round_to_f16(&got.o), "{label}: O not f16");
@@ -305,11 +309,9 @@ fn f16_variable_length_batches() {
             let lse = got.lse.as_deref().unwrap();
             near_reference(
                 &label,
-                method,
-                &p,
+                (method, &p),
                 &x,
-                &got.o,
-                lse,
+                (&got.o, lse),
                 coarse_atol(method, &x[2]),
             );
             // One rounding (fine queries, dense): the f32 path's O rounded, bit for bit.

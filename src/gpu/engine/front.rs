@@ -214,8 +214,14 @@ impl RunGradients {
         }
     }
 
-    /// The gradients of every run.
-    pub(crate) fn finish(self) -> Gradients<f32> {
+    /// The gradients of every run, dQ, dK, dV as tensors of `storage` hold them: under f16
+    /// a K/V head's sum over runs (a group split into single heads) is rounded to f16 once
+    /// more, as the unsplit backward stores its own sum (the weights' and sinks' stay f32).
+    pub(crate) fn finish(mut self, storage: Storage) -> Gradients<f32> {
+        if storage == Storage::F16 {
+            self.sum.dk = crate::storage::round_to_f16(&self.sum.dk);
+            self.sum.dv = crate::storage::round_to_f16(&self.sum.dv);
+        }
         self.sum
     }
 }

@@ -118,7 +118,7 @@ impl FmaAttention {
             };
             sum.add((h, 1), g);
         }
-        Ok(sum.finish())
+        Ok(sum.finish(self.storage))
     }
 
     /// Records and submits the backward of query head `h`; returns the staging buffer its dQ,
