@@ -124,12 +124,15 @@ fn check(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, label: &str)
     check_on(ctx, seed, (method, Ok), p, label)
 }
 
+/// A change to an Attention before its storage is set (a forced dense kernel).
+type Tweak = fn(Attention) -> Result<Attention, FmaError>;
+
 /// [`check`] with `tweak` applied to both Attentions (the f16 one and the f32 one it is
 /// compared with bit for bit): a forced dense kernel.
 fn check_on(
     ctx: &GpuContext,
     seed: u64,
-    (method, tweak): (&Method, fn(Attention) -> Result<Attention, FmaError>),
+    (method, tweak): (&Method, Tweak),
     p: &Problem,
     label: &str,
 ) -> f64 {
@@ -561,8 +564,7 @@ fn f16_storage_on_the_tiled_kernel() {
     }
     let seed = fresh_seed();
     eprintln!("seed {seed}");
-    let tiled: fn(Attention) -> Result<Attention, FmaError> =
-        |a| a.dense_kernel(DenseKernel::Tiled);
+    let tiled: Tweak = |a| a.dense_kernel(DenseKernel::Tiled);
     let mut worst = 0.0f64;
     for &(n, d, kv_heads) in &[
         (1, 8, 2),

@@ -19,6 +19,7 @@
 //!   (key chunks - 1) 2^-11 max|V|: a query chunk resumes its rows' partial O from the
 //!   f16 O binding after each key chunk, and a partial O is a convex combination of value
 //!   rows, so each resume adds one f16 rounding of at most 2^-11 max|V|.
+//!
 //! Against the f64 reference: f16.rs's tolerances (its header says why).
 //! Outputs are NaN-poisoned where they are the caller's (resident tensors copied in pieces);
 //! host outputs are fresh vectors whose every element the pieces fill (lengths checked).

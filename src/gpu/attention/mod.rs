@@ -437,7 +437,7 @@ impl Attention {
     /// takes), without touching the GPU: a caller can fail before reading gigabytes of input.
     pub fn check(&self, p: &Problem) -> Result<()> {
         p.validate()?;
-        if self.storage == Storage::F16 && p.shape.head_dim % 2 == 1 {
+        if self.storage == Storage::F16 && !p.shape.head_dim.is_multiple_of(2) {
             // An f16 head split across bindings needs an even head_dim (`split_io`).
             let split = match self.exec(p)? {
                 Exec::Fma(e) => e.splits_head(p.shape),

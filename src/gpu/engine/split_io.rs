@@ -119,7 +119,7 @@ pub(crate) fn check_copy_usage(t: &GpuTensors<'_>) -> Result<()> {
 /// Checks that a split head of `shape` can copy rows of `storage`: f16 rows of an odd
 /// head_dim start mid-word, which wgpu's copies (whole 4-byte words) cannot address.
 pub(crate) fn check_split_storage(shape: Shape, storage: Storage) -> Result<()> {
-    if storage == Storage::F32 || shape.head_dim % 2 == 0 {
+    if storage == Storage::F32 || shape.head_dim.is_multiple_of(2) {
         return Ok(());
     }
     Err(FmaError::InvalidConfig {
