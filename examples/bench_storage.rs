@@ -1,15 +1,17 @@
 //! f32 against f16 storage (issue 29) in one process: the FMA forward (fine queries, and
-//! coarse queries) and the dense forward on one device, tensors resident (f32 buffers for the
+//! coarse queries) and the dense forward (the adapter's kernel, and the tiled kernel forced:
+//! `--tiled`) on one device, tensors resident (f32 buffers for the
 //! f32 path, f16 buffers for the f16 one, both holding the same f16-representable values),
 //! wall clock around submit + wait. Cases alternate in pairs (order swapped every pair) after
 //! one warm-up each; the ratio is the median over pairs of t(f16) / t(f32).
 //!
-//! `cargo run --release --example bench_storage [-- --fine 4096,16384 --dense 4096 --reps 7]`
+//! `cargo run --release --example bench_storage [-- --fine 4096,16384 --dense 4096 --tiled 4096 --reps 7]`
 
 use std::time::Instant;
 
 use clap::Parser;
 use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Resident};
+use multipole_attn::plan::DenseKernel;
 use multipole_attn::random::normal_tensor;
 use multipole_attn::storage::{round_to_f16, to_f16_bits};
 use multipole_attn::{FmaConfig, Method, Problem, Queries, Shape, Storage};
@@ -23,6 +25,10 @@ struct Args {
     /// Sequence lengths for dense attention (empty: none).
     #[arg(long, value_delimiter = ',', default_value = "4096")]
     dense: Vec<usize>,
+    /// Sequence lengths for dense attention on the tiled kernel (`DenseKernel::Tiled`, what a
+    /// GPU runs; forced on a CPU adapter) (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "4096")]
+    tiled: Vec<usize>,
     /// Head dimension.
     #[arg(long, default_value_t = 64)]
     head_dim: usize,
@@ -95,21 +101,28 @@ fn main() -> Result<(), BoxError> {
     let ctx = GpuContext::new()?;
     println!("adapter: {} ({:?})", ctx.info.name, ctx.info.backend);
     let d = args.head_dim;
-    let mut cases: Vec<(&str, Method, usize)> = Vec::new();
+    let mut cases: Vec<(&str, Method, usize, Option<DenseKernel>)> = Vec::new();
     for &n in &args.fine {
-        cases.push(("FMA fine", Method::Fma(FmaConfig::new(64, 2)), n));
+        cases.push(("FMA fine", Method::Fma(FmaConfig::new(64, 2)), n, None));
         let coarse = FmaConfig::new(64, 2).queries(Queries::Coarse);
-        cases.push(("FMA coarse", Method::Fma(coarse), n));
+        cases.push(("FMA coarse", Method::Fma(coarse), n, None));
     }
     for &n in &args.dense {
-        cases.push(("dense", Method::Dense, n));
+        cases.push(("dense", Method::Dense, n, None));
+    }
+    for &n in &args.tiled {
+        cases.push(("dense tiled", Method::Dense, n, Some(DenseKernel::Tiled)));
     }
     println!("| method | n | f32 ms (median) | f16 ms (median) | f16 / f32 (median of pairs) |");
     println!("|---|---|---|---|---|");
-    for (name, method, n) in cases {
+    for (name, method, n, kernel) in cases {
         let p = Problem::new(Shape::new(1, 1, n, d));
-        let a32 = Attention::new(&ctx, method.clone())?;
-        let a16 = Attention::new(&ctx, method)?.storage(Storage::F16)?;
+        let with_kernel = |a: Attention| match kernel {
+            Some(k) => a.dense_kernel(k),
+            None => Ok(a),
+        };
+        let a32 = with_kernel(Attention::new(&ctx, method.clone())?)?;
+        let a16 = with_kernel(Attention::new(&ctx, method)?)?.storage(Storage::F16)?;
         let t32 = Tensors::new(&ctx, p.shape, Storage::F32, 7);
         let t16 = Tensors::new(&ctx, p.shape, Storage::F16, 7);
         // Warm-up: pipelines, uniforms, workspaces.

@@ -66,17 +66,31 @@ pub fn to_f16_bits(name: &str, x: &[f32]) -> Result<Vec<u16>> {
         .map(|(i, &v)| {
             let h = half::f16::from_f32(v);
             if v.is_finite() && !h.is_finite() {
-                return Err(FmaError::InvalidConfig {
-                    what: "f16 storage",
-                    value: format!("{name}[{i}] = {v}, beyond f16's range"),
-                    allowed: format!(
-                        "values of magnitude at most {F16_MAX} (or Storage::F32 for larger ones)"
-                    ),
-                });
+                return Err(beyond_range(name, i, v));
             }
             Ok(h.to_bits())
         })
         .collect()
+}
+
+/// Checks that no finite value of `x` becomes an infinity in f16 (what [`to_f16_bits`] refuses,
+/// without making the bits): the GPU path's host calls under [`Storage::F16`] check their
+/// tensors so, before anything is uploaded.
+pub fn check_f16_range(name: &str, x: &[f32]) -> Result<()> {
+    let beyond = |v: &f32| v.is_finite() && !half::f16::from_f32(*v).is_finite();
+    match x.iter().position(beyond) {
+        None => Ok(()),
+        Some(i) => Err(beyond_range(name, i, x[i])),
+    }
+}
+
+/// The error of `name[i] = v`, a finite value beyond f16's range.
+fn beyond_range(name: &str, i: usize, v: f32) -> FmaError {
+    FmaError::InvalidConfig {
+        what: "f16 storage",
+        value: format!("{name}[{i}] = {v}, beyond f16's range"),
+        allowed: format!("values of magnitude at most {F16_MAX} (or Storage::F32 for larger ones)"),
+    }
 }
 
 /// f16 bits widened to f32 (exact).
@@ -105,6 +119,10 @@ mod tests {
         assert_eq!(from_f16_bits(&[0x3c00, 0x7bff]), vec![1.0, 65504.0]);
         let err = to_f16_bits("k", &[0.0, 1.0e6]).unwrap_err().to_string();
         assert!(err.contains("k[1]") && err.contains("65504"), "{err}");
+        // The check alone: 65519 rounds to 65504 (finite), 65520 to infinity.
+        assert!(check_f16_range("k", &[65519.0, -65519.0, f32::INFINITY]).is_ok());
+        let err = check_f16_range("v", &[1.0, 65519.0, -65520.0]).unwrap_err();
+        assert!(err.to_string().contains("v[2]"), "{err}");
         // Non-finite values travel as they are.
         let b = to_f16_bits("v", &[f32::INFINITY, f32::NAN]).unwrap();
         assert!(from_f16_bits(&b)[0].is_infinite() && from_f16_bits(&b)[1].is_nan());

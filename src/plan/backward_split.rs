@@ -260,6 +260,28 @@ impl BackwardSplitPlan {
         steps
     }
 
+    /// The plan with every dispatch composed for `storage` (issue 29), as
+    /// [`BackwardPlan::with_storage`] (chunks and sizes do not change).
+    pub fn with_storage(mut self, storage: crate::Storage) -> Self {
+        self.split = self.split.with_storage(storage);
+        self.head = self.head.with_storage(storage);
+        for c in &mut self.chunks {
+            let all = [&mut c.delta, &mut c.dq, &mut c.dkv_fine]
+                .into_iter()
+                .chain(c.dkv_coarse.iter_mut())
+                .chain(c.downsample_backward.iter_mut());
+            for d in all {
+                d.spec.storage = storage;
+            }
+        }
+        if let Some(cq) = &mut self.coarse_queries {
+            for d in cq.first_level.iter_mut().chain(cq.shared.iter_mut()) {
+                d.spec.storage = storage;
+            }
+        }
+        self
+    }
+
     /// Every dispatch of one head's backward in execution order (module header): what
     /// `plan --backward` lists for a split head.
     pub fn dispatches(&self) -> Vec<Dispatch> {

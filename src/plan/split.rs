@@ -408,6 +408,29 @@ impl SplitPlan {
         cut.groups(c.lo, c.hi, cut.m)
     }
 
+    /// The plan with every dispatch composed for `storage` (issue 29), as
+    /// [`FmaPlan::with_storage`]: chunks, sizes and copies do not change (the executor copies
+    /// rows of `storage.bytes()` per element).
+    pub fn with_storage(mut self, storage: crate::Storage) -> Self {
+        self.head = self.head.with_storage(storage);
+        let chunks = self.chunks.iter_mut().flat_map(|c| {
+            c.downsample
+                .iter_mut()
+                .chain(std::iter::once(&mut c.attention))
+                .chain(c.merge.iter_mut())
+        });
+        let coarse = self.coarse.iter_mut().flat_map(|c| {
+            c.pool
+                .iter_mut()
+                .chain(c.attend.iter_mut())
+                .flat_map(|s| s.dispatches.iter_mut())
+        });
+        for d in chunks.chain(coarse) {
+            d.spec.storage = storage;
+        }
+        self
+    }
+
     /// The steps of [`SplitPlan::head`] that run once per head (step 2 of the module
     /// documentation), in execution order.
     pub fn shared_steps(&self) -> Vec<Dispatch> {

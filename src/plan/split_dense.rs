@@ -49,6 +49,15 @@ pub struct DenseSplitPlan {
 }
 
 impl DenseSplitPlan {
+    /// The plan with its dispatches composed for `storage` (issue 29), as
+    /// [`DensePlan::with_storage`].
+    pub fn with_storage(mut self, storage: crate::Storage) -> Self {
+        self.head = self.head.with_storage(storage);
+        for p in &mut self.pairs {
+            p.dispatch.spec.storage = storage;
+        }
+        self
+    }
     /// Plans a head of `n` tokens of width `d`, at most
     /// [`crate::plan::DensePlan::keys_per_dispatch`] keys per dispatch. A head that fits is
     /// one chunk.

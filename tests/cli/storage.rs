@@ -331,8 +331,8 @@ fn grad_with_f16_storage_writes_float16_gradients_near_the_reference() {
             assert!((*g as f64 - w).abs() <= tol * scale, "{name}: {g} vs {w}");
         }
     }
-    // Learned weights: their gradients do not come back with f16 storage yet (exit 2, saying
-    // what to do).
+    // Learned weights: their gradients (f32 sums) come back with f16 storage too, and the file
+    // is float32 throughout (dq holding f16 values), near the reference's at the same tolerance.
     let out = cli(
         &args(
             "16",
@@ -341,6 +341,31 @@ fn grad_with_f16_storage_writes_float16_gradients_near_the_reference() {
         ),
         None,
     );
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("f32"), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(
+        &args(
+            "r",
+            "glref.npz",
+            &["--reference", "--downsample", "learned"],
+        ),
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut got =
+        ndarray_npy::NpzReader::new(std::fs::File::open(dir.path("gl.npz")).unwrap()).unwrap();
+    let mut want =
+        ndarray_npy::NpzReader::new(std::fs::File::open(dir.path("glref.npz")).unwrap()).unwrap();
+    for name in ["dq", "k_w1", "v_b1"] {
+        let g: ArrayD<f32> = got.by_name(name).unwrap();
+        let w: ArrayD<f64> = want.by_name(name).unwrap();
+        assert_eq!(g.shape(), w.shape(), "{name}");
+        if name == "dq" {
+            let v: Vec<f32> = g.iter().copied().collect();
+            assert_eq!(v, round_to_f16(&v), "dq holds f16 values");
+        }
+        let scale = w.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        for (g, w) in g.iter().zip(w.iter()) {
+            assert!((*g as f64 - w).abs() <= tol * scale, "{name}: {g} vs {w}");
+        }
+    }
 }

@@ -1,7 +1,10 @@
 //! f16 storage (issue 29) on a device with SHADER_F16 (lavapipe has it): the forward of FMA
 //! (fine and coarse queries, Average and Learned, causal) and of dense attention with Q, K, V
-//! and O stored as f16, and their training and backward (dO, dQ, dK, dV f16), against the f64 CPU reference on the f16-rounded inputs, through
+//! and O stored as f16 (its rows kernel, the tiled kernel forced with `Attention::dense_kernel`
+//! and the cooperative-matrix kernel emulated), and their training and backward (dO, dQ, dK,
+//! dV f16), against the f64 CPU reference on the f16-rounded inputs, through
 //! resident f16 buffers poisoned with NaN and through host slices; and the typed errors.
+//! Host tensors over one storage binding (the pieces) are `f16_pieces.rs`.
 //!
 //! Tolerance: the kernels convert each f16 element to f32 exactly and compute as the f32 path
 //! does, so before its store O carries the f32 path's error (forward.rs: 5e-5 + 5e-5 |ref|);
@@ -17,20 +20,20 @@
 use crate::common::{browser_like_gpu, gpu, random_learned};
 use multipole_attn::cpu::{self, widen};
 use multipole_attn::gpu::{Attention, GpuContext, GpuTensors, Host, Resident};
+use multipole_attn::plan::DenseKernel;
 use multipole_attn::random::{fresh_seed, normal_tensor};
 use multipole_attn::storage::{from_f16_bits, round_to_f16, to_f16_bits, F16_UNIT_ROUNDOFF};
-use multipole_attn::{
-    Downsample, FmaConfig, FmaError, Method, Problem, Queries, Sequences, Shape, Storage,
-};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Queries, Shape, Storage};
+use multipole_attn::{Variants, Window};
 use wgpu::util::DeviceExt;
 
-const O_ATOL: f64 = 5e-5;
-const O_RTOL: f64 = 5e-5 + F16_UNIT_ROUNDOFF as f64;
-const LSE_ATOL: f64 = 5e-5;
-const LSE_RTOL: f64 = 1e-5;
+pub(crate) const O_ATOL: f64 = 5e-5;
+pub(crate) const O_RTOL: f64 = 5e-5 + F16_UNIT_ROUNDOFF as f64;
+pub(crate) const LSE_ATOL: f64 = 5e-5;
+pub(crate) const LSE_RTOL: f64 = 1e-5;
 
 /// f16 Q, K, V and NaN-poisoned f16 O, f32 LSE.
-struct Half {
+pub(crate) struct Half {
     q: wgpu::Buffer,
     k: wgpu::Buffer,
     v: wgpu::Buffer,
@@ -38,7 +41,11 @@ struct Half {
     lse: wgpu::Buffer,
 }
 
-fn f16_buffer(ctx: &GpuContext, bits: &[u16], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+pub(crate) fn f16_buffer(
+    ctx: &GpuContext,
+    bits: &[u16],
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
     let mut words = bits.to_vec();
     words.resize(bits.len().next_multiple_of(2).max(2), 0);
     ctx.device
@@ -50,9 +57,19 @@ fn f16_buffer(ctx: &GpuContext, bits: &[u16], usage: wgpu::BufferUsages) -> wgpu
 }
 
 impl Half {
-    fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32], shape: Shape) -> Self {
+    pub(crate) fn new(ctx: &GpuContext, q: &[f32], k: &[f32], v: &[f32], shape: Shape) -> Self {
+        Self::with_usage(ctx, [q, k, v], shape, wgpu::BufferUsages::COPY_SRC)
+    }
+
+    /// Every buffer with `out` usage besides STORAGE (a head over a binding is copied in
+    /// pieces: COPY_SRC | COPY_DST).
+    pub(crate) fn with_usage(
+        ctx: &GpuContext,
+        [q, k, v]: [&[f32]; 3],
+        shape: Shape,
+        out: wgpu::BufferUsages,
+    ) -> Self {
         let bits = |x: &[f32]| to_f16_bits("test", x).unwrap();
-        let out = wgpu::BufferUsages::COPY_SRC;
         let nan = vec![f32::NAN; shape.rows()];
         Self {
             q: f16_buffer(ctx, &bits(q), out),
@@ -69,7 +86,7 @@ impl Half {
         }
     }
 
-    fn tensors(&self) -> GpuTensors<'_> {
+    pub(crate) fn tensors(&self) -> GpuTensors<'_> {
         GpuTensors {
             q: &self.q,
             k: &self.k,
@@ -80,7 +97,7 @@ impl Half {
     }
 
     /// O widened to f32 and the LSE.
-    fn read(&self, ctx: &GpuContext, shape: Shape) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn read(&self, ctx: &GpuContext, shape: Shape) -> (Vec<f32>, Vec<f32>) {
         let words = crate::common::read_buffer(ctx, &self.out);
         let bits: &[u16] = bytemuck::cast_slice(&words);
         let lse = crate::common::read_buffer(ctx, &self.lse);
@@ -92,7 +109,7 @@ impl Half {
 }
 
 /// Inputs N(0, 1) rounded to f16 (exactly what the f16 buffers hold).
-fn inputs(seed: u64, shape: Shape) -> [Vec<f32>; 3] {
+pub(crate) fn inputs(seed: u64, shape: Shape) -> [Vec<f32>; 3] {
     [
         round_to_f16(&normal_tensor(seed, shape.elements())),
         round_to_f16(&normal_tensor(seed + 1, shape.kv_elements())),
@@ -104,9 +121,25 @@ fn inputs(seed: u64, shape: Shape) -> [Vec<f32>; 3] {
 /// the f64 reference and, where one rounding is all, against the f32 path bit for bit.
 /// Returns the largest absolute error of O.
 fn check(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, label: &str) -> f64 {
+    check_on(ctx, seed, (method, Ok), p, label)
+}
+
+/// A change to an Attention before its storage is set (a forced dense kernel).
+type Tweak = fn(Attention) -> Result<Attention, FmaError>;
+
+/// [`check`] with `tweak` applied to both Attentions (the f16 one and the f32 one it is
+/// compared with bit for bit): a forced dense kernel.
+fn check_on(
+    ctx: &GpuContext,
+    seed: u64,
+    (method, tweak): (&Method, Tweak),
+    p: &Problem,
+    label: &str,
+) -> f64 {
     let shape = p.shape;
     let [q, k, v] = inputs(seed, shape);
     let half = Attention::new(ctx, method.clone())
+        .and_then(tweak)
         .and_then(|a| a.storage(Storage::F16))
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let bufs = Half::new(ctx, &q, &k, &v, shape);
@@ -136,7 +169,7 @@ fn check(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, label: &str)
     assert_eq!(host.lse.as_deref(), Some(&lse[..]), "{label}: host LSE");
 
     if !coarse {
-        let f32_path = Attention::new(ctx, method.clone()).unwrap();
+        let f32_path = Attention::new(ctx, method.clone()).and_then(tweak).unwrap();
         let want = f32_path.forward(p, Host::new(&q, &k, &v)).unwrap();
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(
@@ -257,36 +290,33 @@ fn f16_storage_errors_are_typed() {
         a.forward(&p, Resident(t)).unwrap_err(),
         FmaError::ShapeMismatch { .. }
     ));
-    // Tensors over one storage binding (counted as f32): refused by check and by the forward.
-    let small = Attention::dense(ctx)
-        .unwrap()
-        .max_binding(1024)
-        .unwrap()
-        .storage(Storage::F16)
-        .unwrap();
-    assert!(matches!(
-        small.check(&p),
-        Err(FmaError::LimitExceeded { .. })
-    ));
-    let err = small.forward(&p, Host::new(&x, &x, &x)).unwrap_err();
-    assert!(matches!(err, FmaError::LimitExceeded { .. }), "{err}");
-    assert!(err.to_string().contains("f32 storage"), "{err}");
-    // Not offered yet: a host backward with learned weights, variable-length batches.
-    let learned =
-        FmaConfig::new(16, 2).downsample(Downsample::Learned(random_learned(3, 8, 16, 2, 64)));
-    let al = Attention::fma(ctx, learned)
-        .unwrap()
-        .storage(Storage::F16)
-        .unwrap();
-    let (_, saved) = al.train(&p, Host::new(&x, &x, &x)).unwrap();
-    let err = al
-        .backward(&saved, multipole_attn::gpu::HostGrad(&x))
+    // dO beyond f16's range, in a host backward.
+    let (_, saved) = a.train(&p, Host::new(&x, &x, &x)).unwrap();
+    let err = a
+        .backward(&saved, multipole_attn::gpu::HostGrad(&big))
         .unwrap_err();
-    assert!(err.to_string().contains("Learned"), "{err}");
-    let seqs = Sequences::packed(vec![30, 34]).unwrap();
-    let vp = Problem::varlen(seqs, 1, 1, 8);
-    let err = a.forward(&vp, Host::new(&x, &x, &x)).unwrap_err();
-    assert!(err.to_string().contains("variable-length"), "{err}");
+    assert!(err.to_string().contains("dO[5]"), "{err}");
+    // One f16 head over a binding with an odd head_dim: its chunks' rows would start
+    // mid-word. Refused by check and by every forward, FMA and dense, host and resident.
+    let odd = Shape::new(1, 1, 200, 7);
+    let po = Problem::new(odd);
+    let xo = vec![0.25f32; odd.elements()];
+    for method in [Method::Fma(FmaConfig::new(16, 2)), Method::Dense] {
+        let small = Attention::new(ctx, method)
+            .and_then(|a| a.max_binding(1024))
+            .and_then(|a| a.storage(Storage::F16))
+            .unwrap();
+        let err = small.check(&po).unwrap_err();
+        assert!(err.to_string().contains("even head_dim"), "{err}");
+        let err = small.forward(&po, Host::new(&xo, &xo, &xo)).unwrap_err();
+        assert!(err.to_string().contains("even head_dim"), "{err}");
+        let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let bufs = Half::with_usage(ctx, [&xo, &xo, &xo], odd, copy);
+        let err = small.forward(&po, Resident(bufs.tensors())).unwrap_err();
+        assert!(err.to_string().contains("even head_dim"), "{err}");
+        // The poisoned O is untouched.
+        assert!(bufs.read(ctx, odd).0.iter().all(|v| v.is_nan()));
+    }
 }
 
 /// Gradient tolerance, relative to each tensor's scale max(1, max|ref|) (tests/common's
@@ -295,9 +325,9 @@ fn f16_storage_errors_are_typed() {
 /// (FMA's coarse keys' share in dK, dV; coarse queries' share in dQ; a dense key chunk), and
 /// the saved O is f16, so D = rowsum(dO * O) carries 2^-11 of |dO||O|, which dS = P (dP - D)
 /// passes on to every gradient, at the scale of the gradients themselves for N(0, 1) inputs.
-const GRAD_TOL: f64 = 2e-4 + 8.0 * F16_UNIT_ROUNDOFF as f64;
+pub(crate) const GRAD_TOL: f64 = 2e-4 + 8.0 * F16_UNIT_ROUNDOFF as f64;
 
-fn compare_grad(label: &str, name: &str, got: &[f32], want: &[f64]) -> f64 {
+pub(crate) fn compare_grad(label: &str, name: &str, got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "{label}: {name}");
     let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
     let c = multipole_attn::closeness::closeness(got, want, GRAD_TOL * scale, GRAD_TOL);
@@ -469,25 +499,110 @@ fn f16_storage_on_the_plain_kernels() {
     check(&ctx, seed, &fma, &Problem::new(shape).causal(true), &label);
 }
 
-/// On a context with cooperative matrices (emulated on lavapipe), f16 storage keeps dense
-/// attention on the plain kernels (the cooperative kernel reads f32 tensors): O is still the
-/// f32 path's O rounded, bit for bit.
+/// On a context with cooperative matrices (emulated on lavapipe), f16 storage runs dense
+/// attention on the cooperative kernel too, its Q, K, V, O bindings f16: the kernel rounds Q,
+/// K, V to f16 for the matrices under either storage, so on f16-rounded inputs the f16 variant
+/// computes exactly what the f32 one does and stores O rounded once more: the f32 kernel's O
+/// rounded to f16, bit for bit, written over a NaN-poisoned O (resident) and equal through
+/// host slices.
 #[test]
-fn f16_storage_skips_the_cooperative_kernel() {
+fn f16_storage_on_the_cooperative_kernel() {
     let Some(base) = gpu() else { return };
     if !base.device.features().contains(wgpu::Features::SHADER_F16) {
         return;
     }
     let ctx = GpuContext::new().unwrap().emulating_cooperative_matrix(8);
-    let shape = Shape::new(1, 2, 40, 16);
-    let p = Problem::new(shape).causal(true);
-    let [q, k, v] = inputs(11, shape);
-    let half = Attention::dense(&ctx)
-        .unwrap()
-        .storage(Storage::F16)
-        .unwrap();
-    let got = half.forward(&p, Host::new(&q, &k, &v)).unwrap();
-    let plain = Attention::dense(base).unwrap();
-    let want = plain.forward(&p, Host::new(&q, &k, &v)).unwrap();
-    assert_eq!(got.o, round_to_f16(&want.o));
+    let seed = fresh_seed();
+    // Small sizes: the emulation computes every matrix in every invocation, and above a few
+    // dozen rows at d = 24 its loops pass llvmpipe's limit (it then writes column 0 only, f32
+    // or f16 alike: the emulation's limit, `emulation_spec`, not the kernel's).
+    for &(n, d, causal) in &[(1, 5, false), (40, 16, true), (24, 32, false)] {
+        let shape = Shape::new(1, 2, n, d);
+        let p = Problem::new(shape).causal(causal);
+        let label = format!("seed {seed} {shape} causal={causal}");
+        let [q, k, v] = inputs(seed, shape);
+        let half = Attention::dense(&ctx)
+            .unwrap()
+            .storage(Storage::F16)
+            .unwrap();
+        let bufs = Half::new(&ctx, &q, &k, &v, shape);
+        half.forward(&p, Resident(bufs.tensors())).unwrap();
+        let (o, lse) = bufs.read(&ctx, shape);
+        let host = half.forward(&p, Host::new(&q, &k, &v)).unwrap();
+        assert_eq!(host.o, o, "{label}: host vs resident");
+        let f32_coop = Attention::dense(&ctx).unwrap();
+        let want = f32_coop.forward(&p, Host::new(&q, &k, &v)).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&o), bits(&round_to_f16(&want.o)), "{label}: O");
+        assert_eq!(
+            bits(&lse),
+            bits(want.lse.as_deref().unwrap()),
+            "{label}: LSE"
+        );
+        // And it is the cooperative kernel (f16 matrices), not the plain one: its O differs
+        // from the plain kernel's beyond the final rounding somewhere.
+        let plain = Attention::dense(base).unwrap();
+        let exact = plain.forward(&p, Host::new(&q, &k, &v)).unwrap();
+        if n > 1 {
+            assert_ne!(round_to_f16(&exact.o), o, "{label}: the plain kernel ran");
+        }
+    }
+}
+
+/// The tiled dense kernel (`shaders/dense_tiled.wgsl`, what a GPU runs; forced here on
+/// lavapipe) with f16 storage: its staging loads convert f16 to f32 and its store rounds O
+/// once, so O is the f32 tiled kernel's O rounded to f16, bit for bit, and within the f16
+/// tolerance of the f64 reference (module header). Awkward lengths (1, 97, 1025), both masks,
+/// cross lengths, grouped K/V heads, head dimensions 8 to 128 (odd ones: f16 pairs straddle
+/// rows), and the softcap, sinks and window variants.
+#[test]
+fn f16_storage_on_the_tiled_kernel() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let tiled: Tweak = |a| a.dense_kernel(DenseKernel::Tiled);
+    let mut worst = 0.0f64;
+    for &(n, d, kv_heads) in &[
+        (1, 8, 2),
+        (97, 40, 1),
+        (97, 128, 2),
+        (1025, 8, 2),
+        (300, 33, 1),
+    ] {
+        let shape = Shape::new(1, 2, n, d).with_kv_heads(kv_heads);
+        for causal in [false, true] {
+            let p = Problem::new(shape).causal(causal);
+            let label = format!("tiled seed {seed} {shape} causal={causal}");
+            worst = worst.max(check_on(ctx, seed, (&Method::Dense, tiled), &p, &label));
+        }
+    }
+    // Cross lengths (causal bottom-right) and the variants.
+    let cross = Shape::cross(1, 2, 50, 130, 16);
+    let label = format!("tiled seed {seed} {cross}");
+    let p = Problem::new(cross).causal(true);
+    worst = worst.max(check_on(ctx, seed, (&Method::Dense, tiled), &p, &label));
+    let shape = Shape::new(2, 2, 97, 24);
+    for variants in [
+        Variants {
+            softcap: Some(5.0),
+            ..Default::default()
+        },
+        Variants {
+            sinks: Some(vec![0.5, -1.0]),
+            ..Default::default()
+        },
+        Variants {
+            window: Some(Window { left: 20, right: 7 }),
+            ..Default::default()
+        },
+    ] {
+        let label = format!("tiled seed {seed} {shape} {variants:?}");
+        let p = Problem::new(shape).variants(variants);
+        worst = worst.max(check_on(ctx, seed, (&Method::Dense, tiled), &p, &label));
+    }
+    eprintln!("f16 tiled kernel: worst |O - ref| {worst:.2e}");
 }

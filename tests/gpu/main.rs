@@ -23,6 +23,7 @@ mod depth_counts;
 mod errors;
 mod f16;
 mod f16_decode;
+mod f16_pieces;
 mod fine_tiled;
 mod forward;
 mod geometry;

@@ -289,7 +289,8 @@ summed over batch and heads) for L = sum(dO * O), O = FMA(Q, K, V); dO has the s
 v_b{l} (with --queries coarse also q_w{l}, q_b{l}) for every level of the weights (the layout
 of --weights; levels the sequence does not use are zeros). Fine or coarse queries, 1D or
 --grid, variable-length batches. float32 on the GPU, float64 with --reference; with
---storage f16, dq, dk, dv as float16 (not with learned weights or --sinks yet). --lse does not
+--storage f16, dq, dk, dv as float16 (with learned weights or --sinks, every array float32,
+the f16 gradients widened exactly). --lse does not
 apply. --dense differentiates exact attention instead (dq, dk, dv; K/V may have fewer heads
 and another length than Q, --causal bottom-right aligned as in run; variable-length batches
 too).

@@ -67,10 +67,12 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
     } else {
         let storage = run.storage.storage();
         let g = run_gpu(&method, (q, k, v, dout), &problem, storage)?;
+        let f32_only = g.weights.is_some() || g.dsinks.is_some();
         match storage {
-            // f16 storage: the gradients are f16 values (no weight or sink gradients: the
-            // library refuses those with host dO), written as float16.
-            Storage::F16 => write_f16_npz(
+            // f16 storage: dQ, dK, dV are f16 values, written as float16; with the learned
+            // weights' or the sinks' gradients (f32 sums) every array is float32 (the f16
+            // values widened exactly), one dtype per file.
+            Storage::F16 if !f32_only => write_f16_npz(
                 &run.out,
                 &[
                     ("dq", shapes.0, &g.dq),
@@ -78,7 +80,7 @@ pub fn grad(args: &GradArgs) -> CliResult<()> {
                     ("dv", shapes.1, &g.dv),
                 ],
             ),
-            Storage::F32 => write_gradients(&run.out, shapes, shape, method.fma(), g),
+            _ => write_gradients(&run.out, shapes, shape, method.fma(), g),
         }
     }
 }

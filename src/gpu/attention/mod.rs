@@ -5,15 +5,14 @@
 //! Below it the executors (`gpu/fma/`, `gpu/dense/`) keep one method per path; this layer
 //! only chooses the path, so every caller branches nowhere.
 
-mod half_host;
-
 use std::sync::{Arc, Mutex};
 
 use crate::config::Downsample;
 use crate::error::{FmaError, Result};
 use crate::gpu::dense::{DenseAttention, DenseSaved};
 use crate::gpu::engine::context::GpuContext;
-use crate::gpu::engine::storage_types::{check_device_storage, f16_split_refused};
+use crate::gpu::engine::split_io::check_split_storage;
+use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::fma::backward::Saved as FmaSaved;
 use crate::gpu::fma::FmaAttention;
@@ -21,7 +20,7 @@ use crate::gradients::Gradients;
 use crate::method::Method;
 use crate::plan::{BackwardPlan, DenseBackwardPlan, DenseKernel, DensePlan, FmaKernel, FmaPlan};
 use crate::problem::Problem;
-use crate::storage::Storage;
+use crate::storage::{check_f16_range, Storage};
 use crate::variants::Variants;
 
 use crate::gpu::engine::io::{BackwardArgs, BackwardIo, ForwardArgs, ForwardIo, TrainIo};
@@ -282,11 +281,13 @@ impl Attention {
     /// f32; [`Resident`](crate::gpu::Resident) and [`Encode`](crate::gpu::Encode) buffers hold
     /// f16 elements (2 bytes each, same layouts) and an f32 LSE. Training and the backward
     /// run with f16 Q, K, V, O, dO and dQ, dK, dV ([`HostGrad`](crate::gpu::HostGrad): dO
-    /// rounded to f16, the gradients widened; [`ResidentGrad`](crate::gpu::ResidentGrad): f16
-    /// buffers, the learned weights' gradients f32). Not offered yet with f16 (typed errors):
-    /// variable-length batches, tensors over one storage binding (counted as f32), which f32
-    /// storage runs in pieces, and a host backward with Learned weights or sinks (their
-    /// gradients are not returned that way yet).
+    /// rounded to f16, the gradients widened, the learned weights' and the sinks' gradients
+    /// f32; [`ResidentGrad`](crate::gpu::ResidentGrad): f16 buffers, the learned weights'
+    /// gradients f32). Everything f32 storage runs, f16 storage runs: variable-length
+    /// batches, and host tensors over one storage binding in the same pieces (runs of heads,
+    /// groups of sequences, a head split along its sequence; the limits count 4 bytes per
+    /// element either way, so f16 pieces are those of f32). A head split across bindings
+    /// needs an even head_dim with f16 (its chunks are copied in whole 4-byte words).
     pub fn storage(mut self, storage: Storage) -> Result<Self> {
         check_device_storage(&self.ctx, storage)?;
         self.storage = storage;
@@ -458,17 +459,15 @@ impl Attention {
     /// takes), without touching the GPU: a caller can fail before reading gigabytes of input.
     pub fn check(&self, p: &Problem) -> Result<()> {
         p.validate()?;
-        if self.storage == Storage::F16 {
-            // f16 tensors run whole or not at all: no pieces to fall back on.
-            self.check_f16(p, "a forward")?;
-            let cap = self.binding_cap();
-            if p.shape.elements().max(p.shape.kv_elements()) as u64 * 4 > cap {
-                return Err(f16_split_refused(p.shape, cap));
-            }
-            return match self.exec(p)? {
-                Exec::Fma(e) => e.plan(p.shape).map(drop),
-                Exec::Dense(e) => e.plan(p.shape).map(drop),
+        if self.storage == Storage::F16 && !p.shape.head_dim.is_multiple_of(2) {
+            // An f16 head split across bindings needs an even head_dim (`split_io`).
+            let split = match self.exec(p)? {
+                Exec::Fma(e) => e.splits_head(p.shape),
+                Exec::Dense(e) => e.splits_head(p.shape),
             };
+            if split {
+                check_split_storage(p.shape, self.storage)?;
+            }
         }
         let fits = match (self.exec(p)?, &p.sequences) {
             (Exec::Fma(e), None) => return e.check(p.shape),
@@ -557,15 +556,7 @@ impl Attention {
         p.validate()?;
         let s = p.shape;
         let seqs = p.sequences.as_ref();
-        if self.storage == Storage::F16 {
-            self.check_f16(p, "a forward")?;
-            if let ForwardArgs::Host(h) = args {
-                // Through f16 buffers: the executors' one f16 path is the resident one.
-                let io = half_host::HalfHost::new(&self.ctx, s, &h)?;
-                Box::pin(self.forward_args(p, ForwardArgs::Resident(io.tensors()))).await?;
-                return io.read(&self.ctx, s, h.lse).await.map(Some);
-            }
-        }
+        self.check_host_range(&args)?;
         match (self.exec(p)?, seqs, args) {
             (_, Some(_), ForwardArgs::Encode(..)) => Err(encoder_varlen()),
             (Exec::Fma(e), None, ForwardArgs::Host(h)) => {
@@ -612,16 +603,7 @@ impl Attention {
         args: ForwardArgs<'_>,
     ) -> Result<(Option<Output>, SavedKind)> {
         let s = p.shape;
-        if self.storage == Storage::F16 {
-            self.check_f16(p, "training")?;
-            if let ForwardArgs::Host(h) = args {
-                // Through f16 buffers, which the saved tensors keep (as resident training).
-                let io = half_host::HalfHost::new(&self.ctx, s, &h)?;
-                let (_, kind) =
-                    Box::pin(self.train_args(exec, p, ForwardArgs::Resident(io.tensors()))).await?;
-                return Ok((Some(io.read(&self.ctx, s, h.lse).await?), kind));
-            }
-        }
+        self.check_host_range(&args)?;
         let seqs = p.sequences.as_ref();
         match (exec, args) {
             (_, ForwardArgs::Encode(..)) => Err(FmaError::InvalidConfig {
@@ -676,12 +658,8 @@ impl Attention {
             ));
         }
         if let (Storage::F16, BackwardArgs::Host(dout)) = (self.storage, &args) {
-            self.check_f16_host_backward(&saved.problem)?;
-            let s = saved.problem.shape;
-            let io = half_host::HalfGrad::new(&self.ctx, s, dout)?;
-            let (dout, grads) = io.tensors();
-            Box::pin(self.backward_args(saved, BackwardArgs::Resident(dout, grads))).await?;
-            return io.read(&self.ctx, s).await.map(Some);
+            // Rounded to f16 on upload by the executor: a value beyond f16's range fails here.
+            check_f16_range("dO", dout)?;
         }
         // The executor that saved them (its own owner check is then a formality).
         match (&saved.exec, &saved.kind, args) {
@@ -706,48 +684,17 @@ impl Attention {
 }
 
 impl Attention {
-    /// What f16 storage does not run yet, for `what` of `p`: a variable-length batch.
-    fn check_f16(&self, p: &Problem, what: &str) -> Result<()> {
-        match p.sequences {
-            Some(_) => Err(f16_not_offered(&format!(
-                "{what} of a variable-length batch"
-            ))),
-            None => Ok(()),
-        }
-    }
-
-    /// Bytes in one storage binding the executors use (the device's, or `max_binding`'s).
-    fn binding_cap(&self) -> u64 {
-        let mut limits = crate::plan::KernelLimits::from_wgpu(&self.ctx.limits);
-        if let Some(bytes) = self.max_binding {
-            limits = limits.capped(bytes);
-        }
-        limits.binding_bytes()
-    }
-
-    /// What a host backward under f16 storage does not return yet: the learned weights'
-    /// gradients and the sinks' (resident gradients take the weights').
-    fn check_f16_host_backward(&self, p: &Problem) -> Result<()> {
-        let learned = matches!(&self.method, Method::Fma(c) if matches!(c.downsample, Downsample::Learned(_)));
-        match (learned, p.variants.sinks.is_some()) {
-            (true, _) => Err(f16_not_offered(
-                "a host backward with Learned weights (ResidentGrad returns their gradients)",
-            )),
-            (_, true) => Err(f16_not_offered("a backward with sinks (their gradient)")),
+    /// Under f16 storage, checks that host Q, K, V hold no finite value beyond f16's range
+    /// (the executors round them on upload), before anything is uploaded.
+    fn check_host_range(&self, args: &ForwardArgs<'_>) -> Result<()> {
+        match (self.storage, args) {
+            (Storage::F16, ForwardArgs::Host(h)) => {
+                check_f16_range("Q", h.q)?;
+                check_f16_range("K", h.k)?;
+                check_f16_range("V", h.v)
+            }
             _ => Ok(()),
         }
-    }
-}
-
-/// `what` under f16 storage: not offered yet (issue 29's later steps).
-fn f16_not_offered(what: &str) -> FmaError {
-    FmaError::InvalidConfig {
-        what: "storage",
-        value: format!("f16 for {what}"),
-        allowed: "f16 storage for whole-sequence batches: forwards (host, resident or encoder \
-                  tensors), training and backwards (host dO without learned weights or sinks, \
-                  or resident dO); f32 storage (Storage::F32) for the rest"
-            .into(),
     }
 }
 

@@ -15,7 +15,8 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::tensors::{
-    check_storage, GpuTensors, GradTensors, Output, SavedTensors, Scopes,
+    check_storage, host_bytes, stored_values, tensor_bytes, widen, GpuTensors, GradTensors, Output,
+    SavedTensors, Scopes,
 };
 use crate::gpu::engine::varlen_io::GroupLayout;
 use crate::gradients::Gradients;
@@ -188,7 +189,8 @@ impl DenseAttention {
             shape.head_dim,
             &self.limits,
         )?
-        .with_softmax(SoftmaxFlags::of(&self.variants)))
+        .with_softmax(SoftmaxFlags::of(&self.variants))
+        .with_storage(self.storage))
     }
 
     /// The plan of the backward of `saved`: of its shape, or of its variable-length batch.
@@ -339,7 +341,7 @@ impl DenseAttention {
         (shape, span): (Shape, HeadSpan),
         seqs: Option<&Sequences>,
     ) -> Result<(Output, DenseSaved)> {
-        let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v));
+        let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v), self.storage);
         let t = tensors.tensors();
         match seqs {
             None => self.forward_buffers_in(t, shape, span).await?,
@@ -427,12 +429,14 @@ impl DenseAttention {
         let shape = saved.shape;
         shape.check_len("dO", dout.len())?;
         let device = &self.ctx.device;
-        let bytes = shape.elements() as u64 * 4;
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+        // dO and the gradients in the executor's storage (f16: dO rounded on upload, the
+        // gradients widened on readback).
+        let bytes = tensor_bytes(shape.elements(), self.storage);
+        let kv_bytes = tensor_bytes(shape.kv_elements(), self.storage);
         let dout_buf = storage(device, "dO", bytes, wgpu::BufferUsages::COPY_DST);
         self.ctx
             .queue
-            .write_buffer(&dout_buf, 0, bytemuck::cast_slice(dout));
+            .write_buffer(&dout_buf, 0, &host_bytes(dout, self.storage));
         let out = wgpu::BufferUsages::COPY_SRC;
         let (dq, dk, dv) = (
             storage(device, "dq", bytes, out),
@@ -463,8 +467,13 @@ impl DenseAttention {
         self.ctx.queue.submit([enc.finish()]);
         let mut all = read_f32(device, &staging, total).await?;
         self.ctx.check_alive()?;
-        let gv = all.split_off(shape.elements() + shape.kv_elements());
-        let gk = all.split_off(shape.elements());
+        let gv = all.split_off(((bytes + kv_bytes) / 4) as usize);
+        let gk = all.split_off((bytes / 4) as usize);
+        let (gq, gk, gv) = (
+            widen(all, shape.elements(), self.storage),
+            widen(gk, shape.kv_elements(), self.storage),
+            widen(gv, shape.kv_elements(), self.storage),
+        );
         // dS of the sinks from the saved O and LSE (a reduction over rows per head, on the
         // host: WGSL has no portable float atomics, and it is two floats per row).
         let dsinks = match &self.variants.sinks {
@@ -473,11 +482,13 @@ impl DenseAttention {
                 let out = saved.whole()?.read_outputs(&self.ctx, shape).await?;
                 let lse = out.lse.unwrap_or_default();
                 let variants = &self.variants;
-                variants.sink_gradient(shape, saved.span, &out.o, &lse, dout)
+                // The dO the kernels saw (f16 storage: rounded).
+                let dout = stored_values(dout, self.storage);
+                variants.sink_gradient(shape, saved.span, &out.o, &lse, &dout)
             }
         };
         Ok(Gradients {
-            dq: all,
+            dq: gq,
             dk: gk,
             dv: gv,
             weights: None,

@@ -72,6 +72,6 @@ impl DenseAttention {
                 self.backward_whole(&run.saved, &dout[r]).await?,
             );
         }
-        Ok(sum.finish())
+        Ok(sum.finish(self.storage))
     }
 }

@@ -4,7 +4,8 @@
 //! (a batch of equal sequences, no softmax variant, a head dimension whose tiles fit the
 //! workgroup memory); everything else runs the plain kernel. One dispatch over all keys: the
 //! key chunks of the plain kernel exist for llvmpipe's loop limit, and llvmpipe has no
-//! cooperative matrices.
+//! cooperative matrices. Under f16 storage the kernel's Q, K, V, O bindings are f16
+//! (`engine::coop::compose_dense_coop_for`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,7 +14,7 @@ use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::coop::{
-    compose_dense_coop, compose_dense_coop_emulated, emulation_spec, CoopSpec,
+    compose_dense_coop_emulated_for, compose_dense_coop_for, emulation_spec, CoopSpec,
 };
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
@@ -21,10 +22,12 @@ use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::Resources;
 use crate::gpu::engine::tensors::GpuTensors;
 use crate::plan::{fold, DensePlan, Pass};
+use crate::storage::Storage;
 
-/// The pipelines of one [`super::DenseAttention`] by tile sizes (one per head dimension used).
+/// The pipelines of one [`super::DenseAttention`] by tile sizes (one per head dimension used)
+/// and the storage of its tensors.
 #[derive(Default)]
-pub(super) struct CoopPipelines(Mutex<HashMap<CoopSpec, wgpu::ComputePipeline>>);
+pub(super) struct CoopPipelines(Mutex<HashMap<(CoopSpec, Storage), wgpu::ComputePipeline>>);
 
 /// What one forward on cooperative matrices records: its pipeline, parameter block and grid.
 pub(super) struct CoopRun {
@@ -36,7 +39,8 @@ pub(super) struct CoopRun {
 impl CoopPipelines {
     /// The run of `plan` on cooperative matrices, or `None` where the plain kernel runs it
     /// (no shape on `ctx`, a variable-length batch, softmax variants: `plain` false).
-    /// `base` is the plain kernel's parameter block of the plan.
+    /// `base` is the plain kernel's parameter block of the plan, whose storage
+    /// (`plan.attention.spec.storage`) the kernel's tensors take.
     pub async fn run(
         &self,
         ctx: &GpuContext,
@@ -82,15 +86,23 @@ impl CoopPipelines {
         };
         let bytes = to_uniform_bytes(&params)?;
         Ok(Some(CoopRun {
-            pipeline: self.pipeline(ctx, spec).await?,
+            pipeline: self
+                .pipeline(ctx, spec, plan.attention.spec.storage)
+                .await?,
             params: uniform(&ctx.device, &ctx.queue, "dense coop params", &bytes),
             grid,
         }))
     }
 
-    /// The pipeline of `spec`, built on first use inside a validation error scope.
-    async fn pipeline(&self, ctx: &GpuContext, spec: CoopSpec) -> Result<wgpu::ComputePipeline> {
-        if let Some(p) = self.0.lock().map_err(poisoned)?.get(&spec) {
+    /// The pipeline of `spec` for tensors of `storage`, built on first use inside a validation
+    /// error scope.
+    async fn pipeline(
+        &self,
+        ctx: &GpuContext,
+        spec: CoopSpec,
+        storage: Storage,
+    ) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.0.lock().map_err(poisoned)?.get(&(spec, storage)) {
             return Ok(p.clone());
         }
         let device = &ctx.device;
@@ -99,8 +111,8 @@ impl CoopPipelines {
             label: Some("dense coop"),
             source: wgpu::ShaderSource::Wgsl(
                 match ctx.coop_emulated {
-                    true => compose_dense_coop_emulated(spec),
-                    false => compose_dense_coop(spec),
+                    true => compose_dense_coop_emulated_for(spec, storage),
+                    false => compose_dense_coop_for(spec, storage),
                 }
                 .into(),
             ),
@@ -128,7 +140,7 @@ impl CoopPipelines {
         self.0
             .lock()
             .map_err(poisoned)?
-            .insert(spec, pipeline.clone());
+            .insert((spec, storage), pipeline.clone());
         Ok(pipeline)
     }
 }

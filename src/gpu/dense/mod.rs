@@ -23,7 +23,7 @@ use crate::gpu::engine::params::{check_variants, to_uniform_bytes, Params};
 use crate::gpu::engine::passes::{desc, Role};
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::split_io::SplitIo;
-use crate::gpu::engine::storage_types::{check_device_storage, f16_split_refused};
+use crate::gpu::engine::storage_types::check_device_storage;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes};
 use crate::plan::{head_exceeds_binding, DenseKernel, DensePlan, KernelLimits, SoftmaxFlags};
@@ -169,13 +169,7 @@ impl DenseAttention {
     /// sink).
     pub(super) fn plan_in(&self, shape: Shape, span: HeadSpan) -> Result<DensePlan> {
         self.variants.validate(span.heads, self.causal)?;
-        // The tiled kernel has no f16 composition yet (its loads are not the rewrite's
-        // patterns): f16 storage runs the rows kernel, which has one.
-        let kernel = match self.storage {
-            Storage::F16 => DenseKernel::Rows,
-            Storage::F32 => self.kernel,
-        };
-        Ok(DensePlan::with_kernel(shape, &self.limits, kernel)?
+        Ok(DensePlan::with_kernel(shape, &self.limits, self.kernel)?
             .with_softmax(SoftmaxFlags::of(&self.variants))
             .with_storage(self.storage)
             .in_span(span))
@@ -306,11 +300,6 @@ impl DenseAttention {
     /// The forward of `plan` on cooperative matrices, where the context has them and the
     /// kernel covers the plan (`coop.rs`).
     async fn coop_run(&self, plan: &DensePlan) -> Result<Option<coop::CoopRun>> {
-        // The cooperative-matrix kernel reads f32 tensors (its composition has no f16
-        // storage variant yet): f16 storage runs the plain kernels.
-        if self.storage == Storage::F16 {
-            return Ok(None);
-        }
         let plain = self.variants.is_plain();
         let base = self.plain_params(plan);
         self.coop.run(&self.ctx, plan, plain, base).await
@@ -373,6 +362,13 @@ impl DenseAttention {
         .await
     }
 
+    /// Whether a forward of `shape` splits a head along its sequence ([`DenseSplitPlan`]).
+    ///
+    /// [`DenseSplitPlan`]: crate::plan::DenseSplitPlan
+    pub(crate) fn splits_head(&self, shape: Shape) -> bool {
+        head_exceeds_binding(shape, &self.limits)
+    }
+
     /// One forward of host tensors whose every buffer fits the adapter's limits.
     async fn forward_whole(
         &self,
@@ -389,7 +385,7 @@ impl DenseAttention {
         run_host(
             &self.ctx,
             &self.host,
-            self.limits.binding_bytes(),
+            (self.limits.binding_bytes(), self.storage),
             shape,
             (q, k, v),
             want_lse,
@@ -416,10 +412,6 @@ impl DenseAttention {
         span: HeadSpan,
     ) -> Result<()> {
         t.check_as(shape, self.storage)?;
-        let over = shape.elements().max(shape.kv_elements()) as u64 * 4;
-        if self.storage == Storage::F16 && over > self.limits.binding_bytes() {
-            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
-        }
         if shape.elements() as u64 * 4 > self.limits.binding_bytes() {
             return self
                 .forward_split(SplitIo::Device(t), shape)

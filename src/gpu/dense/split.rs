@@ -6,7 +6,9 @@ use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::params::to_uniform_bytes;
 use crate::gpu::engine::record::Pipes;
-use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
+use crate::gpu::engine::split_io::{
+    check_copy_usage, check_split_storage, copy_rows_out, per_head, SplitIo,
+};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostBuffers, Staged};
 use crate::plan::DenseSplitPlan;
@@ -21,6 +23,7 @@ impl DenseAttention {
         if let SplitIo::Device(t) = &io {
             check_copy_usage(t)?;
         }
+        check_split_storage(shape, self.storage)?;
         // A split head's pairs are not planned with the variants (yet).
         self.check_unsplit(shape)?;
         if !shape.is_self() {
@@ -40,7 +43,8 @@ impl DenseAttention {
             self.causal,
             &self.limits,
             (self.max_keys, self.kernel),
-        )?;
+        )?
+        .with_storage(self.storage);
         let pipes = Pipes::new(&self.ctx, [&plan.head.attention]).await?;
         per_head(
             &self.ctx,
@@ -66,7 +70,7 @@ impl DenseAttention {
         let chunks: Vec<_> = plan
             .chunks
             .iter()
-            .map(|&(lo, hi)| HostBuffers::new(device, Shape::new(1, 1, hi - lo, d)))
+            .map(|&(lo, hi)| HostBuffers::new(device, Shape::new(1, 1, hi - lo, d), self.storage))
             .collect();
         let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("dense"),
@@ -76,7 +80,7 @@ impl DenseAttention {
             io.fill(
                 &self.ctx.queue,
                 &mut enc,
-                (shape, h),
+                (shape, h, self.storage),
                 lo..hi,
                 [&b.q, &b.k, &b.v],
             );
@@ -130,16 +134,15 @@ impl DenseAttention {
         for (&(lo, hi), b) in plan.chunks.iter().zip(&chunks) {
             match io {
                 SplitIo::Host { want_lse, .. } => {
-                    let part = Staged::new(device, Shape::new(1, 1, hi - lo, d), want_lse);
+                    let part =
+                        Staged::of(device, Shape::new(1, 1, hi - lo, d), want_lse, self.storage);
                     part.record(&mut enc, &b.out, &b.lse);
                     staged.push(part);
                 }
                 SplitIo::Device(t) => {
-                    let (first, rows, row) = ((h * n + lo) as u64, (hi - lo) as u64, d as u64 * 4);
-                    enc.copy_buffer_to_buffer(&b.out, 0, t.out, first * row, rows * row);
-                    if let Some(lse) = t.lse {
-                        enc.copy_buffer_to_buffer(&b.lse, 0, lse, first * 4, rows * 4);
-                    }
+                    let (first, rows) = ((h * n + lo) as u64, (hi - lo) as u64);
+                    let at = (first, 0, rows);
+                    copy_rows_out(&mut enc, (&b.out, &b.lse), &t, at, (d, self.storage));
                 }
             }
         }

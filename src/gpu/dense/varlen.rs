@@ -28,7 +28,8 @@ impl DenseAttention {
         self.variants.validate(heads, self.causal)?;
         Ok(
             DensePlan::for_sequences_with(seqs, (heads, kv_heads, d), limits, self.kernel)?
-                .with_softmax(SoftmaxFlags::of(&self.variants)),
+                .with_softmax(SoftmaxFlags::of(&self.variants))
+                .with_storage(self.storage),
         )
     }
 
@@ -142,7 +143,7 @@ impl DenseAttention {
         run_host(
             &self.ctx,
             &self.host,
-            self.limits.binding_bytes(),
+            (self.limits.binding_bytes(), self.storage),
             shape,
             (q, k, v),
             want_lse,
@@ -159,7 +160,7 @@ impl DenseAttention {
         shape: Shape,
         seqs: &Sequences,
     ) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
         seqs.check(shape)?;
         let plan = self.varlen_plan(
             seqs,

@@ -11,6 +11,8 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::shaders::resolve_imports;
+use crate::gpu::engine::storage_types::{to_f16_storage, F16_DIRECTIVE};
+use crate::storage::Storage;
 
 /// Whether to use cooperative matrices (tensor cores) where the adapter offers a fitting shape.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -252,6 +254,38 @@ pub fn compose_dense_coop(spec: CoopSpec) -> String {
     out
 }
 
+/// The tensors of `dense_coop.wgsl` stored as f16 under [`Storage::F16`] (its bindings of
+/// roles Q, K, V, Out: the plain dense pass's, whose bind-group layout it shares).
+const COOP_F16_TENSORS: [&str; 4] = ["q", "k", "v", "out"];
+
+/// [`compose_dense_coop`] for tensors of `storage`: under [`Storage::F16`] the bindings of Q,
+/// K, V and O are f16 (`storage_types::to_f16_storage`, the rewrite every pass's f16 variant
+/// gets), so the staging loads convert f16 to f32 and back to the f16 the matrices take, which
+/// is exact (a compiler may fold the pair into a plain load), and O is stored as f16. The f32
+/// variant is [`compose_dense_coop`]'s text.
+pub fn compose_dense_coop_for(spec: CoopSpec, storage: Storage) -> String {
+    let text = compose_dense_coop(spec);
+    match storage {
+        Storage::F32 => text,
+        // The rewrite puts `enable f16;` first itself.
+        Storage::F16 => to_f16_storage(
+            text.strip_prefix(F16_DIRECTIVE).unwrap_or(&text),
+            &COOP_F16_TENSORS,
+        ),
+    }
+}
+
+/// [`compose_dense_coop_emulated`] for tensors of `storage` (f16: the bindings rewritten after
+/// the emulation, so the emulated kernel then needs `SHADER_F16` for them, which the test
+/// adapter, lavapipe, has).
+pub fn compose_dense_coop_emulated_for(spec: CoopSpec, storage: Storage) -> String {
+    let text = compose_dense_coop_emulated(spec);
+    match storage {
+        Storage::F32 => text,
+        Storage::F16 => to_f16_storage(&text, &COOP_F16_TENSORS),
+    }
+}
+
 /// Tiles for [`compose_dense_coop_emulated`]: the smallest (BQ = 2 CM, BK = CM), so that an
 /// invocation's emulated multiply-adds stay under llvmpipe's loop limit on small problems.
 pub fn emulation_spec(shape: CoopShape, head_dim: usize) -> CoopSpec {
@@ -460,6 +494,69 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e:?}"));
         assert!(words.len() > 100);
+    }
+
+    /// The f16-storage variant (issue 29): Q, K, V, O bindings f16, loaded and stored through
+    /// the conversions, validated with the capabilities a device with cooperative matrices and
+    /// SHADER_F16 has, and written to SPIR-V where naga's backend is built; its emulation
+    /// validates with SHADER_FLOAT16 alone. The f32 variant is the text it always was.
+    #[test]
+    fn coop_dense_f16_storage_composes_and_validates() {
+        for (size, subgroup) in [(16, 32), (8, 32), (8, 8)] {
+            let shape = CoopShape { size, subgroup };
+            for head_dim in [1, 8, 33, 64, 128] {
+                let spec = CoopSpec::choose(shape, head_dim, 48 * 1024).unwrap();
+                assert_eq!(
+                    compose_dense_coop_for(spec, Storage::F32),
+                    compose_dense_coop(spec)
+                );
+                let src = compose_dense_coop_for(spec, Storage::F16);
+                assert!(src.starts_with("enable f16;\nenable wgpu_cooperative_matrix;"));
+                assert_eq!(src.matches("enable f16;").count(), 1);
+                for decl in ["q: array<f16>", "k: array<f16>", "v: array<f16>"] {
+                    assert!(src.contains(decl), "{decl}");
+                }
+                assert!(src.contains("out: array<f16>") && src.contains("lse: array<f32>"));
+                assert!(src.contains("kx = f32(k[") && src.contains("= f16(os[r * DP + c] * inv)"));
+                if let Err(e) = validate(&src) {
+                    panic!("{spec:?} f16 does not validate:\n{e}");
+                }
+                #[cfg(any(target_os = "linux", target_os = "windows"))]
+                {
+                    let module = naga::front::wgsl::parse_str(&src).unwrap();
+                    let info = naga::valid::Validator::new(
+                        naga::valid::ValidationFlags::all(),
+                        naga::valid::Capabilities::COOPERATIVE_MATRIX
+                            | naga::valid::Capabilities::SHADER_FLOAT16,
+                    )
+                    .validate(&module)
+                    .unwrap();
+                    naga::back::spv::write_vec(
+                        &module,
+                        &info,
+                        &naga::back::spv::Options::default(),
+                        Some(&naga::back::spv::PipelineOptions {
+                            shader_stage: naga::ShaderStage::Compute,
+                            entry_point: "main".into(),
+                        }),
+                    )
+                    .unwrap_or_else(|e| panic!("{spec:?}: {e:?}"));
+                }
+                let emulated =
+                    compose_dense_coop_emulated_for(emulation_spec(shape, head_dim), Storage::F16);
+                for op in ["coopLoad", "coopStore", "coopMultiplyAdd", "coop_mat"] {
+                    assert!(!emulated.contains(op), "{op} left");
+                }
+                let module = naga::front::wgsl::parse_str(&emulated)
+                    .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&emulated)));
+                naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::SHADER_FLOAT16,
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&emulated)));
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, HostPool, Scopes, Staged};
 use crate::gradients::{Gradients, LevelGradients};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 /// Runs of whole heads `(first, count)` over batch*heads such that each run's shape passes
@@ -226,8 +227,14 @@ impl RunGradients {
         add_sums(sum, g);
     }
 
-    /// The gradients of every run.
-    pub(crate) fn finish(self) -> Gradients<f32> {
+    /// The gradients of every run, dQ, dK, dV as tensors of `storage` hold them: under f16
+    /// a K/V head's sum over runs (a group split into single heads) is rounded to f16 once
+    /// more, as the unsplit backward stores its own sum (the weights' and sinks' stay f32).
+    pub(crate) fn finish(mut self, storage: Storage) -> Gradients<f32> {
+        if storage == Storage::F16 {
+            self.sum.dk = crate::storage::round_to_f16(&self.sum.dk);
+            self.sum.dv = crate::storage::round_to_f16(&self.sum.dv);
+        }
         self.sum
     }
 }
@@ -315,7 +322,7 @@ where
 }
 
 /// One forward of host tensors whose buffers fit one binding each: uploads Q, K, V into the
-/// executor's `pool` (buffers of at most `cap` bytes unless the shape needs more), lets
+/// executor's `pool` as `storage` (buffers of at most `cap` bytes unless the shape needs more), lets
 /// `record` record the executor's work on them into the encoder (O and the LSE buffer given),
 /// copies O (and the LSE) to a staging buffer in the same submit, submits inside error scopes
 /// (`stage` names the work in an error) and reads the results back. The pool is locked from
@@ -324,18 +331,18 @@ where
 pub(crate) async fn run_host(
     ctx: &GpuContext,
     pool: &Mutex<HostPool>,
-    cap: u64,
+    (cap, storage): (u64, Storage),
     shape: Shape,
     (q, k, v): (&[f32], &[f32], &[f32]),
     want_lse: bool,
     stage: &str,
     record: impl FnOnce(&mut wgpu::CommandEncoder, GpuTensors<'_>, &wgpu::Buffer) -> Result<()>,
 ) -> Result<Output> {
-    let staged = Staged::new(&ctx.device, shape, want_lse);
+    let staged = Staged::of(&ctx.device, shape, want_lse, storage);
     let scopes = Scopes::push(ctx)?;
     {
         let mut pool = pool.lock().map_err(poisoned)?;
-        let host = pool.fit(&ctx.device, shape, cap);
+        let host = pool.fit(&ctx.device, shape, cap, storage);
         host.upload(&ctx.queue, q, k, v);
         let mut enc = ctx
             .device

@@ -7,8 +7,9 @@ use std::ops::Range;
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::tensors::{GpuTensors, Scopes, Staged};
+use crate::gpu::engine::tensors::{host_bytes, GpuTensors, Scopes, Staged};
 use crate::shape::Shape;
+use crate::storage::Storage;
 
 /// Where a split forward's Q, K and V come from and where O and the LSE go.
 #[derive(Clone, Copy)]
@@ -27,13 +28,14 @@ pub(crate) enum SplitIo<'a> {
 
 impl SplitIo<'_> {
     /// Puts tokens `tokens` of query head `h` of Q, and of its K/V head `h / shape.group()` of
-    /// K and V, into `dst` (Q, K, V): written through the queue (before the next submit) from
-    /// host slices, or copied in `enc` from the caller's buffers.
+    /// K and V, into `dst` (Q, K, V, elements of `storage`): written through the queue (before
+    /// the next submit) from host slices, or copied in `enc` from the caller's buffers (f16
+    /// rows of an even head_dim: [`check_split_storage`]).
     pub(crate) fn fill(
         &self,
         queue: &wgpu::Queue,
         enc: &mut wgpu::CommandEncoder,
-        (shape, h): (Shape, usize),
+        (shape, h, storage): (Shape, usize, Storage),
         tokens: Range<usize>,
         dst: [&wgpu::Buffer; 3],
     ) {
@@ -47,12 +49,13 @@ impl SplitIo<'_> {
         match self {
             SplitIo::Host { q, k, v, .. } => {
                 for ((src, dst), range) in [q, k, v].into_iter().zip(dst).zip(ranges) {
-                    queue.write_buffer(dst, 0, bytemuck::cast_slice(&src[range]));
+                    queue.write_buffer(dst, 0, &host_bytes(&src[range], storage));
                 }
             }
             SplitIo::Device(t) => {
                 for ((src, dst), range) in [t.q, t.k, t.v].into_iter().zip(dst).zip(ranges) {
-                    let (at, bytes) = (range.start as u64 * 4, range.len() as u64 * 4);
+                    let e = storage.bytes();
+                    let (at, bytes) = (range.start as u64 * e, range.len() as u64 * e);
                     enc.copy_buffer_to_buffer(src, at, dst, 0, bytes);
                 }
             }
@@ -111,4 +114,38 @@ pub(crate) fn check_copy_usage(t: &GpuTensors<'_>) -> Result<()> {
     need("V", t.v, src, "COPY_SRC")?;
     need("O", t.out, dst, "COPY_DST")?;
     t.lse.map_or(Ok(()), |l| need("LSE", l, dst, "COPY_DST"))
+}
+
+/// Checks that a split head of `shape` can copy rows of `storage`: f16 rows of an odd
+/// head_dim start mid-word, which wgpu's copies (whole 4-byte words) cannot address.
+pub(crate) fn check_split_storage(shape: Shape, storage: Storage) -> Result<()> {
+    if storage == Storage::F32 || shape.head_dim.is_multiple_of(2) {
+        return Ok(());
+    }
+    Err(FmaError::InvalidConfig {
+        what: "head_dim",
+        value: format!(
+            "{} with f16 storage, one head split across bindings",
+            shape.head_dim
+        ),
+        allowed: "an even head_dim for an f16 head longer than one storage binding (its chunks \
+                  are copied in whole 4-byte words), or f32 storage, or shorter heads"
+            .into(),
+    })
+}
+
+/// Copies `rows` rows of a chunk's O (head_dim `d`, elements of `storage`) and LSE into the
+/// caller's `dst` at row `first`, past the chunk's first `skip` (halo) rows.
+pub(crate) fn copy_rows_out(
+    enc: &mut wgpu::CommandEncoder,
+    (out, lse): (&wgpu::Buffer, &wgpu::Buffer),
+    dst: &GpuTensors<'_>,
+    (first, skip, rows): (u64, u64, u64),
+    (d, storage): (usize, Storage),
+) {
+    let row = d as u64 * storage.bytes();
+    enc.copy_buffer_to_buffer(out, skip * row, dst.out, first * row, rows * row);
+    if let Some(l) = dst.lse {
+        enc.copy_buffer_to_buffer(lse, skip * 4, l, first * 4, rows * 4);
+    }
 }

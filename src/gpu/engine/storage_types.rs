@@ -53,21 +53,6 @@ const F16_ROLES: [Role; 11] = [
     Role::PageV,
 ];
 
-/// The error of f16 tensors that would take a split path (a run of heads, or a head in chunks,
-/// over one storage binding of `cap` bytes): those paths copy f32 rows, so f16 storage runs
-/// only tensors whose f32 size fits one binding.
-pub(crate) fn f16_split_refused(shape: crate::Shape, cap: u64) -> FmaError {
-    FmaError::LimitExceeded {
-        what: format!("f16 storage of {shape}"),
-        requested: shape.elements().max(shape.kv_elements()) as u64 * 4,
-        max: cap,
-        unit: "bytes in one storage binding (f16 tensors are not split; counted as f32)",
-        advice: "pass fewer heads or a shorter sequence per call, or use f32 storage, whose \
-                 tensors over a binding run in pieces"
-            .into(),
-    }
-}
-
 /// The directive an f16 variant starts with.
 pub(crate) const F16_DIRECTIVE: &str = "enable f16;\n";
 

@@ -1,6 +1,14 @@
 //! Tensors on the GPU: the caller's ([`GpuTensors`]), the library's own for host tensors
 //! ([`HostBuffers`]), their readback ([`Staged`]), and the error scopes around one submit so
 //! validation failures and out-of-memory come back as typed errors ([`Scopes`]).
+//!
+//! Host tensors are f32 slices whatever the storage: under [`Storage::F16`] the library's own
+//! buffers hold f16 elements, rounded on upload ([`host_bytes`]) and widened on readback
+//! ([`widen`]), so every host path (whole tensors, runs of heads, groups of sequences, the
+//! chunks of a split head, a training forward's saved tensors) runs the f16 kernels on f16
+//! buffers. The LSE is f32 always.
+
+use std::borrow::Cow;
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, storage};
@@ -87,38 +95,89 @@ pub(crate) fn check_storage(name: &str, buf: &wgpu::Buffer, need: u64, shape: Sh
     Ok(())
 }
 
+/// Bytes of a buffer of `elements` values of `storage`: whole 4-byte words (wgpu writes and
+/// copies words; an f16 tensor of an odd length ends in half a word of padding).
+pub(crate) fn tensor_bytes(elements: usize, storage: Storage) -> u64 {
+    (elements as u64 * storage.bytes()).next_multiple_of(4)
+}
+
+/// Host values `x` as the bytes of `storage`, padded to whole words: f32 as they are, f16
+/// rounded to nearest (ties to even; the entry point has checked the range,
+/// [`crate::storage::check_f16_range`], so no finite value becomes an infinity unasked).
+pub(crate) fn host_bytes(x: &[f32], storage: Storage) -> Cow<'_, [u8]> {
+    match storage {
+        Storage::F32 => Cow::Borrowed(bytemuck::cast_slice(x)),
+        Storage::F16 => {
+            let mut bits: Vec<u16> = x
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            bits.resize(x.len().next_multiple_of(2), 0);
+            Cow::Owned(bytemuck::cast_slice(&bits).to_vec())
+        }
+    }
+}
+
+/// Host values `x` as a buffer of `storage` holds them: f32 as they are, f16 rounded (what the
+/// kernels saw, for what the host computes beside them).
+pub(crate) fn stored_values(x: &[f32], storage: Storage) -> Cow<'_, [f32]> {
+    match storage {
+        Storage::F32 => Cow::Borrowed(x),
+        Storage::F16 => Cow::Owned(crate::storage::round_to_f16(x)),
+    }
+}
+
+/// The first `len` values of `storage` in `words` (a buffer read back as 4-byte words),
+/// widened to f32 (exactly).
+pub(crate) fn widen(mut words: Vec<f32>, len: usize, storage: Storage) -> Vec<f32> {
+    match storage {
+        Storage::F32 => {
+            words.truncate(len);
+            words
+        }
+        Storage::F16 => {
+            let bits: &[u16] = bytemuck::cast_slice(&words);
+            crate::storage::from_f16_bits(&bits[..len])
+        }
+    }
+}
+
 /// Q, K, V, O and LSE buffers the library owns: those of host tensors (in a [`HostPool`],
 /// reused by later calls), or one chunk of a split head (`gpu/fma/split.rs`, `gpu/dense/split.rs`).
-/// Q, K, V take copies in (`COPY_DST`), O and the LSE copies out (`COPY_SRC`).
+/// Q, K, V take copies in (`COPY_DST`), O and the LSE copies out (`COPY_SRC`). Q, K, V, O
+/// hold elements of `storage`.
 pub(crate) struct HostBuffers {
     pub q: wgpu::Buffer,
     pub k: wgpu::Buffer,
     pub v: wgpu::Buffer,
     pub out: wgpu::Buffer,
     pub lse: wgpu::Buffer,
+    pub storage: Storage,
 }
 
 impl HostBuffers {
-    pub fn new(device: &wgpu::Device, shape: Shape) -> Self {
-        Self::with_bytes(device, Bytes::of(shape, 1))
+    pub fn new(device: &wgpu::Device, shape: Shape, storage: Storage) -> Self {
+        Self::with_bytes(device, Bytes::of(shape, 1, storage), storage)
     }
 
-    fn with_bytes(device: &wgpu::Device, b: Bytes) -> Self {
+    fn with_bytes(device: &wgpu::Device, b: Bytes, storage: Storage) -> Self {
         let input = wgpu::BufferUsages::COPY_DST;
         let output = wgpu::BufferUsages::COPY_SRC;
         Self {
-            q: storage(device, "q", b.q, input),
-            k: storage(device, "k", b.kv, input),
-            v: storage(device, "v", b.kv, input),
-            out: storage(device, "out", b.q, output),
-            lse: storage(device, "lse", b.lse, output),
+            q: super::buffers::storage(device, "q", b.q, input),
+            k: super::buffers::storage(device, "k", b.kv, input),
+            v: super::buffers::storage(device, "v", b.kv, input),
+            out: super::buffers::storage(device, "out", b.q, output),
+            lse: super::buffers::storage(device, "lse", b.lse, output),
+            storage,
         }
     }
 
+    /// Writes host Q, K, V (as this pool's storage: [`host_bytes`]).
     pub fn upload(&self, queue: &wgpu::Queue, q: &[f32], k: &[f32], v: &[f32]) {
-        queue.write_buffer(&self.q, 0, bytemuck::cast_slice(q));
-        queue.write_buffer(&self.k, 0, bytemuck::cast_slice(k));
-        queue.write_buffer(&self.v, 0, bytemuck::cast_slice(v));
+        queue.write_buffer(&self.q, 0, &host_bytes(q, self.storage));
+        queue.write_buffer(&self.k, 0, &host_bytes(k, self.storage));
+        queue.write_buffer(&self.v, 0, &host_bytes(v, self.storage));
     }
 
     pub fn tensors(&self) -> GpuTensors<'_> {
@@ -141,10 +200,10 @@ struct Bytes {
 }
 
 impl Bytes {
-    fn of(shape: Shape, lse_floats_per_row: u64) -> Self {
+    fn of(shape: Shape, lse_floats_per_row: u64, storage: Storage) -> Self {
         Self {
-            q: shape.elements() as u64 * 4,
-            kv: shape.kv_elements() as u64 * 4,
+            q: tensor_bytes(shape.elements(), storage),
+            kv: tensor_bytes(shape.kv_elements(), storage),
             lse: shape.rows() as u64 * 4 * lse_floats_per_row,
         }
     }
@@ -155,21 +214,28 @@ impl Bytes {
 }
 
 /// The buffers of host tensors, kept between calls and grown by capacity: a call whose shape
-/// fits what is there (any shape no larger than one seen before) allocates nothing.
+/// fits what is there (any shape no larger than one seen before) allocates nothing. Q, K, V, O
+/// hold elements of the executor's storage.
 #[derive(Default)]
 pub(crate) struct HostPool {
     bufs: Option<(HostBuffers, Bytes)>,
 }
 
 impl HostPool {
-    /// Buffers that hold `shape`'s tensors, each at most `cap` bytes unless `shape` needs more
-    /// (the plan has checked it does not).
-    pub fn fit(&mut self, device: &wgpu::Device, shape: Shape, cap: u64) -> &HostBuffers {
-        let need = Bytes::of(shape, 1);
+    /// Buffers that hold `shape`'s tensors of `storage`, each at most `cap` bytes unless
+    /// `shape` needs more (the plan has checked it does not).
+    pub fn fit(
+        &mut self,
+        device: &wgpu::Device,
+        shape: Shape,
+        cap: u64,
+        storage: Storage,
+    ) -> &HostBuffers {
+        let need = Bytes::of(shape, 1, storage);
         if !self
             .bufs
             .as_ref()
-            .is_some_and(|(_, have)| have.holds(&need))
+            .is_some_and(|(b, have)| b.storage == storage && have.holds(&need))
         {
             let have = self.bufs.take().map(|(_, b)| b);
             let grow =
@@ -179,11 +245,11 @@ impl HostPool {
                 kv: grow(have.map(|h| h.kv), need.kv),
                 lse: grow(have.map(|h| h.lse), need.lse),
             };
-            self.bufs = Some((HostBuffers::with_bytes(device, b), b));
+            self.bufs = Some((HostBuffers::with_bytes(device, b, storage), b));
         }
         let (bufs, _) = self
             .bufs
-            .get_or_insert_with(|| (HostBuffers::with_bytes(device, need), need));
+            .get_or_insert_with(|| (HostBuffers::with_bytes(device, need, storage), need));
         bufs
     }
 }
@@ -226,19 +292,21 @@ fn scope_error(stage: &str, e: wgpu::Error) -> FmaError {
 }
 
 /// A staging buffer that receives O (and the LSE) in the same submit as the forward, so the
-/// shared output buffers may be reused by another call as soon as that submit is queued.
+/// shared output buffers may be reused by another call as soon as that submit is queued. O
+/// holds elements of `storage` (widened on [`Staged::read`]), the LSE f32 after O's words.
 pub(crate) struct Staged {
     buffer: wgpu::Buffer,
     shape: Shape,
     want_lse: bool,
+    storage: Storage,
 }
 
 impl Staged {
-    pub fn new(device: &wgpu::Device, shape: Shape, want_lse: bool) -> Self {
-        let bytes = (shape.elements() + if want_lse { shape.rows() } else { 0 }) as u64 * 4;
+    /// The staging of an O of `storage`.
+    pub fn of(device: &wgpu::Device, shape: Shape, want_lse: bool, storage: Storage) -> Self {
         let buffer = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
-            size: bytes.max(4),
+            size: Self::bytes(shape, want_lse, storage).max(4),
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -246,7 +314,13 @@ impl Staged {
             buffer,
             shape,
             want_lse,
+            storage,
         }
+    }
+
+    /// O's words, then the LSE's.
+    fn bytes(shape: Shape, want_lse: bool, storage: Storage) -> u64 {
+        tensor_bytes(shape.elements(), storage) + if want_lse { shape.rows() as u64 * 4 } else { 0 }
     }
 
     pub fn record(&self, enc: &mut wgpu::CommandEncoder, out: &wgpu::Buffer, lse: &wgpu::Buffer) {
@@ -254,7 +328,8 @@ impl Staged {
     }
 
     /// Like [`Staged::record`], for O and LSE buffers whose first `skip` rows are not part of
-    /// the output (the halo of a chunk of a split head).
+    /// the output (the halo of a chunk of a split head; f16 rows of an even head_dim, so the
+    /// copy starts on a word: `fma::split` refuses an odd one).
     pub fn record_from(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -262,8 +337,8 @@ impl Staged {
         lse: &wgpu::Buffer,
         skip: u64,
     ) {
-        let o_bytes = self.shape.elements() as u64 * 4;
-        let row = self.shape.head_dim as u64 * 4;
+        let o_bytes = tensor_bytes(self.shape.elements(), self.storage);
+        let row = self.shape.head_dim as u64 * self.storage.bytes();
         enc.copy_buffer_to_buffer(out, skip * row, &self.buffer, 0, o_bytes);
         if self.want_lse {
             let lse_bytes = self.shape.rows() as u64 * 4;
@@ -272,14 +347,15 @@ impl Staged {
     }
 
     pub async fn read(self, ctx: &GpuContext) -> Result<Output> {
-        let bytes =
-            (self.shape.elements() + if self.want_lse { self.shape.rows() } else { 0 }) as u64 * 4;
+        let bytes = Self::bytes(self.shape, self.want_lse, self.storage);
         // A lost device makes the readback fail: say that rather than how the mapping failed.
         let all = read_f32(&ctx.device, &self.buffer, bytes).await;
         ctx.check_alive()?;
         let mut all = all?;
-        let lse = self.want_lse.then(|| all.split_off(self.shape.elements()));
-        Ok(Output { o: all, lse })
+        let o_words = (tensor_bytes(self.shape.elements(), self.storage) / 4) as usize;
+        let lse = self.want_lse.then(|| all.split_off(o_words));
+        let o = widen(all, self.shape.elements(), self.storage);
+        Ok(Output { o, lse })
     }
 }
 
@@ -339,26 +415,37 @@ pub(crate) struct SavedTensors {
     pub v: wgpu::Buffer,
     pub o: wgpu::Buffer,
     pub lse: wgpu::Buffer,
+    /// The element type of Q, K, V and O.
+    pub storage: Storage,
 }
 
 impl SavedTensors {
-    /// Buffers for a forward of `shape` with host Q, K, V uploaded into them (O and the LSE to
-    /// be written by the forward and read back by [`SavedTensors::read_outputs`]).
-    pub fn upload(ctx: &GpuContext, shape: Shape, (q, k, v): (&[f32], &[f32], &[f32])) -> Self {
+    /// Buffers for a forward of `shape` with host Q, K, V uploaded into them as `storage` (O
+    /// and the LSE to be written by the forward and read back by
+    /// [`SavedTensors::read_outputs`]).
+    pub fn upload(
+        ctx: &GpuContext,
+        shape: Shape,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        storage: Storage,
+    ) -> Self {
         let device = &ctx.device;
-        let (bytes, kv_bytes) = (shape.elements() as u64 * 4, shape.kv_elements() as u64 * 4);
+        let bytes = tensor_bytes(shape.elements(), storage);
+        let kv_bytes = tensor_bytes(shape.kv_elements(), storage);
         let input = wgpu::BufferUsages::COPY_DST;
         let output = wgpu::BufferUsages::COPY_SRC;
+        let buffer = super::buffers::storage;
         let saved = Self {
-            q: storage(device, "saved q", bytes, input),
-            k: storage(device, "saved k", kv_bytes, input),
-            v: storage(device, "saved v", kv_bytes, input),
-            o: storage(device, "saved o", bytes, output),
-            lse: storage(device, "saved lse", shape.rows() as u64 * 4, output),
+            q: buffer(device, "saved q", bytes, input),
+            k: buffer(device, "saved k", kv_bytes, input),
+            v: buffer(device, "saved v", kv_bytes, input),
+            o: buffer(device, "saved o", bytes, output),
+            lse: buffer(device, "saved lse", shape.rows() as u64 * 4, output),
+            storage,
         };
-        ctx.queue.write_buffer(&saved.q, 0, bytemuck::cast_slice(q));
-        ctx.queue.write_buffer(&saved.k, 0, bytemuck::cast_slice(k));
-        ctx.queue.write_buffer(&saved.v, 0, bytemuck::cast_slice(v));
+        ctx.queue.write_buffer(&saved.q, 0, &host_bytes(q, storage));
+        ctx.queue.write_buffer(&saved.k, 0, &host_bytes(k, storage));
+        ctx.queue.write_buffer(&saved.v, 0, &host_bytes(v, storage));
         saved
     }
 
@@ -380,6 +467,7 @@ impl SavedTensors {
             v: t.v.clone(),
             o: t.out.clone(),
             lse: lse.clone(),
+            storage,
         })
     }
 
@@ -396,7 +484,7 @@ impl SavedTensors {
 
     /// Reads O and the LSE of `shape` back (one submit, waited for).
     pub async fn read_outputs(&self, ctx: &GpuContext, shape: Shape) -> Result<Output> {
-        let staged = Staged::new(&ctx.device, shape, true);
+        let staged = Staged::of(&ctx.device, shape, true, self.storage);
         let mut enc = ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -19,7 +19,9 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::tensors::{check_storage, GpuTensors, SavedTensors, Scopes};
+use crate::gpu::engine::tensors::{
+    check_storage, host_bytes, stored_values, tensor_bytes, widen, GpuTensors, SavedTensors, Scopes,
+};
 pub use crate::gpu::engine::tensors::{GradTensors, WeightGradTensors};
 use crate::gpu::engine::varlen_io::GroupLayout;
 use crate::gradients::{Gradients, LevelGradients};
@@ -368,7 +370,7 @@ impl FmaAttention {
         (shape, span): (Shape, HeadSpan),
         seqs: Option<&Sequences>,
     ) -> Result<(Output, Saved)> {
-        let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v));
+        let tensors = SavedTensors::upload(&self.ctx, shape, (q, k, v), self.storage);
         let t = tensors.tensors();
         match seqs {
             None => self.forward_buffers_in(t, shape, span).await?,
@@ -457,13 +459,15 @@ impl FmaAttention {
         let shape = saved.shape;
         let plan = self.saved_plan(saved)?;
         let device = &self.ctx.device;
-        let bytes = shape.elements() as u64 * 4;
+        // dO, dQ, dK, dV in the executor's storage (f16: dO rounded on upload, the gradients
+        // widened on readback); the weights' gradients f32.
+        let bytes = tensor_bytes(shape.elements(), self.storage);
         let out = wgpu::BufferUsages::COPY_SRC;
         let dout_buf = storage(device, "dO", bytes, wgpu::BufferUsages::COPY_DST);
         self.ctx
             .queue
-            .write_buffer(&dout_buf, 0, bytemuck::cast_slice(dout));
-        let kv_bytes = shape.kv_elements() as u64 * 4;
+            .write_buffer(&dout_buf, 0, &host_bytes(dout, self.storage));
+        let kv_bytes = tensor_bytes(shape.kv_elements(), self.storage);
         let (dq, dk, dv) = (
             storage(device, "dq", bytes, out),
             storage(device, "dk", kv_bytes, out),
@@ -545,7 +549,12 @@ impl FmaAttention {
             rest = tail;
             head.to_vec()
         };
-        let (gq, gk, gv) = (take(n), take(n_kv), take(n_kv));
+        let words = |b: u64| (b / 4) as usize;
+        let (gq, gk, gv) = (
+            widen(take(words(bytes)), n, self.storage),
+            widen(take(words(kv_bytes)), n_kv, self.storage),
+            widen(take(words(kv_bytes)), n_kv, self.storage),
+        );
         let weights = match &self.cfg.downsample {
             Downsample::Learned(w) => {
                 let (wk, wv) = (take(plan.weight_elements), take(plan.weight_elements));
@@ -576,7 +585,9 @@ impl FmaAttention {
                 let out = saved.whole()?.read_outputs(&self.ctx, shape).await?;
                 let lse = out.lse.unwrap_or_default();
                 let variants = &self.cfg.variants;
-                variants.sink_gradient(shape, saved.span, &out.o, &lse, dout)
+                // The dO the kernels saw (f16 storage: rounded).
+                let dout = stored_values(dout, self.storage);
+                variants.sink_gradient(shape, saved.span, &out.o, &lse, &dout)
             }
         };
         Ok(Gradients {

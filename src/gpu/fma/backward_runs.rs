@@ -69,6 +69,6 @@ impl FmaAttention {
                 self.backward_whole(&run.saved, &dout[r]).await?,
             );
         }
-        Ok(sum.finish())
+        Ok(sum.finish(self.storage))
     }
 }

@@ -15,12 +15,10 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
-use crate::gpu::engine::storage_types::f16_split_refused;
-use crate::gpu::engine::tensors::{Output, Scopes};
+use crate::gpu::engine::tensors::{host_bytes, tensor_bytes, widen, Output, Scopes};
 use crate::gradients::Gradients;
 use crate::plan::{BackwardSplitPlan, Chunk, Dispatch};
 use crate::shape::Shape;
-use crate::storage::Storage;
 
 use super::backward::{HostKept, Kept, Saved};
 use super::backward_split_coarse_q::CoarseQueryUniforms;
@@ -61,10 +59,6 @@ impl FmaAttention {
         (q, k, v): (&[f32], &[f32], &[f32]),
         shape: Shape,
     ) -> Result<(Output, Saved)> {
-        // f16 tensors run whole (their host path goes through f16 buffers, not these chunks).
-        if self.storage == Storage::F16 {
-            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
-        }
         // Everything the backward will need must be possible before the forward runs.
         BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
         let io = SplitIo::Host {
@@ -96,10 +90,13 @@ impl FmaAttention {
         kept: &HostKept,
         dout: &[f32],
     ) -> Result<Gradients<f32>> {
-        let plan = BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?;
+        let plan = BackwardSplitPlan::new(shape.seq, shape.head_dim, &self.cfg, &self.limits)?
+            .with_storage(self.storage);
         let all = plan.dispatches();
         let pipes = Pipes::new(&self.ctx, &all).await?;
         let per = shape.seq * shape.head_dim;
+        // Each of dQ, dK, dV in the staging buffer: whole words of the storage's elements.
+        let per_bytes = tensor_bytes(per, self.storage);
         // A query head is a run of one: its K/V head's gradients are added in head order.
         let mut sum = RunGradients::new(shape);
         for h in 0..shape.batch_heads() {
@@ -108,20 +105,21 @@ impl FmaAttention {
             scopes
                 .pop(&self.ctx, "the FMA backward of a split head")
                 .await?;
-            let rows = read_f32(&self.ctx.device, &staging, (3 * per * 4) as u64).await?;
+            let mut rows = read_f32(&self.ctx.device, &staging, 3 * per_bytes).await?;
             self.ctx.check_alive()?;
-            let (g_q, rest) = rows.split_at(per);
-            let (g_k, g_v) = rest.split_at(per);
+            let words = (per_bytes / 4) as usize;
+            let g_v = rows.split_off(2 * words);
+            let g_k = rows.split_off(words);
             let g = Gradients {
-                dq: g_q.to_vec(),
-                dk: g_k.to_vec(),
-                dv: g_v.to_vec(),
+                dq: widen(rows, per, self.storage),
+                dk: widen(g_k, per, self.storage),
+                dv: widen(g_v, per, self.storage),
                 weights: None,
                 dsinks: None,
             };
             sum.add((h, 1), g);
         }
-        Ok(sum.finish())
+        Ok(sum.finish(self.storage))
     }
 
     /// Records and submits the backward of query head `h`; returns the staging buffer its dQ,
@@ -165,19 +163,19 @@ impl FmaAttention {
             .map(|(c, b)| {
                 let t = self.split_chunk_buffers(plan, c, b)?;
                 // Rows row_base .. row_base + rows of head h (K, V: of its K/V head).
-                let rows = |x: &[f32], head: usize| {
+                let span = |head: usize| {
                     let at = head * n * d + c.row_base * d;
-                    x[at..at + c.rows * d].to_vec()
+                    at..at + c.rows * d
                 };
                 let lse = &kept.lse[h * n + c.row_base..h * n + c.row_base + c.rows];
                 for (buf, data) in [
-                    (&t.q, rows(&kept.q, h)),
-                    (&t.k, rows(&kept.k, kv)),
-                    (&t.v, rows(&kept.v, kv)),
-                    (&t.o, rows(&kept.o, h)),
-                    (&t.dout, rows(dout, h)),
+                    (&t.q, &kept.q[span(h)]),
+                    (&t.k, &kept.k[span(kv)]),
+                    (&t.v, &kept.v[span(kv)]),
+                    (&t.o, &kept.o[span(h)]),
+                    (&t.dout, &dout[span(h)]),
                 ] {
-                    queue.write_buffer(buf, 0, bytemuck::cast_slice(&data));
+                    queue.write_buffer(buf, 0, &host_bytes(data, self.storage));
                 }
                 queue.write_buffer(&t.lse, 0, bytemuck::cast_slice(lse));
                 Ok(t)
@@ -275,9 +273,10 @@ impl FmaAttention {
                 record_steps(&self.ctx, &mut cpass, &steps, pipes, sel, &res)?;
             }
         }
-        // Rows lo..hi of each chunk's dQ, dK, dV (the halo rows hold another chunk's).
-        let row = d as u64 * 4;
-        let per = (n * d) as u64 * 4;
+        // Rows lo..hi of each chunk's dQ, dK, dV (the halo rows hold another chunk's); f16 rows
+        // of an even head_dim (`check_split_storage`), so every copy is of whole words.
+        let row = d as u64 * self.storage.bytes();
+        let per = tensor_bytes(n * d, self.storage);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("split head gradients readback"),
             size: 3 * per,
@@ -322,7 +321,7 @@ impl FmaAttention {
     ) -> Result<ChunkBuffers> {
         let device = &self.ctx.device;
         let d = plan.head.forward.shape.head_dim;
-        let bytes = (c.rows * d) as u64 * 4;
+        let bytes = tensor_bytes(c.rows * d, self.storage);
         let input = wgpu::BufferUsages::COPY_DST;
         let output = wgpu::BufferUsages::COPY_SRC;
         let bound = c.row_base..c.row_base + c.rows;

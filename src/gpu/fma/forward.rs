@@ -10,12 +10,10 @@ use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
-use crate::gpu::engine::storage_types::f16_split_refused;
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{GpuTensors, Scopes};
 use crate::plan::{fma_head_splits, FmaPlan, SplitPlan};
 use crate::shape::Shape;
-use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 use super::workspace::Uniforms;
@@ -112,6 +110,17 @@ impl FmaAttention {
         }
     }
 
+    /// Whether a forward of `shape` splits a head along its sequence ([`SplitPlan`]: one head's
+    /// tokens or coarse rows over one binding).
+    pub(crate) fn splits_head(&self, shape: Shape) -> bool {
+        let full = match cross::check_fma_cross(shape, &self.cfg) {
+            Ok(true) => cross::full_shape(shape),
+            _ => shape,
+        };
+        let over = full.elements() as u64 * 4 > self.limits.binding_bytes();
+        fma_head_splits(full, &self.cfg, &self.limits) || (over && full.batch_heads() == 1)
+    }
+
     /// One forward of host tensors whose every buffer fits the adapter's limits.
     async fn forward_whole(
         &self,
@@ -126,7 +135,7 @@ impl FmaAttention {
         run_host(
             &self.ctx,
             &self.host,
-            self.limits.binding_bytes(),
+            (self.limits.binding_bytes(), self.storage),
             shape,
             (q, k, v),
             want_lse,
@@ -158,9 +167,6 @@ impl FmaAttention {
         t.check_as(shape, self.storage)?;
         let over = shape.elements() as u64 * 4 > self.limits.binding_bytes();
         let splits = over || fma_head_splits(shape, &self.cfg, &self.limits);
-        if splits && self.storage == Storage::F16 {
-            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
-        }
         if splits {
             return self
                 .forward_split(SplitIo::Device(t), shape)

@@ -114,11 +114,13 @@ impl FmaAttention {
 
     /// Stores Q, K, V and O as `storage` ([`Storage`]: f16 needs `SHADER_F16` on the device,
     /// else [`crate::FmaError::MissingFeature`]). With f16, the caller's buffers hold f16
-    /// elements and tensors over one storage binding are refused (the split paths copy f32
-    /// rows). Call before the first forward.
+    /// elements, host tensors are rounded into f16 buffers of the executor's (every host
+    /// path: whole, runs of heads, groups of sequences, a split head's chunks) and O and the
+    /// gradients widened back. Call before the first forward.
     pub fn with_storage(mut self, storage: Storage) -> Result<Self> {
         check_device_storage(&self.ctx, storage)?;
         self.storage = storage;
+        self.host = Mutex::new(HostPool::default());
         Ok(self)
     }
 

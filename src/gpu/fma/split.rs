@@ -8,7 +8,9 @@
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::pipelines::poisoned;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
-use crate::gpu::engine::split_io::{check_copy_usage, per_head, SplitIo};
+use crate::gpu::engine::split_io::{
+    check_copy_usage, check_split_storage, copy_rows_out, per_head, SplitIo,
+};
 use crate::gpu::engine::tensors::Output;
 use crate::gpu::engine::tensors::{HostBuffers, Staged};
 use crate::plan::{Chunk, Dispatch, SplitPlan};
@@ -35,6 +37,7 @@ impl FmaAttention {
         if let SplitIo::Device(t) = &io {
             check_copy_usage(t)?;
         }
+        check_split_storage(shape, self.storage)?;
         if !self.cfg.variants.is_plain() {
             // A split head's chunks (and the head-at-a-time copies of resident tensors over a
             // binding) are not planned with the softmax variants (yet): their parameter
@@ -59,7 +62,8 @@ impl FmaAttention {
             &self.cfg,
             &self.limits,
             self.fine_kernel(),
-        )?;
+        )?
+        .with_storage(self.storage);
         if let Some(coarse) = &plan.coarse {
             return self.forward_split_coarse(io, shape, &plan, coarse).await;
         }
@@ -102,7 +106,8 @@ impl FmaAttention {
         for (c, b) in plan.chunks.iter().zip(&chunks) {
             let tokens = c.row_base..c.row_base + c.rows;
             let dst = [&b.t.q, &b.t.k, &b.t.v];
-            io.fill(&self.ctx.queue, &mut enc, (shape, h), tokens, dst);
+            let at = (shape, h, self.storage);
+            io.fill(&self.ctx.queue, &mut enc, at, tokens, dst);
         }
 
         {
@@ -159,17 +164,14 @@ impl FmaAttention {
             let rows = (c.hi - c.lo) as u64;
             match io {
                 SplitIo::Host { want_lse, .. } => {
-                    let part = Staged::new(device, Shape::new(1, 1, c.hi - c.lo, d), want_lse);
+                    let part = Shape::new(1, 1, c.hi - c.lo, d);
+                    let part = Staged::of(device, part, want_lse, self.storage);
                     part.record_from(&mut enc, &b.t.out, &b.t.lse, skip);
                     staged.push(part);
                 }
                 SplitIo::Device(t) => {
-                    let first = (h * n + c.lo) as u64;
-                    let row = d as u64 * 4;
-                    enc.copy_buffer_to_buffer(&b.t.out, skip * row, t.out, first * row, rows * row);
-                    if let Some(lse) = t.lse {
-                        enc.copy_buffer_to_buffer(&b.t.lse, skip * 4, lse, first * 4, rows * 4);
-                    }
+                    let at = ((h * n + c.lo) as u64, skip, rows);
+                    copy_rows_out(&mut enc, (&b.t.out, &b.t.lse), &t, at, (d, self.storage));
                 }
             }
         }
@@ -205,6 +207,7 @@ impl FmaAttention {
             t: HostBuffers::new(
                 &self.ctx.device,
                 Shape::new(1, 1, c.rows, plan.head.shape.head_dim),
+                self.storage,
             ),
             pool: Uniforms::new(&self.ctx, &params, &c.downsample)?,
             attend: Selects::new(&self.ctx, &attend)?,

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::gpu::engine::buffers::storage;
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources};
-use crate::gpu::engine::split_io::{per_head, SplitIo};
+use crate::gpu::engine::split_io::{copy_rows_out, per_head, SplitIo};
 use crate::gpu::engine::tensors::{HostBuffers, Output, Staged};
 use crate::plan::{CoarseSplit, CoarseStep, CoarseTensor, Pass, Slice, SplitPlan};
 use crate::shape::Shape;
@@ -172,7 +172,10 @@ impl FmaAttention {
         };
         let tokens = plan.chunks[..bound]
             .iter()
-            .map(|c| HostBuffers::new(device, Shape::new(1, 1, c.rows.min(n), d as usize)))
+            .map(|c| {
+                let rows = Shape::new(1, 1, c.rows.min(n), d as usize);
+                HostBuffers::new(device, rows, self.storage)
+            })
             .collect();
         Ok(CoarseState {
             stores,
@@ -228,7 +231,7 @@ impl FmaAttention {
             io.fill(
                 &self.ctx.queue,
                 &mut enc,
-                (shape, h),
+                (shape, h, self.storage),
                 tokens,
                 [&t.q, &t.k, &t.v],
             );
@@ -277,17 +280,14 @@ impl FmaAttention {
             let rows = (c.hi - c.lo) as u64;
             match io {
                 SplitIo::Host { want_lse, .. } => {
-                    let part = Staged::new(device, Shape::new(1, 1, c.hi - c.lo, d), want_lse);
+                    let part = Shape::new(1, 1, c.hi - c.lo, d);
+                    let part = Staged::of(device, part, want_lse, self.storage);
                     part.record_from(&mut enc, &t.out, &t.lse, skip);
                     staged.push(part);
                 }
                 SplitIo::Device(dst) => {
-                    let first = (h * n + c.lo) as u64;
-                    let row = d as u64 * 4;
-                    enc.copy_buffer_to_buffer(&t.out, skip * row, dst.out, first * row, rows * row);
-                    if let Some(lse) = dst.lse {
-                        enc.copy_buffer_to_buffer(&t.lse, skip * 4, lse, first * 4, rows * 4);
-                    }
+                    let at = ((h * n + c.lo) as u64, skip, rows);
+                    copy_rows_out(&mut enc, (&t.out, &t.lse), &dst, at, (d, self.storage));
                 }
             }
         }

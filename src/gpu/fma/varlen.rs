@@ -27,13 +27,14 @@ impl FmaAttention {
             return self.plan_sequences(full_shape, &full);
         }
         self.check_variants(shape.heads)?;
-        FmaPlan::for_sequences_with(
+        Ok(FmaPlan::for_sequences_with(
             seqs,
             (shape.heads, shape.kv_heads, shape.head_dim),
             &self.cfg,
             &self.limits,
             self.fine_kernel(),
-        )
+        )?
+        .with_storage(self.storage))
     }
 
     /// FMA of a variable-length batch of host tensors (async; works on the web). Packed
@@ -116,7 +117,7 @@ impl FmaAttention {
         run_host(
             &self.ctx,
             &self.host,
-            self.limits.binding_bytes(),
+            (self.limits.binding_bytes(), self.storage),
             shape,
             (q, k, v),
             want_lse,
@@ -183,7 +184,7 @@ impl FmaAttention {
         shape: Shape,
         seqs: &Sequences,
     ) -> Result<()> {
-        t.check(shape)?;
+        t.check_as(shape, self.storage)?;
         host_only(seqs, "a forward of buffers")?;
         let plan = self.plan_sequences(shape, seqs)?;
         let pipes = Pipes::new(&self.ctx, &plan.steps()).await?;

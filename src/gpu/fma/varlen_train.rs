@@ -21,14 +21,15 @@ impl FmaAttention {
         shape.validate()?;
         seqs.check(shape)?;
         super::varlen::host_only(seqs, "the backward")?;
-        BackwardPlan::for_sequences(
+        Ok(BackwardPlan::for_sequences(
             seqs,
             shape.heads,
             shape.kv_heads,
             shape.head_dim,
             &self.cfg,
             &self.limits,
-        )
+        )?
+        .with_storage(self.storage))
     }
 
     /// [`FmaAttention::forward_varlen_async`] that keeps what the backward needs on the GPU:
