@@ -131,7 +131,11 @@ impl GpuContext {
             })?;
         let mut ctx = Self::from_device(info, device, queue);
         if let Some(size) = options.subgroup_size {
-            ctx.kernels = Arc::new(Kernels::new(&ctx.device, Some(size)));
+            let mut kernels = Kernels::new(&ctx.device, Some(size));
+            // Subgroups may have fewer lanes than composed for: the passes that need at least
+            // SG lanes take their other path (`shaders::compose_with`).
+            kernels.subgroup_exact = size <= ctx.info.subgroup_min_size;
+            ctx.kernels = Arc::new(kernels);
         }
         ctx.coop = coop;
         Ok(ctx)
@@ -161,8 +165,8 @@ impl GpuContext {
     /// counted read is an atomic.
     #[doc(hidden)]
     pub fn counting_rows(mut self) -> Self {
-        let subgroup = self.kernels.subgroup;
-        self.kernels = Arc::new(Kernels::counting(&self.device, subgroup));
+        let (subgroup, exact) = (self.kernels.subgroup, self.kernels.subgroup_exact);
+        self.kernels = Arc::new(Kernels::counting(&self.device, subgroup, exact));
         self
     }
 
