@@ -15,7 +15,8 @@ use std::time::Instant;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::gpu::{
-    format_table, Attention, ContextOptions, GpuContext, GpuTensors, GradTensors, Resident, ResidentGrad,
+    format_table, Attention, ContextOptions, GpuContext, GpuTensors, GradTensors, Resident,
+    ResidentGrad,
 };
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{FmaConfig, Problem, Queries, Shape};

@@ -88,7 +88,12 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
 /// (`shared/dkv_coarse_rows_subgroup.wgsl`), which has no fallback in its pipeline (a fallback
 /// cost it 1.3-1.6x on llvmpipe, docs/perf.md change 28), runs only where `exact` holds, its
 /// two-phase path elsewhere.
-pub fn compose_with(pass: Pass, spec: Specialization, subgroup: Option<u32>, exact: bool) -> String {
+pub fn compose_with(
+    pass: Pass,
+    spec: Specialization,
+    subgroup: Option<u32>,
+    exact: bool,
+) -> String {
     let mut out = format!(
         "// {} (generated: WG = {}, BK = {}, D4 = {})\nconst WG: u32 = {}u;\nconst BK: u32 = {}u;\nconst D4: u32 = {}u;\n",
         pass.name(),
@@ -100,7 +105,9 @@ pub fn compose_with(pass: Pass, spec: Specialization, subgroup: Option<u32>, exa
         spec.d4
     );
     if let Some(sg) = subgroup {
-        out.push_str(&format!("const SG: u32 = {sg}u;\nconst SG_EXACT: bool = {exact};\n"));
+        out.push_str(&format!(
+            "const SG: u32 = {sg}u;\nconst SG_EXACT: bool = {exact};\n"
+        ));
     }
     if pass == Pass::DenseTiled {
         // Its micro-tile (`plan::dense_tiled`): the planner sizes workgroups by the same numbers.
