@@ -19,7 +19,9 @@ pub struct ContextOptions {
     /// minimum (some report 8 and run 16 or 32), composing for the width it runs lets the
     /// shared paths engage. Wherever a subgroup does not have exactly this many lanes the
     /// kernels take their per-invocation fallback: correct, slower (the tests use this to run
-    /// the fallback on an adapter whose subgroups always match).
+    /// the fallback on an adapter whose subgroups always match). Composed for more than the
+    /// adapter's smallest size, the coarse dK~/dV~ pass runs its plain two-phase path (its
+    /// subgroup walk keeps no fallback: `shaders::compose_with`).
     pub subgroup_size: Option<u32>,
     /// Tensor cores through cooperative matrices (native only; issue 29): with
     /// [`CoopMode::IfOffered`] or [`CoopMode::Required`] the device is created with
