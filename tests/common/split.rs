@@ -104,7 +104,7 @@ impl SplitCase {
             ("dK", &again.dk, &g.dk),
             ("dV", &again.dv, &g.dv),
         ] {
-            same_bits(&self.label, &format!("{name} of a second split run"), a, b);
+            same_bits_no_nan(&self.label, &format!("{name} of a second split run"), a, b);
         }
         assert_eq!(&again, g, "{}: two split runs differ", self.label);
     }
@@ -145,16 +145,16 @@ pub fn same_bits(label: &str, name: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-/// Asserts that the split run's `split` is the unsplit run's bits and no NaN (which no output
-/// or gradient of these inputs is).
-pub fn unsplit_bits(label: &str, name: &str, split: &[f32], unsplit: &[f32]) {
-    let nan = split.iter().position(|x| x.is_nan());
+/// Asserts that `got` holds the bits of `want` and no NaN (which no output or gradient of
+/// these inputs is): what `assert_eq!` asserts, and -0 is not +0.
+pub fn same_bits_no_nan(label: &str, name: &str, got: &[f32], want: &[f32]) {
+    let nan = got.iter().position(|x| x.is_nan());
     assert!(nan.is_none(), "{label}: {name}[{nan:?}] is NaN");
-    same_bits(label, name, split, unsplit);
+    same_bits(label, name, got, want);
 }
 
 /// The split run (`out_s`, `g_s`) against the unsplit one where the split keeps the unsplit
-/// bits of O, the LSE and dQ: those asserted the same bits ([`unsplit_bits`]); dK and dV the
+/// bits of O, the LSE and dQ: those asserted the same bits ([`same_bits_no_nan`]); dK and dV the
 /// same bits when `dkv_bits`, else within WTOL of their scale ([`regrouped`]); the sums over
 /// heads and sequences within WTOL ([`regrouped_sums`]). Returns the worst regrouping error
 /// (of the scale; 0 where all is bitwise).
@@ -165,12 +165,12 @@ pub fn bitwise_but_sums(
     dkv_bits: bool,
 ) -> f64 {
     let lse = |o: &Output| o.lse.clone().unwrap_or_else(|| panic!("{label}: no LSE"));
-    unsplit_bits(label, "O", &out_s.o, &out_u.o);
-    unsplit_bits(label, "LSE", &lse(out_s), &lse(out_u));
-    unsplit_bits(label, "dQ", &g_s.dq, &g_u.dq);
+    same_bits_no_nan(label, "O", &out_s.o, &out_u.o);
+    same_bits_no_nan(label, "LSE", &lse(out_s), &lse(out_u));
+    same_bits_no_nan(label, "dQ", &g_s.dq, &g_u.dq);
     let dkv = if dkv_bits {
-        unsplit_bits(label, "dK", &g_s.dk, &g_u.dk);
-        unsplit_bits(label, "dV", &g_s.dv, &g_u.dv);
+        same_bits_no_nan(label, "dK", &g_s.dk, &g_u.dk);
+        same_bits_no_nan(label, "dV", &g_s.dv, &g_u.dv);
         0.0
     } else {
         regrouped(label, "dK", &g_s.dk, &g_u.dk).max(regrouped(label, "dV", &g_s.dv, &g_u.dv))
