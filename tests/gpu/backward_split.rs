@@ -42,6 +42,7 @@ fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig, whole_groups
         p.shape, p.causal, cfg.queries
     );
     let c = SplitCase::new(ctx, label, seed, (&Method::Fma(cfg.clone()), p), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: its backward does not fit one binding (a
     // chunk's: that of Q padded to the keys' length, which it runs).
     let sh = p.shape;
@@ -50,14 +51,11 @@ fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig, whole_groups
     c.assert_over_binding(&Problem::new(full).causal(p.causal), "the tensors");
     let (out_u, g_u) = c.unsplit();
     let (out_s, g_s) = c.split();
-    let worst = bitwise_but_sums(&c.label, (&out_s, &g_s), (&out_u, &g_u), whole_groups);
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), whole_groups);
     // Deterministic: the same bits from a second training step.
     c.assert_repeatable(&out_s, &g_s);
     let to_ref = c.against_reference(&g_s);
-    eprintln!(
-        "{}: regrouped {worst:.2e}, against f64 {to_ref:.2e}",
-        c.label
-    );
+    eprintln!("{label}: regrouped {worst:.2e}, against f64 {to_ref:.2e}");
     worst
 }
 

@@ -41,31 +41,27 @@ fn check(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> f64 {
     let label = format!("seed {seed} {shape} m={} p={}", cfg.block, cfg.rank);
     let method = Method::Fma(cfg.clone());
     let c = SplitCase::new(ctx, label, seed, (&method, &Problem::new(shape)), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: one head's backward is over the binding,
     // and the head is several chunks.
     let plan = c.one_head_split(&KernelLimits::webgpu_default().capped(LIMIT));
     let chunks = plan.split.chunks.len();
-    assert!(chunks > 1, "{}: one chunk", c.label);
-    assert!(plan.coarse_queries.is_some(), "{}", c.label);
+    assert!(chunks > 1, "{label}: one chunk");
+    assert!(plan.coarse_queries.is_some(), "{label}");
     // Poison: a backward of dO = NaN leaves NaN in every scratch row it wrote.
     let (_, g_nan) = c.run(&c.split, &vec![f32::NAN; c.x.dout.len()]);
-    assert!(g_nan.dq.iter().all(|v| v.is_nan()), "{}: NaN dO", c.label);
+    assert!(g_nan.dq.iter().all(|v| v.is_nan()), "{label}: NaN dO");
     let (out_u, g_u) = c.unsplit();
     let (out_s, g_s) = c.split();
     // O, the LSE and dQ the same bits; dK, dV too with one query head per K/V head.
     let dkv_bits = shape.group() == 1;
-    let worst = bitwise_but_sums(&c.label, (&out_s, &g_s), (&out_u, &g_u), dkv_bits);
-    assert!(
-        g_s.weights.is_none() && g_u.weights.is_none(),
-        "{}",
-        c.label
-    );
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), dkv_bits);
+    assert!(g_s.weights.is_none() && g_u.weights.is_none(), "{label}");
     c.assert_repeatable(&out_s, &g_s);
     let to_ref = c.against_reference(&g_s);
     eprintln!(
-        "{}: {chunks} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {}), against f64 \
+        "{label}: {chunks} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {}), against f64 \
          {to_ref:.2e}",
-        c.label,
         g_s == g_u
     );
     worst

@@ -37,25 +37,21 @@ const LIMIT: u64 = 32 << 10;
 fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig) -> f64 {
     let label = format!("seed {seed} {} causal={}", p.shape, p.causal);
     let c = SplitCase::new(ctx, label, seed, (&Method::Fma(cfg.clone()), p), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: one head's backward is over the binding,
     // and the head is several chunks.
     let plan = c.one_head_split(&KernelLimits::webgpu_default().capped(LIMIT));
-    assert!(plan.split.chunks.len() > 1, "{}: one chunk", c.label);
+    assert!(plan.split.chunks.len() > 1, "{label}: one chunk");
     let (out_u, g_u) = c.unsplit();
     let (out_s, g_s) = c.split();
-    let worst = bitwise_but_sums(&c.label, (&out_s, &g_s), (&out_u, &g_u), false);
-    assert!(
-        g_s.weights.is_none() && g_u.weights.is_none(),
-        "{}",
-        c.label
-    );
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), false);
+    assert!(g_s.weights.is_none() && g_u.weights.is_none(), "{label}");
     c.assert_repeatable(&out_s, &g_s);
     let to_ref = c.against_reference(&g_s);
     let bitwise = g_s.dk == g_u.dk && g_s.dv == g_u.dv;
     eprintln!(
-        "{}: {} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {bitwise}), against f64 \
+        "{label}: {} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {bitwise}), against f64 \
          {to_ref:.2e}",
-        c.label,
         plan.split.chunks.len()
     );
     worst

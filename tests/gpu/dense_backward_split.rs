@@ -34,18 +34,16 @@ const LIMIT: u64 = 32 << 10;
 fn check(ctx: &GpuContext, seed: u64, p: &Problem, whole_groups: bool) -> f64 {
     let label = format!("seed {seed} {} causal={}", p.shape, p.causal);
     let c = SplitCase::new(ctx, label, seed, (&Method::Dense, p), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: its backward does not fit one binding.
     c.assert_over_binding(p, "the tensors");
     let (out_u, g_u) = c.unsplit();
     let (out_s, g_s) = c.split();
-    let worst = bitwise_but_sums(&c.label, (&out_s, &g_s), (&out_u, &g_u), whole_groups);
-    assert!(g_s.weights.is_none() && g_s.dsinks.is_none(), "{}", c.label);
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), whole_groups);
+    assert!(g_s.weights.is_none() && g_s.dsinks.is_none(), "{label}");
     c.assert_repeatable(&out_s, &g_s);
     let to_ref = c.against_reference(&g_s);
-    eprintln!(
-        "{}: regrouped {worst:.2e}, against f64 {to_ref:.2e}",
-        c.label
-    );
+    eprintln!("{label}: regrouped {worst:.2e}, against f64 {to_ref:.2e}");
     worst
 }
 
