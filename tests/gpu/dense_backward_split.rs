@@ -17,10 +17,12 @@
 //! and resident training over a binding one before the forward (its outputs stay NaN).
 //! Fresh seeds (printed).
 
-use crate::common::gradients::{buffer, compare_all, host_gradients, inputs, nan, regrouped};
-use crate::common::{gpu, read_buffer, Poisoned};
-use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, Resident, ResidentGrad};
+use crate::common::gpu;
+use crate::common::gradients::inputs;
+use crate::common::split::{
+    bitwise_but_sums, resident_backward_refused, resident_training_refused, SplitCase,
+};
+use multipole_attn::gpu::{Attention, GpuContext, Host};
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{FmaError, Method, Problem, Shape};
 
@@ -31,38 +33,16 @@ const LIMIT: u64 = 32 << 10;
 /// error of dK, dV (0 when the runs are whole groups).
 fn check(ctx: &GpuContext, seed: u64, p: &Problem, whole_groups: bool) -> f64 {
     let label = format!("seed {seed} {} causal={}", p.shape, p.causal);
-    let x = inputs(seed, p.shape);
-    let whole = Attention::dense(ctx).unwrap();
-    let split = Attention::dense(ctx).unwrap().max_binding(LIMIT).unwrap();
+    let c = SplitCase::new(ctx, label, seed, (&Method::Dense, p), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: its backward does not fit one binding.
-    assert!(
-        matches!(split.backward_plan(p), Err(FmaError::LimitExceeded { .. })),
-        "{label}: the tensors fit one binding"
-    );
-    let (out_u, g_u) = host_gradients(&whole, p, &x);
-    let (out_s, g_s) = host_gradients(&split, p, &x);
-    assert_eq!(out_s.o, out_u.o, "{label}: O");
-    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
-    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
-    let mut worst = 0.0f64;
-    if whole_groups {
-        assert_eq!(g_s.dk, g_u.dk, "{label}: dK");
-        assert_eq!(g_s.dv, g_u.dv, "{label}: dV");
-    } else {
-        worst = worst.max(regrouped(&label, "dK", &g_s.dk, &g_u.dk));
-        worst = worst.max(regrouped(&label, "dV", &g_s.dv, &g_u.dv));
-    }
+    c.assert_over_binding(p, "the tensors");
+    let (out_u, g_u) = c.unsplit();
+    let (out_s, g_s) = c.split();
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), whole_groups);
     assert!(g_s.weights.is_none() && g_s.dsinks.is_none(), "{label}");
-    let (_, again) = host_gradients(&split, p, &x);
-    assert_eq!(again, g_s, "{label}: two split runs differ");
-    let r = cpu::backward(
-        &Method::Dense,
-        p,
-        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
-        &widen(&x.dout),
-    )
-    .unwrap();
-    let to_ref = compare_all(&label, &g_s, &r);
+    c.assert_repeatable(&out_s, &g_s);
+    let to_ref = c.against_reference(&g_s);
     eprintln!("{label}: regrouped {worst:.2e}, against f64 {to_ref:.2e}");
     worst
 }
@@ -111,42 +91,11 @@ fn a_resident_backward_of_dense_runs_is_a_typed_error() {
     let (_, saved) = split
         .train(&problem, Host::new(&x.q, &x.k, &x.v))
         .expect("host training in runs");
-    let dout = buffer(ctx, "dout", &x.dout);
-    let (dq, dk, dv) = (
-        nan(ctx, "dq", shape.elements()),
-        nan(ctx, "dk", shape.kv_elements()),
-        nan(ctx, "dv", shape.kv_elements()),
-    );
-    let grads = GradTensors {
-        dq: &dq,
-        dk: &dk,
-        dv: &dv,
-        weights: None,
-    };
-    let e = split
-        .backward(&saved, ResidentGrad { dout: &dout, grads })
-        .expect_err("resident gradients of runs");
-    assert!(
-        matches!(&e, FmaError::InvalidConfig { allowed, .. } if allowed.contains("HostGrad")),
-        "{e}"
-    );
-    for b in [&dq, &dk, &dv] {
-        assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
-    }
+    resident_backward_refused(ctx, &split, (&saved, &x.dout), "runs");
     // Resident buffers over a binding: refused before the forward (as FMA's), so their
     // poisoned outputs stay NaN, saying what to do.
     let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let bufs = Poisoned::with_usage(ctx, &x.q, &x.k, &x.v, shape, usage);
-    let e = split
-        .train(&problem, Resident(bufs.tensors()))
-        .expect_err("resident tensors over a binding");
-    assert!(
-        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
-            if what.contains("resident") && advice.contains("HostGrad")),
-        "{e}"
-    );
-    let (o, lse) = bufs.read(ctx);
-    assert!(o.iter().chain(&lse).all(|v| v.is_nan()), "the forward ran");
+    resident_training_refused(ctx, &split, (&problem, &x), usage, "dense");
     // One head over a binding: refused (the dense backward does not split a head).
     let long = Shape::new(2, 1, 2000, 8);
     let y = inputs(1, long);
