@@ -366,7 +366,7 @@ fn grad_grids_that_do_not_fit_are_bad_input() {
 /// error; and the grid's bad input as for `run`.
 #[test]
 fn plan_lists_a_split_grid_head_backward_per_chunk() {
-    use multipole_attn::plan::{fma_depths, BackwardSplitPlan, KernelLimits};
+    use multipole_attn::plan::{fma_depths_with, BackwardSplitPlan, FmaKernel, KernelLimits};
     use multipole_attn::Problem;
     // 128 x 160 tokens of width 16: 1.31 MB per tensor over a 1 MiB binding.
     let args = [
@@ -393,11 +393,13 @@ fn plan_lists_a_split_grid_head_backward_per_chunk() {
     let mut limits = KernelLimits::discrete_gpu();
     limits.max_binding = 1 << 20;
     let cfg = FmaConfig::new(8, 2).grid(Some(Grid::new(128, 160)));
-    let want = fma_depths(
+    // The forward's fused pass as `plan` prints it: the tiled kernel a GPU runs.
+    let want = fma_depths_with(
         &Problem::new(Shape::new(1, 1, 20480, 16)),
         &cfg,
         &limits,
         true,
+        FmaKernel::Tiled,
     )
     .unwrap();
     assert_eq!(got.len(), want.len());
