@@ -27,7 +27,7 @@
 //! Pure arithmetic, unit-tested without a GPU; `gpu/dense/backward_split.rs` executes it.
 
 use super::dense_backward::{chunks, DenseBackwardPlan};
-use super::depth::{dense_backward, DispatchDepth};
+use super::depth::{dense_backward, dense_delta, DispatchDepth};
 use super::dispatch::Dispatch;
 use super::limits::{KernelLimits, BINDING_BYTES};
 use crate::error::{FmaError, Result};
@@ -202,13 +202,7 @@ impl DenseBackwardSplitPlan {
     pub fn depths(&self) -> Vec<DispatchDepth> {
         let delta = self.delta.iter().enumerate().map(|(qi, &at)| {
             let (lo, hi) = self.chunks[qi];
-            let d = self.plans[at].delta;
-            DispatchDepth {
-                dispatch: d,
-                invocations: d.spec.wg,
-                serial_rows: 2,
-                rows: 2 * (self.group * (hi - lo)) as u64,
-            }
+            dense_delta(&self.plans[at].delta, (self.group * (hi - lo)) as u64)
         });
         let step = |s: &DenseBackwardStep, walked: usize, per: u64| {
             let depth = dense_backward(&s.dispatch, walked as u64, per);

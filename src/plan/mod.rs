@@ -40,7 +40,8 @@ pub use dense_tiled::{
     dense_kernel_spec, tile_bytes, tiled_spec, tiled_threads, DenseKernel, TILED_LANES, TILED_ROWS,
 };
 pub use depth::{
-    backward_depths, dense_depths, dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
+    backward_depths, dense_backward_depths, dense_delta, dense_depths, dense_split_depths,
+    dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
 };
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{
