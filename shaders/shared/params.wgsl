@@ -64,8 +64,10 @@ struct Params {
     head_base: u32,          // the caller's query head of problem 0 (a run of heads: HeadSpan)
     window_left: u32,        // L: keys t >= i - L
     window_right: u32,       // R: keys t <= i + R
+    // The dense backward of a split head (`plan::DenseBackwardSplitPlan`): 1 where this
+    // dispatch adds to the dQ or dK/dV an earlier pair left (0: the first writes; unsplit: 0).
+    accumulate: u32,
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad5: u32,
     _pad6: u32,
     _pad7: u32,
     _pad8: u32,

@@ -9,6 +9,7 @@ mod backward_split_coarse_q;
 mod decode;
 mod dense;
 mod dense_backward;
+mod dense_backward_split;
 mod dense_tiled;
 mod depth;
 mod dispatch;
@@ -34,11 +35,13 @@ pub use backward_split_coarse_q::CoarseQuerySteps;
 pub use decode::{DecodeLayout, DecodeTuning, DenseCut, DenseSplit, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};
+pub use dense_backward_split::{DenseBackwardSplitPlan, DenseBackwardStep};
 pub use dense_tiled::{
     dense_kernel_spec, tile_bytes, tiled_spec, tiled_threads, DenseKernel, TILED_LANES, TILED_ROWS,
 };
 pub use depth::{
-    backward_depths, dense_depths, dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
+    backward_depths, dense_backward_depths, dense_delta, dense_depths, dense_split_depths,
+    dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
 };
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{

@@ -100,8 +100,10 @@ pub struct Params {
     pub window_left: u32,
     /// Window: keys t <= i + window_right.
     pub window_right: u32,
+    /// The dense backward of a split head: 1 where a dispatch adds to the dQ or dK/dV an
+    /// earlier (query chunk, key chunk) pair left (`plan::DenseBackwardSplitPlan`); 0 unsplit.
+    pub accumulate: u32,
     /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad5: u32,
     pub _pad6: u32,
     pub _pad7: u32,
     pub _pad8: u32,
