@@ -64,9 +64,12 @@ struct Params {
     head_base: u32,          // the caller's query head of problem 0 (a run of heads: HeadSpan)
     window_left: u32,        // L: keys t >= i - L
     window_right: u32,       // R: keys t <= i + R
+    // The backward's coarse dK~/dV~ and its combine rounds, a split head's level in groups of
+    // rows whose partial sums fit one binding: the group's first row of the level (a multiple
+    // of p), its partial sums from partials_at; rows in the group (0: the whole level, unsplit).
+    dkv_row_lo: u32,
+    dkv_rows: u32,
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad5: u32,
-    _pad6: u32,
     _pad7: u32,
     _pad8: u32,
     levels: array<LevelInfo, 32>,
