@@ -10,10 +10,12 @@
 //!    higher levels once from the coarse rows);
 //! 2. per chunk: D = rowsum(dO O) of its bound rows (halo included: the near-field dK/dV of
 //!    its keys reads the halo's queries), dQ of its queries, dK and dV of its keys' near field;
-//! 3. level by level (the levels share the space of the reader chunks' partial sums): per
-//!    chunk, in chunk order, the level's coarse dK~/dV~ summed over the readers in the chunk
-//!    and added to the earlier chunks' sums (`backward_dkv_coarse.wgsl`), then the level's
-//!    combine rounds of the reader chunks' partial sums (coarse queries instead: each chunk's
+//! 3. level by level, each level in groups of its coarse rows whose reader chunks' partial sums
+//!    fit one binding after dK~'s rows ([`DkvRowGroup`], `backward_split_rows.rs`; the groups
+//!    share the partial sums' space): per chunk, in chunk order, the group's coarse dK~/dV~
+//!    summed over the readers in the chunk and added to the earlier chunks' sums
+//!    (`backward_dkv_coarse.wgsl`), then the group's combine rounds of the reader chunks'
+//!    partial sums (coarse queries instead: each chunk's
 //!    level-1 coarse-query stats, then the passes over coarse rows alone once:
 //!    [`CoarseQuerySteps`], `backward_split_coarse_q.rs`);
 //! 4. per chunk: the downsampling's backward of its tokens (dK~, dV~ into dK, dV; coarse
@@ -36,8 +38,8 @@
 //!
 //! What stays refused, with a typed error: Learned pooling (its weights outgrow a binding
 //! before a head does, as the forward's split), coarse queries on a 2D grid, coarse rows
-//! that do not fit one binding ([`SplitPlan::coarse`]; a 2D head's always must), softmax
-//! variants.
+//! that do not fit one binding ([`SplitPlan::coarse`]; a 2D head's always must) or leave no
+//! room for one window's partial sums (coarse queries: a level's), softmax variants.
 
 use super::backward::Work;
 use super::backward_split_coarse_q::CoarseQuerySteps;

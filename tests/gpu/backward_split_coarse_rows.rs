@@ -64,7 +64,11 @@ fn all_written(label: &str, name: &str, g: &[f32], exempt: impl Fn(usize) -> boo
         .iter()
         .enumerate()
         .position(|(i, x)| !x.is_finite() || (*x == 0.0 && !exempt(i)));
-    assert!(bad.is_none(), "{label}: {name}[{bad:?}] unwritten or not finite");
+    let value = bad.map(|i| g[i]);
+    assert!(
+        bad.is_none(),
+        "{label}: {name}[{bad:?}] = {value:?} unwritten or not finite"
+    );
 }
 
 /// One case on `ctx`: the split run against the unsplit one, itself and the f64 reference;
