@@ -77,9 +77,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("adapter {} ({:?})", ctx.info.name, ctx.info.backend);
     println!(
         "| head | d | binding KiB | chunks | forward ms | split | backward ms | split | \
-         backward split / unsplit | dQ bitwise | dK, dV distance |"
+         backward split / unsplit | dQ bitwise | dK, dV distance | row groups (most a level) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let d = a.head_dim;
     let mut heads: Vec<(String, usize, FmaConfig)> = Vec::new();
     for g in &a.grids {
@@ -102,10 +102,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .binding_kib
             .map_or((n * d * 4 / 2) as u64, |kib| kib << 10);
         let limits = KernelLimits::from_wgpu(&ctx.limits).capped(binding);
-        let chunks = BackwardSplitPlan::new(n, d, &cfg, &limits)?
-            .split
-            .chunks
-            .len();
+        let plan = BackwardSplitPlan::new(n, d, &cfg, &limits)?;
+        let chunks = plan.split.chunks.len();
+        // The most groups of coarse rows a level's coarse dK~/dV~ runs in (1: whole levels).
+        let groups = plan.dkv_groups.iter().map(Vec::len).max().unwrap_or(1);
         let whole = Attention::fma(&ctx, cfg.clone())?;
         let split = Attention::fma(&ctx, cfg)?.max_binding(binding)?;
         let x = [1u64, 2, 3, 4].map(|s| normal_tensor(s, n * d));
@@ -130,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bar.suspend(|| {
             println!(
                 "| {name} | {d} | {} | {chunks} | {:.1} | {:.1} | {bu:.1} | {bs:.1} | {:.2}x | {} \
-                 | {:.1e} |",
+                 | {:.1e} | {groups} |",
                 binding >> 10,
                 median(fu),
                 median(fs),
