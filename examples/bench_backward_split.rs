@@ -159,9 +159,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "| head | queries | causal | binding KiB | chunks | forward ms | split | ratio | \
-         backward ms | split | ratio | dQ bitwise | distance |"
+         backward ms | split | ratio | dQ bitwise | distance | row groups |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let cases = cases(&a)?;
     let bar = ProgressBar::new((cases.len() * 2 * (a.reps + 1)) as u64);
     bar.set_style(
@@ -177,10 +177,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         // The mask comes with the problem (the chunks do not depend on it).
         let limits = KernelLimits::from_wgpu(&ctx.limits).capped(binding);
-        let chunks = BackwardSplitPlan::new(n, d, &c.cfg, &limits)?
-            .split
-            .chunks
-            .len();
+        let plan = BackwardSplitPlan::new(n, d, &c.cfg, &limits)?;
+        let chunks = plan.split.chunks.len();
+        // The most groups of coarse rows a level's coarse dK~/dV~ runs in (1: whole levels).
+        let groups = plan.dkv_groups.iter().map(Vec::len).max().unwrap_or(1);
         let whole = Attention::fma(&ctx, c.cfg.clone())?;
         let split = Attention::fma(&ctx, c.cfg)?.max_binding(binding)?;
         let [q, k, v, dout] = [1u64, 2, 3, 4].map(|s| normal_tensor(s, n * d));
@@ -206,7 +206,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bar.suspend(|| {
             println!(
                 "| {} | {} | {} | {} | {chunks} | {f:.1} | {fs:.1} | {:.2} | {b:.1} | {bs:.1} | \
-                 {:.2} | {} | {:.1e} |",
+                 {:.2} | {} | {:.1e} | {groups} |",
                 c.head,
                 format!("{:?}", c.mode).to_lowercase(),
                 c.causal,

@@ -67,9 +67,12 @@ struct Params {
     // The dense backward of a split head (`plan::DenseBackwardSplitPlan`): 1 where this
     // dispatch adds to the dQ or dK/dV an earlier pair left (0: the first writes; unsplit: 0).
     accumulate: u32,
+    // The backward's coarse dK~/dV~ and its combine rounds, a split head's level in groups of
+    // rows whose partial sums fit one binding: the group's first row of the level (a multiple
+    // of p), its partial sums from partials_at; rows in the group (0: the whole level, unsplit).
+    dkv_row_lo: u32,
+    dkv_rows: u32,
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad6: u32,
-    _pad7: u32,
     _pad8: u32,
     levels: array<LevelInfo, 32>,
     // The sink logit of query head h: sinks[h / 4][h % 4] (at most 128 heads).

@@ -26,8 +26,9 @@
 //! a batch of 2, a GQA group of 2 on 20 x 24, 45 x 70 in 12 chunks (whose head's LSE and D
 //! exceed the binding: they are bound per chunk), and a browser's limits (no subgroups: the coarse
 //! pass's two-phase path). What stays refused is a typed error: coarse queries, a grid of one
-//! row of cells (1 x N), a single column (N x 1: its reader chunks' partial sums outgrow the
-//! binding first).
+//! row of cells (1 x N), a single column (N x 1: dK~'s rows with one window's reader-chunk
+//! partial sums outgrow the binding first; more windows' run in groups of rows:
+//! `backward_split_coarse_rows.rs`).
 
 use crate::common::gradients::{gpu_gradients, inputs};
 use crate::common::split::{bitwise_but_sums, SplitCase};
@@ -176,6 +177,6 @@ fn what_a_split_grid_backward_does_not_run_is_a_typed_error() {
         16 << 10,
         "row of fine cells",
     );
-    // A single column (N x 1): the reader chunks' partial sums outgrow the binding first.
+    // A single column (N x 1): dK~'s rows and one window's partial sums outgrow the binding.
     refused(97, 1, FmaConfig::new(4, 1), 8, 4 << 10, "partial sums");
 }
