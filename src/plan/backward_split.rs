@@ -275,9 +275,13 @@ impl BackwardSplitPlan {
         for c in &mut self.chunks {
             let all = [&mut c.delta, &mut c.dq, &mut c.dkv_fine]
                 .into_iter()
-                .chain(c.dkv_coarse.iter_mut())
                 .chain(c.downsample_backward.iter_mut());
             for d in all {
+                d.spec.storage = storage;
+            }
+        }
+        for g in self.dkv_groups.iter_mut().flatten() {
+            for d in std::iter::once(&mut g.dkv_coarse).chain(g.combine.iter_mut()) {
                 d.spec.storage = storage;
             }
         }

@@ -49,7 +49,11 @@ pub(super) fn dkv_row_groups(
         .map(|(level, ((step, rounds), lv))| {
             let k = step.args[0] as u64;
             let fit = partial_group_windows(head.partials_at as u64, k * p as u64, d, limits);
-            let per = if k > 1 { fit.max(1) as usize } else { lv.windows };
+            let per = if k > 1 {
+                fit.max(1) as usize
+            } else {
+                lv.windows
+            };
             if per >= lv.windows {
                 return Ok(vec![DkvRowGroup {
                     level,
@@ -112,12 +116,18 @@ mod tests {
     fn groups_cover_each_level_in_whole_windows_and_fit_one_binding() {
         for (n, d, cfg, cap) in cases() {
             let limits = KernelLimits::with_binding(cap);
-            let label = format!("n {n} d {d} grid {:?} causal {} cap {cap}", cfg.grid, cfg.causal);
+            let label = format!(
+                "n {n} d {d} grid {:?} causal {} cap {cap}",
+                cfg.grid, cfg.causal
+            );
             let plan = BackwardSplitPlan::new(n, d, &cfg, &limits).expect(&label);
             let head = &plan.head;
             let p = head.forward.levels.p;
             // The scratch (dK~'s rows, then one group's partial sums) fits the binding.
-            assert!(((head.partials_at + head.partial_elements) * 4) as u64 <= cap, "{label}");
+            assert!(
+                ((head.partials_at + head.partial_elements) * 4) as u64 <= cap,
+                "{label}"
+            );
             assert_eq!(plan.dkv_groups.len(), head.dkv_coarse.len(), "{label}");
             let mut over = 0;
             for (l, groups) in plan.dkv_groups.iter().enumerate() {
@@ -142,7 +152,11 @@ mod tests {
                     assert_eq!(g.dkv_coarse.spec, whole.spec, "{label}");
                     // The rounds of the level's tree (same chunks, strides), over its rows.
                     let strides = |r: &[Dispatch]| r.iter().map(|c| c.args).collect::<Vec<_>>();
-                    assert_eq!(strides(&g.combine), strides(&head.dkv_combine[l]), "{label}");
+                    assert_eq!(
+                        strides(&g.combine),
+                        strides(&head.dkv_combine[l]),
+                        "{label}"
+                    );
                     workgroups += g.dkv_coarse.workgroups;
                 }
                 assert_eq!(next, lv.windows * p, "{label}: level {l} covered");
@@ -153,13 +167,24 @@ mod tests {
                     assert_eq!(groups[0].combine, head.dkv_combine[l], "{label}");
                 }
             }
-            assert!(over > 0, "{label}: no level's partial sums exceeded the binding");
+            assert!(
+                over > 0,
+                "{label}: no level's partial sums exceeded the binding"
+            );
             // Every chunk runs every group's coarse pass; the group's rounds follow.
             let passes = plan.passes();
             let count = |x: Pass| passes.iter().filter(|&&y| y == x).count();
             let groups: usize = plan.dkv_groups.iter().map(Vec::len).sum();
-            let rounds: usize = plan.dkv_groups.iter().flatten().map(|g| g.combine.len()).sum();
-            assert!(groups > head.dkv_coarse.len(), "{label}: no level in groups");
+            let rounds: usize = plan
+                .dkv_groups
+                .iter()
+                .flatten()
+                .map(|g| g.combine.len())
+                .sum();
+            assert!(
+                groups > head.dkv_coarse.len(),
+                "{label}: no level in groups"
+            );
             assert_eq!(count(Pass::BackwardDkvCoarse), plan.chunks.len() * groups);
             assert_eq!(count(Pass::BackwardDkvCombine), rounds, "{label}");
         }

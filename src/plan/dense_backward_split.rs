@@ -304,7 +304,10 @@ mod tests {
                     assert_eq!(s.causal, plan.causal && s.query == s.key);
                     let p = &plan.plans[s.plan].forward.shape;
                     let len = |(lo, hi): (usize, usize)| hi - lo;
-                    assert_eq!((p.seq, p.seq_kv), (len(plan.chunks[s.query]), len(plan.chunks[s.key])));
+                    assert_eq!(
+                        (p.seq, p.seq_kv),
+                        (len(plan.chunks[s.query]), len(plan.chunks[s.key]))
+                    );
                     assert_eq!(p.heads, plan.group);
                 }
             }
@@ -320,9 +323,8 @@ mod tests {
             (1025, 2, true, 3),
             (2000, 2, false, 4),
         ] {
-            let plan =
-                DenseBackwardSplitPlan::new((n, 8, group), causal, &limits(32 << 10), None)
-                    .unwrap();
+            let plan = DenseBackwardSplitPlan::new((n, 8, group), causal, &limits(32 << 10), None)
+                .unwrap();
             assert_eq!(plan.chunks.len(), chunks, "{n} {group}");
             assert_eq!(plan.chunks.last().unwrap().1, n);
             assert!(plan.chunks.iter().all(|&(lo, _)| lo % 64 == 0));
@@ -337,8 +339,7 @@ mod tests {
     fn chunks_of_whole_parts_cut_where_the_unsplit_backward_does() {
         // At most 128 keys per dispatch: parts of 128 keys; chunks of 1024 rows are 8 parts.
         let plan =
-            DenseBackwardSplitPlan::new((3001, 8, 1), false, &limits(32 << 10), Some(128))
-                .unwrap();
+            DenseBackwardSplitPlan::new((3001, 8, 1), false, &limits(32 << 10), Some(128)).unwrap();
         assert_eq!(plan.chunks[0], (0, 1024));
         let unsplit = DenseBackwardPlan::new(Shape::new(1, 1, 3001, 8), &KernelLimits::lavapipe())
             .unwrap()
@@ -348,7 +349,12 @@ mod tests {
             .dq
             .iter()
             .filter(|s| s.query == 0)
-            .map(|s| (plan.chunks[s.key].0 + s.rows.0, plan.chunks[s.key].0 + s.rows.1))
+            .map(|s| {
+                (
+                    plan.chunks[s.key].0 + s.rows.0,
+                    plan.chunks[s.key].0 + s.rows.1,
+                )
+            })
             .collect();
         assert_eq!(global, unsplit);
         check_cover(&plan);
@@ -357,8 +363,7 @@ mod tests {
     #[test]
     fn depths_stay_within_a_part() {
         let plan =
-            DenseBackwardSplitPlan::new((3001, 8, 2), true, &limits(32 << 10), Some(128))
-                .unwrap();
+            DenseBackwardSplitPlan::new((3001, 8, 2), true, &limits(32 << 10), Some(128)).unwrap();
         let all = plan.depths();
         assert_eq!(all.len(), plan.delta.len() + plan.dkv.len() + plan.dq.len());
         // dK/dV walks at most 128 queries over the group, dQ 128 keys, 3 and 2 rows a step.

@@ -411,7 +411,10 @@ fn plan_lists_a_split_grid_backward_in_groups_of_coarse_rows() {
     let plan = BackwardSplitPlan::new(204800, 4, &cfg, &limits).unwrap();
     let groups: usize = plan.dkv_groups.iter().map(Vec::len).sum();
     assert!(groups > plan.dkv_groups.len(), "no level in groups");
-    let count = got.iter().filter(|g| g["pass"] == "backward_dkv_coarse").count();
+    let count = got
+        .iter()
+        .filter(|g| g["pass"] == "backward_dkv_coarse")
+        .count();
     assert_eq!(count, plan.chunks.len() * groups);
 }
 

@@ -45,7 +45,11 @@ fn cases() -> Vec<Case> {
     let one = |n, d| Shape::new(1, 1, n, d);
     vec![
         (Problem::new(one(2000, 8)), line.clone(), 16 << 10),
-        (Problem::new(one(2000, 8)).causal(true), line.clone(), 16 << 10),
+        (
+            Problem::new(one(2000, 8)).causal(true),
+            line.clone(),
+            16 << 10,
+        ),
         // A GQA group of 2: each query head split, the K/V head's gradients summed on the host.
         (
             Problem::new(Shape::new(1, 2, 2000, 8).with_kv_heads(1)).causal(true),
@@ -96,10 +100,14 @@ fn check(ctx: &GpuContext, seed: u64, (problem, cfg, cap): Case) -> f64 {
     assert!(plan.split.chunks.len() > 1, "{label}: one chunk");
     let head = &plan.head;
     let p = head.forward.levels.p;
-    let over = head.dkv_coarse.iter().zip(&head.forward.levels.levels).any(|(s, lv)| {
-        let k = s.args[0] as usize;
-        k > 1 && ((head.partials_at + lv.windows * p * k * d) * 4) as u64 > cap
-    });
+    let over = head
+        .dkv_coarse
+        .iter()
+        .zip(&head.forward.levels.levels)
+        .any(|(s, lv)| {
+            let k = s.args[0] as usize;
+            k > 1 && ((head.partials_at + lv.windows * p * k * d) * 4) as u64 > cap
+        });
     assert!(over, "{label}: every level's partial sums fit whole");
     let groups = plan.dkv_groups.iter().map(Vec::len).max().unwrap_or(0);
     assert!(groups > 1, "{label}: no level in groups");
@@ -156,7 +164,11 @@ fn the_plain_kernels_run_groups_of_rows_too() {
     };
     let seed = fresh_seed();
     eprintln!("seed {seed}");
-    for (i, case) in cases().into_iter().enumerate().filter(|(i, _)| [1, 3].contains(i)) {
+    for (i, case) in cases()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| [1, 3].contains(i))
+    {
         check(ctx, seed.wrapping_add(i as u64), case);
     }
 }

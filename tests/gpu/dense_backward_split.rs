@@ -124,18 +124,28 @@ fn check_split_head(att: (&Attention, &Attention), seed: u64, p: &Problem, same_
     // number (an unwritten chunk reads as the staging buffer's zeros or garbage: the
     // comparisons below catch it).
     for (name, g) in [("dQ", &g_s.dq), ("dK", &g_s.dk), ("dV", &g_s.dv)] {
-        assert!(g.iter().all(|v| v.is_finite()), "{label}: {name} not finite");
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{label}: {name} not finite"
+        );
     }
     let mut worst = 0.0f64;
     for (name, a, b) in [
         ("O", &out_s.o, &out_u.o),
-        ("LSE", out_s.lse.as_ref().unwrap(), out_u.lse.as_ref().unwrap()),
+        (
+            "LSE",
+            out_s.lse.as_ref().unwrap(),
+            out_u.lse.as_ref().unwrap(),
+        ),
         ("dQ", &g_s.dq, &g_u.dq),
         ("dK", &g_s.dk, &g_u.dk),
         ("dV", &g_s.dv, &g_u.dv),
     ] {
         let off = regrouped(&label, name, a, b);
-        assert!(!same_cuts || off == 0.0, "{label}: {name} off the unsplit bits by {off:.2e}");
+        assert!(
+            !same_cuts || off == 0.0,
+            "{label}: {name} off the unsplit bits by {off:.2e}"
+        );
         worst = worst.max(off);
     }
     assert!(g_s.weights.is_none() && g_s.dsinks.is_none(), "{label}");
@@ -197,7 +207,10 @@ fn split_head_backward_runs_query_and_key_chunk_pairs_and_matches_unsplit() {
             // The split run cannot pass by not splitting: one head does not fit a binding.
             let one = Problem::new(Shape::new(1, 1, shape.seq, shape.head_dim));
             assert!(
-                matches!(split.backward_plan(&one), Err(FmaError::LimitExceeded { .. })),
+                matches!(
+                    split.backward_plan(&one),
+                    Err(FmaError::LimitExceeded { .. })
+                ),
                 "{shape}: one head fits"
             );
             let s = seed.wrapping_add(i as u64 * 7919);

@@ -135,13 +135,8 @@ fn dense_dispatches(
     let mut all = match DensePlan::with_kernel(shape, limits, kernel) {
         Ok(plan) => dense_depths(&plan),
         Err(e) if exceeds_binding(&e) => {
-            let split = DenseSplitPlan::with_kernel(
-                a.n,
-                a.head_dim,
-                a.causal,
-                limits,
-                (None, kernel),
-            )?;
+            let split =
+                DenseSplitPlan::with_kernel(a.n, a.head_dim, a.causal, limits, (None, kernel))?;
             dense_split_depths(&split)
         }
         Err(e) => return Err(e.into()),

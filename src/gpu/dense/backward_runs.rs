@@ -16,9 +16,9 @@
 
 use crate::error::Result;
 use crate::gpu::engine::front::{head_chunks, runs_of_heads, RunGradients};
-use crate::plan::exceeds_binding;
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::Gradients;
+use crate::plan::exceeds_binding;
 use crate::shape::Shape;
 use crate::variants::HeadSpan;
 

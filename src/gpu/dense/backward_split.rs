@@ -18,7 +18,6 @@ use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::record::{record_steps, Pipes, Resources, Selects};
 use crate::gpu::engine::split_io::SplitIo;
-use crate::gpu::engine::storage_types::f16_split_refused;
 use crate::gpu::engine::tensors::{Output, Scopes};
 use crate::gradients::Gradients;
 use crate::plan::{DenseBackwardSplitPlan, DenseBackwardStep, Dispatch};
@@ -81,9 +80,18 @@ impl DenseAttention {
         (q, k, v): (&[f32], &[f32], &[f32]),
         shape: Shape,
     ) -> Result<(Output, DenseSaved)> {
-        // f16 tensors run whole (their host path goes through f16 buffers, not these chunks).
+        // This path stages f32 rows: f16 storage trains a dense head only where it fits one
+        // binding (FMA's split backward takes f16; the dense one is still to follow).
         if self.storage == Storage::F16 {
-            return Err(f16_split_refused(shape, self.limits.binding_bytes()));
+            return Err(FmaError::LimitExceeded {
+                what: format!("f16 storage of a dense head over one binding, {shape}"),
+                requested: shape.elements().max(shape.kv_elements()) as u64 * 2,
+                max: self.limits.binding_bytes(),
+                unit: "bytes in one storage binding (the dense split backward is f32 only)",
+                advice: "train this head with f32 storage (split across bindings), with FMA \
+                         (whose split backward takes f16), or with a shorter sequence"
+                    .into(),
+            });
         }
         // The split forward refuses the variants and cross attention; the backward must be
         // possible before the forward runs.
@@ -140,7 +148,7 @@ impl DenseAttention {
             self.ctx.check_alive()?;
             sum.add((kv * group, group), self.scatter(&plan, &rows));
         }
-        Ok(sum.finish())
+        Ok(sum.finish(Storage::F32))
     }
 
     /// The parameter blocks of every dispatch of `plan`.
@@ -182,8 +190,16 @@ impl DenseAttention {
         };
         Ok(SplitUniforms {
             delta,
-            dkv: plan.dkv.iter().map(|s| step(s, true)).collect::<Result<_>>()?,
-            dq: plan.dq.iter().map(|s| step(s, false)).collect::<Result<_>>()?,
+            dkv: plan
+                .dkv
+                .iter()
+                .map(|s| step(s, true))
+                .collect::<Result<_>>()?,
+            dq: plan
+                .dq
+                .iter()
+                .map(|s| step(s, false))
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -253,9 +269,18 @@ impl DenseAttention {
                 timestamp_writes: None,
             });
             let ctx = &self.ctx;
-            for ((params, selects), (&at, c)) in uniforms.delta.iter().zip(plan.delta.iter().zip(&chunks)) {
+            for ((params, selects), (&at, c)) in
+                uniforms.delta.iter().zip(plan.delta.iter().zip(&chunks))
+            {
                 let delta = [plan.plans[at].delta];
-                record_steps(ctx, &mut cpass, &delta, pipes, Some(selects), &res(params, c, c))?;
+                record_steps(
+                    ctx,
+                    &mut cpass,
+                    &delta,
+                    pipes,
+                    Some(selects),
+                    &res(params, c, c),
+                )?;
             }
             // Each output's pairs in the plan's order: the first writes, the rest add.
             for (steps, params) in [(&plan.dkv, &uniforms.dkv), (&plan.dq, &uniforms.dq)] {
@@ -266,7 +291,10 @@ impl DenseAttention {
             }
         }
         // Per chunk: dQ of the group, dK, dV, in one staging buffer.
-        let total: u64 = chunks.iter().map(|c| c.dq.size() + c.dk.size() + c.dv.size()).sum();
+        let total: u64 = chunks
+            .iter()
+            .map(|c| c.dq.size() + c.dk.size() + c.dv.size())
+            .sum();
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("dense split gradients readback"),
             size: total,
