@@ -25,7 +25,6 @@ use crate::sequences::Sequences;
 use crate::shape::Shape;
 use crate::variants::HeadSpan;
 
-use super::backward_split::DenseHostKept;
 use super::DenseAttention;
 
 /// What a dense backward needs from its forward, kept on the GPU: Q and O of shape (batch,
@@ -43,6 +42,17 @@ pub struct DenseSaved {
     span: HeadSpan,
     owner: u64,
     kept: DenseKept,
+}
+
+/// A split head's training forward, kept on the host: Q, O of (batch, heads, seq, head_dim),
+/// K, V of (batch, kv_heads, seq, head_dim), the LSE of (batch, heads, seq).
+#[derive(Clone, Debug)]
+pub(super) struct DenseHostKept {
+    pub q: std::sync::Arc<Vec<f32>>,
+    pub k: std::sync::Arc<Vec<f32>>,
+    pub v: std::sync::Arc<Vec<f32>>,
+    pub o: std::sync::Arc<Vec<f32>>,
+    pub lse: std::sync::Arc<Vec<f32>>,
 }
 
 /// Where a [`DenseSaved`] forward's tensors are.

@@ -1,7 +1,7 @@
 //! Training dense attention on host tensors whose single head exceeds one storage binding
 //! (issue 27): the forward split as `split.rs` runs it, its inputs and outputs kept on the host
-//! ([`DenseHostKept`]), and the backward of each K/V head and its group of query heads through
-//! a [`DenseBackwardSplitPlan`] (its module header says in what order the pairs' passes run and
+//! (`DenseHostKept`, beside the other saved forms in `backward.rs`), and the backward of each
+//! K/V head and its group of query heads through a [`DenseBackwardSplitPlan`] (its module header says in what order the pairs' passes run and
 //! when the bits are the unsplit backward's).
 //!
 //! One K/V head at a time (one submit each): every chunk of its rows gets its own buffers
@@ -24,19 +24,8 @@ use crate::plan::{DenseBackwardSplitPlan, DenseBackwardStep, Dispatch};
 use crate::shape::Shape;
 use crate::storage::Storage;
 
-use super::backward::DenseSaved;
+use super::backward::{DenseHostKept, DenseSaved};
 use super::DenseAttention;
-
-/// A split head's training forward, kept on the host: Q, O of (batch, heads, seq, head_dim),
-/// K, V of (batch, kv_heads, seq, head_dim), the LSE of (batch, heads, seq).
-#[derive(Clone, Debug)]
-pub(super) struct DenseHostKept {
-    pub q: Arc<Vec<f32>>,
-    pub k: Arc<Vec<f32>>,
-    pub v: Arc<Vec<f32>>,
-    pub o: Arc<Vec<f32>>,
-    pub lse: Arc<Vec<f32>>,
-}
 
 /// One chunk's rows `lo..hi` of a K/V head: its group's Q, O, dO, LSE, stats (LSE, D) and dQ,
 /// (group, rows, ...), and the K/V head's K, V, dK, dV, (rows, d).
