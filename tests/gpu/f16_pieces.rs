@@ -15,10 +15,11 @@
 //!   group's two query heads stores its own dK, dV as f16 (a rounding of 2^-11 of the scale
 //!   each) and their sum is rounded to f16 once more on the host, where the unsplit run
 //!   rounds the group's f32 sum once: 3 roundings against 1, within 4 2^-11 of the scale;
-//! - dense attention's split head: within the f64 reference's f16 tolerance plus
-//!   (key chunks - 1) 2^-11 max|V|: a query chunk resumes its rows' partial O from the
-//!   f16 O binding after each key chunk, and a partial O is a convex combination of value
-//!   rows, so each resume adds one f16 rounding of at most 2^-11 max|V|.
+//! - dense attention's split head (rows and tiled kernels): O is the f32 split run's O (the
+//!   same pairs) rounded to f16, bit for bit, and the LSE the f32 run's: a query chunk resumes
+//!   its rows' partial O after each key chunk from the f16 variant's f32 partial binding, so O
+//!   is rounded once (docs/perf.md change 37; resumed from the f16 O binding it was only
+//!   within (key chunks - 1) 2^-11 max|V| more of the reference).
 //!
 //! Against the f64 reference: f16.rs's tolerances (its header says why).
 //! Outputs are NaN-poisoned where they are the caller's (resident tensors copied in pieces);
