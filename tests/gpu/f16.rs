@@ -637,7 +637,9 @@ fn f16_key_chunks_round_o_once() {
             .unwrap()
             .storage(Storage::F16)
             .unwrap();
-        let plan = chunks.plan(&Problem::new(Shape::new(1, 2, 300, 16))).unwrap();
+        let plan = chunks
+            .plan(&Problem::new(Shape::new(1, 2, 300, 16)))
+            .unwrap();
         let multipole_attn::gpu::Plan::Dense(plan) = plan else {
             panic!("{name}: not a dense plan")
         };

@@ -668,7 +668,11 @@ mod descriptors {
                 );
             }
             let buffers = b.iter().filter(|x| x.access != Uniform).count();
-            assert!(buffers <= MAX_STORAGE_PER_STAGE, "{} {storage:?}", pass.name());
+            assert!(
+                buffers <= MAX_STORAGE_PER_STAGE,
+                "{} {storage:?}",
+                pass.name()
+            );
         }
     }
 }
