@@ -193,4 +193,24 @@ mod tests {
         let wide = DensePlan::new(Shape::new(1, 1, 10, 256), &limits).unwrap();
         assert_eq!(wide.keys_per_dispatch(), 240);
     }
+
+    /// On a GPU (the H200's limits) the tiled kernel's default key chunks are several
+    /// dispatches at long contexts: 256 tiles of BK = 32 keys (d = 64) or 16 (d = 128). Each
+    /// resumes the rows' partial O, which f16 storage keeps in f32 (docs/perf.md, change 37).
+    #[test]
+    fn long_heads_run_in_several_key_chunks_on_a_gpu() {
+        let limits = KernelLimits::discrete_gpu();
+        for (d, n, keys, chunks) in [
+            (64, 16384, 8192, 2),
+            (64, 65536, 8192, 8),
+            (128, 16384, 4096, 4),
+            (128, 65536, 4096, 16),
+        ] {
+            let plan = DensePlan::with_kernel(Shape::new(1, 1, n, d), &limits, DenseKernel::Tiled)
+                .unwrap();
+            assert_eq!(plan.keys_per_dispatch(), keys, "d {d}");
+            let got = plan.key_chunks(plan.keys_per_dispatch()).len();
+            assert_eq!(got, chunks, "d {d} n {n}");
+        }
+    }
 }

@@ -606,3 +606,112 @@ fn f16_storage_on_the_tiled_kernel() {
     }
     eprintln!("f16 tiled kernel: worst |O - ref| {worst:.2e}");
 }
+
+/// Dense attention in several key chunks per dispatch range (`Attention::keys_per_dispatch`,
+/// what a GPU does past `DENSE_KEY_TILES_PER_DISPATCH` key tiles, and lavapipe past its loop
+/// limit), rows and tiled kernels: the partial O between chunks stays f32 under f16 storage
+/// (the f16 variant's f32 partial binding), so O is rounded once, by the last chunk: the f32
+/// path in the same chunks, rounded to f16, bit for bit (resumed from an f16 O, each chunk
+/// rounded once more and this failed). Both masks, cross lengths (causal rows that finish
+/// before the last chunk), grouped K/V heads, the softcap, sinks and a window across the chunk
+/// boundaries, and variable-length batches (packed and padded, whose chunks cover the longest
+/// sequence), resident (NaN-poisoned O) and host.
+#[test]
+fn f16_key_chunks_round_o_once() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    // At most 64 keys per dispatch: 300 keys run in 5 chunks (BK <= 64 on either kernel).
+    let rows: Tweak = |a| a.keys_per_dispatch(64);
+    let tiled: Tweak = |a| {
+        a.dense_kernel(DenseKernel::Tiled)
+            .and_then(|a| a.keys_per_dispatch(64))
+    };
+    let mut worst = 0.0f64;
+    for (name, tweak) in [("rows", rows), ("tiled", tiled)] {
+        let chunks = tweak(Attention::new(ctx, Method::Dense).unwrap())
+            .unwrap()
+            .storage(Storage::F16)
+            .unwrap();
+        let plan = chunks
+            .plan(&Problem::new(Shape::new(1, 2, 300, 16)))
+            .unwrap();
+        let multipole_attn::gpu::Plan::Dense(plan) = plan else {
+            panic!("{name}: not a dense plan")
+        };
+        let n_chunks = plan.key_chunks(64).len();
+        assert!(n_chunks >= 5, "{name}: {n_chunks} key chunks");
+        let mut problems = Vec::new();
+        for causal in [false, true] {
+            problems.push(Problem::new(Shape::new(1, 2, 300, 16)).causal(causal));
+            problems.push(Problem::new(Shape::new(1, 4, 257, 33).with_kv_heads(2)).causal(causal));
+        }
+        problems.push(Problem::new(Shape::cross(1, 2, 50, 300, 16)).causal(true));
+        let shape = Shape::new(1, 2, 300, 24);
+        for variants in [
+            Variants {
+                softcap: Some(5.0),
+                ..Default::default()
+            },
+            Variants {
+                sinks: Some(vec![0.5, -1.0]),
+                ..Default::default()
+            },
+            Variants {
+                window: Some(Window {
+                    left: 100,
+                    right: 30,
+                }),
+                ..Default::default()
+            },
+        ] {
+            problems.push(Problem::new(shape).variants(variants));
+        }
+        for p in &problems {
+            let label = format!("{name} seed {seed} {} chunks of 64 keys", p.shape);
+            worst = worst.max(check_on(ctx, seed, (&Method::Dense, tweak), p, &label));
+        }
+        // Variable-length batches: one dispatch per chunk of the longest sequence's keys.
+        for seqs in [
+            multipole_attn::Sequences::packed(vec![1, 297, 40, 0, 130]).unwrap(),
+            multipole_attn::Sequences::padded(300, vec![97, 1, 300]).unwrap(),
+        ] {
+            for causal in [false, true] {
+                let p = Problem::varlen(seqs.clone(), 2, 1, 16).causal(causal);
+                let label = format!("{name} seed {seed} varlen {seqs:?} causal={causal}");
+                let [q, k, v] = inputs(seed, p.shape);
+                let half = tweak(Attention::new(ctx, Method::Dense).unwrap())
+                    .and_then(|a| a.storage(Storage::F16))
+                    .unwrap();
+                let got = half.forward(&p, Host::new(&q, &k, &v)).unwrap();
+                let f32_path = tweak(Attention::new(ctx, Method::Dense).unwrap()).unwrap();
+                let want = f32_path.forward(&p, Host::new(&q, &k, &v)).unwrap();
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got.o),
+                    bits(&round_to_f16(&want.o)),
+                    "{label}: vs f32"
+                );
+                assert_eq!(
+                    bits(got.lse.as_deref().unwrap()),
+                    bits(want.lse.as_deref().unwrap()),
+                    "{label}: LSE"
+                );
+                let bufs = Half::new(ctx, &q, &k, &v, p.shape);
+                half.forward(&p, Resident(bufs.tensors())).unwrap();
+                let (o, lse) = bufs.read(ctx, p.shape);
+                assert_eq!(bits(&o), bits(&got.o), "{label}: resident O");
+                assert_eq!(
+                    bits(&lse),
+                    bits(got.lse.as_deref().unwrap()),
+                    "{label}: resident LSE"
+                );
+            }
+        }
+    }
+    eprintln!("f16 key chunks: worst |O - ref| {worst:.2e}");
+}

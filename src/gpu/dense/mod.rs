@@ -16,7 +16,7 @@ pub use backward::DenseSaved;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::buffers::uniform;
+use crate::gpu::engine::buffers::{storage, uniform};
 use crate::gpu::engine::cache::{Growing, ShapeCache};
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::front::{forward_host, run_host};
@@ -260,7 +260,25 @@ impl DenseAttention {
         })
     }
 
-    /// Records `steps` (the plan's dispatch, or a split head's pairs) with `params`.
+    /// The f32 partial O of a forward whose O binding holds `elements` elements, in `chunks`
+    /// key chunks: under f16 storage with more than one chunk, a scratch buffer of O's
+    /// elements at 4 bytes (the f16 variant resumes each chunk from it and rounds O once,
+    /// `engine::storage_types`); `None` otherwise (the f32 variant resumes from O, and one
+    /// chunk keeps no partial).
+    fn partial_scratch(&self, chunks: usize, elements: usize) -> Option<wgpu::Buffer> {
+        (self.storage == Storage::F16 && chunks > 1).then(|| {
+            storage(
+                &self.ctx.device,
+                "dense partial O (f32)",
+                elements as u64 * 4,
+                wgpu::BufferUsages::empty(),
+            )
+        })
+    }
+
+    /// Records `steps` (the plan's dispatch, or a split head's pairs) with `params`; `partial`
+    /// is [`DenseAttention::partial_scratch`]'s buffer, when the forward has one.
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         cpass: &mut wgpu::ComputePass<'_>,
@@ -269,8 +287,9 @@ impl DenseAttention {
         params: &wgpu::Buffer,
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
+        partial: Option<&wgpu::Buffer>,
     ) -> Result<()> {
-        self.record_with(cpass, steps, pipes, params, (t, lse), None)
+        self.record_with(cpass, steps, pipes, params, (t, lse, partial), None)
     }
 
     /// [`DenseAttention::record`] with a variable-length batch's sequence table, when given.
@@ -280,11 +299,15 @@ impl DenseAttention {
         steps: &[crate::plan::Dispatch],
         pipes: &Pipes,
         params: &wgpu::Buffer,
-        (t, lse): (&GpuTensors<'_>, &wgpu::Buffer),
+        (t, lse, partial): (&GpuTensors<'_>, &wgpu::Buffer, Option<&wgpu::Buffer>),
         table: Option<&wgpu::Buffer>,
     ) -> Result<()> {
+        // The f16 variant binds the f32 partial O: the scratch, or with one key chunk (where
+        // no store keeps a partial) a placeholder.
+        let partial = partial.unwrap_or(&self.ctx.kernels.no_partial);
         let mut res = Resources::default()
             .with(Role::Params, params)
+            .with(Role::OutPartial, partial)
             .tensors(t, lse);
         if let Some(table) = table {
             res = res.with(Role::SeqTable, table);
@@ -322,12 +345,14 @@ impl DenseAttention {
         if let Some(run) = coop {
             return run.record(&self.ctx, enc, t, lse);
         }
+        let partial = self.partial_scratch(uniforms.params.len(), plan.shape.elements());
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward"),
             timestamp_writes: None,
         });
         for params in &uniforms.params {
-            self.record(&mut cpass, &[plan.attention], pipes, params, t, lse)?;
+            let steps = [plan.attention];
+            self.record(&mut cpass, &steps, pipes, params, t, lse, partial.as_ref())?;
         }
         Ok(())
     }

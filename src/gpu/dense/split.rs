@@ -112,6 +112,15 @@ impl DenseAttention {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
+        // The f32 partial O under f16 storage: one query chunk's rows (its pairs run in a
+        // row, so the chunks share it), as large as the largest chunk.
+        let rows = plan
+            .chunks
+            .iter()
+            .map(|&(lo, hi)| hi - lo)
+            .max()
+            .unwrap_or(0);
+        let partial = self.partial_scratch(plan.pairs.len(), rows * d);
         {
             let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("dense forward (split head)"),
@@ -126,7 +135,16 @@ impl DenseAttention {
                     out: &qc.out,
                     lse: None,
                 };
-                self.record(&mut cpass, &[pair.dispatch], pipes, params, &t, &qc.lse)?;
+                let steps = [pair.dispatch];
+                self.record(
+                    &mut cpass,
+                    &steps,
+                    pipes,
+                    params,
+                    &t,
+                    &qc.lse,
+                    partial.as_ref(),
+                )?;
             }
         }
 

@@ -48,6 +48,7 @@ impl DenseAttention {
         let base = self.params(plan)?;
         let chunks = self.key_chunks(plan);
         let table = plan.sequences.as_ref().map(|t| sequence_table(device, t));
+        let partial = self.partial_scratch(chunks.len(), plan.shape.elements());
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward (variable lengths)"),
             timestamp_writes: None,
@@ -55,6 +56,11 @@ impl DenseAttention {
         for (c, &(lo, hi)) in chunks.iter().enumerate() {
             let mut p = base;
             (p.key_lo, p.key_hi) = (lo as u32, hi as u32);
+            // The keys the chunks cover (the longest sequence's): the f16 variant keeps the
+            // partial O while key_hi < n_kv (a batch's problems read their n_kv from the table).
+            if let Some(t) = &plan.sequences {
+                p.n_kv = t.max_kv_len as u32;
+            }
             let params = uniform(
                 device,
                 &self.ctx.queue,
@@ -67,7 +73,8 @@ impl DenseAttention {
             } else {
                 vec![plan.attention]
             };
-            self.record_with(&mut cpass, &steps, pipes, &params, (t, lse), table.as_ref())?;
+            let io = (t, lse, partial.as_ref());
+            self.record_with(&mut cpass, &steps, pipes, &params, io, table.as_ref())?;
         }
         Ok(())
     }

@@ -34,6 +34,10 @@ pub enum Role {
     Out,
     /// Per-row log-sum-exp, (bh, n).
     Lse,
+    /// The dense forward's partial O between key chunks, f32 under f16 storage (O's rows,
+    /// (bh, n, d) as O's binding holds them): bound by the f16 variant only
+    /// ([`f16_only_bindings`]).
+    OutPartial,
     /// Coarse keys of every level, (bh, coarse_rows, d).
     CoarseK,
     /// Coarse values of every level, (bh, coarse_rows, d).
@@ -137,6 +141,30 @@ use Role::*;
 
 const PARAMS: Binding = bind(0, "params", Params, Uniform);
 const SEQ_TABLE: Binding = bind(10, "seq_table", SeqTable, Read);
+/// The dense forward's f32 partial O under f16 storage (`storage_types::to_f16_storage`).
+const OUT_PARTIAL: Binding = bind(8, "out_partial", OutPartial, ReadWrite);
+
+/// The bindings that only `pass`'s f16-storage variant declares (issue 29), beside its
+/// descriptor's: the dense forward passes keep a row's partial O in f32 between key chunks
+/// (`Role::OutPartial`), so that O is rounded to f16 once, by the last chunk. The f32 variant
+/// resumes from O itself and composes the text it always did.
+pub fn f16_only_bindings(pass: Pass) -> &'static [Binding] {
+    match pass {
+        Pass::DenseAttention | Pass::DenseTiled => &[OUT_PARTIAL],
+        _ => &[],
+    }
+}
+
+/// Group 0 of `pass`'s variant for `storage`, in binding order: its descriptor's bindings,
+/// and under f16 [`f16_only_bindings`].
+pub fn bindings_for(pass: Pass, storage: crate::Storage) -> Vec<Binding> {
+    let mut all = desc(pass).bindings.to_vec();
+    if storage == crate::Storage::F16 {
+        all.extend_from_slice(f16_only_bindings(pass));
+        all.sort_by_key(|b| b.binding);
+    }
+    all
+}
 
 /// The descriptor of `pass`.
 pub fn desc(pass: Pass) -> &'static PassDesc {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::passes::{desc, Access};
+use crate::gpu::engine::passes::{bindings_for, desc, f16_only_bindings, Access, Binding};
 use crate::gpu::engine::shaders::{compose_counting, compose_with};
 use crate::gpu::engine::storage_types::f16_bindings;
 use crate::plan::{Pass, Specialization};
@@ -82,6 +82,9 @@ impl RowCounter {
 pub(crate) struct Kernels {
     /// Group 0 of every pass, from its descriptor.
     group0: HashMap<Pass, wgpu::BindGroupLayout>,
+    /// Group 0 of the f16 variant of the passes that bind more under f16 storage
+    /// (`passes::f16_only_bindings`: the dense forward's f32 partial O).
+    group0_f16: HashMap<Pass, wgpu::BindGroupLayout>,
     /// Group 1 of the passes with a level selector, at a dynamic offset.
     pub level_select: wgpu::BindGroupLayout,
     /// Subgroup size the attention passes are composed for (`shaders::compose_for`); `None`
@@ -95,29 +98,46 @@ pub(crate) struct Kernels {
     /// The sequence table bound when a dispatch has none (a batch of equal sequences, which
     /// the passes recognise by `params.seqs = 0` and never read it): 16 zero bytes.
     pub no_sequences: wgpu::Buffer,
+    /// The f32 partial O bound when a dense f16 forward has one key chunk (its shader writes
+    /// the partial only before a later chunk, `params.key_hi < params.n_kv`): 16 bytes, never
+    /// touched.
+    pub no_partial: wgpu::Buffer,
     /// A counting device's row counters (tests; `None` otherwise).
     pub counter: Option<RowCounter>,
 }
 
 impl Kernels {
     pub fn new(device: &wgpu::Device, subgroup: Option<u32>) -> Self {
+        let layout = |pass: Pass, bindings: &[Binding]| {
+            let entries: Vec<_> = bindings
+                .iter()
+                .map(|b| entry(b.binding, b.access, false))
+                .collect();
+            device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(pass.name()),
+                entries: &entries,
+            })
+        };
         let group0 = Pass::ALL
             .iter()
-            .map(|&pass| {
-                let entries: Vec<_> = desc(pass)
-                    .bindings
-                    .iter()
-                    .map(|b| entry(b.binding, b.access, false))
-                    .collect();
-                let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                    label: Some(pass.name()),
-                    entries: &entries,
-                });
-                (pass, layout)
-            })
+            .map(|&pass| (pass, layout(pass, desc(pass).bindings)))
             .collect();
+        let group0_f16 = Pass::ALL
+            .iter()
+            .filter(|&&pass| !f16_only_bindings(pass).is_empty())
+            .map(|&pass| (pass, layout(pass, &bindings_for(pass, Storage::F16))))
+            .collect();
+        let placeholder = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
         Self {
             group0,
+            group0_f16,
             level_select: device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some("level_select"),
                 entries: &[entry(0, Access::Uniform, true)],
@@ -125,12 +145,8 @@ impl Kernels {
             subgroup,
             subgroup_exact: true,
             pipelines: Mutex::new(HashMap::new()),
-            no_sequences: device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("no sequence table"),
-                size: 16,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            }),
+            no_sequences: placeholder("no sequence table"),
+            no_partial: placeholder("no partial O"),
             counter: None,
         }
     }
@@ -145,8 +161,19 @@ impl Kernels {
         }
     }
 
-    /// Group 0 of `pass`.
+    /// Group 0 of `pass` (its descriptor's bindings: the f32 variant's, and the f16 one's
+    /// where it binds nothing more).
     pub fn group0(&self, pass: Pass) -> Result<&wgpu::BindGroupLayout> {
+        self.group0_for(pass, Storage::F32)
+    }
+
+    /// Group 0 of `pass`'s variant for `storage` (`passes::bindings_for`).
+    pub fn group0_for(&self, pass: Pass, storage: Storage) -> Result<&wgpu::BindGroupLayout> {
+        if storage == Storage::F16 {
+            if let Some(layout) = self.group0_f16.get(&pass) {
+                return Ok(layout);
+            }
+        }
         // Every pass of Pass::ALL has one; a pass missing from ALL is a bug the tests catch.
         self.group0.get(&pass).ok_or_else(|| FmaError::Gpu {
             stage: format!("binding the {} pass", pass.name()),
@@ -175,7 +202,7 @@ impl Kernels {
         if let Some(p) = self.pipelines.lock().map_err(poisoned)?.get(&key) {
             return Ok(p.clone());
         }
-        let mut groups = vec![Some(self.group0(pass)?)];
+        let mut groups = vec![Some(self.group0_for(pass, spec.storage)?)];
         if desc(pass).level_select {
             groups.push(Some(&self.level_select));
         }

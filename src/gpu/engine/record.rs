@@ -10,7 +10,7 @@ use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::params::{to_uniform_bytes, LevelSelect};
-use crate::gpu::engine::passes::{desc, Role};
+use crate::gpu::engine::passes::{bindings_for, desc, Role};
 use crate::gpu::engine::pipelines::{COUNTER_SLOTS, COUNTER_STRIDE};
 use crate::gpu::engine::tensors::{GpuTensors, SavedTensors};
 use crate::plan::{Dispatch, Pass, Specialization};
@@ -79,10 +79,20 @@ impl<'a> Resources<'a> {
         )
     }
 
-    /// Group 0 of `pass` with these buffers.
+    /// Group 0 of `pass` with these buffers (its descriptor's bindings: the f32 variant's).
     pub fn bind_group(&self, ctx: &GpuContext, pass: Pass) -> Result<wgpu::BindGroup> {
-        let entries = desc(pass)
-            .bindings
+        self.bind_group_for(ctx, pass, crate::Storage::F32)
+    }
+
+    /// Group 0 of `pass`'s variant for `storage` with these buffers
+    /// (`passes::bindings_for`: under f16 the dense forward binds its f32 partial O too).
+    pub fn bind_group_for(
+        &self,
+        ctx: &GpuContext,
+        pass: Pass,
+        storage: crate::Storage,
+    ) -> Result<wgpu::BindGroup> {
+        let entries = bindings_for(pass, storage)
             .iter()
             .map(|b| {
                 let buf = match (self.buffers.get(&b.role), b.role) {
@@ -104,7 +114,7 @@ impl<'a> Resources<'a> {
             .collect::<Result<Vec<_>>>()?;
         Ok(ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(pass.name()),
-            layout: ctx.kernels.group0(pass)?,
+            layout: ctx.kernels.group0_for(pass, storage)?,
             entries: &entries,
         }))
     }
@@ -206,7 +216,7 @@ impl Pipes {
 
 /// Records `steps` in order into `cpass`. `selects` must have been made from exactly these
 /// steps (step k uses selector k); `None` when no step's pass has a level selector. Group 0 is
-/// made once per pass of the list (every step of a pass binds the same buffers).
+/// made once per pass and storage of the list (every step of a pass binds the same buffers).
 pub(crate) fn record_steps(
     ctx: &GpuContext,
     cpass: &mut wgpu::ComputePass<'_>,
@@ -216,12 +226,12 @@ pub(crate) fn record_steps(
     res: &Resources<'_>,
 ) -> Result<()> {
     let select = selector(ctx, steps, selects)?;
-    let mut groups: HashMap<Pass, wgpu::BindGroup> = HashMap::new();
+    let mut groups: HashMap<(Pass, crate::Storage), wgpu::BindGroup> = HashMap::new();
     for (k, step) in steps.iter().enumerate() {
-        let group = match groups.entry(step.pass) {
+        let group = match groups.entry((step.pass, step.spec.storage)) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(res.bind_group(ctx, step.pass)?)
+                slot.insert(res.bind_group_for(ctx, step.pass, step.spec.storage)?)
             }
         };
         dispatch_one(ctx, cpass, (steps, k), pipes, group, select)?;

@@ -6,8 +6,10 @@
 //! tile `BK`, padded head dimension `D4`): fixed sizes let private and workgroup arrays be
 //! sized exactly, and a pipeline is built once per distinct set (see `pipelines.rs`).
 
-use crate::gpu::engine::passes::desc;
-use crate::gpu::engine::storage_types::{f16_bindings, to_f16_storage, F16_DIRECTIVE};
+use crate::gpu::engine::passes::{desc, f16_only_bindings, Role};
+use crate::gpu::engine::storage_types::{
+    f16_bindings, to_f16_storage_with, DENSE_PARTIAL, F16_DIRECTIVE,
+};
 use crate::plan::UNROLLED_D4;
 pub use crate::plan::{Pass, Specialization};
 use crate::storage::Storage;
@@ -144,7 +146,14 @@ pub fn compose_with(
     // f32 variant is exactly the text it was before storage types existed.
     match spec.storage {
         Storage::F32 => out,
-        Storage::F16 => to_f16_storage(&out, &f16_bindings(pass)),
+        Storage::F16 => {
+            // The dense forward keeps its partial O in f32 between key chunks.
+            let partial = f16_only_bindings(pass)
+                .iter()
+                .any(|b| b.role == Role::OutPartial)
+                .then_some(DENSE_PARTIAL);
+            to_f16_storage_with(&out, &f16_bindings(pass), partial)
+        }
     }
 }
 
@@ -581,15 +590,15 @@ mod descriptors {
     /// WebGPU's default limit of storage buffers per shader stage.
     const MAX_STORAGE_PER_STAGE: usize = 8;
 
-    /// Every global buffer of the composed WGSL: (group, binding, name, access).
-    fn reflect(pass: Pass) -> Vec<(u32, u32, String, Access)> {
+    /// Every global buffer of the composed WGSL of `storage`: (group, binding, name, access).
+    fn reflect(pass: Pass, storage: Storage) -> Vec<(u32, u32, String, Access)> {
         let spec = Specialization {
             wg: 64,
             bk: 8,
             d4: 4,
             grid: false,
             softmax: SoftmaxFlags::PLAIN,
-            storage: Storage::F32,
+            storage,
         };
         let src = compose(pass, spec);
         let module = naga::front::wgsl::parse_str(&src).expect("shader parses");
@@ -621,26 +630,30 @@ mod descriptors {
         out
     }
 
+    /// Both storages: the f16 variant declares `passes::f16_only_bindings` too.
     #[test]
     fn every_descriptor_matches_its_wgsl_bindings() {
         for pass in Pass::ALL {
-            let d = desc(pass);
-            let mut want: Vec<_> = d
-                .bindings
-                .iter()
-                .map(|b| (0, b.binding, b.name.to_string(), b.access))
-                .collect();
-            if d.level_select {
-                want.push((1, 0, "sel".to_string(), Uniform));
+            for storage in [Storage::F32, Storage::F16] {
+                let mut want: Vec<_> = crate::gpu::engine::passes::bindings_for(pass, storage)
+                    .iter()
+                    .map(|b| (0, b.binding, b.name.to_string(), b.access))
+                    .collect();
+                if desc(pass).level_select {
+                    want.push((1, 0, "sel".to_string(), Uniform));
+                }
+                assert_eq!(reflect(pass, storage), want, "{} {storage:?}", pass.name());
             }
-            assert_eq!(reflect(pass), want, "{}", pass.name());
         }
     }
 
     #[test]
     fn bindings_are_in_order_with_one_role_each_and_fit_the_browser() {
-        for pass in Pass::ALL {
-            let b = desc(pass).bindings;
+        for (pass, storage) in Pass::ALL
+            .iter()
+            .flat_map(|&p| [(p, Storage::F32), (p, Storage::F16)])
+        {
+            let b = &crate::gpu::engine::passes::bindings_for(pass, storage)[..];
             assert!(
                 b.windows(2).all(|w| w[0].binding < w[1].binding),
                 "{}",
@@ -654,8 +667,12 @@ mod descriptors {
                     x.role
                 );
             }
-            let storage = b.iter().filter(|x| x.access != Uniform).count();
-            assert!(storage <= MAX_STORAGE_PER_STAGE, "{}", pass.name());
+            let buffers = b.iter().filter(|x| x.access != Uniform).count();
+            assert!(
+                buffers <= MAX_STORAGE_PER_STAGE,
+                "{} {storage:?}",
+                pass.name()
+            );
         }
     }
 }

@@ -5,6 +5,14 @@
 //! and prepends `enable f16;`. Arithmetic, workgroup tiles and the softmax state stay f32, so
 //! the f16 variant computes what the f32 one does on the rounded inputs, rounding O once.
 //!
+//! The dense forward passes resume a row's partial (O, LSE) after every key chunk
+//! (`shaders/dense_attention.wgsl`); resumed from an f16 O, each chunk would round the partial
+//! once more. Their f16 variant ([`to_f16_storage_with`], a [`KeptPartial`]) therefore also
+//! declares an f32 binding for the partial (`passes::f16_only_bindings`): O's loads (the
+//! resume, the only ones) read it instead, and every store of O also keeps the f32 value there
+//! while keys remain (`params.key_hi < params.n_kv`), so O is rounded once, from the f32
+//! result of the last chunk: the f32 variant's O rounded to f16.
+//!
 //! Why a rewrite rather than an alias in every shader: the f32 variant is then the text the
 //! passes always composed (not merely an equivalent one), and the shaders keep their one
 //! spelling of each load. The rewrite is strict: an access it cannot place (a compound
@@ -69,6 +77,40 @@ pub(crate) fn f16_bindings(pass: Pass) -> Vec<&'static str> {
 /// `text` (a composed pass) with the storage arrays `names` as f16: see the module's doc.
 /// Unchanged when `names` is empty.
 pub(crate) fn to_f16_storage(text: &str, names: &[&str]) -> String {
+    to_f16_storage_with(text, names, None)
+}
+
+/// An f16 tensor whose f32 value a pass keeps in a binding of its own between dispatches
+/// (the dense forward's partial O between key chunks; see the module's doc).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeptPartial {
+    /// The f16 tensor's WGSL name (one of the rewrite's names).
+    pub of: &'static str,
+    /// The f32 binding's WGSL name.
+    pub name: &'static str,
+    /// Its binding number in group 0.
+    pub binding: u32,
+    /// The WGSL condition under which a store of `of` keeps its f32 value too.
+    pub keep: &'static str,
+}
+
+/// The dense forward's partial O (`passes::f16_only_bindings`): kept while keys remain after
+/// the dispatch's chunk (`params.n_kv`: a variable-length batch's executor sets it to its
+/// longest sequence's keys, which its chunks cover).
+pub(crate) const DENSE_PARTIAL: KeptPartial = KeptPartial {
+    of: "out",
+    name: "out_partial",
+    binding: 8,
+    keep: "params.key_hi < params.n_kv",
+};
+
+/// [`to_f16_storage`], and with `partial` the tensor `partial.of` read from its f32 binding
+/// and kept there by every store while `partial.keep` holds (the module's doc).
+pub(crate) fn to_f16_storage_with(
+    text: &str,
+    names: &[&str],
+    partial: Option<KeptPartial>,
+) -> String {
     if names.is_empty() {
         return text.to_string();
     }
@@ -80,29 +122,38 @@ pub(crate) fn to_f16_storage(text: &str, names: &[&str]) -> String {
             Some(at) => line.split_at(at),
             None => (line, ""),
         };
-        match declared(code, names) {
-            Some(decl) => out.push_str(&decl),
-            None => out.push_str(&rewrite(code, names, line)),
+        let decl = declared(code, names);
+        match &decl {
+            Some((decl, _)) => out.push_str(decl),
+            None => out.push_str(&rewrite(code, (names, partial), line)),
         }
         out.push_str(comment);
         out.push('\n');
+        if let (Some((_, name)), Some(p)) = (&decl, partial) {
+            if *name == p.of {
+                out.push_str(&format!(
+                    "@group(0) @binding({}) var<storage, read_write> {}: array<f32>; \
+                     // {}'s f32 partial between key chunks\n",
+                    p.binding, p.name, p.of
+                ));
+            }
+        }
     }
     out
 }
 
-/// A storage binding's declaration of one of `names` with its `array<f32>` made f16.
-fn declared(code: &str, names: &[&str]) -> Option<String> {
+/// A storage binding's declaration of one of `names` with its `array<f32>` made f16, and the
+/// name.
+fn declared<'n>(code: &str, names: &[&'n str]) -> Option<(String, &'n str)> {
     let at = code.find("var<storage")?;
     let rest = &code[at..];
     let name = rest[rest.find('>')? + 1..rest.find(':')?].trim();
-    if !names.contains(&name) {
-        return None;
-    }
+    let name = *names.iter().find(|&&x| x == name)?;
     assert!(
         code.contains("array<f32>"),
         "f16 storage: `{code}` is not an array<f32>"
     );
-    Some(code.replacen("array<f32>", "array<f16>", 1))
+    Some((code.replacen("array<f32>", "array<f16>", 1), name))
 }
 
 fn is_ident(c: u8) -> bool {
@@ -110,8 +161,10 @@ fn is_ident(c: u8) -> bool {
 }
 
 /// `code` with each access `name[..]` of `names` converted: a load becomes `f32(name[..])`, a
-/// store `name[..] = x;` becomes `name[..] = f16(x);`. `line` names the source in a panic.
-fn rewrite(code: &str, names: &[&str], line: &str) -> String {
+/// store `name[..] = x;` becomes `name[..] = f16(x);`. With `partial`, a load of its tensor
+/// reads the f32 binding instead, and a store keeps the f32 value there too while its
+/// condition holds. `line` names the source in a panic.
+fn rewrite(code: &str, (names, partial): (&[&str], Option<KeptPartial>), line: &str) -> String {
     let b = code.as_bytes();
     let mut out = String::with_capacity(code.len() + 16);
     let mut i = 0;
@@ -134,16 +187,30 @@ fn rewrite(code: &str, names: &[&str], line: &str) -> String {
         }
         let close = closing(code, end, b'[', b']')
             .unwrap_or_else(|| panic!("f16 storage: an index of `{ident}` spans lines: {line}"));
-        let access = format!("{ident}[{}]", rewrite(&code[end + 1..close], names, line));
+        let index = rewrite(&code[end + 1..close], (names, partial), line);
+        let access = format!("{ident}[{index}]");
+        let kept = partial.filter(|p| p.of == ident);
         let after = code[close + 1..].trim_start();
         let ab = after.as_bytes();
         if ab.first() == Some(&b'=') && ab.get(1) != Some(&b'=') {
             let semi = after
                 .find(';')
                 .unwrap_or_else(|| panic!("f16 storage: a store spans lines: {line}"));
-            let value = rewrite(after[1..semi].trim(), names, line);
-            out.push_str(&format!("{access} = f16({value})"));
-            out.push_str(&after[semi..]);
+            let value = rewrite(after[1..semi].trim(), (names, partial), line);
+            match kept {
+                None => {
+                    out.push_str(&format!("{access} = f16({value})"));
+                    out.push_str(&after[semi..]);
+                }
+                Some(p) => {
+                    out.push_str(&format!(
+                        "{{ let kept = {value}; {access} = f16(kept); if ({}) {{ {}[{index}] = \
+                         kept; }} }}",
+                        p.keep, p.name
+                    ));
+                    out.push_str(&after[semi + 1..]);
+                }
+            }
             return out;
         }
         let compound = ab.len() >= 2 && b"+-*/%&|^".contains(&ab[0]) && ab[1] == b'=';
@@ -151,7 +218,10 @@ fn rewrite(code: &str, names: &[&str], line: &str) -> String {
             !compound,
             "f16 storage: a compound assignment to `{ident}`: {line}"
         );
-        out.push_str(&format!("f32({access})"));
+        match kept {
+            Some(p) => out.push_str(&format!("{}[{index}]", p.name)),
+            None => out.push_str(&format!("f32({access})")),
+        }
         i = close + 1;
     }
     out
@@ -201,6 +271,28 @@ fn f() {
 ";
         assert_eq!(got, want);
         assert_eq!(to_f16_storage(src, &[]), src);
+    }
+
+    /// The dense forward's partial: O's load reads the f32 binding, O's store rounds once and
+    /// keeps the f32 value while keys remain; the binding is declared after O's.
+    #[test]
+    fn a_kept_partial_is_read_and_kept_in_f32() {
+        let src = "@group(0) @binding(6) var<storage, read_write> out: array<f32>;    // O
+fn f() {
+    x[e] = out[head + i * d + c];
+    out[head + i * d + c] = x[e]; // store
+}
+";
+        let got = to_f16_storage_with(src, &["out"], Some(DENSE_PARTIAL));
+        let want = "enable f16;
+@group(0) @binding(6) var<storage, read_write> out: array<f16>;    // O
+@group(0) @binding(8) var<storage, read_write> out_partial: array<f32>; // out's f32 partial between key chunks
+fn f() {
+    x[e] = out_partial[head + i * d + c];
+    { let kept = x[e]; out[head + i * d + c] = f16(kept); if (params.key_hi < params.n_kv) { out_partial[head + i * d + c] = kept; } } // store
+}
+";
+        assert_eq!(got, want);
     }
 
     #[test]
