@@ -2,9 +2,11 @@
 //! chosen for a plan only on a context that negotiated a shape
 //! ([`crate::gpu::ContextOptions::cooperative_matrix`]) and only for what the kernel covers
 //! (a batch of equal sequences, no softmax variant, a head dimension whose tiles fit the
-//! workgroup memory); everything else runs the plain kernel. One dispatch over all keys: the
-//! key chunks of the plain kernel exist for llvmpipe's loop limit, and llvmpipe has no
-//! cooperative matrices. Under f16 storage the kernel's Q, K, V, O bindings are f16
+//! workgroup memory); everything else runs the plain kernel. On a GPU one dispatch over all keys;
+//! the scalar emulation (tests, on llvmpipe) runs the keys in chunks of
+//! `engine::coop::emulated_keys_per_dispatch`, dispatches in order, each resuming the partial
+//! (O, LSE) of the one before, because llvmpipe stops an invocation's loops after 65535
+//! iterations and returns wrong values without an error (perf.md, change 35). Under f16 storage the kernel's Q, K, V, O bindings are f16
 //! (`engine::coop::compose_dense_coop_for`).
 
 use std::collections::HashMap;
@@ -14,7 +16,8 @@ use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::uniform;
 use crate::gpu::engine::context::GpuContext;
 use crate::gpu::engine::coop::{
-    compose_dense_coop_emulated_for, compose_dense_coop_for, emulation_spec, CoopSpec,
+    compose_dense_coop_emulated_for, compose_dense_coop_for, emulated_keys_per_dispatch,
+    emulation_spec, CoopSpec,
 };
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
@@ -29,10 +32,11 @@ use crate::storage::Storage;
 #[derive(Default)]
 pub(super) struct CoopPipelines(Mutex<HashMap<(CoopSpec, Storage), wgpu::ComputePipeline>>);
 
-/// What one forward on cooperative matrices records: its pipeline, parameter block and grid.
+/// What one forward on cooperative matrices records: its pipeline, one parameter block per
+/// key chunk (in order) and the grid.
 pub(super) struct CoopRun {
     pipeline: wgpu::ComputePipeline,
-    params: wgpu::Buffer,
+    params: Vec<wgpu::Buffer>,
     grid: [u32; 3],
 }
 
@@ -76,20 +80,42 @@ impl CoopPipelines {
                     advice: "process fewer heads per call, or shorter sequences".into(),
                 })?;
         let grid = fold(total, ctx.limits.max_compute_workgroups_per_dimension)?;
-        let params = Params {
-            tiles_per_block: tiles,
-            total_workgroups: total,
-            workgroups_x: grid[0],
-            key_lo: 0,
-            key_hi: s.seq_kv as u32,
-            ..base
+        let n_kv = s.seq_kv as u32;
+        // Keys per dispatch: all on a GPU; under the emulation what llvmpipe's loop limit
+        // allows (a multiple of BK, so every chunk but the last ends on a key tile's end).
+        let chunk = match ctx.coop_emulated {
+            true => emulated_keys_per_dispatch(spec, s.head_dim as u32)?,
+            false => n_kv.max(1),
         };
-        let bytes = to_uniform_bytes(&params)?;
+        let mut params = Vec::new();
+        let mut key_lo = 0;
+        loop {
+            let key_hi = key_lo.saturating_add(chunk).min(n_kv);
+            let block = Params {
+                tiles_per_block: tiles,
+                total_workgroups: total,
+                workgroups_x: grid[0],
+                key_lo,
+                key_hi,
+                ..base
+            };
+            let bytes = to_uniform_bytes(&block)?;
+            params.push(uniform(
+                &ctx.device,
+                &ctx.queue,
+                "dense coop params",
+                &bytes,
+            ));
+            if key_hi >= n_kv {
+                break;
+            }
+            key_lo = key_hi;
+        }
         Ok(Some(CoopRun {
             pipeline: self
                 .pipeline(ctx, spec, plan.attention.spec.storage)
                 .await?,
-            params: uniform(&ctx.device, &ctx.queue, "dense coop params", &bytes),
+            params,
             grid,
         }))
     }
@@ -154,18 +180,27 @@ impl CoopRun {
         t: &GpuTensors<'_>,
         lse: &wgpu::Buffer,
     ) -> Result<()> {
-        let group = Resources::default()
-            .with(Role::Params, &self.params)
-            .tensors(t, lse)
-            .bind_group(ctx, Pass::DenseAttention)?;
+        let groups = self
+            .params
+            .iter()
+            .map(|p| {
+                Resources::default()
+                    .with(Role::Params, p)
+                    .tensors(t, lse)
+                    .bind_group(ctx, Pass::DenseAttention)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("dense forward (cooperative matrices)"),
             timestamp_writes: None,
         });
         cpass.set_pipeline(&self.pipeline);
-        cpass.set_bind_group(0, &group, &[]);
         let timed = ctx.profiler.begin(&mut cpass, "dense_coop", None);
-        cpass.dispatch_workgroups(self.grid[0], self.grid[1], self.grid[2]);
+        // Key chunks in order: each dispatch resumes the (O, LSE) the one before wrote.
+        for group in &groups {
+            cpass.set_bind_group(0, group, &[]);
+            cpass.dispatch_workgroups(self.grid[0], self.grid[1], self.grid[2]);
+        }
         ctx.profiler.end(&mut cpass, timed);
         Ok(())
     }

@@ -287,7 +287,8 @@ pub fn compose_dense_coop_emulated_for(spec: CoopSpec, storage: Storage) -> Stri
 }
 
 /// Tiles for [`compose_dense_coop_emulated`]: the smallest (BQ = 2 CM, BK = CM), so that an
-/// invocation's emulated multiply-adds stay under llvmpipe's loop limit on small problems.
+/// invocation's emulated multiply-adds per key tile stay few under llvmpipe's loop limit (the
+/// key range is cut into dispatches by [`emulated_keys_per_dispatch`]).
 pub fn emulation_spec(shape: CoopShape, head_dim: usize) -> CoopSpec {
     let cm = shape.size;
     CoopSpec {
@@ -306,10 +307,12 @@ const COOP_ARRAYS: [&str; 6] = ["qs", "ks", "vs", "ss", "ps", "os"];
 /// the kernel's logic (tiling, strides, row/column-major, masks, the online softmax) runs on
 /// an adapter without cooperative matrices (lavapipe, the CI's): tests only
 /// (`GpuContext::emulating_cooperative_matrix`). f16 values are f32s rounded to f16's
-/// precision by bit operations, so neither feature is needed. Each invocation computes every
-/// matrix in full (redundantly) and only invocation 0 stores one: llvmpipe runs a workgroup's
-/// lanes in batches between barriers, so a later batch may load an output tile invocation 0
-/// already updated, but its result is never stored, and invocation 0 loaded before it stored.
+/// precision by bit operations, so neither feature is needed. A matrix value is the whole
+/// matrix in every invocation, but each invocation computes and stores only its share of the
+/// elements ([`emulation`]), which no other invocation reads back: llvmpipe runs a
+/// workgroup's lanes in batches between barriers, so a lane may load an output tile another
+/// lane already updated, but only its own elements of it count. llvmpipe's loop limit bounds
+/// the keys of one dispatch ([`emulated_keys_per_dispatch`]).
 pub fn compose_dense_coop_emulated(spec: CoopSpec) -> String {
     let text = compose_dense_coop(spec);
     let mut out = String::from(
@@ -331,10 +334,7 @@ pub fn compose_dense_coop_emulated(spec: CoopSpec) -> String {
             out.push_str("    emu_lane = lid;\n");
         }
     }
-    out.push_str(EMULATION);
-    for name in COOP_ARRAYS {
-        out.push_str(&EMULATED_ACCESS.replace("NAME", name));
-    }
+    out.push_str(&emulation(spec.cm));
     out
 }
 
@@ -366,8 +366,8 @@ fn emulate_call(line: &str) -> String {
     }
 }
 
-/// The scalar stand-ins of the emulated kernel: f16 rounding and C + A B.
-const EMULATION: &str = "
+/// x rounded to f16's precision, the emulation's stand-in for `f16(x)`.
+const EMULATED_F16: &str = "
 // x rounded to f16's 11 significant bits, to nearest even (f16's range is not emulated: no
 // subnormals, no overflow; unpack2x16float would need SHADER_F16_IN_F32).
 fn emu_f16(x: f32) -> f32 {
@@ -375,43 +375,117 @@ fn emu_f16(x: f32) -> f32 {
     let lsb = (b >> 13u) & 1u;
     return bitcast<f32>((b + 0xfffu + lsb) & 0xffffe000u);
 }
-fn emu_mad(a: EmuMat, b: EmuMat, c: EmuMat) -> EmuMat {
-    var r = c;
-    for (var i = 0u; i < CM; i++) {
-        for (var j = 0u; j < CM; j++) {
-            var s = r.e[i * CM + j];
-            for (var k = 0u; k < CM; k++) {
-                s += a.e[i * CM + k] * b.e[k * CM + j];
-            }
-            r.e[i * CM + j] = s;
-        }
-    }
-    return r;
-}
 ";
 
-/// The emulated load (row- or column-major) and row-major store of one workgroup array NAME;
-/// element (r, c) of a matrix is `e[r * CM + c]`.
-const EMULATED_ACCESS: &str = "
-fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuMat {
+/// The scalar stand-ins of the emulated kernel for CM = `cm`: f16 rounding, C + A B and the
+/// loads and stores of every workgroup array of [`COOP_ARRAYS`]. Element (r, c) of a matrix is
+/// `e[r * CM + c]`; lane `emu_lane` owns the elements `lane, lane + WG, ...` of every matrix:
+/// it computes and stores only those (C + A B's element (i, j) needs A's row i and B's column
+/// j, which every lane loads in full), so no lane uses an element another lane stores, and an
+/// invocation's loops stay short (llvmpipe's loop limit: [`emulated_loop_iterations`]). The
+/// innermost loops over CM are written out: sums in the order k = 0, 1, ..
+fn emulation(cm: u32) -> String {
+    let terms: String = (0..cm)
+        .map(|k| format!("        s += a.e[row + {k}u] * b.e[{}u + col];\n", k * cm))
+        .collect();
+    let mut out = format!(
+        "{EMULATED_F16}
+fn emu_mad(a: EmuMat, b: EmuMat, c: EmuMat) -> EmuMat {{
+    var r = c;
+    for (var e = emu_lane; e < CM * CM; e += WG) {{
+        let row = e - e % CM;
+        let col = e % CM;
+        var s = r.e[e];
+{terms}        r.e[e] = s;
+    }}
+    return r;
+}}
+"
+    );
+    let loads: String = (0..cm)
+        .map(|c| {
+            format!(
+                "        m.e[r * CM + {c}u] = NAME[select(at + {c}u * stride + r, at + r * stride + {c}u, row_major)];\n"
+            )
+        })
+        .collect();
+    let access = format!(
+        "
+fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuMat {{
     var m: EmuMat;
-    for (var r = 0u; r < CM; r++) {
-        for (var c = 0u; c < CM; c++) {
-            m.e[r * CM + c] = NAME[select(at + c * stride + r, at + r * stride + c, row_major)];
-        }
-    }
+    for (var r = 0u; r < CM; r++) {{
+{loads}    }}
     return m;
-}
-fn emu_store_NAME(m: EmuMat, at: u32, stride: u32) {
-    if (emu_lane == 0u) {
-        for (var r = 0u; r < CM; r++) {
-            for (var c = 0u; c < CM; c++) {
-                NAME[at + r * stride + c] = m.e[r * CM + c];
-            }
-        }
+}}
+fn emu_store_NAME(m: EmuMat, at: u32, stride: u32) {{
+    for (var e = emu_lane; e < CM * CM; e += WG) {{
+        NAME[at + e / CM * stride + e % CM] = m.e[e];
+    }}
+}}
+"
+    );
+    for name in COOP_ARRAYS {
+        out.push_str(&access.replace("NAME", name));
     }
+    out
 }
-";
+
+/// llvmpipe stops an invocation's loops after this many iterations in all (gallivm's
+/// `LP_MAX_TGSI_LOOP_ITERATIONS`; perf.md, change 9) and goes on with wrong values, silently.
+const LLVMPIPE_LOOP_LIMIT: u64 = 65535;
+
+/// An upper bound on the loop iterations one invocation of the emulated kernel
+/// ([`compose_dense_coop_emulated`]) runs for a head of dimension `d`: `(fixed, per_key_tile)`,
+/// every loop of the composed text counted in full (none assumed unrolled), a loop's exit
+/// test as one more iteration.
+pub fn emulated_loop_iterations(spec: CoopSpec, d: u32) -> (u64, u64) {
+    let (cm, bq, bk, dp, wg) = (
+        spec.cm as u64,
+        spec.bq as u64,
+        spec.bk as u64,
+        spec.dp as u64,
+        spec.wg as u64,
+    );
+    let rpl = bq.div_ceil(wg);
+    // emu_mad and emu_store: a lane's share of the CM x CM elements; emu_load: CM rows.
+    let share = (cm * cm).div_ceil(wg) + 1;
+    let load = cm + 1;
+    let (rbs, kbs, cbs) = (bq / cm, bk / cm, dp / cm);
+    // Q tile staged, running state set up, O and LSE written; the key loop's exit.
+    let fixed = (bq * dp).div_ceil(wg) + 1 + (rpl + 1) + rpl * (d as u64 + 2) + 1 + 1;
+    let stage = (bk * dp).div_ceil(wg) + 1;
+    let scores = rbs * (1 + kbs * (1 + cbs * (1 + 2 * load + share) + 1 + share) + 1) + 1;
+    let softmax = rpl * (1 + (bk + 1) + (bk + 1) + (dp + 1)) + 1;
+    let pv = rbs * (1 + cbs * (1 + load + kbs * (1 + 2 * load + share) + 1 + share) + 1) + 1;
+    (fixed, 1 + stage + scores + softmax + pv)
+}
+
+/// The keys one dispatch of the emulated kernel may attend per query row (a multiple of
+/// `spec.bk`) so that no invocation reaches llvmpipe's loop limit: at most half of it by
+/// [`emulated_loop_iterations`]' bound (the margin covers what the count cannot see). A head
+/// whose single key tile needs more is an error: the emulation cannot run it, and a wrong
+/// answer would be silent.
+pub fn emulated_keys_per_dispatch(spec: CoopSpec, d: u32) -> Result<u32> {
+    let budget = LLVMPIPE_LOOP_LIMIT / 2;
+    let (fixed, per_tile) = emulated_loop_iterations(spec, d);
+    let tiles = budget.saturating_sub(fixed) / per_tile;
+    if tiles == 0 {
+        return Err(FmaError::LimitExceeded {
+            what: format!(
+                "loop iterations of one invocation of the emulated cooperative-matrix kernel \
+                 (head_dim {d}, CM {})",
+                spec.cm
+            ),
+            requested: fixed + per_tile,
+            max: budget,
+            unit: "iterations",
+            advice: "emulate with 8 x 8 matrices or a smaller head_dim (llvmpipe stops an \
+                     invocation's loops after 65535 iterations)"
+                .into(),
+        });
+    }
+    Ok((tiles.min(u32::MAX as u64 / spec.bk as u64) as u32) * spec.bk)
+}
 
 #[cfg(test)]
 mod tests {
@@ -584,6 +658,37 @@ mod tests {
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
             }
+        }
+    }
+
+    /// Every head dimension the library takes (1 ..= 256) can be emulated with either matrix
+    /// size: at least one key tile per dispatch, keys per dispatch a multiple of BK, and the
+    /// bound of a dispatch under half of llvmpipe's limit. The report of issue 29 (n = 97,
+    /// d = 24, 8 x 8) is more than one dispatch's worth for the old emulation (every lane
+    /// computing every product: ~6000 iterations per key tile, 13 tiles > 65535) but one
+    /// dispatch now. A head no single key tile of which fits is an error, not a wrong answer.
+    #[test]
+    fn the_emulation_cuts_keys_under_the_loop_limit() {
+        for size in [8, 16] {
+            let shape = CoopShape { size, subgroup: 8 };
+            for d in 1..=256u32 {
+                let spec = emulation_spec(shape, d as usize);
+                let keys = emulated_keys_per_dispatch(spec, d).unwrap();
+                assert!(keys >= spec.bk && keys % spec.bk == 0, "{spec:?}: {keys}");
+                let (fixed, per_tile) = emulated_loop_iterations(spec, d);
+                let tiles = (keys / spec.bk) as u64;
+                assert!(fixed + tiles * per_tile <= LLVMPIPE_LOOP_LIMIT / 2, "{spec:?}");
+            }
+        }
+        let spec = emulation_spec(CoopShape { size: 8, subgroup: 8 }, 24);
+        assert!(emulated_keys_per_dispatch(spec, 24).unwrap() >= 97);
+        let spec = emulation_spec(CoopShape { size: 16, subgroup: 8 }, 4096);
+        let e = emulated_keys_per_dispatch(spec, 4096).unwrap_err().to_string();
+        assert!(e.contains("emulated cooperative-matrix kernel"), "{e}");
+        for (size, d) in [(8, 24), (8, 128), (16, 24), (16, 128)] {
+            let spec = emulation_spec(CoopShape { size, subgroup: 8 }, d);
+            let keys = emulated_keys_per_dispatch(spec, d as u32).unwrap();
+            eprintln!("cm {size} d {d}: {keys} keys per dispatch");
         }
     }
 
