@@ -88,7 +88,7 @@ impl CoopPipelines {
             false => n_kv.max(1),
         };
         let mut params = Vec::new();
-        let mut key_lo = 0;
+        let mut key_lo = 0u32;
         loop {
             let key_hi = key_lo.saturating_add(chunk).min(n_kv);
             let block = Params {
