@@ -9,6 +9,8 @@
 //! memory ([`wgpu::Features::SHADER_F16`]), and workgroups of exactly one subgroup (so a
 //! subgroup size the adapter fixes: minimum = maximum).
 
+use std::collections::HashMap;
+
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::shaders::resolve_imports;
 use crate::gpu::engine::storage_types::{to_f16_storage, F16_DIRECTIVE};
@@ -307,41 +309,90 @@ const COOP_ARRAYS: [&str; 6] = ["qs", "ks", "vs", "ss", "ps", "os"];
 /// the kernel's logic (tiling, strides, row/column-major, masks, the online softmax) runs on
 /// an adapter without cooperative matrices (lavapipe, the CI's): tests only
 /// (`GpuContext::emulating_cooperative_matrix`). f16 values are f32s rounded to f16's
-/// precision by bit operations, so neither feature is needed. A matrix value is the whole
-/// matrix in every invocation, but each invocation computes and stores only its share of the
-/// elements ([`emulation`]), which no other invocation reads back: llvmpipe runs a
-/// workgroup's lanes in batches between barriers, so a lane may load an output tile another
-/// lane already updated, but only its own elements of it count. llvmpipe's loop limit bounds
-/// the keys of one dispatch ([`emulated_keys_per_dispatch`]).
+/// precision by bit operations, so neither feature is needed.
+///
+/// How ([`emulation`]): an A or B matrix is a view (`EmuView`: offset, stride, row- or
+/// column-major) of the workgroup array it was loaded from, which no one writes while the view
+/// is used (the kernel's barriers); the multiply-add reads its elements there. An accumulator
+/// (C) is the invocation's share of its elements (`EmuAcc`: elements `lane, lane + WG, ..` of
+/// the CM x CM, row-major), which the invocation alone loads, computes and stores: llvmpipe runs
+/// a workgroup's lanes in batches between barriers, so a lane may load an output tile another
+/// lane already updated, but never an element of it that it uses. No matrix is a private array
+/// of CM x CM values indexed at run time (the first emulation's: llvmpipe took minutes to compile
+/// it at CM = 16), and each invocation's loops stay short (llvmpipe's loop limit:
+/// [`emulated_loop_iterations`], [`emulated_keys_per_dispatch`]).
 pub fn compose_dense_coop_emulated(spec: CoopSpec) -> String {
     let text = compose_dense_coop(spec);
-    let mut out = String::from(
-        "struct EmuMat { e: array<f32, CM * CM> }\nalias MatA = EmuMat;\nalias MatB = EmuMat;\n\
-         alias MatC = EmuMat;\nvar<private> emu_lane: u32;\n",
+    let mut out = format!(
+        "struct EmuView {{ at: u32, stride: u32, row_major: bool }}\n\
+         struct EmuAcc {{ e: array<f32, {share}> }}\n\
+         alias MatA = EmuView;\nalias MatB = EmuView;\nalias MatC = EmuAcc;\n\
+         var<private> emu_lane: u32;\n",
+        share = emulated_share(spec)
     );
+    // The array each A or B view was loaded from, by variable name (the latest binding).
+    let mut source: HashMap<String, String> = HashMap::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
     for line in text.lines() {
         if line.starts_with("enable ") || line.starts_with("alias Mat") {
             continue;
         }
         let line = line
             .replace("array<f16, ", "array<f32, ")
-            .replace("f16(", "emu_f16(")
-            .replace("coopMultiplyAdd(", "emu_mad(");
-        let line = emulate_call(&line);
+            .replace("f16(", "emu_f16(");
+        let line = emulate_mad(&line, &source, &mut pairs);
+        let (line, view) = emulate_call(&line);
+        if let Some((var, array)) = view {
+            source.insert(var, array);
+        }
         out.push_str(&line);
         out.push('\n');
         if line.trim_start().starts_with("fn main(") {
             out.push_str("    emu_lane = lid;\n");
         }
     }
-    out.push_str(&emulation(spec.cm));
+    out.push_str(&emulation(spec, &pairs));
     out
 }
 
+/// The elements of a CM x CM accumulator each invocation of the emulation owns (the last
+/// lanes may own fewer: an element index past CM x CM is skipped).
+fn emulated_share(spec: CoopSpec) -> u32 {
+    (spec.cm * spec.cm).div_ceil(spec.wg)
+}
+
+/// `line` with `coopMultiplyAdd(a, b, c)` written as `emu_mad_A_B(a, b, c)`, A and B the
+/// arrays the views `a` and `b` were loaded from (`source`); each new pair joins `pairs`.
+fn emulate_mad(
+    line: &str,
+    source: &HashMap<String, String>,
+    pairs: &mut Vec<(String, String)>,
+) -> String {
+    let Some(at) = line.find("coopMultiplyAdd(") else {
+        return line.to_string();
+    };
+    let args = &line[at + "coopMultiplyAdd(".len()..];
+    let names: Vec<&str> = args.split([',', ')']).map(str::trim).take(2).collect();
+    let array = |v: &str| {
+        source
+            .get(v)
+            .unwrap_or_else(|| panic!("emulation: `{v}` is no loaded A or B matrix: {line}"))
+            .clone()
+    };
+    let pair = (array(names[0]), array(names[1]));
+    let call = format!("emu_mad_{}_{}(", pair.0, pair.1);
+    if !pairs.contains(&pair) {
+        pairs.push(pair);
+    }
+    line.replacen("coopMultiplyAdd(", &call, 1)
+}
+
 /// `line` with a cooperative load `coopLoad[T]<M>(&NAME[i], s)` written as
-/// `emu_load_NAME(row_major, i, s)` and a store `coopStoreT(m, &NAME[i], s)` as
-/// `emu_store_NAME(m, i, s)` (the shader's indices hold no brackets).
-fn emulate_call(line: &str) -> String {
+/// `emu_view(row_major, i, s)` (M an A or B matrix; the view's variable and NAME are
+/// returned) or `emu_load_NAME(row_major, i, s)` (an accumulator), and a store
+/// `coopStoreT(m, &NAME[i], s)` as `emu_store_NAME(m, i, s)` (the shader's indices hold no
+/// brackets).
+fn emulate_call(line: &str) -> (String, Option<(String, String)>) {
     let (head, row_major, rest) = if let Some(at) = line.find("coopLoadT<") {
         (&line[..at], Some(true), &line[at..])
     } else if let Some(at) = line.find("coopLoad<") {
@@ -349,7 +400,7 @@ fn emulate_call(line: &str) -> String {
     } else if let Some(at) = line.find("coopStoreT(") {
         (&line[..at], None, &line[at + "coopStoreT(".len()..])
     } else {
-        return line.to_string();
+        return (line.to_string(), None);
     };
     let amp = rest.find('&').expect("a cooperative call takes a pointer");
     let open = rest.find('[').expect("a pointer to an array element");
@@ -358,10 +409,24 @@ fn emulate_call(line: &str) -> String {
     let index = &rest[open + 1..close];
     let tail = &rest[close + 1..];
     match row_major {
-        Some(r) => format!("{head}emu_load_{name}({r}, {index}{tail}"),
+        Some(r) if !rest.starts_with("coopLoadT<MatC>") && !rest.starts_with("coopLoad<MatC>") => {
+            // `let a = coopLoad..`: the view's variable.
+            let var = head
+                .trim()
+                .trim_start_matches("let ")
+                .trim_start_matches("var ")
+                .trim_end_matches('=')
+                .trim()
+                .to_string();
+            (
+                format!("{head}emu_view({r}, {index}{tail}"),
+                Some((var, name.to_string())),
+            )
+        }
+        Some(r) => (format!("{head}emu_load_{name}({r}, {index}{tail}"), None),
         None => {
             let matrix = rest[..amp].trim_end().trim_end_matches(',');
-            format!("{head}emu_store_{name}({matrix}, {index}{tail}")
+            (format!("{head}emu_store_{name}({matrix}, {index}{tail}"), None)
         }
     }
 }
@@ -377,55 +442,74 @@ fn emu_f16(x: f32) -> f32 {
 }
 ";
 
-/// The scalar stand-ins of the emulated kernel for CM = `cm`: f16 rounding, C + A B and the
-/// loads and stores of every workgroup array of [`COOP_ARRAYS`]. Element (r, c) of a matrix is
-/// `e[r * CM + c]`; lane `emu_lane` owns the elements `lane, lane + WG, ...` of every matrix:
-/// it computes and stores only those (C + A B's element (i, j) needs A's row i and B's column
-/// j, which every lane loads in full), so no lane uses an element another lane stores, and an
-/// invocation's loops stay short (llvmpipe's loop limit: [`emulated_loop_iterations`]). The
-/// innermost loops over CM are written out: sums in the order k = 0, 1, ..
-fn emulation(cm: u32) -> String {
-    let terms: String = (0..cm)
-        .map(|k| format!("        s += a.e[row + {k}u] * b.e[{}u + col];\n", k * cm))
-        .collect();
+/// The scalar stand-ins of the emulated kernel ([`compose_dense_coop_emulated`]): f16
+/// rounding, views, the accumulator loads and stores of every workgroup array of
+/// [`COOP_ARRAYS`], and C + A B for each (A array, B array) of `pairs`. Lane `emu_lane` owns
+/// element `e = lane + s WG` (row e / CM, column e % CM) as `e[s]` of every accumulator;
+/// C + A B's element (i, j) reads row i of A and column j of B from their arrays, sums in the
+/// order k = 0, 1, .. (written out).
+fn emulation(spec: CoopSpec, pairs: &[(String, String)]) -> String {
     let mut out = format!(
         "{EMULATED_F16}
-fn emu_mad(a: EmuMat, b: EmuMat, c: EmuMat) -> EmuMat {{
+fn emu_view(row_major: bool, at: u32, stride: u32) -> EmuView {{
+    return EmuView(at, stride, row_major);
+}}
+// The index of element (r, c) of the view m in its array.
+fn emu_at(m: EmuView, r: u32, c: u32) -> u32 {{
+    return select(m.at + c * m.stride + r, m.at + r * m.stride + c, m.row_major);
+}}
+"
+    );
+    let share = emulated_share(spec);
+    for (a, b) in pairs {
+        let terms: String = (0..spec.cm)
+            .map(|k| format!("            s += {a}[emu_at(a, row, {k}u)] * {b}[emu_at(b, {k}u, col)];\n"))
+            .collect();
+        out.push_str(&format!(
+            "
+fn emu_mad_{a}_{b}(a: EmuView, b: EmuView, c: EmuAcc) -> EmuAcc {{
     var r = c;
-    for (var e = emu_lane; e < CM * CM; e += WG) {{
-        let row = e - e % CM;
-        let col = e % CM;
-        var s = r.e[e];
-{terms}        r.e[e] = s;
+    for (var j = 0u; j < {share}u; j++) {{
+        let e = emu_lane + j * WG;
+        if (e < CM * CM) {{
+            let row = e / CM;
+            let col = e % CM;
+            var s = r.e[j];
+{terms}            r.e[j] = s;
+        }}
     }}
     return r;
 }}
 "
-    );
-    let loads: String = (0..cm)
-        .map(|c| {
-            format!(
-                "        m.e[r * CM + {c}u] = NAME[select(at + {c}u * stride + r, at + r * stride + {c}u, row_major)];\n"
-            )
-        })
-        .collect();
-    let access = format!(
-        "
-fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuMat {{
-    var m: EmuMat;
-    for (var r = 0u; r < CM; r++) {{
-{loads}    }}
+        ));
+    }
+    for name in COOP_ARRAYS {
+        out.push_str(
+            &format!(
+                "
+fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuAcc {{
+    var m: EmuAcc;
+    let v = EmuView(at, stride, row_major);
+    for (var j = 0u; j < {share}u; j++) {{
+        let e = emu_lane + j * WG;
+        if (e < CM * CM) {{
+            m.e[j] = NAME[emu_at(v, e / CM, e % CM)];
+        }}
+    }}
     return m;
 }}
-fn emu_store_NAME(m: EmuMat, at: u32, stride: u32) {{
-    for (var e = emu_lane; e < CM * CM; e += WG) {{
-        NAME[at + e / CM * stride + e % CM] = m.e[e];
+fn emu_store_NAME(m: EmuAcc, at: u32, stride: u32) {{
+    for (var j = 0u; j < {share}u; j++) {{
+        let e = emu_lane + j * WG;
+        if (e < CM * CM) {{
+            NAME[at + e / CM * stride + e % CM] = m.e[j];
+        }}
     }}
 }}
 "
-    );
-    for name in COOP_ARRAYS {
-        out.push_str(&access.replace("NAME", name));
+            )
+            .replace("NAME", name),
+        );
     }
     out
 }
@@ -447,16 +531,18 @@ pub fn emulated_loop_iterations(spec: CoopSpec, d: u32) -> (u64, u64) {
         spec.wg as u64,
     );
     let rpl = bq.div_ceil(wg);
-    // emu_mad and emu_store: a lane's share of the CM x CM elements; emu_load: CM rows.
-    let share = (cm * cm).div_ceil(wg) + 1;
-    let load = cm + 1;
+    // emu_mad, emu_load_*, emu_store_*: a loop over the lane's share of the CM x CM elements
+    // (A and B are views: no loop).
+    let acc = (cm * cm).div_ceil(wg) + 1;
     let (rbs, kbs, cbs) = (bq / cm, bk / cm, dp / cm);
     // Q tile staged, running state set up, O and LSE written; the key loop's exit.
     let fixed = (bq * dp).div_ceil(wg) + 1 + (rpl + 1) + rpl * (d as u64 + 2) + 1 + 1;
     let stage = (bk * dp).div_ceil(wg) + 1;
-    let scores = rbs * (1 + kbs * (1 + cbs * (1 + 2 * load + share) + 1 + share) + 1) + 1;
+    // S: per (rb, kb) a multiply-add per cb, then a store.
+    let scores = rbs * (kbs * (cbs * acc + 1 + acc) + 1) + 1;
     let softmax = rpl * (1 + (bk + 1) + (bk + 1) + (dp + 1)) + 1;
-    let pv = rbs * (1 + cbs * (1 + load + kbs * (1 + 2 * load + share) + 1 + share) + 1) + 1;
+    // O: per (rb, cb) a load, a multiply-add per kb, a store.
+    let pv = rbs * (cbs * (acc + kbs * acc + 1 + acc) + 1) + 1;
     (fixed, 1 + stage + scores + softmax + pv)
 }
 
@@ -648,7 +734,16 @@ mod tests {
                 ] {
                     assert!(!src.contains(op), "{op} left:\n{src}");
                 }
-                assert!(src.contains("emu_load_ks(false, ") && src.contains("emu_store_os(o, "));
+                for call in [
+                    "let b = emu_view(false, ",
+                    "emu_mad_qs_ks(a, b, s)",
+                    "emu_mad_ps_vs(a, b, o)",
+                    "emu_load_os(true, ",
+                    "emu_store_os(o, ",
+                    "emu_store_ss(s, ",
+                ] {
+                    assert!(src.contains(call), "{call} missing:\n{src}");
+                }
                 let module = naga::front::wgsl::parse_str(&src)
                     .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
                 naga::valid::Validator::new(
