@@ -80,17 +80,14 @@ impl CoopPipelines {
                     advice: "process fewer heads per call, or shorter sequences".into(),
                 })?;
         let grid = fold(total, ctx.limits.max_compute_workgroups_per_dimension)?;
-        let n_kv = s.seq_kv as u32;
         // Keys per dispatch: all on a GPU; under the emulation what llvmpipe's loop limit
         // allows (a multiple of BK, so every chunk but the last ends on a key tile's end).
-        let chunk = match ctx.coop_emulated {
-            true => emulated_keys_per_dispatch(spec, s.head_dim as u32)?,
-            false => n_kv.max(1),
+        let per_dispatch = match ctx.coop_emulated {
+            true => Some(emulated_keys_per_dispatch(spec, s.head_dim as u32)?),
+            false => None,
         };
         let mut params = Vec::new();
-        let mut key_lo = 0u32;
-        loop {
-            let key_hi = key_lo.saturating_add(chunk).min(n_kv);
+        for (key_lo, key_hi) in key_chunks(s.seq_kv as u32, per_dispatch) {
             let block = Params {
                 tiles_per_block: tiles,
                 total_workgroups: total,
@@ -106,10 +103,6 @@ impl CoopPipelines {
                 "dense coop params",
                 &bytes,
             ));
-            if key_hi >= n_kv {
-                break;
-            }
-            key_lo = key_hi;
         }
         Ok(Some(CoopRun {
             pipeline: self
@@ -171,6 +164,19 @@ impl CoopPipelines {
     }
 }
 
+/// The key ranges `[key_lo, key_hi)` of the dispatches over `n_kv` keys, in order: one over
+/// all keys (`per_dispatch` `None`: a GPU, whose kernel then never resumes a partial), or
+/// chunks of `per_dispatch` keys (the emulation), the last one shorter. At least one range,
+/// `(0, 0)` for no keys, so every row is written (O = 0, LSE = -inf).
+fn key_chunks(n_kv: u32, per_dispatch: Option<u32>) -> Vec<(u32, u32)> {
+    let chunk = per_dispatch.unwrap_or(n_kv).max(1);
+    let mut out = vec![(0, chunk.min(n_kv))];
+    while let Some(&(_, hi)) = out.last().filter(|r| r.1 < n_kv) {
+        out.push((hi, hi.saturating_add(chunk).min(n_kv)));
+    }
+    out
+}
+
 impl CoopRun {
     /// Records the forward into a compute pass of `enc` (Q, K, V, O of `t`, the LSE in `lse`).
     pub fn record(
@@ -203,5 +209,37 @@ impl CoopRun {
         }
         ctx.profiler.end(&mut cpass, timed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_chunks;
+
+    /// A GPU's run is one dispatch over all keys from key 0 (the kernel's resume and
+    /// `finished` paths are then off: the text it ran before key chunks, in effect); the
+    /// emulation's chunks tile the keys in order, each at most `per_dispatch` long.
+    #[test]
+    fn key_chunks_cover_the_keys_in_order() {
+        for n_kv in [0u32, 1, 7, 97, 1025, u32::MAX] {
+            assert_eq!(key_chunks(n_kv, None), vec![(0, n_kv)]);
+        }
+        assert_eq!(key_chunks(1025, Some(712)), vec![(0, 712), (712, 1025)]);
+        assert_eq!(key_chunks(0, Some(16)), vec![(0, 0)]);
+        for n_kv in [1u32, 15, 16, 17, 330, 1025, 4096] {
+            for per in [8u32, 16, 152, 544, 712, 5000] {
+                let chunks = key_chunks(n_kv, Some(per));
+                assert_eq!(chunks.len() as u32, n_kv.div_ceil(per), "{n_kv} {per}");
+                let mut next = 0;
+                for &(lo, hi) in &chunks {
+                    assert!(lo == next && hi > lo && hi - lo <= per, "{n_kv} {per}: {chunks:?}");
+                    next = hi;
+                }
+                assert_eq!(next, n_kv);
+            }
+        }
+        // Near u32::MAX the last chunk ends at n_kv without overflow.
+        let big = key_chunks(u32::MAX, Some(1 << 31));
+        assert_eq!(big, vec![(0, 1 << 31), (1 << 31, u32::MAX)]);
     }
 }
