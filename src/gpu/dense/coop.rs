@@ -2,12 +2,12 @@
 //! chosen for a plan only on a context that negotiated a shape
 //! ([`crate::gpu::ContextOptions::cooperative_matrix`]) and only for what the kernel covers
 //! (a batch of equal sequences, no softmax variant, a head dimension whose tiles fit the
-//! workgroup memory); everything else runs the plain kernel. On a GPU one dispatch over all keys;
-//! the scalar emulation (tests, on llvmpipe) runs the keys in chunks of
+//! workgroup memory); everything else runs the plain kernel. On a GPU one dispatch over all
+//! keys; the scalar emulation (tests, on llvmpipe) runs the keys in chunks of
 //! `engine::coop::emulated_keys_per_dispatch`, dispatches in order, each resuming the partial
 //! (O, LSE) of the one before, because llvmpipe stops an invocation's loops after 65535
-//! iterations and returns wrong values without an error (perf.md, change 35). Under f16 storage the kernel's Q, K, V, O bindings are f16
-//! (`engine::coop::compose_dense_coop_for`).
+//! iterations and returns wrong values without an error (perf.md, change 35). Under f16
+//! storage the kernel's Q, K, V, O bindings are f16 (`engine::coop::compose_dense_coop_for`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -232,7 +232,10 @@ mod tests {
                 assert_eq!(chunks.len() as u32, n_kv.div_ceil(per), "{n_kv} {per}");
                 let mut next = 0;
                 for &(lo, hi) in &chunks {
-                    assert!(lo == next && hi > lo && hi - lo <= per, "{n_kv} {per}: {chunks:?}");
+                    assert!(
+                        lo == next && hi > lo && hi - lo <= per,
+                        "{n_kv} {per}: {chunks:?}"
+                    );
                     next = hi;
                 }
                 assert_eq!(next, n_kv);

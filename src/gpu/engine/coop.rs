@@ -426,7 +426,10 @@ fn emulate_call(line: &str) -> (String, Option<(String, String)>) {
         Some(r) => (format!("{head}emu_load_{name}({r}, {index}{tail}"), None),
         None => {
             let matrix = rest[..amp].trim_end().trim_end_matches(',');
-            (format!("{head}emu_store_{name}({matrix}, {index}{tail}"), None)
+            (
+                format!("{head}emu_store_{name}({matrix}, {index}{tail}"),
+                None,
+            )
         }
     }
 }
@@ -463,7 +466,9 @@ fn emu_at(m: EmuView, r: u32, c: u32) -> u32 {{
     let share = emulated_share(spec);
     for (a, b) in pairs {
         let terms: String = (0..spec.cm)
-            .map(|k| format!("            s += {a}[emu_at(a, row, {k}u)] * {b}[emu_at(b, {k}u, col)];\n"))
+            .map(|k| {
+                format!("            s += {a}[emu_at(a, row, {k}u)] * {b}[emu_at(b, {k}u, col)];\n")
+            })
             .collect();
         out.push_str(&format!(
             "
@@ -769,16 +774,36 @@ mod tests {
             for d in 1..=256u32 {
                 let spec = emulation_spec(shape, d as usize);
                 let keys = emulated_keys_per_dispatch(spec, d).unwrap();
-                assert!(keys >= spec.bk && keys % spec.bk == 0, "{spec:?}: {keys}");
+                assert!(
+                    keys >= spec.bk && keys.is_multiple_of(spec.bk),
+                    "{spec:?}: {keys}"
+                );
                 let (fixed, per_tile) = emulated_loop_iterations(spec, d);
                 let tiles = (keys / spec.bk) as u64;
-                assert!(fixed + tiles * per_tile <= LLVMPIPE_LOOP_LIMIT / 2, "{spec:?}");
+                assert!(
+                    fixed + tiles * per_tile <= LLVMPIPE_LOOP_LIMIT / 2,
+                    "{spec:?}"
+                );
             }
         }
-        let spec = emulation_spec(CoopShape { size: 8, subgroup: 8 }, 24);
+        let spec = emulation_spec(
+            CoopShape {
+                size: 8,
+                subgroup: 8,
+            },
+            24,
+        );
         assert!(emulated_keys_per_dispatch(spec, 24).unwrap() >= 97);
-        let spec = emulation_spec(CoopShape { size: 16, subgroup: 8 }, 4096);
-        let e = emulated_keys_per_dispatch(spec, 4096).unwrap_err().to_string();
+        let spec = emulation_spec(
+            CoopShape {
+                size: 16,
+                subgroup: 8,
+            },
+            4096,
+        );
+        let e = emulated_keys_per_dispatch(spec, 4096)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("emulated cooperative-matrix kernel"), "{e}");
         for (size, d) in [(8, 24), (8, 128), (16, 24), (16, 128)] {
             let spec = emulation_spec(CoopShape { size, subgroup: 8 }, d);
