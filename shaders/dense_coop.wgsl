@@ -17,6 +17,12 @@
 // Equal sequences of a batch, causal bottom-right aligned as the plain kernel, grouped-query
 // heads; no softmax variant, no variable-length table, no split head (the executor routes
 // those to dense_attention.wgsl).
+//
+// Key chunks: a dispatch attends keys [key_lo, key_hi) (key_lo a multiple of BK). A GPU runs
+// one chunk, all keys; the scalar emulation on llvmpipe runs several, in order, because
+// llvmpipe stops an invocation's loops after 65535 iterations in all (perf.md, changes 9 and
+// 35). As dense_attention.wgsl, every dispatch ends its rows as a finished partial (O, LSE)
+// and the next resumes from it: acc = O, running max = LSE, running sum = 1.
 
 #import params
 
@@ -62,25 +68,45 @@ fn attend_tile(wid: u32, lid: u32) {
     let k_head = (bh / params.kv_group) * n_kv * d;
     // Keys the tile attends: [0, t_end); causal, query i sees keys t <= i + n_kv - n.
     let t_end = select(n_kv, max(i1 + n_kv, n) - n, causal);
+    // This dispatch's keys; a later chunk resumes the partial (O, LSE) the earlier left.
+    let key_lo = params.key_lo;
+    let t_stop = min(t_end, params.key_hi);
+    let resume = key_lo > 0u;
+    // Causal: a tile an earlier chunk finished walks no key here and must not write its rows
+    // again (no early return: see main).
+    let finished = resume && key_lo >= t_end;
 
     for (var e = lid; e < BQ * DP; e += WG) {
         let i = i0 + e / DP;
         let c = e % DP;
         var x = 0.0;
+        var acc = 0.0;
         if (i < n && c < d) {
             x = q[q_head + i * d + c];
+            if (resume) {
+                acc = out[q_head + i * d + c];
+            }
         }
         qs[e] = f16(x);
-        os[e] = 0.0;
+        os[e] = acc;
     }
     var run_max: array<f32, RPL>;
     var run_sum: array<f32, RPL>;
     for (var j = 0u; j < RPL; j++) {
         run_max[j] = ABSENT;
         run_sum[j] = 0.0;
+        let i = i0 + lid + j * WG;
+        if (resume && lid + j * WG < BQ && i < n) {
+            // A row with no key so far (LSE = -inf) resumes empty: no arithmetic on -inf.
+            let l = lse[bh * n + i];
+            if (bitcast<u32>(l) != 0xff800000u) {
+                run_max[j] = l;
+                run_sum[j] = 1.0;
+            }
+        }
     }
 
-    for (var t0 = 0u; t0 < t_end; t0 += BK) {
+    for (var t0 = key_lo; t0 < t_stop; t0 += BK) {
         // The previous tile's P V has read ks, vs, ps and written os.
         workgroupBarrier();
         for (var e = lid; e < BK * DP; e += WG) {
@@ -116,7 +142,7 @@ fn attend_tile(wid: u32, lid: u32) {
             if (r < BQ) {
                 let i = i0 + r;
                 // Keys of this tile row i sees: t < t0 + vis (written so no u32 goes below 0).
-                var vis = min(BK, n_kv - t0);
+                var vis = min(BK, min(n_kv, params.key_hi) - t0);
                 if (causal) {
                     let lim = i + 1u + n_kv;
                     vis = select(0u, min(vis, lim - n - t0), lim > n + t0);
@@ -165,7 +191,7 @@ fn attend_tile(wid: u32, lid: u32) {
     for (var j = 0u; j < RPL; j++) {
         let r = lid + j * WG;
         let i = i0 + r;
-        if (r < BQ && i < n) {
+        if (r < BQ && i < n && !finished) {
             let empty = run_sum[j] == 0.0;
             let inv = select(1.0 / run_sum[j], 0.0, empty);
             for (var c = 0u; c < d; c++) {

@@ -1,8 +1,9 @@
 //! Training dense attention on host tensors whose single head exceeds one storage binding
 //! (issue 27): the forward split as `split.rs` runs it, its inputs and outputs kept on the host
 //! (`DenseHostKept`, beside the other saved forms in `backward.rs`), and the backward of each
-//! K/V head and its group of query heads through a [`DenseBackwardSplitPlan`] (its module header says in what order the pairs' passes run and
-//! when the bits are the unsplit backward's).
+//! K/V head and its group of query heads through a [`DenseBackwardSplitPlan`] (its module
+//! header says in what order the pairs' passes run and when the bits are the unsplit
+//! backward's).
 //!
 //! One K/V head at a time (one submit each): every chunk of its rows gets its own buffers
 //! (each within a binding), the pairs' dispatches bind a query chunk's and a key chunk's, and

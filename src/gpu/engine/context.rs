@@ -146,7 +146,8 @@ impl GpuContext {
     /// This context with dense attention on the cooperative-matrix kernel emulated in scalar
     /// WGSL (`coop::compose_dense_coop_emulated`; matrices of `size` = 8 or 16, workgroups of
     /// 8): the kernel's logic checked on an adapter without cooperative matrices. Tests only:
-    /// the emulation computes every matrix in every invocation.
+    /// slow (scalar multiply-adds), and run in key chunks under llvmpipe's loop limit
+    /// (`coop::emulated_keys_per_dispatch`), a head no chunk fits being a typed error.
     #[doc(hidden)]
     pub fn emulating_cooperative_matrix(mut self, size: u32) -> Self {
         self.coop = Some(CoopShape { size, subgroup: 8 });

@@ -9,6 +9,8 @@
 //! memory ([`wgpu::Features::SHADER_F16`]), and workgroups of exactly one subgroup (so a
 //! subgroup size the adapter fixes: minimum = maximum).
 
+use std::collections::HashMap;
+
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::shaders::resolve_imports;
 use crate::gpu::engine::storage_types::{to_f16_storage, F16_DIRECTIVE};
@@ -287,7 +289,8 @@ pub fn compose_dense_coop_emulated_for(spec: CoopSpec, storage: Storage) -> Stri
 }
 
 /// Tiles for [`compose_dense_coop_emulated`]: the smallest (BQ = 2 CM, BK = CM), so that an
-/// invocation's emulated multiply-adds stay under llvmpipe's loop limit on small problems.
+/// invocation's emulated multiply-adds per key tile stay few under llvmpipe's loop limit (the
+/// key range is cut into dispatches by [`emulated_keys_per_dispatch`]).
 pub fn emulation_spec(shape: CoopShape, head_dim: usize) -> CoopSpec {
     let cm = shape.size;
     CoopSpec {
@@ -306,42 +309,90 @@ const COOP_ARRAYS: [&str; 6] = ["qs", "ks", "vs", "ss", "ps", "os"];
 /// the kernel's logic (tiling, strides, row/column-major, masks, the online softmax) runs on
 /// an adapter without cooperative matrices (lavapipe, the CI's): tests only
 /// (`GpuContext::emulating_cooperative_matrix`). f16 values are f32s rounded to f16's
-/// precision by bit operations, so neither feature is needed. Each invocation computes every
-/// matrix in full (redundantly) and only invocation 0 stores one: llvmpipe runs a workgroup's
-/// lanes in batches between barriers, so a later batch may load an output tile invocation 0
-/// already updated, but its result is never stored, and invocation 0 loaded before it stored.
+/// precision by bit operations, so neither feature is needed.
+///
+/// How ([`emulation`]): an A or B matrix is a view (`EmuView`: offset, stride, row- or
+/// column-major) of the workgroup array it was loaded from, which no one writes while the view
+/// is used (the kernel's barriers); the multiply-add reads its elements there. An accumulator
+/// (C) is the invocation's share of its elements (`EmuAcc`: elements `lane, lane + WG, ..` of
+/// the CM x CM, row-major), which the invocation alone loads, computes and stores: llvmpipe runs
+/// a workgroup's lanes in batches between barriers, so a lane may load an output tile another
+/// lane already updated, but never an element of it that it uses. No matrix is a private array
+/// of CM x CM values indexed at run time (the first emulation's: llvmpipe took minutes to compile
+/// it at CM = 16), and each invocation's loops stay short (llvmpipe's loop limit:
+/// [`emulated_loop_iterations`], [`emulated_keys_per_dispatch`]).
 pub fn compose_dense_coop_emulated(spec: CoopSpec) -> String {
     let text = compose_dense_coop(spec);
-    let mut out = String::from(
-        "struct EmuMat { e: array<f32, CM * CM> }\nalias MatA = EmuMat;\nalias MatB = EmuMat;\n\
-         alias MatC = EmuMat;\nvar<private> emu_lane: u32;\n",
+    let mut out = format!(
+        "struct EmuView {{ at: u32, stride: u32, row_major: bool }}\n\
+         struct EmuAcc {{ e: array<f32, {share}> }}\n\
+         alias MatA = EmuView;\nalias MatB = EmuView;\nalias MatC = EmuAcc;\n\
+         var<private> emu_lane: u32;\n",
+        share = emulated_share(spec)
     );
+    // The array each A or B view was loaded from, by variable name (the latest binding).
+    let mut source: HashMap<String, String> = HashMap::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
     for line in text.lines() {
         if line.starts_with("enable ") || line.starts_with("alias Mat") {
             continue;
         }
         let line = line
             .replace("array<f16, ", "array<f32, ")
-            .replace("f16(", "emu_f16(")
-            .replace("coopMultiplyAdd(", "emu_mad(");
-        let line = emulate_call(&line);
+            .replace("f16(", "emu_f16(");
+        let line = emulate_mad(&line, &source, &mut pairs);
+        let (line, view) = emulate_call(&line);
+        if let Some((var, array)) = view {
+            source.insert(var, array);
+        }
         out.push_str(&line);
         out.push('\n');
         if line.trim_start().starts_with("fn main(") {
             out.push_str("    emu_lane = lid;\n");
         }
     }
-    out.push_str(EMULATION);
-    for name in COOP_ARRAYS {
-        out.push_str(&EMULATED_ACCESS.replace("NAME", name));
-    }
+    out.push_str(&emulation(spec, &pairs));
     out
 }
 
+/// The elements of a CM x CM accumulator each invocation of the emulation owns (the last
+/// lanes may own fewer: an element index past CM x CM is skipped).
+fn emulated_share(spec: CoopSpec) -> u32 {
+    (spec.cm * spec.cm).div_ceil(spec.wg)
+}
+
+/// `line` with `coopMultiplyAdd(a, b, c)` written as `emu_mad_A_B(a, b, c)`, A and B the
+/// arrays the views `a` and `b` were loaded from (`source`); each new pair joins `pairs`.
+fn emulate_mad(
+    line: &str,
+    source: &HashMap<String, String>,
+    pairs: &mut Vec<(String, String)>,
+) -> String {
+    let Some(at) = line.find("coopMultiplyAdd(") else {
+        return line.to_string();
+    };
+    let args = &line[at + "coopMultiplyAdd(".len()..];
+    let names: Vec<&str> = args.split([',', ')']).map(str::trim).take(2).collect();
+    let array = |v: &str| {
+        source
+            .get(v)
+            .unwrap_or_else(|| panic!("emulation: `{v}` is no loaded A or B matrix: {line}"))
+            .clone()
+    };
+    let pair = (array(names[0]), array(names[1]));
+    let call = format!("emu_mad_{}_{}(", pair.0, pair.1);
+    if !pairs.contains(&pair) {
+        pairs.push(pair);
+    }
+    line.replacen("coopMultiplyAdd(", &call, 1)
+}
+
 /// `line` with a cooperative load `coopLoad[T]<M>(&NAME[i], s)` written as
-/// `emu_load_NAME(row_major, i, s)` and a store `coopStoreT(m, &NAME[i], s)` as
-/// `emu_store_NAME(m, i, s)` (the shader's indices hold no brackets).
-fn emulate_call(line: &str) -> String {
+/// `emu_view(row_major, i, s)` (M an A or B matrix; the view's variable and NAME are
+/// returned) or `emu_load_NAME(row_major, i, s)` (an accumulator), and a store
+/// `coopStoreT(m, &NAME[i], s)` as `emu_store_NAME(m, i, s)` (the shader's indices hold no
+/// brackets).
+fn emulate_call(line: &str) -> (String, Option<(String, String)>) {
     let (head, row_major, rest) = if let Some(at) = line.find("coopLoadT<") {
         (&line[..at], Some(true), &line[at..])
     } else if let Some(at) = line.find("coopLoad<") {
@@ -349,7 +400,7 @@ fn emulate_call(line: &str) -> String {
     } else if let Some(at) = line.find("coopStoreT(") {
         (&line[..at], None, &line[at + "coopStoreT(".len()..])
     } else {
-        return line.to_string();
+        return (line.to_string(), None);
     };
     let amp = rest.find('&').expect("a cooperative call takes a pointer");
     let open = rest.find('[').expect("a pointer to an array element");
@@ -358,16 +409,33 @@ fn emulate_call(line: &str) -> String {
     let index = &rest[open + 1..close];
     let tail = &rest[close + 1..];
     match row_major {
-        Some(r) => format!("{head}emu_load_{name}({r}, {index}{tail}"),
+        Some(r) if !rest.starts_with("coopLoadT<MatC>") && !rest.starts_with("coopLoad<MatC>") => {
+            // `let a = coopLoad..`: the view's variable.
+            let var = head
+                .trim()
+                .trim_start_matches("let ")
+                .trim_start_matches("var ")
+                .trim_end_matches('=')
+                .trim()
+                .to_string();
+            (
+                format!("{head}emu_view({r}, {index}{tail}"),
+                Some((var, name.to_string())),
+            )
+        }
+        Some(r) => (format!("{head}emu_load_{name}({r}, {index}{tail}"), None),
         None => {
             let matrix = rest[..amp].trim_end().trim_end_matches(',');
-            format!("{head}emu_store_{name}({matrix}, {index}{tail}")
+            (
+                format!("{head}emu_store_{name}({matrix}, {index}{tail}"),
+                None,
+            )
         }
     }
 }
 
-/// The scalar stand-ins of the emulated kernel: f16 rounding and C + A B.
-const EMULATION: &str = "
+/// x rounded to f16's precision, the emulation's stand-in for `f16(x)`.
+const EMULATED_F16: &str = "
 // x rounded to f16's 11 significant bits, to nearest even (f16's range is not emulated: no
 // subnormals, no overflow; unpack2x16float would need SHADER_F16_IN_F32).
 fn emu_f16(x: f32) -> f32 {
@@ -375,43 +443,140 @@ fn emu_f16(x: f32) -> f32 {
     let lsb = (b >> 13u) & 1u;
     return bitcast<f32>((b + 0xfffu + lsb) & 0xffffe000u);
 }
-fn emu_mad(a: EmuMat, b: EmuMat, c: EmuMat) -> EmuMat {
-    var r = c;
-    for (var i = 0u; i < CM; i++) {
-        for (var j = 0u; j < CM; j++) {
-            var s = r.e[i * CM + j];
-            for (var k = 0u; k < CM; k++) {
-                s += a.e[i * CM + k] * b.e[k * CM + j];
-            }
-            r.e[i * CM + j] = s;
-        }
-    }
-    return r;
-}
 ";
 
-/// The emulated load (row- or column-major) and row-major store of one workgroup array NAME;
-/// element (r, c) of a matrix is `e[r * CM + c]`.
-const EMULATED_ACCESS: &str = "
-fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuMat {
-    var m: EmuMat;
-    for (var r = 0u; r < CM; r++) {
-        for (var c = 0u; c < CM; c++) {
-            m.e[r * CM + c] = NAME[select(at + c * stride + r, at + r * stride + c, row_major)];
-        }
+/// The scalar stand-ins of the emulated kernel ([`compose_dense_coop_emulated`]): f16
+/// rounding, views, the accumulator loads and stores of every workgroup array of
+/// [`COOP_ARRAYS`], and C + A B for each (A array, B array) of `pairs`. Lane `emu_lane` owns
+/// element `e = lane + s WG` (row e / CM, column e % CM) as `e[s]` of every accumulator;
+/// C + A B's element (i, j) reads row i of A and column j of B from their arrays, sums in the
+/// order k = 0, 1, .. (written out).
+fn emulation(spec: CoopSpec, pairs: &[(String, String)]) -> String {
+    let mut out = format!(
+        "{EMULATED_F16}
+fn emu_view(row_major: bool, at: u32, stride: u32) -> EmuView {{
+    return EmuView(at, stride, row_major);
+}}
+// The index of element (r, c) of the view m in its array.
+fn emu_at(m: EmuView, r: u32, c: u32) -> u32 {{
+    return select(m.at + c * m.stride + r, m.at + r * m.stride + c, m.row_major);
+}}
+"
+    );
+    let share = emulated_share(spec);
+    for (a, b) in pairs {
+        let terms: String = (0..spec.cm)
+            .map(|k| {
+                format!("            s += {a}[emu_at(a, row, {k}u)] * {b}[emu_at(b, {k}u, col)];\n")
+            })
+            .collect();
+        out.push_str(&format!(
+            "
+fn emu_mad_{a}_{b}(a: EmuView, b: EmuView, c: EmuAcc) -> EmuAcc {{
+    var r = c;
+    for (var j = 0u; j < {share}u; j++) {{
+        let e = emu_lane + j * WG;
+        if (e < CM * CM) {{
+            let row = e / CM;
+            let col = e % CM;
+            var s = r.e[j];
+{terms}            r.e[j] = s;
+        }}
+    }}
+    return r;
+}}
+"
+        ));
     }
+    for name in COOP_ARRAYS {
+        out.push_str(
+            &format!(
+                "
+fn emu_load_NAME(row_major: bool, at: u32, stride: u32) -> EmuAcc {{
+    var m: EmuAcc;
+    let v = EmuView(at, stride, row_major);
+    for (var j = 0u; j < {share}u; j++) {{
+        let e = emu_lane + j * WG;
+        if (e < CM * CM) {{
+            m.e[j] = NAME[emu_at(v, e / CM, e % CM)];
+        }}
+    }}
     return m;
-}
-fn emu_store_NAME(m: EmuMat, at: u32, stride: u32) {
-    if (emu_lane == 0u) {
-        for (var r = 0u; r < CM; r++) {
-            for (var c = 0u; c < CM; c++) {
-                NAME[at + r * stride + c] = m.e[r * CM + c];
-            }
-        }
+}}
+fn emu_store_NAME(m: EmuAcc, at: u32, stride: u32) {{
+    for (var j = 0u; j < {share}u; j++) {{
+        let e = emu_lane + j * WG;
+        if (e < CM * CM) {{
+            NAME[at + e / CM * stride + e % CM] = m.e[j];
+        }}
+    }}
+}}
+"
+            )
+            .replace("NAME", name),
+        );
     }
+    out
 }
-";
+
+/// llvmpipe stops an invocation's loops after this many iterations in all (gallivm's
+/// `LP_MAX_TGSI_LOOP_ITERATIONS`; perf.md, change 9) and goes on with wrong values, silently.
+const LLVMPIPE_LOOP_LIMIT: u64 = 65535;
+
+/// An upper bound on the loop iterations one invocation of the emulated kernel
+/// ([`compose_dense_coop_emulated`]) runs for a head of dimension `d`: `(fixed, per_key_tile)`,
+/// every loop of the composed text counted in full (none assumed unrolled), a loop's exit
+/// test as one more iteration.
+pub fn emulated_loop_iterations(spec: CoopSpec, d: u32) -> (u64, u64) {
+    let (cm, bq, bk, dp, wg) = (
+        spec.cm as u64,
+        spec.bq as u64,
+        spec.bk as u64,
+        spec.dp as u64,
+        spec.wg as u64,
+    );
+    let rpl = bq.div_ceil(wg);
+    // emu_mad, emu_load_*, emu_store_*: a loop over the lane's share of the CM x CM elements
+    // (A and B are views: no loop).
+    let acc = (cm * cm).div_ceil(wg) + 1;
+    let (rbs, kbs, cbs) = (bq / cm, bk / cm, dp / cm);
+    // Q tile staged, running state set up, O and LSE written; the key loop's exit.
+    let fixed = (bq * dp).div_ceil(wg) + 1 + (rpl + 1) + rpl * (d as u64 + 2) + 1 + 1;
+    let stage = (bk * dp).div_ceil(wg) + 1;
+    // S: per (rb, kb) a multiply-add per cb, then a store.
+    let scores = rbs * (kbs * (cbs * acc + 1 + acc) + 1) + 1;
+    let softmax = rpl * (1 + (bk + 1) + (bk + 1) + (dp + 1)) + 1;
+    // O: per (rb, cb) a load, a multiply-add per kb, a store.
+    let pv = rbs * (cbs * (acc + kbs * acc + 1 + acc) + 1) + 1;
+    (fixed, 1 + stage + scores + softmax + pv)
+}
+
+/// The keys one dispatch of the emulated kernel may attend per query row (a multiple of
+/// `spec.bk`) so that no invocation reaches llvmpipe's loop limit: at most half of it by
+/// [`emulated_loop_iterations`]' bound (the margin covers what the count cannot see). A head
+/// whose single key tile needs more is an error: the emulation cannot run it, and a wrong
+/// answer would be silent.
+pub fn emulated_keys_per_dispatch(spec: CoopSpec, d: u32) -> Result<u32> {
+    let budget = LLVMPIPE_LOOP_LIMIT / 2;
+    let (fixed, per_tile) = emulated_loop_iterations(spec, d);
+    let tiles = budget.saturating_sub(fixed) / per_tile;
+    if tiles == 0 {
+        return Err(FmaError::LimitExceeded {
+            what: format!(
+                "loop iterations of one invocation of the emulated cooperative-matrix kernel \
+                 (head_dim {d}, CM {})",
+                spec.cm
+            ),
+            requested: fixed + per_tile,
+            max: budget,
+            unit: "iterations",
+            advice: "emulate with 8 x 8 matrices or a smaller head_dim (llvmpipe stops an \
+                     invocation's loops after 65535 iterations)"
+                .into(),
+        });
+    }
+    Ok((tiles.min(u32::MAX as u64 / spec.bk as u64) as u32) * spec.bk)
+}
 
 #[cfg(test)]
 mod tests {
@@ -574,7 +739,16 @@ mod tests {
                 ] {
                     assert!(!src.contains(op), "{op} left:\n{src}");
                 }
-                assert!(src.contains("emu_load_ks(false, ") && src.contains("emu_store_os(o, "));
+                for call in [
+                    "let b = emu_view(false, ",
+                    "emu_mad_qs_ks(a, b, s)",
+                    "emu_mad_ps_vs(a, b, o)",
+                    "emu_load_os(true, ",
+                    "emu_store_os(o, ",
+                    "emu_store_ss(s, ",
+                ] {
+                    assert!(src.contains(call), "{call} missing:\n{src}");
+                }
                 let module = naga::front::wgsl::parse_str(&src)
                     .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
                 naga::valid::Validator::new(
@@ -584,6 +758,57 @@ mod tests {
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
             }
+        }
+    }
+
+    /// Every head dimension the library takes (1 ..= 256) can be emulated with either matrix
+    /// size: at least one key tile per dispatch, keys per dispatch a multiple of BK, and the
+    /// bound of a dispatch under half of llvmpipe's limit. The report of issue 29 (n = 97,
+    /// d = 24, 8 x 8) is more than one dispatch's worth for the old emulation (every lane
+    /// computing every product: ~6000 iterations per key tile, 13 tiles > 65535) but one
+    /// dispatch now. A head no single key tile of which fits is an error, not a wrong answer.
+    #[test]
+    fn the_emulation_cuts_keys_under_the_loop_limit() {
+        for size in [8, 16] {
+            let shape = CoopShape { size, subgroup: 8 };
+            for d in 1..=256u32 {
+                let spec = emulation_spec(shape, d as usize);
+                let keys = emulated_keys_per_dispatch(spec, d).unwrap();
+                assert!(
+                    keys >= spec.bk && keys.is_multiple_of(spec.bk),
+                    "{spec:?}: {keys}"
+                );
+                let (fixed, per_tile) = emulated_loop_iterations(spec, d);
+                let tiles = (keys / spec.bk) as u64;
+                assert!(
+                    fixed + tiles * per_tile <= LLVMPIPE_LOOP_LIMIT / 2,
+                    "{spec:?}"
+                );
+            }
+        }
+        let spec = emulation_spec(
+            CoopShape {
+                size: 8,
+                subgroup: 8,
+            },
+            24,
+        );
+        assert!(emulated_keys_per_dispatch(spec, 24).unwrap() >= 97);
+        let spec = emulation_spec(
+            CoopShape {
+                size: 16,
+                subgroup: 8,
+            },
+            4096,
+        );
+        let e = emulated_keys_per_dispatch(spec, 4096)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("emulated cooperative-matrix kernel"), "{e}");
+        for (size, d) in [(8, 24), (8, 128), (16, 24), (16, 128)] {
+            let spec = emulation_spec(CoopShape { size, subgroup: 8 }, d);
+            let keys = emulated_keys_per_dispatch(spec, d as u32).unwrap();
+            eprintln!("cm {size} d {d}: {keys} keys per dispatch");
         }
     }
 
