@@ -47,6 +47,17 @@ use crate::plan::MAX_HEAD_DIM;
 use crate::storage::Storage;
 use crate::variants::Window;
 
+/// The upkeep's roles (`shaders/decode_ingest.wgsl`), as the `bk` of its specialisation: every
+/// unit (the one-dispatch upkeep, and what every other decode pass is composed with), the
+/// ring's, the coarse slots', the lengths'.
+pub const UPKEEP_ALL: u32 = 1;
+/// The ring's units alone ([`UPKEEP_ALL`]).
+pub const UPKEEP_RING: u32 = 2;
+/// The coarse slots' units alone ([`UPKEEP_ALL`]).
+pub const UPKEEP_SLOTS: u32 = 3;
+/// The lengths' units alone ([`UPKEEP_ALL`]).
+pub const UPKEEP_LENS: u32 = 4;
+
 /// Invocations per workgroup of the decoding passes: a tile of keys per workgroup, and at least
 /// one invocation per vec4 of a row in the value phase (`shared/decode_softmax.wgsl`; d <= 256
 /// gives at most 64 vec4s).
@@ -116,6 +127,14 @@ pub struct DecodeTuning {
     /// form, the upkeep's many small workgroups included; there the upkeep and the attention
     /// run as two passes.
     pub one_pass: bool,
+    /// The upkeep as one dispatch per role (the ring, the coarse slots, the lengths), each a
+    /// pipeline composed for its role alone (`UPKEEP_*` in `decode_ingest.wgsl`), instead of
+    /// one dispatch of every unit. llvmpipe runs both sides of a branch under a lane mask
+    /// unless its condition is a constant, so one pipeline for the three roles made every
+    /// invocation pay for all three (docs/perf.md, change 36: 1.2-1.6x the base's FMA step
+    /// at batch 8); a GPU skips the roles a warp does not take, and one dispatch is one
+    /// launch fewer.
+    pub upkeep_apart: bool,
 }
 
 impl DecodeTuning {
@@ -123,11 +142,13 @@ impl DecodeTuning {
     pub const GPU: Self = Self {
         dense: DenseSplit::GPU,
         one_pass: true,
+        upkeep_apart: false,
     };
-    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps.
+    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps, the upkeep a dispatch per role.
     pub const CPU: Self = Self {
         dense: DenseSplit::CPU,
         one_pass: false,
+        upkeep_apart: true,
     };
 
     /// The tuning for an adapter of type `device_type`: [`DecodeTuning::CPU`] on a CPU
@@ -206,6 +227,8 @@ pub struct DecodeLayout {
     pub learned: bool,
     /// Whether FMA steps that can run as one pass do ([`DecodeTuning::one_pass`]).
     pub one_pass: bool,
+    /// Whether the upkeep runs a dispatch per role ([`DecodeTuning::upkeep_apart`]).
+    pub upkeep_apart: bool,
     /// The sliding window (keys i - L ..= i), if any: then `ring` = min(L + max_chunk,
     /// max_len), `levels` = 0 and no history.
     pub window: Option<Window>,
@@ -350,6 +373,7 @@ impl DecodeLayout {
             partial_stride,
             learned: matches!(cfg.fma.downsample, Downsample::Learned(_)),
             one_pass: tuning.one_pass,
+            upkeep_apart: tuning.upkeep_apart,
             window,
             softmax: SoftmaxFlags::of(&cfg.variants),
             storage: cfg.storage,
@@ -411,7 +435,7 @@ impl DecodeLayout {
     fn spec(&self) -> Specialization {
         Specialization {
             wg: DECODE_WG,
-            bk: 1,
+            bk: UPKEEP_ALL,
             d4: self.head_dim.div_ceil(4) as u32,
             grid: false,
             softmax: self.softmax,
@@ -469,13 +493,17 @@ impl DecodeLayout {
                 limits,
             )?]);
         }
-        let mut steps = vec![dispatch(
-            Pass::DecodeIngest,
-            None,
-            upkeep.max(1),
-            spec,
-            limits,
-        )?];
+        let mut steps = if self.upkeep_apart {
+            self.upkeep_roles(rows, chunk, lens_count, limits)?
+        } else {
+            vec![dispatch(
+                Pass::DecodeIngest,
+                None,
+                upkeep.max(1),
+                spec,
+                limits,
+            )?]
+        };
         if attend {
             steps.push(dispatch(
                 Pass::DecodeAttention,
@@ -486,6 +514,47 @@ impl DecodeLayout {
             )?);
         }
         Ok(steps)
+    }
+
+    /// The upkeep as a `decode_ingest` dispatch per role with units ([`DecodeTuning::upkeep_apart`]):
+    /// the ring's (rows, chunk, d), the coarse slots' (rows, 2, levels, slots, p, d), the
+    /// `lens_count` lengths; each pipeline is composed for its role (the specialisation's `bk`,
+    /// which no decode pass uses for key tiles: [`UPKEEP_ALL`] is the one-dispatch upkeep).
+    /// They touch disjoint memory, so their order does not matter.
+    fn upkeep_roles(
+        &self,
+        rows: usize,
+        chunk: usize,
+        lens_count: usize,
+        limits: &KernelLimits,
+    ) -> Result<Vec<Dispatch>> {
+        let d = self.head_dim as u64;
+        let (rows, chunk) = (rows as u64, chunk as u64);
+        let roles = [
+            (UPKEEP_RING, rows * chunk * d),
+            (
+                UPKEEP_SLOTS,
+                rows * 2 * (self.levels * self.slots * self.rank) as u64 * d,
+            ),
+            (UPKEEP_LENS, lens_count as u64),
+        ];
+        roles
+            .into_iter()
+            .filter(|&(_, units)| units > 0)
+            .map(|(role, units)| {
+                let spec = Specialization {
+                    bk: role,
+                    ..self.spec()
+                };
+                dispatch(
+                    Pass::DecodeIngest,
+                    None,
+                    units.div_ceil(DECODE_WG as u64),
+                    spec,
+                    limits,
+                )
+            })
+            .collect()
     }
 
     /// The dense decode's cut of a record whose longest sequence reaches `longest` tokens:
@@ -788,6 +857,32 @@ mod tests {
         let c = cfg(4, 2, 64, 3);
         let cpu = DecodeLayout::with_tuning(&c, &limits, DecodeTuning::CPU).unwrap();
         assert!(cpu.can_fuse(1) && !cpu.fused(1));
+        // ... and its upkeep a dispatch per role, each covering its units, then the attention.
+        let steps = cpu.fma_steps(cpu.group, 3, true, 2, &limits).unwrap();
+        let rows = cpu.group as u64;
+        let d = cpu.head_dim as u64;
+        let units = [
+            rows * 3 * d,
+            rows * 2 * (cpu.levels * cpu.slots * cpu.rank) as u64 * d,
+            2,
+        ];
+        assert_eq!(steps.len(), 4);
+        for (s, (role, units)) in steps.iter().zip(
+            [UPKEEP_RING, UPKEEP_SLOTS, UPKEEP_LENS]
+                .into_iter()
+                .zip(units),
+        ) {
+            assert_eq!((s.pass, s.spec.bk), (Pass::DecodeIngest, role));
+            assert_eq!(s.workgroups as u64, units.div_ceil(DECODE_WG as u64));
+        }
+        assert_eq!(
+            (steps[3].pass, steps[3].spec.bk),
+            (Pass::DecodeAttention, UPKEEP_ALL)
+        );
+        // Without lengths to advance (a group before the record's last), no lengths' dispatch.
+        let steps = cpu.fma_steps(cpu.group, 1, false, 0, &limits).unwrap();
+        let roles: Vec<u32> = steps.iter().map(|s| s.spec.bk).collect();
+        assert_eq!(roles, [UPKEEP_RING, UPKEEP_SLOTS]);
         let steps = l.fma_steps(l.group, 1, true, 2, &limits).unwrap();
         let passes: Vec<Pass> = steps.iter().map(|s| s.pass).collect();
         assert_eq!(passes, [Pass::DecodeIngest, Pass::DecodeAttention]);

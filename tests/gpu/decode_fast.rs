@@ -359,7 +359,7 @@ fn dense_decoding_split_for_a_gpu_equals_exact_attention() {
         .max_chunk(5);
     let tuning = DecodeTuning {
         dense: split,
-        one_pass: true,
+        ..DecodeTuning::GPU
     };
     let dec = Decoder::with_tuning(ctx, cfg, tuning, Some(4 << 10)).unwrap();
     let l = dec.layout();
