@@ -4,7 +4,7 @@
 //! `dense` row per n and mask, first), with each FMA backward's time over the dense
 //! backward's of the same mask (`b / dense b`).
 //!
-//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64 --queries fine,coarse --causal false,true --browser-limits --no-dense]`
+//! `cargo run --release --example bench_backward [-- --n 4096,16384 --head-dim 64 --queries fine,coarse --causal false,true --browser-limits --no-dense --per-pass]`
 //!
 //! Coarse queries are bidirectional only (their causal cases are skipped).
 //!
@@ -15,7 +15,8 @@ use std::time::Instant;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use multipole_attn::gpu::{
-    Attention, ContextOptions, GpuContext, GpuTensors, GradTensors, Resident, ResidentGrad,
+    format_table, Attention, ContextOptions, GpuContext, GpuTensors, GradTensors, Resident,
+    ResidentGrad,
 };
 use multipole_attn::random::normal_tensor;
 use multipole_attn::{FmaConfig, Problem, Queries, Shape};
@@ -50,6 +51,10 @@ struct Args {
     /// Skip the dense baseline (O(n^2): the slow part at long n).
     #[arg(long)]
     no_dense: bool,
+    /// After the timed runs, one more FMA backward per case with the per-pass profiler on
+    /// (`GpuContext::start_profiling`): its dispatches' GPU times by pass and level.
+    #[arg(long)]
+    per_pass: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -168,6 +173,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let forward = median_ms(&ctx, a.reps, || fma.forward(&problem, Resident(t)).unwrap());
             let (_, saved) = fma.train(&problem, Resident(t))?;
             let backward = median_ms(&ctx, a.reps, || fma.backward(&saved, io).unwrap());
+            let passes = if a.per_pass {
+                ctx.start_profiling(2048)?;
+                let run = fma.backward(&saved, io);
+                let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+                // Taken before `run` is checked, so that a failed run leaves profiling off.
+                let (times, dropped) = ctx.take_profile()?;
+                run?;
+                Some(format_table(&times, dropped))
+            } else {
+                None
+            };
             let vs_dense = dense_backward
                 .iter()
                 .find(|d| d.0 == causal)
@@ -178,7 +194,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "{n:>7} {:>7} {causal:>7} {forward:>12.1} {backward:>12.1} {:>8.2} {vs_dense:>11}",
                     format!("{mode:?}").to_lowercase(),
                     backward / forward
-                )
+                );
+                if let Some(p) = &passes {
+                    println!("{p}");
+                }
             });
             bar.inc(1);
         }

@@ -237,7 +237,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // Reader chunk k of the workgroup's rows (sel.arg0 per row, sel.arg1 queries each).
     let reader_chunks = sel.arg0;
     let k = dispatch_workgroup(wg) % reader_chunks;
-    let wid = dispatch_workgroup(wg) / reader_chunks;
+    // A group of rows (params.dkv_row_lo, whole windows; dkv_rows = 0: the whole level) starts
+    // at its first window's workgroups; a workgroup past the group's rows does nothing.
+    let wid = dispatch_workgroup(wg) / reader_chunks + (params.dkv_row_lo / p) * chunks;
+    if (params.dkv_rows != 0u && (wid / chunks) * p >= params.dkv_row_lo + params.dkv_rows) {
+        return; // uniform over the workgroup
+    }
     // One workgroup per (K/V head, window, chunk of rows), the windows of each sequence of a
     // variable-length batch found through its coarse rows (p per window); grouped-query heads
     // sum over the kv_group query heads that read the K/V head, in head order (deterministic).
@@ -262,7 +267,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let u0 = (wid / chunks) * p + j0;
     var outs = Outs(base, d);
     if (reader_chunks > 1u) {
-        outs = Outs(params.partials_at + (u0 * reader_chunks + k) * d, reader_chunks * d);
+        // The group's partial sums, from its first row.
+        let gu = u0 - params.dkv_row_lo;
+        outs = Outs(params.partials_at + (gu * reader_chunks + k) * d, reader_chunks * d);
     }
     // The chunk: queries [lo, hi) of the sequence (query heads, then each head's readers).
     let causal = params.causal != 0u;

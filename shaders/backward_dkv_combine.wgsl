@@ -33,7 +33,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let idx = dispatch_workgroup(wg) * WG + lid;
     let c0 = (idx % D4) * 4u;
     let g = (idx / D4) % groups;
-    let u = idx / (D4 * groups);
+    // A group of the level's rows (params.dkv_row_lo; dkv_rows = 0: the whole level), whose
+    // partials start at partials_at: row u is the group's row u - dkv_row_lo.
+    let gu = idx / (D4 * groups);
+    if (params.dkv_rows != 0u && gu >= params.dkv_rows) {
+        return;
+    }
+    let u = gu + params.dkv_row_lo;
     // Row u of the level over the K/V heads (and a variable-length batch's sequences), as the
     // coarse dK~/dV~ pass numbers its rows.
     let at = locate(u, info.windows * p, sec_rows(sel.level), query_heads() / params.kv_group);
@@ -47,7 +53,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let k = first + i * stride;
         if (k < chunks) {
             //#rows(2u, select(0u, 2u, c0 == 0u))
-            let src_at = params.partials_at + (u * chunks + k) * d + c0;
+            let src_at = params.partials_at + (gu * chunks + k) * d + c0;
             for (var e = 0u; e < 4u; e++) {
                 if (c0 + e < d) {
                     sk[e] += dcoarse_k[src_at + e];
@@ -56,7 +62,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
     }
-    var to = params.partials_at + (u * chunks + first) * d + c0;
+    var to = params.partials_at + (gu * chunks + first) * d + c0;
     if (span >= chunks) {
         let kpr = problem(at.x * params.kv_group, at.y);
         to = coarse_row(kpr.kv_crow, sel.level, kpr.s, at.z) * d + c0;

@@ -10,7 +10,9 @@
 // Query chunks: llvmpipe stops an invocation's loops after 65535 iterations in all, so a long
 // walk (kv_group * n queries) runs as several dispatches over [chunk_lo, chunk_hi) of each
 // head's queries (`plan::DenseBackwardPlan::query_chunks`), in order; the first writes the sums,
-// every later one adds its own to what the previous left in dk, dv.
+// every later one adds its own to what the previous left in dk, dv. A head split across bindings
+// (`plan::DenseBackwardSplitPlan`) binds one key chunk's rows against one query chunk's: its
+// later query chunks set `accumulate` and add as a later part does.
 // CPU mirror: the dK, dV sums of `cpu::dense_backward`.
 
 #import params
@@ -143,7 +145,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // The first chunk writes, later ones add to the previous chunks' sums (each its own
     // partial times 1/sqrt(d): the same additions in the same order on every run).
     if (in_tile) {
-        let resume = params.chunk_lo > 0u;
+        // A later query part, or a split head's later query chunk (`accumulate`).
+        let resume = params.chunk_lo > 0u || params.accumulate != 0u;
         for (var c4 = 0u; c4 < D4; c4++) {
             let gk = dk_acc[c4] * params.scale;
             let gv = dv_acc[c4];

@@ -6,7 +6,9 @@
 // j <= i + n_kv - n; a row with no key gets dQ = 0.
 // Key chunks: the dispatch attends keys [key_lo, key_hi) (llvmpipe's loop limit, as the
 // forward's `DensePlan::key_chunks`), chunks in order; the first writes dQ, every later one adds
-// its partial to what the previous left.
+// its partial to what the previous left. A head split across bindings
+// (`plan::DenseBackwardSplitPlan`) binds one query chunk's rows against one key chunk's: its
+// later key chunks set `accumulate` and add as a later part does.
 // CPU mirror: the dQ sum of `cpu::dense_backward`.
 
 #import params
@@ -87,7 +89,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (causal) {
         t_end = visible_keys(i1 - 1u, n, n_kv);
     }
-    let resume = params.key_lo > 0u;
+    // A later key part, or a split head's later key chunk (`accumulate`): add to dQ.
+    let resume = params.key_lo > 0u || params.accumulate != 0u;
     if (resume && params.key_lo >= t_end) {
         return; // nothing to add to the earlier chunks' dQ; uniform over the workgroup
     }

@@ -35,16 +35,11 @@
 @group(0) @binding(7) var<storage, read_write> lse: array<f32>;    // (bh, n)
 
 // TQ (query rows per invocation) and LANES (invocations per row group) come from the composer
-// (`plan::dense_tiled`); the rest follows. Written for any WG, BK, D4 >= 1 (the validation
-// tests compose every pass with odd sizes); the plans use WG a multiple of TQ, BK of LANES.
-const GROUPS: u32 = (WG + TQ - 1u) / TQ;      // row groups
-const ROWS: u32 = GROUPS * TQ;                // WG rounded up to whole groups
-const THREADS: u32 = GROUPS * LANES;
-const TK: u32 = (BK + LANES - 1u) / LANES;    // scores per row and invocation per tile
-const NV: u32 = (D4 + LANES - 1u) / LANES;    // output vec4 columns per row and invocation
-const QS: u32 = D4 + 1u;                      // padded row stride of Q and K (vec4s)
-const BK4: u32 = (BK + 3u) / 4u;              // a P row's vec4s
-const PS: u32 = BK4 + 1u;                     // padded row stride of P (vec4s)
+// (`plan::dense_tiled`); the micro-tile sizes that follow from them (GROUPS, ROWS, THREADS, TK,
+// NV, QS, BK4, PS), SEEN, the row loads and `non_finite` are `tiled_rows.wgsl`'s, shared with
+// FMA's tiled pass. Written for any WG, BK, D4 >= 1 (the validation tests compose every pass
+// with odd sizes); the plans use WG a multiple of TQ, BK of LANES.
+#import tiled_rows
 
 var<workgroup> q_tile: array<vec4<f32>, ROWS * QS>;
 var<workgroup> k_tile: array<vec4<f32>, BK * QS>;
@@ -54,55 +49,6 @@ var<workgroup> p_tile: array<vec4<f32>, ROWS * PS>;
 var<workgroup> lanes: array<f32, ROWS * LANES>;
 // Whether the V tile of key tile j holds a non-finite value: flag j % 2 (see stage_tile).
 var<workgroup> v_bad: array<atomic<u32>, 2>;
-
-// The logit a lane reports for a row that saw a key in a tile, at least: above ABSENT / 2, so
-// a row whose every visible score is NaN (a NaN in q or k; max() may drop NaNs) still counts
-// as having seen a key, and its exp(NaN - max) poisons it as in dense attention. No real
-// score is this low.
-const SEEN: f32 = -1e29;
-
-// The 4 elements of row `row` (element offset) of a (., d) tensor from vec4 column c4,
-// zero-padded past d. Four scalar loads: the bindings are f32 arrays (d need not be a
-// multiple of 4); neighbouring invocations take neighbouring vec4s, so the loads coalesce.
-fn load_q4(row: u32, c4: u32, d: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        let c = c4 * 4u + e;
-        if (c < d) {
-            x[e] = q[row + c];
-        }
-    }
-    return x;
-}
-
-fn load_k4(row: u32, c4: u32, d: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        let c = c4 * 4u + e;
-        if (c < d) {
-            x[e] = k[row + c];
-        }
-    }
-    return x;
-}
-
-fn load_v4(row: u32, c4: u32, d: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        let c = c4 * 4u + e;
-        if (c < d) {
-            x[e] = v[row + c];
-        }
-    }
-    return x;
-}
-
-// Whether any element of x is infinite or NaN (by its exponent bits: WGSL implementations may
-// assume finite floats, so no comparison of x with itself).
-fn non_finite(x: vec4<f32>) -> bool {
-    let e = bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u);
-    return any(e == vec4<u32>(0x7f800000u));
-}
 
 // Stages keys/values [t0, t0 + count) of the K/V head at element offset `head` (tile j of the
 // row block): K rows at the padded stride, V rows up to a multiple of 4 (the rows from count

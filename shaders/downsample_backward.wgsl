@@ -128,31 +128,45 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     let cols = params.grid_w;
-    for (var lvl = 0u; lvl < params.num_levels; lvl++) {
+    // Average and Learned mode each walk the levels in a loop of their own, the other's loop
+    // running no level: llvmpipe runs both sides of an `if` (masked), so the one loop with an
+    // `if` per channel paid a masked Learned sum per level and channel in Average mode (perf.md
+    // change 28). The same sums in the same order either way.
+    let learned = params.learned != 0u;
+    for (var lvl = 0u; lvl < select(params.num_levels, 0u, learned); lvl++) {
+        let w = params.levels[lvl].window;
+        // The coarse row holding t (group a, basis row j).
+        let row = row_of(n, w, p, cols, t);
+        let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, (row / p) * p) * d;
+        //#rows(2u, select(0u, 2u, c0 == 0u))
+        let at = rows + (row % p) * d;
+        let count = f32(row_count(n, w, p, cols, row));
+        for (var e = 0u; e < 4u; e++) {
+            let c = c0 + e;
+            if (c >= d) {
+                break;
+            }
+            gk[e] += dcoarse_k[at + c] / count;
+            gv[e] += dcoarse_v[at + c] / count;
+        }
+    }
+    for (var lvl = 0u; lvl < select(0u, params.num_levels, learned); lvl++) {
         let info = params.levels[lvl];
         let w = info.window;
-        // The coarse row holding t (group a, basis row j), and t's kernel index in group a.
+        // The coarse rows of t's group a, and t's kernel index in group a.
         let row = row_of(n, w, p, cols, t);
-        let a = row / p;
-        let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, a * p) * d;
-        //#rows(select(2u * p, 2u, params.learned == 0u), select(0u, select(2u * p, 2u, params.learned == 0u), c0 == 0u))
-        let j_t = row % p;
-        let count = f32(row_count(n, w, p, cols, row));
+        let rows = coarse_row(kpr.kv_crow, lvl, kpr.s, (row / p) * p) * d;
+        //#rows(2u * p, select(0u, 2u * p, c0 == 0u))
         let tap = tap_of(n, w, cols, t);
         for (var e = 0u; e < 4u; e++) {
             let c = c0 + e;
             if (c >= d) {
                 break;
             }
-            if (params.learned == 0u) {
-                gk[e] += dcoarse_k[rows + c + j_t * d] / count;
-                gv[e] += dcoarse_v[rows + c + j_t * d] / count;
-            } else {
-                for (var j = 0u; j < p; j++) {
-                    let widx = info.weight_offset + (c * p + j) * kernel_len(w) + tap;
-                    gk[e] += w_all[widx] * dcoarse_k[rows + c + j * d];
-                    gv[e] += w_all[params.weight_stride + widx] * dcoarse_v[rows + c + j * d];
-                }
+            for (var j = 0u; j < p; j++) {
+                let widx = info.weight_offset + (c * p + j) * kernel_len(w) + tap;
+                gk[e] += w_all[widx] * dcoarse_k[rows + c + j * d];
+                gv[e] += w_all[params.weight_stride + widx] * dcoarse_v[rows + c + j * d];
             }
         }
     }

@@ -1,6 +1,6 @@
 // The coarse dK~/dV~ pass (`backward_dkv_coarse.wgsl`) with subgroup operations (devices with
-// Features::SUBGROUP): lanes are channels, not (row, query) pairs. Block 0 (the first SG
-// invocations) walks the workgroup's reader chunk for RB of its rows at a time, with no barrier
+// Features::SUBGROUP): lanes are channels, not (row, query) pairs. SG lanes of one subgroup
+// (below) walk the workgroup's reader chunk for RB of its rows at a time, with no barrier
 // on its path (with barriers llvmpipe kept the walk's arrays in memory: +15% on the backward at
 // n = 16384, perf.md change 13); the chunk is short (plan::DKV_COARSE_CHUNK queries), so the
 // walk stays far below llvmpipe's 65535 loop iterations and its chain does not grow with n.
@@ -11,13 +11,18 @@
 // memory on llvmpipe (the pass took 45% of the backward after the dQ and fine dK/dV passes got
 // subgroups); here each lane reads its channels of each query once for all the rows, without
 // staging.
-// A block that is not exactly one full subgroup with lanes in invocation order (a device with
-// another layout, a partial last subgroup) computes each score in every lane instead (plain
-// loads): correct anywhere, slower. WG < SG: the two-phase path does every row.
+// The walkers are the first SG lanes (by subgroup rank) of the subgroup holding invocation 0,
+// whatever invocations those are: a subgroupAdd among exactly them adds every channel once.
+// That needs the subgroup to have at least SG lanes, which holds wherever the kernels are
+// composed for at most the device's smallest subgroup size (SG_EXACT, `compose_for`); composed
+// for more (`ContextOptions::subgroup_size`), the pass runs its two-phase path instead, the
+// plain devices' path. The pipeline holds no second way of computing a dot: llvmpipe runs both
+// sides of every `if` (masked), and a per-lane fallback beside the walk cost 1.3-1.6x the pass
+// (perf.md change 28). WG < SG: the two-phase path does every row.
 
 #import subgroup_rows
 
-const SUBGROUP_COARSE_ROWS: bool = WG >= SG;
+const SUBGROUP_COARSE_ROWS: bool = WG >= SG && SG_EXACT;
 // Rows a block takes at once: each query's channels, loaded once, serve all of them.
 const RB: u32 = 4u;
 
@@ -63,7 +68,6 @@ struct Walk {
     row0: u32,
     rn: u32,
     lane: u32,
-    cooperative: bool,
     // Where the group's rows are written (its first row's element, rows' stride).
     out: Outs,
 }
@@ -74,8 +78,61 @@ fn walk_row_at(wk: Walk, r: u32) -> u32 {
         * params.d;
 }
 
+// The walk's rows: each row's first element and bias, and this lane's channels of its k~
+// (pre-scaled) and v~. Rows of empty sub-windows take no part (zeros out, as in the two-phase
+// path).
+struct WalkRows {
+    base: array<u32, RB>,
+    bias: array<f32, RB>,
+    kr: array<array<vec4<f32>, SG_ROW>, RB>,
+    vr: array<array<vec4<f32>, SG_ROW>, RB>,
+}
+
+fn walk_rows(wk: Walk) -> WalkRows {
+    let p = params.p;
+    let w = params.levels[sel.level].window;
+    var rows: WalkRows;
+    // The rows' k~ and v~, read by block 0's lanes once per walk (`//#rows`: the counting
+    // variant of the tests only, `shaders::compose_counting`).
+    //#rows(2u * wk.rn, select(0u, 2u * wk.rn, wk.lane == 0u))
+    for (var i = 0u; i < wk.rn; i++) {
+        rows.base[i] = walk_row_at(wk, i);
+        rows.bias[i] = coarse_key_bias(row_count(wk.kpr.n, w, p, params.grid_w,
+                                                 wk.b * p + wk.row0 + i));
+        for (var t = 0u; t < SG_ROW; t++) {
+            rows.kr[i][t] = lane_vec4(FROM_COARSE_K, rows.base[i], wk.lane + t * SG)
+                * params.scale;
+            rows.vr[i][t] = lane_vec4(FROM_COARSE_V, rows.base[i], wk.lane + t * SG);
+        }
+    }
+    return rows;
+}
+
+// Sums of zero.
+fn zero_sums() -> RowSums {
+    var sums: RowSums;
+    for (var i = 0u; i < RB; i++) {
+        for (var t = 0u; t < SG_ROW; t++) {
+            sums.dk[i][t] = vec4<f32>(0.0);
+            sums.dv[i][t] = vec4<f32>(0.0);
+        }
+    }
+    return sums;
+}
+
+// The query of reader group a at index k of the group: a token, or with coarse queries a
+// coarse row of the level.
+fn walk_token(wk: Walk, a: u32, k: u32) -> u32 {
+    if (params.coarse_queries == 0u) {
+        return group_tap(wk.kpr.n, params.levels[sel.level].window, params.grid_w, a, k).x;
+    }
+    return a * params.p + k;
+}
+
 // Queries [lo, hi) of the rows' readers (query heads, runs, reader groups, their queries in
-// order, as in the two-phase path) folded into the rows' sums. No barrier inside.
+// order, as in the two-phase path) folded into the rows' sums, the block's lanes sharing each
+// dot (subgroupAdd of their channels' partial dots). No barrier inside, and no other way of
+// computing a dot beside this one (see the top of this file).
 fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
     let p = params.p;
     let d = params.d;
@@ -86,26 +143,8 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
     let causal = params.causal != 0u;
     let lane = wk.lane;
     let zero = vec4<f32>(0.0);
-    // Each row's first element and bias, this lane's channels of its k~ (pre-scaled) and v~.
-    // Rows of empty sub-windows take no part (zeros out, as in the two-phase path).
-    var base: array<u32, RB>;
-    var bias: array<f32, RB>;
-    var kr: array<array<vec4<f32>, SG_ROW>, RB>;
-    var vr: array<array<vec4<f32>, SG_ROW>, RB>;
-    var sums: RowSums;
-    // The rows' k~ and v~, read by block 0's lanes once per walk (`//#rows`: the counting
-    // variant of the tests only, `shaders::compose_counting`).
-    //#rows(2u * wk.rn, select(0u, 2u * wk.rn, lane == 0u))
-    for (var i = 0u; i < wk.rn; i++) {
-        base[i] = walk_row_at(wk, i);
-        bias[i] = coarse_key_bias(row_count(n, w, p, cols, wk.b * p + wk.row0 + i));
-        for (var t = 0u; t < SG_ROW; t++) {
-            kr[i][t] = lane_vec4(FROM_COARSE_K, base[i], lane + t * SG) * params.scale;
-            vr[i][t] = lane_vec4(FROM_COARSE_V, base[i], lane + t * SG);
-            sums.dk[i][t] = zero;
-            sums.dv[i][t] = zero;
-        }
-    }
+    var rows = walk_rows(wk);
+    var sums = zero_sums();
     // g0: the index of reader group a's first query in the sequence.
     var g0 = 0u;
     for (var bh = wk.kv_h * params.kv_group; bh < (wk.kv_h + 1u) * params.kv_group; bh++) {
@@ -119,10 +158,7 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
                 let k_hi = clamp(hi, g0, g0 + size) - g0;
                 g0 += size;
                 for (var k = k_lo; k < k_hi; k++) {
-                    var token = a * p + k;
-                    if (params.coarse_queries == 0u) {
-                        token = group_tap(n, w, cols, a, k).x;
-                    }
+                    let token = walk_token(wk, a, k);
                     if (!in_chunk(token)) {
                         continue; // outside a split head's chunk: not bound (uniform)
                     }
@@ -140,33 +176,19 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
                     let lse = stats[2u * row];
                     let delta = stats[2u * row + 1u];
                     for (var i = 0u; i < wk.rn; i++) {
-                        if (bias[i] <= ABSENT * 0.5) {
+                        if (rows.bias[i] <= ABSENT * 0.5) {
                             continue; // uniform over the block
                         }
                         var s4 = zero;
                         var g4 = zero;
-                        if (wk.cooperative) {
-                            for (var t = 0u; t < SG_ROW; t++) {
-                                s4 += qs[t] * kr[i][t];
-                                g4 += gs[t] * vr[i][t];
-                            }
-                        } else {
-                            // Every lane its own full dots (no cross-lane operation).
-                            for (var c4 = 0u; c4 < D4; c4++) {
-                                let kk = lane_vec4(FROM_COARSE_K, base[i], c4) * params.scale;
-                                s4 += lane_vec4(FROM_Q, at, c4) * kk;
-                                g4 += lane_vec4(FROM_DOUT, at, c4)
-                                    * lane_vec4(FROM_COARSE_V, base[i], c4);
-                            }
+                        for (var t = 0u; t < SG_ROW; t++) {
+                            s4 += qs[t] * rows.kr[i][t];
+                            g4 += gs[t] * rows.vr[i][t];
                         }
-                        var s = s4.x + s4.y + s4.z + s4.w;
-                        var g = g4.x + g4.y + g4.z + g4.w;
-                        if (wk.cooperative) {
-                            s = subgroupAdd(s);
-                            g = subgroupAdd(g);
-                        }
+                        let s = subgroupAdd(s4.x + s4.y + s4.z + s4.w);
+                        let g = subgroupAdd(g4.x + g4.y + g4.z + g4.w);
                         // Softcap: the cap before the count correction, dS through its slope.
-                        let pr = exp(capped(s) + bias[i] - lse);
+                        let pr = exp(capped(s) + rows.bias[i] - lse);
                         let ds = pr * (g - delta) * cap_slope(s);
                         for (var t = 0u; t < SG_ROW; t++) {
                             sums.dk[i][t] += ds * qs[t];
@@ -204,24 +226,30 @@ fn write_row_vec4(wk: Walk, r: u32, c4: u32, dk: vec4<f32>, dv: vec4<f32>) {
 // sequence, RB rows at a time, written to `outs` (row r of the workgroup's at out_at(outs, r)).
 // The walk is at most plan::DKV_COARSE_CHUNK = 256 queries, each an iteration plus one per row:
 // at most 256 (PR + PR / RB) <= 20480 iterations (PR <= 64), below llvmpipe's limit.
+// Call in uniform control flow (every invocation of the workgroup active).
 fn coarse_rows_subgroup(kpr: Problem, seq: u32, kv_h: u32, b: u32, j0: u32, nrows: u32,
                         range: vec2<u32>, outs: Outs, lid: u32) {
-    let blk = lid / SG;
-    let lane = lid % SG;
-    tile_rows_begin();
-    // One full subgroup in invocation order: every lane of the subgroup agrees.
-    let cooperative = sg_full && subgroupAll(sg_lane == lane && subgroupBroadcastFirst(blk) == blk);
-    if (blk == 0u) {
+    // The walkers: the first SG active lanes of the subgroup holding invocation 0, lane = rank.
+    let first = subgroupAny(lid == 0u);
+    let lane = subgroupExclusiveAdd(1u);
+    let lanes = subgroupAdd(1u);
+    if (first && lane < SG) {
+        // Fewer than SG lanes there cannot happen where SG_EXACT holds (every subgroup has at
+        // least SG invocations, WG >= SG); should a device still give invocation 0 a partial
+        // subgroup, the rows get NaN (loud) rather than sums that miss channels.
+        let whole = lanes >= SG;
+        let nan = vec4<f32>(bitcast<f32>(0x7fc00000u));
         for (var r0 = 0u; r0 < nrows; r0 += RB) {
             let rn = min(RB, nrows - r0);
             let out = Outs(out_at(outs, r0), outs.stride);
-            let wk = Walk(kpr, seq, kv_h, b, j0 + r0, rn, lane, cooperative, out);
-            let sums = walk_readers(wk, range.x, range.y);
+            let wk = Walk(kpr, seq, kv_h, b, j0 + r0, rn, lane, out);
+            var sums = walk_readers(wk, range.x, range.y);
             for (var i = 0u; i < rn; i++) {
                 for (var t = 0u; t < SG_ROW; t++) {
                     let c4 = lane + t * SG;
                     if (c4 < D4) {
-                        write_row_vec4(wk, i, c4, sums.dk[i][t], sums.dv[i][t]);
+                        write_row_vec4(wk, i, c4, select(nan, sums.dk[i][t], whole),
+                                       select(nan, sums.dv[i][t], whole));
                     }
                 }
             }

@@ -64,10 +64,15 @@ struct Params {
     head_base: u32,          // the caller's query head of problem 0 (a run of heads: HeadSpan)
     window_left: u32,        // L: keys t >= i - L
     window_right: u32,       // R: keys t <= i + R
+    // The dense backward of a split head (`plan::DenseBackwardSplitPlan`): 1 where this
+    // dispatch adds to the dQ or dK/dV an earlier pair left (0: the first writes; unsplit: 0).
+    accumulate: u32,
+    // The backward's coarse dK~/dV~ and its combine rounds, a split head's level in groups of
+    // rows whose partial sums fit one binding: the group's first row of the level (a multiple
+    // of p), its partial sums from partials_at; rows in the group (0: the whole level, unsplit).
+    dkv_row_lo: u32,
+    dkv_rows: u32,
     // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad5: u32,
-    _pad6: u32,
-    _pad7: u32,
     _pad8: u32,
     levels: array<LevelInfo, 32>,
     // The sink logit of query head h: sinks[h / 4][h % 4] (at most 128 heads).

@@ -1,7 +1,7 @@
 // The micro-tile sizes and row loads of the kernels in FlashAttention-2's shape
-// (`fine_attention_tiled.wgsl`; `dense_tiled.wgsl` holds the same text of its own, kept
-// unchanged while other branches edit it): a workgroup of THREADS = ceil(WG / TQ) * LANES
-// invocations in row groups of LANES, each owning TQ query rows; K/V tiles of BK keys.
+// (`fine_attention_tiled.wgsl`, `dense_tiled.wgsl`): a workgroup of THREADS =
+// ceil(WG / TQ) * LANES invocations in row groups of LANES, each owning TQ query rows; K/V
+// tiles of BK keys.
 // CPU mirror: none (a schedule). Sizes: `plan::fine_tiled`, `plan::dense_tiled`.
 // Needs from the importer: consts WG, BK, D4, TQ, LANES; bindings q, k, v.
 

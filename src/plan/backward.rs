@@ -92,6 +92,52 @@ pub fn combine_rounds(chunks: u64) -> Vec<(u64, u64)> {
     rounds
 }
 
+/// Windows of a level whose reader chunks' partial sums (`per_window` rows each: p rows times
+/// their reader chunks, of `d` floats) fit one binding after dK~'s first `partials_at`
+/// elements: a split head's group of rows (`plan::DkvRowGroup`); 0 when not one window fits.
+pub(super) fn partial_group_windows(
+    partials_at: u64,
+    per_window: u64,
+    d: u64,
+    limits: &KernelLimits,
+) -> u64 {
+    (limits.binding_bytes() / 4).saturating_sub(partials_at) / (per_window * d).max(1)
+}
+
+/// The coarse dK~/dV~ dispatch (`pass`) of `windows` windows of level index `level`, `k`
+/// reader chunks per row and `p` rows per window, and the combine rounds of their rows'
+/// partial sums (none for one chunk). `specs`: the two passes' specialisations.
+pub(super) fn dkv_level_steps(
+    pass: Pass,
+    level: usize,
+    windows: u64,
+    (k, p): (u64, u64),
+    (coarse_spec, combine_spec): (Specialization, Specialization),
+    limits: &KernelLimits,
+) -> Result<(Dispatch, Vec<Dispatch>)> {
+    let chunks = p.div_ceil(coarse_rows_per_workgroup(coarse_spec.wg, coarse_spec.d4) as u64);
+    let level_index = Some(level as u32);
+    let mut step = dispatch(pass, level_index, windows * chunks * k, coarse_spec, limits)?;
+    step.args = [k as u32, DKV_COARSE_CHUNK];
+    let rows = windows * p;
+    let rounds = combine_rounds(k)
+        .into_iter()
+        .map(|(stride, groups)| {
+            let units = rows * groups * combine_spec.d4 as u64;
+            let mut c = dispatch(
+                Pass::BackwardDkvCombine,
+                level_index,
+                units.div_ceil(combine_spec.wg as u64),
+                combine_spec,
+                limits,
+            )?;
+            c.args = [k as u32, stride as u32];
+            Ok(c)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((step, rounds))
+}
+
 /// Queries per tile of a dK/dV pass: as many (<= MAX_KEY_TILE = 32) as fit in workgroup memory next to
 /// `fixed` bytes, at `per_query` bytes each.
 fn query_tile(head_dim: usize, fixed: u32, per_query: u32, limits: &KernelLimits) -> Result<u32> {
@@ -187,6 +233,10 @@ pub(super) struct Work {
     pub kv_elements: u64,
     /// Rows of the LSE and D bound at once: the shape's (a split head: its largest chunk's).
     pub stats_rows: u64,
+    /// A split head of fine queries: the coarse dK~/dV~ pass runs each level in groups of
+    /// windows whose reader chunks' partial sums fit one binding (`plan::DkvRowGroup`), so
+    /// only the largest group's are sized and checked; false: every level's whole.
+    pub group_partials: bool,
 }
 
 impl BackwardPlan {
@@ -207,6 +257,7 @@ impl BackwardPlan {
                 .collect(),
             kv_elements: shape.kv_elements() as u64,
             stats_rows: shape.rows() as u64,
+            group_partials: false,
         };
         Self::build(forward, cfg, limits, work)
     }
@@ -289,7 +340,10 @@ impl BackwardPlan {
             softmax: att.spec.softmax,
             storage: Storage::F32,
         };
-        let chunks = (p as u64).div_ceil(pr as u64);
+        let combine_spec = Specialization { d4, ..elementwise };
+        // The partial sums follow dK~'s and dV~'s own rows (and a variable-length batch's table
+        // copy in dK~: `for_sequences` moves them past it).
+        let partials_at = forward.workspace.coarse_kv_bytes.div_ceil(4);
         // Each coarse row's readers (3 w_l queries at level l in 1D: O(n) at the top level) in
         // chunks of DKV_COARSE_CHUNK, one workgroup each, so no workgroup's walk grows with n;
         // a level of more than one chunk writes partial sums, added by a tree of combine rounds.
@@ -305,40 +359,21 @@ impl BackwardPlan {
             let window = forward.levels.levels[i].window;
             let readers = max_readers(grid, cfg.causal, coarse_q, window, p) * group;
             let k = reader_chunks(readers);
-            let mut step = dispatch(
-                pass,
-                Some(i as u32),
-                windows * chunks * k,
-                coarse_spec,
-                limits,
-            )?;
-            step.args = [k as u32, DKV_COARSE_CHUNK];
+            let specs = (coarse_spec, combine_spec);
+            let (step, rounds) = dkv_level_steps(pass, i, windows, (k, p as u64), specs, limits)?;
             dkv_coarse.push(step);
-            let rows = windows * p as u64;
-            let combine_spec = Specialization { d4, ..elementwise };
-            let rounds = combine_rounds(k)
-                .into_iter()
-                .map(|(stride, groups)| {
-                    let units = rows * groups * d4 as u64;
-                    let mut c = dispatch(
-                        Pass::BackwardDkvCombine,
-                        Some(i as u32),
-                        units.div_ceil(wg as u64),
-                        combine_spec,
-                        limits,
-                    )?;
-                    c.args = [k as u32, stride as u32];
-                    Ok(c)
-                })
-                .collect::<Result<Vec<_>>>()?;
             if k > 1 {
-                partial_rows = partial_rows.max(rows * k);
+                // A split head of fine queries runs the level in groups of windows whose
+                // partial sums fit one binding (`plan::DkvRowGroup`); everyone else whole.
+                let mut held = windows;
+                if work.group_partials && !coarse_q {
+                    let fit = partial_group_windows(partials_at, k * p as u64, d as u64, limits);
+                    held = held.min(fit.max(1));
+                }
+                partial_rows = partial_rows.max(held * p as u64 * k);
             }
             dkv_combine.push(rounds);
         }
-        // The partial sums follow dK~'s and dV~'s own rows (and a variable-length batch's table
-        // copy in dK~: `for_sequences` moves them past it).
-        let partials_at = forward.workspace.coarse_kv_bytes.div_ceil(4);
         let mut partial_elements = partial_rows * d as u64;
         // Coarse queries: per level, (G, R, H) of each query head's coarse rows (d + 1 units
         // per row), then dQ~ (one invocation per row, D4-wide private rows).

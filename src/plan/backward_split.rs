@@ -10,10 +10,12 @@
 //!    higher levels once from the coarse rows);
 //! 2. per chunk: D = rowsum(dO O) of its bound rows (halo included: the near-field dK/dV of
 //!    its keys reads the halo's queries), dQ of its queries, dK and dV of its keys' near field;
-//! 3. level by level (the levels share the space of the reader chunks' partial sums): per
-//!    chunk, in chunk order, the level's coarse dK~/dV~ summed over the readers in the chunk
-//!    and added to the earlier chunks' sums (`backward_dkv_coarse.wgsl`), then the level's
-//!    combine rounds of the reader chunks' partial sums (coarse queries instead: each chunk's
+//! 3. level by level, each level in groups of its coarse rows whose reader chunks' partial sums
+//!    fit one binding after dK~'s rows ([`DkvRowGroup`], `backward_split_rows.rs`; the groups
+//!    share the partial sums' space): per chunk, in chunk order, the group's coarse dK~/dV~
+//!    summed over the readers in the chunk and added to the earlier chunks' sums
+//!    (`backward_dkv_coarse.wgsl`), then the group's combine rounds of the reader chunks'
+//!    partial sums (coarse queries instead: each chunk's
 //!    level-1 coarse-query stats, then the passes over coarse rows alone once:
 //!    [`CoarseQuerySteps`], `backward_split_coarse_q.rs`);
 //! 4. per chunk: the downsampling's backward of its tokens (dK~, dV~ into dK, dV; coarse
@@ -36,11 +38,12 @@
 //!
 //! What stays refused, with a typed error: Learned pooling (its weights outgrow a binding
 //! before a head does, as the forward's split), coarse queries on a 2D grid, coarse rows
-//! that do not fit one binding ([`SplitPlan::coarse`]; a 2D head's always must), softmax
-//! variants.
+//! that do not fit one binding ([`SplitPlan::coarse`]; a 2D head's always must) or leave no
+//! room for one window's partial sums (coarse queries: a level's), softmax variants.
 
 use super::backward::Work;
 use super::backward_split_coarse_q::CoarseQuerySteps;
+use super::backward_split_rows::{dkv_row_groups, DkvRowGroup};
 use super::depth::{with_depth, DepthModel, DispatchDepth};
 use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig, Queries};
@@ -99,10 +102,6 @@ pub struct BackwardChunk {
     pub dq: Dispatch,
     /// Near-field dK, dV of its keys' tiles.
     pub dkv_fine: Dispatch,
-    /// Per level, the coarse dK~/dV~ of every coarse row over the readers in the chunk: the
-    /// unsplit plan's dispatches (all rows, all reader chunks). Empty with coarse queries (the
-    /// pass reads coarse rows alone: [`CoarseQuerySteps::shared`]).
-    pub dkv_coarse: Vec<Dispatch>,
     /// dK~, dV~ into dK, dV of its tokens `lo..hi` (coarse queries: and dQ~ into dQ).
     pub downsample_backward: Option<Dispatch>,
 }
@@ -117,6 +116,11 @@ pub struct BackwardSplitPlan {
     pub head: BackwardPlan,
     /// The backward passes of each chunk of `split.chunks`.
     pub chunks: Vec<BackwardChunk>,
+    /// Fine queries: per level, its groups of coarse rows whose reader chunks' partial sums
+    /// fit one binding, in order; each chunk runs a group's coarse dK~/dV~ over its readers
+    /// (in chunk order), then the group's combine rounds run. Empty with coarse queries (the
+    /// pass reads coarse rows alone: [`CoarseQuerySteps::shared`]).
+    pub dkv_groups: Vec<Vec<DkvRowGroup>>,
     /// Coarse queries: their passes (per chunk level 1's stats, the rest once per head).
     pub coarse_queries: Option<CoarseQuerySteps>,
 }
@@ -182,9 +186,11 @@ impl BackwardSplitPlan {
                 .map(|c| c.rows as u64)
                 .max()
                 .unwrap_or(0),
+            // Fine queries: each level's partial sums in groups of rows that fit a binding.
+            group_partials: true,
         };
-        // What is left over a binding is the head's coarse scratch (dK~, dV~ and the reader
-        // chunks' partial sums), which a split head binds whole, or at head_dim 1 a chunk's
+        // What is left over a binding is the head's coarse scratch (dK~, dV~ and one window's
+        // reader chunks' partial sums; coarse queries: a level's), or at head_dim 1 a chunk's
         // LSE and D (8 bytes a row, its tensors 4): not a matter of heads.
         let head = BackwardPlan::build(forward, cfg, limits, work).map_err(|e| match e {
             FmaError::LimitExceeded {
@@ -198,8 +204,8 @@ impl BackwardSplitPlan {
                 requested,
                 max,
                 unit,
-                advice: "a split head binds its coarse rows' gradients and their reader chunks' \
-                         partial sums whole (on a 2D grid about 27 n p / 256 rows), and a \
+                advice: "a split head binds its coarse rows' gradients whole, with one group of \
+                         their reader chunks' partial sums (coarse queries: a level's), and a \
                          chunk's LSE and D (8 bytes a row): use a larger block size m (cell side \
                          r), a smaller rank p, or head_dim >= 2"
                     .into(),
@@ -222,11 +228,6 @@ impl BackwardSplitPlan {
                     delta: sized(&head.delta, (c.rows as u64).div_ceil(wg))?,
                     dq: sized(&head.dq, tiles)?,
                     dkv_fine: sized(&head.dkv_fine, tiles)?,
-                    dkv_coarse: if coarse_q {
-                        Vec::new()
-                    } else {
-                        head.dkv_coarse.clone()
-                    },
                     downsample_backward: head
                         .downsample_backward
                         .as_ref()
@@ -243,10 +244,16 @@ impl BackwardSplitPlan {
         let coarse_queries = coarse_q
             .then(|| CoarseQuerySteps::new(&split, &head, limits))
             .transpose()?;
+        let dkv_groups = if coarse_q {
+            Vec::new()
+        } else {
+            dkv_row_groups(&head, limits)?
+        };
         Ok(Self {
             split,
             head,
             chunks,
+            dkv_groups,
             coarse_queries,
         })
     }
@@ -268,9 +275,13 @@ impl BackwardSplitPlan {
         for c in &mut self.chunks {
             let all = [&mut c.delta, &mut c.dq, &mut c.dkv_fine]
                 .into_iter()
-                .chain(c.dkv_coarse.iter_mut())
                 .chain(c.downsample_backward.iter_mut());
             for d in all {
+                d.spec.storage = storage;
+            }
+        }
+        for g in self.dkv_groups.iter_mut().flatten() {
+            for d in std::iter::once(&mut g.dkv_coarse).chain(g.combine.iter_mut()) {
                 d.spec.storage = storage;
             }
         }
@@ -297,9 +308,9 @@ impl BackwardSplitPlan {
             out.extend(&cq.first_level);
             out.extend(&cq.shared);
         } else {
-            for (l, rounds) in self.head.dkv_combine.iter().enumerate() {
-                out.extend(self.chunks.iter().map(|c| c.dkv_coarse[l]));
-                out.extend(rounds.iter().copied());
+            for g in self.dkv_groups.iter().flatten() {
+                out.extend(self.chunks.iter().map(|_| g.dkv_coarse));
+                out.extend(g.combine.iter().copied());
             }
         }
         for c in &self.chunks {
@@ -357,10 +368,8 @@ mod tests {
             let count = |p: Pass| passes.iter().filter(|&&x| x == p).count();
             assert_eq!(count(Pass::BackwardDelta), chunks.len());
             assert_eq!(count(Pass::DownsampleBackward), chunks.len());
-            assert_eq!(
-                count(Pass::BackwardDkvCoarse),
-                chunks.len() * plan.head.dkv_coarse.len()
-            );
+            let groups: usize = plan.dkv_groups.iter().map(Vec::len).sum();
+            assert_eq!(count(Pass::BackwardDkvCoarse), chunks.len() * groups);
         }
     }
 

@@ -142,8 +142,8 @@ mod tests {
         // Every chunk's passes: no coarse dK~/dV~ per chunk (it reads coarse rows alone), a
         // downsampling backward over K's, V's and Q's tokens of the chunk.
         let d4 = 4u64;
+        assert!(plan.dkv_groups.is_empty());
         for (c, b) in chunks.iter().zip(&plan.chunks) {
-            assert!(b.dkv_coarse.is_empty());
             let tokens = (c.hi - c.lo) as u64 * d4;
             let unpool = b.downsample_backward.unwrap();
             assert_eq!(unpool.workgroups as u64, 2 * tokens.div_ceil(64));
@@ -171,7 +171,7 @@ mod tests {
         let limits = KernelLimits::with_binding(16 << 10);
         let plan = BackwardSplitPlan::new(1000, 16, &FmaConfig::new(32, 2), &limits).unwrap();
         assert!(plan.coarse_queries.is_none());
-        assert!(plan.chunks.iter().all(|b| !b.dkv_coarse.is_empty()));
+        assert_eq!(plan.dkv_groups.len(), plan.head.dkv_coarse.len());
     }
 
     #[test]

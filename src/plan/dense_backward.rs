@@ -248,7 +248,7 @@ impl DenseBackwardPlan {
 /// Rows [0, len) in chunks of at most `max` rows rounded down to whole tiles of `tile` (at
 /// least one tile), each starting at a multiple of `tile`; one chunk when they fit (also for
 /// len = 0: one dispatch that writes zeros).
-fn chunks(len: usize, tile: usize, max: usize) -> Vec<(usize, usize)> {
+pub(super) fn chunks(len: usize, tile: usize, max: usize) -> Vec<(usize, usize)> {
     if len <= max {
         return vec![(0, len)];
     }

@@ -21,10 +21,12 @@ use super::backward::{
     WEIGHT_CHUNK_WINDOWS,
 };
 use super::dense::DensePlan;
+use super::dense_backward::DenseBackwardPlan;
 use super::dense_tiled::{tiled_threads, TILED_ROWS};
 use super::dispatch::Dispatch;
 use super::forward::{FmaPlan, POOL_TAPS};
 use super::pass::Pass;
+use super::split_dense::DenseSplitPlan;
 use crate::config::{Downsample, FmaConfig, Queries};
 use crate::geometry::GridGeometry;
 use crate::levels::{far_list, near_blocks};
@@ -663,6 +665,62 @@ pub fn dense_depths(plan: &DensePlan) -> Vec<DispatchDepth> {
         rows: 0,
     }));
     all
+}
+
+/// Every dispatch of dense attention over a head split across bindings, in recording order
+/// (one per (query chunk, key chunk) pair and key part), with its depth.
+pub fn dense_split_depths(plan: &DenseSplitPlan) -> Vec<DispatchDepth> {
+    plan.pairs
+        .iter()
+        .map(|pair| {
+            let d = pair.dispatch;
+            let depth = dense_attention(&d, (pair.keys.1 - pair.keys.0) as u64);
+            DispatchDepth {
+                dispatch: d,
+                invocations: invocations(&d),
+                serial_rows: depth.serial_rows,
+                rows: depth.rows,
+            }
+        })
+        .collect()
+}
+
+/// `backward_delta` of a dense backward over `rows` rows: each invocation reads its dO and O.
+pub fn dense_delta(d: &Dispatch, rows: u64) -> DispatchDepth {
+    DispatchDepth {
+        dispatch: *d,
+        invocations: invocations(d),
+        serial_rows: 2,
+        rows: 2 * rows,
+    }
+}
+
+/// Every dispatch of the dense backward of `plan` in recording order (D, dK/dV once per query
+/// chunk, dQ once per key chunk, at the default keys per dispatch), with its depth.
+pub fn dense_backward_depths(plan: &DenseBackwardPlan) -> Vec<DispatchDepth> {
+    let shape = plan.forward.shape;
+    let step = |d: &Dispatch, walked: usize, per: u64| {
+        let depth = dense_backward(d, walked as u64, per);
+        DispatchDepth {
+            dispatch: *d,
+            invocations: invocations(d),
+            serial_rows: depth.serial_rows,
+            rows: depth.rows,
+        }
+    };
+    let group = shape.group();
+    std::iter::once(dense_delta(&plan.delta, shape.rows() as u64))
+        .chain(
+            plan.query_chunks(plan.queries_per_dispatch())
+                .into_iter()
+                .map(|(lo, hi)| step(&plan.dkv, group * (hi - lo), 3)),
+        )
+        .chain(
+            plan.key_chunks(plan.keys_per_dispatch())
+                .into_iter()
+                .map(|(lo, hi)| step(&plan.dq, hi - lo, 2)),
+        )
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,9 +6,11 @@
 mod backward;
 mod backward_split;
 mod backward_split_coarse_q;
+mod backward_split_rows;
 mod decode;
 mod dense;
 mod dense_backward;
+mod dense_backward_split;
 mod dense_tiled;
 mod depth;
 mod dispatch;
@@ -31,14 +33,17 @@ pub use backward::{
 };
 pub use backward_split::{BackwardChunk, BackwardSplitPlan};
 pub use backward_split_coarse_q::CoarseQuerySteps;
+pub use backward_split_rows::DkvRowGroup;
 pub use decode::{DecodeLayout, DecodeTuning, DenseCut, DenseSplit, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};
+pub use dense_backward_split::{DenseBackwardSplitPlan, DenseBackwardStep};
 pub use dense_tiled::{
     dense_kernel_spec, tile_bytes, tiled_spec, tiled_threads, DenseKernel, TILED_LANES, TILED_ROWS,
 };
 pub use depth::{
-    backward_depths, dense_depths, dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
+    backward_depths, dense_backward_depths, dense_delta, dense_depths, dense_split_depths,
+    dispatch_depth, forward_depths, Depth, DepthModel, DispatchDepth,
 };
 pub(crate) use dispatch::dispatch;
 pub use dispatch::{

@@ -42,6 +42,7 @@ impl BackwardPlan {
                 .collect(),
             kv_elements: kvh * (seqs.total() * d) as u64,
             stats_rows: forward.shape.rows() as u64,
+            group_partials: false,
         };
         let shape = forward.shape;
         // The table's copy follows the larger of the stats (2 per row) and dK~.

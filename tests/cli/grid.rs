@@ -361,12 +361,69 @@ fn grad_grids_that_do_not_fit_are_bad_input() {
     }
 }
 
+/// `plan --grid H,W --backward --binding-mib 1` of a 2D head whose coarse dK~/dV~ partial
+/// sums exceed the binding (issue 27): the library's list, each level's coarse pass in groups
+/// of rows (every chunk a group), not the binding error.
+#[test]
+fn plan_lists_a_split_grid_backward_in_groups_of_coarse_rows() {
+    use multipole_attn::plan::{fma_depths_with, BackwardSplitPlan, FmaKernel, KernelLimits};
+    use multipole_attn::Problem;
+    // 320 x 640 tokens of width 4, r = 4, p = 2: the partial sums of 27 reader cells a row
+    // (about 27 n p / 256 rows) outgrow 1 MiB after dK~'s rows.
+    let args = [
+        "plan",
+        "--n",
+        "204800",
+        "--head-dim",
+        "4",
+        "--grid",
+        "320,640",
+        "--block",
+        "4",
+        "--rank",
+        "2",
+        "--backward",
+        "--binding-mib",
+        "1",
+        "--json",
+    ];
+    let out = cli(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let got = doc["dispatches"].as_array().expect("a dispatches array");
+    let mut limits = KernelLimits::discrete_gpu();
+    limits.max_binding = 1 << 20;
+    let cfg = FmaConfig::new(4, 2).grid(Some(Grid::new(320, 640)));
+    // The forward's fused pass as a GPU runs it (the tiled kernel), as `plan` prints.
+    let want = fma_depths_with(
+        &Problem::new(Shape::new(1, 1, 204800, 4)),
+        &cfg,
+        &limits,
+        true,
+        FmaKernel::Tiled,
+    )
+    .unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["pass"], w.dispatch.pass.name());
+        assert_eq!(g["workgroups"], serde_json::json!(w.dispatch.grid));
+    }
+    let plan = BackwardSplitPlan::new(204800, 4, &cfg, &limits).unwrap();
+    let groups: usize = plan.dkv_groups.iter().map(Vec::len).sum();
+    assert!(groups > plan.dkv_groups.len(), "no level in groups");
+    let count = got
+        .iter()
+        .filter(|g| g["pass"] == "backward_dkv_coarse")
+        .count();
+    assert_eq!(count, plan.chunks.len() * groups);
+}
+
 /// `plan --grid H,W --backward` of one 2D head over a small binding (`--binding-mib 1`): the
 /// split backward's dispatches chunk by chunk (issue 27), the library's list, not the binding
 /// error; and the grid's bad input as for `run`.
 #[test]
 fn plan_lists_a_split_grid_head_backward_per_chunk() {
-    use multipole_attn::plan::{fma_depths, BackwardSplitPlan, KernelLimits};
+    use multipole_attn::plan::{fma_depths_with, BackwardSplitPlan, FmaKernel, KernelLimits};
     use multipole_attn::Problem;
     // 128 x 160 tokens of width 16: 1.31 MB per tensor over a 1 MiB binding.
     let args = [
@@ -393,11 +450,13 @@ fn plan_lists_a_split_grid_head_backward_per_chunk() {
     let mut limits = KernelLimits::discrete_gpu();
     limits.max_binding = 1 << 20;
     let cfg = FmaConfig::new(8, 2).grid(Some(Grid::new(128, 160)));
-    let want = fma_depths(
+    // The forward's fused pass as `plan` prints it: the tiled kernel a GPU runs.
+    let want = fma_depths_with(
         &Problem::new(Shape::new(1, 1, 20480, 16)),
         &cfg,
         &limits,
         true,
+        FmaKernel::Tiled,
     )
     .unwrap();
     assert_eq!(got.len(), want.len());

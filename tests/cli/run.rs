@@ -1094,3 +1094,48 @@ fn a_closed_stdout_pipe_ends_quietly() {
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
 }
+
+/// `plan --dense --backward` of one head over the binding lists the split dense backward's
+/// dispatches (issue 27): the forward's (query chunk, key chunk) pairs, then D per query chunk,
+/// dK/dV and dQ per causal pair, each with the library's depth; no chain longer than a part.
+#[test]
+fn plan_lists_a_split_dense_backward() {
+    use multipole_attn::plan::{DenseBackwardSplitPlan, KernelLimits};
+    let out = cli([
+        "plan",
+        "--n",
+        "16384",
+        "--head-dim",
+        "64",
+        "--dense",
+        "--causal",
+        "--backward",
+        "--binding-mib",
+        "1",
+        "--json",
+    ]);
+    out.assert_ok();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    let got = doc["dispatches"].as_array().expect("a dispatches array");
+    let mut limits = KernelLimits::discrete_gpu();
+    limits.max_binding = 1 << 20;
+    let plan = DenseBackwardSplitPlan::new((16384, 64, 1), true, &limits, None).unwrap();
+    // 16384 rows of 256 bytes in 1 MiB bindings: 4 chunks, 10 causal pairs.
+    assert_eq!(plan.chunks.len(), 4);
+    let want = plan.depths();
+    let backward = &got[got.len() - want.len()..];
+    for (g, w) in backward.iter().zip(&want) {
+        assert_eq!(g["pass"], w.dispatch.pass.name());
+        assert_eq!(g["workgroups"], serde_json::json!(w.dispatch.grid));
+        assert_eq!(g["serial_rows"], w.serial_rows);
+        assert_eq!(g["rows"], w.rows);
+    }
+    let count = |pass: &str| got.iter().filter(|g| g["pass"] == pass).count();
+    assert_eq!(count("backward_delta"), 4);
+    assert_eq!(count("dense_backward_dkv"), 10);
+    assert_eq!(count("dense_backward_dq"), 10);
+    // The forward's pairs come first: 10 of them.
+    assert_eq!(got.len() - want.len(), 10);
+    let deepest = got.iter().map(|g| g["serial_rows"].as_u64().unwrap()).max();
+    assert!(deepest.unwrap() <= 1 + 3 * 4096, "{deepest:?}");
+}

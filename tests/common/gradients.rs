@@ -43,8 +43,18 @@ pub fn regrouped(label: &str, name: &str, a: &[f32], b: &[f32]) -> f64 {
 
 /// The training forward and backward of host tensors on `att`: its output and gradients.
 pub fn host_gradients(att: &Attention, p: &Problem, x: &Inputs) -> (Output, Gradients<f32>) {
+    host_gradients_with(att, p, x, &x.dout)
+}
+
+/// [`host_gradients`] with dO = `dout` instead of the inputs' own.
+pub fn host_gradients_with(
+    att: &Attention,
+    p: &Problem,
+    x: &Inputs,
+    dout: &[f32],
+) -> (Output, Gradients<f32>) {
     let (out, saved) = att.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
-    let g = att.backward(&saved, HostGrad(&x.dout)).expect("backward");
+    let g = att.backward(&saved, HostGrad(dout)).expect("backward");
     (out, g)
 }
 
@@ -214,25 +224,39 @@ pub fn compare_all(label: &str, gpu: &Gradients<f32>, reference: &Gradients<f64>
     ] {
         worst = worst.max(compare(label, name, a, b));
     }
-    match (&gpu.weights, &reference.weights) {
-        (Some(gw), Some(rw)) => {
-            // The reference has one entry per level of the weights; the GPU the used ones.
-            assert!(rw.len() >= gw.len(), "{label}");
-            for (l, (a, b)) in gw.iter().zip(rw).enumerate() {
-                for (name, x, y) in [
-                    ("k_w", &a.wk, &b.wk),
-                    ("k_b", &a.bk, &b.bk),
-                    ("v_w", &a.wv, &b.wv),
-                    ("v_b", &a.bv, &b.bv),
-                    ("q_w", &a.wq, &b.wq),
-                    ("q_b", &a.bq, &b.bq),
-                ] {
-                    worst = worst.max(compare(label, &format!("{name}{}", l + 1), x, y));
-                }
-            }
-        }
-        (None, None) => {}
-        _ => panic!("{label}: weight gradients on one side only"),
+    for (name, a, b) in weight_pairs(label, gpu, reference) {
+        worst = worst.max(compare(label, &name, a, b));
     }
     worst
+}
+
+/// Each used level's six weight and bias gradients of `a` beside `b`'s, named `k_w1`, `k_b1`,
+/// `v_w1`, ... (`a`'s levels against `b`'s first ones: the reference has one entry per level of
+/// the weights, the GPU the used ones); none in Average mode. Weights on one side only panic.
+pub fn weight_pairs<'a, T, U>(
+    label: &str,
+    a: &'a Gradients<T>,
+    b: &'a Gradients<U>,
+) -> Vec<(String, &'a [T], &'a [U])> {
+    match (&a.weights, &b.weights) {
+        (Some(aw), Some(bw)) => {
+            assert!(bw.len() >= aw.len(), "{label}: levels");
+            let mut out = Vec::new();
+            for (l, (x, y)) in aw.iter().zip(bw).enumerate() {
+                for (name, p, q) in [
+                    ("k_w", &x.wk, &y.wk),
+                    ("k_b", &x.bk, &y.bk),
+                    ("v_w", &x.wv, &y.wv),
+                    ("v_b", &x.bv, &y.bv),
+                    ("q_w", &x.wq, &y.wq),
+                    ("q_b", &x.bq, &y.bq),
+                ] {
+                    out.push((format!("{name}{}", l + 1), p.as_slice(), q.as_slice()));
+                }
+            }
+            out
+        }
+        (None, None) => Vec::new(),
+        _ => panic!("{label}: weight gradients on one side only"),
+    }
 }

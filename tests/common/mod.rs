@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod gradients;
+pub mod split;
 
 use std::sync::OnceLock;
 

@@ -22,12 +22,12 @@
 //! on tensors over a binding, and one Learned head over a binding (one Average head splits
 //! along its sequence: `backward_split_head.rs`).
 
-use crate::common::gradients::{compare_all, host_gradients, inputs, nan, regrouped};
-use crate::common::{gpu, random_learned, read_buffer, Poisoned};
-use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{
-    Attention, GpuContext, GradTensors, Host, HostGrad, Resident, ResidentGrad,
+use crate::common::gradients::inputs;
+use crate::common::split::{
+    bitwise_but_sums, resident_backward_refused, resident_training_refused, SplitCase,
 };
+use crate::common::{gpu, random_learned};
+use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Queries, Shape, Variants};
 
@@ -41,68 +41,20 @@ fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig, whole_groups
         "seed {seed} {} causal={} {:?}",
         p.shape, p.causal, cfg.queries
     );
-    let x = inputs(seed, p.shape);
-    let whole = Attention::fma(ctx, cfg.clone()).unwrap();
-    let split = Attention::fma(ctx, cfg.clone())
-        .unwrap()
-        .max_binding(LIMIT)
-        .unwrap();
+    let c = SplitCase::new(ctx, label, seed, (&Method::Fma(cfg.clone()), p), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: its backward does not fit one binding (a
     // chunk's: that of Q padded to the keys' length, which it runs).
     let sh = p.shape;
     let full = Shape::cross(sh.batch, sh.heads, sh.seq_kv, sh.seq_kv, sh.head_dim)
         .with_kv_heads(sh.kv_heads);
-    let full = Problem::new(full).causal(p.causal);
-    assert!(
-        matches!(
-            split.backward_plan(&full),
-            Err(FmaError::LimitExceeded { .. })
-        ),
-        "{label}: the tensors fit one binding"
-    );
-    let (out_u, g_u) = host_gradients(&whole, p, &x);
-    let (out_s, g_s) = host_gradients(&split, p, &x);
-    assert_eq!(out_s.o, out_u.o, "{label}: O");
-    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
-    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
-    let mut worst = 0.0f64;
-    if whole_groups {
-        assert_eq!(g_s.dk, g_u.dk, "{label}: dK");
-        assert_eq!(g_s.dv, g_u.dv, "{label}: dV");
-    } else {
-        worst = worst.max(regrouped(&label, "dK", &g_s.dk, &g_u.dk));
-        worst = worst.max(regrouped(&label, "dV", &g_s.dv, &g_u.dv));
-    }
-    match (&g_s.weights, &g_u.weights) {
-        (Some(ws), Some(wu)) => {
-            assert_eq!(ws.len(), wu.len(), "{label}: levels");
-            for (l, (a, b)) in ws.iter().zip(wu).enumerate() {
-                for (name, x, y) in [
-                    ("k_w", &a.wk, &b.wk),
-                    ("k_b", &a.bk, &b.bk),
-                    ("v_w", &a.wv, &b.wv),
-                    ("v_b", &a.bv, &b.bv),
-                    ("q_w", &a.wq, &b.wq),
-                    ("q_b", &a.bq, &b.bq),
-                ] {
-                    worst = worst.max(regrouped(&label, &format!("{name}{}", l + 1), x, y));
-                }
-            }
-        }
-        (None, None) => {}
-        _ => panic!("{label}: weight gradients on one side only"),
-    }
+    c.assert_over_binding(&Problem::new(full).causal(p.causal), "the tensors");
+    let (out_u, g_u) = c.unsplit();
+    let (out_s, g_s) = c.split();
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), whole_groups);
     // Deterministic: the same bits from a second training step.
-    let (_, again) = host_gradients(&split, p, &x);
-    assert_eq!(again, g_s, "{label}: two split runs differ");
-    let r = cpu::backward(
-        &Method::Fma(cfg.clone()),
-        p,
-        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
-        &widen(&x.dout),
-    )
-    .unwrap();
-    let to_ref = compare_all(&label, &g_s, &r);
+    c.assert_repeatable(&out_s, &g_s);
+    let to_ref = c.against_reference(&g_s);
     eprintln!("{label}: regrouped {worst:.2e}, against f64 {to_ref:.2e}");
     worst
 }
@@ -190,44 +142,14 @@ fn what_the_backward_does_not_split_is_a_typed_error() {
         .unwrap();
 
     // Resident tensors over a binding: refused before the forward, saying what to do.
-    let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-    let e = split
-        .train(&problem, Resident(bufs.tensors()))
-        .expect_err("resident tensors over a binding");
-    assert!(
-        matches!(&e, FmaError::LimitExceeded { what, advice, .. }
-            if what.contains("resident") && advice.contains("HostGrad")),
-        "{e}"
-    );
-    let (o, lse) = bufs.read(ctx);
-    assert!(o.iter().chain(&lse).all(|v| v.is_nan()), "the forward ran");
+    let usage = wgpu::BufferUsages::empty();
+    resident_training_refused(ctx, &split, (&problem, &x), usage, "FMA");
 
     // Host tensors saved in runs, differentiated into buffers: refused, buffers untouched.
     let (_, saved) = split
         .train(&problem, Host::new(&x.q, &x.k, &x.v))
         .expect("host training in runs");
-    let dout = crate::common::gradients::buffer(ctx, "dout", &x.dout);
-    let (dq, dk, dv) = (
-        nan(ctx, "dq", shape.elements()),
-        nan(ctx, "dk", shape.kv_elements()),
-        nan(ctx, "dv", shape.kv_elements()),
-    );
-    let grads = GradTensors {
-        dq: &dq,
-        dk: &dk,
-        dv: &dv,
-        weights: None,
-    };
-    let e = split
-        .backward(&saved, ResidentGrad { dout: &dout, grads })
-        .expect_err("resident gradients of runs");
-    assert!(
-        matches!(&e, FmaError::InvalidConfig { allowed, .. } if allowed.contains("HostGrad")),
-        "{e}"
-    );
-    for b in [&dq, &dk, &dv] {
-        assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
-    }
+    resident_backward_refused(ctx, &split, (&saved, &x.dout), "runs");
 
     // Sinks on host tensors over a binding train in runs too (each run reads its own heads'
     // sinks: tests/gpu/variants_runs.rs checks the values).

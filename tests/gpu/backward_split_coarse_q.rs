@@ -24,106 +24,41 @@
 //! pass's two-phase path). What stays refused is a typed error: causal coarse queries (the
 //! configuration's), Learned pooling, and coarse rows that do not fit one binding.
 
-use crate::common::gradients::regrouped;
-use crate::common::gradients::{compare_all, inputs, Inputs};
+use crate::common::gradients::inputs;
+use crate::common::split::{bitwise_but_sums, SplitCase};
 use crate::common::{browser_like_gpu, gpu, random_learned};
-use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad, Output};
-use multipole_attn::plan::{BackwardSplitPlan, KernelLimits};
+use multipole_attn::gpu::{Attention, GpuContext, Host};
+use multipole_attn::plan::KernelLimits;
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{Downsample, FmaConfig, FmaError, Gradients, Method, Problem, Queries, Shape};
+use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Queries, Shape};
 
 /// The binding cap of the split runs.
 const LIMIT: u64 = 32 << 10;
-
-/// The training forward and backward of host tensors on `fma`, with `dout`.
-fn host_gradients(
-    fma: &Attention,
-    p: &Problem,
-    x: &Inputs,
-    dout: &[f32],
-) -> (Output, Gradients<f32>) {
-    let (out, saved) = fma.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
-    let g = fma.backward(&saved, HostGrad(dout)).expect("backward");
-    (out, g)
-}
-
-/// Asserts that `a` and `b` hold the same bits, naming how many elements differ and the first.
-fn same_bits(label: &str, name: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{label}: {name} length");
-    let differ = || (0..a.len()).filter(|&i| a[i].to_bits() != b[i].to_bits());
-    if let Some(i) = differ().next() {
-        panic!(
-            "{label}: {name} differs at {} of {} elements, first at {i}: {} against {}",
-            differ().count(),
-            a.len(),
-            a[i],
-            b[i]
-        );
-    }
-}
 
 /// One case: the split run against the unsplit one, itself and the f64 reference; returns the
 /// worst dK/dV difference from the unsplit run (of the scale; 0 where bitwise).
 fn check(ctx: &GpuContext, seed: u64, shape: Shape, cfg: &FmaConfig) -> f64 {
     let label = format!("seed {seed} {shape} m={} p={}", cfg.block, cfg.rank);
-    let p = Problem::new(shape);
-    let x = inputs(seed, shape);
-    let whole = Attention::fma(ctx, cfg.clone()).unwrap();
-    let split = Attention::fma(ctx, cfg.clone())
-        .unwrap()
-        .max_binding(LIMIT)
-        .unwrap();
+    let method = Method::Fma(cfg.clone());
+    let c = SplitCase::new(ctx, label, seed, (&method, &Problem::new(shape)), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: one head's backward is over the binding,
     // and the head is several chunks.
-    let (n, d) = (shape.seq, shape.head_dim);
-    let one = Problem::new(Shape::new(1, 1, n, d));
-    assert!(
-        matches!(
-            split.backward_plan(&one),
-            Err(FmaError::LimitExceeded { .. })
-        ),
-        "{label}: one head fits one binding"
-    );
-    let plan = BackwardSplitPlan::new(n, d, cfg, &KernelLimits::webgpu_default().capped(LIMIT))
-        .expect("plan");
+    let plan = c.one_head_split(&KernelLimits::webgpu_default().capped(LIMIT));
     let chunks = plan.split.chunks.len();
     assert!(chunks > 1, "{label}: one chunk");
     assert!(plan.coarse_queries.is_some(), "{label}");
     // Poison: a backward of dO = NaN leaves NaN in every scratch row it wrote.
-    let poison = vec![f32::NAN; x.dout.len()];
-    let (_, g_nan) = host_gradients(&split, &p, &x, &poison);
+    let (_, g_nan) = c.run(&c.split, &vec![f32::NAN; c.x.dout.len()]);
     assert!(g_nan.dq.iter().all(|v| v.is_nan()), "{label}: NaN dO");
-    let (out_u, g_u) = host_gradients(&whole, &p, &x, &x.dout);
-    let (out_s, g_s) = host_gradients(&split, &p, &x, &x.dout);
-    same_bits(&label, "O", &out_s.o, &out_u.o);
-    let lse = |o: &Output| o.lse.clone().expect("the LSE");
-    same_bits(&label, "LSE", &lse(&out_s), &lse(&out_u));
-    same_bits(&label, "dQ", &g_s.dq, &g_u.dq);
-    let worst = if shape.group() == 1 {
-        same_bits(&label, "dK", &g_s.dk, &g_u.dk);
-        same_bits(&label, "dV", &g_s.dv, &g_u.dv);
-        0.0
-    } else {
-        regrouped(&label, "dK", &g_s.dk, &g_u.dk).max(regrouped(&label, "dV", &g_s.dv, &g_u.dv))
-    };
+    let (out_u, g_u) = c.unsplit();
+    let (out_s, g_s) = c.split();
+    // O, the LSE and dQ the same bits; dK, dV too with one query head per K/V head.
+    let dkv_bits = shape.group() == 1;
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), dkv_bits);
     assert!(g_s.weights.is_none() && g_u.weights.is_none(), "{label}");
-    let (_, again) = host_gradients(&split, &p, &x, &x.dout);
-    for (name, a, b) in [
-        ("dQ", &again.dq, &g_s.dq),
-        ("dK", &again.dk, &g_s.dk),
-        ("dV", &again.dv, &g_s.dv),
-    ] {
-        same_bits(&label, &format!("{name} of a second split run"), a, b);
-    }
-    let r = cpu::backward(
-        &Method::Fma(cfg.clone()),
-        &p,
-        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
-        &widen(&x.dout),
-    )
-    .unwrap();
-    let to_ref = compare_all(&label, &g_s, &r);
+    c.assert_repeatable(&out_s, &g_s);
+    let to_ref = c.against_reference(&g_s);
     eprintln!(
         "{label}: {chunks} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {}), against f64 \
          {to_ref:.2e}",

@@ -21,11 +21,11 @@
 //! and resident gradients of such a forward (their NaN-poisoned buffers stay NaN). Coarse
 //! queries split too: `backward_split_coarse_q.rs`.
 
-use crate::common::gradients::{compare_all, host_gradients, inputs, nan, regrouped};
-use crate::common::{browser_like_gpu, gpu, random_learned, read_buffer};
-use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, ResidentGrad};
-use multipole_attn::plan::{BackwardSplitPlan, KernelLimits};
+use crate::common::gradients::inputs;
+use crate::common::split::{bitwise_but_sums, resident_backward_refused, SplitCase};
+use crate::common::{browser_like_gpu, gpu, random_learned};
+use multipole_attn::gpu::{Attention, GpuContext, Host};
+use multipole_attn::plan::KernelLimits;
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{Downsample, FmaConfig, FmaError, Method, Problem, Shape};
 
@@ -36,44 +36,18 @@ const LIMIT: u64 = 32 << 10;
 /// worst dK/dV difference from the unsplit run (of the scale).
 fn check(ctx: &GpuContext, seed: u64, p: &Problem, cfg: &FmaConfig) -> f64 {
     let label = format!("seed {seed} {} causal={}", p.shape, p.causal);
-    let x = inputs(seed, p.shape);
-    let whole = Attention::fma(ctx, cfg.clone()).unwrap();
-    let split = Attention::fma(ctx, cfg.clone())
-        .unwrap()
-        .max_binding(LIMIT)
-        .unwrap();
+    let c = SplitCase::new(ctx, label, seed, (&Method::Fma(cfg.clone()), p), LIMIT);
+    let label = &c.label;
     // The split run cannot pass by not splitting: one head's backward is over the binding,
     // and the head is several chunks.
-    let (n, d) = (p.shape.seq, p.shape.head_dim);
-    let one = Problem::new(Shape::new(1, 1, n, d)).causal(p.causal);
-    assert!(
-        matches!(
-            split.backward_plan(&one),
-            Err(FmaError::LimitExceeded { .. })
-        ),
-        "{label}: one head fits one binding"
-    );
-    let plan = BackwardSplitPlan::new(n, d, cfg, &KernelLimits::webgpu_default().capped(LIMIT))
-        .expect("plan");
+    let plan = c.one_head_split(&KernelLimits::webgpu_default().capped(LIMIT));
     assert!(plan.split.chunks.len() > 1, "{label}: one chunk");
-    let (out_u, g_u) = host_gradients(&whole, p, &x);
-    let (out_s, g_s) = host_gradients(&split, p, &x);
-    assert_eq!(out_s.o, out_u.o, "{label}: O");
-    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
-    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
-    let worst =
-        regrouped(&label, "dK", &g_s.dk, &g_u.dk).max(regrouped(&label, "dV", &g_s.dv, &g_u.dv));
+    let (out_u, g_u) = c.unsplit();
+    let (out_s, g_s) = c.split();
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), false);
     assert!(g_s.weights.is_none() && g_u.weights.is_none(), "{label}");
-    let (_, again) = host_gradients(&split, p, &x);
-    assert_eq!(again, g_s, "{label}: two split runs differ");
-    let r = cpu::backward(
-        &Method::Fma(cfg.clone()),
-        p,
-        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
-        &widen(&x.dout),
-    )
-    .unwrap();
-    let to_ref = compare_all(&label, &g_s, &r);
+    c.assert_repeatable(&out_s, &g_s);
+    let to_ref = c.against_reference(&g_s);
     let bitwise = g_s.dk == g_u.dk && g_s.dv == g_u.dv;
     eprintln!(
         "{label}: {} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {bitwise}), against f64 \
@@ -156,26 +130,5 @@ fn what_a_split_head_backward_does_not_run_is_a_typed_error() {
     let (_, saved) = split
         .train(&Problem::new(shape), Host::new(&x.q, &x.k, &x.v))
         .expect("split training");
-    let dout = crate::common::gradients::buffer(ctx, "dout", &x.dout);
-    let (dq, dk, dv) = (
-        nan(ctx, "dq", shape.elements()),
-        nan(ctx, "dk", shape.kv_elements()),
-        nan(ctx, "dv", shape.kv_elements()),
-    );
-    let grads = GradTensors {
-        dq: &dq,
-        dk: &dk,
-        dv: &dv,
-        weights: None,
-    };
-    let e = split
-        .backward(&saved, ResidentGrad { dout: &dout, grads })
-        .expect_err("resident gradients of a split head");
-    assert!(
-        matches!(&e, FmaError::InvalidConfig { allowed, .. } if allowed.contains("HostGrad")),
-        "{e}"
-    );
-    for b in [&dq, &dk, &dv] {
-        assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
-    }
+    resident_backward_refused(ctx, &split, (&saved, &x.dout), "a split head");
 }

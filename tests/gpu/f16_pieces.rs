@@ -431,3 +431,322 @@ fn weight_close(label: &str, name: &str, got: &[f32], want: &[f64]) {
     let c = closeness(got, want, tol, crate::f16::GRAD_TOL);
     assert_eq!(c.violations, 0, "{label}: {name} {c:?} (scale {scale:.3e})");
 }
+
+// ---- The merged pieces under f16 (issue 29, change 34): grouped varlen training, the split
+// backward of a coarse-query head and of a 2D head, the tiled FMA pass forced (split head too).
+//
+// Each is held against the whole f16 run with the tolerance its f32 analogue's test states,
+// widened by the f16 roundings that the pieces add (as fractions of each tensor's scale,
+// max(1, max|x|); 0 = the same bits):
+// - where the f32 pieces are bitwise, so are the f16 ones (the same f32 values, each rounded
+//   once to f16 by the same store);
+// - where the f32 pieces differ by WTOL = 1e-5 of the scale (a regrouped f32 sum or a plan that
+//   follows a group's own longest sequence), two values within WTOL round to f16 values within
+//   WTOL + one f16 ulp (2^-10 |x| <= 2 2^-11 of the scale): O and dQ;
+// - a K/V head's dK, dV summed over its query heads on the host from per-head f16 gradients:
+//   two per-head roundings and the sum's rounding against the whole run's one (the split-head
+//   test above): WTOL + 4 2^-11 of the scale.
+// And every O, dQ, dK, dV must be f16 values (a piece that kept f32 rows, or an upload that
+// did not round, fails), O within f16.rs's tolerance of the f64 reference, the gradients
+// within its gradient tolerance.
+
+const WTOL: f64 = 1e-5;
+const TWO_ULPS: f64 = WTOL + 2.0 * F16_UNIT_ROUNDOFF as f64;
+const HOST_SUM: f64 = WTOL + 4.0 * F16_UNIT_ROUNDOFF as f64;
+
+/// Tolerances of a capped run against the whole one (fractions of the scale; 0: bitwise).
+#[derive(Clone, Copy, Debug)]
+struct Tols {
+    o: f64,
+    dq: f64,
+    dkv: f64,
+}
+
+const BITS: Tols = Tols {
+    o: 0.0,
+    dq: 0.0,
+    dkv: 0.0,
+};
+
+/// `got` against `want` within `tol` of the scale (0: the same bits); non-finite elements (the
+/// padding rows' LSE -inf) must be equal. Returns how many elements differ in their bits.
+fn agree(label: &str, name: &str, got: &[f32], want: &[f32], tol: f64) -> usize {
+    if tol == 0.0 {
+        same_bits(label, name, got, want);
+        return 0;
+    }
+    assert_eq!(got.len(), want.len(), "{label}: {name} length");
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+        if b.is_finite() {
+            g.push(a);
+            w.push(b as f64);
+        } else {
+            assert_eq!(a.to_bits(), b.to_bits(), "{label}: {name}[{i}]");
+        }
+    }
+    let scale = w.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    let c = closeness(&g, &w, tol * scale, 0.0);
+    assert_eq!(c.violations, 0, "{label}: {name} {c:?} (scale {scale:.3e})");
+    bits(got)
+        .iter()
+        .zip(bits(want))
+        .filter(|(a, b)| **a != *b)
+        .count()
+}
+
+/// Every element of `x` an f16 value.
+fn all_f16(label: &str, name: &str, x: &[f32]) {
+    let r = round_to_f16(x);
+    let bad = x
+        .iter()
+        .zip(&r)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
+    assert!(
+        bad.is_none(),
+        "{label}: {name}[{bad:?}] is not an f16 value"
+    );
+}
+
+/// Training (forward and host backward) of `p` on `capped` against `whole`, both f16 storage:
+/// O, the LSE (f32: `tols.o` less the ulps, as the f32 analogue) and the gradients, then the
+/// f64 reference.
+fn check_training(
+    label: &str,
+    (method, p): (&Method, &Problem),
+    (capped, whole): (&Attention, &Attention),
+    x: &[Vec<f32>; 3],
+    dout: &[f32],
+    tols: Tols,
+) {
+    let host = || Host::new(&x[0], &x[1], &x[2]);
+    let (out_c, saved_c) = capped.train(p, host()).expect("capped train");
+    let g_c = capped
+        .backward(&saved_c, HostGrad(dout))
+        .expect("capped backward");
+    let (out_w, saved_w) = whole.train(p, host()).expect("whole train");
+    let g_w = whole
+        .backward(&saved_w, HostGrad(dout))
+        .expect("whole backward");
+    let lse = |o: &multipole_attn::gpu::Output| o.lse.clone().expect("the LSE");
+    let lse_tol = if tols.o == 0.0 { 0.0 } else { WTOL };
+    let differ = [
+        agree(label, "O", &out_c.o, &out_w.o, tols.o),
+        agree(label, "LSE", &lse(&out_c), &lse(&out_w), lse_tol),
+        agree(label, "dQ", &g_c.dq, &g_w.dq, tols.dq),
+        agree(label, "dK", &g_c.dk, &g_w.dk, tols.dkv),
+        agree(label, "dV", &g_c.dv, &g_w.dv, tols.dkv),
+    ];
+    for (name, t) in [
+        ("O", &out_c.o),
+        ("dQ", &g_c.dq),
+        ("dK", &g_c.dk),
+        ("dV", &g_c.dv),
+    ] {
+        all_f16(label, name, t);
+    }
+    near_reference(
+        label,
+        (method, p),
+        x,
+        (&out_c.o, &lse(&out_c)),
+        coarse_atol(method, &x[2]),
+    );
+    let r = cpu::backward(
+        method,
+        p,
+        (&widen(&x[0]), &widen(&x[1]), &widen(&x[2])),
+        &widen(dout),
+    )
+    .unwrap();
+    compare_grad(label, "dQ", &g_c.dq, &r.dq);
+    compare_grad(label, "dK", &g_c.dk, &r.dk);
+    compare_grad(label, "dV", &g_c.dv, &r.dv);
+    eprintln!("{label}: elements differing from the whole run (O, LSE, dQ, dK, dV) {differ:?}");
+}
+
+/// The capped run of `p`'s training must take pieces: its whole backward exceeds the cap.
+fn assert_backward_pieces(label: &str, capped: &Attention, p: &Problem) {
+    let whole = capped.backward_plan(p);
+    assert!(
+        matches!(whole, Err(FmaError::LimitExceeded { .. })),
+        "{label}: the whole backward fits the cap: {whole:?}"
+    );
+}
+
+/// Grouped varlen training over a binding (tests/gpu/varlen_backward_groups.rs's f32 analogue:
+/// within WTOL, a group's plan following its own longest sequence; a sequence of 300 tokens
+/// trained alone, by runs of heads summing a K/V head's gradients on the host).
+#[test]
+fn f16_varlen_training_over_a_binding_runs_groups_of_sequences() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let fma = Method::Fma(FmaConfig::new(16, 2));
+    let coarse = Method::Fma(FmaConfig::new(16, 2).queries(Queries::Coarse));
+    let seqs = Sequences::packed(vec![1, 97, 300, 7, 200, 60]).unwrap();
+    let padded = Sequences::padded(300, vec![300, 0, 17, 250, 1]).unwrap();
+    let tols = Tols {
+        o: TWO_ULPS,
+        dq: TWO_ULPS,
+        dkv: HOST_SUM,
+    };
+    for (i, (method, seqs, causal)) in [
+        (&fma, &seqs, false),
+        (&fma, &padded, true),
+        (&coarse, &seqs, false),
+        (&Method::Dense, &seqs, true),
+        (&Method::Dense, &padded, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = Problem::varlen(seqs.clone(), 4, 2, 8).causal(causal);
+        let s = seed.wrapping_add(i as u64 * 7919);
+        let label = format!("seed {s} grouped training {method:?} causal={causal} {seqs:?}");
+        let x = inputs(s, p.shape);
+        let dout = round_to_f16(&normal_tensor(s + 3, p.shape.elements()));
+        let capped = half(ctx, method, Some(16 << 10), DenseKernel::Rows);
+        let whole = half(ctx, method, None, DenseKernel::Rows);
+        assert_backward_pieces(&label, &capped, &p);
+        check_training(&label, (method, &p), (&capped, &whole), &x, &dout, tols);
+    }
+}
+
+/// The split backward of one coarse-query head (tests/gpu/backward_split_coarse_q.rs: O, the
+/// LSE, dQ bitwise; dK, dV bitwise with one query head per K/V head, else summed on the host).
+#[test]
+fn f16_split_backward_of_a_coarse_query_head() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let method = Method::Fma(FmaConfig::new(16, 2).queries(Queries::Coarse));
+    // 2049 x 8 is 65,568 bytes at f32 and 32,784 at f16: over 32 KiB either way.
+    let cap = 32 << 10;
+    for (i, (shape, tols)) in [
+        (Shape::new(1, 1, 2049, 8), BITS),
+        (
+            Shape::new(1, 2, 2049, 8).with_kv_heads(1),
+            Tols {
+                dkv: HOST_SUM,
+                ..BITS
+            },
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = Problem::new(shape);
+        let s = seed.wrapping_add(i as u64 * 7919);
+        let label = format!("seed {s} coarse-query split backward {shape}");
+        let x = inputs(s, shape);
+        let dout = round_to_f16(&normal_tensor(s + 3, shape.elements()));
+        let capped = half(ctx, &method, Some(cap), DenseKernel::Rows);
+        let whole = half(ctx, &method, None, DenseKernel::Rows);
+        let one = Problem::new(Shape::new(1, 1, shape.seq, shape.head_dim));
+        assert_backward_pieces(&label, &capped, &one);
+        check_training(&label, (&method, &p), (&capped, &whole), &x, &dout, tols);
+    }
+}
+
+/// The split backward of one 2D head (tests/gpu/grid_backward_split.rs: O, the LSE, dQ
+/// bitwise; dK, dV within WTOL, a coarse row's sum regrouped by token chunk; GQA summed on
+/// the host).
+#[test]
+fn f16_split_backward_of_a_grid_head() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let tols = Tols {
+        dkv: HOST_SUM,
+        ..BITS
+    };
+    for (i, (h, w, r, rank, shape, cap)) in [
+        (17, 29, 4, 2, Shape::new(1, 1, 493, 8), 12u64 << 10),
+        (
+            20,
+            24,
+            4,
+            2,
+            Shape::new(1, 2, 480, 8).with_kv_heads(1),
+            12 << 10,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let grid = multipole_attn::Grid::new(h, w);
+        let method = Method::Fma(FmaConfig::new(r, rank).grid(Some(grid)));
+        let p = Problem::new(shape);
+        let s = seed.wrapping_add(i as u64 * 7919);
+        let label = format!("seed {s} grid {grid} split backward {shape}");
+        let x = inputs(s, shape);
+        let dout = round_to_f16(&normal_tensor(s + 3, shape.elements()));
+        let capped = half(ctx, &method, Some(cap), DenseKernel::Rows);
+        let whole = half(ctx, &method, None, DenseKernel::Rows);
+        let one = Problem::new(Shape::new(1, 1, shape.seq, shape.head_dim));
+        assert_backward_pieces(&label, &capped, &one);
+        check_training(&label, (&method, &p), (&capped, &whole), &x, &dout, tols);
+    }
+}
+
+/// The tiled FMA fine pass forced under f16, whole and on a split head (the split's forward
+/// and training bitwise as the rows kernel's above; the split backward's dK, dV of a GQA
+/// group summed on the host), and the whole tiled f16 run against the reference.
+#[test]
+fn f16_tiled_fma_pass_whole_and_split() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let method = Method::Fma(FmaConfig::new(16, 2));
+    let tiled = |cap: Option<u64>| {
+        let a = half(ctx, &method, cap, DenseKernel::Rows)
+            .fma_kernel(multipole_attn::plan::FmaKernel::Tiled)
+            .unwrap();
+        let plan = a.plan(&Problem::new(Shape::new(1, 1, 97, 16))).unwrap();
+        let pass = plan.fma().unwrap().attention.pass;
+        assert_eq!(pass, multipole_attn::plan::Pass::FineTiled);
+        a
+    };
+    let shape = Shape::new(1, 2, 1025, 16).with_kv_heads(1);
+    for causal in [false, true] {
+        let p = Problem::new(shape).causal(causal);
+        let label = format!("seed {seed} tiled FMA f16 causal={causal}");
+        let x = inputs(seed, shape);
+        let dout = round_to_f16(&normal_tensor(seed + 3, shape.elements()));
+        let (capped, whole) = (tiled(Some(SPLIT_CAP)), tiled(None));
+        assert_pieces(&label, &capped, &p);
+        let got = capped.forward(&p, Host::new(&x[0], &x[1], &x[2])).unwrap();
+        let want = whole.forward(&p, Host::new(&x[0], &x[1], &x[2])).unwrap();
+        same_bits(&label, "split O", &got.o, &want.o);
+        same_bits(
+            &label,
+            "split LSE",
+            got.lse.as_deref().unwrap(),
+            want.lse.as_deref().unwrap(),
+        );
+        // Resident f16 tensors through the split, O poisoned: the same bits.
+        let bufs = resident(ctx, &x, shape);
+        capped.forward(&p, Resident(bufs.tensors())).unwrap();
+        let (o, lse) = bufs.read(ctx, shape);
+        same_bits(&label, "resident O", &o, &want.o);
+        same_bits(&label, "resident LSE", &lse, want.lse.as_deref().unwrap());
+        let tols = Tols {
+            dkv: HOST_SUM,
+            ..BITS
+        };
+        check_training(&label, (&method, &p), (&capped, &whole), &x, &dout, tols);
+    }
+}

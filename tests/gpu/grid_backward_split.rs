@@ -8,7 +8,7 @@
 //! - O, the LSE and dQ: the same bits (the forward split is bitwise; dQ of a chunk's cells
 //!   reads its bound rows, the 3 x 3 cells around each, and the whole coarse K~, V~, with the
 //!   unsplit float operations);
-//! - dK, dV: within WTOL = 1e-5 of the scale (max(1, max|g|); `backward_split::regrouped`).
+//! - dK, dV: within WTOL = 1e-5 of the scale (max(1, max|g|); `common::gradients::regrouped`).
 //!   Why not bitwise: a coarse row's sum over a reader chunk (256 gathered queries: far cells
 //!   in run order, each cell's tokens in raster order) whose queries lie in several token
 //!   chunks is added as one part per token chunk, in chunk order, and a grouped-query K/V
@@ -26,17 +26,17 @@
 //! a batch of 2, a GQA group of 2 on 20 x 24, 45 x 70 in 12 chunks (whose head's LSE and D
 //! exceed the binding: they are bound per chunk), and a browser's limits (no subgroups: the coarse
 //! pass's two-phase path). What stays refused is a typed error: coarse queries, a grid of one
-//! row of cells (1 x N), a single column (N x 1: its reader chunks' partial sums outgrow the
-//! binding first).
+//! row of cells (1 x N), a single column (N x 1: dK~'s rows with one window's reader-chunk
+//! partial sums outgrow the binding first; more windows' run in groups of rows:
+//! `backward_split_coarse_rows.rs`).
 
-use crate::common::gradients::regrouped;
-use crate::common::gradients::{compare_all, gpu_gradients, inputs, Inputs};
+use crate::common::gradients::{gpu_gradients, inputs};
+use crate::common::split::{bitwise_but_sums, SplitCase};
 use crate::common::{browser_like_gpu, gpu};
-use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, Host, HostGrad};
-use multipole_attn::plan::{BackwardSplitPlan, KernelLimits};
+use multipole_attn::gpu::{Attention, GpuContext, Host};
+use multipole_attn::plan::KernelLimits;
 use multipole_attn::random::fresh_seed;
-use multipole_attn::{FmaConfig, FmaError, Gradients, Grid, Method, Problem, Queries, Shape};
+use multipole_attn::{FmaConfig, FmaError, Grid, Method, Problem, Queries, Shape};
 
 /// One case: (H, W, r, p, shape, binding cap of the split run, chunks per head under it).
 type Case = (usize, usize, usize, usize, Shape, u64, usize);
@@ -64,17 +64,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// The training forward and backward of host tensors on `fma`.
-fn host_gradients(
-    fma: &Attention,
-    p: &Problem,
-    x: &Inputs,
-) -> (multipole_attn::gpu::Output, Gradients<f32>) {
-    let (out, saved) = fma.train(p, Host::new(&x.q, &x.k, &x.v)).expect("train");
-    let g = fma.backward(&saved, HostGrad(&x.dout)).expect("backward");
-    (out, g)
-}
-
 /// Every element finite and not +-0: an element of the zero-filled chunk buffers that no pass
 /// wrote would read +0.
 fn all_written(label: &str, name: &str, g: &[f32]) {
@@ -91,51 +80,32 @@ fn check(ctx: &GpuContext, seed: u64, (h, w, r, p, shape, cap, chunks): Case) ->
     let grid = Grid::new(h, w);
     let cfg = FmaConfig::new(r, p).grid(Some(grid));
     let label = format!("seed {seed} {shape} grid {grid} r={r} p={p} binding {cap}");
-    let problem = Problem::new(shape);
-    let x = inputs(seed, shape);
-    let whole = Attention::fma(ctx, cfg.clone()).unwrap();
-    let split = Attention::fma(ctx, cfg.clone())
-        .unwrap()
-        .max_binding(cap)
-        .unwrap();
+    let c = SplitCase::new(
+        ctx,
+        label,
+        seed,
+        (&Method::Fma(cfg), &Problem::new(shape)),
+        cap,
+    );
+    let label = &c.label;
     // The split run cannot pass by not splitting: one head's backward is over the binding,
     // and the head is `chunks` chunks.
-    let (n, d) = (shape.seq, shape.head_dim);
-    let one = Problem::new(Shape::new(1, 1, n, d));
-    assert!(
-        matches!(
-            split.backward_plan(&one),
-            Err(FmaError::LimitExceeded { .. })
-        ),
-        "{label}: one head fits one binding"
-    );
-    let limits = KernelLimits::from_wgpu(&ctx.limits).capped(cap);
-    let plan = BackwardSplitPlan::new(n, d, &cfg, &limits).expect(&label);
+    let plan = c.one_head_split(&KernelLimits::from_wgpu(&ctx.limits).capped(cap));
     assert_eq!(plan.split.chunks.len(), chunks, "{label}: chunks");
-    let (out_u, _) = whole
-        .train(&problem, Host::new(&x.q, &x.k, &x.v))
+    let (x, problem) = (&c.x, &c.problem);
+    let (out_u, _) = c
+        .whole
+        .train(problem, Host::new(&x.q, &x.k, &x.v))
         .expect("train");
-    let g_u = gpu_gradients(ctx, &whole, &x, &problem);
-    let (out_s, g_s) = host_gradients(&split, &problem, &x);
-    assert_eq!(out_s.o, out_u.o, "{label}: O");
-    assert_eq!(out_s.lse, out_u.lse, "{label}: LSE");
+    let g_u = gpu_gradients(ctx, &c.whole, x, problem);
+    let (out_s, g_s) = c.split();
     for (name, g) in [("dQ", &g_s.dq), ("dK", &g_s.dk), ("dV", &g_s.dv)] {
-        all_written(&label, name, g);
+        all_written(label, name, g);
     }
-    assert_eq!(g_s.dq, g_u.dq, "{label}: dQ");
-    let worst =
-        regrouped(&label, "dK", &g_s.dk, &g_u.dk).max(regrouped(&label, "dV", &g_s.dv, &g_u.dv));
+    let worst = bitwise_but_sums(label, (&out_s, &g_s), (&out_u, &g_u), false);
     assert!(g_s.weights.is_none(), "{label}");
-    let (_, again) = host_gradients(&split, &problem, &x);
-    assert_eq!(again, g_s, "{label}: two split runs differ");
-    let reference = cpu::backward(
-        &Method::Fma(cfg),
-        &problem,
-        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
-        &widen(&x.dout),
-    )
-    .unwrap();
-    let to_ref = compare_all(&label, &g_s, &reference);
+    c.assert_repeatable(&out_s, &g_s);
+    let to_ref = c.against_reference(&g_s);
     let bitwise = g_s.dk == g_u.dk && g_s.dv == g_u.dv;
     eprintln!(
         "{label}: {chunks} chunks, dK/dV vs unsplit {worst:.2e} (bitwise: {bitwise}), against \
@@ -207,6 +177,6 @@ fn what_a_split_grid_backward_does_not_run_is_a_typed_error() {
         16 << 10,
         "row of fine cells",
     );
-    // A single column (N x 1): the reader chunks' partial sums outgrow the binding first.
+    // A single column (N x 1): dK~'s rows and one window's partial sums outgrow the binding.
     refused(97, 1, FmaConfig::new(4, 1), 8, 4 << 10, "partial sums");
 }

@@ -9,6 +9,7 @@ mod common;
 mod backward;
 mod backward_split;
 mod backward_split_coarse_q;
+mod backward_split_coarse_rows;
 mod backward_split_head;
 mod coarse;
 mod coarse_backward;

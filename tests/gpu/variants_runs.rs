@@ -18,6 +18,7 @@
 //! tolerances of tests/gpu/variants.rs.
 
 use crate::common::gradients::{compare, compare_all, inputs};
+use crate::common::split::same_bits;
 use crate::common::{gpu, DENSE_KERNELS};
 use multipole_attn::closeness::closeness;
 use multipole_attn::cpu::{self, widen};
@@ -29,22 +30,6 @@ use multipole_attn::{FmaConfig, FmaError, Method, Problem, Shape, Variants, Wind
 /// One head of 97 x 16 f32 is 6,208 bytes: 16 KiB holds two heads' Q (or K, V, O) but not
 /// three, so the 6 and 8 heads below run in runs of two.
 const CAP: u64 = 16 << 10;
-
-/// `got` holds the bits of `want` (a NaN included), else a panic naming the first element
-/// that differs and how many do.
-fn same_bits(label: &str, name: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{label}: {name} length");
-    let differ = |(a, b): (&f32, &f32)| a.to_bits() != b.to_bits();
-    let count = got.iter().zip(want).filter(|&p| differ(p)).count();
-    if let Some(i) = got.iter().zip(want).position(differ) {
-        panic!(
-            "{label}: {name}: {count} of {} elements differ, first [{i}]: {} against {}",
-            got.len(),
-            got[i],
-            want[i]
-        );
-    }
-}
 
 /// Forward, training forward and backward of `p` under `CAP` against the uncapped run and the
 /// f64 reference. `kv_bits`: whole K/V groups per run, so dK and dV are the unsplit bits;

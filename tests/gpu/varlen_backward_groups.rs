@@ -28,11 +28,12 @@
 //! fail against the reference; resident gradients of a grouped forward are a typed error that
 //! leaves their NaN-poisoned buffers untouched. Fresh seeds (printed).
 
-use crate::common::gradients::{buffer, compare, compare_all, host_gradients, inputs, nan};
-use crate::common::gradients::{regrouped, Inputs};
-use crate::common::{gpu, random_learned, read_buffer, Poisoned};
-use multipole_attn::cpu::{self, widen};
-use multipole_attn::gpu::{Attention, GpuContext, GradTensors, Host, Resident, ResidentGrad};
+use crate::common::gradients::{inputs, regrouped};
+use crate::common::split::{
+    regrouped_sums, resident_backward_refused, resident_training_refused, SplitCase,
+};
+use crate::common::{gpu, random_learned};
+use multipole_attn::gpu::{Attention, GpuContext, Host};
 use multipole_attn::random::fresh_seed;
 use multipole_attn::{
     Downsample, FmaConfig, FmaError, Method, Problem, Queries, Sequences, Variants,
@@ -89,77 +90,33 @@ fn check(ctx: &GpuContext, seed: u64, method: &Method, p: &Problem, cap: u64) ->
         p.causal,
         p.variants
     );
-    let x: Inputs = inputs(seed, p.shape);
-    let whole = Attention::new(ctx, method.clone()).unwrap();
-    let grouped = Attention::new(ctx, method.clone())
-        .unwrap()
-        .max_binding(cap)
-        .unwrap();
+    let c = SplitCase::new(ctx, label, seed, (method, p), cap);
+    let label = &c.label;
     // The grouped run cannot pass by not splitting: the batch's backward is over the binding.
-    assert!(
-        matches!(
-            grouped.backward_plan(p),
-            Err(FmaError::LimitExceeded { .. })
-        ),
-        "{label}: the batch fits one binding"
-    );
-    let (out_u, g_u) = host_gradients(&whole, p, &x);
-    let (out_s, g_s) = host_gradients(&grouped, p, &x);
-    let mut worst = regrouped(&label, "O", &out_s.o, &out_u.o);
+    c.assert_over_binding(p, "the batch");
+    let (out_u, g_u) = c.unsplit();
+    let (out_s, g_s) = c.split();
+    let mut worst = regrouped(label, "O", &out_s.o, &out_u.o);
     let (ls, lu) = finite_lse(
-        &label,
+        label,
         out_s.lse.as_ref().unwrap(),
         out_u.lse.as_ref().unwrap(),
     );
-    worst = worst.max(regrouped(&label, "LSE", &ls, &lu));
+    worst = worst.max(regrouped(label, "LSE", &ls, &lu));
     let mut bits = vec![("O", differ(&out_s.o, &out_u.o), out_u.o.len())];
     for (name, a, b) in [
         ("dQ", &g_s.dq, &g_u.dq),
         ("dK", &g_s.dk, &g_u.dk),
         ("dV", &g_s.dv, &g_u.dv),
     ] {
-        worst = worst.max(regrouped(&label, name, a, b));
+        worst = worst.max(regrouped(label, name, a, b));
         bits.push((name, differ(a, b), b.len()));
     }
-    match (&g_s.weights, &g_u.weights) {
-        (Some(ws), Some(wu)) => {
-            assert_eq!(ws.len(), wu.len(), "{label}: levels");
-            for (l, (a, b)) in ws.iter().zip(wu).enumerate() {
-                for (name, x, y) in [
-                    ("k_w", &a.wk, &b.wk),
-                    ("k_b", &a.bk, &b.bk),
-                    ("v_w", &a.wv, &b.wv),
-                    ("v_b", &a.bv, &b.bv),
-                    ("q_w", &a.wq, &b.wq),
-                    ("q_b", &a.bq, &b.bq),
-                ] {
-                    worst = worst.max(regrouped(&label, &format!("{name}{}", l + 1), x, y));
-                }
-            }
-        }
-        (None, None) => {}
-        _ => panic!("{label}: weight gradients on one side only"),
-    }
-    match (&g_s.dsinks, &g_u.dsinks) {
-        (Some(a), Some(b)) => worst = worst.max(regrouped(&label, "dsinks", a, b)),
-        (None, None) => {}
-        _ => panic!("{label}: sink gradients on one side only"),
-    }
+    // The learned weights' and the sinks' gradients.
+    worst = worst.max(regrouped_sums(label, &g_s, &g_u));
     // Deterministic: the same bits from a second training step.
-    let (again_out, again) = host_gradients(&grouped, p, &x);
-    assert_eq!(again_out.o, out_s.o, "{label}: two grouped forwards differ");
-    assert_eq!(again, g_s, "{label}: two grouped backwards differ");
-    let r = cpu::backward(
-        method,
-        p,
-        (&widen(&x.q), &widen(&x.k), &widen(&x.v)),
-        &widen(&x.dout),
-    )
-    .unwrap();
-    let mut to_ref = compare_all(&label, &g_s, &r);
-    if let (Some(a), Some(b)) = (&g_s.dsinks, &r.dsinks) {
-        to_ref = to_ref.max(compare(&label, "dsinks", a, b));
-    }
+    c.assert_repeatable(&out_s, &g_s);
+    let to_ref = c.against_reference(&g_s);
     eprintln!(
         "{label}: against unsplit {worst:.2e} (bits differ: {bits:?}), against f64 {to_ref:.2e}"
     );
@@ -301,42 +258,21 @@ fn what_grouped_training_refuses_is_a_typed_error() {
             .unwrap();
         // Resident buffers over a binding: refused before the forward (its poisoned outputs
         // stay NaN), saying what to do.
-        let bufs = Poisoned::new(ctx, &x.q, &x.k, &x.v, shape);
-        let e = att
-            .train(&problem, Resident(bufs.tensors()))
-            .expect_err("resident tensors over a binding");
-        assert!(
-            matches!(&e, FmaError::LimitExceeded { what, advice, .. }
-                if what.contains("resident") && advice.contains("HostGrad")),
-            "{method:?}: {e}"
+        let label = format!("{method:?}");
+        resident_training_refused(
+            ctx,
+            &att,
+            (&problem, &x),
+            wgpu::BufferUsages::empty(),
+            &label,
         );
-        let (o, lse) = bufs.read(ctx);
-        assert!(o.iter().chain(&lse).all(|v| v.is_nan()), "the forward ran");
         let (_, saved) = att
             .train(&problem, Host::new(&x.q, &x.k, &x.v))
             .expect("host training in groups");
-        let dout = buffer(ctx, "dout", &x.dout);
-        let (dq, dk, dv) = (
-            nan(ctx, "dq", shape.elements()),
-            nan(ctx, "dk", shape.kv_elements()),
-            nan(ctx, "dv", shape.kv_elements()),
-        );
-        let grads = GradTensors {
-            dq: &dq,
-            dk: &dk,
-            dv: &dv,
-            weights: None,
-        };
-        let e = att
-            .backward(&saved, ResidentGrad { dout: &dout, grads })
-            .expect_err("resident gradients of groups");
+        let e = resident_backward_refused(ctx, &att, (&saved, &x.dout), "groups");
         assert!(
-            matches!(&e, FmaError::InvalidConfig { value, allowed, .. }
-                if value.contains("groups of sequences") && allowed.contains("HostGrad")),
-            "{method:?}: {e}"
+            matches!(&e, FmaError::InvalidConfig { value, .. } if value.contains("groups of sequences")),
+            "{label}: {e}"
         );
-        for b in [&dq, &dk, &dv] {
-            assert!(read_buffer(ctx, b).iter().all(|v| v.is_nan()), "written");
-        }
     }
 }

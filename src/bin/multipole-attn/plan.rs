@@ -6,7 +6,9 @@ use crate::args::{parse_grid, DownsampleArg, QueriesArg};
 use crate::error::CliResult;
 use clap::Args;
 use multipole_attn::plan::{
-    dense_depths, fma_depths_with, DenseKernel, DensePlan, DispatchDepth, FmaKernel, KernelLimits,
+    dense_backward_depths, dense_depths, dense_split_depths, exceeds_binding, fma_depths_with,
+    DenseBackwardPlan, DenseBackwardSplitPlan, DenseKernel, DensePlan, DenseSplitPlan,
+    DispatchDepth, FmaKernel, KernelLimits,
 };
 use multipole_attn::{Downsample, FmaConfig, Grid, LearnedWeights, Problem, Queries, Shape};
 use serde::Serialize;
@@ -48,8 +50,9 @@ pub struct PlanArgs {
     /// The forward's dispatches, then the backward's.
     #[arg(long)]
     pub backward: bool,
-    /// Exact dense attention instead of FMA (the tiled kernel a GPU runs).
-    #[arg(long, conflicts_with_all = ["backward", "queries", "downsample", "grid"])]
+    /// Exact dense attention instead of FMA (the tiled kernel a GPU runs). A head over one
+    /// binding: its (query chunk, key chunk) pairs, and with --backward those of one K/V head.
+    #[arg(long, conflicts_with_all = ["queries", "downsample", "grid"])]
     pub dense: bool,
     /// Bytes per storage binding, in MiB [default: 2048, a discrete GPU's].
     #[arg(long, value_name = "MIB")]
@@ -97,9 +100,7 @@ pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
     let shape = Shape::new(a.batch, a.heads, a.n, a.head_dim);
     let limits = limits(a);
     if a.dense {
-        // The kernel a GPU runs (`DenseKernel::for_device`), as the default limits are a GPU's.
-        let plan = DensePlan::with_kernel(shape, &limits, DenseKernel::Tiled)?;
-        return Ok(dense_depths(&plan));
+        return dense_dispatches(a, shape, &limits);
     }
     let mut cfg = FmaConfig::new(a.block, a.rank).grid(a.grid);
     if a.queries == QueriesArg::Coarse {
@@ -118,6 +119,40 @@ pub fn dispatches(a: &PlanArgs) -> CliResult<Vec<DispatchDepth>> {
     Ok(fma_depths_with(
         &problem, &cfg, &limits, a.backward, kernel,
     )?)
+}
+
+/// Dense attention's dispatches: the forward's, then with `--backward` the backward's. Tensors
+/// over one binding: those of one head, split into (query chunk, key chunk) pairs when the head
+/// itself exceeds a binding (`DenseSplitPlan`, `DenseBackwardSplitPlan`), as the executor runs
+/// them head by head.
+fn dense_dispatches(
+    a: &PlanArgs,
+    shape: Shape,
+    limits: &KernelLimits,
+) -> CliResult<Vec<DispatchDepth>> {
+    // The kernel a GPU runs (`DenseKernel::for_device`), as the default limits are a GPU's.
+    let kernel = DenseKernel::Tiled;
+    let mut all = match DensePlan::with_kernel(shape, limits, kernel) {
+        Ok(plan) => dense_depths(&plan),
+        Err(e) if exceeds_binding(&e) => {
+            let split =
+                DenseSplitPlan::with_kernel(a.n, a.head_dim, a.causal, limits, (None, kernel))?;
+            dense_split_depths(&split)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if a.backward {
+        match DenseBackwardPlan::new(shape, limits) {
+            Ok(plan) => all.extend(dense_backward_depths(&plan)),
+            Err(e) if exceeds_binding(&e) => {
+                let split =
+                    DenseBackwardSplitPlan::new((a.n, a.head_dim, 1), a.causal, limits, None)?;
+                all.extend(split.depths());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(all)
 }
 
 /// Runs the `plan` subcommand.

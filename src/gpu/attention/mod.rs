@@ -505,12 +505,17 @@ impl Attention {
     /// their backward takes [`HostGrad`](crate::gpu::HostGrad) only: runs of heads (whole K/V
     /// groups when one fits; FMA and dense), one head split along its sequence in the
     /// forward's chunks (FMA, Average downsampling, no softmax variant: 1D with fine or coarse
-    /// queries, or a 2D grid with fine queries; [`crate::plan::BackwardSplitPlan`]), and a
+    /// queries, or a 2D grid with fine queries; [`crate::plan::BackwardSplitPlan`]: its coarse
+    /// rows bound whole, their partial sums in groups of rows, [`crate::plan::DkvRowGroup`];
+    /// dense attention, causal or not, grouped-query heads, no softmax variant, as many keys as
+    /// queries: (query chunk, key chunk) pairs, [`crate::plan::DenseBackwardSplitPlan`]), and a
     /// variable-length batch in groups of sequences (FMA and dense; a sequence too long for a
     /// group trains alone by the rules above). Still a typed error, before the forward runs:
-    /// resident buffers over a binding, and one head over a binding otherwise (dense attention,
-    /// FMA's Learned downsampling, coarse queries on a 2D grid or a softmax variant; its error
-    /// names the sequence of a variable-length batch).
+    /// resident buffers over a binding, and one head over a binding otherwise (FMA's Learned
+    /// downsampling, coarse queries on a 2D grid, a softmax variant, or coarse rows of all
+    /// levels over a binding; a dense head with a softmax variant or fewer queries than keys; a
+    /// dense sequence of a variable-length batch; its error names the sequence of a
+    /// variable-length batch).
     pub async fn train_async<'a, I: TrainIo<'a>>(
         &self,
         p: &Problem,

@@ -9,7 +9,7 @@
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::buffers::{read_f32, sequence_table, storage, uniform};
-use crate::gpu::engine::front::{check_host, one_head_over_binding, resident_over_binding};
+use crate::gpu::engine::front::{check_host, resident_over_binding};
 use crate::gpu::engine::params::{to_uniform_bytes, Params};
 use crate::gpu::engine::passes::Role;
 use crate::gpu::engine::pipelines::poisoned;
@@ -25,6 +25,7 @@ use crate::sequences::Sequences;
 use crate::shape::Shape;
 use crate::variants::HeadSpan;
 
+use super::backward_split::DenseHostKept;
 use super::DenseAttention;
 
 /// What a dense backward needs from its forward, kept on the GPU: Q and O of shape (batch,
@@ -58,6 +59,10 @@ pub(super) enum DenseKept {
         seqs: Sequences,
         groups: Vec<DenseGroup>,
     },
+    /// Host tensors whose single head exceeds one binding: the split forward's inputs and
+    /// outputs on the host, differentiated K/V head by K/V head in chunks
+    /// (`backward_split.rs`).
+    Split(DenseHostKept),
 }
 
 /// One group of sequences of a [`DenseKept::Groups`]: where its sequences sit in the batch,
@@ -110,6 +115,30 @@ impl DenseSaved {
         }
     }
 
+    /// A forward of `shape` by the executor `owner` whose single head exceeds one binding,
+    /// kept on the host.
+    pub(super) fn split(shape: Shape, owner: u64, kept: DenseHostKept) -> Self {
+        Self {
+            shape,
+            sequences: None,
+            span: HeadSpan::whole(shape),
+            owner,
+            kept: DenseKept::Split(kept),
+        }
+    }
+
+    /// Refuses tensors saved by another executor than `id` (whose causal flag may differ).
+    pub(super) fn check_owner(&self, id: u64) -> Result<()> {
+        if self.owner == id {
+            return Ok(());
+        }
+        Err(FmaError::NoSavedForward(
+            "these tensors were saved by another DenseAttention (whose causal flag may \
+             differ); run forward_train on the instance that runs the backward"
+                .into(),
+        ))
+    }
+
     /// The buffers of a forward saved whole; saved in runs of heads or groups of sequences
     /// ([`DenseKept::Runs`], [`DenseKept::Groups`]: host tensors over one binding), a typed
     /// error: only a host backward takes them.
@@ -118,6 +147,7 @@ impl DenseSaved {
             DenseKept::Whole(t) => return Ok(t),
             DenseKept::Runs(runs) => format!("{} runs of heads", runs.len()),
             DenseKept::Groups { groups, .. } => format!("{} groups of sequences", groups.len()),
+            DenseKept::Split(_) => "chunks of one head, on the host".into(),
         };
         Err(FmaError::InvalidConfig {
             what: "the dense backward into buffers (ResidentGrad)",
@@ -127,16 +157,17 @@ impl DenseSaved {
                 self.shape,
             ),
             allowed: "the host backward (HostGrad), which differentiates one run of heads (or \
-                      group of sequences) at a time; or tensors that fit one storage binding \
-                      each"
+                      group of sequences, or chunks of one head) at a time; or tensors that fit \
+                      one storage binding each"
                 .into(),
         })
     }
 }
 
-/// Why the dense backward does not split one head along its sequence (its error says it).
-pub(super) const WHY_WHOLE_HEAD: &str = "its dK/dV pass reads every query of the head for each \
-     key tile, and its dQ pass every key for each query tile, from whole-head bindings";
+/// Why the dense backward of a variable-length batch does not split one sequence's head (its
+/// error says it; a batch of equal sequences splits one: `backward_split.rs`).
+pub(super) const WHY_WHOLE_HEAD: &str = "a sequence of a variable-length batch is differentiated \
+     whole; the split backward of one head takes batches of equal sequences";
 
 /// The parameter blocks of one backward shape: D's (with its level selector), one per query
 /// chunk of the dK/dV pass and one per key chunk of the dQ pass; a padded variable-length
@@ -319,7 +350,11 @@ impl DenseAttention {
                 Err(FmaError::LimitExceeded { .. }) if shape.batch_heads() > 1 => {
                     return self.forward_train_runs((q, k, v), shape).await;
                 }
-                other => other.map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?,
+                // One head over a binding: split along its sequence (`backward_split.rs`).
+                Err(e) if crate::plan::exceeds_binding(&e) => {
+                    return self.forward_train_split((q, k, v), shape).await;
+                }
+                other => other?,
             },
             Some(seqs) => match self.backward_plan_sequences(shape, seqs) {
                 // A batch over one binding: groups of sequences that fit.
@@ -416,6 +451,10 @@ impl DenseAttention {
             DenseKept::Groups { seqs, groups } => {
                 self.backward_groups(saved.shape, seqs, groups, dout).await
             }
+            DenseKept::Split(kept) => {
+                saved.check_owner(self.id)?;
+                self.backward_split(saved.shape, kept, dout).await
+            }
         }
     }
 
@@ -506,13 +545,7 @@ impl DenseAttention {
         dout: &wgpu::Buffer,
         g: GradTensors<'_>,
     ) -> Result<()> {
-        if saved.owner != self.id {
-            return Err(FmaError::NoSavedForward(
-                "these tensors were saved by another DenseAttention (whose causal flag may \
-                 differ); run forward_train on the instance that runs the backward"
-                    .into(),
-            ));
-        }
+        saved.check_owner(self.id)?;
         if g.weights.is_some() {
             return Err(FmaError::InvalidConfig {
                 what: "weight gradients",

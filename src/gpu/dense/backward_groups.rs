@@ -1,7 +1,7 @@
 //! Training dense attention on a variable-length batch of host tensors over one storage
-//! binding: the forward and the backward a group of sequences at a time (`engine::varlen_io`,
-//! as FMA's `fma/backward_groups.rs`), each group its own saved forward, and the groups'
-//! gradients put back in the batch's layout on the host.
+//! binding: the forward and the backward a group of sequences at a time (`engine::varlen_io`'s
+//! `train_in_groups` and `backward_in_groups`, as FMA's `fma/backward_groups.rs`), each group
+//! its own saved forward, and the groups' gradients put back in the batch's layout on the host.
 //!
 //! Groups are the longest runs of sequences, in batch order, whose backward plan fits; a
 //! group is packed into tensors of its own and trained as a variable-length batch of its
@@ -17,9 +17,7 @@
 use crate::error::Result;
 use crate::gpu::engine::front::{head_chunks, one_head_over_binding};
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::varlen_io::{
-    groups_that_fit, in_groups, one_sequence_refused, Group, GroupGradients,
-};
+use crate::gpu::engine::varlen_io::{backward_in_groups, train_in_groups, Group};
 use crate::gradients::Gradients;
 use crate::sequences::Sequences;
 use crate::shape::Shape;
@@ -38,22 +36,15 @@ impl DenseAttention {
         shape: Shape,
         seqs: &Sequences,
     ) -> Result<(Output, DenseSaved)> {
-        let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-        let groups = groups_that_fit(seqs, |lens| {
-            let packed = Sequences::packed(lens.to_vec())?;
-            self.backward_plan_sequences(packed.shape(h, kvh, d), &packed)
-                .map(drop)
-        })?;
-        // A sequence trained alone must be possible before any group runs: runs of its heads
-        // (the dense backward does not split one head).
-        for g in groups.iter().filter(|g| g.len() == 1) {
-            let n = seqs.lengths[g[0]];
-            let one = Shape::new(1, h, n, d).with_kv_heads(kvh);
+        let fits = |s, packed: &Sequences| self.backward_plan_sequences(s, packed).map(drop);
+        // A sequence trained alone runs in runs of its heads (the dense backward does not
+        // split one head).
+        let alone = |one| {
             let whole = HeadSpan::whole(one);
             head_chunks(one, |s| self.backward_plan_in(s, whole).map(drop))
+                .map(drop)
                 .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))
-                .map_err(|e| one_sequence_refused(e, g[0], n))?;
-        }
+        };
         let train = |g: Group| async move {
             if g.layout.seqs.count() == 1 {
                 // Boxed: the ordinary training forward is the caller of this one.
@@ -64,7 +55,7 @@ impl DenseAttention {
                     .await
             }
         };
-        let (out, kept) = in_groups(qkv, shape, seqs, true, groups, train).await?;
+        let (out, kept) = train_in_groups(qkv, shape, seqs, (fits, alone), train).await?;
         let groups = kept
             .into_iter()
             .map(|(layout, saved)| DenseGroup { layout, saved })
@@ -82,13 +73,11 @@ impl DenseAttention {
         groups: &[DenseGroup],
         dout: &[f32],
     ) -> Result<Gradients<f32>> {
-        let mut sum = GroupGradients::new(shape, seqs);
-        for g in groups {
-            let dout = g.layout.gather(dout, seqs, shape.heads, shape.head_dim);
-            // Boxed: the ordinary backward is the caller of this one.
-            let grads = Box::pin(self.backward_async(&g.saved, &dout)).await?;
-            sum.add(&g.layout, grads);
-        }
-        Ok(sum.finish())
+        let groups = groups.iter().map(|g| (&g.layout, &g.saved));
+        // Boxed: the ordinary backward is the caller of this one.
+        let backward = |saved, dout: Vec<f32>| async move {
+            Box::pin(self.backward_async(saved, &dout)).await
+        };
+        backward_in_groups(shape, seqs, groups, dout, backward).await
     }
 }

@@ -15,13 +15,14 @@
 //! (over its rows) added in run order, in f32: rounding from the unsplit sum.
 
 use crate::error::Result;
-use crate::gpu::engine::front::{head_chunks, one_head_over_binding, runs_of_heads, RunGradients};
+use crate::gpu::engine::front::{head_chunks, runs_of_heads, RunGradients};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::Gradients;
+use crate::plan::exceeds_binding;
 use crate::shape::Shape;
 use crate::variants::HeadSpan;
 
-use super::backward::{DenseRun, DenseSaved, WHY_WHOLE_HEAD};
+use super::backward::{DenseRun, DenseSaved};
 use super::DenseAttention;
 
 impl DenseAttention {
@@ -34,11 +35,16 @@ impl DenseAttention {
         (q, k, v): (&[f32], &[f32], &[f32]),
         shape: Shape,
     ) -> Result<(Output, DenseSaved)> {
-        // Even one head over a binding: the error says the backward does not split a head.
         // A run's variants are checked against the caller's heads (the sinks' length).
         let whole = HeadSpan::whole(shape);
-        let runs = head_chunks(shape, |s| self.backward_plan_in(s, whole).map(drop))
-            .map_err(|e| one_head_over_binding(e, WHY_WHOLE_HEAD))?;
+        let runs = match head_chunks(shape, |s| self.backward_plan_in(s, whole).map(drop)) {
+            Ok(runs) => runs,
+            // Even one query head over a binding: every head split along its sequence.
+            Err(e) if exceeds_binding(&e) => {
+                return self.forward_train_split((q, k, v), shape).await;
+            }
+            Err(e) => return Err(e),
+        };
         let train = |q, k, v, s, span| self.forward_train_whole((q, k, v), (s, span), None);
         let (out, runs) = runs_of_heads(shape, &runs, (q, k, v), true, train).await?;
         let kept = runs

@@ -6,6 +6,7 @@
 mod backward;
 mod backward_groups;
 mod backward_runs;
+mod backward_split;
 mod coop;
 mod split;
 mod varlen;

@@ -19,7 +19,9 @@ pub struct ContextOptions {
     /// minimum (some report 8 and run 16 or 32), composing for the width it runs lets the
     /// shared paths engage. Wherever a subgroup does not have exactly this many lanes the
     /// kernels take their per-invocation fallback: correct, slower (the tests use this to run
-    /// the fallback on an adapter whose subgroups always match).
+    /// the fallback on an adapter whose subgroups always match). Composed for more than the
+    /// adapter's smallest size, the coarse dK~/dV~ pass runs its plain two-phase path (its
+    /// subgroup walk keeps no fallback: `shaders::compose_with`).
     pub subgroup_size: Option<u32>,
     /// Tensor cores through cooperative matrices (native only; issue 29): with
     /// [`CoopMode::IfOffered`] or [`CoopMode::Required`] the device is created with
@@ -131,7 +133,11 @@ impl GpuContext {
             })?;
         let mut ctx = Self::from_device(info, device, queue);
         if let Some(size) = options.subgroup_size {
-            ctx.kernels = Arc::new(Kernels::new(&ctx.device, Some(size)));
+            let mut kernels = Kernels::new(&ctx.device, Some(size));
+            // Subgroups may have fewer lanes than composed for: the passes that need at least
+            // SG lanes take their other path (`shaders::compose_with`).
+            kernels.subgroup_exact = size <= ctx.info.subgroup_min_size;
+            ctx.kernels = Arc::new(kernels);
         }
         ctx.coop = coop;
         Ok(ctx)
@@ -161,8 +167,8 @@ impl GpuContext {
     /// counted read is an atomic.
     #[doc(hidden)]
     pub fn counting_rows(mut self) -> Self {
-        let subgroup = self.kernels.subgroup;
-        self.kernels = Arc::new(Kernels::counting(&self.device, subgroup));
+        let (subgroup, exact) = (self.kernels.subgroup, self.kernels.subgroup_exact);
+        self.kernels = Arc::new(Kernels::counting(&self.device, subgroup, exact));
         self
     }
 

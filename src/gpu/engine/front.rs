@@ -74,6 +74,32 @@ pub(crate) fn kv_heads_of(shape: Shape, (first, count): (usize, usize)) -> (usiz
     (kv_first, (first + count - 1) / group + 1 - kv_first)
 }
 
+/// A binding limit `e` with its `what` and `advice` rewritten by `what` and `advice` (the
+/// numbers kept): how the fronts say which piece of the caller's work hit the limit and what to
+/// do instead. Other errors are returned as they are.
+pub(crate) fn reworded_limit(
+    e: FmaError,
+    what: impl FnOnce(String) -> String,
+    advice: impl FnOnce(String) -> String,
+) -> FmaError {
+    match e {
+        FmaError::LimitExceeded {
+            what: w,
+            requested,
+            max,
+            unit,
+            advice: a,
+        } => FmaError::LimitExceeded {
+            what: what(w),
+            requested,
+            max,
+            unit,
+            advice: advice(a),
+        },
+        e => e,
+    }
+}
+
 /// The training forward's error when even one head's backward exceeds a storage binding
 /// ([`crate::plan::exceeds_binding`]): the plan's, saying that the backward does not split a
 /// head along its sequence, `why` (the pass that reads every query of the head), and what to
@@ -82,27 +108,18 @@ pub(crate) fn one_head_over_binding(e: FmaError, why: &str) -> FmaError {
     if !crate::plan::exceeds_binding(&e) {
         return e;
     }
-    let FmaError::LimitExceeded {
-        what,
-        requested,
-        max,
-        unit,
-        advice,
-    } = e
-    else {
-        return e;
-    };
-    FmaError::LimitExceeded {
-        what: format!("the backward of one head: {what}"),
-        requested,
-        max,
-        unit,
-        advice: format!(
-            "the backward runs tensors over one binding a run of heads at a time but does not \
-             split one head along its sequence ({why}): use shorter sequences per head or a \
-             device with larger storage bindings; the forward alone splits a head ({advice})"
-        ),
-    }
+    reworded_limit(
+        e,
+        |what| format!("the backward of one head: {what}"),
+        |advice| {
+            format!(
+                "the backward runs tensors over one binding a run of heads at a time but does \
+                 not split one head along its sequence ({why}): use shorter sequences per head \
+                 or a device with larger storage bindings; the forward alone splits a head \
+                 ({advice})"
+            )
+        },
+    )
 }
 
 /// The error of resident tensors whose backward does not fit one binding (FMA's and dense
@@ -110,25 +127,16 @@ pub(crate) fn one_head_over_binding(e: FmaError, why: &str) -> FmaError {
 /// do instead (host tensors train in pieces; the caller's buffers do not). Other errors are
 /// returned as they are.
 pub(crate) fn resident_over_binding(e: FmaError) -> FmaError {
-    match e {
-        FmaError::LimitExceeded {
-            what,
-            requested,
-            max,
-            unit,
-            advice,
-        } => FmaError::LimitExceeded {
-            what: format!("the backward of resident buffers: {what}"),
-            requested,
-            max,
-            unit,
-            advice: format!(
+    reworded_limit(
+        e,
+        |what| format!("the backward of resident buffers: {what}"),
+        |advice| {
+            format!(
                 "train on host tensors (Host, then HostGrad), which run in runs of heads or \
                  groups of sequences, or pass fewer heads or sequences per call ({advice})"
-            ),
+            )
         },
-        e => e,
-    }
+    )
 }
 
 /// `dst += src` when `dst` holds an earlier run's sum, else `dst = src` (a copy, so a K/V head

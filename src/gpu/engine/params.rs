@@ -100,10 +100,17 @@ pub struct Params {
     pub window_left: u32,
     /// Window: keys t <= i + window_right.
     pub window_right: u32,
+    /// The dense backward of a split head: 1 where a dispatch adds to the dQ or dK/dV an
+    /// earlier (query chunk, key chunk) pair left (`plan::DenseBackwardSplitPlan`); 0 unsplit.
+    pub accumulate: u32,
+    /// The backward's coarse dK~/dV~ pass and its combine rounds: the first row of the level
+    /// (a multiple of p) of this dispatch's group of rows, whose reader chunks' partial sums
+    /// start at `partials_at` (a split head's level in groups of rows that fit one binding,
+    /// `plan::DkvRowGroup`; 0 otherwise).
+    pub dkv_row_lo: u32,
+    /// Rows of that group; 0: every row of the level (unsplit).
+    pub dkv_rows: u32,
     /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad5: u32,
-    pub _pad6: u32,
-    pub _pad7: u32,
     pub _pad8: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
     /// Sink logits, four query heads per entry (`MAX_SINK_HEADS`).

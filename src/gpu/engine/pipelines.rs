@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use crate::error::{FmaError, Result};
 use crate::gpu::engine::passes::{desc, Access};
-use crate::gpu::engine::shaders::{compose_counting, compose_for};
+use crate::gpu::engine::shaders::{compose_counting, compose_with};
 use crate::gpu::engine::storage_types::f16_bindings;
 use crate::plan::{Pass, Specialization};
 use crate::storage::Storage;
@@ -87,6 +87,10 @@ pub(crate) struct Kernels {
     /// Subgroup size the attention passes are composed for (`shaders::compose_for`); `None`
     /// without subgroup operations. Fixed per device, so it is not part of the cache key.
     pub subgroup: Option<u32>,
+    /// Whether every subgroup of the device has at least `subgroup` invocations (false only
+    /// when `ContextOptions::subgroup_size` composes for more than the adapter's smallest
+    /// size): `shaders::compose_with` says which passes depend on it.
+    pub subgroup_exact: bool,
     pipelines: Mutex<HashMap<(Pass, Specialization), wgpu::ComputePipeline>>,
     /// The sequence table bound when a dispatch has none (a batch of equal sequences, which
     /// the passes recognise by `params.seqs = 0` and never read it): 16 zero bytes.
@@ -119,6 +123,7 @@ impl Kernels {
                 entries: &[entry(0, Access::Uniform, true)],
             }),
             subgroup,
+            subgroup_exact: true,
             pipelines: Mutex::new(HashMap::new()),
             no_sequences: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("no sequence table"),
@@ -132,9 +137,10 @@ impl Kernels {
 
     /// The kernels of a device whose pipelines count the rows each invocation reads
     /// (`shaders::compose_counting`): tests of `plan::depth` only.
-    pub fn counting(device: &wgpu::Device, subgroup: Option<u32>) -> Self {
+    pub fn counting(device: &wgpu::Device, subgroup: Option<u32>, subgroup_exact: bool) -> Self {
         Self {
             counter: Some(RowCounter::new(device)),
+            subgroup_exact,
             ..Self::new(device, subgroup)
         }
     }
@@ -179,8 +185,8 @@ impl Kernels {
         }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let source = match self.counter {
-            Some(_) => compose_counting(pass, spec, self.subgroup),
-            None => compose_for(pass, spec, self.subgroup),
+            Some(_) => compose_counting(pass, spec, self.subgroup, self.subgroup_exact),
+            None => compose_with(pass, spec, self.subgroup, self.subgroup_exact),
         };
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(pass.name()),

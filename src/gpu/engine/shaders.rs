@@ -82,6 +82,22 @@ pub fn compose(pass: Pass, spec: Specialization) -> String {
 /// invocation is what the kernels are bound by (docs/perf.md). Passes without key tiles are
 /// unaffected. The text is valid only on a device with `Features::SUBGROUP`.
 pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> String {
+    compose_with(pass, spec, subgroup, true)
+}
+
+/// [`compose_for`] for a device whose subgroups have at least `subgroup` invocations when
+/// `exact`, or may have fewer (the kernels composed for a larger size than the adapter's
+/// smallest, `ContextOptions::subgroup_size`). The passes with a per-subgroup check and a plain
+/// fallback beside it do not depend on `exact`; the coarse dK~/dV~ pass's walk
+/// (`shared/dkv_coarse_rows_subgroup.wgsl`), which has no fallback in its pipeline (a fallback
+/// cost it 1.3-1.6x on llvmpipe, docs/perf.md change 28), runs only where `exact` holds, its
+/// two-phase path elsewhere.
+pub fn compose_with(
+    pass: Pass,
+    spec: Specialization,
+    subgroup: Option<u32>,
+    exact: bool,
+) -> String {
     let mut out = format!(
         "// {} (generated: WG = {}, BK = {}, D4 = {})\nconst WG: u32 = {}u;\nconst BK: u32 = {}u;\nconst D4: u32 = {}u;\n",
         pass.name(),
@@ -93,7 +109,9 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
         spec.d4
     );
     if let Some(sg) = subgroup {
-        out.push_str(&format!("const SG: u32 = {sg}u;\n"));
+        out.push_str(&format!(
+            "const SG: u32 = {sg}u;\nconst SG_EXACT: bool = {exact};\n"
+        ));
     }
     if matches!(pass, Pass::DenseTiled | Pass::FineTiled) {
         // Its micro-tile (`plan::dense_tiled`): the planner sizes workgroups by the same numbers.
@@ -136,8 +154,13 @@ pub fn compose_for(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> S
 /// the dispatch goes to word 0 of a per-dispatch counter at group 2) and `total` to the
 /// dispatch's total (word 1). Without this variant the markers are comments: the normal
 /// pipelines carry no trace of it.
-pub fn compose_counting(pass: Pass, spec: Specialization, subgroup: Option<u32>) -> String {
-    let text = compose_for(pass, spec, subgroup);
+pub fn compose_counting(
+    pass: Pass,
+    spec: Specialization,
+    subgroup: Option<u32>,
+    exact: bool,
+) -> String {
+    let text = compose_with(pass, spec, subgroup, exact);
     // WGSL's `enable` directives (f16 storage) must stay before the counter's declarations.
     let (directives, text) = match text.strip_prefix(F16_DIRECTIVE) {
         Some(rest) => (F16_DIRECTIVE, rest),
@@ -477,7 +500,7 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{} f16 (d4 {d4}, sg {sg:?}): {e:?}", pass.name()));
                 }
                 // The counting variant keeps `enable f16;` first.
-                let counting = compose_counting(pass, spec, None);
+                let counting = compose_counting(pass, spec, None, true);
                 naga::front::wgsl::parse_str(&counting).unwrap_or_else(|e| {
                     panic!("{} counting: {}", pass.name(), e.emit_to_string(&counting))
                 });

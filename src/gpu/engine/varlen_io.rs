@@ -3,14 +3,15 @@
 //! alone through the executor's ordinary forward, which splits it along its sequence; the
 //! results are put back in the batch's layout (padding rows: O = 0, LSE = -inf).
 //!
-//! Training takes the same route ([`in_groups`] keeps what each group's training forward
-//! saved, with its [`GroupLayout`]); its groups are those whose backward fits
-//! ([`groups_that_fit`]), and [`GroupGradients`] puts their gradients back: dQ, dK and dV row
-//! by row (sequences are disjoint: a copy, no sum), the sums over heads and sequences (the
-//! sinks' and the learned weights' gradients) added in group order.
+//! Training takes the same route ([`train_in_groups`] keeps what each group's training
+//! forward saved, with its [`GroupLayout`]); its groups are those whose backward fits
+//! ([`groups_that_fit`]), and [`backward_in_groups`] puts their gradients back
+//! ([`GroupGradients`]): dQ, dK and dV row by row (sequences are disjoint: a copy, no sum), the
+//! sums over heads and sequences (the sinks' and the learned weights' gradients) added in group
+//! order. FMA's and dense attention's `backward_groups.rs` give them their executor's calls.
 
 use crate::error::{FmaError, Result};
-use crate::gpu::engine::front::add_sums;
+use crate::gpu::engine::front::{add_sums, reworded_limit};
 use crate::gpu::engine::tensors::Output;
 use crate::gradients::Gradients;
 use crate::sequences::Sequences;
@@ -125,7 +126,7 @@ fn runs(seqs: &Sequences, cap: u64, bytes_of: &BytesOf<'_>) -> Vec<Vec<usize>> {
 /// group (doubling, then bisection: a group's tensors only grow with its sequences), so a
 /// batch of many short sequences costs a few plans per group, not one per sequence. An
 /// error other than a binding limit is returned as it is.
-pub(crate) fn groups_that_fit(
+fn groups_that_fit(
     seqs: &Sequences,
     fits: impl Fn(&[usize]) -> Result<()>,
 ) -> Result<Vec<Vec<usize>>> {
@@ -198,7 +199,7 @@ where
 /// group in batch order): `run(group)` for each, O (and the LSE) put back in the batch's
 /// layout, and what each run returns beside its output (a training group's saved forward)
 /// kept with the group's layout, in group order.
-pub(crate) async fn in_groups<T, F, Fut>(
+async fn in_groups<T, F, Fut>(
     (q, k, v): (&[f32], &[f32], &[f32]),
     shape: Shape,
     seqs: &Sequences,
@@ -241,7 +242,7 @@ where
 /// dQ (Q's shape), dK and dV (K's shape) copied row by row from each group (0 on padding rows);
 /// the sinks' and the learned weights' gradients added in group order, in f32: the same bits
 /// run to run.
-pub(crate) struct GroupGradients<'a> {
+struct GroupGradients<'a> {
     shape: Shape,
     seqs: &'a Sequences,
     sum: Gradients<f32>,
@@ -249,7 +250,7 @@ pub(crate) struct GroupGradients<'a> {
 
 impl<'a> GroupGradients<'a> {
     /// No group yet, for the batch `seqs` of `shape`.
-    pub(crate) fn new(shape: Shape, seqs: &'a Sequences) -> Self {
+    fn new(shape: Shape, seqs: &'a Sequences) -> Self {
         Self {
             shape,
             seqs,
@@ -264,7 +265,7 @@ impl<'a> GroupGradients<'a> {
     }
 
     /// Adds the gradients `g` of the group `layout` (packed, as its training forward's).
-    pub(crate) fn add(&mut self, layout: &GroupLayout, g: Gradients<f32>) {
+    fn add(&mut self, layout: &GroupLayout, g: Gradients<f32>) {
         let (s, seqs) = (self.shape, self.seqs);
         let sum = &mut self.sum;
         layout.scatter(&mut sum.dq, &g.dq, seqs, (s.heads, s.head_dim));
@@ -274,33 +275,77 @@ impl<'a> GroupGradients<'a> {
     }
 
     /// The gradients of every group.
-    pub(crate) fn finish(self) -> Gradients<f32> {
+    fn finish(self) -> Gradients<f32> {
         self.sum
     }
 }
 
 /// A sequence of a batch trained alone (a group of one) whose training is refused for a
 /// binding limit: the error says which sequence, so the caller knows what to shorten.
-pub(crate) fn one_sequence_refused(e: FmaError, index: usize, tokens: usize) -> FmaError {
-    match e {
-        FmaError::LimitExceeded {
-            what,
-            requested,
-            max,
-            unit,
-            advice,
-        } => FmaError::LimitExceeded {
-            what: format!(
-                "sequence {index} of the variable-length batch ({tokens} tokens), which is \
-                 trained alone since its tensors exceed one storage binding: {what}"
-            ),
-            requested,
-            max,
-            unit,
-            advice,
-        },
-        e => e,
+fn one_sequence_refused(e: FmaError, index: usize, tokens: usize) -> FmaError {
+    let what = |what| {
+        format!(
+            "sequence {index} of the variable-length batch ({tokens} tokens), which is trained \
+             alone since its tensors exceed one storage binding: {what}"
+        )
+    };
+    reworded_limit(e, what, |advice| advice)
+}
+
+/// The training forward of the variable-length batch `seqs` of `shape` whose backward does not
+/// fit one binding (FMA's and dense attention's `backward_groups.rs`): the groups are those
+/// whose backward fits ([`groups_that_fit`] of `fits(shape, packed)`, the executor's plan check
+/// of a packed batch of sequences); a sequence that trains alone is checked by `alone` (its
+/// shape as a batch of one) before any group runs, an error naming it; then `train(group)`
+/// runs each group. Returns O and the LSE in the batch's layout (padding rows: 0 and -inf)
+/// and each group's saved forward with its layout, in group order.
+pub(crate) async fn train_in_groups<T, Fits, Alone, F, Fut>(
+    qkv: (&[f32], &[f32], &[f32]),
+    shape: Shape,
+    seqs: &Sequences,
+    (fits, alone): (Fits, Alone),
+    train: F,
+) -> Result<(Output, Vec<(GroupLayout, T)>)>
+where
+    Fits: Fn(Shape, &Sequences) -> Result<()>,
+    Alone: Fn(Shape) -> Result<()>,
+    F: FnMut(Group) -> Fut,
+    Fut: std::future::Future<Output = Result<(Output, T)>>,
+{
+    let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let groups = groups_that_fit(seqs, |lens| {
+        let packed = Sequences::packed(lens.to_vec())?;
+        fits(packed.shape(h, kvh, d), &packed)
+    })?;
+    for g in groups.iter().filter(|g| g.len() == 1) {
+        let n = seqs.lengths[g[0]];
+        alone(Shape::new(1, h, n, d).with_kv_heads(kvh))
+            .map_err(|e| one_sequence_refused(e, g[0], n))?;
     }
+    in_groups(qkv, shape, seqs, true, groups, train).await
+}
+
+/// The backward of host dO (the batch `seqs`' layout, Q's shape) over the groups of a forward
+/// of `shape` trained by [`train_in_groups`] (each group's layout and saved forward, in group
+/// order): `backward(saved, dO)` of each group's packed rows of dO, the gradients put back in
+/// the batch's layout and the sums added in group order ([`GroupGradients`]).
+pub(crate) async fn backward_in_groups<'g, S: 'g, F, Fut>(
+    shape: Shape,
+    seqs: &Sequences,
+    groups: impl IntoIterator<Item = (&'g GroupLayout, &'g S)>,
+    dout: &[f32],
+    mut backward: F,
+) -> Result<Gradients<f32>>
+where
+    F: FnMut(&'g S, Vec<f32>) -> Fut,
+    Fut: std::future::Future<Output = Result<Gradients<f32>>>,
+{
+    let mut sum = GroupGradients::new(shape, seqs);
+    for (layout, saved) in groups {
+        let dout = layout.gather(dout, seqs, shape.heads, shape.head_dim);
+        sum.add(layout, backward(saved, dout).await?);
+    }
+    Ok(sum.finish())
 }
 
 #[cfg(test)]

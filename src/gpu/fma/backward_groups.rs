@@ -1,6 +1,7 @@
 //! Training a variable-length batch of host tensors over one storage binding: the forward and
-//! the backward a group of sequences at a time (`engine::varlen_io`), each group its own saved
-//! forward, and the groups' gradients put back in the batch's layout on the host.
+//! the backward a group of sequences at a time (`engine::varlen_io`'s `train_in_groups` and
+//! `backward_in_groups`, shared with dense attention's `dense/backward_groups.rs`), each group
+//! its own saved forward, and the groups' gradients put back in the batch's layout on the host.
 //!
 //! Groups are the longest runs of sequences, in batch order, whose backward plan fits
 //! (`groups_that_fit`); a group is packed into tensors of its own and trained as a
@@ -19,9 +20,7 @@
 use crate::error::Result;
 use crate::gpu::engine::front::head_chunks;
 use crate::gpu::engine::tensors::Output;
-use crate::gpu::engine::varlen_io::{
-    groups_that_fit, in_groups, one_sequence_refused, Group, GroupGradients,
-};
+use crate::gpu::engine::varlen_io::{backward_in_groups, train_in_groups, Group};
 use crate::gradients::Gradients;
 use crate::plan::BackwardSplitPlan;
 use crate::sequences::Sequences;
@@ -41,19 +40,8 @@ impl FmaAttention {
         shape: Shape,
         seqs: &Sequences,
     ) -> Result<(Output, Saved)> {
-        let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
-        let groups = groups_that_fit(seqs, |lens| {
-            let packed = Sequences::packed(lens.to_vec())?;
-            self.backward_plan_sequences(packed.shape(h, kvh, d), &packed)
-                .map(drop)
-        })?;
-        // A sequence trained alone must be possible before any group runs.
-        for g in groups.iter().filter(|g| g.len() == 1) {
-            let n = seqs.lengths[g[0]];
-            let one = Shape::new(1, h, n, d).with_kv_heads(kvh);
-            self.check_train_alone(one)
-                .map_err(|e| one_sequence_refused(e, g[0], n))?;
-        }
+        let fits = |s, packed: &Sequences| self.backward_plan_sequences(s, packed).map(drop);
+        let alone = |one| self.check_train_alone(one);
         let train = |g: Group| async move {
             if g.layout.seqs.count() == 1 {
                 // Boxed: the ordinary training forward is the caller of this one.
@@ -64,7 +52,7 @@ impl FmaAttention {
                     .await
             }
         };
-        let (out, kept) = in_groups(qkv, shape, seqs, true, groups, train).await?;
+        let (out, kept) = train_in_groups(qkv, shape, seqs, (fits, alone), train).await?;
         let groups = kept
             .into_iter()
             .map(|(layout, saved)| SeqGroup { layout, saved })
@@ -105,13 +93,11 @@ impl FmaAttention {
         groups: &[SeqGroup],
         dout: &[f32],
     ) -> Result<Gradients<f32>> {
-        let mut sum = GroupGradients::new(shape, seqs);
-        for g in groups {
-            let dout = g.layout.gather(dout, seqs, shape.heads, shape.head_dim);
-            // Boxed: the ordinary backward is the caller of this one.
-            let grads = Box::pin(self.backward_async(&g.saved, &dout)).await?;
-            sum.add(&g.layout, grads);
-        }
-        Ok(sum.finish())
+        let groups = groups.iter().map(|g| (&g.layout, &g.saved));
+        // Boxed: the ordinary backward is the caller of this one.
+        let backward = |saved, dout: Vec<f32>| async move {
+            Box::pin(self.backward_async(saved, &dout)).await
+        };
+        backward_in_groups(shape, seqs, groups, dout, backward).await
     }
 }

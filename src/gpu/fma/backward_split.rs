@@ -17,7 +17,7 @@ use crate::gpu::engine::record::{record_steps, Pipes};
 use crate::gpu::engine::split_io::SplitIo;
 use crate::gpu::engine::tensors::{host_bytes, tensor_bytes, widen, Output, Scopes};
 use crate::gradients::Gradients;
-use crate::plan::{BackwardSplitPlan, Chunk, Dispatch};
+use crate::plan::{BackwardSplitPlan, Chunk, Dispatch, DkvRowGroup};
 use crate::shape::Shape;
 
 use super::backward::{HostKept, Kept, Saved};
@@ -45,7 +45,8 @@ struct ChunkBuffers {
     pool: Uniforms,
     /// The same parameters, the selectors of its dQ and near-field dK/dV steps.
     grads: Uniforms,
-    /// The same parameters, per level the selector of its coarse dK~/dV~ step.
+    /// The same parameters with each group of coarse rows (`plan.dkv_groups`, levels in
+    /// order), the selector of its coarse dK~/dV~ step.
     coarse: Vec<Uniforms>,
     /// The same parameters, the selector of its downsampling backward.
     unpool: Uniforms,
@@ -139,11 +140,12 @@ impl FmaAttention {
         let head_params = self.split_backward_params(plan, 0, 0..n);
         let shared = plan.shared_pool();
         let head_shared = Uniforms::new(&self.ctx, &head_params, &shared)?;
+        // Per group of coarse rows (levels in order), its combine rounds over the whole head.
         let combine = plan
-            .head
-            .dkv_combine
+            .dkv_groups
             .iter()
-            .map(|rounds| Uniforms::new(&self.ctx, &head_params, rounds))
+            .flatten()
+            .map(|g| Uniforms::new(&self.ctx, &with_rows(head_params, g), &g.combine))
             .collect::<Result<Vec<_>>>()?;
         let coarse_q = plan
             .coarse_queries
@@ -245,25 +247,20 @@ impl FmaAttention {
                 let sel = Some(&u.shared.selects);
                 record_steps(&self.ctx, &mut cpass, &steps.shared, pipes, sel, &res)?;
             }
-            // 3. Fine queries, level by level (the levels share the partial sums' space): each
-            //    chunk's coarse dK~/dV~ in chunk order, added to the earlier chunks', then the
-            //    combine rounds.
-            let fine_levels = plan.head.dkv_combine.iter().zip(&combine);
-            for (l, (rounds, head)) in fine_levels.enumerate().filter(|_| coarse_q.is_none()) {
-                for (b, t) in plan.chunks.iter().zip(&chunks) {
-                    let res = res!(&t.coarse[l].params, t);
-                    let sel = Some(&t.coarse[l].selects);
-                    record_steps(&self.ctx, &mut cpass, &[b.dkv_coarse[l]], pipes, sel, &res)?;
+            // 3. Fine queries, level by level, each level's groups of coarse rows in order (the
+            //    groups share the partial sums' space): each chunk's coarse dK~/dV~ of the
+            //    group's rows in chunk order, added to the earlier chunks', then the group's
+            //    combine rounds (coarse queries: no group).
+            let groups = plan.dkv_groups.iter().flatten().zip(&combine);
+            for (i, (g, head)) in groups.enumerate() {
+                for t in &chunks {
+                    let res = res!(&t.coarse[i].params, t);
+                    let sel = Some(&t.coarse[i].selects);
+                    record_steps(&self.ctx, &mut cpass, &[g.dkv_coarse], pipes, sel, &res)?;
                 }
                 let res = res!(&head.params, first);
-                record_steps(
-                    &self.ctx,
-                    &mut cpass,
-                    rounds,
-                    pipes,
-                    Some(&head.selects),
-                    &res,
-                )?;
+                let sel = Some(&head.selects);
+                record_steps(&self.ctx, &mut cpass, &g.combine, pipes, sel, &res)?;
             }
             // 4. Per chunk, dK~ and dV~ into its tokens' dK and dV.
             for (b, t) in plan.chunks.iter().zip(&chunks) {
@@ -350,12 +347,24 @@ impl FmaAttention {
             )?,
             pool: Uniforms::new(&self.ctx, &params, &c.downsample)?,
             grads: Uniforms::new(&self.ctx, &params, &[b.dq, b.dkv_fine])?,
-            coarse: b
-                .dkv_coarse
+            coarse: plan
+                .dkv_groups
                 .iter()
-                .map(|step| Uniforms::new(&self.ctx, &params, &[*step]))
+                .flatten()
+                .map(|g| Uniforms::new(&self.ctx, &with_rows(params, g), &[g.dkv_coarse]))
                 .collect::<Result<Vec<_>>>()?,
             unpool: Uniforms::new(&self.ctx, &params, &unpool)?,
         })
     }
+}
+
+/// `params` for the coarse dK~/dV~ pass and combine rounds of group `g` of a level's coarse
+/// rows: its first row and its rows (its partial sums from `partials_at`).
+fn with_rows(
+    mut params: crate::gpu::engine::params::Params,
+    g: &DkvRowGroup,
+) -> crate::gpu::engine::params::Params {
+    params.dkv_row_lo = g.rows.start as u32;
+    params.dkv_rows = g.rows.len() as u32;
+    params
 }
