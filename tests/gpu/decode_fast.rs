@@ -290,9 +290,9 @@ fn decode_in_chunks(
 }
 
 /// The one-pass step (a GPU's tuning, chunks of 1 and m + 1 tokens) and the two-pass record
-/// (a CPU's tuning; m + 2 and 2m + 3 tokens: windows completed and read inside one step) give
-/// the same bits, and equal the f64 causal FMA forward; Learned pooling (always two passes)
-/// equals its forward too.
+/// (m + 2 and 2m + 3 tokens: windows completed and read inside one step; the upkeep in one
+/// dispatch on a GPU's tuning, a dispatch per role on a CPU's) give the same bits, and equal
+/// the f64 causal FMA forward; Learned pooling (always two passes) equals its forward too.
 #[test]
 fn one_pass_and_two_pass_steps_give_the_same_bits() {
     let Some(ctx) = gpu() else { return };
@@ -313,6 +313,8 @@ fn one_pass_and_two_pass_steps_give_the_same_bits() {
         (m + 2, gpu),
         (2 * m + 3, gpu),
         (1, cpu),
+        (m + 2, cpu),
+        (2 * m + 3, cpu),
     ] {
         let got = decode_in_chunks(ctx, (&cfg, tuning), &x, prompt, chunk);
         let label = format!("seed {seed} chunk {chunk} {tuning:?}");
@@ -337,6 +339,13 @@ fn one_pass_and_two_pass_steps_give_the_same_bits() {
     let got = decode_in_chunks(ctx, (&cfg, gpu), &x, prompt, m + 1);
     let tail = reference_rows(&x, &want, prompt, n - prompt);
     check(&format!("seed {seed} learned"), &got.0, &got.1, &tail);
+    // The upkeep a dispatch per role gives the bits of one dispatch under Learned pooling too.
+    let apart = decode_in_chunks(ctx, (&cfg, cpu), &x, prompt, m + 1);
+    assert_eq!(
+        bits(&apart),
+        bits(&got),
+        "seed {seed} learned: the CPU tuning differs from the GPU's"
+    );
 }
 
 /// Dense decoding split as a GPU splits it, scaled down (segments of 4 keys and up, 16
