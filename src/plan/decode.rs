@@ -57,6 +57,9 @@ pub const UPKEEP_RING: u32 = 2;
 pub const UPKEEP_SLOTS: u32 = 3;
 /// The lengths' units alone ([`UPKEEP_ALL`]).
 pub const UPKEEP_LENS: u32 = 4;
+/// The `bk` of `decode_dense`'s specialisation with its segments interleaved
+/// ([`DecodeTuning::interleave_segments`]); with [`UPKEEP_ALL`], in workgroup order.
+pub const SEGMENTS_INTERLEAVED: u32 = 5;
 
 /// Invocations per workgroup of the decoding passes: a tile of keys per workgroup, and at least
 /// one invocation per vec4 of a row in the value phase (`shared/decode_softmax.wgsl`; d <= 256
@@ -135,6 +138,15 @@ pub struct DecodeTuning {
     /// at batch 8); a GPU skips the roles a warp does not take, and one dispatch is one
     /// launch fewer.
     pub upkeep_apart: bool,
+    /// The dense decode's workgroups take the segments of a page in bit-reversed order
+    /// (`decode_dense.wgsl`) rather than in order. A record dispatches its segments up to a
+    /// power of two ([`DenseCut::covered`]), so up to half of them are past the longest
+    /// sequence and return at once; llvmpipe hands each of its threads a contiguous run of
+    /// a dispatch's workgroups, so in order one thread got nearly every working segment
+    /// (batch 1, 33 of 64: 32 on one of two threads), bit-reversed each run holds as many
+    /// (17 and 16). The merge adds the partials in segment order either way: the same bits.
+    /// A GPU's scheduler spreads workgroups by itself.
+    pub interleave_segments: bool,
 }
 
 impl DecodeTuning {
@@ -143,12 +155,15 @@ impl DecodeTuning {
         dense: DenseSplit::GPU,
         one_pass: true,
         upkeep_apart: false,
+        interleave_segments: false,
     };
-    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps, the upkeep a dispatch per role.
+    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps, the upkeep a dispatch per role,
+    /// the dense segments interleaved.
     pub const CPU: Self = Self {
         dense: DenseSplit::CPU,
         one_pass: false,
         upkeep_apart: true,
+        interleave_segments: true,
     };
 
     /// The tuning for an adapter of type `device_type`: [`DecodeTuning::CPU`] on a CPU
@@ -229,6 +244,9 @@ pub struct DecodeLayout {
     pub one_pass: bool,
     /// Whether the upkeep runs a dispatch per role ([`DecodeTuning::upkeep_apart`]).
     pub upkeep_apart: bool,
+    /// Whether the dense decode's workgroups take their segments bit-reversed
+    /// ([`DecodeTuning::interleave_segments`]).
+    pub interleave_segments: bool,
     /// The sliding window (keys i - L ..= i), if any: then `ring` = min(L + max_chunk,
     /// max_len), `levels` = 0 and no history.
     pub window: Option<Window>,
@@ -374,6 +392,7 @@ impl DecodeLayout {
             learned: matches!(cfg.fma.downsample, Downsample::Learned(_)),
             one_pass: tuning.one_pass,
             upkeep_apart: tuning.upkeep_apart,
+            interleave_segments: tuning.interleave_segments,
             window,
             softmax: SoftmaxFlags::of(&cfg.variants),
             storage: cfg.storage,
@@ -593,6 +612,14 @@ impl DecodeLayout {
         limits: &KernelLimits,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec();
+        let dense = Specialization {
+            bk: if self.interleave_segments {
+                SEGMENTS_INTERLEAVED
+            } else {
+                UPKEEP_ALL
+            },
+            ..spec
+        };
         let per_page = self.page_tokens / cut.segment.max(1);
         let queries = (rows * self.qgroup()) as u64 * chunk as u64;
         let mut steps = (0..cut.pages)
@@ -602,7 +629,7 @@ impl DecodeLayout {
                     Pass::DecodeDense,
                     Some(page as u32),
                     queries * segs as u64,
-                    spec,
+                    dense,
                     limits,
                 )?;
                 d.args[0] = segs as u32;
@@ -962,6 +989,69 @@ mod tests {
             }
             if (split, batch) == (DenseSplit::CPU, 1) {
                 assert_eq!(at_1m.segment, 4096);
+            }
+        }
+    }
+
+    /// `decode_dense.wgsl`'s `segment_of` with BK = [`SEGMENTS_INTERLEAVED`]: workgroup `w`
+    /// of `per_page` (a power of two) takes segment `w` bit-reversed.
+    fn interleaved(w: u32, per_page: u32) -> u32 {
+        if per_page > 1 && per_page.is_power_of_two() {
+            w.reverse_bits() >> (32 - per_page.trailing_zeros())
+        } else {
+            w
+        }
+    }
+
+    /// The CPU tuning's dense dispatches interleave their segments, the GPU's keep them in
+    /// order; every page dispatches a power of two of segments (what the interleaving needs),
+    /// over several pages too; interleaved, every segment is taken once, and each of T
+    /// contiguous runs of workgroups (llvmpipe's threads) holds at most ceil(w / T) of the w
+    /// working ones, where in order one run held them all.
+    #[test]
+    fn cpu_dense_segments_interleave_evenly() {
+        let limits = KernelLimits::with_binding(64 << 10);
+        let c = DecodeConfig::new(FmaConfig::new(16, 2), 1, 1, 16, 20_000).max_chunk(3);
+        for (tuning, bk) in [
+            (DecodeTuning::CPU, SEGMENTS_INTERLEAVED),
+            (DecodeTuning::GPU, UPKEEP_ALL),
+        ] {
+            let tuning = DecodeTuning {
+                dense: DenseSplit {
+                    workgroups: 64,
+                    min_segment: 16,
+                },
+                ..tuning
+            };
+            let l = DecodeLayout::with_tuning(&c, &limits, tuning).unwrap();
+            assert!(l.pages_for(l.max_len) > 2, "{l:?}");
+            for longest in 1..=l.max_len {
+                let cut = l.dense_cut(longest);
+                let steps = l.dense_steps(1, 1, cut, &limits).unwrap();
+                let (merge, dense) = steps.split_last().unwrap();
+                assert_eq!(merge.pass, Pass::DecodeMerge);
+                assert_eq!(dense.len(), cut.pages);
+                for s in dense {
+                    assert_eq!((s.pass, s.spec.bk), (Pass::DecodeDense, bk));
+                    assert!(s.args[0].is_power_of_two(), "{longest} {cut:?}");
+                }
+            }
+        }
+        for k in 0..=10 {
+            let per_page = 1u32 << k;
+            let order: std::collections::BTreeSet<u32> =
+                (0..per_page).map(|w| interleaved(w, per_page)).collect();
+            assert_eq!(order, (0..per_page).collect());
+            for working in 1..=per_page {
+                for threads in [2u32, 4, 8].into_iter().filter(|&t| t <= per_page) {
+                    let run = per_page / threads;
+                    for r in 0..threads {
+                        let held = (r * run..(r + 1) * run)
+                            .filter(|&w| interleaved(w, per_page) < working)
+                            .count() as u32;
+                        assert!(held <= working.div_ceil(threads), "{per_page} {working}");
+                    }
+                }
             }
         }
     }

@@ -10,7 +10,9 @@
 //! (the pooling adds a window's tokens in token order, carried across steps), so any
 //! difference is a wrong key, window or slot. (3) The dense decode split as a GPU splits it
 //! (`DenseSplit`, segments down to 4 keys, over several history pages of a 4 KiB binding, the
-//! dispatches covering a power of two of segments) against exact causal attention.
+//! dispatches covering a power of two of segments) against exact causal attention, and the
+//! same split under the CPU tuning (segments bit-reversed over the workgroups, the upkeep a
+//! dispatch per role) giving the same bits.
 //!
 //! Tolerance as tests/gpu/decode.rs (5e-5 + 5e-5 |ref| on O, 5e-5 + 1e-5 |ref| on the LSE):
 //! f32 sums of the same keys in another order than the f64 reference, a few ulps of O(1)
@@ -351,7 +353,9 @@ fn one_pass_and_two_pass_steps_give_the_same_bits() {
 /// Dense decoding split as a GPU splits it, scaled down (segments of 4 keys and up, 16
 /// workgroups per one-token step), over history pages of a 4 KiB binding: every row equals
 /// exact causal attention while the segment length, the pages and the covered segments change
-/// under it, with single tokens and chunks.
+/// under it, with single tokens and chunks. The same split under the CPU tuning (its
+/// workgroups taking the segments bit-reversed, `DecodeTuning::interleave_segments`, the
+/// upkeep a dispatch per role) gives the same bits.
 #[test]
 fn dense_decoding_split_for_a_gpu_equals_exact_attention() {
     let Some(ctx) = gpu() else { return };
@@ -366,51 +370,70 @@ fn dense_decoding_split_for_a_gpu_equals_exact_attention() {
     let cfg = DecodeConfig::new(FmaConfig::new(8, 2), b, h, d, n)
         .kv_heads(hk)
         .max_chunk(5);
-    let tuning = DecodeTuning {
+    let run = |tuning: DecodeTuning| {
+        let dec = Decoder::with_tuning(ctx, cfg.clone(), tuning, Some(4 << 10)).unwrap();
+        let l = dec.layout();
+        assert!(l.page_tokens < n && l.min_segment == 4, "{l:?}");
+        let pre = dec
+            .prefill(
+                &x.part(&x.q, h, 0, prompt),
+                &x.part(&x.k, hk, 0, prompt),
+                &x.part(&x.v, hk, 0, prompt),
+                &[prompt; 2],
+                DecodeMode::Dense,
+            )
+            .unwrap();
+        check(
+            &format!("seed {seed} {tuning:?} prefill"),
+            &pre.o,
+            pre.lse.as_ref().unwrap(),
+            &reference_rows(&x, &want, 0, prompt),
+        );
+        let bufs = step_buffers(ctx, &x, 5);
+        let mut outs = Vec::new();
+        let mut at = prompt;
+        let mut s = 0;
+        while at < n {
+            // 1, 5, 1, 5, ... tokens: the encoded path takes the chunk from `tokens`.
+            let c = if s % 2 == 0 { 1 } else { 5 }.min(n - at);
+            let (o, lse) = if s % 3 == 2 {
+                let [q, k, v] = x.step(at, c);
+                let out = dec.step(DecodeMode::Dense, Host::new(&q, &k, &v)).unwrap();
+                (out.o, out.lse.unwrap())
+            } else {
+                encoded_step(ctx, &dec, DecodeMode::Dense, &x, at, c, &bufs)
+            };
+            check(
+                &format!("seed {seed} {tuning:?} step {s} at {at} chunk {c}"),
+                &o,
+                &lse,
+                &reference_rows(&x, &want, at, c),
+            );
+            outs.push((o, lse));
+            at += c;
+            s += 1;
+        }
+        outs
+    };
+    let in_order = run(DecodeTuning {
         dense: split,
         ..DecodeTuning::GPU
+    });
+    let interleaved = run(DecodeTuning {
+        dense: split,
+        ..DecodeTuning::CPU
+    });
+    let bits = |r: &[(Vec<f32>, Vec<f32>)]| -> Vec<u32> {
+        r.iter()
+            .flat_map(|(o, l)| o.iter().chain(l))
+            .map(|x| x.to_bits())
+            .collect()
     };
-    let dec = Decoder::with_tuning(ctx, cfg, tuning, Some(4 << 10)).unwrap();
-    let l = dec.layout();
-    assert!(l.page_tokens < n && l.min_segment == 4, "{l:?}");
-    let pre = dec
-        .prefill(
-            &x.part(&x.q, h, 0, prompt),
-            &x.part(&x.k, hk, 0, prompt),
-            &x.part(&x.v, hk, 0, prompt),
-            &[prompt; 2],
-            DecodeMode::Dense,
-        )
-        .unwrap();
-    check(
-        &format!("seed {seed} prefill"),
-        &pre.o,
-        pre.lse.as_ref().unwrap(),
-        &reference_rows(&x, &want, 0, prompt),
+    assert_eq!(
+        bits(&interleaved),
+        bits(&in_order),
+        "seed {seed}: interleaved segments differ from segments in order"
     );
-    let bufs = step_buffers(ctx, &x, 5);
-    let mut at = prompt;
-    let mut s = 0;
-    while at < n {
-        // 1, 5, 1, 5, ... tokens: the encoded path takes the chunk from `tokens`.
-        let c = if s % 2 == 0 { 1 } else { 5 }.min(n - at);
-        let (o, lse) = if s % 3 == 2 {
-            let [q, k, v] = x.step(at, c);
-            let out = dec.step(DecodeMode::Dense, Host::new(&q, &k, &v)).unwrap();
-            (out.o, out.lse.unwrap())
-        } else {
-            let (o, l) = encoded_step(ctx, &dec, DecodeMode::Dense, &x, at, c, &bufs);
-            (o, l)
-        };
-        check(
-            &format!("seed {seed} step {s} at {at} chunk {c}"),
-            &o,
-            &lse,
-            &reference_rows(&x, &want, at, c),
-        );
-        at += c;
-        s += 1;
-    }
 }
 
 /// f16 storage (issue 29): the one-pass step reads the step's own keys from f16 K, V (the
