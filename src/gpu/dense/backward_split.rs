@@ -325,7 +325,7 @@ impl DenseAttention {
         };
         let mut at = 0;
         // Buffers are at least 16 bytes: a chunk's slot is its buffer's size.
-        let slot = |elements: usize| (elements * 4).max(16).next_multiple_of(4) / 4;
+        let slot = |elements: usize| (elements * 4).max(16).div_ceil(4);
         for &(lo, hi) in &plan.chunks {
             let len = (hi - lo) * d;
             for h in 0..group {
