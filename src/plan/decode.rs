@@ -49,14 +49,14 @@ use crate::variants::Window;
 
 /// The upkeep's roles (`shaders/decode_ingest.wgsl`), as the `bk` of its specialisation: every
 /// unit (the one-dispatch upkeep, and what every other decode pass is composed with), the
-/// ring's, the coarse slots', the lengths'.
+/// ring's and the lengths', the coarse slots'.
 pub const UPKEEP_ALL: u32 = 1;
-/// The ring's units alone ([`UPKEEP_ALL`]).
-pub const UPKEEP_RING: u32 = 2;
+/// The ring's units, then the lengths' ([`UPKEEP_ALL`]): both a load and a store or two per
+/// unit, so sharing a pipeline costs neither anything under llvmpipe's lane masks, and the
+/// lengths need no dispatch of their own.
+pub const UPKEEP_RING_LENS: u32 = 2;
 /// The coarse slots' units alone ([`UPKEEP_ALL`]).
 pub const UPKEEP_SLOTS: u32 = 3;
-/// The lengths' units alone ([`UPKEEP_ALL`]).
-pub const UPKEEP_LENS: u32 = 4;
 /// The `bk` of `decode_dense`'s specialisation with its segments interleaved
 /// ([`DecodeTuning::interleave_segments`]); with [`UPKEEP_ALL`], in workgroup order.
 pub const SEGMENTS_INTERLEAVED: u32 = 5;
@@ -130,7 +130,7 @@ pub struct DecodeTuning {
     /// form, the upkeep's many small workgroups included; there the upkeep and the attention
     /// run as two passes.
     pub one_pass: bool,
-    /// The upkeep as one dispatch per role (the ring, the coarse slots, the lengths), each a
+    /// The upkeep as one dispatch per role (the ring and the lengths, the coarse slots), each a
     /// pipeline composed for its role alone (`UPKEEP_*` in `decode_ingest.wgsl`), instead of
     /// one dispatch of every unit. llvmpipe runs both sides of a branch under a lane mask
     /// unless its condition is a constant, so one pipeline for the three roles made every
@@ -536,8 +536,8 @@ impl DecodeLayout {
     }
 
     /// The upkeep as a `decode_ingest` dispatch per role with units ([`DecodeTuning::upkeep_apart`]):
-    /// the ring's (rows, chunk, d), the coarse slots' (rows, 2, levels, slots, p, d), the
-    /// `lens_count` lengths; each pipeline is composed for its role (the specialisation's `bk`,
+    /// the ring's (rows, chunk, d) then the `lens_count` lengths, the coarse slots' (rows, 2,
+    /// levels, slots, p, d); each pipeline is composed for its role (the specialisation's `bk`,
     /// which no decode pass uses for key tiles: [`UPKEEP_ALL`] is the one-dispatch upkeep).
     /// They touch disjoint memory, so their order does not matter.
     fn upkeep_roles(
@@ -550,12 +550,11 @@ impl DecodeLayout {
         let d = self.head_dim as u64;
         let (rows, chunk) = (rows as u64, chunk as u64);
         let roles = [
-            (UPKEEP_RING, rows * chunk * d),
+            (UPKEEP_RING_LENS, rows * chunk * d + lens_count as u64),
             (
                 UPKEEP_SLOTS,
                 rows * 2 * (self.levels * self.slots * self.rank) as u64 * d,
             ),
-            (UPKEEP_LENS, lens_count as u64),
         ];
         roles
             .into_iter()
@@ -889,27 +888,32 @@ mod tests {
         let rows = cpu.group as u64;
         let d = cpu.head_dim as u64;
         let units = [
-            rows * 3 * d,
+            rows * 3 * d + 2,
             rows * 2 * (cpu.levels * cpu.slots * cpu.rank) as u64 * d,
-            2,
         ];
-        assert_eq!(steps.len(), 4);
-        for (s, (role, units)) in steps.iter().zip(
-            [UPKEEP_RING, UPKEEP_SLOTS, UPKEEP_LENS]
-                .into_iter()
-                .zip(units),
-        ) {
+        assert_eq!(steps.len(), 3);
+        for (s, (role, units)) in steps
+            .iter()
+            .zip([UPKEEP_RING_LENS, UPKEEP_SLOTS].into_iter().zip(units))
+        {
             assert_eq!((s.pass, s.spec.bk), (Pass::DecodeIngest, role));
             assert_eq!(s.workgroups as u64, units.div_ceil(DECODE_WG as u64));
         }
         assert_eq!(
-            (steps[3].pass, steps[3].spec.bk),
+            (steps[2].pass, steps[2].spec.bk),
             (Pass::DecodeAttention, UPKEEP_ALL)
         );
-        // Without lengths to advance (a group before the record's last), no lengths' dispatch.
+        // Without lengths to advance (a group before the record's last), the ring's units alone.
         let steps = cpu.fma_steps(cpu.group, 1, false, 0, &limits).unwrap();
-        let roles: Vec<u32> = steps.iter().map(|s| s.spec.bk).collect();
-        assert_eq!(roles, [UPKEEP_RING, UPKEEP_SLOTS]);
+        let roles: Vec<(u32, u32)> = steps.iter().map(|s| (s.spec.bk, s.workgroups)).collect();
+        assert_eq!(
+            roles[0],
+            (
+                UPKEEP_RING_LENS,
+                (rows * d).div_ceil(DECODE_WG as u64) as u32
+            )
+        );
+        assert_eq!(roles[1].0, UPKEEP_SLOTS);
         let steps = l.fma_steps(l.group, 1, true, 2, &limits).unwrap();
         let passes: Vec<Pass> = steps.iter().map(|s| s.pass).collect();
         assert_eq!(passes, [Pass::DecodeIngest, Pass::DecodeAttention]);
