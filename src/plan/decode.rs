@@ -134,9 +134,9 @@ pub struct DecodeTuning {
     /// pipeline composed for its role alone (`UPKEEP_*` in `decode_ingest.wgsl`), instead of
     /// one dispatch of every unit. llvmpipe runs both sides of a branch under a lane mask
     /// unless its condition is a constant, so one pipeline for the three roles made every
-    /// invocation pay for all three (docs/perf.md, change 36: the FMA step at batch 8 and
-    /// 32768 tokens went from 1.27x the pre-decode-fast step to 0.98x); a GPU skips the roles
-    /// a warp does not take, and one dispatch is one launch fewer.
+    /// invocation pay for all three (docs/perf.md, change 36: one-token FMA steps were
+    /// 1.04-1.21x the pre-decode-fast steps on lavapipe, 0.91-0.97x now); a GPU skips the
+    /// roles a warp does not take, and one dispatch is one launch fewer.
     pub upkeep_apart: bool,
     /// The dense decode's workgroups take the segments of a page in bit-reversed order
     /// (`decode_dense.wgsl`) rather than in order. A record dispatches its segments up to a
