@@ -43,6 +43,23 @@ fn q4(at: u32, c4: u32) -> vec4<f32> {
                      select(0.0, q[b + 2u], rem > 2u), select(0.0, q[b + 3u], rem > 3u));
 }
 
+// BK = SEGMENTS_INTERLEAVED (a CPU adapter's: `DecodeTuning::interleave_segments`): the
+// workgroups of a (query row, token) take the page's segments in bit-reversed order, so that
+// every contiguous run of them holds as many of the segments up to the longest sequence
+// (llvmpipe gives each thread a contiguous run of a dispatch's workgroups, and up to half of
+// the dispatched segments are past the longest sequence); else in order. `per_page` is a
+// power of two (`plan::DenseCut::covered`); were it not, the order is kept. Which workgroup
+// computes a segment changes nothing in it: the partial is its segment's, the merge adds them
+// in segment order.
+const SEGMENTS_INTERLEAVED: u32 = 5u;
+
+fn segment_of(w: u32, per_page: u32) -> u32 {
+    if (BK == SEGMENTS_INTERLEAVED && per_page > 1u && (per_page & (per_page - 1u)) == 0u) {
+        return reverseBits(w) >> (32u - countTrailingZeros(per_page));
+    }
+    return w;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     // Segments of this page dispatched per (query row, token): those up to the longest
@@ -53,7 +70,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         return;
     }
     let d = params.d;
-    let seg_local = wid % per_page;
+    let seg_local = segment_of(wid % per_page, per_page);
     let c = (wid / per_page) % params.chunk;
     // Query row `bhq` of the group's `local_q`, reading cache row `local` (its K/V head).
     let local_q = wid / (per_page * params.chunk);

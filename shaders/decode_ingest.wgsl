@@ -26,10 +26,30 @@ fn learned_bias(i: u32) -> f32 {
     return biases[i];
 }
 
+// Which units this pipeline runs, fixed at composition by its specialisation's BK (no decode
+// pass stages key tiles; `plan::decode::UPKEEP_*`): every unit (one dispatch: a GPU's), or one
+// role alone (a dispatch per role: a CPU adapter's; the lengths ride with the ring). llvmpipe runs both sides of a branch under
+// a lane mask unless the condition is a constant, so there one pipeline for the three roles
+// made every invocation pay for all three; a constant condition leaves only its role's code.
+const UPKEEP_ALL: u32 = 1u;
+const UPKEEP_RING_LENS: u32 = 2u; // the ring's units, then the lengths' (each a copy or two)
+const UPKEEP_SLOTS: u32 = 3u;
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = dispatch_workgroup(wg) * WG + lid;
-    if (g < upkeep_units()) {
+    if (BK == UPKEEP_RING_LENS) {
+        let a = append_units();
+        if (g < a) {
+            append_one(g);
+        } else if (g < a + params.lens_count) {
+            advance_one(g - a);
+        }
+    } else if (BK == UPKEEP_SLOTS) {
+        if (g < pool_units()) {
+            pool_one(g);
+        }
+    } else if (g < upkeep_units()) {
         upkeep(g);
     }
 }

@@ -47,6 +47,20 @@ use crate::plan::MAX_HEAD_DIM;
 use crate::storage::Storage;
 use crate::variants::Window;
 
+/// The upkeep's roles (`shaders/decode_ingest.wgsl`), as the `bk` of its specialisation: every
+/// unit (the one-dispatch upkeep, and what every other decode pass is composed with), the
+/// ring's and the lengths', the coarse slots'.
+pub const UPKEEP_ALL: u32 = 1;
+/// The ring's units, then the lengths' ([`UPKEEP_ALL`]): both a load and a store or two per
+/// unit, so sharing a pipeline costs neither anything under llvmpipe's lane masks, and the
+/// lengths need no dispatch of their own.
+pub const UPKEEP_RING_LENS: u32 = 2;
+/// The coarse slots' units alone ([`UPKEEP_ALL`]).
+pub const UPKEEP_SLOTS: u32 = 3;
+/// The `bk` of `decode_dense`'s specialisation with its segments interleaved
+/// ([`DecodeTuning::interleave_segments`]); with [`UPKEEP_ALL`], in workgroup order.
+pub const SEGMENTS_INTERLEAVED: u32 = 5;
+
 /// Invocations per workgroup of the decoding passes: a tile of keys per workgroup, and at least
 /// one invocation per vec4 of a row in the value phase (`shared/decode_softmax.wgsl`; d <= 256
 /// gives at most 64 vec4s).
@@ -116,6 +130,23 @@ pub struct DecodeTuning {
     /// form, the upkeep's many small workgroups included; there the upkeep and the attention
     /// run as two passes.
     pub one_pass: bool,
+    /// The upkeep as one dispatch per role (the ring and the lengths, the coarse slots), each a
+    /// pipeline composed for its role alone (`UPKEEP_*` in `decode_ingest.wgsl`), instead of
+    /// one dispatch of every unit. llvmpipe runs both sides of a branch under a lane mask
+    /// unless its condition is a constant, so one pipeline for the three roles made every
+    /// invocation pay for all three (docs/perf.md, change 36: one-token FMA steps were
+    /// 1.04-1.21x the pre-decode-fast steps on lavapipe, 0.91-0.97x now); a GPU skips the
+    /// roles a warp does not take, and one dispatch is one launch fewer.
+    pub upkeep_apart: bool,
+    /// The dense decode's workgroups take the segments of a page in bit-reversed order
+    /// (`decode_dense.wgsl`) rather than in order. A record dispatches its segments up to a
+    /// power of two ([`DenseCut::covered`]), so up to half of them are past the longest
+    /// sequence and return at once; llvmpipe hands each of its threads a contiguous run of
+    /// a dispatch's workgroups, so in order one thread got nearly every working segment
+    /// (batch 1, 33 of 64: 32 on one of two threads), bit-reversed each run holds as many
+    /// (17 and 16). The merge adds the partials in segment order either way: the same bits.
+    /// A GPU's scheduler spreads workgroups by itself.
+    pub interleave_segments: bool,
 }
 
 impl DecodeTuning {
@@ -123,11 +154,16 @@ impl DecodeTuning {
     pub const GPU: Self = Self {
         dense: DenseSplit::GPU,
         one_pass: true,
+        upkeep_apart: false,
+        interleave_segments: false,
     };
-    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps.
+    /// A CPU adapter's: [`DenseSplit::CPU`], two-pass steps, the upkeep a dispatch per role,
+    /// the dense segments interleaved.
     pub const CPU: Self = Self {
         dense: DenseSplit::CPU,
         one_pass: false,
+        upkeep_apart: true,
+        interleave_segments: true,
     };
 
     /// The tuning for an adapter of type `device_type`: [`DecodeTuning::CPU`] on a CPU
@@ -206,6 +242,11 @@ pub struct DecodeLayout {
     pub learned: bool,
     /// Whether FMA steps that can run as one pass do ([`DecodeTuning::one_pass`]).
     pub one_pass: bool,
+    /// Whether the upkeep runs a dispatch per role ([`DecodeTuning::upkeep_apart`]).
+    pub upkeep_apart: bool,
+    /// Whether the dense decode's workgroups take their segments bit-reversed
+    /// ([`DecodeTuning::interleave_segments`]).
+    pub interleave_segments: bool,
     /// The sliding window (keys i - L ..= i), if any: then `ring` = min(L + max_chunk,
     /// max_len), `levels` = 0 and no history.
     pub window: Option<Window>,
@@ -350,6 +391,8 @@ impl DecodeLayout {
             partial_stride,
             learned: matches!(cfg.fma.downsample, Downsample::Learned(_)),
             one_pass: tuning.one_pass,
+            upkeep_apart: tuning.upkeep_apart,
+            interleave_segments: tuning.interleave_segments,
             window,
             softmax: SoftmaxFlags::of(&cfg.variants),
             storage: cfg.storage,
@@ -411,7 +454,7 @@ impl DecodeLayout {
     fn spec(&self) -> Specialization {
         Specialization {
             wg: DECODE_WG,
-            bk: 1,
+            bk: UPKEEP_ALL,
             d4: self.head_dim.div_ceil(4) as u32,
             grid: false,
             softmax: self.softmax,
@@ -469,13 +512,17 @@ impl DecodeLayout {
                 limits,
             )?]);
         }
-        let mut steps = vec![dispatch(
-            Pass::DecodeIngest,
-            None,
-            upkeep.max(1),
-            spec,
-            limits,
-        )?];
+        let mut steps = if self.upkeep_apart {
+            self.upkeep_roles(rows, chunk, lens_count, limits)?
+        } else {
+            vec![dispatch(
+                Pass::DecodeIngest,
+                None,
+                upkeep.max(1),
+                spec,
+                limits,
+            )?]
+        };
         if attend {
             steps.push(dispatch(
                 Pass::DecodeAttention,
@@ -486,6 +533,46 @@ impl DecodeLayout {
             )?);
         }
         Ok(steps)
+    }
+
+    /// The upkeep as a `decode_ingest` dispatch per role with units ([`DecodeTuning::upkeep_apart`]):
+    /// the ring's (rows, chunk, d) then the `lens_count` lengths, the coarse slots' (rows, 2,
+    /// levels, slots, p, d); each pipeline is composed for its role (the specialisation's `bk`,
+    /// which no decode pass uses for key tiles: [`UPKEEP_ALL`] is the one-dispatch upkeep).
+    /// They touch disjoint memory, so their order does not matter.
+    fn upkeep_roles(
+        &self,
+        rows: usize,
+        chunk: usize,
+        lens_count: usize,
+        limits: &KernelLimits,
+    ) -> Result<Vec<Dispatch>> {
+        let d = self.head_dim as u64;
+        let (rows, chunk) = (rows as u64, chunk as u64);
+        let roles = [
+            (UPKEEP_RING_LENS, rows * chunk * d + lens_count as u64),
+            (
+                UPKEEP_SLOTS,
+                rows * 2 * (self.levels * self.slots * self.rank) as u64 * d,
+            ),
+        ];
+        roles
+            .into_iter()
+            .filter(|&(_, units)| units > 0)
+            .map(|(role, units)| {
+                let spec = Specialization {
+                    bk: role,
+                    ..self.spec()
+                };
+                dispatch(
+                    Pass::DecodeIngest,
+                    None,
+                    units.div_ceil(DECODE_WG as u64),
+                    spec,
+                    limits,
+                )
+            })
+            .collect()
     }
 
     /// The dense decode's cut of a record whose longest sequence reaches `longest` tokens:
@@ -524,6 +611,14 @@ impl DecodeLayout {
         limits: &KernelLimits,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec();
+        let dense = Specialization {
+            bk: if self.interleave_segments {
+                SEGMENTS_INTERLEAVED
+            } else {
+                UPKEEP_ALL
+            },
+            ..spec
+        };
         let per_page = self.page_tokens / cut.segment.max(1);
         let queries = (rows * self.qgroup()) as u64 * chunk as u64;
         let mut steps = (0..cut.pages)
@@ -533,7 +628,7 @@ impl DecodeLayout {
                     Pass::DecodeDense,
                     Some(page as u32),
                     queries * segs as u64,
-                    spec,
+                    dense,
                     limits,
                 )?;
                 d.args[0] = segs as u32;
@@ -788,6 +883,37 @@ mod tests {
         let c = cfg(4, 2, 64, 3);
         let cpu = DecodeLayout::with_tuning(&c, &limits, DecodeTuning::CPU).unwrap();
         assert!(cpu.can_fuse(1) && !cpu.fused(1));
+        // ... and its upkeep a dispatch per role, each covering its units, then the attention.
+        let steps = cpu.fma_steps(cpu.group, 3, true, 2, &limits).unwrap();
+        let rows = cpu.group as u64;
+        let d = cpu.head_dim as u64;
+        let units = [
+            rows * 3 * d + 2,
+            rows * 2 * (cpu.levels * cpu.slots * cpu.rank) as u64 * d,
+        ];
+        assert_eq!(steps.len(), 3);
+        for (s, (role, units)) in steps
+            .iter()
+            .zip([UPKEEP_RING_LENS, UPKEEP_SLOTS].into_iter().zip(units))
+        {
+            assert_eq!((s.pass, s.spec.bk), (Pass::DecodeIngest, role));
+            assert_eq!(s.workgroups as u64, units.div_ceil(DECODE_WG as u64));
+        }
+        assert_eq!(
+            (steps[2].pass, steps[2].spec.bk),
+            (Pass::DecodeAttention, UPKEEP_ALL)
+        );
+        // Without lengths to advance (a group before the record's last), the ring's units alone.
+        let steps = cpu.fma_steps(cpu.group, 1, false, 0, &limits).unwrap();
+        let roles: Vec<(u32, u32)> = steps.iter().map(|s| (s.spec.bk, s.workgroups)).collect();
+        assert_eq!(
+            roles[0],
+            (
+                UPKEEP_RING_LENS,
+                (rows * d).div_ceil(DECODE_WG as u64) as u32
+            )
+        );
+        assert_eq!(roles[1].0, UPKEEP_SLOTS);
         let steps = l.fma_steps(l.group, 1, true, 2, &limits).unwrap();
         let passes: Vec<Pass> = steps.iter().map(|s| s.pass).collect();
         assert_eq!(passes, [Pass::DecodeIngest, Pass::DecodeAttention]);
@@ -867,6 +993,69 @@ mod tests {
             }
             if (split, batch) == (DenseSplit::CPU, 1) {
                 assert_eq!(at_1m.segment, 4096);
+            }
+        }
+    }
+
+    /// `decode_dense.wgsl`'s `segment_of` with BK = [`SEGMENTS_INTERLEAVED`]: workgroup `w`
+    /// of `per_page` (a power of two) takes segment `w` bit-reversed.
+    fn interleaved(w: u32, per_page: u32) -> u32 {
+        if per_page > 1 && per_page.is_power_of_two() {
+            w.reverse_bits() >> (32 - per_page.trailing_zeros())
+        } else {
+            w
+        }
+    }
+
+    /// The CPU tuning's dense dispatches interleave their segments, the GPU's keep them in
+    /// order; every page dispatches a power of two of segments (what the interleaving needs),
+    /// over several pages too; interleaved, every segment is taken once, and each of T
+    /// contiguous runs of workgroups (llvmpipe's threads) holds at most ceil(w / T) of the w
+    /// working ones, where in order one run held them all.
+    #[test]
+    fn cpu_dense_segments_interleave_evenly() {
+        let limits = KernelLimits::with_binding(64 << 10);
+        let c = DecodeConfig::new(FmaConfig::new(16, 2), 1, 1, 16, 20_000).max_chunk(3);
+        for (tuning, bk) in [
+            (DecodeTuning::CPU, SEGMENTS_INTERLEAVED),
+            (DecodeTuning::GPU, UPKEEP_ALL),
+        ] {
+            let tuning = DecodeTuning {
+                dense: DenseSplit {
+                    workgroups: 64,
+                    min_segment: 16,
+                },
+                ..tuning
+            };
+            let l = DecodeLayout::with_tuning(&c, &limits, tuning).unwrap();
+            assert!(l.pages_for(l.max_len) > 2, "{l:?}");
+            for longest in 1..=l.max_len {
+                let cut = l.dense_cut(longest);
+                let steps = l.dense_steps(1, 1, cut, &limits).unwrap();
+                let (merge, dense) = steps.split_last().unwrap();
+                assert_eq!(merge.pass, Pass::DecodeMerge);
+                assert_eq!(dense.len(), cut.pages);
+                for s in dense {
+                    assert_eq!((s.pass, s.spec.bk), (Pass::DecodeDense, bk));
+                    assert!(s.args[0].is_power_of_two(), "{longest} {cut:?}");
+                }
+            }
+        }
+        for k in 0..=10 {
+            let per_page = 1u32 << k;
+            let order: std::collections::BTreeSet<u32> =
+                (0..per_page).map(|w| interleaved(w, per_page)).collect();
+            assert_eq!(order, (0..per_page).collect());
+            for working in 1..=per_page {
+                for threads in [2u32, 4, 8].into_iter().filter(|&t| t <= per_page) {
+                    let run = per_page / threads;
+                    for r in 0..threads {
+                        let held = (r * run..(r + 1) * run)
+                            .filter(|&w| interleaved(w, per_page) < working)
+                            .count() as u32;
+                        assert!(held <= working.div_ceil(threads), "{per_page} {working}");
+                    }
+                }
             }
         }
     }

@@ -10,7 +10,9 @@
 //! (the pooling adds a window's tokens in token order, carried across steps), so any
 //! difference is a wrong key, window or slot. (3) The dense decode split as a GPU splits it
 //! (`DenseSplit`, segments down to 4 keys, over several history pages of a 4 KiB binding, the
-//! dispatches covering a power of two of segments) against exact causal attention.
+//! dispatches covering a power of two of segments) against exact causal attention, and the
+//! same split under the CPU tuning (segments bit-reversed over the workgroups, the upkeep a
+//! dispatch per role) giving the same bits.
 //!
 //! Tolerance as tests/gpu/decode.rs (5e-5 + 5e-5 |ref| on O, 5e-5 + 1e-5 |ref| on the LSE):
 //! f32 sums of the same keys in another order than the f64 reference, a few ulps of O(1)
@@ -290,9 +292,9 @@ fn decode_in_chunks(
 }
 
 /// The one-pass step (a GPU's tuning, chunks of 1 and m + 1 tokens) and the two-pass record
-/// (a CPU's tuning; m + 2 and 2m + 3 tokens: windows completed and read inside one step) give
-/// the same bits, and equal the f64 causal FMA forward; Learned pooling (always two passes)
-/// equals its forward too.
+/// (m + 2 and 2m + 3 tokens: windows completed and read inside one step; the upkeep in one
+/// dispatch on a GPU's tuning, a dispatch per role on a CPU's) give the same bits, and equal
+/// the f64 causal FMA forward; Learned pooling (always two passes) equals its forward too.
 #[test]
 fn one_pass_and_two_pass_steps_give_the_same_bits() {
     let Some(ctx) = gpu() else { return };
@@ -313,6 +315,8 @@ fn one_pass_and_two_pass_steps_give_the_same_bits() {
         (m + 2, gpu),
         (2 * m + 3, gpu),
         (1, cpu),
+        (m + 2, cpu),
+        (2 * m + 3, cpu),
     ] {
         let got = decode_in_chunks(ctx, (&cfg, tuning), &x, prompt, chunk);
         let label = format!("seed {seed} chunk {chunk} {tuning:?}");
@@ -337,12 +341,21 @@ fn one_pass_and_two_pass_steps_give_the_same_bits() {
     let got = decode_in_chunks(ctx, (&cfg, gpu), &x, prompt, m + 1);
     let tail = reference_rows(&x, &want, prompt, n - prompt);
     check(&format!("seed {seed} learned"), &got.0, &got.1, &tail);
+    // The upkeep a dispatch per role gives the bits of one dispatch under Learned pooling too.
+    let apart = decode_in_chunks(ctx, (&cfg, cpu), &x, prompt, m + 1);
+    assert_eq!(
+        bits(&apart),
+        bits(&got),
+        "seed {seed} learned: the CPU tuning differs from the GPU's"
+    );
 }
 
 /// Dense decoding split as a GPU splits it, scaled down (segments of 4 keys and up, 16
 /// workgroups per one-token step), over history pages of a 4 KiB binding: every row equals
 /// exact causal attention while the segment length, the pages and the covered segments change
-/// under it, with single tokens and chunks.
+/// under it, with single tokens and chunks. The same split under the CPU tuning (its
+/// workgroups taking the segments bit-reversed, `DecodeTuning::interleave_segments`, the
+/// upkeep a dispatch per role) gives the same bits.
 #[test]
 fn dense_decoding_split_for_a_gpu_equals_exact_attention() {
     let Some(ctx) = gpu() else { return };
@@ -357,51 +370,70 @@ fn dense_decoding_split_for_a_gpu_equals_exact_attention() {
     let cfg = DecodeConfig::new(FmaConfig::new(8, 2), b, h, d, n)
         .kv_heads(hk)
         .max_chunk(5);
-    let tuning = DecodeTuning {
-        dense: split,
-        one_pass: true,
-    };
-    let dec = Decoder::with_tuning(ctx, cfg, tuning, Some(4 << 10)).unwrap();
-    let l = dec.layout();
-    assert!(l.page_tokens < n && l.min_segment == 4, "{l:?}");
-    let pre = dec
-        .prefill(
-            &x.part(&x.q, h, 0, prompt),
-            &x.part(&x.k, hk, 0, prompt),
-            &x.part(&x.v, hk, 0, prompt),
-            &[prompt; 2],
-            DecodeMode::Dense,
-        )
-        .unwrap();
-    check(
-        &format!("seed {seed} prefill"),
-        &pre.o,
-        pre.lse.as_ref().unwrap(),
-        &reference_rows(&x, &want, 0, prompt),
-    );
-    let bufs = step_buffers(ctx, &x, 5);
-    let mut at = prompt;
-    let mut s = 0;
-    while at < n {
-        // 1, 5, 1, 5, ... tokens: the encoded path takes the chunk from `tokens`.
-        let c = if s % 2 == 0 { 1 } else { 5 }.min(n - at);
-        let (o, lse) = if s % 3 == 2 {
-            let [q, k, v] = x.step(at, c);
-            let out = dec.step(DecodeMode::Dense, Host::new(&q, &k, &v)).unwrap();
-            (out.o, out.lse.unwrap())
-        } else {
-            let (o, l) = encoded_step(ctx, &dec, DecodeMode::Dense, &x, at, c, &bufs);
-            (o, l)
-        };
+    let run = |tuning: DecodeTuning| {
+        let dec = Decoder::with_tuning(ctx, cfg.clone(), tuning, Some(4 << 10)).unwrap();
+        let l = dec.layout();
+        assert!(l.page_tokens < n && l.min_segment == 4, "{l:?}");
+        let pre = dec
+            .prefill(
+                &x.part(&x.q, h, 0, prompt),
+                &x.part(&x.k, hk, 0, prompt),
+                &x.part(&x.v, hk, 0, prompt),
+                &[prompt; 2],
+                DecodeMode::Dense,
+            )
+            .unwrap();
         check(
-            &format!("seed {seed} step {s} at {at} chunk {c}"),
-            &o,
-            &lse,
-            &reference_rows(&x, &want, at, c),
+            &format!("seed {seed} {tuning:?} prefill"),
+            &pre.o,
+            pre.lse.as_ref().unwrap(),
+            &reference_rows(&x, &want, 0, prompt),
         );
-        at += c;
-        s += 1;
-    }
+        let bufs = step_buffers(ctx, &x, 5);
+        let mut outs = Vec::new();
+        let mut at = prompt;
+        let mut s = 0;
+        while at < n {
+            // 1, 5, 1, 5, ... tokens: the encoded path takes the chunk from `tokens`.
+            let c = if s % 2 == 0 { 1 } else { 5 }.min(n - at);
+            let (o, lse) = if s % 3 == 2 {
+                let [q, k, v] = x.step(at, c);
+                let out = dec.step(DecodeMode::Dense, Host::new(&q, &k, &v)).unwrap();
+                (out.o, out.lse.unwrap())
+            } else {
+                encoded_step(ctx, &dec, DecodeMode::Dense, &x, at, c, &bufs)
+            };
+            check(
+                &format!("seed {seed} {tuning:?} step {s} at {at} chunk {c}"),
+                &o,
+                &lse,
+                &reference_rows(&x, &want, at, c),
+            );
+            outs.push((o, lse));
+            at += c;
+            s += 1;
+        }
+        outs
+    };
+    let in_order = run(DecodeTuning {
+        dense: split,
+        ..DecodeTuning::GPU
+    });
+    let interleaved = run(DecodeTuning {
+        dense: split,
+        ..DecodeTuning::CPU
+    });
+    let bits = |r: &[(Vec<f32>, Vec<f32>)]| -> Vec<u32> {
+        r.iter()
+            .flat_map(|(o, l)| o.iter().chain(l))
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert_eq!(
+        bits(&interleaved),
+        bits(&in_order),
+        "seed {seed}: interleaved segments differ from segments in order"
+    );
 }
 
 /// f16 storage (issue 29): the one-pass step reads the step's own keys from f16 K, V (the
