@@ -934,3 +934,59 @@ fn f16_backward_parts_round_gradients_once() {
     }
     eprintln!("f16 backward parts: worst scaled gradient error {worst:.2e}");
 }
+
+/// A device with SHADER_F16 but WebGPU's default 8 storage buffers per shader stage: the f16
+/// dense dK/dV pass binds 10 (its f32 partial dK and dV), so the f16 dense backward is refused
+/// with a typed error (not a validation panic at context creation or at pipeline creation),
+/// while the f16 forward (8 at most) and the f32 backward run.
+#[test]
+fn f16_dense_backward_needs_ten_storage_buffers() {
+    use multipole_attn::gpu::{negotiate_features, negotiate_limits, ContextOptions};
+    if gpu().is_none() {
+        return;
+    }
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let options = ContextOptions::default();
+    let features = negotiate_features(adapter.features(), options);
+    if !features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let mut limits = negotiate_limits(&adapter.limits(), options);
+    limits.max_storage_buffers_per_shader_stage = 8;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("f16, 8 storage buffers"),
+        required_features: features,
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let ctx = GpuContext::from_device(adapter.get_info(), device, queue);
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let p = Problem::new(Shape::new(1, 2, 40, 8));
+    let [q, k, v] = inputs(seed, p.shape);
+    let dout = round_to_f16(&normal_tensor(seed + 3, p.shape.elements()));
+    let half = Attention::new(&ctx, Method::Dense)
+        .and_then(|a| a.storage(Storage::F16))
+        .unwrap();
+    let (out, saved) = half.train(&p, Host::new(&q, &k, &v)).unwrap();
+    assert!(out.o.iter().all(|x| x.is_finite()));
+    match half.backward(&saved, multipole_attn::gpu::HostGrad(&dout)) {
+        Err(FmaError::LimitExceeded {
+            requested: 10,
+            max: 8,
+            unit,
+            ..
+        }) => assert_eq!(unit, "storage buffers per shader stage"),
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    let full = Attention::new(&ctx, Method::Dense).unwrap();
+    let (_, saved) = full.train(&p, Host::new(&q, &k, &v)).unwrap();
+    let g = full
+        .backward(&saved, multipole_attn::gpu::HostGrad(&dout))
+        .unwrap();
+    assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
+}
