@@ -125,6 +125,8 @@ pub(crate) fn kept_partial(b: &crate::gpu::engine::passes::Binding) -> KeptParti
         Role::DQPartial => ("dq", "params.key_hi < params.n_kv"),
         Role::DKPartial => ("dk", "params.chunk_hi < params.n"),
         Role::DVPartial => ("dv", "params.chunk_hi < params.n"),
+        // Role::OutPartial, the only other f16-only binding (the descriptor tests check the
+        // declared names against every pass's bindings).
         _ => (DENSE_PARTIAL.of, DENSE_PARTIAL.keep),
     };
     KeptPartial {
