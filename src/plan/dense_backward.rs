@@ -356,4 +356,29 @@ mod tests {
         let tiny = limits.capped(1000);
         assert!(DenseBackwardPlan::new(Shape::new(1, 1, 200, 1), &tiny).is_err());
     }
+
+    /// On a discrete GPU's limits the backward's passes run in parts at long contexts: 256
+    /// tiles of BK = 32 rows per dispatch (d = 64 and 128), keys for dQ, queries over a K/V
+    /// head's group for dK/dV. Each part adds to the previous one's sums, which f16 storage
+    /// keeps in f32 (docs/perf.md, change 38).
+    #[test]
+    fn long_heads_run_in_several_parts_on_a_gpu() {
+        let limits = KernelLimits::discrete_gpu();
+        for (d, n, kv_heads, dq_parts, dkv_parts) in [
+            (64, 16384, 8, 2, 2),
+            (64, 16384, 2, 2, 8),
+            (64, 65536, 8, 8, 8),
+            (64, 65536, 2, 8, 32),
+            (128, 16384, 8, 2, 2),
+            (128, 65536, 2, 8, 32),
+        ] {
+            let shape = Shape::new(1, 8, n, d).with_kv_heads(kv_heads);
+            let plan = DenseBackwardPlan::new(shape, &limits).unwrap();
+            assert_eq!(plan.keys_per_dispatch(), 8192, "d {d}");
+            assert_eq!(plan.queries_per_dispatch(), 8192, "d {d}");
+            let keys = plan.key_chunks(plan.keys_per_dispatch()).len();
+            let queries = plan.query_chunks(plan.queries_per_dispatch()).len();
+            assert_eq!((keys, queries), (dq_parts, dkv_parts), "{shape}");
+        }
+    }
 }

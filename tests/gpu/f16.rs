@@ -716,3 +716,278 @@ fn f16_key_chunks_round_o_once() {
     }
     eprintln!("f16 key chunks: worst |O - ref| {worst:.2e}");
 }
+
+/// The f16 dense backward of `p` (training from host slices, `tweak` applied) against the f32
+/// backward in the same parts (`tweak` too) on the same f16-rounded inputs and dO, its saved O
+/// replaced by O rounded to f16 (what the f16 forward stores and the f16 backward's D reads):
+/// dQ, dK, dV equal the f32 gradients rounded to f16 once, bit for bit, host and resident
+/// (NaN-poisoned f16 gradient buffers), and within [`GRAD_TOL`] of the f64 reference. Returns
+/// the largest scaled gradient error.
+fn check_backward_parts(
+    ctx: &GpuContext,
+    seed: u64,
+    tweak: Tweak,
+    p: &Problem,
+    label: &str,
+) -> f64 {
+    let shape = p.shape;
+    let [q, k, v] = inputs(seed, shape);
+    let dout = round_to_f16(&normal_tensor(seed + 3, shape.elements()));
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let half = tweak(Attention::new(ctx, Method::Dense).unwrap())
+        .and_then(|a| a.storage(Storage::F16))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (out, saved) = half
+        .train(p, Host::new(&q, &k, &v))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let g = half
+        .backward(&saved, multipole_attn::gpu::HostGrad(&dout))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+
+    // The f32 path: resident training, then its O buffer holds O rounded to f16.
+    let f32_path = tweak(Attention::new(ctx, Method::Dense).unwrap()).unwrap();
+    let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let init = |data: &[f32]| {
+        ctx.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("f32 test tensor"),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE | usage,
+            })
+    };
+    let (qb, kb, vb) = (init(&q), init(&k), init(&v));
+    let ob = init(&vec![f32::NAN; shape.elements()]);
+    let lb = init(&vec![f32::NAN; shape.rows()]);
+    let t = GpuTensors {
+        q: &qb,
+        k: &kb,
+        v: &vb,
+        out: &ob,
+        lse: Some(&lb),
+    };
+    let (_, saved32) = f32_path
+        .train(p, Resident(t))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let o32 = crate::common::read_buffer(ctx, &ob);
+    let lse32 = crate::common::read_buffer(ctx, &lb);
+    let o16 = round_to_f16(&o32[..shape.elements()]);
+    // What the f16 backward reads: the f32 forward's O rounded once and its LSE (change 37).
+    assert_eq!(bits(&out.o), bits(&o16), "{label}: O vs f32");
+    assert_eq!(
+        bits(out.lse.as_deref().unwrap()),
+        bits(&lse32[..shape.rows()]),
+        "{label}: LSE vs f32"
+    );
+    ctx.queue.write_buffer(&ob, 0, bytemuck::cast_slice(&o16));
+    let want = f32_path
+        .backward(&saved32, multipole_attn::gpu::HostGrad(&dout))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    for (name, got, want) in [
+        ("dQ", &g.dq, &want.dq),
+        ("dK", &g.dk, &want.dk),
+        ("dV", &g.dv, &want.dv),
+    ] {
+        assert_eq!(
+            bits(got),
+            bits(&round_to_f16(want)),
+            "{label}: {name} vs f32"
+        );
+    }
+
+    let r = cpu::backward(
+        &Method::Dense,
+        p,
+        (&widen(&q), &widen(&k), &widen(&v)),
+        &widen(&dout),
+    )
+    .unwrap();
+    let mut worst = 0.0f64;
+    for (name, got, want) in [
+        ("dQ", &g.dq, &r.dq),
+        ("dK", &g.dk, &r.dk),
+        ("dV", &g.dv, &r.dv),
+    ] {
+        worst = worst.max(compare_grad(label, name, got, want));
+    }
+
+    // Resident: f16 dO and NaN-poisoned f16 gradient buffers give the same bits.
+    let f16_bits = |x: &[f32]| to_f16_bits("test", x).unwrap();
+    let dout_buf = f16_buffer(ctx, &f16_bits(&dout), wgpu::BufferUsages::COPY_SRC);
+    let nan = |len| f16_buffer(ctx, &vec![0x7e00; len], wgpu::BufferUsages::COPY_SRC);
+    let (dq, dk, dv) = (
+        nan(shape.elements()),
+        nan(shape.kv_elements()),
+        nan(shape.kv_elements()),
+    );
+    let grads = multipole_attn::gpu::GradTensors {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        weights: None,
+    };
+    half.backward(
+        &saved,
+        multipole_attn::gpu::ResidentGrad {
+            dout: &dout_buf,
+            grads,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    for (name, buf, len, host) in [
+        ("dQ", &dq, shape.elements(), &g.dq),
+        ("dK", &dk, shape.kv_elements(), &g.dk),
+        ("dV", &dv, shape.kv_elements(), &g.dv),
+    ] {
+        let words = crate::common::read_buffer(ctx, buf);
+        let got = from_f16_bits(&bytemuck::cast_slice::<f32, u16>(&words)[..len]);
+        assert_eq!(bits(&got), bits(host), "{label}: resident {name}");
+    }
+    worst
+}
+
+/// The dense backward in several parts (`Attention::keys_per_dispatch`: dQ over key parts,
+/// dK and dV over query parts, what a GPU does past the backward's tiles per dispatch and
+/// lavapipe past its loop limit), rows and tiled forward kernels: under f16 storage the
+/// partial gradients between parts stay f32 (the f16 variants' f32 partial bindings), so dQ,
+/// dK, dV are rounded once, by their last part: the f32 backward in the same parts, rounded
+/// to f16, bit for bit (added through the f16 gradient bindings, each part rounded once more
+/// and this failed). Both masks, cross lengths (causal query rows that see no key of the later
+/// parts, keys that no query of the later parts sees), grouped K/V heads, the softcap, sinks
+/// and a window across the part boundaries, and variable-length batches (packed and padded,
+/// whose parts cover the longest sequence).
+#[test]
+fn f16_backward_parts_round_gradients_once() {
+    let Some(ctx) = gpu() else { return };
+    if !ctx.device.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    // At most 64 keys (dQ) and 64 queries over a K/V head's group (dK, dV) per dispatch.
+    let rows: Tweak = |a| a.keys_per_dispatch(64);
+    let tiled: Tweak = |a| {
+        a.dense_kernel(DenseKernel::Tiled)
+            .and_then(|a| a.keys_per_dispatch(64))
+    };
+    let parts = |p: &Problem| {
+        let a = rows(Attention::new(ctx, Method::Dense).unwrap())
+            .unwrap()
+            .storage(Storage::F16)
+            .unwrap();
+        let multipole_attn::gpu::Plan::DenseBackward(plan) = a.backward_plan(p).unwrap() else {
+            panic!("not a dense backward plan")
+        };
+        (plan.key_chunks(64).len(), plan.query_chunks(64).len())
+    };
+    let mut problems = Vec::new();
+    for causal in [false, true] {
+        problems.push(Problem::new(Shape::new(1, 2, 300, 16)).causal(causal));
+        problems.push(Problem::new(Shape::new(1, 4, 257, 33).with_kv_heads(2)).causal(causal));
+    }
+    problems.push(Problem::new(Shape::cross(1, 2, 50, 300, 16)).causal(true));
+    problems.push(Problem::new(Shape::cross(1, 2, 300, 50, 16)).causal(true));
+    let shape = Shape::new(1, 2, 300, 24);
+    for variants in [
+        Variants {
+            softcap: Some(5.0),
+            ..Default::default()
+        },
+        Variants {
+            sinks: Some(vec![0.5, -1.0]),
+            ..Default::default()
+        },
+        Variants {
+            window: Some(Window {
+                left: 100,
+                right: 30,
+            }),
+            ..Default::default()
+        },
+    ] {
+        problems.push(Problem::new(shape).variants(variants));
+    }
+    for seqs in [
+        multipole_attn::Sequences::packed(vec![1, 297, 40, 0, 130]).unwrap(),
+        multipole_attn::Sequences::padded(300, vec![97, 1, 300]).unwrap(),
+    ] {
+        for causal in [false, true] {
+            problems.push(Problem::varlen(seqs.clone(), 2, 1, 16).causal(causal));
+        }
+    }
+    let (dq_parts, dkv_parts) = parts(&problems[0]);
+    assert!(
+        dq_parts >= 5 && dkv_parts >= 5,
+        "{dq_parts}, {dkv_parts} parts"
+    );
+    let mut worst = 0.0f64;
+    for (name, tweak) in [("rows", rows), ("tiled", tiled)] {
+        for p in &problems {
+            let label = format!(
+                "{name} seed {seed} {} {:?} causal={} {:?} parts",
+                p.shape,
+                p.sequences,
+                p.causal,
+                parts(p)
+            );
+            worst = worst.max(check_backward_parts(ctx, seed, tweak, p, &label));
+        }
+    }
+    eprintln!("f16 backward parts: worst scaled gradient error {worst:.2e}");
+}
+
+/// A device with SHADER_F16 but WebGPU's default 8 storage buffers per shader stage: the f16
+/// dense dK/dV pass binds 10 (its f32 partial dK and dV), so the f16 dense backward is refused
+/// with a typed error (not a validation panic at context creation or at pipeline creation),
+/// while the f16 forward (8 at most) and the f32 backward run.
+#[test]
+fn f16_dense_backward_needs_ten_storage_buffers() {
+    use multipole_attn::gpu::{negotiate_features, negotiate_limits, ContextOptions};
+    if gpu().is_none() {
+        return;
+    }
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let options = ContextOptions::default();
+    let features = negotiate_features(adapter.features(), options);
+    if !features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipping: no SHADER_F16 on this adapter");
+        return;
+    }
+    let mut limits = negotiate_limits(&adapter.limits(), options);
+    limits.max_storage_buffers_per_shader_stage = 8;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("f16, 8 storage buffers"),
+        required_features: features,
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let ctx = GpuContext::from_device(adapter.get_info(), device, queue);
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    let p = Problem::new(Shape::new(1, 2, 40, 8));
+    let [q, k, v] = inputs(seed, p.shape);
+    let dout = round_to_f16(&normal_tensor(seed + 3, p.shape.elements()));
+    let half = Attention::new(&ctx, Method::Dense)
+        .and_then(|a| a.storage(Storage::F16))
+        .unwrap();
+    let (out, saved) = half.train(&p, Host::new(&q, &k, &v)).unwrap();
+    assert!(out.o.iter().all(|x| x.is_finite()));
+    match half.backward(&saved, multipole_attn::gpu::HostGrad(&dout)) {
+        Err(FmaError::LimitExceeded {
+            requested: 10,
+            max: 8,
+            unit,
+            ..
+        }) => assert_eq!(unit, "storage buffers per shader stage"),
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    let full = Attention::new(&ctx, Method::Dense).unwrap();
+    let (_, saved) = full.train(&p, Host::new(&q, &k, &v)).unwrap();
+    let g = full
+        .backward(&saved, multipole_attn::gpu::HostGrad(&dout))
+        .unwrap();
+    assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
+}

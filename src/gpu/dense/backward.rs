@@ -23,6 +23,7 @@ use crate::gradients::Gradients;
 use crate::plan::{DenseBackwardPlan, Dispatch, SoftmaxFlags};
 use crate::sequences::Sequences;
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::variants::HeadSpan;
 
 use super::DenseAttention;
@@ -284,11 +285,19 @@ impl DenseAttention {
                 p
             };
             let [queries, keys] = self.backward_chunks(plan);
+            // The f16 variants keep their f32 partial sums while queries (dK, dV) or keys (dQ)
+            // remain: `params.n` and `params.n_kv` are where the last part ends (a
+            // variable-length batch's problems read their lengths from the sequence table, so
+            // its longest sequence's lengths there change no result).
+            let seqs = plan.forward.sequences.as_ref();
             let dkv = queries
                 .into_iter()
                 .map(|(lo, hi)| {
                     let mut p = per(&plan.dkv, plan.key_tiles);
                     (p.chunk_lo, p.chunk_hi) = (lo as u32, hi as u32);
+                    if let Some(t) = seqs {
+                        p.n = t.max_len as u32;
+                    }
                     make(p, "dense dkv params")
                 })
                 .collect::<Result<_>>()?;
@@ -297,6 +306,9 @@ impl DenseAttention {
                 .map(|(lo, hi)| {
                     let mut p = per(&plan.dq, plan.query_tiles);
                     (p.key_lo, p.key_hi) = (lo as u32, hi as u32);
+                    if let Some(t) = seqs {
+                        p.n_kv = t.max_kv_len as u32;
+                    }
                     make(p, "dense dq params")
                 })
                 .collect::<Result<_>>()?;
@@ -585,6 +597,33 @@ impl DenseAttention {
             .as_ref()
             .map(|t| sequence_table(&self.ctx.device, t));
         let scopes = Scopes::push(&self.ctx)?;
+        // Under f16 storage, the f32 partial gradients of passes that run in several parts.
+        let scratch = |parts: usize, elements: usize, label| {
+            (self.storage == Storage::F16 && parts > 1).then(|| {
+                storage(
+                    &self.ctx.device,
+                    label,
+                    elements as u64 * 4,
+                    wgpu::BufferUsages::empty(),
+                )
+            })
+        };
+        let kv = shape.kv_elements();
+        let (dkv_parts, dq_parts) = (uniforms.dkv.len(), uniforms.dq.len());
+        let partials = [
+            (
+                Role::DQPartial,
+                scratch(dq_parts, shape.elements(), "dense partial dQ (f32)"),
+            ),
+            (
+                Role::DKPartial,
+                scratch(dkv_parts, kv, "dense partial dK (f32)"),
+            ),
+            (
+                Role::DVPartial,
+                scratch(dkv_parts, kv, "dense partial dV (f32)"),
+            ),
+        ];
         {
             let mut stats = self.stats.lock().map_err(poisoned)?;
             let stats = stats.at_least(
@@ -593,7 +632,12 @@ impl DenseAttention {
                 self.limits.binding_bytes(),
             );
             let res = |params| {
-                let r = resources(params, tensors, dout, stats, &g);
+                let mut r = resources(params, tensors, dout, stats, &g);
+                // The f16 variants bind the partials: the scratch, or with one part (where no
+                // store keeps a partial) a placeholder. The f32 variants bind none.
+                for (role, buf) in &partials {
+                    r = r.with(*role, buf.as_ref().unwrap_or(&self.ctx.kernels.no_partial));
+                }
                 match &table {
                     Some(table) => r.with(Role::SeqTable, table),
                     None => r,

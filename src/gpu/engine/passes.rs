@@ -38,6 +38,14 @@ pub enum Role {
     /// (bh, n, d) as O's binding holds them): bound by the f16 variant only
     /// ([`f16_only_bindings`]).
     OutPartial,
+    /// The dense backward's partial dQ between key parts, f32 under f16 storage (dQ's rows,
+    /// (bh, n, d)): bound by the f16 variant only ([`f16_only_bindings`]).
+    DQPartial,
+    /// The dense backward's partial dK between query parts, f32 under f16 storage (dK's rows,
+    /// (bh / kv_group, n_kv, d)): bound by the f16 variant only.
+    DKPartial,
+    /// The dense backward's partial dV between query parts, as [`Role::DKPartial`].
+    DVPartial,
     /// Coarse keys of every level, (bh, coarse_rows, d).
     CoarseK,
     /// Coarse values of every level, (bh, coarse_rows, d).
@@ -143,14 +151,22 @@ const PARAMS: Binding = bind(0, "params", Params, Uniform);
 const SEQ_TABLE: Binding = bind(10, "seq_table", SeqTable, Read);
 /// The dense forward's f32 partial O under f16 storage (`storage_types::to_f16_storage`).
 const OUT_PARTIAL: Binding = bind(8, "out_partial", OutPartial, ReadWrite);
+/// The dense backward's f32 partial gradients under f16 storage.
+const DQ_PARTIAL: Binding = bind(8, "dq_partial", DQPartial, ReadWrite);
+const DK_PARTIAL: Binding = bind(8, "dk_partial", DKPartial, ReadWrite);
+const DV_PARTIAL: Binding = bind(9, "dv_partial", DVPartial, ReadWrite);
 
 /// The bindings that only `pass`'s f16-storage variant declares (issue 29), beside its
 /// descriptor's: the dense forward passes keep a row's partial O in f32 between key chunks
 /// (`Role::OutPartial`), so that O is rounded to f16 once, by the last chunk. The f32 variant
-/// resumes from O itself and composes the text it always did.
+/// resumes from O itself and composes the text it always did. The dense backward's passes
+/// keep their partial gradients in f32 between parts the same way (`Role::DQPartial`, and
+/// `Role::DKPartial`, `Role::DVPartial`): dQ, dK, dV are rounded once, by their last part.
 pub fn f16_only_bindings(pass: Pass) -> &'static [Binding] {
     match pass {
         Pass::DenseAttention | Pass::DenseTiled => &[OUT_PARTIAL],
+        Pass::DenseBackwardDq => &[DQ_PARTIAL],
+        Pass::DenseBackwardDkv => &[DK_PARTIAL, DV_PARTIAL],
         _ => &[],
     }
 }

@@ -83,8 +83,11 @@ pub(crate) struct Kernels {
     /// Group 0 of every pass, from its descriptor.
     group0: HashMap<Pass, wgpu::BindGroupLayout>,
     /// Group 0 of the f16 variant of the passes that bind more under f16 storage
-    /// (`passes::f16_only_bindings`: the dense forward's f32 partial O).
+    /// (`passes::f16_only_bindings`: the dense forward's f32 partial O, the dense backward's
+    /// f32 partial gradients), those whose storage buffers the device allows.
     group0_f16: HashMap<Pass, wgpu::BindGroupLayout>,
+    /// The device's storage buffers per shader stage (the f16 dense dK/dV pass binds 10).
+    max_storage_buffers: u32,
     /// Group 1 of the passes with a level selector, at a dynamic offset.
     pub level_select: wgpu::BindGroupLayout,
     /// Subgroup size the attention passes are composed for (`shaders::compose_for`); `None`
@@ -106,6 +109,15 @@ pub(crate) struct Kernels {
     pub counter: Option<RowCounter>,
 }
 
+/// The storage buffers (every binding but the uniforms) of `pass`'s variant for `storage`.
+pub(crate) fn storage_buffers(pass: Pass, storage: Storage) -> u32 {
+    let n = bindings_for(pass, storage)
+        .iter()
+        .filter(|b| b.access != Access::Uniform)
+        .count();
+    n as u32
+}
+
 impl Kernels {
     pub fn new(device: &wgpu::Device, subgroup: Option<u32>) -> Self {
         let layout = |pass: Pass, bindings: &[Binding]| {
@@ -122,9 +134,13 @@ impl Kernels {
             .iter()
             .map(|&pass| (pass, layout(pass, desc(pass).bindings)))
             .collect();
+        // A layout over the device's storage buffers per stage would be a validation error:
+        // such a pass's f16 variant is refused with a typed error when asked for (`group0_for`).
+        let max_storage_buffers = device.limits().max_storage_buffers_per_shader_stage;
         let group0_f16 = Pass::ALL
             .iter()
             .filter(|&&pass| !f16_only_bindings(pass).is_empty())
+            .filter(|&&pass| storage_buffers(pass, Storage::F16) <= max_storage_buffers)
             .map(|&pass| (pass, layout(pass, &bindings_for(pass, Storage::F16))))
             .collect();
         let placeholder = |label| {
@@ -138,6 +154,7 @@ impl Kernels {
         Self {
             group0,
             group0_f16,
+            max_storage_buffers,
             level_select: device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some("level_select"),
                 entries: &[entry(0, Access::Uniform, true)],
@@ -169,10 +186,19 @@ impl Kernels {
 
     /// Group 0 of `pass`'s variant for `storage` (`passes::bindings_for`).
     pub fn group0_for(&self, pass: Pass, storage: Storage) -> Result<&wgpu::BindGroupLayout> {
-        if storage == Storage::F16 {
-            if let Some(layout) = self.group0_f16.get(&pass) {
-                return Ok(layout);
-            }
+        if storage == Storage::F16 && !f16_only_bindings(pass).is_empty() {
+            return self
+                .group0_f16
+                .get(&pass)
+                .ok_or_else(|| FmaError::LimitExceeded {
+                    what: format!("the f16 variant of the {} pass", pass.name()),
+                    requested: storage_buffers(pass, storage).into(),
+                    max: self.max_storage_buffers.into(),
+                    unit: "storage buffers per shader stage",
+                    advice: "use f32 storage (Storage::F32) on this adapter: its f32 partial \
+                             sums between dispatches need the extra bindings"
+                        .into(),
+                });
         }
         // Every pass of Pass::ALL has one; a pass missing from ALL is a bug the tests catch.
         self.group0.get(&pass).ok_or_else(|| FmaError::Gpu {

@@ -13,6 +13,14 @@
 //! while keys remain (`params.key_hi < params.n_kv`), so O is rounded once, from the f32
 //! result of the last chunk: the f32 variant's O rounded to f16.
 //!
+//! The dense backward's passes do the same with their gradients: `dense_backward_dq.wgsl`
+//! adds each key part's dQ to what the previous part stored, `dense_backward_dkv.wgsl` each
+//! query part's dK, dV (`plan::DenseBackwardPlan::key_chunks`, `query_chunks`). Their f16
+//! variants bind f32 partials of dQ (`dq_partial`) and of dK, dV (`dk_partial`, `dv_partial`):
+//! a later part reads the f32 sums, a part after which keys (queries) remain keeps them, and
+//! every part stores the f16 gradient once from the f32 sum, so dQ, dK, dV are the f32
+//! variant's rounded to f16 once ([`kept_partials`]).
+//!
 //! Why a rewrite rather than an alias in every shader: the f32 variant is then the text the
 //! passes always composed (not merely an equivalent one), and the shaders keep their one
 //! spelling of each load. The rewrite is strict: an access it cannot place (a compound
@@ -77,11 +85,12 @@ pub(crate) fn f16_bindings(pass: Pass) -> Vec<&'static str> {
 /// `text` (a composed pass) with the storage arrays `names` as f16: see the module's doc.
 /// Unchanged when `names` is empty.
 pub(crate) fn to_f16_storage(text: &str, names: &[&str]) -> String {
-    to_f16_storage_with(text, names, None)
+    to_f16_storage_with(text, names, &[])
 }
 
 /// An f16 tensor whose f32 value a pass keeps in a binding of its own between dispatches
-/// (the dense forward's partial O between key chunks; see the module's doc).
+/// (the dense forward's partial O between key chunks, the dense backward's partial gradients
+/// between parts; see the module's doc).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct KeptPartial {
     /// The f16 tensor's WGSL name (one of the rewrite's names).
@@ -104,13 +113,42 @@ pub(crate) const DENSE_PARTIAL: KeptPartial = KeptPartial {
     keep: "params.key_hi < params.n_kv",
 };
 
-/// [`to_f16_storage`], and with `partial` the tensor `partial.of` read from its f32 binding
-/// and kept there by every store while `partial.keep` holds (the module's doc).
-pub(crate) fn to_f16_storage_with(
-    text: &str,
-    names: &[&str],
-    partial: Option<KeptPartial>,
-) -> String {
+/// The f16 variant's kept partial for `b`, one of `passes::f16_only_bindings`: the tensor it
+/// holds the f32 sums of and the condition for keeping them. dQ sums over key parts
+/// (`[key_lo, key_hi)`, kept while keys remain: `params.n_kv`, the longest sequence's keys in
+/// a variable-length batch, as O's); dK and dV over query parts (`[chunk_lo, chunk_hi)` of each
+/// query head, kept while queries remain: `params.n`, the longest sequence's queries in a
+/// variable-length batch, set so by the executor; its problems read their lengths from the
+/// sequence table, never `params.n`).
+pub(crate) fn kept_partial(b: &crate::gpu::engine::passes::Binding) -> KeptPartial {
+    let (of, keep) = match b.role {
+        Role::DQPartial => ("dq", "params.key_hi < params.n_kv"),
+        Role::DKPartial => ("dk", "params.chunk_hi < params.n"),
+        Role::DVPartial => ("dv", "params.chunk_hi < params.n"),
+        // Role::OutPartial, the only other f16-only binding (the descriptor tests check the
+        // declared names against every pass's bindings).
+        _ => (DENSE_PARTIAL.of, DENSE_PARTIAL.keep),
+    };
+    KeptPartial {
+        of,
+        name: b.name,
+        binding: b.binding,
+        keep,
+    }
+}
+
+/// Every kept partial of `pass`'s f16 variant ([`kept_partial`] of each
+/// `passes::f16_only_bindings`).
+pub(crate) fn kept_partials(pass: Pass) -> Vec<KeptPartial> {
+    crate::gpu::engine::passes::f16_only_bindings(pass)
+        .iter()
+        .map(kept_partial)
+        .collect()
+}
+
+/// [`to_f16_storage`], and for each of `partials` the tensor `of` read from its f32 binding
+/// and kept there by every store while `keep` holds (the module's doc).
+pub(crate) fn to_f16_storage_with(text: &str, names: &[&str], partials: &[KeptPartial]) -> String {
     if names.is_empty() {
         return text.to_string();
     }
@@ -125,15 +163,15 @@ pub(crate) fn to_f16_storage_with(
         let decl = declared(code, names);
         match &decl {
             Some((decl, _)) => out.push_str(decl),
-            None => out.push_str(&rewrite(code, (names, partial), line)),
+            None => out.push_str(&rewrite(code, (names, partials), line)),
         }
         out.push_str(comment);
         out.push('\n');
-        if let (Some((_, name)), Some(p)) = (&decl, partial) {
-            if *name == p.of {
+        if let Some((_, name)) = &decl {
+            for p in partials.iter().filter(|p| p.of == *name) {
                 out.push_str(&format!(
                     "@group(0) @binding({}) var<storage, read_write> {}: array<f32>; \
-                     // {}'s f32 partial between key chunks\n",
+                     // {}'s f32 partial between dispatches\n",
                     p.binding, p.name, p.of
                 ));
             }
@@ -164,7 +202,7 @@ fn is_ident(c: u8) -> bool {
 /// store `name[..] = x;` becomes `name[..] = f16(x);`. With `partial`, a load of its tensor
 /// reads the f32 binding instead, and a store keeps the f32 value there too while its
 /// condition holds. `line` names the source in a panic.
-fn rewrite(code: &str, (names, partial): (&[&str], Option<KeptPartial>), line: &str) -> String {
+fn rewrite(code: &str, (names, partials): (&[&str], &[KeptPartial]), line: &str) -> String {
     let b = code.as_bytes();
     let mut out = String::with_capacity(code.len() + 16);
     let mut i = 0;
@@ -187,16 +225,16 @@ fn rewrite(code: &str, (names, partial): (&[&str], Option<KeptPartial>), line: &
         }
         let close = closing(code, end, b'[', b']')
             .unwrap_or_else(|| panic!("f16 storage: an index of `{ident}` spans lines: {line}"));
-        let index = rewrite(&code[end + 1..close], (names, partial), line);
+        let index = rewrite(&code[end + 1..close], (names, partials), line);
         let access = format!("{ident}[{index}]");
-        let kept = partial.filter(|p| p.of == ident);
+        let kept = partials.iter().find(|p| p.of == ident);
         let after = code[close + 1..].trim_start();
         let ab = after.as_bytes();
         if ab.first() == Some(&b'=') && ab.get(1) != Some(&b'=') {
             let semi = after
                 .find(';')
                 .unwrap_or_else(|| panic!("f16 storage: a store spans lines: {line}"));
-            let value = rewrite(after[1..semi].trim(), (names, partial), line);
+            let value = rewrite(after[1..semi].trim(), (names, partials), line);
             match kept {
                 None => {
                     out.push_str(&format!("{access} = f16({value})"));
@@ -283,10 +321,10 @@ fn f() {
     out[head + i * d + c] = x[e]; // store
 }
 ";
-        let got = to_f16_storage_with(src, &["out"], Some(DENSE_PARTIAL));
+        let got = to_f16_storage_with(src, &["out"], &[DENSE_PARTIAL]);
         let want = "enable f16;
 @group(0) @binding(6) var<storage, read_write> out: array<f16>;    // O
-@group(0) @binding(8) var<storage, read_write> out_partial: array<f32>; // out's f32 partial between key chunks
+@group(0) @binding(8) var<storage, read_write> out_partial: array<f32>; // out's f32 partial between dispatches
 fn f() {
     x[e] = out_partial[head + i * d + c];
     { let kept = x[e]; out[head + i * d + c] = f16(kept); if (params.key_hi < params.n_kv) { out_partial[head + i * d + c] = kept; } } // store
