@@ -238,8 +238,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let reader_chunks = sel.arg0;
     let k = dispatch_workgroup(wg) % reader_chunks;
     // A group of rows (params.dkv_row_lo, whole windows; dkv_rows = 0: the whole level) starts
-    // at its first window's workgroups; a workgroup past the group's rows does nothing.
-    let wid = dispatch_workgroup(wg) / reader_chunks + (params.dkv_row_lo / p) * chunks;
+    // at its first window's workgroups, or a split head's later chunk at the first window its
+    // tokens may read (params.dkv_first); a workgroup past the group's rows does nothing.
+    let first = max(params.dkv_row_lo, params.dkv_first);
+    let wid = dispatch_workgroup(wg) / reader_chunks + (first / p) * chunks;
     if (params.dkv_rows != 0u && (wid / chunks) * p >= params.dkv_row_lo + params.dkv_rows) {
         return; // uniform over the workgroup
     }

@@ -129,6 +129,20 @@ fn walk_token(wk: Walk, a: u32, k: u32) -> u32 {
     return a * params.p + k;
 }
 
+// Whether reader group `a` (`size` queries) holds a query of this dispatch's chunk
+// (`in_chunk`): its first tap's token before the chunk's end and its last tap's at or after
+// the chunk's start. Exact, not a bound: a 1D group is a window of consecutive tokens, a 2D
+// one a cell whose taps run row by row, and a 2D chunk is whole grid rows. A group it rejects
+// would have had every query skipped one by one; rejecting it at once keeps the sums' bits.
+fn group_meets_chunk(n: u32, w: u32, cols: u32, a: u32, size: u32) -> bool {
+    if (params.coarse_queries != 0u || (params.chunk_lo == 0u && params.chunk_hi >= n)) {
+        return true;
+    }
+    let first = group_tap(n, w, cols, a, 0u).x;
+    let last = group_tap(n, w, cols, a, size - 1u).x;
+    return first < params.chunk_hi && last >= params.chunk_lo;
+}
+
 // Queries [lo, hi) of the rows' readers (query heads, runs, reader groups, their queries in
 // order, as in the two-phase path) folded into the rows' sums, the block's lanes sharing each
 // dot (subgroupAdd of their channels' partial dots). No barrier inside, and no other way of
@@ -157,6 +171,9 @@ fn walk_readers(wk: Walk, lo: u32, hi: u32) -> RowSums {
                 let k_lo = clamp(lo, g0, g0 + size) - g0;
                 let k_hi = clamp(hi, g0, g0 + size) - g0;
                 g0 += size;
+                if (k_lo < k_hi && !group_meets_chunk(n, w, cols, a, size)) {
+                    continue; // none of its queries in a split head's chunk (uniform)
+                }
                 for (var k = k_lo; k < k_hi; k++) {
                     let token = walk_token(wk, a, k);
                     if (!in_chunk(token)) {

@@ -72,8 +72,9 @@ struct Params {
     // of p), its partial sums from partials_at; rows in the group (0: the whole level, unsplit).
     dkv_row_lo: u32,
     dkv_rows: u32,
-    // Uniform layout: `levels` must start at a multiple of 16 bytes.
-    _pad8: u32,
+    // The first row (a multiple of p, within the group) of this dispatch's workgroups: a
+    // split head's later chunk covers only the windows its tokens may read (0: the group's).
+    dkv_first: u32,
     levels: array<LevelInfo, 32>,
     // The sink logit of query head h: sinks[h / 4][h % 4] (at most 128 heads).
     sinks: array<vec4<f32>, 32>,

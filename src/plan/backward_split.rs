@@ -43,7 +43,7 @@
 
 use super::backward::Work;
 use super::backward_split_coarse_q::CoarseQuerySteps;
-use super::backward_split_rows::{dkv_row_groups, DkvRowGroup};
+use super::backward_split_rows::{dkv_row_groups, restrict_to_chunks, DkvRowGroup};
 use super::depth::{with_depth, DepthModel, DispatchDepth};
 use super::limits::BINDING_BYTES;
 use crate::config::{Downsample, FmaConfig, Queries};
@@ -247,7 +247,9 @@ impl BackwardSplitPlan {
         let dkv_groups = if coarse_q {
             Vec::new()
         } else {
-            dkv_row_groups(&head, limits)?
+            let mut groups = dkv_row_groups(&head, limits)?;
+            restrict_to_chunks(&mut groups, &head, &split.chunks, limits)?;
+            groups
         };
         Ok(Self {
             split,
@@ -281,7 +283,11 @@ impl BackwardSplitPlan {
             }
         }
         for g in self.dkv_groups.iter_mut().flatten() {
-            for d in std::iter::once(&mut g.dkv_coarse).chain(g.combine.iter_mut()) {
+            let per_chunk = g.chunks.iter_mut().flatten().map(|c| &mut c.dkv_coarse);
+            let all = std::iter::once(&mut g.dkv_coarse)
+                .chain(per_chunk)
+                .chain(g.combine.iter_mut());
+            for d in all {
                 d.spec.storage = storage;
             }
         }
@@ -309,7 +315,7 @@ impl BackwardSplitPlan {
             out.extend(&cq.shared);
         } else {
             for g in self.dkv_groups.iter().flatten() {
-                out.extend(self.chunks.iter().map(|_| g.dkv_coarse));
+                out.extend(g.chunks.iter().flatten().map(|c| c.dkv_coarse));
                 out.extend(g.combine.iter().copied());
             }
         }

@@ -33,7 +33,7 @@ pub use backward::{
 };
 pub use backward_split::{BackwardChunk, BackwardSplitPlan};
 pub use backward_split_coarse_q::CoarseQuerySteps;
-pub use backward_split_rows::DkvRowGroup;
+pub use backward_split_rows::{reader_windows, DkvChunkRows, DkvRowGroup};
 pub use decode::{DecodeLayout, DecodeTuning, DenseCut, DenseSplit, DECODE_WG};
 pub use dense::{DensePlan, DENSE_KEY_TILES_PER_DISPATCH, UNROLLED_D4};
 pub use dense_backward::{DenseBackwardPlan, DENSE_BACKWARD_WG};

@@ -110,8 +110,10 @@ pub struct Params {
     pub dkv_row_lo: u32,
     /// Rows of that group; 0: every row of the level (unsplit).
     pub dkv_rows: u32,
-    /// Padding: `levels` starts at a multiple of 16 bytes (WGSL's uniform layout).
-    pub _pad8: u32,
+    /// The first row of this dispatch's workgroups within that group (a multiple of p; a
+    /// split head's later chunk: the windows its tokens may read, `plan::DkvChunkRows`); 0:
+    /// the group's first. Also keeps `levels` at a multiple of 16 bytes.
+    pub dkv_first: u32,
     pub levels: [LevelInfo; MAX_LEVELS],
     /// Sink logits, four query heads per entry (`MAX_SINK_HEADS`).
     pub sinks: [Quad; MAX_SINK_HEADS / 4],

@@ -46,8 +46,9 @@ struct ChunkBuffers {
     /// The same parameters, the selectors of its dQ and near-field dK/dV steps.
     grads: Uniforms,
     /// The same parameters with each group of coarse rows (`plan.dkv_groups`, levels in
-    /// order), the selector of its coarse dK~/dV~ step.
-    coarse: Vec<Uniforms>,
+    /// order), with the selector of this chunk's coarse dK~/dV~ step over the group's rows it
+    /// may add to, and that step (`plan::DkvChunkRows`; `None`: no row of the group).
+    coarse: Vec<Option<(Uniforms, Dispatch)>>,
     /// The same parameters, the selector of its downsampling backward.
     unpool: Uniforms,
 }
@@ -162,8 +163,9 @@ impl FmaAttention {
             .chunks
             .iter()
             .zip(&plan.chunks)
-            .map(|(c, b)| {
-                let t = self.split_chunk_buffers(plan, c, b)?;
+            .enumerate()
+            .map(|(i, (c, b))| {
+                let t = self.split_chunk_buffers(plan, (i, c), b)?;
                 // Rows row_base .. row_base + rows of head h (K, V: of its K/V head).
                 let span = |head: usize| {
                     let at = head * n * d + c.row_base * d;
@@ -253,10 +255,15 @@ impl FmaAttention {
             //    combine rounds (coarse queries: no group).
             let groups = plan.dkv_groups.iter().flatten().zip(&combine);
             for (i, (g, head)) in groups.enumerate() {
+                // The first chunk writes every row's sums, a later one adds to the rows it
+                // may read (plan::DkvChunkRows).
                 for t in &chunks {
-                    let res = res!(&t.coarse[i].params, t);
-                    let sel = Some(&t.coarse[i].selects);
-                    record_steps(&self.ctx, &mut cpass, &[g.dkv_coarse], pipes, sel, &res)?;
+                    let Some((u, step)) = &t.coarse[i] else {
+                        continue;
+                    };
+                    let res = res!(&u.params, t);
+                    let sel = Some(&u.selects);
+                    record_steps(&self.ctx, &mut cpass, &[*step], pipes, sel, &res)?;
                 }
                 let res = res!(&head.params, first);
                 let sel = Some(&head.selects);
@@ -309,11 +316,12 @@ impl FmaAttention {
         params
     }
 
-    /// The bindings of chunk `c` (backward passes `b`) and their parameter blocks.
+    /// The bindings of chunk `c`, the `i`-th (backward passes `b`), and their parameter
+    /// blocks.
     fn split_chunk_buffers(
         &self,
         plan: &BackwardSplitPlan,
-        c: &Chunk,
+        (i, c): (usize, &Chunk),
         b: &crate::plan::BackwardChunk,
     ) -> Result<ChunkBuffers> {
         let device = &self.ctx.device;
@@ -351,7 +359,17 @@ impl FmaAttention {
                 .dkv_groups
                 .iter()
                 .flatten()
-                .map(|g| Uniforms::new(&self.ctx, &with_rows(params, g), &[g.dkv_coarse]))
+                .map(|g| {
+                    g.chunks[i]
+                        .as_ref()
+                        .map(|r| {
+                            let mut at = with_rows(params, g);
+                            at.dkv_first = r.rows.start as u32;
+                            let u = Uniforms::new(&self.ctx, &at, &[r.dkv_coarse])?;
+                            Ok((u, r.dkv_coarse))
+                        })
+                        .transpose()
+                })
                 .collect::<Result<Vec<_>>>()?,
             unpool: Uniforms::new(&self.ctx, &params, &unpool)?,
         })
