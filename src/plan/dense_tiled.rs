@@ -117,18 +117,15 @@ pub fn dense_kernel_spec(
 mod tests {
     use super::*;
 
-    fn browser() -> KernelLimits {
-        KernelLimits {
-            workgroup_storage: 16384,
-            ..KernelLimits::with_binding(128 << 20)
-        }
-    }
-
     #[test]
     fn tiles_fit_the_adapter_and_prefer_large_blocks() {
         let gpu = KernelLimits::discrete_gpu();
         for d in [1, 3, 16, 32, 64, 100, 128, 132, 192, 256] {
-            for limits in [gpu, KernelLimits::lavapipe(), browser()] {
+            for limits in [
+                gpu,
+                KernelLimits::lavapipe(),
+                KernelLimits::webgpu_default(),
+            ] {
                 if let Some(s) = tiled_spec(d, &limits) {
                     assert!(tile_bytes(s.wg, s.bk, s.d4) <= limits.workgroup_storage as u64);
                     assert!(tiled_threads(s.wg) <= limits.max_workgroup);
@@ -147,8 +144,11 @@ mod tests {
         let (pass, spec) = dense_kernel_spec(DenseKernel::Tiled, 256, &gpu).unwrap();
         assert_eq!((pass, spec.wg), (Pass::DenseAttention, 64));
         // A browser's 16 KiB: 16 rows at d = 64, the rows kernel at d = 128.
-        assert_eq!(tiled_spec(64, &browser()).unwrap().wg, 16);
-        assert!(tiled_spec(128, &browser()).is_none());
+        assert_eq!(
+            tiled_spec(64, &KernelLimits::webgpu_default()).unwrap().wg,
+            16
+        );
+        assert!(tiled_spec(128, &KernelLimits::webgpu_default()).is_none());
         // lavapipe's 32 KiB at d = 64: 32 rows, 32 keys.
         let s = tiled_spec(64, &KernelLimits::lavapipe()).unwrap();
         assert_eq!((s.wg, s.bk), (32, 32));

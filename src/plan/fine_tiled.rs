@@ -129,19 +129,16 @@ mod tests {
     use crate::plan::{FmaPlan, SplitPlan};
     use crate::shape::Shape;
 
-    fn browser() -> KernelLimits {
-        KernelLimits {
-            workgroup_storage: 16384,
-            ..KernelLimits::with_binding(128 << 20)
-        }
-    }
-
     #[test]
     fn tiles_fit_the_adapter_and_the_block() {
         let gpu = KernelLimits::discrete_gpu();
         for d in [1, 3, 16, 32, 64, 100, 128, 132, 192, 256] {
             for m in [1, 3, 8, 16, 24, 32, 64, 100, 128, 512] {
-                for limits in [gpu, KernelLimits::lavapipe(), browser()] {
+                for limits in [
+                    gpu,
+                    KernelLimits::lavapipe(),
+                    KernelLimits::webgpu_default(),
+                ] {
                     if let Some(s) = fine_tiled_spec(d, m, m, &limits) {
                         assert!(
                             fine_tile_bytes(s.wg, s.bk, s.d4) <= limits.workgroup_storage as u64
@@ -172,7 +169,7 @@ mod tests {
         let s = fine_tiled_spec(64, 64, 64, &KernelLimits::lavapipe()).unwrap();
         assert_eq!((s.wg, s.bk), (32, 32));
         // A browser's 16 KiB: the rows kernel at d = 128.
-        assert!(fine_tiled_spec(128, 64, 64, &browser()).is_none());
+        assert!(fine_tiled_spec(128, 64, 64, &KernelLimits::webgpu_default()).is_none());
     }
 
     #[test]

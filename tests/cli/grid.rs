@@ -361,13 +361,43 @@ fn grad_grids_that_do_not_fit_are_bad_input() {
     }
 }
 
+/// Runs `plan` with `args` (a 2D head of (n, d) over `--binding-mib 1`, `--backward --json`)
+/// and checks its dispatches against the library's list for `cfg` under the same limits, pass,
+/// workgroups and serial rows in order (the forward's fused pass as a GPU runs it: the tiled
+/// kernel, as `plan` prints). Returns the dispatches and the limits.
+fn plan_matches_the_library(
+    args: &[&str],
+    cfg: &FmaConfig,
+    (n, d): (usize, usize),
+) -> (Vec<serde_json::Value>, multipole_attn::plan::KernelLimits) {
+    use multipole_attn::plan::{fma_depths_with, FmaKernel, KernelLimits};
+    use multipole_attn::Problem;
+    let out = cli(args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let got = doc["dispatches"]
+        .as_array()
+        .expect("a dispatches array")
+        .clone();
+    let mut limits = KernelLimits::discrete_gpu();
+    limits.max_binding = 1 << 20;
+    let problem = Problem::new(Shape::new(1, 1, n, d));
+    let want = fma_depths_with(&problem, cfg, &limits, true, FmaKernel::Tiled).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["pass"], w.dispatch.pass.name());
+        assert_eq!(g["workgroups"], serde_json::json!(w.dispatch.grid));
+        assert_eq!(g["serial_rows"], w.serial_rows);
+    }
+    (got, limits)
+}
+
 /// `plan --grid H,W --backward --binding-mib 1` of a 2D head whose coarse dK~/dV~ partial
 /// sums exceed the binding (issue 27): the library's list, each level's coarse pass in groups
 /// of rows (each chunk the groups its tokens may read), not the binding error.
 #[test]
 fn plan_lists_a_split_grid_backward_in_groups_of_coarse_rows() {
-    use multipole_attn::plan::{fma_depths_with, BackwardSplitPlan, FmaKernel, KernelLimits};
-    use multipole_attn::Problem;
+    use multipole_attn::plan::BackwardSplitPlan;
     // 320 x 640 tokens of width 4, r = 4, p = 2: the partial sums of 27 reader cells a row
     // (about 27 n p / 256 rows) outgrow 1 MiB after dK~'s rows.
     let args = [
@@ -387,27 +417,8 @@ fn plan_lists_a_split_grid_backward_in_groups_of_coarse_rows() {
         "1",
         "--json",
     ];
-    let out = cli(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
-    let got = doc["dispatches"].as_array().expect("a dispatches array");
-    let mut limits = KernelLimits::discrete_gpu();
-    limits.max_binding = 1 << 20;
     let cfg = FmaConfig::new(4, 2).grid(Some(Grid::new(320, 640)));
-    // The forward's fused pass as a GPU runs it (the tiled kernel), as `plan` prints.
-    let want = fma_depths_with(
-        &Problem::new(Shape::new(1, 1, 204800, 4)),
-        &cfg,
-        &limits,
-        true,
-        FmaKernel::Tiled,
-    )
-    .unwrap();
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g["pass"], w.dispatch.pass.name());
-        assert_eq!(g["workgroups"], serde_json::json!(w.dispatch.grid));
-    }
+    let (got, limits) = plan_matches_the_library(&args, &cfg, (204800, 4));
     let plan = BackwardSplitPlan::new(204800, 4, &cfg, &limits).unwrap();
     let groups: usize = plan.dkv_groups.iter().map(Vec::len).sum();
     assert!(groups > plan.dkv_groups.len(), "no level in groups");
@@ -431,8 +442,7 @@ fn plan_lists_a_split_grid_backward_in_groups_of_coarse_rows() {
 /// error; and the grid's bad input as for `run`.
 #[test]
 fn plan_lists_a_split_grid_head_backward_per_chunk() {
-    use multipole_attn::plan::{fma_depths_with, BackwardSplitPlan, FmaKernel, KernelLimits};
-    use multipole_attn::Problem;
+    use multipole_attn::plan::BackwardSplitPlan;
     // 128 x 160 tokens of width 16: 1.31 MB per tensor over a 1 MiB binding.
     let args = [
         "plan",
@@ -451,28 +461,8 @@ fn plan_lists_a_split_grid_head_backward_per_chunk() {
         "1",
         "--json",
     ];
-    let out = cli(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
-    let got = doc["dispatches"].as_array().expect("a dispatches array");
-    let mut limits = KernelLimits::discrete_gpu();
-    limits.max_binding = 1 << 20;
     let cfg = FmaConfig::new(8, 2).grid(Some(Grid::new(128, 160)));
-    // The forward's fused pass as `plan` prints it: the tiled kernel a GPU runs.
-    let want = fma_depths_with(
-        &Problem::new(Shape::new(1, 1, 20480, 16)),
-        &cfg,
-        &limits,
-        true,
-        FmaKernel::Tiled,
-    )
-    .unwrap();
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g["pass"], w.dispatch.pass.name());
-        assert_eq!(g["workgroups"], serde_json::json!(w.dispatch.grid));
-        assert_eq!(g["serial_rows"], w.serial_rows);
-    }
+    let (got, limits) = plan_matches_the_library(&args, &cfg, (20480, 16));
     let chunks = BackwardSplitPlan::new(20480, 16, &cfg, &limits)
         .unwrap()
         .chunks
